@@ -1,0 +1,42 @@
+"""Turn configuration and connectivity failures into one clear line instead of a traceback wall.
+
+Operators meet these first (a typo in DATABASE_URL, a database that is down); the message must say
+what is wrong and where, and the exit status must be non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def describe_startup_error(exc: BaseException) -> str | None:
+    """A one-line description for errors that mean "the environment is wrong", else None."""
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db import OperationalError
+
+    if isinstance(exc, ImproperlyConfigured):
+        return f"configuration error: {exc}"
+    if isinstance(exc, OperationalError):
+        from django.db import connection
+
+        settings_dict = connection.settings_dict
+        where = f"{settings_dict.get('ENGINE', '?').rsplit('.', 1)[-1]} database {settings_dict.get('NAME')!s}"
+        if settings_dict.get("HOST"):
+            where += f" at {settings_dict['HOST']}:{settings_dict.get('PORT') or 'default port'}"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"database unreachable: {where}: {first_line}"
+    return None
+
+
+def run_with_clear_errors(argv: Sequence[str]) -> None:
+    from django.core.management import execute_from_command_line
+
+    try:
+        execute_from_command_line(list(argv))
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an environment problem
+        message = describe_startup_error(exc)
+        if message is None:
+            raise
+        print(f"session-rewind: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

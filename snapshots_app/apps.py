@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class SnapshotsAppConfig(AppConfig):
+    name = "snapshots_app"
+    verbose_name = "Versions and state store"
+    default_auto_field = "django.db.models.BigAutoField"

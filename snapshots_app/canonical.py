@@ -1,0 +1,88 @@
+"""Canonical JSON: the one byte form every state is checksummed, stored and compared in.
+
+Canonical = orjson, keys sorted by code point, no whitespace, UTF-8. Input must be strict JSON: an
+object at the top, string keys, finite numbers, integers within 64 bits, nesting within the depth
+limit. Anything else is InvalidState (or a subclass) and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+from snapshots_app.errors import InvalidState, StateTooDeep, StateTooLarge
+
+SORT = orjson.OPT_SORT_KEYS
+_SCALARS = (str, int, bool, type(None))
+
+
+def dumps(value: Any) -> bytes:
+    """Canonical bytes of an already validated value."""
+    return orjson.dumps(value, option=SORT)
+
+
+def checksum(canonical: bytes) -> str:
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
+    """Parse JSON text strictly (NaN, Infinity and bare control words are refused) and validate it."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise StateTooLarge(f"state is {size} bytes; the limit is {max_bytes}", size=size, limit=max_bytes)
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidState(f"state is not valid JSON: {exc}") from None
+    validate_state(value, max_depth=max_depth, floats_checked=True)
+    return value
+
+
+def validate_state(value: Any, *, max_depth: int, floats_checked: bool = False) -> None:
+    """Raise InvalidState unless `value` is a JSON object that canonical JSON can represent exactly.
+
+    `floats_checked` skips the NaN/Infinity scan for values that came from orjson.loads, which
+    already refuses them; the depth limit is always enforced.
+    """
+    if not isinstance(value, dict):
+        raise InvalidState(f"state must be a JSON object, not {_json_type(value)}")
+    # Iterative walk over containers: recursion would hit Python's limit before ours on hostile input.
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > max_depth:
+            raise StateTooDeep(f"state nests deeper than {max_depth} levels (at {path or '/'})", limit=max_depth)
+        if type(node) is dict:
+            items = node.items()
+        else:
+            items = enumerate(node)
+        for key, child in items:
+            if type(key) is not str and type(node) is dict:
+                raise InvalidState(f"object keys must be strings (at {path or '/'})")
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1, f"{path}/{key}"))
+            elif kind is float:
+                if not floats_checked and (child != child or child in (float("inf"), float("-inf"))):
+                    raise InvalidState(f"NaN and Infinity are not JSON (at {path}/{key})")
+            elif kind is int:
+                if not -(2**63) <= child < 2**64:
+                    raise InvalidState(f"integer out of 64-bit range (at {path}/{key})")
+            elif not isinstance(child, _SCALARS) and kind is not float:
+                raise InvalidState(f"{kind.__name__} is not a JSON type (at {path}/{key})")
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "null"
+    return type(value).__name__

@@ -1,0 +1,76 @@
+"""Domain errors of the state store. Edges map them to HTTP (API) or messages (UI) in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StateStoreError(Exception):
+    """Base class. `code` is stable and machine-readable; `status` is the HTTP status edges use."""
+
+    code = "state_store_error"
+    status = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidState(StateStoreError):
+    code = "invalid_state"
+    status = 400
+
+
+class StateTooLarge(InvalidState):
+    code = "state_too_large"
+    status = 413
+
+
+class StateTooDeep(InvalidState):
+    code = "state_too_deep"
+    status = 400
+
+
+class NotFound(StateStoreError):
+    code = "not_found"
+    status = 404
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class VersionConflict(StateStoreError):
+    """The caller's expected head is stale: nothing was written."""
+
+    code = "version_conflict"
+    status = 409
+
+
+class IdempotencyKeyReused(StateStoreError):
+    """The same idempotency key was sent before with a different payload."""
+
+    code = "idempotency_key_reused"
+    status = 422
+
+
+class ReasonRequired(StateStoreError):
+    code = "reason_required"
+    status = 400
+
+
+class SessionArchived(StateStoreError):
+    code = "session_archived"
+    status = 409
+
+
+class IntegrityProblem(StateStoreError):
+    """Stored data does not match its checksum. Never served; names the version."""
+
+    code = "integrity_error"
+    status = 500

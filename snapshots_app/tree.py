@@ -1,0 +1,517 @@
+"""The content-addressed state tree: split a state into nodes, and splice nodes back into bytes.
+
+Pure code, no database: callers pass a `lookup` that says which digests already exist and a
+`fetch` that returns node encodings. See snapshots_app.store for the database side.
+
+A state's canonical JSON is cut into nodes. A node is a piece of JSON text with *holes*; each hole is
+filled by a child node's text. Reading a version is splicing bytes (no parsing); the result is
+verified against the version's SHA-256. A node's digest is BLAKE2b over (kind, flavor, the full text
+of the subtree), i.e. over what it *means*, not how it is split, so identical subtrees anywhere in a
+project share one node and unchanged subtrees are recognised before they are even split.
+
+Node kinds:
+  o  object              a  array
+  m  run of object members (content-defined boundaries, so inserting a key moves few runs)
+  p  run of array items   (fixed counts, so appending touches only the last run)
+  s  long string          j  string holding JSON text, stored as structure (see FLAVORS)
+
+Encoding of a node: kind(1) flavor(1) level(1) nholes(varint) [offset(varint) digest(16)]* text.
+`level` > 0 on a, o, p, m nodes means the holes are runs (of level-1) instead of values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+DIGEST_SIZE = 16
+INLINE_MAX = 512  # a subtree whose text is at most this many bytes is written inside its parent
+PAGE = 32  # items per array run, and runs per higher-level run
+OBJECT_RUN_MIN = 64  # objects with more members than this are split into member runs
+MEMBER_RUN_MASK = 31  # a member run ends after a key whose CRC32 & mask == 0 (about 32 members a run)
+JSON_STRING_MIN = INLINE_MAX  # strings shorter than this are never worth parsing as structure
+
+KIND_OBJECT = ord("o")
+KIND_ARRAY = ord("a")
+KIND_MEMBERS = ord("m")
+KIND_ITEMS = ord("p")
+KIND_STRING = ord("s")
+KIND_JSON_STRING = ord("j")
+
+# Encoders a JSON string's content may have been written with. Flavor 0 is our canonical form.
+# A string is stored as structure only if re-encoding its parsed value reproduces it exactly.
+CANONICAL = 0
+
+
+@dataclass(frozen=True)
+class Flavor:
+    code: int
+    item_sep: bytes
+    key_sep: bytes
+    sort_keys: bool
+    encode: Callable[[Any], bytes]
+
+
+def _py_encoder(**kwargs: Any) -> Callable[[Any], bytes]:
+    encoder = json.JSONEncoder(**kwargs)
+    return lambda value: encoder.encode(value).encode()
+
+
+FLAVORS: dict[int, Flavor] = {
+    0: Flavor(0, b",", b":", True, lambda value: orjson.dumps(value, option=orjson.OPT_SORT_KEYS)),
+    # Python's json.dumps with its defaults: what LlamaIndex Workflows and most Python engines write.
+    1: Flavor(1, b", ", b": ", False, _py_encoder()),
+    2: Flavor(2, b",", b":", False, _py_encoder(separators=(",", ":"))),
+    3: Flavor(3, b", ", b": ", False, _py_encoder(ensure_ascii=False)),
+    4: Flavor(4, b",", b":", False, _py_encoder(ensure_ascii=False, separators=(",", ":"))),
+}
+
+
+def digest_of(kind: int, flavor: int, text: bytes) -> bytes:
+    h = hashlib.blake2b(bytes((kind, flavor)), digest_size=DIGEST_SIZE)
+    h.update(text)
+    return h.digest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Node encoding
+
+
+def _varint(n: int, out: bytearray) -> None:
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    kind: int
+    flavor: int
+    level: int
+    holes: tuple[tuple[int, bytes], ...]  # (offset into text, child digest)
+    text: bytes
+
+    def encode(self) -> bytes:
+        out = bytearray((self.kind, self.flavor, self.level))
+        _varint(len(self.holes), out)
+        for offset, child in self.holes:
+            _varint(offset, out)
+            out += child
+        out += self.text
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Node:
+        kind, flavor, level = data[0], data[1], data[2]
+        count, pos = _read_varint(data, 3)
+        holes = []
+        for _ in range(count):
+            offset, pos = _read_varint(data, pos)
+            holes.append((offset, bytes(data[pos : pos + DIGEST_SIZE])))
+            pos += DIGEST_SIZE
+        return cls(kind, flavor, level, tuple(holes), bytes(data[pos:]))
+
+    @property
+    def children(self) -> list[bytes]:
+        return [child for _, child in self.holes]
+
+
+class _TextBuilder:
+    """Accumulates a node's text and the positions of its holes."""
+
+    __slots__ = ("text", "holes")
+
+    def __init__(self) -> None:
+        self.text = bytearray()
+        self.holes: list[tuple[int, bytes]] = []
+
+    def add(self, piece: bytes | Hole) -> None:
+        if isinstance(piece, Hole):
+            self.holes.append((len(self.text), piece.digest))
+        else:
+            self.text += piece
+
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    digest: bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class TreeWriter:
+    """Splits values into nodes, skipping every subtree whose node already exists.
+
+    `existing(digests)` returns the subset of `digests` already stored (the caller's database, for
+    the project being written). New nodes collect in `self.new_nodes` (digest -> encoding).
+    """
+
+    def __init__(self, existing: Callable[[set[bytes]], set[bytes]]) -> None:
+        self._existing = existing
+        self.new_nodes: dict[bytes, bytes] = {}
+
+    def write_root(self, state: dict[str, Any], canonical: bytes) -> bytes:
+        """Store `state` (whose canonical bytes are `canonical`) and return the root digest."""
+        digest = digest_of(KIND_OBJECT, CANONICAL, canonical)
+        if digest not in self._existing({digest}):
+            self._write_value(state, canonical, KIND_OBJECT, FLAVORS[CANONICAL], digest)
+        return digest
+
+    # A candidate is a child too large to inline: (value, text, kind, digest).
+    def _candidates_then_write(self, pending: list[tuple[Any, bytes, int, Flavor, bytes]]) -> None:
+        if not pending:
+            return
+        wanted = {item[4] for item in pending if item[4] not in self.new_nodes}
+        present = self._existing(wanted) if wanted else set()
+        for value, text, kind, flavor, digest in pending:
+            if digest in present or digest in self.new_nodes:
+                continue
+            self._write_value(value, text, kind, flavor, digest)
+
+    def _piece(self, value: Any, flavor: Flavor, pending: list) -> bytes | Hole:
+        """Inline text for a small value, else a hole for a node written after the batch check."""
+        text = flavor.encode(value)
+        if len(text) <= INLINE_MAX:
+            return text
+        if type(value) is dict:
+            kind = KIND_OBJECT
+        elif type(value) is list:
+            kind = KIND_ARRAY
+        else:
+            kind = KIND_STRING  # long strings (and, exceptionally, nothing else gets this long)
+        digest = digest_of(kind, flavor.code, text)
+        pending.append((value, text, kind, flavor, digest))
+        return Hole(digest)
+
+    def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> None:
+        if kind == KIND_OBJECT:
+            self._write_object(value, flavor, digest)
+        elif kind == KIND_ARRAY:
+            self._write_array(value, flavor, digest)
+        else:
+            self._write_string(value, text, flavor, digest)
+
+    def _store(self, digest: bytes, kind: int, flavor: int, level: int, builder: _TextBuilder) -> None:
+        self.new_nodes[digest] = Node(kind, flavor, level, tuple(builder.holes), bytes(builder.text)).encode()
+
+    def _write_object(self, value: dict[str, Any], flavor: Flavor, digest: bytes) -> None:
+        keys = sorted(value) if flavor.sort_keys else list(value)
+        if len(keys) <= OBJECT_RUN_MIN:
+            pending: list = []
+            builder = _TextBuilder()
+            builder.add(b"{")
+            for index, key in enumerate(keys):
+                if index:
+                    builder.add(flavor.item_sep)
+                builder.add(flavor.encode(key) + flavor.key_sep)
+                builder.add(self._piece(value[key], flavor, pending))
+            builder.add(b"}")
+            self._store(digest, KIND_OBJECT, flavor.code, 0, builder)
+            self._candidates_then_write(pending)
+            return
+        # Many members: content-defined runs, so inserting or deleting a key changes one run.
+        runs: list[list[str]] = [[]]
+        for key in keys:
+            runs[-1].append(key)
+            if zlib.crc32(key.encode()) & MEMBER_RUN_MASK == 0:
+                runs.append([])
+        if not runs[-1]:
+            runs.pop()
+        member_texts = []
+        for run in runs:
+            member_texts.append(
+                flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
+            )
+        self._write_runs(
+            KIND_OBJECT, KIND_MEMBERS, flavor, digest, b"{", b"}",
+            [(run, text) for run, text in zip(runs, member_texts, strict=True)],
+            lambda run: self._write_member_run(value, run, flavor),
+        )
+
+    def _write_member_run(self, value: dict[str, Any], run: list[str], flavor: Flavor) -> tuple[_TextBuilder, list]:
+        pending: list = []
+        builder = _TextBuilder()
+        for index, key in enumerate(run):
+            if index:
+                builder.add(flavor.item_sep)
+            builder.add(flavor.encode(key) + flavor.key_sep)
+            builder.add(self._piece(value[key], flavor, pending))
+        return builder, pending
+
+    def _write_array(self, value: list[Any], flavor: Flavor, digest: bytes) -> None:
+        if len(value) <= PAGE:
+            pending: list = []
+            builder = _TextBuilder()
+            builder.add(b"[")
+            for index, item in enumerate(value):
+                if index:
+                    builder.add(flavor.item_sep)
+                builder.add(self._piece(item, flavor, pending))
+            builder.add(b"]")
+            self._store(digest, KIND_ARRAY, flavor.code, 0, builder)
+            self._candidates_then_write(pending)
+            return
+        # Fixed runs of PAGE items: appending to a long history rewrites only the last run.
+        runs = [value[start : start + PAGE] for start in range(0, len(value), PAGE)]
+        self._write_runs(
+            KIND_ARRAY, KIND_ITEMS, flavor, digest, b"[", b"]",
+            [(run, flavor.encode(run)[1:-1]) for run in runs],
+            lambda run: self._write_item_run(run, flavor),
+        )
+
+    def _write_item_run(self, run: list[Any], flavor: Flavor) -> tuple[_TextBuilder, list]:
+        pending: list = []
+        builder = _TextBuilder()
+        for index, item in enumerate(run):
+            if index:
+                builder.add(flavor.item_sep)
+            builder.add(self._piece(item, flavor, pending))
+        return builder, pending
+
+    def _write_runs(
+        self,
+        container_kind: int,
+        run_kind: int,
+        flavor: Flavor,
+        digest: bytes,
+        opener: bytes,
+        closer: bytes,
+        runs: list[tuple[Any, bytes]],
+        write_leaf_run: Callable[[Any], tuple[_TextBuilder, list]],
+    ) -> None:
+        """Store a container whose holes are runs; group runs into higher-level runs past PAGE."""
+        # Level 0: runs of values. Each level above groups PAGE runs of the level below.
+        level_runs: list[tuple[bytes, bytes, Callable[[], None]]] = []  # (digest, text, writer)
+        for run, text in runs:
+            run_digest = digest_of(run_kind, flavor.code, text)
+
+            def write(run: Any = run, run_digest: bytes = run_digest) -> None:
+                builder, pending = write_leaf_run(run)
+                self._store(run_digest, run_kind, flavor.code, 0, builder)
+                self._candidates_then_write(pending)
+
+            level_runs.append((run_digest, text, write))
+        level = 1
+        while len(level_runs) > PAGE:
+            grouped = []
+            for start in range(0, len(level_runs), PAGE):
+                group = level_runs[start : start + PAGE]
+                if len(group) == 1:
+                    # A group of one would have its only run's text, hence its digest: keep the run.
+                    grouped.append(group[0])
+                    continue
+                text = flavor.item_sep.join(t for _, t, _ in group)
+                group_digest = digest_of(run_kind, flavor.code, text)
+
+                def write(group: list = group, group_digest: bytes = group_digest, level: int = level) -> None:
+                    self._write_run_group(run_kind, flavor, group_digest, level, group)
+
+                grouped.append((group_digest, text, write))
+            level_runs = grouped
+            level += 1
+        builder = _TextBuilder()
+        builder.add(opener)
+        for index, (run_digest, _, _) in enumerate(level_runs):
+            if index:
+                builder.add(flavor.item_sep)
+            builder.add(Hole(run_digest))
+        builder.add(closer)
+        self._store(digest, container_kind, flavor.code, level, builder)
+        self._write_missing(level_runs)
+
+    def _write_run_group(self, run_kind: int, flavor: Flavor, digest: bytes, level: int, group: list) -> None:
+        builder = _TextBuilder()
+        for index, (run_digest, _, _) in enumerate(group):
+            if index:
+                builder.add(flavor.item_sep)
+            builder.add(Hole(run_digest))
+        self._store(digest, run_kind, flavor.code, level, builder)
+        self._write_missing(group)
+
+    def _write_missing(self, runs: list[tuple[bytes, bytes, Callable[[], None]]]) -> None:
+        wanted = {d for d, _, _ in runs if d not in self.new_nodes}
+        present = self._existing(wanted) if wanted else set()
+        for run_digest, _, write in runs:
+            if run_digest not in present and run_digest not in self.new_nodes:
+                write()
+
+    def _write_string(self, value: Any, text: bytes, flavor: Flavor, digest: bytes) -> None:
+        inner = _json_inside(value) if isinstance(value, str) and len(value) >= JSON_STRING_MIN else None
+        if inner is None:
+            self.new_nodes[digest] = Node(KIND_STRING, flavor.code, 0, (), text).encode()
+            return
+        parsed, inner_flavor = inner
+        # Stored under the same digest as the plain string would be (same meaning); the node says
+        # the text is the JSON-string literal of what its one child spells in `inner_flavor`.
+        inner_text = inner_flavor.encode(parsed)
+        inner_kind = KIND_OBJECT if type(parsed) is dict else KIND_ARRAY
+        inner_digest = digest_of(inner_kind, inner_flavor.code, inner_text)
+        self.new_nodes[digest] = Node(
+            KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, inner_digest),), b""
+        ).encode()
+        if inner_digest not in self.new_nodes and inner_digest not in self._existing({inner_digest}):
+            self._write_value(parsed, inner_text, inner_kind, inner_flavor, inner_digest)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _json_inside(value: str) -> tuple[Any, Flavor] | None:
+    """(parsed, flavor) if `value` is JSON text that one of our flavors re-encodes exactly."""
+    if value[0] not in "{[":
+        return None
+    try:
+        parsed = json.loads(value, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    if type(parsed) not in (dict, list):
+        return None
+    head = value[:400]
+    spaced = ", " in head or ": " in head
+    encoded = value.encode()
+    for code in (1, 3, 2, 4) if spaced else (2, 4, 1, 3):
+        flavor = FLAVORS[code]
+        try:
+            if flavor.encode(parsed) == encoded:
+                return parsed, flavor
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def collect(root: bytes, fetch: Callable[[set[bytes]], dict[bytes, Node]]) -> dict[bytes, Node]:
+    """All nodes of a tree, fetched level by level (one `fetch` call per level)."""
+    nodes: dict[bytes, Node] = {}
+    frontier = {root}
+    while frontier:
+        fetched = fetch(frontier)
+        missing = frontier - fetched.keys()
+        if missing:
+            raise MissingNode(next(iter(missing)))
+        nodes.update(fetched)
+        frontier = {child for node in fetched.values() for child in node.children if child not in nodes}
+    return nodes
+
+
+class MissingNode(LookupError):
+    def __init__(self, digest: bytes) -> None:
+        super().__init__(f"node {digest.hex()} is missing")
+        self.digest = digest
+
+
+def splice(root: bytes, nodes: dict[bytes, Node]) -> bytes:
+    """The full text of the tree under `root`."""
+    memo: dict[bytes, bytes] = {}
+
+    def text_of(digest: bytes) -> bytes:
+        cached = memo.get(digest)
+        if cached is not None:
+            return cached
+        node = nodes[digest]
+        if node.kind == KIND_JSON_STRING:
+            inner = text_of(node.holes[0][1]).decode()
+            result = FLAVORS[node.flavor].encode(inner)
+        elif not node.holes:
+            result = node.text
+        else:
+            parts = []
+            position = 0
+            text = node.text
+            for offset, child in node.holes:
+                parts.append(text[position:offset])
+                parts.append(text_of(child))
+                position = offset
+            parts.append(text[position:])
+            result = b"".join(parts)
+        memo[digest] = result
+        return result
+
+    return text_of(root)
+
+
+def reachable(roots: Iterable[bytes], fetch: Callable[[set[bytes]], dict[bytes, Node]]) -> set[bytes]:
+    """Every digest reachable from `roots` (for garbage collection and export)."""
+    seen: set[bytes] = set()
+    frontier = set(roots)
+    while frontier:
+        fetched = fetch(frontier)
+        seen |= frontier
+        frontier = {child for node in fetched.values() for child in node.children if child not in seen}
+    return seen
+
+
+# Holes are parsed as this marker string so a node's own text can be read as JSON; it is random per
+# process, so no stored string can collide with it.
+_HOLE_TOKEN = "hole-" + secrets.token_hex(16) + "-"
+_HOLE_MARK = "\x00" + _HOLE_TOKEN
+_HOLE_LITERAL = ('"\\u0000' + _HOLE_TOKEN).encode()
+
+
+def parse_node(node: Node) -> Any:
+    """The node's own text as a Python value, holes replaced by HoleRef(digest). Containers only."""
+    if node.kind in (KIND_STRING, KIND_JSON_STRING):
+        raise ValueError("string nodes have no structure to parse")
+    if node.level > 0:
+        # A container or run of runs: its text is only separators around the holes.
+        return [HoleRef(child) for child in node.children]
+    text = node.text
+    if node.kind == KIND_ITEMS:
+        text = b"[" + text + b"]"
+    elif node.kind == KIND_MEMBERS:
+        text = b"{" + text + b"}"
+    parts = []
+    position = 0
+    offset_shift = 1 if node.kind in (KIND_ITEMS, KIND_MEMBERS) else 0
+    for index, (offset, _) in enumerate(node.holes):
+        parts.append(text[position : offset + offset_shift])
+        parts.append(_HOLE_LITERAL + str(index).encode() + b'"')
+        position = offset + offset_shift
+    parts.append(text[position:])
+    value = loads(b"".join(parts), node.flavor)
+    holes = node.holes
+    if type(value) is dict:
+        for key, child in value.items():
+            if type(child) is str and child.startswith(_HOLE_MARK):
+                value[key] = HoleRef(holes[int(child[len(_HOLE_MARK) :])][1])
+    else:
+        for index, child in enumerate(value):
+            if type(child) is str and child.startswith(_HOLE_MARK):
+                value[index] = HoleRef(holes[int(child[len(_HOLE_MARK) :])][1])
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class HoleRef:
+    digest: bytes
+
+
+def loads(text: bytes, flavor: int) -> Any:
+    if flavor == CANONICAL:
+        return orjson.loads(text)
+    return json.loads(text)
