@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from snapshots_app.errors import InvalidState, StateTooDeep, StateTooLarge
+from sessions_app.errors import InvalidState, StateTooDeep, StateTooLarge
 
 SORT = orjson.OPT_SORT_KEYS
 _SCALARS = (str, int, bool, type(None))

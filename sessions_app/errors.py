@@ -1,4 +1,4 @@
-"""Domain errors of the state store. Edges map them to HTTP (API) or messages (UI) in one place."""
+"""Domain errors of sessions and the state store. Edges map them to HTTP (API) or messages (UI) in one place."""
 
 from __future__ import annotations
 

@@ -1,0 +1,3 @@
+"""Python client for the Session Rewind API."""
+
+__version__ = "0.1.0"

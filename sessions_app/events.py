@@ -1,0 +1,38 @@
+"""Live-update events, broadcast over the channel layer to everyone watching a project.
+
+Call these after commit only (transaction.on_commit): a consumer must never announce a row that a
+rollback then removes. Payloads carry ids and small display fields, never state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger(__name__)
+
+
+def project_group(project_id: int) -> str:
+    return f"project-{project_id}"
+
+
+def session_group(session_id: Any) -> str:
+    return f"session-{session_id}"
+
+
+def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id: Any = None) -> None:
+    """Send `event` to the project's group (and the session's, if given). Never raises: live updates
+    are best effort, and losing one must not fail the write that caused it."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "rewind.event", "event": event, "payload": payload}
+    try:
+        async_to_sync(layer.group_send)(project_group(project_id), message)
+        if session_id is not None:
+            async_to_sync(layer.group_send)(session_group(session_id), message)
+    except Exception:  # noqa: BLE001 - see docstring
+        logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)

@@ -1,0 +1,204 @@
+"""Every write to projects, members, sessions and the audit log goes through here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from sessions_app import events
+from sessions_app.models import AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
+from sessions_app.errors import InvalidState, SessionArchived
+
+User = AbstractBaseUser | AnonymousUser | None
+
+MAX_TAGS = 50
+TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
+
+
+def actor_fields(actor: User, actor_label: str = "") -> dict[str, Any]:
+    """(actor, label) for rows that record who did something: a user, or an API key's name."""
+    if actor is not None and getattr(actor, "is_authenticated", False):
+        return {"actor": actor, "actor_label": actor_label or actor.get_username()}
+    return {"actor": None, "actor_label": actor_label or "system"}
+
+
+def audit_record(
+    *,
+    project: Project,
+    action: str,
+    target_type: str,
+    target_id: Any,
+    actor: User = None,
+    actor_label: str = "",
+    session_id: Any = None,
+    reason: str = "",
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    return AuditEvent.objects.create(
+        project=project,
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id),
+        session_id=session_id,
+        reason=reason,
+        details=details or {},
+        **actor_fields(actor, actor_label),
+    )
+
+
+@transaction.atomic
+def project_create(*, name: str, slug: str, owner: User = None) -> Project:
+    project = Project.objects.create(name=name, slug=slug)
+    if owner is not None and getattr(owner, "is_authenticated", False):
+        Membership.objects.create(project=project, user=owner, role=Role.ADMIN)
+    return project
+
+
+@transaction.atomic
+def membership_set(*, project: Project, user: Any, role: str) -> Membership:
+    membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": Role(role)})
+    return membership
+
+
+def clean_tags(tags: Any) -> list[str]:
+    if tags is None:
+        return []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise InvalidState("tags must be a list of strings")
+    cleaned = list(dict.fromkeys(tag.strip() for tag in tags if tag.strip()))
+    if len(cleaned) > MAX_TAGS:
+        raise InvalidState(f"at most {MAX_TAGS} tags")
+    bad = [tag for tag in cleaned if not TAG_RE.match(tag)]
+    if bad:
+        raise InvalidState(f"invalid tag {bad[0]!r}: 1-64 letters, digits, spaces or . : - / _")
+    return cleaned
+
+
+def _clean_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidState("metadata must be a JSON object")
+    return metadata
+
+
+def _clean_external_id(external_id: Any) -> str:
+    if not isinstance(external_id, str) or not external_id.strip():
+        raise InvalidState("external_id is required (the engine's own session or thread id)")
+    if len(external_id) > 255:
+        raise InvalidState("external_id is longer than 255 characters")
+    return external_id.strip()
+
+
+def session_get_or_create(
+    *,
+    project: Project,
+    external_id: str,
+    workflow: str = "",
+    metadata: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+    actor: User = None,
+) -> tuple[WorkflowSession, bool]:
+    """The session with this external id, created if new. Idempotent: safe for engines to call
+    at every start; an existing session is returned unchanged."""
+    external_id = _clean_external_id(external_id)
+    metadata = _clean_metadata(metadata)
+    tags = clean_tags(tags)
+    if not isinstance(workflow, str) or len(workflow) > 200:
+        raise InvalidState("workflow must be a string of at most 200 characters")
+    existing = WorkflowSession.objects.filter(project=project, external_id=external_id).first()
+    if existing is not None:
+        return existing, False
+    try:
+        with transaction.atomic():
+            session = WorkflowSession.objects.create(
+                project=project,
+                external_id=external_id,
+                workflow=workflow,
+                metadata=metadata,
+                tags=tags,
+                created_by=actor if getattr(actor, "is_authenticated", False) else None,
+            )
+    except IntegrityError:
+        # A concurrent request created it first; this call is idempotent, so return that one.
+        return WorkflowSession.objects.get(project=project, external_id=external_id), False
+    transaction.on_commit(lambda: events.publish(project.pk, "session.created", session_event(session)))
+    return session, True
+
+
+def session_event(session: WorkflowSession) -> dict[str, Any]:
+    return {
+        "session": str(session.pk),
+        "external_id": session.external_id,
+        "status": session.status,
+        "head": session.head_number,
+    }
+
+
+@transaction.atomic
+def session_update(
+    *,
+    session: WorkflowSession,
+    status: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+    workflow: str | None = None,
+    actor: User = None,
+) -> WorkflowSession:
+    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    if status is not None:
+        if status not in SessionStatus.values:
+            raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
+        session.status = status
+    if metadata is not None:
+        session.metadata = _clean_metadata(metadata)
+    if tags is not None:
+        session.tags = clean_tags(tags)
+    if workflow is not None:
+        if not isinstance(workflow, str) or len(workflow) > 200:
+            raise InvalidState("workflow must be a string of at most 200 characters")
+        session.workflow = workflow
+    session.save()
+    transaction.on_commit(lambda: events.publish(session.project_id, "session.updated", session_event(session), session_id=session.pk))
+    return session
+
+
+@transaction.atomic
+def session_archive(*, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = "") -> WorkflowSession:
+    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    if session.archived_at is None:
+        session.archived_at = timezone.now()
+        session.save(update_fields=["archived_at", "updated_at"])
+        audit_record(
+            project=session.project, action="session.archive", target_type="session", target_id=session.pk,
+            session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
+            details={"external_id": session.external_id},
+        )
+    return session
+
+
+@transaction.atomic
+def session_delete(*, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = "") -> None:
+    """Delete a session and its versions; nodes only it needed are freed by the next compaction."""
+    audit_record(
+        project=session.project, action="session.delete", target_type="session", target_id=session.pk,
+        session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
+        details={"external_id": session.external_id, "versions": session.version_count},
+    )
+    project_id, session_id = session.project_id, session.pk
+    session.delete()
+    transaction.on_commit(lambda: events.publish(project_id, "session.deleted", {"session": str(session_id)}))
+
+
+def ensure_writable(session: WorkflowSession) -> None:
+    if session.archived_at is not None:
+        raise SessionArchived(f"session {session.external_id} is archived; unarchive it to write")
+
+
+def new_fork_external_id(source: WorkflowSession, number: int) -> str:
+    return f"{source.external_id[:200]}~fork-v{number}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,458 @@
+"""Every write to versions: record a snapshot, rewind, fork, data fix, pin and label.
+
+Each service is one transaction. Version numbers are assigned under a row lock on the session, so
+concurrent writers get gap-free numbers; expected-version and idempotency checks happen under the
+same lock. Side effects (live events, the finalize task) run only after commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from sessions_app import events
+from sessions_app.errors import (
+    IdempotencyKeyReused,
+    InvalidState,
+    ReasonRequired,
+    VersionConflict,
+    VersionNotFound,
+)
+from sessions_app.models import SessionStatus, WorkflowSession
+from sessions_app.services import (
+    User,
+    actor_fields,
+    audit_record,
+    clean_tags,
+    ensure_writable,
+    new_fork_external_id,
+    session_event,
+)
+from snapshots_app import canonical, store
+from snapshots_app.models import Version, VersionKind
+
+METADATA_LIMITS = {"step": 200, "label": 100, "engine": 100, "engine_version": 50, "idempotency_key": 200}
+ERROR_MAX = 10_000
+REASON_MAX = 2_000
+
+
+@dataclass(frozen=True)
+class PreparedState:
+    """A validated state and its canonical bytes, computed before any lock is taken."""
+
+    value: dict[str, Any]
+    canonical: bytes
+    checksum: str
+
+
+def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
+    """Validate input (raw JSON text, or an already parsed dict) into canonical form."""
+    if isinstance(state, (bytes, str)):
+        value = canonical.parse_state(state, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
+    else:
+        canonical.validate_state(state, max_depth=settings.STATE_MAX_DEPTH)
+        value = state
+    try:
+        data = canonical.dumps(value)
+    except TypeError as exc:
+        raise InvalidState(f"state cannot be stored as JSON: {exc}") from None
+    if len(data) > settings.STATE_MAX_BYTES:
+        raise canonical.StateTooLarge(
+            f"state is {len(data)} bytes as canonical JSON; the limit is {settings.STATE_MAX_BYTES}",
+            size=len(data), limit=settings.STATE_MAX_BYTES,
+        )
+    return PreparedState(value=value, canonical=data, checksum=canonical.checksum(data))
+
+
+def _clean_text(name: str, value: Any, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidState(f"{name} must be a string")
+    if len(value) > limit:
+        raise InvalidState(f"{name} is longer than {limit} characters")
+    return value
+
+
+def _clean_status(status: Any) -> str:
+    if status in (None, ""):
+        return ""
+    if status not in SessionStatus.values:
+        raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
+    return str(status)
+
+
+def _clean_expected(expected_version: Any) -> int | None:
+    if expected_version is None:
+        return None
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int) or expected_version < 0:
+        raise InvalidState("expected_version must be a non-negative integer (0 = the session has no versions yet)")
+    return expected_version
+
+
+def _lock_session(session: WorkflowSession) -> WorkflowSession:
+    return WorkflowSession.objects.select_for_update().select_related("project").get(pk=session.pk)
+
+
+def _check_expected(session: WorkflowSession, expected_version: int | None) -> None:
+    if expected_version is not None and expected_version != session.head_number:
+        raise VersionConflict(
+            f"expected head version {expected_version} but the head is {session.head_number}; nothing was written",
+            expected=expected_version,
+            head=session.head_number,
+        )
+
+
+def _head(session: WorkflowSession) -> Version | None:
+    if session.head_number == 0:
+        return None
+    return Version.objects.get(session=session, number=session.head_number)
+
+
+def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
+    from snapshots_app import tasks
+
+    session = version.session
+
+    def announce() -> None:
+        if canonical_bytes is not None:
+            store.remember_head(version, canonical_bytes)
+        events.publish(
+            session.project_id,
+            "version.created",
+            {**session_event(session), "version": version.number, "kind": version.kind, "step": version.step},
+            session_id=session.pk,
+        )
+        tasks.finalize_version.delay(version.pk)
+
+    transaction.on_commit(announce)
+
+
+def _append(
+    session: WorkflowSession,
+    *,
+    kind: str,
+    root: bytes,
+    checksum: str,
+    logical_size: int,
+    stored_size: int,
+    parent: Version | None,
+    status: str = "",
+    step: str = "",
+    error: str = "",
+    label: str = "",
+    engine: str = "",
+    engine_version: str = "",
+    tags: list[str] | None = None,
+    reason: str = "",
+    idempotency_key: str | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> Version:
+    """Insert the next version of a locked session and move its head. Caller holds the lock."""
+    who = actor_fields(actor, actor_label)
+    version = Version.objects.create(
+        session=session,
+        number=session.head_number + 1,
+        parent=parent,
+        kind=kind,
+        root=root,
+        checksum=checksum,
+        logical_size=logical_size,
+        stored_size=stored_size,
+        step=step,
+        status=status,
+        error=error,
+        label=label,
+        engine=engine,
+        engine_version=engine_version,
+        tags=tags or [],
+        reason=reason,
+        idempotency_key=idempotency_key,
+        created_by=who["actor"],
+        created_by_label=who["actor_label"],
+    )
+    session.head_number = version.number
+    session.version_count += 1
+    session.logical_bytes = logical_size
+    session.stored_bytes += stored_size
+    if status:
+        session.status = status
+    if step:
+        session.last_step = step
+    if error:
+        session.last_error = error
+    elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
+        session.last_error = ""
+    session.save(
+        update_fields=[
+            "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step",
+            "last_error", "updated_at",
+        ]
+    )
+    return version
+
+
+def snapshot_record(
+    *,
+    session: WorkflowSession,
+    state: dict[str, Any] | bytes | str,
+    step: str | None = None,
+    status: str | None = None,
+    error: str | None = None,
+    label: str | None = None,
+    engine: str | None = None,
+    engine_version: str | None = None,
+    tags: list[str] | None = None,
+    expected_version: int | None = None,
+    idempotency_key: str | None = None,
+    kind: str = VersionKind.STEP,
+    actor: User = None,
+    actor_label: str = "",
+) -> Version:
+    """Record a snapshot as the session's new head version.
+
+    Stale `expected_version` -> VersionConflict, nothing written. A repeated `idempotency_key`
+    returns the version the first call created (IdempotencyKeyReused if the state differs).
+    """
+    fields = {
+        "step": _clean_text("step", step, METADATA_LIMITS["step"]),
+        "status": _clean_status(status),
+        "error": _clean_text("error", error, ERROR_MAX),
+        "label": _clean_text("label", label, METADATA_LIMITS["label"]),
+        "engine": _clean_text("engine", engine, METADATA_LIMITS["engine"]),
+        "engine_version": _clean_text("engine_version", engine_version, METADATA_LIMITS["engine_version"]),
+        "tags": clean_tags(tags),
+    }
+    key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
+    expected = _clean_expected(expected_version)
+    if kind not in VersionKind.values:
+        raise InvalidState(f"kind must be one of {', '.join(VersionKind.values)}")
+    prepared = state_prepare(state)
+    ensure_writable(session)
+
+    if key is not None:
+        replay = _replay(session, key, prepared.checksum)
+        if replay is not None:
+            return replay
+
+    with transaction.atomic():
+        store.project_write_lock(session.project_id)
+        # Nodes first, outside the session lock: they are content-addressed, so a rollback or a
+        # duplicate costs nothing, and other writers of this session are not held up meanwhile.
+        root, stored = store.ProjectStore(session.project_id).write_state(prepared.value, prepared.canonical)
+        locked = _lock_session(session)
+        ensure_writable(locked)
+        if key is not None:
+            replay = _replay(locked, key, prepared.checksum)
+            if replay is not None:
+                return replay
+        _check_expected(locked, expected)
+        version = _append(
+            locked,
+            kind=kind,
+            root=root,
+            checksum=prepared.checksum,
+            logical_size=len(prepared.canonical),
+            stored_size=stored,
+            parent=_head(locked),
+            idempotency_key=key,
+            actor=actor,
+            actor_label=actor_label,
+            **fields,
+        )
+        _after_commit(version, prepared.canonical)
+    return version
+
+
+def _replay(session: WorkflowSession, key: str, checksum: str) -> Version | None:
+    first = Version.objects.filter(session=session, idempotency_key=key).select_related("session").first()
+    if first is None:
+        return None
+    if first.checksum != checksum:
+        raise IdempotencyKeyReused(
+            f"idempotency key {key!r} was used for version {first.number} with a different state",
+            version=first.number,
+        )
+    return first
+
+
+def _require_reason(reason: Any) -> str:
+    if not isinstance(reason, str) or not reason.strip():
+        raise ReasonRequired("a reason is required: it goes into the audit log")
+    if len(reason) > REASON_MAX:
+        raise InvalidState(f"reason is longer than {REASON_MAX} characters")
+    return reason.strip()
+
+
+def version_get(*, session: WorkflowSession, number: Any) -> Version:
+    if isinstance(number, bool) or not isinstance(number, int):
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise VersionNotFound(f"version {number!r} is not a version number") from None
+    version = Version.objects.select_related("session").filter(session=session, number=number).first()
+    if version is None:
+        raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
+    return version
+
+
+def snapshot_rewind(
+    *,
+    session: WorkflowSession,
+    to_version: int,
+    reason: str,
+    expected_version: int | None = None,
+    idempotency_key: str | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> Version:
+    """Append a new head whose state equals version `to_version`. History is never rewritten."""
+    reason = _require_reason(reason)
+    expected = _clean_expected(expected_version)
+    key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
+    ensure_writable(session)
+    target = version_get(session=session, number=to_version)
+    with transaction.atomic():
+        locked = _lock_session(session)
+        ensure_writable(locked)
+        if key is not None:
+            replay = _replay(locked, key, target.checksum)
+            if replay is not None:
+                return replay
+        _check_expected(locked, expected)
+        previous_head = locked.head_number
+        version = _append(
+            locked,
+            kind=VersionKind.REWIND,
+            root=bytes(target.root),
+            checksum=target.checksum,
+            logical_size=target.logical_size,
+            stored_size=0,
+            parent=target,
+            status=target.status or SessionStatus.RUNNING,
+            step=target.step,
+            label="",
+            engine=target.engine,
+            engine_version=target.engine_version,
+            reason=reason,
+            idempotency_key=key,
+            actor=actor,
+            actor_label=actor_label,
+        )
+        audit_record(
+            project=locked.project, action="session.rewind", target_type="version", target_id=version.pk,
+            session_id=locked.pk, reason=reason, actor=actor, actor_label=actor_label,
+            details={"to_version": target.number, "previous_head": previous_head, "new_head": version.number},
+        )
+        _after_commit(version, None)
+    return version
+
+
+def snapshot_fork(
+    *,
+    session: WorkflowSession,
+    from_version: int,
+    external_id: str | None = None,
+    reason: str = "",
+    actor: User = None,
+    actor_label: str = "",
+) -> WorkflowSession:
+    """Start a new session (same project) whose first version is `from_version` of `session`."""
+    from sessions_app.services import session_get_or_create
+
+    source = version_get(session=session, number=from_version)
+    reason = _clean_text("reason", reason, REASON_MAX).strip()
+    with transaction.atomic():
+        new_external_id = external_id or new_fork_external_id(session, source.number)
+        fork, created = session_get_or_create(
+            project=session.project,
+            external_id=new_external_id,
+            workflow=session.workflow,
+            metadata={**session.metadata, "forked_from": {"session": str(session.pk), "version": source.number}},
+            tags=list(session.tags),
+            actor=actor,
+        )
+        if not created:
+            raise VersionConflict(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
+        fork = _lock_session(fork)
+        version = _append(
+            fork,
+            kind=VersionKind.FORK,
+            root=bytes(source.root),
+            checksum=source.checksum,
+            logical_size=source.logical_size,
+            stored_size=0,
+            parent=source,
+            status=source.status or SessionStatus.RUNNING,
+            step=source.step,
+            engine=source.engine,
+            engine_version=source.engine_version,
+            reason=reason,
+            actor=actor,
+            actor_label=actor_label,
+        )
+        audit_record(
+            project=session.project, action="session.fork", target_type="session", target_id=fork.pk,
+            session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
+            details={"from_session": str(session.pk), "from_version": source.number, "new_session": str(fork.pk),
+                     "new_external_id": fork.external_id},
+        )
+        _after_commit(version, None)
+    return fork
+
+
+def snapshot_data_fix(
+    *,
+    session: WorkflowSession,
+    state: dict[str, Any] | bytes | str,
+    based_on: int,
+    reason: str,
+    expected_version: int | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> Version:
+    """Record a corrected state (edited by staff from version `based_on`) as a new head; audited."""
+    reason = _require_reason(reason)
+    base = version_get(session=session, number=based_on)
+    with transaction.atomic():
+        version = snapshot_record(
+            session=session, state=state, step=base.step, status=base.status or None,
+            expected_version=expected_version, kind=VersionKind.DATA_FIX, actor=actor, actor_label=actor_label,
+        )
+        Version.objects.filter(pk=version.pk).update(reason=reason)
+        version.reason = reason
+        audit_record(
+            project=session.project, action="version.data_fix", target_type="version", target_id=version.pk,
+            session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
+            details={"based_on": base.number, "new_head": version.number, "checksum": version.checksum},
+        )
+    return version
+
+
+@transaction.atomic
+def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_label: str = "") -> Version:
+    Version.objects.filter(pk=version.pk).update(pinned=pinned)
+    version.pinned = pinned
+    audit_record(
+        project=version.session.project, action="version.pin" if pinned else "version.unpin", target_type="version",
+        target_id=version.pk, session_id=version.session_id, actor=actor, actor_label=actor_label,
+        details={"version": version.number},
+    )
+    return version
+
+
+@transaction.atomic
+def version_label(*, version: Version, label: str, actor: User = None, actor_label: str = "") -> Version:
+    label = _clean_text("label", label, METADATA_LIMITS["label"]).strip()
+    Version.objects.filter(pk=version.pk).update(label=label)
+    previous, version.label = version.label, label
+    audit_record(
+        project=version.session.project, action="version.label", target_type="version", target_id=version.pk,
+        session_id=version.session_id, actor=actor, actor_label=actor_label,
+        details={"version": version.number, "label": label, "previous": previous},
+    )
+    return version

@@ -1,0 +1,251 @@
+"""The database side of the state tree: node rows, compression, caching and verified reads.
+
+Caching is an accelerator only. Node encodings are immutable per (project, digest), so they are
+cached in-process and in Django's cache (Redis in production); whole head states are cached too.
+Whatever a read is assembled from, its SHA-256 must equal the version's checksum; if a cached
+piece is bad the read is retried from the database alone, and if that fails too it is an
+IntegrityProblem naming the version. Existence checks on the write path always ask the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import zstandard
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection
+
+from snapshots_app import tree
+from sessions_app.errors import IntegrityProblem
+from snapshots_app.models import StateNode
+
+if TYPE_CHECKING:
+    from snapshots_app.models import Version
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+COMPRESS_MIN = 64  # smaller nodes are stored raw: zstd's frame header would not pay for itself
+ZSTD_LEVEL = 3
+NODE_CACHE_TIMEOUT = 24 * 3600
+HEAD_CACHE_MAX = 2 * 1024 * 1024
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe; one per thread.
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    _compressor()
+    return _local.decompressor
+
+
+def compress(raw: bytes) -> tuple[int, bytes]:
+    if len(raw) < COMPRESS_MIN:
+        return CODEC_RAW, raw
+    packed = _compressor().compress(raw)
+    if len(packed) >= len(raw):
+        return CODEC_RAW, raw
+    return CODEC_ZSTD, packed
+
+
+def decompress(codec: int, data: bytes) -> bytes:
+    if codec == CODEC_RAW:
+        return data
+    if codec == CODEC_ZSTD:
+        return _decompressor().decompress(data)
+    raise ValueError(f"unknown codec {codec}")
+
+
+class _NodeLRU:
+    """Process-local cache of decoded nodes, bounded by bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.items: OrderedDict[tuple[int, bytes], tree.Node] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get_many(self, project_id: int, digests: Iterable[bytes]) -> dict[bytes, tree.Node]:
+        found = {}
+        with self.lock:
+            for digest in digests:
+                node = self.items.get((project_id, digest))
+                if node is not None:
+                    self.items.move_to_end((project_id, digest))
+                    found[digest] = node
+        return found
+
+    def put_many(self, project_id: int, nodes: dict[bytes, tree.Node]) -> None:
+        with self.lock:
+            for digest, node in nodes.items():
+                key = (project_id, digest)
+                if key in self.items:
+                    continue
+                self.items[key] = node
+                self.size += len(node.text) + 64
+            while self.size > self.max_bytes and self.items:
+                _, old = self.items.popitem(last=False)
+                self.size -= len(old.text) + 64
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.size = 0
+
+
+node_lru = _NodeLRU(getattr(settings, "STATE_NODE_CACHE_BYTES", 64 * 1024 * 1024))
+
+
+def _node_cache_key(project_id: int, digest: bytes) -> str:
+    return f"node:{project_id}:{digest.hex()}"
+
+
+def _head_cache_key(version_id: int) -> str:
+    return f"state:{version_id}"
+
+
+class ProjectStore:
+    """Node storage for one project. Nothing here ever looks at another project's rows."""
+
+    def __init__(self, project_id: int, *, use_cache: bool = True) -> None:
+        self.project_id = project_id
+        self.use_cache = use_cache
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def existing(self, digests: set[bytes]) -> set[bytes]:
+        """Which of `digests` are stored (always the database: a cache could outlive a GC)."""
+        if not digests:
+            return set()
+        rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
+            "digest", flat=True
+        )
+        return {bytes(d) for d in rows}
+
+    def save_nodes(self, new_nodes: dict[bytes, bytes]) -> int:
+        """Insert nodes (ON CONFLICT DO NOTHING); returns the stored (compressed) bytes submitted."""
+        if not new_nodes:
+            return 0
+        rows = []
+        stored = 0
+        for digest, raw in new_nodes.items():
+            codec, data = compress(raw)
+            stored += len(data)
+            rows.append(StateNode(project_id=self.project_id, digest=digest, codec=codec, data=data, raw_size=len(raw)))
+        StateNode.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
+        return stored
+
+    def write_state(self, state: dict[str, Any], canonical: bytes) -> tuple[bytes, int]:
+        """Store a state's new nodes; returns (root digest, stored bytes added)."""
+        writer = tree.TreeWriter(self.existing)
+        root = writer.write_root(state, canonical)
+        return root, self.save_nodes(writer.new_nodes)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
+        """Decoded nodes by digest, from the caches and then the database. Missing ones are absent."""
+        found: dict[bytes, tree.Node] = {}
+        wanted = set(digests)
+        if self.use_cache:
+            found.update(node_lru.get_many(self.project_id, wanted))
+            wanted -= found.keys()
+            if wanted:
+                keys = {_node_cache_key(self.project_id, d): d for d in wanted}
+                for key, packed in cache.get_many(list(keys)).items():
+                    digest = keys[key]
+                    node = self._decode(digest, packed[0], packed[1])
+                    found[digest] = node
+                    wanted.discard(digest)
+        if wanted:
+            from_db: dict[bytes, tree.Node] = {}
+            to_cache: dict[str, tuple[int, bytes]] = {}
+            rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(wanted)).values_list(
+                "digest", "codec", "data"
+            )
+            for digest, codec, data in rows:
+                digest = bytes(digest)
+                data = bytes(data)
+                from_db[digest] = self._decode(digest, codec, data)
+                to_cache[_node_cache_key(self.project_id, digest)] = (codec, data)
+            found.update(from_db)
+            if self.use_cache and to_cache:
+                cache.set_many(to_cache, NODE_CACHE_TIMEOUT)
+                node_lru.put_many(self.project_id, from_db)
+        return found
+
+    @staticmethod
+    def _decode(digest: bytes, codec: int, data: bytes) -> tree.Node:
+        try:
+            return tree.Node.decode(decompress(codec, data))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is corruption of this node
+            raise CorruptNode(digest, str(exc)) from None
+
+    def assemble(self, root: bytes) -> bytes:
+        return tree.splice(root, tree.collect(root, self.nodes))
+
+
+class CorruptNode(Exception):
+    def __init__(self, digest: bytes, why: str) -> None:
+        super().__init__(f"node {digest.hex()} cannot be decoded: {why}")
+        self.digest = digest
+
+
+def _describe(version: Version) -> str:
+    return f"version {version.number} of session {version.session_id}"
+
+
+def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
+    """The version's state as canonical JSON bytes, verified against its checksum."""
+    if use_cache:
+        cached = cache.get(_head_cache_key(version.pk))
+        if cached is not None and hashlib.sha256(cached).hexdigest() == version.checksum:
+            return cached
+    project_id = version.session.project_id
+    try:
+        data = ProjectStore(project_id, use_cache=use_cache).assemble(bytes(version.root))
+        problem = None if hashlib.sha256(data).hexdigest() == version.checksum else "checksum mismatch"
+    except (tree.MissingNode, CorruptNode, KeyError, RecursionError, UnicodeDecodeError) as exc:
+        data, problem = b"", str(exc)
+    if problem is not None:
+        if use_cache:
+            # A bad cached piece must not look like corruption: retry from the database alone.
+            return read_canonical(version, use_cache=False)
+        raise IntegrityProblem(
+            f"{_describe(version)} failed verification ({problem}); it will not be served",
+            version=version.number,
+            session=str(version.session_id),
+        )
+    if use_cache and len(data) <= HEAD_CACHE_MAX and version.session.head_number == version.number:
+        cache.set(_head_cache_key(version.pk), data, NODE_CACHE_TIMEOUT)
+    return data
+
+
+def remember_head(version: Version, canonical: bytes) -> None:
+    """Warm the head cache with a state just written (call after commit)."""
+    if len(canonical) <= HEAD_CACHE_MAX:
+        cache.set(_head_cache_key(version.pk), canonical, NODE_CACHE_TIMEOUT)
+
+
+def project_write_lock(project_id: int) -> None:
+    """Writers share this lock; garbage collection takes it exclusively (see compaction).
+
+    PostgreSQL only: SQLite already serialises write transactions.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", [PROJECT_LOCK_CLASS, project_id])
+
+
+PROJECT_LOCK_CLASS = 4242

@@ -1,0 +1,121 @@
+"""The service runs on the real stack: PostgreSQL, the Redis channel layer, health probes, settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.django_db
+def test_database_is_postgresql_when_database_url_says_so():
+    url = os.environ.get("DATABASE_URL", "")
+    if not url:
+        pytest.skip("embedded run: DATABASE_URL is not set")
+    assert url.startswith("postgres")
+    assert connection.vendor == "postgresql"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT version()")
+        assert "PostgreSQL" in cursor.fetchone()[0]
+
+
+def test_message_sent_through_redis_channel_layer_arrives(settings):
+    if not os.environ.get("REDIS_URL"):
+        pytest.skip("embedded run: REDIS_URL is not set")
+    layer = get_channel_layer()
+    assert type(layer).__module__.startswith("channels_redis")
+
+    async def roundtrip():
+        channel = await layer.new_channel()
+        await layer.group_add("foundation-test", channel)
+        await layer.group_send("foundation-test", {"type": "hello", "text": "over redis"})
+        message = await layer.receive(channel)
+        await layer.group_discard("foundation-test", channel)
+        return message
+
+    assert async_to_sync(roundtrip)() == {"type": "hello", "text": "over redis"}
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.django_db
+def test_readyz_is_200_when_database_redis_and_broker_answer(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["failed"] == []
+    assert set(body["checks"]) == {"database", "redis", "broker"}
+
+
+@pytest.mark.django_db
+def test_readyz_names_the_failed_dependency(client, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "redis" in response.json()["failed"]
+    assert "database" not in response.json()["failed"]
+
+
+def test_login_page_renders(client):
+    response = client.get("/accounts/login/")
+    assert response.status_code == 200
+    assert b"Log in" in response.content
+
+
+def test_dashboard_requires_login(client):
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")
+
+
+def test_malformed_database_url_fails_with_one_clear_line():
+    result = manage("check", env={"DATABASE_URL": "mysql//nope", "SECRET_KEY": "x"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "DATABASE_URL" in lines[0]
+
+
+def test_unreachable_database_fails_with_one_clear_line():
+    result = manage("migrate", env={"DATABASE_URL": "postgres://postgres@127.0.0.1:1/nowhere", "SECRET_KEY": "x"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("session-rewind: database unreachable") and "127.0.0.1:1" in lines[0]
+
+
+def test_bad_boolean_setting_fails_with_one_clear_line():
+    result = manage("check", env={"DEBUG": "maybe"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["session-rewind: configuration error: DEBUG='maybe' is not a boolean (use 1/0, true/false, yes/no, on/off)"]
+
+
+def test_production_settings_pass_check_deploy():
+    result = manage(
+        "check", "--deploy", "--fail-level", "WARNING",
+        env={
+            "DATABASE_URL": os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/session_rewind"),
+            "SECRET_KEY": "a-long-random-production-secret-" + "k" * 40,
+            "DEBUG": "0", "HTTPS": "1", "ALLOWED_HOSTS": "rewind.example.com",
+        },
+    )
+    assert result.returncode == 0, result.stderr + result.stdout

@@ -1,0 +1,39 @@
+"""Shared fixtures. `make test` runs everything against real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.core.cache import cache
+
+from snapshots_app import store
+from tests.factories import make_project, make_session, make_user
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database: {os.environ.get('DATABASE_URL') or 'embedded SQLite'}; redis: {os.environ.get('REDIS_URL') or 'none'}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    """Every test starts with cold caches, so none can pass on another test's cached pieces."""
+    cache.clear()
+    store.node_lru.clear()
+    yield
+    store.node_lru.clear()
+
+
+@pytest.fixture
+def user(db):
+    return make_user("alice")
+
+
+@pytest.fixture
+def project(db, user):
+    return make_project("acme", owner=user)
+
+
+@pytest.fixture
+def session(project):
+    return make_session(project, "run-1")
