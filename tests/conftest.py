@@ -15,11 +15,24 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"database: {os.environ.get('DATABASE_URL') or 'embedded SQLite'}; redis: {os.environ.get('REDIS_URL') or 'none'}"
 
 
+def clear_cache() -> None:
+    """Forget our cache keys only: flushing the Redis database would also drop Celery's queues."""
+    from django.conf import settings
+
+    if settings.REDIS_URL:
+        client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        keys = list(client.scan_iter(f"{settings.CACHES['default']['KEY_PREFIX']}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    else:
+        cache.clear()
+    store.node_lru.clear()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     """Every test starts with cold caches, so none can pass on another test's cached pieces."""
-    cache.clear()
-    store.node_lru.clear()
+    clear_cache()
     yield
     store.node_lru.clear()
 
