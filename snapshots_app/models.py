@@ -17,7 +17,8 @@ class VersionKind(models.TextChoices):
 
 
 class Version(models.Model):
-    """One immutable snapshot of a session's state, numbered 1..n without gaps per session.
+    """One immutable snapshot of a session's state, numbered 1, 2, 3… per session (never renumbered;
+    retention may leave gaps).
 
     The state itself is a tree of StateNode rows; the version keeps only the root's digest and the
     SHA-256 of the state's canonical JSON, which every read is verified against.
@@ -87,3 +88,122 @@ class StateNode(models.Model):
 
     class Meta:
         verbose_name = "state node"
+
+
+class Thinning(models.TextChoices):
+    HOUR = "hour", "Keep one version per hour"
+    DAY = "day", "Keep one version per day"
+    NONE = "none", "Keep none"
+
+
+class RetentionPolicy(models.Model):
+    """How a project's old versions are thinned by compaction. No row = keep everything.
+
+    A version survives if any rule keeps it: it is among its session's last `keep_last`; it is
+    younger than `keep_days`; it is the newest of its hour/day bucket (per `thin_to`); or it is
+    protected (head, pinned, labelled, carries an error, or a rewind/fork points at it).
+    """
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="retention_policy")
+    enabled = models.BooleanField(default=True)
+    keep_last = models.PositiveIntegerField(default=100, help_text="Always keep each session's newest N versions.")
+    keep_days = models.PositiveIntegerField(default=7, help_text="Always keep versions younger than this many days.")
+    thin_to = models.CharField(
+        max_length=8, choices=Thinning.choices, default=Thinning.HOUR,
+        help_text="Beyond keep_days, keep at most one version per hour or day (besides protected ones).",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by_label = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        verbose_name_plural = "retention policies"
+
+    def __str__(self) -> str:
+        return f"retention of {self.project_id}: last {self.keep_last}, {self.keep_days} days, {self.thin_to}"
+
+
+class JobKind(models.TextChoices):
+    COMPACTION = "compaction", "Compaction"
+    GC = "gc", "Garbage collection"
+    SCRUB = "scrub", "Integrity scrub"
+    EXPORT = "export", "Export"
+    IMPORT = "import", "Import"
+
+
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    FAILED = "failed", "Failed"
+
+
+class Job(models.Model):
+    """A long background job and its progress, shown live in the UI. Tasks take the job's id."""
+
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
+    session = models.ForeignKey(
+        WorkflowSession, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The session a session-scoped job (e.g. export) is about.",
+    )
+    kind = models.CharField(max_length=16, choices=JobKind.choices)
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED)
+    params = models.JSONField(default=dict, blank=True)
+    done = models.PositiveBigIntegerField(default=0)
+    total = models.PositiveBigIntegerField(default=0)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Deliveries so far (a killed worker redelivers).")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["project", "kind", "-created_at"], name="job_project_kind_created")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} job {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (JobStatus.DONE, JobStatus.FAILED)
+
+    @property
+    def percent(self) -> int:
+        if self.is_finished and self.status == JobStatus.DONE:
+            return 100
+        return int(100 * self.done / self.total) if self.total else 0
+
+
+class IntegrityProblem(models.Model):
+    """A version whose stored data failed verification. Recorded by the scrub; never auto-repaired."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="integrity_problems")
+    session = models.ForeignKey(WorkflowSession, on_delete=models.CASCADE, related_name="integrity_problems")
+    version = models.ForeignKey(Version, on_delete=models.CASCADE, related_name="integrity_problems")
+    version_number = models.PositiveIntegerField()
+    detail = models.TextField()
+    found_by = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="problems")
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(auto_now=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-last_seen_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version"], condition=models.Q(resolved_at__isnull=True), name="integrity_one_open_per_version"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"integrity problem in {self.session_id} v{self.version_number}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.resolved_at is None
