@@ -259,11 +259,16 @@ class _Walker:
         # A lower-level side covers only the first child slot of the higher-level one.
         children_a = self._children(a) if level_a == level else ([a] if a is not None else [])
         children_b = self._children(b) if level_b == level else ([b] if b is not None else [])
-        self.prefetch({c.digest for c in (*children_a, *children_b) if isinstance(c, HoleRef)})
         span = PAGE**level
+        pairs = []
         for index in range(max(len(children_a), len(children_b))):
             child_a = children_a[index] if index < len(children_a) else None
             child_b = children_b[index] if index < len(children_b) else None
+            if child_a is None or child_b is None or not self.same(child_a, child_b):
+                pairs.append((index, child_a, child_b))
+        # Only runs that differ are fetched; shared runs are skipped by digest alone.
+        self.prefetch({c.digest for _, x, y in pairs for c in (x, y) if isinstance(c, HoleRef)})
+        for index, child_a, child_b in pairs:
             self._aligned(child_a, child_b, base + index * span, out)
 
     def diff_arrays(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:

@@ -1,0 +1,157 @@
+"""The tree and diff algorithms on their own (no database): exact round trips and correct patches."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snapshots_app import tree
+from snapshots_app.canonical import dumps
+from snapshots_app.diff import apply_patch, diff_trees, diff_values
+
+
+class MemoryNodes:
+    """An in-memory node table standing in for the database in pure tests."""
+
+    def __init__(self) -> None:
+        self.raw: dict[bytes, bytes] = {}
+
+    def existing(self, digests: set[bytes]) -> set[bytes]:
+        return {d for d in digests if d in self.raw}
+
+    def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
+        return {d: tree.Node.decode(self.raw[d]) for d in digests if d in self.raw}
+
+    def write(self, state: dict[str, Any]) -> tuple[bytes, dict[bytes, bytes]]:
+        writer = tree.TreeWriter(self.existing)
+        root = writer.write_root(state, dumps(state))
+        self.raw.update(writer.new_nodes)
+        return root, writer.new_nodes
+
+    def read(self, root: bytes) -> bytes:
+        return tree.splice(root, tree.collect(root, self.nodes))
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+    st.text(min_size=500, max_size=900),  # long strings become their own nodes
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=80),  # > 32 items: paged runs
+        st.dictionaries(st.text(max_size=12), children, max_size=90),  # > 64 members: member runs
+    ),
+    max_leaves=250,
+)
+states = st.dictionaries(st.text(max_size=12), json_values, max_size=20)
+
+
+def embedded(value: Any) -> str:
+    """JSON text inside a string, as LlamaIndex Workflows writes it."""
+    return json.dumps({"value": value, "padding": "p" * 600})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(states)
+def test_every_state_splices_back_to_its_canonical_bytes(state):
+    nodes = MemoryNodes()
+    root, _ = nodes.write(state)
+    assert nodes.read(root) == dumps(state)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(states, states)
+def test_applying_the_diff_patch_to_a_gives_b(a, b):
+    nodes = MemoryNodes()
+    root_a, _ = nodes.write(a)
+    root_b, _ = nodes.write(b)
+    result = diff_trees(root_a, root_b, nodes)
+    assert dumps(apply_patch(a, result.patch)) == dumps(b)
+    assert (result.changes == []) == (dumps(a) == dumps(b))
+    assert dumps(apply_patch(a, diff_values(a, b).patch)) == dumps(b)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(json_values, json_values)
+def test_json_strings_round_trip_and_diff_structurally(inner_a, inner_b):
+    a = {"store": embedded(inner_a), "compact": json.dumps([inner_a] * 3, separators=(",", ":"))}
+    b = {"store": embedded(inner_b), "compact": a["compact"]}
+    nodes = MemoryNodes()
+    root_a, _ = nodes.write(a)
+    root_b, _ = nodes.write(b)
+    assert nodes.read(root_a) == dumps(a)
+    assert nodes.read(root_b) == dumps(b)
+    result = diff_trees(root_a, root_b, nodes)
+    assert dumps(apply_patch(a, result.patch)) == dumps(b)
+    for change in result.changes:
+        if "string_path" in change:
+            assert change["string_path"] == "/store"
+
+
+def test_json_string_changes_are_reported_inside_the_string():
+    a = {"ctx": json.dumps({"counter": 1, "history": ["x" * 300] * 5})}
+    b = {"ctx": json.dumps({"counter": 2, "history": ["x" * 300] * 5})}
+    nodes = MemoryNodes()
+    result = diff_trees(nodes.write(a)[0], nodes.write(b)[0], nodes)
+    assert result.changes == [
+        {"path": "/counter", "op": "replace", "kind": "changed", "old": 1, "new": 2, "string_path": "/ctx"}
+    ]
+    assert result.patch == [{"op": "replace", "path": "/ctx", "value": b["ctx"]}]
+
+
+def test_appending_to_a_long_history_stores_only_the_change():
+    history = [{"role": "user", "content": f"message {i} " + "lorem ipsum " * 40} for i in range(2000)]
+    nodes = MemoryNodes()
+    state = {"messages": history, "counter": 1}
+    nodes.write(state)
+    state = {"messages": [*history, {"role": "assistant", "content": "one more " * 40}], "counter": 2}
+    _, new_nodes = nodes.write(state)
+    added = sum(len(raw) for raw in new_nodes.values())
+    assert len(dumps(state)) > 1_000_000
+    assert added < 5_000, f"appending one message stored {added} bytes"
+
+
+def test_identical_state_stores_nothing_new():
+    nodes = MemoryNodes()
+    state = {"a": ["x" * 1000] * 3}
+    nodes.write(state)
+    _, new_nodes = nodes.write(orjson.loads(dumps(state)))
+    assert new_nodes == {}
+
+
+def test_diff_of_one_field_in_a_large_state_reads_few_nodes():
+    state = {"messages": [{"content": "m" * 1000, "i": i} for i in range(5000)], "counter": 1}
+    changed = {**state, "messages": [*state["messages"]]}
+    changed["messages"][2500] = {"content": "m" * 1000, "i": -1}
+    nodes = MemoryNodes()
+    root_a, root_b = nodes.write(state)[0], nodes.write(changed)[0]
+
+    fetched: list[int] = []
+
+    class Counting:
+        def nodes(self, digests):
+            fetched.append(len(digests))
+            return nodes.nodes(digests)
+
+    result = diff_trees(root_a, root_b, Counting())
+    assert result.changes == [{"path": "/messages/2500/i", "op": "replace", "kind": "changed", "old": 2500, "new": -1}]
+    assert sum(fetched) < 20, f"diff fetched {sum(fetched)} nodes of a {len(nodes.raw)}-node store"
+
+
+def test_queue_pop_reads_as_one_removal():
+    a = {"queue": ["a", "b", "c", "d"]}
+    b = {"queue": ["b", "c", "d"]}
+    result = diff_values(a, b)
+    assert result.changes == [{"path": "/queue/0", "op": "remove", "kind": "removed", "old": "a"}]
+
+
+def test_pointer_escaping_in_paths():
+    result = diff_values({"a/b": {"c~d": 1}}, {"a/b": {"c~d": 2}})
+    assert result.changes[0]["path"] == "/a~1b/c~0d"
+    assert apply_patch({"a/b": {"c~d": 1}}, result.patch) == {"a/b": {"c~d": 2}}
