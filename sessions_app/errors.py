@@ -74,3 +74,14 @@ class IntegrityProblem(StateStoreError):
 
     code = "integrity_error"
     status = 500
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class ImportRejected(StateStoreError):
+    """An import file failed verification (checksum, format or state): nothing was stored."""
+
+    code = "import_rejected"
+    status = 422
