@@ -1,0 +1,334 @@
+"""State-store benchmark: the store vs a full-copy JSONB baseline, on PostgreSQL, in one run.
+
+    DATABASE_URL=postgres://… REDIS_URL=redis://… python -m tests.bench.run [--quick]
+
+It never touches the database DATABASE_URL names: it uses a sibling database whose name ends in
+`_bench` (created and migrated if missing) and empties its tables before each profile, so sizes
+are this run's rows only. Cache keys get their own prefix and Celery tasks go to an in-memory
+broker, so nothing reaches shared Redis queues or real workers.
+
+Per profile it writes the same seeded traces (tests.bench.workload) into the store (through
+snapshot_record) and into a plain table with one JSONB row per version (how django-reversion and
+django-simple-history keep history), then times random reads and random diffs on both, checks
+that both sides agree, and reports storage against the information floor: zstd of the first
+snapshot plus zstd of each successive JSON Patch (level FLOOR_ZSTD_LEVEL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import psycopg
+import zstandard
+
+from tests.bench.workload import PROFILES, QUICK, Profile, Trace
+
+FLOOR_ZSTD_LEVEL = 19
+BASELINE_TABLE = "bench_fullcopy_version"
+STORE_TABLES = ("snapshots_app_version", "snapshots_app_statenode")
+CACHE_PREFIX = "rewind-bench"
+
+
+def bench_database_url(url: str) -> str:
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name:
+        raise SystemExit("DATABASE_URL names no database")
+    if not name.endswith("_bench"):
+        name += "_bench"
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def ensure_database(url: str) -> None:
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def setup_django(database_url: str) -> None:
+    os.environ["DATABASE_URL"] = database_url
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ["CACHE_KEY_PREFIX"] = CACHE_PREFIX
+    os.environ["CHANNELS_PREFIX"] = CACHE_PREFIX
+    # finalize_version would otherwise be queued for real workers, which read another database.
+    os.environ["CELERY_BROKER_URL"] = "memory://"
+    os.environ["CELERY_TASK_ALWAYS_EAGER"] = "false"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+    logging.getLogger("kombu").setLevel(logging.ERROR)
+
+
+def clear_caches() -> None:
+    from django.conf import settings
+    from django.core.cache import cache
+
+    from snapshots_app import store
+
+    if settings.REDIS_URL:
+        client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]
+        keys = list(client.scan_iter(f"{CACHE_PREFIX}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    else:
+        cache.clear()
+    store.node_lru.clear()
+
+
+def reset_tables() -> None:
+    from django.db import connection
+
+    assert connection.settings_dict["NAME"].endswith("_bench"), "refusing to empty a non-bench database"
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {BASELINE_TABLE}")
+        cursor.execute(
+            f"CREATE TABLE {BASELINE_TABLE} (id bigserial PRIMARY KEY, session_id uuid NOT NULL, "
+            "number integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), state jsonb NOT NULL, "
+            "UNIQUE (session_id, number))"
+        )
+        cursor.execute(f"TRUNCATE {BASELINE_TABLE}, sessions_app_project RESTART IDENTITY CASCADE")
+    clear_caches()
+
+
+def table_bytes(tables: tuple[str, ...]) -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"VACUUM ANALYZE {', '.join(tables)}")
+        cursor.execute("SELECT " + " + ".join(f"pg_total_relation_size('{t}')" for t in tables))
+        return int(cursor.fetchone()[0])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Result:
+    profile: Profile
+    versions: int = 0
+    logical_bytes: int = 0
+    store_write_s: float = 0.0
+    base_write_s: float = 0.0
+    store_reads: list[float] = field(default_factory=list)
+    base_reads: list[float] = field(default_factory=list)
+    store_diffs: list[float] = field(default_factory=list)
+    base_diffs: list[float] = field(default_factory=list)
+    store_bytes: int = 0
+    base_bytes: int = 0
+    floor_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Result:
+    from django.db import connection
+
+    from sessions_app.services import project_create, session_get_or_create
+    from snapshots_app.canonical import dumps as canonical_dumps
+    from snapshots_app.diff import apply_patch, diff_values
+    from snapshots_app.services import snapshot_record
+
+    reset_tables()
+    result = Result(profile)
+    floor = zstandard.ZstdCompressor(level=FLOOR_ZSTD_LEVEL)
+    project = project_create(name=f"Bench {profile.name}", slug=f"bench-{profile.name}")
+    sessions = []
+    for index in range(profile.sessions):
+        session, _ = session_get_or_create(project=project, external_id=f"{profile.name}-{index}")
+        sessions.append(session)
+        previous = None
+        for number, (state, metadata) in enumerate(Trace(profile, seed * 1000 + index).states(), start=1):
+            # Alternate who goes first so neither side always finds PostgreSQL's caches warmer.
+            order = (0, 1) if number % 2 else (1, 0)
+            for side in order:
+                if side == 0:
+                    started = time.perf_counter()
+                    snapshot_record(session=session, state=state, **metadata)
+                    result.store_write_s += time.perf_counter() - started
+                else:
+                    started = time.perf_counter()
+                    with connection.cursor() as cursor:
+                        cursor.execute(
+                            f"INSERT INTO {BASELINE_TABLE} (session_id, number, state) VALUES (%s, %s, %s::jsonb)",
+                            [session.pk, number, orjson.dumps(state).decode()],
+                        )
+                    result.base_write_s += time.perf_counter() - started
+            current = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
+            result.logical_bytes += len(current)
+            result.versions += 1
+            current_value = orjson.loads(current)
+            if previous is None:
+                result.floor_bytes += len(floor.compress(current))
+            else:
+                patch = diff_values(previous, current_value).patch
+                result.floor_bytes += len(floor.compress(orjson.dumps(patch)))
+            previous = current_value
+
+    result.store_bytes = table_bytes(STORE_TABLES)
+    result.base_bytes = table_bytes((BASELINE_TABLE,))
+    clear_caches()
+    rng = random.Random(seed)
+    picks = [(rng.choice(sessions), rng.randint(1, profile.versions)) for _ in range(reads)]
+    for session, number in picks:
+        store_state, base_state = _timed_reads(result, session, number)
+        if orjson.dumps(store_state, option=orjson.OPT_SORT_KEYS) != orjson.dumps(base_state, option=orjson.OPT_SORT_KEYS):
+            raise AssertionError(f"store and baseline disagree on {session.external_id} v{number}")
+    pairs = []
+    for _ in range(diffs):
+        session = rng.choice(sessions)
+        a, b = sorted(rng.sample(range(1, profile.versions + 1), 2))
+        pairs.append((session, a, b))
+    for session, a, b in pairs:
+        store_patch, states = _timed_diffs(result, session, a, b)
+        # Array diffs may align differently from the in-memory diff; both must turn a into b.
+        if canonical_dumps(apply_patch(states[a], store_patch)) != canonical_dumps(states[b]):
+            raise AssertionError(f"store and baseline diffs disagree on {session.external_id} v{a}..v{b}")
+    return result
+
+
+def _timed_reads(result: Result, session: Any, number: int) -> tuple[Any, Any]:
+    from django.db import connection
+
+    from snapshots_app.models import Version
+    from snapshots_app.selectors import version_state
+
+    started = time.perf_counter()
+    version = Version.objects.select_related("session").get(session=session, number=number)
+    store_state = version_state(version)
+    result.store_reads.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT state::text FROM {BASELINE_TABLE} WHERE session_id = %s AND number = %s",
+                       [session.pk, number])
+        base_state = orjson.loads(cursor.fetchone()[0])
+    result.base_reads.append(time.perf_counter() - started)
+    return store_state, base_state
+
+
+def _timed_diffs(result: Result, session: Any, a: int, b: int) -> tuple[Any, Any]:
+    from django.db import connection
+
+    from snapshots_app.diff import diff_values
+    from snapshots_app.models import Version
+    from snapshots_app.selectors import version_diff
+
+    started = time.perf_counter()
+    versions = {v.number: v for v in Version.objects.select_related("session").filter(session=session, number__in=[a, b])}
+    store_patch = version_diff(versions[a], versions[b]).patch
+    result.store_diffs.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT number, state::text FROM {BASELINE_TABLE} WHERE session_id = %s AND number IN (%s, %s)",
+                       [session.pk, a, b])
+        states = {number: orjson.loads(text) for number, text in cursor.fetchall()}
+    diff_values(states[a], states[b])
+    result.base_diffs.append(time.perf_counter() - started)
+    return store_patch, states
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table(result: Result) -> str:
+    p = result.profile
+    n = result.versions
+    rows = [
+        ("writes/s", f"{n / result.store_write_s:.1f}", f"{n / result.base_write_s:.1f}",
+         f"{result.base_write_s / result.store_write_s:.2f}x faster"),
+        ("read p50 (ms)", _ms(statistics.median(result.store_reads)), _ms(statistics.median(result.base_reads)), ""),
+        ("read p95 (ms)", _ms(percentile(result.store_reads, 0.95)), _ms(percentile(result.base_reads, 0.95)),
+         f"{percentile(result.store_reads, 0.95) / percentile(result.base_reads, 0.95):.2f}x of baseline"),
+        ("diff p50 (ms)", _ms(statistics.median(result.store_diffs)), _ms(statistics.median(result.base_diffs)),
+         f"{statistics.median(result.store_diffs) / statistics.median(result.base_diffs):.3f}x of baseline"),
+        ("diff p95 (ms)", _ms(percentile(result.store_diffs, 0.95)), _ms(percentile(result.base_diffs, 0.95)), ""),
+        ("storage", _size(result.store_bytes), _size(result.base_bytes),
+         f"{result.store_bytes / result.base_bytes:.3f}x of baseline"),
+        ("bytes/version", _size(result.store_bytes / n), _size(result.base_bytes / n), ""),
+        ("x information floor", f"{result.store_bytes / result.floor_bytes:.2f}",
+         f"{result.base_bytes / result.floor_bytes:.1f}", f"floor {_size(result.floor_bytes)}"),
+    ]
+    rows += [(name, store, base, note) for name, (store, base, note) in result.extra.items()]
+    lines = [
+        f"### {p.name}: {p.sessions} sessions x {p.versions} versions, "
+        f"avg state {_size(result.logical_bytes / n)} ({_size(result.logical_bytes)} of JSON written)",
+        "",
+        "| | store | full-copy baseline | |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    lines += [f"| {name} | {store} | {base} | {note} |" for name, store, base, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
+    parser.add_argument("--profile", action="append", choices=sorted(PROFILES), help="run only these profiles")
+    parser.add_argument("--sessions", type=int, help="override the session count of every profile")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--reads", type=int, default=None, help="random reads per profile (default 200, quick 40)")
+    parser.add_argument("--diffs", type=int, default=None, help="random diffs per profile (default 100, quick 20)")
+    args = parser.parse_args(argv)
+
+    url = os.environ.get("DATABASE_URL", "")
+    if urlsplit(url).scheme not in ("postgres", "postgresql"):
+        raise SystemExit("the benchmark needs PostgreSQL: set DATABASE_URL=postgres://…")
+    database_url = bench_database_url(url)
+    ensure_database(database_url)
+    setup_django(database_url)
+
+    profiles = QUICK if args.quick else PROFILES
+    chosen = [profiles[name] for name in (args.profile or profiles)]
+    if args.sessions:
+        chosen = [p.scaled(sessions=args.sessions) for p in chosen]
+    reads = args.reads or (40 if args.quick else 200)
+    diffs = args.diffs or (20 if args.quick else 100)
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW default_toast_compression")
+        toast = cursor.fetchone()[0]
+        cursor.execute("SHOW server_version")
+        server = cursor.fetchone()[0]
+    print(f"PostgreSQL {server} (TOAST compression {toast}), database {connection.settings_dict['NAME']}; "
+          f"seed {args.seed}; {reads} random reads and {diffs} random diffs per profile; "
+          f"floor = zstd level {FLOOR_ZSTD_LEVEL}", flush=True)
+    started = time.perf_counter()
+    for profile in chosen:
+        t0 = time.perf_counter()
+        result = run_profile(profile, seed=args.seed, reads=reads, diffs=diffs)
+        print()
+        print(table(result))
+        print(f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
