@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -31,7 +32,7 @@ def agent_state(step: int, *, history: int = 0, message_size: int = 200) -> dict
     """A realistic agent context after `step` steps."""
     return {
         "messages": [
-            {"role": "user" if i % 2 else "assistant", "content": f"message {i} " + "x" * message_size, "i": i}
+            {"role": "user" if i % 2 else "assistant", "content": f"message {i} " + _text(i, message_size), "i": i}
             for i in range(history + step)
         ],
         "counters": {"steps": step, "tokens": 1000 + step * 37},
@@ -39,3 +40,14 @@ def agent_state(step: int, *, history: int = 0, message_size: int = 200) -> dict
         "queue": [f"task-{j}" for j in range(step % 4)],
         "error": None,
     }
+
+
+def _text(seed: int, size: int) -> str:
+    """Deterministic text that compresses about as well as prose (not like "xxxx")."""
+    words = []
+    counter = 0
+    while sum(len(w) + 1 for w in words) < size:
+        digest = hashlib.sha256(f"{seed}-{counter}".encode()).hexdigest()
+        words.extend(digest[i : i + 2 + int(digest[i], 16) % 7] for i in range(0, 56, 8))
+        counter += 1
+    return " ".join(words)[:size]

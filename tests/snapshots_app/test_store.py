@@ -1,0 +1,319 @@
+"""The versioned state store through its services, on the real database."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from django.db import connection
+
+from sessions_app.errors import (
+    IdempotencyKeyReused,
+    IntegrityProblem,
+    InvalidState,
+    ReasonRequired,
+    StateTooDeep,
+    StateTooLarge,
+    VersionConflict,
+    VersionNotFound,
+)
+from sessions_app.models import AuditEvent, WorkflowSession
+from snapshots_app import store
+from snapshots_app.canonical import dumps
+from snapshots_app.models import StateNode, Version, VersionKind
+from snapshots_app.selectors import version_diff, version_state, version_state_bytes
+from snapshots_app.services import (
+    snapshot_fork,
+    snapshot_record,
+    snapshot_rewind,
+    version_get,
+    version_label,
+    version_pin,
+)
+from tests.conftest import clear_cache
+from tests.factories import agent_state, make_project, make_session
+
+pytestmark = pytest.mark.django_db
+
+
+def stored_bytes(project) -> int:
+    return sum(len(bytes(d)) for d in StateNode.objects.filter(project=project).values_list("data", flat=True))
+
+
+def test_versions_read_back_exactly_and_are_numbered_from_one(session):
+    states = [agent_state(step, history=5) for step in range(1, 6)]
+    versions = [snapshot_record(session=session, state=state, step=f"s{i}") for i, state in enumerate(states)]
+    assert [v.number for v in versions] == [1, 2, 3, 4, 5]
+    assert [v.parent_id for v in versions] == [None, *[v.pk for v in versions[:-1]]]
+    clear_cache()
+    for version, state in zip(versions, states, strict=True):
+        fresh = Version.objects.select_related("session").get(pk=version.pk)
+        assert version_state_bytes(fresh) == dumps(state)
+        assert version_state(fresh) == state
+    session.refresh_from_db()
+    assert (session.head_number, session.version_count, session.last_step) == (5, 5, "s4")
+
+
+def test_raw_json_input_is_canonicalised(session):
+    version = snapshot_record(session=session, state=b'{"b": [1, 2.5, "x"], "a": {"z": null, "y": true}}')
+    assert version_state_bytes(version) == b'{"a":{"y":true,"z":null},"b":[1,2.5,"x"]}'
+
+
+@pytest.mark.parametrize(
+    ("state", "error"),
+    [
+        (b"[1, 2]", InvalidState),
+        (b'"just a string"', InvalidState),
+        (b'{"a": NaN}', InvalidState),
+        (b'{"a": Infinity}', InvalidState),
+        (b'{"a": 1e999}', InvalidState),
+        (b'{"a": ', InvalidState),
+        ({"a": float("nan")}, InvalidState),
+        ({"a": float("inf")}, InvalidState),
+        ({1: "non-string key"}, InvalidState),
+        ({"a": object()}, InvalidState),
+        ({"a": 2**70}, InvalidState),
+        (json.dumps({"a": "x" * 2048}).encode(), StateTooLarge),
+        ({"a": "x" * 2048}, StateTooLarge),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_stored(session, settings, state, error):
+    settings.STATE_MAX_BYTES = 1024
+    with pytest.raises(error) as excinfo:
+        snapshot_record(session=session, state=state)
+    assert excinfo.value.status in (400, 413)
+    assert Version.objects.count() == 0
+    assert StateNode.objects.count() == 0
+    session.refresh_from_db()
+    assert session.head_number == 0
+
+
+def test_too_deep_state_is_refused(session, settings):
+    settings.STATE_MAX_DEPTH = 200
+    deep = inner = {}
+    for _ in range(200):
+        inner["x"] = {}
+        inner = inner["x"]
+    with pytest.raises(StateTooDeep):
+        snapshot_record(session=session, state=deep)
+    ok = inner = {}
+    for _ in range(199):
+        inner["x"] = {}
+        inner = inner["x"]
+    version = snapshot_record(session=session, state=ok)
+    clear_cache()
+    assert version_state(version) == ok
+
+
+def test_bad_metadata_is_refused(session):
+    with pytest.raises(InvalidState):
+        snapshot_record(session=session, state={}, status="exploded")
+    with pytest.raises(InvalidState):
+        snapshot_record(session=session, state={}, tags="not-a-list")
+    with pytest.raises(InvalidState):
+        snapshot_record(session=session, state={}, expected_version=-1)
+    assert Version.objects.count() == 0
+
+
+def test_stale_expected_version_conflicts_and_writes_nothing(session):
+    snapshot_record(session=session, state={"n": 1}, expected_version=0)
+    snapshot_record(session=session, state={"n": 2}, expected_version=1)
+    before = StateNode.objects.count()
+    with pytest.raises(VersionConflict) as excinfo:
+        snapshot_record(session=session, state={"n": 3, "big": "y" * 5000}, expected_version=1)
+    assert excinfo.value.status == 409
+    assert excinfo.value.details == {"expected": 1, "head": 2}
+    assert Version.objects.count() == 2
+    assert StateNode.objects.count() == before
+
+
+def test_idempotency_key_returns_the_first_result(session):
+    first = snapshot_record(session=session, state={"n": 1}, idempotency_key="step-1")
+    again = snapshot_record(session=session, state={"n": 1}, idempotency_key="step-1", expected_version=0)
+    assert again.pk == first.pk
+    assert Version.objects.count() == 1
+    with pytest.raises(IdempotencyKeyReused):
+        snapshot_record(session=session, state={"n": 2}, idempotency_key="step-1")
+
+
+def test_unknown_version_is_a_clear_error(session):
+    snapshot_record(session=session, state={"n": 1})
+    with pytest.raises(VersionNotFound):
+        version_get(session=session, number=7)
+    with pytest.raises(VersionNotFound):
+        snapshot_rewind(session=session, to_version=7, reason="typo")
+
+
+def test_storage_grows_with_the_change_not_the_state(session, project):
+    state = agent_state(1, history=2000, message_size=400)
+    snapshot_record(session=session, state=state)
+    first = stored_bytes(project)
+    assert first > 200_000
+    for step in range(2, 12):
+        state["messages"].append({"role": "assistant", "content": f"reply {step} " + "z" * 400, "i": step})
+        state["counters"]["steps"] = step
+        snapshot_record(session=session, state=state)
+    per_version = (stored_bytes(project) - first) / 10
+    # The history is never stored again: each step costs a few KB (the new message, the last run of
+    # the history and the path above it), about 0.5% of the 900 KB state.
+    assert per_version < min(8_000, len(dumps(state)) / 100), f"each appended message stored {per_version:.0f} bytes of a {len(dumps(state))}-byte state"
+    # A counter bump alone stores almost nothing.
+    before = stored_bytes(project)
+    state["counters"]["steps"] += 1
+    snapshot_record(session=session, state=state)
+    assert stored_bytes(project) - before < 1_500
+
+
+def test_rewind_appends_a_new_head_equal_to_the_old_version_and_stores_nothing(session, project, user):
+    for step in range(1, 5):
+        snapshot_record(session=session, state=agent_state(step, history=50), step=f"step-{step}",
+                        status="failed" if step == 4 else "running", error="boom" if step == 4 else "")
+    before = stored_bytes(project)
+    with pytest.raises(ReasonRequired):
+        snapshot_rewind(session=session, to_version=2, reason="  ")
+    head = snapshot_rewind(session=session, to_version=2, reason="step 3 used a bad tool result", actor=user)
+    assert (head.number, head.kind, head.parent.number) == (5, VersionKind.REWIND, 2)
+    assert stored_bytes(project) == before
+    clear_cache()
+    assert version_state(Version.objects.get(pk=head.pk)) == agent_state(2, history=50)
+    session.refresh_from_db()
+    assert (session.head_number, session.status, session.last_error) == (5, "running", "")
+    # History is never rewritten: version 4 is still there, unchanged.
+    assert version_state(version_get(session=session, number=4)) == agent_state(4, history=50)
+    event = AuditEvent.objects.get(action="session.rewind")
+    assert (event.actor, event.reason, event.details["to_version"], event.details["new_head"]) == (
+        user, "step 3 used a bad tool result", 2, 5)
+
+
+def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(session, project, user):
+    for step in range(1, 4):
+        snapshot_record(session=session, state=agent_state(step, history=20))
+    before = stored_bytes(project)
+    fork = snapshot_fork(session=session, from_version=2, reason="try another prompt", actor=user)
+    assert fork.project_id == project.pk and fork.pk != session.pk
+    first = version_get(session=fork, number=1)
+    assert (first.kind, first.parent.session_id, first.parent.number) == (VersionKind.FORK, session.pk, 2)
+    assert stored_bytes(project) == before
+    assert version_state(first) == agent_state(2, history=20)
+    # Writes to the fork never leak into the source.
+    snapshot_record(session=fork, state={**agent_state(2, history=20), "pointer": "forked"})
+    assert version_state(version_get(session=session, number=2)) == agent_state(2, history=20)
+    result = version_diff(version_get(session=session, number=3), version_get(session=fork, number=2))
+    assert {c["path"] for c in result.changes} >= {"/pointer"}
+    assert AuditEvent.objects.filter(action="session.fork", details__new_session=str(fork.pk)).exists()
+
+
+def test_sibling_forks_do_not_collide(session):
+    snapshot_record(session=session, state={"n": 1})
+    a = snapshot_fork(session=session, from_version=1)
+    b = snapshot_fork(session=session, from_version=1)
+    assert a.external_id != b.external_id
+    with pytest.raises(VersionConflict):
+        snapshot_fork(session=session, from_version=1, external_id=a.external_id)
+
+
+def test_diff_reports_paths_and_json_patch(session):
+    a = snapshot_record(session=session, state={"counter": 1, "messages": ["hi"], "gone": True})
+    b = snapshot_record(session=session, state={"counter": 2, "messages": ["hi", "there"]})
+    result = version_diff(a, b)
+    assert result.changes == [
+        {"path": "/counter", "op": "replace", "kind": "changed", "old": 1, "new": 2},
+        {"path": "/gone", "op": "remove", "kind": "removed", "old": True},
+        {"path": "/messages/1", "op": "add", "kind": "added", "new": "there"},
+    ]
+    assert result.patch == [
+        {"op": "replace", "path": "/counter", "value": 2},
+        {"op": "remove", "path": "/gone"},
+        {"op": "add", "path": "/messages/1", "value": "there"},
+    ]
+
+
+def test_llamaindex_style_json_strings_diff_structurally(session):
+    def ctx(counter):
+        data = {"counter": counter, "docs": [f"document {i} " + "d" * 200 for i in range(10)]}
+        return {"state": {"state_data": {"_data": json.dumps(data)}}, "is_running": True}
+
+    a = snapshot_record(session=session, state=ctx(1))
+    b = snapshot_record(session=session, state=ctx(2))
+    assert b.stored_size < 600  # the documents are not stored again
+    result = version_diff(a, b)
+    assert result.changes == [{"path": "/counter", "op": "replace", "kind": "changed", "old": 1, "new": 2,
+                               "string_path": "/state/state_data/_data"}]
+
+
+def test_corruption_is_detected_named_and_never_served(session):
+    versions = [snapshot_record(session=session, state=agent_state(step, history=30)) for step in (1, 2)]
+    node = StateNode.objects.filter(project=session.project).order_by("-raw_size").first()
+    data = bytearray(bytes(node.data))
+    data[len(data) // 2] ^= 0xFF
+    StateNode.objects.filter(project=session.project, digest=node.digest).update(data=bytes(data))
+    clear_cache()
+    with pytest.raises(IntegrityProblem) as excinfo:
+        for version in versions:
+            version_state_bytes(Version.objects.select_related("session").get(pk=version.pk))
+    assert f"version {excinfo.value.details['version']} of session {session.pk}" in str(excinfo.value)
+
+
+def test_tampered_checksum_is_an_integrity_error(session):
+    version = snapshot_record(session=session, state={"n": 1})
+    Version.objects.filter(pk=version.pk).update(checksum="0" * 64)
+    clear_cache()
+    with pytest.raises(IntegrityProblem, match="version 1 of session"):
+        version_state(Version.objects.select_related("session").get(pk=version.pk))
+
+
+def test_cache_is_only_an_accelerator(session):
+    state = agent_state(3, history=100)
+    version = snapshot_record(session=session, state=state)
+    assert version_state(version) == state  # served from the head cache
+    # A poisoned cache entry is never served: the read falls back to the database.
+    from django.core.cache import cache
+
+    cache.set(store._head_cache_key(version.pk), b'{"poisoned":true}')
+    for key in list(store.node_lru.items):
+        store.node_lru.items[key] = store.tree.Node(ord("o"), 0, 0, (), b'{"poisoned":true}')
+    assert version_state(version) == state
+    # Losing the cache loses nothing.
+    clear_cache()
+    assert version_state(version) == state
+
+
+def test_nothing_is_shared_across_projects(user):
+    a, b = make_project("alpha"), make_project("beta")
+    state = agent_state(2, history=40)
+    va = snapshot_record(session=make_session(a, "same-id"), state=state)
+    vb = snapshot_record(session=make_session(b, "same-id"), state=state)
+    assert va.stored_size > 0 and vb.stored_size > 0  # no cross-project dedup
+    assert set(StateNode.objects.filter(project=a).values_list("digest", flat=True)) == set(
+        StateNode.objects.filter(project=b).values_list("digest", flat=True)
+    )
+    # Each project's reads use only its own rows: deleting A's nodes breaks A, never B.
+    StateNode.objects.filter(project=a).delete()
+    clear_cache()
+    with pytest.raises(IntegrityProblem):
+        version_state(Version.objects.select_related("session").get(pk=va.pk))
+    assert version_state(Version.objects.select_related("session").get(pk=vb.pk)) == state
+    with pytest.raises(InvalidState):
+        version_diff(va, vb)
+
+
+def test_pin_and_label_are_audited(session, user):
+    version = snapshot_record(session=session, state={"n": 1})
+    version_pin(version=version, pinned=True, actor=user)
+    version_label(version=version, label="known good", actor=user)
+    version.refresh_from_db()
+    assert (version.pinned, version.label) == (True, "known good")
+    assert list(AuditEvent.objects.order_by("id").values_list("action", flat=True)) == ["version.pin", "version.label"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reads_survive_a_new_connection(session):
+    """Process restarts: nothing a read needs lives only in memory."""
+    state = agent_state(4, history=300)
+    version = snapshot_record(session=session, state=state)
+    connection.close()
+    clear_cache()
+    fresh = Version.objects.select_related("session").get(pk=version.pk)
+    assert orjson.loads(version_state_bytes(fresh)) == state
+    assert WorkflowSession.objects.get(pk=session.pk).head_number == 1
