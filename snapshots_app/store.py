@@ -139,7 +139,8 @@ class ProjectStore:
             return 0
         rows = []
         stored = 0
-        for digest, raw in new_nodes.items():
+        # Sorted, so concurrent writers sharing new nodes take index locks in one order (no deadlocks).
+        for digest, raw in sorted(new_nodes.items()):
             codec, data = compress(raw)
             stored += len(data)
             rows.append(StateNode(project_id=self.project_id, digest=digest, codec=codec, data=data, raw_size=len(raw)))

@@ -1,0 +1,98 @@
+"""Random histories of edits, rewinds and forks: every version reads back exactly, forever."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from django.db import transaction
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snapshots_app.canonical import dumps
+from snapshots_app.diff import apply_patch
+from snapshots_app.models import Version
+from snapshots_app.selectors import version_diff, version_state_bytes
+from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind
+from tests.conftest import clear_cache
+from tests.factories import make_project, make_session
+
+pytestmark = pytest.mark.django_db
+
+small = st.one_of(st.integers(-5, 5), st.text(max_size=6), st.none(), st.booleans())
+big_text = st.integers(0, 30).map(lambda n: f"tool output {n} " + "lorem ipsum dolor " * 40)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.one_of(small, big_text)),
+        st.tuples(st.just("pop"), st.just(None)),
+        st.tuples(st.just("set"), st.tuples(st.sampled_from(["counter", "pointer", "tool", "scratch"]), st.one_of(small, big_text))),
+        st.tuples(st.just("delete"), st.sampled_from(["counter", "tool", "scratch"])),
+        st.tuples(st.just("rewind"), st.integers(0, 1000)),
+        st.tuples(st.just("fork"), st.integers(0, 1000)),
+        st.tuples(st.just("switch"), st.integers(0, 1000)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def edit(state: dict[str, Any], op: str, arg: Any) -> dict[str, Any]:
+    state = copy.deepcopy(state)
+    if op == "append":
+        state.setdefault("history", []).append(arg)
+    elif op == "pop" and state.get("history"):
+        state["history"].pop(0)
+    elif op == "set":
+        state[arg[0]] = arg[1]
+    elif op == "delete":
+        state.pop(arg, None)
+    return state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(operations)
+def test_every_version_of_a_random_history_reads_back_exactly(db, ops):
+    with transaction.atomic():
+        project = make_project("prop")
+        sessions = [make_session(project, "main")]
+        expected: dict[int, bytes] = {}  # version pk -> canonical bytes it must read back as
+        current = sessions[0]
+        state: dict[str, Any] = {"history": [f"message {i} " + "x" * 60 for i in range(40)], "counter": 0}
+        expected[snapshot_record(session=current, state=state).pk] = dumps(state)
+        for op, arg in ops:
+            current.refresh_from_db()
+            if op == "rewind":
+                target = arg % current.head_number + 1
+                version = snapshot_rewind(session=current, to_version=target, reason="property test")
+                source = Version.objects.get(session=current, number=target)
+                expected[version.pk] = expected[source.pk]
+            elif op == "fork":
+                target = arg % current.head_number + 1
+                fork = snapshot_fork(session=current, from_version=target)
+                source = Version.objects.get(session=current, number=target)
+                expected[Version.objects.get(session=fork, number=1).pk] = expected[source.pk]
+                sessions.append(fork)
+            elif op == "switch":
+                current = sessions[arg % len(sessions)]
+            else:
+                head = Version.objects.get(session=current, number=current.head_number)
+                state = edit(orjson.loads(expected[head.pk]), op, arg)
+                expected[snapshot_record(session=current, state=state).pk] = dumps(state)
+        clear_cache()
+        versions = list(Version.objects.filter(pk__in=expected).select_related("session"))
+        assert len(versions) == len(expected)
+        for version in versions:
+            assert version_state_bytes(version) == expected[version.pk]
+        # Numbers stay gap-free per session.
+        for session in sessions:
+            numbers = list(Version.objects.filter(session=session).order_by("number").values_list("number", flat=True))
+            assert numbers == list(range(1, len(numbers) + 1))
+        # Applying diff(a, b) to a gives b, for consecutive and for arbitrary pairs (also across forks).
+        ordered = sorted(versions, key=lambda v: v.pk)
+        pairs = list(zip(ordered, ordered[1:], strict=False)) + [(ordered[-1], ordered[0])]
+        for a, b in pairs:
+            patch = version_diff(a, b).patch
+            assert dumps(apply_patch(orjson.loads(expected[a.pk]), patch)) == expected[b.pk]
+        transaction.set_rollback(True)
