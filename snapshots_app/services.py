@@ -317,6 +317,8 @@ def snapshot_rewind(
     ensure_writable(session)
     target = version_get(session=session, number=to_version)
     with transaction.atomic():
+        # The new head reuses the target's nodes: hold off garbage collection until commit.
+        store.project_write_lock(session.project_id)
         locked = _lock_session(session)
         ensure_writable(locked)
         if key is not None:
@@ -367,6 +369,7 @@ def snapshot_fork(
     source = version_get(session=session, number=from_version)
     reason = _clean_text("reason", reason, REASON_MAX).strip()
     with transaction.atomic():
+        store.project_write_lock(session.project_id)  # the fork reuses the source's nodes
         new_external_id = external_id or new_fork_external_id(session, source.number)
         fork, created = session_get_or_create(
             project=session.project,
