@@ -315,10 +315,10 @@ def snapshot_rewind(
     expected = _clean_expected(expected_version)
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     ensure_writable(session)
-    target = version_get(session=session, number=to_version)
     with transaction.atomic():
         # The new head reuses the target's nodes: hold off garbage collection until commit.
         store.project_write_lock(session.project_id)
+        target = version_get(session=session, number=to_version)
         locked = _lock_session(session)
         ensure_writable(locked)
         if key is not None:
@@ -366,10 +366,10 @@ def snapshot_fork(
     """Start a new session (same project) whose first version is `from_version` of `session`."""
     from sessions_app.services import session_get_or_create
 
-    source = version_get(session=session, number=from_version)
     reason = _clean_text("reason", reason, REASON_MAX).strip()
     with transaction.atomic():
         store.project_write_lock(session.project_id)  # the fork reuses the source's nodes
+        source = version_get(session=session, number=from_version)
         new_external_id = external_id or new_fork_external_id(session, source.number)
         fork, created = session_get_or_create(
             project=session.project,
