@@ -1,15 +1,21 @@
-"""Live updates over WebSocket. Authenticated and authorised per project in connect; never writes."""
+"""Live updates over WebSocket for the htmx ws extension: every message is HTML whose top-level
+elements carry hx-swap-oob. Authenticated and authorised per project in connect, and again for
+every event (a membership revoked meanwhile ends the stream); consumers never write."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.template.loader import render_to_string
 
 from sessions_app import events
 from sessions_app.models import Project
-from sessions_app.selectors import membership_role
+from sessions_app.selectors import membership_role, session_row
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 
 
 @database_sync_to_async
@@ -20,30 +26,77 @@ def _project_for_member(user: Any, slug: str) -> Project | None:
     return project
 
 
-class ProjectEventsConsumer(AsyncJsonWebsocketConsumer):
-    """Streams a project's events to its members only (ws/projects/<slug>/)."""
+class LiveConsumer(AsyncWebsocketConsumer):
+    """Joins one group after authorising; subclasses turn events into HTML (None = nothing to send)."""
 
     group: str | None = None
+
+    async def authorise(self, user: Any) -> str | None:
+        """The group this user may watch, or None."""
+        raise NotImplementedError
+
+    async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        raise NotImplementedError
 
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=4401)
+            await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
-        if project is None:
-            await self.close(code=4403)
+        group = await self.authorise(user)
+        if group is None:
+            await self.close(code=CLOSE_FORBIDDEN)
             return
-        self.group = events.project_group(project.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.group = group
+        await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+            self.group = None
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients only listen; anything they send is ignored."""
 
     async def rewind_event(self, message: dict[str, Any]) -> None:
-        await self.send_json({"event": message["event"], "payload": message["payload"]})
+        html = await self.render(message["event"], message["payload"])
+        if html is None and self.group is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+        elif html:
+            await self.send(text_data=html)
+
+
+class ProjectEventsConsumer(LiveConsumer):
+    """The session list of one project (ws/projects/<slug>/): new sessions and status changes."""
+
+    project_id: int | None = None
+
+    async def authorise(self, user: Any) -> str | None:
+        project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
+        if project is None:
+            return None
+        self.project_id = project.pk
+        return events.project_group(project.pk)
+
+    async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        return await self._render(event, payload)
+
+    @database_sync_to_async
+    def _render(self, event: str, payload: dict[str, Any]) -> str | None:
+        project = Project.objects.filter(pk=self.project_id).first()
+        if project is None or membership_role(self.scope["user"], project) is None:
+            self.group = None
+            return None
+        if event == "version.finalized":
+            return ""  # the list shows nothing a summary changes
+        if event == "session.deleted":
+            return f'<tr id="s-{payload["session"]}" hx-swap-oob="delete"></tr>'
+        session = session_row(project_id=project.pk, session_id=payload.get("session"))
+        if session is None:
+            return ""
+        context = {"s": session, "oob": event != "session.created", "fresh": True}
+        row = render_to_string("sessions_app/partials/_session_row.html", context)
+        if event == "session.created":
+            return f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{row}</tbody>'
+        return row

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import binascii
+import hashlib
+import hmac
+import uuid
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+import orjson
+from django.core.exceptions import ValidationError
+from django.db.models import Q, QuerySet
 
-from sessions_app.models import ROLE_RANK, Membership, Project, Role
+from sessions_app.errors import SessionNotFound
+from sessions_app.models import ROLE_RANK, ApiKey, Membership, Project, Role, WorkflowSession
 
 
 def projects_for_user(user: Any) -> QuerySet[Project]:
@@ -24,3 +34,138 @@ def membership_role(user: Any, project: Project) -> str | None:
 
 def role_allows(role: str | None, needed: str) -> bool:
     return role is not None and ROLE_RANK[Role(role)] >= ROLE_RANK[Role(needed)]
+
+
+def api_key_for_token(token: str) -> ApiKey | None:
+    """The key (revoked or not) whose secret is `token`, or None. Constant-time hash comparison."""
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != "sr" or not parts[1]:
+        return None
+    api_key = ApiKey.objects.select_related("project").filter(prefix=parts[1]).first()
+    if api_key is None:
+        return None
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return api_key if hmac.compare_digest(digest, api_key.key_hash) else None
+
+
+def api_keys_for_project(project: Project) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(project=project).select_related("project").order_by("-created_at", "-id")
+
+
+def roles_for_user(user: Any) -> dict[int, str]:
+    """project id -> role for every project the user is a member of."""
+    if not getattr(user, "is_authenticated", False):
+        return {}
+    return dict(Membership.objects.filter(user=user).values_list("project_id", "role"))
+
+
+def role_for_scopes(scopes: list[str]) -> str | None:
+    """API key scopes map to member roles: read -> viewer, write -> operator, admin -> admin."""
+    roles = [SCOPE_ROLES[scope] for scope in scopes if scope in SCOPE_ROLES]
+    return max(roles, key=lambda role: ROLE_RANK[role]) if roles else None
+
+
+SCOPE_ROLES = {ApiKey.Scope.READ: Role.VIEWER, ApiKey.Scope.WRITE: Role.OPERATOR, ApiKey.Scope.ADMIN: Role.ADMIN}
+
+
+SESSION_SORTS: dict[str, tuple[str, bool]] = {
+    # name -> (field, descending). Every sort ends in id, so a keyset cursor is exact.
+    "-updated": ("updated_at", True),
+    "updated": ("updated_at", False),
+    "-created": ("created_at", True),
+    "external_id": ("external_id", False),
+}
+SESSION_PAGE = 50
+
+
+@dataclass(frozen=True)
+class SessionFilters:
+    q: str = ""
+    status: str = ""
+    workflow: str = ""
+    tag: str = ""
+    has_error: str = ""  # "", "yes", "no"
+    updated_from: datetime | None = None
+    updated_to: datetime | None = None
+    sort: str = "-updated"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.q or self.status or self.workflow or self.tag or self.has_error
+                     or self.updated_from or self.updated_to or self.sort != "-updated")
+
+
+def session_list(
+    *, project: Project, filters: SessionFilters, after: str = "", limit: int = SESSION_PAGE
+) -> tuple[list[WorkflowSession], str]:
+    """One page of a project's sessions and the cursor of the next page ("" = last page).
+
+    Keyset pagination: the cursor is the last row's (sort value, id), so page 10,000 costs what
+    page 1 does; the default sort walks the session_project_updated index.
+    """
+    queryset = WorkflowSession.objects.filter(project=project)
+    if filters.q:
+        queryset = queryset.filter(Q(external_id__icontains=filters.q) | Q(workflow__icontains=filters.q))
+    if filters.status:
+        queryset = queryset.filter(status=filters.status)
+    if filters.workflow:
+        queryset = queryset.filter(workflow=filters.workflow)
+    if filters.tag:
+        queryset = queryset.filter(tags__contains=[filters.tag])
+    if filters.has_error == "yes":
+        queryset = queryset.exclude(last_error="")
+    elif filters.has_error == "no":
+        queryset = queryset.filter(last_error="")
+    if filters.updated_from:
+        queryset = queryset.filter(updated_at__gte=filters.updated_from)
+    if filters.updated_to:
+        queryset = queryset.filter(updated_at__lt=filters.updated_to)
+    field, descending = SESSION_SORTS.get(filters.sort, SESSION_SORTS["-updated"])
+    position = _decode_cursor(after, field)
+    if position is not None:
+        value, last_id = position
+        beyond, not_behind = ("lt", "lte") if descending else ("gt", "gte")
+        # The redundant range condition lets PostgreSQL use the index bound, not just a filter.
+        queryset = queryset.filter(
+            Q(**{f"{field}__{not_behind}": value}),
+            Q(**{f"{field}__{beyond}": value}) | Q(**{field: value, f"id__{beyond}": last_id}),
+        )
+    order = [f"-{field}", "-id"] if descending else [field, "id"]
+    rows = list(queryset.order_by(*order)[: limit + 1])
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, _encode_cursor(getattr(rows[-1], field), rows[-1].pk)
+
+
+def _encode_cursor(value: Any, pk: Any) -> str:
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return urlsafe_b64encode(orjson.dumps([text, str(pk)])).decode()
+
+
+def _decode_cursor(cursor: str, field: str) -> tuple[Any, uuid.UUID] | None:
+    if not cursor:
+        return None
+    try:
+        text, pk = orjson.loads(urlsafe_b64decode(cursor.encode()))
+        value: Any = datetime.fromisoformat(text) if field.endswith("_at") else str(text)
+        return value, uuid.UUID(pk)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        return None  # a mangled cursor restarts at the first page rather than failing
+
+
+def session_for_member(*, user: Any, session_id: Any) -> tuple[WorkflowSession, str]:
+    """The session and the user's role in its project; SessionNotFound also when the user is no
+    member, so a session id reveals nothing about other projects."""
+    try:
+        session = WorkflowSession.objects.select_related("project").get(pk=session_id)
+    except (WorkflowSession.DoesNotExist, ValueError, ValidationError):
+        raise SessionNotFound(f"no session {session_id}") from None
+    role = membership_role(user, session.project)
+    if role is None:
+        raise SessionNotFound(f"no session {session_id}")
+    return session, role
+
+
+def session_row(*, project_id: int, session_id: Any) -> WorkflowSession | None:
+    return WorkflowSession.objects.filter(project_id=project_id, pk=session_id).first()

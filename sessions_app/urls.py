@@ -5,5 +5,5 @@ from sessions_app import views
 app_name = "sessions"
 
 urlpatterns = [
-    path("", views.session_list, name="list"),
+    path("", views.session_list_view, name="list"),
 ]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import orjson
 from django.db.models import QuerySet
 
-from sessions_app.errors import InvalidState
+from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import WorkflowSession
 from snapshots_app import store
 from snapshots_app.diff import DiffResult, diff_trees
-from snapshots_app.models import Version
+from snapshots_app.models import Version, VersionKind
 
 
 def version_state_bytes(version: Version) -> bytes:
@@ -55,3 +57,115 @@ def session_versions(session: WorkflowSession) -> QuerySet[Version]:
         .select_related("parent__session", "created_by")
         .order_by("-number")
     )
+
+
+TIMELINE_PAGE = 50
+HISTORY_WINDOW = 100
+
+
+def timeline_page(session: WorkflowSession, *, before: int | None = None, limit: int = TIMELINE_PAGE) -> list[Version]:
+    """Newest first by number (keyset on version_unique_number); each version carries `forks_out`:
+    the fork sessions started from it, fetched for the whole page in one query."""
+    versions = version_list(session, before=before, limit=limit)
+    forks: dict[int, list[Version]] = {}
+    if versions:
+        children = (
+            Version.objects.filter(parent_id__in=[v.pk for v in versions], kind=VersionKind.FORK)
+            .exclude(session=session)
+            .select_related("session")
+            .only("parent_id", "number", "session__external_id", "session__id")
+        )
+        for child in children:
+            forks.setdefault(child.parent_id, []).append(child)
+    for version in versions:
+        version.forks_out = forks.get(version.pk, [])  # type: ignore[attr-defined]
+    return versions
+
+
+def version_for_session(session: WorkflowSession, number: Any) -> Version:
+    """A version of the session, with what its lineage display needs (raises VersionNotFound)."""
+    try:
+        number = int(number)
+    except (TypeError, ValueError):
+        raise VersionNotFound(f"{number!r} is not a version number") from None
+    version = (
+        Version.objects.select_related("session__project", "parent__session", "created_by")
+        .filter(session=session, number=number)
+        .first()
+    )
+    if version is None:
+        raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
+    return version
+
+
+def integrity_problems(session: WorkflowSession) -> list[Any]:
+    """Open integrity problems of the session's versions, if the integrity checker is installed."""
+    from snapshots_app import models
+
+    problem_model = getattr(models, "IntegrityProblem", None)
+    if problem_model is None:
+        return []
+    field_names = {field.name for field in problem_model._meta.get_fields()}
+    queryset = problem_model.objects.all()
+    if "session" in field_names:
+        queryset = queryset.filter(session=session)
+    elif "version" in field_names:
+        queryset = queryset.filter(version__session=session)
+    else:
+        return []
+    if "resolved_at" in field_names:
+        queryset = queryset.filter(resolved_at__isnull=True)
+    return list(queryset.order_by("-pk")[:20])
+
+
+@dataclass(frozen=True)
+class PathPoint:
+    number: int
+    value: Any
+    present: bool
+    changed: bool
+    created_at: Any
+    step: str
+
+
+def path_history(
+    session: WorkflowSession, pointer: str, *, before: int | None = None, window: int = HISTORY_WINDOW
+) -> list[PathPoint]:
+    """The value at `pointer` in each of up to `window` versions (oldest first), and whether it
+    changed from the previous version. Reads one full state, then walks diffs between neighbours,
+    so the cost follows what changed, not the state size times the number of versions."""
+    from snapshots_app.jsonview import PointerError, resolve
+
+    versions = list(reversed(version_list(session, before=before, limit=window)))
+    if not versions:
+        return []
+    for version in versions:
+        version.session = session
+
+    def value_in(version: Version) -> tuple[Any, bool]:
+        try:
+            return resolve(version_state(version), pointer), True
+        except PointerError:
+            return None, False
+
+    value, present = value_in(versions[0])
+    points = [PathPoint(versions[0].number, value, present, False, versions[0].created_at, versions[0].step)]
+    for previous, version in pairwise(versions):
+        touching = []
+        if previous.checksum != version.checksum:
+            touching = [
+                change for change in version_diff(previous, version).changes
+                if _touches(change.get("string_path", "") + change["path"], pointer)
+            ]
+        exact = [c for c in touching if c.get("string_path", "") + c["path"] == pointer]
+        if len(touching) == 1 and exact:
+            value, present = exact[0].get("new"), exact[0]["kind"] != "removed"
+        elif touching:
+            value, present = value_in(version)
+        touched = bool(touching)
+        points.append(PathPoint(version.number, value, present, touched, version.created_at, version.step))
+    return points
+
+
+def _touches(changed: str, pointer: str) -> bool:
+    return changed == pointer or changed.startswith(pointer + "/") or pointer.startswith(changed + "/") or changed == ""

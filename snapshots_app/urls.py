@@ -1,6 +1,16 @@
 from django.urls import path
 
+from snapshots_app import views
+
 app_name = "snapshots"
 
-urlpatterns: list = [
+urlpatterns = [
+    path("sessions/<uuid:session_id>/", views.session_detail, name="session"),
+    path("sessions/<uuid:session_id>/diff/", views.version_diff, name="diff"),
+    path("sessions/<uuid:session_id>/history/", views.path_history, name="history"),
+    path("sessions/<uuid:session_id>/v/<int:number>/", views.version_detail, name="version"),
+    path("sessions/<uuid:session_id>/v/<int:number>/raw.json", views.version_raw, name="raw"),
+    path("sessions/<uuid:session_id>/v/<int:number>/rewind/", views.rewind_confirm, name="rewind"),
+    path("sessions/<uuid:session_id>/v/<int:number>/fork/", views.fork_confirm, name="fork"),
+    path("sessions/<uuid:session_id>/v/<int:number>/mark/", views.version_mark, name="mark"),
 ]

@@ -1,0 +1,69 @@
+"""Live timeline of one session (ws/sessions/<uuid>/): new versions slide in, summaries fill in.
+
+HTML for the htmx ws extension, rendered from the same row template the page uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.template.loader import render_to_string
+
+from sessions_app import events
+from sessions_app.consumers import LiveConsumer
+from sessions_app.errors import NotFound
+from sessions_app.models import Role, WorkflowSession
+from sessions_app.selectors import membership_role, role_allows, session_for_member
+from snapshots_app.selectors import timeline_page
+
+ROW = "snapshots_app/partials/_version_row.html"
+
+
+class SessionTimelineConsumer(LiveConsumer):
+    session_id: str | None = None
+
+    async def authorise(self, user: Any) -> str | None:
+        session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
+        if not await self._is_member(user, session_id):
+            return None
+        self.session_id = session_id
+        return events.session_group(session_id)
+
+    @database_sync_to_async
+    def _is_member(self, user: Any, session_id: str) -> bool:
+        try:
+            session_for_member(user=user, session_id=session_id)
+        except NotFound:
+            return False
+        return True
+
+    async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        if event not in ("version.created", "version.finalized", "session.updated"):
+            return ""
+        return await self._render(event, payload)
+
+    @database_sync_to_async
+    def _render(self, event: str, payload: dict[str, Any]) -> str | None:
+        session = WorkflowSession.objects.select_related("project").filter(pk=self.session_id).first()
+        role = membership_role(self.scope["user"], session.project) if session else None
+        if session is None or role is None:
+            self.group = None
+            return None
+        context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
+        parts = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
+        number = payload.get("version")
+        if event == "version.created" and isinstance(number, int):
+            # The previous head loses its head badge and gains a rewind button.
+            for version in timeline_page(session, before=number + 1, limit=2):
+                if version.number == number:
+                    row = render_to_string(ROW, {**context, "v": version, "fresh": True})
+                    # Delete first: a page loaded just after the commit already shows this row.
+                    parts.append(f'<li id="v-{number}" hx-swap-oob="delete"></li>')
+                    parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{row}</ol>')
+                else:
+                    parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))
+        elif event == "version.finalized" and isinstance(number, int):
+            for version in timeline_page(session, before=number + 1, limit=1):
+                parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))
+        return "".join(parts)

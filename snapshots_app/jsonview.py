@@ -1,0 +1,198 @@
+"""Pure helpers the dashboard uses to show states and diffs: JSON pointers (also into JSON held in
+strings), one tree level at a time, key/value search, and line/word diffs of long strings.
+
+No database here; views hand in already verified, parsed states.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from snapshots_app.diff import pointer_token
+
+LEVEL_PAGE = 200
+PREVIEW_CHARS = 160
+LONG_STRING = 80
+SEARCH_LIMIT = 200
+SEARCH_BUDGET = 400_000  # nodes visited at most: keeps a search on a 5 MB state well under a second
+
+
+class PointerError(LookupError):
+    pass
+
+
+def parse_pointer(pointer: str) -> list[str]:
+    if pointer in ("", "/"):
+        return []
+    if not pointer.startswith("/"):
+        raise PointerError(f"a JSON pointer starts with '/': {pointer!r}")
+    return [token.replace("~1", "/").replace("~0", "~") for token in pointer[1:].split("/")]
+
+
+def join_pointer(pointer: str, key: str | int) -> str:
+    return f"{pointer.rstrip('/') if pointer != '/' else ''}/{pointer_token(key)}"
+
+
+def json_inside(value: Any) -> Any | None:
+    """The structure a string holds, if it is JSON text of an object or array (engines store so)."""
+    if type(value) is not str or value[:1] not in ("{", "["):
+        return None
+    try:
+        inner = json.loads(value)
+    except ValueError:
+        return None
+    return inner if isinstance(inner, (dict, list)) else None
+
+
+def resolve(document: Any, pointer: str) -> Any:
+    """The value at `pointer`; a token continuing past a JSON-holding string descends into its JSON."""
+    value = document
+    for token in parse_pointer(pointer):
+        if type(value) is str:
+            inner = json_inside(value)
+            if inner is None:
+                raise PointerError(f"no {token!r} inside a string")
+            value = inner
+        if type(value) is dict:
+            if token not in value:
+                raise PointerError(f"no key {token!r}")
+            value = value[token]
+        elif type(value) is list:
+            if not token.isdigit() or int(token) >= len(value):
+                raise PointerError(f"no index {token!r}")
+            value = value[int(token)]
+        else:
+            raise PointerError(f"cannot descend into a scalar at {token!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One child shown in a tree level."""
+
+    key: str
+    pointer: str
+    kind: str  # object | array | json-string | string | number | boolean | null
+    preview: str
+    size: int  # members / items for containers, characters for strings
+    truncated: bool = False
+
+    @property
+    def expandable(self) -> bool:
+        return self.kind in ("object", "array", "json-string")
+
+
+def kind_of(value: Any) -> str:
+    if type(value) is dict:
+        return "object"
+    if type(value) is list:
+        return "array"
+    if type(value) is str:
+        return "json-string" if json_inside(value) is not None else "string"
+    if type(value) is bool:
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def preview(value: Any) -> tuple[str, bool]:
+    """A short text for a value (the template escapes it) and whether it was cut."""
+    if type(value) is dict:
+        return f"{{{len(value)} keys}}", False
+    if type(value) is list:
+        return f"[{len(value)} items]", False
+    if type(value) is str:
+        text = json.dumps(value, ensure_ascii=False)
+        return (text[:PREVIEW_CHARS] + "…", True) if len(text) > PREVIEW_CHARS else (text, False)
+    return json.dumps(value), False
+
+
+def level(value: Any, pointer: str, *, offset: int = 0, limit: int = LEVEL_PAGE) -> tuple[list[Entry], int | None]:
+    """The children of a container (or of the JSON a string holds), one page; and the next offset."""
+    container = json_inside(value) if type(value) is str else value
+    if type(container) is dict:
+        items: list[tuple[str, Any]] = list(container.items())
+    elif type(container) is list:
+        items = [(str(index), item) for index, item in enumerate(container)]
+    else:
+        return [], None
+    entries = []
+    for key, child in items[offset : offset + limit]:
+        text, cut = preview(child)
+        size = len(child) if isinstance(child, (dict, list, str)) else 0
+        entries.append(Entry(key, join_pointer(pointer, key), kind_of(child), text, size, cut))
+    following = offset + limit
+    return entries, following if following < len(items) else None
+
+
+def search(document: Any, query: str, *, limit: int = SEARCH_LIMIT) -> tuple[list[tuple[str, str]], bool]:
+    """(pointer, matched text) of keys and scalar values containing `query` (case-insensitive), and
+    whether the search stopped early. Walks iteratively: hostile nesting cannot blow the stack."""
+    needle = query.casefold()
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [("", document)]
+    visited = 0
+    while stack:
+        visited += 1
+        if len(found) >= limit or visited > SEARCH_BUDGET:
+            return found, True
+        pointer, value = stack.pop()
+        if type(value) is dict:
+            for key in reversed(list(value)):
+                child_pointer = join_pointer(pointer, key)
+                if needle in key.casefold():
+                    found.append((child_pointer, key))
+                stack.append((child_pointer, value[key]))
+        elif type(value) is list:
+            for index in range(len(value) - 1, -1, -1):
+                stack.append((join_pointer(pointer, index), value[index]))
+        else:
+            text = value if type(value) is str else json.dumps(value)
+            if needle in text.casefold():
+                found.append((pointer or "/", preview(value)[0]))
+    return found, False
+
+
+def is_long_text(old: Any, new: Any) -> bool:
+    if type(old) is not str or type(new) is not str:
+        return False
+    return len(old) > LONG_STRING or len(new) > LONG_STRING or "\n" in old + new
+
+
+def text_diff(old: str, new: str) -> list[tuple[str, str]]:
+    """(op, text) pieces: ' ' same, '-' removed, '+' added. By line when multi-line, else by word."""
+    if "\n" in old or "\n" in new:
+        a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    else:
+        a, b = _words(old), _words(new)
+    pieces: list[tuple[str, str]] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            pieces.append((" ", "".join(a[i1:i2])))
+            continue
+        if i2 > i1:
+            pieces.append(("-", "".join(a[i1:i2])))
+        if j2 > j1:
+            pieces.append(("+", "".join(b[j1:j2])))
+    return pieces
+
+
+def _words(text: str) -> list[str]:
+    words: list[str] = []
+    current = ""
+    for char in text:
+        if char.isspace() != (current[-1:].isspace() if current else char.isspace()):
+            words.append(current)
+            current = ""
+        current += char
+    if current:
+        words.append(current)
+    return words
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True)

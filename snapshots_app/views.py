@@ -1,0 +1,322 @@
+"""Dashboard pages for a session's versions: timeline, state viewer, diff, path history, rewind,
+fork, pin and label. Thin: selectors read, services write; domain errors become messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods, require_POST
+
+from sessions_app.errors import NotFound, StateStoreError
+from sessions_app.models import Role, WorkflowSession
+from sessions_app.selectors import role_allows, session_for_member
+from sessions_app.views import render_fragment
+from snapshots_app import jsonview, selectors, services
+from snapshots_app.models import Version
+
+DIFF_SHOWN = 500
+VALUE_SHOWN = 20_000
+
+
+def _member_session(request: HttpRequest, session_id: Any) -> tuple[WorkflowSession, str]:
+    try:
+        return session_for_member(user=request.user, session_id=session_id)
+    except NotFound:
+        raise Http404("no such session") from None
+
+
+def _version(session: WorkflowSession, number: Any) -> Version:
+    try:
+        return selectors.version_for_session(session, number)
+    except NotFound:
+        raise Http404("no such version") from None
+
+
+def _require_operator(role: str) -> None:
+    if not role_allows(role, Role.OPERATOR):
+        raise PermissionDenied("operators only: viewers can read but not change sessions")
+
+
+def _base(session: WorkflowSession, role: str) -> dict[str, Any]:
+    return {"session": session, "project": session.project, "role": role,
+            "can_operate": role_allows(role, Role.OPERATOR)}
+
+
+# -- timeline ----------------------------------------------------------------------------------------
+
+
+@login_required
+def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
+    session, role = _member_session(request, session_id)
+    before = _int(request.GET.get("before"))
+    versions = selectors.timeline_page(session, before=before)
+    context = {
+        **_base(session, role),
+        "versions": versions,
+        "before": before,
+        "next_before": versions[-1].number if len(versions) == selectors.TIMELINE_PAGE else None,
+        "problems": selectors.integrity_problems(session),
+        "forked_from": session.metadata.get("forked_from") if isinstance(session.metadata, dict) else None,
+    }
+    return render_fragment(request, "snapshots_app/session.html", "snapshots_app/partials/_timeline_rows.html", context)
+
+
+def _int(raw: Any) -> int | None:
+    try:
+        return int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+# -- version viewer ----------------------------------------------------------------------------------
+
+
+@login_required
+def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
+    session, role = _member_session(request, session_id)
+    version = _version(session, number)
+    pointer = request.GET.get("pointer", "")
+    offset = _int(request.GET.get("offset")) or 0
+    query = request.GET.get("q", "").strip()
+    state = selectors.version_state(version)
+    context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query}
+    try:
+        value = jsonview.resolve(state, pointer)
+    except jsonview.PointerError as exc:
+        raise Http404(str(exc)) from None
+    entries, next_offset = jsonview.level(value, pointer, offset=offset)
+    context.update(
+        entries=entries,
+        next_offset=next_offset,
+        kind=jsonview.kind_of(value),
+        scalar=None if entries or jsonview.kind_of(value) in ("object", "array") else jsonview.pretty(value),
+        crumbs=_crumbs(pointer),
+    )
+    if query:
+        context["results"], context["results_cut"] = jsonview.search(state, query)
+    if request.htmx and not request.htmx.boosted:
+        template = "snapshots_app/partials/_search_results.html" if query else "snapshots_app/partials/_tree_level.html"
+        return render(request, template, context)
+    return render(request, "snapshots_app/version.html", context)
+
+
+def _crumbs(pointer: str) -> list[tuple[str, str]]:
+    crumbs = [("state", "")]
+    current = ""
+    for token in jsonview.parse_pointer(pointer):
+        current = jsonview.join_pointer(current, token)
+        crumbs.append((token, current))
+    return crumbs
+
+
+@login_required
+def version_raw(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
+    session, _ = _member_session(request, session_id)
+    version = _version(session, number)
+    response = HttpResponse(selectors.version_state_bytes(version), content_type="application/json")
+    filename = f"{session.pk}-v{version.number}.json"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+# -- diff --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShownChange:
+    path: str
+    string_path: str
+    inner_path: str
+    context: str
+    kind: str
+    old: str
+    new: str
+    pieces: list[tuple[str, str]] | None
+
+
+def _text(value: Any) -> str:
+    text = jsonview.pretty(value)
+    return text if len(text) <= VALUE_SHOWN else text[:VALUE_SHOWN] + "\n… (cut; download the raw JSON for all of it)"
+
+
+def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
+    shown = []
+    for change in changes[:DIFF_SHOWN]:
+        string_path = change.get("string_path", "")
+        full = string_path + change["path"] if string_path else change["path"]
+        old, new = change.get("old"), change.get("new")
+        long_text = change["kind"] == "changed" and jsonview.is_long_text(old, new)
+        pieces = jsonview.text_diff(old, new) if long_text else None
+        shown.append(ShownChange(
+            path=full or "/",
+            string_path=string_path,
+            inner_path=change["path"],
+            context=full.rsplit("/", 1)[0] or "/",
+            kind=change["kind"],
+            old=_text(old) if "old" in change else "",
+            new=_text(new) if "new" in change else "",
+            pieces=pieces,
+        ))
+    return shown
+
+
+@login_required
+def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
+    session, role = _member_session(request, session_id)
+    to_version = _version(session, request.GET.get("to") or session.head_number)
+    from_session = session
+    if request.GET.get("from_session") and request.GET["from_session"] != str(session.pk):
+        from_session, _ = _member_session(request, request.GET["from_session"])
+        if from_session.project_id != session.project_id:
+            raise Http404("versions of different projects cannot be compared")
+    default_from = (to_version.number - 1) if from_session is session else None
+    from_number = request.GET.get("from") or default_from
+    if not from_number:
+        from_number = to_version.parent.number if to_version.parent else to_version.number
+    from_version = _version(from_session, from_number)
+    mode = "side" if request.GET.get("mode") == "side" else "inline"
+    result = selectors.version_diff(from_version, to_version)
+    context = {
+        **_base(session, role),
+        "from_version": from_version,
+        "to_version": to_version,
+        "from_session": from_session,
+        "changes": shown_changes(result.changes),
+        "counts": result.counts,
+        "total": len(result.changes),
+        "cut": len(result.changes) > DIFF_SHOWN,
+        "mode": mode,
+        "patch": json.dumps(result.patch, ensure_ascii=False)[:VALUE_SHOWN],
+        "query_inline": _diff_query(from_session, from_version, to_version, "inline"),
+        "query_side": _diff_query(from_session, from_version, to_version, "side"),
+    }
+    return render_fragment(request, "snapshots_app/diff.html", "snapshots_app/partials/_diff_body.html", context)
+
+
+def _diff_query(from_session: WorkflowSession, a: Version, b: Version, mode: str) -> str:
+    return f"from_session={from_session.pk}&from={a.number}&to={b.number}&mode={mode}"
+
+
+# -- path history ------------------------------------------------------------------------------------
+
+
+@login_required
+def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
+    session, role = _member_session(request, session_id)
+    pointer = request.GET.get("path", "").strip()
+    before = _int(request.GET.get("before"))
+    points = selectors.path_history(session, pointer, before=before) if pointer else []
+    context = {**_base(session, role), "pointer": pointer, "points": points,
+               "changes": [(p, jsonview.preview(p.value)[0]) for p in reversed(points) if p.changed or p is points[0]],
+               "chart": _chart(points)}
+    return render(request, "snapshots_app/history.html", context)
+
+
+def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:
+    """An inline SVG polyline of a numeric value over versions (None unless it is numeric)."""
+    numeric = [(p.number, p.value) for p in points
+               if p.present and isinstance(p.value, (int, float)) and not isinstance(p.value, bool)]
+    if len(numeric) < 2:
+        return None
+    width, height, pad = 600, 160, 8
+    low, high = min(v for _, v in numeric), max(v for _, v in numeric)
+    first, last = numeric[0][0], numeric[-1][0]
+    span_x, span_y = max(last - first, 1), (high - low) or 1
+
+    def x(n: int) -> float:
+        return round(pad + (n - first) / span_x * (width - 2 * pad), 1)
+
+    def y(v: float) -> float:
+        return round(height - pad - (v - low) / span_y * (height - 2 * pad), 1)
+
+    return {"width": width, "height": height, "low": low, "high": high, "first": first, "last": last,
+            "points": " ".join(f"{x(n)},{y(v)}" for n, v in numeric),
+            "dots": [(x(n), y(v), n, v) for n, v in numeric]}
+
+
+# -- rewind, fork, pin, label (operators) ------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
+    """GET shows what the head will become; POST rewinds (audited by the service)."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    target = _version(session, number)
+    error, status = "", 200
+    if request.method == "POST":
+        try:
+            version = services.snapshot_rewind(
+                session=session, to_version=target.number, reason=request.POST.get("reason", ""),
+                expected_version=_int(request.POST.get("expected_version")), actor=request.user,
+            )
+        except StateStoreError as exc:
+            error, status = exc.message, exc.status
+            session, role = _member_session(request, session_id)
+        else:
+            messages.success(request, f"Rewound to version {target.number}: the new head is version {version.number}.")
+            return redirect("snapshots:session", session_id=session.pk)
+    head = selectors.head_version(session)
+    result = selectors.version_diff(head, target) if head is not None else None
+    context = {
+        **_base(session, role), "target": target, "head": head, "error": error,
+        "changes": shown_changes(result.changes) if result else [], "counts": result.counts if result else None,
+        "total": len(result.changes) if result else 0, "mode": "inline",
+        "reason": request.POST.get("reason", ""),
+    }
+    return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    source = _version(session, number)
+    error, status = "", 200
+    if request.method == "POST":
+        try:
+            fork = services.snapshot_fork(
+                session=session, from_version=source.number, reason=request.POST.get("reason", ""), actor=request.user,
+                external_id=request.POST.get("external_id", "").strip() or None,
+            )
+        except StateStoreError as exc:
+            error, status = exc.message, exc.status
+        else:
+            messages.success(request, f"Forked version {source.number} of {session.external_id} into this session.")
+            return redirect("snapshots:session", session_id=fork.pk)
+    context = {**_base(session, role), "source": source, "error": error,
+               "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", "")}
+    return render(request, "snapshots_app/confirm_fork.html", context, status=status)
+
+
+@login_required
+@require_POST
+def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
+    """Pin / unpin or label a version from the timeline; answers htmx with the updated row."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    version = _version(session, number)
+    try:
+        if "pinned" in request.POST:
+            version = services.version_pin(version=version, pinned=request.POST["pinned"] == "1", actor=request.user)
+        if "label" in request.POST:
+            version = services.version_label(version=version, label=request.POST["label"], actor=request.user)
+    except StateStoreError as exc:
+        if request.htmx:
+            return HttpResponse(exc.message, status=exc.status)
+        messages.error(request, exc.message)
+    if request.htmx:
+        version = selectors.timeline_page(session, before=version.number + 1, limit=1)[0]
+        return render(request, "snapshots_app/partials/_version_row.html", {**_base(session, role), "v": version})
+    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
+
