@@ -255,8 +255,21 @@ LOGGING = {
 }
 
 REST_FRAMEWORK = {
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "sessions_app.api.schema.ProblemAutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "sessions_app.api.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["sessions_app.api.auth.IsAuthenticatedPrincipal"],
+    "DEFAULT_THROTTLE_CLASSES": ["sessions_app.api.auth.PrincipalRateThrottle"],
+    "DEFAULT_PARSER_CLASSES": ["sessions_app.api.http.OrjsonParser"],
+    "DEFAULT_RENDERER_CLASSES": ["sessions_app.api.http.OrjsonRenderer"],
+    "DEFAULT_PAGINATION_CLASS": "sessions_app.api.pagination.CursorPage",
+    "EXCEPTION_HANDLER": "sessions_app.api.problems.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Requests per API key (or user) per period; empty = unlimited. Beyond it: 429 with Retry-After.
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "1200/min")
 SPECTACULAR_SETTINGS = {
     "TITLE": "Session Rewind API",
     "DESCRIPTION": "Versioned state store for workflow and agent sessions.",
@@ -265,4 +278,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SessionStatusEnum": "sessions_app.models.SessionStatus",
+        "VersionKindEnum": "snapshots_app.models.VersionKind",
+        "ChangeKindEnum": ["added", "removed", "changed"],
+    },
 }

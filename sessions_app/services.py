@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 import uuid
 from typing import Any
 
@@ -11,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.models import AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
+from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 from sessions_app.errors import InvalidState, SessionArchived
 
 User = AbstractBaseUser | AnonymousUser | None
@@ -202,3 +204,70 @@ def ensure_writable(session: WorkflowSession) -> None:
 
 def new_fork_external_id(source: WorkflowSession, number: int) -> str:
     return f"{source.external_id[:200]}~fork-v{number}-{uuid.uuid4().hex[:8]}"
+
+
+# -- API keys ----------------------------------------------------------------------------------------
+
+API_KEY_TOUCH_EVERY = 60  # seconds: last_used_at is informative, not worth a write per request
+
+
+def api_key_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _clean_scopes(scopes: Any) -> list[str]:
+    if isinstance(scopes, str):
+        scopes = [part.strip() for part in scopes.split(",") if part.strip()]
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(scope, str) for scope in scopes):
+        raise InvalidState(f"scopes must be a non-empty list of {', '.join(ApiKey.Scope.values)}")
+    unknown = [scope for scope in scopes if scope not in ApiKey.Scope.values]
+    if unknown:
+        raise InvalidState(f"unknown scope {unknown[0]!r}; use {', '.join(ApiKey.Scope.values)}")
+    return list(dict.fromkeys(scopes))
+
+
+@transaction.atomic
+def api_key_create(
+    *, project: Project, name: str, scopes: Any, actor: User = None, actor_label: str = ""
+) -> tuple[ApiKey, str]:
+    """A new key and its secret token. Only the token's hash is stored: the token is shown once."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 100:
+        raise InvalidState("name is required (at most 100 characters)")
+    scopes = _clean_scopes(scopes)
+    prefix = secrets.token_hex(6)
+    token = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        project=project,
+        name=name.strip(),
+        prefix=prefix,
+        key_hash=api_key_hash(token),
+        scopes=scopes,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    audit_record(
+        project=project, action="api_key.create", target_type="api_key", target_id=api_key.pk,
+        actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": prefix, "scopes": scopes},
+    )
+    return api_key, token
+
+
+@transaction.atomic
+def api_key_revoke(*, api_key: ApiKey, actor: User = None, actor_label: str = "") -> ApiKey:
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+        audit_record(
+            project=api_key.project, action="api_key.revoke", target_type="api_key", target_id=api_key.pk,
+            actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": api_key.prefix},
+        )
+    return api_key
+
+
+def api_key_touch(*, api_key: ApiKey) -> None:
+    """Record that the key was used, at most once a minute (a conditional UPDATE, no lock held)."""
+    now = timezone.now()
+    if api_key.last_used_at is not None and (now - api_key.last_used_at).total_seconds() < API_KEY_TOUCH_EVERY:
+        return
+    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    api_key.last_used_at = now

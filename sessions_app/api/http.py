@@ -1,0 +1,43 @@
+"""JSON in and out with orjson: state bodies can be megabytes, and they are parsed exactly once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from django.conf import settings
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import BaseParser
+from rest_framework.renderers import BaseRenderer
+
+from sessions_app.api.problems import RequestTooLarge
+
+
+class OrjsonParser(BaseParser):
+    media_type = "application/json"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        data = stream.read(limit + 1) if stream is not None else b""
+        if limit is not None and len(data) > limit:
+            raise RequestTooLarge()
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ParseError(f"The request body is not valid JSON: {exc}") from None
+
+
+def _default(value: Any) -> Any:
+    # Lazy translation strings in DRF's messages.
+    return str(value)
+
+
+class OrjsonRenderer(BaseRenderer):
+    media_type = "application/json"
+    format = "json"
+    charset = None
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        if data is None:
+            return b""
+        return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)

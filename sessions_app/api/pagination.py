@@ -1,0 +1,66 @@
+"""Cursor pagination for every list: `{results, next}`; pass `next` back as `?cursor=` for the next page."""
+
+from __future__ import annotations
+
+from base64 import b64encode
+from typing import Any
+from urllib.parse import urlencode
+
+from rest_framework import exceptions
+from rest_framework.pagination import Cursor, CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+
+class CursorPage(CursorPagination):
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+    ordering = "-created_at"
+    page_size_query_description = "Items per page (1-200, default 50)."
+    cursor_query_description = "The `next` value of the previous page."
+
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        try:
+            return super().decode_cursor(request)
+        except exceptions.NotFound:
+            raise exceptions.ValidationError({self.cursor_query_param: ["Invalid cursor."]}) from None
+
+    def get_page_size(self, request: Request) -> int:
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is not None and (not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size):
+            raise exceptions.ValidationError({self.page_size_query_param: [f"An integer from 1 to {self.max_page_size}."]})
+        return super().get_page_size(request)
+
+    def encode_cursor(self, cursor: Cursor) -> str:
+        # The bare token rather than DRF's absolute URL: correct behind any proxy, and what `?cursor=` takes.
+        tokens: dict[str, Any] = {}
+        if cursor.offset != 0:
+            tokens["o"] = str(cursor.offset)
+        if cursor.reverse:
+            tokens["r"] = "1"
+        if cursor.position is not None:
+            tokens["p"] = cursor.position
+        return b64encode(urlencode(tokens, doseq=True).encode("ascii")).decode("ascii")
+
+    def get_paginated_response(self, data: Any) -> Response:
+        return Response({"results": data, "next": self.get_next_link()})
+
+    def get_paginated_response_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["results", "next"],
+            "properties": {
+                "results": schema,
+                "next": {"type": "string", "nullable": True, "description": "Cursor of the next page; null on the last."},
+            },
+        }
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": self.cursor_query_param, "required": False, "in": "query",
+             "description": self.cursor_query_description, "schema": {"type": "string"}},
+            {"name": self.page_size_query_param, "required": False, "in": "query",
+             "description": self.page_size_query_description,
+             "schema": {"type": "integer", "minimum": 1, "maximum": self.max_page_size}},
+        ]

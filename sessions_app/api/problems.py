@@ -1,0 +1,114 @@
+"""One error shape for every API failure: RFC 9457 problem details with a stable `code`.
+
+Domain errors (sessions_app.errors) carry their own code and status; DRF's errors and Django's
+request-size error are mapped here too, so clients only ever parse one shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
+from rest_framework import exceptions, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+from sessions_app.errors import StateStoreError
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:session-rewind:problem:"
+
+# DRF's default codes, renamed where theirs are vague; anything unlisted keeps DRF's default_code.
+DRF_CODES = {
+    exceptions.ValidationError: "invalid_request",
+    exceptions.ParseError: "malformed_request",
+}
+
+
+class RequestTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is larger than the server accepts."
+    default_code = "request_too_large"
+
+
+class PreconditionFailed(exceptions.APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "If-Match does not match the session's current head; nothing was written."
+    default_code = "precondition_failed"
+
+
+class ProblemSerializer(serializers.Serializer):
+    """RFC 9457 problem details (application/problem+json)."""
+
+    type = serializers.CharField(help_text="URI naming the problem type: urn:session-rewind:problem:<code>.")
+    title = serializers.CharField()
+    status = serializers.IntegerField()
+    detail = serializers.CharField()
+    instance = serializers.CharField(help_text="The request path.")
+    code = serializers.CharField(help_text="Stable machine-readable code, e.g. version_conflict.")
+    errors = serializers.DictField(
+        required=False, help_text="Per-field messages, for code invalid_request.", child=serializers.JSONField()
+    )
+    details = serializers.DictField(
+        required=False, help_text="Facts about the failure (e.g. expected and actual head).", child=serializers.JSONField()
+    )
+
+
+def problem_response(
+    request: Any, *, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    body: dict[str, Any] = {
+        "type": TYPE_PREFIX + code,
+        "title": code.replace("_", " ").capitalize(),
+        "status": status_code,
+        "detail": detail,
+        "instance": request.path if request is not None else "",
+        "code": code,
+    }
+    body.update({key: value for key, value in extra.items() if value})
+    return Response(body, status=status_code, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def _flatten(detail: Any) -> str:
+    if isinstance(detail, dict):
+        return "; ".join(f"{key}: {_flatten(value)}" for key, value in detail.items())
+    if isinstance(detail, list):
+        return " ".join(_flatten(item) for item in detail)
+    return str(detail)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    request = context.get("request")
+    set_rollback()
+    if isinstance(exc, StateStoreError):
+        if exc.status >= 500:
+            logger.error("%s: %s %s", exc.code, exc.message, exc.details)
+        return problem_response(request, status_code=exc.status, code=exc.code, detail=exc.message, details=exc.details)
+    if isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge()
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if not isinstance(exc, exceptions.APIException):
+        logger.exception("unhandled error in %s", request.path if request is not None else "the API", exc_info=exc)
+        return problem_response(
+            request, status_code=500, code="server_error", detail="An unexpected error occurred; it has been logged."
+        )
+    headers: dict[str, str] = {}
+    if getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = exc.auth_header  # type: ignore[attr-defined]
+    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+        headers["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
+    code = next((name for cls, name in DRF_CODES.items() if isinstance(exc, cls)), exc.default_code)
+    if isinstance(exc, exceptions.ValidationError):
+        errors = exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail}
+        return problem_response(
+            request, status_code=exc.status_code, code=code, detail=_flatten(errors), headers=headers, errors=errors
+        )
+    return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(exc.detail), headers=headers)

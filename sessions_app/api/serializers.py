@@ -1,0 +1,151 @@
+"""Request and response shapes. Input serializers check types and limits so the schema states them;
+the services stay the authority on what may be stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from sessions_app.models import ApiKey, AuditEvent, Project, SessionStatus, WorkflowSession
+from sessions_app.services import MAX_TAGS
+
+TAG_PATTERN = r"^[\w.:\-/ ]{1,64}$"
+
+
+def _no_nul(value: Any) -> None:
+    # PostgreSQL's jsonb cannot hold U+0000; refuse it here instead of failing in the database.
+    if b"\\u0000" in orjson.dumps(value):
+        raise serializers.ValidationError("must not contain the character U+0000")
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class JsonObjectField(serializers.Field):
+    """Any JSON object, passed through as parsed (no copy, no re-serialisation)."""
+
+    default_error_messages = {"not_object": "Must be a JSON object."}
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            self.fail("not_object")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class TagListField(serializers.ListField):
+    child = serializers.RegexField(TAG_PATTERN, max_length=64)
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("max_length", MAX_TAGS)
+        super().__init__(**kwargs)
+
+
+def plain_text(**kwargs: Any) -> serializers.CharField:
+    return serializers.CharField(trim_whitespace=False, **kwargs)
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    role = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Project
+        fields = ["slug", "name", "created_at", "role"]
+
+    def get_role(self, project: Project) -> str | None:
+        return self.context["roles"].get(project.pk)
+
+
+class SessionSerializer(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    head = serializers.IntegerField(source="head_number", read_only=True, help_text="Head version number; 0 = none yet.")
+    metadata = JsonObjectField()
+    tags = serializers.ListField(child=serializers.CharField())
+    has_error = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = WorkflowSession
+        fields = [
+            "id", "project", "external_id", "workflow", "status", "metadata", "tags", "head", "version_count",
+            "logical_bytes", "stored_bytes", "last_step", "last_error", "has_error", "created_at", "updated_at",
+            "archived_at",
+        ]
+        read_only_fields = fields
+
+
+class SessionCreateSerializer(serializers.Serializer):
+    external_id = plain_text(max_length=255, help_text="The engine's own session / thread id; creating it twice is safe.")
+    workflow = plain_text(max_length=200, required=False, allow_blank=True)
+    metadata = JsonObjectField(required=False)
+    tags = TagListField(required=False)
+    project = serializers.SlugField(
+        required=False, help_text="Project slug; only for browser sessions of members of several projects."
+    )
+
+    def validate_external_id(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("must not be blank")
+        return value
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        _no_nul(value)
+        return value
+
+
+class SessionUpdateSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=SessionStatus.choices, required=False)
+    workflow = plain_text(max_length=200, required=False, allow_blank=True)
+    metadata = JsonObjectField(required=False)
+    tags = TagListField(required=False)
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        _no_nul(value)
+        return value
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = plain_text(max_length=2000, required=False, allow_blank=True)
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(read_only=True, help_text="The secret key. Shown only in this response.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]
+        read_only_fields = fields
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = plain_text(max_length=100)
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=ApiKey.Scope.choices), min_length=1, max_length=3
+    )
+    project = serializers.SlugField(required=False, help_text="Project slug; only needed for members of several projects.")
+
+    def validate_name(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("must not be blank")
+        return value
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    actor = serializers.CharField(source="actor_label", read_only=True)
+    details = JsonObjectField()
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "project", "actor", "action", "target_type", "target_id", "session_id", "reason", "details",
+                  "created_at"]
+        read_only_fields = fields
+

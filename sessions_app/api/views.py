@@ -1,0 +1,238 @@
+"""Projects (read), sessions (create, list, get, update, archive, delete), API keys and the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from sessions_app import services
+from sessions_app.api import filters
+from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
+from sessions_app.api.base import ApiView
+from sessions_app.api.filters import Param, ParamFilter
+from sessions_app.api.serializers import (
+    ApiKeyCreatedSerializer,
+    ApiKeyCreateSerializer,
+    ApiKeySerializer,
+    AuditEventSerializer,
+    ProjectSerializer,
+    ReasonSerializer,
+    SessionCreateSerializer,
+    SessionSerializer,
+    SessionUpdateSerializer,
+)
+from sessions_app.errors import NotFound
+from sessions_app.models import ApiKey, AuditEvent, Project, Role, WorkflowSession
+from sessions_app.selectors import api_keys_for_project
+
+SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's UUID.")
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
+    description="Retries with the same key get the first answer again (at most 200 characters).",
+)
+PROJECT_FILTER = Param(
+    "project", {"type": "string"}, "Only this project (slug).", lambda qs, raw: qs.filter(project__slug=raw)
+)
+
+
+class ProjectList(ApiView):
+    serializer_class = ProjectSerializer
+
+    def get_queryset(self) -> QuerySet[Project]:
+        return Project.objects.filter(pk__in=visible_project_ids(self.request)).order_by("slug")
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        return {**super().get_serializer_context(), "roles": self.principal.roles}
+
+    @extend_schema(operation_id="projects_list", summary="Projects the caller can see (an API key sees its own).")
+    def get(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+
+class ProjectDetail(ApiView):
+    serializer_class = ProjectSerializer
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        return {**super().get_serializer_context(), "roles": self.principal.roles}
+
+    @extend_schema(operation_id="projects_retrieve", parameters=[OpenApiParameter("slug", str, OpenApiParameter.PATH)])
+    def get(self, request: Request, slug: str) -> Response:
+        project = Project.objects.filter(pk__in=visible_project_ids(request), slug=slug).first()
+        if project is None:
+            raise NotFound(f"no project {slug!r}", project=slug)
+        return Response(self.get_serializer(project).data)
+
+
+class SessionList(ApiView):
+    serializer_class = SessionSerializer
+    filter_backends = [ParamFilter]
+    filter_params = [
+        PROJECT_FILTER,
+        filters.choice_param("status", "Only sessions in this status.", filters.SESSION_STATUSES, "status"),
+        filters.text_param("workflow", "Only this workflow.", lambda qs, raw: qs.filter(workflow=raw)),
+        filters.text_param("tag", "Only sessions carrying this tag.", lambda qs, raw: qs.filter(filters.tag_q("tags", raw))),
+        filters.text_param("q", "Search in external ids (substring, case-insensitive).",
+                           lambda qs, raw: qs.filter(external_id__icontains=raw)),
+        filters.text_param("external_id", "Exactly this external id.", lambda qs, raw: qs.filter(external_id=raw)),
+        filters.bool_param("has_error", "Only sessions whose last snapshot reported an error (or none).",
+                           lambda yes: ~Q(last_error="") if yes else Q(last_error="")),
+        filters.bool_param("archived", "Archived sessions only (true) or live ones only (false); default both.",
+                           lambda yes: Q(archived_at__isnull=not yes)),
+        *filters.range_params("created_at", "created"),
+        *filters.range_params("updated_at", "updated"),
+        filters.ordering_param(["-updated_at", "updated_at", "-created_at", "created_at"]),
+    ]
+
+    def get_queryset(self) -> QuerySet[WorkflowSession]:
+        return WorkflowSession.objects.filter(project_id__in=visible_project_ids(self.request)).select_related("project")
+
+    def paginate_queryset(self, queryset: QuerySet) -> Any:
+        assert self.paginator is not None
+        self.paginator.ordering = self.request.query_params.get("ordering") or "-updated_at"  # type: ignore[attr-defined]
+        return super().paginate_queryset(queryset)
+
+    @extend_schema(operation_id="sessions_list", summary="Sessions, newest activity first (cursor-paginated).")
+    def get(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="sessions_create",
+        summary="Create a session, or get the existing one with this external_id.",
+        request=SessionCreateSerializer,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: OpenApiResponse(SessionSerializer, "Created"), 200: OpenApiResponse(SessionSerializer, "Existed")},
+    )
+    def post(self, request: Request) -> Response:
+        incoming = SessionCreateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = dict(incoming.validated_data)
+        project = project_for(request, data.pop("project", None), role=Role.OPERATOR)
+        session, created = services.session_get_or_create(project=project, actor=self.principal.actor["actor"], **data)
+        return Response(SessionSerializer(session).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class SessionDetail(ApiView):
+    serializer_class = SessionSerializer
+
+    @extend_schema(operation_id="sessions_retrieve", parameters=[SESSION_ID])
+    def get(self, request: Request, id: str) -> Response:
+        return Response(SessionSerializer(session_for(request, id)).data)
+
+    @extend_schema(operation_id="sessions_partial_update", parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+                   request=SessionUpdateSerializer, summary="Change status, workflow, metadata or tags.")
+    def patch(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = SessionUpdateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        session = services.session_update(session=session, actor=self.principal.actor["actor"], **incoming.validated_data)
+        return Response(SessionSerializer(session).data)
+
+    @extend_schema(
+        operation_id="sessions_destroy",
+        summary="Delete the session and all its versions (admin). Recorded in the audit log.",
+        parameters=[SESSION_ID, OpenApiParameter("reason", str, OpenApiParameter.QUERY, description="Why (audit log).")],
+        request=None,
+        responses={204: OpenApiResponse(description="Deleted")},
+    )
+    def delete(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.ADMIN)
+        reason = request.query_params.get("reason", "")[:2000]
+        services.session_delete(session=session, reason=reason, **self.principal.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class SessionArchive(ApiView):
+    serializer_class = SessionSerializer
+
+    @extend_schema(operation_id="sessions_archive", parameters=[SESSION_ID, IDEMPOTENCY_KEY], request=ReasonSerializer,
+                   responses={200: SessionSerializer}, summary="Archive: keep the history, refuse new writes.")
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = ReasonSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        session = services.session_archive(
+            session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
+        )
+        return Response(SessionSerializer(session).data)
+
+
+class ApiKeyList(ApiView):
+    serializer_class = ApiKeySerializer
+    filter_backends = [ParamFilter]
+    filter_params = [PROJECT_FILTER]
+
+    def get_queryset(self) -> QuerySet[ApiKey]:
+        admin_of = [pk for pk, role in self.principal.roles.items() if role == Role.ADMIN]
+        return ApiKey.objects.filter(project_id__in=admin_of).select_related("project")
+
+    @extend_schema(operation_id="keys_list", summary="API keys of the projects the caller administers.")
+    def get(self, request: Request) -> Response:
+        if not any(role == Role.ADMIN for role in self.principal.roles.values()):
+            raise exceptions.PermissionDenied("Managing API keys needs the admin role (or an admin-scoped key).")
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    @extend_schema(operation_id="keys_create", request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer},
+                   summary="Create a key (admin). The secret is in this response only.")
+    def post(self, request: Request) -> Response:
+        incoming = ApiKeyCreateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        project = project_for(request, data.get("project"), role=Role.ADMIN)
+        api_key, token = services.api_key_create(
+            project=project, name=data["name"], scopes=data["scopes"], **self.principal.actor
+        )
+        body = ApiKeyCreatedSerializer(api_key).data
+        body["key"] = token
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyDetail(ApiView):
+    serializer_class = ApiKeySerializer
+
+    def _key(self, request: Request, key_id: Any) -> ApiKey:
+        api_key = None
+        if str(key_id).isdigit():
+            api_key = ApiKey.objects.filter(pk=int(key_id), project_id__in=visible_project_ids(request)).first()
+        if api_key is None:
+            raise NotFound(f"no API key {key_id}", key=str(key_id))
+        require_role(request, api_key.project_id, Role.ADMIN)
+        return api_key
+
+    @extend_schema(operation_id="keys_retrieve", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)])
+    def get(self, request: Request, key_id: str) -> Response:
+        return Response(ApiKeySerializer(self._key(request, key_id)).data)
+
+    @extend_schema(operation_id="keys_revoke", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
+                   request=None, responses={200: ApiKeySerializer}, summary="Revoke the key (admin); it stops working at once.")
+    def delete(self, request: Request, key_id: str) -> Response:
+        api_key = services.api_key_revoke(api_key=self._key(request, key_id), **self.principal.actor)
+        return Response(ApiKeySerializer(api_key).data)
+
+
+class AuditEventList(ApiView):
+    serializer_class = AuditEventSerializer
+    filter_backends = [ParamFilter]
+    filter_params = [
+        PROJECT_FILTER,
+        filters.text_param("action", "Only this action, e.g. session.rewind.", lambda qs, raw: qs.filter(action=raw)),
+        Param("session", {"type": "string", "format": "uuid"}, "Only events about this session (UUID).",
+              lambda qs, raw: qs.filter(session_id=filters.parse_uuid("session", raw))),
+        *filters.range_params("created_at", "created"),
+    ]
+
+    def get_queryset(self) -> QuerySet[AuditEvent]:
+        return AuditEvent.objects.filter(project_id__in=visible_project_ids(self.request)).select_related("project")
+
+    @extend_schema(operation_id="audit_events_list", summary="Who rewound, forked, fixed, deleted what, and why.")
+    def get(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)

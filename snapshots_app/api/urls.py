@@ -1,0 +1,28 @@
+"""/api/v1/: every API route, the OpenAPI schema and its Swagger UI / ReDoc (served from static files)."""
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from sessions_app.api import views as session_views
+from snapshots_app.api import views
+
+urlpatterns = [
+    path("projects/", session_views.ProjectList.as_view(), name="api-projects"),
+    path("projects/<str:slug>/", session_views.ProjectDetail.as_view(), name="api-project"),
+    path("sessions/", session_views.SessionList.as_view(), name="api-sessions"),
+    path("sessions/<str:id>/", session_views.SessionDetail.as_view(), name="api-session"),
+    path("sessions/<str:id>/archive/", session_views.SessionArchive.as_view(), name="api-session-archive"),
+    path("sessions/<str:id>/versions/", views.VersionList.as_view(), name="api-versions"),
+    path("sessions/<str:id>/versions/batch/", views.VersionBatch.as_view(), name="api-versions-batch"),
+    path("sessions/<str:id>/versions/<str:number>/", views.VersionDetail.as_view(), name="api-version"),
+    path("sessions/<str:id>/head/", views.Head.as_view(), name="api-head"),
+    path("sessions/<str:id>/diff/", views.Diff.as_view(), name="api-diff"),
+    path("sessions/<str:id>/rewind/", views.Rewind.as_view(), name="api-rewind"),
+    path("sessions/<str:id>/fork/", views.Fork.as_view(), name="api-fork"),
+    path("keys/", session_views.ApiKeyList.as_view(), name="api-keys"),
+    path("keys/<str:key_id>/", session_views.ApiKeyDetail.as_view(), name="api-key"),
+    path("audit-events/", session_views.AuditEventList.as_view(), name="api-audit-events"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
+]

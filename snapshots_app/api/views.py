@@ -1,0 +1,335 @@
+"""Versions of a session: record (one or a batch), list, read, head, diff, rewind, fork, pin/label.
+
+States are never re-serialised on the way out: the verified canonical bytes from the store are
+spliced into the response body next to the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.http import HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from sessions_app.api import filters
+from sessions_app.api.auth import session_for
+from sessions_app.api.base import ApiView
+from sessions_app.api.filters import ParamFilter
+from sessions_app.api.problems import PreconditionFailed
+from sessions_app.api.serializers import SessionSerializer
+from sessions_app.api.views import IDEMPOTENCY_KEY, SESSION_ID
+from sessions_app.errors import IdempotencyKeyReused, SessionNotFound, VersionConflict, VersionNotFound
+from sessions_app.models import Role, WorkflowSession
+from snapshots_app import selectors, services
+from snapshots_app.api.serializers import (
+    BatchResultSerializer,
+    BatchSerializer,
+    DiffSerializer,
+    ForkSerializer,
+    RewindSerializer,
+    SnapshotCreateSerializer,
+    VersionSerializer,
+    VersionUpdateSerializer,
+    VersionWithStateSerializer,
+    version_data,
+)
+from snapshots_app.models import Version, VersionKind
+
+VERSION_NUMBER = OpenApiParameter("number", int, OpenApiParameter.PATH, description="Version number (1, 2, ...).")
+IF_MATCH = OpenApiParameter(
+    "If-Match", str, OpenApiParameter.HEADER, required=False,
+    description="The head's ETag as last read; a stale one gets 412 and nothing is written.",
+)
+ETAG = OpenApiParameter(
+    "ETag", str, OpenApiParameter.HEADER, response=True, description='The head\'s entity tag: "<checksum>-<number>".'
+)
+FORK_IDEMPOTENCY_SECONDS = 24 * 3600
+
+
+def etag_of(version: Version) -> str:
+    return f'"{version.checksum}-{version.number}"'
+
+
+def with_state(version: Version, *, status_code: int = 200) -> HttpResponse:
+    """Metadata and state in one body, the state spliced in as stored (already canonical, verified)."""
+    meta = orjson.dumps(version_data(version))
+    body = b"".join((meta[:-1], b',"state":', selectors.version_state_bytes(version), b"}"))
+    return HttpResponse(body, status=status_code, content_type="application/json")
+
+
+def head_response(version: Version, *, status_code: int = 200) -> HttpResponse:
+    response = with_state(version, status_code=status_code)
+    response["ETag"] = etag_of(version)
+    return response
+
+
+def _if_match_number(request: Request, session: WorkflowSession) -> int | None:
+    """The head number an If-Match header pins the write to, or None without the header; 412 if stale."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    head = selectors.head_version(session)
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    if head is not None and ("*" in tags or etag_of(head) in tags):
+        return head.number
+    raise PreconditionFailed()
+
+
+def _query_int(params: Any, name: str) -> int:
+    raw = params.get(name, "")
+    if not raw.isdigit() or len(raw) > 9:
+        raise ValidationError({name: ["Required: a version number."]})
+    return int(raw)
+
+
+def _guarded(if_match: int | None, call: Any) -> Any:
+    """A head that moved between the If-Match check and the write is a failed precondition too."""
+    try:
+        return call()
+    except VersionConflict:
+        if if_match is not None:
+            raise PreconditionFailed() from None
+        raise
+
+
+class VersionList(ApiView):
+    serializer_class = VersionSerializer
+    filter_backends = [ParamFilter]
+    filter_params = [
+        filters.text_param("label", "Only versions with this label.", lambda qs, raw: qs.filter(label=raw)),
+        filters.bool_param("labelled", "Only labelled (true) or unlabelled (false) versions.",
+                           lambda yes: ~Q(label="") if yes else Q(label="")),
+        filters.bool_param("pinned", "Only pinned (true) or unpinned (false) versions.", lambda yes: Q(pinned=yes)),
+        filters.bool_param("has_error", "Only versions that reported an error (or none).",
+                           lambda yes: ~Q(error="") if yes else Q(error="")),
+        filters.choice_param("kind", "Only this kind.", list(VersionKind.values), "kind"),
+        filters.choice_param("status", "Only this status.", filters.SESSION_STATUSES, "status"),
+        filters.text_param("step", "Only this step.", lambda qs, raw: qs.filter(step=raw)),
+        filters.text_param("tag", "Only versions carrying this tag.", lambda qs, raw: qs.filter(filters.tag_q("tags", raw))),
+        *filters.range_params("created_at", "created"),
+    ]
+
+    def get_queryset(self) -> QuerySet[Version]:
+        return selectors.session_versions(self.session)
+
+    def paginate_queryset(self, queryset: QuerySet) -> Any:
+        assert self.paginator is not None
+        self.paginator.ordering = "-number"  # type: ignore[attr-defined]
+        return super().paginate_queryset(queryset)
+
+    @extend_schema(operation_id="versions_list", parameters=[SESSION_ID],
+                   summary="Version metadata, newest first, without states (cursor-paginated).")
+    def get(self, request: Request, id: str) -> Response:
+        self.session = session_for(request, id)
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response([version_data(version) for version in page])
+
+    @extend_schema(
+        operation_id="versions_create",
+        summary="Record a snapshot as the new head.",
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH, ETAG],
+        request=SnapshotCreateSerializer,
+        responses={201: OpenApiResponse(VersionSerializer, "Recorded (or replayed for a repeated Idempotency-Key)")},
+    )
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = SnapshotCreateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = dict(incoming.validated_data)
+        if_match = _if_match_number(request, session)
+        expected = data.pop("expected_version", None)
+        version = _guarded(if_match, lambda: services.snapshot_record(
+            session=session, expected_version=expected if expected is not None else if_match,
+            idempotency_key=self.idempotency_key(), **data, **self.principal.actor,
+        ))
+        response = Response(version_data(version), status=status.HTTP_201_CREATED)
+        response["ETag"] = etag_of(version)
+        return response
+
+
+class VersionBatch(ApiView):
+    serializer_class = BatchSerializer
+
+    @extend_schema(
+        operation_id="versions_batch_create",
+        summary="Record many snapshots in one request, in order, all or nothing (backfills).",
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+        request=BatchSerializer,
+        responses={201: BatchResultSerializer},
+    )
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = BatchSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        expected = incoming.validated_data.get("expected_version")
+        key = self.idempotency_key()
+        recorded = []
+        # One transaction: a bad snapshot halfway through leaves the session as it was.
+        with transaction.atomic():
+            for index, item in enumerate(incoming.validated_data["versions"]):
+                recorded.append(services.snapshot_record(
+                    session=session, expected_version=expected if index == 0 else None,
+                    idempotency_key=f"{key[:180]}#{index}" if key else None, **item, **self.principal.actor,
+                ))
+        return Response({"versions": [version_data(v) for v in recorded]}, status=status.HTTP_201_CREATED)
+
+
+class VersionDetail(ApiView):
+    serializer_class = VersionWithStateSerializer
+
+    @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER],
+                   responses={200: VersionWithStateSerializer}, summary="One version: metadata and state.")
+    def get(self, request: Request, id: str, number: str) -> HttpResponse:
+        version = services.version_get(session=session_for(request, id), number=number)
+        return with_state(version)
+
+    @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
+                   request=VersionUpdateSerializer, responses={200: VersionSerializer},
+                   summary="Pin / unpin or label a version (operator). Audited.")
+    def patch(self, request: Request, id: str, number: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = VersionUpdateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        version = services.version_get(session=session, number=number)
+        data = incoming.validated_data
+        with transaction.atomic():
+            if "pinned" in data and data["pinned"] != version.pinned:
+                version = services.version_pin(version=version, pinned=data["pinned"], **self.principal.actor)
+            if "label" in data and data["label"] != version.label:
+                version = services.version_label(version=version, label=data["label"], **self.principal.actor)
+        return Response(version_data(version))
+
+
+class Head(ApiView):
+    serializer_class = VersionWithStateSerializer
+
+    @extend_schema(
+        operation_id="sessions_head",
+        summary="The head version with its state: what an engine resumes from. Carries an ETag.",
+        parameters=[SESSION_ID, ETAG],
+        responses={200: OpenApiResponse(VersionWithStateSerializer, "The head"),
+                   304: OpenApiResponse(description="If-None-Match matched: the head has not moved")},
+    )
+    def get(self, request: Request, id: str) -> HttpResponse:
+        session = session_for(request, id)
+        head = selectors.head_version(session)
+        if head is None:
+            raise VersionNotFound(f"session {session.external_id} has no versions yet", version=0)
+        if etag_of(head) in {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}:
+            response = HttpResponse(status=304)
+            response["ETag"] = etag_of(head)
+            return response
+        return head_response(head)
+
+
+class Diff(ApiView):
+    serializer_class = DiffSerializer
+
+    @extend_schema(
+        operation_id="sessions_diff",
+        summary="What changed between two versions (also of two sessions of one project).",
+        parameters=[
+            SESSION_ID,
+            OpenApiParameter("from", int, OpenApiParameter.QUERY, required=True, description="Version number of this session."),
+            OpenApiParameter("to", int, OpenApiParameter.QUERY, required=True,
+                             description="Version number of this session, or of `to_session`."),
+            OpenApiParameter("to_session", OpenApiTypes.UUID, OpenApiParameter.QUERY, description="UUID of another session to compare with."),
+            OpenApiParameter("structural_strings", bool, OpenApiParameter.QUERY,
+                             description="Compare strings holding JSON as structure (default true)."),
+        ],
+    )
+    def get(self, request: Request, id: str) -> Response:
+        session = session_for(request, id)
+        params = request.query_params
+        numbers = {name: _query_int(params, name) for name in ("from", "to")}
+        other = session
+        if params.get("to_session"):
+            try:
+                other = session_for(request, params["to_session"])
+            except SessionNotFound as exc:
+                exc.message = f"no session {params['to_session']} to compare with"
+                raise
+        a = services.version_get(session=session, number=numbers["from"])
+        b = services.version_get(session=other, number=numbers["to"])
+        structural = filters.parse_bool("structural_strings", params.get("structural_strings", "true"))
+        result = selectors.version_diff(a, b, structural_strings=structural)
+        return Response({
+            "from": {"session": a.session_id, "number": a.number},
+            "to": {"session": b.session_id, "number": b.number},
+            "counts": result.counts,
+            "changes": result.changes,
+            "patch": result.patch,
+        })
+
+
+class Rewind(ApiView):
+    serializer_class = RewindSerializer
+
+    @extend_schema(
+        operation_id="sessions_rewind",
+        summary="Append a new head equal to an older version (operator). Audited; history is kept.",
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH, ETAG],
+        request=RewindSerializer,
+        responses={201: OpenApiResponse(VersionWithStateSerializer, "The new head")},
+    )
+    def post(self, request: Request, id: str) -> HttpResponse:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = RewindSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        if_match = _if_match_number(request, session)
+        expected = data.get("expected_version")
+        version = _guarded(if_match, lambda: services.snapshot_rewind(
+            session=session, to_version=data["to_version"], reason=data["reason"],
+            expected_version=expected if expected is not None else if_match,
+            idempotency_key=self.idempotency_key(), **self.principal.actor,
+        ))
+        return head_response(version, status_code=status.HTTP_201_CREATED)
+
+
+class Fork(ApiView):
+    serializer_class = ForkSerializer
+
+    @extend_schema(
+        operation_id="sessions_fork",
+        summary="Start a new session from a version of this one (operator). Audited.",
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+        request=ForkSerializer,
+        responses={201: OpenApiResponse(SessionSerializer, "The new session")},
+    )
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = ForkSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        # The fork service has no idempotency key of its own: remember the answer for retries.
+        key = self.idempotency_key()
+        fingerprint = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        cache_key = f"api-idem:fork:{session.pk}:{hashlib.sha256((key or '').encode()).hexdigest()}"
+        if key:
+            first = cache.get(cache_key)
+            if first is not None:
+                if first["fingerprint"] != fingerprint:
+                    raise IdempotencyKeyReused(f"idempotency key {key!r} was used for a different fork")
+                fork = WorkflowSession.objects.filter(pk=first["session"], project_id=session.project_id).first()
+                if fork is not None:
+                    return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)
+        fork = services.snapshot_fork(
+            session=session, from_version=data["from_version"], external_id=data.get("external_id"),
+            reason=data.get("reason", ""), **self.principal.actor,
+        )
+        if key:
+            transaction.on_commit(lambda: cache.set(
+                cache_key, {"fingerprint": fingerprint, "session": str(fork.pk)}, FORK_IDEMPOTENCY_SECONDS
+            ))
+        return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)
