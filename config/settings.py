@@ -191,8 +191,27 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60)}
+# A task whose worker died unacknowledged is delivered again after this many seconds (on the next
+# worker start or restore sweep); it must exceed the longest task. Tests lower it to see redelivery.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)}
 CELERY_TIMEZONE = "UTC"
+# Background work (snapshots_app.tasks); README "Workers" says what runs when.
+CELERY_BEAT_SCHEDULE = {
+    "finalize-missed-versions": {"task": "snapshots_app.tasks.finalize_pending", "schedule": 300.0},
+    "requeue-stale-jobs": {"task": "snapshots_app.tasks.jobs_requeue_stale", "schedule": 600.0},
+    "integrity-scrub": {
+        "task": "snapshots_app.tasks.integrity_scrub_scheduled",
+        "schedule": float(env_int("INTEGRITY_SCRUB_EVERY", 3600, minimum=60)),
+    },
+    "compaction": {
+        "task": "snapshots_app.tasks.compaction_scheduled",
+        "schedule": float(env_int("COMPACTION_EVERY", 24 * 3600, minimum=60)),
+    },
+}
+# Versions one scheduled scrub run verifies per project (a rolling window; 0 = all of them).
+INTEGRITY_SCRUB_BUDGET = env_int("INTEGRITY_SCRUB_BUDGET", 5000)
+# Nodes garbage collection deletes per transaction (each holds the project's write lock briefly).
+COMPACTION_BATCH_SIZE = env_int("COMPACTION_BATCH_SIZE", 2000, minimum=1)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

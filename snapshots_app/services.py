@@ -7,6 +7,7 @@ same lock. Side effects (live events, the finalize task) run only after commit.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ from sessions_app.services import (
 )
 from snapshots_app import canonical, store
 from snapshots_app.models import Version, VersionKind
+
+logger = logging.getLogger(__name__)
 
 METADATA_LIMITS = {"step": 200, "label": 100, "engine": 100, "engine_version": 50, "idempotency_key": 200}
 ERROR_MAX = 10_000
@@ -126,7 +129,11 @@ def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
             {**session_event(session), "version": version.number, "kind": version.kind, "step": version.step},
             session_id=session.pk,
         )
-        tasks.finalize_version.delay(version.pk)
+        try:
+            tasks.finalize_version.delay(version.pk)
+        except Exception:  # the write is committed; tasks.finalize_pending catches up
+            logger.warning("finalize of version %s not queued; the periodic catch-up will do it", version.pk,
+                           exc_info=True)
 
     transaction.on_commit(announce)
 

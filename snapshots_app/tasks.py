@@ -1,20 +1,32 @@
-"""Background work on versions. Tasks take ids, are idempotent and safe to retry or kill."""
+"""Background work on versions. Tasks take ids, are idempotent and safe to retry or kill.
+
+Late ack is on (CELERY_TASK_ACKS_LATE, reject on worker lost): a task whose worker dies is delivered
+again, so each task may run twice or resume after a kill; the services they call are written for it.
+Long work runs as a Job (snapshots_app.jobs) whose progress the UI shows live.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 from celery import shared_task
 from django.db import transaction
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import IntegrityProblem
-from snapshots_app.models import Version
+from sessions_app.errors import IntegrityProblem, StateStoreError
+from sessions_app.models import Project
+from snapshots_app import jobs
+from snapshots_app.models import Job, JobKind, JobStatus, Version
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_PATHS = 20
+FINALIZE_GRACE = timedelta(minutes=2)  # versions older than this without a summary were missed
+STALE_QUEUED = timedelta(minutes=10)  # queued jobs older than this were never delivered
 
 
 @shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
@@ -37,7 +49,7 @@ def finalize_version(version_id: int) -> dict | None:
         try:
             result = version_diff(parent, version)
         except IntegrityProblem:
-            logger.exception("cannot summarise version %s: integrity problem", version_id)
+            _record_integrity_problems(parent, version)
             return None
         counts = result.counts
         summary = {
@@ -49,11 +61,156 @@ def finalize_version(version_id: int) -> dict | None:
     summary["stored_bytes"] = version.stored_size
     summary["finalized_at"] = timezone.now().isoformat()
     with transaction.atomic():
-        Version.objects.filter(pk=version_id, summary__isnull=True).update(summary=summary)
-    events.publish(
-        version.session.project_id,
-        "version.finalized",
-        {"session": str(version.session_id), "version": version.number},
-        session_id=version.session_id,
-    )
+        updated = Version.objects.filter(pk=version_id, summary__isnull=True).update(summary=summary)
+    if updated:
+        events.publish(
+            version.session.project_id,
+            "version.finalized",
+            {"session": str(version.session_id), "version": version.number,
+             **{key: summary[key] for key in ("added", "removed", "changed", "bytes_added")}},
+            session_id=version.session_id,
+        )
     return summary
+
+
+def _record_integrity_problems(*versions: Version) -> None:
+    from snapshots_app.integrity import _verify, integrity_problem_record
+
+    for version in versions:
+        problem = _verify(version)
+        if problem is not None:
+            integrity_problem_record(version=version, detail=problem)
+
+
+@shared_task(acks_late=True)
+def finalize_pending() -> int:
+    """Catch up on versions whose finalize task was lost (e.g. the broker was down at commit)."""
+    cutoff = timezone.now() - FINALIZE_GRACE
+    missed = Version.objects.filter(summary__isnull=True, created_at__lt=cutoff).order_by("id")
+    missed = list(missed.values_list("id", flat=True)[:1000])
+    for version_id in missed:
+        finalize_version.delay(version_id)
+    return len(missed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | None]) -> dict[str, Any] | None:
+    job = jobs.job_start(job_id=job_id)
+    if job is None:
+        return None  # gone, or a duplicate delivery of a finished job: nothing to do
+    try:
+        result = work(job, jobs.Progress(job))
+    except StateStoreError as exc:
+        jobs.job_fail(job=job, error=exc.message)
+        return None
+    except Exception as exc:
+        # Unexpected: fail the job visibly (its progress would otherwise spin forever), then let
+        # Celery log the traceback.
+        jobs.job_fail(job=job, error=f"{type(exc).__name__}: {exc}")
+        raise
+    job.refresh_from_db(fields=["status"])
+    if result is not None and not job.is_finished:
+        jobs.job_finish(job=job, result=result)
+    return result
+
+
+@shared_task(acks_late=True)
+def compaction_job(job_id: int) -> dict | None:
+    """Retention (unless the job says not to) and garbage collection of one project."""
+    from snapshots_app.compaction import compaction_run
+
+    def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
+        assert job.project is not None
+        return compaction_run(
+            project=job.project, apply_retention=bool(job.params.get("apply_retention", True)), progress=progress
+        )
+
+    return _run_job(job_id, work)
+
+
+@shared_task(acks_late=True)
+def integrity_scrub_job(job_id: int) -> dict | None:
+    from snapshots_app.integrity import integrity_scrub_run
+
+    def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
+        return integrity_scrub_run(project=job.project, budget=job.params.get("budget") or None, job=job,
+                                   progress=progress)
+
+    return _run_job(job_id, work)
+
+
+@shared_task(acks_late=True)
+def export_job(job_id: int) -> dict | None:
+    from snapshots_app.transfer import transfer_export_run
+
+    def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
+        assert job.project is not None
+        if job.params.get("scope") == "session" and job.session is None:
+            raise StateStoreError("the session to export was deleted")
+        return transfer_export_run(project=job.project, session=job.session, job=job, progress=progress)
+
+    return _run_job(job_id, work)
+
+
+@shared_task(acks_late=True)
+def import_job(job_id: int) -> dict | None:
+    from snapshots_app.transfer import import_path, transfer_import_run
+
+    def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
+        assert job.project is not None
+        return transfer_import_run(
+            project=job.project, path=import_path(job), job=job, actor=job.created_by,
+            actor_label=job.created_by_label, progress=progress,
+        )
+
+    return _run_job(job_id, work)
+
+
+# --------------------------------------------------------------------------------------------------
+# Beat schedule entry points (see CELERY_BEAT_SCHEDULE)
+
+
+@shared_task(acks_late=True)
+def compaction_scheduled() -> int:
+    """Queue a compaction for every project (retention applies only where a policy is enabled)."""
+    from snapshots_app.compaction import compaction_start
+
+    count = 0
+    for project in Project.objects.order_by("id"):
+        if Job.objects.filter(project=project, kind=JobKind.COMPACTION, status=JobStatus.QUEUED).exists():
+            continue  # the previous one has not started yet: a second would only repeat its work
+        compaction_start(project=project, actor_label="schedule")
+        count += 1
+    return count
+
+
+@shared_task(acks_late=True)
+def integrity_scrub_scheduled() -> int:
+    """Queue a rolling-window scrub per project (budget: settings.INTEGRITY_SCRUB_BUDGET versions)."""
+    from snapshots_app.integrity import integrity_scrub_start
+
+    count = 0
+    for project in Project.objects.order_by("id"):
+        if Job.objects.filter(project=project, kind=JobKind.SCRUB, status=JobStatus.QUEUED).exists():
+            continue
+        integrity_scrub_start(project=project, actor_label="schedule")
+        count += 1
+    return count
+
+
+@shared_task(acks_late=True)
+def jobs_requeue_stale() -> int:
+    """Send again the jobs still queued long after creation (their first enqueue was lost)."""
+    senders = {
+        JobKind.COMPACTION: compaction_job, JobKind.GC: compaction_job, JobKind.SCRUB: integrity_scrub_job,
+        JobKind.EXPORT: export_job, JobKind.IMPORT: import_job,
+    }
+    stale = Job.objects.filter(status=JobStatus.QUEUED, created_at__lt=timezone.now() - STALE_QUEUED)
+    count = 0
+    for job_id, kind in stale.values_list("id", "kind")[:500]:
+        senders[JobKind(kind)].delay(job_id)
+        count += 1
+    return count

@@ -1,0 +1,462 @@
+"""Retention (thinning old versions per project policy) and garbage collection of state nodes.
+
+Compaction of a project = retention, then garbage collection of the nodes no remaining version
+reaches. Both are idempotent and safe to kill at any instant: every step is its own short
+transaction and a rerun recomputes everything from what is committed.
+
+Concurrency with writers (see store.project_write_lock): writers hold the project's advisory lock
+*shared* for their whole transaction; garbage collection marks outside the lock, then sweeps in
+batches, each under the *exclusive* lock. Under that lock no writer is in flight, so every version
+that could reference a node is committed; each batch first marks the versions created since the
+previous batch (a writer may have reused a node that was a candidate), then deletes only nodes
+still unmarked. Nodes inserted after the candidate list was taken are never candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Sum
+from django.db.models.functions import Length
+from django.utils import timezone
+
+from sessions_app.models import Project, WorkflowSession
+from sessions_app.services import User, audit_record
+from snapshots_app import jobs, store
+from snapshots_app.models import (
+    Job,
+    JobKind,
+    JobStatus,
+    RetentionPolicy,
+    StateNode,
+    Thinning,
+    Version,
+    VersionKind,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[..., None]
+
+
+def _no_progress(done: int, total: int | None = None, *, force: bool = False) -> None:
+    return None
+
+
+def _batch_size() -> int:
+    return int(getattr(settings, "COMPACTION_BATCH_SIZE", 2000))
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------------------------------
+# Retention policy
+
+
+def retention_policy_get(*, project: Project) -> RetentionPolicy:
+    """The project's policy; an unsaved, disabled one (keep everything) if none was ever set."""
+    policy = RetentionPolicy.objects.filter(project=project).first()
+    return policy or RetentionPolicy(project=project, enabled=False)
+
+
+@transaction.atomic
+def retention_policy_set(
+    *,
+    project: Project,
+    enabled: bool,
+    keep_last: int,
+    keep_days: int,
+    thin_to: str,
+    actor: User = None,
+    actor_label: str = "",
+) -> RetentionPolicy:
+    """Create or change the project's retention policy (project admins only: the edge checks). Audited."""
+    from sessions_app.errors import InvalidState
+
+    for name, value in (("keep_last", keep_last), ("keep_days", keep_days)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 1_000_000:
+            raise InvalidState(f"{name} must be an integer between 0 and 1000000")
+    if thin_to not in Thinning.values:
+        raise InvalidState(f"thin_to must be one of {', '.join(Thinning.values)}")
+    if not isinstance(enabled, bool):
+        raise InvalidState("enabled must be true or false")
+    previous = RetentionPolicy.objects.select_for_update().filter(project=project).first()
+    before = (
+        {"enabled": previous.enabled, "keep_last": previous.keep_last, "keep_days": previous.keep_days,
+         "thin_to": previous.thin_to}
+        if previous else None
+    )
+    after = {"enabled": enabled, "keep_last": keep_last, "keep_days": keep_days, "thin_to": thin_to}
+    from sessions_app.services import actor_fields
+
+    label = actor_fields(actor, actor_label)["actor_label"]
+    policy, _ = RetentionPolicy.objects.update_or_create(project=project, defaults={**after, "updated_by_label": label})
+    audit_record(
+        project=project, action="retention.policy", target_type="project", target_id=project.pk,
+        actor=actor, actor_label=actor_label, details={"before": before, "after": after},
+    )
+    return policy
+
+
+@dataclass
+class _Row:
+    id: int
+    session_id: Any
+    number: int
+    created_at: datetime
+    kind: str
+    parent_id: int | None
+    pinned: bool
+    label: str
+    error: str
+    root: bytes
+    stored_size: int
+
+
+@dataclass
+class RetentionPlan:
+    """Which versions a policy removes. `remove` maps session id -> version ids (newest first)."""
+
+    remove: dict[Any, list[int]] = field(default_factory=dict)
+    removed_numbers: dict[str, list[int]] = field(default_factory=dict)
+    kept_roots: set[bytes] = field(default_factory=set)
+    versions_total: int = 0
+
+    @property
+    def remove_count(self) -> int:
+        return sum(len(ids) for ids in self.remove.values())
+
+
+def _bucket(moment: datetime, thin_to: str) -> tuple[int, ...]:
+    moment = moment.astimezone(UTC)
+    if thin_to == Thinning.HOUR:
+        return (moment.year, moment.month, moment.day, moment.hour)
+    return (moment.year, moment.month, moment.day)
+
+
+def _rows(project_id: int) -> list[_Row]:
+    return [
+        _Row(*values[:9], bytes(values[9]), values[10])
+        for values in Version.objects.filter(session__project_id=project_id)
+        .order_by("session_id", "-number")
+        .values_list("id", "session_id", "number", "created_at", "kind", "parent_id", "pinned", "label", "error",
+                     "root", "stored_size")
+        .iterator(chunk_size=5000)
+    ]
+
+
+def retention_plan(*, project: Project, now: datetime | None = None) -> RetentionPlan:
+    """What the project's policy would remove now (read only)."""
+    return _plan(project.pk, retention_policy_get(project=project), _rows(project.pk), now or timezone.now())
+
+
+def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datetime) -> RetentionPlan:
+    plan = RetentionPlan(versions_total=len(rows))
+    if not policy.enabled:
+        plan.kept_roots = {row.root for row in rows}
+        return plan
+    heads = dict(WorkflowSession.objects.filter(project_id=project_id).values_list("id", "head_number"))
+    # A rewind or fork points at its source version: removing the source would break its lineage.
+    sources = {row.parent_id for row in rows if row.kind in (VersionKind.REWIND, VersionKind.FORK) and row.parent_id}
+    young = now - timedelta(days=policy.keep_days)
+    by_session: dict[Any, list[_Row]] = defaultdict(list)
+    for row in rows:
+        by_session[row.session_id].append(row)  # newest first (see _rows)
+    for session_id, versions in by_session.items():
+        kept: set[int] = set()
+        occupied: set[tuple[int, ...]] = set()
+        for index, row in enumerate(versions):
+            if (
+                index < policy.keep_last
+                or row.created_at >= young
+                or row.number == heads.get(session_id)
+                or row.pinned
+                or row.label
+                or row.error
+                or row.id in sources
+            ):
+                kept.add(row.id)
+                occupied.add(_bucket(row.created_at, policy.thin_to))
+        removed = []
+        for row in versions:
+            if row.id in kept:
+                continue
+            bucket = _bucket(row.created_at, policy.thin_to)
+            if policy.thin_to != Thinning.NONE and bucket not in occupied:
+                occupied.add(bucket)  # the newest version of an otherwise empty bucket stays
+                kept.add(row.id)
+                continue
+            removed.append(row)
+        if removed:
+            plan.remove[session_id] = [row.id for row in removed]
+            plan.removed_numbers[str(session_id)] = sorted(row.number for row in removed)
+        plan.kept_roots.update(row.root for row in versions if row.id in kept)
+    return plan
+
+
+def _retention_apply(project_id: int, plan: RetentionPlan, progress: ProgressFn, done: int) -> tuple[int, int]:
+    """Remove the planned versions, one session per transaction. Returns (versions removed, progress)."""
+    removed_total = 0
+    for session_id, ids in plan.remove.items():
+        removed_total += _retention_apply_session(project_id, session_id, ids)
+        done += len(ids)
+        progress(done)
+    return removed_total, done
+
+
+@transaction.atomic
+def _retention_apply_session(project_id: int, session_id: Any, planned: list[int]) -> int:
+    session = WorkflowSession.objects.select_for_update().filter(pk=session_id, project_id=project_id).first()
+    if session is None:
+        return 0
+    # Re-check protection under the session lock: a pin, label or rewind may have arrived since the plan.
+    sources = Version.objects.filter(
+        parent_id__in=planned, kind__in=[VersionKind.REWIND, VersionKind.FORK]
+    ).values_list("parent_id", flat=True)
+    doomed = set(
+        Version.objects.filter(session=session, id__in=planned, pinned=False, label="", error="")
+        .exclude(number=F("session__head_number"))
+        .exclude(id__in=list(sources))
+        .values_list("id", flat=True)
+    )
+    if not doomed:
+        return 0
+    # Keep lineage connected: a surviving version whose parent goes now points at the nearest
+    # surviving ancestor (its own state and metadata are untouched).
+    parents = dict(Version.objects.filter(session=session).values_list("id", "parent_id"))
+    relink: dict[int | None, list[int]] = defaultdict(list)
+    for version_id, parent_id in parents.items():
+        if version_id in doomed or parent_id not in doomed:
+            continue
+        ancestor = parent_id
+        while ancestor in doomed:
+            ancestor = parents.get(ancestor)
+        relink[ancestor].append(version_id)
+    for ancestor, children in relink.items():
+        Version.objects.filter(id__in=children).update(parent_id=ancestor)
+    freed_bytes = Version.objects.filter(id__in=doomed).aggregate(total=Sum("stored_size"))["total"] or 0
+    for chunk in _chunks(sorted(doomed), 500):
+        Version.objects.filter(id__in=chunk).delete()
+    session.version_count = Version.objects.filter(session=session).count()
+    session.stored_bytes = max(0, session.stored_bytes - freed_bytes)
+    session.save(update_fields=["version_count", "stored_bytes"])
+    return len(doomed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Garbage collection
+
+
+def _mark(project_store: store.ProjectStore, roots: Iterable[bytes], marked: set[bytes]) -> None:
+    """Add to `marked` every node reachable from `roots`, never descending into marked subtrees."""
+    frontier = set(roots) - marked
+    while frontier:
+        marked |= frontier
+        children: set[bytes] = set()
+        for chunk in _chunks(list(frontier), 1000):
+            for node in project_store.nodes(set(chunk)).values():
+                children.update(node.children)
+        frontier = children - marked
+
+
+def _node_sizes(project_id: int) -> dict[bytes, int]:
+    return {
+        bytes(digest): size
+        for digest, size in StateNode.objects.filter(project_id=project_id)
+        .annotate(size=Length("data"))
+        .values_list("digest", "size")
+        .iterator(chunk_size=10_000)
+    }
+
+
+def stored_bytes(*, project: Project) -> int:
+    """Bytes of node data the project stores (what compaction shrinks)."""
+    return StateNode.objects.filter(project=project).aggregate(total=Sum(Length("data")))["total"] or 0
+
+
+def _exclusive_lock(project_id: int) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [store.PROJECT_LOCK_CLASS, project_id])
+
+
+def _versions_since(project_id: int, after_id: int | None) -> list[tuple[int, bytes]]:
+    queryset = Version.objects.filter(session__project_id=project_id)
+    if after_id is not None:
+        queryset = queryset.filter(id__gt=after_id)
+    return [(version_id, bytes(root)) for version_id, root in queryset.values_list("id", "root").iterator()]
+
+
+def _sweep_batch(
+    project_id: int, batch: list[bytes], marked: set[bytes], seen: dict[str, Any], project_store: store.ProjectStore
+) -> tuple[int, int]:
+    """Delete the batch's nodes no version reaches. Returns (nodes, bytes) deleted."""
+    with transaction.atomic():
+        _exclusive_lock(project_id)
+        # The first batch rescans every version (writers in flight during the mark may have taken
+        # ids lower than ones already seen); later ones need only ids assigned after the last lock,
+        # since writers take their (shared) lock before inserting a version.
+        fresh = _versions_since(project_id, seen["max_id"])
+        if seen["max_id"] is None:
+            fresh = [(version_id, root) for version_id, root in fresh if version_id not in seen["ids"]]
+            seen["max_id"] = max(seen["ids"], default=0)
+        if fresh:
+            seen["max_id"] = max(seen["max_id"], *(version_id for version_id, _ in fresh))
+            _mark(project_store, {root for _, root in fresh}, marked)
+        doomed = [digest for digest in batch if digest not in marked]
+        if not doomed:
+            return 0, 0
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {StateNode._meta.db_table} WHERE project_id = %s AND digest = ANY(%s) "
+                "RETURNING octet_length(data)",
+                [project_id, doomed],
+            )
+            sizes = [size for (size,) in cursor.fetchall()]
+    return len(sizes), sum(sizes)
+
+
+@dataclass
+class CompactionPreview:
+    """What compaction would do now: versions removed by retention and node bytes freed."""
+
+    versions_total: int
+    versions_removed: int
+    removed_numbers: dict[str, list[int]]
+    nodes_total: int
+    nodes_freed: int
+    bytes_total: int
+    bytes_freed: int
+    policy_enabled: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compaction_dry_run(
+    *, project: Project, now: datetime | None = None, apply_retention: bool = True
+) -> CompactionPreview:
+    """Predict compaction without changing anything: what retention removes, what GC frees."""
+    policy = retention_policy_get(project=project)
+    rows = _rows(project.pk)
+    if not apply_retention:
+        policy = RetentionPolicy(project=project, enabled=False)
+    plan = _plan(project.pk, policy, rows, now or timezone.now())
+    sizes = _node_sizes(project.pk)
+    marked: set[bytes] = set()
+    _mark(store.ProjectStore(project.pk, use_cache=False), plan.kept_roots, marked)
+    freed = [size for digest, size in sizes.items() if digest not in marked]
+    return CompactionPreview(
+        versions_total=plan.versions_total,
+        versions_removed=plan.remove_count,
+        removed_numbers=plan.removed_numbers,
+        nodes_total=len(sizes),
+        nodes_freed=len(freed),
+        bytes_total=sum(sizes.values()),
+        bytes_freed=sum(freed),
+        policy_enabled=policy.enabled,
+    )
+
+
+def compaction_run(
+    *,
+    project: Project,
+    apply_retention: bool = True,
+    now: datetime | None = None,
+    progress: ProgressFn = _no_progress,
+) -> dict[str, Any]:
+    """Compact a project now (retention per its policy, then garbage collection). Idempotent.
+
+    Returns figures for the job result and benchmarks: versions and bytes before/after, seconds.
+    """
+    started = time.monotonic()
+    project_id = project.pk
+    bytes_before = stored_bytes(project=project)
+    policy = retention_policy_get(project=project) if apply_retention else RetentionPolicy(enabled=False)
+    rows = _rows(project_id)
+    plan = _plan(project_id, policy, rows, now or timezone.now())
+    progress(0, plan.remove_count, force=True)
+    removed, done = _retention_apply(project_id, plan, progress, 0)
+    retention_seconds = time.monotonic() - started
+
+    project_store = store.ProjectStore(project_id, use_cache=False)
+    remaining = _versions_since(project_id, None)
+    seen: dict[str, Any] = {"ids": {version_id for version_id, _ in remaining}, "max_id": None}
+    marked: set[bytes] = set()
+    _mark(project_store, {root for _, root in remaining}, marked)
+    candidates = [
+        digest for (digest,) in (
+            (bytes(d),) for d in StateNode.objects.filter(project_id=project_id).values_list("digest", flat=True)
+            .iterator(chunk_size=10_000)
+        ) if digest not in marked
+    ]
+    total = done + len(candidates)
+    progress(done, total, force=True)
+    nodes_freed = bytes_freed = 0
+    for batch in _chunks(candidates, _batch_size()):
+        nodes, size = _sweep_batch(project_id, batch, marked, seen, project_store)
+        nodes_freed += nodes
+        bytes_freed += size
+        done += len(batch)
+        progress(done, total)
+    progress(total, total, force=True)
+    versions_after = Version.objects.filter(session__project_id=project_id).count()
+    return {
+        "versions_before": plan.versions_total,
+        "versions_removed": removed,
+        "versions_after": versions_after,
+        "removed_numbers": plan.removed_numbers,
+        "nodes_freed": nodes_freed,
+        "bytes_freed": bytes_freed,
+        "bytes_before": bytes_before,
+        "bytes_after": stored_bytes(project=project),
+        "retention_seconds": round(retention_seconds, 3),
+        "seconds": round(time.monotonic() - started, 3),
+        "policy_enabled": policy.enabled,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting jobs (what the API, the UI and the beat schedule call)
+
+
+def compaction_start(
+    *, project: Project, apply_retention: bool = True, actor: User = None, actor_label: str = ""
+) -> Job:
+    """Queue a compaction of the project (retention per policy unless told not to, then GC)."""
+    from snapshots_app import tasks
+
+    return jobs.job_create(
+        kind=JobKind.COMPACTION, project=project, params={"apply_retention": apply_retention},
+        actor=actor, actor_label=actor_label, enqueue=lambda job_id: tasks.compaction_job.delay(job_id),
+    )
+
+
+def gc_request(*, project_id: int) -> Job | None:
+    """Queue a garbage collection (no retention) of the project, unless one is already queued.
+
+    Called after a session is deleted, so what only that session needed is freed.
+    """
+    from snapshots_app import tasks
+
+    project = Project.objects.filter(pk=project_id).first()
+    if project is None:
+        return None  # the whole project went: its nodes went with it (cascade)
+    queued = Job.objects.filter(project=project, kind=JobKind.GC, status=JobStatus.QUEUED).first()
+    if queued is not None:
+        return queued
+    return jobs.job_create(
+        kind=JobKind.GC, project=project, params={"apply_retention": False}, actor_label="system",
+        enqueue=lambda job_id: tasks.compaction_job.delay(job_id),
+    )

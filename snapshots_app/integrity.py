@@ -1,0 +1,170 @@
+"""Integrity scrub: re-read stored versions from the database alone and record every failure.
+
+The scrub never repairs anything: a failure becomes an IntegrityProblem row (shown in the admin
+and on the session page) for a person to look at. With a budget it verifies a rolling window of
+versions per run, continuing where the previous scrub of the same scope stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from sessions_app import errors, events
+from sessions_app.models import Project, WorkflowSession
+from sessions_app.services import User, audit_record
+from snapshots_app import jobs, store
+from snapshots_app.compaction import ProgressFn, _no_progress
+from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, Version
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 200
+
+
+def _scope(project_id: int | None) -> QuerySet[Version]:
+    versions = Version.objects.select_related("session")
+    if project_id is not None:
+        versions = versions.filter(session__project_id=project_id)
+    return versions.order_by("id")
+
+
+def _last_cursor(project_id: int | None) -> int:
+    last = (
+        Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, project_id=project_id, result__has_key="cursor")
+        .order_by("-finished_at", "-id")
+        .values_list("result", flat=True)
+        .first()
+    )
+    return int(last["cursor"]) if last else 0
+
+
+def _window(project_id: int | None, budget: int | None) -> tuple[list[int], int]:
+    """Ids of the versions to verify, and the cursor the next run starts after."""
+    scope = _scope(project_id)
+    if not budget:
+        ids = list(scope.values_list("id", flat=True))
+        return ids, 0
+    cursor = _last_cursor(project_id)
+    ids = list(scope.filter(id__gt=cursor).values_list("id", flat=True)[:budget])
+    if len(ids) < budget:
+        # Wrap around: the window continues from the oldest version.
+        ids += [i for i in scope.filter(id__lte=cursor).values_list("id", flat=True)[: budget - len(ids)]]
+    next_cursor = ids[-1] if ids and len(ids) == budget else 0
+    return ids, next_cursor
+
+
+def integrity_scrub_run(
+    *,
+    project: Project | None = None,
+    budget: int | None = None,
+    job: Job | None = None,
+    progress: ProgressFn = _no_progress,
+) -> dict[str, Any]:
+    """Verify versions (all of a project, or of every project when `project` is None).
+
+    `budget` limits how many versions one run verifies (None or 0: all). Returns counts and the
+    versions that failed.
+    """
+    project_id = project.pk if project is not None else None
+    ids, next_cursor = _window(project_id, budget)
+    progress(0, len(ids), force=True)
+    outcomes: dict[tuple[int, bytes, str], str | None] = {}
+    failed: list[dict[str, Any]] = []
+    done = 0
+    for start in range(0, len(ids), CHUNK):
+        for version in _scope(None).filter(id__in=ids[start : start + CHUNK]):
+            # Versions sharing a root and checksum (rewinds, forks) read back identically: verify once.
+            key = (version.session.project_id, bytes(version.root), version.checksum)
+            if key not in outcomes:
+                outcomes[key] = _verify(version)
+            problem = outcomes[key]
+            if problem is not None:
+                integrity_problem_record(version=version, detail=problem, job=job)
+                failed.append({"session": str(version.session_id), "external_id": version.session.external_id,
+                               "version": version.number, "detail": problem[:300]})
+            done += 1
+        progress(done)
+    return {"verified": len(ids), "failed": len(failed), "problems": failed[:100], "cursor": next_cursor}
+
+
+def _verify(version: Version) -> str | None:
+    try:
+        store.read_canonical(version, use_cache=False)
+    except errors.IntegrityProblem as exc:
+        return exc.message
+    return None
+
+
+@transaction.atomic
+def integrity_problem_record(*, version: Version, detail: str, job: Job | None = None) -> IntegrityProblem:
+    """Record (or refresh) the open problem of a version that failed verification."""
+    problem = IntegrityProblem.objects.select_for_update().filter(version=version, resolved_at__isnull=True).first()
+    if problem is None:
+        problem = IntegrityProblem.objects.create(
+            project_id=version.session.project_id, session_id=version.session_id, version=version,
+            version_number=version.number, detail=detail, found_by=job,
+        )
+        payload = {"session": str(version.session_id), "version": version.number, "problem": problem.pk,
+                   "detail": detail[:300]}
+        project_id, session_id = version.session.project_id, version.session_id
+        transaction.on_commit(
+            lambda: events.publish(project_id, "integrity.problem", payload, session_id=session_id)
+        )
+        logger.error("integrity problem: %s", detail)
+    else:
+        problem.detail = detail
+        problem.found_by = job or problem.found_by
+        problem.save(update_fields=["detail", "found_by", "last_seen_at"])
+    return problem
+
+
+@transaction.atomic
+def integrity_problem_resolve(
+    *, problem: IntegrityProblem, resolution: str, actor: User = None, actor_label: str = ""
+) -> IntegrityProblem:
+    """Close a problem after a person dealt with it (the data itself is not touched). Audited."""
+    if not isinstance(resolution, str) or not resolution.strip():
+        raise errors.ReasonRequired("say how the problem was resolved: it goes into the audit log")
+    problem = IntegrityProblem.objects.select_for_update().get(pk=problem.pk)
+    if problem.resolved_at is None:
+        problem.resolved_at = timezone.now()
+        problem.resolution = resolution.strip()
+        problem.save(update_fields=["resolved_at", "resolution", "last_seen_at"])
+        audit_record(
+            project=problem.project, action="integrity.resolve", target_type="version", target_id=problem.version_id,
+            session_id=problem.session_id, reason=problem.resolution, actor=actor, actor_label=actor_label,
+            details={"version": problem.version_number, "detail": problem.detail[:500]},
+        )
+    return problem
+
+
+def integrity_problems(
+    *, project: Project, session: WorkflowSession | None = None, open_only: bool = True
+) -> QuerySet[IntegrityProblem]:
+    """Problems of a project (or one session), newest first, for the admin and the session page."""
+    problems = IntegrityProblem.objects.filter(project=project).select_related("session")
+    if session is not None:
+        problems = problems.filter(session=session)
+    if open_only:
+        problems = problems.filter(resolved_at__isnull=True)
+    return problems.order_by("-last_seen_at", "-id")
+
+
+def integrity_scrub_start(
+    *, project: Project | None = None, budget: int | None = None, actor: User = None, actor_label: str = ""
+) -> Job:
+    """Queue a scrub of one project (or all projects). `budget` None = settings.INTEGRITY_SCRUB_BUDGET, 0 = all."""
+    from snapshots_app import tasks
+
+    if budget is None:
+        budget = int(getattr(settings, "INTEGRITY_SCRUB_BUDGET", 0))
+    return jobs.job_create(
+        kind=JobKind.SCRUB, project=project, params={"budget": budget}, actor=actor, actor_label=actor_label,
+        enqueue=lambda job_id: tasks.integrity_scrub_job.delay(job_id),
+    )

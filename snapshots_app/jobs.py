@@ -1,0 +1,163 @@
+"""Long background jobs (compaction, scrub, export, import): their rows, progress and live events.
+
+A job row is created by the service that starts the work, in the caller's transaction; its task is
+enqueued after commit with the job's id. The task may be delivered twice or killed at any instant
+(late ack), so every step a job takes is idempotent and progress is only ever advisory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F, QuerySet
+from django.utils import timezone
+
+from sessions_app import events
+from sessions_app.errors import JobNotFound
+from sessions_app.models import Project, WorkflowSession
+from sessions_app.services import User, actor_fields
+from snapshots_app.models import Job, JobKind, JobStatus
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes/events: the UI needs a pulse, not a firehose
+
+
+def job_event(job: Job) -> dict[str, Any]:
+    return {
+        "job": job.pk,
+        "kind": job.kind,
+        "status": job.status,
+        "done": job.done,
+        "total": job.total,
+        "session": str(job.session_id) if job.session_id else None,
+        "error": job.error[:500],
+    }
+
+
+def _publish(job: Job, event: str) -> None:
+    if job.project_id is None:
+        return
+    payload = job_event(job)
+    transaction.on_commit(
+        lambda: events.publish(job.project_id, event, payload, session_id=job.session_id)  # type: ignore[arg-type]
+    )
+
+
+@transaction.atomic
+def job_create(
+    *,
+    kind: str,
+    project: Project | None,
+    session: WorkflowSession | None = None,
+    params: dict[str, Any] | None = None,
+    actor: User = None,
+    actor_label: str = "",
+    enqueue: Callable[[int], None],
+) -> Job:
+    """A queued job; `enqueue(job_id)` runs after commit so the worker always finds the row."""
+    who = actor_fields(actor, actor_label)
+    job = Job.objects.create(
+        kind=JobKind(kind), project=project, session=session, params=params or {},
+        created_by=who["actor"], created_by_label=who["actor_label"],
+    )
+    _publish(job, "job.created")
+    transaction.on_commit(lambda: _enqueue_safely(enqueue, job.pk))
+    return job
+
+
+def _enqueue_safely(enqueue: Callable[[int], None], job_id: int) -> None:
+    # The job row is committed; a broker outage must not turn the caller's success into an error.
+    # A job left queued is picked up again by the periodic jobs_requeue_stale task.
+    try:
+        enqueue(job_id)
+    except Exception:
+        logger.exception("could not enqueue job %s; it stays queued for the periodic requeue", job_id)
+
+
+@transaction.atomic
+def job_start(*, job_id: int) -> Job | None:
+    """Mark a delivery of the job as running. None if the job is gone or already finished.
+
+    A redelivery of a job that was running (its worker was killed) simply starts it again: the
+    work is idempotent and resumes from what the previous attempt committed.
+    """
+    job = Job.objects.select_for_update().filter(pk=job_id).first()
+    if job is None or job.is_finished:
+        return None
+    job.status = JobStatus.RUNNING
+    job.attempts = F("attempts") + 1
+    job.started_at = job.started_at or timezone.now()
+    job.save(update_fields=["status", "attempts", "started_at"])
+    job.refresh_from_db()
+    _publish(job, "job.progress")
+    return job
+
+
+class Progress:
+    """Throttled progress reporting for one running job (each write is its own short transaction)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None = None, *, force: bool = False) -> None:
+        self.job.done = done
+        if total is not None:
+            self.job.total = total
+        now = time.monotonic()
+        if not force and now - self._last < PROGRESS_INTERVAL:
+            return
+        self._last = now
+        job_progress(job=self.job, done=self.job.done, total=self.job.total)
+
+
+@transaction.atomic
+def job_progress(*, job: Job, done: int, total: int) -> None:
+    Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(done=done, total=total)
+    job.done, job.total = done, total
+    _publish(job, "job.progress")
+
+
+@transaction.atomic
+def job_finish(*, job: Job, result: dict[str, Any]) -> Job:
+    job.status = JobStatus.DONE
+    job.result = result
+    job.done = max(job.done, job.total)
+    job.finished_at = timezone.now()
+    job.save(update_fields=["status", "result", "done", "finished_at"])
+    _publish(job, "job.finished")
+    return job
+
+
+@transaction.atomic
+def job_fail(*, job: Job, error: str) -> Job:
+    job.status = JobStatus.FAILED
+    job.error = error[:10_000]
+    job.finished_at = timezone.now()
+    job.save(update_fields=["status", "error", "finished_at"])
+    _publish(job, "job.finished")
+    return job
+
+
+def job_get(*, project: Project, job_id: Any) -> Job:
+    """A job of this project (JobNotFound otherwise: jobs never leak across projects)."""
+    try:
+        job_id = int(job_id)
+    except (TypeError, ValueError):
+        raise JobNotFound(f"job {job_id!r} not found") from None
+    job = Job.objects.filter(project=project, pk=job_id).first()
+    if job is None:
+        raise JobNotFound(f"job {job_id} not found", job=job_id)
+    return job
+
+
+def job_list(*, project: Project, kind: str | None = None) -> QuerySet[Job]:
+    jobs = Job.objects.filter(project=project).select_related("session")
+    if kind:
+        jobs = jobs.filter(kind=kind)
+    return jobs.order_by("-created_at", "-id")

@@ -1,0 +1,428 @@
+"""Export and import of sessions as NDJSON with checksums.
+
+File format (one JSON object per line, canonical JSON; every line carries `sum`, the SHA-256 of its
+own canonical JSON without `sum`):
+
+    {"type": "header", "format": "session-rewind-export", "format_version": 1, ...}
+    {"type": "session", "id": ..., "external_id": ..., ...}            one per session
+    {"type": "node", "digest": hex, "raw": base64}                      each state-tree node once
+    {"type": "version", "session": ..., "number": n, "parent": {...}, "root": hex, "checksum": ...}
+    {"type": "end", "records": n, "sha256": hex}                        SHA-256 of every line above
+
+Import verifies every line's sum, the end record (nothing truncated or reordered), every node's
+digest against the text it spells and every version's SHA-256 against the state it assembles,
+all before storing anything; then it stores everything in one transaction. Version numbers, kinds,
+metadata and parents within the export come back exactly; parents outside it become empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from sessions_app.errors import ImportRejected, InvalidState
+from sessions_app.models import Project, WorkflowSession
+from sessions_app.services import User, audit_record
+from snapshots_app import canonical, jobs, store, tree
+from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
+from snapshots_app.models import Job, JobKind, StateNode, Version, VersionKind
+
+FORMAT = "session-rewind-export"
+FORMAT_VERSION = 1
+
+SESSION_FIELDS = ("external_id", "workflow", "status", "metadata", "tags", "last_step", "last_error")
+VERSION_FIELDS = (
+    "number", "kind", "checksum", "logical_size", "stored_size", "step", "status", "error", "label", "pinned",
+    "engine", "engine_version", "tags", "reason", "idempotency_key", "created_by_label", "summary",
+)
+
+
+def exports_dir() -> Path:
+    return Path(settings.VAR_DIR) / "exports"
+
+
+def imports_dir() -> Path:
+    return Path(settings.VAR_DIR) / "imports"
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    body = canonical.dumps(record)
+    record = {**record, "sum": hashlib.sha256(body).hexdigest()}
+    return canonical.dumps(record) + b"\n"
+
+
+def _when(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def transfer_export_run(
+    *,
+    project: Project,
+    session: WorkflowSession | None = None,
+    job: Job | None = None,
+    progress: ProgressFn = _no_progress,
+) -> dict[str, Any]:
+    """Write one session (or every session of the project) to VAR_DIR/exports; returns path and counts.
+
+    The file appears complete or not at all (written aside, then renamed), so a killed export
+    that runs again simply writes it again.
+    """
+    chosen = WorkflowSession.objects.filter(project=project)
+    if session is not None:
+        chosen = chosen.filter(pk=session.pk)
+    sessions = list(chosen.order_by("created_at", "id"))
+    versions = list(
+        Version.objects.filter(session__in=sessions).select_related("parent").order_by("session_id", "number")
+    )
+    marked: set[bytes] = set()
+    project_store = store.ProjectStore(project.pk, use_cache=False)
+    _mark(project_store, {bytes(v.root) for v in versions}, marked)
+    digests = sorted(marked)
+    total = len(digests) + len(versions)
+    progress(0, total, force=True)
+
+    folder = exports_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    scope = f"session-{session.external_id}" if session else "project"
+    safe_scope = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
+    name = f"{project.slug}-{safe_scope}-{job.pk if job else uuid.uuid4().hex[:8]}.ndjson"
+    final = folder / name
+    partial = folder / (name + ".partial")
+    digest = hashlib.sha256()
+    records = 0
+    done = 0
+    with partial.open("wb") as out:
+
+        def emit(record: dict[str, Any]) -> None:
+            nonlocal records
+            line = _line(record)
+            digest.update(line)
+            out.write(line)
+            records += 1
+
+        emit({
+            "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
+            "scope": "session" if session else "project",
+            "project": {"slug": project.slug, "name": project.name},
+            "exported_at": timezone.now().isoformat(),
+            "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
+        })
+        for item in sessions:
+            emit({
+                "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
+                "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
+            })
+        for chunk in _chunks(digests, 500):
+            rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data")
+            for node_digest, codec, data in rows:
+                raw = store.decompress(codec, bytes(data))
+                emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
+            done += len(chunk)
+            progress(done)
+        for version in versions:
+            parent = version.parent
+            emit({
+                "type": "version", "session": str(version.session_id),
+                **{f: getattr(version, f) for f in VERSION_FIELDS},
+                "root": bytes(version.root).hex(),
+                "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
+                "created_at": _when(version.created_at),
+            })
+            done += 1
+            progress(done)
+        end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
+        out.write(_line(end))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, final)
+    return {
+        "path": str(final), "file": name, "bytes": final.stat().st_size, "sessions": len(sessions),
+        "versions": len(versions), "nodes": len(digests),
+    }
+
+
+def transfer_export_start(
+    *, project: Project, session: WorkflowSession | None = None, actor: User = None, actor_label: str = ""
+) -> Job:
+    """Queue an export of one session, or of every session of the project when `session` is None."""
+    from snapshots_app import tasks
+
+    if session is not None and session.project_id != project.pk:
+        raise InvalidState("the session belongs to another project")
+    return jobs.job_create(
+        kind=JobKind.EXPORT, project=project, session=session, actor=actor, actor_label=actor_label,
+        params={"scope": "session" if session else "project"},
+        enqueue=lambda job_id: tasks.export_job.delay(job_id),
+    )
+
+
+def export_file(*, job: Job) -> Path:
+    """The finished export's file (for download). ImportRejected-free: InvalidState if not ready."""
+    if job.kind != JobKind.EXPORT or not job.result or "file" not in job.result:
+        raise InvalidState("this job has no export file (yet)")
+    path = exports_dir() / Path(job.result["file"]).name
+    if not path.is_file():
+        raise InvalidState("the export file is no longer there; export again")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Import
+
+
+def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    running = hashlib.sha256()
+    count = 0
+    ended = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if ended:
+            raise ImportRejected(f"line {number}: data after the end record")
+        try:
+            record = orjson.loads(line)
+            claimed = record.pop("sum")
+        except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise ImportRejected(f"line {number} is not a checksummed export record") from None
+        if not isinstance(record, dict) or hashlib.sha256(canonical.dumps(record)).hexdigest() != claimed:
+            raise ImportRejected(f"line {number} fails its checksum: the file is corrupt")
+        if record.get("type") == "end":
+            if record.get("records") != count or record.get("sha256") != running.hexdigest():
+                raise ImportRejected("the end record does not match the file: lines are missing or changed")
+            ended = True
+            continue
+        if count == 0 and (record.get("type") != "header" or record.get("format") != FORMAT):
+            raise ImportRejected("not a Session Rewind export (no header)")
+        if count == 0 and record.get("format_version") != FORMAT_VERSION:
+            raise ImportRejected(f"unsupported export format version {record.get('format_version')!r}")
+        running.update(line if line.endswith(b"\n") else line + b"\n")
+        count += 1
+        yield record
+    if not ended:
+        raise ImportRejected("the file is truncated (no end record)")
+
+
+def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[bytes]) -> bytes:
+    """Splice a tree like tree.splice, also checking that every node's digest matches its text."""
+    memo: dict[bytes, bytes] = {}
+
+    def text_of(digest: bytes) -> bytes:
+        cached = memo.get(digest)
+        if cached is not None:
+            return cached
+        node = nodes.get(digest)
+        if node is None:
+            raise ImportRejected(f"node {digest.hex()} is missing from the file")
+        if node.kind == tree.KIND_JSON_STRING:
+            result = tree.FLAVORS[node.flavor].encode(text_of(node.holes[0][1]).decode())
+        elif not node.holes:
+            result = node.text
+        else:
+            parts = []
+            position = 0
+            for offset, child in node.holes:
+                parts.append(node.text[position:offset])
+                parts.append(text_of(child))
+                position = offset
+            parts.append(node.text[position:])
+            result = b"".join(parts)
+        if digest not in verified:
+            kind = tree.KIND_STRING if node.kind == tree.KIND_JSON_STRING else node.kind
+            if tree.digest_of(kind, node.flavor, result) != digest:
+                raise ImportRejected(f"node {digest.hex()} does not match its digest: the file is corrupt")
+            verified.add(digest)
+        memo[digest] = result
+        return result
+
+    try:
+        return text_of(root)
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
+        raise ImportRejected(f"a state tree in the file cannot be assembled: {exc}") from None
+
+
+def _read_file(path: Path, progress: ProgressFn) -> tuple[dict[str, Any], list[dict], dict[bytes, bytes], list[dict]]:
+    header: dict[str, Any] = {}
+    sessions: list[dict] = []
+    raw_nodes: dict[bytes, bytes] = {}
+    versions: list[dict] = []
+    with path.open("rb") as source:
+        for record in _records(iter(source)):
+            kind = record.get("type")
+            try:
+                if kind == "header":
+                    header = record
+                    progress(0, int(record.get("nodes", 0)) + int(record.get("versions", 0)), force=True)
+                elif kind == "session":
+                    sessions.append(record)
+                elif kind == "node":
+                    raw_nodes[bytes.fromhex(record["digest"])] = base64.b64decode(record["raw"], validate=True)
+                elif kind == "version":
+                    versions.append(record)
+                else:
+                    raise ImportRejected(f"unknown record type {kind!r}")
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ImportRejected(f"malformed {kind} record: {exc}") from None
+    return header, sessions, raw_nodes, versions
+
+
+def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
+    if record.get("session") not in session_ids:
+        raise ImportRejected("a version belongs to no session in the file")
+    if not isinstance(record.get("number"), int) or record["number"] < 1:
+        raise ImportRejected("a version has no valid number")
+    if record.get("kind") not in VersionKind.values:
+        raise ImportRejected(f"version {record['number']} has an unknown kind")
+
+
+def transfer_import_run(
+    *, project: Project, path: Path, job: Job | None = None, actor: User = None, actor_label: str = "",
+    progress: ProgressFn = _no_progress,
+) -> dict[str, Any]:
+    """Import an export file into `project` (verified first; all or nothing).
+
+    With `job`, the job is finished in the same transaction that stores the data, so a redelivered
+    task never imports twice.
+    """
+    header, sessions, raw_nodes, versions = _read_file(Path(path), progress)
+    session_ids = {record["id"] for record in sessions}
+    if len(session_ids) != len(sessions) or len(sessions) != header.get("sessions"):
+        raise ImportRejected("the session records do not match the header")
+    if len(versions) != header.get("versions") or len(raw_nodes) != header.get("nodes"):
+        raise ImportRejected("the version or node records do not match the header")
+    try:
+        nodes = {digest: tree.Node.decode(raw) for digest, raw in raw_nodes.items()}
+    except (IndexError, ValueError) as exc:
+        raise ImportRejected(f"a node cannot be decoded: {exc}") from None
+    progress(len(raw_nodes))
+    verified_nodes: set[bytes] = set()
+    verified_states: set[tuple[str, str]] = set()
+    seen_numbers: set[tuple[str, int]] = set()
+    done = len(raw_nodes)
+    for record in versions:
+        _check_version(record, session_ids)
+        key = (record["session"], record["number"])
+        if key in seen_numbers:
+            raise ImportRejected(f"version {record['number']} appears twice")
+        seen_numbers.add(key)
+        state_key = (record["root"], record["checksum"])
+        if state_key not in verified_states:
+            try:
+                root = bytes.fromhex(record["root"])
+            except (TypeError, ValueError):
+                raise ImportRejected(f"version {record['number']} has a malformed root") from None
+            text = _verified_text(root, nodes, verified_nodes)
+            if canonical.checksum(text) != record["checksum"] or len(text) != record["logical_size"]:
+                raise ImportRejected(
+                    f"version {record['number']} of session {record['session']} fails its checksum: the file is corrupt"
+                )
+            verified_states.add(state_key)
+        done += 1
+        progress(done)
+    unused = raw_nodes.keys() - verified_nodes
+    for digest in unused:
+        raw_nodes.pop(digest)  # verified or nothing: a node no version spells is not stored
+
+    with transaction.atomic():
+        store.project_write_lock(project.pk)
+        result = _store_import(project, sessions, raw_nodes, versions, actor, actor_label)
+        if job is not None:
+            jobs.job_finish(job=job, result=result)
+    return result
+
+
+def _store_import(
+    project: Project, sessions: list[dict], raw_nodes: dict[bytes, bytes], versions: list[dict],
+    actor: User, actor_label: str,
+) -> dict[str, Any]:
+    external_ids = [record["external_id"] for record in sessions]
+    existing = WorkflowSession.objects.filter(project=project, external_id__in=external_ids)
+    taken = set(existing.values_list("external_id", flat=True))
+    if taken:
+        raise ImportRejected(
+            f"sessions with these external ids already exist in this project: {', '.join(sorted(taken)[:10])}",
+            external_ids=sorted(taken),
+        )
+    store.ProjectStore(project.pk).save_nodes(raw_nodes)
+    new_sessions: dict[str, WorkflowSession] = {}
+    for record in sessions:
+        item = WorkflowSession(project=project, **{f: record[f] for f in SESSION_FIELDS})
+        item.archived_at = parse_datetime(record["archived_at"]) if record.get("archived_at") else None
+        item.save()
+        new_sessions[record["id"]] = item
+    rows = []
+    for record in versions:
+        rows.append(Version(
+            session=new_sessions[record["session"]], root=bytes.fromhex(record["root"]),
+            **{f: record[f] for f in VERSION_FIELDS},
+        ))
+    created = Version.objects.bulk_create(rows, batch_size=500)
+    by_key = {(record["session"], record["number"]): version for record, version in zip(versions, created, strict=True)}
+    outside = 0
+    for record, version in zip(versions, created, strict=True):
+        parent = record.get("parent")
+        if parent:
+            target = by_key.get((parent.get("session"), parent.get("number")))
+            version.parent = target
+            outside += target is None
+        version.created_at = parse_datetime(record["created_at"]) if record.get("created_at") else version.created_at
+    Version.objects.bulk_update(created, ["parent", "created_at"], batch_size=500)
+    for record in sessions:
+        item = new_sessions[record["id"]]
+        mine = [v for v in created if v.session_id == item.pk]
+        head = max(mine, key=lambda v: v.number, default=None)
+        item.head_number = head.number if head else 0
+        item.version_count = len(mine)
+        item.logical_bytes = head.logical_size if head else 0
+        item.stored_bytes = sum(v.stored_size for v in mine)
+        item.save(update_fields=["head_number", "version_count", "logical_bytes", "stored_bytes"])
+        if record.get("created_at"):
+            WorkflowSession.objects.filter(pk=item.pk).update(created_at=parse_datetime(record["created_at"]))
+        audit_record(
+            project=project, action="session.import", target_type="session", target_id=item.pk, session_id=item.pk,
+            actor=actor, actor_label=actor_label,
+            details={"external_id": item.external_id, "versions": len(mine), "source_session": record["id"]},
+        )
+    return {
+        "sessions": [{"id": str(s.pk), "external_id": s.external_id} for s in new_sessions.values()],
+        "versions": len(created), "nodes": len(raw_nodes), "parents_outside_export": outside,
+    }
+
+
+def transfer_import_start(
+    *, project: Project, source: IO[bytes] | Path, actor: User = None, actor_label: str = ""
+) -> Job:
+    """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`."""
+    from snapshots_app import tasks
+
+    folder = imports_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{project.slug}-{uuid.uuid4().hex}.ndjson"
+    if isinstance(source, Path):
+        shutil.copyfile(source, target)
+    else:
+        with target.open("wb") as out:
+            shutil.copyfileobj(source, out)
+    return jobs.job_create(
+        kind=JobKind.IMPORT, project=project, params={"file": target.name}, actor=actor, actor_label=actor_label,
+        enqueue=lambda job_id: tasks.import_job.delay(job_id),
+    )
+
+
+def import_path(job: Job) -> Path:
+    return imports_dir() / Path(job.params["file"]).name
