@@ -1,0 +1,143 @@
+"""What the sync and async clients share: request descriptions, the retry policy, response decoding.
+
+Every endpoint method is written once (in `client.Endpoints`) and returns a `Call`; each client
+runs a `Call` its own way (blocking or awaited), with the same retries and the same errors.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from session_rewind_client.errors import SessionRewindError, TransportError, error_for
+
+API_PREFIX = "/api/v1"
+RETRY_STATUSES = frozenset({429, 503})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _json_body(response: httpx.Response) -> Any:
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request, described before it is sent (so it can be retried identically)."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    decode: Callable[[httpx.Response], Any] = _json_body
+
+    @property
+    def is_write(self) -> bool:
+        return self.method in WRITE_METHODS
+
+    def prepared_headers(self) -> dict[str, str]:
+        """Headers for every attempt of this call: one idempotency key across all retries."""
+        headers = dict(self.headers)
+        if self.is_write:
+            headers["Idempotency-Key"] = self.idempotency_key or str(uuid.uuid4())
+        return headers
+
+    def query(self) -> dict[str, Any] | None:
+        if not self.params:
+            return None
+        return {key: value for key, value in self.params.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries 429 and 503 (and lost connections) with exponential backoff and full jitter.
+
+    A server's Retry-After wins over the computed delay, capped at `max_wait`. Writes are retried
+    with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
+    """
+
+    max_retries: int = 4
+    backoff: float = 0.25
+    max_wait: float = 30.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        hinted = retry_after_seconds(response) if response is not None else None
+        if hinted is not None:
+            return min(hinted, self.max_wait)
+        return min(self.max_wait, random.uniform(0, self.backoff * (2**attempt)))
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def base_url_from(base_url: str | None) -> str:
+    url = (base_url or os.environ.get("SESSION_REWIND_URL") or "http://127.0.0.1:8000").rstrip("/")
+    if not url.endswith(API_PREFIX):
+        url += API_PREFIX
+    return url + "/"
+
+
+def api_key_from(api_key: str | None) -> str | None:
+    return api_key or os.environ.get("SESSION_REWIND_API_KEY")
+
+
+def default_headers(api_key: str | None, user_agent: str) -> dict[str, str]:
+    headers = {"Accept": "application/json", "User-Agent": user_agent}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.Response | None) -> bool:
+    if attempt >= policy.max_retries:
+        return False
+    if response is None:
+        # Connection lost: safe for reads, and for writes because the key makes them idempotent.
+        return True
+    return response.status_code in RETRY_STATUSES
+
+
+def raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        problem = response.json()
+        if not isinstance(problem, dict):
+            problem = {"detail": str(problem)}
+    except ValueError:
+        problem = {"detail": response.text[:500] or response.reason_phrase}
+    raise error_for(response.status_code, problem, retry_after=retry_after_seconds(response))
+
+
+def transport_error(call: Call, exc: httpx.TransportError) -> SessionRewindError:
+    return TransportError(f"{call.method} {call.path} failed: {exc!r}")
+
+
+def relative(path_or_url: str) -> str:
+    """Paths are relative to the API root; `next` links may be absolute URLs (httpx takes both)."""
+    if path_or_url.startswith(("http://", "https://")):
+        return path_or_url
+    return path_or_url.lstrip("/").removeprefix(API_PREFIX.lstrip("/") + "/")

@@ -1,0 +1,417 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio) for the Session Rewind REST API.
+
+Both expose the same methods with the same arguments; the async ones are awaited. Writes carry an
+Idempotency-Key (generated, or yours via ``idempotency_key=``) that stays the same across retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from session_rewind_client import __version__
+from session_rewind_client._core import (
+    Call,
+    RetryPolicy,
+    api_key_from,
+    base_url_from,
+    default_headers,
+    raise_for,
+    relative,
+    should_retry,
+    transport_error,
+)
+
+USER_AGENT = f"session-rewind-client/{__version__}"
+
+
+def _sid(session_id: Any) -> str:
+    return quote(str(session_id), safe="")
+
+
+def _drop_none(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _with_etag(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    if isinstance(body, dict) and "etag" not in body and response.headers.get("ETag"):
+        body["etag"] = response.headers["ETag"]
+    return body
+
+
+def _next_call(page: dict[str, Any], first: Call) -> Call | None:
+    """The request for the page after `page`: `next` is a link or a bare cursor."""
+    following = page.get("next")
+    if not following:
+        return None
+    if isinstance(following, str) and (following.startswith(("http://", "https://", "/")) or "?" in following):
+        return Call("GET", relative(following))
+    return Call("GET", first.path, params={**(first.params or {}), "cursor": following})
+
+
+class Endpoints:
+    """Every endpoint, described once. `_run` is the sync or async executor."""
+
+    def _run(self, call: Call) -> Any:  # pragma: no cover - provided by the concrete clients
+        raise NotImplementedError
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        external_id: str,
+        *,
+        workflow: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """The session with this external id, created if new (the server answers 201 or 200)."""
+        body = _drop_none(external_id=external_id, workflow=workflow, metadata=metadata, tags=tags)
+        return self._run(Call("POST", "sessions/", json=body, idempotency_key=idempotency_key))
+
+    def list_sessions(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        tag: str | None = None,
+        q: str | None = None,
+        cursor: str | None = None,
+        **filters: Any,
+    ) -> Any:
+        """One page: ``{"results": [...], "next": ...}``. Use `iter_sessions` to walk them all."""
+        params = _drop_none(status=status, workflow=workflow, tag=tag, q=q, cursor=cursor, **filters)
+        return self._run(Call("GET", "sessions/", params=params))
+
+    def get_session(self, session_id: Any) -> Any:
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/"))
+
+    def update_session(
+        self,
+        session_id: Any,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> Any:
+        body = _drop_none(status=status, workflow=workflow, metadata=metadata, tags=tags, **fields)
+        return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/", json=body, idempotency_key=idempotency_key))
+
+    def delete_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+        params = _drop_none(reason=reason)
+        return self._run(
+            Call("DELETE", f"sessions/{_sid(session_id)}/", params=params, idempotency_key=idempotency_key)
+        )
+
+    def archive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+        """Keep the history, refuse new writes."""
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/archive/", json=_drop_none(reason=reason),
+                              idempotency_key=idempotency_key))
+
+    # -- versions --------------------------------------------------------------------------------
+
+    def record(
+        self,
+        session_id: Any,
+        state: dict[str, Any],
+        *,
+        step: str | None = None,
+        status: str | None = None,
+        error: str | None = None,
+        label: str | None = None,
+        engine: str | None = None,
+        engine_version: str | None = None,
+        tags: list[str] | None = None,
+        expected_version: int | None = None,
+        if_match: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Push a snapshot: it becomes the session's new head version (201 with its metadata)."""
+        body = _drop_none(
+            state=state, step=step, status=status, error=error, label=label, engine=engine,
+            engine_version=engine_version, tags=tags, expected_version=expected_version,
+        )
+        headers = {"If-Match": if_match} if if_match else {}
+        return self._run(
+            Call("POST", f"sessions/{_sid(session_id)}/versions/", json=body, headers=headers,
+                 idempotency_key=idempotency_key)
+        )
+
+    def record_batch(
+        self,
+        session_id: Any,
+        snapshots: list[dict[str, Any]],
+        *,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing."""
+        body = _drop_none(versions=snapshots, expected_version=expected_version)
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body,
+                              idempotency_key=idempotency_key))
+
+    def update_version(
+        self,
+        session_id: Any,
+        number: int,
+        *,
+        pinned: bool | None = None,
+        label: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Pin/unpin or label a version (both survive retention). Audited."""
+        body = _drop_none(pinned=pinned, label=label)
+        return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/versions/{int(number)}/", json=body,
+                              idempotency_key=idempotency_key))
+
+    def pin(self, session_id: Any, number: int, *, pinned: bool = True) -> Any:
+        return self.update_version(session_id, number, pinned=pinned)
+
+    def label(self, session_id: Any, number: int, label: str) -> Any:
+        return self.update_version(session_id, number, label=label)
+
+    def list_versions(self, session_id: Any, *, cursor: str | None = None, **filters: Any) -> Any:
+        """One page of version metadata, newest first."""
+        params = _drop_none(cursor=cursor, **filters)
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/versions/", params=params))
+
+    def get_version(self, session_id: Any, number: int) -> Any:
+        """A version's metadata and its state."""
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/versions/{int(number)}/"))
+
+    def head(self, session_id: Any) -> Any:
+        """The head version's metadata and state; ``etag`` is what `If-Match` expects."""
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/head/", decode=_with_etag))
+
+    def diff(self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None) -> Any:
+        """``{"changes": [{"path", "op", "old", "new"}], "patch": [...]}`` between two versions."""
+        params = _drop_none(to_session=str(to_session) if to_session is not None else None)
+        params.update({"from": int(from_version), "to": int(to_version)})
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/diff/", params=params))
+
+    def rewind(
+        self,
+        session_id: Any,
+        to_version: int,
+        *,
+        reason: str,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Append a new head equal to `to_version` (history is kept); returns the new head."""
+        body = _drop_none(to_version=to_version, reason=reason, expected_version=expected_version)
+        return self._run(
+            Call("POST", f"sessions/{_sid(session_id)}/rewind/", json=body, idempotency_key=idempotency_key)
+        )
+
+    def fork(
+        self,
+        session_id: Any,
+        from_version: int,
+        *,
+        external_id: str | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Start a new session whose first version is `from_version`; returns the new session."""
+        body = _drop_none(from_version=from_version, external_id=external_id, reason=reason)
+        return self._run(
+            Call("POST", f"sessions/{_sid(session_id)}/fork/", json=body, idempotency_key=idempotency_key)
+        )
+
+    # -- projects, API keys, audit log -----------------------------------------------------------
+
+    def list_projects(self, *, cursor: str | None = None) -> Any:
+        return self._run(Call("GET", "projects/", params=_drop_none(cursor=cursor)))
+
+    def get_project(self, slug: str) -> Any:
+        return self._run(Call("GET", f"projects/{quote(slug, safe='')}/"))
+
+    def list_api_keys(self, *, project: str | None = None, cursor: str | None = None) -> Any:
+        return self._run(Call("GET", "keys/", params=_drop_none(project=project, cursor=cursor)))
+
+    def create_api_key(self, name: str, *, scopes: list[str], project: str | None = None,
+                       idempotency_key: str | None = None) -> Any:
+        """A new key (admin); its secret is in ``["key"]`` of this answer only."""
+        body = _drop_none(name=name, scopes=scopes, project=project)
+        return self._run(Call("POST", "keys/", json=body, idempotency_key=idempotency_key))
+
+    def get_api_key(self, key_id: int) -> Any:
+        return self._run(Call("GET", f"keys/{int(key_id)}/"))
+
+    def revoke_api_key(self, key_id: int, *, idempotency_key: str | None = None) -> Any:
+        return self._run(Call("DELETE", f"keys/{int(key_id)}/", idempotency_key=idempotency_key))
+
+    def list_audit_events(
+        self,
+        *,
+        project: str | None = None,
+        action: str | None = None,
+        session: Any = None,
+        cursor: str | None = None,
+        **filters: Any,
+    ) -> Any:
+        """Who rewound, forked, fixed or deleted what, and why (newest first)."""
+        params = _drop_none(project=project, action=action, session=str(session) if session else None,
+                            cursor=cursor, **filters)
+        return self._run(Call("GET", "audit-events/", params=params))
+
+    # -- generic escape hatch -------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
+                idempotency_key: str | None = None) -> Any:
+        """Any other endpoint, with the same auth, retries and errors (path relative to /api/v1/)."""
+        return self._run(Call(method.upper(), relative(path), params=params, json=json,
+                              idempotency_key=idempotency_key))
+
+
+class Client(Endpoints):
+    """Blocking client. Use as a context manager, or call `close()`.
+
+    >>> with Client("http://127.0.0.1:8000", api_key="sr_...") as rewind:
+    ...     session = rewind.create_session("run-42")
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = http or httpx.Client(
+            base_url=base_url_from(base_url),
+            headers=default_headers(api_key_from(api_key), USER_AGENT),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _run(self, call: Call) -> Any:
+        headers = call.prepared_headers()
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(call.method, call.path, params=call.query(), json=call.json,
+                                              headers=headers)
+            except httpx.TransportError as exc:
+                if not should_retry(call, attempt, self.retry, None):
+                    raise transport_error(call, exc) from exc
+                time.sleep(self.retry.delay(attempt, None))
+                attempt += 1
+                continue
+            if should_retry(call, attempt, self.retry, response):
+                time.sleep(self.retry.delay(attempt, response))
+                attempt += 1
+                continue
+            raise_for(response)
+            return call.decode(response)
+
+    def _pages(self, first: Call) -> Iterator[dict[str, Any]]:
+        call: Call | None = first
+        while call is not None:
+            page = self._run(call)
+            yield page
+            call = _next_call(page, first)
+
+    def iter_sessions(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every session matching the filters (status, workflow, tag, q), following cursors."""
+        for page in self._pages(Call("GET", "sessions/", params=_drop_none(**filters))):
+            yield from page.get("results", [])
+
+    def iter_versions(self, session_id: Any, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every version's metadata, newest first, following cursors."""
+        first = Call("GET", f"sessions/{_sid(session_id)}/versions/", params=_drop_none(**filters))
+        for page in self._pages(first):
+            yield from page.get("results", [])
+
+
+class AsyncClient(Endpoints):
+    """The same API for asyncio: every endpoint method returns an awaitable."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._http = http or httpx.AsyncClient(
+            base_url=base_url_from(base_url),
+            headers=default_headers(api_key_from(api_key), USER_AGENT),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _run(self, call: Call) -> Any:
+        headers = call.prepared_headers()
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(call.method, call.path, params=call.query(), json=call.json,
+                                                    headers=headers)
+            except httpx.TransportError as exc:
+                if not should_retry(call, attempt, self.retry, None):
+                    raise transport_error(call, exc) from exc
+                await asyncio.sleep(self.retry.delay(attempt, None))
+                attempt += 1
+                continue
+            if should_retry(call, attempt, self.retry, response):
+                await asyncio.sleep(self.retry.delay(attempt, response))
+                attempt += 1
+                continue
+            raise_for(response)
+            return call.decode(response)
+
+    async def _pages(self, first: Call) -> AsyncIterator[dict[str, Any]]:
+        call: Call | None = first
+        while call is not None:
+            page = await self._run(call)
+            yield page
+            call = _next_call(page, first)
+
+    async def iter_sessions(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        async for page in self._pages(Call("GET", "sessions/", params=_drop_none(**filters))):
+            for item in page.get("results", []):
+                yield item
+
+    async def iter_versions(self, session_id: Any, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        first = Call("GET", f"sessions/{_sid(session_id)}/versions/", params=_drop_none(**filters))
+        async for page in self._pages(first):
+            for item in page.get("results", []):
+                yield item

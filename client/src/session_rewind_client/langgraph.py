@@ -1,0 +1,685 @@
+"""LangGraph checkpoint saver backed by Session Rewind: threads are sessions, checkpoints are versions.
+
+    saver = SessionRewindSaver(Client("http://127.0.0.1:8000", api_key="sr_..."))
+    graph = builder.compile(checkpointer=saver)
+    graph.invoke(inputs, {"configurable": {"thread_id": "order-42"}})
+
+Mapping (all visible in the dashboard):
+
+* one session per (thread_id, checkpoint_ns): external id ``<prefix><thread_id>`` for the root
+  namespace, ``<prefix><thread_id>|<ns>`` for a subgraph's; every session of a thread carries the tag
+  ``lg-thread:<hash>`` so `delete_thread` finds them all;
+* one version per checkpoint, state ``{"checkpoint", "metadata", "parent_checkpoint_id"}``, tagged
+  ``cp:<checkpoint id>``, step ``<source> <step>``, engine ``langgraph`` and its version;
+* a checkpoint whose parent is not the head (``update_state`` on an older checkpoint, or a replay
+  from a checkpoint id) first *rewinds* the session to the parent, so the new checkpoint shows as a
+  branch in the timeline;
+* pending writes go to a companion session ``<session external id>|writes``, one version per
+  `put_writes` call tagged ``cp:<checkpoint id>``, so they never move the thread's head.
+
+The thread's current checkpoint is the session's head: an operator's rewind in the dashboard is what
+the next ``invoke(None, config)`` resumes from. Channel values that are plain JSON are stored as JSON
+(diffable in the dashboard); anything else goes through the saver's serde (``{"__lg_serde__": [type,
+base64]}``).
+
+Every method exists sync and async; both run the same code (`_Ops`), written once as generators
+that yield API calls, so the async path never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from session_rewind_client._core import Call
+from session_rewind_client.client import AsyncClient, Client
+from session_rewind_client.errors import ConflictError, NotFound, SessionRewindError
+
+ENGINE = "langgraph"
+SERDE_KEY = "__lg_serde__"
+TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
+MAX_INT = 2**63 - 1
+WRITES_SUFFIX = "|writes"
+PAGE = 200
+
+Op = Generator[Any, Any, Any]
+
+
+def _engine_version() -> str:
+    for dist in ("langgraph", "langgraph-checkpoint"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def thread_tag(thread_id: str) -> str:
+    return f"lg-thread:{_hash(thread_id)[:24]}"
+
+
+def checkpoint_tag(checkpoint_id: str) -> str:
+    tag = f"cp:{checkpoint_id}"
+    return tag if TAG_RE.match(tag) else f"cp:#{_hash(checkpoint_id)[:40]}"
+
+
+def _is_plain_json(value: Any, depth: int = 0) -> bool:
+    """True when JSON round-trips `value` exactly (so it can be stored readable and diffable)."""
+    if depth > 60:
+        return False
+    if value is None or isinstance(value, (bool, str)):
+        return True
+    if isinstance(value, int):
+        return -MAX_INT <= value <= MAX_INT
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if type(value) is list:
+        return all(_is_plain_json(item, depth + 1) for item in value)
+    if type(value) is dict:
+        return SERDE_KEY not in value and all(
+            isinstance(key, str) and _is_plain_json(item, depth + 1) for key, item in value.items()
+        )
+    return False
+
+
+class _Item:
+    """Wraps a value an operation hands to its caller (as opposed to a `Call` it wants run)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def drop(self, predicate: Callable[[Any], bool]) -> None:
+        with self._lock:
+            for key in [key for key in self._data if predicate(key)]:
+                del self._data[key]
+
+
+class SessionRewindSaver(BaseCheckpointSaver[int]):
+    """A `BaseCheckpointSaver` storing LangGraph checkpoints in Session Rewind.
+
+    Pass a `Client` for sync graphs (``invoke``/``stream``), an `AsyncClient` for async ones
+    (``ainvoke``/``astream``), or both. `delete_thread` and `prune` delete sessions, which needs an
+    API key with the ``admin`` scope.
+    """
+
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        aclient: AsyncClient | None = None,
+        prefix: str = "",
+        serde: SerializerProtocol | None = None,
+        cache_size: int = 512,
+    ) -> None:
+        super().__init__(serde=serde)
+        if client is None and aclient is None:
+            raise ValueError("pass a Client (sync graphs), an AsyncClient (async graphs), or both")
+        self.client = client
+        self.aclient = aclient
+        self.prefix = prefix
+        self.engine_version = _engine_version()
+        # Versions never change, so what was read once can be served again; session ids can
+        # disappear (delete/prune), so those entries are dropped there.
+        self._sessions: dict[str, str] = {}
+        self._states = _LRU(cache_size)
+        self._numbers = _LRU(cache_size * 4)
+
+    # -- running operations ------------------------------------------------------------------------
+
+    def _sync(self, op: Op) -> Any:
+        return next(iter(self._sync_iter(op, wrap_result=True)))
+
+    def _sync_iter(self, op: Op, *, wrap_result: bool = False) -> Iterator[Any]:
+        if self.client is None:
+            raise RuntimeError("this saver has no sync Client; use the async methods or pass client=")
+        run = self.client._run
+        to_send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = op.throw(error) if error is not None else op.send(to_send)
+            except StopIteration as stop:
+                if wrap_result:
+                    yield stop.value
+                return
+            to_send, error = None, None
+            if isinstance(step, _Item):
+                yield step.value
+                continue
+            try:
+                to_send = run(step)
+            except SessionRewindError as exc:
+                error = exc
+
+    async def _async(self, op: Op) -> Any:
+        async for value in self._async_iter(op, wrap_result=True):
+            return value
+        return None  # pragma: no cover - an operation always ends
+
+    async def _async_iter(self, op: Op, *, wrap_result: bool = False) -> AsyncIterator[Any]:
+        if self.aclient is None:
+            raise RuntimeError("this saver has no AsyncClient; use the sync methods or pass aclient=")
+        run = self.aclient._run
+        to_send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = op.throw(error) if error is not None else op.send(to_send)
+            except StopIteration as stop:
+                if wrap_result:
+                    yield stop.value
+                return
+            to_send, error = None, None
+            if isinstance(step, _Item):
+                yield step.value
+                continue
+            try:
+                to_send = await run(step)
+            except SessionRewindError as exc:
+                error = exc
+
+    # -- public API: sync --------------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._sync(self._get_tuple(config))
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        yield from self._sync_iter(self._list(config, filter=filter, before=before, limit=limit))
+
+    def put(
+        self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, new_versions: ChannelVersions
+    ) -> RunnableConfig:
+        return self._sync(self._put(config, checkpoint, metadata))
+
+    def put_writes(
+        self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        self._sync(self._put_writes(config, writes, task_id, task_path))
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._sync(self._delete_thread(thread_id))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._sync(self._copy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._sync(self._prune(thread_ids, strategy))
+
+    # -- public API: async -------------------------------------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self._async(self._get_tuple(config))
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        async for item in self._async_iter(self._list(config, filter=filter, before=before, limit=limit)):
+            yield item
+
+    async def aput(
+        self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, new_versions: ChannelVersions
+    ) -> RunnableConfig:
+        return await self._async(self._put(config, checkpoint, metadata))
+
+    async def aput_writes(
+        self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        await self._async(self._put_writes(config, writes, task_id, task_path))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._async(self._delete_thread(thread_id))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._async(self._copy_thread(source_thread_id, target_thread_id))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await self._async(self._prune(thread_ids, strategy))
+
+    def get_next_version(self, current: int | None, channel: None = None) -> int:
+        return 1 if current is None else int(current) + 1
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    def _encode(self, value: Any) -> Any:
+        if _is_plain_json(value):
+            return value
+        kind, data = self.serde.dumps_typed(value)
+        return {SERDE_KEY: [kind, base64.b64encode(data).decode("ascii")]}
+
+    def _decode(self, value: Any) -> Any:
+        if isinstance(value, dict) and SERDE_KEY in value:
+            kind, data = value[SERDE_KEY]
+            return self.serde.loads_typed((kind, base64.b64decode(data)))
+        return value
+
+    def _state_for(self, checkpoint: Checkpoint, metadata: CheckpointMetadata, parent_id: str | None) -> dict[str, Any]:
+        body = {key: value for key, value in checkpoint.items() if key != "channel_values"}
+        versions = checkpoint.get("channel_versions") or {}
+        values = {
+            name: self._encode(value)
+            for name, value in checkpoint.get("channel_values", {}).items()
+            if not versions or name in versions
+        }
+        return {
+            "checkpoint": {**{key: self._encode(value) for key, value in body.items()}, "channel_values": values},
+            "metadata": {key: self._encode(value) for key, value in metadata.items()},
+            "parent_checkpoint_id": parent_id,
+        }
+
+    def _tuple_from(self, state: dict[str, Any], thread_id: str, ns: str, writes: list[Any]) -> CheckpointTuple:
+        stored = state["checkpoint"]
+        checkpoint: dict[str, Any] = {key: self._decode(value) for key, value in stored.items() if key != "channel_values"}
+        checkpoint["channel_values"] = {name: self._decode(value) for name, value in stored["channel_values"].items()}
+        parent_id = state.get("parent_checkpoint_id")
+        return CheckpointTuple(
+            config={"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}},
+            checkpoint=checkpoint,  # type: ignore[arg-type]
+            metadata={key: self._decode(value) for key, value in state["metadata"].items()},  # type: ignore[arg-type]
+            parent_config=(
+                {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": parent_id}}
+                if parent_id else None
+            ),
+            pending_writes=writes,
+        )
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def _external_id(self, thread_id: str, ns: str) -> str:
+        base = f"{self.prefix}{thread_id}"
+        return base if not ns else f"{base}|{ns}"
+
+    def _find_session(self, external_id: str) -> Op:
+        """The session id for an external id, or None (never creates one)."""
+        cached = self._sessions.get(external_id)
+        if cached is not None:
+            return cached
+        page = yield Call("GET", "sessions/", params={"external_id": external_id, "limit": 2})
+        for found in page.get("results", []):
+            if found.get("external_id") == external_id:
+                self._sessions[external_id] = str(found["id"])
+                return str(found["id"])
+        return None
+
+    def _ensure_session(self, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+        cached = self._sessions.get(external_id)
+        if cached is not None:
+            return cached
+        body = {
+            "external_id": external_id,
+            "workflow": "langgraph",
+            "metadata": {"langgraph": {"thread_id": thread_id, "checkpoint_ns": ns, "pending_writes": writes}},
+            "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes"] if writes else []),
+        }
+        session = yield Call("POST", "sessions/", json=body)
+        self._sessions[external_id] = str(session["id"])
+        return str(session["id"])
+
+    def _forget(self, session_id: str) -> None:
+        for key in [key for key, value in self._sessions.items() if value == session_id]:
+            self._sessions.pop(key, None)
+        self._states.drop(lambda key: key[0] == session_id)
+        self._numbers.drop(lambda key: key[0] == session_id)
+
+    def _versions(self, session_id: str, *, tag: str | None = None) -> Op:
+        """Version metadata newest first, as a list (tag-filtered when `tag` is given)."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": PAGE}
+        if tag is not None:
+            params["tag"] = tag
+        call: Call | None = Call("GET", f"sessions/{session_id}/versions/", params=params)
+        while call is not None:
+            try:
+                page = yield call
+            except NotFound:
+                return found
+            found.extend(v for v in page.get("results", []) if tag is None or tag in (v.get("tags") or []))
+            cursor = page.get("next")
+            call = Call("GET", f"sessions/{session_id}/versions/", params={**params, "cursor": cursor}) if cursor else None
+        return found
+
+    def _state(self, session_id: str, number: int) -> Op:
+        cached = self._states.get((session_id, number))
+        if cached is not None:
+            return cached
+        found = yield Call("GET", f"sessions/{session_id}/versions/{number}/")
+        self._states.put((session_id, number), found["state"])
+        return found["state"]
+
+    def _number_of(self, session_id: str, checkpoint_id: str) -> Op:
+        """The newest version number holding this checkpoint, or None."""
+        cached = self._numbers.get((session_id, checkpoint_id))
+        if cached is not None:
+            return cached
+        matches = yield from self._versions(session_id, tag=checkpoint_tag(checkpoint_id))
+        if not matches:
+            return None
+        number = max(int(v["number"]) for v in matches)
+        self._numbers.put((session_id, checkpoint_id), number)
+        return number
+
+    # -- pending writes ----------------------------------------------------------------------------
+
+    def _writes_for(self, writes_session: str | None, checkpoint_id: str) -> Op:
+        if writes_session is None:
+            return []
+        found = yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id))
+        return (yield from self._collect_writes(writes_session, found))
+
+    def _collect_writes(self, writes_session: str, versions: list[dict[str, Any]]) -> Op:
+        """Pending writes from the write versions, in LangGraph's order. A regular write keeps its first
+        value (as other savers do on conflict); special channels (errors, interrupts) keep the last."""
+        by_key: dict[tuple[str, int], tuple[str, str, Any, str]] = {}
+        for meta in sorted(versions, key=lambda v: int(v["number"])):
+            state = yield from self._state(writes_session, int(meta["number"]))
+            for idx, channel, value in state["writes"]:
+                key = (state["task_id"], int(idx))
+                if key in by_key and key[1] >= 0:
+                    continue
+                by_key[key] = (state["task_id"], channel, value, state.get("task_path", ""))
+        ordered = sorted(by_key.items(), key=lambda item: (item[1][3], item[0][0], item[0][1]))
+        return [(task_id, channel, self._decode(value)) for (_, _), (task_id, channel, value, _) in ordered]
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def _get_tuple(self, config: RunnableConfig) -> Op:
+        conf = config["configurable"]
+        thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
+        external_id = self._external_id(thread_id, ns)
+        session_id = yield from self._find_session(external_id)
+        if session_id is None:
+            return None
+        checkpoint_id = get_checkpoint_id(config)
+        if checkpoint_id:
+            number = yield from self._number_of(session_id, checkpoint_id)
+            if number is None:
+                return None
+            try:
+                state = yield from self._state(session_id, number)
+            except NotFound:
+                self._forget(session_id)
+                return None
+        else:
+            try:
+                head = yield Call("GET", f"sessions/{session_id}/head/")
+            except NotFound:
+                # No versions yet, or the session was deleted meanwhile.
+                return None
+            state = head["state"]
+            checkpoint_id = state["checkpoint"]["id"]
+        writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
+        writes = yield from self._writes_for(writes_session, checkpoint_id)
+        return self._tuple_from(state, thread_id, ns, writes)
+
+    def _list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        limit: int | None,
+    ) -> Op:
+        if config is None:
+            raise ValueError("SessionRewindSaver.list needs a config with a thread_id (threads are sessions)")
+        conf = config["configurable"]
+        thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
+        external_id = self._external_id(thread_id, ns)
+        session_id = yield from self._find_session(external_id)
+        if session_id is None:
+            return
+        wanted_id = get_checkpoint_id(config)
+        before_id = get_checkpoint_id(before) if before else None
+        versions = yield from self._versions(session_id)
+        writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
+        writes_index: dict[str, list[dict[str, Any]]] = {}
+        if writes_session is not None:
+            for meta in (yield from self._versions(writes_session)):
+                for tag in meta.get("tags") or []:
+                    if tag.startswith("cp:"):
+                        writes_index.setdefault(tag, []).append(meta)
+        seen: set[str] = set()
+        emitted = 0
+        for meta in versions:
+            if meta.get("kind") == "rewind":
+                continue  # the same checkpoint as its target, which is listed where it was made
+            cp_tags = [tag for tag in meta.get("tags") or [] if tag.startswith("cp:")]
+            if cp_tags and cp_tags[0] in seen:
+                continue
+            state = yield from self._state(session_id, int(meta["number"]))
+            checkpoint_id = state["checkpoint"]["id"]
+            if checkpoint_id in seen:
+                continue
+            seen.add(checkpoint_id)
+            if cp_tags:
+                seen.add(cp_tags[0])
+            if wanted_id and checkpoint_id != wanted_id:
+                continue
+            if before_id and checkpoint_id >= before_id:
+                continue
+            if filter:
+                metadata = {key: self._decode(value) for key, value in state["metadata"].items()}
+                if any(metadata.get(key) != value for key, value in filter.items()):
+                    continue
+            writes: list[Any] = []
+            if writes_session is not None:
+                found = writes_index.get(checkpoint_tag(checkpoint_id), [])
+                writes = yield from self._collect_writes(writes_session, found)
+            yield _Item(self._tuple_from(state, thread_id, ns, writes))
+            emitted += 1
+            if limit is not None and emitted >= limit:
+                return
+
+    def _put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata) -> Op:
+        conf = config["configurable"]
+        thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
+        parent_id = conf.get("checkpoint_id")
+        metadata = get_checkpoint_metadata(config, metadata)
+        metadata.pop("writes", None)  # type: ignore[misc]
+        session_id = yield from self._ensure_session(self._external_id(thread_id, ns), thread_id, ns)
+        state = self._state_for(checkpoint, metadata, parent_id)
+        body = {
+            "state": state,
+            "step": f"{metadata.get('source', 'checkpoint')} {metadata.get('step', '')}".strip()[:200],
+            "engine": ENGINE,
+            "engine_version": self.engine_version,
+            "tags": [checkpoint_tag(checkpoint["id"])],
+        }
+        for _attempt in range(3):
+            head = yield Call("GET", f"sessions/{session_id}/")
+            head_number = int(head.get("head") or 0)
+            if parent_id and head_number:
+                head_state = yield from self._state_at_head(session_id, head_number)
+                if head_state["checkpoint"]["id"] != parent_id:
+                    head_number = yield from self._branch_from(session_id, parent_id, head_number)
+            try:
+                created = yield Call("POST", f"sessions/{session_id}/versions/",
+                                     json={**body, "expected_version": head_number})
+            except ConflictError:
+                continue  # someone else (an operator's rewind, another process) moved the head: decide again
+            self._states.put((session_id, int(created["number"])), state)
+            self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
+            break
+        else:
+            raise ConflictError(f"the head of thread {thread_id!r} kept moving; checkpoint {checkpoint['id']} not saved")
+        return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
+
+    def _state_at_head(self, session_id: str, head_number: int) -> Op:
+        cached = self._states.get((session_id, head_number))
+        if cached is not None:
+            return cached
+        head = yield Call("GET", f"sessions/{session_id}/head/")
+        self._states.put((session_id, int(head["number"])), head["state"])
+        return head["state"]
+
+    def _branch_from(self, session_id: str, parent_id: str, head_number: int) -> Op:
+        """Rewind to the parent checkpoint so the new one starts a visible branch; returns the new head."""
+        number = yield from self._number_of(session_id, parent_id)
+        if number is None:
+            return head_number  # parent unknown here (e.g. pruned): append after the head
+        rewound = yield Call(
+            "POST", f"sessions/{session_id}/rewind/",
+            json={"to_version": number, "expected_version": head_number,
+                  "reason": f"langgraph: new checkpoint from checkpoint {parent_id} (update_state or replay)"},
+        )
+        return int(rewound["number"])
+
+    def _put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str) -> Op:
+        if not writes:
+            return None
+        conf = config["configurable"]
+        thread_id, ns, checkpoint_id = str(conf["thread_id"]), conf.get("checkpoint_ns", ""), conf["checkpoint_id"]
+        external_id = self._external_id(thread_id, ns) + WRITES_SUFFIX
+        session_id = yield from self._ensure_session(external_id, thread_id, ns, writes=True)
+        entries = [[WRITES_IDX_MAP.get(channel, idx), channel, self._encode(value)] for idx, (channel, value) in enumerate(writes)]
+        state = {"checkpoint_id": checkpoint_id, "task_id": task_id, "task_path": task_path, "writes": entries}
+        # The same task writing the same thing again is a retry: the key makes it land once.
+        key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
+        body = {"state": state, "step": task_path or task_id, "engine": ENGINE, "engine_version": self.engine_version,
+                "tags": [checkpoint_tag(checkpoint_id)]}
+        created = yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
+        self._states.put((session_id, int(created["number"])), state)
+        return None
+
+    def _thread_sessions(self, thread_id: str) -> Op:
+        found: list[dict[str, Any]] = []
+        tag = thread_tag(thread_id)
+        call: Call | None = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE})
+        while call is not None:
+            page = yield call
+            found.extend(s for s in page.get("results", []) if tag in (s.get("tags") or []))
+            cursor = page.get("next")
+            call = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE, "cursor": cursor}) if cursor else None
+        return found
+
+    def _delete_sessions(self, sessions: list[dict[str, Any]], reason: str) -> Op:
+        for session in sessions:
+            self._forget(str(session["id"]))
+            try:
+                yield Call("DELETE", f"sessions/{session['id']}/", params={"reason": reason})
+            except NotFound:
+                pass
+
+    def _delete_thread(self, thread_id: str) -> Op:
+        sessions = yield from self._thread_sessions(thread_id)
+        yield from self._delete_sessions(sessions, f"langgraph: delete_thread {thread_id}")
+
+    def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> Op:
+        """Re-record every checkpoint (and its writes) on the target thread, oldest first. The store
+        keeps each state once per project, so a copy costs almost no storage."""
+        sessions = yield from self._thread_sessions(source_thread_id)
+        for session in sessions:
+            meta = (session.get("metadata") or {}).get("langgraph") or {}
+            ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
+            target_external = self._external_id(target_thread_id, ns) + (WRITES_SUFFIX if is_writes else "")
+            target = yield from self._ensure_session(target_external, target_thread_id, ns, writes=is_writes)
+            versions = yield from self._versions(str(session["id"]))
+            for version_meta in reversed(versions):
+                if version_meta.get("kind") == "rewind":
+                    continue
+                state = yield from self._state(str(session["id"]), int(version_meta["number"]))
+                yield Call("POST", f"sessions/{target}/versions/", json={
+                    "state": state, "step": version_meta.get("step") or None, "engine": ENGINE,
+                    "engine_version": version_meta.get("engine_version") or self.engine_version,
+                    "tags": version_meta.get("tags") or [],
+                })
+
+    def _prune(self, thread_ids: Sequence[str], strategy: str) -> Op:
+        """``delete``: delete the thread. ``keep_latest``: replace each namespace's session by a new one
+        holding only its latest checkpoint and that checkpoint's pending writes (history is gone, as
+        asked; DeltaChannel graphs need their ancestors, so do not prune those with keep_latest)."""
+        if strategy not in ("keep_latest", "delete"):
+            raise ValueError(f"unknown prune strategy {strategy!r}; use keep_latest or delete")
+        for thread_id in thread_ids:
+            if strategy == "delete":
+                yield from self._delete_thread(thread_id)
+                continue
+            sessions = yield from self._thread_sessions(thread_id)
+            checkpoint_sessions = [s for s in sessions if not ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")]
+            keep: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
+            for session in checkpoint_sessions:
+                ns = ((session.get("metadata") or {}).get("langgraph") or {}).get("checkpoint_ns", "")
+                try:
+                    head = yield Call("GET", f"sessions/{session['id']}/head/")
+                except NotFound:
+                    continue
+                checkpoint_id = head["state"]["checkpoint"]["id"]
+                writes_session = yield from self._find_session(self._external_id(thread_id, ns) + WRITES_SUFFIX)
+                write_states: list[dict[str, Any]] = []
+                if writes_session is not None:
+                    for meta in reversed((yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id)))):
+                        write_states.append((yield from self._state(writes_session, int(meta["number"]))))
+                keep.append((ns, head, write_states))
+            yield from self._delete_sessions(sessions, f"langgraph: prune {thread_id} (keep_latest)")
+            for ns, head, write_states in keep:
+                external_id = self._external_id(thread_id, ns)
+                session_id = yield from self._ensure_session(external_id, thread_id, ns)
+                yield Call("POST", f"sessions/{session_id}/versions/", json={
+                    "state": head["state"], "step": head.get("step") or None, "engine": ENGINE,
+                    "engine_version": head.get("engine_version") or self.engine_version,
+                    "tags": [checkpoint_tag(head["state"]["checkpoint"]["id"])],
+                })
+                if write_states:
+                    writes_id = yield from self._ensure_session(external_id + WRITES_SUFFIX, thread_id, ns, writes=True)
+                    for state in write_states:
+                        yield Call("POST", f"sessions/{writes_id}/versions/", json={
+                            "state": state, "engine": ENGINE, "engine_version": self.engine_version,
+                            "tags": [checkpoint_tag(state["checkpoint_id"])],
+                        })

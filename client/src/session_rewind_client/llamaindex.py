@@ -1,0 +1,177 @@
+"""LlamaIndex Workflows (llama-index-workflows 2.x): a version per finished step, and resuming from any version.
+
+    recorder = WorkflowRecorder(AsyncClient(...))
+    run = await recorder.run(MyWorkflow(), external_id="order-42", topic="...")   # one version per step
+    ctx = await recorder.load_context(MyWorkflow(), run.session_id, version=3)    # after step 2
+    result = await MyWorkflow().run(ctx=ctx)                                       # resumes from there
+
+How it works: the run's event stream is read with ``expose_internal=True``; each internal
+`StepStateChanged` with ``NOT_RUNNING`` means a step finished, and the serialized context
+(``handler.ctx.to_dict()``) is taken at that moment and recorded as a new version with the step
+name and the engine's name and version. The context does not record why a run failed, so the
+exception of a failed run is attached to the last version as its `error` (status ``failed``).
+
+A context saved after the run stopped (finished or failed: ``is_running`` false) carries leftover
+work that corrupts a new run, so `load_context` refuses it unless ``allow_not_running=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from workflows import Context, Workflow
+from workflows.events import StepState, StepStateChanged
+
+from session_rewind_client.client import AsyncClient
+
+ENGINE = "llama-index-workflows"
+ERROR_MAX = 10_000
+
+
+def engine_version() -> str:
+    try:
+        return version(ENGINE)
+    except PackageNotFoundError:  # pragma: no cover - only when run from a source checkout
+        return "unknown"
+
+
+class ContextNotResumable(RuntimeError):
+    """The saved context is from a run that had stopped; resuming it would replay leftover work."""
+
+
+@dataclass
+class RecordedRun:
+    """What `WorkflowRecorder.run` did: the result (or the error) and the versions it recorded."""
+
+    session_id: str
+    result: Any = None
+    error: BaseException | None = None
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    # Seconds spent in ctx.to_dict() per snapshot, to see the overhead grow with the context.
+    serialize_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclass
+class _Snapshot:
+    step: str
+    state: dict[str, Any]
+    status: str
+    error: str | None = None
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
+
+
+class WorkflowRecorder:
+    """Runs workflows and records their context in Session Rewind after every finished step."""
+
+    def __init__(self, client: AsyncClient, *, workflow_name: str | None = None, tags: list[str] | None = None) -> None:
+        self.client = client
+        self.workflow_name = workflow_name
+        self.tags = tags
+
+    async def run(
+        self,
+        workflow: Workflow,
+        *,
+        external_id: str,
+        ctx: Context | None = None,
+        raise_on_error: bool = False,
+        **run_kwargs: Any,
+    ) -> RecordedRun:
+        """Run `workflow` (fresh, or from `ctx`), recording a version per finished step.
+
+        Versions are written by a background task in order, so the workflow never waits for the
+        network; the context is serialized synchronously when the step-finished event is read.
+        A failed run returns a `RecordedRun` with `error` set (or raises, with `raise_on_error`).
+        """
+        session = await self.client.create_session(
+            external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
+        )
+        recorded = RecordedRun(session_id=session["id"])
+        queue: asyncio.Queue[_Snapshot | None] = asyncio.Queue()
+        writer = asyncio.create_task(self._write_all(queue, recorded))
+
+        handler = workflow.run(ctx=ctx, **run_kwargs) if ctx is not None else workflow.run(**run_kwargs)
+        stopped: _Snapshot | None = None
+        try:
+            async for event in handler.stream_events(expose_internal=True):
+                if not (isinstance(event, StepStateChanged) and event.step_state == StepState.NOT_RUNNING):
+                    continue
+                started = time.perf_counter()
+                state = handler.ctx.to_dict()
+                recorded.serialize_seconds.append(time.perf_counter() - started)
+                snapshot = _Snapshot(step=event.name, state=state, status="running")
+                if state.get("is_running", True):
+                    queue.put_nowait(snapshot)
+                else:
+                    # The run stopped with this step: completed or failed, known once awaited.
+                    stopped = snapshot
+            recorded.result = await handler
+            final_status, error = "completed", None
+        except Exception as exc:  # noqa: BLE001 - a failing step is recorded, then reported
+            recorded.error = exc
+            final_status, error = "failed", describe_error(exc)
+        if stopped is None:
+            stopped = _Snapshot(step="", state=handler.ctx.to_dict(), status=final_status)
+        stopped.status, stopped.error = final_status, error
+        queue.put_nowait(stopped)
+        queue.put_nowait(None)
+        await writer
+        if recorded.error is not None and raise_on_error:
+            raise recorded.error
+        return recorded
+
+    async def _write_all(self, queue: asyncio.Queue[_Snapshot | None], recorded: RecordedRun) -> None:
+        engine_ver = engine_version()
+        while (snapshot := await queue.get()) is not None:
+            version_ = await self.client.record(
+                recorded.session_id,
+                snapshot.state,
+                step=snapshot.step or None,
+                status=snapshot.status,
+                error=snapshot.error,
+                engine=ENGINE,
+                engine_version=engine_ver,
+            )
+            recorded.versions.append(version_)
+
+    async def load_context(
+        self,
+        workflow: Workflow,
+        session_id: str,
+        *,
+        version: int | None = None,
+        allow_not_running: bool = False,
+    ) -> Context:
+        """A `Context` restored from a version (default: the head), ready for ``workflow.run(ctx=...)``."""
+        found = await (self.client.head(session_id) if version is None else self.client.get_version(session_id, version))
+        return context_from_state(workflow, found["state"], allow_not_running=allow_not_running, where=found)
+
+
+def context_from_state(
+    workflow: Workflow,
+    state: dict[str, Any],
+    *,
+    allow_not_running: bool = False,
+    where: dict[str, Any] | None = None,
+) -> Context:
+    """`Context.from_dict`, refusing a context saved after its run had stopped (unless allowed)."""
+    if not state.get("is_running", False) and not allow_not_running:
+        label = f"version {where.get('number')} (step {where.get('step') or '-'}, status {where.get('status') or '-'})" if where else "this context"
+        raise ContextNotResumable(
+            f"{label} was saved after the run had stopped (is_running is false): a finished or failed context "
+            "carries leftover work that corrupts a new run. Rewind to a version taken while the run was still "
+            "running (e.g. the one after the last good step), or pass allow_not_running=True to start a new run "
+            "that only keeps its state."
+        )
+    return Context.from_dict(workflow, state)

@@ -1,0 +1,146 @@
+"""The client's own behaviour on answers a healthy test server does not give on demand (503, a
+Retry-After of some seconds, dropped connections): the server side is an httpx mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from session_rewind_client import (
+    AsyncClient,
+    Client,
+    ConflictError,
+    NotFound,
+    PreconditionFailed,
+    RateLimited,
+    RetryPolicy,
+    ServerError,
+    SessionRewindError,
+    TransportError,
+    ValidationError,
+)
+
+FAST = RetryPolicy(max_retries=3, backoff=0.001, max_wait=0.05)
+
+
+def problem(status: int, code: str, **extra) -> httpx.Response:
+    body = {"type": f"urn:session-rewind:problem:{code}", "title": code, "status": status, "detail": f"{code} happened",
+            "code": code, **extra}
+    return httpx.Response(status, json=body, headers={"Content-Type": "application/problem+json"})
+
+
+class Script:
+    """Answers requests from a list, and remembers what was asked."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def sync_client(script: Script, **kwargs) -> Client:
+    return Client("http://rewind.test", api_key="sr_test", transport=httpx.MockTransport(script), retry=FAST, **kwargs)
+
+
+def test_write_retries_429_and_503_with_one_idempotency_key():
+    script = Script(
+        problem(429, "throttled"),
+        problem(503, "unavailable"),
+        httpx.Response(201, json={"number": 1}),
+    )
+    with sync_client(script) as client:
+        assert client.record("abc", {"x": 1}) == {"number": 1}
+    keys = {request.headers["Idempotency-Key"] for request in script.requests}
+    assert len(script.requests) == 3 and len(keys) == 1
+    assert script.requests[0].headers["Authorization"] == "Bearer sr_test"
+    assert script.requests[0].url.path == "/api/v1/sessions/abc/versions/"
+
+
+def test_each_call_gets_its_own_key_unless_given():
+    script = Script(httpx.Response(201, json={}), httpx.Response(201, json={}), httpx.Response(201, json={}))
+    with sync_client(script) as client:
+        client.create_session("a")
+        client.create_session("a")
+        client.create_session("a", idempotency_key="mine")
+    first, second, third = (request.headers["Idempotency-Key"] for request in script.requests)
+    assert first != second and third == "mine"
+
+
+def test_reads_carry_no_idempotency_key():
+    script = Script(httpx.Response(200, json={"results": [], "next": None}))
+    with sync_client(script) as client:
+        client.list_sessions(status="running")
+    assert "Idempotency-Key" not in script.requests[0].headers
+    assert script.requests[0].url.params["status"] == "running"
+
+
+def test_retry_after_is_honoured(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr("session_rewind_client.client.time.sleep", waits.append)
+    script = Script(
+        httpx.Response(429, json={"code": "throttled", "detail": "slow down"}, headers={"Retry-After": "7"}),
+        httpx.Response(200, json={"id": "s"}),
+    )
+    client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=60))
+    assert client.get_session("s") == {"id": "s"}
+    assert waits == [7.0]
+
+
+def test_rate_limited_after_retries_run_out():
+    script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 4)
+    with sync_client(script) as client, pytest.raises(RateLimited) as caught:
+        client.get_session("s")
+    assert caught.value.status == 429 and caught.value.retry_after == 0.0 and len(script.requests) == 4
+
+
+def test_lost_connection_is_retried_then_reported():
+    script = Script(httpx.ConnectError("refused"), httpx.Response(200, json={"ok": True}))
+    with sync_client(script) as client:
+        assert client.get_session("s") == {"ok": True}
+    script = Script(*[httpx.ConnectError("refused")] * 4)
+    with sync_client(script) as client, pytest.raises(TransportError) as caught:
+        client.get_session("s")
+    assert caught.value.status is None and isinstance(caught.value, SessionRewindError)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [(400, "invalid_state", ValidationError), (404, "session_not_found", NotFound), (409, "version_conflict", ConflictError),
+     (412, "precondition_failed", PreconditionFailed), (500, "server_error", ServerError)],
+)
+def test_errors_are_typed_with_status_code_and_detail(status, code, error):
+    script = Script(problem(status, code, details={"head": 5}))
+    with sync_client(script) as client, pytest.raises(error) as caught:
+        client.get_session("s")
+    assert (caught.value.status, caught.value.code, caught.value.detail) == (status, code, f"{code} happened")
+    assert caught.value.details == {"head": 5}
+    assert len(script.requests) == 1  # only 429 and 503 are retried
+
+
+def test_async_client_retries_with_the_same_key():
+    script = Script(problem(503, "unavailable"), httpx.Response(201, json={"number": 2}))
+
+    async def main() -> dict:
+        async with AsyncClient("http://rewind.test", transport=httpx.MockTransport(script), retry=FAST) as client:
+            return await client.rewind("abc", 1, reason="bad step")
+
+    assert asyncio.run(main()) == {"number": 2}
+    assert script.requests[0].headers["Idempotency-Key"] == script.requests[1].headers["Idempotency-Key"]
+
+
+def test_iterators_follow_cursors():
+    script = Script(
+        httpx.Response(200, json={"results": [{"number": 3}, {"number": 2}], "next": "abc="}),
+        httpx.Response(200, json={"results": [{"number": 1}], "next": None}),
+    )
+    with sync_client(script) as client:
+        assert [v["number"] for v in client.iter_versions("s", limit=2)] == [3, 2, 1]
+    assert script.requests[1].url.params["cursor"] == "abc=" and script.requests[1].url.params["limit"] == "2"
