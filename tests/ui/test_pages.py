@@ -1,0 +1,345 @@
+"""The dashboard as a user sees it, through Django's test client against PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import orjson
+import pytest
+from django.urls import reverse
+
+from sessions_app.models import AuditEvent, Role, SessionStatus
+from sessions_app.services import membership_set, session_update
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_record
+from tests.factories import make_project, make_session, make_user
+from tests.ui.conftest import record_history
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+def session_url(session, name="snapshots:session", **kwargs):
+    return reverse(name, kwargs={"session_id": session.pk, **kwargs})
+
+
+# -- session list ------------------------------------------------------------------------------------
+
+
+def test_list_requires_login(client):
+    response = client.get(reverse("sessions:list"))
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def test_switcher_shows_only_my_projects_and_never_another_projects_sessions(client, operator, team, story):
+    other = make_project("globex")
+    make_session(other, "secret-run")
+    second = make_project("initech")
+    membership_set(project=second, user=operator, role=Role.VIEWER)
+    client.force_login(operator)
+    page = client.get(reverse("sessions:list")).content.decode()
+    assert "Acme" in page and "Initech" in page and "Globex" not in page
+    assert "run-42" in page and "secret-run" not in page
+    page = client.get(reverse("sessions:list"), {"project": "globex"}).content.decode()
+    assert "secret-run" not in page  # an unknown slug falls back to one of the user's own projects
+
+
+def test_filters_narrow_the_list(client, operator, team, story):
+    failed = make_session(team, "run-failed", workflow="ingest", tags=["adhoc"])
+    snapshot_record(session=failed, state={"x": 1}, status="failed", error="TimeoutError: tool")
+    make_session(team, "run-idle", workflow="ingest")
+    client.force_login(operator)
+    url = reverse("sessions:list")
+
+    def shown(**params):
+        page = client.get(url, {"project": "acme", **params}).content.decode()
+        return set(re.findall(r'class="ext">([^<]+)<', page))
+
+    assert shown() == {"run-42", "run-failed", "run-idle"}
+    assert shown(status="failed") == {"run-failed"}
+    assert shown(has_error="yes") == {"run-failed"}
+    assert shown(has_error="no") == {"run-42", "run-idle"}
+    assert shown(workflow="ingest") == {"run-failed", "run-idle"}
+    assert shown(tag="nightly") == {"run-42"}
+    assert shown(q="FAIL") == {"run-failed"}
+    assert shown(q="research") == {"run-42"}
+    assert shown(updated_from="2000-01-01", updated_to="2000-01-02") == set()
+    assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
+
+
+def test_list_shows_badges_counts_size_step_and_error(client, operator, team):
+    session = make_session(team, "run-err")
+    snapshot_record(session=session, state={"a": "b" * 3000}, step="fetch", status="failed", error="Boom: it broke")
+    client.force_login(operator)
+    page = client.get(reverse("sessions:list")).content.decode()
+    assert "status-failed" in page and "Boom: it broke" in page and "fetch" in page and "2.9\xa0KB" in page
+
+
+@pytest.mark.parametrize("sort", ["-updated", "updated", "-created", "external_id"])
+def test_keyset_pages_cover_every_session_once(client, operator, team, sort, settings):
+    for index in range(7):
+        make_session(team, f"s-{index:02d}")
+    client.force_login(operator)
+    from sessions_app import selectors
+
+    original = selectors.SESSION_PAGE
+    selectors.SESSION_PAGE = 3
+    try:
+        seen, after = [], ""
+        for _ in range(5):
+            params = {"project": "acme", "sort": sort}
+            if after:
+                params["after"] = after
+            page = client.get(reverse("sessions:list"), params).content.decode()
+            seen += re.findall(r'class="ext">([^<]+)<', page)
+            match = re.search(r'after=([^"&]+)"', page)
+            if not match:
+                break
+            after = match.group(1).replace("%3D", "=")
+    finally:
+        selectors.SESSION_PAGE = original
+    assert sorted(seen) == [f"s-{index:02d}" for index in range(7)]
+
+
+def test_htmx_request_gets_only_the_fragment(client, operator, team, story):
+    client.force_login(operator)
+    response = client.get(reverse("sessions:list"), {"status": "running"}, HTTP_HX_REQUEST="true")
+    body = response.content.decode()
+    assert "<html" not in body and "run-42" in body and "<table" in body
+    boosted = client.get(reverse("sessions:list"), HTTP_HX_REQUEST="true", HTTP_HX_BOOSTED="true")
+    assert "<html" in boosted.content.decode()
+
+
+def test_list_query_count_does_not_grow_with_rows(client, operator, team, django_assert_num_queries):
+    client.force_login(operator)
+    client.get(reverse("sessions:list"))  # warm the session/auth lookups
+    for index in range(3):
+        make_session(team, f"few-{index}")
+    with django_assert_num_queries(4):  # session, user, projects, sessions page
+        client.get(reverse("sessions:list"))
+    for index in range(40):
+        make_session(team, f"many-{index}", tags=["t"])
+    with django_assert_num_queries(4):
+        client.get(reverse("sessions:list"))
+
+
+# -- timeline ----------------------------------------------------------------------------------------
+
+
+def test_timeline_shows_versions_newest_first_with_summaries(client, viewer, story):
+    client.force_login(viewer)
+    page = client.get(session_url(story)).content.decode()
+    numbers = re.findall(r'<li id="v-(\d+)"', page)
+    assert numbers == ["5", "4", "3", "2", "1"]
+    assert "step-5" in page and "initial state" in page
+    assert '<span class="add">+' in page  # finalize ran: counts, not the "…" placeholder
+
+
+def test_unfinalized_version_shows_ellipsis(client, viewer, story):
+    Version.objects.filter(session=story, number=5).update(summary=None)
+    client.force_login(viewer)
+    page = client.get(session_url(story)).content.decode()
+    assert 'class="pending"' in page
+
+
+def test_timeline_pages_by_number(client, viewer, team, settings):
+    session = make_session(team, "long")
+    record_history(session, 55)
+    client.force_login(viewer)
+    first = client.get(session_url(session)).content.decode()
+    assert len(re.findall(r'<li id="v-', first)) == 50 and "?before=6" in first
+    more = client.get(session_url(session), {"before": 6}, HTTP_HX_REQUEST="true").content.decode()
+    assert re.findall(r'<li id="v-(\d+)"', more) == ["5", "4", "3", "2", "1"] and "<html" not in more
+
+
+def test_timeline_query_count_does_not_grow_with_versions(client, operator, team, django_assert_num_queries):
+    session = make_session(team, "counted")
+    client.force_login(operator)
+    record_history(session, 2)
+    client.get(session_url(session))
+    # django session, user, session, role, versions, forks, integrity problems
+    with django_assert_num_queries(7):
+        client.get(session_url(session))
+    record_history(session, 30, start=3)
+    source = Version.objects.get(session=session, number=10)
+    from snapshots_app.services import snapshot_fork, snapshot_rewind
+
+    snapshot_rewind(session=session, to_version=4, reason="test")
+    snapshot_fork(session=session, from_version=source.number)
+    with django_assert_num_queries(7):
+        client.get(session_url(session))
+
+
+def test_lineage_shows_rewind_source_and_forks(client, operator, story):
+    from snapshots_app.services import snapshot_fork, snapshot_rewind
+
+    snapshot_rewind(session=story, to_version=2, reason="bad tool output")
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt")
+    client.force_login(operator)
+    page = client.get(session_url(story)).content.decode()
+    assert "restored <a" in page and "v2</a>" in page and "branch v3–v5 left behind" in page
+    assert "forked to" in page and "run-42-alt" in page
+    forked = client.get(session_url(fork)).content.decode()
+    assert "forked from" in forked and "diff vs source" in forked
+
+
+def test_non_member_gets_404(client, story):
+    stranger = make_user("mallory")
+    client.force_login(stranger)
+    assert client.get(session_url(story)).status_code == 404
+    assert client.get(session_url(story, "snapshots:version", number=1)).status_code == 404
+    assert client.get(session_url(story, "snapshots:raw", number=1)).status_code == 404
+
+
+# -- rewind, fork, pin, label ------------------------------------------------------------------------
+
+
+def test_viewer_sees_no_rewind_button_and_gets_403(client, viewer, story):
+    client.force_login(viewer)
+    page = client.get(session_url(story)).content.decode()
+    assert "Rewind here" not in page and "Fork…" not in page and ">Pin<" not in page
+    assert client.get(session_url(story, "snapshots:rewind", number=2)).status_code == 403
+    response = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "try"})
+    assert response.status_code == 403
+    assert client.post(session_url(story, "snapshots:fork", number=2), {"reason": "x"}).status_code == 403
+    assert client.post(session_url(story, "snapshots:mark", number=2), {"pinned": "1"}).status_code == 403
+    story.refresh_from_db()
+    assert story.head_number == 5
+
+
+def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operator, story):
+    client.force_login(operator)
+    confirm = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
+    assert "v5 → v2" in confirm and "/counters/steps" in confirm and 'name="reason"' in confirm
+    missing = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": " ", "expected_version": 5})
+    assert missing.status_code == 400 and "reason is required" in missing.content.decode()
+    done = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "tool lied", "expected_version": 5},
+                       follow=True)
+    page = done.content.decode()
+    assert "the new head is version 6" in page
+    story.refresh_from_db()
+    head = Version.objects.get(session=story, number=6)
+    assert story.head_number == 6 and head.kind == "rewind" and head.parent.number == 2
+    audit = AuditEvent.objects.get(action="session.rewind")
+    assert audit.reason == "tool lied" and audit.actor_label == "olga"
+
+
+def test_stale_confirm_page_is_refused(client, operator, story):
+    client.force_login(operator)
+    record_history(story, 1, start=6)
+    response = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "x", "expected_version": 5})
+    assert response.status_code == 409
+    assert Version.objects.filter(session=story).count() == 6
+
+
+def test_fork_creates_a_session_and_opens_it(client, operator, story):
+    client.force_login(operator)
+    response = client.post(session_url(story, "snapshots:fork", number=3), {"reason": "try b", "external_id": "b-run"})
+    assert response.status_code == 302
+    fork = story.project.sessions.get(external_id="b-run")
+    assert response["Location"] == session_url(fork)
+
+
+def test_pin_and_label_from_the_timeline(client, operator, story):
+    client.force_login(operator)
+    row = client.post(session_url(story, "snapshots:mark", number=3), {"pinned": "1"}, HTTP_HX_REQUEST="true")
+    assert row.status_code == 200 and "Unpin" in row.content.decode() and row.content.decode().startswith("<li")
+    client.post(session_url(story, "snapshots:mark", number=3), {"label": "good one"})
+    version = Version.objects.get(session=story, number=3)
+    assert version.pinned and version.label == "good one"
+
+
+# -- version viewer, diff, history -------------------------------------------------------------------
+
+
+def test_state_tree_renders_one_level_and_fetches_children_by_pointer(client, viewer, team):
+    session = make_session(team, "tree")
+    inner = json.dumps({"deep": {"k": 1}, "list": [1, 2]})
+    snapshot_record(session=session, state={"a": {"b": {"c": "leaf-value"}}, "store": inner, "n": 3})
+    client.force_login(viewer)
+    url = session_url(session, "snapshots:version", number=1)
+    page = client.get(url).content.decode()
+    assert "leaf-value" not in page and 'hx-get="' in page and "pointer=/a" in page
+    child = client.get(url, {"pointer": "/a/b"}, HTTP_HX_REQUEST="true").content.decode()
+    assert "leaf-value" in child and "<html" not in child
+    inside = client.get(url, {"pointer": "/store/deep"}, HTTP_HX_REQUEST="true").content.decode()
+    assert '<span class="key">k</span>' in inside  # JSON held in a string, shown expanded
+    assert client.get(url, {"pointer": "/nope"}).status_code == 404
+
+
+def test_search_and_raw_download(client, viewer, story):
+    client.force_login(viewer)
+    url = session_url(story, "snapshots:version", number=3)
+    found = client.get(url, {"q": "tokens"}, HTTP_HX_REQUEST="true").content.decode()
+    assert "/counters/tokens" in found
+    raw = client.get(session_url(story, "snapshots:raw", number=3))
+    assert raw["Content-Disposition"].startswith("attachment")
+    assert orjson.loads(raw.content)["counters"]["steps"] == 3
+
+
+def test_diff_marks_changes_and_diffs_long_strings_by_line(client, viewer, story):
+    client.force_login(viewer)
+    url = session_url(story, "snapshots:diff")
+    page = client.get(url, {"from": 2, "to": 4}).content.decode()
+    assert "/counters/steps" in page and "k-changed" in page
+    assert "<del>step 2 says hello</del>" in page and "<ins>step 4 says hello</ins>" in page
+    side = client.get(url, {"from": 2, "to": 4, "mode": "side"}, HTTP_HX_REQUEST="true").content.decode()
+    assert 'class="sides"' in side and "<html" not in side
+    previous = client.get(url, {"to": 5}).content.decode()
+    assert "v4" in previous
+
+
+def test_diff_inside_json_strings_names_the_string(client, viewer, team):
+    session = make_session(team, "llama")
+    snapshot_record(session=session, state={"store": json.dumps({"memory": {"facts": ["a"]}, "turn": 1})})
+    snapshot_record(session=session, state={"store": json.dumps({"memory": {"facts": ["a", "b"]}, "turn": 2})})
+    client.force_login(viewer)
+    page = client.get(session_url(session, "snapshots:diff"), {"from": 1, "to": 2}).content.decode()
+    assert "/store/turn" in page and "inside the JSON string at <code>/store</code>" in page
+
+
+def test_fork_diff_against_its_source(client, operator, story):
+    from snapshots_app.services import snapshot_fork
+
+    fork = snapshot_fork(session=story, from_version=2)
+    snapshot_record(session=fork, state={"fresh": True})
+    client.force_login(operator)
+    page = client.get(session_url(fork, "snapshots:diff"),
+                      {"from_session": story.pk, "from": 2, "to": 2}).content.decode()
+    assert "run-42 v2" in page and "/fresh" in page
+
+
+def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
+    client.force_login(viewer)
+    page = client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).content.decode()
+    assert "<svg" in page and "<polyline" in page
+    assert page.count('<code class="val">') == 5 and ">500<" in page
+
+
+# -- escaping ----------------------------------------------------------------------------------------
+
+
+def test_hostile_state_renders_inert_everywhere(client, operator, team):
+    session = make_session(team, HOSTILE, workflow=HOSTILE)
+    nasty = {HOSTILE: HOSTILE, "q": "\"'><img src=x onerror=alert(1)>", "ctl": "\x00\x07\x1b[31m",
+             "nested": json.dumps({HOSTILE: [HOSTILE]})}
+    snapshot_record(session=session, state=nasty, step=HOSTILE, error=HOSTILE, label="<b>x</b>")
+    snapshot_record(session=session, state={**nasty, "q": HOSTILE + "2"}, step=HOSTILE)
+    session_update(session=session, status=SessionStatus.FAILED)
+    client.force_login(operator)
+    pages = [
+        client.get(reverse("sessions:list")),
+        client.get(session_url(session)),
+        client.get(session_url(session, "snapshots:version", number=1)),
+        client.get(session_url(session, "snapshots:version", number=1), {"pointer": "/nested"}),
+        client.get(session_url(session, "snapshots:version", number=1), {"q": "script"}),
+        client.get(session_url(session, "snapshots:diff"), {"from": 1, "to": 2}),
+        client.get(session_url(session, "snapshots:history"), {"path": "/q"}),
+        client.get(session_url(session, "snapshots:rewind", number=1)),
+    ]
+    for response in pages:
+        body = response.content.decode()
+        assert response.status_code == 200
+        assert "<script>alert" not in body and "<img src=x" not in body and "<b>x</b>" not in body
+        assert "\x00" not in body or "&lt;" in body
+    assert "&lt;script&gt;alert" in pages[2].content.decode()
