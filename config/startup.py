@@ -34,7 +34,7 @@ def run_with_clear_errors(argv: Sequence[str]) -> None:
 
     try:
         execute_from_command_line(list(argv))
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is an environment problem
+    except Exception as exc:  # re-raised below unless it is an environment problem
         message = describe_startup_error(exc)
         if message is None:
             raise

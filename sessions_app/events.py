@@ -34,5 +34,5 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
         async_to_sync(layer.group_send)(project_group(project_id), message)
         if session_id is not None:
             async_to_sync(layer.group_send)(session_group(session_id), message)
-    except Exception:  # noqa: BLE001 - see docstring
+    except Exception:  # see docstring: live updates are best effort
         logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)

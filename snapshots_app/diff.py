@@ -334,7 +334,7 @@ class _Walker:
 
     def diff_json_strings(self, a: Any, b: Any, path: str, flavor: int) -> None:
         inner_a, flavor_a = self._json_string_parts(a, self.shape(a))  # type: ignore[misc]
-        inner_b, flavor_b = self._json_string_parts(b, self.shape(b))  # type: ignore[misc]
+        inner_b, _flavor_b = self._json_string_parts(b, self.shape(b))  # type: ignore[misc]
         ctx = _StringContext(path)
         before = len(self.result.changes)
         self.diff(inner_a, inner_b, "", ctx, flavor_a if isinstance(inner_a, HoleRef) else CANONICAL)
@@ -461,4 +461,4 @@ def _apply_one(doc: Any, op: str, tokens: list[str], value: Any) -> Any:
     return doc
 
 
-__all__ = ["DiffResult", "apply_patch", "diff_trees", "diff_values", "PatchError", "FLAVORS"]
+__all__ = ["FLAVORS", "DiffResult", "PatchError", "apply_patch", "diff_trees", "diff_values"]

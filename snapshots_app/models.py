@@ -44,7 +44,8 @@ class Version(models.Model):
     engine_version = models.CharField(max_length=50, blank=True, default="")
     tags = models.JSONField(default=list, blank=True)
     reason = models.TextField(blank=True, default="", help_text="Why a rewind, fork or data fix was made.")
-    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    # NULL (not "") when absent, so the partial unique constraint ignores writes without a key.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -88,6 +89,9 @@ class StateNode(models.Model):
 
     class Meta:
         verbose_name = "state node"
+
+    def __str__(self) -> str:
+        return f"{bytes(self.digest).hex()} ({self.raw_size} bytes)"
 
 
 class Thinning(models.TextChoices):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import orjson
@@ -91,7 +92,7 @@ def test_every_version_of_a_random_history_reads_back_exactly(db, ops):
             assert numbers == list(range(1, len(numbers) + 1))
         # Applying diff(a, b) to a gives b, for consecutive and for arbitrary pairs (also across forks).
         ordered = sorted(versions, key=lambda v: v.pk)
-        pairs = list(zip(ordered, ordered[1:], strict=False)) + [(ordered[-1], ordered[0])]
+        pairs = [*list(itertools.pairwise(ordered)), (ordered[-1], ordered[0])]
         for a, b in pairs:
             patch = version_diff(a, b).patch
             assert dumps(apply_patch(orjson.loads(expected[a.pk]), patch)) == expected[b.pk]
