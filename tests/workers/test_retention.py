@@ -1,0 +1,142 @@
+"""Retention rules and garbage collection, run in-process (the worker tests run the same code in Celery)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.utils import timezone
+
+from sessions_app.services import session_delete
+from snapshots_app import compaction
+from snapshots_app.compaction import compaction_dry_run, compaction_run, retention_policy_get, retention_policy_set
+from snapshots_app.models import Job, JobKind, StateNode, Version
+from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind, version_label, version_pin
+from tests.workers.builders import bulky_state, read_all, record_history
+
+
+def _midnight(days_ago: int) -> datetime:
+    day = (timezone.now() - timedelta(days=days_ago)).astimezone(UTC)
+    return day.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _numbers(session) -> list[int]:
+    return sorted(Version.objects.filter(session=session).values_list("number", flat=True))
+
+
+def _version(session, number: int) -> Version:
+    return Version.objects.select_related("session").get(session=session, number=number)
+
+
+@pytest.mark.django_db
+def test_policy_keeps_newest_protected_and_one_per_day_and_never_renumbers(project, user):
+    now = timezone.now()
+    session = record_history(project, "run-a", 48, start=_midnight(10), every=timedelta(hours=1))
+    version_pin(version=_version(session, 5), pinned=True)
+    version_label(version=_version(session, 7), label="known good")
+    Version.objects.filter(session=session, number=9).update(error="tool call failed")
+    snapshot_rewind(session=session, to_version=12, reason="retry from 12", actor=user)  # v49, parent v12
+    fork = snapshot_fork(session=session, from_version=15, reason="try another prompt", actor=user)
+    retention_policy_set(project=project, enabled=True, keep_last=3, keep_days=2, thin_to="day", actor=user)
+    before = read_all(project)
+
+    preview = compaction_dry_run(project=project, now=now)
+    result = compaction_run(project=project, now=now)
+
+    kept = [5, 7, 9, 12, 15, 47, 48, 49]  # protected ones fill day 1; keep_last 47-49 fill day 2
+    assert _numbers(session) == kept
+    assert preview.versions_removed == result["versions_removed"] == 48 + 1 - len(kept)
+    assert preview.removed_numbers[str(session.pk)] == [n for n in range(1, 49) if n not in kept]
+    assert _numbers(fork) == [1]
+    after = read_all(project)
+    assert after == {key: data for key, data in before.items() if key in after}  # survivors read back exactly
+    session.refresh_from_db()
+    assert session.version_count == len(kept) and session.head_number == 49
+    # Lineage stays connected through removed versions: 47's parent 46 went, so it points at 15.
+    assert _version(session, 47).parent.number == 15
+    assert _version(session, 49).parent.number == 12
+    assert _version(fork, 1).parent_id == _version(session, 15).pk
+    assert result["bytes_after"] < result["bytes_before"]
+    assert abs(preview.bytes_freed - result["bytes_freed"]) <= 0.02 * preview.bytes_freed
+    assert preview.nodes_freed == result["nodes_freed"] > 0
+    # A second run finds nothing left to do.
+    again = compaction_run(project=project, now=now)
+    assert again["versions_removed"] == 0 and again["nodes_freed"] == 0
+
+
+@pytest.mark.django_db
+def test_hourly_thinning_keeps_the_newest_version_of_each_hour(project):
+    session = record_history(project, "run-h", 12, start=_midnight(5), every=timedelta(minutes=20), notes=1)
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=1, thin_to="hour")
+    compaction_run(project=project)
+    # Three versions per hour (0:00, 0:20, 0:40 ...): the newest of each hour stays.
+    assert _numbers(session) == [3, 6, 9, 12]
+
+
+@pytest.mark.django_db
+def test_no_policy_keeps_every_version(project):
+    session = record_history(project, "run-n", 6, notes=1)
+    assert not retention_policy_get(project=project).enabled
+    result = compaction_run(project=project)
+    assert result["versions_removed"] == 0 and _numbers(session) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.django_db
+def test_policy_change_is_validated_and_audited(project, user):
+    from sessions_app.errors import InvalidState
+    from sessions_app.models import AuditEvent
+
+    with pytest.raises(InvalidState):
+        retention_policy_set(project=project, enabled=True, keep_last=-1, keep_days=1, thin_to="day")
+    with pytest.raises(InvalidState):
+        retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=1, thin_to="week")
+    retention_policy_set(project=project, enabled=True, keep_last=10, keep_days=3, thin_to="hour", actor=user)
+    event = AuditEvent.objects.get(project=project, action="retention.policy")
+    assert event.actor == user and event.details["after"]["keep_last"] == 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gc_keeps_nodes_that_a_version_written_after_the_mark_reuses(project):
+    session = record_history(project, "run-r", 5)
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    forced_calls = []
+
+    def progress(done: int, total: int | None = None, *, force: bool = False) -> None:
+        if force and total is not None:
+            forced_calls.append(total)
+            if len(forced_calls) == 2:
+                # Between the mark and the sweep, a writer stores v2's state again: its nodes are
+                # still there, so the writer reuses them instead of inserting them.
+                snapshot_record(session=session, state=bulky_state("run-r", 2), step="again")
+
+    result = compaction_run(project=project, progress=progress)
+
+    assert result["versions_removed"] == 4
+    assert _numbers(session) == [5, 6]
+    assert read_all(project)[("run-r", 6)] == _canonical(bulky_state("run-r", 2))
+    assert compaction_dry_run(project=project, apply_retention=False).nodes_freed == 0
+
+
+def _canonical(state: dict) -> bytes:
+    from snapshots_app import canonical
+
+    return canonical.dumps(state)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_a_session_frees_what_only_it_needed(project, user, monkeypatch):
+    queued = []
+    monkeypatch.setattr("snapshots_app.tasks.compaction_job.delay", lambda job_id: queued.append(job_id))
+    keep = record_history(project, "keep", 3)
+    gone = record_history(project, "gone", 3)
+    nodes_before = StateNode.objects.filter(project=project).count()
+
+    session_delete(session=gone, reason="customer asked", actor=user)
+
+    job = Job.objects.get(project=project, kind=JobKind.GC)
+    assert queued == [job.pk]
+    result = compaction.compaction_run(project=project, apply_retention=False)
+    assert result["nodes_freed"] > 0
+    assert StateNode.objects.filter(project=project).count() == nodes_before - result["nodes_freed"]
+    assert set(read_all(project)) == {("keep", 1), ("keep", 2), ("keep", 3)}
+    assert keep.pk
