@@ -151,7 +151,7 @@ def _database() -> dict:
         raise ImproperlyConfigured("DATABASE_URL names no database (expected postgres://user@host:port/dbname)")
     config.setdefault("OPTIONS", {})["connect_timeout"] = env_int("DB_CONNECT_TIMEOUT", 5, minimum=1)
     config["CONN_HEALTH_CHECKS"] = True
-    return config
+    return dict(config)
 
 
 DATABASES = {"default": _database()}

@@ -8,15 +8,16 @@ import secrets
 import uuid
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 from sessions_app.errors import InvalidState, SessionArchived
+from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 
-User = AbstractBaseUser | AnonymousUser | None
+# Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
+# concrete user model is swappable.
+User = Any
 
 MAX_TAGS = 50
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")

@@ -54,6 +54,7 @@ def validate_state(value: Any, *, max_depth: int, floats_checked: bool = False) 
         node, depth, path = stack.pop()
         if depth > max_depth:
             raise StateTooDeep(f"state nests deeper than {max_depth} levels (at {path or '/'})", limit=max_depth)
+        items: Any
         if type(node) is dict:
             items = node.items()
         else:

@@ -225,7 +225,7 @@ def snapshot_record(
     Stale `expected_version` -> VersionConflict, nothing written. A repeated `idempotency_key`
     returns the version the first call created (IdempotencyKeyReused if the state differs).
     """
-    fields = {
+    fields: dict[str, Any] = {
         "step": _clean_text("step", step, METADATA_LIMITS["step"]),
         "status": _clean_status(status),
         "error": _clean_text("error", error, ERROR_MAX),

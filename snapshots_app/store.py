@@ -20,8 +20,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 
-from snapshots_app import tree
 from sessions_app.errors import IntegrityProblem
+from snapshots_app import tree
 from snapshots_app.models import StateNode
 
 if TYPE_CHECKING:
@@ -175,9 +175,8 @@ class ProjectStore:
             rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(wanted)).values_list(
                 "digest", "codec", "data"
             )
-            for digest, codec, data in rows:
-                digest = bytes(digest)
-                data = bytes(data)
+            for stored_digest, codec, stored_data in rows:
+                digest, data = bytes(stored_digest), bytes(stored_data)
                 from_db[digest] = self._decode(digest, codec, data)
                 to_cache[_node_cache_key(self.project_id, digest)] = (codec, data)
             found.update(from_db)

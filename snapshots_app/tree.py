@@ -138,7 +138,7 @@ class Node:
 class _TextBuilder:
     """Accumulates a node's text and the positions of its holes."""
 
-    __slots__ = ("text", "holes")
+    __slots__ = ("holes", "text")
 
     def __init__(self) -> None:
         self.text = bytearray()
@@ -324,10 +324,10 @@ class TreeWriter:
                 text = flavor.item_sep.join(t for _, t, _ in group)
                 group_digest = digest_of(run_kind, flavor.code, text)
 
-                def write(group: list = group, group_digest: bytes = group_digest, level: int = level) -> None:
+                def write_group(group: list = group, group_digest: bytes = group_digest, level: int = level) -> None:
                     self._write_run_group(run_kind, flavor, group_digest, level, group)
 
-                grouped.append((group_digest, text, write))
+                grouped.append((group_digest, text, write_group))
             level_runs = grouped
             level += 1
         builder = _TextBuilder()
