@@ -45,6 +45,13 @@ def _with_etag(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+def _session_created(response: httpx.Response) -> dict[str, Any]:
+    """The session, with ``created``: True when this call made it (201), False when it existed (200)."""
+    body = response.json()
+    body["created"] = response.status_code == 201
+    return body
+
+
 def _next_call(page: dict[str, Any], first: Call) -> Call | None:
     """The request for the page after `page`: `next` is a link or a bare cursor."""
     following = page.get("next")
@@ -72,9 +79,9 @@ class Endpoints:
         tags: list[str] | None = None,
         idempotency_key: str | None = None,
     ) -> Any:
-        """The session with this external id, created if new (the server answers 201 or 200)."""
+        """The session with this external id, created if new; ``["created"]`` says which."""
         body = _drop_none(external_id=external_id, workflow=workflow, metadata=metadata, tags=tags)
-        return self._run(Call("POST", "sessions/", json=body, idempotency_key=idempotency_key))
+        return self._run(Call("POST", "sessions/", json=body, idempotency_key=idempotency_key, decode=_session_created))
 
     def list_sessions(
         self,

@@ -1,0 +1,45 @@
+"""A real server for the client: pytest-django's live_server (PostgreSQL under `make test`) and an API
+key made through the services, as `manage.py create_api_key` does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from sessions_app.models import Project
+from sessions_app.services import api_key_create
+from session_rewind_client import AsyncClient, Client, RetryPolicy
+from tests.factories import make_project
+
+
+@dataclass
+class LiveApi:
+    url: str
+    key: str
+    project: Project
+
+    def client(self, **kwargs) -> Client:
+        kwargs.setdefault("api_key", self.key)
+        return Client(self.url, retry=RetryPolicy(max_retries=2, backoff=0.01), **kwargs)
+
+    def aclient(self, **kwargs) -> AsyncClient:
+        kwargs.setdefault("api_key", self.key)
+        return AsyncClient(self.url, retry=RetryPolicy(max_retries=2, backoff=0.01), **kwargs)
+
+    def key_with(self, scopes: str) -> str:
+        _, token = api_key_create(project=self.project, name=f"{scopes} key", scopes=scopes)
+        return token
+
+
+@pytest.fixture
+def live_api(live_server, transactional_db) -> LiveApi:
+    project = make_project("acme-live")
+    _, token = api_key_create(project=project, name="client tests", scopes="read,write,admin")
+    return LiveApi(url=live_server.url, key=token, project=project)
+
+
+@pytest.fixture
+def rewind(live_api):
+    with live_api.client() as client:
+        yield client

@@ -1,0 +1,192 @@
+"""The client against a live server: every endpoint, the typed errors, idempotency and rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from session_rewind_client import (
+    AuthenticationError,
+    Client,
+    ConflictError,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    RateLimited,
+    RetryPolicy,
+    ValidationError,
+)
+
+
+def test_readme_example(rewind):
+    s = rewind.create_session("readme-run", workflow="demo")
+    for n in (1, 2, 3):
+        rewind.record(s["id"], {"step": n, "log": list(range(n))}, step=f"step-{n}")
+    changes = rewind.diff(s["id"], 1, 3)["changes"]
+    rewind.rewind(s["id"], 2, reason="step 3 was wrong")
+    head = rewind.head(s["id"])
+
+    assert {change["path"] for change in changes} >= {"/step", "/log/1"}
+    assert head["number"] == 4 and head["kind"] == "rewind" and head["parent"] == 2
+    assert head["state"] == {"step": 2, "log": [0, 1]}
+    assert head["etag"]
+
+
+def test_sessions_create_list_get_update_archive_delete(rewind):
+    first = rewind.create_session("s-1", workflow="billing", metadata={"owner": "ops"}, tags=["nightly"])
+    again = rewind.create_session("s-1")
+    other = rewind.create_session("s-2", workflow="search")
+    assert first["created"] is True and again["created"] is False and again["id"] == first["id"]
+
+    assert [s["external_id"] for s in rewind.list_sessions(workflow="billing")["results"]] == ["s-1"]
+    assert [s["id"] for s in rewind.list_sessions(tag="nightly")["results"]] == [first["id"]]
+    assert [s["id"] for s in rewind.list_sessions(q="s-2")["results"]] == [other["id"]]
+    assert {s["id"] for s in rewind.iter_sessions(limit=1)} == {first["id"], other["id"]}
+
+    updated = rewind.update_session(first["id"], status="waiting", tags=["nightly", "vip"])
+    assert updated["status"] == "waiting" and rewind.get_session(first["id"])["tags"] == ["nightly", "vip"]
+    assert [s["id"] for s in rewind.list_sessions(status="waiting")["results"]] == [first["id"]]
+
+    assert rewind.archive_session(other["id"], reason="done")["archived_at"]
+    with pytest.raises(ConflictError) as caught:
+        rewind.record(other["id"], {"x": 1})
+    assert caught.value.code == "session_archived"
+
+    assert rewind.delete_session(other["id"], reason="cleanup") is None
+    with pytest.raises(NotFound) as caught:
+        rewind.get_session(other["id"])
+    assert caught.value.status == 404 and caught.value.code == "session_not_found"
+
+
+def test_versions_record_list_get_head_batch_pin_label(rewind):
+    s = rewind.create_session("v-1")
+    v1 = rewind.record(s["id"], {"n": 1}, step="load", status="running", engine="home-grown", engine_version="1.0",
+                       tags=["first"], label="start", expected_version=0)
+    assert (v1["number"], v1["parent"], v1["step"], v1["engine"], v1["label"]) == (1, None, "load", "home-grown", "start")
+    batch = rewind.record_batch(s["id"], [{"state": {"n": 2}, "step": "a"}, {"state": {"n": 3}, "step": "b"}],
+                                expected_version=1)
+    assert [v["number"] for v in batch["versions"]] == [2, 3]
+
+    assert [v["number"] for v in rewind.list_versions(s["id"])["results"]] == [3, 2, 1]
+    assert "state" not in rewind.list_versions(s["id"])["results"][0]
+    assert [v["number"] for v in rewind.iter_versions(s["id"], limit=2)] == [3, 2, 1]
+    assert [v["number"] for v in rewind.list_versions(s["id"], tag="first")["results"]] == [1]
+    assert rewind.get_version(s["id"], 2)["state"] == {"n": 2}
+    head = rewind.head(s["id"])
+    assert head["number"] == 3 and head["state"] == {"n": 3} and head["checksum"] == rewind.get_version(s["id"], 3)["checksum"]
+
+    assert rewind.pin(s["id"], 2)["pinned"] is True
+    assert rewind.label(s["id"], 2, "good")["label"] == "good"
+    assert [v["number"] for v in rewind.list_versions(s["id"], pinned="true")["results"]] == [2]
+
+
+def test_stale_writes_are_refused_and_nothing_is_written(rewind):
+    s = rewind.create_session("c-1")
+    rewind.record(s["id"], {"n": 1})
+    stale_etag = rewind.head(s["id"])["etag"]
+    rewind.record(s["id"], {"n": 2}, expected_version=1)
+    with pytest.raises(ConflictError) as caught:
+        rewind.record(s["id"], {"n": 3}, expected_version=1)
+    assert caught.value.status == 409 and caught.value.code == "version_conflict"
+    assert caught.value.details["head"] == 2
+    with pytest.raises(PreconditionFailed):
+        rewind.record(s["id"], {"n": 3}, if_match=stale_etag)
+    with pytest.raises(ConflictError):
+        rewind.rewind(s["id"], 1, reason="late", expected_version=1)
+    assert rewind.get_session(s["id"])["head"] == 2
+
+
+def test_idempotency_key_replays_the_first_answer(rewind):
+    s = rewind.create_session("i-1")
+    first = rewind.record(s["id"], {"n": 1}, idempotency_key="step-1")
+    again = rewind.record(s["id"], {"n": 1}, idempotency_key="step-1")
+    assert again["number"] == first["number"] == 1 and rewind.get_session(s["id"])["version_count"] == 1
+
+
+def test_bad_input_is_a_validation_error(rewind):
+    s = rewind.create_session("bad-1")
+    with pytest.raises(ValidationError) as caught:
+        rewind.record(s["id"], {"n": 1}, tags=["not a valid tag!"])
+    assert caught.value.status == 400 and caught.value.detail
+    with pytest.raises(ValidationError):
+        rewind.record(s["id"], {"n": 1}, status="sleeping")
+    with pytest.raises(ValidationError):
+        rewind.create_session("  ")
+    with pytest.raises(NotFound):
+        rewind.get_version(s["id"], 9)
+    assert rewind.get_session(s["id"])["version_count"] == 0
+
+
+def test_diff_rewind_fork_and_audit(rewind):
+    s = rewind.create_session("d-1")
+    rewind.record(s["id"], {"messages": ["hi"], "pointer": "a"})
+    rewind.record(s["id"], {"messages": ["hi", "there"], "pointer": "b"})
+    diff = rewind.diff(s["id"], 1, 2)
+    assert sorted((c["path"], c["op"]) for c in diff["changes"]) == [("/messages/1", "add"), ("/pointer", "replace")]
+    assert diff["patch"]
+
+    head = rewind.rewind(s["id"], 1, reason="pointer b was a bad branch")
+    assert (head["number"], head["parent"], head["state"]) == (3, 1, {"messages": ["hi"], "pointer": "a"})
+
+    fork = rewind.fork(s["id"], 2, external_id="d-1-what-if", reason="try b again")
+    assert fork["external_id"] == "d-1-what-if" and fork["head"] == 1
+    fork_head = rewind.head(fork["id"])
+    assert fork_head["parent_session"] == s["id"] and fork_head["parent"] == 2
+    assert rewind.diff(s["id"], 3, 1, to_session=fork["id"])["changes"]
+
+    actions = {e["action"] for e in rewind.list_audit_events(session=s["id"])["results"]}
+    assert {"session.rewind", "session.fork"} <= actions
+
+
+def test_keys_projects_and_permissions(live_api, rewind, monkeypatch):
+    monkeypatch.delenv("SESSION_REWIND_API_KEY", raising=False)
+    assert [p["slug"] for p in rewind.list_projects()["results"]] == ["acme-live"]
+    assert rewind.get_project("acme-live")["slug"] == "acme-live"
+
+    created = rewind.create_api_key("reader", scopes=["read"])
+    assert created["key"].startswith("sr_") and created["scopes"] == ["read"]
+    assert "reader" in {k["name"] for k in rewind.list_api_keys()["results"]}
+    assert rewind.get_api_key(created["id"])["name"] == "reader"
+
+    s = rewind.create_session("p-1")
+    with Client(live_api.url) as anonymous, pytest.raises(AuthenticationError) as caught:
+        anonymous.list_sessions()
+    assert caught.value.status == 401
+    with Client(live_api.url, api_key=created["key"]) as reader:
+        assert reader.get_session(s["id"])["external_id"] == "p-1"
+        with pytest.raises(PermissionDenied) as caught:
+            reader.record(s["id"], {"n": 1})
+        assert caught.value.status == 403
+    rewind.revoke_api_key(created["id"])
+    with Client(live_api.url, api_key=created["key"]) as revoked, pytest.raises(AuthenticationError):
+        revoked.get_session(s["id"])
+
+    with pytest.raises(NotFound):
+        rewind.get_session(uuid.uuid4())
+
+
+def test_rate_limit_answers_429_with_retry_after(live_api, settings):
+    settings.API_RATE_LIMIT = "2/min"
+    with Client(live_api.url, api_key=live_api.key, retry=RetryPolicy(max_retries=0)) as client:
+        client.list_sessions()
+        client.list_sessions()
+        with pytest.raises(RateLimited) as caught:
+            client.list_sessions()
+    assert caught.value.status == 429 and caught.value.retry_after and caught.value.retry_after > 0
+
+
+def test_async_client_end_to_end(live_api):
+    async def main() -> tuple[dict, list[int], dict]:
+        async with live_api.aclient() as client:
+            s = await client.create_session("async-1")
+            for n in (1, 2, 3):
+                await client.record(s["id"], {"n": n})
+            await client.rewind(s["id"], 1, reason="async rewind")
+            numbers = [v["number"] async for v in client.iter_versions(s["id"], limit=2)]
+            return await client.head(s["id"]), numbers, await client.diff(s["id"], 1, 3)
+
+    head, numbers, diff = asyncio.run(main())
+    assert head["state"] == {"n": 1} and numbers == [4, 3, 2, 1]
+    assert [(c["path"], c["old"], c["new"]) for c in diff["changes"]] == [("/n", 1, 3)]
