@@ -1,0 +1,106 @@
+"""LlamaIndex Workflows on Session Rewind, end to end against a live server: a version per finished
+step, a failure recorded with its exception, a rewind to the version after step 2, and a resume
+that ends with the same result as a clean run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from workflows import Context, Workflow, step
+from workflows.events import Event, StartEvent, StopEvent
+
+from session_rewind_client.llamaindex import ENGINE, ContextNotResumable, WorkflowRecorder
+
+
+class Fetched(Event):
+    total: int
+
+
+class Priced(Event):
+    total: int
+
+
+class Charged(Event):
+    total: int
+
+
+class Order(Workflow):
+    """Four steps; `charge` fails while `fail_charge` is set (a flaky payment provider)."""
+
+    def __init__(self, *, fail_charge: bool = False, **kwargs) -> None:
+        super().__init__(timeout=30, **kwargs)
+        self.fail_charge = fail_charge
+
+    @step
+    async def fetch(self, ctx: Context, ev: StartEvent) -> Fetched:
+        await ctx.store.set("log", ["fetch"])
+        return Fetched(total=ev.quantity * 10)
+
+    @step
+    async def price(self, ctx: Context, ev: Fetched) -> Priced:
+        await ctx.store.set("log", [*await ctx.store.get("log"), "price"])
+        return Priced(total=ev.total + 5)
+
+    @step
+    async def charge(self, ctx: Context, ev: Priced) -> Charged:
+        if self.fail_charge:
+            raise RuntimeError("payment provider timed out")
+        await ctx.store.set("log", [*await ctx.store.get("log"), "charge"])
+        return Charged(total=ev.total)
+
+    @step
+    async def ship(self, ctx: Context, ev: Charged) -> StopEvent:
+        return StopEvent(result={"total": ev.total, "log": [*await ctx.store.get("log"), "ship"]})
+
+
+def test_fails_half_way_rewinds_to_step_two_and_resumes_to_the_clean_result(live_api, rewind):
+    async def main():
+        clean = await Order().run(quantity=3)
+        async with live_api.aclient() as client:
+            recorder = WorkflowRecorder(client)
+            failed = await recorder.run(Order(fail_charge=True), external_id="order-1", quantity=3)
+            head_refused = None
+            try:
+                await recorder.load_context(Order(), failed.session_id)
+            except ContextNotResumable as exc:
+                head_refused = exc
+            after_price = next(v for v in failed.versions if v["step"] == "price")
+            await client.rewind(failed.session_id, after_price["number"], reason="retry the charge")
+            ctx = await recorder.load_context(Order(), failed.session_id)
+            resumed = await recorder.run(Order(), external_id="order-1", ctx=ctx)
+            return clean, failed, head_refused, resumed
+
+    clean, failed, head_refused, resumed = asyncio.run(main())
+
+    assert failed.failed and isinstance(failed.error, RuntimeError)
+    assert [(v["step"], v["status"]) for v in failed.versions] == [
+        ("fetch", "running"), ("price", "running"), ("charge", "failed"),
+    ]
+    assert failed.versions[-1]["error"] == "RuntimeError: payment provider timed out"
+    assert {v["engine"] for v in failed.versions} == {ENGINE} and failed.versions[0]["engine_version"].startswith("2.")
+    assert "was saved after the run had stopped" in str(head_refused)
+
+    assert resumed.error is None and resumed.result == clean == {"total": 35, "log": ["fetch", "price", "charge", "ship"]}
+    timeline = [(v["number"], v["kind"], v["step"], v["status"]) for v in rewind.iter_versions(failed.session_id)]
+    assert timeline[::-1] == [
+        (1, "step", "fetch", "running"), (2, "step", "price", "running"), (3, "step", "charge", "failed"),
+        (4, "rewind", "price", "running"), (5, "step", "charge", "running"), (6, "step", "ship", "completed"),
+    ]
+    stored = rewind.get_version(failed.session_id, 2)["state"]
+    assert stored["is_running"] is True and stored["state"]["state_data"]["_data"]["log"] == '["fetch", "price"]'
+
+
+def test_a_stopped_context_is_refused_unless_allowed(live_api):
+    async def main():
+        async with live_api.aclient() as client:
+            recorder = WorkflowRecorder(client)
+            done = await recorder.run(Order(), external_id="order-2", quantity=1)
+            with pytest.raises(ContextNotResumable):
+                await recorder.load_context(Order(), done.session_id)
+            ctx = await recorder.load_context(Order(), done.session_id, allow_not_running=True)
+            return done, ctx
+
+    done, ctx = asyncio.run(main())
+    assert done.result == {"total": 15, "log": ["fetch", "price", "charge", "ship"]}
+    assert done.versions[-1]["status"] == "completed" and isinstance(ctx, Context)
