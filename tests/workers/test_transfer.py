@@ -1,0 +1,172 @@
+"""Export → import round trips exactly; a corrupt file is refused with nothing stored."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sessions_app.errors import ImportRejected
+from sessions_app.models import WorkflowSession
+from snapshots_app import canonical
+from snapshots_app.models import JobStatus, StateNode, Version
+from snapshots_app.services import (
+    snapshot_data_fix,
+    snapshot_fork,
+    snapshot_record,
+    snapshot_rewind,
+    version_label,
+    version_pin,
+)
+from snapshots_app.transfer import transfer_export_run, transfer_export_start, transfer_import_run, transfer_import_start
+from tests.factories import agent_state, make_project, make_session
+from tests.workers.builders import read_all
+from tests.workers.conftest import wait_finished
+
+VERSION_COLUMNS = (
+    "number", "kind", "checksum", "logical_size", "step", "status", "error", "label", "pinned", "engine",
+    "engine_version", "tags", "reason", "idempotency_key", "created_at",
+)
+
+
+def _rich_project(project, user):
+    """Every shape the store knows: long arrays (runs of runs), wide objects, JSON held in strings,
+    rewinds, forks, data fixes, pins, labels, tags, errors."""
+    session = make_session(project, "agent-1", workflow="support", metadata={"customer": "c-9"}, tags=["prod"])
+    for step in range(1, 6):
+        state = agent_state(step, history=40 * step)
+        state["store"] = {f"key-{k}": json.dumps({"value": k, "text": "x" * 300, "step": step}) for k in range(70)}
+        state["big"] = list(range(1100 + step))
+        snapshot_record(
+            session=session, state=state, step=f"step-{step}", status="running", engine="llama-index-workflows",
+            engine_version="1.2.0", tags=[f"t{step}"], idempotency_key=f"idem-{step}",
+            error="rate limited" if step == 3 else None,
+        )
+    version_pin(version=Version.objects.get(session=session, number=2), pinned=True)
+    version_label(version=Version.objects.get(session=session, number=4), label="before the bad tool call")
+    snapshot_rewind(session=session, to_version=2, reason="bad answer", actor=user)
+    snapshot_data_fix(session=session, state={"fixed": True, "note": "y" * 700}, based_on=6, reason="typo", actor=user)
+    snapshot_fork(session=session, from_version=4, external_id="agent-1-fork", reason="what if", actor=user)
+    return session
+
+
+def _versions(project) -> dict[tuple[str, int], dict]:
+    rows = {}
+    for version in Version.objects.filter(session__project=project).select_related("session", "parent__session"):
+        parent = version.parent
+        rows[(version.session.external_id, version.number)] = {
+            **{column: getattr(version, column) for column in VERSION_COLUMNS},
+            "parent": (parent.session.external_id, parent.number) if parent else None,
+        }
+    return rows
+
+
+def _sessions(project) -> dict[str, tuple]:
+    return {
+        s.external_id: (s.workflow, s.status, s.metadata, s.tags, s.head_number, s.version_count, s.last_step,
+                        s.last_error)
+        for s in WorkflowSession.objects.filter(project=project)
+    }
+
+
+@pytest.mark.worker
+def test_export_then_import_into_a_fresh_project_reproduces_every_version(worker, project, user):
+    _rich_project(project, user)
+
+    export = wait_finished(transfer_export_start(project=project, actor=user))
+    assert export.status == JobStatus.DONE, export.error
+    assert export.done == export.total > 0
+    path = Path(export.result["path"])
+    assert path.parent.name == "exports" and path.is_file()
+
+    fresh = make_project("fresh")
+    with path.open("rb") as upload:
+        imported = wait_finished(transfer_import_start(project=fresh, source=upload, actor=user))
+    assert imported.status == JobStatus.DONE, imported.error
+
+    assert read_all(fresh) == read_all(project)
+    assert _versions(fresh) == _versions(project)
+    assert _sessions(fresh) == _sessions(project)
+    assert imported.result["parents_outside_export"] == 0
+
+
+@pytest.mark.django_db
+def test_single_session_export_round_trips_and_import_twice_is_refused(project, user, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    session = _rich_project(project, user)
+    result = transfer_export_run(project=project, session=session)
+    fresh = make_project("fresh")
+
+    outcome = transfer_import_run(project=fresh, path=Path(result["path"]))
+
+    assert outcome["versions"] == 7 and outcome["parents_outside_export"] == 0
+    assert read_all(fresh) == {key: data for key, data in read_all(project).items() if key[0] == "agent-1"}
+    with pytest.raises(ImportRejected, match="already exist"):
+        transfer_import_run(project=fresh, path=Path(result["path"]))
+
+
+def _rewrite(path: Path, change) -> Path:
+    """Apply `change` to the parsed records, re-sign every line and the end record like a forger would."""
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    body = [r for r in records if r["type"] != "end"]
+    for record in body:
+        record.pop("sum")
+    change(body)
+    out = tmp = path.with_suffix(".forged")
+    running = hashlib.sha256()
+    lines = []
+    for record in body:
+        line = canonical.dumps({**record, "sum": hashlib.sha256(canonical.dumps(record)).hexdigest()}) + b"\n"
+        running.update(line)
+        lines.append(line)
+    end = {"type": "end", "records": len(lines), "sha256": running.hexdigest()}
+    lines.append(canonical.dumps({**end, "sum": hashlib.sha256(canonical.dumps(end)).hexdigest()}) + b"\n")
+    tmp.write_bytes(b"".join(lines))
+    return out
+
+
+def _change_one_byte(data: bytes) -> bytes:
+    position = data.index(b'"raw":"') + 20
+    return data[:position] + (b"B" if data[position:position + 1] != b"B" else b"C") + data[position + 1 :]
+
+
+def _flip_node_byte(body: list[dict]) -> None:
+    node = next(r for r in body if r["type"] == "node" and len(base64.b64decode(r["raw"])) > 100)
+    raw = bytearray(base64.b64decode(node["raw"]))
+    raw[-5] ^= 0x01
+    node["raw"] = base64.b64encode(bytes(raw)).decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda data: _change_one_byte(data), id="byte-changed"),
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: b"\n".join(data.split(b"\n")[:3] + data.split(b"\n")[4:]), id="line-missing"),
+        pytest.param("forged-node", id="node-changed-and-resigned"),
+        pytest.param("forged-checksum", id="version-checksum-changed-and-resigned"),
+    ],
+)
+def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings, tmp_path, corrupt):
+    settings.VAR_DIR = tmp_path
+    session = _rich_project(project, user)
+    path = Path(transfer_export_run(project=project, session=session)["path"])
+    if corrupt == "forged-node":
+        path = _rewrite(path, _flip_node_byte)
+    elif corrupt == "forged-checksum":
+        path = _rewrite(path, lambda body: next(r for r in body if r["type"] == "version").update(checksum="0" * 64))
+    else:
+        path.write_bytes(corrupt(path.read_bytes()))
+    fresh = make_project("fresh")
+
+    with pytest.raises(ImportRejected):
+        transfer_import_run(project=fresh, path=path)
+
+    assert not WorkflowSession.objects.filter(project=fresh).exists()
+    assert not StateNode.objects.filter(project=fresh).exists()
+    assert not Version.objects.filter(session__project=fresh).exists()

@@ -1,0 +1,117 @@
+"""Jobs on a real `celery worker` process (Redis broker, the pytest PostgreSQL database)."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from snapshots_app import tasks
+from snapshots_app.compaction import compaction_dry_run, compaction_start, retention_policy_set
+from snapshots_app.integrity import integrity_scrub_start
+from snapshots_app.models import IntegrityProblem, JobStatus, StateNode, Version
+from tests.workers.builders import read_all, record_history
+from tests.workers.conftest import VISIBILITY_TIMEOUT, wait_finished, wait_for
+
+pytestmark = [pytest.mark.worker]
+
+
+def _history(project, sessions: int = 3, steps: int = 40) -> None:
+    for index in range(sessions):
+        record_history(project, f"run-{index}", steps, start=timezone.now() - timedelta(days=20))
+    retention_policy_set(project=project, enabled=True, keep_last=5, keep_days=1, thin_to="day")
+
+
+def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_version_intact(worker, project):
+    _history(project)
+    preview = compaction_dry_run(project=project)
+    before = read_all(project)
+    assert preview.versions_removed > 0 and preview.nodes_freed > 100
+
+    job = compaction_start(project=project)
+
+    def sweeping() -> bool:
+        job.refresh_from_db()
+        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
+    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
+    worker.kill()
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING and job.done < job.total  # it really died mid-job
+    partial = StateNode.objects.filter(project=project).count()
+    time.sleep(VISIBILITY_TIMEOUT + 0.5)  # the broker delivers the unacknowledged task again after this
+    worker.start()
+
+    wait_finished(job)
+    assert job.status == JobStatus.DONE and job.attempts == 2
+    after = read_all(project)
+    removed = {(s.external_id, n) for s in project.sessions.all() for n in preview.removed_numbers.get(str(s.pk), [])}
+    assert set(after) == set(before) - removed  # exactly the planned versions went, nothing else
+    assert all(after[key] == before[key] for key in after)  # and every kept one reads back exactly
+    assert StateNode.objects.filter(project=project).count() == preview.nodes_total - preview.nodes_freed < partial
+    assert compaction_dry_run(project=project, apply_retention=False).nodes_freed == 0
+
+
+def test_dry_run_predicts_what_compaction_frees(worker, project):
+    _history(project, sessions=2, steps=30)
+    preview = compaction_dry_run(project=project)
+
+    job = wait_finished(compaction_start(project=project))
+
+    assert job.status == JobStatus.DONE, job.error
+    assert job.result["versions_removed"] == preview.versions_removed
+    assert job.result["nodes_freed"] == preview.nodes_freed
+    assert abs(job.result["bytes_freed"] - preview.bytes_freed) <= 0.02 * preview.bytes_freed
+    assert job.result["bytes_before"] - job.result["bytes_after"] == job.result["bytes_freed"]
+
+
+def test_a_task_delivered_twice_does_no_harm(worker, project):
+    _history(project, sessions=2, steps=20)
+    before = read_all(project)
+    preview = compaction_dry_run(project=project)
+
+    job = compaction_start(project=project)
+    tasks.compaction_job.delay(job.pk)  # the broker hands the same job out a second time
+    wait_finished(job)
+    time.sleep(1)  # let the second delivery run too
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.DONE and job.attempts == 1  # the duplicate saw it finished
+    assert job.result["versions_removed"] == preview.versions_removed
+    after = read_all(project)
+    assert len(after) == len(before) - preview.versions_removed
+    assert all(after[key] == before[key] for key in after)
+
+
+def test_scrub_finds_a_corrupted_byte_and_names_the_version(worker, project):
+    session = record_history(project, "run-x", 4)
+    victim = Version.objects.get(session=session, number=3)
+    # A node only version 3 has (its notes are unique to it): flip one stored byte.
+    nodes = {bytes(d) for d in StateNode.objects.filter(project=project).values_list("digest", flat=True)}
+    from snapshots_app import store, tree
+
+    def reach(version: Version) -> set[bytes]:
+        return tree.reachable([bytes(version.root)], store.ProjectStore(project.pk, use_cache=False).nodes)
+
+    others = set().union(*(reach(v) for v in Version.objects.filter(session=session).exclude(pk=victim.pk)))
+    only_v3 = sorted((reach(victim) - others) & nodes)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE snapshots_app_statenode SET data = overlay(data placing '\\xff'::bytea from 20 for 1) "
+            "WHERE project_id = %s AND digest = %s",
+            [project.pk, only_v3[0]],
+        )
+    corrupted = bytes(StateNode.objects.get(project=project, digest=only_v3[0]).data)
+
+    job = wait_finished(integrity_scrub_start(project=project, budget=0))
+
+    assert job.status == JobStatus.DONE, job.error
+    assert job.result["verified"] == 4 and job.result["failed"] == 1
+    problem = IntegrityProblem.objects.get(project=project)
+    assert (problem.session_id, problem.version_number) == (session.pk, 3)
+    assert "version 3" in problem.detail
+    assert job.result["problems"][0]["version"] == 3
+    # Never repaired silently: the stored byte is still the corrupted one.
+    assert bytes(StateNode.objects.get(project=project, digest=only_v3[0]).data) == corrupted
