@@ -22,7 +22,12 @@ from snapshots_app.services import (
     version_label,
     version_pin,
 )
-from snapshots_app.transfer import transfer_export_run, transfer_export_start, transfer_import_run, transfer_import_start
+from snapshots_app.transfer import (
+    transfer_export_run,
+    transfer_export_start,
+    transfer_import_run,
+    transfer_import_start,
+)
 from tests.factories import agent_state, make_project, make_session
 from tests.workers.builders import read_all
 from tests.workers.conftest import wait_finished
