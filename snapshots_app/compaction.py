@@ -239,7 +239,7 @@ def _retention_apply_session(project_id: int, session_id: Any, planned: list[int
     for version_id, parent_id in parents.items():
         if version_id in doomed or parent_id not in doomed:
             continue
-        ancestor = parent_id
+        ancestor: int | None = parent_id
         while ancestor in doomed:
             ancestor = parents.get(ancestor)
         relink[ancestor].append(version_id)

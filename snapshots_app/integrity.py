@@ -36,7 +36,8 @@ def _scope(project_id: int | None) -> QuerySet[Version]:
 
 def _last_cursor(project_id: int | None) -> int:
     last = (
-        Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, project_id=project_id, result__has_key="cursor")
+        Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, result__has_key="cursor")
+        .filter(**({"project_id": project_id} if project_id is not None else {"project__isnull": True}))
         .order_by("-finished_at", "-id")
         .values_list("result", flat=True)
         .first()

@@ -86,8 +86,8 @@ def _record_integrity_problems(*versions: Version) -> None:
 def finalize_pending() -> int:
     """Catch up on versions whose finalize task was lost (e.g. the broker was down at commit)."""
     cutoff = timezone.now() - FINALIZE_GRACE
-    missed = Version.objects.filter(summary__isnull=True, created_at__lt=cutoff).order_by("id")
-    missed = list(missed.values_list("id", flat=True)[:1000])
+    pending = Version.objects.filter(summary__isnull=True, created_at__lt=cutoff).order_by("id")
+    missed = list(pending.values_list("id", flat=True)[:1000])
     for version_id in missed:
         finalize_version.delay(version_id)
     return len(missed)

@@ -380,7 +380,8 @@ def _store_import(
             target = by_key.get((parent.get("session"), parent.get("number")))
             version.parent = target
             outside += target is None
-        version.created_at = parse_datetime(record["created_at"]) if record.get("created_at") else version.created_at
+        created_at = parse_datetime(record["created_at"]) if record.get("created_at") else None
+        version.created_at = created_at or version.created_at
     Version.objects.bulk_update(created, ["parent", "created_at"], batch_size=500)
     for record in sessions:
         item = new_sessions[record["id"]]

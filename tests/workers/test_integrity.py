@@ -1,0 +1,83 @@
+"""Scrub windows, live job events and the finalize catch-up, run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.utils import timezone
+
+from sessions_app.events import project_group
+from snapshots_app import tasks
+from snapshots_app.integrity import integrity_problems, integrity_scrub_start
+from snapshots_app.models import JobStatus, Version
+from tests.workers.builders import record_history
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    """Jobs are run by calling their task directly here; the worker tests cover the broker."""
+    for name in ("integrity_scrub_job", "compaction_job", "finalize_version"):
+        monkeypatch.setattr(f"snapshots_app.tasks.{name}.delay", lambda *args: None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_budgeted_scrub_walks_a_rolling_window_and_wraps_around(project, no_broker):
+    session = record_history(project, "run-w", 5, notes=1)
+    ids = list(Version.objects.filter(session=session).order_by("id").values_list("id", flat=True))
+    windows = []
+    for _ in range(3):
+        job = integrity_scrub_start(project=project, budget=2)
+        tasks.integrity_scrub_job(job.pk)
+        job.refresh_from_db()
+        assert job.status == JobStatus.DONE and job.result["failed"] == 0
+        windows.append(job.result["cursor"])
+    # Versions 1-2, then 3-4, then 5 and (wrapping) 1.
+    assert windows == [ids[1], ids[3], ids[0]]
+    assert not integrity_problems(project=project).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_job_progress_is_broadcast_live(project, no_broker):
+    record_history(project, "run-e", 3, notes=1)
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(project_group(project.pk), channel)
+    job = integrity_scrub_start(project=project, budget=0)
+
+    tasks.integrity_scrub_job(job.pk)
+
+    async def drain() -> list[dict]:
+        received = []
+        while True:
+            try:
+                received.append(await asyncio.wait_for(layer.receive(channel), timeout=0.5))
+            except TimeoutError:
+                return received
+
+    messages = [m for m in async_to_sync(drain)() if m["payload"].get("job") == job.pk]
+    async_to_sync(layer.group_discard)(project_group(project.pk), channel)
+    names = [m["event"] for m in messages]
+    assert names[0] == "job.created" and "job.progress" in names and names[-1] == "job.finished"
+    assert messages[-1]["payload"]["status"] == "done" and messages[-1]["payload"]["done"] == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_versions_whose_finalize_was_lost_are_caught_up(project, monkeypatch):
+    sent = []
+    monkeypatch.setattr("snapshots_app.tasks.finalize_version.delay", lambda version_id: sent.append(version_id))
+    session = record_history(project, "run-f", 3, notes=1)
+    Version.objects.filter(session=session).update(created_at=timezone.now() - timedelta(minutes=10))
+    sent.clear()
+
+    assert tasks.finalize_pending() == 3
+    for version_id in sent:
+        tasks.finalize_version(version_id)
+
+    summaries = list(Version.objects.filter(session=session).order_by("number").values_list("summary", flat=True))
+    assert summaries[0]["initial"] is True
+    assert summaries[1]["changed"] >= 1 and summaries[1]["paths"]
+    assert tasks.finalize_pending() == 0
