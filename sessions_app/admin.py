@@ -1,0 +1,154 @@
+"""Admin for data fixes (staff only; Django's per-model permissions apply). Writes go through the
+services, history rows (sessions, audit events) are read-only, and nothing is deleted in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from sessions_app.models import ApiKey, AuditEvent, Membership, Project, WorkflowSession
+from sessions_app.services import api_key_create, api_key_revoke, membership_remove, membership_set, project_create
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that are history: visible to staff with the view permission, never edited in place."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "created_at"]
+    search_fields = ["name", "slug"]
+    fields = ["name", "slug"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["name", "slug", "created_at"] if obj is not None else []
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False if obj is not None else super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Project, form: Any, change: bool) -> None:
+        created = project_create(name=obj.name, slug=obj.slug, owner=request.user)
+        obj.pk, obj.created_at = created.pk, created.created_at
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "project", "role", "created_at"]
+    list_filter = ["role", "project"]
+    search_fields = ["user__username", "user__email", "project__slug", "project__name"]
+    list_select_related = ["user", "project"]
+    autocomplete_fields = ["project"]
+    raw_id_fields = ["user"]
+    fields = ["project", "user", "role"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["project", "user"] if obj is not None else []
+
+    def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: bool) -> None:
+        saved = membership_set(project=obj.project, user=obj.user, role=obj.role)
+        obj.pk, obj.created_at = saved.pk, saved.created_at
+
+    def delete_model(self, request: HttpRequest, obj: Membership) -> None:
+        membership_remove(membership=obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
+        for membership in queryset.select_related("project", "user"):
+            membership_remove(membership=membership, actor=request.user)
+
+
+class ApiKeyCreateForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(choices=ApiKey.Scope.choices, widget=forms.CheckboxSelectMultiple)
+
+    class Meta:
+        model = ApiKey
+        fields = ["project", "name", "scopes"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Create shows the secret once (only its hash is stored); keys are revoked, never edited."""
+
+    list_display = ["name", "project", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["project", ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix", "project__slug"]
+    list_select_related = ["project"]
+    autocomplete_fields = ["project"]
+    readonly_fields = ["project", "name", "prefix", "scopes", "created_by", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = ApiKeyCreateForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return self.readonly_fields if obj is not None else ["project", "name", "scopes"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False if obj is not None else super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("sessions_app.change_apikey")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        created, token = api_key_create(
+            project=obj.project, name=obj.name, scopes=form.cleaned_data["scopes"], actor=request.user
+        )
+        obj.pk, obj.prefix, obj.created_at = created.pk, created.prefix, created.created_at
+        messages.warning(request, f"Copy this key now; it is not shown again: {token}")
+
+    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        keys = list(queryset.select_related("project"))
+        for api_key in keys:
+            api_key_revoke(api_key=api_key, actor=request.user)
+        messages.success(request, f"Revoked {len(keys)} key(s).")
+
+
+@admin.register(WorkflowSession)
+class WorkflowSessionAdmin(ReadOnlyAdmin):
+    list_display = ["external_id", "project", "workflow", "status", "head_number", "version_count", "updated_at",
+                    "dashboard"]
+    list_filter = ["status", "project", ("archived_at", admin.EmptyFieldListFilter)]
+    search_fields = ["external_id", "workflow"]
+    list_select_related = ["project"]
+    show_full_result_count = False  # a count(*) over a million sessions on every page is not worth it
+    readonly_fields = ["dashboard"]
+
+    @admin.display(description="Dashboard")
+    def dashboard(self, obj: WorkflowSession) -> str:
+        return format_html('<a href="{}">timeline</a>', reverse("snapshots:session", kwargs={"session_id": obj.pk}))
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "action", "actor_label", "project", "target_type", "target_id", "reason"]
+    list_filter = ["action", "project"]
+    search_fields = ["target_id", "actor_label", "reason", "session_id"]
+    list_select_related = ["project"]
+    date_hierarchy = "created_at"
+    show_full_result_count = False

@@ -272,3 +272,13 @@ def api_key_touch(*, api_key: ApiKey) -> None:
         return
     ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
     api_key.last_used_at = now
+
+
+@transaction.atomic
+def membership_remove(*, membership: Membership, actor: User = None, actor_label: str = "") -> None:
+    """Take a user out of a project (admin); audited, since it removes access."""
+    audit_record(
+        project=membership.project, action="membership.remove", target_type="user", target_id=membership.user_id,
+        actor=actor, actor_label=actor_label, details={"user": str(membership.user), "role": membership.role},
+    )
+    Membership.objects.filter(pk=membership.pk).delete()

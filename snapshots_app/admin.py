@@ -1,0 +1,184 @@
+"""Admin for versions, integrity problems and jobs, plus the project actions that need the state
+store (compaction, export, integrity). Versions are never edited in place: a data fix records a
+new head of kind data_fix through snapshots_app.services.snapshot_data_fix, audited."""
+
+from __future__ import annotations
+
+import orjson
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
+from sessions_app.admin import ReadOnlyAdmin
+from sessions_app.errors import IntegrityProblem as IntegrityError
+from sessions_app.errors import StateStoreError
+from sessions_app.models import Project
+from snapshots_app import compaction, integrity, selectors, services, store, transfer
+from snapshots_app.diff import diff_values
+from snapshots_app.jsonview import pretty
+from snapshots_app.models import IntegrityProblem, Job, Version
+from snapshots_app.views import shown_changes
+
+
+@admin.register(Version)
+class VersionAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "session_link", "number", "kind", "step", "status", "logical_size", "pinned", "label",
+                    "created_at", "data_fix_link"]
+    list_filter = ["kind", "pinned", "status", "session__project"]
+    search_fields = ["session__external_id", "=session__id", "step", "label"]
+    list_select_related = ["session__project"]
+    show_full_result_count = False
+    exclude = ["root"]
+    readonly_fields = ["session_link", "data_fix_link"]
+    actions = ["verify_integrity", "pin", "unpin"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Version]:
+        return super().get_queryset(request).defer("summary")
+
+    @admin.display(description="Session")
+    def session_link(self, obj: Version) -> str:
+        url = reverse("snapshots:session", kwargs={"session_id": obj.session_id})
+        return format_html('<a href="{}#v-{}">{}</a>', url, obj.number, obj.session.external_id)
+
+    @admin.display(description="Data fix")
+    def data_fix_link(self, obj: Version) -> str:
+        return format_html('<a href="{}">fix from this version…</a>', reverse("admin:snapshots_app_version_data_fix",
+                                                                          args=[obj.pk]))
+
+    def has_data_fix_permission(self, request: HttpRequest) -> bool:
+        # "Change" of a version means recording a corrected new version; the row itself never changes.
+        return request.user.has_perm("snapshots_app.change_version")
+
+    def get_urls(self) -> list:
+        return [
+            path("<int:version_id>/data-fix/", self.admin_site.admin_view(self.data_fix_view),
+                 name="snapshots_app_version_data_fix"),
+            *super().get_urls(),
+        ]
+
+    @admin.action(description="Verify integrity (read from the database, bypassing caches)", permissions=["view"])
+    def verify_integrity(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
+        bad = []
+        versions = list(queryset.select_related("session__project"))
+        for version in versions:
+            try:
+                store.read_canonical(version, use_cache=False)
+            except IntegrityError as exc:
+                integrity.integrity_problem_record(version=version, detail=exc.message)
+                bad.append(str(version))
+        if bad:
+            messages.error(request, f"{len(bad)} of {len(versions)} failed verification: {', '.join(bad[:20])}")
+        else:
+            messages.success(request, f"All {len(versions)} version(s) verified against their checksums.")
+
+    @admin.action(description="Pin (retention keeps them)", permissions=["data_fix"])
+    def pin(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
+        self._pin(request, queryset, True)
+
+    @admin.action(description="Unpin", permissions=["data_fix"])
+    def unpin(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
+        self._pin(request, queryset, False)
+
+    def _pin(self, request: HttpRequest, queryset: QuerySet[Version], pinned: bool) -> None:
+        versions = list(queryset.select_related("session__project"))
+        for version in versions:
+            services.version_pin(version=version, pinned=pinned, actor=request.user)
+        messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {len(versions)} version(s).")
+
+    def data_fix_view(self, request: HttpRequest, version_id: int) -> HttpResponse:
+        """Edit a version's state as JSON, see the diff against the head, give a reason, record it."""
+        if not self.has_data_fix_permission(request):
+            raise PermissionDenied
+        version = get_object_or_404(Version.objects.select_related("session__project"), pk=version_id)
+        session = version.session
+        head = selectors.head_version(session)
+        error, changes, counts = "", None, None
+        text = request.POST.get("state") if request.method == "POST" else None
+        if text is None:
+            text = pretty(selectors.version_state(version))
+        reason = request.POST.get("reason", "")
+        if request.method == "POST":
+            try:
+                prepared = services.state_prepare(text)
+                if "apply" in request.POST:
+                    fixed = services.snapshot_data_fix(
+                        session=session, state=prepared.canonical, based_on=version.number, reason=reason,
+                        expected_version=int(request.POST.get("expected_version") or 0), actor=request.user,
+                    )
+                    messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
+                    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
+                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
+                changes, counts = shown_changes(result.changes), result.counts
+            except StateStoreError as exc:
+                error = exc.message
+            except ValueError:
+                error = "expected_version must be a number"
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Data fix of {session.external_id} from version {version.number}",
+            "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
+            "changes": changes, "counts": counts, "total": len(changes or []), "mode": "inline",
+        }
+        return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
+                                status=400 if error else 200)
+
+
+@admin.register(IntegrityProblem)
+class IntegrityProblemAdmin(ReadOnlyAdmin):
+    list_display = ["session", "version_number", "detail", "first_seen_at", "last_seen_at", "resolved_at"]
+    list_filter = [("resolved_at", admin.EmptyFieldListFilter), "project"]
+    search_fields = ["session__external_id", "detail"]
+    list_select_related = ["session"]
+
+
+@admin.register(Job)
+class JobAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "finished_at"]
+    list_filter = ["kind", "status", "project"]
+    list_select_related = ["project"]
+
+
+admin.site.unregister(Project)
+
+
+@admin.register(Project)
+class ProjectAdmin(BaseProjectAdmin):
+    """The project list with the state-store actions (run by the workers, results under Jobs)."""
+
+    actions = ["compaction_preview", "compaction_queue", "export_queue", "scrub_queue"]
+
+    def has_maintain_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("snapshots_app.add_job")
+
+    @admin.action(description="Compaction: dry run (what retention and GC would free)", permissions=["view"])
+    def compaction_preview(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
+        for project in queryset:
+            preview = compaction.compaction_dry_run(project=project)
+            messages.info(
+                request,
+                f"{project.slug}: would remove {preview.versions_removed} of {preview.versions_total} versions "
+                f"(retention {'on' if preview.policy_enabled else 'off'}) and free {preview.nodes_freed} nodes, "
+                f"{preview.bytes_freed} of {preview.bytes_total} bytes.",
+            )
+
+    @admin.action(description="Compaction: run now (queued)", permissions=["maintain"])
+    def compaction_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
+        jobs = [compaction.compaction_start(project=project, actor=request.user) for project in queryset]
+        messages.success(request, f"Queued {len(jobs)} compaction job(s): see Jobs for progress.")
+
+    @admin.action(description="Export (queued; the file is listed under Jobs)", permissions=["maintain"])
+    def export_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
+        jobs = [transfer.transfer_export_start(project=project, actor=request.user) for project in queryset]
+        messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
+
+    @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
+    def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
+        jobs = [integrity.integrity_scrub_start(project=project, budget=0, actor=request.user) for project in queryset]
+        messages.success(request, f"Queued {len(jobs)} integrity scrub(s): problems appear under Integrity problems.")

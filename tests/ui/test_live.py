@@ -1,0 +1,146 @@
+"""Live updates through the real Redis channel layer: who may listen, and what they receive."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from asgiref.testing import ApplicationCommunicator
+from channels.routing import URLRouter
+from django.contrib.auth.models import AnonymousUser
+
+from config.routing import websocket_urlpatterns
+from sessions_app.models import Membership, Role
+from sessions_app.services import membership_set, session_update
+from snapshots_app.services import snapshot_record
+from tests.factories import make_project, make_session, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class WebsocketClient(ApplicationCommunicator):
+    """channels.testing's communicator needs daphne; this is the part of it these tests use."""
+
+    def __init__(self, path: str, user: Any) -> None:
+        scope = {"type": "websocket", "path": path, "headers": [], "subprotocols": [], "user": user,
+                 "query_string": b""}
+        super().__init__(URLRouter(websocket_urlpatterns), scope)
+
+    async def connect(self, timeout: float = 5) -> tuple[bool, Any]:
+        await self.send_input({"type": "websocket.connect"})
+        output = await self.receive_output(timeout)
+        return output["type"] == "websocket.accept", output.get("code")
+
+    async def receive_from(self, timeout: float = 5) -> str:
+        output = await self.receive_output(timeout)
+        assert output["type"] == "websocket.send", output
+        return output["text"]
+
+    async def disconnect(self) -> None:
+        await self.send_input({"type": "websocket.disconnect", "code": 1000})
+        await self.wait(1)
+
+
+def communicator(path: str, user: Any) -> WebsocketClient:
+    return WebsocketClient(path, user)
+
+
+def run(coroutine_function, *args):
+    return async_to_sync(coroutine_function)(*args)
+
+
+async def _connects(client: WebsocketClient) -> tuple[bool, Any]:
+    connected, code = await client.connect(timeout=5)
+    if connected:
+        await client.disconnect()
+    return connected, code
+
+
+@pytest.fixture
+def setup():
+    owner, outsider = make_user("olga"), make_user("otto")
+    project, other = make_project("acme"), make_project("globex")
+    membership_set(project=project, user=owner, role=Role.VIEWER)
+    membership_set(project=other, user=outsider, role=Role.VIEWER)
+    session = make_session(project, "run-1")
+    return owner, outsider, project, other, session
+
+
+def test_only_members_may_listen(setup):
+    owner, outsider, project, _, session = setup
+    assert run(_connects, communicator(f"/ws/sessions/{session.pk}/", owner))[0]
+    assert run(_connects, communicator("/ws/projects/acme/", owner))[0]
+    assert run(_connects, communicator(f"/ws/sessions/{session.pk}/", outsider)) == (False, 4403)
+    assert run(_connects, communicator("/ws/projects/acme/", outsider)) == (False, 4403)
+    assert run(_connects, communicator("/ws/projects/acme/", AnonymousUser())) == (False, 4401)
+    assert run(_connects, communicator("/ws/projects/nope/", owner)) == (False, 4403)
+
+
+def test_new_version_arrives_as_a_timeline_row(setup):
+    owner, _, _, _, session = setup
+
+    async def scenario() -> str:
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_record, session, {"pointer": "<script>x</script>"})
+        html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    html = run(scenario)
+    assert 'hx-swap-oob="afterbegin:#timeline"' in html and 'id="v-1"' in html and 'id="session-stats"' in html
+    assert "<script>x" not in html
+
+
+def _record(session, state, **kwargs):
+    from django.db import close_old_connections
+
+    try:
+        return snapshot_record(session=session, state=state, **kwargs)
+    finally:
+        close_old_connections()
+
+
+def test_session_list_gets_new_sessions_and_status_changes_only_of_its_project(setup):
+    owner, _, project, other, session = setup
+
+    async def scenario() -> list[str]:
+        client = communicator("/ws/projects/acme/", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, make_session, other, "foreign-run")
+        assert await client.receive_nothing(timeout=0.5)
+        await asyncio.to_thread(_in_thread, make_session, project, "new-run")
+        created = await client.receive_from(timeout=5)
+        await asyncio.to_thread(_in_thread, lambda: session_update(session=session, status="failed"))
+        updated = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return [created, updated]
+
+    created, updated = run(scenario)
+    assert 'hx-swap-oob="afterbegin:#session-rows-live"' in created and "new-run" in created
+    assert f'id="s-{session.pk}"' in updated and 'hx-swap-oob="true"' in updated and "status-failed" in updated
+
+
+def _in_thread(function, *args):
+    from django.db import close_old_connections
+
+    try:
+        return function(*args)
+    finally:
+        close_old_connections()
+
+
+def test_revoked_membership_ends_the_stream(setup):
+    owner, _, project, _, session = setup
+
+    async def scenario() -> tuple[str, Any]:
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, lambda: Membership.objects.filter(user=owner).delete())
+        await asyncio.to_thread(_record, session, {"secret": 1})
+        output = await client.receive_output(timeout=5)
+        return output["type"], output.get("code")
+
+    assert run(scenario) == ("websocket.close", 4403)
