@@ -34,9 +34,13 @@ def parse_when(name: str, raw: str) -> datetime:
         value = parse_datetime(raw.strip())
     except ValueError:
         value = None
-    if value is None:
-        raise exceptions.ValidationError({name: ["An ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z."]})
-    return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
+    try:
+        if value is None:
+            raise ValueError
+        # In UTC: PostgreSQL refuses some offsets ISO 8601 allows (e.g. +18:15).
+        return value.astimezone(UTC) if timezone.is_aware(value) else timezone.make_aware(value, UTC)
+    except (ValueError, OverflowError):
+        raise exceptions.ValidationError({name: ["An ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z."]}) from None
 
 
 def parse_choice(name: str, raw: str, choices: list[str]) -> str:
@@ -90,9 +94,11 @@ class ParamFilter(BaseFilterBackend):
     def filter_queryset(self, request: Request, queryset: QuerySet, view: Any) -> QuerySet:
         for param in getattr(view, "filter_params", []):
             raw = request.query_params.get(param.name)
-            if raw is not None and raw != "":
+            if raw is not None:
                 if "\x00" in raw:
                     raise exceptions.ValidationError({param.name: ["Must not contain NUL."]})
+                if len(raw) > param.schema.get("maxLength", 255):
+                    raise exceptions.ValidationError({param.name: ["Too long."]})
                 queryset = param.apply(queryset, raw)
         return queryset
 

@@ -36,8 +36,35 @@ class JsonObjectField(serializers.Field):
         return value
 
 
+class StrictCharField(serializers.CharField):
+    """A string and only a string: DRF's CharField would quietly turn 42 or true into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictRegexField(StrictCharField, serializers.RegexField):
+    pass
+
+
+class StrictBooleanField(serializers.BooleanField):
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class TagListField(serializers.ListField):
-    child = serializers.RegexField(TAG_PATTERN, max_length=64)
+    child = StrictRegexField(TAG_PATTERN, max_length=64)
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("max_length", MAX_TAGS)
@@ -45,7 +72,7 @@ class TagListField(serializers.ListField):
 
 
 def plain_text(**kwargs: Any) -> serializers.CharField:
-    return serializers.CharField(trim_whitespace=False, **kwargs)
+    return StrictCharField(trim_whitespace=False, **kwargs)
 
 
 class ProjectSerializer(serializers.ModelSerializer):

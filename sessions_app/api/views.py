@@ -7,7 +7,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, status
+from rest_framework import exceptions, mixins, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -41,7 +41,7 @@ PROJECT_FILTER = Param(
 )
 
 
-class ProjectList(ApiView):
+class ProjectList(mixins.ListModelMixin, ApiView):
     serializer_class = ProjectSerializer
 
     def get_queryset(self) -> QuerySet[Project]:
@@ -70,7 +70,7 @@ class ProjectDetail(ApiView):
         return Response(self.get_serializer(project).data)
 
 
-class SessionList(ApiView):
+class SessionList(mixins.ListModelMixin, ApiView):
     serializer_class = SessionSerializer
     filter_backends = [ParamFilter]
     filter_params = [
@@ -164,7 +164,7 @@ class SessionArchive(ApiView):
         return Response(SessionSerializer(session).data)
 
 
-class ApiKeyList(ApiView):
+class ApiKeyList(mixins.ListModelMixin, ApiView):
     serializer_class = ApiKeySerializer
     filter_backends = [ParamFilter]
     filter_params = [PROJECT_FILTER]
@@ -218,7 +218,7 @@ class ApiKeyDetail(ApiView):
         return Response(ApiKeySerializer(api_key).data)
 
 
-class AuditEventList(ApiView):
+class AuditEventList(mixins.ListModelMixin, ApiView):
     serializer_class = AuditEventSerializer
     filter_backends = [ParamFilter]
     filter_params = [

@@ -7,7 +7,13 @@ from typing import Any
 
 from rest_framework import serializers
 
-from sessions_app.api.serializers import JsonObjectField, TagListField, plain_text
+from sessions_app.api.serializers import (
+    JsonObjectField,
+    StrictBooleanField,
+    StrictIntegerField,
+    TagListField,
+    plain_text,
+)
 from sessions_app.models import SessionStatus
 from snapshots_app.models import Version, VersionKind
 from snapshots_app.services import ERROR_MAX, METADATA_LIMITS, REASON_MAX
@@ -82,23 +88,15 @@ class SnapshotSerializer(serializers.Serializer):
 
 
 class SnapshotCreateSerializer(SnapshotSerializer):
-    expected_version = serializers.IntegerField(
+    expected_version = StrictIntegerField(
         min_value=0, required=False, allow_null=True,
         help_text="The head the caller believes is current (0 = no versions yet); stale -> 409, nothing written.",
     )
 
 
 class BatchSerializer(serializers.Serializer):
-    versions = SnapshotSerializer(many=True, help_text="Recorded in order, all or nothing.")
-    expected_version = serializers.IntegerField(min_value=0, required=False, allow_null=True)
-
-    def validate_versions(self, value: list[Any]) -> list[Any]:
-        if not 1 <= len(value) <= BATCH_MAX:
-            raise serializers.ValidationError(f"1 to {BATCH_MAX} snapshots per request")
-        return value
-
-
-BATCH_MAX = 500
+    versions = SnapshotSerializer(many=True, min_length=1, max_length=500, help_text="Recorded in order, all or nothing.")
+    expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
 
 
 class BatchResultSerializer(serializers.Serializer):
@@ -106,14 +104,14 @@ class BatchResultSerializer(serializers.Serializer):
 
 
 class VersionUpdateSerializer(serializers.Serializer):
-    pinned = serializers.BooleanField(required=False, help_text="Pinned versions survive retention.")
+    pinned = StrictBooleanField(required=False, help_text="Pinned versions survive retention.")
     label = plain_text(max_length=METADATA_LIMITS["label"], required=False, allow_blank=True)
 
 
 class RewindSerializer(serializers.Serializer):
-    to_version = serializers.IntegerField(min_value=1)
+    to_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     reason = plain_text(max_length=REASON_MAX, help_text="Why; it goes into the audit log.")
-    expected_version = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
 
     def validate_reason(self, value: str) -> str:
         if not value.strip():
@@ -122,7 +120,7 @@ class RewindSerializer(serializers.Serializer):
 
 
 class ForkSerializer(serializers.Serializer):
-    from_version = serializers.IntegerField(min_value=1)
+    from_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     external_id = plain_text(max_length=255, required=False, allow_null=True,
                              help_text="External id of the new session; generated when omitted.")
     reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True)
@@ -135,7 +133,7 @@ class ForkSerializer(serializers.Serializer):
 
 class VersionRefSerializer(serializers.Serializer):
     session = serializers.UUIDField()
-    number = serializers.IntegerField()
+    number = StrictIntegerField()
 
 
 class ChangeSerializer(serializers.Serializer):
@@ -158,7 +156,7 @@ class PatchOperationSerializer(serializers.Serializer):
 class DiffSerializer(serializers.Serializer):
     changes = ChangeSerializer(many=True)
     patch = PatchOperationSerializer(many=True, help_text="RFC 6902 JSON Patch turning `from` into `to`.")
-    counts = serializers.DictField(child=serializers.IntegerField())
+    counts = serializers.DictField(child=StrictIntegerField())
     from_ = VersionRefSerializer()
     to = VersionRefSerializer()
 

@@ -16,7 +16,7 @@ from django.db.models import Q, QuerySet
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import status
+from rest_framework import mixins, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -45,7 +45,9 @@ from snapshots_app.api.serializers import (
 )
 from snapshots_app.models import Version, VersionKind
 
-VERSION_NUMBER = OpenApiParameter("number", int, OpenApiParameter.PATH, description="Version number (1, 2, ...).")
+NUMBER_MAX = 2**31 - 1  # PostgreSQL integer: a larger number cannot name a version
+VERSION_NUMBER = OpenApiParameter("number", {"type": "integer", "minimum": 1, "maximum": NUMBER_MAX},
+                                  OpenApiParameter.PATH, description="Version number (1, 2, ...).")
 IF_MATCH = OpenApiParameter(
     "If-Match", str, OpenApiParameter.HEADER, required=False,
     description="The head's ETag as last read; a stale one gets 412 and nothing is written.",
@@ -87,8 +89,15 @@ def _if_match_number(request: Request, session: WorkflowSession) -> int | None:
 
 def _query_int(params: Any, name: str) -> int:
     raw = params.get(name, "")
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= NUMBER_MAX:
         raise ValidationError({name: ["Required: a version number."]})
+    return int(raw)
+
+
+def _path_number(raw: str) -> int:
+    """A version number from the URL; anything else names no version (404)."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= NUMBER_MAX:
+        raise VersionNotFound(f"{raw!r} is not a version number", version=raw)
     return int(raw)
 
 
@@ -102,7 +111,7 @@ def _guarded(if_match: int | None, call: Any) -> Any:
         raise
 
 
-class VersionList(ApiView):
+class VersionList(mixins.ListModelMixin, ApiView):
     serializer_class = VersionSerializer
     filter_backends = [ParamFilter]
     filter_params = [
@@ -190,7 +199,7 @@ class VersionDetail(ApiView):
     @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER],
                    responses={200: VersionWithStateSerializer}, summary="One version: metadata and state.")
     def get(self, request: Request, id: str, number: str) -> HttpResponse:
-        version = services.version_get(session=session_for(request, id), number=number)
+        version = services.version_get(session=session_for(request, id), number=_path_number(number))
         return with_state(version)
 
     @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
@@ -200,7 +209,7 @@ class VersionDetail(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = VersionUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        version = services.version_get(session=session, number=number)
+        version = services.version_get(session=session, number=_path_number(number))
         data = incoming.validated_data
         with transaction.atomic():
             if "pinned" in data and data["pinned"] != version.pinned:
@@ -240,8 +249,9 @@ class Diff(ApiView):
         summary="What changed between two versions (also of two sessions of one project).",
         parameters=[
             SESSION_ID,
-            OpenApiParameter("from", int, OpenApiParameter.QUERY, required=True, description="Version number of this session."),
-            OpenApiParameter("to", int, OpenApiParameter.QUERY, required=True,
+            OpenApiParameter("from", VERSION_NUMBER.type, OpenApiParameter.QUERY, required=True,
+                             description="Version number of this session."),
+            OpenApiParameter("to", VERSION_NUMBER.type, OpenApiParameter.QUERY, required=True,
                              description="Version number of this session, or of `to_session`."),
             OpenApiParameter("to_session", OpenApiTypes.UUID, OpenApiParameter.QUERY, description="UUID of another session to compare with."),
             OpenApiParameter("structural_strings", bool, OpenApiParameter.QUERY,
