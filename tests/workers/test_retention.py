@@ -140,3 +140,21 @@ def test_deleting_a_session_frees_what_only_it_needed(project, user, monkeypatch
     assert StateNode.objects.filter(project=project).count() == nodes_before - result["nodes_freed"]
     assert set(read_all(project)) == {("keep", 1), ("keep", 2), ("keep", 3)}
     assert keep.pk
+
+
+@pytest.mark.django_db
+def test_maintenance_command_runs_compaction_on_demand(project):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    session = record_history(project, "run-m", 6, notes=1)
+    retention_policy_set(project=project, enabled=True, keep_last=2, keep_days=0, thin_to="none")
+    out = StringIO()
+    call_command("maintenance", "dry-run", project.slug, stdout=out)
+    assert json.loads(out.getvalue())["versions_removed"] == 4
+    out = StringIO()
+    call_command("maintenance", "compact", project.slug, stdout=out)
+    assert json.loads(out.getvalue())["versions_removed"] == 4
+    assert _numbers(session) == [5, 6]

@@ -1,0 +1,77 @@
+"""Run the workers' jobs on demand: compaction (or its dry run), integrity scrub, export, import.
+
+By default the work runs here, in this process, printing progress; with --queue it is handed to
+the Celery workers as a job (its progress then shows live in the UI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from sessions_app.errors import StateStoreError
+from sessions_app.models import Project, WorkflowSession
+from snapshots_app import compaction, integrity, transfer
+
+
+class Command(BaseCommand):
+    help = "Compact, dry-run, scrub, export or import now (or --queue it for the workers)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("action", choices=["compact", "dry-run", "gc", "scrub", "export", "import"])
+        parser.add_argument("project", help="project slug")
+        parser.add_argument("--session", help="export: only this session (external id)")
+        parser.add_argument("--file", help="import: the NDJSON export file")
+        parser.add_argument("--budget", type=int, default=0, help="scrub: verify at most this many versions (0 = all)")
+        parser.add_argument("--queue", action="store_true", help="hand the job to the Celery workers instead")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        project = Project.objects.filter(slug=options["project"]).first()
+        if project is None:
+            raise CommandError(f"no project with slug {options['project']!r}")
+        session = None
+        if options["session"]:
+            session = WorkflowSession.objects.filter(project=project, external_id=options["session"]).first()
+            if session is None:
+                raise CommandError(f"no session {options['session']!r} in {project.slug}")
+        try:
+            result = self._run(options["action"], project, session, options)
+        except StateStoreError as exc:
+            raise CommandError(exc.message) from None
+        self.stdout.write(json.dumps(result, indent=2, default=str))
+
+    def _run(self, action: str, project: Project, session: WorkflowSession | None, options: dict) -> Any:
+        queue = options["queue"]
+        if action == "dry-run":
+            return compaction.compaction_dry_run(project=project).as_dict()
+        if action in ("compact", "gc"):
+            if queue:
+                return {"job": compaction.compaction_start(project=project, apply_retention=action == "compact",
+                                                           actor_label="manage.py").pk}
+            return compaction.compaction_run(project=project, apply_retention=action == "compact", progress=self._progress)
+        if action == "scrub":
+            if queue:
+                return {"job": integrity.integrity_scrub_start(project=project, budget=options["budget"],
+                                                               actor_label="manage.py").pk}
+            return integrity.integrity_scrub_run(project=project, budget=options["budget"] or None,
+                                                 progress=self._progress)
+        if action == "export":
+            if queue:
+                return {"job": transfer.transfer_export_start(project=project, session=session, actor_label="manage.py").pk}
+            return transfer.transfer_export_run(project=project, session=session, progress=self._progress)
+        if not options["file"]:
+            raise CommandError("import needs --file")
+        path = Path(options["file"])
+        if queue:
+            return {"job": transfer.transfer_import_start(project=project, source=path, actor_label="manage.py").pk}
+        return transfer.transfer_import_run(project=project, path=path, actor_label="manage.py", progress=self._progress)
+
+    def _progress(self, done: int, total: int | None = None, *, force: bool = False) -> None:
+        if total is not None:
+            self._total = total
+        sys.stderr.write(f"\r{done}/{getattr(self, '_total', 0)}")
+        sys.stderr.flush()
