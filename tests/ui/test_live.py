@@ -69,7 +69,7 @@ def setup():
 
 
 def test_only_members_may_listen(setup):
-    owner, outsider, project, _, session = setup
+    owner, outsider, _project, _, session = setup
     assert run(_connects, communicator(f"/ws/sessions/{session.pk}/", owner))[0]
     assert run(_connects, communicator("/ws/projects/acme/", owner))[0]
     assert run(_connects, communicator(f"/ws/sessions/{session.pk}/", outsider)) == (False, 4403)
@@ -133,7 +133,7 @@ def _in_thread(function, *args):
 
 
 def test_revoked_membership_ends_the_stream(setup):
-    owner, _, project, _, session = setup
+    owner, _, _project, _, session = setup
 
     async def scenario() -> tuple[str, Any]:
         client = communicator(f"/ws/sessions/{session.pk}/", owner)

@@ -1,0 +1,225 @@
+"""End to end in Debian's chromium (Playwright) against a real ASGI server (uvicorn: HTTP and
+WebSocket), PostgreSQL and the Redis channel layer. Data is committed (transactional_db) so the
+server process sees it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from sessions_app.models import Role
+from sessions_app.services import membership_set
+from snapshots_app.services import snapshot_record
+from tests.factories import make_project, make_session, make_user
+from tests.ui.conftest import PASSWORD, record_history
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# Set UI_SCREENSHOTS=1 to refresh the README's screenshots under static/docs/.
+SCREENSHOTS = os.environ.get("UI_SCREENSHOTS") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def server(transactional_db, monkeypatch) -> Iterator[str]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (.ci/ensure-chromium)")
+    if not settings.REDIS_URL or connection.vendor != "postgresql":
+        pytest.skip("the browser tests need PostgreSQL and Redis (DATABASE_URL, REDIS_URL)")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls here are still plain sync.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
+        subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": _database_url(), "REDIS_URL": settings.REDIS_URL,
+           "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=ROOT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("uvicorn did not start") from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def off_loop(function, *args, **kwargs):
+    """Run ORM/service code in a worker thread: Playwright's sync API keeps an event loop running in
+    this one, where async_to_sync (the live-update publish) refuses to run."""
+    from django.db import close_old_connections
+
+    def call():
+        try:
+            return function(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(call).result()
+
+
+def log_in(browser, base: str, username: str):
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}") or dialog.dismiss())
+    page.goto(f"{base}/accounts/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("table.sessions")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def _operator_story():
+    operator = make_user("olga")
+    project = make_project("acme")
+    membership_set(project=project, user=operator, role=Role.OPERATOR)
+    session = make_session(project, "run-42", workflow="research", tags=["nightly"])
+    record_history(session, 5)
+    failed = make_session(project, "run-failed", workflow="ingest")
+    snapshot_record(session=failed, state={"x": 1}, status="failed", error="TimeoutError: tool did not answer")
+    return session
+
+
+def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed", "run-42"]
+
+    page.select_option("select[name=status]", "failed")
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 1")
+    assert page.locator("a.ext").inner_text() == "run-failed" and "status=failed" in page.url
+    page.select_option("select[name=status]", "")
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 2")
+
+    page.click("text=run-42")
+    page.wait_for_selector("#timeline #v-5")
+    assert page.locator("#timeline > li.vrow").count() == 5
+
+    page.check("#v-2 input[name=from]")
+    page.check("#v-4 input[name=to]")
+    page.click("#diff-selected")
+    page.wait_for_selector("ol.changes")
+    assert "/counters/steps" in page.inner_text("ol.changes")
+    page.click("text=Side by side")
+    page.wait_for_selector("ol.changes.mode-side .sides")
+    if SCREENSHOTS:
+        page.screenshot(path=str(ROOT / "static/docs/diff.png"), full_page=True)
+
+    page.go_back()
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.click("#v-2 a.rewind")
+    page.wait_for_selector("#confirm-rewind")
+    assert "v5 → v2" in page.inner_text("h2")
+    page.fill("textarea[name=reason]", "the search step returned garbage")
+    page.click("#confirm-rewind")
+    page.wait_for_selector("#timeline #v-6")
+    assert "restored" in page.inner_text("#v-6") and "new head is version 6" in page.inner_text(".messages")
+    assert "head" in page.get_attribute("#v-6", "class")
+
+    # Wait until the socket is open, then post a snapshot through the service layer in this process.
+    page.wait_for_function("() => { const el = document.querySelector('.timeline-wrap'); "
+                           "return el && el['htmx-internal-data'] && el['htmx-internal-data'].webSocket "
+                           "&& el['htmx-internal-data'].webSocket.socket.readyState === 1 }", timeout=10_000)
+    started = time.monotonic()
+    off_loop(snapshot_record, session=session, state={"counters": {"steps": 7}, "pointer": "live"}, step="live-step")
+    page.wait_for_selector("#timeline > li#v-7", timeout=2_000)
+    elapsed = time.monotonic() - started
+    assert page.locator("#timeline > li.vrow").first.get_attribute("id") == "v-7"
+    assert "live-step" in page.inner_text("#v-7") and "head" not in page.get_attribute("#v-6", "class")
+    assert elapsed < 2.0
+    print(f"live version appeared after {elapsed * 1000:.0f} ms")
+    if SCREENSHOTS:
+        page.wait_for_timeout(800)  # let the slide-in animation finish
+        page.screenshot(path=str(ROOT / "static/docs/timeline.png"), full_page=True)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def _viewer_story(hostile):
+    viewer = make_user("victor")
+    project = make_project("acme")
+    membership_set(project=project, user=viewer, role=Role.VIEWER)
+    session = make_session(project, hostile)
+    snapshot_record(session=session, state={hostile: hostile, "q": "\"'><svg onload=alert(3)>", "c": "\x07\x1b"},
+                    step=hostile, error=hostile)
+    snapshot_record(session=session, state={hostile: hostile + "!", "q": "x"}, step=hostile)
+    return session
+
+
+def test_viewer_has_no_rewind_button_gets_403_and_hostile_state_stays_inert(server, browser):
+    hostile = '<script>alert("owned")</script><img src=x onerror=alert(2)>'
+    session = off_loop(_viewer_story, hostile)
+    page = log_in(browser, server, "victor")
+    assert hostile in page.inner_text("table.sessions")
+    page.click("a.ext")
+    page.wait_for_selector("#timeline #v-2")
+    assert page.locator("a.rewind").count() == 0 and page.locator("form.mark").count() == 0
+    status = page.evaluate("""async (url) => {
+        const token = document.body.getAttribute('hx-headers').match(/"X-CSRFToken": "([^"]+)"/)[1];
+        const response = await fetch(url, {method: 'POST', headers: {'X-CSRFToken': token,
+            'Content-Type': 'application/x-www-form-urlencoded'}, body: 'reason=sneaky&expected_version=2'});
+        return response.status; }""", f"/sessions/{session.pk}/v/1/rewind/")
+    assert status == 403
+    for path in (f"/sessions/{session.pk}/v/1/", f"/sessions/{session.pk}/diff/?from=1&to=2",
+                 f"/sessions/{session.pk}/v/1/?q=script"):
+        page.goto(server + path)
+        page.wait_for_load_state("load")
+        assert page.locator("main script, main img, main svg[onload]").count() == 0
+    page.goto(f"{server}/sessions/{session.pk}/v/1/")
+    assert hostile in page.inner_text("#tree")
+    assert page.errors == []  # type: ignore[attr-defined]
