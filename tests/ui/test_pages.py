@@ -177,7 +177,7 @@ def test_lineage_shows_rewind_source_and_forks(client, operator, story):
     fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt")
     client.force_login(operator)
     page = client.get(session_url(story)).content.decode()
-    assert "restored <a" in page and "v2</a>" in page and "branch v3–v5 left behind" in page
+    assert "restored <a" in page and "v2</a>" in page and "branch v3\u2013v5 left behind" in page
     assert "forked to" in page and "run-42-alt" in page
     forked = client.get(session_url(fork)).content.decode()
     assert "forked from" in forked and "diff vs source" in forked
