@@ -339,7 +339,6 @@ class Fork(ApiView):
             reason=data.get("reason", ""), **self.principal.actor,
         )
         if key:
-            transaction.on_commit(lambda: cache.set(
-                cache_key, {"fingerprint": fingerprint, "session": str(fork.pk)}, FORK_IDEMPOTENCY_SECONDS
-            ))
+            # The service has committed by now: the answer can be remembered.
+            cache.set(cache_key, {"fingerprint": fingerprint, "session": str(fork.pk)}, FORK_IDEMPOTENCY_SECONDS)
         return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)

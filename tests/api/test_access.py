@@ -1,0 +1,184 @@
+"""Who may do what: project isolation (404), scopes and roles (403), bad or revoked keys (401)."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from sessions_app.models import ApiKey, AuditEvent, Role, WorkflowSession
+from sessions_app.services import api_key_revoke, membership_set
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_record
+from tests.api.conftest import KeyClient, key_client
+from tests.factories import make_session, make_user
+
+
+def every_endpoint(session_id, other_id=None):
+    """(method, path, body) for every route that names a session."""
+    base = f"/api/v1/sessions/{session_id}"
+    return [
+        ("get", f"{base}/", None),
+        ("patch", f"{base}/", {"status": "completed"}),
+        ("delete", f"{base}/", None),
+        ("post", f"{base}/archive/", {"reason": "x"}),
+        ("get", f"{base}/versions/", None),
+        ("post", f"{base}/versions/", {"state": {"x": 1}}),
+        ("post", f"{base}/versions/batch/", {"versions": [{"state": {"x": 1}}]}),
+        ("get", f"{base}/versions/1/", None),
+        ("patch", f"{base}/versions/1/", {"pinned": True}),
+        ("get", f"{base}/head/", None),
+        ("get", f"{base}/diff/?from=1&to=1", None),
+        ("post", f"{base}/rewind/", {"to_version": 1, "reason": "x"}),
+        ("post", f"{base}/fork/", {"from_version": 1}),
+    ]
+
+
+def call(client, method, path, body):
+    if body is None:
+        return getattr(client, method)(path)
+    return getattr(client, method)(path, body, format="json")
+
+
+@pytest.fixture
+def theirs(other_project):
+    session = make_session(other_project, "secret-run")
+    snapshot_record(session=session, state={"secret": "value"})
+    return session
+
+
+def test_a_key_of_another_project_gets_404_for_everything(project, theirs, other_project):
+    admin = key_client(project, "admin")
+    mine = make_session(project, "mine")
+    snapshot_record(session=mine, state={"a": 1})
+    before = (Version.objects.count(), WorkflowSession.objects.count(), AuditEvent.objects.count())
+
+    for method, path, body in every_endpoint(theirs.pk):
+        response = call(admin, method, path, body)
+        assert response.status_code == 404, (method, path, response.content)
+        assert response["Content-Type"] == "application/problem+json"
+    # Comparing with, or resolving, another project's session is just as invisible.
+    assert admin.get(f"/api/v1/sessions/{mine.pk}/diff/?from=1&to=1&to_session={theirs.pk}").status_code == 404
+    assert admin.get(f"/api/v1/projects/{other_project.slug}/").status_code == 404
+    other_key = ApiKey.objects.create(project=other_project, name="k", prefix="abc123abc123", key_hash="0" * 64)
+    assert admin.get(f"/api/v1/keys/{other_key.pk}/").status_code == 404
+    assert admin.delete(f"/api/v1/keys/{other_key.pk}/").status_code == 404
+    # Lists never show it.
+    assert [s["id"] for s in admin.get("/api/v1/sessions/").json()["results"]] == [str(mine.pk)]
+    assert [p["slug"] for p in admin.get("/api/v1/projects/").json()["results"]] == [project.slug]
+    assert all(e["project"] == project.slug for e in admin.get("/api/v1/audit-events/").json()["results"])
+    assert (Version.objects.count(), WorkflowSession.objects.count(), AuditEvent.objects.count()) == before
+    assert ApiKey.objects.get(pk=other_key.pk).revoked_at is None
+
+
+def test_a_read_only_key_reads_but_cannot_write(project, session):
+    snapshot_record(session=session, state={"a": 1})
+    reader = key_client(project, "read")
+    before = (Version.objects.count(), AuditEvent.objects.count(), WorkflowSession.objects.count())
+
+    assert reader.get(f"/api/v1/sessions/{session.pk}/head/").status_code == 200
+    for method, path, body in every_endpoint(session.pk):
+        response = call(reader, method, path, body)
+        expected = 200 if method == "get" else 403
+        assert response.status_code == expected, (method, path, response.content)
+    response = reader.post("/api/v1/sessions/", {"external_id": "new"}, format="json")
+    assert response.status_code == 403
+    assert response.json()["code"] == "permission_denied"
+    assert reader.post("/api/v1/keys/", {"name": "k", "scopes": ["read"]}, format="json").status_code == 403
+    assert (Version.objects.count(), AuditEvent.objects.count(), WorkflowSession.objects.count()) == before
+    session.refresh_from_db()
+    assert session.status == "running" and session.archived_at is None
+
+
+def test_a_write_key_cannot_delete_or_manage_keys(project, session):
+    writer = key_client(project, "read,write")
+    assert writer.delete(f"/api/v1/sessions/{session.pk}/").status_code == 403
+    assert writer.get("/api/v1/keys/").status_code == 403
+    assert WorkflowSession.objects.filter(pk=session.pk).exists()
+
+
+def test_a_revoked_key_is_refused(project, session):
+    client = key_client(project, "admin")
+    assert client.get("/api/v1/sessions/").status_code == 200
+    api_key_revoke(api_key=ApiKey.objects.get(project=project))
+
+    response = client.get("/api/v1/sessions/")
+    assert response.status_code == 401
+    assert response["Content-Type"] == "application/problem+json"
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert response.json()["code"] == "authentication_failed"
+    assert client.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {}}, format="json").status_code == 401
+    assert not Version.objects.exists()
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer sr_nope_nope", "Bearer not-a-key", "Basic Zm9vOmJhcg=="])
+def test_missing_or_unknown_credentials_get_401(db, header):
+    client = APIClient()
+    if header:
+        client.credentials(HTTP_AUTHORIZATION=header)
+    response = client.get("/api/v1/sessions/")
+    assert response.status_code == 401
+    assert response.json()["status"] == 401
+
+
+def test_keys_are_stored_hashed_and_record_their_last_use(project):
+    client = key_client(project, "read")
+    api_key = ApiKey.objects.get(project=project)
+    assert client.token not in api_key.key_hash and api_key.last_used_at is None
+    client.get("/api/v1/projects/")
+    api_key.refresh_from_db()
+    assert api_key.last_used_at is not None
+
+
+def test_admin_key_creates_lists_and_revokes_keys(project):
+    admin = key_client(project, "admin")
+    created = admin.post("/api/v1/keys/", {"name": "engine-7", "scopes": ["read", "write"]}, format="json")
+    assert created.status_code == 201
+    token = created.json()["key"]
+    listed = admin.get("/api/v1/keys/").json()["results"]
+    assert {k["name"] for k in listed} == {"admin key", "engine-7"} and all("key" not in k for k in listed)
+
+    engine = KeyClient(token)
+    assert engine.post("/api/v1/sessions/", {"external_id": "via-new-key"}, format="json").status_code == 201
+    assert admin.delete(f"/api/v1/keys/{created.json()['id']}/").status_code == 200
+    assert engine.get("/api/v1/sessions/").status_code == 401
+    assert AuditEvent.objects.filter(action="api_key.revoke").count() == 1
+
+
+def test_browser_session_roles(project, session):
+    snapshot_record(session=session, state={"a": 1})
+    viewer, operator, stranger = make_user("vic"), make_user("olga"), make_user("sam")
+    membership_set(project=project, user=viewer, role=Role.VIEWER)
+    membership_set(project=project, user=operator, role=Role.OPERATOR)
+    rewind = f"/api/v1/sessions/{session.pk}/rewind/"
+
+    client = APIClient()
+    client.force_login(viewer)
+    assert client.get(f"/api/v1/sessions/{session.pk}/head/").status_code == 200
+    assert client.post(rewind, {"to_version": 1, "reason": "x"}, format="json").status_code == 403
+
+    client.force_login(operator)
+    assert client.post(rewind, {"to_version": 1, "reason": "x"}, format="json").status_code == 201
+    assert client.delete(f"/api/v1/sessions/{session.pk}/").status_code == 403
+
+    client.force_login(stranger)
+    assert client.get(f"/api/v1/sessions/{session.pk}/").status_code == 404
+
+
+def test_browser_writes_need_the_csrf_token(project, user):
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(user)
+    response = client.post("/api/v1/sessions/", {"external_id": "x"}, format="json")
+    assert response.status_code == 403
+    assert not WorkflowSession.objects.filter(external_id="x").exists()
+
+
+def test_create_api_key_command_prints_a_working_key(project):
+    out, err = StringIO(), StringIO()
+    call_command("create_api_key", "--project", project.slug, "--name", "ci", "--scopes", "read,write", stdout=out, stderr=err)
+    token = out.getvalue().strip()
+    assert token.startswith("sr_")
+    assert KeyClient(token).post("/api/v1/sessions/", {"external_id": "from-ci"}, format="json").status_code == 201
+    assert ApiKey.objects.get(name="ci").scopes == ["read", "write"]

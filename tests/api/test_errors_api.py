@@ -1,0 +1,121 @@
+"""Bad input on every write endpoint: the documented 4xx, one problem+json shape, nothing stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from sessions_app.models import ApiKey, AuditEvent, WorkflowSession
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_record
+
+
+def counts():
+    return (WorkflowSession.objects.count(), Version.objects.count(), AuditEvent.objects.count(), ApiKey.objects.count())
+
+
+def deep(depth):
+    value: dict = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+# (path tail relative to the session, or absolute when it starts with /, body, status, code)
+BAD_WRITES = [
+    ("/api/v1/sessions/", {}, 400, "invalid_request"),
+    ("/api/v1/sessions/", {"external_id": "   "}, 400, "invalid_request"),
+    ("/api/v1/sessions/", {"external_id": "x" * 256}, 400, "invalid_request"),
+    ("/api/v1/sessions/", {"external_id": "x", "metadata": "meta"}, 400, "invalid_request"),
+    ("/api/v1/sessions/", {"external_id": "x", "tags": [1]}, 400, "invalid_request"),
+    ("/api/v1/sessions/", {"external_id": "x", "project": "nope"}, 404, "not_found"),
+    ("versions/", {}, 400, "invalid_request"),
+    ("versions/", {"state": [1, 2]}, 400, "invalid_request"),
+    ("versions/", {"state": "{}"}, 400, "invalid_request"),
+    ("versions/", {"state": {"a": 1}, "status": "sleeping"}, 400, "invalid_request"),
+    ("versions/", {"state": {"a": 1}, "step": 5}, 400, "invalid_request"),
+    ("versions/", {"state": {"a": 1}, "expected_version": -1}, 400, "invalid_request"),
+    ("versions/", {"state": {"a": 1}, "expected_version": "1"}, 400, "invalid_request"),
+    ("versions/", {"state": {"a": 1}, "tags": ["no\ttabs"]}, 400, "invalid_request"),
+    ("versions/", {"state": deep(300)}, 400, "state_too_deep"),
+    ("versions/batch/", {"versions": []}, 400, "invalid_request"),
+    ("versions/batch/", {"versions": [{"state": {}}, {"state": 3}]}, 400, "invalid_request"),
+    ("versions/1/", {"pinned": "yes"}, 400, "invalid_request"),
+    ("versions/1/", {"label": "x" * 101}, 400, "invalid_request"),
+    ("versions/2/", {"pinned": True}, 404, "version_not_found"),
+    ("rewind/", {"to_version": 1}, 400, "invalid_request"),
+    ("rewind/", {"to_version": 0, "reason": "x"}, 400, "invalid_request"),
+    ("rewind/", {"to_version": 5, "reason": "x"}, 404, "version_not_found"),
+    ("fork/", {}, 400, "invalid_request"),
+    ("fork/", {"from_version": 9}, 404, "version_not_found"),
+    ("archive/", {"reason": 5}, 400, "invalid_request"),
+    ("", {"status": "nope"}, 400, "invalid_request"),
+    ("/api/v1/keys/", {"name": "k", "scopes": ["root"]}, 400, "invalid_request"),
+    ("/api/v1/keys/", {"name": "", "scopes": ["read"]}, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("tail", "body", "status", "code"), BAD_WRITES)
+def test_bad_input_gets_a_problem_and_stores_nothing(project, session, tail, body, status, code):
+    from tests.api.conftest import key_client
+
+    client = key_client(project, "admin")
+    snapshot_record(session=session, state={"a": 1})
+    path = tail if tail.startswith("/") else f"/api/v1/sessions/{session.pk}/{tail}"
+    method = "patch" if tail in ("versions/1/", "versions/2/", "") else "post"
+    before = counts()
+    response = getattr(client, method)(path, body, format="json")
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == code and problem["status"] == status and problem["type"].endswith(code)
+    assert problem["instance"] == path and problem["detail"]
+    assert counts() == before
+    session.refresh_from_db()
+    assert (session.head_number, session.status, session.archived_at) == (1, "running", None)
+
+
+@pytest.mark.parametrize("raw", ["{not json", '{"state": NaN}', '{"state": {"x": Infinity}}', "[]", ""])
+def test_unparseable_bodies(writer, session, raw):
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", raw)
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/problem+json"
+    assert not Version.objects.exists()
+
+
+def test_other_content_types_are_415(writer, session):
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", "state=1",
+                              content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 415 and response.json()["code"] == "unsupported_media_type"
+
+
+def test_a_body_over_the_limit_is_413(writer, session, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
+    response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {"blob": "x" * 4096}}, format="json")
+    assert response.status_code == 413 and response.json()["code"] == "request_too_large"
+    assert not Version.objects.exists()
+
+
+def test_a_state_over_the_limit_is_413(writer, session, settings):
+    settings.STATE_MAX_BYTES = 1024
+    response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {"blob": "x" * 2000}}, format="json")
+    assert response.status_code == 413 and response.json()["code"] == "state_too_large"
+    assert not Version.objects.exists()
+
+
+def test_throttled_per_key_with_retry_after(project, settings):
+    from tests.api.conftest import key_client
+
+    settings.API_RATE_LIMIT = "3/min"
+    busy, quiet = key_client(project, "read"), key_client(project, "read")
+    assert [busy.get("/api/v1/projects/").status_code for _ in range(3)] == [200, 200, 200]
+    limited = busy.get("/api/v1/projects/")
+    assert limited.status_code == 429 and limited.json()["code"] == "throttled"
+    assert 1 <= int(limited["Retry-After"]) <= 60
+    assert quiet.get("/api/v1/projects/").status_code == 200
+
+
+def test_unknown_routes_methods_and_ids(writer, session):
+    assert writer.get("/api/v1/sessions/not-a-uuid/").status_code == 404
+    assert writer.get(f"/api/v1/sessions/{session.pk}/versions/abc/").json()["code"] == "version_not_found"
+    assert writer.put(f"/api/v1/sessions/{session.pk}/", {}, format="json").status_code == 405
+    assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["code"] == "version_not_found"

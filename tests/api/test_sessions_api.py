@@ -1,0 +1,93 @@
+"""Sessions over the API: idempotent create, filters, cursor pagination, update, archive, delete."""
+
+from __future__ import annotations
+
+from sessions_app.models import AuditEvent, WorkflowSession
+from sessions_app.services import session_update
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_record
+from tests.factories import make_session
+
+
+def test_create_is_idempotent_on_external_id(writer):
+    first = writer.post("/api/v1/sessions/", {"external_id": "thread-9", "workflow": "research", "tags": ["t1"]},
+                        format="json")
+    again = writer.post("/api/v1/sessions/", {"external_id": "thread-9", "workflow": "other"}, format="json")
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["workflow"] == "research"
+    assert WorkflowSession.objects.filter(external_id="thread-9").count() == 1
+
+
+def test_list_filters_and_pages_with_a_cursor(writer, project):
+    for i in range(5):
+        make_session(project, f"run-{i}", workflow="etl" if i % 2 else "chat", tags=["nightly"] if i < 2 else [])
+    failed = make_session(project, "broken")
+    snapshot_record(session=failed, state={"a": 1}, error="boom", status="failed")
+
+    def ids(query):
+        response = writer.get(f"/api/v1/sessions/?{query}")
+        assert response.status_code == 200, response.content
+        return sorted(s["external_id"] for s in response.json()["results"])
+
+    assert ids("workflow=etl") == ["run-1", "run-3"]
+    assert ids("tag=nightly") == ["run-0", "run-1"]
+    assert ids("status=failed") == ["broken"] == ids("has_error=true")
+    assert ids("q=RUN-3") == ["run-3"]
+    assert ids("external_id=run-4") == ["run-4"]
+    assert ids("created_after=2000-01-01T00:00:00Z&created_before=2000-01-02T00:00:00Z") == []
+
+    seen, cursor = [], None
+    while True:
+        page = writer.get("/api/v1/sessions/?limit=2" + (f"&cursor={cursor}" if cursor else "")).json()
+        seen += [s["external_id"] for s in page["results"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(["broken", *[f"run-{i}" for i in range(5)]])
+    assert seen[0] == "broken"  # newest activity first
+
+
+def test_bad_filters_are_400_not_ignored(writer):
+    for query in ("status=sleeping", "has_error=maybe", "created_after=yesterday", "limit=0", "cursor=abc",
+                  "ordering=name"):
+        response = writer.get(f"/api/v1/sessions/?{query}")
+        assert response.status_code == 400, query
+        assert response.json()["code"] == "invalid_request"
+
+
+def test_patch_updates_status_metadata_and_tags(writer, session):
+    response = writer.patch(f"/api/v1/sessions/{session.pk}/",
+                            {"status": "waiting", "metadata": {"owner": "ops"}, "tags": ["a", "b"]}, format="json")
+    assert response.status_code == 200
+    session.refresh_from_db()
+    assert (session.status, session.metadata, session.tags) == ("waiting", {"owner": "ops"}, ["a", "b"])
+
+
+def test_bad_patch_changes_nothing(writer, session):
+    session_update(session=session, metadata={"keep": True})
+    for body in ({"status": "sleeping"}, {"metadata": [1]}, {"tags": "a"}, {"tags": ["bad\ttag"]},
+                 {"metadata": {"k": "nul\u0000"}}, {"workflow": 7}):
+        response = writer.patch(f"/api/v1/sessions/{session.pk}/", body, format="json")
+        assert response.status_code == 400, body
+    session.refresh_from_db()
+    assert session.metadata == {"keep": True} and session.status == "running"
+
+
+def test_archive_keeps_history_and_refuses_writes(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    assert writer.post(f"/api/v1/sessions/{session.pk}/archive/", {"reason": "done"}, format="json").status_code == 200
+    response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {"a": 2}}, format="json")
+    assert response.status_code == 409 and response.json()["code"] == "session_archived"
+    assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["state"] == {"a": 1}
+    assert writer.get("/api/v1/sessions/?archived=true").json()["results"][0]["id"] == str(session.pk)
+
+
+def test_admin_deletes_a_session_and_the_audit_log_keeps_the_fact(admin_key, session):
+    snapshot_record(session=session, state={"a": 1})
+    assert admin_key.delete(f"/api/v1/sessions/{session.pk}/?reason=gdpr").status_code == 204
+    assert not WorkflowSession.objects.filter(pk=session.pk).exists() and not Version.objects.exists()
+    event = AuditEvent.objects.get(action="session.delete")
+    assert event.reason == "gdpr" and event.actor_label.startswith("api key")
+    listed = admin_key.get(f"/api/v1/audit-events/?session={session.pk}").json()["results"]
+    assert [e["action"] for e in listed] == ["session.delete"]

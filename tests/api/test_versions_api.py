@@ -1,0 +1,153 @@
+"""Versions over the API: record, read back exactly, head + ETag, preconditions, idempotency, diff,
+rewind, fork, pin/label and batch."""
+
+from __future__ import annotations
+
+import orjson
+
+from sessions_app.models import AuditEvent, WorkflowSession
+from snapshots_app import canonical
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_record
+from tests.factories import agent_state
+
+
+def url(session, tail=""):
+    return f"/api/v1/sessions/{session.pk}/{tail}"
+
+
+def test_record_and_read_back_byte_for_byte(writer, session):
+    state = agent_state(3, history=20)
+    response = writer.post(url(session, "versions/"), {"state": state, "step": "plan", "engine": "llama", "tags": ["x"]},
+                           format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["number"] == 1 and body["parent"] is None and body["checksum"] == canonical.checksum(canonical.dumps(state))
+    assert "state" not in body
+
+    got = writer.get(url(session, "versions/1/"))
+    assert got.status_code == 200
+    assert orjson.loads(got.content)["state"] == state
+    # The state in the body is the stored canonical JSON, byte for byte.
+    assert canonical.dumps(state) in got.content
+
+
+def test_list_is_newest_first_without_states_and_paginates(writer, session):
+    for i in range(5):
+        snapshot_record(session=session, state={"i": i}, label="keep" if i == 2 else None)
+    page = writer.get(url(session, "versions/?limit=2")).json()
+    assert [v["number"] for v in page["results"]] == [5, 4] and all("state" not in v for v in page["results"])
+    rest = writer.get(url(session, f"versions/?limit=10&cursor={page['next']}")).json()
+    assert [v["number"] for v in rest["results"]] == [3, 2, 1] and rest["next"] is None
+    assert [v["number"] for v in writer.get(url(session, "versions/?label=keep")).json()["results"]] == [3]
+
+
+def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    head = writer.get(url(session, "head/"))
+    etag = head["ETag"]
+    assert head.status_code == 200 and head.json()["number"] == 1 and head.json()["state"] == {"a": 1}
+    assert etag == f'"{head.json()["checksum"]}-1"'
+    assert writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH=etag).status_code == 304
+
+    ok = writer.post(url(session, "versions/"), {"state": {"a": 2}}, format="json", HTTP_IF_MATCH=etag)
+    assert ok.status_code == 201
+    stale = writer.post(url(session, "versions/"), {"state": {"a": 3}}, format="json", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412 and stale.json()["code"] == "precondition_failed"
+    assert session.versions.count() == 2
+
+
+def test_stale_expected_version_is_409_and_writes_nothing(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    response = writer.post(url(session, "versions/"), {"state": {"a": 2}, "expected_version": 0}, format="json")
+    assert response.status_code == 409
+    assert response.json()["code"] == "version_conflict" and response.json()["details"] == {"expected": 0, "head": 1}
+    assert writer.post(url(session, "versions/"), {"state": {"a": 2}, "expected_version": 1}, format="json").status_code == 201
+    assert session.versions.count() == 2
+
+
+def test_idempotency_key_replays_the_first_answer(writer, session):
+    first = writer.post(url(session, "versions/"), {"state": {"a": 1}}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    again = writer.post(url(session, "versions/"), {"state": {"a": 1}}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert first.status_code == again.status_code == 201 and first.json() == again.json()
+    other = writer.post(url(session, "versions/"), {"state": {"a": 9}}, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert session.versions.count() == 1
+
+
+def test_diff_within_and_across_sessions(writer, session):
+    snapshot_record(session=session, state={"a": 1, "list": [1, 2]})
+    snapshot_record(session=session, state={"a": 2, "list": [1, 2, 3], "new": True})
+    diff = writer.get(url(session, "diff/?from=1&to=2")).json()
+    assert {(c["path"], c["kind"]) for c in diff["changes"]} == {("/a", "changed"), ("/list/2", "added"), ("/new", "added")}
+    assert {"op": "replace", "path": "/a", "value": 2} in diff["patch"]
+
+    fork = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": "what-if"}, format="json").json()
+    across = writer.get(url(session, f"diff/?from=2&to=1&to_session={fork['id']}")).json()
+    assert across["to"]["session"] == fork["id"] and {c["path"] for c in across["changes"]} == {"/a", "/list/2", "/new"}
+    assert writer.get(url(session, "diff/?from=1&to=99")).status_code == 404
+    assert writer.get(url(session, "diff/?from=1")).status_code == 400
+
+
+def test_rewind_returns_the_new_head_and_is_audited(writer, session):
+    snapshot_record(session=session, state={"step": 1})
+    snapshot_record(session=session, state={"step": 2}, error="tool failed", status="failed")
+    response = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "retry after fix"}, format="json")
+    assert response.status_code == 201
+    head = response.json()
+    assert head["number"] == 3 and head["kind"] == "rewind" and head["parent"] == 1 and head["state"] == {"step": 1}
+    assert response["ETag"] == f'"{head["checksum"]}-3"'
+    assert writer.get(url(session, "head/")).json()["number"] == 3
+    event = AuditEvent.objects.get(action="session.rewind")
+    assert event.reason == "retry after fix" and event.details["to_version"] == 1
+
+
+def test_rewind_preconditions(writer, session):
+    snapshot_record(session=session, state={"step": 1})
+    snapshot_record(session=session, state={"step": 2})
+    bad = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "x", "expected_version": 1}, format="json")
+    assert bad.status_code == 409
+    assert writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "  "}, format="json").status_code == 400
+    assert writer.post(url(session, "rewind/"), {"to_version": 7, "reason": "x"}, format="json").status_code == 404
+    assert session.versions.count() == 2
+
+
+def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    first = writer.post(url(session, "fork/"), {"from_version": 1, "reason": "try"}, format="json",
+                        HTTP_IDEMPOTENCY_KEY="f-1")
+    again = writer.post(url(session, "fork/"), {"from_version": 1, "reason": "try"}, format="json",
+                        HTTP_IDEMPOTENCY_KEY="f-1")
+    assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
+    fork = WorkflowSession.objects.get(pk=first.json()["id"])
+    assert fork.head_number == 1 and fork.versions.get().parent.session_id == session.pk
+    taken = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": session.external_id}, format="json")
+    assert taken.status_code == 409
+    assert WorkflowSession.objects.count() == 2
+
+
+def test_pin_and_label(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    response = writer.patch(url(session, "versions/1/"), {"pinned": True, "label": "good"}, format="json")
+    assert response.status_code == 200 and response.json()["pinned"] is True and response.json()["label"] == "good"
+    version = Version.objects.get()
+    assert version.pinned and version.label == "good"
+    assert {e.action for e in AuditEvent.objects.all()} >= {"version.pin", "version.label"}
+
+
+def test_batch_records_in_order_all_or_nothing(writer, session):
+    items = [{"state": {"i": i}, "step": f"s{i}"} for i in range(3)]
+    response = writer.post(url(session, "versions/batch/"), {"versions": items, "expected_version": 0}, format="json")
+    assert response.status_code == 201
+    assert [v["number"] for v in response.json()["versions"]] == [1, 2, 3]
+
+    broken = [{"state": {"i": 4}}, {"state": {"deep": _nested(500)}}]
+    assert writer.post(url(session, "versions/batch/"), {"versions": broken}, format="json").status_code == 400
+    assert session.versions.count() == 3
+
+
+def _nested(depth):
+    value: dict = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
