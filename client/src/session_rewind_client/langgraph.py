@@ -18,7 +18,9 @@ Mapping (all visible in the dashboard):
   `put_writes` call tagged ``cp:<checkpoint id>``, so they never move the thread's head.
 
 The thread's current checkpoint is the session's head: an operator's rewind in the dashboard is what
-the next ``invoke(None, config)`` resumes from. Channel values that are plain JSON are stored as JSON
+the next ``invoke(None, config)`` resumes from, and it resumes *before* the tasks that ran after that
+checkpoint: writes made before a rewind belong to the checkpoint's original version, not to the
+rewind (by the server's timestamps), so those tasks run again. Channel values that are plain JSON are stored as JSON
 (diffable in the dashboard); anything else goes through the saver's serde (``{"__lg_serde__": [type,
 base64]}``).
 
@@ -34,6 +36,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from datetime import datetime
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -104,6 +107,32 @@ def _is_plain_json(value: Any, depth: int = 0) -> bool:
             isinstance(key, str) and _is_plain_json(item, depth + 1) for key, item in value.items()
         )
     return False
+
+
+def _when(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def _within(write_versions: list[dict[str, Any]], window: tuple[datetime | None, datetime | None]) -> list[dict[str, Any]]:
+    """The write versions the server stored inside [start, end)."""
+    start, end = window
+    return [
+        meta for meta in write_versions
+        if (start is None or _when(meta["created_at"]) >= start) and (end is None or _when(meta["created_at"]) < end)
+    ]
+
+
+def _rewind_targets(rewind_versions: list[dict[str, Any]]) -> dict[int, tuple[int, datetime]]:
+    """Rewind number -> (the non-rewind version it restores, when), following rewinds of rewinds."""
+    parents = {int(meta["number"]): meta.get("parent") for meta in rewind_versions}
+    targets: dict[int, tuple[int, datetime]] = {}
+    for meta in rewind_versions:
+        target = meta.get("parent")
+        while target in parents:
+            target = parents[target]
+        if target is not None:
+            targets[int(meta["number"])] = (int(target), _when(meta["created_at"]))
+    return targets
 
 
 class _Item:
@@ -381,10 +410,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     def _versions(self, session_id: str, *, tag: str | None = None) -> Op:
         """Version metadata newest first, as a list (tag-filtered when `tag` is given)."""
+        return (yield from self._versions_filtered(session_id, {"tag": tag} if tag is not None else {}))
+
+    def _versions_filtered(self, session_id: str, filters: dict[str, str]) -> Op:
         found: list[dict[str, Any]] = []
-        params: dict[str, Any] = {"limit": PAGE}
-        if tag is not None:
-            params["tag"] = tag
+        tag = filters.get("tag")
+        params: dict[str, Any] = {"limit": PAGE, **filters}
         call: Call | None = Call("GET", f"sessions/{session_id}/versions/", params=params)
         while call is not None:
             try:
@@ -418,11 +449,16 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     # -- pending writes ----------------------------------------------------------------------------
 
-    def _writes_for(self, writes_session: str | None, checkpoint_id: str) -> Op:
+    def _writes_for(self, writes_session: str | None, checkpoint_id: str, window: tuple[datetime | None, datetime | None]) -> Op:
         if writes_session is None:
             return []
         found = yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id))
-        return (yield from self._collect_writes(writes_session, found))
+        return (yield from self._collect_writes(writes_session, _within(found, window)))
+
+    def _rewinds(self, session_id: str) -> Op:
+        """Rewind version number -> (number of the non-rewind version it restores, created_at)."""
+        found = yield from self._versions_filtered(session_id, {"kind": "rewind"})
+        return _rewind_targets(found)
 
     def _collect_writes(self, writes_session: str, versions: list[dict[str, Any]]) -> Op:
         """Pending writes from the write versions, in LangGraph's order. A regular write keeps its first
@@ -448,6 +484,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         if session_id is None:
             return None
         checkpoint_id = get_checkpoint_id(config)
+        window: tuple[datetime | None, datetime | None] = (None, None)
         if checkpoint_id:
             number = yield from self._number_of(session_id, checkpoint_id)
             if number is None:
@@ -457,6 +494,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             except NotFound:
                 self._forget(session_id)
                 return None
+            # Its writes are those made before the first rewind back to it (later ones belong to that rewind).
+            rewinds = yield from self._rewinds(session_id)
+            window = (None, min((when for target, when in rewinds.values() if target == number), default=None))
         else:
             try:
                 head = yield Call("GET", f"sessions/{session_id}/head/")
@@ -464,9 +504,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 # No versions yet, or the session was deleted meanwhile.
                 return None
             state = head["state"]
+            self._states.put((session_id, int(head["number"])), state)
             checkpoint_id = state["checkpoint"]["id"]
+            if head.get("kind") == "rewind":
+                window = (_when(head["created_at"]), None)
         writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
-        writes = yield from self._writes_for(writes_session, checkpoint_id)
+        writes = yield from self._writes_for(writes_session, checkpoint_id, window)
         return self._tuple_from(state, thread_id, ns, writes)
 
     def _list(
@@ -489,7 +532,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         before_id = get_checkpoint_id(before) if before else None
         versions = yield from self._versions(session_id)
         writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
-        writes_index: dict[str, list[dict[str, Any]]] = {}
+        rewinds = _rewind_targets([meta for meta in versions if meta.get("kind") == "rewind"])
+        writes_index: dict[str, list[dict[str, Any]]] = {}  # checkpoint tag -> write versions
         if writes_session is not None:
             for meta in (yield from self._versions(writes_session)):
                 for tag in meta.get("tags") or []:
@@ -520,7 +564,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     continue
             writes: list[Any] = []
             if writes_session is not None:
-                found = writes_index.get(checkpoint_tag(checkpoint_id), [])
+                end = min((when for target, when in rewinds.values() if target == int(meta["number"])), default=None)
+                found = _within(writes_index.get(checkpoint_tag(checkpoint_id), []), (None, end))
                 writes = yield from self._collect_writes(writes_session, found)
             yield _Item(self._tuple_from(state, thread_id, ns, writes))
             emitted += 1

@@ -1,0 +1,118 @@
+"""LangGraph on Session Rewind, end to end against a live server: LangGraph's own conformance suite,
+then real graphs (sync and async) with history, time travel and update_state forks."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from typing import Annotated, TypedDict
+
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES
+from langgraph.graph import END, START, StateGraph
+
+from session_rewind_client.langgraph import SessionRewindSaver
+
+
+def test_conformance_suite_passes(live_api):
+    @checkpointer_test(name="SessionRewindSaver")
+    async def saver_factory():
+        async with live_api.aclient() as aclient:
+            yield SessionRewindSaver(aclient=aclient)
+
+    report = asyncio.run(validate(saver_factory))
+    report.print_report()
+    failures = {name: result.failures for name, result in report.results.items() if result.passed is False}
+    assert report.passed_all_base(), failures
+    assert {cap.value for cap in BASE_CAPABILITIES} <= {name for name, r in report.results.items() if r.passed}
+    for extended in ("copy_thread", "prune"):
+        assert report.results[extended].passed, report.results[extended].failures
+
+
+class Trip(TypedDict):
+    city: str
+    log: Annotated[list[str], operator.add]
+
+
+def plan(state: Trip) -> dict:
+    return {"log": [f"plan {state['city']}"]}
+
+
+def book(state: Trip) -> dict:
+    return {"log": [f"book {state['city']}"]}
+
+
+def confirm(state: Trip) -> dict:
+    return {"log": [f"confirm {state['city']}"]}
+
+
+def trip_graph(saver: SessionRewindSaver):
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node("book", book)
+    builder.add_node("confirm", confirm)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "book")
+    builder.add_edge("book", "confirm")
+    builder.add_edge("confirm", END)
+    return builder.compile(checkpointer=saver)
+
+
+def test_graph_history_time_travel_and_update_state_fork(live_api, rewind):
+    graph = trip_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "trip-1"}}
+    result = graph.invoke({"city": "Oslo", "log": []}, config)
+    assert result["log"] == ["plan Oslo", "book Oslo", "confirm Oslo"]
+
+    session = rewind.list_sessions(external_id="trip-1")["results"][0]
+    versions = list(rewind.iter_versions(session["id"]))
+    assert len(versions) == 5 and all(v["engine"] == "langgraph" and v["engine_version"] for v in versions)
+    assert versions[0]["step"] == "loop 3"
+
+    history = list(graph.get_state_history(config))
+    assert [len(snapshot.values.get("log", [])) for snapshot in history] == [3, 2, 1, 0, 0]
+    after_plan = next(s for s in history if s.values.get("log") == ["plan Oslo"])
+    assert after_plan.next == ("book",)
+
+    # update_state on an older checkpoint: a new branch, visible as a rewind in the timeline.
+    forked = graph.update_state(after_plan.config, {"city": "Bergen"})
+    resumed = graph.invoke(None, forked)
+    assert resumed["log"] == ["plan Oslo", "book Bergen", "confirm Bergen"]
+    timeline = list(rewind.iter_versions(session["id"]))
+    rewinds = [v for v in timeline if v["kind"] == "rewind"]
+    assert len(rewinds) == 1 and rewinds[0]["parent"] == versions[[v["step"] for v in versions].index("loop 1")]["number"]
+    assert graph.get_state(config).values["log"] == ["plan Oslo", "book Bergen", "confirm Bergen"]
+
+    # Replay from a checkpoint id (LangGraph's own time travel) re-runs what came after it.
+    replayed = graph.invoke(None, after_plan.config)
+    assert replayed["log"] == ["plan Oslo", "book Oslo", "confirm Oslo"]
+    assert len(list(graph.get_state_history(config))) > len(history)
+
+
+def test_operator_rewind_is_what_the_graph_resumes_from(live_api, rewind):
+    graph = trip_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "trip-2"}}
+    graph.invoke({"city": "Rome", "log": []}, config)
+    session = rewind.list_sessions(external_id="trip-2")["results"][0]
+    after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1")
+    rewind.rewind(session["id"], after_plan["number"], reason="booking went wrong")
+
+    state = graph.get_state(config)
+    assert state.values["log"] == ["plan Rome"] and state.next == ("book",)
+    assert graph.invoke(None, config)["log"] == ["plan Rome", "book Rome", "confirm Rome"]
+
+
+def test_async_graph_and_thread_deletion(live_api):
+    async def main() -> tuple[list[str], int, int]:
+        async with live_api.aclient() as aclient:
+            saver = SessionRewindSaver(aclient=aclient)
+            graph = trip_graph(saver)
+            config = {"configurable": {"thread_id": "trip-async"}}
+            result = await graph.ainvoke({"city": "Lima", "log": []}, config)
+            history = [s async for s in graph.aget_state_history(config)]
+            await saver.adelete_thread("trip-async")
+            remaining = [s async for s in graph.aget_state_history(config)]
+            return result["log"], len(history), len(remaining)
+
+    log, history, remaining = asyncio.run(main())
+    assert log == ["plan Lima", "book Lima", "confirm Lima"] and history == 5 and remaining == 0
