@@ -61,3 +61,21 @@ def test_api_conforms_to_its_schema(case, live_data):
     case.call_and_validate(
         headers={"Authorization": f"Bearer {live_data['token']}"}, excluded_checks=[positive_data_acceptance]
     )
+
+
+def test_docs_are_served_from_our_static_files(client):
+    for path in ("/api/v1/docs/", "/api/v1/redoc/"):
+        html = client.get(path).content.decode()
+        assert "/static/drf_spectacular_sidecar/" in html
+        assert "cdn." not in html and "unpkg" not in html
+
+
+def test_schema_describes_the_contract(client):
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+    paths = schema["paths"]
+    assert {"/api/v1/sessions/", "/api/v1/sessions/{id}/", "/api/v1/sessions/{id}/versions/",
+            "/api/v1/sessions/{id}/versions/{number}/", "/api/v1/sessions/{id}/head/", "/api/v1/sessions/{id}/diff/",
+            "/api/v1/sessions/{id}/rewind/", "/api/v1/sessions/{id}/fork/"} <= set(paths)
+    create = paths["/api/v1/sessions/{id}/versions/"]["post"]["responses"]
+    assert create["409"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/Problem")
+    assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
