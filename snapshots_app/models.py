@@ -211,3 +211,28 @@ class IntegrityProblem(models.Model):
     @property
     def is_open(self) -> bool:
         return self.resolved_at is None
+
+
+class CompressionDictionary(models.Model):
+    """A zstd dictionary trained by compaction on one project's nodes (StateNode codec 2).
+
+    Nodes compressed with it name it in their zstd frame header (`zstd_id`), so it is never
+    changed or deleted while the project lives; a newer dictionary is a new row.
+    """
+
+    ZSTD_ID_BASE = 1 << 16  # keeps our ids clear of zstd's small reserved range
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    data = models.BinaryField()
+    samples = models.PositiveIntegerField(help_text="How many nodes it was trained on.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["project", "-id"]
+
+    def __str__(self) -> str:
+        return f"zstd dictionary {self.pk} of project {self.project_id}"
+
+    @property
+    def zstd_id(self) -> int:
+        return self.ZSTD_ID_BASE + self.pk

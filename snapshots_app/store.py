@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_ZSTD_DICT = 2  # zstd with a project dictionary, written only by compaction
 COMPRESS_MIN = 64  # smaller nodes are stored raw: zstd's frame header would not pay for itself
 ZSTD_LEVEL = 3
 NODE_CACHE_TIMEOUT = 24 * 3600
@@ -64,7 +65,25 @@ def decompress(codec: int, data: bytes) -> bytes:
         return data
     if codec == CODEC_ZSTD:
         return _decompressor().decompress(data)
+    if codec == CODEC_ZSTD_DICT:
+        return _dict_decompressor(zstandard.get_frame_parameters(data).dict_id).decompress(data)
     raise ValueError(f"unknown codec {codec}")
+
+
+def _dict_decompressor(zstd_id: int) -> zstandard.ZstdDecompressor:
+    """A decompressor for a project dictionary (compaction re-encodes nodes with it; see compaction)."""
+    from snapshots_app.models import CompressionDictionary
+
+    if not hasattr(_local, "dict_decompressors"):
+        _local.dict_decompressors = {}
+    decompressor = _local.dict_decompressors.get(zstd_id)
+    if decompressor is None:
+        row = CompressionDictionary.objects.filter(pk=zstd_id - CompressionDictionary.ZSTD_ID_BASE).first()
+        if row is None:
+            raise ValueError(f"zstd dictionary {zstd_id} does not exist")
+        decompressor = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(bytes(row.data)))
+        _local.dict_decompressors[zstd_id] = decompressor  # dictionaries never change: cache for good
+    return decompressor
 
 
 class _NodeLRU:

@@ -158,3 +158,26 @@ def test_maintenance_command_runs_compaction_on_demand(project):
     call_command("maintenance", "compact", project.slug, stdout=out)
     assert json.loads(out.getvalue())["versions_removed"] == 4
     assert _numbers(session) == [5, 6]
+
+
+@pytest.mark.django_db
+def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_exact(project):
+    from snapshots_app import store
+    from snapshots_app.models import CompressionDictionary
+
+    for index in range(3):
+        record_history(project, f"run-z{index}", 30, notes=3)
+    before = read_all(project)
+
+    result = compaction_run(project=project, apply_retention=False)
+
+    assert CompressionDictionary.objects.filter(project=project).count() == 1
+    assert result["nodes_recompressed"] > 200
+    assert result["bytes_saved_by_recompression"] > 0.2 * result["bytes_before"]
+    assert result["bytes_after"] == result["bytes_before"] - result["bytes_saved_by_recompression"]
+    assert StateNode.objects.filter(project=project, codec=store.CODEC_ZSTD_DICT).count() == result["nodes_recompressed"]
+    store.node_lru.clear()
+    assert read_all(project) == before
+    # Idempotent: a second run reuses the dictionary and finds nothing left to re-encode.
+    again = compaction_run(project=project, apply_retention=False)
+    assert again["nodes_recompressed"] == 0 and CompressionDictionary.objects.filter(project=project).count() == 1
