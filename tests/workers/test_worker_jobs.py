@@ -50,7 +50,7 @@ def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_versio
     removed = {(s.external_id, n) for s in project.sessions.all() for n in preview.removed_numbers.get(str(s.pk), [])}
     assert set(after) == set(before) - removed  # exactly the planned versions went, nothing else
     assert all(after[key] == before[key] for key in after)  # and every kept one reads back exactly
-    assert StateNode.objects.filter(project=project).count() == preview.nodes_total - preview.nodes_freed < partial
+    assert StateNode.objects.filter(project=project).count() == preview.nodes_total - preview.nodes_freed <= partial
     assert compaction_dry_run(project=project, apply_retention=False).nodes_freed == 0
 
 
