@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from session_rewind_client import AsyncClient, Client, RetryPolicy
 
 from sessions_app.models import Project
 from sessions_app.services import api_key_create
-from session_rewind_client import AsyncClient, Client, RetryPolicy
 from tests.factories import make_project
 
 

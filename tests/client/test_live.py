@@ -6,7 +6,6 @@ import asyncio
 import uuid
 
 import pytest
-
 from session_rewind_client import (
     AuthenticationError,
     Client,

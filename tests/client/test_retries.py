@@ -7,7 +7,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from session_rewind_client import (
     AsyncClient,
     Client,

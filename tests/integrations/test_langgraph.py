@@ -10,7 +10,6 @@ from typing import Annotated, TypedDict
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES
 from langgraph.graph import END, START, StateGraph
-
 from session_rewind_client.langgraph import SessionRewindSaver
 
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from session_rewind_client.llamaindex import ENGINE, ContextNotResumable, WorkflowRecorder
 from workflows import Context, Workflow, step
 from workflows.events import Event, StartEvent, StopEvent
-
-from session_rewind_client.llamaindex import ENGINE, ContextNotResumable, WorkflowRecorder
 
 
 class Fetched(Event):

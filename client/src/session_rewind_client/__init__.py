@@ -3,9 +3,9 @@ in `session_rewind_client.llamaindex` and `session_rewind_client.langgraph` (opt
 
 __version__ = "0.1.0"
 
-from session_rewind_client._core import RetryPolicy  # noqa: E402
-from session_rewind_client.client import AsyncClient, Client  # noqa: E402
-from session_rewind_client.errors import (  # noqa: E402
+from session_rewind_client._core import RetryPolicy
+from session_rewind_client.client import AsyncClient, Client
+from session_rewind_client.errors import (
     AuthenticationError,
     ConflictError,
     NotFound,

@@ -36,8 +36,8 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from datetime import datetime
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -199,6 +199,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self._sessions: dict[str, str] = {}
         self._states = _LRU(cache_size)
         self._numbers = _LRU(cache_size * 4)
+        self._heads: dict[str, int] = {}
 
     # -- running operations ------------------------------------------------------------------------
 
@@ -407,6 +408,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             self._sessions.pop(key, None)
         self._states.drop(lambda key: key[0] == session_id)
         self._numbers.drop(lambda key: key[0] == session_id)
+        self._heads.pop(session_id, None)
 
     def _versions(self, session_id: str, *, tag: str | None = None) -> Op:
         """Version metadata newest first, as a list (tag-filtered when `tag` is given)."""
@@ -505,6 +507,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 return None
             state = head["state"]
             self._states.put((session_id, int(head["number"])), state)
+            self._heads[session_id] = int(head["number"])
             checkpoint_id = state["checkpoint"]["id"]
             if head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
@@ -587,18 +590,24 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             "engine_version": self.engine_version,
             "tags": [checkpoint_tag(checkpoint["id"])],
         }
-        for _attempt in range(3):
-            head = yield Call("GET", f"sessions/{session_id}/")
-            head_number = int(head.get("head") or 0)
-            if parent_id and head_number:
-                head_state = yield from self._state_at_head(session_id, head_number)
-                if head_state["checkpoint"]["id"] != parent_id:
-                    head_number = yield from self._branch_from(session_id, parent_id, head_number)
+        for attempt in range(3):
+            # The head this saver last wrote saves a request per checkpoint; if anything else moved it,
+            # the write below gets a 409 and the second attempt asks the server.
+            head_number = self._heads.get(session_id) if attempt == 0 else None
+            if head_number is None:
+                head = yield Call("GET", f"sessions/{session_id}/")
+                head_number = int(head.get("head") or 0)
             try:
+                if parent_id and head_number:
+                    head_state = yield from self._state_at_head(session_id, head_number)
+                    if head_state["checkpoint"]["id"] != parent_id:
+                        head_number = yield from self._branch_from(session_id, parent_id, head_number)
                 created = yield Call("POST", f"sessions/{session_id}/versions/",
                                      json={**body, "expected_version": head_number})
             except ConflictError:
+                self._heads.pop(session_id, None)
                 continue  # someone else (an operator's rewind, another process) moved the head: decide again
+            self._heads[session_id] = int(created["number"])
             self._states.put((session_id, int(created["number"])), state)
             self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
             break
