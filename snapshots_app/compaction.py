@@ -351,7 +351,7 @@ def _dictionary(project_id: int) -> CompressionDictionary | None:
     )
     if len(rows) < DICTIONARY_MIN_NODES:
         return None
-    samples = [store.decompress(codec, bytes(data)) for codec, data in rows]
+    samples: list[bytes | bytearray | memoryview] = [store.decompress(codec, bytes(data)) for codec, data in rows]
     size = min(DICTIONARY_MAX_BYTES, sum(map(len, samples)) // 10)
     with transaction.atomic():
         row = CompressionDictionary.objects.create(project_id=project_id, data=b"", samples=len(samples))

@@ -161,9 +161,13 @@ def test_maintenance_command_runs_compaction_on_demand(project):
 
 
 @pytest.mark.django_db
-def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_exact(project):
+def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_exact(project, settings, tmp_path):
+    from pathlib import Path
+
     from snapshots_app import store
     from snapshots_app.models import CompressionDictionary
+    from snapshots_app.transfer import transfer_export_run, transfer_import_run
+    from tests.factories import make_project
 
     for index in range(3):
         record_history(project, f"run-z{index}", 30, notes=3)
@@ -181,3 +185,8 @@ def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_
     # Idempotent: a second run reuses the dictionary and finds nothing left to re-encode.
     again = compaction_run(project=project, apply_retention=False)
     assert again["nodes_recompressed"] == 0 and CompressionDictionary.objects.filter(project=project).count() == 1
+    # Exports decode re-encoded nodes like any others.
+    settings.VAR_DIR = tmp_path
+    copy = make_project("copy")
+    transfer_import_run(project=copy, path=Path(transfer_export_run(project=project)["path"]))
+    assert read_all(copy) == before
