@@ -70,7 +70,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 class ProjectEventsConsumer(LiveConsumer):
     """The session list of one project (ws/projects/<slug>/): new sessions and status changes."""
 
-    project_id: int | None = None
+    project_id: int = 0
 
     async def authorise(self, user: Any) -> str | None:
         project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])

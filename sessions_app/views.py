@@ -20,9 +20,14 @@ def render_fragment(
 ) -> HttpResponse:
     """The whole page for plain and boosted requests; only the fragment for htmx requests that
     target part of the page (links keep a real href, so every page also works without htmx)."""
-    htmx = getattr(request, "htmx", None)
-    template = fragment if htmx and not htmx.boosted else page
+    template = fragment if wants_fragment(request) else page
     return render(request, template, context, status=status)
+
+
+def wants_fragment(request: HttpRequest) -> bool:
+    """An htmx request that swaps part of a page (boosted ones replace the whole page)."""
+    htmx = getattr(request, "htmx", None)
+    return bool(htmx and not htmx.boosted)
 
 
 def _when(raw: str, *, end_of_day: bool = False) -> datetime | None:

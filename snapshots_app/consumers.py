@@ -21,7 +21,7 @@ ROW = "snapshots_app/partials/_version_row.html"
 
 
 class SessionTimelineConsumer(LiveConsumer):
-    session_id: str | None = None
+    session_id: str = ""
 
     async def authorise(self, user: Any) -> str | None:
         session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
@@ -51,7 +51,7 @@ class SessionTimelineConsumer(LiveConsumer):
             self.group = None
             return None
         context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
-        parts = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
+        parts: list[str] = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
         number = payload.get("version")
         if event == "version.created" and isinstance(number, int):
             # The previous head loses its head badge and gains a rewind button.

@@ -67,7 +67,7 @@ def timeline_page(session: WorkflowSession, *, before: int | None = None, limit:
     """Newest first by number (keyset on version_unique_number); each version carries `forks_out`:
     the fork sessions started from it, fetched for the whole page in one query."""
     versions = version_list(session, before=before, limit=limit)
-    forks: dict[int, list[Version]] = {}
+    forks: dict[int | None, list[Version]] = {}
     if versions:
         children = (
             Version.objects.filter(parent_id__in=[v.pk for v in versions], kind=VersionKind.FORK)

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from sessions_app.errors import NotFound, StateStoreError
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
-from sessions_app.views import render_fragment
+from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
 from snapshots_app.models import Version
 
@@ -102,7 +102,7 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     )
     if query:
         context["results"], context["results_cut"] = jsonview.search(state, query)
-    if request.htmx and not request.htmx.boosted:
+    if wants_fragment(request):
         template = "snapshots_app/partials/_search_results.html" if query else "snapshots_app/partials/_tree_level.html"
         return render(request, template, context)
     return render(request, "snapshots_app/version.html", context)
@@ -154,7 +154,7 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
         full = string_path + change["path"] if string_path else change["path"]
         old, new = change.get("old"), change.get("new")
         long_text = change["kind"] == "changed" and jsonview.is_long_text(old, new)
-        pieces = jsonview.text_diff(old, new) if long_text else None
+        pieces = jsonview.text_diff(str(old), str(new)) if long_text else None
         shown.append(ShownChange(
             path=full or "/",
             string_path=string_path,
@@ -312,10 +312,10 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         if "label" in request.POST:
             version = services.version_label(version=version, label=request.POST["label"], actor=request.user)
     except StateStoreError as exc:
-        if request.htmx:
+        if wants_fragment(request):
             return HttpResponse(exc.message, status=exc.status)
         messages.error(request, exc.message)
-    if request.htmx:
+    if wants_fragment(request):
         version = selectors.timeline_page(session, before=version.number + 1, limit=1)[0]
         return render(request, "snapshots_app/partials/_version_row.html", {**_base(session, role), "v": version})
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
