@@ -9,12 +9,11 @@ import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 from datetime import datetime
-import hashlib
-import hmac
 from typing import Any
 
 import orjson
 from django.core.exceptions import ValidationError
+from django.db import connection
 from django.db.models import Q, QuerySet
 
 from sessions_app.errors import SessionNotFound
@@ -113,7 +112,10 @@ def session_list(
     if filters.workflow:
         queryset = queryset.filter(workflow=filters.workflow)
     if filters.tag:
-        queryset = queryset.filter(tags__contains=[filters.tag])
+        if connection.vendor == "postgresql":
+            queryset = queryset.filter(tags__contains=[filters.tag])
+        else:  # SQLite has no JSON containment; match the element's JSON text instead
+            queryset = queryset.filter(tags__icontains=orjson.dumps(filters.tag).decode())
     if filters.has_error == "yes":
         queryset = queryset.exclude(last_error="")
     elif filters.has_error == "no":
@@ -171,35 +173,3 @@ def session_for_member(*, user: Any, session_id: Any) -> tuple[WorkflowSession, 
 
 def session_row(*, project_id: int, session_id: Any) -> WorkflowSession | None:
     return WorkflowSession.objects.filter(project_id=project_id, pk=session_id).first()
-
-
-def api_key_for_token(token: str) -> ApiKey | None:
-    """The key (revoked or not) whose secret is `token`, or None. Constant-time hash comparison."""
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != "sr" or not parts[1]:
-        return None
-    api_key = ApiKey.objects.select_related("project").filter(prefix=parts[1]).first()
-    if api_key is None:
-        return None
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    return api_key if hmac.compare_digest(digest, api_key.key_hash) else None
-
-
-def api_keys_for_project(project: Project) -> QuerySet[ApiKey]:
-    return ApiKey.objects.filter(project=project).select_related("project").order_by("-created_at", "-id")
-
-
-def roles_for_user(user: Any) -> dict[int, str]:
-    """project id -> role for every project the user is a member of."""
-    if not getattr(user, "is_authenticated", False):
-        return {}
-    return dict(Membership.objects.filter(user=user).values_list("project_id", "role"))
-
-
-def role_for_scopes(scopes: list[str]) -> str | None:
-    """API key scopes map to member roles: read -> viewer, write -> operator, admin -> admin."""
-    roles = [SCOPE_ROLES[scope] for scope in scopes if scope in SCOPE_ROLES]
-    return max(roles, key=lambda role: ROLE_RANK[role]) if roles else None
-
-
-SCOPE_ROLES = {ApiKey.Scope.READ: Role.VIEWER, ApiKey.Scope.WRITE: Role.OPERATOR, ApiKey.Scope.ADMIN: Role.ADMIN}
