@@ -116,3 +116,42 @@ def test_scrub_finds_a_corrupted_byte_and_names_the_version(worker, project):
     assert job.result["problems"][0]["version"] == 3
     # Never repaired silently: the stored byte is still the corrupted one.
     assert bytes(StateNode.objects.get(project=project, digest=only_v3[0]).data) == corrupted
+
+
+def test_writes_and_reads_while_the_worker_compacts_stay_exact(worker, project):
+    from sessions_app.models import WorkflowSession
+    from snapshots_app import canonical, store
+    from snapshots_app.services import snapshot_record
+    from tests.workers.builders import bulky_state
+
+    _history(project, sessions=2, steps=40)
+    session = WorkflowSession.objects.get(project=project, external_id="run-0")
+    preview = compaction_dry_run(project=project)
+    removed = preview.removed_numbers[str(session.pk)]
+    before = read_all(project)
+    kept = sorted(key for key in before if key[0] == "run-1" and key[1] not in preview.removed_numbers[
+        str(WorkflowSession.objects.get(project=project, external_id="run-1").pk)])
+
+    job = compaction_start(project=project)
+    written: dict[int, bytes] = {}
+    reads = 0
+    while True:
+        job.refresh_from_db()
+        if job.is_finished:
+            break
+        # Store again the state of a version compaction is removing: its nodes are GC candidates
+        # at this very moment, and the write reuses whichever of them still exist.
+        state = bulky_state("run-0", removed[len(written) % len(removed)])
+        version = snapshot_record(session=session, state=state)
+        written[version.number] = canonical.dumps(state)
+        key = kept[reads % len(kept)]
+        version = Version.objects.select_related("session").get(session__external_id=key[0], session__project=project,
+                                                              number=key[1])
+        assert store.read_canonical(version, use_cache=False) == before[key]
+        reads += 1
+
+    assert job.status == JobStatus.DONE, job.error
+    assert written, "the compaction finished before any concurrent write"
+    after = read_all(project)
+    assert all(after[("run-0", number)] == data for number, data in written.items())
+    assert all(after[key] == before[key] for key in kept)
