@@ -25,6 +25,7 @@ from snapshots_app.models import Job, JobKind, JobStatus
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes/events: the UI needs a pulse, not a firehose
+MAX_ATTEMPTS = 5  # a job whose worker keeps dying (e.g. out of memory) is failed, not retried forever
 
 
 def job_event(job: Job) -> dict[str, Any]:
@@ -88,6 +89,9 @@ def job_start(*, job_id: int) -> Job | None:
     """
     job = Job.objects.select_for_update().filter(pk=job_id).first()
     if job is None or job.is_finished:
+        return None
+    if job.attempts >= MAX_ATTEMPTS:
+        job_fail(job=job, error=f"gave up after {job.attempts} attempts: the worker died each time (see its logs)")
         return None
     job.status = JobStatus.RUNNING
     job.attempts = F("attempts") + 1

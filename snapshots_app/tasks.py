@@ -161,10 +161,12 @@ def import_job(job_id: int) -> dict | None:
 
     def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
         assert job.project is not None
-        return transfer_import_run(
+        result = transfer_import_run(
             project=job.project, path=import_path(job), job=job, actor=job.created_by,
             actor_label=job.created_by_label, progress=progress,
         )
+        import_path(job).unlink(missing_ok=True)  # imported (and the job finished) in one commit
+        return result
 
     return _run_job(job_id, work)
 

@@ -81,3 +81,15 @@ def test_versions_whose_finalize_was_lost_are_caught_up(project, monkeypatch):
     assert summaries[0]["initial"] is True
     assert summaries[1]["changed"] >= 1 and summaries[1]["paths"]
     assert tasks.finalize_pending() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(project, no_broker):
+    from snapshots_app.jobs import MAX_ATTEMPTS
+
+    job = integrity_scrub_start(project=project, budget=0)
+    type(job).objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=MAX_ATTEMPTS)
+
+    assert tasks.integrity_scrub_job(job.pk) is None
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and "gave up" in job.error

@@ -23,6 +23,7 @@ from snapshots_app.services import (
     version_pin,
 )
 from snapshots_app.transfer import (
+    import_path,
     transfer_export_run,
     transfer_export_start,
     transfer_import_run,
@@ -97,6 +98,7 @@ def test_export_then_import_into_a_fresh_project_reproduces_every_version(worker
     assert _versions(fresh) == _versions(project)
     assert _sessions(fresh) == _sessions(project)
     assert imported.result["parents_outside_export"] == 0
+    assert not import_path(imported).exists()  # the uploaded copy is removed once imported
 
 
 @pytest.mark.django_db
