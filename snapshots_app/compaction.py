@@ -29,6 +29,7 @@ from django.db.models import F, Sum
 from django.db.models.functions import Length
 from django.utils import timezone
 
+from sessions_app import events
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, audit_record
 from snapshots_app import jobs, store
@@ -248,11 +249,14 @@ def _retention_apply_session(project_id: int, session_id: Any, planned: list[int
     for ancestor, children in relink.items():
         Version.objects.filter(id__in=children).update(parent_id=ancestor)
     freed_bytes = Version.objects.filter(id__in=doomed).aggregate(total=Sum("stored_size"))["total"] or 0
+    numbers = sorted(Version.objects.filter(id__in=doomed).values_list("number", flat=True))
     for chunk in _chunks(sorted(doomed), 500):
         Version.objects.filter(id__in=chunk).delete()
     session.version_count = Version.objects.filter(session=session).count()
     session.stored_bytes = max(0, session.stored_bytes - freed_bytes)
     session.save(update_fields=["version_count", "stored_bytes"])
+    payload = {"session": str(session.pk), "numbers": numbers, "versions": session.version_count}
+    transaction.on_commit(lambda: events.publish(project_id, "versions.removed", payload, session_id=session.pk))
     return len(doomed)
 
 
