@@ -173,7 +173,7 @@ def transfer_export_start(
 
 
 def export_file(*, job: Job) -> Path:
-    """The finished export's file (for download). ImportRejected-free: InvalidState if not ready."""
+    """The finished export's file, for download (InvalidState if the job has none, or not yet)."""
     if job.kind != JobKind.EXPORT or not job.result or "file" not in job.result:
         raise InvalidState("this job has no export file (yet)")
     path = exports_dir() / Path(job.result["file"]).name
