@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from rest_framework.exceptions import ParseError
+from rest_framework.metadata import BaseMetadata
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
@@ -41,3 +42,11 @@ class OrjsonRenderer(BaseRenderer):
         if data is None:
             return b""
         return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+class NameOnlyMetadata(BaseMetadata):
+    """OPTIONS answers with the allowed methods (Allow header) and a name; the OpenAPI schema is
+    the description of inputs, so DRF's per-serializer form metadata is not repeated here."""
+
+    def determine_metadata(self, request: Any, view: Any) -> dict[str, Any]:
+        return {"name": view.get_view_name(), "schema": "/api/v1/schema/"}

@@ -6,6 +6,8 @@ from base64 import b64encode
 from typing import Any
 from urllib.parse import urlencode
 
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
 from rest_framework import exceptions
 from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
@@ -20,11 +22,26 @@ class CursorPage(CursorPagination):
     page_size_query_description = "Items per page (1-200, default 50)."
     cursor_query_description = "The `next` value of the previous page."
 
+    def paginate_queryset(self, queryset: QuerySet, request: Request, view: Any = None) -> list[Any] | None:
+        self.model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
     def decode_cursor(self, request: Request) -> Cursor | None:
+        invalid = exceptions.ValidationError({self.cursor_query_param: ["Invalid cursor."]})
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except exceptions.NotFound:
-            raise exceptions.ValidationError({self.cursor_query_param: ["Invalid cursor."]}) from None
+            raise invalid from None
+        if cursor is not None and cursor.position is not None:
+            # A forged position must be a 400 here, not a database error in the query.
+            field = self.model._meta.get_field(self.ordering[0].lstrip("-"))
+            try:
+                field.to_python(cursor.position)
+            except (DjangoValidationError, ValueError, TypeError):
+                raise invalid from None
+            if "\x00" in cursor.position:
+                raise invalid
+        return cursor
 
     def get_page_size(self, request: Request) -> int:
         raw = request.query_params.get(self.page_size_query_param)

@@ -4,7 +4,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from sessions_app.api import views as session_views
-from snapshots_app.api import views
+from snapshots_app.api import ops, views
 
 urlpatterns = [
     path("projects/", session_views.ProjectList.as_view(), name="api-projects"),
@@ -22,6 +22,15 @@ urlpatterns = [
     path("keys/", session_views.ApiKeyList.as_view(), name="api-keys"),
     path("keys/<str:key_id>/", session_views.ApiKeyDetail.as_view(), name="api-key"),
     path("audit-events/", session_views.AuditEventList.as_view(), name="api-audit-events"),
+    path("retention-policy/", ops.RetentionPolicyView.as_view(), name="api-retention-policy"),
+    path("compaction/", ops.Compaction.as_view(), name="api-compaction"),
+    path("exports/", ops.ExportCreate.as_view(), name="api-exports"),
+    path("imports/", ops.ImportCreate.as_view(), name="api-imports"),
+    path("jobs/", ops.JobList.as_view(), name="api-jobs"),
+    path("jobs/<str:job_id>/", ops.JobDetail.as_view(), name="api-job"),
+    path("jobs/<str:job_id>/file/", ops.JobFile.as_view(), name="api-job-file"),
+    path("integrity-problems/", ops.IntegrityProblemList.as_view(), name="api-integrity-problems"),
+    path("integrity-scrub/", ops.IntegrityScrub.as_view(), name="api-integrity-scrub"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),

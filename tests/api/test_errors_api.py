@@ -119,3 +119,13 @@ def test_unknown_routes_methods_and_ids(writer, session):
     assert writer.get(f"/api/v1/sessions/{session.pk}/versions/abc/").json()["code"] == "version_not_found"
     assert writer.put(f"/api/v1/sessions/{session.pk}/", {}, format="json").status_code == 405
     assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["code"] == "version_not_found"
+
+
+@pytest.mark.parametrize("position", ["garbage", "2026-13-45", "12\x00"])
+def test_forged_cursors_are_400(writer, session, position):
+    from base64 import b64encode
+
+    cursor = b64encode(f"p={position}".encode()).decode()
+    assert writer.get(f"/api/v1/projects/?cursor={cursor}").status_code == 400
+    assert writer.get(f"/api/v1/sessions/{session.pk}/versions/?cursor={cursor}").status_code == 400
+    assert writer.get("/api/v1/retention-policy/?project=%00x").status_code == 404

@@ -30,11 +30,14 @@ def api_schema(db):
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+# Import uploads are opaque bytes to the generator, like any binary body.
+schemathesis.serializer.alias("application/x-ndjson", "application/octet-stream")
 
 
 @pytest.fixture
-def live_data(project, settings):
+def live_data(project, settings, tmp_path):
     settings.API_RATE_LIMIT = ""
+    settings.VAR_DIR = tmp_path  # uploaded imports land here
     session = make_session(project, "fuzzed")
     for step in range(3):
         snapshot_record(session=session, state={"step": step, "items": list(range(step))}, step=f"s{step}")

@@ -1,0 +1,280 @@
+"""Operations: retention policy, compaction (dry run / run), export and import jobs with their
+progress, integrity problems and scrubs. The work is done by Celery jobs; these edges queue and read."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Q, QuerySet
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, serializers, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.parsers import BaseParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from sessions_app.api import filters
+from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
+from sessions_app.api.base import ApiView
+from sessions_app.api.filters import ParamFilter
+from sessions_app.api.problems import RequestTooLarge
+from sessions_app.api.serializers import JsonObjectField, StrictBooleanField, StrictIntegerField
+from sessions_app.api.views import PROJECT_FILTER
+from sessions_app.errors import JobNotFound
+from sessions_app.models import Project, Role
+from snapshots_app import compaction, integrity, transfer
+from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
+
+PROJECT_QUERY = OpenApiParameter(
+    "project", str, OpenApiParameter.QUERY, description="Project slug; only for members of several projects."
+)
+PROJECT_BODY_HELP = "Project slug; only for browser sessions of members of several projects."
+
+
+def _project(request: Request, role: str, *, body: dict[str, Any] | None = None) -> Project:
+    slug = (body or {}).get("project") if body is not None else request.query_params.get("project")
+    return project_for(request, slug, role=role)
+
+
+class RetentionPolicySerializer(serializers.Serializer):
+    project = serializers.CharField(read_only=True, source="project.slug")
+    enabled = StrictBooleanField()
+    keep_last = StrictIntegerField(min_value=0, max_value=1_000_000, help_text="Always keep each session's newest N.")
+    keep_days = StrictIntegerField(min_value=0, max_value=1_000_000, help_text="Always keep versions younger than this.")
+    thin_to = serializers.ChoiceField(choices=Thinning.choices, help_text="Beyond keep_days, one version per hour/day.")
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+
+class RetentionPolicyInputSerializer(RetentionPolicySerializer):
+    project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
+    created_by = serializers.CharField(source="created_by_label", read_only=True)
+    percent = serializers.IntegerField(read_only=True)
+    params = JsonObjectField()
+    result = JsonObjectField(allow_null=True)
+
+    class Meta:
+        model = Job
+        fields = ["id", "project", "session", "kind", "status", "done", "total", "percent", "params", "result",
+                  "error", "attempts", "created_by", "created_at", "started_at", "finished_at"]
+        read_only_fields = fields
+
+
+class CompactionSerializer(serializers.Serializer):
+    dry_run = StrictBooleanField(default=True, help_text="Only predict (default); false queues the compaction job.")
+    apply_retention = StrictBooleanField(default=True, help_text="Thin versions per the retention policy first.")
+    project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
+
+
+class CompactionPreviewSerializer(serializers.Serializer):
+    versions_total = serializers.IntegerField()
+    versions_removed = serializers.IntegerField()
+    removed_numbers = serializers.DictField(
+        child=serializers.ListField(child=serializers.IntegerField()), help_text="session id -> version numbers"
+    )
+    nodes_total = serializers.IntegerField()
+    nodes_freed = serializers.IntegerField()
+    bytes_total = serializers.IntegerField()
+    bytes_freed = serializers.IntegerField()
+    policy_enabled = serializers.BooleanField()
+
+
+class ExportSerializer(serializers.Serializer):
+    session = serializers.UUIDField(required=False, allow_null=True, help_text="One session; omit for the project.")
+    project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
+
+
+class IntegrityProblemSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = IntegrityProblem
+        fields = ["id", "session", "version_number", "detail", "first_seen_at", "last_seen_at", "resolved_at",
+                  "resolution"]
+        read_only_fields = fields
+
+
+class NdjsonParser(BaseParser):
+    """An export file as uploaded: kept as bytes (bounded) for the import job to verify."""
+
+    media_type = "application/x-ndjson"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> io.BytesIO:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        data = stream.read(limit + 1) if stream is not None else b""
+        if limit is not None and len(data) > limit:
+            raise RequestTooLarge()
+        return io.BytesIO(data)
+
+
+class RetentionPolicyView(ApiView):
+    serializer_class = RetentionPolicySerializer
+
+    @extend_schema(operation_id="retention_policy_retrieve", parameters=[PROJECT_QUERY],
+                   summary="The project's retention policy (disabled = keep everything).")
+    def get(self, request: Request) -> Response:
+        policy = compaction.retention_policy_get(project=_project(request, Role.VIEWER))
+        return Response(RetentionPolicySerializer(policy).data)
+
+    @extend_schema(operation_id="retention_policy_update", request=RetentionPolicyInputSerializer,
+                   responses={200: RetentionPolicySerializer}, summary="Set the retention policy (admin). Audited.")
+    def put(self, request: Request) -> Response:
+        incoming = RetentionPolicyInputSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = dict(incoming.validated_data)
+        project = project_for(request, data.pop("project", None), role=Role.ADMIN)
+        policy: RetentionPolicy = compaction.retention_policy_set(project=project, **data, **self.principal.actor)
+        return Response(RetentionPolicySerializer(policy).data)
+
+
+class Compaction(ApiView):
+    serializer_class = CompactionSerializer
+
+    @extend_schema(
+        operation_id="compaction_create",
+        summary="Predict (dry_run, operator) or queue (admin) a compaction: retention, then garbage collection.",
+        request=CompactionSerializer,
+        responses={200: OpenApiResponse(CompactionPreviewSerializer, "Dry run: what would be removed and freed"),
+                   202: OpenApiResponse(JobSerializer, "Queued; follow the job")},
+    )
+    def post(self, request: Request) -> Response:
+        incoming = CompactionSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        if data["dry_run"]:
+            project = project_for(request, data.get("project"), role=Role.OPERATOR)
+            preview = compaction.compaction_dry_run(project=project, apply_retention=data["apply_retention"])
+            return Response(preview.as_dict())
+        project = project_for(request, data.get("project"), role=Role.ADMIN)
+        job = compaction.compaction_start(project=project, apply_retention=data["apply_retention"], **self.principal.actor)
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ExportCreate(ApiView):
+    serializer_class = ExportSerializer
+
+    @extend_schema(operation_id="exports_create", request=ExportSerializer, responses={202: JobSerializer},
+                   summary="Queue an export (NDJSON with checksums) of one session or the whole project (operator).")
+    def post(self, request: Request) -> Response:
+        incoming = ExportSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        if data.get("session"):
+            session = session_for(request, data["session"], role=Role.OPERATOR)
+            project = session.project
+        else:
+            session = None
+            project = project_for(request, data.get("project"), role=Role.OPERATOR)
+        job = transfer.transfer_export_start(project=project, session=session, **self.principal.actor)
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ImportCreate(ApiView):
+    serializer_class = JobSerializer
+    parser_classes = [NdjsonParser]
+
+    @extend_schema(
+        operation_id="imports_create",
+        summary="Upload an export file (application/x-ndjson) and queue its verified, all-or-nothing import (operator).",
+        parameters=[PROJECT_QUERY],
+        request={"application/x-ndjson": {"type": "string", "format": "binary"}},
+        responses={202: JobSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        project = _project(request, Role.OPERATOR)
+        upload = request.data
+        if not isinstance(upload, io.BytesIO) or not upload.getbuffer().nbytes:
+            raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
+        job = transfer.transfer_import_start(project=project, source=upload, **self.principal.actor)
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _job(request: Request, job_id: str) -> Job:
+    job = None
+    if job_id.isascii() and job_id.isdigit() and len(job_id) < 18:
+        job = Job.objects.filter(pk=int(job_id), project_id__in=visible_project_ids(request)).first()
+    if job is None:
+        raise JobNotFound(f"job {job_id} not found", job=job_id)
+    return job
+
+
+JOB_ID = OpenApiParameter("job_id", int, OpenApiParameter.PATH, description="The job's id.")
+
+
+class JobList(mixins.ListModelMixin, ApiView):
+    serializer_class = JobSerializer
+    filter_backends = [ParamFilter]
+    filter_params = [
+        PROJECT_FILTER,
+        filters.choice_param("kind", "Only this kind of job.", list(JobKind.values), "kind"),
+        filters.choice_param("status", "Only jobs in this state.", list(JobStatus.values), "status"),
+    ]
+
+    def get_queryset(self) -> QuerySet[Job]:
+        return Job.objects.filter(project_id__in=visible_project_ids(self.request)).select_related("project")
+
+    @extend_schema(operation_id="jobs_list", summary="Background jobs (compaction, export, import, scrub), newest first.")
+    def get(self, request: Request) -> Response:
+        return self.list(request)
+
+
+class JobDetail(ApiView):
+    serializer_class = JobSerializer
+
+    @extend_schema(operation_id="jobs_retrieve", parameters=[JOB_ID], summary="A job and its progress (done/total).")
+    def get(self, request: Request, job_id: str) -> Response:
+        return Response(JobSerializer(_job(request, job_id)).data)
+
+
+class JobFile(ApiView):
+    serializer_class = JobSerializer
+
+    @extend_schema(
+        operation_id="jobs_file",
+        parameters=[JOB_ID],
+        summary="Download a finished export (operator).",
+        responses={200: OpenApiResponse(OpenApiTypes.BINARY, "The NDJSON export file"),
+                   409: OpenApiResponse(description="Not finished, or the file is gone")},
+    )
+    def get(self, request: Request, job_id: str) -> FileResponse:
+        job = _job(request, job_id)
+        require_role(request, job.project_id, Role.OPERATOR)
+        path = transfer.export_file(job=job)
+        return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/x-ndjson")
+
+
+class IntegrityProblemList(mixins.ListModelMixin, ApiView):
+    serializer_class = IntegrityProblemSerializer
+    filter_backends = [ParamFilter]
+    filter_params = [
+        PROJECT_FILTER,
+        filters.bool_param("open", "Only unresolved problems (default: all).", lambda yes: Q(resolved_at__isnull=yes)),
+    ]
+
+    def get_queryset(self) -> QuerySet[IntegrityProblem]:
+        return IntegrityProblem.objects.filter(project_id__in=visible_project_ids(self.request))
+
+    def paginate_queryset(self, queryset: QuerySet) -> Any:
+        assert self.paginator is not None
+        self.paginator.ordering = "-first_seen_at"  # type: ignore[attr-defined]
+        return super().paginate_queryset(queryset)
+
+    @extend_schema(operation_id="integrity_problems_list", summary="Versions whose stored data failed verification.")
+    def get(self, request: Request) -> Response:
+        return self.list(request)
+
+
+class IntegrityScrub(ApiView):
+    serializer_class = JobSerializer
+
+    @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY], request=None,
+                   responses={202: JobSerializer}, summary="Queue a verification of every version (operator).")
+    def post(self, request: Request) -> Response:
+        project = _project(request, Role.OPERATOR)
+        job = integrity.integrity_scrub_start(project=project, budget=0, **self.principal.actor)
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,117 @@
+"""Operations over the API: retention policy, compaction dry run / run, export and import jobs with
+their progress, integrity problems, audit events."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.celery import app as celery_app
+from sessions_app.models import AuditEvent, WorkflowSession
+from snapshots_app.models import Job, Version
+from snapshots_app.services import snapshot_record
+from tests.api.conftest import key_client
+
+
+@pytest.fixture
+def run_jobs(settings, tmp_path, django_capture_on_commit_callbacks):
+    """Jobs run in-process when their request's transaction commits; files go to a temporary VAR_DIR."""
+    settings.VAR_DIR = tmp_path
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+
+    def run(call):
+        with django_capture_on_commit_callbacks(execute=True):
+            return call()
+
+    yield run
+    celery_app.conf.task_always_eager = previous
+
+
+def test_retention_policy_read_by_anyone_set_by_admins(project, reader, admin_key):
+    policy = reader.get("/api/v1/retention-policy/").json()
+    assert policy["enabled"] is False and policy["project"] == project.slug
+    body = {"enabled": True, "keep_last": 10, "keep_days": 3, "thin_to": "day"}
+    assert reader.put("/api/v1/retention-policy/", body, format="json").status_code == 403
+    assert admin_key.put("/api/v1/retention-policy/", {**body, "thin_to": "week"}, format="json").status_code == 400
+    saved = admin_key.put("/api/v1/retention-policy/", body, format="json")
+    assert saved.status_code == 200 and saved.json()["keep_last"] == 10
+    assert reader.get("/api/v1/retention-policy/").json()["thin_to"] == "day"
+    assert AuditEvent.objects.filter(action="retention.policy").count() == 1
+
+
+def test_compaction_dry_run_changes_nothing_and_runs_need_admin(project, session, writer, admin_key):
+    for i in range(3):
+        snapshot_record(session=session, state={"i": i})
+    preview = writer.post("/api/v1/compaction/", {"dry_run": True}, format="json")
+    assert preview.status_code == 200 and preview.json()["versions_total"] == 3
+    assert Version.objects.count() == 3
+    assert writer.post("/api/v1/compaction/", {"dry_run": False}, format="json").status_code == 403
+    queued = admin_key.post("/api/v1/compaction/", {"dry_run": False}, format="json")
+    assert queued.status_code == 202 and queued.json()["kind"] == "compaction" and queued.json()["status"] == "queued"
+    assert writer.get(f"/api/v1/jobs/{queued.json()['id']}/").json()["id"] == queued.json()["id"]
+
+
+def test_export_then_import_into_another_project_with_progress(project, session, writer, other_project, run_jobs):
+    snapshot_record(session=session, state={"a": 1})
+    snapshot_record(session=session, state={"a": 2, "b": [1, 2]})
+    job = run_jobs(lambda: writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json"))
+    assert job.status_code == 202
+    done = writer.get(f"/api/v1/jobs/{job.json()['id']}/").json()
+    assert done["status"] == "done" and done["percent"] == 100 and done["result"]["versions"] == 2
+    download = writer.get(f"/api/v1/jobs/{done['id']}/file/")
+    assert download.status_code == 200 and download["Content-Type"] == "application/x-ndjson"
+    export = b"".join(download.streaming_content)
+
+    theirs = key_client(other_project, "read,write")
+    imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", export, content_type="application/x-ndjson"))
+    assert imported.status_code == 202
+    result = theirs.get(f"/api/v1/jobs/{imported.json()['id']}/").json()
+    assert result["status"] == "done", result
+    copy = WorkflowSession.objects.get(project=other_project)
+    assert theirs.get(f"/api/v1/sessions/{copy.pk}/head/").json()["state"] == {"a": 2, "b": [1, 2]}
+    # The exporting project's jobs stay invisible to the other project.
+    assert theirs.get(f"/api/v1/jobs/{job.json()['id']}/").status_code == 404
+    assert theirs.get(f"/api/v1/jobs/{job.json()['id']}/file/").status_code == 404
+
+
+def test_a_tampered_import_fails_its_job_and_stores_nothing(other_project, run_jobs):
+    theirs = key_client(other_project, "read,write")
+    imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", b'{"type": "header"}\n',
+                                               content_type="application/x-ndjson"))
+    job = theirs.get(f"/api/v1/jobs/{imported.json()['id']}/").json()
+    assert job["status"] == "failed" and job["error"]
+    assert not WorkflowSession.objects.filter(project=other_project).exists()
+
+
+def test_jobs_and_integrity_lists(project, writer, reader):
+    writer.post("/api/v1/integrity-scrub/")
+    listed = reader.get("/api/v1/jobs/?kind=scrub").json()["results"]
+    assert [j["kind"] for j in listed] == ["scrub"]
+    assert reader.get("/api/v1/jobs/?kind=nope").status_code == 400
+    assert reader.get("/api/v1/integrity-problems/?open=true").json() == {"results": [], "next": None}
+    assert reader.post("/api/v1/integrity-scrub/").status_code == 403
+    assert Job.objects.count() == 1
+
+
+def test_audit_events_filter_by_action_and_session(project, session, writer):
+    snapshot_record(session=session, state={"a": 1})
+    writer.post(f"/api/v1/sessions/{session.pk}/rewind/", {"to_version": 1, "reason": "why not"}, format="json")
+    events = writer.get(f"/api/v1/audit-events/?action=session.rewind&session={session.pk}").json()["results"]
+    assert len(events) == 1 and events[0]["reason"] == "why not" and events[0]["actor"].startswith("api key")
+    assert writer.get("/api/v1/audit-events/?session=not-a-uuid").status_code == 400
+
+
+def test_browser_members_of_several_projects_name_the_project(project, other_project, user):
+    from rest_framework.test import APIClient
+
+    from sessions_app.models import Role
+    from sessions_app.services import membership_set
+
+    membership_set(project=other_project, user=user, role=Role.VIEWER)
+    client = APIClient()
+    client.force_login(user)
+    assert client.get("/api/v1/retention-policy/").status_code == 400
+    assert client.get(f"/api/v1/retention-policy/?project={other_project.slug}").json()["project"] == other_project.slug
+    assert client.post("/api/v1/sessions/", {"external_id": "x", "project": other_project.slug},
+                       format="json").status_code == 403
+    assert client.post("/api/v1/sessions/", {"external_id": "x", "project": project.slug}, format="json").status_code == 201
