@@ -71,12 +71,15 @@ class ProjectEventsConsumer(LiveConsumer):
     """The session list of one project (ws/projects/<slug>/): new sessions and status changes."""
 
     project_id: int = 0
+    # The unfiltered first page (?top=1) keeps newest activity on top; filtered pages update in place.
+    top = False
 
     async def authorise(self, user: Any) -> str | None:
         project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
         if project is None:
             return None
         self.project_id = project.pk
+        self.top = b"top=1" in self.scope.get("query_string", b"").split(b"&")
         return events.project_group(project.pk)
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
@@ -95,8 +98,9 @@ class ProjectEventsConsumer(LiveConsumer):
         session = session_row(project_id=project.pk, session_id=payload.get("session"))
         if session is None:
             return ""
-        context = {"s": session, "oob": event != "session.created", "fresh": True}
-        row = render_to_string("sessions_app/partials/_session_row.html", context)
-        if event == "session.created":
-            return f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{row}</tbody>'
-        return row
+        if event == "session.created" or self.top:
+            row = render_to_string("sessions_app/partials/_session_row.html", {"s": session, "fresh": True})
+            # Table rows must travel inside <tbody>: parsed bare next to one, the HTML parser drops it.
+            return (f'<tbody hx-swap-oob="delete:#s-{session.pk}"></tbody>'
+                    f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{row}</tbody>')
+        return render_to_string("sessions_app/partials/_session_row.html", {"s": session, "oob": True, "fresh": True})

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import connection
 
 from sessions_app.models import Role
-from sessions_app.services import membership_set
+from sessions_app.services import membership_set, session_update
 from snapshots_app.services import snapshot_record
 from tests.factories import make_project, make_session, make_user
 from tests.ui.conftest import PASSWORD, record_history
@@ -111,6 +111,16 @@ def off_loop(function, *args, **kwargs):
         return pool.submit(call).result()
 
 
+def _wait_for_socket(page, selector: str) -> None:
+    """Until the htmx ws extension's socket on `selector` is open (events before that are not seen)."""
+    page.wait_for_function(
+        """(selector) => { const el = document.querySelector(selector);
+            const data = el && el['htmx-internal-data'];
+            return !!(data && data.webSocket && data.webSocket.socket && data.webSocket.socket.readyState === 1); }""",
+        arg=selector, timeout=10_000,
+    )
+
+
 def log_in(browser, base: str, username: str):
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     errors: list[str] = []
@@ -140,12 +150,18 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
     assert page.locator("a.ext").all_inner_texts() == ["run-failed", "run-42"]
+    _wait_for_socket(page, "#session-table .live")
+    off_loop(lambda: make_session(session.project, "run-new"))
+    page.wait_for_selector("a.ext:text-is('run-new')", timeout=2_000)
+    off_loop(lambda: session_update(session=session, status="waiting"))
+    page.wait_for_function("document.querySelector('a.ext').textContent === 'run-42'", timeout=2_000)
+    assert "Waiting" in page.inner_text(f"#s-{session.pk}")
 
     page.select_option("select[name=status]", "failed")
     page.wait_for_function("document.querySelectorAll('a.ext').length === 1")
     assert page.locator("a.ext").inner_text() == "run-failed" and "status=failed" in page.url
     page.select_option("select[name=status]", "")
-    page.wait_for_function("document.querySelectorAll('a.ext').length === 2")
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 3")
 
     page.click("text=run-42")
     page.wait_for_selector("#timeline #v-5")
@@ -173,14 +189,13 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert "head" in page.get_attribute("#v-6", "class")
 
     # Wait until the socket is open, then post a snapshot through the service layer in this process.
-    page.wait_for_function("() => { const el = document.querySelector('.timeline-wrap'); "
-                           "return el && el['htmx-internal-data'] && el['htmx-internal-data'].webSocket "
-                           "&& el['htmx-internal-data'].webSocket.socket.readyState === 1 }", timeout=10_000)
+    _wait_for_socket(page, ".timeline-wrap")
     started = time.monotonic()
     off_loop(snapshot_record, session=session, state={"counters": {"steps": 7}, "pointer": "live"}, step="live-step")
     page.wait_for_selector("#timeline > li#v-7", timeout=2_000)
     elapsed = time.monotonic() - started
     assert page.locator("#timeline > li.vrow").first.get_attribute("id") == "v-7"
+    page.wait_for_selector("#v-7 .summary .add", timeout=2_000)  # "version.finalized" replaced the "…"
     assert "live-step" in page.inner_text("#v-7") and "head" not in page.get_attribute("#v-6", "class")
     assert elapsed < 2.0
     print(f"live version appeared after {elapsed * 1000:.0f} ms")

@@ -144,3 +144,20 @@ def test_revoked_membership_ends_the_stream(setup):
         return output["type"], output.get("code")
 
     assert run(scenario) == ("websocket.close", 4403)
+
+
+def test_unfiltered_first_page_moves_active_sessions_to_the_top(setup):
+    owner, _, _, _, session = setup
+
+    async def scenario() -> str:
+        client = communicator("/ws/projects/acme/", owner)
+        client.scope["query_string"] = b"top=1"
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_record, session, {"n": 1})
+        html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    html = run(scenario)
+    assert html.startswith(f'<tbody hx-swap-oob="delete:#s-{session.pk}">')
+    assert 'hx-swap-oob="afterbegin:#session-rows-live"' in html
