@@ -15,7 +15,7 @@ from sessions_app.consumers import LiveConsumer
 from sessions_app.errors import NotFound
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import membership_role, role_allows, session_for_member
-from snapshots_app.selectors import timeline_page
+from snapshots_app.selectors import integrity_problems, timeline_page
 
 ROW = "snapshots_app/partials/_version_row.html"
 
@@ -39,7 +39,7 @@ class SessionTimelineConsumer(LiveConsumer):
         return True
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
-        if event not in ("version.created", "version.finalized", "session.updated"):
+        if event not in ("version.created", "version.finalized", "session.updated", "integrity.problem"):
             return ""
         return await self._render(event, payload)
 
@@ -63,6 +63,9 @@ class SessionTimelineConsumer(LiveConsumer):
                     parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{row}</ol>')
                 else:
                     parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))
+        elif event == "integrity.problem":
+            parts.append(render_to_string("snapshots_app/partials/_problems.html",
+                                          {**context, "problems": integrity_problems(session), "oob": True}))
         elif event == "version.finalized" and isinstance(number, int):
             for version in timeline_page(session, before=number + 1, limit=1):
                 parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))

@@ -13,7 +13,7 @@ from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import WorkflowSession
 from snapshots_app import store
 from snapshots_app.diff import DiffResult, diff_trees
-from snapshots_app.models import Version, VersionKind
+from snapshots_app.models import IntegrityProblem, Version, VersionKind
 
 
 def version_state_bytes(version: Version) -> bytes:
@@ -98,24 +98,11 @@ def version_for_session(session: WorkflowSession, number: Any) -> Version:
     return version
 
 
-def integrity_problems(session: WorkflowSession) -> list[Any]:
-    """Open integrity problems of the session's versions, if the integrity checker is installed."""
-    from snapshots_app import models
-
-    problem_model = getattr(models, "IntegrityProblem", None)
-    if problem_model is None:
-        return []
-    field_names = {field.name for field in problem_model._meta.get_fields()}
-    queryset = problem_model.objects.all()
-    if "session" in field_names:
-        queryset = queryset.filter(session=session)
-    elif "version" in field_names:
-        queryset = queryset.filter(version__session=session)
-    else:
-        return []
-    if "resolved_at" in field_names:
-        queryset = queryset.filter(resolved_at__isnull=True)
-    return list(queryset.order_by("-pk")[:20])
+def integrity_problems(session: WorkflowSession, *, limit: int = 20) -> list[IntegrityProblem]:
+    """The session's open integrity problems, newest first (recorded by the scrub or an admin check)."""
+    return list(
+        IntegrityProblem.objects.filter(session=session, resolved_at__isnull=True).order_by("-last_seen_at", "-id")[:limit]
+    )
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,21 @@ def test_unfiltered_first_page_moves_active_sessions_to_the_top(setup):
     html = run(scenario)
     assert html.startswith(f'<tbody hx-swap-oob="delete:#s-{session.pk}">')
     assert 'hx-swap-oob="afterbegin:#session-rows-live"' in html
+
+
+def test_integrity_problem_appears_on_the_open_session_page(setup):
+    owner, _, _, _, session = setup
+    version = _record(session, {"n": 1})
+
+    async def scenario() -> str:
+        from snapshots_app.integrity import integrity_problem_record
+
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, lambda: integrity_problem_record(version=version, detail="checksum <b>"))
+        html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    html = run(scenario)
+    assert 'id="integrity-problems" hx-swap-oob="true"' in html and "checksum &lt;b&gt;" in html
