@@ -49,10 +49,6 @@ def api_key_for_token(token: str) -> ApiKey | None:
     return api_key if hmac.compare_digest(digest, api_key.key_hash) else None
 
 
-def api_keys_for_project(project: Project) -> QuerySet[ApiKey]:
-    return ApiKey.objects.filter(project=project).select_related("project").order_by("-created_at", "-id")
-
-
 def roles_for_user(user: Any) -> dict[int, str]:
     """project id -> role for every project the user is a member of."""
     if not getattr(user, "is_authenticated", False):
@@ -63,10 +59,12 @@ def roles_for_user(user: Any) -> dict[int, str]:
 def role_for_scopes(scopes: list[str]) -> str | None:
     """API key scopes map to member roles: read -> viewer, write -> operator, admin -> admin."""
     roles = [SCOPE_ROLES[scope] for scope in scopes if scope in SCOPE_ROLES]
-    return max(roles, key=lambda role: ROLE_RANK[role]) if roles else None
+    return max(roles, key=lambda role: ROLE_RANK[Role(role)]) if roles else None
 
 
-SCOPE_ROLES = {ApiKey.Scope.READ: Role.VIEWER, ApiKey.Scope.WRITE: Role.OPERATOR, ApiKey.Scope.ADMIN: Role.ADMIN}
+SCOPE_ROLES: dict[str, str] = {
+    ApiKey.Scope.READ: Role.VIEWER, ApiKey.Scope.WRITE: Role.OPERATOR, ApiKey.Scope.ADMIN: Role.ADMIN,
+}
 
 
 SESSION_SORTS: dict[str, tuple[str, bool]] = {

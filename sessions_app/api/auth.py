@@ -17,11 +17,10 @@ from django.contrib.auth.models import AnonymousUser
 from rest_framework import authentication, exceptions, permissions, throttling
 from rest_framework.request import Request
 
-from sessions_app.models import ApiKey, Project, Role, WorkflowSession
 from sessions_app.errors import NotFound, SessionNotFound
+from sessions_app.models import ApiKey, Project, Role, WorkflowSession
 from sessions_app.selectors import api_key_for_token, role_allows, role_for_scopes, roles_for_user
 from sessions_app.services import api_key_touch
-
 
 SLUG_RE = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
 

@@ -121,7 +121,9 @@ def parse_uuid(name: str, raw: str) -> str:
 
 def ordering_param(choices: list[str]) -> Param:
     """Validated here; the view hands the value to its cursor paginator, which does the sorting."""
-    return Param(
-        "ordering", {"type": "string", "enum": choices}, f"Sort order (default {choices[0]}).",
-        lambda qs, raw: qs if parse_choice("ordering", raw, choices) else qs,
-    )
+
+    def validate(queryset: QuerySet, raw: str) -> QuerySet:
+        parse_choice("ordering", raw, choices)
+        return queryset
+
+    return Param("ordering", {"type": "string", "enum": choices}, f"Sort order (default {choices[0]}).", validate)

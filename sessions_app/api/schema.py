@@ -3,7 +3,7 @@ problem responses (application/problem+json), and API keys appear as bearer auth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
@@ -18,7 +18,7 @@ WRITE_ERRORS = {**READ_ERRORS, 400: "Invalid input; nothing stored", 409: "Confl
 
 
 class ProblemAutoSchema(AutoSchema):
-    def _get_response_bodies(self, direction: str = "response") -> dict[str, Any]:
+    def _get_response_bodies(self, direction: Literal["request", "response"] = "response") -> dict[str, Any]:
         responses = super()._get_response_bodies(direction)
         errors = READ_ERRORS if self.method in ("GET", "HEAD") else WRITE_ERRORS
         ref = self.resolve_serializer(ProblemSerializer, "response").ref

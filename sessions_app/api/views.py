@@ -29,7 +29,6 @@ from sessions_app.api.serializers import (
 )
 from sessions_app.errors import NotFound
 from sessions_app.models import ApiKey, AuditEvent, Project, Role, WorkflowSession
-from sessions_app.selectors import api_keys_for_project
 
 SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's UUID.")
 IDEMPOTENCY_KEY = OpenApiParameter(

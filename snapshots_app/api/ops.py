@@ -198,7 +198,7 @@ def _job(request: Request, job_id: str) -> Job:
     job = None
     if job_id.isascii() and job_id.isdigit() and len(job_id) < 18:
         job = Job.objects.filter(pk=int(job_id), project_id__in=visible_project_ids(request)).first()
-    if job is None:
+    if job is None or job.project_id is None:
         raise JobNotFound(f"job {job_id} not found", job=job_id)
     return job
 
@@ -243,7 +243,7 @@ class JobFile(ApiView):
     )
     def get(self, request: Request, job_id: str) -> FileResponse:
         job = _job(request, job_id)
-        require_role(request, job.project_id, Role.OPERATOR)
+        require_role(request, job.project_id, Role.OPERATOR)  # type: ignore[arg-type]  # _job excludes None
         path = transfer.export_file(job=job)
         return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/x-ndjson")
 
