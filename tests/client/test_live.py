@@ -189,3 +189,47 @@ def test_async_client_end_to_end(live_api):
     head, numbers, diff = asyncio.run(main())
     assert head["state"] == {"n": 1} and numbers == [4, 3, 2, 1]
     assert [(c["path"], c["old"], c["new"]) for c in diff["changes"]] == [("/n", 1, 3)]
+
+
+@pytest.fixture
+def jobs_run_in_process(settings, tmp_path):
+    """Celery tasks run inside the live server as their request commits; export files go to tmp."""
+    from config.celery import app as celery_app
+
+    settings.VAR_DIR = tmp_path
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+def test_operations_retention_compaction_export_import_jobs_integrity(rewind, jobs_run_in_process):
+    s = rewind.create_session("ops-1")
+    for n in range(5):
+        rewind.record(s["id"], {"n": n, "text": "x" * 100})
+
+    policy = rewind.set_retention_policy(enabled=True, keep_last=2, keep_days=0, thin_to="day")
+    assert (policy["enabled"], policy["keep_last"]) == (True, 2)
+    assert rewind.get_retention_policy()["keep_last"] == 2
+    preview = rewind.compact(dry_run=True)
+    assert preview["versions_total"] == 5 and preview["versions_removed"] >= 1
+
+    export = rewind.wait_for_job(rewind.start_export(session=s["id"])["id"], timeout=60)
+    assert export["status"] == "done" and export["kind"] == "export"
+    exported = rewind.download_export(export["id"])
+    assert exported.count(b"\n") >= 5
+
+    rewind.delete_session(s["id"], reason="re-import it")
+    imported = rewind.wait_for_job(rewind.start_import(exported)["id"], timeout=60)
+    assert imported["status"] == "done", imported
+    restored = rewind.list_sessions(external_id="ops-1")["results"][0]
+    assert restored["head"] == 5 and rewind.head(restored["id"])["state"]["n"] == 4
+
+    assert {job["kind"] for job in rewind.list_jobs()["results"]} >= {"export", "import"}
+    scrub = rewind.wait_for_job(rewind.start_integrity_scrub()["id"], timeout=60)
+    assert scrub["status"] == "done"
+    assert rewind.list_integrity_problems(open=True)["results"] == []
+
+    compacted = rewind.wait_for_job(rewind.compact(dry_run=False)["id"], timeout=60)
+    assert compacted["status"] == "done"
+    assert rewind.get_session(restored["id"])["version_count"] < 5

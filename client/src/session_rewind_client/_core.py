@@ -38,6 +38,7 @@ class Call:
     path: str
     params: dict[str, Any] | None = None
     json: Any = None
+    content: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     decode: Callable[[httpx.Response], Any] = _json_body

@@ -28,6 +28,7 @@ from session_rewind_client._core import (
 )
 
 USER_AGENT = f"session-rewind-client/{__version__}"
+JOB_DONE = frozenset({"done", "failed"})
 
 
 def _sid(session_id: Any) -> str:
@@ -273,6 +274,69 @@ class Endpoints:
                             cursor=cursor, **filters)
         return self._run(Call("GET", "audit-events/", params=params))
 
+    # -- operations: retention, compaction, export/import, jobs, integrity -------------------------
+
+    def get_retention_policy(self, *, project: str | None = None) -> Any:
+        return self._run(Call("GET", "retention-policy/", params=_drop_none(project=project)))
+
+    def set_retention_policy(
+        self,
+        *,
+        enabled: bool,
+        keep_last: int,
+        keep_days: int,
+        thin_to: str,
+        project: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Replace the project's policy (admin). Pinned/labelled versions, heads and fork/rewind sources are kept."""
+        body = _drop_none(enabled=enabled, keep_last=keep_last, keep_days=keep_days, thin_to=thin_to, project=project)
+        return self._run(Call("PUT", "retention-policy/", json=body, idempotency_key=idempotency_key))
+
+    def compact(
+        self,
+        *,
+        dry_run: bool = True,
+        apply_retention: bool = True,
+        project: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """A dry run's prediction (what would be removed and freed), or the queued job (``dry_run=False``)."""
+        body = _drop_none(dry_run=dry_run, apply_retention=apply_retention, project=project)
+        return self._run(Call("POST", "compaction/", json=body, idempotency_key=idempotency_key))
+
+    def start_export(self, *, session: Any = None, project: str | None = None, idempotency_key: str | None = None) -> Any:
+        """Queue an export (one session, or the whole project); returns the job."""
+        body = _drop_none(session=str(session) if session is not None else None, project=project)
+        return self._run(Call("POST", "exports/", json=body, idempotency_key=idempotency_key))
+
+    def download_export(self, job_id: int) -> Any:
+        """The finished export file (NDJSON bytes)."""
+        return self._run(Call("GET", f"jobs/{int(job_id)}/file/", decode=lambda response: response.content))
+
+    def start_import(self, export_file: bytes, *, project: str | None = None, idempotency_key: str | None = None) -> Any:
+        """Upload an export file and queue its verified, all-or-nothing import; returns the job."""
+        return self._run(Call("POST", "imports/", params=_drop_none(project=project), content=export_file,
+                              headers={"Content-Type": "application/x-ndjson"}, idempotency_key=idempotency_key))
+
+    def list_jobs(self, *, kind: str | None = None, status: str | None = None, project: str | None = None,
+                  cursor: str | None = None) -> Any:
+        return self._run(Call("GET", "jobs/", params=_drop_none(kind=kind, status=status, project=project, cursor=cursor)))
+
+    def get_job(self, job_id: int) -> Any:
+        """A job with its progress (``done``, ``total``, ``percent``) and, when finished, ``result``."""
+        return self._run(Call("GET", f"jobs/{int(job_id)}/"))
+
+    def list_integrity_problems(self, *, open: bool | None = None, project: str | None = None,
+                                cursor: str | None = None) -> Any:
+        params = _drop_none(open=None if open is None else str(open).lower(), project=project, cursor=cursor)
+        return self._run(Call("GET", "integrity-problems/", params=params))
+
+    def start_integrity_scrub(self, *, project: str | None = None, idempotency_key: str | None = None) -> Any:
+        """Queue a verification of every stored version; returns the job."""
+        return self._run(Call("POST", "integrity-scrub/", params=_drop_none(project=project),
+                              idempotency_key=idempotency_key))
+
     # -- generic escape hatch -------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
@@ -322,7 +386,7 @@ class Client(Endpoints):
         while True:
             try:
                 response = self._http.request(call.method, call.path, params=call.query(), json=call.json,
-                                              headers=headers)
+                                              content=call.content, headers=headers)
             except httpx.TransportError as exc:
                 if not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
@@ -342,6 +406,17 @@ class Client(Endpoints):
             page = self._run(call)
             yield page
             call = _next_call(page, first)
+
+    def wait_for_job(self, job_id: int, *, timeout: float = 300.0, poll: float = 0.5) -> dict[str, Any]:
+        """Poll a job until it is finished or failed (TimeoutError after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job["status"] in JOB_DONE:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)
 
     def iter_sessions(self, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every session matching the filters (status, workflow, tag, q), following cursors."""
@@ -391,7 +466,7 @@ class AsyncClient(Endpoints):
         while True:
             try:
                 response = await self._http.request(call.method, call.path, params=call.query(), json=call.json,
-                                                    headers=headers)
+                                                    content=call.content, headers=headers)
             except httpx.TransportError as exc:
                 if not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
@@ -411,6 +486,16 @@ class AsyncClient(Endpoints):
             page = await self._run(call)
             yield page
             call = _next_call(page, first)
+
+    async def wait_for_job(self, job_id: int, *, timeout: float = 300.0, poll: float = 0.5) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.get_job(job_id)
+            if job["status"] in JOB_DONE:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            await asyncio.sleep(poll)
 
     async def iter_sessions(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
         async for page in self._pages(Call("GET", "sessions/", params=_drop_none(**filters))):
