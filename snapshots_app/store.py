@@ -1,7 +1,9 @@
 """The database side of the state tree: node rows, compression, caching and verified reads.
 
-Caching is an accelerator only. Node encodings are immutable per (project, digest), so they are
-cached in-process and in Django's cache (Redis in production); whole head states are cached too.
+Caching is an accelerator only. Node encodings are immutable per (project, digest), so decoded
+nodes, and the spliced text of runs (which many versions share whole), are cached in-process;
+whole head states are cached in Django's cache (Redis in production). Nodes are not put in Redis:
+a round trip there costs as much as the indexed PostgreSQL lookup it would save.
 Whatever a read is assembled from, its SHA-256 must equal the version's checksum; if a cached
 piece is bad the read is retried from the database alone, and if that fails too it is an
 IntegrityProblem naming the version. Existence checks on the write path always ask the database.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import zstandard
@@ -32,8 +34,11 @@ CODEC_ZSTD = 1
 CODEC_ZSTD_DICT = 2  # zstd with a project dictionary, written only by compaction
 COMPRESS_MIN = 64  # smaller nodes are stored raw: zstd's frame header would not pay for itself
 ZSTD_LEVEL = 3
-NODE_CACHE_TIMEOUT = 24 * 3600
+STATE_CACHE_TIMEOUT = 24 * 3600
 HEAD_CACHE_MAX = 2 * 1024 * 1024
+_NODE_TABLE = StateNode._meta.db_table
+RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
+RUN_TEXT_CACHE_MAX = 4 * 1024 * 1024
 
 _local = threading.local()
 
@@ -86,36 +91,37 @@ def _dict_decompressor(zstd_id: int) -> zstandard.ZstdDecompressor:
     return decompressor
 
 
-class _NodeLRU:
-    """Process-local cache of decoded nodes, bounded by bytes."""
+class _LRU:
+    """Process-local cache keyed by (project, digest), bounded by bytes."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, weigh: Callable[[Any], int]) -> None:
         self.max_bytes = max_bytes
+        self.weigh = weigh
         self.size = 0
-        self.items: OrderedDict[tuple[int, bytes], tree.Node] = OrderedDict()
+        self.items: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get_many(self, project_id: int, digests: Iterable[bytes]) -> dict[bytes, tree.Node]:
+    def get_many(self, project_id: int, digests: Iterable[bytes]) -> dict[bytes, Any]:
         found = {}
         with self.lock:
             for digest in digests:
-                node = self.items.get((project_id, digest))
-                if node is not None:
+                item = self.items.get((project_id, digest))
+                if item is not None:
                     self.items.move_to_end((project_id, digest))
-                    found[digest] = node
+                    found[digest] = item
         return found
 
-    def put_many(self, project_id: int, nodes: dict[bytes, tree.Node]) -> None:
+    def put_many(self, project_id: int, items: dict[bytes, Any]) -> None:
         with self.lock:
-            for digest, node in nodes.items():
+            for digest, item in items.items():
                 key = (project_id, digest)
                 if key in self.items:
                     continue
-                self.items[key] = node
-                self.size += len(node.text) + 64
+                self.items[key] = item
+                self.size += self.weigh(item)
             while self.size > self.max_bytes and self.items:
                 _, old = self.items.popitem(last=False)
-                self.size -= len(old.text) + 64
+                self.size -= self.weigh(old)
 
     def clear(self) -> None:
         with self.lock:
@@ -123,11 +129,19 @@ class _NodeLRU:
             self.size = 0
 
 
+class _NodeLRU(_LRU):
+    """Decoded nodes, plus `texts`: the spliced text of runs, which many versions share whole."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes, lambda node: len(node.text) + 64)
+        self.texts = _LRU(max_bytes, lambda text: len(text) + 64)
+
+    def clear(self) -> None:
+        super().clear()
+        self.texts.clear()
+
+
 node_lru = _NodeLRU(getattr(settings, "STATE_NODE_CACHE_BYTES", 64 * 1024 * 1024))
-
-
-def _node_cache_key(project_id: int, digest: bytes) -> str:
-    return f"node:{project_id}:{digest.hex()}"
 
 
 def _head_cache_key(version_id: int) -> str:
@@ -147,6 +161,14 @@ class ProjectStore:
         """Which of `digests` are stored (always the database: a cache could outlive a GC)."""
         if not digests:
             return set()
+        if connection.vendor == "postgresql":
+            # Raw SQL: this runs once per level of every write, and the ORM would double its cost.
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT digest FROM {_NODE_TABLE} WHERE project_id = %s AND digest = ANY(%s)",
+                    [self.project_id, list(digests)],
+                )
+                return {bytes(row[0]) for row in cursor.fetchall()}
         rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
             "digest", flat=True
         )
@@ -156,15 +178,31 @@ class ProjectStore:
         """Insert nodes (ON CONFLICT DO NOTHING); returns the stored (compressed) bytes submitted."""
         if not new_nodes:
             return 0
-        rows = []
-        stored = 0
-        # Sorted, so concurrent writers sharing new nodes take index locks in one order (no deadlocks).
-        for digest, raw in sorted(new_nodes.items()):
+        digests, codecs, datas, sizes = [], [], [], []
+        for digest, raw in new_nodes.items():
             codec, data = compress(raw)
-            stored += len(data)
-            rows.append(StateNode(project_id=self.project_id, digest=digest, codec=codec, data=data, raw_size=len(raw)))
-        StateNode.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
-        return stored
+            digests.append(digest)
+            codecs.append(codec)
+            datas.append(data)
+            sizes.append(len(raw))
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size) "
+                    "SELECT %s, * FROM unnest(%s::bytea[], %s::smallint[], %s::bytea[], %s::integer[]) "
+                    "ON CONFLICT DO NOTHING",
+                    [self.project_id, digests, codecs, datas, sizes],
+                )
+        else:
+            StateNode.objects.bulk_create(
+                [
+                    StateNode(project_id=self.project_id, digest=d, codec=c, data=data, raw_size=n)
+                    for d, c, data, n in zip(digests, codecs, datas, sizes, strict=True)
+                ],
+                ignore_conflicts=True,
+                batch_size=500,
+            )
+        return sum(len(data) for data in datas)
 
     def write_state(self, state: dict[str, Any], canonical: bytes) -> tuple[bytes, int]:
         """Store a state's new nodes; returns (root digest, stored bytes added)."""
@@ -175,34 +213,35 @@ class ProjectStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
-        """Decoded nodes by digest, from the caches and then the database. Missing ones are absent."""
+        """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent."""
         found: dict[bytes, tree.Node] = {}
         wanted = set(digests)
         if self.use_cache:
             found.update(node_lru.get_many(self.project_id, wanted))
             wanted -= found.keys()
-            if wanted:
-                keys = {_node_cache_key(self.project_id, d): d for d in wanted}
-                for key, packed in cache.get_many(list(keys)).items():
-                    digest = keys[key]
-                    node = self._decode(digest, packed[0], packed[1])
-                    found[digest] = node
-                    wanted.discard(digest)
         if wanted:
             from_db: dict[bytes, tree.Node] = {}
-            to_cache: dict[str, tuple[int, bytes]] = {}
-            rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(wanted)).values_list(
-                "digest", "codec", "data"
-            )
-            for stored_digest, codec, stored_data in rows:
-                digest, data = bytes(stored_digest), bytes(stored_data)
-                from_db[digest] = self._decode(digest, codec, data)
-                to_cache[_node_cache_key(self.project_id, digest)] = (codec, data)
+            for stored_digest, codec, stored_data in self._fetch_rows(wanted):
+                digest = bytes(stored_digest)
+                from_db[digest] = self._decode(digest, codec, bytes(stored_data))
             found.update(from_db)
-            if self.use_cache and to_cache:
-                cache.set_many(to_cache, NODE_CACHE_TIMEOUT)
+            if self.use_cache:
                 node_lru.put_many(self.project_id, from_db)
         return found
+
+    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes, int, bytes]]:
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT digest, codec, data FROM {_NODE_TABLE} WHERE project_id = %s AND digest = ANY(%s)",
+                    [self.project_id, list(digests)],
+                )
+                return cursor.fetchall()
+        return list(
+            StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
+                "digest", "codec", "data"
+            )
+        )
 
     @staticmethod
     def _decode(digest: bytes, codec: int, data: bytes) -> tree.Node:
@@ -212,7 +251,21 @@ class ProjectStore:
             raise CorruptNode(digest, str(exc)) from None
 
     def assemble(self, root: bytes) -> bytes:
-        return tree.splice(root, tree.collect(root, self.nodes))
+        if not self.use_cache:
+            return tree.splice(root, tree.collect(root, self.nodes))
+        texts = node_lru.texts
+        data, fetched, spliced = tree.assemble(root, self.nodes, lambda digests: texts.get_many(self.project_id, digests))
+        # A run's text is the same in every version that shares the run: the next read of any of
+        # them splices it whole instead of walking and fetching its items again.
+        texts.put_many(
+            self.project_id,
+            {
+                digest: spliced[digest]
+                for digest, node in fetched.items()
+                if node.kind in RUN_KINDS and len(spliced[digest]) <= RUN_TEXT_CACHE_MAX
+            },
+        )
+        return data
 
 
 class CorruptNode(Exception):
@@ -227,7 +280,7 @@ def _describe(version: Version) -> str:
 
 def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
     """The version's state as canonical JSON bytes, verified against its checksum."""
-    if use_cache:
+    if use_cache and version.session.head_number == version.number:
         cached = cache.get(_head_cache_key(version.pk))
         if cached is not None and hashlib.sha256(cached).hexdigest() == version.checksum:
             return cached
@@ -247,14 +300,14 @@ def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
             session=str(version.session_id),
         )
     if use_cache and len(data) <= HEAD_CACHE_MAX and version.session.head_number == version.number:
-        cache.set(_head_cache_key(version.pk), data, NODE_CACHE_TIMEOUT)
+        cache.set(_head_cache_key(version.pk), data, STATE_CACHE_TIMEOUT)
     return data
 
 
 def remember_head(version: Version, canonical: bytes) -> None:
     """Warm the head cache with a state just written (call after commit)."""
     if len(canonical) <= HEAD_CACHE_MAX:
-        cache.set(_head_cache_key(version.pk), canonical, NODE_CACHE_TIMEOUT)
+        cache.set(_head_cache_key(version.pk), canonical, STATE_CACHE_TIMEOUT)
 
 
 def project_write_lock(project_id: int) -> None:

@@ -160,11 +160,19 @@ class Hole:
 # Writing
 
 
+# A candidate is a child too large to inline that may still have to be written: its digest, and a
+# function that stores its node and returns the node's own candidates.
+Candidate = tuple[bytes, Callable[[], list["Candidate"]]]
+
+
 class TreeWriter:
     """Splits values into nodes, skipping every subtree whose node already exists.
 
     `existing(digests)` returns the subset of `digests` already stored (the caller's database, for
     the project being written). New nodes collect in `self.new_nodes` (digest -> encoding).
+
+    The tree is written breadth first: all candidates of one depth are checked in one `existing`
+    call, so a write costs one round trip per level of change, not one per changed container.
     """
 
     def __init__(self, existing: Callable[[set[bytes]], set[bytes]]) -> None:
@@ -174,23 +182,25 @@ class TreeWriter:
     def write_root(self, state: dict[str, Any], canonical: bytes) -> bytes:
         """Store `state` (whose canonical bytes are `canonical`) and return the root digest."""
         digest = digest_of(KIND_OBJECT, CANONICAL, canonical)
-        if digest not in self._existing({digest}):
-            self._write_value(state, canonical, KIND_OBJECT, FLAVORS[CANONICAL], digest)
+        # Build the root before knowing whether it exists, and ask about it together with its
+        # children: a new root is the usual case, and this saves a round trip on it.
+        frontier = self._write_value(state, canonical, KIND_OBJECT, FLAVORS[CANONICAL], digest)
+        present = self._existing({digest} | {child for child, _ in frontier})
+        if digest in present:
+            self.new_nodes.clear()
+            return digest
+        while frontier:
+            following: list[Candidate] = []
+            for child, write in frontier:
+                if child not in present and child not in self.new_nodes:
+                    following.extend(write())
+            wanted = {child for child, _ in following if child not in self.new_nodes}
+            present = self._existing(wanted) if wanted else set()
+            frontier = following
         return digest
 
-    # A candidate is a child too large to inline: (value, text, kind, digest).
-    def _candidates_then_write(self, pending: list[tuple[Any, bytes, int, Flavor, bytes]]) -> None:
-        if not pending:
-            return
-        wanted = {item[4] for item in pending if item[4] not in self.new_nodes}
-        present = self._existing(wanted) if wanted else set()
-        for value, text, kind, flavor, digest in pending:
-            if digest in present or digest in self.new_nodes:
-                continue
-            self._write_value(value, text, kind, flavor, digest)
-
-    def _piece(self, value: Any, flavor: Flavor, pending: list) -> bytes | Hole:
-        """Inline text for a small value, else a hole for a node written after the batch check."""
+    def _piece(self, value: Any, flavor: Flavor, pending: list[Candidate]) -> bytes | Hole:
+        """Inline text for a small value, else a hole for a node written if it does not exist."""
         text = flavor.encode(value)
         if len(text) <= INLINE_MAX:
             return text
@@ -201,35 +211,26 @@ class TreeWriter:
         else:
             kind = KIND_STRING  # long strings (and, exceptionally, nothing else gets this long)
         digest = digest_of(kind, flavor.code, text)
-        pending.append((value, text, kind, flavor, digest))
+        pending.append((digest, lambda: self._write_value(value, text, kind, flavor, digest)))
         return Hole(digest)
 
-    def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> None:
+    def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> list[Candidate]:
         if kind == KIND_OBJECT:
-            self._write_object(value, flavor, digest)
-        elif kind == KIND_ARRAY:
-            self._write_array(value, flavor, digest)
-        else:
-            self._write_string(value, text, flavor, digest)
+            return self._write_object(value, flavor, digest)
+        if kind == KIND_ARRAY:
+            return self._write_array(value, flavor, digest)
+        return self._write_string(value, text, flavor, digest)
 
     def _store(self, digest: bytes, kind: int, flavor: int, level: int, builder: _TextBuilder) -> None:
         self.new_nodes[digest] = Node(kind, flavor, level, tuple(builder.holes), bytes(builder.text)).encode()
 
-    def _write_object(self, value: dict[str, Any], flavor: Flavor, digest: bytes) -> None:
+    def _write_object(self, value: dict[str, Any], flavor: Flavor, digest: bytes) -> list[Candidate]:
         keys = sorted(value) if flavor.sort_keys else list(value)
         if len(keys) <= OBJECT_RUN_MIN:
-            pending: list = []
-            builder = _TextBuilder()
-            builder.add(b"{")
-            for index, key in enumerate(keys):
-                if index:
-                    builder.add(flavor.item_sep)
-                builder.add(flavor.encode(key) + flavor.key_sep)
-                builder.add(self._piece(value[key], flavor, pending))
+            builder, pending = self._members_text(value, keys, flavor, b"{")
             builder.add(b"}")
             self._store(digest, KIND_OBJECT, flavor.code, 0, builder)
-            self._candidates_then_write(pending)
-            return
+            return pending
         # Many members: content-defined runs, so inserting or deleting a key changes one run.
         runs: list[list[str]] = [[]]
         for key in keys:
@@ -238,52 +239,48 @@ class TreeWriter:
                 runs.append([])
         if not runs[-1]:
             runs.pop()
-        member_texts = []
-        for run in runs:
-            member_texts.append(
-                flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
-            )
-        self._write_runs(
+        member_texts = [
+            flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
+            for run in runs
+        ]
+        return self._write_runs(
             KIND_OBJECT, KIND_MEMBERS, flavor, digest, b"{", b"}",
-            [(run, text) for run, text in zip(runs, member_texts, strict=True)],
-            lambda run: self._write_member_run(value, run, flavor),
+            list(zip(runs, member_texts, strict=True)),
+            lambda run: self._members_text(value, run, flavor),
         )
 
-    def _write_member_run(self, value: dict[str, Any], run: list[str], flavor: Flavor) -> tuple[_TextBuilder, list]:
-        pending: list = []
+    def _members_text(
+        self, value: dict[str, Any], keys: list[str], flavor: Flavor, opener: bytes = b""
+    ) -> tuple[_TextBuilder, list[Candidate]]:
+        pending: list[Candidate] = []
         builder = _TextBuilder()
-        for index, key in enumerate(run):
+        builder.add(opener)
+        for index, key in enumerate(keys):
             if index:
                 builder.add(flavor.item_sep)
             builder.add(flavor.encode(key) + flavor.key_sep)
             builder.add(self._piece(value[key], flavor, pending))
         return builder, pending
 
-    def _write_array(self, value: list[Any], flavor: Flavor, digest: bytes) -> None:
+    def _write_array(self, value: list[Any], flavor: Flavor, digest: bytes) -> list[Candidate]:
         if len(value) <= PAGE:
-            pending: list = []
-            builder = _TextBuilder()
-            builder.add(b"[")
-            for index, item in enumerate(value):
-                if index:
-                    builder.add(flavor.item_sep)
-                builder.add(self._piece(item, flavor, pending))
+            builder, pending = self._items_text(value, flavor, b"[")
             builder.add(b"]")
             self._store(digest, KIND_ARRAY, flavor.code, 0, builder)
-            self._candidates_then_write(pending)
-            return
+            return pending
         # Fixed runs of PAGE items: appending to a long history rewrites only the last run.
         runs = [value[start : start + PAGE] for start in range(0, len(value), PAGE)]
-        self._write_runs(
+        return self._write_runs(
             KIND_ARRAY, KIND_ITEMS, flavor, digest, b"[", b"]",
             [(run, flavor.encode(run)[1:-1]) for run in runs],
-            lambda run: self._write_item_run(run, flavor),
+            lambda run: self._items_text(run, flavor),
         )
 
-    def _write_item_run(self, run: list[Any], flavor: Flavor) -> tuple[_TextBuilder, list]:
-        pending: list = []
+    def _items_text(self, items: list[Any], flavor: Flavor, opener: bytes = b"") -> tuple[_TextBuilder, list[Candidate]]:
+        pending: list[Candidate] = []
         builder = _TextBuilder()
-        for index, item in enumerate(run):
+        builder.add(opener)
+        for index, item in enumerate(items):
             if index:
                 builder.add(flavor.item_sep)
             builder.add(self._piece(item, flavor, pending))
@@ -298,20 +295,20 @@ class TreeWriter:
         opener: bytes,
         closer: bytes,
         runs: list[tuple[Any, bytes]],
-        write_leaf_run: Callable[[Any], tuple[_TextBuilder, list]],
-    ) -> None:
+        leaf_text: Callable[[Any], tuple[_TextBuilder, list]],
+    ) -> list[Candidate]:
         """Store a container whose holes are runs; group runs into higher-level runs past PAGE."""
         # Level 0: runs of values. Each level above groups PAGE runs of the level below.
-        level_runs: list[tuple[bytes, bytes, Callable[[], None]]] = []  # (digest, text, writer)
+        level_runs: list[tuple[bytes, bytes, Callable[[], list[Candidate]]]] = []  # (digest, text, writer)
         for run, text in runs:
             run_digest = digest_of(run_kind, flavor.code, text)
 
-            def write(run: Any = run, run_digest: bytes = run_digest) -> None:
-                builder, pending = write_leaf_run(run)
+            def write_leaf(run: Any = run, run_digest: bytes = run_digest) -> list[Candidate]:
+                builder, pending = leaf_text(run)
                 self._store(run_digest, run_kind, flavor.code, 0, builder)
-                self._candidates_then_write(pending)
+                return pending
 
-            level_runs.append((run_digest, text, write))
+            level_runs.append((run_digest, text, write_leaf))
         level = 1
         while len(level_runs) > PAGE:
             grouped = []
@@ -324,43 +321,32 @@ class TreeWriter:
                 text = flavor.item_sep.join(t for _, t, _ in group)
                 group_digest = digest_of(run_kind, flavor.code, text)
 
-                def write_group(group: list = group, group_digest: bytes = group_digest, level: int = level) -> None:
-                    self._write_run_group(run_kind, flavor, group_digest, level, group)
+                def write_group(group: list = group, group_digest: bytes = group_digest, level: int = level) -> list:
+                    self._store(group_digest, run_kind, flavor.code, level, self._holes_text(group, flavor, b"", b""))
+                    return [(run_digest, write) for run_digest, _, write in group]
 
                 grouped.append((group_digest, text, write_group))
             level_runs = grouped
             level += 1
+        self._store(digest, container_kind, flavor.code, level, self._holes_text(level_runs, flavor, opener, closer))
+        return [(run_digest, write) for run_digest, _, write in level_runs]
+
+    @staticmethod
+    def _holes_text(runs: list, flavor: Flavor, opener: bytes, closer: bytes) -> _TextBuilder:
         builder = _TextBuilder()
         builder.add(opener)
-        for index, (run_digest, _, _) in enumerate(level_runs):
+        for index, (run_digest, _, _) in enumerate(runs):
             if index:
                 builder.add(flavor.item_sep)
             builder.add(Hole(run_digest))
         builder.add(closer)
-        self._store(digest, container_kind, flavor.code, level, builder)
-        self._write_missing(level_runs)
+        return builder
 
-    def _write_run_group(self, run_kind: int, flavor: Flavor, digest: bytes, level: int, group: list) -> None:
-        builder = _TextBuilder()
-        for index, (run_digest, _, _) in enumerate(group):
-            if index:
-                builder.add(flavor.item_sep)
-            builder.add(Hole(run_digest))
-        self._store(digest, run_kind, flavor.code, level, builder)
-        self._write_missing(group)
-
-    def _write_missing(self, runs: list[tuple[bytes, bytes, Callable[[], None]]]) -> None:
-        wanted = {d for d, _, _ in runs if d not in self.new_nodes}
-        present = self._existing(wanted) if wanted else set()
-        for run_digest, _, write in runs:
-            if run_digest not in present and run_digest not in self.new_nodes:
-                write()
-
-    def _write_string(self, value: Any, text: bytes, flavor: Flavor, digest: bytes) -> None:
+    def _write_string(self, value: Any, text: bytes, flavor: Flavor, digest: bytes) -> list[Candidate]:
         inner = _json_inside(value) if isinstance(value, str) and len(value) >= JSON_STRING_MIN else None
         if inner is None:
             self.new_nodes[digest] = Node(KIND_STRING, flavor.code, 0, (), text).encode()
-            return
+            return []
         parsed, inner_flavor = inner
         # Stored under the same digest as the plain string would be (same meaning); the node says
         # the text is the JSON-string literal of what its one child spells in `inner_flavor`.
@@ -370,8 +356,8 @@ class TreeWriter:
         self.new_nodes[digest] = Node(
             KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, inner_digest),), b""
         ).encode()
-        if inner_digest not in self.new_nodes and inner_digest not in self._existing({inner_digest}):
-            self._write_value(parsed, inner_text, inner_kind, inner_flavor, inner_digest)
+        return [(inner_digest, lambda: self._write_value(parsed, inner_text, inner_kind, inner_flavor, inner_digest))]
+
 
 
 def _reject_constant(name: str) -> Any:
@@ -425,9 +411,37 @@ class MissingNode(LookupError):
         self.digest = digest
 
 
-def splice(root: bytes, nodes: dict[bytes, Node]) -> bytes:
-    """The full text of the tree under `root`."""
-    memo: dict[bytes, bytes] = {}
+def assemble(
+    root: bytes,
+    fetch: Callable[[set[bytes]], dict[bytes, Node]],
+    known_texts: Callable[[set[bytes]], dict[bytes, bytes]],
+) -> tuple[bytes, dict[bytes, Node], dict[bytes, bytes]]:
+    """Like splice(root, collect(root, fetch)), but subtrees whose text `known_texts` returns are
+    neither fetched nor walked. Returns (text, the nodes fetched, the text of every subtree)."""
+    nodes: dict[bytes, Node] = {}
+    texts: dict[bytes, bytes] = {}
+    frontier = {root}
+    while frontier:
+        fetched = fetch(frontier)
+        missing = frontier - fetched.keys()
+        if missing:
+            raise MissingNode(next(iter(missing)))
+        nodes.update(fetched)
+        children = {
+            child for node in fetched.values() for child in node.children if child not in nodes and child not in texts
+        }
+        if children:
+            found = known_texts(children)
+            texts.update(found)
+            children -= found.keys()
+        frontier = children
+    return splice(root, nodes, texts), nodes, texts
+
+
+def splice(root: bytes, nodes: dict[bytes, Node], memo: dict[bytes, bytes] | None = None) -> bytes:
+    """The full text of the tree under `root`. `memo` (subtree texts by digest) is used and filled."""
+    if memo is None:
+        memo = {}
 
     def text_of(digest: bytes) -> bytes:
         cached = memo.get(digest)
