@@ -151,3 +151,19 @@ def _nested(depth):
     for _ in range(depth):
         value = {"x": value}
     return value
+
+
+def test_lists_cost_the_same_number_of_queries_whatever_their_length(writer, session, project,
+                                                                     django_assert_max_num_queries):
+    from tests.factories import make_session
+
+    for i in range(40):
+        snapshot_record(session=session, state={"i": i})
+        make_session(project, f"other-{i}")
+    writer.get("/api/v1/projects/")  # the key's last-use write happens once a minute, not per request
+    with django_assert_max_num_queries(3):
+        assert len(writer.get(url(session, "versions/")).json()["results"]) == 40
+    with django_assert_max_num_queries(3):
+        assert len(writer.get("/api/v1/sessions/").json()["results"]) == 41
+    with django_assert_max_num_queries(5):
+        writer.get(url(session, "head/"))
