@@ -31,6 +31,7 @@ that yield API calls, so the async path never blocks the event loop.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import math
 import re
@@ -66,6 +67,8 @@ WRITES_SUFFIX = "|writes"
 PAGE = 200
 
 Op = Generator[Any, Any, Any]
+# `SessionRewindSaver.list` shadows the builtin inside the class, hence `builtins.list` there.
+Rows = list[dict[str, Any]]
 
 
 def _engine_version() -> str:
@@ -355,7 +358,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             "parent_checkpoint_id": parent_id,
         }
 
-    def _tuple_from(self, state: dict[str, Any], thread_id: str, ns: str, writes: list[Any]) -> CheckpointTuple:
+    def _tuple_from(self, state: dict[str, Any], thread_id: str, ns: str, writes: builtins.list[Any]) -> CheckpointTuple:
         stored = state["checkpoint"]
         checkpoint: dict[str, Any] = {key: self._decode(value) for key, value in stored.items() if key != "channel_values"}
         checkpoint["channel_values"] = {name: self._decode(value) for name, value in stored["channel_values"].items()}
@@ -415,7 +418,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         return (yield from self._versions_filtered(session_id, {"tag": tag} if tag is not None else {}))
 
     def _versions_filtered(self, session_id: str, filters: dict[str, str]) -> Op:
-        found: list[dict[str, Any]] = []
+        found: Rows = []
         tag = filters.get("tag")
         params: dict[str, Any] = {"limit": PAGE, **filters}
         call: Call | None = Call("GET", f"sessions/{session_id}/versions/", params=params)
@@ -462,7 +465,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         found = yield from self._versions_filtered(session_id, {"kind": "rewind"})
         return _rewind_targets(found)
 
-    def _collect_writes(self, writes_session: str, versions: list[dict[str, Any]]) -> Op:
+    def _collect_writes(self, writes_session: str, versions: Rows) -> Op:
         """Pending writes from the write versions, in LangGraph's order. A regular write keeps its first
         value (as other savers do on conflict); special channels (errors, interrupts) keep the last."""
         by_key: dict[tuple[str, int], tuple[str, str, Any, str]] = {}
@@ -536,7 +539,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         versions = yield from self._versions(session_id)
         writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
         rewinds = _rewind_targets([meta for meta in versions if meta.get("kind") == "rewind"])
-        writes_index: dict[str, list[dict[str, Any]]] = {}  # checkpoint tag -> write versions
+        writes_index: dict[str, Rows] = {}  # checkpoint tag -> write versions
         if writes_session is not None:
             for meta in (yield from self._versions(writes_session)):
                 for tag in meta.get("tags") or []:
@@ -565,7 +568,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 metadata = {key: self._decode(value) for key, value in state["metadata"].items()}
                 if any(metadata.get(key) != value for key, value in filter.items()):
                     continue
-            writes: list[Any] = []
+            writes: builtins.list[Any] = []
             if writes_session is not None:
                 end = min((when for target, when in rewinds.values() if target == int(meta["number"])), default=None)
                 found = _within(writes_index.get(checkpoint_tag(checkpoint_id), []), (None, end))
@@ -580,7 +583,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
         parent_id = conf.get("checkpoint_id")
         metadata = get_checkpoint_metadata(config, metadata)
-        metadata.pop("writes", None)  # type: ignore[misc]
+        metadata.pop("writes", None)  # type: ignore[typeddict-item]
         session_id = yield from self._ensure_session(self._external_id(thread_id, ns), thread_id, ns)
         state = self._state_for(checkpoint, metadata, parent_id)
         body = {
@@ -653,7 +656,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         return None
 
     def _thread_sessions(self, thread_id: str) -> Op:
-        found: list[dict[str, Any]] = []
+        found: Rows = []
         tag = thread_tag(thread_id)
         call: Call | None = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE})
         while call is not None:
@@ -663,7 +666,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             call = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE, "cursor": cursor}) if cursor else None
         return found
 
-    def _delete_sessions(self, sessions: list[dict[str, Any]], reason: str) -> Op:
+    def _delete_sessions(self, sessions: Rows, reason: str) -> Op:
         for session in sessions:
             self._forget(str(session["id"]))
             try:
@@ -707,7 +710,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 continue
             sessions = yield from self._thread_sessions(thread_id)
             checkpoint_sessions = [s for s in sessions if not ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")]
-            keep: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
+            keep: builtins.list[tuple[str, dict[str, Any], Rows]] = []
             for session in checkpoint_sessions:
                 ns = ((session.get("metadata") or {}).get("langgraph") or {}).get("checkpoint_ns", "")
                 try:
@@ -716,7 +719,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     continue
                 checkpoint_id = head["state"]["checkpoint"]["id"]
                 writes_session = yield from self._find_session(self._external_id(thread_id, ns) + WRITES_SUFFIX)
-                write_states: list[dict[str, Any]] = []
+                write_states: Rows = []
                 if writes_session is not None:
                     for meta in reversed((yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id)))):
                         write_states.append((yield from self._state(writes_session, int(meta["number"]))))
