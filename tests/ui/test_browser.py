@@ -30,8 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-# Set UI_SCREENSHOTS=1 to refresh the README's screenshots under static/docs/.
-SCREENSHOTS = os.environ.get("UI_SCREENSHOTS") == "1"
 
 
 def _free_port() -> int:
@@ -174,8 +172,6 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert "/counters/steps" in page.inner_text("ol.changes")
     page.click("text=Side by side")
     page.wait_for_selector("ol.changes.mode-side .sides")
-    if SCREENSHOTS:
-        page.screenshot(path=str(ROOT / "static/docs/diff.png"), full_page=True)
 
     page.go_back()
     page.goto(f"{server}/sessions/{session.pk}/")
@@ -199,9 +195,6 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert "live-step" in page.inner_text("#v-7") and "head" not in page.get_attribute("#v-6", "class")
     assert elapsed < 2.0
     print(f"live version appeared after {elapsed * 1000:.0f} ms")
-    if SCREENSHOTS:
-        page.wait_for_timeout(800)  # let the slide-in animation finish
-        page.screenshot(path=str(ROOT / "static/docs/timeline.png"), full_page=True)
     assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -238,3 +231,27 @@ def test_viewer_has_no_rewind_button_gets_403_and_hostile_state_stays_inert(serv
     page.goto(f"{server}/sessions/{session.pk}/v/1/")
     assert hostile in page.inner_text("#tree")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(os.environ.get("UI_SCREENSHOTS") != "1", reason="set UI_SCREENSHOTS=1 to refresh README images")
+def test_readme_screenshots(server, browser):
+    """The README's pictures, taken on the demo data `make run` loads."""
+    from django.core.management import call_command
+
+    from sessions_app.models import WorkflowSession
+
+    off_loop(call_command, "seed_demo", stdout=open(os.devnull, "w"))
+    agent, rag = off_loop(lambda: (WorkflowSession.objects.get(external_id="research-agent-0001"),
+                                   WorkflowSession.objects.get(external_id="llama-rag-0002")))
+    page = browser.new_context(viewport={"width": 1280, "height": 820}).new_page()
+    page.goto(f"{server}/accounts/login/")
+    page.fill("input[name=username]", "operator")
+    page.fill("input[name=password]", "rewind-demo")
+    page.click("button[type=submit]")
+    page.wait_for_selector("table.sessions")
+    page.goto(f"{server}/sessions/{agent.pk}/")
+    page.wait_for_selector("#timeline #v-5 .summary .add")
+    page.screenshot(path=str(ROOT / "static/docs/timeline.png"), full_page=True)
+    page.goto(f"{server}/sessions/{rag.pk}/diff/?from=1&to=3&mode=side")
+    page.wait_for_selector("ol.changes")
+    page.screenshot(path=str(ROOT / "static/docs/diff.png"), full_page=True)
