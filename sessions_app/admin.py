@@ -152,3 +152,4 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_select_related = ["project"]
     date_hierarchy = "created_at"
     show_full_result_count = False
+    ordering = ["-id"]

@@ -36,6 +36,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
         raise NotImplementedError
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        """HTML for the event, "" for nothing to send, None if the user may no longer watch."""
         raise NotImplementedError
 
     async def connect(self) -> None:
@@ -61,7 +62,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def rewind_event(self, message: dict[str, Any]) -> None:
         html = await self.render(message["event"], message["payload"])
-        if html is None and self.group is None:
+        if html is None:
+            # disconnect() follows the close and leaves the group.
             await self.close(code=CLOSE_FORBIDDEN)
         elif html:
             await self.send(text_data=html)
@@ -89,7 +91,6 @@ class ProjectEventsConsumer(LiveConsumer):
     def _render(self, event: str, payload: dict[str, Any]) -> str | None:
         project = Project.objects.filter(pk=self.project_id).first()
         if project is None or membership_role(self.scope["user"], project) is None:
-            self.group = None
             return None
         if event == "version.finalized":
             return ""  # the list shows nothing a summary changes

@@ -31,9 +31,11 @@ class VersionAdmin(ReadOnlyAdmin):
     list_display = ["__str__", "session_link", "number", "kind", "step", "status", "logical_size", "pinned", "label",
                     "created_at", "data_fix_link"]
     list_filter = ["kind", "pinned", "status", "session__project"]
-    search_fields = ["session__external_id", "=session__id", "step", "label"]
+    # Only the session: a substring search over every version's step/label would scan the table.
+    search_fields = ["session__external_id"]
     list_select_related = ["session__project"]
     show_full_result_count = False
+    ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
     exclude = ["root"]
     readonly_fields = ["session_link", "data_fix_link"]
     actions = ["verify_integrity", "pin", "unpin"]

@@ -48,7 +48,6 @@ class SessionTimelineConsumer(LiveConsumer):
         session = WorkflowSession.objects.select_related("project").filter(pk=self.session_id).first()
         role = membership_role(self.scope["user"], session.project) if session else None
         if session is None or role is None:
-            self.group = None
             return None
         context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
         parts: list[str] = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
