@@ -115,3 +115,32 @@ def test_async_graph_and_thread_deletion(live_api):
 
     log, history, remaining = asyncio.run(main())
     assert log == ["plan Lima", "book Lima", "confirm Lima"] and history == 5 and remaining == 0
+
+
+def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, rewind):
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.graph import MessagesState
+
+    def reply(state: MessagesState) -> dict:
+        return {"messages": [AIMessage(f"echo: {state['messages'][-1].content}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("reply", reply)
+    builder.add_edge(START, "reply")
+    builder.add_edge("reply", END)
+    graph = builder.compile(checkpointer=SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "chat-1"}}
+    graph.invoke({"messages": [HumanMessage("hello")]}, config)
+    graph.invoke({"messages": [HumanMessage("again")]}, config)
+
+    messages = graph.get_state(config).values["messages"]
+    assert [type(m).__name__ for m in messages] == ["HumanMessage", "AIMessage", "HumanMessage", "AIMessage"]
+    assert messages[-1].content == "echo: again"
+
+    session = rewind.list_sessions(external_id="chat-1")["results"][0]
+    head = rewind.head(session["id"])
+    stored = head["state"]["checkpoint"]["channel_values"]["messages"]
+    assert stored[-1]["__lc_message__"]["kwargs"]["content"] == "echo: again"
+    first_answer = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1")
+    paths = {c["path"] for c in rewind.diff(session["id"], first_answer["number"], head["number"])["changes"]}
+    assert any(path.startswith("/checkpoint/channel_values/messages/3") for path in paths)

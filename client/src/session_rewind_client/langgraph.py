@@ -21,8 +21,9 @@ The thread's current checkpoint is the session's head: an operator's rewind in t
 the next ``invoke(None, config)`` resumes from, and it resumes *before* the tasks that ran after that
 checkpoint: writes made before a rewind belong to the checkpoint's original version, not to the
 rewind (by the server's timestamps), so those tasks run again. Channel values that are plain JSON are stored as JSON
-(diffable in the dashboard); anything else goes through the saver's serde (``{"__lg_serde__": [type,
-base64]}``).
+(diffable in the dashboard), chat messages in LangChain's JSON form (``{"__lc_message__": ...}``,
+loaded back with only message classes allowed); anything else goes through the saver's serde
+(``{"__lg_serde__": [type, base64]}``).
 
 Every method exists sync and async; both run the same code (`_Ops`), written once as generators
 that yield API calls, so the async path never blocks the event loop.
@@ -36,12 +37,15 @@ import hashlib
 import math
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from langchain_core.load import dumpd, load
+from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
@@ -61,6 +65,8 @@ from session_rewind_client.errors import ConflictError, NotFound, SessionRewindE
 
 ENGINE = "langgraph"
 SERDE_KEY = "__lg_serde__"
+MESSAGE_KEY = "__lc_message__"
+MARKER_KEYS = frozenset({SERDE_KEY, MESSAGE_KEY})
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
 MAX_INT = 2**63 - 1
 WRITES_SUFFIX = "|writes"
@@ -93,6 +99,36 @@ def checkpoint_tag(checkpoint_id: str) -> str:
     return tag if TAG_RE.match(tag) else f"cp:#{_hash(checkpoint_id)[:40]}"
 
 
+_UNREADABLE = object()
+
+
+def _as_readable_json(value: Any, depth: int = 0) -> Any:
+    """`value` as JSON that reads back equal, with chat messages in LangChain's own JSON form (so a
+    conversation stays readable and diffable in the dashboard); `_UNREADABLE` when it is not."""
+    if depth > 60:
+        return _UNREADABLE
+    if _is_plain_json(value, depth):
+        return value
+    if isinstance(value, BaseMessage):
+        dumped = dumpd(value)
+        if dumped.get("type") == "constructor" and _is_plain_json(dumped):
+            return {MESSAGE_KEY: dumped}
+        return _UNREADABLE
+    if type(value) is list:
+        items = [_as_readable_json(item, depth + 1) for item in value]
+        return _UNREADABLE if any(item is _UNREADABLE for item in items) else items
+    if type(value) is dict and all(isinstance(key, str) for key in value) and not (value.keys() & MARKER_KEYS):
+        encoded = {key: _as_readable_json(item, depth + 1) for key, item in value.items()}
+        return _UNREADABLE if any(item is _UNREADABLE for item in encoded.values()) else encoded
+    return _UNREADABLE
+
+
+def _load_message(dumped: dict[str, Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load() is marked beta; only chat message classes are allowed
+        return load(dumped, allowed_objects="messages")
+
+
 def _is_plain_json(value: Any, depth: int = 0) -> bool:
     """True when JSON round-trips `value` exactly (so it can be stored readable and diffable)."""
     if depth > 60:
@@ -106,7 +142,7 @@ def _is_plain_json(value: Any, depth: int = 0) -> bool:
     if type(value) is list:
         return all(_is_plain_json(item, depth + 1) for item in value)
     if type(value) is dict:
-        return SERDE_KEY not in value and all(
+        return not (value.keys() & MARKER_KEYS) and all(
             isinstance(key, str) and _is_plain_json(item, depth + 1) for key, item in value.items()
         )
     return False
@@ -333,15 +369,22 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     # -- encoding ----------------------------------------------------------------------------------
 
     def _encode(self, value: Any) -> Any:
-        if _is_plain_json(value):
-            return value
+        readable = _as_readable_json(value)
+        if readable is not _UNREADABLE:
+            return readable
         kind, data = self.serde.dumps_typed(value)
         return {SERDE_KEY: [kind, base64.b64encode(data).decode("ascii")]}
 
     def _decode(self, value: Any) -> Any:
-        if isinstance(value, dict) and SERDE_KEY in value:
-            kind, data = value[SERDE_KEY]
-            return self.serde.loads_typed((kind, base64.b64decode(data)))
+        if isinstance(value, dict):
+            if SERDE_KEY in value:
+                kind, data = value[SERDE_KEY]
+                return self.serde.loads_typed((kind, base64.b64decode(data)))
+            if MESSAGE_KEY in value:
+                return _load_message(value[MESSAGE_KEY])
+            return {key: self._decode(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._decode(item) for item in value]
         return value
 
     def _state_for(self, checkpoint: Checkpoint, metadata: CheckpointMetadata, parent_id: str | None) -> dict[str, Any]:
