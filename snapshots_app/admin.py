@@ -38,7 +38,7 @@ class VersionAdmin(ReadOnlyAdmin):
     ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
     exclude = ["root"]
     readonly_fields = ["session_link", "data_fix_link"]
-    actions = ["verify_integrity", "pin", "unpin"]
+    actions = ["data_fix", "verify_integrity", "pin", "unpin"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Version]:
         return super().get_queryset(request).defer("summary")
@@ -63,6 +63,14 @@ class VersionAdmin(ReadOnlyAdmin):
                  name="snapshots_app_version_data_fix"),
             *super().get_urls(),
         ]
+
+    @admin.action(description="Data fix from the selected version…", permissions=["data_fix"])
+    def data_fix(self, request: HttpRequest, queryset: QuerySet[Version]) -> HttpResponse | None:
+        chosen = list(queryset.values_list("pk", flat=True)[:2])
+        if len(chosen) != 1:
+            messages.warning(request, "Select exactly one version to start a data fix from.")
+            return None
+        return redirect(reverse("admin:snapshots_app_version_data_fix", args=[chosen[0]]))
 
     @admin.action(description="Verify integrity (read from the database, bypassing caches)", permissions=["view"])
     def verify_integrity(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
@@ -179,6 +187,14 @@ class ProjectAdmin(BaseProjectAdmin):
     def export_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
         jobs = [transfer.transfer_export_start(project=project, actor=request.user) for project in queryset]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
+
+    @admin.action(description="Data fix from the selected version…", permissions=["data_fix"])
+    def data_fix(self, request: HttpRequest, queryset: QuerySet[Version]) -> HttpResponse | None:
+        chosen = list(queryset.values_list("pk", flat=True)[:2])
+        if len(chosen) != 1:
+            messages.warning(request, "Select exactly one version to start a data fix from.")
+            return None
+        return redirect(reverse("admin:snapshots_app_version_data_fix", args=[chosen[0]]))
 
     @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
     def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:

@@ -107,3 +107,13 @@ def test_compaction_dry_run_action_reports_figures(client, staff, story):
     response = client.post(reverse("admin:sessions_app_project_changelist"),
                            {"action": "compaction_preview", "_selected_action": [story.project.pk]}, follow=True)
     assert "would remove" in response.content.decode()
+
+
+def test_data_fix_action_opens_the_editor_for_one_version(client, staff, story):
+    client.force_login(staff)
+    version = Version.objects.get(session=story, number=4)
+    url = reverse("admin:snapshots_app_version_changelist")
+    response = client.post(url, {"action": "data_fix", "_selected_action": [version.pk]})
+    assert response["Location"] == reverse("admin:snapshots_app_version_data_fix", args=[version.pk])
+    two = client.post(url, {"action": "data_fix", "_selected_action": [version.pk, version.pk - 1]}, follow=True)
+    assert "Select exactly one version" in two.content.decode()
