@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 from django.conf import settings
+from django.core.cache import cache
 from rest_framework import generics
 from rest_framework.request import Request
+from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
 from sessions_app.api.problems import RequestTooLarge
+from sessions_app.errors import IdempotencyKeyReused, InvalidState
+
+IDEMPOTENCY_KEY_MAX = 200
+IDEMPOTENCY_SECONDS = 24 * 3600
 
 
 class ApiView(generics.GenericAPIView):
@@ -29,4 +38,33 @@ class ApiView(generics.GenericAPIView):
         return principal(self.request)
 
     def idempotency_key(self) -> str | None:
-        return self.request.headers.get("Idempotency-Key") or None
+        key = self.request.headers.get("Idempotency-Key") or None
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            raise InvalidState(f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters")
+        return key
+
+    def replayable(self, fingerprint: Any, call: Callable[[], Response]) -> Response:
+        """Run a write whose service takes no idempotency key, remembering its answer for retries.
+
+        A retry with the same Idempotency-Key (same caller, same path, same input) gets the first
+        answer again; the same key with different input is 422. The answer is kept in the cache
+        for a day, so this is best effort across cache loss, unlike the versions' own keys.
+        """
+        key = self.idempotency_key()
+        if key is None:
+            return call()
+        who = f"key:{self.principal.api_key.pk}" if self.principal.api_key else f"user:{self.request.user.pk}"
+        cache_key = "api-idem:" + hashlib.sha256(f"{who}|{self.request.path}|{key}".encode()).hexdigest()
+        digest = hashlib.sha256(
+            orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+        ).hexdigest()
+        first = cache.get(cache_key)
+        if first is not None:
+            if first["fingerprint"] != digest:
+                raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used before with a different request")
+            return Response(first["body"], status=first["status"])
+        response = call()
+        # Errors are raised, not returned: only successful answers are remembered.
+        cache.set(cache_key, {"fingerprint": digest, "body": response.data, "status": response.status_code},
+                  IDEMPOTENCY_SECONDS)
+        return response

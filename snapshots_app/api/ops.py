@@ -3,6 +3,7 @@ progress, integrity problems and scrubs. The work is done by Celery jobs; these 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
@@ -23,7 +24,7 @@ from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.api.serializers import JsonObjectField, StrictBooleanField, StrictIntegerField
-from sessions_app.api.views import PROJECT_FILTER
+from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
 from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, Role
 from snapshots_app import compaction, integrity, transfer
@@ -137,6 +138,7 @@ class Compaction(ApiView):
 
     @extend_schema(
         operation_id="compaction_create",
+        parameters=[IDEMPOTENCY_KEY],
         summary="Predict (dry_run, operator) or queue (admin) a compaction: retention, then garbage collection.",
         request=CompactionSerializer,
         responses={200: OpenApiResponse(CompactionPreviewSerializer, "Dry run: what would be removed and freed"),
@@ -151,14 +153,15 @@ class Compaction(ApiView):
             preview = compaction.compaction_dry_run(project=project, apply_retention=data["apply_retention"])
             return Response(preview.as_dict())
         project = project_for(request, data.get("project"), role=Role.ADMIN)
-        job = compaction.compaction_start(project=project, apply_retention=data["apply_retention"], **self.principal.actor)
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        return self.replayable(data, lambda: Response(JobSerializer(compaction.compaction_start(
+            project=project, apply_retention=data["apply_retention"], **self.principal.actor
+        )).data, status=status.HTTP_202_ACCEPTED))
 
 
 class ExportCreate(ApiView):
     serializer_class = ExportSerializer
 
-    @extend_schema(operation_id="exports_create", request=ExportSerializer, responses={202: JobSerializer},
+    @extend_schema(operation_id="exports_create", request=ExportSerializer, parameters=[IDEMPOTENCY_KEY], responses={202: JobSerializer},
                    summary="Queue an export (NDJSON with checksums) of one session or the whole project (operator).")
     def post(self, request: Request) -> Response:
         incoming = ExportSerializer(data=request.data)
@@ -170,8 +173,9 @@ class ExportCreate(ApiView):
         else:
             session = None
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
-        job = transfer.transfer_export_start(project=project, session=session, **self.principal.actor)
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        return self.replayable(data, lambda: Response(JobSerializer(transfer.transfer_export_start(
+            project=project, session=session, **self.principal.actor
+        )).data, status=status.HTTP_202_ACCEPTED))
 
 
 class ImportCreate(ApiView):
@@ -181,7 +185,7 @@ class ImportCreate(ApiView):
     @extend_schema(
         operation_id="imports_create",
         summary="Upload an export file (application/x-ndjson) and queue its verified, all-or-nothing import (operator).",
-        parameters=[PROJECT_QUERY],
+        parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
         request={"application/x-ndjson": {"type": "string", "format": "binary"}},
         responses={202: JobSerializer},
     )
@@ -190,8 +194,10 @@ class ImportCreate(ApiView):
         upload = request.data
         if not isinstance(upload, io.BytesIO) or not upload.getbuffer().nbytes:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
-        job = transfer.transfer_import_start(project=project, source=upload, **self.principal.actor)
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        fingerprint = {"project": project.pk, "sha256": hashlib.sha256(upload.getbuffer()).hexdigest()}
+        return self.replayable(fingerprint, lambda: Response(JobSerializer(transfer.transfer_import_start(
+            project=project, source=upload, **self.principal.actor
+        )).data, status=status.HTTP_202_ACCEPTED))
 
 
 def _job(request: Request, job_id: str) -> Job:
@@ -272,9 +278,10 @@ class IntegrityProblemList(mixins.ListModelMixin, ApiView):
 class IntegrityScrub(ApiView):
     serializer_class = JobSerializer
 
-    @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY], request=None,
+    @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY], request=None,
                    responses={202: JobSerializer}, summary="Queue a verification of every version (operator).")
     def post(self, request: Request) -> Response:
         project = _project(request, Role.OPERATOR)
-        job = integrity.integrity_scrub_start(project=project, budget=0, **self.principal.actor)
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+        return self.replayable({"project": project.pk}, lambda: Response(JobSerializer(
+            integrity.integrity_scrub_start(project=project, budget=0, **self.principal.actor)
+        ).data, status=status.HTTP_202_ACCEPTED))

@@ -6,11 +6,9 @@ spliced into the response body next to the metadata.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import orjson
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpResponse
@@ -28,7 +26,7 @@ from sessions_app.api.filters import ParamFilter
 from sessions_app.api.problems import PreconditionFailed
 from sessions_app.api.serializers import SessionSerializer
 from sessions_app.api.views import IDEMPOTENCY_KEY, SESSION_ID
-from sessions_app.errors import IdempotencyKeyReused, SessionNotFound, VersionConflict, VersionNotFound
+from sessions_app.errors import SessionNotFound, VersionConflict, VersionNotFound
 from sessions_app.models import Role, WorkflowSession
 from snapshots_app import selectors, services
 from snapshots_app.api.serializers import (
@@ -55,7 +53,6 @@ IF_MATCH = OpenApiParameter(
 ETAG = OpenApiParameter(
     "ETag", str, OpenApiParameter.HEADER, response=True, description='The head\'s entity tag: "<checksum>-<number>".'
 )
-FORK_IDEMPOTENCY_SECONDS = 24 * 3600
 
 
 def etag_of(version: Version) -> str:
@@ -322,23 +319,7 @@ class Fork(ApiView):
         incoming = ForkSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        # The fork service has no idempotency key of its own: remember the answer for retries.
-        key = self.idempotency_key()
-        fingerprint = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        cache_key = f"api-idem:fork:{session.pk}:{hashlib.sha256((key or '').encode()).hexdigest()}"
-        if key:
-            first = cache.get(cache_key)
-            if first is not None:
-                if first["fingerprint"] != fingerprint:
-                    raise IdempotencyKeyReused(f"idempotency key {key!r} was used for a different fork")
-                fork = WorkflowSession.objects.filter(pk=first["session"], project_id=session.project_id).first()
-                if fork is not None:
-                    return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)
-        fork = services.snapshot_fork(
+        return self.replayable(data, lambda: Response(SessionSerializer(services.snapshot_fork(
             session=session, from_version=data["from_version"], external_id=data.get("external_id"),
             reason=data.get("reason", ""), **self.principal.actor,
-        )
-        if key:
-            # The service has committed by now: the answer can be remembered.
-            cache.set(cache_key, {"fingerprint": fingerprint, "session": str(fork.pk)}, FORK_IDEMPOTENCY_SECONDS)
-        return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)
+        )).data, status=status.HTTP_201_CREATED))

@@ -115,3 +115,13 @@ def test_browser_members_of_several_projects_name_the_project(project, other_pro
     assert client.post("/api/v1/sessions/", {"external_id": "x", "project": other_project.slug},
                        format="json").status_code == 403
     assert client.post("/api/v1/sessions/", {"external_id": "x", "project": project.slug}, format="json").status_code == 201
+
+
+def test_job_starts_replay_for_a_repeated_idempotency_key(project, session, writer, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    first = writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
+    again = writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
+    assert first.status_code == again.status_code == 202 and first.json() == again.json()
+    other = writer.post("/api/v1/exports/", {}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert Job.objects.count() == 1
