@@ -102,7 +102,9 @@ class WorkflowRecorder:
         writer = asyncio.create_task(self._write_all(queue, recorded))
 
         handler = workflow.run(ctx=ctx, **run_kwargs) if ctx is not None else workflow.run(**run_kwargs)
-        stopped: _Snapshot | None = None
+        # Steps that finished once the run had stopped (the failing one, or several when steps ran in
+        # parallel): their status is only known when the handler is awaited.
+        stopped: list[_Snapshot] = []
         try:
             async for event in handler.stream_events(expose_internal=True):
                 if not (isinstance(event, StepStateChanged) and event.step_state == StepState.NOT_RUNNING):
@@ -114,17 +116,19 @@ class WorkflowRecorder:
                 if state.get("is_running", True):
                     queue.put_nowait(snapshot)
                 else:
-                    # The run stopped with this step: completed or failed, known once awaited.
-                    stopped = snapshot
+                    stopped.append(snapshot)
             recorded.result = await handler
             final_status, error = "completed", None
         except Exception as exc:  # noqa: BLE001 - a failing step is recorded, then reported
             recorded.error = exc
             final_status, error = "failed", describe_error(exc)
-        if stopped is None:
-            stopped = _Snapshot(step="", state=handler.ctx.to_dict(), status=final_status)
-        stopped.status, stopped.error = final_status, error
-        queue.put_nowait(stopped)
+        if not stopped:
+            stopped.append(_Snapshot(step="", state=handler.ctx.to_dict(), status=final_status))
+        for snapshot in stopped[:-1]:
+            snapshot.status = ""
+            queue.put_nowait(snapshot)
+        stopped[-1].status, stopped[-1].error = final_status, error
+        queue.put_nowait(stopped[-1])
         queue.put_nowait(None)
         await writer
         if recorded.error is not None and raise_on_error:
@@ -138,7 +142,7 @@ class WorkflowRecorder:
                 recorded.session_id,
                 snapshot.state,
                 step=snapshot.step or None,
-                status=snapshot.status,
+                status=snapshot.status or None,
                 error=snapshot.error,
                 engine=ENGINE,
                 engine_version=engine_ver,
