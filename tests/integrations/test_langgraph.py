@@ -66,7 +66,8 @@ def test_graph_history_time_travel_and_update_state_fork(live_api, rewind):
     session = rewind.list_sessions(external_id="trip-1")["results"][0]
     versions = list(rewind.iter_versions(session["id"]))
     assert len(versions) == 5 and all(v["engine"] == "langgraph" and v["engine_version"] for v in versions)
-    assert versions[0]["step"] == "loop 3"
+    assert [v["step"] for v in versions][::-1] == ["input -1", "loop 0 → plan", "loop 1 → book",
+                                                    "loop 2 → confirm", "loop 3"]
 
     history = list(graph.get_state_history(config))
     assert [len(snapshot.values.get("log", [])) for snapshot in history] == [3, 2, 1, 0, 0]
@@ -79,7 +80,7 @@ def test_graph_history_time_travel_and_update_state_fork(live_api, rewind):
     assert resumed["log"] == ["plan Oslo", "book Bergen", "confirm Bergen"]
     timeline = list(rewind.iter_versions(session["id"]))
     rewinds = [v for v in timeline if v["kind"] == "rewind"]
-    assert len(rewinds) == 1 and rewinds[0]["parent"] == versions[[v["step"] for v in versions].index("loop 1")]["number"]
+    assert len(rewinds) == 1 and rewinds[0]["parent"] == versions[[v["step"] for v in versions].index("loop 1 → book")]["number"]
     assert graph.get_state(config).values["log"] == ["plan Oslo", "book Bergen", "confirm Bergen"]
 
     # Replay from a checkpoint id (LangGraph's own time travel) re-runs what came after it.
@@ -93,7 +94,7 @@ def test_operator_rewind_is_what_the_graph_resumes_from(live_api, rewind):
     config = {"configurable": {"thread_id": "trip-2"}}
     graph.invoke({"city": "Rome", "log": []}, config)
     session = rewind.list_sessions(external_id="trip-2")["results"][0]
-    after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1")
+    after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1 → book")
     rewind.rewind(session["id"], after_plan["number"], reason="booking went wrong")
 
     state = graph.get_state(config)

@@ -10,7 +10,7 @@ Mapping (all visible in the dashboard):
   namespace, ``<prefix><thread_id>|<ns>`` for a subgraph's; every session of a thread carries the tag
   ``lg-thread:<hash>`` so `delete_thread` finds them all;
 * one version per checkpoint, state ``{"checkpoint", "metadata", "parent_checkpoint_id"}``, tagged
-  ``cp:<checkpoint id>``, step ``<source> <step>``, engine ``langgraph`` and its version;
+  ``cp:<checkpoint id>``, step ``<source> <step> → <next nodes>``, engine ``langgraph`` and its version;
 * a checkpoint whose parent is not the head (``update_state`` on an older checkpoint, or a replay
   from a checkpoint id) first *rewinds* the session to the parent, so the new checkpoint shows as a
   branch in the timeline;
@@ -150,6 +150,18 @@ def _is_plain_json(value: Any, depth: int = 0) -> bool:
 
 def _when(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def step_name(checkpoint: Checkpoint, metadata: CheckpointMetadata) -> str:
+    """The execution pointer shown in the timeline: ``loop 1 → book`` (superstep, then the nodes
+    this checkpoint hands over to), from the `branch:to:<node>` channels it updated."""
+    name = f"{metadata.get('source', 'checkpoint')} {metadata.get('step', '')}".strip()
+    following = sorted(
+        channel.removeprefix("branch:to:")
+        for channel in checkpoint.get("updated_channels") or []
+        if channel.startswith("branch:to:")
+    )
+    return (f"{name} → {', '.join(following)}" if following else name)[:200]
 
 
 def _within(write_versions: list[dict[str, Any]], window: tuple[datetime | None, datetime | None]) -> list[dict[str, Any]]:
@@ -631,7 +643,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         state = self._state_for(checkpoint, metadata, parent_id)
         body = {
             "state": state,
-            "step": f"{metadata.get('source', 'checkpoint')} {metadata.get('step', '')}".strip()[:200],
+            "step": step_name(checkpoint, metadata),
             "engine": ENGINE,
             "engine_version": self.engine_version,
             "tags": [checkpoint_tag(checkpoint["id"])],
