@@ -137,6 +137,8 @@ def test_diff_rewind_fork_and_audit(rewind):
 
     actions = {e["action"] for e in rewind.list_audit_events(session=s["id"])["results"]}
     assert {"session.rewind", "session.fork"} <= actions
+    rewinds = list(rewind.iter_audit_events(action="session.rewind", limit=1))
+    assert [e["reason"] for e in rewinds] == ["pointer b was a bad branch"]
 
 
 def test_keys_projects_and_permissions(live_api, rewind, monkeypatch):
@@ -226,6 +228,7 @@ def test_operations_retention_compaction_export_import_jobs_integrity(rewind, jo
     assert restored["head"] == 5 and rewind.head(restored["id"])["state"]["n"] == 4
 
     assert {job["kind"] for job in rewind.list_jobs()["results"]} >= {"export", "import"}
+    assert [job["kind"] for job in rewind.iter_jobs(kind="export", limit=1)] == ["export"]
     scrub = rewind.wait_for_job(rewind.start_integrity_scrub()["id"], timeout=60)
     assert scrub["status"] == "done"
     assert rewind.list_integrity_problems(open=True)["results"] == []

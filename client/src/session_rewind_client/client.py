@@ -58,7 +58,8 @@ def _next_call(page: dict[str, Any], first: Call) -> Call | None:
     following = page.get("next")
     if not following:
         return None
-    if isinstance(following, str) and (following.startswith(("http://", "https://", "/")) or "?" in following):
+    # This server sends bare base64 cursors (which never hold "?"); a link is followed as it is.
+    if isinstance(following, str) and (following.startswith(("http://", "https://")) or "?" in following):
         return Call("GET", relative(following))
     return Call("GET", first.path, params={**(first.params or {}), "cursor": following})
 
@@ -429,6 +430,14 @@ class Client(Endpoints):
         for page in self._pages(first):
             yield from page.get("results", [])
 
+    def iter_audit_events(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        for page in self._pages(Call("GET", "audit-events/", params=_drop_none(**filters))):
+            yield from page.get("results", [])
+
+    def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        for page in self._pages(Call("GET", "jobs/", params=_drop_none(**filters))):
+            yield from page.get("results", [])
+
 
 class AsyncClient(Endpoints):
     """The same API for asyncio: every endpoint method returns an awaitable."""
@@ -505,5 +514,15 @@ class AsyncClient(Endpoints):
     async def iter_versions(self, session_id: Any, **filters: Any) -> AsyncIterator[dict[str, Any]]:
         first = Call("GET", f"sessions/{_sid(session_id)}/versions/", params=_drop_none(**filters))
         async for page in self._pages(first):
+            for item in page.get("results", []):
+                yield item
+
+    async def iter_audit_events(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        async for page in self._pages(Call("GET", "audit-events/", params=_drop_none(**filters))):
+            for item in page.get("results", []):
+                yield item
+
+    async def iter_jobs(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        async for page in self._pages(Call("GET", "jobs/", params=_drop_none(**filters))):
             for item in page.get("results", []):
                 yield item
