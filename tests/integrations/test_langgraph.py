@@ -9,6 +9,7 @@ from typing import Annotated, TypedDict
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from session_rewind_client.langgraph import SessionRewindSaver
 
@@ -145,3 +146,59 @@ def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, r
     first_answer = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1")
     paths = {c["path"] for c in rewind.diff(session["id"], first_answer["number"], head["number"])["changes"]}
     assert any(path.startswith("/checkpoint/channel_values/messages/3") for path in paths)
+
+
+def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
+    from langgraph.types import Command, interrupt
+
+    def ask(state: Trip) -> dict:
+        answer = interrupt({"question": f"Book {state['city']}?"})
+        return {"log": [f"answer {answer}"]}
+
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "ask")
+    builder.add_edge("ask", END)
+    config = {"configurable": {"thread_id": "trip-hitl"}}
+
+    paused = builder.compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Kyoto", "log": []}, config)
+    assert paused["__interrupt__"][0].value == {"question": "Book Kyoto?"}
+
+    # Another process (a fresh saver, nothing cached) picks the thread up and answers.
+    graph = builder.compile(checkpointer=SessionRewindSaver(live_api.client()))
+    pending = graph.get_state(config)
+    assert pending.next == ("ask",) and pending.tasks[0].interrupts[0].value == {"question": "Book Kyoto?"}
+    assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Kyoto", "answer yes"]
+
+
+def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewind):
+    from langgraph.types import Command, interrupt
+
+    def approve(state: Trip) -> dict:
+        return {"log": [f"approved {interrupt('approve?')}"]}
+
+    inner = StateGraph(Trip)
+    inner.add_node("approve", approve)
+    inner.add_edge(START, "approve")
+    inner.add_edge("approve", END)
+
+    outer = StateGraph(Trip)
+    outer.add_node("plan", plan)
+    outer.add_node("review", inner.compile())
+    outer.add_edge(START, "plan")
+    outer.add_edge("plan", "review")
+    outer.add_edge("review", END)
+    config = {"configurable": {"thread_id": "trip-sub"}}
+
+    def run(saver) -> list[str]:
+        graph = outer.compile(checkpointer=saver)
+        graph.invoke({"city": "Nice", "log": []}, config)
+        assert graph.get_state(config, subgraphs=True).tasks[0].state.next == ("approve",)
+        return graph.invoke(Command(resume="ok"), config)["log"]
+
+    assert run(SessionRewindSaver(rewind)) == run(InMemorySaver())
+
+    external_ids = {s["external_id"] for s in rewind.list_sessions(q="trip-sub")["results"]}
+    assert "trip-sub" in external_ids and any(e.startswith("trip-sub|review:") for e in external_ids)
