@@ -10,12 +10,13 @@ import orjson
 from django.conf import settings
 from django.core.cache import cache
 from rest_framework import generics
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
 from sessions_app.api.problems import RequestTooLarge
-from sessions_app.errors import IdempotencyKeyReused, InvalidState
+from sessions_app.errors import IdempotencyKeyReused
 
 IDEMPOTENCY_KEY_MAX = 200
 IDEMPOTENCY_SECONDS = 24 * 3600
@@ -32,6 +33,8 @@ class ApiView(generics.GenericAPIView):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         if limit is not None and length.isdigit() and int(length) > limit:
             raise RequestTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+        # Checked before anything else so a bad key is always a 400, whatever the write would do.
+        self.idempotency_key()
 
     @property
     def principal(self) -> Principal:
@@ -40,7 +43,7 @@ class ApiView(generics.GenericAPIView):
     def idempotency_key(self) -> str | None:
         key = self.request.headers.get("Idempotency-Key") or None
         if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
-            raise InvalidState(f"Idempotency-Key is longer than {IDEMPOTENCY_KEY_MAX} characters")
+            raise ValidationError({"Idempotency-Key": [f"At most {IDEMPOTENCY_KEY_MAX} characters."]})
         return key
 
     def replayable(self, fingerprint: Any, call: Callable[[], Response]) -> Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -23,9 +25,28 @@ class OrjsonParser(BaseParser):
         if limit is not None and len(data) > limit:
             raise RequestTooLarge()
         try:
-            return orjson.loads(data)
+            value = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"The request body is not valid JSON: {exc}") from None
+        if LONG_DIGIT_RUN.search(data):
+            _refuse_huge_integers(data)
+        return value
+
+
+# orjson reads integers beyond 64 bits as floats, silently changing the value. A run of 20+ digits
+# (19 with a minus sign) is the only way such a literal can appear; only then is the body checked exactly.
+LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+
+
+def _check_int(literal: str) -> int:
+    number = int(literal)
+    if not -(2**63) <= number < 2**64:
+        raise ParseError(f"Integer {literal[:30]}... is outside the 64-bit range JSON states can hold exactly.")
+    return number
+
+
+def _refuse_huge_integers(data: bytes) -> None:
+    json.loads(data, parse_int=_check_int)
 
 
 def _default(value: Any) -> Any:

@@ -32,7 +32,7 @@ from sessions_app.models import ApiKey, AuditEvent, Project, Role, WorkflowSessi
 
 SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's UUID.")
 IDEMPOTENCY_KEY = OpenApiParameter(
-    "Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
+    "Idempotency-Key", {"type": "string", "maxLength": 200}, OpenApiParameter.HEADER, required=False,
     description="Retries with the same key get the first answer again (at most 200 characters).",
 )
 PROJECT_FILTER = Param(

@@ -123,6 +123,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         filters.text_param("step", "Only this step.", lambda qs, raw: qs.filter(step=raw)),
         filters.text_param("tag", "Only versions carrying this tag.", lambda qs, raw: qs.filter(filters.tag_q("tags", raw))),
         *filters.range_params("created_at", "created"),
+        filters.ordering_param(["-number", "number"]),
     ]
 
     def get_queryset(self) -> QuerySet[Version]:
@@ -130,7 +131,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
 
     def paginate_queryset(self, queryset: QuerySet) -> Any:
         assert self.paginator is not None
-        self.paginator.ordering = "-number"  # type: ignore[attr-defined]
+        self.paginator.ordering = self.request.query_params.get("ordering") or "-number"  # type: ignore[attr-defined]
         return super().paginate_queryset(queryset)
 
     @extend_schema(operation_id="versions_list", parameters=[SESSION_ID],

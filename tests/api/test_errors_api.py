@@ -74,7 +74,8 @@ def test_bad_input_gets_a_problem_and_stores_nothing(project, session, tail, bod
     assert (session.head_number, session.status, session.archived_at) == (1, "running", None)
 
 
-@pytest.mark.parametrize("raw", ["{not json", '{"state": NaN}', '{"state": {"x": Infinity}}', "[]", ""])
+@pytest.mark.parametrize("raw", ["{not json", '{"state": NaN}', '{"state": {"x": Infinity}}', "[]", "",
+                                 '{"state": {"big": 18446744073709551616}}', '{"state": {"n": -9223372036854775809}}'])
 def test_unparseable_bodies(writer, session, raw):
     response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", raw)
     assert response.status_code == 400
@@ -129,3 +130,10 @@ def test_forged_cursors_are_400(writer, session, position):
     assert writer.get(f"/api/v1/projects/?cursor={cursor}").status_code == 400
     assert writer.get(f"/api/v1/sessions/{session.pk}/versions/?cursor={cursor}").status_code == 400
     assert writer.get("/api/v1/retention-policy/?project=%00x").status_code == 404
+
+
+def test_64_bit_integers_and_long_digit_strings_are_kept_exactly(writer, session):
+    state = {"max": 18446744073709551615, "min": -9223372036854775808, "text": "123456789012345678901234567890"}
+    response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": state}, format="json")
+    assert response.status_code == 201
+    assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["state"] == state

@@ -40,6 +40,7 @@ def test_list_is_newest_first_without_states_and_paginates(writer, session):
     rest = writer.get(url(session, f"versions/?limit=10&cursor={page['next']}")).json()
     assert [v["number"] for v in rest["results"]] == [3, 2, 1] and rest["next"] is None
     assert [v["number"] for v in writer.get(url(session, "versions/?label=keep")).json()["results"]] == [3]
+    assert [v["number"] for v in writer.get(url(session, "versions/?ordering=number&limit=2")).json()["results"]] == [1, 2]
 
 
 def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
