@@ -103,3 +103,55 @@ def test_a_stopped_context_is_refused_unless_allowed(live_api):
     done, ctx = asyncio.run(main())
     assert done.result == {"total": 15, "log": ["fetch", "price", "charge", "ship"]}
     assert done.versions[-1]["status"] == "completed" and isinstance(ctx, Context)
+
+
+class Job(Event):
+    n: int
+
+
+class JobDone(Event):
+    square: int
+
+
+class FanOut(Workflow):
+    """Four jobs on two parallel workers, gathered at the end; job `fail_on` raises."""
+
+    def __init__(self, *, fail_on: int | None = None) -> None:
+        super().__init__(timeout=30)
+        self.fail_on = fail_on
+
+    @step
+    async def start(self, ctx: Context, ev: StartEvent) -> Job | None:
+        for n in range(4):
+            ctx.send_event(Job(n=n))
+        return None
+
+    @step(num_workers=2)
+    async def work(self, ctx: Context, ev: Job) -> JobDone:
+        await asyncio.sleep(0.01 * (ev.n + 1))
+        if ev.n == self.fail_on:
+            raise ValueError(f"job {ev.n} broke")
+        return JobDone(square=ev.n * ev.n)
+
+    @step
+    async def gather(self, ctx: Context, ev: JobDone) -> StopEvent | None:
+        done = ctx.collect_events(ev, [JobDone] * 4)
+        return None if done is None else StopEvent(result=sorted(e.square for e in done))
+
+
+def test_parallel_workers_resume_from_the_last_good_version(live_api):
+    async def main():
+        clean = await FanOut().run()
+        async with live_api.aclient() as client:
+            recorder = WorkflowRecorder(client)
+            failed = await recorder.run(FanOut(fail_on=3), external_id="fan-1")
+            last_good = [v for v in failed.versions if v["status"] == "running"][-1]
+            await client.rewind(failed.session_id, last_good["number"], reason="job 3 can run now")
+            resumed = await recorder.run(FanOut(), external_id="fan-1",
+                                         ctx=await recorder.load_context(FanOut(), failed.session_id))
+            return clean, failed, resumed
+
+    clean, failed, resumed = asyncio.run(main())
+    assert failed.versions[-1]["status"] == "failed" and failed.versions[-1]["error"] == "ValueError: job 3 broke"
+    assert sum(v["step"] == "work" for v in failed.versions) == 4
+    assert resumed.result == clean == [0, 1, 4, 9]
