@@ -202,3 +202,12 @@ def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewi
 
     external_ids = {s["external_id"] for s in rewind.list_sessions(q="trip-sub")["results"]}
     assert "trip-sub" in external_ids and any(e.startswith("trip-sub|review:") for e in external_ids)
+
+
+def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
+    graph = trip_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "t" * 255}}
+    assert graph.invoke({"city": "Riga", "log": []}, config)["log"][-1] == "confirm Riga"
+    assert len(list(graph.get_state_history(config))) == 5
+    writes_session = next(s for s in rewind.iter_sessions(tag="langgraph-writes") if s["external_id"].startswith("t" * 200))
+    assert len(writes_session["external_id"]) == 255

@@ -70,6 +70,7 @@ MARKER_KEYS = frozenset({SERDE_KEY, MESSAGE_KEY})
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
 MAX_INT = 2**63 - 1
 WRITES_SUFFIX = "|writes"
+EXTERNAL_ID_MAX = 255
 PAGE = 200
 
 Op = Generator[Any, Any, Any]
@@ -150,6 +151,17 @@ def _is_plain_json(value: Any, depth: int = 0) -> bool:
 
 def _when(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def _fit(external_id: str) -> str:
+    """External ids hold 255 characters: longer ones keep a readable start and a hash of the rest."""
+    if len(external_id) <= EXTERNAL_ID_MAX:
+        return external_id
+    return f"{external_id[:EXTERNAL_ID_MAX - 41]}#{_hash(external_id)[:40]}"
+
+
+def _writes_of(external_id: str) -> str:
+    return _fit(external_id + WRITES_SUFFIX)
 
 
 def step_name(checkpoint: Checkpoint, metadata: CheckpointMetadata) -> str:
@@ -433,7 +445,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     def _external_id(self, thread_id: str, ns: str) -> str:
         base = f"{self.prefix}{thread_id}"
-        return base if not ns else f"{base}|{ns}"
+        return _fit(base if not ns else f"{base}|{ns}")
 
     def _find_session(self, external_id: str) -> Op:
         """The session id for an external id, or None (never creates one)."""
@@ -569,7 +581,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             checkpoint_id = state["checkpoint"]["id"]
             if head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
-        writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
+        writes_session = yield from self._find_session(_writes_of(external_id))
         writes = yield from self._writes_for(writes_session, checkpoint_id, window)
         return self._tuple_from(state, thread_id, ns, writes)
 
@@ -592,7 +604,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         wanted_id = get_checkpoint_id(config)
         before_id = get_checkpoint_id(before) if before else None
         versions = yield from self._versions(session_id)
-        writes_session = yield from self._find_session(external_id + WRITES_SUFFIX)
+        writes_session = yield from self._find_session(_writes_of(external_id))
         rewinds = _rewind_targets([meta for meta in versions if meta.get("kind") == "rewind"])
         writes_index: dict[str, Rows] = {}  # checkpoint tag -> write versions
         if writes_session is not None:
@@ -698,7 +710,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             return None
         conf = config["configurable"]
         thread_id, ns, checkpoint_id = str(conf["thread_id"]), conf.get("checkpoint_ns", ""), conf["checkpoint_id"]
-        external_id = self._external_id(thread_id, ns) + WRITES_SUFFIX
+        external_id = _writes_of(self._external_id(thread_id, ns))
         session_id = yield from self._ensure_session(external_id, thread_id, ns, writes=True)
         entries = [[WRITES_IDX_MAP.get(channel, idx), channel, self._encode(value)] for idx, (channel, value) in enumerate(writes)]
         state = {"checkpoint_id": checkpoint_id, "task_id": task_id, "task_path": task_path, "writes": entries}
@@ -740,7 +752,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         for session in sessions:
             meta = (session.get("metadata") or {}).get("langgraph") or {}
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
-            target_external = self._external_id(target_thread_id, ns) + (WRITES_SUFFIX if is_writes else "")
+            target_external = self._external_id(target_thread_id, ns)
+            if is_writes:
+                target_external = _writes_of(target_external)
             target = yield from self._ensure_session(target_external, target_thread_id, ns, writes=is_writes)
             versions = yield from self._versions(str(session["id"]))
             for version_meta in reversed(versions):
@@ -773,7 +787,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 except NotFound:
                     continue
                 checkpoint_id = head["state"]["checkpoint"]["id"]
-                writes_session = yield from self._find_session(self._external_id(thread_id, ns) + WRITES_SUFFIX)
+                writes_session = yield from self._find_session(_writes_of(self._external_id(thread_id, ns)))
                 write_states: Rows = []
                 if writes_session is not None:
                     for meta in reversed((yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id)))):
@@ -789,7 +803,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     "tags": [checkpoint_tag(head["state"]["checkpoint"]["id"])],
                 })
                 if write_states:
-                    writes_id = yield from self._ensure_session(external_id + WRITES_SUFFIX, thread_id, ns, writes=True)
+                    writes_id = yield from self._ensure_session(_writes_of(external_id), thread_id, ns, writes=True)
                     for state in write_states:
                         yield Call("POST", f"sessions/{writes_id}/versions/", json={
                             "state": state, "engine": ENGINE, "engine_version": self.engine_version,
