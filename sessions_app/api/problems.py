@@ -112,3 +112,4 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             request, status_code=exc.status_code, code=code, detail=_flatten(errors), headers=headers, errors=errors
         )
     return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(exc.detail), headers=headers)
+

@@ -8,6 +8,8 @@ from django.db.models import Q, QuerySet
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, status
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -115,7 +117,11 @@ class SessionList(mixins.ListModelMixin, ApiView):
         data = dict(incoming.validated_data)
         project = project_for(request, data.pop("project", None), role=Role.OPERATOR)
         session, created = services.session_get_or_create(project=project, actor=self.principal.actor["actor"], **data)
-        return Response(SessionSerializer(session).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        return Response(
+            SessionSerializer(session).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            headers={"Location": f"/api/v1/sessions/{session.pk}/"},
+        )
 
 
 class SessionDetail(ApiView):
@@ -235,3 +241,12 @@ class AuditEventList(mixins.ListModelMixin, ApiView):
     def get(self, request: Request) -> Response:
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+
+@extend_schema(exclude=True)
+@api_view(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def unknown_route(request: Any, *args: Any, **kwargs: Any) -> Response:
+    """Any other path under /api/v1/: a 404 in the API's own error shape, not Django's HTML page."""
+    raise exceptions.NotFound(f"No API route {request.path}; see /api/v1/schema/.")

@@ -1,6 +1,6 @@
 """/api/v1/: every API route, the OpenAPI schema and its Swagger UI / ReDoc (served from static files)."""
 
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from sessions_app.api import views as session_views
@@ -34,4 +34,6 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
+    # Only paths ending in "/": a missing slash still gets Django's APPEND_SLASH redirect.
+    re_path(r"^.*/$", session_views.unknown_route),
 ]

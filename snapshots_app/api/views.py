@@ -161,6 +161,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         ))
         response = Response(version_data(version), status=status.HTTP_201_CREATED)
         response["ETag"] = etag_of(version)
+        response["Location"] = f"/api/v1/sessions/{session.pk}/versions/{version.number}/"
         return response
 
 

@@ -115,7 +115,9 @@ def test_throttled_per_key_with_retry_after(project, settings):
     assert quiet.get("/api/v1/projects/").status_code == 200
 
 
-def test_unknown_routes_methods_and_ids(writer, session):
+def test_unknown_routes_methods_and_ids(writer, session, client):
+    for response in (writer.get("/api/v1/nothing/here/"), client.post("/api/v1/sessions/x/y/z/")):
+        assert response.status_code == 404 and response["Content-Type"] == "application/problem+json"
     assert writer.get("/api/v1/sessions/not-a-uuid/").status_code == 404
     assert writer.get(f"/api/v1/sessions/{session.pk}/versions/abc/").json()["code"] == "version_not_found"
     assert writer.put(f"/api/v1/sessions/{session.pk}/", {}, format="json").status_code == 405

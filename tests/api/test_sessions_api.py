@@ -16,6 +16,7 @@ def test_create_is_idempotent_on_external_id(writer):
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["workflow"] == "research"
+    assert first["Location"] == f"/api/v1/sessions/{first.json()['id']}/"
     assert WorkflowSession.objects.filter(external_id="thread-9").count() == 1
 
 
