@@ -139,3 +139,33 @@ def test_64_bit_integers_and_long_digit_strings_are_kept_exactly(writer, session
     response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": state}, format="json")
     assert response.status_code == 201
     assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["state"] == state
+
+
+OPS_BAD_WRITES = [
+    ("put", "/api/v1/retention-policy/", {"enabled": True, "keep_last": -1, "keep_days": 1, "thin_to": "day"}, 400),
+    ("put", "/api/v1/retention-policy/", {"enabled": "yes", "keep_last": 1, "keep_days": 1, "thin_to": "day"}, 400),
+    ("post", "/api/v1/compaction/", {"dry_run": "no"}, 400),
+    ("post", "/api/v1/exports/", {"session": "not-a-uuid"}, 400),
+    ("post", "/api/v1/exports/", {"session": "00000000-0000-0000-0000-000000000000"}, 404),
+    ("post", "/api/v1/imports/", None, 400),
+    ("delete", "/api/v1/keys/999999/", None, 404),
+    ("delete", "/api/v1/sessions/00000000-0000-0000-0000-000000000000/", None, 404),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), OPS_BAD_WRITES)
+def test_bad_operations_get_a_problem_and_start_nothing(project, method, path, body, status, settings, tmp_path):
+    from snapshots_app.models import Job, RetentionPolicy
+    from tests.api.conftest import key_client
+
+    settings.VAR_DIR = tmp_path
+    client = key_client(project, "admin")
+    before = (*counts(), Job.objects.count(), RetentionPolicy.objects.count())
+    if body is None:
+        response = getattr(client, method)(path)
+    else:
+        response = getattr(client, method)(path, body, format="json")
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert (*counts(), Job.objects.count(), RetentionPolicy.objects.count()) == before
+    assert not list(tmp_path.rglob("*.ndjson"))
