@@ -31,6 +31,9 @@ def test_readme_example(rewind):
     assert head["number"] == 4 and head["kind"] == "rewind" and head["parent"] == 2
     assert head["state"] == {"step": 2, "log": [0, 1]}
     assert head["etag"]
+    assert rewind.head(s["id"], if_none_match=head["etag"]) is None
+    rewind.record(s["id"], {"step": 5})
+    assert rewind.head(s["id"], if_none_match=head["etag"])["number"] == 5
 
 
 def test_sessions_create_list_get_update_archive_delete(rewind):

@@ -39,7 +39,9 @@ def _drop_none(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
-def _with_etag(response: httpx.Response) -> dict[str, Any]:
+def _with_etag(response: httpx.Response) -> dict[str, Any] | None:
+    if response.status_code == 304:
+        return None
     body = response.json()
     if isinstance(body, dict) and "etag" not in body and response.headers.get("ETag"):
         body["etag"] = response.headers["ETag"]
@@ -198,9 +200,14 @@ class Endpoints:
         """A version's metadata and its state."""
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/versions/{int(number)}/"))
 
-    def head(self, session_id: Any) -> Any:
-        """The head version's metadata and state; ``etag`` is what `If-Match` expects."""
-        return self._run(Call("GET", f"sessions/{_sid(session_id)}/head/", decode=_with_etag))
+    def head(self, session_id: Any, *, if_none_match: str | None = None) -> Any:
+        """The head version's metadata and state; ``etag`` is what `If-Match` expects.
+
+        With ``if_none_match=<etag>`` it answers None while the head has not moved: a cheap way for
+        an engine to notice an operator's rewind.
+        """
+        headers = {"If-None-Match": if_none_match} if if_none_match else {}
+        return self._run(Call("GET", f"sessions/{_sid(session_id)}/head/", headers=headers, decode=_with_etag))
 
     def diff(self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None) -> Any:
         """``{"changes": [{"path", "op", "old", "new"}], "patch": [...]}`` between two versions."""
