@@ -143,3 +143,12 @@ def test_iterators_follow_cursors():
     with sync_client(script) as client:
         assert [v["number"] for v in client.iter_versions("s", limit=2)] == [3, 2, 1]
     assert script.requests[1].url.params["cursor"] == "abc=" and script.requests[1].url.params["limit"] == "2"
+
+
+def test_a_retried_delete_that_finds_nothing_succeeded_earlier():
+    script = Script(httpx.ReadTimeout("answer lost"), problem(404, "session_not_found"))
+    with sync_client(script) as client:
+        assert client.delete_session("s", reason="done") is None
+    script = Script(problem(404, "session_not_found"))
+    with sync_client(script) as client, pytest.raises(NotFound):
+        client.delete_session("s")

@@ -121,6 +121,11 @@ def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.
     return response.status_code in RETRY_STATUSES
 
 
+def deleted_by_earlier_attempt(call: Call, attempt: int, response: httpx.Response) -> bool:
+    """A retried DELETE that finds nothing: the attempt whose answer was lost did the deleting."""
+    return call.method == "DELETE" and attempt > 0 and response.status_code == 404
+
+
 def raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return

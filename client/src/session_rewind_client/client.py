@@ -21,6 +21,7 @@ from session_rewind_client._core import (
     api_key_from,
     base_url_from,
     default_headers,
+    deleted_by_earlier_attempt,
     raise_for,
     relative,
     should_retry,
@@ -405,6 +406,8 @@ class Client(Endpoints):
                 time.sleep(self.retry.delay(attempt, response))
                 attempt += 1
                 continue
+            if deleted_by_earlier_attempt(call, attempt, response):
+                return None
             raise_for(response)
             return call.decode(response)
 
@@ -493,6 +496,8 @@ class AsyncClient(Endpoints):
                 await asyncio.sleep(self.retry.delay(attempt, response))
                 attempt += 1
                 continue
+            if deleted_by_earlier_attempt(call, attempt, response):
+                return None
             raise_for(response)
             return call.decode(response)
 
