@@ -243,9 +243,8 @@ class JobFile(ApiView):
     @extend_schema(
         operation_id="jobs_file",
         parameters=[JOB_ID],
-        summary="Download a finished export (operator).",
-        responses={200: OpenApiResponse(OpenApiTypes.BINARY, "The NDJSON export file"),
-                   409: OpenApiResponse(description="Not finished, or the file is gone")},
+        summary="Download a finished export (operator); 400 while it is not finished or once the file is gone.",
+        responses={(200, "application/x-ndjson"): OpenApiResponse(OpenApiTypes.BINARY, "The NDJSON export file")},
     )
     def get(self, request: Request, job_id: str) -> FileResponse:
         job = _job(request, job_id)
