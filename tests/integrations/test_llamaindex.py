@@ -155,3 +155,15 @@ def test_parallel_workers_resume_from_the_last_good_version(live_api):
     assert failed.versions[-1]["status"] == "failed" and failed.versions[-1]["error"] == "ValueError: job 3 broke"
     assert sum(v["step"] == "work" for v in failed.versions) == 4
     assert resumed.result == clean == [0, 1, 4, 9]
+
+
+def test_a_refused_snapshot_stops_recording_but_not_the_workflow(live_api, settings):
+    settings.STATE_MAX_BYTES = 300  # every context of this workflow is larger
+
+    async def main():
+        async with live_api.aclient() as client:
+            return await WorkflowRecorder(client).run(Order(), external_id="order-3", quantity=2)
+
+    run = asyncio.run(main())
+    assert run.result == {"total": 25, "log": ["fetch", "price", "charge", "ship"]} and run.versions == []
+    assert run.recording_error.status == 413 and run.recording_error.code == "state_too_large"

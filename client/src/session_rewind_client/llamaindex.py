@@ -27,6 +27,7 @@ from workflows import Context, Workflow
 from workflows.events import StepState, StepStateChanged
 
 from session_rewind_client.client import AsyncClient
+from session_rewind_client.errors import SessionRewindError
 
 ENGINE = "llama-index-workflows"
 ERROR_MAX = 10_000
@@ -53,6 +54,8 @@ class RecordedRun:
     versions: list[dict[str, Any]] = field(default_factory=list)
     # Seconds spent in ctx.to_dict() per snapshot, to see the overhead grow with the context.
     serialize_seconds: list[float] = field(default_factory=list)
+    # Why recording stopped (after retries), if it did; the workflow itself ran on.
+    recording_error: SessionRewindError | None = None
 
     @property
     def failed(self) -> bool:
@@ -92,7 +95,9 @@ class WorkflowRecorder:
 
         Versions are written by a background task in order, so the workflow never waits for the
         network; the context is serialized synchronously when the step-finished event is read.
-        A failed run returns a `RecordedRun` with `error` set (or raises, with `raise_on_error`).
+        A failed run returns a `RecordedRun` with `error` set; if the service refused a snapshot,
+        recording stops there (the run goes on) and `recording_error` says why. With
+        `raise_on_error` either is raised instead.
         """
         session = await self.client.create_session(
             external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
@@ -131,22 +136,28 @@ class WorkflowRecorder:
         queue.put_nowait(stopped[-1])
         queue.put_nowait(None)
         await writer
-        if recorded.error is not None and raise_on_error:
-            raise recorded.error
+        if raise_on_error and (recorded.error or recorded.recording_error):
+            raise recorded.error or recorded.recording_error  # type: ignore[misc]
         return recorded
 
     async def _write_all(self, queue: asyncio.Queue[_Snapshot | None], recorded: RecordedRun) -> None:
         engine_ver = engine_version()
         while (snapshot := await queue.get()) is not None:
-            version_ = await self.client.record(
-                recorded.session_id,
-                snapshot.state,
-                step=snapshot.step or None,
-                status=snapshot.status or None,
-                error=snapshot.error,
-                engine=ENGINE,
-                engine_version=engine_ver,
-            )
+            if recorded.recording_error is not None:
+                continue  # versions after a refused one would leave a hole in the history
+            try:
+                version_ = await self.client.record(
+                    recorded.session_id,
+                    snapshot.state,
+                    step=snapshot.step or None,
+                    status=snapshot.status or None,
+                    error=snapshot.error,
+                    engine=ENGINE,
+                    engine_version=engine_ver,
+                )
+            except SessionRewindError as exc:
+                recorded.recording_error = exc
+                continue
             recorded.versions.append(version_)
 
     async def load_context(
