@@ -34,15 +34,25 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 schemathesis.serializer.alias("application/x-ndjson", "application/octet-stream")
 
 
-@pytest.fixture
-def live_data(project, settings, tmp_path):
+def _live_data(project, settings, tmp_path, scopes: str) -> dict[str, str]:
     settings.API_RATE_LIMIT = ""
     settings.VAR_DIR = tmp_path  # uploaded imports land here
     session = make_session(project, "fuzzed")
     for step in range(3):
         snapshot_record(session=session, state={"step": step, "items": list(range(step))}, step=f"s{step}")
-    _, token = api_key_create(project=project, name="fuzz", scopes="read,write")
+    _, token = api_key_create(project=project, name="fuzz", scopes=scopes)
     return {"session": str(session.pk), "token": token}
+
+
+@pytest.fixture
+def engine_data(project, settings, tmp_path):
+    return _live_data(project, settings, tmp_path, "read,write")
+
+
+@pytest.fixture
+def admin_data(project, settings, tmp_path):
+    # An admin key too, so admin-only routes (keys, policy, compaction runs, deletion) get past their 403.
+    return _live_data(project, settings, tmp_path, "admin")
 
 
 def _is_uuid(value: object) -> bool:
@@ -53,9 +63,7 @@ def _is_uuid(value: object) -> bool:
     return isinstance(value, str)
 
 
-@schema.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_schema(case, live_data):
+def _call(case, live_data) -> None:
     # Mostly aim at a real session, so the fuzzing reaches past the 404 of a random UUID.
     if _is_uuid((case.path_parameters or {}).get("id")) and zlib.crc32(str(case.path_parameters).encode()) % 4:
         case.path_parameters["id"] = live_data["session"]
@@ -64,6 +72,18 @@ def test_api_conforms_to_its_schema(case, live_data):
     case.call_and_validate(
         headers={"Authorization": f"Bearer {live_data['token']}"}, excluded_checks=[positive_data_acceptance]
     )
+
+
+@schema.parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_schema(case, engine_data):
+    _call(case, engine_data)
+
+
+@schema.parametrize()
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_schema_for_admins(case, admin_data):
+    _call(case, admin_data)
 
 
 def test_docs_are_served_from_our_static_files(client):
