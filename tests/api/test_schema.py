@@ -102,3 +102,10 @@ def test_schema_describes_the_contract(client):
     create = paths["/api/v1/sessions/{id}/versions/"]["post"]["responses"]
     assert create["409"]["content"]["application/problem+json"]["schema"]["$ref"].endswith("/Problem")
     assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+
+
+def test_schema_generates_without_warnings_and_validates(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert (tmp_path / "schema.yaml").stat().st_size > 10_000
