@@ -262,7 +262,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self._sessions: dict[str, str] = {}
         self._states = _LRU(cache_size)
         self._numbers = _LRU(cache_size * 4)
-        self._heads: dict[str, int] = {}
+        # session id -> (head number, its checkpoint id) as this saver last saw or wrote it. Only ids
+        # are kept from writes: the values in a written state are still LangGraph's live objects.
+        self._heads: dict[str, tuple[int, str]] = {}
 
     # -- running operations ------------------------------------------------------------------------
 
@@ -577,7 +579,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 return None
             state = head["state"]
             self._states.put((session_id, int(head["number"])), state)
-            self._heads[session_id] = int(head["number"])
+            self._heads[session_id] = (int(head["number"]), state["checkpoint"]["id"])
             checkpoint_id = state["checkpoint"]["id"]
             if head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
@@ -663,35 +665,33 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         for attempt in range(3):
             # The head this saver last wrote saves a request per checkpoint; if anything else moved it,
             # the write below gets a 409 and the second attempt asks the server.
-            head_number = self._heads.get(session_id) if attempt == 0 else None
+            known = self._heads.get(session_id) if attempt == 0 else None
+            head_number, head_checkpoint = known if known is not None else (None, None)
             if head_number is None:
                 head = yield Call("GET", f"sessions/{session_id}/")
                 head_number = int(head.get("head") or 0)
             try:
                 if parent_id and head_number:
-                    head_state = yield from self._state_at_head(session_id, head_number)
-                    if head_state["checkpoint"]["id"] != parent_id:
+                    if head_checkpoint is None:
+                        head_checkpoint = yield from self._checkpoint_at_head(session_id)
+                    if head_checkpoint != parent_id:
                         head_number = yield from self._branch_from(session_id, parent_id, head_number)
                 created = yield Call("POST", f"sessions/{session_id}/versions/",
                                      json={**body, "expected_version": head_number})
             except ConflictError:
                 self._heads.pop(session_id, None)
                 continue  # someone else (an operator's rewind, another process) moved the head: decide again
-            self._heads[session_id] = int(created["number"])
-            self._states.put((session_id, int(created["number"])), state)
+            self._heads[session_id] = (int(created["number"]), checkpoint["id"])
             self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
             break
         else:
             raise ConflictError(f"the head of thread {thread_id!r} kept moving; checkpoint {checkpoint['id']} not saved")
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
 
-    def _state_at_head(self, session_id: str, head_number: int) -> Op:
-        cached = self._states.get((session_id, head_number))
-        if cached is not None:
-            return cached
+    def _checkpoint_at_head(self, session_id: str) -> Op:
         head = yield Call("GET", f"sessions/{session_id}/head/")
         self._states.put((session_id, int(head["number"])), head["state"])
-        return head["state"]
+        return head["state"]["checkpoint"]["id"]
 
     def _branch_from(self, session_id: str, parent_id: str, head_number: int) -> Op:
         """Rewind to the parent checkpoint so the new one starts a visible branch; returns the new head."""
@@ -718,8 +718,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
         body = {"state": state, "step": task_path or task_id, "engine": ENGINE, "engine_version": self.engine_version,
                 "tags": [checkpoint_tag(checkpoint_id)]}
-        created = yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
-        self._states.put((session_id, int(created["number"])), state)
+        yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
         return None
 
     def _thread_sessions(self, thread_id: str) -> Op:
