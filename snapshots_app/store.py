@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection
+from django.db import connection, transaction
 
 from sessions_app.errors import IntegrityProblem
 from snapshots_app import tree
@@ -31,9 +32,13 @@ if TYPE_CHECKING:
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
-CODEC_ZSTD_DICT = 2  # zstd with a project dictionary, written only by compaction
+CODEC_ZSTD_DICT = 2  # zstd with a project dictionary: compaction re-encodes to it, writes use it once there is one
 COMPRESS_MIN = 64  # smaller nodes are stored raw: zstd's frame header would not pay for itself
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 6
+DICTIONARY_BYTES = 64 * 1024
+DICTIONARY_TRAIN_MIN_NODES = 500  # a write bringing this many new nodes (and bytes) trains one, if none
+DICTIONARY_TRAIN_MIN_BYTES = 1024 * 1024
+DICTIONARY_RECHECK_SECONDS = 60  # how soon a writer notices a dictionary another process trained
 STATE_CACHE_TIMEOUT = 24 * 3600
 HEAD_CACHE_MAX = 2 * 1024 * 1024
 _NODE_TABLE = StateNode._meta.db_table
@@ -56,13 +61,71 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.decompressor
 
 
-def compress(raw: bytes) -> tuple[int, bytes]:
+def compress(raw: bytes, dictionary: zstandard.ZstdCompressionDict | None = None) -> tuple[int, bytes]:
     if len(raw) < COMPRESS_MIN:
         return CODEC_RAW, raw
-    packed = _compressor().compress(raw)
+    if dictionary is None:
+        codec, packed = CODEC_ZSTD, _compressor().compress(raw)
+    else:
+        codec, packed = CODEC_ZSTD_DICT, _dict_compressor(dictionary).compress(raw)
     if len(packed) >= len(raw):
         return CODEC_RAW, raw
-    return CODEC_ZSTD, packed
+    return codec, packed
+
+
+def _dict_compressor(dictionary: zstandard.ZstdCompressionDict) -> zstandard.ZstdCompressor:
+    if not hasattr(_local, "dict_compressors"):
+        _local.dict_compressors = {}
+    compressor = _local.dict_compressors.get(dictionary.dict_id())
+    if compressor is None:
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=dictionary)
+        _local.dict_compressors[dictionary.dict_id()] = compressor
+    return compressor
+
+
+# Project dictionaries for writing: (when looked up, newest committed dictionary or None) per project.
+_write_dictionaries: dict[int, tuple[float, zstandard.ZstdCompressionDict | None]] = {}
+
+
+def _project_dictionary(project_id: int) -> zstandard.ZstdCompressionDict | None:
+    """The project's newest zstd dictionary, if it has one (compaction trains them; so do large writes)."""
+    from snapshots_app.models import CompressionDictionary
+
+    known = _write_dictionaries.get(project_id)
+    if known is not None and (known[1] is not None or time.monotonic() - known[0] < DICTIONARY_RECHECK_SECONDS):
+        return known[1]
+    row = CompressionDictionary.objects.filter(project_id=project_id).exclude(data=b"").order_by("-id").first()
+    dictionary = None if row is None else zstandard.ZstdCompressionDict(bytes(row.data))
+    if row is None or not connection.in_atomic_block:
+        _write_dictionaries[project_id] = (time.monotonic(), dictionary)
+    else:
+        # Seen inside a transaction, the row might be this transaction's own: remember it only
+        # once committed, or nodes could name a dictionary that a rollback removed.
+        transaction.on_commit(lambda: _write_dictionaries.__setitem__(project_id, (time.monotonic(), dictionary)))
+    return dictionary
+
+
+def _train_dictionary(project_id: int, samples: list[bytes]) -> zstandard.ZstdCompressionDict | None:
+    """Train and store a dictionary from a large write's own nodes, for this write and later ones.
+
+    Small nodes compress poorly alone; a state written in thousands of nodes would otherwise cost
+    about twice what zstd makes of it whole. Compaction re-encodes older nodes with it too.
+    """
+    from snapshots_app.models import CompressionDictionary
+
+    with transaction.atomic():
+        row = CompressionDictionary.objects.create(project_id=project_id, data=b"", samples=len(samples))
+        try:
+            dictionary = zstandard.train_dictionary(
+                DICTIONARY_BYTES, samples, dict_id=row.zstd_id, k=0, d=8, steps=4, level=ZSTD_LEVEL
+            )
+        except zstandard.ZstdError:
+            transaction.set_rollback(True)
+            return None
+        row.data = dictionary.as_bytes()
+        row.save(update_fields=["data"])
+    transaction.on_commit(lambda: _write_dictionaries.__setitem__(project_id, (time.monotonic(), dictionary)))
+    return dictionary
 
 
 def decompress(codec: int, data: bytes) -> bytes:
@@ -179,8 +242,17 @@ class ProjectStore:
         if not new_nodes:
             return 0
         digests, codecs, datas, sizes = [], [], [], []
-        for digest, raw in new_nodes.items():
-            codec, data = compress(raw)
+        dictionary = _project_dictionary(self.project_id)
+        if (
+            dictionary is None
+            and len(new_nodes) >= DICTIONARY_TRAIN_MIN_NODES
+            and sum(map(len, new_nodes.values())) >= DICTIONARY_TRAIN_MIN_BYTES
+        ):
+            dictionary = _train_dictionary(self.project_id, list(new_nodes.values()))
+        # Sorted, so concurrent writers sharing new nodes take index locks in one order (no deadlocks);
+        # unnest() hands PostgreSQL the rows in this order.
+        for digest, raw in sorted(new_nodes.items()):
+            codec, data = compress(raw, dictionary)
             digests.append(digest)
             codecs.append(codec)
             datas.append(data)

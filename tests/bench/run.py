@@ -103,7 +103,13 @@ def reset_tables() -> None:
             "number integer NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), state jsonb NOT NULL, "
             "UNIQUE (session_id, number))"
         )
-        cursor.execute(f"TRUNCATE {BASELINE_TABLE}, sessions_app_project RESTART IDENTITY CASCADE")
+        # No RESTART IDENTITY: ids (and the zstd dictionary ids derived from them) are never reused.
+        cursor.execute(f"TRUNCATE {BASELINE_TABLE}, sessions_app_project CASCADE")
+        # Sizes are taken after our own VACUUM; autovacuum's snapshots could keep dead rows alive.
+        for table in (*STORE_TABLES, BASELINE_TABLE):
+            cursor.execute(
+                f"ALTER TABLE {table} SET (autovacuum_enabled = off, toast.autovacuum_enabled = off)"
+            )
     clear_caches()
 
 
@@ -136,6 +142,39 @@ class Result:
     base_bytes: int = 0
     floor_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class _WriteBreakdown:
+    """Times two parts of snapshot_record while active: the store's own work and the live-update
+    publish, so the table can say where a write's time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"write_state": 0.0, "publish": 0.0}
+
+    def _timed(self, name: str, function: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+
+        return timed
+
+    def __enter__(self) -> None:
+        from sessions_app import events
+        from snapshots_app.store import ProjectStore
+
+        self._saved = (ProjectStore.write_state, events.publish)
+        ProjectStore.write_state = self._timed("write_state", ProjectStore.write_state)  # type: ignore[method-assign]
+        events.publish = self._timed("publish", events.publish)
+
+    def __exit__(self, *exc: object) -> None:
+        from sessions_app import events
+        from snapshots_app.store import ProjectStore
+
+        ProjectStore.write_state, events.publish = self._saved  # type: ignore[method-assign]
 
 
 def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Result:
@@ -148,6 +187,7 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
 
     reset_tables()
     result = Result(profile)
+    breakdown = _WriteBreakdown()
     floor = zstandard.ZstdCompressor(level=FLOOR_ZSTD_LEVEL)
     project = project_create(name=f"Bench {profile.name}", slug=f"bench-{profile.name}")
     sessions = []
@@ -161,7 +201,8 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
             for side in order:
                 if side == 0:
                     started = time.perf_counter()
-                    snapshot_record(session=session, state=state, **metadata)
+                    with breakdown:
+                        snapshot_record(session=session, state=state, **metadata)
                     result.store_write_s += time.perf_counter() - started
                 else:
                     started = time.perf_counter()
@@ -182,6 +223,13 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
                 result.floor_bytes += len(floor.compress(orjson.dumps(patch)))
             previous = current_value
 
+    n = result.versions
+    result.notes.append(
+        f"store write = {_ms(result.store_write_s / n)} ms, of which the tree and node rows (store.write_state) "
+        f"{_ms(breakdown.seconds['write_state'] / n)} ms, live-update publish (events.publish) "
+        f"{_ms(breakdown.seconds['publish'] / n)} ms, the rest is snapshot_record's validation, locks, "
+        "version row, session update and commit"
+    )
     result.store_bytes = table_bytes(STORE_TABLES)
     result.base_bytes = table_bytes((BASELINE_TABLE,))
     clear_caches()
@@ -201,7 +249,46 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
         # Array diffs may align differently from the in-memory diff; both must turn a into b.
         if canonical_dumps(apply_patch(states[a], store_patch)) != canonical_dumps(states[b]):
             raise AssertionError(f"store and baseline diffs disagree on {session.external_id} v{a}..v{b}")
+    _compact(result, project, picks[:20])
     return result
+
+
+def _compact(result: Result, project: Any, picks: list[tuple[Any, int]]) -> None:
+    """Run compaction (garbage collection + zstd dictionary re-encoding; no retention, so every
+    version stays), measure the tables again after VACUUM FULL, and check reads still agree."""
+
+    from snapshots_app.compaction import compaction_run
+
+    rewritten = _rewritten_bytes(STORE_TABLES)
+    started = time.perf_counter()
+    compaction_run(project=project, apply_retention=False)
+    seconds = time.perf_counter() - started
+    after = _rewritten_bytes(STORE_TABLES)
+    clear_caches()
+    for session, number in picks:
+        store_state, base_state = _timed_reads(Result(result.profile), session, number)
+        if orjson.dumps(store_state, option=orjson.OPT_SORT_KEYS) != orjson.dumps(base_state, option=orjson.OPT_SORT_KEYS):
+            raise AssertionError(f"after compaction, store and baseline disagree on {session.external_id} v{number}")
+    base_rewritten = _rewritten_bytes((BASELINE_TABLE,))
+    result.extra["storage, tables rewritten"] = (
+        _size(rewritten), _size(base_rewritten),
+        f"{rewritten / result.floor_bytes:.2f}x / {base_rewritten / result.floor_bytes:.1f}x floor (VACUUM FULL)",
+    )
+    result.extra["storage after compaction"] = (
+        _size(after), "", f"{after / result.floor_bytes:.2f}x floor; compaction took "
+        f"{seconds * 1000 / result.versions:.2f} s per 1,000 versions",
+    )
+
+
+def _rewritten_bytes(tables: tuple[str, ...]) -> int:
+    """Table size after VACUUM FULL. PostgreSQL 15 here packs a freshly rewritten table loosely
+    after bulk UPDATEs; a second rewrite packs it tight, so both sides get two."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for _ in range(2):
+            cursor.execute(f"VACUUM FULL {', '.join(tables)}")
+    return table_bytes(tables)
 
 
 def _timed_reads(result: Result, session: Any, number: int) -> tuple[Any, Any]:
@@ -283,6 +370,7 @@ def table(result: Result) -> str:
         "| --- | ---: | ---: | --- |",
     ]
     lines += [f"| {name} | {store} | {base} | {note} |" for name, store, base, note in rows]
+    lines += ["", *result.notes]
     return "\n".join(lines)
 
 
