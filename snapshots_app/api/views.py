@@ -61,7 +61,7 @@ def etag_of(version: Version) -> str:
 
 def with_state(version: Version, *, status_code: int = 200) -> HttpResponse:
     """Metadata and state in one body, the state spliced in as stored (already canonical, verified)."""
-    meta = orjson.dumps(version_data(version))
+    meta = orjson.dumps(version_data(version), option=orjson.OPT_UTC_Z)
     body = b"".join((meta[:-1], b',"state":', selectors.version_state_bytes(version), b"}"))
     return HttpResponse(body, status=status_code, content_type="application/json")
 
