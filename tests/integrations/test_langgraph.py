@@ -211,3 +211,13 @@ def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     assert len(list(graph.get_state_history(config))) == 5
     writes_session = next(s for s in rewind.iter_sessions(tag="langgraph-writes") if s["external_id"].startswith("t" * 200))
     assert len(writes_session["external_id"]) == 255
+
+
+def test_list_without_a_thread_searches_every_thread(live_api, rewind):
+    saver = SessionRewindSaver(rewind)
+    graph = trip_graph(saver)
+    for city in ("Oslo", "Rome"):
+        graph.invoke({"city": city, "log": []}, {"configurable": {"thread_id": f"search-{city}"}})
+    finished = list(saver.list(None, filter={"step": 3}))
+    assert sorted(t.config["configurable"]["thread_id"] for t in finished) == ["search-Oslo", "search-Rome"]
+    assert len(list(saver.list(None, limit=3))) == 3

@@ -207,6 +207,24 @@ class _Item:
         self.value = value
 
 
+def _counting(op: Op, counter: builtins.list[int]) -> Op:
+    """Runs `op` as part of the calling operation, counting the items it hands out."""
+    to_send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = op.throw(error) if error is not None else op.send(to_send)
+        except StopIteration as stop:
+            return stop.value
+        to_send, error = None, None
+        if isinstance(step, _Item):
+            counter[0] += 1
+        try:
+            to_send = yield step
+        except SessionRewindError as exc:
+            error = exc
+
+
 class _LRU:
     def __init__(self, size: int) -> None:
         self.size = size
@@ -595,8 +613,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         before: RunnableConfig | None,
         limit: int | None,
     ) -> Op:
-        if config is None:
-            raise ValueError("SessionRewindSaver.list needs a config with a thread_id (threads are sessions)")
+        if config is None or "thread_id" not in (config.get("configurable") or {}):
+            yield from self._list_all_threads(filter=filter, before=before, limit=limit)
+            return
         conf = config["configurable"]
         thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
         external_id = self._external_id(thread_id, ns)
@@ -646,6 +665,20 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             emitted += 1
             if limit is not None and emitted >= limit:
                 return
+
+    def _list_all_threads(self, *, filter: dict[str, Any] | None, before: RunnableConfig | None,
+                          limit: int | None) -> Op:
+        """`list(None, ...)`: every thread's checkpoints, thread after thread (LangGraph's search)."""
+        listed = [0]
+        for session in (yield from self._sessions_tagged("langgraph")):
+            meta = (session.get("metadata") or {}).get("langgraph") or {}
+            if meta.get("pending_writes") or "thread_id" not in meta:
+                continue
+            if limit is not None and listed[0] >= limit:
+                return
+            thread: RunnableConfig = {"configurable": {"thread_id": meta["thread_id"], "checkpoint_ns": meta.get("checkpoint_ns", "")}}
+            remaining = None if limit is None else limit - listed[0]
+            yield from _counting(self._list(thread, filter=filter, before=before, limit=remaining), listed)
 
     def _put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata) -> Op:
         conf = config["configurable"]
@@ -722,8 +755,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         return None
 
     def _thread_sessions(self, thread_id: str) -> Op:
+        return (yield from self._sessions_tagged(thread_tag(thread_id)))
+
+    def _sessions_tagged(self, tag: str) -> Op:
         found: Rows = []
-        tag = thread_tag(thread_id)
         call: Call | None = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE})
         while call is not None:
             page = yield call
