@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
+import re
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
@@ -37,10 +38,13 @@ def role_allows(role: str | None, needed: str) -> bool:
     return role is not None and ROLE_RANK[Role(role)] >= ROLE_RANK[Role(needed)]
 
 
+API_KEY_PREFIX_RE = re.compile(r"[0-9a-f]{12}")
+
+
 def api_key_for_token(token: str) -> ApiKey | None:
     """The key (revoked or not) whose secret is `token`, or None. Constant-time hash comparison."""
     parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != "sr" or not parts[1]:
+    if len(parts) != 3 or parts[0] != "sr" or not API_KEY_PREFIX_RE.fullmatch(parts[1]):
         return None
     api_key = ApiKey.objects.select_related("project").filter(prefix=parts[1]).first()
     if api_key is None:

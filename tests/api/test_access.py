@@ -113,7 +113,8 @@ def test_a_revoked_key_is_refused(project, session):
     assert not Version.objects.exists()
 
 
-@pytest.mark.parametrize("header", [None, "Bearer", "Bearer sr_nope_nope", "Bearer not-a-key", "Basic Zm9vOmJhcg=="])
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer sr_nope_nope", "Bearer not-a-key", "Basic Zm9vOmJhcg==",
+                                    "Bearer sr_\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00_x"])
 def test_missing_or_unknown_credentials_get_401(db, header):
     client = APIClient()
     if header:
