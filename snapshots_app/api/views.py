@@ -155,7 +155,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         data = dict(incoming.validated_data)
         if_match = _if_match_number(request, session)
         expected = data.pop("expected_version", None)
-        version = _guarded(if_match, lambda: services.snapshot_record(
+        version = _guarded(if_match if expected is None else None, lambda: services.snapshot_record(
             session=session, expected_version=expected if expected is not None else if_match,
             idempotency_key=self.idempotency_key(), **data, **self.principal.actor,
         ))
@@ -298,7 +298,7 @@ class Rewind(ApiView):
         data = incoming.validated_data
         if_match = _if_match_number(request, session)
         expected = data.get("expected_version")
-        version = _guarded(if_match, lambda: services.snapshot_rewind(
+        version = _guarded(if_match if expected is None else None, lambda: services.snapshot_rewind(
             session=session, to_version=data["to_version"], reason=data["reason"],
             expected_version=expected if expected is not None else if_match,
             idempotency_key=self.idempotency_key(), **self.principal.actor,

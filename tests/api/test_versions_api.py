@@ -55,6 +55,10 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     assert ok.status_code == 201
     stale = writer.post(url(session, "versions/"), {"state": {"a": 3}}, format="json", HTTP_IF_MATCH=etag)
     assert stale.status_code == 412 and stale.json()["code"] == "precondition_failed"
+    current = writer.get(url(session, "head/"))["ETag"]
+    both = writer.post(url(session, "versions/"), {"state": {"a": 3}, "expected_version": 1}, format="json",
+                       HTTP_IF_MATCH=current)
+    assert both.status_code == 409  # the stale expected_version speaks, not the current If-Match
     assert session.versions.count() == 2
 
 
