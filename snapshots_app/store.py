@@ -42,6 +42,14 @@ DICTIONARY_RECHECK_SECONDS = 60  # how soon a writer notices a dictionary anothe
 STATE_CACHE_TIMEOUT = 24 * 3600
 HEAD_CACHE_MAX = 2 * 1024 * 1024
 _NODE_TABLE = StateNode._meta.db_table
+# One primary-key probe per wanted digest, whatever the statistics say. `digest = ANY(...)` was
+# planned, with statistics that undercount a project's nodes, as a scan of all the project's nodes
+# filtered by digest, and writes slowed down as the project grew; the LIMIT keeps the planner from
+# flattening the lateral probe into such a join.
+_PROBE_SQL = (
+    "SELECT {columns} FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
+    f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
+)
 RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
 RUN_TEXT_CACHE_MAX = 4 * 1024 * 1024
 
@@ -227,10 +235,7 @@ class ProjectStore:
         if connection.vendor == "postgresql":
             # Raw SQL: this runs once per level of every write, and the ORM would double its cost.
             with connection.cursor() as cursor:
-                cursor.execute(
-                    f"SELECT digest FROM {_NODE_TABLE} WHERE project_id = %s AND digest = ANY(%s)",
-                    [self.project_id, list(digests)],
-                )
+                cursor.execute(_PROBE_SQL.format(columns="n.digest"), [list(digests), self.project_id])
                 return {bytes(row[0]) for row in cursor.fetchall()}
         rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
             "digest", flat=True
@@ -305,8 +310,7 @@ class ProjectStore:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(
-                    f"SELECT digest, codec, data FROM {_NODE_TABLE} WHERE project_id = %s AND digest = ANY(%s)",
-                    [self.project_id, list(digests)],
+                    _PROBE_SQL.format(columns="n.digest, n.codec, n.data"), [list(digests), self.project_id]
                 )
                 return cursor.fetchall()
         return list(

@@ -35,7 +35,7 @@ class Profile:
 # Sizes chosen so the default run fits in ~10 minutes on a 2-core machine (see README "Benchmark").
 PROFILES: dict[str, Profile] = {
     "agent-200k": Profile(
-        "agent-200k", sessions=12, versions=100, initial_messages=70, message_chars=(300, 3000),
+        "agent-200k", sessions=20, versions=100, initial_messages=70, message_chars=(300, 3000),
         message_chance=0.6, tool_chance=0.35,
     ),
     "long-2000": Profile(
