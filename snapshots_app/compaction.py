@@ -9,7 +9,9 @@ Concurrency with writers (see store.project_write_lock): writers hold the projec
 batches, each under the *exclusive* lock. Under that lock no writer is in flight, so every version
 that could reference a node is committed; each batch first marks the versions created since the
 previous batch (a writer may have reused a node that was a candidate), then deletes only nodes
-still unmarked. Nodes inserted after the candidate list was taken are never candidates.
+still unmarked. Nodes inserted after the candidate list was taken are never candidates. Batches
+delete parents before children (_parents_first): a writer that finds a node stored reuses its
+whole subtree, so no stored node may ever lose a descendant.
 """
 
 from __future__ import annotations
@@ -276,6 +278,31 @@ def _mark(project_store: store.ProjectStore, roots: Iterable[bytes], marked: set
         frontier = children - marked
 
 
+def _parents_first(project_store: store.ProjectStore, candidates: list[bytes]) -> list[bytes]:
+    """Order garbage so that no node is deleted while a garbage parent of it still exists.
+
+    Writers treat an existing node as a complete subtree (they skip its children), so between two
+    sweep batches every stored node must still have all its descendants: a writer may reuse it,
+    and the next batch then marks it live. Deleting parents before children keeps that true.
+    """
+    candidate_set = set(candidates)
+    children: dict[bytes, list[bytes]] = {}
+    for chunk in _chunks(candidates, 1000):
+        for digest, node in project_store.nodes(set(chunk)).items():
+            children[digest] = [child for child in node.children if child in candidate_set]
+    waiting_on = dict.fromkeys(candidates, 0)
+    for kids in children.values():
+        for child in kids:
+            waiting_on[child] += 1
+    ordered = [digest for digest in candidates if waiting_on[digest] == 0]
+    for digest in ordered:  # grows while iterating: Kahn's algorithm over the garbage DAG
+        for child in children.get(digest, ()):
+            waiting_on[child] -= 1
+            if waiting_on[child] == 0:
+                ordered.append(child)
+    return ordered
+
+
 def _node_sizes(project_id: int) -> dict[bytes, int]:
     return {
         bytes(digest): size
@@ -490,12 +517,12 @@ def compaction_run(
     seen: dict[str, Any] = {"ids": {version_id for version_id, _ in remaining}, "max_id": None}
     marked: set[bytes] = set()
     _mark(project_store, {root for _, root in remaining}, marked)
-    candidates = [
+    candidates = _parents_first(project_store, [
         digest for (digest,) in (
             (bytes(d),) for d in StateNode.objects.filter(project_id=project_id).values_list("digest", flat=True)
             .iterator(chunk_size=10_000)
         ) if digest not in marked
-    ]
+    ])
     total = done + len(candidates)
     progress(done, total, force=True)
     nodes_freed = bytes_freed = 0
