@@ -36,8 +36,12 @@ CODEC_ZSTD_DICT = 2  # zstd with a project dictionary: compaction re-encodes to 
 COMPRESS_MIN = 64  # smaller nodes are stored raw: zstd's frame header would not pay for itself
 ZSTD_LEVEL = 6
 DICTIONARY_BYTES = 64 * 1024
-DICTIONARY_TRAIN_MIN_NODES = 500  # a write bringing this many new nodes (and bytes) trains one, if none
+# A project without a dictionary gets one trained once a process has written this many new nodes
+# (and bytes) for it: small nodes compress poorly alone, a dictionary brings them near whole-state zstd.
+DICTIONARY_TRAIN_MIN_NODES = 500
 DICTIONARY_TRAIN_MIN_BYTES = 1024 * 1024
+DICTIONARY_SAMPLE_MAX_BYTES = 4 * 1024 * 1024  # per project, while collecting
+DICTIONARY_SAMPLE_PROJECTS = 16  # projects collected for at once, per process
 DICTIONARY_RECHECK_SECONDS = 60  # how soon a writer notices a dictionary another process trained
 STATE_CACHE_TIMEOUT = 24 * 3600
 HEAD_CACHE_MAX = 2 * 1024 * 1024
@@ -96,7 +100,7 @@ _write_dictionaries: dict[int, tuple[float, zstandard.ZstdCompressionDict | None
 
 
 def _project_dictionary(project_id: int) -> zstandard.ZstdCompressionDict | None:
-    """The project's newest zstd dictionary, if it has one (compaction trains them; so do large writes)."""
+    """The project's newest zstd dictionary, if it has one (compaction trains them, and so do writes)."""
     from snapshots_app.models import CompressionDictionary
 
     known = _write_dictionaries.get(project_id)
@@ -113,8 +117,29 @@ def _project_dictionary(project_id: int) -> zstandard.ZstdCompressionDict | None
     return dictionary
 
 
+# Nodes this process wrote for projects that have no dictionary yet, to train one from.
+_samples: OrderedDict[int, list[bytes]] = OrderedDict()
+_samples_lock = threading.Lock()
+
+
+def _dictionary_samples(project_id: int, new: Iterable[bytes]) -> list[bytes] | None:
+    """Collect node encodings of a project without a dictionary; once there are enough (from one
+    large write or many small ones), hand them over for training."""
+    with _samples_lock:
+        samples = _samples.pop(project_id, [])
+        samples.extend(raw for raw in new if len(raw) >= COMPRESS_MIN)
+        if len(samples) >= DICTIONARY_TRAIN_MIN_NODES and sum(map(len, samples)) >= DICTIONARY_TRAIN_MIN_BYTES:
+            return samples
+        while sum(map(len, samples)) > DICTIONARY_SAMPLE_MAX_BYTES:
+            samples = samples[len(samples) // 4 :]  # keep the newest
+        _samples[project_id] = samples
+        while len(_samples) > DICTIONARY_SAMPLE_PROJECTS:
+            _samples.popitem(last=False)
+        return None
+
+
 def _train_dictionary(project_id: int, samples: list[bytes]) -> zstandard.ZstdCompressionDict | None:
-    """Train and store a dictionary from a large write's own nodes, for this write and later ones.
+    """Train and store a dictionary from recently written nodes, for this write and later ones.
 
     Small nodes compress poorly alone; a state written in thousands of nodes would otherwise cost
     about twice what zstd makes of it whole. Compaction re-encodes older nodes with it too.
@@ -248,12 +273,10 @@ class ProjectStore:
             return 0
         digests, codecs, datas, sizes = [], [], [], []
         dictionary = _project_dictionary(self.project_id)
-        if (
-            dictionary is None
-            and len(new_nodes) >= DICTIONARY_TRAIN_MIN_NODES
-            and sum(map(len, new_nodes.values())) >= DICTIONARY_TRAIN_MIN_BYTES
-        ):
-            dictionary = _train_dictionary(self.project_id, list(new_nodes.values()))
+        if dictionary is None:
+            samples = _dictionary_samples(self.project_id, new_nodes.values())
+            if samples is not None:
+                dictionary = _train_dictionary(self.project_id, samples)
         # Sorted, so concurrent writers sharing new nodes take index locks in one order (no deadlocks);
         # unnest() hands PostgreSQL the rows in this order.
         for digest, raw in sorted(new_nodes.items()):
