@@ -348,7 +348,7 @@ def table(result: Result) -> str:
     n = result.versions
     rows = [
         ("writes/s", f"{n / result.store_write_s:.1f}", f"{n / result.base_write_s:.1f}",
-         f"{result.base_write_s / result.store_write_s:.2f}x faster"),
+         f"{result.base_write_s / result.store_write_s:.2f}x of baseline"),
         ("read p50 (ms)", _ms(statistics.median(result.store_reads)), _ms(statistics.median(result.base_reads)), ""),
         ("read p95 (ms)", _ms(percentile(result.store_reads, 0.95)), _ms(percentile(result.base_reads, 0.95)),
          f"{percentile(result.store_reads, 0.95) / percentile(result.base_reads, 0.95):.2f}x of baseline"),
