@@ -157,6 +157,9 @@ def _train_dictionary(project_id: int, samples: list[bytes]) -> zstandard.ZstdCo
             return None
         row.data = dictionary.as_bytes()
         row.save(update_fields=["data"])
+    # Forget "this project has none": the next write asks the database, which has this row once
+    # committed (and already does for the rest of this transaction).
+    _write_dictionaries.pop(project_id, None)
     transaction.on_commit(lambda: _write_dictionaries.__setitem__(project_id, (time.monotonic(), dictionary)))
     return dictionary
 
