@@ -118,11 +118,11 @@ def _project_dictionary(project_id: int) -> zstandard.ZstdCompressionDict | None
 
 
 # Nodes this process wrote for projects that have no dictionary yet, to train one from.
-_samples: OrderedDict[int, list[bytes]] = OrderedDict()
+_samples: OrderedDict[int, list[bytes | bytearray | memoryview]] = OrderedDict()
 _samples_lock = threading.Lock()
 
 
-def _dictionary_samples(project_id: int, new: Iterable[bytes]) -> list[bytes] | None:
+def _dictionary_samples(project_id: int, new: Iterable[bytes]) -> list[bytes | bytearray | memoryview] | None:
     """Collect node encodings of a project without a dictionary; once there are enough (from one
     large write or many small ones), hand them over for training."""
     with _samples_lock:
@@ -138,7 +138,9 @@ def _dictionary_samples(project_id: int, new: Iterable[bytes]) -> list[bytes] | 
         return None
 
 
-def _train_dictionary(project_id: int, samples: list[bytes]) -> zstandard.ZstdCompressionDict | None:
+def _train_dictionary(
+    project_id: int, samples: list[bytes | bytearray | memoryview]
+) -> zstandard.ZstdCompressionDict | None:
     """Train and store a dictionary from recently written nodes, for this write and later ones.
 
     Small nodes compress poorly alone; a state written in thousands of nodes would otherwise cost
@@ -332,7 +334,7 @@ class ProjectStore:
                 node_lru.put_many(self.project_id, from_db)
         return found
 
-    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes, int, bytes]]:
+    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes | memoryview, int, bytes | memoryview]]:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(

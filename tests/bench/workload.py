@@ -184,9 +184,9 @@ class Trace:
                 state["error"] = None
             elif rng.random() < 0.03:
                 counters["retries"] += 1
-                state["error"] = {"type": "ToolTimeout", "message": self.text.prose(100),
-                                  "traceback": self.text.prose(1200)}
-                metadata["error"] = state["error"]["message"]
+                error = {"type": "ToolTimeout", "message": self.text.prose(100), "traceback": self.text.prose(1200)}
+                state["error"] = error
+                metadata["error"] = error["message"]
             if step == profile.versions - 1:
                 metadata["status"] = "completed"
             yield state, metadata
