@@ -33,7 +33,7 @@ import orjson
 
 DIGEST_SIZE = 16
 INLINE_MAX = 512  # a subtree whose text is at most this many bytes is written inside its parent
-PAGE = 16  # items per array run, and runs per higher-level run
+PAGE = 32  # items per array run, and runs per higher-level run
 OBJECT_RUN_MIN = 64  # objects with more members than this are split into member runs
 MEMBER_RUN_MASK = 31  # a member run ends after a key whose CRC32 & mask == 0 (about 32 members a run)
 JSON_STRING_MIN = INLINE_MAX  # strings shorter than this are never worth parsing as structure
