@@ -30,9 +30,14 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
     if layer is None:
         return
     message = {"type": "rewind.event", "event": event, "payload": payload}
+    groups = [project_group(project_id)] if session_id is None else [project_group(project_id), session_group(session_id)]
+
+    async def send_all() -> None:
+        # One hop into the event loop for both groups: each async_to_sync costs a thread switch.
+        for group in groups:
+            await layer.group_send(group, message)
+
     try:
-        async_to_sync(layer.group_send)(project_group(project_id), message)
-        if session_id is not None:
-            async_to_sync(layer.group_send)(session_group(session_id), message)
+        async_to_sync(send_all)()
     except Exception:  # see docstring: live updates are best effort
         logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)
