@@ -131,7 +131,7 @@ def _dictionary_samples(project_id: int, new: Iterable[bytes]) -> list[bytes | b
         if len(samples) >= DICTIONARY_TRAIN_MIN_NODES and sum(map(len, samples)) >= DICTIONARY_TRAIN_MIN_BYTES:
             return samples
         while sum(map(len, samples)) > DICTIONARY_SAMPLE_MAX_BYTES:
-            samples = samples[len(samples) // 4 :]  # keep the newest
+            samples = samples[max(1, len(samples) // 4) :]  # keep the newest
         _samples[project_id] = samples
         while len(_samples) > DICTIONARY_SAMPLE_PROJECTS:
             _samples.popitem(last=False)

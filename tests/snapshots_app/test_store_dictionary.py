@@ -69,3 +69,11 @@ def test_a_rolled_back_write_leaves_no_dictionary_for_later_writes(session):
     state = documents(700, seed=2)
     version = snapshot_record(session=session, state=state)
     assert reread(version) == state
+
+
+def test_a_few_huge_nodes_are_stored_without_a_dictionary(session):
+    # Far too few nodes to learn from, but more bytes than the sample buffer holds.
+    state = {f"blob{n}": " ".join(random.Random(n).choices(WORDS, k=400_000)) for n in range(3)}
+    version = snapshot_record(session=session, state=state)
+    assert not CompressionDictionary.objects.filter(project=session.project).exists()
+    assert reread(version) == state
