@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from sessions_app.errors import InvalidState, StateTooDeep, StateTooLarge
+from sessions_app.strict_json import refuse_huge_integers
 
 SORT = orjson.OPT_SORT_KEYS
 _SCALARS = (str, int, bool, type(None))
@@ -36,8 +37,11 @@ def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidState(f"state is not valid JSON: {exc}") from None
+    refuse_huge_integers(raw)
     validate_state(value, max_depth=max_depth, floats_checked=True)
     return value
+
+
 
 
 def validate_state(value: Any, *, max_depth: int, floats_checked: bool = False) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import orjson
@@ -14,6 +12,8 @@ from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
 from sessions_app.api.problems import RequestTooLarge
+from sessions_app.errors import InvalidState
+from sessions_app.strict_json import refuse_huge_integers
 
 
 class OrjsonParser(BaseParser):
@@ -28,25 +28,11 @@ class OrjsonParser(BaseParser):
             value = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"The request body is not valid JSON: {exc}") from None
-        if LONG_DIGIT_RUN.search(data):
-            _refuse_huge_integers(data)
+        try:
+            refuse_huge_integers(data)
+        except InvalidState as exc:
+            raise ParseError(f"{exc.message[:1].upper()}{exc.message[1:]}.") from None
         return value
-
-
-# orjson reads integers beyond 64 bits as floats, silently changing the value. A run of 20+ digits
-# (19 with a minus sign) is the only way such a literal can appear; only then is the body checked exactly.
-LONG_DIGIT_RUN = re.compile(rb"\d{19}")
-
-
-def _check_int(literal: str) -> int:
-    number = int(literal)
-    if not -(2**63) <= number < 2**64:
-        raise ParseError(f"Integer {literal[:30]}... is outside the 64-bit range JSON states can hold exactly.")
-    return number
-
-
-def _refuse_huge_integers(data: bytes) -> None:
-    json.loads(data, parse_int=_check_int)
 
 
 def _default(value: Any) -> Any:

@@ -69,6 +69,8 @@ def test_raw_json_input_is_canonicalised(session):
         (b'{"a": Infinity}', InvalidState),
         (b'{"a": 1e999}', InvalidState),
         (b'{"a": ', InvalidState),
+        (b'{"a": 99999999999999999999999}', InvalidState),  # orjson alone would read a float
+        (b'{"a": -9223372036854775809}', InvalidState),
         ({"a": float("nan")}, InvalidState),
         ({"a": float("inf")}, InvalidState),
         ({1: "non-string key"}, InvalidState),

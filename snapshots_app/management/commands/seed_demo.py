@@ -14,6 +14,7 @@ from django.db import transaction
 
 from sessions_app.models import Project, Role, WorkflowSession
 from sessions_app.services import membership_set, project_create, session_get_or_create
+from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind
 
 DEMO_PROJECT = "demo"
 DEMO_USER = "operator"
@@ -80,8 +81,6 @@ class Command(BaseCommand):
     help = "Create the demo project, an operator login and sample sessions (idempotent)."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind
-
         User = get_user_model()
         with transaction.atomic():
             user = User.objects.filter(username=DEMO_USER).first()
@@ -93,7 +92,7 @@ class Command(BaseCommand):
             membership_set(project=project, user=user, role=Role.ADMIN)
 
         def seed(external_id: str, workflow: str, history: list, *, status: str) -> WorkflowSession:
-            session, created = session_get_or_create(
+            session, _ = session_get_or_create(
                 project=project, external_id=external_id, workflow=workflow, tags=["demo"], actor=user
             )
             if session.head_number == 0:

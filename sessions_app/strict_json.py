@@ -1,0 +1,26 @@
+"""Strict JSON checks shared by the API parser and the state store."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from sessions_app.errors import InvalidState
+
+# orjson reads integers beyond 64 bits as floats, silently changing the value. Such a literal needs
+# a run of at least 19 digits, so only then is the text parsed again, exactly, to check.
+LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+
+
+def _check_int(literal: str) -> int:
+    number = int(literal)
+    if not -(2**63) <= number < 2**64:
+        raise InvalidState(f"integer {literal[:30]}... is outside the 64-bit range a state can hold exactly")
+    return number
+
+
+def refuse_huge_integers(raw: bytes | str) -> None:
+    """InvalidState if JSON text holds an integer literal outside the signed/unsigned 64-bit range."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if LONG_DIGIT_RUN.search(data):
+        json.loads(data, parse_int=_check_int)
