@@ -8,6 +8,7 @@ import secrets
 import uuid
 from typing import Any
 
+import orjson
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -87,6 +88,11 @@ def _clean_metadata(metadata: Any) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidState("metadata must be a JSON object")
+    try:
+        # The same limits as states: whatever is stored must render back as strict JSON.
+        orjson.dumps(metadata)
+    except TypeError as exc:
+        raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
     return metadata
 
 
