@@ -203,6 +203,37 @@ def _append(
     return version
 
 
+def _append_copy(
+    session: WorkflowSession,
+    source: Version,
+    *,
+    kind: str,
+    reason: str,
+    idempotency_key: str | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> Version:
+    """Append a version whose state is `source`'s (a rewind or fork): it points at the same root,
+    so it stores no nodes. Caller holds the session lock."""
+    return _append(
+        session,
+        kind=kind,
+        root=bytes(source.root),
+        checksum=source.checksum,
+        logical_size=source.logical_size,
+        stored_size=0,
+        parent=source,
+        status=source.status or SessionStatus.RUNNING,
+        step=source.step,
+        engine=source.engine,
+        engine_version=source.engine_version,
+        reason=reason,
+        idempotency_key=idempotency_key,
+        actor=actor,
+        actor_label=actor_label,
+    )
+
+
 def snapshot_record(
     *,
     session: WorkflowSession,
@@ -334,23 +365,9 @@ def snapshot_rewind(
                 return replay
         _check_expected(locked, expected)
         previous_head = locked.head_number
-        version = _append(
-            locked,
-            kind=VersionKind.REWIND,
-            root=bytes(target.root),
-            checksum=target.checksum,
-            logical_size=target.logical_size,
-            stored_size=0,
-            parent=target,
-            status=target.status or SessionStatus.RUNNING,
-            step=target.step,
-            label="",
-            engine=target.engine,
-            engine_version=target.engine_version,
-            reason=reason,
-            idempotency_key=key,
-            actor=actor,
-            actor_label=actor_label,
+        version = _append_copy(
+            locked, target, kind=VersionKind.REWIND, reason=reason, idempotency_key=key,
+            actor=actor, actor_label=actor_label,
         )
         audit_record(
             project=locked.project, action="session.rewind", target_type="version", target_id=version.pk,
@@ -389,21 +406,8 @@ def snapshot_fork(
         if not created:
             raise VersionConflict(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
         fork = _lock_session(fork)
-        version = _append(
-            fork,
-            kind=VersionKind.FORK,
-            root=bytes(source.root),
-            checksum=source.checksum,
-            logical_size=source.logical_size,
-            stored_size=0,
-            parent=source,
-            status=source.status or SessionStatus.RUNNING,
-            step=source.step,
-            engine=source.engine,
-            engine_version=source.engine_version,
-            reason=reason,
-            actor=actor,
-            actor_label=actor_label,
+        version = _append_copy(
+            fork, source, kind=VersionKind.FORK, reason=reason, actor=actor, actor_label=actor_label
         )
         audit_record(
             project=session.project, action="session.fork", target_type="session", target_id=fork.pk,
