@@ -86,6 +86,12 @@ class StateNode(models.Model):
     codec = models.PositiveSmallIntegerField(default=0, help_text="0 = raw, 1 = zstd, 2 = zstd with project dictionary.")
     data = models.BinaryField()
     raw_size = models.PositiveIntegerField()
+    # The child digests (16 bytes each, in hole order), also inside `data`: kept bare so PostgreSQL
+    # can walk a whole tree in one statement (see store.TREE_SQL) without decompressing anything.
+    children = models.BinaryField(default=b"")
+    # BLAKE2b-64 of the uncompressed encoding: checks one node on its own, where a read that does not
+    # splice the whole state (a diff) cannot check the version's SHA-256.
+    seal = models.BigIntegerField()
 
     class Meta:
         verbose_name = "state node"

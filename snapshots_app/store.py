@@ -276,7 +276,7 @@ class ProjectStore:
         """Insert nodes (ON CONFLICT DO NOTHING); returns the stored (compressed) bytes submitted."""
         if not new_nodes:
             return 0
-        digests, codecs, datas, sizes = [], [], [], []
+        digests, codecs, datas, sizes, children, seals = [], [], [], [], [], []
         dictionary = _project_dictionary(self.project_id)
         if dictionary is None:
             samples = _dictionary_samples(self.project_id, new_nodes.values())
@@ -290,19 +290,23 @@ class ProjectStore:
             codecs.append(codec)
             datas.append(data)
             sizes.append(len(raw))
+            children.append(tree.children_of(raw))
+            seals.append(tree.seal_of(raw))
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(
-                    f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size) "
-                    "SELECT %s, * FROM unnest(%s::bytea[], %s::smallint[], %s::bytea[], %s::integer[]) "
-                    "ON CONFLICT DO NOTHING",
-                    [self.project_id, digests, codecs, datas, sizes],
+                    f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size, children, seal) "
+                    "SELECT %s, * FROM unnest(%s::bytea[], %s::smallint[], %s::bytea[], %s::integer[], "
+                    "%s::bytea[], %s::bigint[]) ON CONFLICT DO NOTHING",
+                    [self.project_id, digests, codecs, datas, sizes, children, seals],
                 )
         else:
             StateNode.objects.bulk_create(
                 [
-                    StateNode(project_id=self.project_id, digest=d, codec=c, data=data, raw_size=n)
-                    for d, c, data, n in zip(digests, codecs, datas, sizes, strict=True)
+                    StateNode(
+                        project_id=self.project_id, digest=d, codec=c, data=data, raw_size=n, children=kids, seal=seal
+                    )
+                    for d, c, data, n, kids, seal in zip(digests, codecs, datas, sizes, children, seals, strict=True)
                 ],
                 ignore_conflicts=True,
                 batch_size=500,

@@ -33,6 +33,10 @@ import orjson
 
 DIGEST_SIZE = 16
 INLINE_MAX = 512  # a subtree whose text is at most this many bytes is written inside its parent
+# A subtree larger than INLINE_MAX but at most this many bytes is one node, unsplit: a 3 KB chat
+# message is one row, not an object node plus a string node. Every node costs a row, an index entry,
+# a decompression and a hop in each read, and such small subtrees are rarely edited in place.
+SPLIT_MIN = 8192
 PAGE = 32  # items per array run, and runs per higher-level run
 OBJECT_RUN_MIN = 64  # objects with more members than this are split into member runs
 MEMBER_RUN_MASK = 31  # a member run ends after a key whose CRC32 & mask == 0 (about 32 members a run)
@@ -135,6 +139,22 @@ class Node:
         return [child for _, child in self.holes]
 
 
+def children_of(encoding: bytes) -> bytes:
+    """The child digests of an encoded node, concatenated in hole order (without decoding its text)."""
+    count, pos = _read_varint(encoding, 3)
+    out = bytearray()
+    for _ in range(count):
+        _, pos = _read_varint(encoding, pos)
+        out += encoding[pos : pos + DIGEST_SIZE]
+        pos += DIGEST_SIZE
+    return bytes(out)
+
+
+def seal_of(encoding: bytes) -> int:
+    """BLAKE2b-64 of a node's encoding, as a signed 64-bit integer (how the database keeps it)."""
+    return int.from_bytes(hashlib.blake2b(encoding, digest_size=8).digest(), "big", signed=True)
+
+
 class _TextBuilder:
     """Accumulates a node's text and the positions of its holes."""
 
@@ -215,6 +235,9 @@ class TreeWriter:
         return Hole(digest)
 
     def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> list[Candidate]:
+        if kind != KIND_STRING and len(text) <= SPLIT_MIN:
+            self.new_nodes[digest] = Node(kind, flavor.code, 0, (), text).encode()
+            return []
         if kind == KIND_OBJECT:
             return self._write_object(value, flavor, digest)
         if kind == KIND_ARRAY:

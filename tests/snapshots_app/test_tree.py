@@ -6,12 +6,25 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshots_app import tree
 from snapshots_app.canonical import dumps
 from snapshots_app.diff import apply_patch, diff_trees, diff_values
+
+
+SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+
+
+@pytest.fixture(autouse=True, params=["split-fine", "split-default"])
+def split_min(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run every test twice: as configured (subtrees up to SPLIT_MIN stay whole) and with every
+    subtree over INLINE_MAX split, so the run and member-run paths get exercised by small states too."""
+    if request.param == "split-fine":
+        monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)
+    return tree.SPLIT_MIN
 
 
 class MemoryNodes:
@@ -57,7 +70,7 @@ def embedded(value: Any) -> str:
     return json.dumps({"value": value, "padding": "p" * 600})
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
 @given(states)
 def test_every_state_splices_back_to_its_canonical_bytes(state):
     nodes = MemoryNodes()
@@ -65,7 +78,7 @@ def test_every_state_splices_back_to_its_canonical_bytes(state):
     assert nodes.read(root) == dumps(state)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
 @given(states, states)
 def test_applying_the_diff_patch_to_a_gives_b(a, b):
     nodes = MemoryNodes()
@@ -77,7 +90,7 @@ def test_applying_the_diff_patch_to_a_gives_b(a, b):
     assert dumps(apply_patch(a, diff_values(a, b).patch)) == dumps(b)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
 @given(json_values, json_values)
 def test_json_strings_round_trip_and_diff_structurally(inner_a, inner_b):
     a = {"store": embedded(inner_a), "compact": json.dumps([inner_a] * 3, separators=(",", ":"))}
