@@ -150,6 +150,10 @@ def _database() -> dict:
     if not config.get("NAME"):
         raise ImproperlyConfigured("DATABASE_URL names no database (expected postgres://user@host:port/dbname)")
     config.setdefault("OPTIONS", {})["connect_timeout"] = env_int("DB_CONNECT_TIMEOUT", 5, minimum=1)
+    # JIT compiles a plan once its estimated cost is high, and a recursive walk of a state tree is
+    # estimated at 100,000 rows: measured 115 ms of compilation for a 0.3 ms query. Our statements
+    # are all short; none gains from it.
+    config["OPTIONS"].setdefault("options", "-c jit=off")
     config["CONN_HEALTH_CHECKS"] = True
     return dict(config)
 

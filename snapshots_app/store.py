@@ -322,7 +322,11 @@ class ProjectStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
-        """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent."""
+        """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
+
+        Every node read from the database is checked against its seal before it is used or cached
+        (CorruptNode otherwise), so the cache only ever holds checked nodes.
+        """
         found: dict[bytes, tree.Node] = {}
         wanted = set(digests)
         if self.use_cache:
@@ -330,31 +334,37 @@ class ProjectStore:
             wanted -= found.keys()
         if wanted:
             from_db: dict[bytes, tree.Node] = {}
-            for stored_digest, codec, stored_data in self._fetch_rows(wanted):
+            for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted):
                 digest = bytes(stored_digest)
-                from_db[digest] = self._decode(digest, codec, bytes(stored_data))
+                from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal)
             found.update(from_db)
             if self.use_cache:
                 node_lru.put_many(self.project_id, from_db)
         return found
 
-    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes | memoryview, int, bytes | memoryview]]:
+    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes | memoryview, int, bytes | memoryview, int]]:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(
-                    _PROBE_SQL.format(columns="n.digest, n.codec, n.data"), [list(digests), self.project_id]
+                    _PROBE_SQL.format(columns="n.digest, n.codec, n.data, n.seal"), [list(digests), self.project_id]
                 )
                 return cursor.fetchall()
         return list(
             StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
-                "digest", "codec", "data"
+                "digest", "codec", "data", "seal"
             )
         )
 
     @staticmethod
-    def _decode(digest: bytes, codec: int, data: bytes) -> tree.Node:
+    def _decode(digest: bytes, codec: int, data: bytes, seal: int) -> tree.Node:
         try:
-            return tree.Node.decode(decompress(codec, data))
+            raw = decompress(codec, data)
+        except Exception as exc:  # noqa: BLE001 - any decompression failure is corruption of this node
+            raise CorruptNode(digest, str(exc)) from None
+        if tree.seal_of(raw) != seal:
+            raise CorruptNode(digest, "its seal does not match its content")
+        try:
+            return tree.Node.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is corruption of this node
             raise CorruptNode(digest, str(exc)) from None
 

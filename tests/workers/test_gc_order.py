@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sessions_app.services import session_delete
+from snapshots_app import tree
 from snapshots_app.compaction import compaction_run
 from snapshots_app.models import StateNode
 from snapshots_app.store import ProjectStore
@@ -25,8 +26,9 @@ def stored_nodes_are_closed(project_id: int) -> bool:
     return all(child in stored for node in nodes.values() for child in node.children)
 
 
-def test_every_sweep_batch_deletes_parents_before_children(settings):
+def test_every_sweep_batch_deletes_parents_before_children(settings, monkeypatch):
     settings.COMPACTION_BATCH_SIZE = 1  # one node per transaction: every intermediate state is visible
+    monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)  # deep trees: a garbage DAG of many levels
     project = make_project("gc-order")
     doomed = record_history(project, "doomed", 4)
     record_history(project, "kept", 2)

@@ -161,10 +161,15 @@ def test_maintenance_command_runs_compaction_on_demand(project):
 
 
 @pytest.mark.django_db
-def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_exact(project, settings, tmp_path):
+def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_exact(
+    project, settings, tmp_path, monkeypatch
+):
     from pathlib import Path
 
-    from snapshots_app import store
+    from snapshots_app import store, tree
+
+    # Many small nodes (each subtree over INLINE_MAX its own node): what a dictionary helps most.
+    monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)
     from snapshots_app.models import CompressionDictionary
     from snapshots_app.transfer import transfer_export_run, transfer_import_run
     from tests.factories import make_project
