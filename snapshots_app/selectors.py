@@ -7,14 +7,33 @@ from itertools import pairwise
 from typing import Any
 
 import orjson
+from django.db import connection
 from django.db.models import QuerySet
 
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import WorkflowSession
-from snapshots_app import store, tree
+from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees
 from snapshots_app.models import IntegrityProblem, Version, VersionKind
+
+
+def version_get(*, session: WorkflowSession, number: Any) -> Version:
+    """Version `number` of `session` (VersionNotFound if there is none), with `session` attached."""
+    if isinstance(number, bool) or not isinstance(number, int):
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise VersionNotFound(f"version {number!r} is not a version number") from None
+    if connection.vendor == "postgresql":
+        version = rows.versions_by_number(session, [number]).get(number)
+    else:
+        version = Version.objects.filter(session=session, number=number).first()
+        if version is not None:
+            version.session = session
+    if version is None:
+        raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
+    return version
 
 
 def version_state_bytes(version: Version) -> bytes:
@@ -29,7 +48,7 @@ def version_state(version: Version) -> dict[str, Any]:
 def head_version(session: WorkflowSession) -> Version | None:
     if session.head_number == 0:
         return None
-    return Version.objects.select_related("session").get(session=session, number=session.head_number)
+    return version_get(session=session, number=session.head_number)
 
 
 def version_diff(a: Version, b: Version, *, structural_strings: bool = True) -> DiffResult:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
-from sessions_app import events
+from sessions_app import background, events
 from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
@@ -32,7 +32,8 @@ from sessions_app.services import (
     new_fork_external_id,
     session_event,
 )
-from snapshots_app import canonical, store
+from snapshots_app import canonical, rows, store
+from snapshots_app.selectors import version_get
 from snapshots_app.models import Version, VersionKind
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ logger = logging.getLogger(__name__)
 METADATA_LIMITS = {"step": 200, "label": 100, "engine": 100, "engine_version": 50, "idempotency_key": 200}
 ERROR_MAX = 10_000
 REASON_MAX = 2_000
+
+
+class _Head:
+    """`parent=HEAD`: the new version's parent is the session's current head."""
+
+
+HEAD = _Head()
 
 
 @dataclass(frozen=True)
@@ -115,27 +123,41 @@ def _head(session: WorkflowSession) -> Version | None:
     return Version.objects.get(session=session, number=session.head_number)
 
 
+def _lock_for_write(session: WorkflowSession) -> WorkflowSession:
+    """The project's shared write lock, then the session's row lock (snapshot_record's hot path)."""
+    if connection.vendor == "postgresql":
+        locked = rows.session_lock(session.pk)
+        if locked is None:
+            raise WorkflowSession.DoesNotExist(f"session {session.pk} no longer exists")
+        return locked
+    store.project_write_lock(session.project_id)
+    return _lock_session(session)
+
+
 def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
+    """Announce the new version, queue its finalize task and warm the head cache, after commit and
+    off the caller's thread (sessions_app.background): none of it is needed for the write to count."""
     from snapshots_app import tasks
 
     session = version.session
+    payload = {**session_event(session), "version": version.number, "kind": version.kind, "step": version.step}
 
     def announce() -> None:
         if canonical_bytes is not None:
             store.remember_head(version, canonical_bytes)
-        events.publish(
-            session.project_id,
-            "version.created",
-            {**session_event(session), "version": version.number, "kind": version.kind, "step": version.step},
-            session_id=session.pk,
-        )
+        events.publish(session.project_id, "version.created", payload, session_id=session.pk)
         try:
             tasks.finalize_version.delay(version.pk)
         except Exception:  # the write is committed; tasks.finalize_pending catches up
             logger.warning("finalize of version %s not queued; the periodic catch-up will do it", version.pk,
                            exc_info=True)
 
-    transaction.on_commit(announce)
+    if tasks.finalize_version.app.conf.task_always_eager:
+        # Eager Celery (the embedded default) runs finalize inline, against the database: keep that
+        # on the committing thread, where SQLite has its one writer (and a test its transaction).
+        transaction.on_commit(announce)
+    else:
+        background.after_commit(announce)
 
 
 def _append(
@@ -146,7 +168,7 @@ def _append(
     checksum: str,
     logical_size: int,
     stored_size: int,
-    parent: Version | None,
+    parent: Version | None | _Head,
     status: str = "",
     step: str = "",
     error: str = "",
@@ -159,12 +181,12 @@ def _append(
     actor: User = None,
     actor_label: str = "",
 ) -> Version:
-    """Insert the next version of a locked session and move its head. Caller holds the lock."""
+    """Insert the next version of a locked session and move its head. Caller holds the lock.
+    `parent=HEAD` means the session's current head (looked up by the insert itself on PostgreSQL)."""
     who = actor_fields(actor, actor_label)
-    version = Version.objects.create(
+    version = Version(
         session=session,
         number=session.head_number + 1,
-        parent=parent,
         kind=kind,
         root=root,
         checksum=checksum,
@@ -182,6 +204,9 @@ def _append(
         created_by=who["actor"],
         created_by_label=who["actor_label"],
     )
+    fast = parent is HEAD and connection.vendor == "postgresql"
+    if not fast:
+        version.parent = _head(session) if parent is HEAD else parent  # type: ignore[assignment]
     session.head_number = version.number
     session.version_count += 1
     session.logical_bytes = logical_size
@@ -194,12 +219,15 @@ def _append(
         session.last_error = error
     elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
         session.last_error = ""
-    session.save(
-        update_fields=[
-            "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step",
-            "last_error", "updated_at",
-        ]
-    )
+    moved = [
+        "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step", "last_error",
+        "updated_at",
+    ]
+    if fast:
+        rows.version_insert_after_head(version, session, moved)
+    else:
+        version.save(force_insert=True)
+        session.save(update_fields=moved)
     return version
 
 
@@ -272,36 +300,35 @@ def snapshot_record(
     prepared = state_prepare(state)
     ensure_writable(session)
 
-    if key is not None:
-        replay = _replay(session, key, prepared.checksum)
-        if replay is not None:
-            return replay
-
     with transaction.atomic():
-        store.project_write_lock(session.project_id)
-        # Nodes first, outside the session lock: they are content-addressed, so a rollback or a
-        # duplicate costs nothing, and other writers of this session are not held up meanwhile.
-        root, stored = store.ProjectStore(session.project_id).write_state(prepared.value, prepared.canonical)
-        locked = _lock_session(session)
+        # Session lock first: under it the head is known, and the new nodes are checked against the
+        # head's tree in memory (see store.ProjectStore.write_state) instead of the database.
+        locked = _lock_for_write(session)
         ensure_writable(locked)
         if key is not None:
             replay = _replay(locked, key, prepared.checksum)
             if replay is not None:
                 return replay
         _check_expected(locked, expected)
+        written = store.ProjectStore(session.project_id).write_state(
+            prepared.value, prepared.canonical, session_id=locked.pk, head=locked.head_number
+        )
         version = _append(
             locked,
             kind=kind,
-            root=root,
+            root=written.root,
             checksum=prepared.checksum,
             logical_size=len(prepared.canonical),
-            stored_size=stored,
-            parent=_head(locked),
+            stored_size=written.stored_bytes,
+            parent=HEAD,
             idempotency_key=key,
             actor=actor,
             actor_label=actor_label,
             **fields,
         )
+        if written.shape is not None:
+            shape = written.shape
+            transaction.on_commit(lambda: store.head_shapes.put(locked.pk, version.number, shape))
         _after_commit(version, prepared.canonical)
     return version
 
@@ -324,18 +351,6 @@ def _require_reason(reason: Any) -> str:
     if len(reason) > REASON_MAX:
         raise InvalidState(f"reason is longer than {REASON_MAX} characters")
     return reason.strip()
-
-
-def version_get(*, session: WorkflowSession, number: Any) -> Version:
-    if isinstance(number, bool) or not isinstance(number, int):
-        try:
-            number = int(number)
-        except (TypeError, ValueError):
-            raise VersionNotFound(f"version {number!r} is not a version number") from None
-    version = Version.objects.select_related("session").filter(session=session, number=number).first()
-    if version is None:
-        raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
-    return version
 
 
 def snapshot_rewind(

@@ -198,7 +198,7 @@ class VersionDetail(ApiView):
     @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER],
                    responses={200: VersionWithStateSerializer}, summary="One version: metadata and state.")
     def get(self, request: Request, id: str, number: str) -> HttpResponse:
-        version = services.version_get(session=session_for(request, id), number=_path_number(number))
+        version = selectors.version_get(session=session_for(request, id), number=_path_number(number))
         return with_state(version)
 
     @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
@@ -208,7 +208,7 @@ class VersionDetail(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = VersionUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        version = services.version_get(session=session, number=_path_number(number))
+        version = selectors.version_get(session=session, number=_path_number(number))
         data = incoming.validated_data
         with transaction.atomic():
             if "pinned" in data and data["pinned"] != version.pinned:
@@ -268,8 +268,8 @@ class Diff(ApiView):
             except SessionNotFound as exc:
                 exc.message = f"no session {params['to_session']} to compare with"
                 raise
-        a = services.version_get(session=session, number=numbers["from"])
-        b = services.version_get(session=other, number=numbers["to"])
+        a = selectors.version_get(session=session, number=numbers["from"])
+        b = selectors.version_get(session=other, number=numbers["to"])
         structural = filters.parse_bool("structural_strings", params.get("structural_strings", "true"))
         result = selectors.version_diff(a, b, structural_strings=structural)
         return Response({

@@ -294,12 +294,10 @@ def _rewritten_bytes(tables: tuple[str, ...]) -> int:
 def _timed_reads(result: Result, session: Any, number: int) -> tuple[Any, Any]:
     from django.db import connection
 
-    from snapshots_app.models import Version
-    from snapshots_app.selectors import version_state
+    from snapshots_app.selectors import version_get, version_state
 
     started = time.perf_counter()
-    version = Version.objects.select_related("session").get(session=session, number=number)
-    store_state = version_state(version)
+    store_state = version_state(version_get(session=session, number=number))
     result.store_reads.append(time.perf_counter() - started)
     started = time.perf_counter()
     with connection.cursor() as cursor:
@@ -314,12 +312,11 @@ def _timed_diffs(result: Result, session: Any, a: int, b: int) -> tuple[Any, Any
     from django.db import connection
 
     from snapshots_app.diff import diff_values
-    from snapshots_app.models import Version
-    from snapshots_app.selectors import version_diff
+    from snapshots_app.selectors import version_diff, version_get
 
     started = time.perf_counter()
-    versions = {v.number: v for v in Version.objects.select_related("session").filter(session=session, number__in=[a, b])}
-    store_patch = version_diff(versions[a], versions[b]).patch
+    # As the API's diff endpoint does it: each end looked up on its own (they may be in two sessions).
+    store_patch = version_diff(version_get(session=session, number=a), version_get(session=session, number=b)).patch
     result.store_diffs.append(time.perf_counter() - started)
     started = time.perf_counter()
     with connection.cursor() as cursor:

@@ -22,12 +22,11 @@ from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import store
 from snapshots_app.canonical import dumps
 from snapshots_app.models import StateNode, Version, VersionKind
-from snapshots_app.selectors import version_diff, version_state, version_state_bytes
+from snapshots_app.selectors import version_diff, version_get, version_state, version_state_bytes
 from snapshots_app.services import (
     snapshot_fork,
     snapshot_record,
     snapshot_rewind,
-    version_get,
     version_label,
     version_pin,
 )
