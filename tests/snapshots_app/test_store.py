@@ -318,3 +318,56 @@ def test_reads_survive_a_new_connection(session):
     fresh = Version.objects.select_related("session").get(pk=version.pk)
     assert orjson.loads(version_state_bytes(fresh)) == state
     assert WorkflowSession.objects.get(pk=session.pk).head_number == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the head's tree is remembered after commit
+def test_a_write_after_another_process_moved_the_head_reloads_the_heads_tree(session, project):
+    """Writers check new nodes against the head's tree as this process last saw it. If the head has
+    moved since (another process wrote), that picture may name nodes garbage collection has removed
+    since: it must not be trusted."""
+    from snapshots_app.compaction import compaction_run, retention_policy_set
+
+    first = {"doc": "the first document " * 600, "n": 1}  # over SPLIT_MIN: its own node
+    snapshot_record(session=session, state=first)
+    stale = store.head_shapes.get(session.pk)
+    assert stale is not None and stale[0] == 1
+    snapshot_record(session=session, state={"doc": "another document " * 600, "n": 2})
+    # Version 1 is thinned away and its document node collected.
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction_run(project=project)
+    assert list(Version.objects.filter(session=session).values_list("number", flat=True)) == [2]
+    store.head_shapes.put(session.pk, *stale)  # as if this process had only seen version 1
+    third = snapshot_record(session=session, state={**first, "n": 3})  # the first document again
+    clear_cache()
+    assert version_state(version_get(session=session, number=3)) == {**first, "n": 3}
+    assert store.head_shapes.get(session.pk)[0] == third.number
+
+
+def test_stored_size_counts_only_the_bytes_a_version_added(session, project):
+    big = {"doc": "lorem ipsum " * 3000, "n": 1}
+    other = {"doc": "dolor sit amet " * 3000, "n": 2}
+    snapshot_record(session=session, state=big)
+    snapshot_record(session=session, state=other)
+    before = stored_bytes(project)
+    # Back to the first document: the head's tree does not hold it, so the writer submits it again;
+    # the database already has it, and the version is charged only for what was really added.
+    again = snapshot_record(session=session, state={**big, "n": 3})
+    assert again.stored_size == stored_bytes(project) - before
+    assert again.stored_size < 200
+
+
+@pytest.mark.django_db(transaction=True)  # the head's tree is remembered after commit
+def test_a_corrupt_node_fails_a_diff_and_names_the_version(session):
+    first = snapshot_record(session=session, state=agent_state(1, history=40))
+    tree_of_first = set(store.head_shapes.get(session.pk)[1])
+    state = agent_state(1, history=40)
+    state["scratchpad"] = "a brand new note " * 200  # a node that only version 2 has
+    second = snapshot_record(session=session, state=state)
+    only_second = set(store.head_shapes.get(session.pk)[1]) - tree_of_first
+    node = StateNode.objects.filter(project=session.project, digest__in=only_second).order_by("-raw_size").first()
+    data = bytearray(bytes(node.data))
+    data[-1] ^= 0x01
+    StateNode.objects.filter(project=session.project, digest=node.digest).update(data=bytes(data))
+    clear_cache()
+    with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
+        version_diff(version_get(session=session, number=first.number), version_get(session=session, number=second.number))
