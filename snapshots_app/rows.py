@@ -9,42 +9,63 @@ SQLite (the embedded default) keeps the ORM.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from django.db import connection
 from django.db.models import Field, Model
 
 from sessions_app.models import WorkflowSession
-from snapshots_app.models import Version
-from snapshots_app.store import PROJECT_LOCK_CLASS
+from snapshots_app import store
+from snapshots_app.models import StateNode, Version
 
 _SESSION_FIELDS: list[Field] = list(WorkflowSession._meta.concrete_fields)
 _VERSION_COLUMNS: list[Field] = list(Version._meta.concrete_fields)
 _VERSION_FIELDS: list[Field] = [f for f in _VERSION_COLUMNS if not f.primary_key and f.attname != "parent_id"]
+_CONVERTED = {id(f) for f in (*_SESSION_FIELDS, *_VERSION_COLUMNS) if hasattr(f, "from_db_value")}
 
 
 def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def _from_row(model: type[Model], fields: list[Field], row: tuple[Any, ...]) -> Any:
+def _from_row(model: type[Model], fields: list[Field], row: tuple[Any, ...] | list[Any]) -> Any:
     values = [
-        field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value  # type: ignore[attr-defined]
+        field.from_db_value(value, None, connection) if id(field) in _CONVERTED else value  # type: ignore[attr-defined]
         for field, value in zip(fields, row, strict=True)
     ]
     return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
+@cache
+def _sql(name: str) -> str:
+    """The statements, built once from the models' fields."""
+    session_table = WorkflowSession._meta.db_table
+    version_table = Version._meta.db_table
+    if name == "session_lock":
+        return (
+            f"SELECT {', '.join('s.' + _q(f.column) for f in _SESSION_FIELDS)} FROM {session_table} AS s "
+            "CROSS JOIN LATERAL "
+            f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
+            "WHERE s.id = %s FOR UPDATE OF s"
+        )
+    if name == "versions":
+        # The root node comes along (a missing one is the read's to report), saving a read or a diff
+        # one round trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes
+        # (which a plain join was planned as; see store._PROBE_SQL).
+        return (
+            f"SELECT {', '.join('v.' + _q(f.column) for f in _VERSION_COLUMNS)}, n.codec, n.data, n.seal "
+            f"FROM {version_table} AS v LEFT JOIN LATERAL (SELECT s.codec, s.data, s.seal "
+            f"FROM {StateNode._meta.db_table} AS s WHERE s.project_id = %s AND s.digest = v.root LIMIT 1) AS n "
+            "ON true WHERE v.session_id = %s AND v.number = ANY(%s)"
+        )
+    raise KeyError(name)
+
+
 def session_lock(session_id: Any) -> WorkflowSession | None:
     """Take the project's shared write lock and the session's row lock; the locked row, or None."""
-    table = WorkflowSession._meta.db_table
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join('s.' + _q(f.column) for f in _SESSION_FIELDS)} FROM {table} AS s "
-            f"CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock_shared({PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
-            "WHERE s.id = %s FOR UPDATE OF s",
-            [session_id],
-        )
+        cursor.execute(_sql("session_lock"), [session_id])
         row = cursor.fetchone()
     return None if row is None else _from_row(WorkflowSession, _SESSION_FIELDS, row)
 
@@ -53,14 +74,13 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
     """Insert `version` with the session's current head (number `version.number - 1`) as its parent,
     and save `session_fields` of `session`, in one statement. Fills in version.pk and parent_id."""
     version_table = Version._meta.db_table
-    session_table = WorkflowSession._meta.db_table
     updated = [WorkflowSession._meta.get_field(name) for name in session_fields]
     session_values = [f.get_db_prep_save(f.pre_save(session, False), connection) for f in updated]
     version_values = [f.get_db_prep_save(f.pre_save(version, True), connection) for f in _VERSION_FIELDS]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"WITH moved AS (UPDATE {session_table} SET {', '.join(f'{_q(f.column)} = %s' for f in updated)} "
-            "WHERE id = %s) "
+            f"WITH moved AS (UPDATE {WorkflowSession._meta.db_table} "
+            f"SET {', '.join(f'{_q(f.column)} = %s' for f in updated)} WHERE id = %s) "
             f"INSERT INTO {version_table} ({', '.join(_q(f.column) for f in _VERSION_FIELDS)}, parent_id) "
             f"VALUES ({', '.join(['%s'] * len(_VERSION_FIELDS))}, "
             f"(SELECT id FROM {version_table} WHERE session_id = %s AND number = %s)) RETURNING id, parent_id",
@@ -72,14 +92,18 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
 
 
 def versions_by_number(session: WorkflowSession, numbers: list[int]) -> dict[int, Version]:
-    """The session's versions with these numbers (those that exist), each with `session` attached."""
+    """The session's versions with these numbers (those that exist), each with `session` attached;
+    their root nodes go into the store's node cache on the way."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join(_q(f.column) for f in _VERSION_COLUMNS)} FROM {Version._meta.db_table} "
-            "WHERE session_id = %s AND number = ANY(%s)",
-            [session.pk, numbers],
-        )
-        found = [_from_row(Version, _VERSION_COLUMNS, row) for row in cursor.fetchall()]
-    for version in found:
+        cursor.execute(_sql("versions"), [session.project_id, session.pk, numbers])
+        rows = cursor.fetchall()
+    found: dict[int, Version] = {}
+    width = len(_VERSION_COLUMNS)
+    for row in rows:
+        version = _from_row(Version, _VERSION_COLUMNS, row[:width])
         version.session = session
-    return {version.number: version for version in found}
+        found[version.number] = version
+        codec, data, seal = row[width:]
+        if data is not None:
+            store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
+    return found

@@ -486,6 +486,16 @@ class CorruptNode(Exception):
         self.digest = digest
 
 
+def remember_node(project_id: int, digest: bytes, codec: int, data: bytes, seal: int) -> None:
+    """Cache a node fetched along with something else (a version's root), once its seal checks out;
+    a bad one is left for the read that needs it to report."""
+    try:
+        node = ProjectStore._decode(digest, codec, data, seal)
+    except CorruptNode:
+        return
+    node_lru.put_many(project_id, {digest: node})
+
+
 def _describe(version: Version) -> str:
     return f"version {version.number} of session {version.session_id}"
 

@@ -146,35 +146,30 @@ class Result:
 
 
 class _WriteBreakdown:
-    """Times two parts of snapshot_record while active: the store's own work and the live-update
-    publish, so the table can say where a write's time goes."""
+    """Times the store's own part of snapshot_record while active (the tree and its node rows), so
+    the table can say where a write's time goes."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"write_state": 0.0, "publish": 0.0}
+        self.seconds = 0.0
 
-    def _timed(self, name: str, function: Any) -> Any:
+    def __enter__(self) -> None:
+        from snapshots_app.store import ProjectStore
+
+        self._saved = write_state = ProjectStore.write_state
+
         def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return function(*args, **kwargs)
+                return write_state(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - started
+                self.seconds += time.perf_counter() - started
 
-        return timed
-
-    def __enter__(self) -> None:
-        from sessions_app import events
-        from snapshots_app.store import ProjectStore
-
-        self._saved = (ProjectStore.write_state, events.publish)
-        ProjectStore.write_state = self._timed("write_state", ProjectStore.write_state)  # type: ignore[method-assign]
-        events.publish = self._timed("publish", events.publish)
+        ProjectStore.write_state = timed  # type: ignore[method-assign]
 
     def __exit__(self, *exc: object) -> None:
-        from sessions_app import events
         from snapshots_app.store import ProjectStore
 
-        ProjectStore.write_state, events.publish = self._saved  # type: ignore[method-assign]
+        ProjectStore.write_state = self._saved  # type: ignore[method-assign]
 
 
 def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Result:
@@ -229,9 +224,8 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
     n = result.versions
     result.notes.append(
         f"store write = {_ms(result.store_write_s / n)} ms, of which the tree and node rows (store.write_state) "
-        f"{_ms(breakdown.seconds['write_state'] / n)} ms; the rest is snapshot_record's validation, locks, "
-        "version row, session update and commit. After commit, on the background thread (not in the write "
-        f"time): live-update publish (events.publish) {_ms(breakdown.seconds['publish'] / n)} ms"
+        f"{_ms(breakdown.seconds / n)} ms; the rest is snapshot_record's validation, locks, version row, "
+        "session update and commit (live-update publish and queueing finalize follow on a background thread)"
     )
     result.store_bytes = table_bytes(STORE_TABLES)
     result.base_bytes = table_bytes((BASELINE_TABLE,))
