@@ -20,7 +20,6 @@ from sessions_app.errors import (
     InvalidState,
     ReasonRequired,
     VersionConflict,
-    VersionNotFound,
 )
 from sessions_app.models import SessionStatus, WorkflowSession
 from sessions_app.services import (
@@ -33,8 +32,8 @@ from sessions_app.services import (
     session_event,
 )
 from snapshots_app import canonical, rows, store
-from snapshots_app.selectors import version_get
 from snapshots_app.models import Version, VersionKind
+from snapshots_app.selectors import version_get
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ def _append(
     checksum: str,
     logical_size: int,
     stored_size: int,
-    parent: Version | None | _Head,
+    parent: Version | _Head | None,
     status: str = "",
     step: str = "",
     error: str = "",

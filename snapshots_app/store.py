@@ -353,11 +353,13 @@ class ProjectStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
+    def nodes(self, digests: set[bytes], *, checked: bool = True) -> dict[bytes, tree.Node]:
         """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
 
         Every node read from the database is checked against its seal before it is used or cached
-        (CorruptNode otherwise), so the cache only ever holds checked nodes.
+        (CorruptNode otherwise), so the cache only ever holds checked nodes. `checked=False` is for
+        a whole read, whose SHA-256 checks every node at once: those nodes are neither seal-checked
+        nor cached here (see assemble).
         """
         found: dict[bytes, tree.Node] = {}
         wanted = set(digests)
@@ -368,9 +370,9 @@ class ProjectStore:
             from_db: dict[bytes, tree.Node] = {}
             for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted):
                 digest = bytes(stored_digest)
-                from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal)
+                from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal if checked else None)
             found.update(from_db)
-            if self.use_cache:
+            if self.use_cache and checked:
                 node_lru.put_many(self.project_id, from_db)
         return found
 
@@ -388,34 +390,44 @@ class ProjectStore:
         )
 
     @staticmethod
-    def _decode(digest: bytes, codec: int, data: bytes, seal: int) -> tree.Node:
+    def _decode(digest: bytes, codec: int, data: bytes, seal: int | None) -> tree.Node:
         try:
             raw = decompress(codec, data)
         except Exception as exc:  # noqa: BLE001 - any decompression failure is corruption of this node
             raise CorruptNode(digest, str(exc)) from None
-        if tree.seal_of(raw) != seal:
+        if seal is not None and tree.seal_of(raw) != seal:
             raise CorruptNode(digest, "its seal does not match its content")
         try:
             return tree.Node.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is corruption of this node
             raise CorruptNode(digest, str(exc)) from None
 
-    def assemble(self, root: bytes) -> bytes:
+    def assemble(self, root: bytes) -> tuple[bytes, Callable[[], None]]:
+        """The tree's text, and a function that caches what it was made of: call it only once the
+        text has been verified (its nodes were not checked one by one; see nodes)."""
+
+        def fetch(digests: set[bytes]) -> dict[bytes, tree.Node]:
+            return self.nodes(digests, checked=False)
+
         if not self.use_cache:
-            return tree.splice(root, tree.collect(root, self.nodes))
+            return tree.splice(root, tree.collect(root, fetch)), lambda: None
         texts = node_lru.texts
-        data, fetched, spliced = tree.assemble(root, self.nodes, lambda digests: texts.get_many(self.project_id, digests))
-        # A run's text is the same in every version that shares the run: the next read of any of
-        # them splices it whole instead of walking and fetching its items again.
-        texts.put_many(
-            self.project_id,
-            {
-                digest: spliced[digest]
-                for digest, node in fetched.items()
-                if node.kind in RUN_KINDS and len(spliced[digest]) <= RUN_TEXT_CACHE_MAX
-            },
-        )
-        return data
+        data, fetched, spliced = tree.assemble(root, fetch, lambda digests: texts.get_many(self.project_id, digests))
+
+        def keep() -> None:
+            node_lru.put_many(self.project_id, fetched)
+            # A run's text is the same in every version that shares the run: the next read of any of
+            # them splices it whole instead of walking and fetching its items again.
+            texts.put_many(
+                self.project_id,
+                {
+                    digest: spliced[digest]
+                    for digest, node in fetched.items()
+                    if node.kind in RUN_KINDS and len(spliced[digest]) <= RUN_TEXT_CACHE_MAX
+                },
+            )
+
+        return data, keep
 
 
 @dataclass(frozen=True)
@@ -508,7 +520,7 @@ def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
             return cached
     project_id = version.session.project_id
     try:
-        data = ProjectStore(project_id, use_cache=use_cache).assemble(bytes(version.root))
+        data, keep = ProjectStore(project_id, use_cache=use_cache).assemble(bytes(version.root))
         problem = None if hashlib.sha256(data).hexdigest() == version.checksum else "checksum mismatch"
     except (tree.MissingNode, CorruptNode, KeyError, RecursionError, UnicodeDecodeError) as exc:
         data, problem = b"", str(exc)
@@ -521,6 +533,7 @@ def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
             version=version.number,
             session=str(version.session_id),
         )
+    keep()
     if use_cache and len(data) <= HEAD_CACHE_MAX and version.session.head_number == version.number:
         cache.set(_head_cache_key(version.pk), data, STATE_CACHE_TIMEOUT)
     return data

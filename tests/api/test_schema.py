@@ -18,7 +18,6 @@ from sessions_app.services import api_key_create
 from snapshots_app.services import snapshot_record
 from tests.factories import make_session
 
-
 # Each request commits on its own, as in production: inside one test-wide transaction a request
 # that fails at the database would poison every later request of the run.
 pytestmark = pytest.mark.django_db(transaction=True)

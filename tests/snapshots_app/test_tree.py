@@ -14,7 +14,6 @@ from snapshots_app import tree
 from snapshots_app.canonical import dumps
 from snapshots_app.diff import apply_patch, diff_trees, diff_values
 
-
 SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 
