@@ -107,9 +107,14 @@ class _Walker:
         return "scalar"
 
     @staticmethod
-    def same(a: Any, b: Any) -> bool:
+    def same(a: Any, b: Any, flavor: int = CANONICAL) -> bool:
+        if isinstance(a, HoleRef) and isinstance(b, HoleRef):
+            return a.digest == b.digest
         if isinstance(a, HoleRef) or isinstance(b, HoleRef):
-            return isinstance(a, HoleRef) and isinstance(b, HoleRef) and a.digest == b.digest
+            # One side is its own node, the other inline (a full run is stored whole, the run it
+            # grew from item by item): a value has the same digest wherever it is stored.
+            ref, other = (a, b) if isinstance(a, HoleRef) else (b, a)
+            return _digest_of_value(other.value if isinstance(other, Inline) else other, flavor) == ref.digest
         va = a.value if isinstance(a, Inline) else a
         vb = b.value if isinstance(b, Inline) else b
         if type(va) is not type(vb):
@@ -139,7 +144,7 @@ class _Walker:
     # -- walking -----------------------------------------------------------------------------------
 
     def diff(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        if self.same(a, b):
+        if self.same(a, b, flavor):
             return
         shape_a, shape_b = self.shape(a), self.shape(b)
         if shape_a == shape_b == "object":
@@ -241,9 +246,9 @@ class _Walker:
     def _children(self, side: Any) -> list[Any]:
         return [HoleRef(d) for d in self.node(side.digest).children]
 
-    def _aligned(self, a: Any, b: Any, base: int, out: list[tuple[int, Any, Any]]) -> None:
+    def _aligned(self, a: Any, b: Any, base: int, out: list[tuple[int, Any, Any]], flavor: int) -> None:
         """Index-aligned differing items of two (possibly paged) arrays, skipping shared runs."""
-        if a is not None and b is not None and self.same(a, b):
+        if a is not None and b is not None and self.same(a, b, flavor):
             return
         level_a = self._level(a) if a is not None else -1
         level_b = self._level(b) if b is not None else -1
@@ -253,7 +258,7 @@ class _Walker:
             for offset in range(max(len(items_a), len(items_b))):
                 item_a = items_a[offset] if offset < len(items_a) else _MISSING
                 item_b = items_b[offset] if offset < len(items_b) else _MISSING
-                if item_a is _MISSING or item_b is _MISSING or not self.same(item_a, item_b):
+                if item_a is _MISSING or item_b is _MISSING or not self.same(item_a, item_b, flavor):
                     out.append((base + offset, item_a, item_b))
             return
         # A lower-level side covers only the first child slot of the higher-level one.
@@ -264,19 +269,19 @@ class _Walker:
         for index in range(max(len(children_a), len(children_b))):
             child_a = children_a[index] if index < len(children_a) else None
             child_b = children_b[index] if index < len(children_b) else None
-            if child_a is None or child_b is None or not self.same(child_a, child_b):
+            if child_a is None or child_b is None or not self.same(child_a, child_b, flavor):
                 pairs.append((index, child_a, child_b))
         # Only runs that differ are fetched; shared runs are skipped by digest alone.
         self.prefetch({c.digest for _, x, y in pairs for c in (x, y) if isinstance(c, HoleRef)})
         for index, child_a, child_b in pairs:
-            self._aligned(child_a, child_b, base + index * span, out)
+            self._aligned(child_a, child_b, base + index * span, out, flavor)
 
     def diff_arrays(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
         if self._level(a) == 0 and self._level(b) == 0:
             self._diff_short_arrays(self._items(a), self._items(b), path, ctx, flavor)
             return
         aligned: list[tuple[int, Any, Any]] = []
-        self._aligned(a, b, 0, aligned)
+        self._aligned(a, b, 0, aligned, flavor)
         self._emit_aligned(aligned, path, ctx, flavor)
 
     def _emit_aligned(self, aligned: list[tuple[int, Any, Any]], path: str, ctx: _StringContext | None, flavor: int) -> None:
@@ -298,10 +303,10 @@ class _Walker:
         # Trim the common prefix and suffix so a queue pop or an insertion reads as one change.
         prefix = 0
         limit = min(len(items_a), len(items_b))
-        while prefix < limit and self.same(items_a[prefix], items_b[prefix]):
+        while prefix < limit and self.same(items_a[prefix], items_b[prefix], flavor):
             prefix += 1
         suffix = 0
-        while suffix < limit - prefix and self.same(items_a[-1 - suffix], items_b[-1 - suffix]):
+        while suffix < limit - prefix and self.same(items_a[-1 - suffix], items_b[-1 - suffix], flavor):
             suffix += 1
         middle_a = items_a[prefix : len(items_a) - suffix]
         middle_b = items_b[prefix : len(items_b) - suffix]
@@ -349,6 +354,19 @@ class _Walker:
 class _StringContext:
     pointer: str
     touched: bool = False
+
+
+def _digest_of_value(value: Any, flavor: int) -> bytes | None:
+    """The digest a value would be stored under as a node of its own (None: never a node)."""
+    if type(value) is dict:
+        kind = tree.KIND_OBJECT
+    elif type(value) is list:
+        kind = tree.KIND_ARRAY
+    elif type(value) is str:
+        kind = tree.KIND_STRING
+    else:
+        return None
+    return tree.digest_of(kind, flavor, FLAVORS[flavor].encode(value))
 
 
 def diff_trees(

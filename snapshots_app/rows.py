@@ -49,7 +49,7 @@ def _sql(name: str) -> str:
             f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
             "WHERE s.id = %s FOR UPDATE OF s"
         )
-    if name == "versions":
+    if name == "version":
         # The root node comes along (a missing one is the read's to report), saving a read or a diff
         # one round trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes
         # (which a plain join was planned as; see store._PROBE_SQL).
@@ -57,7 +57,7 @@ def _sql(name: str) -> str:
             f"SELECT {', '.join('v.' + _q(f.column) for f in _VERSION_COLUMNS)}, n.codec, n.data, n.seal "
             f"FROM {version_table} AS v LEFT JOIN LATERAL (SELECT s.codec, s.data, s.seal "
             f"FROM {StateNode._meta.db_table} AS s WHERE s.project_id = %s AND s.digest = v.root LIMIT 1) AS n "
-            "ON true WHERE v.session_id = %s AND v.number = ANY(%s)"
+            "ON true WHERE v.session_id = %s AND v.number = %s"
         )
     raise KeyError(name)
 
@@ -91,19 +91,18 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
     version._state.db = connection.alias
 
 
-def versions_by_number(session: WorkflowSession, numbers: list[int]) -> dict[int, Version]:
-    """The session's versions with these numbers (those that exist), each with `session` attached;
-    their root nodes go into the store's node cache on the way."""
+def version_by_number(session: WorkflowSession, number: int) -> Version | None:
+    """The session's version `number` (None if it has none) with `session` attached; its root node
+    goes into the store's node cache on the way."""
     with connection.cursor() as cursor:
-        cursor.execute(_sql("versions"), [session.project_id, session.pk, numbers])
-        rows = cursor.fetchall()
-    found: dict[int, Version] = {}
+        cursor.execute(_sql("version"), [session.project_id, session.pk, number])
+        row = cursor.fetchone()
+    if row is None:
+        return None
     width = len(_VERSION_COLUMNS)
-    for row in rows:
-        version = _from_row(Version, _VERSION_COLUMNS, row[:width])
-        version.session = session
-        found[version.number] = version
-        codec, data, seal = row[width:]
-        if data is not None:
-            store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
-    return found
+    version = _from_row(Version, _VERSION_COLUMNS, row[:width])
+    version.session = session
+    codec, data, seal = row[width:]
+    if data is not None:
+        store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
+    return version

@@ -26,7 +26,7 @@ def version_get(*, session: WorkflowSession, number: Any) -> Version:
         except (TypeError, ValueError):
             raise VersionNotFound(f"version {number!r} is not a version number") from None
     if connection.vendor == "postgresql":
-        version = rows.versions_by_number(session, [number]).get(number)
+        version = rows.version_by_number(session, number)
     else:
         version = Version.objects.filter(session=session, number=number).first()
         if version is not None:

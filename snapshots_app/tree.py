@@ -37,6 +37,10 @@ INLINE_MAX = 512  # a subtree whose text is at most this many bytes is written i
 # message is one row, not an object node plus a string node. Every node costs a row, an index entry,
 # a decompression and a hop in each read, and such small subtrees are rarely edited in place.
 SPLIT_MIN = 8192
+# A full run of PAGE array items (an old stretch of a chat history, say) is one node up to this size:
+# it never changes again, and a read then fetches one row instead of 32. Its items were stored one
+# by one while the run filled up, so this costs the run once more (~3% of an agent trace's storage).
+RUN_LEAF_MAX = 65536
 PAGE = 32  # items per array run, and runs per higher-level run
 OBJECT_RUN_MIN = 64  # objects with more members than this are split into member runs
 MEMBER_RUN_MASK = 31  # a member run ends after a key whose CRC32 & mask == 0 (about 32 members a run)
@@ -326,7 +330,10 @@ class TreeWriter:
         for run, text in runs:
             run_digest = digest_of(run_kind, flavor.code, text)
 
-            def write_leaf(run: Any = run, run_digest: bytes = run_digest) -> list[Candidate]:
+            def write_leaf(run: Any = run, run_digest: bytes = run_digest, text: bytes = text) -> list[Candidate]:
+                if run_kind == KIND_ITEMS and len(run) == PAGE and len(text) <= RUN_LEAF_MAX:
+                    self.new_nodes[run_digest] = Node(run_kind, flavor.code, 0, (), text).encode()
+                    return []
                 builder, pending = leaf_text(run)
                 self._store(run_digest, run_kind, flavor.code, 0, builder)
                 return pending

@@ -19,10 +19,12 @@ SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.func
 
 @pytest.fixture(autouse=True, params=["split-fine", "split-default"])
 def split_min(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run every test twice: as configured (subtrees up to SPLIT_MIN stay whole) and with every
-    subtree over INLINE_MAX split, so the run and member-run paths get exercised by small states too."""
+    """Run every test twice: as configured (subtrees up to SPLIT_MIN and full runs up to RUN_LEAF_MAX
+    stay whole) and with every subtree over INLINE_MAX split, so the run and member-run paths get
+    exercised by small states too."""
     if request.param == "split-fine":
         monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)
+        monkeypatch.setattr(tree, "RUN_LEAF_MAX", 0)
     return tree.SPLIT_MIN
 
 

@@ -29,6 +29,7 @@ def stored_nodes_are_closed(project_id: int) -> bool:
 def test_every_sweep_batch_deletes_parents_before_children(settings, monkeypatch):
     settings.COMPACTION_BATCH_SIZE = 1  # one node per transaction: every intermediate state is visible
     monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)  # deep trees: a garbage DAG of many levels
+    monkeypatch.setattr(tree, "RUN_LEAF_MAX", 0)
     project = make_project("gc-order")
     doomed = record_history(project, "doomed", 4)
     record_history(project, "kept", 2)

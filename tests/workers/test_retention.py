@@ -170,6 +170,7 @@ def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_
 
     # Many small nodes (each subtree over INLINE_MAX its own node): what a dictionary helps most.
     monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)
+    monkeypatch.setattr(tree, "RUN_LEAF_MAX", 0)
     from snapshots_app.models import CompressionDictionary
     from snapshots_app.transfer import transfer_export_run, transfer_import_run
     from tests.factories import make_project
