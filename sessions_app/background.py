@@ -10,13 +10,16 @@ as `seed_demo` still announce and finalize what they wrote.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.db import close_old_connections, transaction
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,14 @@ _lock = threading.Lock()
 _owner: tuple[int, threading.Thread] | None = None  # (pid, thread): a forked child starts its own
 
 
+_loop_of_thread = threading.local()
+
+
 def _run() -> None:
+    # One event loop for the thread's life: channels-redis keeps its connections per loop, and
+    # async_to_sync would start a new thread with a new loop (and new connections) every time.
+    _loop_of_thread.loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(_loop_of_thread.loop)
     while True:
         job = _jobs.get()
         try:
@@ -58,6 +68,16 @@ def submit(job: Callable[[], None]) -> None:
 def after_commit(job: Callable[[], None]) -> None:
     """Run `job` on the background thread once the current transaction commits (never if it rolls back)."""
     transaction.on_commit(lambda: submit(job))
+
+
+def run_async(function: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Await `function()` from synchronous code: on the background thread's own event loop when
+    called there, else through asgiref."""
+    loop = getattr(_loop_of_thread, "loop", None)
+    if loop is not None:
+        loop.run_until_complete(function())
+    else:
+        async_to_sync(function)()
 
 
 def drain(timeout: float = 5.0) -> bool:

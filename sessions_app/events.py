@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+
+from sessions_app import background
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
     groups = [project_group(project_id)] if session_id is None else [project_group(project_id), session_group(session_id)]
 
     async def send_all() -> None:
-        # One hop into the event loop for both groups: each async_to_sync costs a thread switch.
+        # One hop into an event loop for both groups (see background.run_async for which loop).
         for group in groups:
             await layer.group_send(group, message)
 
     try:
-        async_to_sync(send_all)()
+        background.run_async(send_all)
     except Exception:  # see docstring: live updates are best effort
         logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)

@@ -56,6 +56,19 @@ _PROBE_SQL = (
     "SELECT {columns} FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
 )
+# The same, plus the children of what was found (a whole read wants them next): one round trip for
+# two levels of a tree. Children the caller already holds come along needlessly, but cheaply.
+_PROBE_TWO_LEVELS_SQL = (
+    "WITH first AS (SELECT n.digest, n.codec, n.data, n.seal, n.children FROM unnest(%(wanted)s::bytea[]) "
+    f"AS wanted(digest) CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s "
+    "WHERE s.project_id = %(project)s AND s.digest = wanted.digest LIMIT 1) AS n), "
+    "second AS (SELECT DISTINCT substring(f.children FROM i * 16 + 1 FOR 16) AS digest FROM first AS f "
+    "CROSS JOIN generate_series(0, length(f.children) / 16 - 1) AS i) "
+    "SELECT digest, codec, data, seal FROM first UNION ALL "
+    "SELECT n.digest, n.codec, n.data, n.seal FROM second CROSS JOIN LATERAL "
+    f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s AND s.digest = second.digest LIMIT 1) AS n "
+    "WHERE second.digest <> ALL(%(wanted)s::bytea[])"
+)
 RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
 RUN_TEXT_CACHE_MAX = 4 * 1024 * 1024
 
@@ -220,6 +233,9 @@ class _LRU:
                     found[digest] = item
         return found
 
+    def __contains__(self, key: tuple[int, bytes]) -> bool:
+        return key in self.items
+
     def put_many(self, project_id: int, items: dict[bytes, Any]) -> None:
         with self.lock:
             for digest, item in items.items():
@@ -244,6 +260,10 @@ class _NodeLRU(_LRU):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes, lambda node: len(node.text) + 64)
         self.texts = _LRU(max_bytes, lambda text: len(text) + 64)
+
+    def holds(self, project_id: int, digest: bytes) -> bool:
+        """Whether the node, or the text of the subtree under it, is cached."""
+        return (project_id, digest) in self or (project_id, digest) in self.texts
 
     def clear(self) -> None:
         super().clear()
@@ -360,13 +380,14 @@ class ProjectStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def nodes(self, digests: set[bytes], *, checked: bool = True) -> dict[bytes, tree.Node]:
+    def nodes(self, digests: set[bytes], *, checked: bool = True, deep: bool = False) -> dict[bytes, tree.Node]:
         """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
 
         Every node read from the database is checked against its seal before it is used or cached
         (CorruptNode otherwise), so the cache only ever holds checked nodes. `checked=False` is for
         a whole read, whose SHA-256 checks every node at once: those nodes are neither seal-checked
-        nor cached here (see assemble).
+        nor cached here (see assemble). `deep=True` also returns the children of nodes read from the
+        database, in the same round trip (PostgreSQL).
         """
         found: dict[bytes, tree.Node] = {}
         wanted = set(digests)
@@ -375,21 +396,28 @@ class ProjectStore:
             wanted -= found.keys()
         if wanted:
             from_db: dict[bytes, tree.Node] = {}
-            for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted):
+            for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted, deep=deep):
                 digest = bytes(stored_digest)
+                if digest not in wanted and self.use_cache and node_lru.holds(self.project_id, digest):
+                    continue  # a child that came along but is cached already (as a node or as text)
                 from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal if checked else None)
             found.update(from_db)
             if self.use_cache and checked:
                 node_lru.put_many(self.project_id, from_db)
         return found
 
-    def _fetch_rows(self, digests: set[bytes]) -> list[tuple[bytes | memoryview, int, bytes | memoryview, int]]:
+    def _fetch_rows(
+        self, digests: set[bytes], *, deep: bool = False
+    ) -> list[tuple[bytes | memoryview, int, bytes | memoryview, int]]:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 binary_results(cursor)
-                cursor.execute(
-                    _PROBE_SQL.format(columns="n.digest, n.codec, n.data, n.seal"), [list(digests), self.project_id]
-                )
+                if deep:
+                    cursor.execute(_PROBE_TWO_LEVELS_SQL, {"wanted": list(digests), "project": self.project_id})
+                else:
+                    cursor.execute(
+                        _PROBE_SQL.format(columns="n.digest, n.codec, n.data, n.seal"), [list(digests), self.project_id]
+                    )
                 return cursor.fetchall()
         return list(
             StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
@@ -415,7 +443,7 @@ class ProjectStore:
         text has been verified (its nodes were not checked one by one; see nodes)."""
 
         def fetch(digests: set[bytes]) -> dict[bytes, tree.Node]:
-            return self.nodes(digests, checked=False)
+            return self.nodes(digests, checked=False, deep=True)
 
         if not self.use_cache:
             return tree.splice(root, tree.collect(root, fetch)), lambda: None
