@@ -25,7 +25,8 @@ _VERSION_FIELDS: list[Field] = [f for f in _VERSION_COLUMNS if not f.primary_key
 _CONVERTED = {id(f) for f in (*_SESSION_FIELDS, *_VERSION_COLUMNS) if hasattr(f, "from_db_value")}
 
 
-def _q(name: str) -> str:
+def _q(name: str | None) -> str:
+    assert name is not None  # concrete fields always have a column
     return connection.ops.quote_name(name)
 
 
@@ -74,7 +75,7 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
     """Insert `version` with the session's current head (number `version.number - 1`) as its parent,
     and save `session_fields` of `session`, in one statement. Fills in version.pk and parent_id."""
     version_table = Version._meta.db_table
-    updated = [WorkflowSession._meta.get_field(name) for name in session_fields]
+    updated: list[Field] = [WorkflowSession._meta.get_field(name) for name in session_fields]  # type: ignore[misc]
     session_values = [f.get_db_prep_save(f.pre_save(session, False), connection) for f in updated]
     version_values = [f.get_db_prep_save(f.pre_save(version, True), connection) for f in _VERSION_FIELDS]
     with connection.cursor() as cursor:
