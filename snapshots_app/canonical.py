@@ -44,12 +44,50 @@ def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str
 
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+_JSON_TYPES = _PLAIN | {float, dict, list}
+_INFINITIES = (float("inf"), float("-inf"))
+
+
 def validate_state(value: Any, *, max_depth: int, floats_checked: bool = False) -> None:
     """Raise InvalidState unless `value` is a JSON object that canonical JSON can represent exactly.
 
     `floats_checked` skips the NaN/Infinity scan for values that came from orjson.loads, which
-    already refuses them; the depth limit is always enforced.
+    already refuses them; the depth limit is always enforced. Keys and integer ranges are left to
+    orjson.dumps, which refuses what canonical JSON cannot hold (see `explain`).
+
+    Level by level, a container at a time, with the per-value work done by `set(map(type, ...))`
+    in C: a Python loop over every value cost 1.5 ms of a 5 ms write on a 2,000-message history.
+    Anything doubtful goes to `explain`, which names the offending path.
     """
+    if not isinstance(value, dict):
+        raise InvalidState(f"state must be a JSON object, not {_json_type(value)}")
+    level: list[Any] = [value]
+    depth = 1
+    while level:
+        if depth > max_depth:
+            explain(value, max_depth=max_depth, floats_checked=floats_checked)
+        below: list[Any] = []
+        for node in level:
+            children = node.values() if type(node) is dict else node
+            kinds = set(map(type, children))
+            if kinds <= _PLAIN:
+                continue
+            if not kinds <= _JSON_TYPES or (
+                float in kinds
+                and not floats_checked
+                and any(type(c) is float and (c != c or c in _INFINITIES) for c in children)
+            ):
+                explain(value, max_depth=max_depth, floats_checked=floats_checked)
+                return  # only subclasses of JSON types, which explain accepts
+            if dict in kinds or list in kinds:
+                below.extend([c for c in children if type(c) is dict or type(c) is list])
+        level = below
+        depth += 1
+
+
+def explain(value: Any, *, max_depth: int, floats_checked: bool = False) -> None:
+    """Walk every value and raise InvalidState naming the first path canonical JSON cannot hold."""
     if not isinstance(value, dict):
         raise InvalidState(f"state must be a JSON object, not {_json_type(value)}")
     # Iterative walk over containers: recursion would hit Python's limit before ours on hostile input.

@@ -68,6 +68,8 @@ def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
     try:
         data = canonical.dumps(value)
     except TypeError as exc:
+        # A non-string key or an integer beyond 64 bits: say where.
+        canonical.explain(value, max_depth=settings.STATE_MAX_DEPTH)
         raise InvalidState(f"state cannot be stored as JSON: {exc}") from None
     if len(data) > settings.STATE_MAX_BYTES:
         raise canonical.StateTooLarge(

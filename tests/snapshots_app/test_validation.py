@@ -1,0 +1,68 @@
+"""The fast state validator agrees with the value-by-value one it falls back to for messages."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sessions_app.errors import InvalidState
+from snapshots_app.canonical import explain, validate_state
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.text(max_size=5),
+    st.just(Level.LOW), st.tuples(st.integers()), st.sets(st.integers(), max_size=2),
+)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers()), children, max_size=5),
+    ),
+    max_leaves=30,
+)
+
+
+def outcome(check: Any, value: Any, max_depth: int) -> str | None:
+    try:
+        check(value, max_depth=max_depth)
+    except InvalidState as exc:
+        return str(exc)
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), values, max_size=6), st.integers(min_value=1, max_value=6))
+def test_fast_validation_refuses_what_the_full_walk_refuses(state, max_depth):
+    fast, full = outcome(validate_state, state, max_depth), outcome(explain, state, max_depth)
+    if full is None:
+        assert fast is None
+    elif "keys must be strings" in full or "64-bit" in full:
+        pass  # orjson.dumps refuses these in state_prepare (tested in test_store's bad-input table)
+    else:
+        assert fast is not None, full
+
+
+@pytest.mark.parametrize("state", [{"x": float("nan")}, {"x": [float("inf")]}, {"x": (1, 2)}, {"x": {1, 2}}])
+def test_values_json_cannot_hold_are_refused(state):
+    with pytest.raises(InvalidState):
+        validate_state(state, max_depth=10)
+
+
+def test_depth_is_enforced_level_by_level():
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(5):
+        node["a"] = {}
+        node = node["a"]
+    validate_state(deep, max_depth=6)
+    with pytest.raises(InvalidState, match="deeper than 5"):
+        validate_state(deep, max_depth=5)
