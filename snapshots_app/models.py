@@ -87,7 +87,7 @@ class StateNode(models.Model):
     data = models.BinaryField()
     raw_size = models.PositiveIntegerField()
     # The child digests (16 bytes each, in hole order), also inside `data`: kept bare so PostgreSQL
-    # can walk a whole tree in one statement (see store.TREE_SQL) without decompressing anything.
+    # can walk a tree without decompressing anything (store._TREE_SHAPE_SQL, _PROBE_TWO_LEVELS_SQL).
     children = models.BinaryField(default=b"")
     # BLAKE2b-64 of the uncompressed encoding: checks one node on its own, where a read that does not
     # splice the whole state (a diff) cannot check the version's SHA-256.

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import zstandard
@@ -27,10 +27,7 @@ from django.db import connection, transaction
 
 from sessions_app.errors import IntegrityProblem
 from snapshots_app import tree
-from snapshots_app.models import StateNode
-
-if TYPE_CHECKING:
-    from snapshots_app.models import Version
+from snapshots_app.models import StateNode, Version
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -68,6 +65,19 @@ _PROBE_TWO_LEVELS_SQL = (
     "SELECT n.digest, n.codec, n.data, n.seal FROM second CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s AND s.digest = second.digest LIMIT 1) AS n "
     "WHERE second.digest <> ALL(%(wanted)s::bytea[])"
+)
+# Every node of a version's tree, digests and children only, in one round trip (a writer that has
+# not seen the session's head yet learns its tree). UNION, not UNION ALL: a subtree that appears
+# twice is walked once.
+_TREE_SHAPE_SQL = (
+    "WITH RECURSIVE walk(digest, children) AS ("
+    f"SELECT n.digest, n.children FROM {Version._meta.db_table} AS v CROSS JOIN LATERAL "
+    f"(SELECT s.digest, s.children FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = v.root LIMIT 1) AS n WHERE v.session_id = %(session)s AND v.number = %(number)s "
+    "UNION SELECT n.digest, n.children FROM walk CROSS JOIN generate_series(0, length(walk.children) / 16 - 1) "
+    f"AS i CROSS JOIN LATERAL (SELECT s.digest, s.children FROM {_NODE_TABLE} AS s "
+    "WHERE s.project_id = %(project)s AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n"
+    ") SELECT digest, children FROM walk"
 )
 RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
 RUN_TEXT_CACHE_MAX = 4 * 1024 * 1024
@@ -367,15 +377,9 @@ class ProjectStore:
         cached = head_shapes.get(session_id)
         if cached is not None and cached[0] == head:
             return cached[1]
-        from snapshots_app.models import Version
-
         with connection.cursor() as cursor:
-            # One round trip: the head's root, and every node under it (digests and children only).
-            cursor.execute(
-                "SELECT node_digest, node_children FROM rewind_walk(%s, ARRAY(SELECT root FROM "
-                f"{Version._meta.db_table} WHERE session_id = %s AND number = %s), '{{}}'::bytea[], false)",
-                [self.project_id, session_id, head],
-            )
+            binary_results(cursor)
+            cursor.execute(_TREE_SHAPE_SQL, {"project": self.project_id, "session": session_id, "number": head})
             return {bytes(digest): _split(bytes(children)) for digest, children in cursor.fetchall()}
 
     # -- reading -----------------------------------------------------------------------------------
