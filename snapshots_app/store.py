@@ -506,10 +506,12 @@ def _shape_after(
 
 
 class _HeadShapes:
-    """Per session, the shape of the head tree this process last wrote: (head number, shape)."""
+    """Per session, the shape of the head tree this process last wrote: (head number, shape).
+    Bounded by the nodes held in all (~150 bytes each): a 5 MB state has ~1,200, a 200 KB one ~40."""
 
-    def __init__(self, max_sessions: int) -> None:
-        self.max_sessions = max_sessions
+    def __init__(self, max_nodes: int) -> None:
+        self.max_nodes = max_nodes
+        self.nodes = 0
         self.items: OrderedDict[Any, tuple[int, dict[bytes, tuple[bytes, ...]]]] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -519,17 +521,22 @@ class _HeadShapes:
 
     def put(self, session_id: Any, number: int, shape: dict[bytes, tuple[bytes, ...]]) -> None:
         with self.lock:
+            old = self.items.pop(session_id, None)
+            if old is not None:
+                self.nodes -= len(old[1])
             self.items[session_id] = (number, shape)
-            self.items.move_to_end(session_id)
-            while len(self.items) > self.max_sessions:
-                self.items.popitem(last=False)
+            self.nodes += len(shape)
+            while self.nodes > self.max_nodes and len(self.items) > 1:
+                _, (_, evicted) = self.items.popitem(last=False)
+                self.nodes -= len(evicted)
 
     def clear(self) -> None:
         with self.lock:
             self.items.clear()
+            self.nodes = 0
 
 
-head_shapes = _HeadShapes(getattr(settings, "STATE_SHAPE_CACHE_SESSIONS", 1024))
+head_shapes = _HeadShapes(getattr(settings, "STATE_SHAPE_CACHE_NODES", 200_000))  # ~30 MB at most
 
 
 class CorruptNode(Exception):
