@@ -81,7 +81,10 @@ _TREE_SHAPE_SQL = (
     ") SELECT digest, children FROM walk"
 )
 RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
-READ_LEVELS = 3  # tree levels a whole read fetches per round trip (measured: p50/p95 ~10% under 2 levels)
+# Tree levels fetched per round trip by a whole read and by a diff (measured on the agent profile:
+# reads ~10% faster than with 2, diffs ~14% faster than with 1, despite fetching shared runs).
+READ_LEVELS = 3
+DIFF_LEVELS = 3
 RUN_TEXT_CACHE_MAX = 4 * 1024 * 1024
 
 _local = threading.local()
@@ -292,9 +295,10 @@ def _head_cache_key(version_id: int) -> str:
 class ProjectStore:
     """Node storage for one project. Nothing here ever looks at another project's rows."""
 
-    def __init__(self, project_id: int, *, use_cache: bool = True) -> None:
+    def __init__(self, project_id: int, *, use_cache: bool = True, levels: int = 1) -> None:
         self.project_id = project_id
         self.use_cache = use_cache
+        self.levels = levels  # how many tree levels `nodes` brings per round trip by default
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -386,7 +390,7 @@ class ProjectStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def nodes(self, digests: set[bytes], *, checked: bool = True, levels: int = 1) -> dict[bytes, tree.Node]:
+    def nodes(self, digests: set[bytes], *, checked: bool = True, levels: int | None = None) -> dict[bytes, tree.Node]:
         """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
 
         Every node read from the database is checked against its seal before it is used or cached
@@ -402,7 +406,7 @@ class ProjectStore:
             wanted -= found.keys()
         if wanted:
             from_db: dict[bytes, tree.Node] = {}
-            for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted, levels=levels):
+            for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted, levels=levels or self.levels):
                 digest = bytes(stored_digest)
                 if digest in from_db or (
                     digest not in wanted and self.use_cache and node_lru.holds(self.project_id, digest)
