@@ -356,17 +356,9 @@ class _StringContext:
     touched: bool = False
 
 
-def _digest_of_value(value: Any, flavor: int) -> bytes | None:
-    """The digest a value would be stored under as a node of its own (None: never a node)."""
-    if type(value) is dict:
-        kind = tree.KIND_OBJECT
-    elif type(value) is list:
-        kind = tree.KIND_ARRAY
-    elif type(value) is str:
-        kind = tree.KIND_STRING
-    else:
-        return None
-    return tree.digest_of(kind, flavor, FLAVORS[flavor].encode(value))
+def _digest_of_value(value: Any, flavor: int) -> bytes:
+    """The digest a value would be stored under as a node of its own (see tree.TreeWriter._piece)."""
+    return tree.digest_of(tree.node_kind(value), flavor, FLAVORS[flavor].encode(value))
 
 
 def diff_trees(

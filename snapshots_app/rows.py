@@ -63,6 +63,23 @@ def _sql(name: str) -> str:
     raise KeyError(name)
 
 
+@cache
+def _session_fields(names: tuple[str, ...]) -> list[Field]:
+    return [WorkflowSession._meta.get_field(name) for name in names]  # type: ignore[misc]
+
+
+@cache
+def _insert_sql(session_fields: tuple[str, ...]) -> str:
+    version_table = Version._meta.db_table
+    return (
+        f"WITH moved AS (UPDATE {WorkflowSession._meta.db_table} "
+        f"SET {', '.join(f'{_q(f.column)} = %s' for f in _session_fields(session_fields))} WHERE id = %s) "
+        f"INSERT INTO {version_table} ({', '.join(_q(f.column) for f in _VERSION_FIELDS)}, parent_id) "
+        f"VALUES ({', '.join(['%s'] * len(_VERSION_FIELDS))}, "
+        f"(SELECT id FROM {version_table} WHERE session_id = %s AND number = %s)) RETURNING id, parent_id"
+    )
+
+
 def session_lock(session_id: Any) -> WorkflowSession | None:
     """Take the project's shared write lock and the session's row lock; the locked row, or None."""
     with connection.cursor() as cursor:
@@ -74,17 +91,12 @@ def session_lock(session_id: Any) -> WorkflowSession | None:
 def version_insert_after_head(version: Version, session: WorkflowSession, session_fields: list[str]) -> None:
     """Insert `version` with the session's current head (number `version.number - 1`) as its parent,
     and save `session_fields` of `session`, in one statement. Fills in version.pk and parent_id."""
-    version_table = Version._meta.db_table
-    updated: list[Field] = [WorkflowSession._meta.get_field(name) for name in session_fields]  # type: ignore[misc]
+    updated = _session_fields(tuple(session_fields))
     session_values = [f.get_db_prep_save(f.pre_save(session, False), connection) for f in updated]
     version_values = [f.get_db_prep_save(f.pre_save(version, True), connection) for f in _VERSION_FIELDS]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"WITH moved AS (UPDATE {WorkflowSession._meta.db_table} "
-            f"SET {', '.join(f'{_q(f.column)} = %s' for f in updated)} WHERE id = %s) "
-            f"INSERT INTO {version_table} ({', '.join(_q(f.column) for f in _VERSION_FIELDS)}, parent_id) "
-            f"VALUES ({', '.join(['%s'] * len(_VERSION_FIELDS))}, "
-            f"(SELECT id FROM {version_table} WHERE session_id = %s AND number = %s)) RETURNING id, parent_id",
+            _insert_sql(tuple(session_fields)),
             [*session_values, session.pk, *version_values, session.pk, version.number - 1],
         )
         version.pk, version.parent_id = cursor.fetchone()

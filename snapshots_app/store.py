@@ -50,12 +50,13 @@ _NODE_TABLE = StateNode._meta.db_table
 # filtered by digest, and writes slowed down as the project grew; the LIMIT keeps the planner from
 # flattening the lateral probe into such a join.
 _PROBE_SQL = (
-    "SELECT {columns} FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
+    "SELECT n.digest FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
 )
-# The same, plus what lies below what was found, down to %(levels)s levels (a whole read wants it
-# all next): one round trip for several levels of a tree. Nodes the caller already holds come along
-# needlessly, but cheaply; one reachable twice comes twice (the caller keeps one).
+# The same for node rows, plus what lies below what was found, down to %(levels)s levels (a whole
+# read or a diff wants it next; 1 = only the nodes asked for): one round trip for several levels.
+# Nodes the caller already holds come along needlessly, but cheaply; one reachable twice comes
+# twice (the caller keeps one).
 _PROBE_LEVELS_SQL = (
     "WITH RECURSIVE walk(digest, codec, data, seal, children, level) AS ("
     "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
@@ -309,7 +310,7 @@ class ProjectStore:
         if connection.vendor == "postgresql":
             # Raw SQL: this runs once per level of every write, and the ORM would double its cost.
             with connection.cursor() as cursor:
-                cursor.execute(_PROBE_SQL.format(columns="n.digest"), [list(digests), self.project_id])
+                cursor.execute(_PROBE_SQL, [list(digests), self.project_id])
                 return {bytes(row[0]) for row in cursor.fetchall()}
         rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(
             "digest", flat=True
@@ -424,14 +425,9 @@ class ProjectStore:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 binary_results(cursor)
-                if levels > 1:
-                    cursor.execute(
-                        _PROBE_LEVELS_SQL, {"wanted": list(digests), "project": self.project_id, "levels": levels}
-                    )
-                else:
-                    cursor.execute(
-                        _PROBE_SQL.format(columns="n.digest, n.codec, n.data, n.seal"), [list(digests), self.project_id]
-                    )
+                cursor.execute(
+                    _PROBE_LEVELS_SQL, {"wanted": list(digests), "project": self.project_id, "levels": levels}
+                )
                 return cursor.fetchall()
         return list(
             StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests)).values_list(

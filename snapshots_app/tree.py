@@ -82,6 +82,15 @@ FLAVORS: dict[int, Flavor] = {
 }
 
 
+def node_kind(value: Any) -> int:
+    """The kind a value gets when it is stored as a node of its own."""
+    if type(value) is dict:
+        return KIND_OBJECT
+    if type(value) is list:
+        return KIND_ARRAY
+    return KIND_STRING  # long strings (and, exceptionally, nothing else gets this long)
+
+
 def digest_of(kind: int, flavor: int, text: bytes) -> bytes:
     h = hashlib.blake2b(bytes((kind, flavor)), digest_size=DIGEST_SIZE)
     h.update(text)
@@ -228,12 +237,7 @@ class TreeWriter:
         text = flavor.encode(value)
         if len(text) <= INLINE_MAX:
             return text
-        if type(value) is dict:
-            kind = KIND_OBJECT
-        elif type(value) is list:
-            kind = KIND_ARRAY
-        else:
-            kind = KIND_STRING  # long strings (and, exceptionally, nothing else gets this long)
+        kind = node_kind(value)
         digest = digest_of(kind, flavor.code, text)
         pending.append((digest, lambda: self._write_value(value, text, kind, flavor, digest)))
         return Hole(digest)
