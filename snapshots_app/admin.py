@@ -188,14 +188,6 @@ class ProjectAdmin(BaseProjectAdmin):
         jobs = [transfer.transfer_export_start(project=project, actor=request.user) for project in queryset]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
 
-    @admin.action(description="Data fix from the selected version…", permissions=["data_fix"])
-    def data_fix(self, request: HttpRequest, queryset: QuerySet[Version]) -> HttpResponse | None:
-        chosen = list(queryset.values_list("pk", flat=True)[:2])
-        if len(chosen) != 1:
-            messages.warning(request, "Select exactly one version to start a data fix from.")
-            return None
-        return redirect(reverse("admin:snapshots_app_version_data_fix", args=[chosen[0]]))
-
     @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
     def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
         jobs = [integrity.integrity_scrub_start(project=project, budget=0, actor=request.user) for project in queryset]
