@@ -104,6 +104,68 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
     version._state.db = connection.alias
 
 
+@cache
+def _append_sql(moves: tuple[str, ...]) -> str:
+    """The whole of a snapshot write as one statement (see version_append_if_head)."""
+    session_table = WorkflowSession._meta.db_table
+    version_table = Version._meta.db_table
+    sets = [
+        "head_number = head_number + 1", "version_count = version_count + 1",
+        "stored_bytes = stored_bytes + (SELECT size FROM stored)",
+        *(f"{_q(f.column)} = %s" for f in _session_fields(moves)),
+    ]
+    values = ["(SELECT size FROM stored)" if f.attname == "stored_size" else "%s" for f in _VERSION_FIELDS]
+    return (
+        # The locks session_lock takes. FOR UPDATE returns the row as last committed, so the checks
+        # in `ok` see the head as it is now, not as the statement's snapshot had it.
+        f"WITH locked AS (SELECT s.id, s.head_number, s.archived_at FROM {session_table} AS s CROSS JOIN LATERAL "
+        f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
+        "WHERE s.id = %s FOR UPDATE OF s), "
+        "ok AS (SELECT id FROM locked WHERE head_number = %s AND archived_at IS NULL AND NOT EXISTS "
+        f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key = %s)), "
+        f"nodes AS ({store.NODE_INSERT_SQL} WHERE EXISTS (SELECT 1 FROM ok) "
+        "ON CONFLICT DO NOTHING RETURNING length(data) AS size), "
+        "stored AS (SELECT COALESCE(sum(size), 0) AS size FROM nodes), "
+        f"moved AS (UPDATE {session_table} SET {', '.join(sets)} WHERE id = (SELECT id FROM ok) "
+        f"RETURNING {', '.join(_q(f.column) for f in _SESSION_FIELDS)}), "
+        f"inserted AS (INSERT INTO {version_table} ({', '.join(_q(f.column) for f in _VERSION_FIELDS)}, parent_id) "
+        f"SELECT {', '.join(values)}, (SELECT id FROM {version_table} WHERE session_id = moved.id AND number = %s) "
+        "FROM moved RETURNING id, parent_id, stored_size) "
+        "SELECT inserted.id, inserted.parent_id, inserted.stored_size, moved.* FROM inserted, moved"
+    )
+
+
+def version_append_if_head(
+    version: Version, head: int, nodes: store.NodeRows, moves: dict[str, Any]
+) -> WorkflowSession | None:
+    """If the session's head is still version `head` (and it is not archived, and no version has
+    `version.idempotency_key`), insert `nodes` and `version` (number head + 1, parent the head,
+    stored_size the bytes the nodes really added) and move the session: its counters, and `moves`.
+    One statement; it returns the session as moved (also attached to `version`), or None having
+    written nothing. Callers must know `head`'s tree is stored: nothing here checks the nodes it names.
+    """
+    fields = _session_fields(tuple(moves))
+    session_values = [f.get_db_prep_save(moves[f.attname], connection) for f in fields]
+    version_values = [
+        f.get_db_prep_save(f.pre_save(version, True), connection) for f in _VERSION_FIELDS if f.attname != "stored_size"
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _append_sql(tuple(moves)),
+            [version.session_id, head, version.idempotency_key, version.session.project_id, *nodes.arrays(),
+             *session_values, *version_values, head],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    version.pk, version.parent_id, version.stored_size = row[:3]
+    version._state.adding = False
+    version._state.db = connection.alias
+    session = _from_row(WorkflowSession, _SESSION_FIELDS, row[3:])
+    version.session = session
+    return session
+
+
 def version_by_number(session: WorkflowSession, number: int) -> Version | None:
     """The session's version `number` (None if it has none) with `session` attached; its root node
     goes into the store's node cache on the way."""

@@ -7,12 +7,14 @@ same lock. Side effects (live events, the finalize task) run only after commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from sessions_app import background, events
 from sessions_app.errors import (
@@ -184,42 +186,20 @@ def _append(
 ) -> Version:
     """Insert the next version of a locked session and move its head. Caller holds the lock.
     `parent=HEAD` means the session's current head (looked up by the insert itself on PostgreSQL)."""
-    who = actor_fields(actor, actor_label)
-    version = Version(
-        session=session,
-        number=session.head_number + 1,
-        kind=kind,
-        root=root,
-        checksum=checksum,
-        logical_size=logical_size,
-        stored_size=stored_size,
-        step=step,
-        status=status,
-        error=error,
-        label=label,
-        engine=engine,
-        engine_version=engine_version,
-        tags=tags or [],
-        reason=reason,
-        idempotency_key=idempotency_key,
-        created_by=who["actor"],
-        created_by_label=who["actor_label"],
+    version = _new_version(
+        session, session.head_number + 1, kind=kind, root=root, checksum=checksum, logical_size=logical_size,
+        stored_size=stored_size, status=status, step=step, error=error, label=label, engine=engine,
+        engine_version=engine_version, tags=tags, reason=reason, idempotency_key=idempotency_key, actor=actor,
+        actor_label=actor_label,
     )
     fast = parent is HEAD and connection.vendor == "postgresql"
     if not fast:
         version.parent = _head(session) if parent is HEAD else parent  # type: ignore[assignment]
     session.head_number = version.number
     session.version_count += 1
-    session.logical_bytes = logical_size
     session.stored_bytes += stored_size
-    if status:
-        session.status = status
-    if step:
-        session.last_step = step
-    if error:
-        session.last_error = error
-    elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
-        session.last_error = ""
+    for name, value in _session_moves(kind=kind, status=status, step=step, error=error, logical_size=logical_size).items():
+        setattr(session, name, value)
     moved = [
         "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step", "last_error",
         "updated_at",
@@ -230,6 +210,36 @@ def _append(
         version.save(force_insert=True)
         session.save(update_fields=moved)
     return version
+
+
+def _new_version(
+    session: WorkflowSession,
+    number: int,
+    *,
+    tags: list[str] | None,
+    actor: User,
+    actor_label: str,
+    **values: Any,
+) -> Version:
+    who = actor_fields(actor, actor_label)
+    return Version(
+        session=session, number=number, tags=tags or [], created_by=who["actor"], created_by_label=who["actor_label"],
+        **values,
+    )
+
+
+def _session_moves(*, kind: str, status: str, step: str, error: str, logical_size: int) -> dict[str, Any]:
+    """What a new version sets on its session, besides the head number and the counters."""
+    moves: dict[str, Any] = {"logical_bytes": logical_size, "updated_at": timezone.now()}
+    if status:
+        moves["status"] = status
+    if step:
+        moves["last_step"] = step
+    if error:
+        moves["last_error"] = error
+    elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
+        moves["last_error"] = ""
+    return moves
 
 
 def _append_copy(
@@ -300,6 +310,12 @@ def snapshot_record(
         raise InvalidState(f"kind must be one of {', '.join(VersionKind.values)}")
     prepared = state_prepare(state)
     ensure_writable(session)
+    if connection.vendor == "postgresql":
+        appended = _append_to_known_head(
+            session, prepared, kind=kind, key=key, expected=expected, actor=actor, actor_label=actor_label, **fields
+        )
+        if appended is not None:
+            return appended
 
     with transaction.atomic():
         # Session lock first: under it the head is known, and the new nodes are checked against the
@@ -331,6 +347,55 @@ def snapshot_record(
             shape = written.shape
             transaction.on_commit(lambda: store.head_shapes.put(locked.pk, version.number, shape))
         _after_commit(version, prepared.canonical)
+    return version
+
+
+def _append_to_known_head(
+    session: WorkflowSession,
+    prepared: PreparedState,
+    *,
+    kind: str,
+    key: str | None,
+    expected: int | None,
+    actor: User,
+    actor_label: str,
+    **fields: Any,
+) -> Version | None:
+    """snapshot_record in one statement, when this process knows the session's head tree (it wrote
+    the head, or learnt its shape doing so): the new nodes are found against that tree before any
+    lock, then one statement (rows.version_append_if_head) takes the locks, checks the head is still
+    that one, and inserts the nodes and the version and moves the session — one round trip and,
+    outside a transaction, no BEGIN or COMMIT of its own. None if the head moved, the key was used
+    before, or anything else needs the full path, which then decides (and raises) under the lock.
+    """
+    cached = store.head_shapes.get(session.pk)
+    if cached is None:
+        return None
+    head, known = cached
+    if expected is not None and expected != head:
+        return None
+    project = store.ProjectStore(session.project_id)
+    root, new_nodes = project.plan(prepared.value, prepared.canonical, known)
+    version = _new_version(
+        session, head + 1, kind=kind, root=root, checksum=prepared.checksum, logical_size=len(prepared.canonical),
+        idempotency_key=key, actor=actor, actor_label=actor_label, **fields,
+    )
+    moves = _session_moves(
+        kind=kind, status=fields["status"], step=fields["step"], error=fields["error"],
+        logical_size=len(prepared.canonical),
+    )
+    try:
+        # Inside a caller's transaction a savepoint keeps a failed attempt from aborting it.
+        with transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext():
+            moved = rows.version_append_if_head(version, head, project.node_rows(new_nodes), moves)
+            if moved is None:
+                return None
+            shape = store.shape_after(root, new_nodes, known)
+            if shape is not None:
+                transaction.on_commit(lambda: store.head_shapes.put(session.pk, version.number, shape))
+            _after_commit(version, prepared.canonical)
+    except IntegrityError:
+        return None  # e.g. the same idempotency key committed by a concurrent call: see _replay
     return version
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -49,6 +49,11 @@ _NODE_TABLE = StateNode._meta.db_table
 # planned, with statistics that undercount a project's nodes, as a scan of all the project's nodes
 # filtered by digest, and writes slowed down as the project grew; the LIMIT keeps the planner from
 # flattening the lateral probe into such a join.
+# Node rows go in as column arrays (NodeRows.arrays, after the project id); callers add the rest.
+NODE_INSERT_SQL = (
+    f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size, children, seal) "
+    "SELECT %s, * FROM unnest(%b::bytea[], %b::smallint[], %b::bytea[], %b::integer[], %b::bytea[], %b::bigint[])"
+)
 _PROBE_SQL = (
     "SELECT n.digest FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
@@ -317,13 +322,11 @@ class ProjectStore:
         )
         return {bytes(d) for d in rows}
 
-    def save_nodes(self, new_nodes: dict[bytes, bytes]) -> int:
-        """Insert nodes (ON CONFLICT DO NOTHING); returns the stored (compressed) bytes actually added."""
-        if not new_nodes:
-            return 0
-        digests, codecs, datas, sizes, children, seals = [], [], [], [], [], []
+    def node_rows(self, new_nodes: dict[bytes, bytes]) -> NodeRows:
+        """New node encodings compressed into the column arrays of one INSERT (see NODE_INSERT_SQL)."""
+        rows = NodeRows()
         dictionary = _project_dictionary(self.project_id)
-        if dictionary is None:
+        if dictionary is None and new_nodes:
             samples = _dictionary_samples(self.project_id, new_nodes.values())
             if samples is not None:
                 dictionary = _train_dictionary(self.project_id, samples)
@@ -331,54 +334,63 @@ class ProjectStore:
         # unnest() hands PostgreSQL the rows in this order.
         for digest, raw in sorted(new_nodes.items()):
             codec, data = compress(raw, dictionary)
-            digests.append(digest)
-            codecs.append(codec)
-            datas.append(data)
-            sizes.append(len(raw))
-            children.append(tree.children_of(raw))
-            seals.append(tree.seal_of(raw))
+            rows.digests.append(digest)
+            rows.codecs.append(codec)
+            rows.datas.append(data)
+            rows.sizes.append(len(raw))
+            rows.children.append(tree.children_of(raw))
+            rows.seals.append(tree.seal_of(raw))
+        return rows
+
+    def save_nodes(self, new_nodes: dict[bytes, bytes]) -> int:
+        """Insert nodes (ON CONFLICT DO NOTHING); returns the stored (compressed) bytes actually added."""
+        if not new_nodes:
+            return 0
+        rows = self.node_rows(new_nodes)
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute(
-                    f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size, children, seal) "
-                    "SELECT %s, * FROM unnest(%s::bytea[], %s::smallint[], %s::bytea[], %s::integer[], "
-                    "%s::bytea[], %s::bigint[]) ON CONFLICT DO NOTHING RETURNING length(data)",
-                    [self.project_id, digests, codecs, datas, sizes, children, seals],
+                    f"{NODE_INSERT_SQL} ON CONFLICT DO NOTHING RETURNING length(data)", [self.project_id, *rows.arrays()]
                 )
                 return sum(size for (size,) in cursor.fetchall())
+        StateNode.objects.bulk_create(
+            [
+                StateNode(project_id=self.project_id, digest=d, codec=c, data=data, raw_size=n, children=kids, seal=seal)
+                for d, c, data, n, kids, seal in zip(*rows.arrays(), strict=True)
+            ],
+            ignore_conflicts=True,
+            batch_size=500,
+        )
+        return sum(len(data) for data in rows.datas)
+
+    def plan(
+        self, state: dict[str, Any], canonical: bytes, known: dict[bytes, tuple[bytes, ...]] | None
+    ) -> tuple[bytes, dict[bytes, bytes]]:
+        """The state's root digest and the encodings of its nodes that are not stored yet.
+
+        `known` is the shape of a tree that is stored and stays so while it is the session's head
+        (the caller makes sure of that): nodes are then checked against it alone, in memory, and
+        anything else counts as new (inserted ON CONFLICT DO NOTHING). Without it the database is
+        asked, level by level, so a state that repeats another session's subtrees (a fork's, a
+        shared document) still stores them once.
+        """
+        if known is None:
+            writer = tree.TreeWriter(self.existing)
         else:
-            StateNode.objects.bulk_create(
-                [
-                    StateNode(
-                        project_id=self.project_id, digest=d, codec=c, data=data, raw_size=n, children=kids, seal=seal
-                    )
-                    for d, c, data, n, kids, seal in zip(digests, codecs, datas, sizes, children, seals, strict=True)
-                ],
-                ignore_conflicts=True,
-                batch_size=500,
-            )
-        return sum(len(data) for data in datas)
+            writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in known})
+        return writer.write_root(state, canonical), writer.new_nodes
 
     def write_state(
         self, state: dict[str, Any], canonical: bytes, *, session_id: Any = None, head: int = 0
     ) -> Written:
         """Store a state's new nodes. The caller holds the project's shared write lock and, when it
-        passes `session_id`, that session's row lock with `head` its head version number.
-
-        With the head's tree known (cached from the last write here, else one round trip), nodes are
-        checked against it alone, in memory: the head is never garbage while it is the head, so
-        whatever it holds is stored, and everything else is inserted ON CONFLICT DO NOTHING. The
-        first version of a session asks the database instead, level by level, so a state that
-        repeats another session's subtrees (a fork's, a shared document) still stores them once.
-        """
+        passes `session_id`, that session's row lock with `head` its head version number: the head
+        is never garbage while it is the head, so its tree (cached from the last write here, else
+        learnt in one round trip) is what the new nodes are checked against (see plan)."""
         known = self._head_shape(session_id, head) if head and connection.vendor == "postgresql" else None
-        if known is None:
-            writer = tree.TreeWriter(self.existing)
-        else:
-            writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in known})
-        root = writer.write_root(state, canonical)
-        stored = self.save_nodes(writer.new_nodes)
-        return Written(root, stored, _shape_after(root, writer.new_nodes, known or {}))
+        root, new_nodes = self.plan(state, canonical, known)
+        stored = self.save_nodes(new_nodes)
+        return Written(root, stored, shape_after(root, new_nodes, known or {}))
 
     def _head_shape(self, session_id: Any, head: int) -> dict[bytes, tuple[bytes, ...]] | None:
         cached = head_shapes.get(session_id)
@@ -476,6 +488,19 @@ class ProjectStore:
         return data, keep
 
 
+@dataclass
+class NodeRows:
+    digests: list[bytes] = field(default_factory=list)
+    codecs: list[int] = field(default_factory=list)
+    datas: list[bytes] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    children: list[bytes] = field(default_factory=list)
+    seals: list[int] = field(default_factory=list)
+
+    def arrays(self) -> list[list[Any]]:
+        return [self.digests, self.codecs, self.datas, self.sizes, self.children, self.seals]
+
+
 @dataclass(frozen=True)
 class Written:
     root: bytes
@@ -487,7 +512,7 @@ def _split(children: bytes) -> tuple[bytes, ...]:
     return tuple(children[i : i + tree.DIGEST_SIZE] for i in range(0, len(children), tree.DIGEST_SIZE))
 
 
-def _shape_after(
+def shape_after(
     root: bytes, new_nodes: dict[bytes, bytes], known: dict[bytes, tuple[bytes, ...]]
 ) -> dict[bytes, tuple[bytes, ...]] | None:
     """The new tree's digests and children, from its new nodes and the old tree's shape; None if it

@@ -27,6 +27,7 @@ def clear_cache() -> None:
     else:
         cache.clear()
     store.node_lru.clear()
+    store.head_shapes.clear()
 
 
 @pytest.fixture(autouse=True)
