@@ -50,15 +50,18 @@ def _sql(name: str) -> str:
             f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
             "WHERE s.id = %s FOR UPDATE OF s"
         )
-    if name == "version":
+    if name in ("version", "version_pair"):
         # The root node comes along (a missing one is the read's to report), saving a read or a diff
         # one round trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes
-        # (which a plain join was planned as; see store._PROBE_SQL).
+        # (which a plain join was planned as; see store._PROBE_SQL). A pair is a diff's two ends.
+        where = "v.session_id = %s AND v.number = %s"
+        if name == "version_pair":
+            where = f"({where}) OR ({where})"
         return (
             f"SELECT {', '.join('v.' + _q(f.column) for f in _VERSION_COLUMNS)}, n.codec, n.data, n.seal "
             f"FROM {version_table} AS v LEFT JOIN LATERAL (SELECT s.codec, s.data, s.seal "
             f"FROM {StateNode._meta.db_table} AS s WHERE s.project_id = %s AND s.digest = v.root LIMIT 1) AS n "
-            "ON true WHERE v.session_id = %s AND v.number = %s"
+            f"ON true WHERE {where}"
         )
     raise KeyError(name)
 
@@ -169,15 +172,39 @@ def version_append_if_head(
 def version_by_number(session: WorkflowSession, number: int) -> Version | None:
     """The session's version `number` (None if it has none) with `session` attached; its root node
     goes into the store's node cache on the way."""
+    return _versions("version", [(session, number)])[0]
+
+
+def version_pair(
+    first: tuple[WorkflowSession, int], second: tuple[WorkflowSession, int]
+) -> tuple[Version | None, Version | None]:
+    """Two versions, each (session, number), in one round trip; as version_by_number does them.
+    The sessions must be of one project (the root nodes are looked up in the first's)."""
+    a, b = _versions("version_pair", [first, second])
+    return a, b
+
+
+def _versions(statement: str, wanted: list[tuple[WorkflowSession, int]]) -> list[Version | None]:
+    params: list[Any] = [wanted[0][0].project_id]
+    for session, number in wanted:
+        params += [session.pk, number]
     with connection.cursor() as cursor:
-        cursor.execute(_sql("version"), [session.project_id, session.pk, number])
-        row = cursor.fetchone()
-    if row is None:
-        return None
+        cursor.execute(_sql(statement), params)
+        found = cursor.fetchall()
     width = len(_VERSION_COLUMNS)
-    version = _from_row(Version, _VERSION_COLUMNS, row[:width])
-    version.session = session
-    codec, data, seal = row[width:]
-    if data is not None:
-        store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
-    return version
+    session_column = [f.attname for f in _VERSION_COLUMNS].index("session_id")
+    number_column = [f.attname for f in _VERSION_COLUMNS].index("number")
+    by_key = {(row[session_column], row[number_column]): row for row in found}
+    versions: list[Version | None] = []
+    for session, number in wanted:
+        row = by_key.get((session.pk, number))
+        if row is None:
+            versions.append(None)
+            continue
+        version = _from_row(Version, _VERSION_COLUMNS, row[:width])
+        version.session = session
+        codec, data, seal = row[width:]
+        if data is not None:
+            store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
+        versions.append(version)
+    return versions

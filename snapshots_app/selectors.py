@@ -18,13 +18,22 @@ from snapshots_app.diff import DiffResult, diff_trees
 from snapshots_app.models import IntegrityProblem, Version, VersionKind
 
 
-def version_get(*, session: WorkflowSession, number: Any) -> Version:
-    """Version `number` of `session` (VersionNotFound if there is none), with `session` attached."""
+def _version_number(number: Any) -> int:
     if isinstance(number, bool) or not isinstance(number, int):
         try:
-            number = int(number)
+            return int(number)
         except (TypeError, ValueError):
             raise VersionNotFound(f"version {number!r} is not a version number") from None
+    return number
+
+
+def _not_found(session: WorkflowSession, number: int) -> VersionNotFound:
+    return VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
+
+
+def version_get(*, session: WorkflowSession, number: Any) -> Version:
+    """Version `number` of `session` (VersionNotFound if there is none), with `session` attached."""
+    number = _version_number(number)
     if connection.vendor == "postgresql":
         version = rows.version_by_number(session, number)
     else:
@@ -32,8 +41,25 @@ def version_get(*, session: WorkflowSession, number: Any) -> Version:
         if version is not None:
             version.session = session
     if version is None:
-        raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
+        raise _not_found(session, number)
     return version
+
+
+def version_pair(
+    *, session: WorkflowSession, number: Any, other_session: WorkflowSession | None = None, other_number: Any
+) -> tuple[Version, Version]:
+    """The two ends of a diff: version `number` of `session` and `other_number` of `other_session`
+    (default: the same session), in one round trip on PostgreSQL; VersionNotFound names a missing one."""
+    other_session = other_session or session
+    number, other_number = _version_number(number), _version_number(other_number)
+    if connection.vendor != "postgresql" or session.project_id != other_session.project_id:
+        return version_get(session=session, number=number), version_get(session=other_session, number=other_number)
+    a, b = rows.version_pair((session, number), (other_session, other_number))
+    if a is None:
+        raise _not_found(session, number)
+    if b is None:
+        raise _not_found(other_session, other_number)
+    return a, b
 
 
 def version_state_bytes(version: Version) -> bytes:

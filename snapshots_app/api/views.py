@@ -268,8 +268,7 @@ class Diff(ApiView):
             except SessionNotFound as exc:
                 exc.message = f"no session {params['to_session']} to compare with"
                 raise
-        a = selectors.version_get(session=session, number=numbers["from"])
-        b = selectors.version_get(session=other, number=numbers["to"])
+        a, b = selectors.version_pair(session=session, number=numbers["from"], other_session=other, other_number=numbers["to"])
         structural = filters.parse_bool("structural_strings", params.get("structural_strings", "true"))
         result = selectors.version_diff(a, b, structural_strings=structural)
         return Response({

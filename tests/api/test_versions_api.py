@@ -90,7 +90,12 @@ def test_diff_within_and_across_sessions(writer, session):
     fork = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": "what-if"}, format="json").json()
     across = writer.get(url(session, f"diff/?from=2&to=1&to_session={fork['id']}")).json()
     assert across["to"]["session"] == fork["id"] and {c["path"] for c in across["changes"]} == {"/a", "/list/2", "/new"}
-    assert writer.get(url(session, "diff/?from=1&to=99")).status_code == 404
+    assert writer.get(url(session, "diff/?from=1&to=1")).json()["changes"] == []
+    for query, missing in ((f"from=99&to=1&to_session={fork['id']}", f"session {session.external_id} has no version 99"),
+                           (f"from=1&to=7&to_session={fork['id']}", "what-if has no version 7"),
+                           ("from=1&to=99", "has no version 99")):
+        response = writer.get(url(session, f"diff/?{query}"))
+        assert response.status_code == 404 and missing in response.json()["detail"], query
     assert writer.get(url(session, "diff/?from=1")).status_code == 400
 
 
