@@ -22,6 +22,8 @@ from snapshots_app.models import StateNode, Version
 _SESSION_FIELDS: list[Field] = list(WorkflowSession._meta.concrete_fields)
 _VERSION_COLUMNS: list[Field] = list(Version._meta.concrete_fields)
 _VERSION_FIELDS: list[Field] = [f for f in _VERSION_COLUMNS if not f.primary_key and f.attname != "parent_id"]
+_SESSION_COLUMN = [f.attname for f in _VERSION_COLUMNS].index("session_id")
+_NUMBER_COLUMN = [f.attname for f in _VERSION_COLUMNS].index("number")
 _CONVERTED = {id(f) for f in (*_SESSION_FIELDS, *_VERSION_COLUMNS) if hasattr(f, "from_db_value")}
 
 
@@ -192,9 +194,7 @@ def _versions(statement: str, wanted: list[tuple[WorkflowSession, int]]) -> list
         cursor.execute(_sql(statement), params)
         found = cursor.fetchall()
     width = len(_VERSION_COLUMNS)
-    session_column = [f.attname for f in _VERSION_COLUMNS].index("session_id")
-    number_column = [f.attname for f in _VERSION_COLUMNS].index("number")
-    by_key = {(row[session_column], row[number_column]): row for row in found}
+    by_key = {(row[_SESSION_COLUMN], row[_NUMBER_COLUMN]): row for row in found}
     versions: list[Version | None] = []
     for session, number in wanted:
         row = by_key.get((session.pk, number))
