@@ -43,7 +43,10 @@ class DiffResult:
 
 
 def pointer_token(key: str | int) -> str:
-    return str(key).replace("~", "~0").replace("/", "~1")
+    key = str(key)
+    if "~" not in key and "/" not in key:
+        return key
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +81,11 @@ class _Walker:
         return self.cache[digest]
 
     def value(self, child: Any, flavor: int) -> Any:
-        if isinstance(child, HoleRef):
+        kind = type(child)
+        if kind is HoleRef:
             nodes = tree.collect(child.digest, self._fetch_all)
             return tree.loads(tree.splice(child.digest, nodes), flavor)
-        return child.value if isinstance(child, Inline) else child
+        return child.value if kind is Inline else child
 
     def _fetch_all(self, digests: set[bytes]) -> dict[bytes, Node]:
         self.prefetch(digests)
@@ -90,7 +94,7 @@ class _Walker:
     # -- classification ----------------------------------------------------------------------------
 
     def shape(self, child: Any) -> str:
-        if isinstance(child, HoleRef):
+        if type(child) is HoleRef:
             kind = self.node(child.digest).kind
             if kind == tree.KIND_OBJECT:
                 return "object"
@@ -99,7 +103,7 @@ class _Walker:
             if kind == tree.KIND_JSON_STRING:
                 return "json-string"
             return "scalar"
-        value = child.value if isinstance(child, Inline) else child
+        value = child.value if type(child) is Inline else child
         if type(value) is dict:
             return "object"
         if type(value) is list:
@@ -108,18 +112,22 @@ class _Walker:
 
     @staticmethod
     def same(a: Any, b: Any, flavor: int = CANONICAL) -> bool:
-        if isinstance(a, HoleRef) and isinstance(b, HoleRef):
-            return a.digest == b.digest
-        if isinstance(a, HoleRef) or isinstance(b, HoleRef):
+        # The hottest function of a diff: exact type checks, no isinstance.
+        type_a, type_b = type(a), type(b)
+        if type_a is HoleRef:
+            if type_b is HoleRef:
+                return bool(a.digest == b.digest)
             # One side is its own node, the other inline (a full run is stored whole, the run it
             # grew from item by item): a value has the same digest wherever it is stored.
-            ref, other = (a, b) if isinstance(a, HoleRef) else (b, a)
-            return _digest_of_value(other.value if isinstance(other, Inline) else other, flavor) == ref.digest
-        va = a.value if isinstance(a, Inline) else a
-        vb = b.value if isinstance(b, Inline) else b
-        if type(va) is not type(vb):
+            return _digest_of_value(b.value if type_b is Inline else b, flavor) == a.digest
+        if type_b is HoleRef:
+            return _digest_of_value(a.value if type_a is Inline else a, flavor) == b.digest
+        va = a.value if type_a is Inline else a
+        vb = b.value if type_b is Inline else b
+        kind = type(va)
+        if kind is not type(vb):
             return False
-        if type(va) in (dict, list):
+        if kind is dict or kind is list:
             return orjson.dumps(va, option=orjson.OPT_SORT_KEYS) == orjson.dumps(vb, option=orjson.OPT_SORT_KEYS)
         return bool(va == vb)
 
@@ -144,8 +152,10 @@ class _Walker:
     # -- walking -----------------------------------------------------------------------------------
 
     def diff(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        if self.same(a, b, flavor):
-            return
+        if not self.same(a, b, flavor):
+            self.diff_unequal(a, b, path, ctx, flavor)
+
+    def diff_unequal(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
         shape_a, shape_b = self.shape(a), self.shape(b)
         if shape_a == shape_b == "object":
             self.diff_objects(a, b, path, ctx, flavor)
@@ -162,8 +172,8 @@ class _Walker:
             if node.level == 0:
                 return tree.parse_node(node)
             return self._run_members([child.digest])
-        value = child.value if isinstance(child, Inline) else child
-        return {key: Inline(item) for key, item in value.items()}
+        # Inline values need no wrapping: only parse_node makes HoleRefs (read-only from here on).
+        return child.value if type(child) is Inline else child
 
     def _run_members(self, digests: list[bytes]) -> dict[str, Any]:
         members: dict[str, Any] = {}
@@ -216,17 +226,27 @@ class _Walker:
     def _diff_member_maps(
         self, members_a: dict[str, Any], members_b: dict[str, Any], path: str, ctx: _StringContext | None, flavor: int
     ) -> None:
-        refs = {c.digest for c in (*members_a.values(), *members_b.values()) if isinstance(c, HoleRef)}
-        self.prefetch(refs)
-        for key in sorted(members_a.keys() | members_b.keys()):
+        same = self.same
+        # Equal members are dropped before anything else is done for them (most are equal).
+        differing = [
+            key for key, child in members_a.items() if key not in members_b or not same(child, members_b[key], flavor)
+        ]
+        differing += [key for key in members_b if key not in members_a]
+        if not differing:
+            return
+        differing.sort()
+        self.prefetch({
+            child.digest for key in differing for child in (members_a.get(key), members_b.get(key))
+            if type(child) is HoleRef
+        })
+        for key in differing:
             child_path = f"{path}/{pointer_token(key)}"
-            in_a, in_b = key in members_a, key in members_b
-            if in_a and in_b:
-                self.diff(members_a[key], members_b[key], child_path, ctx, flavor)
-            elif in_a:
+            if key not in members_b:
                 self.emit("remove", child_path, members_a[key], None, ctx, flavor)
-            else:
+            elif key not in members_a:
                 self.emit("add", child_path, None, members_b[key], ctx, flavor)
+            else:
+                self.diff_unequal(members_a[key], members_b[key], child_path, ctx, flavor)
 
     # Arrays ---------------------------------------------------------------------------------------
 
@@ -240,8 +260,7 @@ class _Walker:
             return []
         if isinstance(side, HoleRef):
             return tree.parse_node(self.node(side.digest))
-        value = side.value if isinstance(side, Inline) else side
-        return [Inline(item) for item in value]
+        return side.value if type(side) is Inline else side
 
     def _children(self, side: Any) -> list[Any]:
         return [HoleRef(d) for d in self.node(side.digest).children]

@@ -27,13 +27,13 @@ def clear_cache() -> None:
     else:
         cache.clear()
     store.node_lru.clear()
-    store.head_shapes.clear()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     """Every test starts with cold caches, so none can pass on another test's cached pieces."""
     clear_cache()
+    store.head_shapes.clear()
     yield
     store.node_lru.clear()
 
