@@ -163,6 +163,12 @@ def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
         background.after_commit(announce)
 
 
+# What a new version changes on its session.
+MOVED_FIELDS = (
+    "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step", "last_error", "updated_at",
+)
+
+
 def _append(
     session: WorkflowSession,
     *,
@@ -200,15 +206,11 @@ def _append(
     session.stored_bytes += stored_size
     for name, value in _session_moves(kind=kind, status=status, step=step, error=error, logical_size=logical_size).items():
         setattr(session, name, value)
-    moved = [
-        "head_number", "version_count", "logical_bytes", "stored_bytes", "status", "last_step", "last_error",
-        "updated_at",
-    ]
     if fast:
-        rows.version_insert_after_head(version, session, moved)
+        rows.version_insert_after_head(version, session, list(MOVED_FIELDS))
     else:
         version.save(force_insert=True)
-        session.save(update_fields=moved)
+        session.save(update_fields=MOVED_FIELDS)
     return version
 
 
@@ -315,6 +317,7 @@ def snapshot_record(
             session, prepared, kind=kind, key=key, expected=expected, actor=actor, actor_label=actor_label, **fields
         )
         if appended is not None:
+            _refresh(session, appended.session)
             return appended
 
     with transaction.atomic():
@@ -347,7 +350,16 @@ def snapshot_record(
             shape = written.shape
             transaction.on_commit(lambda: store.head_shapes.put(locked.pk, version.number, shape))
         _after_commit(version, prepared.canonical)
+    _refresh(session, locked)
     return version
+
+
+def _refresh(session: WorkflowSession, moved: WorkflowSession) -> None:
+    """Bring the caller's copy of the session up to the write it made (its head above all, which
+    the next write of the same copy starts from; see _append_to_known_head)."""
+    if session is not moved:
+        for name in MOVED_FIELDS:
+            setattr(session, name, getattr(moved, name))
 
 
 def _append_to_known_head(
@@ -361,20 +373,26 @@ def _append_to_known_head(
     actor_label: str,
     **fields: Any,
 ) -> Version | None:
-    """snapshot_record in one statement, when this process knows the session's head tree (it wrote
-    the head, or learnt its shape doing so): the new nodes are found against that tree before any
+    """snapshot_record in one statement: the new nodes are found against the head's tree before any
     lock, then one statement (rows.version_append_if_head) takes the locks, checks the head is still
-    that one, and inserts the nodes and the version and moves the session — one round trip and,
-    outside a transaction, no BEGIN or COMMIT of its own. None if the head moved, the key was used
-    before, or anything else needs the full path, which then decides (and raises) under the lock.
+    that one, and inserts the nodes and the version and moves the session — outside a transaction,
+    with no BEGIN or COMMIT of its own. The head's tree is the one this process remembers when
+    `session.head_number` (as fresh as the caller's copy; an API request's is) says it is still the
+    head, else it is read first, in one round trip, so writes of a session spread over several
+    processes take this path too. None if the head moved meanwhile, the key was used before, the
+    session has no version yet (the full path shares its subtrees with other sessions), or anything
+    else needs the full path, which then decides (and raises) under the lock.
     """
-    cached = store.head_shapes.get(session.pk)
-    if cached is None:
-        return None
-    head, known = cached
-    if expected is not None and expected != head:
-        return None
     project = store.ProjectStore(session.project_id)
+    cached = store.head_shapes.get(session.pk)
+    if cached is not None and cached[0] == session.head_number:
+        head, known = cached
+    else:
+        head, known = project.current_head_shape(session.pk)
+        if head and not connection.in_atomic_block:  # inside a transaction, the head may not be committed
+            store.head_shapes.put(session.pk, head, known)
+    if not head or (expected is not None and expected != head):
+        return None
     root, new_nodes = project.plan(prepared.value, prepared.canonical, known)
     version = _new_version(
         session, head + 1, kind=kind, root=root, checksum=prepared.checksum, logical_size=len(prepared.canonical),

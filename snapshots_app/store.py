@@ -26,6 +26,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 
 from sessions_app.errors import IntegrityProblem
+from sessions_app.models import WorkflowSession
 from snapshots_app import tree
 from snapshots_app.models import StateNode, Version
 
@@ -85,6 +86,21 @@ _TREE_SHAPE_SQL = (
     f"AS i CROSS JOIN LATERAL (SELECT s.digest, s.children FROM {_NODE_TABLE} AS s "
     "WHERE s.project_id = %(project)s AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n"
     ") SELECT digest, children FROM walk"
+)
+# The same for a session's current head, with its number first (on a row of its own, digest NULL),
+# read without a lock: a writer that does not know the head learns both in one round trip, and its
+# write statement checks under the lock that the head is still that one.
+_HEAD_TREE_SHAPE_SQL = (
+    f"WITH RECURSIVE head AS (SELECT head_number FROM {WorkflowSession._meta.db_table} WHERE id = %(session)s), "
+    "walk(digest, children) AS ("
+    f"SELECT n.digest, n.children FROM head JOIN {Version._meta.db_table} AS v "
+    "ON v.session_id = %(session)s AND v.number = head.head_number CROSS JOIN LATERAL "
+    f"(SELECT s.digest, s.children FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = v.root LIMIT 1) AS n "
+    "UNION SELECT n.digest, n.children FROM walk CROSS JOIN generate_series(0, length(walk.children) / 16 - 1) "
+    f"AS i CROSS JOIN LATERAL (SELECT s.digest, s.children FROM {_NODE_TABLE} AS s "
+    "WHERE s.project_id = %(project)s AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n"
+    ") SELECT head_number, NULL::bytea, NULL::bytea FROM head UNION ALL SELECT NULL, digest, children FROM walk"
 )
 RUN_KINDS = (tree.KIND_ITEMS, tree.KIND_MEMBERS)
 # Tree levels fetched per round trip by a whole read and by a diff (measured on the agent profile:
@@ -400,6 +416,20 @@ class ProjectStore:
             binary_results(cursor)
             cursor.execute(_TREE_SHAPE_SQL, {"project": self.project_id, "session": session_id, "number": head})
             return {bytes(digest): _split(bytes(children)) for digest, children in cursor.fetchall()}
+
+    def current_head_shape(self, session_id: Any) -> tuple[int, dict[bytes, tuple[bytes, ...]]]:
+        """The session's head number now and the shape of its tree (PostgreSQL), without a lock."""
+        head = 0
+        shape: dict[bytes, tuple[bytes, ...]] = {}
+        with connection.cursor() as cursor:
+            binary_results(cursor)
+            cursor.execute(_HEAD_TREE_SHAPE_SQL, {"project": self.project_id, "session": session_id})
+            for number, digest, children in cursor.fetchall():
+                if digest is None:
+                    head = number
+                else:
+                    shape[bytes(digest)] = _split(bytes(children))
+        return head, shape
 
     # -- reading -----------------------------------------------------------------------------------
 

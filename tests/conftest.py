@@ -16,8 +16,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def clear_cache() -> None:
-    """Forget our cache keys only: flushing the Redis database would also drop Celery's queues."""
+    """Forget our cache keys only: flushing the Redis database would also drop Celery's queues.
+    After-commit work still queued (warming the head cache) is let finish first, or it could fill
+    the cache again right after."""
     from django.conf import settings
+
+    from sessions_app import background
+
+    background.drain(30)
 
     if settings.REDIS_URL:
         client = cache._cache.get_client(write=True)  # type: ignore[attr-defined]

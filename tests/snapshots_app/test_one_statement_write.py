@@ -59,21 +59,44 @@ def test_a_known_head_is_followed_in_one_statement_with_exact_counters(session):
     assert version_state_bytes(Version.objects.select_related("session").get(pk=version.pk)) == dumps(state)
 
 
-def test_a_head_moved_elsewhere_is_noticed_and_the_locked_path_writes(session):
+def test_a_head_moved_behind_a_stale_copy_is_noticed_under_the_lock(session):
     snapshot_record(session=session, state=agent_state(1), step="one")
+    stale = WorkflowSession.objects.get(pk=session.pk)  # another request's copy, head 1
     known = store.head_shapes.get(session.pk)
     snapshot_record(session=session, state=agent_state(2), step="two")
-    # As if another process had written version 2: this one still thinks the head is version 1.
-    store.head_shapes.put(session.pk, *known)
+    store.head_shapes.put(session.pk, *known)  # as if version 2 had been written by another process
 
-    version, sql = record(session, agent_state(3), step="three")
+    version, sql = record(stale, agent_state(3), step="three")
 
-    assert any(s.startswith(ONE_STATEMENT) for s in sql) and len(sql) > 1  # tried, declined, fell back
+    assert sql[0].startswith(ONE_STATEMENT) and len(sql) > 1  # tried, declined under the lock, fell back
     assert version.number == 3
     assert version.parent_id == Version.objects.get(session=session, number=2).pk
+    assert stale.head_number == 3  # the caller's copy follows its write
     assert list(Version.objects.filter(session=session).order_by("number").values_list("number", flat=True)) == [1, 2, 3]
     clear_cache()
     assert version_state_bytes(Version.objects.select_related("session").get(pk=version.pk)) == dumps(agent_state(3))
+
+
+@pytest.mark.parametrize("memory", ["stale", "empty"])
+def test_a_head_this_process_did_not_write_is_read_first_then_written_in_one_statement(session, memory):
+    snapshot_record(session=session, state=agent_state(1))
+    known = store.head_shapes.get(session.pk)
+    snapshot_record(session=session, state=agent_state(2))
+    if memory == "stale":
+        store.head_shapes.put(session.pk, *known)  # another process wrote version 2
+    else:
+        store.head_shapes.clear()  # a process that never wrote this session
+    fresh = WorkflowSession.objects.get(pk=session.pk)  # as an API request loads it
+
+    version, sql = record(fresh, agent_state(3, history=30))
+
+    assert len(sql) == 2 and sql[1].startswith(ONE_STATEMENT)  # the head's tree, then the write
+    assert (version.number, version.parent_id) == (3, Version.objects.get(session=session, number=2).pk)
+    assert store.head_shapes.get(session.pk)[0] == 3
+    clear_cache()
+    assert version_state_bytes(Version.objects.select_related("session").get(pk=version.pk)) == dumps(
+        agent_state(3, history=30)
+    )
 
 
 def test_a_stale_expected_version_conflicts_and_writes_nothing(session):
