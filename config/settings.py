@@ -159,7 +159,15 @@ def _database() -> dict:
     # session lock and node probe. Set DB_SERVER_SIDE_BINDING=0 behind a transaction-pooling bouncer.
     if config["OPTIONS"].setdefault("server_side_binding", env_bool("DB_SERVER_SIDE_BINDING", True)):
         config["OPTIONS"].setdefault("prepare_threshold", 5)  # Django's default (None) never prepares
-    config["CONN_HEALTH_CHECKS"] = True
+    pool_size = env_int("DB_POOL_SIZE", 0, minimum=0)
+    if pool_size:
+        # psycopg's pool (Django >= 5.1): under ASGI every request runs on a thread of its own, so
+        # only a pool keeps connections, and the statements they prepared, from one request to the next.
+        if config.get("CONN_MAX_AGE"):
+            raise ImproperlyConfigured("DB_POOL_SIZE and DB_CONN_MAX_AGE cannot both be set: the pool keeps connections")
+        config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": env_int("DB_POOL_TIMEOUT", 5, minimum=1)}
+    else:
+        config["CONN_HEALTH_CHECKS"] = True
     return dict(config)
 
 

@@ -119,3 +119,37 @@ def test_production_settings_pass_check_deploy():
         },
     )
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_pool_and_persistent_connections_cannot_both_be_set():
+    result = manage("check", env={"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x", "SECRET_KEY": "x",
+                                  "DB_POOL_SIZE": "4", "DB_CONN_MAX_AGE": "60"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "session-rewind: configuration error: DB_POOL_SIZE and DB_CONN_MAX_AGE cannot both be set: the pool keeps connections"
+    ]
+
+
+@pytest.mark.django_db  # the test database exists
+@pytest.mark.parametrize(("pool_size", "backends"), [("4", {"1", "2"}), ("", {"5"})])
+def test_with_a_pool_a_connection_closed_after_a_request_serves_the_next(pool_size, backends):
+    """What each request does under ASGI: open, query, close. With DB_POOL_SIZE the connection (and
+    the statements it prepared) goes back to the pool instead of away."""
+    script = (
+        "from django.db import connection\n"
+        "pids = []\n"
+        "for _ in range(5):\n"
+        "    with connection.cursor() as cursor:\n"
+        "        cursor.execute('SELECT pg_backend_pid()')\n"
+        "        pids.append(cursor.fetchone()[0])\n"
+        "    connection.close()\n"
+        "print(len(set(pids)))\n"
+    )
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env = {"DATABASE_URL": url, "SECRET_KEY": "x", "DB_POOL_SIZE": pool_size}
+    result = manage("shell", "-c", script, env=env)
+    assert result.returncode == 0, result.stderr
+    # Five requests: one or two pooled connections (the pool may still be opening its first), or five.
+    assert result.stdout.strip().splitlines()[-1] in backends
