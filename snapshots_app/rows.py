@@ -40,18 +40,22 @@ def _from_row(model: type[Model], fields: list[Field], row: tuple[Any, ...] | li
     return model.from_db(connection.alias, [f.attname for f in fields], values)
 
 
+def _locking_select(columns: str) -> str:
+    """Select `columns` of session `%s` (as `s`) under the project's shared write lock (garbage
+    collection takes it exclusively) and the session's row lock, in that order."""
+    return (
+        f"SELECT {columns} FROM {WorkflowSession._meta.db_table} AS s CROSS JOIN LATERAL "
+        f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
+        "WHERE s.id = %s FOR UPDATE OF s"
+    )
+
+
 @cache
 def _sql(name: str) -> str:
     """The statements, built once from the models' fields."""
-    session_table = WorkflowSession._meta.db_table
     version_table = Version._meta.db_table
     if name == "session_lock":
-        return (
-            f"SELECT {', '.join('s.' + _q(f.column) for f in _SESSION_FIELDS)} FROM {session_table} AS s "
-            "CROSS JOIN LATERAL "
-            f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
-            "WHERE s.id = %s FOR UPDATE OF s"
-        )
+        return _locking_select(", ".join("s." + _q(f.column) for f in _SESSION_FIELDS))
     if name in ("version", "version_pair"):
         # The root node comes along (a missing one is the read's to report), saving a read or a diff
         # one round trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes
@@ -123,9 +127,7 @@ def _append_sql(moves: tuple[str, ...]) -> str:
     return (
         # The locks session_lock takes. FOR UPDATE returns the row as last committed, so the checks
         # in `ok` see the head as it is now, not as the statement's snapshot had it.
-        f"WITH locked AS (SELECT s.id, s.head_number, s.archived_at FROM {session_table} AS s CROSS JOIN LATERAL "
-        f"(SELECT pg_advisory_xact_lock_shared({store.PROJECT_LOCK_CLASS}, s.project_id::integer)) AS l "
-        "WHERE s.id = %s FOR UPDATE OF s), "
+        f"WITH locked AS ({_locking_select('s.id, s.head_number, s.archived_at')}), "
         "ok AS (SELECT id FROM locked WHERE head_number = %s AND archived_at IS NULL AND NOT EXISTS "
         f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key = %s)), "
         f"nodes AS ({store.NODE_INSERT_SQL} WHERE EXISTS (SELECT 1 FROM ok) "
