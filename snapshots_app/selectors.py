@@ -85,7 +85,7 @@ def version_diff(a: Version, b: Version, *, structural_strings: bool = True) -> 
     # never needs to splice and hash both whole states: its cost follows the change.
     try:
         return diff_trees(
-            bytes(a.root), bytes(b.root), store.ProjectStore(a.session.project_id, levels=store.DIFF_LEVELS),
+            bytes(a.root), bytes(b.root), store.ProjectStore(a.session.project_id, levels=store.DIFF_LEVELS, for_diff=True),
             structural_strings=structural_strings,
         )
     except (tree.MissingNode, store.CorruptNode) as exc:

@@ -74,6 +74,23 @@ _PROBE_LEVELS_SQL = (
     "AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n WHERE walk.level < %(levels)s"
     ") SELECT digest, codec, data, seal FROM walk"
 )
+# The same for a diff, which asks for both sides' differing nodes at once: below them it does not
+# descend into a child that more than one node of the level has, i.e. (nearly always) one that both
+# sides share, which the diff skips by digest. A pruned node the diff does need after all is fetched
+# when it is asked for.
+_PROBE_DIFF_SQL = (
+    "WITH RECURSIVE walk(digest, codec, data, seal, children, level) AS ("
+    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
+    f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = wanted.digest LIMIT 1) AS n "
+    "UNION ALL SELECT n.digest, n.codec, n.data, n.seal, n.children, c.level + 1 FROM "
+    "(SELECT child, level, count(*) OVER (PARTITION BY child) AS parents FROM "
+    "(SELECT substring(walk.children FROM i * 16 + 1 FOR 16) AS child, walk.level FROM walk "
+    "CROSS JOIN generate_series(0, length(walk.children) / 16 - 1) AS i WHERE walk.level < %(levels)s) AS x) AS c "
+    f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = c.child LIMIT 1) AS n WHERE c.parents = 1"
+    ") SELECT digest, codec, data, seal FROM walk"
+)
 # Every node of a version's tree, digests and children only, in one round trip (a writer that has
 # not seen the session's head yet learns its tree). UNION, not UNION ALL: a subtree that appears
 # twice is walked once.
@@ -317,10 +334,14 @@ def _head_cache_key(version_id: int) -> str:
 class ProjectStore:
     """Node storage for one project. Nothing here ever looks at another project's rows."""
 
-    def __init__(self, project_id: int, *, use_cache: bool = True, levels: int = 1) -> None:
+    def __init__(self, project_id: int, *, use_cache: bool = True, levels: int = 1, for_diff: bool = False) -> None:
         self.project_id = project_id
         self.use_cache = use_cache
         self.levels = levels  # how many tree levels `nodes` brings per round trip by default
+        self.probe_sql = _PROBE_DIFF_SQL if for_diff else _PROBE_LEVELS_SQL
+        # Rows that came along below the ones asked for, kept undecoded until they are asked for
+        # (a diff often never needs them: it compares most nodes by digest alone).
+        self._stash: dict[bytes, tuple[int, bytes, int]] = {}
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -439,26 +460,31 @@ class ProjectStore:
         Every node read from the database is checked against its seal before it is used or cached
         (CorruptNode otherwise), so the cache only ever holds checked nodes. `checked=False` is for
         a whole read, whose SHA-256 checks every node at once: those nodes are neither seal-checked
-        nor cached here (see assemble). `levels` > 1 also returns what lies that many levels below
-        the nodes read from the database, in the same round trip (PostgreSQL).
+        nor cached here (see assemble). `levels` > 1 also fetches what lies that many levels below
+        the nodes read from the database, in the same round trip (PostgreSQL), and keeps it, still
+        encoded, for when it is asked for.
         """
         found: dict[bytes, tree.Node] = {}
         wanted = set(digests)
         if self.use_cache:
             found.update(node_lru.get_many(self.project_id, wanted))
             wanted -= found.keys()
+        from_db: dict[bytes, tree.Node] = {}
+        for digest in wanted & self._stash.keys():
+            codec, data, seal = self._stash.pop(digest)
+            from_db[digest] = self._decode(digest, codec, data, seal if checked else None)
+        wanted -= from_db.keys()
         if wanted:
-            from_db: dict[bytes, tree.Node] = {}
             for stored_digest, codec, stored_data, seal in self._fetch_rows(wanted, levels=levels or self.levels):
                 digest = bytes(stored_digest)
-                if digest in from_db or (
-                    digest not in wanted and self.use_cache and node_lru.holds(self.project_id, digest)
-                ):
-                    continue  # seen twice, or came along but is cached already (as a node or as text)
-                from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal if checked else None)
-            found.update(from_db)
-            if self.use_cache and checked:
-                node_lru.put_many(self.project_id, from_db)
+                if digest in wanted:
+                    if digest not in from_db:  # a node reachable twice comes twice
+                        from_db[digest] = self._decode(digest, codec, bytes(stored_data), seal if checked else None)
+                elif not (self.use_cache and node_lru.holds(self.project_id, digest)):
+                    self._stash.setdefault(digest, (codec, bytes(stored_data), seal))
+        found.update(from_db)
+        if self.use_cache and checked:
+            node_lru.put_many(self.project_id, from_db)
         return found
 
     def _fetch_rows(
@@ -468,7 +494,7 @@ class ProjectStore:
             with connection.cursor() as cursor:
                 binary_results(cursor)
                 cursor.execute(
-                    _PROBE_LEVELS_SQL, {"wanted": list(digests), "project": self.project_id, "levels": levels}
+                    self.probe_sql, {"wanted": list(digests), "project": self.project_id, "levels": levels}
                 )
                 return cursor.fetchall()
         return list(

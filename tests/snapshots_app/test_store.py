@@ -21,6 +21,7 @@ from sessions_app.errors import (
 from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import store
 from snapshots_app.canonical import dumps
+from snapshots_app.diff import apply_patch
 from snapshots_app.models import StateNode, Version, VersionKind
 from snapshots_app.selectors import version_diff, version_get, version_state, version_state_bytes
 from snapshots_app.services import (
@@ -228,6 +229,20 @@ def test_diff_reports_paths_and_json_patch(session):
         {"op": "remove", "path": "/gone"},
         {"op": "add", "path": "/messages/1", "value": "there"},
     ]
+
+
+def test_a_subtree_both_versions_share_under_another_key_is_still_compared(session):
+    """A diff's prefetch does not descend into children both sides share (store._PROBE_DIFF_SQL):
+    when the walk needs one after all (here: s2 moved from /doc/q to /doc/p), it is fetched then."""
+    s1, s2, s3 = ("first text " * 900, "second text " * 900, "third text " * 900)  # ~10 KB: nodes of their own
+    a = snapshot_record(session=session, state={"doc": {"p": s1, "q": s2}, "n": 1})
+    b = snapshot_record(session=session, state={"doc": {"p": s2, "q": s3}, "n": 2})
+    clear_cache()
+    result = version_diff(version_get(session=session, number=a.number), version_get(session=session, number=b.number))
+    assert [(c["path"], c["old"][:6], c["new"][:6]) for c in result.changes if c["path"].startswith("/doc")] == [
+        ("/doc/p", "first ", "second"), ("/doc/q", "second", "third "),
+    ]
+    assert apply_patch(version_state(a), result.patch) == version_state(b)
 
 
 def test_llamaindex_style_json_strings_diff_structurally(session):
