@@ -62,6 +62,20 @@ def version_pair(
     return a, b
 
 
+def version_with_state_bytes(*, session: WorkflowSession, number: Any) -> tuple[Version, bytes]:
+    """Version `number` of `session` and its verified canonical state (VersionNotFound if none).
+    On PostgreSQL a version other than the head (whose state the head cache usually holds) comes
+    with its tree's top levels in the same round trip."""
+    number = _version_number(number)
+    if connection.vendor != "postgresql" or number == session.head_number:
+        version = version_get(session=session, number=number)
+        return version, store.read_canonical(version)
+    found, prefetched = rows.version_with_tree(session, number)
+    if found is None:
+        raise _not_found(session, number)
+    return found, store.read_canonical(found, prefetched=prefetched)
+
+
 def version_state_bytes(version: Version) -> bytes:
     """Canonical JSON of the version's state, verified against its checksum."""
     return store.read_canonical(version)

@@ -59,6 +59,14 @@ _PROBE_SQL = (
     "SELECT n.digest FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
 )
+# One step down a tree: the node rows below the rows of `walk` (a recursive CTE's working table of
+# digest, codec, data, seal, children, level), while level < %(levels)s.
+WALK_DOWN_SQL = (
+    "SELECT n.digest, n.codec, n.data, n.seal, n.children, walk.level + 1 FROM walk "
+    "CROSS JOIN generate_series(0, length(walk.children) / 16 - 1) AS i CROSS JOIN LATERAL "
+    f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n WHERE walk.level < %(levels)s"
+)
 # The same for node rows, plus what lies below what was found, down to %(levels)s levels (a whole
 # read or a diff wants it next; 1 = only the nodes asked for): one round trip for several levels.
 # Nodes the caller already holds come along needlessly, but cheaply; one reachable twice comes
@@ -68,11 +76,7 @@ _PROBE_LEVELS_SQL = (
     "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
     f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
     "AND s.digest = wanted.digest LIMIT 1) AS n "
-    "UNION ALL SELECT n.digest, n.codec, n.data, n.seal, n.children, walk.level + 1 FROM walk "
-    "CROSS JOIN generate_series(0, length(walk.children) / 16 - 1) AS i CROSS JOIN LATERAL "
-    f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
-    "AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n WHERE walk.level < %(levels)s"
-    ") SELECT digest, codec, data, seal FROM walk"
+    f"UNION ALL {WALK_DOWN_SQL}) SELECT digest, codec, data, seal FROM walk"
 )
 # The same for a diff, which asks for both sides' differing nodes at once: below them it does not
 # descend into a child that more than one node of the level has, i.e. (nearly always) one that both
@@ -487,9 +491,12 @@ class ProjectStore:
             node_lru.put_many(self.project_id, from_db)
         return found
 
-    def _fetch_rows(
-        self, digests: set[bytes], *, levels: int = 1
-    ) -> list[tuple[bytes | memoryview, int, bytes | memoryview, int]]:
+    def keep_rows(self, rows: Iterable[NodeRow]) -> None:
+        """Node rows fetched along with something else, kept encoded until asked for."""
+        for stored_digest, codec, stored_data, seal in rows:
+            self._stash.setdefault(bytes(stored_digest), (codec, bytes(stored_data), seal))
+
+    def _fetch_rows(self, digests: set[bytes], *, levels: int = 1) -> list[NodeRow]:
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 binary_results(cursor)
@@ -542,6 +549,9 @@ class ProjectStore:
             )
 
         return data, keep
+
+
+NodeRow = tuple[bytes | memoryview, int, bytes | memoryview, int]  # digest, codec, data, seal
 
 
 @dataclass
@@ -646,15 +656,18 @@ def _describe(version: Version) -> str:
     return f"version {version.number} of session {version.session_id}"
 
 
-def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
-    """The version's state as canonical JSON bytes, verified against its checksum."""
+def read_canonical(version: Version, *, use_cache: bool = True, prefetched: Iterable[NodeRow] = ()) -> bytes:
+    """The version's state as canonical JSON bytes, verified against its checksum. `prefetched`:
+    node rows of its tree that came with the version (rows.version_with_tree), if any."""
     if use_cache and version.session.head_number == version.number:
         cached = cache.get(_head_cache_key(version.pk))
         if cached is not None and hashlib.sha256(cached).hexdigest() == version.checksum:
             return cached
     project_id = version.session.project_id
     try:
-        data, keep = ProjectStore(project_id, use_cache=use_cache).assemble(bytes(version.root))
+        project_store = ProjectStore(project_id, use_cache=use_cache)
+        project_store.keep_rows(prefetched)
+        data, keep = project_store.assemble(bytes(version.root))
         problem = None if hashlib.sha256(data).hexdigest() == version.checksum else "checksum mismatch"
     except (tree.MissingNode, CorruptNode, KeyError, RecursionError, UnicodeDecodeError) as exc:
         data, problem = b"", str(exc)

@@ -59,10 +59,12 @@ def etag_of(version: Version) -> str:
     return f'"{version.checksum}-{version.number}"'
 
 
-def with_state(version: Version, *, status_code: int = 200) -> HttpResponse:
+def with_state(version: Version, *, status_code: int = 200, state: bytes | None = None) -> HttpResponse:
     """Metadata and state in one body, the state spliced in as stored (already canonical, verified)."""
     meta = orjson.dumps(version_data(version), option=orjson.OPT_UTC_Z)
-    body = b"".join((meta[:-1], b',"state":', selectors.version_state_bytes(version), b"}"))
+    if state is None:
+        state = selectors.version_state_bytes(version)
+    body = b"".join((meta[:-1], b',"state":', state, b"}"))
     return HttpResponse(body, status=status_code, content_type="application/json")
 
 
@@ -198,8 +200,8 @@ class VersionDetail(ApiView):
     @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER],
                    responses={200: VersionWithStateSerializer}, summary="One version: metadata and state.")
     def get(self, request: Request, id: str, number: str) -> HttpResponse:
-        version = selectors.version_get(session=session_for(request, id), number=_path_number(number))
-        return with_state(version)
+        version, state = selectors.version_with_state_bytes(session=session_for(request, id), number=_path_number(number))
+        return with_state(version, state=state)
 
     @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
                    request=VersionUpdateSerializer, responses={200: VersionSerializer},

@@ -23,7 +23,13 @@ from snapshots_app import store
 from snapshots_app.canonical import dumps
 from snapshots_app.diff import apply_patch
 from snapshots_app.models import StateNode, Version, VersionKind
-from snapshots_app.selectors import version_diff, version_get, version_state, version_state_bytes
+from snapshots_app.selectors import (
+    version_diff,
+    version_get,
+    version_state,
+    version_state_bytes,
+    version_with_state_bytes,
+)
 from snapshots_app.services import (
     snapshot_fork,
     snapshot_record,
@@ -269,6 +275,32 @@ def test_corruption_is_detected_named_and_never_served(session):
         for version in versions:
             version_state_bytes(Version.objects.select_related("session").get(pk=version.pk))
     assert f"version {excinfo.value.details['version']} of session {session.pk}" in str(excinfo.value)
+
+
+def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verified(session):
+    states = [agent_state(step, history=30) for step in (1, 2, 3)]
+    for step, state in enumerate(states, start=1):
+        snapshot_record(session=session, state=state, tags=[f"t{step}"], label=f"l{step}")
+    Version.objects.filter(session=session, number=1).update(summary={"added": 2, "paths": ["/a"]})
+    clear_cache()
+    for number in (1, 2, 3):  # 3 is the head: read the usual way
+        plain = version_get(session=session, number=number)
+        version, data = version_with_state_bytes(session=session, number=str(number))
+        assert {f.attname: getattr(version, f.attname) for f in Version._meta.concrete_fields} == {
+            f.attname: getattr(plain, f.attname) for f in Version._meta.concrete_fields
+        }
+        assert version.session is session and data == dumps(states[number - 1])
+    with pytest.raises(VersionNotFound, match="has no version 9"):
+        version_with_state_bytes(session=session, number=9)
+    # A damaged node among the rows that came with the version is caught, and the version named.
+    root = bytes(Version.objects.get(session=session, number=1).root)
+    nodes = StateNode.objects.filter(project=session.project, digest=root)
+    data = bytearray(bytes(nodes.get().data))
+    data[len(data) // 2] ^= 0xFF
+    nodes.update(data=bytes(data))
+    clear_cache()
+    with pytest.raises(IntegrityProblem, match=f"version 1 of session {session.pk}"):
+        version_with_state_bytes(session=session, number=1)
 
 
 def test_tampered_checksum_is_an_integrity_error(session):
