@@ -67,15 +67,19 @@ WALK_DOWN_SQL = (
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
     "AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n WHERE walk.level < %(levels)s"
 )
+# The rows of the nodes %(wanted)s, as the first level (1) of a recursive walk.
+_WANTED_NODES_SQL = (
+    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
+    f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
+    "AND s.digest = wanted.digest LIMIT 1) AS n"
+)
 # The same for node rows, plus what lies below what was found, down to %(levels)s levels (a whole
 # read or a diff wants it next; 1 = only the nodes asked for): one round trip for several levels.
 # Nodes the caller already holds come along needlessly, but cheaply; one reachable twice comes
 # twice (the caller keeps one).
 _PROBE_LEVELS_SQL = (
     "WITH RECURSIVE walk(digest, codec, data, seal, children, level) AS ("
-    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
-    f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
-    "AND s.digest = wanted.digest LIMIT 1) AS n "
+    f"{_WANTED_NODES_SQL} "
     f"UNION ALL {WALK_DOWN_SQL}) SELECT digest, codec, data, seal FROM walk"
 )
 # The same for a diff, which asks for both sides' differing nodes at once: below them it does not
@@ -84,9 +88,7 @@ _PROBE_LEVELS_SQL = (
 # when it is asked for.
 _PROBE_DIFF_SQL = (
     "WITH RECURSIVE walk(digest, codec, data, seal, children, level) AS ("
-    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
-    f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
-    "AND s.digest = wanted.digest LIMIT 1) AS n "
+    f"{_WANTED_NODES_SQL} "
     "UNION ALL SELECT n.digest, n.codec, n.data, n.seal, n.children, c.level + 1 FROM "
     "(SELECT child, level, count(*) OVER (PARTITION BY child) AS parents FROM "
     "(SELECT substring(walk.children FROM i * 16 + 1 FOR 16) AS child, walk.level FROM walk "
