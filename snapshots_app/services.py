@@ -383,6 +383,8 @@ def _append_to_known_head(
     session has no version yet (the full path shares its subtrees with other sessions), or anything
     else needs the full path, which then decides (and raises) under the lock.
     """
+    if session.head_number == 0:
+        return None  # a first version (or a copy too stale to say): the full path finds out
     project = store.ProjectStore(session.project_id)
     cached = store.head_shapes.get(session.pk)
     if cached is not None and cached[0] == session.head_number:
