@@ -180,7 +180,9 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     default_from = (to_version.number - 1) if from_session is session else None
     from_number = request.GET.get("from") or default_from
     if not from_number:
-        from_number = to_version.parent.number if to_version.parent else to_version.number
+        # A session's first version: against what it came from (a fork's source), else itself.
+        parent = to_version.parent
+        from_session, from_number = (parent.session, parent.number) if parent else (from_session, to_version.number)
     from_version = _version(from_session, from_number)
     mode = "side" if request.GET.get("mode") == "side" else "inline"
     result = selectors.version_diff(from_version, to_version)

@@ -270,9 +270,11 @@ class Diff(ApiView):
             except SessionNotFound as exc:
                 exc.message = f"no session {params['to_session']} to compare with"
                 raise
-        a, b = selectors.version_pair(session=session, number=numbers["from"], other_session=other, other_number=numbers["to"])
         structural = filters.parse_bool("structural_strings", params.get("structural_strings", "true"))
-        result = selectors.version_diff(a, b, structural_strings=structural)
+        a, b, result = selectors.version_pair_diff(
+            session=session, number=numbers["from"], other_session=other, other_number=numbers["to"],
+            structural_strings=structural,
+        )
         return Response({
             "from": {"session": a.session_id, "number": a.number},
             "to": {"session": b.session_id, "number": b.number},

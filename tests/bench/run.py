@@ -138,6 +138,12 @@ class Result:
     base_reads: list[float] = field(default_factory=list)
     store_diffs: list[float] = field(default_factory=list)
     base_diffs: list[float] = field(default_factory=list)
+    store_step_diffs: list[float] = field(default_factory=list)
+    base_step_diffs: list[float] = field(default_factory=list)
+    # Per random pair: paths changed, and the share of both states' JSON bytes that is old/new values
+    # any diff must hand back (what no storage layout can skip).
+    changed_paths: list[int] = field(default_factory=list)
+    changed_share: list[float] = field(default_factory=list)
     store_bytes: int = 0
     base_bytes: int = 0
     floor_bytes: int = 0
@@ -248,11 +254,20 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
         session = rng.choice(sessions)
         a, b = sorted(rng.sample(range(1, profile.versions + 1), 2))
         pairs.append((session, a, b))
-    for session, a, b in pairs:
-        store_patch, states = _timed_diffs(result, session, a, b)
+    # What the timeline's "what did this step change" asks: a version against the one before it.
+    steps = [(session, number - 1, number) for session, number in
+             ((rng.choice(sessions), rng.randint(2, profile.versions)) for _ in range(diffs))]
+    for (session, a, b), times in [*((pair, (result.store_diffs, result.base_diffs)) for pair in pairs),
+                                   *((pair, (result.store_step_diffs, result.base_step_diffs)) for pair in steps)]:
+        store_diff, states = _timed_diffs(times, session, a, b)
         # Array diffs may align differently from the in-memory diff; both must turn a into b.
-        if canonical_dumps(apply_patch(states[a], store_patch)) != canonical_dumps(states[b]):
+        if canonical_dumps(apply_patch(states[a], store_diff.patch)) != canonical_dumps(states[b]):
             raise AssertionError(f"store and baseline diffs disagree on {session.external_id} v{a}..v{b}")
+        if times[0] is result.store_diffs:
+            values = sum(len(orjson.dumps(change[side])) for change in store_diff.changes
+                         for side in ("old", "new") if side in change)
+            result.changed_paths.append(len(store_diff.changes))
+            result.changed_share.append(values / sum(len(orjson.dumps(state)) for state in states.values()))
     _compact(result, project, picks[:20])
     return result
 
@@ -314,24 +329,24 @@ def _timed_reads(result: Result, session: Any, number: int) -> tuple[Any, Any]:
     return store_state, base_state
 
 
-def _timed_diffs(result: Result, session: Any, a: int, b: int) -> tuple[Any, Any]:
+def _timed_diffs(times: tuple[list[float], list[float]], session: Any, a: int, b: int) -> tuple[Any, Any]:
     from django.db import connection
 
     from snapshots_app.diff import diff_values
-    from snapshots_app.selectors import version_diff, version_pair
+    from snapshots_app.selectors import version_pair_diff
 
     started = time.perf_counter()
-    # As the API's diff endpoint does it: both ends looked up in one round trip, then diffed.
-    store_patch = version_diff(*version_pair(session=session, number=a, other_number=b)).patch
-    result.store_diffs.append(time.perf_counter() - started)
+    # As the API's diff endpoint does it: both ends and the top of their trees in one round trip.
+    store_diff = version_pair_diff(session=session, number=a, other_number=b)[2]
+    times[0].append(time.perf_counter() - started)
     started = time.perf_counter()
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT number, state::text FROM {BASELINE_TABLE} WHERE session_id = %s AND number IN (%s, %s)",
                        [session.pk, a, b])
         states = {number: orjson.loads(text) for number, text in cursor.fetchall()}
     diff_values(states[a], states[b])
-    result.base_diffs.append(time.perf_counter() - started)
-    return store_patch, states
+    times[1].append(time.perf_counter() - started)
+    return store_diff, states
 
 
 def _ms(seconds: float) -> str:
@@ -357,7 +372,13 @@ def table(result: Result) -> str:
          f"{percentile(result.store_reads, 0.95) / percentile(result.base_reads, 0.95):.2f}x of baseline"),
         ("diff p50 (ms)", _ms(statistics.median(result.store_diffs)), _ms(statistics.median(result.base_diffs)),
          f"{statistics.median(result.store_diffs) / statistics.median(result.base_diffs):.3f}x of baseline"),
-        ("diff p95 (ms)", _ms(percentile(result.store_diffs, 0.95)), _ms(percentile(result.base_diffs, 0.95)), ""),
+        ("diff p95 (ms)", _ms(percentile(result.store_diffs, 0.95)), _ms(percentile(result.base_diffs, 0.95)),
+         f"a random pair differs in {statistics.median(result.changed_paths):.0f} paths (p50) whose old and new "
+         f"values are {statistics.median(result.changed_share):.0%} of both states' bytes"),
+        ("diff p50, one step (ms)", _ms(statistics.median(result.store_step_diffs)),
+         _ms(statistics.median(result.base_step_diffs)),
+         f"{statistics.median(result.store_step_diffs) / statistics.median(result.base_step_diffs):.3f}x of baseline "
+         "(a version against the one before it)"),
         ("storage", _size(result.store_bytes), _size(result.base_bytes),
          f"{result.store_bytes / result.base_bytes:.3f}x of baseline"),
         ("bytes/version", _size(result.store_bytes / n), _size(result.base_bytes / n), ""),

@@ -7,6 +7,7 @@ import json
 import orjson
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from sessions_app.errors import (
     IdempotencyKeyReused,
@@ -26,6 +27,7 @@ from snapshots_app.models import StateNode, Version, VersionKind
 from snapshots_app.selectors import (
     version_diff,
     version_get,
+    version_pair_diff,
     version_state,
     version_state_bytes,
     version_with_state_bytes,
@@ -251,6 +253,32 @@ def test_a_subtree_both_versions_share_under_another_key_is_still_compared(sessi
     assert apply_patch(version_state(a), result.patch) == version_state(b)
 
 
+def test_a_diff_with_both_ends_looked_up_in_one_round_trip_is_the_usual_diff(session, user):
+    states = [agent_state(step, history=30) for step in (1, 2, 3)]
+    for state in states:
+        snapshot_record(session=session, state=state)
+    snapshot_rewind(session=session, to_version=1, reason="back to the start", actor=user)  # v4: v1's tree
+    fork = snapshot_fork(session=session, from_version=2, reason="try again", actor=user)
+    snapshot_record(session=fork, state={**states[1], "pointer": "forked"})
+    pairs = [(session, 1, session, 3), (session, 3, session, 1), (session, 1, session, 4), (session, 2, session, 2),
+             (session, 3, fork, 2), (fork, 2, session, 2)]
+    for first, number, second, other_number in pairs:
+        usual = version_diff(version_get(session=first, number=number), version_get(session=second, number=other_number))
+        clear_cache()
+        with CaptureQueriesContext(connection) as queries:
+            a, b, result = version_pair_diff(session=first, number=number, other_session=second, other_number=str(other_number))
+        # These trees are shallow enough for the diff's first prefetch to bring all it needs.
+        assert len(queries) == 1, [q["sql"][:80] for q in queries]
+        assert (a.session, a.number, b.session, b.number) == (first, number, second, other_number)
+        assert (result.changes, result.patch) == (usual.changes, usual.patch)
+        assert apply_patch(version_state(a), result.patch) == version_state(b)
+    assert version_pair_diff(session=session, number=1, other_number=4)[2].changes == []
+    with pytest.raises(VersionNotFound, match="has no version 9"):
+        version_pair_diff(session=session, number=9, other_number=1)
+    with pytest.raises(VersionNotFound, match=f"session {fork.external_id} has no version 5"):
+        version_pair_diff(session=session, number=1, other_session=fork, other_number=5)
+
+
 def test_llamaindex_style_json_strings_diff_structurally(session):
     def ctx(counter):
         data = {"counter": counter, "docs": [f"document {i} " + "d" * 200 for i in range(10)]}
@@ -418,3 +446,7 @@ def test_a_corrupt_node_fails_a_diff_and_names_the_version(session):
     clear_cache()
     with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
         version_diff(version_get(session=session, number=first.number), version_get(session=session, number=second.number))
+    clear_cache()
+    # Also when the damaged node came along with the versions' lookup.
+    with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
+        version_pair_diff(session=session, number=first.number, other_number=second.number)

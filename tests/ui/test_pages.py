@@ -307,6 +307,10 @@ def test_fork_diff_against_its_source(client, operator, story):
     page = client.get(session_url(fork, "snapshots:diff"),
                       {"from_session": story.pk, "from": 2, "to": 2}).content.decode()
     assert "run-42 v2" in page and "/fresh" in page
+    # A fork's first version, by the bare diff address: against the version it was forked from.
+    young = snapshot_fork(session=story, from_version=3)
+    response = client.get(session_url(young, "snapshots:diff"))
+    assert response.status_code == 200 and "run-42 v3" in response.content.decode()
 
 
 def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
