@@ -418,10 +418,13 @@ class ProjectStore:
         asked, level by level, so a state that repeats another session's subtrees (a fork's, a
         shared document) still stores them once.
         """
+        def memo_digest(kind: int, flavor: int, text: bytes) -> bytes:
+            return digest_memo.digest(self.project_id, kind, flavor, text)
+
         if known is None:
-            writer = tree.TreeWriter(self.existing)
+            writer = tree.TreeWriter(self.existing, memo_digest)
         else:
-            writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in known})
+            writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in known}, memo_digest)
         return writer.write_root(state, canonical), writer.new_nodes
 
     def write_state(
@@ -637,6 +640,54 @@ class _HeadShapes:
 
 
 head_shapes = _HeadShapes(getattr(settings, "STATE_SHAPE_CACHE_NODES", 200_000))  # ~30 MB at most
+
+
+class _DigestMemo:
+    """The digests of node texts this process hashed lately, by exact text, per project.
+
+    A write hashes every run and every large child of each container it changes, changed or not
+    (its digest is how it is found unchanged); most are the same text as in the session's last
+    write. Comparing a text with the one remembered for its length runs at memory speed, ~8x faster
+    than hashing it again (BLAKE2b: ~1 GB/s here). Exact comparison: a hit is the digest of this
+    very text. Bounded by the bytes of text held; small texts are hashed directly.
+    """
+
+    MIN_TEXT = 4096
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.items: OrderedDict[tuple[int, int, int, int], tuple[bytes, bytes]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def digest(self, project_id: int, kind: int, flavor: int, text: bytes) -> bytes:
+        if len(text) < self.MIN_TEXT:
+            return tree.digest_of(kind, flavor, text)
+        key = (project_id, kind, flavor, len(text))
+        with self.lock:
+            found = self.items.get(key)
+            if found is not None and found[0] == text:
+                self.items.move_to_end(key)
+                return found[1]
+        digest = tree.digest_of(kind, flavor, text)
+        with self.lock:
+            old = self.items.pop(key, None)
+            if old is not None:
+                self.size -= len(old[0])
+            self.items[key] = (text, digest)
+            self.size += len(text)
+            while self.size > self.max_bytes:
+                _, (evicted, _) = self.items.popitem(last=False)
+                self.size -= len(evicted)
+        return digest
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.size = 0
+
+
+digest_memo = _DigestMemo(getattr(settings, "STATE_DIGEST_MEMO_BYTES", 32 * 1024 * 1024))
 
 
 class CorruptNode(Exception):

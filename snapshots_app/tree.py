@@ -208,8 +208,11 @@ class TreeWriter:
     call, so a write costs one round trip per level of change, not one per changed container.
     """
 
-    def __init__(self, existing: Callable[[set[bytes]], set[bytes]]) -> None:
+    def __init__(
+        self, existing: Callable[[set[bytes]], set[bytes]], digest: Callable[[int, int, bytes], bytes] = digest_of
+    ) -> None:
         self._existing = existing
+        self._digest = digest  # digest_of, or something that returns the same faster (see store)
         self.new_nodes: dict[bytes, bytes] = {}
 
     def write_root(self, state: dict[str, Any], canonical: bytes) -> bytes:
@@ -238,7 +241,7 @@ class TreeWriter:
         if len(text) <= INLINE_MAX:
             return text
         kind = node_kind(value)
-        digest = digest_of(kind, flavor.code, text)
+        digest = self._digest(kind, flavor.code, text)
         pending.append((digest, lambda: self._write_value(value, text, kind, flavor, digest)))
         return Hole(digest)
 
@@ -332,7 +335,7 @@ class TreeWriter:
         # Level 0: runs of values. Each level above groups PAGE runs of the level below.
         level_runs: list[tuple[bytes, bytes, Callable[[], list[Candidate]]]] = []  # (digest, text, writer)
         for run, text in runs:
-            run_digest = digest_of(run_kind, flavor.code, text)
+            run_digest = self._digest(run_kind, flavor.code, text)
 
             def write_leaf(run: Any = run, run_digest: bytes = run_digest, text: bytes = text) -> list[Candidate]:
                 if run_kind == KIND_ITEMS and len(run) == PAGE and len(text) <= RUN_LEAF_MAX:
@@ -353,7 +356,7 @@ class TreeWriter:
                     grouped.append(group[0])
                     continue
                 text = flavor.item_sep.join(t for _, t, _ in group)
-                group_digest = digest_of(run_kind, flavor.code, text)
+                group_digest = self._digest(run_kind, flavor.code, text)
 
                 def write_group(group: list = group, group_digest: bytes = group_digest, level: int = level) -> list:
                     self._store(group_digest, run_kind, flavor.code, level, self._holes_text(group, flavor, b"", b""))
@@ -386,7 +389,7 @@ class TreeWriter:
         # the text is the JSON-string literal of what its one child spells in `inner_flavor`.
         inner_text = inner_flavor.encode(parsed)
         inner_kind = KIND_OBJECT if type(parsed) is dict else KIND_ARRAY
-        inner_digest = digest_of(inner_kind, inner_flavor.code, inner_text)
+        inner_digest = self._digest(inner_kind, inner_flavor.code, inner_text)
         self.new_nodes[digest] = Node(
             KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, inner_digest),), b""
         ).encode()

@@ -40,6 +40,7 @@ def _fresh_caches():
     """Every test starts with cold caches, so none can pass on another test's cached pieces."""
     clear_cache()
     store.head_shapes.clear()
+    store.digest_memo.clear()
     yield
     store.node_lru.clear()
 

@@ -20,7 +20,7 @@ from sessions_app.errors import (
     VersionNotFound,
 )
 from sessions_app.models import AuditEvent, WorkflowSession
-from snapshots_app import store
+from snapshots_app import store, tree
 from snapshots_app.canonical import dumps
 from snapshots_app.diff import apply_patch
 from snapshots_app.models import StateNode, Version, VersionKind
@@ -450,3 +450,29 @@ def test_a_corrupt_node_fails_a_diff_and_names_the_version(session):
     # Also when the damaged node came along with the versions' lookup.
     with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
         version_pair_diff(session=session, number=first.number, other_number=second.number)
+
+
+def test_the_digest_memo_answers_with_the_digest_of_the_very_text_it_is_given(monkeypatch):
+    memo = store._DigestMemo(max_bytes=3 * 8192)
+    hashed = []
+    digest_of = tree.digest_of
+    monkeypatch.setattr(tree, "digest_of", lambda *args: hashed.append(args[2]) or digest_of(*args))
+    first, same_length = b"a" * 8192, b"b" * 8192  # one slot per length: the second replaces the first
+    for text in (first, bytes(bytearray(first)), same_length, first):
+        assert memo.digest(1, tree.KIND_ITEMS, 0, text) == digest_of(tree.KIND_ITEMS, 0, text)
+    assert hashed == [first, same_length, first]  # the equal copy was not hashed again
+    assert memo.digest(2, tree.KIND_ITEMS, 0, first) == digest_of(tree.KIND_ITEMS, 0, first)
+    assert len(hashed) == 4  # another project's entry is never used
+    for n in range(10):
+        memo.digest(1, tree.KIND_STRING, 0, bytes([n]) * (8192 + n))
+    assert memo.size <= 3 * 8192
+
+
+def test_a_write_plans_the_same_tree_with_the_digest_memo_as_without(project):
+    plain = tree.TreeWriter(lambda digests: set())
+    for step in (1, 2, 2, 3):  # step 2 twice: the second plan is made of remembered digests
+        state = agent_state(step, history=300)
+        canonical = dumps(state)
+        root, new_nodes = store.ProjectStore(project.pk).plan(state, canonical, known={})
+        plain = tree.TreeWriter(lambda digests: set())
+        assert (root, new_nodes) == (plain.write_root(state, canonical), plain.new_nodes)
