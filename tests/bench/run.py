@@ -141,6 +141,8 @@ class Result:
     base_diffs: list[float] = field(default_factory=list)
     store_step_diffs: list[float] = field(default_factory=list)
     base_step_diffs: list[float] = field(default_factory=list)
+    store_field_diffs: list[float] = field(default_factory=list)
+    base_field_diffs: list[float] = field(default_factory=list)
     # Per random pair: paths changed, and the share of both states' JSON bytes that is old/new values
     # any diff must hand back (what no storage layout can skip).
     changed_paths: list[int] = field(default_factory=list)
@@ -271,7 +273,31 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
             result.changed_paths.append(len(store_diff.changes))
             result.changed_share.append(values / sum(len(orjson.dumps(state)) for state in states.values()))
     _compact(result, project, picks[:20])
+    _one_field_diffs(result, sessions, rng)
     return result
+
+
+def _one_field_diffs(result: Result, sessions: list[Any], rng: random.Random, count: int = 20) -> None:
+    """Two versions that differ in one field: a session's head and a new version with one field set
+    (after everything else is measured, so nothing above counts these versions), diffed cold."""
+    from django.db import connection
+
+    from snapshots_app.selectors import version_with_state_bytes
+    from snapshots_app.services import snapshot_record
+
+    for probe in range(count):
+        session = rng.choice(sessions)
+        state = orjson.loads(version_with_state_bytes(session=session, number=session.head_number)[1])
+        state["probe"] = probe
+        snapshot_record(session=session, state=state)
+        with connection.cursor() as cursor:
+            cursor.execute(f"INSERT INTO {BASELINE_TABLE} (session_id, number, state) VALUES (%s, %s, %s::jsonb)",
+                           [session.pk, session.head_number, orjson.dumps(state).decode()])
+        clear_caches()
+        store_diff, _ = _timed_diffs((result.store_field_diffs, result.base_field_diffs), session,
+                                     session.head_number - 1, session.head_number)
+        if [change["path"] for change in store_diff.changes] != ["/probe"]:
+            raise AssertionError(f"a one-field diff of {session.external_id} found {len(store_diff.changes)} changes")
 
 
 def _warm_statements(profile: Profile, session: Any) -> None:
@@ -396,6 +422,10 @@ def table(result: Result) -> str:
          _ms(statistics.median(result.base_step_diffs)),
          f"{statistics.median(result.store_step_diffs) / statistics.median(result.base_step_diffs):.3f}x of baseline "
          "(a version against the one before it)"),
+        ("diff p50, one field (ms)", _ms(statistics.median(result.store_field_diffs)),
+         _ms(statistics.median(result.base_field_diffs)),
+         f"{statistics.median(result.store_field_diffs) / statistics.median(result.base_field_diffs):.3f}x of baseline "
+         "(two versions that differ in one field, caches emptied before each)"),
         ("storage", _size(result.store_bytes), _size(result.base_bytes),
          f"{result.store_bytes / result.base_bytes:.3f}x of baseline"),
         ("bytes/version", _size(result.store_bytes / n), _size(result.base_bytes / n), ""),
