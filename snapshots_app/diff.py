@@ -83,8 +83,7 @@ class _Walker:
     def value(self, child: Any, flavor: int) -> Any:
         kind = type(child)
         if kind is HoleRef:
-            nodes = tree.collect(child.digest, self._fetch_all)
-            return tree.loads(tree.splice(child.digest, nodes), flavor)
+            return tree.loads(tree.assemble(child.digest, self._fetch_all)[0], flavor)
         return child.value if kind is Inline else child
 
     def _fetch_all(self, digests: set[bytes]) -> dict[bytes, Node]:

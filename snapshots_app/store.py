@@ -537,7 +537,7 @@ class ProjectStore:
             return self.nodes(digests, checked=False, levels=READ_LEVELS)
 
         if not self.use_cache:
-            return tree.splice(root, tree.collect(root, fetch)), lambda: None
+            return tree.assemble(root, fetch)[0], lambda: None
         texts = node_lru.texts
         data, fetched, spliced = tree.assemble(root, fetch, lambda digests: texts.get_many(self.project_id, digests))
 

@@ -428,20 +428,6 @@ def _json_inside(value: str) -> tuple[Any, Flavor] | None:
 # Reading
 
 
-def collect(root: bytes, fetch: Callable[[set[bytes]], dict[bytes, Node]]) -> dict[bytes, Node]:
-    """All nodes of a tree, fetched level by level (one `fetch` call per level)."""
-    nodes: dict[bytes, Node] = {}
-    frontier = {root}
-    while frontier:
-        fetched = fetch(frontier)
-        missing = frontier - fetched.keys()
-        if missing:
-            raise MissingNode(next(iter(missing)))
-        nodes.update(fetched)
-        frontier = {child for node in fetched.values() for child in node.children if child not in nodes}
-    return nodes
-
-
 class MissingNode(LookupError):
     def __init__(self, digest: bytes) -> None:
         super().__init__(f"node {digest.hex()} is missing")
@@ -451,10 +437,11 @@ class MissingNode(LookupError):
 def assemble(
     root: bytes,
     fetch: Callable[[set[bytes]], dict[bytes, Node]],
-    known_texts: Callable[[set[bytes]], dict[bytes, bytes]],
+    known_texts: Callable[[set[bytes]], dict[bytes, bytes]] | None = None,
 ) -> tuple[bytes, dict[bytes, Node], dict[bytes, bytes]]:
-    """Like splice(root, collect(root, fetch)), but subtrees whose text `known_texts` returns are
-    neither fetched nor walked. Returns (text, the nodes fetched, the text of every subtree)."""
+    """The full text of the tree under `root`, its nodes fetched level by level (one `fetch` call
+    per level), except subtrees whose text `known_texts` returns: those are neither fetched nor
+    walked. Returns (text, the nodes fetched, the text of every subtree)."""
     nodes: dict[bytes, Node] = {}
     texts: dict[bytes, bytes] = {}
     frontier = {root}
@@ -467,7 +454,7 @@ def assemble(
         children = {
             child for node in fetched.values() for child in node.children if child not in nodes and child not in texts
         }
-        if children:
+        if children and known_texts is not None:
             found = known_texts(children)
             texts.update(found)
             children -= found.keys()

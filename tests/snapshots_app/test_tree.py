@@ -47,7 +47,7 @@ class MemoryNodes:
         return root, writer.new_nodes
 
     def read(self, root: bytes) -> bytes:
-        return tree.splice(root, tree.collect(root, self.nodes))
+        return tree.assemble(root, self.nodes)[0]
 
 
 scalars = st.one_of(
