@@ -348,7 +348,7 @@ def snapshot_record(
         )
         if written.shape is not None:
             shape = written.shape
-            transaction.on_commit(lambda: store.head_shapes.put(locked.pk, version.number, shape))
+            transaction.on_commit(lambda: store.head_shapes.put(locked.pk, (version.number, shape)))
         _after_commit(version, prepared.canonical)
     _refresh(session, locked)
     return version
@@ -392,7 +392,7 @@ def _append_to_known_head(
     else:
         head, known = project.current_head_shape(session.pk)
         if head and not connection.in_atomic_block:  # inside a transaction, the head may not be committed
-            store.head_shapes.put(session.pk, head, known)
+            store.head_shapes.put(session.pk, (head, known))
     if not head or (expected is not None and expected != head):
         return None
     root, new_nodes = project.plan(prepared.value, prepared.canonical, known)
@@ -412,7 +412,7 @@ def _append_to_known_head(
                 return None
             shape = store.shape_after(root, new_nodes, known)
             if shape is not None:
-                transaction.on_commit(lambda: store.head_shapes.put(session.pk, version.number, shape))
+                transaction.on_commit(lambda: store.head_shapes.put(session.pk, (version.number, shape)))
             _after_commit(version, prepared.canonical)
     except IntegrityError:
         return None  # e.g. the same idempotency key committed by a concurrent call: see _replay

@@ -15,7 +15,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,14 +275,26 @@ def binary_results(cursor: Any) -> None:
 
 
 class _LRU:
-    """Process-local cache keyed by (project, digest), bounded by bytes."""
+    """Process-local cache, least recently used out first, bounded by the total weight of what it
+    holds (the newest item always stays). Node caches key it by (project, digest)."""
 
-    def __init__(self, max_bytes: int, weigh: Callable[[Any], int]) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_weight: int, weigh: Callable[[Any], int]) -> None:
+        self.max_weight = max_weight
         self.weigh = weigh
         self.size = 0
-        self.items: OrderedDict[tuple[int, bytes], Any] = OrderedDict()
+        self.items: OrderedDict[Hashable, Any] = OrderedDict()
         self.lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self.lock:
+            item = self.items.get(key)
+            if item is not None:
+                self.items.move_to_end(key)
+            return item
+
+    def put(self, key: Hashable, item: Any) -> None:
+        with self.lock:
+            self._put(key, item)
 
     def get_many(self, project_id: int, digests: Iterable[bytes]) -> dict[bytes, Any]:
         found = {}
@@ -294,20 +306,23 @@ class _LRU:
                     found[digest] = item
         return found
 
-    def __contains__(self, key: tuple[int, bytes]) -> bool:
-        return key in self.items
-
     def put_many(self, project_id: int, items: dict[bytes, Any]) -> None:
         with self.lock:
             for digest, item in items.items():
-                key = (project_id, digest)
-                if key in self.items:
-                    continue
-                self.items[key] = item
-                self.size += self.weigh(item)
-            while self.size > self.max_bytes and self.items:
-                _, old = self.items.popitem(last=False)
-                self.size -= self.weigh(old)
+                self._put((project_id, digest), item)
+
+    def _put(self, key: Hashable, item: Any) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= self.weigh(old)
+        self.items[key] = item
+        self.size += self.weigh(item)
+        while self.size > self.max_weight and len(self.items) > 1:
+            _, evicted = self.items.popitem(last=False)
+            self.size -= self.weigh(evicted)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.items
 
     def clear(self) -> None:
         with self.lock:
@@ -608,38 +623,9 @@ def shape_after(
     return shape
 
 
-class _HeadShapes:
-    """Per session, the shape of the head tree this process last wrote: (head number, shape).
-    Bounded by the nodes held in all (~150 bytes each): a 5 MB state has ~1,200, a 200 KB one ~40."""
-
-    def __init__(self, max_nodes: int) -> None:
-        self.max_nodes = max_nodes
-        self.nodes = 0
-        self.items: OrderedDict[Any, tuple[int, dict[bytes, tuple[bytes, ...]]]] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, session_id: Any) -> tuple[int, dict[bytes, tuple[bytes, ...]]] | None:
-        with self.lock:
-            return self.items.get(session_id)
-
-    def put(self, session_id: Any, number: int, shape: dict[bytes, tuple[bytes, ...]]) -> None:
-        with self.lock:
-            old = self.items.pop(session_id, None)
-            if old is not None:
-                self.nodes -= len(old[1])
-            self.items[session_id] = (number, shape)
-            self.nodes += len(shape)
-            while self.nodes > self.max_nodes and len(self.items) > 1:
-                _, (_, evicted) = self.items.popitem(last=False)
-                self.nodes -= len(evicted)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
-            self.nodes = 0
-
-
-head_shapes = _HeadShapes(getattr(settings, "STATE_SHAPE_CACHE_NODES", 200_000))  # ~30 MB at most
+# Per session, the shape of the head tree this process last wrote: (head number, shape), bounded by
+# the nodes held in all (~150 bytes each): a 5 MB state has ~1,200, a 200 KB one ~40. ~30 MB at most.
+head_shapes = _LRU(getattr(settings, "STATE_SHAPE_CACHE_NODES", 200_000), lambda entry: len(entry[1]))
 
 
 class _DigestMemo:
@@ -655,36 +641,21 @@ class _DigestMemo:
     MIN_TEXT = 4096
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.size = 0
-        self.items: OrderedDict[tuple[int, int, int, int], tuple[bytes, bytes]] = OrderedDict()
-        self.lock = threading.Lock()
+        self.texts = _LRU(max_bytes, lambda entry: len(entry[0]))  # (project, kind, flavor, length) -> (text, digest)
 
     def digest(self, project_id: int, kind: int, flavor: int, text: bytes) -> bytes:
         if len(text) < self.MIN_TEXT:
             return tree.digest_of(kind, flavor, text)
         key = (project_id, kind, flavor, len(text))
-        with self.lock:
-            found = self.items.get(key)
-            if found is not None and found[0] == text:
-                self.items.move_to_end(key)
-                return found[1]
+        found = self.texts.get(key)
+        if found is not None and found[0] == text:
+            return found[1]
         digest = tree.digest_of(kind, flavor, text)
-        with self.lock:
-            old = self.items.pop(key, None)
-            if old is not None:
-                self.size -= len(old[0])
-            self.items[key] = (text, digest)
-            self.size += len(text)
-            while self.size > self.max_bytes:
-                _, (evicted, _) = self.items.popitem(last=False)
-                self.size -= len(evicted)
+        self.texts.put(key, (text, digest))
         return digest
 
     def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
-            self.size = 0
+        self.texts.clear()
 
 
 digest_memo = _DigestMemo(getattr(settings, "STATE_DIGEST_MEMO_BYTES", 32 * 1024 * 1024))

@@ -64,7 +64,7 @@ def test_a_head_moved_behind_a_stale_copy_is_noticed_under_the_lock(session):
     stale = WorkflowSession.objects.get(pk=session.pk)  # another request's copy, head 1
     known = store.head_shapes.get(session.pk)
     snapshot_record(session=session, state=agent_state(2), step="two")
-    store.head_shapes.put(session.pk, *known)  # as if version 2 had been written by another process
+    store.head_shapes.put(session.pk, known)  # as if version 2 had been written by another process
 
     version, sql = record(stale, agent_state(3), step="three")
 
@@ -83,7 +83,7 @@ def test_a_head_this_process_did_not_write_is_read_first_then_written_in_one_sta
     known = store.head_shapes.get(session.pk)
     snapshot_record(session=session, state=agent_state(2))
     if memory == "stale":
-        store.head_shapes.put(session.pk, *known)  # another process wrote version 2
+        store.head_shapes.put(session.pk, known)  # another process wrote version 2
     else:
         store.head_shapes.clear()  # a process that never wrote this session
     fresh = WorkflowSession.objects.get(pk=session.pk)  # as an API request loads it
