@@ -276,6 +276,11 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 
+# After a write, one process announces a session's new versions (live timeline, finalize task,
+# head cache) at most once per this many milliseconds: the first at once, the rest together when the
+# interval is over. 0 = after every write.
+SESSION_NOTIFY_INTERVAL_MS = env_int("SESSION_NOTIFY_INTERVAL_MS", 500)
+
 # The state store's input limits (bad input gets a clear 4xx; see snapshots_app.canonical).
 STATE_MAX_BYTES = env_int("STATE_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
 STATE_MAX_DEPTH = env_int("STATE_MAX_DEPTH", 200, minimum=2)

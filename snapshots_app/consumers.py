@@ -1,4 +1,5 @@
 """Live timeline of one session (ws/sessions/<uuid>/): new versions slide in, summaries fill in.
+An event may stand for several versions written in a burst (payload `first`..`version`).
 
 HTML for the htmx ws extension, rendered from the same row template the page uses.
 """
@@ -15,7 +16,7 @@ from sessions_app.consumers import LiveConsumer
 from sessions_app.errors import NotFound
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import membership_role, role_allows, session_for_member
-from snapshots_app.selectors import integrity_problems, timeline_page
+from snapshots_app.selectors import TIMELINE_PAGE, integrity_problems, timeline_page
 
 ROW = "snapshots_app/partials/_version_row.html"
 
@@ -52,20 +53,26 @@ class SessionTimelineConsumer(LiveConsumer):
         context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
         parts: list[str] = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
         number = payload.get("version")
-        if event == "version.created" and isinstance(number, int):
-            # The previous head loses its head badge and gains a rewind button.
-            for version in timeline_page(session, before=number + 1, limit=2):
-                if version.number == number:
-                    row = render_to_string(ROW, {**context, "v": version, "fresh": True})
-                    # Delete first: a page loaded just after the commit already shows this row.
-                    parts.append(f'<li id="v-{number}" hx-swap-oob="delete"></li>')
-                    parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{row}</ol>')
-                else:
-                    parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))
+        first = payload.get("first", number)
+        if isinstance(number, int) and isinstance(first, int) and event in ("version.created", "version.finalized"):
+            # Versions first..number (one event may stand for several written in a burst; the newest
+            # page's worth is shown), and for new ones the row below them: the previous head loses
+            # its head badge and gains a rewind button.
+            count = max(1, min(number - first + 1, TIMELINE_PAGE))
+            below = 1 if event == "version.created" else 0
+            rows = timeline_page(session, before=number + 1, limit=count + below)
+            fresh = [version for version in rows if version.number > number - count]
+            if event == "version.created":
+                # Delete first: a page loaded just after the commit already shows these rows.
+                parts += [f'<li id="v-{version.number}" hx-swap-oob="delete"></li>' for version in fresh]
+                new_rows = "".join(render_to_string(ROW, {**context, "v": version, "fresh": True}) for version in fresh)
+                parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{new_rows}</ol>')
+                fresh_numbers = {version.number for version in fresh}
+                parts += [render_to_string(ROW, {**context, "v": version, "oob": True})
+                          for version in rows if version.number not in fresh_numbers]
+            else:
+                parts += [render_to_string(ROW, {**context, "v": version, "oob": True}) for version in fresh]
         elif event == "integrity.problem":
             parts.append(render_to_string("snapshots_app/partials/_problems.html",
                                           {**context, "problems": integrity_problems(session), "oob": True}))
-        elif event == "version.finalized" and isinstance(number, int):
-            for version in timeline_page(session, before=number + 1, limit=1):
-                parts.append(render_to_string(ROW, {**context, "v": version, "oob": True}))
         return "".join(parts)

@@ -137,30 +137,56 @@ def _lock_for_write(session: WorkflowSession) -> WorkflowSession:
     return _lock_session(session)
 
 
-def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
-    """Announce the new version, queue its finalize task and warm the head cache, after commit and
-    off the caller's thread (sessions_app.background): none of it is needed for the write to count."""
+@dataclass(frozen=True)
+class _Announcement:
+    """What the committed versions `first`..`newest.number` of one session leave to do: announce
+    them, queue their finalize, and keep the newest state in the head cache."""
+
+    newest: Version
+    first: int
+    version_ids: tuple[int, ...]
+    canonical: bytes | None  # the newest state, if the write had it at hand
+
+
+def _merged(waiting: _Announcement, newer: _Announcement) -> _Announcement:
+    return _Announcement(newer.newest, waiting.first, waiting.version_ids + newer.version_ids, newer.canonical)
+
+
+def _announce(announcement: _Announcement) -> None:
     from snapshots_app import tasks
 
+    version = announcement.newest
     session = version.session
-    payload = {**session_event(session), "version": version.number, "kind": version.kind, "step": version.step}
+    if announcement.canonical is not None:
+        store.remember_head(version, announcement.canonical)
+    payload = {**session_event(session), "version": version.number, "first": announcement.first,
+               "kind": version.kind, "step": version.step}
+    events.publish(session.project_id, "version.created", payload, session_id=session.pk)
+    try:
+        tasks.finalize_versions.delay(list(announcement.version_ids))
+    except Exception:  # the write is committed; tasks.finalize_pending catches up
+        logger.warning("finalize of versions %s not queued; the periodic catch-up will do it",
+                       announcement.version_ids, exc_info=True)
 
-    def announce() -> None:
-        if canonical_bytes is not None:
-            store.remember_head(version, canonical_bytes)
-        events.publish(session.project_id, "version.created", payload, session_id=session.pk)
-        try:
-            tasks.finalize_version.delay(version.pk)
-        except Exception:  # the write is committed; tasks.finalize_pending catches up
-            logger.warning("finalize of version %s not queued; the periodic catch-up will do it", version.pk,
-                           exc_info=True)
 
+def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:
+    """Announce the new version, queue its finalize task and warm the head cache, after commit and
+    off the caller's thread (sessions_app.background): none of it is needed for the write to count.
+    A session written again within SESSION_NOTIFY_INTERVAL_MS of its last announcement is announced
+    once for all those versions at the end of the interval (an engine writing step after step
+    would otherwise pay a publish, a task message and a head-cache write per step)."""
+    from snapshots_app import tasks
+
+    announcement = _Announcement(version, version.number, (version.pk,), canonical_bytes)
     if tasks.finalize_version.app.conf.task_always_eager:
         # Eager Celery (the embedded default) runs finalize inline, against the database: keep that
         # on the committing thread, where SQLite has its one writer (and a test its transaction).
-        transaction.on_commit(announce)
+        transaction.on_commit(lambda: _announce(announcement))
     else:
-        background.after_commit(announce)
+        background.after_commit_coalesced(
+            ("session", version.session_id), announcement, _announce, merge=_merged,
+            interval=settings.SESSION_NOTIFY_INTERVAL_MS / 1000,
+        )
 
 
 # What a new version changes on its session.

@@ -32,13 +32,40 @@ STALE_QUEUED = timedelta(minutes=10)  # queued jobs older than this were never d
 @shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
 def finalize_version(version_id: int) -> dict | None:
     """Compute a version's change summary against its parent, for the timeline. Idempotent."""
+    finalized = _finalize(version_id)
+    if finalized is None:
+        return None
+    version, summary, written = finalized
+    if written:
+        _announce_finalized(version, version, summary)
+    return summary
+
+
+@shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
+def finalize_versions(version_ids: list[int]) -> int:
+    """finalize_version for versions of one session written in a burst (one message for all of them,
+    see snapshots_app.services._after_commit), announced as one event. Idempotent; returns how many
+    summaries it wrote."""
+    written = []
+    for version_id in version_ids:
+        finalized = _finalize(version_id)
+        if finalized is not None and finalized[2]:
+            written.append(finalized)
+    if written:
+        _announce_finalized(written[0][0], written[-1][0], written[-1][1])
+    return len(written)
+
+
+def _finalize(version_id: int) -> tuple[Version, dict[str, Any], bool] | None:
+    """The version, its summary and whether this call wrote it; None if the version is gone or
+    failed verification (recorded as integrity problems)."""
     from snapshots_app.selectors import version_diff
 
     version = Version.objects.select_related("session", "parent__session").filter(pk=version_id).first()
     if version is None:
         return None  # deleted meanwhile: nothing to do
     if version.summary is not None:
-        return version.summary
+        return version, version.summary, False
     parent = version.parent
     if parent is None:
         summary = {"added": 0, "removed": 0, "changed": 0, "paths": [], "bytes_added": version.logical_size,
@@ -62,15 +89,18 @@ def finalize_version(version_id: int) -> dict | None:
     summary["finalized_at"] = timezone.now().isoformat()
     with transaction.atomic():
         updated = Version.objects.filter(pk=version_id, summary__isnull=True).update(summary=summary)
-    if updated:
-        events.publish(
-            version.session.project_id,
-            "version.finalized",
-            {"session": str(version.session_id), "version": version.number,
-             **{key: summary[key] for key in ("added", "removed", "changed", "bytes_added")}},
-            session_id=version.session_id,
-        )
-    return summary
+    return version, summary, bool(updated)
+
+
+def _announce_finalized(first: Version, last: Version, summary: dict[str, Any]) -> None:
+    """Summaries of versions `first`..`last` of one session are in (counts: `last`'s)."""
+    events.publish(
+        last.session.project_id,
+        "version.finalized",
+        {"session": str(last.session_id), "version": last.number, "first": first.number,
+         **{key: summary[key] for key in ("added", "removed", "changed", "bytes_added")}},
+        session_id=last.session_id,
+    )
 
 
 def _record_integrity_problems(*versions: Version) -> None:

@@ -1,8 +1,11 @@
-"""Side effects after commit run on the background thread, in order, and only for committed work."""
+"""Side effects after commit run on the background thread, in order, only for committed work, and
+those of a busy key at most once per interval."""
 
 from __future__ import annotations
 
+import operator
 import threading
+import time
 
 import pytest
 from django.db import transaction
@@ -42,3 +45,40 @@ def test_a_failing_job_does_not_stop_the_ones_after_it(caplog):
     assert background.drain(5)
     assert ran == ["after"]
     assert "background job" in caplog.text
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_coalesced_items_go_out_at_once_then_together_when_the_interval_is_over():
+    sent: list[tuple[str, list[int], float]] = []
+
+    def send_for(key: str):
+        return lambda item: sent.append((key, item, time.monotonic()))
+
+    for number in range(1, 5):
+        background.after_commit_coalesced("busy", [number], send_for("busy"), merge=operator.add, interval=0.3)
+    background.after_commit_coalesced("other", [9], send_for("other"), merge=operator.add, interval=0.3)
+    _wait_for(lambda: len(sent) == 3)
+
+    first, other, rest = sent
+    assert first[:2] == ("busy", [1]) and other[:2] == ("other", [9])  # first items of a key: at once
+    assert rest[:2] == ("busy", [2, 3, 4])  # the rest: merged, in order, once
+    assert rest[2] - first[2] >= 0.29
+    time.sleep(0.4)
+    assert len(sent) == 3
+
+
+def test_drain_sends_what_waits_for_its_interval_and_a_rollback_sends_nothing():
+    sent: list[list[int]] = []
+    with pytest.raises(RuntimeError), transaction.atomic():
+        background.after_commit_coalesced("key", [0], sent.append, merge=operator.add, interval=60)
+        raise RuntimeError("roll back")
+    for number in (1, 2, 3):
+        background.after_commit_coalesced("key", [number], sent.append, merge=operator.add, interval=60)
+    assert background.drain(5)
+    assert sent == [[1], [2, 3]]

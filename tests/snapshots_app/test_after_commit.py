@@ -1,5 +1,6 @@
 """What follows a committed write, off the writer's thread: the live event reaches listeners
-through the real Redis channel layer, and the head cache is warmed."""
+through the real Redis channel layer, and the head cache is warmed; a burst of writes is announced
+once more, for all of its versions."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.cache import cache
+from django.db import close_old_connections
 
 from config.celery import app as celery_app
 from sessions_app import background
@@ -29,6 +31,13 @@ def queued_not_eager():
     celery_app.conf.task_always_eager = previous
 
 
+def _record(session, state, **metadata):
+    try:
+        return snapshot_record(session=session, state=state, **metadata)
+    finally:
+        close_old_connections()  # a thread of asyncio's pool: its connection would outlive the test
+
+
 def test_version_created_reaches_a_listener_and_the_head_cache_is_warmed(queued_not_eager):
     session = make_session(make_project("acme"), "run-1")
     layer = get_channel_layer()
@@ -37,7 +46,7 @@ def test_version_created_reaches_a_listener_and_the_head_cache_is_warmed(queued_
         channel = await layer.new_channel()
         await layer.group_add(session_group(session.pk), channel)
         try:
-            await asyncio.to_thread(snapshot_record, session=session, state={"pointer": "step-1"}, step="plan")
+            await asyncio.to_thread(_record, session, {"pointer": "step-1"}, step="plan")
             return await asyncio.wait_for(layer.receive(channel), timeout=5)
         finally:
             await layer.group_discard(session_group(session.pk), channel)
@@ -48,3 +57,32 @@ def test_version_created_reaches_a_listener_and_the_head_cache_is_warmed(queued_
     assert background.drain(5)
     version = session.versions.get(number=1)
     assert cache.get(store._head_cache_key(version.pk)) == b'{"pointer":"step-1"}'
+
+
+def test_a_burst_of_writes_is_announced_once_more_with_its_range_and_the_newest_head(queued_not_eager, settings):
+    settings.SESSION_NOTIFY_INTERVAL_MS = 60_000  # v2..v4 wait for the interval, or for drain()
+    session = make_session(make_project("acme"), "run-1")
+    layer = get_channel_layer()
+
+    async def listen() -> list[dict]:
+        channel = await layer.new_channel()
+        await layer.group_add(session_group(session.pk), channel)
+        try:
+            for number in range(1, 5):
+                await asyncio.to_thread(_record, session, {"n": number})
+            assert await asyncio.to_thread(background.drain, 5)
+            received = []
+            while len(received) < 2:
+                message = await asyncio.wait_for(layer.receive(channel), timeout=5)
+                if message["event"] == "version.created":  # (a worker may be finalizing meanwhile)
+                    received.append(message["payload"])
+            return received
+        finally:
+            await layer.group_discard(session_group(session.pk), channel)
+
+    first, burst = async_to_sync(listen)()
+    assert (first["first"], first["version"]) == (1, 1)
+    assert (burst["first"], burst["version"], burst["head"]) == (2, 4, 4)
+    head = session.versions.get(number=4)
+    assert cache.get(store._head_cache_key(head.pk)) == b'{"n":4}'
+    assert cache.get(store._head_cache_key(session.versions.get(number=3).pk)) is None  # only the newest

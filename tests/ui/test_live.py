@@ -11,7 +11,9 @@ from asgiref.testing import ApplicationCommunicator
 from channels.routing import URLRouter
 from django.contrib.auth.models import AnonymousUser
 
+from config.celery import app as celery_app
 from config.routing import websocket_urlpatterns
+from sessions_app import background
 from sessions_app.models import Membership, Role
 from sessions_app.services import membership_set, session_update
 from snapshots_app.services import snapshot_record
@@ -92,6 +94,35 @@ def test_new_version_arrives_as_a_timeline_row(setup):
     html = run(scenario)
     assert 'hx-swap-oob="afterbegin:#timeline"' in html and 'id="v-1"' in html and 'id="session-stats"' in html
     assert "<script>x" not in html
+
+
+def test_a_burst_of_versions_arrives_as_one_update_with_every_row(setup, settings):
+    # As in production (finalize queued for workers): announcements are coalesced per session, and
+    # v2..v4 wait for the interval, or for drain().
+    celery_app.conf.task_always_eager = False
+    settings.SESSION_NOTIFY_INTERVAL_MS = 60_000
+    owner, _, _, _, session = setup
+
+    async def scenario() -> list[str]:
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await client.connect(timeout=5))[0]
+        for number in range(1, 5):
+            await asyncio.to_thread(_record, session, {"n": number})
+        await asyncio.to_thread(background.drain, 5)
+        created = []
+        while len(created) < 2:
+            html = await client.receive_from(timeout=5)
+            if "afterbegin:#timeline" in html:  # (a worker may be filling in summaries meanwhile)
+                created.append(html)
+        await client.disconnect()
+        return created
+
+    first, burst = run(scenario)
+    assert 'id="v-1"' in first and 'id="v-2"' not in first
+    new_rows = burst[burst.index('hx-swap-oob="afterbegin:#timeline"'):]
+    # v4, v3, v2 slide in newest on top, and v1 (no longer the head) is redrawn in place.
+    assert new_rows.index('id="v-4"') < new_rows.index('id="v-3"') < new_rows.index('id="v-2"')
+    assert 'id="v-1"' in new_rows.split("</ol>", 1)[1]
 
 
 def _record(session, state, **kwargs):

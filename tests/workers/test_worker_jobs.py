@@ -9,10 +9,13 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from sessions_app import background
 from snapshots_app import tasks
 from snapshots_app.compaction import compaction_dry_run, compaction_start, retention_policy_set
 from snapshots_app.integrity import integrity_scrub_start
 from snapshots_app.models import IntegrityProblem, JobStatus, StateNode, Version
+from snapshots_app.services import snapshot_record
+from tests.factories import make_session
 from tests.workers.builders import read_all, record_history
 from tests.workers.conftest import VISIBILITY_TIMEOUT, wait_finished, wait_for
 
@@ -155,3 +158,18 @@ def test_writes_and_reads_while_the_worker_compacts_stay_exact(worker, project):
     after = read_all(project)
     assert all(after[("run-0", number)] == data for number, data in written.items())
     assert all(after[key] == before[key] for key in kept)
+
+
+def test_a_burst_of_writes_is_finalized_by_the_worker_in_one_task(worker, project, settings):
+    settings.SESSION_NOTIFY_INTERVAL_MS = 60_000  # v2..v5 wait for the interval, or for drain()
+    session = make_session(project, "burst")
+    for number in range(1, 6):
+        snapshot_record(session=session, state={"n": number, "items": list(range(number))})
+    assert background.drain(5)
+
+    wait_for(lambda: not session.versions.filter(summary__isnull=True).exists(), timeout=60, what="summaries")
+    summaries = dict(session.versions.values_list("number", "summary"))
+    assert summaries[1]["initial"] is True
+    for number in range(2, 6):
+        assert (summaries[number]["added"], summaries[number]["changed"]) == (1, 1)
+        assert summaries[number]["paths"] == ["/items/" + str(number - 1), "/n"]
