@@ -146,6 +146,11 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
     version._state.db = connection.alias
 
 
+# What the one-statement write reads back of the session it moved (besides what the caller set):
+# plain columns, so no model is built and no timestamp parsed for it.
+_APPEND_RETURNS = ("head_number", "version_count", "stored_bytes", "logical_bytes", "status", "last_step", "last_error")
+
+
 @cache
 def _append_sql(moves: tuple[str, ...]) -> str:
     """The whole of a snapshot write as one statement (see version_append_if_head)."""
@@ -167,7 +172,7 @@ def _append_sql(moves: tuple[str, ...]) -> str:
         "ON CONFLICT DO NOTHING RETURNING length(data) AS size), "
         "stored AS (SELECT COALESCE(sum(size), 0) AS size FROM nodes), "
         f"moved AS (UPDATE {session_table} SET {', '.join(sets)} WHERE id = (SELECT id FROM ok) "
-        f"RETURNING {', '.join(_q(f.column) for f in _SESSION_FIELDS)}), "
+        f"RETURNING id, {', '.join(_q(f.column) for f in _session_fields(_APPEND_RETURNS))}), "
         f"inserted AS (INSERT INTO {version_table} ({', '.join(_q(f.column) for f in _VERSION_FIELDS)}, parent_id) "
         f"SELECT {', '.join(values)}, (SELECT id FROM {version_table} WHERE session_id = moved.id AND number = %s) "
         "FROM moved RETURNING id, parent_id, stored_size) "
@@ -175,14 +180,13 @@ def _append_sql(moves: tuple[str, ...]) -> str:
     )
 
 
-def version_append_if_head(
-    version: Version, head: int, nodes: store.NodeRows, moves: dict[str, Any]
-) -> WorkflowSession | None:
+def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, moves: dict[str, Any]) -> bool:
     """If the session's head is still version `head` (and it is not archived, and no version has
     `version.idempotency_key`), insert `nodes` and `version` (number head + 1, parent the head,
     stored_size the bytes the nodes really added) and move the session: its counters, and `moves`.
-    One statement; it returns the session as moved (also attached to `version`), or None having
-    written nothing. Callers must know `head`'s tree is stored: nothing here checks the nodes it names.
+    One statement; True if it wrote (`version.session` then shows the move: `moves`, the counters,
+    and status and last step/error as they now are), False having written nothing. Callers must
+    know `head`'s tree is stored: nothing here checks the nodes it names.
     """
     fields = _session_fields(tuple(moves))
     session_values = [f.get_db_prep_save(moves[f.attname], connection) for f in fields]
@@ -197,13 +201,16 @@ def version_append_if_head(
         )
         row = cursor.fetchone()
     if row is None:
-        return None
+        return False
     version.pk, version.parent_id, version.stored_size = row[:3]
     version._state.adding = False
     version._state.db = connection.alias
-    session = _from_row(WorkflowSession, _SESSION_FIELDS, row[3:])
-    version.session = session
-    return session
+    session = version.session
+    for name, value in moves.items():
+        setattr(session, name, value)
+    for name, value in zip(_APPEND_RETURNS, row[4:], strict=True):
+        setattr(session, name, value)
+    return True
 
 
 def version_by_number(session: WorkflowSession, number: int) -> Version | None:
