@@ -11,7 +11,9 @@ Pure code: nodes come from a `NodeSource` (see snapshots_app.store), values may 
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,65 +51,76 @@ def pointer_token(key: str | int) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-@dataclass(frozen=True, slots=True)
-class Inline:
-    value: Any
-
-
 _MISSING = object()
+_SCALAR = 0  # the kind of an inline value that is neither an object nor an array
+# Short arrays are aligned on their longest common subsequence of equal items (a queue that popped
+# two events and pushed two reads as two removals and two additions, not as every slot changed);
+# past this many candidate matches, items are paired by position instead.
+LCS_MAX_MATCHES = 4096
 
 
 class _Walker:
+    """Walks two trees (or in-memory values) where they differ. Children are HoleRefs (a node of
+    their own) or plain values (inline in their parent's text); nodes come from `source`."""
+
     def __init__(self, source: NodeSource, *, structural_strings: bool) -> None:
         self.source = source
         self.structural_strings = structural_strings
         self.cache: dict[bytes, Node] = {}
+        self.parsed: dict[bytes, Any] = {}  # parse_node per digest, for this diff
         self.result = DiffResult()
 
     # -- node access -------------------------------------------------------------------------------
 
-    def prefetch(self, digests: set[bytes]) -> None:
-        wanted = {d for d in digests if d not in self.cache}
+    def prefetch(self, digests: Any) -> None:
+        cache = self.cache
+        wanted = {digest for digest in digests if digest not in cache}
         if wanted:
             fetched = self.source.nodes(wanted)
-            missing = wanted - fetched.keys()
-            if missing:
-                raise tree.MissingNode(next(iter(missing)))
-            self.cache.update(fetched)
+            if len(fetched) < len(wanted):
+                raise tree.MissingNode(next(iter(wanted - fetched.keys())))
+            cache.update(fetched)
+
+    def prefetch_holes(self, children: Any) -> None:
+        self.prefetch([child.digest for child in children if type(child) is HoleRef])
 
     def node(self, digest: bytes) -> Node:
-        if digest not in self.cache:
-            self.prefetch({digest})
-        return self.cache[digest]
+        node = self.cache.get(digest)
+        if node is None:
+            self.prefetch((digest,))
+            node = self.cache[digest]
+        return node
+
+    def parse(self, digest: bytes) -> Any:
+        """The node's own text as a value (holes as HoleRefs); read-only for the walk."""
+        parsed = self.parsed.get(digest)
+        if parsed is None:
+            parsed = self.parsed[digest] = tree.parse_node(self.node(digest))
+        return parsed
 
     def value(self, child: Any, flavor: int) -> Any:
-        kind = type(child)
-        if kind is HoleRef:
+        if type(child) is not HoleRef:
+            return child
+        node = self.node(child.digest)
+        if node.children or node.kind == tree.KIND_JSON_STRING:
             return tree.loads(tree.assemble(child.digest, self._fetch_all)[0], flavor)
-        return child.value if kind is Inline else child
+        return tree.loads(node.text, flavor)  # a leaf: its text is the whole value
 
     def _fetch_all(self, digests: set[bytes]) -> dict[bytes, Node]:
         self.prefetch(digests)
-        return {d: self.cache[d] for d in digests}
+        return {digest: self.cache[digest] for digest in digests}
 
     # -- classification ----------------------------------------------------------------------------
 
-    def shape(self, child: Any) -> str:
-        if type(child) is HoleRef:
-            kind = self.node(child.digest).kind
-            if kind == tree.KIND_OBJECT:
-                return "object"
-            if kind == tree.KIND_ARRAY:
-                return "array"
-            if kind == tree.KIND_JSON_STRING:
-                return "json-string"
-            return "scalar"
-        value = child.value if type(child) is Inline else child
-        if type(value) is dict:
-            return "object"
-        if type(value) is list:
-            return "array"
-        return "scalar"
+    def kind_of(self, child: Any) -> int:
+        kind = type(child)
+        if kind is HoleRef:
+            return self.node(child.digest).kind
+        if kind is dict:
+            return tree.KIND_OBJECT
+        if kind is list:
+            return tree.KIND_ARRAY
+        return _SCALAR
 
     @staticmethod
     def same(a: Any, b: Any, flavor: int = CANONICAL) -> bool:
@@ -118,17 +131,18 @@ class _Walker:
                 return bool(a.digest == b.digest)
             # One side is its own node, the other inline (a full run is stored whole, the run it
             # grew from item by item): a value has the same digest wherever it is stored.
-            return _digest_of_value(b.value if type_b is Inline else b, flavor) == a.digest
+            return _digest_of_value(b, flavor) == a.digest
         if type_b is HoleRef:
-            return _digest_of_value(a.value if type_a is Inline else a, flavor) == b.digest
-        va = a.value if type_a is Inline else a
-        vb = b.value if type_b is Inline else b
-        kind = type(va)
-        if kind is not type(vb):
+            return _digest_of_value(a, flavor) == b.digest
+        if type_a is not type_b:
             return False
-        if kind is dict or kind is list:
-            return orjson.dumps(va, option=orjson.OPT_SORT_KEYS) == orjson.dumps(vb, option=orjson.OPT_SORT_KEYS)
-        return bool(va == vb)
+        if type_a is dict or type_a is list:
+            # Python's == first: unequal there is unequal as JSON; equal there may still differ as
+            # JSON (true vs 1, 1.0 vs 1 inside), which the canonical bytes settle.
+            return bool(a == b) and _canonical(a) == _canonical(b)
+        if type_a is float:
+            return bool(a == b) and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+        return bool(a == b)
 
     # -- emitting ----------------------------------------------------------------------------------
 
@@ -141,11 +155,10 @@ class _Walker:
         if ctx is not None:
             change["string_path"] = ctx.pointer
             ctx.touched = True
+        elif op == "remove":
+            self.result.patch.append({"op": op, "path": path})
         else:
-            patch_op: dict[str, Any] = {"op": op, "path": path}
-            if op != "remove":
-                patch_op["value"] = change["new"]
-            self.result.patch.append(patch_op)
+            self.result.patch.append({"op": op, "path": path, "value": change["new"]})
         self.result.changes.append(change)
 
     # -- walking -----------------------------------------------------------------------------------
@@ -155,50 +168,55 @@ class _Walker:
             self.diff_unequal(a, b, path, ctx, flavor)
 
     def diff_unequal(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        shape_a, shape_b = self.shape(a), self.shape(b)
-        if shape_a == shape_b == "object":
+        kind_a, kind_b = self.kind_of(a), self.kind_of(b)
+        if kind_a == kind_b == tree.KIND_OBJECT:
             self.diff_objects(a, b, path, ctx, flavor)
-        elif shape_a == shape_b == "array":
+        elif kind_a == kind_b == tree.KIND_ARRAY:
             self.diff_arrays(a, b, path, ctx, flavor)
-        elif ctx is None and self.structural_strings and self._both_json_strings(a, b, shape_a, shape_b):
+        elif ctx is None and self.structural_strings and self._json_inner(a, kind_a) and self._json_inner(b, kind_b):
             self.diff_json_strings(a, b, path, flavor)
         else:
             self.emit("replace", path, a, b, ctx, flavor)
 
-    def _members(self, child: Any) -> dict[str, Any]:
-        if isinstance(child, HoleRef):
-            node = self.node(child.digest)
-            if node.level == 0:
-                return tree.parse_node(node)
-            return self._run_members([child.digest])
-        # Inline values need no wrapping: only parse_node makes HoleRefs (read-only from here on).
-        return child.value if type(child) is Inline else child
+    # Objects --------------------------------------------------------------------------------------
 
-    def _run_members(self, digests: list[bytes]) -> dict[str, Any]:
+    def _members(self, child: Any) -> dict[str, Any]:
+        if type(child) is not HoleRef:
+            return child  # type: ignore[no-any-return]
+        node = self.node(child.digest)
+        if node.level == 0:
+            return self.parse(child.digest)  # type: ignore[no-any-return]
         members: dict[str, Any] = {}
-        pending = list(digests)
+        for runs_members in self._member_runs([child.digest]):
+            members.update(runs_members)
+        return members
+
+    def _member_runs(self, digests: list[bytes]) -> list[dict[str, Any]]:
+        """The members of each member run under `digests` (runs of runs expanded)."""
+        found = []
+        pending = digests
         while pending:
-            self.prefetch(set(pending))
-            nxt = []
+            self.prefetch(pending)
+            below: list[bytes] = []
             for digest in pending:
                 node = self.cache[digest]
                 if node.level == 0 and node.kind == tree.KIND_MEMBERS:
-                    members.update(tree.parse_node(node))
+                    found.append(self.parse(digest))
                 else:
-                    nxt.extend(node.children)
-            pending = nxt
-        return members
+                    below.extend(node.children)
+            pending = below
+        return found
 
     def diff_objects(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        if isinstance(a, HoleRef) and isinstance(b, HoleRef):
+        if type(a) is HoleRef and type(b) is HoleRef:
             node_a, node_b = self.node(a.digest), self.node(b.digest)
             if node_a.level > 0 or node_b.level > 0:
                 # Member runs: drop the runs both sides share (same digest = same members), then
                 # expand what remains; a key lives in exactly one run, so nothing is missed.
-                runs_a = [a.digest] if node_a.level == 0 else node_a.children
-                runs_b = [b.digest] if node_b.level == 0 else node_b.children
-                members_a, members_b = self._differing_members(runs_a, runs_b)
-                self._diff_member_maps(members_a, members_b, path, ctx, flavor)
+                self._diff_member_maps(*self._differing_members(
+                    [a.digest] if node_a.level == 0 else list(node_a.children),
+                    [b.digest] if node_b.level == 0 else list(node_b.children),
+                ), path, ctx, flavor)
                 return
         self._diff_member_maps(self._members(a), self._members(b), path, ctx, flavor)
 
@@ -207,18 +225,18 @@ class _Walker:
         members_b: dict[str, Any] = {}
         while runs_a or runs_b:
             common = set(runs_a) & set(runs_b)
-            runs_a = [d for d in runs_a if d not in common]
-            runs_b = [d for d in runs_b if d not in common]
-            self.prefetch(set(runs_a) | set(runs_b))
+            runs_a = [digest for digest in runs_a if digest not in common]
+            runs_b = [digest for digest in runs_b if digest not in common]
+            self.prefetch(runs_a + runs_b)
             next_a: list[bytes] = []
             next_b: list[bytes] = []
-            for runs, members, nxt in ((runs_a, members_a, next_a), (runs_b, members_b, next_b)):
+            for runs, members, below in ((runs_a, members_a, next_a), (runs_b, members_b, next_b)):
                 for digest in runs:
                     node = self.cache[digest]
                     if node.level == 0:
-                        members.update(tree.parse_node(node))
+                        members.update(self.parse(digest))
                     else:
-                        nxt.extend(node.children)
+                        below.extend(node.children)
             runs_a, runs_b = next_a, next_b
         return members_a, members_b
 
@@ -226,18 +244,18 @@ class _Walker:
         self, members_a: dict[str, Any], members_b: dict[str, Any], path: str, ctx: _StringContext | None, flavor: int
     ) -> None:
         same = self.same
+        get_b = members_b.get
         # Equal members are dropped before anything else is done for them (most are equal).
         differing = [
-            key for key, child in members_a.items() if key not in members_b or not same(child, members_b[key], flavor)
+            key for key, child in members_a.items()
+            if (other := get_b(key, _MISSING)) is _MISSING or not same(child, other, flavor)
         ]
-        differing += [key for key in members_b if key not in members_a]
+        if len(members_b) > len(members_a) - len(differing) + sum(1 for key in differing if key in members_b):
+            differing += [key for key in members_b if key not in members_a]
         if not differing:
             return
         differing.sort()
-        self.prefetch({
-            child.digest for key in differing for child in (members_a.get(key), members_b.get(key))
-            if type(child) is HoleRef
-        })
+        self.prefetch_holes([members_a.get(key) for key in differing] + [get_b(key) for key in differing])
         for key in differing:
             child_path = f"{path}/{pointer_token(key)}"
             if key not in members_b:
@@ -250,19 +268,14 @@ class _Walker:
     # Arrays ---------------------------------------------------------------------------------------
 
     def _level(self, side: Any) -> int:
-        if isinstance(side, HoleRef):
-            return self.node(side.digest).level
-        return 0
+        return self.node(side.digest).level if type(side) is HoleRef else 0
 
     def _items(self, side: Any) -> list[Any]:
         if side is None:
             return []
-        if isinstance(side, HoleRef):
-            return tree.parse_node(self.node(side.digest))
-        return side.value if type(side) is Inline else side
-
-    def _children(self, side: Any) -> list[Any]:
-        return [HoleRef(d) for d in self.node(side.digest).children]
+        if type(side) is HoleRef:
+            return self.parse(side.digest)  # type: ignore[no-any-return]
+        return side  # type: ignore[no-any-return]
 
     def _aligned(self, a: Any, b: Any, base: int, out: list[tuple[int, Any, Any]], flavor: int) -> None:
         """Index-aligned differing items of two (possibly paged) arrays, skipping shared runs."""
@@ -273,10 +286,12 @@ class _Walker:
         level = max(level_a, level_b)
         if level <= 0:
             items_a, items_b = self._items(a), self._items(b)
-            for offset in range(max(len(items_a), len(items_b))):
-                item_a = items_a[offset] if offset < len(items_a) else _MISSING
-                item_b = items_b[offset] if offset < len(items_b) else _MISSING
-                if item_a is _MISSING or item_b is _MISSING or not self.same(item_a, item_b, flavor):
+            same = self.same
+            count_a, count_b = len(items_a), len(items_b)
+            for offset in range(max(count_a, count_b)):
+                item_a = items_a[offset] if offset < count_a else _MISSING
+                item_b = items_b[offset] if offset < count_b else _MISSING
+                if item_a is _MISSING or item_b is _MISSING or not same(item_a, item_b, flavor):
                     out.append((base + offset, item_a, item_b))
             return
         # A lower-level side covers only the first child slot of the higher-level one.
@@ -290,9 +305,12 @@ class _Walker:
             if child_a is None or child_b is None or not self.same(child_a, child_b, flavor):
                 pairs.append((index, child_a, child_b))
         # Only runs that differ are fetched; shared runs are skipped by digest alone.
-        self.prefetch({c.digest for _, x, y in pairs for c in (x, y) if isinstance(c, HoleRef)})
+        self.prefetch_holes([child for _, x, y in pairs for child in (x, y)])
         for index, child_a, child_b in pairs:
             self._aligned(child_a, child_b, base + index * span, out, flavor)
+
+    def _children(self, side: Any) -> list[Any]:
+        return [HoleRef(digest) for digest in self.node(side.digest).children]
 
     def diff_arrays(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
         if self._level(a) == 0 and self._level(b) == 0:
@@ -300,67 +318,112 @@ class _Walker:
             return
         aligned: list[tuple[int, Any, Any]] = []
         self._aligned(a, b, 0, aligned, flavor)
-        self._emit_aligned(aligned, path, ctx, flavor)
+        self.prefetch_holes([item for _, x, y in aligned for item in (x, y)])
+        self._emit_edits(
+            [(index, x, y) for index, x, y in aligned if x is not _MISSING and y is not _MISSING],
+            [(index, x) for index, x, y in aligned if y is _MISSING],
+            [(index, y) for index, x, y in aligned if x is _MISSING],
+            path, ctx, flavor,
+        )
 
-    def _emit_aligned(self, aligned: list[tuple[int, Any, Any]], path: str, ctx: _StringContext | None, flavor: int) -> None:
-        self.prefetch({c.digest for _, x, y in aligned for c in (x, y) if isinstance(c, HoleRef)})
-        removed = []
-        for index, item_a, item_b in aligned:
-            if item_a is not _MISSING and item_b is not _MISSING:
-                self.diff(item_a, item_b, f"{path}/{index}", ctx, flavor)
-            elif item_b is _MISSING:
-                removed.append((index, item_a))
-        # Removals run from the end so each index is still valid when its operation applies.
+    def _emit_edits(
+        self, changed: list[tuple[int, Any, Any]], removed: list[tuple[int, Any]], added: list[tuple[int, Any]],
+        path: str, ctx: _StringContext | None, flavor: int,
+    ) -> None:
+        """Array edits as a patch applies them in order: items changed in place (indices of the old
+        array), then removals from the highest index down, then additions at their new indices."""
+        for index, item_a, item_b in changed:
+            self.diff(item_a, item_b, f"{path}/{index}", ctx, flavor)
         for index, item_a in reversed(removed):
             self.emit("remove", f"{path}/{index}", item_a, None, ctx, flavor)
-        for index, item_a, item_b in aligned:
-            if item_a is _MISSING:
-                self.emit("add", f"{path}/{index}", None, item_b, ctx, flavor)
+        for index, item_b in added:
+            self.emit("add", f"{path}/{index}", None, item_b, ctx, flavor)
 
     def _diff_short_arrays(self, items_a: list, items_b: list, path: str, ctx: _StringContext | None, flavor: int) -> None:
         # Trim the common prefix and suffix so a queue pop or an insertion reads as one change.
+        same = self.same
         prefix = 0
         limit = min(len(items_a), len(items_b))
-        while prefix < limit and self.same(items_a[prefix], items_b[prefix], flavor):
+        while prefix < limit and same(items_a[prefix], items_b[prefix], flavor):
             prefix += 1
         suffix = 0
-        while suffix < limit - prefix and self.same(items_a[-1 - suffix], items_b[-1 - suffix], flavor):
+        while suffix < limit - prefix and same(items_a[-1 - suffix], items_b[-1 - suffix], flavor):
             suffix += 1
         middle_a = items_a[prefix : len(items_a) - suffix]
         middle_b = items_b[prefix : len(items_b) - suffix]
-        aligned = []
-        for offset in range(max(len(middle_a), len(middle_b))):
-            item_a = middle_a[offset] if offset < len(middle_a) else _MISSING
-            item_b = middle_b[offset] if offset < len(middle_b) else _MISSING
-            aligned.append((prefix + offset, item_a, item_b))
-        self._emit_aligned(aligned, path, ctx, flavor)
+        matches = self._common_items(middle_a, middle_b, flavor) if middle_a and middle_b else []
+        changed: list[tuple[int, Any, Any]] = []
+        removed: list[tuple[int, Any]] = []
+        added: list[tuple[int, Any]] = []
+        start_a = start_b = 0
+        # Between two matched (equal) items, pair the unmatched ones by position (changed in
+        # place); whatever is left over on one side was removed or added.
+        for end_a, end_b in [*matches, (len(middle_a), len(middle_b))]:
+            gap_a, gap_b = end_a - start_a, end_b - start_b
+            paired = min(gap_a, gap_b)
+            changed += [(prefix + start_a + k, middle_a[start_a + k], middle_b[start_b + k]) for k in range(paired)]
+            removed += [(prefix + start_a + k, middle_a[start_a + k]) for k in range(paired, gap_a)]
+            added += [(prefix + start_b + k, middle_b[start_b + k]) for k in range(paired, gap_b)]
+            start_a, start_b = end_a + 1, end_b + 1
+        self.prefetch_holes([item for _, x, y in changed for item in (x, y)] + [x for _, x in removed + added])
+        self._emit_edits(changed, removed, added, path, ctx, flavor)
+
+    def _common_items(self, items_a: list, items_b: list, flavor: int) -> list[tuple[int, int]]:
+        """A longest common subsequence of equal items, as (index in a, index in b) pairs."""
+        if len(items_a) == 1 and len(items_b) == 1:
+            return []  # (they differ: the prefix would have taken them)
+        positions: dict[Any, list[int]] = {}
+        for index, item in enumerate(items_b):
+            positions.setdefault(_item_key(item, flavor), []).append(index)
+        candidates: list[tuple[int, int]] = []  # (index in b, index in a), b descending per a item
+        for index, item in enumerate(items_a):
+            candidates += [(at, index) for at in reversed(positions.get(_item_key(item, flavor), ()))]
+            if len(candidates) > LCS_MAX_MATCHES:
+                return []
+        # Longest strictly increasing run of b indices (patience sorting) = the longest common subsequence.
+        tails: list[int] = []
+        tail_at: list[int] = []
+        previous = [-1] * len(candidates)
+        for position, (at_b, _) in enumerate(candidates):
+            slot = bisect.bisect_left(tails, at_b)
+            if slot == len(tails):
+                tails.append(at_b)
+                tail_at.append(position)
+            else:
+                tails[slot] = at_b
+                tail_at[slot] = position
+            previous[position] = tail_at[slot - 1] if slot else -1
+        matches = []
+        position = tail_at[-1] if tail_at else -1
+        while position >= 0:
+            at_b, at_a = candidates[position]
+            matches.append((at_a, at_b))
+            position = previous[position]
+        return matches[::-1]
 
     # JSON held in strings -------------------------------------------------------------------------
 
-    def _json_string_parts(self, child: Any, shape: str) -> tuple[Any, int] | None:
-        """(structure, inner flavor) if the string child holds JSON we can walk."""
-        if shape == "json-string":
+    def _json_inner(self, child: Any, kind: int) -> tuple[Any, int | None] | None:
+        """(structure, its flavor if stored as a node) if the string child holds JSON we can walk."""
+        if kind == tree.KIND_JSON_STRING:
             node = self.node(child.digest)
             return HoleRef(node.children[0]), node.level
-        value = child.value if isinstance(child, Inline) else child
-        if isinstance(child, HoleRef):
-            return None
-        if type(value) is str and value[:1] in ("{", "["):
+        if type(child) is str and child[:1] in ("{", "["):
             try:
-                return Inline(json.loads(value)), 1
+                return json.loads(child), None
             except ValueError:
                 return None
         return None
 
-    def _both_json_strings(self, a: Any, b: Any, shape_a: str, shape_b: str) -> bool:
-        return self._json_string_parts(a, shape_a) is not None and self._json_string_parts(b, shape_b) is not None
-
     def diff_json_strings(self, a: Any, b: Any, path: str, flavor: int) -> None:
-        inner_a, flavor_a = self._json_string_parts(a, self.shape(a))  # type: ignore[misc]
-        inner_b, _flavor_b = self._json_string_parts(b, self.shape(b))  # type: ignore[misc]
+        inner_a, flavor_a = self._json_inner(a, self.kind_of(a))  # type: ignore[misc]
+        inner_b, flavor_b = self._json_inner(b, self.kind_of(b))  # type: ignore[misc]
         ctx = _StringContext(path)
         before = len(self.result.changes)
-        self.diff(inner_a, inner_b, "", ctx, flavor_a if isinstance(inner_a, HoleRef) else CANONICAL)
+        # Walked in the flavor its nodes were written in (a string short enough to be inline is
+        # compared as plain values).
+        inner_flavor = flavor_a if flavor_a is not None else flavor_b if flavor_b is not None else CANONICAL
+        self.diff(inner_a, inner_b, "", ctx, inner_flavor)
         if len(self.result.changes) == before:
             # Same structure, different spelling (whitespace, key order): report the string itself.
             self.emit("replace", path, a, b, None, flavor)
@@ -374,9 +437,27 @@ class _StringContext:
     touched: bool = False
 
 
-def _digest_of_value(value: Any, flavor: int) -> bytes:
-    """The digest a value would be stored under as a node of its own (see tree.TreeWriter._piece)."""
-    return tree.digest_of(tree.node_kind(value), flavor, FLAVORS[flavor].encode(value))
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _digest_of_value(value: Any, flavor: int) -> bytes | None:
+    """The digest a value would be stored under as a node of its own (see tree.TreeWriter._piece);
+    None if it is small enough to be always written inline, where no node can equal it."""
+    text = FLAVORS[flavor].encode(value)
+    if len(text) <= tree.INLINE_MAX:
+        return None
+    return tree.digest_of(tree.node_kind(value), flavor, text)
+
+
+def _item_key(item: Any, flavor: int) -> Any:
+    """Equal keys for items `same` calls equal (a node's digest, or the value's own text)."""
+    if type(item) is HoleRef:
+        return item.digest
+    text = FLAVORS[flavor].encode(item)
+    if len(text) <= tree.INLINE_MAX:
+        return (text,)  # a tuple: never equal to a digest
+    return tree.digest_of(tree.node_kind(item), flavor, text)
 
 
 def diff_trees(
@@ -390,7 +471,7 @@ def diff_trees(
 def diff_values(a: Any, b: Any, *, structural_strings: bool = True) -> DiffResult:
     """Diff two in-memory values with the same rules (used for unsaved edits, e.g. data fixes)."""
     walker = _Walker(_NoNodes(), structural_strings=structural_strings)
-    walker.diff(Inline(a), Inline(b), "", None, CANONICAL)
+    walker.diff(a, b, "", None, CANONICAL)
     return walker.result
 
 

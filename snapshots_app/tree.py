@@ -26,7 +26,7 @@ import json
 import secrets
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -126,6 +126,10 @@ class Node:
     level: int
     holes: tuple[tuple[int, bytes], ...]  # (offset into text, child digest)
     text: bytes
+    children: tuple[bytes, ...] = field(init=False, repr=False, compare=False)  # the holes' digests, in order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "children", tuple(child for _, child in self.holes))
 
     def encode(self) -> bytes:
         out = bytearray((self.kind, self.flavor, self.level))
@@ -146,10 +150,6 @@ class Node:
             holes.append((offset, bytes(data[pos : pos + DIGEST_SIZE])))
             pos += DIGEST_SIZE
         return cls(kind, flavor, level, tuple(holes), bytes(data[pos:]))
-
-    @property
-    def children(self) -> list[bytes]:
-        return [child for _, child in self.holes]
 
 
 def children_of(encoding: bytes) -> bytes:
@@ -533,6 +533,8 @@ def parse_node(node: Node) -> Any:
     parts.append(text[position:])
     value = loads(b"".join(parts), node.flavor)
     holes = node.holes
+    if not holes:
+        return value
     if type(value) is dict:
         for key, child in value.items():
             if type(child) is str and child.startswith(_HOLE_MARK):

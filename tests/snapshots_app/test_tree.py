@@ -165,6 +165,28 @@ def test_queue_pop_reads_as_one_removal():
     assert result.changes == [{"path": "/queue/0", "op": "remove", "kind": "removed", "old": "a"}]
 
 
+def test_a_queue_that_moved_on_reads_as_removals_and_additions_not_every_slot_changed():
+    events = [{"id": n, "type": "ToolCallEvent", "payload": {"note": f"event {n} " + "x" * 600}} for n in range(8)]
+    nodes = MemoryNodes()
+    a, b = {"queue": events[:5]}, {"queue": events[2:8]}  # two popped from the front, three pushed
+    for result in (diff_values(a, b), diff_trees(nodes.write(a)[0], nodes.write(b)[0], nodes)):
+        assert [(c["op"], c["path"]) for c in result.changes] == [
+            ("remove", "/queue/1"), ("remove", "/queue/0"), ("add", "/queue/3"), ("add", "/queue/4"), ("add", "/queue/5"),
+        ]
+        assert [c.get("old", c.get("new"))["id"] for c in result.changes] == [1, 0, 5, 6, 7]
+        assert apply_patch(a, result.patch) == b
+
+
+def test_items_between_equal_ones_are_compared_in_place():
+    a = {"list": [{"k": 1, "v": "a"}, "keep", {"k": 2, "v": "b"}, "also", 3]}
+    b = {"list": [{"k": 1, "v": "A"}, "keep", {"k": 2, "v": "B"}, "also", "new", "newer"]}
+    result = diff_values(a, b)
+    assert [(c["op"], c["path"]) for c in result.changes] == [
+        ("replace", "/list/0/v"), ("replace", "/list/2/v"), ("replace", "/list/4"), ("add", "/list/5"),
+    ]
+    assert apply_patch(a, result.patch) == b
+
+
 def test_pointer_escaping_in_paths():
     result = diff_values({"a/b": {"c~d": 1}}, {"a/b": {"c~d": 2}})
     assert result.changes[0]["path"] == "/a~1b/c~0d"
