@@ -355,7 +355,7 @@ def snapshot_record(
                 return replay
         _check_expected(locked, expected)
         written = store.ProjectStore(session.project_id).write_state(
-            prepared.value, prepared.canonical, session_id=locked.pk, head=locked.head_number
+            prepared.value, prepared.canonical, prepared.checksum, session_id=locked.pk, head=locked.head_number
         )
         version = _append(
             locked,
@@ -419,7 +419,7 @@ def _append_to_known_head(
             store.head_shapes.put(session.pk, (head, known))
     if not head or (expected is not None and expected != head):
         return None
-    root, new_nodes = project.plan(prepared.value, prepared.canonical, known)
+    root, new_nodes = project.plan(prepared.value, prepared.canonical, prepared.checksum, known)
     version = _new_version(
         session, head + 1, kind=kind, root=root, checksum=prepared.checksum, logical_size=len(prepared.canonical),
         idempotency_key=key, actor=actor, actor_label=actor_label, **fields,

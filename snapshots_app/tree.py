@@ -97,6 +97,16 @@ def digest_of(kind: int, flavor: int, text: bytes) -> bytes:
     return h.digest()
 
 
+def root_digest(state_sha256: bytes) -> bytes:
+    """The digest a state's root node is stored under: derived from the SHA-256 of the state's
+    canonical JSON (its version's checksum), which a write computes anyway, so a write hashes the
+    whole state once, not twice (~5% of a 200 KB write). A root is only ever compared with roots
+    (a diff's two ends, a write finding its state already stored), so roots stored under
+    digest_of by earlier versions of this code are simply other digests: both kinds coexist, and
+    an identical state written before and after the change is stored twice, once."""
+    return hashlib.blake2b(state_sha256, digest_size=DIGEST_SIZE, person=b"rewind-root").digest()
+
+
 # --------------------------------------------------------------------------------------------------
 # Node encoding
 
@@ -215,9 +225,10 @@ class TreeWriter:
         self._digest = digest  # digest_of, or something that returns the same faster (see store)
         self.new_nodes: dict[bytes, bytes] = {}
 
-    def write_root(self, state: dict[str, Any], canonical: bytes) -> bytes:
-        """Store `state` (whose canonical bytes are `canonical`) and return the root digest."""
-        digest = digest_of(KIND_OBJECT, CANONICAL, canonical)
+    def write_root(self, state: dict[str, Any], canonical: bytes, state_sha256: bytes | None = None) -> bytes:
+        """Store `state` (whose canonical bytes are `canonical`, with that SHA-256 if the caller has
+        it) and return the root digest."""
+        digest = root_digest(state_sha256 or hashlib.sha256(canonical).digest())
         # Build the root before knowing whether it exists, and ask about it together with its
         # children: a new root is the usual case, and this saves a round trip on it.
         frontier = self._write_value(state, canonical, KIND_OBJECT, FLAVORS[CANONICAL], digest)

@@ -21,7 +21,7 @@ from sessions_app.errors import (
 )
 from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import store, tree
-from snapshots_app.canonical import dumps
+from snapshots_app.canonical import checksum, dumps
 from snapshots_app.diff import apply_patch
 from snapshots_app.models import StateNode, Version, VersionKind
 from snapshots_app.selectors import (
@@ -476,6 +476,6 @@ def test_a_write_plans_the_same_tree_with_the_digest_memo_as_without(project):
     for step in (1, 2, 2, 3):  # step 2 twice: the second plan is made of remembered digests
         state = agent_state(step, history=300)
         canonical = dumps(state)
-        root, new_nodes = store.ProjectStore(project.pk).plan(state, canonical, known={})
+        root, new_nodes = store.ProjectStore(project.pk).plan(state, canonical, checksum(canonical), known={})
         plain = tree.TreeWriter(lambda digests: set())
         assert (root, new_nodes) == (plain.write_root(state, canonical), plain.new_nodes)

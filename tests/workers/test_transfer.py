@@ -12,8 +12,9 @@ import pytest
 
 from sessions_app.errors import ImportRejected
 from sessions_app.models import WorkflowSession
-from snapshots_app import canonical
+from snapshots_app import canonical, tree
 from snapshots_app.models import JobStatus, StateNode, Version
+from snapshots_app.selectors import version_state_bytes
 from snapshots_app.services import (
     snapshot_data_fix,
     snapshot_fork,
@@ -114,6 +115,36 @@ def test_single_session_export_round_trips_and_import_twice_is_refused(project, 
     assert read_all(fresh) == {key: data for key, data in read_all(project).items() if key[0] == "agent-1"}
     with pytest.raises(ImportRejected, match="already exist"):
         transfer_import_run(project=fresh, path=Path(result["path"]))
+
+
+@pytest.mark.django_db
+def test_a_file_whose_roots_carry_subtree_digests_still_imports(project, user, settings, tmp_path):
+    """Releases before tree.root_digest stored (and exported) a root under the digest it would have as
+    a subtree; such files import, and a root digest that is neither is refused."""
+    settings.VAR_DIR = tmp_path
+    session = _rich_project(project, user)
+    path = Path(transfer_export_run(project=project, session=session)["path"])
+    texts = {bytes(v.root).hex(): version_state_bytes(v) for v in Version.objects.filter(session=session)}
+    old_digests = {root: tree.digest_of(tree.KIND_OBJECT, tree.CANONICAL, text).hex() for root, text in texts.items()}
+
+    def to_old_digests(body: list[dict]) -> None:
+        for record in body:
+            if record["type"] == "node" and record["digest"] in old_digests:
+                record["digest"] = old_digests[record["digest"]]
+            elif record["type"] == "version":
+                record["root"] = old_digests[record["root"]]
+
+    fresh = make_project("fresh")
+    transfer_import_run(project=fresh, path=_rewrite(path, to_old_digests))
+    assert read_all(fresh) == {key: data for key, data in read_all(project).items() if key[0] == "agent-1"}
+
+    wrong = {root: hashlib.sha256(root.encode()).hexdigest()[:32] for root in texts}
+    with pytest.raises(ImportRejected, match="does not match its digest"):
+        transfer_import_run(project=make_project("other"), path=_rewrite(path, lambda body: [
+            record.update(digest=wrong[record["digest"]]) if record["type"] == "node" and record["digest"] in wrong
+            else record.update(root=wrong[record["root"]]) if record["type"] == "version" else None
+            for record in body
+        ]))
 
 
 def _rewrite(path: Path, change) -> Path:
