@@ -131,9 +131,9 @@ class _Walker:
                 return bool(a.digest == b.digest)
             # One side is its own node, the other inline (a full run is stored whole, the run it
             # grew from item by item): a value has the same digest wherever it is stored.
-            return _digest_of_value(b, flavor) == a.digest
+            return tree.value_digest(b, flavor) == a.digest
         if type_b is HoleRef:
-            return _digest_of_value(a, flavor) == b.digest
+            return tree.value_digest(a, flavor) == b.digest
         if type_a is not type_b:
             return False
         if type_a is dict or type_a is list:
@@ -441,15 +441,6 @@ def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def _digest_of_value(value: Any, flavor: int) -> bytes | None:
-    """The digest a value would be stored under as a node of its own (see tree.TreeWriter._piece);
-    None if it is small enough to be always written inline, where no node can equal it."""
-    text = FLAVORS[flavor].encode(value)
-    if len(text) <= tree.INLINE_MAX:
-        return None
-    return tree.digest_of(tree.node_kind(value), flavor, text)
-
-
 def _item_key(item: Any, flavor: int) -> Any:
     """Equal keys for items `same` calls equal (a node's digest, or the value's own text)."""
     if type(item) is HoleRef:
@@ -457,7 +448,7 @@ def _item_key(item: Any, flavor: int) -> Any:
     text = FLAVORS[flavor].encode(item)
     if len(text) <= tree.INLINE_MAX:
         return (text,)  # a tuple: never equal to a digest
-    return tree.digest_of(tree.node_kind(item), flavor, text)
+    return tree.value_digest(item, flavor)
 
 
 def diff_trees(

@@ -433,8 +433,8 @@ class ProjectStore:
         asked, level by level, so a state that repeats another session's subtrees (a fork's, a
         shared document) still stores them once.
         """
-        def memo_digest(kind: int, flavor: int, text: bytes) -> bytes:
-            return digest_memo.digest(self.project_id, kind, flavor, text)
+        def memo_digest(kind: int, flavor: int, text: bytes, compute: Callable[[], bytes]) -> bytes:
+            return digest_memo.digest(self.project_id, kind, flavor, text, compute)
 
         if known is None:
             writer = tree.TreeWriter(self.existing, memo_digest)
@@ -643,14 +643,18 @@ class _DigestMemo:
     def __init__(self, max_bytes: int) -> None:
         self.texts = _LRU(max_bytes, lambda entry: len(entry[0]))  # (project, kind, flavor, length) -> (text, digest)
 
-    def digest(self, project_id: int, kind: int, flavor: int, text: bytes) -> bytes:
+    def digest(
+        self, project_id: int, kind: int, flavor: int, text: bytes, compute: Callable[[], bytes] | None = None
+    ) -> bytes:
+        """The digest of the node spelling `text`: remembered, or `compute()` (default: digest_of)."""
+        compute = compute or (lambda: tree.digest_of(kind, flavor, text))
         if len(text) < self.MIN_TEXT:
-            return tree.digest_of(kind, flavor, text)
+            return compute()
         key = (project_id, kind, flavor, len(text))
         found = self.texts.get(key)
         if found is not None and found[0] == text:
-            return found[1]
-        digest = tree.digest_of(kind, flavor, text)
+            return found[1]  # type: ignore[no-any-return]
+        digest = compute()
         self.texts.put(key, (text, digest))
         return digest
 

@@ -219,9 +219,10 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
 
 
 def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[bytes]) -> bytes:
-    """Splice a tree like tree.splice, also checking that every node's digest matches its text (the
-    root's may be tree.root_digest of the text's SHA-256, or, from files of earlier releases, the
-    digest it would have as a subtree)."""
+    """Splice a tree like tree.splice, also checking that every node's digest matches it: the digest
+    of its text, or for a node whose holes are runs that of its encoding (tree.TreeWriter.node_of),
+    or for the root tree.root_digest of the text's SHA-256 (files of earlier releases have digests
+    of the text there too)."""
     memo: dict[bytes, bytes] = {}
 
     def text_of(digest: bytes) -> bytes:
@@ -247,7 +248,8 @@ def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[byt
         if digest not in verified:
             kind = tree.KIND_STRING if node.kind == tree.KIND_JSON_STRING else node.kind
             as_root = digest == root and tree.root_digest(hashlib.sha256(result).digest()) == digest
-            if not as_root and tree.digest_of(kind, node.flavor, result) != digest:
+            paged = node.kind != tree.KIND_JSON_STRING and node.level > 0 and tree.paged_digest(node.encode()) == digest
+            if not (as_root or paged) and tree.digest_of(kind, node.flavor, result) != digest:
                 raise ImportRejected(f"node {digest.hex()} does not match its digest: the file is corrupt")
             verified.add(digest)
         memo[digest] = result

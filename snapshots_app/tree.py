@@ -27,6 +27,7 @@ import secrets
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -95,6 +96,11 @@ def digest_of(kind: int, flavor: int, text: bytes) -> bytes:
     h = hashlib.blake2b(bytes((kind, flavor)), digest_size=DIGEST_SIZE)
     h.update(text)
     return h.digest()
+
+
+def paged_digest(encoding: bytes) -> bytes:
+    """The digest of a node whose holes are runs: of its encoding (see TreeWriter.node_of)."""
+    return hashlib.blake2b(encoding, digest_size=DIGEST_SIZE, person=b"rewind-paged").digest()
 
 
 def root_digest(state_sha256: bytes) -> bytes:
@@ -208,6 +214,24 @@ class Hole:
 Candidate = tuple[bytes, Callable[[], list["Candidate"]]]
 
 
+# How a writer finds a digest: `memo(kind, flavor, text, compute)` returns the digest of the node
+# spelling `text`, calling `compute()` for it unless it remembers (see store._DigestMemo).
+DigestMemo = Callable[[int, int, bytes, Callable[[], bytes]], bytes]
+
+
+def _no_memo(kind: int, flavor: int, text: bytes, compute: Callable[[], bytes]) -> bytes:
+    return compute()
+
+
+def _is_paged(value: Any, text: bytes, kind: int) -> bool:
+    """Whether a value too large to inline is a node whose holes are runs (level > 0)."""
+    if len(text) <= SPLIT_MIN:
+        return False
+    if kind == KIND_ARRAY:
+        return len(value) > PAGE
+    return kind == KIND_OBJECT and len(value) > OBJECT_RUN_MIN
+
+
 class TreeWriter:
     """Splits values into nodes, skipping every subtree whose node already exists.
 
@@ -218,11 +242,9 @@ class TreeWriter:
     call, so a write costs one round trip per level of change, not one per changed container.
     """
 
-    def __init__(
-        self, existing: Callable[[set[bytes]], set[bytes]], digest: Callable[[int, int, bytes], bytes] = digest_of
-    ) -> None:
+    def __init__(self, existing: Callable[[set[bytes]], set[bytes]], memo: DigestMemo = _no_memo) -> None:
         self._existing = existing
-        self._digest = digest  # digest_of, or something that returns the same faster (see store)
+        self._digest = memo
         self.new_nodes: dict[bytes, bytes] = {}
 
     def write_root(self, state: dict[str, Any], canonical: bytes, state_sha256: bytes | None = None) -> bytes:
@@ -251,48 +273,55 @@ class TreeWriter:
         text = flavor.encode(value)
         if len(text) <= INLINE_MAX:
             return text
-        kind = node_kind(value)
-        digest = self._digest(kind, flavor.code, text)
-        pending.append((digest, lambda: self._write_value(value, text, kind, flavor, digest)))
-        return Hole(digest)
+        candidate = self.node_of(value, text, node_kind(value), flavor)
+        pending.append(candidate)
+        return Hole(candidate[0])
+
+    def node_of(self, value: Any, text: bytes, kind: int, flavor: Flavor) -> Candidate:
+        """The digest a value too large to inline is stored under (whatever its parent), and the
+        function that stores its node. A node whose holes are runs (a long array or a wide object)
+        is stored under the digest of its own encoding, which names its runs by their digests: a
+        Merkle digest, so a write that appends to a long history hashes the runs it has not seen
+        (and a few hundred bytes), not the whole history. Every other node is stored under the
+        digest of the text it spells."""
+        if not _is_paged(value, text, kind):
+            digest = self._digest(kind, flavor.code, text, lambda: digest_of(kind, flavor.code, text))
+            return digest, lambda: self._write_value(value, text, kind, flavor, digest)
+        planned: list[tuple[bytes, list[Candidate]]] = []
+
+        def compute() -> bytes:
+            planned.append(self._paged(value, kind, flavor))
+            return paged_digest(planned[0][0])
+
+        digest = self._digest(kind, flavor.code, text, compute)
+
+        def write() -> list[Candidate]:
+            encoding, runs = planned[0] if planned else self._paged(value, kind, flavor)
+            self.new_nodes[digest] = encoding
+            return runs
+
+        return digest, write
 
     def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> list[Candidate]:
         if kind != KIND_STRING and len(text) <= SPLIT_MIN:
             self.new_nodes[digest] = Node(kind, flavor.code, 0, (), text).encode()
             return []
+        if _is_paged(value, text, kind):  # only a root gets here: other paged values go by node_of
+            self.new_nodes[digest], runs = self._paged(value, kind, flavor)
+            return runs
         if kind == KIND_OBJECT:
-            return self._write_object(value, flavor, digest)
-        if kind == KIND_ARRAY:
-            return self._write_array(value, flavor, digest)
-        return self._write_string(value, text, flavor, digest)
+            builder, pending = self._members_text(value, sorted(value) if flavor.sort_keys else list(value), flavor, b"{")
+            builder.add(b"}")
+        elif kind == KIND_ARRAY:
+            builder, pending = self._items_text(value, flavor, b"[")
+            builder.add(b"]")
+        else:
+            return self._write_string(value, text, flavor, digest)
+        self._store(digest, kind, flavor.code, 0, builder)
+        return pending
 
     def _store(self, digest: bytes, kind: int, flavor: int, level: int, builder: _TextBuilder) -> None:
         self.new_nodes[digest] = Node(kind, flavor, level, tuple(builder.holes), bytes(builder.text)).encode()
-
-    def _write_object(self, value: dict[str, Any], flavor: Flavor, digest: bytes) -> list[Candidate]:
-        keys = sorted(value) if flavor.sort_keys else list(value)
-        if len(keys) <= OBJECT_RUN_MIN:
-            builder, pending = self._members_text(value, keys, flavor, b"{")
-            builder.add(b"}")
-            self._store(digest, KIND_OBJECT, flavor.code, 0, builder)
-            return pending
-        # Many members: content-defined runs, so inserting or deleting a key changes one run.
-        runs: list[list[str]] = [[]]
-        for key in keys:
-            runs[-1].append(key)
-            if zlib.crc32(key.encode()) & MEMBER_RUN_MASK == 0:
-                runs.append([])
-        if not runs[-1]:
-            runs.pop()
-        member_texts = [
-            flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
-            for run in runs
-        ]
-        return self._write_runs(
-            KIND_OBJECT, KIND_MEMBERS, flavor, digest, b"{", b"}",
-            list(zip(runs, member_texts, strict=True)),
-            lambda run: self._members_text(value, run, flavor),
-        )
 
     def _members_text(
         self, value: dict[str, Any], keys: list[str], flavor: Flavor, opener: bytes = b""
@@ -307,20 +336,6 @@ class TreeWriter:
             builder.add(self._piece(value[key], flavor, pending))
         return builder, pending
 
-    def _write_array(self, value: list[Any], flavor: Flavor, digest: bytes) -> list[Candidate]:
-        if len(value) <= PAGE:
-            builder, pending = self._items_text(value, flavor, b"[")
-            builder.add(b"]")
-            self._store(digest, KIND_ARRAY, flavor.code, 0, builder)
-            return pending
-        # Fixed runs of PAGE items: appending to a long history rewrites only the last run.
-        runs = [value[start : start + PAGE] for start in range(0, len(value), PAGE)]
-        return self._write_runs(
-            KIND_ARRAY, KIND_ITEMS, flavor, digest, b"[", b"]",
-            [(run, flavor.encode(run)[1:-1]) for run in runs],
-            lambda run: self._items_text(run, flavor),
-        )
-
     def _items_text(self, items: list[Any], flavor: Flavor, opener: bytes = b"") -> tuple[_TextBuilder, list[Candidate]]:
         pending: list[Candidate] = []
         builder = _TextBuilder()
@@ -331,64 +346,76 @@ class TreeWriter:
             builder.add(self._piece(item, flavor, pending))
         return builder, pending
 
-    def _write_runs(
-        self,
-        container_kind: int,
-        run_kind: int,
-        flavor: Flavor,
-        digest: bytes,
-        opener: bytes,
-        closer: bytes,
-        runs: list[tuple[Any, bytes]],
-        leaf_text: Callable[[Any], tuple[_TextBuilder, list]],
-    ) -> list[Candidate]:
-        """Store a container whose holes are runs; group runs into higher-level runs past PAGE."""
-        # Level 0: runs of values. Each level above groups PAGE runs of the level below.
-        level_runs: list[tuple[bytes, bytes, Callable[[], list[Candidate]]]] = []  # (digest, text, writer)
-        for run, text in runs:
-            run_digest = self._digest(run_kind, flavor.code, text)
+    def _paged(self, value: Any, kind: int, flavor: Flavor) -> tuple[bytes, list[Candidate]]:
+        """The encoding of a container whose holes are runs, and its runs as candidates. Level 0:
+        runs of values (fixed counts of items, so appending touches only the last run; members in
+        content-defined runs, so inserting a key changes one run). Each level above groups PAGE
+        runs of the level below."""
+        if kind == KIND_OBJECT:
+            keys = sorted(value) if flavor.sort_keys else list(value)
+            runs: list[list[Any]] = [[]]
+            for key in keys:
+                runs[-1].append(key)
+                if zlib.crc32(key.encode()) & MEMBER_RUN_MASK == 0:
+                    runs.append([])
+            if not runs[-1]:
+                runs.pop()
+            texts = [
+                flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
+                for run in runs
+            ]
+            run_kind, opener, closer = KIND_MEMBERS, b"{", b"}"
+        else:
+            runs = [value[start : start + PAGE] for start in range(0, len(value), PAGE)]
+            texts = [flavor.encode(run)[1:-1] for run in runs]
+            run_kind, opener, closer = KIND_ITEMS, b"[", b"]"
+        level_runs: list[Candidate] = []
+        for run, text in zip(runs, texts, strict=True):
+            run_digest = self._digest(run_kind, flavor.code, text, partial(digest_of, run_kind, flavor.code, text))
 
             def write_leaf(run: Any = run, run_digest: bytes = run_digest, text: bytes = text) -> list[Candidate]:
                 if run_kind == KIND_ITEMS and len(run) == PAGE and len(text) <= RUN_LEAF_MAX:
                     self.new_nodes[run_digest] = Node(run_kind, flavor.code, 0, (), text).encode()
                     return []
-                builder, pending = leaf_text(run)
+                if run_kind == KIND_ITEMS:
+                    builder, pending = self._items_text(run, flavor)
+                else:
+                    builder, pending = self._members_text(value, run, flavor)
                 self._store(run_digest, run_kind, flavor.code, 0, builder)
                 return pending
 
-            level_runs.append((run_digest, text, write_leaf))
+            level_runs.append((run_digest, write_leaf))
         level = 1
         while len(level_runs) > PAGE:
-            grouped = []
+            grouped: list[Candidate] = []
             for start in range(0, len(level_runs), PAGE):
                 group = level_runs[start : start + PAGE]
                 if len(group) == 1:
-                    # A group of one would have its only run's text, hence its digest: keep the run.
-                    grouped.append(group[0])
+                    grouped.append(group[0])  # a group of one is its run
                     continue
-                text = flavor.item_sep.join(t for _, t, _ in group)
-                group_digest = self._digest(run_kind, flavor.code, text)
+                encoding = self._holes_node(run_kind, flavor, level, group, b"", b"")
+                group_digest = paged_digest(encoding)
 
-                def write_group(group: list = group, group_digest: bytes = group_digest, level: int = level) -> list:
-                    self._store(group_digest, run_kind, flavor.code, level, self._holes_text(group, flavor, b"", b""))
-                    return [(run_digest, write) for run_digest, _, write in group]
+                def write_group(group: list[Candidate] = group, digest: bytes = group_digest,
+                                encoding: bytes = encoding) -> list[Candidate]:
+                    self.new_nodes[digest] = encoding
+                    return group
 
-                grouped.append((group_digest, text, write_group))
+                grouped.append((group_digest, write_group))
             level_runs = grouped
             level += 1
-        self._store(digest, container_kind, flavor.code, level, self._holes_text(level_runs, flavor, opener, closer))
-        return [(run_digest, write) for run_digest, _, write in level_runs]
+        return self._holes_node(kind, flavor, level, level_runs, opener, closer), level_runs
 
     @staticmethod
-    def _holes_text(runs: list, flavor: Flavor, opener: bytes, closer: bytes) -> _TextBuilder:
+    def _holes_node(kind: int, flavor: Flavor, level: int, runs: list[Candidate], opener: bytes, closer: bytes) -> bytes:
         builder = _TextBuilder()
         builder.add(opener)
-        for index, (run_digest, _, _) in enumerate(runs):
+        for index, (run_digest, _) in enumerate(runs):
             if index:
                 builder.add(flavor.item_sep)
             builder.add(Hole(run_digest))
         builder.add(closer)
-        return builder
+        return Node(kind, flavor.code, level, tuple(builder.holes), bytes(builder.text)).encode()
 
     def _write_string(self, value: Any, text: bytes, flavor: Flavor, digest: bytes) -> list[Candidate]:
         inner = _json_inside(value) if isinstance(value, str) and len(value) >= JSON_STRING_MIN else None
@@ -399,13 +426,18 @@ class TreeWriter:
         # Stored under the same digest as the plain string would be (same meaning); the node says
         # the text is the JSON-string literal of what its one child spells in `inner_flavor`.
         inner_text = inner_flavor.encode(parsed)
-        inner_kind = KIND_OBJECT if type(parsed) is dict else KIND_ARRAY
-        inner_digest = self._digest(inner_kind, inner_flavor.code, inner_text)
-        self.new_nodes[digest] = Node(
-            KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, inner_digest),), b""
-        ).encode()
-        return [(inner_digest, lambda: self._write_value(parsed, inner_text, inner_kind, inner_flavor, inner_digest))]
+        child = self.node_of(parsed, inner_text, KIND_OBJECT if type(parsed) is dict else KIND_ARRAY, inner_flavor)
+        self.new_nodes[digest] = Node(KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, child[0]),), b"").encode()
+        return [child]
 
+
+def value_digest(value: Any, flavor: int) -> bytes | None:
+    """The digest `value` is stored under as a node of its own, in `flavor`; None if it is small
+    enough to be always written inline (no node can equal it)."""
+    text = FLAVORS[flavor].encode(value)
+    if len(text) <= INLINE_MAX:
+        return None
+    return TreeWriter(lambda digests: set()).node_of(value, text, node_kind(value), FLAVORS[flavor])[0]
 
 
 def _reject_constant(name: str) -> Any:

@@ -479,3 +479,41 @@ def test_a_write_plans_the_same_tree_with_the_digest_memo_as_without(project):
         root, new_nodes = store.ProjectStore(project.pk).plan(state, canonical, checksum(canonical), known={})
         plain = tree.TreeWriter(lambda digests: set())
         assert (root, new_nodes) == (plain.write_root(state, canonical), plain.new_nodes)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_trees_written_before_merkle_and_root_digests_still_read_diff_and_take_new_writes(session):
+    """Earlier releases stored a node whose holes are runs (a long history), and a root, under the
+    digest of the text it spells. Such a tree, next to today's, reads back, diffs as equal to its
+    twin and as one change from its successor, and a write on top of it shares its runs."""
+    state = agent_state(1, history=80, message_size=600)
+    first = snapshot_record(session=session, state=state)
+    project = store.ProjectStore(session.project_id)
+    root = project.nodes({bytes(first.root)})[bytes(first.root)]
+    history = tree.parse_node(root)["messages"]
+    encoding = StateNode.objects.get(project=session.project, digest=history.digest)
+    history_node = project.nodes({history.digest})[history.digest]
+    assert history_node.level > 0
+    old_history = tree.digest_of(tree.KIND_ARRAY, tree.CANONICAL, dumps(state["messages"]))
+    old_root = tree.digest_of(tree.KIND_OBJECT, tree.CANONICAL, dumps(state))
+    holes = tuple((offset, old_history if child == history.digest else child) for offset, child in root.holes)
+    project.save_nodes({
+        old_history: store.decompress(encoding.codec, bytes(encoding.data)),
+        old_root: tree.Node(root.kind, root.flavor, root.level, holes, root.text).encode(),
+    })
+    # The version an earlier release would have written (test set-up: no service writes old trees).
+    Version.objects.create(session=session, number=2, kind=VersionKind.STEP, root=old_root, parent=first,
+                           checksum=first.checksum, logical_size=first.logical_size)
+    WorkflowSession.objects.filter(pk=session.pk).update(head_number=2, version_count=2)
+    session.refresh_from_db()
+    clear_cache()
+
+    state["messages"].append({"role": "user", "content": "one more " * 80, "i": 81})
+    third = snapshot_record(session=session, state=state)
+
+    old = version_get(session=session, number=2)
+    assert version_state_bytes(old) == version_state_bytes(first)
+    assert version_diff(first, old).changes == []
+    assert [(c["op"], c["path"]) for c in version_diff(old, third).changes] == [("add", "/messages/81")]
+    assert orjson.loads(version_state_bytes(version_get(session=session, number=3))) == state
+    assert third.stored_size < 3_000  # the new history node and the new last run, not the history again
