@@ -14,6 +14,8 @@ Node kinds:
   m  run of object members (content-defined boundaries, so inserting a key moves few runs)
   p  run of array items   (fixed counts, so appending touches only the last run)
   s  long string          j  string holding JSON text, stored as structure (see FLAVORS)
+  c  chunk of a long string's text (a long string with lines is cut into chunks of lines, so a
+     scratchpad or log that grows by appending stores its new tail, not itself again)
 
 Encoding of a node: kind(1) flavor(1) level(1) nholes(varint) [offset(varint) digest(16)]* text.
 `level` > 0 on a, o, p, m nodes means the holes are runs (of level-1) instead of values.
@@ -46,6 +48,11 @@ PAGE = 32  # items per array run, and runs per higher-level run
 OBJECT_RUN_MIN = 64  # objects with more members than this are split into member runs
 MEMBER_RUN_MASK = 31  # a member run ends after a key whose CRC32 & mask == 0 (about 32 members a run)
 JSON_STRING_MIN = INLINE_MAX  # strings shorter than this are never worth parsing as structure
+# A string whose text is longer than twice this, and has lines, is stored in chunks of whole lines
+# of at least this many bytes, a chunk ending after a line whose CRC32 & CHUNK_MASK is 0 (content-
+# defined: appending lines, or editing one, changes the chunk it falls in and no other).
+STRING_CHUNK_MIN = 1024
+CHUNK_MASK = 3
 
 KIND_OBJECT = ord("o")
 KIND_ARRAY = ord("a")
@@ -53,6 +60,7 @@ KIND_MEMBERS = ord("m")
 KIND_ITEMS = ord("p")
 KIND_STRING = ord("s")
 KIND_JSON_STRING = ord("j")
+KIND_CHUNK = ord("c")
 
 # Encoders a JSON string's content may have been written with. Flavor 0 is our canonical form.
 # A string is stored as structure only if re-encoding its parsed value reproduces it exactly.
@@ -320,6 +328,10 @@ class TreeWriter:
         self._store(digest, kind, flavor.code, 0, builder)
         return pending
 
+    def _write_leaf(self, digest: bytes, kind: int, flavor: int, text: bytes) -> list[Candidate]:
+        self.new_nodes[digest] = Node(kind, flavor, 0, (), text).encode()
+        return []
+
     def _store(self, digest: bytes, kind: int, flavor: int, level: int, builder: _TextBuilder) -> None:
         self.new_nodes[digest] = Node(kind, flavor, level, tuple(builder.holes), bytes(builder.text)).encode()
 
@@ -420,8 +432,21 @@ class TreeWriter:
     def _write_string(self, value: Any, text: bytes, flavor: Flavor, digest: bytes) -> list[Candidate]:
         inner = _json_inside(value) if isinstance(value, str) and len(value) >= JSON_STRING_MIN else None
         if inner is None:
-            self.new_nodes[digest] = Node(KIND_STRING, flavor.code, 0, (), text).encode()
-            return []
+            pieces = _string_pieces(value) if isinstance(value, str) and len(text) > 2 * STRING_CHUNK_MIN else None
+            if pieces is None:
+                self.new_nodes[digest] = Node(KIND_STRING, flavor.code, 0, (), text).encode()
+                return []
+            # The text's quotes, and between them the chunks' texts (each a piece's escaped text):
+            # a string is escaped character by character, so the pieces' texts spell the string's.
+            chunks: list[Candidate] = []
+            for piece in pieces:
+                chunk = flavor.encode(piece)[1:-1]
+                chunk_digest = self._digest(KIND_CHUNK, flavor.code, chunk, partial(digest_of, KIND_CHUNK, flavor.code, chunk))
+                chunks.append((chunk_digest, partial(self._write_leaf, chunk_digest, KIND_CHUNK, flavor.code, chunk)))
+            self.new_nodes[digest] = Node(
+                KIND_STRING, flavor.code, 1, tuple((1, chunk_digest) for chunk_digest, _ in chunks), b'""'
+            ).encode()
+            return chunks
         parsed, inner_flavor = inner
         # Stored under the same digest as the plain string would be (same meaning); the node says
         # the text is the JSON-string literal of what its one child spells in `inner_flavor`.
@@ -429,6 +454,26 @@ class TreeWriter:
         child = self.node_of(parsed, inner_text, KIND_OBJECT if type(parsed) is dict else KIND_ARRAY, inner_flavor)
         self.new_nodes[digest] = Node(KIND_JSON_STRING, flavor.code, inner_flavor.code, ((0, child[0]),), b"").encode()
         return [child]
+
+
+def _string_pieces(value: str) -> list[str] | None:
+    """The string cut after lines into pieces of at least STRING_CHUNK_MIN characters, ending where a
+    line's CRC32 says so (see STRING_CHUNK_MIN); None if that makes fewer than two."""
+    if "\n" not in value:
+        return None
+    pieces: list[str] = []
+    start = size = 0
+    for line in value.split("\n")[:-1]:
+        size += len(line) + 1
+        if size >= STRING_CHUNK_MIN and zlib.crc32(line.encode()) & CHUNK_MASK == 0:
+            end = start + size
+            pieces.append(value[start:end])
+            start, size = end, 0
+    if not pieces:
+        return None
+    if start < len(value):
+        pieces.append(value[start:])
+    return pieces if len(pieces) > 1 else None
 
 
 def value_digest(value: Any, flavor: int) -> bytes | None:

@@ -20,11 +20,12 @@ SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.func
 @pytest.fixture(autouse=True, params=["split-fine", "split-default"])
 def split_min(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run every test twice: as configured (subtrees up to SPLIT_MIN and full runs up to RUN_LEAF_MAX
-    stay whole) and with every subtree over INLINE_MAX split, so the run and member-run paths get
-    exercised by small states too."""
+    stay whole) and with every subtree over INLINE_MAX split and long strings with lines cut into
+    small chunks, so the run, member-run and chunk paths get exercised by small states too."""
     if request.param == "split-fine":
         monkeypatch.setattr(tree, "SPLIT_MIN", tree.INLINE_MAX)
         monkeypatch.setattr(tree, "RUN_LEAF_MAX", 0)
+        monkeypatch.setattr(tree, "STRING_CHUNK_MIN", 40)
     return tree.SPLIT_MIN
 
 
@@ -54,6 +55,7 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
     st.text(min_size=500, max_size=900),  # long strings become their own nodes
+    st.lists(st.text(max_size=90), min_size=10, max_size=40).map("\n".join),  # ... with lines: chunks
 )
 json_values = st.recursive(
     scalars,
@@ -185,6 +187,18 @@ def test_items_between_equal_ones_are_compared_in_place():
         ("replace", "/list/0/v"), ("replace", "/list/2/v"), ("replace", "/list/4"), ("add", "/list/5"),
     ]
     assert apply_patch(a, result.patch) == b
+
+
+def test_a_log_that_grows_by_lines_stores_its_new_tail_not_itself_again():
+    lines = [f"{n:04d} observed the tool output and planned the next call \u00e9\"quoted\"" for n in range(400)]
+    nodes = MemoryNodes()
+    state = {"log": "\n".join(lines), "step": 1}
+    nodes.write(state)
+    state = {"log": state["log"] + "\none more line", "step": 2}
+    root, new_nodes = nodes.write(state)
+    assert nodes.read(root) == dumps(state)
+    assert len(dumps(state)) > 25_000
+    assert sum(len(raw) for raw in new_nodes.values()) < 3_000
 
 
 def test_pointer_escaping_in_paths():
