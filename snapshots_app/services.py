@@ -59,6 +59,7 @@ class PreparedState:
     value: dict[str, Any]
     canonical: bytes
     checksum: str
+    members: dict[str, bytes]  # the canonical bytes of each top-level member
 
 
 def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
@@ -69,7 +70,7 @@ def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
         canonical.validate_state(state, max_depth=settings.STATE_MAX_DEPTH)
         value = state
     try:
-        data = canonical.dumps(value)
+        data, members = canonical.dumps_state(value)
     except TypeError as exc:
         # A non-string key or an integer beyond 64 bits: say where.
         canonical.explain(value, max_depth=settings.STATE_MAX_DEPTH)
@@ -79,7 +80,7 @@ def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
             f"state is {len(data)} bytes as canonical JSON; the limit is {settings.STATE_MAX_BYTES}",
             size=len(data), limit=settings.STATE_MAX_BYTES,
         )
-    return PreparedState(value=value, canonical=data, checksum=canonical.checksum(data))
+    return PreparedState(value=value, canonical=data, checksum=canonical.checksum(data), members=members)
 
 
 def _clean_text(name: str, value: Any, limit: int) -> str:
@@ -355,7 +356,8 @@ def snapshot_record(
                 return replay
         _check_expected(locked, expected)
         written = store.ProjectStore(session.project_id).write_state(
-            prepared.value, prepared.canonical, prepared.checksum, session_id=locked.pk, head=locked.head_number
+            prepared.value, prepared.canonical, prepared.checksum, prepared.members,
+            session_id=locked.pk, head=locked.head_number,
         )
         version = _append(
             locked,
@@ -419,7 +421,7 @@ def _append_to_known_head(
             store.head_shapes.put(session.pk, (head, known))
     if not head or (expected is not None and expected != head):
         return None
-    root, new_nodes = project.plan(prepared.value, prepared.canonical, prepared.checksum, known)
+    root, new_nodes = project.plan(prepared.value, prepared.canonical, prepared.checksum, known, prepared.members)
     version = _new_version(
         session, head + 1, kind=kind, root=root, checksum=prepared.checksum, logical_size=len(prepared.canonical),
         idempotency_key=key, actor=actor, actor_label=actor_label, **fields,

@@ -423,7 +423,8 @@ class ProjectStore:
         return sum(len(data) for data in rows.datas)
 
     def plan(
-        self, state: dict[str, Any], canonical: bytes, checksum: str, known: dict[bytes, tuple[bytes, ...]] | None
+        self, state: dict[str, Any], canonical: bytes, checksum: str, known: dict[bytes, tuple[bytes, ...]] | None,
+        members: dict[str, bytes] | None = None,
     ) -> tuple[bytes, dict[bytes, bytes]]:
         """The state's root digest and the encodings of its nodes that are not stored yet.
 
@@ -440,17 +441,18 @@ class ProjectStore:
             writer = tree.TreeWriter(self.existing, memo_digest)
         else:
             writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in known}, memo_digest)
-        return writer.write_root(state, canonical, bytes.fromhex(checksum)), writer.new_nodes
+        return writer.write_root(state, canonical, bytes.fromhex(checksum), members), writer.new_nodes
 
     def write_state(
-        self, state: dict[str, Any], canonical: bytes, checksum: str, *, session_id: Any = None, head: int = 0
+        self, state: dict[str, Any], canonical: bytes, checksum: str, members: dict[str, bytes] | None = None, *,
+        session_id: Any = None, head: int = 0,
     ) -> Written:
         """Store a state's new nodes. The caller holds the project's shared write lock and, when it
         passes `session_id`, that session's row lock with `head` its head version number: the head
         is never garbage while it is the head, so its tree (cached from the last write here, else
         learnt in one round trip) is what the new nodes are checked against (see plan)."""
         known = self._head_shape(session_id, head) if head and connection.vendor == "postgresql" else None
-        root, new_nodes = self.plan(state, canonical, checksum, known)
+        root, new_nodes = self.plan(state, canonical, checksum, known, members)
         stored = self.save_nodes(new_nodes)
         return Written(root, stored, shape_after(root, new_nodes, known or {}))
 

@@ -254,11 +254,17 @@ class TreeWriter:
         self._existing = existing
         self._digest = memo
         self.new_nodes: dict[bytes, bytes] = {}
+        self._root: Any = None
+        self._root_members: dict[str, bytes] = {}
 
-    def write_root(self, state: dict[str, Any], canonical: bytes, state_sha256: bytes | None = None) -> bytes:
-        """Store `state` (whose canonical bytes are `canonical`, with that SHA-256 if the caller has
-        it) and return the root digest."""
+    def write_root(
+        self, state: dict[str, Any], canonical: bytes, state_sha256: bytes | None = None,
+        members: dict[str, bytes] | None = None,
+    ) -> bytes:
+        """Store `state` (whose canonical bytes are `canonical`, with that SHA-256 and the canonical
+        bytes of each member if the caller has them) and return the root digest."""
         digest = root_digest(state_sha256 or hashlib.sha256(canonical).digest())
+        self._root, self._root_members = state, members or {}
         # Build the root before knowing whether it exists, and ask about it together with its
         # children: a new root is the usual case, and this saves a round trip on it.
         frontier = self._write_value(state, canonical, KIND_OBJECT, FLAVORS[CANONICAL], digest)
@@ -276,9 +282,10 @@ class TreeWriter:
             frontier = following
         return digest
 
-    def _piece(self, value: Any, flavor: Flavor, pending: list[Candidate]) -> bytes | Hole:
-        """Inline text for a small value, else a hole for a node written if it does not exist."""
-        text = flavor.encode(value)
+    def _piece(self, value: Any, flavor: Flavor, pending: list[Candidate], text: bytes | None = None) -> bytes | Hole:
+        """Inline text for a small value (`text` if the caller has it), else a hole for a node
+        written if it does not exist."""
+        text = text or flavor.encode(value)
         if len(text) <= INLINE_MAX:
             return text
         candidate = self.node_of(value, text, node_kind(value), flavor)
@@ -341,11 +348,12 @@ class TreeWriter:
         pending: list[Candidate] = []
         builder = _TextBuilder()
         builder.add(opener)
+        texts = self._root_members if value is self._root else {}
         for index, key in enumerate(keys):
             if index:
                 builder.add(flavor.item_sep)
             builder.add(flavor.encode(key) + flavor.key_sep)
-            builder.add(self._piece(value[key], flavor, pending))
+            builder.add(self._piece(value[key], flavor, pending, texts.get(key)))
         return builder, pending
 
     def _items_text(self, items: list[Any], flavor: Flavor, opener: bytes = b"") -> tuple[_TextBuilder, list[Candidate]]:
@@ -372,8 +380,9 @@ class TreeWriter:
                     runs.append([])
             if not runs[-1]:
                 runs.pop()
+            known = self._root_members if value is self._root else {}
             texts = [
-                flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + flavor.encode(value[k]) for k in run)
+                flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + (known.get(k) or flavor.encode(value[k])) for k in run)
                 for run in runs
             ]
             run_kind, opener, closer = KIND_MEMBERS, b"{", b"}"
