@@ -99,16 +99,39 @@ class _Walker:
         return parsed
 
     def value(self, child: Any, flavor: int) -> Any:
+        """A child as a value. A node with children is read once the walk is over (see resolve):
+        all such values then come in one fetch per tree level, not a few round trips each."""
         if type(child) is not HoleRef:
             return child
-        node = self.node(child.digest)
-        if node.children or node.kind == tree.KIND_JSON_STRING:
-            return tree.loads(tree.assemble(child.digest, self._fetch_all)[0], flavor)
-        return tree.loads(node.text, flavor)  # a leaf: its text is the whole value
+        node = self.cache.get(child.digest)
+        if node is not None and not node.children and node.kind != tree.KIND_JSON_STRING:
+            return tree.loads(node.text, flavor)  # a leaf at hand: its text is the whole value
+        return _Deferred(child.digest, flavor)
 
-    def _fetch_all(self, digests: set[bytes]) -> dict[bytes, Node]:
-        self.prefetch(digests)
-        return {digest: self.cache[digest] for digest in digests}
+    def resolve(self) -> None:
+        """Put the values of nodes with children (see value) into the changes and the patch."""
+        targets = [
+            (entry, key) for entry in (*self.result.changes, *self.result.patch) for key in ("old", "new", "value")
+            if type(entry.get(key)) is _Deferred
+        ]
+        if not targets:
+            return
+        frontier = {entry[key].digest for entry, key in targets}
+        seen = set(frontier)
+        while frontier:
+            self.prefetch(frontier)  # what is not at hand yet, one round trip a level (or fewer)
+            frontier = {child for digest in frontier for child in self.cache[digest].children} - seen
+            seen |= frontier
+        texts: dict[bytes, bytes] = {}
+        values: dict[tuple[bytes, int], Any] = {}
+        for entry, key in targets:
+            deferred = entry[key]
+            found = values.get((deferred.digest, deferred.flavor), _MISSING)
+            if found is _MISSING:
+                found = values[(deferred.digest, deferred.flavor)] = tree.loads(
+                    tree.splice(deferred.digest, self.cache, texts), deferred.flavor
+                )
+            entry[key] = found
 
     # -- classification ----------------------------------------------------------------------------
 
@@ -431,6 +454,14 @@ class _Walker:
         self.result.patch.append({"op": "replace", "path": path, "value": self.value(b, flavor)})
 
 
+@dataclass(frozen=True, slots=True)
+class _Deferred:
+    """A value to read once the walk is over (see _Walker.resolve)."""
+
+    digest: bytes
+    flavor: int
+
+
 @dataclass
 class _StringContext:
     pointer: str
@@ -456,6 +487,7 @@ def diff_trees(
 ) -> DiffResult:
     walker = _Walker(source, structural_strings=structural_strings)
     walker.diff(HoleRef(root_a), HoleRef(root_b), "", None, CANONICAL)
+    walker.resolve()
     return walker.result
 
 

@@ -81,7 +81,7 @@ def test_every_state_splices_back_to_its_canonical_bytes(state):
     assert nodes.read(root) == dumps(state)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=SUPPRESSED)
+@settings(max_examples=25, deadline=None, suppress_health_check=SUPPRESSED)
 @given(states)
 def test_a_state_and_its_members_encode_to_its_canonical_bytes(state):
     data, members = dumps_state(state)
