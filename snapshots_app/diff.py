@@ -69,6 +69,7 @@ class _Walker:
         self.cache: dict[bytes, Node] = {}
         self.parsed: dict[bytes, Any] = {}  # parse_node per digest, for this diff
         self.result = DiffResult()
+        self.deferred: list[tuple[dict[str, Any], str]] = []  # (change or patch operation, key) to resolve
 
     # -- node access -------------------------------------------------------------------------------
 
@@ -110,10 +111,7 @@ class _Walker:
 
     def resolve(self) -> None:
         """Put the values of nodes with children (see value) into the changes and the patch."""
-        targets = [
-            (entry, key) for entry in (*self.result.changes, *self.result.patch) for key in ("old", "new", "value")
-            if type(entry.get(key)) is _Deferred
-        ]
+        targets = self.deferred
         if not targets:
             return
         frontier = {entry[key].digest for entry, key in targets}
@@ -172,17 +170,27 @@ class _Walker:
     def emit(self, op: str, path: str, old: Any, new: Any, ctx: _StringContext | None, flavor: int) -> None:
         change: dict[str, Any] = {"path": path, "op": op, "kind": KIND_NAMES[op]}
         if op != "add":
-            change["old"] = self.value(old, flavor)
+            change["old"] = value = self.value(old, flavor)
+            if type(value) is _Deferred:
+                self.deferred.append((change, "old"))
         if op != "remove":
-            change["new"] = self.value(new, flavor)
+            change["new"] = value = self.value(new, flavor)
+            if type(value) is _Deferred:
+                self.deferred.append((change, "new"))
         if ctx is not None:
             change["string_path"] = ctx.pointer
             ctx.touched = True
         elif op == "remove":
             self.result.patch.append({"op": op, "path": path})
         else:
-            self.result.patch.append({"op": op, "path": path, "value": change["new"]})
+            self.patch_value(path, change["new"], op)
         self.result.changes.append(change)
+
+    def patch_value(self, path: str, value: Any, op: str = "replace") -> None:
+        operation = {"op": op, "path": path, "value": value}
+        if type(value) is _Deferred:
+            self.deferred.append((operation, "value"))
+        self.result.patch.append(operation)
 
     # -- walking -----------------------------------------------------------------------------------
 
@@ -451,7 +459,7 @@ class _Walker:
             # Same structure, different spelling (whitespace, key order): report the string itself.
             self.emit("replace", path, a, b, None, flavor)
             return
-        self.result.patch.append({"op": "replace", "path": path, "value": self.value(b, flavor)})
+        self.patch_value(path, self.value(b, flavor))
 
 
 @dataclass(frozen=True, slots=True)
