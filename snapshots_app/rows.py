@@ -56,18 +56,15 @@ def _sql(name: str) -> str:
     version_table = Version._meta.db_table
     if name == "session_lock":
         return _locking_select(", ".join("s." + _q(f.column) for f in _SESSION_FIELDS))
-    if name in ("version", "version_pair"):
-        # The root node comes along (a missing one is the read's to report), saving a read or a diff
-        # one round trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes
-        # (which a plain join was planned as; see store._PROBE_SQL). A pair is a diff's two ends.
-        where = "v.session_id = %s AND v.number = %s"
-        if name == "version_pair":
-            where = f"({where}) OR ({where})"
+    if name == "version":
+        # The root node comes along (a missing one is the read's to report), saving a read one round
+        # trip. LATERAL + LIMIT: a primary-key probe, never a scan of the project's nodes (which a
+        # plain join was planned as; see store._PROBE_SQL).
         return (
             f"SELECT {', '.join('v.' + _q(f.column) for f in _VERSION_COLUMNS)}, n.codec, n.data, n.seal "
             f"FROM {version_table} AS v LEFT JOIN LATERAL (SELECT s.codec, s.data, s.seal "
             f"FROM {StateNode._meta.db_table} AS s WHERE s.project_id = %s AND s.digest = v.root LIMIT 1) AS n "
-            f"ON true WHERE {where}"
+            "ON true WHERE v.session_id = %s AND v.number = %s"
         )
     # Version rows with the top levels of their trees, in one round trip, with binary results (node
     # bodies as bytes): json columns come as text, as Django's fields expect. Version rows have the
@@ -92,6 +89,18 @@ def _sql(name: str) -> str:
             "walk(digest, codec, data, seal, children, level) AS ("
             f"SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM v AS r {node_at_root} "
             f"UNION ALL {store.WALK_DOWN_SQL}) {rows_of_both}"
+        )
+    if name == "version_pair_tree":
+        # A diff's two ends and, when their trees differ, the nodes below the roots that the two do
+        # not share (store.DIFF_DOWN_SQL), as deep as the diff's first prefetch would go.
+        return (
+            f"WITH RECURSIVE v AS (SELECT {columns} FROM {version_table} AS v "
+            "WHERE (v.session_id = %(session)s AND v.number = %(number)s) "
+            "OR (v.session_id = %(other_session)s AND v.number = %(other_number)s)), "
+            "walk(digest, codec, data, seal, children, level) AS ("
+            f"SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM (SELECT DISTINCT root FROM v) AS r "
+            f"{node_at_root} WHERE (SELECT count(DISTINCT root) FROM v) = 2 "
+            f"UNION ALL {store.DIFF_DOWN_SQL}) {rows_of_both}"
         )
     raise KeyError(name)
 
@@ -207,40 +216,43 @@ def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, m
 def version_by_number(session: WorkflowSession, number: int) -> Version | None:
     """The session's version `number` (None if it has none) with `session` attached; its root node
     goes into the store's node cache on the way."""
-    return _versions("version", [(session, number)])[0]
-
-
-def version_pair(
-    first: tuple[WorkflowSession, int], second: tuple[WorkflowSession, int]
-) -> tuple[Version | None, Version | None]:
-    """Two versions, each (session, number), in one round trip, as version_by_number finds them
-    (a diff's two ends). The sessions must be of one project."""
-    a, b = _versions("version_pair", [first, second])
-    return a, b
-
-
-def _versions(statement: str, wanted: list[tuple[WorkflowSession, int]]) -> list[Version | None]:
-    params: list[Any] = [wanted[0][0].project_id]
-    for session, number in wanted:
-        params += [session.pk, number]
     with connection.cursor() as cursor:
-        cursor.execute(_sql(statement), params)
+        cursor.execute(_sql("version"), [session.project_id, session.pk, number])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    width = len(_VERSION_COLUMNS)
+    version = _from_row(Version, _VERSION_COLUMNS, row[:width])
+    version.session = session
+    codec, data, seal = row[width:]
+    if data is not None:
+        store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
+    return version
+
+
+def version_pair_tree(
+    first: tuple[WorkflowSession, int], second: tuple[WorkflowSession, int]
+) -> tuple[Version | None, Version | None, list[store.NodeRow]]:
+    """Two versions, each (session, number), and the node rows a diff of them starts with (for
+    selectors.version_diff's `prefetched`), in one round trip. The sessions must be of one project."""
+    (session, number), (other_session, other_number) = first, second
+    with connection.cursor() as cursor:
+        store.binary_results(cursor)
+        cursor.execute(_sql("version_pair_tree"), {
+            "session": session.pk, "number": number, "other_session": other_session.pk,
+            "other_number": other_number, "project": session.project_id, "levels": store.DIFF_LEVELS + 1,
+        })
         found = cursor.fetchall()
     width = len(_VERSION_COLUMNS)
-    by_key = {(row[_SESSION_COLUMN], row[_NUMBER_COLUMN]): row for row in found}
+    by_key = {(row[_SESSION_COLUMN], row[_NUMBER_COLUMN]): row for row in found if row[0] is not None}
     versions: list[Version | None] = []
-    for session, number in wanted:
-        row = by_key.get((session.pk, number))
-        if row is None:
-            versions.append(None)
-            continue
-        version = _from_row(Version, _VERSION_COLUMNS, row[:width])
-        version.session = session
-        codec, data, seal = row[width:]
-        if data is not None:
-            store.remember_node(session.project_id, bytes(version.root), codec, bytes(data), seal)
+    for wanted_session, wanted_number in (first, second):
+        row = by_key.get((wanted_session.pk, wanted_number))
+        version = None if row is None else _from_row(Version, _VERSION_COLUMNS, row[:width])
+        if version is not None:
+            version.session = wanted_session
         versions.append(version)
-    return versions
+    return versions[0], versions[1], [row[width:] for row in found if row[0] is None]
 
 
 def version_with_tree(session: WorkflowSession, number: int) -> tuple[Version | None, list[store.NodeRow]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -51,19 +52,18 @@ def version_pair_diff(
 ) -> tuple[Version, Version, DiffResult]:
     """Version `number` of `session`, version `other_number` of `other_session` (default: the same
     session) and their diff (VersionNotFound names a missing end). On PostgreSQL the two ends and
-    their root nodes come in one round trip; the walk then finds most nodes in the node cache, and
-    fetches the rest a few tree levels per round trip."""
+    the top of both trees come in one round trip."""
     other_session = other_session or session
     number, other_number = _version_number(number), _version_number(other_number)
     if connection.vendor != "postgresql" or session.project_id != other_session.project_id:
         a, b = version_get(session=session, number=number), version_get(session=other_session, number=other_number)
         return a, b, version_diff(a, b, structural_strings=structural_strings)
-    found_a, found_b = rows.version_pair((session, number), (other_session, other_number))
+    found_a, found_b, prefetched = rows.version_pair_tree((session, number), (other_session, other_number))
     if found_a is None:
         raise _not_found(session, number)
     if found_b is None:
         raise _not_found(other_session, other_number)
-    return found_a, found_b, version_diff(found_a, found_b, structural_strings=structural_strings)
+    return found_a, found_b, version_diff(found_a, found_b, structural_strings=structural_strings, prefetched=prefetched)
 
 
 def version_with_state_bytes(*, session: WorkflowSession, number: Any) -> tuple[Version, bytes]:
@@ -95,13 +95,17 @@ def head_version(session: WorkflowSession) -> Version | None:
     return version_get(session=session, number=session.head_number)
 
 
-def version_diff(a: Version, b: Version, *, structural_strings: bool = True) -> DiffResult:
-    """Diff any two versions of one project (also across sessions, e.g. a fork and its source)."""
+def version_diff(
+    a: Version, b: Version, *, structural_strings: bool = True, prefetched: Iterable[store.NodeRow] = ()
+) -> DiffResult:
+    """Diff any two versions of one project (also across sessions, e.g. a fork and its source).
+    `prefetched`: node rows already fetched along with the versions (see version_pair_diff)."""
     if a.session.project_id != b.session.project_id:
         raise InvalidState("versions of different projects cannot be compared")
     # Every node the walk uses is checked against its seal (store.ProjectStore.nodes), so the diff
     # never needs to splice and hash both whole states: its cost follows the change.
     source = store.ProjectStore(a.session.project_id, levels=store.DIFF_LEVELS, for_diff=True)
+    source.keep_rows(prefetched)
     try:
         return diff_trees(bytes(a.root), bytes(b.root), source, structural_strings=structural_strings)
     except (tree.MissingNode, store.CorruptNode) as exc:

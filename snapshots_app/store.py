@@ -85,8 +85,8 @@ _PROBE_LEVELS_SQL = (
 # The same for a diff, which asks for both sides' differing nodes at once: below them it does not
 # descend into a child that more than one node of the level has, i.e. (nearly always) one that both
 # sides share, which the diff skips by digest. A pruned node the diff does need after all is fetched
-# when it is asked for.
-_DIFF_DOWN_SQL = (
+# when it is asked for. DIFF_DOWN_SQL is that step down (rows.version_pair_tree starts it at two roots).
+DIFF_DOWN_SQL = (
     "SELECT n.digest, n.codec, n.data, n.seal, n.children, c.level + 1 FROM "
     "(SELECT child, level, count(*) OVER (PARTITION BY child) AS parents FROM "
     "(SELECT substring(walk.children FROM i * 16 + 1 FOR 16) AS child, walk.level FROM walk "
@@ -96,7 +96,7 @@ _DIFF_DOWN_SQL = (
 )
 _PROBE_DIFF_SQL = (
     "WITH RECURSIVE walk(digest, codec, data, seal, children, level) AS ("
-    f"{_WANTED_NODES_SQL} UNION ALL {_DIFF_DOWN_SQL}) SELECT digest, codec, data, seal FROM walk"
+    f"{_WANTED_NODES_SQL} UNION ALL {DIFF_DOWN_SQL}) SELECT digest, codec, data, seal FROM walk"
 )
 # Every node of a version's tree, digests and children only, in one round trip (a writer that has
 # not seen the session's head yet learns its tree). UNION, not UNION ALL: a subtree that appears

@@ -241,7 +241,8 @@ def run_profile(profile: Profile, *, seed: int, reads: int, diffs: int) -> Resul
         f"store write = {_ms(result.store_write_s / n)} ms, of which the tree (splitting and hashing the state, "
         f"compressing new nodes: store.plan + node_rows) {_ms(breakdown.seconds / n)} ms; the rest is validation, "
         "canonical JSON and its SHA-256, and the database: usually one statement (locks, nodes, version row, "
-        "session) with its commit (live-update publish and queueing finalize follow on a background thread)"
+        "session) with its commit (live-update publish, finalize queueing and head-cache refresh follow on a "
+        "background thread, once per SESSION_NOTIFY_INTERVAL_MS per session at most)"
     )
     result.store_bytes = table_bytes(STORE_TABLES)
     result.base_bytes = table_bytes((BASELINE_TABLE,))
