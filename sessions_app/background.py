@@ -100,6 +100,16 @@ def _nothing() -> None:
 _coalescer = _Coalescer()
 
 
+def _forget_parent_work() -> None:
+    """A forked child (a pre-forking server's worker) starts with nothing waiting: its parent sends
+    what it had, and a lock held at the fork would stay held."""
+    global _coalescer
+    _coalescer = _Coalescer()
+
+
+os.register_at_fork(after_in_child=_forget_parent_work)
+
+
 def _call(job: Callable[..., None], *args: Any) -> None:
     try:
         job(*args)

@@ -281,7 +281,9 @@ class _Walker:
             key for key, child in members_a.items()
             if (other := get_b(key, _MISSING)) is _MISSING or not same(child, other, flavor)
         ]
-        if len(members_b) > len(members_a) - len(differing) + sum(1 for key in differing if key in members_b):
+        # b has keys a lacks iff it has more than the keys of a it shares (all of a but the removed).
+        removed = sum(1 for key in differing if key not in members_b)
+        if len(members_b) > len(members_a) - removed:
             differing += [key for key in members_b if key not in members_a]
         if not differing:
             return

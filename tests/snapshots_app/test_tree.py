@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshots_app import tree
-from snapshots_app.canonical import dumps, dumps_state
+from snapshots_app.canonical import dumps
 from snapshots_app.diff import apply_patch, diff_trees, diff_values
 
 SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
@@ -79,14 +79,6 @@ def test_every_state_splices_back_to_its_canonical_bytes(state):
     nodes = MemoryNodes()
     root, _ = nodes.write(state)
     assert nodes.read(root) == dumps(state)
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=SUPPRESSED)
-@given(states)
-def test_a_state_and_its_members_encode_to_its_canonical_bytes(state):
-    data, members = dumps_state(state)
-    assert data == dumps(state)
-    assert members == {key: dumps(value) for key, value in state.items()}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)

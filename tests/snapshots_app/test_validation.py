@@ -1,4 +1,5 @@
-"""The fast state validator agrees with the value-by-value one it falls back to for messages."""
+"""The fast state validator agrees with the value-by-value one it falls back to for messages, and
+canonical bytes built from a state's members are the canonical bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessions_app.errors import InvalidState
-from snapshots_app.canonical import explain, validate_state
+from snapshots_app.canonical import dumps, dumps_state, explain, validate_state
 
 
 class Level(enum.IntEnum):
@@ -66,3 +67,21 @@ def test_depth_is_enforced_level_by_level():
     validate_state(deep, max_depth=6)
     with pytest.raises(InvalidState, match="deeper than 5"):
         validate_state(deep, max_depth=5)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.text(max_size=8),
+              st.floats(allow_nan=False, allow_infinity=False)),
+    lambda children: st.one_of(st.lists(children, max_size=5), st.dictionaries(st.text(max_size=6), children, max_size=5)),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=8))
+def test_a_state_and_its_members_encode_to_its_canonical_bytes(state):
+    """The write keeps its members' bytes for the tree (canonical.dumps_state): they must spell the
+    canonical bytes exactly, keys sorted as orjson sorts them."""
+    data, members = dumps_state(state)
+    assert data == dumps(state)
+    assert members == {key: dumps(value) for key, value in state.items()}
