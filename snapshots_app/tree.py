@@ -5,9 +5,12 @@ Pure code, no database: callers pass a `lookup` that says which digests already 
 
 A state's canonical JSON is cut into nodes. A node is a piece of JSON text with *holes*; each hole is
 filled by a child node's text. Reading a version is splicing bytes (no parsing); the result is
-verified against the version's SHA-256. A node's digest is BLAKE2b over (kind, flavor, the full text
-of the subtree), i.e. over what it *means*, not how it is split, so identical subtrees anywhere in a
-project share one node and unchanged subtrees are recognised before they are even split.
+verified against the version's SHA-256. Most nodes' digest is BLAKE2b over (kind, flavor, the full
+text of the subtree), i.e. over what it *means*, not how it is split, so identical subtrees anywhere
+in a project share one node and unchanged subtrees are recognised before they are even split. A
+node whose holes are runs is stored under the digest of its own encoding (paged_digest, a Merkle
+digest: appending to a long history hashes its new runs, not the history), and a state's root
+under one derived from the state's SHA-256 (root_digest: the write computes that anyway).
 
 Node kinds:
   o  object              a  array
@@ -18,7 +21,8 @@ Node kinds:
      scratchpad or log that grows by appending stores its new tail, not itself again)
 
 Encoding of a node: kind(1) flavor(1) level(1) nholes(varint) [offset(varint) digest(16)]* text.
-`level` > 0 on a, o, p, m nodes means the holes are runs (of level-1) instead of values.
+`level` > 0 on a, o, p, m nodes means the holes are runs (of level-1) instead of values; on an s
+node, that its holes are chunks; on a j node it is the flavor of the JSON inside.
 """
 
 from __future__ import annotations
