@@ -92,6 +92,10 @@ class _Walker:
             node = self.cache[digest]
         return node
 
+    def _nodes(self, digests: set[bytes]) -> dict[bytes, Node]:
+        self.prefetch(digests)
+        return {digest: self.cache[digest] for digest in digests}
+
     def parse(self, digest: bytes) -> Any:
         """The node's own text as a value (holes as HoleRefs); read-only for the walk."""
         parsed = self.parsed.get(digest)
@@ -114,12 +118,8 @@ class _Walker:
         targets = self.deferred
         if not targets:
             return
-        frontier = {entry[key].digest for entry, key in targets}
-        seen = set(frontier)
-        while frontier:
-            self.prefetch(frontier)  # what is not at hand yet, one round trip a level (or fewer)
-            frontier = {child for digest in frontier for child in self.cache[digest].children} - seen
-            seen |= frontier
+        # Everything below them, a level per fetch; what is at hand already is not asked for again.
+        tree.reachable({entry[key].digest for entry, key in targets}, self._nodes)
         texts: dict[bytes, bytes] = {}
         values: dict[tuple[bytes, int], Any] = {}
         for entry, key in targets:
@@ -489,7 +489,7 @@ def _item_key(item: Any, flavor: int) -> Any:
     text = FLAVORS[flavor].encode(item)
     if len(text) <= tree.INLINE_MAX:
         return (text,)  # a tuple: never equal to a digest
-    return tree.value_digest(item, flavor)
+    return tree.value_digest(item, flavor, text)
 
 
 def diff_trees(

@@ -248,7 +248,7 @@ def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[byt
         if digest not in verified:
             kind = tree.KIND_STRING if node.kind == tree.KIND_JSON_STRING else node.kind
             as_root = digest == root and tree.root_digest(hashlib.sha256(result).digest()) == digest
-            paged = node.kind != tree.KIND_JSON_STRING and node.level > 0 and tree.paged_digest(node.encode()) == digest
+            paged = node.kind in tree.CONTAINER_KINDS and node.level > 0 and tree.paged_digest(node.encode()) == digest
             if not (as_root or paged) and tree.digest_of(kind, node.flavor, result) != digest:
                 raise ImportRejected(f"node {digest.hex()} does not match its digest: the file is corrupt")
             verified.add(digest)

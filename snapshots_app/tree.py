@@ -65,6 +65,8 @@ KIND_ITEMS = ord("p")
 KIND_STRING = ord("s")
 KIND_JSON_STRING = ord("j")
 KIND_CHUNK = ord("c")
+# Kinds whose nodes at level > 0 hold runs (and are stored under paged_digest).
+CONTAINER_KINDS = (KIND_OBJECT, KIND_ARRAY, KIND_MEMBERS, KIND_ITEMS)
 
 # Encoders a JSON string's content may have been written with. Flavor 0 is our canonical form.
 # A string is stored as structure only if re-encoding its parsed value reproduces it exactly.
@@ -323,8 +325,7 @@ class TreeWriter:
 
     def _write_value(self, value: Any, text: bytes, kind: int, flavor: Flavor, digest: bytes) -> list[Candidate]:
         if kind != KIND_STRING and len(text) <= SPLIT_MIN:
-            self.new_nodes[digest] = Node(kind, flavor.code, 0, (), text).encode()
-            return []
+            return self._write_leaf(digest, kind, flavor.code, text)
         if _is_paged(value, text, kind):  # only a root gets here: other paged values go by node_of
             self.new_nodes[digest], runs = self._paged(value, kind, flavor)
             return runs
@@ -400,8 +401,7 @@ class TreeWriter:
 
             def write_leaf(run: Any = run, run_digest: bytes = run_digest, text: bytes = text) -> list[Candidate]:
                 if run_kind == KIND_ITEMS and len(run) == PAGE and len(text) <= RUN_LEAF_MAX:
-                    self.new_nodes[run_digest] = Node(run_kind, flavor.code, 0, (), text).encode()
-                    return []
+                    return self._write_leaf(run_digest, run_kind, flavor.code, text)
                 if run_kind == KIND_ITEMS:
                     builder, pending = self._items_text(run, flavor)
                 else:
@@ -447,8 +447,7 @@ class TreeWriter:
         if inner is None:
             pieces = _string_pieces(value) if isinstance(value, str) and len(text) > 2 * STRING_CHUNK_MIN else None
             if pieces is None:
-                self.new_nodes[digest] = Node(KIND_STRING, flavor.code, 0, (), text).encode()
-                return []
+                return self._write_leaf(digest, KIND_STRING, flavor.code, text)
             # The text's quotes, and between them the chunks' texts (each a piece's escaped text):
             # a string is escaped character by character, so the pieces' texts spell the string's.
             chunks: list[Candidate] = []
@@ -489,10 +488,10 @@ def _string_pieces(value: str) -> list[str] | None:
     return pieces if len(pieces) > 1 else None
 
 
-def value_digest(value: Any, flavor: int) -> bytes | None:
-    """The digest `value` is stored under as a node of its own, in `flavor`; None if it is small
-    enough to be always written inline (no node can equal it)."""
-    text = FLAVORS[flavor].encode(value)
+def value_digest(value: Any, flavor: int, text: bytes | None = None) -> bytes | None:
+    """The digest `value` (whose text in `flavor` is `text`, if the caller has it) is stored under as
+    a node of its own; None if it is small enough to be always written inline (no node can equal it)."""
+    text = text or FLAVORS[flavor].encode(value)
     if len(text) <= INLINE_MAX:
         return None
     return TreeWriter(lambda digests: set()).node_of(value, text, node_kind(value), FLAVORS[flavor])[0]
