@@ -59,7 +59,8 @@ class WorkflowSession(models.Model):
     """One workflow run / thread / conversation. Its versions live in snapshots_app."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="sessions")
+    # No index of its own: session_unique_external_id (project, external_id) leads with it.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, db_index=False, related_name="sessions")
     external_id = models.CharField(max_length=255, help_text="The engine's own session / thread id.")
     workflow = models.CharField(max_length=200, blank=True, default="")
     status = models.CharField(max_length=16, choices=SessionStatus.choices, default=SessionStatus.RUNNING)

@@ -24,7 +24,8 @@ class Version(models.Model):
     SHA-256 of the state's canonical JSON, which every read is verified against.
     """
 
-    session = models.ForeignKey(WorkflowSession, on_delete=models.CASCADE, related_name="versions")
+    # No index of its own: version_unique_number (session, number) leads with it.
+    session = models.ForeignKey(WorkflowSession, on_delete=models.CASCADE, db_index=False, related_name="versions")
     number = models.PositiveIntegerField()
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children",
