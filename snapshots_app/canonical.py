@@ -30,8 +30,8 @@ def dumps_state(value: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
     if not all(type(key) is str for key in value):
         raise TypeError("Dict key must be str")
     members = {key: orjson.dumps(value[key], option=SORT) for key in sorted(value)}
-    # One join into a buffer of the final size: concatenating key, colon and member first copied a
-    # 190 KB history several times and cost 7x the encoding itself.
+    # One join into a buffer of the final size. Concatenating key, colon and member first copied a
+    # 190 KB history four times (0.33 vs 0.05 ms in a tight loop; within a whole write, noise).
     parts = [b"{"]
     for key, text in members.items():
         parts += (orjson.dumps(key), b":", text, b",")
