@@ -257,7 +257,7 @@ def version_pair_tree(
 
 def version_with_tree(session: WorkflowSession, number: int) -> tuple[Version | None, list[store.NodeRow]]:
     """The session's version `number` (None if it has none) and the node rows of its tree's top
-    levels (for store.read_canonical's `prefetched`): a whole read in one round trip, not two."""
+    levels (for store.read_stored's `prefetched`): a whole read in one round trip, not two."""
     with connection.cursor() as cursor:
         store.binary_results(cursor)
         cursor.execute(_sql("version_tree"), {

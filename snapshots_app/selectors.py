@@ -68,16 +68,21 @@ def version_pair_diff(
 
 def version_with_state_bytes(*, session: WorkflowSession, number: Any) -> tuple[Version, bytes]:
     """Version `number` of `session` and its verified canonical state (VersionNotFound if none).
-    On PostgreSQL a version other than the head (whose state the head cache usually holds) comes
-    with its tree's top levels in the same round trip."""
+    On PostgreSQL one round trip either way: the head cache's copy (verified) with the version row,
+    or the version row with its tree's top levels (any other version, or a head the cache lost)."""
     number = _version_number(number)
-    if connection.vendor != "postgresql" or number == session.head_number:
+    if connection.vendor != "postgresql":
         version = version_get(session=session, number=number)
         return version, store.read_canonical(version)
+    if number == session.head_number:
+        cached = store.cached_head(session.pk, number)
+        if cached is not None:
+            version = version_get(session=session, number=number)
+            return version, store.verified(version, cached) or store.read_stored(version)
     found, prefetched = rows.version_with_tree(session, number)
     if found is None:
         raise _not_found(session, number)
-    return found, store.read_canonical(found, prefetched=prefetched)
+    return found, store.read_stored(found, prefetched=prefetched)
 
 
 def version_state_bytes(version: Version) -> bytes:

@@ -349,8 +349,9 @@ class _NodeLRU(_LRU):
 node_lru = _NodeLRU(getattr(settings, "STATE_NODE_CACHE_BYTES", 64 * 1024 * 1024))
 
 
-def _head_cache_key(version_id: int) -> str:
-    return f"state:{version_id}"
+def _head_cache_key(session_id: Any, number: int) -> str:
+    # By session and number, not by row id, so a read can look before it has the version's row.
+    return f"state:{session_id}:{number}"
 
 
 class ProjectStore:
@@ -687,13 +688,33 @@ def _describe(version: Version) -> str:
     return f"version {version.number} of session {version.session_id}"
 
 
-def read_canonical(version: Version, *, use_cache: bool = True, prefetched: Iterable[NodeRow] = ()) -> bytes:
-    """The version's state as canonical JSON bytes, verified against its checksum. `prefetched`:
-    node rows of its tree that came with the version (rows.version_with_tree), if any."""
+def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:
+    """The version's state as canonical JSON bytes, verified against its checksum: the head cache's
+    copy for a head, else read_stored."""
     if use_cache and version.session.head_number == version.number:
-        cached = cache.get(_head_cache_key(version.pk))
-        if cached is not None and hashlib.sha256(cached).hexdigest() == version.checksum:
+        cached = verified(version, cached_head(version.session_id, version.number))
+        if cached is not None:
             return cached
+    return read_stored(version, use_cache=use_cache)
+
+
+def cached_head(session_id: Any, number: int) -> bytes | None:
+    """What the head cache holds for that version, not yet verified (see verified)."""
+    cached: bytes | None = cache.get(_head_cache_key(session_id, number))
+    return cached
+
+
+def verified(version: Version, data: bytes | None) -> bytes | None:
+    """`data` if it is the version's state (its SHA-256 is the version's checksum), else None."""
+    if data is not None and hashlib.sha256(data).hexdigest() == version.checksum:
+        return data
+    return None
+
+
+def read_stored(version: Version, *, use_cache: bool = True, prefetched: Iterable[NodeRow] = ()) -> bytes:
+    """The version's state assembled from its nodes and verified against its checksum (IntegrityProblem
+    if it does not match); a head's refreshes the head cache. `prefetched`: node rows of its tree
+    that came with the version (rows.version_with_tree), if any."""
     project_id = version.session.project_id
     try:
         project_store = ProjectStore(project_id, use_cache=use_cache)
@@ -705,22 +726,22 @@ def read_canonical(version: Version, *, use_cache: bool = True, prefetched: Iter
     if problem is not None:
         if use_cache:
             # A bad cached piece must not look like corruption: retry from the database alone.
-            return read_canonical(version, use_cache=False)
+            return read_stored(version, use_cache=False)
         raise IntegrityProblem(
             f"{_describe(version)} failed verification ({problem}); it will not be served",
             version=version.number,
             session=str(version.session_id),
         )
     keep()
-    if use_cache and len(data) <= HEAD_CACHE_MAX and version.session.head_number == version.number:
-        cache.set(_head_cache_key(version.pk), data, STATE_CACHE_TIMEOUT)
+    if use_cache and version.session.head_number == version.number:
+        remember_head(version, data)
     return data
 
 
 def remember_head(version: Version, canonical: bytes) -> None:
-    """Warm the head cache with a state just written (call after commit)."""
+    """Warm the head cache with the version's state (for a state just written: after commit)."""
     if len(canonical) <= HEAD_CACHE_MAX:
-        cache.set(_head_cache_key(version.pk), canonical, STATE_CACHE_TIMEOUT)
+        cache.set(_head_cache_key(version.session_id, version.number), canonical, STATE_CACHE_TIMEOUT)
 
 
 def project_write_lock(project_id: int) -> None:

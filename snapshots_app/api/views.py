@@ -68,8 +68,8 @@ def with_state(version: Version, *, status_code: int = 200, state: bytes | None 
     return HttpResponse(body, status=status_code, content_type="application/json")
 
 
-def head_response(version: Version, *, status_code: int = 200) -> HttpResponse:
-    response = with_state(version, status_code=status_code)
+def head_response(version: Version, *, status_code: int = 200, state: bytes | None = None) -> HttpResponse:
+    response = with_state(version, status_code=status_code, state=state)
     response["ETag"] = etag_of(version)
     return response
 
@@ -232,14 +232,19 @@ class Head(ApiView):
     )
     def get(self, request: Request, id: str) -> HttpResponse:
         session = session_for(request, id)
-        head = selectors.head_version(session)
-        if head is None:
+        if session.head_number == 0:
             raise VersionNotFound(f"session {session.external_id} has no versions yet", version=0)
-        if etag_of(head) in {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}:
-            response = HttpResponse(status=304)
-            response["ETag"] = etag_of(head)
-            return response
-        return head_response(head)
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None:
+            # Polling: the version row alone says whether the head has moved.
+            head = selectors.version_get(session=session, number=session.head_number)
+            if etag_of(head) in {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}:
+                response = HttpResponse(status=304)
+                response["ETag"] = etag_of(head)
+                return response
+            return head_response(head)
+        head, state = selectors.version_with_state_bytes(session=session, number=session.head_number)
+        return head_response(head, state=state)
 
 
 class Diff(ApiView):

@@ -314,7 +314,7 @@ def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verif
         snapshot_record(session=session, state=state, tags=[f"t{step}"], label=f"l{step}")
     Version.objects.filter(session=session, number=1).update(summary={"added": 2, "paths": ["/a"]})
     clear_cache()
-    for number in (1, 2, 3):  # 3 is the head: read the usual way
+    for number in (1, 2, 3):  # 3 is the head
         plain = version_get(session=session, number=number)
         version, data = version_with_state_bytes(session=session, number=str(number))
         assert {f.attname: getattr(version, f.attname) for f in Version._meta.concrete_fields} == {
@@ -334,6 +334,29 @@ def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verif
         version_with_state_bytes(session=session, number=1)
 
 
+def test_a_head_read_is_one_round_trip_with_or_without_the_head_cache(session):
+    states = [agent_state(step, history=30) for step in (1, 2)]
+    for state in states:
+        snapshot_record(session=session, state=state)
+    session.refresh_from_db()
+    clear_cache()
+    with CaptureQueriesContext(connection) as cold:  # the cache lost it: the row with its tree
+        version, data = version_with_state_bytes(session=session, number=2)
+    assert (version.number, data) == (2, dumps(states[1]))
+    assert len(cold) == 1 and "RECURSIVE" in cold.captured_queries[0]["sql"]
+    from django.core.cache import cache
+
+    assert cache.get(store._head_cache_key(session.pk, 2)) == data  # the read put it back
+    store.node_lru.clear()
+    with CaptureQueriesContext(connection) as warm:  # the row alone; the state from the head cache
+        version, data = version_with_state_bytes(session=session, number=2)
+    assert (version.number, data) == (2, dumps(states[1]))
+    assert len(warm) == 1 and "RECURSIVE" not in warm.captured_queries[0]["sql"]
+    # A head-cache copy that is not the version's state is never served.
+    cache.set(store._head_cache_key(session.pk, 2), dumps(states[0]))
+    assert version_with_state_bytes(session=session, number=2)[1] == dumps(states[1])
+
+
 def test_tampered_checksum_is_an_integrity_error(session):
     version = snapshot_record(session=session, state={"n": 1})
     Version.objects.filter(pk=version.pk).update(checksum="0" * 64)
@@ -349,7 +372,7 @@ def test_cache_is_only_an_accelerator(session):
     # A poisoned cache entry is never served: the read falls back to the database.
     from django.core.cache import cache
 
-    cache.set(store._head_cache_key(version.pk), b'{"poisoned":true}')
+    cache.set(store._head_cache_key(version.session_id, version.number), b'{"poisoned":true}')
     for key in list(store.node_lru.items):
         store.node_lru.items[key] = store.tree.Node(ord("o"), 0, 0, (), b'{"poisoned":true}')
     assert version_state(version) == state
