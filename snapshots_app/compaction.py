@@ -350,14 +350,24 @@ def _sweep_batch(
         doomed = [digest for digest in batch if digest not in marked]
         if not doomed:
             return 0, 0
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"DELETE FROM {StateNode._meta.db_table} WHERE project_id = %s AND digest = ANY(%s) "
-                "RETURNING octet_length(data)",
-                [project_id, doomed],
-            )
-            sizes = [size for (size,) in cursor.fetchall()]
+        sizes = _delete_nodes(project_id, doomed)
     return len(sizes), sum(sizes)
+
+
+def _delete_nodes(project_id: int, digests: list[bytes]) -> list[int]:
+    """Delete those nodes of the project; returns the stored sizes of the ones deleted."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:  # one statement: delete and say what it freed
+            cursor.execute(
+                f"DELETE FROM {StateNode._meta.db_table} WHERE project_id = %s AND digest = ANY(%b) "
+                "RETURNING octet_length(data)",
+                [project_id, digests],
+            )
+            return [size for (size,) in cursor.fetchall()]
+    nodes = StateNode.objects.filter(project_id=project_id, digest__in=digests)
+    sizes = list(nodes.annotate(size=Length("data")).values_list("size", flat=True))
+    nodes.delete()
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +407,26 @@ def _dictionary(project_id: int) -> CompressionDictionary | None:
     return row
 
 
+def _store_recompressed(project_id: int, updates: list[tuple[bytes, bytes, int]]) -> None:
+    """Store nodes re-encoded with the dictionary, (digest, data, bytes saved) each. Only nodes still
+    plain zstd are rewritten: a concurrent run that got there first is not overwritten."""
+    with transaction.atomic():
+        if connection.vendor != "postgresql":
+            for digest, data, _ in updates:
+                StateNode.objects.filter(project_id=project_id, digest=digest, codec=store.CODEC_ZSTD).update(
+                    codec=store.CODEC_ZSTD_DICT, data=data
+                )
+            return
+        with connection.cursor() as cursor:  # one statement for the batch
+            cursor.execute(
+                f"UPDATE {StateNode._meta.db_table} AS n SET codec = %s, data = u.data "
+                "FROM unnest(%b::bytea[], %b::bytea[]) AS u(digest, data) "
+                "WHERE n.project_id = %s AND n.digest = u.digest AND n.codec = %s",
+                [store.CODEC_ZSTD_DICT, [u[0] for u in updates], [u[1] for u in updates], project_id,
+                 store.CODEC_ZSTD],
+            )
+
+
 def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) -> tuple[int, int, int]:
     """Re-encode the project's zstd nodes with its dictionary. Returns (nodes, bytes saved, progress).
 
@@ -416,7 +446,6 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
     total += len(digests)
     progress(done, total, force=True)
     nodes = saved = 0
-    table = StateNode._meta.db_table
     for batch in _chunks(digests, 500):
         rows = StateNode.objects.filter(project_id=project_id, digest__in=batch, codec=store.CODEC_ZSTD).values_list(
             "digest", "data"
@@ -429,14 +458,7 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
             if len(packed) < len(data) * RECOMPRESS_MIN_GAIN and checker.decompress(packed) == raw:
                 updates.append((bytes(digest), packed, len(data) - len(packed)))
         if updates:
-            with transaction.atomic(), connection.cursor() as cursor:
-                # `codec = 1` in the WHERE: a concurrent run that got there first is not overwritten.
-                cursor.execute(
-                    f"UPDATE {table} AS n SET codec = %s, data = u.data FROM unnest(%s::bytea[], %s::bytea[]) "
-                    "AS u(digest, data) WHERE n.project_id = %s AND n.digest = u.digest AND n.codec = %s",
-                    [store.CODEC_ZSTD_DICT, [u[0] for u in updates], [u[1] for u in updates], project_id,
-                     store.CODEC_ZSTD],
-                )
+            _store_recompressed(project_id, updates)
             nodes += len(updates)
             saved += sum(u[2] for u in updates)
         done += len(batch)

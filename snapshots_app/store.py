@@ -51,12 +51,15 @@ _NODE_TABLE = StateNode._meta.db_table
 # filtered by digest, and writes slowed down as the project grew; the LIMIT keeps the planner from
 # flattening the lateral probe into such a join.
 # Node rows go in as column arrays (NodeRows.arrays, after the project id); callers add the rest.
+# Arrays of bytes are bound in binary (%b): as text (%s) psycopg hex-escapes every element and the
+# server parses it back, measured 0.38 vs 0.08 ms for eight 2 KB nodes and 0.18 vs 0.08 ms for 50
+# digests.
 NODE_INSERT_SQL = (
     f"INSERT INTO {_NODE_TABLE} (project_id, digest, codec, data, raw_size, children, seal) "
     "SELECT %s, * FROM unnest(%b::bytea[], %b::smallint[], %b::bytea[], %b::integer[], %b::bytea[], %b::bigint[])"
 )
 _PROBE_SQL = (
-    "SELECT n.digest FROM unnest(%s::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
+    "SELECT n.digest FROM unnest(%b::bytea[]) AS wanted(digest) CROSS JOIN LATERAL "
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %s AND s.digest = wanted.digest LIMIT 1) AS n"
 )
 # One step down a tree: the node rows below the rows of `walk` (a recursive CTE's working table of
@@ -69,7 +72,7 @@ WALK_DOWN_SQL = (
 )
 # The rows of the nodes %(wanted)s, as the first level (1) of a recursive walk.
 _WANTED_NODES_SQL = (
-    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)s::bytea[]) AS wanted(digest) "
+    "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)b::bytea[]) AS wanted(digest) "
     f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
     "AND s.digest = wanted.digest LIMIT 1) AS n"
 )
