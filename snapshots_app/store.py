@@ -70,7 +70,7 @@ WALK_DOWN_SQL = (
     f"(SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
     "AND s.digest = substring(walk.children FROM i * 16 + 1 FOR 16) LIMIT 1) AS n WHERE walk.level < %(levels)s"
 )
-# The rows of the nodes %(wanted)s, as the first level (1) of a recursive walk.
+# The rows of the nodes %(wanted)b, as the first level (1) of a recursive walk.
 _WANTED_NODES_SQL = (
     "SELECT n.digest, n.codec, n.data, n.seal, n.children, 1 FROM unnest(%(wanted)b::bytea[]) AS wanted(digest) "
     f"CROSS JOIN LATERAL (SELECT * FROM {_NODE_TABLE} AS s WHERE s.project_id = %(project)s "
