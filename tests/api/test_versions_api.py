@@ -50,6 +50,8 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     assert head.status_code == 200 and head.json()["number"] == 1 and head.json()["state"] == {"a": 1}
     assert etag == f'"{head.json()["checksum"]}-1"'
     assert writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH=etag).status_code == 304
+    other = writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH='"0000-9", W/"1111-8"')  # none of them: the head
+    assert (other.status_code, other["ETag"], other.json()["state"]) == (200, etag, {"a": 1})
 
     ok = writer.post(url(session, "versions/"), {"state": {"a": 2}}, format="json", HTTP_IF_MATCH=etag)
     assert ok.status_code == 201
