@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from snapshots_app import tree
+from snapshots_app.canonical import dumps as canonical_dumps
 from snapshots_app.tree import CANONICAL, FLAVORS, PAGE, HoleRef, Node
 
 
@@ -160,7 +161,7 @@ class _Walker:
         if type_a is dict or type_a is list:
             # Python's == first: unequal there is unequal as JSON; equal there may still differ as
             # JSON (true vs 1, 1.0 vs 1 inside), which the canonical bytes settle.
-            return bool(a == b) and _canonical(a) == _canonical(b)
+            return bool(a == b) and canonical_dumps(a) == canonical_dumps(b)
         if type_a is float:
             return bool(a == b) and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
         return bool(a == b)
@@ -478,10 +479,6 @@ class _StringContext:
     touched: bool = False
 
 
-def _canonical(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
-
 def _item_key(item: Any, flavor: int) -> Any:
     """Equal keys for items `same` calls equal (a node's digest, or the value's own text)."""
     if type(item) is HoleRef:
@@ -566,9 +563,7 @@ def apply_patch(doc: Any, patch: list[dict[str, Any]], *, copy: Callable[[Any], 
                 doc = _apply_one(doc, "remove", source_tokens, None)
             doc = _apply_one(doc, "add", tokens, value)
         elif op == "test":
-            if orjson.dumps(_resolve(doc, tokens), option=orjson.OPT_SORT_KEYS) != orjson.dumps(
-                operation.get("value"), option=orjson.OPT_SORT_KEYS
-            ):
+            if canonical_dumps(_resolve(doc, tokens)) != canonical_dumps(operation.get("value")):
                 raise PatchError(f"test failed at {operation.get('path')!r}")
         elif op in ("add", "remove", "replace"):
             doc = _apply_one(doc, op, tokens, operation.get("value"))

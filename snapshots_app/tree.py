@@ -288,6 +288,10 @@ class TreeWriter:
             frontier = following
         return digest
 
+    def _member_texts(self, value: Any) -> dict[str, bytes]:
+        """The members' canonical texts the caller handed write_root, if `value` is the root."""
+        return self._root_members if value is self._root else {}
+
     def _piece(self, value: Any, flavor: Flavor, pending: list[Candidate], text: bytes | None = None) -> bytes | Hole:
         """Inline text for a small value (`text` if the caller has it), else a hole for a node
         written if it does not exist."""
@@ -353,7 +357,7 @@ class TreeWriter:
         pending: list[Candidate] = []
         builder = _TextBuilder()
         builder.add(opener)
-        texts = self._root_members if value is self._root else {}
+        texts = self._member_texts(value)
         for index, key in enumerate(keys):
             if index:
                 builder.add(flavor.item_sep)
@@ -385,7 +389,7 @@ class TreeWriter:
                     runs.append([])
             if not runs[-1]:
                 runs.pop()
-            known = self._root_members if value is self._root else {}
+            known = self._member_texts(value)
             texts = [
                 flavor.item_sep.join(flavor.encode(k) + flavor.key_sep + (known.get(k) or flavor.encode(value[k])) for k in run)
                 for run in runs
