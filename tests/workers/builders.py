@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -15,13 +15,22 @@ from tests.factories import make_session
 
 
 def bulky_state(tag: str, step: int, *, notes: int = 3) -> dict[str, Any]:
-    """A state with `notes` long strings unique to (tag, step), so each version owns a few nodes."""
+    """A state with `notes` long strings unique to (tag, step). With three or more, the state is over
+    tree.SPLIT_MIN, so each version owns a few nodes (its root, the notes array and each note) and
+    all share the "shared" array's; with fewer, a version is one node of its own."""
     return {
         "pointer": f"{tag}-step-{step}",
-        "notes": [f"{tag} v{step} note {k} " + "lorem ipsum " * 60 for k in range(notes)],
+        "notes": [f"{tag} v{step} note {k} " + "lorem ipsum " * 250 for k in range(notes)],
         "shared": ["the same long history line " * 30 for _ in range(3)],
         "counters": {"step": step},
     }
+
+
+def midnight(days_ago: int) -> datetime:
+    """Midnight UTC `days_ago` days back: histories that start there fall on the same days whatever
+    the time the tests run (retention thins by day and by hour)."""
+    day = (timezone.now() - timedelta(days=days_ago)).astimezone(UTC)
+    return day.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def record_history(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
@@ -12,12 +12,7 @@ from snapshots_app import compaction
 from snapshots_app.compaction import compaction_dry_run, compaction_run, retention_policy_get, retention_policy_set
 from snapshots_app.models import Job, JobKind, StateNode, Version
 from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind, version_label, version_pin
-from tests.workers.builders import bulky_state, read_all, record_history
-
-
-def _midnight(days_ago: int) -> datetime:
-    day = (timezone.now() - timedelta(days=days_ago)).astimezone(UTC)
-    return day.replace(hour=0, minute=0, second=0, microsecond=0)
+from tests.workers.builders import bulky_state, midnight, read_all, record_history
 
 
 def _numbers(session) -> list[int]:
@@ -31,7 +26,7 @@ def _version(session, number: int) -> Version:
 @pytest.mark.django_db
 def test_policy_keeps_newest_protected_and_one_per_day_and_never_renumbers(project, user):
     now = timezone.now()
-    session = record_history(project, "run-a", 48, start=_midnight(10), every=timedelta(hours=1))
+    session = record_history(project, "run-a", 48, start=midnight(10), every=timedelta(hours=1))
     version_pin(version=_version(session, 5), pinned=True)
     version_label(version=_version(session, 7), label="known good")
     Version.objects.filter(session=session, number=9).update(error="tool call failed")
@@ -66,7 +61,7 @@ def test_policy_keeps_newest_protected_and_one_per_day_and_never_renumbers(proje
 
 @pytest.mark.django_db
 def test_hourly_thinning_keeps_the_newest_version_of_each_hour(project):
-    session = record_history(project, "run-h", 12, start=_midnight(5), every=timedelta(minutes=20), notes=1)
+    session = record_history(project, "run-h", 12, start=midnight(5), every=timedelta(minutes=20), notes=1)
     retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=1, thin_to="hour")
     compaction_run(project=project)
     # Three versions per hour (0:00, 0:20, 0:40 ...): the newest of each hour stays.

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 
 import pytest
 from django.db import connection
-from django.utils import timezone
 
 from sessions_app import background
 from snapshots_app import tasks
@@ -16,7 +14,7 @@ from snapshots_app.integrity import integrity_scrub_start
 from snapshots_app.models import IntegrityProblem, JobStatus, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.factories import make_session
-from tests.workers.builders import read_all, record_history
+from tests.workers.builders import midnight, read_all, record_history
 from tests.workers.conftest import VISIBILITY_TIMEOUT, wait_finished, wait_for
 
 pytestmark = [pytest.mark.worker]
@@ -24,7 +22,7 @@ pytestmark = [pytest.mark.worker]
 
 def _history(project, sessions: int = 3, steps: int = 40) -> None:
     for index in range(sessions):
-        record_history(project, f"run-{index}", steps, start=timezone.now() - timedelta(days=20))
+        record_history(project, f"run-{index}", steps, start=midnight(20))
     retention_policy_set(project=project, enabled=True, keep_last=5, keep_days=1, thin_to="day")
 
 
