@@ -39,7 +39,7 @@ def record_history(
 ) -> WorkflowSession:
     """`steps` versions, created_at backdated to start, start+every, ... (oldest first)."""
     session = make_session(project, external_id)
-    start = start or timezone.now() - timedelta(days=30)
+    start = start or midnight(30)
     for step in range(1, steps + 1):
         version = snapshot_record(session=session, state=bulky_state(external_id, step, notes=notes), step=f"s{step}")
         Version.objects.filter(pk=version.pk).update(created_at=start + every * (step - 1))
