@@ -650,11 +650,8 @@ class _DigestMemo:
     def __init__(self, max_bytes: int) -> None:
         self.texts = _LRU(max_bytes, lambda entry: len(entry[0]))  # (project, kind, flavor, length) -> (text, digest)
 
-    def digest(
-        self, project_id: int, kind: int, flavor: int, text: bytes, compute: Callable[[], bytes] | None = None
-    ) -> bytes:
-        """The digest of the node spelling `text`: remembered, or `compute()` (default: digest_of)."""
-        compute = compute or (lambda: tree.digest_of(kind, flavor, text))
+    def digest(self, project_id: int, kind: int, flavor: int, text: bytes, compute: Callable[[], bytes]) -> bytes:
+        """The digest of the node spelling `text`: remembered, or `compute()`."""
         if len(text) < self.MIN_TEXT:
             return compute()
         key = (project_id, kind, flavor, len(text))
