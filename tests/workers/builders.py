@@ -15,9 +15,9 @@ from tests.factories import make_session
 
 
 def bulky_state(tag: str, step: int, *, notes: int = 3) -> dict[str, Any]:
-    """A state with `notes` long strings unique to (tag, step). With three or more, the state is over
+    """A state with `notes` ~3 KB strings unique to (tag, step). With two or more, the state is over
     tree.SPLIT_MIN, so each version owns a few nodes (its root, the notes array and each note) and
-    all share the "shared" array's; with fewer, a version is one node of its own."""
+    all share the "shared" array's; with one, a version is one node of its own."""
     return {
         "pointer": f"{tag}-step-{step}",
         "notes": [f"{tag} v{step} note {k} " + "lorem ipsum " * 250 for k in range(notes)],
