@@ -15,9 +15,9 @@ from tests.factories import make_session
 
 
 def bulky_state(tag: str, step: int, *, notes: int = 3) -> dict[str, Any]:
-    """A state with `notes` ~3 KB strings unique to (tag, step). With two or more, the state is over
-    tree.SPLIT_MIN, so each version owns a few nodes (its root, the notes array and each note) and
-    all share the "shared" array's; with one, a version is one node of its own."""
+    """A state with `notes` ~3 KB strings unique to (tag, step). With one, a version is one node of
+    its own. With two or more, the state is over tree.SPLIT_MIN: each version owns its root and its
+    notes array (from three on, each note too: five nodes) and all share the "shared" array's."""
     return {
         "pointer": f"{tag}-step-{step}",
         "notes": [f"{tag} v{step} note {k} " + "lorem ipsum " * 250 for k in range(notes)],
