@@ -63,7 +63,7 @@ beat: install
 
 test: install services
 	@command -v chromium >/dev/null || .ci/ensure-chromium
-	$(SERVICES_ENV) $(PY) -m pytest
+	$(SERVICES_ENV) $(PY) -m pytest $(ARGS)
 
 bench: install services
 	$(SERVICES_ENV) $(PY) -m tests.bench.run

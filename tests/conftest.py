@@ -11,8 +11,20 @@ from snapshots_app import store
 from tests.factories import make_project, make_session, make_user
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite runs on the real services only: on the embedded SQLite default, tests that are
+    about PostgreSQL (its locks, the one-statement write, the connection pool) or share a database
+    across threads fail for reasons that say nothing about the code. Stop before that, and say how.
+    (`make run`'s SQLite path is tested in a child process: tests/workers/test_compaction_embedded.py.)"""
+    if not os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")) or not os.environ.get("REDIS_URL"):
+        raise pytest.UsageError(
+            "the suite runs against PostgreSQL and Redis: run `make test` (ARGS=... selects tests), "
+            "or set DATABASE_URL=postgres://... and REDIS_URL=redis://... as the Makefile does"
+        )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"database: {os.environ.get('DATABASE_URL') or 'embedded SQLite'}; redis: {os.environ.get('REDIS_URL') or 'none'}"
+    return f"database: {os.environ['DATABASE_URL']}; redis: {os.environ['REDIS_URL']}"
 
 
 def clear_cache() -> None:
