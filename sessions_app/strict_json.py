@@ -23,4 +23,7 @@ def refuse_huge_integers(raw: bytes | str) -> None:
     """InvalidState if JSON text holds an integer literal outside the signed/unsigned 64-bit range."""
     data = raw.encode() if isinstance(raw, str) else raw
     if LONG_DIGIT_RUN.search(data):
-        json.loads(data, parse_int=_check_int)
+        try:
+            json.loads(data, parse_int=_check_int)
+        except RecursionError:  # the standard library's parser recurses; orjson accepted deeper text
+            raise InvalidState("JSON is nested too deeply to check its integers (about 1,000 levels or more)") from None

@@ -45,15 +45,20 @@ def checksum(canonical: bytes) -> str:
 
 def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """Parse JSON text strictly (NaN, Infinity and bare control words are refused) and validate it."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidState(f"state text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    size = len(raw)
     if size > max_bytes:
         raise StateTooLarge(f"state is {size} bytes; the limit is {max_bytes}", size=size, limit=max_bytes)
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidState(f"state is not valid JSON: {exc}") from None
+    validate_state(value, max_depth=max_depth, floats_checked=True)  # first: the integer check recurses
     refuse_huge_integers(raw)
-    validate_state(value, max_depth=max_depth, floats_checked=True)
     return value
 
 

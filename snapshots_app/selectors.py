@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -18,14 +19,17 @@ from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees
 from snapshots_app.models import IntegrityProblem, Version, VersionKind
 
+_DIGITS = re.compile(r"[0-9]{1,18}")  # a number a bigint column holds
+
 
 def _version_number(number: Any) -> int:
-    if isinstance(number, bool) or not isinstance(number, int):
-        try:
-            return int(number)
-        except (TypeError, ValueError):
-            raise VersionNotFound(f"version {number!r} is not a version number") from None
-    return number
+    """A version number given as an int or as decimal digits (a query parameter). Nothing else:
+    int() would also turn 1.9 and True into 1, and "1_0" into 10."""
+    if type(number) is int and -(2**63) <= number < 2**63:
+        return number
+    if isinstance(number, str) and _DIGITS.fullmatch(number):
+        return int(number)
+    raise VersionNotFound(f"version {number!r} is not a version number")
 
 
 def _not_found(session: WorkflowSession, number: int) -> VersionNotFound:
