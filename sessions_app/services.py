@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import uuid
@@ -93,7 +94,28 @@ def _clean_metadata(metadata: Any) -> dict[str, Any]:
         orjson.dumps(metadata)
     except TypeError as exc:
         raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
+    _refuse_lossy_jsonb(metadata)
     return metadata
+
+
+def _refuse_lossy_jsonb(metadata: dict[str, Any]) -> None:
+    """InvalidState for what PostgreSQL's jsonb would not give back as it was sent: NUL in a string
+    (refused by the database), NaN and infinities (orjson writes them as null), and floats of 2**63
+    or more (jsonb keeps them as decimals, read back as integers too long for strict JSON)."""
+    stack: list[tuple[str, Any]] = [("", metadata)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    raise InvalidState(f"metadata{path}: a key holds a NUL character, which cannot be stored")
+                stack.append((f"{path}/{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}/{index}", item) for index, item in enumerate(value))
+        elif isinstance(value, str) and "\x00" in value:
+            raise InvalidState(f"metadata{path} holds a NUL character, which cannot be stored")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) < 2**63):
+            raise InvalidState(f"metadata{path} is {value!r}: numbers must be finite and below 2**63 in magnitude")
 
 
 def _clean_external_id(external_id: Any) -> str:
@@ -101,6 +123,8 @@ def _clean_external_id(external_id: Any) -> str:
         raise InvalidState("external_id is required (the engine's own session or thread id)")
     if len(external_id) > 255:
         raise InvalidState("external_id is longer than 255 characters")
+    if "\x00" in external_id:
+        raise InvalidState("external_id must not contain NUL characters")
     return external_id.strip()
 
 

@@ -8,6 +8,7 @@ same lock. Side effects (live events, the finalize task) run only after commit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,8 @@ def _clean_text(name: str, value: Any, limit: int) -> str:
         return ""
     if not isinstance(value, str):
         raise InvalidState(f"{name} must be a string")
+    if "\x00" in value:  # PostgreSQL text cannot hold it
+        raise InvalidState(f"{name} must not contain NUL characters")
     if len(value) > limit:
         raise InvalidState(f"{name} is longer than {limit} characters")
     return value
@@ -351,7 +354,7 @@ def snapshot_record(
         locked = _lock_for_write(session)
         ensure_writable(locked)
         if key is not None:
-            replay = _replay(locked, key, prepared.checksum)
+            replay = _replay(locked, key, kind=kind, checksum=prepared.checksum, **fields)
             if replay is not None:
                 return replay
         _check_expected(locked, expected)
@@ -378,6 +381,43 @@ def snapshot_record(
         _after_commit(version, prepared.canonical)
     _refresh(session, locked)
     return version
+
+
+def snapshot_record_batch(
+    *,
+    session: WorkflowSession,
+    snapshots: list[dict[str, Any]],
+    expected_version: int | None = None,
+    idempotency_key: str | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> list[Version]:
+    """Record `snapshots` (each snapshot_record's metadata and `state`) in order, all or nothing;
+    `expected_version` applies to the first. A repeated `idempotency_key` returns the versions the
+    first call created; another batch under the same key (more, fewer or other snapshots) is
+    IdempotencyKeyReused, nothing written.
+
+    Each version carries a key derived from the batch's (a hash: no truncation, and no plain key
+    a client sends by hand names one of them), numbered by its place in the batch."""
+    key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
+    prefix = None if key is None else f"batch:{hashlib.sha256(key.encode()).hexdigest()[:40]}:"
+    with transaction.atomic():
+        if prefix is not None:
+            _lock_for_write(session)  # a retry racing the first call waits for it, then counts
+            earlier = Version.objects.filter(session=session, idempotency_key__startswith=prefix).count()
+            if earlier and earlier != len(snapshots):
+                raise IdempotencyKeyReused(
+                    f"idempotency key {key!r} was used for a batch of {earlier} snapshots, not {len(snapshots)}; "
+                    "nothing was written"
+                )
+        return [
+            snapshot_record(
+                session=session, expected_version=expected_version if index == 0 else None,
+                idempotency_key=None if prefix is None else f"{prefix}{index}", actor=actor, actor_label=actor_label,
+                **snapshot,
+            )
+            for index, snapshot in enumerate(snapshots)
+        ]
 
 
 def _refresh(session: WorkflowSession, moved: WorkflowSession) -> None:
@@ -444,13 +484,22 @@ def _append_to_known_head(
     return version
 
 
-def _replay(session: WorkflowSession, key: str, checksum: str) -> Version | None:
+_REQUEST_NAMES = {"checksum": "state", "parent_id": "version to rewind to", "kind": "kind of write"}
+
+
+def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | None:
+    """The version an earlier call with idempotency key `key` created, if any. `request` is what this
+    call asks for, as version fields; if the first call asked for anything else (another state,
+    step, status, error…, or a rewind where this is a snapshot) the key is being reused:
+    IdempotencyKeyReused, nothing written."""
     first = Version.objects.filter(session=session, idempotency_key=key).select_related("session").first()
     if first is None:
         return None
-    if first.checksum != checksum:
+    differs = [name for name, value in request.items() if getattr(first, name) != value]
+    if differs:
         raise IdempotencyKeyReused(
-            f"idempotency key {key!r} was used for version {first.number} with a different state",
+            f"idempotency key {key!r} was used for version {first.number} with a different "
+            f"{', '.join(_REQUEST_NAMES.get(name, name.replace('_', ' ')) for name in differs)}; nothing was written",
             version=first.number,
         )
     return first
@@ -459,9 +508,7 @@ def _replay(session: WorkflowSession, key: str, checksum: str) -> Version | None
 def _require_reason(reason: Any) -> str:
     if not isinstance(reason, str) or not reason.strip():
         raise ReasonRequired("a reason is required: it goes into the audit log")
-    if len(reason) > REASON_MAX:
-        raise InvalidState(f"reason is longer than {REASON_MAX} characters")
-    return reason.strip()
+    return _clean_text("reason", reason, REASON_MAX).strip()
 
 
 def snapshot_rewind(
@@ -486,7 +533,7 @@ def snapshot_rewind(
         locked = _lock_session(session)
         ensure_writable(locked)
         if key is not None:
-            replay = _replay(locked, key, target.checksum)
+            replay = _replay(locked, key, kind=VersionKind.REWIND, parent_id=target.pk, reason=reason)
             if replay is not None:
                 return replay
         _check_expected(locked, expected)
@@ -510,16 +557,26 @@ def snapshot_fork(
     from_version: int,
     external_id: str | None = None,
     reason: str = "",
+    idempotency_key: str | None = None,
     actor: User = None,
     actor_label: str = "",
 ) -> WorkflowSession:
-    """Start a new session (same project) whose first version is `from_version` of `session`."""
+    """Start a new session (same project) whose first version is `from_version` of `session`.
+
+    A repeated `idempotency_key` (per source session) returns the session the first call created
+    (IdempotencyKeyReused if it asked for another version, external id or reason)."""
     from sessions_app.services import session_get_or_create
 
     reason = _clean_text("reason", reason, REASON_MAX).strip()
+    key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     with transaction.atomic():
         store.project_write_lock(session.project_id)  # the fork reuses the source's nodes
         source = version_get(session=session, number=from_version)
+        if key is not None:
+            _lock_session(session)  # concurrent retries of one fork are decided one at a time
+            earlier = _fork_replay(session, key, source=source, external_id=external_id, reason=reason)
+            if earlier is not None:
+                return earlier
         new_external_id = external_id or new_fork_external_id(session, source.number)
         fork, created = session_get_or_create(
             project=session.project,
@@ -533,7 +590,7 @@ def snapshot_fork(
             raise VersionConflict(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
         fork = _lock_session(fork)
         version = _append_copy(
-            fork, source, kind=VersionKind.FORK, reason=reason, actor=actor, actor_label=actor_label
+            fork, source, kind=VersionKind.FORK, reason=reason, idempotency_key=key, actor=actor, actor_label=actor_label
         )
         audit_record(
             project=session.project, action="session.fork", target_type="session", target_id=fork.pk,
@@ -543,6 +600,35 @@ def snapshot_fork(
         )
         _after_commit(version, None)
     return fork
+
+
+def _fork_replay(
+    session: WorkflowSession, key: str, *, source: Version, external_id: str | None, reason: str
+) -> WorkflowSession | None:
+    """The session an earlier fork of `session` with idempotency key `key` created (its first
+    version carries the key), if any; IdempotencyKeyReused if that fork was asked for differently."""
+    first = (
+        Version.objects.filter(
+            kind=VersionKind.FORK, number=1, idempotency_key=key, session__project_id=session.project_id,
+            session__metadata__forked_from__session=str(session.pk),
+        ).select_related("session").first()
+    )
+    if first is None:
+        return None
+    differs = [
+        name for name, same in (
+            ("version", first.parent_id == source.pk),
+            ("external id", external_id in (None, "", first.session.external_id)),
+            ("reason", first.reason == reason),
+        ) if not same
+    ]
+    if differs:
+        raise IdempotencyKeyReused(
+            f"idempotency key {key!r} was used for fork {first.session.external_id!r} with a different "
+            f"{', '.join(differs)}; nothing was written",
+            version=first.number,
+        )
+    return first.session
 
 
 def snapshot_data_fix(

@@ -81,7 +81,9 @@ def _finalize(version_id: int) -> tuple[Version, dict[str, Any], bool] | None:
         counts = result.counts
         summary = {
             **counts,
-            "paths": [change.get("string_path", change["path"]) for change in result.changes[:SUMMARY_PATHS]],
+            # jsonb cannot hold NUL, which a state's keys may (the state itself is stored as bytes).
+            "paths": [change.get("string_path", change["path"]).replace("\x00", "\\u0000")
+                      for change in result.changes[:SUMMARY_PATHS]],
             "total_paths": len(result.changes),
             "bytes_added": version.logical_size - parent.logical_size,
         }

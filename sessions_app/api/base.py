@@ -15,11 +15,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
-from sessions_app.api.problems import RequestTooLarge
+from sessions_app.api.problems import RequestInProgress, RequestTooLarge
 from sessions_app.errors import IdempotencyKeyReused
 
 IDEMPOTENCY_KEY_MAX = 200
 IDEMPOTENCY_SECONDS = 24 * 3600
+IN_PROGRESS_SECONDS = 600  # a call still running after this is taken for dead: a retry may run it again
 
 
 class ApiView(generics.GenericAPIView):
@@ -51,7 +52,8 @@ class ApiView(generics.GenericAPIView):
 
         A retry with the same Idempotency-Key (same caller, same path, same input) gets the first
         answer again; the same key with different input is 422. The answer is kept in the cache
-        for a day, so this is best effort across cache loss, unlike the versions' own keys.
+        for a day, so this is best effort across cache loss, unlike the versions' own keys. A retry
+        that arrives while the first call still runs gets 409 request_in_progress.
         """
         key = self.idempotency_key()
         if key is None:
@@ -62,12 +64,22 @@ class ApiView(generics.GenericAPIView):
             orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
         ).hexdigest()
         first = cache.get(cache_key)
-        if first is not None:
-            if first["fingerprint"] != digest:
-                raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used before with a different request")
-            return Response(first["body"], status=first["status"])
-        response = call()
-        # Errors are raised, not returned: only successful answers are remembered.
-        cache.set(cache_key, {"fingerprint": digest, "body": response.data, "status": response.status_code},
-                  IDEMPOTENCY_SECONDS)
-        return response
+        if first is None:
+            # One attempt at a time: a retry that arrives while the first call still runs (a client
+            # that timed out) must not run the write a second time.
+            running = cache_key + ":running"
+            if not cache.add(running, 1, IN_PROGRESS_SECONDS):
+                raise RequestInProgress()
+            try:
+                first = cache.get(cache_key)  # the first call may have finished just before
+                if first is None:
+                    response = call()
+                    # Errors are raised, not returned: only successful answers are remembered.
+                    cache.set(cache_key, {"fingerprint": digest, "body": response.data,
+                                          "status": response.status_code}, IDEMPOTENCY_SECONDS)
+                    return response
+            finally:
+                cache.delete(running)
+        if first["fingerprint"] != digest:
+            raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used before with a different request")
+        return Response(first["body"], status=first["status"])

@@ -42,6 +42,12 @@ class PreconditionFailed(exceptions.APIException):
     default_code = "precondition_failed"
 
 
+class RequestInProgress(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "A request with this Idempotency-Key is still in progress; retry it when that one has finished."
+    default_code = "request_in_progress"
+
+
 class ProblemSerializer(serializers.Serializer):
     """RFC 9457 problem details (application/problem+json)."""
 

@@ -74,8 +74,12 @@ def head_response(version: Version, *, status_code: int = 200, state: bytes | No
     return response
 
 
-def _if_match_number(request: Request, session: WorkflowSession) -> int | None:
-    """The head number an If-Match header pins the write to, or None without the header; 412 if stale."""
+def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_key: str | None) -> int | None:
+    """The head number an If-Match header pins the write to, or None without the header; 412 if stale.
+
+    With an Idempotency-Key, a stale tag that names a real version of the session is passed on as
+    that number: a retry of a write that did happen carries the tag of the head before it, and the
+    service replays it (the key is known) or refuses it as stale, which _guarded makes a 412."""
     header = request.headers.get("If-Match")
     if header is None:
         return None
@@ -83,6 +87,16 @@ def _if_match_number(request: Request, session: WorkflowSession) -> int | None:
     tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
     if head is not None and ("*" in tags or etag_of(head) in tags):
         return head.number
+    if idempotency_key is not None:
+        for tag in tags:
+            number = tag.strip('"').rpartition("-")[2]
+            if number.isascii() and number.isdigit() and int(number) <= NUMBER_MAX:
+                try:
+                    named = selectors.version_get(session=session, number=int(number))
+                except VersionNotFound:
+                    continue
+                if etag_of(named) == tag:
+                    return named.number
     raise PreconditionFailed()
 
 
@@ -155,7 +169,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         incoming = SnapshotCreateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = dict(incoming.validated_data)
-        if_match = _if_match_number(request, session)
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = data.pop("expected_version", None)
         version = _guarded(if_match if expected is None else None, lambda: services.snapshot_record(
             session=session, expected_version=expected if expected is not None else if_match,
@@ -181,16 +195,11 @@ class VersionBatch(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = BatchSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        expected = incoming.validated_data.get("expected_version")
-        key = self.idempotency_key()
-        recorded = []
-        # One transaction: a bad snapshot halfway through leaves the session as it was.
-        with transaction.atomic():
-            for index, item in enumerate(incoming.validated_data["versions"]):
-                recorded.append(services.snapshot_record(
-                    session=session, expected_version=expected if index == 0 else None,
-                    idempotency_key=f"{key[:180]}#{index}" if key else None, **item, **self.principal.actor,
-                ))
+        recorded = services.snapshot_record_batch(
+            session=session, snapshots=incoming.validated_data["versions"],
+            expected_version=incoming.validated_data.get("expected_version"), idempotency_key=self.idempotency_key(),
+            **self.principal.actor,
+        )
         return Response({"versions": [version_data(v) for v in recorded]}, status=status.HTTP_201_CREATED)
 
 
@@ -304,7 +313,7 @@ class Rewind(ApiView):
         incoming = RewindSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        if_match = _if_match_number(request, session)
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = data.get("expected_version")
         version = _guarded(if_match if expected is None else None, lambda: services.snapshot_rewind(
             session=session, to_version=data["to_version"], reason=data["reason"],
@@ -329,7 +338,8 @@ class Fork(ApiView):
         incoming = ForkSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        return self.replayable(data, lambda: Response(SessionSerializer(services.snapshot_fork(
+        fork = services.snapshot_fork(
             session=session, from_version=data["from_version"], external_id=data.get("external_id"),
-            reason=data.get("reason", ""), **self.principal.actor,
-        )).data, status=status.HTTP_201_CREATED))
+            reason=data.get("reason", ""), idempotency_key=self.idempotency_key(), **self.principal.actor,
+        )
+        return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)

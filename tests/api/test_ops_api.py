@@ -125,3 +125,45 @@ def test_job_starts_replay_for_a_repeated_idempotency_key(project, session, writ
     other = writer.post("/api/v1/exports/", {}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
     assert Job.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_while_the_first_call_runs_is_told_to_wait(project, session, writer, settings, tmp_path, monkeypatch):
+    """A client that timed out retries while its first request is still being served: the retry
+    must not start a second job."""
+    import threading
+
+    from django.db import connection
+
+    from snapshots_app import transfer
+
+    settings.VAR_DIR = tmp_path
+    started, release = threading.Event(), threading.Event()
+    export_start = transfer.transfer_export_start
+
+    def slow_export_start(**kwargs):
+        started.set()
+        release.wait(30)
+        return export_start(**kwargs)
+
+    monkeypatch.setattr(transfer, "transfer_export_start", slow_export_start)
+    body = {"session": str(session.pk)}
+    answers = []
+
+    def first_call():
+        try:
+            answers.append(writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2"))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=first_call)
+    thread.start()
+    assert started.wait(30)
+    retry = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
+    assert retry.status_code == 409 and retry.json()["code"] == "request_in_progress"
+    release.set()
+    thread.join(30)
+    assert answers[0].status_code == 202
+    again = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
+    assert again.status_code == 202 and again.json() == answers[0].json()
+    assert Job.objects.count() == 1

@@ -179,3 +179,60 @@ def test_lists_cost_the_same_number_of_queries_whatever_their_length(writer, ses
         assert len(writer.get("/api/v1/sessions/").json()["results"]) == 41
     with django_assert_max_num_queries(5):
         writer.get(url(session, "head/"))
+
+
+def test_an_idempotency_key_replays_only_the_same_request(writer, session):
+    body = {"state": {"a": 1}, "step": "one"}
+    first = writer.post(url(session, "versions/"), body, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert writer.post(url(session, "versions/"), body, format="json", HTTP_IDEMPOTENCY_KEY="k-1").json() == first.json()
+    # Same state, other metadata: not a retry of that request.
+    failed = {**body, "status": "failed", "error": "boom"}
+    other = writer.post(url(session, "versions/"), failed, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+    assert other.status_code == 422 and "status, error" in other.json()["detail"]
+    # A rewind's key is not a snapshot's.
+    rewound = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "x"}, format="json",
+                          HTTP_IDEMPOTENCY_KEY="k-2")
+    assert rewound.status_code == 201
+    assert writer.post(url(session, "versions/"), body, format="json", HTTP_IDEMPOTENCY_KEY="k-2").status_code == 422
+    again = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "other"}, format="json",
+                        HTTP_IDEMPOTENCY_KEY="k-2")
+    assert again.status_code == 422 and "reason" in again.json()["detail"]
+    assert session.versions.count() == 2
+
+
+def test_a_retry_with_if_match_replays_the_write_it_repeats(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    etag = writer.get(url(session, "head/"))["ETag"]
+    for path, body in (("versions/", {"state": {"a": 2}}), ("rewind/", {"to_version": 1, "reason": "back"})):
+        first = writer.post(url(session, path), body, format="json", HTTP_IF_MATCH=etag, HTTP_IDEMPOTENCY_KEY=path)
+        again = writer.post(url(session, path), body, format="json", HTTP_IF_MATCH=etag, HTTP_IDEMPOTENCY_KEY=path)
+        assert first.status_code == again.status_code == 201, again.json()
+        assert first.json()["number"] == again.json()["number"]
+        # A new key with that stale tag is a stale write: 412, nothing written.
+        stale = writer.post(url(session, path), body, format="json", HTTP_IF_MATCH=etag, HTTP_IDEMPOTENCY_KEY=path + "x")
+        assert stale.status_code == 412
+        etag = writer.get(url(session, "head/"))["ETag"]
+    assert session.versions.count() == 3
+    forged = etag.replace('"', "").rpartition("-")[0]  # a real checksum with another number
+    assert writer.post(url(session, "versions/"), {"state": {"a": 5}}, format="json", HTTP_IF_MATCH=f'"{forged}-1"',
+                       HTTP_IDEMPOTENCY_KEY="k-3").status_code == 412
+
+
+def test_a_batch_key_covers_the_whole_batch(writer, session):
+    two = {"versions": [{"state": {"a": 1}}, {"state": {"a": 2}}]}
+    first = writer.post(url(session, "versions/batch/"), two, format="json", HTTP_IDEMPOTENCY_KEY="b1")
+    assert writer.post(url(session, "versions/batch/"), two, format="json", HTTP_IDEMPOTENCY_KEY="b1").json() == first.json()
+    three = {"versions": [*two["versions"], {"state": {"a": 3}}]}
+    for other in (three, {"versions": two["versions"][:1]}):
+        response = writer.post(url(session, "versions/batch/"), other, format="json", HTTP_IDEMPOTENCY_KEY="b1")
+        assert response.status_code == 422 and response.json()["code"] == "idempotency_key_reused"
+    # The batch's versions answer to the batch's key only, whatever a client sends by hand.
+    plain = writer.post(url(session, "versions/"), {"state": {"a": 1}}, format="json", HTTP_IDEMPOTENCY_KEY="b1#0")
+    assert plain.status_code == 201 and plain.json()["number"] == 3
+    # Long keys are not cut: two that share their first 180 characters are two keys.
+    for tail in "xy":
+        key = "k" * 180 + tail
+        response = writer.post(url(session, "versions/batch/"), two, format="json", HTTP_IDEMPOTENCY_KEY=key)
+        assert response.status_code == 201
+    assert session.versions.count() == 7
+

@@ -63,6 +63,17 @@ def test_write_retries_429_and_503_with_one_idempotency_key():
     assert script.requests[0].url.path == "/api/v1/sessions/abc/versions/"
 
 
+def test_a_write_still_in_progress_is_waited_for_but_a_plain_conflict_is_not():
+    script = Script(problem(409, "request_in_progress"), httpx.Response(202, json={"id": 7}),
+                    problem(409, "version_conflict"))
+    with sync_client(script) as client:
+        assert client.start_export(session="abc") == {"id": 7}
+        with pytest.raises(ConflictError):
+            client.record("abc", {"x": 1})
+    assert len(script.requests) == 3
+    assert script.requests[0].headers["Idempotency-Key"] == script.requests[1].headers["Idempotency-Key"]
+
+
 def test_each_call_gets_its_own_key_unless_given():
     script = Script(httpx.Response(201, json={}), httpx.Response(201, json={}), httpx.Response(201, json={}))
     with sync_client(script) as client:

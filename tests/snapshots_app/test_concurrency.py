@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from sessions_app.errors import VersionConflict
+from sessions_app.errors import IdempotencyKeyReused, VersionConflict
 from sessions_app.models import WorkflowSession
 from snapshots_app.models import Version
 from snapshots_app.selectors import version_state
-from snapshots_app.services import snapshot_record
+from snapshots_app.services import snapshot_fork, snapshot_record
 from tests.conftest import clear_cache
 from tests.factories import agent_state
 
@@ -91,3 +91,24 @@ def test_retries_with_one_idempotency_key_record_once(session):
     assert all(isinstance(r, int) for r in results), results
     assert len(set(results)) == 1
     assert WorkflowSession.objects.get(pk=session.pk).head_number == 1
+
+
+def test_concurrent_retries_of_a_fork_create_one_session(session):
+    """A client that timed out retries with the same key while the first call still runs."""
+    snapshot_record(session=session, state={"a": 1})
+
+    def fork(index: int) -> Any:
+        return snapshot_fork(session=session, from_version=1, reason="try", idempotency_key="fork-1").pk
+
+    results = run_threads(WRITERS, fork)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len(set(results)) == 1
+    assert WorkflowSession.objects.count() == 2
+    with pytest.raises(IdempotencyKeyReused, match="reason"):
+        snapshot_fork(session=session, from_version=1, reason="else", idempotency_key="fork-1")
+    snapshot_record(session=session, state={"a": 2})
+    with pytest.raises(IdempotencyKeyReused, match="version"):
+        snapshot_fork(session=session, from_version=2, reason="try", idempotency_key="fork-1")
+    with pytest.raises(IdempotencyKeyReused, match="external id"):
+        snapshot_fork(session=session, from_version=1, reason="try", idempotency_key="fork-1", external_id="mine")
+    assert WorkflowSession.objects.count() == 2

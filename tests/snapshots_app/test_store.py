@@ -21,6 +21,7 @@ from sessions_app.errors import (
     VersionNotFound,
 )
 from sessions_app.models import AuditEvent, WorkflowSession
+from sessions_app.services import session_get_or_create
 from snapshots_app import store, tree
 from snapshots_app.canonical import checksum, dumps
 from snapshots_app.diff import apply_patch
@@ -85,6 +86,7 @@ def test_raw_json_input_is_canonicalised(session):
         ({1: "non-string key"}, InvalidState),
         ({"a": object()}, InvalidState),
         ({"a": 2**70}, InvalidState),
+        ('{"a": "\ud800"}', InvalidState),  # text with a lone surrogate: not Unicode
         (json.dumps({"a": "x" * 2048}).encode(), StateTooLarge),
         ({"a": "x" * 2048}, StateTooLarge),
     ],
@@ -108,6 +110,10 @@ def test_too_deep_state_is_refused(session, settings):
         inner = inner["x"]
     with pytest.raises(StateTooDeep):
         snapshot_record(session=session, state=deep)
+    # Text deeper than the standard library's parser can recurse, with a long digit run in it (which
+    # the exact integer check parses again): the depth is checked first.
+    with pytest.raises(StateTooDeep):
+        snapshot_record(session=session, state=b'{"a":' + b"[" * 990 + b'"1234567890123456789"' + b"]" * 990 + b"}")
     ok = inner = {}
     for _ in range(199):
         inner["x"] = {}
@@ -124,7 +130,32 @@ def test_bad_metadata_is_refused(session):
         snapshot_record(session=session, state={}, tags="not-a-list")
     with pytest.raises(InvalidState):
         snapshot_record(session=session, state={}, expected_version=-1)
+    for name in ("step", "error", "label", "engine", "engine_version", "idempotency_key"):
+        with pytest.raises(InvalidState, match="NUL"):  # PostgreSQL text cannot hold it
+            snapshot_record(session=session, state={}, **{name: "a\x00b"})
     assert Version.objects.count() == 0
+    snapshot_record(session=session, state={"a": 1})
+    for number in (1.9, True, "1_0", "\u0661"):  # int() would read each of these as a version number
+        with pytest.raises(VersionNotFound):
+            snapshot_rewind(session=session, to_version=number, reason="x")
+        with pytest.raises(VersionNotFound):
+            snapshot_fork(session=session, from_version=number)
+    with pytest.raises(InvalidState, match="NUL"):
+        snapshot_rewind(session=session, to_version=1, reason="a\x00b")
+    with pytest.raises(InvalidState, match="NUL"):
+        snapshot_fork(session=session, from_version=1, external_id="a\x00b")
+    assert Version.objects.count() == 1
+
+
+def test_session_metadata_jsonb_would_change_is_refused(project):
+    for metadata in ({"budget": 1e20}, {"a": [float("nan")]}, {"k\x00": 1}, {"a": {"b": "x\x00"}}):
+        with pytest.raises(InvalidState):
+            session_get_or_create(project=project, external_id="m", metadata=metadata)
+    assert not WorkflowSession.objects.filter(external_id="m").exists()
+    session, _ = session_get_or_create(project=project, external_id="m", metadata={"budget": 1e18, "n": 2**63})
+    snapshot_record(session=session, state={"a": 1})
+    fork = snapshot_fork(session=session, from_version=1)  # the fork copies the metadata
+    assert fork.metadata["budget"] == 1e18
 
 
 def test_stale_expected_version_conflicts_and_writes_nothing(session):

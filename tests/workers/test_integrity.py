@@ -93,3 +93,17 @@ def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(project, n
     assert tasks.integrity_scrub_job(job.pk) is None
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED and "gave up" in job.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_holding_nul_gets_a_summary(project, session, no_broker):
+    """A state's keys may hold NUL (the state is stored as bytes); the summary's jsonb cannot."""
+    from sessions_app import background
+    from snapshots_app.services import snapshot_record
+
+    snapshot_record(session=session, state={"a": 1})
+    version = snapshot_record(session=session, state={"a": 1, "k\x00": 2})
+    background.drain(30)  # the live-update announcement, before the database goes
+    assert tasks.finalize_versions([version.pk]) == 1
+    version.refresh_from_db()
+    assert version.summary["paths"] == ["/k\\u0000"] and version.summary["added"] == 1

@@ -118,7 +118,18 @@ def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.
     if response is None:
         # Connection lost: safe for reads, and for writes because the key makes them idempotent.
         return True
-    return response.status_code in RETRY_STATUSES
+    return response.status_code in RETRY_STATUSES or _in_progress(response)
+
+
+def _in_progress(response: httpx.Response) -> bool:
+    """409 request_in_progress: an earlier attempt with this Idempotency-Key is still being served
+    (its answer was lost to us); waiting and retrying gets that answer."""
+    if response.status_code != 409:
+        return False
+    try:
+        return response.json().get("code") == "request_in_progress"
+    except ValueError:
+        return False
 
 
 def deleted_by_earlier_attempt(call: Call, attempt: int, response: httpx.Response) -> bool:
