@@ -12,7 +12,6 @@ Pure code: nodes come from a `NodeSource` (see snapshots_app.store), values may 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -438,13 +437,14 @@ class _Walker:
     # JSON held in strings -------------------------------------------------------------------------
 
     def _json_inner(self, child: Any, kind: int) -> tuple[Any, int | None] | None:
-        """(structure, its flavor if stored as a node) if the string child holds JSON we can walk."""
+        """(structure, its flavor if stored as a node) if the string child holds JSON we can walk:
+        what the store would keep as structure (tree.json_text_value), however it is spelled."""
         if kind == tree.KIND_JSON_STRING:
             node = self.node(child.digest)
             return HoleRef(node.children[0]), node.level
         if type(child) is str and child[:1] in ("{", "["):
             try:
-                return json.loads(child), None
+                return tree.json_text_value(child), None
             except ValueError:
                 return None
         return None

@@ -501,8 +501,18 @@ def value_digest(value: Any, flavor: int, text: bytes | None = None) -> bytes | 
     return TreeWriter(lambda digests: set()).node_of(value, text, node_kind(value), FLAVORS[flavor])[0]
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
+def json_text_value(text: str) -> Any:
+    """The value JSON `text` spells; ValueError if it is not JSON, or holds what no JSON value can:
+    NaN, Infinity, a number past a double's range, or a lone surrogate (an escaped half of a UTF-16
+    pair: valid JSON text, but no UTF-8 text can hold it, so no change list or answer could show
+    it), or nesting too deep for json.loads. Such a string is kept and diffed as a plain string.
+    json.loads takes the first four; orjson refuses them but reads integers past 64 bits as floats,
+    so it only vets the text."""
+    orjson.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 def _json_inside(value: str) -> tuple[Any, Flavor] | None:
@@ -510,7 +520,7 @@ def _json_inside(value: str) -> tuple[Any, Flavor] | None:
     if value[0] not in "{[":
         return None
     try:
-        parsed = json.loads(value, parse_constant=_reject_constant)
+        parsed = json_text_value(value)
     except ValueError:
         return None
     if type(parsed) not in (dict, list):
