@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ _SCALAR = 0  # the kind of an inline value that is neither an object nor an arra
 # two events and pushed two reads as two removals and two additions, not as every slot changed);
 # past this many candidate matches, items are paired by position instead.
 LCS_MAX_MATCHES = 4096
+# What a step of the walk yields: a pair of differing children to diff next (a, b, path, string
+# context, flavor); see _Walker.walk.
+_Steps = Iterator[tuple[Any, Any, str, "_StringContext | None", int]]
 
 
 class _Walker:
@@ -193,21 +196,35 @@ class _Walker:
         self.result.patch.append(operation)
 
     # -- walking -----------------------------------------------------------------------------------
+    # Each step of the walk returns an iterator of the pairs of children (known to differ) to diff
+    # before it goes on, and emits its own changes in between; `walk` runs the steps on a stack of
+    # its own instead of Python's, so a state nested as deep as the store takes (and JSON inside
+    # its strings, deeper still) diffs without RecursionError.
 
-    def diff(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        if not self.same(a, b, flavor):
-            self.diff_unequal(a, b, path, ctx, flavor)
+    def walk(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
+        if self.same(a, b, flavor):
+            return
+        stack = [self.diff_unequal(a, b, path, ctx, flavor)]
+        while stack:
+            pair = next(stack[-1], None)
+            if pair is None:
+                stack.pop()
+            else:
+                stack.append(self.diff_unequal(*pair))
 
-    def diff_unequal(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
+    def diff_unequal(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> _Steps:
         kind_a, kind_b = self.kind_of(a), self.kind_of(b)
         if kind_a == kind_b == tree.KIND_OBJECT:
-            self.diff_objects(a, b, path, ctx, flavor)
-        elif kind_a == kind_b == tree.KIND_ARRAY:
-            self.diff_arrays(a, b, path, ctx, flavor)
-        elif ctx is None and self.structural_strings and self._json_inner(a, kind_a) and self._json_inner(b, kind_b):
-            self.diff_json_strings(a, b, path, flavor)
-        else:
-            self.emit("replace", path, a, b, ctx, flavor)
+            return self.diff_objects(a, b, path, ctx, flavor)
+        if kind_a == kind_b == tree.KIND_ARRAY:
+            return self.diff_arrays(a, b, path, ctx, flavor)
+        if ctx is None and self.structural_strings:
+            inner_a = self._json_inner(a, kind_a)
+            inner_b = self._json_inner(b, kind_b) if inner_a is not None else None
+            if inner_a is not None and inner_b is not None:
+                return self.diff_json_strings(a, b, inner_a, inner_b, path, flavor)
+        self.emit("replace", path, a, b, ctx, flavor)
+        return iter(())
 
     # Objects --------------------------------------------------------------------------------------
 
@@ -238,18 +255,17 @@ class _Walker:
             pending = below
         return found
 
-    def diff_objects(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
+    def diff_objects(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> _Steps:
         if type(a) is HoleRef and type(b) is HoleRef:
             node_a, node_b = self.node(a.digest), self.node(b.digest)
             if node_a.level > 0 or node_b.level > 0:
                 # Member runs: drop the runs both sides share (same digest = same members), then
                 # expand what remains; a key lives in exactly one run, so nothing is missed.
-                self._diff_member_maps(*self._differing_members(
+                return self._diff_member_maps(*self._differing_members(
                     [a.digest] if node_a.level == 0 else list(node_a.children),
                     [b.digest] if node_b.level == 0 else list(node_b.children),
                 ), path, ctx, flavor)
-                return
-        self._diff_member_maps(self._members(a), self._members(b), path, ctx, flavor)
+        return self._diff_member_maps(self._members(a), self._members(b), path, ctx, flavor)
 
     def _differing_members(self, runs_a: list[bytes], runs_b: list[bytes]) -> tuple[dict, dict]:
         members_a: dict[str, Any] = {}
@@ -273,7 +289,7 @@ class _Walker:
 
     def _diff_member_maps(
         self, members_a: dict[str, Any], members_b: dict[str, Any], path: str, ctx: _StringContext | None, flavor: int
-    ) -> None:
+    ) -> _Steps:
         same = self.same
         get_b = members_b.get
         # Equal members are dropped before anything else is done for them (most are equal).
@@ -296,83 +312,143 @@ class _Walker:
             elif key not in members_a:
                 self.emit("add", child_path, None, members_b[key], ctx, flavor)
             else:
-                self.diff_unequal(members_a[key], members_b[key], child_path, ctx, flavor)
+                yield members_a[key], members_b[key], child_path, ctx, flavor
 
     # Arrays ---------------------------------------------------------------------------------------
+    # A long array is paged: runs of PAGE items, runs of PAGE runs above them (tree._paged). Runs sit
+    # at fixed indices, so two arrays of one length are compared run by run, skipping the runs they
+    # share unread. Otherwise an insertion or a removal shifts every later item into other runs:
+    # past the leading runs both share, the items are matched as a short array's are.
 
     def _level(self, side: Any) -> int:
         return self.node(side.digest).level if type(side) is HoleRef else 0
 
     def _items(self, side: Any) -> list[Any]:
-        if side is None:
-            return []
         if type(side) is HoleRef:
             return self.parse(side.digest)  # type: ignore[no-any-return]
         return side  # type: ignore[no-any-return]
 
-    def _aligned(self, a: Any, b: Any, base: int, out: list[tuple[int, Any, Any]], flavor: int) -> None:
-        """Index-aligned differing items of two (possibly paged) arrays, skipping shared runs."""
-        if a is not None and b is not None and self.same(a, b, flavor):
-            return
-        level_a = self._level(a) if a is not None else -1
-        level_b = self._level(b) if b is not None else -1
-        level = max(level_a, level_b)
-        if level <= 0:
-            items_a, items_b = self._items(a), self._items(b)
+    def diff_arrays(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> _Steps:
+        level_a, level_b = self._level(a), self._level(b)
+        if level_a == level_b == 0:
+            return self._diff_items(self._items(a), self._items(b), 0, path, ctx, flavor)
+        if level_a > 0 and level_b > 0 and self._same_length(a, b):
+            changed: list[tuple[int, Any, Any]] = []
+            self._aligned(a, b, 0, changed, flavor)
+            self.prefetch_holes([item for _, x, y in changed for item in (x, y)])
+            return self._edits(changed, [], [], path, ctx, flavor)
+        # Lengths differ, or one side is a single node (it grew or shrank past SPLIT_MIN).
+        start, items_a, items_b = self._unshared_items(a, b)
+        return self._diff_items(items_a, items_b, start, path, ctx, flavor)
+
+    def _same_length(self, a: HoleRef, b: HoleRef) -> bool:
+        """Whether two paged arrays hold as many items. Only the last run of each level may be part
+        full, so this reads down the last runs, stopping where both sides share one."""
+        difference = 0  # items of a counted so far, less those of b
+        while a.digest != b.digest:
+            self.prefetch((a.digest, b.digest))
+            level_a, level_b = self._level(a), self._level(b)
+            if level_a == level_b == 0:
+                return difference + len(self._items(a)) == len(self._items(b))
+            # Every run but the last holds PAGE**level items (the last may be of a lower level).
+            if level_a >= level_b:
+                runs = self.node(a.digest).children
+                difference += (len(runs) - 1) * PAGE**level_a
+                a = HoleRef(runs[-1])
+            if level_b >= level_a:
+                runs = self.node(b.digest).children
+                difference -= (len(runs) - 1) * PAGE**level_b
+                b = HoleRef(runs[-1])
+        return difference == 0
+
+    def _aligned(self, a: HoleRef, b: HoleRef, base: int, out: list[tuple[int, Any, Any]], flavor: int) -> None:
+        """The differing items (index, a's, b's) of two arrays paged alike (of one length, so of one
+        shape): only runs that differ are fetched; shared runs are skipped by digest alone."""
+        level = self._level(a)
+        if level == 0:
             same = self.same
-            count_a, count_b = len(items_a), len(items_b)
-            for offset in range(max(count_a, count_b)):
-                item_a = items_a[offset] if offset < count_a else _MISSING
-                item_b = items_b[offset] if offset < count_b else _MISSING
-                if item_a is _MISSING or item_b is _MISSING or not same(item_a, item_b, flavor):
-                    out.append((base + offset, item_a, item_b))
+            out += [
+                (base + offset, item_a, item_b)
+                for offset, (item_a, item_b) in enumerate(zip(self._items(a), self._items(b), strict=True))
+                if not same(item_a, item_b, flavor)
+            ]
             return
-        # A lower-level side covers only the first child slot of the higher-level one.
-        children_a = self._children(a) if level_a == level else ([a] if a is not None else [])
-        children_b = self._children(b) if level_b == level else ([b] if b is not None else [])
         span = PAGE**level
-        pairs = []
-        for index in range(max(len(children_a), len(children_b))):
-            child_a = children_a[index] if index < len(children_a) else None
-            child_b = children_b[index] if index < len(children_b) else None
-            if child_a is None or child_b is None or not self.same(child_a, child_b, flavor):
-                pairs.append((index, child_a, child_b))
-        # Only runs that differ are fetched; shared runs are skipped by digest alone.
-        self.prefetch_holes([child for _, x, y in pairs for child in (x, y)])
-        for index, child_a, child_b in pairs:
-            self._aligned(child_a, child_b, base + index * span, out, flavor)
+        pairs = [
+            (index, run_a, run_b)
+            for index, (run_a, run_b) in enumerate(zip(self.node(a.digest).children, self.node(b.digest).children, strict=True))
+            if run_a != run_b
+        ]
+        self.prefetch([run for _, run_a, run_b in pairs for run in (run_a, run_b)])
+        for index, run_a, run_b in pairs:
+            self._aligned(HoleRef(run_a), HoleRef(run_b), base + index * span, out, flavor)
 
-    def _children(self, side: Any) -> list[Any]:
-        return [HoleRef(digest) for digest in self.node(side.digest).children]
+    def _unshared_items(self, a: Any, b: Any) -> tuple[int, list[Any], list[Any]]:
+        """The index where the leading runs two arrays share end (same digest, so same items: they
+        are not read), and the items of each from there on."""
+        # Each side's runs still to compare, as a stack (next run last) of (run, index of its first
+        # item). Both stacks' next runs start at the same index: skipped runs are equal on both sides.
+        runs_a, runs_b = self._runs_of(a), self._runs_of(b)
+        while runs_a and runs_b:
+            run_a, run_b = runs_a[-1][0], runs_b[-1][0]
+            if type(run_a) is HoleRef and type(run_b) is HoleRef and run_a.digest == run_b.digest:
+                runs_a.pop()
+                runs_b.pop()
+                continue
+            self.prefetch_holes((run_a, run_b))
+            level_a, level_b = self._level(run_a), self._level(run_b)
+            if level_a == level_b == 0:
+                break
+            # Open the higher run (or both) into its runs, to line them up with the other side's.
+            for runs, level in ((runs_a, level_a), (runs_b, level_b)):
+                if level == max(level_a, level_b):
+                    run, start = runs.pop()
+                    runs += self._runs_of(run, opened=True, start=start)
+        start = (runs_a or runs_b)[-1][1] if runs_a or runs_b else 0
+        return start, self._run_items(runs_a), self._run_items(runs_b)
 
-    def diff_arrays(self, a: Any, b: Any, path: str, ctx: _StringContext | None, flavor: int) -> None:
-        if self._level(a) == 0 and self._level(b) == 0:
-            self._diff_short_arrays(self._items(a), self._items(b), path, ctx, flavor)
-            return
-        aligned: list[tuple[int, Any, Any]] = []
-        self._aligned(a, b, 0, aligned, flavor)
-        self.prefetch_holes([item for _, x, y in aligned for item in (x, y)])
-        self._emit_edits(
-            [(index, x, y) for index, x, y in aligned if x is not _MISSING and y is not _MISSING],
-            [(index, x) for index, x, y in aligned if y is _MISSING],
-            [(index, y) for index, x, y in aligned if x is _MISSING],
-            path, ctx, flavor,
-        )
+    def _runs_of(self, side: Any, *, opened: bool = False, start: int = 0) -> list[tuple[Any, int]]:
+        """A paged array's runs (or a run's, if `opened`) as a stack of (run, index of its first
+        item); an array that is not paged is its own one run."""
+        if not opened and self._level(side) == 0:
+            return [(side, start)]
+        node = self.node(side.digest)
+        span = PAGE**node.level
+        return [(HoleRef(run), start + index * span) for index, run in reversed(list(enumerate(node.children)))]
 
-    def _emit_edits(
+    def _run_items(self, runs: list[tuple[Any, int]]) -> list[Any]:
+        """The items of a stack of runs, in order, fetched a level at a time."""
+        pending = [run for run, _ in reversed(runs)]
+        self.prefetch_holes(pending)
+        while any(self._level(run) for run in pending):
+            pending = [
+                below for run in pending
+                for below in ([HoleRef(child) for child in self.node(run.digest).children] if self._level(run) else [run])
+            ]
+            self.prefetch_holes(pending)
+        items: list[Any] = []
+        for run in pending:
+            items += self._items(run)
+        return items
+
+    def _edits(
         self, changed: list[tuple[int, Any, Any]], removed: list[tuple[int, Any]], added: list[tuple[int, Any]],
         path: str, ctx: _StringContext | None, flavor: int,
-    ) -> None:
+    ) -> _Steps:
         """Array edits as a patch applies them in order: items changed in place (indices of the old
         array), then removals from the highest index down, then additions at their new indices."""
         for index, item_a, item_b in changed:
-            self.diff(item_a, item_b, f"{path}/{index}", ctx, flavor)
+            if not self.same(item_a, item_b, flavor):
+                yield item_a, item_b, f"{path}/{index}", ctx, flavor
         for index, item_a in reversed(removed):
             self.emit("remove", f"{path}/{index}", item_a, None, ctx, flavor)
         for index, item_b in added:
             self.emit("add", f"{path}/{index}", None, item_b, ctx, flavor)
 
-    def _diff_short_arrays(self, items_a: list, items_b: list, path: str, ctx: _StringContext | None, flavor: int) -> None:
+    def _diff_items(
+        self, items_a: list, items_b: list, base: int, path: str, ctx: _StringContext | None, flavor: int
+    ) -> _Steps:
+        """Two lists of items (an array's, or the tails of two arrays from index `base`)."""
         # Trim the common prefix and suffix so a queue pop or an insertion reads as one change.
         same = self.same
         prefix = 0
@@ -389,17 +465,18 @@ class _Walker:
         removed: list[tuple[int, Any]] = []
         added: list[tuple[int, Any]] = []
         start_a = start_b = 0
+        offset = base + prefix
         # Between two matched (equal) items, pair the unmatched ones by position (changed in
         # place); whatever is left over on one side was removed or added.
         for end_a, end_b in [*matches, (len(middle_a), len(middle_b))]:
             gap_a, gap_b = end_a - start_a, end_b - start_b
             paired = min(gap_a, gap_b)
-            changed += [(prefix + start_a + k, middle_a[start_a + k], middle_b[start_b + k]) for k in range(paired)]
-            removed += [(prefix + start_a + k, middle_a[start_a + k]) for k in range(paired, gap_a)]
-            added += [(prefix + start_b + k, middle_b[start_b + k]) for k in range(paired, gap_b)]
+            changed += [(offset + start_a + k, middle_a[start_a + k], middle_b[start_b + k]) for k in range(paired)]
+            removed += [(offset + start_a + k, middle_a[start_a + k]) for k in range(paired, gap_a)]
+            added += [(offset + start_b + k, middle_b[start_b + k]) for k in range(paired, gap_b)]
             start_a, start_b = end_a + 1, end_b + 1
         self.prefetch_holes([item for _, x, y in changed for item in (x, y)] + [x for _, x in removed + added])
-        self._emit_edits(changed, removed, added, path, ctx, flavor)
+        return self._edits(changed, removed, added, path, ctx, flavor)
 
     def _common_items(self, items_a: list, items_b: list, flavor: int) -> list[tuple[int, int]]:
         """A longest common subsequence of equal items, as (index in a, index in b) pairs."""
@@ -449,15 +526,17 @@ class _Walker:
                 return None
         return None
 
-    def diff_json_strings(self, a: Any, b: Any, path: str, flavor: int) -> None:
-        inner_a, flavor_a = self._json_inner(a, self.kind_of(a))  # type: ignore[misc]
-        inner_b, flavor_b = self._json_inner(b, self.kind_of(b))  # type: ignore[misc]
-        ctx = _StringContext(path)
-        before = len(self.result.changes)
+    def diff_json_strings(
+        self, a: Any, b: Any, inner_a: tuple[Any, int | None], inner_b: tuple[Any, int | None], path: str, flavor: int
+    ) -> _Steps:
+        (value_a, flavor_a), (value_b, flavor_b) = inner_a, inner_b
         # Walked in the flavor its nodes were written in (a string short enough to be inline is
         # compared as plain values).
         inner_flavor = flavor_a if flavor_a is not None else flavor_b if flavor_b is not None else CANONICAL
-        self.diff(inner_a, inner_b, "", ctx, inner_flavor)
+        ctx = _StringContext(path)
+        before = len(self.result.changes)
+        if not self.same(value_a, value_b, inner_flavor):
+            yield value_a, value_b, "", ctx, inner_flavor
         if len(self.result.changes) == before:
             # Same structure, different spelling (whitespace, key order): report the string itself.
             self.emit("replace", path, a, b, None, flavor)
@@ -493,7 +572,7 @@ def diff_trees(
     root_a: bytes, root_b: bytes, source: NodeSource, *, structural_strings: bool = True
 ) -> DiffResult:
     walker = _Walker(source, structural_strings=structural_strings)
-    walker.diff(HoleRef(root_a), HoleRef(root_b), "", None, CANONICAL)
+    walker.walk(HoleRef(root_a), HoleRef(root_b), "", None, CANONICAL)
     walker.resolve()
     return walker.result
 
@@ -501,7 +580,7 @@ def diff_trees(
 def diff_values(a: Any, b: Any, *, structural_strings: bool = True) -> DiffResult:
     """Diff two in-memory values with the same rules (used for unsaved edits, e.g. data fixes)."""
     walker = _Walker(_NoNodes(), structural_strings=structural_strings)
-    walker.diff(a, b, "", None, CANONICAL)
+    walker.walk(a, b, "", None, CANONICAL)
     return walker.result
 
 

@@ -5,16 +5,19 @@ and on in-memory values where the tree plays no part."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
 
 import orjson
 import pytest
+from django.test import override_settings
 
-from snapshots_app import tree
+from snapshots_app import tasks, tree
 from snapshots_app.canonical import dumps
-from snapshots_app.diff import apply_patch, diff_values
+from snapshots_app.diff import apply_patch, diff_trees, diff_values
+from snapshots_app.models import Version
 from snapshots_app.selectors import version_pair_diff
 from snapshots_app.services import snapshot_record
 
@@ -32,6 +35,96 @@ def recorded_diff(session: Any, a: dict[str, Any], b: dict[str, Any]) -> list[di
 
 def brief(changes: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(change["kind"], change["path"]) for change in changes]
+
+
+# Arrays: paged on one side only, or shifted -------------------------------------------------------
+
+
+def test_an_array_that_grows_past_the_split_size_reports_only_the_item_that_changed(session):
+    a = {"a": [{"i": i, "t": "x" * 60} for i in range(100)]}  # ~8 KB: one node, unsplit
+    b = copy.deepcopy(a)
+    b["a"][0]["t"] = "y" * 1000  # now over SPLIT_MIN: runs of 32
+    assert recorded_diff(session, a, b) == [
+        {"path": "/a/0/t", "op": "replace", "kind": "changed", "old": "x" * 60, "new": "y" * 1000},
+    ]
+    # ... and back.
+    assert brief(recorded_diff(session, b, a)) == [("changed", "/a/0/t")]
+
+
+def test_an_inline_array_that_becomes_paged_reports_the_additions_only(session):
+    changes = recorded_diff(session, {"a": list(range(100))}, {"a": list(range(3000))})
+    assert brief(changes) == [("added", f"/a/{i}") for i in range(100, 3000)]
+    assert [change["new"] for change in changes[:2]] == [100, 101]
+    assert brief(recorded_diff(session, {"a": list(range(3000))}, {"a": list(range(100))})) == [
+        ("removed", f"/a/{i}") for i in reversed(range(100, 3000))
+    ]
+
+
+def test_an_insertion_in_a_long_array_reads_as_one_addition(session):
+    a = {"a": list(range(3000))}
+    assert recorded_diff(session, a, {"a": [*range(1500), "x", *range(1500, 3000)]}) == [
+        {"path": "/a/1500", "op": "add", "kind": "added", "new": "x"},
+    ]
+    assert recorded_diff(session, a, {"a": ["x", *range(3000)]}) == [
+        {"path": "/a/0", "op": "add", "kind": "added", "new": "x"},
+    ]
+    assert recorded_diff(session, a, {"a": [*range(700), *range(701, 3000)]}) == [
+        {"path": "/a/700", "op": "remove", "kind": "removed", "old": 700},
+    ]
+
+
+def test_an_insertion_in_a_long_history_of_messages_reads_as_one_addition(session):
+    messages = [{"role": "user", "content": f"message {i} " + "m" * 300} for i in range(1100)]  # runs of runs
+    inserted = {"role": "system", "content": "a note"}
+    changes = recorded_diff(session, {"messages": messages}, {"messages": [*messages[:40], inserted, *messages[40:]]})
+    assert changes == [{"path": "/messages/40", "op": "add", "kind": "added", "new": inserted}]
+
+
+def test_appending_to_a_long_history_across_levels_reads_as_additions(session):
+    messages = [{"i": i, "content": "m" * 100} for i in range(1024)]  # 32 full runs; one more item adds a level
+    more = [*messages, {"i": 1024, "content": "new"}, {"i": 1025, "content": "newer"}]
+    assert brief(recorded_diff(session, {"messages": messages}, {"messages": more})) == [
+        ("added", "/messages/1024"), ("added", "/messages/1025"),
+    ]
+
+
+def test_an_item_changed_in_place_in_a_long_array_is_one_change(session):
+    a = {"a": [{"i": i, "t": "x" * 60} for i in range(3000)]}
+    b = copy.deepcopy(a)
+    b["a"][1234]["t"] = "changed"
+    assert brief(recorded_diff(session, a, b)) == [("changed", "/a/1234/t")]
+
+
+class CountingNodes:
+    """An in-memory node table that counts what a diff fetches."""
+
+    def __init__(self) -> None:
+        self.raw: dict[bytes, bytes] = {}
+        self.fetches: list[int] = []
+
+    def write(self, state: dict[str, Any]) -> bytes:
+        writer = tree.TreeWriter(lambda digests: {digest for digest in digests if digest in self.raw})
+        root = writer.write_root(state, dumps(state))
+        self.raw.update(writer.new_nodes)
+        return root
+
+    def nodes(self, digests: set[bytes]) -> dict[bytes, tree.Node]:
+        self.fetches.append(len(digests))
+        return {digest: tree.Node.decode(self.raw[digest]) for digest in digests if digest in self.raw}
+
+
+@pytest.mark.parametrize(("edit", "at", "most_nodes"), [
+    ("append", 2000, 9), ("append", 1984, 9), ("insert", 1990, 9), ("insert", 1000, 80),
+])
+def test_a_diff_of_a_long_history_reads_the_runs_from_the_change_on(edit, at, most_nodes):
+    history = [{"role": "user", "content": f"message {i} " + "lorem ipsum " * 40} for i in range(2000)]
+    history = history[:at] if edit == "append" else history
+    message = {"role": "assistant", "content": "one more"}
+    nodes = CountingNodes()
+    root_a, root_b = nodes.write({"messages": history}), nodes.write({"messages": [*history[:at], message, *history[at:]]})
+    result = diff_trees(root_a, root_b, nodes)
+    assert result.changes == [{"path": f"/messages/{at}", "op": "add", "kind": "added", "new": message}]
+    assert sum(nodes.fetches) <= most_nodes and len(nodes.fetches) <= 9, nodes.fetches
 
 
 # JSON held in strings -----------------------------------------------------------------------------
@@ -76,3 +169,42 @@ def test_json_strings_are_stored_as_structure_only_if_they_hold_json_values(valu
     writer.write_root({"c": text}, dumps({"c": text}))
     kinds = {tree.Node.decode(encoding).kind for encoding in writer.new_nodes.values()}
     assert (tree.KIND_JSON_STRING in kinds) is structure
+
+
+# Deep states --------------------------------------------------------------------------------------
+
+
+def nested(depth: int, leaf: Any) -> dict[str, Any]:
+    """A state `depth` levels deep as the depth limit counts them: an object, arrays, the leaf."""
+    value = leaf
+    for _ in range(depth - 2):
+        value = [value]
+    return {"a": value}
+
+
+def test_states_nested_to_the_depth_limit_diff_and_finalize(session, settings):
+    depth = settings.STATE_MAX_DEPTH
+    changes = recorded_diff(session, nested(depth, 1), nested(depth, 2))
+    assert changes == [{"path": "/a" + "/0" * (depth - 2), "op": "replace", "kind": "changed", "old": 1, "new": 2}]
+    second = Version.objects.get(session=session, number=2)
+    tasks.finalize_versions([second.pk])
+    second.refresh_from_db()
+    assert (second.summary["changed"], second.summary["paths"]) == (1, ["/a" + "/0" * (depth - 2)])
+
+
+@override_settings(STATE_MAX_DEPTH=250)
+def test_states_nested_to_a_raised_depth_limit_diff(session):
+    pad = {"pad": "p" * 600}  # a node at every level
+    a: Any = 1
+    b: Any = 2
+    for _ in range(120):
+        a, b = [a, pad], [b, pad]
+    changes = recorded_diff(session, nested(128, a), nested(128, b))
+    assert brief(changes) == [("changed", "/a" + "/0" * 126 + "/0" * 120)]
+
+
+def test_json_nested_deep_inside_a_string_of_a_deep_state_diffs():
+    inner_a, inner_b = "[" * 250 + "1" + "]" * 250, "[" * 250 + "2" + "]" * 250
+    changes = diff_values(nested(200, inner_a), nested(200, inner_b)).changes
+    assert brief(changes) == [("changed", "/0" * 250)]
+    assert changes[0]["string_path"] == "/a" + "/0" * 198
