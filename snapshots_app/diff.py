@@ -116,6 +116,13 @@ class _Walker:
             return tree.loads(node.text, flavor)  # a leaf at hand: its text is the whole value
         return _Deferred(child.digest, flavor)
 
+    def load(self, child: Any, flavor: int) -> Any:
+        """A child's whole value, read now (its nodes a level per fetch)."""
+        if type(child) is not HoleRef:
+            return child
+        tree.reachable({child.digest}, self._nodes)
+        return tree.loads(tree.splice(child.digest, self.cache), flavor)
+
     def resolve(self) -> None:
         """Put the values of nodes with children (see value) into the changes and the patch."""
         targets = self.deferred
@@ -530,6 +537,11 @@ class _Walker:
         self, a: Any, b: Any, inner_a: tuple[Any, int | None], inner_b: tuple[Any, int | None], path: str, flavor: int
     ) -> _Steps:
         (value_a, flavor_a), (value_b, flavor_b) = inner_a, inner_b
+        if flavor_a is not None and flavor_b is not None and flavor_a != flavor_b:
+            # Nodes of two flavors (an ensure_ascii=False writer's text is flavor 2 while it is all
+            # ASCII, 4 once it is not) have different digests even where they mean the same:
+            # compare the values themselves.
+            value_a, value_b = self.load(value_a, flavor_a), self.load(value_b, flavor_b)
         # Walked in the flavor its nodes were written in (a string short enough to be inline is
         # compared as plain values).
         inner_flavor = flavor_a if flavor_a is not None else flavor_b if flavor_b is not None else CANONICAL

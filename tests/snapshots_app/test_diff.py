@@ -130,6 +130,33 @@ def test_a_diff_of_a_long_history_reads_the_runs_from_the_change_on(edit, at, mo
 # JSON held in strings -----------------------------------------------------------------------------
 
 
+def compact(value: Any) -> str:
+    """JSON text as a writer using ensure_ascii=False writes it: ASCII-only text reads as flavor 2,
+    any other as flavor 4."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_a_json_string_that_changes_flavor_reports_only_what_changed(session):
+    base = {"big": "x" * 600, "list": [{"i": i, "pad": "p" * 60} for i in range(200)], "u": "plain"}
+    changes = recorded_diff(session, {"c": compact(base)}, {"c": compact({**base, "u": "é"})})
+    assert changes == [{"path": "/u", "op": "replace", "kind": "changed", "old": "plain", "new": "é", "string_path": "/c"}]
+    # Back to ASCII, with a member over INLINE_MAX changed as well.
+    changes = recorded_diff(session, {"c": compact({**base, "u": "é"})}, {"c": compact({**base, "big": "z" * 600})})
+    assert brief(changes) == [("changed", "/big"), ("changed", "/u")]
+    assert [(change["old"], change["new"]) for change in changes] == [("x" * 600, "z" * 600), ("é", "plain")]
+
+
+def test_a_json_string_that_changes_flavor_still_reports_values_that_differ_only_as_json(session):
+    base = {"pad": "p" * 9000, "n": 1, "flag": 1, "nested": {"pad": "q" * 600, "x": 1}}
+    changes = recorded_diff(
+        session, {"c": compact(base)}, {"c": compact({**base, "n": 1.0, "flag": True, "nested": {"pad": "q" * 600, "x": 1.0}, "u": "é"})}
+    )
+    assert [(c["path"], c.get("old"), c["new"]) for c in changes] == [
+        ("/flag", 1, True), ("/n", 1, 1.0), ("/nested/x", 1, 1.0), ("/u", None, "é"),
+    ]
+    assert all(type(c.get("old")) is not type(c["new"]) for c in changes[:3])
+
+
 def test_a_json_string_with_a_lone_surrogate_is_diffed_as_a_string(session):
     # An escaped lone surrogate is valid JSON text, but no UTF-8 text (so no answer) can hold it.
     a, b = json.dumps({"x": "\ud800a"}), json.dumps({"x": "\ud800b"})
