@@ -22,7 +22,7 @@ from sessions_app.models import ApiKey, Project, Role, WorkflowSession
 from sessions_app.selectors import api_key_for_token, role_allows, role_for_scopes, roles_for_user
 from sessions_app.services import api_key_touch
 
-SLUG_RE = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
+SLUG_RE = re.compile(r"[-a-zA-Z0-9_]{1,100}")
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -96,7 +96,7 @@ def project_for(request: Request, slug: str | None, *, role: str) -> Project:
     ids = visible_project_ids(request)
     projects = Project.objects.filter(pk__in=ids)
     if slug:
-        project = projects.filter(slug=slug).first() if SLUG_RE.match(slug) else None
+        project = projects.filter(slug=slug).first() if SLUG_RE.fullmatch(slug) else None
         if project is None:
             raise NotFound(f"no project {slug!r}", project=slug)
     else:

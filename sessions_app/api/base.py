@@ -32,7 +32,8 @@ class ApiView(generics.GenericAPIView):
         super().initial(request, *args, **kwargs)
         length = request.META.get("CONTENT_LENGTH") or "0"
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        if limit is not None and length.isdigit() and int(length) > limit:
+        # isascii(): str.isdigit() alone also accepts "²", which int() refuses (Django reads such a length as 0).
+        if limit is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise RequestTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
         # Checked before anything else so a bad key is always a 400, whatever the write would do.
         self.idempotency_key()

@@ -13,6 +13,8 @@ from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from sessions_app.api.filters import ascii_int
+
 
 class CursorPage(CursorPagination):
     page_size = 50
@@ -45,7 +47,8 @@ class CursorPage(CursorPagination):
 
     def get_page_size(self, request: Request) -> int:
         raw = request.query_params.get(self.page_size_query_param)
-        if raw is not None and (not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size):
+        size = ascii_int(raw) if raw is not None else None
+        if raw is not None and (size is None or not 1 <= size <= self.max_page_size):
             raise exceptions.ValidationError({self.page_size_query_param: [f"An integer from 1 to {self.max_page_size}."]})
         return super().get_page_size(request)
 

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 
 from sessions_app import services
 from sessions_app.api import filters
-from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
+from sessions_app.api.auth import SLUG_RE, project_for, require_role, session_for, visible_project_ids
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import Param, ParamFilter
 from sessions_app.api.serializers import (
@@ -65,7 +65,10 @@ class ProjectDetail(ApiView):
 
     @extend_schema(operation_id="projects_retrieve", parameters=[OpenApiParameter("slug", str, OpenApiParameter.PATH)])
     def get(self, request: Request, slug: str) -> Response:
-        project = Project.objects.filter(pk__in=visible_project_ids(request), slug=slug).first()
+        # A slug is [-a-zA-Z0-9_]: anything else (a NUL byte the database cannot even compare) names no project.
+        project = (
+            Project.objects.filter(pk__in=visible_project_ids(request), slug=slug).first() if SLUG_RE.fullmatch(slug) else None
+        )
         if project is None:
             raise NotFound(f"no project {slug!r}", project=slug)
         return Response(self.get_serializer(project).data)
@@ -149,8 +152,9 @@ class SessionDetail(ApiView):
     )
     def delete(self, request: Request, id: str) -> Response:
         session = session_for(request, id, role=Role.ADMIN)
-        reason = request.query_params.get("reason", "")[:2000]
-        services.session_delete(session=session, reason=reason, **self.principal.actor)
+        incoming = ReasonSerializer(data={"reason": request.query_params.get("reason", "")})
+        incoming.is_valid(raise_exception=True)
+        services.session_delete(session=session, reason=incoming.validated_data["reason"], **self.principal.actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -205,8 +209,9 @@ class ApiKeyDetail(ApiView):
 
     def _key(self, request: Request, key_id: Any) -> ApiKey:
         api_key = None
-        if str(key_id).isdigit():
-            api_key = ApiKey.objects.filter(pk=int(key_id), project_id__in=visible_project_ids(request)).first()
+        pk = filters.ascii_int(str(key_id))
+        if pk is not None:
+            api_key = ApiKey.objects.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
         if api_key is None:
             raise NotFound(f"no API key {key_id}", key=str(key_id))
         require_role(request, api_key.project_id, Role.ADMIN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import pytest
 
 from sessions_app.models import ApiKey, AuditEvent, WorkflowSession
@@ -169,3 +171,39 @@ def test_bad_operations_get_a_problem_and_start_nothing(project, method, path, b
     assert response["Content-Type"] == "application/problem+json"
     assert (*counts(), Job.objects.count(), RetentionPolicy.objects.count()) == before
     assert not list(tmp_path.rglob("*.ndjson"))
+
+
+# Query strings and path parts the database cannot take (a NUL byte) or int() cannot read ("²" passes
+# str.isdigit()): a problem, never a 500. (path, with {sid} for the session; expected status; code)
+BAD_QUERIES = [
+    ("/api/v1/sessions/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/sessions/?limit=%EF%BC%91", 400, "invalid_request"),  # fullwidth one
+    ("/api/v1/sessions/{sid}/versions/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/projects/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/audit-events/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/jobs/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/integrity-problems/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/keys/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/keys/%C2%B2/", 404, "not_found"),
+    ("/api/v1/keys/99999999999999999999999/", 404, "not_found"),
+    ("/api/v1/projects/%00/", 404, "not_found"),
+    ("/api/v1/projects/a%00b/", 404, "not_found"),
+    ("/api/v1/sessions/?project=a%00b", 400, "invalid_request"),
+    ("/api/v1/retention-policy/?project=a%00b", 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("path", "status", "code"), BAD_QUERIES)
+def test_unreadable_query_values_are_problems(admin_key, session, path, status, code):
+    response = admin_key.get(path.format(sid=session.pk))
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/problem+json" and response.json()["code"] == code
+
+
+@pytest.mark.parametrize("reason", ["a\x00b", "x" * 2001])
+def test_delete_with_a_bad_reason_is_400_and_deletes_nothing(admin_key, session, reason):
+    before = counts()
+    response = admin_key.delete(f"/api/v1/sessions/{session.pk}/", QUERY_STRING=urlencode({"reason": reason}))
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "invalid_request" and "reason" in response.json()["errors"]
+    assert counts() == before
