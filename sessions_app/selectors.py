@@ -9,7 +9,7 @@ import re
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -154,9 +154,15 @@ def _decode_cursor(cursor: str, field: str) -> tuple[Any, uuid.UUID] | None:
         return None
     try:
         text, pk = orjson.loads(urlsafe_b64decode(cursor.encode()))
-        value: Any = datetime.fromisoformat(text) if field.endswith("_at") else str(text)
+        if "\x00" in text:
+            raise ValueError("PostgreSQL text cannot hold NUL")
+        value: Any = str(text)
+        if field.endswith("_at"):
+            # In UTC and aware, as the database compares: year 1 at +14:00 lies before year 1 there.
+            value = datetime.fromisoformat(text)
+            value = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
         return value, uuid.UUID(pk)
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError):
         return None  # a mangled cursor restarts at the first page rather than failing
 
 

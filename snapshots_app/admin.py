@@ -18,9 +18,11 @@ from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
 from sessions_app.admin import ReadOnlyAdmin
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
+from sessions_app.forms import form_problems
 from sessions_app.models import Project
 from snapshots_app import compaction, integrity, selectors, services, store, transfer
 from snapshots_app.diff import diff_values
+from snapshots_app.forms import DataFixForm
 from snapshots_app.jsonview import pretty
 from snapshots_app.models import IntegrityProblem, Job, Version
 from snapshots_app.views import shown_changes
@@ -113,13 +115,17 @@ class VersionAdmin(ReadOnlyAdmin):
         if text is None:
             text = pretty(selectors.version_state(version))
         reason = request.POST.get("reason", "")
-        if request.method == "POST":
+        form = DataFixForm(request.POST if request.method == "POST" else None)
+        if request.method == "POST" and not form.is_valid():
+            error = " ".join(form_problems(form))
+        elif request.method == "POST":
             try:
-                prepared = services.state_prepare(text)
+                prepared = services.state_prepare(form.cleaned_data["state"])
                 if "apply" in request.POST:
                     fixed = services.snapshot_data_fix(
-                        session=session, state=prepared.canonical, based_on=version.number, reason=reason,
-                        expected_version=int(request.POST.get("expected_version") or 0), actor=request.user,
+                        session=session, state=prepared.canonical, based_on=version.number,
+                        reason=form.cleaned_data["reason"], expected_version=form.cleaned_data["expected_version"] or 0,
+                        actor=request.user,
                     )
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
@@ -127,8 +133,6 @@ class VersionAdmin(ReadOnlyAdmin):
                 changes, counts = shown_changes(result.changes), result.counts
             except StateStoreError as exc:
                 error = exc.message
-            except ValueError:
-                error = "expected_version must be a number"
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,

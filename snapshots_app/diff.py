@@ -633,7 +633,7 @@ def _resolve(doc: Any, tokens: list[str]) -> Any:
 def _index(token: str, length: int, *, allow_end: bool = False) -> int:
     if token == "-" and allow_end:
         return length
-    if not token.isdigit() or (token != "0" and token.startswith("0")):
+    if not (token.isascii() and token.isdigit()) or (token != "0" and token.startswith("0")):
         raise PatchError(f"bad array index {token!r}")
     index = int(token)
     if index > length or (index == length and not allow_end):

@@ -61,7 +61,8 @@ def resolve(document: Any, pointer: str) -> Any:
                 raise PointerError(f"no key {token!r}")
             value = value[token]
         elif type(value) is list:
-            if not token.isdigit() or int(token) >= len(value):
+            # isascii(): str.isdigit() also accepts "²", which int() refuses.
+            if not (token.isascii() and token.isdigit()) or int(token) >= len(value):
                 raise PointerError(f"no index {token!r}")
             value = value[int(token)]
         else:

@@ -16,10 +16,12 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app.errors import NotFound, StateStoreError
+from sessions_app.forms import form_problems
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
+from snapshots_app.forms import ForkForm, MarkForm, RewindForm
 from snapshots_app.models import Version
 
 DIFF_SHOWN = 500
@@ -255,11 +257,14 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     _require_operator(role)
     target = _version(session, number)
     error, status = "", 200
-    if request.method == "POST":
+    form = RewindForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and not form.is_valid():
+        error, status = " ".join(form_problems(form)), 400
+    elif request.method == "POST":
         try:
             version = services.snapshot_rewind(
-                session=session, to_version=target.number, reason=request.POST.get("reason", ""),
-                expected_version=_int(request.POST.get("expected_version")), actor=request.user,
+                session=session, to_version=target.number, reason=form.cleaned_data["reason"],
+                expected_version=form.cleaned_data["expected_version"], actor=request.user,
             )
         except StateStoreError as exc:
             error, status = exc.message, exc.status
@@ -285,11 +290,14 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     _require_operator(role)
     source = _version(session, number)
     error, status = "", 200
-    if request.method == "POST":
+    form = ForkForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and not form.is_valid():
+        error, status = " ".join(form_problems(form)), 400
+    elif request.method == "POST":
         try:
             fork = services.snapshot_fork(
-                session=session, from_version=source.number, reason=request.POST.get("reason", ""), actor=request.user,
-                external_id=request.POST.get("external_id", "").strip() or None,
+                session=session, from_version=source.number, reason=form.cleaned_data["reason"], actor=request.user,
+                external_id=form.cleaned_data["external_id"] or None,
             )
         except StateStoreError as exc:
             error, status = exc.message, exc.status
@@ -308,11 +316,21 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     session, role = _member_session(request, session_id)
     _require_operator(role)
     version = _version(session, number)
+    form = MarkForm(request.POST)
+    if not form.is_valid():
+        problem = " ".join(form_problems(form))
+        if wants_fragment(request):
+            return HttpResponse(problem, status=400)
+        # The timeline again, saying what was wrong: nothing was changed.
+        messages.error(request, problem)
+        response = session_detail(request, session.pk)
+        response.status_code = 400
+        return response
     try:
         if "pinned" in request.POST:
-            version = services.version_pin(version=version, pinned=request.POST["pinned"] == "1", actor=request.user)
+            version = services.version_pin(version=version, pinned=form.cleaned_data["pinned"] == "1", actor=request.user)
         if "label" in request.POST:
-            version = services.version_label(version=version, label=request.POST["label"], actor=request.user)
+            version = services.version_label(version=version, label=form.cleaned_data["label"], actor=request.user)
     except StateStoreError as exc:
         if wants_fragment(request):
             return HttpResponse(exc.message, status=exc.status)
@@ -321,4 +339,5 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         version = selectors.timeline_page(session, before=version.number + 1, limit=1)[0]
         return render(request, "snapshots_app/partials/_version_row.html", {**_base(session, role), "v": version})
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
+
 

@@ -1,0 +1,77 @@
+"""Dashboard input read through Django forms: a forms.CharField already refuses NUL characters
+(PostgreSQL text cannot hold them) and the form names the field that was wrong."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+from django import forms
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from sessions_app.models import SessionStatus
+from sessions_app.selectors import SESSION_SORTS, SessionFilters
+
+
+def form_problems(form: forms.Form) -> list[str]:
+    """One line per bad field ("reason: Null characters are not allowed."), for a page to show."""
+    return [f"{name}: {' '.join(str(message) for message in messages)}" for name, messages in form.errors.items()]
+
+
+WHEN_HELP = "a date (2026-01-31) or an ISO 8601 date-time (2026-01-31T12:00:00Z)"
+
+
+def parse_moment(raw: str, *, end_of_day: bool = False) -> datetime | None:
+    """A date or date-time typed into a filter, in UTC; None when empty; ValidationError when it
+    names no moment (month 13, February 30th, hour 25) or one PostgreSQL cannot hold."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        # A day first: parse_datetime() also reads "2026-01-31", as midnight, which would drop that
+        # day from an "updated to" range.
+        day = parse_date(raw)
+        moment = datetime.combine(day, time.min) + timedelta(days=1 if end_of_day else 0) if day else parse_datetime(raw)
+        if moment is None:
+            raise ValueError(raw)
+        # In UTC, as the database compares: year 1 at +14:00 lies before year 1 there.
+        return moment.astimezone(UTC) if timezone.is_aware(moment) else timezone.make_aware(moment, UTC)
+    except (ValueError, OverflowError):
+        raise forms.ValidationError(f"Not a moment: use {WHEN_HELP}.", code="invalid") from None
+
+
+class SessionFilterForm(forms.Form):
+    """The session list's query string. Unknown choices fall back to the default (old links keep
+    working); text that cannot be searched for and dates that name no day are errors."""
+
+    q = forms.CharField(required=False)
+    status = forms.CharField(required=False)
+    workflow = forms.CharField(required=False)
+    tag = forms.CharField(required=False)
+    # The metaclass moves fields off the class, so this does not hide BaseForm.has_error(); mypy cannot know.
+    has_error = forms.CharField(required=False)  # type: ignore[assignment]
+    updated_from = forms.CharField(required=False)
+    updated_to = forms.CharField(required=False)
+    sort = forms.CharField(required=False)
+    after = forms.CharField(required=False, strip=False)
+    project = forms.CharField(required=False)
+
+    def clean_updated_from(self) -> datetime | None:
+        return parse_moment(self.cleaned_data["updated_from"])
+
+    def clean_updated_to(self) -> datetime | None:
+        return parse_moment(self.cleaned_data["updated_to"], end_of_day=True)
+
+    def filters(self) -> SessionFilters:
+        data: dict[str, Any] = self.cleaned_data
+        return SessionFilters(
+            q=data["q"][:200],
+            status=data["status"] if data["status"] in SessionStatus.values else "",
+            workflow=data["workflow"][:200],
+            tag=data["tag"][:64],
+            has_error=data["has_error"] if data["has_error"] in ("yes", "no") else "",
+            updated_from=data["updated_from"],
+            updated_to=data["updated_to"],
+            sort=data["sort"] if data["sort"] in SESSION_SORTS else "-updated",
+        )

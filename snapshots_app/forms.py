@@ -1,0 +1,35 @@
+"""The dashboard's and the admin's write forms. Django's forms.CharField refuses NUL characters
+(PostgreSQL text cannot hold them), so bad input is a field error on the page, never a 500; the
+services stay the authority on what may be stored (a required reason, lengths after stripping)."""
+
+from __future__ import annotations
+
+from django import forms
+
+from snapshots_app.services import METADATA_LIMITS, REASON_MAX
+
+
+def _text(max_length: int) -> forms.CharField:
+    # Not stripped here: the services strip, and say so when nothing is left.
+    return forms.CharField(required=False, max_length=max_length, strip=False)
+
+
+class RewindForm(forms.Form):
+    reason = _text(REASON_MAX)
+    expected_version = forms.IntegerField(required=False, min_value=0)
+
+
+class ForkForm(forms.Form):
+    external_id = forms.CharField(required=False, max_length=255)
+    reason = _text(REASON_MAX)
+
+
+class MarkForm(forms.Form):
+    pinned = forms.ChoiceField(required=False, choices=[("0", "unpin"), ("1", "pin")])
+    label = _text(METADATA_LIMITS["label"])
+
+
+class DataFixForm(forms.Form):
+    state = forms.CharField(strip=False, error_messages={"required": "Give the state as a JSON object."})
+    reason = _text(REASON_MAX)
+    expected_version = forms.IntegerField(required=False, min_value=0)

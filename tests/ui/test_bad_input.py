@@ -1,0 +1,120 @@
+"""Hand-made query strings and form posts the database cannot take (a NUL byte, February 30th, a
+date beyond year 1): a 400 that says which field, never a 500, and nothing changed."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import orjson
+import pytest
+from django.contrib.auth import get_user_model
+from django.urls import reverse
+
+from sessions_app.models import AuditEvent, WorkflowSession
+from snapshots_app.models import Version
+
+
+def snapshot_of_everything():
+    return (
+        list(WorkflowSession.objects.order_by("pk").values_list("pk", "head_number", "archived_at", "external_id")),
+        list(Version.objects.order_by("pk").values_list("pk", "pinned", "label")),
+        AuditEvent.objects.count(),
+    )
+
+
+def _cursor(*parts):
+    return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode()
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"q": "\x00"}, "q"),
+    ({"tag": "a\x00"}, "tag"),
+    ({"workflow": "a\x00"}, "workflow"),
+    ({"updated_from": "2026-13-45"}, "updated_from"),
+    ({"updated_from": "2026-02-30"}, "updated_from"),
+    ({"updated_from": "2026-01-01T25:00"}, "updated_from"),
+    ({"updated_from": "yesterday"}, "updated_from"),
+    ({"updated_to": "0001-01-01T00:00:00+14:00"}, "updated_to"),
+    ({"updated_to": "9999-12-31"}, "updated_to"),  # its end of day is beyond year 9999
+])
+def test_session_list_filters_the_database_cannot_run_are_400(client, operator, story, params, field):
+    client.force_login(operator)
+    response = client.get(reverse("sessions:list"), params)
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert f"{field}: " in page and 'role="alert"' in page and "run-42" not in page
+
+
+@pytest.mark.parametrize("after", [
+    _cursor("a\x00b", "00000000-0000-0000-0000-000000000000"),
+    _cursor("0001-01-01T00:00:00+14:00", "00000000-0000-0000-0000-000000000000"),
+])
+@pytest.mark.parametrize("sort", ["external_id", "-updated"])
+def test_a_mangled_cursor_restarts_at_the_first_page(client, operator, story, after, sort):
+    client.force_login(operator)
+    response = client.get(reverse("sessions:list"), {"sort": sort, "after": after})
+    assert response.status_code == 200 and "run-42" in response.content.decode()
+
+
+def test_good_dates_still_filter(client, operator, story):
+    client.force_login(operator)
+    url = reverse("sessions:list")
+    today = story.updated_at.date().isoformat()
+    assert "run-42" in client.get(url, {"updated_from": today, "updated_to": today}).content.decode()
+    assert "run-42" in client.get(url, {"updated_from": "2000-01-01", "updated_to": "9999-12-30"}).content.decode()
+    assert "run-42" not in client.get(url, {"updated_to": "2000-01-01T00:00:00+14:00"}).content.decode()
+
+
+def test_version_viewer_pointer_with_a_non_ascii_digit_is_404(client, operator, story):
+    client.force_login(operator)
+    url = reverse("snapshots:version", kwargs={"session_id": story.pk, "number": 3})
+    assert client.get(url, {"pointer": "/queue/\u00b2"}).status_code == 404
+
+
+def _post(client, session, name, data, **extra):
+    url = reverse(f"snapshots:{name}", kwargs={"session_id": session.pk, "number": 1})
+    return client.post(url, data, **extra)
+
+
+@pytest.mark.parametrize(("name", "data", "field"), [
+    ("rewind", {"reason": "a\x00b", "expected_version": 5}, "reason"),
+    ("rewind", {"reason": "why", "expected_version": "\u00b2"}, "expected_version"),
+    ("fork", {"external_id": "a\x00b", "reason": "x"}, "external_id"),
+    ("fork", {"reason": "a\x00b"}, "reason"),
+])
+def test_rewind_and_fork_forms_refuse_nul_with_a_field_error(client, operator, story, name, data, field):
+    client.force_login(operator)
+    before = snapshot_of_everything()
+    response = _post(client, story, name, data)
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert f"{field}: " in page and 'role="alert"' in page and "<form" in page
+    assert snapshot_of_everything() == before
+
+
+@pytest.mark.parametrize("data", [{"label": "a\x00b"}, {"label": "x" * 101}, {"pinned": "yes"}])
+@pytest.mark.parametrize("htmx", [True, False])
+def test_mark_refuses_bad_input_and_changes_nothing(client, operator, story, data, htmx):
+    client.force_login(operator)
+    before = snapshot_of_everything()
+    response = _post(client, story, "mark", data, **({"HTTP_HX_REQUEST": "true"} if htmx else {}))
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert ("label: " in body or "pinned: " in body) and ("<html" in body) is not htmx
+    assert snapshot_of_everything() == before
+
+
+def test_admin_data_fix_refuses_a_nul_reason(client, story):
+    staff = get_user_model().objects.create_superuser("root", password="pw-for-tests-1")
+    client.force_login(staff)
+    base = Version.objects.get(session=story, number=2)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    before = snapshot_of_everything()
+    state = json.dumps({"counters": {"steps": 2}})
+    for data in ({"state": state, "reason": "a\x00b", "expected_version": 5, "apply": "1"},
+                 {"state": state, "reason": "why", "expected_version": "\u00b2", "apply": "1"},
+                 {"state": "{\x00}", "reason": "why", "expected_version": 5, "apply": "1"}):
+        response = client.post(url, data)
+        assert response.status_code == 400 and "errornote" in response.content.decode()
+    assert snapshot_of_everything() == before
