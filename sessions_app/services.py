@@ -184,6 +184,7 @@ def session_update(
     actor: User = None,
 ) -> WorkflowSession:
     session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    ensure_writable(session)
     if status is not None:
         if status not in SessionStatus.values:
             raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
@@ -216,6 +217,23 @@ def session_archive(*, session: WorkflowSession, reason: str = "", actor: User =
 
 
 @transaction.atomic
+def session_unarchive(
+    *, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = ""
+) -> WorkflowSession:
+    """Accept writes again; the archiving and this are both in the audit log."""
+    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    if session.archived_at is not None:
+        archived_at, session.archived_at = session.archived_at, None
+        session.save(update_fields=["archived_at", "updated_at"])
+        audit_record(
+            project=session.project, action="session.unarchive", target_type="session", target_id=session.pk,
+            session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
+            details={"external_id": session.external_id, "archived_at": archived_at.isoformat()},
+        )
+    return session
+
+
+@transaction.atomic
 def session_delete(*, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = "") -> None:
     """Delete a session and its versions; nodes only it needed are freed by the next compaction."""
     audit_record(
@@ -230,7 +248,10 @@ def session_delete(*, session: WorkflowSession, reason: str = "", actor: User = 
 
 def ensure_writable(session: WorkflowSession) -> None:
     if session.archived_at is not None:
-        raise SessionArchived(f"session {session.external_id} is archived; unarchive it to write")
+        raise SessionArchived(
+            f"session {session.external_id} is archived: nothing was written; unarchive it to write",
+            session=str(session.pk),
+        )
 
 
 def new_fork_external_id(source: WorkflowSession, number: int) -> str:

@@ -99,9 +99,16 @@ class VersionAdmin(ReadOnlyAdmin):
 
     def _pin(self, request: HttpRequest, queryset: QuerySet[Version], pinned: bool) -> None:
         versions = list(queryset.select_related("session__project"))
+        refused = []
         for version in versions:
-            services.version_pin(version=version, pinned=pinned, actor=request.user)
-        messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {len(versions)} version(s).")
+            try:
+                services.version_pin(version=version, pinned=pinned, actor=request.user)
+            except StateStoreError as exc:  # an archived session's versions stay as they are
+                refused.append(exc.message)
+        done = len(versions) - len(refused)
+        messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {done} version(s).")
+        if refused:
+            messages.error(request, f"{len(refused)} refused: {'; '.join(sorted(set(refused))[:5])}")
 
     def data_fix_view(self, request: HttpRequest, version_id: int) -> HttpResponse:
         """Edit a version's state as JSON, see the diff against the head, give a reason, record it."""

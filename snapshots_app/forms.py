@@ -19,6 +19,10 @@ class RewindForm(forms.Form):
     expected_version = forms.IntegerField(required=False, min_value=0)
 
 
+class ReasonForm(forms.Form):
+    reason = _text(REASON_MAX)
+
+
 class ForkForm(forms.Form):
     external_id = forms.CharField(required=False, max_length=255)
     reason = _text(REASON_MAX)

@@ -661,6 +661,7 @@ def snapshot_data_fix(
 
 @transaction.atomic
 def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_label: str = "") -> Version:
+    ensure_writable(_lock_session(version.session))  # under the lock archiving takes
     Version.objects.filter(pk=version.pk).update(pinned=pinned)
     version.pinned = pinned
     audit_record(
@@ -674,6 +675,7 @@ def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_lab
 @transaction.atomic
 def version_label(*, version: Version, label: str, actor: User = None, actor_label: str = "") -> Version:
     label = _clean_text("label", label, METADATA_LIMITS["label"]).strip()
+    ensure_writable(_lock_session(version.session))  # under the lock archiving takes
     Version.objects.filter(pk=version.pk).update(label=label)
     previous, version.label = version.label, label
     audit_record(

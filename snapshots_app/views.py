@@ -15,13 +15,14 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
+from sessions_app import services as session_services
 from sessions_app.errors import NotFound, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
-from snapshots_app.forms import ForkForm, MarkForm, RewindForm
+from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm
 from snapshots_app.models import Version
 
 DIFF_SHOWN = 500
@@ -341,3 +342,20 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
 
 
+
+@login_required
+@require_POST
+def session_archiving(request: HttpRequest, session_id: Any, action: str) -> HttpResponse:
+    """Archive (keep the history, refuse writes) or unarchive a session; operators, audited."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    form = ReasonForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, " ".join(form_problems(form)))
+    elif action == "archive":
+        session_services.session_archive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+        messages.success(request, "Archived: the history is kept and new writes are refused.")
+    else:
+        session_services.session_unarchive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+        messages.success(request, "Unarchived: the session accepts writes again.")
+    return redirect("snapshots:session", session_id=session.pk)

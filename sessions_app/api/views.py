@@ -173,6 +173,21 @@ class SessionArchive(ApiView):
         return Response(SessionSerializer(session).data)
 
 
+class SessionUnarchive(ApiView):
+    serializer_class = SessionSerializer
+
+    @extend_schema(operation_id="sessions_unarchive", parameters=[SESSION_ID, IDEMPOTENCY_KEY], request=ReasonSerializer,
+                   responses={200: SessionSerializer}, summary="Unarchive: accept writes again. Audited.")
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = ReasonSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        session = services.session_unarchive(
+            session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
+        )
+        return Response(SessionSerializer(session).data)
+
+
 class ApiKeyList(mixins.ListModelMixin, ApiView):
     serializer_class = ApiKeySerializer
     filter_backends = [ParamFilter]

@@ -12,6 +12,7 @@ urlpatterns = [
     path("sessions/", session_views.SessionList.as_view(), name="api-sessions"),
     path("sessions/<str:id>/", session_views.SessionDetail.as_view(), name="api-session"),
     path("sessions/<str:id>/archive/", session_views.SessionArchive.as_view(), name="api-session-archive"),
+    path("sessions/<str:id>/unarchive/", session_views.SessionUnarchive.as_view(), name="api-session-unarchive"),
     path("sessions/<str:id>/versions/", views.VersionList.as_view(), name="api-versions"),
     path("sessions/<str:id>/versions/batch/", views.VersionBatch.as_view(), name="api-versions-batch"),
     path("sessions/<str:id>/versions/<str:number>/", views.VersionDetail.as_view(), name="api-version"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sessions_app.models import AuditEvent, WorkflowSession
 from sessions_app.services import session_update
 from snapshots_app.models import Version
@@ -92,3 +94,35 @@ def test_admin_deletes_a_session_and_the_audit_log_keeps_the_fact(admin_key, ses
     assert event.reason == "gdpr" and event.actor_label.startswith("api key")
     listed = admin_key.get(f"/api/v1/audit-events/?session={session.pk}").json()["results"]
     assert [e["action"] for e in listed] == ["session.delete"]
+
+
+@pytest.mark.parametrize(("method", "tail", "body"), [
+    ("patch", "", {"status": "completed"}),
+    ("patch", "", {"tags": ["late"]}),
+    ("patch", "versions/1/", {"pinned": True}),
+    ("patch", "versions/1/", {"label": "late"}),
+    ("post", "rewind/", {"to_version": 1, "reason": "late"}),
+])
+def test_an_archived_session_refuses_every_write_with_409(writer, session, method, tail, body):
+    snapshot_record(session=session, state={"a": 1})
+    assert writer.post(f"/api/v1/sessions/{session.pk}/archive/", {"reason": "done"}, format="json").status_code == 200
+    before = (list(WorkflowSession.objects.values_list("status", "tags", "head_number")),
+              list(Version.objects.values_list("pinned", "label")), AuditEvent.objects.count())
+    response = getattr(writer, method)(f"/api/v1/sessions/{session.pk}/{tail}", body, format="json")
+    assert response.status_code == 409, response.content
+    assert response.json()["code"] == "session_archived"
+    assert (list(WorkflowSession.objects.values_list("status", "tags", "head_number")),
+            list(Version.objects.values_list("pinned", "label")), AuditEvent.objects.count()) == before
+
+
+def test_unarchive_accepts_writes_again_and_is_audited(writer, reader, session):
+    url = f"/api/v1/sessions/{session.pk}/"
+    assert reader.post(f"{url}unarchive/", {}, format="json").status_code == 403
+    writer.post(f"{url}archive/", {"reason": "done"}, format="json")
+    assert writer.patch(url, {"status": "completed"}, format="json").status_code == 409
+    response = writer.post(f"{url}unarchive/", {"reason": "one more step"}, format="json")
+    assert response.status_code == 200 and response.json()["archived_at"] is None
+    assert writer.post(f"{url}unarchive/", {}, format="json").status_code == 200  # already live: nothing to do
+    assert writer.patch(url, {"status": "completed"}, format="json").status_code == 200
+    events = AuditEvent.objects.filter(session_id=session.pk).order_by("pk")
+    assert [(e.action, e.reason) for e in events] == [("session.archive", "done"), ("session.unarchive", "one more step")]

@@ -55,6 +55,8 @@ def test_sessions_create_list_get_update_archive_delete(rewind):
     with pytest.raises(ConflictError) as caught:
         rewind.record(other["id"], {"x": 1})
     assert caught.value.code == "session_archived"
+    assert rewind.unarchive_session(other["id"], reason="one more step")["archived_at"] is None
+    assert rewind.record(other["id"], {"x": 1})["number"] == 1
 
     assert rewind.delete_session(other["id"], reason="cleanup") is None
     with pytest.raises(NotFound) as caught:

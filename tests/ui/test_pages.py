@@ -347,3 +347,38 @@ def test_hostile_state_renders_inert_everywhere(client, operator, team):
         assert "<script>alert" not in body and "<img src=x" not in body and "<b>x</b>" not in body
         assert "\x00" not in body or "&lt;" in body
     assert "&lt;script&gt;alert" in pages[2].content.decode()
+
+
+def test_an_archived_sessions_versions_cannot_be_pinned_or_labelled(client, operator, story):
+    from sessions_app.services import session_archive
+
+    session_archive(session=story, reason="done")
+    client.force_login(operator)
+    url = session_url(story, "snapshots:mark", number=2)
+    response = client.post(url, {"pinned": "1"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 409 and "archived" in response.content.decode()
+    page = client.post(url, {"label": "late"}, follow=True).content.decode()
+    assert "is archived" in page
+    assert list(Version.objects.filter(session=story, number=2).values_list("pinned", "label")) == [(False, "")]
+
+
+def test_operators_archive_and_unarchive_from_the_session_page(client, operator, viewer, story):
+    client.force_login(viewer)
+    assert 'id="archive"' not in client.get(session_url(story)).content.decode()
+    assert client.post(session_url(story, "snapshots:archive"), {"reason": "x"}).status_code == 403
+    client.force_login(operator)
+    assert 'id="archive"' in client.get(session_url(story)).content.decode()
+    page = client.post(session_url(story, "snapshots:archive"), {"reason": "done"}, follow=True).content.decode()
+    assert "Archived:" in page and 'id="unarchive"' in page
+    story.refresh_from_db()
+    assert story.archived_at is not None
+    bad = client.post(session_url(story, "snapshots:unarchive"), {"reason": "a\x00b"}, follow=True).content.decode()
+    assert "reason: " in bad
+    story.refresh_from_db()
+    assert story.archived_at is not None
+    client.post(session_url(story, "snapshots:unarchive"), {"reason": "one more step"})
+    story.refresh_from_db()
+    assert story.archived_at is None
+    assert list(AuditEvent.objects.filter(session_id=story.pk, action__endswith="archive")
+                .order_by("pk").values_list("action", "reason")) == [("session.archive", "done"),
+                                                                      ("session.unarchive", "one more step")]

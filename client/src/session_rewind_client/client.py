@@ -130,6 +130,11 @@ class Endpoints:
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/archive/", json=_drop_none(reason=reason),
                               idempotency_key=idempotency_key))
 
+    def unarchive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+        """Accept writes again (audited)."""
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/unarchive/", json=_drop_none(reason=reason),
+                              idempotency_key=idempotency_key))
+
     # -- versions --------------------------------------------------------------------------------
 
     def record(
