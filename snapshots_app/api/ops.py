@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, serializers, status
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import BaseParser
@@ -59,13 +59,25 @@ class JobSerializer(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by_label", read_only=True)
     percent = serializers.IntegerField(read_only=True)
     params = JsonObjectField()
-    result = JsonObjectField(allow_null=True)
+    result = serializers.SerializerMethodField(
+        help_text="What the job found or made; a finished export names its `file` and the `download` URL."
+    )
 
     class Meta:
         model = Job
         fields = ["id", "project", "session", "kind", "status", "done", "total", "percent", "params", "result",
                   "error", "attempts", "created_by", "created_at", "started_at", "finished_at"]
         read_only_fields = fields
+
+    @extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})
+    def get_result(self, job: Job) -> dict[str, Any] | None:
+        if not isinstance(job.result, dict):
+            return job.result
+        # The server's own file system stays on the server: callers get the file's name and its URL.
+        result = {key: value for key, value in job.result.items() if key != "path"}
+        if job.kind == JobKind.EXPORT and "file" in result:
+            result["download"] = f"/api/v1/jobs/{job.pk}/file/"
+        return result
 
 
 class CompactionSerializer(serializers.Serializer):

@@ -58,7 +58,11 @@ def test_export_then_import_into_another_project_with_progress(project, session,
     assert job.status_code == 202
     done = writer.get(f"/api/v1/jobs/{job.json()['id']}/").json()
     assert done["status"] == "done" and done["percent"] == 100 and done["result"]["versions"] == 2
-    download = writer.get(f"/api/v1/jobs/{done['id']}/file/")
+    # No server path: the file's name and where to download it.
+    assert "path" not in done["result"] and done["result"]["file"].endswith(".ndjson")
+    assert done["result"]["download"] == f"/api/v1/jobs/{done['id']}/file/"
+    assert "/exports/" not in str(writer.get("/api/v1/jobs/").json())
+    download = writer.get(done["result"]["download"])
     assert download.status_code == 200 and download["Content-Type"] == "application/x-ndjson"
     export = b"".join(download.streaming_content)
 
