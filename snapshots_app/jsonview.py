@@ -121,6 +121,7 @@ def level(value: Any, pointer: str, *, offset: int = 0, limit: int = LEVEL_PAGE)
         items = [(str(index), item) for index, item in enumerate(container)]
     else:
         return [], None
+    offset = max(offset, 0)  # a negative one would slice from the end
     entries = []
     for key, child in items[offset : offset + limit]:
         text, cut = preview(child)

@@ -87,7 +87,7 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     session, role = _member_session(request, session_id)
     version = _version(session, number)
     pointer = request.GET.get("pointer", "")
-    offset = _int(request.GET.get("offset")) or 0
+    offset = max(_int(request.GET.get("offset")) or 0, 0)  # a negative offset would slice from the end
     query = request.GET.get("q", "").strip()
     state = selectors.version_state(version)
     context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query}

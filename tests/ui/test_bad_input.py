@@ -118,3 +118,11 @@ def test_admin_data_fix_refuses_a_nul_reason(client, story):
         response = client.post(url, data)
         assert response.status_code == 400 and "errornote" in response.content.decode()
     assert snapshot_of_everything() == before
+
+
+@pytest.mark.parametrize("offset", ["-5", "-1", "-500", "junk"])
+def test_version_viewer_treats_a_negative_or_unreadable_offset_as_the_start(client, operator, story, offset):
+    client.force_login(operator)
+    url = reverse("snapshots:version", kwargs={"session_id": story.pk, "number": 3})
+    page = client.get(url, {"pointer": "/counters", "offset": offset}).content.decode()
+    assert "steps" in page and "tokens" in page
