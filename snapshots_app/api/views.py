@@ -247,7 +247,9 @@ class Head(ApiView):
         if if_none_match is not None:
             # Polling: the version row alone says whether the head has moved.
             head = selectors.version_get(session=session, number=session.head_number)
-            if etag_of(head) in {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}:
+            tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+            # "*" matches any current representation (RFC 9110 13.1.2): the head exists, so 304.
+            if "*" in tags or etag_of(head) in tags:
                 response = HttpResponse(status=304)
                 response["ETag"] = etag_of(head)
                 return response

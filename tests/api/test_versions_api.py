@@ -236,3 +236,9 @@ def test_a_batch_key_covers_the_whole_batch(writer, session):
         assert response.status_code == 201
     assert session.versions.count() == 7
 
+
+def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
+    assert writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*").status_code == 404  # no head yet
+    snapshot_record(session=session, state={"a": 1})
+    response = writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*")
+    assert response.status_code == 304 and response["ETag"] and not response.content
