@@ -3,6 +3,7 @@ the services stay the authority on what may be stored."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -71,6 +72,22 @@ class TagListField(serializers.ListField):
         super().__init__(**kwargs)
 
 
+class InputSerializer(serializers.Serializer):
+    """A request body: a field the serializer does not know is a 400 naming it. Ignoring it would let
+    a typo ("expected_verison") silently switch off the check the caller asked for. Read-only fields
+    are known (a body read, changed and sent back carries them) and ignored, as DRF does."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            writable = {name for name, field in self.fields.items() if not field.read_only}
+            unknown = sorted(str(name) for name in data if name not in self.fields)
+            if unknown:
+                raise serializers.ValidationError(
+                    {name[:100]: [f"Unknown field; this accepts {', '.join(sorted(writable))}."] for name in unknown[:20]}
+                )
+        return super().to_internal_value(data)
+
+
 def plain_text(**kwargs: Any) -> serializers.CharField:
     return StrictCharField(trim_whitespace=False, **kwargs)
 
@@ -103,7 +120,7 @@ class SessionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class SessionCreateSerializer(serializers.Serializer):
+class SessionCreateSerializer(InputSerializer):
     external_id = plain_text(max_length=255, help_text="The engine's own session / thread id; creating it twice is safe.")
     workflow = plain_text(max_length=200, required=False, allow_blank=True)
     metadata = JsonObjectField(required=False)
@@ -122,7 +139,7 @@ class SessionCreateSerializer(serializers.Serializer):
         return value
 
 
-class SessionUpdateSerializer(serializers.Serializer):
+class SessionUpdateSerializer(InputSerializer):
     status = serializers.ChoiceField(choices=SessionStatus.choices, required=False)
     workflow = plain_text(max_length=200, required=False, allow_blank=True)
     metadata = JsonObjectField(required=False)
@@ -133,7 +150,7 @@ class SessionUpdateSerializer(serializers.Serializer):
         return value
 
 
-class ReasonSerializer(serializers.Serializer):
+class ReasonSerializer(InputSerializer):
     reason = plain_text(max_length=2000, required=False, allow_blank=True)
 
 
@@ -152,7 +169,7 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
         read_only_fields = fields
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
+class ApiKeyCreateSerializer(InputSerializer):
     name = plain_text(max_length=100)
     scopes = serializers.ListField(
         child=serializers.ChoiceField(choices=ApiKey.Scope.choices), min_length=1, max_length=3

@@ -23,7 +23,7 @@ from sessions_app.api.auth import project_for, require_role, session_for, visibl
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
 from sessions_app.api.problems import RequestTooLarge
-from sessions_app.api.serializers import JsonObjectField, StrictBooleanField, StrictIntegerField
+from sessions_app.api.serializers import InputSerializer, JsonObjectField, StrictBooleanField, StrictIntegerField
 from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
 from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, Role
@@ -50,7 +50,7 @@ class RetentionPolicySerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
 
-class RetentionPolicyInputSerializer(RetentionPolicySerializer):
+class RetentionPolicyInputSerializer(InputSerializer, RetentionPolicySerializer):
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
 
 
@@ -80,7 +80,7 @@ class JobSerializer(serializers.ModelSerializer):
         return result
 
 
-class CompactionSerializer(serializers.Serializer):
+class CompactionSerializer(InputSerializer):
     dry_run = StrictBooleanField(default=True, help_text="Only predict (default); false queues the compaction job.")
     apply_retention = StrictBooleanField(default=True, help_text="Thin versions per the retention policy first.")
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
@@ -99,7 +99,7 @@ class CompactionPreviewSerializer(serializers.Serializer):
     policy_enabled = serializers.BooleanField()
 
 
-class ExportSerializer(serializers.Serializer):
+class ExportSerializer(InputSerializer):
     session = serializers.UUIDField(required=False, allow_null=True, help_text="One session; omit for the project.")
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
 

@@ -8,6 +8,7 @@ from typing import Any
 from rest_framework import serializers
 
 from sessions_app.api.serializers import (
+    InputSerializer,
     JsonObjectField,
     StrictBooleanField,
     StrictIntegerField,
@@ -74,7 +75,7 @@ class VersionWithStateSerializer(VersionSerializer):
     state = JsonObjectField(help_text="The state, byte-for-byte the canonical JSON that was stored.")
 
 
-class SnapshotSerializer(serializers.Serializer):
+class SnapshotSerializer(InputSerializer):
     state = JsonObjectField(help_text="The session's state: a JSON object.")
     step = plain_text(max_length=METADATA_LIMITS["step"], required=False, allow_blank=True, allow_null=True)
     status = serializers.ChoiceField(choices=SessionStatus.choices, required=False, allow_null=True)
@@ -94,7 +95,7 @@ class SnapshotCreateSerializer(SnapshotSerializer):
     )
 
 
-class BatchSerializer(serializers.Serializer):
+class BatchSerializer(InputSerializer):
     versions = SnapshotSerializer(many=True, min_length=1, max_length=500, help_text="Recorded in order, all or nothing.")
     expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
 
@@ -103,12 +104,12 @@ class BatchResultSerializer(serializers.Serializer):
     versions = VersionSerializer(many=True)
 
 
-class VersionUpdateSerializer(serializers.Serializer):
+class VersionUpdateSerializer(InputSerializer):
     pinned = StrictBooleanField(required=False, help_text="Pinned versions survive retention.")
     label = plain_text(max_length=METADATA_LIMITS["label"], required=False, allow_blank=True)
 
 
-class RewindSerializer(serializers.Serializer):
+class RewindSerializer(InputSerializer):
     to_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     reason = plain_text(max_length=REASON_MAX, help_text="Why; it goes into the audit log.")
     expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
@@ -119,7 +120,7 @@ class RewindSerializer(serializers.Serializer):
         return value
 
 
-class ForkSerializer(serializers.Serializer):
+class ForkSerializer(InputSerializer):
     from_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     external_id = plain_text(max_length=255, required=False, allow_null=True,
                              help_text="External id of the new session; generated when omitted.")

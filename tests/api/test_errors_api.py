@@ -207,3 +207,48 @@ def test_delete_with_a_bad_reason_is_400_and_deletes_nothing(admin_key, session,
     assert response.status_code == 400, response.content
     assert response.json()["code"] == "invalid_request" and "reason" in response.json()["errors"]
     assert counts() == before
+
+
+# A misspelt field is a 400 naming it, not a silently skipped check. (path tail as in BAD_WRITES, method, body, field)
+UNKNOWN_FIELDS = [
+    ("versions/", "post", {"state": {"a": 2}, "expected_verison": 0}, "expected_verison"),
+    ("versions/batch/", "post", {"versions": [{"state": {"a": 2}}], "expected_verison": 0}, "expected_verison"),
+    ("versions/batch/", "post", {"versions": [{"state": {"a": 2}, "stepp": "x"}]}, "versions"),
+    ("versions/1/", "patch", {"pinned": True, "labell": "x"}, "labell"),
+    ("rewind/", "post", {"to_version": 1, "reason": "x", "expected_verison": 0}, "expected_verison"),
+    ("fork/", "post", {"from_version": 1, "externalid": "copy"}, "externalid"),
+    ("archive/", "post", {"reasn": "x"}, "reasn"),
+    ("unarchive/", "post", {"reasn": "x"}, "reasn"),
+    ("", "patch", {"stauts": "completed"}, "stauts"),
+    ("/api/v1/sessions/", "post", {"external_id": "new", "workflw": "x"}, "workflw"),
+    ("/api/v1/keys/", "post", {"name": "k", "scopes": ["read"], "scope": "admin"}, "scope"),
+    ("/api/v1/retention-policy/", "put",
+     {"enabled": True, "keep_last": 1, "keep_days": 0, "thin_to": "day", "keep_lst": 5}, "keep_lst"),
+    ("/api/v1/compaction/", "post", {"dryrun": False}, "dryrun"),
+    ("/api/v1/exports/", "post", {"sesion": "x"}, "sesion"),
+]
+
+
+@pytest.mark.parametrize(("tail", "method", "body", "field"), UNKNOWN_FIELDS)
+def test_unknown_body_fields_are_400_and_nothing_changes(project, session, tail, method, body, field):
+    from snapshots_app.models import Job, RetentionPolicy
+    from tests.api.conftest import key_client
+
+    client = key_client(project, "admin")
+    snapshot_record(session=session, state={"a": 1})
+    path = tail if tail.startswith("/") else f"/api/v1/sessions/{session.pk}/{tail}"
+    before = (counts(), Job.objects.count(), RetentionPolicy.objects.count(),
+              list(WorkflowSession.objects.values_list("status", "archived_at")))
+    response = getattr(client, method)(path, body, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "invalid_request" and field in response.json()["errors"]
+    assert (counts(), Job.objects.count(), RetentionPolicy.objects.count(),
+            list(WorkflowSession.objects.values_list("status", "archived_at"))) == before
+
+
+def test_read_only_fields_sent_back_are_ignored(admin_key):
+    policy = admin_key.get("/api/v1/retention-policy/").json()
+    policy["keep_last"] = 7
+    response = admin_key.put("/api/v1/retention-policy/", policy, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["keep_last"] == 7
