@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import zlib
 from collections.abc import Callable, Iterable
@@ -505,14 +506,26 @@ def json_text_value(text: str) -> Any:
     """The value JSON `text` spells; ValueError if it is not JSON, or holds what no JSON value can:
     NaN, Infinity, a number past a double's range, or a lone surrogate (an escaped half of a UTF-16
     pair: valid JSON text, but no UTF-8 text can hold it, so no change list or answer could show
-    it), or nesting too deep for json.loads. Such a string is kept and diffed as a plain string.
-    json.loads takes the first four; orjson refuses them but reads integers past 64 bits as floats,
-    so it only vets the text."""
+    it), an integer past 64 bits (states cannot hold one either: the diff's comparisons and every
+    answer encode with orjson), or nesting too deep for json.loads. Such a string is kept and
+    diffed as a plain string. json.loads takes the first four; orjson refuses them but reads
+    integers past 64 bits as floats, so it only vets the text, and json.loads checks the integers
+    when a run of digits is long enough to be one."""
     orjson.loads(text)
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_int64 if _LONG_DIGIT_RUN.search(text) else None)
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
+
+
+_LONG_DIGIT_RUN = re.compile(r"\d{19}")  # the shortest integer literal past 64 bits has 19 digits
+
+
+def _int64(literal: str) -> int:
+    number = int(literal)
+    if not -(2**63) <= number < 2**64:
+        raise ValueError(f"integer {literal[:30]} does not fit 64 bits")
+    return number
 
 
 def _json_inside(value: str) -> tuple[Any, Flavor] | None:

@@ -176,7 +176,7 @@ def test_a_json_string_holding_emoji_as_surrogate_pairs_is_still_diffed_as_struc
         assert changes == [{"path": "/n", "op": "replace", "kind": "changed", "old": 1, "new": 2, "string_path": "/c"}]
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "18446744073709551616"])
 def test_a_json_string_holding_a_number_json_values_cannot_hold_is_diffed_as_a_string(constant):
     a, b = f'{{"x": {constant}, "n": 1}}', f'{{"x": {constant}, "n": 2}}'
     assert diff_values({"c": a}, {"c": b}).changes == [
