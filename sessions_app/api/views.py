@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.db.models import Q, QuerySet
@@ -158,34 +159,38 @@ class SessionDetail(ApiView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class SessionArchive(ApiView):
+class _ArchiveSwitch(ApiView):
+    """Archive or unarchive a session (operator; audited), with an optional reason."""
+
     serializer_class = SessionSerializer
+    service: Callable[..., WorkflowSession]
+
+    def switch(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.OPERATOR)
+        incoming = ReasonSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        session = type(self).service(
+            session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
+        )
+        return Response(SessionSerializer(session).data)
+
+
+class SessionArchive(_ArchiveSwitch):
+    service = staticmethod(services.session_archive)
 
     @extend_schema(operation_id="sessions_archive", parameters=[SESSION_ID, IDEMPOTENCY_KEY], request=ReasonSerializer,
                    responses={200: SessionSerializer}, summary="Archive: keep the history, refuse new writes.")
     def post(self, request: Request, id: str) -> Response:
-        session = session_for(request, id, role=Role.OPERATOR)
-        incoming = ReasonSerializer(data=request.data)
-        incoming.is_valid(raise_exception=True)
-        session = services.session_archive(
-            session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
-        )
-        return Response(SessionSerializer(session).data)
+        return self.switch(request, id)
 
 
-class SessionUnarchive(ApiView):
-    serializer_class = SessionSerializer
+class SessionUnarchive(_ArchiveSwitch):
+    service = staticmethod(services.session_unarchive)
 
     @extend_schema(operation_id="sessions_unarchive", parameters=[SESSION_ID, IDEMPOTENCY_KEY], request=ReasonSerializer,
                    responses={200: SessionSerializer}, summary="Unarchive: accept writes again. Audited.")
     def post(self, request: Request, id: str) -> Response:
-        session = session_for(request, id, role=Role.OPERATOR)
-        incoming = ReasonSerializer(data=request.data)
-        incoming.is_valid(raise_exception=True)
-        session = services.session_unarchive(
-            session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
-        )
-        return Response(SessionSerializer(session).data)
+        return self.switch(request, id)
 
 
 class ApiKeyList(mixins.ListModelMixin, ApiView):
