@@ -34,7 +34,7 @@ from django.utils import timezone
 from sessions_app import events
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, audit_record
-from snapshots_app import jobs, store
+from snapshots_app import jobs, store, tree
 from snapshots_app.models import (
     CompressionDictionary,
     Job,
@@ -150,6 +150,11 @@ def _bucket(moment: datetime, thin_to: str) -> tuple[int, ...]:
     return (moment.year, moment.month, moment.day)
 
 
+# Versions an operator made (each in the audit log) are kept whatever the policy: they are what the
+# log points at, and a rewind or fork kept keeps its source (below), run after run.
+OPERATOR_KINDS = (VersionKind.REWIND, VersionKind.FORK, VersionKind.DATA_FIX)
+
+
 def _rows(project_id: int) -> list[_Row]:
     return [
         _Row(*values[:9], bytes(values[9]), values[10])
@@ -189,6 +194,7 @@ def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datet
                 or row.pinned
                 or row.label
                 or row.error
+                or row.kind in OPERATOR_KINDS
                 or row.id in sources
             ):
                 kept.add(row.id)
@@ -232,6 +238,7 @@ def _retention_apply_session(project_id: int, session_id: Any, planned: list[int
     doomed = set(
         Version.objects.filter(session=session, id__in=planned, pinned=False, label="", error="")
         .exclude(number=F("session__head_number"))
+        .exclude(kind__in=OPERATOR_KINDS)
         .exclude(id__in=list(sources))
         .values_list("id", flat=True)
     )
@@ -273,8 +280,8 @@ def _mark(project_store: store.ProjectStore, roots: Iterable[bytes], marked: set
         marked |= frontier
         children: set[bytes] = set()
         for chunk in _chunks(list(frontier), 1000):
-            for node in project_store.nodes(set(chunk)).values():
-                children.update(node.children)
+            for kids in project_store.children(chunk).values():
+                children.update(kids)
         frontier = children - marked
 
 
@@ -288,8 +295,8 @@ def _parents_first(project_store: store.ProjectStore, candidates: list[bytes]) -
     candidate_set = set(candidates)
     children: dict[bytes, list[bytes]] = {}
     for chunk in _chunks(candidates, 1000):
-        for digest, node in project_store.nodes(set(chunk)).items():
-            children[digest] = [child for child in node.children if child in candidate_set]
+        for digest, below in project_store.children(chunk).items():
+            children[digest] = [child for child in below if child in candidate_set]
     waiting_on = dict.fromkeys(candidates, 0)
     for kids in children.values():
         for child in kids:
@@ -380,6 +387,16 @@ RECOMPRESS_LEVEL = 12
 RECOMPRESS_MIN_GAIN = 0.95  # rewrite a node only if it shrinks by at least 5%
 
 
+def _sound(codec: int, data: bytes, seal: int) -> bytes | None:
+    """A node's encoding, or None if its data is damaged (it does not decode, or not to its seal):
+    compaction leaves such a node as it is rather than failing the whole project's run."""
+    try:
+        raw = store.decompress(codec, data)
+    except (zstandard.ZstdError, ValueError):
+        return None
+    return raw if tree.seal_of(raw) == seal else None
+
+
 def _dictionary(project_id: int) -> CompressionDictionary | None:
     """The project's dictionary, trained now from a sample of its nodes if it has none yet."""
     existing = CompressionDictionary.objects.filter(project_id=project_id).order_by("-id").first()
@@ -388,11 +405,13 @@ def _dictionary(project_id: int) -> CompressionDictionary | None:
     rows = list(
         StateNode.objects.filter(project_id=project_id, codec=store.CODEC_ZSTD)
         .order_by("?")
-        .values_list("codec", "data")[:DICTIONARY_SAMPLES]
+        .values_list("codec", "data", "seal")[:DICTIONARY_SAMPLES]
     )
     if len(rows) < DICTIONARY_MIN_NODES:
         return None
-    samples: list[bytes | bytearray | memoryview] = [store.decompress(codec, bytes(data)) for codec, data in rows]
+    samples: list[bytes | bytearray | memoryview] = [
+        raw for codec, data, seal in rows if (raw := _sound(codec, bytes(data), seal)) is not None
+    ]
     size = min(DICTIONARY_MAX_BYTES, sum(map(len, samples)) // 10)
     with transaction.atomic():
         row = CompressionDictionary.objects.create(project_id=project_id, data=b"", samples=len(samples))
@@ -448,12 +467,14 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
     nodes = saved = 0
     for batch in _chunks(digests, 500):
         rows = StateNode.objects.filter(project_id=project_id, digest__in=batch, codec=store.CODEC_ZSTD).values_list(
-            "digest", "data"
+            "digest", "data", "seal"
         )
         updates = []
-        for digest, data in rows:
+        for digest, data, seal in rows:
             data = bytes(data)
-            raw = store.decompress(store.CODEC_ZSTD, data)
+            raw = _sound(store.CODEC_ZSTD, data, seal)
+            if raw is None:
+                continue  # damaged: left as it is, for the integrity scrub to report
             packed = compressor.compress(raw)
             if len(packed) < len(data) * RECOMPRESS_MIN_GAIN and checker.decompress(packed) == raw:
                 updates.append((bytes(digest), packed, len(data) - len(packed)))

@@ -486,6 +486,13 @@ class ProjectStore:
 
     # -- reading -----------------------------------------------------------------------------------
 
+    def children(self, digests: Iterable[bytes]) -> dict[bytes, tuple[bytes, ...]]:
+        """The child digests of stored nodes, from the bare copy beside each (nothing decompressed
+        or decoded: a node whose data is damaged still names its children, so garbage collection
+        and retention go on around it while the scrub reports it). Missing nodes are absent."""
+        rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests))
+        return {bytes(digest): _split(bytes(children)) for digest, children in rows.values_list("digest", "children")}
+
     def nodes(self, digests: set[bytes], *, checked: bool = True, levels: int | None = None) -> dict[bytes, tree.Node]:
         """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
 

@@ -191,3 +191,48 @@ def test_recompression_with_a_project_dictionary_shrinks_storage_and_reads_stay_
     copy = make_project("copy")
     transfer_import_run(project=copy, path=Path(transfer_export_run(project=project)["path"]))
     assert read_all(copy) == before
+
+
+@pytest.mark.django_db
+def test_a_rewind_and_its_target_survive_every_run(project, user):
+    session = record_history(project, "run-r", 20, start=midnight(3))
+    rewind = snapshot_rewind(session=session, to_version=7, reason="back to 7", actor=user)  # v21
+    for step in range(3):  # v22..v24: the rewind is no longer the head
+        snapshot_record(session=session, state=bulky_state("run-r", 100 + step))
+    retention_policy_set(project=project, enabled=True, keep_last=2, keep_days=0, thin_to="day", actor=user)
+
+    for _ in range(2):  # the second run must not find the target unprotected
+        compaction_run(project=project)
+        assert {7, 21} <= set(_numbers(session))
+    assert _version(session, rewind.number).parent.number == 7
+
+
+@pytest.mark.django_db
+def test_a_damaged_node_does_not_stop_compaction(project, settings):
+    from django.db import connection
+
+    from snapshots_app import store, tree
+
+    settings.COMPACTION_RECOMPRESS = True
+    session = record_history(project, "run-d", 12, start=midnight(3))
+    head = Version.objects.get(session=session, number=12)
+    victim = next(iter(tree.reachable([bytes(head.root)], store.ProjectStore(project.pk, use_cache=False).nodes)
+                       - {bytes(head.root)}))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE snapshots_app_statenode SET data = overlay(data placing '\\xff'::bytea from 20 for 1) "
+            "WHERE project_id = %s AND digest = %s",
+            [project.pk, victim],
+        )
+    damaged = bytes(StateNode.objects.get(project=project, digest=victim).data)
+    retention_policy_set(project=project, enabled=True, keep_last=2, keep_days=0, thin_to="none")
+    store.node_lru.clear()
+
+    preview = compaction_dry_run(project=project)
+    result = compaction_run(project=project)
+
+    assert preview.versions_removed == result["versions_removed"] == 10
+    assert result["nodes_freed"] > 0
+    assert _numbers(session) == [11, 12]
+    # Left as it is (never repaired or re-encoded silently), for the scrub to report.
+    assert bytes(StateNode.objects.get(project=project, digest=victim).data) == damaged
