@@ -153,6 +153,9 @@ def _bucket(moment: datetime, thin_to: str) -> tuple[int, ...]:
 # Versions an operator made (each in the audit log) are kept whatever the policy: they are what the
 # log points at, and a rewind or fork kept keeps its source (below), run after run.
 OPERATOR_KINDS = (VersionKind.REWIND, VersionKind.FORK, VersionKind.DATA_FIX)
+# A session with this tag keeps every version: its versions are not successive states of one thing
+# (the LangGraph saver's pending writes: each holds other writes, and a resumed graph needs them).
+KEEP_ALL_TAG = "retention:keep-all"
 
 
 def _rows(project_id: int) -> list[_Row]:
@@ -176,7 +179,14 @@ def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datet
     if not policy.enabled:
         plan.kept_roots = {row.root for row in rows}
         return plan
-    heads = dict(WorkflowSession.objects.filter(project_id=project_id).values_list("id", "head_number"))
+    heads: dict[Any, int] = {}
+    keep_all: set[Any] = set()
+    for session_id, head_number, tags in WorkflowSession.objects.filter(project_id=project_id).values_list(
+        "id", "head_number", "tags"
+    ):
+        heads[session_id] = head_number
+        if KEEP_ALL_TAG in tags:
+            keep_all.add(session_id)
     # A rewind or fork points at its source version: removing the source would break its lineage.
     sources = {row.parent_id for row in rows if row.kind in (VersionKind.REWIND, VersionKind.FORK) and row.parent_id}
     young = now - timedelta(days=policy.keep_days)
@@ -184,6 +194,9 @@ def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datet
     for row in rows:
         by_session[row.session_id].append(row)  # newest first (see _rows)
     for session_id, versions in by_session.items():
+        if session_id in keep_all:
+            plan.kept_roots.update(row.root for row in versions)
+            continue
         kept: set[int] = set()
         occupied: set[tuple[int, ...]] = set()
         for index, row in enumerate(versions):
@@ -229,7 +242,7 @@ def _retention_apply(project_id: int, plan: RetentionPlan, progress: ProgressFn,
 @transaction.atomic
 def _retention_apply_session(project_id: int, session_id: Any, planned: list[int]) -> int:
     session = WorkflowSession.objects.select_for_update().filter(pk=session_id, project_id=project_id).first()
-    if session is None:
+    if session is None or KEEP_ALL_TAG in session.tags:  # tagged since the plan
         return 0
     # Re-check protection under the session lock: a pin, label or rewind may have arrived since the plan.
     sources = Version.objects.filter(

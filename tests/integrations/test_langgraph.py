@@ -221,3 +221,52 @@ def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     finished = list(saver.list(None, filter={"step": 3}))
     assert sorted(t.config["configurable"]["thread_id"] for t in finished) == ["search-Oslo", "search-Rome"]
     assert len(list(saver.list(None, limit=3))) == 3
+
+
+def test_finished_tasks_are_not_run_again_after_retention_when_a_paused_graph_resumes(live_api, rewind):
+    """Fan out to three tasks, one of which pauses; the other two's writes must outlive retention."""
+    from langgraph.types import Command, interrupt
+
+    from snapshots_app.compaction import compaction_run, retention_policy_set
+
+    ran: list[str] = []
+
+    def task(name: str, pause: bool = False):
+        def run(state: Trip) -> dict:
+            ran.append(name)
+            if pause:
+                interrupt("go on?")
+            return {"log": [name]}
+        return run
+
+    builder = StateGraph(Trip)
+    builder.add_node("a", task("a"))
+    for name in ("b1", "b2", "b3"):
+        builder.add_node(name, task(name, pause=name == "b3"))
+        builder.add_edge("a", name)
+        builder.add_edge(name, END)
+    builder.add_edge(START, "a")
+    graph = builder.compile(checkpointer=SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "fan-out"}}
+    graph.invoke({"city": "Oslo", "log": []}, config)
+    assert sorted(ran) == ["a", "b1", "b2", "b3"]
+
+    retention_policy_set(project=live_api.project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction_run(project=live_api.project)
+    ran.clear()
+    graph.invoke(Command(resume="yes"), config)
+    assert ran == ["b3"]
+
+
+def test_writing_to_an_archived_thread_says_so(live_api, rewind):
+    import pytest
+    from session_rewind_client import ConflictError
+
+    graph = trip_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "trip-archived"}}
+    graph.invoke({"city": "Lima", "log": []}, config)
+    session = rewind.list_sessions(external_id="trip-archived")["results"][0]
+    rewind.archive_session(session["id"])
+    with pytest.raises(ConflictError) as excinfo:
+        graph.invoke({"city": "Lima", "log": []}, config)
+    assert excinfo.value.code == "session_archived"

@@ -236,3 +236,15 @@ def test_a_damaged_node_does_not_stop_compaction(project, settings):
     assert _numbers(session) == [11, 12]
     # Left as it is (never repaired or re-encoded silently), for the scrub to report.
     assert bytes(StateNode.objects.get(project=project, digest=victim).data) == damaged
+
+
+@pytest.mark.django_db
+def test_a_session_tagged_keep_all_keeps_every_version(project):
+    from sessions_app.services import session_update
+
+    kept = record_history(project, "run-k", 6, start=midnight(3))
+    session_update(session=kept, tags=[compaction.KEEP_ALL_TAG])
+    thinned = record_history(project, "run-t", 6, start=midnight(3))
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction_run(project=project)
+    assert _numbers(kept) == [1, 2, 3, 4, 5, 6] and _numbers(thinned) == [6]

@@ -70,6 +70,7 @@ MARKER_KEYS = frozenset({SERDE_KEY, MESSAGE_KEY})
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
 MAX_INT = 2**63 - 1
 WRITES_SUFFIX = "|writes"
+KEEP_ALL_TAG = "retention:keep-all"  # sessions so tagged keep every version whatever the project's policy
 EXTERNAL_ID_MAX = 255
 PAGE = 200
 
@@ -487,7 +488,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             "external_id": external_id,
             "workflow": "langgraph",
             "metadata": {"langgraph": {"thread_id": thread_id, "checkpoint_ns": ns, "pending_writes": writes}},
-            "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes"] if writes else []),
+            # Retention never thins the writes session: each version holds other writes, and a resumed
+            # graph needs its checkpoint's (or it re-runs tasks that had finished).
+            "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes", KEEP_ALL_TAG] if writes else []),
         }
         session = yield Call("POST", "sessions/", json=body)
         self._sessions[external_id] = str(session["id"])
@@ -711,7 +714,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                         head_number = yield from self._branch_from(session_id, parent_id, head_number)
                 created = yield Call("POST", f"sessions/{session_id}/versions/",
                                      json={**body, "expected_version": head_number})
-            except ConflictError:
+            except ConflictError as exc:
+                if exc.code != "version_conflict":
+                    raise  # e.g. session_archived: retrying cannot help, and the caller must see why
                 self._heads.pop(session_id, None)
                 continue  # someone else (an operator's rewind, another process) moved the head: decide again
             self._heads[session_id] = (int(created["number"]), checkpoint["id"])
