@@ -286,6 +286,9 @@ STATE_MAX_BYTES = env_int("STATE_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
 STATE_MAX_DEPTH = env_int("STATE_MAX_DEPTH", 200, minimum=2)
 # Request bodies may carry a state plus metadata; a little headroom over the state limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", STATE_MAX_BYTES + 1024 * 1024, minimum=1024)
+# An uploaded export file (POST /api/v1/imports/) may be far larger than any one state: it is spooled
+# to disk as it arrives, never held whole in memory.
+IMPORT_MAX_BYTES = env_int("IMPORT_MAX_BYTES", 4 * 1024**3, minimum=1024)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 LOGGING = {

@@ -4,8 +4,9 @@ progress, integrity problems and scrubs. The work is done by Celery jobs; these 
 from __future__ import annotations
 
 import hashlib
-import io
-from typing import Any
+import tempfile
+from dataclasses import dataclass
+from typing import IO, Any
 
 from django.conf import settings
 from django.db.models import Q, QuerySet
@@ -112,17 +113,33 @@ class IntegrityProblemSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@dataclass
+class Upload:
+    """An uploaded export file, spooled to disk past a few MB, with its size and SHA-256."""
+
+    file: IO[bytes]
+    size: int
+    sha256: str
+
+
 class NdjsonParser(BaseParser):
-    """An export file as uploaded: kept as bytes (bounded) for the import job to verify."""
+    """An export file as uploaded, read in chunks (up to IMPORT_MAX_BYTES) for the import job to verify."""
 
     media_type = "application/x-ndjson"
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> io.BytesIO:
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        data = stream.read(limit + 1) if stream is not None else b""
-        if limit is not None and len(data) > limit:
-            raise RequestTooLarge()
-        return io.BytesIO(data)
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Upload:
+        limit = settings.IMPORT_MAX_BYTES
+        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # closed by the view (ImportCreate)
+        digest, size = hashlib.sha256(), 0
+        while stream is not None and (chunk := stream.read(1024 * 1024)):
+            size += len(chunk)
+            if size > limit:
+                spool.close()
+                raise RequestTooLarge(f"The export file is over {limit} bytes (IMPORT_MAX_BYTES).")
+            digest.update(chunk)
+            spool.write(chunk)
+        spool.seek(0)
+        return Upload(spool, size, digest.hexdigest())
 
 
 class RetentionPolicyView(ApiView):
@@ -201,15 +218,19 @@ class ImportCreate(ApiView):
         request={"application/x-ndjson": {"type": "string", "format": "binary"}},
         responses={202: JobSerializer},
     )
+    def body_limit(self) -> int | None:
+        return settings.IMPORT_MAX_BYTES  # type: ignore[no-any-return]
+
     def post(self, request: Request) -> Response:
         project = _project(request, Role.OPERATOR)
         upload = request.data
-        if not isinstance(upload, io.BytesIO) or not upload.getbuffer().nbytes:
+        if not isinstance(upload, Upload) or not upload.size:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
-        fingerprint = {"project": project.pk, "sha256": hashlib.sha256(upload.getbuffer()).hexdigest()}
-        return self.replayable(fingerprint, lambda: Response(JobSerializer(transfer.transfer_import_start(
-            project=project, source=upload, **self.principal.actor
-        )).data, status=status.HTTP_202_ACCEPTED))
+        with upload.file:
+            fingerprint = {"project": project.pk, "sha256": upload.sha256}
+            return self.replayable(fingerprint, lambda: Response(JobSerializer(transfer.transfer_import_start(
+                project=project, source=upload.file, **self.principal.actor
+            )).data, status=status.HTTP_202_ACCEPTED))
 
 
 def _job(request: Request, job_id: str) -> Job:

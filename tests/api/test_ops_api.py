@@ -78,6 +78,25 @@ def test_export_then_import_into_another_project_with_progress(project, session,
     assert theirs.get(f"/api/v1/jobs/{job.json()['id']}/file/").status_code == 404
 
 
+def test_an_export_larger_than_any_request_imports_and_imports_have_their_own_limit(
+    project, session, writer, other_project, run_jobs, settings
+):
+    for step in range(6):
+        snapshot_record(session=session, state={"step": step, "notes": [f"note {step} {i} " * 40 for i in range(8)]})
+    job = run_jobs(lambda: writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json"))
+    export = b"".join(writer.get(f"/api/v1/jobs/{job.json()['id']}/file/").streaming_content)
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = len(export) // 4  # every other request body must be smaller
+    theirs = key_client(other_project, "read,write")
+    imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", export, content_type="application/x-ndjson"))
+    assert imported.status_code == 202
+    assert theirs.get(f"/api/v1/jobs/{imported.json()['id']}/").json()["status"] == "done"
+    assert WorkflowSession.objects.get(project=other_project).version_count == 6
+
+    settings.IMPORT_MAX_BYTES = len(export) - 1
+    too_big = theirs.generic("POST", "/api/v1/imports/", export, content_type="application/x-ndjson")
+    assert too_big.status_code == 413 and too_big.json()["code"] == "request_too_large"
+
+
 def test_a_tampered_import_fails_its_job_and_stores_nothing(other_project, run_jobs):
     theirs = key_client(other_project, "read,write")
     imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", b'{"type": "header"}\n',
