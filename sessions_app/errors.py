@@ -52,6 +52,13 @@ class VersionConflict(StateStoreError):
     status = 409
 
 
+class SessionExists(StateStoreError):
+    """A new session (a fork) was asked for under an external id the project already has."""
+
+    code = "session_exists"
+    status = 409
+
+
 class IdempotencyKeyReused(StateStoreError):
     """The same idempotency key was sent before with a different payload."""
 

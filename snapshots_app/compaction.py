@@ -611,7 +611,7 @@ def compaction_run(
         "gc_seconds": round(gc_seconds, 3),
         "seconds": round(seconds, 3),
         "seconds_per_1000_versions": round(1000 * seconds / plan.versions_total, 3) if plan.versions_total else 0.0,
-        "policy_enabled": policy.enabled,
+        "retention_applied": policy.enabled,  # False for a run told not to (GC after a delete), whatever the policy
     }
 
 

@@ -23,6 +23,7 @@ from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
     ReasonRequired,
+    SessionExists,
     VersionConflict,
 )
 from sessions_app.models import SessionStatus, WorkflowSession
@@ -587,7 +588,7 @@ def snapshot_fork(
             actor=actor,
         )
         if not created:
-            raise VersionConflict(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
+            raise SessionExists(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
         fork = _lock_session(fork)
         version = _append_copy(
             fork, source, kind=VersionKind.FORK, reason=reason, idempotency_key=key, actor=actor, actor_label=actor_label

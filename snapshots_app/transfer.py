@@ -32,12 +32,13 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from sessions_app import errors
 from sessions_app.errors import ImportRejected, InvalidState
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, audit_record
 from snapshots_app import canonical, jobs, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
-from snapshots_app.models import Job, JobKind, StateNode, Version, VersionKind
+from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
 
 FORMAT = "session-rewind-export"
 FORMAT_VERSION = 1
@@ -90,6 +91,17 @@ def transfer_export_run(
     versions = list(
         Version.objects.filter(session__in=sessions).select_related("parent").order_by("session_id", "number")
     )
+    # A version the integrity scrub found damaged would be written out as it is stored, and its import
+    # would then blame the file. Say so here, naming it, instead.
+    damaged = (
+        IntegrityProblem.objects.filter(session__in=sessions, resolved_at__isnull=True)
+        .select_related("session").order_by("session_id", "version_number").first()
+    )
+    if damaged is not None:
+        raise errors.IntegrityProblem(
+            f"version {damaged.version_number} of session {damaged.session.external_id} has an open integrity "
+            f"problem ({damaged.detail}); resolve it before exporting"
+        )
     marked: set[bytes] = set()
     project_store = store.ProjectStore(project.pk, use_cache=False)
     _mark(project_store, {bytes(v.root) for v in versions}, marked)

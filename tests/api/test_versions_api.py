@@ -134,7 +134,7 @@ def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, sess
     fork = WorkflowSession.objects.get(pk=first.json()["id"])
     assert fork.head_number == 1 and fork.versions.get().parent.session_id == session.pk
     taken = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": session.external_id}, format="json")
-    assert taken.status_code == 409
+    assert taken.status_code == 409 and taken.json()["code"] == "session_exists"
     assert WorkflowSession.objects.count() == 2
 
 

@@ -31,7 +31,7 @@ from snapshots_app.transfer import (
     transfer_import_start,
 )
 from tests.factories import agent_state, make_project, make_session
-from tests.workers.builders import read_all
+from tests.workers.builders import read_all, record_history
 from tests.workers.conftest import wait_finished
 
 VERSION_COLUMNS = (
@@ -208,3 +208,16 @@ def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings
     assert not WorkflowSession.objects.filter(project=fresh).exists()
     assert not StateNode.objects.filter(project=fresh).exists()
     assert not Version.objects.filter(session__project=fresh).exists()
+
+
+@pytest.mark.django_db
+def test_an_export_refuses_a_version_the_scrub_found_damaged(project, settings, tmp_path):
+    from sessions_app import errors
+    from snapshots_app.integrity import integrity_problem_record
+
+    settings.VAR_DIR = tmp_path
+    session = record_history(project, "run-bad", 3)
+    integrity_problem_record(version=Version.objects.get(session=session, number=2), detail="checksum mismatch")
+    with pytest.raises(errors.IntegrityProblem, match="version 2 of session run-bad"):
+        transfer_export_run(project=project)
+    assert not list(tmp_path.glob("exports/*.ndjson"))

@@ -66,6 +66,8 @@ class Command(BaseCommand):
         if not options["file"]:
             raise CommandError("import needs --file")
         path = Path(options["file"])
+        if not path.is_file():
+            raise CommandError(f"no file {str(path)!r}")
         if queue:
             return {"job": transfer.transfer_import_start(project=project, source=path, actor_label="manage.py").pk}
         return transfer.transfer_import_run(project=project, path=path, actor_label="manage.py", progress=self._progress)
