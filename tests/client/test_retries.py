@@ -4,6 +4,7 @@ Retry-After of some seconds, dropped connections): the server side is an httpx m
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -163,3 +164,20 @@ def test_a_retried_delete_that_finds_nothing_succeeded_earlier():
     script = Script(problem(404, "session_not_found"))
     with sync_client(script) as client, pytest.raises(NotFound):
         client.delete_session("s")
+
+
+@pytest.mark.parametrize("state", [{"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}, {"x": object()}])
+def test_a_value_json_cannot_carry_is_a_validation_error_and_nothing_is_sent(state):
+    script = Script()
+    with sync_client(script) as client, pytest.raises(ValidationError, match="cannot be sent as JSON"):
+        client.record("abc", state)
+    assert script.requests == []
+
+
+def test_bodies_are_sent_as_json():
+    script = Script(httpx.Response(201, json={"number": 1}))
+    with sync_client(script) as client:
+        client.record("abc", {"x": "é", "n": 1})
+    request = script.requests[0]
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.content) == {"state": {"x": "é", "n": 1}}

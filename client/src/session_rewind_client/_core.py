@@ -7,6 +7,7 @@ runs a `Call` its own way (blocking or awaited), with the same retries and the s
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import random
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from session_rewind_client.errors import SessionRewindError, TransportError, error_for
+from session_rewind_client.errors import SessionRewindError, TransportError, ValidationError, error_for
 
 API_PREFIX = "/api/v1"
 RETRY_STATUSES = frozenset({429, 503})
@@ -47,9 +48,22 @@ class Call:
     def is_write(self) -> bool:
         return self.method in WRITE_METHODS
 
+    def body(self) -> bytes | None:
+        """The request body, encoded once before the first attempt. A value JSON cannot carry (NaN,
+        an infinity, a lone surrogate, an object of no JSON type) is a ValidationError raised
+        here, before anything is sent, like every other refusal."""
+        if self.json is None:
+            return self.content
+        try:
+            return json.dumps(self.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError, UnicodeEncodeError) as exc:
+            raise ValidationError(f"the request cannot be sent as JSON: {exc}") from None
+
     def prepared_headers(self) -> dict[str, str]:
         """Headers for every attempt of this call: one idempotency key across all retries."""
         headers = dict(self.headers)
+        if self.json is not None:
+            headers["Content-Type"] = "application/json"
         if self.is_write:
             headers["Idempotency-Key"] = self.idempotency_key or str(uuid.uuid4())
         return headers

@@ -395,12 +395,12 @@ class Client(Endpoints):
         self._http.close()
 
     def _run(self, call: Call) -> Any:
-        headers = call.prepared_headers()
+        body, headers = call.body(), call.prepared_headers()
         attempt = 0
         while True:
             try:
-                response = self._http.request(call.method, call.path, params=call.query(), json=call.json,
-                                              content=call.content, headers=headers)
+                response = self._http.request(call.method, call.path, params=call.query(), content=body,
+                                              headers=headers)
             except httpx.TransportError as exc:
                 if not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
@@ -485,12 +485,12 @@ class AsyncClient(Endpoints):
         await self._http.aclose()
 
     async def _run(self, call: Call) -> Any:
-        headers = call.prepared_headers()
+        body, headers = call.body(), call.prepared_headers()
         attempt = 0
         while True:
             try:
-                response = await self._http.request(call.method, call.path, params=call.query(), json=call.json,
-                                                    content=call.content, headers=headers)
+                response = await self._http.request(call.method, call.path, params=call.query(), content=body,
+                                                    headers=headers)
             except httpx.TransportError as exc:
                 if not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
