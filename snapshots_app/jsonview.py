@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,35 +166,42 @@ def is_long_text(old: Any, new: Any) -> bool:
     return len(old) > LONG_STRING or len(new) > LONG_STRING or "\n" in old + new
 
 
+# difflib's matcher is quadratic in the pieces it compares: past this many (pieces of the old text
+# times pieces of the new, after their common start and end are set aside) the differing middle is
+# shown removed and added whole. A 10,000-word line with one word changed took ~30 s of a request;
+# trimmed, it is that word. A middle at the cap takes well under a second (see tests).
+TEXT_DIFF_MAX_WORK = 1_000_000
+_WORD = re.compile(r"\s+|\S+")
+
+
 def text_diff(old: str, new: str) -> list[tuple[str, str]]:
     """(op, text) pieces: ' ' same, '-' removed, '+' added. By line when multi-line, else by word."""
     if "\n" in old or "\n" in new:
         a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
     else:
-        a, b = _words(old), _words(new)
-    pieces: list[tuple[str, str]] = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        if tag == "equal":
-            pieces.append((" ", "".join(a[i1:i2])))
-            continue
-        if i2 > i1:
-            pieces.append(("-", "".join(a[i1:i2])))
-        if j2 > j1:
-            pieces.append(("+", "".join(b[j1:j2])))
+        a, b = _WORD.findall(old), _WORD.findall(new)
+    start = 0
+    while start < len(a) and start < len(b) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < len(a) - start and end < len(b) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    middle_a, middle_b = a[start : len(a) - end], b[start : len(b) - end]
+    pieces: list[tuple[str, str]] = [(" ", "".join(a[:start]))] if start else []
+    if len(middle_a) * len(middle_b) > TEXT_DIFF_MAX_WORK:
+        pieces += [("-", "".join(middle_a)), ("+", "".join(middle_b))]
+    else:
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False).get_opcodes():
+            if tag == "equal":
+                pieces.append((" ", "".join(middle_a[i1:i2])))
+                continue
+            if i2 > i1:
+                pieces.append(("-", "".join(middle_a[i1:i2])))
+            if j2 > j1:
+                pieces.append(("+", "".join(middle_b[j1:j2])))
+    if end:
+        pieces.append((" ", "".join(a[len(a) - end :])))
     return pieces
-
-
-def _words(text: str) -> list[str]:
-    words: list[str] = []
-    current = ""
-    for char in text:
-        if char.isspace() != (current[-1:].isspace() if current else char.isspace()):
-            words.append(current)
-            current = ""
-        current += char
-    if current:
-        words.append(current)
-    return words
 
 
 def pretty(value: Any) -> str:

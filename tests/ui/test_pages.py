@@ -289,6 +289,23 @@ def test_diff_marks_changes_and_diffs_long_strings_by_line(client, viewer, story
     assert "v4" in previous
 
 
+def test_a_long_line_with_one_word_changed_shows_that_word(client, viewer, team):
+    """A 10,000-word completion on one line: the word diff must not compare every word with every other."""
+    from snapshots_app import jsonview
+
+    words = [f"w{i % 997}" for i in range(10_000)]
+    changed = [*words[:5000], "CHANGED", *words[5001:]]
+    session = make_session(team, "long-line")
+    snapshot_record(session=session, state={"completion": " ".join(words)})
+    snapshot_record(session=session, state={"completion": " ".join(changed)})
+    client.force_login(viewer)
+    page = client.get(session_url(session, "snapshots:diff"), {"from": 1, "to": 2}).content.decode()
+    assert "<del>w15</del>" in page and "<ins>CHANGED</ins>" in page  # words[5000] is w15
+    # Past the matcher's budget, the differing middle reads as removed and added whole.
+    other = " ".join(f"x{i}" for i in range(5000))
+    assert [op for op, _ in jsonview.text_diff(" ".join(words), other)] == ["-", "+"]
+
+
 def test_diff_inside_json_strings_names_the_string(client, viewer, team):
     session = make_session(team, "llama")
     snapshot_record(session=session, state={"store": json.dumps({"memory": {"facts": ["a"]}, "turn": 1})})
