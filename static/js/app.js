@@ -30,6 +30,34 @@
     });
   });
 
+  // A live page whose websocket dropped and came back may have missed events meanwhile (versions,
+  // status changes): it reloads to show the server's state, unless the operator is typing into a
+  // form, who is then told instead.
+  var edited = false;
+  document.addEventListener("input", function () { edited = true; });
+  document.addEventListener("htmx:wsOpen", function (event) {
+    var live = event.detail.elt;
+    if (!live.dataset.wsOpened) {
+      live.dataset.wsOpened = "1";
+      return;
+    }
+    if (!edited) {
+      window.location.reload();
+      return;
+    }
+    if (document.getElementById("reconnected")) return;
+    var notice = document.createElement("p");
+    notice.id = "reconnected";
+    notice.className = "reconnected";
+    notice.setAttribute("role", "status");
+    notice.textContent = "The live connection dropped and is back: updates may have been missed. ";
+    var again = document.createElement("a");
+    again.href = window.location.href;
+    again.textContent = "Reload";
+    notice.appendChild(again);
+    live.parentNode.insertBefore(notice, live);
+  });
+
   document.addEventListener("change", function (event) {
     var form = event.target.closest("form[data-autosubmit]");
     if (form) form.submit();

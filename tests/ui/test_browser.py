@@ -44,41 +44,64 @@ def _database_url() -> str:
     return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
+class LiveServer(str):
+    """The base URL of a uvicorn process serving the project (as `make serve` runs the web process);
+    `restart()` kills it, as a crash or a deploy would, and starts another on the same port."""
+
+    def __new__(cls, port: int, env: dict[str, str]) -> LiveServer:
+        server = super().__new__(cls, f"http://127.0.0.1:{port}")
+        server.port, server.env, server.process = port, env, None
+        return server
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "warning"],
+            cwd=ROOT, env=self.env,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self}/healthz", timeout=1)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("uvicorn did not start") from None
+                time.sleep(0.2)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.stop(kill=True)
+        self.start()
+
+
 @pytest.fixture
-def server(transactional_db, monkeypatch) -> Iterator[str]:
+def server(transactional_db, monkeypatch) -> Iterator[LiveServer]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (.ci/ensure-chromium)")
     # Playwright's sync API runs an event loop in this thread; the ORM calls here are still plain sync.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
         subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
-    port = _free_port()
     env = {**os.environ, "DATABASE_URL": _database_url(), "REDIS_URL": settings.REDIS_URL,
            "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
            "DB_POOL_SIZE": "4"}  # as `make serve` runs the web process: with a connection pool
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=ROOT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+    live = LiveServer(_free_port(), env)
+    live.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.2)
-        yield base
+        yield live
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        live.stop()
 
 
 @pytest.fixture
@@ -194,6 +217,25 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert "live-step" in page.inner_text("#v-7") and "head" not in page.get_attribute("#v-6", "class")
     assert elapsed < 2.0
     print(f"live version appeared after {elapsed * 1000:.0f} ms")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
+    from sessions_app import background
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    # The socket drops; a version is written and announced while it is down; then it reconnects.
+    page.evaluate("() => { window.beforeDrop = true; }")
+    server.stop(kill=True)
+    off_loop(snapshot_record, session=session, state={"counters": {"steps": 6}}, step="while-away")
+    off_loop(background.drain, 10)
+    server.start()
+    page.wait_for_selector("#timeline > li#v-6", timeout=10_000)
+    assert page.evaluate("window.beforeDrop") is None  # the page reloaded to catch up
+    assert page.locator("#timeline li.vrow.head").count() == 1 and "head" in page.get_attribute("#v-6", "class")
     assert page.errors == []  # type: ignore[attr-defined]
 
 
