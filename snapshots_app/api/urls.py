@@ -1,7 +1,9 @@
-"""/api/v1/: every API route, the OpenAPI schema and its Swagger UI / ReDoc (served from static files)."""
+"""/api/v1/: every API route, the OpenAPI schema and its Swagger UI (served from static files).
+
+No ReDoc: its page loads Google Fonts and a logo from cdn.redoc.ly, and the UI must work offline."""
 
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from sessions_app.api import views as session_views
 from snapshots_app.api import ops, views
@@ -34,7 +36,6 @@ urlpatterns = [
     path("integrity-scrub/", ops.IntegrityScrub.as_view(), name="api-integrity-scrub"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
-    path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
     # Only paths ending in "/": a missing slash still gets Django's APPEND_SLASH redirect.
     re_path(r"^.*/$", session_views.unknown_route),
 ]
