@@ -25,7 +25,7 @@ from snapshots_app.diff import diff_values
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jsonview import pretty
 from snapshots_app.models import IntegrityProblem, Job, Version
-from snapshots_app.views import shown_changes
+from snapshots_app.views import diff_display
 
 
 @admin.register(Version)
@@ -117,7 +117,7 @@ class VersionAdmin(ReadOnlyAdmin):
         version = get_object_or_404(Version.objects.select_related("session__project"), pk=version_id)
         session = version.session
         head = selectors.head_version(session)
-        error, changes, counts = "", None, None
+        error, result = "", None
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:
             text = pretty(selectors.version_state(version))
@@ -137,7 +137,6 @@ class VersionAdmin(ReadOnlyAdmin):
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
                 result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
-                changes, counts = shown_changes(result.changes), result.counts
             except StateStoreError as exc:
                 error = exc.message
         context = {
@@ -145,7 +144,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "title": f"Data fix of {session.external_id} from version {version.number}",
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            "changes": changes, "counts": counts, "total": len(changes or []), "mode": "inline",
+            **diff_display(result), "mode": "inline",
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

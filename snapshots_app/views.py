@@ -22,6 +22,7 @@ from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
+from snapshots_app.diff import DiffResult
 from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm
 from snapshots_app.models import Version
 
@@ -171,6 +172,20 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
     return shown
 
 
+def diff_display(result: DiffResult | None) -> dict[str, Any]:
+    """What the one diff fragment (_diff_body.html) shows of a diff, wherever it appears (diff page,
+    rewind confirmation, admin data fix): at most DIFF_SHOWN changes, saying so when there are more,
+    and the JSON Patch only whole (a cut patch is not JSON)."""
+    if result is None:
+        return {"changes": [], "counts": None, "total": 0, "cut": False, "patch": "", "patch_size": 0}
+    patch = json.dumps(result.patch, ensure_ascii=False)
+    return {
+        "changes": shown_changes(result.changes), "counts": result.counts, "total": len(result.changes),
+        "cut": len(result.changes) > DIFF_SHOWN, "patch": patch if len(patch) <= VALUE_SHOWN else "",
+        "patch_size": len(patch),
+    }
+
+
 @login_required
 def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
@@ -194,12 +209,8 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
         "from_version": from_version,
         "to_version": to_version,
         "from_session": from_session,
-        "changes": shown_changes(result.changes),
-        "counts": result.counts,
-        "total": len(result.changes),
-        "cut": len(result.changes) > DIFF_SHOWN,
+        **diff_display(result),
         "mode": mode,
-        "patch": json.dumps(result.patch, ensure_ascii=False)[:VALUE_SHOWN],
         "query_inline": _diff_query(from_session, from_version, to_version, "inline"),
         "query_side": _diff_query(from_session, from_version, to_version, "side"),
     }
@@ -276,9 +287,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     head = selectors.head_version(session)
     result = selectors.version_diff(head, target) if head is not None else None
     context = {
-        **_base(session, role), "target": target, "head": head, "error": error,
-        "changes": shown_changes(result.changes) if result else [], "counts": result.counts if result else None,
-        "total": len(result.changes) if result else 0, "mode": "inline",
+        **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
         "reason": request.POST.get("reason", ""),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)

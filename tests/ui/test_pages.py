@@ -224,6 +224,22 @@ def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operato
     assert audit.reason == "tool lied" and audit.actor_label == "olga"
 
 
+def test_a_big_diff_says_how_much_is_shown_on_every_page_that_shows_it(client, operator, team, monkeypatch):
+    from snapshots_app import views
+
+    session = make_session(team, "wide")
+    snapshot_record(session=session, state={"items": {str(i): i for i in range(30)}})
+    snapshot_record(session=session, state={"items": {str(i): -i for i in range(30)}})
+    client.force_login(operator)
+    monkeypatch.setattr(views, "DIFF_SHOWN", 10)
+    monkeypatch.setattr(views, "VALUE_SHOWN", 200)  # the patch of 29 changes is longer than that
+    for page in (client.get(session_url(session, "snapshots:diff"), {"from": 1, "to": 2}),
+                 client.get(session_url(session, "snapshots:rewind", number=1))):
+        html = page.content.decode()
+        assert "(first 10 of 29 shown)" in html  # 0 -> -0 is no change
+        assert "too long to show here" in html and "As JSON Patch" not in html
+
+
 def test_stale_confirm_page_is_refused(client, operator, story):
     client.force_login(operator)
     record_history(story, 1, start=6)
