@@ -270,7 +270,9 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     target = _version(session, number)
     error, status = "", 200
     form = RewindForm(request.POST if request.method == "POST" else None)
-    if request.method == "POST" and not form.is_valid():
+    if target.number == session.head_number:  # a new head equal to the head would record nothing new
+        error, status = f"v{target.number} is the head already: there is nothing to rewind to.", 400
+    elif request.method == "POST" and not form.is_valid():
         error, status = " ".join(form_problems(form)), 400
     elif request.method == "POST":
         try:

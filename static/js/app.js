@@ -58,6 +58,22 @@
     live.parentNode.insertBefore(notice, live);
   });
 
+  // An htmx action the server refused (a label too long, a session archived meanwhile) says why next
+  // to what was clicked, instead of failing silently.
+  document.addEventListener("htmx:responseError", function (event) {
+    var source = event.detail.elt;
+    var holder = source.closest("li, form, section") || document.body;
+    var notice = holder.querySelector(":scope > .action-error");
+    if (!notice) {
+      notice = document.createElement("p");
+      notice.className = "action-error error";
+      notice.setAttribute("role", "alert");
+      holder.appendChild(notice);
+    }
+    var text = (event.detail.xhr.responseText || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
+    notice.textContent = "Not done: " + (text.slice(0, 300) || "the server answered " + event.detail.xhr.status + ".");
+  });
+
   document.addEventListener("change", function (event) {
     var form = event.target.closest("form[data-autosubmit]");
     if (form) form.submit();

@@ -239,6 +239,18 @@ def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser)
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_refused_timeline_action_says_why(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.click("#v-3 details.labeler summary")
+    page.evaluate("() => document.querySelector('#v-3 details.labeler input[name=label]').removeAttribute('maxlength')")
+    page.fill("#v-3 details.labeler input[name=label]", "x" * 150)
+    page.click("#v-3 details.labeler button[type=submit]")
+    page.wait_for_selector("#v-3 .action-error", timeout=5_000)
+    assert "Not done" in page.inner_text("#v-3 .action-error") and "100" in page.inner_text("#v-3 .action-error")
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")

@@ -240,6 +240,14 @@ def test_a_big_diff_says_how_much_is_shown_on_every_page_that_shows_it(client, o
         assert "too long to show here" in html and "As JSON Patch" not in html
 
 
+def test_rewinding_to_the_head_is_refused(client, operator, story):
+    client.force_login(operator)
+    url = session_url(story, "snapshots:rewind", number=story.head_number)
+    assert "is the head already" in client.get(url).content.decode()
+    refused = client.post(url, {"reason": "again", "expected_version": story.head_number})
+    assert refused.status_code == 400 and Version.objects.filter(session=story).count() == story.head_number
+
+
 def test_stale_confirm_page_is_refused(client, operator, story):
     client.force_login(operator)
     record_history(story, 1, start=6)
@@ -393,6 +401,9 @@ def test_an_archived_sessions_versions_cannot_be_pinned_or_labelled(client, oper
     page = client.post(url, {"label": "late"}, follow=True).content.decode()
     assert "is archived" in page
     assert list(Version.objects.filter(session=story, number=2).values_list("pinned", "label")) == [(False, "")]
+    # The timeline offers no writes on an archived session (forking from it still works).
+    timeline = client.get(session_url(story, "snapshots:session")).content.decode()
+    assert "Rewind here" not in timeline and 'class="mark"' not in timeline and "Fork…" in timeline
 
 
 def test_operators_archive_and_unarchive_from_the_session_page(client, operator, viewer, story):
