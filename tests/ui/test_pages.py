@@ -348,6 +348,7 @@ def test_fork_diff_against_its_source(client, operator, story):
     page = client.get(session_url(fork, "snapshots:diff"),
                       {"from_session": story.pk, "from": 2, "to": 2}).content.decode()
     assert "run-42 v2" in page and "/fresh" in page
+    assert f"{fork.external_id} v2" in page  # both ends named: not "v2 → v2" of one session
     # A fork's first version, by the bare diff address: against the version it was forked from.
     young = snapshot_fork(session=story, from_version=3)
     response = client.get(session_url(young, "snapshots:diff"))
@@ -359,6 +360,20 @@ def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
     page = client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).content.decode()
     assert "<svg" in page and "<polyline" in page
     assert page.count('<code class="val">') == 5 and ">500<" in page
+    assert "Older versions" not in page  # v1 is among those shown
+    newer = client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens", "before": 4})
+    assert "v1\u2013v3 examined" in newer.content.decode()
+
+
+def test_path_history_links_to_older_versions(client, viewer, team):
+    from snapshots_app.selectors import HISTORY_WINDOW
+
+    session = make_session(team, "long-history")
+    for step in range(HISTORY_WINDOW + 2):
+        snapshot_record(session=session, state={"n": step})
+    client.force_login(viewer)
+    page = client.get(session_url(session, "snapshots:history"), {"path": "/n"}).content.decode()
+    assert f"v3\u2013v{HISTORY_WINDOW + 2} examined" in page and "before=3" in page and "Older versions" in page
 
 
 # -- escaping ----------------------------------------------------------------------------------------
