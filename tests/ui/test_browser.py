@@ -239,6 +239,19 @@ def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser)
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_back_shows_the_filters_of_the_list_it_shows(server, browser):
+    off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.select_option("select[name=status]", "failed")
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 1")
+    page.select_option("select[name=status]", "completed")
+    page.wait_for_function("location.search.includes('status=completed')")
+    page.go_back()
+    page.wait_for_function("location.search.includes('status=failed')")
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 1")
+    assert page.input_value("select[name=status]") == "failed"
+
+
 def test_a_refused_timeline_action_says_why(server, browser):
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
