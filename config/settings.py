@@ -35,7 +35,7 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
-def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -45,6 +45,8 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
         raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
         raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be at most {maximum}")
     return value
 
 
@@ -283,7 +285,8 @@ SESSION_NOTIFY_INTERVAL_MS = env_int("SESSION_NOTIFY_INTERVAL_MS", 500)
 
 # The state store's input limits (bad input gets a clear 4xx; see snapshots_app.canonical).
 STATE_MAX_BYTES = env_int("STATE_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
-STATE_MAX_DEPTH = env_int("STATE_MAX_DEPTH", 200, minimum=2)
+# At most 254 containers deep: orjson, which encodes every state, refuses deeper nesting.
+STATE_MAX_DEPTH = env_int("STATE_MAX_DEPTH", 200, minimum=2, maximum=254)
 # Request bodies may carry a state plus metadata; a little headroom over the state limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", STATE_MAX_BYTES + 1024 * 1024, minimum=1024)
 # An uploaded export file (POST /api/v1/imports/) may be far larger than any one state: it is spooled

@@ -109,6 +109,14 @@ def test_bad_boolean_setting_fails_with_one_clear_line():
     assert result.stderr.strip().splitlines() == ["session-rewind: configuration error: DEBUG='maybe' is not a boolean (use 1/0, true/false, yes/no, on/off)"]
 
 
+def test_a_depth_limit_the_encoder_cannot_honour_fails_with_one_clear_line():
+    result = manage("check", env={"STATE_MAX_DEPTH": "300"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "session-rewind: configuration error: STATE_MAX_DEPTH='300' must be at most 254"
+    ]
+
+
 def test_production_settings_pass_check_deploy():
     result = manage(
         "check", "--deploy", "--fail-level", "WARNING",
