@@ -64,14 +64,16 @@ class SessionFilterForm(forms.Form):
         return parse_moment(self.cleaned_data["updated_to"], end_of_day=True)
 
     def filters(self) -> SessionFilters:
+        """The filters asked for; on an invalid form, the valid ones (so the page shows them as they were)."""
         data: dict[str, Any] = self.cleaned_data
+        text = {name: str(data.get(name) or "") for name in ("q", "status", "workflow", "tag", "has_error", "sort")}
         return SessionFilters(
-            q=data["q"][:200],
-            status=data["status"] if data["status"] in SessionStatus.values else "",
-            workflow=data["workflow"][:200],
-            tag=data["tag"][:64],
-            has_error=data["has_error"] if data["has_error"] in ("yes", "no") else "",
-            updated_from=data["updated_from"],
-            updated_to=data["updated_to"],
-            sort=data["sort"] if data["sort"] in SESSION_SORTS else "-updated",
+            q=text["q"][:200],
+            status=text["status"] if text["status"] in SessionStatus.values else "",
+            workflow=text["workflow"][:200],
+            tag=text["tag"][:64],
+            has_error=text["has_error"] if text["has_error"] in ("yes", "no") else "",
+            updated_from=data.get("updated_from"),
+            updated_to=data.get("updated_to"),
+            sort=text["sort"] if text["sort"] in SESSION_SORTS else "-updated",
         )

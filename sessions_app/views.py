@@ -10,7 +10,7 @@ from django.shortcuts import render
 
 from sessions_app.forms import SessionFilterForm, form_problems
 from sessions_app.models import SessionStatus
-from sessions_app.selectors import SessionFilters, projects_for_user, session_list
+from sessions_app.selectors import projects_for_user, session_list
 
 
 def render_fragment(
@@ -37,8 +37,9 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
     if form.is_valid():
         filters, after, problems = form.filters(), form.cleaned_data["after"], []
     else:
-        # Nothing is listed for a query the database cannot run (a NUL byte, February 30th): say what is wrong.
-        filters, after, problems = SessionFilters(), "", form_problems(form)
+        # Nothing is listed for a query the database cannot run (a NUL byte, February 30th): say what is
+        # wrong, and keep showing the filters that were fine.
+        filters, after, problems = form.filters(), "", form_problems(form)
     sessions, next_cursor = (
         session_list(project=project, filters=filters, after=after) if project and not problems else ([], "")
     )

@@ -44,6 +44,13 @@ def test_session_list_filters_the_database_cannot_run_are_400(client, operator, 
     assert response.status_code == 400
     page = response.content.decode()
     assert f"{field}: " in page and 'role="alert"' in page and "run-42" not in page
+    assert "until the filters above are fixed" in page and "No sessions yet" not in page
+
+
+def test_an_invalid_filter_keeps_the_valid_ones_showing(client, operator, story):
+    client.force_login(operator)
+    page = client.get(reverse("sessions:list"), {"updated_from": "2026-02-30", "status": "failed"}).content.decode()
+    assert '<option value="failed" selected>' in page
 
 
 @pytest.mark.parametrize("after", [
