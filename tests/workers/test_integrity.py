@@ -107,3 +107,21 @@ def test_a_key_holding_nul_gets_a_summary(project, session, no_broker):
     assert tasks.finalize_versions([version.pk]) == 1
     version.refresh_from_db()
     assert version.summary["paths"] == ["/k\\u0000"] and version.summary["added"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_budgeted_scrubs_from_the_command_line_move_their_window(project):
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    record_history(project, "run-c", 5, notes=1)
+    cursors = []
+    for _ in range(2):
+        out = StringIO()
+        call_command("maintenance", "scrub", project.slug, "--budget", "2", stdout=out)
+        result = json.loads(out.getvalue())
+        assert result["verified"] == 2 and result["failed"] == 0
+        cursors.append(result["cursor"])
+    assert cursors[0] != cursors[1]

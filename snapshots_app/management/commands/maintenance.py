@@ -15,7 +15,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from sessions_app.errors import StateStoreError
 from sessions_app.models import Project, WorkflowSession
-from snapshots_app import compaction, integrity, transfer
+from snapshots_app import compaction, integrity, jobs, tasks, transfer
+from snapshots_app.models import JobKind, JobStatus
 
 
 class Command(BaseCommand):
@@ -57,8 +58,15 @@ class Command(BaseCommand):
             if queue:
                 return {"job": integrity.integrity_scrub_start(project=project, budget=options["budget"],
                                                                actor_label="manage.py").pk}
-            return integrity.integrity_scrub_run(project=project, budget=options["budget"] or None,
-                                                 progress=self._progress)
+            if options["budget"]:
+                # A budgeted run continues where the last one stopped, which it learns from finished
+                # scrub jobs: so this run is recorded as one too (run here, not queued).
+                job = jobs.job_create(kind=JobKind.SCRUB, project=project, params={"budget": options["budget"]},
+                                      actor_label="manage.py", enqueue=lambda job_id: None)
+                tasks.integrity_scrub_job(job.pk)
+                job.refresh_from_db()
+                return job.result if job.status == JobStatus.DONE else {"job": job.pk, "error": job.error}
+            return integrity.integrity_scrub_run(project=project, progress=self._progress)
         if action == "export":
             if queue:
                 return {"job": transfer.transfer_export_start(project=project, session=session, actor_label="manage.py").pk}
