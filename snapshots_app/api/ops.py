@@ -211,6 +211,9 @@ class ImportCreate(ApiView):
     serializer_class = JobSerializer
     parser_classes = [NdjsonParser]
 
+    def body_limit(self) -> int | None:
+        return settings.IMPORT_MAX_BYTES  # type: ignore[no-any-return]
+
     @extend_schema(
         operation_id="imports_create",
         summary="Upload an export file (application/x-ndjson) and queue its verified, all-or-nothing import (operator).",
@@ -218,9 +221,6 @@ class ImportCreate(ApiView):
         request={"application/x-ndjson": {"type": "string", "format": "binary"}},
         responses={202: JobSerializer},
     )
-    def body_limit(self) -> int | None:
-        return settings.IMPORT_MAX_BYTES  # type: ignore[no-any-return]
-
     def post(self, request: Request) -> Response:
         project = _project(request, Role.OPERATOR)
         upload = request.data

@@ -15,6 +15,7 @@ from sessions_app.errors import (
     IntegrityProblem,
     InvalidState,
     ReasonRequired,
+    SessionExists,
     StateTooDeep,
     StateTooLarge,
     VersionConflict,
@@ -251,7 +252,7 @@ def test_sibling_forks_do_not_collide(session):
     a = snapshot_fork(session=session, from_version=1)
     b = snapshot_fork(session=session, from_version=1)
     assert a.external_id != b.external_id
-    with pytest.raises(VersionConflict):
+    with pytest.raises(SessionExists):
         snapshot_fork(session=session, from_version=1, external_id=a.external_id)
 
 
