@@ -1,4 +1,5 @@
-"""Strict JSON checks shared by the API parser and the state store."""
+"""Strict reading of client input, shared by the API, the dashboard and the state store: JSON
+integers past 64 bits, and numbers written in digits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from sessions_app.errors import InvalidState
 # orjson reads integers beyond 64 bits as floats, silently changing the value. Such a literal needs
 # a run of at least 19 digits, so only then is the text parsed again, exactly, to check.
 LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+
+
+ASCII_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_int(raw: str) -> int | None:
+    """The number `raw` writes in ASCII digits (at most 18, so it fits a bigint), else None.
+    str.isdigit() is not enough: it accepts "²", which int() then refuses."""
+    return int(raw) if ASCII_DIGITS.fullmatch(raw) else None
 
 
 def _check_int(literal: str) -> int:

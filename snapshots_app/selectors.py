@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -15,11 +14,10 @@ from django.db.models import QuerySet
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import WorkflowSession
+from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees
 from snapshots_app.models import IntegrityProblem, Version, VersionKind
-
-_DIGITS = re.compile(r"[0-9]{1,18}")  # a number a bigint column holds
 
 
 def _version_number(number: Any) -> int:
@@ -27,8 +25,9 @@ def _version_number(number: Any) -> int:
     int() would also turn 1.9 and True into 1, and "1_0" into 10."""
     if type(number) is int and -(2**63) <= number < 2**63:
         return number
-    if isinstance(number, str) and _DIGITS.fullmatch(number):
-        return int(number)
+    parsed = ascii_int(number) if isinstance(number, str) else None
+    if parsed is not None:
+        return parsed
     raise VersionNotFound(f"version {number!r} is not a version number")
 
 

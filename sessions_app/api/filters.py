@@ -3,7 +3,6 @@ the OpenAPI schema, so the two cannot drift apart. Bad values are 400, never sil
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +18,6 @@ from rest_framework.filters import BaseFilterBackend
 from rest_framework.request import Request
 
 from sessions_app.models import SessionStatus
-
-ASCII_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def ascii_int(raw: str) -> int | None:
-    """The number `raw` writes in ASCII digits (at most 18, so it fits a bigint), else None.
-    str.isdigit() is not enough: it accepts "²", which int() then refuses."""
-    return int(raw) if ASCII_DIGITS.fullmatch(raw) else None
 
 
 def parse_bool(name: str, raw: str) -> bool:

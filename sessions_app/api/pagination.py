@@ -13,7 +13,7 @@ from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from sessions_app.api.filters import ascii_int
+from sessions_app.strict_json import ascii_int
 
 
 class CursorPage(CursorPagination):

@@ -32,6 +32,7 @@ from sessions_app.api.serializers import (
 )
 from sessions_app.errors import NotFound
 from sessions_app.models import ApiKey, AuditEvent, Project, Role, WorkflowSession
+from sessions_app.strict_json import ascii_int
 
 SESSION_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The session's UUID.")
 IDEMPOTENCY_KEY = OpenApiParameter(
@@ -229,7 +230,7 @@ class ApiKeyDetail(ApiView):
 
     def _key(self, request: Request, key_id: Any) -> ApiKey:
         api_key = None
-        pk = filters.ascii_int(str(key_id))
+        pk = ascii_int(str(key_id))
         if pk is not None:
             api_key = ApiKey.objects.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
         if api_key is None:

@@ -28,6 +28,7 @@ from sessions_app.api.serializers import InputSerializer, JsonObjectField, Stric
 from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
 from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, Role
+from sessions_app.strict_json import ascii_int
 from snapshots_app import compaction, integrity, transfer
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
 
@@ -235,8 +236,9 @@ class ImportCreate(ApiView):
 
 def _job(request: Request, job_id: str) -> Job:
     job = None
-    if job_id.isascii() and job_id.isdigit() and len(job_id) < 18:
-        job = Job.objects.filter(pk=int(job_id), project_id__in=visible_project_ids(request)).first()
+    pk = ascii_int(job_id)
+    if pk is not None:
+        job = Job.objects.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
     if job is None or job.project_id is None:
         raise JobNotFound(f"job {job_id} not found", job=job_id)
     return job

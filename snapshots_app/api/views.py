@@ -28,6 +28,7 @@ from sessions_app.api.serializers import SessionSerializer
 from sessions_app.api.views import IDEMPOTENCY_KEY, SESSION_ID
 from sessions_app.errors import SessionNotFound, VersionConflict, VersionNotFound
 from sessions_app.models import Role, WorkflowSession
+from sessions_app.strict_json import ascii_int
 from snapshots_app import selectors, services
 from snapshots_app.api.serializers import (
     BatchResultSerializer,
@@ -74,6 +75,11 @@ def head_response(version: Version, *, status_code: int = 200, state: bytes | No
     return response
 
 
+def _etags(header: str) -> set[str]:
+    """The entity tags an If-Match / If-None-Match header lists (weak ones compared as strong)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")}
+
+
 def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_key: str | None) -> int | None:
     """The head number an If-Match header pins the write to, or None without the header; 412 if stale.
 
@@ -84,15 +90,15 @@ def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_
     if header is None:
         return None
     head = selectors.head_version(session)
-    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    tags = _etags(header)
     if head is not None and ("*" in tags or etag_of(head) in tags):
         return head.number
     if idempotency_key is not None:
         for tag in tags:
-            number = tag.strip('"').rpartition("-")[2]
-            if number.isascii() and number.isdigit() and int(number) <= NUMBER_MAX:
+            number = _number_in(tag.strip('"').rpartition("-")[2])
+            if number is not None:
                 try:
-                    named = selectors.version_get(session=session, number=int(number))
+                    named = selectors.version_get(session=session, number=number)
                 except VersionNotFound:
                     continue
                 if etag_of(named) == tag:
@@ -100,18 +106,25 @@ def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_
     raise PreconditionFailed()
 
 
+def _number_in(raw: str) -> int | None:
+    """The version number `raw` writes (ASCII digits, 1..NUMBER_MAX), else None."""
+    number = ascii_int(raw)
+    return number if number is not None and 1 <= number <= NUMBER_MAX else None
+
+
 def _query_int(params: Any, name: str) -> int:
-    raw = params.get(name, "")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= NUMBER_MAX:
+    number = _number_in(params.get(name, ""))
+    if number is None:
         raise ValidationError({name: ["Required: a version number."]})
-    return int(raw)
+    return number
 
 
 def _path_number(raw: str) -> int:
     """A version number from the URL; anything else names no version (404)."""
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= NUMBER_MAX:
+    number = _number_in(raw)
+    if number is None:
         raise VersionNotFound(f"{raw!r} is not a version number", version=raw)
-    return int(raw)
+    return number
 
 
 def _guarded(if_match: int | None, call: Any) -> Any:
@@ -247,7 +260,7 @@ class Head(ApiView):
         if if_none_match is not None:
             # Polling: the version row alone says whether the head has moved.
             head = selectors.version_get(session=session, number=session.head_number)
-            tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+            tags = _etags(if_none_match)
             # "*" matches any current representation (RFC 9110 13.1.2): the head exists, so 304.
             if "*" in tags or etag_of(head) in tags:
                 response = HttpResponse(status=304)
