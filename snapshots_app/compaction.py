@@ -34,7 +34,7 @@ from django.utils import timezone
 from sessions_app import events
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, audit_record
-from snapshots_app import jobs, store, tree
+from snapshots_app import jobs, store
 from snapshots_app.models import (
     CompressionDictionary,
     Job,
@@ -400,14 +400,13 @@ RECOMPRESS_LEVEL = 12
 RECOMPRESS_MIN_GAIN = 0.95  # rewrite a node only if it shrinks by at least 5%
 
 
-def _sound(codec: int, data: bytes, seal: int) -> bytes | None:
+def _sound(digest: bytes, codec: int, data: bytes, seal: int) -> bytes | None:
     """A node's encoding, or None if its data is damaged (it does not decode, or not to its seal):
     compaction leaves such a node as it is rather than failing the whole project's run."""
     try:
-        raw = store.decompress(codec, data)
-    except (zstandard.ZstdError, ValueError):
+        return store.sealed_encoding(digest, codec, data, seal)
+    except store.CorruptNode:
         return None
-    return raw if tree.seal_of(raw) == seal else None
 
 
 def _dictionary(project_id: int) -> CompressionDictionary | None:
@@ -418,12 +417,12 @@ def _dictionary(project_id: int) -> CompressionDictionary | None:
     rows = list(
         StateNode.objects.filter(project_id=project_id, codec=store.CODEC_ZSTD)
         .order_by("?")
-        .values_list("codec", "data", "seal")[:DICTIONARY_SAMPLES]
+        .values_list("digest", "codec", "data", "seal")[:DICTIONARY_SAMPLES]
     )
     if len(rows) < DICTIONARY_MIN_NODES:
         return None
     samples: list[bytes | bytearray | memoryview] = [
-        raw for codec, data, seal in rows if (raw := _sound(codec, bytes(data), seal)) is not None
+        raw for digest, codec, data, seal in rows if (raw := _sound(bytes(digest), codec, bytes(data), seal)) is not None
     ]
     size = min(DICTIONARY_MAX_BYTES, sum(map(len, samples)) // 10)
     with transaction.atomic():
@@ -485,7 +484,7 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
         updates = []
         for digest, data, seal in rows:
             data = bytes(data)
-            raw = _sound(store.CODEC_ZSTD, data, seal)
+            raw = _sound(bytes(digest), store.CODEC_ZSTD, data, seal)
             if raw is None:
                 continue  # damaged: left as it is, for the integrity scrub to report
             packed = compressor.compress(raw)

@@ -256,6 +256,18 @@ def decompress(codec: int, data: bytes) -> bytes:
     raise ValueError(f"unknown codec {codec}")
 
 
+def sealed_encoding(digest: bytes, codec: int, data: bytes, seal: int | None) -> bytes:
+    """A stored node's encoding, checked against its seal (unless `seal` is None); CorruptNode if it
+    does not decompress or does not match."""
+    try:
+        raw = decompress(codec, data)
+    except Exception as exc:  # noqa: BLE001 - any decompression failure is corruption of this node
+        raise CorruptNode(digest, str(exc)) from None
+    if seal is not None and tree.seal_of(raw) != seal:
+        raise CorruptNode(digest, "its seal does not match its content")
+    return raw
+
+
 def _dict_decompressor(zstd_id: int) -> zstandard.ZstdDecompressor:
     """A decompressor for a project dictionary (compaction re-encodes nodes with it; see compaction)."""
     from snapshots_app.models import CompressionDictionary
@@ -547,12 +559,7 @@ class ProjectStore:
 
     @staticmethod
     def _decode(digest: bytes, codec: int, data: bytes, seal: int | None) -> tree.Node:
-        try:
-            raw = decompress(codec, data)
-        except Exception as exc:  # noqa: BLE001 - any decompression failure is corruption of this node
-            raise CorruptNode(digest, str(exc)) from None
-        if seal is not None and tree.seal_of(raw) != seal:
-            raise CorruptNode(digest, "its seal does not match its content")
+        raw = sealed_encoding(digest, codec, data, seal)
         try:
             return tree.Node.decode(raw)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is corruption of this node

@@ -353,7 +353,6 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
 
 
-
 @login_required
 @require_POST
 def session_archiving(request: HttpRequest, session_id: Any, action: str) -> HttpResponse:
