@@ -141,9 +141,12 @@ def transfer_export_run(
                 "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
             })
         for chunk in _chunks(digests, 500):
-            rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data")
-            for node_digest, codec, data in rows:
-                raw = store.decompress(codec, bytes(data))
+            rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
+            for node_digest, codec, data, seal in rows:
+                try:
+                    raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
+                except store.CorruptNode as exc:  # written out, it would make its import blame the file
+                    raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
                 emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
             done += len(chunk)
             progress(done)

@@ -221,3 +221,25 @@ def test_an_export_refuses_a_version_the_scrub_found_damaged(project, settings, 
     with pytest.raises(errors.IntegrityProblem, match="version 2 of session run-bad"):
         transfer_export_run(project=project)
     assert not list(tmp_path.glob("exports/*.ndjson"))
+
+
+@pytest.mark.django_db
+def test_an_export_refuses_a_node_that_fails_its_seal(project, settings, tmp_path):
+    """A damaged node that still decompresses would be written out, and its import would blame the file."""
+    from django.db import connection
+
+    from sessions_app import errors
+    from snapshots_app import store
+
+    settings.VAR_DIR = tmp_path
+    record_history(project, "run-seal", 2)
+    node = StateNode.objects.filter(project=project, codec=store.CODEC_RAW).first()
+    with connection.cursor() as cursor:  # one byte of its text changed: it decodes, to the wrong thing
+        cursor.execute(
+            "UPDATE snapshots_app_statenode SET data = overlay(data placing '\\x7e'::bytea from length(data) for 1) "
+            "WHERE project_id = %s AND digest = %s",
+            [project.pk, bytes(node.digest)],
+        )
+    with pytest.raises(errors.IntegrityProblem, match=f"node {bytes(node.digest).hex()}"):
+        transfer_export_run(project=project)
+    assert not list(tmp_path.glob("exports/*.ndjson"))
