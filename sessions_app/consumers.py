@@ -92,8 +92,8 @@ class ProjectEventsConsumer(LiveConsumer):
         project = Project.objects.filter(pk=self.project_id).first()
         if project is None or membership_role(self.scope["user"], project) is None:
             return None
-        if event == "version.finalized":
-            return ""  # the list shows nothing a summary changes
+        if event in ("version.finalized", "version.updated"):
+            return ""  # the list shows nothing a summary, a pin or a label changes
         if event == "session.deleted":
             return f'<tr id="s-{payload["session"]}" hx-swap-oob="delete"></tr>'
         session = session_row(project_id=project.pk, session_id=payload.get("session"))

@@ -213,6 +213,7 @@ def session_archive(*, session: WorkflowSession, reason: str = "", actor: User =
             session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
             details={"external_id": session.external_id},
         )
+        _announce_archiving(session)
     return session
 
 
@@ -230,7 +231,14 @@ def session_unarchive(
             session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
             details={"external_id": session.external_id, "archived_at": archived_at.isoformat()},
         )
+        _announce_archiving(session)
     return session
+
+
+def _announce_archiving(session: WorkflowSession) -> None:
+    """After commit: open pages of the session show it archived or writable again."""
+    payload = {**session_event(session), "archived": session.archived_at is not None}
+    transaction.on_commit(lambda: events.publish(session.project_id, "session.archived", payload, session_id=session.pk))
 
 
 @transaction.atomic

@@ -106,7 +106,8 @@ class VersionAdmin(ReadOnlyAdmin):
             except StateStoreError as exc:  # an archived session's versions stay as they are
                 refused.append(exc.message)
         done = len(versions) - len(refused)
-        messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {done} version(s).")
+        if done:
+            messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {done} version(s).")
         if refused:
             messages.error(request, f"{len(refused)} refused: {'; '.join(sorted(set(refused))[:5])}")
 

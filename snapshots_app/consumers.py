@@ -40,7 +40,8 @@ class SessionTimelineConsumer(LiveConsumer):
         return True
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
-        if event not in ("version.created", "version.finalized", "session.updated", "integrity.problem"):
+        if event not in ("version.created", "version.finalized", "version.updated", "session.updated",
+                         "session.archived", "integrity.problem"):
             return ""
         return await self._render(event, payload)
 
@@ -50,11 +51,15 @@ class SessionTimelineConsumer(LiveConsumer):
         role = membership_role(self.scope["user"], session.project) if session else None
         if session is None or role is None:
             return None
+        if event == "session.archived":
+            # The header and every row's actions change: the page reloads (see static/js/app.js).
+            state = "archived" if session.archived_at else "unarchived"
+            return render_to_string("snapshots_app/partials/_live_reload.html", {"oob": True, "reason": f"This session was {state}."})
         context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
         parts: list[str] = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
         number = payload.get("version")
         first = payload.get("first", number)
-        if isinstance(number, int) and isinstance(first, int) and event in ("version.created", "version.finalized"):
+        if isinstance(number, int) and isinstance(first, int) and event.startswith("version."):
             # Versions first..number (one event may stand for several written in a burst; the newest
             # page's worth is shown), and for new ones the row below them: the previous head loses
             # its head badge and gains a rewind button.

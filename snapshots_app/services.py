@@ -26,7 +26,7 @@ from sessions_app.errors import (
     SessionExists,
     VersionConflict,
 )
-from sessions_app.models import SessionStatus, WorkflowSession
+from sessions_app.models import AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.services import (
     User,
     actor_fields,
@@ -497,6 +497,8 @@ def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | Non
     if first is None:
         return None
     differs = [name for name, value in request.items() if getattr(first, name) != value]
+    if differs == ["label"] and _label_when_written(first) == request["label"]:
+        differs = []  # relabelled by an operator since: the retry still asks for what the first call wrote
     if differs:
         raise IdempotencyKeyReused(
             f"idempotency key {key!r} was used for version {first.number} with a different "
@@ -504,6 +506,17 @@ def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | Non
             version=first.number,
         )
     return first
+
+
+def _label_when_written(version: Version) -> str:
+    """The label `version` was written with: its first relabel's `previous`, if it was relabelled."""
+    first_relabel = (
+        AuditEvent.objects.filter(action="version.label", target_type="version", target_id=str(version.pk))
+        .order_by("created_at", "id")
+        .values_list("details", flat=True)
+        .first()
+    )
+    return version.label if first_relabel is None else first_relabel.get("previous", "")
 
 
 def _require_reason(reason: Any) -> str:
@@ -670,6 +683,7 @@ def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_lab
         target_id=version.pk, session_id=version.session_id, actor=actor, actor_label=actor_label,
         details={"version": version.number},
     )
+    _announce_changed(version)
     return version
 
 
@@ -684,4 +698,13 @@ def version_label(*, version: Version, label: str, actor: User = None, actor_lab
         session_id=version.session_id, actor=actor, actor_label=actor_label,
         details={"version": version.number, "label": label, "previous": previous},
     )
+    _announce_changed(version)
     return version
+
+
+def _announce_changed(version: Version) -> None:
+    """After commit: open timelines redraw the version's row (its pin or label changed)."""
+    payload = {"session": str(version.session_id), "version": version.number}
+    transaction.on_commit(
+        lambda: events.publish(version.session.project_id, "version.updated", payload, session_id=version.session_id)
+    )

@@ -79,12 +79,13 @@ def _finalize(version_id: int) -> tuple[Version, dict[str, Any], bool] | None:
             _record_integrity_problems(parent, version)
             return None
         counts = result.counts
+        # One entry per path: two changes inside one JSON string share its string_path.
+        paths = list(dict.fromkeys(change.get("string_path", change["path"]) for change in result.changes))
         summary = {
             **counts,
             # jsonb cannot hold NUL, which a state's keys may (the state itself is stored as bytes).
-            "paths": [change.get("string_path", change["path"]).replace("\x00", "\\u0000")
-                      for change in result.changes[:SUMMARY_PATHS]],
-            "total_paths": len(result.changes),
+            "paths": [path.replace("\x00", "\\u0000") for path in paths[:SUMMARY_PATHS]],
+            "total_paths": len(paths),
             "bytes_added": version.logical_size - parent.logical_size,
         }
     summary["stored_bytes"] = version.stored_size

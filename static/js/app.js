@@ -30,17 +30,33 @@
     });
   });
 
+  // Live messages remove a row before re-inserting it (a page loaded just after a write already shows
+  // it) and remove deleted sessions' rows; a row this page does not show needs no removal, and htmx
+  // would log an error for it. Such removals are dropped here (hx-ext="ws,live-rows").
+  if (window.htmx) {
+    htmx.defineExtension("live-rows", {
+      transformResponse: function (text) {
+        var holder = document.createElement("template");
+        holder.innerHTML = text;
+        Array.prototype.slice.call(holder.content.children).forEach(function (child) {
+          var oob = child.getAttribute("hx-swap-oob") || "";
+          if (oob.indexOf("delete") !== 0) return;
+          var selector = oob.indexOf(":") > 0 ? oob.slice(oob.indexOf(":") + 1) : "#" + CSS.escape(child.id);
+          if (!document.querySelector(selector)) child.remove();
+        });
+        return holder.innerHTML;
+      }
+    });
+  }
+
   // A live page whose websocket dropped and came back may have missed events meanwhile (versions,
   // status changes): it reloads to show the server's state, unless the operator is typing into a
   // form, who is then told instead.
+  // The same goes for a live event that changes the page as a whole (a session archived by someone else).
   var edited = false;
   document.addEventListener("input", function () { edited = true; });
-  document.addEventListener("htmx:wsOpen", function (event) {
-    var live = event.detail.elt;
-    if (!live.dataset.wsOpened) {
-      live.dataset.wsOpened = "1";
-      return;
-    }
+
+  function reloadOrTell(live, message) {
     if (!edited) {
       window.location.reload();
       return;
@@ -50,12 +66,27 @@
     notice.id = "reconnected";
     notice.className = "reconnected";
     notice.setAttribute("role", "status");
-    notice.textContent = "The live connection dropped and is back: updates may have been missed. ";
+    notice.textContent = message + " ";
     var again = document.createElement("a");
     again.href = window.location.href;
     again.textContent = "Reload";
     notice.appendChild(again);
     live.parentNode.insertBefore(notice, live);
+  }
+
+  document.addEventListener("htmx:wsOpen", function (event) {
+    var live = event.detail.elt;
+    if (!live.dataset.wsOpened) {
+      live.dataset.wsOpened = "1";
+      return;
+    }
+    reloadOrTell(live, "The live connection dropped and is back: updates may have been missed.");
+  });
+
+  document.addEventListener("htmx:oobAfterSwap", function (event) {
+    var marker = event.target;
+    if (marker.id !== "live-reload" || !marker.dataset.reason) return;
+    reloadOrTell(marker.closest("[ws-connect]") || marker, marker.dataset.reason + " The page is out of date.");
   });
 
   // An htmx action the server refused (a label too long, a session archived meanwhile) says why next

@@ -219,6 +219,17 @@ def test_states_nested_to_the_depth_limit_diff_and_finalize(session, settings):
     assert (second.summary["changed"], second.summary["paths"]) == (1, ["/a" + "/0" * (depth - 2)])
 
 
+def test_a_json_string_with_two_changes_is_one_path_in_the_summary(session):
+    before = {"ctx": json.dumps({"a": 1, "b": 1, "c": 1}), "n": 1}
+    after = {"ctx": json.dumps({"a": 2, "b": 1, "c": 2}), "n": 2}
+    assert len(recorded_diff(session, before, after)) == 3
+    second = Version.objects.get(session=session, number=2)
+    tasks.finalize_versions([second.pk])
+    second.refresh_from_db()
+    assert (second.summary["paths"], second.summary["total_paths"]) == (["/ctx", "/n"], 2)
+    assert second.summary["changed"] == 3
+
+
 @override_settings(STATE_MAX_DEPTH=250)
 def test_states_nested_to_a_raised_depth_limit_diff(session):
     pad = {"pad": "p" * 600}  # a node at every level

@@ -180,6 +180,17 @@ def test_idempotency_key_returns_the_first_result(session):
         snapshot_record(session=session, state={"n": 2}, idempotency_key="step-1")
 
 
+def test_a_retry_after_an_operator_relabelled_the_version_still_replays(session):
+    first = snapshot_record(session=session, state={"n": 1}, label="draft", idempotency_key="step-1")
+    version_label(version=first, label="known good")
+    version_label(version=first, label="known good, checked")
+    again = snapshot_record(session=session, state={"n": 1}, label="draft", idempotency_key="step-1")
+    assert again.pk == first.pk and again.label == "known good, checked"
+    with pytest.raises(IdempotencyKeyReused, match="different label"):
+        snapshot_record(session=session, state={"n": 1}, label="other", idempotency_key="step-1")
+    assert Version.objects.count() == 1
+
+
 def test_unknown_version_is_a_clear_error(session):
     snapshot_record(session=session, state={"n": 1})
     with pytest.raises(VersionNotFound):

@@ -9,9 +9,10 @@ from django.contrib.auth import get_user_model
 from django.urls import reverse
 
 from sessions_app.models import ApiKey, AuditEvent, Role
-from sessions_app.services import membership_set
+from sessions_app.services import membership_set, session_archive
 from snapshots_app.models import IntegrityProblem, StateNode, Version
-from tests.factories import make_user
+from snapshots_app.services import snapshot_record
+from tests.factories import make_session, make_user
 
 
 @pytest.fixture
@@ -117,3 +118,28 @@ def test_data_fix_action_opens_the_editor_for_one_version(client, staff, story):
     assert response["Location"] == reverse("admin:snapshots_app_version_data_fix", args=[version.pk])
     two = client.post(url, {"action": "data_fix", "_selected_action": [version.pk, version.pk - 1]}, follow=True)
     assert "Select exactly one version" in two.content.decode()
+
+
+def test_pin_action_on_an_archived_session_says_refused_not_done(client, staff, story):
+    session_archive(session=story, reason="done with it")
+    client.force_login(staff)
+    version = Version.objects.get(session=story, number=2)
+    response = client.post(reverse("admin:snapshots_app_version_changelist"),
+                           {"action": "pin", "_selected_action": [version.pk]}, follow=True)
+    page = response.content.decode()
+    assert "1 refused" in page and "archived" in page
+    assert "Pinned 0" not in page
+    version.refresh_from_db()
+    assert not version.pinned
+
+
+def test_session_list_shows_each_projects_recently_updated_first(client, staff, story, team):
+    quiet = make_session(team, "run-quiet")
+    client.force_login(staff)
+    page = client.get(reverse("admin:sessions_app_workflowsession_changelist")).content.decode()
+    # run-quiet was made after story's last write
+    assert page.index(quiet.external_id) < page.index(story.external_id)
+    story.refresh_from_db()
+    snapshot_record(session=story, state={"n": 99})
+    page = client.get(reverse("admin:sessions_app_workflowsession_changelist")).content.decode()
+    assert page.index(story.external_id) < page.index(quiet.external_id)

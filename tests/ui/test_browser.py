@@ -152,6 +152,9 @@ def log_in(browser, base: str, username: str):
     page.click("button[type=submit]")
     page.wait_for_selector("table.sessions")
     page.errors = errors  # type: ignore[attr-defined]
+    console_errors: list[str] = []
+    page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
+    page.console_errors = console_errors  # type: ignore[attr-defined]
     return page
 
 
@@ -218,6 +221,7 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert elapsed < 2.0
     print(f"live version appeared after {elapsed * 1000:.0f} ms")
     assert page.errors == []  # type: ignore[attr-defined]
+    assert page.console_errors == []  # type: ignore[attr-defined]  # (htmx logs swaps it could not do)
 
 
 def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
@@ -236,6 +240,25 @@ def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser)
     page.wait_for_selector("#timeline > li#v-6", timeout=10_000)
     assert page.evaluate("window.beforeDrop") is None  # the page reloaded to catch up
     assert page.locator("#timeline li.vrow.head").count() == 1 and "head" in page.get_attribute("#v-6", "class")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_page(server, browser):
+    from sessions_app.services import session_archive
+    from snapshots_app.services import version_label
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    off_loop(lambda: version_label(version=session.versions.get(number=2), label="checked by ana"))
+    page.wait_for_function("document.querySelector('#v-2').textContent.includes('checked by ana')", timeout=5_000)
+    assert page.locator("#v-2 a.rewind").count() == 1
+    page.evaluate("() => { window.beforeArchive = true; }")
+    off_loop(lambda: session_archive(session=session, reason="closing the incident"))
+    page.wait_for_selector("#unarchive", timeout=5_000)  # the page reloaded
+    assert page.evaluate("window.beforeArchive") is None
+    assert page.locator("#timeline a.rewind").count() == 0
     assert page.errors == []  # type: ignore[attr-defined]
 
 

@@ -210,3 +210,28 @@ def test_integrity_problem_appears_on_the_open_session_page(setup):
 
     html = run(scenario)
     assert 'id="integrity-problems" hx-swap-oob="true"' in html and "checksum &lt;b&gt;" in html
+
+
+def test_another_users_pin_label_and_archive_reach_the_open_session_page(setup):
+    from sessions_app.services import session_archive
+    from snapshots_app.services import version_label, version_pin
+
+    owner, _, _, _, session = setup
+    version = _record(session, {"n": 1})
+
+    async def scenario() -> list[str]:
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await client.connect(timeout=5))[0]
+        received = []
+        for change in (lambda: version_pin(version=version, pinned=True),
+                       lambda: version_label(version=version, label="known <good>"),
+                       lambda: session_archive(session=session, reason="done")):
+            await asyncio.to_thread(_in_thread, change)
+            received.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return received
+
+    pinned, labelled, archived = run(scenario)
+    assert 'id="v-1"' in pinned and 'hx-swap-oob="true"' in pinned and 'class="badge pin"' in pinned
+    assert "known &lt;good&gt;" in labelled
+    assert 'id="live-reload"' in archived and 'data-reason="This session was archived."' in archived
