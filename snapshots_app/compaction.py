@@ -229,18 +229,32 @@ def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datet
     return plan
 
 
-def _retention_apply(project_id: int, plan: RetentionPlan, progress: ProgressFn, done: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Remover:
+    """Who removes versions (for the audit log): the job's starter, "schedule", "manage.py"…"""
+
+    actor: User = None
+    actor_label: str = ""
+    job_id: int | None = None
+
+
+def _retention_apply(
+    project_id: int, plan: RetentionPlan, policy: RetentionPolicy, remover: _Remover, progress: ProgressFn, done: int
+) -> tuple[int, int]:
     """Remove the planned versions, one session per transaction. Returns (versions removed, progress)."""
     removed_total = 0
     for session_id, ids in plan.remove.items():
-        removed_total += _retention_apply_session(project_id, session_id, ids)
+        removed_total += _retention_apply_session(project_id, session_id, ids, policy, remover)
         done += len(ids)
         progress(done)
     return removed_total, done
 
 
 @transaction.atomic
-def _retention_apply_session(project_id: int, session_id: Any, planned: list[int]) -> int:
+def _retention_apply_session(
+    project_id: int, session_id: Any, planned: list[int], policy: RetentionPolicy, remover: _Remover
+) -> int:
+    """Remove the session's planned versions that are still unprotected, audited as one event."""
     session = WorkflowSession.objects.select_for_update().filter(pk=session_id, project_id=project_id).first()
     if session is None or KEEP_ALL_TAG in session.tags:  # tagged since the plan
         return 0
@@ -277,6 +291,14 @@ def _retention_apply_session(project_id: int, session_id: Any, planned: list[int
     session.version_count = Version.objects.filter(session=session).count()
     session.stored_bytes = max(0, session.stored_bytes - freed_bytes)
     session.save(update_fields=["version_count", "stored_bytes"])
+    audit_record(
+        project=session.project, action="retention.remove", target_type="session", target_id=session.pk,
+        session_id=session.pk, actor=remover.actor, actor_label=remover.actor_label,
+        reason="retention policy",
+        details={"external_id": session.external_id, "numbers": numbers, "bytes_freed": freed_bytes,
+                 "job": remover.job_id,
+                 "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
+    )
     payload = {"session": str(session.pk), "numbers": numbers, "versions": session.version_count}
     transaction.on_commit(lambda: events.publish(project_id, "versions.removed", payload, session_id=session.pk))
     return len(doomed)
@@ -548,10 +570,14 @@ def compaction_run(
     recompress: bool | None = None,
     now: datetime | None = None,
     progress: ProgressFn = _no_progress,
+    actor: User = None,
+    actor_label: str = "",
+    job_id: int | None = None,
 ) -> dict[str, Any]:
     """Compact a project now: retention per its policy, garbage collection, then (unless
     `recompress` is False; default settings.COMPACTION_RECOMPRESS) re-encoding nodes with a zstd
-    dictionary trained on the project. Idempotent.
+    dictionary trained on the project. Idempotent. Each session whose versions retention removes gets
+    a `retention.remove` audit event naming `actor`/`actor_label` (who started it) and the job.
 
     Returns figures for the job result and benchmarks: versions and bytes before/after, seconds.
     """
@@ -564,7 +590,8 @@ def compaction_run(
     rows = _rows(project_id)
     plan = _plan(project_id, policy, rows, now or timezone.now())
     progress(0, plan.remove_count, force=True)
-    removed, done = _retention_apply(project_id, plan, progress, 0)
+    remover = _Remover(actor=actor, actor_label=actor_label, job_id=job_id)
+    removed, done = _retention_apply(project_id, plan, policy, remover, progress, 0)
     retention_seconds = time.monotonic() - started
 
     project_store = store.ProjectStore(project_id, use_cache=False)

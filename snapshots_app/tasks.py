@@ -158,7 +158,8 @@ def compaction_job(job_id: int) -> dict | None:
     def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
         assert job.project is not None
         return compaction_run(
-            project=job.project, apply_retention=bool(job.params.get("apply_retention", True)), progress=progress
+            project=job.project, apply_retention=bool(job.params.get("apply_retention", True)), progress=progress,
+            actor=job.created_by, actor_label=job.created_by_label, job_id=job.pk,
         )
 
     return _run_job(job_id, work)

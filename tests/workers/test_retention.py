@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from sessions_app.models import AuditEvent
 from sessions_app.services import session_delete
 from snapshots_app import compaction
 from snapshots_app.compaction import compaction_dry_run, compaction_run, retention_policy_get, retention_policy_set
@@ -153,6 +154,9 @@ def test_maintenance_command_runs_compaction_on_demand(project):
     call_command("maintenance", "compact", project.slug, stdout=out)
     assert json.loads(out.getvalue())["versions_removed"] == 4
     assert _numbers(session) == [5, 6]
+    removal = AuditEvent.objects.get(action="retention.remove")
+    assert (removal.session_id, removal.actor_label, removal.details["numbers"]) == (session.pk, "manage.py", [1, 2, 3, 4])
+    assert removal.details["policy"] == {"keep_last": 2, "keep_days": 0, "thin_to": "none"}
 
 
 @pytest.mark.django_db

@@ -8,6 +8,7 @@ import pytest
 from django.db import connection
 
 from sessions_app import background
+from sessions_app.models import AuditEvent
 from snapshots_app import tasks
 from snapshots_app.compaction import compaction_dry_run, compaction_start, retention_policy_set
 from snapshots_app.integrity import integrity_scrub_start
@@ -59,10 +60,15 @@ def test_dry_run_predicts_what_compaction_frees(worker, project):
     _history(project, sessions=2, steps=30)
     preview = compaction_dry_run(project=project)
 
-    job = wait_finished(compaction_start(project=project))
+    job = wait_finished(compaction_start(project=project, actor_label="ops-key (sr_abc)"))
 
     assert job.status == JobStatus.DONE, job.error
     assert job.result["versions_removed"] == preview.versions_removed
+    # Each session's removals are in the audit log, naming who started the job and the job.
+    removals = AuditEvent.objects.filter(project=project, action="retention.remove")
+    assert sorted(n for event in removals for n in event.details["numbers"]) == sorted(
+        n for numbers in preview.removed_numbers.values() for n in numbers)
+    assert {(event.actor_label, event.details["job"]) for event in removals} == {("ops-key (sr_abc)", job.pk)}
     assert job.result["nodes_freed"] == preview.nodes_freed
     assert abs(job.result["bytes_freed"] - preview.bytes_freed) <= 0.02 * preview.bytes_freed
     saved = job.result["bytes_saved_by_recompression"]

@@ -53,7 +53,8 @@ class Command(BaseCommand):
             if queue:
                 return {"job": compaction.compaction_start(project=project, apply_retention=action == "compact",
                                                            actor_label="manage.py").pk}
-            return compaction.compaction_run(project=project, apply_retention=action == "compact", progress=self._progress)
+            return compaction.compaction_run(project=project, apply_retention=action == "compact",
+                                             progress=self._progress, actor_label="manage.py")
         if action == "scrub":
             if queue:
                 return {"job": integrity.integrity_scrub_start(project=project, budget=options["budget"],
