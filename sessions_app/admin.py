@@ -1,5 +1,8 @@
 """Admin for data fixes (staff only; Django's per-model permissions apply). Writes go through the
-services, history rows (sessions, audit events) are read-only, and nothing is deleted in place."""
+services, history rows (sessions, audit events) are read-only, and nothing is deleted in place.
+
+Superusers (who run the service) reach every project. Other staff reach only the projects they are
+members of, and change things there only as their role allows (see admin_projects)."""
 
 from __future__ import annotations
 
@@ -7,16 +10,53 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from sessions_app.models import ApiKey, AuditEvent, Membership, Project, WorkflowSession
+from sessions_app.models import ROLE_RANK, ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
 from sessions_app.services import api_key_create, api_key_revoke, membership_remove, membership_set, project_create
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Project]:
+    """The projects a staff user reaches in the admin with at least `role`: every project for a
+    superuser, else those they are a member of in such a role (nobody reads another project's data;
+    viewers read, operators also fix data and pin, admins also manage keys, members and jobs)."""
+    if request.user.is_superuser:
+        return Project.objects.all()
+    roles = [name for name in Role.values if ROLE_RANK[Role(name)] >= ROLE_RANK[Role(role)]]
+    return Project.objects.filter(memberships__user=request.user, memberships__role__in=roles)
+
+
+def may_change(request: HttpRequest, project_id: int, role: str) -> bool:
+    return admin_projects(request, role).filter(pk=project_id).exists()
+
+
+def require_role(request: HttpRequest, project_id: int, role: str) -> None:
+    if not may_change(request, project_id, role):
+        raise PermissionDenied(f"this needs the {role} role in the project")
+
+
+class ProjectScopedAdmin(admin.ModelAdmin):
+    """Rows of the projects the staff user reaches (admin_projects); `project_lookup` leads to them."""
+
+    project_lookup = "project"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        queryset = super().get_queryset(request)
+        if request.user.is_superuser:
+            return queryset
+        return queryset.filter(**{f"{self.project_lookup}__in": admin_projects(request)})
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "project":  # what is added (a key, a member) goes where the user is an admin
+            kwargs["queryset"] = admin_projects(request, Role.ADMIN)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+
+class ReadOnlyAdmin(ProjectScopedAdmin):
     """Rows that are history: visible to staff with the view permission, never edited in place."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -30,7 +70,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Project)
-class ProjectAdmin(admin.ModelAdmin):
+class ProjectAdmin(ProjectScopedAdmin):
+    project_lookup = "pk"
     list_display = ["name", "slug", "created_at"]
     search_fields = ["name", "slug"]
     fields = ["name", "slug"]
@@ -50,7 +91,7 @@ class ProjectAdmin(admin.ModelAdmin):
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(ProjectScopedAdmin):
     list_display = ["user", "project", "role", "created_at"]
     list_filter = ["role", "project"]
     search_fields = ["user__username", "user__email", "project__slug", "project__name"]
@@ -62,15 +103,28 @@ class MembershipAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return ["project", "user"] if obj is not None else []
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or may_change(request, obj.project_id, Role.ADMIN))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)
+        return allowed and (obj is None or may_change(request, obj.project_id, Role.ADMIN))
+
     def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: bool) -> None:
-        saved = membership_set(project=obj.project, user=obj.user, role=obj.role)
+        require_role(request, obj.project_id, Role.ADMIN)
+        saved = membership_set(project=obj.project, user=obj.user, role=obj.role, actor=request.user)
         obj.pk, obj.created_at = saved.pk, saved.created_at
 
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
+        require_role(request, obj.project_id, Role.ADMIN)
         membership_remove(membership=obj, actor=request.user)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
-        for membership in queryset.select_related("project", "user"):
+        memberships = list(queryset.select_related("project", "user"))
+        for membership in memberships:  # all or none
+            require_role(request, membership.project_id, Role.ADMIN)
+        for membership in memberships:
             membership_remove(membership=membership, actor=request.user)
 
 
@@ -83,7 +137,7 @@ class ApiKeyCreateForm(forms.ModelForm):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ProjectScopedAdmin):
     """Create shows the secret once (only its hash is stored); keys are revoked, never edited."""
 
     list_display = ["name", "project", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
@@ -115,6 +169,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return request.user.has_perm("sessions_app.change_apikey")
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        require_role(request, obj.project_id, Role.ADMIN)
         created, token = api_key_create(
             project=obj.project, name=obj.name, scopes=form.cleaned_data["scopes"], actor=request.user
         )
@@ -124,6 +179,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.action(description="Revoke selected API keys", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         keys = list(queryset.select_related("project"))
+        for api_key in keys:  # all or none
+            require_role(request, api_key.project_id, Role.ADMIN)
         for api_key in keys:
             api_key_revoke(api_key=api_key, actor=request.user)
         messages.success(request, f"Revoked {len(keys)} key(s).")

@@ -83,6 +83,13 @@ class IntegrityProblem(StateStoreError):
     status = 500
 
 
+class StillDamaged(StateStoreError):
+    """An integrity problem cannot be closed while its version still fails verification."""
+
+    code = "still_damaged"
+    status = 409
+
+
 class JobNotFound(NotFound):
     code = "job_not_found"
 

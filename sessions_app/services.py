@@ -57,16 +57,33 @@ def audit_record(
 
 
 @transaction.atomic
-def project_create(*, name: str, slug: str, owner: User = None) -> Project:
+def project_create(*, name: str, slug: str, owner: User = None, actor_label: str = "") -> Project:
+    """A new project; `owner` (who creates it) becomes its admin. Audited."""
     project = Project.objects.create(name=name, slug=slug)
-    if owner is not None and getattr(owner, "is_authenticated", False):
+    member = owner is not None and getattr(owner, "is_authenticated", False)
+    if member:
         Membership.objects.create(project=project, user=owner, role=Role.ADMIN)
+    audit_record(
+        project=project, action="project.create", target_type="project", target_id=project.pk,
+        actor=owner if member else None, actor_label=actor_label,
+        details={"slug": slug, "name": name, "admin": str(owner) if member else None},
+    )
     return project
 
 
 @transaction.atomic
-def membership_set(*, project: Project, user: Any, role: str) -> Membership:
-    membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": Role(role)})
+def membership_set(*, project: Project, user: Any, role: str, actor: User = None, actor_label: str = "") -> Membership:
+    """Give `user` `role` in `project` (adding them, or changing their role). Audited when it changes access."""
+    role = Role(role)
+    before = Membership.objects.select_for_update().filter(project=project, user=user).first()
+    if before is not None and before.role == role:
+        return before
+    membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": role})
+    audit_record(
+        project=project, action="membership.set", target_type="user", target_id=user.pk,
+        actor=actor, actor_label=actor_label,
+        details={"user": str(user), "role": role.value, "previous": None if before is None else before.role},
+    )
     return membership
 
 
@@ -182,24 +199,48 @@ def session_update(
     tags: list[str] | None = None,
     workflow: str | None = None,
     actor: User = None,
+    actor_label: str = "",
 ) -> WorkflowSession:
+    """Change a session's status, metadata, tags or workflow name. Audited when anything changes
+    (tags decide retention, e.g. `retention:keep-all`)."""
     session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
     ensure_writable(session)
+    asked: dict[str, Any] = {}
     if status is not None:
         if status not in SessionStatus.values:
             raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
-        session.status = status
+        asked["status"] = status
     if metadata is not None:
-        session.metadata = _clean_metadata(metadata)
+        asked["metadata"] = _clean_metadata(metadata)
     if tags is not None:
-        session.tags = clean_tags(tags)
+        asked["tags"] = clean_tags(tags)
     if workflow is not None:
         if not isinstance(workflow, str) or len(workflow) > 200:
             raise InvalidState("workflow must be a string of at most 200 characters")
-        session.workflow = workflow
+        asked["workflow"] = workflow
+    changed = {name: value for name, value in asked.items() if getattr(session, name) != value}
+    if not changed:
+        return session
+    details = {name: {"before": _audit_value(getattr(session, name)), "after": _audit_value(value)}
+               for name, value in changed.items()}
+    for name, value in changed.items():
+        setattr(session, name, value)
     session.save()
+    audit_record(
+        project=session.project, action="session.update", target_type="session", target_id=session.pk,
+        session_id=session.pk, actor=actor, actor_label=actor_label, details=details,
+    )
     transaction.on_commit(lambda: events.publish(session.project_id, "session.updated", session_event(session), session_id=session.pk))
     return session
+
+
+AUDIT_VALUE_MAX = 2000
+
+
+def _audit_value(value: Any) -> Any:
+    """`value` for an audit event's details, unless its JSON is longer than AUDIT_VALUE_MAX bytes."""
+    size = len(orjson.dumps(value))
+    return value if size <= AUDIT_VALUE_MAX else {"omitted": f"{size} bytes of JSON"}
 
 
 @transaction.atomic

@@ -15,11 +15,11 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ReadOnlyAdmin
+from sessions_app.admin import ReadOnlyAdmin, admin_projects, require_role
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
-from sessions_app.models import Project
+from sessions_app.models import Project, Role
 from snapshots_app import compaction, integrity, selectors, services, store, transfer
 from snapshots_app.diff import diff_values
 from snapshots_app.forms import DataFixForm
@@ -30,6 +30,7 @@ from snapshots_app.views import diff_display
 
 @admin.register(Version)
 class VersionAdmin(ReadOnlyAdmin):
+    project_lookup = "session__project"
     list_display = ["__str__", "session_link", "number", "kind", "step", "status", "logical_size", "pinned", "label",
                     "created_at", "data_fix_link"]
     list_filter = ["kind", "pinned", "status", "session__project"]
@@ -100,7 +101,11 @@ class VersionAdmin(ReadOnlyAdmin):
     def _pin(self, request: HttpRequest, queryset: QuerySet[Version], pinned: bool) -> None:
         versions = list(queryset.select_related("session__project"))
         refused = []
+        operated = set(admin_projects(request, Role.OPERATOR).values_list("pk", flat=True))
         for version in versions:
+            if version.session.project_id not in operated:
+                refused.append(f"pinning in {version.session.project.slug} needs the operator role")
+                continue
             try:
                 services.version_pin(version=version, pinned=pinned, actor=request.user)
             except StateStoreError as exc:  # an archived session's versions stay as they are
@@ -115,8 +120,9 @@ class VersionAdmin(ReadOnlyAdmin):
         """Edit a version's state as JSON, see the diff against the head, give a reason, record it."""
         if not self.has_data_fix_permission(request):
             raise PermissionDenied
-        version = get_object_or_404(Version.objects.select_related("session__project"), pk=version_id)
+        version = get_object_or_404(self.get_queryset(request).select_related("session__project"), pk=version_id)
         session = version.session
+        require_role(request, session.project_id, Role.OPERATOR)
         head = selectors.head_version(session)
         error, result = "", None
         text = request.POST.get("state") if request.method == "POST" else None
@@ -153,10 +159,46 @@ class VersionAdmin(ReadOnlyAdmin):
 
 @admin.register(IntegrityProblem)
 class IntegrityProblemAdmin(ReadOnlyAdmin):
-    list_display = ["session", "version_number", "detail", "first_seen_at", "last_seen_at", "resolved_at"]
+    list_display = ["session", "version_number", "detail", "first_seen_at", "last_seen_at", "resolved_at",
+                    "resolve_link"]
     list_filter = [("resolved_at", admin.EmptyFieldListFilter), "project"]
     search_fields = ["session__external_id", "detail"]
     list_select_related = ["session"]
+
+    @admin.display(description="Resolve")
+    def resolve_link(self, obj: IntegrityProblem) -> str:
+        if obj.resolved_at is not None:
+            return "—"
+        url = reverse("admin:snapshots_app_integrityproblem_resolve", args=[obj.pk])
+        return format_html('<a href="{}">resolve…</a>', url)
+
+    def get_urls(self) -> list:
+        return [
+            path("<int:problem_id>/resolve/", self.admin_site.admin_view(self.resolve_view),
+                 name="snapshots_app_integrityproblem_resolve"),
+            *super().get_urls(),
+        ]
+
+    def resolve_view(self, request: HttpRequest, problem_id: int) -> HttpResponse:
+        """Verify the version again and close the problem with a resolution (audited)."""
+        problem = get_object_or_404(self.get_queryset(request).select_related("session"), pk=problem_id)
+        require_role(request, problem.project_id, Role.OPERATOR)
+        error, resolution = "", request.POST.get("resolution", "")
+        if request.method == "POST":
+            try:
+                integrity.integrity_problem_resolve(problem=problem, resolution=resolution, actor=request.user)
+            except StateStoreError as exc:
+                error = exc.message
+            else:
+                messages.success(request, f"Resolved the problem of v{problem.version_number} of "
+                                          f"{problem.session.external_id}: it verifies again.")
+                return redirect(reverse("admin:snapshots_app_integrityproblem_changelist"))
+        context = {
+            **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Resolve an integrity problem",
+            "problem": problem, "resolution": resolution, "error": error,
+        }
+        return TemplateResponse(request, "admin/snapshots_app/integrityproblem/resolve.html", context,
+                                status=400 if error else 200)
 
 
 @admin.register(Job)
@@ -189,17 +231,27 @@ class ProjectAdmin(BaseProjectAdmin):
                 f"{preview.bytes_freed} of {preview.bytes_total} bytes.",
             )
 
+    def _administered(self, request: HttpRequest, queryset: QuerySet[Project]) -> list[Project]:
+        """The selected projects where the user may start jobs (the admin role); all or none."""
+        projects = list(queryset)
+        for project in projects:
+            require_role(request, project.pk, Role.ADMIN)
+        return projects
+
     @admin.action(description="Compaction: run now (queued)", permissions=["maintain"])
     def compaction_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
-        jobs = [compaction.compaction_start(project=project, actor=request.user) for project in queryset]
+        jobs = [compaction.compaction_start(project=project, actor=request.user)
+                for project in self._administered(request, queryset)]
         messages.success(request, f"Queued {len(jobs)} compaction job(s): see Jobs for progress.")
 
     @admin.action(description="Export (queued; the file is listed under Jobs)", permissions=["maintain"])
     def export_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
-        jobs = [transfer.transfer_export_start(project=project, actor=request.user) for project in queryset]
+        jobs = [transfer.transfer_export_start(project=project, actor=request.user)
+                for project in self._administered(request, queryset)]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
 
     @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
     def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
-        jobs = [integrity.integrity_scrub_start(project=project, budget=0, actor=request.user) for project in queryset]
+        jobs = [integrity.integrity_scrub_start(project=project, budget=0, actor=request.user)
+                for project in self._administered(request, queryset)]
         messages.success(request, f"Queued {len(jobs)} integrity scrub(s): problems appear under Integrity problems.")

@@ -129,11 +129,21 @@ def integrity_problem_record(*, version: Version, detail: str, job: Job | None =
 def integrity_problem_resolve(
     *, problem: IntegrityProblem, resolution: str, actor: User = None, actor_label: str = ""
 ) -> IntegrityProblem:
-    """Close a problem after a person dealt with it (the data itself is not touched). Audited."""
+    """Close a problem after a person dealt with it, e.g. restored the damaged rows from a backup.
+    The version is verified again first, from the database: while it still fails, StillDamaged and
+    the problem stays open (the data itself is never touched here). Audited."""
     if not isinstance(resolution, str) or not resolution.strip():
         raise errors.ReasonRequired("say how the problem was resolved: it goes into the audit log")
-    problem = IntegrityProblem.objects.select_for_update().get(pk=problem.pk)
+    if "\x00" in resolution or len(resolution) > 2000:
+        raise errors.InvalidState("the resolution must be at most 2000 characters, without NUL")
+    problem = IntegrityProblem.objects.select_for_update().select_related("version__session").get(pk=problem.pk)
     if problem.resolved_at is None:
+        still = _verify(problem.version)
+        if still is not None:
+            raise errors.StillDamaged(
+                f"version {problem.version_number} of {problem.version.session.external_id} still fails "
+                f"verification ({still}); restore its data first, or delete the session"
+            )
         problem.resolved_at = timezone.now()
         problem.resolution = resolution.strip()
         problem.save(update_fields=["resolved_at", "resolution", "last_seen_at"])

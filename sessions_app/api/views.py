@@ -142,7 +142,7 @@ class SessionDetail(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = SessionUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        session = services.session_update(session=session, actor=self.principal.actor["actor"], **incoming.validated_data)
+        session = services.session_update(session=session, **self.principal.actor, **incoming.validated_data)
         return Response(SessionSerializer(session).data)
 
     @extend_schema(

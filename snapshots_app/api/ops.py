@@ -24,9 +24,15 @@ from sessions_app.api.auth import project_for, require_role, session_for, visibl
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
 from sessions_app.api.problems import RequestTooLarge
-from sessions_app.api.serializers import InputSerializer, JsonObjectField, StrictBooleanField, StrictIntegerField
+from sessions_app.api.serializers import (
+    InputSerializer,
+    JsonObjectField,
+    StrictBooleanField,
+    StrictIntegerField,
+    plain_text,
+)
 from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
-from sessions_app.errors import JobNotFound
+from sessions_app.errors import JobNotFound, NotFound
 from sessions_app.models import Project, Role
 from sessions_app.strict_json import ascii_int
 from snapshots_app import compaction, integrity, transfer
@@ -307,6 +313,36 @@ class IntegrityProblemList(mixins.ListModelMixin, ApiView):
     @extend_schema(operation_id="integrity_problems_list", summary="Versions whose stored data failed verification.")
     def get(self, request: Request) -> Response:
         return self.list(request)
+
+
+class ResolutionSerializer(InputSerializer):
+    resolution = plain_text(max_length=2000, help_text="How it was dealt with (e.g. rows restored from a backup).")
+
+
+class IntegrityProblemResolve(ApiView):
+    serializer_class = IntegrityProblemSerializer
+
+    @extend_schema(
+        operation_id="integrity_problems_resolve",
+        parameters=[OpenApiParameter("problem_id", int, OpenApiParameter.PATH, description="The problem's id.")],
+        request=ResolutionSerializer,
+        responses={200: IntegrityProblemSerializer},
+        summary="Close a problem once the version verifies again (operator; audited). 409 still_damaged while "
+                "it still fails verification.",
+    )
+    def post(self, request: Request, problem_id: str) -> Response:
+        pk = ascii_int(problem_id)
+        problem = None if pk is None else IntegrityProblem.objects.filter(
+            pk=pk, project_id__in=visible_project_ids(request)).first()
+        if problem is None:
+            raise NotFound(f"integrity problem {problem_id} not found")
+        require_role(request, problem.project_id, Role.OPERATOR)
+        incoming = ResolutionSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        problem = integrity.integrity_problem_resolve(
+            problem=problem, resolution=incoming.validated_data["resolution"], **self.principal.actor
+        )
+        return Response(IntegrityProblemSerializer(problem).data)
 
 
 class IntegrityScrub(ApiView):

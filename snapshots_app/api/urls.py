@@ -33,6 +33,8 @@ urlpatterns = [
     path("jobs/<str:job_id>/", ops.JobDetail.as_view(), name="api-job"),
     path("jobs/<str:job_id>/file/", ops.JobFile.as_view(), name="api-job-file"),
     path("integrity-problems/", ops.IntegrityProblemList.as_view(), name="api-integrity-problems"),
+    path("integrity-problems/<str:problem_id>/resolve/", ops.IntegrityProblemResolve.as_view(),
+         name="api-integrity-problem-resolve"),
     path("integrity-scrub/", ops.IntegrityScrub.as_view(), name="api-integrity-scrub"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -190,3 +190,32 @@ def test_a_retry_while_the_first_call_runs_is_told_to_wait(project, session, wri
     again = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
     assert again.status_code == 202 and again.json() == answers[0].json()
     assert Job.objects.count() == 1
+
+
+def test_an_integrity_problem_is_resolved_only_once_its_version_verifies_again(
+    project, session, writer, reader, other_project
+):
+    from snapshots_app.integrity import integrity_problem_record
+    from snapshots_app.models import IntegrityProblem, StateNode
+
+    version = snapshot_record(session=session, state={"n": 1})
+    node = StateNode.objects.filter(project=project, digest=bytes(version.root))
+    original = bytes(node.get().data)
+    node.update(data=b"\x00garbage")
+    problem = integrity_problem_record(version=version, detail="checksum mismatch")
+    url = f"/api/v1/integrity-problems/{problem.pk}/resolve/"
+
+    assert reader.post(url, {"resolution": "restored"}, format="json").status_code == 403
+    assert key_client(other_project).post(url, {"resolution": "restored"}, format="json").status_code == 404
+    assert writer.post(url, {}, format="json").status_code == 400
+    still = writer.post(url, {"resolution": "restored"}, format="json")
+    assert still.status_code == 409 and still.json()["code"] == "still_damaged"
+    assert "restore its data first" in still.json()["detail"]
+
+    node.update(data=original)  # a DBA restored the row from a backup
+    response = writer.post(url, {"resolution": "restored statenode from the 03:00 backup"}, format="json")
+    assert response.status_code == 200 and response.json()["resolved_at"] is not None
+    assert IntegrityProblem.objects.get(pk=problem.pk).resolution == "restored statenode from the 03:00 backup"
+    event = AuditEvent.objects.get(action="integrity.resolve")
+    assert event.reason == "restored statenode from the 03:00 backup" and event.details["version"] == 1
+    assert reader.get("/api/v1/integrity-problems/?open=true").json()["results"] == []

@@ -65,6 +65,15 @@ def test_patch_updates_status_metadata_and_tags(writer, session):
     assert response.status_code == 200
     session.refresh_from_db()
     assert (session.status, session.metadata, session.tags) == ("waiting", {"owner": "ops"}, ["a", "b"])
+    event = AuditEvent.objects.get(action="session.update", session_id=session.pk)
+    assert event.actor_label.startswith("api key read,write key") and event.details == {
+        "status": {"before": "running", "after": "waiting"},
+        "metadata": {"before": {}, "after": {"owner": "ops"}},
+        "tags": {"before": [], "after": ["a", "b"]},
+    }
+    # The same again changes nothing, and records nothing.
+    writer.patch(f"/api/v1/sessions/{session.pk}/", {"status": "waiting", "tags": ["a", "b"]}, format="json")
+    assert AuditEvent.objects.filter(action="session.update").count() == 1
 
 
 def test_bad_patch_changes_nothing(writer, session):
@@ -125,4 +134,5 @@ def test_unarchive_accepts_writes_again_and_is_audited(writer, reader, session):
     assert writer.post(f"{url}unarchive/", {}, format="json").status_code == 200  # already live: nothing to do
     assert writer.patch(url, {"status": "completed"}, format="json").status_code == 200
     events = AuditEvent.objects.filter(session_id=session.pk).order_by("pk")
-    assert [(e.action, e.reason) for e in events] == [("session.archive", "done"), ("session.unarchive", "one more step")]
+    assert [(e.action, e.reason) for e in events] == [
+        ("session.archive", "done"), ("session.unarchive", "one more step"), ("session.update", "")]

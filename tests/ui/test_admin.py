@@ -8,11 +8,11 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.urls import reverse
 
-from sessions_app.models import ApiKey, AuditEvent, Role
+from sessions_app.models import ApiKey, AuditEvent, Membership, Role
 from sessions_app.services import membership_set, session_archive
 from snapshots_app.models import IntegrityProblem, StateNode, Version
 from snapshots_app.services import snapshot_record
-from tests.factories import make_session, make_user
+from tests.factories import make_project, make_session, make_user
 
 
 @pytest.fixture
@@ -143,3 +143,80 @@ def test_session_list_shows_each_projects_recently_updated_first(client, staff, 
     snapshot_record(session=story, state={"n": 99})
     page = client.get(reverse("admin:sessions_app_workflowsession_changelist")).content.decode()
     assert page.index(story.external_id) < page.index(quiet.external_id)
+
+
+@pytest.fixture
+def clerk(db):
+    """Staff with every model permission, but a member of one project only."""
+    from django.contrib.auth.models import Permission
+
+    user = make_user("clerk", staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=["sessions_app", "snapshots_app"]))
+    return user
+
+
+def test_staff_who_are_not_superusers_reach_only_their_projects(client, clerk, story):
+    other = make_project("globex")
+    secret = make_session(other, "globex-run")
+    snapshot_record(session=secret, state={"token": "globex-secret"})
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    client.force_login(clerk)
+
+    for model in ("sessions_app/workflowsession", "snapshots_app/version", "sessions_app/auditevent",
+                  "sessions_app/project", "sessions_app/apikey", "sessions_app/membership"):
+        page = client.get(f"/admin/{model}/").content.decode()
+        assert "globex" not in page, model
+    assert "run-42" in client.get("/admin/sessions_app/workflowsession/").content.decode()
+    foreign = Version.objects.get(session=secret)
+    assert client.get(reverse("admin:snapshots_app_version_data_fix", args=[foreign.pk])).status_code == 404
+    assert client.get(reverse("admin:snapshots_app_version_change", args=[foreign.pk])).status_code == 302
+
+    # An operator fixes data in their project, but keys and members need the admin role there.
+    own = Version.objects.get(session=story, number=2)
+    assert client.get(reverse("admin:snapshots_app_version_data_fix", args=[own.pk])).status_code == 200
+    for project in (story.project, other):
+        response = client.post(reverse("admin:sessions_app_apikey_add"),
+                               {"project": project.pk, "name": "sneaky", "scopes": ["admin"]})
+        assert response.status_code == 200 and "Select a valid choice" in response.content.decode()
+    assert not ApiKey.objects.filter(name="sneaky").exists()
+    response = client.post(reverse("admin:sessions_app_project_changelist"),
+                           {"action": "compaction_queue", "_selected_action": [story.project.pk]})
+    assert response.status_code == 403
+    membership_set(project=story.project, user=clerk, role=Role.ADMIN)
+    response = client.post(reverse("admin:sessions_app_apikey_add"),
+                           {"project": story.project.pk, "name": "ops", "scopes": ["read"]})
+    assert response.status_code == 302 and ApiKey.objects.filter(name="ops", project=story.project).exists()
+
+
+def test_membership_changes_project_creation_and_user_deletion_are_audited(client, staff, team, operator):
+    client.force_login(staff)
+    client.post(reverse("admin:sessions_app_project_add"), {"name": "Initech", "slug": "initech"})
+    created = AuditEvent.objects.get(action="project.create", details__slug="initech")
+    assert (created.actor_label, created.details["admin"]) == ("root", "root")
+    membership = Membership.objects.get(project=team, user=operator)
+    client.post(reverse("admin:sessions_app_membership_change", args=[membership.pk]), {"role": "admin"})
+    change = AuditEvent.objects.get(action="membership.set", details__previous="operator")
+    assert (change.actor_label, change.details["role"], change.details["user"]) == ("root", "admin", "olga")
+    operator.delete()
+    removal = AuditEvent.objects.get(action="membership.remove", project=team)
+    assert removal.reason == "the user account was deleted" and removal.details == {"user": "olga", "role": "admin"}
+
+
+def test_an_integrity_problem_is_resolved_in_the_admin_after_the_data_is_restored(client, staff, story):
+    from snapshots_app.integrity import integrity_problem_record
+
+    version = Version.objects.get(session=story, number=5)
+    node = StateNode.objects.filter(project=story.project, digest=bytes(version.root))
+    original = bytes(node.get().data)
+    node.update(data=b"\x00garbage")
+    problem = integrity_problem_record(version=version, detail="checksum mismatch")
+    client.force_login(staff)
+    listing = client.get(reverse("admin:snapshots_app_integrityproblem_changelist")).content.decode()
+    url = reverse("admin:snapshots_app_integrityproblem_resolve", args=[problem.pk])
+    assert url in listing
+    refused = client.post(url, {"resolution": "looked fine to me"})
+    assert refused.status_code == 400 and "still fails verification" in refused.content.decode()
+    node.update(data=original)
+    assert client.post(url, {"resolution": "restored from backup"}).status_code == 302
+    problem.refresh_from_db()
+    assert problem.resolved_at is not None and AuditEvent.objects.filter(action="integrity.resolve").exists()
