@@ -27,7 +27,7 @@ def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Pr
     if request.user.is_superuser:
         return Project.objects.all()
     roles = [name for name in Role.values if ROLE_RANK[Role(name)] >= ROLE_RANK[Role(role)]]
-    return Project.objects.filter(memberships__user=request.user, memberships__role__in=roles)
+    return Project.objects.filter(memberships__user_id=request.user.pk, memberships__role__in=roles)
 
 
 def may_change(request: HttpRequest, project_id: int, role: str) -> bool:
