@@ -26,6 +26,8 @@ def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Pr
     viewers read, operators also fix data and pin, admins also manage keys, members and jobs)."""
     if request.user.is_superuser:
         return Project.objects.all()
+    if request.user.pk is None:
+        return Project.objects.none()
     roles = [name for name in Role.values if ROLE_RANK[Role(name)] >= ROLE_RANK[Role(role)]]
     return Project.objects.filter(memberships__user_id=request.user.pk, memberships__role__in=roles)
 
