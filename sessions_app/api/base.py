@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
-from sessions_app.api.problems import RequestInProgress, RequestTooLarge
+from sessions_app.api.problems import RequestInProgress, RequestTooLarge, SecretShownOnce
 from sessions_app.errors import IdempotencyKeyReused
 
 IDEMPOTENCY_KEY_MAX = 200
@@ -52,13 +52,16 @@ class ApiView(generics.GenericAPIView):
             raise ValidationError({"Idempotency-Key": [f"At most {IDEMPOTENCY_KEY_MAX} characters."]})
         return key
 
-    def replayable(self, fingerprint: Any, call: Callable[[], Response]) -> Response:
+    def replayable(self, fingerprint: Any, call: Callable[[], Response], *, secret: str | None = None) -> Response:
         """Run a write whose service takes no idempotency key, remembering its answer for retries.
 
         A retry with the same Idempotency-Key (same caller, same path, same input) gets the first
         answer again; the same key with different input is 422. The answer is kept in the cache
         for a day, so this is best effort across cache loss, unlike the versions' own keys. A retry
         that arrives while the first call still runs gets 409 request_in_progress.
+
+        An answer's `secret` field (a new API key) is never kept: a retry of that call gets 409
+        secret_shown_once naming what the first call made, instead of making a second one.
         """
         key = self.idempotency_key()
         if key is None:
@@ -80,11 +83,20 @@ class ApiView(generics.GenericAPIView):
                 if first is None:
                     response = call()
                     # Errors are raised, not returned: only successful answers are remembered.
-                    cache.set(cache_key, {"fingerprint": digest, "body": response.data,
-                                          "status": response.status_code}, IDEMPOTENCY_SECONDS)
+                    body = response.data
+                    if secret is not None:
+                        body = {name: value for name, value in body.items() if name != secret}
+                    cache.set(cache_key, {"fingerprint": digest, "body": body, "status": response.status_code,
+                                          "secret": secret}, IDEMPOTENCY_SECONDS)
                     return response
             finally:
                 cache.delete(running)
         if first["fingerprint"] != digest:
             raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used before with a different request")
+        if first.get("secret"):
+            made = ", ".join(f"{name} {first['body'][name]}" for name in ("id", "prefix") if name in first["body"])
+            raise SecretShownOnce(
+                f"The first request with Idempotency-Key {key!r} already made this ({made}); its {first['secret']} "
+                "was shown only in that answer. Revoke it if the answer was lost, and make another."
+            )
         return Response(first["body"], status=first["status"])

@@ -121,12 +121,16 @@ class SessionList(mixins.ListModelMixin, ApiView):
         incoming.is_valid(raise_exception=True)
         data = dict(incoming.validated_data)
         project = project_for(request, data.pop("project", None), role=Role.OPERATOR)
-        session, created = services.session_get_or_create(project=project, actor=self.principal.actor["actor"], **data)
-        return Response(
-            SessionSerializer(session).data,
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
-            headers={"Location": f"/api/v1/sessions/{session.pk}/"},
-        )
+
+        def create() -> Response:
+            session, created = services.session_get_or_create(project=project, actor=self.principal.actor["actor"], **data)
+            return Response(
+                SessionSerializer(session).data,
+                status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+                headers={"Location": f"/api/v1/sessions/{session.pk}/"},
+            )
+
+        return self.replayable({"project": project.pk, **data}, create)
 
 
 class SessionDetail(ApiView):
@@ -142,8 +146,9 @@ class SessionDetail(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = SessionUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        session = services.session_update(session=session, **self.principal.actor, **incoming.validated_data)
-        return Response(SessionSerializer(session).data)
+        return self.replayable(incoming.validated_data, lambda: Response(SessionSerializer(
+            services.session_update(session=session, **self.principal.actor, **incoming.validated_data)
+        ).data))
 
     @extend_schema(
         operation_id="sessions_destroy",
@@ -170,10 +175,9 @@ class _ArchiveSwitch(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = ReasonSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        session = type(self).service(
+        return self.replayable(incoming.validated_data, lambda: Response(SessionSerializer(type(self).service(
             session=session, reason=incoming.validated_data.get("reason", ""), **self.principal.actor
-        )
-        return Response(SessionSerializer(session).data)
+        )).data))
 
 
 class SessionArchive(_ArchiveSwitch):
@@ -210,19 +214,25 @@ class ApiKeyList(mixins.ListModelMixin, ApiView):
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
         return self.get_paginated_response(self.get_serializer(page, many=True).data)
 
-    @extend_schema(operation_id="keys_create", request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer},
-                   summary="Create a key (admin). The secret is in this response only.")
+    @extend_schema(operation_id="keys_create", request=ApiKeyCreateSerializer, parameters=[IDEMPOTENCY_KEY],
+                   responses={201: ApiKeyCreatedSerializer},
+                   summary="Create a key (admin). The secret is in this response only: a retry with the same "
+                           "Idempotency-Key gets 409 secret_shown_once instead of a second key.")
     def post(self, request: Request) -> Response:
         incoming = ApiKeyCreateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
         project = project_for(request, data.get("project"), role=Role.ADMIN)
-        api_key, token = services.api_key_create(
-            project=project, name=data["name"], scopes=data["scopes"], **self.principal.actor
-        )
-        body = ApiKeyCreatedSerializer(api_key).data
-        body["key"] = token
-        return Response(body, status=status.HTTP_201_CREATED)
+
+        def create() -> Response:
+            api_key, token = services.api_key_create(
+                project=project, name=data["name"], scopes=data["scopes"], **self.principal.actor
+            )
+            body = ApiKeyCreatedSerializer(api_key).data
+            body["key"] = token
+            return Response(body, status=status.HTTP_201_CREATED)
+
+        return self.replayable({"project": project.pk, **data}, create, secret="key")
 
 
 class ApiKeyDetail(ApiView):

@@ -200,7 +200,7 @@ class VersionBatch(ApiView):
     @extend_schema(
         operation_id="versions_batch_create",
         summary="Record many snapshots in one request, in order, all or nothing (backfills).",
-        parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH],
         request=BatchSerializer,
         responses={201: BatchResultSerializer},
     )
@@ -208,11 +208,13 @@ class VersionBatch(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = BatchSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        recorded = services.snapshot_record_batch(
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
+        expected = incoming.validated_data.get("expected_version")
+        recorded = _guarded(if_match if expected is None else None, lambda: services.snapshot_record_batch(
             session=session, snapshots=incoming.validated_data["versions"],
-            expected_version=incoming.validated_data.get("expected_version"), idempotency_key=self.idempotency_key(),
+            expected_version=expected if expected is not None else if_match, idempotency_key=self.idempotency_key(),
             **self.principal.actor,
-        )
+        ))
         return Response({"versions": [version_data(v) for v in recorded]}, status=status.HTTP_201_CREATED)
 
 
@@ -234,12 +236,17 @@ class VersionDetail(ApiView):
         incoming.is_valid(raise_exception=True)
         version = selectors.version_get(session=session, number=_path_number(number))
         data = incoming.validated_data
-        with transaction.atomic():
-            if "pinned" in data and data["pinned"] != version.pinned:
-                version = services.version_pin(version=version, pinned=data["pinned"], **self.principal.actor)
-            if "label" in data and data["label"] != version.label:
-                version = services.version_label(version=version, label=data["label"], **self.principal.actor)
-        return Response(version_data(version))
+
+        def update() -> Response:
+            nonlocal version
+            with transaction.atomic():
+                if "pinned" in data and data["pinned"] != version.pinned:
+                    version = services.version_pin(version=version, pinned=data["pinned"], **self.principal.actor)
+                if "label" in data and data["label"] != version.label:
+                    version = services.version_label(version=version, label=data["label"], **self.principal.actor)
+            return Response(version_data(version))
+
+        return self.replayable(data, update)
 
 
 class Head(ApiView):

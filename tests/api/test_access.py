@@ -176,6 +176,21 @@ def test_browser_writes_need_the_csrf_token(project, user):
     assert not WorkflowSession.objects.filter(external_id="x").exists()
 
 
+def test_a_retried_key_creation_makes_no_second_key(project):
+    from sessions_app.models import ApiKey
+
+    admin = key_client(project, "admin")
+    body = {"name": "engine-8", "scopes": ["read"]}
+    first = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
+    assert first.status_code == 201 and first.json()["key"]
+    retry = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
+    assert retry.status_code == 409 and retry.json()["code"] == "secret_shown_once"
+    assert first.json()["prefix"] in retry.json()["detail"] and first.json()["key"] not in retry.content.decode()
+    other = admin.post("/api/v1/keys/", {**body, "name": "x"}, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
+    assert other.status_code == 422
+    assert ApiKey.objects.filter(name__in=["engine-8", "x"]).count() == 1
+
+
 def test_create_api_key_command_prints_a_working_key(project):
     out, err = StringIO(), StringIO()
     call_command("create_api_key", "--project", project.slug, "--name", "ci", "--scopes", "read,write", stdout=out, stderr=err)

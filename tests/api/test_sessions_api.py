@@ -76,6 +76,17 @@ def test_patch_updates_status_metadata_and_tags(writer, session):
     assert AuditEvent.objects.filter(action="session.update").count() == 1
 
 
+def test_a_key_reused_for_another_patch_is_refused(writer, session):
+    path = f"/api/v1/sessions/{session.pk}/"
+    first = writer.patch(path, {"tags": ["x", "y"]}, format="json", HTTP_IDEMPOTENCY_KEY="tag-it")
+    again = writer.patch(path, {"tags": ["x", "y"]}, format="json", HTTP_IDEMPOTENCY_KEY="tag-it")
+    assert first.status_code == again.status_code == 200 and again.json() == first.json()
+    other = writer.patch(path, {"tags": ["x", "z"]}, format="json", HTTP_IDEMPOTENCY_KEY="tag-it")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    session.refresh_from_db()
+    assert session.tags == ["x", "y"]
+
+
 def test_bad_patch_changes_nothing(writer, session):
     session_update(session=session, metadata={"keep": True})
     for body in ({"status": "sleeping"}, {"metadata": [1]}, {"tags": "a"}, {"tags": ["bad\ttag"]},

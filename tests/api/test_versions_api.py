@@ -62,6 +62,12 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
                        HTTP_IF_MATCH=current)
     assert both.status_code == 409  # the stale expected_version speaks, not the current If-Match
     assert session.versions.count() == 2
+    # A batch honours If-Match the same way (it pins the first snapshot).
+    batch = {"versions": [{"state": {"a": 4}}, {"state": {"a": 5}}]}
+    stale = writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412 and session.versions.count() == 2
+    assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=current).status_code == 201
+    assert session.versions.count() == 4
 
 
 def test_stale_expected_version_is_409_and_writes_nothing(writer, session):
