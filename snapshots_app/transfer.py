@@ -35,7 +35,7 @@ from django.utils.dateparse import parse_datetime
 from sessions_app import errors
 from sessions_app.errors import ImportRejected, InvalidState
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, audit_record
+from sessions_app.services import User, actor_fields, audit_record
 from snapshots_app import canonical, jobs, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
@@ -385,11 +385,18 @@ def _store_import(
         item.archived_at = parse_datetime(record["archived_at"]) if record.get("archived_at") else None
         item.save()
         new_sessions[record["id"]] = item
+    # The file's history is kept (kinds, reasons, authors), but who wrote a version here is whoever
+    # imported it: its author reads "… (imported by …)", so a file cannot pass off its versions as
+    # data fixes or rewinds made in this project (those are in this project's audit log; imports are
+    # there as session.import).
+    importer = actor_fields(actor, actor_label)["actor_label"]
     rows = []
     for record in versions:
+        author = f"{record['created_by_label'] or 'system'} (imported by {importer})"
         rows.append(Version(
             session=new_sessions[record["session"]], root=bytes.fromhex(record["root"]),
-            **{f: record[f] for f in VERSION_FIELDS},
+            **{f: record[f] for f in VERSION_FIELDS if f != "created_by_label"},
+            created_by_label=author[:200],
         ))
     created = Version.objects.bulk_create(rows, batch_size=500)
     by_key = {(record["session"], record["number"]): version for record, version in zip(versions, created, strict=True)}

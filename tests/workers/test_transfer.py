@@ -113,6 +113,9 @@ def test_single_session_export_round_trips_and_import_twice_is_refused(project, 
 
     assert outcome["versions"] == 7 and outcome["parents_outside_export"] == 0
     assert read_all(fresh) == {key: data for key, data in read_all(project).items() if key[0] == "agent-1"}
+    # The history is kept, but each version's author says it came in by import, and who imported it.
+    fixed = Version.objects.get(session__project=fresh, kind="data_fix")
+    assert (fixed.reason, fixed.created_by_label) == ("typo", f"{user.username} (imported by system)")
     with pytest.raises(ImportRejected, match="already exist"):
         transfer_import_run(project=fresh, path=Path(result["path"]))
 
