@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import InvalidState, SessionArchived
+from sessions_app.errors import InvalidState, ReasonRequired, SessionArchived
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
@@ -30,6 +30,18 @@ def actor_fields(actor: User, actor_label: str = "") -> dict[str, Any]:
     if actor is not None and getattr(actor, "is_authenticated", False):
         return {"actor": actor, "actor_label": actor_label or actor.get_username()}
     return {"actor": None, "actor_label": actor_label or "system"}
+
+
+REASON_MAX = 2_000
+
+
+def require_reason(reason: Any) -> str:
+    """`reason` stripped, for an action whose audit event must say why; ReasonRequired if blank."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ReasonRequired("a reason is required: it goes into the audit log")
+    if "\x00" in reason or len(reason) > REASON_MAX:
+        raise InvalidState(f"reason must be at most {REASON_MAX} characters, without NUL")
+    return reason.strip()
 
 
 def audit_record(
@@ -283,8 +295,10 @@ def _announce_archiving(session: WorkflowSession) -> None:
 
 
 @transaction.atomic
-def session_delete(*, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = "") -> None:
-    """Delete a session and its versions; nodes only it needed are freed by the next compaction."""
+def session_delete(*, session: WorkflowSession, reason: str, actor: User = None, actor_label: str = "") -> None:
+    """Delete a session and its versions; nodes only it needed are freed by the next compaction.
+    `reason` is required: it goes into the audit log."""
+    reason = require_reason(reason)
     audit_record(
         project=session.project, action="session.delete", target_type="session", target_id=session.pk,
         session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,

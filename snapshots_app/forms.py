@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from django import forms
 
-from snapshots_app.services import METADATA_LIMITS, REASON_MAX
+from sessions_app.services import REASON_MAX
+from snapshots_app.services import METADATA_LIMITS
 
 
 def _text(max_length: int) -> forms.CharField:

@@ -22,7 +22,6 @@ from sessions_app import background, events
 from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
-    ReasonRequired,
     SessionExists,
     VersionConflict,
 )
@@ -34,6 +33,7 @@ from sessions_app.services import (
     clean_tags,
     ensure_writable,
     new_fork_external_id,
+    require_reason,
     session_event,
 )
 from snapshots_app import canonical, rows, store
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 METADATA_LIMITS = {"step": 200, "label": 100, "engine": 100, "engine_version": 50, "idempotency_key": 200}
 ERROR_MAX = 10_000
-REASON_MAX = 2_000
 
 
 class _Head:
@@ -519,12 +518,6 @@ def _label_when_written(version: Version) -> str:
     return version.label if first_relabel is None else first_relabel.get("previous", "")
 
 
-def _require_reason(reason: Any) -> str:
-    if not isinstance(reason, str) or not reason.strip():
-        raise ReasonRequired("a reason is required: it goes into the audit log")
-    return _clean_text("reason", reason, REASON_MAX).strip()
-
-
 def snapshot_rewind(
     *,
     session: WorkflowSession,
@@ -536,7 +529,7 @@ def snapshot_rewind(
     actor_label: str = "",
 ) -> Version:
     """Append a new head whose state equals version `to_version`. History is never rewritten."""
-    reason = _require_reason(reason)
+    reason = require_reason(reason)
     expected = _clean_expected(expected_version)
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     ensure_writable(session)
@@ -576,12 +569,13 @@ def snapshot_fork(
     actor_label: str = "",
 ) -> WorkflowSession:
     """Start a new session (same project) whose first version is `from_version` of `session`.
+    `reason` is required: it goes into the audit log.
 
     A repeated `idempotency_key` (per source session) returns the session the first call created
     (IdempotencyKeyReused if it asked for another version, external id or reason)."""
     from sessions_app.services import session_get_or_create
 
-    reason = _clean_text("reason", reason, REASON_MAX).strip()
+    reason = require_reason(reason)
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     with transaction.atomic():
         store.project_write_lock(session.project_id)  # the fork reuses the source's nodes
@@ -656,7 +650,7 @@ def snapshot_data_fix(
     actor_label: str = "",
 ) -> Version:
     """Record a corrected state (edited by staff from version `based_on`) as a new head; audited."""
-    reason = _require_reason(reason)
+    reason = require_reason(reason)
     base = version_get(session=session, number=based_on)
     with transaction.atomic():
         version = snapshot_record(

@@ -16,8 +16,9 @@ from sessions_app.api.serializers import (
     plain_text,
 )
 from sessions_app.models import SessionStatus
+from sessions_app.services import REASON_MAX
 from snapshots_app.models import Version, VersionKind
-from snapshots_app.services import ERROR_MAX, METADATA_LIMITS, REASON_MAX
+from snapshots_app.services import ERROR_MAX, METADATA_LIMITS
 
 
 def version_data(version: Version) -> dict[str, Any]:
@@ -124,7 +125,8 @@ class ForkSerializer(InputSerializer):
     from_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     external_id = plain_text(max_length=255, required=False, allow_null=True,
                              help_text="External id of the new session; generated when omitted.")
-    reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True)
+    reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
+                        help_text="Why (required: it goes into the audit log; missing or blank is 400 reason_required).")
 
     def validate_external_id(self, value: str | None) -> str | None:
         if value is not None and not value.strip():

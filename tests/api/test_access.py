@@ -32,7 +32,7 @@ def every_endpoint(session_id, other_id=None):
         ("get", f"{base}/head/", None),
         ("get", f"{base}/diff/?from=1&to=1", None),
         ("post", f"{base}/rewind/", {"to_version": 1, "reason": "x"}),
-        ("post", f"{base}/fork/", {"from_version": 1}),
+        ("post", f"{base}/fork/", {"from_version": 1, "reason": "what if"}),
     ]
 
 

@@ -108,6 +108,10 @@ def test_archive_keeps_history_and_refuses_writes(writer, session):
 
 def test_admin_deletes_a_session_and_the_audit_log_keeps_the_fact(admin_key, session):
     snapshot_record(session=session, state={"a": 1})
+    for blank in ("", "?reason=", "?reason=%20"):
+        response = admin_key.delete(f"/api/v1/sessions/{session.pk}/{blank}")
+        assert response.status_code == 400 and response.json()["code"] == "reason_required"
+    assert WorkflowSession.objects.filter(pk=session.pk).exists()
     assert admin_key.delete(f"/api/v1/sessions/{session.pk}/?reason=gdpr").status_code == 204
     assert not WorkflowSession.objects.filter(pk=session.pk).exists() and not Version.objects.exists()
     event = AuditEvent.objects.get(action="session.delete")

@@ -95,7 +95,7 @@ def test_diff_within_and_across_sessions(writer, session):
     assert {(c["path"], c["kind"]) for c in diff["changes"]} == {("/a", "changed"), ("/list/2", "added"), ("/new", "added")}
     assert {"op": "replace", "path": "/a", "value": 2} in diff["patch"]
 
-    fork = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": "what-if"}, format="json").json()
+    fork = writer.post(url(session, "fork/"), {"from_version": 1, "reason": "what if", "external_id": "what-if"}, format="json").json()
     across = writer.get(url(session, f"diff/?from=2&to=1&to_session={fork['id']}")).json()
     assert across["to"]["session"] == fork["id"] and {c["path"] for c in across["changes"]} == {"/a", "/list/2", "/new"}
     assert writer.get(url(session, "diff/?from=1&to=1")).json()["changes"] == []
@@ -139,7 +139,7 @@ def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, sess
     assert first.status_code == again.status_code == 201 and first.json()["id"] == again.json()["id"]
     fork = WorkflowSession.objects.get(pk=first.json()["id"])
     assert fork.head_number == 1 and fork.versions.get().parent.session_id == session.pk
-    taken = writer.post(url(session, "fork/"), {"from_version": 1, "external_id": session.external_id}, format="json")
+    taken = writer.post(url(session, "fork/"), {"from_version": 1, "reason": "what if", "external_id": session.external_id}, format="json")
     assert taken.status_code == 409 and taken.json()["code"] == "session_exists"
     assert WorkflowSession.objects.count() == 2
 

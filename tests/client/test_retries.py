@@ -163,7 +163,7 @@ def test_a_retried_delete_that_finds_nothing_succeeded_earlier():
         assert client.delete_session("s", reason="done") is None
     script = Script(problem(404, "session_not_found"))
     with sync_client(script) as client, pytest.raises(NotFound):
-        client.delete_session("s")
+        client.delete_session("s", reason="done")
 
 
 @pytest.mark.parametrize("state", [{"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}, {"x": object()}])

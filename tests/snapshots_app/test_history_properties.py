@@ -71,7 +71,7 @@ def test_every_version_of_a_random_history_reads_back_exactly(db, ops):
                 expected[version.pk] = expected[source.pk]
             elif op == "fork":
                 target = arg % current.head_number + 1
-                fork = snapshot_fork(session=current, from_version=target)
+                fork = snapshot_fork(session=current, from_version=target, reason="what if")
                 source = Version.objects.get(session=current, number=target)
                 expected[Version.objects.get(session=fork, number=1).pk] = expected[source.pk]
                 sessions.append(fork)

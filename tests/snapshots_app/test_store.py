@@ -140,11 +140,11 @@ def test_bad_metadata_is_refused(session):
         with pytest.raises(VersionNotFound):
             snapshot_rewind(session=session, to_version=number, reason="x")
         with pytest.raises(VersionNotFound):
-            snapshot_fork(session=session, from_version=number)
+            snapshot_fork(session=session, from_version=number, reason="what if")
     with pytest.raises(InvalidState, match="NUL"):
         snapshot_rewind(session=session, to_version=1, reason="a\x00b")
     with pytest.raises(InvalidState, match="NUL"):
-        snapshot_fork(session=session, from_version=1, external_id="a\x00b")
+        snapshot_fork(session=session, from_version=1, external_id="a\x00b", reason="what if")
     assert Version.objects.count() == 1
 
 
@@ -155,7 +155,7 @@ def test_session_metadata_jsonb_would_change_is_refused(project):
     assert not WorkflowSession.objects.filter(external_id="m").exists()
     session, _ = session_get_or_create(project=project, external_id="m", metadata={"budget": 1e18, "n": 2**63})
     snapshot_record(session=session, state={"a": 1})
-    fork = snapshot_fork(session=session, from_version=1)  # the fork copies the metadata
+    fork = snapshot_fork(session=session, from_version=1, reason="what if")  # the fork copies the metadata
     assert fork.metadata["budget"] == 1e18
 
 
@@ -260,11 +260,11 @@ def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(s
 
 def test_sibling_forks_do_not_collide(session):
     snapshot_record(session=session, state={"n": 1})
-    a = snapshot_fork(session=session, from_version=1)
-    b = snapshot_fork(session=session, from_version=1)
+    a = snapshot_fork(session=session, from_version=1, reason="what if")
+    b = snapshot_fork(session=session, from_version=1, reason="what if")
     assert a.external_id != b.external_id
     with pytest.raises(SessionExists):
-        snapshot_fork(session=session, from_version=1, external_id=a.external_id)
+        snapshot_fork(session=session, from_version=1, external_id=a.external_id, reason="what if")
 
 
 def test_diff_reports_paths_and_json_patch(session):

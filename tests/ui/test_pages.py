@@ -165,7 +165,7 @@ def test_timeline_query_count_does_not_grow_with_versions(client, operator, team
     from snapshots_app.services import snapshot_fork, snapshot_rewind
 
     snapshot_rewind(session=session, to_version=4, reason="test")
-    snapshot_fork(session=session, from_version=source.number)
+    snapshot_fork(session=session, from_version=source.number, reason="what if")
     with django_assert_num_queries(7):
         client.get(session_url(session))
 
@@ -174,7 +174,7 @@ def test_lineage_shows_rewind_source_and_forks(client, operator, story):
     from snapshots_app.services import snapshot_fork, snapshot_rewind
 
     snapshot_rewind(session=story, to_version=2, reason="bad tool output")
-    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt")
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if")
     client.force_login(operator)
     page = client.get(session_url(story)).content.decode()
     assert "restored <a" in page and "v2</a>" in page and "branch v3\u2013v5 left behind" in page
@@ -342,7 +342,7 @@ def test_diff_inside_json_strings_names_the_string(client, viewer, team):
 def test_fork_diff_against_its_source(client, operator, story):
     from snapshots_app.services import snapshot_fork
 
-    fork = snapshot_fork(session=story, from_version=2)
+    fork = snapshot_fork(session=story, from_version=2, reason="what if")
     snapshot_record(session=fork, state={"fresh": True})
     client.force_login(operator)
     page = client.get(session_url(fork, "snapshots:diff"),
@@ -350,7 +350,7 @@ def test_fork_diff_against_its_source(client, operator, story):
     assert "run-42 v2" in page and "/fresh" in page
     assert f"{fork.external_id} v2" in page  # both ends named: not "v2 → v2" of one session
     # A fork's first version, by the bare diff address: against the version it was forked from.
-    young = snapshot_fork(session=story, from_version=3)
+    young = snapshot_fork(session=story, from_version=3, reason="what if")
     response = client.get(session_url(young, "snapshots:diff"))
     assert response.status_code == 200 and "run-42 v3" in response.content.decode()
 

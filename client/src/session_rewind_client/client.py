@@ -119,7 +119,8 @@ class Endpoints:
         body = _drop_none(status=status, workflow=workflow, metadata=metadata, tags=tags, **fields)
         return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/", json=body, idempotency_key=idempotency_key))
 
-    def delete_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+    def delete_session(self, session_id: Any, *, reason: str, idempotency_key: str | None = None) -> Any:
+        """Delete the session and its versions (admin); `reason` goes into the audit log."""
         params = _drop_none(reason=reason)
         return self._run(
             Call("DELETE", f"sessions/{_sid(session_id)}/", params=params, idempotency_key=idempotency_key)
@@ -241,11 +242,12 @@ class Endpoints:
         session_id: Any,
         from_version: int,
         *,
+        reason: str,
         external_id: str | None = None,
-        reason: str | None = None,
         idempotency_key: str | None = None,
     ) -> Any:
-        """Start a new session whose first version is `from_version`; returns the new session."""
+        """Start a new session whose first version is `from_version`; returns the new session.
+        `reason` goes into the audit log."""
         body = _drop_none(from_version=from_version, external_id=external_id, reason=reason)
         return self._run(
             Call("POST", f"sessions/{_sid(session_id)}/fork/", json=body, idempotency_key=idempotency_key)
