@@ -23,12 +23,11 @@ def _check_database() -> str:
     return connection.vendor
 
 
-def _check_redis() -> str:
-    if not settings.REDIS_URL:
-        return "embedded (not configured)"
+def _ping_redis(url: str) -> str:
     import redis
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    # Both timeouts: a Redis that is stopped (not gone) accepts the connection and never answers.
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     try:
         client.ping()
     finally:
@@ -36,9 +35,17 @@ def _check_redis() -> str:
     return "ok"
 
 
+def _check_redis() -> str:
+    if not settings.REDIS_URL:
+        return "embedded (not configured)"
+    return _ping_redis(settings.REDIS_URL)
+
+
 def _check_broker() -> str:
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return "eager (tasks run in-process)"
+    if settings.CELERY_BROKER_URL.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return _ping_redis(settings.CELERY_BROKER_URL)
     from config.celery import app
 
     with app.connection_for_write() as conn:

@@ -168,8 +168,10 @@ def _database() -> dict:
         if config.get("CONN_MAX_AGE"):
             raise ImproperlyConfigured("DB_POOL_SIZE and DB_CONN_MAX_AGE cannot both be set: the pool keeps connections")
         config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": env_int("DB_POOL_TIMEOUT", 5, minimum=1)}
-    else:
-        config["CONN_HEALTH_CHECKS"] = True
+    # With the pool, Django makes this psycopg's check of a connection as it leaves the pool (an empty
+    # query): after a PostgreSQL restart every pooled connection is dead, and unchecked each one
+    # failed a request first. Without it, a reused connection is checked before its first query.
+    config["CONN_HEALTH_CHECKS"] = True
     return dict(config)
 
 
@@ -181,7 +183,7 @@ if REDIS_URL:
         raise ImproperlyConfigured("REDIS_URL must be a redis:// URL")
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "config.cache.FailSoftRedisCache",  # an outage is a miss, not an error
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "rewind"),
             "TIMEOUT": 3600,
@@ -212,12 +214,21 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A task whose worker died unacknowledged is delivered again after this many seconds (on the next
 # worker start or restore sweep); it must exceed the longest task. Tests lower it to see redelivery.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1),
+    # A broker that is down or hung must not hold a request (a job start) for long: the job row is
+    # committed and stays queued, and jobs_requeue_stale sends it again.
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
+}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 CELERY_TIMEZONE = "UTC"
 # Background work (snapshots_app.tasks); README "Workers" says what runs when.
 CELERY_BEAT_SCHEDULE = {
     "finalize-missed-versions": {"task": "snapshots_app.tasks.finalize_pending", "schedule": 300.0},
-    "requeue-stale-jobs": {"task": "snapshots_app.tasks.jobs_requeue_stale", "schedule": 600.0},
+    # Cheap (a partial index holds the unfinished jobs); often, so a dead worker's job resumes within ~2.5 min.
+    "requeue-stale-jobs": {"task": "snapshots_app.tasks.jobs_requeue_stale", "schedule": 60.0},
     "integrity-scrub": {
         "task": "snapshots_app.tasks.integrity_scrub_scheduled",
         "schedule": float(env_int("INTEGRITY_SCRUB_EVERY", 3600, minimum=60)),
@@ -231,6 +242,12 @@ CELERY_BEAT_SCHEDULE = {
 INTEGRITY_SCRUB_BUDGET = env_int("INTEGRITY_SCRUB_BUDGET", 5000)
 # Nodes garbage collection deletes per transaction (each holds the project's write lock briefly).
 COMPACTION_BATCH_SIZE = env_int("COMPACTION_BATCH_SIZE", 2000, minimum=1)
+# A running job stamps its heartbeat this often; one silent for JOB_STALE_SECONDS is taken for dead
+# (its worker was killed or lost the database) and sent again (snapshots_app.jobs).
+JOB_HEARTBEAT_SECONDS = env_int("JOB_HEARTBEAT_SECONDS", 15, minimum=1)
+JOB_STALE_SECONDS = env_int("JOB_STALE_SECONDS", 90, minimum=2)
+if JOB_STALE_SECONDS <= JOB_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured("JOB_STALE_SECONDS must be longer than JOB_HEARTBEAT_SECONDS")
 # Compaction re-encodes nodes with a zstd dictionary trained per project (about a third smaller).
 COMPACTION_RECOMPRESS = env_bool("COMPACTION_RECOMPRESS", default=True)
 

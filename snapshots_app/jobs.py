@@ -3,16 +3,26 @@
 A job row is created by the service that starts the work, in the caller's transaction; its task is
 enqueued after commit with the job's id. The task may be delivered twice or killed at any instant
 (late ack), so every step a job takes is idempotent and progress is only ever advisory.
+
+A running job beats (`heartbeat_at`, every JOB_HEARTBEAT_SECONDS, from a thread beside the work). A
+delivery of a job whose heartbeat is fresh is a duplicate and does nothing; a job whose heartbeat
+went stale (its worker was killed, or lost the database) is sent again by jobs_requeue_stale, and
+the delivery that takes it over counts an attempt. Only the attempt that owns the job may finish
+or fail it, so a duplicate or a superseded attempt never overwrites the outcome.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
+from types import TracebackType
 from typing import Any
 
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -26,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes/events: the UI needs a pulse, not a firehose
 MAX_ATTEMPTS = 5  # a job whose worker keeps dying (e.g. out of memory) is failed, not retried forever
+
+
+def stale_after() -> timedelta:
+    """How long a running job's heartbeat may be silent before it is taken for dead."""
+    return timedelta(seconds=settings.JOB_STALE_SECONDS)
 
 
 def job_event(job: Job) -> dict[str, Any]:
@@ -82,24 +97,62 @@ def _enqueue_safely(enqueue: Callable[[int], None], job_id: int) -> None:
 
 @transaction.atomic
 def job_start(*, job_id: int) -> Job | None:
-    """Mark a delivery of the job as running. None if the job is gone or already finished.
+    """Mark a delivery of the job as running (a new attempt, which owns the job from now on).
 
-    A redelivery of a job that was running (its worker was killed) simply starts it again: the
+    None if the job is gone or finished, or if another delivery is running it (its heartbeat is
+    fresh): nothing to do. A job whose heartbeat went stale is taken over and started again: the
     work is idempotent and resumes from what the previous attempt committed.
     """
     job = Job.objects.select_for_update().filter(pk=job_id).first()
     if job is None or job.is_finished:
+        return None
+    now = timezone.now()
+    if job.status == JobStatus.RUNNING and job.heartbeat_at is not None and now - job.heartbeat_at < stale_after():
+        logger.info("job %s is running elsewhere (heartbeat %s); this delivery does nothing", job.pk, job.heartbeat_at)
         return None
     if job.attempts >= MAX_ATTEMPTS:
         job_fail(job=job, error=f"gave up after {job.attempts} attempts: the worker died each time (see its logs)")
         return None
     job.status = JobStatus.RUNNING
     job.attempts = F("attempts") + 1
-    job.started_at = job.started_at or timezone.now()
-    job.save(update_fields=["status", "attempts", "started_at"])
+    job.started_at = job.started_at or now
+    job.heartbeat_at = now
+    job.save(update_fields=["status", "attempts", "started_at", "heartbeat_at"])
     job.refresh_from_db()
     _publish(job, "job.progress")
     return job
+
+
+class Heartbeat:
+    """While the block runs, a thread stamps the job's heartbeat every JOB_HEARTBEAT_SECONDS (on a
+    connection of its own: the work may hold its connection in a long transaction). A job that ends
+    sooner never touches the database from the thread."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"job-{job.pk}-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=settings.JOB_HEARTBEAT_SECONDS)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+                try:
+                    Job.objects.filter(pk=self.job.pk, status=JobStatus.RUNNING, attempts=self.job.attempts).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:  # the database is away: the beat stops showing, which is the point
+                    logger.warning("job %s: heartbeat not recorded", self.job.pk, exc_info=True)
+                    connection.close()
+        finally:
+            connection.close()
 
 
 class Progress:
@@ -127,23 +180,30 @@ def job_progress(*, job: Job, done: int, total: int) -> None:
     _publish(job, "job.progress")
 
 
+def _owned(job: Job) -> QuerySet[Job]:
+    """The job's row, if it is unfinished and still `job`'s attempt (not taken over since)."""
+    return Job.objects.filter(pk=job.pk, attempts=job.attempts).exclude(status__in=[JobStatus.DONE, JobStatus.FAILED])
+
+
 @transaction.atomic
 def job_finish(*, job: Job, result: dict[str, Any]) -> Job:
-    job.status = JobStatus.DONE
-    job.result = result
-    job.done = max(job.done, job.total)
-    job.finished_at = timezone.now()
-    job.save(update_fields=["status", "result", "done", "finished_at"])
+    done, finished_at = max(job.done, job.total), timezone.now()
+    if not _owned(job).update(status=JobStatus.DONE, result=result, done=done, finished_at=finished_at):
+        logger.warning("job %s: finished, but it was already finished or taken over; its outcome stands", job.pk)
+        return job
+    job.status, job.result, job.done, job.finished_at = JobStatus.DONE, result, done, finished_at
     _publish(job, "job.finished")
     return job
 
 
 @transaction.atomic
 def job_fail(*, job: Job, error: str) -> Job:
-    job.status = JobStatus.FAILED
-    job.error = error[:10_000]
-    job.finished_at = timezone.now()
-    job.save(update_fields=["status", "error", "finished_at"])
+    error, finished_at = error[:10_000], timezone.now()
+    if not _owned(job).update(status=JobStatus.FAILED, error=error, finished_at=finished_at):
+        logger.warning("job %s: failed (%s), but it was already finished or taken over; its outcome stands",
+                       job.pk, error[:200])
+        return job
+    job.status, job.error, job.finished_at = JobStatus.FAILED, error, finished_at
     _publish(job, "job.finished")
     return job
 

@@ -170,11 +170,18 @@ class Job(models.Model):
     created_by_label = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life of the worker running it (see snapshots_app.jobs)."
+    )
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["project", "kind", "-created_at"], name="job_project_kind_created")]
+        indexes = [
+            models.Index(fields=["project", "kind", "-created_at"], name="job_project_kind_created"),
+            # jobs_requeue_stale looks at unfinished jobs every minute; finished ones pile up for good.
+            models.Index(fields=["status"], condition=models.Q(status__in=["queued", "running"]), name="job_unfinished"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} job {self.pk} ({self.status})"

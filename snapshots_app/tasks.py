@@ -13,7 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from sessions_app import events
@@ -133,12 +134,18 @@ def finalize_pending() -> int:
 def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | None]) -> dict[str, Any] | None:
     job = jobs.job_start(job_id=job_id)
     if job is None:
-        return None  # gone, or a duplicate delivery of a finished job: nothing to do
+        return None  # gone, finished, or running elsewhere: nothing to do
     try:
-        result = work(job, jobs.Progress(job))
+        with jobs.Heartbeat(job):
+            result = work(job, jobs.Progress(job))
     except StateStoreError as exc:
         jobs.job_fail(job=job, error=exc.message)
         return None
+    except (OperationalError, InterfaceError):
+        # The database went away (restart, failover): not the job's fault. It stays running, its
+        # heartbeat stops, and jobs_requeue_stale sends it again once the database is back.
+        connection.close()
+        raise
     except Exception as exc:
         # Unexpected: fail the job visibly (its progress would otherwise spin forever), then let
         # Celery log the traceback.
@@ -239,12 +246,18 @@ def integrity_scrub_scheduled() -> int:
 
 @shared_task(acks_late=True)
 def jobs_requeue_stale() -> int:
-    """Send again the jobs still queued long after creation (their first enqueue was lost)."""
+    """Send again the jobs still queued long after creation (their first enqueue was lost) and the
+    running ones whose heartbeat stopped (their worker died or lost the database)."""
     senders = {
         JobKind.COMPACTION: compaction_job, JobKind.GC: compaction_job, JobKind.SCRUB: integrity_scrub_job,
         JobKind.EXPORT: export_job, JobKind.IMPORT: import_job,
     }
-    stale = Job.objects.filter(status=JobStatus.QUEUED, created_at__lt=timezone.now() - STALE_QUEUED)
+    now = timezone.now()
+    stale = Job.objects.filter(
+        Q(status=JobStatus.QUEUED, created_at__lt=now - STALE_QUEUED)
+        | Q(status=JobStatus.RUNNING, heartbeat_at__lt=now - jobs.stale_after())
+        | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=now - jobs.stale_after())
+    ).order_by("id")
     count = 0
     for job_id, kind in stale.values_list("id", "kind")[:500]:
         senders[JobKind(kind)].delay(job_id)

@@ -11,6 +11,8 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError as DatabaseInterfaceError
+from django.db import OperationalError as DatabaseOperationalError
 from django.http import Http404
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
@@ -21,6 +23,7 @@ from sessions_app.errors import StateStoreError
 logger = logging.getLogger(__name__)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+DATABASE_RETRY_AFTER = 5  # seconds
 TYPE_PREFIX = "urn:session-rewind:problem:"
 
 # DRF's default codes, renamed where theirs are vague; anything unlisted keeps DRF's default_code.
@@ -108,6 +111,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
+    if isinstance(exc, (DatabaseOperationalError, DatabaseInterfaceError)):
+        # The database is unreachable, restarting or refused the work for now (pool timeout, lost
+        # connection, serialization failure): nothing was written, and a retry may well succeed.
+        logger.warning("database unavailable in %s: %s", request.path if request is not None else "the API", exc)
+        return problem_response(
+            request, status_code=503, code="database_unavailable", headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+            detail="The database is unavailable at the moment; nothing was written. Retry shortly.",
+        )
     if not isinstance(exc, exceptions.APIException):
         logger.exception("unhandled error in %s", request.path if request is not None else "the API", exc_info=exc)
         return problem_response(

@@ -5,84 +5,28 @@ server process sees it."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from sessions_app.models import Role
 from sessions_app.services import membership_set, session_update
 from snapshots_app.services import snapshot_record
 from tests.factories import make_project, make_session, make_user
+from tests.liveserver import ROOT, LiveServer, database_url, free_port
 from tests.ui.conftest import PASSWORD, record_history
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _database_url() -> str:
-    db = connection.settings_dict
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-class LiveServer(str):
-    """The base URL of a uvicorn process serving the project (as `make serve` runs the web process);
-    `restart()` kills it, as a crash or a deploy would, and starts another on the same port."""
-
-    def __new__(cls, port: int, env: dict[str, str]) -> LiveServer:
-        server = super().__new__(cls, f"http://127.0.0.1:{port}")
-        server.port, server.env, server.process = port, env, None
-        return server
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "warning"],
-            cwd=ROOT, env=self.env,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self}/healthz", timeout=1)
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.2)
-
-    def stop(self, *, kill: bool = False) -> None:
-        if kill:
-            self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def restart(self) -> None:
-        self.stop(kill=True)
-        self.start()
 
 
 @pytest.fixture
@@ -93,10 +37,10 @@ def server(transactional_db, monkeypatch) -> Iterator[LiveServer]:
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
         subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
-    env = {**os.environ, "DATABASE_URL": _database_url(), "REDIS_URL": settings.REDIS_URL,
+    env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": settings.REDIS_URL,
            "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
            "DB_POOL_SIZE": "4"}  # as `make serve` runs the web process: with a connection pool
-    live = LiveServer(_free_port(), env)
+    live = LiveServer(free_port(), env)
     live.start()
     try:
         yield live

@@ -91,6 +91,9 @@ def celery_worker(django_db_setup, django_db_blocker, worker_var_dir, tmp_path_f
         "SECRET_KEY": os.environ.get("SECRET_KEY", "worker-tests"),
         "VAR_DIR": str(worker_var_dir),
         "CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+        # A killed worker's job is stale by the time the broker delivers it again.
+        "JOB_HEARTBEAT_SECONDS": "1",
+        "JOB_STALE_SECONDS": str(VISIBILITY_TIMEOUT),
         # Small GC batches: many short transactions, so a test can kill the worker between them.
         "COMPACTION_BATCH_SIZE": "4",
         "DJANGO_SETTINGS_MODULE": "config.settings",

@@ -16,7 +16,7 @@ from snapshots_app.models import IntegrityProblem, JobStatus, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.factories import make_session
 from tests.workers.builders import midnight, read_all, record_history
-from tests.workers.conftest import VISIBILITY_TIMEOUT, wait_finished, wait_for
+from tests.workers.conftest import VISIBILITY_TIMEOUT, _purge_queue, wait_finished, wait_for
 
 pytestmark = [pytest.mark.worker]
 
@@ -177,3 +177,24 @@ def test_a_burst_of_writes_is_finalized_by_the_worker_in_one_task(worker, projec
     for number in range(2, 6):
         assert (summaries[number]["added"], summaries[number]["changed"]) == (1, 1)
         assert summaries[number]["paths"] == ["/items/" + str(number - 1), "/n"]
+
+
+def test_a_job_whose_worker_died_and_whose_message_was_lost_is_sent_again(worker, project, settings):
+    _history(project)
+    job = compaction_start(project=project)
+
+    def sweeping() -> bool:
+        job.refresh_from_db()
+        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
+    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
+    worker.kill()
+    _purge_queue()  # Redis restarted without the pending message: only the job row remembers
+    worker.start()
+    settings.JOB_STALE_SECONDS = VISIBILITY_TIMEOUT
+    time.sleep(VISIBILITY_TIMEOUT + 0.5)
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING  # nothing else would ever move it on
+
+    assert tasks.jobs_requeue_stale() == 1
+    wait_finished(job)
+    assert job.status == JobStatus.DONE and job.attempts == 2

@@ -1,0 +1,95 @@
+"""Outages of what the API stands on: Redis gone (the cache is an accelerator only), the database
+gone (a clear 503 to retry, not a 500), and a database restart behind the connection pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psycopg
+import pytest
+from django.conf import settings as django_settings
+
+from config.celery import app as celery_app
+from snapshots_app.models import Job, Version
+from tests.liveserver import LiveServer, database_url, free_port
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every connection is refused
+
+
+def test_with_redis_unreachable_writes_reads_and_job_starts_still_work(
+    project, session, writer, settings, django_capture_on_commit_callbacks
+):
+    settings.CACHES = {"default": {"BACKEND": "config.cache.FailSoftRedisCache", "LOCATION": UNREACHABLE_REDIS,
+                                   "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1}}}
+    previous, celery_app.conf.task_always_eager = celery_app.conf.task_always_eager, True
+    try:
+        base = f"/api/v1/sessions/{session.pk}/"
+        for n in range(1, 4):  # the throttle counts in the cache: it lets requests through meanwhile
+            written = writer.post(f"{base}versions/", {"state": {"n": n}}, format="json", HTTP_IDEMPOTENCY_KEY=f"s{n}")
+            assert written.status_code == 201, written.content
+        head = writer.get(f"{base}head/")
+        assert head.status_code == 200 and head.json()["state"] == {"n": 3}
+        with django_capture_on_commit_callbacks(execute=True):  # the job is sent (and run) after commit
+            job = writer.post("/api/v1/integrity-scrub/", HTTP_IDEMPOTENCY_KEY="scrub-during-outage")
+        assert job.status_code == 202
+    finally:
+        celery_app.conf.task_always_eager = previous
+    assert list(Version.objects.filter(session=session).values_list("number", flat=True).order_by("number")) == [1, 2, 3]
+    assert Job.objects.get(pk=job.json()["id"]).status == "done"
+
+
+def _get(url: str, **headers: str) -> tuple[int, Any, Any]:
+    """Status, headers (case-insensitive) and JSON body of a GET."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return response.status, response.headers, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read() or b"null")
+
+
+def _server(**env: str) -> LiveServer:
+    server = LiveServer(free_port(), {
+        **os.environ, "REDIS_URL": django_settings.REDIS_URL, "SECRET_KEY": "resilience-tests-only",
+        "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false", **env,
+    })
+    server.start()
+    return server
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_the_database_gone_the_api_answers_503_to_retry_and_readyz_names_it():
+    gone = database_url().rsplit("/", 1)[0] + "/session_rewind_no_such_database"
+    server = _server(DATABASE_URL=gone, DB_POOL_SIZE="2", DB_POOL_TIMEOUT="1")
+    try:
+        status, headers, body = _get(f"{server}/api/v1/sessions/", Authorization="Bearer sr_0123456789ab_not-a-real-secret")
+        assert (status, body["code"], headers.get("Retry-After")) == (503, "database_unavailable", "5")
+        assert "nothing was written" in body["detail"]
+        status, _, body = _get(f"{server}/readyz")
+        assert status == 503 and body["failed"] == ["database"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_after_the_database_drops_every_pooled_connection_no_request_fails(project, session):
+    from sessions_app.services import api_key_create
+
+    _, token = api_key_create(project=project, name="pool", scopes="read")
+    server = _server(DATABASE_URL=database_url(), DB_POOL_SIZE="4", PGAPPNAME="rewind-pool-test")
+    try:
+        url = f"{server}/api/v1/sessions/{session.pk}/"
+        for _ in range(8):
+            assert _get(url, Authorization=f"Bearer {token}")[0] == 200
+        # What a PostgreSQL restart does to the pool: every connection it holds is cut.
+        with psycopg.connect(database_url(), autocommit=True) as admin:
+            cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE application_name = 'rewind-pool-test'").fetchone()[0]
+        assert cut >= 1
+        assert [_get(url, Authorization=f"Bearer {token}")[0] for _ in range(8)] == [200] * 8
+    finally:
+        server.stop()

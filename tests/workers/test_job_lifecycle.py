@@ -1,0 +1,60 @@
+"""Who owns a running job: duplicate deliveries, a dead worker's job taken over, outcomes never
+overwritten (in-process; tests/workers/test_worker_jobs.py kills real workers)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from snapshots_app import jobs, tasks
+from snapshots_app.models import Job, JobKind, JobStatus
+
+
+def _queued(project) -> Job:
+    return jobs.job_create(kind=JobKind.SCRUB, project=project, enqueue=lambda job_id: None)
+
+
+@pytest.mark.django_db
+def test_a_second_delivery_of_a_running_job_does_nothing_until_its_heartbeat_goes_stale(project, settings):
+    job = _queued(project)
+    first = jobs.job_start(job_id=job.pk)
+    assert first is not None and first.attempts == 1
+    assert jobs.job_start(job_id=job.pk) is None  # a duplicate while the first one beats
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
+    second = jobs.job_start(job_id=job.pk)
+    assert second is not None and second.attempts == 2  # the worker died: this delivery takes over
+
+    # The superseded attempt can no longer decide the outcome; the owner can, once.
+    jobs.job_fail(job=first, error="IntegrityError: duplicate key (the other attempt got there first)")
+    jobs.job_finish(job=second, result={"verified": 3})
+    jobs.job_fail(job=second, error="too late")
+    job.refresh_from_db()
+    assert (job.status, job.result, job.error) == (JobStatus.DONE, {"verified": 3}, "")
+
+
+@pytest.fixture
+def eager():
+    """Tasks sent run here, at once: what the sweep sends is seen by what it does."""
+    from config.celery import app
+
+    previous, app.conf.task_always_eager = app.conf.task_always_eager, True
+    yield
+    app.conf.task_always_eager = previous
+
+
+@pytest.mark.django_db
+def test_the_sweep_sends_again_queued_jobs_lost_and_running_jobs_gone_silent(project, settings, eager):
+    fresh, lost, alive, silent, done = (_queued(project) for _ in range(5))
+    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    for job in (alive, silent, done):
+        jobs.job_start(job_id=job.pk)
+    Job.objects.filter(pk=silent.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
+    jobs.job_finish(job=Job.objects.get(pk=done.pk), result={"verified": 0})
+
+    assert tasks.jobs_requeue_stale() == 2
+    status = dict(Job.objects.values_list("pk", "status"))
+    assert (status[lost.pk], status[silent.pk]) == (JobStatus.DONE, JobStatus.DONE)  # sent again, and run
+    assert (status[fresh.pk], status[alive.pk], status[done.pk]) == (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
+    assert Job.objects.get(pk=silent.pk).attempts == 2
