@@ -50,16 +50,17 @@ def sync_client(script: Script, **kwargs) -> Client:
     return Client("http://rewind.test", api_key="sr_test", transport=httpx.MockTransport(script), retry=FAST, **kwargs)
 
 
-def test_write_retries_429_and_503_with_one_idempotency_key():
+def test_write_retries_429_503_and_502_with_one_idempotency_key():
     script = Script(
         problem(429, "throttled"),
-        problem(503, "unavailable"),
+        problem(503, "database_unavailable"),
+        httpx.Response(502, text="Bad Gateway"),  # a proxy in front of a restarting server
         httpx.Response(201, json={"number": 1}),
     )
     with sync_client(script) as client:
         assert client.record("abc", {"x": 1}) == {"number": 1}
     keys = {request.headers["Idempotency-Key"] for request in script.requests}
-    assert len(script.requests) == 3 and len(keys) == 1
+    assert len(script.requests) == 4 and len(keys) == 1
     assert script.requests[0].headers["Authorization"] == "Bearer sr_test"
     assert script.requests[0].url.path == "/api/v1/sessions/abc/versions/"
 

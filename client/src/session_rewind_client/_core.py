@@ -21,7 +21,9 @@ import httpx
 from session_rewind_client.errors import SessionRewindError, TransportError, ValidationError, error_for
 
 API_PREFIX = "/api/v1"
-RETRY_STATUSES = frozenset({429, 503})
+# Throttled, and the answers of a server (or the proxy before it) that is restarting or has lost its
+# database for a moment. Not 500: a bug answers the same way however often it is asked.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -76,14 +78,16 @@ class Call:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries 429 and 503 (and lost connections) with exponential backoff and full jitter.
+    """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and full jitter.
 
     A server's Retry-After wins over the computed delay, capped at `max_wait`. Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
+    The defaults ride out about half a minute of outage (a web restart, a database failover): six
+    retries waiting up to 0.5, 1, 2, 4, 8 and 16 s.
     """
 
-    max_retries: int = 4
-    backoff: float = 0.25
+    max_retries: int = 6
+    backoff: float = 0.5
     max_wait: float = 30.0
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
