@@ -4,7 +4,11 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-from django.core.asgi import get_asgi_application
+from config.startup import settings_or_exit
+
+settings_or_exit()
+
+from django.core.asgi import get_asgi_application  # noqa: E402
 
 # Django must be set up before the consumers (and the models they use) are imported.
 django_asgi_app = get_asgi_application()

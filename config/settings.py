@@ -8,6 +8,7 @@ switches the channel layer, the cache and the Celery broker to Redis.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -311,6 +312,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", STATE_MAX_BYTES + 102
 IMPORT_MAX_BYTES = env_int("IMPORT_MAX_BYTES", 4 * 1024**3, minimum=1024)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {LOG_LEVEL!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -337,6 +340,11 @@ REST_FRAMEWORK = {
 }
 # Requests per API key (or user) per period; empty = unlimited. Beyond it: 429 with Retry-After.
 API_RATE_LIMIT = env_str("API_RATE_LIMIT", "1200/min")
+# DRF reads only a period's first letter ("10/month" would be per minute): accept only what it means.
+if API_RATE_LIMIT and not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", API_RATE_LIMIT):
+    raise ImproperlyConfigured(
+        f"API_RATE_LIMIT must be <requests>/<second|minute|hour|day> (e.g. 1200/min) or empty, not {API_RATE_LIMIT!r}"
+    )
 SPECTACULAR_SETTINGS = {
     "TITLE": "Session Rewind API",
     "DESCRIPTION": "Versioned state store for workflow and agent sessions.",

@@ -40,3 +40,17 @@ def run_with_clear_errors(argv: Sequence[str]) -> None:
             raise
         print(f"session-rewind: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def settings_or_exit() -> None:
+    """Load the settings now, exiting with one line if the environment is wrong: for the entry
+    points that are not manage.py (the ASGI app under uvicorn, the Celery worker and beat), which
+    would otherwise show a traceback, or start and fail on every request."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - touching a setting loads the module
+    except ImproperlyConfigured as exc:
+        print(f"session-rewind: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -345,13 +345,23 @@ class IntegrityProblemResolve(ApiView):
         return Response(IntegrityProblemSerializer(problem).data)
 
 
+class ScrubSerializer(InputSerializer):
+    project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
+
+
 class IntegrityScrub(ApiView):
     serializer_class = JobSerializer
 
-    @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY], request=None,
-                   responses={202: JobSerializer}, summary="Queue a verification of every version (operator).")
+    @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
+                   request=ScrubSerializer, responses={202: JobSerializer},
+                   summary="Queue a verification of every version (operator). No body needed.")
     def post(self, request: Request) -> Response:
-        project = _project(request, Role.OPERATOR)
+        incoming = ScrubSerializer(data=request.data)  # (no body: {}) a field it does not take is 400, as everywhere
+        incoming.is_valid(raise_exception=True)
+        if "project" in incoming.validated_data:
+            project = _project(request, Role.OPERATOR, body=incoming.validated_data)
+        else:
+            project = _project(request, Role.OPERATOR)
         return self.replayable({"project": project.pk}, lambda: Response(JobSerializer(
             integrity.integrity_scrub_start(project=project, budget=0, **self.principal.actor)
         ).data, status=status.HTTP_202_ACCEPTED))

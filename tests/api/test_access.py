@@ -6,9 +6,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from sessions_app.models import ApiKey, AuditEvent, Role, WorkflowSession
+from sessions_app.models import ApiKey, AuditEvent, Membership, Role, WorkflowSession
 from sessions_app.services import api_key_revoke, membership_set
 from snapshots_app.models import Version
 from snapshots_app.services import snapshot_record
@@ -198,3 +199,24 @@ def test_create_api_key_command_prints_a_working_key(project):
     assert token.startswith("sr_")
     assert KeyClient(token).post("/api/v1/sessions/", {"external_id": "from-ci"}, format="json").status_code == 201
     assert ApiKey.objects.get(name="ci").scopes == ["read", "write"]
+
+
+@pytest.mark.django_db
+def test_a_fresh_deployment_gets_its_project_members_and_key_from_the_command_line():
+    make_user("ana")
+    with pytest.raises(CommandError, match="no user bob"):
+        call_command("create_project", "support-bots", "--admin", "ana", "--viewer", "bob", stdout=StringIO())
+    with pytest.raises(CommandError, match="not a slug"):
+        call_command("create_project", "Support Bots", stdout=StringIO())
+    out = StringIO()
+    call_command("create_project", "support-bots", "--admin", "ana", stdout=out)
+    assert "created project support-bots (Support Bots)" in out.getvalue()
+    call_command("create_project", "support-bots", "--admin", "ana", stdout=out)  # again: nothing new
+    assert Membership.objects.get(project__slug="support-bots").role == "admin"
+    assert sorted(AuditEvent.objects.filter(project__slug="support-bots").values_list("action", flat=True)) == [
+        "membership.set", "project.create"]
+
+    token = StringIO()
+    call_command("create_api_key", "--project", "support-bots", "--name", "engine", stdout=token, stderr=StringIO())
+    engine = KeyClient(token.getvalue().strip())
+    assert engine.post("/api/v1/sessions/", {"external_id": "first"}, format="json").status_code == 201

@@ -228,6 +228,7 @@ UNKNOWN_FIELDS = [
      {"enabled": True, "keep_last": 1, "keep_days": 0, "thin_to": "day", "keep_lst": 5}, "keep_lst"),
     ("/api/v1/compaction/", "post", {"dryrun": False}, "dryrun"),
     ("/api/v1/exports/", "post", {"sesion": "x"}, "sesion"),
+    ("/api/v1/integrity-scrub/", "post", {"budget": 5}, "budget"),
 ]
 
 
