@@ -27,6 +27,15 @@ def _history(project, sessions: int = 3, steps: int = 40) -> None:
     retention_policy_set(project=project, enabled=True, keep_last=5, keep_days=1, thin_to="day")
 
 
+def _kill_part_way(worker, job) -> None:
+    """SIGKILL the worker once the compaction job is part-way through its sweep."""
+    def sweeping() -> bool:
+        job.refresh_from_db()
+        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
+    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
+    worker.kill()
+
+
 def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_version_intact(worker, project):
     _history(project)
     preview = compaction_dry_run(project=project)
@@ -34,12 +43,7 @@ def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_versio
     assert preview.versions_removed > 0 and preview.nodes_freed > 100
 
     job = compaction_start(project=project)
-
-    def sweeping() -> bool:
-        job.refresh_from_db()
-        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
-    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
-    worker.kill()
+    _kill_part_way(worker, job)
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING and job.done < job.total  # it really died mid-job
     partial = StateNode.objects.filter(project=project).count()
@@ -182,12 +186,7 @@ def test_a_burst_of_writes_is_finalized_by_the_worker_in_one_task(worker, projec
 def test_a_job_whose_worker_died_and_whose_message_was_lost_is_sent_again(worker, project, settings):
     _history(project)
     job = compaction_start(project=project)
-
-    def sweeping() -> bool:
-        job.refresh_from_db()
-        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
-    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
-    worker.kill()
+    _kill_part_way(worker, job)
     _purge_queue()  # Redis restarted without the pending message: only the job row remembers
     worker.start()
     settings.JOB_STALE_SECONDS = VISIBILITY_TIMEOUT
