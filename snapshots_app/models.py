@@ -65,6 +65,9 @@ class Version(models.Model):
                 name="version_unique_idempotency_key",
             ),
         ]
+        # The versions still waiting for their summary (a handful): what beat's finalize_pending looks
+        # for every 5 min, without reading the whole table.
+        indexes = [models.Index(fields=["id"], condition=models.Q(summary__isnull=True), name="version_unfinalized")]
 
     def __str__(self) -> str:
         return f"{self.session_id} v{self.number}"

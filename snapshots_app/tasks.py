@@ -27,25 +27,18 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_PATHS = 20
 FINALIZE_GRACE = timedelta(minutes=2)  # versions older than this without a summary were missed
+FINALIZE_PENDING_MAX = 10_000  # per catch-up run (every 5 min): an outage's backlog clears in a run or two
+FINALIZE_BATCH = 100
 STALE_QUEUED = timedelta(minutes=10)  # queued jobs older than this were never delivered
 
 
-@shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
-def finalize_version(version_id: int) -> dict | None:
-    """Compute a version's change summary against its parent, for the timeline. Idempotent."""
-    finalized = _finalize(version_id)
-    if finalized is None:
-        return None
-    version, summary, written = finalized
-    if written:
-        _announce_finalized(version, version, summary)
-    return summary
-
-
-@shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
+# Retried on a lost broker or database (a restart); beat's finalize_pending catches up on the rest.
+@shared_task(acks_late=True, autoretry_for=(ConnectionError, OperationalError, InterfaceError), retry_backoff=True,
+             max_retries=5)
 def finalize_versions(version_ids: list[int]) -> int:
-    """finalize_version for versions of one session written in a burst (one message for all of them,
-    see snapshots_app.services._after_commit), announced as one event. Idempotent; returns how many
+    """Compute the change summary (against its parent, for the timeline) of each of these versions
+    of one session, written in a burst (one message for all of them, see
+    snapshots_app.services._after_commit), announced as one event. Idempotent; returns how many
     summaries it wrote."""
     written = []
     for version_id in version_ids:
@@ -121,9 +114,13 @@ def finalize_pending() -> int:
     """Catch up on versions whose finalize task was lost (e.g. the broker was down at commit)."""
     cutoff = timezone.now() - FINALIZE_GRACE
     pending = Version.objects.filter(summary__isnull=True, created_at__lt=cutoff).order_by("id")
-    missed = list(pending.values_list("id", flat=True)[:1000])
-    for version_id in missed:
-        finalize_version.delay(version_id)
+    missed = list(pending.values_list("id", "session_id")[:FINALIZE_PENDING_MAX])
+    by_session: dict[Any, list[int]] = {}
+    for version_id, session_id in missed:
+        by_session.setdefault(session_id, []).append(version_id)
+    for ids in by_session.values():
+        for start in range(0, len(ids), FINALIZE_BATCH):  # one message per run of a session's versions
+            finalize_versions.delay(ids[start:start + FINALIZE_BATCH])
     return len(missed)
 
 

@@ -51,6 +51,10 @@ IF_MATCH = OpenApiParameter(
     "If-Match", str, OpenApiParameter.HEADER, required=False,
     description="The head's ETag as last read; a stale one gets 412 and nothing is written.",
 )
+IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match", str, OpenApiParameter.HEADER, required=False,
+    description="ETags already seen (or *): 304 with no body while the head is one of them.",
+)
 ETAG = OpenApiParameter(
     "ETag", str, OpenApiParameter.HEADER, response=True, description='The head\'s entity tag: "<checksum>-<number>".'
 )
@@ -255,7 +259,7 @@ class Head(ApiView):
     @extend_schema(
         operation_id="sessions_head",
         summary="The head version with its state: what an engine resumes from. Carries an ETag.",
-        parameters=[SESSION_ID, ETAG],
+        parameters=[SESSION_ID, IF_NONE_MATCH, ETAG],
         responses={200: OpenApiResponse(VersionWithStateSerializer, "The head"),
                    304: OpenApiResponse(description="If-None-Match matched: the head has not moved")},
     )

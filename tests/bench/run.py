@@ -64,7 +64,7 @@ def setup_django(database_url: str) -> None:
     os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
     os.environ["CACHE_KEY_PREFIX"] = CACHE_PREFIX
     os.environ["CHANNELS_PREFIX"] = CACHE_PREFIX
-    # finalize_version would otherwise be queued for real workers, which read another database.
+    # finalize_versions would otherwise be queued for real workers, which read another database.
     os.environ["CELERY_BROKER_URL"] = "memory://"
     os.environ["CELERY_TASK_ALWAYS_EAGER"] = "false"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")

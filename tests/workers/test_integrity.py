@@ -20,7 +20,7 @@ from tests.workers.builders import record_history
 @pytest.fixture
 def no_broker(monkeypatch):
     """Jobs are run by calling their task directly here; the worker tests cover the broker."""
-    for name in ("integrity_scrub_job", "compaction_job", "finalize_version"):
+    for name in ("integrity_scrub_job", "compaction_job", "finalize_versions"):
         monkeypatch.setattr(f"snapshots_app.tasks.{name}.delay", lambda *args: None)
 
 
@@ -66,17 +66,22 @@ def test_job_progress_is_broadcast_live(project, no_broker):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_versions_whose_finalize_was_lost_are_caught_up(project, monkeypatch):
-    sent = []
-    monkeypatch.setattr("snapshots_app.tasks.finalize_version.delay", lambda version_id: sent.append(version_id))
-    session = record_history(project, "run-f", 3, notes=1)
-    Version.objects.filter(session=session).update(created_at=timezone.now() - timedelta(minutes=10))
-    sent.clear()
+def test_versions_whose_finalize_was_lost_are_caught_up(project):
+    from config.celery import app
+    from sessions_app import background
 
-    assert tasks.finalize_pending() == 3
-    for version_id in sent:
-        tasks.finalize_version(version_id)
+    previous, app.conf.task_always_eager = app.conf.task_always_eager, True  # what is sent runs here
+    try:
+        session = record_history(project, "run-f", 3, notes=1)
+        other = record_history(project, "run-g", 2, notes=1)
+        background.drain(30)
+        # Their finalize messages were lost (the broker was down at commit), ten minutes ago.
+        Version.objects.update(summary=None, created_at=timezone.now() - timedelta(minutes=10))
+        assert tasks.finalize_pending() == 5
+    finally:
+        app.conf.task_always_eager = previous
 
+    assert not Version.objects.filter(session__in=[session, other], summary__isnull=True).exists()
     summaries = list(Version.objects.filter(session=session).order_by("number").values_list("summary", flat=True))
     assert summaries[0]["initial"] is True
     assert summaries[1]["changed"] >= 1 and summaries[1]["paths"]
