@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
-from sessions_app.api.problems import RequestInProgress, RequestTooLarge, SecretShownOnce
+from sessions_app.api.problems import LengthRequired, RequestInProgress, RequestTooLarge, SecretShownOnce
 from sessions_app.errors import IdempotencyKeyReused
 
 IDEMPOTENCY_KEY_MAX = 200
@@ -34,6 +34,9 @@ class ApiView(generics.GenericAPIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower() and not request.META.get("CONTENT_LENGTH"):
+            # DRF reads a body without a Content-Length as empty: a write would be judged on no input.
+            raise LengthRequired()
         length = request.META.get("CONTENT_LENGTH") or "0"
         limit = self.body_limit()
         # isascii(): str.isdigit() alone also accepts "²", which int() refuses (Django reads such a length as 0).

@@ -51,6 +51,12 @@ class RequestInProgress(exceptions.APIException):
     default_code = "request_in_progress"
 
 
+class LengthRequired(exceptions.APIException):
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+    default_detail = "Send the body with a Content-Length header; chunked request bodies are not read."
+    default_code = "length_required"
+
+
 class SecretShownOnce(exceptions.APIException):
     """A retry of a call whose answer held a secret: the secret is not kept, so it cannot be replayed."""
 

@@ -93,3 +93,23 @@ def test_after_the_database_drops_every_pooled_connection_no_request_fails(proje
         assert [_get(url, Authorization=f"Bearer {token}")[0] for _ in range(8)] == [200] * 8
     finally:
         server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_body_without_length_is_refused_not_read_as_empty(project, session):
+    import http.client
+
+    from sessions_app.services import api_key_create
+
+    _, token = api_key_create(project=project, name="chunked", scopes="read,write")
+    server = _server(DATABASE_URL=database_url())
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+        body = iter([b'{"state": ', b'{"n": 1}}'])
+        connection.request("POST", f"/api/v1/sessions/{session.pk}/versions/", body=body, encode_chunked=True,
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 411 and json.loads(response.read())["code"] == "length_required"
+    finally:
+        server.stop()
+    assert not Version.objects.filter(session=session).exists()
