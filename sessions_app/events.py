@@ -1,11 +1,14 @@
 """Live-update events, broadcast over the channel layer to everyone watching a project.
 
-Call these after commit only (transaction.on_commit): a consumer must never announce a row that a
-rollback then removes. Payloads carry ids and small display fields, never state.
+Announce after commit only (`publish_after_commit`): a consumer must never announce a row that a
+rollback then removes, and the send happens on the background thread, so a slow or hung Redis
+never holds up the request or task that wrote (each send gives up after PUBLISH_TIMEOUT seconds).
+Payloads carry ids and small display fields, never state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -14,6 +17,8 @@ from channels.layers import get_channel_layer
 from sessions_app import background
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 2.0  # seconds: live updates are best effort, and Redis may have stopped answering
 
 
 def project_group(project_id: int) -> str:
@@ -35,10 +40,18 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
 
     async def send_all() -> None:
         # One hop into an event loop for both groups (see background.run_async for which loop).
-        for group in groups:
-            await layer.group_send(group, message)
+        async def sends() -> None:
+            for group in groups:
+                await layer.group_send(group, message)
+
+        await asyncio.wait_for(sends(), PUBLISH_TIMEOUT)
 
     try:
         background.run_async(send_all)
     except Exception:  # see docstring: live updates are best effort
         logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)
+
+
+def publish_after_commit(project_id: int, event: str, payload: dict[str, Any], *, session_id: Any = None) -> None:
+    """`publish` once the current transaction commits, on the background thread (never if it rolls back)."""
+    background.after_commit(lambda: publish(project_id, event, payload, session_id=session_id))

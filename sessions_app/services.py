@@ -189,7 +189,7 @@ def session_get_or_create(
     except IntegrityError:
         # A concurrent request created it first; this call is idempotent, so return that one.
         return WorkflowSession.objects.get(project=project, external_id=external_id), False
-    transaction.on_commit(lambda: events.publish(project.pk, "session.created", session_event(session)))
+    events.publish_after_commit(project.pk, "session.created", session_event(session))
     return session, True
 
 
@@ -242,7 +242,7 @@ def session_update(
         project=session.project, action="session.update", target_type="session", target_id=session.pk,
         session_id=session.pk, actor=actor, actor_label=actor_label, details=details,
     )
-    transaction.on_commit(lambda: events.publish(session.project_id, "session.updated", session_event(session), session_id=session.pk))
+    events.publish_after_commit(session.project_id, "session.updated", session_event(session), session_id=session.pk)
     return session
 
 
@@ -291,7 +291,7 @@ def session_unarchive(
 def _announce_archiving(session: WorkflowSession) -> None:
     """After commit: open pages of the session show it archived or writable again."""
     payload = {**session_event(session), "archived": session.archived_at is not None}
-    transaction.on_commit(lambda: events.publish(session.project_id, "session.archived", payload, session_id=session.pk))
+    events.publish_after_commit(session.project_id, "session.archived", payload, session_id=session.pk)
 
 
 @transaction.atomic
@@ -306,7 +306,7 @@ def session_delete(*, session: WorkflowSession, reason: str, actor: User = None,
     )
     project_id, session_id = session.project_id, session.pk
     session.delete()
-    transaction.on_commit(lambda: events.publish(project_id, "session.deleted", {"session": str(session_id)}))
+    events.publish_after_commit(project_id, "session.deleted", {"session": str(session_id)})
 
 
 def ensure_writable(session: WorkflowSession) -> None:

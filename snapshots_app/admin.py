@@ -15,7 +15,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ReadOnlyAdmin, admin_projects, require_role
+from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, require_role
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
@@ -33,7 +33,7 @@ class VersionAdmin(ReadOnlyAdmin):
     project_lookup = "session__project"
     list_display = ["__str__", "session_link", "number", "kind", "step", "status", "logical_size", "pinned", "label",
                     "created_at", "data_fix_link"]
-    list_filter = ["kind", "pinned", "status", "session__project"]
+    list_filter = ["kind", "pinned", "status", ("session__project", ProjectListFilter)]
     # Only the session: a substring search over every version's step/label would scan the table.
     search_fields = ["session__external_id"]
     list_select_related = ["session__project"]
@@ -161,7 +161,7 @@ class VersionAdmin(ReadOnlyAdmin):
 class IntegrityProblemAdmin(ReadOnlyAdmin):
     list_display = ["session", "version_number", "detail", "first_seen_at", "last_seen_at", "resolved_at",
                     "resolve_link"]
-    list_filter = [("resolved_at", admin.EmptyFieldListFilter), "project"]
+    list_filter = [("resolved_at", admin.EmptyFieldListFilter), ("project", ProjectListFilter)]
     search_fields = ["session__external_id", "detail"]
     list_select_related = ["session"]
 
@@ -204,7 +204,7 @@ class IntegrityProblemAdmin(ReadOnlyAdmin):
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "finished_at"]
-    list_filter = ["kind", "status", "project"]
+    list_filter = ["kind", "status", ("project", ProjectListFilter)]
     list_select_related = ["project"]
 
 

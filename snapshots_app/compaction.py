@@ -300,7 +300,7 @@ def _retention_apply_session(
                  "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
     )
     payload = {"session": str(session.pk), "numbers": numbers, "versions": session.version_count}
-    transaction.on_commit(lambda: events.publish(project_id, "versions.removed", payload, session_id=session.pk))
+    events.publish_after_commit(project_id, "versions.removed", payload, session_id=session.pk)
     return len(doomed)
 
 

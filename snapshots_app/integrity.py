@@ -114,9 +114,7 @@ def integrity_problem_record(*, version: Version, detail: str, job: Job | None =
         payload = {"session": str(version.session_id), "version": version.number, "problem": problem.pk,
                    "detail": detail[:300]}
         project_id, session_id = version.session.project_id, version.session_id
-        transaction.on_commit(
-            lambda: events.publish(project_id, "integrity.problem", payload, session_id=session_id)
-        )
+        events.publish_after_commit(project_id, "integrity.problem", payload, session_id=session_id)
         logger.error("integrity problem: %s", detail)
     else:
         problem.detail = detail

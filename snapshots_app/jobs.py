@@ -59,9 +59,7 @@ def _publish(job: Job, event: str) -> None:
     if job.project_id is None:
         return
     payload = job_event(job)
-    transaction.on_commit(
-        lambda: events.publish(job.project_id, event, payload, session_id=job.session_id)  # type: ignore[arg-type]
-    )
+    events.publish_after_commit(job.project_id, event, payload, session_id=job.session_id)
 
 
 @transaction.atomic

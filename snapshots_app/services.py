@@ -699,6 +699,4 @@ def version_label(*, version: Version, label: str, actor: User = None, actor_lab
 def _announce_changed(version: Version) -> None:
     """After commit: open timelines redraw the version's row (its pin or label changed)."""
     payload = {"session": str(version.session_id), "version": version.number}
-    transaction.on_commit(
-        lambda: events.publish(version.session.project_id, "version.updated", payload, session_id=version.session_id)
-    )
+    events.publish_after_commit(version.session.project_id, "version.updated", payload, session_id=version.session_id)
