@@ -18,5 +18,5 @@ def _audit_memberships_of_deleted_user(sender: type, instance: Any, **kwargs: An
     for membership in Membership.objects.filter(user=instance).select_related("project"):
         audit_record(
             project=membership.project, action="membership.remove", target_type="user", target_id=instance.pk,
-            reason="the user account was deleted", details={"user": str(instance), "role": membership.role},
+            reason="the user account was deleted (Django's admin history names who deleted it)", details={"user": str(instance), "role": membership.role},
         )

@@ -127,7 +127,11 @@ class VersionAdmin(ReadOnlyAdmin):
         error, result = "", None
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:
-            text = pretty(selectors.version_state(version))
+            try:
+                text = pretty(selectors.version_state(version))
+            except IntegrityError as exc:  # a damaged version cannot be the base of a fix
+                messages.error(request, f"{exc.message}. Start the data fix from another version.")
+                return redirect(reverse("admin:snapshots_app_version_changelist"))
         reason = request.POST.get("reason", "")
         form = DataFixForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and not form.is_valid():
@@ -179,8 +183,14 @@ class IntegrityProblemAdmin(ReadOnlyAdmin):
             *super().get_urls(),
         ]
 
+    def has_resolve_permission(self, request: HttpRequest) -> bool:
+        # Rows stay read-only; "change" of a problem means closing it with a resolution.
+        return request.user.has_perm("snapshots_app.change_integrityproblem")
+
     def resolve_view(self, request: HttpRequest, problem_id: int) -> HttpResponse:
         """Verify the version again and close the problem with a resolution (audited)."""
+        if not self.has_resolve_permission(request):
+            raise PermissionDenied
         problem = get_object_or_404(self.get_queryset(request).select_related("session"), pk=problem_id)
         require_role(request, problem.project_id, Role.OPERATOR)
         error, resolution = "", request.POST.get("resolution", "")

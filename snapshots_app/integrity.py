@@ -144,7 +144,7 @@ def integrity_problem_resolve(
             )
         problem.resolved_at = timezone.now()
         problem.resolution = resolution.strip()
-        problem.save(update_fields=["resolved_at", "resolution", "last_seen_at"])
+        problem.save(update_fields=["resolved_at", "resolution"])  # last_seen_at stays when it was last seen
         audit_record(
             project=problem.project, action="integrity.resolve", target_type="version", target_id=problem.version_id,
             session_id=problem.session_id, reason=problem.resolution, actor=actor, actor_label=actor_label,

@@ -178,9 +178,21 @@ def job_progress(*, job: Job, done: int, total: int) -> None:
     _publish(job, "job.progress")
 
 
+class JobSuperseded(Exception):
+    """This attempt no longer owns its job (another delivery took it over, or it finished)."""
+
+
 def _owned(job: Job) -> QuerySet[Job]:
     """The job's row, if it is unfinished and still `job`'s attempt (not taken over since)."""
     return Job.objects.filter(pk=job.pk, attempts=job.attempts).exclude(status__in=[JobStatus.DONE, JobStatus.FAILED])
+
+
+def job_hold(*, job: Job) -> None:
+    """Inside a transaction that will finish the job with what it commits (an import): lock the job's
+    row, so no other delivery takes it over before that commit, or raise JobSuperseded, so this
+    attempt commits nothing."""
+    if _owned(job).select_for_update().values_list("pk", flat=True).first() is None:
+        raise JobSuperseded(f"job {job.pk}: attempt {job.attempts} was taken over or the job finished")
 
 
 @transaction.atomic

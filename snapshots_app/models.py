@@ -176,6 +176,9 @@ class Job(models.Model):
     heartbeat_at = models.DateTimeField(
         null=True, blank=True, help_text="Last sign of life of the worker running it (see snapshots_app.jobs)."
     )
+    resent_at = models.DateTimeField(
+        null=True, blank=True, help_text="When jobs_requeue_stale last sent it again (once per wait, not every run)."
+    )
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -138,6 +138,9 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
     except StateStoreError as exc:
         jobs.job_fail(job=job, error=exc.message)
         return None
+    except jobs.JobSuperseded as exc:
+        logger.warning("%s; this attempt stops", exc)
+        return None
     except (OperationalError, InterfaceError):
         # The database went away (restart, failover): not the job's fault. It stays running, its
         # heartbeat stops, and jobs_requeue_stale sends it again once the database is back.
@@ -250,13 +253,19 @@ def jobs_requeue_stale() -> int:
         JobKind.EXPORT: export_job, JobKind.IMPORT: import_job,
     }
     now = timezone.now()
+    silent = now - jobs.stale_after()
     stale = Job.objects.filter(
         Q(status=JobStatus.QUEUED, created_at__lt=now - STALE_QUEUED)
-        | Q(status=JobStatus.RUNNING, heartbeat_at__lt=now - jobs.stale_after())
-        | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=now - jobs.stale_after())
+        | Q(status=JobStatus.RUNNING, heartbeat_at__lt=silent)
+        | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=silent)
+    ).filter(
+        # Sent again once per wait: a job queued behind a long one is not sent again every minute.
+        Q(resent_at__isnull=True) | Q(resent_at__lt=now - STALE_QUEUED, status=JobStatus.QUEUED)
+        | Q(resent_at__lt=silent, status=JobStatus.RUNNING)
     ).order_by("id")
-    count = 0
+    sent = []
     for job_id, kind in stale.values_list("id", "kind")[:500]:
         senders[JobKind(kind)].delay(job_id)
-        count += 1
-    return count
+        sent.append(job_id)
+    Job.objects.filter(pk__in=sent).update(resent_at=now)
+    return len(sent)

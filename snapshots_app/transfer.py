@@ -359,6 +359,8 @@ def transfer_import_run(
         raw_nodes.pop(digest)  # verified or nothing: a node no version spells is not stored
 
     with transaction.atomic():
+        if job is not None:
+            jobs.job_hold(job=job)  # a superseded attempt must not import what the owner imports too
         store.project_write_lock(project.pk)
         result = _store_import(project, sessions, raw_nodes, versions, actor, actor_label)
         if job is not None:

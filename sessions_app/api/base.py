@@ -20,6 +20,7 @@ from sessions_app.errors import IdempotencyKeyReused
 
 IDEMPOTENCY_KEY_MAX = 200
 IDEMPOTENCY_SECONDS = 24 * 3600
+REPLAYED_HEADERS = ("Location", "ETag")  # what a replayed answer carries besides its body
 IN_PROGRESS_SECONDS = 600  # a call still running after this is taken for dead: a retry may run it again
 
 
@@ -89,8 +90,9 @@ class ApiView(generics.GenericAPIView):
                     body = response.data
                     if secret is not None:
                         body = {name: value for name, value in body.items() if name != secret}
+                    headers = {name: response[name] for name in REPLAYED_HEADERS if response.has_header(name)}
                     cache.set(cache_key, {"fingerprint": digest, "body": body, "status": response.status_code,
-                                          "secret": secret}, IDEMPOTENCY_SECONDS)
+                                          "headers": headers, "secret": secret}, IDEMPOTENCY_SECONDS)
                     return response
             finally:
                 cache.delete(running)
@@ -102,4 +104,4 @@ class ApiView(generics.GenericAPIView):
                 f"The first request with Idempotency-Key {key!r} already made this ({made}); its {first['secret']} "
                 "was shown only in that answer. Revoke it if the answer was lost, and make another."
             )
-        return Response(first["body"], status=first["status"])
+        return Response(first["body"], status=first["status"], headers=first.get("headers"))

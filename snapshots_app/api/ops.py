@@ -316,7 +316,9 @@ class IntegrityProblemList(mixins.ListModelMixin, ApiView):
 
 
 class ResolutionSerializer(InputSerializer):
-    resolution = plain_text(max_length=2000, help_text="How it was dealt with (e.g. rows restored from a backup).")
+    resolution = plain_text(max_length=2000, required=False, allow_blank=True,
+                            help_text="How it was dealt with, e.g. rows restored from a backup (required: missing or "
+                                      "blank is 400 reason_required).")
 
 
 class IntegrityProblemResolve(ApiView):
@@ -340,7 +342,7 @@ class IntegrityProblemResolve(ApiView):
         incoming = ResolutionSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         problem = integrity.integrity_problem_resolve(
-            problem=problem, resolution=incoming.validated_data["resolution"], **self.principal.actor
+            problem=problem, resolution=incoming.validated_data.get("resolution", ""), **self.principal.actor
         )
         return Response(IntegrityProblemSerializer(problem).data)
 

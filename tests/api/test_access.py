@@ -185,6 +185,7 @@ def test_a_retried_key_creation_makes_no_second_key(project):
     first = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
     assert first.status_code == 201 and first.json()["key"]
     retry = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
+    assert "key" not in retry.json()
     assert retry.status_code == 409 and retry.json()["code"] == "secret_shown_once"
     assert first.json()["prefix"] in retry.json()["detail"] and first.json()["key"] not in retry.content.decode()
     other = admin.post("/api/v1/keys/", {**body, "name": "x"}, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-8")
@@ -206,8 +207,13 @@ def test_a_fresh_deployment_gets_its_project_members_and_key_from_the_command_li
     make_user("ana")
     with pytest.raises(CommandError, match="no user bob"):
         call_command("create_project", "support-bots", "--admin", "ana", "--viewer", "bob", stdout=StringIO())
-    with pytest.raises(CommandError, match="not a slug"):
-        call_command("create_project", "Support Bots", stdout=StringIO())
+    for bad in ("Support Bots", "", "x" * 101):
+        with pytest.raises(CommandError, match="not a slug"):
+            call_command("create_project", bad, stdout=StringIO())
+    with pytest.raises(CommandError, match="one role per user: ana"):
+        call_command("create_project", "support-bots", "--admin", "ana", "--viewer", "ana", stdout=StringIO())
+    with pytest.raises(CommandError, match="--name"):
+        call_command("create_project", "support-bots", "--name", "n" * 201, stdout=StringIO())
     out = StringIO()
     call_command("create_project", "support-bots", "--admin", "ana", stdout=out)
     assert "created project support-bots (Support Bots)" in out.getvalue()

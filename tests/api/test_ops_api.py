@@ -207,7 +207,9 @@ def test_an_integrity_problem_is_resolved_only_once_its_version_verifies_again(
 
     assert reader.post(url, {"resolution": "restored"}, format="json").status_code == 403
     assert key_client(other_project).post(url, {"resolution": "restored"}, format="json").status_code == 404
-    assert writer.post(url, {}, format="json").status_code == 400
+    for blank in ({}, {"resolution": " "}):
+        refused = writer.post(url, blank, format="json")
+        assert refused.status_code == 400 and refused.json()["code"] == "reason_required"
     still = writer.post(url, {"resolution": "restored"}, format="json")
     assert still.status_code == 409 and still.json()["code"] == "still_damaged"
     assert "restore its data first" in still.json()["detail"]
@@ -215,7 +217,8 @@ def test_an_integrity_problem_is_resolved_only_once_its_version_verifies_again(
     node.update(data=original)  # a DBA restored the row from a backup
     response = writer.post(url, {"resolution": "restored statenode from the 03:00 backup"}, format="json")
     assert response.status_code == 200 and response.json()["resolved_at"] is not None
-    assert IntegrityProblem.objects.get(pk=problem.pk).resolution == "restored statenode from the 03:00 backup"
+    closed = IntegrityProblem.objects.get(pk=problem.pk)
+    assert closed.resolution == "restored statenode from the 03:00 backup" and closed.last_seen_at < closed.resolved_at
     event = AuditEvent.objects.get(action="integrity.resolve")
     assert event.reason == "restored statenode from the 03:00 backup" and event.details["version"] == 1
     assert reader.get("/api/v1/integrity-problems/?open=true").json()["results"] == []

@@ -76,6 +76,12 @@ def test_patch_updates_status_metadata_and_tags(writer, session):
     assert AuditEvent.objects.filter(action="session.update").count() == 1
 
 
+def test_a_replayed_session_create_answers_as_the_first_did(writer, project):
+    first = writer.post("/api/v1/sessions/", {"external_id": "k-create"}, format="json", HTTP_IDEMPOTENCY_KEY="c-1")
+    again = writer.post("/api/v1/sessions/", {"external_id": "k-create"}, format="json", HTTP_IDEMPOTENCY_KEY="c-1")
+    assert (again.status_code, again.json(), again["Location"]) == (201, first.json(), first["Location"])
+
+
 def test_a_key_reused_for_another_patch_is_refused(writer, session):
     path = f"/api/v1/sessions/{session.pk}/"
     first = writer.patch(path, {"tags": ["x", "y"]}, format="json", HTTP_IDEMPOTENCY_KEY="tag-it")

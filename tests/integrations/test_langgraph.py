@@ -212,6 +212,13 @@ def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     writes_session = next(s for s in rewind.iter_sessions(tag="langgraph-writes") if s["external_id"].startswith("t" * 200))
     assert len(writes_session["external_id"]) == 255
 
+    # Longer ones too (stored under a shortened id), through to deletion, whose audit reason is cut.
+    saver = SessionRewindSaver(rewind)
+    config = {"configurable": {"thread_id": "u" * 1990}}
+    trip_graph(saver).invoke({"city": "Oslo", "log": []}, config)
+    saver.delete_thread("u" * 1990)
+    assert list(trip_graph(saver).get_state_history(config)) == []
+
 
 def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     saver = SessionRewindSaver(rewind)

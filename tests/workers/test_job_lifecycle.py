@@ -4,12 +4,16 @@ overwritten (in-process; tests/workers/test_worker_jobs.py kills real workers)."
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
 
 from snapshots_app import jobs, tasks
-from snapshots_app.models import Job, JobKind, JobStatus
+from snapshots_app.models import Job, JobKind, JobStatus, Version
+from snapshots_app.services import snapshot_record
+from snapshots_app.transfer import transfer_export_run, transfer_import_run
+from tests.factories import make_project, make_session
 
 
 def _queued(project) -> Job:
@@ -58,3 +62,33 @@ def test_the_sweep_sends_again_queued_jobs_lost_and_running_jobs_gone_silent(pro
     assert (status[lost.pk], status[silent.pk]) == (JobStatus.DONE, JobStatus.DONE)  # sent again, and run
     assert (status[fresh.pk], status[alive.pk], status[done.pk]) == (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.DONE)
     assert Job.objects.get(pk=silent.pk).attempts == 2
+
+
+@pytest.mark.django_db
+def test_a_superseded_import_attempt_imports_nothing_and_the_owner_imports_once(project, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    snapshot_record(session=make_session(project, "to-move"), state={"n": 1})
+    path = Path(transfer_export_run(project=project)["path"])
+    target = make_project("target")
+    job = jobs.job_create(kind=JobKind.IMPORT, project=target, enqueue=lambda job_id: None)
+    first = jobs.job_start(job_id=job.pk)
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
+    second = jobs.job_start(job_id=job.pk)  # the first looked dead, but was only slow
+
+    with pytest.raises(jobs.JobSuperseded):
+        transfer_import_run(project=target, path=path, job=first)
+    assert not Version.objects.filter(session__project=target).exists()
+    transfer_import_run(project=target, path=path, job=second)
+    job.refresh_from_db()
+    assert job.status == JobStatus.DONE and job.result["versions"] == 1
+    assert Version.objects.filter(session__project=target).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_job_still_waiting_is_sent_again_once_per_wait_not_every_minute(project):
+    lost = _queued(project)
+    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    assert tasks.jobs_requeue_stale() == 1  # to the broker: it may be waiting behind a long job
+    assert tasks.jobs_requeue_stale() == 0
+    Job.objects.filter(pk=lost.pk).update(resent_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    assert tasks.jobs_requeue_stale() == 1

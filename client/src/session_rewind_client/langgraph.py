@@ -739,7 +739,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         rewound = yield Call(
             "POST", f"sessions/{session_id}/rewind/",
             json={"to_version": number, "expected_version": head_number,
-                  "reason": f"langgraph: new checkpoint from checkpoint {parent_id} (update_state or replay)"},
+                  "reason": f"langgraph: new checkpoint from checkpoint {_short(parent_id)} (update_state or replay)"},
         )
         return int(rewound["number"])
 
@@ -782,7 +782,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     def _delete_thread(self, thread_id: str) -> Op:
         sessions = yield from self._thread_sessions(thread_id)
-        yield from self._delete_sessions(sessions, f"langgraph: delete_thread {thread_id}")
+        yield from self._delete_sessions(sessions, f"langgraph: delete_thread {_short(thread_id)}")
 
     def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> Op:
         """Re-record every checkpoint (and its writes) on the target thread, oldest first. The store
@@ -832,7 +832,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     for meta in reversed((yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id)))):
                         write_states.append((yield from self._state(writes_session, int(meta["number"]))))
                 keep.append((ns, head, write_states))
-            yield from self._delete_sessions(sessions, f"langgraph: prune {thread_id} (keep_latest)")
+            yield from self._delete_sessions(sessions, f"langgraph: prune {_short(thread_id)} (keep_latest)")
             for ns, head, write_states in keep:
                 external_id = self._external_id(thread_id, ns)
                 session_id = yield from self._ensure_session(external_id, thread_id, ns)
@@ -848,3 +848,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                             "state": state, "engine": ENGINE, "engine_version": self.engine_version,
                             "tags": [checkpoint_tag(state["checkpoint_id"])],
                         })
+
+
+def _short(identifier: Any, limit: int = 200) -> str:
+    """An id for an audit reason (at most 2000 characters on the server): thread ids may be long."""
+    text = str(identifier)
+    return text if len(text) <= limit else text[:limit] + "…"
