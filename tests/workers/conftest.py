@@ -131,3 +131,14 @@ def wait_finished(job: Job, *, timeout: float = 120) -> Job:
 
     wait_for(finished, timeout=timeout, what=f"job {job.pk} ({job.kind}) to finish")
     return job
+
+
+@pytest.fixture
+def eager():
+    """Tasks run here, when they are sent (after commit), instead of through the broker: for tests
+    of what a task does, in-process (the `worker` tests cover the broker and real workers)."""
+    from config.celery import app
+
+    previous, app.conf.task_always_eager = app.conf.task_always_eager, True
+    yield
+    app.conf.task_always_eager = previous

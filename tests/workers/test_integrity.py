@@ -10,28 +10,21 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
+from sessions_app import background
 from sessions_app.events import project_group
 from snapshots_app import tasks
 from snapshots_app.integrity import integrity_problems, integrity_scrub_start
-from snapshots_app.models import JobStatus, Version
+from snapshots_app.models import JobKind, JobStatus, Version
 from tests.workers.builders import record_history
 
 
-@pytest.fixture
-def no_broker(monkeypatch):
-    """Jobs are run by calling their task directly here; the worker tests cover the broker."""
-    for name in ("integrity_scrub_job", "compaction_job", "finalize_versions"):
-        monkeypatch.setattr(f"snapshots_app.tasks.{name}.delay", lambda *args: None)
-
-
 @pytest.mark.django_db(transaction=True)
-def test_a_budgeted_scrub_walks_a_rolling_window_and_wraps_around(project, no_broker):
+def test_a_budgeted_scrub_walks_a_rolling_window_and_wraps_around(project, eager):
     session = record_history(project, "run-w", 5, notes=1)
     ids = list(Version.objects.filter(session=session).order_by("id").values_list("id", flat=True))
     windows = []
     for _ in range(3):
-        job = integrity_scrub_start(project=project, budget=2)
-        tasks.integrity_scrub_job(job.pk)
+        job = integrity_scrub_start(project=project, budget=2)  # runs as it is sent
         job.refresh_from_db()
         assert job.status == JobStatus.DONE and job.result["failed"] == 0
         windows.append(job.result["cursor"])
@@ -41,14 +34,14 @@ def test_a_budgeted_scrub_walks_a_rolling_window_and_wraps_around(project, no_br
 
 
 @pytest.mark.django_db(transaction=True)
-def test_job_progress_is_broadcast_live(project, no_broker):
+def test_job_progress_is_broadcast_live(project, eager):
     record_history(project, "run-e", 3, notes=1)
+    background.drain(30)
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(project_group(project.pk), channel)
-    job = integrity_scrub_start(project=project, budget=0)
-
-    tasks.integrity_scrub_job(job.pk)
+    job = integrity_scrub_start(project=project, budget=0)  # runs as it is sent
+    background.drain(30)  # the events go out on the background thread
 
     async def drain() -> list[dict]:
         received = []
@@ -66,20 +59,13 @@ def test_job_progress_is_broadcast_live(project, no_broker):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_versions_whose_finalize_was_lost_are_caught_up(project):
-    from config.celery import app
-    from sessions_app import background
-
-    previous, app.conf.task_always_eager = app.conf.task_always_eager, True  # what is sent runs here
-    try:
-        session = record_history(project, "run-f", 3, notes=1)
-        other = record_history(project, "run-g", 2, notes=1)
-        background.drain(30)
-        # Their finalize messages were lost (the broker was down at commit), ten minutes ago.
-        Version.objects.update(summary=None, created_at=timezone.now() - timedelta(minutes=10))
-        assert tasks.finalize_pending() == 5
-    finally:
-        app.conf.task_always_eager = previous
+def test_versions_whose_finalize_was_lost_are_caught_up(project, eager):
+    session = record_history(project, "run-f", 3, notes=1)
+    other = record_history(project, "run-g", 2, notes=1)
+    background.drain(30)
+    # Their finalize messages were lost (the broker was down at commit), ten minutes ago.
+    Version.objects.update(summary=None, created_at=timezone.now() - timedelta(minutes=10))
+    assert tasks.finalize_pending() == 5
 
     assert not Version.objects.filter(session__in=[session, other], summary__isnull=True).exists()
     summaries = list(Version.objects.filter(session=session).order_by("number").values_list("summary", flat=True))
@@ -89,10 +75,11 @@ def test_versions_whose_finalize_was_lost_are_caught_up(project):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(project, no_broker):
-    from snapshots_app.jobs import MAX_ATTEMPTS
+def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(project):
+    from snapshots_app.jobs import MAX_ATTEMPTS, job_create
 
-    job = integrity_scrub_start(project=project, budget=0)
+    # Its message is delivered by hand below, as the broker would once more.
+    job = job_create(kind=JobKind.SCRUB, project=project, params={"budget": 0}, enqueue=lambda job_id: None)
     type(job).objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=MAX_ATTEMPTS)
 
     assert tasks.integrity_scrub_job(job.pk) is None
@@ -101,15 +88,13 @@ def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(project, n
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_key_holding_nul_gets_a_summary(project, session, no_broker):
+def test_a_key_holding_nul_gets_a_summary(project, session, eager):
     """A state's keys may hold NUL (the state is stored as bytes); the summary's jsonb cannot."""
-    from sessions_app import background
     from snapshots_app.services import snapshot_record
 
     snapshot_record(session=session, state={"a": 1})
     version = snapshot_record(session=session, state={"a": 1, "k\x00": 2})
-    background.drain(30)  # the live-update announcement, before the database goes
-    assert tasks.finalize_versions([version.pk]) == 1
+    background.drain(30)  # the finalize task ran on the background thread, as it was sent
     version.refresh_from_db()
     assert version.summary["paths"] == ["/k\\u0000"] and version.summary["added"] == 1
 

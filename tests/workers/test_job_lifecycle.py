@@ -38,16 +38,6 @@ def test_a_second_delivery_of_a_running_job_does_nothing_until_its_heartbeat_goe
     assert (job.status, job.result, job.error) == (JobStatus.DONE, {"verified": 3}, "")
 
 
-@pytest.fixture
-def eager():
-    """Tasks sent run here, at once: what the sweep sends is seen by what it does."""
-    from config.celery import app
-
-    previous, app.conf.task_always_eager = app.conf.task_always_eager, True
-    yield
-    app.conf.task_always_eager = previous
-
-
 @pytest.mark.django_db
 def test_the_sweep_sends_again_queued_jobs_lost_and_running_jobs_gone_silent(project, settings, eager):
     fresh, lost, alive, silent, done = (_queued(project) for _ in range(5))
