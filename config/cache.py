@@ -1,16 +1,19 @@
-"""Django's Redis cache as an accelerator only: while Redis is unreachable (down, restarting, out of
-memory), reads miss and writes are dropped, instead of failing the request that used the cache.
+"""Django's Redis cache as an accelerator only: while Redis is unreachable (down, restarting, hung,
+out of memory), reads miss and writes are dropped, instead of failing the request that used the cache.
 
 Everything this project keeps in the cache is also somewhere else or may be lost: head states (read
 from the database and verified), API throttle counters (requests go unthrottled meanwhile), and
-job-start replays (best effort, as README says). An outage is logged, at most once a minute.
+job-start replays (best effort, as README says). After a failure the cache is not asked again for
+RETRY_AFTER seconds (a hung Redis costs one request per process a socket timeout, not every
+request several), and the outage is logged at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.redis import RedisCache
@@ -18,76 +21,54 @@ from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 60.0
+RETRY_AFTER = 5.0
+
+T = TypeVar("T")
 
 
 class FailSoftRedisCache(RedisCache):
+    _down_until = 0.0  # per process, shared by every thread's instance
     _last_logged = 0.0
 
-    def _unavailable(self, operation: str, exc: RedisError) -> None:
+    def _try(self, operation: str, call: Callable[[], T], fallback: T) -> T:
         now = time.monotonic()
-        if now - FailSoftRedisCache._last_logged >= LOG_EVERY:
-            FailSoftRedisCache._last_logged = now
-            logger.warning("cache unavailable (%s: %s); serving without it", operation, exc)
+        if now < FailSoftRedisCache._down_until:
+            return fallback
+        try:
+            return call()
+        except RedisError as exc:
+            FailSoftRedisCache._down_until = time.monotonic() + RETRY_AFTER
+            if now - FailSoftRedisCache._last_logged >= LOG_EVERY:
+                FailSoftRedisCache._last_logged = now
+                logger.warning("cache unavailable (%s: %s); serving without it", operation, exc)
+            return fallback
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        try:
-            return super().get(key, default, version)
-        except RedisError as exc:
-            self._unavailable("get", exc)
-            return default
+        return self._try("get", lambda: super(FailSoftRedisCache, self).get(key, default, version), default)
 
     def get_many(self, keys: Any, version: int | None = None) -> dict[Any, Any]:
-        try:
-            return super().get_many(keys, version)
-        except RedisError as exc:
-            self._unavailable("get_many", exc)
-            return {}
+        return self._try("get_many", lambda: super(FailSoftRedisCache, self).get_many(keys, version), {})
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
-        try:
-            return super().has_key(key, version)
-        except RedisError as exc:
-            self._unavailable("has_key", exc)
-            return False
+        return self._try("has_key", lambda: super(FailSoftRedisCache, self).has_key(key, version), False)
 
     def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
-        try:
-            super().set(key, value, timeout, version)
-        except RedisError as exc:
-            self._unavailable("set", exc)
+        self._try("set", lambda: super(FailSoftRedisCache, self).set(key, value, timeout, version), None)
 
     def set_many(self, data: dict[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> list[Any]:
-        try:
-            return super().set_many(data, timeout, version)
-        except RedisError as exc:
-            self._unavailable("set_many", exc)
-            return list(data)
+        return self._try("set_many", lambda: super(FailSoftRedisCache, self).set_many(data, timeout, version),
+                         list(data))
 
     def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         """True when Redis is unreachable: callers use add() as a best-effort lock (see
         sessions_app.api.base.replayable), and must go on without one rather than wait forever."""
-        try:
-            return super().add(key, value, timeout, version)
-        except RedisError as exc:
-            self._unavailable("add", exc)
-            return True
+        return self._try("add", lambda: super(FailSoftRedisCache, self).add(key, value, timeout, version), True)
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        try:
-            return super().touch(key, timeout, version)
-        except RedisError as exc:
-            self._unavailable("touch", exc)
-            return False
+        return self._try("touch", lambda: super(FailSoftRedisCache, self).touch(key, timeout, version), False)
 
     def delete(self, key: Any, version: int | None = None) -> bool:
-        try:
-            return super().delete(key, version)
-        except RedisError as exc:
-            self._unavailable("delete", exc)
-            return False
+        return self._try("delete", lambda: super(FailSoftRedisCache, self).delete(key, version), False)
 
     def delete_many(self, keys: Any, version: int | None = None) -> None:
-        try:
-            super().delete_many(keys, version)
-        except RedisError as exc:
-            self._unavailable("delete_many", exc)
+        self._try("delete_many", lambda: super(FailSoftRedisCache, self).delete_many(keys, version), None)
