@@ -26,7 +26,8 @@ from django.db import connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from sessions_app import events
+from config.celery import app as celery_app
+from sessions_app import background, events
 from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, actor_fields
@@ -80,7 +81,12 @@ def job_create(
         created_by=who["actor"], created_by_label=who["actor_label"],
     )
     _publish(job, "job.created")
-    transaction.on_commit(lambda: _enqueue_safely(enqueue, job.pk))
+    if celery_app.conf.task_always_eager:
+        transaction.on_commit(lambda: _enqueue_safely(enqueue, job.pk))  # no broker: the job runs here, now
+    else:
+        # From the background thread: a broker that is down or hung (a publish can wait for minutes)
+        # must not hold the request that started the job. The row is committed either way.
+        background.after_commit(lambda: _enqueue_safely(enqueue, job.pk))
     return job
 
 
