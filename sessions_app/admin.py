@@ -6,6 +6,7 @@ members of, and change things there only as their role allows (see admin_project
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django import forms
@@ -16,7 +17,8 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from sessions_app.models import ROLE_RANK, ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
+from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
+from sessions_app.selectors import role_allows
 from sessions_app.services import api_key_create, api_key_revoke, membership_remove, membership_set, project_create
 
 
@@ -28,7 +30,7 @@ def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Pr
         return Project.objects.all()
     if request.user.pk is None:
         return Project.objects.none()
-    roles = [name for name in Role.values if ROLE_RANK[Role(name)] >= ROLE_RANK[Role(role)]]
+    roles = [name for name in Role.values if role_allows(name, role)]
     return Project.objects.filter(memberships__user_id=request.user.pk, memberships__role__in=roles)
 
 
@@ -36,8 +38,10 @@ def may_change(request: HttpRequest, project_id: int, role: str) -> bool:
     return admin_projects(request, role).filter(pk=project_id).exists()
 
 
-def require_role(request: HttpRequest, project_id: int, role: str) -> None:
-    if not may_change(request, project_id, role):
+def require_role(request: HttpRequest, project_ids: Iterable[int], role: str) -> None:
+    """PermissionDenied unless the user has `role` in every one of these projects (one query)."""
+    wanted = set(project_ids)
+    if len(wanted) != admin_projects(request, role).filter(pk__in=wanted).count():
         raise PermissionDenied(f"this needs the {role} role in the project")
 
 
@@ -123,18 +127,17 @@ class MembershipAdmin(ProjectScopedAdmin):
         return allowed and (obj is None or may_change(request, obj.project_id, Role.ADMIN))
 
     def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: bool) -> None:
-        require_role(request, obj.project_id, Role.ADMIN)
+        require_role(request, [obj.project_id], Role.ADMIN)
         saved = membership_set(project=obj.project, user=obj.user, role=obj.role, actor=request.user)
         obj.pk, obj.created_at = saved.pk, saved.created_at
 
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
-        require_role(request, obj.project_id, Role.ADMIN)
+        require_role(request, [obj.project_id], Role.ADMIN)
         membership_remove(membership=obj, actor=request.user)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
         memberships = list(queryset.select_related("project", "user"))
-        for membership in memberships:  # all or none
-            require_role(request, membership.project_id, Role.ADMIN)
+        require_role(request, [membership.project_id for membership in memberships], Role.ADMIN)  # all or none
         for membership in memberships:
             membership_remove(membership=membership, actor=request.user)
 
@@ -180,7 +183,7 @@ class ApiKeyAdmin(ProjectScopedAdmin):
         return request.user.has_perm("sessions_app.change_apikey")
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
-        require_role(request, obj.project_id, Role.ADMIN)
+        require_role(request, [obj.project_id], Role.ADMIN)
         created, token = api_key_create(
             project=obj.project, name=obj.name, scopes=form.cleaned_data["scopes"], actor=request.user
         )
@@ -190,8 +193,7 @@ class ApiKeyAdmin(ProjectScopedAdmin):
     @admin.action(description="Revoke selected API keys", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         keys = list(queryset.select_related("project"))
-        for api_key in keys:  # all or none
-            require_role(request, api_key.project_id, Role.ADMIN)
+        require_role(request, [api_key.project_id for api_key in keys], Role.ADMIN)  # all or none
         for api_key in keys:
             api_key_revoke(api_key=api_key, actor=request.user)
         messages.success(request, f"Revoked {len(keys)} key(s).")

@@ -40,11 +40,7 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
 
     async def send_all() -> None:
         # One hop into an event loop for both groups (see background.run_async for which loop).
-        async def sends() -> None:
-            for group in groups:
-                await layer.group_send(group, message)
-
-        await asyncio.wait_for(sends(), PUBLISH_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*(layer.group_send(group, message) for group in groups)), PUBLISH_TIMEOUT)
 
     try:
         background.run_async(send_all)

@@ -391,8 +391,16 @@ def api_key_touch(*, api_key: ApiKey) -> None:
 @transaction.atomic
 def membership_remove(*, membership: Membership, actor: User = None, actor_label: str = "") -> None:
     """Take a user out of a project (admin); audited, since it removes access."""
-    audit_record(
-        project=membership.project, action="membership.remove", target_type="user", target_id=membership.user_id,
-        actor=actor, actor_label=actor_label, details={"user": str(membership.user), "role": membership.role},
-    )
+    membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label)
     Membership.objects.filter(pk=membership.pk).delete()
+
+
+def membership_removal_audit(
+    *, membership: Membership, actor: User = None, actor_label: str = "", reason: str = ""
+) -> AuditEvent:
+    """The audit event of a membership going away (removed here, or with its user's account)."""
+    return audit_record(
+        project=membership.project, action="membership.remove", target_type="user", target_id=membership.user_id,
+        actor=actor, actor_label=actor_label, reason=reason,
+        details={"user": str(membership.user), "role": membership.role},
+    )

@@ -122,7 +122,7 @@ class VersionAdmin(ReadOnlyAdmin):
             raise PermissionDenied
         version = get_object_or_404(self.get_queryset(request).select_related("session__project"), pk=version_id)
         session = version.session
-        require_role(request, session.project_id, Role.OPERATOR)
+        require_role(request, [session.project_id], Role.OPERATOR)
         head = selectors.head_version(session)
         error, result = "", None
         text = request.POST.get("state") if request.method == "POST" else None
@@ -192,7 +192,7 @@ class IntegrityProblemAdmin(ReadOnlyAdmin):
         if not self.has_resolve_permission(request):
             raise PermissionDenied
         problem = get_object_or_404(self.get_queryset(request).select_related("session"), pk=problem_id)
-        require_role(request, problem.project_id, Role.OPERATOR)
+        require_role(request, [problem.project_id], Role.OPERATOR)
         error, resolution = "", request.POST.get("resolution", "")
         if request.method == "POST":
             try:
@@ -244,8 +244,7 @@ class ProjectAdmin(BaseProjectAdmin):
     def _administered(self, request: HttpRequest, queryset: QuerySet[Project]) -> list[Project]:
         """The selected projects where the user may start jobs (the admin role); all or none."""
         projects = list(queryset)
-        for project in projects:
-            require_role(request, project.pk, Role.ADMIN)
+        require_role(request, [project.pk for project in projects], Role.ADMIN)
         return projects
 
     @admin.action(description="Compaction: run now (queued)", permissions=["maintain"])

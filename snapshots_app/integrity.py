@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from sessions_app import errors, events
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, audit_record
+from sessions_app.services import User, audit_record, require_reason
 from snapshots_app import jobs, store
 from snapshots_app.compaction import ProgressFn, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, Version
@@ -130,10 +130,7 @@ def integrity_problem_resolve(
     """Close a problem after a person dealt with it, e.g. restored the damaged rows from a backup.
     The version is verified again first, from the database: while it still fails, StillDamaged and
     the problem stays open (the data itself is never touched here). Audited."""
-    if not isinstance(resolution, str) or not resolution.strip():
-        raise errors.ReasonRequired("say how the problem was resolved: it goes into the audit log")
-    if "\x00" in resolution or len(resolution) > 2000:
-        raise errors.InvalidState("the resolution must be at most 2000 characters, without NUL")
+    resolution = require_reason(resolution)  # how it was resolved: the audit event's reason
     problem = IntegrityProblem.objects.select_for_update().select_related("version__session").get(pk=problem.pk)
     if problem.resolved_at is None:
         still = _verify(problem.version)
@@ -143,7 +140,7 @@ def integrity_problem_resolve(
                 f"verification ({still}); restore its data first, or delete the session"
             )
         problem.resolved_at = timezone.now()
-        problem.resolution = resolution.strip()
+        problem.resolution = resolution
         problem.save(update_fields=["resolved_at", "resolution"])  # last_seen_at stays when it was last seen
         audit_record(
             project=problem.project, action="integrity.resolve", target_type="version", target_id=problem.version_id,

@@ -34,6 +34,7 @@ from sessions_app.api.serializers import (
 from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
 from sessions_app.errors import JobNotFound, NotFound
 from sessions_app.models import Project, Role
+from sessions_app.services import REASON_MAX
 from sessions_app.strict_json import ascii_int
 from snapshots_app import compaction, integrity, transfer
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
@@ -316,7 +317,7 @@ class IntegrityProblemList(mixins.ListModelMixin, ApiView):
 
 
 class ResolutionSerializer(InputSerializer):
-    resolution = plain_text(max_length=2000, required=False, allow_blank=True,
+    resolution = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
                             help_text="How it was dealt with, e.g. rows restored from a backup (required: missing or "
                                       "blank is 400 reason_required).")
 
