@@ -646,14 +646,16 @@ def compaction_run(
 
 
 def compaction_start(
-    *, project: Project, apply_retention: bool = True, actor: User = None, actor_label: str = ""
+    *, project: Project, apply_retention: bool = True, actor: User = None, actor_label: str = "",
+    request: jobs.RequestKey | None = None,
 ) -> Job:
-    """Queue a compaction of the project (retention per policy unless told not to, then GC)."""
+    """Queue a compaction of the project (retention per policy unless told not to, then GC).
+    `request`: the starting request's idempotency key (see jobs.job_create)."""
     from snapshots_app import tasks
 
     return jobs.job_create(
         kind=JobKind.COMPACTION, project=project, params={"apply_retention": apply_retention},
-        actor=actor, actor_label=actor_label, enqueue=lambda job_id: tasks.compaction_job.delay(job_id),
+        actor=actor, actor_label=actor_label, enqueue=lambda job_id: tasks.compaction_job.delay(job_id), request=request,
     )
 
 

@@ -163,14 +163,16 @@ def integrity_problems(
 
 
 def integrity_scrub_start(
-    *, project: Project | None = None, budget: int | None = None, actor: User = None, actor_label: str = ""
+    *, project: Project | None = None, budget: int | None = None, actor: User = None, actor_label: str = "",
+    request: jobs.RequestKey | None = None,
 ) -> Job:
-    """Queue a scrub of one project (or all projects). `budget` None = settings.INTEGRITY_SCRUB_BUDGET, 0 = all."""
+    """Queue a scrub of one project (or all projects). `budget` None = settings.INTEGRITY_SCRUB_BUDGET, 0 = all.
+    `request`: the starting request's idempotency key (see jobs.job_create)."""
     from snapshots_app import tasks
 
     if budget is None:
         budget = int(getattr(settings, "INTEGRITY_SCRUB_BUDGET", 0))
     return jobs.job_create(
         kind=JobKind.SCRUB, project=project, params={"budget": budget}, actor=actor, actor_label=actor_label,
-        enqueue=lambda job_id: tasks.integrity_scrub_job.delay(job_id),
+        enqueue=lambda job_id: tasks.integrity_scrub_job.delay(job_id), request=request,
     )

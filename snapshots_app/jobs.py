@@ -17,18 +17,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from config.celery import app as celery_app
 from sessions_app import background, events
-from sessions_app.errors import JobNotFound
+from sessions_app.errors import IdempotencyKeyReused, JobNotFound
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import User, actor_fields
 from snapshots_app.models import Job, JobKind, JobStatus
@@ -63,6 +64,26 @@ def _publish(job: Job, event: str) -> None:
     events.publish_after_commit(job.project_id, event, payload, session_id=job.session_id)
 
 
+@dataclass(frozen=True)
+class RequestKey:
+    """An Idempotency-Key of the request that starts a job, kept on the job's row: `key` names the
+    caller, endpoint and key (a hash), `digest` the request's input. A retry with the same key gets
+    the job the first request started; the same key with other input is IdempotencyKeyReused."""
+
+    key: str
+    digest: str
+
+
+def job_for_request(project: Project | None, request: RequestKey | None) -> Job | None:
+    """The job an earlier request with this key started (None if none did)."""
+    if request is None:
+        return None
+    job = Job.objects.filter(project=project, request_key=request.key).first()
+    if job is not None and job.request_digest != request.digest:
+        raise IdempotencyKeyReused("this Idempotency-Key started a job before, with a different request")
+    return job
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -73,13 +94,29 @@ def job_create(
     actor: User = None,
     actor_label: str = "",
     enqueue: Callable[[int], None],
+    request: RequestKey | None = None,
 ) -> Job:
-    """A queued job; `enqueue(job_id)` runs after commit so the worker always finds the row."""
+    """A queued job; `enqueue(job_id)` runs after commit so the worker always finds the row.
+
+    With a `request` key, a retry gets the job its first request started, and nothing new is
+    queued; retries that race each other make one job (the unique key settles it)."""
+    earlier = job_for_request(project, request)
+    if earlier is not None:
+        return earlier
     who = actor_fields(actor, actor_label)
-    job = Job.objects.create(
-        kind=JobKind(kind), project=project, session=session, params=params or {},
-        created_by=who["actor"], created_by_label=who["actor_label"],
-    )
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                kind=JobKind(kind), project=project, session=session, params=params or {},
+                created_by=who["actor"], created_by_label=who["actor_label"],
+                request_key=request.key if request else "", request_digest=request.digest if request else "",
+            )
+    except IntegrityError:
+        # A concurrent retry with the same key committed first (the insert waited for it).
+        earlier = job_for_request(project, request)
+        if earlier is None:
+            raise
+        return earlier
     _publish(job, "job.created")
     if celery_app.conf.task_always_eager:
         transaction.on_commit(lambda: _enqueue_safely(enqueue, job.pk))  # no broker: the job runs here, now

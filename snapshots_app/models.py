@@ -180,9 +180,18 @@ class Job(models.Model):
         null=True, blank=True, help_text="When jobs_requeue_stale last sent it again (once per wait, not every run)."
     )
     finished_at = models.DateTimeField(null=True, blank=True)
+    # A job started with an Idempotency-Key keeps it here, so a retry finds this job again even
+    # after a cache loss (see jobs.RequestKey). Empty for jobs started without one.
+    request_key = models.CharField(max_length=64, blank=True, default="", editable=False)
+    request_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "request_key"], condition=~models.Q(request_key=""), name="job_unique_request_key"
+            ),
+        ]
         indexes = [
             models.Index(fields=["project", "kind", "-created_at"], name="job_project_kind_created"),
             # jobs_requeue_stale looks at unfinished jobs every minute; finished ones pile up for good.

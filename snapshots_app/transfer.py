@@ -173,9 +173,11 @@ def transfer_export_run(
 
 
 def transfer_export_start(
-    *, project: Project, session: WorkflowSession | None = None, actor: User = None, actor_label: str = ""
+    *, project: Project, session: WorkflowSession | None = None, actor: User = None, actor_label: str = "",
+    request: jobs.RequestKey | None = None,
 ) -> Job:
-    """Queue an export of one session, or of every session of the project when `session` is None."""
+    """Queue an export of one session, or of every session of the project when `session` is None.
+    `request`: the starting request's idempotency key (see jobs.job_create)."""
     from snapshots_app import tasks
 
     if session is not None and session.project_id != project.pk:
@@ -183,7 +185,7 @@ def transfer_export_start(
     return jobs.job_create(
         kind=JobKind.EXPORT, project=project, session=session, actor=actor, actor_label=actor_label,
         params={"scope": "session" if session else "project"},
-        enqueue=lambda job_id: tasks.export_job.delay(job_id),
+        enqueue=lambda job_id: tasks.export_job.delay(job_id), request=request,
     )
 
 
@@ -435,11 +437,16 @@ def _store_import(
 
 
 def transfer_import_start(
-    *, project: Project, source: IO[bytes] | Path, actor: User = None, actor_label: str = ""
+    *, project: Project, source: IO[bytes] | Path, actor: User = None, actor_label: str = "",
+    request: jobs.RequestKey | None = None,
 ) -> Job:
-    """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`."""
+    """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`.
+    `request`: the starting request's idempotency key (see jobs.job_create); a retry keeps no copy."""
     from snapshots_app import tasks
 
+    earlier = jobs.job_for_request(project, request)
+    if earlier is not None:
+        return earlier
     folder = imports_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{project.slug}-{uuid.uuid4().hex}.ndjson"
@@ -448,10 +455,13 @@ def transfer_import_start(
     else:
         with target.open("wb") as out:
             shutil.copyfileobj(source, out)
-    return jobs.job_create(
+    job = jobs.job_create(
         kind=JobKind.IMPORT, project=project, params={"file": target.name}, actor=actor, actor_label=actor_label,
-        enqueue=lambda job_id: tasks.import_job.delay(job_id),
+        enqueue=lambda job_id: tasks.import_job.delay(job_id), request=request,
     )
+    if job.params.get("file") != target.name:
+        target.unlink(missing_ok=True)  # a concurrent retry's job won: this copy is nobody's
+    return job
 
 
 def import_path(job: Job) -> Path:

@@ -56,6 +56,19 @@ class ApiView(generics.GenericAPIView):
             raise ValidationError({"Idempotency-Key": [f"At most {IDEMPOTENCY_KEY_MAX} characters."]})
         return key
 
+    def scoped_idempotency_key(self, fingerprint: Any) -> tuple[str, str] | None:
+        """(scope, digest) of the request's Idempotency-Key, or None without one: `scope` hashes the
+        caller, the path and the key (one caller's key never meets another's), `digest` the input."""
+        key = self.idempotency_key()
+        if key is None:
+            return None
+        who = f"key:{self.principal.api_key.pk}" if self.principal.api_key else f"user:{self.request.user.pk}"
+        scope = hashlib.sha256(f"{who}|{self.request.path}|{key}".encode()).hexdigest()
+        digest = hashlib.sha256(
+            orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+        ).hexdigest()
+        return scope, digest
+
     def replayable(self, fingerprint: Any, call: Callable[[], Response], *, secret: str | None = None) -> Response:
         """Run a write whose service takes no idempotency key, remembering its answer for retries.
 
@@ -68,13 +81,11 @@ class ApiView(generics.GenericAPIView):
         secret_shown_once naming what the first call made, instead of making a second one.
         """
         key = self.idempotency_key()
-        if key is None:
+        scoped = self.scoped_idempotency_key(fingerprint)
+        if key is None or scoped is None:
             return call()
-        who = f"key:{self.principal.api_key.pk}" if self.principal.api_key else f"user:{self.request.user.pk}"
-        cache_key = "api-idem:" + hashlib.sha256(f"{who}|{self.request.path}|{key}".encode()).hexdigest()
-        digest = hashlib.sha256(
-            orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
-        ).hexdigest()
+        scope, digest = scoped
+        cache_key = "api-idem:" + scope
         first = cache.get(cache_key)
         if first is None:
             # One attempt at a time: a retry that arrives while the first call still runs (a client

@@ -36,7 +36,7 @@ from sessions_app.errors import JobNotFound, NotFound
 from sessions_app.models import Project, Role
 from sessions_app.services import REASON_MAX
 from sessions_app.strict_json import ascii_int
-from snapshots_app import compaction, integrity, transfer
+from snapshots_app import compaction, integrity, jobs, transfer
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
 
 PROJECT_QUERY = OpenApiParameter(
@@ -170,7 +170,21 @@ class RetentionPolicyView(ApiView):
         return Response(RetentionPolicySerializer(policy).data)
 
 
-class Compaction(ApiView):
+class JobStartView(ApiView):
+    """An edge that queues a job. Its Idempotency-Key is kept on the job's row (jobs.RequestKey), not
+    in the cache: a retry gets the job the first request started, as it is now, even after a Redis
+    outage, and concurrent retries make one job."""
+
+    def job_request(self, fingerprint: Any) -> jobs.RequestKey | None:
+        scoped = self.scoped_idempotency_key(fingerprint)
+        return None if scoped is None else jobs.RequestKey(*scoped)
+
+    @staticmethod
+    def queued(job: Job) -> Response:
+        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class Compaction(JobStartView):
     serializer_class = CompactionSerializer
 
     @extend_schema(
@@ -190,12 +204,12 @@ class Compaction(ApiView):
             preview = compaction.compaction_dry_run(project=project, apply_retention=data["apply_retention"])
             return Response(preview.as_dict())
         project = project_for(request, data.get("project"), role=Role.ADMIN)
-        return self.replayable(data, lambda: Response(JobSerializer(compaction.compaction_start(
-            project=project, apply_retention=data["apply_retention"], **self.principal.actor
-        )).data, status=status.HTTP_202_ACCEPTED))
+        return self.queued(compaction.compaction_start(
+            project=project, apply_retention=data["apply_retention"], request=self.job_request(data), **self.principal.actor
+        ))
 
 
-class ExportCreate(ApiView):
+class ExportCreate(JobStartView):
     serializer_class = ExportSerializer
 
     @extend_schema(operation_id="exports_create", request=ExportSerializer, parameters=[IDEMPOTENCY_KEY], responses={202: JobSerializer},
@@ -210,12 +224,12 @@ class ExportCreate(ApiView):
         else:
             session = None
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
-        return self.replayable(data, lambda: Response(JobSerializer(transfer.transfer_export_start(
-            project=project, session=session, **self.principal.actor
-        )).data, status=status.HTTP_202_ACCEPTED))
+        return self.queued(transfer.transfer_export_start(
+            project=project, session=session, request=self.job_request(data), **self.principal.actor
+        ))
 
 
-class ImportCreate(ApiView):
+class ImportCreate(JobStartView):
     serializer_class = JobSerializer
     parser_classes = [NdjsonParser]
 
@@ -235,10 +249,10 @@ class ImportCreate(ApiView):
         if not isinstance(upload, Upload) or not upload.size:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
         with upload.file:
-            fingerprint = {"project": project.pk, "sha256": upload.sha256}
-            return self.replayable(fingerprint, lambda: Response(JobSerializer(transfer.transfer_import_start(
-                project=project, source=upload.file, **self.principal.actor
-            )).data, status=status.HTTP_202_ACCEPTED))
+            return self.queued(transfer.transfer_import_start(
+                project=project, source=upload.file, request=self.job_request({"sha256": upload.sha256}),
+                **self.principal.actor,
+            ))
 
 
 def _job(request: Request, job_id: str) -> Job:
@@ -352,7 +366,7 @@ class ScrubSerializer(InputSerializer):
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
 
 
-class IntegrityScrub(ApiView):
+class IntegrityScrub(JobStartView):
     serializer_class = JobSerializer
 
     @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
@@ -365,6 +379,6 @@ class IntegrityScrub(ApiView):
             project = _project(request, Role.OPERATOR, body=incoming.validated_data)
         else:
             project = _project(request, Role.OPERATOR)
-        return self.replayable({"project": project.pk}, lambda: Response(JobSerializer(
-            integrity.integrity_scrub_start(project=project, budget=0, **self.principal.actor)
-        ).data, status=status.HTTP_202_ACCEPTED))
+        return self.queued(integrity.integrity_scrub_start(
+            project=project, budget=0, request=self.job_request({}), **self.principal.actor
+        ))

@@ -140,56 +140,135 @@ def test_browser_members_of_several_projects_name_the_project(project, other_pro
     assert client.post("/api/v1/sessions/", {"external_id": "x", "project": project.slug}, format="json").status_code == 201
 
 
-def test_job_starts_replay_for_a_repeated_idempotency_key(project, session, writer, settings, tmp_path):
+def test_job_starts_replay_for_a_repeated_idempotency_key_even_after_the_cache_is_lost(
+    project, session, writer, settings, tmp_path
+):
+    """Job starts keep their key on the job's row: a retry after a Redis outage (here: the cache
+    emptied) gets the job the first request started, not a second export."""
+    from django.core.cache import cache
+
     settings.VAR_DIR = tmp_path
     first = writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
+    cache.clear()
     again = writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
     assert first.status_code == again.status_code == 202 and first.json() == again.json()
     other = writer.post("/api/v1/exports/", {}, format="json", HTTP_IDEMPOTENCY_KEY="e-1")
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    # Another caller's key of the same name is its own.
+    mine = writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
+    assert mine.status_code == 202 and mine.json()["id"] != first.json()["id"]
+    assert Job.objects.count() == 2
+
+
+def test_a_retried_import_keeps_one_copy_of_the_upload(project, writer, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    upload = b'{"type": "header"}\n'
+
+    def post(body):
+        return writer.generic("POST", "/api/v1/imports/", body, content_type="application/x-ndjson",
+                              HTTP_IDEMPOTENCY_KEY="i-1")
+
+    first, again = post(upload), post(upload)
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    other = post(upload + b"\n")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert Job.objects.count() == 1
+    assert len(list((tmp_path / "imports").iterdir())) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_retries_of_a_job_start_make_one_job(project, session, writer, settings, tmp_path, monkeypatch):
+    """A client that timed out retries while its first request is still being served, just before
+    that request commits its job: the retry waits for it and answers the same job."""
+    import threading
+    import time
+
+    from django.db import connection
+
+    from snapshots_app import jobs
+
+    settings.VAR_DIR = tmp_path
+    created, release = threading.Event(), threading.Event()
+    publish = jobs._publish
+    first_thread = []
+
+    def publish_then_wait(job, event):
+        publish(job, event)
+        if threading.current_thread() in first_thread:
+            created.set()
+            release.wait(30)  # the first request holds its new job, uncommitted
+
+    monkeypatch.setattr(jobs, "_publish", publish_then_wait)
+    body = {"session": str(session.pk)}
+    answers: dict[str, object] = {}
+
+    def call(name):
+        try:
+            answers[name] = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-3")
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=call, args=("first",))
+    first_thread.append(first)
+    first.start()
+    assert created.wait(30)
+    retry = threading.Thread(target=call, args=("retry",))
+    retry.start()
+    with connection.cursor() as cursor:  # the retry's insert waits on the first one's uncommitted row
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            if cursor.fetchone()[0]:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the retry never waited for the first request")
+    release.set()
+    first.join(30)
+    retry.join(30)
+    assert answers["first"].status_code == answers["retry"].status_code == 202, answers["retry"].content
+    assert answers["first"].json()["id"] == answers["retry"].json()["id"]
     assert Job.objects.count() == 1
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_retry_while_the_first_call_runs_is_told_to_wait(project, session, writer, settings, tmp_path, monkeypatch):
-    """A client that timed out retries while its first request is still being served: the retry
-    must not start a second job."""
+def test_a_retry_while_the_first_call_runs_is_told_to_wait(project, session, writer, monkeypatch):
+    """Writes that replay through the cache (here a session PATCH): a retry that arrives while the
+    first call is still being served must not run the write a second time."""
     import threading
 
     from django.db import connection
 
-    from snapshots_app import transfer
+    from sessions_app import services
 
-    settings.VAR_DIR = tmp_path
     started, release = threading.Event(), threading.Event()
-    export_start = transfer.transfer_export_start
+    session_update = services.session_update
 
-    def slow_export_start(**kwargs):
+    def slow_update(**kwargs):
         started.set()
         release.wait(30)
-        return export_start(**kwargs)
+        return session_update(**kwargs)
 
-    monkeypatch.setattr(transfer, "transfer_export_start", slow_export_start)
-    body = {"session": str(session.pk)}
+    monkeypatch.setattr(services, "session_update", slow_update)
+    path, body = f"/api/v1/sessions/{session.pk}/", {"tags": ["slow"]}
     answers = []
 
     def first_call():
         try:
-            answers.append(writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2"))
+            answers.append(writer.patch(path, body, format="json", HTTP_IDEMPOTENCY_KEY="p-2"))
         finally:
             connection.close()
 
     thread = threading.Thread(target=first_call)
     thread.start()
     assert started.wait(30)
-    retry = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
+    retry = writer.patch(path, body, format="json", HTTP_IDEMPOTENCY_KEY="p-2")
     assert retry.status_code == 409 and retry.json()["code"] == "request_in_progress"
     release.set()
     thread.join(30)
-    assert answers[0].status_code == 202
-    again = writer.post("/api/v1/exports/", body, format="json", HTTP_IDEMPOTENCY_KEY="e-2")
-    assert again.status_code == 202 and again.json() == answers[0].json()
-    assert Job.objects.count() == 1
+    assert answers[0].status_code == 200
+    again = writer.patch(path, body, format="json", HTTP_IDEMPOTENCY_KEY="p-2")
+    assert again.status_code == 200 and again.json() == answers[0].json()
 
 
 def test_an_integrity_problem_is_resolved_only_once_its_version_verifies_again(
