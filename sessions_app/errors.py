@@ -59,6 +59,14 @@ class SessionExists(StateStoreError):
     status = 409
 
 
+class SecretShownOnce(StateStoreError):
+    """A retry of a request that made a secret (an API key): the secret is not kept, so the first
+    answer cannot be given again, and a second key is not made."""
+
+    code = "secret_shown_once"
+    status = 409
+
+
 class IdempotencyKeyReused(StateStoreError):
     """The same idempotency key was sent before with a different payload."""
 

@@ -143,9 +143,17 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The Idempotency-Key of the request that made it (see services.RequestKey); empty without one.
+    request_key = models.CharField(max_length=64, blank=True, default="", editable=False)
+    request_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
 
     class Meta:
         ordering = ["project", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "request_key"], condition=~models.Q(request_key=""), name="apikey_unique_request_key"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"

@@ -7,6 +7,7 @@ import math
 import re
 import secrets
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import InvalidState, ReasonRequired, SessionArchived
+from sessions_app.errors import IdempotencyKeyReused, InvalidState, ReasonRequired, SecretShownOnce, SessionArchived
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
@@ -30,6 +31,21 @@ def actor_fields(actor: User, actor_label: str = "") -> dict[str, Any]:
     if actor is not None and getattr(actor, "is_authenticated", False):
         return {"actor": actor, "actor_label": actor_label or actor.get_username()}
     return {"actor": None, "actor_label": actor_label or "system"}
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """The Idempotency-Key of a request, for a write that keeps it on the row it makes (jobs, API
+    keys): `key` hashes the caller, endpoint and key, `digest` the request's input. A retry with
+    the same key finds that row; the same key with other input is IdempotencyKeyReused."""
+
+    key: str
+    digest: str
+
+    def check(self, row: Any) -> None:
+        """Refuse a retry whose input differs from the request that made `row`."""
+        if row.request_digest != self.digest:
+            raise IdempotencyKeyReused("this Idempotency-Key was used before with a different request")
 
 
 REASON_MAX = 2_000
@@ -343,27 +359,50 @@ def _clean_scopes(scopes: Any) -> list[str]:
 
 @transaction.atomic
 def api_key_create(
-    *, project: Project, name: str, scopes: Any, actor: User = None, actor_label: str = ""
+    *, project: Project, name: str, scopes: Any, actor: User = None, actor_label: str = "",
+    request: RequestKey | None = None,
 ) -> tuple[ApiKey, str]:
-    """A new key and its secret token. Only the token's hash is stored: the token is shown once."""
+    """A new key and its secret token. Only the token's hash is stored: the token is shown once.
+
+    With a `request` key, a retry of the request that made a key is SecretShownOnce naming that key
+    (its token is not kept, so it cannot be answered again), never a second key."""
     if not isinstance(name, str) or not name.strip() or len(name) > 100:
         raise InvalidState("name is required (at most 100 characters)")
     scopes = _clean_scopes(scopes)
+    _key_not_made(project, request)
     prefix = secrets.token_hex(6)
     token = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
-    api_key = ApiKey.objects.create(
-        project=project,
-        name=name.strip(),
-        prefix=prefix,
-        key_hash=api_key_hash(token),
-        scopes=scopes,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None,
-    )
+    try:
+        with transaction.atomic():
+            api_key = ApiKey.objects.create(
+                project=project,
+                name=name.strip(),
+                prefix=prefix,
+                key_hash=api_key_hash(token),
+                scopes=scopes,
+                created_by=actor if getattr(actor, "is_authenticated", False) else None,
+                request_key=request.key if request else "",
+                request_digest=request.digest if request else "",
+            )
+    except IntegrityError:
+        _key_not_made(project, request)  # a concurrent retry made it first (the insert waited for it)
+        raise
     audit_record(
         project=project, action="api_key.create", target_type="api_key", target_id=api_key.pk,
         actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": prefix, "scopes": scopes},
     )
     return api_key, token
+
+
+def _key_not_made(project: Project, request: RequestKey | None) -> None:
+    made = None if request is None else ApiKey.objects.filter(project=project, request_key=request.key).first()
+    if request is not None and made is not None:
+        request.check(made)
+        raise SecretShownOnce(
+            f"the first request with this Idempotency-Key already made key {made.pk} (prefix {made.prefix}); its "
+            "secret was shown only in that answer. Revoke it if the answer was lost, and make another.",
+            api_key=made.pk, prefix=made.prefix,
+        )
 
 
 @transaction.atomic

@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from sessions_app import events
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, audit_record
+from sessions_app.services import RequestKey, User, audit_record
 from snapshots_app import jobs, store
 from snapshots_app.models import (
     CompressionDictionary,
@@ -647,7 +647,7 @@ def compaction_run(
 
 def compaction_start(
     *, project: Project, apply_retention: bool = True, actor: User = None, actor_label: str = "",
-    request: jobs.RequestKey | None = None,
+    request: RequestKey | None = None,
 ) -> Job:
     """Queue a compaction of the project (retention per policy unless told not to, then GC).
     `request`: the starting request's idempotency key (see jobs.job_create)."""

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from sessions_app import errors, events
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, audit_record, require_reason
+from sessions_app.services import RequestKey, User, audit_record, require_reason
 from snapshots_app import jobs, store
 from snapshots_app.compaction import ProgressFn, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, Version
@@ -164,7 +164,7 @@ def integrity_problems(
 
 def integrity_scrub_start(
     *, project: Project | None = None, budget: int | None = None, actor: User = None, actor_label: str = "",
-    request: jobs.RequestKey | None = None,
+    request: RequestKey | None = None,
 ) -> Job:
     """Queue a scrub of one project (or all projects). `budget` None = settings.INTEGRITY_SCRUB_BUDGET, 0 = all.
     `request`: the starting request's idempotency key (see jobs.job_create)."""

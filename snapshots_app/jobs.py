@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -29,9 +28,9 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from sessions_app import background, events
-from sessions_app.errors import IdempotencyKeyReused, JobNotFound
+from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, actor_fields
+from sessions_app.services import RequestKey, User, actor_fields
 from snapshots_app.models import Job, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -64,23 +63,13 @@ def _publish(job: Job, event: str) -> None:
     events.publish_after_commit(job.project_id, event, payload, session_id=job.session_id)
 
 
-@dataclass(frozen=True)
-class RequestKey:
-    """An Idempotency-Key of the request that starts a job, kept on the job's row: `key` names the
-    caller, endpoint and key (a hash), `digest` the request's input. A retry with the same key gets
-    the job the first request started; the same key with other input is IdempotencyKeyReused."""
-
-    key: str
-    digest: str
-
-
 def job_for_request(project: Project | None, request: RequestKey | None) -> Job | None:
     """The job an earlier request with this key started (None if none did)."""
     if request is None:
         return None
     job = Job.objects.filter(project=project, request_key=request.key).first()
-    if job is not None and job.request_digest != request.digest:
-        raise IdempotencyKeyReused("this Idempotency-Key started a job before, with a different request")
+    if job is not None:
+        request.check(job)
     return job
 
 

@@ -35,7 +35,7 @@ from django.utils.dateparse import parse_datetime
 from sessions_app import errors
 from sessions_app.errors import ImportRejected, InvalidState
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import User, actor_fields, audit_record
+from sessions_app.services import RequestKey, User, actor_fields, audit_record
 from snapshots_app import canonical, jobs, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
@@ -174,7 +174,7 @@ def transfer_export_run(
 
 def transfer_export_start(
     *, project: Project, session: WorkflowSession | None = None, actor: User = None, actor_label: str = "",
-    request: jobs.RequestKey | None = None,
+    request: RequestKey | None = None,
 ) -> Job:
     """Queue an export of one session, or of every session of the project when `session` is None.
     `request`: the starting request's idempotency key (see jobs.job_create)."""
@@ -438,7 +438,7 @@ def _store_import(
 
 def transfer_import_start(
     *, project: Project, source: IO[bytes] | Path, actor: User = None, actor_label: str = "",
-    request: jobs.RequestKey | None = None,
+    request: RequestKey | None = None,
 ) -> Job:
     """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`.
     `request`: the starting request's idempotency key (see jobs.job_create); a retry keeps no copy."""

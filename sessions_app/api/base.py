@@ -15,8 +15,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
-from sessions_app.api.problems import LengthRequired, RequestInProgress, RequestTooLarge, SecretShownOnce
+from sessions_app.api.problems import LengthRequired, RequestInProgress, RequestTooLarge
 from sessions_app.errors import IdempotencyKeyReused
+from sessions_app.services import RequestKey
 
 IDEMPOTENCY_KEY_MAX = 200
 IDEMPOTENCY_SECONDS = 24 * 3600
@@ -56,9 +57,10 @@ class ApiView(generics.GenericAPIView):
             raise ValidationError({"Idempotency-Key": [f"At most {IDEMPOTENCY_KEY_MAX} characters."]})
         return key
 
-    def scoped_idempotency_key(self, fingerprint: Any) -> tuple[str, str] | None:
-        """(scope, digest) of the request's Idempotency-Key, or None without one: `scope` hashes the
-        caller, the path and the key (one caller's key never meets another's), `digest` the input."""
+    def request_key(self, fingerprint: Any) -> RequestKey | None:
+        """The request's Idempotency-Key (None without one), for a service that keeps it on what it
+        writes: the key is scoped to the caller and the path (one caller's key never meets
+        another's), and `fingerprint` (the input) is what a retry must repeat."""
         key = self.idempotency_key()
         if key is None:
             return None
@@ -67,25 +69,20 @@ class ApiView(generics.GenericAPIView):
         digest = hashlib.sha256(
             orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
         ).hexdigest()
-        return scope, digest
+        return RequestKey(scope, digest)
 
-    def replayable(self, fingerprint: Any, call: Callable[[], Response], *, secret: str | None = None) -> Response:
-        """Run a write whose service takes no idempotency key, remembering its answer for retries.
+    def replayable(self, fingerprint: Any, call: Callable[[], Response]) -> Response:
+        """Run a write whose service keeps no idempotency key, remembering its answer for retries.
 
         A retry with the same Idempotency-Key (same caller, same path, same input) gets the first
         answer again; the same key with different input is 422. The answer is kept in the cache
-        for a day, so this is best effort across cache loss, unlike the versions' own keys. A retry
-        that arrives while the first call still runs gets 409 request_in_progress.
-
-        An answer's `secret` field (a new API key) is never kept: a retry of that call gets 409
-        secret_shown_once naming what the first call made, instead of making a second one.
+        for a day, so this is best effort across cache loss, unlike the keys services keep (see
+        request_key). A retry that arrives while the first call still runs gets 409 request_in_progress.
         """
-        key = self.idempotency_key()
-        scoped = self.scoped_idempotency_key(fingerprint)
-        if key is None or scoped is None:
+        request = self.request_key(fingerprint)
+        if request is None:
             return call()
-        scope, digest = scoped
-        cache_key = "api-idem:" + scope
+        cache_key = "api-idem:" + request.key
         first = cache.get(cache_key)
         if first is None:
             # One attempt at a time: a retry that arrives while the first call still runs (a client
@@ -98,21 +95,12 @@ class ApiView(generics.GenericAPIView):
                 if first is None:
                     response = call()
                     # Errors are raised, not returned: only successful answers are remembered.
-                    body = response.data
-                    if secret is not None:
-                        body = {name: value for name, value in body.items() if name != secret}
                     headers = {name: response[name] for name in REPLAYED_HEADERS if response.has_header(name)}
-                    cache.set(cache_key, {"fingerprint": digest, "body": body, "status": response.status_code,
-                                          "headers": headers, "secret": secret}, IDEMPOTENCY_SECONDS)
+                    cache.set(cache_key, {"fingerprint": request.digest, "body": response.data,
+                                          "status": response.status_code, "headers": headers}, IDEMPOTENCY_SECONDS)
                     return response
             finally:
                 cache.delete(running)
-        if first["fingerprint"] != digest:
-            raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used before with a different request")
-        if first.get("secret"):
-            made = ", ".join(f"{name} {first['body'][name]}" for name in ("id", "prefix") if name in first["body"])
-            raise SecretShownOnce(
-                f"The first request with Idempotency-Key {key!r} already made this ({made}); its {first['secret']} "
-                "was shown only in that answer. Revoke it if the answer was lost, and make another."
-            )
+        if first["fingerprint"] != request.digest:
+            raise IdempotencyKeyReused(f"Idempotency-Key {self.idempotency_key()!r} was used before with a different request")
         return Response(first["body"], status=first["status"], headers=first.get("headers"))

@@ -57,13 +57,6 @@ class LengthRequired(exceptions.APIException):
     default_code = "length_required"
 
 
-class SecretShownOnce(exceptions.APIException):
-    """A retry of a call whose answer held a secret: the secret is not kept, so it cannot be replayed."""
-
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "secret_shown_once"
-
-
 class ProblemSerializer(serializers.Serializer):
     """RFC 9457 problem details (application/problem+json)."""
 

@@ -224,15 +224,13 @@ class ApiKeyList(mixins.ListModelMixin, ApiView):
         data = incoming.validated_data
         project = project_for(request, data.get("project"), role=Role.ADMIN)
 
-        def create() -> Response:
-            api_key, token = services.api_key_create(
-                project=project, name=data["name"], scopes=data["scopes"], **self.principal.actor
-            )
-            body = ApiKeyCreatedSerializer(api_key).data
-            body["key"] = token
-            return Response(body, status=status.HTTP_201_CREATED)
-
-        return self.replayable({"project": project.pk, **data}, create, secret="key")
+        api_key, token = services.api_key_create(
+            project=project, name=data["name"], scopes=data["scopes"], request=self.request_key(data),
+            **self.principal.actor,
+        )
+        body = ApiKeyCreatedSerializer(api_key).data
+        body["key"] = token
+        return Response(body, status=status.HTTP_201_CREATED)
 
 
 class ApiKeyDetail(ApiView):

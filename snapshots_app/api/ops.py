@@ -36,7 +36,7 @@ from sessions_app.errors import JobNotFound, NotFound
 from sessions_app.models import Project, Role
 from sessions_app.services import REASON_MAX
 from sessions_app.strict_json import ascii_int
-from snapshots_app import compaction, integrity, jobs, transfer
+from snapshots_app import compaction, integrity, transfer
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
 
 PROJECT_QUERY = OpenApiParameter(
@@ -170,21 +170,12 @@ class RetentionPolicyView(ApiView):
         return Response(RetentionPolicySerializer(policy).data)
 
 
-class JobStartView(ApiView):
-    """An edge that queues a job. Its Idempotency-Key is kept on the job's row (jobs.RequestKey), not
-    in the cache: a retry gets the job the first request started, as it is now, even after a Redis
-    outage, and concurrent retries make one job."""
-
-    def job_request(self, fingerprint: Any) -> jobs.RequestKey | None:
-        scoped = self.scoped_idempotency_key(fingerprint)
-        return None if scoped is None else jobs.RequestKey(*scoped)
-
-    @staticmethod
-    def queued(job: Job) -> Response:
-        return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+def queued(job: Job) -> Response:
+    """The answer of a job start (also a retry's: the job the first request started, as it is now)."""
+    return Response(JobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
-class Compaction(JobStartView):
+class Compaction(ApiView):
     serializer_class = CompactionSerializer
 
     @extend_schema(
@@ -204,12 +195,12 @@ class Compaction(JobStartView):
             preview = compaction.compaction_dry_run(project=project, apply_retention=data["apply_retention"])
             return Response(preview.as_dict())
         project = project_for(request, data.get("project"), role=Role.ADMIN)
-        return self.queued(compaction.compaction_start(
-            project=project, apply_retention=data["apply_retention"], request=self.job_request(data), **self.principal.actor
+        return queued(compaction.compaction_start(
+            project=project, apply_retention=data["apply_retention"], request=self.request_key(data), **self.principal.actor
         ))
 
 
-class ExportCreate(JobStartView):
+class ExportCreate(ApiView):
     serializer_class = ExportSerializer
 
     @extend_schema(operation_id="exports_create", request=ExportSerializer, parameters=[IDEMPOTENCY_KEY], responses={202: JobSerializer},
@@ -224,12 +215,12 @@ class ExportCreate(JobStartView):
         else:
             session = None
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
-        return self.queued(transfer.transfer_export_start(
-            project=project, session=session, request=self.job_request(data), **self.principal.actor
+        return queued(transfer.transfer_export_start(
+            project=project, session=session, request=self.request_key(data), **self.principal.actor
         ))
 
 
-class ImportCreate(JobStartView):
+class ImportCreate(ApiView):
     serializer_class = JobSerializer
     parser_classes = [NdjsonParser]
 
@@ -249,8 +240,8 @@ class ImportCreate(JobStartView):
         if not isinstance(upload, Upload) or not upload.size:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
         with upload.file:
-            return self.queued(transfer.transfer_import_start(
-                project=project, source=upload.file, request=self.job_request({"sha256": upload.sha256}),
+            return queued(transfer.transfer_import_start(
+                project=project, source=upload.file, request=self.request_key({"sha256": upload.sha256}),
                 **self.principal.actor,
             ))
 
@@ -366,7 +357,7 @@ class ScrubSerializer(InputSerializer):
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
 
 
-class IntegrityScrub(JobStartView):
+class IntegrityScrub(ApiView):
     serializer_class = JobSerializer
 
     @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
@@ -379,6 +370,6 @@ class IntegrityScrub(JobStartView):
             project = _project(request, Role.OPERATOR, body=incoming.validated_data)
         else:
             project = _project(request, Role.OPERATOR)
-        return self.queued(integrity.integrity_scrub_start(
-            project=project, budget=0, request=self.job_request({}), **self.principal.actor
+        return queued(integrity.integrity_scrub_start(
+            project=project, budget=0, request=self.request_key({}), **self.principal.actor
         ))

@@ -226,3 +226,20 @@ def test_a_fresh_deployment_gets_its_project_members_and_key_from_the_command_li
     call_command("create_api_key", "--project", "support-bots", "--name", "engine", stdout=token, stderr=StringIO())
     engine = KeyClient(token.getvalue().strip())
     assert engine.post("/api/v1/sessions/", {"external_id": "first"}, format="json").status_code == 201
+
+
+def test_a_key_creation_retried_after_the_cache_is_lost_still_makes_no_second_key(project):
+    """The request's key is kept with the API key it made, not in the cache (here: emptied, as by a
+    Redis outage between the first request and its retry)."""
+    from django.core.cache import cache
+
+    from sessions_app.models import ApiKey
+
+    admin = key_client(project, "admin")
+    body = {"name": "engine-9", "scopes": ["write"]}
+    first = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-9")
+    cache.clear()
+    retry = admin.post("/api/v1/keys/", body, format="json", HTTP_IDEMPOTENCY_KEY="make-engine-9")
+    assert retry.status_code == 409 and retry.json()["code"] == "secret_shown_once"
+    assert str(first.json()["id"]) in retry.json()["detail"]
+    assert ApiKey.objects.filter(name="engine-9").count() == 1
