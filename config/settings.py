@@ -295,6 +295,10 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
+# Messages live in the server-side session, not in a cookie: the admin's "copy this key now" message
+# carries a new API key's secret, which the default (cookie first) storage sent to the browser and
+# back in a signed but readable cookie.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 # After a write, one process announces a session's new versions (live timeline, finalize task,
 # head cache) at most once per this many milliseconds: the first at once, the rest together when the

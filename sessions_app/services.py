@@ -129,7 +129,7 @@ def clean_tags(tags: Any) -> list[str]:
     return cleaned
 
 
-def _clean_metadata(metadata: Any) -> dict[str, Any]:
+def clean_metadata(metadata: Any) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -163,7 +163,7 @@ def _refuse_lossy_jsonb(metadata: dict[str, Any]) -> None:
             raise InvalidState(f"metadata{path} is {value!r}: numbers must be finite and below 2**63 in magnitude")
 
 
-def _clean_external_id(external_id: Any) -> str:
+def clean_external_id(external_id: Any) -> str:
     if not isinstance(external_id, str) or not external_id.strip():
         raise InvalidState("external_id is required (the engine's own session or thread id)")
     if len(external_id) > 255:
@@ -184,8 +184,8 @@ def session_get_or_create(
 ) -> tuple[WorkflowSession, bool]:
     """The session with this external id, created if new. Idempotent: safe for engines to call
     at every start; an existing session is returned unchanged."""
-    external_id = _clean_external_id(external_id)
-    metadata = _clean_metadata(metadata)
+    external_id = clean_external_id(external_id)
+    metadata = clean_metadata(metadata)
     tags = clean_tags(tags)
     if not isinstance(workflow, str) or len(workflow) > 200:
         raise InvalidState("workflow must be a string of at most 200 characters")
@@ -239,7 +239,7 @@ def session_update(
             raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
         asked["status"] = status
     if metadata is not None:
-        asked["metadata"] = _clean_metadata(metadata)
+        asked["metadata"] = clean_metadata(metadata)
     if tags is not None:
         asked["tags"] = clean_tags(tags)
     if workflow is not None:

@@ -34,8 +34,16 @@ from django.utils.dateparse import parse_datetime
 
 from sessions_app import errors
 from sessions_app.errors import ImportRejected, InvalidState
-from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import RequestKey, User, actor_fields, audit_record
+from sessions_app.models import Project, SessionStatus, WorkflowSession
+from sessions_app.services import (
+    RequestKey,
+    User,
+    actor_fields,
+    audit_record,
+    clean_external_id,
+    clean_metadata,
+    clean_tags,
+)
 from snapshots_app import canonical, jobs, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
@@ -56,6 +64,21 @@ def exports_dir() -> Path:
 
 def imports_dir() -> Path:
     return Path(settings.VAR_DIR) / "imports"
+
+
+def _private_folder(folder: Path) -> Path:
+    """Exports and uploaded imports hold whole projects' states: only the service's own user may read
+    them (the process umask would leave them world-readable on a shared host)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    return folder
+
+
+def _private_file(path: Path) -> IO[bytes]:
+    """`path` opened for writing (truncated), readable by the service's own user only."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an existing file (a .partial left by a killed attempt) keeps its mode otherwise
+    return os.fdopen(descriptor, "wb")
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -109,8 +132,7 @@ def transfer_export_run(
     total = len(digests) + len(versions)
     progress(0, total, force=True)
 
-    folder = exports_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _private_folder(exports_dir())
     scope = f"session-{session.external_id}" if session else "project"
     safe_scope = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
     name = f"{project.slug}-{safe_scope}-{job.pk if job else uuid.uuid4().hex[:8]}.ndjson"
@@ -119,7 +141,7 @@ def transfer_export_run(
     digest = hashlib.sha256()
     records = 0
     done = 0
-    with partial.open("wb") as out:
+    with _private_file(partial) as out:
 
         def emit(record: dict[str, Any]) -> None:
             nonlocal records
@@ -303,6 +325,27 @@ def _read_file(path: Path, progress: ProgressFn) -> tuple[dict[str, Any], list[d
     return header, sessions, raw_nodes, versions
 
 
+SESSION_TEXT_LIMITS = {"workflow": 200, "last_step": 200, "last_error": None}
+
+
+def _check_session(record: dict[str, Any]) -> None:
+    """A session record holds what the API would have accepted: the file's checksums are no
+    signature (anyone can write a file that verifies), so its fields get the API's own checks."""
+    name = f"session {str(record.get('id'))[:64]!r}"
+    try:
+        clean_external_id(record.get("external_id"))
+        clean_tags(record.get("tags"))
+        clean_metadata(record.get("metadata"))
+    except InvalidState as exc:
+        raise ImportRejected(f"{name}: {exc.message}") from None
+    if record.get("status") not in SessionStatus.values:
+        raise ImportRejected(f"{name} has an unknown status")
+    for field, limit in SESSION_TEXT_LIMITS.items():
+        value = record.get(field)
+        if not isinstance(value, str) or "\x00" in value or (limit is not None and len(value) > limit):
+            raise ImportRejected(f"{name}: {field} must be text" + (f" of at most {limit} characters" if limit else ""))
+
+
 def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
     if record.get("session") not in session_ids:
         raise ImportRejected("a version belongs to no session in the file")
@@ -310,6 +353,10 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
         raise ImportRejected("a version has no valid number")
     if record.get("kind") not in VersionKind.values:
         raise ImportRejected(f"version {record['number']} has an unknown kind")
+    if record.get("status") not in ("", *SessionStatus.values):
+        raise ImportRejected(f"version {record['number']} has an unknown status")
+    if record.get("summary") is not None and not isinstance(record["summary"], dict):
+        raise ImportRejected(f"version {record['number']} has a malformed summary")
 
 
 def transfer_import_run(
@@ -322,6 +369,8 @@ def transfer_import_run(
     task never imports twice.
     """
     header, sessions, raw_nodes, versions = _read_file(Path(path), progress)
+    for record in sessions:
+        _check_session(record)
     session_ids = {record["id"] for record in sessions}
     if len(session_ids) != len(sessions) or len(sessions) != header.get("sessions"):
         raise ImportRejected("the session records do not match the header")
@@ -447,13 +496,13 @@ def transfer_import_start(
     earlier = jobs.job_for_request(project, request)
     if earlier is not None:
         return earlier
-    folder = imports_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _private_folder(imports_dir())
     target = folder / f"{project.slug}-{uuid.uuid4().hex}.ndjson"
-    if isinstance(source, Path):
-        shutil.copyfile(source, target)
-    else:
-        with target.open("wb") as out:
+    with _private_file(target) as out:
+        if isinstance(source, Path):
+            with source.open("rb") as original:
+                shutil.copyfileobj(original, out)
+        else:
             shutil.copyfileobj(source, out)
     job = jobs.job_create(
         kind=JobKind.IMPORT, project=project, params={"file": target.name}, actor=actor, actor_label=actor_label,

@@ -4,6 +4,7 @@ fork, pin and label. Thin: selectors read, services write; domain errors become 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm
 from snapshots_app.models import Version
 
 DIFF_SHOWN = 500
+# htmx error answers are text (static/js/app.js shows them with textContent): as text/html, a form
+# error echoing the submitted value ("Select a valid choice. <img ...>") would be markup.
+PLAIN_TEXT = "text/plain; charset=utf-8"
 VALUE_SHOWN = 20_000
 
 
@@ -68,9 +72,26 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
         "before": before,
         "next_before": versions[-1].number if len(versions) == selectors.TIMELINE_PAGE else None,
         "problems": selectors.integrity_problems(session),
-        "forked_from": session.metadata.get("forked_from") if isinstance(session.metadata, dict) else None,
+        "forked_from": _forked_from(session),
     }
     return render_fragment(request, "snapshots_app/session.html", "snapshots_app/partials/_timeline_rows.html", context)
+
+
+def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:
+    """The fork source named in the session's metadata, only when it is a session of the same project.
+
+    Metadata is engine-supplied (PATCH, import): a value that is not a UUID must not break the page
+    (it made {% url %} raise, a 500 for every member), and one naming another project's session is no lineage."""
+    forked_from = session.metadata.get("forked_from") if isinstance(session.metadata, dict) else None
+    if not isinstance(forked_from, dict):
+        return None
+    try:
+        source = uuid.UUID(str(forked_from.get("session")))
+    except ValueError:
+        return None
+    if not WorkflowSession.objects.filter(pk=source, project_id=session.project_id).exists():
+        return None
+    return {"session": source, "version": forked_from.get("version")}
 
 
 def _int(raw: Any) -> int | None:
@@ -332,7 +353,7 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     if not form.is_valid():
         problem = " ".join(form_problems(form))
         if wants_fragment(request):
-            return HttpResponse(problem, status=400)
+            return HttpResponse(problem, status=400, content_type=PLAIN_TEXT)
         # The timeline again, saying what was wrong: nothing was changed.
         messages.error(request, problem)
         response = session_detail(request, session.pk)
@@ -345,7 +366,7 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
             version = services.version_label(version=version, label=form.cleaned_data["label"], actor=request.user)
     except StateStoreError as exc:
         if wants_fragment(request):
-            return HttpResponse(exc.message, status=exc.status)
+            return HttpResponse(exc.message, status=exc.status, content_type=PLAIN_TEXT)
         messages.error(request, exc.message)
     if wants_fragment(request):
         version = selectors.timeline_page(session, before=version.number + 1, limit=1)[0]

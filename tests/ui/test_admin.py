@@ -237,3 +237,13 @@ def test_resolving_needs_the_change_permission_and_a_damaged_base_cannot_start_a
     clear_cache()  # a fresh process: nothing remembers the state from before the damage
     response = client.get(reverse("admin:snapshots_app_version_data_fix", args=[version.pk]), follow=True)
     assert response.status_code == 200 and "Start the data fix from another version" in response.content.decode()
+
+
+def test_a_new_keys_secret_never_travels_in_a_cookie(client, staff, team):
+    """The "copy this key now" message is kept in the server-side session, not a messages cookie."""
+    client.force_login(staff)
+    response = client.post(reverse("admin:sessions_app_apikey_add"), {"project": team.pk, "name": "ci", "scopes": ["read"]})
+    assert response.status_code == 302
+    assert "messages" not in response.cookies
+    page = client.get(response["Location"]).content.decode()
+    assert "it is not shown again: sr_" in page

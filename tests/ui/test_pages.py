@@ -441,3 +441,25 @@ def test_operators_archive_and_unarchive_from_the_session_page(client, operator,
     assert list(AuditEvent.objects.filter(session_id=story.pk, action__endswith="archive")
                 .order_by("pk").values_list("action", "reason")) == [("session.archive", "done"),
                                                                       ("session.unarchive", "one more step")]
+
+
+def test_an_htmx_mark_error_is_text_not_markup(client, operator, story):
+    """A refused pin/label answers htmx with text: the form error echoes the submitted value."""
+    client.force_login(operator)
+    response = client.post(session_url(story, "snapshots:mark", number=3), {"pinned": "<img src=x onerror=alert(1)>"},
+                           HTTP_HX_REQUEST="true")
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize("source", ["not-a-uuid", ["x"], "elsewhere"])
+def test_fork_lineage_from_metadata_never_breaks_or_crosses_projects(client, operator, team, story, source):
+    """forked_from is metadata an engine may set (PATCH, import): a value that names no session of
+    this project shows no lineage link and does not break the page."""
+    if source == "elsewhere":
+        source = str(make_session(make_project("elsewhere"), "theirs").pk)
+    session_update(session=story, metadata={"forked_from": {"session": source, "version": 1}})
+    client.force_login(operator)
+    response = client.get(session_url(story))
+    assert response.status_code == 200
+    assert "Forked from" not in response.content.decode()
