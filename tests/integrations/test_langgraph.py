@@ -277,3 +277,27 @@ def test_writing_to_an_archived_thread_says_so(live_api, rewind):
     with pytest.raises(ConflictError) as excinfo:
         graph.invoke({"city": "Lima", "log": []}, config)
     assert excinfo.value.code == "session_archived"
+
+
+def test_a_fork_made_in_session_rewind_is_its_own_thread(live_api, rewind):
+    # A fork copies its source's tags and metadata: the source's delete_thread must not take the
+    # fork with it, and the fork, once LangGraph runs it, is a thread of its own.
+    saver = SessionRewindSaver(live_api.client())
+    graph = trip_graph(saver)
+    config = {"configurable": {"thread_id": "trip-forked"}}
+    graph.invoke({"city": "Oslo", "log": []}, config)
+    source = rewind.list_sessions(external_id="trip-forked")["results"][0]
+    after_plan = next(v for v in rewind.iter_versions(source["id"]) if v["step"].startswith("loop 1"))
+    rewind.fork(source["id"], after_plan["number"], reason="try Bergen", external_id="trip-forked-2")
+
+    fork_config = {"configurable": {"thread_id": "trip-forked-2"}}
+    assert graph.get_state(fork_config).next == ("book",)
+    listed = {t.config["configurable"]["thread_id"] for t in saver.list(None)}
+    assert {"trip-forked", "trip-forked-2"} <= listed
+
+    saver.delete_thread("trip-forked")
+    assert graph.get_state(fork_config).values["log"] == ["plan Oslo"]
+    assert graph.invoke(None, fork_config)["log"] == ["plan Oslo", "book Oslo", "confirm Oslo"]
+
+    saver.delete_thread("trip-forked-2")
+    assert rewind.list_sessions(q="trip-forked")["results"] == []

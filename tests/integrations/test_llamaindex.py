@@ -5,6 +5,7 @@ that ends with the same result as a clean run."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import pytest
 from session_rewind_client.llamaindex import ENGINE, ContextNotResumable, WorkflowRecorder
@@ -170,3 +171,32 @@ def test_a_refused_snapshot_stops_recording_but_not_the_workflow(live_api, setti
     run = asyncio.run(main())
     assert run.result == {"total": 25, "log": ["fetch", "price", "charge", "ship"]} and run.versions == []
     assert run.recording_error.status == 413 and run.recording_error.code == "state_too_large"
+
+
+class Dated(Workflow):
+    @step
+    async def stamp(self, ctx: Context, ev: StartEvent) -> Priced:
+        await ctx.store.set("when", datetime(2024, 1, 1))
+        return Priced(total=1)
+
+    @step
+    async def finish(self, ctx: Context, ev: Priced) -> StopEvent:
+        return StopEvent(result=str(await ctx.store.get("when")))
+
+
+def test_a_context_json_cannot_carry_stops_recording_not_the_run_and_a_serializer_records_it(live_api):
+    from workflows.context.serializers import PickleSerializer
+
+    async def main() -> None:
+        async with live_api.aclient() as client:
+            plain = await WorkflowRecorder(client).run(Dated(timeout=10), external_id="dated-json")
+            assert plain.result == "2024-01-01 00:00:00" and plain.error is None
+            assert "cannot be serialized" in str(plain.recording_error) and plain.versions == []
+
+            recorder = WorkflowRecorder(client, serializer=PickleSerializer())
+            pickled = await recorder.run(Dated(timeout=10), external_id="dated-pickle")
+            assert [v["step"] for v in pickled.versions] == ["stamp", "finish"]
+            ctx = await recorder.load_context(Dated(timeout=10), pickled.session_id, version=1)
+            assert await ctx.store.get("when") == datetime(2024, 1, 1)
+
+    asyncio.run(main())

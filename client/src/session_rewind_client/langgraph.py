@@ -279,6 +279,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         # Versions never change, so what was read once can be served again; session ids can
         # disappear (delete/prune), so those entries are dropped there.
         self._sessions: dict[str, str] = {}
+        self._ensured: set[str] = set()  # external ids whose session this saver created or claimed
         self._states = _LRU(cache_size)
         self._numbers = _LRU(cache_size * 4)
         # session id -> (head number, its checkpoint id) as this saver last saw or wrote it. Only ids
@@ -482,7 +483,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     def _ensure_session(self, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
         cached = self._sessions.get(external_id)
-        if cached is not None:
+        if cached is not None and external_id in self._ensured:
             return cached
         body = {
             "external_id": external_id,
@@ -493,12 +494,24 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes", KEEP_ALL_TAG] if writes else []),
         }
         session = yield Call("POST", "sessions/", json=body)
+        found = (session.get("metadata") or {}).get("langgraph") or {}
+        if found != body["metadata"]["langgraph"] or not set(body["tags"]) <= set(session.get("tags") or []):
+            # An existing session made for another thread: a fork made in Session Rewind (it carries
+            # its source's tags and metadata). Claim it for this thread, or delete_thread of the
+            # source would delete it and this thread's would miss it.
+            tags = [tag for tag in session.get("tags") or [] if not tag.startswith("lg-thread:")]
+            yield Call("PATCH", f"sessions/{session['id']}/", json={
+                "metadata": {**(session.get("metadata") or {}), "langgraph": body["metadata"]["langgraph"]},
+                "tags": list(dict.fromkeys(tags + body["tags"])),
+            })
         self._sessions[external_id] = str(session["id"])
+        self._ensured.add(external_id)
         return str(session["id"])
 
     def _forget(self, session_id: str) -> None:
         for key in [key for key, value in self._sessions.items() if value == session_id]:
             self._sessions.pop(key, None)
+            self._ensured.discard(key)
         self._states.drop(lambda key: key[0] == session_id)
         self._numbers.drop(lambda key: key[0] == session_id)
         self._heads.pop(session_id, None)
@@ -677,9 +690,16 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             meta = (session.get("metadata") or {}).get("langgraph") or {}
             if meta.get("pending_writes") or "thread_id" not in meta:
                 continue
+            thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
+            external_id = session.get("external_id") or ""
+            if external_id != self._external_id(thread_id, ns):
+                # Forked in Session Rewind: the metadata is its source's, the external id is its thread.
+                if ns or not external_id.startswith(self.prefix):
+                    continue
+                thread_id = external_id[len(self.prefix):]
             if limit is not None and listed[0] >= limit:
                 return
-            thread: RunnableConfig = {"configurable": {"thread_id": meta["thread_id"], "checkpoint_ns": meta.get("checkpoint_ns", "")}}
+            thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
             remaining = None if limit is None else limit - listed[0]
             yield from _counting(self._list(thread, filter=filter, before=before, limit=remaining), listed)
 
@@ -759,8 +779,29 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
         return None
 
+    def _belongs(self, session: dict[str, Any], thread_id: str) -> bool:
+        """True when `session` is one this saver made for `thread_id`. A session forked in Session
+        Rewind carries its source's tags and metadata, so the tag alone would claim the fork for
+        the source thread (and `delete_thread` of the source would delete it)."""
+        meta = (session.get("metadata") or {}).get("langgraph") or {}
+        if str(meta.get("thread_id")) != thread_id:
+            return False
+        expected = self._external_id(thread_id, meta.get("checkpoint_ns", ""))
+        if meta.get("pending_writes"):
+            expected = _writes_of(expected)
+        return session.get("external_id") == expected
+
     def _thread_sessions(self, thread_id: str) -> Op:
-        return (yield from self._sessions_tagged(thread_tag(thread_id)))
+        found = [s for s in (yield from self._sessions_tagged(thread_tag(thread_id))) if self._belongs(s, thread_id)]
+        # A fork made in Session Rewind onto this thread's id is tagged as its source until this saver
+        # writes to it: find it by its external id.
+        root = self._external_id(thread_id, "")
+        for external_id in (root, _writes_of(root)):
+            if any(s.get("external_id") == external_id for s in found):
+                continue
+            page = yield Call("GET", "sessions/", params={"external_id": external_id, "limit": 2})
+            found.extend(s for s in page.get("results", []) if s.get("external_id") == external_id)
+        return found
 
     def _sessions_tagged(self, tag: str) -> Op:
         found: Rows = []

@@ -24,10 +24,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from workflows import Context, Workflow
+from workflows.context.serializers import BaseSerializer
 from workflows.events import StepState, StepStateChanged
 
 from session_rewind_client.client import AsyncClient
-from session_rewind_client.errors import SessionRewindError
+from session_rewind_client.errors import SessionRewindError, ValidationError
 
 ENGINE = "llama-index-workflows"
 ERROR_MAX = 10_000
@@ -77,10 +78,33 @@ def describe_error(exc: BaseException) -> str:
 class WorkflowRecorder:
     """Runs workflows and records their context in Session Rewind after every finished step."""
 
-    def __init__(self, client: AsyncClient, *, workflow_name: str | None = None, tags: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        workflow_name: str | None = None,
+        tags: list[str] | None = None,
+        serializer: BaseSerializer | None = None,
+    ) -> None:
+        """`serializer` is what ``ctx.to_dict``/``Context.from_dict`` use (default: JSON), e.g.
+        ``PickleSerializer()`` for a store holding values JSON cannot carry."""
         self.client = client
         self.workflow_name = workflow_name
         self.tags = tags
+        self.serializer = serializer
+
+    def _serialize(self, ctx: Context, recorded: RecordedRun) -> dict[str, Any] | None:
+        """The context as a dict, or None (and `recording_error` set) when it cannot be serialized:
+        recording stops there, the workflow runs on."""
+        try:
+            return ctx.to_dict(self.serializer)
+        except Exception as exc:  # noqa: BLE001 - the serializer's failure, whatever its type
+            if recorded.recording_error is None:
+                recorded.recording_error = ValidationError(
+                    f"the workflow context cannot be serialized ({describe_error(exc)}); recording stopped. "
+                    "Pass WorkflowRecorder(serializer=...) (e.g. PickleSerializer()) for such values."
+                )
+            return None
 
     async def run(
         self,
@@ -115,8 +139,10 @@ class WorkflowRecorder:
                 if not (isinstance(event, StepStateChanged) and event.step_state == StepState.NOT_RUNNING):
                     continue
                 started = time.perf_counter()
-                state = handler.ctx.to_dict()
+                state = self._serialize(handler.ctx, recorded)
                 recorded.serialize_seconds.append(time.perf_counter() - started)
+                if state is None:
+                    continue
                 snapshot = _Snapshot(step=event.name, state=state, status="running")
                 if state.get("is_running", True):
                     queue.put_nowait(snapshot)
@@ -127,13 +153,14 @@ class WorkflowRecorder:
         except Exception as exc:  # noqa: BLE001 - a failing step is recorded, then reported
             recorded.error = exc
             final_status, error = "failed", describe_error(exc)
-        if not stopped:
-            stopped.append(_Snapshot(step="", state=handler.ctx.to_dict(), status=final_status))
+        if not stopped and (final_state := self._serialize(handler.ctx, recorded)) is not None:
+            stopped.append(_Snapshot(step="", state=final_state, status=final_status))
         for snapshot in stopped[:-1]:
             snapshot.status = ""
             queue.put_nowait(snapshot)
-        stopped[-1].status, stopped[-1].error = final_status, error
-        queue.put_nowait(stopped[-1])
+        if stopped:
+            stopped[-1].status, stopped[-1].error = final_status, error
+            queue.put_nowait(stopped[-1])
         queue.put_nowait(None)
         await writer
         if raise_on_error and (recorded.error or recorded.recording_error):
@@ -170,7 +197,8 @@ class WorkflowRecorder:
     ) -> Context:
         """A `Context` restored from a version (default: the head), ready for ``workflow.run(ctx=...)``."""
         found = await (self.client.head(session_id) if version is None else self.client.get_version(session_id, version))
-        return context_from_state(workflow, found["state"], allow_not_running=allow_not_running, where=found)
+        return context_from_state(workflow, found["state"], allow_not_running=allow_not_running, where=found,
+                                  serializer=self.serializer)
 
 
 def context_from_state(
@@ -179,6 +207,7 @@ def context_from_state(
     *,
     allow_not_running: bool = False,
     where: dict[str, Any] | None = None,
+    serializer: BaseSerializer | None = None,
 ) -> Context:
     """`Context.from_dict`, refusing a context saved after its run had stopped (unless allowed)."""
     if not state.get("is_running", False) and not allow_not_running:
@@ -189,4 +218,4 @@ def context_from_state(
             "running (e.g. the one after the last good step), or pass allow_not_running=True to start a new run "
             "that only keeps its state."
         )
-    return Context.from_dict(workflow, state)
+    return Context.from_dict(workflow, state, serializer)
