@@ -148,6 +148,14 @@ class PrincipalRateThrottle(throttling.SimpleRateThrottle):
         self.num_requests, self.duration = self.parse_rate(self.rate)
         return super().allow_request(request, view)
 
+    def wait(self) -> float | None:
+        # DRF names no wait once the history holds more requests than the limit (the limit was
+        # lowered, or processes answering at once overshot it), and a 429 without Retry-After sends
+        # clients to their own guess. The wait then is until enough of the history has expired.
+        if len(self.history) >= self.num_requests + 1:
+            return max(0.0, self.duration - (self.now - self.history[self.num_requests - 1]))
+        return super().wait()  # type: ignore[no-any-return]
+
     def get_cache_key(self, request: Request, view: Any) -> str:
         if isinstance(request.auth, ApiKey):
             ident = f"key:{request.auth.pk}"

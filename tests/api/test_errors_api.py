@@ -119,6 +119,19 @@ def test_throttled_per_key_with_retry_after(project, settings):
     assert quiet.get("/api/v1/projects/").status_code == 200
 
 
+def test_a_lowered_rate_limit_still_says_when_to_retry(project, settings):
+    """A key whose recent requests already exceed a lowered limit is told how long to wait."""
+    from tests.api.conftest import key_client
+
+    busy = key_client(project, "read")
+    settings.API_RATE_LIMIT = "10/min"
+    assert [busy.get("/api/v1/projects/").status_code for _ in range(5)] == [200] * 5
+    settings.API_RATE_LIMIT = "2/min"
+    limited = busy.get("/api/v1/projects/")
+    assert limited.status_code == 429
+    assert 1 <= int(limited["Retry-After"]) <= 60
+
+
 def test_unknown_routes_methods_and_ids(writer, session, client):
     for response in (writer.get("/api/v1/nothing/here/"), client.post("/api/v1/sessions/x/y/z/")):
         assert response.status_code == 404 and response["Content-Type"] == "application/problem+json"

@@ -142,6 +142,14 @@ def test_diff_rewind_fork_and_audit(rewind):
 
     actions = {e["action"] for e in rewind.list_audit_events(session=s["id"])["results"]}
     assert {"session.rewind", "session.fork"} <= actions
+
+    held = rewind.create_session("d-json")  # LlamaIndex keeps every value as a JSON string
+    rewind.record(held["id"], {"ctx": '{"step": 1, "queue": []}'})
+    rewind.record(held["id"], {"ctx": '{"step": 2, "queue": []}'})
+    inside = rewind.diff(held["id"], 1, 2)["changes"]
+    assert [(c["string_path"], c["path"], c["new"]) for c in inside] == [("/ctx", "/step", 2)]
+    whole = rewind.diff(held["id"], 1, 2, structural_strings=False)["changes"]
+    assert [(c["path"], c["new"]) for c in whole] == [("/ctx", '{"step": 2, "queue": []}')]
     rewinds = list(rewind.iter_audit_events(action="session.rewind", limit=1))
     assert [e["reason"] for e in rewinds] == ["pointer b was a bad branch"]
 
@@ -237,6 +245,13 @@ def test_operations_retention_compaction_export_import_jobs_integrity(rewind, jo
     scrub = rewind.wait_for_job(rewind.start_integrity_scrub()["id"], timeout=60)
     assert scrub["status"] == "done"
     assert rewind.list_integrity_problems(open=True)["results"] == []
+    # A problem whose version verifies again (the data was restored) can be closed.
+    from snapshots_app.integrity import integrity_problem_record
+    from snapshots_app.models import Version
+
+    problem = integrity_problem_record(version=Version.objects.get(session_id=restored["id"], number=5), detail="restored")
+    closed = rewind.resolve_integrity_problem(problem.pk, resolution="rows restored from backup")
+    assert closed["resolved_at"] and rewind.list_integrity_problems(open=True)["results"] == []
 
     compacted = rewind.wait_for_job(rewind.compact(dry_run=False)["id"], timeout=60)
     assert compacted["status"] == "done"

@@ -106,6 +106,18 @@ def test_retry_after_is_honoured(monkeypatch):
     assert waits == [7.0]
 
 
+def test_a_retry_after_beyond_max_wait_is_raised_at_once_not_retried_early(monkeypatch):
+    """Retrying before the server's Retry-After is certain to fail again: the caller hears at once."""
+    waits: list[float] = []
+    monkeypatch.setattr("session_rewind_client.client.time.sleep", waits.append)
+    script = Script(httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "57"}),
+                    httpx.Response(200, json={"id": "s"}))
+    client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=30))
+    with pytest.raises(RateLimited) as caught:
+        client.get_session("s")
+    assert caught.value.retry_after == 57.0 and waits == [] and len(script.requests) == 1
+
+
 def test_rate_limited_after_retries_run_out():
     script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 4)
     with sync_client(script) as client, pytest.raises(RateLimited) as caught:

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from session_rewind_client.llamaindex import ENGINE, ContextNotResumable, WorkflowRecorder
 from workflows import Context, Workflow, step
-from workflows.events import Event, StartEvent, StopEvent
+from workflows.events import Event, HumanResponseEvent, InputRequiredEvent, StartEvent, StopEvent
 
 
 class Fetched(Event):
@@ -200,3 +200,35 @@ def test_a_context_json_cannot_carry_stops_recording_not_the_run_and_a_serialize
             assert await ctx.store.get("when") == datetime(2024, 1, 1)
 
     asyncio.run(main())
+
+
+class Approval(Workflow):
+    """Asks a human before it ships (human in the loop)."""
+
+    @step
+    async def ask(self, ctx: Context, ev: StartEvent) -> InputRequiredEvent:
+        await ctx.store.set("order", ev.order)
+        return InputRequiredEvent(prefix=f"ship {ev.order}?")
+
+    @step
+    async def decide(self, ctx: Context, ev: HumanResponseEvent) -> StopEvent:
+        return StopEvent(result={"order": await ctx.store.get("order"), "approved": ev.response == "yes"})
+
+
+def test_a_human_answers_an_input_request_through_on_event(live_api):
+    asked: list[str] = []
+
+    async def answer(handler, event):
+        if isinstance(event, InputRequiredEvent):
+            asked.append(event.prefix)
+            handler.ctx.send_event(HumanResponseEvent(response="yes"))
+
+    async def main():
+        async with live_api.aclient() as client:
+            return await WorkflowRecorder(client).run(Approval(timeout=10), external_id="approval-1", order="A-7",
+                                                      on_event=answer)
+
+    run = asyncio.run(main())
+    assert asked == ["ship A-7?"] and run.error is None
+    assert run.result == {"order": "A-7", "approved": True}
+    assert [v["step"] for v in run.versions][-1] == "decide" and run.versions[-1]["status"] == "completed"

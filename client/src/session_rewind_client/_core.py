@@ -80,7 +80,8 @@ class Call:
 class RetryPolicy:
     """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and full jitter.
 
-    A server's Retry-After wins over the computed delay, capped at `max_wait`. Writes are retried
+    A server's Retry-After wins over the computed delay; one longer than `max_wait` is not waited
+    for: the error is raised at once, with its `retry_after`. Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
     The defaults ride out about half a minute of outage (a web restart, a database failover): six
     retries waiting up to 0.5, 1, 2, 4, 8 and 16 s.
@@ -93,7 +94,7 @@ class RetryPolicy:
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         hinted = retry_after_seconds(response) if response is not None else None
         if hinted is not None:
-            return min(hinted, self.max_wait)
+            return hinted  # at most max_wait: should_retry refused longer ones
         return min(self.max_wait, random.uniform(0, self.backoff * (2**attempt)))
 
 
@@ -136,6 +137,11 @@ def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.
     if response is None:
         # Connection lost: safe for reads, and for writes because the key makes them idempotent.
         return True
+    hinted = retry_after_seconds(response)
+    if hinted is not None and hinted > policy.max_wait:
+        # The server says no sooner than that: retrying earlier is certain to fail again, so the
+        # caller gets the error now (RateLimited and ServiceUnavailable carry `retry_after`).
+        return False
     return response.status_code in RETRY_STATUSES or _in_progress(response)
 
 

@@ -216,9 +216,16 @@ class Endpoints:
         headers = {"If-None-Match": if_none_match} if if_none_match else {}
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/head/", headers=headers, decode=_with_etag))
 
-    def diff(self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None) -> Any:
-        """``{"changes": [{"path", "op", "old", "new"}], "patch": [...]}`` between two versions."""
-        params = _drop_none(to_session=str(to_session) if to_session is not None else None)
+    def diff(
+        self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None,
+        structural_strings: bool | None = None,
+    ) -> Any:
+        """``{"changes": [{"path", "op", "old", "new"}], "patch": [...]}`` between two versions.
+        ``structural_strings=False`` compares strings that hold JSON as plain strings."""
+        params = _drop_none(
+            to_session=str(to_session) if to_session is not None else None,
+            structural_strings=None if structural_strings is None else str(bool(structural_strings)).lower(),
+        )
         params.update({"from": int(from_version), "to": int(to_version)})
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/diff/", params=params))
 
@@ -347,6 +354,12 @@ class Endpoints:
                                 cursor: str | None = None) -> Any:
         params = _drop_none(open=None if open is None else str(open).lower(), project=project, cursor=cursor)
         return self._run(Call("GET", "integrity-problems/", params=params))
+
+    def resolve_integrity_problem(self, problem_id: int, *, resolution: str, idempotency_key: str | None = None) -> Any:
+        """Close an integrity problem once its version verifies again (restore the data first);
+        ConflictError ``still_damaged`` otherwise. `resolution` goes into the audit log."""
+        return self._run(Call("POST", f"integrity-problems/{int(problem_id)}/resolve/", json={"resolution": resolution},
+                              idempotency_key=idempotency_key))
 
     def start_integrity_scrub(self, *, project: str | None = None, idempotency_key: str | None = None) -> Any:
         """Queue a verification of every stored version; returns the job."""

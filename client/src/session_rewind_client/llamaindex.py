@@ -18,14 +18,17 @@ work that corrupts a new run, so `load_context` refuses it unless ``allow_not_ru
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from workflows import Context, Workflow
 from workflows.context.serializers import BaseSerializer
-from workflows.events import StepState, StepStateChanged
+from workflows.events import Event, InternalDispatchEvent, StepState, StepStateChanged
+from workflows.handler import WorkflowHandler
 
 from session_rewind_client.client import AsyncClient
 from session_rewind_client.errors import SessionRewindError, ValidationError
@@ -113,6 +116,7 @@ class WorkflowRecorder:
         external_id: str,
         ctx: Context | None = None,
         raise_on_error: bool = False,
+        on_event: Callable[[WorkflowHandler, Event], Awaitable[None] | None] | None = None,
         **run_kwargs: Any,
     ) -> RecordedRun:
         """Run `workflow` (fresh, or from `ctx`), recording a version per finished step.
@@ -122,6 +126,10 @@ class WorkflowRecorder:
         A failed run returns a `RecordedRun` with `error` set; if the service refused a snapshot,
         recording stops there (the run goes on) and `recording_error` says why. With
         `raise_on_error` either is raised instead.
+
+        `on_event(handler, event)` (plain or async) sees every event the workflow writes to its
+        stream, e.g. an ``InputRequiredEvent`` to answer with
+        ``handler.ctx.send_event(HumanResponseEvent(...))`` (human in the loop).
         """
         session = await self.client.create_session(
             external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
@@ -136,6 +144,10 @@ class WorkflowRecorder:
         stopped: list[_Snapshot] = []
         try:
             async for event in handler.stream_events(expose_internal=True):
+                if on_event is not None and not isinstance(event, InternalDispatchEvent):
+                    answered = on_event(handler, event)
+                    if inspect.isawaitable(answered):
+                        await answered
                 if not (isinstance(event, StepStateChanged) and event.step_state == StepState.NOT_RUNNING):
                     continue
                 started = time.perf_counter()
