@@ -633,7 +633,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             yield from self._list_all_threads(filter=filter, before=before, limit=limit)
             return
         conf = config["configurable"]
-        thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
+        if "checkpoint_ns" not in conf:
+            # As LangGraph's own savers do: no namespace given, every namespace of the thread (root first).
+            sessions = yield from self._thread_sessions(str(conf["thread_id"]))
+            sessions.sort(key=lambda session: (self._thread_of(session) or ("", ""))[1] != "")
+            yield from self._list_threads(sessions, checkpoint_id=get_checkpoint_id(config), filter=filter,
+                                          before=before, limit=limit)
+            return
+        thread_id, ns = str(conf["thread_id"]), conf["checkpoint_ns"]
         external_id = self._external_id(thread_id, ns)
         session_id = yield from self._find_session(external_id)
         if session_id is None:
@@ -685,23 +692,39 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _list_all_threads(self, *, filter: dict[str, Any] | None, before: RunnableConfig | None,
                           limit: int | None) -> Op:
         """`list(None, ...)`: every thread's checkpoints, thread after thread (LangGraph's search)."""
+        sessions = yield from self._sessions_tagged("langgraph")
+        yield from self._list_threads(sessions, checkpoint_id=None, filter=filter, before=before, limit=limit)
+
+    def _list_threads(self, sessions: Rows, *, checkpoint_id: str | None, filter: dict[str, Any] | None,
+                      before: RunnableConfig | None, limit: int | None) -> Op:
+        """The checkpoints of each (thread, namespace) among `sessions`, one after another."""
         listed = [0]
-        for session in (yield from self._sessions_tagged("langgraph")):
-            meta = (session.get("metadata") or {}).get("langgraph") or {}
-            if meta.get("pending_writes") or "thread_id" not in meta:
+        for session in sessions:
+            found = self._thread_of(session)
+            if found is None:
                 continue
-            thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
-            external_id = session.get("external_id") or ""
-            if external_id != self._external_id(thread_id, ns):
-                # Forked in Session Rewind: the metadata is its source's, the external id is its thread.
-                if ns or not external_id.startswith(self.prefix):
-                    continue
-                thread_id = external_id[len(self.prefix):]
             if limit is not None and listed[0] >= limit:
                 return
-            thread: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
+            configurable = {"thread_id": found[0], "checkpoint_ns": found[1]}
+            if checkpoint_id:
+                configurable["checkpoint_id"] = checkpoint_id
             remaining = None if limit is None else limit - listed[0]
+            thread: RunnableConfig = {"configurable": configurable}
             yield from _counting(self._list(thread, filter=filter, before=before, limit=remaining), listed)
+
+    def _thread_of(self, session: dict[str, Any]) -> tuple[str, str] | None:
+        """(thread id, namespace) of a checkpoint session (None for a session of pending writes)."""
+        meta = (session.get("metadata") or {}).get("langgraph") or {}
+        if meta.get("pending_writes") or "thread_id" not in meta:
+            return None
+        thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
+        external_id = session.get("external_id") or ""
+        if external_id != self._external_id(thread_id, ns):
+            # Forked in Session Rewind: the metadata is its source's, the external id is its thread.
+            if ns or not external_id.startswith(self.prefix):
+                return None
+            thread_id = external_id[len(self.prefix):]
+        return thread_id, ns
 
     def _put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata) -> Op:
         conf = config["configurable"]
