@@ -58,12 +58,13 @@ class ProjectScopedAdmin(admin.ModelAdmin):
     """Rows of the projects the staff user reaches (admin_projects); `project_lookup` leads to them."""
 
     project_lookup = "project"
+    view_role: str = Role.VIEWER  # the role in a project that shows its rows here
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = super().get_queryset(request)
         if request.user.is_superuser:
             return queryset
-        return queryset.filter(**{f"{self.project_lookup}__in": admin_projects(request)})
+        return queryset.filter(**{f"{self.project_lookup}__in": admin_projects(request, self.view_role)})
 
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "project":  # what is added (a key, a member) goes where the user is an admin
@@ -152,7 +153,10 @@ class ApiKeyCreateForm(forms.ModelForm):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(ProjectScopedAdmin):
-    """Create shows the secret once (only its hash is stored); keys are revoked, never edited."""
+    """Create shows the secret once (only its hash is stored); keys are revoked, never edited.
+    Only a project's admins see its keys, as in the API."""
+
+    view_role = Role.ADMIN
 
     list_display = ["name", "project", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
     list_filter = [("project", ProjectListFilter), ("revoked_at", admin.EmptyFieldListFilter)]

@@ -183,7 +183,10 @@ def test_staff_who_are_not_superusers_reach_only_their_projects(client, clerk, s
     response = client.post(reverse("admin:sessions_app_project_changelist"),
                            {"action": "compaction_queue", "_selected_action": [story.project.pk]})
     assert response.status_code == 403
+    ApiKey.objects.create(project=story.project, name="engine-key", prefix="p1", key_hash="x", scopes=["write"])
+    assert "engine-key" not in client.get("/admin/sessions_app/apikey/").content.decode()  # keys: admins only
     membership_set(project=story.project, user=clerk, role=Role.ADMIN)
+    assert "engine-key" in client.get("/admin/sessions_app/apikey/").content.decode()
     response = client.post(reverse("admin:sessions_app_apikey_add"),
                            {"project": story.project.pk, "name": "ops", "scopes": ["read"]})
     assert response.status_code == 302 and ApiKey.objects.filter(name="ops", project=story.project).exists()
