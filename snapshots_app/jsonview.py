@@ -171,11 +171,23 @@ def is_long_text(old: Any, new: Any) -> bool:
 # shown removed and added whole. A 10,000-word line with one word changed took ~30 s of a request;
 # trimmed, it is that word. A middle at the cap takes well under a second (see tests).
 TEXT_DIFF_MAX_WORK = 1_000_000
+# What the word/line diffs of one page may do together: a diff page shows up to 500 changes, and 500
+# long strings each just under TEXT_DIFF_MAX_WORK (600 rewritten 2.6 KB summaries) took 23-29 s of
+# one request. Past this, further strings read as removed and added whole.
+TEXT_DIFF_PAGE_WORK = 4_000_000
 _WORD = re.compile(r"\s+|\S+")
 
 
-def text_diff(old: str, new: str) -> list[tuple[str, str]]:
-    """(op, text) pieces: ' ' same, '-' removed, '+' added. By line when multi-line, else by word."""
+class TextDiffBudget:
+    """The matcher work (TEXT_DIFF_MAX_WORK's units) left to the text diffs of one page."""
+
+    def __init__(self, work: int = TEXT_DIFF_PAGE_WORK) -> None:
+        self.left = work
+
+
+def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[tuple[str, str]]:
+    """(op, text) pieces: ' ' same, '-' removed, '+' added. By line when multi-line, else by word.
+    With `budget`, the matcher's work is taken from it (shared by every text diff of a page)."""
     if "\n" in old or "\n" in new:
         a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
     else:
@@ -188,9 +200,12 @@ def text_diff(old: str, new: str) -> list[tuple[str, str]]:
         end += 1
     middle_a, middle_b = a[start : len(a) - end], b[start : len(b) - end]
     pieces: list[tuple[str, str]] = [(" ", "".join(a[:start]))] if start else []
-    if len(middle_a) * len(middle_b) > TEXT_DIFF_MAX_WORK:
+    work = len(middle_a) * len(middle_b)
+    if work > TEXT_DIFF_MAX_WORK or (budget is not None and work > budget.left):
         pieces += [("-", "".join(middle_a)), ("+", "".join(middle_b))]
     else:
+        if budget is not None:
+            budget.left -= work
         for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False).get_opcodes():
             if tag == "equal":
                 pieces.append((" ", "".join(middle_a[i1:i2])))

@@ -174,12 +174,13 @@ def _text(value: Any) -> str:
 
 def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
     shown = []
+    budget = jsonview.TextDiffBudget()  # for the whole page: 500 long strings must not take half a minute
     for change in changes[:DIFF_SHOWN]:
         string_path = change.get("string_path", "")
         full = string_path + change["path"] if string_path else change["path"]
         old, new = change.get("old"), change.get("new")
         long_text = change["kind"] == "changed" and jsonview.is_long_text(old, new)
-        pieces = jsonview.text_diff(str(old), str(new)) if long_text else None
+        pieces = jsonview.text_diff(str(old), str(new), budget) if long_text else None
         shown.append(ShownChange(
             path=full or "/",
             string_path=string_path,

@@ -330,6 +330,31 @@ def test_a_long_line_with_one_word_changed_shows_that_word(client, viewer, team)
     assert [op for op, _ in jsonview.text_diff(" ".join(words), other)] == ["-", "+"]
 
 
+def test_the_text_diffs_of_one_diff_page_share_one_budget():
+    """500 rewritten long strings, each just under the per-string cap, took 23-29 s of one request:
+    past the page's budget the rest read as removed and added whole, as one past the cap does."""
+    import random
+
+    from snapshots_app import jsonview
+    from snapshots_app.views import shown_changes
+
+    rng = random.Random(1)
+
+    def prose() -> str:  # ~400 words: ~800 pieces, ~640,000 units of matcher work per pair
+        return " ".join(f"w{rng.randrange(300)}" for _ in range(400))
+
+    changes = [{"path": f"/chunks/{i}/summary", "op": "replace", "kind": "changed", "old": prose(), "new": prose()}
+               for i in range(40)]
+    shown = shown_changes(changes)
+    assert all(change.pieces for change in shown)
+    word_diffed = [change for change in shown if len(change.pieces) > 2]
+    whole = [change for change in shown if [op for op, _ in change.pieces] == ["-", "+"]]
+    assert 1 <= len(word_diffed) <= jsonview.TEXT_DIFF_PAGE_WORK // 600_000 and len(word_diffed) + len(whole) == 40
+    assert shown[0] in word_diffed and shown[-1] in whole  # in page order: the first ones get the detail
+    # Each string alone still gets its word diff (no budget given: the per-string cap only).
+    assert len(jsonview.text_diff(changes[-1]["old"], changes[-1]["new"])) > 2
+
+
 def test_diff_inside_json_strings_names_the_string(client, viewer, team):
     session = make_session(team, "llama")
     snapshot_record(session=session, state={"store": json.dumps({"memory": {"facts": ["a"]}, "turn": 1})})
