@@ -103,13 +103,37 @@ class WorkflowSession(models.Model):
         return bool(self.last_error)
 
 
+class AuditAction(models.TextChoices):
+    """Every action the audit log records (services.audit_record refuses others)."""
+
+    SESSION_REWIND = "session.rewind", "Rewind"
+    SESSION_FORK = "session.fork", "Fork"
+    SESSION_UPDATE = "session.update", "Session changed"
+    SESSION_ARCHIVE = "session.archive", "Session archived"
+    SESSION_UNARCHIVE = "session.unarchive", "Session unarchived"
+    SESSION_DELETE = "session.delete", "Session deleted"
+    SESSION_IMPORT = "session.import", "Session imported"
+    VERSION_DATA_FIX = "version.data_fix", "Data fix"
+    VERSION_PIN = "version.pin", "Version pinned"
+    VERSION_UNPIN = "version.unpin", "Version unpinned"
+    VERSION_LABEL = "version.label", "Version labelled"
+    RETENTION_POLICY = "retention.policy", "Retention policy set"
+    RETENTION_REMOVE = "retention.remove", "Versions removed by retention"
+    INTEGRITY_RESOLVE = "integrity.resolve", "Integrity problem resolved"
+    PROJECT_CREATE = "project.create", "Project created"
+    MEMBERSHIP_SET = "membership.set", "Member role set"
+    MEMBERSHIP_REMOVE = "membership.remove", "Member removed"
+    API_KEY_CREATE = "api_key.create", "API key created"
+    API_KEY_REVOKE = "api_key.revoke", "API key revoked"
+
+
 class AuditEvent(models.Model):
     """Append-only record of every rewind, fork, data fix, deletion and policy change."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audit_events")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     actor_label = models.CharField(max_length=200, blank=True, default="", help_text="User name or API key name.")
-    action = models.CharField(max_length=64)
+    action = models.CharField(max_length=64, choices=AuditAction.choices)
     target_type = models.CharField(max_length=64)
     target_id = models.CharField(max_length=64)
     # Plain ids, not foreign keys: the event must outlive a deleted session.

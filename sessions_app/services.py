@@ -16,7 +16,16 @@ from django.utils import timezone
 
 from sessions_app import events
 from sessions_app.errors import IdempotencyKeyReused, InvalidState, ReasonRequired, SecretShownOnce, SessionArchived
-from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
+from sessions_app.models import (
+    ApiKey,
+    AuditAction,
+    AuditEvent,
+    Membership,
+    Project,
+    Role,
+    SessionStatus,
+    WorkflowSession,
+)
 
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
 # concrete user model is swappable.
@@ -72,6 +81,8 @@ def audit_record(
     reason: str = "",
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
+    if action not in AuditAction.values:
+        raise ValueError(f"unknown audit action {action!r}: add it to AuditAction")
     return AuditEvent.objects.create(
         project=project,
         action=action,

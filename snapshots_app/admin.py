@@ -37,7 +37,6 @@ class VersionAdmin(ReadOnlyAdmin):
     # Only the session: a substring search over every version's step/label would scan the table.
     search_fields = ["session__external_id"]
     list_select_related = ["session__project"]
-    show_full_result_count = False
     ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
     exclude = ["root"]
     readonly_fields = ["session_link", "data_fix_link"]

@@ -250,3 +250,27 @@ def test_a_new_keys_secret_never_travels_in_a_cookie(client, staff, team):
     assert "messages" not in response.cookies
     page = client.get(response["Location"]).content.decode()
     assert "it is not shown again: sr_" in page
+
+
+def test_history_lists_never_count_or_scan_a_whole_table(client, staff, story, monkeypatch):
+    """Audit events, versions, sessions and jobs only grow: their admin lists stop counting at the
+    cap (and say "more than"), and the audit log's filters list no DISTINCT values of the table."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.admin import CappedCountPaginator
+
+    monkeypatch.setattr(CappedCountPaginator, "cap", 3)
+    session_archive(session=story, reason="one")  # audit events beyond the story's own
+    client.force_login(staff)
+    assert AuditEvent.objects.count() > 3 and Version.objects.filter(session=story).count() > 3
+    with CaptureQueriesContext(connection) as queries:
+        audit = client.get("/admin/sessions_app/auditevent/").content.decode()
+    assert "more than 3 audit events" in audit and "Session archived" in audit
+    sql = " ".join(query["sql"] for query in queries.captured_queries).upper()
+    assert "DISTINCT" not in sql and "DATE_TRUNC" not in sql and "MIN(" not in sql
+    assert "LIMIT 4" in sql  # the count stops at cap + 1
+    filtered = client.get("/admin/snapshots_app/version/?kind__exact=step").content.decode()
+    assert "more than 3 results" in filtered and "more than 3 versions" in filtered
+    few = client.get(f"/admin/snapshots_app/version/?q={story.external_id}&kind__exact=rewind").content.decode()
+    assert "more than" not in few
