@@ -21,7 +21,10 @@ import base64
 import hashlib
 import os
 import shutil
+import sqlite3
+import tempfile
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -257,7 +260,7 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         raise ImportRejected("the file is truncated (no end record)")
 
 
-def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[bytes]) -> bytes:
+def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes]) -> bytes:
     """Splice a tree like tree.splice, also checking that every node's digest matches it: the digest
     of its text, or for a node whose holes are runs that of its encoding (tree.TreeWriter.node_of),
     or for the root tree.root_digest of the text's SHA-256 (files of earlier releases have digests
@@ -300,10 +303,80 @@ def _verified_text(root: bytes, nodes: dict[bytes, tree.Node], verified: set[byt
         raise ImportRejected(f"a state tree in the file cannot be assembled: {exc}") from None
 
 
-def _read_file(path: Path, progress: ProgressFn) -> tuple[dict[str, Any], list[dict], dict[bytes, bytes], list[dict]]:
+class _NodeSpill:
+    """The file's nodes, on disk (an SQLite file in the imports folder, gone on close) rather than in
+    memory: an export is as large as its project, and holding its nodes twice (raw and decoded) took
+    an import ~4x the file's size in memory, enough for a legal upload to get a worker killed on
+    every delivery. `get` decodes on demand and keeps the last DECODED_KEPT nodes."""
+
+    DECODED_KEPT = 20_000
+
+    def __init__(self, folder: Path) -> None:
+        handle, name = tempfile.mkstemp(suffix=".nodes.sqlite", dir=_private_folder(folder))
+        os.close(handle)
+        self.path = Path(name)
+        self._db = sqlite3.connect(self.path)
+        self._db.executescript(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
+            "CREATE TABLE node (digest BLOB PRIMARY KEY, raw BLOB NOT NULL) WITHOUT ROWID;"
+        )
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._decoded: OrderedDict[bytes, tree.Node] = OrderedDict()
+
+    def __enter__(self) -> _NodeSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._db.close()
+        self.path.unlink(missing_ok=True)
+
+    def put(self, digest: bytes, raw: bytes) -> None:
+        self._pending.append((digest, raw))
+        if len(self._pending) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO node VALUES (?, ?)", self._pending)
+        self._pending.clear()
+
+    def count(self) -> int:
+        self.flush()
+        return int(self._db.execute("SELECT count(*) FROM node").fetchone()[0])
+
+    def get(self, digest: bytes) -> tree.Node | None:
+        node = self._decoded.get(digest)
+        if node is not None:
+            self._decoded.move_to_end(digest)
+            return node
+        row = self._db.execute("SELECT raw FROM node WHERE digest = ?", (digest,)).fetchone()
+        if row is None:
+            return None
+        try:
+            node = tree.Node.decode(row[0])
+        except (IndexError, ValueError) as exc:
+            raise ImportRejected(f"node {digest.hex()} cannot be decoded: {exc}") from None
+        self._decoded[digest] = node
+        if len(self._decoded) > self.DECODED_KEPT:
+            self._decoded.popitem(last=False)
+        return node
+
+    def batches(self, keep: set[bytes], size: int = 500) -> Iterator[dict[bytes, bytes]]:
+        """The raw nodes whose digests are in `keep`, `size` at a time."""
+        batch: dict[bytes, bytes] = {}
+        for digest, raw in self._db.execute("SELECT digest, raw FROM node"):
+            if digest in keep:
+                batch[digest] = raw
+                if len(batch) >= size:
+                    yield batch
+                    batch = {}
+        if batch:
+            yield batch
+
+
+def _read_file(path: Path, nodes: _NodeSpill, progress: ProgressFn) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """The header, session and version records of the file; its nodes go to `nodes`."""
     header: dict[str, Any] = {}
     sessions: list[dict] = []
-    raw_nodes: dict[bytes, bytes] = {}
     versions: list[dict] = []
     with path.open("rb") as source:
         for record in _records(iter(source)):
@@ -315,14 +388,14 @@ def _read_file(path: Path, progress: ProgressFn) -> tuple[dict[str, Any], list[d
                 elif kind == "session":
                     sessions.append(record)
                 elif kind == "node":
-                    raw_nodes[bytes.fromhex(record["digest"])] = base64.b64decode(record["raw"], validate=True)
+                    nodes.put(bytes.fromhex(record["digest"]), base64.b64decode(record["raw"], validate=True))
                 elif kind == "version":
                     versions.append(record)
                 else:
                     raise ImportRejected(f"unknown record type {kind!r}")
             except (KeyError, ValueError, TypeError) as exc:
                 raise ImportRejected(f"malformed {kind} record: {exc}") from None
-    return header, sessions, raw_nodes, versions
+    return header, sessions, versions
 
 
 SESSION_TEXT_LIMITS = {"workflow": 200, "last_step": 200, "last_error": None}
@@ -368,23 +441,38 @@ def transfer_import_run(
     With `job`, the job is finished in the same transaction that stores the data, so a redelivered
     task never imports twice.
     """
-    header, sessions, raw_nodes, versions = _read_file(Path(path), progress)
+    with _NodeSpill(imports_dir()) as nodes:
+        header, sessions, versions = _read_file(Path(path), nodes, progress)
+        verified_nodes = _verify(header, sessions, nodes, versions, progress)
+        with transaction.atomic():
+            if job is not None:
+                jobs.job_hold(job=job)  # a superseded attempt must not import what the owner imports too
+            store.project_write_lock(project.pk)
+            # Only the nodes some version spells are stored (verified or nothing).
+            result = _store_import(project, sessions, nodes.batches(verified_nodes), versions, actor, actor_label)
+            if job is not None:
+                jobs.job_finish(job=job, result=result)
+    return result
+
+
+def _verify(
+    header: dict[str, Any], sessions: list[dict], nodes: _NodeSpill, versions: list[dict], progress: ProgressFn
+) -> set[bytes]:
+    """Check the file's records against its header and each other, and every state against its
+    checksum (ImportRejected naming the first problem). Returns the digests of the nodes in use."""
     for record in sessions:
         _check_session(record)
     session_ids = {record["id"] for record in sessions}
     if len(session_ids) != len(sessions) or len(sessions) != header.get("sessions"):
         raise ImportRejected("the session records do not match the header")
-    if len(versions) != header.get("versions") or len(raw_nodes) != header.get("nodes"):
+    node_count = nodes.count()
+    if len(versions) != header.get("versions") or node_count != header.get("nodes"):
         raise ImportRejected("the version or node records do not match the header")
-    try:
-        nodes = {digest: tree.Node.decode(raw) for digest, raw in raw_nodes.items()}
-    except (IndexError, ValueError) as exc:
-        raise ImportRejected(f"a node cannot be decoded: {exc}") from None
-    progress(len(raw_nodes))
+    progress(node_count)
     verified_nodes: set[bytes] = set()
     verified_states: set[tuple[str, str]] = set()
     seen_numbers: set[tuple[str, int]] = set()
-    done = len(raw_nodes)
+    done = node_count
     for record in versions:
         _check_version(record, session_ids)
         key = (record["session"], record["number"])
@@ -405,22 +493,11 @@ def transfer_import_run(
             verified_states.add(state_key)
         done += 1
         progress(done)
-    unused = raw_nodes.keys() - verified_nodes
-    for digest in unused:
-        raw_nodes.pop(digest)  # verified or nothing: a node no version spells is not stored
-
-    with transaction.atomic():
-        if job is not None:
-            jobs.job_hold(job=job)  # a superseded attempt must not import what the owner imports too
-        store.project_write_lock(project.pk)
-        result = _store_import(project, sessions, raw_nodes, versions, actor, actor_label)
-        if job is not None:
-            jobs.job_finish(job=job, result=result)
-    return result
+    return verified_nodes
 
 
 def _store_import(
-    project: Project, sessions: list[dict], raw_nodes: dict[bytes, bytes], versions: list[dict],
+    project: Project, sessions: list[dict], node_batches: Iterator[dict[bytes, bytes]], versions: list[dict],
     actor: User, actor_label: str,
 ) -> dict[str, Any]:
     external_ids = [record["external_id"] for record in sessions]
@@ -431,7 +508,11 @@ def _store_import(
             f"sessions with these external ids already exist in this project: {', '.join(sorted(taken)[:10])}",
             external_ids=sorted(taken),
         )
-    store.ProjectStore(project.pk).save_nodes(raw_nodes)
+    project_store = store.ProjectStore(project.pk)
+    stored_nodes = 0
+    for batch in node_batches:
+        project_store.save_nodes(batch)
+        stored_nodes += len(batch)
     new_sessions: dict[str, WorkflowSession] = {}
     for record in sessions:
         item = WorkflowSession(project=project, **{f: record[f] for f in SESSION_FIELDS})
@@ -481,7 +562,7 @@ def _store_import(
         )
     return {
         "sessions": [{"id": str(s.pk), "external_id": s.external_id} for s in new_sessions.values()],
-        "versions": len(created), "nodes": len(raw_nodes), "parents_outside_export": outside,
+        "versions": len(created), "nodes": stored_nodes, "parents_outside_export": outside,
     }
 
 

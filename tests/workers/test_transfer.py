@@ -118,6 +118,7 @@ def test_single_session_export_round_trips_and_import_twice_is_refused(project, 
     assert (fixed.reason, fixed.created_by_label) == ("typo", f"{user.username} (imported by system)")
     with pytest.raises(ImportRejected, match="already exist"):
         transfer_import_run(project=fresh, path=Path(result["path"]))
+    assert not list(tmp_path.glob("imports/*"))  # the nodes spilled to disk during each import are gone
 
 
 @pytest.mark.django_db
@@ -211,6 +212,7 @@ def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings
     assert not WorkflowSession.objects.filter(project=fresh).exists()
     assert not StateNode.objects.filter(project=fresh).exists()
     assert not Version.objects.filter(session__project=fresh).exists()
+    assert not list(tmp_path.glob("imports/*"))
 
 
 @pytest.mark.django_db
