@@ -3,11 +3,11 @@ fork, pin and label. Thin: selectors read, services write; domain errors become 
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -167,14 +167,29 @@ class ShownChange:
     pieces: list[tuple[str, str]] | None
 
 
-def _text(value: Any) -> str:
-    text = jsonview.pretty(value)
-    return text if len(text) <= VALUE_SHOWN else text[:VALUE_SHOWN] + "\n… (cut; download the raw JSON for all of it)"
+# What the old and new values of one diff page show together: 500 changes of values at VALUE_SHOWN
+# each would be 20 MB of HTML. Past it, each value shows its first VALUE_SHOWN_PAST_BUDGET characters.
+PAGE_VALUES_SHOWN = 1_000_000
+VALUE_SHOWN_PAST_BUDGET = 300
+
+
+class _Room:
+    """The characters of values a diff page may still show (PAGE_VALUES_SHOWN)."""
+
+    def __init__(self) -> None:
+        self.left = PAGE_VALUES_SHOWN
+
+    def text(self, value: Any) -> str:
+        text = jsonview.pretty(value)
+        limit = max(VALUE_SHOWN_PAST_BUDGET, min(VALUE_SHOWN, self.left))
+        self.left -= min(len(text), limit)
+        return text if len(text) <= limit else text[:limit] + "\n… (cut; download the raw JSON for all of it)"
 
 
 def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
     shown = []
     budget = jsonview.TextDiffBudget()  # for the whole page: 500 long strings must not take half a minute
+    room = _Room()
     for change in changes[:DIFF_SHOWN]:
         string_path = change.get("string_path", "")
         full = string_path + change["path"] if string_path else change["path"]
@@ -187,8 +202,8 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
             inner_path=change["path"],
             context=full.rsplit("/", 1)[0] or "/",
             kind=change["kind"],
-            old=_text(old) if "old" in change else "",
-            new=_text(new) if "new" in change else "",
+            old=room.text(old) if "old" in change else "",
+            new=room.text(new) if "new" in change else "",
             pieces=pieces,
         ))
     return shown
@@ -200,10 +215,10 @@ def diff_display(result: DiffResult | None) -> dict[str, Any]:
     and the JSON Patch only whole (a cut patch is not JSON)."""
     if result is None:
         return {"changes": [], "counts": None, "total": 0, "cut": False, "patch": "", "patch_size": 0}
-    patch = json.dumps(result.patch, ensure_ascii=False)
+    patch = orjson.dumps(result.patch)  # (measured for its size even when not shown: orjson, not json)
     return {
         "changes": shown_changes(result.changes), "counts": result.counts, "total": len(result.changes),
-        "cut": len(result.changes) > DIFF_SHOWN, "patch": patch if len(patch) <= VALUE_SHOWN else "",
+        "cut": len(result.changes) > DIFF_SHOWN, "patch": patch.decode() if len(patch) <= VALUE_SHOWN else "",
         "patch_size": len(patch),
     }
 

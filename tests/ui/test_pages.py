@@ -355,6 +355,20 @@ def test_the_text_diffs_of_one_diff_page_share_one_budget():
     assert len(jsonview.text_diff(changes[-1]["old"], changes[-1]["new"])) > 2
 
 
+def test_the_values_of_one_diff_page_share_one_size_budget():
+    """500 changes of 20 KB values would be 20 MB of HTML: past the page's budget each value is cut
+    short, the first ones stay whole."""
+    from snapshots_app.views import PAGE_VALUES_SHOWN, VALUE_SHOWN, VALUE_SHOWN_PAST_BUDGET, shown_changes
+
+    changes = [{"path": f"/docs/{i}", "op": "replace", "kind": "changed", "old": f"{i}" + "a" * 15_000,
+                "new": f"{i}" + "b " * 7_500} for i in range(500)]
+    shown = shown_changes(changes)
+    assert len(shown) == 500 and shown[0].old.strip('"') == changes[0]["old"]
+    total = sum(len(change.old) + len(change.new) for change in shown)
+    assert total <= PAGE_VALUES_SHOWN + VALUE_SHOWN + 1000 * (VALUE_SHOWN_PAST_BUDGET + 60)
+    assert "cut; download the raw JSON" in shown[-1].new and shown[-1].new.startswith('"499')
+
+
 def test_diff_inside_json_strings_names_the_string(client, viewer, team):
     session = make_session(team, "llama")
     snapshot_record(session=session, state={"store": json.dumps({"memory": {"facts": ["a"]}, "turn": 1})})
