@@ -21,11 +21,15 @@ from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role
 from snapshots_app import compaction, integrity, selectors, services, store, transfer
-from snapshots_app.diff import diff_values
+from snapshots_app.diff import PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
-from snapshots_app.jsonview import pretty
+from snapshots_app.jsonview import join_pointer, pretty
 from snapshots_app.models import IntegrityProblem, Job, Version
 from snapshots_app.views import diff_display
+
+# A state larger than this (bytes of canonical JSON) is not put in the data fix page whole unless
+# asked: a 5 MB textarea makes a browser crawl, and one field is what a fix usually changes.
+WHOLE_STATE_EDIT_MAX = 1_000_000
 
 
 @admin.register(Version)
@@ -116,28 +120,39 @@ class VersionAdmin(ReadOnlyAdmin):
             messages.error(request, f"{len(refused)} refused: {'; '.join(sorted(set(refused))[:5])}")
 
     def data_fix_view(self, request: HttpRequest, version_id: int) -> HttpResponse:
-        """Edit a version's state as JSON, see the diff against the head, give a reason, record it."""
+        """Edit a version's state as JSON (or one part of it: `path`, a JSON pointer), see the diff
+        against the head, give a reason, record it. A state above WHOLE_STATE_EDIT_MAX is not put
+        in the page whole unless asked (`whole=1`): its top-level parts are offered instead."""
         if not self.has_data_fix_permission(request):
             raise PermissionDenied
         version = get_object_or_404(self.get_queryset(request).select_related("session__project"), pk=version_id)
         session = version.session
         require_role(request, [session.project_id], Role.OPERATOR)
+        try:
+            base = selectors.version_state(version)
+        except IntegrityError as exc:  # a damaged version cannot be the base of a fix
+            messages.error(request, f"{exc.message}. Start the data fix from another version.")
+            return redirect(reverse("admin:snapshots_app_version_changelist"))
         head = selectors.head_version(session)
-        error, result = "", None
+        pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
+        error, result, parts = "", None, []
         text = request.POST.get("state") if request.method == "POST" else None
-        if text is None:
+        if text is None and pointer:
             try:
-                text = pretty(selectors.version_state(version))
-            except IntegrityError as exc:  # a damaged version cannot be the base of a fix
-                messages.error(request, f"{exc.message}. Start the data fix from another version.")
-                return redirect(reverse("admin:snapshots_app_version_changelist"))
+                text = pretty(value_at(base, pointer))
+            except PatchError as exc:
+                error, pointer = f"{pointer}: {exc}", ""
+        if text is None and version.logical_size > WHOLE_STATE_EDIT_MAX and request.GET.get("whole") != "1":
+            parts = [(key, join_pointer("", key)) for key in sorted(base)]
+        elif text is None:
+            text = pretty(base)
         reason = request.POST.get("reason", "")
         form = DataFixForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and not form.is_valid():
             error = " ".join(form_problems(form))
         elif request.method == "POST":
             try:
-                prepared = services.state_prepare(form.cleaned_data["state"])
+                prepared = services.state_prepare(services.state_with_value(base, pointer, form.cleaned_data["state"]))
                 if "apply" in request.POST:
                     fixed = services.snapshot_data_fix(
                         session=session, state=prepared.canonical, based_on=version.number,
@@ -152,9 +167,9 @@ class VersionAdmin(ReadOnlyAdmin):
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
-            "title": f"Data fix of {session.external_id} from version {version.number}",
+            "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            **diff_display(result), "mode": "inline",
+            "path": pointer, "parts": parts, **diff_display(result), "mode": "inline",
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

@@ -630,6 +630,11 @@ def _resolve(doc: Any, tokens: list[str]) -> Any:
     return doc
 
 
+def value_at(doc: Any, pointer: str) -> Any:
+    """The value at an RFC 6901 `pointer` (PatchError if there is none); strings are not entered."""
+    return _resolve(doc, _parse_pointer(pointer))
+
+
 def _index(token: str, length: int, *, allow_end: bool = False) -> int:
     if token == "-" and allow_end:
         return length
@@ -689,4 +694,4 @@ def _apply_one(doc: Any, op: str, tokens: list[str], value: Any) -> Any:
     return doc
 
 
-__all__ = ["FLAVORS", "DiffResult", "PatchError", "apply_patch", "diff_trees", "diff_values"]
+__all__ = ["FLAVORS", "DiffResult", "PatchError", "apply_patch", "diff_trees", "diff_values", "value_at"]

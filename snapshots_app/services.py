@@ -84,6 +84,22 @@ def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
     return PreparedState(value=value, canonical=data, checksum=canonical.checksum(data), members=members)
 
 
+def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str, Any]:
+    """`state` with the value at JSON pointer `pointer` replaced by the JSON `text` (a data fix of one
+    part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON."""
+    from snapshots_app.diff import PatchError, apply_patch
+
+    if not pointer:
+        return canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
+    # Parsed inside an object, so the state's own strict parser (NaN, Infinity, depth) judges it.
+    value = canonical.parse_state(f'{{"value":{text}}}', max_bytes=settings.STATE_MAX_BYTES,
+                                  max_depth=settings.STATE_MAX_DEPTH)["value"]
+    try:
+        return apply_patch(state, [{"op": "replace", "path": pointer, "value": value}], copy=lambda doc: doc)  # type: ignore[no-any-return]
+    except PatchError as exc:
+        raise InvalidState(f"{pointer}: {exc}") from None
+
+
 def _clean_text(name: str, value: Any, limit: int) -> str:
     if value is None:
         return ""

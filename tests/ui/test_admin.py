@@ -86,6 +86,41 @@ def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(cli
     assert AuditEvent.objects.get(action="version.data_fix").actor_label == "root"
 
 
+def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypatch):
+    """Above the whole-state limit the page offers the state's parts instead of a huge textarea;
+    editing one part records the whole state with only that part changed."""
+    from snapshots_app import admin as snapshots_admin
+    from snapshots_app.selectors import version_state
+
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 100)
+    session = make_session(team, "big-docs")
+    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
+    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank", "memory/notes": ["x"]})
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    page = client.get(url).content.decode()
+    assert 'name="state"' not in page and "?path=/docs" in page and "?path=/memory~1notes" in page
+    assert 'name="state"' in client.get(url + "?whole=1").content.decode()
+    part = client.get(url + "?path=/docs/3").content.decode()
+    assert "lorem ipsum" in part and "&quot;id&quot;: 3" in part and "&quot;pointer&quot;" not in part
+    missing = client.get(url + "?path=/docs/9")
+    assert missing.status_code == 400 and "out of range" in missing.content.decode()
+
+    fixed_doc = json.dumps({"id": 3, "text": "fixed"})
+    nan = client.post(url, {"path": "/docs/3", "state": '{"id": NaN}', "reason": "x", "expected_version": 1,
+                            "preview": "1"})
+    assert nan.status_code == 400
+    preview = client.post(url, {"path": "/docs/3", "state": fixed_doc, "reason": "", "expected_version": 1,
+                                "preview": "1"}).content.decode()
+    assert "/docs/3/text" in preview and "/pointer" not in preview
+    done = client.post(url, {"path": "/docs/3", "state": fixed_doc, "reason": "garbled doc", "expected_version": 1,
+                             "apply": "1"})
+    assert done.status_code == 302
+    head = Version.objects.get(session=session, number=2)
+    assert version_state(head) == {"docs": [*docs[:3], {"id": 3, "text": "fixed"}, docs[4]], "pointer": "rank",
+                                   "memory/notes": ["x"]}
+
+
 def test_data_fix_needs_the_change_permission(client, story):
     clerk = make_user("clerk", staff=True)
     client.force_login(clerk)
