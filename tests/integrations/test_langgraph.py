@@ -305,3 +305,34 @@ def test_a_fork_made_in_session_rewind_is_its_own_thread(live_api, rewind):
 
     saver.delete_thread("trip-forked-2")
     assert rewind.list_sessions(q="trip-forked")["results"] == []
+
+
+class Fan(TypedDict):
+    items: list[str]
+    log: Annotated[list[str], operator.add]
+
+
+def test_the_timeline_names_the_nodes_sends_and_joins_run_next(live_api, rewind):
+    """A step's name says what runs next: branches, each Send (counted) and a join once complete."""
+    from langgraph.types import Send
+
+    graph = StateGraph(Fan)
+    graph.add_node("start", lambda state: {"log": ["start"]})
+    graph.add_node("worker", lambda state: {"log": [f"worker {state['items'][0]}"]})
+    graph.add_node("left", lambda state: {"log": ["left"]})
+    graph.add_node("right", lambda state: {"log": ["right"]})
+    graph.add_node("join", lambda state: {"log": ["join"]})
+    graph.add_edge(START, "start")
+    graph.add_conditional_edges("start", lambda state: [Send("worker", {"items": [i], "log": []})
+                                                        for i in state["items"]], ["worker"])
+    graph.add_edge("start", "left")
+    graph.add_edge("start", "right")
+    graph.add_edge(["left", "right"], "join")
+    graph.add_edge("join", END)
+    graph.add_edge("worker", END)
+    app = graph.compile(checkpointer=SessionRewindSaver(rewind))
+    app.invoke({"items": ["a", "b", "c"], "log": []}, {"configurable": {"thread_id": "fan-out"}})
+    session = rewind.list_sessions(external_id="fan-out")["results"][0]
+    steps = [version["step"] for version in sorted(rewind.iter_versions(session["id"]), key=lambda v: v["number"])]
+    assert steps == ["input -1", "loop 0 → start", "loop 1 → left, right, worker x3", "loop 2 → join",
+                     "loop 3"]

@@ -38,7 +38,7 @@ import math
 import re
 import threading
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -165,16 +165,28 @@ def _writes_of(external_id: str) -> str:
     return _fit(external_id + WRITES_SUFFIX)
 
 
+TASKS = "__pregel_tasks"  # the channel of a checkpoint's queued Sends (langgraph._internal._constants.TASKS)
+
+
 def step_name(checkpoint: Checkpoint, metadata: CheckpointMetadata) -> str:
-    """The execution pointer shown in the timeline: ``loop 1 → book`` (superstep, then the nodes
-    this checkpoint hands over to), from the `branch:to:<node>` channels it updated."""
+    """The execution pointer shown in the timeline: ``loop 1 → book, worker x3`` (superstep, then the
+    nodes this checkpoint hands over to): from the `branch:to:<node>` channels it updated, the
+    `Send`s it queued, and the `join:<a+b>:<node>` barriers it completed."""
     name = f"{metadata.get('source', 'checkpoint')} {metadata.get('step', '')}".strip()
-    following = sorted(
-        channel.removeprefix("branch:to:")
-        for channel in checkpoint.get("updated_channels") or []
-        if channel.startswith("branch:to:")
-    )
-    return (f"{name} → {', '.join(following)}" if following else name)[:200]
+    values = checkpoint.get("channel_values") or {}
+    following: Counter[str] = Counter()
+    for channel in checkpoint.get("updated_channels") or []:
+        if channel.startswith("branch:to:"):
+            following[channel.removeprefix("branch:to:")] += 1
+        elif channel == TASKS:
+            following.update(str(getattr(send, "node", "?")) for send in values.get(TASKS) or [])
+        elif channel.startswith("join:") and channel.count(":") >= 2:
+            _, starts, node = channel.split(":", 2)
+            seen = values.get(channel)
+            if isinstance(seen, (set, frozenset, list)) and set(starts.split("+")) <= set(seen):
+                following[node] += 1
+    shown = ", ".join(node if count == 1 else f"{node} x{count}" for node, count in sorted(following.items()))
+    return (f"{name} → {shown}" if shown else name)[:200]
 
 
 def _within(write_versions: list[dict[str, Any]], window: tuple[datetime | None, datetime | None]) -> list[dict[str, Any]]:
