@@ -175,7 +175,7 @@ class ApiKey(models.Model):
         ordering = ["project", "name"]
         constraints = [
             models.UniqueConstraint(
-                fields=["project", "request_key"], condition=~models.Q(request_key=""), name="apikey_unique_request_key"
+                fields=["request_key"], condition=~models.Q(request_key=""), name="apikey_unique_request_key"
             ),
         ]
 

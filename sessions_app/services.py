@@ -7,11 +7,13 @@ import math
 import re
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from sessions_app import events
@@ -30,6 +32,7 @@ from sessions_app.models import (
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
 # concrete user model is swappable.
 User = Any
+M = TypeVar("M", bound=models.Model)
 
 MAX_TAGS = 50
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
@@ -51,10 +54,32 @@ class RequestKey:
     key: str
     digest: str
 
-    def check(self, row: Any) -> None:
-        """Refuse a retry whose input differs from the request that made `row`."""
-        if row.request_digest != self.digest:
+    def find(self, rows: QuerySet[M]) -> M | None:
+        """The row an earlier request with this key made, or None (IdempotencyKeyReused if that
+        request's input differed: another body, or another project)."""
+        row = rows.filter(request_key=self.key).first()
+        if row is not None and row.request_digest != self.digest:  # type: ignore[attr-defined]
             raise IdempotencyKeyReused("this Idempotency-Key was used before with a different request")
+        return row
+
+
+def create_once(request: RequestKey | None, rows: QuerySet[M], create: Callable[..., M]) -> tuple[M, bool]:
+    """(row, created): `create(request_key=…, request_digest=…)`, unless a request with this key made
+    its row already. Concurrent retries make one row: the unique request_key makes a second insert
+    wait for the first one's commit and fail, and it gets the first one's row."""
+    if request is None:
+        return create(), True
+    earlier = request.find(rows)
+    if earlier is not None:
+        return earlier, False
+    try:
+        with transaction.atomic():
+            return create(request_key=request.key, request_digest=request.digest), True
+    except IntegrityError:
+        earlier = request.find(rows)
+        if earlier is None:
+            raise
+        return earlier, False
 
 
 REASON_MAX = 2_000
@@ -380,40 +405,23 @@ def api_key_create(
     if not isinstance(name, str) or not name.strip() or len(name) > 100:
         raise InvalidState("name is required (at most 100 characters)")
     scopes = _clean_scopes(scopes)
-    _key_not_made(project, request)
     prefix = secrets.token_hex(6)
     token = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
-    try:
-        with transaction.atomic():
-            api_key = ApiKey.objects.create(
-                project=project,
-                name=name.strip(),
-                prefix=prefix,
-                key_hash=api_key_hash(token),
-                scopes=scopes,
-                created_by=actor if getattr(actor, "is_authenticated", False) else None,
-                request_key=request.key if request else "",
-                request_digest=request.digest if request else "",
-            )
-    except IntegrityError:
-        _key_not_made(project, request)  # a concurrent retry made it first (the insert waited for it)
-        raise
+    api_key, created = create_once(request, ApiKey.objects.all(), lambda **keyed: ApiKey.objects.create(
+        project=project, name=name.strip(), prefix=prefix, key_hash=api_key_hash(token), scopes=scopes,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None, **keyed,
+    ))
+    if not created:
+        raise SecretShownOnce(
+            f"the first request with this Idempotency-Key already made key {api_key.pk} (prefix {api_key.prefix}); its "
+            "secret was shown only in that answer. Revoke it if the answer was lost, and make another.",
+            api_key=api_key.pk, prefix=api_key.prefix,
+        )
     audit_record(
         project=project, action="api_key.create", target_type="api_key", target_id=api_key.pk,
         actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": prefix, "scopes": scopes},
     )
     return api_key, token
-
-
-def _key_not_made(project: Project, request: RequestKey | None) -> None:
-    made = None if request is None else ApiKey.objects.filter(project=project, request_key=request.key).first()
-    if request is not None and made is not None:
-        request.check(made)
-        raise SecretShownOnce(
-            f"the first request with this Idempotency-Key already made key {made.pk} (prefix {made.prefix}); its "
-            "secret was shown only in that answer. Revoke it if the answer was lost, and make another.",
-            api_key=made.pk, prefix=made.prefix,
-        )
 
 
 @transaction.atomic

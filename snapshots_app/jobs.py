@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
@@ -30,7 +30,7 @@ from config.celery import app as celery_app
 from sessions_app import background, events
 from sessions_app.errors import JobNotFound
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.services import RequestKey, User, actor_fields
+from sessions_app.services import RequestKey, User, actor_fields, create_once
 from snapshots_app.models import Job, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -63,14 +63,9 @@ def _publish(job: Job, event: str) -> None:
     events.publish_after_commit(job.project_id, event, payload, session_id=job.session_id)
 
 
-def job_for_request(project: Project | None, request: RequestKey | None) -> Job | None:
+def job_for_request(request: RequestKey | None) -> Job | None:
     """The job an earlier request with this key started (None if none did)."""
-    if request is None:
-        return None
-    job = Job.objects.filter(project=project, request_key=request.key).first()
-    if job is not None:
-        request.check(job)
-    return job
+    return None if request is None else request.find(Job.objects.all())
 
 
 @transaction.atomic
@@ -89,23 +84,13 @@ def job_create(
 
     With a `request` key, a retry gets the job its first request started, and nothing new is
     queued; retries that race each other make one job (the unique key settles it)."""
-    earlier = job_for_request(project, request)
-    if earlier is not None:
-        return earlier
     who = actor_fields(actor, actor_label)
-    try:
-        with transaction.atomic():
-            job = Job.objects.create(
-                kind=JobKind(kind), project=project, session=session, params=params or {},
-                created_by=who["actor"], created_by_label=who["actor_label"],
-                request_key=request.key if request else "", request_digest=request.digest if request else "",
-            )
-    except IntegrityError:
-        # A concurrent retry with the same key committed first (the insert waited for it).
-        earlier = job_for_request(project, request)
-        if earlier is None:
-            raise
-        return earlier
+    job, created = create_once(request, Job.objects.all(), lambda **keyed: Job.objects.create(
+        kind=JobKind(kind), project=project, session=session, params=params or {},
+        created_by=who["actor"], created_by_label=who["actor_label"], **keyed,
+    ))
+    if not created:
+        return job
     _publish(job, "job.created")
     if celery_app.conf.task_always_eager:
         transaction.on_commit(lambda: _enqueue_safely(enqueue, job.pk))  # no broker: the job runs here, now

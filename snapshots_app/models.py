@@ -181,7 +181,7 @@ class Job(models.Model):
     )
     finished_at = models.DateTimeField(null=True, blank=True)
     # A job started with an Idempotency-Key keeps it here, so a retry finds this job again even
-    # after a cache loss (see jobs.RequestKey). Empty for jobs started without one.
+    # after a cache loss (see sessions_app.services.RequestKey). Empty for jobs started without one.
     request_key = models.CharField(max_length=64, blank=True, default="", editable=False)
     request_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
 
@@ -189,7 +189,7 @@ class Job(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["project", "request_key"], condition=~models.Q(request_key=""), name="job_unique_request_key"
+                fields=["request_key"], condition=~models.Q(request_key=""), name="job_unique_request_key"
             ),
         ]
         indexes = [

@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import sqlite3
-import tempfile
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -73,7 +72,8 @@ def _private_folder(folder: Path) -> Path:
     """Exports and uploaded imports hold whole projects' states: only the service's own user may read
     them (the process umask would leave them world-readable on a shared host)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)
+    if folder.stat().st_mode & 0o777 != 0o700:  # (made earlier, under another umask)
+        folder.chmod(0o700)
     return folder
 
 
@@ -304,18 +304,16 @@ def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes]) -> byte
 
 
 class _NodeSpill:
-    """The file's nodes, on disk (an SQLite file in the imports folder, gone on close) rather than in
-    memory: an export is as large as its project, and holding its nodes twice (raw and decoded) took
-    an import ~4x the file's size in memory, enough for a legal upload to get a worker killed on
-    every delivery. `get` decodes on demand and keeps the last DECODED_KEPT nodes."""
+    """The file's nodes, on disk rather than in memory: an export is as large as its project, and
+    holding its nodes twice (raw and decoded) took an import ~4x the file's size in memory, enough
+    for a legal upload to get a worker killed on every delivery. The disk is SQLite's own private
+    temporary database (in its temp folder, TMPDIR: never left behind, even by a killed worker, and
+    VAR_DIR may be read-only). `get` decodes on demand and keeps the last DECODED_KEPT nodes."""
 
     DECODED_KEPT = 20_000
 
-    def __init__(self, folder: Path) -> None:
-        handle, name = tempfile.mkstemp(suffix=".nodes.sqlite", dir=_private_folder(folder))
-        os.close(handle)
-        self.path = Path(name)
-        self._db = sqlite3.connect(self.path)
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")  # "": a private temporary database, on disk, deleted on close
         self._db.executescript(
             "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
             "CREATE TABLE node (digest BLOB PRIMARY KEY, raw BLOB NOT NULL) WITHOUT ROWID;"
@@ -328,7 +326,6 @@ class _NodeSpill:
 
     def __exit__(self, *exc: object) -> None:
         self._db.close()
-        self.path.unlink(missing_ok=True)
 
     def put(self, digest: bytes, raw: bytes) -> None:
         self._pending.append((digest, raw))
@@ -441,7 +438,7 @@ def transfer_import_run(
     With `job`, the job is finished in the same transaction that stores the data, so a redelivered
     task never imports twice.
     """
-    with _NodeSpill(imports_dir()) as nodes:
+    with _NodeSpill() as nodes:
         header, sessions, versions = _read_file(Path(path), nodes, progress)
         verified_nodes = _verify(header, sessions, nodes, versions, progress)
         with transaction.atomic():
@@ -574,7 +571,7 @@ def transfer_import_start(
     `request`: the starting request's idempotency key (see jobs.job_create); a retry keeps no copy."""
     from snapshots_app import tasks
 
-    earlier = jobs.job_for_request(project, request)
+    earlier = jobs.job_for_request(request)
     if earlier is not None:
         return earlier
     folder = _private_folder(imports_dir())

@@ -196,7 +196,7 @@ class Compaction(ApiView):
             return Response(preview.as_dict())
         project = project_for(request, data.get("project"), role=Role.ADMIN)
         return queued(compaction.compaction_start(
-            project=project, apply_retention=data["apply_retention"], request=self.request_key(data), **self.principal.actor
+            project=project, apply_retention=data["apply_retention"], request=self.request_key({"project": project.pk, **data}), **self.principal.actor
         ))
 
 
@@ -216,7 +216,7 @@ class ExportCreate(ApiView):
             session = None
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
         return queued(transfer.transfer_export_start(
-            project=project, session=session, request=self.request_key(data), **self.principal.actor
+            project=project, session=session, request=self.request_key({"project": project.pk, **data}), **self.principal.actor
         ))
 
 
@@ -241,7 +241,7 @@ class ImportCreate(ApiView):
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
         with upload.file:
             return queued(transfer.transfer_import_start(
-                project=project, source=upload.file, request=self.request_key({"sha256": upload.sha256}),
+                project=project, source=upload.file, request=self.request_key({"project": project.pk, "sha256": upload.sha256}),
                 **self.principal.actor,
             ))
 
@@ -371,5 +371,5 @@ class IntegrityScrub(ApiView):
         else:
             project = _project(request, Role.OPERATOR)
         return queued(integrity.integrity_scrub_start(
-            project=project, budget=0, request=self.request_key({}), **self.principal.actor
+            project=project, budget=0, request=self.request_key({"project": project.pk}), **self.principal.actor
         ))

@@ -160,6 +160,30 @@ def test_job_starts_replay_for_a_repeated_idempotency_key_even_after_the_cache_i
     assert Job.objects.count() == 2
 
 
+def test_an_idempotency_key_reused_for_another_project_is_refused(project, other_project, user, settings, tmp_path):
+    from rest_framework.test import APIClient
+
+    from sessions_app.models import Role
+    from sessions_app.services import membership_set
+
+    settings.VAR_DIR = tmp_path
+    for each in (project, other_project):
+        membership_set(project=each, user=user, role=Role.ADMIN)
+    client = APIClient()
+    client.force_login(user)
+    first = client.post(f"/api/v1/integrity-scrub/?project={project.slug}", HTTP_IDEMPOTENCY_KEY="nightly")
+    again = client.post(f"/api/v1/integrity-scrub/?project={project.slug}", HTTP_IDEMPOTENCY_KEY="nightly")
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+    elsewhere = client.post(f"/api/v1/integrity-scrub/?project={other_project.slug}", HTTP_IDEMPOTENCY_KEY="nightly")
+    assert elsewhere.status_code == 422 and elsewhere.json()["code"] == "idempotency_key_reused"
+    key = client.post("/api/v1/keys/", {"project": project.slug, "name": "k", "scopes": ["read"]}, format="json",
+                      HTTP_IDEMPOTENCY_KEY="make-k")
+    other_key = client.post("/api/v1/keys/", {"project": other_project.slug, "name": "k", "scopes": ["read"]},
+                            format="json", HTTP_IDEMPOTENCY_KEY="make-k")
+    assert key.status_code == 201 and other_key.status_code == 422
+    assert Job.objects.count() == 1
+
+
 def test_a_retried_import_keeps_one_copy_of_the_upload(project, writer, settings, tmp_path):
     settings.VAR_DIR = tmp_path
     upload = b'{"type": "header"}\n'
