@@ -195,15 +195,19 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
         full = string_path + change["path"] if string_path else change["path"]
         old, new = change.get("old"), change.get("new")
         long_text = change["kind"] == "changed" and jsonview.is_long_text(old, new)
-        pieces = jsonview.text_diff(str(old), str(new), budget) if long_text else None
+        pieces = None
+        if long_text and len(str(old)) + len(str(new)) <= room.left:
+            # A text diff spells both strings (side by side, each whole); shown instead of old/new.
+            pieces = jsonview.text_diff(str(old), str(new), budget)
+            room.left -= len(str(old)) + len(str(new))
         shown.append(ShownChange(
             path=full or "/",
             string_path=string_path,
             inner_path=change["path"],
             context=full.rsplit("/", 1)[0] or "/",
             kind=change["kind"],
-            old=room.text(old) if "old" in change else "",
-            new=room.text(new) if "new" in change else "",
+            old=room.text(old) if "old" in change and pieces is None else "",
+            new=room.text(new) if "new" in change and pieces is None else "",
             pieces=pieces,
         ))
     return shown

@@ -232,3 +232,22 @@ def test_a_human_answers_an_input_request_through_on_event(live_api):
     assert asked == ["ship A-7?"] and run.error is None
     assert run.result == {"order": "A-7", "approved": True}
     assert [v["step"] for v in run.versions][-1] == "decide" and run.versions[-1]["status"] == "completed"
+
+
+def test_a_failing_on_event_stops_the_run_and_is_recorded(live_api):
+    def refuse(handler, event):
+        if isinstance(event, InputRequiredEvent):
+            raise RuntimeError("no human on call")
+
+    async def main():
+        async with live_api.aclient() as client:
+            run = await WorkflowRecorder(client).run(Approval(timeout=30), external_id="approval-2", order="B-1",
+                                                     on_event=refuse)
+            await asyncio.sleep(0.1)
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task() and not task.done()]
+            return run, left
+
+    run, left = asyncio.run(main())
+    assert isinstance(run.error, RuntimeError) and run.result is None
+    assert run.versions[-1]["status"] == "failed" and "no human on call" in run.versions[-1]["error"]
+    assert left == []  # the workflow was cancelled, not left waiting for an answer in the background

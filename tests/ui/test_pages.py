@@ -363,10 +363,14 @@ def test_the_values_of_one_diff_page_share_one_size_budget():
     changes = [{"path": f"/docs/{i}", "op": "replace", "kind": "changed", "old": f"{i}" + "a" * 15_000,
                 "new": f"{i}" + "b " * 7_500} for i in range(500)]
     shown = shown_changes(changes)
-    assert len(shown) == 500 and shown[0].old.strip('"') == changes[0]["old"]
-    total = sum(len(change.old) + len(change.new) for change in shown)
+    assert len(shown) == 500 and shown[0].pieces  # the first long strings get their text diff
+    assert "".join(text for op, text in shown[0].pieces if op != "+") == changes[0]["old"]
+    total = sum(len(change.old) + len(change.new) + sum(len(text) for _, text in change.pieces or []) for change in shown)
     assert total <= PAGE_VALUES_SHOWN + VALUE_SHOWN + 1000 * (VALUE_SHOWN_PAST_BUDGET + 60)
-    assert "cut; download the raw JSON" in shown[-1].new and shown[-1].new.startswith('"499')
+    assert shown[-1].pieces is None and "cut; download the raw JSON" in shown[-1].new
+    assert shown[-1].new.startswith('"499')
+    short = shown_changes([{"path": "/n", "op": "replace", "kind": "changed", "old": 1, "new": 2}])
+    assert (short[0].old, short[0].new, short[0].pieces) == ("1", "2", None)
 
 
 def test_diff_inside_json_strings_names_the_string(client, viewer, team):

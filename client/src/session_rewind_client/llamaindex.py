@@ -129,7 +129,8 @@ class WorkflowRecorder:
 
         `on_event(handler, event)` (plain or async) sees every event the workflow writes to its
         stream, e.g. an ``InputRequiredEvent`` to answer with
-        ``handler.ctx.send_event(HumanResponseEvent(...))`` (human in the loop).
+        ``handler.ctx.send_event(HumanResponseEvent(...))`` (human in the loop). If it raises, the
+        run is cancelled and recorded as failed with that error.
         """
         session = await self.client.create_session(
             external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
@@ -145,9 +146,15 @@ class WorkflowRecorder:
         try:
             async for event in handler.stream_events(expose_internal=True):
                 if on_event is not None and not isinstance(event, InternalDispatchEvent):
-                    answered = on_event(handler, event)
-                    if inspect.isawaitable(answered):
-                        await answered
+                    try:
+                        answered = on_event(handler, event)
+                        if inspect.isawaitable(answered):
+                            await answered
+                    except Exception:
+                        # The run is reported failed with the callback's error: it must not go on
+                        # unrecorded in the background.
+                        await handler.cancel_run()
+                        raise
                 if not (isinstance(event, StepStateChanged) and event.step_state == StepState.NOT_RUNNING):
                     continue
                 started = time.perf_counter()
