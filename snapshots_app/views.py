@@ -213,17 +213,23 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
     return shown
 
 
-def diff_display(result: DiffResult | None) -> dict[str, Any]:
+def diff_display(result: DiffResult | None, offset: int = 0) -> dict[str, Any]:
     """What the one diff fragment (_diff_body.html) shows of a diff, wherever it appears (diff page,
-    rewind confirmation, admin data fix): at most DIFF_SHOWN changes, saying so when there are more,
-    and the JSON Patch only whole (a cut patch is not JSON)."""
+    rewind confirmation, admin data fix): DIFF_SHOWN changes from `offset` on, saying which when there
+    are more (the diff page links the pages before and after), and the JSON Patch only whole (a cut
+    patch is not JSON)."""
     if result is None:
         return {"changes": [], "counts": None, "total": 0, "cut": False, "patch": "", "patch_size": 0}
+    total = len(result.changes)
+    offset = min(max(0, offset), (total - 1) // DIFF_SHOWN * DIFF_SHOWN if total else 0)  # (a page that exists)
+    changes = shown_changes(result.changes[offset : offset + DIFF_SHOWN])
     patch = orjson.dumps(result.patch)  # (measured for its size even when not shown: orjson, not json)
     return {
-        "changes": shown_changes(result.changes), "counts": result.counts, "total": len(result.changes),
-        "cut": len(result.changes) > DIFF_SHOWN, "patch": patch.decode() if len(patch) <= VALUE_SHOWN else "",
-        "patch_size": len(patch),
+        "changes": changes, "counts": result.counts, "total": total, "cut": total > DIFF_SHOWN,
+        "shown_from": offset + 1, "shown_to": offset + len(changes),
+        "prev_offset": max(0, offset - DIFF_SHOWN) if offset else None,
+        "next_offset": offset + DIFF_SHOWN if offset + DIFF_SHOWN < total else None,
+        "patch": patch.decode() if len(patch) <= VALUE_SHOWN else "", "patch_size": len(patch),
     }
 
 
@@ -245,15 +251,18 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     from_version = _version(from_session, from_number)
     mode = "side" if request.GET.get("mode") == "side" else "inline"
     result = selectors.version_diff(from_version, to_version)
+    shown = diff_display(result, offset=_int(request.GET.get("offset")) or 0)
+    on_page = f"&offset={shown['shown_from'] - 1}" if shown.get("shown_from", 1) > 1 else ""
     context = {
         **_base(session, role),
         "from_version": from_version,
         "to_version": to_version,
         "from_session": from_session,
-        **diff_display(result),
+        **shown,
         "mode": mode,
-        "query_inline": _diff_query(from_session, from_version, to_version, "inline"),
-        "query_side": _diff_query(from_session, from_version, to_version, "side"),
+        "query_inline": _diff_query(from_session, from_version, to_version, "inline") + on_page,
+        "query_side": _diff_query(from_session, from_version, to_version, "side") + on_page,
+        "query_page": _diff_query(from_session, from_version, to_version, mode),
     }
     return render_fragment(request, "snapshots_app/diff.html", "snapshots_app/partials/_diff_body.html", context)
 
