@@ -158,8 +158,13 @@ class PatchOperationSerializer(serializers.Serializer):
 
 class DiffSerializer(serializers.Serializer):
     changes = ChangeSerializer(many=True)
-    patch = PatchOperationSerializer(many=True, help_text="RFC 6902 JSON Patch turning `from` into `to`.")
+    patch = PatchOperationSerializer(
+        many=True, allow_null=True,
+        help_text="RFC 6902 JSON Patch turning `from` into `to`; null when `limit`/`offset` left changes out.",
+    )
     counts = serializers.DictField(child=StrictIntegerField())
+    total = StrictIntegerField(help_text="How many changes the whole diff has.")
+    next_offset = StrictIntegerField(allow_null=True, help_text="`offset` of the next page (with `limit`), or null.")
     from_ = VersionRefSerializer()
     to = VersionRefSerializer()
 

@@ -123,6 +123,20 @@ def _query_int(params: Any, name: str) -> int:
     return number
 
 
+DIFF_LIMIT_MAX = 10_000
+
+
+def _bounded_int(params: Any, name: str, low: int, high: int | None) -> int | None:
+    """The optional query integer `name` (None if absent), 400 outside low..high."""
+    raw = params.get(name)
+    if raw in (None, ""):
+        return None
+    number = ascii_int(raw)
+    if number is None or number < low or (high is not None and number > high):
+        raise ValidationError({name: [f"Use a whole number from {low}" + (f" to {high}." if high else " up.")]})
+    return number
+
+
 def _path_number(raw: str) -> int:
     """A version number from the URL; anything else names no version (404)."""
     number = _number_in(raw)
@@ -297,6 +311,11 @@ class Diff(ApiView):
             OpenApiParameter("to_session", OpenApiTypes.UUID, OpenApiParameter.QUERY, description="UUID of another session to compare with."),
             OpenApiParameter("structural_strings", bool, OpenApiParameter.QUERY,
                              description="Compare strings holding JSON as structure (default true)."),
+            OpenApiParameter("limit", int, OpenApiParameter.QUERY,
+                             description=f"At most this many changes (1..{DIFF_LIMIT_MAX}; default: all). "
+                                         "`patch` is null unless every change is in the answer."),
+            OpenApiParameter("offset", int, OpenApiParameter.QUERY,
+                             description="Skip this many changes (with `limit`; `next_offset` is the next page's)."),
         ],
     )
     def get(self, request: Request, id: str) -> Response:
@@ -311,16 +330,23 @@ class Diff(ApiView):
                 exc.message = f"no session {params['to_session']} to compare with"
                 raise
         structural = filters.parse_bool("structural_strings", params.get("structural_strings", "true"))
+        limit = _bounded_int(params, "limit", 1, DIFF_LIMIT_MAX)
+        offset = _bounded_int(params, "offset", 0, None) or 0
         a, b, result = selectors.version_pair_diff(
             session=session, number=numbers["from"], other_session=other, other_number=numbers["to"],
             structural_strings=structural,
         )
+        total = len(result.changes)
+        end = total if limit is None else min(total, offset + limit)
         return Response({
             "from": {"session": a.session_id, "number": a.number},
             "to": {"session": b.session_id, "number": b.number},
             "counts": result.counts,
-            "changes": result.changes,
-            "patch": result.patch,
+            "total": total,
+            "changes": result.changes[offset:end],
+            "next_offset": end if end < total else None,
+            # A cut patch is not a patch: only whole.
+            "patch": result.patch if offset == 0 and end == total else None,
         })
 
 

@@ -107,6 +107,25 @@ def test_diff_within_and_across_sessions(writer, session):
     assert writer.get(url(session, "diff/?from=1")).status_code == 400
 
 
+def test_a_large_diff_can_be_read_a_page_at_a_time(writer, session):
+    snapshot_record(session=session, state={"items": {f"k{i:02}": i for i in range(25)}})
+    snapshot_record(session=session, state={"items": {f"k{i:02}": -i - 1 for i in range(25)}})
+    whole = writer.get(url(session, "diff/?from=1&to=2")).json()
+    assert whole["total"] == 25 and len(whole["changes"]) == 25 and whole["next_offset"] is None and whole["patch"]
+    pages, offset = [], 0
+    while offset is not None:
+        page = writer.get(url(session, f"diff/?from=1&to=2&limit=10&offset={offset}")).json()
+        assert page["total"] == 25 and page["patch"] is None and page["counts"] == whole["counts"]
+        pages.append(page["changes"])
+        offset = page["next_offset"]
+    assert [len(changes) for changes in pages] == [10, 10, 5]
+    assert [change for changes in pages for change in changes] == whole["changes"]
+    assert writer.get(url(session, "diff/?from=1&to=2&limit=100")).json()["patch"] == whole["patch"]
+    for bad in ("limit=0", "limit=10001", "limit=x", "offset=-1"):
+        response = writer.get(url(session, f"diff/?from=1&to=2&{bad}"))
+        assert response.status_code == 400 and response.json()["code"] == "invalid_request", bad
+
+
 def test_rewind_returns_the_new_head_and_is_audited(writer, session):
     snapshot_record(session=session, state={"step": 1})
     snapshot_record(session=session, state={"step": 2}, error="tool failed", status="failed")

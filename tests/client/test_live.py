@@ -130,6 +130,9 @@ def test_diff_rewind_fork_and_audit(rewind):
     diff = rewind.diff(s["id"], 1, 2)
     assert sorted((c["path"], c["op"]) for c in diff["changes"]) == [("/messages/1", "add"), ("/pointer", "replace")]
     assert diff["patch"]
+    first = rewind.diff(s["id"], 1, 2, limit=1)
+    rest = rewind.diff(s["id"], 1, 2, limit=1, offset=first["next_offset"])
+    assert first["changes"] + rest["changes"] == diff["changes"] and rest["next_offset"] is None
 
     head = rewind.rewind(s["id"], 1, reason="pointer b was a bad branch")
     assert (head["number"], head["parent"], head["state"]) == (3, 1, {"messages": ["hi"], "pointer": "a"})

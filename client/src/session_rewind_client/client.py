@@ -218,13 +218,15 @@ class Endpoints:
 
     def diff(
         self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None,
-        structural_strings: bool | None = None,
+        structural_strings: bool | None = None, limit: int | None = None, offset: int | None = None,
     ) -> Any:
-        """``{"changes": [{"path", "op", "old", "new"}], "patch": [...]}`` between two versions.
-        ``structural_strings=False`` compares strings that hold JSON as plain strings."""
+        """``{"changes": [{"path", "op", "old", "new"}], "patch": [...], "total", "next_offset"}``
+        between two versions. ``structural_strings=False`` compares strings that hold JSON as plain
+        strings. ``limit``/``offset`` read a large diff a page at a time (``patch`` is then None)."""
         params = _drop_none(
             to_session=str(to_session) if to_session is not None else None,
             structural_strings=None if structural_strings is None else str(bool(structural_strings)).lower(),
+            limit=limit, offset=offset,
         )
         params.update({"from": int(from_version), "to": int(to_version)})
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/diff/", params=params))
