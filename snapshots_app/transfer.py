@@ -308,9 +308,10 @@ class _NodeSpill:
     holding its nodes twice (raw and decoded) took an import ~4x the file's size in memory, enough
     for a legal upload to get a worker killed on every delivery. The disk is SQLite's own private
     temporary database (in its temp folder, TMPDIR: never left behind, even by a killed worker, and
-    VAR_DIR may be read-only). `get` decodes on demand and keeps the last DECODED_KEPT nodes."""
+    VAR_DIR may be read-only). `get` decodes on demand and keeps the most recently used nodes, up to
+    DECODED_KEPT_BYTES of their encodings (a state's nodes are read together, and shared across versions)."""
 
-    DECODED_KEPT = 20_000
+    DECODED_KEPT_BYTES = 32 * 1024 * 1024
 
     def __init__(self) -> None:
         self._db = sqlite3.connect("")  # "": a private temporary database, on disk, deleted on close
@@ -319,7 +320,8 @@ class _NodeSpill:
             "CREATE TABLE node (digest BLOB PRIMARY KEY, raw BLOB NOT NULL) WITHOUT ROWID;"
         )
         self._pending: list[tuple[bytes, bytes]] = []
-        self._decoded: OrderedDict[bytes, tree.Node] = OrderedDict()
+        self._decoded: OrderedDict[bytes, tuple[tree.Node, int]] = OrderedDict()
+        self._decoded_bytes = 0
 
     def __enter__(self) -> _NodeSpill:
         return self
@@ -341,10 +343,10 @@ class _NodeSpill:
         return int(self._db.execute("SELECT count(*) FROM node").fetchone()[0])
 
     def get(self, digest: bytes) -> tree.Node | None:
-        node = self._decoded.get(digest)
-        if node is not None:
+        kept = self._decoded.get(digest)
+        if kept is not None:
             self._decoded.move_to_end(digest)
-            return node
+            return kept[0]
         row = self._db.execute("SELECT raw FROM node WHERE digest = ?", (digest,)).fetchone()
         if row is None:
             return None
@@ -352,9 +354,10 @@ class _NodeSpill:
             node = tree.Node.decode(row[0])
         except (IndexError, ValueError) as exc:
             raise ImportRejected(f"node {digest.hex()} cannot be decoded: {exc}") from None
-        self._decoded[digest] = node
-        if len(self._decoded) > self.DECODED_KEPT:
-            self._decoded.popitem(last=False)
+        self._decoded[digest] = (node, len(row[0]))
+        self._decoded_bytes += len(row[0])
+        while self._decoded_bytes > self.DECODED_KEPT_BYTES and len(self._decoded) > 1:
+            self._decoded_bytes -= self._decoded.popitem(last=False)[1][1]
         return node
 
     def batches(self, keep: set[bytes], size: int = 500) -> Iterator[dict[bytes, bytes]]:

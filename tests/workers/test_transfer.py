@@ -122,6 +122,19 @@ def test_single_session_export_round_trips_and_import_twice_is_refused(project, 
 
 
 @pytest.mark.django_db
+def test_an_import_whose_nodes_outgrow_the_decoded_cache_reads_them_again(project, user, settings, tmp_path,
+                                                                          monkeypatch):
+    from snapshots_app import transfer
+
+    monkeypatch.setattr(transfer._NodeSpill, "DECODED_KEPT_BYTES", 1)  # every node read from the spill again
+    settings.VAR_DIR = tmp_path
+    session = _rich_project(project, user)
+    fresh = make_project("fresh")
+    transfer_import_run(project=fresh, path=Path(transfer_export_run(project=project, session=session)["path"]))
+    assert read_all(fresh) == {key: data for key, data in read_all(project).items() if key[0] == "agent-1"}
+
+
+@pytest.mark.django_db
 def test_a_file_whose_roots_carry_subtree_digests_still_imports(project, user, settings, tmp_path):
     """Releases before tree.root_digest stored (and exported) a root under the digest it would have as
     a subtree; such files import, and a root digest that is neither is refused."""
