@@ -141,6 +141,19 @@ def test_verify_integrity_action_records_a_problem(client, staff, story):
     assert 'id="integrity-problems"' in timeline and "v3</a>:" in timeline
 
 
+def test_verifying_integrity_in_the_admin_needs_the_operator_role(client, clerk, story):
+    membership_set(project=story.project, user=clerk, role=Role.VIEWER)
+    client.force_login(clerk)
+    version = Version.objects.get(session=story, number=3)
+    StateNode.objects.filter(project=story.project, digest=bytes(version.root)).update(data=b"\x00garbage")
+    url = reverse("admin:snapshots_app_version_changelist")
+    refused = client.post(url, {"action": "verify_integrity", "_selected_action": [version.pk]})
+    assert refused.status_code == 403 and not IntegrityProblem.objects.exists()
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    client.post(url, {"action": "verify_integrity", "_selected_action": [version.pk]})
+    assert IntegrityProblem.objects.filter(version=version).exists()
+
+
 def test_compaction_dry_run_action_reports_figures(client, staff, story):
     client.force_login(staff)
     response = client.post(reverse("admin:sessions_app_project_changelist"),
