@@ -225,7 +225,7 @@ class ApiKeyList(mixins.ListModelMixin, ApiView):
         project = project_for(request, data.get("project"), role=Role.ADMIN)
 
         api_key, token = services.api_key_create(
-            project=project, name=data["name"], scopes=data["scopes"], request=self.request_key({"project": project.pk, **data}),
+            project=project, name=data["name"], scopes=data["scopes"], request=self.request_key({**data, "project": project.pk}),
             **self.principal.actor,
         )
         body = ApiKeyCreatedSerializer(api_key).data

@@ -195,8 +195,9 @@ class Compaction(ApiView):
             preview = compaction.compaction_dry_run(project=project, apply_retention=data["apply_retention"])
             return Response(preview.as_dict())
         project = project_for(request, data.get("project"), role=Role.ADMIN)
+        request_key = self.request_key({**data, "project": project.pk})
         return queued(compaction.compaction_start(
-            project=project, apply_retention=data["apply_retention"], request=self.request_key({"project": project.pk, **data}), **self.principal.actor
+            project=project, apply_retention=data["apply_retention"], request=request_key, **self.principal.actor
         ))
 
 
@@ -215,8 +216,9 @@ class ExportCreate(ApiView):
         else:
             session = None
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
+        request_key = self.request_key({**data, "project": project.pk})
         return queued(transfer.transfer_export_start(
-            project=project, session=session, request=self.request_key({"project": project.pk, **data}), **self.principal.actor
+            project=project, session=session, request=request_key, **self.principal.actor
         ))
 
 
@@ -240,9 +242,9 @@ class ImportCreate(ApiView):
         if not isinstance(upload, Upload) or not upload.size:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
         with upload.file:
+            request_key = self.request_key({"project": project.pk, "sha256": upload.sha256})
             return queued(transfer.transfer_import_start(
-                project=project, source=upload.file, request=self.request_key({"project": project.pk, "sha256": upload.sha256}),
-                **self.principal.actor,
+                project=project, source=upload.file, request=request_key, **self.principal.actor
             ))
 
 
