@@ -80,10 +80,10 @@ class VersionAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Verify integrity (read from the database, bypassing caches)", permissions=["view"])
     def verify_integrity(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
-        # It records the problems it finds: the operator role, as the API's scrub asks.
-        require_role(request, set(queryset.values_list("session__project_id", flat=True)), Role.OPERATOR)
-        bad = []
         versions = list(queryset.select_related("session__project"))
+        # It records the problems it finds: the operator role, as the API's scrub asks.
+        require_role(request, [version.session.project_id for version in versions], Role.OPERATOR)
+        bad = []
         for version in versions:
             try:
                 store.read_canonical(version, use_cache=False)

@@ -37,6 +37,7 @@ from sessions_app.services import (
     session_event,
 )
 from snapshots_app import canonical, rows, store
+from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import Version, VersionKind
 from snapshots_app.selectors import version_get
 
@@ -87,8 +88,6 @@ def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
 def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str, Any]:
     """`state` with the value at JSON pointer `pointer` replaced by the JSON `text` (a data fix of one
     part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON."""
-    from snapshots_app.diff import PatchError, apply_patch
-
     if not pointer:
         return canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
     # Parsed inside an object, so the state's own strict parser (NaN, Infinity, depth) judges it.

@@ -196,10 +196,12 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
         old, new = change.get("old"), change.get("new")
         long_text = change["kind"] == "changed" and jsonview.is_long_text(old, new)
         pieces = None
-        if long_text and len(str(old)) + len(str(new)) <= room.left:
-            # A text diff spells both strings (side by side, each whole); shown instead of old/new.
-            pieces = jsonview.text_diff(str(old), str(new), budget)
-            room.left -= len(str(old)) + len(str(new))
+        if long_text:
+            old_text, new_text = str(old), str(new)  # (both strings: is_long_text says so)
+            if len(old_text) + len(new_text) <= room.left:
+                # A text diff spells both strings (side by side, each whole); shown instead of old/new.
+                pieces = jsonview.text_diff(old_text, new_text, budget)
+                room.left -= len(old_text) + len(new_text)
         shown.append(ShownChange(
             path=full or "/",
             string_path=string_path,

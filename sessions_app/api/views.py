@@ -223,10 +223,9 @@ class ApiKeyList(mixins.ListModelMixin, ApiView):
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
         project = project_for(request, data.get("project"), role=Role.ADMIN)
-
+        request_key = self.request_key({**data, "project": project.pk})
         api_key, token = services.api_key_create(
-            project=project, name=data["name"], scopes=data["scopes"], request=self.request_key({**data, "project": project.pk}),
-            **self.principal.actor,
+            project=project, name=data["name"], scopes=data["scopes"], request=request_key, **self.principal.actor
         )
         body = ApiKeyCreatedSerializer(api_key).data
         body["key"] = token

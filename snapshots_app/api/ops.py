@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from django.conf import settings
-from django.db.models import Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
@@ -248,11 +248,18 @@ class ImportCreate(ApiView):
             ))
 
 
+Row = TypeVar("Row", bound=Model)
+
+
+def _visible(request: Request, rows: QuerySet[Row], raw_id: str) -> Row | None:
+    """The row with id `raw_id` in a project the caller sees (None otherwise: another project's row
+    answers as a missing one does)."""
+    pk = ascii_int(raw_id)
+    return None if pk is None else rows.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
+
+
 def _job(request: Request, job_id: str) -> Job:
-    job = None
-    pk = ascii_int(job_id)
-    if pk is not None:
-        job = Job.objects.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
+    job = _visible(request, Job.objects.all(), job_id)
     if job is None or job.project_id is None:
         raise JobNotFound(f"job {job_id} not found", job=job_id)
     return job
@@ -341,9 +348,7 @@ class IntegrityProblemResolve(ApiView):
                 "it still fails verification.",
     )
     def post(self, request: Request, problem_id: str) -> Response:
-        pk = ascii_int(problem_id)
-        problem = None if pk is None else IntegrityProblem.objects.filter(
-            pk=pk, project_id__in=visible_project_ids(request)).first()
+        problem = _visible(request, IntegrityProblem.objects.all(), problem_id)
         if problem is None:
             raise NotFound(f"integrity problem {problem_id} not found")
         require_role(request, problem.project_id, Role.OPERATOR)

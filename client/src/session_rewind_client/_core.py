@@ -81,7 +81,7 @@ class RetryPolicy:
     """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and full jitter.
 
     A server's Retry-After wins over the computed delay; one longer than `max_wait` is not waited
-    for: the error is raised at once, with its `retry_after`. Writes are retried
+    for: the error is raised at once (a 429 as RateLimited with its `retry_after`). Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
     The defaults ride out about half a minute of outage (a web restart, a database failover): six
     retries waiting up to 0.5, 1, 2, 4, 8 and 16 s.
@@ -140,7 +140,7 @@ def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.
     hinted = retry_after_seconds(response)
     if hinted is not None and hinted > policy.max_wait:
         # The server says no sooner than that: retrying earlier is certain to fail again, so the
-        # caller gets the error now (RateLimited and ServiceUnavailable carry `retry_after`).
+        # caller gets the error now (a 429's RateLimited carries `retry_after`).
         return False
     return response.status_code in RETRY_STATUSES or _in_progress(response)
 
