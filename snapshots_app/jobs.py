@@ -36,6 +36,7 @@ from snapshots_app.models import Job, JobKind, JobStatus
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes/events: the UI needs a pulse, not a firehose
+JOB_LOCK_CLASS = 4243  # advisory lock class of job_hold (store.PROJECT_LOCK_CLASS is 4242)
 MAX_ATTEMPTS = 5  # a job whose worker keeps dying (e.g. out of memory) is failed, not retried forever
 
 
@@ -118,6 +119,9 @@ def job_start(*, job_id: int) -> Job | None:
     fresh): nothing to do. A job whose heartbeat went stale is taken over and started again: the
     work is idempotent and resumes from what the previous attempt committed.
     """
+    if not _job_lock(job_id, wait=False):
+        logger.info("job %s is being committed by the delivery that runs it; this delivery does nothing", job_id)
+        return None
     job = Job.objects.select_for_update().filter(pk=job_id).first()
     if job is None or job.is_finished:
         return None
@@ -140,12 +144,16 @@ def job_start(*, job_id: int) -> Job | None:
 
 class Heartbeat:
     """While the block runs, a thread stamps the job's heartbeat every JOB_HEARTBEAT_SECONDS (on a
-    connection of its own: the work may hold its connection in a long transaction). A job that ends
-    sooner never touches the database from the thread."""
+    connection of its own: the work may hold its connection in a long transaction). The same thread
+    writes the progress the work makes inside such a transaction (see `report`). A job that ends
+    sooner and reports nothing never touches the database from the thread."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._reported: tuple[int, int] | None = None
         self._thread = threading.Thread(target=self._beat, name=f"job-{job.pk}-heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
@@ -154,27 +162,57 @@ class Heartbeat:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=settings.JOB_HEARTBEAT_SECONDS)
 
+    def report(self, done: int, total: int) -> None:
+        """Progress made inside the work's transaction, which its own connection could show only
+        once it commits: the thread writes it now (the latest report wins)."""
+        with self._lock:
+            self._reported = (done, total)
+        self._wake.set()
+
     def _beat(self) -> None:
+        interval = settings.JOB_HEARTBEAT_SECONDS
+        next_beat = time.monotonic() + interval
         try:
-            while not self._stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+            while True:
+                self._wake.wait(max(0.0, next_beat - time.monotonic()))
+                if self._stop.is_set():
+                    return
+                self._wake.clear()
+                with self._lock:
+                    reported, self._reported = self._reported, None
+                if reported is None and time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + interval
                 try:
-                    Job.objects.filter(pk=self.job.pk, status=JobStatus.RUNNING, attempts=self.job.attempts).update(
-                        heartbeat_at=timezone.now()
-                    )
+                    self._write(reported)
                 except Exception:  # the database is away: the beat stops showing, which is the point
                     logger.warning("job %s: heartbeat not recorded", self.job.pk, exc_info=True)
                     connection.close()
         finally:
             connection.close()
 
+    def _write(self, reported: tuple[int, int] | None) -> None:
+        fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+        if reported is not None:
+            fields["done"], fields["total"] = reported
+        owned = Job.objects.filter(pk=self.job.pk, status=JobStatus.RUNNING, attempts=self.job.attempts)
+        if owned.update(**fields) and reported is not None and self.job.project_id is not None:
+            # Not after commit: this connection is in autocommit, and the event is advisory.
+            payload = {**job_event(self.job), "done": reported[0], "total": reported[1]}
+            events.publish(self.job.project_id, "job.progress", payload, session_id=self.job.session_id)
+
 
 class Progress:
-    """Throttled progress reporting for one running job (each write is its own short transaction)."""
+    """Throttled progress reporting for one running job (each write is its own short transaction;
+    inside the work's own transaction, where a write would stay invisible until it commits, the
+    heartbeat's thread writes it)."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, heartbeat: Heartbeat | None = None) -> None:
         self.job = job
+        self.heartbeat = heartbeat
         self._last = 0.0
 
     def __call__(self, done: int, total: int | None = None, *, force: bool = False) -> None:
@@ -185,7 +223,11 @@ class Progress:
         if not force and now - self._last < PROGRESS_INTERVAL:
             return
         self._last = now
-        job_progress(job=self.job, done=self.job.done, total=self.job.total)
+        # (On SQLite, a write beside a write transaction would only wait for it: no use.)
+        if self.heartbeat is not None and connection.in_atomic_block and connection.vendor == "postgresql":
+            self.heartbeat.report(self.job.done, self.job.total)
+        else:
+            job_progress(job=self.job, done=self.job.done, total=self.job.total)
 
 
 @transaction.atomic
@@ -205,11 +247,28 @@ def _owned(job: Job) -> QuerySet[Job]:
 
 
 def job_hold(*, job: Job) -> None:
-    """Inside a transaction that will finish the job with what it commits (an import): lock the job's
-    row, so no other delivery takes it over before that commit, or raise JobSuperseded, so this
-    attempt commits nothing."""
-    if _owned(job).select_for_update().values_list("pk", flat=True).first() is None:
+    """Inside a transaction that will finish the job with what it commits (an import): make sure no
+    other delivery takes the job over before that commit, or raise JobSuperseded, so this attempt
+    commits nothing.
+
+    An advisory lock (which job_start takes too), not a lock on the job's row: the heartbeat and
+    the progress of that long transaction are written to the row from beside it meanwhile.
+    """
+    _job_lock(job.pk)
+    if not _owned(job).exists():
         raise JobSuperseded(f"job {job.pk}: attempt {job.attempts} was taken over or the job finished")
+
+
+def _job_lock(job_id: int, *, wait: bool = True) -> bool:
+    """Until the transaction ends, serialise the job's takeover (job_start) with a transaction that
+    holds it (job_hold). False if `wait` is off and another transaction holds it. PostgreSQL only:
+    SQLite already serialises write transactions."""
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        cursor.execute(f"SELECT {function}(%s, %s)", [JOB_LOCK_CLASS, job_id % 2**31])
+        return wait or bool(cursor.fetchone()[0])
 
 
 @transaction.atomic

@@ -133,8 +133,8 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
     if job is None:
         return None  # gone, finished, or running elsewhere: nothing to do
     try:
-        with jobs.Heartbeat(job):
-            result = work(job, jobs.Progress(job))
+        with jobs.Heartbeat(job) as heartbeat:
+            result = work(job, jobs.Progress(job, heartbeat))
     except StateStoreError as exc:
         jobs.job_fail(job=job, error=exc.message)
         return None

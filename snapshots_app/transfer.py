@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import orjson
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -46,7 +46,7 @@ from sessions_app.services import (
     clean_metadata,
     clean_tags,
 )
-from snapshots_app import canonical, jobs, store, tree
+from snapshots_app import canonical, jobs, rows, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
 from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
 
@@ -378,17 +378,21 @@ def _read_file(path: Path, nodes: _NodeSpill, progress: ProgressFn) -> tuple[dic
     header: dict[str, Any] = {}
     sessions: list[dict] = []
     versions: list[dict] = []
+    read = 0
     with path.open("rb") as source:
         for record in _records(iter(source)):
             kind = record.get("type")
             try:
                 if kind == "header":
                     header = record
-                    progress(0, int(record.get("nodes", 0)) + int(record.get("versions", 0)), force=True)
+                    # Every node and version is counted twice: read and verified, then stored.
+                    progress(0, 2 * (int(record.get("nodes", 0)) + int(record.get("versions", 0))), force=True)
                 elif kind == "session":
                     sessions.append(record)
                 elif kind == "node":
                     nodes.put(bytes.fromhex(record["digest"]), base64.b64decode(record["raw"], validate=True))
+                    read += 1
+                    progress(read)
                 elif kind == "version":
                     versions.append(record)
                 else:
@@ -449,7 +453,9 @@ def transfer_import_run(
                 jobs.job_hold(job=job)  # a superseded attempt must not import what the owner imports too
             store.project_write_lock(project.pk)
             # Only the nodes some version spells are stored (verified or nothing).
-            result = _store_import(project, sessions, nodes.batches(verified_nodes), versions, actor, actor_label)
+            # Progress goes on from where verifying left it (see _read_file).
+            stored = _StoreProgress(progress, nodes.count() + len(versions))
+            result = _store_import(project, sessions, nodes.batches(verified_nodes), versions, actor, actor_label, stored)
             if job is not None:
                 jobs.job_finish(job=job, result=result)
     return result
@@ -496,9 +502,20 @@ def _verify(
     return verified_nodes
 
 
+class _StoreProgress:
+    """Progress of storing an import, counted on from `start`."""
+
+    def __init__(self, progress: ProgressFn, start: int) -> None:
+        self.progress, self.done = progress, start
+
+    def add(self, count: int) -> None:
+        self.done += count
+        self.progress(self.done)
+
+
 def _store_import(
     project: Project, sessions: list[dict], node_batches: Iterator[dict[bytes, bytes]], versions: list[dict],
-    actor: User, actor_label: str,
+    actor: User, actor_label: str, progress: _StoreProgress,
 ) -> dict[str, Any]:
     external_ids = [record["external_id"] for record in sessions]
     existing = WorkflowSession.objects.filter(project=project, external_id__in=external_ids)
@@ -513,6 +530,7 @@ def _store_import(
     for batch in node_batches:
         project_store.save_nodes(batch)
         stored_nodes += len(batch)
+        progress.add(len(batch))
     new_sessions: dict[str, WorkflowSession] = {}
     for record in sessions:
         item = WorkflowSession(project=project, **{f: record[f] for f in SESSION_FIELDS})
@@ -524,15 +542,18 @@ def _store_import(
     # data fixes or rewinds made in this project (those are in this project's audit log; imports are
     # there as session.import).
     importer = actor_fields(actor, actor_label)["actor_label"]
-    rows = []
+    new_versions = []
     for record in versions:
         author = f"{record['created_by_label'] or 'system'} (imported by {importer})"
-        rows.append(Version(
+        new_versions.append(Version(
             session=new_sessions[record["session"]], root=bytes.fromhex(record["root"]),
             **{f: record[f] for f in VERSION_FIELDS if f != "created_by_label"},
             created_by_label=author[:200],
         ))
-    created = Version.objects.bulk_create(rows, batch_size=500)
+    created: list[Version] = []
+    for chunk in _chunks(new_versions, 500):
+        created += Version.objects.bulk_create(chunk)
+        progress.add(len(chunk))
     by_key = {(record["session"], record["number"]): version for record, version in zip(versions, created, strict=True)}
     outside = 0
     for record, version in zip(versions, created, strict=True):
@@ -543,10 +564,16 @@ def _store_import(
             outside += target is None
         created_at = parse_datetime(record["created_at"]) if record.get("created_at") else None
         version.created_at = created_at or version.created_at
-    Version.objects.bulk_update(created, ["parent", "created_at"], batch_size=500)
+    if connection.vendor == "postgresql":
+        rows.versions_link(created)
+    else:
+        Version.objects.bulk_update(created, ["parent", "created_at"], batch_size=500)
+    by_session: dict[Any, list[Version]] = {}
+    for version in created:
+        by_session.setdefault(version.session_id, []).append(version)
     for record in sessions:
         item = new_sessions[record["id"]]
-        mine = [v for v in created if v.session_id == item.pk]
+        mine = by_session.get(item.pk, [])
         head = max(mine, key=lambda v: v.number, default=None)
         item.head_number = head.number if head else 0
         item.version_count = len(mine)

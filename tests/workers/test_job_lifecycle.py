@@ -3,10 +3,13 @@ overwritten (in-process; tests/workers/test_worker_jobs.py kills real workers)."
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from snapshots_app import jobs, tasks
@@ -82,3 +85,60 @@ def test_a_job_still_waiting_is_sent_again_once_per_wait_not_every_minute(projec
     assert tasks.jobs_requeue_stale() == 0
     Job.objects.filter(pk=lost.pk).update(resent_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
     assert tasks.jobs_requeue_stale() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_shows_its_progress_while_it_stores_and_a_duplicate_delivery_does_not_wait(
+    project, settings, tmp_path, monkeypatch
+):
+    """Storing an import is one long transaction. Its progress and heartbeat still reach the job's
+    row (an operator polling the API sees it move, not sit at the end of verifying), and a second
+    delivery of the job does nothing at once instead of parking a worker until that commit."""
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL", 0)
+    settings.VAR_DIR = tmp_path
+    session = make_session(project, "to-move")
+    for step in range(30):
+        snapshot_record(session=session, state={"step": step, "notes": [f"note {k} of {step}" for k in range(step)]})
+    path = Path(transfer_export_run(project=project)["path"])
+    job = jobs.job_create(kind=JobKind.IMPORT, project=make_project("target"), enqueue=lambda job_id: None)
+    job = jobs.job_start(job_id=job.pk)
+    assert job is not None
+    seen: list[tuple[int, int, object, object]] = []
+    besides: list[threading.Thread] = []
+
+    def from_beside(done: int) -> None:
+        # Another connection, as the API (or a duplicate delivery) would be.
+        try:
+            deadline = time.monotonic() + 10
+            row = Job.objects.get(pk=job.pk)
+            while row.done < done and time.monotonic() < deadline:
+                time.sleep(0.02)
+                row = Job.objects.get(pk=job.pk)
+            seen.append((row.done, row.total, row.heartbeat_at, jobs.job_start(job_id=job.pk)))
+        finally:
+            connection.close()
+
+    with jobs.Heartbeat(job) as heartbeat:
+        progress = jobs.Progress(job, heartbeat)
+
+        def watching(done: int, total: int | None = None, *, force: bool = False) -> None:
+            progress(done, total, force=force)
+            if connection.in_atomic_block and not besides:  # storing: the import's transaction is open
+                besides.append(threading.Thread(target=from_beside, args=(done,)))
+                besides[0].start()
+                besides[0].join(timeout=15)
+                assert seen, "the job's row could not be read or started from beside the import's transaction"
+
+        try:
+            transfer_import_run(project=job.project, path=path, job=job, progress=watching)
+        finally:
+            for beside in besides:
+                beside.join()
+
+    [(done, total, heartbeat_at, duplicate)] = seen
+    verified = total // 2  # read and verified, then stored: every node and version counts twice
+    assert verified < done < total
+    assert heartbeat_at > Job.objects.get(pk=job.pk).started_at
+    assert duplicate is None  # the delivery that runs it is about to commit
+    job.refresh_from_db()
+    assert (job.status, job.done, job.result["versions"]) == (JobStatus.DONE, job.total, 30)
