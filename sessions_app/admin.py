@@ -11,6 +11,8 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -21,7 +23,14 @@ from django.utils.html import format_html
 
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
 from sessions_app.selectors import role_allows
-from sessions_app.services import api_key_create, api_key_revoke, membership_remove, membership_set, project_create
+from sessions_app.services import (
+    api_key_create,
+    api_key_revoke,
+    membership_remove,
+    membership_set,
+    project_create,
+    user_delete,
+)
 
 
 def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Project]:
@@ -167,6 +176,22 @@ class MembershipAdmin(ProjectScopedAdmin):
         require_role(request, [membership.project_id for membership in memberships], Role.ADMIN)  # all or none
         for membership in memberships:
             membership_remove(membership=membership, actor=request.user)
+
+
+admin.site.unregister(get_user_model())
+
+
+@admin.register(get_user_model())
+class AuditedUserAdmin(UserAdmin):
+    """Django's user admin, except that deleting an account records, in each project it leaves,
+    who deleted it."""
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        user_delete(user=obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        for user in queryset:
+            user_delete(user=user, actor=request.user)
 
 
 class ApiKeyCreateForm(forms.ModelForm):

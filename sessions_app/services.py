@@ -453,6 +453,18 @@ def membership_remove(*, membership: Membership, actor: User = None, actor_label
     Membership.objects.filter(pk=membership.pk).delete()
 
 
+@transaction.atomic
+def user_delete(*, user: Any, actor: User = None, actor_label: str = "") -> None:
+    """Delete a user account; each project it leaves records who deleted it. (An account deleted
+    otherwise, e.g. by a script, is still audited, by sessions_app.signals, without an actor.)"""
+    memberships = Membership.objects.filter(user=user).select_related("project", "user")
+    for membership in memberships:
+        membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label,
+                                 reason="the user account was deleted")
+    memberships.delete()
+    user.delete()
+
+
 def membership_removal_audit(
     *, membership: Membership, actor: User = None, actor_label: str = "", reason: str = ""
 ) -> AuditEvent:

@@ -17,6 +17,8 @@ from snapshots_app.services import snapshot_record
 from tests.conftest import clear_cache
 from tests.factories import make_project, make_session, make_user
 
+User = get_user_model()
+
 
 @pytest.fixture
 def staff(db):
@@ -249,9 +251,17 @@ def test_membership_changes_project_creation_and_user_deletion_are_audited(clien
     client.post(reverse("admin:sessions_app_membership_change", args=[membership.pk]), {"role": "admin"})
     change = AuditEvent.objects.get(action="membership.set", details__previous="operator")
     assert (change.actor_label, change.details["role"], change.details["user"]) == ("root", "admin", "olga")
-    operator.delete()
+    response = client.post(reverse("admin:auth_user_delete", args=[operator.pk]), {"post": "yes"})
+    assert response.status_code == 302 and not User.objects.filter(pk=operator.pk).exists()
     removal = AuditEvent.objects.get(action="membership.remove", project=team)
-    assert removal.reason.startswith("the user account was deleted") and removal.details == {"user": "olga", "role": "admin"}
+    assert (removal.actor_label, removal.reason) == ("root", "the user account was deleted")
+    assert removal.details == {"user": "olga", "role": "admin"}
+    # An account deleted outside the admin (a script) is audited too, without an actor to name.
+    scripted = User.objects.create_user("sam")
+    membership_set(project=team, user=scripted, role=Role.VIEWER)
+    scripted.delete()
+    removal = AuditEvent.objects.get(action="membership.remove", project=team, details__user="sam")
+    assert (removal.actor_label, removal.reason[:29]) == ("system", "the user account was deleted ")
 
 
 def test_an_integrity_problem_is_resolved_in_the_admin_after_the_data_is_restored(client, staff, story):
