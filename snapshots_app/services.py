@@ -23,7 +23,9 @@ from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
     SessionExists,
+    SessionNotFound,
     VersionConflict,
+    VersionNotFound,
 )
 from sessions_app.models import AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.services import (
@@ -128,7 +130,15 @@ def _clean_expected(expected_version: Any) -> int | None:
 
 
 def _lock_session(session: WorkflowSession) -> WorkflowSession:
-    return WorkflowSession.objects.select_for_update().select_related("project").get(pk=session.pk)
+    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
+    if locked is None:
+        raise _session_gone(session)
+    return locked
+
+
+def _session_gone(session: WorkflowSession) -> SessionNotFound:
+    """A session deleted while this call waited for its lock: a 404, as if the deletion had come first."""
+    return SessionNotFound(f"session {session.external_id} no longer exists; nothing was written", session=str(session.pk))
 
 
 def _check_expected(session: WorkflowSession, expected_version: int | None) -> None:
@@ -151,7 +161,7 @@ def _lock_for_write(session: WorkflowSession) -> WorkflowSession:
     if connection.vendor == "postgresql":
         locked = rows.session_lock(session.pk)
         if locked is None:
-            raise WorkflowSession.DoesNotExist(f"session {session.pk} no longer exists")
+            raise _session_gone(session)
         return locked
     store.project_write_lock(session.project_id)
     return _lock_session(session)
@@ -551,8 +561,12 @@ def snapshot_rewind(
     with transaction.atomic():
         # The new head reuses the target's nodes: hold off garbage collection until commit.
         store.project_write_lock(session.project_id)
-        target = version_get(session=session, number=to_version)
+        # The session's lock before the target is read: retention removes a session's versions
+        # under it, so a target read after it stays (retention then sees the rewind pointing at it).
+        # Read before the lock, a target retention was removing made the rewind fail at commit on
+        # its parent key (a 500) instead of a 404.
         locked = _lock_session(session)
+        target = version_get(session=session, number=to_version)
         ensure_writable(locked)
         if key is not None:
             replay = _replay(locked, key, kind=VersionKind.REWIND, parent_id=target.pk, reason=reason)
@@ -594,9 +608,12 @@ def snapshot_fork(
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     with transaction.atomic():
         store.project_write_lock(session.project_id)  # the fork reuses the source's nodes
+        # The source session's lock before the source version is read, as in snapshot_rewind: retention
+        # removes versions under it, so the source stays until this fork (which protects it) commits.
+        # It also decides concurrent retries of one fork one at a time.
+        _lock_session(session)
         source = version_get(session=session, number=from_version)
         if key is not None:
-            _lock_session(session)  # concurrent retries of one fork are decided one at a time
             earlier = _fork_replay(session, key, source=source, external_id=external_id, reason=reason)
             if earlier is not None:
                 return earlier
@@ -685,7 +702,7 @@ def snapshot_data_fix(
 @transaction.atomic
 def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_label: str = "") -> Version:
     ensure_writable(_lock_session(version.session))  # under the lock archiving takes
-    Version.objects.filter(pk=version.pk).update(pinned=pinned)
+    _update_kept_version(version, pinned=pinned)
     version.pinned = pinned
     audit_record(
         project=version.session.project, action="version.pin" if pinned else "version.unpin", target_type="version",
@@ -700,7 +717,7 @@ def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_lab
 def version_label(*, version: Version, label: str, actor: User = None, actor_label: str = "") -> Version:
     label = _clean_text("label", label, METADATA_LIMITS["label"]).strip()
     ensure_writable(_lock_session(version.session))  # under the lock archiving takes
-    Version.objects.filter(pk=version.pk).update(label=label)
+    _update_kept_version(version, label=label)
     previous, version.label = version.label, label
     audit_record(
         project=version.session.project, action="version.label", target_type="version", target_id=version.pk,
@@ -709,6 +726,17 @@ def version_label(*, version: Version, label: str, actor: User = None, actor_lab
     )
     _announce_changed(version)
     return version
+
+
+def _update_kept_version(version: Version, **values: Any) -> None:
+    """Set `values` on the version, under its session's lock (the caller's). VersionNotFound if it
+    is gone: retention removes versions under that lock, and one it removed while this call waited
+    must not be answered (and audited) as pinned or labelled, a pin that protects nothing."""
+    if not Version.objects.filter(pk=version.pk).update(**values):
+        raise VersionNotFound(
+            f"session {version.session.external_id} has no version {version.number} (any more); nothing was changed",
+            version=version.number,
+        )
 
 
 def _announce_changed(version: Version) -> None:

@@ -1,0 +1,142 @@
+"""Lifecycle work racing user actions on real PostgreSQL: a retention run that removes a version
+while a rewind, fork, pin or label of that very version waits for it, and a session deletion
+racing a write. Each side runs on its own thread and connection; the test holds the first one's
+transaction open until the second is seen waiting on a lock, so the interleaving is the racy one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+
+from sessions_app.errors import VersionNotFound
+from sessions_app.models import AuditEvent, Project, WorkflowSession
+from snapshots_app.compaction import _Remover, _retention_apply_session, retention_policy_set
+from snapshots_app.models import Version
+from snapshots_app.services import snapshot_fork, snapshot_rewind, version_label, version_pin
+from tests.workers.builders import record_history
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _someone_waits_on_a_lock(timeout: float = 20) -> None:
+    """Return once another connection of this database waits for a lock (the racing call is blocked)."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the racing call never waited for a lock")
+
+
+def _race(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run `first` in a transaction on one thread; once it is done (uncommitted), start `second` on
+    another, wait until `second` is blocked on a lock, then commit `first`. Returns both outcomes
+    (an exception is returned, not raised)."""
+    done, release = threading.Event(), threading.Event()
+    results: list[Any] = [None, None]
+
+    def run_first() -> None:
+        try:
+            with transaction.atomic():
+                results[0] = first()
+                done.set()
+                release.wait(30)
+        except Exception as exc:  # noqa: BLE001 - asserted on by the test
+            results[0] = exc
+        finally:
+            done.set()
+            connection.close()
+
+    def run_second() -> None:
+        done.wait(30)
+        try:
+            results[1] = second()
+        except Exception as exc:  # noqa: BLE001 - asserted on by the test
+            results[1] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run_first), threading.Thread(target=run_second)]
+    for thread in threads:
+        thread.start()
+    done.wait(30)
+    try:
+        _someone_waits_on_a_lock()
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    return results[0], results[1]
+
+
+def _retention_removing(project: Project, number: int) -> tuple[WorkflowSession, Version, Callable[[], int]]:
+    """A session of 5 versions and a retention step (as compaction runs it) that removes `number`."""
+    session = record_history(project, "race", 5)
+    policy = retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    doomed = Version.objects.select_related("session__project").get(session=session, number=number)
+
+    def retention() -> int:
+        return _retention_apply_session(session.project_id, session.pk, [doomed.pk], policy, _Remover(actor_label="test"))
+
+    return session, doomed, retention
+
+
+@pytest.mark.parametrize("action", ["rewind", "fork"])
+def test_a_rewind_or_fork_of_a_version_retention_is_removing_is_a_404_not_a_failed_commit(project, action):
+    session, doomed, retention = _retention_removing(project, 2)
+
+    def act() -> Any:
+        if action == "rewind":
+            return snapshot_rewind(session=session, to_version=2, reason="back to v2")
+        return snapshot_fork(session=session, from_version=2, reason="try v2 again")
+
+    removed, outcome = _race(retention, act)
+
+    assert removed == 1
+    # Before the fix: an IntegrityError at commit (the new version's parent was gone; a 500) for the
+    # rewind, a deadlock (a 503) for the fork.
+    assert isinstance(outcome, VersionNotFound), outcome
+    assert not Version.objects.filter(pk=doomed.pk).exists()
+    assert WorkflowSession.objects.filter(project=project).count() == 1  # no half-made fork
+    assert not AuditEvent.objects.filter(action__in=["session.rewind", "session.fork"]).exists()
+
+
+@pytest.mark.parametrize("action", ["pin", "label"])
+def test_a_pin_or_label_of_a_version_retention_is_removing_is_a_404_not_a_lost_pin(project, action):
+    _, doomed, retention = _retention_removing(project, 2)
+
+    def act() -> Version:
+        if action == "pin":
+            return version_pin(version=doomed, pinned=True)
+        return version_label(version=doomed, label="keep this one")
+
+    removed, outcome = _race(retention, act)
+
+    assert removed == 1
+    # Before the fix the call answered the version pinned (and audited it) although it was gone.
+    assert isinstance(outcome, VersionNotFound), outcome
+    assert not AuditEvent.objects.filter(action__in=["version.pin", "version.label"]).exists()
+
+
+def test_a_fork_that_commits_first_keeps_its_source_from_retention(project):
+    session = record_history(project, "race", 5)
+    policy = retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    source = Version.objects.get(session=session, number=2)
+
+    def retention() -> int:
+        return _retention_apply_session(project.pk, session.pk, [source.pk], policy, _Remover(actor_label="test"))
+
+    fork, removed = _race(lambda: snapshot_fork(session=session, from_version=2, reason="branch"), retention)
+
+    assert removed == 0 and Version.objects.filter(pk=source.pk).exists()
+    assert Version.objects.get(session=fork, number=1).parent_id == source.pk
