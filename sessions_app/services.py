@@ -17,7 +17,14 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import IdempotencyKeyReused, InvalidState, ReasonRequired, SecretShownOnce, SessionArchived
+from sessions_app.errors import (
+    IdempotencyKeyReused,
+    InvalidState,
+    ReasonRequired,
+    SecretShownOnce,
+    SessionArchived,
+    SessionNotFound,
+)
 from sessions_app.models import (
     ApiKey,
     AuditAction,
@@ -349,8 +356,16 @@ def _announce_archiving(session: WorkflowSession) -> None:
 @transaction.atomic
 def session_delete(*, session: WorkflowSession, reason: str, actor: User = None, actor_label: str = "") -> None:
     """Delete a session and its versions; nodes only it needed are freed by the next compaction.
-    `reason` is required: it goes into the audit log."""
+    `reason` is required: it goes into the audit log. SessionNotFound if it is already gone."""
     reason = require_reason(reason)
+    # The session's row lock first, the one writers, rewinds and retention take: a write in flight
+    # commits before the versions are collected (it is deleted with them), and one that comes later
+    # finds no session (404). Without it the deletion removed the versions, then waited for the
+    # row behind a writer that waited for the removed head: a deadlock, and the deletion failed.
+    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
+    if locked is None:
+        raise SessionNotFound(f"session {session.external_id} no longer exists", session=str(session.pk))
+    session = locked
     audit_record(
         project=session.project, action="session.delete", target_type="session", target_id=session.pk,
         session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,

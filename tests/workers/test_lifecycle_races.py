@@ -13,21 +13,23 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
-from sessions_app.errors import VersionNotFound
+from sessions_app.errors import SessionNotFound, VersionNotFound
 from sessions_app.models import AuditEvent, Project, WorkflowSession
+from sessions_app.services import session_delete
 from snapshots_app.compaction import _Remover, _retention_apply_session, retention_policy_set
-from snapshots_app.models import Version
-from snapshots_app.services import snapshot_fork, snapshot_rewind, version_label, version_pin
-from tests.workers.builders import record_history
+from snapshots_app.models import StateNode, Version
+from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind, version_label, version_pin
+from tests.workers.builders import bulky_state, read_all, record_history
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _someone_waits_on_a_lock(timeout: float = 20) -> None:
-    """Return once another connection of this database waits for a lock (the racing call is blocked)."""
+def _someone_waits_on_a_lock(finished: threading.Thread, timeout: float = 20) -> None:
+    """Return once another connection of this database waits for a lock (the racing call is blocked),
+    or the racing call `finished` without waiting for one."""
     deadline = time.monotonic() + timeout
     with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and finished.is_alive():
             cursor.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
@@ -35,7 +37,7 @@ def _someone_waits_on_a_lock(timeout: float = 20) -> None:
             if cursor.fetchone()[0]:
                 return
             time.sleep(0.02)
-    raise AssertionError("the racing call never waited for a lock")
+    assert not finished.is_alive(), "the racing call is stuck, and not on a lock"
 
 
 def _race(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
@@ -71,7 +73,7 @@ def _race(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any
         thread.start()
     done.wait(30)
     try:
-        _someone_waits_on_a_lock()
+        _someone_waits_on_a_lock(threads[1])
     finally:
         release.set()
         for thread in threads:
@@ -140,3 +142,47 @@ def test_a_fork_that_commits_first_keeps_its_source_from_retention(project):
 
     assert removed == 0 and Version.objects.filter(pk=source.pk).exists()
     assert Version.objects.get(session=fork, number=1).parent_id == source.pk
+
+
+def test_deleting_a_session_while_a_write_is_in_flight_deletes_that_write_too(project, user):
+    session = record_history(project, "gone", 3)
+    keep = record_history(project, "keep", 2)
+
+    def write() -> int:
+        return snapshot_record(session=session, state=bulky_state("gone", 4), step="s4").number
+
+    written, deleted = _race(write, lambda: session_delete(session=session, reason="customer asked", actor=user))
+
+    # Before the fix the deletion removed v1-v3, then waited for the session row behind the writer,
+    # which waited for v3 (its parent): a deadlock, and the deletion failed (503).
+    assert written == 4 and deleted is None
+    assert not WorkflowSession.objects.filter(external_id="gone").exists()
+    assert not Version.objects.filter(session__external_id="gone").exists()
+    event = AuditEvent.objects.get(action="session.delete")
+    assert (event.actor, event.reason, event.details["versions"]) == (user, "customer asked", 4)
+    assert set(read_all(project)) == {("keep", 1), ("keep", 2)} and keep.pk
+
+
+def test_a_write_or_a_second_deletion_behind_a_deletion_is_a_404(project, user):
+    session = record_history(project, "gone", 2)
+    nodes = StateNode.objects.filter(project=project).count()
+
+    def own(session: WorkflowSession) -> WorkflowSession:
+        return WorkflowSession.objects.get(pk=session.pk)  # each request loads its own copy
+
+    def write() -> int:
+        return snapshot_record(session=own(session), state=bulky_state("gone", 3)).number
+
+    first = own(session)
+    deleted, written = _race(lambda: session_delete(session=first, reason="first", actor=user), write)
+    assert deleted is None and isinstance(written, SessionNotFound), written
+    assert StateNode.objects.filter(project=project).count() == nodes  # the refused write stored nothing
+
+    again = record_history(project, "twice", 2)
+    one, other = own(again), own(again)
+    first_delete, second_delete = _race(lambda: session_delete(session=one, reason="first", actor=user),
+                                        lambda: session_delete(session=other, reason="second", actor=user))
+    # Before the fix the second deletion went through too: a second audit event for one deletion.
+    assert first_delete is None and isinstance(second_delete, SessionNotFound), second_delete
+    assert list(AuditEvent.objects.filter(action="session.delete", target_id=str(again.pk)).values_list(
+        "reason", flat=True)) == ["first"]
