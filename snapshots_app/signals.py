@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any
 
 from django.db import transaction
-from django.db.models.signals import post_delete
+from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 
 from sessions_app.models import WorkflowSession
@@ -18,3 +18,22 @@ def _free_deleted_session_storage(sender: type, instance: WorkflowSession, **kwa
     from snapshots_app.compaction import gc_request
 
     transaction.on_commit(partial(gc_request, project_id=instance.project_id))
+
+
+@receiver(pre_delete, sender=WorkflowSession, dispatch_uid="snapshots_forget_deleted_session_copies")
+def _forget_deleted_session_copies(sender: type, instance: WorkflowSession, **kwargs: Any) -> None:
+    """A deleted session's states must not outlive it outside the database either: the head cache
+    held them for a day, and the files of its exports stayed downloadable (and re-importable, which
+    brought the session back) for good. Both go once the deletion commits. Exports of the whole
+    project are backups of every session, and stay."""
+    from snapshots_app import store, transfer
+
+    files = transfer.session_export_files(session=instance)
+    cached = store.head_cache_numbers(instance)
+    session_id = instance.pk
+
+    def forget() -> None:
+        transfer.export_files_remove(files)
+        store.forget_heads(session_id, cached)
+
+    transaction.on_commit(forget)

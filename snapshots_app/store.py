@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -24,6 +25,8 @@ import zstandard
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
+from django.db.models import Min
+from django.utils import timezone
 
 from sessions_app import background
 from sessions_app.errors import IntegrityProblem
@@ -363,6 +366,15 @@ class _NodeLRU(_LRU):
 
 
 node_lru = _NodeLRU(getattr(settings, "STATE_NODE_CACHE_BYTES", 64 * 1024 * 1024))
+
+
+def _deleted_key(session_id: Any) -> str:
+    return f"state-deleted:{session_id}"
+
+
+# How long a deleted session stays marked so in the cache: longer than any head-cache write that
+# was already on its way when it was deleted (a background thread's, or a slow read's) can take.
+DELETED_MARK_SECONDS = 3600
 
 
 def _head_cache_key(session_id: Any, number: int) -> str:
@@ -757,7 +769,32 @@ def read_stored(version: Version, *, use_cache: bool = True, prefetched: Iterabl
 def remember_head(version: Version, canonical: bytes) -> None:
     """Warm the head cache with the version's state (for a state just written: after commit)."""
     if len(canonical) <= HEAD_CACHE_MAX:
-        cache.set(_head_cache_key(version.session_id, version.number), canonical, STATE_CACHE_TIMEOUT)
+        key = _head_cache_key(version.session_id, version.number)
+        cache.set(key, canonical, STATE_CACHE_TIMEOUT)
+        # This runs on a background thread, up to SESSION_NOTIFY_INTERVAL_MS after the write (or a
+        # read): the session may have been deleted meanwhile. Set, then look (forget_heads marks,
+        # then drops), so whichever comes second removes the copy.
+        if cache.get(_deleted_key(version.session_id)) is not None:
+            cache.delete(key)
+
+
+def head_cache_numbers(session: WorkflowSession) -> range:
+    """The numbers of the session's versions the head cache may still hold: its head, and each
+    version that was the head within the last STATE_CACHE_TIMEOUT (a version is cached only while it
+    is the head, and numbers grow with time, so it is the versions from the one before the oldest
+    written since then)."""
+    since = timezone.now() - timedelta(seconds=STATE_CACHE_TIMEOUT)
+    oldest = Version.objects.filter(session=session, created_at__gte=since).aggregate(first=Min("number"))["first"]
+    return range(max(1, (oldest or session.head_number) - 1), session.head_number + 1)
+
+
+def forget_heads(session_id: Any, numbers: range) -> None:
+    """Drop those versions' states from the head cache (a deleted session's: its states must not
+    outlive it there for a day). Best effort, as every use of the cache (config.cache): during a
+    Redis outage they stay until they expire."""
+    cache.set(_deleted_key(session_id), 1, DELETED_MARK_SECONDS)  # first: see remember_head
+    for start in range(numbers.start, numbers.stop, 1000):
+        cache.delete_many([_head_cache_key(session_id, number) for number in range(start, min(start + 1000, numbers.stop))])
 
 
 def project_write_lock(project_id: int) -> None:

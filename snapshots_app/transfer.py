@@ -136,9 +136,7 @@ def transfer_export_run(
     progress(0, total, force=True)
 
     folder = _private_folder(exports_dir())
-    scope = f"session-{session.external_id}" if session else "project"
-    safe_scope = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
-    name = f"{project.slug}-{safe_scope}-{job.pk if job else uuid.uuid4().hex[:8]}.ndjson"
+    name = _export_name(project, session, job.pk if job else uuid.uuid4().hex[:8])
     final = folder / name
     partial = folder / (name + ".partial")
     digest = hashlib.sha256()
@@ -191,6 +189,11 @@ def transfer_export_run(
         out.flush()
         os.fsync(out.fileno())
     os.replace(partial, final)
+    if session is not None and not WorkflowSession.objects.filter(pk=session.pk).exists():
+        # Deleted while this ran (the deletion removes the files of its exports, but this one was
+        # not there yet): a deleted session's states must not stay downloadable, nor re-importable.
+        final.unlink(missing_ok=True)
+        raise errors.SessionNotFound(f"session {session.external_id} was deleted during its export", session=str(session.pk))
     return {
         "path": str(final), "file": name, "bytes": final.stat().st_size, "sessions": len(sessions),
         "versions": len(versions), "nodes": len(digests),
@@ -212,6 +215,29 @@ def transfer_export_start(
         params={"scope": "session" if session else "project"},
         enqueue=lambda job_id: tasks.export_job.delay(job_id), request=request,
     )
+
+
+def _export_name(project: Project, session: WorkflowSession | None, suffix: Any) -> str:
+    scope = f"session-{session.external_id}" if session else "project"
+    safe_scope = "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)[:80]
+    return f"{project.slug}-{safe_scope}-{suffix}.ndjson"
+
+
+def session_export_files(*, session: WorkflowSession) -> list[Path]:
+    """The files the session's own exports wrote, or are writing (finished, or named as they will be)."""
+    names: set[str] = set()
+    for job_id, result in Job.objects.filter(session=session, kind=JobKind.EXPORT).values_list("id", "result"):
+        name = _export_name(session.project, session, job_id)
+        names.update((name, name + ".partial"))
+        if isinstance(result, dict) and isinstance(result.get("file"), str):
+            names.add(Path(result["file"]).name)
+    return [exports_dir() / name for name in sorted(names)]
+
+
+def export_files_remove(paths: list[Path]) -> None:
+    """Delete these export files (a deleted session's), whichever of them exist."""
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def export_file(*, job: Job) -> Path:

@@ -314,3 +314,63 @@ def test_export_and_import_files_are_readable_by_the_service_only(project, user,
     if uploaded.exists():  # (an eager run has imported and removed it already)
         assert uploaded.stat().st_mode & 0o777 == 0o600
     assert uploaded.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_session_leaves_no_export_file_nor_cached_state(project, user, settings, tmp_path, eager):
+    from django.core.cache import cache
+
+    from sessions_app import background
+    from sessions_app.errors import InvalidState
+    from sessions_app.services import session_delete
+    from snapshots_app import store
+    from snapshots_app.selectors import version_with_state_bytes
+    from snapshots_app.transfer import export_file
+
+    settings.VAR_DIR = tmp_path
+    gone = record_history(project, "gone", 3)
+    keep = record_history(project, "keep", 2)
+    own_export = transfer_export_start(project=project, session=gone, actor=user)
+    project_export = transfer_export_start(project=project, actor=user)
+    own_export.refresh_from_db()
+    project_export.refresh_from_db()
+    own_file, project_file = export_file(job=own_export), export_file(job=project_export)
+    for session in (gone, keep):
+        version_with_state_bytes(session=session, number=session.head_number)  # a head read caches it
+    background.drain(10)
+    gone_head = Version.objects.select_related("session").get(session=gone, number=3)
+    gone_key, keep_key = store._head_cache_key(gone.pk, 3), store._head_cache_key(keep.pk, 2)
+    assert cache.get(gone_key) is not None and cache.get(keep_key) is not None
+
+    session_delete(session=gone, reason="the customer asked us to forget it", actor=user)
+
+    # Before the fix the export stayed downloadable (and re-importable: the session came back) and
+    # the head state stayed in Redis for a day.
+    assert not own_file.exists() and not list(tmp_path.glob("exports/*session-gone*"))
+    with pytest.raises(InvalidState, match="no longer there"):
+        export_file(job=own_export)
+    assert cache.get(gone_key) is None
+    # A head-cache write already on its way (a background thread's, after a write or read) does not bring it back.
+    store.remember_head(gone_head, b'{"late": true}')
+    assert cache.get(gone_key) is None
+    # What the deletion did not concern stays: the other session's cache, the whole project's backup.
+    assert cache.get(keep_key) is not None and project_file.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, user, settings, tmp_path):
+    from sessions_app.errors import SessionNotFound
+    from sessions_app.services import session_delete
+
+    settings.VAR_DIR = tmp_path
+    session = record_history(project, "gone", 3)
+    calls = []
+
+    def progress(done: int, total: int | None = None, *, force: bool = False) -> None:
+        calls.append(done)
+        if len(calls) == 2:  # its nodes are being written out
+            session_delete(session=WorkflowSession.objects.get(pk=session.pk), reason="forget it", actor=user)
+
+    with pytest.raises(SessionNotFound):
+        transfer_export_run(project=project, session=session, progress=progress)
+    assert not list(tmp_path.glob("exports/*"))
