@@ -169,9 +169,11 @@ def _database() -> dict:
         if config.get("CONN_MAX_AGE"):
             raise ImproperlyConfigured("DB_POOL_SIZE and DB_CONN_MAX_AGE cannot both be set: the pool keeps connections")
         config["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_size, "timeout": env_int("DB_POOL_TIMEOUT", 5, minimum=1)}
-    # With the pool, Django makes this psycopg's check of a connection as it leaves the pool (an empty
-    # query): after a PostgreSQL restart every pooled connection is dead, and unchecked each one
-    # failed a request first. Without it, a reused connection is checked before its first query.
+        # Django's backend but for the pool's check of a connection leaving it: after a PostgreSQL
+        # restart every pooled connection is dead, and Django's check met them one at a time, waiting
+        # 1, 2, 4 s between them, so the first request after the restart failed (config.postgresql).
+        config["ENGINE"] = "config.postgresql"
+    # Without a pool, a reused connection (DB_CONN_MAX_AGE) is checked before its first query.
     config["CONN_HEALTH_CHECKS"] = True
     return dict(config)
 

@@ -15,6 +15,13 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _url() -> str:
+    """The test database's URL, for a child process."""
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
     return subprocess.run(
@@ -153,11 +160,40 @@ def test_with_a_pool_a_connection_closed_after_a_request_serves_the_next(pool_si
         "    connection.close()\n"
         "print(len(set(pids)))\n"
     )
-    db = connection.settings_dict
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-    env = {"DATABASE_URL": url, "SECRET_KEY": "x", "DB_POOL_SIZE": pool_size}
+    env = {"DATABASE_URL": _url(), "SECRET_KEY": "x", "DB_POOL_SIZE": pool_size}
     result = manage("shell", "-c", script, env=env)
     assert result.returncode == 0, result.stderr
     # Five requests: one or two pooled connections (the pool may still be opening its first), or five.
     assert result.stdout.strip().splitlines()[-1] in backends
+
+
+@pytest.mark.django_db  # the test database exists
+def test_a_pool_whose_connections_were_all_cut_serves_the_next_request_at_once():
+    """What a PostgreSQL restart (or pg_terminate_backend) does to a busy web process's pool: every
+    connection in it is dead. The next request must get a fresh one, not wait DB_POOL_TIMEOUT while
+    psycopg_pool backs off between the dead ones (1, 2, 4 s) and then fail with 503."""
+    script = (
+        "import threading, time, psycopg\n"
+        "from django.db import connection\n"
+        "def use():\n"
+        "    with connection.cursor() as cursor:\n"
+        "        cursor.execute('SELECT pg_sleep(0.3)')\n"
+        "    connection.close()\n"
+        "threads = [threading.Thread(target=use) for _ in range(6)]\n"  # six at once: the pool grows to six
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        f"with psycopg.connect({_url()!r}, autocommit=True) as admin:\n"
+        "    cut = admin.execute(\"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \"\n"
+        "                        \"WHERE application_name = 'rewind-cut-pool' AND pid <> pg_backend_pid()\").fetchone()[0]\n"
+        "time.sleep(0.2)\n"
+        "started = time.monotonic()\n"
+        "with connection.cursor() as cursor:\n"
+        "    cursor.execute('SELECT 1')\n"
+        "print(cut, round(time.monotonic() - started, 2))\n"
+    )
+    env = {"DATABASE_URL": _url(), "SECRET_KEY": "x", "DB_POOL_SIZE": "6", "DB_POOL_TIMEOUT": "5",
+           "PGAPPNAME": "rewind-cut-pool"}
+    result = manage("shell", "-c", script, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cut, seconds = result.stdout.strip().splitlines()[-1].split()
+    assert int(cut) >= 4  # the pool had grown (min_size is 1), and all of it was cut
+    assert float(seconds) < 1.0
