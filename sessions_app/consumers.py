@@ -4,6 +4,8 @@ every event (a membership revoked meanwhile ends the stream); consumers never wr
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -16,6 +18,14 @@ from sessions_app.selectors import membership_role, session_row
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+# Closes after which the htmx ws extension reconnects, and static/js/app.js then reloads the page.
+CLOSE_LAYER_FAILED = 1011  # the channel layer does not answer
+CLOSE_MEMBERSHIP_LOST = 1012  # the channel layer forgot this socket: events were missed
+# How often a consumer makes sure it is still in its group (see events.group_rejoin): a page misses
+# live events for at most this long after Redis lost its membership, and then reloads.
+REJOIN_SECONDS = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 @database_sync_to_async
@@ -30,6 +40,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
     """Joins one group after authorising; subclasses turn events into HTML (None = nothing to send)."""
 
     group: str | None = None
+    _rejoin: asyncio.Task[None] | None = None
 
     async def authorise(self, user: Any) -> str | None:
         """The group this user may watch, or None."""
@@ -51,8 +62,41 @@ class LiveConsumer(AsyncWebsocketConsumer):
         self.group = group
         await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        self._rejoin = asyncio.create_task(self._keep_membership(group))
+
+    async def _keep_membership(self, group: str) -> None:
+        """Rejoin the group every REJOIN_SECONDS. If the membership had been lost (events were missed
+        meanwhile) or the layer does not answer, the socket is closed: the client reconnects and
+        reloads the page, instead of listening to nothing."""
+        while True:
+            await asyncio.sleep(REJOIN_SECONDS)
+            try:
+                lost = await events.group_rejoin(group, self.channel_name)
+            except Exception:
+                logger.warning("live updates of %s: the channel layer does not answer; closing the socket",
+                               group, exc_info=True)
+                await self.close(code=CLOSE_LAYER_FAILED)
+                return
+            if lost:
+                logger.warning("live updates of %s: the channel layer had forgotten this socket (Redis flushed "
+                               "or restarted?); closing it so the page reconnects and reloads", group)
+                await self.close(code=CLOSE_MEMBERSHIP_LOST)
+                return
+
+    def _stop_rejoining(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+            self._rejoin = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # However the consumer ends (an exception skips disconnect), nothing rejoins for a dead socket.
+            self._stop_rejoining()
 
     async def disconnect(self, code: int) -> None:
+        self._stop_rejoining()
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
 
 from sessions_app import background
 
@@ -46,6 +48,27 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
         background.run_async(send_all)
     except Exception:  # see docstring: live updates are best effort
         logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)
+
+
+async def group_rejoin(group: str, channel: str) -> bool:
+    """Add `channel` to `group` again; True if it was no longer a member.
+
+    A consumer's membership lives in the channel layer, not in its connection: a Redis flushed,
+    restarted from an old dump or evicting keys drops it without closing anything, and channels-redis
+    forgets a member after `group_expiry` (a day) anyway. Such a page stays open and silently receives
+    nothing, so consumers call this every REJOIN_SECONDS. Other layers only have their expiry refreshed.
+    """
+    layer = get_channel_layer()
+    if isinstance(layer, RedisChannelLayer):
+        # group_add's own two commands (channels-redis 4), keeping zadd's answer: how many were new.
+        key = layer._group_key(group)
+        connection = layer.connection(layer.consistent_hash(group))
+        added = await connection.zadd(key, {channel: time.time()})
+        await connection.expire(key, layer.group_expiry)
+        return bool(added)
+    if layer is not None:
+        await layer.group_add(group, channel)
+    return False
 
 
 def publish_after_commit(project_id: int, event: str, payload: dict[str, Any], *, session_id: Any = None) -> None:

@@ -235,3 +235,41 @@ def test_another_users_pin_label_and_archive_reach_the_open_session_page(setup):
     assert 'id="v-1"' in pinned and 'hx-swap-oob="true"' in pinned and 'class="badge pin"' in pinned
     assert "known &lt;good&gt;" in labelled
     assert 'id="live-reload"' in archived and 'data-reason="This session was archived."' in archived
+
+
+def _forget_group(group: str) -> None:
+    """What a flushed or restarted Redis does to every open page: the group's members are gone,
+    while the sockets stay open. Only this group's key is deleted (the Redis database is shared)."""
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        assert client.delete(f"{settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}:group:{group}") == 1
+    finally:
+        client.close()
+
+
+def test_a_page_whose_membership_redis_lost_is_closed_to_reconnect_and_one_in_it_stays(setup, monkeypatch):
+    from sessions_app import consumers, events
+
+    owner, _, _, _, session = setup
+    monkeypatch.setattr(consumers, "REJOIN_SECONDS", 0.3)
+
+    async def scenario() -> dict[str, Any]:
+        kept = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await kept.connect(timeout=5))[0]
+        await asyncio.sleep(0.6)  # rejoined at least once, and still a member: nothing happens
+        await asyncio.to_thread(_record, session, {"n": 1})
+        assert 'id="v-1"' in await kept.receive_from(timeout=5)
+        await kept.disconnect()
+
+        lost = communicator(f"/ws/sessions/{session.pk}/", owner)
+        assert (await lost.connect(timeout=5))[0]
+        await asyncio.to_thread(_forget_group, events.session_group(session.pk))
+        # Left alone, the page would wait for events that can no longer reach it: it is closed with a
+        # code the htmx ws extension reconnects on (and static/js/app.js then reloads the page).
+        return await lost.receive_output(timeout=5)
+
+    closed = run(scenario)
+    assert closed == {"type": "websocket.close", "code": consumers.CLOSE_MEMBERSHIP_LOST}
