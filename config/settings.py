@@ -208,6 +208,10 @@ CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL) or "memory://localho
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", REDIS_URL) or None
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=not (REDIS_URL or env_str("CELERY_BROKER_URL")))
 CELERY_TASK_EAGER_PROPAGATES = True
+# Nothing reads task results (a job keeps its outcome in its row). Kept, each message sent made the
+# sender subscribe to its result in Redis, and with Redis down that retried 20 times a second apart
+# per message, then logged CRITICAL "The Celery application must be restarted", which it need not be.
+CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

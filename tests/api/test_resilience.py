@@ -115,3 +115,33 @@ def test_a_chunked_body_without_length_is_refused_not_read_as_empty(project, ses
     finally:
         server.stop()
     assert not Version.objects.filter(session=session).exists()
+
+
+@pytest.mark.django_db  # the test database exists
+def test_with_the_broker_unreachable_sending_a_task_fails_at_once_and_says_why():
+    """What the web process's background thread meets for each finalize or job start while Redis is
+    down. Nothing reads task results (jobs keep theirs in the database), so sending one must not wait
+    on the result store: it retried 20 times a second apart per message, logging CRITICAL "The Celery
+    application must be restarted" (it need not be) before giving up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import time\n"
+        "from snapshots_app import tasks\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    tasks.finalize_versions.delay([0])\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, round(time.monotonic() - started, 1))\n"
+    )
+    env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
+           "DATABASE_URL": database_url(), "REDIS_URL": UNREACHABLE_REDIS, "SECRET_KEY": "x"}
+    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=Path(__file__).parents[2],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    error, seconds = result.stdout.strip().splitlines()[-1].split()
+    assert error == "OperationalError"  # kombu's: the broker refused the connection
+    assert float(seconds) < 5
+    assert "must be restarted" not in result.stderr
