@@ -209,7 +209,26 @@ def import_job(job_id: int) -> dict | None:
         import_path(job).unlink(missing_ok=True)  # imported (and the job finished) in one commit
         return result
 
-    return _run_job(job_id, work)
+    try:
+        return _run_job(job_id, work)
+    finally:
+        _forget_upload_of_failed_import(job_id)
+
+
+def _forget_upload_of_failed_import(job_id: int) -> None:
+    """A failed job is never run again (the file must be sent anew), so its uploaded file, a whole
+    project's states readable by the service, is nobody's: remove it (it stayed forever). An import
+    still running or waiting for its next attempt keeps it."""
+    from snapshots_app.transfer import import_path
+
+    try:
+        job = Job.objects.filter(pk=job_id, kind=JobKind.IMPORT, status=JobStatus.FAILED).first()
+        if job is not None and import_path(job).exists():
+            import_path(job).unlink(missing_ok=True)
+            logger.info("import job %s failed (%s); its uploaded file %s is removed", job.pk, job.error[:200],
+                        job.params.get("file"))
+    except (OperationalError, InterfaceError):  # the database is away: the task's own error says so
+        connection.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -374,3 +374,21 @@ def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, us
     with pytest.raises(SessionNotFound):
         transfer_export_run(project=project, session=session, progress=progress)
     assert not list(tmp_path.glob("exports/*"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_import_leaves_no_uploaded_file_behind(project, user, settings, tmp_path, eager):
+    """A failed job is never run again, so the copy of the upload it kept (a whole project's states)
+    must go with it, as an imported one's does; it stayed in VAR_DIR/imports for good."""
+    settings.VAR_DIR = tmp_path
+    session = make_session(project, "kept")
+    snapshot_record(session=session, state={"secret": "s3cr3t"})
+    exported = Path(transfer_export_run(project=project, session=session)["path"])
+    exported.write_bytes(_change_one_byte(exported.read_bytes()))
+
+    job = transfer_import_start(project=make_project("fresh"), source=exported, actor=user)
+
+    job.refresh_from_db()
+    assert job.status == "failed" and "checksum" in job.error
+    assert not import_path(job).exists()
+    assert not list(tmp_path.glob("imports/*"))
