@@ -141,14 +141,20 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
     except jobs.JobSuperseded as exc:
         logger.warning("%s; this attempt stops", exc)
         return None
-    except (OperationalError, InterfaceError):
+    except (OperationalError, InterfaceError) as exc:
         # The database went away (restart, failover): not the job's fault. It stays running, its
-        # heartbeat stops, and jobs_requeue_stale sends it again once the database is back.
+        # heartbeat stops, and jobs_requeue_stale sends it again once the database is back. Celery's
+        # own log of the error names the task, not the job: say which one, and what happens next.
+        logger.warning("job %s (%s, attempt %s) lost the database (%s); it stays running and is sent again "
+                       "once its heartbeat is %s s old", job.pk, job.kind, job.attempts,
+                       str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                       jobs.stale_after().seconds)
         connection.close()
         raise
     except Exception as exc:
         # Unexpected: fail the job visibly (its progress would otherwise spin forever), then let
-        # Celery log the traceback.
+        # Celery log the traceback (which names the task, not the job).
+        logger.error("job %s (%s, attempt %s) failed: %s: %s", job.pk, job.kind, job.attempts, type(exc).__name__, exc)
         jobs.job_fail(job=job, error=f"{type(exc).__name__}: {exc}")
         raise
     job.refresh_from_db(fields=["status"])

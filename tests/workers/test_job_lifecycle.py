@@ -142,3 +142,28 @@ def test_an_import_shows_its_progress_while_it_stores_and_a_duplicate_delivery_d
     assert duplicate is None  # the delivery that runs it is about to commit
     job.refresh_from_db()
     assert (job.status, job.done, job.result["versions"]) == (JobStatus.DONE, job.total, 30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_that_loses_its_database_says_so_in_the_log_by_its_id(project, caplog):
+    """Celery logs the error under the task's id only: at 3 a.m. the log must name the job, and what
+    happens to it next (it stays running, and is sent again once its heartbeat is stale)."""
+    import psycopg
+    from django.db import OperationalError
+
+    from tests.liveserver import database_url
+
+    job = _queued(project)
+
+    def work(job: Job, progress: jobs.Progress) -> dict:
+        with psycopg.connect(database_url(), autocommit=True) as admin:  # what a failover does to us
+            admin.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+        Version.objects.count()
+        return {}
+
+    with pytest.raises(OperationalError):
+        tasks._run_job(job.pk, work)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING  # not the job's fault: it is resumed, not failed
+    assert any(f"job {job.pk} (scrub, attempt 1) lost the database" in message for message in caplog.messages)
