@@ -15,9 +15,15 @@ def _text(max_length: int) -> forms.CharField:
     return forms.CharField(required=False, max_length=max_length, strip=False)
 
 
+def _request_key() -> forms.CharField:
+    # The confirm page's one-time key (the API's Idempotency-Key): a double click acts once.
+    return forms.CharField(required=False, max_length=METADATA_LIMITS["idempotency_key"])
+
+
 class RewindForm(forms.Form):
     reason = _text(REASON_MAX)
     expected_version = forms.IntegerField(required=False, min_value=0)
+    request_key = _request_key()
 
 
 class ReasonForm(forms.Form):
@@ -27,6 +33,7 @@ class ReasonForm(forms.Form):
 class ForkForm(forms.Form):
     external_id = forms.CharField(required=False, max_length=255)
     reason = _text(REASON_MAX)
+    request_key = _request_key()
 
 
 class MarkForm(forms.Form):

@@ -331,6 +331,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
             version = services.snapshot_rewind(
                 session=session, to_version=target.number, reason=form.cleaned_data["reason"],
                 expected_version=form.cleaned_data["expected_version"], actor=request.user,
+                idempotency_key=form.cleaned_data["request_key"] or None,
             )
         except StateStoreError as exc:
             error, status = exc.message, exc.status
@@ -342,7 +343,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     result = selectors.version_diff(head, target) if head is not None else None
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "reason": request.POST.get("reason", ""),
+        "reason": request.POST.get("reason", ""), "request_key": _request_key(request),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
 
@@ -361,16 +362,23 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         try:
             fork = services.snapshot_fork(
                 session=session, from_version=source.number, reason=form.cleaned_data["reason"], actor=request.user,
-                external_id=form.cleaned_data["external_id"] or None,
+                external_id=form.cleaned_data["external_id"] or None, idempotency_key=form.cleaned_data["request_key"] or None,
             )
         except StateStoreError as exc:
             error, status = exc.message, exc.status
         else:
             messages.success(request, f"Forked version {source.number} of {session.external_id} into this session.")
             return redirect("snapshots:session", session_id=fork.pk)
-    context = {**_base(session, role), "source": source, "error": error,
+    context = {**_base(session, role), "source": source, "error": error, "request_key": _request_key(request),
                "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", "")}
     return render(request, "snapshots_app/confirm_fork.html", context, status=status)
+
+
+def _request_key(request: HttpRequest) -> str:
+    """The key a confirm page's form sends back: a new one when the page opens, the same one when it
+    is shown again with an error. Each request carrying it acts at most once (a double click, or a
+    resend after a lost answer, gets the first answer)."""
+    return request.POST.get("request_key") or f"ui-{uuid.uuid4().hex}"
 
 
 @login_required

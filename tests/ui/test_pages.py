@@ -274,6 +274,47 @@ def test_fork_creates_a_session_and_opens_it(client, operator, story):
     assert response["Location"] == session_url(fork)
 
 
+def _confirm_form(page: str) -> dict[str, str]:
+    """The hidden fields of a confirm page's form, as the browser sends them back."""
+    fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', page))
+    fields.pop("csrfmiddlewaretoken", None)  # (masked afresh on every page)
+    return fields
+
+
+def test_a_double_submitted_fork_makes_one_session(client, operator, story):
+    """A double click sends the confirm form twice: the second POST gets the first one's answer."""
+    client.force_login(operator)
+    url = session_url(story, "snapshots:fork", number=3)
+    form = {**_confirm_form(client.get(url).content.decode()), "reason": "try b"}
+    first, second = client.post(url, form), client.post(url, form)
+    assert first.status_code == second.status_code == 302
+    assert first["Location"] == second["Location"]
+    assert story.project.sessions.count() == 2
+    assert AuditEvent.objects.filter(action="session.fork").count() == 1
+
+
+def test_a_double_submitted_rewind_rewinds_once_and_says_it_was_done(client, operator, story):
+    client.force_login(operator)
+    url = session_url(story, "snapshots:rewind", number=2)
+    form = {**_confirm_form(client.get(url).content.decode()), "reason": "tool lied"}
+    assert client.post(url, form).status_code == 302
+    again = client.post(url, form, follow=True)
+    assert again.status_code == 200 and "the new head is version 6" in again.content.decode()
+    assert Version.objects.filter(session=story).count() == 6
+    assert AuditEvent.objects.filter(action="session.rewind").count() == 1
+
+
+def test_a_confirm_page_sent_again_after_a_refusal_keeps_its_request_key(client, operator, story):
+    """A form shown again with an error keeps the key it was opened with: a double click on the
+    corrected form still acts once."""
+    client.force_login(operator)
+    url = session_url(story, "snapshots:fork", number=3)
+    form = _confirm_form(client.get(url).content.decode())
+    assert form.get("request_key")
+    refused = client.post(url, {**form, "reason": " "})
+    assert refused.status_code == 400 and _confirm_form(refused.content.decode()) == form
+
+
 def test_pin_and_label_from_the_timeline(client, operator, story):
     client.force_login(operator)
     row = client.post(session_url(story, "snapshots:mark", number=3), {"pinned": "1"}, HTTP_HX_REQUEST="true")
