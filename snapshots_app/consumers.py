@@ -56,7 +56,9 @@ class SessionTimelineConsumer(LiveConsumer):
             state = "archived" if session.archived_at else "unarchived"
             return render_to_string("snapshots_app/partials/_live_reload.html", {"oob": True, "reason": f"This session was {state}."})
         context = {"session": session, "can_operate": role_allows(role, Role.OPERATOR)}
-        parts: list[str] = [render_to_string("snapshots_app/partials/_session_stats.html", {**context, "oob": True})]
+        # Every event may move the session (a write's status, a PATCH): its header badge and stats follow.
+        parts: list[str] = [render_to_string(f"snapshots_app/partials/{name}.html", {**context, "oob": True})
+                            for name in ("_session_status", "_session_stats")]
         number = payload.get("version")
         first = payload.get("first", number)
         if isinstance(number, int) and isinstance(first, int) and event.startswith("version."):

@@ -233,6 +233,21 @@ def test_a_refused_timeline_action_says_why(server, browser):
     assert "Not done" in page.inner_text("#v-3 .action-error") and "100" in page.inner_text("#v-3 .action-error")
 
 
+def test_the_session_pages_status_follows_live_writes(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    assert page.inner_text(".pagehead .badge.status-running") == "Running"
+    off_loop(snapshot_record, session=session, state={"x": 1}, step="crash", status="failed", error="KeyError: 'q'")
+    page.wait_for_selector("#timeline > li#v-6", timeout=5_000)
+    page.wait_for_selector(".pagehead .badge.status-failed", timeout=2_000)
+    off_loop(lambda: session_update(session=session, status="completed"))
+    page.wait_for_selector(".pagehead .badge.status-completed", timeout=5_000)
+    assert page.locator(".pagehead .badge[class*=status-]").count() == 1
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")
