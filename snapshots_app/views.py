@@ -128,7 +128,8 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     if query:
         context["results"], context["results_cut"] = jsonview.search(state, query)
     if wants_fragment(request):
-        template = "snapshots_app/partials/_search_results.html" if query else "snapshots_app/partials/_tree_level.html"
+        # The search form always sends q: emptied, its answer empties the results (not a tree level).
+        template = "snapshots_app/partials/_search_results.html" if "q" in request.GET else "snapshots_app/partials/_tree_level.html"
         return render(request, template, context)
     return render(request, "snapshots_app/version.html", context)
 

@@ -248,6 +248,31 @@ def test_the_session_pages_status_follows_live_writes(server, browser):
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def _clear_search_box(page, selector: str) -> None:
+    """Click the x that Chromium draws at the right end of a non-empty <input type=search>."""
+    box = page.locator(selector).bounding_box()
+    page.hover(selector)
+    page.mouse.click(box["x"] + box["width"] - 14, box["y"] + box["height"] / 2)
+    assert page.input_value(selector) == ""
+
+
+def test_clearing_a_search_box_with_its_x_shows_everything_again(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.click("#q")
+    page.keyboard.type("run-f", delay=20)
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 1")
+    _clear_search_box(page, "#q")  # (an input event, no keyup, as a paste or an IME also sends)
+    page.wait_for_function("document.querySelectorAll('a.ext').length === 2", timeout=3_000)
+
+    page.goto(f"{server}/sessions/{session.pk}/v/5/")
+    page.click("#state-q")
+    page.keyboard.type("pointer", delay=20)
+    page.wait_for_selector("#search-results .results", timeout=3_000)
+    _clear_search_box(page, "#state-q")
+    page.wait_for_function("!document.querySelector('#search-results .results')", timeout=3_000)
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")

@@ -352,6 +352,16 @@ def test_search_and_raw_download(client, viewer, story):
     assert orjson.loads(raw.content)["counters"]["steps"] == 3
 
 
+def test_an_emptied_state_search_empties_its_results(client, viewer, story):
+    """The search box answers into its results box: emptied, that is no results, not the tree's top level."""
+    client.force_login(viewer)
+    url = session_url(story, "snapshots:version", number=3)
+    emptied = client.get(url, {"q": ""}, HTTP_HX_REQUEST="true", HTTP_HX_TARGET="search-results")
+    assert emptied.status_code == 200 and emptied.content.decode().strip() == ""
+    level = client.get(url, {"pointer": "/counters"}, HTTP_HX_REQUEST="true").content.decode()
+    assert 'class="leaf"' in level  # (a tree level asks without q)
+
+
 def test_diff_marks_changes_and_diffs_long_strings_by_line(client, viewer, story):
     client.force_login(viewer)
     url = session_url(story, "snapshots:diff")
