@@ -410,7 +410,9 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         messages.error(request, exc.message)
     if wants_fragment(request):
         version = selectors.timeline_page(session, before=version.number + 1, limit=1)[0]
-        return render(request, "snapshots_app/partials/_version_row.html", {**_base(session, role), "v": version})
+        # A label edit answers with the label form still open, so the keyboard stays in it.
+        return render(request, "snapshots_app/partials/_version_row.html",
+                      {**_base(session, role), "v": version, "labeling": "label" in request.POST})
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
 
 

@@ -89,6 +89,32 @@
     reloadOrTell(marker.closest("[ws-connect]") || marker, marker.dataset.reason + " The page is out of date.");
   });
 
+  // A live update may replace the row the operator is working in (their own pin or label comes back
+  // as one, another operator's too): htmx's ws extension swaps it without keeping focus, which
+  // threw keyboard users back to the top of the page. The focused control (by id) keeps the focus,
+  // an open label form stays open, and text typed but not yet saved stays typed.
+  var kept = null;
+  document.addEventListener("htmx:wsBeforeMessage", function () {
+    var active = document.activeElement;
+    var text = active && (active.tagName === "INPUT" || active.tagName === "TEXTAREA");
+    kept = active && active.id && active !== document.body
+      ? {id: active.id, value: text && active.value !== active.defaultValue ? active.value : null,
+         start: text ? active.selectionStart : null, end: text ? active.selectionEnd : null}
+      : null;
+  });
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    var again = kept && document.getElementById(kept.id);
+    if (again && again !== document.activeElement) {
+      for (var details = again.closest("details"); details; details = details.parentElement.closest("details")) {
+        details.open = true;
+      }
+      if (kept.value !== null) again.value = kept.value;
+      again.focus({preventScroll: true});
+      try { if (kept.start !== null) again.setSelectionRange(kept.start, kept.end); } catch (e) { /* a type without a selection */ }
+    }
+    kept = null;
+  });
+
   // An htmx action the server refused (a label too long, a session archived meanwhile) says why next
   // to what was clicked, instead of failing silently.
   document.addEventListener("htmx:responseError", function (event) {

@@ -273,6 +273,35 @@ def test_clearing_a_search_box_with_its_x_shows_everything_again(server, browser
     page.wait_for_function("!document.querySelector('#search-results .results')", timeout=3_000)
 
 
+def test_pin_and_label_keep_the_keyboard_where_it_was(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    # Each action's answer replaces the row, and so does its live update, the same row once more.
+    page.evaluate("() => { window.live = 0; document.addEventListener('htmx:wsAfterMessage', () => window.live++); }")
+    page.focus("#v-3 form.mark button")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#v-3 .badge.pin")
+    page.wait_for_function("window.live >= 1")
+    assert page.evaluate("document.activeElement.closest('#v-3 form.mark') !== null")
+    assert page.evaluate("document.activeElement.textContent") == "Unpin"
+    page.keyboard.press("Enter")
+    page.wait_for_function("!document.querySelector('#v-3 .badge.pin') && window.live >= 2")
+    assert page.evaluate("document.activeElement.textContent") == "Pin"
+
+    page.focus("#v-3 details.labeler summary")
+    page.keyboard.press("Enter")  # opens the label form
+    page.keyboard.press("Tab")
+    page.keyboard.type("checked")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#v-3 .badge.label")
+    page.wait_for_function("window.live >= 3")
+    assert page.evaluate("document.activeElement.id") == "label-v3"
+    page.keyboard.press("Shift+Tab")  # still inside the row, not back at the top of the page
+    assert page.evaluate("document.activeElement.closest('#v-3') !== null")
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")
