@@ -302,6 +302,33 @@ def test_pin_and_label_keep_the_keyboard_where_it_was(server, browser):
     assert page.evaluate("document.activeElement.closest('#v-3') !== null")
 
 
+def _long_names_story():
+    operator = make_user("olga")
+    project = make_project("acme")
+    membership_set(project=project, user=operator, role=Role.OPERATOR)
+    session = make_session(project, "run-" + "x" * 120, workflow="w" * 80)
+    long_key = "k" * 300
+    snapshot_record(session=session, state={long_key: 1, "q": "y" * 400}, step="s" * 150, error="E" * 500,
+                    status="failed")
+    snapshot_record(session=session, state={long_key: 2, "q": "y" * 400 + "!"}, step="s" * 150)
+    return session
+
+
+def test_long_names_and_a_phone_width_never_widen_the_page(server, browser):
+    session = off_loop(_long_names_story)
+    page = log_in(browser, server, "olga")
+    page.set_viewport_size({"width": 375, "height": 800})
+    base = f"{server}/sessions/{session.pk}/"
+    for path in ("/", base, base + "v/2/", base + "diff/?from=1&to=2", base + "diff/?from=1&to=2&mode=side",
+                 base + "v/1/rewind/", base + "v/1/fork/", base + "history/?path=/q"):
+        page.goto(server + path if path == "/" else path)
+        page.wait_for_load_state("load")
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1], (path, widths)
+    page.goto(server + "/")
+    assert page.locator("table.sessions").is_visible()  # (the table scrolls inside its own box)
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")
