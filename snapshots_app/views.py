@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app import services as session_services
-from sessions_app.errors import NotFound, StateStoreError
+from sessions_app.errors import IdempotencyKeyReused, NotFound, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
@@ -321,7 +321,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     session, role = _member_session(request, session_id)
     _require_operator(role)
     target = _version(session, number)
-    error, status = "", 200
+    error, status, sent_before = "", 200, False
     form = RewindForm(request.POST if request.method == "POST" else None)
     if target.number == session.head_number:  # a new head equal to the head would record nothing new
         error, status = f"v{target.number} is the head already: there is nothing to rewind to.", 400
@@ -334,6 +334,9 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
                 expected_version=form.cleaned_data["expected_version"], actor=request.user,
                 idempotency_key=form.cleaned_data["request_key"] or None,
             )
+        except IdempotencyKeyReused:
+            error, status, sent_before = FORM_SENT_BEFORE, 409, True
+            session, role = _member_session(request, session_id)
         except StateStoreError as exc:
             error, status = exc.message, exc.status
             session, role = _member_session(request, session_id)
@@ -344,7 +347,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     result = selectors.version_diff(head, target) if head is not None else None
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "reason": request.POST.get("reason", ""), "request_key": _request_key(request),
+        "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
 
@@ -355,7 +358,7 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     session, role = _member_session(request, session_id)
     _require_operator(role)
     source = _version(session, number)
-    error, status = "", 200
+    error, status, sent_before = "", 200, False
     form = ForkForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and not form.is_valid():
         error, status = " ".join(form_problems(form)), 400
@@ -365,21 +368,31 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
                 session=session, from_version=source.number, reason=form.cleaned_data["reason"], actor=request.user,
                 external_id=form.cleaned_data["external_id"] or None, idempotency_key=form.cleaned_data["request_key"] or None,
             )
+        except IdempotencyKeyReused:
+            error, status, sent_before = FORM_SENT_BEFORE, 409, True
         except StateStoreError as exc:
             error, status = exc.message, exc.status
         else:
             messages.success(request, f"Forked version {source.number} of {session.external_id} into this session.")
             return redirect("snapshots:session", session_id=fork.pk)
-    context = {**_base(session, role), "source": source, "error": error, "request_key": _request_key(request),
+    context = {**_base(session, role), "source": source, "error": error, "request_key": _request_key(request, fresh=sent_before),
                "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", "")}
     return render(request, "snapshots_app/confirm_fork.html", context, status=status)
 
 
-def _request_key(request: HttpRequest) -> str:
-    """The key a confirm page's form sends back: a new one when the page opens, the same one when it
-    is shown again with an error. Each request carrying it acts at most once (a double click, or a
-    resend after a lost answer, gets the first answer)."""
-    return request.POST.get("request_key") or f"ui-{uuid.uuid4().hex}"
+# Back on a confirm page whose form already acted, then sent with other values: nothing is done (the
+# key is the first action's), and the page, now current, gets a new key to act again on purpose.
+FORM_SENT_BEFORE = (
+    "This form was already sent, with other values, and acted then; nothing more was done now. "
+    "The page now shows the session as it is: send the form again to act again."
+)
+
+
+def _request_key(request: HttpRequest, *, fresh: bool = False) -> str:
+    """The key a confirm page's form sends back: a new one when the page opens (or `fresh`), the same
+    one when it is shown again with an error. Each request carrying it acts at most once (a double
+    click, or a resend after a lost answer, gets the first answer)."""
+    return (not fresh and request.POST.get("request_key")) or f"ui-{uuid.uuid4().hex}"
 
 
 @login_required

@@ -315,6 +315,24 @@ def test_a_confirm_page_sent_again_after_a_refusal_keeps_its_request_key(client,
     assert refused.status_code == 400 and _confirm_form(refused.content.decode()) == form
 
 
+def test_a_confirm_form_sent_again_with_other_values_says_so_and_can_then_act(client, operator, story):
+    """Back on a fork page after it acted, the operator changes the reason and sends it again: nothing
+    is done silently, the page says why in its own words (not the API's idempotency wording), and the
+    form it shows acts when sent."""
+    client.force_login(operator)
+    url = session_url(story, "snapshots:fork", number=3)
+    form = {**_confirm_form(client.get(url).content.decode()), "reason": "try b", "external_id": "b-run"}
+    assert client.post(url, form).status_code == 302
+    changed = client.post(url, {**form, "reason": "try c", "external_id": "c-run"})
+    page = changed.content.decode()
+    assert changed.status_code == 409 and "This form was already sent" in page and "idempotency" not in page.lower()
+    assert story.project.sessions.count() == 2
+    again = {**_confirm_form(page), "reason": "try c", "external_id": "c-run"}
+    assert again["request_key"] != form["request_key"]
+    assert client.post(url, again).status_code == 302
+    assert story.project.sessions.filter(external_id="c-run").exists()
+
+
 def test_pin_and_label_from_the_timeline(client, operator, story):
     client.force_login(operator)
     row = client.post(session_url(story, "snapshots:mark", number=3), {"pinned": "1"}, HTTP_HX_REQUEST="true")
