@@ -134,8 +134,9 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     page.wait_for_selector("#timeline #v-5")
     assert page.locator("#timeline > li.vrow").count() == 5
 
-    page.check("#v-2 input[name=from]")
-    page.check("#v-4 input[name=to]")
+    # By their accessible names, as a screen reader announces them (not just "A" and "B" in every row).
+    page.get_by_role("radio", name="Compare from v2 (A)", exact=True).check()
+    page.get_by_role("radio", name="Compare to v4 (B)", exact=True).check()
     page.click("#diff-selected")
     page.wait_for_selector("ol.changes")
     assert "/counters/steps" in page.inner_text("ol.changes")
