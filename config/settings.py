@@ -240,6 +240,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "snapshots_app.tasks.integrity_scrub_scheduled",
         "schedule": float(env_int("INTEGRITY_SCRUB_EVERY", 3600, minimum=60)),
     },
+    "transfer-files": {"task": "snapshots_app.tasks.transfer_files_sweep", "schedule": 3600.0},
     "compaction": {
         "task": "snapshots_app.tasks.compaction_scheduled",
         "schedule": float(env_int("COMPACTION_EVERY", 24 * 3600, minimum=60)),
@@ -320,6 +321,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", STATE_MAX_BYTES + 102
 # An uploaded export file (POST /api/v1/imports/) may be far larger than any one state: it is spooled
 # to disk as it arrives, never held whole in memory.
 IMPORT_MAX_BYTES = env_int("IMPORT_MAX_BYTES", 4 * 1024**3, minimum=1024)
+# Export files (each can hold a whole project's states) are deleted this many days after they were
+# written, by the hourly transfer_files_sweep; so are uploads no import job is waiting for.
+EXPORT_KEEP_DAYS = env_int("EXPORT_KEEP_DAYS", 7, minimum=1)
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -242,6 +242,14 @@ def _forget_upload_of_failed_import(job_id: int) -> None:
 
 
 @shared_task(acks_late=True)
+def transfer_files_sweep() -> dict[str, int]:
+    """Hourly: expired export files and orphaned import uploads leave the disk (see transfer)."""
+    from snapshots_app import transfer
+
+    return transfer.transfer_files_sweep()
+
+
+@shared_task(acks_late=True)
 def compaction_scheduled() -> int:
     """Queue a compaction for every project (retention applies only where a policy is enabled)."""
     from snapshots_app.compaction import compaction_start

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import shutil
 import sqlite3
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,7 +50,9 @@ from sessions_app.services import (
 )
 from snapshots_app import canonical, jobs, rows, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
-from snapshots_app.models import IntegrityProblem, Job, JobKind, StateNode, Version, VersionKind
+from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, StateNode, Version, VersionKind
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "session-rewind-export"
 FORMAT_VERSION = 1
@@ -649,3 +653,39 @@ def transfer_import_start(
 
 def import_path(job: Job) -> Path:
     return imports_dir() / Path(job.params["file"]).name
+
+
+# An upload is copied to VAR_DIR/imports before its job row commits: one younger than this may be
+# about to get its job, so the sweep leaves it.
+UPLOAD_GRACE = timedelta(hours=1)
+
+
+def transfer_files_sweep(*, now: datetime | None = None) -> dict[str, int]:
+    """Delete export files older than EXPORT_KEEP_DAYS (a project's states each, kept on disk
+    for good before) and uploads no unfinished import job is waiting for (a worker that died
+    between an import's commit and removing its file left it). Returns how many of each went."""
+    now = now or timezone.now()
+    exports_before = (now - timedelta(days=settings.EXPORT_KEEP_DAYS)).timestamp()
+    waiting = {
+        str(params.get("file"))
+        for params in Job.objects.filter(kind=JobKind.IMPORT, status__in=[JobStatus.QUEUED, JobStatus.RUNNING])
+        .values_list("params", flat=True)
+        if isinstance(params, dict)
+    }
+    uploads_before = (now - UPLOAD_GRACE).timestamp()
+    removed = {"exports": 0, "uploads": 0}
+    for kind, folder, expired in (
+        ("exports", exports_dir(), lambda path: path.stat().st_mtime < exports_before),
+        ("uploads", imports_dir(), lambda path: path.name not in waiting and path.stat().st_mtime < uploads_before),
+    ):
+        for path in folder.glob("*.ndjson*") if folder.is_dir() else ():
+            try:
+                if expired(path):
+                    path.unlink()
+                    removed[kind] += 1
+            except FileNotFoundError:  # removed meanwhile (a session deletion, a finished import)
+                continue
+    if any(removed.values()):
+        logger.info("transfer files: removed %s expired exports and %s orphaned uploads",
+                    removed["exports"], removed["uploads"])
+    return removed

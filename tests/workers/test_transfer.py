@@ -392,3 +392,43 @@ def test_a_failed_import_leaves_no_uploaded_file_behind(project, user, settings,
     assert job.status == "failed" and "checksum" in job.error
     assert not import_path(job).exists()
     assert not list(tmp_path.glob("imports/*"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_deletes_expired_exports_and_orphaned_uploads_and_keeps_the_rest(
+    project, user, settings, tmp_path, eager
+):
+    """Export files (a project's states each) and uploads no job waits for used to stay on disk for good."""
+    import os
+    import time
+
+    from sessions_app.errors import InvalidState
+    from snapshots_app import jobs
+    from snapshots_app.models import JobKind
+    from snapshots_app.transfer import export_file, imports_dir, transfer_files_sweep
+
+    settings.VAR_DIR = tmp_path
+    settings.EXPORT_KEEP_DAYS = 7
+    record_history(project, "kept", 2)
+    old_export = transfer_export_start(project=project, actor=user)
+    new_export = transfer_export_start(project=project, actor=user)
+    old_export.refresh_from_db()
+    new_export.refresh_from_db()
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(export_file(job=old_export), (eight_days_ago, eight_days_ago))
+    waiting = jobs.job_create(kind=JobKind.IMPORT, project=make_project("target"), params={"file": "waiting.ndjson"},
+                              enqueue=lambda job_id: None)
+    imports_dir().mkdir(parents=True, exist_ok=True)
+    for name in ("waiting.ndjson", "orphan.ndjson", "just-uploaded.ndjson"):
+        (imports_dir() / name).write_bytes(b"{}\n")
+    two_hours_ago = time.time() - 7200
+    for name in ("waiting.ndjson", "orphan.ndjson"):
+        os.utime(imports_dir() / name, (two_hours_ago, two_hours_ago))
+
+    assert transfer_files_sweep() == {"exports": 1, "uploads": 1}
+
+    with pytest.raises(InvalidState, match="no longer there"):
+        export_file(job=old_export)
+    assert export_file(job=new_export).exists()
+    assert import_path(waiting).exists()  # its job still needs it
+    assert sorted(p.name for p in imports_dir().iterdir()) == ["just-uploaded.ndjson", "waiting.ndjson"]
