@@ -377,6 +377,44 @@ def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, us
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_export_job_whose_session_is_deleted_while_it_writes_fails_saying_so(
+    project, user, settings, tmp_path, monkeypatch, caplog
+):
+    """A job's export file is named after the job, so the deletion removes it while it is still being
+    written: the job must fail as a deleted session's export, not on the vanished file (an unexpected
+    FileNotFoundError, logged as an error with its traceback and the file's path as the job's error)."""
+    from sessions_app.services import session_delete
+    from snapshots_app import jobs, tasks, transfer
+    from snapshots_app.models import JobKind
+
+    settings.VAR_DIR = tmp_path
+    session = record_history(project, "gone", 3)
+    job = jobs.job_create(kind=JobKind.EXPORT, project=project, session=session, params={"scope": "session"},
+                          enqueue=lambda job_id: None)
+    export = transfer.transfer_export_run
+
+    def deleted_while_writing(**kwargs):
+        inner, calls = kwargs.pop("progress"), []
+
+        def progress(done: int, total: int | None = None, *, force: bool = False) -> None:
+            inner(done, total, force=force)
+            calls.append(done)
+            if len(calls) == 2:  # its nodes are being written out
+                assert list(tmp_path.glob("exports/*.partial"))
+                session_delete(session=WorkflowSession.objects.get(pk=session.pk), reason="forget it", actor=user)
+
+        return export(progress=progress, **kwargs)
+
+    monkeypatch.setattr(transfer, "transfer_export_run", deleted_while_writing)
+    assert tasks.export_job(job.pk) is None
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED and job.error == "session gone was deleted during its export"
+    assert not list(tmp_path.glob("exports/*"))
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_failed_import_leaves_no_uploaded_file_behind(project, user, settings, tmp_path, eager):
     """A failed job is never run again, so the copy of the upload it kept (a whole project's states)
     must go with it, as an imported one's does; it stayed in VAR_DIR/imports for good."""
