@@ -210,7 +210,7 @@ class Progress:
     inside the work's own transaction, where a write would stay invisible until it commits, the
     heartbeat's thread writes it)."""
 
-    def __init__(self, job: Job, heartbeat: Heartbeat | None = None) -> None:
+    def __init__(self, job: Job, heartbeat: Heartbeat) -> None:
         self.job = job
         self.heartbeat = heartbeat
         self._last = 0.0
@@ -224,7 +224,7 @@ class Progress:
             return
         self._last = now
         # (On SQLite, a write beside a write transaction would only wait for it: no use.)
-        if self.heartbeat is not None and connection.in_atomic_block and connection.vendor == "postgresql":
+        if connection.in_atomic_block and connection.vendor == "postgresql":
             self.heartbeat.report(self.job.done, self.job.total)
         else:
             job_progress(job=self.job, done=self.job.done, total=self.job.total)

@@ -33,7 +33,8 @@ def _forget_deleted_session_copies(sender: type, instance: WorkflowSession, **kw
     session_id = instance.pk
 
     def forget() -> None:
-        transfer.export_files_remove(files)
+        for path in files:
+            path.unlink(missing_ok=True)
         store.forget_heads(session_id, cached)
 
     transaction.on_commit(forget)

@@ -247,12 +247,6 @@ def session_export_files(*, session: WorkflowSession) -> list[Path]:
     return [exports_dir() / name for name in sorted(names)]
 
 
-def export_files_remove(paths: list[Path]) -> None:
-    """Delete these export files (a deleted session's), whichever of them exist."""
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
 def export_file(*, job: Job) -> Path:
     """The finished export's file, for download (InvalidState if the job has none, or not yet)."""
     if job.kind != JobKind.EXPORT or not job.result or "file" not in job.result:
