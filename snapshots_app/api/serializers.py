@@ -112,13 +112,9 @@ class VersionUpdateSerializer(InputSerializer):
 
 class RewindSerializer(InputSerializer):
     to_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
-    reason = plain_text(max_length=REASON_MAX, help_text="Why; it goes into the audit log.")
+    reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
+                        help_text="Why (required: it goes into the audit log; missing or blank is 400 reason_required).")
     expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
-
-    def validate_reason(self, value: str) -> str:
-        if not value.strip():
-            raise serializers.ValidationError("must not be blank")
-        return value
 
 
 class ForkSerializer(InputSerializer):

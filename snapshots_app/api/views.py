@@ -368,7 +368,7 @@ class Rewind(ApiView):
         if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = data.get("expected_version")
         version = _guarded(if_match if expected is None else None, lambda: services.snapshot_rewind(
-            session=session, to_version=data["to_version"], reason=data["reason"],
+            session=session, to_version=data["to_version"], reason=data.get("reason", ""),
             expected_version=expected if expected is not None else if_match,
             idempotency_key=self.idempotency_key(), **self.principal.actor,
         ))
