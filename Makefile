@@ -59,7 +59,8 @@ worker: install
 	$(SERVICES_ENV) $(VENV)/bin/celery -A config worker --loglevel=info
 
 beat: install
-	$(SERVICES_ENV) $(VENV)/bin/celery -A config beat --loglevel=info
+	@mkdir -p var
+	$(SERVICES_ENV) $(VENV)/bin/celery -A config beat --loglevel=info --schedule=var/celerybeat-schedule
 
 test: install services
 	@command -v chromium >/dev/null || .ci/ensure-chromium

@@ -124,6 +124,15 @@ def test_a_depth_limit_the_encoder_cannot_honour_fails_with_one_clear_line():
     ]
 
 
+def test_beat_keeps_its_schedule_file_in_var():
+    """`make beat` and `make serve` keep beat's schedule in the ignored var/, not as untracked files beside manage.py."""
+    dry_run = subprocess.run(["make", "-n", "beat"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    beat = [line for line in dry_run.stdout.splitlines() if "celery -A config beat" in line]
+    assert beat and "--schedule=var/celerybeat-schedule" in beat[-1], dry_run.stdout + dry_run.stderr
+    procfile = (ROOT / "config" / "Procfile").read_text()
+    assert "--schedule=var/celerybeat-schedule" in procfile
+
+
 def test_production_settings_pass_check_deploy():
     result = manage(
         "check", "--deploy", "--fail-level", "WARNING",
