@@ -253,7 +253,9 @@ def test_a_big_diff_says_how_much_is_shown_on_every_page_that_shows_it(client, o
 def test_rewinding_to_the_head_is_refused(client, operator, story):
     client.force_login(operator)
     url = session_url(story, "snapshots:rewind", number=story.head_number)
-    assert "is the head already" in client.get(url).content.decode()
+    page = client.get(url).content.decode()
+    # Only the refusal: no form offering it, no "v6–v5 stay in the history".
+    assert "is the head already" in page and "confirm-rewind" not in page and "stay in the history" not in page
     refused = client.post(url, {"reason": "again", "expected_version": story.head_number})
     assert refused.status_code == 400 and Version.objects.filter(session=story).count() == story.head_number
 
