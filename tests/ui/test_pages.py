@@ -254,7 +254,7 @@ def test_rewinding_to_the_head_is_refused(client, operator, story):
     client.force_login(operator)
     url = session_url(story, "snapshots:rewind", number=story.head_number)
     page = client.get(url).content.decode()
-    # Only the refusal: no form offering it, no "v6–v5 stay in the history".
+    # Only the refusal: no form offering it, no "v6-v5 stay in the history".
     assert "is the head already" in page and "confirm-rewind" not in page and "stay in the history" not in page
     refused = client.post(url, {"reason": "again", "expected_version": story.head_number})
     assert refused.status_code == 400 and Version.objects.filter(session=story).count() == story.head_number
