@@ -137,7 +137,7 @@ class VersionAdmin(ReadOnlyAdmin):
             return redirect(reverse("admin:snapshots_app_version_changelist"))
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
-        error, result, parts = "", None, []
+        error, result, parts, previewed = "", None, [], ""
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None and pointer:
             try:
@@ -155,15 +155,25 @@ class VersionAdmin(ReadOnlyAdmin):
         elif request.method == "POST":
             try:
                 prepared = services.state_prepare(services.state_with_value(base, pointer, form.cleaned_data["state"]))
-                if "apply" in request.POST:
+                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
+                previewed = prepared.checksum
+                # Only what the page showed is recorded: this very state, diffed against this head.
+                # Otherwise (the head moved since the page was loaded, the text was edited after its
+                # diff was shown, nothing was previewed) the page shows the diff as it is now instead.
+                expected = form.cleaned_data["expected_version"]
+                if expected != session.head_number:
+                    error = (f"The head is now v{session.head_number}"
+                             + ("" if expected is None else f", not v{expected} as when this page was loaded")
+                             + f": the diff below is against v{session.head_number}. Check it before recording.")
+                elif "apply" in request.POST and form.cleaned_data["previewed"] != prepared.checksum:
+                    error = "This state's diff against the head was not shown yet: check it below before recording."
+                elif "apply" in request.POST:
                     fixed = services.snapshot_data_fix(
                         session=session, state=prepared.canonical, based_on=version.number,
-                        reason=form.cleaned_data["reason"], expected_version=form.cleaned_data["expected_version"] or 0,
-                        actor=request.user,
+                        reason=form.cleaned_data["reason"], expected_version=session.head_number, actor=request.user,
                     )
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
-                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
             except StateStoreError as exc:
                 error = exc.message
         context = {
@@ -171,7 +181,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            "path": pointer, "parts": parts, **diff_display(result), "mode": "inline",
+            "path": pointer, "parts": parts, **diff_display(result), "mode": "inline", "previewed": previewed,
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

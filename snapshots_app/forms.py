@@ -45,3 +45,5 @@ class DataFixForm(forms.Form):
     state = forms.CharField(strip=False, error_messages={"required": "Give the state as a JSON object."})
     reason = _text(REASON_MAX)
     expected_version = forms.IntegerField(required=False, min_value=0)
+    # The checksum of the state whose diff the page showed: only that state is recorded.
+    previewed = forms.CharField(required=False, max_length=64)

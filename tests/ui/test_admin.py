@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -66,6 +67,12 @@ def test_api_key_is_shown_once_and_revoked_by_action(client, staff, team):
     assert AuditEvent.objects.filter(action="api_key.revoke").exists()
 
 
+def shown_state(response) -> str:
+    """The checksum a data fix page carries of the state whose diff it showed (what "record" records)."""
+    match = re.search(r'name="previewed" value="(\w+)"', response.content.decode())
+    return match.group(1) if match else ""
+
+
 def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(client, staff, story):
     client.force_login(staff)
     base = Version.objects.get(session=story, number=2)
@@ -73,19 +80,53 @@ def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(cli
     page = client.get(url).content.decode()
     assert "&quot;steps&quot;: 2" in page  # the state, escaped inside the textarea
     edited = {"counters": {"steps": 2, "tokens": 1}, "pointer": "fixed"}
+    assert "Record as new head" not in page  # nothing to record before its diff is shown
     preview = client.post(url, {"state": json.dumps(edited), "reason": "", "expected_version": 5, "preview": "1"})
     body = preview.content.decode()
     assert preview.status_code == 200 and "/pointer" in body and "Record as new head" in body
     bad = client.post(url, {"state": "{not json", "reason": "x", "expected_version": 5, "preview": "1"})
     assert bad.status_code == 400 and "not valid JSON" in bad.content.decode()
-    no_reason = client.post(url, {"state": json.dumps(edited), "reason": " ", "expected_version": 5, "apply": "1"})
+    assert "Record as new head" not in bad.content.decode()
+    no_reason = client.post(url, {"state": json.dumps(edited), "reason": " ", "expected_version": 5, "apply": "1",
+                                  "previewed": shown_state(preview)})
     assert no_reason.status_code == 400 and Version.objects.filter(session=story).count() == 5
     done = client.post(url, {"state": json.dumps(edited), "reason": "bad token count", "expected_version": 5,
-                             "apply": "1"})
+                             "apply": "1", "previewed": shown_state(preview)})
     assert done.status_code == 302
     fixed = Version.objects.get(session=story, number=6)
     assert fixed.kind == "data_fix" and fixed.reason == "bad token count"
     assert AuditEvent.objects.get(action="version.data_fix").actor_label == "root"
+
+
+def test_a_data_fix_records_only_the_state_whose_diff_against_the_current_head_was_shown(client, staff, story):
+    """Recording needs the diff of exactly that state against the head as it is now: a state edited
+    after its preview, or a head that moved since the page was loaded (an engine wrote meanwhile),
+    gets an error and the current diff, and nothing is stored until that diff was shown."""
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[Version.objects.get(session=story, number=2).pk])
+    edited = json.dumps({"counters": {"steps": 2, "tokens": 1}})
+    preview = client.post(url, {"state": edited, "reason": "", "expected_version": 5, "preview": "1"})
+    retyped = client.post(url, {"state": json.dumps({"counters": {"steps": 3}}), "reason": "why",
+                                "expected_version": 5, "apply": "1", "previewed": shown_state(preview)})
+    body = retyped.content.decode()
+    assert retyped.status_code == 400 and "diff against the head was not shown yet" in body and "/counters/steps" in body
+    unpreviewed = client.post(url, {"state": edited, "reason": "why", "expected_version": 5, "apply": "1"})
+    assert unpreviewed.status_code == 400 and "not shown yet" in unpreviewed.content.decode()
+    assert Version.objects.filter(session=story).count() == 5
+
+    snapshot_record(session=story, state={"counters": {"steps": 6}, "engine_wrote": "this meanwhile"})
+    stale = client.post(url, {"state": edited, "reason": "why", "expected_version": 5, "preview": "1"})
+    body = stale.content.decode()
+    assert stale.status_code == 400 and "The head is now v6, not v5" in body and "/engine_wrote" in body
+    assert 'name="expected_version" value="6"' in body
+    late = client.post(url, {"state": edited, "reason": "why", "expected_version": 5, "apply": "1",
+                             "previewed": shown_state(preview)})
+    assert late.status_code == 400 and "The head is now v6" in late.content.decode()
+    assert Version.objects.filter(session=story).count() == 6 and not AuditEvent.objects.filter(
+        action="version.data_fix").exists()
+    done = client.post(url, {"state": edited, "reason": "why", "expected_version": 6, "apply": "1",
+                             "previewed": shown_state(stale)})
+    assert done.status_code == 302 and Version.objects.get(session=story, number=7).kind == "data_fix"
 
 
 def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypatch):
@@ -112,11 +153,12 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
     nan = client.post(url, {"path": "/docs/3", "state": '{"id": NaN}', "reason": "x", "expected_version": 1,
                             "preview": "1"})
     assert nan.status_code == 400
-    preview = client.post(url, {"path": "/docs/3", "state": fixed_doc, "reason": "", "expected_version": 1,
-                                "preview": "1"}).content.decode()
+    previewed = client.post(url, {"path": "/docs/3", "state": fixed_doc, "reason": "", "expected_version": 1,
+                                  "preview": "1"})
+    preview = previewed.content.decode()
     assert "/docs/3/text" in preview and "/pointer" not in preview
     done = client.post(url, {"path": "/docs/3", "state": fixed_doc, "reason": "garbled doc", "expected_version": 1,
-                             "apply": "1"})
+                             "apply": "1", "previewed": shown_state(previewed)})
     assert done.status_code == 302
     head = Version.objects.get(session=session, number=2)
     assert version_state(head) == {"docs": [*docs[:3], {"id": 3, "text": "fixed"}, docs[4]], "pointer": "rank",
