@@ -242,6 +242,12 @@ class JobAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "finished_at"]
     list_filter = ["kind", "status", ("project", ProjectListFilter)]
     list_select_related = ["project"]
+    exclude = ["result"]
+    readonly_fields = ["shown_result"]
+
+    @admin.display(description="Result")
+    def shown_result(self, obj: Job) -> str:
+        return format_html("<pre>{}</pre>", pretty(obj.public_result))
 
 
 admin.site.unregister(Project)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 
@@ -204,6 +206,13 @@ class Job(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in (JobStatus.DONE, JobStatus.FAILED)
+
+    @property
+    def public_result(self) -> Any:
+        """The result as callers see it: the server's own file system (an export's `path`) stays on the server."""
+        if not isinstance(self.result, dict):
+            return self.result
+        return {key: value for key, value in self.result.items() if key != "path"}
 
     @property
     def percent(self) -> int:

@@ -80,10 +80,10 @@ class JobSerializer(serializers.ModelSerializer):
 
     @extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})
     def get_result(self, job: Job) -> dict[str, Any] | None:
-        if not isinstance(job.result, dict):
-            return job.result
-        # The server's own file system stays on the server: callers get the file's name and its URL.
-        result = {key: value for key, value in job.result.items() if key != "path"}
+        result = job.public_result
+        if not isinstance(result, dict):
+            return result
+        # Callers get the file's name and its URL.
         if job.kind == JobKind.EXPORT and "file" in result:
             result["download"] = f"/api/v1/jobs/{job.pk}/file/"
         return result

@@ -374,3 +374,16 @@ def test_history_lists_never_count_or_scan_a_whole_table(client, staff, story, m
     assert "more than 3 results" in filtered and "more than 3 versions" in filtered
     few = client.get(f"/admin/snapshots_app/version/?q={story.external_id}&kind__exact=rewind").content.decode()
     assert "more than" not in few
+
+
+def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk, team):
+    """As in the API, a finished export names its file, not where the server keeps it."""
+    from snapshots_app.models import Job
+
+    membership_set(project=team, user=clerk, role=Role.VIEWER)
+    job = Job.objects.create(project=team, kind="export", status="done",
+                             result={"file": "acme-7.ndjson", "path": "/srv/exports/acme-7.ndjson", "sessions": 3})
+    client.force_login(clerk)
+    page = client.get(reverse("admin:snapshots_app_job_change", args=[job.pk])).content.decode()
+    assert "acme-7.ndjson" in page and "&quot;sessions&quot;: 3" in page
+    assert "/srv/exports" not in page
