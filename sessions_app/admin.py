@@ -136,6 +136,12 @@ class ProjectAdmin(ProjectScopedAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        if request.resolver_match is not None and request.resolver_match.url_name == "autocomplete":
+            # The project pickers (of a new key, a new member) offer only where the form accepts one.
+            queryset = queryset.filter(pk__in=admin_projects(request, Role.ADMIN))
+        return super().get_search_results(request, queryset, search_term)
+
     def save_model(self, request: HttpRequest, obj: Project, form: Any, change: bool) -> None:
         created = project_create(name=obj.name, slug=obj.slug, owner=request.user)
         obj.pk, obj.created_at = created.pk, created.created_at

@@ -387,3 +387,17 @@ def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk
     page = client.get(reverse("admin:snapshots_app_job_change", args=[job.pk])).content.decode()
     assert "acme-7.ndjson" in page and "&quot;sessions&quot;: 3" in page
     assert "/srv/exports" not in page
+
+
+def test_the_project_pickers_offer_only_projects_where_the_user_may_add_keys_and_members(client, clerk, team):
+    """A staff user who is an admin of one project and a viewer of another is not offered the
+    other one by the autocomplete of a new key's or member's project (the form would refuse it)."""
+    watched = make_project("globex")
+    membership_set(project=team, user=clerk, role=Role.ADMIN)
+    membership_set(project=watched, user=clerk, role=Role.VIEWER)
+    client.force_login(clerk)
+    for model in ("apikey", "membership"):
+        response = client.get(reverse("admin:autocomplete"), {"app_label": "sessions_app", "model_name": model,
+                                                               "field_name": "project", "term": ""})
+        assert [row["text"] for row in response.json()["results"]] == ["Acme"], model
+    assert "Globex" in client.get("/admin/sessions_app/project/").content.decode()  # still listed: a viewer reads
