@@ -170,7 +170,8 @@ class VersionAdmin(ReadOnlyAdmin):
                 elif "apply" in request.POST:
                     fixed = services.snapshot_data_fix(
                         session=session, state=prepared.canonical, based_on=version.number,
-                        reason=form.cleaned_data["reason"], expected_version=session.head_number, actor=request.user,
+                        reason=form.cleaned_data["reason"], expected_version=session.head_number, edited=pointer or None,
+                        actor=request.user,
                     )
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))

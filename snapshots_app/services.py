@@ -678,10 +678,12 @@ def snapshot_data_fix(
     based_on: int,
     reason: str,
     expected_version: int | None = None,
+    edited: str | None = None,
     actor: User = None,
     actor_label: str = "",
 ) -> Version:
-    """Record a corrected state (edited by staff from version `based_on`) as a new head; audited."""
+    """Record a corrected state (edited by staff from version `based_on`) as a new head; audited.
+    `edited`: the JSON pointer of the one part that was edited, when not the whole state."""
     reason = require_reason(reason)
     base = version_get(session=session, number=based_on)
     with transaction.atomic():
@@ -694,7 +696,8 @@ def snapshot_data_fix(
         audit_record(
             project=session.project, action="version.data_fix", target_type="version", target_id=version.pk,
             session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
-            details={"based_on": base.number, "new_head": version.number, "checksum": version.checksum},
+            details={"based_on": base.number, "new_head": version.number, "checksum": version.checksum,
+                     **({"edited": edited} if edited else {})},
         )
     return version
 

@@ -163,6 +163,8 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
     head = Version.objects.get(session=session, number=2)
     assert version_state(head) == {"docs": [*docs[:3], {"id": 3, "text": "fixed"}, docs[4]], "pointer": "rank",
                                    "memory/notes": ["x"]}
+    audit = AuditEvent.objects.get(action="version.data_fix", target_id=str(head.pk))
+    assert (audit.reason, audit.details["edited"], audit.details["based_on"]) == ("garbled doc", "/docs/3", 1)
 
 
 def test_data_fix_needs_the_change_permission(client, story):
