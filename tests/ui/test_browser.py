@@ -85,6 +85,15 @@ def _wait_for_socket(page, selector: str) -> None:
     )
 
 
+def _live_timeline(server, browser):
+    """The operator story's timeline, open as olga, with its live socket connected."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    return session, page
+
+
 def log_in(browser, base: str, username: str):
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     errors: list[str] = []
@@ -174,10 +183,7 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
 def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
     from sessions_app import background
 
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/sessions/{session.pk}/")
-    _wait_for_socket(page, ".timeline-wrap")
+    session, page = _live_timeline(server, browser)
     # The socket drops; a version is written and announced while it is down; then it reconnects.
     page.evaluate("() => { window.beforeDrop = true; }")
     server.stop(kill=True)
@@ -194,10 +200,7 @@ def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_p
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label
 
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/sessions/{session.pk}/")
-    _wait_for_socket(page, ".timeline-wrap")
+    session, page = _live_timeline(server, browser)
     off_loop(lambda: version_label(version=session.versions.get(number=2), label="checked by ana"))
     page.wait_for_function("document.querySelector('#v-2').textContent.includes('checked by ana')", timeout=5_000)
     assert page.locator("#v-2 a.rewind").count() == 1
@@ -235,10 +238,7 @@ def test_a_refused_timeline_action_says_why(server, browser):
 
 
 def test_the_session_pages_status_follows_live_writes(server, browser):
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/sessions/{session.pk}/")
-    _wait_for_socket(page, ".timeline-wrap")
+    session, page = _live_timeline(server, browser)
     assert page.inner_text(".pagehead .badge.status-running") == "Running"
     off_loop(snapshot_record, session=session, state={"x": 1}, step="crash", status="failed", error="KeyError: 'q'")
     page.wait_for_selector("#timeline > li#v-6", timeout=5_000)
@@ -275,10 +275,7 @@ def test_clearing_a_search_box_with_its_x_shows_everything_again(server, browser
 
 
 def test_pin_and_label_keep_the_keyboard_where_it_was(server, browser):
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/sessions/{session.pk}/")
-    _wait_for_socket(page, ".timeline-wrap")
+    _, page = _live_timeline(server, browser)
     # Each action's answer replaces the row, and so does its live update, the same row once more.
     page.evaluate("() => { window.live = 0; document.addEventListener('htmx:wsAfterMessage', () => window.live++); }")
     page.focus("#v-3 form.mark button")
