@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -177,29 +178,35 @@ def clean_metadata(metadata: Any) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise InvalidState("metadata must be a JSON object")
+    # The same limits as states: whatever is stored must render back as strict JSON. The walk comes
+    # first: it names a too deep path, where orjson would only say "Recursion limit reached".
+    _refuse_lossy_jsonb(metadata)
     try:
-        # The same limits as states: whatever is stored must render back as strict JSON.
         orjson.dumps(metadata)
     except TypeError as exc:
         raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
-    _refuse_lossy_jsonb(metadata)
     return metadata
 
 
 def _refuse_lossy_jsonb(metadata: dict[str, Any]) -> None:
     """InvalidState for what PostgreSQL's jsonb would not give back as it was sent: NUL in a string
     (refused by the database), NaN and infinities (orjson writes them as null), and floats of 2**63
-    or more (jsonb keeps them as decimals, read back as integers too long for strict JSON)."""
-    stack: list[tuple[str, Any]] = [("", metadata)]
+    or more (jsonb keeps them as decimals, read back as integers too long for strict JSON); and
+    nesting past STATE_MAX_DEPTH levels, as for states (orjson cannot write 255, and every
+    answer that carries the metadata nests it a level or more deeper)."""
+    max_depth = settings.STATE_MAX_DEPTH
+    stack: list[tuple[str, Any, int]] = [("", metadata, 1)]
     while stack:
-        path, value = stack.pop()
+        path, value, depth = stack.pop()
+        if isinstance(value, (dict, list)) and depth > max_depth:
+            raise InvalidState(f"metadata nests deeper than {max_depth} levels (at {path})", limit=max_depth)
         if isinstance(value, dict):
             for key, item in value.items():
                 if "\x00" in key:
                     raise InvalidState(f"metadata{path}: a key holds a NUL character, which cannot be stored")
-                stack.append((f"{path}/{key}", item))
+                stack.append((f"{path}/{key}", item, depth + 1))
         elif isinstance(value, list):
-            stack.extend((f"{path}/{index}", item) for index, item in enumerate(value))
+            stack.extend((f"{path}/{index}", item, depth + 1) for index, item in enumerate(value))
         elif isinstance(value, str) and "\x00" in value:
             raise InvalidState(f"metadata{path} holds a NUL character, which cannot be stored")
         elif isinstance(value, float) and not (math.isfinite(value) and abs(value) < 2**63):

@@ -6,20 +6,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from sessions_app.errors import InvalidState
 from sessions_app.models import ApiKey, AuditEvent, Project, SessionStatus, WorkflowSession
-from sessions_app.services import MAX_TAGS
+from sessions_app.services import MAX_TAGS, clean_metadata
 
 TAG_PATTERN = r"^[\w.:\-/ ]{1,64}$"
 
 
-def _no_nul(value: Any) -> None:
-    # PostgreSQL's jsonb cannot hold U+0000; refuse it here instead of failing in the database.
-    if b"\\u0000" in orjson.dumps(value):
-        raise serializers.ValidationError("must not contain the character U+0000")
+def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """The service's own check, at the edge: a 400 naming the field, before the value is hashed for
+    an Idempotency-Key or reaches the database (U+0000 in jsonb, nesting orjson cannot write)."""
+    try:
+        return clean_metadata(value)
+    except InvalidState as exc:
+        raise serializers.ValidationError(exc.message) from None
 
 
 @extend_schema_field({"type": "object", "additionalProperties": True})
@@ -135,8 +138,7 @@ class SessionCreateSerializer(InputSerializer):
         return value
 
     def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
-        _no_nul(value)
-        return value
+        return _storable_metadata(value)
 
 
 class SessionUpdateSerializer(InputSerializer):
@@ -146,8 +148,7 @@ class SessionUpdateSerializer(InputSerializer):
     tags = TagListField(required=False)
 
     def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
-        _no_nul(value)
-        return value
+        return _storable_metadata(value)
 
 
 class ReasonSerializer(InputSerializer):

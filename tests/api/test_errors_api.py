@@ -269,3 +269,34 @@ def test_read_only_fields_sent_back_are_ignored(admin_key):
     response = admin_key.put("/api/v1/retention-policy/", policy, format="json")
     assert response.status_code == 200, response.content
     assert response.json()["keep_last"] == 7
+
+
+def nested_json(depth):
+    return '{"x":' * depth + "1" + "}" * depth
+
+
+# Metadata nested past STATE_MAX_DEPTH: deeper than orjson can write (255), its limit was a 500 at
+# the edge (and when hashed for an Idempotency-Key); 201 levels would nest the answers past it.
+@pytest.mark.parametrize("depth", [201, 300, 1000])
+@pytest.mark.parametrize("idempotency_key", [None, "deep-1"])
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_too_deep_metadata_is_400_and_stores_nothing(admin_key, session, method, idempotency_key, depth):
+    path = "/api/v1/sessions/" if method == "post" else f"/api/v1/sessions/{session.pk}/"
+    fields = '"external_id": "deep", ' if method == "post" else ""
+    body = f'{{{fields}"metadata": {nested_json(depth)}}}'
+    headers = {"HTTP_IDEMPOTENCY_KEY": idempotency_key} if idempotency_key else {}
+    before = counts()
+    response = admin_key.generic(method.upper(), path, body, **headers)
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "invalid_request" and "metadata" in response.json()["errors"]
+    assert counts() == before
+    session.refresh_from_db()
+    assert session.metadata == {}
+
+
+def test_metadata_at_the_depth_limit_is_kept_and_reads_back(admin_key, session):
+    response = admin_key.generic("PATCH", f"/api/v1/sessions/{session.pk}/", f'{{"metadata": {nested_json(200)}}}')
+    assert response.status_code == 200, response.content
+    for path in (f"/api/v1/sessions/{session.pk}/", "/api/v1/sessions/", "/api/v1/audit-events/"):
+        assert admin_key.get(path).status_code == 200, path
