@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
-from sessions_app.api.problems import LengthRequired, RequestInProgress, RequestTooLarge
+from sessions_app.api.problems import ContentEncodingUnsupported, LengthRequired, RequestInProgress, RequestTooLarge
 from sessions_app.errors import IdempotencyKeyReused
 from sessions_app.services import RequestKey
 
@@ -40,6 +40,11 @@ class ApiView(generics.GenericAPIView):
             # DRF reads a body without a Content-Length as empty: a write would be judged on no input.
             raise LengthRequired()
         length = request.META.get("CONTENT_LENGTH") or "0"
+        encoding = request.META.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        if encoding not in ("", "identity") and length != "0":
+            # Bodies are parsed as sent: a compressed one would be judged on its compressed bytes,
+            # and a plain one labelled as compressed taken as if the label were not there.
+            raise ContentEncodingUnsupported(f"Content-Encoding {encoding[:40]} is not supported; send the body uncompressed.")
         limit = self.body_limit()
         # isascii(): str.isdigit() alone also accepts "²", which int() refuses (Django reads such a length as 0).
         if limit is not None and length.isascii() and length.isdigit() and int(length) > limit:

@@ -57,6 +57,13 @@ class LengthRequired(exceptions.APIException):
     default_code = "length_required"
 
 
+class ContentEncodingUnsupported(exceptions.UnsupportedMediaType):
+    """A body with a Content-Encoding (gzip, br, ...): 415, as RFC 9110 15.5.16 asks."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(media_type="", detail=detail)
+
+
 class ProblemSerializer(serializers.Serializer):
     """RFC 9457 problem details (application/problem+json)."""
 

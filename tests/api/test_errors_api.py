@@ -300,3 +300,27 @@ def test_metadata_at_the_depth_limit_is_kept_and_reads_back(admin_key, session):
     assert response.status_code == 200, response.content
     for path in (f"/api/v1/sessions/{session.pk}/", "/api/v1/sessions/", "/api/v1/audit-events/"):
         assert admin_key.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+@pytest.mark.parametrize("tail", ["versions/", "/api/v1/sessions/", "/api/v1/imports/"])
+def test_a_compressed_body_is_415_not_read_as_plain(admin_key, session, settings, tmp_path, tail, gzipped):
+    """Content-Encoding is not decoded: a gzip body was judged on its compressed bytes (400 'not
+    JSON', or an import job bound to fail), and a plain body labelled gzip was stored as if unlabelled."""
+    import gzip
+
+    from snapshots_app.models import Job
+
+    settings.VAR_DIR = tmp_path
+    path = tail if tail.startswith("/") else f"/api/v1/sessions/{session.pk}/{tail}"
+    body = b'{"state": {"a": 1}}' if tail == "versions/" else b'{"external_id": "zipped"}'
+    content_type = "application/x-ndjson" if tail == "/api/v1/imports/" else "application/json"
+    before = (counts(), Job.objects.count())
+    response = admin_key.generic("POST", path, gzip.compress(body) if gzipped else body, content_type=content_type,
+                                 HTTP_CONTENT_ENCODING="gzip")
+    assert response.status_code == 415, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "unsupported_media_type" and "Content-Encoding" in response.json()["detail"]
+    assert (counts(), Job.objects.count()) == before
+    identity = admin_key.generic("POST", path, body, content_type=content_type, HTTP_CONTENT_ENCODING="identity")
+    assert identity.status_code < 300 or tail == "/api/v1/imports/", identity.content
