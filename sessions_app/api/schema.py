@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
+from rest_framework import serializers
 
 from sessions_app.api.problems import PROBLEM_CONTENT_TYPE, ProblemSerializer
+from sessions_app.api.serializers import InputSerializer
 
 READ_ERRORS = {400: "Bad query parameters", 401: "Missing, unknown or revoked credentials", 403: "Role or scope too low",
                404: "Not found in the caller's projects", 406: "Unsupported Accept", 429: "Rate limit; see Retry-After"}
@@ -27,6 +29,26 @@ class ProblemAutoSchema(AutoSchema):
                 str(status), {"description": description, "content": {PROBLEM_CONTENT_TYPE: {"schema": ref}}}
             )
         return responses
+
+    def _map_basic_serializer(self, serializer: Any, direction: Literal["request", "response"]) -> dict[str, Any]:
+        schema: dict[str, Any] = super()._map_basic_serializer(serializer, direction)
+        if direction == "request" and isinstance(serializer, InputSerializer):
+            # A field the body may not carry is a 400 (InputSerializer): say so, or every client
+            # generated from the schema takes extra fields for harmless. Read-only fields are taken
+            # and ignored (a GET answer sent back), but request components leave them out, so a
+            # serializer that has any cannot close its object.
+            if not any(field.read_only for field in serializer.fields.values()):
+                schema["additionalProperties"] = False
+            if "__doc__" not in vars(type(serializer)) or not type(serializer).__doc__:
+                schema.pop("description", None)  # InputSerializer's own docstring is about the code
+            for name, field in serializer.fields.items():
+                # A nested list of objects (a batch's versions) keeps its bounds, as a ListField does.
+                if isinstance(field, serializers.ListSerializer) and name in schema.get("properties", {}):
+                    if field.min_length is not None:
+                        schema["properties"][name]["minItems"] = field.min_length
+                    if field.max_length is not None:
+                        schema["properties"][name]["maxItems"] = field.max_length
+        return schema
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):

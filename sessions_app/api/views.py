@@ -153,7 +153,9 @@ class SessionDetail(ApiView):
     @extend_schema(
         operation_id="sessions_destroy",
         summary="Delete the session and all its versions (admin). Recorded in the audit log.",
-        parameters=[SESSION_ID, OpenApiParameter("reason", str, OpenApiParameter.QUERY, description="Why (audit log).")],
+        parameters=[SESSION_ID, OpenApiParameter("reason", {"type": "string", "minLength": 1, "maxLength": 2000},
+                                                 OpenApiParameter.QUERY, required=True,
+                                                 description="Why (required: it goes into the audit log).")],
         request=None,
         responses={204: OpenApiResponse(description="Deleted")},
     )

@@ -311,10 +311,10 @@ class Diff(ApiView):
             OpenApiParameter("to_session", OpenApiTypes.UUID, OpenApiParameter.QUERY, description="UUID of another session to compare with."),
             OpenApiParameter("structural_strings", bool, OpenApiParameter.QUERY,
                              description="Compare strings holding JSON as structure (default true)."),
-            OpenApiParameter("limit", int, OpenApiParameter.QUERY,
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": DIFF_LIMIT_MAX}, OpenApiParameter.QUERY,
                              description=f"At most this many changes (1..{DIFF_LIMIT_MAX}; default: all). "
                                          "`patch` is null unless every change is in the answer."),
-            OpenApiParameter("offset", int, OpenApiParameter.QUERY,
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0}, OpenApiParameter.QUERY,
                              description="Skip this many changes (with `limit`; `next_offset` is the next page's)."),
         ],
     )
