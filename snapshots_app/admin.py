@@ -155,7 +155,6 @@ class VersionAdmin(ReadOnlyAdmin):
         elif request.method == "POST":
             try:
                 prepared = services.state_prepare(services.state_with_value(base, pointer, form.cleaned_data["state"]))
-                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
                 previewed = prepared.checksum
                 # Only what the page showed is recorded: this very state, diffed against this head.
                 # Otherwise (the head moved since the page was loaded, the text was edited after its
@@ -175,6 +174,8 @@ class VersionAdmin(ReadOnlyAdmin):
                     )
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
+                # (Only for a page that shows it: a recorded fix needs no diff.)
+                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
             except StateStoreError as exc:
                 error = exc.message
         context = {

@@ -148,7 +148,7 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
         logger.warning("job %s (%s, attempt %s) lost the database (%s); it stays running and is sent again "
                        "once its heartbeat is %s s old", job.pk, job.kind, job.attempts,
                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                       jobs.stale_after().seconds)
+                       int(jobs.stale_after().total_seconds()))
         connection.close()
         raise
     except Exception as exc:
