@@ -268,6 +268,20 @@ def session_event(session: WorkflowSession) -> dict[str, Any]:
     }
 
 
+def session_lock(session: WorkflowSession) -> WorkflowSession:
+    """The session's row, locked until the transaction ends: the lock every change of a session takes
+    (writes, rewinds, forks, pins, retention, archiving, deletion), so they happen one at a time."""
+    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
+    if locked is None:
+        raise session_gone(session)
+    return locked
+
+
+def session_gone(session: WorkflowSession) -> SessionNotFound:
+    """A session deleted while a call waited for its lock: a 404, as if the deletion had come first."""
+    return SessionNotFound(f"session {session.external_id} no longer exists; nothing was changed", session=str(session.pk))
+
+
 @transaction.atomic
 def session_update(
     *,
@@ -281,7 +295,7 @@ def session_update(
 ) -> WorkflowSession:
     """Change a session's status, metadata, tags or workflow name. Audited when anything changes
     (tags decide retention, e.g. `retention:keep-all`)."""
-    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    session = session_lock(session)
     ensure_writable(session)
     asked: dict[str, Any] = {}
     if status is not None:
@@ -323,7 +337,7 @@ def _audit_value(value: Any) -> Any:
 
 @transaction.atomic
 def session_archive(*, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = "") -> WorkflowSession:
-    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    session = session_lock(session)
     if session.archived_at is None:
         session.archived_at = timezone.now()
         session.save(update_fields=["archived_at", "updated_at"])
@@ -341,7 +355,7 @@ def session_unarchive(
     *, session: WorkflowSession, reason: str = "", actor: User = None, actor_label: str = ""
 ) -> WorkflowSession:
     """Accept writes again; the archiving and this are both in the audit log."""
-    session = WorkflowSession.objects.select_for_update().get(pk=session.pk)
+    session = session_lock(session)
     if session.archived_at is not None:
         archived_at, session.archived_at = session.archived_at, None
         session.save(update_fields=["archived_at", "updated_at"])
@@ -369,10 +383,7 @@ def session_delete(*, session: WorkflowSession, reason: str, actor: User = None,
     # commits before the versions are collected (it is deleted with them), and one that comes later
     # finds no session (404). Without it the deletion removed the versions, then waited for the
     # row behind a writer that waited for the removed head: a deadlock, and the deletion failed.
-    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
-    if locked is None:
-        raise SessionNotFound(f"session {session.external_id} no longer exists", session=str(session.pk))
-    session = locked
+    session = session_lock(session)
     audit_record(
         project=session.project, action="session.delete", target_type="session", target_id=session.pk,
         session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,

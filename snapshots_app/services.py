@@ -23,7 +23,6 @@ from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
     SessionExists,
-    SessionNotFound,
     VersionConflict,
     VersionNotFound,
 )
@@ -37,6 +36,8 @@ from sessions_app.services import (
     new_fork_external_id,
     require_reason,
     session_event,
+    session_gone,
+    session_lock,
 )
 from snapshots_app import canonical, rows, store
 from snapshots_app.diff import PatchError, apply_patch
@@ -129,18 +130,6 @@ def _clean_expected(expected_version: Any) -> int | None:
     return expected_version
 
 
-def _lock_session(session: WorkflowSession) -> WorkflowSession:
-    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
-    if locked is None:
-        raise _session_gone(session)
-    return locked
-
-
-def _session_gone(session: WorkflowSession) -> SessionNotFound:
-    """A session deleted while this call waited for its lock: a 404, as if the deletion had come first."""
-    return SessionNotFound(f"session {session.external_id} no longer exists; nothing was written", session=str(session.pk))
-
-
 def _check_expected(session: WorkflowSession, expected_version: int | None) -> None:
     if expected_version is not None and expected_version != session.head_number:
         raise VersionConflict(
@@ -161,10 +150,10 @@ def _lock_for_write(session: WorkflowSession) -> WorkflowSession:
     if connection.vendor == "postgresql":
         locked = rows.session_lock(session.pk)
         if locked is None:
-            raise _session_gone(session)
+            raise session_gone(session)
         return locked
     store.project_write_lock(session.project_id)
-    return _lock_session(session)
+    return session_lock(session)
 
 
 @dataclass(frozen=True)
@@ -565,7 +554,7 @@ def snapshot_rewind(
         # under it, so a target read after it stays (retention then sees the rewind pointing at it).
         # Read before the lock, a target retention was removing made the rewind fail at commit on
         # its parent key (a 500) instead of a 404.
-        locked = _lock_session(session)
+        locked = session_lock(session)
         target = version_get(session=session, number=to_version)
         ensure_writable(locked)
         if key is not None:
@@ -611,7 +600,7 @@ def snapshot_fork(
         # The source session's lock before the source version is read, as in snapshot_rewind: retention
         # removes versions under it, so the source stays until this fork (which protects it) commits.
         # It also decides concurrent retries of one fork one at a time.
-        _lock_session(session)
+        session_lock(session)
         source = version_get(session=session, number=from_version)
         if key is not None:
             earlier = _fork_replay(session, key, source=source, external_id=external_id, reason=reason)
@@ -628,7 +617,7 @@ def snapshot_fork(
         )
         if not created:
             raise SessionExists(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)
-        fork = _lock_session(fork)
+        fork = session_lock(fork)
         version = _append_copy(
             fork, source, kind=VersionKind.FORK, reason=reason, idempotency_key=key, actor=actor, actor_label=actor_label
         )
@@ -704,7 +693,7 @@ def snapshot_data_fix(
 
 @transaction.atomic
 def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_label: str = "") -> Version:
-    ensure_writable(_lock_session(version.session))  # under the lock archiving takes
+    ensure_writable(session_lock(version.session))  # under the lock archiving takes
     _update_kept_version(version, pinned=pinned)
     version.pinned = pinned
     audit_record(
@@ -719,7 +708,7 @@ def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_lab
 @transaction.atomic
 def version_label(*, version: Version, label: str, actor: User = None, actor_label: str = "") -> Version:
     label = _clean_text("label", label, METADATA_LIMITS["label"]).strip()
-    ensure_writable(_lock_session(version.session))  # under the lock archiving takes
+    ensure_writable(session_lock(version.session))  # under the lock archiving takes
     _update_kept_version(version, label=label)
     previous, version.label = version.label, label
     audit_record(
