@@ -152,7 +152,10 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     page.click("text=Side by side")
     page.wait_for_selector("ol.changes.mode-side .sides")
 
+    # Back to the inline diff. htmx keeps no history cache here, so it reloads that page: wait until
+    # it has, or the next goto races the reload and is aborted.
     page.go_back()
+    page.wait_for_selector("ol.changes.mode-inline")
     page.goto(f"{server}/sessions/{session.pk}/")
     page.click("#v-2 a.rewind")
     page.wait_for_selector("#confirm-rewind")
