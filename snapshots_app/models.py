@@ -72,7 +72,7 @@ class Version(models.Model):
         indexes = [models.Index(fields=["id"], condition=models.Q(summary__isnull=True), name="version_unfinalized")]
 
     def __str__(self) -> str:
-        return f"{self.session_id} v{self.number}"
+        return f"{self.session} v{self.number}"
 
     @property
     def has_error(self) -> bool:
@@ -244,7 +244,7 @@ class IntegrityProblem(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"integrity problem in {self.session_id} v{self.version_number}"
+        return f"integrity problem in {self.session} v{self.version_number}"
 
     @property
     def is_open(self) -> bool:

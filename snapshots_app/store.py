@@ -712,7 +712,9 @@ def remember_node(project_id: int, digest: bytes, codec: int, data: bytes, seal:
 
 
 def _describe(version: Version) -> str:
-    return f"version {version.number} of session {version.session_id}"
+    """How an integrity error names a version: by the engine's session id, which operators know, and
+    the session's UUID, which is unique across projects."""
+    return f"version {version.number} of session {version.session.external_id} ({version.session_id})"
 
 
 def read_canonical(version: Version, *, use_cache: bool = True) -> bytes:

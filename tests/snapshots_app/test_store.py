@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import orjson
 import pytest
@@ -349,7 +350,7 @@ def test_corruption_is_detected_named_and_never_served(session):
     with pytest.raises(IntegrityProblem) as excinfo:
         for version in versions:
             version_state_bytes(Version.objects.select_related("session").get(pk=version.pk))
-    assert f"version {excinfo.value.details['version']} of session {session.pk}" in str(excinfo.value)
+    assert f"version {excinfo.value.details['version']} of session {session.external_id} ({session.pk})" in str(excinfo.value)
 
 
 def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verified(session):
@@ -374,7 +375,7 @@ def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verif
     data[len(data) // 2] ^= 0xFF
     nodes.update(data=bytes(data))
     clear_cache()
-    with pytest.raises(IntegrityProblem, match=f"version 1 of session {session.pk}"):
+    with pytest.raises(IntegrityProblem, match=re.escape(f"version 1 of session {session.external_id} ({session.pk})")):
         version_with_state_bytes(session=session, number=1)
 
 
@@ -516,11 +517,11 @@ def test_a_corrupt_node_fails_a_diff_and_names_the_version(session):
     data[-1] ^= 0x01
     StateNode.objects.filter(project=session.project, digest=node.digest).update(data=bytes(data))
     clear_cache()
-    with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
+    with pytest.raises(IntegrityProblem, match=re.escape(f"version 2 of session {session.external_id} ({session.pk})")):
         version_diff(version_get(session=session, number=first.number), version_get(session=session, number=second.number))
     clear_cache()
     # Also when the damaged node came along with the versions' lookup.
-    with pytest.raises(IntegrityProblem, match=f"version 2 of session {session.pk}"):
+    with pytest.raises(IntegrityProblem, match=re.escape(f"version 2 of session {session.external_id} ({session.pk})")):
         version_pair_diff(session=session, number=first.number, other_number=second.number)
 
 
