@@ -316,6 +316,9 @@ SESSION_NOTIFY_INTERVAL_MS = env_int("SESSION_NOTIFY_INTERVAL_MS", 500)
 STATE_MAX_BYTES = env_int("STATE_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)
 # At most 254 containers deep: orjson, which encodes every state, refuses deeper nesting.
 STATE_MAX_DEPTH = env_int("STATE_MAX_DEPTH", 200, minimum=2, maximum=254)
+# A session's metadata (engine-set labels, links, settings: not state) as JSON. Every session list
+# carries it, so a few oversized ones would make every page of the list heavy.
+SESSION_METADATA_MAX_BYTES = env_int("SESSION_METADATA_MAX_BYTES", 64 * 1024, minimum=1024)
 # Request bodies may carry a state plus metadata; a little headroom over the state limit.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", STATE_MAX_BYTES + 1024 * 1024, minimum=1024)
 # An uploaded export file (POST /api/v1/imports/) may be far larger than any one state: it is spooled

@@ -182,9 +182,15 @@ def clean_metadata(metadata: Any) -> dict[str, Any]:
     # first: it names a too deep path, where orjson would only say "Recursion limit reached".
     _refuse_lossy_jsonb(metadata)
     try:
-        orjson.dumps(metadata)
+        size = len(orjson.dumps(metadata))
     except TypeError as exc:
         raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
+    if size > settings.SESSION_METADATA_MAX_BYTES:
+        raise InvalidState(
+            f"metadata is {size:,} bytes as JSON, over the {settings.SESSION_METADATA_MAX_BYTES:,}-byte limit "
+            "(SESSION_METADATA_MAX_BYTES): keep large data in the session's state",
+            limit=settings.SESSION_METADATA_MAX_BYTES,
+        )
     return metadata
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+import orjson
 import pytest
+from django.conf import settings
 
 from sessions_app.models import ApiKey, AuditEvent, WorkflowSession
 from snapshots_app.models import Version
@@ -300,6 +302,25 @@ def test_metadata_at_the_depth_limit_is_kept_and_reads_back(admin_key, session):
     assert response.status_code == 200, response.content
     for path in (f"/api/v1/sessions/{session.pk}/", "/api/v1/sessions/", "/api/v1/audit-events/"):
         assert admin_key.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("method", ["post", "patch"])
+def test_oversized_metadata_is_400_naming_the_limit_and_stores_nothing(admin_key, session, method):
+    """Every session list carries each session's metadata: two 17 MB objects made a 200-session page
+    27 MB. Metadata up to SESSION_METADATA_MAX_BYTES is kept; one byte more is refused."""
+    path = "/api/v1/sessions/" if method == "post" else f"/api/v1/sessions/{session.pk}/"
+    fields = {"external_id": "big"} if method == "post" else {}
+    filler = "x" * (settings.SESSION_METADATA_MAX_BYTES - len('{"blob":""}'))
+    before = counts()
+    response = admin_key.generic(method.upper(), path, orjson.dumps({**fields, "metadata": {"blob": filler + "x"}}))
+    assert response.status_code == 400, response.content
+    assert "SESSION_METADATA_MAX_BYTES" in response.json()["errors"]["metadata"][0]
+    assert counts() == before
+    response = admin_key.generic(method.upper(), path, orjson.dumps({**fields, "metadata": {"blob": filler}}))
+    assert response.status_code in (200, 201), response.content
+    created = WorkflowSession.objects.get(external_id="big") if method == "post" else session
+    created.refresh_from_db()
+    assert created.metadata == {"blob": filler}
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
