@@ -173,7 +173,7 @@ def clean_tags(tags: Any) -> list[str]:
     return cleaned
 
 
-def clean_metadata(metadata: Any) -> dict[str, Any]:
+def clean_metadata(metadata: Any, *, limit_size: bool = True) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -185,7 +185,7 @@ def clean_metadata(metadata: Any) -> dict[str, Any]:
         size = len(orjson.dumps(metadata))
     except TypeError as exc:
         raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
-    if size > settings.SESSION_METADATA_MAX_BYTES:
+    if limit_size and size > settings.SESSION_METADATA_MAX_BYTES:
         raise InvalidState(
             f"metadata is {size:,} bytes as JSON, over the {settings.SESSION_METADATA_MAX_BYTES:,}-byte limit "
             "(SESSION_METADATA_MAX_BYTES): keep large data in the session's state",
@@ -237,11 +237,13 @@ def session_get_or_create(
     metadata: dict[str, Any] | None = None,
     tags: list[str] | None = None,
     actor: User = None,
+    metadata_copied: bool = False,
 ) -> tuple[WorkflowSession, bool]:
     """The session with this external id, created if new. Idempotent: safe for engines to call
-    at every start; an existing session is returned unchanged."""
+    at every start; an existing session is returned unchanged. `metadata_copied`: the metadata is
+    another session's, accepted when it was set (a fork's, plus its lineage): no size limit."""
     external_id = clean_external_id(external_id)
-    metadata = clean_metadata(metadata)
+    metadata = clean_metadata(metadata, limit_size=not metadata_copied)
     tags = clean_tags(tags)
     if not isinstance(workflow, str) or len(workflow) > 200:
         raise InvalidState("workflow must be a string of at most 200 characters")

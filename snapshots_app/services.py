@@ -614,6 +614,7 @@ def snapshot_fork(
             metadata={**session.metadata, "forked_from": {"session": str(session.pk), "version": source.number}},
             tags=list(session.tags),
             actor=actor,
+            metadata_copied=True,
         )
         if not created:
             raise SessionExists(f"a session with external_id {new_external_id!r} already exists", external_id=new_external_id)

@@ -23,7 +23,7 @@ from sessions_app.errors import (
     VersionNotFound,
 )
 from sessions_app.models import AuditEvent, WorkflowSession
-from sessions_app.services import session_get_or_create
+from sessions_app.services import session_get_or_create, session_update
 from snapshots_app import store, tree
 from snapshots_app.canonical import checksum, dumps
 from snapshots_app.diff import apply_patch
@@ -257,6 +257,20 @@ def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(s
     result = version_diff(version_get(session=session, number=3), version_get(session=fork, number=2))
     assert {c["path"] for c in result.changes} >= {"/pointer"}
     assert AuditEvent.objects.filter(action="session.fork", details__new_session=str(fork.pk)).exists()
+
+
+def test_a_session_with_metadata_at_its_limit_can_be_forked(session, settings):
+    """The fork's metadata is the source's, accepted when it was set, plus its lineage: it must not
+    be refused as over SESSION_METADATA_MAX_BYTES (nor by a limit lowered since)."""
+    settings.SESSION_METADATA_MAX_BYTES = 1024
+    session_update(session=session, metadata={"notes": "n" * (1024 - len('{"notes":""}'))})
+    session.refresh_from_db()
+    snapshot_record(session=session, state={"n": 1})
+    fork = snapshot_fork(session=session, from_version=1, reason="what if")
+    assert fork.metadata["notes"] == session.metadata["notes"]
+    assert fork.metadata["forked_from"] == {"session": str(session.pk), "version": 1}
+    with pytest.raises(InvalidState, match="SESSION_METADATA_MAX_BYTES"):
+        session_update(session=fork, metadata={**fork.metadata, "more": 1})
 
 
 def test_sibling_forks_do_not_collide(session):
