@@ -241,7 +241,8 @@ class IntegrityProblemAdmin(ReadOnlyAdmin):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "finished_at"]
+    list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "send_failed_at",
+                    "finished_at"]
     list_filter = ["kind", "status", ("project", ProjectListFilter)]
     list_select_related = ["project"]
     exclude = ["result"]

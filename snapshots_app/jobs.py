@@ -104,11 +104,13 @@ def job_create(
 
 def _enqueue_safely(enqueue: Callable[[int], None], job_id: int) -> None:
     # The job row is committed; a broker outage must not turn the caller's success into an error.
-    # A job left queued is picked up again by the periodic jobs_requeue_stale task.
+    # The job says so (`send_failed_at`, shown by the API), and jobs_requeue_stale sends it on its
+    # first run once the broker is back, not only when it has waited STALE_QUEUED.
     try:
         enqueue(job_id)
     except Exception:
         logger.exception("could not enqueue job %s; it stays queued for the periodic requeue", job_id)
+        Job.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(send_failed_at=timezone.now())
 
 
 @transaction.atomic
@@ -136,7 +138,8 @@ def job_start(*, job_id: int) -> Job | None:
     job.attempts = F("attempts") + 1
     job.started_at = job.started_at or now
     job.heartbeat_at = now
-    job.save(update_fields=["status", "attempts", "started_at", "heartbeat_at"])
+    job.send_failed_at = None  # a message got through after all
+    job.save(update_fields=["status", "attempts", "started_at", "heartbeat_at", "send_failed_at"])
     job.refresh_from_db()
     _publish(job, "job.progress")
     return job

@@ -181,6 +181,11 @@ class Job(models.Model):
     resent_at = models.DateTimeField(
         null=True, blank=True, help_text="When jobs_requeue_stale last sent it again (once per wait, not every run)."
     )
+    send_failed_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When its task could not be handed to the broker (it was down): jobs_requeue_stale sends it "
+                  "on its next run and clears this.",
+    )
     finished_at = models.DateTimeField(null=True, blank=True)
     # A job started with an Idempotency-Key keeps it here, so a retry finds this job again even
     # after a cache loss (see sessions_app.services.RequestKey). Empty for jobs started without one.

@@ -288,17 +288,21 @@ def jobs_requeue_stale() -> int:
     now = timezone.now()
     silent = now - jobs.stale_after()
     stale = Job.objects.filter(
-        Q(status=JobStatus.QUEUED, created_at__lt=now - STALE_QUEUED)
-        | Q(status=JobStatus.RUNNING, heartbeat_at__lt=silent)
-        | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=silent)
-    ).filter(
-        # Sent again once per wait: a job queued behind a long one is not sent again every minute.
-        Q(resent_at__isnull=True) | Q(resent_at__lt=now - STALE_QUEUED, status=JobStatus.QUEUED)
-        | Q(resent_at__lt=silent, status=JobStatus.RUNNING)
+        # Never handed to the broker (it was down when the job started): now that this task runs, it is back.
+        Q(status=JobStatus.QUEUED, send_failed_at__isnull=False)
+        | (
+            Q(status=JobStatus.QUEUED, created_at__lt=now - STALE_QUEUED)
+            | Q(status=JobStatus.RUNNING, heartbeat_at__lt=silent)
+            | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=silent)
+        ) & (
+            # Sent again once per wait: a job queued behind a long one is not sent again every minute.
+            Q(resent_at__isnull=True) | Q(resent_at__lt=now - STALE_QUEUED, status=JobStatus.QUEUED)
+            | Q(resent_at__lt=silent, status=JobStatus.RUNNING)
+        )
     ).order_by("id")
     sent = []
     for job_id, kind in stale.values_list("id", "kind")[:500]:
         senders[JobKind(kind)].delay(job_id)
         sent.append(job_id)
-    Job.objects.filter(pk__in=sent).update(resent_at=now)
+    Job.objects.filter(pk__in=sent).update(resent_at=now, send_failed_at=None)
     return len(sent)

@@ -75,7 +75,7 @@ class JobSerializer(serializers.ModelSerializer):
     class Meta:
         model = Job
         fields = ["id", "project", "session", "kind", "status", "done", "total", "percent", "params", "result",
-                  "error", "attempts", "created_by", "created_at", "started_at", "finished_at"]
+                  "error", "attempts", "send_failed_at", "created_by", "created_at", "started_at", "finished_at"]
         read_only_fields = fields
 
     @extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})

@@ -145,3 +145,41 @@ def test_with_the_broker_unreachable_sending_a_task_fails_at_once_and_says_why()
     assert error == "OperationalError"  # kombu's: the broker refused the connection
     assert float(seconds) < 5
     assert "must be restarted" not in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)  # the web process below is another process
+def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_back(project, reader):
+    """A job start answers 202 with the broker down (its row is committed). The job used to sit
+    "queued" with nothing saying why, and was sent again only 10 minutes after it was asked for; it
+    now says when its message could not be sent, and beat's next requeue run sends it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "from sessions_app import background\n"
+        "from sessions_app.models import Project\n"
+        "from snapshots_app.integrity import integrity_scrub_start\n"
+        f"job = integrity_scrub_start(project=Project.objects.get(pk={project.pk}))\n"
+        "background.drain(30)\n"  # the message is sent after commit, from the background thread
+        "print(job.pk)\n"
+    )
+    env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
+           "DATABASE_URL": database_url(), "REDIS_URL": UNREACHABLE_REDIS, "SECRET_KEY": "x"}
+    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=Path(__file__).parents[2],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    job_id = int(result.stdout.strip().splitlines()[-1])
+
+    shown = reader.get(f"/api/v1/jobs/{job_id}/").json()
+    assert shown["status"] == "queued" and shown["send_failed_at"] is not None
+
+    from snapshots_app import tasks
+
+    previous, celery_app.conf.task_always_eager = celery_app.conf.task_always_eager, True
+    try:
+        assert tasks.jobs_requeue_stale() == 1  # its first run once the broker is back: no 10-minute wait
+    finally:
+        celery_app.conf.task_always_eager = previous
+    shown = reader.get(f"/api/v1/jobs/{job_id}/").json()
+    assert shown["status"] == "done" and shown["send_failed_at"] is None
