@@ -183,6 +183,19 @@ def test_lineage_shows_rewind_source_and_forks(client, operator, story):
     assert "forked from" in forked and "diff vs source" in forked
 
 
+def test_a_fork_whose_source_session_was_deleted_still_says_it_is_a_fork(client, operator, story):
+    """Retention keeps fork sources; only deleting the source session unlinks a fork (its "diff vs
+    source" link has nothing left to diff), and the timeline said nothing at all about it."""
+    from sessions_app.services import session_delete
+    from snapshots_app.services import snapshot_fork
+
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if")
+    session_delete(session=story, reason="cleanup")
+    client.force_login(operator)
+    page = client.get(session_url(fork)).content.decode()
+    assert "forked from a session no longer here" in page and "diff vs source" not in page
+
+
 def test_non_member_gets_404(client, story):
     stranger = make_user("mallory")
     client.force_login(stranger)
