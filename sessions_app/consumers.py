@@ -1,6 +1,7 @@
 """Live updates over WebSocket for the htmx ws extension: every message is HTML whose top-level
 elements carry hx-swap-oob. Authenticated and authorised per project in connect, and again for
-every event (a membership revoked meanwhile ends the stream); consumers never write."""
+every event (a membership revoked meanwhile, or a browser session that no longer signs its user in,
+ends the stream); consumers never write."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from django.template.loader import render_to_string
 
 from sessions_app import events
 from sessions_app.models import Project
-from sessions_app.selectors import membership_role, session_row
+from sessions_app.selectors import membership_role, session_row, session_user
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -104,13 +105,27 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients only listen; anything they send is ignored."""
 
+    @database_sync_to_async
+    def _signed_in(self) -> bool:
+        """Whether the browser session the socket opened with still signs its user in. Page loads
+        stop at once after a logout, a deactivation or a password change; an open socket would
+        otherwise go on streaming the project's live updates."""
+        session = self.scope.get("session")
+        if session is None:
+            return True  # a user handed over without a browser session (tests): nothing to read again
+        return bool(session_user(session.session_key).pk == self.scope["user"].pk)
+
     async def rewind_event(self, message: dict[str, Any]) -> None:
         html = await self.render(message["event"], message["payload"])
+        # (disconnect() follows a close and leaves the group.)
         if html is None:
-            # disconnect() follows the close and leaves the group.
             await self.close(code=CLOSE_FORBIDDEN)
         elif html:
-            await self.send(text_data=html)
+            # Checked only when there is something to send: most events send nothing to most pages.
+            if await self._signed_in():
+                await self.send(text_data=html)
+            else:
+                await self.close(code=CLOSE_UNAUTHENTICATED)
 
 
 class ProjectEventsConsumer(LiveConsumer):

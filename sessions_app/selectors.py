@@ -10,9 +10,13 @@ import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import import_module
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
+from django.conf import settings
+from django.contrib import auth
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Q, QuerySet
@@ -32,6 +36,14 @@ def membership_role(user: Any, project: Project) -> str | None:
         return None
     membership = Membership.objects.filter(project=project, user=user).only("role").first()
     return membership.role if membership else None
+
+
+def session_user(session_key: str | None) -> Any:
+    """The user a browser session signs in now, read afresh from the session store as a page load
+    reads it: AnonymousUser once it was logged out or expired, its account deactivated or its
+    password changed."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    return auth.get_user(SimpleNamespace(session=store))  # type: ignore[arg-type]  # (it reads only .session)
 
 
 def role_allows(role: str | None, needed: str) -> bool:

@@ -273,3 +273,43 @@ def test_a_page_whose_membership_redis_lost_is_closed_to_reconnect_and_one_in_it
 
     closed = run(scenario)
     assert closed == {"type": "websocket.close", "code": consumers.CLOSE_MEMBERSHIP_LOST}
+
+
+def _log_out(browser, user):
+    browser.logout()  # Django's logout: the session is flushed
+
+
+def _deactivate(browser, user):
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+
+
+def _change_password(browser, user):
+    user.set_password("a-new-password")
+    user.save(update_fields=["password"])
+
+
+@pytest.mark.parametrize("end", [_log_out, _deactivate, _change_password], ids=["logout", "deactivated", "password"])
+@pytest.mark.parametrize("path", ["/ws/sessions/{session}/", "/ws/projects/acme/"], ids=["timeline", "session-list"])
+def test_a_page_whose_browser_session_no_longer_signs_its_user_in_stops_receiving(setup, end, path):
+    """Pages refuse such a browser at once (the login page, the API's 401); an open socket ends too
+    with its next event, instead of streaming the project's live updates to a browser that logged
+    out, or to an account that was deactivated or had its password changed (to shut someone out)."""
+    from django.test import Client
+
+    from sessions_app import consumers
+
+    owner, _, _, _, session = setup
+    browser = Client()
+    browser.force_login(owner)
+
+    async def scenario() -> dict[str, Any]:
+        client = communicator(path.format(session=session.pk), owner)
+        client.scope["session"] = browser.session  # as AuthMiddlewareStack gives it: the cookie's session
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, end, browser, owner)
+        await asyncio.to_thread(_record, session, {"after": "signed out"})
+        return await client.receive_output(timeout=5)
+
+    assert run(scenario) == {"type": "websocket.close", "code": consumers.CLOSE_UNAUTHENTICATED}
