@@ -208,6 +208,19 @@ def test_compaction_dry_run_action_reports_figures(client, staff, story):
     assert "would remove" in response.content.decode()
 
 
+def test_compaction_dry_run_action_needs_the_operator_role_as_in_the_api(client, clerk, story):
+    """POST /api/v1/compaction/ {dry_run: true} is for operators (viewers get 403): the admin's
+    dry run, the same walk of the whole project, asks the same of staff who are not superusers."""
+    membership_set(project=story.project, user=clerk, role=Role.VIEWER)
+    client.force_login(clerk)
+    url = reverse("admin:sessions_app_project_changelist")
+    refused = client.post(url, {"action": "compaction_preview", "_selected_action": [story.project.pk]})
+    assert refused.status_code == 403
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    allowed = client.post(url, {"action": "compaction_preview", "_selected_action": [story.project.pk]}, follow=True)
+    assert "would remove" in allowed.content.decode()
+
+
 def test_data_fix_action_opens_the_editor_for_one_version(client, staff, story):
     client.force_login(staff)
     version = Version.objects.get(session=story, number=4)
