@@ -147,6 +147,21 @@ class ProjectAdmin(ProjectScopedAdmin):
         obj.pk, obj.created_at = created.pk, created.created_at
 
 
+class MembershipForm(forms.ModelForm):
+    """A new member is named by username. A raw user id needed the user list's popup, which only
+    superusers reach (it lists every user of every project), so project admins typed ids blind."""
+
+    user = forms.ModelChoiceField(
+        queryset=get_user_model().objects.filter(is_active=True), to_field_name="username", widget=forms.TextInput,
+        help_text="The username of an active account (exactly as it signs in).",
+        error_messages={"invalid_choice": "No active user has that username."},
+    )
+
+    class Meta:
+        model = Membership
+        fields = ["project", "user", "role"]
+
+
 @admin.register(Membership)
 class MembershipAdmin(ProjectScopedAdmin):
     list_display = ["user", "project", "role", "created_at"]
@@ -154,7 +169,7 @@ class MembershipAdmin(ProjectScopedAdmin):
     search_fields = ["user__username", "user__email", "project__slug", "project__name"]
     list_select_related = ["user", "project"]
     autocomplete_fields = ["project"]
-    raw_id_fields = ["user"]
+    form = MembershipForm
     fields = ["project", "user", "role"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:

@@ -417,3 +417,26 @@ def test_the_project_pickers_offer_only_projects_where_the_user_may_add_keys_and
                                                                "field_name": "project", "term": ""})
         assert [row["text"] for row in response.json()["results"]] == ["Acme"], model
     assert "Globex" in client.get("/admin/sessions_app/project/").content.decode()  # still listed: a viewer reads
+
+
+def test_a_project_admin_who_is_not_a_superuser_adds_a_member_by_username(client, clerk, team):
+    """The member form asked for a raw user id, whose lookup popup (every user of the install)
+    answers 403 to anyone but superusers: project admins had to know ids. It takes a username."""
+    newcomer = make_user("nadia")
+    membership_set(project=team, user=clerk, role=Role.ADMIN)
+    client.force_login(clerk)
+    add = reverse("admin:sessions_app_membership_add")
+    page = client.get(add).content.decode()
+    assert 'name="user"' in page and "related-lookup" not in page
+    refused = client.post(add, {"project": team.pk, "user": "nobody", "role": "viewer"})
+    assert refused.status_code == 200 and "No active user has that username." in refused.content.decode()
+    assert client.post(add, {"project": team.pk, "user": "nadia", "role": "operator"}).status_code == 302
+    added = Membership.objects.get(project=team, user=newcomer)
+    assert added.role == Role.OPERATOR
+    assert AuditEvent.objects.filter(action="membership.set", project=team, details__user="nadia",
+                                     actor=clerk).exists()
+    # Its role changes later on the same page, the user no longer editable.
+    changed = client.post(reverse("admin:sessions_app_membership_change", args=[added.pk]), {"role": "viewer"})
+    assert changed.status_code == 302
+    added.refresh_from_db()
+    assert added.role == Role.VIEWER
