@@ -29,6 +29,7 @@ from sessions_app.services import (
     membership_remove,
     membership_set,
     project_create,
+    user_active_changed,
     user_delete,
 )
 
@@ -204,8 +205,14 @@ admin.site.unregister(get_user_model())
 
 @admin.register(get_user_model())
 class AuditedUserAdmin(UserAdmin):
-    """Django's user admin, except that deleting an account records, in each project it leaves,
-    who deleted it."""
+    """Django's user admin, except that deleting, deactivating or reactivating an account records,
+    in each project it is a member of, who did it."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        # In the admin's transaction (changeform_view): the change and its record commit together.
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data:
+            user_active_changed(user=obj, actor=request.user)
 
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
         user_delete(user=obj, actor=request.user)

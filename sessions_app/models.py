@@ -123,6 +123,8 @@ class AuditAction(models.TextChoices):
     PROJECT_CREATE = "project.create", "Project created"
     MEMBERSHIP_SET = "membership.set", "Member role set"
     MEMBERSHIP_REMOVE = "membership.remove", "Member removed"
+    USER_DEACTIVATE = "user.deactivate", "Member's account deactivated"
+    USER_REACTIVATE = "user.reactivate", "Member's account reactivated"
     API_KEY_CREATE = "api_key.create", "API key created"
     API_KEY_REVOKE = "api_key.revoke", "API key revoked"
 

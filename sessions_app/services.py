@@ -506,6 +506,17 @@ def user_delete(*, user: Any, actor: User = None, actor_label: str = "") -> None
     user.delete()
 
 
+def user_active_changed(*, user: Any, actor: User = None, actor_label: str = "") -> None:
+    """Record, in each project the account is a member of, that it was deactivated (it can no longer
+    sign in: as good as removed, but its roles come back with it) or reactivated, and by whom."""
+    action = "user.reactivate" if user.is_active else "user.deactivate"
+    for membership in Membership.objects.filter(user=user).select_related("project"):
+        audit_record(
+            project=membership.project, action=action, target_type="user", target_id=user.pk,
+            actor=actor, actor_label=actor_label, details={"user": str(user), "role": membership.role},
+        )
+
+
 def membership_removal_audit(
     *, membership: Membership, actor: User = None, actor_label: str = "", reason: str = ""
 ) -> AuditEvent:

@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
+from django.utils import timezone
 
 from sessions_app.models import ApiKey, AuditEvent, Membership, Role
 from sessions_app.services import membership_set, session_archive
@@ -440,3 +441,23 @@ def test_a_project_admin_who_is_not_a_superuser_adds_a_member_by_username(client
     assert changed.status_code == 302
     added.refresh_from_db()
     assert added.role == Role.VIEWER
+
+
+def test_deactivating_and_reactivating_an_account_in_the_admin_is_audited_in_its_projects(
+    client, staff, team, operator
+):
+    """A deactivated account signs in nowhere: as good as removed from its projects, yet their audit
+    logs said nothing of it (a deletion is recorded). Now each project records who did it."""
+    client.force_login(staff)
+    url = reverse("admin:auth_user_change", args=[operator.pk])
+    joined = timezone.localtime(operator.date_joined)
+    form = {"username": "olga", "date_joined_0": joined.strftime("%Y-%m-%d"), "date_joined_1": joined.strftime("%H:%M:%S")}
+    assert client.post(url, form).status_code == 302  # is_active left unticked
+    operator.refresh_from_db()
+    assert not operator.is_active
+    event = AuditEvent.objects.get(action="user.deactivate", project=team)
+    assert (event.actor_label, event.details) == ("root", {"user": "olga", "role": "operator"})
+    assert client.post(url, {**form, "is_active": "on"}).status_code == 302
+    assert AuditEvent.objects.filter(action="user.reactivate", project=team, actor=staff).count() == 1
+    assert client.post(url, {**form, "is_active": "on", "first_name": "Olga"}).status_code == 302
+    assert AuditEvent.objects.filter(action__startswith="user.", project=team).count() == 2  # only the changes
