@@ -362,6 +362,11 @@ if API_RATE_LIMIT and not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|
     raise ImproperlyConfigured(
         f"API_RATE_LIMIT must be <requests>/<second|minute|hour|day> (e.g. 1200/min) or empty, not {API_RATE_LIMIT!r}"
     )
+# Sign-in (dashboard and admin): after this many failed attempts for one username from one address
+# within LOGIN_LOCKOUT_SECONDS, that pair is refused until the window passes (an address gets five
+# times as many, over all usernames). 0 = no limit. Counted in the cache: with Redis down, no limit.
+LOGIN_FAILURES_MAX = env_int("LOGIN_FAILURES_MAX", 10)
+LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 15 * 60, minimum=1)
 SPECTACULAR_SETTINGS = {
     "TITLE": "Session Rewind API",
     "DESCRIPTION": "Versioned state store for workflow and agent sessions.",

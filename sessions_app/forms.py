@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
+from django.core.cache import cache
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
@@ -77,3 +82,55 @@ class SessionFilterForm(forms.Form):
             updated_to=data.get("updated_to"),
             sort=text["sort"] if text["sort"] in SESSION_SORTS else "-updated",
         )
+
+
+class ThrottledSignInMixin:
+    """Sign-in that stops a password-guessing run: LOGIN_FAILURES_MAX failures for one username from
+    one address (five times that from one address over all usernames) within LOGIN_LOCKOUT_SECONDS
+    refuse further attempts, even with the right password, until the window passes. A success
+    clears its username's count. Counters live in the cache, so they are shared by every process."""
+
+    request: Any
+    data: Any
+
+    def clean(self) -> dict[str, Any]:
+        limit = settings.LOGIN_FAILURES_MAX
+        if not limit:
+            return super().clean()  # type: ignore[misc,no-any-return]
+        pair, address = self._throttle_keys()
+        counts = cache.get_many([pair, address])
+        if counts.get(pair, 0) >= limit or counts.get(address, 0) >= 5 * limit:
+            minutes = -(-settings.LOGIN_LOCKOUT_SECONDS // 60)
+            raise forms.ValidationError(
+                f"Too many failed sign-ins; try again in {minutes} minute{'s' if minutes != 1 else ''}.",
+                code="throttled",
+            )
+        try:
+            cleaned: dict[str, Any] = super().clean()  # type: ignore[misc]
+        except forms.ValidationError as exc:
+            if getattr(exc, "code", None) == "invalid_login":
+                for key in (pair, address):
+                    # add() starts the window; incr() keeps it (the first failure's expiry counts).
+                    cache.add(key, 0, settings.LOGIN_LOCKOUT_SECONDS)
+                    try:
+                        cache.incr(key)
+                    except ValueError:  # expired between the two calls
+                        cache.set(key, 1, settings.LOGIN_LOCKOUT_SECONDS)
+            raise
+        cache.delete(pair)
+        return cleaned
+
+    def _throttle_keys(self) -> tuple[str, str]:
+        address = (self.request.META.get("REMOTE_ADDR") or "unknown") if self.request is not None else "unknown"
+        username = str(self.data.get("username", "")).strip().casefold()
+        # Hashed: a cache key of any characters and length, whatever was typed.
+        named = hashlib.sha256(f"{address}\n{username}".encode()).hexdigest()[:40]
+        return f"sign-in-failures:{named}", f"sign-in-failures:{address}"
+
+
+class SignInForm(ThrottledSignInMixin, AuthenticationForm):
+    """The dashboard's sign-in (accounts/login/)."""
+
+
+class AdminSignInForm(ThrottledSignInMixin, AdminAuthenticationForm):
+    """The admin's sign-in: staff only, as Django's."""

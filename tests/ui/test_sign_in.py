@@ -1,0 +1,79 @@
+"""Sign-in (dashboard and admin) against password guessing: counted in the real cache (Redis)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.factories import make_user
+
+pytestmark = pytest.mark.django_db
+
+LOGIN = "/accounts/login/"
+REFUSED = "Too many failed sign-ins"
+
+
+@pytest.fixture
+def limits(settings):
+    settings.LOGIN_FAILURES_MAX = 3
+    settings.LOGIN_LOCKOUT_SECONDS = 6  # longer than a few password checks on a busy machine
+    return settings
+
+
+def sign_in(client, username, password, url=LOGIN):
+    response = client.post(url, {"username": username, "password": password})
+    return response, "_auth_user_id" in client.session
+
+
+def test_repeated_failures_lock_that_username_from_that_address_until_the_window_passes(client, limits):
+    make_user("olga", password="right-pw-1")
+    make_user("victor", password="right-pw-2")
+    for attempt in range(3):
+        response, signed_in = sign_in(client, "olga", "guess")
+        assert response.status_code == 200 and not signed_in and REFUSED not in response.content.decode()
+        if attempt == 0:
+            first_failure = time.monotonic()  # counted: the window runs from here
+    response, signed_in = sign_in(client, "OLGA ", "right-pw-1")  # even the right password, however typed
+    assert response.status_code == 200 and not signed_in
+    assert "Too many failed sign-ins; try again in 1 minute." in response.content.decode()
+    assert sign_in(client, "victor", "right-pw-2")[1]  # another account from the same address is not locked
+    client.logout()
+    time.sleep(max(0.0, first_failure + limits.LOGIN_LOCKOUT_SECONDS + 0.2 - time.monotonic()))
+    assert sign_in(client, "olga", "right-pw-1")[1]
+
+
+def test_a_successful_sign_in_clears_its_failures(client, limits):
+    make_user("olga", password="right-pw-1")
+    for _ in range(2):
+        sign_in(client, "olga", "guess")
+    assert sign_in(client, "olga", "right-pw-1")[1]
+    client.logout()
+    for _ in range(2):
+        sign_in(client, "olga", "guess")
+    assert sign_in(client, "olga", "right-pw-1")[1]
+
+
+def test_an_address_guessing_many_usernames_is_stopped_too(client, limits):
+    limits.LOGIN_LOCKOUT_SECONDS = 60  # fifteen password checks may take longer than 6 s
+    make_user("olga", password="right-pw-1")
+    for n in range(15):  # five times the per-username limit, each name below it
+        sign_in(client, f"user-{n}", "guess")
+    response, signed_in = sign_in(client, "olga", "right-pw-1")
+    assert not signed_in and REFUSED in response.content.decode()
+
+
+def test_the_admin_sign_in_is_throttled_as_well(client, limits):
+    make_user("root", password="right-pw-1", staff=True)
+    for _ in range(3):
+        sign_in(client, "root", "guess", url="/admin/login/")
+    response, signed_in = sign_in(client, "root", "right-pw-1", url="/admin/login/")
+    assert not signed_in and REFUSED in response.content.decode()
+
+
+def test_zero_turns_the_limit_off(client, limits):
+    limits.LOGIN_FAILURES_MAX = 0
+    make_user("olga", password="right-pw-1")
+    for _ in range(5):
+        sign_in(client, "olga", "guess")
+    assert sign_in(client, "olga", "right-pw-1")[1]
