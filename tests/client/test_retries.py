@@ -194,3 +194,29 @@ def test_bodies_are_sent_as_json():
     request = script.requests[0]
     assert request.headers["Content-Type"] == "application/json"
     assert json.loads(request.content) == {"state": {"x": "é", "n": 1}}
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000", "ftp://rewind.test"])
+def test_a_url_without_http_is_refused_when_the_client_is_made(url):
+    # It used to fail each request only after the retries meant for an outage (~16 s by default).
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="must start with http:// or https://"):
+            make(url, api_key="sr_test")
+
+
+def test_a_key_read_with_its_line_end_authenticates_and_a_mangled_one_is_refused_unshown():
+    script = Script(httpx.Response(200, json={"id": "s"}))
+    with Client("http://rewind.test", api_key="sr_test\n", transport=httpx.MockTransport(script), retry=FAST) as client:
+        assert client.get_session("s") == {"id": "s"}
+    assert script.requests[0].headers["Authorization"] == "Bearer sr_test"
+    for key in ("sr_té", "sr_te st"):
+        with pytest.raises(ValueError, match="API key") as caught:
+            Client("http://rewind.test", api_key=key)
+        assert key not in str(caught.value)
+
+
+def test_a_request_httpx_cannot_send_is_not_retried():
+    script = Script(*[httpx.LocalProtocolError("Illegal header value")] * 4)
+    with sync_client(script) as client, pytest.raises(TransportError):
+        client.get_session("s")
+    assert len(script.requests) == 1

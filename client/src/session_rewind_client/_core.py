@@ -114,14 +114,24 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 
 
 def base_url_from(base_url: str | None) -> str:
-    url = (base_url or os.environ.get("SESSION_REWIND_URL") or "http://127.0.0.1:8000").rstrip("/")
+    url = (base_url or os.environ.get("SESSION_REWIND_URL") or "http://127.0.0.1:8000").strip().rstrip("/")
+    if not url.lower().startswith(("http://", "https://")):
+        # Refused here: every request would fail, and only after the retries meant for an outage.
+        raise ValueError(f"the Session Rewind URL must start with http:// or https://, e.g. http://{url}")
     if not url.endswith(API_PREFIX):
         url += API_PREFIX
     return url + "/"
 
 
 def api_key_from(api_key: str | None) -> str | None:
-    return api_key or os.environ.get("SESSION_REWIND_API_KEY")
+    """The key, without the line end a key read from a file or a pasted one brings along."""
+    key = (api_key or os.environ.get("SESSION_REWIND_API_KEY") or "").strip()
+    if not key:
+        return None
+    if not key.isascii() or not key.isprintable() or any(char.isspace() for char in key):
+        # Named without the key itself: it is a secret. Such a header can never be sent.
+        raise ValueError("the API key holds spaces or characters an API key never has; copy it again")
+    return key
 
 
 def default_headers(api_key: str | None, user_agent: str) -> dict[str, str]:
@@ -171,6 +181,12 @@ def raise_for(response: httpx.Response) -> None:
     except ValueError:
         problem = {"detail": response.text[:500] or response.reason_phrase}
     raise error_for(response.status_code, problem, retry_after=retry_after_seconds(response))
+
+
+def transport_heals(exc: httpx.TransportError) -> bool:
+    """False for a request httpx refused to send (a URL it cannot reach, a header it cannot write):
+    sending it again fails the same way, so it is not retried."""
+    return not isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
 
 
 def transport_error(call: Call, exc: httpx.TransportError) -> SessionRewindError:

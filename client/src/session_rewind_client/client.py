@@ -26,6 +26,7 @@ from session_rewind_client._core import (
     relative,
     should_retry,
     transport_error,
+    transport_heals,
 )
 
 USER_AGENT = f"session-rewind-client/{__version__}"
@@ -419,7 +420,7 @@ class Client(Endpoints):
                 response = self._http.request(call.method, call.path, params=call.query(), content=body,
                                               headers=headers)
             except httpx.TransportError as exc:
-                if not should_retry(call, attempt, self.retry, None):
+                if not transport_heals(exc) or not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
                 time.sleep(self.retry.delay(attempt, None))
                 attempt += 1
@@ -509,7 +510,7 @@ class AsyncClient(Endpoints):
                 response = await self._http.request(call.method, call.path, params=call.query(), content=body,
                                                     headers=headers)
             except httpx.TransportError as exc:
-                if not should_retry(call, attempt, self.retry, None):
+                if not transport_heals(exc) or not should_retry(call, attempt, self.retry, None):
                     raise transport_error(call, exc) from exc
                 await asyncio.sleep(self.retry.delay(attempt, None))
                 attempt += 1
