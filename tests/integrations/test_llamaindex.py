@@ -91,6 +91,33 @@ def test_fails_half_way_rewinds_to_step_two_and_resumes_to_the_clean_result(live
     assert stored["is_running"] is True and stored["state"]["state_data"]["_data"]["log"] == '["fetch", "price"]'
 
 
+def test_a_run_resumed_from_an_earlier_version_records_a_branch_from_it(live_api, rewind):
+    async def main():
+        async with live_api.aclient() as client:
+            recorder = WorkflowRecorder(client)
+            failed = await recorder.run(Order(fail_charge=True), external_id="order-resumed", quantity=3)
+            after_price = next(v for v in failed.versions if v["step"] == "price")
+            ctx = await recorder.load_context(Order(), failed.session_id, version=after_price["number"])
+            resumed = await recorder.run(Order(), external_id="order-resumed", ctx=ctx)
+            # Resumed again from that version while the head holds its state (an operator's rewind to
+            # it): nothing to rewind.
+            await client.rewind(failed.session_id, after_price["number"], reason="once more")
+            ctx = await recorder.load_context(Order(), failed.session_id, version=after_price["number"])
+            again = await recorder.run(Order(), external_id="order-resumed", ctx=ctx)
+            return failed, resumed, again
+
+    failed, resumed, again = asyncio.run(main())
+    assert resumed.result == again.result == {"total": 35, "log": ["fetch", "price", "charge", "ship"]}
+    timeline = [(v["number"], v["kind"], v["parent"], v["step"]) for v in rewind.iter_versions(failed.session_id)]
+    # Not (4, "step", 3, "charge"): the resumed run continued from version 2, not from the failed charge.
+    assert timeline[::-1] == [
+        (1, "step", None, "fetch"), (2, "step", 1, "price"), (3, "step", 2, "charge"),
+        (4, "rewind", 2, "price"), (5, "step", 4, "charge"), (6, "step", 5, "ship"),
+        (7, "rewind", 2, "price"), (8, "step", 7, "charge"), (9, "step", 8, "ship"),
+    ]
+    assert rewind.get_version(failed.session_id, 4)["reason"] == f"{ENGINE}: run resumed from version 2"
+
+
 def test_a_stopped_context_is_refused_unless_allowed(live_api):
     async def main():
         async with live_api.aclient() as client:

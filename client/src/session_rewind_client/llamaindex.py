@@ -13,6 +13,10 @@ exception of a failed run is attached to the last version as its `error` (status
 
 A context saved after the run stopped (finished or failed: ``is_running`` false) carries leftover
 work that corrupts a new run, so `load_context` refuses it unless ``allow_not_running=True``.
+
+A run from a context `load_context` restored from a version that is no longer the head (a resume
+from an earlier step) first rewinds its session to that version, so the versions it records
+descend from the one it resumed, in a branch of their own, as in the timeline of a dashboard rewind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -42,6 +47,10 @@ def engine_version() -> str:
         return version(ENGINE)
     except PackageNotFoundError:  # pragma: no cover - only when run from a source checkout
         return "unknown"
+
+
+# Where each Context `load_context` restored came from: (session id, version number, checksum).
+_ORIGINS: weakref.WeakKeyDictionary[Context, tuple[str, int, str]] = weakref.WeakKeyDictionary()
 
 
 class ContextNotResumable(RuntimeError):
@@ -136,6 +145,9 @@ class WorkflowRecorder:
             external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
         )
         recorded = RecordedRun(session_id=session["id"])
+        origin = _ORIGINS.pop(ctx, None) if ctx is not None else None
+        if origin is not None and origin[0] == str(session["id"]) and origin[1] != session.get("head"):
+            await self._branch_from(origin, recorded)
         queue: asyncio.Queue[_Snapshot | None] = asyncio.Queue()
         writer = asyncio.create_task(self._write_all(queue, recorded))
 
@@ -186,6 +198,19 @@ class WorkflowRecorder:
             raise recorded.error or recorded.recording_error  # type: ignore[misc]
         return recorded
 
+    async def _branch_from(self, origin: tuple[str, int, str], recorded: RecordedRun) -> None:
+        """Rewind to the version the context was restored from, unless the head holds that state
+        already: without it the versions of this run would read as following the head (a failed
+        step's state, say) instead of the version they resumed. A refused rewind stops recording."""
+        session_id, number, checksum = origin
+        try:
+            newest = (await self.client.list_versions(session_id, limit=1))["results"]
+            if newest and newest[0].get("checksum") == checksum:
+                return
+            await self.client.rewind(session_id, number, reason=f"{ENGINE}: run resumed from version {number}")
+        except SessionRewindError as exc:
+            recorded.recording_error = exc
+
     async def _write_all(self, queue: asyncio.Queue[_Snapshot | None], recorded: RecordedRun) -> None:
         engine_ver = engine_version()
         while (snapshot := await queue.get()) is not None:
@@ -216,8 +241,10 @@ class WorkflowRecorder:
     ) -> Context:
         """A `Context` restored from a version (default: the head), ready for ``workflow.run(ctx=...)``."""
         found = await (self.client.head(session_id) if version is None else self.client.get_version(session_id, version))
-        return context_from_state(workflow, found["state"], allow_not_running=allow_not_running, where=found,
-                                  serializer=self.serializer)
+        ctx = context_from_state(workflow, found["state"], allow_not_running=allow_not_running, where=found,
+                                 serializer=self.serializer)
+        _ORIGINS[ctx] = (str(found.get("session") or session_id), int(found["number"]), str(found.get("checksum")))
+        return ctx
 
 
 def context_from_state(
