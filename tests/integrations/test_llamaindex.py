@@ -278,3 +278,35 @@ def test_a_failing_on_event_stops_the_run_and_is_recorded(live_api):
     assert isinstance(run.error, RuntimeError) and run.result is None
     assert run.versions[-1]["status"] == "failed" and "no human on call" in run.versions[-1]["error"]
     assert left == []  # the workflow was cancelled, not left waiting for an answer in the background
+
+
+def test_a_run_that_stopped_while_waiting_for_a_human_resumes_with_the_answer_sent_on_start(live_api, rewind):
+    asked: list[str] = []
+
+    async def main():
+        async with live_api.aclient() as client:
+            async def die_waiting(handler, event):
+                if isinstance(event, InputRequiredEvent):
+                    asked.append(event.prefix)
+                    for _ in range(200):  # until the context waiting for the answer is recorded
+                        if (await client.list_sessions(external_id="approval-3"))["results"][0]["head"]:
+                            break
+                        await asyncio.sleep(0.05)
+                    raise RuntimeError("the process died while the question was open")
+
+            recorder = WorkflowRecorder(client)
+            stopped = await recorder.run(Approval(timeout=30), external_id="approval-3", order="C-9",
+                                         on_event=die_waiting)
+            waiting = next(v for v in stopped.versions if v["step"] == "ask")
+            ctx = await recorder.load_context(Approval(timeout=10), stopped.session_id, version=waiting["number"])
+            # The restored context does not ask again: on_event alone would wait until the timeout.
+            resumed = await recorder.run(
+                Approval(timeout=10), external_id="approval-3", ctx=ctx, on_event=die_waiting,
+                on_start=lambda handler: handler.ctx.send_event(HumanResponseEvent(response="yes")),
+            )
+            return stopped, resumed
+
+    stopped, resumed = asyncio.run(main())
+    assert isinstance(stopped.error, RuntimeError) and asked == ["ship C-9?"]
+    assert resumed.error is None and resumed.result == {"order": "C-9", "approved": True}
+    assert resumed.versions[-1]["step"] == "decide" and resumed.versions[-1]["status"] == "completed"

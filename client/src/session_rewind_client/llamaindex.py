@@ -126,6 +126,7 @@ class WorkflowRecorder:
         ctx: Context | None = None,
         raise_on_error: bool = False,
         on_event: Callable[[WorkflowHandler, Event], Awaitable[None] | None] | None = None,
+        on_start: Callable[[WorkflowHandler], Awaitable[None] | None] | None = None,
         **run_kwargs: Any,
     ) -> RecordedRun:
         """Run `workflow` (fresh, or from `ctx`), recording a version per finished step.
@@ -140,6 +141,12 @@ class WorkflowRecorder:
         stream, e.g. an ``InputRequiredEvent`` to answer with
         ``handler.ctx.send_event(HumanResponseEvent(...))`` (human in the loop). If it raises, the
         run is cancelled and recorded as failed with that error.
+
+        `on_start(handler)` (plain or async) is called once, as soon as the run has started. A context
+        restored while it waited for a human does not ask again (its ``InputRequiredEvent`` was streamed
+        before it was saved), so the answer is sent here:
+        ``on_start=lambda handler: handler.ctx.send_event(HumanResponseEvent(response="yes"))``. If it
+        raises, the run is cancelled and recorded as failed with that error.
         """
         session = await self.client.create_session(
             external_id, workflow=self.workflow_name or type(workflow).__name__, tags=self.tags,
@@ -156,6 +163,14 @@ class WorkflowRecorder:
         # parallel): their status is only known when the handler is awaited.
         stopped: list[_Snapshot] = []
         try:
+            if on_start is not None:
+                try:
+                    starting = on_start(handler)
+                    if inspect.isawaitable(starting):
+                        await starting
+                except Exception:
+                    await handler.cancel_run()
+                    raise
             async for event in handler.stream_events(expose_internal=True):
                 if on_event is not None and not isinstance(event, InternalDispatchEvent):
                     try:
