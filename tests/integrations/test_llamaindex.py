@@ -310,3 +310,35 @@ def test_a_run_that_stopped_while_waiting_for_a_human_resumes_with_the_answer_se
     assert isinstance(stopped.error, RuntimeError) and asked == ["ship C-9?"]
     assert resumed.error is None and resumed.result == {"order": "C-9", "approved": True}
     assert resumed.versions[-1]["step"] == "decide" and resumed.versions[-1]["status"] == "completed"
+
+
+class Slow(Workflow):
+    ran: list[str] = []
+
+    @step
+    async def first(self, ctx: Context, ev: StartEvent) -> Priced:
+        self.ran.append("first")
+        return Priced(total=1)
+
+    @step
+    async def second(self, ctx: Context, ev: Priced) -> StopEvent:
+        await asyncio.sleep(1)
+        self.ran.append("second")
+        return StopEvent(result="done")
+
+
+def test_a_cancelled_run_stops_the_workflow_and_leaves_no_task_behind(live_api, rewind):
+    async def main():
+        async with live_api.aclient() as client:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(WorkflowRecorder(client).run(Slow(timeout=30), external_id="slow-1"), 0.5)
+            await asyncio.sleep(1.5)
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task() and not task.done()]
+            return left
+
+    Slow.ran = []
+    left = asyncio.run(main())
+    # It used to run on, unrecorded, after the caller had given up on it, and its writer waited forever.
+    assert Slow.ran == ["first"] and left == []
+    session = rewind.list_sessions(external_id="slow-1")["results"][0]
+    assert [v["step"] for v in rewind.iter_versions(session["id"])] in ([], ["first"])

@@ -135,7 +135,8 @@ class WorkflowRecorder:
         network; the context is serialized synchronously when the step-finished event is read.
         A failed run returns a `RecordedRun` with `error` set; if the service refused a snapshot,
         recording stops there (the run goes on) and `recording_error` says why. With
-        `raise_on_error` either is raised instead.
+        `raise_on_error` either is raised instead. Cancelling the call (``asyncio.wait_for``,
+        ``task.cancel()``) cancels the workflow too, and snapshots not yet written are dropped.
 
         `on_event(handler, event)` (plain or async) sees every event the workflow writes to its
         stream, e.g. an ``InputRequiredEvent`` to answer with
@@ -196,6 +197,12 @@ class WorkflowRecorder:
                     stopped.append(snapshot)
             recorded.result = await handler
             final_status, error = "completed", None
+        except asyncio.CancelledError:
+            # Cancelled from outside (asyncio.wait_for, task.cancel(), Ctrl-C): the workflow must not
+            # go on unrecorded in the background, nor the writer wait for snapshots forever.
+            writer.cancel()
+            await handler.cancel_run()
+            raise
         except Exception as exc:  # noqa: BLE001 - a failing step is recorded, then reported
             recorded.error = exc
             final_status, error = "failed", describe_error(exc)
