@@ -119,6 +119,20 @@ def test_async_graph_and_thread_deletion(live_api):
     assert log == ["plan Lima", "book Lima", "confirm Lima"] and history == 5 and remaining == 0
 
 
+def test_a_thread_another_process_deleted_starts_afresh(live_api, rewind):
+    graph = trip_graph(SessionRewindSaver(rewind))  # a long-lived process that knows the thread's sessions
+    config = {"configurable": {"thread_id": "trip-deleted"}}
+    graph.invoke({"city": "Oslo", "log": []}, config)
+    SessionRewindSaver(live_api.client()).delete_thread("trip-deleted")  # a cleanup job elsewhere
+
+    assert graph.get_state(config).values == {}
+    # It used to fail with NotFound on every write to the thread, for as long as the process lived.
+    assert graph.invoke({"city": "Rome", "log": []}, config)["log"] == ["plan Rome", "book Rome", "confirm Rome"]
+    assert len(list(graph.get_state_history(config))) == 5
+    assert {s["external_id"] for s in rewind.list_sessions(q="trip-deleted")["results"]} == {
+        "trip-deleted", "trip-deleted|writes"}
+
+
 def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, rewind):
     from langchain_core.messages import AIMessage, HumanMessage
     from langgraph.graph import MessagesState

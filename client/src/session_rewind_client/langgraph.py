@@ -620,8 +620,11 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         else:
             try:
                 head = yield Call("GET", f"sessions/{session_id}/head/")
-            except NotFound:
-                # No versions yet, or the session was deleted meanwhile.
+            except NotFound as exc:
+                # No versions yet, or the session was deleted meanwhile (by another process: forget it,
+                # so the thread starts afresh as after delete_thread).
+                if exc.code == "session_not_found":
+                    self._forget(session_id)
                 return None
             state = head["state"]
             self._states.put((session_id, int(head["number"])), state)
@@ -744,7 +747,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         parent_id = conf.get("checkpoint_id")
         metadata = get_checkpoint_metadata(config, metadata)
         metadata.pop("writes", None)  # type: ignore[typeddict-item]
-        session_id = yield from self._ensure_session(self._external_id(thread_id, ns), thread_id, ns)
+        external_id = self._external_id(thread_id, ns)
+        session_id = yield from self._ensure_session(external_id, thread_id, ns)
         state = self._state_for(checkpoint, metadata, parent_id)
         body = {
             "state": state,
@@ -758,10 +762,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             # the write below gets a 409 and the second attempt asks the server.
             known = self._heads.get(session_id) if attempt == 0 else None
             head_number, head_checkpoint = known if known is not None else (None, None)
-            if head_number is None:
-                head = yield Call("GET", f"sessions/{session_id}/")
-                head_number = int(head.get("head") or 0)
             try:
+                if head_number is None:
+                    head = yield Call("GET", f"sessions/{session_id}/")
+                    head_number = int(head.get("head") or 0)
                 if parent_id and head_number:
                     if head_checkpoint is None:
                         head_checkpoint = yield from self._checkpoint_at_head(session_id)
@@ -774,12 +778,23 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     raise  # e.g. session_archived: retrying cannot help, and the caller must see why
                 self._heads.pop(session_id, None)
                 continue  # someone else (an operator's rewind, another process) moved the head: decide again
+            except NotFound as exc:
+                if exc.code != "session_not_found":
+                    raise
+                session_id = yield from self._recreate(session_id, external_id, thread_id, ns)
+                continue
             self._heads[session_id] = (int(created["number"]), checkpoint["id"])
             self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
             break
         else:
             raise ConflictError(f"the head of thread {thread_id!r} kept moving; checkpoint {checkpoint['id']} not saved")
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
+
+    def _recreate(self, session_id: str, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+        """A new session for a thread whose session another process (or an operator) deleted while
+        this saver still knew it: the thread starts afresh, as after this saver's own delete_thread."""
+        self._forget(session_id)
+        return (yield from self._ensure_session(external_id, thread_id, ns, writes=writes))
 
     def _checkpoint_at_head(self, session_id: str) -> Op:
         head = yield Call("GET", f"sessions/{session_id}/head/")
@@ -811,7 +826,13 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
         body = {"state": state, "step": task_path or task_id, "engine": ENGINE, "engine_version": self.engine_version,
                 "tags": [checkpoint_tag(checkpoint_id)]}
-        yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
+        try:
+            yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
+        except NotFound as exc:
+            if exc.code != "session_not_found":
+                raise
+            session_id = yield from self._recreate(session_id, external_id, thread_id, ns, writes=True)
+            yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
         return None
 
     def _belongs(self, session: dict[str, Any], thread_id: str) -> bool:
