@@ -187,6 +187,35 @@ def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
     assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Kyoto", "answer yes"]
 
 
+def test_an_interrupt_asked_again_after_a_rewind_to_its_checkpoint_is_pending(live_api, rewind):
+    from langgraph.types import Command, interrupt
+
+    def ask(state: Trip) -> dict:
+        return {"log": [f"answer {interrupt('Book it?')}"]}
+
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "ask")
+    builder.add_edge("ask", END)
+    config = {"configurable": {"thread_id": "trip-reask"}}
+    builder.compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Oslo", "log": []}, config)
+
+    # An operator rewinds to the checkpoint the graph paused at, so the question is asked anew.
+    session = rewind.list_sessions(external_id="trip-reask")["results"][0]
+    rewind.rewind(session["id"], rewind.head(session["id"])["number"], reason="ask again")
+    asked = builder.compile(checkpointer=SessionRewindSaver(live_api.client())).invoke(None, config)
+    assert asked["__interrupt__"][0].value == "Book it?"
+
+    # Another process sees the question open (the same writes as before the rewind used to be taken
+    # for a retry and not stored again, so the thread showed no interrupt) and answers it.
+    graph = builder.compile(checkpointer=SessionRewindSaver(live_api.client()))
+    pending = graph.get_state(config)
+    assert pending.next == ("ask",) and [i.value for i in pending.tasks[0].interrupts] == ["Book it?"]
+    assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Oslo", "answer yes"]
+
+
 def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewind):
     from langgraph.types import Command, interrupt
 

@@ -822,8 +822,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         session_id = yield from self._ensure_session(external_id, thread_id, ns, writes=True)
         entries = [[WRITES_IDX_MAP.get(channel, idx), channel, self._encode(value)] for idx, (channel, value) in enumerate(writes)]
         state = {"checkpoint_id": checkpoint_id, "task_id": task_id, "task_path": task_path, "writes": entries}
-        # The same task writing the same thing again is a retry: the key makes it land once.
-        key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
+        # The same task writing the same thing again is a retry: the key makes it land once. But not once
+        # the checkpoint was rewound to (a new head version holding it): the task runs again there, and its
+        # writes, made after the rewind, must be stored again, or they read as the old run's (by time) and
+        # the thread shows no pending interrupt while it waits on one.
+        thread_session = self._sessions.get(self._external_id(thread_id, ns))
+        head = self._heads.get(thread_session) if thread_session is not None else None
+        generation = head[0] if head is not None and head[1] == checkpoint_id else ""
+        key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{generation}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
         body = {"state": state, "step": task_path or task_id, "engine": ENGINE, "engine_version": self.engine_version,
                 "tags": [checkpoint_tag(checkpoint_id)]}
         try:
