@@ -251,6 +251,48 @@ def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewi
     assert "trip-sub" in external_ids and any(e.startswith("trip-sub|review:") for e in external_ids)
 
 
+def test_an_operator_rewind_before_a_subgraph_runs_it_afresh_as_a_replay_does(live_api, rewind):
+    from langgraph.types import Command, interrupt
+
+    def approve(state: Trip) -> dict:
+        return {"log": [f"approved {interrupt('approve?')}"]}
+
+    inner = StateGraph(Trip)
+    inner.add_node("approve", approve)
+    inner.add_edge(START, "approve")
+    inner.add_edge("approve", END)
+    outer = StateGraph(Trip)
+    outer.add_node("plan", plan)
+    outer.add_node("review", inner.compile())
+    outer.add_edge(START, "plan")
+    outer.add_edge("plan", "review")
+    outer.add_edge("review", END)
+
+    def run(saver, go_back) -> list:
+        graph = outer.compile(checkpointer=saver)
+        config = {"configurable": {"thread_id": f"trip-sub-rewind-{type(saver).__name__}"}}
+        graph.invoke({"city": "Nice", "log": []}, config)
+        graph.invoke(Command(resume="first"), config)
+        before_review = next(s for s in graph.get_state_history(config) if s.next == ("review",))
+        asked = graph.invoke(None, go_back(config, before_review))
+        paused = graph.get_state(config, subgraphs=True)
+        done = graph.invoke(Command(resume="second"), config)
+        subgraph_next = paused.tasks[0].state.next if paused.tasks else ()
+        return [[i.value for i in asked.get("__interrupt__", [])], subgraph_next, done["log"]]
+
+    def operator_rewind(config, before_review) -> dict:
+        session = rewind.list_sessions(external_id=config["configurable"]["thread_id"])["results"][0]
+        version = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1 → review")
+        rewind.rewind(session["id"], version["number"], reason="review again")
+        return config
+
+    replayed = run(InMemorySaver(), lambda config, before_review: before_review.config)
+    # The subgraph used to resume from its own latest checkpoint (approved first, nothing asked):
+    # the rewind did not reach it.
+    ours = run(SessionRewindSaver(rewind), operator_rewind)
+    assert ours == replayed and ours[:2] == [["approve?"], ("approve",)] and ours[2][-1] == "approved second"
+
+
 def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     graph = trip_graph(SessionRewindSaver(rewind))
     config = {"configurable": {"thread_id": "t" * 255}}

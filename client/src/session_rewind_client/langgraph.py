@@ -20,7 +20,8 @@ Mapping (all visible in the dashboard):
 The thread's current checkpoint is the session's head: an operator's rewind in the dashboard is what
 the next ``invoke(None, config)`` resumes from, and it resumes *before* the tasks that ran after that
 checkpoint: writes made before a rewind belong to the checkpoint's original version, not to the
-rewind (by the server's timestamps), so those tasks run again. Channel values that are plain JSON are stored as JSON
+rewind (by the server's timestamps), so those tasks run again, and a subgraph among them starts afresh
+(its checkpoints from before the rewind are not loaded, as on LangGraph's own replay). Channel values that are plain JSON are stored as JSON
 (diffable in the dashboard), chat messages in LangChain's JSON form (``{"__lc_message__": ...}``,
 loaded back with only message classes allowed); anything else goes through the saver's serde
 (``{"__lg_serde__": [type, base64]}``).
@@ -626,6 +627,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 if exc.code == "session_not_found":
                     self._forget(session_id)
                 return None
+            if ns and (yield from self._before_root_rewind(thread_id, head["created_at"])):
+                return None
             state = head["state"]
             self._states.put((session_id, int(head["number"])), state)
             self._heads[session_id] = (int(head["number"]), state["checkpoint"]["id"])
@@ -635,6 +638,21 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         writes_session = yield from self._find_session(_writes_of(external_id))
         writes = yield from self._writes_for(writes_session, checkpoint_id, window)
         return self._tuple_from(state, thread_id, ns, writes)
+
+    def _before_root_rewind(self, thread_id: str, created_at: str) -> Op:
+        """True when the thread's root head is a rewind made after `created_at`. A subgraph's namespace
+        belongs to one task of one root checkpoint, so after a rewind to that checkpoint the task runs
+        afresh, and the subgraph checkpoints made before the rewind belong to the branch it left (as
+        LangGraph's own replay loads no subgraph checkpoint made after the point it replays from)."""
+        root = yield from self._find_session(self._external_id(thread_id, ""))
+        if root is None:
+            return False
+        try:
+            page = yield Call("GET", f"sessions/{root}/versions/", params={"limit": 1})
+        except NotFound:
+            return False
+        newest = next(iter(page.get("results") or []), None)
+        return bool(newest and newest.get("kind") == "rewind" and _when(created_at) < _when(newest["created_at"]))
 
     def _list(
         self,
