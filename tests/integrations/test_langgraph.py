@@ -29,6 +29,19 @@ def test_conformance_suite_passes(live_api):
         assert report.results[extended].passed, report.results[extended].failures
 
 
+def test_a_client_of_the_wrong_kind_is_refused_naming_the_right_one(live_api):
+    import pytest
+
+    # An AsyncClient given as the (sync) client used to fail only at the first checkpoint, as an
+    # unawaited coroutine (invoke) or "this saver has no AsyncClient" (ainvoke).
+    aclient = live_api.aclient()
+    with pytest.raises(TypeError, match=r"aclient=AsyncClient"):
+        SessionRewindSaver(aclient)
+    asyncio.run(aclient.aclose())
+    with pytest.raises(TypeError, match=r"aclient=AsyncClient"), live_api.client() as client:
+        SessionRewindSaver(aclient=client)
+
+
 class Trip(TypedDict):
     city: str
     log: Annotated[list[str], operator.add]

@@ -342,3 +342,10 @@ def test_a_cancelled_run_stops_the_workflow_and_leaves_no_task_behind(live_api, 
     assert Slow.ran == ["first"] and left == []
     session = rewind.list_sessions(external_id="slow-1")["results"][0]
     assert [v["step"] for v in rewind.iter_versions(session["id"])] in ([], ["first"])
+
+
+def test_a_blocking_client_is_refused_when_the_recorder_is_made(live_api, rewind):
+    # It used to make the session (a blocking request on the event loop), then fail inside the run
+    # with "object dict can't be used in 'await' expression".
+    with pytest.raises(TypeError, match=r"WorkflowRecorder\(AsyncClient"):
+        WorkflowRecorder(rewind)

@@ -285,6 +285,11 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         super().__init__(serde=serde)
         if client is None and aclient is None:
             raise ValueError("pass a Client (sync graphs), an AsyncClient (async graphs), or both")
+        if isinstance(client, AsyncClient) or isinstance(aclient, Client):
+            # Else the mistake shows only at the first checkpoint, as an unawaited coroutine or a
+            # "no AsyncClient" beside the one given.
+            raise TypeError("pass the Client as client= (sync graphs) and the AsyncClient as aclient= (async "
+                            "graphs): SessionRewindSaver(aclient=AsyncClient(...))")
         self.client = client
         self.aclient = aclient
         self.prefix = prefix

@@ -35,7 +35,7 @@ from workflows.context.serializers import BaseSerializer
 from workflows.events import Event, InternalDispatchEvent, StepState, StepStateChanged
 from workflows.handler import WorkflowHandler
 
-from session_rewind_client.client import AsyncClient
+from session_rewind_client.client import AsyncClient, Client
 from session_rewind_client.errors import SessionRewindError, ValidationError
 
 ENGINE = "llama-index-workflows"
@@ -100,6 +100,11 @@ class WorkflowRecorder:
     ) -> None:
         """`serializer` is what ``ctx.to_dict``/``Context.from_dict`` use (default: JSON), e.g.
         ``PickleSerializer()`` for a store holding values JSON cannot carry."""
+        if isinstance(client, Client):
+            # Else the first call fails inside the run ("can't be used in 'await' expression"), after a
+            # blocking request on the event loop.
+            raise TypeError("WorkflowRecorder needs an AsyncClient (workflows run on asyncio): "
+                            "WorkflowRecorder(AsyncClient(...))")
         self.client = client
         self.workflow_name = workflow_name
         self.tags = tags
