@@ -503,7 +503,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         cached = self._sessions.get(external_id)
         if cached is not None and external_id in self._ensured:
             return cached
-        body = {
+        body: dict[str, Any] = {
             "external_id": external_id,
             "workflow": "langgraph",
             "metadata": {"langgraph": {"thread_id": thread_id, "checkpoint_ns": ns, "pending_writes": writes}},
