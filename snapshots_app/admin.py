@@ -4,6 +4,8 @@ new head of kind data_fix through snapshots_app.services.snapshot_data_fix, audi
 
 from __future__ import annotations
 
+from itertools import islice
+
 import orjson
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -30,6 +32,8 @@ from snapshots_app.views import diff_display
 # A state larger than this (bytes of canonical JSON) is not put in the data fix page whole unless
 # asked: a 5 MB textarea makes a browser crawl, and one field is what a fix usually changes.
 WHOLE_STATE_EDIT_MAX = 1_000_000
+# Links to parts listed at most (a list of 100,000 items is not 100,000 links): the rest by their path.
+PARTS_SHOWN = 1_000
 
 
 @admin.register(Version)
@@ -138,16 +142,24 @@ class VersionAdmin(ReadOnlyAdmin):
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
         error, result, parts, previewed = "", None, [], ""
+        parts_more, parts_size = 0, 0
         text = request.POST.get("state") if request.method == "POST" else None
-        if text is None and pointer:
-            try:
-                text = pretty(value_at(base, pointer))
-            except PatchError as exc:
-                error, pointer = f"{pointer}: {exc}", ""
-        if text is None and version.logical_size > WHOLE_STATE_EDIT_MAX and request.GET.get("whole") != "1":
-            parts = [(key, join_pointer("", key)) for key in sorted(base)]
-        elif text is None:
-            text = pretty(base)
+        if text is None:
+            value, size = base, version.logical_size
+            if pointer:
+                try:
+                    value = value_at(base, pointer)
+                except PatchError as exc:
+                    error, pointer = f"{pointer}: {exc}", ""
+                else:
+                    size = len(orjson.dumps(value))
+            if size > WHOLE_STATE_EDIT_MAX and isinstance(value, (dict, list)) and request.GET.get("whole") != "1":
+                # A large part (a 15 MB list of documents) is split in its turn, as the state is.
+                keys = sorted(value) if isinstance(value, dict) else range(len(value))
+                parts = [(str(key), join_pointer(pointer, key)) for key in islice(keys, PARTS_SHOWN)]
+                parts_more, parts_size = len(value) - len(parts), size
+            else:
+                text = pretty(value)
         reason = request.POST.get("reason", "")
         form = DataFixForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and not form.is_valid():
@@ -183,7 +195,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            "path": pointer, "parts": parts, **diff_display(result), "mode": "inline", "previewed": previewed,
+            "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

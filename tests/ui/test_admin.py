@@ -136,7 +136,7 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
     from snapshots_app import admin as snapshots_admin
     from snapshots_app.selectors import version_state
 
-    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 100)
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)  # the state 1.3 KB, a doc 0.3 KB
     session = make_session(team, "big-docs")
     docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
     base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank", "memory/notes": ["x"]})
@@ -166,6 +166,28 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
                                    "memory/notes": ["x"]}
     audit = AuditEvent.objects.get(action="version.data_fix", target_id=str(head.pk))
     assert (audit.reason, audit.details["edited"], audit.details["based_on"]) == ("garbled doc", "/docs/3", 1)
+
+
+def test_a_large_part_of_a_large_state_is_split_again(client, staff, team, monkeypatch):
+    """A part above the whole-state limit (a 15 MB list of documents, under a 16 MB state) is not put
+    in the page whole either: its own parts are offered (a listed number of them, the rest by path)."""
+    from snapshots_app import admin as snapshots_admin
+
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)  # the state 1.3 KB, a doc 0.3 KB
+    monkeypatch.setattr(snapshots_admin, "PARTS_SHOWN", 3)
+    session = make_session(team, "big-docs")
+    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
+    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank"})
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    page = client.get(url + "?path=/docs").content.decode()
+    assert 'name="state"' not in page and "lorem ipsum" not in page
+    assert "?path=/docs/0" in page and "?path=/docs/2" in page and "?path=/docs/3" not in page
+    assert "and 2 more" in page and "?path=/docs&amp;whole=1" in page
+    whole = client.get(url + "?path=/docs&whole=1").content.decode()
+    assert 'name="state"' in whole and "lorem ipsum" in whole
+    one = client.get(url + "?path=/docs/3").content.decode()
+    assert 'name="state"' in one and "&quot;id&quot;: 3" in one
 
 
 def test_data_fix_needs_the_change_permission(client, story):
