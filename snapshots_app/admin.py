@@ -257,6 +257,9 @@ class JobAdmin(ReadOnlyAdmin):
                     "finished_at"]
     list_filter = ["kind", "status", ("project", ProjectListFilter)]
     list_select_related = ["project"]
+    # The primary key index: the model's (-created_at, -id) order has no index of its own, so every
+    # page view and filter click sorted the whole table (a job per project each hour, from the scrub).
+    ordering = ["-id"]
     exclude = ["result"]
     readonly_fields = ["shown_result"]
 

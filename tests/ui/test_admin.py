@@ -415,6 +415,23 @@ def test_history_lists_never_count_or_scan_a_whole_table(client, staff, story, m
     assert "more than" not in few
 
 
+def test_the_jobs_list_pages_by_the_primary_key(client, staff, team):
+    """Jobs only grow (each project's hourly scrub, daily compaction): the list walks the primary key
+    index; ordered by created_at, which has no index of its own, every view sorted the whole table."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from snapshots_app.models import Job
+
+    Job.objects.bulk_create([Job(project=team, kind="scrub", status="done") for _ in range(3)])
+    client.force_login(staff)
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get("/admin/snapshots_app/job/").status_code == 200
+    listing = [q["sql"] for q in queries.captured_queries if 'FROM "snapshots_app_job"' in q["sql"]]
+    orders = [sql.split(" ORDER BY ", 1)[1] for sql in listing]
+    assert len(orders) == 2 and all(order.startswith('"snapshots_app_job"."id" DESC') for order in orders), orders
+
+
 def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk, team):
     """As in the API, a finished export names its file, not where the server keeps it."""
     from snapshots_app.models import Job
