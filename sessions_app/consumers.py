@@ -93,14 +93,26 @@ class LiveConsumer(AsyncWebsocketConsumer):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # However the consumer ends (an exception skips disconnect), nothing rejoins for a dead socket.
+            # However the consumer ends (an exception skips disconnect), nothing rejoins for a dead socket,
+            # and it leaves its group: a page closed while an update was sent to it ends here with the
+            # server's ClientDisconnected, and a member left behind stayed for the layer's group expiry
+            # (a day), its process's shared queue filling with the project's events ("over capacity":
+            # live pages served by that process lost theirs).
             self._stop_rejoining()
+            await self._leave_group()
 
     async def disconnect(self, code: int) -> None:
         self._stop_rejoining()
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            self.group = None
+        await self._leave_group()
+
+    async def _leave_group(self) -> None:
+        group, self.group = self.group, None
+        if group is None:
+            return
+        try:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        except Exception:  # the layer is down: the member expires with the group (group_expiry)
+            logger.warning("live updates of %s: could not leave the group", group, exc_info=True)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients only listen; anything they send is ignored."""

@@ -313,3 +313,51 @@ def test_a_page_whose_browser_session_no_longer_signs_its_user_in_stops_receivin
         return await client.receive_output(timeout=5)
 
     assert run(scenario) == {"type": "websocket.close", "code": consumers.CLOSE_UNAUTHENTICATED}
+
+
+def _group_members(group: str) -> list[bytes]:
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return client.zrange(f"{settings.CHANNEL_LAYERS['default']['CONFIG']['prefix']}:group:{group}", 0, -1)
+    finally:
+        client.close()
+
+
+def test_a_page_closed_while_an_update_is_sent_leaves_its_group(setup):
+    """The browser left (a navigation, a closed tab) while an event was being rendered for it: the
+    server's send raises (uvicorn's ClientDisconnected) and the consumer ends without its disconnect().
+    It must leave the group all the same: a dead member stayed for the channel layer's group expiry (a
+    day), and the project's every event filled its process's shared queue, so live pages served by the
+    same process lost updates ("over capacity")."""
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    from sessions_app import events
+
+    owner, _, project, _, session = setup
+    group = events.project_group(project.pk)
+
+    async def scenario() -> None:
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        accepted = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "websocket.accept":
+                accepted.set()
+            elif message["type"] == "websocket.send":
+                raise ClientDisconnected  # the page is gone: what uvicorn's send raises then
+
+        scope = {"type": "websocket", "path": "/ws/projects/acme/", "headers": [], "subprotocols": [],
+                 "user": owner, "query_string": b"top=1"}
+        await inbox.put({"type": "websocket.connect"})
+        consumer = asyncio.ensure_future(URLRouter(websocket_urlpatterns)(scope, inbox.get, send))
+        await asyncio.wait_for(accepted.wait(), 5)
+        assert len(await asyncio.to_thread(_group_members, group)) == 1
+        await asyncio.to_thread(_in_thread, lambda: session_update(session=session, status="failed"))
+        with pytest.raises(ClientDisconnected):
+            await asyncio.wait_for(consumer, 5)
+
+    run(scenario)
+    assert _group_members(group) == []
