@@ -199,6 +199,23 @@ def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser)
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_older_pages_of_a_long_timeline_load_as_rows_of_it(server, browser):
+    """Scrolling loads each older page as rows of the list: they were put inside the "Older versions"
+    link's <li>, each page nested in the one before (invalid lists, and rows that `#timeline > li`
+    no longer finds)."""
+    session, page = _live_timeline(server, browser)
+    off_loop(record_history, session, 120, start=6)
+    page.reload()
+    page.wait_for_selector("#timeline > li#v-125")
+    for _ in range(10):
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        if page.locator("#timeline li.vrow").count() == 125:
+            break
+        page.wait_for_timeout(500)
+    assert page.locator("#timeline > li.vrow").count() == 125  # each page a sibling of the first
+    assert page.locator("#timeline li.more").count() == 0 and page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_page(server, browser):
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label
