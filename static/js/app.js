@@ -115,6 +115,38 @@
     kept = null;
   });
 
+  // A session written many times a second adds rows to an open timeline without end: at 20 writes/s,
+  // 1,000 rows after a minute, each new one laid out above all the others, and the browser fell
+  // minutes behind and stopped answering. The live timeline keeps its newest LIVE_ROWS_KEPT rows; the
+  // ones below are dropped and stay a click (or a scroll) away behind "Older versions", which then
+  // continues from the last row kept. Not while the operator reads below them.
+  var LIVE_ROWS_KEPT = 200;
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    var timeline = document.getElementById("timeline");
+    if (!timeline) return;
+    var rows = timeline.querySelectorAll(":scope > li.vrow");
+    if (rows.length <= LIVE_ROWS_KEPT) return;
+    var last = rows[LIVE_ROWS_KEPT - 1];
+    if (last.getBoundingClientRect().bottom < 0) return;
+    var more = timeline.querySelector(":scope > li.more");
+    while (last.nextElementSibling) timeline.removeChild(last.nextElementSibling);
+    var url = window.location.pathname + "?before=" + last.id.slice(2);
+    more = more && more.querySelector("a") ? more : document.createElement("li");
+    more.className = "more";
+    more.innerHTML = "";
+    var link = document.createElement("a");
+    link.textContent = "Older versions";
+    link.href = url;
+    // As _timeline_rows.html's link: the next page replaces it as it scrolls into view.
+    link.setAttribute("hx-get", url);
+    link.setAttribute("hx-trigger", "revealed");
+    link.setAttribute("hx-target", "closest li");
+    link.setAttribute("hx-swap", "outerHTML");
+    more.appendChild(link);
+    timeline.appendChild(more);
+    htmx.process(more);
+  });
+
   // An htmx action the server refused (a label too long, a session archived meanwhile) says why next
   // to what was clicked, instead of failing silently.
   document.addEventListener("htmx:responseError", function (event) {

@@ -216,6 +216,29 @@ def test_older_pages_of_a_long_timeline_load_as_rows_of_it(server, browser):
     assert page.locator("#timeline li.more").count() == 0 and page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_busy_sessions_open_timeline_keeps_its_newest_rows(server, browser):
+    """Versions written faster than anyone reads them: the open timeline keeps its newest 200 rows
+    (at 20 writes/s it grew by 1,200 rows a minute, fell minutes behind and stopped answering), and
+    "Older versions" continues from the last row kept."""
+    session, page = _live_timeline(server, browser)
+
+    def burst(first: int) -> None:
+        for step in range(first, first + 20):
+            snapshot_record(session=session, state={"counters": {"steps": step}}, step=f"step-{step}")
+
+    # In bursts of 20: eager finalize announces each version twice, and a channel layer process queue
+    # holds 100 messages (more at once would be dropped, and rows with them).
+    for first in range(6, 246, 20):
+        off_loop(burst, first)
+        page.wait_for_selector(f"#timeline > li#v-{first + 19}", timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('#timeline > li.vrow').length === 200")
+    assert page.locator("#timeline > li.vrow").last.get_attribute("id") == "v-46"
+    assert page.locator("#timeline > li.more a").get_attribute("href").endswith(f"/sessions/{session.pk}/?before=46")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for_selector("#timeline > li#v-45")  # the next page, from where the kept rows end
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_page(server, browser):
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label
