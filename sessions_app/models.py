@@ -146,7 +146,11 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["project", "-created_at"], name="audit_project_created")]
+        indexes = [
+            models.Index(fields=["project", "-created_at"], name="audit_project_created"),
+            # The admin's search by id (a session's, a fork's or a version's): see AuditEventAdmin.
+            models.Index(fields=["target_id"], name="audit_target_id"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.action} {self.target_type}:{self.target_id} by {self.actor_label or 'system'}"

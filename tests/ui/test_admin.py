@@ -415,6 +415,26 @@ def test_history_lists_never_count_or_scan_a_whole_table(client, staff, story, m
     assert "more than" not in few
 
 
+def test_the_audit_log_finds_a_sessions_events_by_its_id_through_the_indexes(client, staff, story):
+    """A pasted session id finds the events about it (and the fork that made it) by the session_id and
+    target_id indexes: as a substring of four text columns it read the whole log, twice (page, count)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from snapshots_app.services import snapshot_fork
+
+    fork = snapshot_fork(session=story, from_version=2, reason="try again")
+    session_archive(session=fork, reason="done with it")
+    session_archive(session=story, reason="elsewhere")
+    client.force_login(staff)
+    with CaptureQueriesContext(connection) as queries:
+        page = client.get("/admin/sessions_app/auditevent/", {"q": f" {str(fork.pk).upper()} "}).content.decode()
+    assert "done with it" in page and "try again" in page and "elsewhere" not in page
+    sql = " ".join(q["sql"] for q in queries.captured_queries if "sessions_app_auditevent" in q["sql"]).upper()
+    assert "LIKE" not in sql
+    assert "elsewhere" in client.get("/admin/sessions_app/auditevent/", {"q": "elsewh"}).content.decode()
+
+
 def test_the_jobs_list_pages_by_the_primary_key(client, staff, team):
     """Jobs only grow (each project's hourly scrub, daily compaction): the list walks the primary key
     index; ordered by created_at, which has no index of its own, every view sorted the whole table."""
