@@ -2,7 +2,7 @@
 out of memory), reads miss and writes are dropped, instead of failing the request that used the cache.
 
 Everything this project keeps in the cache is also somewhere else or may be lost: head states (read
-from the database and verified), API throttle counters (requests go unthrottled meanwhile), and
+from the database and verified), API throttle and sign-in failure counters (no limit meanwhile), and
 job-start replays (best effort, as README says). After a failure the cache is not asked again for
 RETRY_AFTER seconds (a hung Redis costs one request per process a socket timeout, not every
 request several), and the outage is logged at most once a minute.
@@ -63,6 +63,11 @@ class FailSoftRedisCache(RedisCache):
         """True when Redis is unreachable: callers use add() as a best-effort lock (see
         sessions_app.api.base.replayable), and must go on without one rather than wait forever."""
         return self._try("add", lambda: super(FailSoftRedisCache, self).add(key, value, timeout, version), True)
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        """`delta` when Redis is unreachable (a missing key is still ValueError; decr() comes here too):
+        a counter (sign-in failures) counts nothing meanwhile rather than failing its request."""
+        return self._try("incr", lambda: super(FailSoftRedisCache, self).incr(key, delta, version), delta)
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         return self._try("touch", lambda: super(FailSoftRedisCache, self).touch(key, timeout, version), False)

@@ -77,3 +77,19 @@ def test_zero_turns_the_limit_off(client, limits):
     for _ in range(5):
         sign_in(client, "olga", "guess")
     assert sign_in(client, "olga", "right-pw-1")[1]
+
+
+def test_with_the_cache_unreachable_a_wrong_password_is_refused_as_usual(client, limits, settings):
+    from config.cache import FailSoftRedisCache
+
+    settings.CACHES = {"default": {"BACKEND": "config.cache.FailSoftRedisCache", "LOCATION": "redis://127.0.0.1:1/0",
+                                   "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1}}}
+    make_user("olga", password="right-pw-1")
+    try:
+        for _ in range(2):
+            response, signed_in = sign_in(client, "olga", "guess")
+            assert response.status_code == 200 and not signed_in
+            assert "Please enter a correct username and password" in response.content.decode()
+        assert sign_in(client, "olga", "right-pw-1")[1]
+    finally:
+        FailSoftRedisCache._down_until = 0.0  # the next tests' cache is reachable: ask it at once
