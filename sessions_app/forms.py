@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -92,14 +93,19 @@ class ThrottledSignInMixin:
 
     request: Any
     data: Any
+    user_cache: Any
 
     def clean(self) -> dict[str, Any]:
         limit = settings.LOGIN_FAILURES_MAX
         if not limit:
             return super().clean()  # type: ignore[misc,no-any-return]
-        pair, address = self._throttle_keys()
-        counts = cache.get_many([pair, address])
-        if counts.get(pair, 0) >= limit or counts.get(address, 0) >= 5 * limit:
+        keys = self._throttle_keys()
+        # Counted before the password is checked, and taken back unless it turns out wrong: counted
+        # after, attempts sent at once all saw the count of before any of them failed, and each
+        # checked a password however far over the limit they went.
+        counts = [self._count(key) for key in keys]
+        if counts[0] > limit or counts[1] > 5 * limit:
+            self._uncount(keys)
             minutes = -(-settings.LOGIN_LOCKOUT_SECONDS // 60)
             raise forms.ValidationError(
                 f"Too many failed sign-ins; try again in {minutes} minute{'s' if minutes != 1 else ''}.",
@@ -108,21 +114,39 @@ class ThrottledSignInMixin:
         try:
             cleaned: dict[str, Any] = super().clean()  # type: ignore[misc]
         except forms.ValidationError as exc:
-            if getattr(exc, "code", None) == "invalid_login":
-                for key in (pair, address):
-                    # add() starts the window; incr() keeps it (the first failure's expiry counts).
-                    cache.add(key, 0, settings.LOGIN_LOCKOUT_SECONDS)
-                    try:
-                        cache.incr(key)
-                    except ValueError:  # expired between the two calls
-                        cache.set(key, 1, settings.LOGIN_LOCKOUT_SECONDS)
+            if getattr(exc, "code", None) != "invalid_login":
+                self._uncount(keys)
             raise
-        cache.delete(pair)
+        if self.user_cache is None:  # no password was checked (a field was left empty)
+            self._uncount(keys)
+        else:
+            cache.delete(keys[0])
+            self._uncount(keys[1:])
         return cleaned
+
+    @staticmethod
+    def _count(key: str) -> int:
+        # add() starts the window; incr() keeps it (the first failure's expiry counts).
+        cache.add(key, 0, settings.LOGIN_LOCKOUT_SECONDS)
+        try:
+            return int(cache.incr(key))
+        except ValueError:  # expired between the two calls
+            cache.set(key, 1, settings.LOGIN_LOCKOUT_SECONDS)
+            return 1
+
+    @staticmethod
+    def _uncount(keys: tuple[str, ...]) -> None:
+        for key in keys:
+            try:
+                cache.decr(key)
+            except ValueError:  # its window ended meanwhile
+                pass
 
     def _throttle_keys(self) -> tuple[str, str]:
         address = (self.request.META.get("REMOTE_ADDR") or "unknown") if self.request is not None else "unknown"
-        username = str(self.data.get("username", "")).strip().casefold()
+        # As the form's field reads it (NFKC: fullwidth letters sign in as plain ones), so that no other
+        # spelling of a name gets an allowance of its own.
+        username = unicodedata.normalize("NFKC", str(self.data.get("username", ""))).strip().casefold()
         # Hashed: a cache key of any characters and length, whatever was typed.
         named = hashlib.sha256(f"{address}\n{username}".encode()).hexdigest()[:40]
         return f"sign-in-failures:{named}", f"sign-in-failures:{address}"

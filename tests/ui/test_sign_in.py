@@ -79,6 +79,49 @@ def test_zero_turns_the_limit_off(client, limits):
     assert sign_in(client, "olga", "right-pw-1")[1]
 
 
+def test_a_post_without_a_password_does_not_clear_the_failures(client, limits):
+    """Only a sign-in that succeeded clears its username's count: a form that never checked a
+    password (an empty one) used to, so a guesser reset the lock with every few guesses."""
+    make_user("olga", password="right-pw-1")
+    for _ in range(2):
+        sign_in(client, "olga", "guess")
+    sign_in(client, "olga", "")  # below the limit, so it gets past the throttle to the form
+    sign_in(client, "olga", "guess")
+    response, signed_in = sign_in(client, "olga", "right-pw-1")
+    assert not signed_in and REFUSED in response.content.decode()
+
+
+def test_the_same_username_in_another_unicode_form_is_counted_with_it(client, limits):
+    """The form signs in the username NFKC-normalized (fullwidth letters are plain ones): counting each
+    spelling apart gave a guesser a fresh allowance per spelling."""
+    make_user("olga", password="right-pw-1")
+    for _ in range(3):
+        sign_in(client, "olga", "guess")
+    response, signed_in = sign_in(client, "\uff4f\uff4c\uff47\uff41", "right-pw-1")  # fullwidth "olga"
+    assert not signed_in and REFUSED in response.content.decode()
+
+
+def test_attempts_running_at_once_cannot_check_more_passwords_than_the_limit(client, limits, monkeypatch):
+    """Each attempt is counted before its password is checked: counted after, attempts sent in parallel
+    all saw the count of before any of them failed, and each checked a password."""
+    from django.contrib.auth import forms as auth_forms
+    from django.test import Client
+
+    make_user("olga", password="right-pw-1")
+    real_authenticate, checked = auth_forms.authenticate, []
+
+    def authenticate(*args, **kwargs):
+        checked.append(kwargs["username"])
+        if len(checked) == 1:  # while the first password is being checked, five more attempts arrive
+            for _ in range(5):
+                sign_in(Client(), "olga", "guess")
+        return real_authenticate(*args, **kwargs)
+
+    monkeypatch.setattr(auth_forms, "authenticate", authenticate)
+    sign_in(client, "olga", "guess")
+    assert len(checked) == limits.LOGIN_FAILURES_MAX
+
+
 def test_with_the_cache_unreachable_a_wrong_password_is_refused_as_usual(client, limits, settings):
     from config.cache import FailSoftRedisCache
 
