@@ -173,6 +173,19 @@ def clean_tags(tags: Any) -> list[str]:
     return cleaned
 
 
+def _lineage_bytes(metadata: dict[str, Any]) -> int:
+    """What a fork's lineage (`forked_from`, see snapshot_fork) adds to its source's metadata: not
+    counted against the limit, or a fork of a session at the limit could not be imported again."""
+    lineage = metadata.get("forked_from")
+    if (
+        isinstance(lineage, dict) and lineage.keys() == {"session", "version"}
+        and isinstance(lineage["session"], str) and len(lineage["session"]) <= 36
+        and isinstance(lineage["version"], int)
+    ):
+        return len(orjson.dumps({"forked_from": lineage}))
+    return 0
+
+
 def clean_metadata(metadata: Any, *, limit_size: bool = True) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -185,7 +198,7 @@ def clean_metadata(metadata: Any, *, limit_size: bool = True) -> dict[str, Any]:
         size = len(orjson.dumps(metadata))
     except TypeError as exc:
         raise InvalidState(f"metadata cannot be stored as JSON: {exc}") from None
-    if limit_size and size > settings.SESSION_METADATA_MAX_BYTES:
+    if limit_size and size - _lineage_bytes(metadata) > settings.SESSION_METADATA_MAX_BYTES:
         raise InvalidState(
             f"metadata is {size:,} bytes as JSON, over the {settings.SESSION_METADATA_MAX_BYTES:,}-byte limit "
             "(SESSION_METADATA_MAX_BYTES): keep large data in the session's state",

@@ -470,3 +470,18 @@ def test_the_sweep_deletes_expired_exports_and_orphaned_uploads_and_keeps_the_re
     assert export_file(job=new_export).exists()
     assert import_path(waiting).exists()  # its job still needs it
     assert sorted(p.name for p in imports_dir().iterdir()) == ["just-uploaded.ndjson", "waiting.ndjson"]
+
+
+@pytest.mark.django_db
+def test_a_fork_of_a_session_with_metadata_at_its_limit_round_trips(project, settings, tmp_path):
+    """A fork's metadata is its source's plus its lineage (`forked_from`): the fork is allowed that much
+    over SESSION_METADATA_MAX_BYTES, and so is its import, or a backup holding it could not be restored."""
+    settings.VAR_DIR, settings.SESSION_METADATA_MAX_BYTES = tmp_path, 1024
+    source = make_session(project, "full", metadata={"notes": "n" * (1024 - len('{"notes":""}'))})
+    snapshot_record(session=source, state={"n": 1})
+    fork = snapshot_fork(session=source, from_version=1, reason="what if")
+    result = transfer_export_run(project=project, session=fork)
+
+    transfer_import_run(project=make_project("fresh"), path=Path(result["path"]))
+
+    assert WorkflowSession.objects.get(project__slug="fresh").metadata == fork.metadata
