@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import unicodedata
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -143,13 +144,27 @@ class ThrottledSignInMixin:
                 pass
 
     def _throttle_keys(self) -> tuple[str, str]:
-        address = (self.request.META.get("REMOTE_ADDR") or "unknown") if self.request is not None else "unknown"
+        address = _client_network((self.request.META.get("REMOTE_ADDR") or "") if self.request is not None else "")
         # As the form's field reads it (NFKC: fullwidth letters sign in as plain ones), so that no other
         # spelling of a name gets an allowance of its own.
         username = unicodedata.normalize("NFKC", str(self.data.get("username", ""))).strip().casefold()
         # Hashed: a cache key of any characters and length, whatever was typed.
         named = hashlib.sha256(f"{address}\n{username}".encode()).hexdigest()[:40]
         return f"sign-in-failures:{named}", f"sign-in-failures:{address}"
+
+
+def _client_network(address: str) -> str:
+    """The client as the sign-in limit counts it: an IPv4 address, or an IPv6 address's /64 (what one
+    host or home usually holds: counted per address, each guess could come from a fresh one)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class SignInForm(ThrottledSignInMixin, AuthenticationForm):

@@ -136,3 +136,15 @@ def test_with_the_cache_unreachable_a_wrong_password_is_refused_as_usual(client,
         assert sign_in(client, "olga", "right-pw-1")[1]
     finally:
         FailSoftRedisCache._down_until = 0.0  # the next tests' cache is reachable: ask it at once
+
+
+def test_ipv6_addresses_of_one_network_count_as_one_address(client, limits):
+    """An IPv6 host usually holds a whole /64 (2^64 addresses): counted per address, a guesser took a
+    fresh one for each few guesses, and no limit applied at all."""
+    make_user("olga", password="right-pw-1")
+    for n in range(3):
+        client.post(LOGIN, {"username": "olga", "password": "guess"}, REMOTE_ADDR=f"2001:db8:0:1::{n + 1:x}")
+    client.post(LOGIN, {"username": "olga", "password": "right-pw-1"}, REMOTE_ADDR="2001:db8:0:1:ffff::9")
+    assert "_auth_user_id" not in client.session
+    client.post(LOGIN, {"username": "olga", "password": "right-pw-1"}, REMOTE_ADDR="2001:db8:0:2::1")
+    assert "_auth_user_id" in client.session  # another network is not locked
