@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('sessions_app', '0005_audit_action_choices'),
+        ('sessions_app', '0006_audit_user_active'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
