@@ -115,7 +115,9 @@ class ThrottledSignInMixin:
         try:
             cleaned: dict[str, Any] = super().clean()  # type: ignore[misc]
         except forms.ValidationError as exc:
-            if getattr(exc, "code", None) != "invalid_login":
+            # Only a wrong password counts: not a form error, nor the right password of an account
+            # this form refuses (the admin's answer to a non-staff user, given as "invalid_login").
+            if getattr(exc, "code", None) != "invalid_login" or self.user_cache is not None:
                 self._uncount(keys)
             raise
         if self.user_cache is None:  # no password was checked (a field was left empty)

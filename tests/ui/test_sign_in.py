@@ -148,3 +148,13 @@ def test_ipv6_addresses_of_one_network_count_as_one_address(client, limits):
     assert "_auth_user_id" not in client.session
     client.post(LOGIN, {"username": "olga", "password": "right-pw-1"}, REMOTE_ADDR="2001:db8:0:2::1")
     assert "_auth_user_id" in client.session  # another network is not locked
+
+
+def test_the_right_password_of_a_non_staff_account_on_the_admin_sign_in_is_no_failure(client, limits):
+    """The admin refuses non-staff accounts with the same code as a wrong password: counted, an
+    operator trying the admin a few times locked their own dashboard sign-in."""
+    make_user("olga", password="right-pw-1")
+    for _ in range(4):
+        response, signed_in = sign_in(client, "olga", "right-pw-1", url="/admin/login/")
+        assert not signed_in and REFUSED not in response.content.decode()
+    assert sign_in(client, "olga", "right-pw-1")[1]
