@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -25,6 +26,9 @@ CLOSE_MEMBERSHIP_LOST = 1012  # the channel layer forgot this socket: events wer
 # How often a consumer makes sure it is still in its group (see events.group_rejoin): a page misses
 # live events for at most this long after Redis lost its membership, and then reloads.
 REJOIN_SECONDS = 30.0
+# How often an open socket asks again whether its browser session still signs its user in (two
+# queries): at most once per this many seconds, not for each event on a busy page.
+SIGNED_IN_RECHECK_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +121,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients only listen; anything they send is ignored."""
 
+    _signed_in_at = float("-inf")  # when _signed_in last said yes (time.monotonic)
+
     @database_sync_to_async
     def _signed_in(self) -> bool:
         """Whether the browser session the socket opened with still signs its user in. Page loads
@@ -133,11 +139,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if html is None:
             await self.close(code=CLOSE_FORBIDDEN)
         elif html:
-            # Checked only when there is something to send: most events send nothing to most pages.
-            if await self._signed_in():
-                await self.send(text_data=html)
-            else:
-                await self.close(code=CLOSE_UNAUTHENTICATED)
+            # Checked only when there is something to send (most events send nothing to most pages),
+            # and then at most once per SIGNED_IN_RECHECK_SECONDS.
+            now = time.monotonic()
+            if now - self._signed_in_at >= SIGNED_IN_RECHECK_SECONDS:
+                if not await self._signed_in():
+                    await self.close(code=CLOSE_UNAUTHENTICATED)
+                    return
+                self._signed_in_at = now
+            await self.send(text_data=html)
 
 
 class ProjectEventsConsumer(LiveConsumer):

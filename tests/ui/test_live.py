@@ -315,6 +315,40 @@ def test_a_page_whose_browser_session_no_longer_signs_its_user_in_stops_receivin
     assert run(scenario) == {"type": "websocket.close", "code": consumers.CLOSE_UNAUTHENTICATED}
 
 
+def test_an_open_page_asks_again_whether_it_is_signed_in_at_most_once_per_interval(setup, monkeypatch):
+    """Two queries per event per open page were too many on a busy session: the answer holds for
+    SIGNED_IN_RECHECK_SECONDS. Within it a logout shows on the next check, not on every event."""
+    from django.test import Client
+
+    from sessions_app import consumers
+
+    owner, _, _, _, session = setup
+    browser = Client()
+    browser.force_login(owner)
+    monkeypatch.setattr(consumers, "SIGNED_IN_RECHECK_SECONDS", 3600)
+
+    async def outputs_of_a_write(client, n) -> list[str]:
+        await asyncio.to_thread(_record, session, {"n": n})
+        got = [await client.receive_output(timeout=5)]
+        while got[-1]["type"] == "websocket.send" and not await client.receive_nothing(timeout=1):
+            got.append(await client.receive_output(timeout=5))
+        return [output["type"] for output in got]
+
+    async def scenario() -> list[list[str]]:
+        client = communicator(f"/ws/sessions/{session.pk}/", owner)
+        client.scope["session"] = browser.session
+        assert (await client.connect(timeout=5))[0]
+        first = await outputs_of_a_write(client, 1)  # checked: signed in
+        await asyncio.to_thread(_in_thread, _log_out, browser, owner)
+        second = await outputs_of_a_write(client, 2)  # within the interval: not asked again
+        monkeypatch.setattr(consumers, "SIGNED_IN_RECHECK_SECONDS", 0)
+        return [first, second, await outputs_of_a_write(client, 3)]
+
+    first, second, third = run(scenario)
+    assert set(first) == set(second) == {"websocket.send"}
+    assert third == ["websocket.close"]
+
+
 def _group_members(group: str) -> list[bytes]:
     import redis
     from django.conf import settings
