@@ -229,8 +229,9 @@ def test_an_interrupt_asked_again_after_a_rewind_to_its_checkpoint_is_pending(li
     assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Oslo", "answer yes"]
 
 
-def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewind):
-    from langgraph.types import Command, interrupt
+def trip_with_review() -> StateGraph:
+    """plan, then a subgraph "review" whose one node asks for approval (an interrupt)."""
+    from langgraph.types import interrupt
 
     def approve(state: Trip) -> dict:
         return {"log": [f"approved {interrupt('approve?')}"]}
@@ -239,13 +240,19 @@ def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewi
     inner.add_node("approve", approve)
     inner.add_edge(START, "approve")
     inner.add_edge("approve", END)
-
     outer = StateGraph(Trip)
     outer.add_node("plan", plan)
     outer.add_node("review", inner.compile())
     outer.add_edge(START, "plan")
     outer.add_edge("plan", "review")
     outer.add_edge("review", END)
+    return outer
+
+
+def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewind):
+    from langgraph.types import Command
+
+    outer = trip_with_review()
     config = {"configurable": {"thread_id": "trip-sub"}}
 
     def run(saver) -> tuple[list[str], list[str]]:
@@ -265,21 +272,9 @@ def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewi
 
 
 def test_an_operator_rewind_before_a_subgraph_runs_it_afresh_as_a_replay_does(live_api, rewind):
-    from langgraph.types import Command, interrupt
+    from langgraph.types import Command
 
-    def approve(state: Trip) -> dict:
-        return {"log": [f"approved {interrupt('approve?')}"]}
-
-    inner = StateGraph(Trip)
-    inner.add_node("approve", approve)
-    inner.add_edge(START, "approve")
-    inner.add_edge("approve", END)
-    outer = StateGraph(Trip)
-    outer.add_node("plan", plan)
-    outer.add_node("review", inner.compile())
-    outer.add_edge(START, "plan")
-    outer.add_edge("plan", "review")
-    outer.add_edge("review", END)
+    outer = trip_with_review()
 
     def run(saver, go_back) -> list:
         graph = outer.compile(checkpointer=saver)
