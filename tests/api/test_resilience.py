@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -117,16 +120,23 @@ def test_a_chunked_body_without_length_is_refused_not_read_as_empty(project, ses
     assert not Version.objects.filter(session=session).exists()
 
 
+def _with_the_broker_unreachable(script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a web process of its own (manage.py shell) whose Redis (broker, cache, channel
+    layer) refuses every connection, on the test database."""
+    env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
+           "DATABASE_URL": database_url(), "REDIS_URL": UNREACHABLE_REDIS, "SECRET_KEY": "x"}
+    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=Path(__file__).parents[2],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 @pytest.mark.django_db  # the test database exists
 def test_with_the_broker_unreachable_sending_a_task_fails_at_once_and_says_why():
     """What the web process's background thread meets for each finalize or job start while Redis is
     down. Nothing reads task results (jobs keep theirs in the database), so sending one must not wait
     on the result store: it retried 20 times a second apart per message, logging CRITICAL "The Celery
     application must be restarted" (it need not be) before giving up."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         "import time\n"
         "from snapshots_app import tasks\n"
@@ -136,11 +146,7 @@ def test_with_the_broker_unreachable_sending_a_task_fails_at_once_and_says_why()
         "except Exception as exc:\n"
         "    print(type(exc).__name__, round(time.monotonic() - started, 1))\n"
     )
-    env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
-           "DATABASE_URL": database_url(), "REDIS_URL": UNREACHABLE_REDIS, "SECRET_KEY": "x"}
-    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=Path(__file__).parents[2],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _with_the_broker_unreachable(script)
     error, seconds = result.stdout.strip().splitlines()[-1].split()
     assert error == "OperationalError"  # kombu's: the broker refused the connection
     assert float(seconds) < 5
@@ -152,10 +158,6 @@ def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_b
     """A job start answers 202 with the broker down (its row is committed). The job used to sit
     "queued" with nothing saying why, and was sent again only 10 minutes after it was asked for; it
     now says when its message could not be sent, and beat's next requeue run sends it."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         "from sessions_app import background\n"
         "from sessions_app.models import Project\n"
@@ -164,11 +166,7 @@ def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_b
         "background.drain(30)\n"  # the message is sent after commit, from the background thread
         "print(job.pk)\n"
     )
-    env = {**{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
-           "DATABASE_URL": database_url(), "REDIS_URL": UNREACHABLE_REDIS, "SECRET_KEY": "x"}
-    result = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=Path(__file__).parents[2],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _with_the_broker_unreachable(script)
     job_id = int(result.stdout.strip().splitlines()[-1])
 
     shown = reader.get(f"/api/v1/jobs/{job_id}/").json()

@@ -175,6 +175,17 @@ def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, r
     assert any(path.startswith("/checkpoint/channel_values/messages/3") for path in paths)
 
 
+def trip_with_question(ask) -> StateGraph:
+    """plan, then `ask` (a node that asks a human: an interrupt)."""
+    builder = StateGraph(Trip)
+    builder.add_node("plan", plan)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "ask")
+    builder.add_edge("ask", END)
+    return builder
+
+
 def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
     from langgraph.types import Command, interrupt
 
@@ -182,12 +193,7 @@ def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
         answer = interrupt({"question": f"Book {state['city']}?"})
         return {"log": [f"answer {answer}"]}
 
-    builder = StateGraph(Trip)
-    builder.add_node("plan", plan)
-    builder.add_node("ask", ask)
-    builder.add_edge(START, "plan")
-    builder.add_edge("plan", "ask")
-    builder.add_edge("ask", END)
+    builder = trip_with_question(ask)
     config = {"configurable": {"thread_id": "trip-hitl"}}
 
     paused = builder.compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Kyoto", "log": []}, config)
@@ -206,12 +212,7 @@ def test_an_interrupt_asked_again_after_a_rewind_to_its_checkpoint_is_pending(li
     def ask(state: Trip) -> dict:
         return {"log": [f"answer {interrupt('Book it?')}"]}
 
-    builder = StateGraph(Trip)
-    builder.add_node("plan", plan)
-    builder.add_node("ask", ask)
-    builder.add_edge(START, "plan")
-    builder.add_edge("plan", "ask")
-    builder.add_edge("ask", END)
+    builder = trip_with_question(ask)
     config = {"configurable": {"thread_id": "trip-reask"}}
     builder.compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Oslo", "log": []}, config)
 
