@@ -170,11 +170,13 @@ class ProjectEventsConsumer(LiveConsumer):
 
     @database_sync_to_async
     def _render(self, event: str, payload: dict[str, Any]) -> str | None:
+        if event in ("version.finalized", "version.updated"):
+            # The list shows nothing a summary, a pin or a label changes: no queries for them (nothing
+            # is sent; the membership is checked with the next event that shows something).
+            return ""
         project = Project.objects.filter(pk=self.project_id).first()
         if project is None or membership_role(self.scope["user"], project) is None:
             return None
-        if event in ("version.finalized", "version.updated"):
-            return ""  # the list shows nothing a summary, a pin or a label changes
         if event == "session.deleted":
             return f'<tr id="s-{payload["session"]}" hx-swap-oob="delete"></tr>'
         session = session_row(project_id=project.pk, session_id=payload.get("session"))
