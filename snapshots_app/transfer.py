@@ -192,25 +192,24 @@ def transfer_export_run(
         out.write(_line(end))
         out.flush()
         os.fsync(out.fileno())
+    missing = None
     try:
         os.replace(partial, final)
-    except FileNotFoundError:
-        # A job's partial file is named after the job, so the session's deletion removes it too.
-        if session is None or not _session_gone(session):
-            raise
-    if session is not None and _session_gone(session):
+    except FileNotFoundError as exc:
+        # A job's partial file is named after the job, so the session's deletion removes it too:
+        # an error only if the session is still there.
+        missing = exc
+    if session is not None and not WorkflowSession.objects.filter(pk=session.pk).exists():
         # Deleted while this ran (the deletion removes the files of its exports, but this one was
         # not there yet): a deleted session's states must not stay downloadable, nor re-importable.
         final.unlink(missing_ok=True)
         raise errors.SessionNotFound(f"session {session.external_id} was deleted during its export", session=str(session.pk))
+    if missing is not None:
+        raise missing
     return {
         "path": str(final), "file": name, "bytes": final.stat().st_size, "sessions": len(sessions),
         "versions": len(versions), "nodes": len(digests),
     }
-
-
-def _session_gone(session: WorkflowSession) -> bool:
-    return not WorkflowSession.objects.filter(pk=session.pk).exists()
 
 
 def transfer_export_start(
