@@ -128,21 +128,16 @@
     if (rows.length <= LIVE_ROWS_KEPT) return;
     var last = rows[LIVE_ROWS_KEPT - 1];
     if (last.getBoundingClientRect().bottom < 0) return;
-    var more = timeline.querySelector(":scope > li.more");
+    // _timeline_more.html, rendered into the page with an empty version number; as on a page the
+    // server rendered, the next page replaces it as it scrolls into view.
+    var blank = document.getElementById("timeline-more");
+    if (!blank) return;
     while (last.nextElementSibling) timeline.removeChild(last.nextElementSibling);
-    var url = window.location.pathname + "?before=" + last.id.slice(2);
-    more = more && more.querySelector("a") ? more : document.createElement("li");
-    more.className = "more";
-    more.innerHTML = "";
-    var link = document.createElement("a");
-    link.textContent = "Older versions";
-    link.href = url;
-    // As _timeline_rows.html's link: the next page replaces it as it scrolls into view.
-    link.setAttribute("hx-get", url);
-    link.setAttribute("hx-trigger", "revealed");
-    link.setAttribute("hx-target", "closest li");
-    link.setAttribute("hx-swap", "outerHTML");
-    more.appendChild(link);
+    var more = blank.content.firstElementChild.cloneNode(true);
+    var link = more.querySelector("a");
+    var before = last.id.slice(2);
+    link.setAttribute("href", link.getAttribute("href") + before);
+    link.setAttribute("hx-get", link.getAttribute("hx-get") + before);
     timeline.appendChild(more);
     htmx.process(more);
   });
