@@ -181,6 +181,11 @@ def _database() -> dict:
 DATABASES = {"default": _database()}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Live-update events a socket's channel may hold while its consumer is busy (rendering, or a slow
+# browser): beyond it the layer drops the oldest. Events are small (ids and numbers; the consumer
+# renders the HTML), and channels' own default of 100 was reached by one busy session's bursts.
+CHANNELS_CAPACITY = env_int("CHANNELS_CAPACITY", 1000, minimum=10)
+
 if REDIS_URL:
     if urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
         raise ImproperlyConfigured("REDIS_URL must be a redis:// URL")
@@ -196,12 +201,13 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("CHANNELS_PREFIX", "rewind")},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("CHANNELS_PREFIX", "rewind"),
+                       "capacity": CHANNELS_CAPACITY},
         }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "TIMEOUT": 3600}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": CHANNELS_CAPACITY}}}
 
 # Celery: a Redis broker when configured, otherwise tasks run eagerly inside the web process.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL) or "memory://localhost/"

@@ -1,5 +1,6 @@
-"""Live timeline of one session (ws/sessions/<uuid>/): new versions slide in, summaries fill in.
-An event may stand for several versions written in a burst (payload `first`..`version`).
+"""Live timeline of one session (ws/sessions/<uuid>/?shown=N): new versions slide in, summaries fill in.
+An event may stand for several versions written in a burst (payload `first`..`version`), and the
+rows of versions this socket missed come with the next one (see `_render`).
 
 HTML for the htmx ws extension, rendered from the same row template the page uses.
 """
@@ -7,6 +8,7 @@ HTML for the htmx ws extension, rendered from the same row template the page use
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from django.template.loader import render_to_string
@@ -23,21 +25,27 @@ ROW = "snapshots_app/partials/_version_row.html"
 
 class SessionTimelineConsumer(LiveConsumer):
     session_id: str = ""
+    # The newest version whose row the page has: the page's head when it was rendered (`?shown=`),
+    # then each new version's as it is sent.
+    shown: int = 0
 
     async def authorise(self, user: Any) -> str | None:
         session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
-        if not await self._is_member(user, session_id):
+        head = await self._head_for_member(user, session_id)
+        if head is None:
             return None
         self.session_id = session_id
+        shown = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("shown", [""])[0]
+        self.shown = min(int(shown), head) if shown.isdigit() else head
         return events.session_group(session_id)
 
     @database_sync_to_async
-    def _is_member(self, user: Any, session_id: str) -> bool:
+    def _head_for_member(self, user: Any, session_id: str) -> int | None:
         try:
-            session_for_member(user=user, session_id=session_id)
+            session, _role = session_for_member(user=user, session_id=session_id)
         except NotFound:
-            return False
-        return True
+            return None
+        return session.head_number
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
         if event not in ("version.created", "version.finalized", "version.updated", "session.updated",
@@ -61,6 +69,11 @@ class SessionTimelineConsumer(LiveConsumer):
                             for name in ("_session_status", "_session_stats")]
         number = payload.get("version")
         first = payload.get("first", number)
+        if isinstance(number, int) and isinstance(first, int) and event == "version.created" and first > self.shown + 1:
+            # Versions this page never got a row for: written between the page's render and this
+            # socket joining its group, or announced while the socket's channel was full (the layer
+            # drops the oldest events beyond CHANNELS_CAPACITY). They come with this one.
+            first = self.shown + 1
         if isinstance(number, int) and isinstance(first, int) and event.startswith("version."):
             # Versions first..number (one event may stand for several written in a burst; the newest
             # page's worth is shown), and for new ones the row below them: the previous head loses
@@ -74,6 +87,7 @@ class SessionTimelineConsumer(LiveConsumer):
                 parts += [f'<li id="v-{version.number}" hx-swap-oob="delete"></li>' for version in fresh]
                 new_rows = "".join(render_to_string(ROW, {**context, "v": version, "fresh": True}) for version in fresh)
                 parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{new_rows}</ol>')
+                self.shown = max(self.shown, number)
                 fresh_numbers = {version.number for version in fresh}
                 parts += [render_to_string(ROW, {**context, "v": version, "oob": True})
                           for version in rows if version.number not in fresh_numbers]

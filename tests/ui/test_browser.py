@@ -226,8 +226,7 @@ def test_a_busy_sessions_open_timeline_keeps_its_newest_rows(server, browser):
         for step in range(first, first + 20):
             snapshot_record(session=session, state={"counters": {"steps": step}}, step=f"step-{step}")
 
-    # In bursts of 20: eager finalize announces each version twice, and a channel layer process queue
-    # holds 100 messages (more at once would be dropped, and rows with them).
+    # In bursts of 20, each waited for: eager finalize announces each version twice.
     for first in range(6, 246, 20):
         off_loop(burst, first)
         page.wait_for_selector(f"#timeline > li#v-{first + 19}", timeout=10_000)
