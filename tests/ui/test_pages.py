@@ -75,6 +75,23 @@ def test_list_shows_badges_counts_size_step_and_error(client, operator, team):
     assert "status-failed" in page and "Boom: it broke" in page and "fetch" in page and "2.9\xa0KB" in page
 
 
+def test_recent_activity_reads_in_seconds_and_older_in_minutes(client, operator, team):
+    """Whether an engine wrote a moment ago or a minute ago: "0 minutes ago" said the same for both."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sessions_app.models import WorkflowSession
+
+    fresh, stale = make_session(team, "fresh-run"), make_session(team, "stale-run")
+    WorkflowSession.objects.filter(pk=stale.pk).update(updated_at=timezone.now() - timedelta(minutes=3, seconds=5))
+    client.force_login(operator)
+    page = client.get(reverse("sessions:list")).content.decode()
+    assert "0\xa0minutes" not in page
+    assert re.search(rf'id="s-{fresh.pk}".*?<td title="[^"]+">\d+ s ago</td>', page, re.S)
+    assert re.search(rf'id="s-{stale.pk}".*?<td title="[^"]+">3\xa0minutes ago</td>', page, re.S)
+
+
 @pytest.mark.parametrize("sort", ["-updated", "updated", "-created", "external_id"])
 def test_keyset_pages_cover_every_session_once(client, operator, team, sort, settings):
     for index in range(7):
