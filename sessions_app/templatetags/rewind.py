@@ -1,4 +1,4 @@
-"""Template filters of the dashboard."""
+"""Template tags of the dashboard."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ from datetime import datetime
 
 from django import template
 from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
 register = template.Library()
 
 
-@register.filter
-def ago(moment: datetime | None) -> str:
+@register.simple_tag
+def ago(moment: datetime | None) -> SafeString | str:
     """How long ago, to the second under a minute ("12 s ago"): whether an engine wrote a moment ago
-    or a minute ago is what an operator reads it for, and timesince says "0 minutes" to both."""
+    or a minute ago is what an operator reads it for, and timesince says "0 minutes" to both. While
+    the page stays open, static/js/app.js moves it on (`data-ago`)."""
     if moment is None:
         return ""
     seconds = int((timezone.now() - moment).total_seconds())
-    if seconds < 60:
-        return f"{max(seconds, 0)} s ago"
-    return f"{timesince(moment)} ago"
+    text = f"{max(seconds, 0)} s ago" if seconds < 60 else f"{timesince(moment)} ago"
+    stamp = moment.isoformat()
+    return format_html('<time datetime="{}" title="{}" data-ago>{}</time>', stamp, stamp, text)

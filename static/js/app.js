@@ -162,4 +162,23 @@
     var form = event.target.closest("form[data-autosubmit]");
     if (form) form.submit();
   });
+
+  // Relative times ({% ago %} in sessions_app/templatetags/rewind.py) move on while the page stays
+  // open: a row nothing has changed since the page loaded went on saying "12 s ago" for good, and an
+  // engine that stopped looked alive. Past a day the server's text stays (it hardly moves).
+  function plural(count, unit) { return count + "\u00a0" + unit + (count === 1 ? "" : "s"); }
+  function agoText(seconds) {
+    if (seconds < 60) return Math.max(seconds, 0) + " s ago";
+    var minutes = Math.floor(seconds / 60);
+    if (minutes < 60) return plural(minutes, "minute") + " ago";
+    var hours = Math.floor(minutes / 60);
+    return plural(hours, "hour") + (minutes % 60 ? ", " + plural(minutes % 60, "minute") : "") + " ago";
+  }
+  setInterval(function () {
+    var now = Date.now();
+    document.querySelectorAll("time[data-ago]").forEach(function (time) {
+      var seconds = Math.floor((now - Date.parse(time.getAttribute("datetime"))) / 1000);
+      if (seconds < 86400) time.textContent = agoText(seconds);
+    });
+  }, 5000);
 })();

@@ -267,6 +267,20 @@ def test_back_shows_the_filters_of_the_list_it_shows(server, browser):
     assert page.input_value("select[name=status]") == "failed"
 
 
+def test_relative_times_move_on_while_the_list_stays_open(server, browser):
+    """A row nothing changed since the page loaded said "12 s ago" for as long as the page was open,
+    so an engine that had stopped looked alive."""
+    off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.clock.install()
+    page.reload()
+    updated = page.locator("table.sessions tr", has_text="run-42").locator("time[data-ago]")
+    assert updated.inner_text().endswith(" s ago")
+    page.clock.fast_forward("02:05")
+    page.wait_for_function("el => el.textContent === '2\u00a0minutes ago'", arg=updated.element_handle())
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_refused_timeline_action_says_why(server, browser):
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
