@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +207,10 @@ def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[
     else:
         if budget is not None:
             budget.left -= work
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False).get_opcodes():
+        opcodes = difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False).get_opcodes()
+        if _mostly_rewritten(middle_a, middle_b, opcodes):
+            opcodes = [("replace", 0, len(middle_a), 0, len(middle_b))]
+        for tag, i1, i2, j1, j2 in opcodes:
             if tag == "equal":
                 pieces.append((" ", "".join(middle_a[i1:i2])))
                 continue
@@ -217,6 +221,15 @@ def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[
     if end:
         pieces.append((" ", "".join(a[len(a) - end :])))
     return pieces
+
+
+def _mostly_rewritten(a: list[str], b: list[str], opcodes: Sequence[tuple[str, int, int, int, int]]) -> bool:
+    """Whether less than half of the shorter side's text (spaces aside) is kept: a replaced tool
+    result or a rewritten summary. Word by word, it read as the two texts shuffled together, the odd
+    "the" or "about" kept between them; removed and added whole, each can be read."""
+    kept = sum(len(piece.strip()) for tag, i1, i2, _, _ in opcodes if tag == "equal" for piece in a[i1:i2])
+    shorter = min(sum(len(piece.strip()) for piece in a), sum(len(piece.strip()) for piece in b))
+    return 2 * kept < shorter
 
 
 def pretty(value: Any) -> str:

@@ -455,6 +455,21 @@ def test_a_long_line_with_one_word_changed_shows_that_word(client, viewer, team)
     assert [op for op, _ in jsonview.text_diff(" ".join(words), other)] == ["-", "+"]
 
 
+def test_a_rewritten_text_reads_as_removed_and_added_whole_an_edited_one_word_by_word():
+    """A replaced tool result diffed word by word read as both texts shuffled together, the odd
+    "about" kept between them."""
+    from snapshots_app import jsonview
+
+    old = "Logical replication streams row changes per publication; physical ships WAL. " * 3
+    new = "Found 14 documents about replication modes. " * 3
+    assert [op for op, _ in jsonview.text_diff(old, new)] == ["-", "+", " "]  # (both end with a space)
+    edited = old.replace("physical", "streaming", 1)
+    assert jsonview.text_diff(old, edited)[:3] == [
+        (" ", "Logical replication streams row changes per publication; "), ("-", "physical"), ("+", "streaming")]
+    lines = "".join(f"line {i}: kept as it was\n" for i in range(20))
+    assert [op for op, _ in jsonview.text_diff(lines, lines.replace("line 7:", "line seven:"))] == [" ", "-", "+", " "]
+
+
 def test_the_text_diffs_of_one_diff_page_share_one_budget():
     """500 rewritten long strings, each just under the per-string cap, took 23-29 s of one request:
     past the page's budget the rest read as removed and added whole, as one past the cap does."""
@@ -465,11 +480,13 @@ def test_the_text_diffs_of_one_diff_page_share_one_budget():
 
     rng = random.Random(1)
 
-    def prose() -> str:  # ~400 words: ~800 pieces, ~640,000 units of matcher work per pair
-        return " ".join(f"w{rng.randrange(300)}" for _ in range(400))
+    def edited() -> tuple[str, str]:  # 400 words, the first, the last and every fourth rewritten: ~800
+        words = [f"w{rng.randrange(300)}" for _ in range(400)]  # pieces, ~640,000 units of matcher work
+        return " ".join(words), " ".join(f"x{rng.randrange(300)}" if i % 4 == 0 or i == 399 else word
+                                         for i, word in enumerate(words))
 
-    changes = [{"path": f"/chunks/{i}/summary", "op": "replace", "kind": "changed", "old": prose(), "new": prose()}
-               for i in range(40)]
+    changes = [{"path": f"/chunks/{i}/summary", "op": "replace", "kind": "changed", "old": old, "new": new}
+               for i, (old, new) in enumerate(edited() for _ in range(40))]
     shown = shown_changes(changes)
     assert all(change.pieces for change in shown)
     word_diffed = [change for change in shown if len(change.pieces) > 2]
