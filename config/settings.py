@@ -368,6 +368,9 @@ if API_RATE_LIMIT and not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|
     raise ImproperlyConfigured(
         f"API_RATE_LIMIT must be <requests>/<second|minute|hour|day> (e.g. 1200/min) or empty, not {API_RATE_LIMIT!r}"
     )
+# Lifetime of a new API key when its creator names no expiry (days; 0 = it never expires). A key
+# given an expiry, or explicitly none, keeps that; changing this never touches existing keys.
+API_KEY_DEFAULT_LIFETIME_DAYS = env_int("API_KEY_DEFAULT_LIFETIME_DAYS", 0, maximum=36500)
 # Sign-in (dashboard and admin): after this many failed attempts for one username from one address
 # within LOGIN_LOCKOUT_SECONDS, that pair is refused until the window passes (an address gets five
 # times as many, over all usernames). 0 = no limit. Counted in the cache: with Redis down, no limit.
@@ -388,5 +391,7 @@ SPECTACULAR_SETTINGS = {
         "SessionStatusEnum": "sessions_app.models.SessionStatus",
         "VersionKindEnum": "snapshots_app.models.VersionKind",
         "ChangeKindEnum": ["added", "removed", "changed"],
+        "ApiKeyStatusEnum": "sessions_app.models.ApiKey.Status",
+        "ApiKeyCreatorStatusEnum": "sessions_app.selectors.CreatorStatus",
     },
 }

@@ -22,11 +22,23 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
+from sessions_app.errors import InvalidState
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
-from sessions_app.selectors import role_allows
+from sessions_app.selectors import (
+    API_KEY_EXPIRING_DAYS,
+    API_KEY_STATUSES,
+    CreatorStatus,
+    api_key_status_q,
+    api_keys_listed,
+    api_keys_working_made_by,
+    role_allows,
+)
 from sessions_app.services import (
+    api_key_clean_expiry,
     api_key_create,
+    api_key_default_expiry,
     api_key_revoke,
+    api_key_set_expiry,
     membership_remove,
     membership_set,
     project_create,
@@ -56,6 +68,22 @@ def require_role(request: HttpRequest, project_ids: Iterable[int], role: str) ->
     wanted = set(project_ids)
     if len(wanted) != admin_projects(request, role).filter(pk__in=wanted).count():
         raise PermissionDenied(f"this needs the {role} role in the project")
+
+
+def warn_of_keys_left_working(request: HttpRequest, user: Any, *, project_ids: Any, standing: str) -> None:
+    """After `user` stopped being an admin (or active), say which keys they made still work: they are
+    kept (an engine may depend on one), so an admin decides. Only keys of projects the request's
+    user administers are named."""
+    visible = admin_projects(request, Role.ADMIN).filter(pk__in=project_ids).values("pk")
+    keys = list(api_keys_working_made_by(user=user, project_ids=visible).select_related("project").order_by("pk")[:6])
+    if not keys:
+        return
+    names = ", ".join(f"{key.project.slug}: {key.name}" for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    url = reverse("admin:sessions_app_apikey_changelist") + f"?status=active&creator={standing}"
+    messages.warning(request, format_html(
+        '{} made API keys that still work ({}). They were not revoked, since an engine may depend on them: '
+        '<a href="{}">review them</a> and revoke those nobody answers for.', user.get_username(), names, url,
+    ))
 
 
 class ProjectListFilter(admin.RelatedFieldListFilter):
@@ -189,16 +217,22 @@ class MembershipAdmin(ProjectScopedAdmin):
         require_role(request, [obj.project_id], Role.ADMIN)
         saved = membership_set(project=obj.project, user=obj.user, role=obj.role, actor=request.user)
         obj.pk, obj.created_at = saved.pk, saved.created_at
+        if obj.role != Role.ADMIN:
+            warn_of_keys_left_working(request, obj.user, project_ids=[obj.project_id], standing=CreatorStatus.NOT_ADMIN)
 
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
         require_role(request, [obj.project_id], Role.ADMIN)
         membership_remove(membership=obj, actor=request.user)
+        warn_of_keys_left_working(request, obj.user, project_ids=[obj.project_id], standing=CreatorStatus.NOT_ADMIN)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
         memberships = list(queryset.select_related("project", "user"))
         require_role(request, [membership.project_id for membership in memberships], Role.ADMIN)  # all or none
         for membership in memberships:
             membership_remove(membership=membership, actor=request.user)
+        for membership in memberships:
+            warn_of_keys_left_working(request, membership.user, project_ids=[membership.project_id],
+                                      standing=CreatorStatus.NOT_ADMIN)
 
 
 admin.site.unregister(get_user_model())
@@ -214,13 +248,26 @@ class AuditedUserAdmin(UserAdmin):
         super().save_model(request, obj, form, change)
         if change and "is_active" in form.changed_data:
             user_active_changed(user=obj, actor=request.user)
+            if not obj.is_active:
+                warn_of_keys_left_working(request, obj, project_ids=Project.objects.values("pk"),
+                                          standing=CreatorStatus.DEACTIVATED)
 
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        warn_of_keys_left_working(request, obj, project_ids=Project.objects.values("pk"), standing=CreatorStatus.NO_ACCOUNT)
         user_delete(user=obj, actor=request.user)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         for user in queryset:
+            warn_of_keys_left_working(request, user, project_ids=Project.objects.values("pk"),
+                                      standing=CreatorStatus.NO_ACCOUNT)
             user_delete(user=user, actor=request.user)
+
+
+def _expiry_checked(value: Any) -> Any:
+    try:
+        return api_key_clean_expiry(value)
+    except InvalidState as exc:
+        raise forms.ValidationError(exc.message) from None
 
 
 class ApiKeyCreateForm(forms.ModelForm):
@@ -228,37 +275,97 @@ class ApiKeyCreateForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ["project", "name", "scopes"]
+        fields = ["project", "name", "scopes", "expires_at"]
+        help_texts = {"expires_at": "Empty: the key never expires."}
+
+    def clean_expires_at(self) -> Any:
+        return _expiry_checked(self.cleaned_data.get("expires_at"))
+
+
+class ApiKeyExpiryForm(forms.ModelForm):
+    """The one thing of a key that changes: its expiry (extend it; an expired key so extended works again)."""
+
+    class Meta:
+        model = ApiKey
+        fields = ["expires_at"]
+        help_texts = {"expires_at": "Extend it, set one, or empty it (never expires). Audited."}
+
+    def clean_expires_at(self) -> Any:
+        return _expiry_checked(self.cleaned_data.get("expires_at"))
+
+
+class ApiKeyStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "Active"), ("expiring", f"Expiring within {API_KEY_EXPIRING_DAYS} days"),
+                ("expired", "Expired"), ("revoked", "Revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
+        value = self.value()
+        return queryset.filter(api_key_status_q(value)) if value in API_KEY_STATUSES else queryset
+
+
+class CreatorStatusFilter(admin.SimpleListFilter):
+    title = "creator"
+    parameter_name = "creator"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(CreatorStatus.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
+        value = self.value()
+        return queryset.filter(Q(creator_status=value)) if value in CreatorStatus.values else queryset
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(ProjectScopedAdmin):
-    """Create shows the secret once (only its hash is stored); keys are revoked, never edited.
-    Only a project's admins see its keys, as in the API."""
+    """Create shows the secret once (only its hash is stored); keys are revoked, never edited, but for
+    their expiry. Only a project's admins see its keys, as in the API."""
 
     view_role = Role.ADMIN
 
-    list_display = ["name", "project", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
-    list_filter = [("project", ProjectListFilter), ("revoked_at", admin.EmptyFieldListFilter)]
-    search_fields = ["name", "prefix", "project__slug"]
+    list_display = ["name", "project", "prefix", "scopes", "key_status", "created_by_label", "creator",
+                    "created_at", "last_used_at", "expires_at", "revoked_at"]
+    list_filter = [("project", ProjectListFilter), ApiKeyStatusFilter, CreatorStatusFilter]
+    search_fields = ["name", "prefix", "project__slug", "created_by_label"]
     list_select_related = ["project"]
     autocomplete_fields = ["project"]
-    readonly_fields = ["project", "name", "prefix", "scopes", "created_by", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["project", "name", "prefix", "scopes", "key_status", "created_by", "created_by_label", "creator",
+                       "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        return api_keys_listed(super().get_queryset(request))
+
+    @admin.display(description="status")
+    def key_status(self, obj: ApiKey) -> str:
+        return ApiKey.Status(obj.status).label
+
+    @admin.display(description="creator now", ordering="creator_status")
+    def creator(self, obj: ApiKey) -> str:
+        status = getattr(obj, "creator_status", None)
+        return CreatorStatus(status).label if status else "-"
+
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
-        if obj is None:
-            kwargs["form"] = ApiKeyCreateForm
+        kwargs["form"] = ApiKeyCreateForm if obj is None else ApiKeyExpiryForm
         return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        return {**super().get_changeform_initial_data(request), "expires_at": api_key_default_expiry()}
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         return self.readonly_fields if obj is not None else []
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return self.readonly_fields if obj is not None else ["project", "name", "scopes"]
+        return [*self.readonly_fields, "expires_at"] if obj is not None else ["project", "name", "scopes", "expires_at"]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False if obj is not None else super().has_change_permission(request, obj)
+        allowed = super().has_change_permission(request, obj)
+        if obj is None:
+            return allowed
+        return allowed and obj.revoked_at is None and may_change(request, obj.project_id, Role.ADMIN)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -268,8 +375,14 @@ class ApiKeyAdmin(ProjectScopedAdmin):
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         require_role(request, [obj.project_id], Role.ADMIN)
+        if change:
+            saved = api_key_set_expiry(api_key=obj, expires_at=form.cleaned_data["expires_at"], actor=request.user)
+            obj.expires_at = saved.expires_at
+            return
+        # The form showed the default expiry already: what comes back (empty too) is the choice.
         created, token = api_key_create(
-            project=obj.project, name=obj.name, scopes=form.cleaned_data["scopes"], actor=request.user
+            project=obj.project, name=obj.name, scopes=form.cleaned_data["scopes"],
+            expires_at=form.cleaned_data["expires_at"], actor=request.user,
         )
         obj.pk, obj.prefix, obj.created_at = created.pk, created.prefix, created.created_at
         messages.warning(request, f"Copy this key now; it is not shown again: {token}")

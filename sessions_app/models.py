@@ -6,6 +6,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Project(models.Model):
@@ -127,6 +128,7 @@ class AuditAction(models.TextChoices):
     USER_REACTIVATE = "user.reactivate", "Member's account reactivated"
     API_KEY_CREATE = "api_key.create", "API key created"
     API_KEY_REVOKE = "api_key.revoke", "API key revoked"
+    API_KEY_EXPIRY = "api_key.expiry", "API key expiry changed"
 
 
 class AuditEvent(models.Model):
@@ -170,9 +172,15 @@ class ApiKey(models.Model):
     key_hash = models.CharField(max_length=64)
     scopes = models.JSONField(default=list)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Who made it, as the audit log names them (a username, an API key, a command): still there once
+    # created_by is gone with a deleted account.
+    created_by_label = models.CharField(max_length=200, blank=True, default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="From this moment the key is refused (401 api_key_expired). Empty: never."
+    )
     # The Idempotency-Key of the request that made it (see services.RequestKey); empty without one.
     request_key = models.CharField(max_length=64, blank=True, default="", editable=False)
     request_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
@@ -188,6 +196,22 @@ class ApiKey(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
 
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        EXPIRED = "expired", "Expired"
+        REVOKED = "revoked", "Revoked"
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at is not None:
+            return self.Status.REVOKED
+        return self.Status.EXPIRED if self.is_expired else self.Status.ACTIVE
+
     @property
     def is_active(self) -> bool:
-        return self.revoked_at is None
+        """Neither revoked nor expired: the key signs requests in."""
+        return self.revoked_at is None and not self.is_expired
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()

@@ -9,7 +9,7 @@ import re
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import import_module
 from types import SimpleNamespace
 from typing import Any
@@ -18,8 +18,9 @@ import orjson
 from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import ValidationError
-from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db import connection, models
+from django.db.models import Case, Exists, OuterRef, Q, QuerySet, Value, When
+from django.utils import timezone
 
 from sessions_app.errors import SessionNotFound
 from sessions_app.models import ROLE_RANK, ApiKey, Membership, Project, Role, WorkflowSession
@@ -81,6 +82,60 @@ def role_for_scopes(scopes: list[str]) -> str | None:
 SCOPE_ROLES: dict[str, str] = {
     ApiKey.Scope.READ: Role.VIEWER, ApiKey.Scope.WRITE: Role.OPERATOR, ApiKey.Scope.ADMIN: Role.ADMIN,
 }
+
+
+# -- API keys, as their lists show them (never on the authentication path) ----------------------------
+
+API_KEY_EXPIRING_DAYS = 14  # "expiring soon" in the lists: time to extend a key or roll out its successor
+
+
+class CreatorStatus(models.TextChoices):
+    """Whether the account that made a key still stands behind it. Keys are never revoked for this
+    (an engine holding one would stop): the lists show it, so an admin decides."""
+
+    ADMIN = "admin", "Still an admin"
+    NOT_ADMIN = "not_admin", "No longer an admin of the project"
+    DEACTIVATED = "deactivated", "Account deactivated"
+    NO_ACCOUNT = "no_account", "No user account (made by a command or an API key, or the account was deleted)"
+
+
+def api_keys_listed(keys: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
+    """`keys` with their project and `creator_status` (a CreatorStatus): one query for any page."""
+    admin_member = Membership.objects.filter(
+        project_id=OuterRef("project_id"), user_id=OuterRef("created_by_id"), role=Role.ADMIN
+    )
+    return keys.select_related("project").annotate(creator_status=Case(
+        When(created_by__isnull=True, then=Value(CreatorStatus.NO_ACCOUNT)),
+        When(created_by__is_active=False, then=Value(CreatorStatus.DEACTIVATED)),
+        # A superuser reaches every project's keys in the admin (and made them there as such).
+        When(Q(created_by__is_superuser=True) | Exists(admin_member), then=Value(CreatorStatus.ADMIN)),
+        default=Value(CreatorStatus.NOT_ADMIN),
+        output_field=models.CharField(),
+    ))
+
+
+def api_key_status_q(status: str) -> Q:
+    """Keys in this state now: active (incl. expiring), expiring (active, expiring within
+    API_KEY_EXPIRING_DAYS), expired (not revoked), revoked."""
+    now = timezone.now()
+    live = Q(revoked_at__isnull=True)
+    if status == "revoked":
+        return ~live
+    if status == "expired":
+        return live & Q(expires_at__lte=now)
+    if status == "expiring":
+        return live & Q(expires_at__gt=now, expires_at__lte=now + timedelta(days=API_KEY_EXPIRING_DAYS))
+    if status == "active":
+        return live & (Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+    raise ValueError(f"unknown API key status {status!r}")
+
+
+API_KEY_STATUSES = ["active", "expiring", "expired", "revoked"]
+
+
+def api_keys_working_made_by(*, user: Any, project_ids: Any) -> QuerySet[ApiKey]:
+    """The keys `user` made in these projects that still sign requests in (neither revoked nor expired)."""
+    return ApiKey.objects.filter(api_key_status_q("active"), created_by_id=user.pk, project_id__in=project_ids)
 
 
 SESSION_SORTS: dict[str, tuple[str, bool]] = {

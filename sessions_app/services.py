@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 import re
@@ -9,6 +10,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -447,23 +449,58 @@ def _clean_scopes(scopes: Any) -> list[str]:
     return list(dict.fromkeys(scopes))
 
 
+class DefaultExpiry(enum.Enum):
+    """`expires_at` not given: the key gets API_KEY_DEFAULT_LIFETIME_DAYS (None, for "never", is a choice)."""
+
+    DEFAULT = "default"
+
+
+DEFAULT_EXPIRY = DefaultExpiry.DEFAULT
+
+
+def api_key_default_expiry() -> datetime | None:
+    """When a key made now expires unless its creator says otherwise (None: never)."""
+    days = settings.API_KEY_DEFAULT_LIFETIME_DAYS
+    return timezone.now() + timedelta(days=days) if days else None
+
+
+def api_key_clean_expiry(expires_at: Any) -> datetime | None:
+    """`expires_at` as a key may hold it: None (never) or an aware moment still to come."""
+    if expires_at is None:
+        return None
+    if not isinstance(expires_at, datetime):
+        raise InvalidState("expires_at must be a date-time (ISO 8601) or null for never")
+    if timezone.is_naive(expires_at):
+        expires_at = timezone.make_aware(expires_at, UTC)
+    if expires_at <= timezone.now():
+        raise InvalidState(f"expires_at must be in the future, not {expires_at.isoformat()}", expires_at=expires_at.isoformat())
+    return expires_at
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
 @transaction.atomic
 def api_key_create(
     *, project: Project, name: str, scopes: Any, actor: User = None, actor_label: str = "",
-    request: RequestKey | None = None,
+    expires_at: datetime | DefaultExpiry | None = DEFAULT_EXPIRY, request: RequestKey | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key and its secret token. Only the token's hash is stored: the token is shown once.
+    It expires at `expires_at` (None: never; not given: after API_KEY_DEFAULT_LIFETIME_DAYS).
 
     With a `request` key, a retry of the request that made a key is SecretShownOnce naming that key
     (its token is not kept, so it cannot be answered again), never a second key."""
     if not isinstance(name, str) or not name.strip() or len(name) > 100:
         raise InvalidState("name is required (at most 100 characters)")
     scopes = _clean_scopes(scopes)
+    expires = api_key_default_expiry() if expires_at is DEFAULT_EXPIRY else api_key_clean_expiry(expires_at)
     prefix = secrets.token_hex(6)
     token = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
+    who = actor_fields(actor, actor_label)
     api_key, created = create_once(request, ApiKey.objects.all(), lambda **keyed: ApiKey.objects.create(
         project=project, name=name.strip(), prefix=prefix, key_hash=api_key_hash(token), scopes=scopes,
-        created_by=actor if getattr(actor, "is_authenticated", False) else None, **keyed,
+        created_by=who["actor"], created_by_label=who["actor_label"], expires_at=expires, **keyed,
     ))
     if not created:
         raise SecretShownOnce(
@@ -472,8 +509,9 @@ def api_key_create(
             api_key=api_key.pk, prefix=api_key.prefix,
         )
     audit_record(
-        project=project, action="api_key.create", target_type="api_key", target_id=api_key.pk,
-        actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": prefix, "scopes": scopes},
+        project=project, action=AuditAction.API_KEY_CREATE, target_type="api_key", target_id=api_key.pk,
+        actor=actor, actor_label=actor_label,
+        details={"name": api_key.name, "prefix": prefix, "scopes": scopes, "expires_at": _iso(expires)},
     )
     return api_key, token
 
@@ -485,8 +523,29 @@ def api_key_revoke(*, api_key: ApiKey, actor: User = None, actor_label: str = ""
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
         audit_record(
-            project=api_key.project, action="api_key.revoke", target_type="api_key", target_id=api_key.pk,
+            project=api_key.project, action=AuditAction.API_KEY_REVOKE, target_type="api_key", target_id=api_key.pk,
             actor=actor, actor_label=actor_label, details={"name": api_key.name, "prefix": api_key.prefix},
+        )
+    return api_key
+
+
+@transaction.atomic
+def api_key_set_expiry(*, api_key: ApiKey, expires_at: Any, actor: User = None, actor_label: str = "") -> ApiKey:
+    """Move a key's expiry (None: never), e.g. extend one about to expire, or give an old key one.
+    An expired key so extended works again (that is the point: no engine redeploy at 3 a.m.); a
+    revoked key stays revoked. Audited with the expiry before and after."""
+    expires = api_key_clean_expiry(expires_at)
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if api_key.revoked_at is not None:
+        raise InvalidState("this API key is revoked; a revoked key stays revoked (make a new one)", api_key=api_key.pk)
+    if api_key.expires_at != expires:
+        before = api_key.expires_at
+        api_key.expires_at = expires
+        api_key.save(update_fields=["expires_at"])
+        audit_record(
+            project=api_key.project, action=AuditAction.API_KEY_EXPIRY, target_type="api_key", target_id=api_key.pk,
+            actor=actor, actor_label=actor_label,
+            details={"name": api_key.name, "prefix": api_key.prefix, "from": _iso(before), "to": _iso(expires)},
         )
     return api_key
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +24,16 @@ from sessions_app.selectors import api_key_for_token, role_allows, role_for_scop
 from sessions_app.services import api_key_touch
 
 SLUG_RE = re.compile(r"[-a-zA-Z0-9_]{1,100}")
+
+
+class ApiKeyExpired(exceptions.AuthenticationFailed):
+    default_code = "api_key_expired"
+
+    def __init__(self, api_key: ApiKey) -> None:
+        assert api_key.expires_at is not None
+        expired_at = api_key.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        super().__init__(f"This API key expired at {expired_at}; an admin of its project can extend it or make a new one.")
+        self.problem_details = {"expired_at": expired_at}
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -41,8 +52,11 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         api_key = api_key_for_token(token)
         if api_key is None:
             raise exceptions.AuthenticationFailed("Unknown API key.")
-        if not api_key.is_active:
+        # Only now, the secret proven: what is said below is about the caller's own key, never another's.
+        if api_key.revoked_at is not None:
             raise exceptions.AuthenticationFailed("This API key has been revoked.")
+        if api_key.is_expired:
+            raise ApiKeyExpired(api_key)
         api_key_touch(api_key=api_key)
         return AnonymousUser(), api_key
 

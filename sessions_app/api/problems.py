@@ -141,5 +141,6 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         return problem_response(
             request, status_code=exc.status_code, code=code, detail=_flatten(errors), headers=headers, errors=errors
         )
-    return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(exc.detail), headers=headers)
+    return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(exc.detail), headers=headers,
+                            details=getattr(exc, "problem_details", None))
 

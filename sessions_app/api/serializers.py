@@ -11,7 +11,8 @@ from rest_framework import serializers
 
 from sessions_app.errors import InvalidState
 from sessions_app.models import ApiKey, AuditEvent, Project, SessionStatus, WorkflowSession
-from sessions_app.services import MAX_TAGS, clean_metadata
+from sessions_app.selectors import CreatorStatus
+from sessions_app.services import MAX_TAGS, api_key_clean_expiry, clean_metadata
 
 TAG_PATTERN = r"^[\w.:\-/ ]{1,64}$"
 
@@ -156,9 +157,24 @@ class ReasonSerializer(InputSerializer):
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
+    """A key as selectors.api_keys_listed reads it (creator_status is annotated there)."""
+
+    status = serializers.ChoiceField(choices=ApiKey.Status.choices, read_only=True,
+                                     help_text="active, expired (see expires_at) or revoked (see revoked_at).")
+    expires_at = serializers.DateTimeField(read_only=True, allow_null=True, help_text="When the key stops working; null: never.")
+    created_by = serializers.CharField(source="created_by_label", read_only=True,
+                                       help_text="Who made it: a username, an API key or a command.")
+    creator_status = serializers.ChoiceField(
+        choices=CreatorStatus.choices, read_only=True,
+        help_text="Whether the account that made the key still stands behind it: admin (still an admin of the "
+                  "project), not_admin, deactivated, or no_account. The key works regardless: review, and revoke it "
+                  "if nobody answers for it.",
+    )
+
     class Meta:
         model = ApiKey
-        fields = ["id", "name", "prefix", "scopes", "created_at", "last_used_at", "revoked_at"]
+        fields = ["id", "name", "prefix", "scopes", "status", "created_at", "created_by", "creator_status",
+                  "last_used_at", "expires_at", "revoked_at"]
         read_only_fields = fields
 
 
@@ -176,11 +192,34 @@ class ApiKeyCreateSerializer(InputSerializer):
         child=serializers.ChoiceField(choices=ApiKey.Scope.choices), min_length=1, max_length=3
     )
     project = serializers.SlugField(required=False, help_text="Project slug; only needed for members of several projects.")
+    expires_at = serializers.DateTimeField(
+        required=False, allow_null=True,
+        help_text="When the key stops working (in the future); null: never. Left out: after the server's "
+                  "API_KEY_DEFAULT_LIFETIME_DAYS (if set; else never).",
+    )
+
+    def validate_expires_at(self, value: Any) -> Any:
+        return _future_expiry(value)
 
     def validate_name(self, value: str) -> str:
         if not value.strip():
             raise serializers.ValidationError("must not be blank")
         return value
+
+
+class ApiKeyUpdateSerializer(InputSerializer):
+    expires_at = serializers.DateTimeField(allow_null=True, help_text="The new expiry (in the future); null: never.")
+
+    def validate_expires_at(self, value: Any) -> Any:
+        return _future_expiry(value)
+
+
+def _future_expiry(value: Any) -> Any:
+    """The service's own check, at the edge: a 400 naming the field (and stored nothing)."""
+    try:
+        return api_key_clean_expiry(value)
+    except InvalidState as exc:
+        raise serializers.ValidationError(exc.message) from None
 
 
 class AuditEventSerializer(serializers.ModelSerializer):

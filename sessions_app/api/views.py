@@ -14,7 +14,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from sessions_app import services
+from sessions_app import selectors, services
 from sessions_app.api import filters
 from sessions_app.api.auth import SLUG_RE, project_for, require_role, session_for, visible_project_ids
 from sessions_app.api.base import ApiView
@@ -23,6 +23,7 @@ from sessions_app.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
     ApiKeySerializer,
+    ApiKeyUpdateSerializer,
     AuditEventSerializer,
     ProjectSerializer,
     ReasonSerializer,
@@ -203,11 +204,20 @@ class SessionUnarchive(_ArchiveSwitch):
 class ApiKeyList(mixins.ListModelMixin, ApiView):
     serializer_class = ApiKeySerializer
     filter_backends = [ParamFilter]
-    filter_params = [PROJECT_FILTER]
+    filter_params = [
+        PROJECT_FILTER,
+        Param("status", {"type": "string", "enum": selectors.API_KEY_STATUSES},
+              f"Only keys in this state: active (works now), expiring (active, expiring within "
+              f"{selectors.API_KEY_EXPIRING_DAYS} days), expired, revoked.",
+              lambda qs, raw: qs.filter(selectors.api_key_status_q(filters.parse_choice("status", raw, selectors.API_KEY_STATUSES)))),
+        filters.choice_param("creator_status", "Only keys whose creator's account is in this standing (e.g. "
+                             "deactivated, not_admin: keys nobody still answers for).",
+                             list(selectors.CreatorStatus.values), "creator_status"),
+    ]
 
     def get_queryset(self) -> QuerySet[ApiKey]:
         admin_of = [pk for pk, role in self.principal.roles.items() if role == Role.ADMIN]
-        return ApiKey.objects.filter(project_id__in=admin_of).select_related("project")
+        return selectors.api_keys_listed(ApiKey.objects.filter(project_id__in=admin_of))
 
     @extend_schema(operation_id="keys_list", summary="API keys of the projects the caller administers.")
     def get(self, request: Request) -> Response:
@@ -227,11 +237,16 @@ class ApiKeyList(mixins.ListModelMixin, ApiView):
         project = project_for(request, data.get("project"), role=Role.ADMIN)
         request_key = self.request_key({**data, "project": project.pk})
         api_key, token = services.api_key_create(
-            project=project, name=data["name"], scopes=data["scopes"], request=request_key, **self.principal.actor
+            project=project, name=data["name"], scopes=data["scopes"], request=request_key,
+            expires_at=data.get("expires_at", services.DEFAULT_EXPIRY), **self.principal.actor,
         )
-        body = ApiKeyCreatedSerializer(api_key).data
+        body = ApiKeyCreatedSerializer(_listed(api_key.pk)).data
         body["key"] = token
         return Response(body, status=status.HTTP_201_CREATED)
+
+
+def _listed(pk: int) -> ApiKey:
+    return selectors.api_keys_listed(ApiKey.objects.filter(pk=pk)).get()
 
 
 class ApiKeyDetail(ApiView):
@@ -241,7 +256,9 @@ class ApiKeyDetail(ApiView):
         api_key = None
         pk = ascii_int(str(key_id))
         if pk is not None:
-            api_key = ApiKey.objects.filter(pk=pk, project_id__in=visible_project_ids(request)).first()
+            api_key = selectors.api_keys_listed(
+                ApiKey.objects.filter(pk=pk, project_id__in=visible_project_ids(request))
+            ).first()
         if api_key is None:
             raise NotFound(f"no API key {key_id}", key=str(key_id))
         require_role(request, api_key.project_id, Role.ADMIN)
@@ -251,11 +268,22 @@ class ApiKeyDetail(ApiView):
     def get(self, request: Request, key_id: str) -> Response:
         return Response(ApiKeySerializer(self._key(request, key_id)).data)
 
+    @extend_schema(operation_id="keys_update", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
+                   request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer},
+                   summary="Change the key's expiry (admin): extend it, give it one, or null for never. An expired key "
+                           "extended works again; a revoked one cannot be. Audited.")
+    def patch(self, request: Request, key_id: str) -> Response:
+        api_key = self._key(request, key_id)
+        incoming = ApiKeyUpdateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        services.api_key_set_expiry(api_key=api_key, expires_at=incoming.validated_data["expires_at"], **self.principal.actor)
+        return Response(ApiKeySerializer(_listed(api_key.pk)).data)
+
     @extend_schema(operation_id="keys_revoke", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
                    request=None, responses={200: ApiKeySerializer}, summary="Revoke the key (admin); it stops working at once.")
     def delete(self, request: Request, key_id: str) -> Response:
         api_key = services.api_key_revoke(api_key=self._key(request, key_id), **self.principal.actor)
-        return Response(ApiKeySerializer(api_key).data)
+        return Response(ApiKeySerializer(_listed(api_key.pk)).data)
 
 
 class AuditEventList(mixins.ListModelMixin, ApiView):

@@ -157,6 +157,25 @@ def test_diff_rewind_fork_and_audit(rewind):
     assert [e["reason"] for e in rewinds] == ["pointer b was a bad branch"]
 
 
+def test_an_engine_key_that_expired_says_so_and_works_again_once_extended(live_api, rewind):
+    from datetime import UTC, datetime, timedelta
+
+    from sessions_app.models import ApiKey
+
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    created = rewind.create_api_key("engine", scopes=["read"], expires_at=soon)
+    assert datetime.fromisoformat(created["expires_at"]) == soon
+    assert rewind.create_api_key("forever", scopes=["read"], never_expires=True)["expires_at"] is None
+    ApiKey.objects.filter(pk=created["id"]).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    with Client(live_api.url, api_key=created["key"]) as engine:
+        with pytest.raises(AuthenticationError) as caught:
+            engine.list_sessions()
+        assert caught.value.code == "api_key_expired" and "expired_at" in caught.value.details
+        assert [k["name"] for k in rewind.list_api_keys(status="expired")["results"]] == ["engine"]
+        assert rewind.set_api_key_expiry(created["id"], soon + timedelta(days=30))["status"] == "active"
+        assert engine.list_sessions()["results"] == []
+
+
 def test_keys_projects_and_permissions(live_api, rewind, monkeypatch):
     monkeypatch.delenv("SESSION_REWIND_API_KEY", raising=False)
     assert [p["slug"] for p in rewind.list_projects()["results"]] == ["acme-live"]

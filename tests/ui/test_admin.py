@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -12,7 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sessions_app.models import ApiKey, AuditEvent, Membership, Role
-from sessions_app.services import membership_set, session_archive
+from sessions_app.services import api_key_create, api_key_revoke, membership_set, session_archive
 from snapshots_app.integrity import integrity_problem_record
 from snapshots_app.models import IntegrityProblem, StateNode, Version
 from snapshots_app.services import snapshot_record
@@ -520,3 +521,76 @@ def test_deactivating_and_reactivating_an_account_in_the_admin_is_audited_in_its
     assert AuditEvent.objects.filter(action="user.reactivate", project=team, actor=staff).count() == 1
     assert client.post(url, {**form, "is_active": "on", "first_name": "Olga"}).status_code == 302
     assert AuditEvent.objects.filter(action__startswith="user.", project=team).count() == 2  # only the changes
+
+
+def test_a_key_made_in_the_admin_is_offered_the_default_expiry_and_keeps_the_one_chosen(client, staff, team, settings):
+    settings.API_KEY_DEFAULT_LIFETIME_DAYS = 30
+    client.force_login(staff)
+    add = reverse("admin:sessions_app_apikey_add")
+    offered = (timezone.now() + timedelta(days=30)).strftime("%Y-%m-%d")
+    assert f'name="expires_at_0" value="{offered}"' in client.get(add).content.decode()
+
+    response = client.post(add, {"project": team.pk, "name": "ci", "scopes": ["write"],
+                                 "expires_at_0": "2099-01-31", "expires_at_1": "12:00:00"})
+    assert response.status_code == 302
+    assert ApiKey.objects.get(name="ci").expires_at == datetime(2099, 1, 31, 12, tzinfo=UTC)
+    client.post(add, {"project": team.pk, "name": "forever", "scopes": ["write"], "expires_at_0": "", "expires_at_1": ""})
+    assert ApiKey.objects.get(name="forever").expires_at is None  # emptied: the creator's choice, not the default
+
+    response = client.post(add, {"project": team.pk, "name": "stale", "scopes": ["write"],
+                                 "expires_at_0": "2001-01-31", "expires_at_1": "12:00:00"})
+    assert response.status_code == 200 and "expires_at must be in the future" in response.content.decode()
+    assert not ApiKey.objects.filter(name="stale").exists()
+
+
+def test_the_key_list_shows_expiry_and_creators_who_left_and_an_admin_extends_a_key(client, staff, team, operator):
+    erin = make_user("erin")
+    membership_set(project=team, user=erin, role=Role.ADMIN)
+    left, _ = api_key_create(project=team, name="erins-engine", scopes=["write"], actor=erin,
+                             expires_at=timezone.now() + timedelta(days=3))
+    api_key_create(project=team, name="roots-engine", scopes=["write"], actor=staff)
+    erin.is_active = False
+    erin.save()
+
+    client.force_login(staff)
+    changelist = reverse("admin:sessions_app_apikey_changelist")
+    page = client.get(changelist).content.decode()
+    assert "Account deactivated" in page and "Still an admin" in page and "Expiring within 14 days" in page
+    deactivated = client.get(changelist, {"creator": "deactivated"}).content.decode()
+    assert "erins-engine" in deactivated and "roots-engine" not in deactivated
+    expiring = client.get(changelist, {"status": "expiring"}).content.decode()
+    assert "erins-engine" in expiring and "roots-engine" not in expiring
+
+    url = reverse("admin:sessions_app_apikey_change", args=[left.pk])
+    assert client.post(url, {"expires_at_0": "2098-06-30", "expires_at_1": "00:00:00"}).status_code == 302
+    left.refresh_from_db()
+    assert left.expires_at == datetime(2098, 6, 30, tzinfo=UTC)
+    event = AuditEvent.objects.get(action="api_key.expiry")
+    assert event.actor == staff and event.details["to"] == "2098-06-30T00:00:00+00:00"
+    assert client.post(url, {"expires_at_0": "2001-06-30", "expires_at_1": "00:00:00"}).status_code == 200
+    left.refresh_from_db()
+    assert left.expires_at.year == 2098
+
+    api_key_revoke(api_key=left)
+    page = client.get(url).content.decode()
+    assert 'name="_save"' not in page and "Revoked" in page
+    assert client.post(url, {"expires_at_0": "2099-06-30", "expires_at_1": "00:00:00"}).status_code == 403
+    assert AuditEvent.objects.filter(action="api_key.expiry").count() == 1
+
+
+def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(client, staff, team, operator):
+    """Their keys are not revoked (an engine may depend on one), but the admin who acted is told."""
+    membership_set(project=team, user=operator, role=Role.ADMIN)
+    api_key_create(project=team, name="olgas-engine", scopes=["write"], actor=operator)
+    client.force_login(staff)
+    membership = Membership.objects.get(project=team, user=operator)
+    response = client.post(reverse("admin:sessions_app_membership_change", args=[membership.pk]), {"role": "operator"},
+                           follow=True)
+    page = response.content.decode()
+    assert "Olga made API keys that still work (acme: olgas-engine)" in page and "creator=not_admin" in page
+
+    joined = timezone.localtime(operator.date_joined)
+    form = {"username": "olga", "date_joined_0": joined.strftime("%Y-%m-%d"), "date_joined_1": joined.strftime("%H:%M:%S")}
+    page = client.post(reverse("admin:auth_user_change", args=[operator.pk]), form, follow=True).content.decode()
+    assert "Olga made API keys that still work" in page and "creator=deactivated" in page
+    assert ApiKey.objects.get(name="olgas-engine").revoked_at is None

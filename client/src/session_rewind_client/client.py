@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -39,6 +40,10 @@ def _sid(session_id: Any) -> str:
 
 def _drop_none(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _when(moment: datetime | str | None) -> str | None:
+    return moment.isoformat() if isinstance(moment, datetime) else moment
 
 
 def _with_etag(response: httpx.Response) -> dict[str, Any] | None:
@@ -271,17 +276,32 @@ class Endpoints:
     def get_project(self, slug: str) -> Any:
         return self._run(Call("GET", f"projects/{quote(slug, safe='')}/"))
 
-    def list_api_keys(self, *, project: str | None = None, cursor: str | None = None) -> Any:
-        return self._run(Call("GET", "keys/", params=_drop_none(project=project, cursor=cursor)))
+    def list_api_keys(self, *, project: str | None = None, status: str | None = None,
+                      creator_status: str | None = None, cursor: str | None = None) -> Any:
+        """Keys of the projects the caller administers; ``status`` (active, expiring, expired, revoked) and
+        ``creator_status`` (admin, not_admin, deactivated, no_account) narrow them."""
+        params = _drop_none(project=project, status=status, creator_status=creator_status, cursor=cursor)
+        return self._run(Call("GET", "keys/", params=params))
 
     def create_api_key(self, name: str, *, scopes: list[str], project: str | None = None,
+                       expires_at: datetime | str | None = None, never_expires: bool = False,
                        idempotency_key: str | None = None) -> Any:
-        """A new key (admin); its secret is in ``["key"]`` of this answer only."""
-        body = _drop_none(name=name, scopes=scopes, project=project)
+        """A new key (admin); its secret is in ``["key"]`` of this answer only. It expires at
+        ``expires_at`` (an aware datetime or ISO 8601 text), never with ``never_expires``, else after the
+        server's default lifetime."""
+        if never_expires and expires_at is not None:
+            raise ValueError("give expires_at or never_expires, not both")
+        body = _drop_none(name=name, scopes=scopes, project=project, expires_at=_when(expires_at))
+        if never_expires:
+            body["expires_at"] = None
         return self._run(Call("POST", "keys/", json=body, idempotency_key=idempotency_key))
 
     def get_api_key(self, key_id: int) -> Any:
         return self._run(Call("GET", f"keys/{int(key_id)}/"))
+
+    def set_api_key_expiry(self, key_id: int, expires_at: datetime | str | None) -> Any:
+        """Move a key's expiry (admin; None: never): an expired key so extended works again. Audited."""
+        return self._run(Call("PATCH", f"keys/{int(key_id)}/", json={"expires_at": _when(expires_at)}))
 
     def revoke_api_key(self, key_id: int, *, idempotency_key: str | None = None) -> Any:
         return self._run(Call("DELETE", f"keys/{int(key_id)}/", idempotency_key=idempotency_key))

@@ -53,7 +53,7 @@ class ValidationError(SessionRewindError):
 
 
 class AuthenticationError(SessionRewindError):
-    """401: missing, unknown or revoked API key."""
+    """401: missing, unknown, revoked or expired API key (`code` api_key_expired for the last)."""
 
     default_code = "not_authenticated"
 
