@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import orjson
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from sessions_app import events
@@ -551,11 +551,14 @@ def api_key_set_expiry(*, api_key: ApiKey, expires_at: Any, actor: User = None, 
 
 
 def api_key_touch(*, api_key: ApiKey) -> None:
-    """Record that the key was used, at most once a minute (a conditional UPDATE, no lock held)."""
+    """Record that the key was used, at most once a minute. The row as read decides whether to write;
+    the UPDATE asks again, so requests of one engine read together at the minute's turn (each saw the
+    old time) write once, not once each: the others find the row fresh and write nothing."""
     now = timezone.now()
     if api_key.last_used_at is not None and (now - api_key.last_used_at).total_seconds() < API_KEY_TOUCH_EVERY:
         return
-    ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    stale = Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - timedelta(seconds=API_KEY_TOUCH_EVERY))
+    ApiKey.objects.filter(stale, pk=api_key.pk).update(last_used_at=now)
     api_key.last_used_at = now
 
 

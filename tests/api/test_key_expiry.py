@@ -14,7 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from sessions_app.models import ApiKey, AuditEvent, Role
-from sessions_app.services import api_key_create, api_key_revoke, membership_remove, membership_set
+from sessions_app.services import api_key_create, api_key_revoke, api_key_touch, membership_remove, membership_set
 from snapshots_app.models import Version
 from tests.api.conftest import KeyClient, key_client
 from tests.factories import make_user
@@ -212,3 +212,14 @@ def test_authenticating_a_key_reads_one_row_and_writes_its_last_use_at_most_once
     again = key_queries()
     assert len(again) == 1 and again[0].startswith("SELECT")
     assert "auth_user" not in again[0] and "membership" not in again[0]
+
+
+def test_requests_that_read_a_key_together_record_its_last_use_once(project):
+    """Workers of one engine that authenticated at the same moment (each read the key before any wrote)."""
+    key_client(project, "read")
+    first, second = ApiKey.objects.get(project=project), ApiKey.objects.get(project=project)
+    api_key_touch(api_key=first)
+    with CaptureQueriesContext(connection) as queries:
+        api_key_touch(api_key=second)
+    assert ApiKey.objects.get(pk=first.pk).last_used_at == first.last_used_at
+    assert queries.captured_queries[0]["sql"].startswith("UPDATE")  # asked, and wrote nothing
