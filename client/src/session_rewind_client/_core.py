@@ -84,7 +84,8 @@ class RetryPolicy:
     for: the error is raised at once (a 429 as RateLimited with its `retry_after`). Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
     The defaults ride out about half a minute of outage (a web restart, a database failover): six
-    retries waiting up to 0.5, 1, 2, 4, 8 and 16 s.
+    retries waiting up to 0.5, 1, 2, 4, 8 and 16 s. All of it stays within the client's `deadline`
+    (see `CallBudget`): a wait that would end after it is not begun.
     """
 
     max_retries: int = 6
@@ -94,7 +95,7 @@ class RetryPolicy:
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         hinted = retry_after_seconds(response) if response is not None else None
         if hinted is not None:
-            return hinted  # at most max_wait: should_retry refused longer ones
+            return hinted  # at most max_wait: retry_wait refused longer ones
         return min(self.max_wait, random.uniform(0, self.backoff * (2**attempt)))
 
 
@@ -141,18 +142,67 @@ def default_headers(api_key: str | None, user_agent: str) -> dict[str, str]:
     return headers
 
 
-def should_retry(call: Call, attempt: int, policy: RetryPolicy, response: httpx.Response | None) -> bool:
+DEFAULT_DEADLINE = 60.0
+
+
+class CallBudget:
+    """The time one call may take in all: every attempt, and every wait between attempts.
+
+    Without it a server that accepts connections but never answers (hung on a lock, a proxy waiting
+    on a dead upstream) cost each call 7 attempts of the full request timeout, 30 s each: an engine
+    stalled for minutes before hearing of it. Each attempt's timeouts are cut to the time left, and
+    no retry is begun that could not start before the deadline. `deadline=None`: no overall limit.
+    """
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.started = time.monotonic()
+        self.ends = None if deadline is None else self.started + deadline
+
+    def left(self) -> float | None:
+        return None if self.ends is None else self.ends - time.monotonic()
+
+    def timeout(self, configured: httpx.Timeout) -> httpx.Timeout:
+        """The client's timeouts, none longer than the time left."""
+        left = self.left()
+        if left is None:
+            return configured
+        left = max(left, 0.001)
+
+        def cap(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        return httpx.Timeout(connect=cap(configured.connect), read=cap(configured.read),
+                             write=cap(configured.write), pool=cap(configured.pool))
+
+    def passed(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+    def spent(self) -> str:
+        return f"{time.monotonic() - self.started:.1f} s"
+
+
+def retry_wait(attempt: int, policy: RetryPolicy, response: httpx.Response | None, budget: CallBudget) -> float | None:
+    """Seconds to wait before the next attempt, or None: no retry, the caller hears what this one got."""
     if attempt >= policy.max_retries:
-        return False
-    if response is None:
-        # Connection lost: safe for reads, and for writes because the key makes them idempotent.
-        return True
-    hinted = retry_after_seconds(response)
-    if hinted is not None and hinted > policy.max_wait:
-        # The server says no sooner than that: retrying earlier is certain to fail again, so the
-        # caller gets the error now (a 429's RateLimited carries `retry_after`).
-        return False
-    return response.status_code in RETRY_STATUSES or _in_progress(response)
+        return None
+    if response is not None:
+        hinted = retry_after_seconds(response)
+        if hinted is not None and hinted > policy.max_wait:
+            # The server says no sooner than that: retrying earlier is certain to fail again, so the
+            # caller gets the error now (a 429's RateLimited carries `retry_after`).
+            return None
+        if response.status_code not in RETRY_STATUSES and not _in_progress(response):
+            return None
+    # Else the connection was lost: safe for reads, and for writes because the key makes them idempotent.
+    wait = policy.delay(attempt, response)
+    left = budget.left()
+    if left is None:
+        return wait
+    if left <= 0 or (response is not None and retry_after_seconds(response) is not None and wait >= left):
+        return None  # the server's Retry-After ends after the deadline: waiting for it cannot help
+    return min(wait, left / 2)  # a backoff is a guess: leave the retry time to be answered
 
 
 def _in_progress(response: httpx.Response) -> bool:
@@ -189,8 +239,15 @@ def transport_heals(exc: httpx.TransportError) -> bool:
     return not isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
 
 
-def transport_error(call: Call, exc: httpx.TransportError) -> SessionRewindError:
-    return TransportError(f"{call.method} {call.path} failed: {exc!r}")
+def transport_error(call: Call, exc: httpx.TransportError, budget: CallBudget, attempts: int) -> SessionRewindError:
+    tried = f"{attempts} attempt{'s' if attempts != 1 else ''} in {budget.spent()}"
+    if budget.deadline is not None and budget.passed():
+        tried += f", the client's deadline ({budget.deadline:g} s) passed"
+    return TransportError(f"{call.method} {call.path} failed ({tried}): {exc!r}")
+
+
+def deadline_passed(request: httpx.Request) -> httpx.TimeoutException:
+    return httpx.ReadTimeout("the client's deadline passed while the answer was arriving", request=request)
 
 
 def relative(path_or_url: str) -> str:

@@ -2,6 +2,8 @@
 
 Both expose the same methods with the same arguments; the async ones are awaited. Writes carry an
 Idempotency-Key (generated, or yours via ``idempotency_key=``) that stays the same across retries.
+Each call, its retries and the waits between them included, ends within the client's ``deadline``
+(60 s unless given; ``timeout`` is for one attempt).
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import httpx
 
 from session_rewind_client import __version__
 from session_rewind_client._core import (
+    DEFAULT_DEADLINE,
     Call,
+    CallBudget,
     RetryPolicy,
     api_key_from,
     base_url_from,
+    deadline_passed,
     default_headers,
     deleted_by_earlier_attempt,
     raise_for,
     relative,
-    should_retry,
+    retry_wait,
     transport_error,
     transport_heals,
 )
@@ -401,6 +406,10 @@ class Endpoints:
 class Client(Endpoints):
     """Blocking client. Use as a context manager, or call `close()`.
 
+    `timeout` bounds each attempt (connecting, each read, each write); `deadline` bounds a whole
+    call, its retries and waits included: past it the call raises what its last attempt got
+    (`TransportError` for a server that never answered). None: no overall limit.
+
     >>> with Client("http://127.0.0.1:8000", api_key="sr_...") as rewind:
     ...     session = rewind.create_session("run-42")
     """
@@ -411,11 +420,13 @@ class Client(Endpoints):
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
+        deadline: float | None = DEFAULT_DEADLINE,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.deadline = deadline
         self._http = http or httpx.Client(
             base_url=base_url_from(base_url),
             headers=default_headers(api_key_from(api_key), USER_AGENT),
@@ -434,25 +445,48 @@ class Client(Endpoints):
 
     def _run(self, call: Call) -> Any:
         body, headers = call.body(), call.prepared_headers()
+        budget = CallBudget(self.deadline)
         attempt = 0
         while True:
             try:
-                response = self._http.request(call.method, call.path, params=call.query(), content=body,
-                                              headers=headers)
+                response = self._send(call, body, headers, budget)
             except httpx.TransportError as exc:
-                if not transport_heals(exc) or not should_retry(call, attempt, self.retry, None):
-                    raise transport_error(call, exc) from exc
-                time.sleep(self.retry.delay(attempt, None))
+                wait = retry_wait(attempt, self.retry, None, budget) if transport_heals(exc) else None
+                if wait is None:
+                    raise transport_error(call, exc, budget, attempt + 1) from exc
+                time.sleep(wait)
                 attempt += 1
                 continue
-            if should_retry(call, attempt, self.retry, response):
-                time.sleep(self.retry.delay(attempt, response))
+            wait = retry_wait(attempt, self.retry, response, budget)
+            if wait is not None:
+                time.sleep(wait)
                 attempt += 1
                 continue
             if deleted_by_earlier_attempt(call, attempt, response):
                 return None
             raise_for(response)
             return call.decode(response)
+
+    def _send(self, call: Call, body: bytes | None, headers: dict[str, str], budget: CallBudget) -> httpx.Response:
+        """One attempt. The body is read a chunk at a time so that a server trickling its answer is
+        also cut off at the deadline (each read already waits at most the time left)."""
+        request = self._http.build_request(call.method, call.path, params=call.query(), content=body,
+                                           headers=headers, timeout=budget.timeout(self._http.timeout))
+        streamed = self._http.send(request, stream=True)
+        try:
+            content = bytearray()
+            for chunk in streamed.iter_bytes():
+                content += chunk
+                if budget.passed():
+                    raise deadline_passed(request)
+        finally:
+            streamed.close()
+        # The same answer, its body read (and decoded: hence no Content-Encoding).
+        headers = [(name, value) for name, value in streamed.headers.multi_items() if name.lower() != "content-encoding"]
+        response = httpx.Response(streamed.status_code, headers=headers, stream=httpx.ByteStream(bytes(content)),
+                                  request=request, extensions=streamed.extensions)
+        response.read()
+        return response
 
     def _pages(self, first: Call) -> Iterator[dict[str, Any]]:
         call: Call | None = first
@@ -493,7 +527,8 @@ class Client(Endpoints):
 
 
 class AsyncClient(Endpoints):
-    """The same API for asyncio: every endpoint method returns an awaitable."""
+    """The same API for asyncio: every endpoint method returns an awaitable (`timeout` and
+    `deadline` as on `Client`)."""
 
     def __init__(
         self,
@@ -501,11 +536,13 @@ class AsyncClient(Endpoints):
         *,
         api_key: str | None = None,
         timeout: float = 30.0,
+        deadline: float | None = DEFAULT_DEADLINE,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.deadline = deadline
         self._http = http or httpx.AsyncClient(
             base_url=base_url_from(base_url),
             headers=default_headers(api_key_from(api_key), USER_AGENT),
@@ -524,25 +561,40 @@ class AsyncClient(Endpoints):
 
     async def _run(self, call: Call) -> Any:
         body, headers = call.body(), call.prepared_headers()
+        budget = CallBudget(self.deadline)
+        http = self._http
         attempt = 0
         while True:
             try:
-                response = await self._http.request(call.method, call.path, params=call.query(), content=body,
-                                                    headers=headers)
+                response = await self._send(http, call, body, headers, budget)
             except httpx.TransportError as exc:
-                if not transport_heals(exc) or not should_retry(call, attempt, self.retry, None):
-                    raise transport_error(call, exc) from exc
-                await asyncio.sleep(self.retry.delay(attempt, None))
+                wait = retry_wait(attempt, self.retry, None, budget) if transport_heals(exc) else None
+                if wait is None:
+                    raise transport_error(call, exc, budget, attempt + 1) from exc
+                await asyncio.sleep(wait)
                 attempt += 1
                 continue
-            if should_retry(call, attempt, self.retry, response):
-                await asyncio.sleep(self.retry.delay(attempt, response))
+            wait = retry_wait(attempt, self.retry, response, budget)
+            if wait is not None:
+                await asyncio.sleep(wait)
                 attempt += 1
                 continue
             if deleted_by_earlier_attempt(call, attempt, response):
                 return None
             raise_for(response)
             return call.decode(response)
+
+    @staticmethod
+    async def _send(http: httpx.AsyncClient, call: Call, body: bytes | None, headers: dict[str, str],
+                    budget: CallBudget) -> httpx.Response:
+        """One attempt, cut off at the deadline however the server answers (slowly, a byte at a time)."""
+        request = http.build_request(call.method, call.path, params=call.query(), content=body, headers=headers,
+                                     timeout=budget.timeout(http.timeout))
+        try:
+            async with asyncio.timeout(budget.left()):
+                return await http.send(request)
+        except TimeoutError:
+            raise deadline_passed(request) from None
 
     async def _pages(self, first: Call) -> AsyncIterator[dict[str, Any]]:
         call: Call | None = first

@@ -1,0 +1,161 @@
+"""A call's overall deadline: the outside world failing (a server that accepts connections and never
+answers, one that trickles its answer, a network that loses an answer) must not stall an engine for
+minutes, and a retried write must still land once. The fake servers listen on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import pytest
+from session_rewind_client import AsyncClient, Client, RateLimited, RetryPolicy, TransportError
+
+# Ports given to this suite's fake servers (8720-8729), each test its own.
+HUNG_PORT, TRICKLE_PORT, PROXY_PORT = 8721, 8722, 8723
+
+
+@contextmanager
+def tcp_server(port: int, handle: Callable[[socket.socket, int], None]) -> Iterator[list[bytes]]:
+    """Serves each connection on a thread with `handle(conn, index)`; yields what each one received first."""
+    received: list[bytes] = []
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            index = len(received)
+            received.append(b"")
+
+            def run(conn: socket.socket = conn, index: int = index) -> None:
+                conn.settimeout(5)
+                try:
+                    received[index] = conn.recv(65536)
+                    handle(conn, index)
+                except OSError:
+                    pass
+
+            threading.Thread(target=run, daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield received
+    finally:
+        stop.set()
+        thread.join()
+        for conn in conns:
+            conn.close()
+        listener.close()
+
+
+def never_answer(conn: socket.socket, index: int) -> None:
+    time.sleep(30)
+
+
+def trickle(conn: socket.socket, index: int) -> None:
+    """A 200 whose body comes a byte every 0.1 s (11 s in all): no single read ever times out."""
+    body = b'{"id": "s"}' + b" " * 100
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    for byte in body:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.1)
+
+
+def test_a_hung_server_costs_one_deadline_not_seven_timeouts():
+    # It used to take every retry a full timeout: 7 x 30 s by default (21 s with timeout=1, measured).
+    with tcp_server(HUNG_PORT, never_answer) as received:
+        started = time.monotonic()
+        with Client(f"http://127.0.0.1:{HUNG_PORT}", api_key="sr_test", timeout=30, deadline=1.5) as client, \
+                pytest.raises(TransportError, match=r"deadline \(1.5 s\) passed") as caught:
+            client.get_session("s")
+        assert time.monotonic() - started < 2.5
+        assert caught.value.status is None and len(received) == 1
+
+        async def main() -> None:
+            async with AsyncClient(f"http://127.0.0.1:{HUNG_PORT}", api_key="sr_test", deadline=1.5) as aclient:
+                await aclient.record("s", {"n": 1})
+
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="deadline"):
+            asyncio.run(main())
+        assert time.monotonic() - started < 2.5
+
+
+def test_a_server_trickling_its_answer_is_cut_off_at_the_deadline():
+    with tcp_server(TRICKLE_PORT, trickle):
+        for make in (Client, AsyncClient):
+            client = make(f"http://127.0.0.1:{TRICKLE_PORT}", api_key="sr_test", timeout=5, deadline=1.5,
+                          retry=RetryPolicy(max_retries=0))
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="deadline"):
+                if isinstance(client, Client):
+                    client.get_session("s")
+                else:
+                    asyncio.run(client.get_session("s"))
+            assert time.monotonic() - started < 2.5, make
+
+
+def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_once(live_api, rewind):
+    """A proxy forwards the first request but loses its answer: the retry (same Idempotency-Key)
+    gets the first answer again, so the snapshot is stored once."""
+    upstream = urlsplit(live_api.url)
+
+    def forward(conn: socket.socket, index: int) -> None:
+        with socket.create_connection((upstream.hostname, upstream.port)) as server:
+            server.sendall(received[index])
+            server.settimeout(5)
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + content_length(answer):
+                answer += server.recv(65536)
+            if index > 0:
+                conn.sendall(answer)
+            else:
+                time.sleep(5)  # the answer is lost on the way
+
+    session = rewind.create_session("lost-answer")
+    with tcp_server(PROXY_PORT, forward) as received, \
+            Client(f"http://127.0.0.1:{PROXY_PORT}", api_key=live_api.key, timeout=1, deadline=10) as client:
+        assert client.record(session["id"], {"n": 1})["number"] == 1
+    keys = {line for request in received for line in request.split(b"\r\n") if line.lower().startswith(b"idempotency-key")}
+    assert len(received) == 2 and len(keys) == 1
+    assert rewind.get_session(session["id"])["version_count"] == 1
+
+
+def content_length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def test_a_throttled_client_waits_out_retry_after_within_its_deadline(live_api, settings):
+    settings.API_RATE_LIMIT = "3/s"
+    with live_api.client() as client:  # max_retries=2
+        started = time.monotonic()
+        for _ in range(7):  # a tight loop: the fourth and seventh are throttled and wait about a second
+            client.list_sessions()
+        assert time.monotonic() - started >= 1.0
+
+    # A Retry-After that ends past the deadline is not waited for: the caller hears at once.
+    with Client(live_api.url, api_key=live_api.key_with("read"), deadline=0.5) as client:
+        for _ in range(3):
+            client.list_sessions()
+        started = time.monotonic()
+        with pytest.raises(RateLimited) as caught:
+            client.list_sessions()
+        assert time.monotonic() - started < 0.5 and caught.value.retry_after >= 1
