@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 from session_rewind_client import (
+    AsyncClient,
     AuthenticationError,
     Client,
     ConflictError,
@@ -278,3 +280,20 @@ def test_operations_retention_compaction_export_import_jobs_integrity(rewind, jo
     compacted = rewind.wait_for_job(rewind.compact(dry_run=False)["id"], timeout=60)
     assert compacted["status"] == "done"
     assert rewind.get_session(restored["id"])["version_count"] < 5
+
+
+def test_an_async_client_serves_one_asyncio_run_after_another(live_api):
+    # A script calling asyncio.run per job with one client used to get httpx's "Event loop is closed"
+    # on the second run: the pooled connection belonged to the first, closed, loop.
+    client = AsyncClient(live_api.url, api_key=live_api.key)
+    session = asyncio.run(client.create_session("two-loops"))
+    asyncio.run(client.record(session["id"], {"n": 1}))
+    assert asyncio.run(client.head(session["id"]))["state"] == {"n": 1}
+    asyncio.run(client.aclose())
+
+
+def test_an_async_client_with_its_own_transport_names_the_fix_on_a_second_loop(live_api):
+    client = AsyncClient(live_api.url, api_key=live_api.key, transport=httpx.AsyncHTTPTransport())
+    asyncio.run(client.list_sessions())
+    with pytest.raises(RuntimeError, match="Make the AsyncClient inside the loop that uses it"):
+        asyncio.run(client.list_sessions())

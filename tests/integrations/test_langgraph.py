@@ -430,3 +430,14 @@ def test_the_timeline_names_the_nodes_sends_and_joins_run_next(live_api, rewind)
     steps = [version["step"] for version in sorted(rewind.iter_versions(session["id"]), key=lambda v: v["number"])]
     assert steps == ["input -1", "loop 0 → start", "loop 1 → left, right, worker x3", "loop 2 → join",
                      "loop 3"]
+
+
+def test_an_async_saver_serves_one_asyncio_run_after_another(live_api):
+    # An engine that runs each job under its own asyncio.run with one long-lived saver used to get
+    # "Event loop is closed" from the second job on.
+    saver = SessionRewindSaver(aclient=live_api.aclient())
+    graph = trip_graph(saver)
+    for city in ("Oslo", "Rome"):
+        config = {"configurable": {"thread_id": f"loops-{city}"}}
+        assert asyncio.run(graph.ainvoke({"city": city, "log": []}, config))["log"][-1] == f"confirm {city}"
+    assert asyncio.run(graph.aget_state(config)).values["city"] == "Rome"

@@ -528,7 +528,13 @@ class Client(Endpoints):
 
 class AsyncClient(Endpoints):
     """The same API for asyncio: every endpoint method returns an awaitable (`timeout` and
-    `deadline` as on `Client`)."""
+    `deadline` as on `Client`).
+
+    One client may serve several event loops one after another (a script calling `asyncio.run`
+    per job, a test per case): its connections belong to the loop they were opened on, so on a new
+    loop it opens new ones. A `transport=` or `http=` of yours cannot be renewed that way: make the
+    client inside the loop that uses it, or leave those out.
+    """
 
     def __init__(
         self,
@@ -543,12 +549,15 @@ class AsyncClient(Endpoints):
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
-        self._http = http or httpx.AsyncClient(
-            base_url=base_url_from(base_url),
-            headers=default_headers(api_key_from(api_key), USER_AGENT),
-            timeout=timeout,
-            transport=transport,
-        )
+        self._renewable = http is None and transport is None
+        url, headers = base_url_from(base_url), default_headers(api_key_from(api_key), USER_AGENT)
+
+        def connect() -> httpx.AsyncClient:
+            return httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+        self._connect = connect
+        self._http = http or connect()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -557,12 +566,37 @@ class AsyncClient(Endpoints):
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._loop is not None and self._loop is not asyncio.get_running_loop() and self._renewable:
+            # Its connections died with their loop (closing them now would need that loop).
+            self._http, self._loop = self._connect(), None
+        try:
+            await self._http.aclose()
+        except RuntimeError as exc:
+            raise self._wrong_loop(exc) from exc
+
+    def _http_for_this_loop(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and self._renewable:
+                # Connections opened on another loop cannot be used on this one (httpx: "Event loop
+                # is closed"); that loop's own cleanup, or the garbage collector, closes them.
+                self._http = self._connect()
+            self._loop = loop
+        return self._http
+
+    def _wrong_loop(self, exc: RuntimeError) -> Exception:
+        if "loop" not in str(exc):
+            return exc
+        return RuntimeError(
+            f"{exc}: this AsyncClient's transport=/http= was used on another event loop, and its connections "
+            "belong to that loop. Make the AsyncClient inside the loop that uses it (e.g. inside the function "
+            "asyncio.run runs), or leave transport= and http= out so the client opens new connections itself."
+        )
 
     async def _run(self, call: Call) -> Any:
         body, headers = call.body(), call.prepared_headers()
         budget = CallBudget(self.deadline)
-        http = self._http
+        http = self._http_for_this_loop()
         attempt = 0
         while True:
             try:
@@ -574,6 +608,8 @@ class AsyncClient(Endpoints):
                 await asyncio.sleep(wait)
                 attempt += 1
                 continue
+            except RuntimeError as exc:
+                raise self._wrong_loop(exc) from exc
             wait = retry_wait(attempt, self.retry, response, budget)
             if wait is not None:
                 await asyncio.sleep(wait)
