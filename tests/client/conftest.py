@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from session_rewind_client import AsyncClient, Client, RetryPolicy
 
@@ -26,6 +27,13 @@ class LiveApi:
     def aclient(self, **kwargs) -> AsyncClient:
         kwargs.setdefault("api_key", self.key)
         return AsyncClient(self.url, retry=RetryPolicy(max_retries=2, backoff=0.01), **kwargs)
+
+    def counted_client(self) -> tuple[Client, list[str]]:
+        """A client, and the list of every request it sends ("GET /api/v1/sessions/…"), retries included."""
+        sent: list[str] = []
+        http = httpx.Client(base_url=f"{self.url}/api/v1/", headers={"Authorization": f"Bearer {self.key}"},
+                            event_hooks={"request": [lambda request: sent.append(f"{request.method} {request.url.path}")]})
+        return Client(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)), sent
 
     def key_with(self, scopes: str) -> str:
         _, token = api_key_create(project=self.project, name=f"{scopes} key", scopes=scopes)

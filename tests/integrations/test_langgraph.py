@@ -441,3 +441,26 @@ def test_an_async_saver_serves_one_asyncio_run_after_another(live_api):
         config = {"configurable": {"thread_id": f"loops-{city}"}}
         assert asyncio.run(graph.ainvoke({"city": city, "log": []}, config))["log"][-1] == f"confirm {city}"
     assert asyncio.run(graph.aget_state(config)).values["city"] == "Rome"
+
+
+def test_a_long_lived_saver_remembers_a_bounded_number_of_threads_at_no_cost_to_the_running_one(live_api):
+    # The session-id cache grew with every thread a process ever saw. Bounded, the thread being run
+    # costs the same requests as with a cache big enough for every thread.
+    def run(saver: SessionRewindSaver, sent: list[str]) -> int:
+        graph = trip_graph(saver)
+        for n in range(6):
+            graph.invoke({"city": f"city-{n}", "log": []}, {"configurable": {"thread_id": f"many-{id(saver)}-{n}"}})
+        sent.clear()
+        graph.invoke({"city": "again", "log": []}, {"configurable": {"thread_id": f"many-{id(saver)}-5"}})
+        return len(sent)
+
+    small_client, small_sent = live_api.counted_client()
+    small = SessionRewindSaver(small_client, session_cache_size=4)
+    big_client, big_sent = live_api.counted_client()
+    big = SessionRewindSaver(big_client)
+    assert run(small, small_sent) == run(big, big_sent)
+    assert len(small._sessions) <= 4 and len(small._heads) <= 4  # 12 sessions were seen (6 threads, their writes)
+
+    # A thread forgotten meanwhile still resumes where it was.
+    state = trip_graph(small).get_state({"configurable": {"thread_id": f"many-{id(small)}-0"}})
+    assert state.values["log"] == ["plan city-0", "book city-0", "confirm city-0"]

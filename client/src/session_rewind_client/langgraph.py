@@ -240,6 +240,8 @@ def _counting(op: Op, counter: builtins.list[int]) -> Op:
 
 
 class _LRU:
+    """A dict of at most `size` entries that forgets the least recently used first (thread-safe)."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self._data: OrderedDict[Any, Any] = OrderedDict()
@@ -259,10 +261,18 @@ class _LRU:
             while len(self._data) > self.size:
                 self._data.popitem(last=False)
 
-    def drop(self, predicate: Callable[[Any], bool]) -> None:
+    def pop(self, key: Any) -> None:
         with self._lock:
-            for key in [key for key in self._data if predicate(key)]:
+            self._data.pop(key, None)
+
+    def drop(self, predicate: Callable[[Any, Any], bool]) -> None:
+        """Forget every entry for which `predicate(key, value)` holds."""
+        with self._lock:
+            for key in [key for key, value in self._data.items() if predicate(key, value)]:
                 del self._data[key]
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 class SessionRewindSaver(BaseCheckpointSaver[int]):
@@ -270,7 +280,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     Pass a `Client` for sync graphs (``invoke``/``stream``), an `AsyncClient` for async ones
     (``ainvoke``/``astream``), or both. `delete_thread` and `prune` delete sessions, which needs an
-    API key with the ``admin`` scope.
+    API key with the ``admin`` scope. `cache_size` bounds the checkpoint states kept in memory,
+    `session_cache_size` the sessions (a thread's, its subgraphs' and their writes') whose ids and
+    heads are remembered: least recently used first out, so a process serving any number of
+    threads stays bounded, and one coming back to a thread forgotten meanwhile asks the server once.
     """
 
     def __init__(
@@ -281,6 +294,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         prefix: str = "",
         serde: SerializerProtocol | None = None,
         cache_size: int = 512,
+        session_cache_size: int = 4096,
     ) -> None:
         super().__init__(serde=serde)
         if client is None and aclient is None:
@@ -295,14 +309,17 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self.prefix = prefix
         self.engine_version = _engine_version()
         # Versions never change, so what was read once can be served again; session ids can
-        # disappear (delete/prune), so those entries are dropped there.
-        self._sessions: dict[str, str] = {}
-        self._ensured: set[str] = set()  # external ids whose session this saver created or claimed
+        # disappear (delete/prune), so those entries are dropped there. Every cache is bounded: a
+        # long-lived engine process sees an unbounded number of threads. A thread it runs stays among
+        # the most recently used, so it costs no extra request; one it comes back to after
+        # `session_cache_size` others costs one lookup.
+        # external id -> (session id, True once this saver created or claimed the session)
+        self._sessions = _LRU(session_cache_size)
         self._states = _LRU(cache_size)
         self._numbers = _LRU(cache_size * 4)
         # session id -> (head number, its checkpoint id) as this saver last saw or wrote it. Only ids
         # are kept from writes: the values in a written state are still LangGraph's live objects.
-        self._heads: dict[str, tuple[int, str]] = {}
+        self._heads = _LRU(session_cache_size)
 
     # -- running operations ------------------------------------------------------------------------
 
@@ -491,18 +508,18 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         """The session id for an external id, or None (never creates one)."""
         cached = self._sessions.get(external_id)
         if cached is not None:
-            return cached
+            return cached[0]
         page = yield Call("GET", "sessions/", params={"external_id": external_id, "limit": 2})
         for found in page.get("results", []):
             if found.get("external_id") == external_id:
-                self._sessions[external_id] = str(found["id"])
+                self._sessions.put(external_id, (str(found["id"]), False))
                 return str(found["id"])
         return None
 
     def _ensure_session(self, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
         cached = self._sessions.get(external_id)
-        if cached is not None and external_id in self._ensured:
-            return cached
+        if cached is not None and cached[1]:
+            return cached[0]
         body: dict[str, Any] = {
             "external_id": external_id,
             "workflow": "langgraph",
@@ -522,17 +539,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 "metadata": {**(session.get("metadata") or {}), "langgraph": body["metadata"]["langgraph"]},
                 "tags": list(dict.fromkeys(tags + body["tags"])),
             })
-        self._sessions[external_id] = str(session["id"])
-        self._ensured.add(external_id)
+        self._sessions.put(external_id, (str(session["id"]), True))
         return str(session["id"])
 
     def _forget(self, session_id: str) -> None:
-        for key in [key for key, value in self._sessions.items() if value == session_id]:
-            self._sessions.pop(key, None)
-            self._ensured.discard(key)
-        self._states.drop(lambda key: key[0] == session_id)
-        self._numbers.drop(lambda key: key[0] == session_id)
-        self._heads.pop(session_id, None)
+        self._sessions.drop(lambda key, value: value[0] == session_id)
+        self._states.drop(lambda key, value: key[0] == session_id)
+        self._numbers.drop(lambda key, value: key[0] == session_id)
+        self._heads.pop(session_id)
 
     def _versions(self, session_id: str, *, tag: str | None = None) -> Op:
         """Version metadata newest first, as a list (tag-filtered when `tag` is given)."""
@@ -636,7 +650,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 return None
             state = head["state"]
             self._states.put((session_id, int(head["number"])), state)
-            self._heads[session_id] = (int(head["number"]), state["checkpoint"]["id"])
+            self._heads.put(session_id, (int(head["number"]), state["checkpoint"]["id"]))
             checkpoint_id = state["checkpoint"]["id"]
             if head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
@@ -799,14 +813,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             except ConflictError as exc:
                 if exc.code != "version_conflict":
                     raise  # e.g. session_archived: retrying cannot help, and the caller must see why
-                self._heads.pop(session_id, None)
+                self._heads.pop(session_id)
                 continue  # someone else (an operator's rewind, another process) moved the head: decide again
             except NotFound as exc:
                 if exc.code != "session_not_found":
                     raise
                 session_id = yield from self._recreate(session_id, external_id, thread_id, ns)
                 continue
-            self._heads[session_id] = (int(created["number"]), checkpoint["id"])
+            self._heads.put(session_id, (int(created["number"]), checkpoint["id"]))
             self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
             break
         else:
@@ -850,7 +864,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         # writes, made after the rewind, must be stored again, or they read as the old run's (by time) and
         # the thread shows no pending interrupt while it waits on one.
         thread_session = self._sessions.get(self._external_id(thread_id, ns))
-        head = self._heads.get(thread_session) if thread_session is not None else None
+        head = self._heads.get(thread_session[0]) if thread_session is not None else None
         generation = head[0] if head is not None and head[1] == checkpoint_id else ""
         key = "lg-writes:" + _hash(f"{checkpoint_id}\x00{generation}\x00{task_id}\x00{task_path}\x00{entries!r}")[:48]
         body = {"state": state, "step": task_path or task_id, "engine": ENGINE, "engine_version": self.engine_version,
