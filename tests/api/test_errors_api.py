@@ -345,3 +345,29 @@ def test_a_compressed_body_is_415_not_read_as_plain(admin_key, session, settings
     assert (counts(), Job.objects.count()) == before
     identity = admin_key.generic("POST", path, body, content_type=content_type, HTTP_CONTENT_ENCODING="identity")
     assert identity.status_code < 300 or tail == "/api/v1/imports/", identity.content
+
+
+def test_the_default_rate_limit_lets_an_engine_checkpoint_in_a_tight_loop_and_stops_a_runaway(project, monkeypatch):
+    """A LangGraph engine in a tight loop sends about 30 requests a second for as long as it runs. The
+    old default, 1,200/min, throttled it after 40 s and then stalled it 20 s (its Retry-After)."""
+    from types import SimpleNamespace
+
+    from sessions_app.api.auth import PrincipalRateThrottle
+    from sessions_app.services import api_key_create
+    from tests.api.conftest import key_client
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(PrincipalRateThrottle, "timer", lambda self: clock[0])
+    key, _ = api_key_create(project=project, name="engine", scopes="read")
+    request = SimpleNamespace(auth=key, user=None)  # what the throttle reads of an API request
+    allowed = []
+    for _ in range(1_800):  # a minute at 30 requests a second (the throttle itself: 1,800 requests take long)
+        allowed.append(PrincipalRateThrottle().allow_request(request, None))  # type: ignore[arg-type]
+        clock[0] += 1 / 30
+    assert allowed.count(True) == 1_800
+
+    clock[0] += 60
+    runaway = key_client(project, "read")
+    answers = [runaway.get("/api/v1/projects/") for _ in range(150)]  # 150 in the same instant
+    assert [answer.status_code for answer in answers].count(200) == 100
+    assert answers[-1].status_code == 429 and answers[-1]["Retry-After"] == "1"
