@@ -482,8 +482,8 @@ class Client(Endpoints):
         finally:
             streamed.close()
         # The same answer, its body read (and decoded: hence no Content-Encoding).
-        headers = [(name, value) for name, value in streamed.headers.multi_items() if name.lower() != "content-encoding"]
-        response = httpx.Response(streamed.status_code, headers=headers, stream=httpx.ByteStream(bytes(content)),
+        kept = [(name, value) for name, value in streamed.headers.multi_items() if name.lower() != "content-encoding"]
+        response = httpx.Response(streamed.status_code, headers=kept, stream=httpx.ByteStream(bytes(content)),
                                   request=request, extensions=streamed.extensions)
         response.read()
         return response
