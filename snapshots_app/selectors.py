@@ -93,6 +93,28 @@ def version_state_bytes(version: Version) -> bytes:
     return store.read_canonical(version)
 
 
+STATES_PAGE_BYTES = 8 * 1024 * 1024
+
+
+def version_states_bytes(session: WorkflowSession, versions: list[Version]) -> list[bytes]:
+    """The verified canonical states of the first of `versions` (one session's), up to about
+    STATES_PAGE_BYTES in all and always at least one: a page of states stays a bounded answer."""
+    states: list[bytes] = []
+    total = 0
+    prefetched = store.tree_rows(session.project_id, {bytes(version.root) for version in versions}) if versions else []
+    for version in versions:
+        if states and total >= STATES_PAGE_BYTES:
+            break
+        version.session = session  # one session for all: no query per version to find it
+        if version.number == session.head_number:
+            state = store.read_canonical(version)
+        else:
+            state = store.read_stored(version, prefetched=prefetched)
+        states.append(state)
+        total += len(state)
+    return states
+
+
 def version_state(version: Version) -> dict[str, Any]:
     return orjson.loads(store.read_canonical(version))
 

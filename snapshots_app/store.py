@@ -768,6 +768,12 @@ def read_stored(version: Version, *, use_cache: bool = True, prefetched: Iterabl
     return data
 
 
+def tree_rows(project_id: int, roots: set[bytes]) -> list[NodeRow]:
+    """The stored rows of these trees' top levels, in one round trip: what read_stored's
+    `prefetched` takes, so reading many versions does not cost a query each."""
+    return ProjectStore(project_id)._fetch_rows(roots, levels=READ_LEVELS)
+
+
 def remember_head(version: Version, canonical: bytes) -> None:
     """Warm the head cache with the version's state (for a state just written: after commit)."""
     if len(canonical) <= HEAD_CACHE_MAX:

@@ -60,17 +60,29 @@ ETAG = OpenApiParameter(
 )
 
 
+STATES_LIMIT_MAX = 50
+WITH_STATE = OpenApiParameter(
+    "with_state", bool, OpenApiParameter.QUERY, required=False,
+    description=f"true: each version with its `state` (`limit` 1-{STATES_LIMIT_MAX}, default 50; a page whose states "
+                "add up past 8 MB ends early, `next` goes on from there).",
+)
+
+
 def etag_of(version: Version) -> str:
     return f'"{version.checksum}-{version.number}"'
 
 
+def _spliced(version: Version, state: bytes) -> bytes:
+    """A version's metadata and its state as one JSON object, the state as stored (canonical, verified)."""
+    meta = orjson.dumps(version_data(version), option=orjson.OPT_UTC_Z)
+    return b"".join((meta[:-1], b',"state":', state, b"}"))
+
+
 def with_state(version: Version, *, status_code: int = 200, state: bytes | None = None) -> HttpResponse:
     """Metadata and state in one body, the state spliced in as stored (already canonical, verified)."""
-    meta = orjson.dumps(version_data(version), option=orjson.OPT_UTC_Z)
     if state is None:
         state = selectors.version_state_bytes(version)
-    body = b"".join((meta[:-1], b',"state":', state, b"}"))
-    return HttpResponse(body, status=status_code, content_type="application/json")
+    return HttpResponse(_spliced(version, state), status=status_code, content_type="application/json")
 
 
 def head_response(version: Version, *, status_code: int = 200, state: bytes | None = None) -> HttpResponse:
@@ -181,12 +193,30 @@ class VersionList(mixins.ListModelMixin, ApiView):
         self.paginator.ordering = self.request.query_params.get("ordering") or "-number"  # type: ignore[attr-defined]
         return super().paginate_queryset(queryset)
 
-    @extend_schema(operation_id="versions_list", parameters=[SESSION_ID],
-                   summary="Version metadata, newest first, without states (cursor-paginated).")
-    def get(self, request: Request, id: str) -> Response:
+    @extend_schema(operation_id="versions_list", parameters=[SESSION_ID, WITH_STATE],
+                   summary="Version metadata, newest first, without states unless with_state=true (cursor-paginated).")
+    def get(self, request: Request, id: str) -> Response | HttpResponse:
+        with_states = filters.parse_bool("with_state", request.query_params.get("with_state") or "false")
+        if with_states:
+            _bounded_int(request.query_params, "limit", 1, STATES_LIMIT_MAX)  # states are large: 400 past 50
         self.session = session_for(request, id)
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
-        return self.get_paginated_response([version_data(version) for version in page])
+        if not with_states:
+            return self.get_paginated_response([version_data(version) for version in page])
+        return self._page_with_states(list(page or []))
+
+    def _page_with_states(self, page: list[Version]) -> HttpResponse:
+        """The page with each version's state spliced in as stored. A page whose states pass the
+        selector's byte budget ends early; `next` then continues after its last version."""
+        states = selectors.version_states_bytes(self.session, page)
+        paginator: Any = self.paginator
+        if len(states) < len(page):
+            # Numbers are unique, so the cursor after the last version kept is exact.
+            paginator.page, paginator.has_next, paginator.next_position = page[:len(states)], True, None
+        following = paginator.get_next_link()
+        body = b"".join((b'{"results":[', b",".join(_spliced(v, state) for v, state in zip(page, states, strict=False)),
+                         b'],"next":', orjson.dumps(following), b"}"))
+        return HttpResponse(body, content_type="application/json")
 
     @extend_schema(
         operation_id="versions_create",

@@ -267,3 +267,42 @@ def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
     snapshot_record(session=session, state={"a": 1})
     response = writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*")
     assert response.status_code == 304 and response["ETag"] and not response.content
+
+
+def test_a_list_with_states_reads_a_history_in_one_request_per_page(writer, session, settings, monkeypatch):
+    """An engine listing its history (LangGraph's get_state_history) used to ask for each state apart."""
+    from snapshots_app import selectors
+
+    states = [agent_state(i, history=5 * i) for i in range(6)]
+    for state in states:
+        snapshot_record(session=session, state=state, tags=["cp"] if len(state) % 2 else [])
+    page = writer.get(url(session, "versions/?with_state=true&limit=4"))
+    body = orjson.loads(page.content)
+    assert [v["number"] for v in body["results"]] == [6, 5, 4, 3]
+    assert [v["state"] for v in body["results"]] == states[::-1][:4]
+    assert canonical.dumps(states[5]) in page.content  # as stored, byte for byte
+    rest = writer.get(url(session, f"versions/?with_state=true&limit=4&cursor={body['next']}")).json()
+    assert [v["state"] for v in rest["results"]] == states[1::-1] and rest["next"] is None
+    assert writer.get(url(session, "versions/?with_state=false")).json()["results"][0].keys() >= {"number", "checksum"}
+    assert "state" not in writer.get(url(session, "versions/?with_state=false")).json()["results"][0]
+
+    # States are large: at most 50 a page, and a page past the byte budget ends early, going on after it.
+    assert writer.get(url(session, "versions/?with_state=true&limit=51")).status_code == 400
+    assert writer.get(url(session, "versions/?with_state=maybe")).status_code == 400
+    monkeypatch.setattr(selectors, "STATES_PAGE_BYTES", len(canonical.dumps(states[5])) + 1)
+    first = writer.get(url(session, "versions/?with_state=true")).json()
+    assert [v["number"] for v in first["results"]] == [6, 5]
+    following = writer.get(url(session, f"versions/?with_state=true&cursor={first['next']}")).json()
+    assert following["results"][0]["number"] == 4
+
+
+def test_a_list_with_states_costs_the_same_queries_whatever_its_length(writer, session, django_assert_max_num_queries):
+    for i in range(30):
+        snapshot_record(session=session, state={"i": i, "log": list(range(i))})
+    writer.get("/api/v1/projects/")  # the key's last-use write happens once a minute, not per request
+    from tests.conftest import clear_cache
+
+    clear_cache()
+    with django_assert_max_num_queries(8):
+        results = writer.get(url(session, "versions/?with_state=true")).json()["results"]
+    assert [v["state"]["i"] for v in results] == list(range(29, -1, -1))
