@@ -326,8 +326,8 @@ class ApiKeyAdmin(ProjectScopedAdmin):
 
     view_role = Role.ADMIN
 
-    list_display = ["name", "project", "prefix", "scopes", "key_status", "created_by_label", "creator",
-                    "created_at", "last_used_at", "expires_at", "revoked_at"]
+    list_display = ["name", "project", "prefix", "scope_list", "key_status", "made_by", "last_used_at", "expires_at",
+                    "created_at"]
     list_filter = [("project", ProjectListFilter), ApiKeyStatusFilter, CreatorStatusFilter]
     search_fields = ["name", "prefix", "project__slug", "created_by_label"]
     list_select_related = ["project"]
@@ -347,6 +347,18 @@ class ApiKeyAdmin(ProjectScopedAdmin):
     def creator(self, obj: ApiKey) -> str:
         status = getattr(obj, "creator_status", None)
         return CreatorStatus(status).label if status else "-"
+
+    @admin.display(description="scopes")
+    def scope_list(self, obj: ApiKey) -> str:
+        return ", ".join(obj.scopes)
+
+    @admin.display(description="made by", ordering="creator_status")
+    def made_by(self, obj: ApiKey) -> str:
+        """Who made it, and whether they still answer for it (the list's filter has the long words)."""
+        status = getattr(obj, "creator_status", None)
+        note = {CreatorStatus.NOT_ADMIN: "no longer an admin", CreatorStatus.DEACTIVATED: "deactivated"}.get(status)
+        label = obj.created_by_label or "-"
+        return f"{label} ({note})" if note else label
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         kwargs["form"] = ApiKeyCreateForm if obj is None else ApiKeyExpiryForm

@@ -556,6 +556,7 @@ def test_the_key_list_shows_expiry_and_creators_who_left_and_an_admin_extends_a_
     changelist = reverse("admin:sessions_app_apikey_changelist")
     page = client.get(changelist).content.decode()
     assert "Account deactivated" in page and "Still an admin" in page and "Expiring within 14 days" in page
+    assert "erin (deactivated)" in page and "write</td>" in page  # made by, and the scopes as words
     deactivated = client.get(changelist, {"creator": "deactivated"}).content.decode()
     assert "erins-engine" in deactivated and "roots-engine" not in deactivated
     expiring = client.get(changelist, {"status": "expiring"}).content.decode()
