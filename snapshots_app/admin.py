@@ -5,6 +5,7 @@ new head of kind data_fix through snapshots_app.services.snapshot_data_fix, audi
 from __future__ import annotations
 
 from itertools import islice
+from typing import Any
 
 import orjson
 from django.contrib import admin, messages
@@ -262,6 +263,13 @@ class JobAdmin(ReadOnlyAdmin):
     ordering = ["-id"]
     exclude = ["result"]
     readonly_fields = ["shown_result"]
+
+    def get_ordering(self, request: HttpRequest) -> Any:
+        # One project's jobs: newest first by job_project_created. Walking the primary key instead
+        # read every other project's jobs too, all of them for a project with fewer than a page.
+        if request.GET.get("project__id__exact"):
+            return ["-created_at", "-id"]
+        return self.ordering
 
     @admin.display(description="Result")
     def shown_result(self, obj: Job) -> str:

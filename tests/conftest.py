@@ -70,3 +70,17 @@ def project(db, user):
 @pytest.fixture
 def session(project):
     return make_session(project, "run-1")
+
+
+
+def query_plan(sql: str, *, priced_out: tuple[str, ...] = ("seqscan",)) -> str:
+    """PostgreSQL's plan for `sql` (a query a test captured) with the planner's `priced_out` methods
+    (`enable_seqscan`, ...) turned off: on a test's few rows the planner rightly reads a whole
+    table, so this shows whether an index serves the query's conditions (and its order) at all."""
+    from django.db import connection, transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        for method in priced_out:
+            cursor.execute(f"SET LOCAL enable_{method} = off")
+        cursor.execute(f"EXPLAIN {sql}")
+        return "\n".join(row[0] for row in cursor.fetchall())

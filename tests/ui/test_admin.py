@@ -595,3 +595,26 @@ def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(cli
     page = client.post(reverse("admin:auth_user_change", args=[operator.pk]), form, follow=True).content.decode()
     assert "Olga made API keys that still work" in page and "creator=deactivated" in page
     assert ApiKey.objects.get(name="olgas-engine").revoked_at is None
+
+
+def test_a_projects_jobs_are_listed_newest_first_by_their_index(client, staff, team):
+    """Filtered to a project, the jobs list reads that project's newest jobs from job_project_created
+    (not the whole table walked by id, which for a project with few jobs among many read them all)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from snapshots_app.models import Job
+    from tests.conftest import query_plan
+
+    other = make_project("other")
+    Job.objects.bulk_create([Job(project=project, kind="scrub", status="done") for project in (team, other, team)])
+    client.force_login(staff)
+    with CaptureQueriesContext(connection) as queries:
+        page = client.get("/admin/snapshots_app/job/", {"project__id__exact": team.pk}).content.decode()
+    assert page.count("field-created_at") == 2  # (the header is "column-created_at")
+    listing = [q["sql"] for q in queries.captured_queries
+               if q["sql"].startswith('SELECT "snapshots_app_job"') and "ORDER BY" in q["sql"]]
+    assert len(listing) == 1 and listing[0].split(" ORDER BY ", 1)[1].startswith(
+        '"snapshots_app_job"."created_at" DESC, "snapshots_app_job"."id" DESC')
+    plan = query_plan(listing[0])
+    assert "job_project_created" in plan and "Sort" not in plan, plan
