@@ -597,6 +597,42 @@ def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(cli
     assert ApiKey.objects.get(name="olgas-engine").revoked_at is None
 
 
+def test_free_text_audit_search_finds_by_any_searched_column_through_trigram_indexes(client, staff, story):
+    """A word of a reason, an actor or part of an id finds its events, case aside, and every searched
+    column has an index that serves the substring (with one column unindexed the whole log is read:
+    1.65 s at 300,000 events, page and count each)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.services import audit_record
+    from tests.conftest import query_plan
+
+    audit_record(project=story.project, action="session.update", target_type="session", target_id=story.pk,
+                 session_id=story.pk, reason="Customer asked to undo the REFUND step", actor_label="billing-engine")
+    audit_record(project=story.project, action="version.pin", target_type="version", target_id=987654,
+                 session_id=story.pk, actor_label="olga")
+    client.force_login(staff)
+    url = "/admin/sessions_app/auditevent/"
+
+    def found(term: str) -> set[str]:
+        page = client.get(url, {"q": term}).content.decode()
+        return {label for label in ("billing-engine", "olga") if f">{label}<" in page}
+
+    assert found("refund") == {"billing-engine"} and found("undo the") == {"billing-engine"}
+    assert found("OLG") == {"olga"} and found("87654") == {"olga"} and found("no such words") == set()
+    assert found(str(story.pk)[4:13]) == {"billing-engine", "olga"}  # part of the session's id
+    with CaptureQueriesContext(connection) as queries:
+        client.get(url, {"q": "refund step"})
+    searches = [q["sql"] for q in queries.captured_queries if "sessions_app_auditevent" in q["sql"] and "LIKE" in q["sql"]]
+    assert len(searches) == 2  # the page and its (capped) count
+    for sql in searches:
+        # Bitmap scans only: a walk of the primary key, filtering every event, is priced out too.
+        plan = query_plan(sql, priced_out=("seqscan", "indexscan", "indexonlyscan"))
+        assert "Seq Scan" not in plan, plan
+        for index in ("audit_target_id_trgm", "audit_actor_label_trgm", "audit_reason_trgm", "audit_session_id_trgm"):
+            assert index in plan, plan
+
+
 def test_a_projects_jobs_are_listed_newest_first_by_their_index(client, staff, team):
     """Filtered to a project, the jobs list reads that project's newest jobs from job_project_created
     (not the whole table walked by id, which for a project with few jobs among many read them all)."""
