@@ -4,18 +4,19 @@ new head of kind data_fix through snapshots_app.services.snapshot_data_fix, audi
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import islice
 from typing import Any
 
 import orjson
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
 from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, require_role
@@ -23,7 +24,7 @@ from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role
-from snapshots_app import compaction, integrity, selectors, services, store, transfer
+from snapshots_app import compaction, integrity, selectors, services, transfer
 from snapshots_app.diff import PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jsonview import join_pointer, pretty
@@ -35,6 +36,8 @@ from snapshots_app.views import diff_display
 WHOLE_STATE_EDIT_MAX = 1_000_000
 # Links to parts listed at most (a list of 100,000 items is not 100,000 links): the rest by their path.
 PARTS_SHOWN = 1_000
+# Versions verified in the admin's request (a page's worth: ~1 ms each); a larger selection is a job.
+VERIFY_IN_REQUEST = 100
 
 
 @admin.register(Version)
@@ -85,20 +88,31 @@ class VersionAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Verify integrity (read from the database, bypassing caches)", permissions=["view"])
     def verify_integrity(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
-        versions = list(queryset.select_related("session__project"))
+        selected = queryset.order_by()
         # It records the problems it finds: the operator role, as the API's scrub asks.
-        require_role(request, [version.session.project_id for version in versions], Role.OPERATOR)
-        bad = []
-        for version in versions:
-            try:
-                store.read_canonical(version, use_cache=False)
-            except IntegrityError as exc:
-                integrity.integrity_problem_record(version=version, detail=exc.message)
-                bad.append(str(version))
+        require_role(request, selected.values_list("session__project_id", flat=True).distinct(), Role.OPERATOR)
+        ids = list(selected.values_list("pk", flat=True)[: VERIFY_IN_REQUEST + 1])
+        if len(ids) > VERIFY_IN_REQUEST:
+            # A select-all of thousands: verified by the workers (a 50,000-version request timed out).
+            queued = integrity.integrity_verify_start(versions=selected, actor=request.user)
+            links = format_html_join(", ", '<a href="{}">job {}</a> ({} version(s) of {})', (
+                (reverse("admin:snapshots_app_job_change", args=[job.pk]), job.pk, job.params["selected"], job.project)
+                for job in queued
+            ))
+            messages.success(request, format_html(
+                "Verifying {} version(s) in the background: {}. Follow the progress under "
+                '<a href="{}">Jobs</a>; what fails appears under <a href="{}">Integrity problems</a>.',
+                sum(job.params["selected"] for job in queued), links,
+                reverse("admin:snapshots_app_job_changelist"), reverse("admin:snapshots_app_integrityproblem_changelist"),
+            ))
+            return
+        outcome = integrity.integrity_scrub_run(versions=ids)
+        bad = [f"{problem['external_id']} v{problem['version']}" for problem in outcome["problems"]]
         if bad:
-            messages.error(request, f"{len(bad)} of {len(versions)} failed verification: {', '.join(bad[:20])}")
+            messages.error(request, f"{outcome['failed']} of {outcome['verified']} failed verification: "
+                                    f"{', '.join(bad[:20])}")
         else:
-            messages.success(request, f"All {len(versions)} version(s) verified against their checksums.")
+            messages.success(request, f"All {outcome['verified']} version(s) verified against their checksums.")
 
     @admin.action(description="Pin (retention keeps them)", permissions=["data_fix"])
     def pin(self, request: HttpRequest, queryset: QuerySet[Version]) -> None:
@@ -109,22 +123,17 @@ class VersionAdmin(ReadOnlyAdmin):
         self._pin(request, queryset, False)
 
     def _pin(self, request: HttpRequest, queryset: QuerySet[Version], pinned: bool) -> None:
-        versions = list(queryset.select_related("session__project"))
-        refused = []
-        operated = set(admin_projects(request, Role.OPERATOR).values_list("pk", flat=True))
-        for version in versions:
-            if version.session.project_id not in operated:
-                refused.append(f"pinning in {version.session.project.slug} needs the operator role")
-                continue
-            try:
-                services.version_pin(version=version, pinned=pinned, actor=request.user)
-            except StateStoreError as exc:  # an archived session's versions stay as they are
-                refused.append(exc.message)
-        done = len(versions) - len(refused)
-        if done:
-            messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {done} version(s).")
+        selected = queryset.order_by()
+        operated = admin_projects(request, Role.OPERATOR).values_list("pk", flat=True)
+        outcome = services.versions_pin(versions=selected.filter(session__project__in=operated), pinned=pinned,
+                                        actor=request.user)
+        not_operated = selected.exclude(session__project__in=operated).values_list("session__project__slug")
+        refused = outcome.refused + Counter({f"pinning in {slug} needs the operator role": count
+                                             for slug, count in not_operated.annotate(count=Count("pk"))})
+        if outcome.done:
+            messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {outcome.done} version(s).")
         if refused:
-            messages.error(request, f"{len(refused)} refused: {'; '.join(sorted(set(refused))[:5])}")
+            messages.error(request, f"{refused.total()} refused: {'; '.join(sorted(refused)[:5])}")
 
     def data_fix_view(self, request: HttpRequest, version_id: int) -> HttpResponse:
         """Edit a version's state as JSON (or one part of it: `path`, a JSON pointer), see the diff
@@ -261,8 +270,8 @@ class JobAdmin(ReadOnlyAdmin):
     # The primary key index: the model's (-created_at, -id) order has no index of its own, so every
     # page view and filter click sorted the whole table (a job per project each hour, from the scrub).
     ordering = ["-id"]
-    exclude = ["result"]
-    readonly_fields = ["shown_result"]
+    exclude = ["params", "result"]
+    readonly_fields = ["shown_params", "shown_result"]
 
     def get_ordering(self, request: HttpRequest) -> Any:
         # One project's jobs: newest first by job_project_created. Walking the primary key instead
@@ -270,6 +279,10 @@ class JobAdmin(ReadOnlyAdmin):
         if request.GET.get("project__id__exact"):
             return ["-created_at", "-id"]
         return self.ordering
+
+    @admin.display(description="Params")
+    def shown_params(self, obj: Job) -> str:
+        return format_html("<pre>{}</pre>", pretty(obj.public_params))
 
     @admin.display(description="Result")
     def shown_result(self, obj: Job) -> str:

@@ -8,6 +8,7 @@ versions per run, continuing where the previous scrub of the same scope stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -60,26 +61,49 @@ def _window(project_id: int | None, budget: int | None) -> tuple[list[int], int]
     return ids, next_cursor
 
 
+def id_runs(ids: Iterable[int]) -> list[int | list[int]]:
+    """Ascending ids, written short for a job's params: a run of consecutive ids as [first, last]
+    (a select-all of a project's versions is a few runs, not a list of every id)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [first if first == last else [first, last] for first, last in runs]
+
+
+def ids_of_runs(runs: Iterable[int | list[int]]) -> list[int]:
+    return [i for run in runs for i in (range(run[0], run[1] + 1) if isinstance(run, list) else (run,))]
+
+
 def integrity_scrub_run(
     *,
     project: Project | None = None,
     budget: int | None = None,
+    versions: list[int] | None = None,
     job: Job | None = None,
     progress: ProgressFn = _no_progress,
 ) -> dict[str, Any]:
-    """Verify versions (all of a project, or of every project when `project` is None).
+    """Verify versions (all of a project, or of every project when `project` is None; or only the
+    ones whose ids are `versions`, within that scope).
 
     `budget` limits how many versions one run verifies (None or 0: all). Returns counts and the
-    versions that failed.
+    versions that failed; a run over chosen versions leaves the rolling window where it was (its
+    result has no `cursor`).
     """
     project_id = project.pk if project is not None else None
-    ids, next_cursor = _window(project_id, budget)
+    if versions is not None:
+        ids, next_cursor = sorted(set(versions)), None
+    else:
+        ids, next_cursor = _window(project_id, budget)
     progress(0, len(ids), force=True)
     outcomes: dict[tuple[int, bytes, str], str | None] = {}
     failed: list[dict[str, Any]] = []
     done = 0
     for start in range(0, len(ids), CHUNK):
-        for version in _scope(None).filter(id__in=ids[start : start + CHUNK]):
+        # (Within the project: the ids were chosen by whoever started the run.)
+        for version in _scope(project_id).filter(id__in=ids[start : start + CHUNK]):
             # Versions sharing a root and checksum (rewinds, forks) read back identically: verify once.
             key = (version.session.project_id, bytes(version.root), version.checksum)
             if key not in outcomes:
@@ -91,7 +115,8 @@ def integrity_scrub_run(
                                "version": version.number, "detail": problem[:300]})
             done += 1
         progress(done)
-    return {"verified": len(ids), "failed": len(failed), "problems": failed[:100], "cursor": next_cursor}
+    result = {"verified": done, "failed": len(failed), "problems": failed[:100]}
+    return result if next_cursor is None else {**result, "cursor": next_cursor}
 
 
 def _verify(version: Version) -> str | None:
@@ -176,3 +201,24 @@ def integrity_scrub_start(
         kind=JobKind.SCRUB, project=project, params={"budget": budget}, actor=actor, actor_label=actor_label,
         enqueue=lambda job_id: tasks.integrity_scrub_job.delay(job_id), request=request,
     )
+
+
+def integrity_verify_start(*, versions: QuerySet[Version], actor: User = None, actor_label: str = "") -> list[Job]:
+    """Queue the verification of these versions (an admin's select-all of thousands): one scrub job
+    per project they belong to, with their ids in its params, so a request that chose 50,000
+    versions answers at once and the work shows its progress under Jobs. The caller checks the
+    role; the job verifies only versions of its own project."""
+    from snapshots_app import tasks
+
+    by_project: dict[int, list[int]] = {}
+    for version_id, project_id in versions.order_by("id").values_list("id", "session__project_id").iterator(10_000):
+        by_project.setdefault(project_id, []).append(version_id)
+    projects = Project.objects.in_bulk(list(by_project))
+    return [
+        jobs.job_create(
+            kind=JobKind.SCRUB, project=projects[project_id],
+            params={"budget": 0, "selected": len(ids), "versions": id_runs(ids)}, actor=actor, actor_label=actor_label,
+            enqueue=lambda job_id: tasks.integrity_scrub_job.delay(job_id),
+        )
+        for project_id, ids in sorted(by_project.items())
+    ]

@@ -216,6 +216,14 @@ class Job(models.Model):
         return self.status in (JobStatus.DONE, JobStatus.FAILED)
 
     @property
+    def public_params(self) -> Any:
+        """The params as callers see them: a verification of chosen versions says how many
+        (`selected`), not which (its id runs can be long)."""
+        if not isinstance(self.params, dict):
+            return self.params
+        return {key: value for key, value in self.params.items() if key != "versions"}
+
+    @property
     def public_result(self) -> Any:
         """The result as callers see it: the server's own file system (an export's `path`) stays on the server."""
         if not isinstance(self.result, dict):

@@ -180,11 +180,12 @@ def compaction_job(job_id: int) -> dict | None:
 
 @shared_task(acks_late=True)
 def integrity_scrub_job(job_id: int) -> dict | None:
-    from snapshots_app.integrity import integrity_scrub_run
+    from snapshots_app.integrity import ids_of_runs, integrity_scrub_run
 
     def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
-        return integrity_scrub_run(project=job.project, budget=job.params.get("budget") or None, job=job,
-                                   progress=progress)
+        chosen = job.params.get("versions")  # the versions an operator selected in the admin
+        return integrity_scrub_run(project=job.project, budget=job.params.get("budget") or None,
+                                   versions=None if chosen is None else ids_of_runs(chosen), job=job, progress=progress)
 
     return _run_job(job_id, work)
 

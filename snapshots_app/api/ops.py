@@ -67,7 +67,7 @@ class JobSerializer(serializers.ModelSerializer):
     project = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
     created_by = serializers.CharField(source="created_by_label", read_only=True)
     percent = serializers.IntegerField(read_only=True)
-    params = JsonObjectField()
+    params = JsonObjectField(source="public_params")
     result = serializers.SerializerMethodField(
         help_text="What the job found or made; a finished export names its `file` and the `download` URL."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -19,6 +20,7 @@ from snapshots_app.models import IntegrityProblem, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.conftest import clear_cache
 from tests.factories import make_project, make_session, make_user
+from tests.ui.conftest import record_history
 
 User = get_user_model()
 
@@ -595,6 +597,47 @@ def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(cli
     page = client.post(reverse("admin:auth_user_change", args=[operator.pk]), form, follow=True).content.decode()
     assert "Olga made API keys that still work" in page and "creator=deactivated" in page
     assert ApiKey.objects.get(name="olgas-engine").revoked_at is None
+
+
+def test_pinning_a_select_all_pins_and_audits_each_version_in_queries_that_do_not_grow_with_it(client, staff, story):
+    """A select-all of thousands of versions is pinned in a few statements per batch (one by one, each
+    version's lock, update and audit row made a request of minutes), with the same outcome as one
+    by one: every version pinned and audited, an archived session's versions refused and named."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    archived = make_session(story.project, "run-archived")
+    record_history(archived, 3)
+    session_archive(session=archived, reason="kept as it is")
+    url = reverse("admin:snapshots_app_version_changelist")
+    client.force_login(staff)
+
+    def act(action: str, query: dict, selected: list[int] | None = None) -> tuple[str, int]:
+        chosen = {"_selected_action": selected} if selected else {"select_across": "1", "_selected_action": ["0"]}
+        with CaptureQueriesContext(connection) as queries:
+            page = client.post(f"{url}?{urlencode(query)}", {"action": action, "index": "0", **chosen}, follow=True)
+        return page.content.decode(), len(queries)
+
+    two = list(Version.objects.filter(session=story, number__lte=2).values_list("pk", flat=True))
+    few, few_queries = act("pin", {}, two)
+    assert "Pinned 2 version(s)." in few
+    more = make_session(story.project, "run-43")
+    record_history(more, 40)
+    page, queries = act("pin", {})
+    assert "Pinned 45 version(s)." in page and "3 refused: session run-archived is archived" in page
+    assert queries <= few_queries + 5  # (the page shows more rows: not a query per version)
+    pinned = Version.objects.filter(pinned=True)
+    assert set(pinned.values_list("session_id", flat=True)) == {story.pk, more.pk} and pinned.count() == 45
+    events = AuditEvent.objects.filter(action="version.pin")
+    assert events.count() == 47  # the two pinned first, pinned again: audited again, as one by one
+    assert {(event.target_id, event.details["version"], event.session_id, event.actor_label) for event in events
+            if event.session_id == more.pk} == {(str(v.pk), v.number, more.pk, "root") for v in more.versions.all()}
+    assert not Version.objects.filter(session=archived, pinned=True).exists()
+
+    page, _ = act("unpin", {"q": "run-43"})
+    assert "Unpinned 40 version(s)." in page and "refused" not in page
+    assert Version.objects.filter(pinned=True).count() == 5
+    assert AuditEvent.objects.filter(action="version.unpin", session_id=more.pk).count() == 40
 
 
 def test_free_text_audit_search_finds_by_any_searched_column_through_trigram_indexes(client, staff, story):
