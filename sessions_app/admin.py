@@ -355,8 +355,8 @@ class ApiKeyAdmin(ProjectScopedAdmin):
     @admin.display(description="made by", ordering="creator_status")
     def made_by(self, obj: ApiKey) -> str:
         """Who made it, and whether they still answer for it (the list's filter has the long words)."""
-        status = getattr(obj, "creator_status", None)
-        note = {CreatorStatus.NOT_ADMIN: "no longer an admin", CreatorStatus.DEACTIVATED: "deactivated"}.get(status)
+        notes: dict[str, str] = {CreatorStatus.NOT_ADMIN: "no longer an admin", CreatorStatus.DEACTIVATED: "deactivated"}
+        note = notes.get(getattr(obj, "creator_status", ""))
         label = obj.created_by_label or "-"
         return f"{label} ({note})" if note else label
 
