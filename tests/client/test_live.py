@@ -294,6 +294,10 @@ def test_an_async_client_serves_one_asyncio_run_after_another(live_api):
 
 def test_an_async_client_with_its_own_transport_names_the_fix_on_a_second_loop(live_api):
     client = AsyncClient(live_api.url, api_key=live_api.key, transport=httpx.AsyncHTTPTransport())
-    asyncio.run(client.list_sessions())
+    session = asyncio.run(client.create_session("own-transport"))
     with pytest.raises(RuntimeError, match="Make the AsyncClient inside the loop that uses it"):
-        asyncio.run(client.list_sessions())
+        asyncio.run(client.record(session["id"], {"n": 1}))
+    # Refused before anything was sent: httpx wrote the request on the dead loop's connection, then
+    # failed, and the server stored a write the caller was told had failed.
+    with Client(live_api.url, api_key=live_api.key) as check:
+        assert check.get_session(session["id"])["head"] == 0

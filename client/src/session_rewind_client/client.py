@@ -577,7 +577,12 @@ class AsyncClient(Endpoints):
     def _http_for_this_loop(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None and self._renewable:
+            if self._loop is not None and not self._renewable:
+                # Before anything is sent: httpx wrote the request on the old loop's pooled connection
+                # and only then failed ("Event loop is closed"), so the server acted on a request the
+                # caller was told had failed.
+                raise self._wrong_loop(RuntimeError("this event loop is not the one its connections were opened on"))
+            if self._loop is not None:
                 # Connections opened on another loop cannot be used on this one (httpx: "Event loop
                 # is closed"); that loop's own cleanup, or the garbage collector, closes them.
                 self._http = self._connect()
