@@ -35,6 +35,17 @@ class LiveApi:
                             event_hooks={"request": [lambda request: sent.append(f"{request.method} {request.url.path}")]})
         return Client(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)), sent
 
+    def counted_aclient(self) -> tuple[AsyncClient, list[str]]:
+        """As `counted_client`, for asyncio (make it inside the loop that uses it)."""
+        sent: list[str] = []
+
+        async def count(request: httpx.Request) -> None:
+            sent.append(f"{request.method} {request.url.path}")
+
+        http = httpx.AsyncClient(base_url=f"{self.url}/api/v1/", headers={"Authorization": f"Bearer {self.key}"},
+                                 event_hooks={"request": [count]})
+        return AsyncClient(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)), sent
+
     def key_with(self, scopes: str) -> str:
         _, token = api_key_create(project=self.project, name=f"{scopes} key", scopes=scopes)
         return token

@@ -464,3 +464,126 @@ def test_a_long_lived_saver_remembers_a_bounded_number_of_threads_at_no_cost_to_
     # A thread forgotten meanwhile still resumes where it was.
     state = trip_graph(small).get_state({"configurable": {"thread_id": f"many-{id(small)}-0"}})
     assert state.values["log"] == ["plan city-0", "book city-0", "confirm city-0"]
+
+
+class Talk(TypedDict):
+    turns: int
+    log: Annotated[list[str], operator.add]
+
+
+def talk_graph(saver):
+    """`turn` until the log holds `turns` lines, then `ask` a human (an interrupt), then end."""
+    from langgraph.types import interrupt
+
+    def turn(state: Talk) -> dict:
+        return {"log": [f"turn {len(state['log'])}"]}
+
+    def ask(state: Talk) -> dict:
+        return {"log": [f"answer {interrupt('go on?')}"]}
+
+    builder = StateGraph(Talk)
+    builder.add_node("turn", turn)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "turn")
+    builder.add_conditional_edges("turn", lambda state: "turn" if len(state["log"]) < state["turns"] else "ask",
+                                  ["turn", "ask"])
+    builder.add_edge("ask", END)
+    return builder.compile(checkpointer=saver)
+
+
+def history_shape(history) -> list:
+    """What a user reads in a history, without the savers' own ids: values, what runs next, each task's
+    interrupts and result (from the checkpoint's pending writes), and the parent as a position."""
+    position = {snapshot.config["configurable"]["checkpoint_id"]: n for n, snapshot in enumerate(history)}
+    return [
+        (snapshot.values, snapshot.next, snapshot.metadata.get("source"), snapshot.metadata.get("step"),
+         position.get(((snapshot.parent_config or {}).get("configurable") or {}).get("checkpoint_id")),
+         [(task.name, [i.value for i in task.interrupts], task.result) for task in snapshot.tasks])
+        for snapshot in history
+    ]
+
+
+def test_a_long_history_is_read_in_a_few_requests_per_page_and_matches_langgraphs_own_saver(live_api):
+    from langgraph.types import Command
+
+    turns = 100
+    config = {"configurable": {"thread_id": "long-talk"}, "recursion_limit": 300}
+
+    def run(saver) -> None:
+        graph = talk_graph(saver)
+        graph.invoke({"turns": turns, "log": []}, config)  # pauses at the question: pending writes
+        halfway = next(s for s in graph.get_state_history(config) if len(s.values["log"]) == turns // 2)
+        forked = graph.update_state(halfway.config, {"turns": turns // 2 + 5})  # a branch (a rewind here)
+        graph.invoke(None, forked)
+        graph.invoke(Command(resume="yes"), config)
+
+    theirs = InMemorySaver()
+    run(theirs)
+    run(SessionRewindSaver(live_api.client()))
+    expected = history_shape(list(talk_graph(theirs).get_state_history(config)))
+    assert len(expected) > 100 and expected[0][0]["log"][-1] == "answer yes"
+    pages = -(-len(expected) // 50)  # the server's pages of states hold 50
+
+    # Another process reads the history: it used to cost two requests per checkpoint (its state, then
+    # its writes), ~230 here and seconds of waiting on a long thread.
+    client, sent = live_api.counted_client()
+    saver = SessionRewindSaver(client)
+    assert history_shape(list(talk_graph(saver).get_state_history(config))) == expected
+    assert len(sent) <= 5 * pages, sent
+    assert not any("/versions/" in request and not request.endswith("/versions/") for request in sent), sent
+
+    async def read_async() -> tuple[list, list[str]]:
+        aclient, asent = live_api.counted_aclient()
+        async with aclient:
+            history = [s async for s in talk_graph(SessionRewindSaver(aclient=aclient)).aget_state_history(config)]
+        return history_shape(history), asent
+
+    ahistory, asent = asyncio.run(read_async())
+    assert ahistory == expected and len(asent) <= 5 * pages, asent
+
+    # A caller that reads only the newest checkpoints does not page through the rest.
+    root = {"configurable": {"thread_id": "long-talk", "checkpoint_ns": ""}}
+    client, sent = live_api.counted_client()
+    newest = next(SessionRewindSaver(client).list(root))
+    assert newest.checkpoint["channel_values"]["log"][-1] == "answer yes" and len(sent) <= 4, sent
+    client, sent = live_api.counted_client()
+    first = list(SessionRewindSaver(client).list(root, limit=5))
+    assert len(first) == 5 and len(sent) <= 10, sent
+    client, sent = live_api.counted_client()
+    assert [t.config for t in SessionRewindSaver(client).list(root, before=first[2].config, limit=2)] == [
+        t.config for t in first[3:5]]
+    assert len(sent) <= 6, sent
+
+
+def test_a_listed_checkpoint_keeps_the_writes_made_before_it_was_rewound_to(live_api, rewind):
+    """Ask, an operator rewinds to the question, it is asked again and answered, and the talk goes on:
+    in the history the question's checkpoint still shows the first asking only (later writes belong
+    to the rewind), wherever it falls in the listing and however the listing reads its writes."""
+    from langgraph.types import Command
+
+    graph = talk_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "talk-rewound"}}
+    graph.invoke({"turns": 1, "log": []}, config)
+    session = rewind.list_sessions(external_id="talk-rewound")["results"][0]
+    question = rewind.head(session["id"])
+    rewind.rewind(session["id"], question["number"], reason="ask again")
+    assert graph.invoke(None, config)["__interrupt__"][0].value == "go on?"
+    graph.invoke(Command(resume="yes"), config)
+    graph.update_state(config, {"turns": 6}, as_node="turn")
+    graph.invoke(None, config)  # five more turns, then the question again
+    graph.invoke(Command(resume="done"), config)
+
+    root = {"configurable": {"thread_id": "talk-rewound", "checkpoint_ns": ""}}
+    question_id = question["state"]["checkpoint"]["id"]
+    fresh = SessionRewindSaver(live_api.client())
+    listed = list(fresh.list(root))
+    asked = next(t for t in listed if t.config["configurable"]["checkpoint_id"] == question_id)
+    assert listed.index(asked) > 5  # past the first checkpoints, whose writes are read one by one
+    assert [(channel, [i.value for i in value]) for _, channel, value in asked.pending_writes] == [
+        ("__interrupt__", ["go on?"])]
+    for n, listed_tuple in enumerate(listed):
+        alone = fresh.get_tuple(listed_tuple.config)
+        assert listed_tuple.pending_writes == alone.pending_writes, n
+        assert [t.pending_writes for t in fresh.list(root, limit=n + 1)][-1] == listed_tuple.pending_writes, n
+    assert [t.pending_writes for t in SessionRewindSaver(live_api.client()).list(asked.config)] == [
+        asked.pending_writes]

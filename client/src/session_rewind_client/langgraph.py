@@ -74,6 +74,11 @@ WRITES_SUFFIX = "|writes"
 KEEP_ALL_TAG = "retention:keep-all"  # sessions so tagged keep every version whatever the project's policy
 EXTERNAL_ID_MAX = 255
 PAGE = 200
+STATES_PAGE = 50  # the most versions the server answers with their states in one page
+STATES_PAGE_BYTES = 8 * 1024 * 1024  # a page of states ends early past this
+# A listing reads the pending writes of its first checkpoints one request each; a caller reading on
+# makes it weigh that against one pass over the whole writes session (see `_PendingWrites`).
+WRITES_PROBE = 2
 
 Op = Generator[Any, Any, Any]
 # `SessionRewindSaver.list` shadows the builtin inside the class, hence `builtins.list` there.
@@ -210,6 +215,115 @@ def _rewind_targets(rewind_versions: list[dict[str, Any]]) -> dict[int, tuple[in
         if target is not None:
             targets[int(meta["number"])] = (int(target), _when(meta["created_at"]))
     return targets
+
+
+class _StatePages:
+    """A session's versions with their verified states, newest first, one page per `next_page` call:
+    a listing fetches the next page only when its caller reads past the last one."""
+
+    def __init__(self, session_id: str, filters: dict[str, str] | None = None, *, first: int = STATES_PAGE) -> None:
+        self.path = f"sessions/{session_id}/versions/"
+        self.filters = filters or {}
+        self.size = max(1, min(first, STATES_PAGE))
+        self.cursor: str | None = None
+        self.done = False
+
+    def next_page(self) -> Op:
+        """The next page's versions, each with its `state` ([] at the end, or once the session is gone)."""
+        if self.done:
+            return []
+        params: dict[str, Any] = {**self.filters, "with_state": "true", "limit": self.size}
+        if self.cursor:
+            params["cursor"] = self.cursor
+        try:
+            page = yield Call("GET", self.path, params=params)
+        except NotFound:
+            self.done = True
+            return []
+        self.cursor = page.get("next")
+        self.done = not self.cursor
+        self.size = STATES_PAGE
+        tag = self.filters.get("tag")  # exact here whatever the server's tag lookup
+        return [row for row in page.get("results") or [] if tag is None or tag in (row.get("tags") or [])]
+
+    def all(self) -> Op:
+        rows: Rows = []
+        while not self.done:
+            rows.extend((yield from self.next_page()))
+        return rows
+
+
+class _RewindEnds:
+    """For a walk over a session's versions newest first: when each version was first rewound to.
+
+    A rewind restores its parent (itself maybe a rewind, restoring its own): every rewind that leads
+    to a version is newer than it, so by the time the walk reaches a version it has seen them all."""
+
+    def __init__(self) -> None:
+        self._first: dict[int, datetime] = {}  # version number -> the earliest rewind leading to it so far
+
+    def saw(self, meta: dict[str, Any]) -> datetime | None:
+        """Note `meta` (rewind or not); answers, for a version that is no rewind, when it was first rewound to."""
+        number = int(meta["number"])
+        first = self._first.pop(number, None)
+        if meta.get("kind") != "rewind":
+            return first
+        when = _when(meta["created_at"]) if first is None else min(first, _when(meta["created_at"]))
+        parent = meta.get("parent")
+        if parent is not None:
+            known = self._first.get(int(parent))
+            self._first[int(parent)] = when if known is None else min(known, when)
+        return None
+
+
+class _PendingWrites:
+    """The pending writes of the checkpoints a listing hands out, read from the companion writes session.
+
+    One request per checkpoint (its tag, with states) is cheapest for a caller that reads a few; one
+    pass over the whole writes session (pages of states) for one that reads the whole history. Which
+    one a caller is shows only as it reads on, so: the first `WRITES_PROBE` checkpoints one request
+    each; then, learning what the pass costs (one request for the session's size), one request each
+    until they add up to that cost, and the pass after (never much more than twice the better of the
+    two). A `limit` that leaves fewer checkpoints than the pass costs keeps to one request each."""
+
+    def __init__(self, session_id: str, limit: int | None, collect: Callable[[str, Rows], Op]) -> None:
+        self.session_id = session_id
+        self.limit = limit
+        self.collect = collect
+        self.asked = 0  # checkpoints whose writes were read one request each
+        self.pass_cost: int | None = None
+        self.by_tag: dict[str, Rows] | None = None  # checkpoint tag -> write versions, once read in one pass
+
+    def of(self, checkpoint_id: str, end: datetime | None, emitted: int) -> Op:
+        """The writes of this checkpoint made before `end` (its first rewind), `emitted` checkpoints
+        having been handed out before it."""
+        tag = checkpoint_tag(checkpoint_id)
+        left = None if self.limit is None else self.limit - emitted
+        if self.by_tag is None and self.asked >= WRITES_PROBE and (left is None or left > 1):
+            if self.pass_cost is None:
+                self.pass_cost = yield from self._pass_cost()
+            if self.asked >= self.pass_cost and (left is None or left > self.pass_cost):
+                self.by_tag = {}
+                for meta in (yield from _StatePages(self.session_id).all()):
+                    for found in meta.get("tags") or []:
+                        if found.startswith("cp:"):
+                            self.by_tag.setdefault(found, []).append(meta)
+        if self.by_tag is not None:
+            rows = self.by_tag.get(tag, [])
+        else:
+            rows = yield from _StatePages(self.session_id, {"tag": tag}).all()
+            self.asked += 1
+        return (yield from self.collect(self.session_id, _within(rows, (None, end))))
+
+    def _pass_cost(self) -> Op:
+        """Requests one pass over the writes session takes: its pages of states."""
+        try:
+            session = yield Call("GET", f"sessions/{self.session_id}/")
+        except NotFound:
+            return 1
+        count = int(session.get("version_count") or 0)
+        size = int(session.get("logical_bytes") or 0)
+        return max(1, math.ceil(count / STATES_PAGE), math.ceil(size / STATES_PAGE_BYTES))
 
 
 class _Item:
@@ -592,7 +706,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _writes_for(self, writes_session: str | None, checkpoint_id: str, window: tuple[datetime | None, datetime | None]) -> Op:
         if writes_session is None:
             return []
-        found = yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id))
+        found = yield from _StatePages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
         return (yield from self._collect_writes(writes_session, _within(found, window)))
 
     def _rewinds(self, session_id: str) -> Op:
@@ -605,7 +719,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         value (as other savers do on conflict); special channels (errors, interrupts) keep the last."""
         by_key: dict[tuple[str, int], tuple[str, str, Any, str]] = {}
         for meta in sorted(versions, key=lambda v: int(v["number"])):
-            state = yield from self._state(writes_session, int(meta["number"]))
+            state = meta["state"] if "state" in meta else (yield from self._state(writes_session, int(meta["number"])))
             for idx, channel, value in state["writes"]:
                 key = (state["task_id"], int(idx))
                 if key in by_key and key[1] >= 0:
@@ -699,47 +813,54 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             return
         wanted_id = get_checkpoint_id(config)
         before_id = get_checkpoint_id(before) if before else None
-        versions = yield from self._versions(session_id)
         writes_session = yield from self._find_session(_writes_of(external_id))
-        rewinds = _rewind_targets([meta for meta in versions if meta.get("kind") == "rewind"])
-        writes_index: dict[str, Rows] = {}  # checkpoint tag -> write versions
-        if writes_session is not None:
-            for meta in (yield from self._versions(writes_session)):
-                for tag in meta.get("tags") or []:
-                    if tag.startswith("cp:"):
-                        writes_index.setdefault(tag, []).append(meta)
+        pending = None if writes_session is None else _PendingWrites(writes_session, limit, self._collect_writes)
+        if wanted_id:
+            # One checkpoint: only the versions tagged with it (its rewinds, untagged, are read apart).
+            pages = _StatePages(session_id, {"tag": checkpoint_tag(wanted_id)})
+        else:
+            # Checkpoints come newest first, a page of states at a time as the caller reads on; a small
+            # `limit` needs only a small first page (one more for a rewind at the head).
+            first = limit + 1 if limit is not None and not filter and not before else STATES_PAGE
+            pages = _StatePages(session_id, first=first)
+        rewound = _RewindEnds()
         seen: set[str] = set()
         emitted = 0
-        for meta in versions:
-            if meta.get("kind") == "rewind":
-                continue  # the same checkpoint as its target, which is listed where it was made
-            cp_tags = [tag for tag in meta.get("tags") or [] if tag.startswith("cp:")]
-            if cp_tags and cp_tags[0] in seen:
-                continue
-            state = yield from self._state(session_id, int(meta["number"]))
-            checkpoint_id = state["checkpoint"]["id"]
-            if checkpoint_id in seen:
-                continue
-            seen.add(checkpoint_id)
-            if cp_tags:
-                seen.add(cp_tags[0])
-            if wanted_id and checkpoint_id != wanted_id:
-                continue
-            if before_id and checkpoint_id >= before_id:
-                continue
-            if filter:
-                metadata = {key: self._decode(value) for key, value in state["metadata"].items()}
-                if any(metadata.get(key) != value for key, value in filter.items()):
+        while not pages.done:
+            for meta in (yield from pages.next_page()):
+                first_rewind = rewound.saw(meta)
+                if meta.get("kind") == "rewind":
+                    continue  # the same checkpoint as its target, which is listed where it was made
+                cp_tags = [tag for tag in meta.get("tags") or [] if tag.startswith("cp:")]
+                if cp_tags and cp_tags[0] in seen:
                     continue
-            writes: builtins.list[Any] = []
-            if writes_session is not None:
-                end = min((when for target, when in rewinds.values() if target == int(meta["number"])), default=None)
-                found = _within(writes_index.get(checkpoint_tag(checkpoint_id), []), (None, end))
-                writes = yield from self._collect_writes(writes_session, found)
-            yield _Item(self._tuple_from(state, thread_id, ns, writes))
-            emitted += 1
-            if limit is not None and emitted >= limit:
-                return
+                number, state = int(meta["number"]), meta["state"]
+                self._states.put((session_id, number), state)
+                checkpoint_id = state["checkpoint"]["id"]
+                if checkpoint_id in seen:
+                    continue
+                seen.add(checkpoint_id)
+                if cp_tags:
+                    seen.add(cp_tags[0])
+                if wanted_id and checkpoint_id != wanted_id:
+                    continue
+                if before_id and checkpoint_id >= before_id:
+                    continue
+                if filter:
+                    metadata = {key: self._decode(value) for key, value in state["metadata"].items()}
+                    if any(metadata.get(key) != value for key, value in filter.items()):
+                        continue
+                writes: builtins.list[Any] = []
+                if pending is not None:
+                    if wanted_id:
+                        rewinds = yield from self._rewinds(session_id)
+                        first_rewind = min((when for target, when in rewinds.values() if target == number), default=None)
+                    # Its writes are those made before the first rewind back to it (later ones belong to that rewind).
+                    writes = yield from pending.of(checkpoint_id, first_rewind, emitted)
+                yield _Item(self._tuple_from(state, thread_id, ns, writes))
+                emitted += 1
+                if limit is not None and emitted >= limit:
+                    return
 
     def _list_all_threads(self, *, filter: dict[str, Any] | None, before: RunnableConfig | None,
                           limit: int | None) -> Op:
