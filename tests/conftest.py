@@ -47,6 +47,15 @@ def clear_cache() -> None:
     store.node_lru.clear()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing():
+    """Test users' passwords are hashed cheaply (tests/hashers.py says why and what still holds)."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["tests.hashers.FastPBKDF2PasswordHasher"]):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     """Every test starts with cold caches, so none can pass on another test's cached pieces."""
