@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -29,35 +30,52 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture
-def server(transactional_db, monkeypatch) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module")
+def _live(django_db_setup) -> Iterator[tuple[LiveServer, Any]]:
+    """One uvicorn process and one chromium for the whole module: starting them took a few seconds
+    of every test. Each test still gets an empty database (transactional_db) and its own browser
+    contexts (cookies, storage, sockets), closed when it ends; the server keeps nothing of a test in
+    memory that another could read (its caches are keyed by ids, which a flushed database never
+    hands out again)."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (.ci/ensure-chromium)")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls here are still plain sync.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
-        subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
-    env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": settings.REDIS_URL,
-           "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
-           "DB_POOL_SIZE": "4"}  # as `make serve` runs the web process: with a connection pool
-    live = LiveServer(free_port(), env)
-    live.start()
-    try:
-        yield live
-    finally:
-        live.stop()
+    from playwright.sync_api import sync_playwright
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Playwright's sync API runs an event loop in this thread for as long as the browser is open;
+        # the ORM calls here (the tests' own, and the database flush between them) are still plain sync.
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
+            subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
+        env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": settings.REDIS_URL,
+               "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
+               "DB_POOL_SIZE": "4"}  # as `make serve` runs the web process: with a connection pool
+        live = LiveServer(free_port(), env)
+        live.start()
+        try:
+            with sync_playwright() as playwright:
+                chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    yield live, chromium
+                finally:
+                    chromium.close()
+        finally:
+            live.stop()
 
 
 @pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
+def server(_live, transactional_db) -> Iterator[LiveServer]:
+    live, chromium = _live
+    if live.process is None or live.process.poll() is not None:  # a test that restarts it failed half-way
+        live.start()
+    yield live
+    for context in chromium.contexts:  # this test's pages: their sockets must not outlive it
+        context.close()
 
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+
+@pytest.fixture
+def browser(_live, server):
+    return _live[1]
 
 
 def off_loop(function, *args, **kwargs):
