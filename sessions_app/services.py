@@ -107,20 +107,9 @@ def require_reason(reason: Any) -> str:
 AUDIT_ACTIONS = frozenset(AuditAction.values)  # (the enum builds that list anew on each use)
 
 
-def audit_record(
-    *,
-    project: Project,
-    action: str,
-    target_type: str,
-    target_id: Any,
-    actor: User = None,
-    actor_label: str = "",
-    session_id: Any = None,
-    reason: str = "",
-    details: dict[str, Any] | None = None,
-) -> AuditEvent:
-    event = audit_event(project=project, action=action, target_type=target_type, target_id=target_id, actor=actor,
-                        actor_label=actor_label, session_id=session_id, reason=reason, details=details)
+def audit_record(**fields: Any) -> AuditEvent:
+    """Store one audit event (the keyword arguments of audit_event)."""
+    event = audit_event(**fields)
     event.save(force_insert=True)
     return event
 
