@@ -57,14 +57,18 @@ scalars = st.one_of(
     st.text(min_size=500, max_size=900),  # long strings become their own nodes
     st.lists(st.text(max_size=90), min_size=10, max_size=40).map("\n".join),  # ... with lines: chunks
 )
+# recursive() almost never grows a list past 32 items (paged runs) or an object past 64 members
+# (member runs): 0 of 120 states had one. Those paths get edited_wide_states below (as leaves here,
+# wide values made these tests 3x slower).
 json_values = st.recursive(
     scalars,
     lambda children: st.one_of(
-        st.lists(children, max_size=80),  # > 32 items: paged runs
-        st.dictionaries(st.text(max_size=12), children, max_size=90),  # > 64 members: member runs
+        st.lists(children, max_size=80),
+        st.dictionaries(st.text(max_size=12), children, max_size=90),
     ),
     max_leaves=250,
 )
+small = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.text(max_size=8))
 states = st.dictionaries(st.text(max_size=12), json_values, max_size=20)
 
 
@@ -91,6 +95,42 @@ def test_applying_the_diff_patch_to_a_gives_b(a, b):
     assert dumps(apply_patch(a, result.patch)) == dumps(b)
     assert (result.changes == []) == (dumps(a) == dumps(b))
     assert dumps(apply_patch(a, diff_values(a, b).patch)) == dumps(b)
+
+
+@st.composite
+def edited_wide_states(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A long list and a wide object, then the same with a few items inserted, removed or replaced
+    and members added or removed: what an engine's step does to a history or a store."""
+    items = draw(st.lists(small, min_size=33, max_size=400))
+    members = draw(st.dictionaries(st.text(max_size=12), small, min_size=65, max_size=200))
+    edited, changed = list(items), dict(members)
+    for _ in range(draw(st.integers(1, 8))):
+        where = draw(st.integers(0, len(edited)))
+        kind = draw(st.sampled_from(["insert", "remove", "replace", "member"]))
+        if kind == "insert" or not edited:
+            edited.insert(where, draw(small))
+        elif kind == "remove":
+            del edited[min(where, len(edited) - 1)]
+        elif kind == "replace":
+            edited[min(where, len(edited) - 1)] = draw(small)
+        elif draw(st.booleans()) and changed:
+            del changed[draw(st.sampled_from(sorted(changed)))]
+        else:
+            changed[draw(st.text(max_size=12))] = draw(small)
+    return {"history": items, "store": members}, {"history": edited, "store": changed}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
+@given(edited_wide_states())
+def test_a_few_edits_to_long_runs_read_back_and_diff_exactly(pair):
+    a, b = pair
+    nodes = MemoryNodes()
+    root_a, _ = nodes.write(a)
+    root_b, _ = nodes.write(b)
+    assert nodes.read(root_a) == dumps(a) and nodes.read(root_b) == dumps(b)
+    result = diff_trees(root_a, root_b, nodes)
+    assert dumps(apply_patch(a, result.patch)) == dumps(b)
+    assert (result.changes == []) == (dumps(a) == dumps(b))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=SUPPRESSED)
