@@ -23,4 +23,6 @@ def ago(moment: datetime | None) -> SafeString | str:
     seconds = int((timezone.now() - moment).total_seconds())
     text = f"{max(seconds, 0)} s ago" if seconds < 60 else f"{timesince(moment)} ago"
     stamp = moment.isoformat()
-    return format_html('<time datetime="{}" title="{}" data-ago>{}</time>', stamp, stamp, text)
+    # data-ago: the age in seconds by the server's clock (app.js counts on from it, whatever the
+    # browser's clock says).
+    return format_html('<time datetime="{}" title="{}" data-ago="{}">{}</time>', stamp, stamp, max(seconds, 0), text)

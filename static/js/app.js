@@ -165,7 +165,9 @@
 
   // Relative times ({% ago %} in sessions_app/templatetags/rewind.py) move on while the page stays
   // open: a row nothing has changed since the page loaded went on saying "12 s ago" for good, and an
-  // engine that stopped looked alive. Past a day the server's text stays (it hardly moves).
+  // engine that stopped looked alive. They count on from the age the server gave (data-ago) since
+  // the element arrived, so a browser whose clock is off still reads right. Past a day the server's
+  // text stays (it hardly moves).
   function plural(count, unit) { return count + "\u00a0" + unit + (count === 1 ? "" : "s"); }
   function agoText(seconds) {
     if (seconds < 60) return Math.max(seconds, 0) + " s ago";
@@ -174,10 +176,21 @@
     var hours = Math.floor(minutes / 60);
     return plural(hours, "hour") + (minutes % 60 ? ", " + plural(minutes % 60, "minute") : "") + " ago";
   }
-  setInterval(function () {
+  var arrived = new WeakMap();
+  function noteArrivals() {
     var now = Date.now();
     document.querySelectorAll("time[data-ago]").forEach(function (time) {
-      var seconds = Math.floor((now - Date.parse(time.getAttribute("datetime"))) / 1000);
+      if (!arrived.has(time)) arrived.set(time, now);
+    });
+  }
+  noteArrivals();
+  document.addEventListener("htmx:afterSettle", noteArrivals);
+  document.addEventListener("htmx:wsAfterMessage", noteArrivals);
+  setInterval(function () {
+    noteArrivals();
+    var now = Date.now();
+    document.querySelectorAll("time[data-ago]").forEach(function (time) {
+      var seconds = Number(time.getAttribute("data-ago")) + Math.floor((now - arrived.get(time)) / 1000);
       if (seconds < 86400) time.textContent = agoText(seconds);
     });
   }, 5000);
