@@ -740,7 +740,10 @@ def versions_pin(*, versions: QuerySet[Version], pinned: bool, actor: User = Non
 
 @transaction.atomic
 def _pin_batch(batch: list[tuple[int, Any]], pinned: bool, actor: User, actor_label: str, outcome: PinOutcome) -> None:
-    sessions = WorkflowSession.objects.select_for_update().select_related("project").order_by("pk")
+    # Their rows only (of=self), not their project's: a session_lock of a later session (a pin, a
+    # rewind) locks that session and then the project row, so holding the project row while waiting
+    # on the sessions in turn deadlocked with it.
+    sessions = WorkflowSession.objects.select_for_update(of=("self",)).select_related("project").order_by("pk")
     writable = {}
     for session in sessions.filter(pk__in={session_id for _, session_id in batch}):
         try:

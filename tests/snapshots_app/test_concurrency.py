@@ -112,3 +112,71 @@ def test_concurrent_retries_of_a_fork_create_one_session(session):
     with pytest.raises(IdempotencyKeyReused, match="external id"):
         snapshot_fork(session=session, from_version=1, reason="try", idempotency_key="fork-1", external_id="mine")
     assert WorkflowSession.objects.count() == 2
+
+
+def _waiting_on_locks() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                       "AND datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+def test_a_bulk_pin_and_a_pin_of_another_session_of_its_project_do_not_deadlock(project):
+    """An admin's select-all pin waits on a session an engine is writing; meanwhile an operator pins
+    (or labels, rewinds, archives) a version of a later session of the same project. The bulk pin
+    must not hold the project's row while it waits: the single pin locks its session, then the
+    project, and the bulk pin would wait on that session in turn (PostgreSQL aborted one of them)."""
+    import time
+
+    from django.db import transaction
+
+    from snapshots_app.services import version_pin, versions_pin
+    from tests.factories import make_session
+
+    sessions = sorted((make_session(project, f"run-{i}") for i in range(3)), key=lambda s: str(s.pk))
+    for session in sessions:
+        snapshot_record(session=session, state={"n": 1})
+    _first, busy, last = sessions
+    held, release = threading.Event(), threading.Event()
+    results: dict[str, Any] = {}
+
+    def in_thread(name: str, call: Callable[[], Any]) -> threading.Thread:
+        def run() -> None:
+            try:
+                results[name] = call()
+            except Exception as exc:  # noqa: BLE001 - asserted on below
+                results[name] = exc
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def engine_writing() -> None:  # holds the busy session's row, as a write in progress does
+        with transaction.atomic():
+            WorkflowSession.objects.select_for_update(of=("self",)).get(pk=busy.pk)
+            held.set()
+            release.wait(10)
+
+    def wait_until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    threads = [in_thread("engine", engine_writing)]
+    assert held.wait(5)
+    threads.append(in_thread("bulk", lambda: versions_pin(
+        versions=Version.objects.filter(session__in=sessions), pinned=True, actor_label="admin")))
+    wait_until(lambda: _waiting_on_locks() >= 1)  # the bulk pin waits on the busy session
+    one = Version.objects.select_related("session__project").get(session=last, number=1)
+    threads.append(in_thread("single", lambda: version_pin(version=one, pinned=True, actor_label="operator")))
+    wait_until(lambda: "single" in results or _waiting_on_locks() >= 2)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert not isinstance(results["single"], Exception), results["single"]
+    assert not isinstance(results["bulk"], Exception), results["bulk"]
+    assert results["bulk"].done == 3
+    assert Version.objects.filter(session__in=sessions, pinned=True).count() == 3
