@@ -166,15 +166,19 @@
   // Relative times ({% ago %} in sessions_app/templatetags/rewind.py) move on while the page stays
   // open: a row nothing has changed since the page loaded went on saying "12 s ago" for good, and an
   // engine that stopped looked alive. They count on from the age the server gave (data-ago) since
-  // the element arrived, so a browser whose clock is off still reads right. Past a day the server's
-  // text stays (it hardly moves).
+  // the element arrived, so a browser whose clock is off still reads right. In the words of Django's
+  // timesince (two adjacent units) up to four weeks; past that (months) the text stays as it is.
   function plural(count, unit) { return count + "\u00a0" + unit + (count === 1 ? "" : "s"); }
   function agoText(seconds) {
     if (seconds < 60) return Math.max(seconds, 0) + " s ago";
     var minutes = Math.floor(seconds / 60);
     if (minutes < 60) return plural(minutes, "minute") + " ago";
     var hours = Math.floor(minutes / 60);
-    return plural(hours, "hour") + (minutes % 60 ? ", " + plural(minutes % 60, "minute") : "") + " ago";
+    if (hours < 24) return plural(hours, "hour") + (minutes % 60 ? ", " + plural(minutes % 60, "minute") : "") + " ago";
+    var days = Math.floor(hours / 24);
+    if (days < 7) return plural(days, "day") + (hours % 24 ? ", " + plural(hours % 24, "hour") : "") + " ago";
+    var weeks = Math.floor(days / 7);
+    return plural(weeks, "week") + (days % 7 ? ", " + plural(days % 7, "day") : "") + " ago";
   }
   var arrived = new WeakMap();
   function noteArrivals() {
@@ -191,7 +195,7 @@
     var now = Date.now();
     document.querySelectorAll("time[data-ago]").forEach(function (time) {
       var seconds = Number(time.getAttribute("data-ago")) + Math.floor((now - arrived.get(time)) / 1000);
-      if (seconds < 86400) time.textContent = agoText(seconds);
+      if (seconds < 28 * 86400) time.textContent = agoText(seconds);
     });
   }, 5000);
 })();

@@ -302,6 +302,33 @@ def test_relative_times_move_on_while_the_list_stays_open(server, browser):
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_relative_time_passing_a_day_while_the_list_stays_open_says_so(server, browser):
+    """The ticker stopped at a day: a row it had counted up to "23 hours, 59 minutes ago" said so
+    for as long as the page stayed open, however old the row grew."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sessions_app.models import WorkflowSession
+
+    def story() -> None:
+        session = _operator_story()
+        almost_a_day = timezone.now() - timedelta(hours=23, minutes=59, seconds=50)
+        WorkflowSession.objects.filter(pk=session.pk).update(updated_at=almost_a_day)
+
+    off_loop(story)
+    page = log_in(browser, server, "olga")
+    page.clock.install()
+    page.reload()
+    updated = page.locator("table.sessions tr", has_text="run-42").locator("time[data-ago]")
+    assert updated.inner_text() == "23\u00a0hours, 59\u00a0minutes ago"
+    page.clock.fast_forward("00:15")
+    page.wait_for_function("el => el.textContent === '1\u00a0day ago'", arg=updated.element_handle())
+    page.clock.fast_forward("01:00:00")
+    page.wait_for_function("el => el.textContent === '1\u00a0day, 1\u00a0hour ago'", arg=updated.element_handle())
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_refused_timeline_action_says_why(server, browser):
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
