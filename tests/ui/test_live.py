@@ -154,6 +154,31 @@ def test_rows_a_page_missed_come_with_the_next_new_version(setup, shown):
         assert 'id="v-4"' in new_rows and 'id="v-3"' not in new_rows
 
 
+def test_more_missed_versions_than_a_page_reload_the_page_instead_of_leaving_a_gap(setup):
+    """A socket that missed more versions than one update carries (TIMELINE_PAGE: its channel was
+    full, the layer dropped the oldest events) got the newest page's rows only: the timeline then
+    read 61, 60, ... 12, 1, versions 2-11 silently missing. It is told to reload instead."""
+    from snapshots_app.selectors import TIMELINE_PAGE
+
+    owner, _, _, _, session = setup
+    for number in range(1, TIMELINE_PAGE + 11):
+        _record(session, {"n": number})
+
+    async def scenario() -> str:
+        client = communicator(f"/ws/sessions/{session.pk}/?shown=1", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_record, session, {"n": TIMELINE_PAGE + 11})
+        html = await client.receive_from(timeout=5)
+        while "live-reload" not in html and "afterbegin:#timeline" not in html:
+            html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    html = run(scenario)
+    assert 'id="live-reload"' in html and f'data-reason="{TIMELINE_PAGE + 10} versions were written' in html
+    assert "afterbegin:#timeline" not in html
+
+
 def _record(session, state, **kwargs):
     from django.db import close_old_connections
 
