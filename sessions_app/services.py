@@ -310,7 +310,10 @@ def session_event(session: WorkflowSession) -> dict[str, Any]:
 def session_lock(session: WorkflowSession) -> WorkflowSession:
     """The session's row, locked until the transaction ends: the lock every change of a session takes
     (writes, rewinds, forks, pins, retention, archiving, deletion), so they happen one at a time."""
-    locked = WorkflowSession.objects.select_for_update().select_related("project").filter(pk=session.pk).first()
+    # of=self: the project row comes along unlocked. Locked too, every change in a project queued on
+    # it, and code locking sessions one after another deadlocked against a change of another session.
+    locked = (WorkflowSession.objects.select_for_update(of=("self",)).select_related("project")
+              .filter(pk=session.pk).first())
     if locked is None:
         raise session_gone(session)
     return locked

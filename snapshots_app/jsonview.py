@@ -189,7 +189,8 @@ class TextDiffBudget:
 def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[tuple[str, str]]:
     """(op, text) pieces: ' ' same, '-' removed, '+' added. By line when multi-line, else by word.
     With `budget`, the matcher's work is taken from it (shared by every text diff of a page)."""
-    if "\n" in old or "\n" in new:
+    by_line = "\n" in old or "\n" in new
+    if by_line:
         a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
     else:
         a, b = _WORD.findall(old), _WORD.findall(new)
@@ -208,7 +209,9 @@ def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[
         if budget is not None:
             budget.left -= work
         opcodes = difflib.SequenceMatcher(a=middle_a, b=middle_b, autojunk=False).get_opcodes()
-        if _mostly_rewritten(middle_a, middle_b, opcodes):
+        # (By line, each changed line already reads next to its new one: paragraphs each edited a
+        # little, kept only in their blank lines between, would have become two whole blocks.)
+        if not by_line and _mostly_rewritten(middle_a, middle_b, opcodes):
             opcodes = [("replace", 0, len(middle_a), 0, len(middle_b))]
         for tag, i1, i2, j1, j2 in opcodes:
             if tag == "equal":

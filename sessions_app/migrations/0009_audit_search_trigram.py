@@ -20,7 +20,7 @@ def create(apps, schema_editor):
     schema_editor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
     for name, column in INDEXES.items():
         schema_editor.execute(
-            f"CREATE INDEX IF NOT EXISTS {name} ON sessions_app_auditevent "
+            f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON sessions_app_auditevent "
             f"USING gin ((UPPER({column}::text)) gin_trgm_ops)"
         )
 
@@ -29,10 +29,13 @@ def drop(apps, schema_editor):
     if schema_editor.connection.vendor != "postgresql":
         return
     for name in INDEXES:
-        schema_editor.execute(f"DROP INDEX IF EXISTS {name}")
+        schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
 
 
 class Migration(migrations.Migration):
+    # CONCURRENTLY (outside a transaction): built on a large audit table, a plain CREATE INDEX blocked
+    # every audited action until the four indexes were done.
+    atomic = False
     dependencies = [("sessions_app", "0008_apikey_expires_at")]
 
     operations = [migrations.RunPython(create, drop)]

@@ -468,6 +468,10 @@ def test_a_rewritten_text_reads_as_removed_and_added_whole_an_edited_one_word_by
         (" ", "Logical replication streams row changes per publication; "), ("-", "physical"), ("+", "streaming")]
     lines = "".join(f"line {i}: kept as it was\n" for i in range(20))
     assert [op for op, _ in jsonview.text_diff(lines, lines.replace("line 7:", "line seven:"))] == [" ", "-", "+", " "]
+    # By line, paragraphs each edited a little stay side by side (only their blank lines are kept).
+    paragraphs = "\n\n".join(f"Paragraph {i} says something." for i in range(5))
+    ops = [op for op, _ in jsonview.text_diff(paragraphs, paragraphs.replace("says", "said"))]
+    assert ops.count("-") == 5 and ops.count("+") == 5
 
 
 def test_the_text_diffs_of_one_diff_page_share_one_budget():
