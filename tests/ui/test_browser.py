@@ -285,15 +285,31 @@ def test_back_shows_the_filters_of_the_list_it_shows(server, browser):
     assert page.input_value("select[name=status]") == "failed"
 
 
+def _list_with_a_clock(server, browser, *, age: float = 0, clock_ahead: float = 0):
+    """The session list, its run-42 row `age` seconds old, in a browser whose clock Playwright runs
+    (`clock_ahead` seconds fast); and that row's relative time."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sessions_app.models import WorkflowSession
+
+    def story() -> None:
+        session = _operator_story()
+        WorkflowSession.objects.filter(pk=session.pk).update(updated_at=timezone.now() - timedelta(seconds=age))
+
+    off_loop(story)
+    page = log_in(browser, server, "olga")
+    page.clock.install(time=time.time() + clock_ahead)
+    page.reload()
+    return page, page.locator("table.sessions tr", has_text="run-42").locator("time[data-ago]")
+
+
 def test_relative_times_move_on_while_the_list_stays_open(server, browser):
     """A row nothing changed since the page loaded said "12 s ago" for as long as the page was open,
     so an engine that had stopped looked alive. The browser's clock here is an hour fast: the times
     count on from the server's, not from the browser's idea of now."""
-    off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.clock.install(time=time.time() + 3600)
-    page.reload()
-    updated = page.locator("table.sessions tr", has_text="run-42").locator("time[data-ago]")
+    page, updated = _list_with_a_clock(server, browser, clock_ahead=3600)
     assert updated.inner_text().endswith(" s ago")
     page.clock.fast_forward("00:06")
     page.wait_for_function("el => / s ago$/.test(el.textContent)", arg=updated.element_handle())
@@ -305,22 +321,7 @@ def test_relative_times_move_on_while_the_list_stays_open(server, browser):
 def test_a_relative_time_passing_a_day_while_the_list_stays_open_says_so(server, browser):
     """The ticker stopped at a day: a row it had counted up to "23 hours, 59 minutes ago" said so
     for as long as the page stayed open, however old the row grew."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from sessions_app.models import WorkflowSession
-
-    def story() -> None:
-        session = _operator_story()
-        almost_a_day = timezone.now() - timedelta(hours=23, minutes=59, seconds=50)
-        WorkflowSession.objects.filter(pk=session.pk).update(updated_at=almost_a_day)
-
-    off_loop(story)
-    page = log_in(browser, server, "olga")
-    page.clock.install()
-    page.reload()
-    updated = page.locator("table.sessions tr", has_text="run-42").locator("time[data-ago]")
+    page, updated = _list_with_a_clock(server, browser, age=23 * 3600 + 59 * 60 + 50)
     assert updated.inner_text() == "23\u00a0hours, 59\u00a0minutes ago"
     page.clock.fast_forward("00:15")
     page.wait_for_function("el => el.textContent === '1\u00a0day ago'", arg=updated.element_handle())
