@@ -25,7 +25,7 @@ from django.utils.html import format_html
 from sessions_app.errors import InvalidState
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
 from sessions_app.selectors import (
-    API_KEY_EXPIRING_DAYS,
+    API_KEY_STATUS_CHOICES,
     API_KEY_STATUSES,
     CreatorStatus,
     api_key_status_q,
@@ -299,8 +299,7 @@ class ApiKeyStatusFilter(admin.SimpleListFilter):
     parameter_name = "status"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("active", "Active"), ("expiring", f"Expiring within {API_KEY_EXPIRING_DAYS} days"),
-                ("expired", "Expired"), ("revoked", "Revoked")]
+        return API_KEY_STATUS_CHOICES
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
         value = self.value()

@@ -130,7 +130,10 @@ def api_key_status_q(status: str) -> Q:
     raise ValueError(f"unknown API key status {status!r}")
 
 
-API_KEY_STATUSES = ["active", "expiring", "expired", "revoked"]
+# The states a key list filters by (value, label): the admin's filter and the API's `status`.
+API_KEY_STATUS_CHOICES = [("active", "Active"), ("expiring", f"Expiring within {API_KEY_EXPIRING_DAYS} days"),
+                          ("expired", "Expired"), ("revoked", "Revoked")]
+API_KEY_STATUSES = [value for value, _ in API_KEY_STATUS_CHOICES]
 
 
 def api_keys_working_made_by(*, user: Any, project_ids: Any) -> QuerySet[ApiKey]:

@@ -219,22 +219,25 @@ class Job(models.Model):
     def public_params(self) -> Any:
         """The params as callers see them: a verification of chosen versions says how many
         (`selected`), not which (its id runs can be long)."""
-        if not isinstance(self.params, dict):
-            return self.params
-        return {key: value for key, value in self.params.items() if key != "versions"}
+        return _without(self.params, "versions")
 
     @property
     def public_result(self) -> Any:
         """The result as callers see it: the server's own file system (an export's `path`) stays on the server."""
-        if not isinstance(self.result, dict):
-            return self.result
-        return {key: value for key, value in self.result.items() if key != "path"}
+        return _without(self.result, "path")
 
     @property
     def percent(self) -> int:
         if self.is_finished and self.status == JobStatus.DONE:
             return 100
         return int(100 * self.done / self.total) if self.total else 0
+
+
+def _without(value: Any, hidden: str) -> Any:
+    """A JSON value as callers see it: an object without its `hidden` key; anything else as it is."""
+    if not isinstance(value, dict):
+        return value
+    return {key: item for key, item in value.items() if key != hidden}
 
 
 class IntegrityProblem(models.Model):
