@@ -16,7 +16,7 @@ import pytest
 from session_rewind_client import AsyncClient, Client, RateLimited, RetryPolicy, TransportError
 
 # Ports given to this suite's fake servers (8720-8729), each test its own.
-HUNG_PORT, TRICKLE_PORT, PROXY_PORT = 8721, 8722, 8723
+HUNG_PORT, TRICKLE_PORT, PROXY_PORT, LATE_PORT = 8721, 8722, 8723, 8724
 
 
 @contextmanager
@@ -108,6 +108,30 @@ def test_a_server_trickling_its_answer_is_cut_off_at_the_deadline():
                 else:
                     asyncio.run(client.get_session("s"))
             assert time.monotonic() - started < 2.5, make
+
+
+def late_last_bytes(conn: socket.socket, index: int) -> None:
+    """A 200 in three parts: at once, at 1.0 s and at 1.7 s. Each read is answered well within its own
+    timeout; only the last arrives after a 1.5 s deadline."""
+    body = b'{"id": "s", "external_id": "e"}'
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[:5])
+    time.sleep(1.0)
+    conn.sendall(body[5:10])
+    time.sleep(0.7)
+    conn.sendall(body[10:])
+    time.sleep(1)
+
+
+def test_an_answer_whose_last_bytes_land_just_after_the_deadline_is_kept():
+    # It was reported as a TransportError: for a write, one the server had done, so a caller that
+    # believed it redid it. (The async client's one timer cancels the read in flight at the deadline.)
+    with tcp_server(LATE_PORT, late_last_bytes) as received, \
+            Client(f"http://127.0.0.1:{LATE_PORT}", api_key="sr_test", timeout=5, deadline=1.5,
+                   retry=RetryPolicy(max_retries=0)) as client:
+        started = time.monotonic()
+        assert client.get_session("s") == {"id": "s", "external_id": "e"}
+        assert 1.6 < time.monotonic() - started < 2.5 and len(received) == 1
 
 
 def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_once(live_api, rewind):

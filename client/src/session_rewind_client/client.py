@@ -469,15 +469,18 @@ class Client(Endpoints):
 
     def _send(self, call: Call, body: bytes | None, headers: dict[str, str], budget: CallBudget) -> httpx.Response:
         """One attempt. The body is read a chunk at a time so that a server trickling its answer is
-        also cut off at the deadline (each read already waits at most the time left)."""
+        also cut off at the deadline (each read already waits at most the time left). An answer whose
+        last bytes arrive just after the deadline is kept: it is whole, and for a write it says what
+        the server did (reporting it failed would make the caller redo a write that landed)."""
         request = self._http.build_request(call.method, call.path, params=call.query(), content=body,
                                            headers=headers, timeout=budget.timeout(self._http.timeout))
         streamed = self._http.send(request, stream=True)
+        length = streamed.headers.get("content-length")
         try:
             content = bytearray()
             for chunk in streamed.iter_bytes():
                 content += chunk
-                if budget.passed():
+                if budget.passed() and not (length and str(streamed.num_bytes_downloaded) == length):
                     raise deadline_passed(request)
         finally:
             streamed.close()
