@@ -18,7 +18,7 @@ from sessions_app.consumers import LiveConsumer
 from sessions_app.errors import NotFound
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import membership_role, role_allows, session_for_member
-from snapshots_app.selectors import TIMELINE_PAGE, integrity_problems, timeline_page
+from snapshots_app.selectors import TIMELINE_PAGE, integrity_problems, timeline_page, timeline_rows
 
 ROW = "snapshots_app/partials/_version_row.html"
 
@@ -81,7 +81,18 @@ class SessionTimelineConsumer(LiveConsumer):
                 return render_to_string("snapshots_app/partials/_live_reload.html", {
                     "oob": True, "reason": f"{missed} versions were written since this page last caught up.",
                 })
-        if isinstance(number, int) and isinstance(first, int) and event.startswith("version."):
+        if event == "version.updated" and "count" in payload:
+            # Many versions pinned or unpinned at once (an admin's selection): their rows, wherever
+            # they are, or for more than a page of them a reload.
+            numbers = payload.get("numbers")
+            if not isinstance(numbers, list):
+                done = "pinned" if payload.get("pinned") else "unpinned"
+                return render_to_string("snapshots_app/partials/_live_reload.html", {
+                    "oob": True, "reason": f"{payload['count']} versions were {done} since this page loaded.",
+                })
+            parts += [render_to_string(ROW, {**context, "v": version, "oob": True})
+                      for version in timeline_rows(session, numbers[:TIMELINE_PAGE])]
+        elif isinstance(number, int) and isinstance(first, int) and event.startswith("version."):
             # Versions first..number (one event may stand for several written in a burst; the newest
             # page's worth is shown), and for new ones the row below them: the previous head loses
             # its head badge and gains a rewind button.

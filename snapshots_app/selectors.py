@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -171,7 +171,15 @@ HISTORY_WINDOW = 100
 def timeline_page(session: WorkflowSession, *, before: int | None = None, limit: int = TIMELINE_PAGE) -> list[Version]:
     """Newest first by number (keyset on version_unique_number); each version carries `forks_out`:
     the fork sessions started from it, fetched for the whole page in one query."""
-    versions = version_list(session, before=before, limit=limit)
+    return _with_forks_out(session, version_list(session, before=before, limit=limit))
+
+
+def timeline_rows(session: WorkflowSession, numbers: Collection[int]) -> list[Version]:
+    """The timeline rows of these versions of the session (those that still exist), newest first."""
+    return _with_forks_out(session, list(session_versions(session).filter(number__in=list(numbers))))
+
+
+def _with_forks_out(session: WorkflowSession, versions: list[Version]) -> list[Version]:
     forks: dict[int | None, list[Version]] = {}
     if versions:
         children = (

@@ -47,7 +47,7 @@ from sessions_app.services import (
 from snapshots_app import canonical, rows, store
 from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import Version, VersionKind
-from snapshots_app.selectors import version_get
+from snapshots_app.selectors import TIMELINE_PAGE, version_get
 
 logger = logging.getLogger(__name__)
 
@@ -771,8 +771,12 @@ def _pin_batch(batch: list[tuple[int, Any]], pinned: bool, actor: User, actor_la
     for _, session_id, number in kept:
         numbers.setdefault(session_id, []).append(number)
     for session_id, changed in numbers.items():
-        # One event per session: open timelines redraw rows first..version (at most a page of them).
-        payload = {"session": str(session_id), "version": max(changed), "first": min(changed)}
+        # One event per session: open timelines redraw the rows of `numbers`, or, for more than a
+        # page of them (only `count`), reload (see SessionTimelineConsumer).
+        payload: dict[str, Any] = {"session": str(session_id), "version": max(changed), "first": min(changed),
+                                   "count": len(changed), "pinned": pinned}
+        if len(changed) <= TIMELINE_PAGE:
+            payload["numbers"] = changed
         events.publish_after_commit(writable[session_id].project_id, "version.updated", payload, session_id=session_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -289,6 +290,34 @@ def test_another_users_pin_label_and_archive_reach_the_open_session_page(setup):
     assert 'id="v-1"' in pinned and 'hx-swap-oob="true"' in pinned and 'class="badge pin"' in pinned
     assert "known &lt;good&gt;" in labelled
     assert 'id="live-reload"' in archived and 'data-reason="This session was archived."' in archived
+
+
+def test_a_pin_of_many_versions_redraws_exactly_their_rows_however_far_apart(setup):
+    """An admin's selection pins versions 1 and 60 of a session: both rows redraw on the open page
+    (it used to redraw the newest 50 rows of the span, so version 1 kept showing unpinned, and 58
+    untouched rows were sent); pinning more than a page of them reloads the page."""
+    from snapshots_app.models import Version
+    from snapshots_app.services import versions_pin
+
+    owner, _, _, _, session = setup
+    for n in range(60):
+        _record(session, {"n": n})
+    versions = Version.objects.filter(session=session)
+
+    async def scenario() -> list[str]:
+        client = communicator(f"/ws/sessions/{session.pk}/?shown=60", owner)
+        assert (await client.connect(timeout=5))[0]
+        received = []
+        for chosen, pinned in ((versions.filter(number__in=[1, 60]), True), (versions.filter(number__gt=5), False)):
+            await asyncio.to_thread(_in_thread, lambda chosen=chosen, pinned=pinned: versions_pin(versions=chosen, pinned=pinned))
+            received.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return received
+
+    two, many = run(scenario)
+    rows = re.findall(r'<li id="v-(\d+)"[^>]*hx-swap-oob="true"', two)
+    assert sorted(map(int, rows)) == [1, 60] and two.count('class="badge pin"') == 2
+    assert 'id="live-reload"' in many and 'data-reason="55 versions were unpinned since this page loaded."' in many
 
 
 def _forget_group(group: str) -> None:
