@@ -271,7 +271,10 @@ def integrity_scrub_scheduled() -> int:
 
     count = 0
     for project in Project.objects.order_by("id"):
-        if Job.objects.filter(project=project, kind=JobKind.SCRUB, status=JobStatus.QUEUED).exists():
+        waiting = Job.objects.filter(project=project, kind=JobKind.SCRUB, status=JobStatus.QUEUED)
+        # A scrub still waiting would walk the same window: no second one. One verifying an admin's
+        # selection (its `versions`) leaves the rolling window where it is, so it does not count.
+        if waiting.exclude(params__has_key="versions").exists():
             continue
         integrity_scrub_start(project=project, actor_label="schedule")
         count += 1

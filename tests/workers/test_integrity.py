@@ -14,7 +14,7 @@ from sessions_app import background
 from sessions_app.events import project_group
 from snapshots_app import tasks
 from snapshots_app.integrity import integrity_problems, integrity_scrub_start
-from snapshots_app.models import JobKind, JobStatus, Version
+from snapshots_app.models import Job, JobKind, JobStatus, Version
 from tests.workers.builders import record_history
 
 
@@ -115,3 +115,33 @@ def test_budgeted_scrubs_from_the_command_line_move_their_window(project):
         assert result["verified"] == 2 and result["failed"] == 0
         cursors.append(result["cursor"])
     assert cursors[0] != cursors[1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_scheduled_scrub_skips_a_project_only_while_its_last_scheduled_one_waits(project, eager):
+    """A scrub still queued would walk the same window, so beat does not queue a second; but a
+    queued verification of an admin's selection (which leaves the window alone) used to hold the
+    project's scheduled scrub back until it had run."""
+    session = record_history(project, "run-s", 3, notes=1)
+    ids = list(Version.objects.filter(session=session).order_by("id").values_list("id", flat=True))
+    selection = Job.objects.create(project=project, kind=JobKind.SCRUB, status=JobStatus.QUEUED,
+                                   params={"budget": 0, "selected": 3, "versions": [[ids[0], ids[-1]]]})
+    assert tasks.integrity_scrub_scheduled() == 1
+    ran = Job.objects.exclude(pk=selection.pk).get(kind=JobKind.SCRUB)
+    assert (ran.status, ran.created_by_label, ran.result["verified"]) == (JobStatus.DONE, "schedule", 3)
+
+    Job.objects.create(project=project, kind=JobKind.SCRUB, status=JobStatus.QUEUED, params={"budget": 0})
+    assert tasks.integrity_scrub_scheduled() == 0
+    assert Job.objects.filter(kind=JobKind.SCRUB, created_by_label="schedule").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_scheduled_compaction_skips_only_projects_whose_last_one_still_waits(project, eager):
+    from tests.factories import make_project
+
+    other = make_project("other")
+    record_history(other, "run-c", 2, notes=1)
+    Job.objects.create(project=project, kind=JobKind.COMPACTION, status=JobStatus.QUEUED)
+    assert tasks.compaction_scheduled() == 1
+    ran = Job.objects.get(kind=JobKind.COMPACTION, created_by_label="schedule")
+    assert (ran.project, ran.status) == (other, JobStatus.DONE)
