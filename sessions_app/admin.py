@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
@@ -79,7 +80,10 @@ def warn_of_keys_left_working(request: HttpRequest, user: Any, *, project_ids: A
     if not keys:
         return
     names = ", ".join(f"{key.project.slug}: {key.name}" for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
-    url = reverse("admin:sessions_app_apikey_changelist") + f"?status=active&creator={standing}"
+    # Narrowed to their keys by the name kept on each key (after a deletion, "no account" alone
+    # would also list the keys commands made).
+    query = urlencode({"status": "active", "creator": standing, "q": user.get_username()})
+    url = reverse("admin:sessions_app_apikey_changelist") + f"?{query}"
     messages.warning(request, format_html(
         '{} made API keys that still work ({}). They were not revoked, since an engine may depend on them: '
         '<a href="{}">review them</a> and revoke those nobody answers for.', user.get_username(), names, url,

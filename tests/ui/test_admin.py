@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -597,6 +598,14 @@ def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(cli
     page = client.post(reverse("admin:auth_user_change", args=[operator.pk]), form, follow=True).content.decode()
     assert "Olga made API keys that still work" in page and "creator=deactivated" in page
     assert ApiKey.objects.get(name="olgas-engine").revoked_at is None
+
+    # Deleted: "review them" lists her keys, not every key without an account (a command's, here).
+    api_key_create(project=team, name="cron-engine", scopes=["write"], actor_label="manage.py create_api_key")
+    page = client.post(reverse("admin:auth_user_delete", args=[operator.pk]), {"post": "yes"}, follow=True).content.decode()
+    review = html.unescape(re.search(r'<a href="([^"]+)">review them</a>', page).group(1))
+    assert "creator=no_account" in review
+    listed = client.get(review).content.decode()
+    assert "olgas-engine" in listed and "cron-engine" not in listed
 
 
 def test_pinning_a_select_all_pins_and_audits_each_version_in_queries_that_do_not_grow_with_it(client, staff, story):
