@@ -33,6 +33,7 @@ from sessions_app.selectors import (
     api_keys_listed,
     api_keys_working_made_by,
     role_allows,
+    users_reaching_only,
 )
 from sessions_app.services import (
     api_key_clean_expiry,
@@ -245,7 +246,29 @@ admin.site.unregister(get_user_model())
 @admin.register(get_user_model())
 class AuditedUserAdmin(UserAdmin):
     """Django's user admin, except that deleting, deactivating or reactivating an account records,
-    in each project it is a member of, who did it."""
+    in each project it is a member of, who did it, and that only superusers manage every account.
+
+    Staff who are not superusers, given the user permissions, would otherwise reach every project:
+    by ticking is_superuser on themselves (or granting themselves permissions or groups), or by
+    setting the password of an account that reaches a project they do not and signing in as it.
+    So for them the privilege fields (PRIVILEGE_FIELDS) are read-only, on a new account too, and the
+    accounts they list, view, change, set the password of and delete (one or a selection) are only
+    those that are neither superusers nor staff and are members only of projects where they are an
+    admin, or of none (users_reaching_only). Any other account is, to them, one that does not
+    exist: the change and delete pages say so, its password page is refused (404). Their own account is
+    staff, so not among them: they change their own password on the admin's "Change password" page."""
+
+    PRIVILEGE_FIELDS = ["is_staff", "is_superuser", "groups", "user_permissions"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        queryset = super().get_queryset(request)
+        if request.user.is_superuser:
+            return queryset
+        return users_reaching_only(queryset, project_ids=admin_projects(request, Role.ADMIN).values("pk"))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, *self.PRIVILEGE_FIELDS]
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         # In the admin's transaction (changeform_view): the change and its record commit together.

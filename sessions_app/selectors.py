@@ -51,6 +51,14 @@ def role_allows(role: str | None, needed: str) -> bool:
     return role is not None and ROLE_RANK[Role(role)] >= ROLE_RANK[Role(needed)]
 
 
+def users_reaching_only(users: QuerySet[Any], *, project_ids: Any) -> QuerySet[Any]:
+    """Those of `users` that reach no more than these projects' data: neither superusers nor staff
+    (who reach the admin, and through it, with the permissions, other accounts), and members of no
+    project outside `project_ids` (an account of no project reaches no data)."""
+    elsewhere = Membership.objects.exclude(project_id__in=project_ids).values("user_id")
+    return users.filter(is_superuser=False, is_staff=False).exclude(pk__in=elsewhere)
+
+
 API_KEY_PREFIX_RE = re.compile(r"[0-9a-f]{12}")
 
 
