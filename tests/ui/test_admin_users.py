@@ -158,3 +158,24 @@ def test_staff_cannot_see_change_reset_or_delete_an_account_that_reaches_beyond_
     assert globex_member.check_password(NEW_PASSWORD)
     response = client.post(reverse("admin:auth_user_delete", args=[initech_member.pk]), {"post": "yes"})
     assert response.status_code == 302 and not User.objects.filter(pk=initech_member.pk).exists()
+
+
+def test_groups_are_managed_by_superusers_only(client, editor):
+    """A group grants permissions service-wide: staff given the group permissions could add any
+    permission to a group they belong to."""
+    editor.user_permissions.add(*Permission.objects.filter(codename__endswith="_group"))
+    group = Group.objects.create(name="operators")
+    editor.groups.add(group)
+    client.force_login(editor)
+    assert "auth/group" not in client.get(reverse("admin:index")).content.decode()
+    assert client.get(reverse("admin:auth_group_changelist")).status_code == 403
+    everything = list(Permission.objects.values_list("pk", flat=True))
+    response = client.post(reverse("admin:auth_group_change", args=[group.pk]), {"name": "operators", "permissions": everything})
+    assert response.status_code == 403 and not group.permissions.exists()
+    assert client.post(reverse("admin:auth_group_add"), {"name": "mine", "permissions": everything}).status_code == 403
+    assert not Group.objects.filter(name="mine").exists()
+
+    root = User.objects.create_superuser("root", password="pw-for-tests-1")
+    client.force_login(root)
+    response = client.post(reverse("admin:auth_group_change", args=[group.pk]), {"name": "operators", "permissions": everything[:2]})
+    assert response.status_code == 302 and group.permissions.count() == 2
