@@ -247,6 +247,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("INTEGRITY_SCRUB_EVERY", 3600, minimum=60)),
     },
     "transfer-files": {"task": "snapshots_app.tasks.transfer_files_sweep", "schedule": 3600.0},
+    "jobs-sweep": {"task": "snapshots_app.tasks.jobs_sweep", "schedule": 24 * 3600.0},
     "compaction": {
         "task": "snapshots_app.tasks.compaction_scheduled",
         "schedule": float(env_int("COMPACTION_EVERY", 24 * 3600, minimum=60)),
@@ -260,6 +261,8 @@ COMPACTION_BATCH_SIZE = env_int("COMPACTION_BATCH_SIZE", 2000, minimum=1)
 # (its worker was killed or lost the database) and sent again (snapshots_app.jobs).
 JOB_HEARTBEAT_SECONDS = env_int("JOB_HEARTBEAT_SECONDS", 15, minimum=1)
 JOB_STALE_SECONDS = env_int("JOB_STALE_SECONDS", 90, minimum=2)
+# Finished jobs (and their results) are deleted this many days after they finished (0 = kept for good).
+JOB_KEEP_DAYS = env_int("JOB_KEEP_DAYS", 90, minimum=0)
 if JOB_STALE_SECONDS <= JOB_HEARTBEAT_SECONDS:
     raise ImproperlyConfigured("JOB_STALE_SECONDS must be longer than JOB_HEARTBEAT_SECONDS")
 # Compaction re-encodes nodes with a zstd dictionary trained per project (about a third smaller).

@@ -17,13 +17,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, QuerySet
+from django.db.models import F, QuerySet, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from config.celery import app as celery_app
@@ -295,6 +296,33 @@ def job_fail(*, job: Job, error: str) -> Job:
     job.status, job.error, job.finished_at = JobStatus.FAILED, error, finished_at
     _publish(job, "job.finished")
     return job
+
+
+SWEEP_BATCH = 5_000  # job rows deleted per statement by jobs_sweep
+
+
+def jobs_sweep(*, now: datetime | None = None) -> int:
+    """Delete the jobs that finished more than JOB_KEEP_DAYS ago (0: keep them all), a batch at a
+    time; returns how many went. Beat starts a scrub every hour and a compaction every day in each
+    project, so without this the table (and every list of it) grew for good. Kept whatever their
+    age: unfinished jobs, and each scope's newest scrub with a `cursor`, where the next scheduled
+    scrub resumes its rolling window (integrity._last_cursor)."""
+    days = int(getattr(settings, "JOB_KEEP_DAYS", 0))
+    if days <= 0:
+        return 0
+    now = now or timezone.now()
+    # The newest rolling-window scrub of each project (and of the whole service: project None).
+    cursors = Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, result__has_key="cursor").annotate(
+        rank=Window(RowNumber(), partition_by=[F("project_id")], order_by=[F("finished_at").desc(), F("id").desc()]))
+    kept = list(cursors.filter(rank=1).values_list("pk", flat=True))
+    old = (Job.objects.filter(status__in=[JobStatus.DONE, JobStatus.FAILED], finished_at__lt=now - timedelta(days=days))
+           .exclude(pk__in=kept))
+    removed = 0
+    while batch := list(old.order_by("pk").values_list("pk", flat=True)[:SWEEP_BATCH]):
+        removed += Job.objects.filter(pk__in=batch).delete()[0]
+    if removed:
+        logger.info("jobs: removed %s that finished more than %s days ago", removed, days)
+    return removed
 
 
 def job_get(*, project: Project, job_id: Any) -> Job:

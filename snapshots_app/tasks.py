@@ -282,6 +282,12 @@ def integrity_scrub_scheduled() -> int:
 
 
 @shared_task(acks_late=True)
+def jobs_sweep() -> int:
+    """Daily: jobs that finished more than JOB_KEEP_DAYS ago are deleted (see jobs.jobs_sweep)."""
+    return jobs.jobs_sweep()
+
+
+@shared_task(acks_late=True)
 def jobs_requeue_stale() -> int:
     """Send again the jobs still queued long after creation (their first enqueue was lost) and the
     running ones whose heartbeat stopped (their worker died or lost the database)."""

@@ -145,3 +145,38 @@ def test_the_scheduled_compaction_skips_only_projects_whose_last_one_still_waits
     assert tasks.compaction_scheduled() == 1
     ran = Job.objects.get(kind=JobKind.COMPACTION, created_by_label="schedule")
     assert (ran.project, ran.status) == (other, JobStatus.DONE)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_old_finished_jobs_are_swept_but_not_unfinished_ones_nor_the_scrub_window(project, eager, settings):
+    """Beat starts ~25 jobs a day per project, and finished jobs used to stay for good. Those older
+    than JOB_KEEP_DAYS go; the rolling scrub still resumes where it was."""
+    from tests.factories import make_project
+
+    settings.JOB_KEEP_DAYS = 90
+    session = record_history(project, "run-j", 5, notes=1)
+    ids = list(Version.objects.filter(session=session).order_by("id").values_list("id", flat=True))
+    scrubs = [integrity_scrub_start(project=project, budget=2) for _ in range(2)]  # windows 1-2, then 3-4
+    other = make_project("other")
+    record_history(other, "run-o", 1, notes=1)
+    elsewhere = integrity_scrub_start(project=other, budget=2)
+    selection = Job.objects.create(project=project, kind=JobKind.SCRUB, status=JobStatus.DONE,
+                                   params={"versions": [ids[0]]}, result={"verified": 1, "failed": 0})
+    failed = Job.objects.create(project=project, kind=JobKind.EXPORT, status=JobStatus.FAILED, error="disk full")
+    waiting = Job.objects.create(project=project, kind=JobKind.COMPACTION, status=JobStatus.QUEUED)
+    running = Job.objects.create(project=project, kind=JobKind.COMPACTION, status=JobStatus.RUNNING)
+    recent = Job.objects.create(project=project, kind=JobKind.COMPACTION, status=JobStatus.DONE,
+                                finished_at=timezone.now() - timedelta(days=89))
+    long_ago = timezone.now() - timedelta(days=100)
+    Job.objects.exclude(pk=recent.pk).update(created_at=long_ago)
+    for age, job in enumerate([*scrubs, elsewhere, selection, failed]):
+        Job.objects.filter(pk=job.pk).update(finished_at=long_ago - timedelta(hours=10 - age))
+
+    settings.JOB_KEEP_DAYS = 0
+    assert tasks.jobs_sweep() == 0
+    settings.JOB_KEEP_DAYS = 90
+    assert tasks.jobs_sweep() == 3
+    assert set(Job.objects.values_list("pk", flat=True)) == {scrubs[1].pk, elsewhere.pk, waiting.pk, running.pk, recent.pk}
+    resumed = integrity_scrub_start(project=project, budget=2)
+    resumed.refresh_from_db()
+    assert resumed.result["cursor"] == ids[0]  # version 5, then (wrapping) 1: after the kept window
