@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import re
 from typing import Annotated, TypedDict
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
@@ -587,3 +588,127 @@ def test_a_listed_checkpoint_keeps_the_writes_made_before_it_was_rewound_to(live
         assert [t.pending_writes for t in fresh.list(root, limit=n + 1)][-1] == listed_tuple.pending_writes, n
     assert [t.pending_writes for t in SessionRewindSaver(live_api.client()).list(asked.config)] == [
         asked.pending_writes]
+
+
+def state_shape(snapshot) -> tuple:
+    """What a user reads in one state: values, what runs next, each task's interrupts and result."""
+    return (snapshot.values, snapshot.next, snapshot.metadata.get("source"), snapshot.metadata.get("step"),
+            [(task.name, [i.value for i in task.interrupts], task.result) for task in snapshot.tasks])
+
+
+def test_a_checkpoint_asked_for_by_id_is_read_in_one_request_and_matches_langgraphs_own_saver(live_api):
+    config = {"configurable": {"thread_id": "by-id"}}
+    theirs = talk_graph(InMemorySaver())
+    theirs.invoke({"turns": 4, "log": []}, config)  # paused at the question: the newest checkpoint has writes
+    ours = talk_graph(SessionRewindSaver(live_api.client()))
+    ours.invoke({"turns": 4, "log": []}, config)
+    expected = [state_shape(s) for s in theirs.get_state_history(config)]
+    configs = [s.config for s in ours.get_state_history(config)]
+    assert len(configs) == len(expected) == 6
+
+    for n, checkpoint in enumerate(configs):
+        client, sent = live_api.counted_client()
+        assert state_shape(talk_graph(SessionRewindSaver(client)).get_state(checkpoint)) == expected[n], n
+        # The thread's session, the checkpoint with its state, its rewinds, the writes session, its
+        # writes: the checkpoint used to take two (its version number by its tag, then its state).
+        assert len(sent) == 5, sent
+        assert not any(re.search(r"/versions/\d+/$", request) for request in sent), sent
+
+    # A saver that knows the thread's sessions: the checkpoint, its rewinds and its writes.
+    client, sent = live_api.counted_client()
+    graph = talk_graph(SessionRewindSaver(client))
+    graph.get_state(configs[0])
+    sent.clear()
+    assert state_shape(graph.get_state(configs[3])) == expected[3] and len(sent) == 3, sent
+
+
+def test_copy_thread_goes_a_page_at_a_time_and_the_copy_reads_as_its_source(live_api, rewind):
+    from langgraph.types import Command
+
+    turns = 60
+    config = {"configurable": {"thread_id": "copy-source"}, "recursion_limit": 200}
+    graph = talk_graph(SessionRewindSaver(live_api.client()))
+    graph.invoke({"turns": turns, "log": []}, config)
+    halfway = next(s for s in graph.get_state_history(config) if len(s.values["log"]) == turns // 2)
+    graph.invoke(None, graph.update_state(halfway.config, {"turns": turns // 2 + 5}))  # a branch: a rewind
+    graph.invoke(Command(resume="yes"), config)
+    graph.invoke({"turns": turns // 2 + 7, "log": []}, config)  # paused at the question again: pending writes
+    source = history_shape(list(graph.get_state_history(config)))
+    sessions = [rewind.list_sessions(external_id=external_id)["results"][0]
+                for external_id in ("copy-source", "copy-source|writes")]
+    assert len(source) > 50 and all(session["head"] > 50 for session in sessions)
+
+    client, sent = live_api.counted_client()
+    SessionRewindSaver(client).copy_thread("copy-source", "copy-target")
+    target = {"configurable": {"thread_id": "copy-target"}}
+    assert history_shape(list(talk_graph(SessionRewindSaver(live_api.client())).get_state_history(target))) == source
+    # The thread's sessions, then for each (checkpoints, writes) the target session and its versions in
+    # pages of 50 with their states, each page recorded in one batch: 11 requests here. It used to be a
+    # GET and a POST per version (~290).
+    pages = sum(-(-session["head"] // 50) for session in sessions)
+    assert len(sent) == 1 + 2 + 2 * pages, sent
+    assert not any(re.search(r"/versions/\d+/$", request) for request in sent), sent
+
+    # Onto itself: the walk stops at the versions the thread had, and the thread reads the same.
+    SessionRewindSaver(live_api.client()).copy_thread("copy-target", "copy-target")
+    assert history_shape(list(talk_graph(SessionRewindSaver(live_api.client())).get_state_history(target))) == source
+
+
+def test_a_copy_a_server_finds_too_large_for_one_request_goes_in_smaller_batches(live_api, settings):
+    config = {"configurable": {"thread_id": "copy-small-bodies"}}
+    graph = talk_graph(SessionRewindSaver(live_api.client()))
+    graph.invoke({"turns": 12, "log": []}, config)
+    source = history_shape(list(graph.get_state_history(config)))
+
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 6000  # a server that takes small bodies only (REQUEST_MAX_BYTES)
+    client, sent = live_api.counted_client()
+    SessionRewindSaver(client).copy_thread("copy-small-bodies", "copy-small-target")
+    target = {"configurable": {"thread_id": "copy-small-target"}}
+    assert history_shape(list(talk_graph(SessionRewindSaver(live_api.client())).get_state_history(target))) == source
+    assert len([request for request in sent if request.endswith("/batch/")]) > 2, sent
+
+
+def test_prune_keep_latest_costs_the_same_however_many_writes_the_latest_checkpoint_has(live_api):
+    from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
+
+    saver = SessionRewindSaver(live_api.client())
+    config = {"configurable": {"thread_id": "prune-many", "checkpoint_ns": ""}}
+    for step in range(3):
+        config = saver.put(config, generate_checkpoint(), {"source": "loop", "step": step}, {})
+    for task in range(30):
+        saver.put_writes(config, [("ch", task), ("other", f"v{task}")], f"task-{task}")
+    before = saver.get_tuple(config)
+    assert len(before.pending_writes) == 60
+
+    client, sent = live_api.counted_client()
+    SessionRewindSaver(client).prune(["prune-many"])
+    # The thread's sessions, the head, the head checkpoint's writes with their states, two deletes, two
+    # new sessions, the checkpoint, its writes in one batch. It used to be a GET and a POST per write (69).
+    assert len(sent) <= 9, sent
+
+    fresh = SessionRewindSaver(live_api.client())
+    assert [t.checkpoint["id"] for t in fresh.list(config)] == [before.checkpoint["id"]]
+    after = fresh.get_tuple({"configurable": {"thread_id": "prune-many", "checkpoint_ns": ""}})
+    assert after.checkpoint == before.checkpoint and after.pending_writes == before.pending_writes
+
+
+def test_prune_keep_latest_keeps_the_writes_a_rewound_head_reads_as_its_own(live_api, rewind):
+    """Asked and answered, then an operator rewinds to the question: the answer's writes belong to the
+    run before the rewind. Pruning used to bring them back as the head's, so the graph took the
+    question for answered and finished without asking again."""
+    from langgraph.types import Command
+
+    graph = talk_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "prune-rewound"}}
+    graph.invoke({"turns": 1, "log": []}, config)
+    session = rewind.list_sessions(external_id="prune-rewound")["results"][0]
+    question = rewind.head(session["id"])
+    graph.invoke(Command(resume="yes"), config)
+    rewind.rewind(session["id"], question["number"], reason="ask again")
+    before = state_shape(graph.get_state(config))
+    assert before[1] == ("ask",) and before[4] == [("ask", [], None)]
+
+    SessionRewindSaver(live_api.client()).prune(["prune-rewound"])
+    graph = talk_graph(SessionRewindSaver(live_api.client()))
+    assert state_shape(graph.get_state(config)) == before
+    assert graph.invoke(None, config)["__interrupt__"][0].value == "go on?"

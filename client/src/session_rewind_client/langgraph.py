@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
+import json
 import math
 import re
 import threading
@@ -62,7 +63,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from session_rewind_client._core import Call
 from session_rewind_client.client import AsyncClient, Client
-from session_rewind_client.errors import ConflictError, NotFound, SessionRewindError
+from session_rewind_client.errors import ConflictError, NotFound, SessionRewindError, ValidationError
 
 ENGINE = "langgraph"
 SERDE_KEY = "__lg_serde__"
@@ -76,6 +77,8 @@ EXTERNAL_ID_MAX = 255
 PAGE = 200
 STATES_PAGE = 50  # the most versions the server answers with their states in one page
 STATES_PAGE_BYTES = 8 * 1024 * 1024  # a page of states ends early past this
+BATCH_MAX = 500  # the most snapshots the server records in one batch
+BATCH_BYTES = 4 * 1024 * 1024  # a batch of states ends before this (the server takes 17 MiB bodies by default)
 # A listing reads the pending writes of its first checkpoints one request each; a caller reading on
 # makes it weigh that against one pass over the whole writes session (see `_PendingWrites`).
 WRITES_PROBE = 2
@@ -689,6 +692,24 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self._states.put((session_id, number), found["state"])
         return found["state"]
 
+    def _checkpoint_version(self, session_id: str, checkpoint_id: str) -> Op:
+        """(number, state) of the newest version holding this checkpoint, or None: from the caches, else
+        in one request, the newest version tagged with it with its state (a page of one; the pages
+        after it only when the server's tag match was not exact, as on SQLite)."""
+        number = self._numbers.get((session_id, checkpoint_id))
+        if number is not None:
+            return number, (yield from self._state(session_id, number))
+        pages = _StatePages(session_id, {"tag": checkpoint_tag(checkpoint_id)}, first=1)
+        while not pages.done:
+            rows = yield from pages.next_page()
+            if rows:
+                newest = max(rows, key=lambda row: int(row["number"]))
+                number = int(newest["number"])
+                self._numbers.put((session_id, checkpoint_id), number)
+                self._states.put((session_id, number), newest["state"])
+                return number, newest["state"]
+        return None
+
     def _number_of(self, session_id: str, checkpoint_id: str) -> Op:
         """The newest version number holding this checkpoint, or None."""
         cached = self._numbers.get((session_id, checkpoint_id))
@@ -740,14 +761,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         checkpoint_id = get_checkpoint_id(config)
         window: tuple[datetime | None, datetime | None] = (None, None)
         if checkpoint_id:
-            number = yield from self._number_of(session_id, checkpoint_id)
-            if number is None:
-                return None
             try:
-                state = yield from self._state(session_id, number)
+                found = yield from self._checkpoint_version(session_id, checkpoint_id)
             except NotFound:
                 self._forget(session_id)
                 return None
+            if found is None:
+                return None
+            number, state = found
             # Its writes are those made before the first rewind back to it (later ones belong to that rewind).
             rewinds = yield from self._rewinds(session_id)
             window = (None, min((when for target, when in rewinds.values() if target == number), default=None))
@@ -1046,8 +1067,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         yield from self._delete_sessions(sessions, f"langgraph: delete_thread {_short(thread_id)}")
 
     def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> Op:
-        """Re-record every checkpoint (and its writes) on the target thread, oldest first. The store
-        keeps each state once per project, so a copy costs almost no storage."""
+        """Re-record every checkpoint (and its writes) on the target thread, oldest first: a page of
+        versions with their states at a time, each page recorded in one batch. The store keeps each
+        state once per project, so a copy costs almost no storage."""
         sessions = yield from self._thread_sessions(source_thread_id)
         for session in sessions:
             meta = (session.get("metadata") or {}).get("langgraph") or {}
@@ -1056,21 +1078,53 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             if is_writes:
                 target_external = _writes_of(target_external)
             target = yield from self._ensure_session(target_external, target_thread_id, ns, writes=is_writes)
-            versions = yield from self._versions(str(session["id"]))
-            for version_meta in reversed(versions):
-                if version_meta.get("kind") == "rewind":
-                    continue
-                state = yield from self._state(str(session["id"]), int(version_meta["number"]))
-                yield Call("POST", f"sessions/{target}/versions/", json={
-                    "state": state, "step": version_meta.get("step") or None, "engine": ENGINE,
+            # The versions there were when the thread was listed: a copy onto itself (or a writer
+            # still running) adds versions that this walk, oldest first, must not reach.
+            last = int(session.get("head") or 0)
+            pages = _StatePages(str(session["id"]), {"ordering": "number"})
+            pages.done = not last
+            while not pages.done:
+                rows = [row for row in (yield from pages.next_page()) if int(row["number"]) <= last]
+                pages.done = pages.done or not rows or int(rows[-1]["number"]) >= last
+                yield from self._record_all(target, [{
+                    "state": version_meta["state"], "step": version_meta.get("step") or None, "engine": ENGINE,
                     "engine_version": version_meta.get("engine_version") or self.engine_version,
                     "tags": version_meta.get("tags") or [],
-                })
+                } for version_meta in rows if version_meta.get("kind") != "rewind"])
+
+    def _record_all(self, session_id: str, snapshots: Rows) -> Op:
+        """Record `snapshots` on the session in order, many to a request (batches of at most
+        `BATCH_MAX` snapshots and about `BATCH_BYTES` of JSON)."""
+        batch: Rows = []
+        size = 0
+        for snapshot in snapshots:
+            length = len(json.dumps(snapshot["state"], ensure_ascii=False, separators=(",", ":")))
+            if batch and (len(batch) >= BATCH_MAX or size + length > BATCH_BYTES):
+                yield from self._record_batch(session_id, batch)
+                batch, size = [], 0
+            batch.append(snapshot)
+            size += length
+        if batch:
+            yield from self._record_batch(session_id, batch)
+
+    def _record_batch(self, session_id: str, snapshots: Rows) -> Op:
+        """One batch (all or nothing); one that a server with a lower body limit refuses as too large
+        goes again in halves."""
+        try:
+            yield Call("POST", f"sessions/{session_id}/versions/batch/", json={"versions": snapshots})
+        except ValidationError as exc:
+            if exc.code != "request_too_large" or len(snapshots) == 1:
+                raise
+            half = len(snapshots) // 2
+            yield from self._record_batch(session_id, snapshots[:half])
+            yield from self._record_batch(session_id, snapshots[half:])
 
     def _prune(self, thread_ids: Sequence[str], strategy: str) -> Op:
         """``delete``: delete the thread. ``keep_latest``: replace each namespace's session by a new one
-        holding only its latest checkpoint and that checkpoint's pending writes (history is gone, as
-        asked; DeltaChannel graphs need their ancestors, so do not prune those with keep_latest)."""
+        holding only its latest checkpoint and that checkpoint's pending writes, as `get_tuple` reads
+        them (history is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
+        those with keep_latest). Each namespace costs a fixed number of requests: its head, its
+        checkpoint's writes in one listing with their states, and one batch to record them again."""
         if strategy not in ("keep_latest", "delete"):
             raise ValueError(f"unknown prune strategy {strategy!r}; use keep_latest or delete")
         for thread_id in thread_ids:
@@ -1078,6 +1132,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 yield from self._delete_thread(thread_id)
                 continue
             sessions = yield from self._thread_sessions(thread_id)
+            writes_sessions = {str(s.get("external_id")): str(s["id"]) for s in sessions
+                               if ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")}
             checkpoint_sessions = [s for s in sessions if not ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")]
             keep: builtins.list[tuple[str, dict[str, Any], Rows]] = []
             for session in checkpoint_sessions:
@@ -1087,11 +1143,16 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 except NotFound:
                     continue
                 checkpoint_id = head["state"]["checkpoint"]["id"]
-                writes_session = yield from self._find_session(_writes_of(self._external_id(thread_id, ns)))
+                writes_external = _writes_of(self._external_id(thread_id, ns))
+                writes_session = writes_sessions.get(writes_external)
+                if writes_session is None:
+                    writes_session = yield from self._find_session(writes_external)
                 write_states: Rows = []
                 if writes_session is not None:
-                    for meta in reversed((yield from self._versions(writes_session, tag=checkpoint_tag(checkpoint_id)))):
-                        write_states.append((yield from self._state(writes_session, int(meta["number"]))))
+                    # The writes the head reads as its own: after it, for a head that is a rewind.
+                    window = (_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None)
+                    rows = yield from _StatePages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
+                    write_states = [meta["state"] for meta in sorted(_within(rows, window), key=lambda v: int(v["number"]))]
                 keep.append((ns, head, write_states))
             yield from self._delete_sessions(sessions, f"langgraph: prune {_short(thread_id)} (keep_latest)")
             for ns, head, write_states in keep:
@@ -1104,11 +1165,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 })
                 if write_states:
                     writes_id = yield from self._ensure_session(_writes_of(external_id), thread_id, ns, writes=True)
-                    for state in write_states:
-                        yield Call("POST", f"sessions/{writes_id}/versions/", json={
-                            "state": state, "engine": ENGINE, "engine_version": self.engine_version,
-                            "tags": [checkpoint_tag(state["checkpoint_id"])],
-                        })
+                    yield from self._record_all(writes_id, [{
+                        "state": state, "engine": ENGINE, "engine_version": self.engine_version,
+                        "tags": [checkpoint_tag(state["checkpoint_id"])],
+                    } for state in write_states])
 
 
 def _short(identifier: Any, limit: int = 200) -> str:
