@@ -38,6 +38,6 @@ urlpatterns = [
     path("integrity-scrub/", ops.IntegrityScrub.as_view(), name="api-integrity-scrub"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
-    # Only paths ending in "/": a missing slash still gets Django's APPEND_SLASH redirect.
-    re_path(r"^.*/$", session_views.unknown_route),
+    # Only paths ending in "/" (and /api/v1/ itself): a missing slash still gets Django's APPEND_SLASH redirect.
+    re_path(r"^(?:.*/)?$", session_views.unknown_route),
 ]

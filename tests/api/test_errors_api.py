@@ -136,7 +136,7 @@ def test_a_lowered_rate_limit_still_says_when_to_retry(project, settings):
 
 
 def test_unknown_routes_methods_and_ids(writer, session, client):
-    for response in (writer.get("/api/v1/nothing/here/"), client.post("/api/v1/sessions/x/y/z/")):
+    for response in (writer.get("/api/v1/nothing/here/"), client.post("/api/v1/sessions/x/y/z/"), writer.get("/api/v1/")):
         assert response.status_code == 404 and response["Content-Type"] == "application/problem+json"
     assert writer.get("/api/v1/sessions/not-a-uuid/").status_code == 404
     assert writer.get(f"/api/v1/sessions/{session.pk}/versions/abc/").json()["code"] == "version_not_found"
