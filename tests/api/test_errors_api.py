@@ -371,3 +371,19 @@ def test_the_default_rate_limit_lets_an_engine_checkpoint_in_a_tight_loop_and_st
     answers = [runaway.get("/api/v1/projects/") for _ in range(150)]  # 150 in the same instant
     assert [answer.status_code for answer in answers].count(200) == 100
     assert answers[-1].status_code == 429 and answers[-1]["Retry-After"] == "1"
+
+
+def test_a_write_to_a_path_without_its_trailing_slash_is_redirected_as_the_same_write(writer, session):
+    """A 301 there made clients (requests, curl -L) repeat a POST as a GET, and requests drops a
+    PATCH's body: the snapshot was lost behind a 200 that listed the versions. 308 keeps both."""
+    versions = f"/api/v1/sessions/{session.pk}/versions"
+    moved = writer.post(versions, {"state": {"a": 1}}, format="json")
+    assert moved.status_code == 308 and moved["Location"] == versions + "/"
+    assert not Version.objects.exists()
+    followed = writer.post(versions, {"state": {"a": 1}}, format="json", follow=True)
+    assert followed.status_code == 201 and followed.redirect_chain == [(versions + "/", 308)]
+    assert Version.objects.get(session=session).number == 1
+
+    patch = writer.patch(f"/api/v1/sessions/{session.pk}?x=1", {"tags": ["t"]}, format="json")
+    assert patch.status_code == 308 and patch["Location"] == f"/api/v1/sessions/{session.pk}/?x=1"
+    assert writer.get("/api/v1/sessions").status_code == 301  # reads keep Django's redirect
