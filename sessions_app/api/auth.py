@@ -115,6 +115,8 @@ def project_for(request: Request, slug: str | None, *, role: str) -> Project:
             raise NotFound(f"no project {slug!r}", project=slug)
     else:
         candidates = list(projects[:2])
+        if not candidates:
+            raise exceptions.PermissionDenied("You are a member of no project; an admin of one can add you.")
         if len(candidates) != 1:
             raise exceptions.ValidationError({"project": ["Name the project (its slug): you are a member of several."]})
         project = candidates[0]

@@ -169,6 +169,17 @@ def test_browser_session_roles(project, session):
     assert client.get(f"/api/v1/sessions/{session.pk}/").status_code == 404
 
 
+def test_a_user_of_no_project_is_told_so_not_to_name_one_of_several(project):
+    client = APIClient()
+    client.force_login(make_user("newcomer"))
+    assert client.get("/api/v1/projects/").json()["results"] == []
+    for response in (client.post("/api/v1/sessions/", {"external_id": "x"}, format="json"),
+                     client.get("/api/v1/retention-policy/"), client.post("/api/v1/exports/", {}, format="json")):
+        assert response.status_code == 403, response.content
+        assert response.json()["code"] == "permission_denied" and "no project" in response.json()["detail"]
+    assert not WorkflowSession.objects.filter(external_id="x").exists()
+
+
 def test_browser_writes_need_the_csrf_token(project, user):
     client = APIClient(enforce_csrf_checks=True)
     client.force_login(user)
