@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from base64 import b64encode
+from base64 import b64decode, b64encode
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
@@ -30,6 +30,16 @@ class CursorPage(CursorPagination):
 
     def decode_cursor(self, request: Request) -> Cursor | None:
         invalid = exceptions.ValidationError({self.cursor_query_param: ["Invalid cursor."]})
+        raw = request.query_params.get(self.cursor_query_param)
+        if raw:
+            # DRF's decoding skips what is not base64 and any field it does not know: a mangled
+            # cursor ("%00", one whose "+" became a space) quietly meant the first page again.
+            try:
+                tokens = parse_qs(b64decode(raw.encode("ascii"), validate=True).decode("ascii"), strict_parsing=True)
+            except ValueError:  # (binascii.Error and UnicodeError are ValueErrors)
+                raise invalid from None
+            if set(tokens) - {"o", "r", "p"}:
+                raise invalid
         try:
             cursor = super().decode_cursor(request)
         except exceptions.NotFound:

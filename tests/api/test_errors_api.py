@@ -154,6 +154,15 @@ def test_forged_cursors_are_400(writer, session, position):
     assert writer.get("/api/v1/retention-policy/?project=%00x").status_code == 404
 
 
+@pytest.mark.parametrize("cursor", ["!!!!", "%00", "cD0x%20", "aGVsbG8=", "eD0x", "w6k="])
+def test_mangled_cursors_are_400_not_the_first_page_again(writer, session, cursor):
+    """Not base64, or not one of ours (b"hello", b"x=1", non-ASCII): DRF read those as no cursor."""
+    for path in ("/api/v1/projects/", "/api/v1/sessions/", f"/api/v1/sessions/{session.pk}/versions/"):
+        response = writer.get(f"{path}?cursor={cursor}")
+        assert response.status_code == 400, (path, response.content)
+        assert response.json()["errors"] == {"cursor": ["Invalid cursor."]}
+
+
 def test_64_bit_integers_and_long_digit_strings_are_kept_exactly(writer, session):
     state = {"max": 18446744073709551615, "min": -9223372036854775808, "text": "123456789012345678901234567890"}
     response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": state}, format="json")
