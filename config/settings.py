@@ -362,6 +362,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "sessions_app.api.pagination.CursorPage",
     "EXCEPTION_HANDLER": "sessions_app.api.problems.exception_handler",
     "DEFAULT_METADATA_CLASS": "sessions_app.api.http.NameOnlyMetadata",
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "sessions_app.api.http.ContentNegotiation",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 # Requests per API key (or user) per period; empty = unlimited. Beyond it: 429 with Retry-After.

@@ -8,8 +8,10 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from rest_framework.exceptions import ParseError
+from django.http import Http404
+from rest_framework.exceptions import NotAcceptable, ParseError
 from rest_framework.metadata import BaseMetadata
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
@@ -64,3 +66,15 @@ class NameOnlyMetadata(BaseMetadata):
 
     def determine_metadata(self, request: Any, view: Any) -> dict[str, Any]:
         return {"name": view.get_view_name(), "schema": "/api/v1/schema/"}
+
+
+class ContentNegotiation(DefaultContentNegotiation):
+    """DRF's, but a `?format=` no renderer has is 406 (as an Accept header none matches is), not a 404
+    that said an existing session or list was not there."""
+
+    def filter_renderers(self, renderers: list[BaseRenderer], format: str) -> list[BaseRenderer]:
+        try:
+            return super().filter_renderers(renderers, format)  # type: ignore[no-any-return]
+        except Http404:
+            formats = ", ".join(sorted({str(renderer.format) for renderer in renderers}))
+            raise NotAcceptable(f"No format {format[:40]!r} here; this answers in {formats}.") from None

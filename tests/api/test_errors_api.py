@@ -154,6 +154,16 @@ def test_forged_cursors_are_400(writer, session, position):
     assert writer.get("/api/v1/retention-policy/?project=%00x").status_code == 404
 
 
+def test_an_unknown_format_parameter_is_406_not_404(writer, session):
+    for path in (f"/api/v1/sessions/{session.pk}/", "/api/v1/sessions/"):
+        response = writer.get(f"{path}?format=csv")
+        assert response.status_code == 406, (path, response.content)
+        assert response["Content-Type"] == "application/problem+json" and response.json()["code"] == "not_acceptable"
+    assert writer.get("/api/v1/schema/?format=csv").status_code == 406
+    assert writer.get(f"/api/v1/sessions/{session.pk}/?format=json").status_code == 200
+    assert writer.get("/api/v1/schema/?format=json").status_code == 200
+
+
 @pytest.mark.parametrize("cursor", ["!!!!", "%00", "cD0x%20", "aGVsbG8=", "eD0x", "w6k="])
 def test_mangled_cursors_are_400_not_the_first_page_again(writer, session, cursor):
     """Not base64, or not one of ours (b"hello", b"x=1", non-ASCII): DRF read those as no cursor."""
