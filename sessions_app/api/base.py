@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -51,6 +51,14 @@ class ApiView(generics.GenericAPIView):
             raise RequestTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
         # Checked before anything else so a bad key is always a 400, whatever the write would do.
         self.idempotency_key()
+
+    def refuse_body(self, hint: str = "") -> None:
+        """A DELETE reads no body: what one carries is a 400 naming it, as an unknown field is anywhere
+        else, not dropped (a delete's `reason` sent there was ignored, beside a ?reason= or not)."""
+        data = self.request.data
+        if data:
+            names = sorted(str(name) for name in data)[:20] if isinstance(data, Mapping) else ["non_field_errors"]
+            raise ValidationError({name[:100]: [f"A DELETE takes no body.{hint}"] for name in names})
 
     @property
     def principal(self) -> Principal:

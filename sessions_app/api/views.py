@@ -162,6 +162,7 @@ class SessionDetail(ApiView):
     )
     def delete(self, request: Request, id: str) -> Response:
         session = session_for(request, id, role=Role.ADMIN)
+        self.refuse_body(" Send the reason as ?reason=.")
         incoming = ReasonSerializer(data={"reason": request.query_params.get("reason", "")})
         incoming.is_valid(raise_exception=True)
         services.session_delete(session=session, reason=incoming.validated_data["reason"], **self.principal.actor)
@@ -282,7 +283,9 @@ class ApiKeyDetail(ApiView):
     @extend_schema(operation_id="keys_revoke", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
                    request=None, responses={200: ApiKeySerializer}, summary="Revoke the key (admin); it stops working at once.")
     def delete(self, request: Request, key_id: str) -> Response:
-        api_key = services.api_key_revoke(api_key=self._key(request, key_id), **self.principal.actor)
+        api_key = self._key(request, key_id)
+        self.refuse_body()
+        api_key = services.api_key_revoke(api_key=api_key, **self.principal.actor)
         return Response(ApiKeySerializer(_listed(api_key.pk)).data)
 
 

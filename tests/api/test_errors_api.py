@@ -246,6 +246,21 @@ def test_delete_with_a_bad_reason_is_400_and_deletes_nothing(admin_key, session,
     assert counts() == before
 
 
+def test_a_delete_with_a_body_is_400_naming_its_fields_and_deletes_nothing(admin_key, session):
+    """The reason goes in the query: one sent in the body was dropped (beside ?reason=, the delete went ahead)."""
+    before = counts()
+    for query in ("", "reason=cleanup"):
+        response = admin_key.delete(f"/api/v1/sessions/{session.pk}/", {"reason": "in the body"}, format="json",
+                                    QUERY_STRING=query)
+        assert response.status_code == 400, response.content
+        assert response.json()["code"] == "invalid_request" and "?reason=" in response.json()["errors"]["reason"][0]
+    key_id = admin_key.get("/api/v1/keys/").json()["results"][0]["id"]
+    response = admin_key.delete(f"/api/v1/keys/{key_id}/", {"why": "rotated"}, format="json")
+    assert response.status_code == 400 and list(response.json()["errors"]) == ["why"]
+    assert counts() == before and not ApiKey.objects.filter(revoked_at__isnull=False).exists()
+    assert admin_key.delete(f"/api/v1/sessions/{session.pk}/", QUERY_STRING="reason=cleanup").status_code == 204
+
+
 # A misspelt field is a 400 naming it, not a silently skipped check. (path tail as in BAD_WRITES, method, body, field)
 UNKNOWN_FIELDS = [
     ("versions/", "post", {"state": {"a": 2}, "expected_verison": 0}, "expected_verison"),
