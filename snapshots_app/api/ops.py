@@ -23,6 +23,7 @@ from sessions_app.api import filters
 from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
+from sessions_app.api.http import OrjsonRenderer
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.api.serializers import (
     InputSerializer,
@@ -148,6 +149,14 @@ class NdjsonParser(BaseParser):
             spool.write(chunk)
         spool.seek(0)
         return Upload(spool, size, digest.hexdigest())
+
+
+class NdjsonRenderer(OrjsonRenderer):
+    """Lets a download ask for what it gets (Accept: application/x-ndjson: it was 406). The file is
+    streamed as stored, not rendered; a problem is rendered as JSON, as everywhere."""
+
+    media_type = "application/x-ndjson"
+    format = "ndjson"
 
 
 class RetentionPolicyView(ApiView):
@@ -295,6 +304,7 @@ class JobDetail(ApiView):
 
 class JobFile(ApiView):
     serializer_class = JobSerializer
+    renderer_classes = [OrjsonRenderer, NdjsonRenderer]
 
     @extend_schema(
         operation_id="jobs_file",

@@ -65,10 +65,14 @@ def test_export_then_import_into_another_project_with_progress(project, session,
     download = writer.get(done["result"]["download"])
     assert download.status_code == 200 and download["Content-Type"] == "application/x-ndjson"
     export = b"".join(download.streaming_content)
+    asked = writer.get(done["result"]["download"], HTTP_ACCEPT="application/x-ndjson")  # what it is: not a 406
+    assert asked.status_code == 200 and b"".join(asked.streaming_content) == export
 
     theirs = key_client(other_project, "read,write")
     imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", export, content_type="application/x-ndjson"))
     assert imported.status_code == 202
+    missing = theirs.get(f"/api/v1/jobs/{job.json()['id']}/file/", HTTP_ACCEPT="application/x-ndjson")
+    assert missing.status_code == 404 and missing.json()["code"] == "job_not_found"
     result = theirs.get(f"/api/v1/jobs/{imported.json()['id']}/").json()
     assert result["status"] == "done", result
     copy = WorkflowSession.objects.get(project=other_project)
