@@ -359,7 +359,8 @@ def snapshot_record(
     if kind not in VersionKind.values:
         raise InvalidState(f"kind must be one of {', '.join(VersionKind.values)}")
     prepared = state_prepare(state)
-    ensure_writable(session)
+    if key is None:
+        ensure_writable(session)  # (with a key, under the lock: see _replay_or_writable)
     if connection.vendor == "postgresql":
         appended = _append_to_known_head(
             session, prepared, kind=kind, key=key, expected=expected, actor=actor, actor_label=actor_label, **fields
@@ -371,11 +372,9 @@ def snapshot_record(
         # Session lock first: under it the head is known, and the new nodes are checked against the
         # head's tree in memory (see store.ProjectStore.write_state) instead of the database.
         locked = _lock_for_write(session)
-        ensure_writable(locked)
-        if key is not None:
-            replay = _replay(locked, key, kind=kind, checksum=prepared.checksum, **fields)
-            if replay is not None:
-                return replay
+        replay = _replay_or_writable(locked, key, kind=kind, checksum=prepared.checksum, **fields)
+        if replay is not None:
+            return replay
         _check_expected(locked, expected)
         written = store.ProjectStore(session.project_id).write_state(
             prepared.value, prepared.canonical, prepared.checksum, prepared.members,
@@ -503,6 +502,17 @@ def _append_to_known_head(
     return version
 
 
+def _replay_or_writable(session: WorkflowSession, key: str | None, **request: Any) -> Version | None:
+    """The version an earlier call with idempotency key `key` wrote (see _replay), else None once the
+    session is known to take writes (SessionArchived if not). The replay comes first: a retry whose
+    first answer was lost gets it even after the session was archived meanwhile, not a 409 saying
+    nothing was written about a write that was made."""
+    replay = None if key is None else _replay(session, key, **request)
+    if replay is None:
+        ensure_writable(session)
+    return replay
+
+
 _REQUEST_NAMES = {"checksum": "state", "parent_id": "version to rewind to", "kind": "kind of write"}
 
 
@@ -551,7 +561,8 @@ def snapshot_rewind(
     reason = require_reason(reason)
     expected = _clean_expected(expected_version)
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
-    ensure_writable(session)
+    if key is None:
+        ensure_writable(session)  # (with a key, under the lock: see _replay_or_writable)
     with transaction.atomic():
         # The new head reuses the target's nodes: hold off garbage collection until commit.
         store.project_write_lock(session.project_id)
@@ -561,11 +572,9 @@ def snapshot_rewind(
         # its parent key (a 500) instead of a 404.
         locked = session_lock(session)
         target = version_get(session=session, number=to_version)
-        ensure_writable(locked)
-        if key is not None:
-            replay = _replay(locked, key, kind=VersionKind.REWIND, parent_id=target.pk, reason=reason)
-            if replay is not None:
-                return replay
+        replay = _replay_or_writable(locked, key, kind=VersionKind.REWIND, parent_id=target.pk, reason=reason)
+        if replay is not None:
+            return replay
         _check_expected(locked, expected)
         previous_head = locked.head_number
         version = _append_copy(

@@ -145,6 +145,27 @@ def test_an_archived_session_refuses_every_write_with_409(writer, session, metho
             list(Version.objects.values_list("pinned", "label")), AuditEvent.objects.count()) == before
 
 
+@pytest.mark.parametrize(("tail", "body"), [
+    ("versions/", {"state": {"a": 2}, "step": "two"}),
+    ("versions/batch/", {"versions": [{"state": {"a": 2}}, {"state": {"a": 3}}]}),
+    ("rewind/", {"to_version": 1, "reason": "back"}),
+])
+def test_a_retry_of_a_write_made_before_the_archive_gets_its_first_answer(writer, session, tail, body):
+    """Not 409 session_archived "nothing was written": the write was made, only its answer was lost."""
+    snapshot_record(session=session, state={"a": 1})
+    url = f"/api/v1/sessions/{session.pk}/{tail}"
+    first = writer.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="lost-answer")
+    assert first.status_code == 201, first.content
+    writer.post(f"/api/v1/sessions/{session.pk}/archive/", {"reason": "done"}, format="json")
+    before = (Version.objects.count(), AuditEvent.objects.count())
+    retry = writer.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="lost-answer")
+    assert retry.status_code == 201 and retry.json() == first.json()
+    for refused in (writer.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="a-new-write"),
+                    writer.post(url, body, format="json")):
+        assert refused.status_code == 409 and refused.json()["code"] == "session_archived"
+    assert (Version.objects.count(), AuditEvent.objects.count()) == before
+
+
 def test_unarchive_accepts_writes_again_and_is_audited(writer, reader, session):
     url = f"/api/v1/sessions/{session.pk}/"
     assert reader.post(f"{url}unarchive/", {}, format="json").status_code == 403
