@@ -282,11 +282,14 @@ def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     pointer = request.GET.get("path", "").strip()
     before = _int(request.GET.get("before"))
-    points = selectors.path_history(session, pointer, before=before) if pointer else []
-    context = {**_base(session, role), "pointer": pointer, "points": points,
+    # A path typed without its leading "/" ("counters/tokens") is no JSON pointer: it was listed as
+    # absent from every version, as if the value had never existed. Say so, and offer the path meant.
+    problem = pointer and not pointer.startswith("/")
+    points = selectors.path_history(session, pointer, before=before) if pointer and not problem else []
+    context = {**_base(session, role), "pointer": pointer, "points": points, "problem": problem,
                "changes": [(p, jsonview.preview(p.value)[0]) for p in reversed(points) if p.changed or p is points[0]],
                "chart": _chart(points)}
-    return render(request, "snapshots_app/history.html", context)
+    return render(request, "snapshots_app/history.html", context, status=400 if problem else 200)
 
 
 def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:

@@ -554,6 +554,16 @@ def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
     assert "v1\u2013v3 examined" in newer.content.decode()
 
 
+def test_path_history_of_a_path_without_its_leading_slash_says_so_instead_of_absent_everywhere(client, viewer, story):
+    client.force_login(viewer)
+    response = client.get(session_url(story, "snapshots:history"), {"path": "counters/tokens"})
+    page = response.content.decode()
+    assert response.status_code == 400
+    assert "A path starts with" in page and "absent" not in page and "<svg" not in page
+    assert "?path=/counters/tokens" in page  # the path meant, one click away
+    assert client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).status_code == 200
+
+
 def test_path_history_links_to_older_versions(client, viewer, team):
     from snapshots_app.selectors import HISTORY_WINDOW
 
