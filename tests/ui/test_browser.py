@@ -409,10 +409,10 @@ def _long_names_story():
     operator = make_user("olga")
     project = make_project("acme")
     membership_set(project=project, user=operator, role=Role.OPERATOR)
-    session = make_session(project, "run-" + "x" * 120, workflow="w" * 80)
+    session = make_session(project, "run-" + "x" * 120, workflow="w" * 80, tags=["t" * 64])
     long_key = "k" * 300
     snapshot_record(session=session, state={long_key: 1, "q": "y" * 400}, step="s" * 150, error="E" * 500,
-                    status="failed")
+                    status="failed", label="L" * 100)  # badges: a label and a tag at their longest
     snapshot_record(session=session, state={long_key: 2, "q": "y" * 400 + "!"}, step="s" * 150)
     return session
 
