@@ -432,6 +432,23 @@ def test_long_names_and_a_phone_width_never_widen_the_page(server, browser):
     assert page.locator("table.sessions").is_visible()  # (the table scrolls inside its own box)
 
 
+def test_without_javascript_a_folded_tree_node_offers_its_own_page_not_an_endless_loading(server, browser):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    cookies = page.context.cookies()
+    context = browser.new_context(java_script_enabled=False)
+    context.add_cookies(cookies)
+    page = context.new_page()
+    page.goto(f"{server}/sessions/{session.pk}/v/5/")
+    node = page.locator("#tree details", has=page.locator("summary .key", has_text="counters"))
+    node.locator("summary").click()
+    assert not node.get_by_text("loading…").is_visible()
+    node.get_by_role("link", name="Open this part").click()
+    page.wait_for_load_state("load")
+    assert "pointer=/counters" in page.url
+    assert page.locator("#tree .key", has_text="tokens").is_visible()
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")
