@@ -432,7 +432,7 @@ def test_long_names_and_a_phone_width_never_widen_the_page(server, browser):
     assert page.locator("table.sessions").is_visible()  # (the table scrolls inside its own box)
 
 
-def test_without_javascript_a_folded_tree_node_offers_its_own_page_not_an_endless_loading(server, browser):
+def test_without_javascript_the_tree_offers_no_dead_controls(server, browser):
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
     cookies = page.context.cookies()
@@ -440,6 +440,7 @@ def test_without_javascript_a_folded_tree_node_offers_its_own_page_not_an_endles
     context.add_cookies(cookies)
     page = context.new_page()
     page.goto(f"{server}/sessions/{session.pk}/v/5/")
+    assert page.locator("button.copy").count() > 0 and not page.get_by_text("copy path").first.is_visible()  # (a dead button)
     node = page.locator("#tree details", has=page.locator("summary .key", has_text="counters"))
     node.locator("summary").click()
     assert not node.get_by_text("loading…").is_visible()
