@@ -450,6 +450,49 @@ def test_without_javascript_the_tree_offers_no_dead_controls(server, browser):
     assert page.locator("#tree .key", has_text="tokens").is_visible()
 
 
+# WCAG 2 contrast of an element's text against the first opaque background behind it.
+CONTRAST = """element => {
+    const rgb = color => color.match(/[\\d.]+/g).map(Number);
+    const luminance = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+        .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+    let behind = element, background = [255, 255, 255];
+    for (; behind; behind = behind.parentElement) {
+        const color = rgb(getComputedStyle(behind).backgroundColor);
+        if (color.length < 4 || color[3] > 0) { background = color; break; }
+    }
+    const [light, dark] = [luminance(rgb(getComputedStyle(element).color)), luminance(background)].sort((a, b) => b - a);
+    return (light + 0.05) / (dark + 0.05);
+}"""
+
+
+def _every_status_and_a_damaged_version():
+    from snapshots_app.integrity import integrity_problem_record
+
+    operator = make_user("olga")
+    project = make_project("acme")
+    membership_set(project=project, user=operator, role=Role.OPERATOR)
+    for status in ("running", "waiting", "completed", "failed", "cancelled"):
+        session = make_session(project, f"run-{status}")
+        version = snapshot_record(session=session, state={"n": 1}, status=status, error="boom" if status == "failed" else None)
+    integrity_problem_record(version=version, detail="checksum mismatch")
+    return session
+
+
+def test_status_badges_and_integrity_problems_are_readable(server, browser):
+    """Small text (12-14 px) needs a contrast of 4.5:1 (WCAG AA): red on the pink of a failure had 4.499,
+    the grey hint on the integrity problems' pink 4.06, a link there 4.499."""
+    session = off_loop(_every_status_and_a_damaged_version)
+    page = log_in(browser, server, "olga")
+    badges = page.locator("table.sessions .badge")
+    assert badges.count() == 5
+    low = {badges.nth(i).inner_text(): round(badges.nth(i).evaluate(CONTRAST), 3) for i in range(5)}
+    page.goto(f"{server}/sessions/{session.pk}/")
+    problems = page.locator("#integrity-problems :is(h2, li, p, a)")
+    assert problems.count() == 4
+    low |= {problems.nth(i).inner_text()[:30]: round(problems.nth(i).evaluate(CONTRAST), 3) for i in range(4)}
+    assert all(ratio >= 4.5 for ratio in low.values()), low
+
+
 def _viewer_story(hostile):
     viewer = make_user("victor")
     project = make_project("acme")
