@@ -328,6 +328,10 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     form = RewindForm(request.POST if request.method == "POST" else None)
     if target.number == session.head_number:  # a new head equal to the head would record nothing new
         error, status = f"v{target.number} is the head already: there is nothing to rewind to.", 400
+    elif session.archived_at is not None:
+        # Said before a reason is written (the page stays reachable: a tab opened before the archiving,
+        # a bookmark), not after; the service refuses it all the same.
+        error, status = "This session is archived: it takes no writes. Unarchive it on the session page to rewind it.", 409
     elif request.method == "POST" and not form.is_valid():
         error, status = " ".join(form_problems(form)), 400
     elif request.method == "POST":
@@ -347,9 +351,11 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
             messages.success(request, f"Rewound to version {target.number}: the new head is version {version.number}.")
             return redirect("snapshots:session", session_id=session.pk)
     head = selectors.head_version(session)
-    result = selectors.version_diff(head, target) if head is not None else None
+    refused = target.number == session.head_number or session.archived_at is not None
+    result = selectors.version_diff(head, target) if head is not None and not refused else None
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
+        "refused": refused,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)

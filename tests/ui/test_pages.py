@@ -304,6 +304,20 @@ def test_rewinding_to_the_head_is_refused(client, operator, story):
     assert refused.status_code == 400 and Version.objects.filter(session=story).count() == story.head_number
 
 
+def test_rewinding_an_archived_session_is_refused_before_a_reason_is_written(client, operator, story):
+    from sessions_app.services import session_archive
+
+    session_archive(session=story, reason="done")
+    client.force_login(operator)
+    url = session_url(story, "snapshots:rewind", number=2)
+    response = client.get(url)
+    page = response.content.decode()
+    assert response.status_code == 409
+    assert "is archived" in page and "Unarchive it" in page and "confirm-rewind" not in page and "<textarea" not in page
+    refused = client.post(url, {"reason": "anyway", "expected_version": story.head_number})
+    assert refused.status_code == 409 and Version.objects.filter(session=story).count() == story.head_number
+
+
 def test_stale_confirm_page_is_refused(client, operator, story):
     client.force_login(operator)
     record_history(story, 1, start=6)
