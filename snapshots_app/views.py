@@ -113,10 +113,16 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     query = request.GET.get("q", "").strip()
     state = selectors.version_state(version)
     context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query}
+    status = 200
     try:
         value = jsonview.resolve(state, pointer)
     except jsonview.PointerError as exc:
-        raise Http404(str(exc)) from None
+        if wants_fragment(request):
+            raise Http404(str(exc)) from None
+        # A part this version lacks (a pointer carried over from another version's address): the generic
+        # 404 said the whole page might be deleted or another project's. Say which part, show the state.
+        context.update(missing=pointer, missing_why=str(exc), pointer="")
+        pointer, value, status = "", state, 404
     entries, next_offset = jsonview.level(value, pointer, offset=offset)
     context.update(
         entries=entries,
@@ -131,7 +137,7 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         # The search form always sends q: emptied, its answer empties the results (not a tree level).
         template = "snapshots_app/partials/_search_results.html" if "q" in request.GET else "snapshots_app/partials/_tree_level.html"
         return render(request, template, context)
-    return render(request, "snapshots_app/version.html", context)
+    return render(request, "snapshots_app/version.html", context, status=status)
 
 
 def _crumbs(pointer: str) -> list[tuple[str, str]]:

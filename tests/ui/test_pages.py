@@ -417,7 +417,11 @@ def test_state_tree_renders_one_level_and_fetches_children_by_pointer(client, vi
     assert "leaf-value" in child and "<html" not in child
     inside = client.get(url, {"pointer": "/store/deep"}, HTTP_HX_REQUEST="true").content.decode()
     assert '<span class="key">k</span>' in inside  # JSON held in a string, shown expanded
-    assert client.get(url, {"pointer": "/nope"}).status_code == 404
+    missing = client.get(url, {"pointer": "/a/nope"})
+    assert missing.status_code == 404
+    page = missing.content.decode()  # which part is missing, and the version's state: not "it may have been deleted"
+    assert "v1 has no <code>/a/nope</code>" in page and "no key &#x27;nope&#x27;" in page and "pointer=/store" in page
+    assert client.get(url, {"pointer": "/nope"}, HTTP_HX_REQUEST="true").status_code == 404
 
 
 def test_search_and_raw_download(client, viewer, story):
