@@ -255,17 +255,30 @@ def path_history(
         if previous.checksum != version.checksum:
             touching = [
                 change for change in version_diff(previous, version).changes
-                if _touches(change.get("string_path", "") + change["path"], pointer)
+                if _touches(change.get("string_path", "") + change["path"], change["kind"], pointer)
             ]
-        exact = [c for c in touching if c.get("string_path", "") + c["path"] == pointer]
-        if len(touching) == 1 and exact:
-            value, present = exact[0].get("new"), exact[0]["kind"] != "removed"
+        touched = False
+        if len(touching) == 1 and touching[0]["kind"] == "changed" \
+                and touching[0].get("string_path", "") + touching[0]["path"] == pointer:
+            value, present, touched = touching[0]["new"], True, True
         elif touching:
+            # Read it: a change above it (replaced whole, or an item added or removed before it in
+            # an array) may leave it as it was, or move another item to its place.
+            was = (present, _canonical(value) if present else b"")
             value, present = value_in(version)
-        touched = bool(touching)
+            touched = was != (present, _canonical(value) if present else b"")
         points.append(PathPoint(version.number, value, present, touched, version.created_at, version.step))
     return points
 
 
-def _touches(changed: str, pointer: str) -> bool:
-    return changed == pointer or changed.startswith(pointer + "/") or pointer.startswith(changed + "/") or changed == ""
+def _touches(changed: str, kind: str, pointer: str) -> bool:
+    if changed == pointer or changed.startswith(pointer + "/") or pointer.startswith(changed + "/") or changed == "":
+        return True
+    # An item added to or removed from an array the pointer goes through shifts the items after it.
+    parent, _, last = changed.rpartition("/")
+    return kind != "changed" and last.isdigit() and pointer.startswith(parent + "/")
+
+
+def _canonical(value: Any) -> bytes:
+    """Equal JSON, equal bytes (Python's 1 == 1.0 == True would call a changed type unchanged)."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

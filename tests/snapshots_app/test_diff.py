@@ -246,3 +246,31 @@ def test_json_nested_deep_inside_a_string_of_a_deep_state_diffs():
     changes = diff_values(nested(200, inner_a), nested(200, inner_b)).changes
     assert brief(changes) == [("changed", "/0" * 250)]
     assert changes[0]["string_path"] == "/a" + "/0" * 198
+
+
+def test_path_history_follows_items_that_shift_and_marks_only_real_changes(session):
+    """Path history (the dashboard's "in which versions did this change"): an item inserted at the
+    front of a list moves the others, so /items/1 holds another item; it kept showing the old one
+    as unchanged. A parent replaced and restored with the same child, or a path absent from every
+    version, is not a change: those rows were marked changed."""
+    from snapshots_app.selectors import path_history
+
+    for state in (
+        {"items": [{"name": "a"}, {"name": "b"}], "c": {"t": 1}},
+        {"items": [{"name": "z"}, {"name": "a"}, {"name": "b"}], "c": {"t": 1}},  # z inserted first
+        {"items": [{"name": "z"}, {"name": "a"}, {"name": "b"}], "c": [1]},  # c replaced whole
+        {"items": [{"name": "z"}, {"name": "a"}], "c": {"t": 1}},  # b removed, c as before
+        {"items": [{"name": "z"}, {"name": "a"}], "c": {"t": True}},  # 1 -> true (equal in Python)
+    ):
+        snapshot_record(session=session, state=state)
+
+    def rows(pointer: str) -> list[tuple[Any, bool, bool]]:
+        return [(point.value, point.present, point.changed) for point in path_history(session, pointer)]
+
+    assert rows("/items/1/name") == [("b", True, False), ("a", True, True), ("a", True, False), ("a", True, False),
+                                     ("a", True, False)]
+    assert rows("/items/2/name") == [(None, False, False), ("b", True, True), ("b", True, False),
+                                     (None, False, True), (None, False, False)]
+    assert rows("/c/t") == [(1, True, False), (1, True, False), (None, False, True), (1, True, True),
+                            (True, True, True)]
+    assert [changed for _, _, changed in rows("/c/t/")] == [False] * 5  # (the key "" under a number: never there)
