@@ -64,6 +64,12 @@ def test_healthz(client):
     assert response.json() == {"status": "ok"}
 
 
+def test_the_favicon_every_browser_asks_for_is_no_content_not_a_logged_404(client, caplog):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 204 and not response.content
+    assert not [record for record in caplog.records if "Not Found" in record.getMessage()]
+
+
 @pytest.mark.django_db
 def test_readyz_is_200_when_database_redis_and_broker_answer(client):
     response = client.get("/readyz")
