@@ -3,6 +3,7 @@ no server errors, and every answer matches the schema (status, content type, hea
 
 from __future__ import annotations
 
+import re
 import uuid
 import zlib
 
@@ -96,6 +97,18 @@ def test_docs_are_served_from_our_static_files(client):
     html = client.get("/api/v1/docs/").content.decode()
     assert "/static/drf_spectacular_sidecar/" in html
     assert "https://" not in html and "http://" not in html  # nothing from elsewhere: it works offline
+
+
+def test_docs_have_no_inline_script(client):
+    """The Content-Security-Policy allows scripts from our own URLs only: Swagger UI's start-up script
+    is a file of its own."""
+    response = client.get("/api/v1/docs/")
+    scripts = re.findall(r"<script[^>]*>", response.content.decode())
+    assert scripts and all(" src=" in tag for tag in scripts), scripts
+    assert "script-src 'self';" in response["Content-Security-Policy"]
+    start = client.get("/api/v1/docs/?script=")
+    assert start.status_code == 200 and start["Content-Type"].startswith("application/javascript")
+    assert "SwaggerUIBundle" in start.content.decode()
 
 
 def test_schema_describes_the_contract(client):

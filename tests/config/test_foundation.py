@@ -151,6 +151,20 @@ def test_production_settings_pass_check_deploy():
     assert result.returncode == 0, result.stderr + result.stdout
 
 
+@pytest.mark.django_db
+def test_pages_send_a_content_security_policy_without_inline_script(client, settings):
+    """Markup that got into a page past escaping could not run: scripts come from our own URLs only,
+    the page cannot be framed, and the live pages may open their WebSocket to their own host."""
+    settings.ALLOWED_HOSTS = ["rewind.example.com", "testserver"]
+    policy = client.get("/accounts/login/", HTTP_HOST="rewind.example.com")["Content-Security-Policy"]
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+    assert directives["script-src"] == "'self'" and directives["default-src"] == "'self'"
+    assert directives["frame-ancestors"] == "'none'" and directives["object-src"] == "'none'"
+    assert directives["connect-src"] == "'self' ws://rewind.example.com wss://rewind.example.com"
+    settings.CONTENT_SECURITY_POLICY = ""
+    assert "Content-Security-Policy" not in client.get("/accounts/login/")
+
+
 def test_pool_and_persistent_connections_cannot_both_be_set():
     result = manage("check", env={"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/x", "SECRET_KEY": "x",
                                   "DB_POOL_SIZE": "4", "DB_CONN_MAX_AGE": "60"})
