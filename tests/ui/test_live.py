@@ -478,3 +478,33 @@ def test_a_page_closed_while_an_update_is_sent_leaves_its_group(setup):
 
     run(scenario)
     assert _group_members(group) == []
+
+
+def test_a_page_of_another_site_cannot_open_a_socket_with_the_users_cookie(setup):
+    """The served application checks the Origin (cross-site WebSocket hijacking): the browser sends
+    the user's session cookie whichever page opens the socket."""
+    from django.test import Client
+
+    from config.asgi import application
+
+    owner, _, _, _, session = setup
+    browser = Client()
+    browser.force_login(owner)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}".encode()
+
+    async def opened(origin: bytes | None) -> bool:
+        headers = [(b"host", b"localhost"), (b"cookie", cookie)] + ([(b"origin", origin)] if origin else [])
+        scope = {"type": "websocket", "path": f"/ws/sessions/{session.pk}/", "headers": headers, "subprotocols": [],
+                 "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+        socket = ApplicationCommunicator(application, scope)
+        await socket.send_input({"type": "websocket.connect"})
+        answer = await socket.receive_output(5)
+        if answer["type"] == "websocket.accept":
+            await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+            await socket.wait(1)
+        return answer["type"] == "websocket.accept"
+
+    assert run(opened, b"http://localhost:8000")  # the site's own page
+    assert not run(opened, b"https://evil.example")
+    assert not run(opened, b"null")  # a sandboxed frame, a file
+    assert not run(opened, None)

@@ -158,3 +158,13 @@ def test_the_right_password_of_a_non_staff_account_on_the_admin_sign_in_is_no_fa
         response, signed_in = sign_in(client, "olga", "right-pw-1", url="/admin/login/")
         assert not signed_in and REFUSED not in response.content.decode()
     assert sign_in(client, "olga", "right-pw-1")[1]
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/", "/\\evil.example", "javascript:alert(1)"])
+def test_signing_in_or_out_never_redirects_off_the_site(client, target):
+    make_user("olga")
+    signed_in = client.post("/accounts/login/", {"username": "olga", "password": "pw-for-tests-1", "next": target})
+    assert signed_in.status_code == 302 and signed_in["Location"] == "/"
+    assert target not in client.get("/accounts/login/", {"next": target}).content.decode()
+    signed_out = client.post("/accounts/logout/", {"next": target})
+    assert signed_out.status_code == 302 and signed_out["Location"] == "/accounts/login/"
