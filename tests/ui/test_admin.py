@@ -103,6 +103,17 @@ def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(cli
     assert AuditEvent.objects.get(action="version.data_fix").actor_label == "root"
 
 
+def test_the_data_fix_diffs_copy_path_buttons_come_with_the_script_that_makes_them_work(client, staff, story):
+    """The preview shows the dashboard's diff, whose "copy path" buttons are worked by static/js/app.js:
+    the admin's page did not load it, so they were buttons that did nothing."""
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[Version.objects.get(session=story, number=2).pk])
+    preview = client.post(url, {"state": json.dumps({"counters": {"steps": 9}}), "reason": "", "expected_version": 5,
+                                "preview": "1"}).content.decode()
+    assert 'class="copy" data-path="/counters/steps"' in preview
+    assert re.search(r'<script src="/static/js/app(\.[0-9a-f]+)?\.js" defer>', preview)
+
+
 def test_a_data_fix_records_only_the_state_whose_diff_against_the_current_head_was_shown(client, staff, story):
     """Recording needs the diff of exactly that state against the head as it is now: a state edited
     after its preview, or a head that moved since the page was loaded (an engine wrote meanwhile),
