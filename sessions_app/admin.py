@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
@@ -20,6 +21,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -449,13 +451,23 @@ class ApiKeyAdmin(ProjectScopedAdmin):
         obj.pk, obj.prefix, obj.created_at = created.pk, created.prefix, created.created_at
         messages.warning(request, f"Copy this key now; it is not shown again: {token}")
 
-    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
-    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        keys = list(queryset.select_related("project"))
+    @admin.action(description="Revoke selected API keys…", permissions=["revoke"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
+        """Asks first, as a deletion does: a revoked key stays revoked, and an engine using it stops."""
+        keys = list(queryset.select_related("project").order_by("project__slug", "name"))
         require_role(request, [api_key.project_id for api_key in keys], Role.ADMIN)  # all or none
-        for api_key in keys:
+        working = [api_key for api_key in keys if api_key.revoked_at is None]
+        if request.POST.get("post") != "yes":
+            return TemplateResponse(request, "admin/sessions_app/apikey/revoke_confirmation.html", {
+                **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Revoke API keys",
+                "keys": keys, "working": working, "already": [api_key for api_key in keys if api_key.revoked_at],
+                "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            })
+        for api_key in working:
             api_key_revoke(api_key=api_key, actor=request.user)
-        messages.success(request, f"Revoked {len(keys)} key(s).")
+        messages.success(request, f"Revoked {len(working)} key(s)."
+                                  + (f" {len(keys) - len(working)} were revoked already." if len(keys) > len(working) else ""))
+        return None
 
 
 @admin.register(WorkflowSession)

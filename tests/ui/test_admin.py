@@ -66,10 +66,34 @@ def test_api_key_is_shown_once_and_revoked_by_action(client, staff, team):
     token = page.split("it is not shown again: ")[1].split("<")[0].strip()
     assert token.startswith(f"sr_{key.prefix}_") and token not in key.key_hash
     assert token not in client.get(reverse("admin:sessions_app_apikey_change", args=[key.pk])).content.decode()
-    client.post(reverse("admin:sessions_app_apikey_changelist"), {"action": "revoke", "_selected_action": [key.pk]})
+    client.post(reverse("admin:sessions_app_apikey_changelist"),
+                {"action": "revoke", "_selected_action": [key.pk], "post": "yes"})
     key.refresh_from_db()
     assert key.revoked_at is not None
     assert AuditEvent.objects.filter(action="api_key.revoke").exists()
+
+
+def test_revoking_keys_in_the_admin_asks_first_and_names_them(client, staff, team):
+    """A revoked key stays revoked and the engine using it stops at once: the action shows which keys
+    (and when each was last used) and revokes only once confirmed, as a deletion does."""
+    client.force_login(staff)
+    engine, _ = api_key_create(project=team, name="prod-engine", scopes=["write"])
+    old, _ = api_key_create(project=team, name="old-engine", scopes=["read"])
+    api_key_revoke(api_key=old)
+    changelist = reverse("admin:sessions_app_apikey_changelist")
+    asked = client.post(changelist, {"action": "revoke", "_selected_action": [engine.pk, old.pk], "index": "0"})
+    page = asked.content.decode()
+    assert asked.status_code == 200 and "cannot be undone" in page and "prod-engine" in page
+    assert "Revoked already, left as they are: old-engine" in page
+    assert 'name="post" value="yes"' in page and f'name="_selected_action" value="{engine.pk}"' in page
+    engine.refresh_from_db()
+    assert engine.revoked_at is None and AuditEvent.objects.filter(action="api_key.revoke").count() == 1
+
+    done = client.post(changelist, {"action": "revoke", "_selected_action": [engine.pk, old.pk], "post": "yes"},
+                       follow=True)
+    assert "Revoked 1 key(s). 1 were revoked already." in done.content.decode()
+    engine.refresh_from_db()
+    assert engine.revoked_at is not None and AuditEvent.objects.filter(action="api_key.revoke").count() == 2
 
 
 def shown_state(response) -> str:
