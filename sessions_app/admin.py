@@ -75,6 +75,14 @@ def require_role(request: HttpRequest, project_ids: Iterable[int], role: str) ->
         raise PermissionDenied(f"this needs the {role} role in the project")
 
 
+def pasted_uuid(search_term: str) -> uuid.UUID | None:
+    """The id an operator pasted into a search box (a session's, from its page's address or the API), if it is one."""
+    try:
+        return uuid.UUID(search_term.strip())
+    except ValueError:
+        return None
+
+
 def warn_of_keys_left_working(request: HttpRequest, user: Any, *, project_ids: Any, standing: str) -> None:
     """After `user` stopped being an admin (or active), say which keys they made still work: they are
     kept (an engine may depend on one), so an admin decides. Only keys of projects the request's
@@ -482,6 +490,13 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
     ordering = ["project_id", "-updated_at", "-id"]
     readonly_fields = ["dashboard"]
 
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        # A session's id (its page's address, the API's answers) is what an operator has at hand:
+        # it matched neither searched column, so pasting it found nothing.
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        session_id = pasted_uuid(search_term)
+        return (found if session_id is None else found | queryset.filter(pk=session_id)), may_have_duplicates
+
     @admin.display(description="Dashboard")
     def dashboard(self, obj: WorkflowSession) -> str:
         return format_html('<a href="{}">timeline</a>', reverse("snapshots:session", kwargs={"session_id": obj.pk}))
@@ -501,9 +516,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         # What an operator pastes most (a session's UUID, from its page or the API) by the indexes:
         # as a substring of four text columns it read every event, twice (the page and its count).
-        term = search_term.strip()
-        try:
-            session_id = uuid.UUID(term)
-        except ValueError:
+        session_id = pasted_uuid(search_term)
+        if session_id is None:
             return super().get_search_results(request, queryset, search_term)
         return queryset.filter(Q(session_id=session_id) | Q(target_id=str(session_id))), False

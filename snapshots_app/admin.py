@@ -19,7 +19,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, require_role
+from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, pasted_uuid, require_role
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
@@ -56,6 +56,12 @@ class VersionAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Version]:
         return super().get_queryset(request).defer("summary")
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        # A pasted session id finds that session's versions (by the session's index), as in the sessions list.
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        session_id = pasted_uuid(search_term)
+        return (found if session_id is None else found | queryset.filter(session_id=session_id)), may_have_duplicates
 
     @admin.display(description="Session")
     def session_link(self, obj: Version) -> str:

@@ -454,6 +454,24 @@ def test_history_lists_never_count_or_scan_a_whole_table(client, staff, story, m
     assert "more than" not in few
 
 
+def test_a_pasted_session_id_finds_the_session_and_its_versions_in_the_project_reached(client, clerk, story):
+    """The id in a session page's address (or an API answer) is what an operator has at hand: the
+    sessions and versions lists searched only external ids and workflows, so it found nothing. Another
+    project's session, pasted by staff who do not reach it, still finds nothing."""
+    other = make_session(make_project("globex"), "globex-run")
+    snapshot_record(session=other, state={"token": "globex-secret"})
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    client.force_login(clerk)
+    sessions = client.get("/admin/sessions_app/workflowsession/", {"q": f" {story.pk} "}).content.decode()
+    assert "run-42" in sessions and "1 result" in sessions
+    versions = client.get("/admin/snapshots_app/version/", {"q": str(story.pk).upper()}).content.decode()
+    assert "5 results" in versions and "run-42 v5" in versions
+    for model in ("sessions_app/workflowsession", "snapshots_app/version"):
+        page = client.get(f"/admin/{model}/", {"q": str(other.pk)}).content.decode()
+        assert "globex-run" not in page and "0 results" in page, model
+    assert "run-42" in client.get("/admin/sessions_app/workflowsession/", {"q": "run-4"}).content.decode()
+
+
 def test_the_audit_log_finds_a_sessions_events_by_its_id_through_the_indexes(client, staff, story):
     """A pasted session id finds the events about it (and the fork that made it) by the session_id and
     target_id indexes: as a substring of four text columns it read the whole log, twice (page, count)."""
