@@ -72,7 +72,10 @@ def require_role(request: HttpRequest, project_ids: Iterable[int], role: str) ->
     """PermissionDenied unless the user has `role` in every one of these projects (one query)."""
     wanted = set(project_ids)
     if len(wanted) != admin_projects(request, role).filter(pk__in=wanted).count():
-        raise PermissionDenied(f"this needs the {role} role in the project")
+        # Named (those the user can see at all): with several selected, "the project" left them guessing.
+        lacking = admin_projects(request).filter(pk__in=wanted).exclude(pk__in=admin_projects(request, role))
+        names = ", ".join(sorted(project.slug for project in lacking)) or "the project"
+        raise PermissionDenied(f"this needs the {role} role in {names}")
 
 
 def pasted_uuid(search_term: str) -> uuid.UUID | None:
