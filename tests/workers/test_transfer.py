@@ -485,3 +485,25 @@ def test_a_fork_of_a_session_with_metadata_at_its_limit_round_trips(project, set
     transfer_import_run(project=make_project("fresh"), path=Path(result["path"]))
 
     assert WorkflowSession.objects.get(project__slug="fresh").metadata == fork.metadata
+
+
+@pytest.mark.django_db
+def test_maintenance_progress_line_ends_before_the_result_or_the_error(project, settings, tmp_path):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.VAR_DIR = tmp_path
+    record_history(project, "run-p", 4, notes=1)
+    out, err = StringIO(), StringIO()
+    call_command("maintenance", "export", project.slug, stdout=out, stderr=err)
+    # Progress redraws one line ("\r3/8"); it must end before the JSON printed after it, which a
+    # terminal would otherwise show as "8/8{".
+    assert "\r" in err.getvalue() and err.getvalue().endswith("\n")
+    path = json.loads(out.getvalue())["path"]
+
+    err = StringIO()
+    with pytest.raises(CommandError, match="already exist"):
+        call_command("maintenance", "import", project.slug, "--file", path, stdout=StringIO(), stderr=err)
+    # Django prints the error to stderr after this: on a line of its own, not "5/8CommandError: ...".
+    assert "\r" in err.getvalue() and err.getvalue().endswith("\n")

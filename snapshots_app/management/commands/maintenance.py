@@ -7,7 +7,6 @@ the Celery workers as a job (its progress then shows live in the UI).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ class Command(BaseCommand):
             result = self._run(options["action"], project, session, options)
         except StateStoreError as exc:
             raise CommandError(exc.message) from None
+        finally:
+            self._end_progress()
         self.stdout.write(json.dumps(result, indent=2, default=str))
 
     def _run(self, action: str, project: Project, session: WorkflowSession | None, options: dict) -> Any:
@@ -84,5 +85,13 @@ class Command(BaseCommand):
     def _progress(self, done: int, total: int | None = None, *, force: bool = False) -> None:
         if total is not None:
             self._total = total
-        sys.stderr.write(f"\r{done}/{getattr(self, '_total', 0)}")
-        sys.stderr.flush()
+        self.stderr.write(f"\r{done}/{getattr(self, '_total', 0)}", style_func=str, ending="")  # plain, not error red
+        self.stderr.flush()
+        self._progress_shown = True
+
+    def _end_progress(self) -> None:
+        # The progress line is redrawn in place ("\r"); end it, so that the result (stdout) or the
+        # error does not continue it ("46/46{" or "23/46CommandError: ...").
+        if getattr(self, "_progress_shown", False):
+            self.stderr.write("", style_func=str)
+            self._progress_shown = False
