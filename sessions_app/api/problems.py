@@ -86,7 +86,7 @@ def problem_response(
 ) -> Response:
     body: dict[str, Any] = {
         "type": TYPE_PREFIX + code,
-        "title": code.replace("_", " ").capitalize(),
+        "title": code.replace("_", " ").capitalize().replace("Api key", "API key"),
         "status": status_code,
         "detail": detail,
         "instance": request.path if request is not None else "",

@@ -42,7 +42,7 @@ def test_an_expired_key_is_refused_saying_when_it_expired(project, session):
     assert response.status_code == 401
     assert response["WWW-Authenticate"].startswith("Bearer")
     body = response.json()
-    assert body["code"] == "api_key_expired"
+    assert (body["code"], body["title"]) == ("api_key_expired", "API key expired")
     assert f"expired at {iso(expired_at)}" in body["detail"]
     assert body["details"] == {"expired_at": iso(expired_at)}
     assert not Version.objects.exists()
