@@ -41,11 +41,15 @@ $(STATIC_STAMP): $(VENV)/.installed node_modules/.installed $(shell find static 
 
 install: $(VENV)/.installed node_modules/.installed $(STATIC_STAMP)
 
+# The embedded default whatever the shell exports: the demo login's password is published, and a
+# DATABASE_URL left set (a deployment's) would otherwise get it as a superuser.
+EMBEDDED_ENV := env -u DATABASE_URL -u REDIS_URL -u CELERY_BROKER_URL
+
 run: install
-	@$(PY) manage.py migrate --noinput -v0
-	@$(PY) manage.py seed_demo
+	@$(EMBEDDED_ENV) $(PY) manage.py migrate --noinput -v0
+	@$(EMBEDDED_ENV) $(PY) manage.py seed_demo
 	@echo "Session Rewind is at http://$(HOST):$(PORT)/  (log in as operator / rewind-demo; Ctrl-C stops)"
-	@$(VENV)/bin/uvicorn config.asgi:application --host $(HOST) --port $(PORT) --log-level warning
+	@$(EMBEDDED_ENV) $(VENV)/bin/uvicorn config.asgi:application --host $(HOST) --port $(PORT) --log-level warning
 
 services:
 	@.ci/ensure-services

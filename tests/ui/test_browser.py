@@ -572,7 +572,7 @@ def test_readme_screenshots(server, browser):
 
     from sessions_app.models import WorkflowSession
 
-    off_loop(call_command, "seed_demo", stdout=open(os.devnull, "w"))
+    off_loop(call_command, "seed_demo", on_real_database=True, stdout=open(os.devnull, "w"))
     agent, rag = off_loop(lambda: (WorkflowSession.objects.get(external_id="research-agent-0001"),
                                    WorkflowSession.objects.get(external_id="llama-rag-0002")))
     page = browser.new_context(viewport={"width": 1280, "height": 820}).new_page()

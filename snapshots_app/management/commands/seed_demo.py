@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from sessions_app.models import Project, Role, WorkflowSession
@@ -80,7 +81,22 @@ def _llama_states() -> list[tuple[str, dict[str, Any], str]]:
 class Command(BaseCommand):
     help = "Create the demo project, an operator login and sample sessions (idempotent)."
 
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--on-real-database", action="store_true",
+            help="seed a database named by DATABASE_URL too (a throwaway one: the demo login is a superuser "
+                 "whose password is published)",
+        )
+
     def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.EMBEDDED and not options["on_real_database"]:
+            # `operator` / `rewind-demo` is in README: run against a real database by mistake (a shell
+            # with DATABASE_URL set), this would open it to anyone who read it.
+            raise CommandError(
+                f"seed_demo makes a superuser whose password is published ({DEMO_USER} / {DEMO_PASSWORD}), so it "
+                "runs on the embedded SQLite default only (DATABASE_URL is set). For a throwaway database, "
+                "pass --on-real-database."
+            )
         User = get_user_model()
         with transaction.atomic():
             user = User.objects.filter(username=DEMO_USER).first()
