@@ -303,6 +303,11 @@ class AuditedUserAdmin(UserAdmin):
             return queryset
         return users_reaching_only(queryset, project_ids=admin_projects(request, Role.ADMIN).values("pk"))
 
+    def get_list_filter(self, request: HttpRequest) -> Any:
+        # The accounts they list are never staff nor superusers, and groups are the superusers' (their
+        # names are not theirs to see): only "active" filters anything for them.
+        return super().get_list_filter(request) if request.user.is_superuser else ["is_active"]
+
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         readonly = list(super().get_readonly_fields(request, obj))
         return readonly if request.user.is_superuser else [*readonly, *self.PRIVILEGE_FIELDS]
@@ -395,8 +400,8 @@ class ApiKeyAdmin(ProjectScopedAdmin):
     search_fields = ["name", "prefix", "project__slug", "created_by_label"]
     list_select_related = ["project"]
     autocomplete_fields = ["project"]
-    readonly_fields = ["project", "name", "prefix", "scopes", "key_status", "created_by", "created_by_label", "creator",
-                       "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["project", "name", "prefix", "scope_list", "key_status", "created_by", "created_by_label",
+                       "creator", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:

@@ -50,7 +50,7 @@ class VersionAdmin(ReadOnlyAdmin):
     search_fields = ["session__external_id"]
     list_select_related = ["session__project"]
     ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
-    exclude = ["root"]
+    exclude = ["root", "session"]  # (session_link names it, with a link to its timeline)
     readonly_fields = ["session_link", "data_fix_link"]
     actions = ["data_fix", "verify_integrity", "pin", "unpin"]
 

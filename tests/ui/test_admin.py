@@ -51,6 +51,7 @@ def test_versions_are_read_only(client, staff, story):
     url = reverse("admin:snapshots_app_version_change", args=[version.pk])
     page = client.get(url).content.decode()
     assert 'name="_save"' not in page
+    assert page.count(">Session:</label>") == 1 and f"{story.external_id}</a>" in page  # once, as a link
     assert client.post(url, {"step": "edited"}).status_code == 403
     assert client.post(reverse("admin:snapshots_app_version_delete", args=[version.pk])).status_code == 403
     version.refresh_from_db()
@@ -65,7 +66,9 @@ def test_api_key_is_shown_once_and_revoked_by_action(client, staff, team):
     key = ApiKey.objects.get(name="ci")
     token = page.split("it is not shown again: ")[1].split("<")[0].strip()
     assert token.startswith(f"sr_{key.prefix}_") and token not in key.key_hash
-    assert token not in client.get(reverse("admin:sessions_app_apikey_change", args=[key.pk])).content.decode()
+    shown = client.get(reverse("admin:sessions_app_apikey_change", args=[key.pk])).content.decode()
+    assert token not in shown
+    assert '<div class="readonly">read, write</div>' in shown and "[&quot;read&quot;" not in shown  # words, not JSON
     client.post(reverse("admin:sessions_app_apikey_changelist"),
                 {"action": "revoke", "_selected_action": [key.pk], "post": "yes"})
     key.refresh_from_db()

@@ -168,6 +168,8 @@ def test_groups_are_managed_by_superusers_only(client, editor):
     editor.groups.add(group)
     client.force_login(editor)
     assert "auth/group" not in client.get(reverse("admin:index")).content.decode()
+    users = client.get(reverse("admin:auth_user_changelist")).content.decode()
+    assert "operators" not in users and "By groups" not in users and "By active" in users  # (the list's filters)
     assert client.get(reverse("admin:auth_group_changelist")).status_code == 403
     everything = list(Permission.objects.values_list("pk", flat=True))
     response = client.post(reverse("admin:auth_group_change", args=[group.pk]), {"name": "operators", "permissions": everything})
