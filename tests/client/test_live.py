@@ -17,6 +17,7 @@ from session_rewind_client import (
     PreconditionFailed,
     RateLimited,
     RetryPolicy,
+    SessionRewindError,
     ValidationError,
 )
 
@@ -301,3 +302,11 @@ def test_an_async_client_with_its_own_transport_names_the_fix_on_a_second_loop(l
     # failed, and the server stored a write the caller was told had failed.
     with Client(live_api.url, api_key=live_api.key) as check:
         assert check.get_session(session["id"])["head"] == 0
+
+
+def test_a_path_without_its_slash_is_refused_and_writes_nothing(rewind):
+    # The server redirects it (308 for a write); the client used to answer None as if it had written.
+    with pytest.raises(SessionRewindError) as caught:
+        rewind.request("POST", "sessions", json={"external_id": "no-slash"})
+    assert caught.value.status == 308 and "/api/v1/sessions/" in str(caught.value)
+    assert rewind.list_sessions(q="no-slash")["results"] == []

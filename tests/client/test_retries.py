@@ -220,3 +220,22 @@ def test_a_request_httpx_cannot_send_is_not_retried():
     with sync_client(script) as client, pytest.raises(TransportError):
         client.get_session("s")
     assert len(script.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_an_error_naming_where_not_an_empty_answer(status):
+    # Behind a proxy that sends http:// on to https://, or for a path without its slash, every call
+    # used to answer None (a write looked done, nothing was written) or fail decoding the empty body.
+    location = "https://rewind.test/api/v1/sessions/abc/versions/"
+    script = Script(httpx.Response(status, headers={"Location": location}))
+    with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
+        client.record("abc", {"x": 1})
+    assert caught.value.status == status and caught.value.code == "redirected"
+    assert location in str(caught.value) and "nothing was done" in str(caught.value)
+    assert len(script.requests) == 1
+
+
+def test_a_head_that_has_not_moved_is_still_none():
+    script = Script(httpx.Response(304))
+    with sync_client(script) as client:
+        assert client.head("abc", if_none_match='"c-3"') is None

@@ -222,6 +222,8 @@ def deleted_by_earlier_attempt(call: Call, attempt: int, response: httpx.Respons
 
 
 def raise_for(response: httpx.Response) -> None:
+    if 300 <= response.status_code < 400 and response.status_code != 304:
+        raise redirected(response)
     if response.status_code < 400:
         return
     try:
@@ -231,6 +233,19 @@ def raise_for(response: httpx.Response) -> None:
     except ValueError:
         problem = {"detail": response.text[:500] or response.reason_phrase}
     raise error_for(response.status_code, problem, retry_after=retry_after_seconds(response))
+
+
+def redirected(response: httpx.Response) -> SessionRewindError:
+    """A redirect is not followed (a 301/302 would turn a write into a GET, and the key might go to
+    another host), nor taken for an answer: its empty body used to come back as None, so a write the
+    server never made looked done. The error names where the server pointed."""
+    request = response.request
+    where = response.headers.get("Location") or "nowhere"
+    detail = (f"{request.method} {request.url} was answered {response.status_code} {response.reason_phrase}, "
+              f"a redirect to {where}; nothing was done. Give the client the URL the API is really at "
+              "(https://?), and paths their trailing slash")
+    return SessionRewindError(detail, status=response.status_code, code="redirected",
+                              problem={"detail": detail, "location": response.headers.get("Location")})
 
 
 def transport_heals(exc: httpx.TransportError) -> bool:
