@@ -239,3 +239,27 @@ def test_a_head_that_has_not_moved_is_still_none():
     script = Script(httpx.Response(304))
     with sync_client(script) as client:
         assert client.head("abc", if_none_match='"c-3"') is None
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(200, html="<html>Sign in to the proxy</html>"),
+                                    httpx.Response(201, json=["not", "a", "session"])])
+def test_an_answer_that_is_not_the_apis_json_is_a_session_rewind_error(answer):
+    # A captive portal or another site answering 200 escaped as a bare JSONDecodeError (or TypeError),
+    # past an engine's `except SessionRewindError`.
+    script = Script(answer)
+    with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
+        client.create_session("run-1")
+    assert caught.value.code == "invalid_response" and caught.value.status == answer.status_code
+    assert "not the Session Rewind API's JSON" in str(caught.value)
+
+
+def test_an_async_answer_that_is_not_json_is_a_session_rewind_error():
+    script = Script(httpx.Response(200, html="<html>Sign in to the proxy</html>"))
+
+    async def main() -> None:
+        async with AsyncClient("http://rewind.test", api_key="sr_test", transport=httpx.MockTransport(script),
+                               retry=FAST) as client:
+            with pytest.raises(SessionRewindError, match="is the client's URL the API's"):
+                await client.list_sessions()
+
+    asyncio.run(main())

@@ -235,6 +235,18 @@ def raise_for(response: httpx.Response) -> None:
     raise error_for(response.status_code, problem, retry_after=retry_after_seconds(response))
 
 
+def decoded(call: Call, response: httpx.Response) -> Any:
+    """The call's answer. One that is not the API's JSON (a proxy's or another site's HTML page,
+    answered 200) is a SessionRewindError saying so, like every other failure, not a JSONDecodeError."""
+    try:
+        return call.decode(response)
+    except (ValueError, TypeError) as exc:
+        kind = response.headers.get("Content-Type") or "no Content-Type"
+        detail = (f"{call.method} {response.request.url} answered {response.status_code} with {kind}, not the "
+                  f"Session Rewind API's JSON ({exc}): is the client's URL the API's? It began {response.content[:200]!r}")
+        raise SessionRewindError(detail, status=response.status_code, code="invalid_response") from None
+
+
 def redirected(response: httpx.Response) -> SessionRewindError:
     """A redirect is not followed (a 301/302 would turn a write into a GET, and the key might go to
     another host), nor taken for an answer: its empty body used to come back as None, so a write the

@@ -26,6 +26,7 @@ from session_rewind_client._core import (
     api_key_from,
     base_url_from,
     deadline_passed,
+    decoded,
     default_headers,
     deleted_by_earlier_attempt,
     raise_for,
@@ -465,7 +466,7 @@ class Client(Endpoints):
             if deleted_by_earlier_attempt(call, attempt, response):
                 return None
             raise_for(response)
-            return call.decode(response)
+            return decoded(call, response)
 
     def _send(self, call: Call, body: bytes | None, headers: dict[str, str], budget: CallBudget) -> httpx.Response:
         """One attempt. The body is read a chunk at a time so that a server trickling its answer is
@@ -626,7 +627,7 @@ class AsyncClient(Endpoints):
             if deleted_by_earlier_attempt(call, attempt, response):
                 return None
             raise_for(response)
-            return call.decode(response)
+            return decoded(call, response)
 
     @staticmethod
     async def _send(http: httpx.AsyncClient, call: Call, body: bytes | None, headers: dict[str, str],
