@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -183,6 +185,37 @@ def test_a_retried_delete_that_finds_nothing_succeeded_earlier():
 def test_a_value_json_cannot_carry_is_a_validation_error_and_nothing_is_sent(state):
     script = Script()
     with sync_client(script) as client, pytest.raises(ValidationError, match="cannot be sent as JSON"):
+        client.record("abc", state)
+    assert script.requests == []
+
+
+@pytest.mark.parametrize(("state", "where"), [
+    ({"log": [{"at": 1}, {"at": datetime.now(UTC)}]}, "(a datetime at /state/log/1/at)"),
+    ({"seen": {"a/b": {1, 2}}}, "(a set at /state/seen/a~1b)"),
+    ({"price": Decimal("9.99")}, "(a Decimal at /state/price)"),
+    ({"blob": b"\x00"}, "(a bytes at /state/blob)"),
+    ({"scores": [1.0, float("nan")]}, "(a float at /state/scores/1)"),
+    ({"by_pair": {(1, 2): "x"}}, "(a key (1, 2) at /state/by_pair)"),
+])
+def test_a_value_json_cannot_carry_is_named_with_its_path(state, where):
+    # In a state of thousands of values the engine was told only "Object of type datetime is not JSON
+    # serializable", never which one.
+    script = Script()
+    with sync_client(script) as client, pytest.raises(ValidationError) as caught:
+        client.record("abc", state)
+    assert str(caught.value).endswith(where)
+    assert script.requests == []
+
+
+def test_a_state_nested_too_deep_to_encode_is_a_validation_error():
+    # It escaped as a bare RecursionError, past the engine's `except SessionRewindError`.
+    state: dict = {}
+    inner = state
+    for _ in range(5000):
+        inner["x"] = {}
+        inner = inner["x"]
+    script = Script()
+    with sync_client(script) as client, pytest.raises(ValidationError, match="nests deeper"):
         client.record("abc", state)
     assert script.requests == []
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import os
 import random
 import time
@@ -58,8 +59,12 @@ class Call:
             return self.content
         try:
             return json.dumps(self.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except RecursionError:
+            raise ValidationError("the request cannot be sent as JSON: it nests deeper than Python can encode "
+                                  "(a state may nest 200 levels, the server's STATE_MAX_DEPTH)") from None
         except (TypeError, ValueError, UnicodeEncodeError) as exc:
-            raise ValidationError(f"the request cannot be sent as JSON: {exc}") from None
+            where = "" if "Circular reference" in str(exc) else unencodable_at(self.json)
+            raise ValidationError(f"the request cannot be sent as JSON: {exc}{where}") from None
 
     def prepared_headers(self) -> dict[str, str]:
         """Headers for every attempt of this call: one idempotency key across all retries."""
@@ -74,6 +79,47 @@ class Call:
         if not self.params:
             return None
         return {key: value for key, value in self.params.items() if value is not None}
+
+
+def _pointer_token(key: Any) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _encodes(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, int)
+
+
+def unencodable_at(body: Any) -> str:
+    """Where in a body json.dumps refused (" at /state/log/3"), which its message never says: in a
+    large state the engine could not tell which value was a datetime, a set or a NaN."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            for key, item in reversed(list(value.items())):
+                if not _encodes(key):
+                    return f" (a key {key!r} at {path or '/'})"
+                stack.append((item, f"{path}/{_pointer_token(key)}"))
+        elif isinstance(value, (list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            stack.extend((item, f"{path}/{index}") for index, item in reversed(list(enumerate(value))))
+        elif not _encodes(value):
+            return f" (a {type(value).__name__} at {path or '/'})"
+    return ""
 
 
 @dataclass(frozen=True)
