@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -296,3 +297,18 @@ def test_an_async_answer_that_is_not_json_is_a_session_rewind_error():
                 await client.list_sessions()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("status", "code"), [(409, "version_conflict"), (429, "throttled"), (503, "database_unavailable")])
+def test_an_error_survives_pickling_as_it_was(status, code):
+    # A process pool or a task queue hands errors on pickled: they came back with their message
+    # garbled ("- throttled: 429 throttled: …") and the message as their detail.
+    script = Script(*[problem(status, code, details={"head": 4})] * 5)
+    with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
+        client.record("abc", {"x": 1})
+    error = caught.value
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert (str(copy), copy.status, copy.code, copy.detail, copy.details) == (str(error), status, code, error.detail,
+                                                                              {"head": 4})
+    assert getattr(copy, "retry_after", None) == getattr(error, "retry_after", None)

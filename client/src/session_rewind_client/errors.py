@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -28,6 +29,12 @@ class SessionRewindError(Exception):
         self.status = status
         self.code = code or self.default_code
         self.problem = problem or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a process pool, a task queue) as what it was made of: Exception's own pickling
+        rebuilt it from its message, taken for the detail ("- throttled: 429 throttled: slow down")."""
+        return (functools.partial(type(self), self.detail, status=self.status, code=self.code, problem=self.problem),
+                (), self.__dict__)
 
     @property
     def details(self) -> dict[str, Any]:
