@@ -30,10 +30,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from workflows import Context, Workflow
-from workflows.context.serializers import BaseSerializer
-from workflows.events import Event, InternalDispatchEvent, StepState, StepStateChanged
-from workflows.handler import WorkflowHandler
+try:
+    from workflows import Context, Workflow
+    from workflows.context.serializers import BaseSerializer
+    from workflows.events import Event, InternalDispatchEvent, StepState, StepStateChanged
+    from workflows.handler import WorkflowHandler
+except ImportError as exc:  # installed without the extra: say which to install
+    raise ImportError("session_rewind_client.llamaindex needs LlamaIndex Workflows: "
+                      f"pip install 'session-rewind-client[llamaindex]' ({exc})") from exc
 
 from session_rewind_client.client import AsyncClient, Client
 from session_rewind_client.errors import SessionRewindError, ValidationError
