@@ -312,3 +312,12 @@ def test_an_error_survives_pickling_as_it_was(status, code):
     assert (str(copy), copy.status, copy.code, copy.detail, copy.details) == (str(error), status, code, error.detail,
                                                                               {"head": 4})
     assert getattr(copy, "retry_after", None) == getattr(error, "retry_after", None)
+
+
+def test_a_server_that_cannot_be_reached_is_named():
+    # Without a URL (nor SESSION_REWIND_URL) the client talks to 127.0.0.1:8000; the error said only
+    # "POST sessions/ failed: ConnectError('refused')", never which server was tried.
+    script = Script(*[httpx.ConnectError("refused")] * 4)
+    with sync_client(script) as client, pytest.raises(TransportError) as caught:
+        client.create_session("run-1")
+    assert "POST http://rewind.test/api/v1/sessions/ failed (4 attempts" in str(caught.value)

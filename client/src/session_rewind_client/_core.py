@@ -316,7 +316,13 @@ def transport_error(call: Call, exc: httpx.TransportError, budget: CallBudget, a
     tried = f"{attempts} attempt{'s' if attempts != 1 else ''} in {budget.spent()}"
     if budget.deadline is not None and budget.passed():
         tried += f", the client's deadline ({budget.deadline:g} s) passed"
-    return TransportError(f"{call.method} {call.path} failed ({tried}): {exc!r}")
+    try:
+        # The whole URL: a client made without one (nor SESSION_REWIND_URL) quietly talks to
+        # 127.0.0.1:8000, and "POST sessions/ failed: connection refused" did not say so.
+        url: Any = exc.request.url
+    except RuntimeError:  # httpx refused it before it was a request
+        url = call.path
+    return TransportError(f"{call.method} {url} failed ({tried}): {exc!r}")
 
 
 def deadline_passed(request: httpx.Request) -> httpx.TimeoutException:
