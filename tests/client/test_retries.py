@@ -321,3 +321,12 @@ def test_a_server_that_cannot_be_reached_is_named():
     with sync_client(script) as client, pytest.raises(TransportError) as caught:
         client.create_session("run-1")
     assert "POST http://rewind.test/api/v1/sessions/ failed (4 attempts" in str(caught.value)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: Client(http=httpx.Client(), **kw),
+                                  lambda **kw: AsyncClient(http=httpx.AsyncClient(), **kw)])
+@pytest.mark.parametrize("given", [{"api_key": "sr_test"}, {"base_url": "http://rewind.test"}])
+def test_what_http_makes_unused_is_refused_not_ignored(make, given):
+    # The key given beside http= was never sent: every call failed 401 not_authenticated.
+    with pytest.raises(ValueError, match=f"{next(iter(given))} would be ignored beside http="):
+        make(**given)

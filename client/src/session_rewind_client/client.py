@@ -79,6 +79,16 @@ def _next_call(page: dict[str, Any], first: Call) -> Call | None:
     return Call("GET", first.path, params={**(first.params or {}), "cursor": following})
 
 
+def _refuse_ignored(http: Any, **given: Any) -> None:
+    """With ``http=`` the client sends through that httpx client as it is: a `base_url`, `api_key` or
+    `transport` given beside it went unused, so an engine passing its key there was quietly
+    unauthenticated (401 not_authenticated, the key it gave never sent)."""
+    ignored = [name for name, value in given.items() if value is not None]
+    if http is not None and ignored:
+        raise ValueError(f"{', '.join(ignored)} would be ignored beside http=: give them to that httpx client "
+                         "(base_url ending in /api/v1/, an Authorization: Bearer header), or leave http= out")
+
+
 class Endpoints:
     """Every endpoint, described once. `_run` is the sync or async executor."""
 
@@ -426,6 +436,7 @@ class Client(Endpoints):
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
     ) -> None:
+        _refuse_ignored(http, base_url=base_url, api_key=api_key, transport=transport)
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
         self._http = http or httpx.Client(
@@ -551,6 +562,7 @@ class AsyncClient(Endpoints):
         transport: httpx.AsyncBaseTransport | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        _refuse_ignored(http, base_url=base_url, api_key=api_key, transport=transport)
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
         self._renewable = http is None and transport is None
