@@ -44,3 +44,24 @@ def test_an_integration_without_its_extra_says_which_to_install(module, missing,
                             env={**os.environ, "PYTHONPATH": str(CLIENT_DIR / "src")})
     assert result.returncode != 0
     assert f"pip install 'session-rewind-client[{extra}]'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_type_checker_flags_an_async_call_whose_await_was_forgotten(tmp_path):
+    # AsyncClient's methods were typed as returning Any, so `rewind.record(...)` without `await` (a
+    # write that never happens, a RuntimeWarning at best) passed mypy.
+    (tmp_path / "engine.py").write_text(
+        "from session_rewind_client import AsyncClient, Client\n"
+        "async def step(rewind: AsyncClient, blocking: Client) -> None:\n"
+        "    session = await rewind.create_session('run-42')\n"
+        "    rewind.record(session['id'], {'step': 1})\n"
+        "    blocking.record(session['id'], {'step': 1})\n"
+    )
+    (tmp_path / "mypy.ini").write_text("[mypy]\nstrict = True\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir", "cache", "engine.py"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MYPYPATH": str(CLIENT_DIR / "src")},
+    )
+    assert result.stdout.splitlines()[0] == (
+        'engine.py:4: error: Value of type "Coroutine[Any, Any, Any]" must be used  [unused-coroutine]'
+    ), result.stdout
+    assert "Found 1 error" in result.stdout

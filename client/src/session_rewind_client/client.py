@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +37,7 @@ from session_rewind_client._core import (
 )
 
 USER_AGENT = f"session-rewind-client/{__version__}"
+R = TypeVar("R")
 JOB_DONE = frozenset({"done", "failed"})
 
 
@@ -89,10 +90,12 @@ def _refuse_ignored(http: Any, **given: Any) -> None:
                          "(base_url ending in /api/v1/, an Authorization: Bearer header), or leave http= out")
 
 
-class Endpoints:
-    """Every endpoint, described once. `_run` is the sync or async executor."""
+class Endpoints(Generic[R]):
+    """Every endpoint, described once. `_run` is the sync or async executor, and `R` what each
+    method returns: the answer (`Client`), or a coroutine to await for it (`AsyncClient`, so that a
+    type checker flags a call whose ``await`` was forgotten: that write never happens)."""
 
-    def _run(self, call: Call) -> Any:  # pragma: no cover - provided by the concrete clients
+    def _run(self, call: Call) -> R:  # pragma: no cover - provided by the concrete clients
         raise NotImplementedError
 
     # -- sessions --------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class Endpoints:
         metadata: dict[str, Any] | None = None,
         tags: list[str] | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """The session with this external id, created if new; ``["created"]`` says which."""
         body = _drop_none(external_id=external_id, workflow=workflow, metadata=metadata, tags=tags)
         return self._run(Call("POST", "sessions/", json=body, idempotency_key=idempotency_key, decode=_session_created))
@@ -119,12 +122,12 @@ class Endpoints:
         q: str | None = None,
         cursor: str | None = None,
         **filters: Any,
-    ) -> Any:
+    ) -> R:
         """One page: ``{"results": [...], "next": ...}``. Use `iter_sessions` to walk them all."""
         params = _drop_none(status=status, workflow=workflow, tag=tag, q=q, cursor=cursor, **filters)
         return self._run(Call("GET", "sessions/", params=params))
 
-    def get_session(self, session_id: Any) -> Any:
+    def get_session(self, session_id: Any) -> R:
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/"))
 
     def update_session(
@@ -137,23 +140,23 @@ class Endpoints:
         tags: list[str] | None = None,
         idempotency_key: str | None = None,
         **fields: Any,
-    ) -> Any:
+    ) -> R:
         body = _drop_none(status=status, workflow=workflow, metadata=metadata, tags=tags, **fields)
         return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/", json=body, idempotency_key=idempotency_key))
 
-    def delete_session(self, session_id: Any, *, reason: str, idempotency_key: str | None = None) -> Any:
+    def delete_session(self, session_id: Any, *, reason: str, idempotency_key: str | None = None) -> R:
         """Delete the session and its versions (admin); `reason` goes into the audit log."""
         params = _drop_none(reason=reason)
         return self._run(
             Call("DELETE", f"sessions/{_sid(session_id)}/", params=params, idempotency_key=idempotency_key)
         )
 
-    def archive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+    def archive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> R:
         """Keep the history, refuse new writes."""
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/archive/", json=_drop_none(reason=reason),
                               idempotency_key=idempotency_key))
 
-    def unarchive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> Any:
+    def unarchive_session(self, session_id: Any, *, reason: str | None = None, idempotency_key: str | None = None) -> R:
         """Accept writes again (audited)."""
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/unarchive/", json=_drop_none(reason=reason),
                               idempotency_key=idempotency_key))
@@ -175,7 +178,7 @@ class Endpoints:
         expected_version: int | None = None,
         if_match: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Push a snapshot: it becomes the session's new head version (201 with its metadata)."""
         body = _drop_none(
             state=state, step=step, status=status, error=error, label=label, engine=engine,
@@ -194,7 +197,7 @@ class Endpoints:
         *,
         expected_version: int | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing."""
         body = _drop_none(versions=snapshots, expected_version=expected_version)
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body,
@@ -208,28 +211,28 @@ class Endpoints:
         pinned: bool | None = None,
         label: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Pin/unpin or label a version (both survive retention). Audited."""
         body = _drop_none(pinned=pinned, label=label)
         return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/versions/{int(number)}/", json=body,
                               idempotency_key=idempotency_key))
 
-    def pin(self, session_id: Any, number: int, *, pinned: bool = True) -> Any:
+    def pin(self, session_id: Any, number: int, *, pinned: bool = True) -> R:
         return self.update_version(session_id, number, pinned=pinned)
 
-    def label(self, session_id: Any, number: int, label: str) -> Any:
+    def label(self, session_id: Any, number: int, label: str) -> R:
         return self.update_version(session_id, number, label=label)
 
-    def list_versions(self, session_id: Any, *, cursor: str | None = None, **filters: Any) -> Any:
+    def list_versions(self, session_id: Any, *, cursor: str | None = None, **filters: Any) -> R:
         """One page of version metadata, newest first."""
         params = _drop_none(cursor=cursor, **filters)
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/versions/", params=params))
 
-    def get_version(self, session_id: Any, number: int) -> Any:
+    def get_version(self, session_id: Any, number: int) -> R:
         """A version's metadata and its state."""
         return self._run(Call("GET", f"sessions/{_sid(session_id)}/versions/{int(number)}/"))
 
-    def head(self, session_id: Any, *, if_none_match: str | None = None) -> Any:
+    def head(self, session_id: Any, *, if_none_match: str | None = None) -> R:
         """The head version's metadata and state; ``etag`` is what `If-Match` expects.
 
         With ``if_none_match=<etag>`` it answers None while the head has not moved: a cheap way for
@@ -241,7 +244,7 @@ class Endpoints:
     def diff(
         self, session_id: Any, from_version: int, to_version: int, *, to_session: Any = None,
         structural_strings: bool | None = None, limit: int | None = None, offset: int | None = None,
-    ) -> Any:
+    ) -> R:
         """``{"changes": [{"path", "op", "old", "new"}], "patch": [...], "total", "next_offset"}``
         between two versions. ``structural_strings=False`` compares strings that hold JSON as plain
         strings. ``limit``/``offset`` read a large diff a page at a time (``patch`` is then None)."""
@@ -261,7 +264,7 @@ class Endpoints:
         reason: str,
         expected_version: int | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Append a new head equal to `to_version` (history is kept); returns the new head."""
         body = _drop_none(to_version=to_version, reason=reason, expected_version=expected_version)
         return self._run(
@@ -276,7 +279,7 @@ class Endpoints:
         reason: str,
         external_id: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Start a new session whose first version is `from_version`; returns the new session.
         `reason` goes into the audit log."""
         body = _drop_none(from_version=from_version, external_id=external_id, reason=reason)
@@ -286,14 +289,14 @@ class Endpoints:
 
     # -- projects, API keys, audit log -----------------------------------------------------------
 
-    def list_projects(self, *, cursor: str | None = None) -> Any:
+    def list_projects(self, *, cursor: str | None = None) -> R:
         return self._run(Call("GET", "projects/", params=_drop_none(cursor=cursor)))
 
-    def get_project(self, slug: str) -> Any:
+    def get_project(self, slug: str) -> R:
         return self._run(Call("GET", f"projects/{quote(slug, safe='')}/"))
 
     def list_api_keys(self, *, project: str | None = None, status: str | None = None,
-                      creator_status: str | None = None, cursor: str | None = None) -> Any:
+                      creator_status: str | None = None, cursor: str | None = None) -> R:
         """Keys of the projects the caller administers; ``status`` (active, expiring, expired, revoked) and
         ``creator_status`` (admin, not_admin, deactivated, no_account) narrow them."""
         params = _drop_none(project=project, status=status, creator_status=creator_status, cursor=cursor)
@@ -301,7 +304,7 @@ class Endpoints:
 
     def create_api_key(self, name: str, *, scopes: list[str], project: str | None = None,
                        expires_at: datetime | str | None = None, never_expires: bool = False,
-                       idempotency_key: str | None = None) -> Any:
+                       idempotency_key: str | None = None) -> R:
         """A new key (admin); its secret is in ``["key"]`` of this answer only. It expires at
         ``expires_at`` (an aware datetime or ISO 8601 text), never with ``never_expires``, else after the
         server's default lifetime."""
@@ -312,14 +315,14 @@ class Endpoints:
             body["expires_at"] = None
         return self._run(Call("POST", "keys/", json=body, idempotency_key=idempotency_key))
 
-    def get_api_key(self, key_id: int) -> Any:
+    def get_api_key(self, key_id: int) -> R:
         return self._run(Call("GET", f"keys/{int(key_id)}/"))
 
-    def set_api_key_expiry(self, key_id: int, expires_at: datetime | str | None) -> Any:
+    def set_api_key_expiry(self, key_id: int, expires_at: datetime | str | None) -> R:
         """Move a key's expiry (admin; None: never): an expired key so extended works again. Audited."""
         return self._run(Call("PATCH", f"keys/{int(key_id)}/", json={"expires_at": _when(expires_at)}))
 
-    def revoke_api_key(self, key_id: int, *, idempotency_key: str | None = None) -> Any:
+    def revoke_api_key(self, key_id: int, *, idempotency_key: str | None = None) -> R:
         return self._run(Call("DELETE", f"keys/{int(key_id)}/", idempotency_key=idempotency_key))
 
     def list_audit_events(
@@ -330,7 +333,7 @@ class Endpoints:
         session: Any = None,
         cursor: str | None = None,
         **filters: Any,
-    ) -> Any:
+    ) -> R:
         """Who rewound, forked, fixed or deleted what, and why (newest first)."""
         params = _drop_none(project=project, action=action, session=str(session) if session else None,
                             cursor=cursor, **filters)
@@ -338,7 +341,7 @@ class Endpoints:
 
     # -- operations: retention, compaction, export/import, jobs, integrity -------------------------
 
-    def get_retention_policy(self, *, project: str | None = None) -> Any:
+    def get_retention_policy(self, *, project: str | None = None) -> R:
         return self._run(Call("GET", "retention-policy/", params=_drop_none(project=project)))
 
     def set_retention_policy(
@@ -350,7 +353,7 @@ class Endpoints:
         thin_to: str,
         project: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """Replace the project's policy (admin). Pinned/labelled versions, heads and fork/rewind sources are kept."""
         body = _drop_none(enabled=enabled, keep_last=keep_last, keep_days=keep_days, thin_to=thin_to, project=project)
         return self._run(Call("PUT", "retention-policy/", json=body, idempotency_key=idempotency_key))
@@ -362,45 +365,45 @@ class Endpoints:
         apply_retention: bool = True,
         project: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Any:
+    ) -> R:
         """A dry run's prediction (what would be removed and freed), or the queued job (``dry_run=False``)."""
         body = _drop_none(dry_run=dry_run, apply_retention=apply_retention, project=project)
         return self._run(Call("POST", "compaction/", json=body, idempotency_key=idempotency_key))
 
-    def start_export(self, *, session: Any = None, project: str | None = None, idempotency_key: str | None = None) -> Any:
+    def start_export(self, *, session: Any = None, project: str | None = None, idempotency_key: str | None = None) -> R:
         """Queue an export (one session, or the whole project); returns the job."""
         body = _drop_none(session=str(session) if session is not None else None, project=project)
         return self._run(Call("POST", "exports/", json=body, idempotency_key=idempotency_key))
 
-    def download_export(self, job_id: int) -> Any:
+    def download_export(self, job_id: int) -> R:
         """The finished export file (NDJSON bytes)."""
         return self._run(Call("GET", f"jobs/{int(job_id)}/file/", decode=lambda response: response.content))
 
-    def start_import(self, export_file: bytes, *, project: str | None = None, idempotency_key: str | None = None) -> Any:
+    def start_import(self, export_file: bytes, *, project: str | None = None, idempotency_key: str | None = None) -> R:
         """Upload an export file and queue its verified, all-or-nothing import; returns the job."""
         return self._run(Call("POST", "imports/", params=_drop_none(project=project), content=export_file,
                               headers={"Content-Type": "application/x-ndjson"}, idempotency_key=idempotency_key))
 
     def list_jobs(self, *, kind: str | None = None, status: str | None = None, project: str | None = None,
-                  cursor: str | None = None) -> Any:
+                  cursor: str | None = None) -> R:
         return self._run(Call("GET", "jobs/", params=_drop_none(kind=kind, status=status, project=project, cursor=cursor)))
 
-    def get_job(self, job_id: int) -> Any:
+    def get_job(self, job_id: int) -> R:
         """A job with its progress (``done``, ``total``, ``percent``) and, when finished, ``result``."""
         return self._run(Call("GET", f"jobs/{int(job_id)}/"))
 
     def list_integrity_problems(self, *, open: bool | None = None, project: str | None = None,
-                                cursor: str | None = None) -> Any:
+                                cursor: str | None = None) -> R:
         params = _drop_none(open=None if open is None else str(open).lower(), project=project, cursor=cursor)
         return self._run(Call("GET", "integrity-problems/", params=params))
 
-    def resolve_integrity_problem(self, problem_id: int, *, resolution: str, idempotency_key: str | None = None) -> Any:
+    def resolve_integrity_problem(self, problem_id: int, *, resolution: str, idempotency_key: str | None = None) -> R:
         """Close an integrity problem once its version verifies again (restore the data first);
         ConflictError ``still_damaged`` otherwise. `resolution` goes into the audit log."""
         return self._run(Call("POST", f"integrity-problems/{int(problem_id)}/resolve/", json={"resolution": resolution},
                               idempotency_key=idempotency_key))
 
-    def start_integrity_scrub(self, *, project: str | None = None, idempotency_key: str | None = None) -> Any:
+    def start_integrity_scrub(self, *, project: str | None = None, idempotency_key: str | None = None) -> R:
         """Queue a verification of every stored version; returns the job."""
         return self._run(Call("POST", "integrity-scrub/", params=_drop_none(project=project),
                               idempotency_key=idempotency_key))
@@ -408,13 +411,13 @@ class Endpoints:
     # -- generic escape hatch -------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
-                idempotency_key: str | None = None) -> Any:
+                idempotency_key: str | None = None) -> R:
         """Any other endpoint, with the same auth, retries and errors (path relative to /api/v1/)."""
         return self._run(Call(method.upper(), relative(path), params=params, json=json,
                               idempotency_key=idempotency_key))
 
 
-class Client(Endpoints):
+class Client(Endpoints[Any]):
     """Blocking client. Use as a context manager, or call `close()`.
 
     `timeout` bounds each attempt (connecting, each read, each write); `deadline` bounds a whole
@@ -541,7 +544,7 @@ class Client(Endpoints):
             yield from page.get("results", [])
 
 
-class AsyncClient(Endpoints):
+class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
     """The same API for asyncio: every endpoint method returns an awaitable (`timeout` and
     `deadline` as on `Client`).
 
