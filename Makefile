@@ -12,6 +12,10 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/session_rewind
 REDIS ?= redis://127.0.0.1:6379/0
 SERVICES_ENV := DATABASE_URL=$(PG_URL) REDIS_URL=$(REDIS) SECRET_KEY=local-services-only-not-secret
 STATIC_STAMP := var/static/staticfiles.json
+# `make run` (and collecting static files, which needs no database) use the embedded default whatever
+# the shell exports: the demo login's password is published, and a DATABASE_URL left set (a
+# deployment's) would otherwise get it as a superuser.
+EMBEDDED_ENV := env -u DATABASE_URL -u REDIS_URL -u CELERY_BROKER_URL
 
 .PHONY: help install run serve worker beat test bench lint services clean
 
@@ -36,14 +40,10 @@ node_modules/.installed: package.json package-lock.json
 	@touch $@
 
 $(STATIC_STAMP): $(VENV)/.installed node_modules/.installed $(shell find static -type f 2>/dev/null)
-	$(PY) manage.py collectstatic --noinput -v0
+	$(EMBEDDED_ENV) $(PY) manage.py collectstatic --noinput -v0
 	@touch $@
 
 install: $(VENV)/.installed node_modules/.installed $(STATIC_STAMP)
-
-# The embedded default whatever the shell exports: the demo login's password is published, and a
-# DATABASE_URL left set (a deployment's) would otherwise get it as a superuser.
-EMBEDDED_ENV := env -u DATABASE_URL -u REDIS_URL -u CELERY_BROKER_URL
 
 run: install
 	@$(EMBEDDED_ENV) $(PY) manage.py migrate --noinput -v0
