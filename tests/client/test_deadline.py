@@ -15,17 +15,14 @@ from urllib.parse import urlsplit
 import pytest
 from session_rewind_client import AsyncClient, Client, RateLimited, RetryPolicy, TransportError
 
-# Ports given to this suite's fake servers (8720-8729), each test its own.
-HUNG_PORT, TRICKLE_PORT, PROXY_PORT, LATE_PORT = 8721, 8722, 8723, 8724
-
 
 @contextmanager
-def tcp_server(port: int, handle: Callable[[socket.socket, int], None]) -> Iterator[list[bytes]]:
-    """Serves each connection on a thread with `handle(conn, index)`; yields what each one received first."""
+def tcp_server(handle: Callable[[socket.socket, int], None]) -> Iterator[tuple[str, list[bytes]]]:
+    """Serves each connection on a thread with `handle(conn, index)`, on a port the system picks (two
+    runs on one machine never collide); yields its URL and what each connection received first."""
     received: list[bytes] = []
     listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
+    listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -54,7 +51,7 @@ def tcp_server(port: int, handle: Callable[[socket.socket, int], None]) -> Itera
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield received
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", received
     finally:
         stop.set()
         thread.join()
@@ -78,16 +75,16 @@ def trickle(conn: socket.socket, index: int) -> None:
 
 def test_a_hung_server_costs_one_deadline_not_seven_timeouts():
     # It used to take every retry a full timeout: 7 x 30 s by default (21 s with timeout=1, measured).
-    with tcp_server(HUNG_PORT, never_answer) as received:
+    with tcp_server(never_answer) as (url, received):
         started = time.monotonic()
-        with Client(f"http://127.0.0.1:{HUNG_PORT}", api_key="sr_test", timeout=30, deadline=1.5) as client, \
+        with Client(url, api_key="sr_test", timeout=30, deadline=1.5) as client, \
                 pytest.raises(TransportError, match=r"deadline \(1.5 s\) passed") as caught:
             client.get_session("s")
         assert time.monotonic() - started < 2.5
         assert caught.value.status is None and len(received) == 1
 
         async def main() -> None:
-            async with AsyncClient(f"http://127.0.0.1:{HUNG_PORT}", api_key="sr_test", deadline=1.5) as aclient:
+            async with AsyncClient(url, api_key="sr_test", deadline=1.5) as aclient:
                 await aclient.record("s", {"n": 1})
 
         started = time.monotonic()
@@ -97,9 +94,9 @@ def test_a_hung_server_costs_one_deadline_not_seven_timeouts():
 
 
 def test_a_server_trickling_its_answer_is_cut_off_at_the_deadline():
-    with tcp_server(TRICKLE_PORT, trickle):
+    with tcp_server(trickle) as (url, _):
         for make in (Client, AsyncClient):
-            client = make(f"http://127.0.0.1:{TRICKLE_PORT}", api_key="sr_test", timeout=5, deadline=1.5,
+            client = make(url, api_key="sr_test", timeout=5, deadline=1.5,
                           retry=RetryPolicy(max_retries=0))
             started = time.monotonic()
             with pytest.raises(TransportError, match="deadline"):
@@ -126,8 +123,8 @@ def late_last_bytes(conn: socket.socket, index: int) -> None:
 def test_an_answer_whose_last_bytes_land_just_after_the_deadline_is_kept():
     # It was reported as a TransportError: for a write, one the server had done, so a caller that
     # believed it redid it. (The async client's one timer cancels the read in flight at the deadline.)
-    with tcp_server(LATE_PORT, late_last_bytes) as received, \
-            Client(f"http://127.0.0.1:{LATE_PORT}", api_key="sr_test", timeout=5, deadline=1.5,
+    with tcp_server(late_last_bytes) as (url, received), \
+            Client(url, api_key="sr_test", timeout=5, deadline=1.5,
                    retry=RetryPolicy(max_retries=0)) as client:
         started = time.monotonic()
         assert client.get_session("s") == {"id": "s", "external_id": "e"}
@@ -152,8 +149,8 @@ def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_
                 time.sleep(5)  # the answer is lost on the way
 
     session = rewind.create_session("lost-answer")
-    with tcp_server(PROXY_PORT, forward) as received, \
-            Client(f"http://127.0.0.1:{PROXY_PORT}", api_key=live_api.key, timeout=1, deadline=10) as client:
+    with tcp_server(forward) as (url, received), \
+            Client(url, api_key=live_api.key, timeout=1, deadline=10) as client:
         assert client.record(session["id"], {"n": 1})["number"] == 1
     keys = {line for request in received for line in request.split(b"\r\n") if line.lower().startswith(b"idempotency-key")}
     assert len(received) == 2 and len(keys) == 1
