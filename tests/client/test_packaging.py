@@ -33,6 +33,18 @@ def test_the_installed_package_is_typed_for_mypy(tmp_path):
 
 
 
+def test_the_package_version_has_one_source(tmp_path):
+    # It was written in pyproject.toml and in __init__.py (the User-Agent's): a release bumping one
+    # published a package that named another version to the server.
+    source = tmp_path / "client"
+    shutil.copytree(CLIENT_DIR, source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"))
+    init = source / "src" / "session_rewind_client" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.8.7+', 1))
+    result = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "--version"],
+                            cwd=source, check=True, capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1].startswith("9.8.7")
+
+
 @pytest.mark.parametrize(("module", "missing", "extra"), [("langgraph", "langchain_core", "langgraph"),
                                                           ("langgraph", "langgraph", "langgraph"),
                                                           ("llamaindex", "workflows", "llamaindex")])
