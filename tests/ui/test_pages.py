@@ -228,7 +228,8 @@ def test_viewer_sees_no_rewind_button_and_gets_403(client, viewer, story):
     client.force_login(viewer)
     page = client.get(session_url(story)).content.decode()
     assert "Rewind here" not in page and "Fork…" not in page and ">Pin<" not in page
-    assert client.get(session_url(story, "snapshots:rewind", number=2)).status_code == 403
+    refused = client.get(session_url(story, "snapshots:rewind", number=2))
+    assert refused.status_code == 403 and f'href="{session_url(story)}">Back to the session<' in refused.content.decode()
     response = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "try"})
     assert response.status_code == 403
     assert client.post(session_url(story, "snapshots:fork", number=2), {"reason": "x"}).status_code == 403
