@@ -224,22 +224,30 @@ def _rewind_targets(rewind_versions: list[dict[str, Any]]) -> dict[int, tuple[in
     return targets
 
 
-class _StatePages:
-    """A session's versions with their verified states, newest first, one page per `next_page` call:
-    a listing fetches the next page only when its caller reads past the last one."""
+def _langgraph_meta(session: dict[str, Any]) -> dict[str, Any]:
+    """What this saver noted on a session it made (metadata["langgraph"]: thread, namespace, writes or not)."""
+    return (session.get("metadata") or {}).get("langgraph") or {}
 
-    def __init__(self, session_id: str, filters: dict[str, str] | None = None, *, first: int = STATES_PAGE) -> None:
+
+class _VersionPages:
+    """A session's versions, newest first (or in `filters`' ordering), one page per `next_page` call:
+    a listing fetches the next page only when its caller reads past the last one. With their verified
+    states (`with_state`, pages of STATES_PAGE), or their metadata alone (pages of PAGE)."""
+
+    def __init__(self, session_id: str, filters: dict[str, str] | None = None, *, with_state: bool = True,
+                 first: int | None = None) -> None:
         self.path = f"sessions/{session_id}/versions/"
-        self.filters = filters or {}
-        self.size = max(1, min(first, STATES_PAGE))
+        self.filters = {**(filters or {}), **({"with_state": "true"} if with_state else {})}
+        self.full = STATES_PAGE if with_state else PAGE
+        self.size = self.full if first is None else max(1, min(first, self.full))
         self.cursor: str | None = None
         self.done = False
 
     def next_page(self) -> Op:
-        """The next page's versions, each with its `state` ([] at the end, or once the session is gone)."""
+        """The next page's versions ([] at the end, or once the session is gone)."""
         if self.done:
             return []
-        params: dict[str, Any] = {**self.filters, "with_state": "true", "limit": self.size}
+        params: dict[str, Any] = {**self.filters, "limit": self.size}
         if self.cursor:
             params["cursor"] = self.cursor
         try:
@@ -249,7 +257,7 @@ class _StatePages:
             return []
         self.cursor = page.get("next")
         self.done = not self.cursor
-        self.size = STATES_PAGE
+        self.size = self.full
         tag = self.filters.get("tag")  # exact here whatever the server's tag lookup
         return [row for row in page.get("results") or [] if tag is None or tag in (row.get("tags") or [])]
 
@@ -311,14 +319,14 @@ class _PendingWrites:
                 self.pass_cost = yield from self._pass_cost()
             if self.asked >= self.pass_cost and (left is None or left > self.pass_cost):
                 self.by_tag = {}
-                for meta in (yield from _StatePages(self.session_id).all()):
+                for meta in (yield from _VersionPages(self.session_id).all()):
                     for found in meta.get("tags") or []:
                         if found.startswith("cp:"):
                             self.by_tag.setdefault(found, []).append(meta)
         if self.by_tag is not None:
             rows = self.by_tag.get(tag, [])
         else:
-            rows = yield from _StatePages(self.session_id, {"tag": tag}).all()
+            rows = yield from _VersionPages(self.session_id, {"tag": tag}).all()
             self.asked += 1
         return (yield from self.collect(self.session_id, _within(rows, (None, end))))
 
@@ -650,7 +658,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes", KEEP_ALL_TAG] if writes else []),
         }
         session = yield Call("POST", "sessions/", json=body)
-        found = (session.get("metadata") or {}).get("langgraph") or {}
+        found = _langgraph_meta(session)
         if found != body["metadata"]["langgraph"] or not set(body["tags"]) <= set(session.get("tags") or []):
             # An existing session made for another thread: a fork made in Session Rewind (it carries
             # its source's tags and metadata). Claim it for this thread, or delete_thread of the
@@ -669,25 +677,6 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self._numbers.drop(lambda key, value: key[0] == session_id)
         self._heads.pop(session_id)
 
-    def _versions(self, session_id: str, *, tag: str | None = None) -> Op:
-        """Version metadata newest first, as a list (tag-filtered when `tag` is given)."""
-        return (yield from self._versions_filtered(session_id, {"tag": tag} if tag is not None else {}))
-
-    def _versions_filtered(self, session_id: str, filters: dict[str, str]) -> Op:
-        found: Rows = []
-        tag = filters.get("tag")
-        params: dict[str, Any] = {"limit": PAGE, **filters}
-        call: Call | None = Call("GET", f"sessions/{session_id}/versions/", params=params)
-        while call is not None:
-            try:
-                page = yield call
-            except NotFound:
-                return found
-            found.extend(v for v in page.get("results", []) if tag is None or tag in (v.get("tags") or []))
-            cursor = page.get("next")
-            call = Call("GET", f"sessions/{session_id}/versions/", params={**params, "cursor": cursor}) if cursor else None
-        return found
-
     def _state(self, session_id: str, number: int) -> Op:
         cached = self._states.get((session_id, number))
         if cached is not None:
@@ -703,7 +692,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         number = self._numbers.get((session_id, checkpoint_id))
         if number is not None:
             return number, (yield from self._state(session_id, number))
-        pages = _StatePages(session_id, {"tag": checkpoint_tag(checkpoint_id)}, first=1)
+        pages = _VersionPages(session_id, {"tag": checkpoint_tag(checkpoint_id)}, first=1)
         while not pages.done:
             rows = yield from pages.next_page()
             if rows:
@@ -719,7 +708,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         cached = self._numbers.get((session_id, checkpoint_id))
         if cached is not None:
             return cached
-        matches = yield from self._versions(session_id, tag=checkpoint_tag(checkpoint_id))
+        matches = yield from _VersionPages(session_id, {"tag": checkpoint_tag(checkpoint_id)}, with_state=False).all()
         if not matches:
             return None
         number = max(int(v["number"]) for v in matches)
@@ -731,12 +720,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _writes_for(self, writes_session: str | None, checkpoint_id: str, window: tuple[datetime | None, datetime | None]) -> Op:
         if writes_session is None:
             return []
-        found = yield from _StatePages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
+        found = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
         return (yield from self._collect_writes(writes_session, _within(found, window)))
 
     def _rewinds(self, session_id: str) -> Op:
         """Rewind version number -> (number of the non-rewind version it restores, created_at)."""
-        found = yield from self._versions_filtered(session_id, {"kind": "rewind"})
+        found = yield from _VersionPages(session_id, {"kind": "rewind"}, with_state=False).all()
         return _rewind_targets(found)
 
     def _collect_writes(self, writes_session: str, versions: Rows) -> Op:
@@ -842,12 +831,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         pending = None if writes_session is None else _PendingWrites(writes_session, limit, self._collect_writes)
         if wanted_id:
             # One checkpoint: only the versions tagged with it (its rewinds, untagged, are read apart).
-            pages = _StatePages(session_id, {"tag": checkpoint_tag(wanted_id)})
+            pages = _VersionPages(session_id, {"tag": checkpoint_tag(wanted_id)})
         else:
             # Checkpoints come newest first, a page of states at a time as the caller reads on; a small
             # `limit` needs only a small first page (one more for a rewind at the head).
             first = limit + 1 if limit is not None and not filter and not before else STATES_PAGE
-            pages = _StatePages(session_id, first=first)
+            pages = _VersionPages(session_id, first=first)
         rewound = _RewindEnds()
         seen: set[str] = set()
         emitted = 0
@@ -912,7 +901,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     def _thread_of(self, session: dict[str, Any]) -> tuple[str, str] | None:
         """(thread id, namespace) of a checkpoint session (None for a session of pending writes)."""
-        meta = (session.get("metadata") or {}).get("langgraph") or {}
+        meta = _langgraph_meta(session)
         if meta.get("pending_writes") or "thread_id" not in meta:
             return None
         thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
@@ -1028,7 +1017,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         """True when `session` is one this saver made for `thread_id`. A session forked in Session
         Rewind carries its source's tags and metadata, so the tag alone would claim the fork for
         the source thread (and `delete_thread` of the source would delete it)."""
-        meta = (session.get("metadata") or {}).get("langgraph") or {}
+        meta = _langgraph_meta(session)
         if str(meta.get("thread_id")) != thread_id:
             return False
         expected = self._external_id(thread_id, meta.get("checkpoint_ns", ""))
@@ -1076,7 +1065,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         state once per project, so a copy costs almost no storage."""
         sessions = yield from self._thread_sessions(source_thread_id)
         for session in sessions:
-            meta = (session.get("metadata") or {}).get("langgraph") or {}
+            meta = _langgraph_meta(session)
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
             target_external = self._external_id(target_thread_id, ns)
             if is_writes:
@@ -1085,7 +1074,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             # The versions there were when the thread was listed: a copy onto itself (or a writer
             # still running) adds versions that this walk, oldest first, must not reach.
             last = int(session.get("head") or 0)
-            pages = _StatePages(str(session["id"]), {"ordering": "number"})
+            pages = _VersionPages(str(session["id"]), {"ordering": "number"})
             pages.done = not last
             while not pages.done:
                 rows = [row for row in (yield from pages.next_page()) if int(row["number"]) <= last]
@@ -1137,11 +1126,11 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 continue
             sessions = yield from self._thread_sessions(thread_id)
             writes_sessions = {str(s.get("external_id")): str(s["id"]) for s in sessions
-                               if ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")}
-            checkpoint_sessions = [s for s in sessions if not ((s.get("metadata") or {}).get("langgraph") or {}).get("pending_writes")]
+                               if _langgraph_meta(s).get("pending_writes")}
+            checkpoint_sessions = [s for s in sessions if not _langgraph_meta(s).get("pending_writes")]
             keep: builtins.list[tuple[str, dict[str, Any], Rows]] = []
             for session in checkpoint_sessions:
-                ns = ((session.get("metadata") or {}).get("langgraph") or {}).get("checkpoint_ns", "")
+                ns = _langgraph_meta(session).get("checkpoint_ns", "")
                 try:
                     head = yield Call("GET", f"sessions/{session['id']}/head/")
                 except NotFound:
@@ -1155,7 +1144,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 if writes_session is not None:
                     # The writes the head reads as its own: after it, for a head that is a rewind.
                     window = (_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None)
-                    rows = yield from _StatePages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
+                    rows = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
                     write_states = [meta["state"] for meta in sorted(_within(rows, window), key=lambda v: int(v["number"]))]
                 keep.append((ns, head, write_states))
             yield from self._delete_sessions(sessions, f"langgraph: prune {_short(thread_id)} (keep_latest)")
