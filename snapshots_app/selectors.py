@@ -251,22 +251,20 @@ def path_history(
     value, present = value_in(versions[0])
     points = [PathPoint(versions[0].number, value, present, False, versions[0].created_at, versions[0].step)]
     for previous, version in pairwise(versions):
-        touching = []
+        touching: list[tuple[str, dict[str, Any]]] = []  # (full path, change)
         if previous.checksum != version.checksum:
-            touching = [
-                change for change in version_diff(previous, version).changes
-                if _touches(change.get("string_path", "") + change["path"], change["kind"], pointer)
-            ]
+            changes = ((change.get("string_path", "") + change["path"], change)
+                       for change in version_diff(previous, version).changes)
+            touching = [(path, change) for path, change in changes if _touches(path, change["kind"], pointer)]
         touched = False
-        if len(touching) == 1 and touching[0]["kind"] == "changed" \
-                and touching[0].get("string_path", "") + touching[0]["path"] == pointer:
-            value, present, touched = touching[0]["new"], True, True
+        if len(touching) == 1 and touching[0][0] == pointer and touching[0][1]["kind"] == "changed":
+            value, present, touched = touching[0][1]["new"], True, True
         elif touching:
             # Read it: a change above it (replaced whole, or an item added or removed before it in
             # an array) may leave it as it was, or move another item to its place.
-            was = (present, _canonical(value) if present else b"")
+            was = _reading(value, present)
             value, present = value_in(version)
-            touched = was != (present, _canonical(value) if present else b"")
+            touched = was != _reading(value, present)
         points.append(PathPoint(version.number, value, present, touched, version.created_at, version.step))
     return points
 
@@ -279,6 +277,7 @@ def _touches(changed: str, kind: str, pointer: str) -> bool:
     return kind != "changed" and last.isdigit() and pointer.startswith(parent + "/")
 
 
-def _canonical(value: Any) -> bytes:
-    """Equal JSON, equal bytes (Python's 1 == 1.0 == True would call a changed type unchanged)."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+def _reading(value: Any, present: bool) -> tuple[bool, bytes]:
+    """What a path history row shows, comparable: equal JSON gives equal bytes (Python's 1 == 1.0 ==
+    True would call a changed type unchanged)."""
+    return present, orjson.dumps(value, option=orjson.OPT_SORT_KEYS) if present else b""
