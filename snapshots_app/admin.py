@@ -19,7 +19,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, pasted_uuid, require_role
+from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, require_role
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
@@ -48,6 +48,7 @@ class VersionAdmin(ReadOnlyAdmin):
     list_filter = ["kind", "pinned", "status", ("session__project", ProjectListFilter)]
     # Only the session: a substring search over every version's step/label would scan the table.
     search_fields = ["session__external_id"]
+    pasted_session_lookup = "session_id"  # (by the session's index)
     list_select_related = ["session__project"]
     ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
     exclude = ["root", "session"]  # (session_link names it, with a link to its timeline)
@@ -56,12 +57,6 @@ class VersionAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Version]:
         return super().get_queryset(request).defer("summary")
-
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        # A pasted session id finds that session's versions (by the session's index), as in the sessions list.
-        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        session_id = pasted_uuid(search_term)
-        return (found if session_id is None else found | queryset.filter(session_id=session_id)), may_have_duplicates
 
     @admin.display(description="Session")
     def session_link(self, obj: Version) -> str:
