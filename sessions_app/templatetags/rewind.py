@@ -20,9 +20,9 @@ def ago(moment: datetime | None) -> SafeString | str:
     the page stays open, static/js/app.js moves it on (`data-ago`)."""
     if moment is None:
         return ""
-    seconds = int((timezone.now() - moment).total_seconds())
-    text = f"{max(seconds, 0)} s ago" if seconds < 60 else f"{timesince(moment)} ago"
+    seconds = max(int((timezone.now() - moment).total_seconds()), 0)  # (a moment a little ahead: now)
+    text = f"{seconds} s ago" if seconds < 60 else f"{timesince(moment)} ago"
     stamp = moment.isoformat()
     # data-ago: the age in seconds by the server's clock (app.js counts on from it, whatever the
     # browser's clock says).
-    return format_html('<time datetime="{}" title="{}" data-ago="{}">{}</time>', stamp, stamp, max(seconds, 0), text)
+    return format_html('<time datetime="{}" title="{}" data-ago="{}">{}</time>', stamp, stamp, seconds, text)
