@@ -21,7 +21,7 @@ from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import RequestKey, User, audit_record, require_reason
 from snapshots_app import jobs, store
 from snapshots_app.compaction import ProgressFn, _no_progress
-from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, Version
+from snapshots_app.models import IntegrityProblem, Job, JobKind, Version
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def _scope(project_id: int | None) -> QuerySet[Version]:
 
 def _last_cursor(project_id: int | None) -> int:
     last = (
-        Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, result__has_key="cursor")
+        jobs.rolling_scrubs()
         .filter(**({"project_id": project_id} if project_id is not None else {"project__isnull": True}))
-        .order_by("-finished_at", "-id")
+        .order_by(*jobs.NEWEST_FIRST)
         .values_list("result", flat=True)
         .first()
     )

@@ -299,6 +299,13 @@ def job_fail(*, job: Job, error: str) -> Job:
 
 
 SWEEP_BATCH = 5_000  # job rows deleted per statement by jobs_sweep
+NEWEST_FIRST = [F("finished_at").desc(), F("id").desc()]
+
+
+def rolling_scrubs() -> QuerySet[Job]:
+    """Finished scrubs of a rolling window (their result has the `cursor` the next one starts after;
+    one over chosen versions has none). The newest of a scope, by NEWEST_FIRST, says where it resumes."""
+    return Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, result__has_key="cursor")
 
 
 def jobs_sweep(*, now: datetime | None = None) -> int:
@@ -312,9 +319,8 @@ def jobs_sweep(*, now: datetime | None = None) -> int:
         return 0
     now = now or timezone.now()
     # The newest rolling-window scrub of each project (and of the whole service: project None).
-    cursors = Job.objects.filter(kind=JobKind.SCRUB, status=JobStatus.DONE, result__has_key="cursor").annotate(
-        rank=Window(RowNumber(), partition_by=[F("project_id")], order_by=[F("finished_at").desc(), F("id").desc()]))
-    kept = list(cursors.filter(rank=1).values_list("pk", flat=True))
+    ranked = rolling_scrubs().annotate(rank=Window(RowNumber(), partition_by=[F("project_id")], order_by=NEWEST_FIRST))
+    kept = list(ranked.filter(rank=1).values_list("pk", flat=True))
     old = (Job.objects.filter(status__in=[JobStatus.DONE, JobStatus.FAILED], finished_at__lt=now - timedelta(days=days))
            .exclude(pk__in=kept))
     removed = 0
