@@ -8,6 +8,8 @@ limit. Anything else is InvalidState (or a subclass) and nothing is stored.
 from __future__ import annotations
 
 import hashlib
+from itertools import chain, compress, repeat
+from operator import is_
 from typing import Any
 
 import orjson
@@ -62,8 +64,6 @@ def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str
     return value
 
 
-
-
 _PLAIN = frozenset({str, int, bool, type(None)})
 _JSON_TYPES = _PLAIN | {float, dict, list}
 _INFINITIES = (float("inf"), float("-inf"))
@@ -76,34 +76,37 @@ def validate_state(value: Any, *, max_depth: int, floats_checked: bool = False) 
     already refuses them; the depth limit is always enforced. Keys and integer ranges are left to
     orjson.dumps, which refuses what canonical JSON cannot hold (see `explain`).
 
-    Level by level, a container at a time, with the per-value work done by `set(map(type, ...))`
-    in C: a Python loop over every value cost 1.5 ms of a 5 ms write on a 2,000-message history.
-    Anything doubtful goes to `explain`, which names the offending path.
+    A whole level of the tree at a time, every per-value step (gathering the children, their types,
+    the next level's containers, the sum that spots NaN and Infinity) done by itertools in C. A loop
+    over every value cost 1.5 ms of a 5 ms write on a 2,000-message history; one over every
+    container still 0.45 ms of a 2.4 ms write on an 800-message one, and 2.5 ms on a 5 MB state
+    (now 0.35 and 1.0 ms). Anything doubtful goes to `explain`, which names the offending path.
     """
     if not isinstance(value, dict):
         raise InvalidState(f"state must be a JSON object, not {_json_type(value)}")
-    level: list[Any] = [value]
+    dicts: Any = (value,)
+    lists: Any = ()
     depth = 1
-    while level:
-        if depth > max_depth:
-            explain(value, max_depth=max_depth, floats_checked=floats_checked)
-        below: list[Any] = []
-        for node in level:
-            children = node.values() if type(node) is dict else node
-            kinds = set(map(type, children))
-            if kinds <= _PLAIN:
-                continue
-            if not kinds <= _JSON_TYPES or (
-                float in kinds
-                and not floats_checked
-                and any(type(c) is float and (c != c or c in _INFINITIES) for c in children)
-            ):
-                explain(value, max_depth=max_depth, floats_checked=floats_checked)
-                return  # only subclasses of JSON types, which explain accepts
-            if dict in kinds or list in kinds:
-                below.extend([c for c in children if type(c) is dict or type(c) is list])
-        level = below
+    while True:
+        children = list(chain(chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(lists)))
+        types = list(map(type, children))
+        kinds = set(types)
+        if kinds <= _PLAIN:
+            return
+        if not kinds <= _JSON_TYPES:
+            break  # only subclasses of JSON types, which explain accepts, or a value it names
+        if float in kinds and not floats_checked:
+            total = sum(compress(children, map(is_, types, repeat(float))))
+            if total != total or total in _INFINITIES:  # NaN or Infinity in there, or finite ones overflowing
+                break
+        if dict not in kinds and list not in kinds:
+            return
         depth += 1
+        if depth > max_depth:
+            break
+        dicts = compress(children, map(is_, types, repeat(dict)))
+        lists = compress(children, map(is_, types, repeat(list)))
+    explain(value, max_depth=max_depth, floats_checked=floats_checked)
 
 
 def explain(value: Any, *, max_depth: int, floats_checked: bool = False) -> None:

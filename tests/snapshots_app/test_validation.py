@@ -58,6 +58,19 @@ def test_values_json_cannot_hold_are_refused(state):
         validate_state(state, max_depth=10)
 
 
+@pytest.mark.parametrize("state", [{"x": [1e308, 1e308]}, {"x": [-1e308], "y": {"z": [-1e308, 0.5]}}])
+def test_finite_floats_whose_sum_overflows_are_accepted(state):
+    """validate_state spots NaN and Infinity by summing a level's floats; finite ones that
+    overflow the sum are JSON all the same."""
+    validate_state(state, max_depth=10)
+
+
+def test_nan_among_many_finite_floats_deep_down_is_refused():
+    state = {"runs": [{"scores": [0.5, 1.5, float("nan") if i == 7 else 2.5]} for i in range(10)]}
+    with pytest.raises(InvalidState, match="NaN and Infinity are not JSON \\(at /runs/7/scores/2\\)"):
+        validate_state(state, max_depth=10)
+
+
 def test_depth_is_enforced_level_by_level():
     deep: dict[str, Any] = {}
     node = deep
