@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -19,7 +20,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from sessions_app import services as session_services
 from sessions_app.errors import IdempotencyKeyReused, NotFound, StateStoreError
 from sessions_app.forms import form_problems
-from sessions_app.models import Role, WorkflowSession
+from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
@@ -323,6 +324,21 @@ def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:
 # -- rewind, fork, pin, label (operators) ------------------------------------------------------------
 
 
+# The statuses in which a confirm page warns that an engine may still be writing to the session. A
+# rewind is written over only by an engine at work; an archive also refuses a waiting engine's next
+# step, once its input arrives.
+REWIND_WARNS = frozenset({SessionStatus.RUNNING})
+ARCHIVE_WARNS = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
+
+
+def _engine_active(session: WorkflowSession, head: Version | None, statuses: frozenset[str]) -> datetime | bool | None:
+    """For confirm.html's warning: when the engine last wrote (True before its first step), if the
+    session's status says it may still be writing; None otherwise."""
+    if session.status not in statuses:
+        return None
+    return head.created_at if head is not None else True
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
@@ -361,7 +377,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     result = selectors.version_diff(head, target) if head is not None and not refused else None
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "refused": refused,
+        "refused": refused, "engine_active": _engine_active(session, head, REWIND_WARNS),
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
@@ -445,17 +461,44 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
+def archive_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """GET shows what archiving does, warning while an engine may still write to the session; POST
+    archives (audited by the service). Archiving twice changes nothing: a double click, or a page
+    another operator beat to it, says so."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    error, status = "", 200
+    form = ReasonForm(request.POST if request.method == "POST" else None)
+    if session.archived_at is not None:
+        archived = f"This session is archived already (since {session.archived_at:%Y-%m-%d %H:%M}): nothing was changed."
+        if request.method == "POST":
+            messages.info(request, archived)
+            return redirect("snapshots:session", session_id=session.pk)
+        error, status = archived, 409
+    elif request.method == "POST" and not form.is_valid():
+        error, status = " ".join(form_problems(form)), 400
+    elif request.method == "POST":
+        session_services.session_archive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+        messages.success(request, "Archived: the history is kept and new writes are refused.")
+        return redirect("snapshots:session", session_id=session.pk)
+    context = {
+        **_base(session, role), "error": error, "refused": session.archived_at is not None,
+        "engine_active": _engine_active(session, selectors.head_version(session), ARCHIVE_WARNS),
+        "reason": request.POST.get("reason", ""),
+    }
+    return render(request, "snapshots_app/confirm_archive.html", context, status=status)
+
+
+@login_required
 @require_POST
-def session_archiving(request: HttpRequest, session_id: Any, action: str) -> HttpResponse:
-    """Archive (keep the history, refuse writes) or unarchive a session; operators, audited."""
+def session_unarchive(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """Accept writes again (one click: it takes nothing away); operators, audited."""
     session, role = _member_session(request, session_id)
     _require_operator(role)
     form = ReasonForm(request.POST)
     if not form.is_valid():
         messages.error(request, " ".join(form_problems(form)))
-    elif action == "archive":
-        session_services.session_archive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
-        messages.success(request, "Archived: the history is kept and new writes are refused.")
     else:
         session_services.session_unarchive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
         messages.success(request, "Unarchived: the session accepts writes again.")

@@ -273,6 +273,28 @@ def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_p
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_archiving_a_running_session_asks_first_and_warns(server, browser):
+    """Archive opens a confirm page, which warns while the engine may still write (the story is
+    running); confirmed, the session page shows it archived, with Unarchive instead."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.click("#archive")
+    page.wait_for_selector("#confirm-archive")
+    assert "This session is running" in page.inner_text("#engine-running")
+    assert off_loop(lambda: type(session).objects.get(pk=session.pk).archived_at) is None  # only asked, so far
+    page.click("text=Cancel")
+    page.wait_for_selector("#archive")
+    page.click("#archive")
+    page.fill("textarea[name=reason]", "the incident is closed")
+    page.click("#confirm-archive")
+    page.wait_for_selector("#unarchive")
+    assert "Archived:" in page.inner_text(".messages") and page.locator(".pagehead .badge:text-is('archived')").count() == 1
+    assert page.locator("#timeline a.rewind").count() == 0
+    assert off_loop(lambda: type(session).objects.get(pk=session.pk).archived_at) is not None
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_back_shows_the_filters_of_the_list_it_shows(server, browser):
     off_loop(_operator_story)
     page = log_in(browser, server, "olga")

@@ -642,9 +642,10 @@ def test_an_archived_sessions_versions_cannot_be_pinned_or_labelled(client, oper
 def test_operators_archive_and_unarchive_from_the_session_page(client, operator, viewer, story):
     client.force_login(viewer)
     assert 'id="archive"' not in client.get(session_url(story)).content.decode()
+    assert client.get(session_url(story, "snapshots:archive")).status_code == 403
     assert client.post(session_url(story, "snapshots:archive"), {"reason": "x"}).status_code == 403
     client.force_login(operator)
-    assert 'id="archive"' in client.get(session_url(story)).content.decode()
+    assert f'href="{session_url(story, "snapshots:archive")}"' in client.get(session_url(story)).content.decode()
     page = client.post(session_url(story, "snapshots:archive"), {"reason": "done"}, follow=True).content.decode()
     assert "Archived:" in page and 'id="unarchive"' in page
     story.refresh_from_db()
@@ -659,6 +660,58 @@ def test_operators_archive_and_unarchive_from_the_session_page(client, operator,
     assert list(AuditEvent.objects.filter(session_id=story.pk, action__endswith="archive")
                 .order_by("pk").values_list("action", "reason")) == [("session.archive", "done"),
                                                                       ("session.unarchive", "one more step")]
+
+
+def test_archiving_asks_first_and_says_what_it_does(client, operator, story):
+    """Archive is a confirm page, as rewind is: it says what archiving keeps and refuses before it
+    acts, and only the POST archives (a reason is optional)."""
+    session_update(session=story, status="completed", actor=operator)
+    client.force_login(operator)
+    url = session_url(story, "snapshots:archive")
+    confirm = client.get(url)
+    page = confirm.content.decode()
+    assert confirm.status_code == 200 and 'id="confirm-archive"' in page and 'name="reason"' in page
+    assert "5 versions" in page and "refuses every new write" in page and "session_archived" in page
+    assert 'id="engine-running"' not in page  # a completed session: no engine to warn about
+    story.refresh_from_db()
+    assert story.archived_at is None and not AuditEvent.objects.filter(action="session.archive").exists()
+    client.post(url, {"reason": ""})
+    story.refresh_from_db()
+    assert story.archived_at is not None
+    assert list(AuditEvent.objects.filter(action="session.archive").values_list("reason", flat=True)) == [""]
+
+
+@pytest.mark.parametrize("status", ["running", "waiting"])
+def test_archiving_a_session_an_engine_may_still_write_to_warns_first(client, operator, story, status):
+    session_update(session=story, status=status, actor=operator)
+    client.force_login(operator)
+    page = client.get(session_url(story, "snapshots:archive")).content.decode()
+    assert 'id="engine-running"' in page and f"This session is {status}" in page
+    assert "its last step was written" in page and "its next snapshot is refused" in page
+    assert 'id="confirm-archive"' in page  # a warning, not a refusal: a stuck engine's session can be archived
+
+
+def test_archiving_an_archived_session_changes_nothing_and_says_so(client, operator, story):
+    """A double click, or a confirm page another operator beat to it: one archiving, one audit event."""
+    client.force_login(operator)
+    url = session_url(story, "snapshots:archive")
+    assert client.post(url, {"reason": "done"}).status_code == 302
+    again = client.post(url, {"reason": "done"}, follow=True).content.decode()
+    assert "archived already" in again and "nothing was changed" in again
+    assert AuditEvent.objects.filter(action="session.archive").count() == 1
+    refused = client.get(url)
+    page = refused.content.decode()
+    assert refused.status_code == 409 and "archived already" in page
+    assert 'id="confirm-archive"' not in page and "<textarea" not in page and "Back to the session" in page
+
+
+def test_a_refused_archive_reason_stores_nothing_and_keeps_the_reason(client, operator, story):
+    client.force_login(operator)
+    response = client.post(session_url(story, "snapshots:archive"), {"reason": "x" * 2001})
+    page = response.content.decode()
+    assert response.status_code == 400 and 'id="confirm-archive"' in page and "x" * 2001 in page
+    story.refresh_from_db()
+    assert story.archived_at is None and not AuditEvent.objects.filter(action="session.archive").exists()
 
 
 def test_an_htmx_mark_error_is_text_not_markup(client, operator, story):
