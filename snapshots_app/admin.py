@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -322,11 +323,28 @@ class ProjectAdmin(BaseProjectAdmin):
         require_role(request, [project.pk for project in projects], Role.ADMIN)
         return projects
 
-    @admin.action(description="Compaction: run now (queued)", permissions=["maintain"])
-    def compaction_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
-        jobs = [compaction.compaction_start(project=project, actor=request.user)
-                for project in self._administered(request, queryset)]
+    @admin.action(description="Compaction: run now (queued)…", permissions=["maintain"])
+    def compaction_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> TemplateResponse | None:
+        """Asks first, as a deletion does: the run applies each project's retention policy, and the
+        versions it removes are gone for good. The page says, per project, how many that would be now
+        (or, for projects too large to count in a request, the policy in words)."""
+        projects = self._administered(request, queryset)
+        if request.POST.get("post") != "yes":
+            budget, outlooks = compaction.RETENTION_COUNTED_MAX, []
+            for project in sorted(projects, key=lambda project: project.slug):
+                outlook = compaction.retention_outlook(project=project, count_max=budget)
+                if outlook.versions_removed is not None and outlook.policy.enabled:
+                    budget -= outlook.versions_total
+                outlooks.append(outlook)
+            return TemplateResponse(request, "admin/snapshots_app/project/compaction_confirmation.html", {
+                **self.admin_site.each_context(request), "opts": self.model._meta, "title": "Run compaction now",
+                "outlooks": outlooks, "removing": any(o.versions_removed or o.versions_removed is None
+                                                      for o in outlooks if o.policy.enabled),
+                "counted_max": compaction.RETENTION_COUNTED_MAX, "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            })
+        jobs = [compaction.compaction_start(project=project, actor=request.user) for project in projects]
         messages.success(request, f"Queued {len(jobs)} compaction job(s): see Jobs for progress.")
+        return None
 
     @admin.action(description="Export (queued; the file is listed under Jobs)", permissions=["maintain"])
     def export_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:

@@ -106,6 +106,11 @@ class StateNode(models.Model):
         return f"{bytes(self.digest).hex()} ({self.raw_size} bytes)"
 
 
+# A session with this tag keeps every version: its versions are not successive states of one thing
+# (the LangGraph saver's pending writes: each holds other writes, and a resumed graph needs them).
+KEEP_ALL_TAG = "retention:keep-all"
+
+
 class Thinning(models.TextChoices):
     HOUR = "hour", "Keep one version per hour"
     DAY = "day", "Keep one version per day"
@@ -136,6 +141,25 @@ class RetentionPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"retention of {self.project_id}: last {self.keep_last}, {self.keep_days} days, {self.thin_to}"
+
+    @property
+    def in_words(self) -> str:
+        """What a compaction run removes under this policy, as an operator reads it before one."""
+        if not self.enabled:
+            return "Retention is off: compaction removes no version."
+        kept = [f"each session's newest {self.keep_last} version{'s' if self.keep_last != 1 else ''}"] if self.keep_last else []
+        if self.keep_days:
+            kept.append(f"every version younger than {self.keep_days} day{'s' if self.keep_days != 1 else ''}")
+        beyond = {
+            Thinning.HOUR: "older versions are thinned to one per hour (UTC)",
+            Thinning.DAY: "older versions are thinned to one per day (UTC)",
+            Thinning.NONE: "every older version is removed",
+        }[Thinning(self.thin_to)]
+        return (
+            f"Keeps {' and '.join(kept) or 'no version for its rank or age'}; {beyond}. Heads, pinned, labelled and "
+            "error versions, rewinds, forks and data fixes (and the versions they point at) are always kept, and so "
+            f"is every version of a session tagged {KEEP_ALL_TAG}."
+        )
 
 
 class JobKind(models.TextChoices):

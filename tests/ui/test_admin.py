@@ -286,6 +286,46 @@ def test_compaction_dry_run_action_needs_the_operator_role_as_in_the_api(client,
     assert "would remove" in allowed.content.decode()
 
 
+def test_running_compaction_now_asks_first_and_says_how_many_versions_retention_removes(client, staff, story, team):
+    """Retention removes versions for good: the admin's "run now" shows, per project, how many it
+    would remove and the policy in words, and queues the run only once confirmed."""
+    from snapshots_app.compaction import retention_policy_set
+    from snapshots_app.models import Job
+
+    retention_policy_set(project=team, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    quiet = make_project("quiet")  # no policy: retention off
+    make_session(quiet, "q-1")
+    client.force_login(staff)
+    changelist = reverse("admin:sessions_app_project_changelist")
+    asked = client.post(changelist, {"action": "compaction_queue", "_selected_action": [team.pk, quiet.pk], "index": "0"})
+    page = asked.content.decode()
+    assert asked.status_code == 200 and "gone for good" in page
+    assert "it would remove <strong>4 of 5 versions</strong>" in page and "(in 1 session)" in page
+    assert "Keeps each session&#x27;s newest 1 version; every older version is removed." in page
+    assert "retention is off: no version is removed (0 versions kept)" in page
+    assert 'name="post" value="yes"' in page and f'name="_selected_action" value="{quiet.pk}"' in page
+    assert not Job.objects.exists() and Version.objects.filter(session=story).count() == 5  # only asked
+
+    done = client.post(changelist, {"action": "compaction_queue", "_selected_action": [team.pk, quiet.pk], "post": "yes"},
+                       follow=True)
+    assert "Queued 2 compaction job(s)" in done.content.decode()
+    assert sorted(Job.objects.values_list("project__slug", "kind")) == [("acme", "compaction"), ("quiet", "compaction")]
+
+
+def test_a_project_too_large_to_count_in_a_request_gets_its_policy_in_words(client, staff, story, team, monkeypatch):
+    from snapshots_app import compaction
+
+    compaction.retention_policy_set(project=team, enabled=True, keep_last=2, keep_days=7, thin_to="hour")
+    monkeypatch.setattr(compaction, "RETENTION_COUNTED_MAX", 4)  # the story has 5 versions
+    client.force_login(staff)
+    page = client.post(reverse("admin:sessions_app_project_changelist"),
+                       {"action": "compaction_queue", "_selected_action": [team.pk], "index": "0"}).content.decode()
+    assert "5 versions, too many to count here (more than 4 in all)" in page and "dry run" in page
+    assert ("Keeps each session&#x27;s newest 2 versions and every version younger than 7 days; "
+            "older versions are thinned to one per hour (UTC).") in page
+    assert "would remove" not in page
+
+
 def test_data_fix_action_opens_the_editor_for_one_version(client, staff, story):
     client.force_login(staff)
     version = Version.objects.get(session=story, number=4)

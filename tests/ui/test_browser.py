@@ -527,6 +527,36 @@ def _superuser_story():
     return session
 
 
+def test_running_compaction_from_the_admin_asks_first(server, browser):
+    """The projects list's "run now" opens a confirmation saying what retention would remove; "No,
+    take me back" queues nothing, "Yes" queues the run."""
+    from snapshots_app.compaction import retention_policy_set
+    from snapshots_app.models import Job
+
+    session = off_loop(_superuser_story)
+    off_loop(lambda: retention_policy_set(project=session.project, enabled=True, keep_last=1, keep_days=0, thin_to="none"))
+    page = log_in(browser, server, "sally")
+
+    def ask() -> None:
+        page.goto(f"{server}/admin/sessions_app/project/")
+        page.check(f"input[name=_selected_action][value='{session.project.pk}']")
+        page.select_option("select[name=action]", "compaction_queue")
+        page.click("button[name=index]")
+        page.wait_for_selector("#compaction-outlook")
+
+    ask()
+    assert "it would remove 2 of 3 versions (in 1 session)" in page.inner_text("#compaction-outlook")
+    page.click("text=No, take me back")
+    page.wait_for_selector("#result_list")
+    assert off_loop(lambda: Job.objects.count()) == 0
+    ask()
+    page.click("input[type=submit][value^='Yes, run compaction']")
+    page.wait_for_selector("ul.messagelist")
+    assert "Queued 1 compaction job(s)" in page.inner_text("ul.messagelist")
+    assert off_loop(lambda: list(Job.objects.values_list("kind", flat=True))) == ["compaction"]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_every_page_runs_under_the_content_security_policy(server, browser):
     """The policy allows no inline script: the dashboard (live socket, htmx fragments), the admin and
     the API docs all work under it, and the browser reports no violation on any of them."""
