@@ -132,8 +132,12 @@ class VersionAdmin(ReadOnlyAdmin):
         not_operated = selected.exclude(session__project__in=operated).values_list("session__project__slug")
         refused = outcome.refused + Counter({f"pinning in {slug} needs the operator role": count
                                              for slug, count in not_operated.annotate(count=Count("pk"))})
-        if outcome.done:
-            messages.success(request, f"{'Pinned' if pinned else 'Unpinned'} {outcome.done} version(s).")
+        done = "pinned" if pinned else "unpinned"
+        if outcome.done or outcome.unchanged:
+            messages.success(request, " ".join(
+                ([f"{done.capitalize()} {outcome.done} version(s)."] if outcome.done else [])
+                + ([f"{outcome.unchanged} were {done} already: left as they were."] if outcome.unchanged else [])
+            ))
         if refused:
             messages.error(request, f"{refused.total()} refused: {'; '.join(sorted(refused)[:5])}")
 

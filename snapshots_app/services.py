@@ -708,7 +708,12 @@ def snapshot_data_fix(
 
 @transaction.atomic
 def version_pin(*, version: Version, pinned: bool, actor: User = None, actor_label: str = "") -> Version:
+    """Pin or unpin a version (audited). Pinning a pinned version, or unpinning an unpinned one, is
+    answered with the version as it is and records nothing: a retry or a second click is no event."""
     ensure_writable(session_lock(version.session))  # under the lock archiving takes
+    version.pinned = _kept_value(version, "pinned")
+    if version.pinned == pinned:
+        return version
     _update_kept_version(version, pinned=pinned)
     version.pinned = pinned
     audit_record(
@@ -726,6 +731,7 @@ PIN_BATCH = 1_000  # versions per transaction of versions_pin: its session locks
 @dataclass
 class PinOutcome:
     done: int = 0
+    unchanged: int = 0  # pinned (or unpinned) already: left as they were, not audited
     refused: Counter[str] = field(default_factory=Counter)  # why -> how many versions were refused for it
 
 
@@ -763,11 +769,14 @@ def _pin_batch(batch: list[tuple[int, Any]], pinned: bool, actor: User, actor_la
             writable[session.pk] = session
     # Under the session locks, as retention removes versions: a version gone meanwhile is not pinned
     # (nor audited as pinned), as version_pin answers VersionNotFound.
-    kept = list(Version.objects.filter(pk__in=[pk for pk, session_id in batch if session_id in writable])
-                .order_by("session_id", "number").values_list("pk", "session_id", "number"))
-    gone = sum(1 for _, session_id in batch if session_id in writable) - len(kept)
+    found = list(Version.objects.filter(pk__in=[pk for pk, session_id in batch if session_id in writable])
+                 .order_by("session_id", "number").values_list("pk", "session_id", "number", "pinned"))
+    gone = sum(1 for _, session_id in batch if session_id in writable) - len(found)
     if gone:
         outcome.refused["a version no longer exists; nothing was changed"] += gone
+    # Those pinned (unpinned) already stay as they are, unaudited, as version_pin leaves them.
+    kept = [(pk, session_id, number) for pk, session_id, number, was in found if was != pinned]
+    outcome.unchanged += len(found) - len(kept)
     Version.objects.filter(pk__in=[pk for pk, _, _ in kept]).update(pinned=pinned)
     audit_record_many([
         audit_event(project=writable[session_id].project, action="version.pin" if pinned else "version.unpin",
@@ -793,8 +802,11 @@ def _pin_batch(batch: list[tuple[int, Any]], pinned: bool, actor: User, actor_la
 def version_label(*, version: Version, label: str, actor: User = None, actor_label: str = "") -> Version:
     label = _clean_text("label", label, METADATA_LIMITS["label"]).strip()
     ensure_writable(session_lock(version.session))  # under the lock archiving takes
+    previous = version.label = _kept_value(version, "label")
+    if previous == label:  # (as a repeated pin: nothing changes, nothing is recorded)
+        return version
     _update_kept_version(version, label=label)
-    previous, version.label = version.label, label
+    version.label = label
     audit_record(
         project=version.session.project, action="version.label", target_type="version", target_id=version.pk,
         session_id=version.session_id, actor=actor, actor_label=actor_label,
@@ -804,15 +816,28 @@ def version_label(*, version: Version, label: str, actor: User = None, actor_lab
     return version
 
 
+def _kept_value(version: Version, name: str) -> Any:
+    """The version's field `name` as committed, read under its session's lock (the caller's): the
+    instance may be older than a pin or label made meanwhile. VersionNotFound if it is gone (below)."""
+    values = list(Version.objects.filter(pk=version.pk).values_list(name, flat=True))
+    if not values:
+        raise _gone(version)
+    return values[0]
+
+
+def _gone(version: Version) -> VersionNotFound:
+    return VersionNotFound(
+        f"session {version.session.external_id} has no version {version.number} (any more); nothing was changed",
+        version=version.number,
+    )
+
+
 def _update_kept_version(version: Version, **values: Any) -> None:
     """Set `values` on the version, under its session's lock (the caller's). VersionNotFound if it
     is gone: retention removes versions under that lock, and one it removed while this call waited
     must not be answered (and audited) as pinned or labelled, a pin that protects nothing."""
     if not Version.objects.filter(pk=version.pk).update(**values):
-        raise VersionNotFound(
-            f"session {version.session.external_id} has no version {version.number} (any more); nothing was changed",
-            version=version.number,
-        )
+        raise _gone(version)
 
 
 def _announce_changed(version: Version) -> None:

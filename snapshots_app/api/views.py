@@ -288,9 +288,10 @@ class VersionDetail(ApiView):
         def update() -> Response:
             nonlocal version
             with transaction.atomic():
-                if "pinned" in data and data["pinned"] != version.pinned:
+                # (The services leave a version that has the value already as it is, unaudited.)
+                if "pinned" in data:
                     version = services.version_pin(version=version, pinned=data["pinned"], **self.principal.actor)
-                if "label" in data and data["label"] != version.label:
+                if "label" in data:
                     version = services.version_label(version=version, label=data["label"], **self.principal.actor)
             return Response(version_data(version))
 

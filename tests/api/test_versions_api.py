@@ -172,6 +172,17 @@ def test_pin_and_label(writer, session):
     assert {e.action for e in AuditEvent.objects.all()} >= {"version.pin", "version.label"}
 
 
+def test_pinning_a_pinned_version_answers_it_and_is_not_audited_again(writer, session):
+    snapshot_record(session=session, state={"a": 1})
+    for _ in range(2):
+        response = writer.patch(url(session, "versions/1/"), {"pinned": True}, format="json")
+        assert response.status_code == 200 and response.json()["pinned"] is True
+    unpinned = writer.patch(url(session, "versions/1/"), {"pinned": False}, format="json")
+    assert writer.patch(url(session, "versions/1/"), {"pinned": False}, format="json").json() == unpinned.json()
+    assert list(AuditEvent.objects.filter(target_type="version").order_by("pk").values_list("action", flat=True)) == [
+        "version.pin", "version.unpin"]
+
+
 def test_batch_records_in_order_all_or_nothing(writer, session):
     items = [{"state": {"i": i}, "step": f"s{i}"} for i in range(3)]
     response = writer.post(url(session, "versions/batch/"), {"versions": items, "expected_version": 0}, format="json")

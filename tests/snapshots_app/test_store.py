@@ -42,6 +42,7 @@ from snapshots_app.services import (
     snapshot_rewind,
     version_label,
     version_pin,
+    versions_pin,
 )
 from tests.conftest import clear_cache
 from tests.factories import agent_state, make_project, make_session
@@ -468,6 +469,35 @@ def test_pin_and_label_are_audited(session, user):
     assert (version.pinned, version.label) == (True, "known good")
     assert list(AuditEvent.objects.filter(target_type="version").order_by("id").values_list("action", flat=True)) == [
         "version.pin", "version.label"]
+
+
+def test_pinning_a_pinned_version_or_relabelling_it_alike_changes_nothing_and_is_not_audited(session, user):
+    """Two operators (two API calls, a double click) pin the same version from what each read before
+    the other acted: the second finds it pinned, answers with it, and records no second event."""
+    version = snapshot_record(session=session, state={"n": 1})
+    read_by_one, read_by_other = (Version.objects.select_related("session").get(pk=version.pk) for _ in range(2))
+    version_pin(version=read_by_one, pinned=True, actor=user)
+    again = version_pin(version=read_by_other, pinned=True, actor=user)
+    assert again.pinned is True
+    version_pin(version=read_by_one, pinned=False, actor=user)
+    version_pin(version=read_by_other, pinned=False, actor=user)
+    version_label(version=read_by_one, label="known good", actor=user)
+    assert version_label(version=read_by_other, label=" known good ", actor=user).label == "known good"
+    assert list(AuditEvent.objects.filter(target_type="version").order_by("id").values_list("action", flat=True)) == [
+        "version.pin", "version.unpin", "version.label"]
+    version.refresh_from_db()
+    assert (version.pinned, version.label) == (False, "known good")
+
+
+def test_pinning_many_leaves_the_pinned_ones_unaudited(session, user):
+    for n in range(4):
+        snapshot_record(session=session, state={"n": n})
+    version_pin(version=Version.objects.get(session=session, number=2), pinned=True, actor=user)
+    outcome = versions_pin(versions=Version.objects.filter(session=session), pinned=True, actor=user)
+    assert (outcome.done, outcome.unchanged) == (3, 1)
+    assert sorted(AuditEvent.objects.filter(action="version.pin").values_list("details__version", flat=True)) == [1, 2, 3, 4]
+    assert versions_pin(versions=Version.objects.filter(session=session), pinned=True, actor=user).unchanged == 4
+    assert AuditEvent.objects.filter(action="version.pin").count() == 4
 
 
 @pytest.mark.django_db(transaction=True)

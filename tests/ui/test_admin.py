@@ -349,6 +349,16 @@ def test_pin_action_on_an_archived_session_says_refused_not_done(client, staff, 
     assert not version.pinned
 
 
+def test_pin_action_leaves_pinned_versions_as_they_are_and_says_so(client, staff, story):
+    client.force_login(staff)
+    changelist = reverse("admin:snapshots_app_version_changelist")
+    chosen = list(Version.objects.filter(session=story, number__in=[2, 3]).values_list("pk", flat=True))
+    client.post(changelist, {"action": "pin", "_selected_action": chosen[:1]})
+    page = client.post(changelist, {"action": "pin", "_selected_action": chosen}, follow=True).content.decode()
+    assert "Pinned 1 version(s). 1 were pinned already: left as they were." in page
+    assert AuditEvent.objects.filter(action="version.pin").count() == 2
+
+
 def test_session_list_shows_each_projects_recently_updated_first(client, staff, story, team):
     quiet = make_session(team, "run-quiet")
     client.force_login(staff)
@@ -729,12 +739,13 @@ def test_pinning_a_select_all_pins_and_audits_each_version_in_queries_that_do_no
     more = make_session(story.project, "run-43")
     record_history(more, 40)
     page, queries = act("pin", {})
-    assert "Pinned 45 version(s)." in page and "3 refused: session run-archived is archived" in page
+    assert "Pinned 43 version(s). 2 were pinned already: left as they were." in page
+    assert "3 refused: session run-archived is archived" in page
     assert queries <= few_queries + 5  # (the page shows more rows: not a query per version)
     pinned = Version.objects.filter(pinned=True)
     assert set(pinned.values_list("session_id", flat=True)) == {story.pk, more.pk} and pinned.count() == 45
     events = AuditEvent.objects.filter(action="version.pin")
-    assert events.count() == 47  # the two pinned first, pinned again: audited again, as one by one
+    assert events.count() == 45  # the two pinned first are not pinned (nor audited) again, as one by one
     assert {(event.target_id, event.details["version"], event.session_id, event.actor_label) for event in events
             if event.session_id == more.pk} == {(str(v.pk), v.number, more.pk, "root") for v in more.versions.all()}
     assert not Version.objects.filter(session=archived, pinned=True).exists()

@@ -403,6 +403,20 @@ def test_pin_and_label_from_the_timeline(client, operator, story):
     assert version.pinned and version.label == "good one"
 
 
+def test_pinning_a_version_pinned_meanwhile_changes_nothing_and_is_not_audited(client, operator, story):
+    """A timeline opened before another operator pinned v3 still offers Pin: sending it answers with
+    the row as it is (pinned), and the audit log keeps one pin."""
+    client.force_login(operator)
+    url = session_url(story, "snapshots:mark", number=3)
+    assert client.post(url, {"pinned": "1"}, HTTP_HX_REQUEST="true").status_code == 200
+    again = client.post(url, {"pinned": "1"}, HTTP_HX_REQUEST="true")
+    assert again.status_code == 200 and "Unpin" in again.content.decode()
+    client.post(url, {"label": "good one"})
+    client.post(url, {"label": "good one"})
+    assert list(AuditEvent.objects.filter(session_id=story.pk, target_type="version")
+                .values_list("action", flat=True).order_by("pk")) == ["version.pin", "version.label"]
+
+
 # -- version viewer, diff, history -------------------------------------------------------------------
 
 
