@@ -45,6 +45,24 @@ class PreconditionFailed(exceptions.APIException):
     default_code = "precondition_failed"
 
 
+class PreconditionsDisagree(exceptions.APIException):
+    """If-Match and expected_version both given, naming different heads: which one the caller meant
+    cannot be known, and taking either writes on a head the caller may never have read."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "preconditions_disagree"
+
+    def __init__(self, *, if_match: str, if_match_version: int | None, expected_version: int) -> None:
+        shown = if_match if len(if_match) <= 200 else if_match[:200] + "…"
+        named = f"version {if_match_version}" if if_match_version is not None else "no version of this session's"
+        super().__init__(
+            f"If-Match ({shown}) names {named} but expected_version is {expected_version}: send one of them, or both "
+            "naming the same head. Nothing was written."
+        )
+        self.problem_details = {"if_match": shown, "if_match_version": if_match_version,
+                                "expected_version": expected_version}
+
+
 class RequestInProgress(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "A request with this Idempotency-Key is still in progress; retry it when that one has finished."

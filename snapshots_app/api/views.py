@@ -23,7 +23,7 @@ from sessions_app.api import filters
 from sessions_app.api.auth import session_for
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
-from sessions_app.api.problems import PreconditionFailed
+from sessions_app.api.problems import PreconditionFailed, PreconditionsDisagree
 from sessions_app.api.serializers import SessionSerializer
 from sessions_app.api.views import IDEMPOTENCY_KEY, SESSION_ID
 from sessions_app.errors import SessionNotFound, VersionConflict, VersionNotFound
@@ -49,7 +49,8 @@ VERSION_NUMBER = OpenApiParameter("number", {"type": "integer", "minimum": 1, "m
                                   OpenApiParameter.PATH, description="Version number (1, 2, ...).")
 IF_MATCH = OpenApiParameter(
     "If-Match", str, OpenApiParameter.HEADER, required=False,
-    description="The head's ETag as last read; a stale one gets 412 and nothing is written.",
+    description="The head's ETag as last read; a stale one gets 412 and nothing is written. With expected_version "
+                "too, both must name the same version (else 400 preconditions_disagree).",
 )
 IF_NONE_MATCH = OpenApiParameter(
     "If-None-Match", str, OpenApiParameter.HEADER, required=False,
@@ -96,8 +97,14 @@ def _etags(header: str) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",")}
 
 
-def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_key: str | None) -> int | None:
+def _if_match_number(
+    request: Request, session: WorkflowSession, *, idempotency_key: str | None, expected_version: int | None
+) -> int | None:
     """The head number an If-Match header pins the write to, or None without the header; 412 if stale.
+
+    400 first if the body's `expected_version` names another version than every tag of the header
+    (`*` names any): expected_version used to win silently, writing on a head the header said the
+    caller had not read.
 
     With an Idempotency-Key, a stale tag that names a real version of the session is passed on as
     that number: a retry of a write that did happen carries the tag of the head before it, and the
@@ -105,8 +112,13 @@ def _if_match_number(request: Request, session: WorkflowSession, *, idempotency_
     header = request.headers.get("If-Match")
     if header is None:
         return None
-    head = selectors.head_version(session)
     tags = _etags(header)
+    if expected_version is not None and "*" not in tags:
+        numbers = [_number_in(tag.strip('"').rpartition("-")[2]) for tag in tags]
+        if expected_version not in numbers:
+            raise PreconditionsDisagree(if_match=header, expected_version=expected_version,
+                                        if_match_version=next((n for n in numbers if n is not None), None))
+    head = selectors.head_version(session)
     if head is not None and ("*" in tags or etag_of(head) in tags):
         return head.number
     if idempotency_key is not None:
@@ -230,8 +242,8 @@ class VersionList(mixins.ListModelMixin, ApiView):
         incoming = SnapshotCreateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = dict(incoming.validated_data)
-        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = data.pop("expected_version", None)
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key(), expected_version=expected)
         version = _guarded(if_match if expected is None else None, lambda: services.snapshot_record(
             session=session, expected_version=expected if expected is not None else if_match,
             idempotency_key=self.idempotency_key(), **data, **self.principal.actor,
@@ -256,8 +268,8 @@ class VersionBatch(ApiView):
         session = session_for(request, id, role=Role.OPERATOR)
         incoming = BatchSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = incoming.validated_data.get("expected_version")
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key(), expected_version=expected)
         recorded = _guarded(if_match if expected is None else None, lambda: services.snapshot_record_batch(
             session=session, snapshots=incoming.validated_data["versions"],
             expected_version=expected if expected is not None else if_match, idempotency_key=self.idempotency_key(),
@@ -396,8 +408,8 @@ class Rewind(ApiView):
         incoming = RewindSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key())
         expected = data.get("expected_version")
+        if_match = _if_match_number(request, session, idempotency_key=self.idempotency_key(), expected_version=expected)
         version = _guarded(if_match if expected is None else None, lambda: services.snapshot_rewind(
             session=session, to_version=data["to_version"], reason=data.get("reason", ""),
             expected_version=expected if expected is not None else if_match,

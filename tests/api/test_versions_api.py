@@ -4,6 +4,7 @@ rewind, fork, pin/label and batch."""
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import canonical
@@ -60,7 +61,7 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     current = writer.get(url(session, "head/"))["ETag"]
     both = writer.post(url(session, "versions/"), {"state": {"a": 3}, "expected_version": 1}, format="json",
                        HTTP_IF_MATCH=current)
-    assert both.status_code == 409  # the stale expected_version speaks, not the current If-Match
+    assert both.status_code == 400  # they disagree: neither is taken (see below)
     assert session.versions.count() == 2
     # A batch honours If-Match the same way (it pins the first snapshot).
     batch = {"versions": [{"state": {"a": 4}}, {"state": {"a": 5}}]}
@@ -68,6 +69,36 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     assert stale.status_code == 412 and session.versions.count() == 2
     assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=current).status_code == 201
     assert session.versions.count() == 4
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("versions/", {"state": {"a": 3}}),
+    ("versions/batch/", {"versions": [{"state": {"a": 3}}, {"state": {"a": 4}}]}),
+    ("rewind/", {"to_version": 1, "reason": "back"}),
+])
+def test_if_match_and_expected_version_that_disagree_are_400_naming_both(writer, session, path, body):
+    """Both preconditions, naming different heads: which the caller meant cannot be known (the body's
+    used to win silently, writing on a head the header said it had not read). 400, nothing stored."""
+    snapshot_record(session=session, state={"a": 1})
+    snapshot_record(session=session, state={"a": 2})
+    head = writer.get(url(session, "head/"))["ETag"]  # names version 2
+    audit_before = AuditEvent.objects.count()
+    for expected in (1, 2 + 1):  # a stale one and one that is not there yet: both disagree with the head's tag
+        response = writer.post(url(session, path), {**body, "expected_version": expected}, format="json",
+                               HTTP_IF_MATCH=head)
+        problem = response.json()
+        assert response.status_code == 400 and response["Content-Type"] == "application/problem+json"
+        assert problem["code"] == "preconditions_disagree"
+        assert f"If-Match ({head}) names version 2 but expected_version is {expected}" in problem["detail"]
+        assert problem["details"] == {"if_match": head, "if_match_version": 2, "expected_version": expected}
+    foreign = writer.post(url(session, path), {**body, "expected_version": 2}, format="json", HTTP_IF_MATCH='"abc"')
+    assert foreign.status_code == 400 and foreign.json()["details"]["if_match_version"] is None
+    assert session.versions.count() == 2 and AuditEvent.objects.count() == audit_before
+    # Both naming the head, or If-Match: * beside it, is no disagreement.
+    agreed = writer.post(url(session, path), {**body, "expected_version": 2}, format="json", HTTP_IF_MATCH=head)
+    assert agreed.status_code == 201, agreed.json()
+    anything = writer.post(url(session, path), {**body, "expected_version": 2}, format="json", HTTP_IF_MATCH="*")
+    assert anything.status_code == 409 and anything.json()["code"] == "version_conflict"  # expected_version is stale now
 
 
 def test_stale_expected_version_is_409_and_writes_nothing(writer, session):
