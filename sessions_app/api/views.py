@@ -41,7 +41,7 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     description="Retries with the same key get the first answer again (at most 200 characters).",
 )
 PROJECT_FILTER = Param(
-    "project", {"type": "string"}, "Only this project (slug).", lambda qs, raw: qs.filter(project__slug=raw)
+    "project", {"type": "string"}, "Only this project (slug).", selectors.in_project_named
 )
 
 

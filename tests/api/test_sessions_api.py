@@ -178,3 +178,39 @@ def test_unarchive_accepts_writes_again_and_is_audited(writer, reader, session):
     events = AuditEvent.objects.filter(session_id=session.pk).order_by("pk")
     assert [(e.action, e.reason) for e in events] == [
         ("session.archive", "done"), ("session.unarchive", "one more step"), ("session.update", "")]
+
+
+@pytest.mark.parametrize(("path", "table", "index"), [
+    ("/api/v1/audit-events/", "sessions_app_auditevent", "audit_project_created"),
+    ("/api/v1/jobs/", "snapshots_app_job", "job_project_created"),
+    ("/api/v1/sessions/", "sessions_app_workflowsession", "session_project_updated"),
+])
+def test_a_member_of_several_projects_pages_one_of_them_by_its_index(client, user, project, other_project, path, table,
+                                                                      index):
+    """?project= narrows a list to one project by its id: a page is that project's newest rows, read from
+    its (project, time) index. Matched by slug through a join, PostgreSQL could not tell that one project
+    remained and sorted every row of the caller's projects for each page (141 ms at 400,000 audit events)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.models import Role
+    from sessions_app.services import membership_set
+    from snapshots_app.models import Job
+    from tests.conftest import query_plan
+
+    membership_set(project=other_project, user=user, role=Role.VIEWER)
+    for owner in (project, other_project):
+        session = make_session(owner, f"run-of-{owner.slug}")
+        session_update(session=session, status="failed", actor=user)
+        Job.objects.create(project=owner, kind="scrub", status="done")
+    client.force_login(user)
+    with CaptureQueriesContext(connection) as queries:
+        answer = client.get(path, {"project": other_project.slug})
+    assert answer.status_code == 200
+    results = answer.json()["results"]
+    assert results and all(row["project"] == other_project.slug for row in results)
+    listing = [q["sql"] for q in queries.captured_queries if f'FROM "{table}"' in q["sql"]]
+    assert len(listing) == 1
+    plan = query_plan(listing[0])
+    assert index in plan and "Sort" not in plan, plan
+    assert client.get(path, {"project": "no-such-project"}).json()["results"] == []
