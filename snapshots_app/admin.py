@@ -12,7 +12,7 @@ import orjson
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -20,11 +20,11 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, require_role
+from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, pasted_uuid, require_role
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
-from sessions_app.models import Project, Role
+from sessions_app.models import Project, Role, WorkflowSession
 from snapshots_app import compaction, integrity, selectors, services, transfer
 from snapshots_app.diff import PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
@@ -49,7 +49,6 @@ class VersionAdmin(ReadOnlyAdmin):
     list_filter = ["kind", "pinned", "status", ("session__project", ProjectListFilter)]
     # Only the session: a substring search over every version's step/label would scan the table.
     search_fields = ["session__external_id"]
-    pasted_session_lookup = "session_id"  # (by the session's index)
     list_select_related = ["session__project"]
     ordering = ["-id"]  # the primary key index: the model's (session, -number) order would sort every row
     exclude = ["root", "session"]  # (session_link names it, with a link to its timeline)
@@ -58,6 +57,17 @@ class VersionAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Version]:
         return super().get_queryset(request).defer("summary")
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        session_id = pasted_uuid(search_term)
+        if session_id is None:
+            return super().get_search_results(request, queryset, search_term)
+        # A pasted id and the searched external id both name sessions: found among the sessions (by their
+        # indexes), then their versions by version_unique_number. As an OR across the join (the external id
+        # or the version's session_id), PostgreSQL joined every version to every session, page and count:
+        # 30 ms at 26,000 versions, growing with the table.
+        sessions = WorkflowSession.objects.filter(Q(external_id__icontains=search_term.strip()) | Q(pk=session_id))
+        return queryset.filter(session__in=sessions), False
 
     @admin.display(description="Session")
     def session_link(self, obj: Version) -> str:

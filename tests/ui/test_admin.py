@@ -525,6 +525,28 @@ def test_a_pasted_session_id_finds_the_session_and_its_versions_in_the_project_r
     assert "run-42" in client.get("/admin/sessions_app/workflowsession/", {"q": "run-4"}).content.decode()
 
 
+def test_a_pasted_session_id_finds_its_versions_through_the_session_indexes(client, staff, story):
+    """The versions list finds a pasted session id among the sessions first (pk and external id indexes),
+    then their versions by (session, number): as an OR across the join (the external id or the version's
+    session_id) PostgreSQL joined every version to every session, for the page and for its count."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.conftest import query_plan
+
+    other = make_session(story.project, "run-43")
+    snapshot_record(session=other, state={"n": 1})
+    client.force_login(staff)
+    with CaptureQueriesContext(connection) as queries:
+        page = client.get("/admin/snapshots_app/version/", {"q": f" {str(story.pk).upper()} "}).content.decode()
+    assert "5 results" in page and "run-42 v5" in page and "run-43" not in page
+    listing = [q["sql"] for q in queries.captured_queries if 'FROM "snapshots_app_version"' in q["sql"]]
+    assert len(listing) == 2  # the page and its (capped) count
+    for sql in listing:
+        plan = query_plan(sql)
+        assert "version_unique_number" in plan and "Index Cond: (session_id = " in plan, plan
+
+
 def test_the_audit_log_finds_a_sessions_events_by_its_id_through_the_indexes(client, staff, story):
     """A pasted session id finds the events about it (and the fork that made it) by the session_id and
     target_id indexes: as a substring of four text columns it read the whole log, twice (page, count)."""
