@@ -153,6 +153,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
 class ProjectEventsConsumer(LiveConsumer):
     """The session list of one project (ws/projects/<slug>/): new sessions and status changes."""
 
+    # The events that change what a session list shows (a row's status, counts, step, error, age, or the
+    # row itself). The rest reach the project's group too: a summary, a pin or a label (version.finalized,
+    # version.updated), a job's start, progress and end, an integrity problem. Each open
+    # list tab handles every event for itself, so those are dropped before any query (nothing is sent; the
+    # membership is checked with the next event that shows something).
+    SHOWN_EVENTS = frozenset({"session.created", "session.updated", "session.archived", "session.deleted",
+                              "version.created", "versions.removed"})
+
     project_id: int = 0
     # The unfiltered first page (?top=1) keeps newest activity on top; filtered pages update in place.
     top = False
@@ -166,14 +174,12 @@ class ProjectEventsConsumer(LiveConsumer):
         return events.project_group(project.pk)
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        if event not in self.SHOWN_EVENTS:
+            return ""  # (before the hop to the thread that runs every database call of the process)
         return await self._render(event, payload)
 
     @database_sync_to_async
     def _render(self, event: str, payload: dict[str, Any]) -> str | None:
-        if event in ("version.finalized", "version.updated"):
-            # The list shows nothing a summary, a pin or a label changes: no queries for them (nothing
-            # is sent; the membership is checked with the next event that shows something).
-            return ""
         project = Project.objects.filter(pk=self.project_id).first()
         if project is None or membership_role(self.scope["user"], project) is None:
             return None

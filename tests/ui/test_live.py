@@ -232,6 +232,30 @@ def test_revoked_membership_ends_the_stream(setup):
     assert run(scenario) == ("websocket.close", 4403)
 
 
+def test_an_open_session_list_spends_no_query_on_events_it_does_not_show(setup):
+    """Every open session list tab handles each event of its project for itself. A job's progress, a
+    summary, a pin or an integrity problem changes nothing a list shows: no query (each cost three per
+    tab: the project, the membership, the session's row), nothing sent. A status change still shows."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sessions_app.consumers import ProjectEventsConsumer
+    from sessions_app.services import session_event
+
+    owner, _, project, _, session = setup
+    tab = ProjectEventsConsumer()
+    tab.scope, tab.project_id = {"user": owner}, project.pk
+    unseen = [("job.created", {"job": 1}), ("job.progress", {"job": 1, "done": 5, "total": 10}),
+              ("job.finished", {"job": 1}), ("integrity.problem", {"session": str(session.pk), "version": 1}),
+              ("version.finalized", {"session": str(session.pk), "version": 1}),
+              ("version.updated", {"session": str(session.pk), "version": 1})]
+    with CaptureQueriesContext(connection) as queries:
+        assert [run(tab.render, event, payload) for event, payload in unseen] == [""] * len(unseen)
+    assert queries.captured_queries == []
+    session_update(session=session, status="failed")
+    assert "status-failed" in run(tab.render, "session.updated", session_event(session))
+
+
 def test_unfiltered_first_page_moves_active_sessions_to_the_top(setup):
     owner, _, _, _, session = setup
 
