@@ -3,9 +3,9 @@
 No ReDoc: its page loads Google Fonts and a logo from cdn.redoc.ly, and the UI must work offline."""
 
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from sessions_app.api import views as session_views
+from sessions_app.api.docs import DocsView, SchemaView
 from snapshots_app.api import ops, views
 
 urlpatterns = [
@@ -36,9 +36,9 @@ urlpatterns = [
     path("integrity-problems/<str:problem_id>/resolve/", ops.IntegrityProblemResolve.as_view(),
          name="api-integrity-problem-resolve"),
     path("integrity-scrub/", ops.IntegrityScrub.as_view(), name="api-integrity-scrub"),
-    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("schema/", SchemaView.as_view(), name="api-schema"),
     # Its script as a file of its own (?script), not inline: the Content-Security-Policy allows no inline script.
-    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="api-schema"), name="api-docs"),
+    path("docs/", DocsView.as_view(url_name="api-schema"), name="api-docs"),
     # Only paths ending in "/" (and /api/v1/ itself): a missing slash still gets Django's APPEND_SLASH redirect.
     re_path(r"^(?:.*/)?$", session_views.unknown_route),
 ]

@@ -3,6 +3,7 @@ no server errors, and every answer matches the schema (status, content type, hea
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 import zlib
@@ -109,6 +110,30 @@ def test_docs_have_no_inline_script(client):
     start = client.get("/api/v1/docs/?script=")
     assert start.status_code == 200 and start["Content-Type"].startswith("application/javascript")
     assert "SwaggerUIBundle" in start.content.decode()
+
+
+@pytest.mark.parametrize(("method", "path", "query", "headers", "status", "code"), [
+    ("get", "/api/v1/schema/", {"format": "bogus"}, {}, 406, "not_acceptable"),
+    ("get", "/api/v1/schema/", {}, {"HTTP_ACCEPT": "text/bogus"}, 406, "not_acceptable"),
+    ("post", "/api/v1/schema/", {}, {}, 405, "method_not_allowed"),
+    ("get", "/api/v1/docs/", {"format": "bogus"}, {}, 406, "not_acceptable"),
+])
+def test_schema_and_docs_errors_are_problem_json_like_the_rest(client, method, path, query, headers, status, code):
+    """The schema answers YAML by default and the docs HTML; their errors were rendered the same way
+    (YAML, or the text "406 Not Acceptable") under a problem+json content type no client could parse."""
+    response = getattr(client, method)(path, query, **headers)
+    assert response.status_code == status and response["Content-Type"] == "application/problem+json"
+    problem = json.loads(response.content)
+    assert (problem["status"], problem["code"], problem["instance"]) == (status, code, path)
+    if query.get("format") == "bogus":
+        assert "No format 'bogus' here" in problem["detail"]
+
+
+def test_the_schema_still_answers_yaml_or_json_as_asked(client):
+    yaml = client.get("/api/v1/schema/")
+    assert yaml.status_code == 200 and yaml["Content-Type"].startswith("application/vnd.oai.openapi")
+    assert yaml.content.startswith(b"openapi: 3")
+    assert client.get("/api/v1/schema/", {"format": "json"}).json()["openapi"].startswith("3")
 
 
 def test_schema_describes_the_contract(client):
