@@ -211,6 +211,8 @@ def test_a_member_of_several_projects_pages_one_of_them_by_its_index(client, use
     assert results and all(row["project"] == other_project.slug for row in results)
     listing = [q["sql"] for q in queries.captured_queries if f'FROM "{table}"' in q["sql"]]
     assert len(listing) == 1
-    plan = query_plan(listing[0])
+    # Sorting priced out too: on a few rows the planner may rightly sort one row read by another index;
+    # what matters is that the (project, time) index serves the condition and the order at all.
+    plan = query_plan(listing[0], priced_out=("seqscan", "sort"))
     assert index in plan and "Sort" not in plan, plan
     assert client.get(path, {"project": "no-such-project"}).json()["results"] == []
