@@ -1,14 +1,21 @@
-"""Django's CommonMiddleware, with a missing trailing slash redirected without changing the request."""
+"""Our middleware: trailing-slash redirects that keep the request, the CSP header, and a 503 page while
+the database is unreachable."""
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
-from django.http import HttpRequest
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase, HttpResponseRedirectBase
 from django.middleware import common
+from django.template.loader import render_to_string
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.http import escape_leading_slashes
+
+logger = logging.getLogger(__name__)
 
 
 class PermanentRedirectKeepingMethod(HttpResponseRedirectBase):
@@ -48,4 +55,22 @@ class ContentSecurityPolicyMiddleware(MiddlewareMixin):
                 else:  # no source names it (CSP has no syntax for an IPv6 address; 'self' covers it in CSP 3)
                     policy = " ".join(word for word in policy.split(" ") if "{host}" not in word)
             response["Content-Security-Policy"] = policy
+        return response
+
+
+class DatabaseUnavailableMiddleware(MiddlewareMixin):
+    """A page whose database is unreachable (down, restarting, the pool timed out) answers 503 saying
+    so, with Retry-After, as the API does (sessions_app.api.problems), and logs one line. It was a 500
+    "Server error ... it has been logged" with a traceback per request, so an operator could not tell
+    an outage from a bug, and a database restart filled the log with one traceback per page view."""
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+        if not isinstance(exception, (OperationalError, InterfaceError)):
+            return None
+        from sessions_app.api.problems import DATABASE_RETRY_AFTER  # (imported with the API's settings)
+
+        logger.warning("database unavailable in %s: %s", request.path, str(exception).strip().splitlines()[0]
+                       if str(exception).strip() else type(exception).__name__)
+        response = HttpResponse(render_to_string("503.html"), status=503)
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER)
         return response

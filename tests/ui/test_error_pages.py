@@ -1,12 +1,19 @@
-"""403, 404 and 500 pages in the site's layout, saying what happened."""
+"""403, 404, 500 and 503 pages in the site's layout, saying what happened."""
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
 import uuid
 
+import pytest
+from django.conf import settings as django_settings
 from django.test import RequestFactory
 from django.urls import reverse
 from django.views.defaults import server_error
+
+from tests.liveserver import LiveServer, database_url, free_port
 
 
 def test_a_viewer_is_told_why_an_operator_action_is_refused(client, viewer, story):
@@ -50,3 +57,31 @@ def test_a_form_too_large_to_read_is_refused_in_words_not_a_bare_400(client, sto
     page = response.content.decode()
     assert "larger than this service accepts" in page and "nothing was changed" in page and "Session Rewind" in page
     assert Version.objects.count() == before
+
+
+@pytest.mark.django_db(transaction=True)  # the server below is another process
+def test_with_the_database_gone_a_page_says_so_with_a_503_not_a_logged_server_error(capfd):
+    """A signed-in operator's dashboard (its session lives in the database) while PostgreSQL restarts:
+    the page answered 500 "Server error ... it has been logged" with a traceback per request, so
+    nobody could tell an outage from a bug. It is a 503 saying the database is unavailable, to retry."""
+    gone = database_url().rsplit("/", 1)[0] + "/session_rewind_no_such_database"
+    server = LiveServer(free_port(), {
+        **os.environ, "DATABASE_URL": gone, "DB_POOL_SIZE": "2", "DB_POOL_TIMEOUT": "1",
+        "REDIS_URL": django_settings.REDIS_URL, "SECRET_KEY": "error-page-tests-only", "DEBUG": "false",
+    })
+    server.start()
+    try:
+        pages = {}
+        for path in ("/", "/admin/", f"/sessions/{uuid.uuid4()}/"):
+            request = urllib.request.Request(f"{server}{path}", headers={"Cookie": "sessionid=" + "a" * 32})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=15)
+            pages[path] = (answer.value.code, answer.value.headers.get("Retry-After"), answer.value.read().decode())
+    finally:
+        server.stop()
+    for path, (status, retry_after, page) in pages.items():
+        assert (status, retry_after) == (503, "5"), path
+        assert "Database unavailable" in page and "nothing was written" in page and "Server error" not in page
+    log = capfd.readouterr().err
+    assert "database unavailable in /admin/" in log
+    assert "Traceback" not in log
