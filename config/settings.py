@@ -240,10 +240,11 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
 CELERY_TIMEZONE = "UTC"
 # Background work (snapshots_app.tasks); README "Workers" says what runs when.
+JOB_REQUEUE_EVERY = 60.0  # seconds between jobs_requeue_stale runs (a job's condition counts on it)
 CELERY_BEAT_SCHEDULE = {
     "finalize-missed-versions": {"task": "snapshots_app.tasks.finalize_pending", "schedule": 300.0},
     # Cheap (a partial index holds the unfinished jobs); often, so a dead worker's job resumes within ~2.5 min.
-    "requeue-stale-jobs": {"task": "snapshots_app.tasks.jobs_requeue_stale", "schedule": 60.0},
+    "requeue-stale-jobs": {"task": "snapshots_app.tasks.jobs_requeue_stale", "schedule": JOB_REQUEUE_EVERY},
     "integrity-scrub": {
         "task": "snapshots_app.tasks.integrity_scrub_scheduled",
         "schedule": float(env_int("INTEGRITY_SCRUB_EVERY", 3600, minimum=60)),

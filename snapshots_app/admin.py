@@ -28,6 +28,7 @@ from sessions_app.models import Project, Role, WorkflowSession
 from snapshots_app import compaction, integrity, selectors, services, transfer
 from snapshots_app.diff import PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
+from snapshots_app.jobs import job_condition
 from snapshots_app.jsonview import join_pointer, pretty
 from snapshots_app.models import IntegrityProblem, Job, Version
 from snapshots_app.views import diff_display
@@ -279,7 +280,7 @@ class IntegrityProblemAdmin(ReadOnlyAdmin):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "kind", "status", "project", "done", "total", "created_by_label", "send_failed_at",
+    list_display = ["created_at", "kind", "status", "condition", "project", "done", "total", "created_by_label",
                     "finished_at"]
     list_filter = ["kind", "status", ("project", ProjectListFilter)]
     list_select_related = ["project"]
@@ -287,7 +288,7 @@ class JobAdmin(ReadOnlyAdmin):
     # page view and filter click sorted the whole table (a job per project each hour, from the scrub).
     ordering = ["-id"]
     exclude = ["params", "result"]
-    readonly_fields = ["shown_params", "shown_result"]
+    readonly_fields = ["condition", "shown_params", "shown_result"]
 
     def get_ordering(self, request: HttpRequest) -> Any:
         # One project's jobs: newest first by job_project_created. Walking the primary key instead
@@ -295,6 +296,11 @@ class JobAdmin(ReadOnlyAdmin):
         if request.GET.get("project__id__exact"):
             return ["-created_at", "-id"]
         return self.ordering
+
+    @admin.display(description="Condition")
+    def condition(self, obj: Job) -> str:
+        """A running job whose worker was killed looked like any other, its progress frozen: say which."""
+        return job_condition(obj) or ""
 
     @admin.display(description="Params")
     def shown_params(self, obj: Job) -> str:

@@ -46,6 +46,56 @@ def stale_after() -> timedelta:
     return timedelta(seconds=settings.JOB_STALE_SECONDS)
 
 
+STALE_QUEUED = timedelta(minutes=10)  # a job queued this long was never delivered: tasks.jobs_requeue_stale sends it again
+
+
+def _for(interval: timedelta) -> str:
+    seconds = max(int(interval.total_seconds()), 0)
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min"
+
+
+def job_is_stalled(job: Job, *, now: datetime | None = None) -> bool:
+    """Running, but its worker has been silent for JOB_STALE_SECONDS: taken for dead (killed, or cut
+    off from the database), so beat's next jobs_requeue_stale sends it again."""
+    last_sign = job.heartbeat_at or job.started_at
+    return job.status == JobStatus.RUNNING and last_sign is not None and (now or timezone.now()) - last_sign >= stale_after()
+
+
+def job_condition(job: Job, *, now: datetime | None = None) -> str | None:
+    """Where an unfinished job stands, in words, for whoever watches it (None once it finished).
+
+    A running job whose worker was killed looks like any other running job, its progress frozen,
+    until the requeue takes it over (JOB_STALE_SECONDS and up to a minute more): this says which it
+    is, what happens next, and when nothing will without an operator (no worker takes it)."""
+    now = now or timezone.now()
+    if job.status == JobStatus.QUEUED:
+        if job.send_failed_at is not None:
+            return (f"not sent yet: the broker refused its message {_for(now - job.send_failed_at)} ago; it is sent "
+                    "at the next requeue (every minute) that reaches the broker")
+        waited = now - job.created_at
+        if waited < STALE_QUEUED:
+            return f"waiting for a worker ({_for(waited)} so far)"
+        return (f"waiting for a worker for {_for(waited)}; sent again every {_for(STALE_QUEUED)}: if it stays "
+                "queued, check that workers are running and reach the broker")
+    if job.status != JobStatus.RUNNING:
+        return None
+    last_sign = job.heartbeat_at or job.started_at or now
+    silent = now - last_sign
+    if not job_is_stalled(job, now=now):
+        return f"running: its worker reported {_for(silent)} ago"
+    requeue_every = timedelta(seconds=settings.JOB_REQUEUE_EVERY)
+    if silent >= stale_after() + 2 * requeue_every:  # the requeue should have sent it a minute ago at least
+        if job.resent_at is None or job.resent_at < last_sign:
+            return (f"stalled: its worker has been silent for {_for(silent)} and it was not sent again: "
+                    "beat's jobs_requeue_stale has not run (check that celery beat is running)")
+        return (f"stalled: its worker has been silent for {_for(silent)}; sent again {_for(now - job.resent_at)} "
+                "ago, no worker has taken it yet: the workers are busy, or none is running")
+    what_next = ("the next delivery marks it failed (its worker died on every attempt)" if job.attempts >= MAX_ATTEMPTS
+                 else "it is sent again within a minute and resumes from what was committed")
+    return (f"stalled: its worker has been silent for {_for(silent)} (killed, or cut off from the database) and is "
+            f"taken for dead; {what_next}")
+
+
 def job_event(job: Job) -> dict[str, Any]:
     return {
         "job": job.pk,

@@ -29,7 +29,6 @@ SUMMARY_PATHS = 20
 FINALIZE_GRACE = timedelta(minutes=2)  # versions older than this without a summary were missed
 FINALIZE_PENDING_MAX = 10_000  # per catch-up run (every 5 min): an outage's backlog clears in a run or two
 FINALIZE_BATCH = 100
-STALE_QUEUED = timedelta(minutes=10)  # queued jobs older than this were never delivered
 
 
 # Retried on a lost broker or database (a restart); beat's finalize_pending catches up on the rest.
@@ -301,12 +300,12 @@ def jobs_requeue_stale() -> int:
         # Never handed to the broker (it was down when the job started): now that this task runs, it is back.
         Q(status=JobStatus.QUEUED, send_failed_at__isnull=False)
         | (
-            Q(status=JobStatus.QUEUED, created_at__lt=now - STALE_QUEUED)
+            Q(status=JobStatus.QUEUED, created_at__lt=now - jobs.STALE_QUEUED)
             | Q(status=JobStatus.RUNNING, heartbeat_at__lt=silent)
             | Q(status=JobStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=silent)
         ) & (
             # Sent again once per wait: a job queued behind a long one is not sent again every minute.
-            Q(resent_at__isnull=True) | Q(resent_at__lt=now - STALE_QUEUED, status=JobStatus.QUEUED)
+            Q(resent_at__isnull=True) | Q(resent_at__lt=now - jobs.STALE_QUEUED, status=JobStatus.QUEUED)
             | Q(resent_at__lt=silent, status=JobStatus.RUNNING)
         )
     ).order_by("id")

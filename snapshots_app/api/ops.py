@@ -37,7 +37,7 @@ from sessions_app.errors import JobNotFound, NotFound
 from sessions_app.models import Project, Role
 from sessions_app.services import REASON_MAX
 from sessions_app.strict_json import ascii_int
-from snapshots_app import compaction, integrity, transfer
+from snapshots_app import compaction, integrity, jobs, transfer
 from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Thinning
 
 PROJECT_QUERY = OpenApiParameter(
@@ -72,12 +72,28 @@ class JobSerializer(serializers.ModelSerializer):
     result = serializers.SerializerMethodField(
         help_text="What the job found or made; a finished export names its `file` and the `download` URL."
     )
+    stalled = serializers.SerializerMethodField(
+        help_text="Running, but its worker has been silent for JOB_STALE_SECONDS (killed, or cut off from the "
+                  "database): taken for dead and sent again, it resumes from what was committed."
+    )
+    condition = serializers.SerializerMethodField(
+        help_text="Where an unfinished job stands, in words (null once finished): waiting for a worker, running "
+                  "(when its worker last reported), or stalled and what happens next."
+    )
 
     class Meta:
         model = Job
         fields = ["id", "project", "session", "kind", "status", "done", "total", "percent", "params", "result",
-                  "error", "attempts", "send_failed_at", "created_by", "created_at", "started_at", "finished_at"]
+                  "error", "attempts", "condition", "stalled", "heartbeat_at", "resent_at", "send_failed_at", "created_by",
+                  "created_at", "started_at", "finished_at"]
         read_only_fields = fields
+
+    def get_stalled(self, job: Job) -> bool:
+        return jobs.job_is_stalled(job)
+
+    @extend_schema_field({"type": "string", "nullable": True})
+    def get_condition(self, job: Job) -> str | None:
+        return jobs.job_condition(job)
 
     @extend_schema_field({"type": "object", "additionalProperties": True, "nullable": True})
     def get_result(self, job: Job) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ def test_a_second_delivery_of_a_running_job_does_nothing_until_its_heartbeat_goe
 @pytest.mark.django_db
 def test_the_sweep_sends_again_queued_jobs_lost_and_running_jobs_gone_silent(project, settings, eager):
     fresh, lost, alive, silent, done = (_queued(project) for _ in range(5))
-    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - jobs.STALE_QUEUED - timedelta(seconds=1))
     for job in (alive, silent, done):
         jobs.job_start(job_id=job.pk)
     Job.objects.filter(pk=silent.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
@@ -80,10 +80,10 @@ def test_a_superseded_import_attempt_imports_nothing_and_the_owner_imports_once(
 @pytest.mark.django_db
 def test_a_job_still_waiting_is_sent_again_once_per_wait_not_every_minute(project):
     lost = _queued(project)
-    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    Job.objects.filter(pk=lost.pk).update(created_at=timezone.now() - jobs.STALE_QUEUED - timedelta(seconds=1))
     assert tasks.jobs_requeue_stale() == 1  # to the broker: it may be waiting behind a long job
     assert tasks.jobs_requeue_stale() == 0
-    Job.objects.filter(pk=lost.pk).update(resent_at=timezone.now() - tasks.STALE_QUEUED - timedelta(seconds=1))
+    Job.objects.filter(pk=lost.pk).update(resent_at=timezone.now() - jobs.STALE_QUEUED - timedelta(seconds=1))
     assert tasks.jobs_requeue_stale() == 1
 
 

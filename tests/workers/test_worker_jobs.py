@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -197,3 +198,42 @@ def test_a_job_whose_worker_died_and_whose_message_was_lost_is_sent_again(worker
     assert tasks.jobs_requeue_stale() == 1
     wait_finished(job)
     assert job.status == JobStatus.DONE and job.attempts == 2
+
+
+def test_a_job_whose_worker_was_killed_says_it_stalled_and_what_happens_next(worker, project, settings, client):
+    """A killed worker's job looked like any other running job, its progress frozen, for up to
+    JOB_STALE_SECONDS + a minute: the API and the admin's jobs list now say it stalled and what
+    happens next, and say so no more once another attempt took it over."""
+    from django.contrib.auth import get_user_model
+
+    from snapshots_app.jobs import job_condition
+    from tests.api.conftest import key_client
+
+    settings.JOB_STALE_SECONDS = VISIBILITY_TIMEOUT  # as the worker's (tests/workers/conftest.py)
+    reader = key_client(project, "read")
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw-for-tests-1"))
+    _history(project)
+    job = compaction_start(project=project)
+    _kill_part_way(worker, job)
+
+    time.sleep(VISIBILITY_TIMEOUT + 0.5)
+    shown = reader.get(f"/api/v1/jobs/{job.pk}/").json()
+    assert (shown["status"], shown["stalled"], shown["attempts"]) == ("running", True, 1)
+    assert shown["condition"].startswith("stalled: its worker has been silent for")
+    assert "taken for dead; it is sent again within a minute and resumes from what was committed" in shown["condition"]
+    assert shown["heartbeat_at"] is not None
+    listed = client.get("/admin/snapshots_app/job/").content.decode()
+    assert "stalled: its worker has been silent for" in listed
+
+    # Nobody sends it again (beat is not running): after a few minutes the condition says so, and,
+    # once it was sent again, that no worker has taken it.
+    job.refresh_from_db()
+    later = job.heartbeat_at + timedelta(minutes=5)
+    assert "it was not sent again: beat's jobs_requeue_stale has not run" in job_condition(job, now=later)
+    job.resent_at = job.heartbeat_at + timedelta(minutes=2)
+    assert "sent again 3 min ago, no worker has taken it yet" in job_condition(job, now=later)
+
+    worker.start()  # the broker hands the unacknowledged task out again; that attempt takes the job over
+    wait_finished(job)
+    shown = reader.get(f"/api/v1/jobs/{job.pk}/").json()
+    assert (shown["status"], shown["stalled"], shown["condition"], shown["attempts"]) == ("done", False, None, 2)
