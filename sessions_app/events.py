@@ -21,6 +21,7 @@ from sessions_app import background
 logger = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 2.0  # seconds: live updates are best effort, and Redis may have stopped answering
+publish_failures = background.OutageLog(logger, "live updates (channel layer)")
 
 
 def project_group(project_id: int) -> str:
@@ -46,8 +47,10 @@ def publish(project_id: int, event: str, payload: dict[str, Any], *, session_id:
 
     try:
         background.run_async(send_all)
-    except Exception:  # see docstring: live updates are best effort
-        logger.warning("live update %s for project %s was not delivered", event, project_id, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - see docstring: live updates are best effort
+        publish_failures.failed(exc, f"live update {event} for project {project_id} was not delivered")
+    else:
+        publish_failures.succeeded()
 
 
 async def group_rejoin(group: str, channel: str) -> bool:

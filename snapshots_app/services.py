@@ -50,6 +50,7 @@ from snapshots_app.models import Version, VersionKind
 from snapshots_app.selectors import TIMELINE_PAGE, version_get
 
 logger = logging.getLogger(__name__)
+finalize_send_failures = background.OutageLog(logger, "finalize messages (Celery broker)")
 
 METADATA_LIMITS = {"step": 200, "label": 100, "engine": 100, "engine_version": 50, "idempotency_key": 200}
 ERROR_MAX = 10_000
@@ -188,9 +189,11 @@ def _announce(announcement: _Announcement) -> None:
     events.publish(session.project_id, "version.created", payload, session_id=session.pk)
     try:
         tasks.finalize_versions.delay(list(announcement.version_ids))
-    except Exception:  # the write is committed; tasks.finalize_pending catches up
-        logger.warning("finalize of versions %s not queued; the periodic catch-up will do it",
-                       announcement.version_ids, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - the write is committed; tasks.finalize_pending catches up
+        finalize_send_failures.failed(exc, f"finalize of versions {announcement.version_ids} not queued; "
+                                           "beat's finalize_pending catches up (every 5 min)")
+    else:
+        finalize_send_failures.succeeded()
 
 
 def _after_commit(version: Version, canonical_bytes: bytes | None) -> None:

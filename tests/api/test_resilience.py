@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -181,3 +182,50 @@ def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_b
         celery_app.conf.task_always_eager = previous
     shown = reader.get(f"/api/v1/jobs/{job_id}/").json()
     assert shown["status"] == "done" and shown["send_failed_at"] is None
+
+
+@pytest.mark.django_db(transaction=True)  # the web process below is another process
+def test_with_redis_down_each_failed_announcement_is_counted_not_logged_with_a_traceback(project, session):
+    """Every write's live update and finalize message fail while Redis is down. Each failure logged a
+    warning with its traceback: 20 sessions written by engines made 64,000 log lines in 10 s. The
+    first failure of each kind is logged with its reason, the rest are counted (at most one report a
+    minute), and the writes are all there."""
+    script = (
+        "from django.conf import settings\n"
+        "from sessions_app import background\n"
+        "from sessions_app.models import WorkflowSession\n"
+        "from snapshots_app.services import snapshot_record\n"
+        "settings.SESSION_NOTIFY_INTERVAL_MS = 0\n"  # every write announced on its own: one failure each
+        f"session = WorkflowSession.objects.get(pk='{session.pk}')\n"
+        "for n in range(30):\n"
+        "    snapshot_record(session=session, state={'n': n})\n"
+        "assert background.drain(60)\n"
+    )
+    log = _with_the_broker_unreachable(script).stderr
+    assert log.count("live updates (channel layer) failed") == 1
+    assert "live update version.created for project" in log  # what the first one was
+    assert log.count("finalize messages (Celery broker) failed") == 1
+    assert "finalize_pending catches up" in log
+    assert "Traceback" not in log
+    assert Version.objects.filter(session=session).count() == 30
+
+
+def test_an_outage_log_reports_what_it_counted_and_when_it_is_over(caplog):
+    import logging
+
+    from sessions_app.background import OutageLog
+
+    outage = OutageLog(logging.getLogger("tests.outage"), "live updates", every=0.2)
+    outage.succeeded()  # no outage: nothing to say
+    for n in range(5):
+        outage.failed(ConnectionError("Error 111 connecting to 127.0.0.1:6390"), f"event {n} not delivered")
+    time.sleep(0.25)
+    outage.failed(ConnectionError("Error 111 connecting to 127.0.0.1:6390"), "event 5 not delivered")
+    outage.succeeded()
+    outage.succeeded()
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings[0] == "live updates failed: ConnectionError: Error 111 connecting to 127.0.0.1:6390; event 0 not delivered"
+    assert warnings[1].startswith("live updates failed (6 times over 0 s): ConnectionError: ")
+    assert warnings[1].endswith("; event 5 not delivered")
+    assert warnings[2].startswith("live updates: working again, after 6 failures over ")
+    assert len(warnings) == 3
