@@ -119,9 +119,9 @@ class OutageLog:
                 self.logger.debug("%s: %s", self.what, detail, exc_info=exc)
                 return
             self.reported, failures = now, self.failures
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0]}" if str(exc).strip() else "")
         since = "" if failures == 1 else f" ({failures} times over {now - self.began:.0f} s)"
-        self.logger.warning("%s failed%s: %s: %s; %s", self.what, since, type(exc).__name__, reason, detail)
+        self.logger.warning("%s failed%s: %s; %s", self.what, since, reason, detail)
         self.logger.debug("%s: %s", self.what, detail, exc_info=exc)
 
     def succeeded(self) -> None:
