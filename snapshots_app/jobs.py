@@ -87,7 +87,8 @@ def job_condition(job: Job, *, now: datetime | None = None) -> str | None:
     if silent >= stale_after() + 2 * requeue_every:  # the requeue should have sent it a minute ago at least
         if job.resent_at is None or job.resent_at < last_sign:
             return (f"stalled: its worker has been silent for {_for(silent)} and it was not sent again: "
-                    "beat's jobs_requeue_stale has not run (check that celery beat is running)")
+                    "jobs_requeue_stale has not run (beat sends it each minute, a worker runs it: check that "
+                    "celery beat and at least one worker are running)")
         return (f"stalled: its worker has been silent for {_for(silent)}; sent again {_for(now - job.resent_at)} "
                 "ago, no worker has taken it yet: the workers are busy, or none is running")
     what_next = ("the next delivery marks it failed (its worker died on every attempt)" if job.attempts >= MAX_ATTEMPTS

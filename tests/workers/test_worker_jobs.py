@@ -225,11 +225,12 @@ def test_a_job_whose_worker_was_killed_says_it_stalled_and_what_happens_next(wor
     listed = client.get("/admin/snapshots_app/job/").content.decode()
     assert "stalled: its worker has been silent for" in listed
 
-    # Nobody sends it again (beat is not running): after a few minutes the condition says so, and,
+    # Nobody sends it again (no beat here, and the only worker is dead): later the condition says so, and,
     # once it was sent again, that no worker has taken it.
     job.refresh_from_db()
     later = job.heartbeat_at + timedelta(minutes=5)
-    assert "it was not sent again: beat's jobs_requeue_stale has not run" in job_condition(job, now=later)
+    assert "it was not sent again: jobs_requeue_stale has not run" in job_condition(job, now=later)
+    assert "check that celery beat and at least one worker are running" in job_condition(job, now=later)
     job.resent_at = job.heartbeat_at + timedelta(minutes=2)
     assert "sent again 3 min ago, no worker has taken it yet" in job_condition(job, now=later)
 
