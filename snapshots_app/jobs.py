@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, QuerySet, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
@@ -324,6 +324,20 @@ def _job_lock(job_id: int, *, wait: bool = True) -> bool:
         function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
         cursor.execute(f"SELECT {function}(%s, %s)", [JOB_LOCK_CLASS, job_id % 2**31])
         return wait or bool(cursor.fetchone()[0])
+
+
+def job_release(*, job: Job) -> bool:
+    """This attempt stops, its database connection lost: if the database answers again (a connection
+    cut, not an outage), date its heartbeat back so that the next delivery takes the job over at once
+    instead of waiting JOB_STALE_SECONDS for it to go stale. False if the database still does not
+    answer (the job goes stale and the requeue sends it), or the job is no longer this attempt's."""
+    connection.close()
+    try:
+        released = _owned(job).filter(status=JobStatus.RUNNING).update(heartbeat_at=timezone.now() - stale_after())
+    except (OperationalError, InterfaceError):
+        connection.close()
+        return False
+    return bool(released)
 
 
 @transaction.atomic

@@ -141,13 +141,19 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
         logger.warning("%s; this attempt stops", exc)
         return None
     except (OperationalError, InterfaceError) as exc:
-        # The database went away (restart, failover): not the job's fault. It stays running, its
-        # heartbeat stops, and jobs_requeue_stale sends it again once the database is back. Celery's
-        # own log of the error names the task, not the job: say which one, and what happens next.
-        logger.warning("job %s (%s, attempt %s) lost the database (%s); it stays running and is sent again "
-                       "once its heartbeat is %s s old", job.pk, job.kind, job.attempts,
-                       str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                       int(jobs.stale_after().total_seconds()))
+        # The database went away (restart, failover, a cut connection): not the job's fault. If it
+        # answers again the job is sent again now; if not, it stays running, its heartbeat stops, and
+        # jobs_requeue_stale sends it once the database is back (a cut connection used to wait for
+        # that too: ~2.5 min showing "running"). Celery's own log of the error names the task, not
+        # the job: say which one, and what happens next.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if jobs.job_release(job=job) and _send_job(job):
+            logger.warning("job %s (%s, attempt %s) lost the database (%s); the database answers again: it is sent "
+                           "again now and resumes from what was committed", job.pk, job.kind, job.attempts, reason)
+        else:
+            logger.warning("job %s (%s, attempt %s) lost the database (%s); it stays running and is sent again "
+                           "once its heartbeat is %s s old", job.pk, job.kind, job.attempts, reason,
+                           int(jobs.stale_after().total_seconds()))
         connection.close()
         raise
     except Exception as exc:
@@ -290,10 +296,6 @@ def jobs_sweep() -> int:
 def jobs_requeue_stale() -> int:
     """Send again the jobs still queued long after creation (their first enqueue was lost) and the
     running ones whose heartbeat stopped (their worker died or lost the database)."""
-    senders = {
-        JobKind.COMPACTION: compaction_job, JobKind.GC: compaction_job, JobKind.SCRUB: integrity_scrub_job,
-        JobKind.EXPORT: export_job, JobKind.IMPORT: import_job,
-    }
     now = timezone.now()
     silent = now - jobs.stale_after()
     stale = Job.objects.filter(
@@ -311,7 +313,25 @@ def jobs_requeue_stale() -> int:
     ).order_by("id")
     sent = []
     for job_id, kind in stale.values_list("id", "kind")[:500]:
-        senders[JobKind(kind)].delay(job_id)
+        _job_task(kind).delay(job_id)
         sent.append(job_id)
     Job.objects.filter(pk__in=sent).update(resent_at=now, send_failed_at=None)
     return len(sent)
+
+
+def _job_task(kind: str) -> Any:
+    """The task that runs jobs of this kind."""
+    return {
+        JobKind.COMPACTION: compaction_job, JobKind.GC: compaction_job, JobKind.SCRUB: integrity_scrub_job,
+        JobKind.EXPORT: export_job, JobKind.IMPORT: import_job,
+    }[JobKind(kind)]
+
+
+def _send_job(job: Job) -> bool:
+    """Hand the job to the workers again; False if the broker refused (the requeue sends it later)."""
+    try:
+        _job_task(job.kind).delay(job.pk)
+    except Exception:  # noqa: BLE001 - its heartbeat is stale already: jobs_requeue_stale sends it
+        logger.warning("job %s could not be sent again (the broker refused); the periodic requeue sends it", job.pk)
+        return False
+    return True

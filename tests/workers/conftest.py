@@ -17,6 +17,7 @@ from snapshots_app.models import Job
 
 ROOT = Path(__file__).resolve().parents[2]
 VISIBILITY_TIMEOUT = 2  # seconds before a killed worker's unacknowledged task is delivered again
+WORKER_APPLICATION_NAME = f"rewind-test-worker-{os.getpid()}"
 
 
 class WorkerProcess:
@@ -97,6 +98,7 @@ def celery_worker(django_db_setup, django_db_blocker, worker_var_dir, tmp_path_f
         # Small GC batches: many short transactions, so a test can kill the worker between them.
         "COMPACTION_BATCH_SIZE": "4",
         "DJANGO_SETTINGS_MODULE": "config.settings",
+        "PGAPPNAME": WORKER_APPLICATION_NAME,  # its connections, for tests that cut them
     }
     _purge_queue()
     worker = WorkerProcess(env, tmp_path_factory.mktemp("worker-log") / "worker.log")

@@ -238,3 +238,34 @@ def test_a_job_whose_worker_was_killed_says_it_stalled_and_what_happens_next(wor
     wait_finished(job)
     shown = reader.get(f"/api/v1/jobs/{job.pk}/").json()
     assert (shown["status"], shown["stalled"], shown["condition"], shown["attempts"]) == ("done", False, None, 2)
+
+
+def test_a_job_whose_database_connection_is_cut_resumes_at_once_when_the_database_answers(worker, project):
+    """A failover or an idle-connection killer cuts the worker's connections mid-job while the
+    database itself answers. The job stayed "running" until its heartbeat went stale and beat's
+    requeue sent it (~2.5 min with the defaults, forever without beat); it is sent again at once."""
+    import psycopg
+
+    from tests.liveserver import database_url
+    from tests.workers.conftest import WORKER_APPLICATION_NAME
+
+    _history(project)
+    preview = compaction_dry_run(project=project)
+    before = read_all(project)
+    job = compaction_start(project=project)
+
+    def sweeping() -> bool:
+        job.refresh_from_db()
+        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
+    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
+    with psycopg.connect(database_url(), autocommit=True) as admin:
+        cut = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+                            [WORKER_APPLICATION_NAME]).fetchone()[0]
+    assert cut >= 1
+
+    wait_finished(job, timeout=30)  # no beat runs here: nothing but the attempt itself sends it again
+    assert job.status == JobStatus.DONE and job.attempts == 2, job.error
+    after = read_all(project)
+    removed = {(s.external_id, n) for s in project.sessions.all() for n in preview.removed_numbers.get(str(s.pk), [])}
+    assert set(after) == set(before) - removed
+    assert all(after[key] == before[key] for key in after)
