@@ -155,15 +155,24 @@ def test_a_job_that_loses_its_database_says_so_in_the_log_by_its_id(project, cap
 
     job = _queued(project)
 
+    port = connection.settings_dict["PORT"]
+
     def work(job: Job, progress: jobs.Progress) -> dict:
         with psycopg.connect(database_url(), autocommit=True) as admin:  # what a failover does to us
             admin.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+        connection.settings_dict["PORT"] = "1"  # and the database stays away: nothing listens there
         Version.objects.count()
         return {}
 
-    with pytest.raises(OperationalError):
-        tasks._run_job(job.pk, work)
+    try:
+        with pytest.raises(OperationalError):
+            tasks._run_job(job.pk, work)
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = port
 
     job.refresh_from_db()
     assert job.status == JobStatus.RUNNING  # not the job's fault: it is resumed, not failed
-    assert any(f"job {job.pk} (scrub, attempt 1) lost the database" in message for message in caplog.messages)
+    assert timezone.now() - job.heartbeat_at < jobs.stale_after()  # left to go stale: nobody could date it back
+    assert any(f"job {job.pk} (scrub, attempt 1) lost the database" in message
+               and "it stays running and is sent again once its heartbeat is" in message for message in caplog.messages)
