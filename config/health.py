@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -54,19 +57,32 @@ def _check_broker() -> str:
 
 
 CHECKS = {"database": _check_database, "redis": _check_redis, "broker": _check_broker}
+# What a web process cannot serve without. Without Redis it still takes writes and serves reads (the
+# cache is an accelerator; live updates and task messages are caught up later), so Redis and the
+# broker being down makes it "degraded", still 200: answering 503 took every web process out of its
+# load balancer at once during a Redis outage, refusing the writes they would have taken.
+ESSENTIAL = {"database"}
+
+
+def _outcome(check: Any) -> tuple[bool, str]:
+    try:
+        return True, check()
+    except Exception as exc:  # noqa: BLE001 - any failure is reported by name
+        return False, f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
 @never_cache
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """200 when the database, Redis and the Celery broker answer; 503 naming whichever failed."""
-    results: dict[str, str] = {}
-    failed: list[str] = []
-    for name, check in CHECKS.items():
-        try:
-            results[name] = check()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported by name
-            failed.append(name)
-            results[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    body = {"status": "ok" if not failed else "unavailable", "failed": failed, "checks": results}
-    return JsonResponse(body, status=503 if failed else 200)
+    """200 when the database answers (`status` "ok", or "degraded" naming Redis or the broker in
+    `failed` when either does not); 503 "unavailable" when the database does not."""
+    with ThreadPoolExecutor(max_workers=len(CHECKS) - 1) as pool:
+        # Side by side (the database on this thread, its connection is per thread): a hung Redis
+        # costs the probe one timeout (2 s), not one per check.
+        others = {name: pool.submit(_outcome, check) for name, check in CHECKS.items() if name != "database"}
+        outcomes = {"database": _outcome(_check_database)} | {name: future.result() for name, future in others.items()}
+    failed = [name for name in CHECKS if not outcomes[name][0]]
+    unavailable = any(name in ESSENTIAL for name in failed)
+    body = {"status": "unavailable" if unavailable else "degraded" if failed else "ok", "failed": failed,
+            "checks": {name: outcome[1] for name, outcome in outcomes.items()}}
+    return JsonResponse(body, status=503 if unavailable else 200)

@@ -82,6 +82,29 @@ def test_with_the_database_gone_the_api_answers_503_to_retry_and_readyz_names_it
 
 
 @pytest.mark.django_db(transaction=True)
+def test_with_redis_gone_readyz_says_degraded_and_keeps_the_process_in_rotation(project, session):
+    """A load balancer takes a web process out of rotation while /readyz answers 503. It did so for
+    Redis or the broker down, so a Redis outage took every web process out at once and engines' writes,
+    which need only the database, were refused at the balancer. Only the database makes it 503 now."""
+    from sessions_app.services import api_key_create
+
+    _, token = api_key_create(project=project, name="probe", scopes="read,write")
+    server = _server(DATABASE_URL=database_url(), REDIS_URL=UNREACHABLE_REDIS, CELERY_TASK_ALWAYS_EAGER="false")
+    try:
+        status, _, body = _get(f"{server}/readyz")
+        assert (status, body["status"], body["failed"]) == (200, "degraded", ["redis", "broker"])
+        assert body["checks"]["database"] == "postgresql" and "Connection refused" in body["checks"]["redis"]
+        request = urllib.request.Request(
+            f"{server}/api/v1/sessions/{session.pk}/versions/", data=b'{"state": {"n": 1}}', method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=15) as response:
+            assert response.status == 201
+    finally:
+        server.stop()
+    assert Version.objects.filter(session=session).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_after_the_database_drops_every_pooled_connection_no_request_fails(project, session):
     from sessions_app.services import api_key_create
 
