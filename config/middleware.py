@@ -1,9 +1,10 @@
-"""Our middleware: trailing-slash redirects that keep the request, the CSP header, and a 503 page while
-the database is unreachable."""
+"""Our middleware: trailing-slash redirects that keep the request, the CSP header, and, while the
+database is unreachable, a 503 page and live-update sockets closed without a traceback."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
@@ -16,6 +17,7 @@ from django.utils.deprecation import MiddlewareMixin
 from django.utils.http import escape_leading_slashes
 
 logger = logging.getLogger(__name__)
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 7.4.1 (IANA): the server is overloaded or a dependency is down
 
 
 class PermanentRedirectKeepingMethod(HttpResponseRedirectBase):
@@ -74,3 +76,37 @@ class DatabaseUnavailableMiddleware(MiddlewareMixin):
         response = HttpResponse(render_to_string("503.html"), status=503)
         response["Retry-After"] = str(DATABASE_RETRY_AFTER)
         return response
+
+
+class SocketDatabaseGuard:
+    """ASGI middleware for the live-update sockets: a socket whose database is unreachable (its
+    session and user are read before the consumer runs, then on each check) is closed with one log
+    line, not an "Exception in ASGI application" traceback. An open page retries its socket with
+    backoff through a database restart, each try a traceback (and a 500 handshake); once a socket
+    opens again the page reloads (static/js/app.js). Failures are counted (sessions_app.background.
+    OutageLog) and the first socket accepted after them says so."""
+
+    def __init__(self, app: Any) -> None:
+        from sessions_app.background import OutageLog
+
+        self.app = app
+        self.failures = OutageLog(logger, "live-update sockets (database)")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        accepted = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal accepted
+            if message.get("type") == "websocket.accept":
+                accepted = True
+                self.failures.succeeded()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except (OperationalError, InterfaceError) as exc:
+            self.failures.failed(exc, f"socket {scope.get('path', '')} {'closed' if accepted else 'refused'}")
+            try:  # refused before its handshake ends (a 403), or closed: "try again later"
+                await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER})
+            except Exception:  # noqa: BLE001 - the socket is gone already
+                pass

@@ -63,7 +63,13 @@ def test_a_form_too_large_to_read_is_refused_in_words_not_a_bare_400(client, sto
 def test_with_the_database_gone_a_page_says_so_with_a_503_not_a_logged_server_error(capfd):
     """A signed-in operator's dashboard (its session lives in the database) while PostgreSQL restarts:
     the page answered 500 "Server error ... it has been logged" with a traceback per request, so
-    nobody could tell an outage from a bug. It is a 503 saying the database is unavailable, to retry."""
+    nobody could tell an outage from a bug. It is a 503 saying the database is unavailable, which
+    tries again by itself; an open page's live socket, retrying meanwhile, is refused without a
+    traceback per try."""
+    import asyncio
+
+    import websockets
+
     gone = database_url().rsplit("/", 1)[0] + "/session_rewind_no_such_database"
     server = LiveServer(free_port(), {
         **os.environ, "DATABASE_URL": gone, "DB_POOL_SIZE": "2", "DB_POOL_TIMEOUT": "1",
@@ -77,11 +83,24 @@ def test_with_the_database_gone_a_page_says_so_with_a_503_not_a_logged_server_er
             with pytest.raises(urllib.error.HTTPError) as answer:
                 urllib.request.urlopen(request, timeout=15)
             pages[path] = (answer.value.code, answer.value.headers.get("Retry-After"), answer.value.read().decode())
+
+        async def live_socket() -> int:
+            url = f"ws://127.0.0.1:{server.port}/ws/projects/acme/"
+            headers = {"Cookie": "sessionid=" + "a" * 32, "Origin": str(server)}
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url, additional_headers=headers, open_timeout=15):
+                    pass
+            return refused.value.response.status_code
+
+        refusals = [asyncio.run(live_socket()) for _ in range(3)]
     finally:
         server.stop()
+    assert refusals == [403] * 3
     for path, (status, retry_after, page) in pages.items():
         assert (status, retry_after) == (503, "5"), path
         assert "Database unavailable" in page and "nothing was written" in page and "Server error" not in page
+        assert '<meta http-equiv="refresh" content="5">' in page
     log = capfd.readouterr().err
     assert "database unavailable in /admin/" in log
-    assert "Traceback" not in log
+    assert log.count("live-update sockets (database) failed: OperationalError") == 1  # then counted
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
