@@ -324,17 +324,16 @@ def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:
 # -- rewind, fork, pin, label (operators) ------------------------------------------------------------
 
 
-# The statuses in which a confirm page warns that an engine may still be writing to the session. A
-# rewind is written over only by an engine at work; an archive also refuses a waiting engine's next
-# step, once its input arrives.
-REWIND_WARNS = frozenset({SessionStatus.RUNNING})
-ARCHIVE_WARNS = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
+# The statuses in which a confirm page warns that an engine may still be writing to the session: at
+# work, or waiting for input (once it arrives, the engine writes its next step from its memory: over
+# a rewind, or into an archive's refusal).
+ENGINE_MAY_WRITE = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
 
 
-def _engine_active(session: WorkflowSession, head: Version | None, statuses: frozenset[str]) -> datetime | bool | None:
+def _engine_active(session: WorkflowSession, head: Version | None) -> datetime | bool | None:
     """For confirm.html's warning: when the engine last wrote (True before its first step), if the
     session's status says it may still be writing; None otherwise."""
-    if session.status not in statuses:
+    if session.status not in ENGINE_MAY_WRITE:
         return None
     return head.created_at if head is not None else True
 
@@ -377,7 +376,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     result = selectors.version_diff(head, target) if head is not None and not refused else None
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "refused": refused, "engine_active": _engine_active(session, head, REWIND_WARNS),
+        "refused": refused, "engine_active": _engine_active(session, head),
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
@@ -484,7 +483,7 @@ def archive_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         return redirect("snapshots:session", session_id=session.pk)
     context = {
         **_base(session, role), "error": error, "refused": session.archived_at is not None,
-        "engine_active": _engine_active(session, selectors.head_version(session), ARCHIVE_WARNS),
+        "engine_active": _engine_active(session, selectors.head_version(session)),
         "reason": request.POST.get("reason", ""),
     }
     return render(request, "snapshots_app/confirm_archive.html", context, status=status)

@@ -255,15 +255,20 @@ def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operato
     assert audit.reason == "tool lied" and audit.actor_label == "olga"
 
 
-def test_rewinding_a_running_session_warns_that_its_engine_may_write_over_it(client, operator, story):
-    """An engine still working writes its next step from its own memory, on top of the rewind: the
-    confirm page says so while the session is running, and not once it has stopped."""
+def test_rewinding_a_running_or_waiting_session_warns_that_its_engine_may_write_over_it(client, operator, story):
+    """An engine still working (or waiting for input) writes its next step from its own memory, on top
+    of the rewind: the confirm page says so while the session is running or waiting, and not once it
+    has stopped."""
     from sessions_app.services import session_update
 
     client.force_login(operator)
     session_update(session=story, status="running", actor=operator)
     page = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
     assert 'id="engine-running"' in page and "its next step is written on top of this rewind" in page
+    # Waiting for input, it writes its next step from memory too, once the input arrives.
+    session_update(session=story, status="waiting", actor=operator)
+    page = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
+    assert 'id="engine-running"' in page and "This session is waiting" in page
     session_update(session=story, status="completed", actor=operator)
     page = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
     assert 'id="engine-running"' not in page and 'name="reason"' in page
