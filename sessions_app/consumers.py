@@ -42,7 +42,8 @@ def _project_for_member(user: Any, slug: str) -> Project | None:
 
 
 class LiveConsumer(AsyncWebsocketConsumer):
-    """Joins one group after authorising; subclasses turn events into HTML (None = nothing to send)."""
+    """Joins one group after authorising; subclasses turn each event into HTML (`render`), or gather
+    events and hand their HTML to `deliver` themselves."""
 
     group: str | None = None
     _rejoin: asyncio.Task[None] | None = None
@@ -93,6 +94,10 @@ class LiveConsumer(AsyncWebsocketConsumer):
             self._rejoin.cancel()
             self._rejoin = None
 
+    def _stop_tasks(self) -> None:
+        """Cancel what runs for this socket beside its messages (subclasses add theirs)."""
+        self._stop_rejoining()
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
@@ -102,11 +107,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
             # server's ClientDisconnected, and a member left behind stayed for the layer's group expiry
             # (a day), its process's shared queue filling with the project's events ("over capacity":
             # live pages served by that process lost theirs).
-            self._stop_rejoining()
+            self._stop_tasks()
             await self._leave_group()
 
     async def disconnect(self, code: int) -> None:
-        self._stop_rejoining()
+        self._stop_tasks()
         await self._leave_group()
 
     async def _leave_group(self) -> None:
@@ -134,20 +139,26 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return bool(session_user(session.session_key).pk == self.scope["user"].pk)
 
     async def rewind_event(self, message: dict[str, Any]) -> None:
-        html = await self.render(message["event"], message["payload"])
+        await self.deliver(await self.render(message["event"], message["payload"]))
+
+    async def deliver(self, html: str | None) -> bool:
+        """Send `html` ("" = nothing to send; None = the user may no longer watch: the socket is
+        closed). False once the socket was closed instead."""
         # (disconnect() follows a close and leaves the group.)
         if html is None:
             await self.close(code=CLOSE_FORBIDDEN)
-        elif html:
+            return False
+        if html:
             # Checked only when there is something to send (most events send nothing to most pages),
             # and then at most once per SIGNED_IN_RECHECK_SECONDS.
             now = time.monotonic()
             if now - self._signed_in_at >= SIGNED_IN_RECHECK_SECONDS:
                 if not await self._signed_in():
                     await self.close(code=CLOSE_UNAUTHENTICATED)
-                    return
+                    return False
                 self._signed_in_at = now
             await self.send(text_data=html)
+        return True
 
 
 class ProjectEventsConsumer(LiveConsumer):
