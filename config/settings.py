@@ -333,6 +333,11 @@ MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 # head cache) at most once per this many milliseconds: the first at once, the rest together when the
 # interval is over. 0 = after every write.
 SESSION_NOTIFY_INTERVAL_MS = env_int("SESSION_NOTIFY_INTERVAL_MS", 500)
+# An open session list gathers the changes of its project for this many milliseconds and shows them
+# together (one membership check, one query, one message), so a tab costs what the interval allows,
+# not what the number of events would: the first change after a quiet interval goes out at once.
+# 0 = each change as soon as the one before it was shown.
+LIVE_LIST_BATCH_MS = env_int("LIVE_LIST_BATCH_MS", 500)
 
 # The state store's input limits (bad input gets a clear 4xx; see snapshots_app.canonical).
 STATE_MAX_BYTES = env_int("STATE_MAX_BYTES", 16 * 1024 * 1024, minimum=1024)

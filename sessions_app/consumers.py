@@ -1,28 +1,32 @@
 """Live updates over WebSocket for the htmx ws extension: every message is HTML whose top-level
 elements carry hx-swap-oob. Authenticated and authorised per project in connect, and again for
-every event (a membership revoked meanwhile, or a browser session that no longer signs its user in,
-ends the stream); consumers never write."""
+every update sent (a membership revoked meanwhile, or a browser session that no longer signs its user
+in, ends the stream); consumers never write."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.template.loader import render_to_string
+from django.conf import settings
+from django.template.loader import get_template
 
 from sessions_app import events
-from sessions_app.models import Project
-from sessions_app.selectors import membership_role, session_row, session_user
+from sessions_app.models import Project, WorkflowSession
+from sessions_app.selectors import SESSION_PAGE, membership_exists, membership_role, session_rows, session_user
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 # Closes after which the htmx ws extension reconnects, and static/js/app.js then reloads the page.
 CLOSE_LAYER_FAILED = 1011  # the channel layer does not answer
 CLOSE_MEMBERSHIP_LOST = 1012  # the channel layer forgot this socket: events were missed
+CLOSE_SERVER_ERROR = 1011  # an update could not be read or rendered (as when a consumer raises)
 # How often a consumer makes sure it is still in its group (see events.group_rejoin): a page misses
 # live events for at most this long after Redis lost its membership, and then reloads.
 REJOIN_SECONDS = 30.0
@@ -161,20 +165,45 @@ class LiveConsumer(AsyncWebsocketConsumer):
         return True
 
 
+ROW = "sessions_app/partials/_session_row.html"
+
+
+def _session_id(payload: dict[str, Any]) -> str | None:
+    """The event's session id in its canonical form (it goes into the HTML and a query), or None."""
+    try:
+        return str(uuid.UUID(str(payload.get("session"))))
+    except ValueError:
+        return None
+
+
 class ProjectEventsConsumer(LiveConsumer):
-    """The session list of one project (ws/projects/<slug>/): new sessions and status changes."""
+    """The session list of one project (ws/projects/<slug>/): new sessions and status changes.
+
+    Every open list tab handles every event of its project for itself, on the one thread that runs
+    every database call of the process (page requests queue behind it). So a tab does not answer
+    events one by one: it gathers the sessions they name for LIVE_LIST_BATCH_MS and then shows them
+    all at once (one membership check, one query for their rows, one message), each session once, as
+    it is by then. The first change after a quiet interval goes out at once.
+    """
 
     # The events that change what a session list shows (a row's status, counts, step, error, age, or the
     # row itself). The rest reach the project's group too: a summary, a pin or a label (version.finalized,
-    # version.updated), a job's start, progress and end, an integrity problem. Each open
-    # list tab handles every event for itself, so those are dropped before any query (nothing is sent; the
-    # membership is checked with the next event that shows something).
+    # version.updated), a job's start, progress and end, an integrity problem. They are dropped before
+    # anything is gathered (the membership is checked with the next update sent).
     SHOWN_EVENTS = frozenset({"session.created", "session.updated", "session.archived", "session.deleted",
                               "version.created", "versions.removed"})
 
     project_id: int = 0
     # The unfiltered first page (?top=1) keeps newest activity on top; filtered pages update in place.
     top = False
+    _flusher: asyncio.Task[None] | None = None
+    _flushed_at = float("-inf")  # when the last gathered changes were shown (time.monotonic)
+    _ended = False  # the socket was closed: nothing more is gathered
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # session id -> whether it was deleted, in the order the sessions changed
+        self._pending: dict[str, bool] = {}
 
     async def authorise(self, user: Any) -> str | None:
         project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
@@ -184,24 +213,92 @@ class ProjectEventsConsumer(LiveConsumer):
         self.top = b"top=1" in self.scope.get("query_string", b"").split(b"&")
         return events.project_group(project.pk)
 
-    async def render(self, event: str, payload: dict[str, Any]) -> str | None:
-        if event not in self.SHOWN_EVENTS:
-            return ""  # (before the hop to the thread that runs every database call of the process)
-        return await self._render(event, payload)
+    async def rewind_event(self, message: dict[str, Any]) -> None:
+        if message["event"] not in self.SHOWN_EVENTS or self._ended:
+            return
+        session_id = _session_id(message["payload"])
+        if session_id is None:
+            return
+        self._pending[session_id] = self._pending.get(session_id, False) or message["event"] == "session.deleted"
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Show what was gathered, at most once per LIVE_LIST_BATCH_MS, until nothing is left."""
+        try:
+            while self._pending and not self._ended:
+                wait = self._flushed_at + settings.LIVE_LIST_BATCH_MS / 1000 - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                batch, self._pending = self._pending, {}
+                try:
+                    sent = await self.deliver(await self._render_batch(batch))
+                except Exception:
+                    # Run beside the consumer's messages, an error here would not end the consumer as it
+                    # did in rewind_event: the page would wait for updates that no longer come.
+                    logger.warning("live session list of project %s: an update failed; closing the socket",
+                                   self.project_id, exc_info=True)
+                    await self._give_up()
+                    return
+                self._flushed_at = time.monotonic()
+                if not sent:
+                    self._ended = True
+                    self._pending.clear()
+        finally:
+            if self._flusher is asyncio.current_task():
+                self._flusher = None
+
+    async def _give_up(self) -> None:
+        """Leave the group and close (the page reconnects and reloads). A page that is gone (its send
+        failed) leaves at once, rather than when the server reports the disconnect."""
+        self._ended = True
+        self._pending.clear()
+        self._flusher = None  # (not cancelled by a disconnect() arriving meanwhile: it must finish leaving)
+        self._stop_rejoining()
+        await self._leave_group()
+        with contextlib.suppress(Exception):  # a page that is gone cannot be told
+            await self.close(code=CLOSE_SERVER_ERROR)
+
+    def _stop_tasks(self) -> None:
+        super()._stop_tasks()
+        self._ended = True
+        self._pending.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+
+    async def _render_batch(self, batch: dict[str, bool]) -> str | None:
+        """One message for the sessions in `batch` (id -> deleted), None if the user may no longer watch."""
+        rows = await self._read_batch(batch)
+        if rows is None:
+            return None
+        # Rendered off the thread that runs the process's database calls (a page of rows takes ~8 ms),
+        # which page requests wait for. The rows' templates read only the rows' own fields.
+        return await asyncio.to_thread(self._html, batch, rows)
 
     @database_sync_to_async
-    def _render(self, event: str, payload: dict[str, Any]) -> str | None:
-        project = Project.objects.filter(pk=self.project_id).first()
-        if project is None or membership_role(self.scope["user"], project) is None:
+    def _read_batch(self, batch: dict[str, bool]) -> list[WorkflowSession] | None:
+        if not membership_exists(user=self.scope["user"], project_id=self.project_id):
             return None
-        if event == "session.deleted":
-            return f'<tr id="s-{payload["session"]}" hx-swap-oob="delete"></tr>'
-        session = session_row(project_id=project.pk, session_id=payload.get("session"))
-        if session is None:
-            return ""
-        if event == "session.created" or self.top:
-            row = render_to_string("sessions_app/partials/_session_row.html", {"s": session, "fresh": True})
-            # Table rows must travel inside <tbody>: parsed bare next to one, the HTML parser drops it.
-            return (f'<tbody hx-swap-oob="delete:#s-{session.pk}"></tbody>'
-                    f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{row}</tbody>')
-        return render_to_string("sessions_app/partials/_session_row.html", {"s": session, "oob": True, "fresh": True})
+        changed = [session_id for session_id, deleted in batch.items() if not deleted]
+        # On top, newest first: rows beyond the first page would only push each other below it.
+        return session_rows(project_id=self.project_id, session_ids=changed,
+                            limit=SESSION_PAGE if self.top else None) if changed else []
+
+    def _html(self, batch: dict[str, bool], rows: list[WorkflowSession]) -> str:
+        row = get_template(ROW)
+        if self.top:
+            # Every row of the batch is removed first (a page loaded just after a write already shows it,
+            # a deleted session's row goes, and a row pushed below the first page by this batch's would
+            # otherwise stay where it was, out of date), then the new rows go on top in one block, in order.
+            # Table rows must travel inside <tbody>: parsed bare next to one, the HTML parser drops them.
+            parts = [f'<tbody hx-swap-oob="delete:#s-{session_id}"></tbody>' for session_id in batch]
+            if rows:
+                new_rows = "".join(row.render({"s": session, "fresh": True}) for session in rows)
+                parts.append(f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{new_rows}</tbody>')
+            return "".join(parts)
+        # Filtered pages update the rows they show in place, and drop those of sessions deleted meanwhile.
+        found = {str(session.pk) for session in rows}
+        parts = [f'<tr id="s-{session_id}" hx-swap-oob="delete"></tr>' for session_id in batch if session_id not in found]
+        parts += [row.render({"s": session, "oob": True, "fresh": True}) for session in rows]
+        return "".join(parts)

@@ -8,6 +8,7 @@ import hmac
 import re
 import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import import_module
@@ -50,6 +51,13 @@ def membership_role(user: Any, project: Project) -> str | None:
         return None
     membership = Membership.objects.filter(project=project, user=user).only("role").first()
     return membership.role if membership else None
+
+
+def membership_exists(*, user: Any, project_id: int) -> bool:
+    """Whether the user is a member of the project (one query, by the project's id)."""
+    if not getattr(user, "is_authenticated", False):
+        return False
+    return Membership.objects.filter(project_id=project_id, user=user).exists()
 
 
 def session_user(session_key: str | None) -> Any:
@@ -270,5 +278,8 @@ def session_for_member(*, user: Any, session_id: Any) -> tuple[WorkflowSession, 
     return session, role
 
 
-def session_row(*, project_id: int, session_id: Any) -> WorkflowSession | None:
-    return WorkflowSession.objects.filter(project_id=project_id, pk=session_id).first()
+def session_rows(*, project_id: int, session_ids: Iterable[Any], limit: int | None = None) -> list[WorkflowSession]:
+    """The rows of the project's sessions among `session_ids` (in one query), in the session list's
+    default order (newest activity first); only the first `limit` of them if given."""
+    queryset = WorkflowSession.objects.filter(project_id=project_id, pk__in=list(session_ids)).order_by("-updated_at", "-id")
+    return list(queryset if limit is None else queryset[:limit])
