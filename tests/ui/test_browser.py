@@ -202,6 +202,35 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 
 
+def test_the_open_list_shows_changes_that_came_together_on_top_in_order(server, browser):
+    """Changes within one LIVE_LIST_BATCH_MS come as one update (the first at once): its rows go on top
+    newest activity first, and a session deleted meanwhile leaves the list."""
+    from sessions_app.models import WorkflowSession
+    from sessions_app.services import session_delete
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed", "run-42"]
+    _wait_for_socket(page, "#session-table .live")
+    page.evaluate("() => { window.live = 0; document.addEventListener('htmx:wsAfterMessage', () => window.live++); }")
+
+    def changes() -> None:
+        first = make_session(session.project, "run-a")
+        make_session(session.project, "run-b")
+        make_session(session.project, "run-c")
+        session_update(session=first, status="waiting")
+        session_delete(session=WorkflowSession.objects.get(external_id="run-failed"), reason="done with it")
+
+    off_loop(changes)
+    page.wait_for_function("() => [...document.querySelectorAll('a.ext')].map(a => a.textContent).join() === "
+                           "'run-a,run-c,run-b,run-42'", timeout=3_000)
+    assert "Waiting" in page.inner_text("tr.srow:first-child")
+    page.wait_for_timeout(700)
+    assert page.evaluate("() => window.live") <= 3  # five changes, one message for those that came together
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
 def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
     from sessions_app import background
 
