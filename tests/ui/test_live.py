@@ -86,15 +86,7 @@ def test_only_members_may_listen(setup):
 def test_new_version_arrives_as_a_timeline_row(setup):
     owner, _, _, _, session = setup
 
-    async def scenario() -> str:
-        client = communicator(f"/ws/sessions/{session.pk}/", owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_record, session, {"pointer": "<script>x</script>"})
-        html = await client.receive_from(timeout=5)
-        await client.disconnect()
-        return html
-
-    html = run(scenario)
+    html = first_update(f"/ws/sessions/{session.pk}/", owner, lambda: _record(session, {"pointer": "<script>x</script>"}))
     assert 'hx-swap-oob="afterbegin:#timeline"' in html and 'id="v-1"' in html and 'id="session-stats"' in html
     assert "<script>x" not in html
 
@@ -232,6 +224,21 @@ def _in_thread(function, *args):
         close_old_connections()
 
 
+def first_update(path: str, user: Any, action: Any) -> str:
+    """Open a socket on `path` as `user`, do `action` (in a thread of its own, as a request or a worker
+    would) and return the first message the socket gets."""
+
+    async def scenario() -> str:
+        client = communicator(path, user)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, action)
+        html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    return run(scenario)
+
+
 @pytest.mark.parametrize("path", ["/ws/sessions/{session}/", "/ws/projects/acme/?top=1", "/ws/projects/acme/"],
                          ids=["timeline", "session-list", "filtered-session-list"])
 def test_revoked_membership_ends_the_stream(setup, path):
@@ -286,16 +293,7 @@ def test_an_open_session_list_spends_no_query_on_events_it_does_not_show(setup):
 def test_unfiltered_first_page_moves_active_sessions_to_the_top(setup):
     owner, _, _, _, session = setup
 
-    async def scenario() -> str:
-        client = communicator("/ws/projects/acme/", owner)
-        client.scope["query_string"] = b"top=1"
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_record, session, {"n": 1})
-        html = await client.receive_from(timeout=5)
-        await client.disconnect()
-        return html
-
-    html = run(scenario)
+    html = first_update("/ws/projects/acme/?top=1", owner, lambda: _record(session, {"n": 1}))
     assert html.startswith(f'<tbody hx-swap-oob="delete:#s-{session.pk}">')
     assert 'hx-swap-oob="afterbegin:#session-rows-live"' in html
 
@@ -438,15 +436,7 @@ def test_a_deleted_session_leaves_the_open_list(setup, path):
     owner, _, project, _, session = setup
     kept = make_session(project, "run-2")
 
-    async def scenario() -> str:
-        client = communicator(path, owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_in_thread, lambda: session_delete(session=session, reason="test"))
-        html = await client.receive_from(timeout=5)
-        await client.disconnect()
-        return html
-
-    html = run(scenario)
+    html = first_update(path, owner, lambda: session_delete(session=session, reason="test"))
     assert _rows_after([(str(kept.pk), "running"), (str(session.pk), "running")], html) == [(str(kept.pk), "running")]
 
 
@@ -478,17 +468,10 @@ def test_integrity_problem_appears_on_the_open_session_page(setup):
     owner, _, _, _, session = setup
     version = _record(session, {"n": 1})
 
-    async def scenario() -> str:
-        from snapshots_app.integrity import integrity_problem_record
+    from snapshots_app.integrity import integrity_problem_record
 
-        client = communicator(f"/ws/sessions/{session.pk}/", owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_in_thread, lambda: integrity_problem_record(version=version, detail="checksum <b>"))
-        html = await client.receive_from(timeout=5)
-        await client.disconnect()
-        return html
-
-    html = run(scenario)
+    html = first_update(f"/ws/sessions/{session.pk}/", owner,
+                        lambda: integrity_problem_record(version=version, detail="checksum <b>"))
     assert 'id="integrity-problems" hx-swap-oob="true"' in html and "checksum &lt;b&gt;" in html
 
 
