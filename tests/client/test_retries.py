@@ -208,6 +208,29 @@ def test_a_value_json_cannot_carry_is_named_with_its_path(state, where):
     assert script.requests == []
 
 
+@pytest.mark.parametrize(("state", "said"), [
+    ({"by_id": {1: "first", "1": "second"}}, 'the keys 1 and \'1\' would both be sent as "1" (at /state/by_id)'),
+    ({"flags": [{True: "on", "true": "also on"}]}, 'the keys True and \'true\' would both be sent as "true" (at /state/flags/0)'),
+    ({None: 1, "null": 2}, "the keys None and 'null' would both be sent as \"null\" (at /state)"),
+])
+def test_keys_json_would_spell_alike_are_a_validation_error_and_nothing_is_sent(state, said):
+    """json.dumps turns 1 into "1": sent as it was, the object named "1" twice and the server kept the
+    last, so one of the two values was lost without a word."""
+    script = Script()
+    with sync_client(script) as client, pytest.raises(ValidationError) as caught:
+        client.record("abc", state)
+    assert said in str(caught.value)
+    assert script.requests == []
+
+
+def test_keys_of_several_types_that_stay_apart_are_sent_as_json_names():
+    script = Script(httpx.Response(201, json={"number": 1}))
+    with sync_client(script) as client:
+        client.record("abc", {"by_id": {1: "one", "2": "two", None: "none", 1.5: "half"}})
+    assert json.loads(script.requests[0].content)["state"] == {"by_id": {"1": "one", "2": "two", "null": "none",
+                                                                         "1.5": "half"}}
+
+
 def test_a_state_nested_too_deep_to_encode_is_a_validation_error():
     # It escaped as a bare RecursionError, past the engine's `except SessionRewindError`.
     state: dict = {}

@@ -53,18 +53,20 @@ class Call:
 
     def body(self) -> bytes | None:
         """The request body, encoded once before the first attempt. A value JSON cannot carry (NaN,
-        an infinity, a lone surrogate, an object of no JSON type) is a ValidationError raised
-        here, before anything is sent, like every other refusal."""
+        an infinity, a lone surrogate, an object of no JSON type), or two keys of one object that JSON
+        would spell alike (1 and "1"), is a ValidationError raised here, before anything is sent, like
+        every other refusal."""
         if self.json is None:
             return self.content
         try:
-            return json.dumps(self.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        except RecursionError:
-            raise ValidationError("the request cannot be sent as JSON: it nests deeper than Python can encode "
-                                  "(a state may nest 200 levels, the server's STATE_MAX_DEPTH)") from None
-        except (TypeError, ValueError, UnicodeEncodeError) as exc:
-            where = "" if "Circular reference" in str(exc) else unencodable_at(self.json)
-            raise ValidationError(f"the request cannot be sent as JSON: {exc}{where}") from None
+            # Keys sorted (the server sorts them anyway; ~2-6 % of the encoding): sorting is what notices
+            # an object whose keys are of several types, the only kind in which two keys can become one.
+            return _encoded(self.json, sort_keys=True)
+        except TypeError:  # keys of several types in one object (what _encoded lets through)
+            clash = key_clash_at(self.json)
+            if clash:
+                raise ValidationError(f"the request cannot be sent as JSON: {clash}") from None
+            return _encoded(self.json, sort_keys=False)  # keys of several types, each spelled its own way
 
     def prepared_headers(self) -> dict[str, str]:
         """Headers for every attempt of this call: one idempotency key across all retries."""
@@ -79,6 +81,68 @@ class Call:
         if not self.params:
             return None
         return {key: value for key, value in self.params.items() if value is not None}
+
+
+def _encoded(body: Any, *, sort_keys: bool) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=sort_keys).encode()
+    except RecursionError:
+        raise ValidationError("the request cannot be sent as JSON: it nests deeper than Python can encode "
+                              "(a state may nest 200 levels, the server's STATE_MAX_DEPTH)") from None
+    except TypeError as exc:
+        if sort_keys and _MIXED_KEYS in str(exc):
+            raise  # Call.body looks for keys that would clash (key_clash_at), then encodes them unsorted
+        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc)}") from None
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc)}") from None
+
+
+def _where(body: Any, exc: Exception) -> str:
+    return "" if "Circular reference" in str(exc) else unencodable_at(body)
+
+
+# What sorting the keys of an object raises when they are of several types (1 and "a").
+_MIXED_KEYS = "not supported between instances of"
+
+
+def _key_text(key: Any) -> Any:
+    """The name json.dumps gives an object's key (1 -> "1", True -> "true", None -> "null")."""
+    if isinstance(key, str):
+        return key
+    if key is True or key is False or key is None:
+        return json.dumps(key)
+    if isinstance(key, (int, float)):
+        return json.dumps(key, allow_nan=True)
+    return key  # not a JSON key: json.dumps names it (see unencodable_at)
+
+
+def key_clash_at(body: Any) -> str:
+    """Two keys of one object that JSON spells alike (1 and "1", True and "true"), and where: sent as
+    they are, the object would carry one name twice, and the server keeps the last, so the value of
+    the other would be lost without a word. "" if there are none."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            named: dict[Any, Any] = {}
+            for key in value:
+                text = _key_text(key)
+                try:
+                    if text in named:
+                        return (f"the keys {named[text]!r} and {key!r} would both be sent as {json.dumps(text)} "
+                                f"(at {path or '/'}), and one value would be lost")
+                    named[text] = key
+                except TypeError:  # an unhashable name: no JSON key, refused by json.dumps with its path
+                    continue
+            stack.extend((item, f"{path}/{_pointer_token(key)}") for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{path}/{index}") for index, item in enumerate(value))
+    return ""
 
 
 def _pointer_token(key: Any) -> str:
