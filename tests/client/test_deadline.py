@@ -153,7 +153,9 @@ def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_
             Client(url, api_key=live_api.key, timeout=1, deadline=10) as client:
         assert client.record(session["id"], {"n": 1})["number"] == 1
     keys = {line for request in received for line in request.split(b"\r\n") if line.lower().startswith(b"idempotency-key")}
-    assert len(received) == 2 and len(keys) == 1
+    # Retried (a retry whose answer took over the 1 s timeout on a busy machine is retried again), always
+    # with the one key, and stored once.
+    assert len(received) >= 2 and len(keys) == 1
     assert rewind.get_session(session["id"])["version_count"] == 1
 
 
