@@ -13,7 +13,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,25 @@ def key_clash_at(body: Any) -> str:
     """Two keys of one object that JSON spells alike (1 and "1", True and "true"), and where: sent as
     they are, the object would carry one name twice, and the server keeps the last, so the value of
     the other would be lost without a word. "" if there are none."""
+    for value, path in _walk(body):
+        if not isinstance(value, dict):
+            continue
+        named: dict[Any, Any] = {}
+        for key in value:
+            text = _key_text(key)
+            try:
+                if text in named:
+                    return (f"the keys {named[text]!r} and {key!r} would both be sent as {json.dumps(text)} "
+                            f"(at {path or '/'}), and one value would be lost")
+                named[text] = key
+            except TypeError:  # an unhashable name: no JSON key, refused by json.dumps with its path
+                continue
+    return ""
+
+
+def _walk(body: Any) -> Iterator[tuple[Any, str]]:
+    """Every value of a body with its JSON pointer, in document order; a container met again (the
+    same object twice, or a cycle) is not walked again."""
     seen: set[int] = set()
     stack: list[tuple[Any, str]] = [(body, "")]
     while stack:
@@ -128,21 +147,11 @@ def key_clash_at(body: Any) -> str:
             if id(value) in seen:
                 continue
             seen.add(id(value))
+        yield value, path
         if isinstance(value, dict):
-            named: dict[Any, Any] = {}
-            for key in value:
-                text = _key_text(key)
-                try:
-                    if text in named:
-                        return (f"the keys {named[text]!r} and {key!r} would both be sent as {json.dumps(text)} "
-                                f"(at {path or '/'}), and one value would be lost")
-                    named[text] = key
-                except TypeError:  # an unhashable name: no JSON key, refused by json.dumps with its path
-                    continue
-            stack.extend((item, f"{path}/{_pointer_token(key)}") for key, item in value.items())
+            stack.extend((item, f"{path}/{_pointer_token(key)}") for key, item in reversed(list(value.items())))
         elif isinstance(value, (list, tuple)):
-            stack.extend((item, f"{path}/{index}") for index, item in enumerate(value))
-    return ""
+            stack.extend((item, f"{path}/{index}") for index, item in reversed(list(enumerate(value))))
 
 
 def _pointer_token(key: Any) -> str:
@@ -164,24 +173,12 @@ def _encodes(value: Any) -> bool:
 def unencodable_at(body: Any) -> str:
     """Where in a body json.dumps refused (" at /state/log/3"), which its message never says: in a
     large state the engine could not tell which value was a datetime, a set or a NaN."""
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(body, "")]
-    while stack:
-        value, path = stack.pop()
+    for value, path in _walk(body):
         if isinstance(value, dict):
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            for key, item in reversed(list(value.items())):
+            for key in reversed(list(value)):
                 if not _encodes(key):
                     return f" (a key {key!r} at {path or '/'})"
-                stack.append((item, f"{path}/{_pointer_token(key)}"))
-        elif isinstance(value, (list, tuple)):
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            stack.extend((item, f"{path}/{index}") for index, item in reversed(list(enumerate(value))))
-        elif not _encodes(value):
+        elif not isinstance(value, (list, tuple)) and not _encodes(value):
             return f" (a {type(value).__name__} at {path or '/'})"
     return ""
 
