@@ -16,6 +16,8 @@ from django.template.loader import render_to_string
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.http import escape_leading_slashes
 
+from sessions_app.errors import first_line
+
 logger = logging.getLogger(__name__)
 CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 7.4.1 (IANA): the server is overloaded or a dependency is down
 
@@ -71,8 +73,7 @@ class DatabaseUnavailableMiddleware(MiddlewareMixin):
             return None
         from sessions_app.api.problems import DATABASE_RETRY_AFTER  # (imported with the API's settings)
 
-        logger.warning("database unavailable in %s: %s", request.path, str(exception).strip().splitlines()[0]
-                       if str(exception).strip() else type(exception).__name__)
+        logger.warning("database unavailable in %s: %s", request.path, first_line(exception))
         response = HttpResponse(render_to_string("503.html"), status=503)
         response["Retry-After"] = str(DATABASE_RETRY_AFTER)
         return response

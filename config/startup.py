@@ -24,8 +24,9 @@ def describe_startup_error(exc: BaseException) -> str | None:
         where = f"{settings_dict.get('ENGINE', '?').rsplit('.', 1)[-1]} database {settings_dict.get('NAME')!s}"
         if settings_dict.get("HOST"):
             where += f" at {settings_dict['HOST']}:{settings_dict.get('PORT') or 'default port'}"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"database unreachable: {where}: {first_line}"
+        from sessions_app.errors import first_line
+
+        return f"database unreachable: {where}: {first_line(exc)}"
     return None
 
 

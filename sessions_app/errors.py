@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none: what a one-line log or
+    message says of it (a database error's text runs to several lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class StateStoreError(Exception):
     """Base class. `code` is stable and machine-readable; `status` is the HTTP status edges use."""
 

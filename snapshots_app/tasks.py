@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import IntegrityProblem, StateStoreError
+from sessions_app.errors import IntegrityProblem, StateStoreError, first_line
 from sessions_app.models import Project
 from snapshots_app import jobs
 from snapshots_app.models import Job, JobKind, JobStatus, Version
@@ -146,7 +146,7 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
         # jobs_requeue_stale sends it once the database is back (a cut connection used to wait for
         # that too: ~2.5 min showing "running"). Celery's own log of the error names the task, not
         # the job: say which one, and what happens next.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if jobs.job_release(job=job) and _send_job(job):
             logger.warning("job %s (%s, attempt %s) lost the database (%s); the database answers again: it is sent "
                            "again now and resumes from what was committed", job.pk, job.kind, job.attempts, reason)
