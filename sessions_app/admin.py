@@ -158,17 +158,6 @@ class ReadOnlyAdmin(ProjectScopedAdmin):
 
     paginator = CappedCountPaginator
     show_full_result_count = False
-    # The field by which a session id pasted into the search box (from a session page's address or
-    # the API, matching none of the searched columns) finds rows too; None: not searched that way.
-    pasted_session_lookup: str | None = None
-
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        lookup = self.pasted_session_lookup
-        if lookup is None or (session_id := pasted_uuid(search_term)) is None:
-            return found, may_have_duplicates
-        return found | queryset.filter(**{lookup: session_id}), may_have_duplicates
-
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -502,12 +491,18 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
                     "dashboard"]
     list_filter = ["status", ("project", ProjectListFilter), ("archived_at", admin.EmptyFieldListFilter)]
     search_fields = ["external_id", "workflow"]
-    pasted_session_lookup = "pk"
     list_select_related = ["project"]
     # Recently updated first within each project: the order of the session_project_updated index, so a
     # page is an index scan, not a sort of every session (which a plain -updated_at would be).
     ordering = ["project_id", "-updated_at", "-id"]
     readonly_fields = ["dashboard"]
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        # A session id pasted into the search box (from a session page's address or the API) finds its
+        # session too, though it matches none of the searched columns.
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        session_id = pasted_uuid(search_term)
+        return (found if session_id is None else found | queryset.filter(pk=session_id)), may_have_duplicates
 
     @admin.display(description="Dashboard")
     def dashboard(self, obj: WorkflowSession) -> str:
