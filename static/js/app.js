@@ -31,18 +31,21 @@
   });
 
   // Live messages remove a row before re-inserting it (a page loaded just after a write already shows
-  // it) and remove deleted sessions' rows; a row this page does not show needs no removal, and htmx
-  // would log an error for it. Such removals are dropped here (hx-ext="ws,live-rows").
+  // it), remove deleted sessions' rows, and redraw the rows of every session that changed (the server
+  // does not know which of them a filtered list shows). A row this page does not show needs neither,
+  // and htmx would log an error for each: such parts are dropped here (hx-ext="ws,live-rows").
   if (window.htmx) {
     htmx.defineExtension("live-rows", {
       transformResponse: function (text) {
         var holder = document.createElement("template");
         holder.innerHTML = text;
         Array.prototype.slice.call(holder.content.children).forEach(function (child) {
-          var oob = child.getAttribute("hx-swap-oob") || "";
-          if (oob.indexOf("delete") !== 0) return;
-          var selector = oob.indexOf(":") > 0 ? oob.slice(oob.indexOf(":") + 1) : "#" + CSS.escape(child.id);
-          if (!document.querySelector(selector)) child.remove();
+          var oob = child.getAttribute("hx-swap-oob");
+          if (oob === null) return;
+          // "swap:selector" names its target; "true" or a bare swap style targets the element's own id.
+          var colon = oob.indexOf(":");
+          var selector = colon > 0 ? oob.slice(colon + 1) : child.id ? "#" + CSS.escape(child.id) : "";
+          if (selector && !document.querySelector(selector)) child.remove();
         });
         return holder.innerHTML;
       }

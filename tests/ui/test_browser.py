@@ -231,6 +231,47 @@ def test_the_open_list_shows_changes_that_came_together_on_top_in_order(server, 
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 
 
+def test_the_first_session_of_an_empty_project_replaces_its_empty_notice(server, browser):
+    """An open list of a project with no sessions yet said "No sessions yet" under the first one to arrive."""
+
+    def empty_project():
+        project = make_project("acme")
+        membership_set(project=project, user=make_user("olga"), role=Role.OPERATOR)
+        return project
+
+    project = off_loop(empty_project)
+    page = log_in(browser, server, "olga")
+    assert page.locator("text=No sessions yet").is_visible()
+    _wait_for_socket(page, "#session-table .live")
+    off_loop(make_session, project, "run-first")
+    page.wait_for_selector("a.ext:text('run-first')", timeout=3_000)
+    assert not page.locator("text=No sessions yet").is_visible()
+
+
+def test_a_filtered_list_updates_its_rows_and_ignores_the_sessions_it_does_not_show(server, browser):
+    """A filtered page updates the rows it shows in place; changes to the project's other sessions
+    reached it too, and htmx logged an error for each row it had no place for."""
+    from sessions_app.models import WorkflowSession
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/?project=acme&status=failed")
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
+    _wait_for_socket(page, "#session-table .live")
+
+    def changes() -> None:
+        session_update(session=session, status="waiting")  # run-42: not on this page
+        make_session(session.project, "run-new")
+        session_update(session=WorkflowSession.objects.get(external_id="run-failed"), status="completed")
+
+    off_loop(changes)
+    page.wait_for_function("() => document.querySelector('tr.srow .badge').textContent === 'Completed'", timeout=3_000)
+    page.wait_for_timeout(700)
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
 def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
     from sessions_app import background
 
