@@ -10,16 +10,26 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.template.loader import get_template
+from django.template.loader import get_template, render_to_string
+from django.utils.http import urlencode
 
 from sessions_app import events
 from sessions_app.models import Project, WorkflowSession
-from sessions_app.selectors import SESSION_PAGE, membership_exists, membership_role, session_rows, session_user
+from sessions_app.selectors import (
+    SESSION_PAGE,
+    SessionFilters,
+    membership_exists,
+    membership_role,
+    session_list,
+    session_rows,
+    session_user,
+)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -166,6 +176,15 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
 
 ROW = "sessions_app/partials/_session_row.html"
+ROWS = "sessions_app/partials/_session_rows.html"
+
+
+@dataclass
+class _FirstPage:
+    """The unfiltered first page as a reload shows it, and the cursor of the page after it."""
+
+    sessions: list[WorkflowSession]
+    next_cursor: str
 
 
 def _session_id(payload: dict[str, Any]) -> str | None:
@@ -193,6 +212,7 @@ class ProjectEventsConsumer(LiveConsumer):
     SHOWN_EVENTS = frozenset({"session.created", "session.updated", "session.archived", "session.deleted",
                               "version.created", "versions.removed"})
 
+    project: Project | None = None
     project_id: int = 0
     # The unfiltered first page (?top=1) keeps newest activity on top; filtered pages update in place.
     top = False
@@ -209,7 +229,7 @@ class ProjectEventsConsumer(LiveConsumer):
         project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
         if project is None:
             return None
-        self.project_id = project.pk
+        self.project, self.project_id = project, project.pk
         self.top = b"top=1" in self.scope.get("query_string", b"").split(b"&")
         return events.project_group(project.pk)
 
@@ -274,23 +294,35 @@ class ProjectEventsConsumer(LiveConsumer):
             return None
         # Rendered off the thread that runs the process's database calls (a page of rows takes ~8 ms),
         # which page requests wait for. The rows' templates read only the rows' own fields.
+        if isinstance(rows, _FirstPage):
+            return await asyncio.to_thread(self._first_page_html, rows)
         return await asyncio.to_thread(self._html, batch, rows)
 
     @database_sync_to_async
-    def _read_batch(self, batch: dict[str, bool]) -> list[WorkflowSession] | None:
+    def _read_batch(self, batch: dict[str, bool]) -> list[WorkflowSession] | _FirstPage | None:
         if not membership_exists(user=self.scope["user"], project_id=self.project_id):
             return None
         changed = [session_id for session_id, deleted in batch.items() if not deleted]
-        # On top, newest first: rows beyond the first page would only push each other below it.
-        return session_rows(project_id=self.project_id, session_ids=changed,
-                            limit=SESSION_PAGE if self.top else None) if changed else []
+        if self.top and len(changed) > SESSION_PAGE and self.project is not None:
+            # More sessions changed than the first page holds: those beyond it belong below it, above
+            # every row the page had, where no out-of-band swap can put them (the page's rows and its
+            # "Load more" cursor are the browser's). The first page is shown afresh, as a reload would.
+            return _FirstPage(*session_list(project=self.project, filters=SessionFilters()))
+        return session_rows(project_id=self.project_id, session_ids=changed) if changed else []
+
+    def _first_page_html(self, page: _FirstPage) -> str:
+        assert self.project is not None
+        rows = render_to_string(ROWS, {
+            "sessions": page.sessions, "next_cursor": page.next_cursor, "filters": SessionFilters(),
+            "base_query": urlencode({"project": self.project.slug}),
+        })
+        return f'<tbody id="session-rows-live" hx-swap-oob="innerHTML">{rows}</tbody>'
 
     def _html(self, batch: dict[str, bool], rows: list[WorkflowSession]) -> str:
         row = get_template(ROW)
         if self.top:
             # Every row of the batch is removed first (a page loaded just after a write already shows it,
-            # a deleted session's row goes, and a row pushed below the first page by this batch's would
-            # otherwise stay where it was, out of date), then the new rows go on top in one block, in order.
+            # and a deleted session's row goes), then the new rows go on top in one block, in order.
             # Table rows must travel inside <tbody>: parsed bare next to one, the HTML parser drops them.
             parts = [f'<tbody hx-swap-oob="delete:#s-{session_id}"></tbody>' for session_id in batch]
             if rows:

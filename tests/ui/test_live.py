@@ -226,7 +226,9 @@ def _in_thread(function, *args):
 
 def first_update(path: str, user: Any, action: Any) -> str:
     """Open a socket on `path` as `user`, do `action` (in a thread of its own, as a request or a worker
-    would) and return the first message the socket gets."""
+    would) and return the first message the socket gets. Events of what the test made before are
+    published first (after commit, on a background thread): one arriving late was the first message."""
+    background.drain(5)
 
     async def scenario() -> str:
         client = communicator(path, user)
@@ -302,6 +304,7 @@ _LIST_SWAP = re.compile(
     r'<tbody hx-swap-oob="delete:#s-(?P<removed>[0-9a-f-]+)"></tbody>'
     r'|<tr id="s-(?P<deleted>[0-9a-f-]+)" hx-swap-oob="delete"></tr>'
     r'|<tbody hx-swap-oob="afterbegin:#session-rows-live">(?P<on_top>.*?)</tbody>'
+    r'|<tbody id="session-rows-live" hx-swap-oob="innerHTML">(?P<page>.*?)</tbody>'
     r'|(?P<row><tr id="s-[0-9a-f-]+"[^>]*hx-swap-oob="true">.*?</tr>)\s*', re.S)
 _ROW = re.compile(r'<tr id="s-(?P<id>[0-9a-f-]+)".*?</tr>', re.S)
 
@@ -318,6 +321,8 @@ def _rows_after(rows: list[tuple[str, str]], message: str) -> list[tuple[str, st
         gone = swap["removed"] or swap["deleted"]
         if gone:
             rows = [row for row in rows if row[0] != gone]
+        elif swap["page"] is not None:
+            rows = [(row["id"], _status(row[0])) for row in _ROW.finditer(swap["page"])]
         elif swap["on_top"] is not None:
             rows = [(row["id"], _status(row[0])) for row in _ROW.finditer(swap["on_top"])] + rows
         else:
@@ -391,6 +396,55 @@ def test_a_burst_of_changes_to_many_sessions_costs_a_list_tab_queries_per_interv
     now = {str(session.pk): session.status for session in WorkflowSession.objects.filter(project=project)}
     assert all(now.get(key) == status for key, status in rows), "a row shows a session as it no longer is"
     assert str(sessions[3].pk) not in dict(rows)
+
+
+def test_more_changes_than_the_first_page_holds_redraw_it_as_a_reload_would_leaving_no_gap(setup, settings):
+    """The unfiltered list showed two pages ("Load more") when 60 of its sessions changed within one
+    LIVE_LIST_BATCH_MS: the 50 newest went on top and the rows of the other 10 were removed, so the list
+    skipped them (newer than every row left under them, and above the page's "Load more" cursor, which
+    never brought them back). The first page is now redrawn whole, with a "Load more" that continues it."""
+    from urllib.parse import unquote
+
+    from sessions_app.selectors import SESSION_PAGE, SessionFilters, session_list
+
+    settings.LIVE_LIST_BATCH_MS = 1000
+    owner, _, project, _, _ = setup
+    for n in range(2, SESSION_PAGE + 31):
+        make_session(project, f"run-{n}")
+
+    def in_order(after: str = "") -> list[tuple[str, str]]:
+        found = session_list(project=project, filters=SessionFilters(), after=after, limit=1000)[0]
+        return [(str(session.pk), session.status) for session in found]
+
+    background.drain(5)  # (the sessions' own creation events are not this test's)
+    shown = in_order()  # both pages loaded: all 80 sessions
+    changed = [WorkflowSession.objects.get(pk=key) for key, _ in shown[20:]]  # all but the 20 newest
+
+    def burst() -> None:
+        for session in changed:
+            session_update(session=session, status="failed")
+        background.drain(5)
+
+    async def scenario() -> list[str]:
+        client = communicator("/ws/projects/acme/?top=1", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, burst)
+        messages = [await client.receive_from(timeout=5)]
+        while not await client.receive_nothing(timeout=1.5):
+            messages.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return messages
+
+    messages = run(scenario)
+    rows = shown
+    for message in messages:
+        rows = _rows_after(rows, message)
+    now = in_order()
+    assert rows == now[:len(rows)], "the list skips sessions or shows them out of date"
+    assert len(rows) == SESSION_PAGE
+    cursor = re.findall(r'<tr class="more">.*?[?&]amp;after=([^"&]+)"', messages[-1], re.S)
+    assert cursor, "the redrawn first page has no Load more"
+    assert rows + in_order(after=unquote(cursor[0])) == now
 
 
 @pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "filtered"])
