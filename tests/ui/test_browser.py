@@ -272,6 +272,39 @@ def test_a_filtered_list_updates_its_rows_and_ignores_the_sessions_it_does_not_s
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 
 
+def test_the_open_list_redraws_its_first_page_when_more_sessions_change_than_it_holds(server, browser):
+    """More sessions changed at once than the first page holds: it shows the newest page as a reload
+    would, and "Load more" goes on from there, every session once."""
+    from sessions_app.selectors import SESSION_PAGE
+
+    session = off_loop(_operator_story)
+    project = session.project
+    others = off_loop(lambda: [make_session(project, f"run-{n:03}") for n in range(SESSION_PAGE + 8)])
+    page = log_in(browser, server, "olga")
+    assert page.locator("tr.srow").count() == SESSION_PAGE
+    _wait_for_socket(page, "#session-table .live")
+
+    def burst() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():  # their events go out together, at commit
+            for other in others:
+                session_update(session=other, status="failed")
+
+    off_loop(burst)
+    page.wait_for_function("(count) => [...document.querySelectorAll('tr.srow .badge')].filter("
+                           "b => b.textContent === 'Failed').length === count", arg=SESSION_PAGE, timeout=5_000)
+    page.wait_for_timeout(700)
+    assert page.locator("tr.srow").count() == SESSION_PAGE
+    page.click("tr.more a")
+    page.wait_for_function("() => !document.querySelector('tr.more')", timeout=5_000)
+    names = page.locator("a.ext").all_inner_texts()
+    assert names[:SESSION_PAGE + 8] == [f"run-{n:03}" for n in reversed(range(SESSION_PAGE + 8))]
+    assert sorted(names[SESSION_PAGE + 8:]) == ["run-42", "run-failed"]
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
 def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser):
     from sessions_app import background
 
