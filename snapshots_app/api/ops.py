@@ -10,7 +10,7 @@ from typing import IO, Any, TypeVar
 
 from django.conf import settings
 from django.db.models import Model, Q, QuerySet
-from django.http import FileResponse
+from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, serializers, status
@@ -23,7 +23,7 @@ from sessions_app.api import filters
 from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
-from sessions_app.api.http import OrjsonRenderer
+from sessions_app.api.http import OrjsonRenderer, file_download
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.api.serializers import (
     InputSerializer,
@@ -328,11 +328,10 @@ class JobFile(ApiView):
         summary="Download a finished export (operator); 400 while it is not finished or once the file is gone.",
         responses={(200, "application/x-ndjson"): OpenApiResponse(OpenApiTypes.BINARY, "The NDJSON export file")},
     )
-    def get(self, request: Request, job_id: str) -> FileResponse:
+    def get(self, request: Request, job_id: str) -> StreamingHttpResponse:
         job = _job(request, job_id)
         require_role(request, job.project_id, Role.OPERATOR)  # type: ignore[arg-type]  # _job excludes None
-        path = transfer.export_file(job=job)
-        return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/x-ndjson")
+        return file_download(request._request, transfer.export_file(job=job), "application/x-ndjson")
 
 
 class IntegrityProblemList(mixins.ListModelMixin, ApiView):

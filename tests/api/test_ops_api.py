@@ -351,3 +351,56 @@ def test_a_projects_jobs_are_paged_newest_first_by_their_index(project, other_pr
     assert len(listing) == 1
     plan = query_plan(listing[0])
     assert "job_project_created" in plan and "Sort" not in plan, plan
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_export_downloads_from_disk_as_it_is_sent_not_read_whole_first(project, writer, settings, tmp_path):
+    """Served by the ASGI server the web process runs, a download read the whole export file into memory
+    before its first byte went out (Django buffers a file response's iterator under ASGI): a 1 GB export
+    cost the web process 1 GB, and the client waited for all of it to be read. It is now read a chunk
+    at a time as the client takes it."""
+    import tracemalloc
+
+    from asgiref.sync import async_to_sync
+    from asgiref.testing import ApplicationCommunicator
+
+    from config.asgi import application
+    from snapshots_app.models import JobKind, JobStatus
+    from snapshots_app.transfer import exports_dir
+
+    settings.VAR_DIR = tmp_path
+    exports_dir().mkdir(parents=True)
+    size = 24 * 1024 * 1024
+    (exports_dir() / "big.ndjson").write_bytes(b'{"line": "' + b"x" * (size - 13) + b'"}\n')
+    job = Job.objects.create(project=project, kind=JobKind.EXPORT, status=JobStatus.DONE, result={"file": "big.ndjson"})
+
+    async def download() -> tuple[dict, int, int]:
+        scope = {"type": "http", "method": "GET", "path": f"/api/v1/jobs/{job.pk}/file/", "raw_path": b"",
+                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                 "headers": [(b"host", b"localhost"), (b"authorization", f"Bearer {writer.token}".encode())],
+                 "client": ("127.0.0.1", 50000), "server": ("localhost", 80)}
+        app = ApplicationCommunicator(application, scope)
+        await app.send_input({"type": "http.request", "body": b"", "more_body": False})
+        tracemalloc.start()
+        try:
+            start = await app.receive_output(10)
+            first = await app.receive_output(10)
+            assert first["type"] == "http.response.body", (start, first)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        received = len(first.get("body", b""))
+        while first.get("more_body"):
+            first = await app.receive_output(10)
+            assert first["type"] == "http.response.body", first
+            received += len(first.get("body", b""))
+        await app.wait(5)  # the handler's end of the request (it closes its database connection)
+        return start, received, peak
+
+    start, received, peak = async_to_sync(download)()
+    headers = {name.lower(): value for name, value in start["headers"]}
+    assert start["status"] == 200 and headers[b"content-length"] == str(size).encode()
+    assert headers[b"content-disposition"] == b'attachment; filename="big.ndjson"'
+    assert headers[b"content-type"] == b"application/x-ndjson"
+    assert received == size  # every byte, once
+    assert peak < size // 4, f"{peak / 2**20:.0f} MiB held before the first byte of a {size / 2**20:.0f} MiB file"
