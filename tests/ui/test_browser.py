@@ -273,8 +273,9 @@ def test_a_filtered_list_updates_its_rows_and_ignores_the_sessions_it_does_not_s
 
 
 def test_the_open_list_redraws_its_first_page_when_more_sessions_change_than_it_holds(server, browser):
-    """More sessions changed at once than the first page holds: it shows the newest page as a reload
-    would, and "Load more" goes on from there, every session once."""
+    """More sessions changed at once than the first page holds: the page goes on listing every session
+    once, in order, and "Load more" goes on from its last row (the page skipped the changed sessions that
+    did not fit on top). However the changes come in updates, all of them or a few at a time."""
     from sessions_app.selectors import SESSION_PAGE
 
     session = off_loop(_operator_story)
@@ -293,11 +294,11 @@ def test_the_open_list_redraws_its_first_page_when_more_sessions_change_than_it_
 
     off_loop(burst)
     page.wait_for_function("(count) => [...document.querySelectorAll('tr.srow .badge')].filter("
-                           "b => b.textContent === 'Failed').length === count", arg=SESSION_PAGE, timeout=5_000)
-    page.wait_for_timeout(700)
-    assert page.locator("tr.srow").count() == SESSION_PAGE
-    page.click("tr.more a")
-    page.wait_for_function("() => !document.querySelector('tr.more')", timeout=5_000)
+                           "b => b.textContent === 'Failed').length >= count", arg=SESSION_PAGE, timeout=10_000)
+    page.wait_for_timeout(1_000)  # (an update still on its way)
+    if page.locator("tr.more a").count():
+        page.click("tr.more a")
+        page.wait_for_function("() => !document.querySelector('tr.more')", timeout=5_000)
     names = page.locator("a.ext").all_inner_texts()
     assert names[:SESSION_PAGE + 8] == [f"run-{n:03}" for n in reversed(range(SESSION_PAGE + 8))]
     assert sorted(names[SESSION_PAGE + 8:]) == ["run-42", "run-failed"]
