@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from session_rewind_client import (
     AsyncClient,
     AuthenticationError,
@@ -310,3 +314,85 @@ def test_a_path_without_its_slash_is_refused_and_writes_nothing(rewind):
         rewind.request("POST", "sessions", json={"external_id": "no-slash"})
     assert caught.value.status == 308 and "/api/v1/sessions/" in str(caught.value)
     assert rewind.list_sessions(q="no-slash")["results"] == []
+
+
+def _engine_json(value):
+    """What an engine author writes as json_default: its own types as JSON, anything else refused."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, _ById):
+        return {1: "first", "1": "second", "n": 2}
+    if isinstance(value, _Box):
+        return {"items": value.items}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class _Order(BaseModel):
+    sku: str
+    placed: datetime
+    labels: set[str]
+
+
+_ENGINE_STATE = {
+    "at": datetime(2026, 12, 6, 9, 30, tzinfo=UTC),
+    "seen": {"b", "a"},
+    "blob": b"\x00\xff",
+    "price": Decimal("9.99"),
+    "orders": [_Order(sku="x-1", placed=datetime(2026, 1, 2, tzinfo=UTC), labels={"gift"})],
+}
+_AS_STORED = {
+    "at": "2026-12-06T09:30:00+00:00",
+    "seen": ["a", "b"],
+    "blob": "AP8=",
+    "price": "9.99",
+    "orders": [{"sku": "x-1", "placed": "2026-01-02T00:00:00Z", "labels": ["gift"]}],
+}
+
+
+def test_json_default_turns_an_engines_values_into_json_and_what_it_refuses_is_named(live_api):
+    # A state of datetimes, sets, bytes, Decimals and pydantic models was a ValidationError, with no way
+    # to tell the client how to convert them but to copy the whole state first.
+    with live_api.client(json_default=_engine_json) as rewind:
+        session = rewind.create_session("json-default", metadata={"started": datetime(2026, 12, 6, tzinfo=UTC)})
+        assert session["metadata"] == {"started": "2026-12-06T00:00:00+00:00"}
+        rewind.record(session["id"], _ENGINE_STATE, step="plan")
+        assert rewind.head(session["id"])["state"] == _AS_STORED
+
+        # What the hook itself refuses (inside what it returned, too) is named where it is; nothing is written.
+        with pytest.raises(ValidationError, match=r"\(a complex at /state/orders/1/1\)$"):
+            rewind.record(session["id"], {**_ENGINE_STATE, "orders": [_ENGINE_STATE["orders"][0], ["x", 1j]]})
+        with pytest.raises(ValidationError, match=r"\(a complex at /state/box/items/0\)$"):
+            rewind.record(session["id"], {**_ENGINE_STATE, "box": _Box([1j])})
+        with pytest.raises(ValidationError, match=r"\(a float at /state/ratio\)$"):  # NaN is no JSON either way
+            rewind.record(session["id"], {"ratio": float("nan")})
+        # Keys the hook's answer would spell alike are refused as any others.
+        with pytest.raises(ValidationError, match=r"would both be sent as \"1\" \(at /state/by_id\)"):
+            rewind.record(session["id"], {"by_id": _ById()})
+        assert rewind.get_session(session["id"])["head"] == 1
+
+    async def scenario() -> dict:
+        async with live_api.aclient(json_default=_engine_json) as arewind:
+            await arewind.record(session["id"], _ENGINE_STATE, step="act")
+            return await arewind.head(session["id"])
+
+    assert asyncio.run(scenario())["state"] == _AS_STORED
+    # Without the hook such a state is refused before anything is sent, as before.
+    with live_api.client() as plain, pytest.raises(ValidationError, match=r"\(a datetime at /state/at\)$"):
+        plain.record(session["id"], _ENGINE_STATE)
+
+
+class _ById:
+    """An engine object whose JSON form has keys of two types that JSON spells alike."""
+
+
+class _Box:
+    def __init__(self, items: list) -> None:
+        self.items = items

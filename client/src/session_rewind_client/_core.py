@@ -22,6 +22,8 @@ import httpx
 from session_rewind_client.errors import SessionRewindError, TransportError, ValidationError, error_for
 
 API_PREFIX = "/api/v1"
+# json.dumps' `default`: turns a value JSON has no type for into one it has, or raises TypeError.
+JsonDefault = Callable[[Any], Any]
 # Throttled, and the answers of a server (or the proxy before it) that is restarting or has lost its
 # database for a moment. Not 500: a bug answers the same way however often it is asked.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -51,22 +53,23 @@ class Call:
     def is_write(self) -> bool:
         return self.method in WRITE_METHODS
 
-    def body(self) -> bytes | None:
+    def body(self, json_default: JsonDefault | None = None) -> bytes | None:
         """The request body, encoded once before the first attempt. A value JSON cannot carry (NaN,
-        an infinity, a lone surrogate, an object of no JSON type), or two keys of one object that JSON
-        would spell alike (1 and "1"), is a ValidationError raised here, before anything is sent, like
-        every other refusal."""
+        an infinity, a lone surrogate, an object of no JSON type that `json_default` does not turn
+        into one), or two keys of one object that JSON would spell alike (1 and "1"), is a
+        ValidationError raised here, before anything is sent, like every other refusal."""
         if self.json is None:
             return self.content
         try:
             # Keys sorted (the server sorts them anyway; ~2-6 % of the encoding): sorting is what notices
             # an object whose keys are of several types, the only kind in which two keys can become one.
-            return _encoded(self.json, sort_keys=True)
+            return _encoded(self.json, sort_keys=True, default=json_default)
         except TypeError:  # keys of several types in one object (what _encoded lets through)
-            clash = key_clash_at(self.json)
+            clash = key_clash_at(self.json, json_default)
             if clash:
                 raise ValidationError(f"the request cannot be sent as JSON: {clash}") from None
-            return _encoded(self.json, sort_keys=False)  # keys of several types, each spelled its own way
+            # Keys of several types, each spelled its own way.
+            return _encoded(self.json, sort_keys=False, default=json_default)
 
     def prepared_headers(self) -> dict[str, str]:
         """Headers for every attempt of this call: one idempotency key across all retries."""
@@ -83,26 +86,29 @@ class Call:
         return {key: value for key, value in self.params.items() if value is not None}
 
 
-def _encoded(body: Any, *, sort_keys: bool) -> bytes:
+def _encoded(body: Any, *, sort_keys: bool, default: JsonDefault | None = None) -> bytes:
     try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=sort_keys).encode()
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=sort_keys,
+                          default=default).encode()
     except RecursionError:
         raise ValidationError("the request cannot be sent as JSON: it nests deeper than Python can encode "
                               "(a state may nest 200 levels, the server's STATE_MAX_DEPTH)") from None
     except TypeError as exc:
         if sort_keys and _MIXED_KEYS in str(exc):
             raise  # Call.body looks for keys that would clash (key_clash_at), then encodes them unsorted
-        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc)}") from None
+        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc, default)}") from None
     except (ValueError, UnicodeEncodeError) as exc:
-        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc)}") from None
+        raise ValidationError(f"the request cannot be sent as JSON: {exc}{_where(body, exc, default)}") from None
 
 
-def _where(body: Any, exc: Exception) -> str:
-    return "" if "Circular reference" in str(exc) else unencodable_at(body)
+def _where(body: Any, exc: Exception, default: JsonDefault | None) -> str:
+    return "" if "Circular reference" in str(exc) else unencodable_at(body, default)
 
 
 # What sorting the keys of an object raises when they are of several types (1 and "a").
 _MIXED_KEYS = "not supported between instances of"
+# What json.dumps encodes itself (subclasses included); anything else goes to its `default`.
+_JSON_TYPES = (dict, list, tuple, str, int, float, type(None))
 
 
 def _key_text(key: Any) -> Any:
@@ -116,11 +122,11 @@ def _key_text(key: Any) -> Any:
     return key  # not a JSON key: json.dumps names it (see unencodable_at)
 
 
-def key_clash_at(body: Any) -> str:
+def key_clash_at(body: Any, default: JsonDefault | None = None) -> str:
     """Two keys of one object that JSON spells alike (1 and "1", True and "true"), and where: sent as
     they are, the object would carry one name twice, and the server keeps the last, so the value of
     the other would be lost without a word. "" if there are none."""
-    for value, path in _walk(body):
+    for value, path in _walk(body, default):
         if not isinstance(value, dict):
             continue
         named: dict[Any, Any] = {}
@@ -136,13 +142,21 @@ def key_clash_at(body: Any) -> str:
     return ""
 
 
-def _walk(body: Any) -> Iterator[tuple[Any, str]]:
-    """Every value of a body with its JSON pointer, in document order; a container met again (the
-    same object twice, or a cycle) is not walked again."""
+def _walk(body: Any, default: JsonDefault | None = None) -> Iterator[tuple[Any, str]]:
+    """Every value of a body with its JSON pointer, in document order, as json.dumps sees it: a value
+    of no JSON type as `default` turns it into one (or as it is, where `default` refuses it); a
+    container met again (the same object twice, or a cycle) is not walked again."""
     seen: set[int] = set()
+    converted: list[Any] = []  # what `default` made, kept alive: `seen` holds ids
     stack: list[tuple[Any, str]] = [(body, "")]
     while stack:
         value, path = stack.pop()
+        if default is not None and not isinstance(value, _JSON_TYPES):
+            try:
+                value = default(value)
+                converted.append(value)
+            except (TypeError, ValueError):
+                pass  # json.dumps refuses it: unencodable_at names it
         if isinstance(value, (dict, list, tuple)):
             if id(value) in seen:
                 continue
@@ -170,10 +184,10 @@ def _encodes(value: Any) -> bool:
     return value is None or isinstance(value, int)
 
 
-def unencodable_at(body: Any) -> str:
+def unencodable_at(body: Any, default: JsonDefault | None = None) -> str:
     """Where in a body json.dumps refused (" at /state/log/3"), which its message never says: in a
     large state the engine could not tell which value was a datetime, a set or a NaN."""
-    for value, path in _walk(body):
+    for value, path in _walk(body, default):
         if isinstance(value, dict):
             for key in reversed(list(value)):
                 if not _encodes(key):

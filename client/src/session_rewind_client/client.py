@@ -22,6 +22,7 @@ from session_rewind_client._core import (
     DEFAULT_DEADLINE,
     Call,
     CallBudget,
+    JsonDefault,
     RetryPolicy,
     api_key_from,
     base_url_from,
@@ -424,6 +425,11 @@ class Client(Endpoints[Any]):
     call, its retries and waits included: past it the call raises what its last attempt got
     (`TransportError` for a server that never answered). None: no overall limit.
 
+    `json_default` is json.dumps' `default` for every request body: it is given each value JSON has
+    no type for (a datetime, set, bytes, a pydantic model...) and returns one JSON has (or raises
+    TypeError: the call's ValidationError then names where the value is). Without it such a value is
+    that ValidationError, and nothing is sent.
+
     >>> with Client("http://127.0.0.1:8000", api_key="sr_...") as rewind:
     ...     session = rewind.create_session("run-42")
     """
@@ -438,10 +444,12 @@ class Client(Endpoints[Any]):
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
+        json_default: JsonDefault | None = None,
     ) -> None:
         _refuse_ignored(http, base_url=base_url, api_key=api_key, transport=transport)
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
+        self.json_default = json_default
         self._http = http or httpx.Client(
             base_url=base_url_from(base_url),
             headers=default_headers(api_key_from(api_key), USER_AGENT),
@@ -459,7 +467,7 @@ class Client(Endpoints[Any]):
         self._http.close()
 
     def _run(self, call: Call) -> Any:
-        body, headers = call.body(), call.prepared_headers()
+        body, headers = call.body(self.json_default), call.prepared_headers()
         budget = CallBudget(self.deadline)
         attempt = 0
         while True:
@@ -545,8 +553,8 @@ class Client(Endpoints[Any]):
 
 
 class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
-    """The same API for asyncio: every endpoint method returns an awaitable (`timeout` and
-    `deadline` as on `Client`).
+    """The same API for asyncio: every endpoint method returns an awaitable (`timeout`, `deadline`
+    and `json_default` as on `Client`).
 
     One client may serve several event loops one after another (a script calling `asyncio.run`
     per job, a test per case): its connections belong to the loop they were opened on, so on a new
@@ -564,10 +572,12 @@ class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         http: httpx.AsyncClient | None = None,
+        json_default: JsonDefault | None = None,
     ) -> None:
         _refuse_ignored(http, base_url=base_url, api_key=api_key, transport=transport)
         self.retry = retry or RetryPolicy()
         self.deadline = deadline
+        self.json_default = json_default
         self._renewable = http is None and transport is None
         url, headers = base_url_from(base_url), default_headers(api_key_from(api_key), USER_AGENT)
 
@@ -618,7 +628,7 @@ class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
         )
 
     async def _run(self, call: Call) -> Any:
-        body, headers = call.body(), call.prepared_headers()
+        body, headers = call.body(self.json_default), call.prepared_headers()
         budget = CallBudget(self.deadline)
         http = self._http_for_this_loop()
         attempt = 0
