@@ -622,6 +622,27 @@ def test_a_checkpoint_asked_for_by_id_is_read_in_one_request_and_matches_langgra
     assert state_shape(graph.get_state(configs[3])) == expected[3] and len(sent) == 3, sent
 
 
+def test_a_checkpoint_without_writes_asked_for_by_id_spends_no_request_on_rewinds(live_api, rewind):
+    from langgraph.types import Command
+
+    config = {"configurable": {"thread_id": "by-id-done"}}
+    theirs = talk_graph(InMemorySaver())
+    ours = talk_graph(SessionRewindSaver(live_api.client()))
+    for graph in (theirs, ours):
+        graph.invoke({"turns": 3, "log": []}, config)
+        graph.invoke(Command(resume="yes"), config)  # finished: its last checkpoint has no pending writes
+    final = ours.get_state(config).config
+    session = rewind.list_sessions(external_id="by-id-done")["results"][0]
+    rewind.rewind(session["id"], session["head"] - 1, reason="look at the question again")
+    rewind.rewind(session["id"], session["head"], reason="back to the answer")  # a rewind to `final`
+
+    client, sent = live_api.counted_client()
+    assert state_shape(talk_graph(SessionRewindSaver(client)).get_state(final)) == state_shape(theirs.get_state(config))
+    # The thread's session, the checkpoint with its state, the writes session, its writes (none): its
+    # rewinds, which only say which of its writes are its own, used to cost one more.
+    assert len(sent) == 4, sent
+
+
 def test_copy_thread_goes_a_page_at_a_time_and_the_copy_reads_as_its_source(live_api, rewind):
     from langgraph.types import Command
 

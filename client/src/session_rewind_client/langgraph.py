@@ -717,12 +717,6 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     # -- pending writes ----------------------------------------------------------------------------
 
-    def _writes_for(self, writes_session: str | None, checkpoint_id: str, window: tuple[datetime | None, datetime | None]) -> Op:
-        if writes_session is None:
-            return []
-        found = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
-        return (yield from self._collect_writes(writes_session, _within(found, window)))
-
     def _rewinds(self, session_id: str) -> Op:
         """Rewind version number -> (number of the non-rewind version it restores, created_at)."""
         found = yield from _VersionPages(session_id, {"kind": "rewind"}, with_state=False).all()
@@ -753,6 +747,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             return None
         checkpoint_id = get_checkpoint_id(config)
         window: tuple[datetime | None, datetime | None] = (None, None)
+        number: int | None = None  # of the checkpoint asked for by id
         if checkpoint_id:
             try:
                 found = yield from self._checkpoint_version(session_id, checkpoint_id)
@@ -762,9 +757,6 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             if found is None:
                 return None
             number, state = found
-            # Its writes are those made before the first rewind back to it (later ones belong to that rewind).
-            rewinds = yield from self._rewinds(session_id)
-            window = (None, min((when for target, when in rewinds.values() if target == number), default=None))
         else:
             try:
                 head = yield Call("GET", f"sessions/{session_id}/head/")
@@ -783,7 +775,15 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             if head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
         writes_session = yield from self._find_session(_writes_of(external_id))
-        writes = yield from self._writes_for(writes_session, checkpoint_id, window)
+        if writes_session is None:
+            return self._tuple_from(state, thread_id, ns, [])
+        rows = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
+        if number is not None and rows:
+            # Its writes are those made before the first rewind back to it (later ones belong to that
+            # rewind). A checkpoint without writes needs no rewinds (a request saved).
+            rewinds = yield from self._rewinds(session_id)
+            window = (None, min((when for target, when in rewinds.values() if target == number), default=None))
+        writes = yield from self._collect_writes(writes_session, _within(rows, window))
         return self._tuple_from(state, thread_id, ns, writes)
 
     def _before_root_rewind(self, thread_id: str, created_at: str) -> Op:
