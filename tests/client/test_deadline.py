@@ -182,3 +182,45 @@ def test_a_throttled_client_waits_out_retry_after_within_its_deadline(live_api, 
         with pytest.raises(RateLimited) as caught:
             client.list_sessions()
         assert time.monotonic() - started < 0.5 and caught.value.retry_after >= 1
+
+
+def test_a_server_restarting_for_a_few_seconds_is_waited_out_and_the_write_lands_once(live_api, rewind):
+    """Connections are refused while the web process restarts; the client's retries must outlast it.
+    Their waits were anywhere from 0 to their backoff (full jitter), so all six could be short: the
+    defaults gave up after 5 s of a restart in one run here, though they promised about half a minute."""
+    upstream = urlsplit(live_api.url)
+    outage = 1.5
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused, as in a restart
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    received: list[bytes] = []
+
+    def restart() -> None:
+        time.sleep(outage)
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(4)
+            conn, _ = listener.accept()
+            with conn, socket.create_connection((upstream.hostname, upstream.port)) as server:
+                received.append(conn.recv(65536))
+                server.sendall(received[-1])
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + content_length(answer):
+                    answer += server.recv(65536)
+                conn.sendall(answer)
+
+    session = rewind.create_session("restart")
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    # Four retries of 0.4 s backoff: each wait 0.2-0.4, 0.4-0.8, 0.8-1.6, 1.6-3.2 s, 3 s at least in all.
+    with Client(f"http://127.0.0.1:{port}", api_key=live_api.key, retry=RetryPolicy(max_retries=4, backoff=0.4)) as client:
+        started = time.monotonic()
+        assert client.record(session["id"], {"n": 1})["number"] == 1
+    thread.join(5)
+    assert outage <= time.monotonic() - started < 10 and len(received) == 1
+    assert rewind.get_session(session["id"])["version_count"] == 1
+
+    # What the README promises of the defaults: 16 to 32 s of waiting in all, however the jitter falls.
+    totals = [sum(RetryPolicy().delay(attempt, None) for attempt in range(6)) for _ in range(1000)]
+    assert 15.75 <= min(totals) and max(totals) <= 31.5

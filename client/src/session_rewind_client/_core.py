@@ -199,14 +199,16 @@ def unencodable_at(body: Any, default: JsonDefault | None = None) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and full jitter.
+    """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and jitter.
 
     A server's Retry-After wins over the computed delay; one longer than `max_wait` is not waited
     for: the error is raised at once (a 429 as RateLimited with its `retry_after`). Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
-    The defaults ride out about half a minute of outage (a web restart, a database failover): six
-    retries waiting up to 0.5, 1, 2, 4, 8 and 16 s. All of it stays within the client's `deadline`
-    (see `CallBudget`): a wait that would end after it is not begun.
+    The defaults ride out 16 to 32 s of outage (a web restart, a database failover): six retries
+    waiting 0.25-0.5, 0.5-1, 1-2, 2-4, 4-8 and 8-16 s. Each wait is at least half its backoff: with
+    waits anywhere from 0 (full jitter) the six could all be short, and then a restart of a few
+    seconds, refusing connections meanwhile, failed the engine's call. All of it stays within the
+    client's `deadline` (see `CallBudget`): a wait that would end after it is not begun.
     """
 
     max_retries: int = 6
@@ -217,7 +219,8 @@ class RetryPolicy:
         hinted = retry_after_seconds(response) if response is not None else None
         if hinted is not None:
             return hinted  # at most max_wait: retry_wait refused longer ones
-        return min(self.max_wait, random.uniform(0, self.backoff * (2**attempt)))
+        backoff = self.backoff * (2**attempt)
+        return min(self.max_wait, random.uniform(backoff / 2, backoff))
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
