@@ -41,7 +41,7 @@ def tcp_server(handle: Callable[[socket.socket, int], None]) -> Iterator[tuple[s
             def run(conn: socket.socket = conn, index: int = index) -> None:
                 conn.settimeout(5)
                 try:
-                    received[index] = conn.recv(65536)
+                    received[index] = whole_message(conn)
                     handle(conn, index)
                 except OSError:
                     pass
@@ -140,9 +140,7 @@ def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_
         with socket.create_connection((upstream.hostname, upstream.port)) as server:
             server.sendall(received[index])
             server.settimeout(5)
-            answer = b""
-            while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + content_length(answer):
-                answer += server.recv(65536)
+            answer = whole_message(server)
             if index > 0:
                 conn.sendall(answer)
             else:
@@ -157,6 +155,18 @@ def test_a_write_whose_answer_was_lost_is_retried_within_the_deadline_and_lands_
     # with the one key, and stored once.
     assert len(received) >= 2 and len(keys) == 1
     assert rewind.get_session(session["id"])["version_count"] == 1
+
+
+def whole_message(sock: socket.socket) -> bytes:
+    """One HTTP message read off `sock`: its headers and its Content-Length body, however many packets
+    they come in (a client may send the body apart from the headers)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def content_length(answer: bytes) -> int:
@@ -203,12 +213,9 @@ def test_a_server_restarting_for_a_few_seconds_is_waited_out_and_the_write_lands
             listener.listen(4)
             conn, _ = listener.accept()
             with conn, socket.create_connection((upstream.hostname, upstream.port)) as server:
-                received.append(conn.recv(65536))
-                server.sendall(received[-1])
-                answer = b""
-                while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + content_length(answer):
-                    answer += server.recv(65536)
-                conn.sendall(answer)
+                server.sendall(whole_message(conn))  # (headers and body may come in separate packets)
+                received.append(b"request")
+                conn.sendall(whole_message(server))
 
     session = rewind.create_session("restart")
     thread = threading.Thread(target=restart, daemon=True)
