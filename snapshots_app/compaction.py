@@ -87,7 +87,9 @@ def retention_policy_set(
     actor: User = None,
     actor_label: str = "",
 ) -> RetentionPolicy:
-    """Create or change the project's retention policy (project admins only: the edge checks). Audited."""
+    """Create or change the project's retention policy (project admins only: the edge checks). Audited
+    when it changes something: the policy it has already is answered as it is, recorded nowhere (a
+    deployment that puts its policy on every start filled the audit log with changes from X to X)."""
     from sessions_app.errors import InvalidState
 
     for name, value in (("keep_last", keep_last), ("keep_days", keep_days)):
@@ -104,6 +106,8 @@ def retention_policy_set(
         if previous else None
     )
     after = {"enabled": enabled, "keep_last": keep_last, "keep_days": keep_days, "thin_to": thin_to}
+    if previous is not None and before == after:
+        return previous
     from sessions_app.services import actor_fields
 
     label = actor_fields(actor, actor_label)["actor_label"]

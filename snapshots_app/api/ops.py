@@ -185,7 +185,7 @@ class RetentionPolicyView(ApiView):
         return Response(RetentionPolicySerializer(policy).data)
 
     @extend_schema(operation_id="retention_policy_update", request=RetentionPolicyInputSerializer,
-                   responses={200: RetentionPolicySerializer}, summary="Set the retention policy (admin). Audited.")
+                   responses={200: RetentionPolicySerializer}, summary="Set the retention policy (admin). Audited when it changes something.")
     def put(self, request: Request) -> Response:
         incoming = RetentionPolicyInputSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)

@@ -39,6 +39,20 @@ def test_retention_policy_read_by_anyone_set_by_admins(project, reader, admin_ke
     assert AuditEvent.objects.filter(action="retention.policy").count() == 1
 
 
+def test_putting_the_policy_it_has_changes_nothing_and_records_nothing(project, admin_key):
+    """A deployment that puts its retention policy on every start: the same policy again is answered
+    as it is, with no audit event saying it changed from X to X (one was recorded per PUT)."""
+    body = {"enabled": True, "keep_last": 10, "keep_days": 3, "thin_to": "day"}
+    first = admin_key.put("/api/v1/retention-policy/", body, format="json").json()
+    for again in (body, admin_key.get("/api/v1/retention-policy/").json()):  # its own GET answer too
+        same = admin_key.put("/api/v1/retention-policy/", again, format="json")
+        assert same.status_code == 200 and same.json() == first
+    assert AuditEvent.objects.filter(action="retention.policy").count() == 1
+    changed = admin_key.put("/api/v1/retention-policy/", {**body, "keep_last": 20}, format="json")
+    assert changed.status_code == 200 and changed.json()["keep_last"] == 20
+    assert AuditEvent.objects.filter(action="retention.policy").count() == 2
+
+
 def test_compaction_dry_run_changes_nothing_and_runs_need_admin(project, session, writer, admin_key):
     for i in range(3):
         snapshot_record(session=session, state={"i": i})
