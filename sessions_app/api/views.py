@@ -269,7 +269,8 @@ class ApiKeyDetail(ApiView):
     def get(self, request: Request, key_id: str) -> Response:
         return Response(ApiKeySerializer(self._key(request, key_id)).data)
 
-    @extend_schema(operation_id="keys_update", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
+    @extend_schema(operation_id="keys_update",
+                   parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH), IDEMPOTENCY_KEY],
                    request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer},
                    summary="Change the key's expiry (admin): extend it, give it one, or null for never. An expired key "
                            "extended works again; a revoked one cannot be. Audited.")
@@ -277,8 +278,13 @@ class ApiKeyDetail(ApiView):
         api_key = self._key(request, key_id)
         incoming = ApiKeyUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        services.api_key_set_expiry(api_key=api_key, expires_at=incoming.validated_data["expires_at"], **self.principal.actor)
-        return Response(ApiKeySerializer(_listed(api_key.pk)).data)
+
+        def update() -> Response:
+            services.api_key_set_expiry(api_key=api_key, expires_at=incoming.validated_data["expires_at"],
+                                        **self.principal.actor)
+            return Response(ApiKeySerializer(_listed(api_key.pk)).data)
+
+        return self.replayable(incoming.validated_data, update)
 
     @extend_schema(operation_id="keys_revoke", parameters=[OpenApiParameter("key_id", int, OpenApiParameter.PATH)],
                    request=None, responses={200: ApiKeySerializer}, summary="Revoke the key (admin); it stops working at once.")

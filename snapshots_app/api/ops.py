@@ -185,14 +185,19 @@ class RetentionPolicyView(ApiView):
         return Response(RetentionPolicySerializer(policy).data)
 
     @extend_schema(operation_id="retention_policy_update", request=RetentionPolicyInputSerializer,
-                   responses={200: RetentionPolicySerializer}, summary="Set the retention policy (admin). Audited when it changes something.")
+                   parameters=[IDEMPOTENCY_KEY], responses={200: RetentionPolicySerializer},
+                   summary="Set the retention policy (admin). Audited when it changes something.")
     def put(self, request: Request) -> Response:
         incoming = RetentionPolicyInputSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = dict(incoming.validated_data)
         project = project_for(request, data.pop("project", None), role=Role.ADMIN)
-        policy: RetentionPolicy = compaction.retention_policy_set(project=project, **data, **self.principal.actor)
-        return Response(RetentionPolicySerializer(policy).data)
+
+        def put() -> Response:
+            policy: RetentionPolicy = compaction.retention_policy_set(project=project, **data, **self.principal.actor)
+            return Response(RetentionPolicySerializer(policy).data)
+
+        return self.replayable({"project": project.pk, **data}, put)
 
 
 def queued(job: Job) -> Response:
@@ -366,7 +371,8 @@ class IntegrityProblemResolve(ApiView):
 
     @extend_schema(
         operation_id="integrity_problems_resolve",
-        parameters=[OpenApiParameter("problem_id", int, OpenApiParameter.PATH, description="The problem's id.")],
+        parameters=[OpenApiParameter("problem_id", int, OpenApiParameter.PATH, description="The problem's id."),
+                    IDEMPOTENCY_KEY],
         request=ResolutionSerializer,
         responses={200: IntegrityProblemSerializer},
         summary="Close a problem once the version verifies again (operator; audited). 409 still_damaged while "
@@ -379,10 +385,11 @@ class IntegrityProblemResolve(ApiView):
         require_role(request, problem.project_id, Role.OPERATOR)
         incoming = ResolutionSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        problem = integrity.integrity_problem_resolve(
-            problem=problem, resolution=incoming.validated_data.get("resolution", ""), **self.principal.actor
-        )
-        return Response(IntegrityProblemSerializer(problem).data)
+        return self.replayable(incoming.validated_data, lambda: Response(IntegrityProblemSerializer(
+            integrity.integrity_problem_resolve(
+                problem=problem, resolution=incoming.validated_data.get("resolution", ""), **self.principal.actor
+            )
+        ).data))
 
 
 class ScrubSerializer(InputSerializer):

@@ -53,6 +53,49 @@ def test_putting_the_policy_it_has_changes_nothing_and_records_nothing(project, 
     assert AuditEvent.objects.filter(action="retention.policy").count() == 2
 
 
+def test_the_remaining_writes_refuse_an_idempotency_key_reused_for_another_request(
+    project, session, writer, admin_key
+):
+    """Retention policy PUT, key PATCH and integrity-problem resolve took an Idempotency-Key and
+    ignored it: the same key with another body was applied, where every other write answers 422."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sessions_app.models import ApiKey
+    from snapshots_app.integrity import integrity_problem_record
+    from snapshots_app.models import IntegrityProblem, RetentionPolicy
+
+    policy = {"enabled": True, "keep_last": 10, "keep_days": 3, "thin_to": "day"}
+    put = admin_key.put("/api/v1/retention-policy/", policy, format="json", HTTP_IDEMPOTENCY_KEY="policy-1")
+    again = admin_key.put("/api/v1/retention-policy/", policy, format="json", HTTP_IDEMPOTENCY_KEY="policy-1")
+    assert put.status_code == again.status_code == 200 and again.json() == put.json()
+    other = admin_key.put("/api/v1/retention-policy/", {**policy, "keep_last": 1}, format="json",
+                          HTTP_IDEMPOTENCY_KEY="policy-1")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert RetentionPolicy.objects.get(project=project).keep_last == 10
+
+    api_key = ApiKey.objects.get(name="read,write key")
+    url = f"/api/v1/keys/{api_key.pk}/"
+    soon, later = (timezone.now() + timedelta(days=days) for days in (30, 60))
+    extended = admin_key.patch(url, {"expires_at": soon.isoformat()}, format="json", HTTP_IDEMPOTENCY_KEY="key-1")
+    again = admin_key.patch(url, {"expires_at": soon.isoformat()}, format="json", HTTP_IDEMPOTENCY_KEY="key-1")
+    assert extended.status_code == again.status_code == 200 and again.json() == extended.json()
+    other = admin_key.patch(url, {"expires_at": later.isoformat()}, format="json", HTTP_IDEMPOTENCY_KEY="key-1")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    api_key.refresh_from_db()
+    assert api_key.expires_at == soon
+
+    problem = integrity_problem_record(version=snapshot_record(session=session, state={"n": 1}), detail="was damaged")
+    url = f"/api/v1/integrity-problems/{problem.pk}/resolve/"
+    resolved = writer.post(url, {"resolution": "restored"}, format="json", HTTP_IDEMPOTENCY_KEY="fix-1")
+    again = writer.post(url, {"resolution": "restored"}, format="json", HTTP_IDEMPOTENCY_KEY="fix-1")
+    assert resolved.status_code == again.status_code == 200 and again.json() == resolved.json()
+    other = writer.post(url, {"resolution": "something else"}, format="json", HTTP_IDEMPOTENCY_KEY="fix-1")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+    assert IntegrityProblem.objects.get(pk=problem.pk).resolution == "restored"
+
+
 def test_compaction_dry_run_changes_nothing_and_runs_need_admin(project, session, writer, admin_key):
     for i in range(3):
         snapshot_record(session=session, state={"i": i})
