@@ -10,13 +10,16 @@ from drf_spectacular.openapi import AutoSchema
 from rest_framework import serializers
 
 from sessions_app.api.problems import PROBLEM_CONTENT_TYPE, ProblemSerializer
-from sessions_app.api.serializers import InputSerializer
+from sessions_app.api.serializers import InputSerializer, RequiredReasonField
 
 READ_ERRORS = {400: "Bad query parameters", 401: "Missing, unknown or revoked credentials", 403: "Role or scope too low",
-               404: "Not found in the caller's projects", 406: "Unsupported Accept", 429: "Rate limit; see Retry-After"}
+               404: "Not found in the caller's projects", 406: "Unsupported Accept", 429: "Rate limit; see Retry-After",
+               503: "database_unavailable: the database is unreachable for now; nothing was written, retry after Retry-After"}
 WRITE_ERRORS = {**READ_ERRORS, 400: "Invalid input; nothing stored", 409: "Conflict (stale expected_version, archived session)",
-                412: "Stale If-Match", 413: "Body too large", 415: "Body is not application/json",
-                422: "Idempotency-Key reused with a different request"}
+                411: "A chunked body without Content-Length", 412: "Stale If-Match", 413: "Body too large",
+                415: "Body is not application/json", 422: "Idempotency-Key reused with a different request"}
+# Answers that say when to come back: a client generated from the schema reads the header it lists.
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 
 class ProblemAutoSchema(AutoSchema):
@@ -25,9 +28,10 @@ class ProblemAutoSchema(AutoSchema):
         errors = READ_ERRORS if self.method in ("GET", "HEAD") else WRITE_ERRORS
         ref = self.resolve_serializer(ProblemSerializer, "response").ref
         for status, description in errors.items():
-            responses.setdefault(
-                str(status), {"description": description, "content": {PROBLEM_CONTENT_TYPE: {"schema": ref}}}
-            )
+            response: dict[str, Any] = {"description": description, "content": {PROBLEM_CONTENT_TYPE: {"schema": ref}}}
+            if status in (429, 503):
+                response["headers"] = RETRY_AFTER
+            responses.setdefault(str(status), response)
         return responses
 
     def _map_basic_serializer(self, serializer: Any, direction: Literal["request", "response"]) -> dict[str, Any]:
@@ -42,6 +46,10 @@ class ProblemAutoSchema(AutoSchema):
             if "__doc__" not in vars(type(serializer)) or not type(serializer).__doc__:
                 schema.pop("description", None)  # InputSerializer's own docstring is about the code
             for name, field in serializer.fields.items():
+                if isinstance(field, RequiredReasonField) and name in schema.get("properties", {}):
+                    # Optional to the serializer only so that the service can answer reason_required.
+                    schema["properties"][name]["minLength"] = 1
+                    schema["required"] = sorted({*schema.get("required", []), name})
                 # A nested list of objects (a batch's versions) keeps its bounds, as a ListField does.
                 if isinstance(field, serializers.ListSerializer) and name in schema.get("properties", {}):
                     if field.min_length is not None:

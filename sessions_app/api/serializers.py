@@ -96,6 +96,17 @@ def plain_text(**kwargs: Any) -> serializers.CharField:
     return StrictCharField(trim_whitespace=False, **kwargs)
 
 
+class RequiredReasonField(StrictCharField):
+    """The `reason` of an audited action that must say why (rewind, fork, resolve). Missing or blank,
+    the service answers 400 reason_required (not the serializer's invalid_request), so the field is
+    optional here; the schema marks it required, non-empty (see ProblemAutoSchema)."""
+
+
+def required_reason(*, max_length: int, help_text: str) -> serializers.CharField:
+    return RequiredReasonField(trim_whitespace=False, max_length=max_length, required=False, allow_blank=True,
+                               help_text=help_text)
+
+
 class ProjectSerializer(serializers.ModelSerializer):
     role = serializers.SerializerMethodField()
 

@@ -30,7 +30,7 @@ from sessions_app.api.serializers import (
     JsonObjectField,
     StrictBooleanField,
     StrictIntegerField,
-    plain_text,
+    required_reason,
 )
 from sessions_app.api.views import IDEMPOTENCY_KEY, PROJECT_FILTER
 from sessions_app.errors import JobNotFound, NotFound
@@ -361,9 +361,9 @@ class IntegrityProblemList(mixins.ListModelMixin, ApiView):
 
 
 class ResolutionSerializer(InputSerializer):
-    resolution = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
-                            help_text="How it was dealt with, e.g. rows restored from a backup (required: missing or "
-                                      "blank is 400 reason_required).")
+    resolution = required_reason(max_length=REASON_MAX,
+                                 help_text="How it was dealt with, e.g. rows restored from a backup (missing or blank "
+                                           "is 400 reason_required).")
 
 
 class IntegrityProblemResolve(ApiView):

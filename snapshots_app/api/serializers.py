@@ -14,6 +14,7 @@ from sessions_app.api.serializers import (
     StrictIntegerField,
     TagListField,
     plain_text,
+    required_reason,
 )
 from sessions_app.models import SessionStatus
 from sessions_app.services import REASON_MAX
@@ -112,8 +113,8 @@ class VersionUpdateSerializer(InputSerializer):
 
 class RewindSerializer(InputSerializer):
     to_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
-    reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
-                        help_text="Why (required: it goes into the audit log; missing or blank is 400 reason_required).")
+    reason = required_reason(max_length=REASON_MAX,
+                             help_text="Why (it goes into the audit log; missing or blank is 400 reason_required).")
     expected_version = StrictIntegerField(min_value=0, required=False, allow_null=True)
 
 
@@ -121,8 +122,8 @@ class ForkSerializer(InputSerializer):
     from_version = StrictIntegerField(min_value=1, max_value=2**31 - 1)
     external_id = plain_text(max_length=255, required=False, allow_null=True,
                              help_text="External id of the new session; generated when omitted.")
-    reason = plain_text(max_length=REASON_MAX, required=False, allow_blank=True,
-                        help_text="Why (required: it goes into the audit log; missing or blank is 400 reason_required).")
+    reason = required_reason(max_length=REASON_MAX,
+                             help_text="Why (it goes into the audit log; missing or blank is 400 reason_required).")
 
     def validate_external_id(self, value: str | None) -> str | None:
         if value is not None and not value.strip():

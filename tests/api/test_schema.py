@@ -173,3 +173,29 @@ def test_schema_states_the_input_limits_the_api_enforces(client):
     assert diff["offset"]["schema"] == {"type": "integer", "minimum": 0}
     delete = {p["name"]: p for p in schema["paths"]["/api/v1/sessions/{id}/"]["delete"]["parameters"]}
     assert delete["reason"]["required"] is True and delete["reason"]["schema"]["minLength"] == 1
+
+
+def test_schema_requires_the_reasons_the_api_requires(client):
+    """Rewind, fork and resolve refuse a missing or blank reason (400 reason_required), but the schema
+    said the field was optional: a client generated from it let the call be made without one."""
+    components = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()["components"]["schemas"]
+    for name, field in (("RewindRequest", "reason"), ("ForkRequest", "reason"), ("ResolutionRequest", "resolution")):
+        assert field in components[name]["required"], name
+        assert components[name]["properties"][field]["minLength"] == 1, name
+    assert "required" not in components["ReasonRequest"]  # archive's reason is optional, and stays so
+
+
+def test_schema_lists_the_503_every_call_may_get_and_when_to_retry(client):
+    """While the database is unreachable every call answers 503 database_unavailable with Retry-After
+    (and a throttled one 429 with Retry-After): the schema named neither the status nor the header."""
+    paths = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()["paths"]
+    operations = [(path, method, operation) for path, item in paths.items() for method, operation in item.items()
+                  if method in ("get", "post", "put", "patch", "delete")]
+    assert len(operations) > 30
+    for path, method, operation in operations:
+        for status in ("429", "503"):
+            answer = operation["responses"][status]
+            assert answer["content"]["application/problem+json"]["schema"]["$ref"].endswith("/Problem"), (path, method)
+            assert answer["headers"]["Retry-After"]["schema"] == {"type": "integer"}, (path, method)
+        if method != "get":
+            assert "411" in operation["responses"], (path, method)
