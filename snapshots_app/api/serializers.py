@@ -73,6 +73,12 @@ class VersionSerializer(serializers.Serializer):
     summary = JsonObjectField(allow_null=True, help_text="Change summary, filled in shortly after the write.")
 
 
+class VersionListedSerializer(VersionSerializer):
+    """A version in the versions list: its metadata, and its state only when asked for (with_state=true)."""
+
+    state = JsonObjectField(required=False, help_text="Only with with_state=true: the state, as stored.")
+
+
 class VersionWithStateSerializer(VersionSerializer):
     state = JsonObjectField(help_text="The state, byte-for-byte the canonical JSON that was stored.")
 

@@ -37,6 +37,7 @@ from snapshots_app.api.serializers import (
     ForkSerializer,
     RewindSerializer,
     SnapshotCreateSerializer,
+    VersionListedSerializer,
     VersionSerializer,
     VersionUpdateSerializer,
     VersionWithStateSerializer,
@@ -180,7 +181,7 @@ def _guarded(if_match: int | None, call: Any) -> Any:
 
 
 class VersionList(mixins.ListModelMixin, ApiView):
-    serializer_class = VersionSerializer
+    serializer_class = VersionListedSerializer
     filter_backends = [ParamFilter]
     filter_params = [
         filters.text_param("label", "Only versions with this label.", lambda qs, raw: qs.filter(label=raw)),

@@ -199,3 +199,21 @@ def test_schema_lists_the_503_every_call_may_get_and_when_to_retry(client):
             assert answer["headers"]["Retry-After"]["schema"] == {"type": "integer"}, (path, method)
         if method != "get":
             assert "411" in operation["responses"], (path, method)
+
+
+def test_schema_names_the_state_a_versions_list_carries_with_state(client, writer, session):
+    """GET /versions/?with_state=true answers each version with its `state`, but the list's schema had
+    no such property: a client generated from it dropped the states it had asked for."""
+    from snapshots_app.services import snapshot_record
+
+    snapshot_record(session=session, state={"n": 1})
+    listed = writer.get(f"/api/v1/sessions/{session.pk}/versions/", {"with_state": "true"})
+    assert listed.status_code == 200 and listed.json()["results"][0]["state"] == {"n": 1}
+    schema = client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+    page = schema["paths"]["/api/v1/sessions/{id}/versions/"]["get"]["responses"]["200"]["content"]["application/json"]
+    components = schema["components"]["schemas"]
+    item = components[page["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]["results"]["items"]["$ref"]
+    listed_version = components[item.rsplit("/", 1)[1]]
+    assert listed_version["properties"]["state"]["type"] == "object"
+    assert "state" not in listed_version["required"]  # only with with_state=true
+    assert set(listed.json()["results"][0]) == set(listed_version["properties"])
