@@ -22,7 +22,7 @@ class CursorPage(CursorPagination):
     max_page_size = 200
     ordering = "-created_at"
     page_size_query_description = "Items per page (1-200, default 50)."
-    cursor_query_description = "The `next` value of the previous page."
+    cursor_query_description = "The `next` value of the previous page, sent with the query that gave it (same ordering and filters)."
 
     def paginate_queryset(self, queryset: QuerySet, request: Request, view: Any = None) -> list[Any] | None:
         self.model = queryset.model
@@ -38,8 +38,17 @@ class CursorPage(CursorPagination):
                 tokens = parse_qs(b64decode(raw.encode("ascii"), validate=True).decode("ascii"), strict_parsing=True)
             except ValueError:  # (binascii.Error and UnicodeError are ValueErrors)
                 raise invalid from None
-            if set(tokens) - {"o", "r", "p"}:
+            if set(tokens) - {"o", "r", "p", "s"}:
                 raise invalid
+            made_for = tokens.get("s", [None])[0]
+            if made_for is not None and made_for != ",".join(self.ordering):
+                # Its position is a value of the field that list was sorted by: compared with another
+                # field it named no place in this list (a client that sent only ?cursor= after asking
+                # for ?ordering=created_at got an empty page and no `next`, as if the list had ended).
+                raise exceptions.ValidationError({self.cursor_query_param: [
+                    f"This cursor continues a list in ordering={made_for[:40]}: send it with the query "
+                    "that gave it (the same ordering and filters)."
+                ]})
         try:
             cursor = super().decode_cursor(request)
         except exceptions.NotFound:
@@ -71,6 +80,7 @@ class CursorPage(CursorPagination):
             tokens["r"] = "1"
         if cursor.position is not None:
             tokens["p"] = cursor.position
+        tokens["s"] = ",".join(self.ordering)  # the ordering it belongs to (decode_cursor checks)
         return b64encode(urlencode(tokens, doseq=True).encode("ascii")).decode("ascii")
 
     def get_paginated_response(self, data: Any) -> Response:

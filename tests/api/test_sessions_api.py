@@ -51,6 +51,28 @@ def test_list_filters_and_pages_with_a_cursor(writer, project):
     assert seen[0] == "broken"  # newest activity first
 
 
+def test_a_cursor_sent_without_the_ordering_it_was_made_for_is_400_not_an_empty_page(writer, project, session):
+    """A cursor's position is a value of the field its list was sorted by. Sent alone after
+    ?ordering=created_at (the README said: pass `next` back as ?cursor=), it was compared with
+    updated_at: an empty page and no `next`, as if the list had ended after its first page."""
+    for i in range(4):
+        make_session(project, f"run-{i}")
+    first = writer.get("/api/v1/sessions/?ordering=created_at&limit=2").json()
+    cursor = first["next"]
+    following = writer.get(f"/api/v1/sessions/?ordering=created_at&limit=2&cursor={cursor}")
+    assert following.status_code == 200 and len(following.json()["results"]) == 2
+    for ordering in ("", "&ordering=-created_at", "&ordering=updated_at"):
+        refused = writer.get(f"/api/v1/sessions/?limit=2&cursor={cursor}{ordering}")
+        assert refused.status_code == 400 and refused.json()["code"] == "invalid_request", ordering
+        assert "ordering=created_at" in refused.json()["errors"]["cursor"][0]
+    versions = f"/api/v1/sessions/{session.pk}/versions/"
+    for i in range(3):
+        snapshot_record(session=session, state={"i": i})
+    oldest_first = writer.get(f"{versions}?ordering=number&limit=1").json()
+    assert writer.get(f"{versions}?cursor={oldest_first['next']}").status_code == 400
+    assert writer.get(f"{versions}?cursor={oldest_first['next']}&ordering=number").json()["results"][0]["number"] == 2
+
+
 def test_bad_filters_are_400_not_ignored(writer):
     for query in ("status=sleeping", "has_error=maybe", "created_after=yesterday", "limit=0", "cursor=abc",
                   "ordering=name"):
