@@ -88,10 +88,24 @@ def range_params(field: str, noun: str) -> list[Param]:
     ]
 
 
+# What every list takes besides its filters: its page (see CursorPage) and DRF's ?format=.
+LIST_QUERY_PARAMS = frozenset({"cursor", "limit", "format"})
+
+
 class ParamFilter(BaseFilterBackend):
-    """Applies the view's `filter_params`."""
+    """Applies the view's `filter_params`. A query parameter the list does not take is a 400 naming it,
+    as an unknown body field is: ignored, a misspelt filter (?stauts=failed) answered the whole list,
+    and a script acting on each result acted on every one. A view names any other parameter it
+    reads in `other_query_params`."""
 
     def filter_queryset(self, request: Request, queryset: QuerySet, view: Any) -> QuerySet:
+        taken = {p.name for p in getattr(view, "filter_params", [])} | set(getattr(view, "other_query_params", ()))
+        unknown = sorted(name for name in request.query_params if name not in taken | LIST_QUERY_PARAMS)
+        if unknown:
+            listed = ", ".join(sorted(taken | {"cursor", "limit"}))
+            raise exceptions.ValidationError(
+                {name[:100]: [f"Unknown query parameter; this list takes {listed}."] for name in unknown[:20]}
+            )
         for param in getattr(view, "filter_params", []):
             raw = request.query_params.get(param.name)
             if raw is not None:

@@ -197,6 +197,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         *filters.range_params("created_at", "created"),
         filters.ordering_param(["-number", "number"]),
     ]
+    other_query_params = ("with_state",)
 
     def get_queryset(self) -> QuerySet[Version]:
         return selectors.session_versions(self.session)

@@ -81,6 +81,31 @@ def test_bad_filters_are_400_not_ignored(writer):
         assert response.json()["code"] == "invalid_request"
 
 
+def test_a_misspelt_filter_is_400_naming_it_not_the_whole_list(writer, admin_key, project, session):
+    """?stauts=failed answered every session, as if there were no filter: a script deleting the
+    failed sessions it listed would have deleted them all. A parameter a list does not take is a 400
+    naming it, as an unknown body field is; the ones it takes (and ?format=) still work."""
+    failed = make_session(project, "broken")
+    snapshot_record(session=failed, state={"a": 1}, error="boom", status="failed")
+    snapshot_record(session=session, state={"a": 1})
+    versions = f"/api/v1/sessions/{session.pk}/versions/"
+    for client, path, typo in ((writer, "/api/v1/sessions/", "stauts=failed"),
+                               (writer, "/api/v1/sessions/", "has_errors=true"),
+                               (writer, versions, "pined=true"),
+                               (writer, "/api/v1/audit-events/", "actions=session.delete"),
+                               (writer, "/api/v1/jobs/", "knd=export"),
+                               (writer, "/api/v1/integrity-problems/", "opened=true"),
+                               (admin_key, "/api/v1/keys/", "state=revoked")):
+        refused = client.get(f"{path}?{typo}&limit=5")
+        name = typo.split("=")[0]
+        assert refused.status_code == 400 and refused.json()["code"] == "invalid_request", typo
+        assert list(refused.json()["errors"]) == [name] and "Unknown query parameter" in refused.json()["detail"]
+    listed = writer.get("/api/v1/sessions/?status=failed&format=json&limit=5")
+    assert listed.status_code == 200 and [s["external_id"] for s in listed.json()["results"]] == ["broken"]
+    with_states = writer.get(f"{versions}?with_state=true&pinned=false&ordering=number")
+    assert with_states.status_code == 200 and with_states.json()["results"][0]["state"] == {"a": 1}
+
+
 def test_patch_updates_status_metadata_and_tags(writer, session):
     response = writer.patch(f"/api/v1/sessions/{session.pk}/",
                             {"status": "waiting", "metadata": {"owner": "ops"}, "tags": ["a", "b"]}, format="json")
