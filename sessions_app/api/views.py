@@ -47,6 +47,7 @@ PROJECT_FILTER = Param(
 
 class ProjectList(mixins.ListModelMixin, ApiView):
     serializer_class = ProjectSerializer
+    filter_backends = [ParamFilter]  # no filters: it refuses a query parameter it does not take, as every list does
 
     def get_queryset(self) -> QuerySet[Project]:
         return Project.objects.filter(pk__in=visible_project_ids(self.request)).order_by("slug")

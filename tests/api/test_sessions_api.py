@@ -95,7 +95,8 @@ def test_a_misspelt_filter_is_400_naming_it_not_the_whole_list(writer, admin_key
                                (writer, "/api/v1/audit-events/", "actions=session.delete"),
                                (writer, "/api/v1/jobs/", "knd=export"),
                                (writer, "/api/v1/integrity-problems/", "opened=true"),
-                               (admin_key, "/api/v1/keys/", "state=revoked")):
+                               (admin_key, "/api/v1/keys/", "state=revoked"),
+                               (writer, "/api/v1/projects/", "slug=acme")):
         refused = client.get(f"{path}?{typo}&limit=5")
         name = typo.split("=")[0]
         assert refused.status_code == 400 and refused.json()["code"] == "invalid_request", typo
