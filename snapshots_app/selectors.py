@@ -195,6 +195,17 @@ def _with_forks_out(session: WorkflowSession, versions: list[Version]) -> list[V
     return versions
 
 
+def version_before(session: WorkflowSession, number: int) -> Version | None:
+    """The session's newest version below `number` (None if it has none): the version "previous"
+    means, which is not number - 1 once retention has removed the versions between."""
+    return (
+        Version.objects.select_related("session__project", "parent__session", "created_by")
+        .filter(session=session, number__lt=number)
+        .order_by("-number")
+        .first()
+    )
+
+
 def version_for_session(session: WorkflowSession, number: Any) -> Version:
     """A version of the session, with what its lineage display needs (raises VersionNotFound)."""
     try:

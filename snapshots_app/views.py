@@ -252,13 +252,20 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
         from_session, _ = _member_session(request, request.GET["from_session"])
         if from_session.project_id != session.project_id:
             raise Http404("versions of different projects cannot be compared")
-    default_from = (to_version.number - 1) if from_session is session else None
-    from_number = request.GET.get("from") or default_from
-    if not from_number:
+    from_version, removed = None, None
+    if request.GET.get("from"):
+        from_version = _version(from_session, request.GET["from"])
+    elif from_session is session:
+        # The previous version is the newest one below, not number - 1: retention may have removed
+        # the versions between (a "vs previous" link to one of them was a 404 saying nothing).
+        from_version = selectors.version_before(session, to_version.number)
+        below = from_version.number if from_version is not None else 0
+        removed = (below + 1, to_version.number - 1) if below < to_version.number - 1 else None
+    if from_version is None:
         # A session's first version: against what it came from (a fork's source), else itself.
         parent = to_version.parent
-        from_session, from_number = (parent.session, parent.number) if parent else (from_session, to_version.number)
-    from_version = _version(from_session, from_number)
+        from_version = _version(parent.session, parent.number) if parent else to_version
+        from_session = from_version.session if parent else from_session
     mode = "side" if request.GET.get("mode") == "side" else "inline"
     result = selectors.version_diff(from_version, to_version)
     shown = diff_display(result, offset=_int(request.GET.get("offset")) or 0)
@@ -268,6 +275,7 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
         "from_version": from_version,
         "to_version": to_version,
         "from_session": from_session,
+        "removed": removed,
         **shown,
         "mode": mode,
         "query_inline": _diff_query(from_session, from_version, to_version, "inline") + on_page,

@@ -582,6 +582,35 @@ def test_fork_diff_against_its_source(client, operator, story):
     assert response.status_code == 200 and "run-42 v3" in response.content.decode()
 
 
+def test_vs_previous_after_retention_compares_with_the_version_before_that_is_kept(client, viewer, story):
+    """Retention removes versions between kept ones; "vs previous" linked to number - 1, which was a
+    404 ("it may have been deleted, or it belongs to a project you are not a member of")."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from snapshots_app.compaction import compaction_run, retention_policy_set
+    from snapshots_app.services import version_label
+
+    version_label(version=Version.objects.get(session=story, number=2), label="keep")
+    retention_policy_set(project=story.project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction_run(project=story.project, now=timezone.now() + timedelta(days=1))
+    assert sorted(story.versions.values_list("number", flat=True)) == [2, 5]
+    client.force_login(viewer)
+    timeline = client.get(session_url(story)).content.decode()
+    links = re.findall(r'href="([^"]+)" class="vsprev"', timeline)
+    assert len(links) == 2
+    version_page = client.get(session_url(story, "snapshots:version", number=5)).content.decode()
+    for link in [*links, re.search(r'href="([^"]+)">Diff vs previous', version_page)[1]]:
+        assert client.get(link.replace("&amp;", "&")).status_code == 200, link
+    page = client.get(session_url(story, "snapshots:diff"), {"to": 5}).content.decode()
+    assert "Diff v2 \u2192 v5" in page and "v3\u2013v4 are no longer stored" in page and "/counters/steps" in page
+    oldest = client.get(session_url(story, "snapshots:diff"), {"to": 2}).content.decode()
+    assert "v1 is no longer stored" in oldest and "oldest version kept" in oldest
+    # Nothing was removed between a version and the one before it: no note.
+    assert "no longer stored" not in client.get(session_url(story, "snapshots:diff"), {"to": 5, "from": 2}).content.decode()
+
+
 def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
     client.force_login(viewer)
     page = client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).content.decode()
