@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import Max, Min, QuerySet
 
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
@@ -204,6 +204,12 @@ def version_before(session: WorkflowSession, number: int) -> Version | None:
         .order_by("-number")
         .first()
     )
+
+
+def version_span(session: WorkflowSession) -> tuple[int, int] | None:
+    """The numbers of the session's oldest and newest versions (None if it has none)."""
+    span = Version.objects.filter(session=session).aggregate(oldest=Min("number"), newest=Max("number"))
+    return None if span["newest"] is None else (span["oldest"], span["newest"])
 
 
 def version_for_session(session: WorkflowSession, number: Any) -> Version:

@@ -4,8 +4,10 @@ fork, pin and label. Thin: selectors read, services write; domain errors become 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import wraps
 from typing import Any
 
 import orjson
@@ -22,6 +24,7 @@ from sessions_app.errors import IdempotencyKeyReused, NotFound, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
+from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
 from snapshots_app.diff import DiffResult
@@ -42,11 +45,57 @@ def _member_session(request: HttpRequest, session_id: Any) -> tuple[WorkflowSess
         raise Http404("no such session") from None
 
 
+class _NoSuchVersion(Exception):
+    """A version address (path or `from`/`to`) naming no version of a session the user may read."""
+
+    def __init__(self, session: WorkflowSession, number: Any) -> None:
+        super().__init__(number)
+        self.session, self.number = session, number
+
+
 def _version(session: WorkflowSession, number: Any) -> Version:
     try:
         return selectors.version_for_session(session, number)
     except NotFound:
-        raise Http404("no such version") from None
+        raise _NoSuchVersion(session, number) from None
+
+
+def _no_such_version(exc: _NoSuchVersion) -> tuple[str, int]:
+    """What a page says of a version that is not there, and its status: the generic 404 ("it may
+    have been deleted, or it belongs to a project you are not a member of") left an operator with a
+    link from before a retention run, or a mistyped `to=`, guessing which part was wrong."""
+    name, raw = exc.session.external_id, str(exc.number).strip()
+    number = ascii_int(raw.removeprefix("-"))
+    if number is None:
+        return f"“{raw[:50]}” is not a version number: versions are numbered 1, 2, 3…", 400
+    number = -number if raw.startswith("-") else number
+    span = selectors.version_span(exc.session)
+    if span is None:
+        return f"{name} has no versions yet.", 404
+    oldest, newest = span
+    if number < 1:
+        return f"{name} has no version {number}: versions are numbered from 1 (its newest is v{newest}).", 404
+    if number > newest:
+        return f"{name} has no version {number}: its newest is v{newest}.", 404
+    kept = f" (the oldest version kept is v{oldest})" if number < oldest else ""
+    return f"{name} has no version {number} any more: retention removed it{kept}.", 404
+
+
+def _explains_missing_versions(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Answer a version address that names no version with a page of its session saying so."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except _NoSuchVersion as exc:
+            message, status = _no_such_version(exc)
+            if wants_fragment(request):
+                return HttpResponse(message, status=status, content_type=PLAIN_TEXT)
+            return render(request, "snapshots_app/no_such_version.html",
+                          {"session": exc.session, "project": exc.session.project, "message": message}, status=status)
+
+    return wrapper
 
 
 def _require_operator(role: str) -> None:
@@ -106,6 +155,7 @@ def _int(raw: Any) -> int | None:
 
 
 @login_required
+@_explains_missing_versions
 def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, role = _member_session(request, session_id)
     version = _version(session, number)
@@ -151,6 +201,7 @@ def _crumbs(pointer: str) -> list[tuple[str, str]]:
 
 
 @login_required
+@_explains_missing_versions
 def version_raw(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, _ = _member_session(request, session_id)
     version = _version(session, number)
@@ -244,6 +295,7 @@ def diff_display(result: DiffResult | None, offset: int = 0) -> dict[str, Any]:
 
 
 @login_required
+@_explains_missing_versions
 def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     to_version = _version(session, request.GET.get("to") or session.head_number)
@@ -348,6 +400,7 @@ def _engine_active(session: WorkflowSession, head: Version | None) -> datetime |
 
 @login_required
 @require_http_methods(["GET", "POST"])
+@_explains_missing_versions
 def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     """GET shows what the head will become; POST rewinds (audited by the service)."""
     session, role = _member_session(request, session_id)
@@ -392,6 +445,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
 
 @login_required
 @require_http_methods(["GET", "POST"])
+@_explains_missing_versions
 def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, role = _member_session(request, session_id)
     _require_operator(role)
@@ -435,6 +489,7 @@ def _request_key(request: HttpRequest, *, fresh: bool = False) -> str:
 
 @login_required
 @require_POST
+@_explains_missing_versions
 def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     """Pin / unpin or label a version from the timeline; answers htmx with the updated row."""
     session, role = _member_session(request, session_id)

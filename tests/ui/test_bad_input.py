@@ -13,6 +13,7 @@ from django.urls import reverse
 
 from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app.models import Version
+from tests.factories import make_project, make_session
 
 
 def snapshot_of_everything():
@@ -133,3 +134,36 @@ def test_version_viewer_treats_a_negative_or_unreadable_offset_as_the_start(clie
     url = reverse("snapshots:version", kwargs={"session_id": story.pk, "number": 3})
     page = client.get(url, {"pointer": "/counters", "offset": offset}).content.decode()
     assert "steps" in page and "tokens" in page
+
+
+def test_a_version_address_naming_no_version_says_so_on_a_page_of_its_session(client, operator, story):
+    """A mistyped `to=`, a bookmark from before a retention run or version 0 got the generic 404:
+    "it may have been deleted, or it belongs to a project you are not a member of"."""
+    client.force_login(operator)
+
+    def url(name, number=None):
+        return reverse(f"snapshots:{name}", kwargs={"session_id": story.pk, **({"number": number} if number is not None else {})})
+
+    for response, said in [
+        (client.get(url("version", 9)), "run-42 has no version 9: its newest is v5."),
+        (client.get(url("version", 0)), "run-42 has no version 0: versions are numbered from 1"),
+        (client.get(url("diff"), {"from": 1, "to": 99}), "run-42 has no version 99: its newest is v5."),
+        (client.get(url("diff"), {"from": 7, "to": 2}), "run-42 has no version 7"),
+        (client.get(url("rewind", 6)), "run-42 has no version 6"),
+        (client.get(url("fork", 6)), "run-42 has no version 6"),
+        (client.get(url("raw", 6)), "run-42 has no version 6"),
+    ]:
+        page = response.content.decode()
+        assert response.status_code == 404 and said in page, said
+        assert "project you are not a member of" not in page and f'href="{url("session")}"' in page
+    for params in ({"from": "abc", "to": 2}, {"from": 1, "to": "1.5"}, {"to": "-"}):
+        response = client.get(url("diff"), params)
+        assert response.status_code == 400 and "is not a version number" in response.content.decode()
+    before = snapshot_of_everything()
+    response = client.post(url("mark", 6), {"pinned": "1"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 404 and response.content.decode() == "run-42 has no version 6: its newest is v5."
+    assert snapshot_of_everything() == before
+    # Another project's session is still the plain 404, whatever its versions.
+    stranger = make_session(make_project("globex"), "secret-run")
+    response = client.get(reverse("snapshots:version", kwargs={"session_id": stranger.pk, "number": 9}))
+    assert response.status_code == 404 and "secret-run" not in response.content.decode()

@@ -607,6 +607,11 @@ def test_vs_previous_after_retention_compares_with_the_version_before_that_is_ke
     assert "Diff v2 \u2192 v5" in page and "v3\u2013v4 are no longer stored" in page and "/counters/steps" in page
     oldest = client.get(session_url(story, "snapshots:diff"), {"to": 2}).content.decode()
     assert "v1 is no longer stored" in oldest and "oldest version kept" in oldest
+    # An address of a removed version (a bookmark from before the run) says so.
+    gone = client.get(session_url(story, "snapshots:version", number=3))
+    assert gone.status_code == 404 and "run-42 has no version 3 any more: retention removed it." in gone.content.decode()
+    gone = client.get(session_url(story, "snapshots:version", number=1)).content.decode()
+    assert "retention removed it (the oldest version kept is v2)" in gone
     # Nothing was removed between a version and the one before it: no note.
     assert "no longer stored" not in client.get(session_url(story, "snapshots:diff"), {"to": 5, "from": 2}).content.decode()
 
