@@ -235,5 +235,32 @@ def _mostly_rewritten(a: list[str], b: list[str], opcodes: Sequence[tuple[str, i
     return 2 * kept < shorter
 
 
+# The characters of one string a version page shows at once: a 10 MB log was a 14 MB page that
+# took its browser half a minute.
+TEXT_PAGE = 100_000
+
+
+@dataclass(frozen=True)
+class TextPage:
+    """One page of a string's characters: text[start:end] of `total`."""
+
+    text: str
+    start: int
+    end: int
+    total: int
+    prev_offset: int | None
+    next_offset: int | None
+
+
+def text_page(text: str, offset: int = 0, *, size: int = TEXT_PAGE) -> TextPage:
+    """The characters of `text` from `offset` (clamped to the text) on, at most `size` of them."""
+    start = min(max(offset, 0), max(len(text) - 1, 0))
+    end = min(start + size, len(text))
+    return TextPage(
+        text=text[start:end], start=start, end=end, total=len(text),
+        prev_offset=max(start - size, 0) if start else None, next_offset=end if end < len(text) else None,
+    )
+
+
 def pretty(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True)

@@ -175,11 +175,14 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         context.update(missing=pointer, missing_why=str(exc), pointer="")
         pointer, value, status = "", state, 404
     entries, next_offset = jsonview.level(value, pointer, offset=offset)
+    kind = jsonview.kind_of(value)
     context.update(
         entries=entries,
         next_offset=next_offset,
-        kind=jsonview.kind_of(value),
-        scalar=None if entries or jsonview.kind_of(value) in ("object", "array") else jsonview.pretty(value),
+        kind=kind,
+        # A string reads as its text (a traceback's lines as lines, not one line of "\n"), a page at a time.
+        text=jsonview.text_page(value, offset) if kind == "string" else None,
+        scalar=None if entries or kind in ("object", "array", "string") else jsonview.pretty(value),
         crumbs=_crumbs(pointer),
     )
     if query:

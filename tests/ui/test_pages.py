@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -442,6 +443,33 @@ def test_state_tree_renders_one_level_and_fetches_children_by_pointer(client, vi
     page = missing.content.decode()  # which part is missing, and the version's state: not "it may have been deleted"
     assert "v1 has no <code>/a/nope</code>" in page and "no key &#x27;nope&#x27;" in page and "pointer=/store" in page
     assert client.get(url, {"pointer": "/nope"}, HTTP_HX_REQUEST="true").status_code == 404
+
+
+def test_a_long_string_reads_as_its_lines_a_page_at_a_time(client, viewer, team):
+    """A string's "full text" was its JSON literal, whole: a traceback one line of "\\n", and a 10 MB
+    log a 14 MB page its browser took half a minute to show."""
+    session = make_session(team, "logs")
+    log = "".join(f"{i:06d} <b>step</b> & done\n" for i in range(12_000))  # 312,000 characters
+    snapshot_record(session=session, state={"log": log, "empty": "", "n": 1})
+    client.force_login(viewer)
+    url = session_url(session, "snapshots:version", number=1)
+    first = client.get(url, {"pointer": "/log"})
+    page = first.content.decode()
+    assert first.status_code == 200 and len(page) < 250_000  # not the whole 312,000 characters
+    assert "000000 &lt;b&gt;step&lt;/b&gt; &amp; done\n000001 " in page and "\\n" not in page
+    assert "A string of 312000 characters: characters 1\u2013100000 shown" in page
+    # Paging on through "next" gives the whole string back, each character once.
+    text, params = "", {"pointer": "/log"}
+    for _ in range(5):
+        page = client.get(url, params).content.decode()
+        text += html.unescape(re.search(r'<pre class="scalar text">(.*?)</pre>', page, re.S)[1])
+        following = re.search(r'href="\?pointer=/log&amp;offset=(\d+)" rel="next"', page)
+        if following is None:
+            break
+        params = {"pointer": "/log", "offset": following[1]}
+    assert text == log and 'rel="prev"' in page
+    assert "(empty string)" in client.get(url, {"pointer": "/empty"}).content.decode()
+    assert '<pre class="scalar">1</pre>' in client.get(url, {"pointer": "/n"}).content.decode()
 
 
 def test_search_and_raw_download(client, viewer, story):
