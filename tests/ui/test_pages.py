@@ -299,6 +299,9 @@ def test_a_big_diff_says_how_much_is_shown_on_every_page_that_shows_it(client, o
     assert "(changes 21\u201329 of 29" in beyond  # a page past the end shows the last one
     rewind = client.get(session_url(session, "snapshots:rewind", number=1)).content.decode()
     assert "offset=" not in rewind
+    # It links the diff page for the changes it does not show (there was no way to see them).
+    whole = re.search(r'<p id="whole-diff"><a href="([^"]+)">All 29 changes, page by page</a>', rewind)
+    assert whole and client.get(whole[1].replace("&amp;", "&")).content.decode().count("(changes 1\u201310 of 29") == 1
 
 
 def test_rewinding_to_the_head_is_refused(client, operator, story):
