@@ -139,9 +139,10 @@ def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:
         source = uuid.UUID(str(forked_from.get("session")))
     except ValueError:
         return None
-    if not WorkflowSession.objects.filter(pk=source, project_id=session.project_id).exists():
+    name = WorkflowSession.objects.filter(pk=source, project_id=session.project_id).values_list("external_id", flat=True).first()
+    if name is None:
         return None
-    return {"session": source, "version": forked_from.get("version")}
+    return {"session": source, "name": name, "version": forked_from.get("version")}
 
 
 def _int(raw: Any) -> int | None:

@@ -199,6 +199,10 @@ def test_lineage_shows_rewind_source_and_forks(client, operator, story):
     assert "forked to" in page and "run-42-alt" in page
     forked = client.get(session_url(fork)).content.decode()
     assert "forked from" in forked and "diff vs source" in forked
+    # The fork names its source ("Forked from another session") and what its first version holds
+    # (its change summary read "+0 \u22120 ~0", an empty diff).
+    assert f'Forked from <a href="{session_url(story)}">run-42</a> at version 3.' in forked
+    assert "same state as run-42 v3" in forked and "\u22120" not in forked
 
 
 def test_a_fork_whose_source_session_was_deleted_still_says_it_is_a_fork(client, operator, story):
