@@ -145,6 +145,25 @@
     htmx.process(more);
   });
 
+  // "Older versions" (loaded as it scrolls into view) and the state tree's "more…" replace themselves
+  // with what they load. A keyboard user who had just tabbed onto one lost the focus with it, and the
+  // next Tab started again at the top of the page: every 50 versions of a long timeline. The focus
+  // moves on to the first thing loaded instead.
+  var loadingMore = null;
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var target = event.detail.target;
+    loadingMore = target && target.matches && target.matches("li.more") && target.contains(document.activeElement)
+      ? {parent: target.parentElement, before: target.previousElementSibling} : null;
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    if (!loadingMore) return;
+    var where = loadingMore;
+    loadingMore = null;
+    var first = where.before ? where.before.nextElementSibling : where.parent.firstElementChild;
+    var control = first && first.querySelector("a[href], summary, button");
+    if (control) control.focus();
+  });
+
   // An htmx action the server refused (a label too long, a session archived meanwhile) says why next
   // to what was clicked, instead of failing silently.
   document.addEventListener("htmx:responseError", function (event) {

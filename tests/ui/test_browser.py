@@ -532,6 +532,34 @@ def test_pin_and_label_keep_the_keyboard_where_it_was(server, browser):
     assert page.evaluate("document.activeElement.closest('#v-3') !== null")
 
 
+def _focused(page) -> str:
+    return page.evaluate("() => { const a = document.activeElement; return (a.closest('li') || a).id + ' ' + a.textContent.trim(); }")
+
+
+def test_tabbing_onto_older_versions_or_more_goes_on_into_what_they_load(server, browser):
+    """"Older versions" loads as it scrolls into view, and replaces itself: a keyboard user who tabbed
+    onto it lost the focus with it, and the next Tab started again at the top of the page (every 50
+    rows of a long timeline). The same with the state tree's "more…"."""
+    session, page = _live_timeline(server, browser)
+    off_loop(record_history, session, 50, start=6)
+    off_loop(snapshot_record, session=session, state={"items": list(range(450))}, step="wide")
+    page.reload()
+    page.wait_for_selector("#timeline > li#v-56")
+    page.focus("#v-7 details.labeler summary")
+    page.keyboard.press("Tab")  # onto "Older versions", which loads v6-v1 in its place
+    page.wait_for_selector("#timeline > li#v-1")
+    assert _focused(page) == "v-6 v6"
+    page.keyboard.press("Tab")
+    assert _focused(page) == "v-6 vs previous"
+
+    page.goto(f"{server}/sessions/{session.pk}/v/56/?pointer=/items")
+    page.focus("#tree li.more a")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#tree > li.leaf').length === 400")
+    assert page.evaluate("() => document.activeElement.closest('#tree > li.leaf').querySelector('.key').textContent") == "200"
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def _long_names_story():
     operator = make_user("olga")
     project = make_project("acme")
