@@ -168,6 +168,16 @@ def test_timeline_pages_by_number(client, viewer, team, settings):
     assert len(re.findall(r'<li id="v-', first)) == 50 and "?before=6" in first
     more = client.get(session_url(session), {"before": 6}, HTTP_HX_REQUEST="true").content.decode()
     assert re.findall(r'<li id="v-(\d+)"', more) == ["5", "4", "3", "2", "1"] and "<html" not in more
+    # The same page opened as a page ("Older versions" without JavaScript, or in a new tab) says what
+    # it shows and leads back to the newest; one past the oldest says so (it was a bare, empty list,
+    # and ?before=0 said "No versions yet." of a session with 55).
+    older = client.get(session_url(session), {"before": 6}).content.decode()
+    assert "Versions before v6." in older and f'<a href="{session_url(session)}">Newest versions</a>' in older
+    assert 'id="timeline"' not in older  # (live rows go to the newest page only)
+    for before in (1, 0):
+        page = client.get(session_url(session), {"before": before}).content.decode()
+        assert f"No versions before v{before}." in page and "No versions yet" not in page
+    assert "No versions before" not in client.get(session_url(session), {"before": 1}, HTTP_HX_REQUEST="true").content.decode()
 
 
 def test_timeline_query_count_does_not_grow_with_versions(client, operator, team, django_assert_num_queries):
