@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app import services as session_services
-from sessions_app.errors import IdempotencyKeyReused, NotFound, StateStoreError
+from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
@@ -81,19 +81,31 @@ def _no_such_version(exc: _NoSuchVersion) -> tuple[str, int]:
     return f"{name} has no version {number} any more: retention removed it{kept}.", 404
 
 
-def _explains_missing_versions(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Answer a version address that names no version with a page of its session saying so."""
+DAMAGED = (
+    "{problem}. Nothing else of the session is changed by it: other versions that do not share the damaged "
+    "part still open, rewind and fork. An integrity scrub (admin: Integrity problems) lists every version it affects."
+)
+
+
+def _explains_unshown_versions(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Answer a version address that names no version, or a version whose stored state fails its
+    checksum, with a page of its session saying so (the latter was a bare "Server error")."""
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         try:
             return view(request, *args, **kwargs)
         except _NoSuchVersion as exc:
-            message, status = _no_such_version(exc)
-            if wants_fragment(request):
-                return HttpResponse(message, status=status, content_type=PLAIN_TEXT)
-            return render(request, "snapshots_app/no_such_version.html",
-                          {"session": exc.session, "project": exc.session.project, "message": message}, status=status)
+            session = exc.session
+            heading, (message, status) = "No such version", _no_such_version(exc)
+        except IntegrityProblem as exc:
+            session, _ = _member_session(request, kwargs["session_id"])
+            heading, message, status = "A damaged version", DAMAGED.format(problem=exc.message[:1].upper() + exc.message[1:]), exc.status
+        if wants_fragment(request):
+            return HttpResponse(message, status=status, content_type=PLAIN_TEXT)
+        return render(request, "snapshots_app/version_unshown.html",
+                      {"session": session, "project": session.project, "heading": heading, "message": message},
+                      status=status)
 
     return wrapper
 
@@ -156,7 +168,7 @@ def _int(raw: Any) -> int | None:
 
 
 @login_required
-@_explains_missing_versions
+@_explains_unshown_versions
 def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, role = _member_session(request, session_id)
     version = _version(session, number)
@@ -205,7 +217,7 @@ def _crumbs(pointer: str) -> list[tuple[str, str]]:
 
 
 @login_required
-@_explains_missing_versions
+@_explains_unshown_versions
 def version_raw(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, _ = _member_session(request, session_id)
     version = _version(session, number)
@@ -299,7 +311,7 @@ def diff_display(result: DiffResult | None, offset: int = 0) -> dict[str, Any]:
 
 
 @login_required
-@_explains_missing_versions
+@_explains_unshown_versions
 def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     to_version = _version(session, request.GET.get("to") or session.head_number)
@@ -349,6 +361,7 @@ def _diff_query(from_session: WorkflowSession, a: Version, b: Version, mode: str
 
 
 @login_required
+@_explains_unshown_versions
 def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     pointer = request.GET.get("path", "").strip()
@@ -404,7 +417,7 @@ def _engine_active(session: WorkflowSession, head: Version | None) -> datetime |
 
 @login_required
 @require_http_methods(["GET", "POST"])
-@_explains_missing_versions
+@_explains_unshown_versions
 def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     """GET shows what the head will become; POST rewinds (audited by the service)."""
     session, role = _member_session(request, session_id)
@@ -438,10 +451,20 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
             return redirect("snapshots:session", session_id=session.pk)
     head = selectors.head_version(session)
     refused = target.number == session.head_number or session.archived_at is not None
-    result = selectors.version_diff(head, target) if head is not None and not refused else None
+    result, damaged = None, ""
+    if head is not None and not refused:
+        try:
+            result = selectors.version_diff(head, target)
+        except IntegrityProblem as exc:
+            # A damaged head is when a rewind is needed most: the page still offers it, without the
+            # diff (it was a "Server error", so a rewind from here could not be done at all).
+            damaged = exc.message
+            if exc.details.get("version") == target.number and exc.details.get("session") == str(session.pk):
+                refused, status = True, exc.status
+                error = f"v{target.number} cannot be read ({exc.message}): a head rewound to it could not be read either."
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "refused": refused, "engine_active": _engine_active(session, head),
+        "refused": refused, "engine_active": _engine_active(session, head), "damaged": damaged,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
@@ -449,7 +472,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
 
 @login_required
 @require_http_methods(["GET", "POST"])
-@_explains_missing_versions
+@_explains_unshown_versions
 def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     session, role = _member_session(request, session_id)
     _require_operator(role)
@@ -493,7 +516,7 @@ def _request_key(request: HttpRequest, *, fresh: bool = False) -> str:
 
 @login_required
 @require_POST
-@_explains_missing_versions
+@_explains_unshown_versions
 def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResponse:
     """Pin / unpin or label a version from the timeline; answers htmx with the updated row."""
     session, role = _member_session(request, session_id)

@@ -489,6 +489,58 @@ def test_a_long_string_reads_as_its_lines_a_page_at_a_time(client, viewer, team)
     assert '<pre class="scalar">1</pre>' in client.get(url, {"pointer": "/n"}).content.decode()
 
 
+def _damaged_head(team):
+    """A session whose head (v3) has a node no other version has, with a byte of it flipped."""
+    from snapshots_app.models import StateNode
+    from tests.conftest import clear_cache
+    from tests.factories import agent_state
+
+    session = make_session(team, "Damaged-Run")
+    snapshot_record(session=session, state=agent_state(1, history=40))
+    snapshot_record(session=session, state=agent_state(2, history=40))
+    before = {bytes(d) for d in StateNode.objects.filter(project=session.project).values_list("digest", flat=True)}
+    snapshot_record(session=session, state={**agent_state(2, history=40), "scratchpad": "a brand new note " * 200})
+    node = max((n for n in StateNode.objects.filter(project=session.project) if bytes(n.digest) not in before),
+               key=lambda n: n.raw_size)
+    data = bytearray(bytes(node.data))
+    data[-1] ^= 0x01
+    StateNode.objects.filter(project=session.project, digest=node.digest).update(data=bytes(data))
+    clear_cache()
+    session.refresh_from_db()
+    return session
+
+
+def test_a_damaged_version_says_so_and_its_session_can_still_be_rewound(client, operator, team):
+    """A version whose stored state fails its checksum was a bare "Server error" on every page that
+    reads it, the rewind confirmation included: a damaged head, when a rewind is most needed, could
+    not be rewound from the dashboard at all."""
+    session = _damaged_head(team)
+    client.force_login(operator)
+    said = f"Version 3 of session Damaged-Run ({session.pk}) failed verification"
+    for response in (client.get(session_url(session, "snapshots:version", number=3)),
+                     client.get(session_url(session, "snapshots:diff"), {"from": 2, "to": 3}),
+                     client.get(session_url(session, "snapshots:history"), {"path": "/scratchpad"})):
+        page = response.content.decode()
+        assert response.status_code == 500 and "A damaged version" in page and said in page
+        assert f'href="{session_url(session)}"' in page and "Server error" not in page
+    tree = client.get(session_url(session, "snapshots:version", number=3), {"pointer": "/counters"}, HTTP_HX_REQUEST="true")
+    assert tree.status_code == 500 and tree["Content-Type"].startswith("text/plain") and said in tree.content.decode()
+    assert client.get(session_url(session, "snapshots:version", number=2)).status_code == 200  # the others open
+
+    confirm = client.get(session_url(session, "snapshots:rewind", number=2))
+    page = confirm.content.decode()
+    assert confirm.status_code == 200 and 'id="confirm-rewind"' in page
+    assert "The diff cannot be shown: version 3 of session Damaged-Run" in page
+    key = re.search(r'name="request_key" value="([^"]+)"', page)[1]
+    done = client.post(session_url(session, "snapshots:rewind", number=2),
+                       {"reason": "head is damaged", "expected_version": 3, "request_key": key})
+    assert done.status_code == 302 and Version.objects.get(session=session, number=4).parent.number == 2
+    # Back to the damaged version: refused up front, since the new head could not be read either.
+    refused = client.get(session_url(session, "snapshots:rewind", number=3))
+    assert refused.status_code == 500 and "v3 cannot be read" in refused.content.decode()
+    assert 'id="confirm-rewind"' not in refused.content.decode()
+
+
 def test_search_and_raw_download(client, viewer, story):
     client.force_login(viewer)
     url = session_url(story, "snapshots:version", number=3)
