@@ -723,6 +723,14 @@ def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
     assert "v1\u2013v3 examined" in newer.content.decode()
 
 
+def test_path_history_of_the_whole_state_lists_each_version_that_changed_it(client, viewer, story):
+    """"/" (the version viewer's root path, as its "copy path" gives it) showed the state as it was
+    at the oldest version and no change since, although every version changed it."""
+    client.force_login(viewer)
+    page = client.get(session_url(story, "snapshots:history"), {"path": "/"}).content.decode()
+    assert page.count('<code class="val">') == 5 and "(value at the oldest version shown)" in page
+
+
 def test_path_history_of_a_path_without_its_leading_slash_says_so_instead_of_absent_everywhere(client, viewer, story):
     client.force_login(viewer)
     response = client.get(session_url(story, "snapshots:history"), {"path": "counters/tokens"})
