@@ -98,6 +98,14 @@ class IntegrityProblem(StateStoreError):
     status = 500
 
 
+class VersionDamaged(StateStoreError):
+    """A rewind or fork to a version whose stored state fails its checksum: refused, since the copy
+    would be a head nobody can read."""
+
+    code = "version_damaged"
+    status = 409
+
+
 class StillDamaged(StateStoreError):
     """An integrity problem cannot be closed while its version still fails verification."""
 

@@ -23,10 +23,12 @@ from config.celery import app as celery_app
 from sessions_app import background, events
 from sessions_app.errors import (
     IdempotencyKeyReused,
+    IntegrityProblem,
     InvalidState,
     SessionExists,
     StateStoreError,
     VersionConflict,
+    VersionDamaged,
     VersionNotFound,
 )
 from sessions_app.models import AuditEvent, SessionStatus, WorkflowSession
@@ -293,6 +295,20 @@ def _session_moves(*, kind: str, status: str, step: str, error: str, logical_siz
     elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
         moves["last_error"] = ""
     return moves
+
+
+def _refuse_damaged(target: Version, action: str) -> None:
+    """A rewind or fork copies its target's stored state without reading it: a target that fails its
+    checksum made a head (or a fork) no read could serve, and an engine resuming from it got an
+    integrity error instead of the state it was sent back to. Refused up front, naming the version."""
+    try:
+        store.read_canonical(target)
+    except IntegrityProblem as exc:
+        raise VersionDamaged(
+            f"{exc.message}: a {action} to it would copy the damage. Choose another version, or restore its "
+            "data first (the integrity scrub lists every version the damage affects)",
+            version=target.number, session=str(target.session_id),
+        ) from None
 
 
 def _append_copy(
@@ -579,6 +595,7 @@ def snapshot_rewind(
         if replay is not None:
             return replay
         _check_expected(locked, expected)
+        _refuse_damaged(target, "rewind")
         previous_head = locked.head_number
         version = _append_copy(
             locked, target, kind=VersionKind.REWIND, reason=reason, idempotency_key=key,
@@ -623,6 +640,7 @@ def snapshot_fork(
             earlier = _fork_replay(session, key, source=source, external_id=external_id, reason=reason)
             if earlier is not None:
                 return earlier
+        _refuse_damaged(source, "fork")
         new_external_id = external_id or new_fork_external_id(session, source.number)
         fork, created = session_get_or_create(
             project=session.project,

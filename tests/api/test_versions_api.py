@@ -194,6 +194,34 @@ def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, sess
     assert WorkflowSession.objects.count() == 2
 
 
+def test_a_rewind_or_fork_to_a_damaged_version_is_refused_and_writes_nothing(writer, session):
+    """A rewind or fork copies its target's stored state without reading it: to a version that fails its
+    checksum, it made a head every read of which was an integrity error (an engine resuming from it got
+    a 500), or a fork that was damaged from its first version."""
+    from snapshots_app.models import StateNode
+    from tests.conftest import clear_cache
+
+    for step in (1, 2, 3):
+        snapshot_record(session=session, state={"step": step, "notes": [f"note {step}-{i}" for i in range(40)]})
+    root = bytes(Version.objects.get(session=session, number=1).root)
+    data = bytearray(bytes(StateNode.objects.get(project=session.project, digest=root).data))
+    data[len(data) // 2] ^= 0xFF
+    StateNode.objects.filter(project=session.project, digest=root).update(data=bytes(data))
+    clear_cache()
+
+    rewind = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "back"}, format="json")
+    assert rewind.status_code == 409 and rewind.json()["code"] == "version_damaged"
+    assert f"version 1 of session {session.external_id}" in rewind.json()["detail"]
+    assert rewind.json()["details"]["version"] == 1
+    fork = writer.post(url(session, "fork/"), {"from_version": 1, "reason": "try"}, format="json")
+    assert fork.status_code == 409 and fork.json()["code"] == "version_damaged"
+    assert session.versions.count() == 3 and WorkflowSession.objects.count() == 1
+    assert not AuditEvent.objects.filter(action__in=["session.rewind", "session.fork"]).exists()
+    # The session's other versions still rewind and fork.
+    assert writer.post(url(session, "rewind/"), {"to_version": 2, "reason": "back"}, format="json").status_code == 201
+    assert writer.post(url(session, "fork/"), {"from_version": 2, "reason": "try"}, format="json").status_code == 201
+
+
 def test_pin_and_label(writer, session):
     snapshot_record(session=session, state={"a": 1})
     response = writer.patch(url(session, "versions/1/"), {"pinned": True, "label": "good"}, format="json")
