@@ -6,11 +6,13 @@ members of, and change things there only as their role allows (see admin_project
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
@@ -26,7 +28,7 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from sessions_app.errors import InvalidState
+from sessions_app.errors import InvalidState, StateStoreError
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
 from sessions_app.selectors import (
     API_KEY_STATUS_CHOICES,
@@ -44,9 +46,13 @@ from sessions_app.services import (
     api_key_default_expiry,
     api_key_revoke,
     api_key_set_expiry,
+    clean_metadata,
+    clean_tags,
+    ensure_writable,
     membership_remove,
     membership_set,
     project_create,
+    session_update,
     user_active_changed,
     user_delete,
 )
@@ -485,8 +491,82 @@ class ApiKeyAdmin(ProjectScopedAdmin):
         return None
 
 
+class JsonTextField(forms.CharField):
+    """JSON typed into a textarea, parsed as strictly as a snapshot's (orjson: no NaN or Infinity, no
+    nesting past its limit, where json.loads would take NaN or overflow the stack). `kind` is the type
+    the value must have."""
+
+    widget = forms.Textarea(attrs={"rows": 6, "cols": 80, "style": "font-family:monospace"})
+
+    def __init__(self, *, kind: type, **kwargs: Any) -> None:
+        self.kind = kind
+        super().__init__(strip=False, **kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, (dict, list)):
+            return json.dumps(value, ensure_ascii=False, indent=2, sort_keys=True)
+        return value
+
+    def to_python(self, value: Any) -> Any:
+        text = super().to_python(value) or ""
+        if not text.strip():
+            return self.kind()
+        try:
+            parsed = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise forms.ValidationError(f"not valid JSON: {exc}") from None
+        if not isinstance(parsed, self.kind):
+            raise forms.ValidationError(f"must be a JSON {'object' if self.kind is dict else 'list'}")
+        return parsed
+
+
+def _service_checked(clean: Any, value: Any) -> Any:
+    try:
+        return clean(value)
+    except InvalidState as exc:
+        raise forms.ValidationError(exc.message) from None
+
+
+class SessionFixForm(forms.ModelForm):
+    """What staff correct on a session (a status left `running` by a dead engine, a bad tag or metadata
+    value): the fields the API's PATCH changes, checked by the same services, recorded by session_update."""
+
+    metadata = JsonTextField(kind=dict, required=False, help_text="A JSON object. Empty: {}.")
+    tags = JsonTextField(kind=list, required=False,
+                         help_text='A JSON list of strings, e.g. ["nightly", "retention:keep-all"]. Empty: [].')
+
+    class Meta:
+        model = WorkflowSession
+        fields = ["workflow", "status", "metadata", "tags"]
+
+    # Only what changed is checked and saved: a status fix is not refused for metadata stored under
+    # an older, larger SESSION_METADATA_MAX_BYTES.
+    def clean_metadata(self) -> Any:
+        value = self.cleaned_data.get("metadata")
+        return value if value == self.instance.metadata else _service_checked(clean_metadata, value)
+
+    def clean_tags(self) -> Any:
+        value = self.cleaned_data.get("tags")
+        return value if value == self.instance.tags else _service_checked(clean_tags, value)
+
+    def clean(self) -> Any:
+        cleaned = super().clean()
+        try:
+            ensure_writable(self.instance)
+        except StateStoreError as exc:
+            raise forms.ValidationError(exc.message) from None
+        return cleaned
+
+
 @admin.register(WorkflowSession)
 class WorkflowSessionAdmin(ReadOnlyAdmin):
+    """Sessions are listed as history, but an operator of the project (with the change permission)
+    corrects a session's status, workflow, metadata and tags on its page, audited as session.update."""
+
+    form = SessionFixForm
+    fields = ["project", "external_id", "dashboard", "workflow", "status", "metadata", "tags", "head_number",
+              "version_count", "last_step", "last_error", "logical_bytes", "stored_bytes", "created_by",
+              "created_at", "updated_at", "archived_at"]
     list_display = ["external_id", "project", "workflow", "status", "head_number", "version_count", "updated_at",
                     "dashboard"]
     list_filter = ["status", ("project", ProjectListFilter), ("archived_at", admin.EmptyFieldListFilter)]
@@ -495,7 +575,17 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
     # Recently updated first within each project: the order of the session_project_updated index, so a
     # page is an index scan, not a sort of every session (which a plain -updated_at would be).
     ordering = ["project_id", "-updated_at", "-id"]
-    readonly_fields = ["dashboard"]
+    readonly_fields = ["project", "external_id", "dashboard", "head_number", "version_count", "last_step", "last_error",
+                       "logical_bytes", "stored_bytes", "created_by", "created_at", "updated_at", "archived_at"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = admin.ModelAdmin.has_change_permission(self, request, obj)
+        return allowed and (obj is None or may_change(request, obj.project_id, Role.OPERATOR))
+
+    def save_model(self, request: HttpRequest, obj: WorkflowSession, form: Any, change: bool) -> None:
+        require_role(request, [obj.project_id], Role.OPERATOR)
+        session_update(session=obj, actor=request.user,
+                       **{name: form.cleaned_data[name] for name in SessionFixForm.Meta.fields if name in form.changed_data})
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         # A session id pasted into the search box (from a session page's address or the API) finds its

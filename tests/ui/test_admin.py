@@ -14,7 +14,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
-from sessions_app.models import ApiKey, AuditEvent, Membership, Role
+from sessions_app.models import ApiKey, AuditEvent, Membership, Role, WorkflowSession
 from sessions_app.services import api_key_create, api_key_revoke, membership_set, session_archive
 from snapshots_app.integrity import integrity_problem_record
 from snapshots_app.models import IntegrityProblem, StateNode, Version
@@ -835,3 +835,85 @@ def test_a_projects_jobs_are_listed_newest_first_by_their_index(client, staff, t
         '"snapshots_app_job"."created_at" DESC, "snapshots_app_job"."id" DESC')
     plan = query_plan(listing[0])
     assert "job_project_created" in plan and "Sort" not in plan, plan
+
+
+def session_form(**changes):
+    return {"workflow": "research", "status": "running", "metadata": "{}", "tags": '["nightly"]', **changes}
+
+
+def test_an_operator_corrects_a_sessions_status_metadata_and_tags_in_the_admin_audited(client, clerk, story):
+    """A session left `running` by an engine that died, or carrying a bad tag, was read-only in the
+    admin: the fix needed an API key and a hand-written PATCH. Its page now changes status, workflow,
+    metadata and tags through the same service (and checks) as the API, recorded as session.update."""
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    client.force_login(clerk)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    page = client.get(url).content.decode()
+    assert 'name="_save"' in page and 'name="status"' in page and 'name="head_number"' not in page
+    response = client.post(url, session_form(status="failed", metadata='{"owner": "ops", "ticket": 42}',
+                                             tags='["nightly", "retention:keep-all"]'))
+    assert response.status_code == 302
+    story.refresh_from_db()
+    assert story.status == "failed" and story.metadata == {"owner": "ops", "ticket": 42}
+    assert story.tags == ["nightly", "retention:keep-all"] and story.head_number == 5
+    event = AuditEvent.objects.get(action="session.update", session_id=story.pk)
+    assert event.actor_label == "clerk"
+    assert event.details["status"] == {"before": "running", "after": "failed"}
+    assert event.details["tags"]["after"] == ["nightly", "retention:keep-all"]
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"metadata": '{"cost": NaN}'}, "not valid JSON"),
+    ({"metadata": '{"cost": Infinity}'}, "not valid JSON"),
+    ({"metadata": "[" * 5000 + "]" * 5000}, "not valid JSON"),  # json.loads overflowed the stack: a 500
+    ({"metadata": '{"a": ' * 250 + "1" + "}" * 250}, "nests deeper than"),
+    ({"metadata": '["not", "an", "object"]'}, "must be a JSON object"),
+    ({"metadata": '{"blob": "' + "x" * 70_000 + '"}'}, "over the"),
+    ({"tags": '["fine", "no!good"]'}, "invalid tag"),
+    ({"tags": '"nightly"'}, "must be a JSON list"),
+    ({"status": "stuck"}, "Select a valid choice"),
+    ({"workflow": "a\x00b"}, "Null characters"),
+])
+def test_a_bad_session_fix_in_the_admin_says_what_is_wrong_and_stores_nothing(client, staff, story, changes, problem):
+    client.force_login(staff)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    response = client.post(url, session_form(**{"status": "failed", **changes}))
+    assert response.status_code == 200 and "errornote" in response.content.decode()
+    assert problem in html.unescape(response.content.decode())
+    story.refresh_from_db()
+    assert story.status == "running" and story.metadata == {} and story.tags == ["nightly"]
+    assert not AuditEvent.objects.filter(action="session.update").exists()
+
+
+def test_a_session_fix_in_the_admin_needs_the_operator_role_and_an_unarchived_session(client, clerk, story):
+    membership_set(project=story.project, user=clerk, role=Role.VIEWER)
+    other = make_session(make_project("globex"), "globex-run")
+    client.force_login(clerk)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    assert 'name="_save"' not in client.get(url).content.decode()  # a viewer reads it
+    assert client.post(url, session_form(status="failed")).status_code == 403
+    foreign = reverse("admin:sessions_app_workflowsession_change", args=[other.pk])
+    assert client.post(foreign, session_form(status="failed")).status_code in (302, 404)
+    story.refresh_from_db()
+    other.refresh_from_db()
+    assert story.status == other.status == "running"
+
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    session_archive(session=story, reason="done")
+    response = client.post(url, session_form(status="failed"))
+    assert response.status_code == 200 and "is archived" in response.content.decode()
+    story.refresh_from_db()
+    assert story.status == "running" and not AuditEvent.objects.filter(action="session.update").exists()
+
+
+def test_a_session_status_fix_keeps_metadata_stored_under_an_older_larger_limit(client, staff, story, settings):
+    big = {"notes": "x" * 3000}
+    WorkflowSession.objects.filter(pk=story.pk).update(metadata=big)
+    settings.SESSION_METADATA_MAX_BYTES = 1024
+    client.force_login(staff)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    response = client.post(url, session_form(status="completed", metadata=json.dumps(big)))
+    assert response.status_code == 302
+    story.refresh_from_db()
+    assert story.status == "completed" and story.metadata == big
+    assert set(AuditEvent.objects.get(action="session.update").details) == {"status"}
