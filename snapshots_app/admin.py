@@ -9,6 +9,7 @@ from itertools import islice
 from typing import Any
 
 import orjson
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
@@ -20,7 +21,15 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from sessions_app.admin import ProjectAdmin as BaseProjectAdmin
-from sessions_app.admin import ProjectListFilter, ReadOnlyAdmin, admin_projects, pasted_uuid, require_role
+from sessions_app.admin import (
+    ProjectListFilter,
+    ProjectScopedAdmin,
+    ReadOnlyAdmin,
+    admin_projects,
+    may_change,
+    pasted_uuid,
+    require_role,
+)
 from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
@@ -30,7 +39,7 @@ from snapshots_app.diff import PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jobs import job_condition
 from snapshots_app.jsonview import join_pointer, pretty
-from snapshots_app.models import IntegrityProblem, Job, Version
+from snapshots_app.models import IntegrityProblem, Job, RetentionPolicy, Version
 from snapshots_app.views import diff_display
 
 # A state larger than this (bytes of canonical JSON) is not put in the data fix page whole unless
@@ -309,6 +318,58 @@ class JobAdmin(ReadOnlyAdmin):
     @admin.display(description="Result")
     def shown_result(self, obj: Job) -> str:
         return format_html("<pre>{}</pre>", pretty(obj.public_result))
+
+
+class RetentionPolicyForm(forms.ModelForm):
+    # The service's bounds (the column's would take 2 billion, which the service then refused: a 500).
+    keep_last = forms.IntegerField(min_value=0, max_value=1_000_000,
+                                   help_text=RetentionPolicy._meta.get_field("keep_last").help_text)
+    keep_days = forms.IntegerField(min_value=0, max_value=1_000_000,
+                                   help_text=RetentionPolicy._meta.get_field("keep_days").help_text)
+
+    class Meta:
+        model = RetentionPolicy
+        fields = ["project", "enabled", "keep_last", "keep_days", "thin_to"]
+
+
+@admin.register(RetentionPolicy)
+class RetentionPolicyAdmin(ProjectScopedAdmin):
+    """Each project's retention policy, as the API's /retention-policy/: its members read it, its admins
+    set it (through compaction.retention_policy_set, audited as retention.policy). It is turned off
+    (`enabled`), never deleted: a deletion would keep no record of the policy that stood."""
+
+    form = RetentionPolicyForm
+    list_display = ["project", "enabled", "keep_last", "keep_days", "thin_to", "updated_at", "updated_by_label"]
+    list_filter = ["enabled", ("project", ProjectListFilter)]
+    search_fields = ["project__slug", "project__name"]
+    list_select_related = ["project"]
+    autocomplete_fields = ["project"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return ["project", "in_words", "updated_at", "updated_by_label"] if obj is not None else []
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = ["project", "enabled", "keep_last", "keep_days", "thin_to"]
+        return [*fields, "in_words", "updated_at", "updated_by_label"] if obj is not None else fields
+
+    @admin.display(description="In words")
+    def in_words(self, obj: RetentionPolicy) -> str:
+        return obj.in_words
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or may_change(request, obj.project_id, Role.ADMIN))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: RetentionPolicy, form: Any, change: bool) -> None:
+        require_role(request, [obj.project_id], Role.ADMIN)
+        policy = compaction.retention_policy_set(
+            project=obj.project, enabled=obj.enabled, keep_last=obj.keep_last, keep_days=obj.keep_days,
+            thin_to=obj.thin_to, actor=request.user,
+        )
+        obj.pk, obj.updated_at, obj.updated_by_label = policy.pk, policy.updated_at, policy.updated_by_label
 
 
 admin.site.unregister(Project)

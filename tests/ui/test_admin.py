@@ -33,7 +33,8 @@ def staff(db):
 
 @pytest.mark.parametrize("model", ["sessions_app/project", "sessions_app/membership", "sessions_app/apikey",
                                    "sessions_app/workflowsession", "sessions_app/auditevent",
-                                   "snapshots_app/version", "snapshots_app/integrityproblem", "snapshots_app/job"])
+                                   "snapshots_app/version", "snapshots_app/integrityproblem", "snapshots_app/job",
+                                   "snapshots_app/retentionpolicy"])
 def test_every_changelist_opens_and_searches(client, staff, story, model):
     client.force_login(staff)
     response = client.get(f"/admin/{model}/", {"q": "run"})
@@ -917,3 +918,74 @@ def test_a_session_status_fix_keeps_metadata_stored_under_an_older_larger_limit(
     story.refresh_from_db()
     assert story.status == "completed" and story.metadata == big
     assert set(AuditEvent.objects.get(action="session.update").details) == {"status"}
+
+
+def policy_form(project, **changes):
+    return {"project": project.pk, "enabled": "on", "keep_last": 50, "keep_days": 3, "thin_to": "day", **changes}
+
+
+def test_a_project_admin_sets_and_changes_its_retention_policy_in_the_admin_audited(client, clerk, story):
+    """Retention policies were missing from the admin (the compaction page put the policy in words, but
+    changing it took an API key): a project's admins now set it there, audited as in the API."""
+    from snapshots_app.models import RetentionPolicy
+
+    membership_set(project=story.project, user=clerk, role=Role.ADMIN)
+    client.force_login(clerk)
+    response = client.post(reverse("admin:snapshots_app_retentionpolicy_add"), policy_form(story.project))
+    assert response.status_code == 302
+    policy = RetentionPolicy.objects.get(project=story.project)
+    assert (policy.enabled, policy.keep_last, policy.keep_days, policy.thin_to) == (True, 50, 3, "day")
+    assert policy.updated_by_label == "clerk"
+    url = reverse("admin:snapshots_app_retentionpolicy_change", args=[policy.pk])
+    page = client.get(url).content.decode()
+    assert "newest 50 versions" in page and 'name="_save"' in page and "Delete" not in page
+    assert client.post(url, policy_form(story.project, keep_last=10, enabled="")).status_code == 302
+    policy.refresh_from_db()
+    assert (policy.enabled, policy.keep_last) == (False, 10)
+    events = AuditEvent.objects.filter(action="retention.policy").order_by("id")
+    assert [event.actor_label for event in events] == ["clerk", "clerk"]
+    assert events[0].details["before"] is None and events[1].details["after"]["keep_last"] == 10
+    assert client.post(url, policy_form(story.project, keep_last=10, enabled="")).status_code == 302
+    assert events.count() == 2  # the policy it has already: nothing recorded
+    assert client.post(reverse("admin:snapshots_app_retentionpolicy_delete", args=[policy.pk]), {"post": "yes"}
+                       ).status_code == 403
+    assert RetentionPolicy.objects.filter(pk=policy.pk).exists()
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"keep_last": -1}, "greater than or equal to 0"),
+    ({"keep_days": 2_000_000_000}, "less than or equal to 1000000"),
+    ({"keep_last": "many"}, "Enter a whole number"),
+    ({"thin_to": "week"}, "Select a valid choice"),
+])
+def test_a_bad_retention_policy_in_the_admin_says_what_is_wrong_and_stores_nothing(client, staff, story, changes,
+                                                                                    problem):
+    from snapshots_app.models import RetentionPolicy
+
+    client.force_login(staff)
+    response = client.post(reverse("admin:snapshots_app_retentionpolicy_add"), policy_form(story.project, **changes))
+    assert response.status_code == 200 and problem in response.content.decode()
+    assert not RetentionPolicy.objects.exists() and not AuditEvent.objects.filter(action="retention.policy").exists()
+
+
+def test_only_a_projects_admins_change_its_retention_policy_and_nobody_sees_another_projects(client, clerk, story):
+    from snapshots_app.compaction import retention_policy_set
+    from snapshots_app.models import RetentionPolicy
+
+    other = make_project("globex")
+    foreign = retention_policy_set(project=other, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    own = retention_policy_set(project=story.project, enabled=True, keep_last=7, keep_days=1, thin_to="hour")
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    client.force_login(clerk)
+    listing = client.get(reverse("admin:snapshots_app_retentionpolicy_changelist")).content.decode()
+    assert "Acme" in listing and "globex" not in listing.lower()
+    url = reverse("admin:snapshots_app_retentionpolicy_change", args=[own.pk])
+    assert 'name="_save"' not in client.get(url).content.decode()  # an operator reads it
+    assert client.post(url, policy_form(story.project, keep_last=0, thin_to="none")).status_code == 403
+    foreign_url = reverse("admin:snapshots_app_retentionpolicy_change", args=[foreign.pk])
+    assert client.post(foreign_url, policy_form(other, keep_last=500)).status_code in (302, 404)
+    for project in (story.project, other):
+        response = client.post(reverse("admin:snapshots_app_retentionpolicy_add"), policy_form(project))
+        assert response.status_code in (200, 403)
+    assert {(policy.project_id, policy.keep_last) for policy in RetentionPolicy.objects.all()} == {
+        (story.project.pk, 7), (other.pk, 1)}
