@@ -29,7 +29,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from sessions_app.errors import InvalidState, StateStoreError
-from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, WorkflowSession
+from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import (
     API_KEY_STATUS_CHOICES,
     API_KEY_STATUSES,
@@ -41,6 +41,7 @@ from sessions_app.selectors import (
     users_reaching_only,
 )
 from sessions_app.services import (
+    REASON_MAX,
     api_key_clean_expiry,
     api_key_create,
     api_key_default_expiry,
@@ -52,6 +53,8 @@ from sessions_app.services import (
     membership_remove,
     membership_set,
     project_create,
+    session_archive,
+    session_unarchive,
     session_update,
     user_active_changed,
     user_delete,
@@ -558,6 +561,16 @@ class SessionFixForm(forms.ModelForm):
         return cleaned
 
 
+class ArchiveReasonForm(forms.Form):
+    # Not stripped here: the audit event keeps what was typed (the dashboard's archive does the same).
+    reason = forms.CharField(required=False, max_length=REASON_MAX, strip=False)
+
+
+# Sessions archived or unarchived in one request (each is locked, changed and audited on its own).
+# The confirm page sends back one field per session: well under DATA_UPLOAD_MAX_NUMBER_FIELDS (1,000).
+ARCHIVE_IN_REQUEST = 500
+
+
 @admin.register(WorkflowSession)
 class WorkflowSessionAdmin(ReadOnlyAdmin):
     """Sessions are listed as history, but an operator of the project (with the change permission)
@@ -581,6 +594,47 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         allowed = admin.ModelAdmin.has_change_permission(self, request, obj)
         return allowed and (obj is None or may_change(request, obj.project_id, Role.OPERATOR))
+
+    actions = ["archive", "unarchive"]
+
+    @admin.action(description="Archive selected sessions…", permissions=["change"])
+    def archive(self, request: HttpRequest, queryset: QuerySet[WorkflowSession]) -> TemplateResponse | None:
+        """Asks first, as the session page does: an archived session refuses its engine's next write."""
+        return self._archiving(request, queryset, archive=True)
+
+    @admin.action(description="Unarchive selected sessions…", permissions=["change"])
+    def unarchive(self, request: HttpRequest, queryset: QuerySet[WorkflowSession]) -> TemplateResponse | None:
+        return self._archiving(request, queryset, archive=False)
+
+    def _archiving(self, request: HttpRequest, queryset: QuerySet[WorkflowSession], *, archive: bool) -> Any:
+        selected = queryset.order_by()
+        # It changes the sessions: the operator role in each of their projects, as on the session page.
+        require_role(request, selected.values_list("project_id", flat=True).distinct(), Role.OPERATOR)
+        sessions = list(selected.select_related("project").order_by("project__slug", "external_id")[: ARCHIVE_IN_REQUEST + 1])
+        if len(sessions) > ARCHIVE_IN_REQUEST:
+            messages.error(request, f"Select at most {ARCHIVE_IN_REQUEST:,} sessions at a time (filter the list to "
+                                    "narrow it): nothing was changed.")
+            return None
+        to_change = [session for session in sessions if (session.archived_at is None) is archive]
+        form = ArchiveReasonForm(request.POST if request.POST.get("post") == "yes" else None)
+        if not form.is_bound or not form.is_valid():
+            verb = "archive" if archive else "unarchive"
+            return TemplateResponse(request, "admin/sessions_app/workflowsession/archive_confirmation.html", {
+                **self.admin_site.each_context(request), "opts": self.model._meta,
+                "title": f"{verb.capitalize()} sessions", "archive": archive, "verb": verb, "sessions": sessions,
+                "to_change": to_change, "unchanged": len(sessions) - len(to_change),
+                "active": [session for session in to_change
+                           if session.status in (SessionStatus.RUNNING, SessionStatus.WAITING)],
+                "form": form, "action_checkbox_name": ACTION_CHECKBOX_NAME, "action": verb,
+            }, status=400 if form.is_bound else 200)
+        change = session_archive if archive else session_unarchive
+        for session in to_change:
+            change(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+        done = "Archived" if archive else "Unarchived"
+        unchanged = len(sessions) - len(to_change)
+        messages.success(request, f"{done} {len(to_change)} session(s)."
+                                  + (f" {unchanged} were {done.lower()} already: left as they were." if unchanged else ""))
+        return None
 
     def save_model(self, request: HttpRequest, obj: WorkflowSession, form: Any, change: bool) -> None:
         require_role(request, [obj.project_id], Role.OPERATOR)

@@ -989,3 +989,62 @@ def test_only_a_projects_admins_change_its_retention_policy_and_nobody_sees_anot
         assert response.status_code in (200, 403)
     assert {(policy.project_id, policy.keep_last) for policy in RetentionPolicy.objects.all()} == {
         (story.project.pk, 7), (other.pk, 1)}
+
+
+def archiving(action, *sessions, **data):
+    return {"action": action, "_selected_action": [session.pk for session in sessions], **data}
+
+
+def test_archiving_a_selection_of_sessions_in_the_admin_asks_first_and_audits_each_with_the_reason(client, clerk, story):
+    """Archiving (and unarchiving) was on the session page only, one session at a time; the admin had
+    no way to. Its actions ask first, warn of sessions an engine may still write, take a reason,
+    and record each change; sessions already so are left as they are."""
+    membership_set(project=story.project, user=clerk, role=Role.OPERATOR)
+    done = make_session(story.project, "run-done")
+    WorkflowSession.objects.filter(pk=done.pk).update(status="completed")
+    changelist = reverse("admin:sessions_app_workflowsession_changelist")
+    client.force_login(clerk)
+    ask = client.post(changelist, archiving("archive", story, done))
+    page = html.unescape(ask.content.decode())
+    assert ask.status_code == 200 and "Archive these 2 session(s)?" in page and "1 of them is <code>running</code>" in page
+    assert "run-42" in page and "run-done" in page and 'name="reason"' in page
+    assert WorkflowSession.objects.filter(archived_at__isnull=False).count() == 0  # asking changes nothing
+
+    bad = client.post(changelist, archiving("archive", story, done, post="yes", reason="x" * 2001))
+    assert bad.status_code == 400 and "reason: " in bad.content.decode()
+    assert WorkflowSession.objects.filter(archived_at__isnull=False).count() == 0
+
+    response = client.post(changelist, archiving("archive", story, done, post="yes", reason="quarter closed"))
+    assert response.status_code == 302
+    assert WorkflowSession.objects.filter(archived_at__isnull=False).count() == 2
+    events = AuditEvent.objects.filter(action="session.archive")
+    assert {(event.session_id, event.reason, event.actor_label) for event in events} == {
+        (story.pk, "quarter closed", "clerk"), (done.pk, "quarter closed", "clerk")}
+
+    again = client.post(changelist, archiving("archive", story, post="yes", reason="again"), follow=True)
+    assert "were archived already" in again.content.decode() and events.count() == 2
+    client.post(changelist, archiving("unarchive", done, post="yes", reason="reopened"))
+    done.refresh_from_db()
+    assert done.archived_at is None
+    assert AuditEvent.objects.get(action="session.unarchive").reason == "reopened"
+
+
+def test_archiving_in_the_admin_needs_the_operator_role_in_every_selected_project(client, clerk, story):
+    membership_set(project=story.project, user=clerk, role=Role.VIEWER)
+    client.force_login(clerk)
+    changelist = reverse("admin:sessions_app_workflowsession_changelist")
+    response = client.post(changelist, archiving("archive", story, post="yes", reason="no"))
+    assert response.status_code == 403
+    story.refresh_from_db()
+    assert story.archived_at is None and not AuditEvent.objects.filter(action="session.archive").exists()
+
+
+def test_archiving_more_sessions_than_one_request_takes_changes_none_and_says_so(client, staff, story, monkeypatch):
+    # The confirm page sends back a field per session: past Django's 1,000 fields it was a bare 400.
+    monkeypatch.setattr("sessions_app.admin.ARCHIVE_IN_REQUEST", 1)
+    other = make_session(story.project, "run-43")
+    client.force_login(staff)
+    changelist = reverse("admin:sessions_app_workflowsession_changelist")
+    response = client.post(changelist, archiving("archive", story, other, post="yes"), follow=True)
+    assert "Select at most 1 sessions at a time" in response.content.decode()
+    assert not WorkflowSession.objects.filter(archived_at__isnull=False).exists()
