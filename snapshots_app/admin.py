@@ -177,7 +177,7 @@ class VersionAdmin(ReadOnlyAdmin):
             return redirect(reverse("admin:snapshots_app_version_changelist"))
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
-        error, result, parts, previewed = "", None, [], ""
+        error, warning, result, parts, previewed = "", "", None, [], ""
         parts_more, parts_size = 0, 0
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:
@@ -223,7 +223,14 @@ class VersionAdmin(ReadOnlyAdmin):
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
                 # (Only for a page that shows it: a recorded fix needs no diff.)
-                result = diff_values(orjson.loads(selectors.version_state_bytes(head)) if head else {}, prepared.value)
+                try:
+                    head_value = orjson.loads(selectors.version_state_bytes(head)) if head else {}
+                except IntegrityError as exc:
+                    # A damaged head is when a fix is needed most: say what recording does, not only the damage.
+                    warning = (f"{exc.message}. The diff against it cannot be shown: recording this state makes a "
+                               "new head on top of it (the damaged version is kept as it is, for its integrity problem).")
+                else:
+                    result = diff_values(head_value, prepared.value)
             except StateStoreError as exc:
                 error = exc.message
         context = {
@@ -231,7 +238,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
+            "warning": warning, "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

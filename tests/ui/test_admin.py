@@ -1048,3 +1048,24 @@ def test_archiving_more_sessions_than_one_request_takes_changes_none_and_says_so
     response = client.post(changelist, archiving("archive", story, other, post="yes"), follow=True)
     assert "Select at most 1 sessions at a time" in response.content.decode()
     assert not WorkflowSession.objects.filter(archived_at__isnull=False).exists()
+
+
+def test_a_data_fix_over_a_damaged_head_says_what_recording_does_and_records_it(client, staff, story):
+    """With the head failing verification (when a fix is needed most) the preview answered 400 with
+    the damage alone, beside a "record" button: it now says the diff cannot be shown and what
+    recording does, and recording makes a sound new head, leaving the damaged version as it is."""
+    head = Version.objects.get(session=story, number=5)
+    StateNode.objects.filter(project=story.project, digest=bytes(head.root)).update(data=b"\x00garbage")
+    clear_cache()
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[Version.objects.get(session=story, number=3).pk])
+    edited = json.dumps({"counters": {"steps": 3, "tokens": 300}, "pointer": "step-3"})
+    preview = client.post(url, {"state": edited, "reason": "", "expected_version": 5, "preview": "1"})
+    body = html.unescape(preview.content.decode())
+    assert preview.status_code == 200 and "version 5 of session run-42" in body and "failed verification" in body
+    assert "recording this state makes a new head on top of it" in body and "Record as new head" in body
+    done = client.post(url, {"state": edited, "reason": "head damaged", "expected_version": 5, "apply": "1",
+                             "previewed": shown_state(preview)})
+    assert done.status_code == 302
+    fixed = Version.objects.get(session=story, number=6)
+    assert fixed.kind == "data_fix" and AuditEvent.objects.get(action="version.data_fix").reason == "head damaged"
