@@ -340,6 +340,12 @@ class AuditedUserAdmin(UserAdmin):
             user_delete(user=user, actor=request.user)
 
 
+# Rows acted on by one confirmed action (revoking keys, archiving sessions; each locked, changed and
+# audited on its own). The confirm page sends back one field per row: past Django's
+# DATA_UPLOAD_MAX_NUMBER_FIELDS (1,000) the confirmation was a bare "Bad Request" page.
+CONFIRMED_IN_REQUEST = 500
+
+
 def _expiry_checked(value: Any) -> Any:
     try:
         return api_key_clean_expiry(value)
@@ -478,7 +484,11 @@ class ApiKeyAdmin(ProjectScopedAdmin):
     @admin.action(description="Revoke selected API keys…", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> TemplateResponse | None:
         """Asks first, as a deletion does: a revoked key stays revoked, and an engine using it stops."""
-        keys = list(queryset.select_related("project").order_by("project__slug", "name"))
+        keys = list(queryset.select_related("project").order_by("project__slug", "name")[: CONFIRMED_IN_REQUEST + 1])
+        if len(keys) > CONFIRMED_IN_REQUEST:
+            messages.error(request, f"Select at most {CONFIRMED_IN_REQUEST:,} keys at a time (filter the list to "
+                                    "narrow it): nothing was revoked.")
+            return None
         require_role(request, [api_key.project_id for api_key in keys], Role.ADMIN)  # all or none
         working = [api_key for api_key in keys if api_key.revoked_at is None]
         if request.POST.get("post") != "yes":
@@ -566,9 +576,6 @@ class ArchiveReasonForm(forms.Form):
     reason = forms.CharField(required=False, max_length=REASON_MAX, strip=False)
 
 
-# Sessions archived or unarchived in one request (each is locked, changed and audited on its own).
-# The confirm page sends back one field per session: well under DATA_UPLOAD_MAX_NUMBER_FIELDS (1,000).
-ARCHIVE_IN_REQUEST = 500
 
 
 @admin.register(WorkflowSession)
@@ -610,9 +617,9 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
         selected = queryset.order_by()
         # It changes the sessions: the operator role in each of their projects, as on the session page.
         require_role(request, selected.values_list("project_id", flat=True).distinct(), Role.OPERATOR)
-        sessions = list(selected.select_related("project").order_by("project__slug", "external_id")[: ARCHIVE_IN_REQUEST + 1])
-        if len(sessions) > ARCHIVE_IN_REQUEST:
-            messages.error(request, f"Select at most {ARCHIVE_IN_REQUEST:,} sessions at a time (filter the list to "
+        sessions = list(selected.select_related("project").order_by("project__slug", "external_id")[: CONFIRMED_IN_REQUEST + 1])
+        if len(sessions) > CONFIRMED_IN_REQUEST:
+            messages.error(request, f"Select at most {CONFIRMED_IN_REQUEST:,} sessions at a time (filter the list to "
                                     "narrow it): nothing was changed.")
             return None
         to_change = [session for session in sessions if (session.archived_at is None) is archive]

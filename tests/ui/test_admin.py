@@ -1041,7 +1041,7 @@ def test_archiving_in_the_admin_needs_the_operator_role_in_every_selected_projec
 
 def test_archiving_more_sessions_than_one_request_takes_changes_none_and_says_so(client, staff, story, monkeypatch):
     # The confirm page sends back a field per session: past Django's 1,000 fields it was a bare 400.
-    monkeypatch.setattr("sessions_app.admin.ARCHIVE_IN_REQUEST", 1)
+    monkeypatch.setattr("sessions_app.admin.CONFIRMED_IN_REQUEST", 1)
     other = make_session(story.project, "run-43")
     client.force_login(staff)
     changelist = reverse("admin:sessions_app_workflowsession_changelist")
@@ -1069,3 +1069,14 @@ def test_a_data_fix_over_a_damaged_head_says_what_recording_does_and_records_it(
     assert done.status_code == 302
     fixed = Version.objects.get(session=story, number=6)
     assert fixed.kind == "data_fix" and AuditEvent.objects.get(action="version.data_fix").reason == "head damaged"
+
+
+def test_revoking_more_keys_than_one_request_takes_revokes_none_and_says_so(client, staff, team, monkeypatch):
+    # A select-all of thousands of keys made a confirm page whose "yes" exceeded Django's 1,000 fields: a bare 400.
+    monkeypatch.setattr("sessions_app.admin.CONFIRMED_IN_REQUEST", 1)
+    keys = [api_key_create(project=team, name=f"engine-{i}", scopes=["read"])[0] for i in range(2)]
+    client.force_login(staff)
+    response = client.post(reverse("admin:sessions_app_apikey_changelist"),
+                           {"action": "revoke", "_selected_action": [key.pk for key in keys], "index": "0"}, follow=True)
+    assert "Select at most 1 keys at a time" in response.content.decode()
+    assert not ApiKey.objects.filter(revoked_at__isnull=False).exists()
