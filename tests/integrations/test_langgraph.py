@@ -303,6 +303,139 @@ def test_an_operator_rewind_before_a_subgraph_runs_it_afresh_as_a_replay_does(li
     assert ours == replayed and ours[:2] == [["approve?"], ("approve",)] and ours[2][-1] == "approved second"
 
 
+class Notes(TypedDict):
+    letters: list[str]
+    seen: list[str]
+
+
+class NotesMemory(TypedDict):
+    letters: list[str]
+    seen: Annotated[list[str], operator.add]
+
+
+def notes_graph(saver):
+    """A parent whose `memory` subgraph keeps its own memory across runs (`checkpointer=True`): each
+    run it adds the letters given, and hands back all it has seen."""
+    inner = StateGraph(NotesMemory)
+    inner.add_node("remember", lambda state: {"seen": state["letters"]})
+    inner.add_edge(START, "remember")
+    inner.add_edge("remember", END)
+    outer = StateGraph(Notes)
+    outer.add_node("prep", lambda state: {"letters": state["letters"]})
+    outer.add_node("memory", inner.compile(checkpointer=True))
+    outer.add_edge(START, "prep")
+    outer.add_edge("prep", "memory")
+    outer.add_edge("memory", END)
+    return outer.compile(checkpointer=saver)
+
+
+def _rewind_in_dashboard(rewind, thread_id: str, checkpoint_id: str) -> None:
+    session = rewind.list_sessions(external_id=thread_id)["results"][0]
+    target = next(v for v in rewind.iter_versions(session["id"], tag=f"cp:{checkpoint_id}") if v["kind"] != "rewind")
+    rewind.rewind(session["id"], target["number"], reason="try that run again")
+
+
+def _two_runs(graph, config) -> list:
+    graph.invoke({"letters": ["x", "y"], "seen": []}, config)
+    assert graph.invoke({"letters": ["z", "w"], "seen": []}, config)["seen"] == ["x", "y", "z", "w"]
+    return list(graph.get_state_history(config))  # newest first
+
+
+def test_a_dashboard_rewind_brings_a_persistent_subgraphs_memory_back_as_a_replay_does(live_api, rewind):
+    """Rewound to the second run's checkpoint before the subgraph (and to the one before `prep`),
+    `invoke(None)` used to start the subgraph from nothing (['z', 'w']) and it stayed so on later runs;
+    LangGraph's replay from that checkpoint loads the subgraph's memory as it was there."""
+
+    def run(saver, go_back, thread_id: str, before: tuple[str, ...]) -> list:
+        graph = notes_graph(saver)
+        config = {"configurable": {"thread_id": thread_id}}
+        history = _two_runs(graph, config)
+        point = next(s for s in history if s.next == before and s.metadata["step"] > 2)  # in the second run
+        again = graph.invoke(None, go_back(thread_id, point))["seen"]
+        later = graph.invoke({"letters": ["q"], "seen": []}, config)["seen"]
+        return [again, later]
+
+    def dashboard(thread_id, point):
+        _rewind_in_dashboard(rewind, thread_id, point.config["configurable"]["checkpoint_id"])
+        return {"configurable": {"thread_id": thread_id}}
+
+    for before in [("memory",), ("prep",)]:
+        replayed = run(InMemorySaver(), lambda thread_id, point: point.config, f"notes-replay-{before[0]}", before)
+        ours = run(SessionRewindSaver(rewind), dashboard, f"notes-rewind-{before[0]}", before)
+        assert replayed == [["x", "y", "z", "w"], ["x", "y", "z", "w", "q"]]
+        assert ours == replayed, before
+
+
+def test_new_input_after_a_dashboard_rewind_meets_the_subgraph_memory_of_that_point(live_api, rewind):
+    """Rewound to the end of the first run, a new run used to meet the memory of the run it abandoned
+    (['x', 'y', 'z', 'w', 'q']): the rewind brings the subgraph's memory back to ['x', 'y'], as an
+    `invoke(None)` from there (a replay in LangGraph) sees it. (LangGraph's own savers, given new input
+    with that checkpoint's id, keep the newest memory: a rewind in the dashboard rewinds all of the thread.)"""
+    graph = notes_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "notes-new-input"}}
+    history = _two_runs(graph, config)
+    first_done = next(s for s in history if s.next == () and s.metadata["step"] == 2)
+    _rewind_in_dashboard(rewind, "notes-new-input", first_done.config["configurable"]["checkpoint_id"])
+    assert graph.invoke({"letters": ["q"], "seen": []}, config)["seen"] == ["x", "y", "q"]
+    assert graph.invoke({"letters": ["r"], "seen": []}, config)["seen"] == ["x", "y", "q", "r"]
+    # The subgraph's own timeline shows the branch: back to its first run's memory, then q and r.
+    memory = next(t for t in graph.checkpointer.list({"configurable": {**config["configurable"], "checkpoint_ns": "memory"}}))
+    assert memory.checkpoint["channel_values"]["seen"] == ["x", "y", "q", "r"]
+
+
+
+def test_a_dashboard_rewind_to_a_question_a_persistent_subgraph_asked_asks_it_again_as_a_replay_does(live_api, rewind):
+    """The second run's review subgraph (its memory kept across runs) asks, is rewound in the dashboard to
+    the checkpoint the thread waited at, and is answered: the question comes again and the answer lands
+    on the first run's memory, as on LangGraph's replay from there."""
+    from langgraph.types import Command, interrupt
+
+    class Review(TypedDict):
+        city: str
+        answers: Annotated[list[str], operator.add]
+
+    def approve(state: Review) -> dict:
+        return {"answers": [f"{state['city']} {interrupt('approve?')}"]}
+
+    class Trips(TypedDict):
+        city: str
+        answers: list[str]
+
+    inner = StateGraph(Review)
+    inner.add_node("approve", approve)
+    inner.add_edge(START, "approve")
+    inner.add_edge("approve", END)
+    outer = StateGraph(Trips)
+    outer.add_node("plan", lambda state: {"city": state["city"]})
+    outer.add_node("review", inner.compile(checkpointer=True))
+    outer.add_edge(START, "plan")
+    outer.add_edge("plan", "review")
+    outer.add_edge("review", END)
+
+    def run(saver, go_back, thread_id: str) -> list:
+        graph = outer.compile(checkpointer=saver)
+        config = {"configurable": {"thread_id": thread_id}}
+        graph.invoke({"city": "Nice", "answers": []}, config)
+        graph.invoke(Command(resume="yes"), config)
+        graph.invoke({"city": "Oslo", "answers": []}, config)
+        graph.invoke(Command(resume="no"), config)
+        history = list(graph.get_state_history(config))
+        waited = next(s for s in history if s.next == ("review",) and s.metadata["step"] > 3)
+        asked = graph.invoke(None, go_back(thread_id, waited))
+        paused = graph.get_state(config, subgraphs=True)
+        done = graph.invoke(Command(resume="maybe"), config)
+        inner_asks = [i.value for task in paused.tasks[0].state.tasks for i in task.interrupts]
+        return [[i.value for i in asked.get("__interrupt__", [])], paused.tasks[0].state.next, inner_asks, done["answers"]]
+
+    def dashboard(thread_id, point):
+        _rewind_in_dashboard(rewind, thread_id, point.config["configurable"]["checkpoint_id"])
+        return {"configurable": {"thread_id": thread_id}}
+
+    replayed = run(InMemorySaver(), lambda thread_id, point: point.config, "review-replay")
+    ours = run(SessionRewindSaver(rewind), dashboard, "review-rewind")
+    assert replayed == [["approve?"], ("approve",), ["approve?"], ["Nice yes", "Oslo maybe"]]
+    assert ours == replayed
+
 def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     graph = trip_graph(SessionRewindSaver(rewind))
     config = {"configurable": {"thread_id": "t" * 255}}

@@ -21,7 +21,10 @@ The thread's current checkpoint is the session's head: an operator's rewind in t
 the next ``invoke(None, config)`` resumes from, and it resumes *before* the tasks that ran after that
 checkpoint: writes made before a rewind belong to the checkpoint's original version, not to the
 rewind (by the server's timestamps), so those tasks run again, and a subgraph among them starts afresh
-(its checkpoints from before the rewind are not loaded, as on LangGraph's own replay). Channel values that are plain JSON are stored as JSON
+(its checkpoints from before the rewind are not loaded, as on LangGraph's own replay). A subgraph that
+keeps its memory across runs (compiled with ``checkpointer=True``) gets it back as it was at that
+checkpoint, then and on every later run: a subgraph namespace's latest checkpoint is its newest one
+made while the root thread was on its current branch (see `_as_of_root`). Channel values that are plain JSON are stored as JSON
 (diffable in the dashboard), chat messages in LangChain's JSON form (``{"__lc_message__": ...}``,
 loaded back with only message classes allowed); anything else goes through the saver's serde
 (``{"__lg_serde__": [type, base64]}``).
@@ -227,6 +230,21 @@ def _rewind_targets(rewind_versions: list[dict[str, Any]]) -> dict[int, tuple[in
 def _langgraph_meta(session: dict[str, Any]) -> dict[str, Any]:
     """What this saver noted on a session it made (metadata["langgraph"]: thread, namespace, writes or not)."""
     return (session.get("metadata") or {}).get("langgraph") or {}
+
+
+class _Lineage:
+    """When the root thread's current branch was its head, as spans of server time, newest first: a
+    version another session of the thread made inside one was made on that branch, one made between
+    them on a branch a rewind left. `resumes` while the root's head is a rewind: (when it was made,
+    when the version it restores was made, that version's checkpoint id)."""
+
+    def __init__(self, spans: builtins.list[tuple[datetime | None, datetime | None]],
+                 resumes: tuple[datetime, datetime, str] | None) -> None:
+        self.spans = spans
+        self.resumes = resumes
+
+    def live(self, when: datetime) -> bool:
+        return any((after is None or when > after) and (before is None or when < before) for after, before in self.spans)
 
 
 class _VersionPages:
@@ -449,6 +467,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         # session id -> (head number, its checkpoint id) as this saver last saw or wrote it. Only ids
         # are kept from writes: the values in a written state are still LangGraph's live objects.
         self._heads = _LRU(session_cache_size)
+        # (session id, version number) -> (created_at, checkpoint id) of a version the root thread was rewound to
+        self._facts = _LRU(cache_size)
 
     # -- running operations ------------------------------------------------------------------------
 
@@ -676,6 +696,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         self._states.drop(lambda key, value: key[0] == session_id)
         self._numbers.drop(lambda key, value: key[0] == session_id)
         self._heads.pop(session_id)
+        self._facts.drop(lambda key, value: key[0] == session_id)
 
     def _state(self, session_id: str, number: int) -> Op:
         cached = self._states.get((session_id, number))
@@ -766,14 +787,19 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 if exc.code == "session_not_found":
                     self._forget(session_id)
                 return None
-            if ns and (yield from self._before_root_rewind(thread_id, head["created_at"])):
-                return None
-            state = head["state"]
-            self._states.put((session_id, int(head["number"])), state)
-            self._heads.put(session_id, (int(head["number"]), state["checkpoint"]["id"]))
-            checkpoint_id = state["checkpoint"]["id"]
-            if head.get("kind") == "rewind":
+            self._states.put((session_id, int(head["number"])), head["state"])
+            self._heads.put(session_id, (int(head["number"]), head["state"]["checkpoint"]["id"]))
+            lineage = (yield from self._root_lineage(thread_id)) if ns else None
+            if lineage is not None and not lineage.live(_when(head["created_at"])):
+                # The root thread was rewound past this subgraph's head: its checkpoint as of there.
+                found = yield from self._as_of_root(session_id, lineage)
+                if found is None:
+                    return None
+                head, window = found
+            elif head.get("kind") == "rewind":
                 window = (_when(head["created_at"]), None)
+            state = head["state"]
+            checkpoint_id = state["checkpoint"]["id"]
         writes_session = yield from self._find_session(_writes_of(external_id))
         if writes_session is None:
             return self._tuple_from(state, thread_id, ns, [])
@@ -786,20 +812,102 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         writes = yield from self._collect_writes(writes_session, _within(rows, window))
         return self._tuple_from(state, thread_id, ns, writes)
 
-    def _before_root_rewind(self, thread_id: str, created_at: str) -> Op:
-        """True when the thread's root head is a rewind made after `created_at`. A subgraph's namespace
-        belongs to one task of one root checkpoint, so after a rewind to that checkpoint the task runs
-        afresh, and the subgraph checkpoints made before the rewind belong to the branch it left (as
-        LangGraph's own replay loads no subgraph checkpoint made after the point it replays from)."""
+    def _root_lineage(self, thread_id: str) -> Op:
+        """The root thread's `_Lineage` (when its versions are on its current branch), or None when it
+        was never rewound: one request for its rewinds; then one for its newest version, and one for
+        each rewound-to version not seen before."""
         root = yield from self._find_session(self._external_id(thread_id, ""))
         if root is None:
-            return False
+            return None
+        rewinds = {int(meta["number"]): meta for meta in
+                   (yield from _VersionPages(root, {"kind": "rewind"}, with_state=False).all())}
+        if not rewinds:
+            return None
         try:
             page = yield Call("GET", f"sessions/{root}/versions/", params={"limit": 1})
         except NotFound:
-            return False
+            return None
         newest = next(iter(page.get("results") or []), None)
-        return bool(newest and newest.get("kind") == "rewind" and _when(created_at) < _when(newest["created_at"]))
+        if newest is None:
+            return None
+        spans: builtins.list[tuple[datetime | None, datetime | None]] = []
+        current, until = int(newest["number"]), None
+        while True:
+            earlier = [number for number in rewinds if number <= current]
+            if not earlier:
+                spans.append((None, until))
+                break
+            rewound = rewinds[max(earlier)]
+            spans.append((_when(rewound["created_at"]), until))
+            target = rewound.get("parent")
+            if target is None:
+                break
+            current = int(target)
+            until = (_when(rewinds[current]["created_at"]) if current in rewinds
+                     else (yield from self._version_facts(root, current))[0])
+        resumes: tuple[datetime, datetime, str] | None = None
+        if newest.get("kind") == "rewind" and int(newest["number"]) in rewinds:
+            target = rewinds[int(newest["number"])].get("parent")
+            while target in rewinds:
+                target = rewinds[target].get("parent")
+            if target is not None:
+                made, checkpoint_id = yield from self._version_facts(root, int(target))
+                resumes = (_when(newest["created_at"]), made, checkpoint_id)
+        return _Lineage(spans, resumes)
+
+    def _version_facts(self, session_id: str, number: int) -> Op:
+        """(created_at, checkpoint id) of a checkpoint version: versions never change, so asked once."""
+        known = self._facts.get((session_id, number))
+        if known is None:
+            found = yield Call("GET", f"sessions/{session_id}/versions/{number}/")
+            self._states.put((session_id, number), found["state"])
+            known = (_when(found["created_at"]), found["state"]["checkpoint"]["id"])
+            self._facts.put((session_id, number), known)
+        return known
+
+    def _as_of_root(self, session_id: str, lineage: _Lineage) -> Op:
+        """A subgraph namespace's checkpoint as of the root thread's current branch, with the window
+        of its writes; None when it had none there (it starts afresh).
+
+        Its newest version made while the root was on that branch: the memory a subgraph compiled
+        with ``checkpointer=True`` had at the checkpoint the root was rewound to (LangGraph's replay
+        loads the same: its newest checkpoint before the replayed one). While the root's head is
+        that rewind, a subgraph task of the rewound-to checkpoint runs again: LangGraph resumes it
+        (it cannot tell a rewind from a resume), so it gets the checkpoint that task started
+        from, its input on that memory, and runs from there as on a replay, rather than resume a
+        finished memory and do nothing."""
+        found = None
+        for after, before in lineage.spans:
+            if before is None or (after is not None and after >= before):
+                continue  # the span up to now holds no version newer than the head, which is not in it
+            params = {"limit": 1, "with_state": "true", "created_before": before.isoformat()}
+            try:
+                page = yield Call("GET", f"sessions/{session_id}/versions/", params=params)
+            except NotFound:
+                return None
+            row = next(iter(page.get("results") or []), None)
+            if row is not None and (after is None or _when(row["created_at"]) > after):
+                start = _when(row["created_at"]) if row.get("kind") == "rewind" else None
+                found = (row, (start, before))
+                break
+        if found is None or lineage.resumes is None:
+            return found
+        rewound_at, target_made, target_id = lineage.resumes
+        memory_id = found[0]["state"]["checkpoint"]["id"]
+        try:
+            page = yield Call("GET", f"sessions/{session_id}/versions/", params={
+                "created_after": target_made.isoformat(), "created_before": rewound_at.isoformat(),
+                "ordering": "number", "limit": 5, "with_state": "true"})
+        except NotFound:
+            return None
+        for row in page.get("results") or []:
+            state = row["state"]
+            metadata = state.get("metadata") or {}
+            if (row.get("kind") != "rewind" and metadata.get("source") == "input"
+                    and (metadata.get("parents") or {}).get("") == target_id
+                    and state.get("parent_checkpoint_id") == memory_id):
+                return row, (rewound_at, None)  # its writes from before the rewind are the run it left
+        return found
 
     def _list(
         self,
