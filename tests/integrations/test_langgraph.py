@@ -366,6 +366,22 @@ def test_a_dashboard_rewind_brings_a_persistent_subgraphs_memory_back_as_a_repla
         assert ours == replayed, before
 
 
+
+def test_an_async_graph_gets_its_persistent_subgraphs_memory_back_after_a_dashboard_rewind(live_api, rewind):
+    async def main() -> list:
+        async with live_api.aclient() as aclient:
+            graph = notes_graph(SessionRewindSaver(aclient=aclient))
+            config = {"configurable": {"thread_id": "notes-async"}}
+            await graph.ainvoke({"letters": ["x", "y"], "seen": []}, config)
+            await graph.ainvoke({"letters": ["z", "w"], "seen": []}, config)
+            history = [s async for s in graph.aget_state_history(config)]
+            point = next(s for s in history if s.next == ("memory",))
+            _rewind_in_dashboard(rewind, "notes-async", point.config["configurable"]["checkpoint_id"])
+            again = (await graph.ainvoke(None, config))["seen"]
+            return [again, (await graph.ainvoke({"letters": ["q"], "seen": []}, config))["seen"]]
+
+    assert asyncio.run(main()) == [["x", "y", "z", "w"], ["x", "y", "z", "w", "q"]]
+
 def test_new_input_after_a_dashboard_rewind_meets_the_subgraph_memory_of_that_point(live_api, rewind):
     """Rewound to the end of the first run, a new run used to meet the memory of the run it abandoned
     (['x', 'y', 'z', 'w', 'q']): the rewind brings the subgraph's memory back to ['x', 'y'], as an
@@ -381,6 +397,17 @@ def test_new_input_after_a_dashboard_rewind_meets_the_subgraph_memory_of_that_po
     # The subgraph's own timeline shows the branch: back to its first run's memory, then q and r.
     memory = next(t for t in graph.checkpointer.list({"configurable": {**config["configurable"], "checkpoint_ns": "memory"}}))
     assert memory.checkpoint["channel_values"]["seen"] == ["x", "y", "q", "r"]
+    # Rewound again, to the end of the q run (on the new branch), then to the first run's end again.
+    q_done = next(s for s in graph.get_state_history(config) if s.next == () and s.values["seen"] == ["x", "y", "q"])
+    _rewind_in_dashboard(rewind, "notes-new-input", q_done.config["configurable"]["checkpoint_id"])
+    assert graph.invoke({"letters": ["s"], "seen": []}, config)["seen"] == ["x", "y", "q", "s"]
+    _rewind_in_dashboard(rewind, "notes-new-input", first_done.config["configurable"]["checkpoint_id"])
+    assert graph.invoke({"letters": ["t"], "seen": []}, config)["seen"] == ["x", "y", "t"]
+    # A rewind to that rewind (itself restoring the first run's end).
+    session = rewind.list_sessions(external_id="notes-new-input")["results"][0]
+    last_rewind = next(v for v in rewind.iter_versions(session["id"]) if v["kind"] == "rewind")
+    rewind.rewind(session["id"], last_rewind["number"], reason="back to that rewind")
+    assert graph.invoke({"letters": ["u"], "seen": []}, config)["seen"] == ["x", "y", "u"]
 
 
 
