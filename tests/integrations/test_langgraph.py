@@ -463,6 +463,19 @@ def test_a_dashboard_rewind_to_a_question_a_persistent_subgraph_asked_asks_it_ag
     assert replayed == [["approve?"], ("approve",), ["approve?"], ["Nice yes", "Oslo maybe"]]
     assert ours == replayed
 
+
+def test_prune_after_a_dashboard_rewind_keeps_the_persistent_subgraphs_memory_of_that_point(live_api, rewind):
+    """`prune` keeps each namespace's latest checkpoint: for the subgraph, the one it reads after the
+    thread's rewind (it used to keep the memory of the branch the rewind left, ['x', 'y', 'z', 'w'])."""
+    saver = SessionRewindSaver(rewind)
+    graph = notes_graph(saver)
+    config = {"configurable": {"thread_id": "notes-prune"}}
+    history = _two_runs(graph, config)
+    first_done = next(s for s in history if s.next == () and s.metadata["step"] == 2)
+    _rewind_in_dashboard(rewind, "notes-prune", first_done.config["configurable"]["checkpoint_id"])
+    saver.prune(["notes-prune"])
+    assert graph.invoke({"letters": ["q"], "seen": []}, config)["seen"] == ["x", "y", "q"]
+
 def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     graph = trip_graph(SessionRewindSaver(rewind))
     config = {"configurable": {"thread_id": "t" * 255}}

@@ -1223,7 +1223,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _prune(self, thread_ids: Sequence[str], strategy: str) -> Op:
         """``delete``: delete the thread. ``keep_latest``: replace each namespace's session by a new one
         holding only its latest checkpoint and that checkpoint's pending writes, as `get_tuple` reads
-        them (history is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
+        them (a subgraph's as of the root thread's rewind, see `_as_of_root`) (history is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
         those with keep_latest). Each namespace costs a fixed number of requests: its head, its
         checkpoint's writes in one listing with their states, and one batch to record them again."""
         if strategy not in ("keep_latest", "delete"):
@@ -1237,12 +1237,23 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                                if _langgraph_meta(s).get("pending_writes")}
             checkpoint_sessions = [s for s in sessions if not _langgraph_meta(s).get("pending_writes")]
             keep: builtins.list[tuple[str, dict[str, Any], Rows]] = []
+            lineage: _Lineage | None = None
+            if any(_langgraph_meta(s).get("checkpoint_ns") for s in checkpoint_sessions):
+                lineage = yield from self._root_lineage(thread_id)
             for session in checkpoint_sessions:
                 ns = _langgraph_meta(session).get("checkpoint_ns", "")
                 try:
                     head = yield Call("GET", f"sessions/{session['id']}/head/")
                 except NotFound:
                     continue
+                # The writes the head reads as its own: after it, for a head that is a rewind.
+                window = (_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None)
+                if ns and lineage is not None and not lineage.live(_when(head["created_at"])):
+                    # A subgraph's latest checkpoint as `get_tuple` reads it after the root's rewind.
+                    found = yield from self._as_of_root(str(session["id"]), lineage)
+                    if found is None:
+                        continue
+                    head, window = found
                 checkpoint_id = head["state"]["checkpoint"]["id"]
                 writes_external = _writes_of(self._external_id(thread_id, ns))
                 writes_session = writes_sessions.get(writes_external)
@@ -1250,8 +1261,6 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     writes_session = yield from self._find_session(writes_external)
                 write_states: Rows = []
                 if writes_session is not None:
-                    # The writes the head reads as its own: after it, for a head that is a rewind.
-                    window = (_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None)
                     rows = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
                     write_states = [meta["state"] for meta in sorted(_within(rows, window), key=lambda v: int(v["number"]))]
                 keep.append((ns, head, write_states))
