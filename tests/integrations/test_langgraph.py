@@ -848,6 +848,25 @@ def test_copy_thread_goes_a_page_at_a_time_and_the_copy_reads_as_its_source(live
     assert history_shape(list(talk_graph(SessionRewindSaver(live_api.client())).get_state_history(target))) == source
 
 
+def test_a_copy_of_a_thread_rewound_in_the_dashboard_resumes_where_its_source_does(live_api, rewind):
+    """Rewinds are not copied as checkpoints: a thread whose head was a dashboard rewind was copied with
+    the abandoned branch's last checkpoint as its head, so the copy resumed from the end of the run the
+    operator had sent the source back from."""
+    config = {"configurable": {"thread_id": "copy-rewound"}}
+    graph = talk_graph(SessionRewindSaver(live_api.client()))
+    graph.invoke({"turns": 6, "log": []}, config)  # paused at the question after six turns
+    middle = next(s for s in graph.get_state_history(config) if len(s.values["log"]) == 3)
+    _rewind_in_dashboard(rewind, "copy-rewound", middle.config["configurable"]["checkpoint_id"])
+    source = talk_graph(SessionRewindSaver(live_api.client())).get_state(config)
+    assert source.values["log"] == ["turn 0", "turn 1", "turn 2"]
+
+    SessionRewindSaver(live_api.client()).copy_thread("copy-rewound", "copy-rewound-2")
+    target = {"configurable": {"thread_id": "copy-rewound-2"}}
+    copy = talk_graph(SessionRewindSaver(live_api.client()))
+    assert (copy.get_state(target).values, copy.get_state(target).next) == (source.values, source.next)
+    assert copy.invoke(None, target)["log"][:4] == ["turn 0", "turn 1", "turn 2", "turn 3"]
+
+
 def test_a_copy_a_server_finds_too_large_for_one_request_goes_in_smaller_batches(live_api, settings):
     config = {"configurable": {"thread_id": "copy-small-bodies"}}
     graph = talk_graph(SessionRewindSaver(live_api.client()))

@@ -1172,6 +1172,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         versions with their states at a time, each page recorded in one batch. The store keeps each
         state once per project, so a copy costs almost no storage."""
         sessions = yield from self._thread_sessions(source_thread_id)
+        rewound: builtins.list[tuple[str, str]] = []  # (target session, checkpoint its source's head was rewound to)
         for session in sessions:
             meta = _langgraph_meta(session)
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
@@ -1184,14 +1185,30 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             last = int(session.get("head") or 0)
             pages = _VersionPages(str(session["id"]), {"ordering": "number"})
             pages.done = not last
+            head: dict[str, Any] | None = None
             while not pages.done:
                 rows = [row for row in (yield from pages.next_page()) if int(row["number"]) <= last]
                 pages.done = pages.done or not rows or int(rows[-1]["number"]) >= last
+                head = rows[-1] if rows and int(rows[-1]["number"]) == last else head
                 yield from self._record_all(target, [{
                     "state": version_meta["state"], "step": version_meta.get("step") or None, "engine": ENGINE,
                     "engine_version": version_meta.get("engine_version") or self.engine_version,
                     "tags": version_meta.get("tags") or [],
                 } for version_meta in rows if version_meta.get("kind") != "rewind"])
+            if head is not None and head.get("kind") == "rewind" and not is_writes:
+                rewound.append((target, head["state"]["checkpoint"]["id"]))
+        # Rewinds are not copied as checkpoints: a copy's head would be the last checkpoint of the branch
+        # its source was sent back from. Each is rewound to the same checkpoint, once every write is
+        # copied: a checkpoint reads as its own the writes made after the last rewind to it, as there.
+        for target, checkpoint_id in rewound:
+            number = yield from self._number_of(target, checkpoint_id)
+            if number is not None:
+                yield Call("POST", f"sessions/{target}/rewind/", json={
+                    "to_version": number,
+                    "reason": f"langgraph: copy of thread {source_thread_id}, whose head was rewound to "
+                              f"checkpoint {_short(checkpoint_id)}",
+                })
+                self._forget(target)
 
     def _record_all(self, session_id: str, snapshots: Rows) -> Op:
         """Record `snapshots` on the session in order, many to a request (batches of at most
