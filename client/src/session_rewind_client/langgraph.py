@@ -790,14 +790,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             self._states.put((session_id, int(head["number"])), head["state"])
             self._heads.put(session_id, (int(head["number"]), head["state"]["checkpoint"]["id"]))
             lineage = (yield from self._root_lineage(thread_id)) if ns else None
-            if lineage is not None and not lineage.live(_when(head["created_at"])):
-                # The root thread was rewound past this subgraph's head: its checkpoint as of there.
-                found = yield from self._as_of_root(session_id, lineage)
-                if found is None:
-                    return None
-                head, window = found
-            elif head.get("kind") == "rewind":
-                window = (_when(head["created_at"]), None)
+            latest = yield from self._latest(session_id, head, lineage)
+            if latest is None:
+                return None
+            head, window = latest
             state = head["state"]
             checkpoint_id = state["checkpoint"]["id"]
         writes_session = yield from self._find_session(_writes_of(external_id))
@@ -854,6 +850,15 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 made, checkpoint_id = yield from self._version_facts(root, int(target))
                 resumes = (_when(newest["created_at"]), made, checkpoint_id)
         return _Lineage(spans, resumes)
+
+    def _latest(self, session_id: str, head: dict[str, Any], lineage: _Lineage | None) -> Op:
+        """A namespace's latest checkpoint version as `get_tuple` and `prune` read it, from its `head`,
+        with the window of the writes it reads as its own; None when it has none. `lineage`: the root
+        thread's, for a subgraph's namespace: rewound past the head, it is its checkpoint as of there."""
+        if lineage is not None and not lineage.live(_when(head["created_at"])):
+            return (yield from self._as_of_root(session_id, lineage))
+        # The writes the head reads as its own: after it, for a head that is a rewind.
+        return head, ((_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None))
 
     def _version_facts(self, session_id: str, number: int) -> Op:
         """(created_at, checkpoint id) of a checkpoint version: versions never change, so asked once."""
@@ -1263,14 +1268,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     head = yield Call("GET", f"sessions/{session['id']}/head/")
                 except NotFound:
                     continue
-                # The writes the head reads as its own: after it, for a head that is a rewind.
-                window = (_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None)
-                if ns and lineage is not None and not lineage.live(_when(head["created_at"])):
-                    # A subgraph's latest checkpoint as `get_tuple` reads it after the root's rewind.
-                    found = yield from self._as_of_root(str(session["id"]), lineage)
-                    if found is None:
-                        continue
-                    head, window = found
+                latest = yield from self._latest(str(session["id"]), head, lineage if ns else None)
+                if latest is None:
+                    continue
+                head, window = latest
                 checkpoint_id = head["state"]["checkpoint"]["id"]
                 writes_external = _writes_of(self._external_id(thread_id, ns))
                 writes_session = writes_sessions.get(writes_external)
