@@ -329,9 +329,9 @@ class JobAdmin(ReadOnlyAdmin):
 
 class RetentionPolicyForm(forms.ModelForm):
     # The service's bounds (the column's would take 2 billion, which the service then refused: a 500).
-    keep_last = forms.IntegerField(min_value=0, max_value=1_000_000,
+    keep_last = forms.IntegerField(min_value=0, max_value=compaction.RETENTION_KEEP_MAX,
                                    help_text=RetentionPolicy._meta.get_field("keep_last").help_text)
-    keep_days = forms.IntegerField(min_value=0, max_value=1_000_000,
+    keep_days = forms.IntegerField(min_value=0, max_value=compaction.RETENTION_KEEP_MAX,
                                    help_text=RetentionPolicy._meta.get_field("keep_days").help_text)
 
     class Meta:

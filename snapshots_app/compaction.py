@@ -76,6 +76,10 @@ def retention_policy_get(*, project: Project) -> RetentionPolicy:
     return policy or RetentionPolicy(project=project, enabled=False)
 
 
+# The most a retention policy's keep_last (versions) and keep_days may be (the API and the admin check it too).
+RETENTION_KEEP_MAX = 1_000_000
+
+
 @transaction.atomic
 def retention_policy_set(
     *,
@@ -93,8 +97,8 @@ def retention_policy_set(
     from sessions_app.errors import InvalidState
 
     for name, value in (("keep_last", keep_last), ("keep_days", keep_days)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 1_000_000:
-            raise InvalidState(f"{name} must be an integer between 0 and 1000000")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > RETENTION_KEEP_MAX:
+            raise InvalidState(f"{name} must be an integer between 0 and {RETENTION_KEEP_MAX}")
     if thin_to not in Thinning.values:
         raise InvalidState(f"thin_to must be one of {', '.join(Thinning.values)}")
     if not isinstance(enabled, bool):

@@ -54,8 +54,8 @@ def _project(request: Request, role: str, *, body: dict[str, Any] | None = None)
 class RetentionPolicySerializer(serializers.Serializer):
     project = serializers.CharField(read_only=True, source="project.slug")
     enabled = StrictBooleanField()
-    keep_last = StrictIntegerField(min_value=0, max_value=1_000_000, help_text="Always keep each session's newest N.")
-    keep_days = StrictIntegerField(min_value=0, max_value=1_000_000, help_text="Always keep versions younger than this.")
+    keep_last = StrictIntegerField(min_value=0, max_value=compaction.RETENTION_KEEP_MAX, help_text="Always keep each session's newest N.")
+    keep_days = StrictIntegerField(min_value=0, max_value=compaction.RETENTION_KEEP_MAX, help_text="Always keep versions younger than this.")
     thin_to = serializers.ChoiceField(choices=Thinning.choices, help_text="Beyond keep_days, one version per hour/day.")
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
