@@ -576,8 +576,6 @@ class ArchiveReasonForm(forms.Form):
     reason = forms.CharField(required=False, max_length=REASON_MAX, strip=False)
 
 
-
-
 @admin.register(WorkflowSession)
 class WorkflowSessionAdmin(ReadOnlyAdmin):
     """Sessions are listed as history, but an operator of the project (with the change permission)
@@ -623,13 +621,14 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
                                     "narrow it): nothing was changed.")
             return None
         to_change = [session for session in sessions if (session.archived_at is None) is archive]
+        unchanged = len(sessions) - len(to_change)
         form = ArchiveReasonForm(request.POST if request.POST.get("post") == "yes" else None)
         if not form.is_bound or not form.is_valid():
             verb = "archive" if archive else "unarchive"
             return TemplateResponse(request, "admin/sessions_app/workflowsession/archive_confirmation.html", {
                 **self.admin_site.each_context(request), "opts": self.model._meta,
                 "title": f"{verb.capitalize()} sessions", "archive": archive, "verb": verb, "sessions": sessions,
-                "to_change": to_change, "unchanged": len(sessions) - len(to_change),
+                "to_change": to_change, "unchanged": unchanged,
                 "active": [session for session in to_change
                            if session.status in (SessionStatus.RUNNING, SessionStatus.WAITING)],
                 "form": form, "action_checkbox_name": ACTION_CHECKBOX_NAME, "action": verb,
@@ -638,7 +637,6 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
         for session in to_change:
             change(session=session, reason=form.cleaned_data["reason"], actor=request.user)
         done = "Archived" if archive else "Unarchived"
-        unchanged = len(sessions) - len(to_change)
         messages.success(request, f"{done} {len(to_change)} session(s)."
                                   + (f" {unchanged} were {done.lower()} already: left as they were." if unchanged else ""))
         return None
