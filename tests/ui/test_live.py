@@ -63,6 +63,18 @@ async def _connects(client: WebsocketClient) -> tuple[bool, Any]:
     return connected, code
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    """Each test its own channel layer object. Every test runs its consumers on an event loop of its own
+    (async_to_sync), and channels_redis keeps one receive lock per layer object: one left locked by a
+    consumer still receiving when an earlier test's loop ended failed every later test ("Lock ... is
+    bound to a different event loop", 11 tests in one CI run). A served process has one loop."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+
+
 @pytest.fixture
 def setup():
     owner, outsider = make_user("olga"), make_user("otto")
