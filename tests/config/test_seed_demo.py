@@ -25,3 +25,6 @@ def test_seed_demo_refuses_a_real_database_unless_told_it_is_a_throwaway_one():
     assert "operator / rewind-demo" in out.getvalue()
     assert get_user_model().objects.get(username="operator").is_superuser
     assert WorkflowSession.objects.filter(project__slug="demo").count() == 4  # three seeded and a fork
+    # Each seeded conversation is its own: none reads as "Stored: 0 bytes" because it repeats another's states.
+    seeded = WorkflowSession.objects.filter(project__slug="demo").exclude(external_id__endswith="-alt")
+    assert all(session.stored_bytes > 0 for session in seeded)

@@ -22,21 +22,30 @@ DEMO_USER = "operator"
 DEMO_PASSWORD = "rewind-demo"
 
 
-def _agent_states() -> list[tuple[str, dict[str, Any], str]]:
-    """(step, state, error) for a research agent that fails at a tool call."""
-    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are a careful research assistant."}]
+RESEARCH_STEPS: list[tuple[str, str, str | None]] = [
+    ("plan", "user", "Compare PostgreSQL logical replication with physical streaming replication."),
+    ("search", "tool", "Found 14 documents about replication modes."),
+    ("read", "tool", "Logical replication streams row changes per publication; physical ships WAL."),
+    ("summarise", "assistant", "Logical replication works per table and across major versions."),
+    ("fetch_benchmarks", "tool", None),  # times out
+]
+SUPPORT_STEPS: list[tuple[str, str, str | None]] = [
+    ("greet", "user", "My order #48213 arrived damaged. Can I get a replacement?"),
+    ("lookup_order", "tool", "Order #48213: 1 x ceramic teapot, delivered 2 days ago, eligible for replacement."),
+    ("ask_photo", "assistant", "Sorry about that! Could you send a photo of the damage so I can start the replacement?"),
+]
+
+
+def _agent_states(
+    system: str = "You are a careful research assistant.", steps: list[tuple[str, str, str | None]] = RESEARCH_STEPS
+) -> list[tuple[str, dict[str, Any], str]]:
+    """(step, state, error) for a chat agent; a step without content is a tool call that times out."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     state: dict[str, Any] = {
         "messages": messages, "counters": {"llm_calls": 0, "tool_calls": 0, "tokens": 0},
         "scratchpad": "", "tool_result": None, "queue": ["plan"], "pointer": "start", "error": None,
     }
     history = []
-    steps = [
-        ("plan", "user", "Compare PostgreSQL logical replication with physical streaming replication."),
-        ("search", "tool", "Found 14 documents about replication modes."),
-        ("read", "tool", "Logical replication streams row changes per publication; physical ships WAL."),
-        ("summarise", "assistant", "Logical replication works per table and across major versions."),
-        ("fetch_benchmarks", "tool", None),
-    ]
     for index, (step, role, content) in enumerate(steps):
         state = json.loads(json.dumps(state))
         state["pointer"] = step
@@ -129,7 +138,8 @@ class Command(BaseCommand):
             snapshot_fork(session=agent, from_version=3, external_id="research-agent-0001-alt",
                           reason="Try a different summary prompt", actor=user)
         seed("llama-rag-0002", "rag_pipeline", _llama_states(), status="completed")
-        seed("support-chat-0003", "support_chat", _agent_states()[:3], status="waiting")
+        seed("support-chat-0003", "support_chat", _agent_states("You are a friendly support agent for a homeware shop.",
+                                                          SUPPORT_STEPS), status="waiting")
 
         self.stdout.write(self.style.SUCCESS("Demo data ready: project 'demo' with sample sessions."))
         self.stdout.write(f"Log in as {DEMO_USER} / {DEMO_PASSWORD}")
