@@ -24,6 +24,7 @@ from sessions_app.selectors import api_key_for_token, role_allows, role_for_scop
 from sessions_app.services import api_key_touch
 
 SLUG_RE = re.compile(r"[-a-zA-Z0-9_]{1,100}")
+NO_PROJECT = "You are a member of no project; an admin of one can add you."
 
 
 class ApiKeyExpired(exceptions.AuthenticationFailed):
@@ -94,10 +95,14 @@ def principal(request: Request) -> Principal:
     return found
 
 
+def _role_needed(role: str) -> str:
+    return f"This needs the {Role(role).label.lower()} role (or an API key with that scope)."
+
+
 def require_role(request: Request, project_id: int, role: str) -> None:
     """403 when the caller sees the project but its role is too low (callers 404 unseen projects first)."""
     if not role_allows(principal(request).role(project_id), role):
-        raise exceptions.PermissionDenied(f"This needs the {Role(role).label.lower()} role (or an API key with that scope).")
+        raise exceptions.PermissionDenied(_role_needed(role))
 
 
 def visible_project_ids(request: Request) -> list[int]:
@@ -116,7 +121,7 @@ def project_for(request: Request, slug: str | None, *, role: str) -> Project:
     else:
         candidates = list(projects[:2])
         if not candidates:
-            raise exceptions.PermissionDenied("You are a member of no project; an admin of one can add you.")
+            raise exceptions.PermissionDenied(NO_PROJECT)
         if len(candidates) != 1:
             raise exceptions.ValidationError({"project": ["Name the project (its slug): you are a member of several."]})
         project = candidates[0]
@@ -146,6 +151,26 @@ class IsAuthenticatedPrincipal(permissions.BasePermission):
 
     def has_permission(self, request: Request, view: Any) -> bool:
         return isinstance(request.auth, ApiKey) or bool(getattr(request.user, "is_authenticated", False))
+
+
+class HoldsWriteRole(permissions.BasePermission):
+    """A write (any method but GET, HEAD, OPTIONS) needs the view's `least_role(method)` in at least one
+    of the caller's projects, checked before the request is read any further: a caller who may make
+    this write nowhere (a read-only key, a viewer) gets 403 whatever it sent, and learns nothing about
+    what the body, the query or the Idempotency-Key would have to be. The role in the project the
+    write acts on (named in its body or query, or the session's) is checked again where that is known."""
+
+    message = "This needs a higher role (or an API key with that scope)."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        needed = view.least_role(request.method) if hasattr(view, "least_role") else Role.OPERATOR
+        roles = principal(request).roles
+        if any(role_allows(role, needed) for role in roles.values()):
+            return True
+        self.message = _role_needed(needed) if roles else NO_PROJECT
+        return False
 
 
 class PrincipalRateThrottle(throttling.SimpleRateThrottle):

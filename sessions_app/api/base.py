@@ -11,12 +11,14 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework import generics
 from rest_framework.exceptions import ValidationError
+from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
 from sessions_app.api.problems import ContentEncodingUnsupported, LengthRequired, RequestInProgress, RequestTooLarge
 from sessions_app.errors import IdempotencyKeyReused
+from sessions_app.models import Role
 from sessions_app.services import RequestKey
 
 IDEMPOTENCY_KEY_MAX = 200
@@ -29,6 +31,13 @@ class ApiView(generics.GenericAPIView):
     # Authentication, permissions, parsers, renderers and throttles come from REST_FRAMEWORK settings.
     # (A comment, not a docstring: the schema would show a docstring as every operation's description.)
     __doc__ = ""
+    # The least role a call of this view needs, per method: operator for a write, viewer for a read,
+    # unless named here. HoldsWriteRole checks a write's before anything of the request is read; the
+    # role in the project acted on is checked again once the view knows that project.
+    least_roles: Mapping[str, str] = {}
+
+    def least_role(self, method: str) -> str:
+        return self.least_roles.get(method, Role.VIEWER if method in SAFE_METHODS else Role.OPERATOR)
 
     def body_limit(self) -> int | None:
         """The largest request body this view takes (413 beyond it, before it is read)."""

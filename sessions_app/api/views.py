@@ -137,6 +137,7 @@ class SessionList(mixins.ListModelMixin, ApiView):
 
 class SessionDetail(ApiView):
     serializer_class = SessionSerializer
+    least_roles = {"DELETE": Role.ADMIN}
 
     @extend_schema(operation_id="sessions_retrieve", parameters=[SESSION_ID])
     def get(self, request: Request, id: str) -> Response:
@@ -205,6 +206,7 @@ class SessionUnarchive(_ArchiveSwitch):
 
 class ApiKeyList(mixins.ListModelMixin, ApiView):
     serializer_class = ApiKeySerializer
+    least_roles = {"POST": Role.ADMIN}
     filter_backends = [ParamFilter]
     filter_params = [
         PROJECT_FILTER,
@@ -253,6 +255,7 @@ def _listed(pk: int) -> ApiKey:
 
 class ApiKeyDetail(ApiView):
     serializer_class = ApiKeySerializer
+    least_roles = {"PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
 
     def _key(self, request: Request, key_id: Any) -> ApiKey:
         api_key = None

@@ -177,6 +177,7 @@ class NdjsonRenderer(OrjsonRenderer):
 
 class RetentionPolicyView(ApiView):
     serializer_class = RetentionPolicySerializer
+    least_roles = {"PUT": Role.ADMIN}
 
     @extend_schema(operation_id="retention_policy_retrieve", parameters=[PROJECT_QUERY],
                    summary="The project's retention policy (disabled = keep everything).")

@@ -254,3 +254,99 @@ def test_a_key_creation_retried_after_the_cache_is_lost_still_makes_no_second_ke
     assert retry.status_code == 409 and retry.json()["code"] == "secret_shown_once"
     assert str(first.json()["id"]) in retry.json()["detail"]
     assert ApiKey.objects.filter(name="engine-9").count() == 1
+
+
+def _everything_stored():
+    from snapshots_app.models import IntegrityProblem, Job, RetentionPolicy
+
+    return (WorkflowSession.objects.count(), Version.objects.count(), AuditEvent.objects.count(), ApiKey.objects.count(),
+            Job.objects.count(), RetentionPolicy.objects.count(), IntegrityProblem.objects.filter(resolved_at=None).count())
+
+
+def every_write_with_a_bad_request(session_id, key_id, problem_id):
+    """(method, path, body) for every write, each body one the endpoint refuses (400) from a caller who may make it."""
+    base = f"/api/v1/sessions/{session_id}"
+    return [
+        ("post", "/api/v1/sessions/", {"external_id": 7, "bogus": 1}),
+        ("patch", f"{base}/", {"status": "sideways"}),
+        ("delete", f"{base}/", {"reason": "in the body"}),
+        ("post", f"{base}/archive/", {"reasn": "x"}),
+        ("post", f"{base}/unarchive/", {"reasn": "x"}),
+        ("post", f"{base}/versions/", {"state": [1, 2]}),
+        ("post", f"{base}/versions/batch/", {"versions": "many"}),
+        ("patch", f"{base}/versions/1/", {"pinned": "perhaps"}),
+        ("post", f"{base}/rewind/", {"to_version": "one"}),
+        ("post", f"{base}/fork/", {"from_version": -1}),
+        ("post", "/api/v1/keys/", {"name": "", "scopes": ["root"]}),
+        ("patch", f"/api/v1/keys/{key_id}/", {"expires_at": "never"}),
+        ("delete", f"/api/v1/keys/{key_id}/", {"why": "x"}),
+        ("put", "/api/v1/retention-policy/", {"enabled": True, "keep_last": -1}),
+        ("post", "/api/v1/compaction/", {"dry_run": "maybe"}),
+        ("post", "/api/v1/exports/", {"session": "not-a-uuid"}),
+        ("post", "/api/v1/imports/", None),
+        ("post", "/api/v1/integrity-scrub/", {"bogus": 1}),
+        ("post", f"/api/v1/integrity-problems/{problem_id}/resolve/", {"resolution": 5}),
+    ]
+
+
+@pytest.fixture
+def write_targets(project, session):
+    """A session with a version, an API key and an open integrity problem, for the writes to name."""
+    from snapshots_app.integrity import integrity_problem_record
+
+    version = snapshot_record(session=session, state={"a": 1})
+    problem = integrity_problem_record(version=version, detail="checksum mismatch")
+    api_key = ApiKey.objects.create(project=project, name="target", prefix="0123456789ab", key_hash="1" * 64)
+    return every_write_with_a_bad_request(session.pk, api_key.pk, problem.pk)
+
+
+def _admin_only(method, path):
+    return "/keys/" in path or "retention" in path or (method == "delete" and "/sessions/" in path)
+
+
+def _assert_refused_before_read(response, needed):
+    assert response.status_code == 403, response.content
+    assert response.json()["code"] == "permission_denied"
+    assert f"needs the {needed} role" in response.json()["detail"]
+    assert "errors" not in response.json()
+
+
+def test_a_read_only_caller_gets_403_for_every_write_before_its_request_is_judged(project, write_targets):
+    """A viewer's write is refused for its role whatever it sends: a bad body, an over-long
+    Idempotency-Key or a body too large got 400/413 first on the project-level writes (sessions, keys,
+    retention policy, compaction, exports, scrub), telling a caller who may not write what a write takes."""
+    reader = key_client(project, "read")
+    viewer = APIClient()
+    viewer.force_login(vic := make_user("vic"))
+    membership_set(project=project, user=vic, role=Role.VIEWER)
+    before = _everything_stored()
+    for caller in (reader, viewer):
+        for method, path, body in write_targets:
+            response = call(caller, method, path, body)
+            _assert_refused_before_read(response, "admin" if _admin_only(method, path) else "operator")
+            response = getattr(caller, method)(path, {}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 201)
+            assert response.status_code == 403, (method, path, response.content)
+            response = getattr(caller, method)(path, b"{}", content_type="application/json", CONTENT_LENGTH="999999999")
+            assert response.status_code == 403, (method, path, response.content)
+    assert _everything_stored() == before
+
+
+def test_an_operator_gets_403_for_admin_writes_before_its_request_is_judged(project, write_targets):
+    writer = key_client(project, "read,write")
+    before = _everything_stored()
+    admin_only = [(method, path, body) for method, path, body in write_targets if _admin_only(method, path)]
+    assert len(admin_only) == 5
+    for method, path, body in admin_only:
+        _assert_refused_before_read(call(writer, method, path, body), "admin")
+    assert _everything_stored() == before
+
+
+def test_the_bad_requests_above_are_refused_for_what_they_are_from_callers_who_may_write(project, write_targets):
+    """The counterpart: the requests the tests above send are really bad ones (400), so a 403 there is
+    the role speaking, not the body."""
+    admin = key_client(project, "admin")
+    before = _everything_stored()
+    for method, path, body in write_targets:
+        response = call(admin, method, path, body)
+        assert response.status_code == 400, (method, path, response.content)
+    assert _everything_stored() == before
