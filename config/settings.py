@@ -373,7 +373,7 @@ REST_FRAMEWORK = {
         "sessions_app.api.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["sessions_app.api.auth.IsAuthenticatedPrincipal", "sessions_app.api.auth.HoldsWriteRole"],
+    "DEFAULT_PERMISSION_CLASSES": ["sessions_app.api.auth.IsAuthenticatedPrincipal", "sessions_app.api.auth.HoldsLeastRole"],
     "DEFAULT_THROTTLE_CLASSES": ["sessions_app.api.auth.PrincipalRateThrottle"],
     "DEFAULT_PARSER_CLASSES": ["sessions_app.api.http.OrjsonParser"],
     "DEFAULT_RENDERER_CLASSES": ["sessions_app.api.http.OrjsonRenderer"],

@@ -153,19 +153,24 @@ class IsAuthenticatedPrincipal(permissions.BasePermission):
         return isinstance(request.auth, ApiKey) or bool(getattr(request.user, "is_authenticated", False))
 
 
-class HoldsWriteRole(permissions.BasePermission):
-    """A write (any method but GET, HEAD, OPTIONS) needs the view's `least_role(method)` in at least one
-    of the caller's projects, checked before the request is read any further: a caller who may make
-    this write nowhere (a read-only key, a viewer) gets 403 whatever it sent, and learns nothing about
-    what the body, the query or the Idempotency-Key would have to be. The role in the project the
-    write acts on (named in its body or query, or the session's) is checked again where that is known."""
+class HoldsLeastRole(permissions.BasePermission):
+    """A call needs the view's `least_role(method)` (operator for a write, viewer for a read, unless the
+    view names more) in at least one of the caller's projects, checked before the request is read any
+    further: a caller who may make this call nowhere (a read-only key writing, an operator managing
+    keys) gets 403 whatever it sent, and learns nothing about what the body, the query or the
+    Idempotency-Key would have to be. The role in the project the call acts on (named in its body or
+    query, or the session's) is checked again where that is known."""
 
     message = "This needs a higher role (or an API key with that scope)."
 
     def has_permission(self, request: Request, view: Any) -> bool:
-        if request.method in permissions.SAFE_METHODS:
-            return True
-        needed = view.least_role(request.method) if hasattr(view, "least_role") else Role.OPERATOR
+        method = request.method or ""
+        if method == "OPTIONS" or not hasattr(view, method.lower()):
+            return True  # OPTIONS tells no more than the schema; a method the view lacks is 405
+        safe = method in permissions.SAFE_METHODS
+        needed = view.least_role(method) if hasattr(view, "least_role") else Role.VIEWER if safe else Role.OPERATOR
+        if needed == Role.VIEWER and safe:
+            return True  # what a read shows is scoped to the caller's projects (none: an empty list, or a 403 saying so)
         roles = principal(request).roles
         if any(role_allows(role, needed) for role in roles.values()):
             return True

@@ -16,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
+from sessions_app.api.filters import LIST_QUERY_PARAMS, ParamFilter, refuse_unknown_query_params
 from sessions_app.api.problems import ContentEncodingUnsupported, LengthRequired, RequestInProgress, RequestTooLarge
 from sessions_app.errors import IdempotencyKeyReused
 from sessions_app.models import Role
@@ -32,12 +33,25 @@ class ApiView(generics.GenericAPIView):
     # (A comment, not a docstring: the schema would show a docstring as every operation's description.)
     __doc__ = ""
     # The least role a call of this view needs, per method: operator for a write, viewer for a read,
-    # unless named here. HoldsWriteRole checks a write's before anything of the request is read; the
-    # role in the project acted on is checked again once the view knows that project.
+    # unless named here. HoldsLeastRole checks it before anything of the request is read; the role in
+    # the project acted on is checked again once the view knows that project.
     least_roles: Mapping[str, str] = {}
+
+    # The query parameters a read (GET, HEAD) of this view takes besides ?format= (a list's filters and
+    # page need not be named): any other is a 400 naming it, before the read is done.
+    query_params: tuple[str, ...] = ()
 
     def least_role(self, method: str) -> str:
         return self.least_roles.get(method, Role.VIEWER if method in SAFE_METHODS else Role.OPERATOR)
+
+    def lists(self) -> bool:
+        return ParamFilter in self.filter_backends
+
+    def query_params_taken(self) -> frozenset[str]:
+        taken = set(self.query_params)
+        if self.lists():
+            taken |= {param.name for param in getattr(self, "filter_params", [])} | LIST_QUERY_PARAMS
+        return frozenset(taken)
 
     def body_limit(self) -> int | None:
         """The largest request body this view takes (413 beyond it, before it is read)."""
@@ -45,6 +59,9 @@ class ApiView(generics.GenericAPIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
+        if request.method in ("GET", "HEAD") and hasattr(self, request.method.lower()):  # (else 405)
+            refuse_unknown_query_params(request, self.query_params_taken(),
+                                        what="this list" if self.lists() else "this endpoint")
         if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower() and not request.META.get("CONTENT_LENGTH"):
             # DRF reads a body without a Content-Length as empty: a write would be judged on no input.
             raise LengthRequired()

@@ -4,7 +4,7 @@ the OpenAPI schema, so the two cannot drift apart. Bad values are 400, never sil
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -92,20 +92,25 @@ def range_params(field: str, noun: str) -> list[Param]:
 LIST_QUERY_PARAMS = frozenset({"cursor", "limit", "format"})
 
 
-class ParamFilter(BaseFilterBackend):
-    """Applies the view's `filter_params`. A query parameter the list does not take is a 400 naming it,
+def refuse_unknown_query_params(request: Request, taken: Collection[str], *, what: str) -> None:
+    """A query parameter the endpoint does not take (DRF's ?format= it always takes) is a 400 naming it,
     as an unknown body field is: ignored, a misspelt filter (?stauts=failed) answered the whole list,
-    and a script acting on each result acted on every one. A view names any other parameter it
-    reads in `other_query_params`."""
+    and a script acting on each result acted on every one; a misspelt ?structual_strings=false on a
+    diff answered another diff than the one asked for. (ApiView.initial calls it for every read.)"""
+    unknown = sorted(name for name in request.query_params if name not in taken and name != "format")
+    if unknown:
+        listed = ", ".join(sorted(set(taken) - {"format"}))
+        takes = f"takes {listed}" if listed else "takes no query parameters"
+        raise exceptions.ValidationError(
+            {name[:100]: [f"Unknown query parameter; {what} {takes}."] for name in unknown[:20]}
+        )
+
+
+class ParamFilter(BaseFilterBackend):
+    """Applies the view's `filter_params`; a view that has it is a list, whose reads take these, its
+    page and any other parameter it names in `query_params` (ApiView.query_params_taken), and nothing else."""
 
     def filter_queryset(self, request: Request, queryset: QuerySet, view: Any) -> QuerySet:
-        taken = {p.name for p in getattr(view, "filter_params", [])} | set(getattr(view, "other_query_params", ()))
-        unknown = sorted(name for name in request.query_params if name not in taken | LIST_QUERY_PARAMS)
-        if unknown:
-            listed = ", ".join(sorted(taken | {"cursor", "limit"}))
-            raise exceptions.ValidationError(
-                {name[:100]: [f"Unknown query parameter; this list takes {listed}."] for name in unknown[:20]}
-            )
         for param in getattr(view, "filter_params", []):
             raw = request.query_params.get(param.name)
             if raw is not None:

@@ -178,6 +178,7 @@ class NdjsonRenderer(OrjsonRenderer):
 class RetentionPolicyView(ApiView):
     serializer_class = RetentionPolicySerializer
     least_roles = {"PUT": Role.ADMIN}
+    query_params = ("project",)
 
     @extend_schema(operation_id="retention_policy_retrieve", parameters=[PROJECT_QUERY],
                    summary="The project's retention policy (disabled = keep everything).")
@@ -326,6 +327,7 @@ class JobDetail(ApiView):
 
 class JobFile(ApiView):
     serializer_class = JobSerializer
+    least_roles = {"GET": Role.OPERATOR}
     renderer_classes = [OrjsonRenderer, NdjsonRenderer]
 
     @extend_schema(

@@ -197,7 +197,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         *filters.range_params("created_at", "created"),
         filters.ordering_param(["-number", "number"]),
     ]
-    other_query_params = ("with_state",)
+    query_params = ("with_state",)
 
     def get_queryset(self) -> QuerySet[Version]:
         return selectors.session_versions(self.session)
@@ -343,6 +343,7 @@ class Head(ApiView):
 
 class Diff(ApiView):
     serializer_class = DiffSerializer
+    query_params = ("from", "to", "to_session", "structural_strings", "limit", "offset")
 
     @extend_schema(
         operation_id="sessions_diff",

@@ -350,3 +350,26 @@ def test_the_bad_requests_above_are_refused_for_what_they_are_from_callers_who_m
         response = call(admin, method, path, body)
         assert response.status_code == 400, (method, path, response.content)
     assert _everything_stored() == before
+
+
+def test_a_read_the_callers_role_allows_nowhere_is_403_whatever_its_query(project):
+    """Key reads need an admin, an export's file an operator: a query parameter they do not take is a
+    400 only for a caller who may read them, as a bad body is only for a caller who may write."""
+    from snapshots_app.models import Job, JobKind
+
+    writer, reader = key_client(project, "read,write"), key_client(project, "read")
+    api_key = ApiKey.objects.filter(project=project).first()
+    job = Job.objects.create(project=project, kind=JobKind.EXPORT)
+    for client, path, needed in ((writer, "/api/v1/keys/", "admin"), (writer, f"/api/v1/keys/{api_key.pk}/", "admin"),
+                                 (reader, f"/api/v1/jobs/{job.pk}/file/", "operator")):
+        _assert_refused_before_read(client.get(path, {"colour": "blue"}), needed)
+    assert key_client(project, "admin").get("/api/v1/keys/", {"colour": "blue"}).status_code == 400
+
+
+def test_a_method_a_route_lacks_is_405_whoever_calls_it(project, session):
+    """Neither the role check nor the query check speaks for a method the route does not have."""
+    reader = key_client(project, "read")
+    for method, path in (("post", f"/api/v1/sessions/{session.pk}/head/"), ("put", "/api/v1/sessions/"),
+                         ("get", "/api/v1/imports/?project=acme"), ("get", "/api/v1/integrity-scrub/?colour=blue")):
+        response = getattr(reader, method)(path)
+        assert response.status_code == 405 and response.json()["code"] == "method_not_allowed", (method, path)

@@ -421,3 +421,32 @@ def test_a_write_to_a_path_without_its_trailing_slash_is_redirected_as_the_same_
     patch = writer.patch(f"/api/v1/sessions/{session.pk}?x=1", {"tags": ["t"]}, format="json")
     assert patch.status_code == 308 and patch["Location"] == f"/api/v1/sessions/{session.pk}/?x=1"
     assert writer.get("/api/v1/sessions").status_code == 301  # reads keep Django's redirect
+
+
+def test_every_read_refuses_a_query_parameter_it_does_not_take_and_takes_those_it_documents(project, admin_key, session):
+    """Each GET the schema lists answers 400 invalid_request naming a query parameter it does not take
+    (the lists did; the diff, a version, the head, a job's file and the retention policy ignored one),
+    and none refuses as unknown a parameter the schema documents for it."""
+    from snapshots_app.models import Job, JobKind
+
+    snapshot_record(session=session, state={"a": 1})
+    snapshot_record(session=session, state={"a": 2})
+    job = Job.objects.create(project=project, kind=JobKind.EXPORT)
+    values = {"id": str(session.pk), "number": "1", "slug": project.slug, "job_id": str(job.pk),
+              "key_id": str(ApiKey.objects.get(project=project).pk)}
+    schema = admin_key.get("/api/v1/schema/?format=json").json()
+    reads = [(path, operation) for path, item in schema["paths"].items() for method, operation in item.items()
+             if method == "get"]
+    assert len(reads) >= 15
+    for template, operation in reads:
+        path = template.format(**values)
+        refused = admin_key.get(path, {"colour": "blue"})
+        assert refused.status_code == 400, (template, refused.content)
+        problem = refused.json()
+        assert problem["code"] == "invalid_request" and list(problem["errors"]) == ["colour"], template
+        assert "Unknown query parameter" in problem["detail"], template
+        documented = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
+        for name in documented:
+            value = {"to_session": str(session.pk), "ordering": "-number"}.get(name, "1")
+            answer = admin_key.get(path, {name: value})
+            assert "Unknown query parameter" not in answer.content.decode(), (template, name, answer.content)

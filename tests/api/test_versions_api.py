@@ -138,6 +138,26 @@ def test_diff_within_and_across_sessions(writer, session):
     assert writer.get(url(session, "diff/?from=1")).status_code == 400
 
 
+def test_a_diff_refuses_a_query_parameter_it_does_not_take(writer, session):
+    """A misspelt ?structual_strings=false was ignored: the answer was the diff of the JSON inside the
+    string, not the one asked for, with nothing to say so. It is a 400 naming it, as on the lists."""
+    snapshot_record(session=session, state={"doc": '{"a": 1, "b": 2}'})
+    snapshot_record(session=session, state={"doc": '{"a": 1, "b": 3}'})
+    as_text = writer.get(url(session, "diff/?from=1&to=2&structural_strings=false&limit=5&offset=0&format=json"))
+    assert as_text.status_code == 200 and [c["path"] for c in as_text.json()["changes"]] == ["/doc"]
+    assert [c["path"] for c in writer.get(url(session, "diff/?from=1&to=2")).json()["changes"]] != ["/doc"]
+
+    refused = writer.get(url(session, "diff/?from=1&to=2&structual_strings=false"))
+    assert refused.status_code == 400 and refused["Content-Type"] == "application/problem+json"
+    problem = refused.json()
+    assert list(problem["errors"]) == ["structual_strings"] and "Unknown query parameter" in problem["detail"]
+    assert "structural_strings" in problem["errors"]["structual_strings"][0]  # it says what it takes
+    # The lists' answer, in the same shape and code.
+    listed = writer.get("/api/v1/sessions/?stauts=failed").json()
+    assert problem["code"] == listed["code"] == "invalid_request" and set(problem) == set(listed)
+    assert problem["errors"]["structual_strings"][0].split(";")[0] == listed["errors"]["stauts"][0].split(";")[0]
+
+
 def test_a_large_diff_can_be_read_a_page_at_a_time(writer, session):
     snapshot_record(session=session, state={"items": {f"k{i:02}": i for i in range(25)}})
     snapshot_record(session=session, state={"items": {f"k{i:02}": -i - 1 for i in range(25)}})
