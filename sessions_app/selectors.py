@@ -278,6 +278,11 @@ def session_for_member(*, user: Any, session_id: Any) -> tuple[WorkflowSession, 
     return session, role
 
 
+def session_exists(*, project_id: int, session_id: Any) -> bool:
+    """Whether the project still has this session (one query)."""
+    return WorkflowSession.objects.filter(project_id=project_id, pk=session_id).exists()
+
+
 def session_rows(*, project_id: int, session_ids: Iterable[Any], limit: int | None = None) -> list[WorkflowSession]:
     """The rows of the project's sessions among `session_ids` (in one query), in the session list's
     default order (newest activity first); only the first `limit` of them if given."""

@@ -110,19 +110,34 @@ class ApiView(generics.GenericAPIView):
         ).hexdigest()
         return RequestKey(scope, digest)
 
-    def replayable(self, fingerprint: Any, call: Callable[[], Response]) -> Response:
+    def replayable(
+        self, fingerprint: Any, call: Callable[[], Response], *, still_there: Callable[[Any], bool] | None = None
+    ) -> Response:
         """Run a write whose service keeps no idempotency key, remembering its answer for retries.
 
         A retry with the same Idempotency-Key (same caller, same path, same input) gets the first
         answer again; the same key with different input is 422. The answer is kept in the cache
         for a day, so this is best effort across cache loss, unlike the keys services keep (see
         request_key). A retry that arrives while the first call still runs gets 409 request_in_progress.
+
+        `still_there(body)` says whether what the first answer's body describes still exists, for a
+        write whose path does not name it (a session create): once it is gone (deleted, by any
+        route), the remembered answer is forgotten and the retry runs as a new request, instead of
+        answering again with the id of something that no longer exists.
         """
         request = self.request_key(fingerprint)
         if request is None:
             return call()
         cache_key = "api-idem:" + request.key
-        first = cache.get(cache_key)
+
+        def remembered() -> Any:
+            first = cache.get(cache_key)
+            if first is not None and still_there is not None and not still_there(first["body"]):
+                cache.delete(cache_key)
+                return None
+            return first
+
+        first = remembered()
         if first is None:
             # One attempt at a time: a retry that arrives while the first call still runs (a client
             # that timed out) must not run the write a second time.
@@ -130,7 +145,7 @@ class ApiView(generics.GenericAPIView):
             if not cache.add(running, 1, IN_PROGRESS_SECONDS):
                 raise RequestInProgress()
             try:
-                first = cache.get(cache_key)  # the first call may have finished just before
+                first = remembered()  # the first call may have finished just before
                 if first is None:
                     response = call()
                     # Errors are raised, not returned: only successful answers are remembered.

@@ -132,7 +132,9 @@ class SessionList(mixins.ListModelMixin, ApiView):
                 headers={"Location": f"/api/v1/sessions/{session.pk}/"},
             )
 
-        return self.replayable({"project": project.pk, **data}, create)
+        # A retry after the session was deleted creates it again, as a create without a key would.
+        return self.replayable({"project": project.pk, **data}, create, still_there=lambda body: selectors.session_exists(
+            project_id=project.pk, session_id=body["id"]))
 
 
 class SessionDetail(ApiView):

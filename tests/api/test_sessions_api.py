@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from sessions_app.models import AuditEvent, WorkflowSession
@@ -128,6 +130,31 @@ def test_a_replayed_session_create_answers_as_the_first_did(writer, project):
     first = writer.post("/api/v1/sessions/", {"external_id": "k-create"}, format="json", HTTP_IDEMPOTENCY_KEY="c-1")
     again = writer.post("/api/v1/sessions/", {"external_id": "k-create"}, format="json", HTTP_IDEMPOTENCY_KEY="c-1")
     assert (again.status_code, again.json(), again["Location"]) == (201, first.json(), first["Location"])
+
+
+def test_a_session_create_replayed_after_the_session_was_deleted_creates_it_again(writer, admin_key, project):
+    """The remembered answer of a create outlived its session: a retry with the same Idempotency-Key
+    after the session was deleted answered 201 with the deleted session's id, and the engine's next
+    write to it was a 404. The record lasts only as long as the session: the retry now creates the
+    session again (as a create without a key would), and further retries replay that answer."""
+    body = {"external_id": "k-deleted"}
+    first = writer.post("/api/v1/sessions/", body, format="json", HTTP_IDEMPOTENCY_KEY="c-2")
+    assert first.status_code == 201
+    gone = first.json()["id"]
+    assert admin_key.delete(f"/api/v1/sessions/{gone}/?reason=test data").status_code == 204
+
+    again = writer.post("/api/v1/sessions/", body, format="json", HTTP_IDEMPOTENCY_KEY="c-2")
+    assert again.status_code == 201 and again.json()["id"] != gone
+    assert again["Location"] == f"/api/v1/sessions/{again.json()['id']}/"
+    assert writer.get(again["Location"]).status_code == 200
+    assert writer.post(f"{again['Location']}versions/", {"state": {"a": 1}}, format="json").status_code == 201
+    assert list(WorkflowSession.objects.filter(project=project, external_id="k-deleted").values_list("pk", flat=True)) == [
+        uuid.UUID(again.json()["id"])]
+    # From then on the key answers with the new session, and still refuses another body.
+    replay = writer.post("/api/v1/sessions/", body, format="json", HTTP_IDEMPOTENCY_KEY="c-2")
+    assert (replay.status_code, replay.json()["id"]) == (201, again.json()["id"])
+    other = writer.post("/api/v1/sessions/", {"external_id": "k-other"}, format="json", HTTP_IDEMPOTENCY_KEY="c-2")
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
 
 
 def test_a_key_reused_for_another_patch_is_refused(writer, session):

@@ -214,6 +214,17 @@ def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, sess
     assert WorkflowSession.objects.count() == 2
 
 
+def test_a_fork_replayed_after_the_fork_was_deleted_makes_a_new_one(writer, admin_key, session):
+    """As a session create's: the key is kept on the fork's first version, and goes with it."""
+    snapshot_record(session=session, state={"a": 1})
+    body = {"from_version": 1, "reason": "try"}
+    first = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-2").json()["id"]
+    assert admin_key.delete(f"/api/v1/sessions/{first}/?reason=done with it").status_code == 204
+    again = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-2")
+    assert again.status_code == 201 and again.json()["id"] != first
+    assert writer.get(f"/api/v1/sessions/{again.json()['id']}/head/").json()["state"] == {"a": 1}
+
+
 def test_a_rewind_or_fork_to_a_damaged_version_is_refused_and_writes_nothing(writer, session):
     """A rewind or fork copies its target's stored state without reading it: to a version that fails its
     checksum, it made a head every read of which was an integrity error (an engine resuming from it got
