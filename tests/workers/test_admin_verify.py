@@ -62,7 +62,7 @@ def test_a_select_all_above_the_request_limit_is_verified_by_a_worker_job(worker
     assert not IntegrityProblem.objects.filter(session=elsewhere).exists()
     # The job names how many versions it verifies, not which (its id runs stay on the server).
     membership_set(project=project, user=staff, role=Role.VIEWER)
-    api = client.get(f"/api/v1/jobs/{done[0].pk}/", {"project": project.slug}).json()
+    api = client.get(f"/api/v1/jobs/{done[0].pk}/").json()
     assert api["params"] == {"budget": 0, "selected": 4} and api["percent"] == 100
 
 
