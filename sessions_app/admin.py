@@ -16,19 +16,20 @@ import orjson
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.utils import quote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from sessions_app.errors import InvalidState, StateStoreError
+from sessions_app.errors import InvalidState, NotFound, StateStoreError
 from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import (
     API_KEY_STATUS_CHOICES,
@@ -123,7 +124,38 @@ class ProjectListFilter(admin.RelatedFieldListFilter):
         return [(str(project.pk), str(project)) for project in admin_projects(request).order_by("name")]
 
 
-class ProjectScopedAdmin(admin.ModelAdmin):
+class ServiceRefusalsAdmin(admin.ModelAdmin):
+    """A save or deletion the services refuse after the page's own checks passed is a message, not a
+    500. Django's transaction around the change is rolled back whole (its history entry with it), then:
+    a row deleted meanwhile (by another admin, a script, the API) gets the admin's own "doesn't exist.
+    Perhaps it was deleted?", anything else (a session archived meanwhile, ...) its message, on the
+    page it was posted from (a deletion: the row's page)."""
+
+    def changeform_view(self, request: HttpRequest, object_id: str | None = None, form_url: str = "",
+                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except StateStoreError as exc:
+            return self.refused(request, exc, object_id, back=request.get_full_path())
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+                    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except StateStoreError as exc:
+            change = f"admin:{self.opts.app_label}_{self.opts.model_name}_change"
+            return self.refused(request, exc, object_id,
+                                back=reverse(change, args=[quote(object_id)], current_app=self.admin_site.name))
+
+    def refused(self, request: HttpRequest, exc: StateStoreError, object_id: str | None, *, back: str) -> HttpResponse:
+        if isinstance(exc, NotFound) and object_id is not None:
+            # Django's own message and redirect for a missing row (not in the type stubs).
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined,no-any-return]
+        messages.error(request, exc.message)
+        return HttpResponseRedirect(back)
+
+
+class ProjectScopedAdmin(ServiceRefusalsAdmin):
     """Rows of the projects the staff user reaches (admin_projects); `project_lookup` leads to them."""
 
     project_lookup = "project"

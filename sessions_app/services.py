@@ -23,6 +23,7 @@ from sessions_app import events
 from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
+    NotFound,
     ReasonRequired,
     SecretShownOnce,
     SessionArchived,
@@ -535,9 +536,19 @@ def api_key_create(
     return api_key, token
 
 
+def api_key_lock(api_key: ApiKey) -> ApiKey:
+    """The key's row, locked until the transaction ends; NotFound if it was deleted (by a script, or
+    with its project) after the caller read it: a 404 (the admin's "doesn't exist"), not a 500."""
+    locked = ApiKey.objects.select_for_update().filter(pk=api_key.pk).first()
+    if locked is None:
+        raise NotFound(f"API key {api_key.name} ({api_key.prefix}…) no longer exists; nothing was changed",
+                       key=str(api_key.pk))
+    return locked
+
+
 @transaction.atomic
 def api_key_revoke(*, api_key: ApiKey, actor: User = None, actor_label: str = "") -> ApiKey:
-    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    api_key = api_key_lock(api_key)
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
@@ -554,7 +565,7 @@ def api_key_set_expiry(*, api_key: ApiKey, expires_at: Any, actor: User = None, 
     An expired key so extended works again (that is the point: no engine redeploy at 3 a.m.); a
     revoked key stays revoked. Audited with the expiry before and after."""
     expires = api_key_clean_expiry(expires_at)
-    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    api_key = api_key_lock(api_key)
     if api_key.revoked_at is not None:
         raise InvalidState("this API key is revoked; a revoked key stays revoked (make a new one)", api_key=api_key.pk)
     if api_key.expires_at != expires:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import html
 import json
 import re
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
 
@@ -918,6 +922,72 @@ def test_a_session_status_fix_keeps_metadata_stored_under_an_older_larger_limit(
     story.refresh_from_db()
     assert story.status == "completed" and story.metadata == big
     assert set(AuditEvent.objects.get(action="session.update").details) == {"status"}
+
+
+def deleted_while_saving(delete: Callable[[], object], save: Callable[[], object]) -> object:
+    """What `save()` (an admin POST, on a thread of its own) answers when the row it changes is deleted
+    after the admin read it: `delete()` runs in a transaction this thread holds open until the save is
+    seen waiting for the row's lock, then commits. (Deleted before the POST, Django's own check answers.)"""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["response"] = save()
+        except Exception as exc:  # noqa: BLE001 - raised again below, in the test
+            outcome["error"] = exc
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    with transaction.atomic():
+        delete()
+        thread.start()
+        deadline = time.monotonic() + 20
+        with connection.cursor() as cursor:
+            while thread.is_alive() and time.monotonic() < deadline:
+                cursor.execute("SELECT pg_stat_clear_snapshot()")  # (else one snapshot for the whole transaction)
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.02)
+        assert thread.is_alive(), "the save did not wait for the row: the race was not run"
+    thread.join(60)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["response"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_deleted_while_its_fix_is_saved_gets_the_admins_doesnt_exist_message(client, staff, story):
+    """Deleted by another operator after the page was opened, the session's fix answered 500 (the
+    service found no session under its lock): it is the admin's "doesn't exist", nothing recorded."""
+    from sessions_app.services import session_delete
+
+    client.force_login(staff)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    assert client.get(url).status_code == 200
+    response = deleted_while_saving(lambda: session_delete(session=story, reason="test run, not needed"),
+                                    lambda: client.post(url, session_form(status="failed")))
+    assert response.status_code == 302 and response.url == reverse("admin:index")
+    page = html.unescape(client.get(response.url).content.decode())
+    assert f"Workflow session with ID \u201c{story.pk}\u201d doesn\u2019t exist. Perhaps it was deleted?" in page
+    assert not WorkflowSession.objects.filter(pk=story.pk).exists()
+    assert not AuditEvent.objects.filter(action="session.update").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_api_key_deleted_while_its_expiry_is_saved_gets_the_admins_doesnt_exist_message(client, staff, team):
+    client.force_login(staff)
+    key, _ = api_key_create(project=team, name="ci", scopes=["read"])
+    url = reverse("admin:sessions_app_apikey_change", args=[key.pk])
+    assert client.get(url).status_code == 200
+    response = deleted_while_saving(lambda: ApiKey.objects.filter(pk=key.pk).delete(),
+                                    lambda: client.post(url, {"expires_at_0": "2098-06-30", "expires_at_1": "00:00:00"}))
+    assert response.status_code == 302 and response.url == reverse("admin:index")
+    page = html.unescape(client.get(response.url).content.decode())
+    assert f"Api key with ID \u201c{key.pk}\u201d doesn\u2019t exist. Perhaps it was deleted?" in page
+    assert not AuditEvent.objects.filter(action="api_key.expiry").exists()
 
 
 def policy_form(project, **changes):
