@@ -15,13 +15,15 @@ from urllib.parse import urlencode
 import orjson
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.contrib.admin.utils import quote
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import router, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -51,14 +53,19 @@ from sessions_app.services import (
     clean_metadata,
     clean_tags,
     ensure_writable,
+    membership_demotion_refused,
     membership_remove,
     membership_set,
+    memberships_removal_refused,
+    memberships_remove,
     project_create,
     session_archive,
     session_unarchive,
     session_update,
     user_active_changed,
     user_delete,
+    users_delete,
+    users_deletion_refused,
 )
 
 
@@ -100,8 +107,16 @@ def warn_of_keys_left_working(request: HttpRequest, user: Any, *, project_ids: A
     """After `user` stopped being an admin (or active), say which keys they made still work: they are
     kept (an engine may depend on one), so an admin decides. Only keys of projects the request's
     user administers are named."""
+    warn_of_keys(request, user, keys_left_working(request, user, project_ids=project_ids), standing=standing)
+
+
+def keys_left_working(request: HttpRequest, user: Any, *, project_ids: Any) -> list[ApiKey]:
+    """The first few working keys `user` made in these projects, of those the request's user administers."""
     visible = admin_projects(request, Role.ADMIN).filter(pk__in=project_ids).values("pk")
-    keys = list(api_keys_working_made_by(user=user, project_ids=visible).select_related("project").order_by("pk")[:6])
+    return list(api_keys_working_made_by(user=user, project_ids=visible).select_related("project").order_by("pk")[:6])
+
+
+def warn_of_keys(request: HttpRequest, user: Any, keys: list[ApiKey], *, standing: str) -> None:
     if not keys:
         return
     names = ", ".join(f"{key.project.slug}: {key.name}" for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
@@ -140,12 +155,28 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
 
     def delete_view(self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
                     ) -> HttpResponse:
+        change = f"admin:{self.opts.app_label}_{self.opts.model_name}_change"
+        back = reverse(change, args=[quote(object_id)], current_app=self.admin_site.name)
+        obj = self.get_object(request, unquote(object_id))
+        # Refused before the confirmation page is shown, not after it was confirmed.
+        refusal = None if obj is None else self.deletion_refused(request, self.model._default_manager.filter(pk=obj.pk))
+        if refusal is not None:
+            return self.refused(request, refusal, object_id, back=back)
         try:
             return super().delete_view(request, object_id, extra_context)
         except StateStoreError as exc:
-            change = f"admin:{self.opts.app_label}_{self.opts.model_name}_change"
-            return self.refused(request, exc, object_id,
-                                back=reverse(change, args=[quote(object_id)], current_app=self.admin_site.name))
+            return self.refused(request, exc, object_id, back=back)
+
+    def deletion_refused(self, request: HttpRequest, rows: QuerySet) -> StateStoreError | None:
+        """Why the services would refuse to delete these rows (asked before Django's confirmation page), or None."""
+        return None
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions: dict[str, Any] = super().get_actions(request)
+        deleting = actions.get("delete_selected")
+        if deleting is not None:
+            actions["delete_selected"] = (delete_selected_unless_refused, *deleting[1:])
+        return actions
 
     def refused(self, request: HttpRequest, exc: StateStoreError, object_id: str | None, *, back: str) -> HttpResponse:
         if isinstance(exc, NotFound) and object_id is not None:
@@ -153,6 +184,24 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined,no-any-return]
         messages.error(request, exc.message)
         return HttpResponseRedirect(back)
+
+
+def delete_selected_unless_refused(
+    modeladmin: ServiceRefusalsAdmin, request: HttpRequest, queryset: QuerySet
+) -> HttpResponse | None:
+    """Django's "Delete selected" action, but a deletion the services refuse (deletion_refused) is
+    refused with their message before its confirmation page, and one they refuse after it (something
+    changed meanwhile) deletes nothing: Django's history entries, written before the rows are deleted,
+    are rolled back with the rest."""
+    refusal = modeladmin.deletion_refused(request, queryset)
+    if refusal is None:
+        try:
+            with transaction.atomic(using=router.db_for_write(modeladmin.model)):
+                return delete_selected(modeladmin, request, queryset)  # type: ignore[no-any-return]
+        except StateStoreError as exc:
+            refusal = exc
+    messages.error(request, refusal.message)
+    return None
 
 
 class ProjectScopedAdmin(ServiceRefusalsAdmin):
@@ -250,6 +299,16 @@ class MembershipForm(forms.ModelForm):
         model = Membership
         fields = ["project", "user", "role"]
 
+    def clean(self) -> dict[str, Any]:
+        super().clean()
+        role = self.cleaned_data.get("role")
+        if self.instance.pk is not None and role:
+            # Said on the form (membership_set refuses it too, under the project's lock).
+            refusal = membership_demotion_refused(membership=self.instance, role=role)
+            if refusal is not None:
+                raise forms.ValidationError(refusal.message)
+        return self.cleaned_data
+
 
 @admin.register(Membership)
 class MembershipAdmin(ProjectScopedAdmin):
@@ -279,6 +338,9 @@ class MembershipAdmin(ProjectScopedAdmin):
         if obj.role != Role.ADMIN:
             warn_of_keys_left_working(request, obj.user, project_ids=[obj.project_id], standing=CreatorStatus.NOT_ADMIN)
 
+    def deletion_refused(self, request: HttpRequest, rows: QuerySet[Membership]) -> StateStoreError | None:
+        return memberships_removal_refused(memberships=rows)
+
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
         require_role(request, [obj.project_id], Role.ADMIN)
         membership_remove(membership=obj, actor=request.user)
@@ -287,8 +349,7 @@ class MembershipAdmin(ProjectScopedAdmin):
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Membership]) -> None:
         memberships = list(queryset.select_related("project", "user"))
         require_role(request, [membership.project_id for membership in memberships], Role.ADMIN)  # all or none
-        for membership in memberships:
-            membership_remove(membership=membership, actor=request.user)
+        memberships_remove(memberships=memberships, actor=request.user)  # all or none, too
         for membership in memberships:
             warn_of_keys_left_working(request, membership.user, project_ids=[membership.project_id],
                                       standing=CreatorStatus.NOT_ADMIN)
@@ -321,7 +382,7 @@ class SuperuserGroupAdmin(GroupAdmin):
 
 
 @admin.register(get_user_model())
-class AuditedUserAdmin(UserAdmin):
+class AuditedUserAdmin(ServiceRefusalsAdmin, UserAdmin):
     """Django's user admin, except that deleting, deactivating or reactivating an account records,
     in each project it is a member of, who did it, and that only superusers manage every account.
 
@@ -361,15 +422,20 @@ class AuditedUserAdmin(UserAdmin):
                 warn_of_keys_left_working(request, obj, project_ids=Project.objects.values("pk"),
                                           standing=CreatorStatus.DEACTIVATED)
 
+    def deletion_refused(self, request: HttpRequest, rows: QuerySet[Any]) -> StateStoreError | None:
+        return users_deletion_refused(users=rows)
+
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
-        warn_of_keys_left_working(request, obj, project_ids=Project.objects.values("pk"), standing=CreatorStatus.NO_ACCOUNT)
+        keys = keys_left_working(request, obj, project_ids=Project.objects.values("pk"))  # (theirs until deleted)
         user_delete(user=obj, actor=request.user)
+        warn_of_keys(request, obj, keys, standing=CreatorStatus.NO_ACCOUNT)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        for user in queryset:
-            warn_of_keys_left_working(request, user, project_ids=Project.objects.values("pk"),
-                                      standing=CreatorStatus.NO_ACCOUNT)
-            user_delete(user=user, actor=request.user)
+        users = list(queryset)
+        keys = [keys_left_working(request, user, project_ids=Project.objects.values("pk")) for user in users]
+        users_delete(users=users, actor=request.user)  # all or none
+        for user, theirs in zip(users, keys, strict=True):
+            warn_of_keys(request, user, theirs, standing=CreatorStatus.NO_ACCOUNT)
 
 
 # Rows acted on by one confirmed action (revoking keys, archiving sessions; each locked, changed and

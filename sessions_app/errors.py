@@ -86,6 +86,14 @@ class ReasonRequired(StateStoreError):
     status = 400
 
 
+class LastAdmin(StateStoreError):
+    """A change of members (one removed or demoted, an account deleted) that would leave a project with
+    no admin who can sign in, so nobody to manage its members and keys: refused, nothing changed."""
+
+    code = "last_admin"
+    status = 409
+
+
 class SessionArchived(StateStoreError):
     code = "session_archived"
     status = 409

@@ -60,6 +60,16 @@ def membership_exists(*, user: Any, project_id: int) -> bool:
     return Membership.objects.filter(project_id=project_id, user=user).exists()
 
 
+def projects_left_without_admin(leaving: QuerySet[Membership]) -> list[Project]:
+    """The projects (by slug) where the admin memberships among `leaving` (to be removed, demoted, or
+    deleted with their accounts) are the last held by an account that can sign in (an active one)."""
+    others = Membership.objects.filter(project_id=OuterRef("pk"), role=Role.ADMIN, user__is_active=True).exclude(
+        pk__in=leaving.values("pk")
+    )
+    losing = leaving.filter(role=Role.ADMIN).values("project_id")
+    return list(Project.objects.filter(pk__in=losing).exclude(Exists(others)).order_by("slug"))
+
+
 def session_user(session_key: str | None) -> Any:
     """The user a browser session signs in now, read afresh from the session store as a page load
     reads it: AnonymousUser once it was logged out or expired, its account deactivated or its

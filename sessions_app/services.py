@@ -8,13 +8,14 @@ import math
 import re
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -23,6 +24,7 @@ from sessions_app import events
 from sessions_app.errors import (
     IdempotencyKeyReused,
     InvalidState,
+    LastAdmin,
     NotFound,
     ReasonRequired,
     SecretShownOnce,
@@ -39,6 +41,7 @@ from sessions_app.models import (
     SessionStatus,
     WorkflowSession,
 )
+from sessions_app.selectors import projects_left_without_admin
 
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
 # concrete user model is swappable.
@@ -164,11 +167,15 @@ def project_create(*, name: str, slug: str, owner: User = None, actor_label: str
 
 @transaction.atomic
 def membership_set(*, project: Project, user: Any, role: str, actor: User = None, actor_label: str = "") -> Membership:
-    """Give `user` `role` in `project` (adding them, or changing their role). Audited when it changes access."""
+    """Give `user` `role` in `project` (adding them, or changing their role). Audited when it changes access.
+    LastAdmin, nothing changed, if it demotes the project's last admin (see projects_left_without_admin)."""
     role = Role(role)
+    _members_lock([project.pk])
     before = Membership.objects.select_for_update().filter(project=project, user=user).first()
     if before is not None and before.role == role:
         return before
+    if before is not None:
+        _refuse(membership_demotion_refused(membership=before, role=role))
     membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": role})
     audit_record(
         project=project, action="membership.set", target_type="user", target_id=user.pk,
@@ -592,23 +599,111 @@ def api_key_touch(*, api_key: ApiKey) -> None:
     api_key.last_used_at = now
 
 
-@transaction.atomic
 def membership_remove(*, membership: Membership, actor: User = None, actor_label: str = "") -> None:
-    """Take a user out of a project (admin); audited, since it removes access."""
-    membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label)
-    Membership.objects.filter(pk=membership.pk).delete()
+    """Take a user out of a project (admin); audited, since it removes access. LastAdmin, nothing
+    changed, if they are its last admin."""
+    memberships_remove(memberships=[membership], actor=actor, actor_label=actor_label)
 
 
 @transaction.atomic
+def memberships_remove(*, memberships: list[Membership], actor: User = None, actor_label: str = "") -> None:
+    """Take these members out of their projects, all or none: LastAdmin, nothing changed, if that
+    would leave a project without an admin (even when each alone would not). Each removal audited."""
+    _members_lock(membership.project_id for membership in memberships)
+    _refuse(memberships_removal_refused(memberships=Membership.objects.filter(pk__in=[m.pk for m in memberships])))
+    for membership in memberships:
+        membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label)
+    Membership.objects.filter(pk__in=[membership.pk for membership in memberships]).delete()
+
+
 def user_delete(*, user: Any, actor: User = None, actor_label: str = "") -> None:
     """Delete a user account; each project it leaves records who deleted it. (An account deleted
-    otherwise, e.g. by a script, is still audited, by sessions_app.signals, without an actor.)"""
-    memberships = Membership.objects.filter(user=user).select_related("project", "user")
-    for membership in memberships:
+    otherwise, e.g. by a script, is still audited, by sessions_app.signals, without an actor.)
+    LastAdmin, nothing deleted, if it is the last admin of a project."""
+    users_delete(users=[user], actor=actor, actor_label=actor_label)
+
+
+@transaction.atomic
+def users_delete(*, users: list[Any], actor: User = None, actor_label: str = "") -> None:
+    """Delete these accounts, all or none (as user_delete): LastAdmin, nothing deleted, if that would
+    leave a project without an admin."""
+    memberships = Membership.objects.filter(user__in=[user.pk for user in users])
+    _members_lock(memberships.values_list("project_id", flat=True))
+    _refuse(users_deletion_refused(users=users))
+    for membership in memberships.select_related("project", "user"):
         membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label,
                                  reason="the user account was deleted")
     memberships.delete()
-    user.delete()
+    for user in users:
+        user.delete()
+
+
+def _members_lock(project_ids: Iterable[int]) -> None:
+    """Lock these projects' rows until the transaction ends: every change of a project's members takes
+    it first, so two at once (each removing one of its last two admins) cannot both see the other
+    admin still there. In id order, so two changes never wait for each other crosswise; FOR NO KEY
+    UPDATE, so rows that only point at the project (sessions, keys, audit events) are still inserted."""
+    wanted = sorted(set(project_ids))
+    list(Project.objects.select_for_update(no_key=True).filter(pk__in=wanted).order_by("pk").values_list("pk"))
+
+
+def _refuse(refusal: LastAdmin | None) -> None:
+    if refusal is not None:
+        raise refusal
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _admins_kept_or_refusal(leaving: QuerySet[Membership], describe: Callable[[], str]) -> LastAdmin | None:
+    """The LastAdmin error (not raised) if taking these memberships away (or their admin role) would
+    leave a project with no admin who can sign in, else None; `describe()` says what was asked. A
+    read: forms and confirmation pages ask it before acting; the services above raise it, asked
+    again under the projects' lock.
+
+    An admin whose account is deactivated does not count: nobody could sign in as one to manage the
+    project's members and keys (a superuser could, but one should not be needed at 3 a.m.)."""
+    orphaned = projects_left_without_admin(leaving)
+    if not orphaned:
+        return None
+    slugs = [project.slug for project in orphaned]
+    where = f"the project {slugs[0]}" if len(slugs) == 1 else f"the projects {', '.join(slugs)}"
+    return LastAdmin(
+        f"{describe()} would leave {where} with no admin who can sign in, and nobody could manage "
+        f"{'its' if len(slugs) == 1 else 'their'} members and API keys: make another member an admin first. "
+        "Nothing was changed.",
+        projects=slugs,
+    )
+
+
+def membership_demotion_refused(*, membership: Membership, role: str) -> LastAdmin | None:
+    """Why membership_set would refuse to give this member `role` instead of admin, or None."""
+    if membership.role != Role.ADMIN or role == Role.ADMIN:
+        return None
+    return _admins_kept_or_refusal(Membership.objects.filter(pk=membership.pk),
+                                   lambda: f"Making {membership.user} {_a(role)} instead of an admin")
+
+
+def memberships_removal_refused(*, memberships: QuerySet[Membership]) -> LastAdmin | None:
+    """Why memberships_remove would refuse to remove these members, or None."""
+
+    def describe() -> str:
+        shown = list(memberships.select_related("user")[:2])
+        return f"Removing {shown[0].user}" if len(shown) == 1 else "Removing these members"
+
+    return _admins_kept_or_refusal(memberships, describe)
+
+
+def users_deletion_refused(*, users: Iterable[Any]) -> LastAdmin | None:
+    """Why users_delete would refuse to delete these accounts, or None."""
+    ids: Any = users.values("pk") if isinstance(users, QuerySet) else [user.pk for user in users]
+
+    def describe() -> str:
+        named = list(get_user_model().objects.filter(pk__in=ids)[:2])
+        return f"Deleting the account {named[0]}" if len(named) == 1 else "Deleting these accounts"
+
+    return _admins_kept_or_refusal(Membership.objects.filter(user__in=ids), describe)
 
 
 def user_active_changed(*, user: Any, actor: User = None, actor_label: str = "") -> None:

@@ -425,6 +425,7 @@ def test_membership_changes_project_creation_and_user_deletion_are_audited(clien
     client.post(reverse("admin:sessions_app_project_add"), {"name": "Initech", "slug": "initech"})
     created = AuditEvent.objects.get(action="project.create", details__slug="initech")
     assert (created.actor_label, created.details["admin"]) == ("root", "root")
+    membership_set(project=team, user=make_user("ada"), role=Role.ADMIN)  # (olga, made an admin, is not the last)
     membership = Membership.objects.get(project=team, user=operator)
     client.post(reverse("admin:sessions_app_membership_change", args=[membership.pk]), {"role": "admin"})
     change = AuditEvent.objects.get(action="membership.set", details__previous="operator")
@@ -440,6 +441,67 @@ def test_membership_changes_project_creation_and_user_deletion_are_audited(clien
     scripted.delete()
     removal = AuditEvent.objects.get(action="membership.remove", project=team, details__user="sam")
     assert (removal.actor_label, removal.reason[:29]) == ("system", "the user account was deleted ")
+
+
+def test_staff_cannot_leave_a_project_without_an_admin_by_demoting_removing_or_deleting_its_last(
+    client, staff, team, operator, viewer
+):
+    """Demoting a project's last admin, removing their membership (alone or in a selection) or deleting
+    their account left nobody to manage its members and keys. Each is refused with a message naming
+    the project, and nothing is stored: no change, no audit event, no entry in Django's history."""
+    from django.contrib.admin.models import LogEntry
+
+    membership_set(project=team, user=operator, role=Role.ADMIN)
+    ada = make_user("ada")
+    membership_set(project=team, user=ada, role=Role.ADMIN)
+    ada.is_active = False  # an admin who cannot sign in does not count
+    ada.save()
+    olga = Membership.objects.get(project=team, user=operator)
+    audited = AuditEvent.objects.count()
+    refusal = "would leave the project acme with no admin who can sign in"
+    client.force_login(staff)
+
+    demoted = client.post(reverse("admin:sessions_app_membership_change", args=[olga.pk]), {"role": "operator"})
+    assert demoted.status_code == 200 and "errornote" in demoted.content.decode()
+    assert f"Making olga an operator instead of an admin {refusal}" in html.unescape(demoted.content.decode())
+
+    change_page = reverse("admin:sessions_app_membership_change", args=[olga.pk])
+    delete = reverse("admin:sessions_app_membership_delete", args=[olga.pk])
+    for ask in (client.get, lambda url: client.post(url, {"post": "yes"})):  # refused before the confirmation too
+        asked = ask(delete)
+        assert asked.status_code == 302 and asked.url == change_page
+        assert f"Removing olga {refusal}" in html.unescape(client.get(asked.url).content.decode())
+    changelist = reverse("admin:sessions_app_membership_changelist")
+    viewers = Membership.objects.get(project=team, user=viewer)
+    for confirmed in ({}, {"post": "yes"}):
+        bulk = client.post(changelist, {"action": "delete_selected", "_selected_action": [olga.pk, viewers.pk],
+                                        **confirmed}, follow=True)
+        assert f"Removing these members {refusal}" in html.unescape(bulk.content.decode())
+
+    user_change = reverse("admin:auth_user_change", args=[operator.pk])
+    user_delete = reverse("admin:auth_user_delete", args=[operator.pk])
+    for ask in (client.get, lambda url: client.post(url, {"post": "yes"})):
+        asked = ask(user_delete)
+        assert asked.status_code == 302 and asked.url == user_change
+        assert f"Deleting the account olga {refusal}" in html.unescape(client.get(asked.url).content.decode())
+    bulk = client.post(reverse("admin:auth_user_changelist"),
+                       {"action": "delete_selected", "_selected_action": [operator.pk, viewer.pk], "post": "yes"},
+                       follow=True)
+    assert f"Deleting these accounts {refusal}" in html.unescape(bulk.content.decode())
+
+    assert Membership.objects.filter(project=team).count() == 3 and User.objects.filter(pk=viewer.pk).exists()
+    olga.refresh_from_db()
+    assert olga.role == Role.ADMIN and User.objects.filter(pk=operator.pk).exists()
+    assert AuditEvent.objects.count() == audited and not LogEntry.objects.exists()
+
+    # With another admin who can sign in, each goes through (and is audited) as before.
+    ada.is_active = True
+    ada.save()
+    assert client.post(reverse("admin:sessions_app_membership_change", args=[olga.pk]), {"role": "operator"}
+                       ).status_code == 302
+    olga.refresh_from_db()
+    assert olga.role == Role.OPERATOR
+    assert AuditEvent.objects.filter(action="membership.set", details__previous="admin", actor=staff).count() == 1
 
 
 def test_an_integrity_problem_is_resolved_in_the_admin_after_the_data_is_restored(client, staff, story):
@@ -717,6 +779,7 @@ def test_the_key_list_shows_expiry_and_creators_who_left_and_an_admin_extends_a_
 
 def test_deactivating_or_demoting_a_key_maker_names_the_keys_that_still_work(client, staff, team, operator):
     """Their keys are not revoked (an engine may depend on one), but the admin who acted is told."""
+    membership_set(project=team, user=make_user("ada"), role=Role.ADMIN)  # (olga is not its last admin)
     membership_set(project=team, user=operator, role=Role.ADMIN)
     api_key_create(project=team, name="olgas-engine", scopes=["write"], actor=operator)
     client.force_login(staff)

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.utils.text import slugify
 
+from sessions_app.errors import StateStoreError
 from sessions_app.models import Project, Role
 from sessions_app.services import membership_set, project_create
 
@@ -43,14 +44,18 @@ class Command(BaseCommand):
         missing = sorted(username for username, user in users.items() if user is None)
         if missing:
             raise CommandError(f"no user {', '.join(missing)} (create it first: manage.py createsuperuser, or the admin)")
-        with transaction.atomic():
-            project = Project.objects.filter(slug=slug).first()
-            created = project is None
-            if project is None:
-                project = project_create(name=(name or slug.replace("-", " ").title())[:NAME_MAX].strip(), slug=slug,
-                                         actor_label="manage.py create_project")
-            for username, role in grants:
-                membership_set(project=project, user=users[username], role=role, actor_label="manage.py create_project")
+        try:
+            with transaction.atomic():
+                project = Project.objects.filter(slug=slug).first()
+                created = project is None
+                if project is None:
+                    project = project_create(name=(name or slug.replace("-", " ").title())[:NAME_MAX].strip(),
+                                             slug=slug, actor_label="manage.py create_project")
+                for username, role in grants:
+                    membership_set(project=project, user=users[username], role=role,
+                                   actor_label="manage.py create_project")
+        except StateStoreError as exc:  # e.g. demoting the project's last admin: refused, nothing changed
+            raise CommandError(exc.message) from None
         self.stdout.write(f"{'created' if created else 'exists:'} project {project.slug} ({project.name})")
         if not created and name is not None and name.strip() != project.name:
             self.stdout.write("  (its name is kept: rename it in the admin)")
