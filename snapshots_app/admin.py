@@ -177,7 +177,7 @@ class VersionAdmin(ReadOnlyAdmin):
             return redirect(reverse("admin:snapshots_app_version_changelist"))
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
-        error, warning, result, parts, previewed = "", "", None, [], ""
+        error, warning, result, parts, previewed, unchanged = "", "", None, [], "", False
         parts_more, parts_size = 0, 0
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:
@@ -216,12 +216,17 @@ class VersionAdmin(ReadOnlyAdmin):
                     error = "This state's diff against the head was not shown yet: check it below before recording."
                 elif "apply" in request.POST:
                     fixed = services.snapshot_data_fix(
-                        session=session, state=prepared.canonical, based_on=version.number,
-                        reason=form.cleaned_data["reason"], expected_version=session.head_number, edited=pointer or None,
+                        session=session, state=prepared, based_on=version.number,
+                        reason=form.cleaned_data["reason"], expected_version=expected, edited=pointer or None,
                         actor=request.user,
                     )
+                    if fixed.number == expected:  # the head's state already: the service recorded nothing
+                        messages.warning(request, f"No change: this is the state of v{fixed.number}, the head of "
+                                                  f"{session.external_id}, already. Nothing was recorded.")
+                        return redirect(request.get_full_path())
                     messages.success(request, f"Recorded version {fixed.number} (data fix) of {session.external_id}.")
                     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}))
+                unchanged = head is not None and head.checksum == prepared.checksum
                 # (Only for a page that shows it: a recorded fix needs no diff.)
                 try:
                     head_value = orjson.loads(selectors.version_state_bytes(head)) if head else {}
@@ -239,6 +244,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
             "warning": warning, "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
+            "unchanged": unchanged,
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

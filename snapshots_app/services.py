@@ -75,8 +75,10 @@ class PreparedState:
     members: dict[str, bytes]  # the canonical bytes of each top-level member
 
 
-def state_prepare(state: dict[str, Any] | bytes | str) -> PreparedState:
+def state_prepare(state: dict[str, Any] | bytes | str | PreparedState) -> PreparedState:
     """Validate input (raw JSON text, or an already parsed dict) into canonical form."""
+    if isinstance(state, PreparedState):
+        return state
     if isinstance(state, (bytes, str)):
         value = canonical.parse_state(state, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
     else:
@@ -345,7 +347,7 @@ def _append_copy(
 def snapshot_record(
     *,
     session: WorkflowSession,
-    state: dict[str, Any] | bytes | str,
+    state: dict[str, Any] | bytes | str | PreparedState,
     step: str | None = None,
     status: str | None = None,
     error: str | None = None,
@@ -699,7 +701,7 @@ def _fork_replay(
 def snapshot_data_fix(
     *,
     session: WorkflowSession,
-    state: dict[str, Any] | bytes | str,
+    state: dict[str, Any] | bytes | str | PreparedState,
     based_on: int,
     reason: str,
     expected_version: int | None = None,
@@ -708,12 +710,24 @@ def snapshot_data_fix(
     actor_label: str = "",
 ) -> Version:
     """Record a corrected state (edited by staff from version `based_on`) as a new head; audited.
-    `edited`: the JSON pointer of the one part that was edited, when not the whole state."""
+    `edited`: the JSON pointer of the one part that was edited, when not the whole state.
+
+    A state that is the head's already changes nothing: the head is answered as it is, and nothing
+    is recorded or audited (so the caller tells a fix from none by the number: the head's, not the
+    next). Like a pin of a pinned version, or a retention policy set to the one in force."""
     reason = require_reason(reason)
     base = version_get(session=session, number=based_on)
+    prepared = state_prepare(state)
     with transaction.atomic():
+        locked = _lock_for_write(session)  # (the head compared is the one the fix would follow)
+        ensure_writable(locked)
+        _check_expected(locked, _clean_expected(expected_version))
+        head = _head(locked)
+        if head is not None and head.checksum == prepared.checksum:
+            head.session = locked
+            return head
         version = snapshot_record(
-            session=session, state=state, step=base.step, status=base.status or None,
+            session=session, state=prepared, step=base.step, status=base.status or None,
             expected_version=expected_version, kind=VersionKind.DATA_FIX, actor=actor, actor_label=actor_label,
         )
         Version.objects.filter(pk=version.pk).update(reason=reason)

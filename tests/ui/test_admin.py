@@ -135,6 +135,43 @@ def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(cli
     assert AuditEvent.objects.get(action="version.data_fix").actor_label == "root"
 
 
+def test_a_data_fix_that_leaves_the_heads_state_as_it_is_records_nothing_and_says_so(client, staff, story):
+    """A fix whose state is the head's (however it is written: key order, spacing) recorded a new head all
+    the same, identical to the one before, and a data_fix audit event for a change that was none."""
+    from snapshots_app.selectors import version_state
+
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[Version.objects.get(session=story, number=2).pk])
+    heads = version_state(Version.objects.get(session=story, number=5))
+    same = json.dumps(dict(reversed(list(heads.items()))), indent=4)
+    preview = client.post(url, {"state": same, "reason": "", "expected_version": 5, "preview": "1"})
+    body = preview.content.decode()
+    assert preview.status_code == 200 and "No change: this is the state of v5, the head, already." in body
+    assert "Record as new head" not in body
+    done = client.post(url, {"state": same, "reason": "fix it", "expected_version": 5, "apply": "1",
+                             "previewed": shown_state(preview)}, follow=True)
+    assert done.redirect_chain == [(url, 302)]
+    assert "No change: this is the state of v5, the head of run-42, already. Nothing was recorded." in \
+        html.unescape(done.content.decode())
+    assert Version.objects.filter(session=story).count() == 5
+    assert not AuditEvent.objects.filter(action="version.data_fix").exists()
+
+
+def test_a_data_fix_to_the_heads_own_state_records_nothing_whoever_asks(story):
+    """The rule is the service's, not only the admin page's: the head is answered as it is, not a copy."""
+    from snapshots_app.selectors import version_state
+    from snapshots_app.services import snapshot_data_fix
+
+    head = Version.objects.get(session=story, number=5)
+    answered = snapshot_data_fix(session=story, state=version_state(head), based_on=2, reason="script",
+                                 expected_version=5)
+    assert answered.pk == head.pk and Version.objects.filter(session=story).count() == 5
+    assert not AuditEvent.objects.filter(action="version.data_fix").exists()
+    fixed = snapshot_data_fix(session=story, state={**version_state(head), "note": "fixed"}, based_on=2,
+                              reason="script", expected_version=5)
+    assert fixed.number == 6 and AuditEvent.objects.filter(action="version.data_fix").count() == 1
+
+
 def test_the_data_fix_diffs_copy_path_buttons_come_with_the_script_that_makes_them_work(client, staff, story):
     """The preview shows the dashboard's diff, whose "copy path" buttons are worked by static/js/app.js:
     the admin's page did not load it, so they were buttons that did nothing."""
