@@ -47,21 +47,28 @@ def checksum(canonical: bytes) -> str:
 
 def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """Parse JSON text strictly (NaN, Infinity and bare control words are refused) and validate it."""
+    raw, value = parse_json(raw, max_bytes=max_bytes)
+    validate_state(value, max_depth=max_depth, floats_checked=True)  # first: the integer check recurses
+    refuse_huge_integers(raw)
+    return value
+
+
+def parse_json(raw: bytes | str, *, max_bytes: int, what: str = "state") -> tuple[bytes, Any]:
+    """(the text as bytes, the JSON value it holds), parsed strictly (NaN, Infinity and bare control
+    words are refused) but not validated as a state. Errors name `what` and say where in `raw` they
+    are, as the caller gave it (line, column and character)."""
     if isinstance(raw, str):
         try:
             raw = raw.encode()
         except UnicodeEncodeError as exc:
-            raise InvalidState(f"state text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+            raise InvalidState(f"{what} text is not valid Unicode: {exc.reason} at character {exc.start}") from None
     size = len(raw)
     if size > max_bytes:
-        raise StateTooLarge(f"state is {size} bytes; the limit is {max_bytes}", size=size, limit=max_bytes)
+        raise StateTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}", size=size, limit=max_bytes)
     try:
-        value = orjson.loads(raw)
+        return raw, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidState(f"state is not valid JSON: {exc}") from None
-    validate_state(value, max_depth=max_depth, floats_checked=True)  # first: the integer check recurses
-    refuse_huge_integers(raw)
-    return value
+        raise InvalidState(f"{what} is not valid JSON: {exc}") from None
 
 
 _PLAIN = frozenset({str, int, bool, type(None)})

@@ -46,6 +46,7 @@ from sessions_app.services import (
     session_gone,
     session_lock,
 )
+from sessions_app.strict_json import refuse_huge_integers
 from snapshots_app import canonical, rows, store
 from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import Version, VersionKind
@@ -103,13 +104,17 @@ def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str
     part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON."""
     if not pointer:
         return canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
-    # Parsed inside an object, so the state's own strict parser (NaN, Infinity, depth) judges it.
-    value = canonical.parse_state(f'{{"value":{text}}}', max_bytes=settings.STATE_MAX_BYTES,
-                                  max_depth=settings.STATE_MAX_DEPTH)["value"]
+    # The text alone, as typed: wrapped in an object to reuse parse_state, every syntax error was placed
+    # 9 characters off ({"value": came first) and every other one named a path under /value.
+    raw, value = canonical.parse_json(text, max_bytes=settings.STATE_MAX_BYTES, what=f"the value at {pointer}")
     try:
-        return apply_patch(state, [{"op": "replace", "path": pointer, "value": value}], copy=lambda doc: doc)  # type: ignore[no-any-return]
+        fixed = apply_patch(state, [{"op": "replace", "path": pointer, "value": value}], copy=lambda doc: doc)
     except PatchError as exc:
         raise InvalidState(f"{pointer}: {exc}") from None
+    # As parse_state checks a whole state (the limits on nesting, names its paths in the state).
+    canonical.validate_state(fixed, max_depth=settings.STATE_MAX_DEPTH, floats_checked=True)
+    refuse_huge_integers(raw)
+    return fixed  # type: ignore[no-any-return]
 
 
 def _clean_text(name: str, value: Any, limit: int) -> str:

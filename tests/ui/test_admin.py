@@ -252,6 +252,36 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
     assert (audit.reason, audit.details["edited"], audit.details["based_on"]) == ("garbled doc", "/docs/3", 1)
 
 
+def test_bad_json_typed_for_one_part_is_placed_where_it_was_typed(client, staff, team, monkeypatch, settings):
+    """The part was parsed wrapped in {"value": ...}: every syntax error was placed 9 characters off (or,
+    past the first line, at the right column of a text that never was), and a too deep part was named
+    by a path under /value, which is in no state."""
+    from snapshots_app import admin as snapshots_admin
+
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)
+    session = make_session(team, "big-docs")
+    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
+    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank"})
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+
+    def problem(typed: str) -> str:
+        response = client.post(url, {"path": "/docs/3", "state": typed, "reason": "x", "expected_version": 1,
+                                     "preview": "1"})
+        assert response.status_code == 400
+        return html.unescape(re.search(r'<p class="errornote" role="alert">(.*?)</p>', response.content.decode(),
+                                       re.S).group(1))
+
+    assert problem('{"id": 3, "text": fixed}') == (
+        "the value at /docs/3 is not valid JSON: invalid literal, expected 'false': line 1 column 19 (char 18)")
+    assert problem('{\n  "id": 3,\n  "text": nope\n}').endswith("line 3 column 11 (char 23)")
+    assert problem('{"id": 3, "text": "ok",}').endswith("line 1 column 23 (char 22)")
+    too_deep = problem("[" * settings.STATE_MAX_DEPTH + "]" * settings.STATE_MAX_DEPTH)
+    assert too_deep.startswith(f"state nests deeper than {settings.STATE_MAX_DEPTH} levels (at /docs/3/0/0/")
+    assert "/value" not in too_deep
+    assert Version.objects.filter(session=session).count() == 1
+
+
 def test_a_large_part_of_a_large_state_is_split_again(client, staff, team, monkeypatch):
     """A part above the whole-state limit (a 15 MB list of documents, under a 16 MB state) is not put
     in the page whole either: its own parts are offered (a listed number of them, the rest by path)."""
