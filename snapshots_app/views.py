@@ -370,7 +370,10 @@ def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
     # absent from every version, as if the value had never existed. Say so, and offer the path meant.
     problem = pointer and not pointer.startswith("/")
     points = selectors.path_history(session, pointer, before=before) if pointer and not problem else []
-    context = {**_base(session, role), "pointer": pointer, "points": points, "problem": problem,
+    # Older versions are there to show unless the oldest shown is the oldest kept (v1, or after a
+    # retention run the oldest it left: "Older versions" there led to an empty page).
+    older = bool(points) and selectors.version_before(session, points[0].number) is not None
+    context = {**_base(session, role), "pointer": pointer, "points": points, "problem": problem, "older": older,
                "changes": [(p, jsonview.preview(p.value)[0]) for p in reversed(points) if p.changed or p is points[0]],
                "chart": _chart(points)}
     return render(request, "snapshots_app/history.html", context, status=400 if problem else 200)

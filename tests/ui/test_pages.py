@@ -741,6 +741,28 @@ def test_path_history_of_a_path_without_its_leading_slash_says_so_instead_of_abs
     assert client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).status_code == 200
 
 
+def test_path_history_offers_older_versions_only_when_retention_left_some(client, viewer, story):
+    """After a retention run the oldest version kept is no longer v1: "Older versions" was offered
+    under it all the same, and led to an empty page."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from snapshots_app.compaction import compaction_run, retention_policy_set
+    from snapshots_app.services import version_label
+
+    version_label(version=Version.objects.get(session=story, number=2), label="keep")
+    retention_policy_set(project=story.project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction_run(project=story.project, now=timezone.now() + timedelta(days=1))
+    assert sorted(story.versions.values_list("number", flat=True)) == [2, 5]
+    client.force_login(viewer)
+    history = session_url(story, "snapshots:history")
+    page = client.get(history, {"path": "/counters/tokens"}).content.decode()
+    assert "v2\u2013v5 examined" in page and "Older versions" not in page
+    page = client.get(history, {"path": "/counters/tokens", "before": 5}).content.decode()
+    assert "v2\u2013v2 examined" in page and "Older versions" not in page
+
+
 def test_path_history_links_to_older_versions(client, viewer, team):
     from snapshots_app.selectors import HISTORY_WINDOW
 
