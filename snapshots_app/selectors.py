@@ -174,6 +174,13 @@ def timeline_page(session: WorkflowSession, *, before: int | None = None, limit:
     return _with_forks_out(session, version_list(session, before=before, limit=limit))
 
 
+def timeline_page_showing(session: WorkflowSession, number: int) -> int | None:
+    """The `before` of the timeline page that shows version `number` on top, or None if the newest
+    page shows it: where an action on the version, made without JavaScript, leads back to."""
+    newer = Version.objects.filter(session=session, number__gt=number).order_by("number").values_list("number", flat=True)
+    return number + 1 if list(newer[TIMELINE_PAGE - 1 : TIMELINE_PAGE]) else None
+
+
 def timeline_rows(session: WorkflowSession, numbers: Collection[int]) -> list[Version]:
     """The timeline rows of these versions of the session (those that still exist), newest first."""
     return _with_forks_out(session, list(session_versions(session).filter(number__in=list(numbers))))

@@ -549,7 +549,11 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         # A label edit answers with the label form still open, so the keyboard stays in it.
         return render(request, "snapshots_app/partials/_version_row.html",
                       {**_base(session, role), "v": version, "labeling": "label" in request.POST})
-    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"#v-{version.number}")
+    # Back to a timeline page that shows the version, whose row says what became of it (#v-N on the
+    # newest page led nowhere once the version was older than its 50 rows).
+    before = selectors.timeline_page_showing(session, version.number)
+    page = "" if before is None else f"?before={before}"
+    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"{page}#v-{version.number}")
 
 
 @login_required

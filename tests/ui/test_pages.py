@@ -426,6 +426,24 @@ def test_pin_and_label_from_the_timeline(client, operator, story):
     assert version.pinned and version.label == "good one"
 
 
+def test_a_pin_or_label_made_without_javascript_leads_to_a_timeline_page_that_shows_the_version(client, operator, team):
+    """The answer was the newest page at #v-N, which does not hold a version older than its 50 rows:
+    the operator saw neither the version nor what became of it."""
+    session = make_session(team, "long")
+    record_history(session, 60)
+    client.force_login(operator)
+    timeline = session_url(session)
+    for number, page in [(3, f"{timeline}?before=4"), (10, f"{timeline}?before=11"), (11, timeline), (60, timeline)]:
+        response = client.post(session_url(session, "snapshots:mark", number=number), {"pinned": "1"})
+        assert response.status_code == 302 and response["Location"] == f"{page}#v-{number}"
+        shown = client.get(response["Location"].split("#")[0]).content.decode()
+        row = re.search(rf'<li id="v-{number}".*?</li>', shown, re.S)
+        assert row and ">Unpin</button>" in row[0] and "📌 pinned" in row[0]
+    response = client.post(session_url(session, "snapshots:mark", number=5), {"label": "before the outage"}, follow=True)
+    row = re.search(r'<li id="v-5".*?</li>', response.content.decode(), re.S)
+    assert row and '<span class="badge label">before the outage</span>' in row[0]
+
+
 def test_pinning_a_version_pinned_meanwhile_changes_nothing_and_is_not_audited(client, operator, story):
     """A timeline opened before another operator pinned v3 still offers Pin: sending it answers with
     the row as it is (pinned), and the audit log keeps one pin."""
