@@ -7,6 +7,8 @@ from __future__ import annotations
 from django import forms
 
 from sessions_app.services import REASON_MAX
+from snapshots_app.models import TIMELINE_KINDS
+from snapshots_app.selectors import TimelineFilters
 from snapshots_app.services import METADATA_LIMITS
 
 
@@ -39,6 +41,27 @@ class ForkForm(forms.Form):
 class MarkForm(forms.Form):
     pinned = forms.ChoiceField(required=False, choices=[("0", "unpin"), ("1", "pin")])
     label = _text(METADATA_LIMITS["label"])
+
+
+class TimelineFilterForm(forms.Form):
+    """The timeline's filters, from its address (the filter form's GET, a shared link, the live
+    socket's URL). A checkbox sends "true" (the API's spelling); a kind that is not one of
+    TIMELINE_KINDS means any kind, as an unknown choice does in the session list: old links keep working."""
+
+    # The metaclass moves fields off the class, so this does not hide BaseForm.has_error(); mypy cannot know.
+    has_error = forms.BooleanField(required=False)  # type: ignore[assignment]
+    pinned = forms.BooleanField(required=False)
+    labelled = forms.BooleanField(required=False)
+    kind = forms.CharField(required=False)
+
+    def filters(self) -> TimelineFilters:
+        self.is_valid()  # (a field that is wrong, say a NUL byte in kind, leaves the others in cleaned_data)
+        data = self.cleaned_data
+        kind = data.get("kind") or ""
+        return TimelineFilters(
+            has_error=bool(data.get("has_error")), pinned=bool(data.get("pinned")), labelled=bool(data.get("labelled")),
+            kind=kind if kind in TIMELINE_KINDS else "",
+        )
 
 
 class DataFixForm(forms.Form):

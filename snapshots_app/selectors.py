@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 from django.db import connection
-from django.db.models import Max, Min, QuerySet
+from django.db.models import Max, Min, Q, QuerySet
+from django.utils.http import urlencode
 
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
@@ -167,16 +168,72 @@ def session_versions(session: WorkflowSession) -> QuerySet[Version]:
 TIMELINE_PAGE = 50
 HISTORY_WINDOW = 100
 
+_KIND_PLURALS: dict[str, str] = {VersionKind.REWIND: "rewinds", VersionKind.FORK: "forks", VersionKind.DATA_FIX: "data fixes"}
 
-def timeline_page(session: WorkflowSession, *, before: int | None = None, limit: int = TIMELINE_PAGE) -> list[Version]:
-    """Newest first by number (keyset on version_unique_number); each version carries `forks_out`:
-    the fork sessions started from it, fetched for the whole page in one query."""
-    return _with_forks_out(session, version_list(session, before=before, limit=limit))
+
+@dataclass(frozen=True)
+class TimelineFilters:
+    """Which versions a timeline shows: those with an error, pinned, labelled, of one of the kinds an
+    operator makes (TIMELINE_KINDS); every filter chosen at once. Each has a partial index of its own
+    (Version.Meta.indexes), so a page of them reads only versions it shows, however long the session."""
+
+    has_error: bool = False
+    pinned: bool = False
+    labelled: bool = False
+    kind: str = ""  # one of TIMELINE_KINDS, or "" for any
+
+    @property
+    def active(self) -> bool:
+        return self.has_error or self.pinned or self.labelled or bool(self.kind)
+
+    def condition(self) -> Q:
+        condition = Q()
+        if self.has_error:
+            condition &= ~Q(error="")
+        if self.pinned:
+            condition &= Q(pinned=True)
+        if self.labelled:
+            condition &= ~Q(label="")
+        if self.kind:
+            condition &= Q(kind=self.kind)
+        return condition
+
+    def matches(self, version: Version) -> bool:
+        """Whether the timeline shows `version` (condition(), for a version at hand: a live update's)."""
+        return ((not self.has_error or version.error != "") and (not self.pinned or version.pinned)
+                and (not self.labelled or version.label != "") and (not self.kind or version.kind == self.kind))
+
+    @property
+    def query(self) -> str:
+        """The filters as the timeline's address has them (its links, its live socket's), "" for none."""
+        params = [(name, "true") for name in ("has_error", "pinned", "labelled") if getattr(self, name)]
+        return urlencode([*params, *([("kind", self.kind)] if self.kind else [])])
+
+    @property
+    def described(self) -> str:
+        """What the timeline shows, as words: "pinned, labelled rewinds with an error"."""
+        marks = [word for word, chosen in (("pinned", self.pinned), ("labelled", self.labelled)) if chosen]
+        words = [", ".join(marks), _KIND_PLURALS.get(self.kind, "versions"), "with an error" if self.has_error else ""]
+        return " ".join(word for word in words if word)
+
+
+def timeline_page(
+    session: WorkflowSession, *, before: int | None = None, limit: int = TIMELINE_PAGE,
+    filters: TimelineFilters | None = None,
+) -> list[Version]:
+    """Newest first by number (keyset on version_unique_number, or a filter's own index); each version
+    carries `forks_out`: the fork sessions started from it, fetched for the whole page in one query."""
+    if filters is None or not filters.active:
+        return _with_forks_out(session, version_list(session, before=before, limit=limit))
+    queryset = session_versions(session).filter(filters.condition())
+    if before is not None:
+        queryset = queryset.filter(number__lt=before)
+    return _with_forks_out(session, list(queryset[:limit]))
 
 
 def timeline_page_showing(session: WorkflowSession, number: int) -> int | None:
-    """The `before` of the timeline page that shows version `number` on top, or None if the newest
-    page shows it: where an action on the version, made without JavaScript, leads back to."""
+    """The `before` of the (unfiltered) timeline page that shows version `number` on top, or None if
+    the newest page shows it: where an action on the version, made without JavaScript, leads back to."""
     newer = Version.objects.filter(session=session, number__gt=number).order_by("number").values_list("number", flat=True)
     return number + 1 if list(newer[TIMELINE_PAGE - 1 : TIMELINE_PAGE]) else None
 

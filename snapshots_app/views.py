@@ -28,8 +28,8 @@ from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
 from snapshots_app.diff import DiffResult
-from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm
-from snapshots_app.models import Version
+from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm
+from snapshots_app.models import TIMELINE_KINDS, Version
 
 DIFF_SHOWN = 500
 # htmx error answers are text (static/js/app.js shows them with textContent): as text/html, a form
@@ -127,16 +127,22 @@ def _base(session: WorkflowSession, role: str) -> dict[str, Any]:
 def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     before = _int(request.GET.get("before"))
-    versions = selectors.timeline_page(session, before=before)
+    filters = TimelineFilterForm(request.GET).filters()
+    versions = selectors.timeline_page(session, before=before, filters=filters)
     context = {
         **_base(session, role),
         "versions": versions,
         "before": before,
         "next_before": versions[-1].number if len(versions) == selectors.TIMELINE_PAGE else None,
+        "filters": filters,
+        "kinds": [(kind, selectors.TimelineFilters(kind=kind).described) for kind in TIMELINE_KINDS],
         "problems": selectors.integrity_problems(session),
         "forked_from": _forked_from(session),
     }
-    return render_fragment(request, "snapshots_app/session.html", "snapshots_app/partials/_timeline_rows.html", context)
+    # htmx asks for the rows of an older page ("Older versions": `before`), or for the whole timeline,
+    # socket included, when the filters change (the filter form).
+    fragment = "snapshots_app/partials/_timeline_rows.html" if before is not None else "snapshots_app/partials/_timeline.html"
+    return render_fragment(request, "snapshots_app/session.html", fragment, context)
 
 
 def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:
@@ -549,8 +555,9 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         # A label edit answers with the label form still open, so the keyboard stays in it.
         return render(request, "snapshots_app/partials/_version_row.html",
                       {**_base(session, role), "v": version, "labeling": "label" in request.POST})
-    # Back to a timeline page that shows the version, whose row says what became of it (#v-N on the
-    # newest page led nowhere once the version was older than its 50 rows).
+    # Back to a timeline page that shows the version, whose row says what became of it: the newest page
+    # (#v-N led nowhere once the version was older than its 50 rows), unfiltered (a filter it left,
+    # unpinned on "pinned", would hide it).
     before = selectors.timeline_page_showing(session, version.number)
     page = "" if before is None else f"?before={before}"
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"{page}#v-{version.number}")

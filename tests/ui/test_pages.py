@@ -198,6 +198,100 @@ def test_timeline_query_count_does_not_grow_with_versions(client, operator, team
         client.get(session_url(session))
 
 
+def _marked_history(team):
+    """130 versions, the even ones with an error; v3 and v4 pinned, v10 labelled; then a rewind (v131)."""
+    from snapshots_app.services import snapshot_rewind, version_label, version_pin
+
+    session = make_session(team, "marked")
+    for number in range(1, 131):
+        snapshot_record(session=session, state={"n": number}, step=f"step-{number}",
+                        error="TimeoutError: tool did not answer" if number % 2 == 0 else None)
+    for number in (3, 4):
+        version_pin(version=Version.objects.get(session=session, number=number), pinned=True)
+    version_label(version=Version.objects.get(session=session, number=10), label="last good")
+    snapshot_rewind(session=session, to_version=10, reason="tool outage")
+    session.refresh_from_db()
+    return session
+
+
+def _rows(page: str) -> list[int]:
+    return [int(number) for number in re.findall(r'<li id="v-(\d+)"', page)]
+
+
+def test_timeline_filters_show_only_the_versions_asked_for_and_say_when_there_are_none(client, viewer, team):
+    session = _marked_history(team)
+    client.force_login(viewer)
+
+    def shown(**query):
+        response = client.get(session_url(session), query)
+        assert response.status_code == 200
+        return response.content.decode()
+
+    assert _rows(shown(pinned="true")) == [4, 3]
+    assert _rows(shown(labelled="true")) == [10]
+    assert _rows(shown(kind="rewind")) == [131]
+    assert _rows(shown(pinned="true", has_error="true")) == [4]  # every filter chosen, at once
+    page = shown(has_error="true")
+    assert _rows(page) == list(range(130, 30, -2))
+    # The form says what is shown (a shared link opens with its boxes ticked), and leads back to everything.
+    assert re.search(r'name="has_error" value="true" id="filter-has-error" checked', page)
+    assert not re.search(r'name="pinned" value="true" id="filter-pinned" checked', page)
+    assert "· versions with an error</span>" in page and f'href="{session_url(session)}" id="all-versions"' in page
+    assert '<option value="rewind" selected>' in shown(kind="rewind")
+    # Nothing matches: the timeline says so in the filters' words (not "No versions yet").
+    for query, empty in [({"kind": "fork"}, "No forks."), ({"pinned": "true", "labelled": "true"}, "No pinned, labelled versions."),
+                         ({"kind": "data_fix", "has_error": "true"}, "No data fixes with an error.")]:
+        page = shown(**query)
+        assert _rows(page) == [] and f'<li class="empty">{empty}</li>' in page and "No versions yet" not in page
+    # A kind the filter does not offer (an engine's step, a typo) is any kind, as an old link should read.
+    unfiltered = shown()
+    assert _rows(shown(kind="step")) == _rows(unfiltered) == list(range(131, 81, -1))
+    assert 'id="all-versions"' not in unfiltered and "Older versions" in unfiltered
+
+
+def test_older_versions_of_a_filtered_timeline_keep_its_filter(client, viewer, team):
+    """"Older versions" (loaded by htmx as it scrolls into view, or followed as a link without
+    JavaScript) goes on with the versions the filter shows, and its page says so."""
+    session = _marked_history(team)
+    client.force_login(viewer)
+    first = client.get(session_url(session), {"has_error": "true"}).content.decode()
+    more = re.search(r'<li class="more"><a href="([^"]+)"', first)[1].replace("&amp;", "&")
+    assert more == f"{session_url(session)}?has_error=true&before=32"
+    rows = client.get(more, HTTP_HX_REQUEST="true").content.decode()
+    assert _rows(rows) == list(range(30, 0, -2)) and "<html" not in rows and "Older versions" not in rows
+    page = client.get(more).content.decode()
+    assert _rows(page) == list(range(30, 0, -2)) and "Versions with an error before v32." in page
+    assert f'<a href="{session_url(session)}?has_error=true">Newest versions</a>' in page
+    # The link app.js puts below a busy live timeline's kept rows continues with the filter as well.
+    template = re.search(r'<template id="timeline-more">.*?</template>', first, re.S)[0]
+    assert f'href="{session_url(session)}?has_error=true&amp;before="' in template
+    assert "No pinned versions before v3." in client.get(session_url(session), {"pinned": "true", "before": 3}).content.decode()
+
+
+def test_the_filter_form_swaps_in_the_timeline_and_its_socket_with_the_filter(client, viewer, team):
+    """With htmx the filter form asks for the timeline without `before`: the section comes back whole,
+    its live socket's address carrying the filter (so new versions it would not show stay out)."""
+    session = _marked_history(team)
+    client.force_login(viewer)
+    fragment = client.get(session_url(session), {"pinned": "true", "kind": ""}, HTTP_HX_REQUEST="true").content.decode()
+    assert "<html" not in fragment and fragment.strip().startswith('<section class="timeline-wrap" id="timeline-section"')
+    assert f'ws-connect="/ws/sessions/{session.pk}/?shown=131&amp;pinned=true"' in fragment
+    assert _rows(fragment) == [4, 3]
+    page = client.get(session_url(session)).content.decode()
+    assert f'ws-connect="/ws/sessions/{session.pk}/?shown=131"' in page
+
+
+def test_a_filtered_timeline_costs_the_queries_of_an_unfiltered_one(client, operator, team, django_assert_num_queries):
+    session = make_session(team, "counted")
+    for number in range(1, 8):
+        snapshot_record(session=session, state={"n": number}, error="boom" if number % 2 else None)
+    client.force_login(operator)
+    client.get(session_url(session))
+    # django session, user, session, role, versions, forks, integrity problems
+    with django_assert_num_queries(7):
+        assert _rows(client.get(session_url(session), {"has_error": "true"}).content.decode()) == [7, 5, 3, 1]
+
+
 def test_lineage_shows_rewind_source_and_forks(client, operator, story):
     from snapshots_app.services import snapshot_fork, snapshot_rewind
 
