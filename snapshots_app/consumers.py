@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from django.http import QueryDict
 from django.template.loader import render_to_string
 
 from sessions_app import events
@@ -18,7 +19,8 @@ from sessions_app.consumers import LiveConsumer
 from sessions_app.errors import NotFound
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import membership_role, role_allows, session_for_member
-from snapshots_app.selectors import TIMELINE_PAGE, integrity_problems, timeline_page, timeline_rows
+from snapshots_app.forms import TimelineFilterForm
+from snapshots_app.selectors import TIMELINE_PAGE, TimelineFilters, integrity_problems, timeline_page, timeline_rows
 
 ROW = "snapshots_app/partials/_version_row.html"
 
@@ -28,6 +30,10 @@ class SessionTimelineConsumer(LiveConsumer):
     # The newest version whose row the page has: the page's head when it was rendered (`?shown=`),
     # then each new version's as it is sent.
     shown: int = 0
+    # What the page shows (its filters, carried by the socket's address as by the page's): new versions
+    # it would not show are left out. Rows it has are redrawn whatever they become (a row that stops
+    # matching stays, as it is now: it is the one the operator may be acting on).
+    filters: TimelineFilters = TimelineFilters()
 
     async def authorise(self, user: Any) -> str | None:
         session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
@@ -35,8 +41,10 @@ class SessionTimelineConsumer(LiveConsumer):
         if head is None:
             return None
         self.session_id = session_id
-        shown = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get("shown", [""])[0]
+        query = self.scope.get("query_string", b"").decode("latin-1")
+        shown = parse_qs(query).get("shown", [""])[0]
         self.shown = min(int(shown), head) if shown.isdigit() else head
+        self.filters = TimelineFilterForm(QueryDict(query)).filters()
         return events.session_group(session_id)
 
     @database_sync_to_async
@@ -101,10 +109,13 @@ class SessionTimelineConsumer(LiveConsumer):
             rows = timeline_page(session, before=number + 1, limit=count + below)
             fresh = [version for version in rows if version.number > number - count]
             if event == "version.created":
+                matching = [version for version in fresh if self.filters.matches(version)]
                 # Delete first: a page loaded just after the commit already shows these rows.
-                parts += [f'<li id="v-{version.number}" hx-swap-oob="delete"></li>' for version in fresh]
-                new_rows = "".join(render_to_string(ROW, {**context, "v": version, "fresh": True}) for version in fresh)
-                parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{new_rows}</ol>')
+                parts += [f'<li id="v-{version.number}" hx-swap-oob="delete"></li>' for version in matching]
+                if matching:
+                    new_rows = "".join(render_to_string(ROW, {**context, "v": version, "fresh": True})
+                                       for version in matching)
+                    parts.append(f'<ol hx-swap-oob="afterbegin:#timeline">{new_rows}</ol>')
                 self.shown = max(self.shown, number)
                 fresh_numbers = {version.number for version in fresh}
                 parts += [render_to_string(ROW, {**context, "v": version, "oob": True})

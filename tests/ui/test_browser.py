@@ -361,6 +361,68 @@ def test_a_busy_sessions_open_timeline_keeps_its_newest_rows(server, browser):
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def _flaky_story():
+    """A session of 120 versions whose even ones failed: 60 with an error, more than a timeline page."""
+    operator = make_user("olga")
+    project = make_project("acme")
+    membership_set(project=project, user=operator, role=Role.OPERATOR)
+    session = make_session(project, "flaky", workflow="research")
+    for number in range(1, 121):
+        snapshot_record(session=session, state={"n": number}, step=f"step-{number}",
+                        error="TimeoutError: tool did not answer" if number % 2 == 0 else None)
+    return session
+
+
+def _timeline_numbers(page) -> list[int]:
+    return [int(row.split("-")[1]) for row in page.eval_on_selector_all("#timeline > li.vrow", "rows => rows.map(r => r.id)")]
+
+
+def test_filtering_the_timeline_keeps_the_filter_through_its_address_older_pages_and_live_versions(server, browser):
+    """At 3 a.m., the versions that failed: ticking "with an error" narrows the timeline in place (the
+    address follows, to share or reload), "Older versions" goes on with the filter, and a new version
+    slides in only if it failed too."""
+    session = off_loop(_flaky_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    _wait_for_socket(page, ".timeline-wrap")
+    page.evaluate("() => { window.sameDocument = true; }")
+    page.check("#filter-has-error")
+    page.wait_for_function("() => new URLSearchParams(location.search).get('has_error') === 'true'", timeout=5_000)
+    page.wait_for_function("() => !document.querySelector('#timeline > li#v-119')", timeout=5_000)
+    assert _timeline_numbers(page) == list(range(120, 20, -2))
+    assert page.evaluate("window.sameDocument") is True  # swapped in by htmx, not a page load
+    assert page.evaluate("document.activeElement.id") == "filter-has-error"
+    assert page.locator("#timeline-section h2").inner_text() == "Timeline · versions with an error"
+    for _ in range(10):
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        if len(_timeline_numbers(page)) == 60:
+            break
+        page.wait_for_timeout(500)
+    assert _timeline_numbers(page) == list(range(120, 0, -2)) and page.locator("#timeline li.more").count() == 0
+
+    _wait_for_socket(page, ".timeline-wrap")  # the swapped-in timeline's own socket, which carries the filter
+    off_loop(snapshot_record, session=session, state={"n": 121}, step="step-121")
+    off_loop(snapshot_record, session=session, state={"n": 122}, step="step-122", error="TimeoutError: again")
+    page.wait_for_selector("#timeline > li#v-122", timeout=5_000)
+    page.wait_for_timeout(500)
+    assert _timeline_numbers(page)[:2] == [122, 120] and page.locator("#v-121").count() == 0
+
+    page.reload()  # the address is the filtered timeline: shared, it opens as it was
+    assert page.is_checked("#filter-has-error") and _timeline_numbers(page)[:3] == [122, 120, 118]
+    page.check("#filter-labelled")
+    empty = "#timeline > li.empty:text-is('No labelled versions with an error.')"
+    page.wait_for_selector(empty, timeout=5_000)
+    _wait_for_socket(page, ".timeline-wrap")
+    off_loop(snapshot_record, session=session, state={"n": 123}, step="step-123", error="TimeoutError", label="look here")
+    page.wait_for_selector("#timeline > li#v-123", timeout=5_000)
+    assert not page.is_visible(empty)  # the first version it shows arrives above its empty notice, which goes
+    page.click("#all-versions")
+    page.wait_for_selector("#timeline > li#v-121")
+    assert not page.is_checked("#filter-has-error") and "has_error" not in page.url
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
 def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_page(server, browser):
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label

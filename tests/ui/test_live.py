@@ -185,6 +185,42 @@ def test_more_missed_versions_than_a_page_reload_the_page_instead_of_leaving_a_g
     assert "afterbegin:#timeline" not in html
 
 
+def _inserted(messages: list[str]) -> set[int]:
+    """The versions whose rows these messages put on top of the timeline (not those redrawn in place)."""
+    blocks = [block for message in messages for block in re.findall(r'hx-swap-oob="afterbegin:#timeline">(.*?)</ol>', message, re.S)]
+    return {int(number) for block in blocks for number in re.findall(r'<li id="v-(\d+)"', block)}
+
+
+def test_a_filtered_timeline_gets_only_the_new_versions_it_shows(setup):
+    """A timeline showing versions with an error had every new version slide in, errors or not. Its
+    socket carries the page's filters: new versions it would not show stay out, those it would show
+    come in (the rows it missed before its socket joined too)."""
+    owner, _, _, _, session = setup
+    for number in range(1, 4):  # v2 and v3 after the pages were rendered (?shown=1), before their sockets joined
+        _record(session, {"n": number}, error="boom" if number == 3 else None)
+    background.drain(5)
+
+    async def listen(client: WebsocketClient) -> list[str]:
+        messages = []
+        while not await client.receive_nothing(timeout=1):
+            messages.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return messages
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        errors, everything = (communicator(f"/ws/sessions/{session.pk}/?shown=1&has_error=true", owner),
+                              communicator(f"/ws/sessions/{session.pk}/?shown=1", owner))
+        assert (await errors.connect(timeout=5))[0] and (await everything.connect(timeout=5))[0]
+        for number in range(4, 7):
+            await asyncio.to_thread(_record, session, {"n": number}, error="boom" if number == 5 else None)
+        await asyncio.to_thread(background.drain, 5)
+        return await listen(errors), await listen(everything)
+
+    errors, everything = run(scenario)
+    assert _inserted(everything) == {2, 3, 4, 5, 6}
+    assert _inserted(errors) == {3, 5}
+
+
 def _record(session, state, **kwargs):
     from django.db import close_old_connections
 
