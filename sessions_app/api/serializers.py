@@ -12,7 +12,7 @@ from rest_framework import serializers
 from sessions_app.errors import InvalidState
 from sessions_app.models import ApiKey, AuditEvent, Project, SessionStatus, WorkflowSession
 from sessions_app.selectors import CreatorStatus
-from sessions_app.services import MAX_TAGS, api_key_clean_expiry, clean_metadata
+from sessions_app.services import MAX_TAGS, api_key_clean_expiry, clean_metadata, require_reason
 
 TAG_PATTERN = r"^[\w.:\-/ ]{1,64}$"
 
@@ -89,7 +89,11 @@ class InputSerializer(serializers.Serializer):
                 raise serializers.ValidationError(
                     {name[:100]: [f"Unknown field; this accepts {', '.join(sorted(writable))}."] for name in unknown[:20]}
                 )
-        return super().to_internal_value(data)
+        value = super().to_internal_value(data)
+        for field in self.fields.values():
+            if isinstance(field, RequiredReasonField):  # once the rest is valid, before anything is acted on
+                require_reason(value.get(field.source, ""))
+        return value
 
 
 def plain_text(**kwargs: Any) -> serializers.CharField:
@@ -97,9 +101,11 @@ def plain_text(**kwargs: Any) -> serializers.CharField:
 
 
 class RequiredReasonField(StrictCharField):
-    """The `reason` of an audited action that must say why (rewind, fork, resolve). Missing or blank,
-    the service answers 400 reason_required (not the serializer's invalid_request), so the field is
-    optional here; the schema marks it required, non-empty (see ProblemAutoSchema)."""
+    """The `reason` of an audited action that must say why (rewind, fork, resolve). Missing or blank, it
+    is 400 reason_required, the services' answer (not the serializer's invalid_request), so the field
+    is optional here; InputSerializer raises it once the body is otherwise valid, before the request is
+    judged further (a stale If-Match was 412 for a rewind that had no reason). The schema marks it
+    required, non-empty (see ProblemAutoSchema)."""
 
 
 def required_reason(*, max_length: int, help_text: str) -> serializers.CharField:

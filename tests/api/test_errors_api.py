@@ -81,6 +81,21 @@ def test_bad_input_gets_a_problem_and_stores_nothing(project, session, tail, bod
     assert (session.head_number, session.status, session.archived_at) == (1, "running", None)
 
 
+@pytest.mark.parametrize("body", [{"to_version": 1}, {"to_version": 1, "reason": " "}])
+def test_a_rewind_without_a_reason_is_400_whatever_its_if_match_says(project, session, body):
+    """A request that is invalid anyway is 400, not 412 for a stale If-Match judged before its body
+    (HTTP: preconditions are ignored when the request would fail otherwise)."""
+    from tests.api.conftest import key_client
+
+    client = key_client(project, "write")
+    snapshot_record(session=session, state={"a": 1})
+    before = counts()
+    for if_match in ('"stale"', '"*"'):
+        response = client.post(f"/api/v1/sessions/{session.pk}/rewind/", body, format="json", HTTP_IF_MATCH=if_match)
+        assert response.status_code == 400 and response.json()["code"] == "reason_required", response.content
+    assert counts() == before
+
+
 @pytest.mark.parametrize("raw", ["{not json", '{"state": NaN}', '{"state": {"x": Infinity}}', "[]", "",
                                  '{"state": {"big": 18446744073709551616}}', '{"state": {"n": -9223372036854775809}}'])
 def test_unparseable_bodies(writer, session, raw):
