@@ -40,6 +40,9 @@ class ApiView(generics.GenericAPIView):
     # The query parameters a read (GET, HEAD) of this view takes besides ?format= (a list's filters and
     # page need not be named): any other is a 400 naming it, before the read is done.
     query_params: tuple[str, ...] = ()
+    # Those a write takes, per method (a session delete's ?reason=): any other is a 400 naming it too.
+    # Ignored, ?expected_version=3 on a snapshot skipped the check the caller asked for.
+    write_query_params: Mapping[str, tuple[str, ...]] = {}
 
     def least_role(self, method: str) -> str:
         return self.least_roles.get(method, Role.VIEWER if method in SAFE_METHODS else Role.OPERATOR)
@@ -59,9 +62,13 @@ class ApiView(generics.GenericAPIView):
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
-        if request.method in ("GET", "HEAD") and hasattr(self, request.method.lower()):  # (else 405)
+        method = request.method or ""
+        if method in ("GET", "HEAD") and hasattr(self, method.lower()):  # (else 405)
             refuse_unknown_query_params(request, self.query_params_taken(),
                                         what="this list" if self.lists() else "this endpoint")
+        elif method != "OPTIONS" and hasattr(self, method.lower()):
+            refuse_unknown_query_params(request, self.write_query_params.get(method, ()),
+                                        what=f"a {method} here", write=True)
         if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower() and not request.META.get("CONTENT_LENGTH"):
             # DRF reads a body without a Content-Length as empty: a write would be judged on no input.
             raise LengthRequired()

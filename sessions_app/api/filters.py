@@ -92,7 +92,7 @@ def range_params(field: str, noun: str) -> list[Param]:
 LIST_QUERY_PARAMS = frozenset({"cursor", "limit", "format"})
 
 
-def refuse_unknown_query_params(request: Request, taken: Collection[str], *, what: str) -> None:
+def refuse_unknown_query_params(request: Request, taken: Collection[str], *, what: str, write: bool = False) -> None:
     """A query parameter the endpoint does not take (DRF's ?format= it always takes) is a 400 naming it,
     as an unknown body field is: ignored, a misspelt filter (?stauts=failed) answered the whole list,
     and a script acting on each result acted on every one; a misspelt ?structual_strings=false on a
@@ -101,6 +101,8 @@ def refuse_unknown_query_params(request: Request, taken: Collection[str], *, wha
     if unknown:
         listed = ", ".join(sorted(set(taken) - {"format"}))
         takes = f"takes {listed}" if listed else "takes no query parameters"
+        if write:
+            takes += " (a write's input goes in its JSON body)"
         raise exceptions.ValidationError(
             {name[:100]: [f"Unknown query parameter; {what} {takes}."] for name in unknown[:20]}
         )

@@ -140,6 +140,7 @@ class SessionList(mixins.ListModelMixin, ApiView):
 class SessionDetail(ApiView):
     serializer_class = SessionSerializer
     least_roles = {"DELETE": Role.ADMIN}
+    write_query_params = {"DELETE": ("reason",)}
 
     @extend_schema(operation_id="sessions_retrieve", parameters=[SESSION_ID])
     def get(self, request: Request, id: str) -> Response:

@@ -256,6 +256,7 @@ class ExportCreate(ApiView):
 
 class ImportCreate(ApiView):
     serializer_class = JobSerializer
+    write_query_params = {"POST": ("project",)}  # (the body is the file)
     parser_classes = [NdjsonParser]
 
     def body_limit(self) -> int | None:
@@ -401,6 +402,7 @@ class ScrubSerializer(InputSerializer):
 
 class IntegrityScrub(ApiView):
     serializer_class = JobSerializer
+    write_query_params = {"POST": ("project",)}  # (it needs no body)
 
     @extend_schema(operation_id="integrity_scrub_create", parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
                    request=ScrubSerializer, responses={202: JobSerializer},

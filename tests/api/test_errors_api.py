@@ -465,3 +465,34 @@ def test_every_read_refuses_a_query_parameter_it_does_not_take_and_takes_those_i
             value = {"to_session": str(session.pk), "ordering": "-number"}.get(name, "1")
             answer = admin_key.get(path, {name: value})
             assert "Unknown query parameter" not in answer.content.decode(), (template, name, answer.content)
+
+
+def test_every_write_refuses_a_query_parameter_it_does_not_take_and_stores_nothing(project, admin_key, session):
+    """A write's input goes in its body: ?expected_version=3 on a snapshot was ignored, so the check the
+    caller asked for was skipped and the write made. Each POST, PUT, PATCH and DELETE the schema lists
+    answers 400 invalid_request naming such a parameter, and writes nothing; none refuses as unknown a
+    parameter the schema documents for it (a session delete's ?reason=, an import's ?project=)."""
+    snapshot_record(session=session, state={"a": 1})
+    values = {"id": str(session.pk), "number": "1", "slug": project.slug, "job_id": "1", "problem_id": "1",
+              "key_id": str(ApiKey.objects.get(project=project).pk)}
+    schema = admin_key.get("/api/v1/schema/?format=json").json()
+    writes = [(method, path, operation) for path, item in schema["paths"].items()
+              for method, operation in item.items() if method in ("post", "put", "patch", "delete")]
+    assert len(writes) >= 15
+    before = counts()
+    for method, template, operation in writes:
+        path = template.format(**values)
+        refused = getattr(admin_key, method)(f"{path}?expected_version=1", {}, format="json")
+        assert refused.status_code == 400, (method, template, refused.content)
+        problem = refused.json()
+        assert problem["code"] == "invalid_request" and list(problem["errors"]) == ["expected_version"], template
+        assert "goes in its JSON body" in problem["detail"], template
+    snapshot = admin_key.post(f"/api/v1/sessions/{session.pk}/versions/?expected_version=0", {"state": {"a": 2}},
+                              format="json")
+    assert snapshot.status_code == 400
+    assert counts() == before
+    for method, template, operation in sorted(writes, key=lambda write: write[0] == "delete"):  # (these may act)
+        documented = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
+        for name in documented:
+            answer = getattr(admin_key, method)(f"{template.format(**values)}?{name}=x", {}, format="json")
+            assert "Unknown query parameter" not in answer.content.decode(), (method, template, name)
