@@ -480,7 +480,7 @@ def test_every_write_refuses_a_query_parameter_it_does_not_take_and_stores_nothi
               for method, operation in item.items() if method in ("post", "put", "patch", "delete")]
     assert len(writes) >= 15
     before = counts()
-    for method, template, operation in writes:
+    for method, template, _operation in writes:
         path = template.format(**values)
         refused = getattr(admin_key, method)(f"{path}?expected_version=1", {}, format="json")
         assert refused.status_code == 400, (method, template, refused.content)

@@ -4,7 +4,6 @@ stored) whatever would leave it none, whoever calls them (the admin, a command, 
 from __future__ import annotations
 
 import threading
-import time
 from io import StringIO
 
 import pytest
@@ -22,6 +21,7 @@ from sessions_app.services import (
     users_delete,
 )
 from tests.factories import make_project, make_user
+from tests.locks import someone_waits_on_a_lock
 
 User = get_user_model()
 
@@ -118,16 +118,7 @@ def test_two_admins_removing_each_other_at_once_leave_the_project_one():
     with transaction.atomic():
         membership_remove(membership=Membership.objects.get(user=alice))
         racer.start()
-        deadline = time.monotonic() + 20
-        with connection.cursor() as cursor:
-            while racer.is_alive() and time.monotonic() < deadline:
-                cursor.execute("SELECT pg_stat_clear_snapshot()")  # (else one snapshot for the whole transaction)
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
-                if cursor.fetchone()[0]:
-                    break
-                time.sleep(0.02)
-        assert racer.is_alive(), "the second removal did not wait for the first"
+        assert someone_waits_on_a_lock(racer), "the second removal did not wait for the first"
     racer.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], LastAdmin)
     assert list(Membership.objects.values_list("user__username", "role")) == [("bob", "admin")]

@@ -6,7 +6,6 @@ import html
 import json
 import re
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
@@ -25,6 +24,7 @@ from snapshots_app.models import IntegrityProblem, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.conftest import clear_cache
 from tests.factories import make_project, make_session, make_user
+from tests.locks import someone_waits_on_a_lock
 from tests.ui.conftest import record_history
 
 User = get_user_model()
@@ -1072,16 +1072,7 @@ def deleted_while_saving(delete: Callable[[], object], save: Callable[[], object
     with transaction.atomic():
         delete()
         thread.start()
-        deadline = time.monotonic() + 20
-        with connection.cursor() as cursor:
-            while thread.is_alive() and time.monotonic() < deadline:
-                cursor.execute("SELECT pg_stat_clear_snapshot()")  # (else one snapshot for the whole transaction)
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                               "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
-                if cursor.fetchone()[0]:
-                    break
-                time.sleep(0.02)
-        assert thread.is_alive(), "the save did not wait for the row: the race was not run"
+        assert someone_waits_on_a_lock(thread), "the save did not wait for the row: the race was not run"
     thread.join(60)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

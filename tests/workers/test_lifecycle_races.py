@@ -6,7 +6,6 @@ transaction open until the second is seen waiting on a lock, so the interleaving
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,25 +18,16 @@ from sessions_app.services import session_delete
 from snapshots_app.compaction import _Remover, _retention_apply_session, retention_policy_set
 from snapshots_app.models import StateNode, Version
 from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind, version_label, version_pin
+from tests.locks import someone_waits_on_a_lock
 from tests.workers.builders import bulky_state, read_all, record_history
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def _someone_waits_on_a_lock(finished: threading.Thread, timeout: float = 20) -> None:
-    """Return once another connection of this database waits for a lock (the racing call is blocked),
-    or the racing call `finished` without waiting for one."""
-    deadline = time.monotonic() + timeout
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline and finished.is_alive():
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0]:
-                return
-            time.sleep(0.02)
-    assert not finished.is_alive(), "the racing call is stuck, and not on a lock"
+    """Return once the racing call is blocked on a lock, or `finished` without waiting for one."""
+    if not someone_waits_on_a_lock(finished, timeout):
+        assert not finished.is_alive(), "the racing call is stuck, and not on a lock"
 
 
 def _race(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
