@@ -833,3 +833,22 @@ def test_readme_screenshots(server, browser):
     page.goto(f"{server}/sessions/{rag.pk}/diff/?from=1&to=3&mode=side")
     page.wait_for_selector("ol.changes")
     page.screenshot(path=str(ROOT / "static/docs/diff.png"), full_page=True)
+
+
+def test_a_long_error_scrolls_in_its_box_and_leaves_the_state_on_the_first_screen(server, browser):
+    """A 200-line traceback on a version's page pushed its state below the fold: the operator who opened
+    the failed version to see what it held saw only the error."""
+    session = off_loop(_operator_story)
+    traceback = "Traceback (most recent call last):\n" + "".join(f'  File "step.py", line {n}, in run\n' for n in range(200))
+    version = off_loop(snapshot_record, session=session, state={"x": 1}, status="failed", error=traceback + "KeyError: 'q'")
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/v/{version.number}/")
+    box = page.locator("pre.verror")
+    assert page.locator("#state-q").bounding_box()["y"] < 900 - 50  # the search and the state start on screen
+    assert box.evaluate("el => el.scrollHeight > el.clientHeight")  # the rest is there, scrolled to
+    box.focus()
+    page.keyboard.press("End")
+    page.wait_for_function("() => { const el = document.querySelector('pre.verror');"
+                           " return el.scrollTop + el.clientHeight >= el.scrollHeight - 2; }", timeout=3_000)
+    assert "KeyError: 'q'" in box.inner_text()
+    assert page.errors == []  # type: ignore[attr-defined]
