@@ -57,7 +57,14 @@
   // form, who is then told instead.
   // The same goes for a live event that changes the page as a whole (a session archived by someone else).
   var edited = false;
-  document.addEventListener("input", function () { edited = true; });
+  document.addEventListener("input", function (event) {
+    // A filter that applies as soon as it is chosen (a box ticked, an option picked in a form whose
+    // address follows it) loses nothing to a reload: the address carries it. Text is typed, not applied.
+    var field = event.target;
+    var chosen = field.type === "checkbox" || field.type === "radio" || field.type === "date" || field.tagName === "SELECT";
+    if (chosen && field.form && field.form.getAttribute("hx-push-url") === "true") return;
+    edited = true;
+  });
 
   function reloadOrTell(live, message) {
     if (!edited) {

@@ -852,3 +852,20 @@ def test_a_long_error_scrolls_in_its_box_and_leaves_the_state_on_the_first_scree
                            " return el.scrollTop + el.clientHeight >= el.scrollHeight - 2; }", timeout=3_000)
     assert "KeyError: 'q'" in box.inner_text()
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_filtered_timeline_whose_socket_came_back_reloads_with_its_filter(server, browser):
+    """Ticking a filter is not typing: the page's address carries it, so a reconnect reloads the page as
+    it does unfiltered, filter kept, instead of asking for a reload as it must while a reason is typed."""
+    session, page = _live_timeline(server, browser)
+    page.check("#filter-has-error")
+    page.wait_for_function("() => new URLSearchParams(location.search).get('has_error') === 'true'", timeout=5_000)
+    _wait_for_socket(page, ".timeline-wrap")
+    page.evaluate("() => { window.beforeDrop = true; }")
+    server.stop(kill=True)
+    off_loop(snapshot_record, session=session, state={"x": 6}, step="while-away", error="KeyError: 'q'")
+    server.start()
+    page.wait_for_selector("#timeline > li#v-6", timeout=10_000)
+    assert page.evaluate("window.beforeDrop") is None and page.locator("#reconnected").count() == 0  # reloaded
+    assert page.is_checked("#filter-has-error") and page.locator("#timeline > li.vrow").count() == 1
+    assert page.errors == []  # type: ignore[attr-defined]
