@@ -610,10 +610,13 @@ def memberships_remove(*, memberships: list[Membership], actor: User = None, act
     """Take these members out of their projects, all or none: LastAdmin, nothing changed, if that
     would leave a project without an admin (even when each alone would not). Each removal audited."""
     _members_lock(membership.project_id for membership in memberships)
-    _refuse(memberships_removal_refused(memberships=Membership.objects.filter(pk__in=[m.pk for m in memberships])))
-    for membership in memberships:
+    present = Membership.objects.filter(pk__in=[membership.pk for membership in memberships])
+    _refuse(memberships_removal_refused(memberships=present))
+    # Audited as they are now, under the lock: one another admin removed meanwhile is not recorded as
+    # removed twice, and a role changed meanwhile is recorded as it was when removed.
+    for membership in present.select_related("project", "user"):
         membership_removal_audit(membership=membership, actor=actor, actor_label=actor_label)
-    Membership.objects.filter(pk__in=[membership.pk for membership in memberships]).delete()
+    present.delete()
 
 
 def user_delete(*, user: Any, actor: User = None, actor_label: str = "") -> None:

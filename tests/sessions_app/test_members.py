@@ -63,6 +63,22 @@ def test_the_last_admin_is_neither_demoted_removed_nor_deleted_and_nothing_is_st
     assert AuditEvent.objects.filter(action="membership.remove", details__user="alice").exists()
 
 
+def test_a_member_another_admin_removed_or_changed_meanwhile_is_recorded_as_it_was_once(acme, alice):
+    """Two admins remove bob from pages opened before either acted: the audit log said he was removed
+    twice, and with the role the page had read, not the one he had."""
+    bob, carol = make_user("bob"), make_user("carol")
+    membership_set(project=acme, user=bob, role=Role.OPERATOR)
+    membership_set(project=acme, user=carol, role=Role.VIEWER)
+    read_by_first, read_by_second = (list(Membership.objects.filter(user__in=[bob, carol]).order_by("user__username"))
+                                     for _ in range(2))
+    membership_set(project=acme, user=carol, role=Role.OPERATOR)  # changed after both pages were read
+    memberships_remove(memberships=read_by_first)
+    memberships_remove(memberships=read_by_second)
+    removals = list(AuditEvent.objects.filter(action="membership.remove").values_list("details__user", "details__role"))
+    assert sorted(removals) == [("bob", "operator"), ("carol", "operator")]
+    assert list(Membership.objects.filter(project=acme).values_list("user__username", flat=True)) == ["alice"]
+
+
 def test_an_admin_whose_account_is_deactivated_does_not_count(acme, alice):
     dormant = make_user("dora")
     membership_set(project=acme, user=dormant, role=Role.ADMIN)
