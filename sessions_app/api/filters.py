@@ -101,8 +101,8 @@ def refuse_unknown_query_params(request: Request, taken: Collection[str], *, wha
     if unknown:
         listed = ", ".join(sorted(set(taken) - {"format"}))
         takes = f"takes {listed}" if listed else "takes no query parameters"
-        if write:
-            takes += " (a write's input goes in its JSON body)"
+        if write and not listed:
+            takes += " (its input goes in its JSON body)"
         raise exceptions.ValidationError(
             {name[:100]: [f"Unknown query parameter; {what} {takes}."] for name in unknown[:20]}
         )
