@@ -101,9 +101,12 @@ def state_prepare(state: dict[str, Any] | bytes | str | PreparedState) -> Prepar
 
 def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str, Any]:
     """`state` with the value at JSON pointer `pointer` replaced by the JSON `text` (a data fix of one
-    part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON."""
+    part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON,
+    or writes a key twice in one object (typed by a person: the first value would be lost unseen)."""
     if not pointer:
-        return canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
+        whole = canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
+        canonical.refuse_duplicate_keys(text, what="the state")
+        return whole
     # The text alone, as typed: wrapped in an object to reuse parse_state, every syntax error was placed
     # 9 characters off ({"value": came first) and every other one named a path under /value.
     raw, value = canonical.parse_json(text, max_bytes=settings.STATE_MAX_BYTES, what=f"the value at {pointer}")
@@ -114,6 +117,7 @@ def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str
     # As parse_state checks a whole state (the limits on nesting, names its paths in the state).
     canonical.validate_state(fixed, max_depth=settings.STATE_MAX_DEPTH, floats_checked=True)
     refuse_huge_integers(raw)
+    canonical.refuse_duplicate_keys(raw, what=f"the value at {pointer}")
     return fixed  # type: ignore[no-any-return]
 
 

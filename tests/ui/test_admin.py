@@ -282,6 +282,27 @@ def test_bad_json_typed_for_one_part_is_placed_where_it_was_typed(client, staff,
     assert Version.objects.filter(session=session).count() == 1
 
 
+def test_a_data_fix_that_writes_a_key_twice_is_refused_not_half_kept(client, staff, team):
+    """Pasting {"text": "fixed", ..., "text": "old"} recorded the last value and dropped the fix unseen."""
+    session = make_session(team, "twice")
+    base = snapshot_record(session=session, state={"docs": [{"id": 1, "text": "old"}], "pointer": "rank"})
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    for path, typed, where in [
+        ("", '{"docs": [{"id": 1, "text": "fixed", "text": "old"}], "pointer": "rank"}', "the state"),
+        ("/docs/0", '{"id": 1,\n "text": "fixed",\n "text": "old"}', "the value at /docs/0"),
+    ]:
+        for step in ("preview", "apply"):
+            response = client.post(url, {"path": path, "state": typed, "reason": "typo", "expected_version": 1,
+                                         step: "1"})
+            assert response.status_code == 400
+            assert f'{where} has the key "text" twice in one object' in html.unescape(response.content.decode())
+    assert Version.objects.filter(session=session).count() == 1
+    fine = client.post(url, {"path": "/docs/0", "state": '{"id": 1, "text": "fixed"}', "reason": "typo",
+                             "expected_version": 1, "preview": "1"})
+    assert fine.status_code == 200
+
+
 def test_a_large_part_of_a_large_state_is_split_again(client, staff, team, monkeypatch):
     """A part above the whole-state limit (a 15 MB list of documents, under a 16 MB state) is not put
     in the page whole either: its own parts are offered (a listed number of them, the rest by path)."""
