@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import re
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES
@@ -60,16 +60,20 @@ def confirm(state: Trip) -> dict:
     return {"log": [f"confirm {state['city']}"]}
 
 
+def chain(state: type, *nodes: tuple[str, Any]) -> StateGraph:
+    """A graph (not compiled) that runs `nodes`, (name, node) each, one after another from START to END."""
+    builder = StateGraph(state)
+    previous = START
+    for name, node in nodes:
+        builder.add_node(name, node)
+        builder.add_edge(previous, name)
+        previous = name
+    builder.add_edge(previous, END)
+    return builder
+
+
 def trip_graph(saver: SessionRewindSaver):
-    builder = StateGraph(Trip)
-    builder.add_node("plan", plan)
-    builder.add_node("book", book)
-    builder.add_node("confirm", confirm)
-    builder.add_edge(START, "plan")
-    builder.add_edge("plan", "book")
-    builder.add_edge("book", "confirm")
-    builder.add_edge("confirm", END)
-    return builder.compile(checkpointer=saver)
+    return chain(Trip, ("plan", plan), ("book", book), ("confirm", confirm)).compile(checkpointer=saver)
 
 
 def test_graph_history_time_travel_and_update_state_fork(live_api, rewind):
@@ -154,11 +158,7 @@ def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, r
     def reply(state: MessagesState) -> dict:
         return {"messages": [AIMessage(f"echo: {state['messages'][-1].content}")]}
 
-    builder = StateGraph(MessagesState)
-    builder.add_node("reply", reply)
-    builder.add_edge(START, "reply")
-    builder.add_edge("reply", END)
-    graph = builder.compile(checkpointer=SessionRewindSaver(rewind))
+    graph = chain(MessagesState, ("reply", reply)).compile(checkpointer=SessionRewindSaver(rewind))
     config = {"configurable": {"thread_id": "chat-1"}}
     graph.invoke({"messages": [HumanMessage("hello")]}, config)
     graph.invoke({"messages": [HumanMessage("again")]}, config)
@@ -178,13 +178,7 @@ def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, r
 
 def trip_with_question(ask) -> StateGraph:
     """plan, then `ask` (a node that asks a human: an interrupt)."""
-    builder = StateGraph(Trip)
-    builder.add_node("plan", plan)
-    builder.add_node("ask", ask)
-    builder.add_edge(START, "plan")
-    builder.add_edge("plan", "ask")
-    builder.add_edge("ask", END)
-    return builder
+    return chain(Trip, ("plan", plan), ("ask", ask))
 
 
 def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
@@ -238,17 +232,7 @@ def trip_with_review() -> StateGraph:
     def approve(state: Trip) -> dict:
         return {"log": [f"approved {interrupt('approve?')}"]}
 
-    inner = StateGraph(Trip)
-    inner.add_node("approve", approve)
-    inner.add_edge(START, "approve")
-    inner.add_edge("approve", END)
-    outer = StateGraph(Trip)
-    outer.add_node("plan", plan)
-    outer.add_node("review", inner.compile())
-    outer.add_edge(START, "plan")
-    outer.add_edge("plan", "review")
-    outer.add_edge("review", END)
-    return outer
+    return chain(Trip, ("plan", plan), ("review", chain(Trip, ("approve", approve)).compile()))
 
 
 def test_subgraph_checkpoints_live_in_their_own_namespace_session(live_api, rewind):
@@ -316,16 +300,9 @@ class NotesMemory(TypedDict):
 def notes_graph(saver):
     """A parent whose `memory` subgraph keeps its own memory across runs (`checkpointer=True`): each
     run it adds the letters given, and hands back all it has seen."""
-    inner = StateGraph(NotesMemory)
-    inner.add_node("remember", lambda state: {"seen": state["letters"]})
-    inner.add_edge(START, "remember")
-    inner.add_edge("remember", END)
-    outer = StateGraph(Notes)
-    outer.add_node("prep", lambda state: {"letters": state["letters"]})
-    outer.add_node("memory", inner.compile(checkpointer=True))
-    outer.add_edge(START, "prep")
-    outer.add_edge("prep", "memory")
-    outer.add_edge("memory", END)
+    inner = chain(NotesMemory, ("remember", lambda state: {"seen": state["letters"]}))
+    outer = chain(Notes, ("prep", lambda state: {"letters": state["letters"]}),
+                  ("memory", inner.compile(checkpointer=True)))
     return outer.compile(checkpointer=saver)
 
 
@@ -428,16 +405,8 @@ def test_a_dashboard_rewind_to_a_question_a_persistent_subgraph_asked_asks_it_ag
         city: str
         answers: list[str]
 
-    inner = StateGraph(Review)
-    inner.add_node("approve", approve)
-    inner.add_edge(START, "approve")
-    inner.add_edge("approve", END)
-    outer = StateGraph(Trips)
-    outer.add_node("plan", lambda state: {"city": state["city"]})
-    outer.add_node("review", inner.compile(checkpointer=True))
-    outer.add_edge(START, "plan")
-    outer.add_edge("plan", "review")
-    outer.add_edge("review", END)
+    outer = chain(Trips, ("plan", lambda state: {"city": state["city"]}),
+                  ("review", chain(Review, ("approve", approve)).compile(checkpointer=True)))
 
     def run(saver, go_back, thread_id: str) -> list:
         graph = outer.compile(checkpointer=saver)
