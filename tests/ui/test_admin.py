@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -214,18 +215,27 @@ def test_a_data_fix_records_only_the_state_whose_diff_against_the_current_head_w
     assert done.status_code == 302 and Version.objects.get(session=story, number=7).kind == "data_fix"
 
 
+BIG_DOCS = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
+
+
+def _big_docs(client, staff, team, monkeypatch, **more: Any) -> tuple[Any, Any, str]:
+    """A 1.3 KB state of five 0.3 KB docs (and `more` members), over a whole-state edit limit of 500
+    bytes, and its data-fix page, signed in as staff: (session, version, url)."""
+    from snapshots_app import admin as snapshots_admin
+
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)
+    session = make_session(team, "big-docs")
+    base = snapshot_record(session=session, state={"docs": BIG_DOCS, "pointer": "rank", **more})
+    client.force_login(staff)
+    return session, base, reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+
+
 def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypatch):
     """Above the whole-state limit the page offers the state's parts instead of a huge textarea;
     editing one part records the whole state with only that part changed."""
-    from snapshots_app import admin as snapshots_admin
     from snapshots_app.selectors import version_state
 
-    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)  # the state 1.3 KB, a doc 0.3 KB
-    session = make_session(team, "big-docs")
-    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
-    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank", "memory/notes": ["x"]})
-    client.force_login(staff)
-    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    session, _, url = _big_docs(client, staff, team, monkeypatch, **{"memory/notes": ["x"]})
     page = client.get(url).content.decode()
     assert 'name="state"' not in page and "?path=/docs" in page and "?path=/memory~1notes" in page
     assert 'name="state"' in client.get(url + "?whole=1").content.decode()
@@ -246,7 +256,7 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
                              "apply": "1", "previewed": shown_state(previewed)})
     assert done.status_code == 302
     head = Version.objects.get(session=session, number=2)
-    assert version_state(head) == {"docs": [*docs[:3], {"id": 3, "text": "fixed"}, docs[4]], "pointer": "rank",
+    assert version_state(head) == {"docs": [*BIG_DOCS[:3], {"id": 3, "text": "fixed"}, BIG_DOCS[4]], "pointer": "rank",
                                    "memory/notes": ["x"]}
     audit = AuditEvent.objects.get(action="version.data_fix", target_id=str(head.pk))
     assert (audit.reason, audit.details["edited"], audit.details["based_on"]) == ("garbled doc", "/docs/3", 1)
@@ -256,14 +266,7 @@ def test_bad_json_typed_for_one_part_is_placed_where_it_was_typed(client, staff,
     """The part was parsed wrapped in {"value": ...}: every syntax error was placed 9 characters off (or,
     past the first line, at the right column of a text that never was), and a too deep part was named
     by a path under /value, which is in no state."""
-    from snapshots_app import admin as snapshots_admin
-
-    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)
-    session = make_session(team, "big-docs")
-    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
-    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank"})
-    client.force_login(staff)
-    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    session, _, url = _big_docs(client, staff, team, monkeypatch)
 
     def problem(typed: str) -> str:
         response = client.post(url, {"path": "/docs/3", "state": typed, "reason": "x", "expected_version": 1,
@@ -308,13 +311,8 @@ def test_a_large_part_of_a_large_state_is_split_again(client, staff, team, monke
     in the page whole either: its own parts are offered (a listed number of them, the rest by path)."""
     from snapshots_app import admin as snapshots_admin
 
-    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)  # the state 1.3 KB, a doc 0.3 KB
     monkeypatch.setattr(snapshots_admin, "PARTS_SHOWN", 3)
-    session = make_session(team, "big-docs")
-    docs = [{"id": n, "text": "lorem ipsum " * 20} for n in range(5)]
-    base = snapshot_record(session=session, state={"docs": docs, "pointer": "rank"})
-    client.force_login(staff)
-    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    _, _, url = _big_docs(client, staff, team, monkeypatch)
     page = client.get(url + "?path=/docs").content.decode()
     assert 'name="state"' not in page and "lorem ipsum" not in page
     assert "?path=/docs/0" in page and "?path=/docs/2" in page and "?path=/docs/3" not in page
