@@ -179,6 +179,10 @@ ROW = "sessions_app/partials/_session_row.html"
 ROWS = "sessions_app/partials/_session_rows.html"
 
 
+# The rows an open unfiltered list puts on top before it redraws its first page (see _on_top).
+TOP_ROWS_KEPT = 2 * SESSION_PAGE
+
+
 @dataclass
 class _FirstPage:
     """The unfiltered first page as a reload shows it, and the cursor of the page after it."""
@@ -224,6 +228,10 @@ class ProjectEventsConsumer(LiveConsumer):
         super().__init__(*args, **kwargs)
         # session id -> whether it was deleted, in the order the sessions changed
         self._pending: dict[str, bool] = {}
+        # (?top=1) Sessions whose rows went on top since the page loaded or was last redrawn: the rows
+        # the browser holds beyond its first page. Past TOP_ROWS_KEPT the first page is redrawn whole,
+        # so a tab left open on a busy project for days keeps two pages of rows, not one per new session.
+        self._on_top: set[str] = set()
 
     async def authorise(self, user: Any) -> str | None:
         project = await _project_for_member(user, self.scope["url_route"]["kwargs"]["project_slug"])
@@ -303,11 +311,16 @@ class ProjectEventsConsumer(LiveConsumer):
         if not membership_exists(user=self.scope["user"], project_id=self.project_id):
             return None
         changed = [session_id for session_id, deleted in batch.items() if not deleted]
-        if self.top and len(changed) > SESSION_PAGE and self.project is not None:
+        if self.top and self.project is not None:
+            self._on_top.update(changed)
             # More sessions changed than the first page holds: those beyond it belong below it, above
             # every row the page had, where no out-of-band swap can put them (the page's rows and its
-            # "Load more" cursor are the browser's). The first page is shown afresh, as a reload would.
-            return _FirstPage(*session_list(project=self.project, filters=SessionFilters()))
+            # "Load more" cursor are the browser's). The first page is shown afresh, as a reload would;
+            # so it is once the rows put on top since the last redraw would make the list grow past
+            # TOP_ROWS_KEPT (pages the operator loaded with "Load more" go with it, as with a reload).
+            if len(changed) > SESSION_PAGE or len(self._on_top) > TOP_ROWS_KEPT:
+                self._on_top.clear()
+                return _FirstPage(*session_list(project=self.project, filters=SessionFilters()))
         return session_rows(project_id=self.project_id, session_ids=changed) if changed else []
 
     def _first_page_html(self, page: _FirstPage) -> str:

@@ -495,6 +495,65 @@ def test_more_changes_than_the_first_page_holds_redraw_it_as_a_reload_would_leav
     assert rows + in_order(after=unquote(cursor[0])) == now
 
 
+def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_pages_of_rows(setup, settings):
+    """Each new session went on top of the open list and nothing ever left it: a tab left open for a
+    week on a project starting a thousand sessions a day held seven thousand rows. Once the rows put on
+    top since the page loaded pass TOP_ROWS_KEPT, the first page is redrawn whole, with a "Load more"
+    that continues it, so the list never skips a session either."""
+    from urllib.parse import unquote
+
+    from sessions_app.consumers import TOP_ROWS_KEPT
+    from sessions_app.selectors import SESSION_PAGE, SessionFilters, session_list
+
+    settings.LIVE_LIST_BATCH_MS = 50
+    owner, _, project, _, _ = setup
+    for n in range(SESSION_PAGE + 10):
+        make_session(project, f"old-{n}")
+    background.drain(5)
+    shown = _first_page(project)  # a full first page, as loaded
+    made = TOP_ROWS_KEPT + 30
+
+    def newest(after: str = "") -> list[tuple[str, str]]:
+        found = session_list(project=project, filters=SessionFilters(), after=after, limit=10_000)[0]
+        return [(str(session.pk), session.status) for session in found]
+
+    def start_sessions() -> None:
+        for n in range(made):  # one or a few at a time, as a busy project starts them
+            make_session(project, f"busy-{n}")
+            if n % 10 == 9:
+                background.drain(5)
+                time.sleep(0.08)
+        background.drain(5)
+
+    async def scenario() -> list[str]:
+        client = communicator("/ws/projects/acme/?top=1", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, start_sessions)
+        messages = [await client.receive_from(timeout=5)]
+        while not await client.receive_nothing(timeout=1):
+            messages.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return messages
+
+    messages = run(scenario)
+    rows, longest = shown, len(shown)
+    for message in messages:
+        rows = _rows_after(rows, message)
+        longest = max(longest, len(rows))
+        assert message.count('class="srow') <= SESSION_PAGE + 1
+    now = newest()
+    assert len(now) > SESSION_PAGE + TOP_ROWS_KEPT
+    assert longest <= SESSION_PAGE + TOP_ROWS_KEPT, longest
+    assert len(rows) < made, "every new session is still on the page"
+    assert rows == now[:len(rows)], "the list skips sessions or shows them out of order"
+    redraws = [message for message in messages if 'id="session-rows-live" hx-swap-oob="innerHTML"' in message]
+    assert redraws
+    cursor = re.findall(r'<tr class="more">.*?[?&]amp;after=([^"&]+)"', redraws[-1], re.S)
+    assert cursor, "the redrawn first page has no Load more"
+    # The rows on the page, then those "Load more" brings: every session, once, newest first.
+    assert rows + newest(after=unquote(cursor[0])) == now
+
+
 @pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "filtered"])
 def test_a_session_changed_several_times_in_an_interval_is_shown_once_as_it_is_now(setup, settings, path):
     settings.LIVE_LIST_BATCH_MS = 1000
