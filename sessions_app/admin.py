@@ -595,10 +595,15 @@ class ApiKeyAdmin(ProjectScopedAdmin):
                 "keys": keys, "working": working, "already": [api_key for api_key in keys if api_key.revoked_at],
                 "action_checkbox_name": ACTION_CHECKBOX_NAME,
             })
+        gone = []
         for api_key in working:
-            api_key_revoke(api_key=api_key, actor=request.user)
-        messages.success(request, f"Revoked {len(working)} key(s)."
-                                  + (f" {len(keys) - len(working)} were revoked already." if len(keys) > len(working) else ""))
+            try:
+                api_key_revoke(api_key=api_key, actor=request.user)
+            except NotFound:  # deleted (by a script; the admin cannot) since the list was read
+                gone.append(api_key.name)
+        messages.success(request, f"Revoked {len(working) - len(gone)} key(s)."
+                                  + (f" {len(keys) - len(working)} were revoked already." if len(keys) > len(working) else "")
+                                  + (f" Deleted meanwhile, so not revoked: {', '.join(gone)}." if gone else ""))
         return None
 
 

@@ -1130,6 +1130,29 @@ def test_an_api_key_deleted_while_its_expiry_is_saved_gets_the_admins_doesnt_exi
     assert not AuditEvent.objects.filter(action="api_key.expiry").exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_key_deleted_while_a_bulk_revoke_runs_is_named_and_the_others_are_revoked(client, staff, team):
+    """A script deleting one of the selected keys while the confirmed revoke ran made the action 500
+    part-way: the keys after it stayed working and the operator was told nothing."""
+    client.force_login(staff)
+    first, _ = api_key_create(project=team, name="a-engine", scopes=["write"])
+    doomed, _ = api_key_create(project=team, name="b-engine", scopes=["write"])
+    last, _ = api_key_create(project=team, name="c-engine", scopes=["write"])
+    changelist = reverse("admin:sessions_app_apikey_changelist")
+    response = deleted_while_saving(
+        lambda: ApiKey.objects.filter(pk=doomed.pk).delete(),
+        lambda: client.post(changelist, {"action": "revoke", "_selected_action": [first.pk, doomed.pk, last.pk],
+                                         "post": "yes"}))
+    assert response.status_code == 302
+    page = html.unescape(client.get(response.url).content.decode())
+    assert "Revoked 2 key(s). Deleted meanwhile, so not revoked: b-engine." in page
+    for key in (first, last):
+        key.refresh_from_db()
+        assert key.revoked_at is not None
+    assert sorted(AuditEvent.objects.filter(action="api_key.revoke").values_list("details__name", flat=True)) == [
+        "a-engine", "c-engine"]
+
+
 def policy_form(project, **changes):
     return {"project": project.pk, "enabled": "on", "keep_last": 50, "keep_days": 3, "thin_to": "day", **changes}
 
