@@ -18,6 +18,7 @@ metadata and parents within the export come back exactly; parents outside it bec
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -102,6 +103,29 @@ def _when(value: Any) -> str | None:
 # Export
 
 
+def _one_snapshot() -> Any:
+    """A read-only transaction in which every read sees the database as it was at its first one.
+
+    An export reads its versions, then their nodes, a chunk at a time, for as long as the file takes
+    to write: a compaction (or a session deletion and the collection after it) that ran meanwhile
+    removed nodes of versions the export had already listed, and the file went out without them,
+    its header counting them. The job said done; the import refused the file ("the version or node
+    records do not match the header"), found out only when the backup was needed. (On SQLite, whose
+    tasks run in the caller, a write transaction would hold every writer back: plain reads there.)
+    """
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return contextlib.nullcontext()
+    return _repeatable_read()
+
+
+@contextlib.contextmanager
+def _repeatable_read() -> Iterator[None]:
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
 def transfer_export_run(
     *,
     project: Project,
@@ -112,86 +136,88 @@ def transfer_export_run(
     """Write one session (or every session of the project) to VAR_DIR/exports; returns path and counts.
 
     The file appears complete or not at all (written aside, then renamed), so a killed export
-    that runs again simply writes it again.
+    that runs again simply writes it again. Its contents are the project as it was when the export
+    began, whatever a compaction running meanwhile removes (see _one_snapshot).
     """
-    chosen = WorkflowSession.objects.filter(project=project)
-    if session is not None:
-        chosen = chosen.filter(pk=session.pk)
-    sessions = list(chosen.order_by("created_at", "id"))
-    versions = list(
-        Version.objects.filter(session__in=sessions).select_related("parent").order_by("session_id", "number")
-    )
-    # A version the integrity scrub found damaged would be written out as it is stored, and its import
-    # would then blame the file. Say so here, naming it, instead.
-    damaged = (
-        IntegrityProblem.objects.filter(session__in=sessions, resolved_at__isnull=True)
-        .select_related("session").order_by("session_id", "version_number").first()
-    )
-    if damaged is not None:
-        raise errors.IntegrityProblem(
-            f"version {damaged.version_number} of session {damaged.session.external_id} has an open integrity "
-            f"problem ({damaged.detail}); resolve it before exporting"
+    with _one_snapshot():
+        chosen = WorkflowSession.objects.filter(project=project)
+        if session is not None:
+            chosen = chosen.filter(pk=session.pk)
+        sessions = list(chosen.order_by("created_at", "id"))
+        versions = list(
+            Version.objects.filter(session__in=sessions).select_related("parent").order_by("session_id", "number")
         )
-    marked: set[bytes] = set()
-    project_store = store.ProjectStore(project.pk, use_cache=False)
-    _mark(project_store, {bytes(v.root) for v in versions}, marked)
-    digests = sorted(marked)
-    total = len(digests) + len(versions)
-    progress(0, total, force=True)
+        # A version the integrity scrub found damaged would be written out as it is stored, and its import
+        # would then blame the file. Say so here, naming it, instead.
+        damaged = (
+            IntegrityProblem.objects.filter(session__in=sessions, resolved_at__isnull=True)
+            .select_related("session").order_by("session_id", "version_number").first()
+        )
+        if damaged is not None:
+            raise errors.IntegrityProblem(
+                f"version {damaged.version_number} of session {damaged.session.external_id} has an open integrity "
+                f"problem ({damaged.detail}); resolve it before exporting"
+            )
+        marked: set[bytes] = set()
+        project_store = store.ProjectStore(project.pk, use_cache=False)
+        _mark(project_store, {bytes(v.root) for v in versions}, marked)
+        digests = sorted(marked)
+        total = len(digests) + len(versions)
+        progress(0, total, force=True)
 
-    folder = _private_folder(exports_dir())
-    name = _export_name(project, session, job.pk if job else uuid.uuid4().hex[:8])
-    final = folder / name
-    partial = folder / (name + ".partial")
-    digest = hashlib.sha256()
-    records = 0
-    done = 0
-    with _private_file(partial) as out:
+        folder = _private_folder(exports_dir())
+        name = _export_name(project, session, job.pk if job else uuid.uuid4().hex[:8])
+        final = folder / name
+        partial = folder / (name + ".partial")
+        digest = hashlib.sha256()
+        records = 0
+        done = 0
+        with _private_file(partial) as out:
 
-        def emit(record: dict[str, Any]) -> None:
-            nonlocal records
-            line = _line(record)
-            digest.update(line)
-            out.write(line)
-            records += 1
+            def emit(record: dict[str, Any]) -> None:
+                nonlocal records
+                line = _line(record)
+                digest.update(line)
+                out.write(line)
+                records += 1
 
-        emit({
-            "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
-            "scope": "session" if session else "project",
-            "project": {"slug": project.slug, "name": project.name},
-            "exported_at": timezone.now().isoformat(),
-            "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
-        })
-        for item in sessions:
             emit({
-                "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
-                "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
+                "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
+                "scope": "session" if session else "project",
+                "project": {"slug": project.slug, "name": project.name},
+                "exported_at": timezone.now().isoformat(),
+                "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
             })
-        for chunk in _chunks(digests, 500):
-            rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
-            for node_digest, codec, data, seal in rows:
-                try:
-                    raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
-                except store.CorruptNode as exc:  # written out, it would make its import blame the file
-                    raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
-                emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
-            done += len(chunk)
-            progress(done)
-        for version in versions:
-            parent = version.parent
-            emit({
-                "type": "version", "session": str(version.session_id),
-                **{f: getattr(version, f) for f in VERSION_FIELDS},
-                "root": bytes(version.root).hex(),
-                "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
-                "created_at": _when(version.created_at),
-            })
-            done += 1
-            progress(done)
-        end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
-        out.write(_line(end))
-        out.flush()
-        os.fsync(out.fileno())
+            for item in sessions:
+                emit({
+                    "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
+                    "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
+                })
+            for chunk in _chunks(digests, 500):
+                rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
+                for node_digest, codec, data, seal in rows:
+                    try:
+                        raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
+                    except store.CorruptNode as exc:  # written out, it would make its import blame the file
+                        raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
+                    emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
+                done += len(chunk)
+                progress(done)
+            for version in versions:
+                parent = version.parent
+                emit({
+                    "type": "version", "session": str(version.session_id),
+                    **{f: getattr(version, f) for f in VERSION_FIELDS},
+                    "root": bytes(version.root).hex(),
+                    "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
+                    "created_at": _when(version.created_at),
+                })
+                done += 1
+                progress(done)
+            end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
+            out.write(_line(end))
+            out.flush()
+            os.fsync(out.fileno())
     missing = None
     try:
         os.replace(partial, final)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
+from django.db import connection
 
 from sessions_app.errors import ImportRejected
 from sessions_app.models import WorkflowSession
+from sessions_app.services import session_delete
 from snapshots_app import canonical, tree
 from snapshots_app.models import JobStatus, StateNode, Version
 from snapshots_app.selectors import version_state_bytes
@@ -322,7 +326,6 @@ def test_a_deleted_session_leaves_no_export_file_nor_cached_state(project, user,
 
     from sessions_app import background
     from sessions_app.errors import InvalidState
-    from sessions_app.services import session_delete
     from snapshots_app import store
     from snapshots_app.selectors import version_with_state_bytes
     from snapshots_app.transfer import export_file
@@ -357,10 +360,55 @@ def test_a_deleted_session_leaves_no_export_file_nor_cached_state(project, user,
     assert cache.get(keep_key) is not None and project_file.exists()
 
 
+def _elsewhere(action: Callable[[], object]) -> None:
+    """Run `action` now on a connection of its own (another request or worker, beside an export)."""
+
+    def run() -> None:
+        try:
+            action()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_project_export_is_the_project_as_it_was_whatever_a_compaction_meanwhile_removes(
+    project, user, settings, tmp_path
+):
+    """A compaction (here the collection after a session's deletion) that ran while an export was
+    writing removed nodes the export had listed: the job said done, and its file was refused at import
+    ("the version or node records do not match the header"), found out when the backup was needed."""
+    from snapshots_app.compaction import compaction_run
+
+    settings.VAR_DIR = tmp_path
+    record_history(project, "kept", 3)
+    gone = record_history(project, "gone", 3)
+    before = read_all(project)
+    calls = []
+
+    def compacted_meanwhile() -> None:
+        session_delete(session=WorkflowSession.objects.get(pk=gone.pk), reason="forget it", actor=user)
+        assert compaction_run(project=project, apply_retention=False)["nodes_freed"] > 0
+
+    def progress(done: int, total: int | None = None, *, force: bool = False) -> None:
+        calls.append(done)
+        if len(calls) == 1:  # its versions are listed, their nodes not yet read
+            _elsewhere(compacted_meanwhile)
+
+    result = transfer_export_run(project=project, progress=progress)
+
+    fresh = make_project("fresh")
+    outcome = transfer_import_run(project=fresh, path=Path(result["path"]))
+    assert outcome["versions"] == result["versions"] == 6
+    assert read_all(fresh) == before
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, user, settings, tmp_path):
     from sessions_app.errors import SessionNotFound
-    from sessions_app.services import session_delete
 
     settings.VAR_DIR = tmp_path
     session = record_history(project, "gone", 3)
@@ -369,7 +417,8 @@ def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, us
     def progress(done: int, total: int | None = None, *, force: bool = False) -> None:
         calls.append(done)
         if len(calls) == 2:  # its nodes are being written out
-            session_delete(session=WorkflowSession.objects.get(pk=session.pk), reason="forget it", actor=user)
+            _elsewhere(lambda: session_delete(session=WorkflowSession.objects.get(pk=session.pk), reason="forget it",
+                                              actor=user))
 
     with pytest.raises(SessionNotFound):
         transfer_export_run(project=project, session=session, progress=progress)
@@ -383,7 +432,6 @@ def test_an_export_job_whose_session_is_deleted_while_it_writes_fails_saying_so(
     """A job's export file is named after the job, so the deletion removes it while it is still being
     written: the job must fail as a deleted session's export, not on the vanished file (an unexpected
     FileNotFoundError, logged as an error with its traceback and the file's path as the job's error)."""
-    from sessions_app.services import session_delete
     from snapshots_app import jobs, tasks, transfer
     from snapshots_app.models import JobKind
 
@@ -401,7 +449,8 @@ def test_an_export_job_whose_session_is_deleted_while_it_writes_fails_saying_so(
             calls.append(done)
             if len(calls) == 2:  # its nodes are being written out
                 assert list(tmp_path.glob("exports/*.partial"))
-                session_delete(session=WorkflowSession.objects.get(pk=session.pk), reason="forget it", actor=user)
+                _elsewhere(lambda: session_delete(session=WorkflowSession.objects.get(pk=session.pk),
+                                                  reason="forget it", actor=user))
 
         return export(progress=progress, **kwargs)
 
