@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -130,21 +130,29 @@ def _verify(version: Version) -> str | None:
 @transaction.atomic
 def integrity_problem_record(*, version: Version, detail: str, job: Job | None = None) -> IntegrityProblem:
     """Record (or refresh) the open problem of a version that failed verification."""
-    problem = IntegrityProblem.objects.select_for_update().filter(version=version, resolved_at__isnull=True).first()
+    open_problem = IntegrityProblem.objects.select_for_update().filter(version=version, resolved_at__isnull=True)
+    problem = open_problem.first()
     if problem is None:
-        problem = IntegrityProblem.objects.create(
-            project_id=version.session.project_id, session_id=version.session_id, version=version,
-            version_number=version.number, detail=detail, found_by=job,
-        )
-        payload = {"session": str(version.session_id), "version": version.number, "problem": problem.pk,
-                   "detail": detail[:300]}
-        project_id, session_id = version.session.project_id, version.session_id
-        events.publish_after_commit(project_id, "integrity.problem", payload, session_id=session_id)
-        logger.error("integrity problem: %s", detail)
-    else:
-        problem.detail = detail
-        problem.found_by = job or problem.found_by
-        problem.save(update_fields=["detail", "found_by", "last_seen_at"])
+        try:
+            with transaction.atomic():
+                problem = IntegrityProblem.objects.create(
+                    project_id=version.session.project_id, session_id=version.session_id, version=version,
+                    version_number=version.number, detail=detail, found_by=job,
+                )
+        except IntegrityError:
+            # Another scrub (or a finalize) recorded it at this moment: refresh that one. This job
+            # failed on the constraint, leaving the rest of its window unverified.
+            problem = open_problem.get()
+        else:
+            payload = {"session": str(version.session_id), "version": version.number, "problem": problem.pk,
+                       "detail": detail[:300]}
+            project_id, session_id = version.session.project_id, version.session_id
+            events.publish_after_commit(project_id, "integrity.problem", payload, session_id=session_id)
+            logger.error("integrity problem: %s", detail)
+            return problem
+    problem.detail = detail
+    problem.found_by = job or problem.found_by
+    problem.save(update_fields=["detail", "found_by", "last_seen_at"])
     return problem
 
 

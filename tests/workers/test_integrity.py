@@ -180,3 +180,58 @@ def test_old_finished_jobs_are_swept_but_not_unfinished_ones_nor_the_scrub_windo
     resumed = integrity_scrub_start(project=project, budget=2)
     resumed.refresh_from_db()
     assert resumed.result["cursor"] == ids[0]  # version 5, then (wrapping) 1: after the kept window
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_scrub_that_finds_a_problem_another_records_at_that_moment_goes_on(project):
+    """Two scrubs at once (the hourly one and an admin's verify-all, or a finalize) find the same
+    damaged version: the one that recorded it second hit the open-problem constraint, its job failed
+    with an IntegrityError, and the versions after it in its window went unverified."""
+    import contextlib
+    import threading
+
+    from django.db import IntegrityError, connection, transaction
+
+    from snapshots_app.integrity import integrity_problem_record
+    from snapshots_app.jobs import job_create
+    from tests.locks import someone_waits_on_a_lock
+
+    session = record_history(project, "run-d", 4, notes=1)  # each version is one node of its own
+    damaged = Version.objects.get(session=session, number=2)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE snapshots_app_statenode SET data = overlay(data placing '\\xff'::bytea from 20 for 1) "
+                       "WHERE project_id = %s AND digest = %s", [project.pk, bytes(damaged.root)])
+    job = job_create(kind=JobKind.SCRUB, project=project, params={"budget": 0}, enqueue=lambda job_id: None)
+    recorded, release = threading.Event(), threading.Event()
+
+    def other_scrub() -> None:  # records the problem, and commits a moment later
+        try:
+            with transaction.atomic():
+                integrity_problem_record(version=Version.objects.select_related("session").get(pk=damaged.pk),
+                                         detail="found by the other scrub")
+                recorded.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    def scrub() -> None:
+        try:
+            with contextlib.suppress(IntegrityError):  # (the job's outcome is the test's subject)
+                tasks.integrity_scrub_job(job.pk)
+        finally:
+            connection.close()
+
+    other, ours = threading.Thread(target=other_scrub), threading.Thread(target=scrub)
+    other.start()
+    assert recorded.wait(30)
+    ours.start()
+    assert someone_waits_on_a_lock(ours)  # ours records the same problem, behind the other's commit
+    release.set()
+    other.join(30)
+    ours.join(30)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.DONE, job.error
+    assert (job.result["verified"], job.result["failed"]) == (4, 1)
+    problem = integrity_problems(project=project).get()
+    assert problem.version_number == 2 and problem.found_by_id == job.pk and "version 2" in problem.detail
