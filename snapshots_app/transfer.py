@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import orjson
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -571,11 +571,8 @@ class _StoreProgress:
         self.progress(self.done)
 
 
-def _store_import(
-    project: Project, sessions: list[dict], node_batches: Iterator[dict[bytes, bytes]], versions: list[dict],
-    actor: User, actor_label: str, progress: _StoreProgress,
-) -> dict[str, Any]:
-    external_ids = [record["external_id"] for record in sessions]
+def _refuse_taken(project: Project, external_ids: list[str]) -> None:
+    """ImportRejected if the project has a session with one of these external ids already."""
     existing = WorkflowSession.objects.filter(project=project, external_id__in=external_ids)
     taken = set(existing.values_list("external_id", flat=True))
     if taken:
@@ -583,6 +580,14 @@ def _store_import(
             f"sessions with these external ids already exist in this project: {', '.join(sorted(taken)[:10])}",
             external_ids=sorted(taken),
         )
+
+
+def _store_import(
+    project: Project, sessions: list[dict], node_batches: Iterator[dict[bytes, bytes]], versions: list[dict],
+    actor: User, actor_label: str, progress: _StoreProgress,
+) -> dict[str, Any]:
+    external_ids = [record["external_id"] for record in sessions]
+    _refuse_taken(project, external_ids)
     project_store = store.ProjectStore(project.pk)
     stored_nodes = 0
     for batch in node_batches:
@@ -590,11 +595,19 @@ def _store_import(
         stored_nodes += len(batch)
         progress.add(len(batch))
     new_sessions: dict[str, WorkflowSession] = {}
-    for record in sessions:
-        item = WorkflowSession(project=project, **{f: record[f] for f in SESSION_FIELDS})
-        item.archived_at = parse_datetime(record["archived_at"]) if record.get("archived_at") else None
-        item.save()
-        new_sessions[record["id"]] = item
+    try:
+        with transaction.atomic():
+            for record in sessions:
+                item = WorkflowSession(project=project, **{f: record[f] for f in SESSION_FIELDS})
+                item.archived_at = parse_datetime(record["archived_at"]) if record.get("archived_at") else None
+                item.save()
+                new_sessions[record["id"]] = item
+    except IntegrityError:
+        # Created since the check above, and committed meanwhile: by another import of the file, or an
+        # engine writing to one of its sessions here. The job failed on the database's constraint
+        # ("IntegrityError: duplicate key value...", logged as an unexpected error).
+        _refuse_taken(project, external_ids)
+        raise
     # The file's history is kept (kinds, reasons, authors), but who wrote a version here is whoever
     # imported it: its author reads "… (imported by …)", so a file cannot pass off its versions as
     # data fixes or rewinds made in this project (those are in this project's audit log; imports are

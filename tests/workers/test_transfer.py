@@ -407,6 +407,54 @@ def test_a_project_export_is_the_project_as_it_was_whatever_a_compaction_meanwhi
 
 
 @pytest.mark.django_db(transaction=True)
+def test_two_imports_of_one_file_at_once_import_it_once_and_the_other_says_why_it_did_not(
+    project, user, settings, tmp_path
+):
+    """The second import's check for taken external ids ran before the first committed: it stopped on
+    the database's constraint, its job failing with "IntegrityError: duplicate key value violates
+    unique constraint", where one run after the other says which sessions are already there."""
+    from tests.locks import someone_waits_on_a_lock
+
+    settings.VAR_DIR = tmp_path
+    record_history(project, "run-1", 2)
+    path = Path(transfer_export_run(project=project)["path"])
+    fresh = make_project("fresh")
+    stored, release = threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    totals: list[int] = []
+
+    def first_holds(done: int, total: int | None = None, *, force: bool = False) -> None:
+        totals.extend([total] if total else [])
+        if done == totals[0]:  # every node and version read, verified and stored, not yet committed
+            stored.set()
+            release.wait(30)
+
+    def run(name: str, progress: Callable[..., None] | None = None) -> None:
+        try:
+            outcomes[name] = transfer_import_run(project=fresh, path=path, **({"progress": progress} if progress else {}))
+        except Exception as exc:  # noqa: BLE001 - what each import ends with is the test's subject
+            outcomes[name] = exc
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=run, args=("first", first_holds))
+    second = threading.Thread(target=run, args=("second",))
+    first.start()
+    assert stored.wait(30)
+    second.start()
+    assert someone_waits_on_a_lock(second)  # its session waits on the first's uncommitted one
+    release.set()
+    first.join(30)
+    second.join(30)
+
+    assert isinstance(outcomes["first"], dict) and outcomes["first"]["versions"] == 2
+    assert isinstance(outcomes["second"], ImportRejected), outcomes["second"]
+    assert "already exist in this project: run-1" in outcomes["second"].message
+    assert read_all(fresh) == read_all(project)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_an_export_of_a_session_deleted_while_it_runs_leaves_no_file(project, user, settings, tmp_path):
     from sessions_app.errors import SessionNotFound
 
