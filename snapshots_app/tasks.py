@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.errors import IntegrityProblem, StateStoreError, first_line
+from sessions_app.errors import IntegrityProblem, InvalidState, StateStoreError, first_line
 from sessions_app.models import Project
 from snapshots_app import jobs
 from snapshots_app.models import Job, JobKind, JobStatus, Version
@@ -214,6 +214,13 @@ def import_job(job_id: int) -> dict | None:
 
     def work(job: Job, progress: jobs.Progress) -> dict[str, Any]:
         assert job.project is not None
+        if not import_path(job).is_file():
+            # The upload is kept where the web process that took it wrote it. A worker that does not
+            # see it failed as an unexpected FileNotFoundError, the server's path as the job's error.
+            raise InvalidState(
+                f"the uploaded file {job.params.get('file')} is not in this worker's VAR_DIR/imports: the web "
+                "processes and the workers must share VAR_DIR (one file system); upload the file again"
+            )
         result = transfer_import_run(
             project=job.project, path=import_path(job), job=job, actor=job.created_by,
             actor_label=job.created_by_label, progress=progress,

@@ -604,3 +604,27 @@ def test_maintenance_progress_line_ends_before_the_result_or_the_error(project, 
         call_command("maintenance", "import", project.slug, "--file", path, stdout=StringIO(), stderr=err)
     # Django prints the error to stderr after this: on a line of its own, not "5/8CommandError: ...".
     assert "\r" in err.getvalue() and err.getvalue().endswith("\n")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_whose_upload_the_worker_cannot_see_fails_saying_why_without_the_servers_path(
+    project, settings, tmp_path, caplog
+):
+    """Web processes keep an upload in their VAR_DIR/imports; a worker on another machine (or with
+    another VAR_DIR) does not find it. The job failed as an unexpected error, "FileNotFoundError:
+    [Errno 2] No such file or directory: '/srv/.../imports/...'", the server's path in the API's answer."""
+    from snapshots_app import jobs, tasks
+    from snapshots_app.models import JobKind
+
+    settings.VAR_DIR = tmp_path
+    job = jobs.job_create(kind=JobKind.IMPORT, project=project, params={"file": "acme-0123.ndjson"},
+                          enqueue=lambda job_id: None)
+
+    assert tasks.import_job(job.pk) is None
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error == ("the uploaded file acme-0123.ndjson is not in this worker's VAR_DIR/imports: the web processes "
+                         "and the workers must share VAR_DIR (one file system); upload the file again")
+    assert str(tmp_path) not in job.error
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
