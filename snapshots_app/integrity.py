@@ -100,7 +100,7 @@ def integrity_scrub_run(
     progress(0, len(ids), force=True)
     outcomes: dict[tuple[int, bytes, str], str | None] = {}
     failed: list[dict[str, Any]] = []
-    done = 0
+    done = gone = 0
     for start in range(0, len(ids), CHUNK):
         # (Within the project: the ids were chosen by whoever started the run.)
         for version in _scope(project_id).filter(id__in=ids[start : start + CHUNK]):
@@ -110,12 +110,14 @@ def integrity_scrub_run(
                 outcomes[key] = _verify(version)
             problem = outcomes[key]
             if problem is not None:
-                integrity_problem_record(version=version, detail=problem, job=job)
-                failed.append({"session": str(version.session_id), "external_id": version.session.external_id,
-                               "version": version.number, "detail": problem[:300]})
+                if integrity_problem_record(version=version, detail=problem, job=job) is None:
+                    gone += 1  # removed while it was read (see integrity_problem_record)
+                else:
+                    failed.append({"session": str(version.session_id), "external_id": version.session.external_id,
+                                   "version": version.number, "detail": problem[:300]})
             done += 1
         progress(done)
-    result = {"verified": done, "failed": len(failed), "problems": failed[:100]}
+    result = {"verified": done - gone, "failed": len(failed), "problems": failed[:100]}
     return result if next_cursor is None else {**result, "cursor": next_cursor}
 
 
@@ -128,8 +130,15 @@ def _verify(version: Version) -> str | None:
 
 
 @transaction.atomic
-def integrity_problem_record(*, version: Version, detail: str, job: Job | None = None) -> IntegrityProblem:
-    """Record (or refresh) the open problem of a version that failed verification."""
+def integrity_problem_record(*, version: Version, detail: str, job: Job | None = None) -> IntegrityProblem | None:
+    """Record (or refresh) the open problem of a version that failed verification; None if the
+    version is gone: removed (by retention, or with its session) while it was read, its nodes collected
+    under the reader, which failed on a missing node. That is no problem, and is not recorded: it was
+    logged as one, and the insert then failed on the version's foreign key, failing the scrub's job.
+    (Locked, the version stays until this commits; while it is there its nodes are never collected.
+    The lock is one a deletion waits for, not a new version pointing at it as its parent.)"""
+    if Version.objects.select_for_update(no_key=True).filter(pk=version.pk).values_list("pk", flat=True).first() is None:
+        return None
     open_problem = IntegrityProblem.objects.select_for_update().filter(version=version, resolved_at__isnull=True)
     problem = open_problem.first()
     if problem is None:

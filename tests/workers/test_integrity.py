@@ -235,3 +235,48 @@ def test_a_scrub_that_finds_a_problem_another_records_at_that_moment_goes_on(pro
     assert (job.result["verified"], job.result["failed"]) == (4, 1)
     problem = integrity_problems(project=project).get()
     assert problem.version_number == 2 and problem.found_by_id == job.pk and "version 2" in problem.detail
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_scrub_reading_versions_a_compaction_removes_meanwhile_records_no_problem_and_finishes(
+    project, monkeypatch, caplog
+):
+    """Beat starts the daily compaction and the hourly scrub at the same moment. Versions retention
+    removed (and whose nodes garbage collection swept) while the scrub was reading its chunk failed
+    to read: each was logged as an integrity problem ("node ... is missing; it will not be served"),
+    and recording it failed on the version's foreign key, failing the scrub's job."""
+    import threading
+
+    from django.db import connection
+
+    from snapshots_app import integrity
+    from snapshots_app.compaction import compaction_run, retention_policy_set
+    from snapshots_app.jobs import job_create
+
+    record_history(project, "run-r", 5)
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")  # keeps the head
+    job = job_create(kind=JobKind.SCRUB, project=project, params={"budget": 0}, enqueue=lambda job_id: None)
+    verify, read = integrity._verify, []
+
+    def compaction_meanwhile() -> None:
+        try:
+            assert compaction_run(project=project)["versions_removed"] == 4
+        finally:
+            connection.close()
+
+    def verify_while_compacting(version: Version) -> str | None:
+        read.append(version.number)
+        if len(read) == 2:  # the scrub's chunk is loaded, version 1 verified
+            compacting = threading.Thread(target=compaction_meanwhile)
+            compacting.start()
+            compacting.join()
+        return verify(version)
+
+    monkeypatch.setattr(integrity, "_verify", verify_while_compacting)
+    tasks.integrity_scrub_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.DONE, job.error
+    assert (job.result["verified"], job.result["failed"]) == (2, 0)  # version 1, then the head: the rest went
+    assert not integrity_problems(project=project, open_only=False).exists()
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
