@@ -172,52 +172,59 @@ def transfer_export_run(
         digest = hashlib.sha256()
         records = 0
         done = 0
-        with _private_file(partial) as out:
+        try:
+            with _private_file(partial) as out:
 
-            def emit(record: dict[str, Any]) -> None:
-                nonlocal records
-                line = _line(record)
-                digest.update(line)
-                out.write(line)
-                records += 1
+                def emit(record: dict[str, Any]) -> None:
+                    nonlocal records
+                    line = _line(record)
+                    digest.update(line)
+                    out.write(line)
+                    records += 1
 
-            emit({
-                "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
-                "scope": "session" if session else "project",
-                "project": {"slug": project.slug, "name": project.name},
-                "exported_at": timezone.now().isoformat(),
-                "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
-            })
-            for item in sessions:
                 emit({
-                    "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
-                    "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
+                    "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
+                    "scope": "session" if session else "project",
+                    "project": {"slug": project.slug, "name": project.name},
+                    "exported_at": timezone.now().isoformat(),
+                    "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
                 })
-            for chunk in _chunks(digests, 500):
-                rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
-                for node_digest, codec, data, seal in rows:
-                    try:
-                        raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
-                    except store.CorruptNode as exc:  # written out, it would make its import blame the file
-                        raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
-                    emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
-                done += len(chunk)
-                progress(done)
-            for version in versions:
-                parent = version.parent
-                emit({
-                    "type": "version", "session": str(version.session_id),
-                    **{f: getattr(version, f) for f in VERSION_FIELDS},
-                    "root": bytes(version.root).hex(),
-                    "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
-                    "created_at": _when(version.created_at),
-                })
-                done += 1
-                progress(done)
-            end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
-            out.write(_line(end))
-            out.flush()
-            os.fsync(out.fileno())
+                for item in sessions:
+                    emit({
+                        "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
+                        "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
+                    })
+                for chunk in _chunks(digests, 500):
+                    rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
+                    for node_digest, codec, data, seal in rows:
+                        try:
+                            raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
+                        except store.CorruptNode as exc:  # written out, it would make its import blame the file
+                            raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
+                        emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
+                    done += len(chunk)
+                    progress(done)
+                for version in versions:
+                    parent = version.parent
+                    emit({
+                        "type": "version", "session": str(version.session_id),
+                        **{f: getattr(version, f) for f in VERSION_FIELDS},
+                        "root": bytes(version.root).hex(),
+                        "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
+                        "created_at": _when(version.created_at),
+                    })
+                    done += 1
+                    progress(done)
+                end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
+                out.write(_line(end))
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            # A failed export is never renamed into place: its part-written file (a project's states,
+            # as large as the export got) stayed for EXPORT_KEEP_DAYS; after a full disk, it kept
+            # the disk full. (A killed attempt's is written over by the next, under the same name.)
+            partial.unlink(missing_ok=True)
+            raise
     missing = None
     try:
         os.replace(partial, final)
