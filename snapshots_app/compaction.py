@@ -26,7 +26,7 @@ from typing import Any
 
 import zstandard
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F, Sum
 from django.db.models.functions import Length
 from django.utils import timezone
@@ -366,10 +366,32 @@ def stored_bytes(*, project: Project) -> int:
     return StateNode.objects.filter(project=project).aggregate(total=Sum(Length("data")))["total"] or 0
 
 
+# How long a sweep batch waits for the project's exclusive lock before it lets writers by and tries
+# again later (pausing twice as long each time, up to the most). PostgreSQL queues a lock request
+# that waits ahead of the ones after it: writers' shared requests waited behind the sweep's, itself
+# waiting for a long holder of the shared lock (an import stores a whole file in one transaction),
+# so every write to the project stalled until that import committed (minutes for a large file).
+SWEEP_LOCK_WAIT_MS = 200
+SWEEP_LOCK_PAUSE_SECONDS = (0.5, 30.0)
+
+
+class _LockBusy(Exception):
+    """The project's exclusive lock was not granted within SWEEP_LOCK_WAIT_MS."""
+
+
 def _exclusive_lock(project_id: int) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [store.PROJECT_LOCK_CLASS, project_id])
+            cursor.execute("SELECT current_setting('lock_timeout')")
+            previous = cursor.fetchone()[0]
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{SWEEP_LOCK_WAIT_MS}ms"])
+            try:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [store.PROJECT_LOCK_CLASS, project_id])
+            except OperationalError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) == "55P03":  # lock_not_available
+                    raise _LockBusy from exc
+                raise
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
 
 
 def _versions_since(project_id: int, after_id: int | None) -> list[tuple[int, bytes]]:
@@ -383,6 +405,20 @@ def _sweep_batch(
     project_id: int, batch: list[bytes], marked: set[bytes], seen: dict[str, Any], project_store: store.ProjectStore
 ) -> tuple[int, int]:
     """Delete the batch's nodes no version reaches. Returns (nodes, bytes) deleted."""
+    pause, longest = SWEEP_LOCK_PAUSE_SECONDS
+    while True:
+        try:
+            return _sweep_batch_locked(project_id, batch, marked, seen, project_store)
+        except _LockBusy:
+            logger.info("project %s: garbage collection waits %.1f s for a long write transaction (an import?) "
+                        "to end", project_id, pause)
+            time.sleep(pause)
+            pause = min(2 * pause, longest)
+
+
+def _sweep_batch_locked(
+    project_id: int, batch: list[bytes], marked: set[bytes], seen: dict[str, Any], project_store: store.ProjectStore
+) -> tuple[int, int]:
     with transaction.atomic():
         _exclusive_lock(project_id)
         # The first batch rescans every version (writers in flight during the mark may have taken

@@ -176,3 +176,65 @@ def test_a_write_or_a_second_deletion_behind_a_deletion_is_a_404(project, user):
     assert first_delete is None and isinstance(second_delete, SessionNotFound), second_delete
     assert list(AuditEvent.objects.filter(action="session.delete", target_id=str(again.pk)).values_list(
         "reason", flat=True)) == ["first"]
+
+
+def test_writes_go_on_while_garbage_collection_waits_for_an_import_to_commit(project, settings, tmp_path):
+    """An import stores a whole file in one transaction, holding the project's write lock (shared)
+    until it commits. A garbage collection (after any session's deletion, or the daily compaction)
+    queued its exclusive request behind it, and PostgreSQL queued every writer's request behind that
+    one: engines' writes to the project stalled until the import committed (minutes for a big file)."""
+    import time
+    from pathlib import Path
+
+    from snapshots_app.compaction import compaction_run
+    from snapshots_app.transfer import transfer_export_run, transfer_import_run
+    from tests.factories import make_project, make_session
+
+    settings.VAR_DIR = tmp_path
+    source = make_project("source")
+    record_history(source, "backup", 3)
+    backup = Path(transfer_export_run(project=source)["path"])
+    live = make_session(project, "live")
+    snapshot_record(session=live, state={"step": 0})
+    session_delete(session=record_history(project, "gone", 2), reason="done with it")  # garbage to collect
+    stored, release = threading.Event(), threading.Event()
+    totals: list[int] = []
+    outcomes: dict[str, Any] = {}
+
+    def holds_when_stored(done: int, total: int | None = None, *, force: bool = False) -> None:
+        totals.extend([total] if total else [])
+        if done == totals[0]:  # everything stored, not yet committed
+            stored.set()
+            release.wait(60)
+
+    def on_own_connection(name: str, work: Callable[[], Any]) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcomes[name] = work()
+            finally:
+                connection.close()
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    importing = on_own_connection("import", lambda: transfer_import_run(project=project, path=backup,
+                                                                        progress=holds_when_stored))
+    assert stored.wait(30)
+    collecting = on_own_connection("gc", lambda: compaction_run(project=project, apply_retention=False, recompress=False))
+    assert someone_waits_on_a_lock(collecting)
+    started = time.monotonic()
+    writing = on_own_connection("write", lambda: snapshot_record(session=WorkflowSession.objects.get(pk=live.pk),
+                                                                 state={"step": 1}))
+    writing.join(10)
+    took = time.monotonic() - started
+    release.set()
+    for thread in (importing, collecting, writing):
+        thread.join(60)
+
+    assert took < 2, f"the write waited {took:.1f} s for the import"
+    assert outcomes["write"].number == 2
+    assert outcomes["import"]["versions"] == 3
+    assert outcomes["gc"]["nodes_freed"] > 0  # once the import committed, the collection went on
+    # Every version reads back, verified: nothing the import or the write stored was collected.
+    assert {key: value for key, value in read_all(project).items() if key[0] == "backup"} == read_all(source)
+    assert set(read_all(project)) == {("live", 1), ("live", 2), ("backup", 1), ("backup", 2), ("backup", 3)}
