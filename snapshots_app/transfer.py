@@ -293,6 +293,28 @@ def export_file(*, job: Job) -> Path:
 # Import
 
 
+def _line_max() -> int:
+    """The longest line an export of this install writes: a node of the largest state, in base64,
+    is 4/3 of it; every other record is far smaller."""
+    return 2 * int(settings.STATE_MAX_BYTES) + 1024 * 1024
+
+
+def _lines(source: IO[bytes], limit: int) -> Iterator[bytes]:
+    """The file's lines, refusing one longer than `limit`. A file that is one long line (a JSON
+    document uploaded in place of an export) was read whole and parsed: a 295 MB one took 1 GB of the
+    worker, a few GB one got the worker killed on every delivery, and the job failed as "gave up after
+    5 attempts: the worker died each time", not saying the file was not an export."""
+    number = 0
+    while line := source.readline(limit + 1):
+        number += 1
+        if len(line) > limit:
+            raise ImportRejected(
+                f"line {number} is longer than any line of an export ({limit} bytes): not a Session Rewind export, "
+                "or one from an install with a larger STATE_MAX_BYTES (raise it here to import it)"
+            )
+        yield line
+
+
 def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
     running = hashlib.sha256()
     count = 0
@@ -445,7 +467,7 @@ def _read_file(path: Path, nodes: _NodeSpill, progress: ProgressFn) -> tuple[dic
     versions: list[dict] = []
     read = 0
     with path.open("rb") as source:
-        for record in _records(iter(source)):
+        for record in _records(_lines(source, _line_max())):
             kind = record.get("type")
             try:
                 if kind == "header":

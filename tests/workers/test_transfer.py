@@ -630,3 +630,29 @@ def test_an_import_whose_upload_the_worker_cannot_see_fails_saying_why_without_t
                          "and the workers must share VAR_DIR (one file system); upload the file again")
     assert str(tmp_path) not in job.error
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_file_of_one_long_line_is_refused_at_that_line_without_reading_it_whole(
+    project, user, settings, tmp_path, eager
+):
+    """A JSON document uploaded in place of an export is one long line: it was read whole and parsed
+    (a 295 MB one took 1 GB of the worker; a few GB got the worker killed on every delivery, and the
+    job said only that the worker died each time)."""
+    import resource
+
+    settings.VAR_DIR = tmp_path
+    settings.STATE_MAX_BYTES = 64 * 1024  # lines of its exports: at most 1 MiB + 128 KiB
+    document = tmp_path / "checkpoints.json"
+    document.write_bytes(orjson.dumps([{"thread": i, "messages": ["hello world " * 20] * 10} for i in range(8000)]))
+    assert document.stat().st_size > 16 * 1024 * 1024
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    job = transfer_import_start(project=project, source=document, actor=user)  # runs as it is sent
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("line 1 is longer than any line of an export (1179648 bytes): not a Session Rewind "
+                                "export")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 16 * 1024  # KiB: never held whole
+    assert not WorkflowSession.objects.filter(project=project).exists()
