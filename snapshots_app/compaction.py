@@ -187,11 +187,13 @@ def _plan(project_id: int, policy: RetentionPolicy, rows: list[_Row], now: datet
         return plan
     heads: dict[Any, int] = {}
     keep_all: set[Any] = set()
-    for session_id, head_number, tags in WorkflowSession.objects.filter(project_id=project_id).values_list(
-        "id", "head_number", "tags"
+    for session_id, head_number, tags, archived_at in WorkflowSession.objects.filter(project_id=project_id).values_list(
+        "id", "head_number", "tags", "archived_at"
     ):
         heads[session_id] = head_number
-        if KEEP_ALL_TAG in tags:
+        # Archiving "keeps the whole history" (its confirm page says so, and pins and labels, which
+        # would protect versions, are refused while it lasts): retention thinned it all the same.
+        if KEEP_ALL_TAG in tags or archived_at is not None:
             keep_all.add(session_id)
     # A rewind or fork points at its source version: removing the source would break its lineage.
     sources = {row.parent_id for row in rows if row.kind in (VersionKind.REWIND, VersionKind.FORK) and row.parent_id}
@@ -262,7 +264,7 @@ def _retention_apply_session(
 ) -> int:
     """Remove the session's planned versions that are still unprotected, audited as one event."""
     session = WorkflowSession.objects.select_for_update().filter(pk=session_id, project_id=project_id).first()
-    if session is None or KEEP_ALL_TAG in session.tags:  # tagged since the plan
+    if session is None or KEEP_ALL_TAG in session.tags or session.archived_at is not None:  # since the plan
         return 0
     # Re-check protection under the session lock: a pin, label or rewind may have arrived since the plan.
     sources = Version.objects.filter(

@@ -173,7 +173,7 @@ class RetentionPolicy(models.Model):
         return (
             f"Keeps {' and '.join(kept) or 'no version for its rank or age'}; {beyond}. Heads, pinned, labelled and "
             "error versions, rewinds, forks and data fixes (and the versions they point at) are always kept, and so "
-            f"is every version of a session tagged {KEEP_ALL_TAG}."
+            f"is every version of an archived session or of one tagged {KEEP_ALL_TAG}."
         )
 
 

@@ -248,3 +248,33 @@ def test_a_session_tagged_keep_all_keeps_every_version(project):
     retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
     compaction_run(project=project)
     assert _numbers(kept) == [1, 2, 3, 4, 5, 6] and _numbers(thinned) == [6]
+
+
+@pytest.mark.django_db
+def test_an_archived_session_keeps_its_whole_history(project, user):
+    """Archiving "keeps the whole history" (its confirm page says so; pins and labels, which would
+    protect versions, are refused while it lasts), yet the next compaction thinned it as any other."""
+    from sessions_app.services import session_archive, session_unarchive
+
+    archived = record_history(project, "run-archived", 6, start=midnight(3))
+    session_archive(session=archived, reason="kept as the incident's record", actor=user)
+    thinned = record_history(project, "run-live", 6, start=midnight(3))
+    retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+
+    preview = compaction_dry_run(project=project)
+    result = compaction_run(project=project)
+
+    assert _numbers(archived) == [1, 2, 3, 4, 5, 6] and _numbers(thinned) == [6]
+    assert preview.versions_removed == result["versions_removed"] == 5
+    assert str(archived.pk) not in preview.removed_numbers
+    assert not AuditEvent.objects.filter(action="retention.remove", session_id=archived.pk).exists()
+    # Archived after a run planned its removals, before it removes them: kept too.
+    late = record_history(project, "run-late", 3, start=midnight(3))
+    plan = compaction.retention_plan(project=project)
+    session_archive(session=late, actor=user)
+    assert compaction._retention_apply_session(project.pk, late.pk, plan.remove[late.pk],
+                                               retention_policy_get(project=project), compaction._Remover()) == 0
+    assert _numbers(late) == [1, 2, 3]
+    session_unarchive(session=archived, actor=user)  # back under the policy
+    compaction_run(project=project)
+    assert _numbers(archived) == [6]
