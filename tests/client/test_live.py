@@ -235,6 +235,32 @@ def test_async_client_end_to_end(live_api):
     assert [(c["path"], c["old"], c["new"]) for c in diff["changes"]] == [("/n", 1, 3)]
 
 
+def test_walking_every_session_lists_one_written_meanwhile(live_api, rewind):
+    # The list's default order is by activity: a session written while the walk went on moved above
+    # its cursor, and iter_sessions ("every session") never listed it: a sweep missed the sessions
+    # engines were writing.
+    ids = [rewind.create_session(f"walk-{n}", tags=["walk"])["id"] for n in range(5)]
+    seen = []
+    for session in rewind.iter_sessions(tag="walk", limit=2):
+        if not seen:
+            rewind.record(ids[0], {"written": "while the walk was on its first page"})
+        seen.append(session["id"])
+    assert sorted(seen) == sorted(ids)
+
+    async def walk() -> list[str]:
+        async with live_api.aclient() as client:
+            found = []
+            async for session in client.iter_sessions(tag="walk", limit=2):
+                if not found:
+                    await client.record(ids[1], {"written": "meanwhile"})
+                found.append(session["id"])
+            return found
+
+    assert sorted(asyncio.run(walk())) == sorted(ids)
+    # An order the caller names is kept.
+    assert [s["id"] for s in rewind.iter_sessions(tag="walk", ordering="-updated_at", limit=2)][:2] == [ids[1], ids[0]]
+
+
 @pytest.fixture
 def jobs_run_in_process(settings, tmp_path):
     """Celery tasks run inside the live server as their request commits; export files go to tmp."""

@@ -471,6 +471,31 @@ def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     assert len(list(saver.list(None, limit=3))) == 3
 
 
+def test_list_without_a_thread_finds_a_thread_written_while_its_pages_are_read(live_api, monkeypatch):
+    import httpx
+    from session_rewind_client import Client, RetryPolicy
+    from session_rewind_client import langgraph as saver_module
+
+    monkeypatch.setattr(saver_module, "PAGE", 2)  # pages of two sessions: four threads take several
+    engine = trip_graph(SessionRewindSaver(live_api.client()))
+    threads = [f"walked-{n}" for n in range(4)]
+    for thread in threads:
+        engine.invoke({"city": thread, "log": []}, {"configurable": {"thread_id": thread}})
+
+    def engine_writes_the_oldest_thread(response: httpx.Response) -> None:
+        # Once the searching process has read its first page of threads, an engine runs the oldest again.
+        if response.request.url.path.endswith("/sessions/") and not written:
+            written.append(engine.invoke({"city": "again", "log": []}, {"configurable": {"thread_id": threads[0]}}))
+
+    written: list = []
+    http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
+                        event_hooks={"response": [engine_writes_the_oldest_thread]})
+    saver = SessionRewindSaver(Client(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)))
+    # In the list's default order (activity), the thread written meanwhile moved above the cursor: missed.
+    assert {t.config["configurable"]["thread_id"] for t in saver.list(None)} == set(threads)
+    assert written
+
+
 def test_finished_tasks_are_not_run_again_after_retention_when_a_paused_graph_resumes(live_api, rewind):
     """Fan out to three tasks, one of which pauses; the other two's writes must outlive retention."""
     from langgraph.types import Command, interrupt

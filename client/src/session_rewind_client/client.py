@@ -81,6 +81,16 @@ def _next_call(page: dict[str, Any], first: Call) -> Call | None:
     return Call("GET", first.path, params={**(first.params or {}), "cursor": following})
 
 
+def _walk_params(filters: dict[str, Any]) -> dict[str, Any]:
+    """The query of a walk over every session: in creation order unless the caller names an order.
+    The list's default order is by activity (-updated_at), so a session written while the walk went on
+    moved above its cursor and was never listed: a sweep over a busy project missed the very sessions
+    its engines were writing."""
+    params = _drop_none(**filters)
+    params.setdefault("ordering", "created_at")
+    return params
+
+
 def _refuse_ignored(http: Any, **given: Any) -> None:
     """With ``http=`` the client sends through that httpx client as it is: a `base_url`, `api_key` or
     `transport` given beside it went unused, so an engine passing its key there was quietly
@@ -533,8 +543,9 @@ class Client(Endpoints[Any]):
             time.sleep(poll)
 
     def iter_sessions(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every session matching the filters (status, workflow, tag, q), following cursors."""
-        for page in self._pages(Call("GET", "sessions/", params=_drop_none(**filters))):
+        """Every session matching the filters (status, workflow, tag, q), following cursors, oldest
+        first (``ordering=created_at``) unless another ``ordering`` is given (see `_walk_params`)."""
+        for page in self._pages(Call("GET", "sessions/", params=_walk_params(filters))):
             yield from page.get("results", [])
 
     def iter_versions(self, session_id: Any, **filters: Any) -> Iterator[dict[str, Any]]:
@@ -684,7 +695,7 @@ class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
             await asyncio.sleep(poll)
 
     async def iter_sessions(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
-        async for page in self._pages(Call("GET", "sessions/", params=_drop_none(**filters))):
+        async for page in self._pages(Call("GET", "sessions/", params=_walk_params(filters))):
             for item in page.get("results", []):
                 yield item
 

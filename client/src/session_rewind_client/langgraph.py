@@ -1151,13 +1151,16 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         return found
 
     def _sessions_tagged(self, tag: str) -> Op:
+        # In creation order: in the list's default order (activity) a thread written while the pages
+        # are read moves above the cursor, and `list(None)` (or a thread's deletion) missed it.
+        params = {"tag": tag, "limit": PAGE, "ordering": "created_at"}
         found: Rows = []
-        call: Call | None = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE})
+        call: Call | None = Call("GET", "sessions/", params=params)
         while call is not None:
             page = yield call
             found.extend(s for s in page.get("results", []) if tag in (s.get("tags") or []))
             cursor = page.get("next")
-            call = Call("GET", "sessions/", params={"tag": tag, "limit": PAGE, "cursor": cursor}) if cursor else None
+            call = Call("GET", "sessions/", params={**params, "cursor": cursor}) if cursor else None
         return found
 
     def _delete_sessions(self, sessions: Rows, reason: str) -> Op:
