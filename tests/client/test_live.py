@@ -109,6 +109,26 @@ def test_stale_writes_are_refused_and_nothing_is_written(rewind):
     assert rewind.get_session(s["id"])["head"] == 2
 
 
+def test_an_engine_chains_if_match_from_each_answer_through_records_rewinds_and_batches(rewind):
+    # The README's If-Match works on snapshots, batches and rewinds; the client took it on `record`
+    # alone and kept the ETag of `head` only, so an engine paid a GET per write to learn its next tag.
+    s = rewind.create_session("etag-chain")
+    first = rewind.record(s["id"], {"n": 1})
+    second = rewind.record(s["id"], {"n": 2}, if_match=first["etag"])
+    back = rewind.rewind(s["id"], 1, reason="n=2 was wrong", if_match=second["etag"])
+    assert back["etag"] == rewind.head(s["id"])["etag"] and back["number"] == 3
+    assert rewind.record(s["id"], {"n": 3}, if_match=back["etag"], idempotency_key="n3")["number"] == 4
+    assert rewind.record(s["id"], {"n": 3}, if_match=back["etag"], idempotency_key="n3")["etag"]  # a retry, replayed
+
+    with pytest.raises(PreconditionFailed):
+        rewind.rewind(s["id"], 1, reason="stale", if_match=second["etag"])
+    with pytest.raises(PreconditionFailed):
+        rewind.record_batch(s["id"], [{"state": {"n": 5}}], if_match=back["etag"])
+    assert rewind.get_session(s["id"])["head"] == 4
+    batch = rewind.record_batch(s["id"], [{"state": {"n": 5}}, {"state": {"n": 6}}], if_match=rewind.head(s["id"])["etag"])
+    assert [v["number"] for v in batch["versions"]] == [5, 6]
+
+
 def test_idempotency_key_replays_the_first_answer(rewind):
     s = rewind.create_session("i-1")
     first = rewind.record(s["id"], {"n": 1}, idempotency_key="step-1")

@@ -190,7 +190,8 @@ class Endpoints(Generic[R]):
         if_match: str | None = None,
         idempotency_key: str | None = None,
     ) -> R:
-        """Push a snapshot: it becomes the session's new head version (201 with its metadata)."""
+        """Push a snapshot: it becomes the session's new head version (201 with its metadata, and its
+        ``etag`` for the next write's ``if_match``)."""
         body = _drop_none(
             state=state, step=step, status=status, error=error, label=label, engine=engine,
             engine_version=engine_version, tags=tags, expected_version=expected_version,
@@ -198,7 +199,7 @@ class Endpoints(Generic[R]):
         headers = {"If-Match": if_match} if if_match else {}
         return self._run(
             Call("POST", f"sessions/{_sid(session_id)}/versions/", json=body, headers=headers,
-                 idempotency_key=idempotency_key)
+                 idempotency_key=idempotency_key, decode=_with_etag)
         )
 
     def record_batch(
@@ -207,11 +208,14 @@ class Endpoints(Generic[R]):
         snapshots: list[dict[str, Any]],
         *,
         expected_version: int | None = None,
+        if_match: str | None = None,
         idempotency_key: str | None = None,
     ) -> R:
-        """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing."""
+        """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing.
+        ``if_match`` (a head's ``etag``) or ``expected_version`` pins the head the first one follows."""
         body = _drop_none(versions=snapshots, expected_version=expected_version)
-        return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body,
+        headers = {"If-Match": if_match} if if_match else {}
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body, headers=headers,
                               idempotency_key=idempotency_key))
 
     def update_version(
@@ -274,12 +278,16 @@ class Endpoints(Generic[R]):
         *,
         reason: str,
         expected_version: int | None = None,
+        if_match: str | None = None,
         idempotency_key: str | None = None,
     ) -> R:
-        """Append a new head equal to `to_version` (history is kept); returns the new head."""
+        """Append a new head equal to `to_version` (history is kept); returns the new head, with its
+        ``etag``. ``if_match`` (a head's ``etag``) or ``expected_version`` names the head it must follow."""
         body = _drop_none(to_version=to_version, reason=reason, expected_version=expected_version)
+        headers = {"If-Match": if_match} if if_match else {}
         return self._run(
-            Call("POST", f"sessions/{_sid(session_id)}/rewind/", json=body, idempotency_key=idempotency_key)
+            Call("POST", f"sessions/{_sid(session_id)}/rewind/", json=body, headers=headers,
+                 idempotency_key=idempotency_key, decode=_with_etag)
         )
 
     def fork(
