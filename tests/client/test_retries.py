@@ -121,6 +121,23 @@ def test_a_retry_after_beyond_max_wait_is_raised_at_once_not_retried_early(monke
     assert caught.value.retry_after == 57.0 and waits == [] and len(script.requests) == 1
 
 
+def test_a_server_in_maintenance_says_when_to_come_back(monkeypatch):
+    # A 503 whose Retry-After is beyond max_wait is raised at once, as a 429's is, but its ServerError
+    # had no `retry_after` (AttributeError): the engine could not tell when to try again.
+    waits: list[float] = []
+    monkeypatch.setattr("session_rewind_client.client.time.sleep", waits.append)
+    script = Script(httpx.Response(503, text="<h1>Down for maintenance</h1>", headers={"Retry-After": "300"}))
+    client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=30))
+    with pytest.raises(ServerError) as caught:
+        client.record("s", {"n": 1})
+    assert caught.value.retry_after == 300.0 and caught.value.status == 503 and waits == []
+    assert pickle.loads(pickle.dumps(caught.value)).retry_after == 300.0
+    script = Script(problem(404, "session_not_found"))
+    with sync_client(script) as client, pytest.raises(NotFound) as missing:
+        client.get_session("s")
+    assert missing.value.retry_after is None
+
+
 def test_rate_limited_after_retries_run_out():
     script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 4)
     with sync_client(script) as client, pytest.raises(RateLimited) as caught:

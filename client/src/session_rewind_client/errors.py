@@ -11,7 +11,9 @@ class SessionRewindError(Exception):
 
     `status` is the HTTP status (None when no response arrived), `code` the server's stable,
     machine-readable code (e.g. ``version_conflict``), `detail` the human explanation and
-    `problem` the whole problem document.
+    `problem` the whole problem document, `retry_after` the seconds the server's ``Retry-After`` asked
+    for (a 429, or a 503 of a server in maintenance, raised at once when that is beyond the retry
+    policy's `max_wait`), else None.
     """
 
     default_code = "error"
@@ -23,12 +25,14 @@ class SessionRewindError(Exception):
         status: int | None = None,
         code: str | None = None,
         problem: dict[str, Any] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{status or '-'} {code or self.default_code}: {detail}")
         self.detail = detail
         self.status = status
         self.code = code or self.default_code
         self.problem = problem or {}
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a process pool, a task queue) as what it was made of: Exception's own pickling
@@ -94,10 +98,6 @@ class RateLimited(SessionRewindError):
 
     default_code = "throttled"
 
-    def __init__(self, detail: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(detail, **kwargs)
-        self.retry_after = retry_after
-
 
 class ServerError(SessionRewindError):
     """5xx: the server failed (503 is retried first)."""
@@ -122,7 +122,4 @@ def error_for(status: int, problem: dict[str, Any], *, retry_after: float | None
     """The typed error for a failed response's status and problem document."""
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else SessionRewindError)
     detail = str(problem.get("detail") or problem.get("title") or f"HTTP {status}")
-    code = problem.get("code")
-    if cls is RateLimited:
-        return RateLimited(detail, status=status, code=code, problem=problem, retry_after=retry_after)
-    return cls(detail, status=status, code=code, problem=problem)
+    return cls(detail, status=status, code=problem.get("code"), problem=problem, retry_after=retry_after)
