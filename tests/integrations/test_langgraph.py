@@ -121,6 +121,30 @@ def test_operator_rewind_is_what_the_graph_resumes_from(live_api, rewind):
     assert graph.invoke(None, config)["log"] == ["plan Rome", "book Rome", "confirm Rome"]
 
 
+def test_a_data_fix_after_a_dashboard_rewind_is_what_the_graph_resumes_from(live_api, rewind):
+    from sessions_app.models import WorkflowSession
+    from snapshots_app.services import snapshot_data_fix
+
+    graph = trip_graph(SessionRewindSaver(rewind))
+    config = {"configurable": {"thread_id": "trip-fixed"}}
+    graph.invoke({"city": "Oslo", "log": []}, config)
+    session = rewind.list_sessions(external_id="trip-fixed")["results"][0]
+    after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1 → book")
+    head = rewind.rewind(session["id"], after_plan["number"], reason="booked the wrong city")
+    # Staff correct the city at that point (the admin's data fix), then the engine resumes the thread.
+    state = head["state"]
+    state["checkpoint"]["channel_values"]["city"] = "Bergen"
+    snapshot_data_fix(session=WorkflowSession.objects.get(pk=session["id"]), state=state, based_on=head["number"],
+                      reason="the city is Bergen", actor_label="ops")
+
+    fixed = graph.get_state(config)
+    assert fixed.values == {"city": "Bergen", "log": ["plan Oslo"]} and fixed.next == ("book",)
+    assert next(iter(graph.get_state_history(config))).next == ("book",)
+    # The write `book` made on the state before the rewind used to come back as the fixed checkpoint's
+    # own: it was not run again, and "book Oslo" undid the fix.
+    assert graph.invoke(None, config)["log"] == ["plan Oslo", "book Bergen", "confirm Bergen"]
+
+
 def test_async_graph_and_thread_deletion(live_api):
     async def main() -> tuple[list[str], int, int]:
         async with live_api.aclient() as aclient:

@@ -89,6 +89,9 @@ BATCH_BYTES = 4 * 1024 * 1024  # a batch of states ends before this (the server 
 # A listing reads the pending writes of its first checkpoints one request each; a caller reading on
 # makes it weigh that against one pass over the whole writes session (see `_PendingWrites`).
 WRITES_PROBE = 2
+# Versions that put a checkpoint back as an operator made it: a rewind, or a data fix (its corrected
+# state, the same checkpoint id). The writes made before one belong to the run it replaced.
+RESTARTS = ("rewind", "data_fix")
 
 Op = Generator[Any, Any, Any]
 # `SessionRewindSaver.list` shadows the builtin inside the class, hence `builtins.list` there.
@@ -327,9 +330,9 @@ class _PendingWrites:
         self.pass_cost: int | None = None
         self.by_tag: dict[str, Rows] | None = None  # checkpoint tag -> write versions, once read in one pass
 
-    def of(self, checkpoint_id: str, end: datetime | None, emitted: int) -> Op:
-        """The writes of this checkpoint made before `end` (its first rewind), `emitted` checkpoints
-        having been handed out before it."""
+    def of(self, checkpoint_id: str, end: datetime | None, emitted: int, start: datetime | None = None) -> Op:
+        """The writes of this checkpoint made from `start` (a data fix: when it was made) to `end` (its
+        first rewind), `emitted` checkpoints having been handed out before it."""
         tag = checkpoint_tag(checkpoint_id)
         left = None if self.limit is None else self.limit - emitted
         if self.by_tag is None and self.asked >= WRITES_PROBE and (left is None or left > 1):
@@ -346,7 +349,7 @@ class _PendingWrites:
         else:
             rows = yield from _VersionPages(self.session_id, {"tag": tag}).all()
             self.asked += 1
-        return (yield from self.collect(self.session_id, _within(rows, (None, end))))
+        return (yield from self.collect(self.session_id, _within(rows, (start, end))))
 
     def _pass_cost(self) -> Op:
         """Requests one pass over the writes session takes: its pages of states."""
@@ -858,7 +861,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         if lineage is not None and not lineage.live(_when(head["created_at"])):
             return (yield from self._as_of_root(session_id, lineage))
         # The writes the head reads as its own: after it, for a head that is a rewind.
-        return head, ((_when(head["created_at"]), None) if head.get("kind") == "rewind" else (None, None))
+        return head, ((_when(head["created_at"]), None) if head.get("kind") in RESTARTS else (None, None))
 
     def _version_facts(self, session_id: str, number: int) -> Op:
         """(created_at, checkpoint id) of a checkpoint version: versions never change, so asked once."""
@@ -892,7 +895,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 return None
             row = next(iter(page.get("results") or []), None)
             if row is not None and (after is None or _when(row["created_at"]) > after):
-                start = _when(row["created_at"]) if row.get("kind") == "rewind" else None
+                start = _when(row["created_at"]) if row.get("kind") in RESTARTS else None
                 found = (row, (start, before))
                 break
         if found is None or lineage.resumes is None:
@@ -982,8 +985,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     if wanted_id:
                         rewinds = yield from self._rewinds(session_id)
                         first_rewind = min((when for target, when in rewinds.values() if target == number), default=None)
-                    # Its writes are those made before the first rewind back to it (later ones belong to that rewind).
-                    writes = yield from pending.of(checkpoint_id, first_rewind, emitted)
+                    # Its writes are those made before the first rewind back to it (later ones belong to that
+                    # rewind); a data fix's, those made after it (earlier ones were made on the state it fixed).
+                    start = _when(meta["created_at"]) if meta.get("kind") == "data_fix" else None
+                    writes = yield from pending.of(checkpoint_id, first_rewind, emitted, start)
                 yield _Item(self._tuple_from(state, thread_id, ns, writes))
                 emitted += 1
                 if limit is not None and emitted >= limit:
