@@ -339,6 +339,24 @@ def test_an_async_answer_that_is_not_json_is_a_session_rewind_error():
     asyncio.run(main())
 
 
+def test_an_answer_its_content_encoding_cannot_decode_is_a_session_rewind_error():
+    # httpx's DecodingError went past an engine's `except SessionRewindError`, the one failure that did.
+    def mislabelled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, content=b'{"number": 1}', headers={"Content-Encoding": "gzip"})
+
+    with Client("http://rewind.test", transport=httpx.MockTransport(mislabelled), retry=FAST) as client, \
+            pytest.raises(SessionRewindError, match="could not be decoded") as caught:
+        client.record("s", {"n": 1})
+    assert caught.value.code == "invalid_response"
+
+    async def main() -> None:
+        async with AsyncClient("http://rewind.test", transport=httpx.MockTransport(mislabelled), retry=FAST) as client:
+            with pytest.raises(SessionRewindError, match="could not be decoded"):
+                await client.record("s", {"n": 1})
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(("status", "code"), [(409, "version_conflict"), (429, "throttled"), (503, "database_unavailable")])
 def test_an_error_survives_pickling_as_it_was(status, code):
     # A process pool or a task queue hands errors on pickled: they came back with their message

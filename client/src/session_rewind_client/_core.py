@@ -371,6 +371,16 @@ def decoded(call: Call, response: httpx.Response) -> Any:
         raise SessionRewindError(detail, status=response.status_code, code="invalid_response") from None
 
 
+def undecodable(call: Call, exc: httpx.DecodingError) -> SessionRewindError:
+    """An answer whose body its own Content-Encoding cannot decode (a proxy that mislabels or cuts a
+    compressed body): an error of this client's kind like every other failure, not httpx's, which an
+    engine's ``except SessionRewindError`` let through. A write may have been done: repeat it with its
+    idempotency_key."""
+    detail = (f"{call.method} {call.path} was answered with a body that could not be decoded ({exc}): "
+              "is something between the client and the API rewriting answers?")
+    return SessionRewindError(detail, code="invalid_response")
+
+
 def redirected(response: httpx.Response) -> SessionRewindError:
     """A redirect is not followed (a 301/302 would turn a write into a GET, and the key might go to
     another host), nor taken for an answer: its empty body used to come back as None, so a write the

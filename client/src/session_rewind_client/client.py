@@ -35,6 +35,7 @@ from session_rewind_client._core import (
     retry_wait,
     transport_error,
     transport_heals,
+    undecodable,
 )
 
 USER_AGENT = f"session-rewind-client/{__version__}"
@@ -498,6 +499,8 @@ class Client(Endpoints[Any]):
                 time.sleep(wait)
                 attempt += 1
                 continue
+            except httpx.DecodingError as exc:
+                raise undecodable(call, exc) from exc
             wait = retry_wait(attempt, self.retry, response, budget)
             if wait is not None:
                 time.sleep(wait)
@@ -661,6 +664,8 @@ class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
                 await asyncio.sleep(wait)
                 attempt += 1
                 continue
+            except httpx.DecodingError as exc:
+                raise undecodable(call, exc) from exc
             except RuntimeError as exc:
                 raise self._wrong_loop(exc) from exc
             wait = retry_wait(attempt, self.retry, response, budget)
