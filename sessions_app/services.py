@@ -265,7 +265,9 @@ def clean_external_id(external_id: Any) -> str:
         raise InvalidState("external_id is longer than 255 characters")
     if "\x00" in external_id:
         raise InvalidState("external_id must not contain NUL characters")
-    return external_id.strip()
+    # Kept as the engine sent it: stripped, "run-7 " and "run-7" were one session (two threads'
+    # checkpoints in one history), and `?external_id=run-7%20` (the id the engine knows) found nothing.
+    return external_id
 
 
 def session_get_or_create(

@@ -24,6 +24,17 @@ def test_create_is_idempotent_on_external_id(writer):
     assert WorkflowSession.objects.filter(external_id="thread-9").count() == 1
 
 
+def test_an_external_id_is_kept_as_the_engine_sent_it(writer):
+    padded = writer.post("/api/v1/sessions/", {"external_id": "run-7 "}, format="json")
+    plain = writer.post("/api/v1/sessions/", {"external_id": "run-7"}, format="json")
+    assert padded.status_code == plain.status_code == 201  # two ids, two sessions: they were one
+    assert padded.json()["external_id"] == "run-7 " and padded.json()["id"] != plain.json()["id"]
+    found = writer.get("/api/v1/sessions/", {"external_id": "run-7 "}).json()["results"]
+    assert [s["id"] for s in found] == [padded.json()["id"]]  # the id the engine knows finds its session
+    assert writer.post("/api/v1/sessions/", {"external_id": "run-7 "}, format="json").json()["id"] == padded.json()["id"]
+    assert writer.post("/api/v1/sessions/", {"external_id": " \n"}, format="json").status_code == 400
+
+
 def test_list_filters_and_pages_with_a_cursor(writer, project):
     for i in range(5):
         make_session(project, f"run-{i}", workflow="etl" if i % 2 else "chat", tags=["nightly"] if i < 2 else [])

@@ -485,6 +485,17 @@ def test_thread_ids_up_to_the_external_id_limit(live_api, rewind):
     assert list(trip_graph(saver).get_state_history(config)) == []
 
 
+def test_a_thread_id_with_a_trailing_space_is_found_again_by_a_new_process(live_api, rewind):
+    config = {"configurable": {"thread_id": "trip-padded "}}
+    trip_graph(SessionRewindSaver(rewind)).invoke({"city": "Oslo", "log": []}, config)
+    trip_graph(SessionRewindSaver(rewind)).invoke({"city": "Rome", "log": []}, {"configurable": {"thread_id": "trip-padded"}})
+    # The server stored the id stripped: an engine restarted (a new saver) found no checkpoint for its
+    # thread and started it afresh, and "trip-padded" wrote into the same session.
+    restarted = trip_graph(SessionRewindSaver(live_api.client()))
+    assert restarted.get_state(config).values["log"] == ["plan Oslo", "book Oslo", "confirm Oslo"]
+    assert len(list(restarted.get_state_history(config))) == 5
+
+
 def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     saver = SessionRewindSaver(rewind)
     graph = trip_graph(saver)
