@@ -200,6 +200,30 @@ def test_a_refused_snapshot_stops_recording_but_not_the_workflow(live_api, setti
     assert run.recording_error.status == 413 and run.recording_error.code == "state_too_large"
 
 
+class Garbled(Workflow):
+    @step
+    async def read(self, ctx: Context, ev: StartEvent) -> Priced:
+        return Priced(total=1)
+
+    @step
+    async def parse(self, ctx: Context, ev: Priced) -> StopEvent:
+        raw = b"\x00\xff tool output".decode("utf-8", "surrogateescape")  # a subprocess's bytes, say
+        raise ValueError(f"cannot parse {raw}")
+
+
+def test_a_failure_whose_message_holds_a_nul_or_stray_bytes_is_recorded(live_api):
+    async def main():
+        async with live_api.aclient() as client:
+            return await WorkflowRecorder(client).run(Garbled(timeout=10), external_id="garbled")
+
+    run = asyncio.run(main())
+    # The last snapshot used to be refused (a NUL in `error`; a lone surrogate could not even be sent):
+    # recording stopped, and the timeline showed the run as still running.
+    assert run.failed and run.recording_error is None
+    assert run.versions[-1]["status"] == "failed"
+    assert run.versions[-1]["error"] == "ValueError: cannot parse \\x00\\udcff tool output"
+
+
 class Dated(Workflow):
     @step
     async def stamp(self, ctx: Context, ev: StartEvent) -> Priced:

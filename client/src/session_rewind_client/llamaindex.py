@@ -88,7 +88,11 @@ class _Snapshot:
 
 
 def describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
+    """The exception as the version's `error`. What that field cannot hold (a NUL, a lone surrogate from
+    bytes decoded with surrogateescape) is written out as Python would (\\x00, \\udcff): sent as it was,
+    the failed run's last snapshot was refused, and its failure never showed in the timeline."""
+    text = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:ERROR_MAX]
 
 
 class WorkflowRecorder:
