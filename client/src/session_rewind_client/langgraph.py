@@ -860,7 +860,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         thread's, for a subgraph's namespace: rewound past the head, it is its checkpoint as of there."""
         if lineage is not None and not lineage.live(_when(head["created_at"])):
             return (yield from self._as_of_root(session_id, lineage))
-        # The writes the head reads as its own: after it, for a head that is a rewind.
+        # The writes the head reads as its own: after it, for a head that is a rewind or a data fix.
         return head, ((_when(head["created_at"]), None) if head.get("kind") in RESTARTS else (None, None))
 
     def _version_facts(self, session_id: str, number: int) -> Op:
