@@ -142,9 +142,11 @@ def _number_in(raw: str) -> int | None:
 
 
 def _query_int(params: Any, name: str) -> int:
-    number = _number_in(params.get(name, ""))
+    raw = params.get(name, "")
+    number = _number_in(raw)
     if number is None:
-        raise ValidationError({name: ["Required: a version number."]})
+        raise ValidationError({name: ["Required: a version number." if raw == "" else
+                                      f"Not a version number: use a whole number from 1 to {NUMBER_MAX}."]})
     return number
 
 

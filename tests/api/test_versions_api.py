@@ -135,7 +135,12 @@ def test_diff_within_and_across_sessions(writer, session):
                            ("from=1&to=99", "has no version 99")):
         response = writer.get(url(session, f"diff/?{query}"))
         assert response.status_code == 404 and missing in response.json()["detail"], query
-    assert writer.get(url(session, "diff/?from=1")).status_code == 400
+    missing = writer.get(url(session, "diff/?from=1"))
+    assert missing.status_code == 400 and missing.json()["errors"]["to"] == ["Required: a version number."]
+    for given in ("0", "x", "1.5", "9" * 20):  # given, so not "Required" (as a 20-digit number was told)
+        wrong = writer.get(url(session, f"diff/?from={given}&to=1"))
+        assert wrong.status_code == 400, given
+        assert wrong.json()["errors"]["from"] == ["Not a version number: use a whole number from 1 to 2147483647."]
 
 
 def test_a_diff_refuses_a_query_parameter_it_does_not_take(writer, session):
