@@ -1,20 +1,24 @@
-"""Our middleware: trailing-slash redirects that keep the request, the CSP header, and, while the
-database is unreachable, a 503 page and live-update sockets closed without a traceback."""
+"""Our middleware: trailing-slash redirects that keep the request, the CSP header, a sign-in asked for
+mid-action that leads back to the page, and, while the database is unreachable, a 503 page and
+live-update sockets closed without a traceback."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import DisallowedHost
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase, HttpResponseRedirectBase
 from django.middleware import common
+from django.shortcuts import resolve_url
 from django.template.loader import render_to_string
 from django.utils.deprecation import MiddlewareMixin
-from django.utils.http import escape_leading_slashes
+from django.utils.http import escape_leading_slashes, url_has_allowed_host_and_scheme
 
 from sessions_app.errors import first_line
 
@@ -60,6 +64,44 @@ class ContentSecurityPolicyMiddleware(MiddlewareMixin):
                     policy = " ".join(word for word in policy.split(" ") if "{host}" not in word)
             response["Content-Security-Policy"] = policy
         return response
+
+
+class SignInAgainMiddleware(MiddlewareMixin):
+    """A click whose sign-in had ended (the browser session expired, or was ended in another tab) is
+    sent to sign in and then back to the page it was made on. login_required sent it back to the
+    address the click requested instead: an htmx action (pin, label) followed that redirect and
+    swapped the whole sign-in page into the timeline row, and a plain form sent to a POST-only
+    address (pin without JavaScript, unarchive) came back after signing in as a GET of it, a bare 405.
+    The page is HX-Current-URL for htmx, the Referer for a form; only one of this site's pages."""
+
+    def process_response(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        if response.status_code != 302 or getattr(request, "user", None) is None or request.user.is_authenticated:
+            return response
+        login = resolve_url(settings.LOGIN_URL)
+        if urlsplit(response.get("Location", "")).path != login:
+            return response
+        htmx = request.headers.get("HX-Request") == "true"
+        if not htmx and request.method in ("GET", "HEAD"):
+            return response  # (a page asked for again after signing in shows what it showed)
+        page = self._page(request, request.headers.get("HX-Current-URL" if htmx else "Referer", ""))
+        if page is None:
+            return response
+        again = redirect_to_login(page, login)
+        if not htmx:
+            return again
+        answer = HttpResponse(status=200)
+        answer["HX-Redirect"] = again["Location"]  # a full page load: a redirect would be followed and swapped in
+        return answer
+
+    @staticmethod
+    def _page(request: HttpRequest, url: str) -> str | None:
+        if not url or not url_has_allowed_host_and_scheme(url, allowed_hosts={request.get_host()},
+                                                          require_https=request.is_secure()):
+            return None
+        parts = urlsplit(url)
+        if parts.path == resolve_url(settings.LOGIN_URL):
+            return None
+        return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 class DatabaseUnavailableMiddleware(MiddlewareMixin):

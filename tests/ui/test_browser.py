@@ -869,3 +869,21 @@ def test_a_filtered_timeline_whose_socket_came_back_reloads_with_its_filter(serv
     assert page.evaluate("window.beforeDrop") is None and page.locator("#reconnected").count() == 0  # reloaded
     assert page.is_checked("#filter-has-error") and page.locator("#timeline > li.vrow").count() == 1
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_pin_clicked_after_the_sign_in_ended_signs_in_again_on_its_own_page(server, browser):
+    """The sign-in page was swapped into the timeline row, inside the page that was signed out."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    timeline = f"{server}/sessions/{session.pk}/"
+    page.goto(timeline)
+    page.context.clear_cookies(name="sessionid")  # expired, or signed out in another tab
+    page.click("#v-2 button:text-is('Pin')")
+    page.wait_for_url(f"{server}/accounts/login/**")
+    assert page.locator("input[name=username]").count() == 1 and page.locator("#timeline").count() == 0
+    page.fill("input[name=username]", "olga")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(timeline)
+    page.wait_for_selector("#v-2")
+    assert "Unpin" not in page.inner_text("#v-2")  # nothing was done while signed out: pin it again

@@ -168,3 +168,36 @@ def test_signing_in_or_out_never_redirects_off_the_site(client, target):
     assert target not in client.get("/accounts/login/", {"next": target}).content.decode()
     signed_out = client.post("/accounts/logout/", {"next": target})
     assert signed_out.status_code == 302 and signed_out["Location"] == "/accounts/login/"
+
+
+# -- signed out mid-action -----------------------------------------------------------------------------
+
+
+def test_an_action_whose_sign_in_ended_signs_in_again_and_returns_to_the_page_it_was_made_on(client, operator, story):
+    """The browser session ended while the timeline was open (expired, or signed out in another tab)."""
+    from django.contrib.auth.views import redirect_to_login
+    from django.urls import reverse
+
+    page = reverse("snapshots:session", kwargs={"session_id": story.pk}) + "?pinned=1"
+    mark = reverse("snapshots:mark", kwargs={"session_id": story.pk, "number": 2})
+    login = redirect_to_login(page)["Location"]
+    assert login.startswith(f"{LOGIN}?next=")
+
+    # htmx (pin, label): a full page load of the sign-in page, not the page swapped into the row.
+    response = client.post(mark, {"pinned": "1"}, headers={"HX-Request": "true", "HX-Current-URL": f"http://testserver{page}"})
+    assert response.status_code == 200 and response.content == b"" and response["HX-Redirect"] == login
+    # A form without JavaScript: after signing in, back to the page, not a GET of the POST-only address (405).
+    response = client.post(mark, {"pinned": "1"}, headers={"Referer": f"http://testserver{page}"})
+    assert response.status_code == 302 and response["Location"] == login
+    client.force_login(operator)
+    assert client.get(page).status_code == 200
+    assert not story.versions.filter(pinned=True).exists()  # nothing was done while signed out
+
+    # Another site's address is never where signing in leads; without one it is as before.
+    client.logout()
+    response = client.post(mark, {"pinned": "1"}, headers={"Referer": "https://elsewhere.example/x"})
+    assert response["Location"] == redirect_to_login(mark)["Location"]
+    response = client.post(mark, {"pinned": "1"}, headers={"HX-Request": "true", "HX-Current-URL": "https://elsewhere.example/x"})
+    assert response.status_code == 302 and "HX-Redirect" not in response
+    # A page asked for while signed out still returns to itself.
+    assert client.get(page)["Location"] == login
