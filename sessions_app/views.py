@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from sessions_app.forms import SessionFilterForm, form_problems
 from sessions_app.models import SessionStatus
@@ -64,3 +65,27 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
     }
     fragment = "sessions_app/partials/_session_rows.html" if after else "sessions_app/partials/_session_table.html"
     return render_fragment(request, "sessions_app/list.html", fragment, context, status=400 if problems else 200)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF_FAILURE_VIEW. A form from a page loaded before its user signed in again (in another tab,
+    or after the sign-in expired) carries a token that no longer counts. Django's own page answered
+    it in developer's words ("CSRF verification failed. Request aborted."), outside the layout, with
+    no way back; an htmx action showed its stylesheet as the reason. Nothing was done either way."""
+    from django.middleware.csrf import REASON_NO_CSRF_COOKIE
+
+    if reason == REASON_NO_CSRF_COOKIE:
+        message = ("Your browser sent this form without this site's cookie (are cookies blocked for it?): "
+                   "nothing was changed.")
+    elif reason.startswith(("Origin checking failed", "Referer checking failed")):
+        message = ("Your browser says this form came from another address than this site's: nothing was "
+                   "changed. (A service reached through a proxy needs its address in CSRF_TRUSTED_ORIGINS.)")
+    else:
+        message = ("This page was loaded before you last signed in (perhaps in another tab), so its form "
+                   "no longer counts: nothing was changed. Reload the page and do it again.")
+    if wants_fragment(request):
+        return HttpResponse(message, status=403, content_type="text/plain; charset=utf-8")
+    back = request.headers.get("Referer", "")
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        back = ""
+    return render(request, "403_csrf.html", {"message": message, "back": back}, status=403)

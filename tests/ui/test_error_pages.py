@@ -104,3 +104,37 @@ def test_with_the_database_gone_a_page_says_so_with_a_503_not_a_logged_server_er
     assert "database unavailable in /admin/" in log
     assert log.count("live-update sockets (database) failed: OperationalError") == 1  # then counted
     assert "Traceback" not in log and "Exception in ASGI application" not in log
+
+
+def test_a_form_from_before_the_last_sign_in_is_refused_in_words_in_the_layout(operator, story):
+    """Signed in again in another tab: the open page's token no longer counts. Django's page said
+    "CSRF verification failed. Request aborted." with no layout and no way back."""
+    from django.test import Client
+
+    from snapshots_app.models import Version
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(operator)
+    page = reverse("snapshots:session", kwargs={"session_id": story.pk})
+    client.get(page)
+    stale = client.cookies["csrftoken"].value
+    client.cookies["csrftoken"] = "a" * 32  # as signing in again (in another tab) rotated it
+    rewind = reverse("snapshots:rewind", kwargs={"session_id": story.pk, "number": 2})
+    versions = Version.objects.count()
+
+    response = client.post(rewind, {"reason": "bad output", "csrfmiddlewaretoken": stale},
+                           headers={"Referer": f"http://testserver{rewind}"})
+    assert response.status_code == 403
+    text = response.content.decode()
+    assert "loaded before you last signed in" in text and "nothing was changed" in text
+    assert 'class="topbar"' in text and "CSRF verification failed" not in text
+    assert f'<a href="http://testserver{rewind}">Back to the page</a>' in text
+    # An htmx action (pin) gets the sentence alone, which the page shows next to the button.
+    mark = reverse("snapshots:mark", kwargs={"session_id": story.pk, "number": 2})
+    response = client.post(mark, {"pinned": "1"}, headers={"HX-Request": "true", "X-CSRFToken": stale})
+    assert response.status_code == 403 and response["Content-Type"].startswith("text/plain")
+    assert response.content.decode().startswith("This page was loaded before you last signed in")
+    assert Version.objects.count() == versions and not Version.objects.filter(pinned=True).exists()
+    # Another site's address is no way back.
+    response = client.post(rewind, {"reason": "x", "csrfmiddlewaretoken": stale}, headers={"Referer": "https://evil.example/"})
+    assert "evil.example" not in response.content.decode()
