@@ -183,8 +183,17 @@
       notice.setAttribute("role", "alert");
       holder.appendChild(notice);
     }
-    var text = (event.detail.xhr.responseText || "").replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
-    notice.textContent = "Not done: " + (text.slice(0, 300) || "the server answered " + event.detail.xhr.status + ".");
+    // A refusal the server answered with a page (403, 404, 500) says why in its alert: the rest of the
+    // page (its title, the top bar, its stylesheet) read as part of the reason.
+    var xhr = event.detail.xhr;
+    var text = xhr.responseText || "";
+    if (/html/i.test(xhr.getResponseHeader("Content-Type") || "")) {
+      var doc = new DOMParser().parseFromString(text, "text/html");
+      var said = doc.querySelector("main [role=alert], main .empty") || doc.querySelector("main") || doc.body;
+      text = said ? said.textContent : "";
+    }
+    text = text.replace(/\s+/g, " ").trim();
+    notice.textContent = "Not done: " + (text.slice(0, 300) || "the server answered " + xhr.status + ".");
   });
 
   document.addEventListener("change", function (event) {

@@ -887,3 +887,23 @@ def test_a_pin_clicked_after_the_sign_in_ended_signs_in_again_on_its_own_page(se
     page.wait_for_url(timeline)
     page.wait_for_selector("#v-2")
     assert "Unpin" not in page.inner_text("#v-2")  # nothing was done while signed out: pin it again
+
+
+def test_a_pin_refused_by_the_server_says_why_in_its_words_alone(server, browser):
+    """A refusal answered with a page (403 in the layout) read as its title, top bar and all:
+    "Not done: Not allowed · Session Rewind Session Rewind Acme olga Log out Not allowed Operators only…"."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    olga = session.project.memberships.get(user__username="olga").user
+    off_loop(membership_set, project=session.project, user=olga, role=Role.VIEWER)  # demoted meanwhile
+    page.click("#v-3 button:text-is('Pin')")
+    page.wait_for_selector("#v-3 .action-error", timeout=5_000)
+    assert page.inner_text("#v-3 .action-error") == "Not done: Operators only: viewers can read but not change sessions"
+
+    # Signed in again in another tab since the page loaded: its token no longer counts.
+    page.context.add_cookies([{"name": "csrftoken", "value": "a" * 32, "url": server}])
+    page.click("#v-2 button:text-is('Pin')")
+    page.wait_for_selector("#v-2 .action-error", timeout=5_000)
+    assert page.inner_text("#v-2 .action-error").startswith("Not done: This page was loaded before you last signed in")
+    assert "Unpin" not in page.inner_text("#timeline")
