@@ -26,3 +26,28 @@ def ago(moment: datetime | None) -> SafeString | str:
     # data-ago: the age in seconds by the server's clock (app.js counts on from it, whatever the
     # browser's clock says).
     return format_html('<time datetime="{}" title="{}" data-ago="{}">{}</time>', stamp, stamp, seconds, text)
+
+
+TRACEBACK = "Traceback (most recent call last):"
+
+
+@register.filter
+def error_gist(error: str | None) -> str:
+    """What an error says, for a place with room for a line: a Python traceback's exception (its last
+    lines, after the frames), not its opening. Cut to fit, the list, the session's header and the
+    timeline showed "Traceback (most recent call last): File "agent.py", line 42, in run resul…"
+    for every failed session alike; the whole text stays in the title and on the version's page.
+    Any other error is returned as it is."""
+    text = (error or "").strip()
+    if not text.startswith(TRACEBACK):
+        return text
+    lines = text.splitlines()
+    # The exception starts at the first unindented line after the last frame ("  File …" and the
+    # indented source and ^^^ lines under it); a chained traceback's last exception is the last one.
+    start = 1
+    for number, line in enumerate(lines):
+        if line.startswith("  File "):
+            start = number + 1
+    while start < len(lines) and (lines[start].startswith(" ") or not lines[start].strip()):
+        start += 1
+    return "\n".join(lines[start:]).strip() or text

@@ -76,6 +76,48 @@ def test_list_shows_badges_counts_size_step_and_error(client, operator, team):
     assert "status-failed" in page and "Boom: it broke" in page and "fetch" in page and "2.9\xa0KB" in page
 
 
+TRACEBACK = """Traceback (most recent call last):
+  File "/srv/agent/graph.py", line 118, in run_node
+    result = await node.invoke(state, config=config, callbacks=self.callbacks)
+             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/srv/agent/tools/search.py", line 42, in invoke
+    return self.client.search(query, timeout=30)
+TimeoutError: tool 'search' did not answer within 30 s
+"""
+
+
+def test_a_failed_sessions_traceback_reads_as_its_exception_where_there_is_room_for_a_line(client, operator, team):
+    """Cut to fit, the list, the session's header and the timeline showed a traceback's opening
+    ("Traceback (most recent call last): File …"), alike for every failed session, never the error."""
+    session = make_session(team, "run-tb")
+    snapshot_record(session=session, state={"a": 1}, step="search", status="failed", error=TRACEBACK)
+    client.force_login(operator)
+    gist = "TimeoutError: tool &#x27;search&#x27; did not answer within 30 s"
+    listed = client.get(reverse("sessions:list")).content.decode()
+    row = re.search(r'<td class="err"[^>]*>(.*?)</td>', listed, re.S).group(1)
+    assert row == gist
+    page = client.get(session_url(session)).content.decode()
+    header = re.search(r'<dd class="error"[^>]*>(.*?)</dd>', page, re.S).group(1)
+    timeline = re.search(r'<div class="verror error"[^>]*>(.*?)</div>', page, re.S).group(1)
+    assert header == gist and timeline == gist
+    assert "line 42, in invoke" in html.unescape(page)  # the whole traceback stays in the title
+    version = client.get(session_url(session, "snapshots:version", number=1)).content.decode()
+    assert "/srv/agent/tools/search.py" in version and gist in version  # and on the version's page
+
+
+def test_the_gist_of_an_error_is_the_last_exception_of_a_traceback_and_any_other_error_as_it_is():
+    from sessions_app.templatetags.rewind import error_gist
+
+    chained = ("Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\nKeyError: 'k'\n\n"
+               "During handling of the above exception, another exception occurred:\n\n"
+               "Traceback (most recent call last):\n  File \"a.py\", line 3, in f\n    raise ValueError(\"bad\\nworse\")\n"
+               "ValueError: bad\nworse")
+    assert error_gist(chained) == "ValueError: bad\nworse"
+    assert error_gist("Traceback (most recent call last):\n") == "Traceback (most recent call last):"
+    assert error_gist("Error: fetch failed\n    at run (agent.js:3:9)") == "Error: fetch failed\n    at run (agent.js:3:9)"
+    assert error_gist(None) == "" and error_gist("Boom") == "Boom"
+
+
 def test_recent_activity_reads_in_seconds_and_older_in_minutes(client, operator, team):
     """Whether an engine wrote a moment ago or a minute ago: "0 minutes ago" said the same for both."""
     from datetime import timedelta
