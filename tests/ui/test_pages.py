@@ -406,6 +406,15 @@ def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operato
     assert audit.reason == "tool lied" and audit.actor_label == "olga"
 
 
+def test_the_rewind_confirm_names_the_versions_that_stay_in_words_that_fit_how_many(client, operator, story):
+    """Rewinding one version back said "Nothing is deleted: v5–v5 stay in the history"."""
+    client.force_login(operator)
+    one_back = client.get(session_url(story, "snapshots:rewind", number=4)).content.decode()
+    assert "Nothing is deleted: v5 stays in the history." in one_back
+    further = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
+    assert "Nothing is deleted: v3–v5 stay in the history." in further
+
+
 def test_rewinding_a_running_or_waiting_session_warns_that_its_engine_may_write_over_it(client, operator, story):
     """An engine still working (or waiting for input) writes its next step from its own memory, on top
     of the rewind: the confirm page says so while the session is running or waiting, and not once it
