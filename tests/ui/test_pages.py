@@ -407,12 +407,12 @@ def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operato
 
 
 def test_the_rewind_confirm_names_the_versions_that_stay_in_words_that_fit_how_many(client, operator, story):
-    """Rewinding one version back said "Nothing is deleted: v5–v5 stay in the history"."""
+    """Rewinding one version back said "Nothing is deleted: v5\u2013v5 stay in the history"."""
     client.force_login(operator)
     one_back = client.get(session_url(story, "snapshots:rewind", number=4)).content.decode()
     assert "Nothing is deleted: v5 stays in the history." in one_back
     further = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
-    assert "Nothing is deleted: v3–v5 stay in the history." in further
+    assert "Nothing is deleted: v3\u2013v5 stay in the history." in further
 
 
 def test_rewinding_a_running_or_waiting_session_warns_that_its_engine_may_write_over_it(client, operator, story):
