@@ -907,3 +907,29 @@ def test_a_pin_refused_by_the_server_says_why_in_its_words_alone(server, browser
     page.wait_for_selector("#v-2 .action-error", timeout=5_000)
     assert page.inner_text("#v-2 .action-error").startswith("Not done: This page was loaded before you last signed in")
     assert "Unpin" not in page.inner_text("#timeline")
+
+
+def test_the_end_of_a_long_diff_leads_on_to_its_next_changes_shown_from_their_start(server, browser):
+    """Past 500 changes, the only "next" was at the top: read to the end, the operator had to scroll
+    500 changes back up to go on."""
+    def wide():
+        operator = make_user("olga")
+        project = make_project("acme")
+        membership_set(project=project, user=operator, role=Role.OPERATOR)
+        session = make_session(project, "wide")
+        snapshot_record(session=session, state={"items": {f"k{i:03d}": i for i in range(601)}})
+        snapshot_record(session=session, state={"items": {f"k{i:03d}": -i for i in range(601)}})
+        return session
+
+    session = off_loop(wide)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/diff/?from=1&to=2")
+    end = page.locator("#diff-pager-end")
+    assert end.inner_text() == "Changes 1\u2013500 of 600. Next changes"
+    end.get_by_role("link", name="Next changes").click()
+    page.wait_for_selector("ol.changes[start='501']")
+    assert page.locator("#diff-pager-end").inner_text() == "Changes 501\u2013600 of 600. Previous changes"
+    assert "offset=500" in page.url
+    # The changes loaded are read from their start, not from where the previous ones ended.
+    assert page.evaluate("() => document.getElementById('diff-body').getBoundingClientRect().top") >= 0
+    assert page.locator("ol.changes > li").first.is_visible() and page.locator("ol.changes > li").first.bounding_box()["y"] < 900
