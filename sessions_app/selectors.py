@@ -10,7 +10,7 @@ import uuid
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from importlib import import_module
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -205,6 +205,18 @@ class SessionFilters:
     def active(self) -> bool:
         return bool(self.q or self.status or self.workflow or self.tag or self.has_error
                      or self.updated_from or self.updated_to or self.sort != "-updated")
+
+    @property
+    def updated_to_day(self) -> date | None:
+        """The last day the range takes in, as the "to" field shows it: `updated_to` is the moment
+        it ends, excluded (a day typed there ends at the next midnight). The field showed that next
+        day, and every reload moved the range on by one more."""
+        return (self.updated_to - timedelta(microseconds=1)).date() if self.updated_to else None
+
+    @property
+    def backwards(self) -> bool:
+        """A range that ends before it starts (no session can match)."""
+        return bool(self.updated_from and self.updated_to and self.updated_from >= self.updated_to)
 
 
 def session_list(

@@ -4,7 +4,9 @@ date beyond year 1): a 400 that says which field, never a 500, and nothing chang
 from __future__ import annotations
 
 import base64
+import html
 import json
+from datetime import timedelta
 
 import orjson
 import pytest
@@ -167,3 +169,17 @@ def test_a_version_address_naming_no_version_says_so_on_a_page_of_its_session(cl
     stranger = make_session(make_project("globex"), "secret-run")
     response = client.get(reverse("snapshots:version", kwargs={"session_id": stranger.pk, "number": 9}))
     assert response.status_code == 404 and "secret-run" not in response.content.decode()
+
+
+def test_a_date_range_given_backwards_says_so_instead_of_that_nothing_matches(client, operator, story):
+    """"Updated from" a day after "to" listed nothing and said only "No session matches these filters"."""
+    client.force_login(operator)
+    url = reverse("sessions:list")
+    today = story.updated_at.date()
+    backwards = {"updated_from": (today + timedelta(days=1)).isoformat(), "updated_to": today.isoformat()}
+    for response in (client.get(url, backwards), client.get(url, backwards, headers={"HX-Request": "true"})):
+        page = html.unescape(response.content.decode())
+        assert f"No session can match: “Updated from” ({backwards['updated_from']}) is after “to” ({today})." in page
+        assert "run-42" not in page
+    one_day = client.get(url, {"updated_from": today.isoformat(), "updated_to": today.isoformat()}).content.decode()
+    assert "run-42" in one_day and "No session can match" not in one_day

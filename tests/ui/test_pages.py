@@ -68,6 +68,21 @@ def test_filters_narrow_the_list(client, operator, team, story):
     assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
 
 
+def test_the_date_filter_shows_the_days_typed_and_a_reload_keeps_the_range(client, operator, team, story):
+    """"to" is kept as the moment the range ends (the next midnight): its field showed the day after
+    the one typed, and each reload and filter change from there moved the range on by a day."""
+    client.force_login(operator)
+    url = reverse("sessions:list")
+    query = {"updated_from": "2026-12-01", "updated_to": "2026-12-07", "status": "running"}
+    for _ in range(2):  # what the page shows is what it sends again
+        page = client.get(url, query).content.decode()
+        shown = {name: re.search(rf'name="{name}" value="([^"]*)"', page)[1] for name in ("updated_from", "updated_to")}
+        assert shown == {"updated_from": "2026-12-01", "updated_to": "2026-12-07"}
+        query.update(shown)
+    day = story.updated_at.date().isoformat()
+    assert "run-42" in client.get(url, {"updated_from": day, "updated_to": day}).content.decode()
+
+
 def test_list_shows_badges_counts_size_step_and_error(client, operator, team):
     session = make_session(team, "run-err")
     snapshot_record(session=session, state={"a": "b" * 3000}, step="fetch", status="failed", error="Boom: it broke")
