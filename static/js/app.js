@@ -173,8 +173,7 @@
 
   // An htmx action the server refused (a label too long, a session archived meanwhile) says why next
   // to what was clicked, instead of failing silently.
-  document.addEventListener("htmx:responseError", function (event) {
-    var source = event.detail.elt;
+  function actionNotice(source) {
     var holder = source.closest("li, form, section") || document.body;
     var notice = holder.querySelector(":scope > .action-error");
     if (!notice) {
@@ -183,6 +182,10 @@
       notice.setAttribute("role", "alert");
       holder.appendChild(notice);
     }
+    return notice;
+  }
+  document.addEventListener("htmx:responseError", function (event) {
+    var notice = actionNotice(event.detail.elt);
     // A refusal the server answered with a page (403, 404, 500) says why in its alert: the rest of the
     // page (its title, the top bar, its stylesheet) read as part of the reason.
     var xhr = event.detail.xhr;
@@ -194,6 +197,13 @@
     }
     text = text.replace(/\s+/g, " ").trim();
     notice.textContent = "Not done: " + (text.slice(0, 300) || "the server answered " + xhr.status + ".");
+  });
+
+  // One that got no answer at all (the server restarting, the network down) did nothing visible:
+  // a Pin clicked during a deploy looked ignored. Whether it was done is unknown, so the page says so.
+  document.addEventListener("htmx:sendError", function (event) {
+    actionNotice(event.detail.elt).textContent =
+      "No answer from the server (it may be restarting, or the network is down): reload the page to see whether this was done.";
   });
 
   document.addEventListener("change", function (event) {

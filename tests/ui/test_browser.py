@@ -933,3 +933,16 @@ def test_the_end_of_a_long_diff_leads_on_to_its_next_changes_shown_from_their_st
     # The changes loaded are read from their start, not from where the previous ones ended.
     assert page.evaluate("() => document.getElementById('diff-body').getBoundingClientRect().top") >= 0
     assert page.locator("ol.changes > li").first.is_visible() and page.locator("ol.changes > li").first.bounding_box()["y"] < 900
+
+
+def test_a_pin_that_gets_no_answer_says_so_instead_of_looking_ignored(server, browser):
+    """The server restarting (a deploy) or the network gone: htmx reports no answer as an event of
+    its own, which nothing listened to, so the click did nothing visible."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.route("**/v/3/mark/", lambda route: route.abort("connectionrefused"))
+    page.click("#v-3 button:text-is('Pin')")
+    page.wait_for_selector("#v-3 .action-error", timeout=5_000)
+    assert page.inner_text("#v-3 .action-error").startswith("No answer from the server")
+    assert page.get_attribute("#v-3 .action-error", "role") == "alert"
