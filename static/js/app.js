@@ -199,6 +199,14 @@
     notice.textContent = "Not done: " + (text.slice(0, 300) || "the server answered " + xhr.status + ".");
   });
 
+  // Once the same control is answered, what it said of the failed try no longer holds.
+  document.addEventListener("htmx:afterRequest", function (event) {
+    if (!event.detail.successful) return;
+    var holder = event.detail.elt.closest("li, form, section");
+    var notice = holder && holder.querySelector(":scope > .action-error");
+    if (notice) notice.remove();
+  });
+
   // One that got no answer at all (the server restarting, the network down) did nothing visible:
   // a Pin clicked during a deploy looked ignored. Whether it was done is unknown, so the page says so.
   document.addEventListener("htmx:sendError", function (event) {

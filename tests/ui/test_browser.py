@@ -946,3 +946,13 @@ def test_a_pin_that_gets_no_answer_says_so_instead_of_looking_ignored(server, br
     page.wait_for_selector("#v-3 .action-error", timeout=5_000)
     assert page.inner_text("#v-3 .action-error").startswith("No answer from the server")
     assert page.get_attribute("#v-3 .action-error", "role") == "alert"
+
+    # Tried again once it answers, the filter that failed shows its sessions and the note goes.
+    page.goto(f"{server}/")
+    page.route("**/?*status=failed*", lambda route: route.abort("connectionrefused"))
+    page.select_option("select[name=status]", "failed")
+    page.wait_for_selector("#filters .action-error", timeout=5_000)
+    page.unroute("**/?*status=failed*")
+    page.click("#filters button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('a.ext').length === 1")
+    assert page.locator("#filters .action-error").count() == 0
