@@ -93,6 +93,17 @@
     reloadOrTell(live, "The live connection dropped and is back: updates may have been missed.");
   });
 
+  // The server closes a live page's socket for good (no reconnect) once its user is signed out
+  // (logged out elsewhere, the sign-in expired, the account deactivated) or may no longer see the
+  // project. The page went on looking live while nothing reached it any more. It reloads instead:
+  // to the sign-in page, which leads back here, or to the page saying it is not there.
+  var CLOSED_FOR_GOOD = {4401: "You are signed out: this page no longer updates.",
+                         4403: "You may no longer see this: this page no longer updates."};
+  document.addEventListener("htmx:wsClose", function (event) {
+    var message = CLOSED_FOR_GOOD[event.detail.event.code];
+    if (message) reloadOrTell(event.detail.elt, message);
+  });
+
   document.addEventListener("htmx:oobAfterSwap", function (event) {
     var marker = event.target;
     if (marker.id !== "live-reload" || !marker.dataset.reason) return;

@@ -956,3 +956,16 @@ def test_a_pin_that_gets_no_answer_says_so_instead_of_looking_ignored(server, br
     page.click("#filters button[type=submit]")
     page.wait_for_function("() => document.querySelectorAll('a.ext').length === 1")
     assert page.locator("#filters .action-error").count() == 0
+
+
+def test_a_live_timeline_whose_user_was_signed_out_goes_to_sign_in_instead_of_looking_live(server, browser):
+    """The server closes the socket for good once the browser session no longer signs its user in;
+    the page went on looking live while nothing reached it any more."""
+    session, page = _live_timeline(server, browser)
+    other = page.context.new_page()  # the same browser, another tab: logs out
+    other.goto(f"{server}/")
+    other.click("form.logout button")
+    other.wait_for_selector("input[name=username]")
+    off_loop(snapshot_record, session=session, state={"x": 6}, step="after-logout")
+    page.wait_for_url(f"{server}/accounts/login/?next=/sessions/{session.pk}/", timeout=10_000)
+    assert page.locator("input[name=username]").count() == 1
