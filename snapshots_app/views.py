@@ -120,6 +120,15 @@ def _base(session: WorkflowSession, role: str) -> dict[str, Any]:
             "can_operate": role_allows(role, Role.OPERATOR)}
 
 
+def _timeline_at(session: WorkflowSession, number: int) -> str:
+    """The timeline with version `number` in it, scrolled to its row: the page that starts at it when
+    the newest page (TIMELINE_PAGE rows) cannot hold it. A version page's and a diff's way back
+    pointed at #v-N on the newest page, where an older version is not, and landed at its top."""
+    url = reverse("snapshots:session", kwargs={"session_id": session.pk})
+    older = session.head_number - number >= selectors.TIMELINE_PAGE
+    return url + (f"?before={number + 1}" if older else "") + f"#v-{number}"
+
+
 # -- timeline ----------------------------------------------------------------------------------------
 
 
@@ -182,7 +191,8 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     offset = max(_int(request.GET.get("offset")) or 0, 0)  # a negative offset would slice from the end
     query = request.GET.get("q", "").strip()
     state = selectors.version_state(version)
-    context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query}
+    context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query,
+                               "timeline_at": _timeline_at(session, version.number)}
     status = 200
     try:
         value = jsonview.resolve(state, pointer)
@@ -352,6 +362,7 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
         "removed": removed,
         **shown,
         "mode": mode,
+        "timeline_at": _timeline_at(session, to_version.number),
         "query_inline": _diff_query(from_session, from_version, to_version, "inline") + on_page,
         "query_side": _diff_query(from_session, from_version, to_version, "side") + on_page,
         "query_page": _diff_query(from_session, from_version, to_version, mode),

@@ -237,6 +237,20 @@ def test_timeline_pages_by_number(client, viewer, team, settings):
     assert "No versions before" not in client.get(session_url(session), {"before": 1}, HTTP_HX_REQUEST="true").content.decode()
 
 
+def test_a_version_and_a_diff_lead_back_to_the_timeline_page_that_shows_the_version(client, viewer, team):
+    """Their way back pointed at #v-N on the newest page (50 rows): for an older version it was not
+    there, and the link landed at the top of the newest versions."""
+    session = make_session(team, "long")
+    record_history(session, 55)
+    client.force_login(viewer)
+    for number, back in ((5, f"{session_url(session)}?before=6#v-5"), (6, f"{session_url(session)}#v-6")):
+        for page in (client.get(session_url(session, "snapshots:version", number=number)),
+                     client.get(session_url(session, "snapshots:diff"), {"to": number})):
+            assert f'<a href="{back}">' in page.content.decode()
+        shown = client.get(back.split("#")[0]).content.decode()
+        assert f'<li id="v-{number}"' in shown
+
+
 def test_timeline_query_count_does_not_grow_with_versions(client, operator, team, django_assert_num_queries):
     session = make_session(team, "counted")
     client.force_login(operator)
