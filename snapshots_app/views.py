@@ -486,6 +486,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
         "refused": refused, "engine_active": _engine_active(session, head), "damaged": damaged,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
+        "timeline_at": _timeline_at(session, target.number),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
 
@@ -515,7 +516,8 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
             messages.success(request, f"Forked version {source.number} of {session.external_id} into this session.")
             return redirect("snapshots:session", session_id=fork.pk)
     context = {**_base(session, role), "source": source, "error": error, "request_key": _request_key(request, fresh=sent_before),
-               "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", "")}
+               "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", ""),
+               "timeline_at": _timeline_at(session, source.number)}
     return render(request, "snapshots_app/confirm_fork.html", context, status=status)
 
 

@@ -237,7 +237,7 @@ def test_timeline_pages_by_number(client, viewer, team, settings):
     assert "No versions before" not in client.get(session_url(session), {"before": 1}, HTTP_HX_REQUEST="true").content.decode()
 
 
-def test_a_version_and_a_diff_lead_back_to_the_timeline_page_that_shows_the_version(client, viewer, team):
+def test_a_version_a_diff_and_a_confirm_page_lead_back_to_the_timeline_page_that_shows_the_version(client, viewer, team):
     """Their way back pointed at #v-N on the newest page (50 rows): for an older version it was not
     there, and the link landed at the top of the newest versions."""
     session = make_session(team, "long")
@@ -249,6 +249,13 @@ def test_a_version_and_a_diff_lead_back_to_the_timeline_page_that_shows_the_vers
             assert f'<a href="{back}">' in page.content.decode()
         shown = client.get(back.split("#")[0]).content.decode()
         assert f'<li id="v-{number}"' in shown
+    # So does Cancel on the confirm pages of a rewind or fork started from an older version's row.
+    oscar = make_user("oscar")
+    membership_set(project=team, user=oscar, role=Role.OPERATOR)
+    client.force_login(oscar)
+    for name in ("snapshots:rewind", "snapshots:fork"):
+        page = client.get(session_url(session, name, number=5)).content.decode()
+        assert f'<a href="{session_url(session)}?before=6#v-5">Cancel</a>' in page
 
 
 def test_timeline_query_count_does_not_grow_with_versions(client, operator, team, django_assert_num_queries):
