@@ -136,6 +136,27 @@
     kept = null;
   });
 
+  // The versions picked to compare (A and B, radios in the rows) went with a row redrawn by a live
+  // update (another operator's pin, a summary arriving) or by the operator's own pin or label, and
+  // "Diff A → B" then compared other versions than the ones picked. They are picked again.
+  var picked = null;
+  function notePicked() {
+    picked = Array.prototype.map.call(document.querySelectorAll("input[form=diff-picker]:checked"),
+      function (radio) { return [radio.name, radio.value]; });
+  }
+  function pickAgain() {
+    if (!picked) return;
+    picked.forEach(function (pick) {
+      var radio = document.querySelector("input[form=diff-picker][name=" + CSS.escape(pick[0]) + "][value=" + CSS.escape(pick[1]) + "]");
+      if (radio && !radio.checked) radio.checked = true;
+    });
+    picked = null;
+  }
+  document.addEventListener("htmx:wsBeforeMessage", notePicked);
+  document.addEventListener("htmx:wsAfterMessage", pickAgain);
+  document.addEventListener("htmx:beforeSwap", notePicked);
+  document.addEventListener("htmx:afterSwap", pickAgain);
+
   // A session written many times a second adds rows to an open timeline without end: at 20 writes/s,
   // 1,000 rows after a minute, each new one laid out above all the others, and the browser fell
   // minutes behind and stopped answering. The live timeline keeps its newest LIVE_ROWS_KEPT rows; the

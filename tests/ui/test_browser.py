@@ -969,3 +969,30 @@ def test_a_live_timeline_whose_user_was_signed_out_goes_to_sign_in_instead_of_lo
     off_loop(snapshot_record, session=session, state={"x": 6}, step="after-logout")
     page.wait_for_url(f"{server}/accounts/login/?next=/sessions/{session.pk}/", timeout=10_000)
     assert page.locator("input[name=username]").count() == 1
+
+
+def test_versions_picked_to_compare_stay_picked_when_their_rows_are_redrawn_live(server, browser):
+    """Another operator's pin (or a summary arriving) redraws a row: the A or B picked in it went
+    with it, and "Diff A → B" then compared other versions than the ones picked, saying nothing."""
+    from snapshots_app.models import Version
+    from snapshots_app.services import version_pin
+
+    session, page = _live_timeline(server, browser)
+    page.get_by_role("radio", name="Compare from v2 (A)", exact=True).check()
+    page.get_by_role("radio", name="Compare to v4 (B)", exact=True).check()
+    for number in (2, 4):
+        off_loop(lambda n=number: version_pin(version=Version.objects.get(session=session, number=n), pinned=True))
+        page.wait_for_selector(f"#v-{number} .badge.pin", timeout=5_000)
+    assert page.get_by_role("radio", name="Compare from v2 (A)", exact=True).is_checked()
+    assert page.get_by_role("radio", name="Compare to v4 (B)", exact=True).is_checked()
+    page.click("#diff-selected")
+    page.wait_for_selector("ol.changes")
+    assert "from=2" in page.url and "to=4" in page.url
+    # The operator's own pin redraws the row too.
+    page.go_back()
+    page.wait_for_selector("#timeline #v-3")
+    page.get_by_role("radio", name="Compare from v3 (A)", exact=True).check()
+    page.click("#v-3 button:text-is('Pin')")
+    page.wait_for_selector("#v-3 .badge.pin", timeout=5_000)
+    page.wait_for_timeout(300)  # (its live update, which redraws the row once more)
+    assert page.get_by_role("radio", name="Compare from v3 (A)", exact=True).is_checked()
