@@ -996,3 +996,26 @@ def test_versions_picked_to_compare_stay_picked_when_their_rows_are_redrawn_live
     page.wait_for_selector("#v-3 .badge.pin", timeout=5_000)
     page.wait_for_timeout(300)  # (its live update, which redraws the row once more)
     assert page.get_by_role("radio", name="Compare from v3 (A)", exact=True).is_checked()
+
+
+def test_at_a_phone_width_a_sessions_status_reads_as_one_word(server, browser):
+    """The list's status column is squeezed at a phone's width, and badges may break anywhere (a long
+    label must): statuses read "Waitin g", "Complet ed", "Runn ing"."""
+    def sessions():
+        operator = make_user("olga")
+        project = make_project("acme")
+        membership_set(project=project, user=operator, role=Role.OPERATOR)
+        for name, status in (("support-chat-0003", "waiting"), ("llama-rag-0002", "completed"),
+                             ("research-agent-0001", "running"), ("nightly-ingest-0004", "cancelled")):
+            session = make_session(project, name, workflow="research_agent", tags=["demo"])
+            snapshot_record(session=session, state={"x": 1}, step="summarise", status=status)
+
+    off_loop(sessions)
+    page = log_in(browser, server, "olga")
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(f"{server}/")
+    badges = page.locator("table.sessions .badge[class*=status-]")
+    assert badges.count() == 4
+    for badge in badges.all():
+        lines = badge.evaluate("el => Math.round(el.getBoundingClientRect().height / parseFloat(getComputedStyle(el).lineHeight))")
+        assert lines == 1, badge.inner_text()
