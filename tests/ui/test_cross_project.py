@@ -1,0 +1,202 @@
+"""An attacker who is a member (and staff) of one project tries to read or change another's data by
+every address the dashboard and the admin have: ids guessed from the other project, slugs swapped,
+other sessions' UUIDs in query parameters. Nothing of the other project is shown or changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from sessions_app.models import ApiKey, AuditEvent, Membership, Role
+from sessions_app.services import api_key_create, membership_set
+from snapshots_app.integrity import integrity_problem_record
+from snapshots_app.models import IntegrityProblem, Job, RetentionPolicy, Version
+from snapshots_app.services import snapshot_record
+from snapshots_app.transfer import transfer_export_start
+from tests.api.conftest import key_client
+from tests.factories import make_project, make_session, make_user
+
+SECRET = "globex-secret-7f3a"
+
+
+@pytest.fixture
+def mallory(db):
+    """Staff with every model permission, admin of acme only."""
+    user = make_user("mallory", staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=["sessions_app", "snapshots_app", "auth"]))
+    project = make_project("acme")
+    membership_set(project=project, user=user, role=Role.ADMIN)
+    mine = make_session(project, "mine-1")
+    snapshot_record(session=mine, state={"mine": 1})
+    snapshot_record(session=mine, state={"mine": 2})
+    return user
+
+
+@pytest.fixture
+def globex(db, django_capture_on_commit_callbacks):
+    owner = make_user("gina")
+    project = make_project("globex", owner=owner)
+    session = make_session(project, f"run-{SECRET}", workflow=f"wf-{SECRET}")
+    with django_capture_on_commit_callbacks(execute=True):
+        v1 = snapshot_record(session=session, state={"token": SECRET, "n": 1}, step=f"step-{SECRET}", label=f"label-{SECRET}")
+        snapshot_record(session=session, state={"token": SECRET, "n": 2}, step=f"step-{SECRET}")
+    integrity_problem_record(version=v1, detail=f"detail {SECRET}")
+    with django_capture_on_commit_callbacks(execute=True):
+        transfer_export_start(project=project, session=session, actor=owner)
+    api_key_create(project=project, name=f"key-{SECRET}", scopes="read")
+    return project, session
+
+
+def _objects(project, session) -> dict[str, Any]:
+    return {
+        "sessions_app/project": project.pk,
+        "sessions_app/membership": Membership.objects.filter(project=project).first().pk,
+        "sessions_app/apikey": ApiKey.objects.filter(project=project).first().pk,
+        "sessions_app/workflowsession": session.pk,
+        "sessions_app/auditevent": AuditEvent.objects.filter(project=project).first().pk,
+        "snapshots_app/version": Version.objects.filter(session=session).first().pk,
+        "snapshots_app/integrityproblem": IntegrityProblem.objects.filter(project=project).first().pk,
+        "snapshots_app/job": Job.objects.filter(project=project).first().pk,
+        "snapshots_app/retentionpolicy": RetentionPolicy.objects.get_or_create(project=project)[0].pk,
+        "auth/user": project.memberships.first().user_id,
+    }
+
+
+def _no_leak(response) -> None:
+    body = b"".join(response.streaming_content) if response.streaming else response.content
+    assert SECRET.encode() not in body, (response.request["PATH_INFO"], response.status_code)
+
+
+def test_dashboard_addresses_of_another_projects_session(client, mallory, globex):
+    project, theirs = globex
+    client.force_login(mallory)
+    mine = mallory.memberships.get().project.sessions.get()
+    base = f"/sessions/{theirs.pk}"
+    for path in [f"{base}/", f"{base}/?before=2", f"{base}/diff/?from=1&to=2", f"{base}/history/?path=/token",
+                 f"{base}/v/1/", f"{base}/v/1/?pointer=/token", f"{base}/v/1/?q=token", f"{base}/v/1/raw.json",
+                 f"{base}/v/1/rewind/", f"{base}/v/1/fork/", f"{base}/archive/", f"{base}/v/99/",
+                 f"/sessions/{mine.pk}/diff/?from=1&to=1&from_session={theirs.pk}",
+                 f"/sessions/{mine.pk}/diff/?from=1&to=1&to_session={theirs.pk}",
+                 f"/sessions/{mine.pk}/diff/?from=1&to=2&from_session={theirs.pk}&mode=split",
+                 f"/?project={project.slug}", f"/?project={project.slug}&q=run", "/?q=run-"]:
+        for headers in ({}, {"HX-Request": "true"}):
+            response = client.get(path, headers=headers)
+            assert response.status_code in (200, 302, 400, 404), (path, response.status_code)
+            _no_leak(response)
+    for path, data in [(f"{base}/v/1/rewind/", {"reason": "x"}), (f"{base}/v/1/fork/", {"reason": "x"}),
+                       (f"{base}/v/1/mark/", {"pinned": "on", "label": "x"}), (f"{base}/archive/", {"reason": "x"}),
+                       (f"{base}/unarchive/", {})]:
+        response = client.post(path, data, headers={"HX-Request": "true"})
+        assert response.status_code == 404, (path, response.status_code)
+    assert Version.objects.filter(session=theirs).count() == 2
+    assert not AuditEvent.objects.filter(project=project, action__in=["session.rewind", "session.fork"]).exists()
+
+
+ADMIN_MODELS = ["sessions_app/project", "sessions_app/membership", "sessions_app/apikey", "sessions_app/workflowsession",
+                "sessions_app/auditevent", "snapshots_app/version", "snapshots_app/integrityproblem", "snapshots_app/job",
+                "snapshots_app/retentionpolicy", "auth/user"]
+
+
+@pytest.mark.parametrize("model", ADMIN_MODELS)
+def test_admin_pages_of_another_projects_rows(client, mallory, globex, model):
+    project, theirs = globex
+    client.force_login(mallory)
+    pk = _objects(project, theirs)[model]
+    for suffix in ["change/", "history/", "delete/"]:
+        response = client.get(f"/admin/{model}/{pk}/{suffix}")
+        assert response.status_code in (302, 403, 404), (model, suffix, response.status_code)
+        _no_leak(response)
+    for query in [{}, {"q": SECRET[7:]}, {"q": str(theirs.pk)}, {"project__id__exact": project.pk},
+                  {"session__project__id__exact": project.pk}, {"project": project.pk}]:
+        response = client.get(f"/admin/{model}/", query)
+        assert response.status_code in (200, 302, 400), (model, query, response.status_code)
+        _no_leak(response)
+
+
+def test_admin_custom_views_and_autocomplete(client, mallory, globex):
+    project, theirs = globex
+    client.force_login(mallory)
+    version = Version.objects.filter(session=theirs).first()
+    problem = IntegrityProblem.objects.get(project=project)
+    for path in [reverse("admin:snapshots_app_version_data_fix", args=[version.pk]),
+                 reverse("admin:snapshots_app_integrityproblem_resolve", args=[problem.pk])]:
+        response = client.get(path)
+        assert response.status_code in (302, 403, 404), (path, response.status_code)
+        _no_leak(response)
+    for app, model, field in [("sessions_app", "membership", "project"), ("sessions_app", "apikey", "project"),
+                              ("snapshots_app", "retentionpolicy", "project")]:
+        response = client.get("/admin/autocomplete/", {"app_label": app, "model_name": model, "field_name": field,
+                                                        "term": "glo"})
+        assert response.status_code in (200, 403), response.status_code
+        assert b"globex" not in response.content.lower(), (model, response.content)
+    # Actions naming another project's rows act on nothing.
+    for model, pk, action in [("snapshots_app/version", version.pk, "pin"),
+                              ("snapshots_app/version", version.pk, "verify_integrity"),
+                              ("sessions_app/workflowsession", theirs.pk, "archive"),
+                              ("sessions_app/apikey", ApiKey.objects.get(project=project).pk, "revoke"),
+                              ("snapshots_app/project", project.pk, "export_queue")]:
+        response = client.post(f"/admin/{model}/", {"action": action, "_selected_action": [pk], "post": "yes",
+                                                    "reason": "x"})
+        _no_leak(response)
+    assert not Version.objects.filter(session=theirs, pinned=True).exists()
+    theirs.refresh_from_db()
+    assert theirs.archived_at is None
+    assert ApiKey.objects.get(project=project).revoked_at is None
+    assert Job.objects.filter(project=project).count() == 1
+
+
+
+
+
+def test_admin_add_forms_refuse_another_project(client, mallory, globex):
+    project, _ = globex
+    client.force_login(mallory)
+    victim = make_user("victim")
+    before = (Membership.objects.filter(project=project).count(), ApiKey.objects.filter(project=project).count())
+    for model, data in [("sessions_app/membership", {"project": project.pk, "user": "victim", "role": "admin"}),
+                        ("sessions_app/membership", {"project": project.pk, "user": "mallory", "role": "admin"}),
+                        ("sessions_app/apikey", {"project": project.pk, "name": "mine now", "scopes": ["admin"]}),
+                        ("snapshots_app/retentionpolicy", {"project": project.pk, "enabled": "on", "keep_last": 1,
+                                                           "keep_days": 0, "thin_to": 0})]:
+        response = client.post(f"/admin/{model}/add/", data)
+        assert response.status_code in (200, 403), (model, response.status_code)  # the form again, with its error
+        _no_leak(response)
+    assert (Membership.objects.filter(project=project).count(), ApiKey.objects.filter(project=project).count()) == before
+    assert not Membership.objects.filter(user=victim).exists()
+    policy = RetentionPolicy.objects.filter(project=project).first()
+    assert policy is None or not policy.enabled
+
+
+@pytest.mark.parametrize("who", ["browser", "key"])
+def test_naming_another_project_tells_no_more_than_naming_none(mallory, globex, who):
+    """`?project=` (or a body's `project`) naming another project answers exactly as one naming a
+    project that does not exist: lists are empty, the rest 404 `no project`; an attacker cannot tell
+    which slugs are taken."""
+    project, _ = globex
+    acme = mallory.memberships.get().project
+    if who == "key":
+        caller = key_client(acme, "admin")
+    else:
+        caller = APIClient()
+        caller.force_login(mallory)
+
+    def answer(method, path, slug, body=None):
+        if method == "get":
+            response = caller.get(path, {"project": slug})
+        else:
+            response = caller.post(path, {**(body or {}), "project": slug}, format="json")
+        return response.status_code, response.content.replace(slug.encode(), b"<slug>")
+
+    for method, path, body in [("get", "/api/v1/sessions/", None), ("get", "/api/v1/audit-events/", None),
+                               ("get", "/api/v1/jobs/", None), ("get", "/api/v1/integrity-problems/", None),
+                               ("get", "/api/v1/keys/", None), ("get", "/api/v1/retention-policy/", None),
+                               ("post", "/api/v1/sessions/", {"external_id": "x"}), ("post", "/api/v1/exports/", None),
+                               ("post", "/api/v1/integrity-scrub/", None), ("post", "/api/v1/compaction/", None),
+                               ("post", "/api/v1/keys/", {"name": "n", "scopes": ["read"]})]:
+        taken, free = answer(method, path, project.slug, body), answer(method, path, "no-such-project", body)
+        assert taken == free, (method, path, taken, free)
+        assert taken[0] in (200, 404), (method, path, taken)
