@@ -5,9 +5,12 @@ other sessions' UUIDs in query parameters. Nothing of the other project is shown
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
@@ -200,3 +203,55 @@ def test_naming_another_project_tells_no_more_than_naming_none(mallory, globex, 
         taken, free = answer(method, path, project.slug, body), answer(method, path, "no-such-project", body)
         assert taken == free, (method, path, taken, free)
         assert taken[0] in (200, 404), (method, path, taken)
+
+
+
+def test_dashboard_posts_without_the_csrf_token_change_nothing(mallory):
+    """A page of another site posting with the operator's cookie (htmx's header or a plain form) is refused."""
+    mine = mallory.memberships.get().project.sessions.get()
+    forged = Client(enforce_csrf_checks=True)
+    forged.force_login(mallory)
+    for path, data in [(f"/sessions/{mine.pk}/v/1/mark/", {"pinned": "1", "label": "forged"}),
+                       (f"/sessions/{mine.pk}/v/1/rewind/", {"reason": "forged"}),
+                       (f"/sessions/{mine.pk}/v/1/fork/", {"reason": "forged"}),
+                       (f"/sessions/{mine.pk}/archive/", {"reason": "forged"}), (f"/sessions/{mine.pk}/unarchive/", {})]:
+        for headers in ({}, {"HX-Request": "true"}):
+            assert forged.post(path, data, headers=headers).status_code == 403, path
+    mine.refresh_from_db()
+    assert (mine.head_number, mine.archived_at) == (2, None)
+    assert not Version.objects.filter(session=mine, pinned=True).exists()
+    assert not AuditEvent.objects.filter(reason="forged").exists()
+
+EVIL = '"><img src=x onerror=alert(1)>'
+
+
+def test_markup_an_engine_writes_is_never_markup_on_a_page(db, client, django_capture_on_commit_callbacks):
+    """A key of one project writes markup into everything it may name; a superuser (who reaches every
+    project) reads it on every page, fragment and admin page: it is text there, never a tag that runs."""
+    root = get_user_model().objects.create_superuser("root", password="pw-for-tests-1")
+    project = make_project("evil", owner=root)
+    s = make_session(project, f"run{EVIL}", workflow=f"wf{EVIL}", metadata={EVIL: EVIL, "forked_from": {"session": EVIL, "version": EVIL}})
+    with django_capture_on_commit_callbacks(execute=True):
+        snapshot_record(session=s, state={EVIL: EVIL, "n": 1, "j": '{"a": "' + EVIL.replace('"', '\\"') + '"}', "long": ("x\n" * 50) + EVIL},
+                        step=f"s{EVIL}", label=f"l{EVIL}"[:100], error=f"e{EVIL}", engine=f"en{EVIL}")
+        snapshot_record(session=s, state={EVIL: EVIL + "2", "n": 2, EVIL + "k": [EVIL], "long": ("y\n" * 50) + EVIL},
+                        step=f"s{EVIL}", status="failed", error=f"e{EVIL}")
+    client.force_login(root)
+    v = Version.objects.filter(session=s).first()
+    paths = ["/", f"/?q={quote(EVIL)}", f"/?workflow={quote(EVIL)}", f"/?tag={quote(EVIL)}",
+             f"/sessions/{s.pk}/", f"/sessions/{s.pk}/?kind={quote(EVIL)}", f"/sessions/{s.pk}/diff/?from=1&to=2",
+             f"/sessions/{s.pk}/diff/?from=1&to=2&mode=split", f"/sessions/{s.pk}/diff/?from={quote(EVIL)}&to=2",
+             f"/sessions/{s.pk}/history/?path={quote('/' + EVIL)}", f"/sessions/{s.pk}/history/?path=/n",
+             f"/sessions/{s.pk}/v/1/", f"/sessions/{s.pk}/v/1/?pointer={quote('/' + EVIL)}", f"/sessions/{s.pk}/v/1/?pointer=/j",
+             f"/sessions/{s.pk}/v/1/?q={quote(EVIL)}", f"/sessions/{s.pk}/v/1/?pointer={quote('/nope' + EVIL)}",
+             f"/sessions/{s.pk}/v/1/?pointer=/long", f"/sessions/{s.pk}/v/1/rewind/", f"/sessions/{s.pk}/v/1/fork/", f"/sessions/{s.pk}/archive/",
+             f"/admin/sessions_app/workflowsession/{s.pk}/change/", "/admin/sessions_app/workflowsession/",
+             f"/admin/snapshots_app/version/{v.pk}/change/", "/admin/snapshots_app/version/", f"/admin/snapshots_app/version/{v.pk}/data-fix/",
+             f"/admin/snapshots_app/version/{v.pk}/data-fix/?path={quote('/' + EVIL)}",
+             "/admin/sessions_app/auditevent/", f"/admin/sessions_app/auditevent/?q={quote(EVIL)}"]
+    for path in paths:
+        for headers in ({}, {"HX-Request": "true"}):
+            r = client.get(path, headers=headers)
+            assert r.status_code in (200, 400, 404), (path, r.status_code)
+            if r["Content-Type"].startswith("text/html"):
+                assert "<img src=x" not in r.content.decode(), (path, headers)
