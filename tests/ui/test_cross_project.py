@@ -141,7 +141,7 @@ def test_admin_custom_views_and_autocomplete(client, mallory, globex):
                               ("snapshots_app/version", version.pk, "verify_integrity"),
                               ("sessions_app/workflowsession", theirs.pk, "archive"),
                               ("sessions_app/apikey", ApiKey.objects.get(project=project).pk, "revoke"),
-                              ("snapshots_app/project", project.pk, "export_queue")]:
+                              ("sessions_app/project", project.pk, "export_queue")]:
         response = client.post(f"/admin/{model}/", {"action": action, "_selected_action": [pk], "post": "yes",
                                                     "reason": "x"})
         _no_leak(response)
@@ -255,3 +255,48 @@ def test_markup_an_engine_writes_is_never_markup_on_a_page(db, client, django_ca
             assert r.status_code in (200, 400, 404), (path, r.status_code)
             if r["Content-Type"].startswith("text/html"):
                 assert "<img src=x" not in r.content.decode(), (path, headers)
+
+
+def test_staff_who_only_view_a_project_change_nothing_of_it_in_the_admin(client, mallory, globex):
+    """Staff with every model permission, a viewer of globex: every data fix, action, change form,
+    confirmation and add form of the admin refuses them there, and globex is as it was."""
+    project, theirs = globex
+    membership_set(project=project, user=mallory, role=Role.VIEWER)
+    client.force_login(mallory)
+    version = Version.objects.filter(session=theirs).first()
+    key = ApiKey.objects.get(project=project)
+    problem = IntegrityProblem.objects.get(project=project)
+    policy = RetentionPolicy.objects.get_or_create(project=project)[0]
+    gina = project.memberships.get(role="admin")
+    reqs = [
+        ("post", reverse("admin:snapshots_app_version_data_fix", args=[version.pk]), {"state": '{"token": 1}', "reason": "x", "apply": "1"}),
+        ("post", "/admin/snapshots_app/version/", {"action": "pin", "_selected_action": [version.pk]}),
+        ("post", "/admin/snapshots_app/version/", {"action": "verify_integrity", "_selected_action": [version.pk]}),
+        ("post", "/admin/sessions_app/workflowsession/", {"action": "archive", "_selected_action": [theirs.pk], "post": "yes", "reason": "x"}),
+        ("post", f"/admin/sessions_app/workflowsession/{theirs.pk}/change/", {"status": "failed", "workflow": "w", "metadata": "{}", "tags": "[]"}),
+        ("get", f"/admin/sessions_app/apikey/{key.pk}/change/", None),
+        ("post", "/admin/sessions_app/apikey/", {"action": "revoke", "_selected_action": [key.pk], "post": "yes"}),
+        ("post", f"/admin/snapshots_app/retentionpolicy/{policy.pk}/change/", {"enabled": "on", "keep_last": 1, "keep_days": 0, "thin_to": 0}),
+        ("post", reverse("admin:snapshots_app_integrityproblem_resolve", args=[problem.pk]), {"resolution": "x"}),
+        ("post", "/admin/sessions_app/membership/add/", {"project": project.pk, "user": "mallory", "role": "admin"}),
+        ("post", f"/admin/sessions_app/membership/{gina.pk}/change/", {"role": "viewer"}),
+        ("post", f"/admin/sessions_app/membership/{gina.pk}/delete/", {"post": "yes"}),
+        ("post", "/admin/sessions_app/project/", {"action": "export_queue", "_selected_action": [project.pk]}),
+        ("post", "/admin/sessions_app/project/", {"action": "compaction_preview", "_selected_action": [project.pk]}),
+        ("post", "/admin/sessions_app/project/", {"action": "compaction_queue", "_selected_action": [project.pk], "post": "yes"}),
+        ("get", f"/admin/auth/user/{gina.user_id}/change/", None),
+    ]
+    for method, path, data in reqs:
+        response = getattr(client, method)(path, data) if data is not None else client.get(path)
+        # Refused (403), sent back with a message (302), or the add form again with its error (200).
+        assert response.status_code in (200, 302, 403), (path, response.status_code)
+    theirs.refresh_from_db()
+    key.refresh_from_db()
+    policy.refresh_from_db()
+    assert (theirs.head_number, theirs.archived_at, theirs.status) == (2, None, "running")
+    assert key.revoked_at is None and (policy.keep_last, policy.keep_days) != (1, 0)
+    assert not Version.objects.filter(session=theirs, pinned=True).exists()
+    assert Job.objects.filter(project=project).count() == 1
+    assert sorted(project.memberships.values_list("user__username", "role")) == [("gina", "admin"), ("mallory", "viewer")]
+    assert IntegrityProblem.objects.get(pk=problem.pk).resolved_at is None
+    assert not AuditEvent.objects.filter(project=project, actor=mallory).exists()
