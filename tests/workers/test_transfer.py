@@ -656,3 +656,31 @@ def test_a_file_of_one_long_line_is_refused_at_that_line_without_reading_it_whol
                                 "export")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 16 * 1024  # KiB: never held whole
     assert not WorkflowSession.objects.filter(project=project).exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("into", ["attacker", "victim"])
+def test_a_file_naming_another_projects_state_without_its_nodes_is_refused(project, user, settings, tmp_path, into):
+    """An attacker who guesses another project's state can compute its root digest and checksum. A
+    forged file naming them (with no nodes) must not import: whether it did would confirm the guess,
+    and the attacker's project would then read the other's state. Nodes come from the file only."""
+    settings.VAR_DIR = tmp_path
+    victim = make_project("victim")
+    secret = snapshot_record(session=make_session(victim, "payroll"), state={"salary": 123456})
+    attacker_session = make_session(project, "decoy")
+    snapshot_record(session=attacker_session, state={"x": 1})
+    path = Path(transfer_export_run(project=project, session=attacker_session)["path"])
+
+    def name_the_secret(body: list[dict]) -> None:
+        body[:] = [record for record in body if record["type"] != "node"]
+        next(r for r in body if r["type"] == "header")["nodes"] = 0
+        next(r for r in body if r["type"] == "version").update(
+            root=bytes(secret.root).hex(), checksum=secret.checksum, logical_size=secret.logical_size,
+        )
+
+    target = project if into == "attacker" else victim
+    before = Version.objects.filter(session__project=target).count()
+    with pytest.raises(ImportRejected, match="is missing from the file"):
+        transfer_import_run(project=target, path=_rewrite(path, name_the_secret))
+    assert Version.objects.filter(session__project=target).count() == before
+    assert not WorkflowSession.objects.filter(project=target, external_id="decoy").exclude(pk=attacker_session.pk).exists()
