@@ -305,6 +305,24 @@ def test_revoked_membership_ends_the_stream(setup, path):
     assert run(scenario) == ("websocket.close", 4403)
 
 
+
+def test_an_operator_demoted_to_viewer_while_the_timeline_is_open_gets_rows_without_actions(setup):
+    """The role is read again for every update: rows sent after a demotion offer no rewind, fork, pin
+    or label (the pages they lead to would refuse a viewer anyway), as a reload would show them."""
+    owner, _, project, _, session = setup
+    membership_set(project=project, user=owner, role=Role.OPERATOR)
+    _record(session, {"step": 1})
+    as_operator = first_update(f"/ws/sessions/{session.pk}/?shown=1", owner, lambda: _record(session, {"step": 2}))
+    assert 'class="rewind"' in as_operator and 'class="fork"' in as_operator and "/mark/" in as_operator
+
+    def demote_then_record() -> None:
+        membership_set(project=project, user=owner, role=Role.VIEWER)
+        _record(session, {"step": 3})
+
+    as_viewer = first_update(f"/ws/sessions/{session.pk}/?shown=2", owner, demote_then_record)
+    assert 'id="v-3"' in as_viewer
+    assert 'class="rewind"' not in as_viewer and 'class="fork"' not in as_viewer and "/mark/" not in as_viewer
+
 def test_an_open_session_list_spends_no_query_on_events_it_does_not_show(setup):
     """Every open session list tab handles each event of its project for itself. A job's progress, a
     summary, a pin or an integrity problem changes nothing a list shows: no query (each cost three per
