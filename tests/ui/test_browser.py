@@ -316,7 +316,9 @@ def test_a_timeline_whose_socket_came_back_shows_what_it_missed(server, browser)
     off_loop(snapshot_record, session=session, state={"counters": {"steps": 6}}, step="while-away")
     off_loop(background.drain, 10)
     server.start()
-    page.wait_for_selector("#timeline > li#v-6", timeout=10_000)
+    # htmx's ws extension retries with full jitter (up to 2^n s after the n-th failure): a server that
+    # took a few seconds to come back may be tried again only ~16 s later.
+    page.wait_for_selector("#timeline > li#v-6", timeout=45_000)
     assert page.evaluate("window.beforeDrop") is None  # the page reloaded to catch up
     assert page.locator("#timeline li.vrow.head").count() == 1 and "head" in page.get_attribute("#v-6", "class")
     assert page.errors == []  # type: ignore[attr-defined]
@@ -865,7 +867,9 @@ def test_a_filtered_timeline_whose_socket_came_back_reloads_with_its_filter(serv
     server.stop(kill=True)
     off_loop(snapshot_record, session=session, state={"x": 6}, step="while-away", error="KeyError: 'q'")
     server.start()
-    page.wait_for_selector("#timeline > li#v-6", timeout=10_000)
+    # htmx's ws extension retries with full jitter (up to 2^n s after the n-th failure): a server that
+    # took a few seconds to come back may be tried again only ~16 s later.
+    page.wait_for_selector("#timeline > li#v-6", timeout=45_000)
     assert page.evaluate("window.beforeDrop") is None and page.locator("#reconnected").count() == 0  # reloaded
     assert page.is_checked("#filter-has-error") and page.locator("#timeline > li.vrow").count() == 1
     assert page.errors == []  # type: ignore[attr-defined]
