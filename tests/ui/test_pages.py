@@ -210,6 +210,17 @@ def test_timeline_shows_versions_newest_first_with_summaries(client, viewer, sto
     assert '<span class="add">+' in page  # finalize ran: counts, not the "…" placeholder
 
 
+def test_times_written_out_say_they_are_utc(client, operator, story):
+    """An operator reading "2026-12-07 01:23:45" at 3 a.m. in Berlin could not tell it was an hour
+    behind the clock on the wall: the pages showed UTC without saying so."""
+    client.force_login(operator)
+    stamp = Version.objects.get(session=story, number=2).created_at.strftime("%Y-%m-%d %H:%M:%S")
+    for page in (session_url(story), session_url(story, "snapshots:version", number=2),
+                 session_url(story, "snapshots:rewind", number=2),
+                 session_url(story, "snapshots:history") + "?path=/counters/tokens"):
+        assert f"{stamp} UTC" in client.get(page).content.decode(), page
+
+
 def test_unfinalized_version_shows_ellipsis(client, viewer, story):
     Version.objects.filter(session=story, number=5).update(summary=None)
     client.force_login(viewer)
