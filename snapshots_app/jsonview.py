@@ -105,9 +105,9 @@ def kind_of(value: Any) -> str:
 def preview(value: Any) -> tuple[str, bool]:
     """A short text for a value (the template escapes it) and whether it was cut."""
     if type(value) is dict:
-        return f"{{{len(value)} keys}}", False
+        return f"{{{len(value)} {'key' if len(value) == 1 else 'keys'}}}", False
     if type(value) is list:
-        return f"[{len(value)} items]", False
+        return f"[{len(value)} {'item' if len(value) == 1 else 'items'}]", False
     if type(value) is str:
         text = json.dumps(value, ensure_ascii=False)
         return (text[:PREVIEW_CHARS] + "…", True) if len(text) > PREVIEW_CHARS else (text, False)

@@ -221,6 +221,13 @@ def test_times_written_out_say_they_are_utc(client, operator, story):
         assert f"{stamp} UTC" in client.get(page).content.decode(), page
 
 
+def test_a_collapsed_object_or_array_counts_its_members_in_words_that_fit_the_number():
+    from snapshots_app import jsonview
+
+    assert [jsonview.preview(value)[0] for value in ({}, {"a": 1}, {"a": 1, "b": 2}, [], [1], [1, 2])] == [
+        "{0 keys}", "{1 key}", "{2 keys}", "[0 items]", "[1 item]", "[2 items]"]
+
+
 def test_unfinalized_version_shows_ellipsis(client, viewer, story):
     Version.objects.filter(session=story, number=5).update(summary=None)
     client.force_login(viewer)
