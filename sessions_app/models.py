@@ -90,6 +90,9 @@ class WorkflowSession(models.Model):
             models.Index(fields=["project", "-updated_at", "-id"], name="session_project_updated"),
             models.Index(fields=["project", "status", "-updated_at"], name="session_project_status"),
             models.Index(fields=["project", "workflow", "-updated_at"], name="session_project_workflow"),
+            # The list sorted by creation ("Newest", the API's ?ordering=created_at / -created_at): without it
+            # every page sorted all of the project's sessions (38 ms at 50,000, growing with the project).
+            models.Index(fields=["project", "-created_at", "-id"], name="session_project_created"),
         ]
 
     def __str__(self) -> str:

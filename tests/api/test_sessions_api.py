@@ -266,6 +266,29 @@ def test_unarchive_accepts_writes_again_and_is_audited(writer, reader, session):
         ("session.archive", "done"), ("session.unarchive", "one more step"), ("session.update", "")]
 
 
+@pytest.mark.parametrize("ordering", ["-created_at", "created_at"])
+def test_sessions_listed_by_creation_page_through_their_index(reader, project, ordering):
+    """?ordering=created_at (or -created_at) reads a page from session_project_created: without it every
+    page sorted all of the project's sessions (54 ms at 50,000)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.conftest import query_plan
+
+    for index in range(3):
+        make_session(project, f"run-{index}")
+    first = reader.get("/api/v1/sessions/", {"ordering": ordering, "limit": 2}).json()
+    names = [row["external_id"] for row in first["results"]]
+    assert names == (["run-2", "run-1"] if ordering.startswith("-") else ["run-0", "run-1"])
+    with CaptureQueriesContext(connection) as queries:
+        rest = reader.get("/api/v1/sessions/", {"ordering": ordering, "limit": 2, "cursor": first["next"]}).json()
+    assert [row["external_id"] for row in rest["results"]] == (["run-0"] if ordering.startswith("-") else ["run-2"])
+    listing = [q["sql"] for q in queries.captured_queries if 'FROM "sessions_app_workflowsession"' in q["sql"]]
+    assert len(listing) == 1
+    plan = query_plan(listing[0], priced_out=("seqscan", "sort"))
+    assert "session_project_created" in plan and "Sort" not in plan, plan
+
+
 @pytest.mark.parametrize(("path", "table", "index"), [
     ("/api/v1/audit-events/", "sessions_app_auditevent", "audit_project_created"),
     ("/api/v1/jobs/", "snapshots_app_job", "job_project_created"),
