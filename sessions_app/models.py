@@ -155,6 +155,13 @@ class AuditEvent(models.Model):
             models.Index(fields=["project", "-created_at"], name="audit_project_created"),
             # The admin's search by id (a session's, a fork's or a version's): see AuditEventAdmin.
             models.Index(fields=["target_id"], name="audit_target_id"),
+            # Every project's events by time: the admin's date filters ("Today": its page and count walked
+            # the whole log by id for the few events of the day), its sort by date, and the API's list
+            # across a member's projects.
+            models.Index(fields=["-created_at", "-id"], name="audit_created"),
+            # The admin's and the API's filter by action: a rare action (a membership change among
+            # millions of pins) read the whole log for a page of a few events, and again for its count.
+            models.Index(fields=["action", "project", "-created_at"], name="audit_action"),
         ]
 
     def __str__(self) -> str:
