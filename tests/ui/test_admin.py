@@ -700,6 +700,42 @@ def test_a_pasted_session_id_finds_its_versions_through_the_session_indexes(clie
         assert "version_unique_number" in plan and "Index Cond: (session_id = " in plan, plan
 
 
+def test_a_versions_search_reads_a_page_of_the_sessions_it_finds_without_sorting_them_all(client, staff, story,
+                                                                                           monkeypatch):
+    """A search finds sessions, then lists their versions as version_unique_number holds them (each
+    session's newest first): a page of a long session is read, where ordered by id every version of it was
+    read and sorted (322 ms for a session of 200,000 versions, growing with it), page after page."""
+    from django.test.utils import CaptureQueriesContext
+
+    from snapshots_app import admin as snapshots_admin
+    from tests.conftest import query_plan
+
+    other = make_session(story.project, "run-43")
+    snapshot_record(session=other, state={"n": 1})
+    snapshot_record(session=make_session(story.project, "nightly"), state={"n": 1})
+    client.force_login(staff)
+    url = "/admin/snapshots_app/version/"
+    for term in ("run-42", "RUN-4 2", f"{story.pk}", '"un-42"'):
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(url, {"q": term}).content.decode()
+        shown = re.findall(r">(run-4\d v\d+)<", page)
+        assert shown == [f"run-42 v{n}" for n in range(5, 0, -1)], (term, shown)
+        listing = [q["sql"] for q in queries.captured_queries if 'FROM "snapshots_app_version"' in q["sql"]]
+        assert len(listing) == 2  # the page and its (capped) count
+        for sql in listing:
+            plan = query_plan(sql, priced_out=("seqscan", "sort"))
+            assert "version_unique_number" in plan and "Sort" not in plan, plan
+    page = client.get(url, {"q": "run-4"}).content.decode()
+    assert re.findall(r">(run-4\d) v\d+<", page).count("run-42") == 5 and "run-43 v1" in page
+    for unclosed in ('"', "'run-42"):  # a quote not closed is searched as it is, as Django does
+        assert client.get(url, {"q": unclosed}).status_code == 200
+    # A search naming more sessions than it lists by id still finds each of their versions.
+    monkeypatch.setattr(snapshots_admin, "SEARCH_SESSIONS_BY_ID", 1)
+    page = client.get(url, {"q": "run-4"}).content.decode()
+    assert re.findall(r">(run-4\d) v\d+<", page).count("run-42") == 5 and "run-43 v1" in page
+    assert ">nightly v1<" not in page and ">nightly v1<" in client.get(url).content.decode()
+
+
 def test_the_audit_log_finds_a_sessions_events_by_its_id_through_the_indexes(client, staff, story):
     """A pasted session id finds the events about it (and the fork that made it) by the session_id and
     target_id indexes: as a substring of four text columns it read the whole log, twice (page, count)."""
