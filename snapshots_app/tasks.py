@@ -14,13 +14,14 @@ from typing import Any
 
 from celery import shared_task
 from django.db import InterfaceError, OperationalError, connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from sessions_app import events
 from sessions_app.errors import IntegrityProblem, InvalidState, StateStoreError, first_line
 from sessions_app.models import Project
 from snapshots_app import jobs
+from snapshots_app.models import IntegrityProblem as IntegrityProblemRow
 from snapshots_app.models import Job, JobKind, JobStatus, Version
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,21 @@ def _record_integrity_problems(*versions: Version) -> None:
 
 @shared_task(acks_late=True)
 def finalize_pending() -> int:
-    """Catch up on versions whose finalize task was lost (e.g. the broker was down at commit)."""
+    """Catch up on versions whose finalize task was lost (e.g. the broker was down at commit).
+
+    Not those whose diff failed verification (an open integrity problem of the version or of its
+    parent): they were diffed again every run, reading both states to fail the same way, and enough
+    of them (a restore gone wrong) filled every run's FINALIZE_PENDING_MAX, so no missed version
+    after them was ever summarised. Once the problem is resolved (the version verifies again) the
+    next run summarises it."""
     cutoff = timezone.now() - FINALIZE_GRACE
-    pending = Version.objects.filter(summary__isnull=True, created_at__lt=cutoff).order_by("id")
+    damaged = IntegrityProblemRow.objects.filter(resolved_at__isnull=True)
+    pending = (
+        Version.objects.filter(summary__isnull=True, created_at__lt=cutoff)
+        .exclude(Exists(damaged.filter(version_id=OuterRef("pk"))))
+        .exclude(Exists(damaged.filter(version_id=OuterRef("parent_id"))))
+        .order_by("id")
+    )
     missed = list(pending.values_list("id", "session_id")[:FINALIZE_PENDING_MAX])
     by_session: dict[Any, list[int]] = {}
     for version_id, session_id in missed:

@@ -15,6 +15,7 @@ from sessions_app.events import project_group
 from snapshots_app import tasks
 from snapshots_app.integrity import integrity_problems, integrity_scrub_start
 from snapshots_app.models import Job, JobKind, JobStatus, Version
+from tests.conftest import clear_cache
 from tests.workers.builders import record_history
 
 
@@ -72,6 +73,35 @@ def test_versions_whose_finalize_was_lost_are_caught_up(project, eager):
     assert summaries[0]["initial"] is True
     assert summaries[1]["changed"] >= 1 and summaries[1]["paths"]
     assert tasks.finalize_pending() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_catch_up_leaves_a_damaged_version_until_its_problem_is_resolved(project, eager):
+    """A version whose diff failed verification was diffed again by every catch-up run (every 5 min),
+    reading both states to fail alike, and enough of them took every run's whole batch, so versions
+    missed after them were never summarised. It waits for its problem's resolution instead."""
+    from snapshots_app.integrity import integrity_problem_resolve
+    from snapshots_app.models import IntegrityProblem, StateNode
+
+    session = record_history(project, "run-d", 3, notes=1)
+    background.drain(30)
+    Version.objects.update(summary=None, created_at=timezone.now() - timedelta(minutes=10))
+    damaged = Version.objects.get(session=session, number=2)
+    node = StateNode.objects.filter(project=project, digest=bytes(damaged.root))
+    original = node.get().data
+    node.update(data=b"\x00garbage")
+    clear_cache()  # (the writes left the node in the caches, which would serve it)
+
+    assert tasks.finalize_pending() == 3  # the first run tries them all: v2 and v3 (whose parent is v2) fail
+    problem = IntegrityProblem.objects.get(version=damaged, resolved_at__isnull=True)
+    assert list(Version.objects.filter(session=session, summary__isnull=True).values_list("number", flat=True)
+                .order_by("number")) == [2, 3]
+    assert tasks.finalize_pending() == 0  # not again and again while the problem is open
+
+    node.update(data=original)  # restored from a backup
+    integrity_problem_resolve(problem=problem, resolution="restored the node from last night's backup")
+    assert tasks.finalize_pending() == 2
+    assert not Version.objects.filter(session=session, summary__isnull=True).exists()
 
 
 @pytest.mark.django_db(transaction=True)
