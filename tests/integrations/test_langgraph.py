@@ -108,13 +108,19 @@ def test_graph_history_time_travel_and_update_state_fork(live_api, rewind):
     assert len(list(graph.get_state_history(config))) > len(history)
 
 
-def test_operator_rewind_is_what_the_graph_resumes_from(live_api, rewind):
+def trip_rewound_after_plan(rewind, thread_id: str, city: str, reason: str):
+    """A trip graph run to the end on `thread_id`, then rewound by an operator (the API, as the dashboard
+    does) to its checkpoint after `plan`: (graph, config, session, the rewind's new head)."""
     graph = trip_graph(SessionRewindSaver(rewind))
-    config = {"configurable": {"thread_id": "trip-2"}}
-    graph.invoke({"city": "Rome", "log": []}, config)
-    session = rewind.list_sessions(external_id="trip-2")["results"][0]
+    config = {"configurable": {"thread_id": thread_id}}
+    graph.invoke({"city": city, "log": []}, config)
+    session = rewind.list_sessions(external_id=thread_id)["results"][0]
     after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1 → book")
-    rewind.rewind(session["id"], after_plan["number"], reason="booking went wrong")
+    return graph, config, session, rewind.rewind(session["id"], after_plan["number"], reason=reason)
+
+
+def test_operator_rewind_is_what_the_graph_resumes_from(live_api, rewind):
+    graph, config, _, _ = trip_rewound_after_plan(rewind, "trip-2", "Rome", "booking went wrong")
 
     state = graph.get_state(config)
     assert state.values["log"] == ["plan Rome"] and state.next == ("book",)
@@ -125,12 +131,7 @@ def test_a_data_fix_after_a_dashboard_rewind_is_what_the_graph_resumes_from(live
     from sessions_app.models import WorkflowSession
     from snapshots_app.services import snapshot_data_fix
 
-    graph = trip_graph(SessionRewindSaver(rewind))
-    config = {"configurable": {"thread_id": "trip-fixed"}}
-    graph.invoke({"city": "Oslo", "log": []}, config)
-    session = rewind.list_sessions(external_id="trip-fixed")["results"][0]
-    after_plan = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1 → book")
-    head = rewind.rewind(session["id"], after_plan["number"], reason="booked the wrong city")
+    graph, config, session, head = trip_rewound_after_plan(rewind, "trip-fixed", "Oslo", "booked the wrong city")
     # Staff correct the city at that point (the admin's data fix), then the engine resumes the thread.
     state = head["state"]
     state["checkpoint"]["channel_values"]["city"] = "Bergen"
