@@ -410,6 +410,40 @@ def _first_page(project) -> list[tuple[str, str]]:
     return [(str(session.pk), session.status) for session in session_list(project=project, filters=SessionFilters())[0]]
 
 
+def _every_session(project, after: str = "") -> list[tuple[str, str]]:
+    """The project's sessions (id, status) in the unfiltered list's order, after the cursor `after`."""
+    from sessions_app.selectors import SessionFilters, session_list
+
+    found = session_list(project=project, filters=SessionFilters(), after=after, limit=10_000)[0]
+    return [(str(session.pk), session.status) for session in found]
+
+
+def _load_more_cursor(message: str) -> str:
+    """The cursor of the "Load more" a redrawn first page ends with."""
+    from urllib.parse import unquote
+
+    cursor = re.findall(r'<tr class="more">.*?[?&]amp;after=([^"&]+)"', message, re.S)
+    assert cursor, "the redrawn first page has no Load more"
+    return unquote(cursor[0])
+
+
+def _top_list_messages(user, action, *, quiet: float) -> list[str]:
+    """What an open unfiltered list (?top=1) of acme is sent while `action` runs (on a thread of its
+    own), until it has been sent nothing for `quiet` seconds."""
+
+    async def scenario() -> list[str]:
+        client = communicator("/ws/projects/acme/?top=1", user)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(_in_thread, action)
+        messages = [await client.receive_from(timeout=5)]
+        while not await client.receive_nothing(timeout=quiet):
+            messages.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return messages
+
+    return run(scenario)
+
+
 def test_a_burst_of_changes_to_many_sessions_costs_a_list_tab_queries_per_interval_not_per_event(setup, settings):
     """300 sessions written once a second cost each open list tab ~900 queries a second, every one on
     the thread all page requests of the process wait for, and the tab fell behind. Changes are gathered
@@ -469,21 +503,15 @@ def test_more_changes_than_the_first_page_holds_redraw_it_as_a_reload_would_leav
     LIVE_LIST_BATCH_MS: the 50 newest went on top and the rows of the other 10 were removed, so the list
     skipped them (newer than every row left under them, and above the page's "Load more" cursor, which
     never brought them back). The first page is now redrawn whole, with a "Load more" that continues it."""
-    from urllib.parse import unquote
-
-    from sessions_app.selectors import SESSION_PAGE, SessionFilters, session_list
+    from sessions_app.selectors import SESSION_PAGE
 
     settings.LIVE_LIST_BATCH_MS = 1000
     owner, _, project, _, _ = setup
     for n in range(2, SESSION_PAGE + 31):
         make_session(project, f"run-{n}")
 
-    def in_order(after: str = "") -> list[tuple[str, str]]:
-        found = session_list(project=project, filters=SessionFilters(), after=after, limit=1000)[0]
-        return [(str(session.pk), session.status) for session in found]
-
     background.drain(5)  # (the sessions' own creation events are not this test's)
-    shown = in_order()  # both pages loaded: all 80 sessions
+    shown = _every_session(project)  # both pages loaded: all 80 sessions
     changed = [WorkflowSession.objects.get(pk=key) for key, _ in shown[20:]]  # all but the 20 newest
 
     def burst() -> None:
@@ -491,26 +519,14 @@ def test_more_changes_than_the_first_page_holds_redraw_it_as_a_reload_would_leav
             session_update(session=session, status="failed")
         background.drain(5)
 
-    async def scenario() -> list[str]:
-        client = communicator("/ws/projects/acme/?top=1", owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_in_thread, burst)
-        messages = [await client.receive_from(timeout=5)]
-        while not await client.receive_nothing(timeout=1.5):
-            messages.append(await client.receive_from(timeout=5))
-        await client.disconnect()
-        return messages
-
-    messages = run(scenario)
+    messages = _top_list_messages(owner, burst, quiet=1.5)
     rows = shown
     for message in messages:
         rows = _rows_after(rows, message)
-    now = in_order()
+    now = _every_session(project)
     assert rows == now[:len(rows)], "the list skips sessions or shows them out of date"
     assert len(rows) == SESSION_PAGE
-    cursor = re.findall(r'<tr class="more">.*?[?&]amp;after=([^"&]+)"', messages[-1], re.S)
-    assert cursor, "the redrawn first page has no Load more"
-    assert rows + in_order(after=unquote(cursor[0])) == now
+    assert rows + _every_session(project, after=_load_more_cursor(messages[-1])) == now
 
 
 def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_pages_of_rows(setup, settings):
@@ -518,10 +534,8 @@ def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_page
     week on a project starting a thousand sessions a day held seven thousand rows. Once the rows put on
     top since the page loaded pass TOP_ROWS_KEPT, the first page is redrawn whole, with a "Load more"
     that continues it, so the list never skips a session either."""
-    from urllib.parse import unquote
-
     from sessions_app.consumers import TOP_ROWS_KEPT
-    from sessions_app.selectors import SESSION_PAGE, SessionFilters, session_list
+    from sessions_app.selectors import SESSION_PAGE
 
     settings.LIVE_LIST_BATCH_MS = 50
     owner, _, project, _, _ = setup
@@ -531,10 +545,6 @@ def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_page
     shown = _first_page(project)  # a full first page, as loaded
     made = TOP_ROWS_KEPT + 30
 
-    def newest(after: str = "") -> list[tuple[str, str]]:
-        found = session_list(project=project, filters=SessionFilters(), after=after, limit=10_000)[0]
-        return [(str(session.pk), session.status) for session in found]
-
     def start_sessions() -> None:
         for n in range(made):  # one or a few at a time, as a busy project starts them
             make_session(project, f"busy-{n}")
@@ -543,33 +553,21 @@ def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_page
                 time.sleep(0.08)
         background.drain(5)
 
-    async def scenario() -> list[str]:
-        client = communicator("/ws/projects/acme/?top=1", owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_in_thread, start_sessions)
-        messages = [await client.receive_from(timeout=5)]
-        while not await client.receive_nothing(timeout=1):
-            messages.append(await client.receive_from(timeout=5))
-        await client.disconnect()
-        return messages
-
-    messages = run(scenario)
+    messages = _top_list_messages(owner, start_sessions, quiet=1)
     rows, longest = shown, len(shown)
     for message in messages:
         rows = _rows_after(rows, message)
         longest = max(longest, len(rows))
         assert message.count('class="srow') <= SESSION_PAGE + 1
-    now = newest()
+    now = _every_session(project)
     assert len(now) > SESSION_PAGE + TOP_ROWS_KEPT
     assert longest <= SESSION_PAGE + TOP_ROWS_KEPT, longest
     assert len(rows) < made, "every new session is still on the page"
     assert rows == now[:len(rows)], "the list skips sessions or shows them out of order"
     redraws = [message for message in messages if 'id="session-rows-live" hx-swap-oob="innerHTML"' in message]
     assert redraws
-    cursor = re.findall(r'<tr class="more">.*?[?&]amp;after=([^"&]+)"', redraws[-1], re.S)
-    assert cursor, "the redrawn first page has no Load more"
     # The rows on the page, then those "Load more" brings: every session, once, newest first.
-    assert rows + newest(after=unquote(cursor[0])) == now
+    assert rows + _every_session(project, after=_load_more_cursor(redraws[-1])) == now
 
 
 @pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "filtered"])
