@@ -16,10 +16,11 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.http import QueryDict
 from django.template.loader import get_template, render_to_string
-from django.utils.http import urlencode
 
 from sessions_app import events
+from sessions_app.forms import SessionFilterForm
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.selectors import (
     SESSION_PAGE,
@@ -28,6 +29,7 @@ from sessions_app.selectors import (
     membership_role,
     session_list,
     session_rows,
+    session_rows_matching,
     session_user,
 )
 
@@ -179,13 +181,13 @@ ROW = "sessions_app/partials/_session_row.html"
 ROWS = "sessions_app/partials/_session_rows.html"
 
 
-# The rows an open unfiltered list puts on top before it redraws its first page (see _on_top).
+# The rows an open first page (?top=1) puts on top before it is redrawn (see _on_top).
 TOP_ROWS_KEPT = 2 * SESSION_PAGE
 
 
 @dataclass
 class _FirstPage:
-    """The unfiltered first page as a reload shows it, and the cursor of the page after it."""
+    """The first page as a reload of the list's address shows it, and the cursor of the page after it."""
 
     sessions: list[WorkflowSession]
     next_cursor: str
@@ -218,8 +220,12 @@ class ProjectEventsConsumer(LiveConsumer):
 
     project: Project | None = None
     project_id: int = 0
-    # The unfiltered first page (?top=1) keeps newest activity on top; filtered pages update in place.
+    # The first page of a list in the order of latest activity (?top=1 and the list's filters) puts the
+    # sessions it would show on top as they change, and redraws those it no longer would in place. Other
+    # pages (another sort, a page loaded with "Load more") redraw the rows they show in place.
     top = False
+    filters = SessionFilters()
+    list_query = ""  # the list's address query (its filters and project), for a redrawn page's "Load more"
     _flusher: asyncio.Task[None] | None = None
     _flushed_at = float("-inf")  # when the last gathered changes were shown (time.monotonic)
     _ended = False  # the socket was closed: nothing more is gathered
@@ -238,7 +244,17 @@ class ProjectEventsConsumer(LiveConsumer):
         if project is None:
             return None
         self.project, self.project_id = project, project.pk
-        self.top = b"top=1" in self.scope.get("query_string", b"").split(b"&")
+        query = QueryDict(self.scope.get("query_string", b"").decode("ascii", "replace"), mutable=True)
+        top = query.pop("top", None) == ["1"]
+        form = SessionFilterForm(query)
+        # (The list page asks for a top only with filters it could list; a hand-made address that asks
+        # with others gets its rows redrawn in place.)
+        if top and form.is_valid() and form.filters().sort == "-updated":
+            self.top, self.filters = True, form.filters()
+            query = query.copy()
+            query.pop("after", None)
+            query["project"] = project.slug
+            self.list_query = query.urlencode()
         return events.project_group(project.pk)
 
     async def rewind_event(self, message: dict[str, Any]) -> None:
@@ -297,53 +313,60 @@ class ProjectEventsConsumer(LiveConsumer):
 
     async def _render_batch(self, batch: dict[str, bool]) -> str | None:
         """One message for the sessions in `batch` (id -> deleted), None if the user may no longer watch."""
-        rows = await self._read_batch(batch)
-        if rows is None:
+        read = await self._read_batch(batch)
+        if read is None:
             return None
         # Rendered off the thread that runs the process's database calls (a page of rows takes ~8 ms),
         # which page requests wait for. The rows' templates read only the rows' own fields.
-        if isinstance(rows, _FirstPage):
-            return await asyncio.to_thread(self._first_page_html, rows)
-        return await asyncio.to_thread(self._html, batch, rows)
+        if isinstance(read, _FirstPage):
+            return await asyncio.to_thread(self._first_page_html, read)
+        return await asyncio.to_thread(self._html, batch, *read)
 
     @database_sync_to_async
-    def _read_batch(self, batch: dict[str, bool]) -> list[WorkflowSession] | _FirstPage | None:
+    def _read_batch(self, batch: dict[str, bool]) -> tuple[list[WorkflowSession], set[str]] | _FirstPage | None:
+        """The rows of the sessions in `batch` and the ids of those that go on top, or the first page
+        to show afresh, or None if the user may no longer watch."""
         if not membership_exists(user=self.scope["user"], project_id=self.project_id):
             return None
         changed = [session_id for session_id, deleted in batch.items() if not deleted]
-        if self.top and self.project is not None:
-            self._on_top.update(changed)
-            # More sessions changed than the first page holds: those beyond it belong below it, above
-            # every row the page had, where no out-of-band swap can put them (the page's rows and its
-            # "Load more" cursor are the browser's). The first page is shown afresh, as a reload would;
-            # so it is once the rows put on top since the last redraw would make the list grow past
-            # TOP_ROWS_KEPT (pages the operator loaded with "Load more" go with it, as with a reload).
-            if len(changed) > SESSION_PAGE or len(self._on_top) > TOP_ROWS_KEPT:
-                self._on_top.clear()
-                return _FirstPage(*session_list(project=self.project, filters=SessionFilters()))
-        return session_rows(project_id=self.project_id, session_ids=changed) if changed else []
+        if not changed:
+            return [], set()
+        if not self.top or self.project is None:
+            return session_rows(project_id=self.project_id, session_ids=changed), set()
+        # More sessions changed than the first page holds: those beyond it belong below it, above every
+        # row the page had, where no out-of-band swap can put them (the page's rows and its "Load more"
+        # cursor are the browser's). The first page is shown afresh, as a reload would; so it is once
+        # the rows put on top since the last redraw would make the list grow past TOP_ROWS_KEPT (pages
+        # the operator loaded with "Load more" go with it, as with a reload).
+        if len(changed) <= SESSION_PAGE:
+            rows, matching = session_rows_matching(project_id=self.project_id, session_ids=changed, filters=self.filters)
+            on_top = {str(session_id) for session_id in matching}
+            self._on_top.update(on_top)
+            if len(self._on_top) <= TOP_ROWS_KEPT:
+                return rows, on_top
+        self._on_top.clear()
+        return _FirstPage(*session_list(project=self.project, filters=self.filters))
 
     def _first_page_html(self, page: _FirstPage) -> str:
         assert self.project is not None
         rows = render_to_string(ROWS, {
-            "sessions": page.sessions, "next_cursor": page.next_cursor, "filters": SessionFilters(),
-            "base_query": urlencode({"project": self.project.slug}),
+            "sessions": page.sessions, "next_cursor": page.next_cursor, "filters": self.filters,
+            "base_query": self.list_query,
         })
         return f'<tbody id="session-rows-live" hx-swap-oob="innerHTML">{rows}</tbody>'
 
-    def _html(self, batch: dict[str, bool], rows: list[WorkflowSession]) -> str:
+    def _html(self, batch: dict[str, bool], rows: list[WorkflowSession], on_top_ids: set[str]) -> str:
         row = get_template(ROW)
-        if self.top:
-            # Every row of the batch is removed first (a page loaded just after a write already shows it,
-            # and a deleted session's row goes), then the new rows go on top in one block, in order.
-            # Table rows must travel inside <tbody>: parsed bare next to one, the HTML parser drops them.
-            parts = [f'<tbody hx-swap-oob="delete:#s-{session_id}"></tbody>' for session_id in batch]
-            if rows:
-                new_rows = "".join(row.render({"s": session, "fresh": True}) for session in rows)
-                parts.append(f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{new_rows}</tbody>')
-            return "".join(parts)
-        # Filtered pages update the rows they show in place, and drop those of sessions deleted meanwhile.
-        found = {str(session.pk) for session in rows}
-        parts = [f'<tr id="s-{session_id}" hx-swap-oob="delete"></tr>' for session_id in batch if session_id not in found]
-        parts += [row.render({"s": session, "oob": True, "fresh": True}) for session in rows]
+        on_top = [session for session in rows if str(session.pk) in on_top_ids]
+        in_place = [session for session in rows if str(session.pk) not in on_top_ids]
+        # The rows of sessions that go on top are removed first (a page loaded just after a write already
+        # shows them), as are those of sessions deleted meanwhile. Table rows must travel inside <tbody>:
+        # parsed bare next to one, the HTML parser drops them.
+        kept = {str(session.pk) for session in in_place}
+        parts = [f'<tbody hx-swap-oob="delete:#s-{session_id}"></tbody>' for session_id in batch if session_id not in kept]
+        # Rows of sessions the page shows but need not move (or, on top, no longer matches) are redrawn in place.
+        parts += [row.render({"s": session, "oob": True, "fresh": True}) for session in in_place]
+        if on_top:  # in one block, in order
+            new_rows = "".join(row.render({"s": session, "fresh": True}) for session in on_top)
+            parts.append(f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{new_rows}</tbody>')
         return "".join(parts)

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import ValidationError
 from django.db import connection, models
-from django.db.models import Case, Exists, Model, OuterRef, Q, QuerySet, Value, When
+from django.db.models import Case, Exists, ExpressionWrapper, Model, OuterRef, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from sessions_app.errors import SessionNotFound
@@ -219,6 +219,31 @@ class SessionFilters:
         return bool(self.updated_from and self.updated_to and self.updated_from >= self.updated_to)
 
 
+def session_matches(filters: SessionFilters) -> Q:
+    """The condition a session meets to be listed under `filters` (its sort aside)."""
+    condition = Q()
+    if filters.q:
+        condition &= Q(external_id__icontains=filters.q) | Q(workflow__icontains=filters.q)
+    if filters.status:
+        condition &= Q(status=filters.status)
+    if filters.workflow:
+        condition &= Q(workflow=filters.workflow)
+    if filters.tag:
+        if connection.vendor == "postgresql":
+            condition &= Q(tags__contains=[filters.tag])
+        else:  # SQLite has no JSON containment; match the element's JSON text instead
+            condition &= Q(tags__icontains=orjson.dumps(filters.tag).decode())
+    if filters.has_error == "yes":
+        condition &= ~Q(last_error="")
+    elif filters.has_error == "no":
+        condition &= Q(last_error="")
+    if filters.updated_from:
+        condition &= Q(updated_at__gte=filters.updated_from)
+    if filters.updated_to:
+        condition &= Q(updated_at__lt=filters.updated_to)
+    return condition
+
+
 def session_list(
     *, project: Project, filters: SessionFilters, after: str = "", limit: int = SESSION_PAGE
 ) -> tuple[list[WorkflowSession], str]:
@@ -227,26 +252,7 @@ def session_list(
     Keyset pagination: the cursor is the last row's (sort value, id), so page 10,000 costs what
     page 1 does; the default sort walks the session_project_updated index.
     """
-    queryset = WorkflowSession.objects.filter(project=project)
-    if filters.q:
-        queryset = queryset.filter(Q(external_id__icontains=filters.q) | Q(workflow__icontains=filters.q))
-    if filters.status:
-        queryset = queryset.filter(status=filters.status)
-    if filters.workflow:
-        queryset = queryset.filter(workflow=filters.workflow)
-    if filters.tag:
-        if connection.vendor == "postgresql":
-            queryset = queryset.filter(tags__contains=[filters.tag])
-        else:  # SQLite has no JSON containment; match the element's JSON text instead
-            queryset = queryset.filter(tags__icontains=orjson.dumps(filters.tag).decode())
-    if filters.has_error == "yes":
-        queryset = queryset.exclude(last_error="")
-    elif filters.has_error == "no":
-        queryset = queryset.filter(last_error="")
-    if filters.updated_from:
-        queryset = queryset.filter(updated_at__gte=filters.updated_from)
-    if filters.updated_to:
-        queryset = queryset.filter(updated_at__lt=filters.updated_to)
+    queryset = WorkflowSession.objects.filter(project=project).filter(session_matches(filters))
     field, descending = SESSION_SORTS.get(filters.sort, SESSION_SORTS["-updated"])
     position = _decode_cursor(after, field)
     if position is not None:
@@ -308,5 +314,24 @@ def session_exists(*, project_id: int, session_id: Any) -> bool:
 def session_rows(*, project_id: int, session_ids: Iterable[Any], limit: int | None = None) -> list[WorkflowSession]:
     """The rows of the project's sessions among `session_ids` (in one query), in the session list's
     default order (newest activity first); only the first `limit` of them if given."""
+    return list(_session_rows(project_id, session_ids, limit))
+
+
+def session_rows_matching(
+    *, project_id: int, session_ids: Iterable[Any], filters: SessionFilters
+) -> tuple[list[WorkflowSession], set[uuid.UUID]]:
+    """session_rows, and the ids of those among them the list under `filters` shows (in the same query)."""
+    condition = session_matches(filters)
+    if not condition:
+        rows = session_rows(project_id=project_id, session_ids=session_ids)
+        return rows, {row.pk for row in rows}
+    queryset = _session_rows(project_id, session_ids).annotate(
+        matches=ExpressionWrapper(condition, output_field=models.BooleanField())
+    )
+    rows = list(queryset)
+    return rows, {row.pk for row in rows if row.matches}  # type: ignore[attr-defined]
+
+
+def _session_rows(project_id: int, session_ids: Iterable[Any], limit: int | None = None) -> QuerySet[WorkflowSession]:
     queryset = WorkflowSession.objects.filter(project_id=project_id, pk__in=list(session_ids)).order_by("-updated_at", "-id")
-    return list(queryset if limit is None else queryset[:limit])
+    return queryset if limit is None else queryset[:limit]

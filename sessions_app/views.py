@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 from django.utils.http import url_has_allowed_host_and_scheme
 
@@ -58,13 +58,23 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
                   ("-created", "Newest"), ("external_id", "External id")],
         "next_cursor": next_cursor,
         "base_query": query.urlencode(),
-        # New sessions are prepended live only where they belong: the unfiltered first page.
-        "live_new": not filters.active and not after and not problems,
+        # Sessions that change go on top live only where they belong: the first page in the order of
+        # latest activity (the socket's address carries the filters they must match).
+        "live_new": filters.sort == "-updated" and not after and not problems,
+        "live_query": live_query(query),
         "is_next_page": bool(after),
         "problems": problems,
     }
     fragment = "sessions_app/partials/_session_rows.html" if after else "sessions_app/partials/_session_table.html"
     return render_fragment(request, "sessions_app/list.html", fragment, context, status=400 if problems else 200)
+
+
+def live_query(query: QueryDict) -> str:
+    """The session list socket's query for a list page's address query: its filters, on top."""
+    live = query.copy()
+    live.pop("project", None)
+    live["top"] = "1"
+    return live.urlencode()
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:

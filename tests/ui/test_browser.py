@@ -248,9 +248,11 @@ def test_the_first_session_of_an_empty_project_replaces_its_empty_notice(server,
     assert not page.locator("text=No sessions yet").is_visible()
 
 
-def test_a_filtered_list_updates_its_rows_and_ignores_the_sessions_it_does_not_show(server, browser):
-    """A filtered page updates the rows it shows in place; changes to the project's other sessions
-    reached it too, and htmx logged an error for each row it had no place for."""
+def test_a_filtered_list_puts_sessions_that_come_to_match_on_top_and_redraws_the_rest_in_place(server, browser):
+    """A filtered list (in the order of latest activity) updates the rows it shows in place, even one
+    that stops matching; changes to the project's other sessions reach it too, and htmx logged an error
+    for each row it had no place for. A session that comes to match goes on top, as a reload would
+    list it (an operator watching the failed sessions sees the next one fail)."""
     from sessions_app.models import WorkflowSession
 
     session = off_loop(_operator_story)
@@ -268,6 +270,11 @@ def test_a_filtered_list_updates_its_rows_and_ignores_the_sessions_it_does_not_s
     page.wait_for_function("() => document.querySelector('tr.srow .badge').textContent === 'Completed'", timeout=3_000)
     page.wait_for_timeout(700)
     assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
+
+    off_loop(session_update, session=session, status="failed")
+    page.wait_for_selector("a.ext:text('run-42')", timeout=3_000)
+    assert page.locator("a.ext").all_inner_texts() == ["run-42", "run-failed"]
+    assert page.locator("tr.srow .badge").all_inner_texts()[:2] == ["Failed", "Completed"]
     assert page.errors == []  # type: ignore[attr-defined]
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 

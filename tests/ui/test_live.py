@@ -231,22 +231,22 @@ def _record(session, state, **kwargs):
 
 
 def test_session_list_gets_new_sessions_and_status_changes_only_of_its_project(setup):
-    """The unfiltered first page (?top=1) gets new sessions on top; a filtered page (whose rows stay
-    where its sort put them) has its rows redrawn in place."""
+    """The first page in the order of activity (?top=1) gets new sessions on top; a page in another
+    order (whose rows stay where its sort put them) has its rows redrawn in place."""
     owner, _, project, other, session = setup
 
     async def scenario() -> list[str]:
-        top, filtered = communicator("/ws/projects/acme/?top=1", owner), communicator("/ws/projects/acme/", owner)
-        assert (await top.connect(timeout=5))[0] and (await filtered.connect(timeout=5))[0]
+        top, in_place = communicator("/ws/projects/acme/?top=1", owner), communicator("/ws/projects/acme/", owner)
+        assert (await top.connect(timeout=5))[0] and (await in_place.connect(timeout=5))[0]
         await asyncio.to_thread(_in_thread, make_session, other, "foreign-run")
-        assert await top.receive_nothing(timeout=0.5) and await filtered.receive_nothing(timeout=0.1)
+        assert await top.receive_nothing(timeout=0.5) and await in_place.receive_nothing(timeout=0.1)
         await asyncio.to_thread(_in_thread, make_session, project, "new-run")
         created = await top.receive_from(timeout=5)
-        await filtered.receive_from(timeout=5)
+        await in_place.receive_from(timeout=5)
         await asyncio.to_thread(_in_thread, lambda: session_update(session=session, status="failed"))
-        updated = await filtered.receive_from(timeout=5)
+        updated = await in_place.receive_from(timeout=5)
         await top.disconnect()
-        await filtered.disconnect()
+        await in_place.disconnect()
         return [created, updated]
 
     created, updated = run(scenario)
@@ -290,7 +290,7 @@ def first_update(path: str, user: Any, action: Any) -> str:
 
 
 @pytest.mark.parametrize("path", ["/ws/sessions/{session}/", "/ws/projects/acme/?top=1", "/ws/projects/acme/"],
-                         ids=["timeline", "session-list", "filtered-session-list"])
+                         ids=["timeline", "session-list", "session-list-in-place"])
 def test_revoked_membership_ends_the_stream(setup, path):
     owner, _, _project, _, session = setup
 
@@ -368,7 +368,6 @@ def test_unfiltered_first_page_moves_active_sessions_to_the_top(setup):
 
 _LIST_SWAP = re.compile(
     r'<tbody hx-swap-oob="delete:#s-(?P<removed>[0-9a-f-]+)"></tbody>'
-    r'|<tr id="s-(?P<deleted>[0-9a-f-]+)" hx-swap-oob="delete"></tr>'
     r'|<tbody hx-swap-oob="afterbegin:#session-rows-live">(?P<on_top>.*?)</tbody>'
     r'|<tbody id="session-rows-live" hx-swap-oob="innerHTML">(?P<page>.*?)</tbody>'
     r'|(?P<row><tr id="s-[0-9a-f-]+"[^>]*hx-swap-oob="true">.*?</tr>)\s*', re.S)
@@ -384,9 +383,8 @@ def _rows_after(rows: list[tuple[str, str]], message: str) -> list[tuple[str, st
         swap = _LIST_SWAP.match(message, position)
         assert swap, message[position:position + 200]
         position = swap.end()
-        gone = swap["removed"] or swap["deleted"]
-        if gone:
-            rows = [row for row in rows if row[0] != gone]
+        if swap["removed"]:
+            rows = [row for row in rows if row[0] != swap["removed"]]
         elif swap["page"] is not None:
             rows = [(row["id"], _status(row[0])) for row in _ROW.finditer(swap["page"])]
         elif swap["on_top"] is not None:
@@ -427,12 +425,12 @@ def _load_more_cursor(message: str) -> str:
     return unquote(cursor[0])
 
 
-def _top_list_messages(user, action, *, quiet: float) -> list[str]:
-    """What an open unfiltered list (?top=1) of acme is sent while `action` runs (on a thread of its
-    own), until it has been sent nothing for `quiet` seconds."""
+def _top_list_messages(user, action, *, quiet: float, path: str = "/ws/projects/acme/?top=1") -> list[str]:
+    """What an open list of acme (by default the unfiltered first page) is sent while `action` runs (on
+    a thread of its own), until it has been sent nothing for `quiet` seconds."""
 
     async def scenario() -> list[str]:
-        client = communicator("/ws/projects/acme/?top=1", user)
+        client = communicator(path, user)
         assert (await client.connect(timeout=5))[0]
         await asyncio.to_thread(_in_thread, action)
         messages = [await client.receive_from(timeout=5)]
@@ -442,6 +440,72 @@ def _top_list_messages(user, action, *, quiet: float) -> list[str]:
         return messages
 
     return run(scenario)
+
+
+@pytest.mark.parametrize("sort", ["", "&sort=-updated"], ids=["default-sort", "sort-named"])
+def test_a_filtered_first_page_puts_the_sessions_that_come_to_match_it_on_top(setup, sort):
+    """The first page of a filtered list in the order of latest activity: a session that comes to match
+    the filters goes on top, as a reload would list it; one the page shows that stops matching is
+    redrawn where it is (it does not vanish under the operator's pointer); one that never matched goes
+    nowhere (its in-place row finds no row to replace, and the browser drops it)."""
+    owner, _, project, _, session = setup
+    shown, elsewhere = make_session(project, "run-shown"), make_session(project, "run-elsewhere")
+    session_update(session=shown, status="failed")
+
+    def changes() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():  # their events go out together, at commit
+            session_update(session=session, status="failed")
+            session_update(session=shown, status="completed")
+            session_update(session=elsewhere, status="waiting")
+
+    background.drain(5)
+    messages = _top_list_messages(owner, changes, quiet=1, path=f"/ws/projects/acme/?top=1&status=failed{sort}")
+    rows = [(str(shown.pk), "failed")]
+    for message in messages:
+        rows = _rows_after(rows, message)
+    assert rows == [(str(session.pk), "failed"), (str(shown.pk), "completed")]
+    on_top = "".join(re.findall(r'hx-swap-oob="afterbegin:#session-rows-live">(.*?)</tbody>', "".join(messages), re.S))
+    assert str(session.pk) in on_top and str(shown.pk) not in on_top and str(elsewhere.pk) not in on_top
+
+
+@pytest.mark.parametrize("query", ["?status=failed", "?top=1&status=failed&sort=-created", "?top=1&updated_from=2026-02-30"],
+                         ids=["no-top", "newest-first", "unusable-filter"])
+def test_a_list_not_in_the_order_of_activity_redraws_its_rows_in_place(setup, query):
+    """Other sorts keep their rows where the sort put them (a changed row is redrawn in place, nothing
+    goes on top); so does a socket whose filters the list page could not have listed."""
+    owner, _, _, _, session = setup
+    html = first_update(f"/ws/projects/acme/{query}", owner, lambda: session_update(session=session, status="failed"))
+    assert "afterbegin" not in html
+    assert _rows_after([(str(session.pk), "running")], html) == [(str(session.pk), "failed")]
+
+
+def test_a_redrawn_filtered_first_page_keeps_its_filters(setup, settings):
+    """Once more sessions changed than the first page holds, the page is drawn afresh as a reload of the
+    list's address would show it: only the sessions the filters match, and "Load more" goes on with them."""
+    from sessions_app.selectors import SESSION_PAGE
+
+    settings.LIVE_LIST_BATCH_MS = 300
+    owner, _, project, _, _ = setup
+    failing = [make_session(project, f"run-{n:03}") for n in range(SESSION_PAGE + 5)]
+
+    def burst() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():
+            for other in failing:
+                session_update(session=other, status="failed")
+
+    background.drain(5)
+    messages = _top_list_messages(owner, burst, quiet=1.5, path="/ws/projects/acme/?top=1&status=failed")
+    rows: list[tuple[str, str]] = []
+    for message in messages:
+        rows = _rows_after(rows, message)
+    assert {status for _, status in rows} == {"failed"}
+    assert [key for key, _ in rows] == [str(s.pk) for s in reversed(failing)][:len(rows)]
+    more = re.findall(r'hx-get="([^"]*after=[^"]*)"', "".join(messages))
+    assert more and "status=failed" in more[-1] and "project=acme" in more[-1]
 
 
 def test_a_burst_of_changes_to_many_sessions_costs_a_list_tab_queries_per_interval_not_per_event(setup, settings):
@@ -570,7 +634,7 @@ def test_an_unfiltered_list_left_open_on_a_busy_project_keeps_at_most_three_page
     assert rows + _every_session(project, after=_load_more_cursor(redraws[-1])) == now
 
 
-@pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "filtered"])
+@pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "in-place"])
 def test_a_session_changed_several_times_in_an_interval_is_shown_once_as_it_is_now(setup, settings, path):
     settings.LIVE_LIST_BATCH_MS = 1000
     owner, _, project, _, session = setup
@@ -602,11 +666,11 @@ def test_a_session_changed_several_times_in_an_interval_is_shown_once_as_it_is_n
     rows = _rows_after(rows, gathered)
     if "top" in path:  # newest activity first
         assert rows == [(str(other.pk), "waiting"), (str(session.pk), "completed")]
-    else:  # where the filtered page's sort put them
+    else:  # where the page's sort put them
         assert rows == [(str(session.pk), "completed"), (str(other.pk), "waiting")]
 
 
-@pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "filtered"])
+@pytest.mark.parametrize("path", ["/ws/projects/acme/?top=1", "/ws/projects/acme/"], ids=["first-page", "in-place"])
 def test_a_deleted_session_leaves_the_open_list(setup, path):
     from sessions_app.services import session_delete
 
