@@ -246,6 +246,43 @@
       "No answer from the server (it may be restarting, or the network is down): reload the page to see whether this was done.";
   });
 
+  // A confirm form (rewind, fork, archive) sent after the sign-in had ended goes to sign in and then
+  // back to its page (config.middleware.SignInAgainMiddleware), which came back empty: the reason
+  // typed at 3 a.m. had to be typed again. What was typed is kept for that trip, in this tab only
+  // (sessionStorage), and filled in again when the page comes back from the sign-in page
+  // (data-keep-draft names it). Any other page that loads first drops it, as does a trip of over
+  // 30 minutes; the operator still reads it and confirms again.
+  var DRAFT = "session-rewind-draft";
+  document.addEventListener("submit", function (event) {
+    var form = event.target.closest("form[data-keep-draft]");
+    if (!form) return;
+    var fields = {};
+    Array.prototype.forEach.call(form.elements, function (field) {
+      if (field.name && (field.tagName === "TEXTAREA" || field.type === "text")) fields[field.name] = field.value;
+    });
+    try {
+      sessionStorage.setItem(DRAFT, JSON.stringify({
+        page: location.pathname + location.search, signIn: form.getAttribute("data-keep-draft"),
+        at: Date.now(), fields: fields
+      }));
+    } catch (error) { /* storage turned off or full: the form works as it did */ }
+  });
+  (function fillDraft() {
+    var draft = null;
+    try { draft = JSON.parse(sessionStorage.getItem(DRAFT) || "null"); } catch (error) { return; }
+    if (!draft || location.pathname === draft.signIn) return;  // (on its way: a mistyped password shows it again)
+    sessionStorage.removeItem(DRAFT);
+    var from = "";
+    try { from = new URL(document.referrer).pathname; } catch (error) { /* no referrer */ }
+    var form = document.querySelector("form[data-keep-draft]");
+    if (!form || from !== draft.signIn || draft.page !== location.pathname + location.search
+        || Date.now() - draft.at > 30 * 60 * 1000) return;
+    Object.keys(draft.fields).forEach(function (name) {
+      var field = form.elements.namedItem(name);
+      if (field && (field.tagName === "TEXTAREA" || field.type === "text") && !field.value) field.value = draft.fields[name];
+    });
+  })();
+
   document.addEventListener("change", function (event) {
     var form = event.target.closest("form[data-autosubmit]");
     if (form) form.submit();

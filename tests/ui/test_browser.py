@@ -900,6 +900,37 @@ def test_a_pin_clicked_after_the_sign_in_ended_signs_in_again_on_its_own_page(se
     assert "Unpin" not in page.inner_text("#v-2")  # nothing was done while signed out: pin it again
 
 
+def test_a_rewind_confirmed_after_the_sign_in_ended_keeps_its_reason_through_signing_in(server, browser):
+    """The confirm page came back from signing in empty: the reason typed had to be typed again. It is
+    filled in again (through a mistyped password too), nothing was done meanwhile, and confirming it
+    rewinds with that reason; the reason does not come back on a later visit."""
+    from sessions_app.models import AuditEvent
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    confirm = f"{server}/sessions/{session.pk}/v/2/rewind/"
+    page.goto(confirm)
+    page.fill("textarea[name=reason]", "the search step returned garbage")
+    page.context.clear_cookies(name="sessionid")  # expired, or signed out in another tab
+    page.click("#confirm-rewind")
+    page.wait_for_url(f"{server}/accounts/login/**")
+    page.fill("input[name=username]", "olga")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    page.wait_for_selector("p.error[role=alert]")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(confirm)
+    assert page.input_value("textarea[name=reason]") == "the search step returned garbage"
+    assert off_loop(lambda: session.versions.count()) == 5  # nothing was done while signed out
+    page.click("#confirm-rewind")
+    page.wait_for_selector("#timeline #v-6")
+    event = off_loop(lambda: AuditEvent.objects.get(action="session.rewind"))
+    assert event.reason == "the search step returned garbage"
+    page.goto(confirm)
+    assert page.input_value("textarea[name=reason]") == ""
+
+
 def test_a_pin_refused_by_the_server_says_why_in_its_words_alone(server, browser):
     """A refusal answered with a page (403 in the layout) read as its title, top bar and all:
     "Not done: Not allowed · Session Rewind Session Rewind Acme olga Log out Not allowed Operators only…"."""
