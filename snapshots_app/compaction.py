@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import zstandard
@@ -47,6 +48,7 @@ from snapshots_app.models import (
     Version,
     VersionKind,
 )
+from snapshots_app.tasks import FINALIZE_BATCH, finalize_versions
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +282,9 @@ def _retention_apply_session(
     if not doomed:
         return 0
     # Keep lineage connected: a surviving version whose parent goes now points at the nearest
-    # surviving ancestor (its own state and metadata are untouched).
+    # surviving ancestor (its own state and metadata are untouched). Its change summary, which told
+    # what changed since the removed parent, is made again against the new one after commit (the
+    # timeline shows it under that ancestor, and its diff link compares with it).
     parents = dict(Version.objects.filter(session=session).values_list("id", "parent_id"))
     relink: dict[int | None, list[int]] = defaultdict(list)
     for version_id, parent_id in parents.items():
@@ -291,7 +295,8 @@ def _retention_apply_session(
             ancestor = parents.get(ancestor)
         relink[ancestor].append(version_id)
     for ancestor, children in relink.items():
-        Version.objects.filter(id__in=children).update(parent_id=ancestor)
+        Version.objects.filter(id__in=children).update(parent_id=ancestor, summary=None)
+    _summarise_after_commit(sorted(version_id for children in relink.values() for version_id in children))
     freed_bytes = Version.objects.filter(id__in=doomed).aggregate(total=Sum("stored_size"))["total"] or 0
     numbers = sorted(Version.objects.filter(id__in=doomed).values_list("number", flat=True))
     for chunk in _chunks(sorted(doomed), 500):
@@ -310,6 +315,15 @@ def _retention_apply_session(
     payload = {"session": str(session.pk), "numbers": numbers, "versions": session.version_count}
     events.publish_after_commit(project_id, "versions.removed", payload, session_id=session.pk)
     return len(doomed)
+
+
+def _summarise_after_commit(version_ids: list[int]) -> None:
+    """Queue the change summaries of these versions of one session (once the transaction commits);
+    should the broker be down, beat's finalize_pending makes them (versions without a summary)."""
+    if not version_ids:
+        return
+    for start in range(0, len(version_ids), FINALIZE_BATCH):
+        transaction.on_commit(partial(finalize_versions.delay, version_ids[start:start + FINALIZE_BATCH]), robust=True)
 
 
 # --------------------------------------------------------------------------------------------------

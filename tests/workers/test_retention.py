@@ -13,6 +13,7 @@ from snapshots_app import compaction
 from snapshots_app.compaction import compaction_dry_run, compaction_run, retention_policy_get, retention_policy_set
 from snapshots_app.models import Job, JobKind, JobStatus, StateNode, Version
 from snapshots_app.services import snapshot_fork, snapshot_record, snapshot_rewind, version_label, version_pin
+from tests.factories import make_session
 from tests.workers.builders import bulky_state, midnight, read_all, record_history
 
 
@@ -58,6 +59,36 @@ def test_policy_keeps_newest_protected_and_one_per_day_and_never_renumbers(proje
     # A second run finds nothing left to do.
     again = compaction_run(project=project, now=now)
     assert again["versions_removed"] == 0 and again["nodes_freed"] == 0
+
+
+@pytest.mark.django_db
+def test_a_version_whose_parent_retention_removed_is_summarised_against_its_new_parent(
+    project, eager, django_capture_on_commit_callbacks
+):
+    """Its summary told what changed since the removed parent: the timeline showed it under another
+    version, and its counts and paths were not those of the diff its row links to."""
+    from snapshots_app.selectors import version_diff
+    from snapshots_app.tasks import finalize_versions
+
+    session = make_session(project, "run-a")
+    for step in range(1, 49):  # a history that grows by a message a step, an hour apart
+        version = snapshot_record(session=session, state={"step": step, "messages": [f"m{n}" for n in range(step)]})
+        Version.objects.filter(pk=version.pk).update(created_at=midnight(10) + timedelta(hours=step - 1))
+    finalize_versions(list(Version.objects.filter(session=session).values_list("id", flat=True)))
+    retention_policy_set(project=project, enabled=True, keep_last=3, keep_days=2, thin_to="day")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        compaction_run(project=project, now=timezone.now())
+
+    survivors = list(Version.objects.filter(session=session, parent__isnull=False).select_related("parent", "session"))
+    relinked = [version for version in survivors if version.parent.number != version.number - 1]
+    assert relinked, "the policy removed no version's parent"
+    for version in survivors:
+        expected = version_diff(version.parent, version)
+        assert version.summary is not None, f"v{version.number} has no summary"
+        assert {key: version.summary[key] for key in expected.counts} == expected.counts, f"v{version.number}"
+        assert version.summary["total_paths"] == len({c.get("string_path", c["path"]) for c in expected.changes})
+        assert version.summary["bytes_added"] == version.logical_size - version.parent.logical_size
 
 
 @pytest.mark.django_db
