@@ -541,15 +541,16 @@ def _store_recompressed(project_id: int, updates: list[tuple[bytes, bytes, int]]
             )
 
 
-def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) -> tuple[int, int, int]:
-    """Re-encode the project's zstd nodes with its dictionary. Returns (nodes, bytes saved, progress).
+def _recompress(project_id: int, progress: Callable[[int], None]) -> tuple[int, int]:
+    """Re-encode the project's zstd nodes with its dictionary, telling `progress` how many it went
+    through so far. Returns (nodes re-encoded, bytes saved).
 
     The bytes a node decodes to never change, so readers are unaffected whichever encoding they
     meet; each rewritten node is verified to decode back exactly before it is stored.
     """
     dictionary = _dictionary(project_id)
     if dictionary is None:
-        return 0, 0, done
+        return 0, 0
     zdict = zstandard.ZstdCompressionDict(bytes(dictionary.data))
     compressor = zstandard.ZstdCompressor(level=RECOMPRESS_LEVEL, dict_data=zdict)
     checker = zstandard.ZstdDecompressor(dict_data=zdict)
@@ -557,9 +558,7 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
         bytes(d) for d in StateNode.objects.filter(project_id=project_id, codec=store.CODEC_ZSTD)
         .values_list("digest", flat=True).iterator(chunk_size=10_000)
     ]
-    total += len(digests)
-    progress(done, total, force=True)
-    nodes = saved = 0
+    nodes = saved = done = 0
     for batch in _chunks(digests, 500):
         rows = StateNode.objects.filter(project_id=project_id, digest__in=batch, codec=store.CODEC_ZSTD).values_list(
             "digest", "data", "seal"
@@ -578,8 +577,8 @@ def _recompress(project_id: int, progress: ProgressFn, done: int, total: int) ->
             nodes += len(updates)
             saved += sum(u[2] for u in updates)
         done += len(batch)
-        progress(done, total)
-    return nodes, saved, done
+        progress(done)
+    return nodes, saved
 
 
 # A run's confirmation counts what retention would remove while the projects asked about hold at most
@@ -681,7 +680,13 @@ def compaction_run(
     policy = retention_policy_get(project=project) if apply_retention else RetentionPolicy(enabled=False)
     rows = _rows(project_id)
     plan = _plan(project_id, policy, rows, now or timezone.now())
-    progress(0, plan.remove_count, force=True)
+    # One scale from start to end, so the job's percentage only goes up (it went back from 100 to 2
+    # when the collection found its work): retention's versions, then a share the size of the
+    # project's node count for the collection and another for re-encoding (each goes through at most
+    # every node, bar nodes written meanwhile); a phase that needs less skips the rest of its share.
+    node_share = StateNode.objects.filter(project_id=project_id).count()
+    total = plan.remove_count + node_share * (2 if recompress else 1)
+    progress(0, total, force=True)
     remover = _Remover(actor=actor, actor_label=actor_label, job_id=job_id)
     removed, done = _retention_apply(project_id, plan, policy, remover, progress, 0)
     retention_seconds = time.monotonic() - started
@@ -697,20 +702,19 @@ def compaction_run(
             .iterator(chunk_size=10_000)
         ) if digest not in marked
     ])
-    total = done + len(candidates)
     progress(done, total, force=True)
-    nodes_freed = bytes_freed = 0
+    nodes_freed = bytes_freed = swept = 0
     for batch in _chunks(candidates, _batch_size()):
         nodes, size = _sweep_batch(project_id, batch, marked, seen, project_store)
         nodes_freed += nodes
         bytes_freed += size
-        done += len(batch)
-        progress(done, total)
+        swept += len(batch)
+        progress(done + min(swept, node_share), total)
+    done += node_share
     gc_seconds = time.monotonic() - started - retention_seconds
     recompressed = bytes_saved = 0
     if recompress:
-        recompressed, bytes_saved, done = _recompress(project_id, progress, done, total)
-        total = max(total, done)
+        recompressed, bytes_saved = _recompress(project_id, lambda encoded: progress(done + min(encoded, node_share), total))
     progress(total, total, force=True)
     versions_after = Version.objects.filter(session__project_id=project_id).count()
     seconds = time.monotonic() - started

@@ -92,6 +92,31 @@ def test_a_version_whose_parent_retention_removed_is_summarised_against_its_new_
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("recompress", [True, False], ids=["recompress", "no-recompress"])
+def test_compaction_progress_only_goes_forward_to_its_end(project, recompress):
+    """Retention, collection and re-encoding report on one scale: the job's percentage went back from
+    100 to a few when the collection found its work, and again when re-encoding did."""
+    record_history(project, "run-a", 30)
+    session_delete(session=record_history(project, "gone", 5), reason="garbage to collect")
+    retention_policy_set(project=project, enabled=True, keep_last=3, keep_days=0, thin_to="none")
+    reports: list[tuple[int, int]] = []
+    total = 0
+
+    def progress(done: int, total_now: int | None = None, *, force: bool = False) -> None:
+        nonlocal total
+        total = total_now if total_now is not None else total
+        reports.append((done, total))
+
+    result = compaction_run(project=project, recompress=recompress, progress=progress)
+
+    assert result["versions_removed"] > 0 and result["nodes_freed"] > 0
+    assert len({total for _, total in reports}) == 1  # known from the start
+    fractions = [done / total for done, total in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert len(set(fractions)) > 3  # it moved on through the phases, not only at the end
+
+
+@pytest.mark.django_db
 def test_hourly_thinning_keeps_the_newest_version_of_each_hour(project):
     session = record_history(project, "run-h", 12, start=midnight(5), every=timedelta(minutes=20), notes=1)
     retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=1, thin_to="hour")
