@@ -60,7 +60,7 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
         "base_query": query.urlencode(),
         # Sessions that change go on top live only where they belong: the first page in the order of
         # latest activity (the socket's address carries the filters they must match).
-        "live_new": filters.sort == "-updated" and not after and not problems,
+        "live_top": filters.sort == "-updated" and not after and not problems,
         "live_query": live_query(query),
         "is_next_page": bool(after),
         "problems": problems,
