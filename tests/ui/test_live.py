@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -468,6 +469,26 @@ def test_a_filtered_first_page_puts_the_sessions_that_come_to_match_it_on_top(se
     assert rows == [(str(session.pk), "failed"), (str(shown.pk), "completed")]
     on_top = "".join(re.findall(r'hx-swap-oob="afterbegin:#session-rows-live">(.*?)</tbody>', "".join(messages), re.S))
     assert str(session.pk) in on_top and str(shown.pk) not in on_top and str(elsewhere.pk) not in on_top
+
+
+def test_a_searched_first_page_matches_the_search_as_typed(setup):
+    """The socket's address carries the search as the list's address does (percent-encoded UTF-8, an
+    ampersand in it too): a session whose id holds it goes on top, one whose id does not stays put."""
+    owner, _, project, _, session = setup
+    found = make_session(project, "café & co")
+
+    def changes() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():
+            session_update(session=found, status="failed")
+            session_update(session=session, status="failed")
+
+    background.drain(5)
+    query = urlencode({"top": "1", "q": "é & c"})
+    messages = _top_list_messages(owner, changes, quiet=1, path=f"/ws/projects/acme/?{query}")
+    on_top = "".join(re.findall(r'hx-swap-oob="afterbegin:#session-rows-live">(.*?)</tbody>', "".join(messages), re.S))
+    assert str(found.pk) in on_top and str(session.pk) not in on_top
 
 
 @pytest.mark.parametrize("query", ["?status=failed", "?top=1&status=failed&sort=-created", "?top=1&updated_from=2026-02-30"],
