@@ -63,6 +63,7 @@ def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_versio
 
 def test_dry_run_predicts_what_compaction_frees(worker, project):
     _history(project, sessions=2, steps=30)
+    tasks.finalize_versions(list(Version.objects.filter(session__project=project).values_list("id", flat=True)))
     preview = compaction_dry_run(project=project)
 
     job = wait_finished(compaction_start(project=project, actor_label="ops-key (sr_abc)"))
@@ -78,6 +79,16 @@ def test_dry_run_predicts_what_compaction_frees(worker, project):
     assert abs(job.result["bytes_freed"] - preview.bytes_freed) <= 0.02 * preview.bytes_freed
     saved = job.result["bytes_saved_by_recompression"]
     assert job.result["bytes_before"] - job.result["bytes_after"] == job.result["bytes_freed"] + saved
+    # The kept versions whose parent went are summarised again, by the worker, against the ancestor
+    # they now point at (their summaries were made against the removed parents before the run).
+    kept = Version.objects.filter(session__project=project, parent__isnull=False).select_related("parent")
+    relinked = [version.pk for version in kept if version.parent.number != version.number - 1]
+    assert relinked
+
+    def summarised_again() -> bool:
+        found = Version.objects.filter(pk__in=relinked).values_list("summary", flat=True)
+        return all(summary and summary["finalized_at"] >= job.started_at.isoformat() for summary in found)
+    wait_for(summarised_again, timeout=30, interval=0.1, what="the relinked versions' summaries")
 
 
 def test_a_task_delivered_twice_does_no_harm(worker, project):
