@@ -23,6 +23,7 @@ from sessions_app import events
 from sessions_app.forms import SessionFilterForm
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.selectors import (
+    LIVE_TOP_SORTS,
     SESSION_PAGE,
     SessionFilters,
     membership_exists,
@@ -221,8 +222,9 @@ class ProjectEventsConsumer(LiveConsumer):
     project: Project | None = None
     project_id: int = 0
     # The first page of a list in the order of latest activity (?top=1 and the list's filters) puts the
-    # sessions it would show on top as they change, and redraws those it no longer would in place. Other
-    # pages (another sort, a page loaded with "Load more") redraw the rows they show in place.
+    # sessions it would show on top as they change, and redraws those it no longer would in place; the
+    # first page of the newest first puts new sessions it would show on top. Other pages (another sort,
+    # a page loaded with "Load more") redraw the rows they show in place.
     top = False
     filters = SessionFilters()
     list_query = ""  # the list's address query (its filters and project), for a redrawn page's "Load more"
@@ -232,8 +234,8 @@ class ProjectEventsConsumer(LiveConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # session id -> whether it was deleted, in the order the sessions changed
-        self._pending: dict[str, bool] = {}
+        # session id -> the events it had (their names), in the order the sessions changed
+        self._pending: dict[str, set[str]] = {}
         # (?top=1) Sessions whose rows went on top since the page loaded or was last redrawn: the rows
         # the browser holds beyond its first page. Past TOP_ROWS_KEPT the first page is redrawn whole,
         # so a tab left open on a busy project for days keeps two pages of rows, not one per new session.
@@ -249,7 +251,7 @@ class ProjectEventsConsumer(LiveConsumer):
         form = SessionFilterForm(query)
         # (The list page asks for a top only with filters it could list; a hand-made address that asks
         # with others gets its rows redrawn in place.)
-        if top and form.is_valid() and form.filters().sort == "-updated":
+        if top and form.is_valid() and form.filters().sort in LIVE_TOP_SORTS:
             self.top, self.filters = True, form.filters()
             query = query.copy()
             query.pop("after", None)
@@ -263,7 +265,7 @@ class ProjectEventsConsumer(LiveConsumer):
         session_id = _session_id(message["payload"])
         if session_id is None:
             return
-        self._pending[session_id] = self._pending.get(session_id, False) or message["event"] == "session.deleted"
+        self._pending.setdefault(session_id, set()).add(message["event"])
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
 
@@ -311,8 +313,8 @@ class ProjectEventsConsumer(LiveConsumer):
             self._flusher.cancel()
             self._flusher = None
 
-    async def _render_batch(self, batch: dict[str, bool]) -> str | None:
-        """One message for the sessions in `batch` (id -> deleted), None if the user may no longer watch."""
+    async def _render_batch(self, batch: dict[str, set[str]]) -> str | None:
+        """One message for the sessions in `batch` (id -> its events), None if the user may no longer watch."""
         read = await self._read_batch(batch)
         if read is None:
             return None
@@ -323,12 +325,12 @@ class ProjectEventsConsumer(LiveConsumer):
         return await asyncio.to_thread(self._html, batch, *read)
 
     @database_sync_to_async
-    def _read_batch(self, batch: dict[str, bool]) -> tuple[list[WorkflowSession], set[str]] | _FirstPage | None:
+    def _read_batch(self, batch: dict[str, set[str]]) -> tuple[list[WorkflowSession], set[str]] | _FirstPage | None:
         """The rows of the sessions in `batch` and the ids of those that go on top, or the first page
         to show afresh, or None if the user may no longer watch."""
         if not membership_exists(user=self.scope["user"], project_id=self.project_id):
             return None
-        changed = [session_id for session_id, deleted in batch.items() if not deleted]
+        changed = [session_id for session_id, happened in batch.items() if "session.deleted" not in happened]
         if not changed:
             return [], set()
         if not self.top or self.project is None:
@@ -341,6 +343,8 @@ class ProjectEventsConsumer(LiveConsumer):
         if len(changed) <= SESSION_PAGE:
             rows, matching = session_rows_matching(project_id=self.project_id, session_ids=changed, filters=self.filters)
             on_top = {str(session_id) for session_id in matching}
+            if self.filters.sort == "-created":  # only new sessions belong on top
+                on_top = {session_id for session_id in on_top if "session.created" in batch[session_id]}
             self._on_top.update(on_top)
             if len(self._on_top) <= TOP_ROWS_KEPT:
                 return rows, on_top
@@ -355,9 +359,11 @@ class ProjectEventsConsumer(LiveConsumer):
         })
         return f'<tbody id="session-rows-live" hx-swap-oob="innerHTML">{rows}</tbody>'
 
-    def _html(self, batch: dict[str, bool], rows: list[WorkflowSession], on_top_ids: set[str]) -> str:
+    def _html(self, batch: dict[str, set[str]], rows: list[WorkflowSession], on_top_ids: set[str]) -> str:
         row = get_template(ROW)
         on_top = [session for session in rows if str(session.pk) in on_top_ids]
+        if self.filters.sort == "-created":  # (rows come newest activity first)
+            on_top.sort(key=lambda session: (session.created_at, session.pk), reverse=True)
         in_place = [session for session in rows if str(session.pk) not in on_top_ids]
         # The rows of sessions that go on top are removed first (a page loaded just after a write already
         # shows them), as are those of sessions deleted meanwhile. Table rows must travel inside <tbody>:

@@ -188,6 +188,9 @@ SESSION_SORTS: dict[str, tuple[str, bool]] = {
     "external_id": ("external_id", False),
 }
 SESSION_PAGE = 50
+# The sorts whose open first page takes sessions in on top as they come to belong there (see
+# sessions_app.consumers.ProjectEventsConsumer): the latest activity first, and the newest first.
+LIVE_TOP_SORTS = ("-updated", "-created")
 
 
 @dataclass(frozen=True)

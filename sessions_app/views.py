@@ -11,7 +11,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 
 from sessions_app.forms import SessionFilterForm, form_problems
 from sessions_app.models import SessionStatus
-from sessions_app.selectors import projects_for_user, session_list
+from sessions_app.selectors import LIVE_TOP_SORTS, projects_for_user, session_list
 
 
 def render_fragment(
@@ -58,9 +58,9 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
                   ("-created", "Newest"), ("external_id", "External id")],
         "next_cursor": next_cursor,
         "base_query": query.urlencode(),
-        # Sessions that change go on top live only where they belong: the first page in the order of
-        # latest activity (the socket's address carries the filters they must match).
-        "live_top": filters.sort == "-updated" and not after and not problems,
+        # Sessions go on top live only where they belong: on the first page in the order of latest
+        # activity or newest first (the socket's address carries the filters they must match).
+        "live_top": filters.sort in LIVE_TOP_SORTS and not after and not problems,
         "live_query": live_query(query),
         "is_next_page": bool(after),
         "problems": problems,

@@ -471,6 +471,30 @@ def test_a_filtered_first_page_puts_the_sessions_that_come_to_match_it_on_top(se
     assert str(session.pk) in on_top and str(shown.pk) not in on_top and str(elsewhere.pk) not in on_top
 
 
+def test_the_first_page_of_the_newest_first_puts_new_sessions_it_would_list_on_top(setup):
+    """Sorted newest first (and filtered), new sessions the list would show go on top, newest first;
+    a change to a session the page shows redraws it in place (its place is where its creation put it),
+    and a new session the filters leave out goes nowhere."""
+    owner, _, project, _, session = setup
+    made: list[WorkflowSession] = []
+
+    def changes() -> None:
+        from django.db import transaction
+
+        with transaction.atomic():  # their events go out together, at commit
+            made.extend([make_session(project, "run-new-a"), make_session(project, "run-new-b")])
+            session_update(session=make_session(project, "run-new-waiting"), status="waiting")
+            session_update(session=session, status="failed")
+
+    background.drain(5)
+    messages = _top_list_messages(owner, changes, quiet=1, path="/ws/projects/acme/?top=1&sort=-created&status=running")
+    rows = [(str(session.pk), "running")]
+    for message in messages:
+        rows = _rows_after(rows, message)
+    first, second = made
+    assert rows == [(str(second.pk), "running"), (str(first.pk), "running"), (str(session.pk), "failed")]
+
+
 def test_a_searched_first_page_matches_the_search_as_typed(setup):
     """The socket's address carries the search as the list's address does (percent-encoded UTF-8, an
     ampersand in it too): a session whose id holds it goes on top, one whose id does not stays put."""

@@ -68,6 +68,25 @@ def test_filters_narrow_the_list(client, operator, team, story):
     assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
 
 
+def test_the_lists_socket_asks_for_a_top_only_where_sessions_belong_on_top(client, operator, team, story):
+    """The first page of the latest activity or the newest first asks its socket for a top, with its
+    filters; other sorts, and pages loaded with "Load more", have their rows redrawn in place."""
+    client.force_login(operator)
+    url = reverse("sessions:list")
+
+    def socket(**params):
+        page = client.get(url, {"project": "acme", **params}).content.decode()
+        found = re.search(r'ws-connect="([^"]*)"', page)
+        return html.unescape(found[1]) if found else None
+
+    assert socket() == "/ws/projects/acme/?top=1"
+    assert socket(status="failed", q="é & co") == "/ws/projects/acme/?status=failed&q=%C3%A9+%26+co&top=1"
+    assert socket(sort="-created") == "/ws/projects/acme/?sort=-created&top=1"
+    assert socket(sort="external_id") == "/ws/projects/acme/"
+    assert socket(sort="updated") == "/ws/projects/acme/"
+    assert socket(updated_from="2026-02-30") == "/ws/projects/acme/"  # a filter the list cannot use
+
+
 def test_the_date_filter_shows_the_days_typed_and_a_reload_keeps_the_range(client, operator, team, story):
     """"to" is kept as the moment the range ends (the next midnight): its field showed the day after
     the one typed, and each reload and filter change from there moved the range on by a day."""
