@@ -1,9 +1,10 @@
 """Our middleware: trailing-slash redirects that keep the request, the CSP header, a sign-in asked for
-mid-action that leads back to the page, and, while the database is unreachable, a 503 page and
-live-update sockets closed without a traceback."""
+mid-action that leads back to the page, static files streamed under ASGI, and, while the database is
+unreachable, a 503 page and live-update sockets closed without a traceback."""
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,19 +12,38 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, HttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase, HttpResponseRedirectBase
 from django.middleware import common
 from django.shortcuts import resolve_url
 from django.template.loader import render_to_string
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.http import escape_leading_slashes, url_has_allowed_host_and_scheme
+from whitenoise.middleware import WhiteNoiseMiddleware
 
+from config.files import file_chunks
 from sessions_app.errors import first_line
 
 logger = logging.getLogger(__name__)
 CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 7.4.1 (IANA): the server is overloaded or a dependency is down
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise, whose files are read by an async iterator under ASGI (the server the web process
+    runs). Django reads a synchronous file iterator there whole, in a thread, before the first byte goes
+    out, and warns so once per process ("StreamingHttpResponse must consume synchronous iterators"):
+    the one warning `make run` printed, which read like an error to a newcomer."""
+
+    @staticmethod
+    def serve(static_file: Any, request: HttpRequest) -> FileResponse:
+        response: FileResponse = WhiteNoiseMiddleware.serve(static_file, request)
+        if isinstance(request, ASGIRequest):
+            # No file for a HEAD or a 304: an empty one, or its empty iterator warns the same. (A file
+            # stays among the response's resources: it is closed with the response too.)
+            response.streaming_content = file_chunks(response.file_to_stream or io.BytesIO())
+        return response
 
 
 class PermanentRedirectKeepingMethod(HttpResponseRedirectBase):

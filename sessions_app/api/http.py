@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from django.conf import settings
@@ -20,6 +18,7 @@ from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
+from config.files import file_chunks
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.errors import InvalidState
 from sessions_app.strict_json import refuse_huge_integers
@@ -85,9 +84,6 @@ class ContentNegotiation(DefaultContentNegotiation):
             raise NotAcceptable(f"No format {format[:40]!r} here; this answers in {formats}.") from None
 
 
-DOWNLOAD_CHUNK = 256 * 1024
-
-
 def file_download(request: HttpRequest, path: Path, content_type: str) -> StreamingHttpResponse:
     """`path` as an attachment, read a chunk at a time as the client takes it. Under ASGI (the server
     the web process runs) Django reads a FileResponse's file whole into memory before its first byte
@@ -96,15 +92,7 @@ def file_download(request: HttpRequest, path: Path, content_type: str) -> Stream
     handle = path.open("rb")
     if not isinstance(request, ASGIRequest):  # the test client's and any WSGI server's handler
         return FileResponse(handle, as_attachment=True, filename=path.name, content_type=content_type)
-    response = StreamingHttpResponse(_chunks(handle), content_type=content_type)
+    response = StreamingHttpResponse(file_chunks(handle), content_type=content_type)
     response["Content-Length"] = str(path.stat().st_size)
     response["Content-Disposition"] = content_disposition_header(True, path.name)
     return response
-
-
-async def _chunks(handle: IO[bytes]) -> AsyncIterator[bytes]:
-    try:
-        while chunk := await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK):
-            yield chunk
-    finally:
-        handle.close()
