@@ -48,7 +48,7 @@ from snapshots_app.models import (
     Version,
     VersionKind,
 )
-from snapshots_app.tasks import FINALIZE_BATCH, finalize_versions
+from snapshots_app.tasks import finalize_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -320,10 +320,8 @@ def _retention_apply_session(
 def _summarise_after_commit(version_ids: list[int]) -> None:
     """Queue the change summaries of these versions of one session (once the transaction commits);
     should the broker be down, beat's finalize_pending makes them (versions without a summary)."""
-    if not version_ids:
-        return
-    for start in range(0, len(version_ids), FINALIZE_BATCH):
-        transaction.on_commit(partial(finalize_versions.delay, version_ids[start:start + FINALIZE_BATCH]), robust=True)
+    if version_ids:
+        transaction.on_commit(partial(finalize_in_batches, version_ids), robust=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,9 +131,14 @@ def finalize_pending() -> int:
     for version_id, session_id in missed:
         by_session.setdefault(session_id, []).append(version_id)
     for ids in by_session.values():
-        for start in range(0, len(ids), FINALIZE_BATCH):  # one message per run of a session's versions
-            finalize_versions.delay(ids[start:start + FINALIZE_BATCH])
+        finalize_in_batches(ids)
     return len(missed)
+
+
+def finalize_in_batches(version_ids: list[int]) -> None:
+    """Queue the summaries of these versions of one session: one message per FINALIZE_BATCH of them."""
+    for start in range(0, len(version_ids), FINALIZE_BATCH):
+        finalize_versions.delay(version_ids[start:start + FINALIZE_BATCH])
 
 
 # --------------------------------------------------------------------------------------------------
