@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 7.4.1 (IANA): the server is overloaded or a dependency is down
 
 
+def on_this_site(request: HttpRequest, url: str) -> bool:
+    """Whether `url` (a Referer, HX-Current-URL) is one of this site's pages, safe to send a user back to."""
+    return url_has_allowed_host_and_scheme(url, allowed_hosts={request.get_host()}, require_https=request.is_secure())
+
+
 class StaticFilesMiddleware(WhiteNoiseMiddleware):
     """WhiteNoise, whose files are read by an async iterator under ASGI (the server the web process
     runs). Django reads a synchronous file iterator there whole, in a thread, before the first byte goes
@@ -115,8 +120,7 @@ class SignInAgainMiddleware(MiddlewareMixin):
 
     @staticmethod
     def _page(request: HttpRequest, url: str) -> str | None:
-        if not url or not url_has_allowed_host_and_scheme(url, allowed_hosts={request.get_host()},
-                                                          require_https=request.is_secure()):
+        if not on_this_site(request, url):
             return None
         parts = urlsplit(url)
         if parts.path == resolve_url(settings.LOGIN_URL):

@@ -7,8 +7,8 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
-from django.utils.http import url_has_allowed_host_and_scheme
 
+from config.middleware import on_this_site
 from sessions_app.forms import SessionFilterForm, form_problems
 from sessions_app.models import SessionStatus
 from sessions_app.selectors import LIVE_TOP_SORTS, projects_for_user, session_list
@@ -96,6 +96,6 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     if wants_fragment(request):
         return HttpResponse(message, status=403, content_type="text/plain; charset=utf-8")
     back = request.headers.get("Referer", "")
-    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+    if not on_this_site(request, back):
         back = ""
     return render(request, "403_csrf.html", {"message": message, "back": back}, status=403)
