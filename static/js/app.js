@@ -253,12 +253,13 @@
   // (data-keep-draft names it). Any other page that loads first drops it, as does a trip of over
   // 30 minutes; the operator still reads it and confirms again.
   var DRAFT = "session-rewind-draft";
+  function typedIn(field) { return field.tagName === "TEXTAREA" || field.type === "text"; }
   document.addEventListener("submit", function (event) {
     var form = event.target.closest("form[data-keep-draft]");
     if (!form) return;
     var fields = {};
     Array.prototype.forEach.call(form.elements, function (field) {
-      if (field.name && (field.tagName === "TEXTAREA" || field.type === "text")) fields[field.name] = field.value;
+      if (field.name && typedIn(field)) fields[field.name] = field.value;
     });
     try {
       sessionStorage.setItem(DRAFT, JSON.stringify({
@@ -279,7 +280,7 @@
         || Date.now() - draft.at > 30 * 60 * 1000) return;
     Object.keys(draft.fields).forEach(function (name) {
       var field = form.elements.namedItem(name);
-      if (field && (field.tagName === "TEXTAREA" || field.type === "text") && !field.value) field.value = draft.fields[name];
+      if (field && typedIn(field) && !field.value) field.value = draft.fields[name];
     });
   })();
 
