@@ -397,6 +397,13 @@ def _rows_after(rows: list[tuple[str, str]], message: str) -> list[tuple[str, st
     return rows
 
 
+def _rows_after_all(rows: list[tuple[str, str]], messages: list[str]) -> list[tuple[str, str]]:
+    """The session list's rows once the browser has applied each of these live messages in turn."""
+    for message in messages:
+        rows = _rows_after(rows, message)
+    return rows
+
+
 def _status(row_html: str) -> str:
     found = re.search(r'class="badge status-(\w+)"', row_html)
     assert found, row_html
@@ -463,9 +470,7 @@ def test_a_filtered_first_page_puts_the_sessions_that_come_to_match_it_on_top(se
 
     background.drain(5)
     messages = _top_list_messages(owner, changes, quiet=1, path=f"/ws/projects/acme/?top=1&status=failed{sort}")
-    rows = [(str(shown.pk), "failed")]
-    for message in messages:
-        rows = _rows_after(rows, message)
+    rows = _rows_after_all([(str(shown.pk), "failed")], messages)
     assert rows == [(str(session.pk), "failed"), (str(shown.pk), "completed")]
     on_top = "".join(re.findall(r'hx-swap-oob="afterbegin:#session-rows-live">(.*?)</tbody>', "".join(messages), re.S))
     assert str(session.pk) in on_top and str(shown.pk) not in on_top and str(elsewhere.pk) not in on_top
@@ -488,9 +493,7 @@ def test_the_first_page_of_the_newest_first_puts_new_sessions_it_would_list_on_t
 
     background.drain(5)
     messages = _top_list_messages(owner, changes, quiet=1, path="/ws/projects/acme/?top=1&sort=-created&status=running")
-    rows = [(str(session.pk), "running")]
-    for message in messages:
-        rows = _rows_after(rows, message)
+    rows = _rows_after_all([(str(session.pk), "running")], messages)
     first, second = made
     assert rows == [(str(second.pk), "running"), (str(first.pk), "running"), (str(session.pk), "failed")]
 
@@ -544,9 +547,7 @@ def test_a_redrawn_filtered_first_page_keeps_its_filters(setup, settings):
 
     background.drain(5)
     messages = _top_list_messages(owner, burst, quiet=1.5, path="/ws/projects/acme/?top=1&status=failed")
-    rows: list[tuple[str, str]] = []
-    for message in messages:
-        rows = _rows_after(rows, message)
+    rows = _rows_after_all([], messages)
     assert {status for _, status in rows} == {"failed"}
     assert [key for key, _ in rows] == [str(s.pk) for s in reversed(failing)][:len(rows)]
     more = re.findall(r'hx-get="([^"]*after=[^"]*)"', "".join(messages))
@@ -598,9 +599,7 @@ def test_a_burst_of_changes_to_many_sessions_costs_a_list_tab_queries_per_interv
     assert spent == 2 * len(messages)
     for message in messages:
         assert message.count('class="srow') <= SESSION_PAGE
-    rows = shown
-    for message in messages:
-        rows = _rows_after(rows, message)
+    rows = _rows_after_all(shown, messages)
     assert rows[:SESSION_PAGE] == _first_page(project)
     now = {str(session.pk): session.status for session in WorkflowSession.objects.filter(project=project)}
     assert all(now.get(key) == status for key, status in rows), "a row shows a session as it no longer is"
@@ -629,9 +628,7 @@ def test_more_changes_than_the_first_page_holds_redraw_it_as_a_reload_would_leav
         background.drain(5)
 
     messages = _top_list_messages(owner, burst, quiet=1.5)
-    rows = shown
-    for message in messages:
-        rows = _rows_after(rows, message)
+    rows = _rows_after_all(shown, messages)
     now = _every_session(project)
     assert rows == now[:len(rows)], "the list skips sessions or shows them out of date"
     assert len(rows) == SESSION_PAGE
