@@ -233,7 +233,8 @@ def timeline_page(
 
 def timeline_page_showing(session: WorkflowSession, number: int) -> int | None:
     """The `before` of the (unfiltered) timeline page that shows version `number` on top, or None if
-    the newest page shows it: where an action on the version, made without JavaScript, leads back to."""
+    the newest page shows it: where a way back to the version's row leads (counted in versions, not
+    numbers: retention leaves gaps)."""
     newer = Version.objects.filter(session=session, number__gt=number).order_by("number").values_list("number", flat=True)
     return number + 1 if list(newer[TIMELINE_PAGE - 1 : TIMELINE_PAGE]) else None
 

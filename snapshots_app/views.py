@@ -121,12 +121,12 @@ def _base(session: WorkflowSession, role: str) -> dict[str, Any]:
 
 
 def _timeline_at(session: WorkflowSession, number: int) -> str:
-    """The timeline with version `number` in it, scrolled to its row: the page that starts at it when
-    the newest page (TIMELINE_PAGE rows) cannot hold it. A version page's and a diff's way back
-    pointed at #v-N on the newest page, where an older version is not, and landed at its top."""
-    url = reverse("snapshots:session", kwargs={"session_id": session.pk})
-    older = session.head_number - number >= selectors.TIMELINE_PAGE
-    return url + (f"?before={number + 1}" if older else "") + f"#v-{number}"
+    """The (unfiltered) timeline with version `number` in it, scrolled to its row: the page that starts
+    at it when the newest page cannot hold it. A version page's and a diff's way back pointed at #v-N on
+    the newest page, where an older version is not, and landed at its top."""
+    before = selectors.timeline_page_showing(session, number)
+    page = "" if before is None else f"?before={before}"
+    return reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"{page}#v-{number}"
 
 
 # -- timeline ----------------------------------------------------------------------------------------
@@ -568,12 +568,10 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         # A label edit answers with the label form still open, so the keyboard stays in it.
         return render(request, "snapshots_app/partials/_version_row.html",
                       {**_base(session, role), "v": version, "labeling": "label" in request.POST})
-    # Back to a timeline page that shows the version, whose row says what became of it: the newest page
-    # (#v-N led nowhere once the version was older than its 50 rows), unfiltered (a filter it left,
-    # unpinned on "pinned", would hide it).
-    before = selectors.timeline_page_showing(session, version.number)
-    page = "" if before is None else f"?before={before}"
-    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + f"{page}#v-{version.number}")
+    # Back to a timeline page that shows the version, whose row says what became of it: not always the
+    # newest page (#v-N led nowhere once the version was older than its 50 rows), and unfiltered (a filter
+    # it left, unpinned on "pinned", would hide it).
+    return redirect(_timeline_at(session, version.number))
 
 
 @login_required
