@@ -92,6 +92,11 @@ def _walk_params(filters: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _if_match(etag: str | None) -> dict[str, str]:
+    """The headers of a write that must follow the head whose ``etag`` is given (none without one)."""
+    return {"If-Match": etag} if etag else {}
+
+
 def _refuse_ignored(http: Any, **given: Any) -> None:
     """With ``http=`` the client sends through that httpx client as it is: a `base_url`, `api_key` or
     `transport` given beside it went unused, so an engine passing its key there was quietly
@@ -197,7 +202,7 @@ class Endpoints(Generic[R]):
             state=state, step=step, status=status, error=error, label=label, engine=engine,
             engine_version=engine_version, tags=tags, expected_version=expected_version,
         )
-        headers = {"If-Match": if_match} if if_match else {}
+        headers = _if_match(if_match)
         return self._run(
             Call("POST", f"sessions/{_sid(session_id)}/versions/", json=body, headers=headers,
                  idempotency_key=idempotency_key, decode=_with_etag)
@@ -215,7 +220,7 @@ class Endpoints(Generic[R]):
         """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing.
         ``if_match`` (a head's ``etag``) or ``expected_version`` pins the head the first one follows."""
         body = _drop_none(versions=snapshots, expected_version=expected_version)
-        headers = {"If-Match": if_match} if if_match else {}
+        headers = _if_match(if_match)
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body, headers=headers,
                               idempotency_key=idempotency_key))
 
@@ -285,7 +290,7 @@ class Endpoints(Generic[R]):
         """Append a new head equal to `to_version` (history is kept); returns the new head, with its
         ``etag``. ``if_match`` (a head's ``etag``) or ``expected_version`` names the head it must follow."""
         body = _drop_none(to_version=to_version, reason=reason, expected_version=expected_version)
-        headers = {"If-Match": if_match} if if_match else {}
+        headers = _if_match(if_match)
         return self._run(
             Call("POST", f"sessions/{_sid(session_id)}/rewind/", json=body, headers=headers,
                  idempotency_key=idempotency_key, decode=_with_etag)
