@@ -59,6 +59,14 @@ class VersionConflict(StateStoreError):
     status = 409
 
 
+class HeadNotKept(StateStoreError):
+    """A trim whose list of versions to keep leaves out the session's head: a trim never moves the
+    head (rewind first to go back). Nothing was removed."""
+
+    code = "head_not_kept"
+    status = 400
+
+
 class SessionExists(StateStoreError):
     """A new session (a fork) was asked for under an external id the project already has."""
 

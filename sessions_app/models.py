@@ -117,6 +117,7 @@ class AuditAction(models.TextChoices):
     SESSION_UNARCHIVE = "session.unarchive", "Session unarchived"
     SESSION_DELETE = "session.delete", "Session deleted"
     SESSION_IMPORT = "session.import", "Session imported"
+    SESSION_TRIM = "session.trim", "History trimmed"
     VERSION_DATA_FIX = "version.data_fix", "Data fix"
     VERSION_PIN = "version.pin", "Version pinned"
     VERSION_UNPIN = "version.unpin", "Version unpinned"

@@ -281,6 +281,22 @@ def _retention_apply_session(
     )
     if not doomed:
         return 0
+    numbers, freed_bytes = remove_versions(session, doomed)
+    audit_record(
+        project=session.project, action="retention.remove", target_type="session", target_id=session.pk,
+        session_id=session.pk, actor=remover.actor, actor_label=remover.actor_label,
+        reason="retention policy",
+        details={"external_id": session.external_id, "numbers": numbers, "bytes_freed": freed_bytes,
+                 "job": remover.job_id,
+                 "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
+    )
+    return len(doomed)
+
+
+def remove_versions(session: WorkflowSession, doomed: set[int]) -> tuple[list[int], int]:
+    """Delete these versions of a session (locked by the caller; never its head) and tell the live
+    views. Returns their numbers and the stored bytes freed; the caller audits. Nodes only they
+    reached are freed by the next garbage collection."""
     # Keep lineage connected: a surviving version whose parent goes now points at the nearest
     # surviving ancestor (its own state and metadata are untouched). Its change summary, which told
     # what changed since the removed parent, is made again against the new one after commit (the
@@ -304,17 +320,9 @@ def _retention_apply_session(
     session.version_count = Version.objects.filter(session=session).count()
     session.stored_bytes = max(0, session.stored_bytes - freed_bytes)
     session.save(update_fields=["version_count", "stored_bytes"])
-    audit_record(
-        project=session.project, action="retention.remove", target_type="session", target_id=session.pk,
-        session_id=session.pk, actor=remover.actor, actor_label=remover.actor_label,
-        reason="retention policy",
-        details={"external_id": session.external_id, "numbers": numbers, "bytes_freed": freed_bytes,
-                 "job": remover.job_id,
-                 "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
-    )
     payload = {"session": str(session.pk), "numbers": numbers, "versions": session.version_count}
-    events.publish_after_commit(project_id, "versions.removed", payload, session_id=session.pk)
-    return len(doomed)
+    events.publish_after_commit(session.project_id, "versions.removed", payload, session_id=session.pk)
+    return numbers, freed_bytes
 
 
 def _summarise_after_commit(version_ids: list[int]) -> None:

@@ -22,6 +22,7 @@ from django.utils import timezone
 from config.celery import app as celery_app
 from sessions_app import background, events
 from sessions_app.errors import (
+    HeadNotKept,
     IdempotencyKeyReused,
     IntegrityProblem,
     InvalidState,
@@ -47,7 +48,7 @@ from sessions_app.services import (
     session_lock,
 )
 from sessions_app.strict_json import refuse_huge_integers
-from snapshots_app import canonical, rows, store
+from snapshots_app import canonical, compaction, rows, store
 from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import Version, VersionKind
 from snapshots_app.selectors import TIMELINE_PAGE, version_get
@@ -748,6 +749,83 @@ def snapshot_data_fix(
                      **({"edited": edited} if edited else {})},
         )
     return version
+
+
+MAX_TRIM_KEEP = 10_000
+
+
+@dataclass(frozen=True)
+class TrimOutcome:
+    removed: list[int]  # the numbers removed
+    kept: list[int]  # every version still there
+    protected: list[int]  # kept although not asked for: pinned, labelled, or another session's fork source
+
+
+def session_trim(
+    *,
+    session: WorkflowSession,
+    keep: Any,
+    reason: str,
+    expected_version: int | None = None,
+    actor: User = None,
+    actor_label: str = "",
+) -> TrimOutcome:
+    """Remove every version of the session except the numbers in `keep` (which must name the head),
+    in one transaction, audited as one `session.trim` event. What an operator marked (pinned or
+    labelled versions) and versions another session was forked from stay, and are reported as
+    protected. Kept versions keep their numbers, states and checksums; one whose parent goes points
+    at its nearest kept ancestor, as after retention. Trimming what is already trimmed removes
+    nothing and records nothing.
+
+    What automation asks instead of deleting a session and writing its last state again (LangGraph's
+    `prune`): there, a crash between the two lost that state."""
+    reason = require_reason(reason)
+    expected = _clean_expected(expected_version)
+    wanted = _clean_numbers(keep)
+    with transaction.atomic():
+        locked = session_lock(session)
+        ensure_writable(locked)
+        _check_expected(locked, expected)
+        ids = dict(Version.objects.filter(session=locked).values_list("number", "id"))
+        missing = sorted(wanted - ids.keys())
+        if missing:
+            raise VersionNotFound(
+                f"session {locked.external_id} has no version {missing[0]}"
+                f"{f' (nor {len(missing) - 1} more of those asked to keep)' if len(missing) > 1 else ''}; "
+                "nothing was removed",
+                numbers=missing[:100],
+            )
+        if locked.head_number not in wanted:
+            raise HeadNotKept(
+                f"keep must include the head, v{locked.head_number}: a trim never moves the head (rewind first "
+                "to go back); nothing was removed",
+                head=locked.head_number,
+            )
+        marked = Version.objects.filter(session=locked).exclude(pinned=False, label="")
+        fork_sources = Version.objects.filter(parent__session=locked, kind=VersionKind.FORK).exclude(session=locked)
+        protected = (set(marked.values_list("number", flat=True))
+                     | set(fork_sources.values_list("parent__number", flat=True))) - wanted
+        doomed = {ids[number] for number in ids.keys() - wanted - protected}
+        removed: list[int] = []
+        if doomed:
+            removed, freed_bytes = compaction.remove_versions(locked, doomed)
+            audit_record(
+                project=locked.project, action="session.trim", target_type="session", target_id=locked.pk,
+                session_id=locked.pk, reason=reason, actor=actor, actor_label=actor_label,
+                details={"external_id": locked.external_id, "numbers": removed, "bytes_freed": freed_bytes,
+                         "head": locked.head_number, "protected": sorted(protected)},
+            )
+    return TrimOutcome(removed=removed, kept=sorted(ids.keys() - set(removed)), protected=sorted(protected))
+
+
+def _clean_numbers(numbers: Any) -> set[int]:
+    if not isinstance(numbers, (list, tuple, set, frozenset)) or not numbers:
+        raise InvalidState("keep must be a non-empty list of version numbers (it must name the head)")
+    if len(numbers) > MAX_TRIM_KEEP:
+        raise InvalidState(f"keep may name at most {MAX_TRIM_KEEP} versions")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in numbers):
+        raise InvalidState("keep must hold version numbers: integers from 1")
+    return set(numbers)
 
 
 @transaction.atomic

@@ -78,7 +78,7 @@ def _no_such_version(exc: _NoSuchVersion) -> tuple[str, int]:
     if number > newest:
         return f"{name} has no version {number}: its newest is v{newest}.", 404
     kept = f" (the oldest version kept is v{oldest})" if number < oldest else ""
-    return f"{name} has no version {number} any more: retention removed it{kept}.", 404
+    return f"{name} has no version {number} any more: retention or a trim removed it{kept}.", 404
 
 
 DAMAGED = (

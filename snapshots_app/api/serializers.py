@@ -19,7 +19,7 @@ from sessions_app.api.serializers import (
 from sessions_app.models import SessionStatus
 from sessions_app.services import REASON_MAX
 from snapshots_app.models import Version, VersionKind
-from snapshots_app.services import ERROR_MAX, METADATA_LIMITS
+from snapshots_app.services import ERROR_MAX, MAX_TRIM_KEEP, METADATA_LIMITS
 
 
 def version_data(version: Version) -> dict[str, Any]:
@@ -135,6 +135,29 @@ class ForkSerializer(InputSerializer):
         if value is not None and not value.strip():
             raise serializers.ValidationError("must not be blank")
         return value
+
+
+class TrimSerializer(InputSerializer):
+    keep = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=2**31 - 1), min_length=1, max_length=MAX_TRIM_KEEP,
+        help_text="The version numbers to keep; must name the head (else 400 head_not_kept). Every other "
+                  "version is removed, except pinned and labelled ones and those another session was forked from.",
+    )
+    reason = required_reason(max_length=REASON_MAX,
+                             help_text="Why (it goes into the audit log; missing or blank is 400 reason_required).")
+    expected_version = StrictIntegerField(
+        min_value=0, required=False, allow_null=True,
+        help_text="The head the caller believes is current; stale -> 409 version_conflict, nothing removed.",
+    )
+
+
+class TrimResultSerializer(serializers.Serializer):
+    removed = serializers.ListField(child=StrictIntegerField(), help_text="The numbers removed (none: already trimmed).")
+    kept = serializers.ListField(child=StrictIntegerField(), help_text="Every version still there, oldest first.")
+    protected = serializers.ListField(
+        child=StrictIntegerField(),
+        help_text="Kept though not asked for: pinned or labelled, or the source of another session's fork.",
+    )
 
 
 class VersionRefSerializer(serializers.Serializer):

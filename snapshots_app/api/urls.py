@@ -22,6 +22,7 @@ urlpatterns = [
     path("sessions/<str:id>/diff/", views.Diff.as_view(), name="api-diff"),
     path("sessions/<str:id>/rewind/", views.Rewind.as_view(), name="api-rewind"),
     path("sessions/<str:id>/fork/", views.Fork.as_view(), name="api-fork"),
+    path("sessions/<str:id>/trim/", views.Trim.as_view(), name="api-trim"),
     path("keys/", session_views.ApiKeyList.as_view(), name="api-keys"),
     path("keys/<str:key_id>/", session_views.ApiKeyDetail.as_view(), name="api-key"),
     path("audit-events/", session_views.AuditEventList.as_view(), name="api-audit-events"),

@@ -1,4 +1,4 @@
-"""Versions of a session: record (one or a batch), list, read, head, diff, rewind, fork, pin/label.
+"""Versions of a session: record (one or a batch), list, read, head, diff, rewind, fork, trim, pin/label.
 
 States are never re-serialised on the way out: the verified canonical bytes from the store are
 spliced into the response body next to the metadata.
@@ -37,6 +37,8 @@ from snapshots_app.api.serializers import (
     ForkSerializer,
     RewindSerializer,
     SnapshotCreateSerializer,
+    TrimResultSerializer,
+    TrimSerializer,
     VersionListedSerializer,
     VersionSerializer,
     VersionUpdateSerializer,
@@ -443,3 +445,29 @@ class Fork(ApiView):
             reason=data.get("reason", ""), idempotency_key=self.idempotency_key(), **self.principal.actor,
         )
         return Response(SessionSerializer(fork).data, status=status.HTTP_201_CREATED)
+
+
+class Trim(ApiView):
+    serializer_class = TrimSerializer
+    least_roles = {"POST": Role.ADMIN}
+
+    @extend_schema(
+        operation_id="sessions_trim",
+        summary="Remove every version except those named (admin): history made shorter in one step. Audited.",
+        description="The head must be kept, so the session reads and resumes as before; kept versions keep their "
+                    "numbers. Pinned and labelled versions, and versions another session was forked from, stay "
+                    "(`protected`). A trim of what is already trimmed removes nothing and records nothing. The "
+                    "removed states are gone for good; the space they alone used is freed by the next compaction.",
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+        request=TrimSerializer,
+        responses={200: OpenApiResponse(TrimResultSerializer, "What was removed and what is left")},
+    )
+    def post(self, request: Request, id: str) -> Response:
+        session = session_for(request, id, role=Role.ADMIN)
+        incoming = TrimSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
+        return self.replayable(data, lambda: Response(TrimResultSerializer(services.session_trim(
+            session=session, keep=data["keep"], reason=data["reason"], expected_version=data.get("expected_version"),
+            **self.principal.actor,
+        )).data))

@@ -412,3 +412,67 @@ def test_a_list_with_states_costs_the_same_queries_whatever_its_length(writer, s
     with django_assert_max_num_queries(8):
         results = writer.get(url(session, "versions/?with_state=true")).json()["results"]
     assert [v["state"]["i"] for v in results] == list(range(29, -1, -1))
+
+
+def _trim(client, session, keep, reason="history no longer needed", **extra):
+    headers = {name: extra.pop(name) for name in list(extra) if name.startswith("HTTP_")}
+    return client.post(url(session, "trim/"), {"keep": keep, "reason": reason, **extra}, format="json", **headers)
+
+
+def test_trim_removes_all_but_the_versions_kept_and_what_operators_marked(admin_key, session):
+    from snapshots_app.services import snapshot_fork, snapshot_rewind, version_label, version_pin
+
+    for step in range(1, 7):
+        snapshot_record(session=session, state={"step": step, "history": list(range(step))})
+    version_pin(version=session.versions.get(number=2), pinned=True)
+    version_label(version=session.versions.get(number=3), label="before deploy")
+    fork = snapshot_fork(session=session, from_version=4, reason="try another tool")
+    snapshot_rewind(session=session, to_version=1, reason="start over")  # v7, the head
+
+    response = _trim(admin_key, session, [5, 7], expected_version=7, HTTP_IDEMPOTENCY_KEY="trim-1")
+    assert response.status_code == 200, response.content
+    assert response.json() == {"removed": [1, 6], "kept": [2, 3, 4, 5, 7], "protected": [2, 3, 4]}
+    listed = admin_key.get(url(session, "versions/?ordering=number")).json()["results"]
+    assert [(v["number"], v["parent"]) for v in listed] == [(2, None), (3, 2), (4, 3), (5, 4), (7, None)]
+    assert admin_key.get(url(session, "versions/5/")).json()["state"] == {"step": 5, "history": [0, 1, 2, 3, 4]}
+    assert admin_key.get(url(session, "head/")).json()["state"] == {"step": 1, "history": [0]}
+    assert admin_key.get(url(session, "versions/6/")).status_code == 404
+    assert WorkflowSession.objects.get(pk=fork.pk).versions.get().parent.number == 4
+    session.refresh_from_db()
+    assert (session.head_number, session.version_count) == (7, 5)
+    event = AuditEvent.objects.get(action="session.trim")
+    assert event.reason == "history no longer needed" and event.details["numbers"] == [1, 6]
+    assert event.details["protected"] == [2, 3, 4] and event.details["bytes_freed"] > 0
+
+    # A retry with the request's Idempotency-Key gets the first answer; another trim of the same has
+    # nothing left to remove, and records nothing. The next write follows the head.
+    retried = _trim(admin_key, session, [5, 7], expected_version=7, HTTP_IDEMPOTENCY_KEY="trim-1")
+    assert retried.json() == response.json()
+    again = _trim(admin_key, session, [5, 7])
+    assert again.json() == {"removed": [], "kept": [2, 3, 4, 5, 7], "protected": [2, 3, 4]}
+    assert AuditEvent.objects.filter(action="session.trim").count() == 1
+    assert admin_key.post(url(session, "versions/"), {"state": {"step": 8}}, format="json").json()["number"] == 8
+
+
+def test_trim_refuses_what_it_cannot_do_and_removes_nothing(writer, admin_key, session, other_session):
+    for step in range(1, 4):
+        snapshot_record(session=session, state={"step": step})
+    snapshot_record(session=other_session, state={"theirs": True})
+    refused = [
+        (writer, [3], {}, 403, None),  # trimming is an admin's
+        (admin_key, [3], {"reason": " "}, 400, "reason_required"),
+        (admin_key, [1, 2], {}, 400, "head_not_kept"),
+        (admin_key, [3, 9], {}, 404, "version_not_found"),
+        (admin_key, [], {}, 400, None),
+        (admin_key, ["3"], {}, 400, None),
+        (admin_key, [3], {"expected_version": 2}, 409, "version_conflict"),
+    ]
+    for client, keep, extra, status, code in refused:
+        response = _trim(client, session, keep, **extra)
+        assert response.status_code == status, (keep, extra, response.content)
+        assert code is None or response.json()["code"] == code
+    assert _trim(admin_key, other_session, [1]).status_code == 404  # another project's session
+    head_not_kept = _trim(admin_key, session, [1, 2]).json()
+    assert "keep must include the head, v3" in head_not_kept["detail"]
+    assert session.versions.count() == 3 and other_session.versions.count() == 1
+    assert not AuditEvent.objects.filter(action="session.trim").exists()

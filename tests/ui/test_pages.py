@@ -974,9 +974,9 @@ def test_vs_previous_after_retention_compares_with_the_version_before_that_is_ke
     assert "v1 is no longer stored" in oldest and "oldest version kept" in oldest
     # An address of a removed version (a bookmark from before the run) says so.
     gone = client.get(session_url(story, "snapshots:version", number=3))
-    assert gone.status_code == 404 and "run-42 has no version 3 any more: retention removed it." in gone.content.decode()
+    assert gone.status_code == 404 and "run-42 has no version 3 any more: retention or a trim removed it." in gone.content.decode()
     gone = client.get(session_url(story, "snapshots:version", number=1)).content.decode()
-    assert "retention removed it (the oldest version kept is v2)" in gone
+    assert "retention or a trim removed it (the oldest version kept is v2)" in gone
     # Nothing was removed between a version and the one before it: no note.
     assert "no longer stored" not in client.get(session_url(story, "snapshots:diff"), {"to": 5, "from": 2}).content.decode()
 

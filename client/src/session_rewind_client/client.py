@@ -312,6 +312,13 @@ class Endpoints(Generic[R]):
             Call("POST", f"sessions/{_sid(session_id)}/fork/", json=body, idempotency_key=idempotency_key)
         )
 
+    def trim(self, session_id: Any, keep: list[int], *, reason: str, expected_version: int | None = None) -> R:
+        """Remove every version except the numbers in `keep`, which must name the head (admin; audited).
+        Pinned and labelled versions, and sources of other sessions' forks, stay too. Returns
+        ``{"removed": [...], "kept": [...], "protected": [...]}``; a repeat removes nothing."""
+        body = _drop_none(keep=sorted(set(keep)), reason=reason, expected_version=expected_version)
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body))
+
     # -- projects, API keys, audit log -----------------------------------------------------------
 
     def list_projects(self, *, cursor: str | None = None) -> R:
