@@ -925,14 +925,62 @@ def test_prune_keep_latest_costs_the_same_however_many_writes_the_latest_checkpo
 
     client, sent = live_api.counted_client()
     SessionRewindSaver(client).prune(["prune-many"])
-    # The thread's sessions, the head, the head checkpoint's writes with their states, two deletes, two
-    # new sessions, the checkpoint, its writes in one batch. It used to be a GET and a POST per write (69).
-    assert len(sent) <= 9, sent
+    # The thread's sessions, the head, the head checkpoint's writes, a trim of each session. It used
+    # to be 9 (two deletes, two new sessions, the checkpoint, its writes in one batch), and before
+    # that a GET and a POST per write (69).
+    assert len(sent) <= 5, sent
 
     fresh = SessionRewindSaver(live_api.client())
     assert [t.checkpoint["id"] for t in fresh.list(config)] == [before.checkpoint["id"]]
     after = fresh.get_tuple({"configurable": {"thread_id": "prune-many", "checkpoint_ns": ""}})
     assert after.checkpoint == before.checkpoint and after.pending_writes == before.pending_writes
+
+
+class _Crash(BaseException):
+    """The engine's process dying mid-call (not an error the client would handle or retry)."""
+
+
+def test_prune_keep_latest_interrupted_at_any_point_leaves_the_latest_checkpoint_readable(live_api):
+    """A process that dies part way through `prune` loses nothing the thread reads, and pruning again
+    finishes the job. It used to delete the thread's sessions, then record the latest checkpoint
+    again: dying between the two lost it."""
+    import httpx
+    from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
+    from session_rewind_client import Client, RetryPolicy
+
+    def crashing_client(writes_allowed: int) -> Client:
+        writes: list[str] = []
+
+        def request(request: httpx.Request) -> None:
+            if request.method in ("POST", "DELETE", "PATCH"):
+                if len(writes) == writes_allowed:
+                    raise _Crash(f"died before {request.method} {request.url.path}")
+                writes.append(request.url.path)
+
+        http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
+                            event_hooks={"request": [request]})
+        return Client(http=http, retry=RetryPolicy(max_retries=0))
+
+    for crash_at in range(3):
+        saver = SessionRewindSaver(live_api.client())
+        config = {"configurable": {"thread_id": f"prune-crash-{crash_at}", "checkpoint_ns": ""}}
+        for step in range(3):
+            config = saver.put(config, generate_checkpoint(), {"source": "loop", "step": step}, {})
+            saver.put_writes(config, [("ch", step)], f"task-{step}")
+        before = saver.get_tuple(config)
+        thread = {"configurable": {"thread_id": config["configurable"]["thread_id"], "checkpoint_ns": ""}}
+        try:
+            SessionRewindSaver(crashing_client(crash_at)).prune([thread["configurable"]["thread_id"]])
+        except _Crash:
+            pass
+        after = SessionRewindSaver(live_api.client()).get_tuple(thread)
+        assert after is not None, f"the latest checkpoint was lost when prune died before write {crash_at}"
+        assert (after.checkpoint, after.pending_writes) == (before.checkpoint, before.pending_writes)
+
+        SessionRewindSaver(live_api.client()).prune([thread["configurable"]["thread_id"]])
+        fresh = SessionRewindSaver(live_api.client())
+        assert [t.checkpoint["id"] for t in fresh.list(thread)] == [before.checkpoint["id"]]
+        assert fresh.get_tuple(thread).pending_writes == before.pending_writes
 
 
 def test_prune_keep_latest_keeps_the_writes_a_rewound_head_reads_as_its_own(live_api, rewind):

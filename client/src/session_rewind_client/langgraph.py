@@ -1251,61 +1251,70 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             yield from self._record_batch(session_id, snapshots[half:])
 
     def _prune(self, thread_ids: Sequence[str], strategy: str) -> Op:
-        """``delete``: delete the thread. ``keep_latest``: replace each namespace's session by a new one
-        holding only its latest checkpoint and that checkpoint's pending writes, as `get_tuple` reads
-        them (a subgraph's as of the root thread's rewind, see `_as_of_root`) (history is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
-        those with keep_latest). Each namespace costs a fixed number of requests: its head, its
-        checkpoint's writes in one listing with their states, and one batch to record them again."""
+        """``delete``: delete the thread. ``keep_latest``: trim each namespace's session to its latest
+        checkpoint as `get_tuple` reads it (a subgraph's as of the root thread's rewind, see
+        `_as_of_root`), and its writes session to the writes that checkpoint reads as its own, with
+        the server's trim: one transaction per session, so a crash part way loses nothing the thread
+        reads (it used to delete the sessions, then record the latest checkpoint again). Kept versions
+        keep their numbers and times, so the windows that tell a checkpoint's own writes still hold.
+        The server keeps each session's head as well, and a rewound head keeps the version it
+        restores (`list` shows a checkpoint where it was made). Sessions with nothing to keep are
+        deleted. History is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
+        those with keep_latest. A thread written meanwhile is refused (Conflict), and nothing written
+        is removed. Each namespace costs a fixed number of requests: its head, its checkpoint's writes
+        in one listing, and a trim per session."""
         if strategy not in ("keep_latest", "delete"):
             raise ValueError(f"unknown prune strategy {strategy!r}; use keep_latest or delete")
         for thread_id in thread_ids:
             if strategy == "delete":
                 yield from self._delete_thread(thread_id)
                 continue
+            reason = f"langgraph: prune {_short(thread_id)} (keep_latest)"
             sessions = yield from self._thread_sessions(thread_id)
-            writes_sessions = {str(s.get("external_id")): str(s["id"]) for s in sessions
-                               if _langgraph_meta(s).get("pending_writes")}
+            writes_sessions = {str(s.get("external_id")): s for s in sessions if _langgraph_meta(s).get("pending_writes")}
             checkpoint_sessions = [s for s in sessions if not _langgraph_meta(s).get("pending_writes")]
-            keep: builtins.list[tuple[str, dict[str, Any], Rows]] = []
             lineage: _Lineage | None = None
             if any(_langgraph_meta(s).get("checkpoint_ns") for s in checkpoint_sessions):
                 lineage = yield from self._root_lineage(thread_id)
+            trims: builtins.list[tuple[str, set[int], int]] = []  # (session, numbers to keep, its head)
+            doomed: Rows = []
             for session in checkpoint_sessions:
                 ns = _langgraph_meta(session).get("checkpoint_ns", "")
-                try:
-                    head = yield Call("GET", f"sessions/{session['id']}/head/")
-                except NotFound:
-                    continue
-                latest = yield from self._latest(str(session["id"]), head, lineage if ns else None)
-                if latest is None:
-                    continue
-                head, window = latest
-                checkpoint_id = head["state"]["checkpoint"]["id"]
+                session_id = str(session["id"])
                 writes_external = _writes_of(self._external_id(thread_id, ns))
-                writes_session = writes_sessions.get(writes_external)
-                if writes_session is None:
-                    writes_session = yield from self._find_session(writes_external)
-                write_states: Rows = []
-                if writes_session is not None:
-                    rows = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
-                    write_states = [meta["state"] for meta in sorted(_within(rows, window), key=lambda v: int(v["number"]))]
-                keep.append((ns, head, write_states))
-            yield from self._delete_sessions(sessions, f"langgraph: prune {_short(thread_id)} (keep_latest)")
-            for ns, head, write_states in keep:
-                external_id = self._external_id(thread_id, ns)
-                session_id = yield from self._ensure_session(external_id, thread_id, ns)
-                yield Call("POST", f"sessions/{session_id}/versions/", json={
-                    "state": head["state"], "step": head.get("step") or None, "engine": ENGINE,
-                    "engine_version": head.get("engine_version") or self.engine_version,
-                    "tags": [checkpoint_tag(head["state"]["checkpoint"]["id"])],
-                })
-                if write_states:
-                    writes_id = yield from self._ensure_session(_writes_of(external_id), thread_id, ns, writes=True)
-                    yield from self._record_all(writes_id, [{
-                        "state": state, "engine": ENGINE, "engine_version": self.engine_version,
-                        "tags": [checkpoint_tag(state["checkpoint_id"])],
-                    } for state in write_states])
-
+                writes = writes_sessions.pop(writes_external, None)
+                if writes is None and (found := (yield from self._find_session(writes_external))) is not None:
+                    writes = yield Call("GET", f"sessions/{found}/")
+                try:
+                    head = yield Call("GET", f"sessions/{session_id}/head/")
+                except NotFound:
+                    head = None
+                latest = None if head is None else (yield from self._latest(session_id, head, lineage if ns else None))
+                if head is None or latest is None:
+                    doomed.extend(s for s in (session, writes) if s is not None)
+                    continue
+                kept, window = latest
+                numbers = {int(head["number"]), int(kept["number"])}
+                if any(version.get("kind") == "rewind" for version in (head, kept)):
+                    rewinds = yield from self._rewinds(session_id)
+                    numbers |= {rewinds[n][0] for n in list(numbers) if n in rewinds}
+                trims.append((session_id, numbers, int(head["number"])))
+                if writes is None:
+                    continue
+                checkpoint_id = kept["state"]["checkpoint"]["id"]
+                rows = yield from _VersionPages(str(writes["id"]), {"tag": checkpoint_tag(checkpoint_id)},
+                                                with_state=False).all()
+                own = {int(meta["number"]) for meta in _within(rows, window)}
+                if own and writes.get("head"):
+                    trims.append((str(writes["id"]), own | {int(writes["head"])}, int(writes["head"])))
+                else:
+                    doomed.append(writes)
+            doomed.extend(writes_sessions.values())  # writes of a namespace with no checkpoints
+            for session_id, numbers, head_number in trims:
+                yield Call("POST", f"sessions/{session_id}/trim/",
+                           json={"keep": sorted(numbers), "reason": reason, "expected_version": head_number})
+                self._forget(session_id)
+            yield from self._delete_sessions(doomed, reason)
 
 def _short(identifier: Any, limit: int = 200) -> str:
     """An id for an audit reason (at most 2000 characters on the server): thread ids may be long."""
