@@ -1316,6 +1316,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 self._forget(session_id)
             yield from self._delete_sessions(doomed, reason)
 
+
 def _short(identifier: Any, limit: int = 200) -> str:
     """An id for an audit reason (at most 2000 characters on the server): thread ids may be long."""
     text = str(identifier)
