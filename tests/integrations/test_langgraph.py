@@ -983,6 +983,37 @@ def test_prune_keep_latest_interrupted_at_any_point_leaves_the_latest_checkpoint
         assert fresh.get_tuple(thread).pending_writes == before.pending_writes
 
 
+def test_prune_keep_latest_of_a_thread_written_meanwhile_is_refused_and_removes_nothing_new(live_api):
+    """A checkpoint written while `prune` reads the thread is kept: the trim names the head it read,
+    the server refuses it (409), and the checkpoint stays the thread's latest. (The old prune deleted
+    the sessions whatever had been written since it read them.)"""
+    import httpx
+    import pytest
+    from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
+    from session_rewind_client import Client, ConflictError, RetryPolicy
+
+    writer = SessionRewindSaver(live_api.client())
+    config = {"configurable": {"thread_id": "prune-busy", "checkpoint_ns": ""}}
+    for step in range(2):
+        config = writer.put(config, generate_checkpoint(), {"source": "loop", "step": step}, {})
+    meanwhile = generate_checkpoint()
+
+    def write_first(request: httpx.Request) -> None:
+        if request.url.path.endswith("/trim/") and meanwhile["id"] not in written:
+            written.append(meanwhile["id"])
+            writer.put(config, meanwhile, {"source": "loop", "step": 2}, {})
+
+    written: list[str] = []
+    http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
+                        event_hooks={"request": [write_first]})
+    with pytest.raises(ConflictError):
+        SessionRewindSaver(Client(http=http, retry=RetryPolicy(max_retries=0))).prune(["prune-busy"])
+    thread = {"configurable": {"thread_id": "prune-busy", "checkpoint_ns": ""}}
+    fresh = SessionRewindSaver(live_api.client())
+    assert fresh.get_tuple(thread).checkpoint["id"] == meanwhile["id"]
+    assert len(list(fresh.list(thread))) == 3
+
+
 def test_prune_keep_latest_keeps_the_writes_a_rewound_head_reads_as_its_own(live_api, rewind):
     """Asked and answered, then an operator rewinds to the question: the answer's writes belong to the
     run before the rewind. Pruning used to bring them back as the head's, so the graph took the

@@ -1260,7 +1260,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         The server keeps each session's head as well, and a rewound head keeps the version it
         restores (`list` shows a checkpoint where it was made). Sessions with nothing to keep are
         deleted. History is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
-        those with keep_latest. A thread written meanwhile is refused (Conflict), and nothing written
+        those with keep_latest. A thread written meanwhile raises ConflictError, and nothing written
         is removed. Each namespace costs a fixed number of requests: its head, its checkpoint's writes
         in one listing, and a trim per session."""
         if strategy not in ("keep_latest", "delete"):
