@@ -138,7 +138,8 @@ class AuditAction(models.TextChoices):
 class AuditEvent(models.Model):
     """Append-only record of every rewind, fork, data fix, deletion and policy change."""
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="audit_events")
+    # No index of its own: audit_project_created (project, -created_at) serves every lookup by project.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, db_index=False, related_name="audit_events")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     actor_label = models.CharField(max_length=200, blank=True, default="", help_text="User name or API key name.")
     action = models.CharField(max_length=64, choices=AuditAction.choices)
