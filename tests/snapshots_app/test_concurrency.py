@@ -183,3 +183,44 @@ def test_a_bulk_pin_and_a_pin_of_another_session_of_its_project_do_not_deadlock(
     assert results["bulk"].done + results["bulk"].unchanged == 3
     assert AuditEvent.objects.filter(action="version.pin").count() == 3
     assert Version.objects.filter(session__in=sessions, pinned=True).count() == 3
+
+
+def test_trims_racing_writers_remove_only_versions_their_caller_saw_and_audit_each(session):
+    """A trim keeps the head it names: run between writers, it either removes versions older than the
+    head its caller read, audited, or is refused (head_not_kept) and removes nothing. Every write
+    survives unless an audited trim names it, and the newest write is the head."""
+    from sessions_app.errors import HeadNotKept
+    from snapshots_app.services import session_trim
+
+    per_writer = 8
+    snapshot_record(session=session, state={"writer": -1, "step": 0})
+
+    def work(index: int) -> Any:
+        if index == WRITERS - 1:  # the trimmer, until it has removed something (the writers done, at last)
+            outcomes = {"removed": 0, "refused": 0}
+            for attempt in range(500):
+                if attempt >= per_writer * 2 and outcomes["removed"]:
+                    break
+                seen = WorkflowSession.objects.get(pk=session.pk).head_number
+                try:
+                    outcomes["removed"] += len(session_trim(session=session, keep=[seen], reason="newest only").removed)
+                except HeadNotKept:
+                    outcomes["refused"] += 1
+            return outcomes
+        return [snapshot_record(session=session, state={"writer": index, "step": step}).number
+                for step in range(per_writer)]
+
+    results = run_threads(WRITERS, work)
+    assert [r for r in results if isinstance(r, Exception)] == []
+    written = {n for r in results[:-1] for n in r} | {1}
+    assert written == set(range(1, (WRITERS - 1) * per_writer + 2))  # gap-free numbers, none lost in a race
+    removed = [n for event in AuditEvent.objects.filter(action="session.trim") for n in event.details["numbers"]]
+    remaining = set(Version.objects.filter(session=session).values_list("number", flat=True))
+    assert len(removed) == len(set(removed)) and remaining.isdisjoint(removed)
+    assert remaining | set(removed) == written
+    assert results[-1]["removed"] == len(removed) > 0
+    session.refresh_from_db()
+    assert session.head_number == max(written) and session.version_count == len(remaining)
+    clear_cache()
+    assert version_state(Version.objects.select_related("session").get(session=session, number=max(written)))["step"] \
+        == per_writer - 1
