@@ -758,7 +758,7 @@ MAX_TRIM_KEEP = 10_000
 class TrimOutcome:
     removed: list[int]  # the numbers removed
     kept: list[int]  # every version still there
-    protected: list[int]  # kept although not asked for: pinned, labelled, or another session's fork source
+    protected: list[int]  # kept although not asked for: pinned, labelled, a fork's or a kept rewind's source
 
 
 def session_trim(
@@ -772,8 +772,8 @@ def session_trim(
 ) -> TrimOutcome:
     """Remove every version of the session except the numbers in `keep` (which must name the head),
     in one transaction, audited as one `session.trim` event. What an operator marked (pinned or
-    labelled versions) and versions another session was forked from stay, and are reported as
-    protected. Kept versions keep their numbers, states and checksums; one whose parent goes points
+    labelled versions), versions another session was forked from and the versions kept rewinds
+    restored stay (as retention keeps them), and are reported as protected. Kept versions keep their numbers, states and checksums; one whose parent goes points
     at its nearest kept ancestor, as after retention. Trimming what is already trimmed removes
     nothing and records nothing.
 
@@ -786,7 +786,9 @@ def session_trim(
         locked = session_lock(session)
         ensure_writable(locked)
         _check_expected(locked, expected)
-        ids = dict(Version.objects.filter(session=locked).values_list("number", "id"))
+        rows = {number: (version_id, kind, parent) for number, version_id, kind, parent in Version.objects.filter(
+            session=locked).values_list("number", "id", "kind", "parent__number")}
+        ids = {number: row[0] for number, row in rows.items()}
         missing = sorted(wanted - ids.keys())
         if missing:
             raise VersionNotFound(
@@ -803,9 +805,18 @@ def session_trim(
             )
         marked = Version.objects.filter(session=locked).exclude(pinned=False, label="")
         fork_sources = Version.objects.filter(parent__session=locked, kind=VersionKind.FORK).exclude(session=locked)
-        protected = (set(marked.values_list("number", flat=True))
-                     | set(fork_sources.values_list("parent__number", flat=True))) - wanted
-        doomed = {ids[number] for number in ids.keys() - wanted - protected}
+        kept = wanted | set(marked.values_list("number", flat=True)) | set(fork_sources.values_list("parent__number", flat=True))
+        # A kept rewind keeps what it restored (and that, if a rewind, its own): as retention keeps rewind
+        # sources, so the timeline still says which version it went back to.
+        restoring = [number for number in kept if rows[number][1] == VersionKind.REWIND]
+        while restoring:
+            source = rows[restoring.pop()][2]
+            if source in rows and source not in kept:
+                kept.add(source)
+                if rows[source][1] == VersionKind.REWIND:
+                    restoring.append(source)
+        protected = kept - wanted
+        doomed = {ids[number] for number in ids.keys() - kept}
         removed: list[int] = []
         if doomed:
             removed, freed_bytes = compaction.remove_versions(locked, doomed)

@@ -141,7 +141,8 @@ class TrimSerializer(InputSerializer):
     keep = serializers.ListField(
         child=StrictIntegerField(min_value=1, max_value=2**31 - 1), min_length=1, max_length=MAX_TRIM_KEEP,
         help_text="The version numbers to keep; must name the head (else 400 head_not_kept). Every other "
-                  "version is removed, except pinned and labelled ones and those another session was forked from.",
+                  "version is removed, except pinned and labelled ones, those another session was forked from "
+                  "and those kept rewinds restored.",
     )
     reason = required_reason(max_length=REASON_MAX,
                              help_text="Why (it goes into the audit log; missing or blank is 400 reason_required).")
@@ -156,7 +157,8 @@ class TrimResultSerializer(serializers.Serializer):
     kept = serializers.ListField(child=StrictIntegerField(), help_text="Every version still there, oldest first.")
     protected = serializers.ListField(
         child=StrictIntegerField(),
-        help_text="Kept though not asked for: pinned or labelled, or the source of another session's fork.",
+        help_text="Kept though not asked for: pinned or labelled, or the source of another session's fork or of "
+                  "a kept rewind.",
     )
 
 

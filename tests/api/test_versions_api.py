@@ -419,39 +419,47 @@ def _trim(client, session, keep, reason="history no longer needed", **extra):
     return client.post(url(session, "trim/"), {"keep": keep, "reason": reason, **extra}, format="json", **headers)
 
 
-def test_trim_removes_all_but_the_versions_kept_and_what_operators_marked(admin_key, session):
+def test_trim_removes_all_but_the_versions_kept_and_those_retention_would_keep(admin_key, session):
     from snapshots_app.services import snapshot_fork, snapshot_rewind, version_label, version_pin
 
-    for step in range(1, 7):
+    for step in range(1, 8):
         snapshot_record(session=session, state={"step": step, "history": list(range(step))})
     version_pin(version=session.versions.get(number=2), pinned=True)
     version_label(version=session.versions.get(number=3), label="before deploy")
     fork = snapshot_fork(session=session, from_version=4, reason="try another tool")
-    snapshot_rewind(session=session, to_version=1, reason="start over")  # v7, the head
+    snapshot_rewind(session=session, to_version=1, reason="start over")  # v8, the head
 
-    response = _trim(admin_key, session, [5, 7], expected_version=7, HTTP_IDEMPOTENCY_KEY="trim-1")
+    response = _trim(admin_key, session, [5, 8], expected_version=8, HTTP_IDEMPOTENCY_KEY="trim-1")
     assert response.status_code == 200, response.content
-    assert response.json() == {"removed": [1, 6], "kept": [2, 3, 4, 5, 7], "protected": [2, 3, 4]}
+    # Kept besides: v1, which the head (a rewind) restored; v2 pinned; v3 labelled; v4, the fork's source.
+    first = {"removed": [6, 7], "kept": [1, 2, 3, 4, 5, 8], "protected": [1, 2, 3, 4]}
+    assert response.json() == first
     listed = admin_key.get(url(session, "versions/?ordering=number")).json()["results"]
-    assert [(v["number"], v["parent"]) for v in listed] == [(2, None), (3, 2), (4, 3), (5, 4), (7, None)]
+    assert [(v["number"], v["parent"]) for v in listed] == [(1, None), (2, 1), (3, 2), (4, 3), (5, 4), (8, 1)]
     assert admin_key.get(url(session, "versions/5/")).json()["state"] == {"step": 5, "history": [0, 1, 2, 3, 4]}
     assert admin_key.get(url(session, "head/")).json()["state"] == {"step": 1, "history": [0]}
     assert admin_key.get(url(session, "versions/6/")).status_code == 404
     assert WorkflowSession.objects.get(pk=fork.pk).versions.get().parent.number == 4
     session.refresh_from_db()
-    assert (session.head_number, session.version_count) == (7, 5)
+    assert (session.head_number, session.version_count) == (8, 6)
     event = AuditEvent.objects.get(action="session.trim")
-    assert event.reason == "history no longer needed" and event.details["numbers"] == [1, 6]
-    assert event.details["protected"] == [2, 3, 4] and event.details["bytes_freed"] > 0
+    assert event.reason == "history no longer needed" and event.details["numbers"] == [6, 7]
+    assert event.details["protected"] == [1, 2, 3, 4] and event.details["bytes_freed"] > 0
 
     # A retry with the request's Idempotency-Key gets the first answer; another trim of the same has
     # nothing left to remove, and records nothing. The next write follows the head.
-    retried = _trim(admin_key, session, [5, 7], expected_version=7, HTTP_IDEMPOTENCY_KEY="trim-1")
-    assert retried.json() == response.json()
-    again = _trim(admin_key, session, [5, 7])
-    assert again.json() == {"removed": [], "kept": [2, 3, 4, 5, 7], "protected": [2, 3, 4]}
+    retried = _trim(admin_key, session, [5, 8], expected_version=8, HTTP_IDEMPOTENCY_KEY="trim-1")
+    assert retried.json() == first
+    again = _trim(admin_key, session, [5, 8])
+    assert again.json() == {**first, "removed": []}
     assert AuditEvent.objects.filter(action="session.trim").count() == 1
-    assert admin_key.post(url(session, "versions/"), {"state": {"step": 8}}, format="json").json()["number"] == 8
+    assert admin_key.post(url(session, "versions/"), {"state": {"step": 9}}, format="json").json()["number"] == 9
+
+    # Keeping only the head (a step): the rewind goes, and what it restored with it. Versions whose
+    # parent went point at their nearest kept ancestor (none for v2 and v9).
+    assert _trim(admin_key, session, [9]).json() == {"removed": [1, 5, 8], "kept": [2, 3, 4, 9], "protected": [2, 3, 4]}
+    listed = admin_key.get(url(session, "versions/?ordering=number")).json()["results"]
+    assert [(v["number"], v["parent"]) for v in listed] == [(2, None), (3, 2), (4, 3), (9, None)]
 
 
 def test_trim_refuses_what_it_cannot_do_and_removes_nothing(writer, admin_key, session, other_session):

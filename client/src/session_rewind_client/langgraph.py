@@ -1257,8 +1257,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         the server's trim: one transaction per session, so a crash part way loses nothing the thread
         reads (it used to delete the sessions, then record the latest checkpoint again). Kept versions
         keep their numbers and times, so the windows that tell a checkpoint's own writes still hold.
-        The server keeps each session's head as well, and a rewound head keeps the version it
-        restores (`list` shows a checkpoint where it was made). Sessions with nothing to keep are
+        The server keeps each session's head as well, and what a kept rewind restored (`list` shows a
+        checkpoint where it was made). Sessions with nothing to keep are
         deleted. History is gone, as asked; DeltaChannel graphs need their ancestors, so do not prune
         those with keep_latest. A thread written meanwhile raises ConflictError, and nothing written
         is removed. Each namespace costs a fixed number of requests: its head, its checkpoint's writes
@@ -1294,11 +1294,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     doomed.extend(s for s in (session, writes) if s is not None)
                     continue
                 kept, window = latest
-                numbers = {int(head["number"]), int(kept["number"])}
-                if any(version.get("kind") == "rewind" for version in (head, kept)):
-                    rewinds = yield from self._rewinds(session_id)
-                    numbers |= {rewinds[n][0] for n in list(numbers) if n in rewinds}
-                trims.append((session_id, numbers, int(head["number"])))
+                trims.append((session_id, {int(head["number"]), int(kept["number"])}, int(head["number"])))
                 if writes is None:
                     continue
                 checkpoint_id = kept["state"]["checkpoint"]["id"]
