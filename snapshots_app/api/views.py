@@ -455,9 +455,10 @@ class Trim(ApiView):
         operation_id="sessions_trim",
         summary="Remove every version except those named (admin): history made shorter in one step. Audited.",
         description="The head must be kept, so the session reads and resumes as before; kept versions keep their "
-                    "numbers. Pinned and labelled versions, versions another session was forked from and those a kept "
-                    "rewind restored stay (`protected`). A trim of what is already trimmed removes nothing and records nothing. The "
-                    "removed states are gone for good; the space they alone used is freed by the next compaction.",
+                    "numbers. Pinned and labelled versions, versions another session was forked from and those a "
+                    "kept rewind restored stay (`protected`). A trim of what is already trimmed removes nothing and "
+                    "records nothing. The removed states are gone for good; the space they alone used is freed by "
+                    "the next compaction.",
         parameters=[SESSION_ID, IDEMPOTENCY_KEY],
         request=TrimSerializer,
         responses={200: OpenApiResponse(TrimResultSerializer, "What was removed and what is left")},
