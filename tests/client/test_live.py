@@ -170,8 +170,12 @@ def test_diff_rewind_fork_and_audit(rewind):
     assert fork_head["parent_session"] == s["id"] and fork_head["parent"] == 2
     assert rewind.diff(s["id"], 3, 1, to_session=fork["id"])["changes"]
 
+    rewind.record(s["id"], {"messages": ["hi", "again"], "pointer": "c"})
+    trimmed = rewind.trim(s["id"], [4, 4], reason="only the latest matters", expected_version=4)
+    assert trimmed == {"removed": [1, 3], "kept": [2, 4], "protected": [2]}  # v2: the fork's source
+
     actions = {e["action"] for e in rewind.list_audit_events(session=s["id"])["results"]}
-    assert {"session.rewind", "session.fork"} <= actions
+    assert {"session.rewind", "session.fork", "session.trim"} <= actions
 
     held = rewind.create_session("d-json")  # LlamaIndex keeps every value as a JSON string
     rewind.record(held["id"], {"ctx": '{"step": 1, "queue": []}'})

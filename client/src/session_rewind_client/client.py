@@ -314,7 +314,8 @@ class Endpoints(Generic[R]):
 
     def trim(self, session_id: Any, keep: list[int], *, reason: str, expected_version: int | None = None) -> R:
         """Remove every version except the numbers in `keep`, which must name the head (admin; audited).
-        Pinned and labelled versions, and sources of other sessions' forks, stay too. Returns
+        Pinned and labelled versions, sources of other sessions' forks and what a kept rewind restored
+        stay too. Returns
         ``{"removed": [...], "kept": [...], "protected": [...]}``; a repeat removes nothing."""
         body = _drop_none(keep=sorted(set(keep)), reason=reason, expected_version=expected_version)
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body))
