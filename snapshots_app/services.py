@@ -786,9 +786,17 @@ def session_trim(
         locked = session_lock(session)
         ensure_writable(locked)
         _check_expected(locked, expected)
-        rows = {number: (version_id, kind, parent) for number, version_id, kind, parent in Version.objects.filter(
-            session=locked).values_list("number", "id", "kind", "parent__number")}
-        ids = {number: row[0] for number, row in rows.items()}
+        ids: dict[int, int] = {}  # number -> id
+        restores: dict[int, int | None] = {}  # a rewind's number -> the number of what it restored
+        marked: set[int] = set()  # pinned or labelled
+        for number, version_id, kind, parent, pinned, label in Version.objects.filter(session=locked).values_list(
+            "number", "id", "kind", "parent__number", "pinned", "label"
+        ):
+            ids[number] = version_id
+            if kind == VersionKind.REWIND:
+                restores[number] = parent
+            if pinned or label:
+                marked.add(number)
         missing = sorted(wanted - ids.keys())
         if missing:
             raise VersionNotFound(
@@ -803,17 +811,16 @@ def session_trim(
                 "to go back); nothing was removed",
                 head=locked.head_number,
             )
-        marked = Version.objects.filter(session=locked).exclude(pinned=False, label="")
         fork_sources = Version.objects.filter(parent__session=locked, kind=VersionKind.FORK).exclude(session=locked)
-        kept = wanted | set(marked.values_list("number", flat=True)) | set(fork_sources.values_list("parent__number", flat=True))
+        kept = wanted | marked | set(fork_sources.values_list("parent__number", flat=True))
         # A kept rewind keeps what it restored (and that, if a rewind, its own): as retention keeps rewind
         # sources, so the timeline still says which version it went back to.
-        restoring = [number for number in kept if rows[number][1] == VersionKind.REWIND]
+        restoring = [number for number in kept if number in restores]
         while restoring:
-            source = rows[restoring.pop()][2]
-            if source in rows and source not in kept:
+            source = restores[restoring.pop()]
+            if source in ids and source not in kept:
                 kept.add(source)
-                if rows[source][1] == VersionKind.REWIND:
+                if source in restores:
                     restoring.append(source)
         protected = kept - wanted
         doomed = {ids[number] for number in ids.keys() - kept}
