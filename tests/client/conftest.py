@@ -4,6 +4,7 @@ key made through the services, as `manage.py create_api_key` does."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -28,12 +29,19 @@ class LiveApi:
         kwargs.setdefault("api_key", self.key)
         return AsyncClient(self.url, retry=RetryPolicy(max_retries=2, backoff=0.01), **kwargs)
 
+    def hooked_client(self, *, on_request: Any = None, on_response: Any = None, max_retries: int = 2) -> Client:
+        """A client whose httpx transport calls `on_request(request)` before each request is sent and
+        `on_response(response)` after each answer, retries included."""
+        hooks = {"request": [on_request] if on_request else [], "response": [on_response] if on_response else []}
+        http = httpx.Client(base_url=f"{self.url}/api/v1/", headers={"Authorization": f"Bearer {self.key}"},
+                            event_hooks=hooks)
+        return Client(http=http, retry=RetryPolicy(max_retries=max_retries, backoff=0.01))
+
     def counted_client(self) -> tuple[Client, list[str]]:
         """A client, and the list of every request it sends ("GET /api/v1/sessions/…"), retries included."""
         sent: list[str] = []
-        http = httpx.Client(base_url=f"{self.url}/api/v1/", headers={"Authorization": f"Bearer {self.key}"},
-                            event_hooks={"request": [lambda request: sent.append(f"{request.method} {request.url.path}")]})
-        return Client(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)), sent
+        client = self.hooked_client(on_request=lambda request: sent.append(f"{request.method} {request.url.path}"))
+        return client, sent
 
     def counted_aclient(self) -> tuple[AsyncClient, list[str]]:
         """As `counted_client`, for asyncio (make it inside the loop that uses it)."""

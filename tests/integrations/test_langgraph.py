@@ -509,7 +509,6 @@ def test_list_without_a_thread_searches_every_thread(live_api, rewind):
 
 def test_list_without_a_thread_finds_a_thread_written_while_its_pages_are_read(live_api, monkeypatch):
     import httpx
-    from session_rewind_client import Client, RetryPolicy
     from session_rewind_client import langgraph as saver_module
 
     monkeypatch.setattr(saver_module, "PAGE", 2)  # pages of two sessions: four threads take several
@@ -524,9 +523,7 @@ def test_list_without_a_thread_finds_a_thread_written_while_its_pages_are_read(l
             written.append(engine.invoke({"city": "again", "log": []}, {"configurable": {"thread_id": threads[0]}}))
 
     written: list = []
-    http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
-                        event_hooks={"response": [engine_writes_the_oldest_thread]})
-    saver = SessionRewindSaver(Client(http=http, retry=RetryPolicy(max_retries=2, backoff=0.01)))
+    saver = SessionRewindSaver(live_api.hooked_client(on_response=engine_writes_the_oldest_thread))
     # In the list's default order (activity), the thread written meanwhile moved above the cursor: missed.
     assert {t.config["configurable"]["thread_id"] for t in saver.list(None)} == set(threads)
     assert written
@@ -946,7 +943,7 @@ def test_prune_keep_latest_interrupted_at_any_point_leaves_the_latest_checkpoint
     again: dying between the two lost it."""
     import httpx
     from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
-    from session_rewind_client import Client, RetryPolicy
+    from session_rewind_client import Client
 
     def crashing_client(writes_allowed: int) -> Client:
         writes: list[str] = []
@@ -957,9 +954,7 @@ def test_prune_keep_latest_interrupted_at_any_point_leaves_the_latest_checkpoint
                     raise _Crash(f"died before {request.method} {request.url.path}")
                 writes.append(request.url.path)
 
-        http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
-                            event_hooks={"request": [request]})
-        return Client(http=http, retry=RetryPolicy(max_retries=0))
+        return live_api.hooked_client(on_request=request, max_retries=0)
 
     for crash_at in range(3):
         saver = SessionRewindSaver(live_api.client())
@@ -990,7 +985,7 @@ def test_prune_keep_latest_of_a_thread_written_meanwhile_is_refused_and_removes_
     import httpx
     import pytest
     from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
-    from session_rewind_client import Client, ConflictError, RetryPolicy
+    from session_rewind_client import ConflictError
 
     writer = SessionRewindSaver(live_api.client())
     config = {"configurable": {"thread_id": "prune-busy", "checkpoint_ns": ""}}
@@ -1004,10 +999,8 @@ def test_prune_keep_latest_of_a_thread_written_meanwhile_is_refused_and_removes_
             writer.put(config, meanwhile, {"source": "loop", "step": 2}, {})
 
     written: list[str] = []
-    http = httpx.Client(base_url=f"{live_api.url}/api/v1/", headers={"Authorization": f"Bearer {live_api.key}"},
-                        event_hooks={"request": [write_first]})
     with pytest.raises(ConflictError):
-        SessionRewindSaver(Client(http=http, retry=RetryPolicy(max_retries=0))).prune(["prune-busy"])
+        SessionRewindSaver(live_api.hooked_client(on_request=write_first, max_retries=0)).prune(["prune-busy"])
     thread = {"configurable": {"thread_id": "prune-busy", "checkpoint_ns": ""}}
     fresh = SessionRewindSaver(live_api.client())
     assert fresh.get_tuple(thread).checkpoint["id"] == meanwhile["id"]
