@@ -497,6 +497,55 @@ def test_a_thread_id_with_a_trailing_space_is_found_again_by_a_new_process(live_
     assert len(list(restarted.get_state_history(config))) == 5
 
 
+def ask_to_book(state: Trip) -> dict:
+    from langgraph.types import interrupt
+
+    answer = interrupt({"question": f"Book {state['city']}?"})
+    return {"log": [f"answer {answer}"]}
+
+
+def test_a_thread_id_holding_a_bar_is_a_thread_of_its_own(live_api, rewind):
+    from langgraph.types import Command
+
+    # A bar joins a thread id to its namespace, and to "writes", in the sessions' external ids: thread
+    # "trip-bar|writes" was thread "trip-bar"'s pending writes session, and writing to it took them over.
+    paused = {"configurable": {"thread_id": "trip-bar"}}
+    other = {"configurable": {"thread_id": "trip-bar|writes"}}
+    trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Kyoto", "log": []}, paused)
+    assert trip_graph(SessionRewindSaver(rewind)).invoke({"city": "Oslo", "log": []}, other)["log"][-1] == "confirm Oslo"
+
+    graph = trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(live_api.client()))
+    assert graph.get_state(paused).tasks[0].interrupts[0].value == {"question": "Book Kyoto?"}
+    history = list(trip_graph(SessionRewindSaver(live_api.client())).get_state_history(other))
+    assert len(history) == 5 and history[0].values["log"] == ["plan Oslo", "book Oslo", "confirm Oslo"]
+    SessionRewindSaver(live_api.client()).delete_thread("trip-bar|writes")
+    assert graph.invoke(Command(resume="yes"), paused)["log"] == ["plan Kyoto", "answer yes"]
+    assert {s["external_id"] for s in rewind.list_sessions(q="trip-bar")["results"]} == {"trip-bar", "trip-bar|writes"}
+
+
+def test_a_thread_id_holding_a_bar_keeps_the_sessions_an_older_client_named(live_api, rewind):
+    from langgraph.types import Command
+
+    from sessions_app.models import WorkflowSession
+
+    # Before the bar in a thread id was escaped, thread "trip|old" was stored in sessions "trip|old"
+    # and "trip|old|writes": a new client reads and writes those, and makes no others.
+    config = {"configurable": {"thread_id": "trip|old"}}
+    trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Kyoto", "log": []}, config)
+    for session in WorkflowSession.objects.filter(project=live_api.project, external_id__startswith="trip%7Cold"):
+        session.external_id = session.external_id.replace("%7C", "|")
+        session.save(update_fields=["external_id"])
+
+    saver = SessionRewindSaver(live_api.client())
+    graph = trip_with_question(ask_to_book).compile(checkpointer=saver)
+    assert graph.get_state(config).tasks[0].interrupts[0].value == {"question": "Book Kyoto?"}
+    assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Kyoto", "answer yes"]
+    assert len(list(graph.get_state_history(config))) == 4  # input, start, plan, ask: none lost or split off
+    assert {s["external_id"] for s in rewind.list_sessions(q="trip")["results"]} == {"trip|old", "trip|old|writes"}
+    saver.delete_thread("trip|old")
+    assert rewind.list_sessions(q="trip")["results"] == []
+
+
 def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     saver = SessionRewindSaver(rewind)
     graph = trip_graph(saver)

@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequen
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import unquote
 
 try:
     from langchain_core.load import dumpd, load
@@ -182,6 +183,19 @@ def _fit(external_id: str) -> str:
 
 def _writes_of(external_id: str) -> str:
     return _fit(external_id + WRITES_SUFFIX)
+
+
+def _escape(thread_id: str) -> str:
+    """A thread id as its sessions' external ids hold it. A bar there ends the thread id (a namespace
+    or the writes session follows), so the id's own bars, and the escape's percent signs, are
+    percent-encoded: thread "a|writes" is not thread "a"'s writes session. Other ids are unchanged."""
+    return thread_id.replace("%", "%25").replace("|", "%7C")
+
+
+def _unescape(text: str) -> str | None:
+    """The thread id `_escape` made `text` of, or None when it made no such text."""
+    thread_id = unquote(text)
+    return thread_id if _escape(thread_id) == text else None
 
 
 TASKS = "__pregel_tasks"  # the channel of a checkpoint's queued Sends (langgraph._internal._constants.TASKS)
@@ -652,24 +666,43 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    def _external_id(self, thread_id: str, ns: str) -> str:
-        base = f"{self.prefix}{thread_id}"
-        return _fit(base if not ns else f"{base}|{ns}")
+    def _external_ids(self, thread_id: str, ns: str, *, writes: bool = False) -> tuple[str, ...]:
+        """The external id of the thread's session for namespace `ns` (its pending writes' session
+        with `writes`), then, for a thread id holding a bar or a percent sign, the one a client
+        before `_escape` gave it (its sessions made then are still found there)."""
+        names = []
+        for key in dict.fromkeys((_escape(thread_id), thread_id)):
+            base = f"{self.prefix}{key}"
+            name = _fit(base if not ns else f"{base}|{ns}")
+            names.append(_writes_of(name) if writes else name)
+        return tuple(names)
 
-    def _find_session(self, external_id: str) -> Op:
-        """The session id for an external id, or None (never creates one)."""
-        cached = self._sessions.get(external_id)
+    def _external_id(self, thread_id: str, ns: str, *, writes: bool = False) -> str:
+        return self._external_ids(thread_id, ns, writes=writes)[0]
+
+    def _find_session(self, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+        """The id of the thread's session for `ns` (of its pending writes with `writes`), or None
+        (never creates one). One an older client named is the thread's only if its metadata says so:
+        that name may be another thread's (see `_escape`)."""
+        names = self._external_ids(thread_id, ns, writes=writes)
+        cached = self._sessions.get(names[0])
         if cached is not None:
             return cached[0]
-        page = yield Call("GET", "sessions/", params={"external_id": external_id, "limit": 2})
-        for found in page.get("results", []):
-            if found.get("external_id") == external_id:
-                self._sessions.put(external_id, (str(found["id"]), False))
-                return str(found["id"])
+        for name in names:
+            page = yield Call("GET", "sessions/", params={"external_id": name, "limit": 2})
+            for found in page.get("results", []):
+                if found.get("external_id") == name and (name == names[0] or self._belongs(found, thread_id)):
+                    # An older client's session is as this saver would make it: no need to ensure it.
+                    self._sessions.put(names[0], (str(found["id"]), name != names[0]))
+                    return str(found["id"])
         return None
 
-    def _ensure_session(self, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+    def _ensure_session(self, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+        external_id, *older = self._external_ids(thread_id, ns, writes=writes)
         cached = self._sessions.get(external_id)
+        if cached is None and older:
+            yield from self._find_session(thread_id, ns, writes=writes)  # an older client's session, if any
+            cached = self._sessions.get(external_id)
         if cached is not None and cached[1]:
             return cached[0]
         body: dict[str, Any] = {
@@ -765,8 +798,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _get_tuple(self, config: RunnableConfig) -> Op:
         conf = config["configurable"]
         thread_id, ns = str(conf["thread_id"]), conf.get("checkpoint_ns", "")
-        external_id = self._external_id(thread_id, ns)
-        session_id = yield from self._find_session(external_id)
+        session_id = yield from self._find_session(thread_id, ns)
         if session_id is None:
             return None
         checkpoint_id = get_checkpoint_id(config)
@@ -799,7 +831,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             head, window = latest
             state = head["state"]
             checkpoint_id = state["checkpoint"]["id"]
-        writes_session = yield from self._find_session(_writes_of(external_id))
+        writes_session = yield from self._find_session(thread_id, ns, writes=True)
         if writes_session is None:
             return self._tuple_from(state, thread_id, ns, [])
         rows = yield from _VersionPages(writes_session, {"tag": checkpoint_tag(checkpoint_id)}).all()
@@ -815,7 +847,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         """The root thread's `_Lineage` (when its versions are on its current branch), or None when it
         was never rewound: one request for its rewinds; then one for its newest version, and one for
         each rewound-to version not seen before."""
-        root = yield from self._find_session(self._external_id(thread_id, ""))
+        root = yield from self._find_session(thread_id, "")
         if root is None:
             return None
         rewinds = {int(meta["number"]): meta for meta in
@@ -937,13 +969,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                                           before=before, limit=limit)
             return
         thread_id, ns = str(conf["thread_id"]), conf["checkpoint_ns"]
-        external_id = self._external_id(thread_id, ns)
-        session_id = yield from self._find_session(external_id)
+        session_id = yield from self._find_session(thread_id, ns)
         if session_id is None:
             return
         wanted_id = get_checkpoint_id(config)
         before_id = get_checkpoint_id(before) if before else None
-        writes_session = yield from self._find_session(_writes_of(external_id))
+        writes_session = yield from self._find_session(thread_id, ns, writes=True)
         pending = None if writes_session is None else _PendingWrites(writes_session, limit, self._collect_writes)
         if wanted_id:
             # One checkpoint: only the versions tagged with it (its rewinds, untagged, are read apart).
@@ -1024,11 +1055,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             return None
         thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
         external_id = session.get("external_id") or ""
-        if external_id != self._external_id(thread_id, ns):
+        if external_id not in self._external_ids(thread_id, ns):
             # Forked in Session Rewind: the metadata is its source's, the external id is its thread.
             if ns or not external_id.startswith(self.prefix):
                 return None
-            thread_id = external_id[len(self.prefix):]
+            forked_to = _unescape(external_id[len(self.prefix):])
+            if forked_to is None:
+                return None
+            thread_id = forked_to
         return thread_id, ns
 
     def _put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata) -> Op:
@@ -1037,8 +1071,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         parent_id = conf.get("checkpoint_id")
         metadata = get_checkpoint_metadata(config, metadata)
         metadata.pop("writes", None)  # type: ignore[typeddict-item]
-        external_id = self._external_id(thread_id, ns)
-        session_id = yield from self._ensure_session(external_id, thread_id, ns)
+        session_id = yield from self._ensure_session(thread_id, ns)
         state = self._state_for(checkpoint, metadata, parent_id)
         body = {
             "state": state,
@@ -1071,7 +1104,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             except NotFound as exc:
                 if exc.code != "session_not_found":
                     raise
-                session_id = yield from self._recreate(session_id, external_id, thread_id, ns)
+                session_id = yield from self._recreate(session_id, thread_id, ns)
                 continue
             self._heads.put(session_id, (int(created["number"]), checkpoint["id"]))
             self._numbers.put((session_id, checkpoint["id"]), int(created["number"]))
@@ -1080,11 +1113,11 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             raise ConflictError(f"the head of thread {thread_id!r} kept moving; checkpoint {checkpoint['id']} not saved")
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
 
-    def _recreate(self, session_id: str, external_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
+    def _recreate(self, session_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
         """A new session for a thread whose session another process (or an operator) deleted while
         this saver still knew it: the thread starts afresh, as after this saver's own delete_thread."""
         self._forget(session_id)
-        return (yield from self._ensure_session(external_id, thread_id, ns, writes=writes))
+        return (yield from self._ensure_session(thread_id, ns, writes=writes))
 
     def _checkpoint_at_head(self, session_id: str) -> Op:
         head = yield Call("GET", f"sessions/{session_id}/head/")
@@ -1108,8 +1141,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             return None
         conf = config["configurable"]
         thread_id, ns, checkpoint_id = str(conf["thread_id"]), conf.get("checkpoint_ns", ""), conf["checkpoint_id"]
-        external_id = _writes_of(self._external_id(thread_id, ns))
-        session_id = yield from self._ensure_session(external_id, thread_id, ns, writes=True)
+        session_id = yield from self._ensure_session(thread_id, ns, writes=True)
         entries = [[WRITES_IDX_MAP.get(channel, idx), channel, self._encode(value)] for idx, (channel, value) in enumerate(writes)]
         state = {"checkpoint_id": checkpoint_id, "task_id": task_id, "task_path": task_path, "writes": entries}
         # The same task writing the same thing again is a retry: the key makes it land once. But not once
@@ -1127,7 +1159,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         except NotFound as exc:
             if exc.code != "session_not_found":
                 raise
-            session_id = yield from self._recreate(session_id, external_id, thread_id, ns, writes=True)
+            session_id = yield from self._recreate(session_id, thread_id, ns, writes=True)
             yield Call("POST", f"sessions/{session_id}/versions/", json=body, idempotency_key=key)
         return None
 
@@ -1138,17 +1170,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         meta = _langgraph_meta(session)
         if str(meta.get("thread_id")) != thread_id:
             return False
-        expected = self._external_id(thread_id, meta.get("checkpoint_ns", ""))
-        if meta.get("pending_writes"):
-            expected = _writes_of(expected)
-        return session.get("external_id") == expected
+        return session.get("external_id") in self._external_ids(
+            thread_id, meta.get("checkpoint_ns", ""), writes=bool(meta.get("pending_writes")))
 
     def _thread_sessions(self, thread_id: str) -> Op:
         found = [s for s in (yield from self._sessions_tagged(thread_tag(thread_id))) if self._belongs(s, thread_id)]
         # A fork made in Session Rewind onto this thread's id is tagged as its source until this saver
         # writes to it: find it by its external id.
-        root = self._external_id(thread_id, "")
-        for external_id in (root, _writes_of(root)):
+        for external_id in (self._external_id(thread_id, ""), self._external_id(thread_id, "", writes=True)):
             if any(s.get("external_id") == external_id for s in found):
                 continue
             page = yield Call("GET", "sessions/", params={"external_id": external_id, "limit": 2})
@@ -1189,10 +1218,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         for session in sessions:
             meta = _langgraph_meta(session)
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
-            target_external = self._external_id(target_thread_id, ns)
-            if is_writes:
-                target_external = _writes_of(target_external)
-            target = yield from self._ensure_session(target_external, target_thread_id, ns, writes=is_writes)
+            target = yield from self._ensure_session(target_thread_id, ns, writes=is_writes)
             # The versions there were when the thread was listed: a copy onto itself (or a writer
             # still running) adds versions that this walk, oldest first, must not reach.
             last = int(session.get("head") or 0)
@@ -1281,9 +1307,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             for session in checkpoint_sessions:
                 ns = _langgraph_meta(session).get("checkpoint_ns", "")
                 session_id = str(session["id"])
-                writes_external = _writes_of(self._external_id(thread_id, ns))
-                writes = writes_sessions.pop(writes_external, None)
-                if writes is None and (found := (yield from self._find_session(writes_external))) is not None:
+                writes = next((writes_sessions.pop(name) for name in self._external_ids(thread_id, ns, writes=True)
+                               if name in writes_sessions), None)
+                if writes is None and (found := (yield from self._find_session(thread_id, ns, writes=True))) is not None:
                     writes = yield Call("GET", f"sessions/{found}/")
                 try:
                     head = yield Call("GET", f"sessions/{session_id}/head/")
