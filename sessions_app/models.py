@@ -56,6 +56,10 @@ class SessionStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+# For membership tests: the enum builds its list of values anew on each use (60 µs, 2% of a snapshot write).
+SESSION_STATUSES = frozenset(SessionStatus.values)
+
+
 class WorkflowSession(models.Model):
     """One workflow run / thread / conversation. Its versions live in snapshots_app."""
 

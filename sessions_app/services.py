@@ -32,6 +32,7 @@ from sessions_app.errors import (
     SessionNotFound,
 )
 from sessions_app.models import (
+    SESSION_STATUSES,
     ApiKey,
     AuditAction,
     AuditEvent,
@@ -351,7 +352,7 @@ def session_update(
     ensure_writable(session)
     asked: dict[str, Any] = {}
     if status is not None:
-        if status not in SessionStatus.values:
+        if not isinstance(status, str) or status not in SESSION_STATUSES:
             raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
         asked["status"] = status
     if metadata is not None:

@@ -18,6 +18,8 @@ class VersionKind(models.TextChoices):
     IMPORT = "import", "Import"
 
 
+VERSION_KINDS = frozenset(VersionKind.values)  # for membership tests (see SESSION_STATUSES)
+
 # The kinds an operator made (the timeline filters by them): every other version is an engine's step
 # or an import of one.
 TIMELINE_KINDS = (VersionKind.REWIND, VersionKind.FORK, VersionKind.DATA_FIX)

@@ -32,7 +32,7 @@ from sessions_app.errors import (
     VersionDamaged,
     VersionNotFound,
 )
-from sessions_app.models import AuditEvent, SessionStatus, WorkflowSession
+from sessions_app.models import SESSION_STATUSES, AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.services import (
     User,
     actor_fields,
@@ -50,7 +50,7 @@ from sessions_app.services import (
 from sessions_app.strict_json import refuse_huge_integers
 from snapshots_app import canonical, compaction, rows, store
 from snapshots_app.diff import PatchError, apply_patch
-from snapshots_app.models import Version, VersionKind
+from snapshots_app.models import VERSION_KINDS, Version, VersionKind
 from snapshots_app.selectors import TIMELINE_PAGE, version_get
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _clean_text(name: str, value: Any, limit: int) -> str:
 def _clean_status(status: Any) -> str:
     if status in (None, ""):
         return ""
-    if status not in SessionStatus.values:
+    if not isinstance(status, str) or status not in SESSION_STATUSES:
         raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
     return str(status)
 
@@ -387,7 +387,7 @@ def snapshot_record(
     }
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     expected = _clean_expected(expected_version)
-    if kind not in VersionKind.values:
+    if not isinstance(kind, str) or kind not in VERSION_KINDS:
         raise InvalidState(f"kind must be one of {', '.join(VersionKind.values)}")
     prepared = state_prepare(state)
     if key is None:

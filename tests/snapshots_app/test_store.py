@@ -127,8 +127,11 @@ def test_too_deep_state_is_refused(session, settings):
 
 
 def test_bad_metadata_is_refused(session):
-    with pytest.raises(InvalidState):
-        snapshot_record(session=session, state={}, status="exploded")
+    for status in ("exploded", ["completed"]):
+        with pytest.raises(InvalidState, match="status must be one of running"):
+            snapshot_record(session=session, state={}, status=status)
+    with pytest.raises(InvalidState, match="kind must be one of step"):
+        snapshot_record(session=session, state={}, kind=["step"])
     with pytest.raises(InvalidState):
         snapshot_record(session=session, state={}, tags="not-a-list")
     with pytest.raises(InvalidState):

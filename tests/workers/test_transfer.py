@@ -296,13 +296,20 @@ def test_a_resigned_file_with_fields_the_api_refuses_is_refused(project, user, s
 
 
 @pytest.mark.django_db
-def test_a_resigned_file_with_an_unknown_version_status_is_refused(project, user, settings, tmp_path):
+@pytest.mark.parametrize(("record_type", "field", "value"), [
+    ("version", "status", "bogus"),
+    ("version", "status", ["completed"]),  # not text: looking it up among the names must not raise
+    ("version", "kind", {"step": True}),
+    ("session", "status", ["running"]),
+])
+def test_a_resigned_file_with_an_unknown_status_or_kind_is_refused(project, user, settings, tmp_path,
+                                                                     record_type, field, value):
     settings.VAR_DIR = tmp_path
     session = _rich_project(project, user)
     path = Path(transfer_export_run(project=project, session=session)["path"])
-    with pytest.raises(ImportRejected, match="unknown status"):
+    with pytest.raises(ImportRejected, match=f"unknown {field}"):
         transfer_import_run(project=make_project("fresh"), path=_rewrite(path, lambda body: [
-            record.update(status="bogus") for record in body if record["type"] == "version"
+            record.update({field: value}) for record in body if record["type"] == record_type
         ]))
 
 
