@@ -24,3 +24,17 @@ class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
             super().database_backwards(app_label, schema_editor, from_state, to_state)
         else:
             AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+
+
+class AddPostgresIndexConcurrently(AddIndexConcurrently):
+    """An index of a kind only PostgreSQL has (GIN, ...): CREATE INDEX CONCURRENTLY there (the
+    migration must say `atomic = False`); nothing elsewhere, where queries scan (the embedded SQLite
+    default, at its scale). The index is in the model's state either way."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, from_state, to_state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from django.core.cache import cache
@@ -82,14 +83,15 @@ def session(project):
 
 
 
-def query_plan(sql: str, *, priced_out: tuple[str, ...] = ("seqscan",)) -> str:
-    """PostgreSQL's plan for `sql` (a query a test captured) with the planner's `priced_out` methods
-    (`enable_seqscan`, ...) turned off: on a test's few rows the planner rightly reads a whole
-    table, so this shows whether an index serves the query's conditions (and its order) at all."""
+def query_plan(sql: str, params: Any = None, *, priced_out: tuple[str, ...] = ("seqscan",)) -> str:
+    """PostgreSQL's plan for `sql` (a query a test captured, with its `params` if it has placeholders)
+    with the planner's `priced_out` methods (`enable_seqscan`, ...) turned off: on a test's few rows
+    the planner rightly reads a whole table, so this shows whether an index serves the query's
+    conditions (and its order) at all."""
     from django.db import connection, transaction
 
     with transaction.atomic(), connection.cursor() as cursor:
         for method in priced_out:
             cursor.execute(f"SET LOCAL enable_{method} = off")
-        cursor.execute(f"EXPLAIN {sql}")
+        cursor.execute(f"EXPLAIN {sql}", params)
         return "\n".join(row[0] for row in cursor.fetchall())
