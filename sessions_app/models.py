@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 from django.utils import timezone
 
@@ -97,6 +98,11 @@ class WorkflowSession(models.Model):
             # The list sorted by creation ("Newest", the API's ?ordering=created_at / -created_at): without it
             # every page sorted all of the project's sessions (38 ms at 50,000, growing with the project).
             models.Index(fields=["project", "-created_at", "-id"], name="session_project_created"),
+            # The tag filter (tags @> ...): the dashboard's, and the LangGraph saver's for a thread's sessions
+            # (delete_thread, prune, copy_thread). It read every session of the project (36 ms at 200,000;
+            # 0.15 ms with it; a write's UPDATE of its session took no measurably longer). PostgreSQL only
+            # (migration 0014): the embedded SQLite default scans.
+            GinIndex(fields=["tags"], opclasses=["jsonb_path_ops"], name="session_tagged"),
         ]
 
     def __str__(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -81,6 +82,22 @@ def project(db, user):
 def session(project):
     return make_session(project, "run-1")
 
+
+
+def statements_run(action: Callable[[], Any]) -> list[tuple[str, Any]]:
+    """(sql, params) of every statement `action` runs on the default connection. The test client's
+    requests empty the log CaptureQueriesContext reads (Django resets it as a request starts)."""
+    from django.db import connection
+
+    statements: list[tuple[str, Any]] = []
+
+    def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        statements.append((sql, params))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        action()
+    return statements
 
 
 def query_plan(sql: str, params: Any = None, *, priced_out: tuple[str, ...] = ("seqscan",)) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.db import connection
 
 from sessions_app.models import AuditEvent, WorkflowSession
 from sessions_app.services import session_update
 from snapshots_app.models import Version
 from snapshots_app.services import snapshot_record
-from tests.factories import make_session
+from tests.conftest import query_plan, statements_run
+from tests.factories import make_project, make_session
 
 
 def test_create_is_idempotent_on_external_id(writer):
@@ -118,6 +120,23 @@ def test_a_misspelt_filter_is_400_naming_it_not_the_whole_list(writer, admin_key
     assert listed.status_code == 200 and [s["external_id"] for s in listed.json()["results"]] == ["broken"]
     with_states = writer.get(f"{versions}?with_state=true&pinned=false&ordering=number")
     assert with_states.status_code == 200 and with_states.json()["results"][0]["state"] == {"a": 1}
+
+
+def test_the_tag_filter_finds_a_projects_tagged_sessions_through_an_index(writer, project):
+    """How the LangGraph saver finds a thread's sessions (delete_thread, prune, copy_thread), and the
+    dashboard's tag filter. It read every session of the project (36 ms at 200,000) before session_tagged."""
+    WorkflowSession.objects.bulk_create(
+        WorkflowSession(project=project, external_id=f"thread-{n}", tags=["langgraph", f"lg-thread:{n}"]) for n in range(300)
+    )
+    make_session(make_project("other"), "thread-7", tags=["lg-thread:7"])  # another project's: never listed
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {WorkflowSession._meta.db_table}")
+    found: list[dict] = []
+    statements = statements_run(lambda: found.extend(writer.get("/api/v1/sessions/?tag=lg-thread:7").json()["results"]))
+    assert [s["external_id"] for s in found] == ["thread-7"]
+    sql, params = next(statement for statement in statements if "@>" in statement[0])
+    plan = query_plan(sql, params, priced_out=("seqscan", "indexscan"))
+    assert "Bitmap Index Scan on session_tagged" in plan, plan
 
 
 def test_patch_updates_status_metadata_and_tags(writer, session):

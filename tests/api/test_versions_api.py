@@ -11,7 +11,7 @@ from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import canonical
 from snapshots_app.models import Version
 from snapshots_app.services import snapshot_record, snapshot_record_batch
-from tests.conftest import query_plan
+from tests.conftest import query_plan, statements_run
 from tests.factories import agent_state, make_session
 
 
@@ -58,14 +58,8 @@ def test_the_tag_filter_finds_the_sessions_tagged_versions_through_an_index(writ
     snapshot_record_batch(session=session, snapshots=[{"state": {"n": n}, "tags": [f"w:{n}"]} for n in range(300)])
     with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {Version._meta.db_table}")
-    statements: list[tuple[str, tuple]] = []  # (the test client's requests reset CaptureQueriesContext)
-
-    def record(execute, sql, params, many, context):
-        statements.append((sql, params))
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(record):
-        found = writer.get(url(session, "versions/?tag=cp:1")).json()["results"]
+    found: list[dict] = []
+    statements = statements_run(lambda: found.extend(writer.get(url(session, "versions/?tag=cp:1")).json()["results"]))
     assert [v["number"] for v in found] == [5, 2]
     assert writer.get(url(session, "versions/?tag=cp:9")).json()["results"] == []
     assert writer.get(url(session, "versions/?tag=cp")).json()["results"] == []  # whole tags only
