@@ -943,6 +943,33 @@ def test_a_copy_of_a_thread_rewound_in_the_dashboard_resumes_where_its_source_do
     assert copy.invoke(None, target)["log"][:4] == ["turn 0", "turn 1", "turn 2", "turn 3"]
 
 
+def test_a_copy_of_a_thread_whose_head_staff_fixed_resumes_as_its_source_does(live_api, rewind):
+    """A data fix is copied as a plain checkpoint (the API records steps), which read the writes made
+    for it before the fix as its own: the copy held the question its source's fix had withdrawn."""
+    from sessions_app.models import WorkflowSession
+    from snapshots_app.services import snapshot_data_fix
+
+    config = {"configurable": {"thread_id": "copy-fixed"}}
+    trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(rewind)).invoke({"city": "Kyoto", "log": []}, config)
+    session = rewind.list_sessions(external_id="copy-fixed")["results"][0]
+    head = rewind.head(session["id"])
+    state = head["state"]
+    state["checkpoint"]["channel_values"]["city"] = "Bergen"
+    snapshot_data_fix(session=WorkflowSession.objects.get(pk=session["id"]), state=state, based_on=head["number"],
+                      reason="the city is Bergen", actor_label="ops")
+    graph = trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(live_api.client()))
+    source = graph.get_state(config)
+    assert source.values["city"] == "Bergen" and source.next == ("ask",) and source.tasks[0].interrupts == ()
+
+    SessionRewindSaver(live_api.client()).copy_thread("copy-fixed", "copy-fixed-2")
+    target = {"configurable": {"thread_id": "copy-fixed-2"}}
+    copy = graph.get_state(target)
+    assert (copy.values, copy.next, copy.tasks[0].interrupts) == (source.values, source.next, ())
+    # Both ask again, about the city as fixed.
+    for thread in (config, target):
+        assert graph.invoke(None, thread)["__interrupt__"][0].value == {"question": "Book Bergen?"}
+
+
 def test_a_copy_a_server_finds_too_large_for_one_request_goes_in_smaller_batches(live_api, settings):
     config = {"configurable": {"thread_id": "copy-small-bodies"}}
     graph = talk_graph(SessionRewindSaver(live_api.client()))

@@ -1214,10 +1214,18 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         versions with their states at a time, each page recorded in one batch. The store keeps each
         state once per project, so a copy costs almost no storage."""
         sessions = yield from self._thread_sessions(source_thread_id)
+        # Checkpoints first: a namespace's writes are copied knowing whether its head was a data fix.
+        sessions.sort(key=lambda session: bool(_langgraph_meta(session).get("pending_writes")))
         rewound: builtins.list[tuple[str, str]] = []  # (target session, checkpoint its source's head was rewound to)
+        # Namespace -> (checkpoint tag, when) of a head an operator's data fix made: the writes made for
+        # that checkpoint before the fix belong to the run it replaced (see `_latest`). The copy records
+        # the fix as a plain checkpoint, which would read them as its own (the tasks that made them, on
+        # the state before the fix, would not run again), so they are not copied.
+        fixed: dict[str, tuple[str, datetime]] = {}
         for session in sessions:
             meta = _langgraph_meta(session)
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
+            fix_tag, fixed_at = fixed.get(ns, ("", None)) if is_writes else ("", None)
             target = yield from self._ensure_session(target_thread_id, ns, writes=is_writes)
             # The versions there were when the thread was listed: a copy onto itself (or a writer
             # still running) adds versions that this walk, oldest first, must not reach.
@@ -1233,9 +1241,14 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     "state": version_meta["state"], "step": version_meta.get("step") or None, "engine": ENGINE,
                     "engine_version": version_meta.get("engine_version") or self.engine_version,
                     "tags": version_meta.get("tags") or [],
-                } for version_meta in rows if version_meta.get("kind") != "rewind"])
+                } for version_meta in rows if version_meta.get("kind") != "rewind" and not (
+                    fixed_at is not None and fix_tag in (version_meta.get("tags") or [])
+                    and _when(version_meta["created_at"]) < fixed_at
+                )])
             if head is not None and head.get("kind") == "rewind" and not is_writes:
                 rewound.append((target, head["state"]["checkpoint"]["id"]))
+            elif head is not None and head.get("kind") == "data_fix" and not is_writes:
+                fixed[ns] = (checkpoint_tag(head["state"]["checkpoint"]["id"]), _when(head["created_at"]))
         # Rewinds are not copied as checkpoints: a copy's head would be the last checkpoint of the branch
         # its source was sent back from. Each is rewound to the same checkpoint, once every write is
         # copied: a checkpoint reads as its own the writes made after the last rewind to it, as there.
