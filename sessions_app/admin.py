@@ -394,7 +394,11 @@ class AuditedUserAdmin(ServiceRefusalsAdmin, UserAdmin):
     those that are neither superusers nor staff and are members only of projects where they are an
     admin, or of none (users_reaching_only). Any other account is, to them, one that does not
     exist: the change and delete pages say so, its password page is refused (404). Their own account is
-    staff, so not among them: they change their own password on the admin's "Change password" page."""
+    staff, so not among them: they change their own password on the admin's "Change password" page.
+
+    An account of no project they see (to add it to one of theirs), but only superusers set its
+    password: anyone's project admin could otherwise set it, and sign in as it once another project
+    took it in. Its creator sets the first one on the add page."""
 
     PRIVILEGE_FIELDS = ["is_staff", "is_superuser", "groups", "user_permissions"]
 
@@ -403,6 +407,14 @@ class AuditedUserAdmin(ServiceRefusalsAdmin, UserAdmin):
         if request.user.is_superuser:
             return queryset
         return users_reaching_only(queryset, project_ids=admin_projects(request, Role.ADMIN).values("pk"))
+
+    def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
+        user = self.get_object(request, unquote(id))
+        if user is not None and not request.user.is_superuser and not user.memberships.exists():
+            messages.error(request, f"{user.username} is a member of no project, so only a superuser sets its password. "
+                                    "Add it to one of your projects first (Memberships), or ask a superuser.")
+            return HttpResponseRedirect(reverse("admin:auth_user_change", args=[quote(user.pk)]))
+        return super().user_change_password(request, id, form_url)
 
     def get_list_filter(self, request: HttpRequest) -> Any:
         # The accounts they list are never staff nor superusers, and groups are the superusers' (their

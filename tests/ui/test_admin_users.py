@@ -160,6 +160,32 @@ def test_staff_cannot_see_change_reset_or_delete_an_account_that_reaches_beyond_
     assert response.status_code == 302 and not User.objects.filter(pk=initech_member.pk).exists()
 
 
+def test_only_a_superuser_sets_the_password_of_an_account_of_no_project(client, editor, acme):
+    """Any project's admin could set it, then sign in as it once another project took it in."""
+    newcomer = make_user("nora")  # made by a superuser for another project, not added to it yet
+    client.force_login(editor)
+    change = reverse("admin:auth_user_change", args=[newcomer.pk])
+    assert f'href="{change}"' in client.get(reverse("admin:auth_user_changelist")).content.decode()
+    password = reverse("admin:auth_user_password_change", args=[newcomer.pk])
+    for response in (client.get(password), client.post(password, password_form())):
+        assert response.status_code == 302 and response.url == change
+    newcomer.refresh_from_db()
+    assert not newcomer.check_password(NEW_PASSWORD)
+    assert "member of no project, so only a superuser sets its password" in client.get(change).content.decode()
+
+    # Once a member of the editor's project (and of no other), the editor sets it.
+    membership_set(project=acme, user=newcomer, role=Role.VIEWER)
+    assert client.post(password, password_form()).status_code == 302
+    newcomer.refresh_from_db()
+    assert newcomer.check_password(NEW_PASSWORD)
+    root = User.objects.create_superuser("root", password="pw-for-tests-1")
+    loner = make_user("lone")
+    client.force_login(root)
+    assert client.post(reverse("admin:auth_user_password_change", args=[loner.pk]), password_form()).status_code == 302
+    loner.refresh_from_db()
+    assert loner.check_password(NEW_PASSWORD)
+
+
 def test_groups_are_managed_by_superusers_only(client, editor):
     """A group grants permissions service-wide: staff given the group permissions could add any
     permission to a group they belong to."""
