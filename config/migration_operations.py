@@ -29,7 +29,8 @@ class AddIndexConcurrentlyOnPostgres(AddIndexConcurrently):
 class AddPostgresIndexConcurrently(AddIndexConcurrently):
     """An index of a kind only PostgreSQL has (GIN, ...): CREATE INDEX CONCURRENTLY there (the
     migration must say `atomic = False`); nothing elsewhere, where queries scan (the embedded SQLite
-    default, at its scale). The index is in the model's state either way."""
+    default, at its scale). The index is in the model's state either way, so a later migration that
+    drops or changes it must skip other databases likewise."""
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         if schema_editor.connection.vendor == "postgresql":
