@@ -37,6 +37,7 @@ from sessions_app.models import (
     AuditAction,
     AuditEvent,
     Membership,
+    Names,
     Project,
     Role,
     SessionStatus,
@@ -109,7 +110,7 @@ def require_reason(reason: Any) -> str:
     return reason.strip()
 
 
-AUDIT_ACTIONS = frozenset(AuditAction.values)  # (the enum builds that list anew on each use)
+AUDIT_ACTIONS = Names(AuditAction.values)
 
 
 def audit_record(**fields: Any) -> AuditEvent:
@@ -352,7 +353,7 @@ def session_update(
     ensure_writable(session)
     asked: dict[str, Any] = {}
     if status is not None:
-        if not isinstance(status, str) or status not in SESSION_STATUSES:
+        if status not in SESSION_STATUSES:
             raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
         asked["status"] = status
     if metadata is not None:

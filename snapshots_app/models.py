@@ -8,7 +8,7 @@ from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
 from django.db import models
 
-from sessions_app.models import Project, SessionStatus, WorkflowSession
+from sessions_app.models import Names, Project, SessionStatus, WorkflowSession
 
 
 class VersionKind(models.TextChoices):
@@ -19,7 +19,7 @@ class VersionKind(models.TextChoices):
     IMPORT = "import", "Import"
 
 
-VERSION_KINDS = frozenset(VersionKind.values)  # for membership tests (see SESSION_STATUSES)
+VERSION_KINDS = Names(VersionKind.values)
 
 # The kinds an operator made (the timeline filters by them): every other version is an engine's step
 # or an import of one.

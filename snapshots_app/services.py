@@ -137,7 +137,7 @@ def _clean_text(name: str, value: Any, limit: int) -> str:
 def _clean_status(status: Any) -> str:
     if status in (None, ""):
         return ""
-    if not isinstance(status, str) or status not in SESSION_STATUSES:
+    if status not in SESSION_STATUSES:
         raise InvalidState(f"status must be one of {', '.join(SessionStatus.values)}")
     return str(status)
 
@@ -387,7 +387,7 @@ def snapshot_record(
     }
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
     expected = _clean_expected(expected_version)
-    if not isinstance(kind, str) or kind not in VERSION_KINDS:
+    if kind not in VERSION_KINDS:
         raise InvalidState(f"kind must be one of {', '.join(VersionKind.values)}")
     prepared = state_prepare(state)
     if key is None:

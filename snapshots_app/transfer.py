@@ -500,10 +500,6 @@ def _read_file(path: Path, nodes: _NodeSpill, progress: ProgressFn) -> tuple[dic
 SESSION_TEXT_LIMITS = {"workflow": 200, "last_step": 200, "last_error": None}
 
 
-def _one_of(value: Any, names: frozenset[str]) -> bool:
-    return isinstance(value, str) and value in names  # (a list or an object in the file is no name)
-
-
 def _check_session(record: dict[str, Any]) -> None:
     """A session record holds what the API would have accepted: the file's checksums are no
     signature (anyone can write a file that verifies), so its fields get the API's own checks."""
@@ -514,7 +510,7 @@ def _check_session(record: dict[str, Any]) -> None:
         clean_metadata(record.get("metadata"))
     except InvalidState as exc:
         raise ImportRejected(f"{name}: {exc.message}") from None
-    if not _one_of(record.get("status"), SESSION_STATUSES):
+    if record.get("status") not in SESSION_STATUSES:
         raise ImportRejected(f"{name} has an unknown status")
     for field, limit in SESSION_TEXT_LIMITS.items():
         value = record.get(field)
@@ -527,9 +523,9 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
         raise ImportRejected("a version belongs to no session in the file")
     if not isinstance(record.get("number"), int) or record["number"] < 1:
         raise ImportRejected("a version has no valid number")
-    if not _one_of(record.get("kind"), VERSION_KINDS):
+    if record.get("kind") not in VERSION_KINDS:
         raise ImportRejected(f"version {record['number']} has an unknown kind")
-    if record.get("status") != "" and not _one_of(record.get("status"), SESSION_STATUSES):
+    if record.get("status") != "" and record.get("status") not in SESSION_STATUSES:
         raise ImportRejected(f"version {record['number']} has an unknown status")
     if record.get("summary") is not None and not isinstance(record["summary"], dict):
         raise ImportRejected(f"version {record['number']} has a malformed summary")
