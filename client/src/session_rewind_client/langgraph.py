@@ -1225,7 +1225,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         for session in sessions:
             meta = _langgraph_meta(session)
             ns, is_writes = meta.get("checkpoint_ns", ""), bool(meta.get("pending_writes"))
-            fix_tag, fixed_at = fixed.get(ns, ("", None)) if is_writes else ("", None)
+            fix = fixed.get(ns) if is_writes else None
             target = yield from self._ensure_session(target_thread_id, ns, writes=is_writes)
             # The versions there were when the thread was listed: a copy onto itself (or a writer
             # still running) adds versions that this walk, oldest first, must not reach.
@@ -1242,8 +1242,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                     "engine_version": version_meta.get("engine_version") or self.engine_version,
                     "tags": version_meta.get("tags") or [],
                 } for version_meta in rows if version_meta.get("kind") != "rewind" and not (
-                    fixed_at is not None and fix_tag in (version_meta.get("tags") or [])
-                    and _when(version_meta["created_at"]) < fixed_at
+                    fix is not None and fix[0] in (version_meta.get("tags") or [])
+                    and _when(version_meta["created_at"]) < fix[1]
                 )])
             if head is not None and head.get("kind") == "rewind" and not is_writes:
                 rewound.append((target, head["state"]["checkpoint"]["id"]))
