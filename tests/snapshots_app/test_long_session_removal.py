@@ -1,0 +1,104 @@
+"""Trim and retention of a session longer than one PostgreSQL statement's parameters (65,535).
+
+Both named every version they removed in one IN list, and failed on such a session ("number of
+parameters must be between 0 and 65535"), removing nothing: its history could not be trimmed at all.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+
+from sessions_app.models import AuditEvent, WorkflowSession
+from snapshots_app.compaction import compaction_run, retention_policy_set
+from snapshots_app.models import IntegrityProblem, Version
+from snapshots_app.selectors import version_with_state_bytes
+from snapshots_app.services import session_trim, snapshot_record, version_pin
+from tests.factories import make_session
+from tests.workers.builders import midnight
+
+LONG = 70_000  # more versions than one statement may name
+
+
+def grow_history(session: WorkflowSession, copies: int) -> None:
+    """Append `copies` copies of the head version, each the parent of the next, as if recorded one by
+    one: recording 70,000 through the service would take minutes, copying the row takes a second."""
+    head = Version.objects.get(session=session, number=session.head_number)
+    columns = [f.column for f in Version._meta.concrete_fields if f.name not in ("id", "number", "parent")]
+    table, listed = Version._meta.db_table, ", ".join(columns)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (number, {listed}) SELECT number + g, {listed} "
+            f"FROM {table}, generate_series(1, %s) AS g WHERE id = %s ORDER BY g",
+            [copies, head.pk],
+        )
+        # Each copy's parent is the copy before it (the first copy's is the head).
+        cursor.execute(
+            f"UPDATE {table} AS child SET parent_id = parent.id FROM {table} AS parent "
+            "WHERE child.session_id = %s AND parent.session_id = %s AND child.number > %s "
+            "AND parent.number = child.number - 1",
+            [session.pk, session.pk, head.number],
+        )
+        cursor.execute(f"ANALYZE {table}")
+    WorkflowSession.objects.filter(pk=session.pk).update(
+        head_number=head.number + copies, version_count=session.version_count + copies
+    )
+    session.refresh_from_db()
+
+
+def _state(session: WorkflowSession, number: int) -> bytes:
+    return version_with_state_bytes(session=session, number=number)[1]
+
+
+@pytest.mark.django_db
+def test_a_trim_of_a_session_of_70000_versions_keeps_what_was_asked_and_removes_the_rest(project):
+    session = make_session(project, "long-run")
+    snapshot_record(session=session, state={"step": 1})
+    snapshot_record(session=session, state={"step": 2})
+    version_pin(version=session.versions.get(number=2), pinned=True)
+    snapshot_record(session=session, state={"step": 3, "notes": ["a long night"]})
+    session.refresh_from_db()
+    grow_history(session, LONG)
+    head = snapshot_record(session=session, state={"step": 4})
+    assert head.number == LONG + 4
+    doomed = session.versions.get(number=40_000)
+    IntegrityProblem.objects.create(project=project, session=session, version=doomed, version_number=40_000,
+                                    detail="checksum mismatch")
+
+    outcome = session_trim(session=session, keep=[head.number], reason="history no longer needed")
+
+    assert outcome.kept == [2, head.number] and outcome.protected == [2]
+    assert outcome.removed == [1, *range(3, head.number)]
+    numbers_left = list(session.versions.order_by("number").values_list("number", "parent__number"))
+    assert numbers_left == [(2, None), (head.number, 2)]  # the head points at its nearest kept ancestor
+    assert _state(session, head.number) == b'{"step":4}' and _state(session, 2) == b'{"step":2}'
+    assert not IntegrityProblem.objects.filter(session=session).exists()  # its version is gone
+    session.refresh_from_db()
+    assert (session.version_count, session.head_number) == (2, head.number)
+    event = AuditEvent.objects.get(action="session.trim")
+    assert event.details["numbers"] == outcome.removed and event.details["protected"] == [2]
+    assert snapshot_record(session=session, state={"step": 5}).number == head.number + 1
+
+
+@pytest.mark.django_db
+def test_retention_of_a_session_of_70000_versions_removes_all_it_plans(project):
+    session = make_session(project, "long-run")
+    snapshot_record(session=session, state={"step": 1})
+    Version.objects.filter(session=session).update(created_at=midnight(30))
+    session.refresh_from_db()
+    grow_history(session, LONG)  # copies of a version 30 days old
+    for step in (2, 3):
+        snapshot_record(session=session, state={"step": step})
+    retention_policy_set(project=project, enabled=True, keep_last=2, keep_days=1, thin_to="none")
+
+    result = compaction_run(project=project, now=midnight(0) + timedelta(hours=1))
+
+    assert result["versions_removed"] == LONG + 1
+    assert list(session.versions.order_by("number").values_list("number", "parent__number")) == [
+        (LONG + 2, None), (LONG + 3, LONG + 2)
+    ]
+    assert _state(session, LONG + 3) == b'{"step":3}'
+    event = AuditEvent.objects.get(action="retention.remove")
+    assert len(event.details["numbers"]) == LONG + 1
