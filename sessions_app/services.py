@@ -18,6 +18,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q, QuerySet
+from django.dispatch import Signal
 from django.utils import timezone
 
 from sessions_app import events
@@ -428,6 +429,13 @@ def _announce_archiving(session: WorkflowSession) -> None:
     events.publish_after_commit(session.project_id, "session.archived", payload, session_id=session.pk)
 
 
+# Sent by session_delete under the session's lock, just before the row goes (`session=`): the state
+# store deletes the session's versions itself (snapshots_app.signals). Django's cascade named them
+# all in one statement, which PostgreSQL refuses past 65,535 parameters: a longer session could not
+# be deleted.
+session_deleting = Signal()
+
+
 @transaction.atomic
 def session_delete(*, session: WorkflowSession, reason: str, actor: User = None, actor_label: str = "") -> None:
     """Delete a session and its versions; nodes only it needed are freed by the next compaction.
@@ -444,6 +452,7 @@ def session_delete(*, session: WorkflowSession, reason: str, actor: User = None,
         details={"external_id": session.external_id, "versions": session.version_count},
     )
     project_id, session_id = session.project_id, session.pk
+    session_deleting.send(sender=WorkflowSession, session=session)
     session.delete()
     events.publish_after_commit(project_id, "session.deleted", {"session": str(session_id)})
 

@@ -357,6 +357,17 @@ def _delete_versions(session: WorkflowSession, ids: list[int]) -> None:
             cursor.execute(f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(chunk))})", chunk)
 
 
+def session_versions_delete(session: WorkflowSession) -> None:
+    """Delete every version of a session being deleted (locked by the caller), in three statements
+    however many there are. Another session's version made from one of them (a fork) stays, and
+    no longer names a parent, as Django's cascade left it (on_delete=SET_NULL)."""
+    Version.objects.filter(parent__session=session).exclude(session=session).update(parent=None)
+    IntegrityProblem.objects.filter(version__session=session).delete()
+    with connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {connection.ops.quote_name(Version._meta.db_table)} WHERE session_id = %s",
+                       [session.pk])
+
+
 def _summarise_after_commit(version_ids: list[int]) -> None:
     """Queue the change summaries of these versions of one session (once the transaction commits);
     should the broker be down, beat's finalize_pending makes them (versions without a summary)."""

@@ -10,6 +10,7 @@ from django.db.models.signals import post_delete, pre_delete
 from django.dispatch import receiver
 
 from sessions_app.models import WorkflowSession
+from sessions_app.services import session_deleting
 
 
 @receiver(post_delete, sender=WorkflowSession, dispatch_uid="snapshots_gc_after_session_delete")
@@ -38,3 +39,10 @@ def _forget_deleted_session_copies(sender: type, instance: WorkflowSession, **kw
         store.forget_heads(session_id, cached)
 
     transaction.on_commit(forget)
+
+
+@receiver(session_deleting, dispatch_uid="snapshots_delete_versions_of_deleted_session")
+def _delete_versions_of_deleted_session(sender: type, session: WorkflowSession, **kwargs: Any) -> None:
+    from snapshots_app.compaction import session_versions_delete
+
+    session_versions_delete(session)

@@ -1,7 +1,8 @@
-"""Trim and retention of a session longer than one PostgreSQL statement's parameters (65,535).
+"""Trim, retention and deletion of a session longer than one PostgreSQL statement's parameters (65,535).
 
-Both named every version they removed in one IN list, and failed on such a session ("number of
-parameters must be between 0 and 65535"), removing nothing: its history could not be trimmed at all.
+Each named every version it removed in one IN list, and failed on such a session ("number of
+parameters must be between 0 and 65535"), removing nothing: its history could not be trimmed,
+thinned or deleted at all.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import pytest
 from django.db import connection
 
 from sessions_app.models import AuditEvent, WorkflowSession
+from sessions_app.services import session_delete
 from snapshots_app.compaction import compaction_run, retention_policy_set
 from snapshots_app.models import IntegrityProblem, Version
 from snapshots_app.selectors import version_with_state_bytes
-from snapshots_app.services import session_trim, snapshot_record, version_pin
+from snapshots_app.services import session_trim, snapshot_fork, snapshot_record, version_pin
 from tests.factories import make_session
 from tests.workers.builders import midnight
 
@@ -34,14 +36,15 @@ def grow_history(session: WorkflowSession, copies: int) -> None:
             f"FROM {table}, generate_series(1, %s) AS g WHERE id = %s ORDER BY g",
             [copies, head.pk],
         )
-        # Each copy's parent is the copy before it (the first copy's is the head).
-        cursor.execute(
-            f"UPDATE {table} AS child SET parent_id = parent.id FROM {table} AS parent "
-            "WHERE child.session_id = %s AND parent.session_id = %s AND child.number > %s "
-            "AND parent.number = child.number - 1",
-            [session.pk, session.pk, head.number],
-        )
         cursor.execute(f"ANALYZE {table}")
+        # Each copy's parent is the copy before it (the first copy's is the head). Joined on the
+        # primary key: joined on (session, number - 1), the planner may loop over every pair.
+        cursor.execute(
+            f"UPDATE {table} AS child SET parent_id = chain.before FROM ("
+            f"  SELECT id, lag(id) OVER (ORDER BY number) AS before FROM {table} WHERE session_id = %s AND number >= %s"
+            ") AS chain WHERE child.id = chain.id AND chain.before IS NOT NULL",
+            [session.pk, head.number],
+        )
     WorkflowSession.objects.filter(pk=session.pk).update(
         head_number=head.number + copies, version_count=session.version_count + copies
     )
@@ -102,3 +105,27 @@ def test_retention_of_a_session_of_70000_versions_removes_all_it_plans(project):
     assert _state(session, LONG + 3) == b'{"step":3}'
     event = AuditEvent.objects.get(action="retention.remove")
     assert len(event.details["numbers"]) == LONG + 1
+
+
+@pytest.mark.django_db
+def test_deleting_a_session_of_70000_versions_deletes_them_all_and_keeps_its_forks(project):
+    session = make_session(project, "long-run")
+    snapshot_record(session=session, state={"step": 1})
+    session.refresh_from_db()
+    grow_history(session, LONG)
+    fork = snapshot_fork(session=session, from_version=500, reason="try another prompt")
+    problem = IntegrityProblem.objects.create(project=project, session=session, version=session.versions.get(number=9),
+                                              version_number=9, detail="checksum mismatch")
+    kept = make_session(project, "another-run")
+    snapshot_record(session=kept, state={"step": 1})
+
+    session_delete(session=session, reason="a runaway loop")
+
+    assert not WorkflowSession.objects.filter(pk=session.pk).exists()
+    assert not Version.objects.filter(session_id=session.pk).exists()
+    assert not IntegrityProblem.objects.filter(pk=problem.pk).exists()
+    forked = Version.objects.get(session=fork)  # the fork stays, its source gone
+    assert forked.parent_id is None and _state(fork, 1) == b'{"step":1}'
+    assert _state(kept, 1) == b'{"step":1}'
+    event = AuditEvent.objects.get(action="session.delete")
+    assert event.details["versions"] == LONG + 1
