@@ -9,7 +9,7 @@ from django import forms
 from sessions_app.services import REASON_MAX
 from snapshots_app.models import TIMELINE_KINDS
 from snapshots_app.selectors import TimelineFilters
-from snapshots_app.services import METADATA_LIMITS
+from snapshots_app.services import MAX_TRIM_KEEP, METADATA_LIMITS
 
 
 def _text(max_length: int) -> forms.CharField:
@@ -30,6 +30,15 @@ class RewindForm(forms.Form):
 
 class ReasonForm(forms.Form):
     reason = _text(REASON_MAX)
+
+
+class TrimForm(forms.Form):
+    keep_newest = forms.IntegerField(
+        min_value=1, max_value=MAX_TRIM_KEEP, label="Versions to keep",
+        error_messages={"required": "Say how many of the newest versions to keep (at least 1: the head)."},
+    )
+    reason = _text(REASON_MAX)
+    expected_version = forms.IntegerField(required=False, min_value=0)
 
 
 class ForkForm(forms.Form):

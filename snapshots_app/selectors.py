@@ -157,6 +157,11 @@ def version_list(session: WorkflowSession, *, before: int | None = None, limit: 
     return list(queryset[:limit])
 
 
+def newest_version_numbers(session: WorkflowSession, count: int) -> list[int]:
+    """The numbers of the session's `count` newest versions (the head first)."""
+    return list(Version.objects.filter(session=session).order_by("-number").values_list("number", flat=True)[:count])
+
+
 def session_versions(session: WorkflowSession) -> QuerySet[Version]:
     return (
         Version.objects.filter(session=session)

@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app import services as session_services
-from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError
+from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError, VersionConflict
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
@@ -28,7 +28,7 @@ from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services
 from snapshots_app.diff import DiffResult
-from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm
+from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
 from snapshots_app.models import TIMELINE_KINDS, Version
 
 DIFF_SHOWN = 500
@@ -117,7 +117,7 @@ def _require_operator(role: str) -> None:
 
 def _base(session: WorkflowSession, role: str) -> dict[str, Any]:
     return {"session": session, "project": session.project, "role": role,
-            "can_operate": role_allows(role, Role.OPERATOR)}
+            "can_operate": role_allows(role, Role.OPERATOR), "can_administer": role_allows(role, Role.ADMIN)}
 
 
 def _timeline_at(session: WorkflowSession, number: int) -> str:
@@ -602,6 +602,59 @@ def archive_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         "reason": request.POST.get("reason", ""),
     }
     return render(request, "snapshots_app/confirm_archive.html", context, status=status)
+
+
+TRIM_KEEP_DEFAULT = 100
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def trim_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """GET says what a trim keeps; POST removes every version but the newest N and those retention
+    would keep (project admins, as the API's trim; audited by the service). The head the page showed
+    is the expected version: a write since then is a conflict, not a trim of versions nobody saw."""
+    session, role = _member_session(request, session_id)
+    if not role_allows(role, Role.ADMIN):
+        raise PermissionDenied("project admins only: a trim removes history")
+    error, status = "", 200
+    form = TrimForm(request.POST if request.method == "POST" else None)
+    if session.archived_at is not None:
+        error, status = "This session is archived: it keeps its whole history. Unarchive it on the session page to trim it.", 409
+    elif request.method == "POST" and not form.is_valid():
+        error, status = " ".join(form_problems(form)), 400
+    elif request.method == "POST":
+        keep = selectors.newest_version_numbers(session, form.cleaned_data["keep_newest"])
+        try:
+            outcome = services.session_trim(
+                session=session, keep=keep, reason=form.cleaned_data["reason"],
+                expected_version=form.cleaned_data["expected_version"], actor=request.user,
+            )
+        except VersionConflict as exc:
+            error, status = (f"v{exc.details['head']} was written since this page was shown, so the newest versions are "
+                             "not the ones you saw: nothing was removed. Look again, then trim."), exc.status
+            session, role = _member_session(request, session_id)
+        except StateStoreError as exc:
+            error, status = exc.message, exc.status
+            session, role = _member_session(request, session_id)
+        else:
+            messages.success(request, _trimmed(outcome))
+            return redirect("snapshots:session", session_id=session.pk)
+    context = {
+        **_base(session, role), "error": error, "refused": session.archived_at is not None,
+        "reason": request.POST.get("reason", ""), "keep_newest": request.POST.get("keep_newest", TRIM_KEEP_DEFAULT),
+        "max_keep": services.MAX_TRIM_KEEP,
+    }
+    return render(request, "snapshots_app/confirm_trim.html", context, status=status)
+
+
+def _trimmed(outcome: services.TrimOutcome) -> str:
+    if not outcome.removed:
+        return "Nothing was removed: every older version is one a trim keeps. Nothing was recorded."
+    protected = len(outcome.protected)
+    return (f"Removed {len(outcome.removed):,} version{'s' if len(outcome.removed) != 1 else ''}; "
+            f"{len(outcome.kept):,} kept"
+            + (f", {protected:,} of them older ones that are pinned, labelled, forked from or restored by a kept rewind"
+               if protected else "") + ".")
 
 
 @login_required

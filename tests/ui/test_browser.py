@@ -470,6 +470,28 @@ def test_archiving_a_running_session_asks_first_and_warns(server, browser):
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_project_admin_trims_a_history_from_the_session_page(server, browser):
+    """Trim… opens a confirm page; confirmed, the session page says what went and shows what stayed."""
+    def story_with_admin():
+        session = _operator_story()
+        membership_set(project=session.project, user=make_user("ada"), role=Role.ADMIN)
+        return session
+
+    session = off_loop(story_with_admin)
+    page = log_in(browser, server, "ada")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.click("#trim")
+    page.wait_for_selector("#confirm-trim")
+    page.fill("input[name=keep_newest]", "2")
+    page.fill("textarea[name=reason]", "the early steps are done with")
+    page.click("#confirm-trim")
+    page.wait_for_selector(".messages")
+    assert "Removed 3 versions; 2 kept." in page.inner_text(".messages")
+    assert [row.get_attribute("id") for row in page.locator("#timeline > li.vrow").all()] == ["v-5", "v-4"]
+    assert off_loop(lambda: sorted(session.versions.values_list("number", flat=True))) == [4, 5]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_back_shows_the_filters_of_the_list_it_shows(server, browser):
     off_loop(_operator_story)
     page = log_in(browser, server, "olga")

@@ -1162,6 +1162,72 @@ def test_a_refused_archive_reason_stores_nothing_and_keeps_the_reason(client, op
     assert story.archived_at is None and not AuditEvent.objects.filter(action="session.archive").exists()
 
 
+@pytest.fixture
+def admin(team):
+    user = make_user("ada")
+    membership_set(project=team, user=user, role=Role.ADMIN)
+    return user
+
+
+def test_a_project_admin_trims_a_history_from_the_session_page_audited(client, admin, operator, story):
+    """The API's trim, for people: keep the newest N, and what retention keeps besides."""
+    from snapshots_app.services import version_pin
+
+    version_pin(version=story.versions.get(number=2), pinned=True)
+    client.force_login(operator)
+    assert 'id="trim"' not in client.get(session_url(story)).content.decode()  # an admin's action
+    client.force_login(admin)
+    assert 'id="trim"' in client.get(session_url(story)).content.decode()
+    url = session_url(story, "snapshots:trim")
+    confirm = client.get(url)
+    page = confirm.content.decode()
+    assert confirm.status_code == 200 and 'id="confirm-trim"' in page and 'name="keep_newest"' in page
+    assert "This session has 5 versions; the head is version 5" in page and "pinned and labelled versions" in page
+    assert story.versions.count() == 5  # asking removes nothing
+
+    done = client.post(url, {"keep_newest": "2", "reason": "old steps", "expected_version": "5"}, follow=True)
+    assert done.redirect_chain[-1][0] == session_url(story)
+    assert ("Removed 2 versions; 3 kept, 1 of them older ones that are pinned, labelled, forked from or restored "
+            "by a kept rewind.") in html.unescape(done.content.decode())
+    assert sorted(story.versions.values_list("number", flat=True)) == [2, 4, 5]
+    event = AuditEvent.objects.get(action="session.trim")
+    assert (event.actor, event.reason, event.details["numbers"]) == (admin, "old steps", [1, 3])
+
+    again = client.post(url, {"keep_newest": "2", "reason": "old steps", "expected_version": "5"}, follow=True)
+    assert "Nothing was removed" in html.unescape(again.content.decode())
+    assert AuditEvent.objects.filter(action="session.trim").count() == 1
+
+
+def test_a_trim_the_page_cannot_do_removes_nothing_and_says_why(client, admin, operator, story):
+    url = session_url(story, "snapshots:trim")
+    client.force_login(operator)
+    assert client.get(url).status_code == 403
+    assert client.post(url, {"keep_newest": "1", "reason": "x", "expected_version": "5"}).status_code == 403
+    client.force_login(admin)
+    refused = [
+        ({"keep_newest": "0", "reason": "x"}, 400, "greater than or equal to 1"),
+        ({"keep_newest": "", "reason": "x"}, 400, "how many of the newest versions to keep"),
+        ({"keep_newest": "20000", "reason": "x"}, 400, "less than or equal to 10000"),
+        ({"keep_newest": "1", "reason": "  "}, 400, "reason"),
+    ]
+    for data, status, says in refused:
+        response = client.post(url, {"expected_version": "5", **data})
+        page = html.unescape(response.content.decode())
+        assert response.status_code == status and says in page and 'id="confirm-trim"' in page, data
+    # A write since the page was shown: the newest versions are not the ones the admin saw.
+    snapshot_record(session=story, state={"step": 6})
+    stale = client.post(url, {"keep_newest": "1", "reason": "x", "expected_version": "5"})
+    assert stale.status_code == 409 and "v6" in stale.content.decode()
+    assert story.versions.count() == 6 and not AuditEvent.objects.filter(action="session.trim").exists()
+    session_update(session=story, status="completed", actor=admin)
+    client.post(session_url(story, "snapshots:archive"), {"reason": "done"})
+    archived = client.get(url)
+    assert archived.status_code == 409 and "archived" in archived.content.decode()
+    assert 'id="confirm-trim"' not in archived.content.decode()
+    assert client.post(url, {"keep_newest": "1", "reason": "x", "expected_version": "6"}).status_code == 409
+    assert story.versions.count() == 6
+
+
 def test_an_htmx_mark_error_is_text_not_markup(client, operator, story):
     """A refused pin/label answers htmx with text: the form error echoes the submitted value."""
     client.force_login(operator)
