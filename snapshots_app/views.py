@@ -649,7 +649,7 @@ def trim_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
 
 def _trimmed(outcome: services.TrimOutcome) -> str:
     if not outcome.removed:
-        return "Nothing was removed: every older version is one a trim keeps. Nothing was recorded."
+        return "Nothing was removed (every version is one you kept or one a trim keeps besides), and nothing was recorded."
     protected = len(outcome.protected)
     return (f"Removed {len(outcome.removed):,} version{'s' if len(outcome.removed) != 1 else ''}; "
             f"{len(outcome.kept):,} kept"
