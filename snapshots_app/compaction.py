@@ -363,9 +363,10 @@ def session_versions_delete(session: WorkflowSession) -> None:
     no longer names a parent, as Django's cascade left it (on_delete=SET_NULL)."""
     Version.objects.filter(parent__session=session).exclude(session=session).update(parent=None)
     IntegrityProblem.objects.filter(version__session=session).delete()
+    session_id = WorkflowSession._meta.pk.get_db_prep_value(session.pk, connection)  # SQLite keeps uuids as text
     with connection.cursor() as cursor:
         cursor.execute(f"DELETE FROM {connection.ops.quote_name(Version._meta.db_table)} WHERE session_id = %s",
-                       [session.pk])
+                       [session_id])
 
 
 def _summarise_after_commit(version_ids: list[int]) -> None:

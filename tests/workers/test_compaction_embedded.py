@@ -1,5 +1,6 @@
-"""Compaction on the embedded default (`make run`: SQLite, no services): the statements PostgreSQL
-gets in one piece (bulk delete with RETURNING, update from unnest) have portable forms there.
+"""Compaction, trim and session deletion on the embedded default (`make run`: SQLite, no services):
+the statements PostgreSQL gets in one piece (bulk delete with RETURNING, update from unnest) and the
+raw deletes of versions have portable forms there.
 
 Runs in a child process with DATABASE_URL and REDIS_URL unset, against a SQLite database of its own.
 """
@@ -28,11 +29,11 @@ from django.utils import timezone
 call_command("migrate", verbosity=0)
 assert connection.vendor == "sqlite", connection.vendor
 
-from sessions_app.services import project_create, session_get_or_create
+from sessions_app.services import project_create, session_delete, session_get_or_create
 from snapshots_app import compaction, selectors, store
 from snapshots_app.canonical import dumps
 from snapshots_app.models import StateNode, Version
-from snapshots_app.services import snapshot_record
+from snapshots_app.services import session_trim, snapshot_fork, snapshot_record
 from tests.factories import _text, agent_state
 
 project = project_create(name="Embedded", slug="embedded")
@@ -48,7 +49,17 @@ store.node_lru.clear()
 left = list(Version.objects.filter(session=session).select_related("session"))
 for version in left:
     assert selectors.version_state_bytes(version) == written[version.number], version.number
+session.refresh_from_db()
+trimmed = session_trim(session=session, keep=[session.head_number], reason="only the head")
+gone, _ = session_get_or_create(project=project, external_id="gone")
+for step in range(3):
+    snapshot_record(session=gone, state={"step": step})
+fork = snapshot_fork(session=gone, from_version=2, reason="keep a copy")
+session_delete(session=gone, reason="done with it")
 print(json.dumps({
+    "trimmed": trimmed.removed, "trim_left": Version.objects.filter(session=session).count(),
+    "deleted_left": Version.objects.filter(session_id=gone.pk).count(),
+    "fork": [(v.parent_id, selectors.version_state_bytes(v).decode()) for v in Version.objects.filter(session=fork)],
     "recompressed": recompressed["nodes_recompressed"], "saved": recompressed["bytes_saved_by_recompression"],
     "removed": thinned["versions_removed"], "freed": thinned["nodes_freed"], "left": len(left),
     "dictionary_nodes": StateNode.objects.filter(project=project, codec=store.CODEC_ZSTD_DICT).count(),
@@ -70,3 +81,6 @@ def test_compaction_thins_collects_and_recompresses_on_the_embedded_sqlite_defau
     # removed versions reached. Every version left reads back as written (checked in the child).
     assert (result["removed"], result["left"]) == (247, 3)
     assert result["freed"] > 0
+    # A trim to the head removes the other two; a deleted session takes its versions, not its fork's.
+    assert (result["trimmed"], result["trim_left"]) == ([248, 249], 1)
+    assert result["deleted_left"] == 0 and result["fork"] == [[None, '{"step":1}']]
