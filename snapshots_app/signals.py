@@ -27,6 +27,8 @@ def _forget_deleted_session_copies(sender: type, instance: WorkflowSession, **kw
     held them for a day, and the files of its exports stayed downloadable (and re-importable, which
     brought the session back) for good. Both go once the deletion commits. Exports of the whole
     project are backups of every session, and stay."""
+    if getattr(instance, "_copies_forgotten", False):
+        return  # session_delete's deletion of its versions did it first (below)
     from snapshots_app import store, transfer
 
     files = transfer.session_export_files(session=instance)
@@ -45,4 +47,7 @@ def _forget_deleted_session_copies(sender: type, instance: WorkflowSession, **kw
 def _delete_versions_of_deleted_session(sender: type, session: WorkflowSession, **kwargs: Any) -> None:
     from snapshots_app.compaction import session_versions_delete
 
+    # Its copies first: which of its states the head cache may hold is told by its versions, about to go.
+    _forget_deleted_session_copies(sender, session)
+    session._copies_forgotten = True  # type: ignore[attr-defined]
     session_versions_delete(session)

@@ -7,11 +7,13 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from sessions_app.errors import ImportRejected
 from sessions_app.models import WorkflowSession
@@ -353,6 +355,10 @@ def test_a_deleted_session_leaves_no_export_file_nor_cached_state(project, user,
     gone_head = Version.objects.select_related("session").get(session=gone, number=3)
     gone_key, keep_key = store._head_cache_key(gone.pk, 3), store._head_cache_key(keep.pk, 2)
     assert cache.get(gone_key) is not None and cache.get(keep_key) is not None
+    # Written within the day the head cache keeps a state: v1 was the head an hour ago, and read then.
+    Version.objects.filter(session=gone).update(created_at=timezone.now() - timedelta(hours=1))
+    earlier_key = store._head_cache_key(gone.pk, 1)
+    cache.set(earlier_key, b'{"step": 1}', store.STATE_CACHE_TIMEOUT)
 
     session_delete(session=gone, reason="the customer asked us to forget it", actor=user)
 
@@ -361,7 +367,7 @@ def test_a_deleted_session_leaves_no_export_file_nor_cached_state(project, user,
     assert not own_file.exists() and not list(tmp_path.glob("exports/*session-gone*"))
     with pytest.raises(InvalidState, match="no longer there"):
         export_file(job=own_export)
-    assert cache.get(gone_key) is None
+    assert cache.get(gone_key) is None and cache.get(earlier_key) is None
     # A head-cache write already on its way (a background thread's, after a write or read) does not bring it back.
     store.remember_head(gone_head, b'{"late": true}')
     assert cache.get(gone_key) is None
