@@ -67,7 +67,7 @@ print(json.dumps({
 """
 
 
-def test_compaction_thins_collects_and_recompresses_on_the_embedded_sqlite_default(tmp_path):
+def test_compaction_trim_and_session_deletion_on_the_embedded_sqlite_default(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
     env.update(VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="config.settings", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
