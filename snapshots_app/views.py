@@ -618,8 +618,11 @@ def trim_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         raise PermissionDenied("project admins only: a trim removes history")
     error, status = "", 200
     form = TrimForm(request.POST if request.method == "POST" else None)
+    refused = session.archived_at is not None or session.head_number == 0
     if session.archived_at is not None:
         error, status = "This session is archived: it keeps its whole history. Unarchive it on the session page to trim it.", 409
+    elif session.head_number == 0:
+        error, status = "This session has no versions yet: there is nothing to trim.", 409
     elif request.method == "POST" and not form.is_valid():
         error, status = " ".join(form_problems(form)), 400
     elif request.method == "POST":
@@ -640,7 +643,7 @@ def trim_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
             messages.success(request, _trimmed(outcome))
             return redirect("snapshots:session", session_id=session.pk)
     context = {
-        **_base(session, role), "error": error, "refused": session.archived_at is not None,
+        **_base(session, role), "error": error, "refused": refused,
         "reason": request.POST.get("reason", ""), "keep_newest": request.POST.get("keep_newest", TRIM_KEEP_DEFAULT),
         "max_keep": services.MAX_TRIM_KEEP,
     }

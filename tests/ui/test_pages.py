@@ -1226,6 +1226,10 @@ def test_a_trim_the_page_cannot_do_removes_nothing_and_says_why(client, admin, o
     assert 'id="confirm-trim"' not in archived.content.decode()
     assert client.post(url, {"keep_newest": "1", "reason": "x", "expected_version": "6"}).status_code == 409
     assert story.versions.count() == 6
+    empty = session_url(make_session(story.project, "not-started"), "snapshots:trim")
+    nothing = client.get(empty)
+    assert nothing.status_code == 409 and "no versions yet" in nothing.content.decode()
+    assert client.post(empty, {"keep_newest": "1", "reason": "x"}).status_code == 409
 
 
 def test_an_htmx_mark_error_is_text_not_markup(client, operator, story):
