@@ -329,7 +329,7 @@ def remove_versions(session: WorkflowSession, doomed: set[int]) -> tuple[list[in
         for chunk in _chunks(children, _IN_LIST):
             Version.objects.filter(id__in=chunk).update(parent_id=ancestor, summary=None)
     _summarise_after_commit(sorted(version_id for children in relink.values() for version_id in children))
-    _delete_versions(session, sorted(doomed & parents.keys()))
+    _delete_versions(session, doomed & parents.keys())
     numbers.sort()
     session.version_count = len(parents) - len(numbers)
     session.stored_bytes = max(0, session.stored_bytes - freed_bytes)
@@ -339,7 +339,7 @@ def remove_versions(session: WorkflowSession, doomed: set[int]) -> tuple[list[in
     return numbers, freed_bytes
 
 
-def _delete_versions(session: WorkflowSession, ids: list[int]) -> None:
+def _delete_versions(session: WorkflowSession, doomed: set[int]) -> None:
     """Delete these version rows and their integrity problems; no other version may derive from them.
 
     Not QuerySet.delete(): its collector read every row and set each child's parent to NULL (which
@@ -347,13 +347,12 @@ def _delete_versions(session: WorkflowSession, ids: list[int]) -> None:
     without, and holds the session's lock (its writers wait) all that time. Another session's
     version (a fork) made from one of these would fail the foreign key at commit, and nothing would
     be removed; trim and retention keep fork sources, under the session lock forks take."""
-    doomed = set(ids)
     problems = [pk for pk, version_id in session.integrity_problems.values_list("id", "version_id") if version_id in doomed]
     for chunk in _chunks(problems, _IN_LIST):
         IntegrityProblem.objects.filter(id__in=chunk).delete()
     table = connection.ops.quote_name(Version._meta.db_table)
     with connection.cursor() as cursor:
-        for chunk in _chunks(ids, _IN_LIST):
+        for chunk in _chunks(sorted(doomed), _IN_LIST):
             cursor.execute(f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(chunk))})", chunk)
 
 
