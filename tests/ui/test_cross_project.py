@@ -81,7 +81,7 @@ def test_dashboard_addresses_of_another_projects_session(client, mallory, globex
     base = f"/sessions/{theirs.pk}"
     for path in [f"{base}/", f"{base}/?before=2", f"{base}/diff/?from=1&to=2", f"{base}/history/?path=/token",
                  f"{base}/v/1/", f"{base}/v/1/?pointer=/token", f"{base}/v/1/?q=token", f"{base}/v/1/raw.json",
-                 f"{base}/v/1/rewind/", f"{base}/v/1/fork/", f"{base}/archive/", f"{base}/v/99/",
+                 f"{base}/v/1/rewind/", f"{base}/v/1/fork/", f"{base}/archive/", f"{base}/trim/", f"{base}/v/99/",
                  f"/sessions/{mine.pk}/diff/?from=1&to=1&from_session={theirs.pk}",
                  f"/sessions/{mine.pk}/diff/?from=1&to=1&to_session={theirs.pk}",
                  f"/sessions/{mine.pk}/diff/?from=1&to=2&from_session={theirs.pk}&mode=split",
@@ -92,7 +92,7 @@ def test_dashboard_addresses_of_another_projects_session(client, mallory, globex
             _no_leak(response)
     for path, data in [(f"{base}/v/1/rewind/", {"reason": "x"}), (f"{base}/v/1/fork/", {"reason": "x"}),
                        (f"{base}/v/1/mark/", {"pinned": "on", "label": "x"}), (f"{base}/archive/", {"reason": "x"}),
-                       (f"{base}/unarchive/", {})]:
+                       (f"{base}/unarchive/", {}), (f"{base}/trim/", {"keep_newest": "1", "reason": "x"})]:
         response = client.post(path, data, headers={"HX-Request": "true"})
         assert response.status_code == 404, (path, response.status_code)
     assert Version.objects.filter(session=theirs).count() == 2
