@@ -67,6 +67,7 @@ from sessions_app.services import (
     users_delete,
     users_deletion_refused,
 )
+from sessions_app.strict_json import refuse_duplicate_keys
 
 
 def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Project]:
@@ -645,6 +646,10 @@ class JsonTextField(forms.CharField):
             raise forms.ValidationError(f"not valid JSON: {exc}") from None
         if not isinstance(parsed, self.kind):
             raise forms.ValidationError(f"must be a JSON {'object' if self.kind is dict else 'list'}")
+        try:
+            refuse_duplicate_keys(text, what="it", value=parsed)
+        except InvalidState as exc:
+            raise forms.ValidationError(exc.message) from None
         return parsed
 
 

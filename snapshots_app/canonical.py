@@ -8,7 +8,6 @@ limit. Anything else is InvalidState (or a subclass) and nothing is stored.
 from __future__ import annotations
 
 import hashlib
-import json
 from itertools import chain, compress, repeat
 from operator import is_
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import orjson
 
 from sessions_app.errors import InvalidState, StateTooDeep, StateTooLarge
-from sessions_app.strict_json import refuse_huge_integers
+from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 
 SORT = orjson.OPT_SORT_KEYS
 _SCALARS = (str, int, bool, type(None))
@@ -51,6 +50,7 @@ def parse_state(raw: bytes | str, *, max_bytes: int, max_depth: int) -> dict[str
     raw, value = parse_json(raw, max_bytes=max_bytes)
     validate_state(value, max_depth=max_depth, floats_checked=True)  # first: the integer check recurses
     refuse_huge_integers(raw)
+    refuse_duplicate_keys(raw, what="the state", value=value)
     return value
 
 
@@ -70,29 +70,6 @@ def parse_json(raw: bytes | str, *, max_bytes: int, what: str = "state") -> tupl
         return raw, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidState(f"{what} is not valid JSON: {exc}") from None
-
-
-class _Twice(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _once_each(pairs: list[tuple[str, Any]]) -> None:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _Twice(next(key for index, key in enumerate(keys) if key in keys[:index]))
-
-
-def refuse_duplicate_keys(text: bytes | str, *, what: str) -> None:
-    """InvalidState naming a key written twice in one object of JSON `text` (parsed already, strictly):
-    JSON parsers, orjson included, keep the last one's value and drop the other without a word. For
-    text a person typed (a data fix), where a pasted key is a likely slip; not for engines' writes, where
-    this second parse would cost about as much as the whole write."""
-    try:
-        json.loads(text, object_pairs_hook=_once_each)
-    except _Twice as twice:
-        raise InvalidState(f"{what} has the key {json.dumps(twice.key)[:200]} twice in one object: JSON keeps only the "
-                           "last one's value, so say each key once") from None
 
 
 _PLAIN = frozenset({str, int, bool, type(None)})

@@ -47,7 +47,7 @@ from sessions_app.services import (
     session_gone,
     session_lock,
 )
-from sessions_app.strict_json import refuse_huge_integers
+from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 from snapshots_app import canonical, compaction, rows, store
 from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import VERSION_KINDS, Version, VersionKind
@@ -105,9 +105,7 @@ def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str
     part of a large state). InvalidState if the pointer names nothing or the text is not strict JSON,
     or writes a key twice in one object (typed by a person: the first value would be lost unseen)."""
     if not pointer:
-        whole = canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
-        canonical.refuse_duplicate_keys(text, what="the state")
-        return whole
+        return canonical.parse_state(text, max_bytes=settings.STATE_MAX_BYTES, max_depth=settings.STATE_MAX_DEPTH)
     # The text alone, as typed: wrapped in an object to reuse parse_state, every syntax error was placed
     # 9 characters off ({"value": came first) and every other one named a path under /value.
     raw, value = canonical.parse_json(text, max_bytes=settings.STATE_MAX_BYTES, what=f"the value at {pointer}")
@@ -118,7 +116,7 @@ def state_with_value(state: dict[str, Any], pointer: str, text: str) -> dict[str
     # As parse_state checks a whole state (the limits on nesting, names its paths in the state).
     canonical.validate_state(fixed, max_depth=settings.STATE_MAX_DEPTH, floats_checked=True)
     refuse_huge_integers(raw)
-    canonical.refuse_duplicate_keys(raw, what=f"the value at {pointer}")
+    refuse_duplicate_keys(raw, what=f"the value at {pointer}", value=value)
     return fixed  # type: ignore[no-any-return]
 
 

@@ -21,7 +21,7 @@ from rest_framework.renderers import BaseRenderer
 from config.files import file_chunks
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.errors import InvalidState
-from sessions_app.strict_json import refuse_huge_integers
+from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 
 
 class OrjsonParser(BaseParser):
@@ -38,6 +38,7 @@ class OrjsonParser(BaseParser):
             raise ParseError(f"The request body is not valid JSON: {exc}") from None
         try:
             refuse_huge_integers(data)
+            refuse_duplicate_keys(data, what="the request body", value=value)
         except InvalidState as exc:
             raise ParseError(f"{exc.message[:1].upper()}{exc.message[1:]}.") from None
         return value

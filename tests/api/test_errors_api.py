@@ -105,6 +105,37 @@ def test_unparseable_bodies(writer, session, raw):
     assert not Version.objects.exists()
 
 
+@pytest.mark.parametrize(("raw", "key"), [
+    ('{"state": {"a": 1, "a": 2}}', "a"),
+    ('{"state":{"a":1,"a":2}}', "a"),  # compact, as clients send
+    ('{"state": {"a": 1}, "state": {"b": 2}}', "state"),
+    # Last-wins kept 0, the head, and wrote without the check the client asked for.
+    ('{"state": {"a": 2}, "expected_version": 99, "expected_version": 0}', "expected_version"),
+    ('{"state": {"runs": [{"at": "12:00", "k:1": "x:y", "k:1": 3}]}}', "k:1"),
+    ('{"state": {"a": "\\u003a", "\\u0061": 1}}', "a"),  # the same key spelt two ways
+])
+def test_a_key_written_twice_in_one_object_is_400_naming_it_and_stores_nothing(writer, session, raw, key):
+    """JSON parsers keep the last value of a repeated key and drop the other without a word, so the state
+    would not read back as sent."""
+    before = counts()
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", raw)
+    assert response.status_code == 400 and response.json()["code"] == "malformed_request", response.content
+    assert response.json()["detail"] == (f'The request body has the key "{key}" twice in one object: JSON keeps only '
+                                         "the last one's value, so say each key once.")
+    assert counts() == before
+
+
+@pytest.mark.parametrize("raw", [
+    '{"state": {"at": "12:00:01", "k:1": {"a": "b:c"}}}',
+    '{"state" : {"a" : [{"a": 1}, {"a": 2}], "b": {"a": {"a": 3}}}}',  # one name in many objects
+    '{"state": {"a": "\\u003a", "b": "\\u003a:"}, "step": "s"}',
+])
+def test_keys_that_only_look_repeated_are_kept(writer, session, raw):
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", raw)
+    assert response.status_code == 201, response.content
+    assert writer.get(f"/api/v1/sessions/{session.pk}/head/").json()["state"] == orjson.loads(raw)["state"]
+
+
 def test_other_content_types_are_415(writer, session):
     response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", "state=1",
                               content_type="application/x-www-form-urlencoded")

@@ -1099,6 +1099,7 @@ def test_an_operator_corrects_a_sessions_status_metadata_and_tags_in_the_admin_a
     ({"metadata": "[" * 5000 + "]" * 5000}, "not valid JSON"),  # json.loads overflowed the stack: a 500
     ({"metadata": '{"a": ' * 250 + "1" + "}" * 250}, "nests deeper than"),
     ({"metadata": '["not", "an", "object"]'}, "must be a JSON object"),
+    ({"metadata": '{"owner": "ops", "ticket": 42, "owner": "me"}'}, 'it has the key "owner" twice in one object'),
     ({"metadata": '{"blob": "' + "x" * 70_000 + '"}'}, "over the"),
     ({"tags": '["fine", "no!good"]'}, "invalid tag"),
     ({"tags": '"nightly"'}, "must be a JSON list"),
