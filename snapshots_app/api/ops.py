@@ -125,8 +125,18 @@ class CompactionPreviewSerializer(serializers.Serializer):
     policy_enabled = serializers.BooleanField()
 
 
+class _UUIDText(serializers.UUIDField):
+    """A UUID written as text. DRF's also takes a JSON number as the UUID of that integer: a session
+    sent as 123 was looked for as 00000000-…-00000000007b and answered 404, not 400."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 class ExportSerializer(InputSerializer):
-    session = serializers.UUIDField(required=False, allow_null=True, help_text="One session; omit for the project.")
+    session = _UUIDText(required=False, allow_null=True, help_text="One session; omit for the project.")
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
 
 

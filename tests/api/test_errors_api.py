@@ -231,6 +231,7 @@ OPS_BAD_WRITES = [
     ("put", "/api/v1/retention-policy/", {"enabled": "yes", "keep_last": 1, "keep_days": 1, "thin_to": "day"}, 400),
     ("post", "/api/v1/compaction/", {"dry_run": "no"}, 400),
     ("post", "/api/v1/exports/", {"session": "not-a-uuid"}, 400),
+    ("post", "/api/v1/exports/", {"session": 123}, 400),
     ("post", "/api/v1/exports/", {"session": "00000000-0000-0000-0000-000000000000"}, 404),
     ("post", "/api/v1/imports/", None, 400),
     ("delete", "/api/v1/keys/999999/", None, 404),
@@ -264,6 +265,7 @@ BAD_QUERIES = [
     ("/api/v1/sessions/{sid}/versions/?limit=%C2%B2", 400, "invalid_request"),
     ("/api/v1/projects/?limit=%C2%B2", 400, "invalid_request"),
     ("/api/v1/audit-events/?limit=%C2%B2", 400, "invalid_request"),
+    ("/api/v1/audit-events/?action=session.rewnd", 400, "invalid_request"),  # was an empty list
     ("/api/v1/jobs/?limit=%C2%B2", 400, "invalid_request"),
     ("/api/v1/integrity-problems/?limit=%C2%B2", 400, "invalid_request"),
     ("/api/v1/keys/?limit=%C2%B2", 400, "invalid_request"),

@@ -109,6 +109,19 @@ def test_retry_after_is_honoured(monkeypatch):
     assert waits == [7.0]
 
 
+@pytest.mark.parametrize("hint", ["0", "-5", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_a_retry_after_of_now_still_waits_the_backoff(monkeypatch, hint):
+    """A server or proxy answering 503 with Retry-After 0 (or a time past) spent all six retries in a
+    moment, where the backoff rides out half a minute of outage."""
+    waits: list[float] = []
+    monkeypatch.setattr("session_rewind_client.client.time.sleep", waits.append)
+    script = Script(*[httpx.Response(503, text="busy", headers={"Retry-After": hint})] * 3,
+                    httpx.Response(200, json={"id": "s"}))
+    client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(backoff=1.0))
+    assert client.get_session("s") == {"id": "s"}
+    assert len(waits) == 3 and all(wait >= 2**attempt / 2 for attempt, wait in enumerate(waits)), waits
+
+
 def test_a_retry_after_beyond_max_wait_is_raised_at_once_not_retried_early(monkeypatch):
     """Retrying before the server's Retry-After is certain to fail again: the caller hears at once."""
     waits: list[float] = []
@@ -325,6 +338,20 @@ def test_an_answer_that_is_not_the_apis_json_is_a_session_rewind_error(answer):
         client.create_session("run-1")
     assert caught.value.code == "invalid_response" and caught.value.status == answer.status_code
     assert "not the Session Rewind API's JSON" in str(caught.value)
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(404, html="<html><h1>Not Found</h1></html>"),
+                                    httpx.Response(404, json={"message": "no route"}),
+                                    httpx.Response(401, html="<html>Proxy sign-in required</html>")])
+def test_an_error_page_that_is_not_the_apis_is_not_taken_for_its_answer(answer):
+    """A wrong base URL's 404 page was raised as NotFound, as if the session were gone: an engine that
+    recreates a missing session would have done so."""
+    script = Script(answer)
+    with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
+        client.get_session("s")
+    assert type(caught.value) is SessionRewindError and caught.value.code == "invalid_response"
+    assert caught.value.status == answer.status_code and "is the client's URL the API's?" in str(caught.value)
+    assert len(script.requests) == 1
 
 
 def test_an_async_answer_that_is_not_json_is_a_session_rewind_error():

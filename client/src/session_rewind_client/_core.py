@@ -201,7 +201,9 @@ def unencodable_at(body: Any, default: JsonDefault | None = None) -> str:
 class RetryPolicy:
     """Retries 429, 502, 503 and 504 (and lost connections) with exponential backoff and jitter.
 
-    A server's Retry-After wins over the computed delay; one longer than `max_wait` is not waited
+    A server's Retry-After longer than the computed delay is waited instead; a shorter one (0, or a
+    date already past) is not taken as leave to retry at once, which spent every retry in a moment
+    against a server or proxy that kept answering so. One longer than `max_wait` is not waited
     for: the error is raised at once (a 429 as RateLimited with its `retry_after`). Writes are retried
     with the same Idempotency-Key, so a retry of a write that did land returns the first answer.
     The defaults ride out 16 to 32 s of outage (a web restart, a database failover): six retries
@@ -216,11 +218,10 @@ class RetryPolicy:
     max_wait: float = 30.0
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
-        hinted = retry_after_seconds(response) if response is not None else None
-        if hinted is not None:
-            return hinted  # at most max_wait: retry_wait refused longer ones
         backoff = self.backoff * (2**attempt)
-        return min(self.max_wait, random.uniform(backoff / 2, backoff))
+        computed = min(self.max_wait, random.uniform(backoff / 2, backoff))
+        hinted = retry_after_seconds(response) if response is not None else None
+        return computed if hinted is None else max(hinted, computed)  # at most max_wait: retry_wait refused longer
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
@@ -356,7 +357,18 @@ def raise_for(response: httpx.Response) -> None:
             problem = {"detail": str(problem)}
     except ValueError:
         problem = {"detail": response.text[:500] or response.reason_phrase}
+    if not isinstance(problem.get("code"), str) and response.status_code < 500 and response.status_code != 429:
+        # Not the API's problem (each has a code): a proxy's or another site's page. Raised as NotFound,
+        # a wrong base URL read as "no such session", and an engine that recreates what is missing did so.
+        raise not_the_api(response.request.method, response) from None
     raise error_for(response.status_code, problem, retry_after=retry_after_seconds(response))
+
+
+def not_the_api(method: str, response: httpx.Response, why: str = "") -> SessionRewindError:
+    kind = response.headers.get("Content-Type") or "no Content-Type"
+    detail = (f"{method} {response.request.url} answered {response.status_code} with {kind}, not the Session Rewind "
+              f"API's JSON{why}: is the client's URL the API's? It began {response.content[:200]!r}")
+    return SessionRewindError(detail, status=response.status_code, code="invalid_response")
 
 
 def decoded(call: Call, response: httpx.Response) -> Any:
@@ -365,10 +377,7 @@ def decoded(call: Call, response: httpx.Response) -> Any:
     try:
         return call.decode(response)
     except (ValueError, TypeError) as exc:
-        kind = response.headers.get("Content-Type") or "no Content-Type"
-        detail = (f"{call.method} {response.request.url} answered {response.status_code} with {kind}, not the "
-                  f"Session Rewind API's JSON ({exc}): is the client's URL the API's? It began {response.content[:200]!r}")
-        raise SessionRewindError(detail, status=response.status_code, code="invalid_response") from None
+        raise not_the_api(call.method, response, f" ({exc})") from None
 
 
 def undecodable(call: Call, exc: httpx.DecodingError) -> SessionRewindError:
