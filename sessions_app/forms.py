@@ -14,16 +14,26 @@ from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
+from django.forms.utils import pretty_name
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app.models import SessionStatus
-from sessions_app.selectors import SESSION_SORTS, SessionFilters
+from sessions_app.selectors import SESSION_SORTS, SessionFilters, session_cursor_valid
 
 
 def form_problems(form: forms.Form) -> list[str]:
-    """One line per bad field ("reason: Null characters are not allowed."), for a page to show."""
-    return [f"{name}: {' '.join(str(message) for message in messages)}" for name, messages in form.errors.items()]
+    """One line per bad field, named as a person reads it ("Updated from: Not a moment…", not the
+    query's updated_from), for a page to show."""
+    return [
+        f"{_label(form, name)}{' '.join(str(message) for message in messages)}" for name, messages in form.errors.items()
+    ]
+
+
+def _label(form: forms.Form, name: str) -> str:
+    if name not in form.fields:  # NON_FIELD_ERRORS (__all__) too
+        return ""
+    return f"{form.fields[name].label or pretty_name(name)}: "
 
 
 WHEN_HELP = "a date (2026-01-31) or an ISO 8601 date-time (2026-01-31T12:00:00Z)"
@@ -49,8 +59,9 @@ def parse_moment(raw: str, *, end_of_day: bool = False) -> datetime | None:
 
 
 class SessionFilterForm(forms.Form):
-    """The session list's query string. Unknown choices fall back to the default (old links keep
-    working); text that cannot be searched for and dates that name no day are errors."""
+    """The session list's query string. Text that cannot be searched for, dates that name no day,
+    choices the list does not have and a mangled cursor are errors: the list fell back to its default
+    for a misspelt `?status=faild`, and a link shared as "the failed sessions" listed all of them."""
 
     q = forms.CharField(required=False)
     status = forms.CharField(required=False)
@@ -63,6 +74,22 @@ class SessionFilterForm(forms.Form):
     sort = forms.CharField(required=False)
     after = forms.CharField(required=False, strip=False)
     project = forms.CharField(required=False)
+
+    def clean_status(self) -> str:
+        return _choice(self.cleaned_data["status"], SessionStatus.values)
+
+    def clean_has_error(self) -> str:
+        return _choice(self.cleaned_data["has_error"], ["yes", "no"])
+
+    def clean_sort(self) -> str:
+        return _choice(self.cleaned_data["sort"], list(SESSION_SORTS))
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.cleaned_data
+        if data.get("after") and "sort" in data and not session_cursor_valid(data["after"], data["sort"]):
+            # Listed from the top instead, "Load more" added the first page's rows again below the last.
+            self.add_error("after", "Not a place in this list (a link cut short?): open the list again from the top.")
+        return data
 
     def clean_updated_from(self) -> datetime | None:
         return parse_moment(self.cleaned_data["updated_from"])
@@ -84,6 +111,12 @@ class SessionFilterForm(forms.Form):
             updated_to=data.get("updated_to"),
             sort=text["sort"] if text["sort"] in SESSION_SORTS else "-updated",
         )
+
+
+def _choice(raw: str, choices: list[str]) -> str:
+    if raw and raw not in choices:
+        raise forms.ValidationError(f"Not one of {', '.join(choices)}.", code="invalid_choice")
+    return raw
 
 
 class ThrottledSignInMixin:

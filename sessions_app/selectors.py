@@ -279,6 +279,11 @@ def _encode_cursor(value: Any, pk: Any) -> str:
     return urlsafe_b64encode(orjson.dumps([text, str(pk)])).decode()
 
 
+def session_cursor_valid(cursor: str, sort: str) -> bool:
+    """Whether `cursor` names a place in the session list in order `sort` ("" = the default)."""
+    return _decode_cursor(cursor, SESSION_SORTS.get(sort, SESSION_SORTS["-updated"])[0]) is not None
+
+
 def _decode_cursor(cursor: str, field: str) -> tuple[Any, uuid.UUID] | None:
     if not cursor:
         return None

@@ -55,7 +55,8 @@ class MarkForm(forms.Form):
 class TimelineFilterForm(forms.Form):
     """The timeline's filters, from its address (the filter form's GET, a shared link, the live
     socket's URL). A checkbox sends "true" (the API's spelling); a kind that is not one of
-    TIMELINE_KINDS means any kind, as an unknown choice does in the session list: old links keep working."""
+    TIMELINE_KINDS means any kind, and the page's kind picker then says so. (The session list refuses
+    an unknown choice, as it does a bad date: a misspelt status there listed every session.)"""
 
     # The metaclass moves fields off the class, so this does not hide BaseForm.has_error(); mypy cannot know.
     has_error = forms.BooleanField(required=False)  # type: ignore[assignment]

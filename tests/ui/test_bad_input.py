@@ -11,6 +11,7 @@ from datetime import timedelta
 import orjson
 import pytest
 from django.contrib.auth import get_user_model
+from django.forms.utils import pretty_name
 from django.urls import reverse
 
 from sessions_app.models import AuditEvent, WorkflowSession
@@ -40,13 +41,17 @@ def _cursor(*parts):
     ({"updated_from": "yesterday"}, "updated_from"),
     ({"updated_to": "0001-01-01T00:00:00+14:00"}, "updated_to"),
     ({"updated_to": "9999-12-31"}, "updated_to"),  # its end of day is beyond year 9999
+    # Choices the list does not have: each listed every session, as if filtered.
+    ({"status": "faild"}, "status"),
+    ({"has_error": "maybe"}, "has_error"),
+    ({"sort": "bogus"}, "sort"),
 ])
 def test_session_list_filters_the_database_cannot_run_are_400(client, operator, story, params, field):
     client.force_login(operator)
     response = client.get(reverse("sessions:list"), params)
     assert response.status_code == 400
     page = response.content.decode()
-    assert f"{field}: " in page and 'role="alert"' in page and "run-42" not in page
+    assert f"{pretty_name(field)}: " in page and 'role="alert"' in page and "run-42" not in page
     assert "until the filters above are fixed" in page and "No sessions yet" not in page
 
 
@@ -56,15 +61,19 @@ def test_an_invalid_filter_keeps_the_valid_ones_showing(client, operator, story)
     assert '<option value="failed" selected>' in page
 
 
-@pytest.mark.parametrize("after", [
-    _cursor("a\x00b", "00000000-0000-0000-0000-000000000000"),
-    _cursor("0001-01-01T00:00:00+14:00", "00000000-0000-0000-0000-000000000000"),
+@pytest.mark.parametrize(("sort", "after"), [
+    ("external_id", _cursor("a\x00b", "00000000-0000-0000-0000-000000000000")),
+    ("-updated", _cursor("a\x00b", "00000000-0000-0000-0000-000000000000")),
+    ("-updated", _cursor("0001-01-01T00:00:00+14:00", "00000000-0000-0000-0000-000000000000")),
+    ("-created", "!!not-a-cursor"),
 ])
-@pytest.mark.parametrize("sort", ["external_id", "-updated"])
-def test_a_mangled_cursor_restarts_at_the_first_page(client, operator, story, after, sort):
+def test_a_mangled_cursor_is_400_not_the_first_page_again(client, operator, story, after, sort):
+    """Answered with the first page, "Load more" added its rows again below the last."""
     client.force_login(operator)
     response = client.get(reverse("sessions:list"), {"sort": sort, "after": after})
-    assert response.status_code == 200 and "run-42" in response.content.decode()
+    page = response.content.decode()
+    assert response.status_code == 400 and "run-42" not in page
+    assert "After: Not a place in this list" in page
 
 
 def test_good_dates_still_filter(client, operator, story):
@@ -99,7 +108,7 @@ def test_rewind_and_fork_forms_refuse_nul_with_a_field_error(client, operator, s
     response = _post(client, story, name, data)
     assert response.status_code == 400
     page = response.content.decode()
-    assert f"{field}: " in page and 'role="alert"' in page and "<form" in page
+    assert f"{pretty_name(field)}: " in page and 'role="alert"' in page and "<form" in page
     assert snapshot_of_everything() == before
 
 
@@ -111,7 +120,7 @@ def test_mark_refuses_bad_input_and_changes_nothing(client, operator, story, dat
     response = _post(client, story, "mark", data, **({"HTTP_HX_REQUEST": "true"} if htmx else {}))
     assert response.status_code == 400
     body = response.content.decode()
-    assert ("label: " in body or "pinned: " in body) and ("<html" in body) is not htmx
+    assert ("Label: " in body or "Pinned: " in body) and ("<html" in body) is not htmx
     assert snapshot_of_everything() == before
 
 

@@ -1099,7 +1099,7 @@ def test_operators_archive_and_unarchive_from_the_session_page(client, operator,
     story.refresh_from_db()
     assert story.archived_at is not None
     bad = client.post(session_url(story, "snapshots:unarchive"), {"reason": "a\x00b"}, follow=True).content.decode()
-    assert "reason: " in bad
+    assert "Reason: " in bad
     story.refresh_from_db()
     assert story.archived_at is not None
     client.post(session_url(story, "snapshots:unarchive"), {"reason": "one more step"})
