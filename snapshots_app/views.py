@@ -151,7 +151,12 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
     # htmx asks for the rows of an older page ("Older versions": `before`), or for the whole timeline,
     # socket included, when the filters change (the filter form).
     fragment = "snapshots_app/partials/_timeline_rows.html" if before is not None else "snapshots_app/partials/_timeline.html"
-    return render_fragment(request, "snapshots_app/session.html", fragment, context)
+    response = render_fragment(request, "snapshots_app/session.html", fragment, context)
+    if wants_fragment(request) and before is None:
+        # The address the filter form's answer puts in the bar: the filters as the page's links spell
+        # them, not the form's fields (an unticked box's nothing, "?kind=" for any kind).
+        response["HX-Push-Url"] = request.path + (f"?{filters.query}" if filters.query else "")
+    return response
 
 
 def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:

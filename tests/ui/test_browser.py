@@ -432,6 +432,21 @@ def test_filtering_the_timeline_keeps_the_filter_through_its_address_older_pages
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 
 
+def test_quick_clicks_on_the_timeline_filters_all_count(server, browser):
+    """Ticks made while the answer to the first was on its way were lost: htmx dropped their requests,
+    then that answer swapped in the filter form as it was when sent."""
+    session = off_loop(_flaky_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/?has_error=true")
+    _wait_for_socket(page, ".timeline-wrap")
+    page.evaluate("() => { for (const id of ['filter-has-error', 'filter-pinned']) document.getElementById(id).click(); }")
+    page.wait_for_selector("#timeline > li.empty:text-is('No pinned versions.')", timeout=5_000)
+    page.wait_for_timeout(500)  # an answer to the first click alone would have come by now
+    assert not page.is_checked("#filter-has-error") and page.is_checked("#filter-pinned")
+    assert page.evaluate("location.search") == "?pinned=true"
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_session_archived_by_someone_else_stops_offering_actions_on_the_open_page(server, browser):
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label
