@@ -27,7 +27,9 @@ class PointerError(LookupError):
 
 
 def parse_pointer(pointer: str) -> list[str]:
-    if pointer in ("", "/"):
+    """RFC 6901, as the diff's paths are: "" is the whole state and "/" its key "" (an engine's empty
+    key: read as the whole state, its diff row's history and its viewer node showed the root instead)."""
+    if pointer == "":
         return []
     if not pointer.startswith("/"):
         raise PointerError(f"a JSON pointer starts with '/': {pointer!r}")
@@ -35,7 +37,7 @@ def parse_pointer(pointer: str) -> list[str]:
 
 
 def join_pointer(pointer: str, key: str | int) -> str:
-    return f"{pointer.rstrip('/') if pointer != '/' else ''}/{pointer_token(key)}"
+    return f"{pointer}/{pointer_token(key)}"
 
 
 def json_inside(value: Any) -> Any | None:

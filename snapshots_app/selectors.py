@@ -323,9 +323,6 @@ def path_history(
     so the cost follows what changed, not the state size times the number of versions."""
     from snapshots_app.jsonview import PointerError, resolve
 
-    # "/" is the whole state, as in the version viewer (whose root's "copy path" gives it): it showed
-    # the state unchanged across versions that all changed it, no change being "under" "/".
-    pointer = "" if pointer == "/" else pointer
     versions = list(reversed(version_list(session, before=before, limit=window)))
     if not versions:
         return []

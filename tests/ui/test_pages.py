@@ -991,12 +991,26 @@ def test_path_history_lists_changes_and_charts_numbers(client, viewer, story):
     assert "v1\u2013v3 examined" in newer.content.decode()
 
 
-def test_path_history_of_the_whole_state_lists_each_version_that_changed_it(client, viewer, story):
-    """"/" (the version viewer's root path, as its "copy path" gives it) showed the state as it was
-    at the oldest version and no change since, although every version changed it."""
+def test_the_path_of_an_empty_key_is_that_key_not_the_whole_state(client, viewer, team):
+    """RFC 6901, as the diff spells it: "/" is the key "" (an engine's empty key). The history link of
+    that key's diff row listed the whole state, and the viewer's node for it opened the root again."""
+    session = make_session(team, "empty-key")
+    snapshot_record(session=session, state={"": "first words", "x": {"": {"deep": 1}}})
+    snapshot_record(session=session, state={"": "second words", "x": {"": {"deep": 2}}})
     client.force_login(viewer)
-    page = client.get(session_url(story, "snapshots:history"), {"path": "/"}).content.decode()
-    assert page.count('<code class="val">') == 5 and "(value at the oldest version shown)" in page
+    diff = client.get(session_url(session, "snapshots:diff"), {"from": 1, "to": 2}).content.decode()
+    assert re.findall(r'history/\?path=([^"]*)"', diff) == ["/", "/x//deep"]
+    page = client.get(session_url(session, "snapshots:history"), {"path": "/"}).content.decode()
+    assert page.count('<code class="val">') == 2 and "first words" in page and "second words" in page
+    nested = client.get(session_url(session, "snapshots:history"), {"path": "/x//deep"}).content.decode()
+    assert nested.count('<code class="val">') == 2 and "{2 keys}" not in nested
+    url = session_url(session, "snapshots:version", number=1)
+    root = client.get(url).content.decode()
+    assert 'history/?path=/"' in root and "first words" in root  # the key "" among the root's members
+    inner = client.get(url, {"pointer": "/x"}, HTTP_HX_REQUEST="true").content.decode()
+    assert 'pointer=/x/"' in inner  # x's key "", not x again
+    deep = client.get(url, {"pointer": "/x/"}, HTTP_HX_REQUEST="true").content.decode()
+    assert 'data-path="/x//deep"' in deep
 
 
 def test_path_history_of_a_path_without_its_leading_slash_says_so_instead_of_absent_everywhere(client, viewer, story):
