@@ -278,7 +278,7 @@ class ProjectEventsConsumer(LiveConsumer):
                     await asyncio.sleep(wait)
                 batch, self._pending = self._pending, {}
                 try:
-                    sent = await self.deliver(await self._render_batch(batch))
+                    sent = await self._deliver_all(await self._render_batch(batch))
                 except Exception:
                     # Run beside the consumer's messages, an error here would not end the consumer as it
                     # did in rewind_event: the page would wait for updates that no longer come.
@@ -293,6 +293,15 @@ class ProjectEventsConsumer(LiveConsumer):
         finally:
             if self._flusher is asyncio.current_task():
                 self._flusher = None
+
+    async def _deliver_all(self, messages: list[str] | None) -> bool:
+        """deliver() each message in turn (None: the user may no longer watch); False once one was not."""
+        if messages is None:
+            return await self.deliver(None)
+        for html in messages:
+            if not await self.deliver(html):
+                return False
+        return True
 
     async def _give_up(self) -> None:
         """Leave the group and close (the page reconnects and reloads). A page that is gone (its send
@@ -313,15 +322,15 @@ class ProjectEventsConsumer(LiveConsumer):
             self._flusher.cancel()
             self._flusher = None
 
-    async def _render_batch(self, batch: dict[str, set[str]]) -> str | None:
-        """One message for the sessions in `batch` (id -> its events), None if the user may no longer watch."""
+    async def _render_batch(self, batch: dict[str, set[str]]) -> list[str] | None:
+        """The messages for the sessions in `batch` (id -> its events), None if the user may no longer watch."""
         read = await self._read_batch(batch)
         if read is None:
             return None
         # Rendered off the thread that runs the process's database calls (a page of rows takes ~8 ms),
         # which page requests wait for. The rows' templates read only the rows' own fields.
         if isinstance(read, _FirstPage):
-            return await asyncio.to_thread(self._first_page_html, read)
+            return [await asyncio.to_thread(self._first_page_html, read)]
         return await asyncio.to_thread(self._html, batch, *read)
 
     @database_sync_to_async
@@ -359,20 +368,23 @@ class ProjectEventsConsumer(LiveConsumer):
         })
         return f'<tbody id="session-rows-live" hx-swap-oob="innerHTML">{rows}</tbody>'
 
-    def _html(self, batch: dict[str, set[str]], rows: list[WorkflowSession], on_top_ids: set[str]) -> str:
+    def _html(self, batch: dict[str, set[str]], rows: list[WorkflowSession], on_top_ids: set[str]) -> list[str]:
+        """Two messages at most: the rows that go (or go on top), each part a <tbody>, then the rows
+        redrawn in place, bare. Table rows must travel inside <tbody>: parsed bare next to one, the HTML
+        parser drops them. And in one message a bare row after a <tbody> gets a <tbody> of its own, which
+        htmx cannot place ("#null"), while a <tbody> after a bare row is dropped, and what it said with it."""
         row = get_template(ROW)
         on_top = [session for session in rows if str(session.pk) in on_top_ids]
         if self.filters.sort == "-created":  # (rows come newest activity first)
             on_top.sort(key=lambda session: (session.created_at, session.pk), reverse=True)
         in_place = [session for session in rows if str(session.pk) not in on_top_ids]
         # The rows of sessions that go on top are removed first (a page loaded just after a write already
-        # shows them), as are those of sessions deleted meanwhile. Table rows must travel inside <tbody>:
-        # parsed bare next to one, the HTML parser drops them.
+        # shows them), as are those of sessions deleted meanwhile.
         kept = {str(session.pk) for session in in_place}
         parts = [f'<tbody hx-swap-oob="delete:#s-{session_id}"></tbody>' for session_id in batch if session_id not in kept]
-        # Rows of sessions the page shows but need not move (or, on top, no longer matches) are redrawn in place.
-        parts += [row.render({"s": session, "oob": True, "fresh": True}) for session in in_place]
         if on_top:  # in one block, in order
             new_rows = "".join(row.render({"s": session, "fresh": True}) for session in on_top)
             parts.append(f'<tbody hx-swap-oob="afterbegin:#session-rows-live">{new_rows}</tbody>')
-        return "".join(parts)
+        # Rows of sessions the page shows but need not move (or, on top, no longer matches) are redrawn in place.
+        redrawn = "".join(row.render({"s": session, "oob": True, "fresh": True}) for session in in_place)
+        return [message for message in ("".join(parts), redrawn) if message]

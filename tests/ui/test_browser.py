@@ -279,6 +279,33 @@ def test_a_filtered_list_puts_sessions_that_come_to_match_on_top_and_redraws_the
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
 
 
+def test_a_session_going_on_top_and_one_redrawn_in_place_in_one_update_both_show(server, browser):
+    """Rows redrawn in place and rows going on top, sent in one message, did not all arrive: the HTML
+    parser put a bare row after a <tbody> into a <tbody> of its own, which htmx could not place
+    (htmx:oobErrorNoTarget, "#null"), or dropped the <tbody> that named where rows go after a bare row."""
+    from sessions_app.models import WorkflowSession
+
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/?project=acme&status=failed")
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
+    _wait_for_socket(page, "#session-table .live")
+
+    def changes() -> None:
+        make_session(session.project, "run-idle")  # sent at once: the two below come within one interval
+        session_update(session=session, status="failed")  # run-42 comes to match: on top
+        session_update(session=WorkflowSession.objects.get(external_id="run-failed"), status="completed")
+
+    off_loop(changes)
+    page.wait_for_selector("a.ext:text('run-42')", timeout=3_000)
+    page.wait_for_function("() => document.querySelectorAll('tr.srow .badge')[1].textContent === 'Completed'",
+                           timeout=3_000)
+    page.wait_for_timeout(700)
+    assert page.locator("a.ext").all_inner_texts() == ["run-42", "run-failed"]
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
 def test_the_open_list_redraws_its_first_page_when_more_sessions_change_than_it_holds(server, browser):
     """More sessions changed at once than the first page holds: the page goes on listing every session
     once, in order, and "Load more" goes on from its last row (the page skipped the changed sessions that
