@@ -1,6 +1,6 @@
 """Our middleware: trailing-slash redirects that keep the request, the CSP header, a sign-in asked for
-mid-action that leads back to the page, static files streamed under ASGI, and, while the database is
-unreachable, a 503 page and live-update sockets closed without a traceback."""
+mid-action that leads back to the page, static files streamed under ASGI, a page for a form's address
+visited, and, while the database is unreachable, a 503 page and live-update sockets closed without a traceback."""
 
 from __future__ import annotations
 
@@ -126,6 +126,20 @@ class SignInAgainMiddleware(MiddlewareMixin):
         if parts.path == resolve_url(settings.LOGIN_URL):
             return None
         return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+class MethodNotAllowedPageMiddleware(MiddlewareMixin):
+    """A dashboard address that takes only a form's POST (sign out, pin, unarchive), visited, bookmarked
+    or reloaded, answered Django's bare 405: a blank page, or the browser's "HTTP ERROR 405". It says
+    what the address is (signing out offers its button) and leads back. The API has its own problems."""
+
+    def process_response(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        if (response.status_code != 405 or getattr(response, "content", b"x") or request.path.startswith("/api/")
+                or request.headers.get("HX-Request") == "true" or request.method == "HEAD"):
+            return response
+        page = HttpResponse(render_to_string("405.html", request=request), status=405)
+        page["Allow"] = response.get("Allow", "")
+        return page
 
 
 class DatabaseUnavailableMiddleware(MiddlewareMixin):

@@ -33,6 +33,24 @@ def test_404_is_in_the_layout(client, viewer, story):
     assert "Not found" in page and 'class="topbar"' in page and "<p></p>" not in page
 
 
+def test_an_action_address_visited_says_what_it_is_in_the_layout_not_a_blank_405(client, operator, story):
+    """A bookmarked or typed sign-out or action address answered Django's empty 405: the browser showed
+    "HTTP ERROR 405". Nothing is done by the visit."""
+    client.force_login(operator)
+    mark = client.get(reverse("snapshots:mark", kwargs={"session_id": story.pk, "number": 1}))
+    page = mark.content.decode()
+    assert mark.status_code == 405 and mark["Allow"] == "POST"
+    assert "page to open, bookmark or reload: nothing was done" in page and 'class="topbar"' in page
+    assert f'href="{reverse("snapshots:session", kwargs={"session_id": story.pk})}"' in page
+    api = client.get(f"/api/v1/sessions/{story.pk}/rewind/")
+    assert api.status_code == 405 and api["Content-Type"] == "application/problem+json"  # the API's own shape
+    out = client.get(reverse("logout"))
+    assert out.status_code == 405 and f"Sign out {operator.username}" in out.content.decode()
+    assert client.get(reverse("sessions:list")).status_code == 200  # still signed in
+    assert client.post(reverse("logout")).status_code == 302
+    assert "You are signed out." in client.get(reverse("logout")).content.decode()
+
+
 def test_500_renders_without_a_request_context_or_database():
     # No db fixture: pytest-django fails any database access here.
     response = server_error(RequestFactory().get("/"))
