@@ -134,7 +134,8 @@ class MethodNotAllowedPageMiddleware(MiddlewareMixin):
     what the address is (signing out offers its button) and leads back. The API has its own problems."""
 
     def process_response(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
-        if (response.status_code != 405 or getattr(response, "content", b"x") or request.path.startswith("/api/")
+        if (response.status_code != 405 or not isinstance(response, HttpResponse) or response.content
+                or request.path.startswith("/api/")
                 or request.headers.get("HX-Request") == "true" or request.method == "HEAD"):
             return response
         page = HttpResponse(render_to_string("405.html", request=request), status=405)
