@@ -33,7 +33,7 @@ from django.db.models.functions import Length
 from django.utils import timezone
 
 from sessions_app import events
-from sessions_app.models import Project, WorkflowSession
+from sessions_app.models import AuditAction, AuditEvent, Project, WorkflowSession
 from sessions_app.services import RequestKey, User, audit_record
 from snapshots_app import jobs, store
 from snapshots_app.models import (
@@ -766,12 +766,22 @@ def compaction_run(
         recompressed, bytes_saved = _recompress(project_id, lambda encoded: progress(done + min(encoded, node_share), total))
     progress(total, total, force=True)
     versions_after = Version.objects.filter(session__project_id=project_id).count()
+    removed_numbers = plan.removed_numbers
+    earlier = _removed_by_job(project_id, job_id) if job_id is not None else {}
+    if earlier:
+        # A job run again after its worker died: what earlier attempts removed counts too (the result
+        # said 0 removed, while the audit log named thousands). The audit events, committed with each
+        # removal, say what went, this attempt's included.
+        removed_numbers = earlier
+        counted = sum(len(numbers) for numbers in earlier.values())
+        plan.versions_total += counted - removed
+        removed = counted
     seconds = time.monotonic() - started
     return {
         "versions_before": plan.versions_total,
         "versions_removed": removed,
         "versions_after": versions_after,
-        "removed_numbers": plan.removed_numbers,
+        "removed_numbers": removed_numbers,
         "nodes_freed": nodes_freed,
         "bytes_freed": bytes_freed,
         "bytes_before": bytes_before,
@@ -784,6 +794,15 @@ def compaction_run(
         "seconds_per_1000_versions": round(1000 * seconds / plan.versions_total, 3) if plan.versions_total else 0.0,
         "retention_applied": policy.enabled,  # False for a run told not to (GC after a delete), whatever the policy
     }
+
+
+def _removed_by_job(project_id: int, job_id: int) -> dict[str, list[int]]:
+    """The version numbers each session lost to job `job_id`'s retention, by every attempt of it."""
+    by_session: dict[str, list[int]] = defaultdict(list)
+    removals = AuditEvent.objects.filter(project_id=project_id, action=AuditAction.RETENTION_REMOVE, details__job=job_id)
+    for session_id, numbers in removals.values_list("session_id", "details__numbers"):
+        by_session[str(session_id)].extend(numbers)
+    return {session_id: sorted(numbers) for session_id, numbers in by_session.items()}
 
 
 # --------------------------------------------------------------------------------------------------

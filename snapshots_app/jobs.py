@@ -82,7 +82,9 @@ def job_condition(job: Job, *, now: datetime | None = None) -> str | None:
     last_sign = job.heartbeat_at or job.started_at or now
     silent = now - last_sign
     if not job_is_stalled(job, now=now):
-        return f"running: its worker reported {_for(silent)} ago"
+        again = (f" (attempt {job.attempts}, taken over after a worker died: its progress counts what was left)"
+                 if job.attempts > 1 else "")
+        return f"running{again}: its worker reported {_for(silent)} ago"
     requeue_every = timedelta(seconds=settings.JOB_REQUEUE_EVERY)
     if silent >= stale_after() + 2 * requeue_every:  # the requeue should have sent it a minute ago at least
         if job.resent_at is None or job.resent_at < last_sign:

@@ -59,6 +59,10 @@ def test_compaction_killed_mid_run_finishes_after_restart_with_every_kept_versio
     assert all(after[key] == before[key] for key in after)  # and every kept one reads back exactly
     assert StateNode.objects.filter(project=project).count() == preview.nodes_total - preview.nodes_freed <= partial
     assert compaction_dry_run(project=project, apply_retention=False).nodes_freed == 0
+    # The result counts every attempt's work: it said 0 removed when the first attempt had removed them.
+    assert job.result["versions_removed"] == preview.versions_removed
+    assert job.result["removed_numbers"] == preview.removed_numbers
+    assert job.result["versions_before"] == len(before) and job.result["versions_after"] == len(after)
 
 
 def test_dry_run_predicts_what_compaction_frees(worker, project):
@@ -244,6 +248,9 @@ def test_a_job_whose_worker_was_killed_says_it_stalled_and_what_happens_next(wor
     assert "check that celery beat and at least one worker are running" in job_condition(job, now=later)
     job.resent_at = job.heartbeat_at + timedelta(minutes=2)
     assert "sent again 3 min ago, no worker has taken it yet" in job_condition(job, now=later)
+    job.attempts, job.heartbeat_at = 2, later  # as the attempt that takes it over shows it, its progress from 0
+    assert job_condition(job, now=later) == ("running (attempt 2, taken over after a worker died: its progress "
+                                             "counts what was left): its worker reported 0 s ago")
 
     worker.start()  # the broker hands the unacknowledged task out again; that attempt takes the job over
     wait_finished(job)
