@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from sessions_app import background, events
-from sessions_app.errors import JobNotFound
+from sessions_app.errors import JobNotFound, first_line
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import RequestKey, User, actor_fields, create_once
 from snapshots_app.models import Job, JobKind, JobStatus
@@ -162,8 +162,11 @@ def _enqueue_safely(enqueue: Callable[[int], None], job_id: int) -> None:
     # first run once the broker is back, not only when it has waited STALE_QUEUED.
     try:
         enqueue(job_id)
-    except Exception:
-        logger.exception("could not enqueue job %s; it stays queued for the periodic requeue", job_id)
+    except Exception as exc:  # noqa: BLE001 - whatever the broker raised: the job row says so, requeue sends it
+        # One line, as a failed finalize send or requeue logs: an outage of the broker is no bug in
+        # this code, and Celery's chained retries made ~115 lines of traceback per job started.
+        logger.error("could not enqueue job %s (%s: %s); it stays queued for the periodic requeue", job_id,
+                     type(exc).__name__, first_line(exc))
         Job.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(send_failed_at=timezone.now())
 
 

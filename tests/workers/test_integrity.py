@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 
 import pytest
@@ -145,6 +146,21 @@ def test_budgeted_scrubs_from_the_command_line_move_their_window(project):
         assert result["verified"] == 2 and result["failed"] == 0
         cursors.append(result["cursor"])
     assert cursors[0] != cursors[1]
+
+
+@pytest.mark.parametrize(("arguments", "said"), [
+    (["scrub", "--budget", "-5"], "'-5' is not a count of versions"),  # a job that failed with a traceback
+    (["scrub", "--budget", "many"], "'many' is not a count of versions"),
+    (["dry-run", "--queue"], "run it without --queue"),  # it ran here, saying nothing of --queue
+])
+def test_maintenance_refuses_what_it_cannot_do_and_starts_nothing(project, arguments, said):
+    from django.core.management import CommandError, call_command
+
+    from snapshots_app.models import Job
+
+    with pytest.raises(CommandError, match=re.escape(said)):
+        call_command("maintenance", arguments[0], project.slug, *arguments[1:])
+    assert not Job.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -67,7 +67,8 @@ try:
     from langgraph.checkpoint.serde.base import SerializerProtocol
 except ImportError as exc:  # installed without the extra: say which to install
     raise ImportError("session_rewind_client.langgraph needs LangGraph: "
-                      f"pip install 'session-rewind-client[langgraph]' ({exc})") from exc
+                      f"pip install './client[langgraph]' from a Session Rewind checkout, or "
+                      f"'session-rewind-client[langgraph]' from your own package index ({exc})") from exc
 
 from session_rewind_client._core import Call
 from session_rewind_client.client import AsyncClient, Client

@@ -37,7 +37,8 @@ try:
     from workflows.handler import WorkflowHandler
 except ImportError as exc:  # installed without the extra: say which to install
     raise ImportError("session_rewind_client.llamaindex needs LlamaIndex Workflows: "
-                      f"pip install 'session-rewind-client[llamaindex]' ({exc})") from exc
+                      f"pip install './client[llamaindex]' from a Session Rewind checkout, or "
+                      f"'session-rewind-client[llamaindex]' from your own package index ({exc})") from exc
 
 from session_rewind_client.client import AsyncClient, Client
 from session_rewind_client.errors import SessionRewindError, ValidationError

@@ -6,6 +6,7 @@ the Celery workers as a job (its progress then shows live in the UI).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,17 @@ from snapshots_app import compaction, integrity, jobs, tasks, transfer
 from snapshots_app.models import JobKind, JobStatus
 
 
+def _not_negative(raw: str) -> int:
+    """--budget: a negative one made a job that failed with a traceback ("Negative indexing...")."""
+    try:
+        number = int(raw)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a count of versions (0 or more; 0 = all)")
+    return number
+
+
 class Command(BaseCommand):
     help = "Compact, dry-run, scrub, export or import now (or --queue it for the workers)."
 
@@ -26,7 +38,8 @@ class Command(BaseCommand):
         parser.add_argument("project", help="project slug")
         parser.add_argument("--session", help="export: only this session (external id)")
         parser.add_argument("--file", help="import: the NDJSON export file")
-        parser.add_argument("--budget", type=int, default=0, help="scrub: verify at most this many versions (0 = all)")
+        parser.add_argument("--budget", type=_not_negative, default=0,
+                            help="scrub: verify at most this many versions (0 = all)")
         parser.add_argument("--queue", action="store_true", help="hand the job to the Celery workers instead")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -49,6 +62,8 @@ class Command(BaseCommand):
     def _run(self, action: str, project: Project, session: WorkflowSession | None, options: dict) -> Any:
         queue = options["queue"]
         if action == "dry-run":
+            if queue:  # (it ran here, saying nothing of the --queue asked for)
+                raise CommandError("a dry run changes nothing and prints its plan here: run it without --queue")
             return compaction.compaction_dry_run(project=project).as_dict()
         if action in ("compact", "gc"):
             if queue:
