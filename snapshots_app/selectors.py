@@ -162,6 +162,48 @@ def newest_version_numbers(session: WorkflowSession, count: int) -> list[int]:
     return list(Version.objects.filter(session=session).order_by("-number").values_list("number", flat=True)[:count])
 
 
+@dataclass(frozen=True)
+class TrimPlan:
+    """What a trim keeping the numbers `wanted` does: see services.session_trim."""
+
+    ids: dict[int, int]  # number -> id, of every version of the session
+    kept: set[int]
+    protected: set[int]  # kept although not asked for: pinned, labelled, a fork's or a kept rewind's source
+
+    @property
+    def removed(self) -> list[int]:
+        return sorted(self.ids.keys() - self.kept)
+
+
+def trim_plan(session: WorkflowSession, wanted: set[int]) -> TrimPlan:
+    """Which versions a trim that keeps `wanted` removes (the service's plan under the session's lock,
+    and the confirm page's preview). What an operator marked, versions another session was forked
+    from and what kept rewinds restored stay, as retention keeps them."""
+    ids: dict[int, int] = {}
+    restores: dict[int, int | None] = {}  # a rewind's number -> the number of what it restored
+    marked: set[int] = set()  # pinned or labelled
+    for number, version_id, kind, parent, pinned, label in Version.objects.filter(session=session).values_list(
+        "number", "id", "kind", "parent__number", "pinned", "label"
+    ):
+        ids[number] = version_id
+        if kind == VersionKind.REWIND:
+            restores[number] = parent
+        if pinned or label:
+            marked.add(number)
+    fork_sources = Version.objects.filter(parent__session=session, kind=VersionKind.FORK).exclude(session=session)
+    kept = (wanted & ids.keys()) | marked | set(fork_sources.values_list("parent__number", flat=True))
+    # A kept rewind keeps what it restored (and that, if a rewind, its own): as retention keeps rewind
+    # sources, so the timeline still says which version it went back to.
+    restoring = [number for number in kept if number in restores]
+    while restoring:
+        source = restores[restoring.pop()]
+        if source in ids and source not in kept:
+            kept.add(source)
+            if source in restores:
+                restoring.append(source)
+    return TrimPlan(ids=ids, kept=kept, protected=kept - wanted)
+
+
 def session_versions(session: WorkflowSession) -> QuerySet[Version]:
     return (
         Version.objects.filter(session=session)

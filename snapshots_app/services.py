@@ -51,7 +51,7 @@ from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 from snapshots_app import canonical, compaction, rows, store
 from snapshots_app.diff import PatchError, apply_patch
 from snapshots_app.models import VERSION_KINDS, Version, VersionKind
-from snapshots_app.selectors import TIMELINE_PAGE, version_get
+from snapshots_app.selectors import TIMELINE_PAGE, trim_plan, version_get
 
 logger = logging.getLogger(__name__)
 finalize_send_failures = background.OutageLog(logger, "finalize messages (Celery broker)")
@@ -784,17 +784,8 @@ def session_trim(
         locked = session_lock(session)
         ensure_writable(locked)
         _check_expected(locked, expected)
-        ids: dict[int, int] = {}  # number -> id
-        restores: dict[int, int | None] = {}  # a rewind's number -> the number of what it restored
-        marked: set[int] = set()  # pinned or labelled
-        for number, version_id, kind, parent, pinned, label in Version.objects.filter(session=locked).values_list(
-            "number", "id", "kind", "parent__number", "pinned", "label"
-        ):
-            ids[number] = version_id
-            if kind == VersionKind.REWIND:
-                restores[number] = parent
-            if pinned or label:
-                marked.add(number)
+        plan = trim_plan(locked, wanted)
+        ids = plan.ids
         missing = sorted(wanted - ids.keys())
         if missing:
             raise VersionNotFound(
@@ -809,19 +800,8 @@ def session_trim(
                 "to go back); nothing was removed",
                 head=locked.head_number,
             )
-        fork_sources = Version.objects.filter(parent__session=locked, kind=VersionKind.FORK).exclude(session=locked)
-        kept = wanted | marked | set(fork_sources.values_list("parent__number", flat=True))
-        # A kept rewind keeps what it restored (and that, if a rewind, its own): as retention keeps rewind
-        # sources, so the timeline still says which version it went back to.
-        restoring = [number for number in kept if number in restores]
-        while restoring:
-            source = restores[restoring.pop()]
-            if source in ids and source not in kept:
-                kept.add(source)
-                if source in restores:
-                    restoring.append(source)
-        protected = kept - wanted
-        doomed = {ids[number] for number in ids.keys() - kept}
+        protected = plan.protected
+        doomed = {ids[number] for number in plan.removed}
         removed: list[int] = []
         if doomed:
             removed, freed_bytes = compaction.remove_versions(locked, doomed)

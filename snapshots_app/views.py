@@ -647,12 +647,51 @@ def trim_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         else:
             messages.success(request, _trimmed(outcome))
             return redirect("snapshots:session", session_id=session.pk)
+    asked = request.POST.get("keep_newest") if request.method == "POST" else request.GET.get("keep_newest")
+    keep_newest = _int(asked)
+    if keep_newest is None or not 1 <= keep_newest <= services.MAX_TRIM_KEEP:
+        keep_newest = None if asked else TRIM_KEEP_DEFAULT
     context = {
         **_base(session, role), "error": error, "refused": refused,
-        "reason": request.POST.get("reason", ""), "keep_newest": request.POST.get("keep_newest", TRIM_KEEP_DEFAULT),
+        "reason": request.POST.get("reason", ""), "keep_newest": asked or TRIM_KEEP_DEFAULT,
         "max_keep": services.MAX_TRIM_KEEP,
+        "preview": _trim_preview(session, keep_newest) if not refused and keep_newest else None,
     }
+    if wants_fragment(request) and request.method == "GET":  # the number typed changed: what goes then
+        return render(request, "snapshots_app/partials/_trim_preview.html", context)
     return render(request, "snapshots_app/confirm_trim.html", context, status=status)
+
+
+@dataclass(frozen=True)
+class TrimPreview:
+    keep_newest: int
+    removed: int
+    removed_ranges: str
+    newest: str
+    protected: str
+
+
+def _trim_preview(session: WorkflowSession, keep_newest: int) -> TrimPreview:
+    """What a trim keeping the newest `keep_newest` would remove and keep besides, as the page shows it
+    before the irreversible click (it said only "keep the newest N")."""
+    newest = selectors.newest_version_numbers(session, keep_newest)
+    plan = selectors.trim_plan(session, set(newest))
+    return TrimPreview(keep_newest=keep_newest, removed=len(plan.removed), removed_ranges=_ranges(plan.removed),
+                       newest=_ranges(sorted(newest)), protected=_ranges(sorted(plan.protected)))
+
+
+def _ranges(numbers: list[int], shown: int = 12) -> str:
+    """Sorted version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    words = [f"v{first}" if first == last else f"v{first}\u2013v{last}" for first, last in runs[:shown]]
+    if len(runs) > shown:
+        words.append(f"and {len(runs) - shown:,} more runs")
+    return ", ".join(words)
 
 
 def _trimmed(outcome: services.TrimOutcome) -> str:

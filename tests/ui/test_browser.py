@@ -524,7 +524,9 @@ def test_a_project_admin_trims_a_history_from_the_session_page(server, browser):
     page.goto(f"{server}/sessions/{session.pk}/")
     page.click("#trim")
     page.wait_for_selector("#confirm-trim")
-    page.fill("input[name=keep_newest]", "2")
+    assert "the trim removes nothing" in page.inner_text("#trim-preview")
+    page.fill("input[name=keep_newest]", "2")  # what goes then shows as it is typed
+    page.wait_for_selector("#trim-preview:has-text('removes 3 versions: v1\u2013v3')", timeout=5_000)
     page.fill("textarea[name=reason]", "the early steps are done with")
     page.click("#confirm-trim")
     page.wait_for_selector(".messages")

@@ -1197,6 +1197,14 @@ def test_a_project_admin_trims_a_history_from_the_session_page_audited(client, a
     page = confirm.content.decode()
     assert confirm.status_code == 200 and 'id="confirm-trim"' in page and 'name="keep_newest"' in page
     assert "This session has 5 versions; the head is version 5" in page and "pinned and labelled versions" in page
+    # Which versions go, before the click that cannot be undone (the page said only "keep the newest N").
+    assert "Keeping the newest 100, the trim removes nothing." in html.unescape(page)
+    two = html.unescape(client.get(url, {"keep_newest": "2"}).content.decode())
+    assert ("Keeping the newest 2 (v4\u2013v5), the trim removes <strong>2 versions</strong>:\n  v1, v3. It keeps besides "
+            "v2: pinned, labelled, forked from or restored by a kept rewind.") in two
+    typed = client.get(url, {"keep_newest": "1"}, HTTP_HX_REQUEST="true").content.decode()  # as the page asks, typed
+    assert typed.startswith("\n<div id=\"trim-preview\"") and "<html" not in typed and "v1, v3\u2013v4." in typed
+    assert "to see which versions the trim removes" in client.get(url, {"keep_newest": "0"}).content.decode()
     assert story.versions.count() == 5  # asking removes nothing
 
     done = client.post(url, {"keep_newest": "2", "reason": "old steps", "expected_version": "5"}, follow=True)
