@@ -1274,3 +1274,12 @@ def test_fork_lineage_from_metadata_never_breaks_or_crosses_projects(client, ope
     response = client.get(session_url(story))
     assert response.status_code == 200
     assert "Forked from" not in response.content.decode()
+
+
+def test_each_rows_actions_name_their_version_for_screen_readers(client, operator, story):
+    """"Pin", "Fork…", "state" on every row of a timeline read alike in a screen reader's list of links
+    and buttons: each name says which version (and keeps the words shown, for voice control)."""
+    client.force_login(operator)
+    page = client.get(session_url(story)).content.decode()
+    for name in ("vs previous (v5)", "state of v5", "Fork… (from v5)", "Pin v5", "Rewind here… (to v4)"):
+        assert f'aria-label="{name}"' in page, name
