@@ -367,7 +367,12 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "INFO"}, "celery.app.trace": {"level": "WARNING"}},
+    "filters": {"refusals_without_traceback": {"()": "config.logs.RefusalsWithoutTraceback"}},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "celery.app.trace": {"level": "WARNING"},
+        "django.request": {"filters": ["refusals_without_traceback"]},
+    },
 }
 
 REST_FRAMEWORK = {

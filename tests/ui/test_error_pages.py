@@ -25,6 +25,20 @@ def test_a_viewer_is_told_why_an_operator_action_is_refused(client, viewer, stor
     assert 'class="topbar"' in page and "victor" in page  # the layout, logged in
 
 
+def test_a_refused_click_is_one_line_in_the_log_not_a_traceback(client, viewer, story, caplog):
+    """A viewer opening a rewind page logged ~35 lines of traceback ending in PermissionDenied: anyone
+    searching the log for "Traceback" took an expected refusal for a crash."""
+    import logging
+
+    client.force_login(viewer)
+    with caplog.at_level(logging.WARNING, logger="django.request"):
+        assert client.get(reverse("snapshots:rewind", kwargs={"session_id": story.pk, "number": 1})).status_code == 403
+        assert client.get(reverse("snapshots:session", kwargs={"session_id": uuid.uuid4()})).status_code == 404
+    logged = [record for record in caplog.records if record.name == "django.request"]
+    assert [record.getMessage().split(":")[0] for record in logged] == ["Forbidden (Permission denied)", "Not Found"]
+    assert all(record.exc_info is None for record in logged) and "Traceback" not in caplog.text
+
+
 def test_404_is_in_the_layout(client, viewer, story):
     client.force_login(viewer)
     response = client.get(reverse("snapshots:session", kwargs={"session_id": uuid.uuid4()}))
