@@ -228,6 +228,35 @@ def text_diff(old: str, new: str, budget: TextDiffBudget | None = None) -> list[
     return pieces
 
 
+CONTEXT_LINES = 3  # unchanged lines shown next to a change in a text diff
+CONTEXT_CHARS = 240  # unchanged characters shown next to a change in a word diff
+
+
+def collapse_unchanged(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """text_diff's pieces with each long unchanged run cut to the context next to the changes, the rest
+    said in a ("…", "1,204 unchanged lines") piece: a 150 KB tool result changed at its end was shown
+    whole, twice side by side (a page 44,000 px tall), to show a thousand characters. Lines where the
+    text has them, else characters. The whole value is a click away (the version's state)."""
+    collapsed: list[tuple[str, str]] = []
+    for index, (op, text) in enumerate(pieces):
+        first, last = index == 0, index == len(pieces) - 1
+        if op != " ":
+            collapsed.append((op, text))
+            continue
+        units: Sequence[str] = text.splitlines(keepends=True) if "\n" in text else text  # lines, or characters
+        keep = CONTEXT_LINES if "\n" in text else CONTEXT_CHARS
+        head = 0 if first else keep  # what follows the change before
+        tail = 0 if last else keep  # what precedes the change after
+        if len(units) - head - tail <= keep:  # little to cut: shown whole
+            collapsed.append((op, text))
+            continue
+        cut = len(units) - head - tail
+        said = f"{cut:,} unchanged {'line' if keep == CONTEXT_LINES else 'character'}{'s' if cut != 1 else ''}"
+        parts = [(" ", "".join(units[:head])), ("…", said), (" ", "".join(units[len(units) - tail:]))]
+        collapsed += [part for part in parts if part[1]]
+    return collapsed
+
+
 def _mostly_rewritten(a: list[str], b: list[str], opcodes: Sequence[tuple[str, int, int, int, int]]) -> bool:
     """Whether less than half of the shorter side's text (spaces aside) is kept: a replaced tool
     result or a rewritten summary. Word by word, it read as the two texts shuffled together, the odd

@@ -296,7 +296,7 @@ def shown_changes(changes: list[dict[str, Any]]) -> list[ShownChange]:
             old_text, new_text = str(old), str(new)  # (both strings: is_long_text says so)
             if len(old_text) + len(new_text) <= room.left:
                 # A text diff spells both strings (side by side, each whole); shown instead of old/new.
-                pieces = jsonview.text_diff(old_text, new_text, budget)
+                pieces = jsonview.collapse_unchanged(jsonview.text_diff(old_text, new_text, budget))
                 room.left -= len(old_text) + len(new_text)
         shown.append(ShownChange(
             path=full or "/",

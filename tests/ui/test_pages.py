@@ -877,6 +877,30 @@ def test_a_rewritten_text_reads_as_removed_and_added_whole_an_edited_one_word_by
     assert ops.count("-") == 5 and ops.count("+") == 5
 
 
+def test_a_long_text_changed_in_one_place_shows_the_change_in_its_context_not_whole(client, viewer, team):
+    """A 150 KB tool result changed at its end was shown whole, twice side by side: a page 44,000 px
+    tall to show a few words. Unchanged runs are cut to the lines (or characters) next to a change."""
+    from snapshots_app import jsonview
+
+    lines = "".join(f"result line {i}: {'data ' * 12}\n" for i in range(2000))
+    session = make_session(team, "long-text")
+    snapshot_record(session=session, state={"tool": lines + "status: partial\n"})
+    snapshot_record(session=session, state={"tool": lines.replace("result line 1990:", "result line NINETEEN NINETY:")
+                                            + "status: done\n"})
+    client.force_login(viewer)
+    for mode in ("inline", "side"):
+        page = html.unescape(client.get(session_url(session, "snapshots:diff"), {"to": 2, "mode": mode}).content.decode())
+        assert len(page) < 40_000 < len(lines)  # (was more than both strings)
+        assert "[… 1,987 unchanged lines …]" in page and "[… 3 unchanged lines …]" not in page
+        assert "NINETEEN NINETY" in page and "status: done" in page and "result line 1987:" in page
+        assert "result line 1986:" not in page
+    # Characters where the text has no lines; short runs stay whole.
+    pieces = jsonview.collapse_unchanged(jsonview.text_diff("x" * 5000 + " old", "x" * 5000 + " new"))
+    assert pieces == [("…", "4,761 unchanged characters"), (" ", "x" * 239 + " "), ("-", "old"), ("+", "new")]
+    assert jsonview.collapse_unchanged(jsonview.text_diff("a b c", "a x c")) == [(" ", "a "), ("-", "b"), ("+", "x"),
+                                                                                (" ", " c")]
+
+
 def test_the_text_diffs_of_one_diff_page_share_one_budget():
     """500 rewritten long strings, each just under the per-string cap, took 23-29 s of one request:
     past the page's budget the rest read as removed and added whole, as one past the cap does."""
