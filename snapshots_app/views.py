@@ -338,7 +338,14 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
     to_version = _version(session, request.GET.get("to") or session.head_number)
     from_session = session
     if request.GET.get("from_session") and request.GET["from_session"] != str(session.pk):
-        from_session, _ = _member_session(request, request.GET["from_session"])
+        try:
+            from_session, _ = session_for_member(user=request.user, session_id=request.GET["from_session"])
+        except NotFound:
+            # Said of the session this page is about ("Nothing here at /sessions/<it>/diff/: it may have
+            # been deleted"), the 404 sent the reader looking at the wrong session.
+            explained = (f"There is no session {request.GET['from_session'][:80]!r} to compare {session.external_id} "
+                         "with: it may have been deleted, or it belongs to a project you are not a member of.")
+            return render(request, "404.html", {"request_path": request.path, "explained": explained}, status=404)
         if from_session.project_id != session.project_id:
             raise Http404("versions of different projects cannot be compared")
     from_version, removed = None, None

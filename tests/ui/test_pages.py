@@ -1307,3 +1307,15 @@ def test_each_rows_actions_name_their_version_for_screen_readers(client, operato
     page = client.get(session_url(story)).content.decode()
     for name in ("vs previous (v5)", "state of v5", "Fork… (from v5)", "Pin v5", "Rewind here… (to v4)"):
         assert f'aria-label="{name}"' in page, name
+
+
+def test_a_diff_against_a_session_that_is_not_there_says_which(client, viewer, story):
+    """A bad `from_session` answered "Nothing here at /sessions/<this one>/diff/: it may have been
+    deleted", of the session that is there."""
+    client.force_login(viewer)
+    other = make_session(make_project("globex"), "their-run")  # another project's: the same answer
+    for given in ("bogus", str(other.pk)):
+        response = client.get(session_url(story, "snapshots:diff"), {"from_session": given, "from": 1, "to": 1})
+        page = html.unescape(response.content.decode())
+        assert response.status_code == 404 and f"There is no session '{given}' to compare run-42 with" in page
+        assert "their-run" not in page and 'class="topbar"' in page
