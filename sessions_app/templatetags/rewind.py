@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django import template
+from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -51,3 +52,13 @@ def error_gist(error: str | None) -> str:
     while start < len(lines) and (lines[start].startswith(" ") or not lines[start].strip()):
         start += 1
     return "\n".join(lines[start:]).strip() or text
+
+
+@register.filter
+def size_change(delta: int | None) -> str:
+    """A change of size in bytes as the page's other sizes read: "+1.2 KB", or a minus sign (U+2212, as
+    the change counts have) and "139.9 KB", where "-143220 B" stood beside "152.9 KB"."""
+    if not delta:
+        return ""
+    sign = "+" if delta > 0 else "\u2212"
+    return f"{sign}{filesizeformat(abs(delta))}"

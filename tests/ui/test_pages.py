@@ -1319,3 +1319,17 @@ def test_a_diff_against_a_session_that_is_not_there_says_which(client, viewer, s
         page = html.unescape(response.content.decode())
         assert response.status_code == 404 and f"There is no session '{given}' to compare run-42 with" in page
         assert "their-run" not in page and 'class="topbar"' in page
+
+
+def test_a_rows_change_of_size_reads_as_the_pages_other_sizes(client, viewer, team):
+    """It read "-143220 B" (a hyphen, raw bytes) beside "152.9 KB"."""
+    session = make_session(team, "sizes")
+    snapshot_record(session=session, state={"log": "x" * 150_000})
+    snapshot_record(session=session, state={"log": "x" * 6_000})
+    snapshot_record(session=session, state={"log": "x" * 6_100})
+    from snapshots_app import tasks
+
+    tasks.finalize_versions(list(session.versions.values_list("id", flat=True)))  # (the worker's change summaries)
+    client.force_login(viewer)
+    page = html.unescape(client.get(session_url(session)).content.decode())
+    assert " · \u2212140.6\xa0KB</span>" in page and " · +100\xa0bytes</span>" in page and " B</span>" not in page
