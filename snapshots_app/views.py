@@ -561,8 +561,9 @@ def version_mark(request: HttpRequest, session_id: Any, number: int) -> HttpResp
         problem = " ".join(form_problems(form))
         if wants_fragment(request):
             return HttpResponse(problem, status=400, content_type=PLAIN_TEXT)
-        # The timeline again, saying what was wrong: nothing was changed.
-        messages.error(request, problem)
+        # The timeline again, saying what was wrong and of which version (its rows all have the form):
+        # nothing was changed.
+        messages.error(request, f"v{version.number} was not changed. {problem}")
         response = session_detail(request, session.pk)
         response.status_code = 400
         return response
