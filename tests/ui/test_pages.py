@@ -1333,3 +1333,15 @@ def test_a_rows_change_of_size_reads_as_the_pages_other_sizes(client, viewer, te
     client.force_login(viewer)
     page = html.unescape(client.get(session_url(session)).content.decode())
     assert " · \u2212140.6\xa0KB</span>" in page and " · +100\xa0bytes</span>" in page and " B</span>" not in page
+
+
+def test_a_rewind_to_the_state_the_head_has_says_so(client, operator, team):
+    """The page showed an empty diff and offered the rewind as any other: it only writes a copy of the head."""
+    session = make_session(team, "same")
+    for value in (1, 2, 1):
+        snapshot_record(session=session, state={"a": value})
+    client.force_login(operator)
+    same = client.get(session_url(session, "snapshots:rewind", number=1)).content.decode()
+    assert 'id="rewind-same-state"' in same and "identical to v3" in same and 'id="confirm-rewind"' in same
+    other = client.get(session_url(session, "snapshots:rewind", number=2)).content.decode()
+    assert 'id="rewind-same-state"' not in other
