@@ -24,7 +24,7 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import router, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -778,14 +778,18 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
         return format_html('<a href="{}">timeline</a>', reverse("snapshots:session", kwargs={"session_id": obj.pk}))
 
 
+NAMED_SESSIONS_SEARCHED = 500  # sessions whose name holds a searched term, whose events a search lists
+
+
 @admin.register(AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "action", "actor_label", "project", "target_type", "target_id", "reason"]
+    list_display = ["created_at", "action", "actor_label", "project", "session_name", "target_type", "target_id", "reason"]
     # A date filter, not date_hierarchy: its MIN/MAX and DISTINCT day queries read the whole table on
     # every view. `action` has choices, so its filter lists them instead of a DISTINCT over the table.
     list_filter = ["action", ("created_at", admin.DateFieldListFilter), ("project", ProjectListFilter)]
     search_fields = ["target_id", "actor_label", "reason", "session_id"]
-    search_help_text = "A session's or a target's id finds its events at once; other text is searched in every event."
+    search_help_text = ("A session's or a target's id finds its events at once; other text is searched in every event, "
+                        "and as part of a session's name (its external id).")
     list_select_related = ["project"]
     ordering = ["-id"]
 
@@ -793,6 +797,30 @@ class AuditEventAdmin(ReadOnlyAdmin):
         # What an operator pastes most (a session's UUID, from its page or the API) by the indexes:
         # as a substring of four text columns it read every event, twice (the page and its count).
         session_id = pasted_uuid(search_term)
-        if session_id is None:
-            return super().get_search_results(request, queryset, search_term)
-        return queryset.filter(Q(session_id=session_id) | Q(target_id=str(session_id))), False
+        if session_id is not None:
+            return queryset.filter(Q(session_id=session_id) | Q(target_id=str(session_id))), False
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if term:
+            # The name an operator knows a session by ("research-agent-0001" found nothing): the events of
+            # sessions so named in the projects shown, and those naming it in their details (a deleted
+            # session's deletion, trims, retention).
+            projects = Project.objects.all() if request.user.is_superuser else admin_projects(request, self.view_role)
+            # Their ids, not a subquery: a list the session_id index serves, beside the trigram indexes
+            # (0009, 0015) of the other terms, so the log is never read whole.
+            named = list(WorkflowSession.objects.filter(project__in=projects, external_id__icontains=term)
+                         .values_list("pk", flat=True)[:NAMED_SESSIONS_SEARCHED])
+            found = found | queryset.filter(Q(session_id__in=named) | Q(details__external_id__icontains=term))
+        return found, may_have_duplicates
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AuditEvent]:
+        # Each event's session by name, in the page's one query (session_id is no foreign key: an
+        # event outlives its session).
+        names = WorkflowSession.objects.filter(pk=OuterRef("session_id")).values("external_id")[:1]
+        return super().get_queryset(request).annotate(session_external_id=Subquery(names))
+
+    @admin.display(description="session")
+    def session_name(self, event: AuditEvent) -> str:
+        """The session's name, or as the event recorded it (a deleted session's); its id is the target."""
+        recorded = event.details.get("external_id") if isinstance(event.details, dict) else None
+        return str(getattr(event, "session_external_id", None) or recorded or "")

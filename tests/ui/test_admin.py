@@ -756,6 +756,26 @@ def test_the_audit_log_finds_a_sessions_events_by_its_id_through_the_indexes(cli
     assert "elsewhere" in client.get("/admin/sessions_app/auditevent/", {"q": "elsewh"}).content.decode()
 
 
+def test_the_audit_log_finds_a_sessions_events_by_its_name_and_names_it(client, staff, story):
+    """Searching the name an operator knows a session by ("run-42") found none of its rewinds, and each
+    row named its session only by a UUID."""
+    from sessions_app.services import session_delete
+    from snapshots_app.services import snapshot_rewind
+    from tests.factories import make_session
+
+    snapshot_rewind(session=story, to_version=2, reason="bad step")
+    session_archive(session=story, reason="elsewhere")
+    other = make_session(story.project, "other-run")
+    session_archive(session=other, reason="not this one")
+    gone = make_session(story.project, "run-gone")
+    session_delete(session=gone, reason="done with it")
+    client.force_login(staff)
+    page = client.get("/admin/sessions_app/auditevent/", {"q": "run-"}).content.decode()
+    assert "bad step" in page and "elsewhere" in page and "done with it" in page and "not this one" not in page
+    assert page.count('<td class="field-session_name">run-42</td>') == 2
+    assert '<td class="field-session_name">run-gone</td>' in page  # as its deletion recorded it
+
+
 def _many_old_pins(project, count: int = 3000) -> None:
     """A log as it grows: thousands of routine events, the oldest a month old (the planner is told)."""
     AuditEvent.objects.bulk_create([AuditEvent(project=project, action="version.pin", target_type="version",
