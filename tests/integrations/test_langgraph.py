@@ -226,6 +226,40 @@ def test_human_in_the_loop_interrupt_survives_a_new_saver(live_api, rewind):
     assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Kyoto", "answer yes"]
 
 
+def test_a_run_says_how_its_thread_stands_and_the_session_shows_it(live_api, rewind):
+    """A checkpointer is not told that a graph finished or stopped at an interrupt: every LangGraph
+    session read `running`, so the list's status filter and the rewind page's warning said nothing."""
+    from langgraph.types import Command, interrupt
+
+    def ask(state: Trip) -> dict:
+        return {"log": [f"answer {interrupt({'question': 'Book it?'})}"]}
+
+    saver = SessionRewindSaver(rewind)
+    graph = trip_with_question(ask).compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "trip-status"}}
+
+    def status() -> str:  # (the thread's session, not its companion "trip-status|writes")
+        return next(s["status"] for s in rewind.list_sessions(q="trip-status")["results"] if s["external_id"] == "trip-status")
+
+    assert "__interrupt__" in graph.invoke({"city": "Oslo", "log": []}, config)
+    assert status() == "running"  # (what the saver alone leaves)
+    saver.set_status("trip-status", "waiting")
+    assert status() == "waiting"
+    graph.invoke(Command(resume="yes"), config)
+    assert graph.get_state(config).next == ()
+    saver.set_status("trip-status", "completed")
+    assert status() == "completed"
+
+    async def cancel() -> None:  # an async engine's saver, from another process
+        async with live_api.aclient() as aclient:
+            await SessionRewindSaver(aclient=aclient).aset_status("trip-status", "cancelled")
+
+    asyncio.run(cancel())
+    assert status() == "cancelled"
+    events = rewind.list_audit_events(action="session.update")["results"]  # each change audited, newest first
+    assert [event["details"]["status"]["after"] for event in events][:3] == ["cancelled", "completed", "waiting"]
+
+
 def test_an_interrupt_asked_again_after_a_rewind_to_its_checkpoint_is_pending(live_api, rewind):
     from langgraph.types import Command, interrupt
 

@@ -576,6 +576,13 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self._sync(self._prune(thread_ids, strategy))
 
+    def set_status(self, thread_id: str, status: str) -> None:
+        """Set the status of the thread's session (running, waiting, completed, failed, cancelled).
+        A checkpointer is not told that a graph finished, or stopped at an interrupt(): the session
+        stays `running` until the run says otherwise, e.g. `saver.set_status(thread_id, "completed")`
+        once `invoke` returns with nothing left to run, or "waiting" when it returns an interrupt."""
+        self._sync(self._set_status(thread_id, status))
+
     # -- public API: async -------------------------------------------------------------------------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
@@ -610,6 +617,9 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         await self._async(self._prune(thread_ids, strategy))
+
+    async def aset_status(self, thread_id: str, status: str) -> None:
+        await self._async(self._set_status(thread_id, status))
 
     def get_next_version(self, current: int | None, channel: None = None) -> int:
         return 1 if current is None else int(current) + 1
@@ -1113,6 +1123,11 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         else:
             raise ConflictError(f"the head of thread {thread_id!r} kept moving; checkpoint {checkpoint['id']} not saved")
         return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
+
+    def _set_status(self, thread_id: str, status: str) -> Op:
+        session_id = yield from self._ensure_session(str(thread_id), "")
+        yield Call("PATCH", f"sessions/{session_id}/", json={"status": status})
+        return None
 
     def _recreate(self, session_id: str, thread_id: str, ns: str, *, writes: bool = False) -> Op:
         """A new session for a thread whose session another process (or an operator) deleted while
