@@ -49,7 +49,7 @@ def stale_after() -> timedelta:
 STALE_QUEUED = timedelta(minutes=10)  # a job queued this long was never delivered: tasks.jobs_requeue_stale sends it again
 
 
-def _for(interval: timedelta) -> str:
+def for_how_long(interval: timedelta) -> str:
     seconds = max(int(interval.total_seconds()), 0)
     return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min"
 
@@ -70,12 +70,12 @@ def job_condition(job: Job, *, now: datetime | None = None) -> str | None:
     now = now or timezone.now()
     if job.status == JobStatus.QUEUED:
         if job.send_failed_at is not None:
-            return (f"not sent yet: the broker refused its message {_for(now - job.send_failed_at)} ago; it is sent "
+            return (f"not sent yet: the broker refused its message {for_how_long(now - job.send_failed_at)} ago; it is sent "
                     "at the next requeue (every minute) that reaches the broker")
         waited = now - job.created_at
         if waited < STALE_QUEUED:
-            return f"waiting for a worker ({_for(waited)} so far)"
-        return (f"waiting for a worker for {_for(waited)}; sent again every {_for(STALE_QUEUED)}: if it stays "
+            return f"waiting for a worker ({for_how_long(waited)} so far)"
+        return (f"waiting for a worker for {for_how_long(waited)}; sent again every {for_how_long(STALE_QUEUED)}: if it stays "
                 "queued, check that workers are running and reach the broker")
     if job.status != JobStatus.RUNNING:
         return None
@@ -84,18 +84,18 @@ def job_condition(job: Job, *, now: datetime | None = None) -> str | None:
     if not job_is_stalled(job, now=now):
         again = (f" (attempt {job.attempts}, taken over after a worker died: its progress counts what was left)"
                  if job.attempts > 1 else "")
-        return f"running{again}: its worker reported {_for(silent)} ago"
+        return f"running{again}: its worker reported {for_how_long(silent)} ago"
     requeue_every = timedelta(seconds=settings.JOB_REQUEUE_EVERY)
     if silent >= stale_after() + 2 * requeue_every:  # the requeue should have sent it a minute ago at least
         if job.resent_at is None or job.resent_at < last_sign:
-            return (f"stalled: its worker has been silent for {_for(silent)} and it was not sent again: "
+            return (f"stalled: its worker has been silent for {for_how_long(silent)} and it was not sent again: "
                     "jobs_requeue_stale has not run (beat sends it each minute, a worker runs it: check that "
                     "celery beat and at least one worker are running)")
-        return (f"stalled: its worker has been silent for {_for(silent)}; sent again {_for(now - job.resent_at)} "
+        return (f"stalled: its worker has been silent for {for_how_long(silent)}; sent again {for_how_long(now - job.resent_at)} "
                 "ago, no worker has taken it yet: the workers are busy, or none is running")
     what_next = ("the next delivery marks it failed (its worker died on every attempt)" if job.attempts >= MAX_ATTEMPTS
                  else "it is sent again within a minute and resumes from what was committed")
-    return (f"stalled: its worker has been silent for {_for(silent)} (killed, or cut off from the database) and is "
+    return (f"stalled: its worker has been silent for {for_how_long(silent)} (killed, or cut off from the database) and is "
             f"taken for dead; {what_next}")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from celery import shared_task
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sessions_app import events
@@ -337,9 +338,17 @@ def jobs_requeue_stale() -> int:
         )
     ).order_by("id")
     sent = []
-    for job_id, kind in stale.values_list("id", "kind")[:500]:
+    for job_id, kind, status, attempts, refused, last_sign in stale.values_list(
+        "id", "kind", "status", "attempts", "send_failed_at", Coalesce("heartbeat_at", "started_at", "created_at")
+    )[:500]:
         _job_task(kind).delay(job_id)
         sent.append(job_id)
+        # Said in the log: nothing there told an operator that a worker had died mid-job, nor why a job
+        # started over.
+        why = ("its worker went silent" if status == JobStatus.RUNNING
+               else "the broker refused its message" if refused else "no worker took it")
+        logger.warning("job %s (%s) sent again: %s %s ago; the worker that takes it makes attempt %s",
+                       job_id, kind, why, jobs.for_how_long(now - (refused or last_sign)), attempts + 1)
     Job.objects.filter(pk__in=sent).update(resent_at=now, send_failed_at=None)
     return len(sent)
 

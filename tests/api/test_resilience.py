@@ -178,7 +178,7 @@ def test_with_the_broker_unreachable_sending_a_task_fails_at_once_and_says_why()
 
 
 @pytest.mark.django_db(transaction=True)  # the web process below is another process
-def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_back(project, reader):
+def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_back(project, reader, caplog):
     """A job start answers 202 with the broker down (its row is committed). The job used to sit
     "queued" with nothing saying why, and was sent again only 10 minutes after it was asked for; it
     now says when its message could not be sent, and beat's next requeue run sends it."""
@@ -205,6 +205,7 @@ def test_a_job_started_while_the_broker_is_down_says_so_and_is_sent_once_it_is_b
         assert tasks.jobs_requeue_stale() == 1  # its first run once the broker is back: no 10-minute wait
     finally:
         celery_app.conf.task_always_eager = previous
+    assert f"job {job_id} (scrub) sent again: the broker refused its message" in caplog.text  # the log says why
     shown = reader.get(f"/api/v1/jobs/{job_id}/").json()
     assert shown["status"] == "done" and shown["send_failed_at"] is None
 
