@@ -475,6 +475,12 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         except IdempotencyKeyReused:
             error, status, sent_before = FORM_SENT_BEFORE, 409, True
             session, role = _member_session(request, session_id)
+        except VersionConflict as exc:
+            # In the page's words, not the API's ("expected head version 6 but the head is 7"): the page
+            # below now shows what the rewind does from the new head.
+            error, status = (f"v{exc.details['head']} was written since this page was shown: nothing was rewound. "
+                             "Check what the head becomes from it, below, and confirm again."), exc.status
+            session, role = _member_session(request, session_id)
         except StateStoreError as exc:
             error, status = exc.message, exc.status
             session, role = _member_session(request, session_id)

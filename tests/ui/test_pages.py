@@ -500,6 +500,10 @@ def test_rewind_confirm_shows_the_effect_then_acts_with_a_reason(client, operato
     assert "v5 → v2" in confirm and "/counters/steps" in confirm and 'name="reason"' in confirm
     missing = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": " ", "expected_version": 5})
     assert missing.status_code == 400 and "reason is required" in missing.content.decode()
+    stale = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "tool lied", "expected_version": 4})
+    page = html.unescape(stale.content.decode())  # in the page's words, not the API's "expected head version 4 but..."
+    assert stale.status_code == 409 and "v5 was written since this page was shown: nothing was rewound." in page
+    assert 'value="5"' in page and "tool lied" in page  # the form again, from the new head, the reason kept
     done = client.post(session_url(story, "snapshots:rewind", number=2), {"reason": "tool lied", "expected_version": 5},
                        follow=True)
     page = done.content.decode()
