@@ -26,7 +26,7 @@ from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
-from snapshots_app import jsonview, selectors, services
+from snapshots_app import integrity, jsonview, selectors, services
 from snapshots_app.diff import DiffResult
 from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
 from snapshots_app.models import TIMELINE_KINDS, Version
@@ -696,13 +696,8 @@ def _trim_preview(session: WorkflowSession, keep_newest: int) -> TrimPreview:
 
 def _ranges(numbers: list[int], shown: int = 12) -> str:
     """Sorted version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
-    runs: list[list[int]] = []
-    for number in numbers:
-        if runs and number == runs[-1][1] + 1:
-            runs[-1][1] = number
-        else:
-            runs.append([number, number])
-    words = [f"v{first}" if first == last else f"v{first}\u2013v{last}" for first, last in runs[:shown]]
+    runs = integrity.id_runs(numbers)
+    words = [f"v{run}" if isinstance(run, int) else f"v{run[0]}\u2013v{run[1]}" for run in runs[:shown]]
     if len(runs) > shown:
         words.append(f"and {len(runs) - shown:,} more runs")
     return ", ".join(words)

@@ -248,6 +248,16 @@ def test_the_first_session_of_an_empty_project_replaces_its_empty_notice(server,
     assert not page.locator("text=No sessions yet").is_visible()
 
 
+def _failed_sessions_listed(server, browser):
+    """The operator story's session, and its project's list filtered to failed sessions, live."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/?project=acme&status=failed")
+    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
+    _wait_for_socket(page, "#session-table .live")
+    return session, page
+
+
 def test_a_filtered_list_puts_sessions_that_come_to_match_on_top_and_redraws_the_rest_in_place(server, browser):
     """A filtered list (in the order of latest activity) updates the rows it shows in place, even one
     that stops matching; changes to the project's other sessions reach it too, and htmx logged an error
@@ -255,11 +265,7 @@ def test_a_filtered_list_puts_sessions_that_come_to_match_on_top_and_redraws_the
     list it (an operator watching the failed sessions sees the next one fail)."""
     from sessions_app.models import WorkflowSession
 
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/?project=acme&status=failed")
-    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
-    _wait_for_socket(page, "#session-table .live")
+    session, page = _failed_sessions_listed(server, browser)
 
     def changes() -> None:
         session_update(session=session, status="waiting")  # run-42: not on this page
@@ -285,11 +291,7 @@ def test_a_session_going_on_top_and_one_redrawn_in_place_in_one_update_both_show
     (htmx:oobErrorNoTarget, "#null"), or dropped the <tbody> that named where rows go after a bare row."""
     from sessions_app.models import WorkflowSession
 
-    session = off_loop(_operator_story)
-    page = log_in(browser, server, "olga")
-    page.goto(f"{server}/?project=acme&status=failed")
-    assert page.locator("a.ext").all_inner_texts() == ["run-failed"]
-    _wait_for_socket(page, "#session-table .live")
+    session, page = _failed_sessions_listed(server, browser)
 
     def changes() -> None:
         make_session(session.project, "run-idle")  # sent at once: the two below come within one interval
