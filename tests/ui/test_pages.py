@@ -1349,3 +1349,16 @@ def test_a_rewind_to_the_state_the_head_has_says_so(client, operator, team):
     assert 'id="rewind-same-state"' in same and "identical to v3" in same and 'id="confirm-rewind"' in same
     other = client.get(session_url(session, "snapshots:rewind", number=2)).content.decode()
     assert 'id="rewind-same-state"' not in other
+
+
+def test_a_version_page_offers_rewind_and_fork_to_operators(client, viewer, operator, story):
+    """An operator reading an old state had to go back to the timeline, find its row, to act on it."""
+    client.force_login(operator)
+    old = client.get(session_url(story, "snapshots:version", number=2)).content.decode()
+    assert f'href="{session_url(story, "snapshots:rewind", number=2)}"' in old
+    assert f'href="{session_url(story, "snapshots:fork", number=2)}"' in old
+    head = client.get(session_url(story, "snapshots:version", number=5)).content.decode()
+    assert 'id="version-rewind"' not in head and 'id="version-fork"' in head  # (the head: nothing to rewind to)
+    client.force_login(viewer)
+    read_only = client.get(session_url(story, "snapshots:version", number=2)).content.decode()
+    assert 'id="version-rewind"' not in read_only and 'id="version-fork"' not in read_only
