@@ -118,6 +118,25 @@ def test_a_run_resumed_from_an_earlier_version_records_a_branch_from_it(live_api
     assert rewind.get_version(failed.session_id, 4)["reason"] == f"{ENGINE}: run resumed from version 2"
 
 
+def test_a_context_from_another_session_run_in_this_one_warns_and_names_the_fork(live_api, rewind):
+    """Its versions went on in the other session silently: a timeline whose v4 held another session's state,
+    its parent v3 of this one."""
+    from session_rewind_client.llamaindex import ContextFromAnotherSession
+
+    async def main():
+        async with live_api.aclient() as client:
+            recorder = WorkflowRecorder(client)
+            source = await recorder.run(Order(fail_charge=True), external_id="order-source", quantity=2)
+            ctx = await recorder.load_context(Order(), source.session_id, version=2)
+            with pytest.warns(ContextFromAnotherSession, match=rf"client.fork\('{source.session_id}', 2, "):
+                elsewhere = await recorder.run(Order(), external_id="order-elsewhere", ctx=ctx)
+            return source, elsewhere
+
+    source, elsewhere = asyncio.run(main())
+    assert elsewhere.result["log"] == ["fetch", "price", "charge", "ship"]  # it still runs, as asked
+    assert len(rewind.list_versions(source.session_id)["results"]) == len(source.versions)  # the source untouched
+
+
 def test_a_stopped_context_is_refused_unless_allowed(live_api):
     async def main():
         async with live_api.aclient() as client:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ def engine_version() -> str:
 
 # Where each Context `load_context` restored came from: (session id, version number, checksum).
 _ORIGINS: weakref.WeakKeyDictionary[Context, tuple[str, int, str]] = weakref.WeakKeyDictionary()
+
+
+class ContextFromAnotherSession(UserWarning):
+    """`run(ctx=...)` with a context load_context read from another session: its versions go on in
+    this session, with nothing linking them to where they came from (a fork would)."""
 
 
 class ContextNotResumable(RuntimeError):
@@ -170,6 +176,13 @@ class WorkflowRecorder:
         origin = _ORIGINS.pop(ctx, None) if ctx is not None else None
         if origin is not None and origin[0] == str(session["id"]) and origin[1] != session.get("head"):
             await self._branch_from(origin, recorded)
+        elif origin is not None and origin[0] != str(session["id"]):
+            warnings.warn(
+                f"this context was loaded from session {origin[0]} v{origin[1]}; its run is recorded in "
+                f"{external_id!r}, which nothing links to that version. To keep the lineage, fork it: "
+                f"client.fork({origin[0]!r}, {origin[1]}, reason=..., external_id={external_id!r}), then load the "
+                "fork's head and run that", ContextFromAnotherSession, stacklevel=2,
+            )
         queue: asyncio.Queue[_Snapshot | None] = asyncio.Queue()
         writer = asyncio.create_task(self._write_all(queue, recorded))
 
