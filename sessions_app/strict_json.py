@@ -56,30 +56,24 @@ def _once_each(pairs: list[tuple[str, Any]]) -> None:
 _NOT_PARSED = object()
 
 
-def may_repeat_a_key(raw: bytes, value: Any) -> bool:
-    """False only if no object of JSON text `raw` (which orjson parsed to `value`) names a key twice,
-    told at C speed. Either `value` encodes back to `raw` itself (the compact JSON clients send), or
-    `raw` holds as many colons as that encoding: outside strings a colon only ever follows a key, and a
-    string's colons survive parsing unchanged (unless escaped as \\u003a: such text is doubtful), so
-    each member a parser drops takes at least its own colon with it. Timed: 0.02 ms for a 200 KB body
-    that encodes back to itself, 0.2 ms one that does not; the full second parse took 2-4 ms."""
+def encodes_back(raw: bytes, value: Any) -> bool:
+    """Whether orjson writes `value` (its parse of JSON text `raw`) back as `raw` itself, as it does the
+    compact JSON clients send (ours included): then no object of `raw` named a key twice, since the
+    parse would have dropped a member. Timed: 0.02-0.05 ms for a 200-280 KB body, 0.7 ms for 5 MB."""
     try:
-        again = orjson.dumps(value)
-    except orjson.JSONEncodeError:  # deeper than orjson writes (254 levels)
-        return True
-    if again == raw:
+        return orjson.dumps(value) == raw
+    except orjson.JSONEncodeError:  # deeper than orjson writes (254 levels), a lone surrogate
         return False
-    return raw.count(b":") != again.count(b":") or b"\\u003" in raw
 
 
 def refuse_duplicate_keys(raw: bytes | str, *, what: str, value: Any = _NOT_PARSED) -> None:
     """InvalidState naming a key written twice in one object of JSON text `raw` (parsed already,
     strictly): JSON parsers, orjson included, keep the last one's value and drop the other without a
     word, so a state would not read back as sent, and a repeated `expected_version` would go unchecked.
-    Given `value` (orjson's parse of `raw`), the exact second parse runs only when may_repeat_a_key
-    cannot rule a repeat out."""
+    Given `value` (orjson's parse of `raw`), the exact second parse (0.26-0.62 ms for a 200-280 KB
+    body, 4.3 ms for 5 MB) runs only when `raw` is not what orjson writes back (see encodes_back)."""
     data = raw.encode() if isinstance(raw, str) else raw
-    if value is not _NOT_PARSED and not may_repeat_a_key(data, value):
+    if value is not _NOT_PARSED and encodes_back(data, value):
         return
     try:
         json.loads(data, object_pairs_hook=_once_each)
