@@ -162,8 +162,14 @@ def test_operator_filters_opens_diffs_rewinds_and_sees_live_versions(server, bro
     page.wait_for_selector("#timeline #v-5")
     assert page.locator("#timeline > li.vrow").count() == 5
 
+    # "Diff A → B" asks for both: with one or none picked it showed the head against another version
+    # without saying it had picked that for the operator.
+    timeline = page.url
+    page.click("#diff-selected")
     # By their accessible names, as a screen reader announces them (not just "A" and "B" in every row).
     page.get_by_role("radio", name="Compare from v2 (A)", exact=True).check()
+    page.click("#diff-selected")
+    assert page.url == timeline and page.evaluate("document.getElementById('diff-picker').checkValidity()") is False
     page.get_by_role("radio", name="Compare to v4 (B)", exact=True).check()
     page.click("#diff-selected")
     page.wait_for_selector("ol.changes")
