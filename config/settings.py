@@ -281,7 +281,9 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "sessions:list"
-LOGOUT_REDIRECT_URL = "login"
+# The sign-in page says "You are signed out." (it said nothing, as if the click had not worked; the
+# messages framework cannot say it: its storage, the session, is flushed by the sign-out).
+LOGOUT_REDIRECT_URL = "/accounts/login/?signed_out=1"
 CSRF_FAILURE_VIEW = "sessions_app.views.csrf_failure"
 
 LANGUAGE_CODE = "en-us"

@@ -170,7 +170,7 @@ def test_signing_in_or_out_never_redirects_off_the_site(client, target):
     assert signed_in.status_code == 302 and signed_in["Location"] == "/"
     assert target not in client.get("/accounts/login/", {"next": target}).content.decode()
     signed_out = client.post("/accounts/logout/", {"next": target})
-    assert signed_out.status_code == 302 and signed_out["Location"] == "/accounts/login/"
+    assert signed_out.status_code == 302 and signed_out["Location"] == "/accounts/login/?signed_out=1"
 
 
 # -- signed out mid-action -----------------------------------------------------------------------------
