@@ -17,10 +17,12 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.models import ADDITION, LogEntry
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
+from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import router, transaction
@@ -397,9 +399,10 @@ class AuditedUserAdmin(ServiceRefusalsAdmin, UserAdmin):
     exist: the change and delete pages say so, its password page is refused (404). Their own account is
     staff, so not among them: they change their own password on the admin's "Change password" page.
 
-    An account of no project they see (to add it to one of theirs), but only superusers set its
-    password: anyone's project admin could otherwise set it, and sign in as it once another project
-    took it in. Its creator sets the first one on the add page."""
+    They set the password only of an account they created here (its first one on the add page, a
+    forgotten one later): one they took into their project and then set the password of was theirs to
+    sign in as, and every project that took it in afterwards theirs to read (an account of no project
+    was refused, until its taker added it first). Any other account's password a superuser sets."""
 
     PRIVILEGE_FIELDS = ["is_staff", "is_superuser", "groups", "user_permissions"]
 
@@ -411,11 +414,17 @@ class AuditedUserAdmin(ServiceRefusalsAdmin, UserAdmin):
 
     def user_change_password(self, request: HttpRequest, id: str, form_url: str = "") -> HttpResponse:
         user = self.get_object(request, unquote(id))
-        if user is not None and not request.user.is_superuser and not user.memberships.exists():
-            messages.error(request, f"{user.username} is a member of no project, so only a superuser sets its password. "
-                                    "Add it to one of your projects first (Memberships), or ask a superuser.")
+        if user is not None and not request.user.is_superuser and not self._created_by(user, request.user):
+            messages.error(request, f"Only a superuser, or whoever created {user.username} here, sets its password: "
+                                    "ask a superuser.")
             return HttpResponseRedirect(reverse("admin:auth_user_change", args=[quote(user.pk)]))
         return super().user_change_password(request, id, form_url)
+
+    @staticmethod
+    def _created_by(user: Any, creator: Any) -> bool:
+        """Whether `creator` added `user` in this admin (its history records who did)."""
+        return LogEntry.objects.filter(content_type=ContentType.objects.get_for_model(user), object_id=str(user.pk),
+                                       action_flag=ADDITION, user=creator).exists()
 
     def get_list_filter(self, request: HttpRequest) -> Any:
         # The accounts they list are never staff nor superusers, and groups are the superusers' (their

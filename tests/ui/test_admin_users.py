@@ -97,10 +97,7 @@ def test_staff_cannot_grant_privileges_to_itself_or_to_an_account_it_edits(clien
     assert plain.first_name == "Paul"  # ...and what is posted for them is ignored
     assert not plain.is_superuser and not plain.is_staff
     assert plain.groups.count() == 0 and plain.user_permissions.count() == 0
-    # Its password is set, and it can be deactivated.
-    assert client.post(reverse("admin:auth_user_password_change", args=[plain.pk]), password_form()).status_code == 302
-    plain.refresh_from_db()
-    assert plain.check_password(NEW_PASSWORD)
+    # It can be deactivated (its password is a superuser's to set: the editor did not create it).
     assert client.post(url, {k: v for k, v in change_form(plain).items() if k != "is_active"}).status_code == 302
     plain.refresh_from_db()
     assert not plain.is_active
@@ -160,8 +157,9 @@ def test_staff_cannot_see_change_reset_or_delete_an_account_that_reaches_beyond_
     assert response.status_code == 302 and not User.objects.filter(pk=initech_member.pk).exists()
 
 
-def test_only_a_superuser_sets_the_password_of_an_account_of_no_project(client, editor, acme):
-    """Any project's admin could set it, then sign in as it once another project took it in."""
+def test_staff_set_the_password_only_of_an_account_they_created(client, editor, acme):
+    """A project admin could take any account of no project into its project, set its password and sign in
+    as it: every project that took it in later was then theirs to read. Only its creator, or a superuser."""
     newcomer = make_user("nora")  # made by a superuser for another project, not added to it yet
     client.force_login(editor)
     change = reverse("admin:auth_user_change", args=[newcomer.pk])
@@ -169,21 +167,29 @@ def test_only_a_superuser_sets_the_password_of_an_account_of_no_project(client, 
     password = reverse("admin:auth_user_password_change", args=[newcomer.pk])
     for response in (client.get(password), client.post(password, password_form())):
         assert response.status_code == 302 and response.url == change
+    # Taken into the editor's project first (as the Memberships page lets any admin do): still refused.
+    add_member = reverse("admin:sessions_app_membership_add")
+    assert client.post(add_member, {"project": acme.pk, "user": "nora", "role": Role.VIEWER}).status_code == 302
+    for response in (client.get(password), client.post(password, password_form())):
+        assert response.status_code == 302 and response.url == change
     newcomer.refresh_from_db()
     assert not newcomer.check_password(NEW_PASSWORD)
-    assert "member of no project, so only a superuser sets its password" in client.get(change).content.decode()
+    assert "Only a superuser, or whoever created nora here, sets its password" in client.get(change).content.decode()
 
-    # Once a member of the editor's project (and of no other), the editor sets it.
-    membership_set(project=acme, user=newcomer, role=Role.VIEWER)
+    # An account the editor created here: its password is theirs to set again (a forgotten one).
+    response = client.post(reverse("admin:auth_user_add"), {"username": "newbie", "usable_password": "true",
+                                                             "password1": "pw-first-1", "password2": "pw-first-1"})
+    assert response.status_code == 302
+    newbie = User.objects.get(username="newbie")
+    assert client.post(reverse("admin:auth_user_password_change", args=[newbie.pk]), password_form()).status_code == 302
+    newbie.refresh_from_db()
+    assert newbie.check_password(NEW_PASSWORD)
+
+    root = User.objects.create_superuser("root", password="pw-for-tests-1")
+    client.force_login(root)
     assert client.post(password, password_form()).status_code == 302
     newcomer.refresh_from_db()
     assert newcomer.check_password(NEW_PASSWORD)
-    root = User.objects.create_superuser("root", password="pw-for-tests-1")
-    loner = make_user("lone")
-    client.force_login(root)
-    assert client.post(reverse("admin:auth_user_password_change", args=[loner.pk]), password_form()).status_code == 302
-    loner.refresh_from_db()
-    assert loner.check_password(NEW_PASSWORD)
 
 
 def test_groups_are_managed_by_superusers_only(client, editor):
