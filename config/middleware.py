@@ -105,6 +105,8 @@ class SignInAgainMiddleware(MiddlewareMixin):
         login = resolve_url(settings.LOGIN_URL)
         if urlsplit(response.get("Location", "")).path != login:
             return response
+        if request.resolver_match is not None and request.resolver_match.url_name == "logout":
+            return response  # a sign-out asked for: its page says so (LOGOUT_REDIRECT_URL), not "sign in to go back"
         htmx = request.headers.get("HX-Request") == "true"
         if not htmx and request.method in ("GET", "HEAD"):
             return response  # (a page asked for again after signing in shows what it showed)
