@@ -127,15 +127,17 @@ def head_version(session: WorkflowSession) -> Version | None:
 
 
 def version_diff(
-    a: Version, b: Version, *, structural_strings: bool = True, prefetched: Iterable[store.NodeRow] = ()
+    a: Version, b: Version, *, structural_strings: bool = True, prefetched: Iterable[store.NodeRow] = (),
+    source: store.ProjectStore | None = None,
 ) -> DiffResult:
     """Diff any two versions of one project (also across sessions, e.g. a fork and its source).
-    `prefetched`: node rows already fetched along with the versions (see version_pair_diff)."""
+    `prefetched`: node rows already fetched along with the versions (see version_pair_diff).
+    `source`: a diff store (diff_source) shared by several diffs, holding what they fetched."""
     if a.session.project_id != b.session.project_id:
         raise InvalidState("versions of different projects cannot be compared")
     # Every node the walk uses is checked against its seal (store.ProjectStore.nodes), so the diff
     # never needs to splice and hash both whole states: its cost follows the change.
-    source = store.ProjectStore(a.session.project_id, levels=store.DIFF_LEVELS, for_diff=True)
+    source = source or diff_source(a.session.project_id)
     source.keep_rows(prefetched)
     try:
         return diff_trees(bytes(a.root), bytes(b.root), source, structural_strings=structural_strings)
@@ -147,6 +149,10 @@ def version_diff(
             f"versions {a.number} and {b.number} cannot be compared ({exc}); the diff will not be served",
             version=b.number, session=str(b.session_id),
         ) from None
+
+
+def diff_source(project_id: int) -> store.ProjectStore:
+    return store.ProjectStore(project_id, levels=store.DIFF_LEVELS, for_diff=True)
 
 
 def version_list(session: WorkflowSession, *, before: int | None = None, limit: int = 50) -> list[Version]:
@@ -383,11 +389,16 @@ def path_history(
 
     value, present = value_in(versions[0])
     points = [PathPoint(versions[0].number, value, present, False, versions[0].created_at, versions[0].step)]
+    # One store for the window's diffs, with the top levels of every tree in it fetched in one round
+    # trip: on a process whose node cache had none of them, each diff fetched its own (107 queries,
+    # 0.5-0.66 s for 100 distinct 90 KB states).
+    source = diff_source(session.project_id)
+    source.keep_rows(store.tree_rows(session.project_id, {bytes(version.root) for version in versions}))
     for previous, version in pairwise(versions):
         touching: list[tuple[str, dict[str, Any]]] = []  # (full path, change)
         if previous.checksum != version.checksum:
             changes = ((change.get("string_path", "") + change["path"], change)
-                       for change in version_diff(previous, version).changes)
+                       for change in version_diff(previous, version, source=source).changes)
             touching = [(path, change) for path, change in changes if _touches(path, change["kind"], pointer)]
         touched = False
         if len(touching) == 1 and touching[0][0] == pointer and touching[0][1]["kind"] == "changed":

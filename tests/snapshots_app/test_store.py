@@ -638,3 +638,20 @@ def test_trees_written_before_merkle_and_root_digests_still_read_diff_and_take_n
     assert [(c["op"], c["path"]) for c in version_diff(old, third).changes] == [("add", "/messages/81")]
     assert orjson.loads(version_state_bytes(version_get(session=session, number=3))) == state
     assert third.stored_size < 3_000  # the new history node and the new last run, not the history again
+
+
+def test_path_history_reads_its_window_in_a_few_round_trips_on_a_cold_process(session):
+    """Each neighbouring pair's diff fetched its own nodes when the process's node cache had none of
+    them (a new worker, states too many for the cache): 107 queries, 0.5-0.66 s for 100 distinct
+    90 KB states. The window's trees now come in one round trip, and one store serves every diff."""
+    from snapshots_app.selectors import path_history
+
+    for n in range(1, 41):
+        snapshot_record(session=session, state={"counters": {"tokens": n * 10}, "notes": {"last": {"text": f"step {n}"}},
+                                                "docs": [{"id": i, "body": f"doc {i} at {n}"} for i in range(3)]})
+    clear_cache()
+    with CaptureQueriesContext(connection) as queries:
+        points = path_history(session, "/counters/tokens")
+    assert [(point.number, point.value, point.changed) for point in points] == [
+        (n, n * 10, n > 1) for n in range(1, 41)]
+    assert len(queries.captured_queries) <= 4, len(queries.captured_queries)  # was 41
