@@ -103,13 +103,13 @@ class SessionFilterForm(forms.Form):
         text = {name: str(data.get(name) or "") for name in ("q", "status", "workflow", "tag", "has_error", "sort")}
         return SessionFilters(
             q=text["q"][:200],
-            status=text["status"] if text["status"] in SessionStatus.values else "",
+            status=text["status"],  # (clean_status and the others let only their choices through)
             workflow=text["workflow"][:200],
             tag=text["tag"][:64],
-            has_error=text["has_error"] if text["has_error"] in ("yes", "no") else "",
+            has_error=text["has_error"],
             updated_from=data.get("updated_from"),
             updated_to=data.get("updated_to"),
-            sort=text["sort"] if text["sort"] in SESSION_SORTS else "-updated",
+            sort=text["sort"] or "-updated",
         )
 
 
