@@ -243,15 +243,16 @@ def collapse_unchanged(pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if op != " ":
             collapsed.append((op, text))
             continue
-        units: Sequence[str] = text.splitlines(keepends=True) if "\n" in text else text  # lines, or characters
-        keep = CONTEXT_LINES if "\n" in text else CONTEXT_CHARS
+        by_line = "\n" in text
+        units: Sequence[str] = text.splitlines(keepends=True) if by_line else text  # lines, or characters
+        keep = CONTEXT_LINES if by_line else CONTEXT_CHARS
         head = 0 if first else keep  # what follows the change before
         tail = 0 if last else keep  # what precedes the change after
-        if len(units) - head - tail <= keep:  # little to cut: shown whole
+        cut = len(units) - head - tail
+        if cut <= keep:  # little to cut: shown whole
             collapsed.append((op, text))
             continue
-        cut = len(units) - head - tail
-        said = f"{cut:,} unchanged {'line' if keep == CONTEXT_LINES else 'character'}{'s' if cut != 1 else ''}"
+        said = f"{cut:,} unchanged {'line' if by_line else 'character'}{'s' if cut != 1 else ''}"
         parts = [(" ", "".join(units[:head])), ("…", said), (" ", "".join(units[len(units) - tail:]))]
         collapsed += [part for part in parts if part[1]]
     return collapsed
