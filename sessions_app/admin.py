@@ -85,7 +85,11 @@ def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Pr
 
 
 def may_change(request: HttpRequest, project_id: int, role: str) -> bool:
-    return admin_projects(request, role).filter(pk=project_id).exists()
+    # Remembered for the request: the admin asks has_*_permission 6-7 times while drawing one page.
+    known: dict[tuple[int, str], bool] = request.__dict__.setdefault("_may_change", {})
+    if (project_id, role) not in known:
+        known[project_id, role] = admin_projects(request, role).filter(pk=project_id).exists()
+    return known[project_id, role]
 
 
 def require_role(request: HttpRequest, project_ids: Iterable[int], role: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -1411,3 +1412,21 @@ def test_revoking_more_keys_than_one_request_takes_revokes_none_and_says_so(clie
                            {"action": "revoke", "_selected_action": [key.pk for key in keys], "index": "0"}, follow=True)
     assert "Select at most 1 keys at a time" in response.content.decode()
     assert not ApiKey.objects.filter(revoked_at__isnull=False).exists()
+
+
+def test_a_change_page_asks_once_whether_its_project_is_reachable(client, clerk, team):
+    """The admin asks has_*_permission several times while drawing one page; for staff who are not
+    superusers each asked the database whether they held the role in the row's project (6-7 times)."""
+    membership_set(project=team, user=clerk, role=Role.ADMIN)
+    key = ApiKey.objects.create(project=team, name="engine-key", prefix="p1", key_hash="x", scopes=["write"])
+    session = make_session(team, "run-7")
+    client.force_login(clerk)
+    for url in (reverse("admin:sessions_app_apikey_change", args=[key.pk]),
+                reverse("admin:sessions_app_workflowsession_change", args=[session.pk]),
+                reverse("admin:sessions_app_membership_change", args=[Membership.objects.get(user=clerk).pk])):
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(url)
+        assert page.status_code == 200 and 'name="_save"' in page.content.decode(), url
+        role_checks = [query["sql"] for query in queries.captured_queries
+                       if query["sql"].startswith('SELECT 1 AS "a" FROM "sessions_app_project"')]
+        assert len(role_checks) == 1, url
