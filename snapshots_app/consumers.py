@@ -77,14 +77,15 @@ class SessionTimelineConsumer(LiveConsumer):
                             for name in ("_session_status", "_session_stats")]
         number = payload.get("version")
         first = payload.get("first", number)
-        if isinstance(number, int) and isinstance(first, int) and event == "version.created" and first > self.shown + 1:
+        if isinstance(number, int) and isinstance(first, int) and event == "version.created":
             # Versions this page never got a row for: written between the page's render and this
             # socket joining its group, or announced while the socket's channel was full (the layer
-            # drops the oldest events beyond CHANNELS_CAPACITY). They come with this one, or, more
-            # than one update carries (the newest TIMELINE_PAGE), the page reloads: a timeline with
-            # the rows between missing would not say so.
-            first = self.shown + 1
+            # drops the oldest events beyond CHANNELS_CAPACITY). They come with this one.
+            first = min(first, self.shown + 1)
             if number - first + 1 > TIMELINE_PAGE:
+                # More than one update carries (the newest TIMELINE_PAGE: missed ones, a batch, or a
+                # burst in one notify interval): the page reloads, as a timeline with the rows between
+                # missing would not say so.
                 missed, self.shown = number - self.shown, number  # (one typing is told; later rows slide in)
                 return render_to_string("snapshots_app/partials/_live_reload.html", {
                     "oob": True, "reason": f"{missed} versions were written since this page last caught up.",

@@ -186,6 +186,45 @@ def test_more_missed_versions_than_a_page_reload_the_page_instead_of_leaving_a_g
     assert "afterbegin:#timeline" not in html
 
 
+def test_a_batch_of_more_versions_than_a_page_reloads_the_page_instead_of_leaving_a_gap(setup, settings):
+    """One update announcing more versions than a page, all new to the socket (a batch write, or a
+    burst in one notify interval), drew the newest TIMELINE_PAGE only: the timeline read 61 ... 12, 1
+    with versions 2-11 missing while the header counted 61."""
+    from snapshots_app.selectors import TIMELINE_PAGE
+    from snapshots_app.services import snapshot_record_batch
+
+    celery_app.conf.task_always_eager = False  # as in production, announcements coalesce per session
+    settings.SESSION_NOTIFY_INTERVAL_MS = 60_000
+    owner, _, _, _, session = setup
+    _record(session, {"n": 1})
+    background.drain(5)
+
+    def batch() -> None:
+        from django.db import close_old_connections
+
+        try:
+            snapshot_record_batch(session=session, snapshots=[{"state": {"n": n}} for n in range(2, TIMELINE_PAGE + 12)])
+        finally:
+            close_old_connections()
+
+    async def scenario() -> str:
+        client = communicator(f"/ws/sessions/{session.pk}/?shown=1", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(batch)
+        await asyncio.to_thread(background.drain, 5)
+        messages = [await client.receive_from(timeout=5)]
+        while "live-reload" not in messages[-1]:
+            messages.append(await client.receive_from(timeout=5))
+        await client.disconnect()
+        return messages
+
+    *before, reload = run(scenario)
+    # (A batch's first version may be announced on its own, as a row; the rest come together.)
+    assert _inserted(before) <= {2}
+    missed = TIMELINE_PAGE + 11 - max(_inserted(before) | {1})
+    assert f'data-reason="{missed} versions were written' in reload and "afterbegin:#timeline" not in reload
+
+
 def _inserted(messages: list[str]) -> set[int]:
     """The versions whose rows these messages put on top of the timeline (not those redrawn in place)."""
     blocks = [block for message in messages for block in re.findall(r'hx-swap-oob="afterbegin:#timeline">(.*?)</ol>', message, re.S)]
