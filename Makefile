@@ -55,15 +55,18 @@ services:
 	@.ci/ensure-services
 
 serve: install services
+	@$(SERVICES_ENV) $(PY) manage.py ensure_database
 	@$(SERVICES_ENV) $(PY) manage.py migrate --noinput -v0
 	@echo "Session Rewind (web + worker + beat) is at http://$(HOST):$(PORT)/"
 	@$(SERVICES_ENV) HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/honcho -f config/Procfile start
 
 worker: install
+	@$(SERVICES_ENV) $(PY) manage.py ensure_database
 	$(SERVICES_ENV) $(VENV)/bin/celery -A config worker --loglevel=info
 
 beat: install
 	@mkdir -p var
+	@$(SERVICES_ENV) $(PY) manage.py ensure_database
 	$(SERVICES_ENV) $(VENV)/bin/celery -A config beat --loglevel=info --schedule=var/celerybeat-schedule
 
 test: install services

@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-import psycopg
 import zstandard
 
 from tests.bench.workload import PROFILES, QUICK, Profile, Trace
@@ -50,15 +49,6 @@ def bench_database_url(url: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-def ensure_database(url: str) -> None:
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{name}"')
-
-
 def setup_django(database_url: str) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
@@ -73,6 +63,7 @@ def setup_django(database_url: str) -> None:
     django.setup()
     from django.core.management import call_command
 
+    call_command("ensure_database")
     call_command("migrate", verbosity=0, interactive=False)
     logging.getLogger("kombu").setLevel(logging.ERROR)
 
@@ -466,7 +457,7 @@ def table(result: Result) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (under a minute)")
     parser.add_argument("--profile", action="append", choices=sorted(PROFILES), help="run only these profiles")
     parser.add_argument("--sessions", type=int, help="override the session count of every profile")
     parser.add_argument("--seed", type=int, default=1)
@@ -478,7 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     if urlsplit(url).scheme not in ("postgres", "postgresql"):
         raise SystemExit("the benchmark needs PostgreSQL: set DATABASE_URL=postgres://…")
     database_url = bench_database_url(url)
-    ensure_database(database_url)
     setup_django(database_url)
 
     profiles = QUICK if args.quick else PROFILES

@@ -32,7 +32,7 @@ class Profile:
         return Profile(**{**self.__dict__, "sessions": sessions or self.sessions, "versions": versions or self.versions})
 
 
-# Sizes chosen so the default run fits in ~10 minutes on a 2-core machine (see README "Benchmark").
+# Sizes chosen so the default run fits in ~3 minutes on a 2-core machine (see README "Benchmark").
 PROFILES: dict[str, Profile] = {
     "agent-200k": Profile(
         "agent-200k", sessions=20, versions=100, initial_messages=70, message_chars=(300, 3000),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,29 @@ def test_unreachable_database_fails_with_one_clear_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("session-rewind: database unreachable") and "127.0.0.1:1" in lines[0]
+
+
+def test_ensure_database_creates_the_database_the_url_names_once(request):
+    """`make serve`, `make worker` and `make beat` run it first: on a fresh machine PostgreSQL has no
+    `session_rewind` database, and `make serve` stopped at "database ... does not exist"."""
+    url = _url()
+    name = f"ensure_{uuid.uuid4().hex[:12]}"
+    fresh = url.rsplit("/", 1)[0] + "/" + name
+    request.addfinalizer(lambda: _drop(name))
+    first = manage("ensure_database", env={"DATABASE_URL": fresh, "SECRET_KEY": "x"})
+    assert first.returncode == 0 and first.stdout.strip() == f"created database {name!r}", first.stderr
+    assert manage("ensure_database", env={"DATABASE_URL": fresh, "SECRET_KEY": "x"}).stdout == ""  # there already
+    assert manage("check", "--database", "default", env={"DATABASE_URL": fresh, "SECRET_KEY": "x"}).returncode == 0
+    unreachable = manage("ensure_database", env={"DATABASE_URL": "postgres://postgres@127.0.0.1:1/nowhere", "SECRET_KEY": "x"})
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith("CommandError: could not create database 'nowhere'")
+    assert len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+
+
+def _drop(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(_url().rsplit("/", 1)[0] + "/postgres", autocommit=True) as maintenance:
+        maintenance.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def test_bad_boolean_setting_fails_with_one_clear_line():
