@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import pairwise
 from typing import Any
 
@@ -124,6 +125,12 @@ def head_version(session: WorkflowSession) -> Version | None:
     if session.head_number == 0:
         return None
     return version_get(session=session, number=session.head_number)
+
+
+def last_step_at(session: WorkflowSession) -> datetime | None:
+    """When the engine last wrote a step (rewinds, forks, data fixes and imports are operators')."""
+    steps = Version.objects.filter(session=session, kind=VersionKind.STEP).order_by("-number")
+    return steps.values_list("created_at", flat=True).first()
 
 
 def version_diff(

@@ -439,12 +439,13 @@ def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:
 ENGINE_MAY_WRITE = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
 
 
-def _engine_active(session: WorkflowSession, head: Version | None) -> datetime | bool | None:
-    """For confirm.html's warning: when the engine last wrote (True before its first step), if the
-    session's status says it may still be writing; None otherwise."""
+def _engine_active(session: WorkflowSession) -> datetime | bool | None:
+    """For confirm.html's warning: when the engine last wrote a step (True before its first), if the
+    session's status says it may still be writing; None otherwise. Not the head's time: a colleague's
+    rewind a moment ago read as an engine at work."""
     if session.status not in ENGINE_MAY_WRITE:
         return None
-    return head.created_at if head is not None else True
+    return selectors.last_step_at(session) or True
 
 
 @login_required
@@ -502,7 +503,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
                 error = f"v{target.number} cannot be read ({exc.message}): a head rewound to it could not be read either."
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "refused": refused, "engine_active": _engine_active(session, head), "damaged": damaged,
+        "refused": refused, "engine_active": _engine_active(session), "damaged": damaged,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
         "timeline_at": _timeline_at(session, target.number),
     }
@@ -617,7 +618,7 @@ def archive_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         return redirect("snapshots:session", session_id=session.pk)
     context = {
         **_base(session, role), "error": error, "refused": session.archived_at is not None,
-        "engine_active": _engine_active(session, selectors.head_version(session)),
+        "engine_active": _engine_active(session),
         "reason": request.POST.get("reason", ""),
     }
     return render(request, "snapshots_app/confirm_archive.html", context, status=status)

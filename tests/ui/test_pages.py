@@ -5,10 +5,12 @@ from __future__ import annotations
 import html
 import json
 import re
+from datetime import timedelta
 
 import orjson
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from sessions_app.models import AuditEvent, Role, SessionStatus
 from sessions_app.services import membership_set, session_update
@@ -541,6 +543,22 @@ def test_rewinding_a_running_or_waiting_session_warns_that_its_engine_may_write_
     session_update(session=story, status="completed", actor=operator)
     page = client.get(session_url(story, "snapshots:rewind", number=2)).content.decode()
     assert 'id="engine-running"' not in page and 'name="reason"' in page
+
+
+def test_the_engine_warning_dates_the_engines_last_step_not_a_colleagues_rewind(client, operator, story):
+    """A rewind copies its version's status: rewound to a running step, the session reads running and
+    the next confirm page warns. It said "its last step was written 12 s ago" of the rewind itself."""
+    from snapshots_app.services import snapshot_rewind
+
+    last_step = Version.objects.filter(session=story).order_by("-number").first()
+    Version.objects.filter(pk=last_step.pk).update(created_at=timezone.now() - timedelta(hours=3))
+    snapshot_rewind(session=story, to_version=2, reason="back to the good one", actor=operator)
+    story.refresh_from_db()
+    assert story.status == "running"
+    client.force_login(operator)
+    warning = re.search(r'<p class="caution" id="engine-running".*?</p>', client.get(
+        session_url(story, "snapshots:rewind", number=3)).content.decode(), re.S)
+    assert warning and "its last step was written 3\u00a0hours ago" in re.sub(r"<[^>]+>", "", warning.group(0))
 
 
 def test_a_big_diff_says_how_much_is_shown_on_every_page_that_shows_it(client, operator, team, monkeypatch):
