@@ -315,7 +315,7 @@ def _with_forks_out(session: WorkflowSession, versions: list[Version]) -> list[V
             Version.objects.filter(parent_id__in=[v.pk for v in versions], kind=VersionKind.FORK)
             .exclude(session=session)
             .select_related("session")
-            .only("parent_id", "number", "session__external_id", "session__id")
+            .only("parent_id", "number", "created_by_label", "reason", "session__external_id", "session__id")
         )
         for child in children:
             forks.setdefault(child.parent_id, []).append(child)

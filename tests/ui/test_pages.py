@@ -441,15 +441,20 @@ def test_a_filtered_timeline_costs_the_queries_of_an_unfiltered_one(client, oper
         assert _rows(client.get(session_url(session), {"has_error": "true"}).content.decode()) == [7, 5, 3, 1]
 
 
-def test_lineage_shows_rewind_source_and_forks(client, operator, story):
+def test_lineage_shows_rewind_source_and_forks(client, operator, story, django_assert_num_queries):
     from snapshots_app.services import snapshot_fork, snapshot_rewind
 
     snapshot_rewind(session=story, to_version=2, reason="bad tool output")
-    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if")
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if", actor=operator)
     client.force_login(operator)
-    page = client.get(session_url(story)).content.decode()
+    client.get(session_url(story))
+    # django session, user, session, role, versions, forks, integrity problems: the forks' authors come with them
+    with django_assert_num_queries(7):
+        page = client.get(session_url(story)).content.decode()
     assert "restored <a" in page and "v2</a>" in page and "branch v3\u2013v5 left behind" in page
-    assert "forked to" in page and "run-42-alt" in page
+    # v3's row names its author, then the fork with who made it and why (the fork read as v3's author's).
+    row = re.sub(r"<[^>]+>|\s+", " ", page[page.index('<li id="v-3"'):page.index('<li id="v-2"')])
+    assert re.search(rf"by system +↪ forked to +run-42-alt +by {operator.username} +· “what if”", row), row
     forked = client.get(session_url(fork)).content.decode()
     assert "forked from" in forked and "diff vs source" in forked
     # The fork names its source ("Forked from another session") and what its first version holds
