@@ -732,6 +732,18 @@ def test_long_names_and_a_phone_width_never_widen_the_page(server, browser):
     assert page.locator("table.sessions").is_visible()  # (the table scrolls inside its own box)
 
 
+def test_a_long_workflow_or_step_name_leaves_the_session_list_the_width_of_the_screen(server, browser):
+    """One session's 80-character workflow and 150-character step widened the table for every row
+    (3,653 px at 1,400): the status and error columns of all sessions left the screen."""
+    off_loop(_long_names_story)
+    page = log_in(browser, server, "olga")
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{server}/")
+    box = page.locator(".table-scroll").first
+    assert box.evaluate("el => el.scrollWidth <= el.clientWidth"), box.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert page.locator("table.sessions .badge[class*=status-]").first.is_visible()
+
+
 def test_without_javascript_the_tree_offers_no_dead_controls(server, browser):
     session = off_loop(_operator_story)
     page = log_in(browser, server, "olga")
