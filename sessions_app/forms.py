@@ -79,7 +79,9 @@ class SessionFilterForm(forms.Form):
         return _choice(self.cleaned_data["status"], SessionStatus.values)
 
     def clean_has_error(self) -> str:
-        return _choice(self.cleaned_data["has_error"], ["yes", "no"])
+        # true/false as the timeline and the API spell it: a link written for one was a 400 on the other.
+        raw = {"true": "yes", "false": "no"}.get(self.cleaned_data["has_error"], self.cleaned_data["has_error"])
+        return _choice(raw, ["yes", "no"])
 
     def clean_sort(self) -> str:
         return _choice(self.cleaned_data["sort"], list(SESSION_SORTS))

@@ -222,11 +222,17 @@ class SessionFilters:
         return bool(self.updated_from and self.updated_to and self.updated_from >= self.updated_to)
 
 
+SESSION_ID_IN_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
 def session_matches(filters: SessionFilters) -> Q:
     """The condition a session meets to be listed under `filters` (its sort aside)."""
     condition = Q()
     if filters.q:
-        condition &= Q(external_id__icontains=filters.q) | Q(workflow__icontains=filters.q)
+        text = Q(external_id__icontains=filters.q) | Q(workflow__icontains=filters.q)
+        # A session's own id, or a link to one of its pages, pasted from a log, the API or a colleague.
+        pasted = SESSION_ID_IN_TEXT.search(filters.q)
+        condition &= text | Q(pk=pasted.group(0).lower()) if pasted else text
     if filters.status:
         condition &= Q(status=filters.status)
     if filters.workflow:

@@ -66,6 +66,11 @@ def test_filters_narrow_the_list(client, operator, team, story):
     assert shown(tag="nightly") == {"run-42"}
     assert shown(q="FAIL") == {"run-failed"}
     assert shown(q="research") == {"run-42"}
+    # A session's id, or a link to it, pasted from a log, the API or a colleague's message.
+    assert shown(q=str(failed.pk).upper()) == {"run-failed"}
+    assert shown(q=f"https://rewind.example.com/sessions/{failed.pk}/v/1/") == {"run-failed"}
+    assert shown(has_error="true") == {"run-failed"}  # as the timeline and the API spell it
+    assert shown(has_error="false") == {"run-42", "run-idle"}
     assert shown(updated_from="2000-01-01", updated_to="2000-01-02") == set()
     assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
 
