@@ -3,6 +3,7 @@ fork, pin and label. Thin: selectors read, services write; domain errors become 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_http_methods, require_POST
 
 from sessions_app import services as session_services
@@ -243,8 +245,10 @@ def version_raw(request: HttpRequest, session_id: Any, number: int) -> HttpRespo
     session, _ = _member_session(request, session_id)
     version = _version(session, number)
     response = HttpResponse(selectors.version_state_bytes(version), content_type="application/json")
-    filename = f"{session.pk}-v{version.number}.json"
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    # Named as the operator knows the session (the engine's id), not by our key: a folder of
+    # downloads read "1b843c40-…-v326.json". Path separators and control characters become "_".
+    name = re.sub(r"[\x00-\x1f\x7f/\\]", "_", session.external_id)
+    response["Content-Disposition"] = content_disposition_header(True, f"{name}-v{version.number}.json")
     return response
 
 

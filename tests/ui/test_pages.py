@@ -847,7 +847,11 @@ def test_search_and_raw_download(client, viewer, story):
     found = client.get(url, {"q": "tokens"}, HTTP_HX_REQUEST="true").content.decode()
     assert "/counters/tokens" in found
     raw = client.get(session_url(story, "snapshots:raw", number=3))
-    assert raw["Content-Disposition"].startswith("attachment")
+    assert raw["Content-Disposition"] == 'attachment; filename="run-42-v3.json"'
+    odd = make_session(story.project, "tenant/ünïcode run")
+    snapshot_record(session=odd, state={"a": 1})
+    assert client.get(session_url(odd, "snapshots:raw", number=1))["Content-Disposition"] == (
+        "attachment; filename*=utf-8''tenant_%C3%BCn%C3%AFcode%20run-v1.json")
     assert orjson.loads(raw.content)["counters"]["steps"] == 3
 
 
