@@ -288,6 +288,7 @@ CSRF_FAILURE_VIEW = "sessions_app.views.csrf_failure"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
+FORMAT_MODULE_PATH = ["config.formats"]  # dates and times to the second, with the zone (see there)
 USE_I18N = True
 USE_TZ = True
 

@@ -1430,3 +1430,19 @@ def test_a_change_page_asks_once_whether_its_project_is_reachable(client, clerk,
         role_checks = [query["sql"] for query in queries.captured_queries
                        if query["sql"].startswith('SELECT 1 AS "a" FROM "sessions_app_project"')]
         assert len(role_checks) == 1, url
+
+
+def test_an_audit_events_page_says_when_and_times_read_to_the_second_with_their_zone(client, staff, story):
+    """The event's page said who, what and why but not when; lists wrote "Dec. 7, 2026, 3:25 p.m.",
+    so two forks made in one minute could not be ordered, and nothing named the clock."""
+    from snapshots_app.services import snapshot_rewind
+
+    snapshot_rewind(session=story, to_version=2, reason="back to the good one", actor=staff)
+    event = AuditEvent.objects.get(action="session.rewind")
+    stamp = event.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    client.force_login(staff)
+    page = client.get(reverse("admin:sessions_app_auditevent_change", args=[event.pk])).content.decode()
+    assert re.search(rf"Created at:</label>\s*<div class=\"readonly\">{stamp}</div>", page), stamp
+    assert "back to the good one" in page and story.external_id in page
+    listed = client.get(reverse("admin:sessions_app_auditevent_changelist")).content.decode()
+    assert f">{stamp}</a>" in listed
