@@ -312,7 +312,8 @@ def _refuse_damaged(target: Version, action: str) -> None:
     checksum made a head (or a fork) no read could serve, and an engine resuming from it got an
     integrity error instead of the state it was sent back to. Refused up front, naming the version."""
     try:
-        store.read_canonical(target)
+        # From the stored rows: the caches hold what was verified before, not what the copy would share.
+        store.read_canonical(target, use_cache=False)
     except IntegrityProblem as exc:
         raise VersionDamaged(
             f"{exc.message}: a {action} to it would copy the damage. Choose another version, or restore its "

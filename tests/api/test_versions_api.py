@@ -254,20 +254,25 @@ def test_a_fork_replayed_after_the_fork_was_deleted_makes_a_new_one(writer, admi
     assert writer.get(f"/api/v1/sessions/{again.json()['id']}/head/").json()["state"] == {"a": 1}
 
 
-def test_a_rewind_or_fork_to_a_damaged_version_is_refused_and_writes_nothing(writer, session):
+@pytest.mark.parametrize("read_before", [False, True], ids=["cold", "read-before"])
+def test_a_rewind_or_fork_to_a_damaged_version_is_refused_and_writes_nothing(writer, session, read_before):
     """A rewind or fork copies its target's stored state without reading it: to a version that fails its
     checksum, it made a head every read of which was an integrity error (an engine resuming from it got
-    a 500), or a fork that was damaged from its first version."""
+    a 500), or a fork that was damaged from its first version. The check reads the stored rows: a
+    target read just before its damage was checked against the process's node cache, and copied."""
     from snapshots_app.models import StateNode
     from tests.conftest import clear_cache
 
     for step in (1, 2, 3):
         snapshot_record(session=session, state={"step": step, "notes": [f"note {step}-{i}" for i in range(40)]})
+    if read_before:
+        assert writer.get(url(session, "versions/1/")).status_code == 200
     root = bytes(Version.objects.get(session=session, number=1).root)
     data = bytearray(bytes(StateNode.objects.get(project=session.project, digest=root).data))
     data[len(data) // 2] ^= 0xFF
     StateNode.objects.filter(project=session.project, digest=root).update(data=bytes(data))
-    clear_cache()
+    if not read_before:
+        clear_cache()
 
     rewind = writer.post(url(session, "rewind/"), {"to_version": 1, "reason": "back"}, format="json")
     assert rewind.status_code == 409 and rewind.json()["code"] == "version_damaged"
