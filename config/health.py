@@ -26,13 +26,27 @@ def _check_database() -> str:
     return connection.vendor
 
 
-def _ping_redis(url: str) -> str:
+class BrokerMayDropMessages(Exception):
+    """The broker's Redis evicts keys when full: a queued job's message can vanish without a word."""
+
+
+def _ping_redis(url: str, *, broker: bool = False) -> str:
     import redis
 
     # Both timeouts: a Redis that is stopped (not gone) accepts the connection and never answers.
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     try:
-        client.ping()
+        # A write, not PING: a Redis at its maxmemory (policy noeviction) answers PING and refuses every
+        # write, so job messages, live updates and the cache all fail while a PING said "ok".
+        client.set("session-rewind:readyz", b"1", ex=60)
+        if broker:
+            memory = client.info("memory")
+            policy = memory.get("maxmemory_policy", "noeviction")
+            if memory.get("maxmemory") and policy != "noeviction":
+                raise BrokerMayDropMessages(
+                    f"maxmemory-policy is {policy}: when full, Redis evicts queued job messages; "
+                    "give the broker a Redis with noeviction (CELERY_BROKER_URL)"
+                )
     finally:
         client.close()
     return "ok"
@@ -48,7 +62,7 @@ def _check_broker() -> str:
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return "eager (tasks run in-process)"
     if settings.CELERY_BROKER_URL.split("://", 1)[0] in ("redis", "rediss", "unix"):
-        return _ping_redis(settings.CELERY_BROKER_URL)
+        return _ping_redis(settings.CELERY_BROKER_URL, broker=True)
     from config.celery import app
 
     with app.connection_for_write() as conn:

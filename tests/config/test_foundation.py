@@ -90,6 +90,58 @@ def test_readyz_names_the_failed_dependency(client, settings):
     assert "database" not in response.json()["failed"]
 
 
+@pytest.fixture
+def full_redis():
+    """A Redis of the test's own (on a free port), past its maxmemory: started per policy."""
+    import shutil
+    import socket
+    import time
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed here")
+    started = []
+
+    def start(policy: str) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        started.append(subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--maxmemory-policy", policy], stdout=subprocess.DEVNULL))
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.mset({f"filler:{n}": b"x" * 4096 for n in range(2000)})
+        # Well past its limit, so that no check's write slips in while a failed one frees its buffers.
+        client.config_set("maxmemory", client.info("memory")["used_memory"] // 2)
+        return f"redis://127.0.0.1:{port}/0"
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.django_db
+def test_readyz_names_a_redis_that_is_full_or_a_broker_that_would_evict_job_messages(client, settings, full_redis):
+    """A Redis at its maxmemory answers PING and refuses every write: /readyz said "ok" while no job
+    could be queued. A broker whose Redis evicts when full drops queued jobs without a word."""
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = full_redis("noeviction")
+    body = client.get("/readyz").json()
+    assert body["status"] == "degraded" and body["failed"] == ["redis", "broker"], body
+    assert "OutOfMemoryError" in body["checks"]["broker"], body
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = full_redis("allkeys-lru")
+    body = client.get("/readyz").json()
+    assert body["failed"] == ["broker"] and "maxmemory-policy is allkeys-lru" in body["checks"]["broker"], body
+
+
 def test_login_page_renders(client):
     response = client.get("/accounts/login/")
     assert response.status_code == 200
