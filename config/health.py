@@ -40,7 +40,7 @@ def _ping_redis(url: str, *, broker: bool = False) -> str:
         # write, so job messages, live updates and the cache all fail while a PING said "ok".
         client.set("session-rewind:readyz", b"1", ex=60)
         if broker:
-            memory = client.info("memory")
+            memory: dict[str, Any] = client.info("memory")  # type: ignore[assignment]  # (sync client)
             policy = memory.get("maxmemory_policy", "noeviction")
             if memory.get("maxmemory") and policy != "noeviction":
                 raise BrokerMayDropMessages(

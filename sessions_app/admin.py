@@ -807,8 +807,9 @@ class AuditEventAdmin(ReadOnlyAdmin):
     ordering = ["-id"]
     # An event's page said who, what and why but not when: created_at is not editable, so the admin's
     # read-only form left it out.
-    fields = readonly_fields = ["created_at", "action", "actor_label", "actor", "project", "session_name", "session_id",
-                                "target_type", "target_id", "reason", "details"]
+    fields = ("created_at", "action", "actor_label", "actor", "project", "session_name", "session_id",
+              "target_type", "target_id", "reason", "details")
+    readonly_fields = fields
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         # What an operator pastes most (a session's UUID, from its page or the API) by the indexes:
