@@ -174,7 +174,7 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
                            "once its heartbeat is %s s old", job.pk, job.kind, job.attempts, reason,
                            int(jobs.stale_after().total_seconds()))
         connection.close()
-        raise
+        return None  # (raised, Celery followed that line with the same error's 120-line traceback)
     except Exception as exc:
         # Unexpected: fail the job visibly (its progress would otherwise spin forever), then let
         # Celery log the traceback (which names the task, not the job).
@@ -322,6 +322,16 @@ def jobs_sweep() -> int:
 def jobs_requeue_stale() -> int:
     """Send again the jobs still queued long after creation (their first enqueue was lost) and the
     running ones whose heartbeat stopped (their worker died or lost the database)."""
+    try:
+        return _requeue_stale()
+    except (OperationalError, InterfaceError) as exc:
+        # Beat sends this every minute: while the database is away, one line each time, not a traceback.
+        logger.warning("jobs_requeue_stale: the database does not answer (%s); the next run looks again", first_line(exc))
+        connection.close()
+        return 0
+
+
+def _requeue_stale() -> int:
     now = timezone.now()
     silent = now - jobs.stale_after()
     stale = Job.objects.filter(
