@@ -232,7 +232,8 @@ def session_versions(session: WorkflowSession) -> QuerySet[Version]:
 TIMELINE_PAGE = 50
 HISTORY_WINDOW = 100
 
-_KIND_PLURALS: dict[str, str] = {VersionKind.REWIND: "rewinds", VersionKind.FORK: "forks", VersionKind.DATA_FIX: "data fixes"}
+_KIND_PLURALS: dict[str, str] = {VersionKind.REWIND: "rewinds", VersionKind.FORK: "forks (to or from here)",
+                                 VersionKind.DATA_FIX: "data fixes"}
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class TimelineFilters:
     def active(self) -> bool:
         return self.has_error or self.pinned or self.labelled or bool(self.kind)
 
-    def condition(self) -> Q:
+    def condition(self, session: WorkflowSession) -> Q:
         condition = Q()
         if self.has_error:
             condition &= ~Q(error="")
@@ -258,7 +259,13 @@ class TimelineFilters:
             condition &= Q(pinned=True)
         if self.labelled:
             condition &= ~Q(label="")
-        if self.kind:
+        if self.kind == VersionKind.FORK:
+            # A fork's first version is in the new session: on its source, "forks" showed "No forks." The
+            # versions forked from here show too (read among the operators' versions, version_operator_kind).
+            forked_from = Version.objects.filter(kind=VersionKind.FORK, parent__session=session).exclude(session=session)
+            parents = forked_from.order_by().values_list("parent_id", flat=True).distinct()
+            condition &= Q(kind=self.kind) | Q(pk__in=list(parents))
+        elif self.kind:
             condition &= Q(kind=self.kind)
         return condition
 
@@ -289,7 +296,7 @@ def timeline_page(
     carries `forks_out`: the fork sessions started from it, fetched for the whole page in one query."""
     if filters is None or not filters.active:
         return _with_forks_out(session, version_list(session, before=before, limit=limit))
-    queryset = session_versions(session).filter(filters.condition())
+    queryset = session_versions(session).filter(filters.condition(session))
     if before is not None:
         queryset = queryset.filter(number__lt=before)
     return _with_forks_out(session, list(queryset[:limit]))

@@ -35,10 +35,29 @@ def marked(session):
 
 
 def test_a_live_update_shows_a_new_version_exactly_when_the_page_would(marked):
+    """(Besides new versions, "forks" shows the versions forked from: v2 here, never a new version.)"""
     versions = list(Version.objects.filter(session=marked))
     for filters in EVERY_FILTER:
         page = [version.number for version in timeline_page(marked, filters=filters)]
-        assert page == sorted((v.number for v in versions if filters.matches(v)), reverse=True), filters
+        forked_from = filters.kind == "fork" and not (filters.has_error or filters.pinned or filters.labelled)
+        expected = {v.number for v in versions if filters.matches(v)} | ({2} if forked_from else set())
+        assert page == sorted(expected, reverse=True), filters
+
+
+def test_forks_on_a_source_are_the_versions_forked_from_and_on_a_fork_its_start(marked):
+    """On the source, "forks" said "No forks." although v2 had been forked: a fork's own first version
+    is in the new session."""
+    fork = Version.objects.get(kind="fork").session
+    snapshot_fork(session=fork, from_version=1, reason="again", external_id="run-1-alt-2")
+    forks = TimelineFilters(kind="fork")
+    assert [v.number for v in timeline_page(marked, filters=forks)] == [2]
+    assert [v.number for v in timeline_page(fork, filters=forks)] == [1]  # its start, and forked from again
+    assert forks.described == "forks (to or from here)"
+    with CaptureQueriesContext(connection) as queries:
+        timeline_page(marked, filters=forks)
+    # The forks are found among the operators' versions, not in the source's history.
+    plan = query_plan(queries.captured_queries[0]["sql"], priced_out=("seqscan",))
+    assert "version_operator_kind" in plan, plan
 
 
 def test_the_filters_in_words_and_in_the_address():

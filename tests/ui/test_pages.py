@@ -393,7 +393,7 @@ def test_timeline_filters_show_only_the_versions_asked_for_and_say_when_there_ar
     assert "· versions with an error</span>" in page and f'href="{session_url(session)}" id="all-versions"' in page
     assert '<option value="rewind" selected>' in shown(kind="rewind")
     # Nothing matches: the timeline says so in the filters' words (not "No versions yet").
-    for query, empty in [({"kind": "fork"}, "No forks."), ({"pinned": "true", "labelled": "true"}, "No pinned, labelled versions."),
+    for query, empty in [({"kind": "fork"}, "No forks (to or from here)."), ({"pinned": "true", "labelled": "true"}, "No pinned, labelled versions."),
                          ({"kind": "data_fix", "has_error": "true"}, "No data fixes with an error.")]:
         page = shown(**query)
         assert _rows(page) == [] and f'<li class="empty">{empty}</li>' in page and "No versions yet" not in page
