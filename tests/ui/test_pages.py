@@ -1394,3 +1394,27 @@ def test_a_version_page_offers_rewind_and_fork_to_operators(client, viewer, oper
     client.force_login(viewer)
     read_only = client.get(session_url(story, "snapshots:version", number=2)).content.decode()
     assert 'id="version-rewind"' not in read_only and 'id="version-fork"' not in read_only
+
+
+def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(client, operator, story):
+    """The version page of a rewind (or a fork, or a data fix) showed its kind but not who made it,
+    why, or which version it restored; nor whether the version was the head."""
+    from snapshots_app.services import snapshot_fork, snapshot_rewind
+
+    snapshot_rewind(session=story, to_version=2, reason="bad tool output", actor=operator)
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if", actor=operator)
+    client.force_login(operator)
+
+    def words(page_html: str, element_id: str) -> str:
+        found = re.search(rf'id="{element_id}"[^>]*>(.*?)</(?:p|span)>', page_html, re.S)
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", found.group(1))).strip() if found else ""
+
+    rewind = client.get(session_url(story, "snapshots:version", number=6)).content.decode()
+    assert words(rewind, "version-lineage") == "↩ A rewind to v2: “bad tool output”"
+    assert f"· by {operator.username} ·" in rewind and words(rewind, "version-head") == "head"
+    assert 'id="version-vs-head"' not in rewind
+    older = client.get(session_url(story, "snapshots:version", number=3)).content.decode()
+    assert words(older, "version-head") == "the head is v6" and 'id="version-lineage"' not in older
+    assert f'?from=3&amp;to=6" id="version-vs-head"' in older
+    forked = client.get(session_url(fork, "snapshots:version", number=1)).content.decode()
+    assert words(forked, "version-lineage") == "↪ Forked from run-42 v3: “what if”"
