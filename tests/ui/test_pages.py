@@ -138,9 +138,11 @@ def test_a_failed_sessions_traceback_reads_as_its_exception_where_there_is_room_
     row = re.search(r'<td class="err"[^>]*>(.*?)</td>', listed, re.S).group(1)
     assert row == gist
     page = client.get(session_url(session)).content.decode()
-    header = re.search(r'<dd class="error"[^>]*>(.*?)</dd>', page, re.S).group(1)
+    header = re.search(r'<dt>Last error</dt><dd><span class="error"[^>]*>(.*?)</span>', page, re.S).group(1)
     timeline = re.search(r'<div class="verror error"[^>]*>(.*?)</div>', page, re.S).group(1)
     assert header == gist and timeline == gist
+    # The header leads to the failing versions, whose pages have the whole text.
+    assert f'href="/sessions/{session.pk}/?has_error=true" id="errors-link"' in page
     assert "line 42, in invoke" in html.unescape(page)  # the whole traceback stays in the title
     version = client.get(session_url(session, "snapshots:version", number=1)).content.decode()
     assert "/srv/agent/tools/search.py" in version and gist in version  # and on the version's page
