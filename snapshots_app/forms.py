@@ -4,8 +4,11 @@ services stay the authority on what may be stored (a required reason, lengths af
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django import forms
 
+from sessions_app.forms import WHEN_HELP, parse_moment
 from sessions_app.services import REASON_MAX
 from snapshots_app.models import TIMELINE_KINDS
 from snapshots_app.selectors import TimelineFilters
@@ -72,6 +75,24 @@ class TimelineFilterForm(forms.Form):
             has_error=bool(data.get("has_error")), pinned=bool(data.get("pinned")), labelled=bool(data.get("labelled")),
             kind=kind if kind in TIMELINE_KINDS else "",
         )
+
+
+class GotoForm(forms.Form):
+    """Where the timeline's "Go to" box leads: a version's number ("308", "v308"), or a moment (a date,
+    or a date and time, in UTC unless it names its offset) whose version is the one written last by then."""
+
+    at = forms.CharField(max_length=100, label="Go to")
+
+    def clean_at(self) -> tuple[int | None, datetime | None]:
+        raw = self.cleaned_data["at"].strip()
+        digits = raw.removeprefix("v").removeprefix("V")
+        if digits.isascii() and digits.isdigit():
+            return int(digits), None
+        try:
+            # A day alone means the end of it: the state the session had that day, at its last.
+            return None, parse_moment(raw, end_of_day=True)
+        except forms.ValidationError:
+            raise forms.ValidationError(f"Not a version or a moment: use a number (v308) or {WHEN_HELP}.") from None
 
 
 class DataFixForm(forms.Form):

@@ -310,6 +310,18 @@ def timeline_page_showing(session: WorkflowSession, number: int) -> int | None:
     return number + 1 if list(newer[TIMELINE_PAGE - 1 : TIMELINE_PAGE]) else None
 
 
+def version_at_or_before(session: WorkflowSession, *, number: int | None = None, moment: datetime | None = None) -> int | None:
+    """The newest version numbered at most `number` (retention leaves gaps), or written at or before
+    `moment`: the state the session had then. None if there is none."""
+    versions = Version.objects.filter(session=session)
+    if number is not None:
+        versions = versions.filter(number__lte=number)
+    if moment is not None:
+        versions = versions.filter(created_at__lte=moment)
+    found: int | None = versions.order_by("-number").values_list("number", flat=True).first()
+    return found
+
+
 def timeline_rows(session: WorkflowSession, numbers: Collection[int]) -> list[Version]:
     """The timeline rows of these versions of the session (those that still exist), newest first."""
     return _with_forks_out(session, list(session_versions(session).filter(number__in=list(numbers))))

@@ -19,7 +19,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import content_disposition_header
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from sessions_app import services as session_services
 from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError, VersionConflict
@@ -30,7 +30,7 @@ from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import integrity, jsonview, selectors, services
 from snapshots_app.diff import DiffResult
-from snapshots_app.forms import ForkForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
+from snapshots_app.forms import ForkForm, GotoForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
 from snapshots_app.models import TIMELINE_KINDS, Version
 
 DIFF_SHOWN = 500
@@ -159,6 +159,30 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
         # them, not the form's fields (an unticked box's nothing, "?kind=" for any kind).
         response["HX-Push-Url"] = request.path + (f"?{filters.query}" if filters.query else "")
     return response
+
+
+@login_required
+@require_GET
+def timeline_goto(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """The timeline's "Go to" box: to a version's row, or the row of the version a moment ago, on
+    whichever page of the timeline holds it (a shared #v-308 of an older page landed nowhere)."""
+    session, _ = _member_session(request, session_id)
+    form = GotoForm(request.GET)
+    if not form.is_valid():
+        messages.error(request, " ".join(form_problems(form)))
+        return redirect("snapshots:session", session_id=session.pk)
+    number, moment = form.cleaned_data["at"]
+    found = selectors.version_at_or_before(session, number=number, moment=moment)
+    asked = f"v{number}" if number is not None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+    if found is None:
+        messages.error(request, f"No version of this session was written at or before {asked}.")
+        return redirect("snapshots:session", session_id=session.pk)
+    if moment is not None:
+        messages.info(request, f"v{found} is the version the session had at {asked}.")
+    elif found != number:
+        messages.info(request, f"There is no {asked} (a number past the head, or removed by retention): "
+                               f"v{found} is the one before it.")
+    return redirect(_timeline_at(session, found))
 
 
 def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:

@@ -1420,3 +1420,36 @@ def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(cli
     assert f'?from=3&amp;to=6" id="version-vs-head"' in older
     forked = client.get(session_url(fork, "snapshots:version", number=1)).content.decode()
     assert words(forked, "version-lineage") == "↪ Forked from run-42 v3: “what if”"
+
+
+def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(client, operator, team):
+    """Finding "the state at 02:14" or v8 of a long session meant scrolling page after page: the
+    timeline had no way to a version or a time, and a shared #v-8 of an older page landed nowhere."""
+    from snapshots_app.selectors import TIMELINE_PAGE
+
+    session = make_session(team, "run-long")
+    start = timezone.now() - timedelta(hours=2)
+    for number in range(1, TIMELINE_PAGE + 21):
+        snapshot_record(session=session, state={"n": number})
+    for version in Version.objects.filter(session=session):
+        Version.objects.filter(pk=version.pk).update(created_at=start + timedelta(minutes=version.number))
+    client.force_login(operator)
+    goto = session_url(session, "snapshots:goto")
+    assert 'id="timeline-goto"' in client.get(session_url(session)).content.decode()
+
+    response = client.get(goto, {"at": "v8"})
+    assert response.status_code == 302 and response.url == f"{session_url(session)}?before=9#v-8"
+    page = client.get(response.url).content.decode()
+    assert 'id="v-8"' in page
+    at = (start + timedelta(minutes=12, seconds=30)).strftime("%Y-%m-%d %H:%M:%S")
+    response = client.get(goto, {"at": at})
+    assert response.url.endswith("#v-12")
+    assert f"v12 is the version the session had at {at} UTC." in client.get(response.url).content.decode()
+    response = client.get(goto, {"at": str(TIMELINE_PAGE + 500)})
+    assert response.url.endswith(f"#v-{TIMELINE_PAGE + 20}")
+    assert "is the one before it" in client.get(response.url).content.decode()
+    for at, problem in (((start - timedelta(days=1)).strftime("%Y-%m-%d"), "No version of this session was written at or before"),
+                        ("yesterday-ish", "Go to: Not a version or a moment")):
+        response = client.get(goto, {"at": at})
+        assert response.status_code == 302 and response.url == session_url(session)
+        assert problem in client.get(response.url).content.decode()
