@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
@@ -223,6 +224,13 @@ CELERY_TASK_EAGER_PROPAGATES = True
 # per message, then logged CRITICAL "The Celery application must be restarted", which it need not be.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
+# The per-write change summaries (finalize_versions, one message per 100 new versions) have a queue of
+# their own: on the one queue, a job (an export, a compaction) waited behind a write burst's backlog
+# (110 s after 24,000 versions, "waiting for a worker" with every worker busy). A worker started
+# without -Q takes from both, in turn.
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_TASK_QUEUES = (Queue("celery"), Queue("finalize"))
+CELERY_TASK_ROUTES = {"snapshots_app.tasks.finalize_versions": {"queue": "finalize"}}
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"

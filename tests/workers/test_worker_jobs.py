@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -287,3 +288,29 @@ def test_a_job_whose_database_connection_is_cut_resumes_at_once_when_the_databas
     removed = {(s.external_id, n) for s in project.sessions.all() for n in preview.removed_numbers.get(str(s.pk), [])}
     assert set(after) == set(before) - removed
     assert all(after[key] == before[key] for key in after)
+
+
+def test_a_job_does_not_wait_behind_a_backlog_of_change_summaries(worker, project):
+    """A write burst queues one finalize message per 100 versions; on the one queue a job started
+    then waited behind all of them (110 s after 24,000 versions, "waiting for a worker"). Summaries
+    have a queue of their own, and a worker started without -Q takes from both in turn."""
+    from config.celery import app
+
+    session = make_session(project, "burst")
+    version = snapshot_record(session=session, state={"n": 1})
+    worker.stop()
+    _purge_queue()
+    for _ in range(300):  # a backlog (each finds its version summarised: quick, but not free)
+        tasks.finalize_versions.delay([version.pk])
+    job = integrity_scrub_start(project=project)
+    assert background.drain(5)  # (its message is sent after commit, on the background thread)
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        assert (client.llen("finalize"), client.llen("celery")) == (300, 1)
+        worker.start()
+        assert wait_finished(job, timeout=60).status == JobStatus.DONE
+        wait_for(lambda: client.llen("finalize") == 0, timeout=60, what="the backlog to be taken too")
+    # What the restarted worker took, in order (its log; start() returns only once it answers a ping,
+    # which a solo worker does between tasks): the job among the first, not the last of 301.
+    taken = re.findall(r"Task snapshots_app\.tasks\.(\w+)\[[^]]+\] received", worker.log.read_text().rsplit(" ready.", 1)[1])
+    assert "integrity_scrub_job" in taken[:3], taken[:10]
