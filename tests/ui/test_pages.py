@@ -1085,6 +1085,18 @@ def test_path_history_of_a_path_without_its_leading_slash_says_so_instead_of_abs
     assert client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).status_code == 200
 
 
+def test_path_history_of_a_path_no_version_has_says_so_and_leads_to_the_state(client, viewer, story):
+    """A mistyped path (or one in the wrong case) read "absent (value at the oldest version shown)",
+    as if the value had existed and gone."""
+    client.force_login(viewer)
+    page = client.get(session_url(story, "snapshots:history"), {"path": "/Counters/tokens"}).content.decode()
+    note = re.search(r'id="path-nowhere"[^>]*>(.*?)</p>', page, re.S)
+    assert note and "No version from v1 to v5 has <code>/Counters/tokens</code>" in note.group(1)
+    assert f'href="{session_url(story, "snapshots:version", number=5)}">browse the head' in note.group(1)
+    found = client.get(session_url(story, "snapshots:history"), {"path": "/counters/tokens"}).content.decode()
+    assert 'id="path-nowhere"' not in found
+
+
 def test_path_history_offers_older_versions_only_when_retention_left_some(client, viewer, story):
     """After a retention run the oldest version kept is no longer v1: "Older versions" was offered
     under it all the same, and led to an empty page."""
