@@ -1446,3 +1446,16 @@ def test_an_audit_events_page_says_when_and_times_read_to_the_second_with_their_
     assert "back to the good one" in page and story.external_id in page
     listed = client.get(reverse("admin:sessions_app_auditevent_changelist")).content.decode()
     assert f">{stamp}</a>" in listed
+
+
+def test_the_admin_link_is_offered_only_to_staff_it_has_something_to_show(client, team, clerk, staff):
+    """Staff without a model permission followed "Admin" to "You don't have permission to view or edit
+    anything"."""
+    bare = make_user("bare-staff", staff=True)
+    for user in (bare, clerk, staff):
+        membership_set(project=team, user=user, role=Role.OPERATOR)
+    links = {}
+    for user in (bare, clerk, staff):
+        client.force_login(user)
+        links[user.username] = f'href="{reverse("admin:index")}"' in client.get(reverse("sessions:list")).content.decode()
+    assert links == {"bare-staff": False, "clerk": True, "root": True}
