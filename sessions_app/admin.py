@@ -34,7 +34,16 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 
 from sessions_app.errors import InvalidState, NotFound, StateStoreError
-from sessions_app.models import ApiKey, AuditEvent, Membership, Project, Role, SessionStatus, WorkflowSession
+from sessions_app.models import (
+    ApiKey,
+    AuditAction,
+    AuditEvent,
+    Membership,
+    Project,
+    Role,
+    SessionStatus,
+    WorkflowSession,
+)
 from sessions_app.selectors import (
     API_KEY_STATUS_CHOICES,
     API_KEY_STATUSES,
@@ -796,7 +805,8 @@ NAMED_SESSIONS_SEARCHED = 500  # sessions whose name holds a searched term, whos
 
 @admin.register(AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "action", "actor_label", "project", "session_name", "target_type", "target_id", "reason"]
+    list_display = ["created_at", "action", "actor_label", "project", "session_name", "change", "target_type", "target_id",
+                    "reason"]
     # A date filter, not date_hierarchy: its MIN/MAX and DISTINCT day queries read the whole table on
     # every view. `action` has choices, so its filter lists them instead of a DISTINCT over the table.
     list_filter = ["action", ("created_at", admin.DateFieldListFilter), ("project", ProjectListFilter)]
@@ -807,7 +817,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
     ordering = ["-id"]
     # An event's page said who, what and why but not when: created_at is not editable, so the admin's
     # read-only form left it out.
-    fields = ("created_at", "action", "actor_label", "actor", "project", "session_name", "session_id",
+    fields = ("created_at", "action", "actor_label", "actor", "project", "session_name", "session_id", "change",
               "target_type", "target_id", "reason", "details")
     readonly_fields = fields
 
@@ -836,6 +846,19 @@ class AuditEventAdmin(ReadOnlyAdmin):
         # event outlives its session).
         names = WorkflowSession.objects.filter(pk=OuterRef("session_id")).values("external_id")[:1]
         return super().get_queryset(request).annotate(session_external_id=Subquery(names))
+
+    @admin.display(description="change")
+    def change(self, event: AuditEvent) -> str:
+        """A rewind, fork or data fix in version numbers: its target id is a version's or a session's
+        internal key ("645"), which named nothing an operator knows."""
+        details = event.details if isinstance(event.details, dict) else {}
+        if event.action == AuditAction.SESSION_REWIND and "new_head" in details:
+            return f"v{details.get('previous_head')} → v{details['new_head']}, the state of v{details.get('to_version')}"
+        if event.action == AuditAction.SESSION_FORK and "new_external_id" in details:
+            return f"v{details.get('from_version')} → {details['new_external_id']}"
+        if event.action == AuditAction.VERSION_DATA_FIX and "new_head" in details:
+            return f"v{details.get('based_on')} → v{details['new_head']}"
+        return ""
 
     @admin.display(description="session")
     def session_name(self, event: AuditEvent) -> str:

@@ -1446,6 +1446,14 @@ def test_an_audit_events_page_says_when_and_times_read_to_the_second_with_their_
     assert "back to the good one" in page and story.external_id in page
     listed = client.get(reverse("admin:sessions_app_auditevent_changelist")).content.decode()
     assert f">{stamp}</a>" in listed
+    # In version numbers, not by the new version's internal key.
+    assert '<td class="field-change">v5 → v6, the state of v2</td>' in listed
+    assert re.search(r"Change:</label>\s*<div class=\"readonly\">v5 → v6, the state of v2</div>", page)
+    from snapshots_app.services import snapshot_fork
+
+    snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if", actor=staff)
+    listed = client.get(reverse("admin:sessions_app_auditevent_changelist")).content.decode()
+    assert '<td class="field-change">v3 → run-42-alt</td>' in listed
 
 
 def test_the_admin_link_is_offered_only_to_staff_it_has_something_to_show(client, team, clerk, staff):

@@ -1429,7 +1429,7 @@ def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(cli
     assert 'id="version-vs-head"' not in rewind
     older = client.get(session_url(story, "snapshots:version", number=3)).content.decode()
     assert words(older, "version-head") == "the head is v6" and 'id="version-lineage"' not in older
-    assert f'?from=3&amp;to=6" id="version-vs-head"' in older
+    assert '?from=3&amp;to=6" id="version-vs-head"' in older
     forked = client.get(session_url(fork, "snapshots:version", number=1)).content.decode()
     assert words(forked, "version-lineage") == "↪ Forked from run-42 v3: “what if”"
 
