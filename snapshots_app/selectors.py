@@ -376,6 +376,11 @@ def version_for_session(session: WorkflowSession, number: Any) -> Version:
     return version
 
 
+def open_integrity_problem(version: Version) -> IntegrityProblem | None:
+    """The version's open integrity problem, if the scrub (or an admin check) recorded one."""
+    return IntegrityProblem.objects.filter(version=version, resolved_at__isnull=True).first()
+
+
 def integrity_problems(session: WorkflowSession, *, limit: int = 20) -> list[IntegrityProblem]:
     """The session's open integrity problems, newest first (recorded by the scrub or an admin check)."""
     return list(

@@ -533,7 +533,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
         "refused": refused, "engine_active": _engine_active(session), "damaged": damaged,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
-        "timeline_at": _timeline_at(session, target.number),
+        "timeline_at": _timeline_at(session, target.number), "target_problem": selectors.open_integrity_problem(target),
     }
     return render(request, "snapshots_app/confirm_rewind.html", context, status=status)
 
@@ -564,7 +564,7 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
             return redirect("snapshots:session", session_id=fork.pk)
     context = {**_base(session, role), "source": source, "error": error, "request_key": _request_key(request, fresh=sent_before),
                "reason": request.POST.get("reason", ""), "external_id": request.POST.get("external_id", ""),
-               "timeline_at": _timeline_at(session, source.number)}
+               "timeline_at": _timeline_at(session, source.number), "target_problem": selectors.open_integrity_problem(source)}
     return render(request, "snapshots_app/confirm_fork.html", context, status=status)
 
 

@@ -1465,3 +1465,18 @@ def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(cli
         response = client.get(goto, {"at": at})
         assert response.status_code == 302 and response.url == session_url(session)
         assert problem in client.get(response.url).content.decode()
+
+
+def test_rewind_and_fork_pages_name_an_open_integrity_problem_of_their_version(client, operator, story):
+    """A rewind to a damaged version whose state the head shares said "The head already has this state"
+    and nothing else; the refusal came only once confirmed."""
+    from snapshots_app.integrity import integrity_problem_record
+
+    target = Version.objects.get(session=story, number=2)
+    integrity_problem_record(version=target, detail="checksum mismatch")
+    client.force_login(operator)
+    for name in ("snapshots:rewind", "snapshots:fork"):
+        page = client.get(session_url(story, name, number=2)).content.decode()
+        assert re.search(r'id="target-damaged"[^>]*>v2 has an open integrity problem: checksum mismatch\.', page), name
+        other = client.get(session_url(story, name, number=3)).content.decode()
+        assert 'id="target-damaged"' not in other
