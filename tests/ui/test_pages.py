@@ -1480,3 +1480,21 @@ def test_rewind_and_fork_pages_name_an_open_integrity_problem_of_their_version(c
         assert re.search(r'id="target-damaged"[^>]*>v2 has an open integrity problem: checksum mismatch\.', page), name
         other = client.get(session_url(story, name, number=3)).content.decode()
         assert 'id="target-damaged"' not in other
+
+
+def test_the_diff_page_takes_other_versions_of_its_two_sessions_typed(client, viewer, story):
+    """Comparing a fork's head with another version of its source needed a hand-edited address."""
+    from snapshots_app.services import snapshot_fork
+
+    fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if")
+    snapshot_record(session=fork, state={"fixed": True})
+    client.force_login(viewer)
+    page = client.get(session_url(fork, "snapshots:diff"), {"from_session": story.pk, "from": 3, "to": 1}).content.decode()
+    form = re.search(r'<form method="get" action="([^"]+)" class="inline-form" id="diff-pick">(.*?)</form>', page, re.S)
+    assert form and form.group(1) == session_url(fork, "snapshots:diff")
+    fields = dict(re.findall(r'name="(\w+)"[^>]*value="([^"]*)"', form.group(2)))
+    assert fields == {"from_session": str(story.pk), "mode": "inline", "from": "3", "to": "1"}
+    assert "From run-42 v" in form.group(2) and "to run-42-alt v" in form.group(2)
+    # What it sends: the fork's head against v5 of its source.
+    moved = client.get(form.group(1), {**fields, "from": 5, "to": 2}).content.decode()
+    assert "Diff <a" in moved and ">run-42 v5</a>" in moved and ">run-42-alt v2</a>" in moved
