@@ -36,7 +36,6 @@ from django.utils.html import format_html
 from sessions_app.errors import InvalidState, NotFound, StateStoreError
 from sessions_app.models import (
     ApiKey,
-    AuditAction,
     AuditEvent,
     Membership,
     Project,
@@ -51,6 +50,7 @@ from sessions_app.selectors import (
     api_key_status_q,
     api_keys_listed,
     api_keys_working_made_by,
+    audit_change,
     role_allows,
     users_reaching_only,
 )
@@ -849,16 +849,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     @admin.display(description="change")
     def change(self, event: AuditEvent) -> str:
-        """A rewind, fork or data fix in version numbers: its target id is a version's or a session's
-        internal key ("645"), which named nothing an operator knows."""
-        details = event.details if isinstance(event.details, dict) else {}
-        if event.action == AuditAction.SESSION_REWIND and "new_head" in details:
-            return f"v{details.get('previous_head')} → v{details['new_head']}, the state of v{details.get('to_version')}"
-        if event.action == AuditAction.SESSION_FORK and "new_external_id" in details:
-            return f"v{details.get('from_version')} → {details['new_external_id']}"
-        if event.action == AuditAction.VERSION_DATA_FIX and "new_head" in details:
-            return f"v{details.get('based_on')} → v{details['new_head']}"
-        return ""
+        return audit_change(event)  # (its target id, "645", named nothing an operator knows)
 
     @admin.display(description="session")
     def session_name(self, event: AuditEvent) -> str:

@@ -24,7 +24,7 @@ from django.db.models import Case, Exists, ExpressionWrapper, Model, OuterRef, Q
 from django.utils import timezone
 
 from sessions_app.errors import SessionNotFound
-from sessions_app.models import ROLE_RANK, ApiKey, Membership, Project, Role, WorkflowSession
+from sessions_app.models import ROLE_RANK, ApiKey, AuditAction, AuditEvent, Membership, Project, Role, WorkflowSession
 
 _M = TypeVar("_M", bound=Model)
 
@@ -349,3 +349,28 @@ def session_rows_matching(
 def _session_rows(project_id: int, session_ids: Iterable[Any], limit: int | None = None) -> QuerySet[WorkflowSession]:
     queryset = WorkflowSession.objects.filter(project_id=project_id, pk__in=list(session_ids)).order_by("-updated_at", "-id")
     return queryset if limit is None else queryset[:limit]
+
+
+SESSION_AUDIT_PAGE = 50
+
+
+def session_audit(session: WorkflowSession, *, before: int | None = None, limit: int = SESSION_AUDIT_PAGE) -> list[AuditEvent]:
+    """The session's audit events, newest first (by id, through the session_id index), a page at a time:
+    those with an id below `before`."""
+    events = AuditEvent.objects.filter(session_id=session.pk)
+    if before is not None:
+        events = events.filter(pk__lt=before)
+    return list(events.order_by("-id")[:limit])
+
+
+def audit_change(event: AuditEvent) -> str:
+    """A rewind, fork or data fix in version numbers ("v5 → v6, the state of v2"), from what the event
+    recorded; "" for other actions. Its target id is a version's or a session's internal key."""
+    details = event.details if isinstance(event.details, dict) else {}
+    if event.action == AuditAction.SESSION_REWIND and "new_head" in details:
+        return f"v{details.get('previous_head')} → v{details['new_head']}, the state of v{details.get('to_version')}"
+    if event.action == AuditAction.SESSION_FORK and "new_external_id" in details:
+        return f"v{details.get('from_version')} → {details['new_external_id']}"
+    if event.action == AuditAction.VERSION_DATA_FIX and "new_head" in details:
+        return f"v{details.get('based_on')} → v{details['new_head']}"
+    return ""

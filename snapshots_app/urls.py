@@ -12,6 +12,7 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/trim/", views.trim_confirm, name="trim"),
     path("sessions/<uuid:session_id>/history/", views.path_history, name="history"),
     path("sessions/<uuid:session_id>/goto/", views.timeline_goto, name="goto"),
+    path("sessions/<uuid:session_id>/audit/", views.session_audit, name="audit"),
     path("sessions/<uuid:session_id>/v/<int:number>/", views.version_detail, name="version"),
     path("sessions/<uuid:session_id>/v/<int:number>/raw.json", views.version_raw, name="raw"),
     path("sessions/<uuid:session_id>/v/<int:number>/rewind/", views.rewind_confirm, name="rewind"),

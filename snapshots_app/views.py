@@ -21,6 +21,7 @@ from django.urls import reverse
 from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
 from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError, VersionConflict
 from sessions_app.forms import form_problems
@@ -183,6 +184,23 @@ def timeline_goto(request: HttpRequest, session_id: Any) -> HttpResponse:
         messages.info(request, f"There is no {asked} (a number past the head, or removed by retention): "
                                f"v{found} is the one before it.")
     return redirect(_timeline_at(session, found))
+
+
+@login_required
+@require_GET
+def session_audit(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """Who rewound, forked, fixed, pinned, archived this session, when and why, newest first: the admin's
+    audit log was the only place, and most operators have no admin."""
+    session, role = _member_session(request, session_id)
+    before = _int(request.GET.get("before"))
+    page = session_selectors.SESSION_AUDIT_PAGE
+    events = session_selectors.session_audit(session, before=before, limit=page)
+    context = {
+        **_base(session, role), "before": before,
+        "events": [(event, session_selectors.audit_change(event)) for event in events],
+        "older": events[-1].pk if len(events) == page else None,
+    }
+    return render(request, "snapshots_app/audit.html", context)
 
 
 def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:

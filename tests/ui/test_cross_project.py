@@ -82,7 +82,7 @@ def test_dashboard_addresses_of_another_projects_session(client, mallory, globex
     for path in [f"{base}/", f"{base}/?before=2", f"{base}/diff/?from=1&to=2", f"{base}/history/?path=/token",
                  f"{base}/v/1/", f"{base}/v/1/?pointer=/token", f"{base}/v/1/?q=token", f"{base}/v/1/raw.json",
                  f"{base}/v/1/rewind/", f"{base}/v/1/fork/", f"{base}/archive/", f"{base}/trim/", f"{base}/v/99/",
-                 f"{base}/goto/?at=v1", f"/?q={theirs.pk}",
+                 f"{base}/goto/?at=v1", f"/?q={theirs.pk}", f"{base}/audit/",
                  f"/sessions/{mine.pk}/diff/?from=1&to=1&from_session={theirs.pk}",
                  f"/sessions/{mine.pk}/diff/?from=1&to=1&to_session={theirs.pk}",
                  f"/sessions/{mine.pk}/diff/?from=1&to=2&from_session={theirs.pk}&mode=split",

@@ -1498,3 +1498,32 @@ def test_the_diff_page_takes_other_versions_of_its_two_sessions_typed(client, vi
     # What it sends: the fork's head against v5 of its source.
     moved = client.get(form.group(1), {**fields, "from": 5, "to": 2}).content.decode()
     assert "Diff <a" in moved and ">run-42 v5</a>" in moved and ">run-42-alt v2</a>" in moved
+
+
+def test_a_sessions_audit_trail_says_who_did_what_when_and_why(client, viewer, operator, story, monkeypatch):
+    """Rewinds, forks, pins and archiving were audited, but only the admin's log showed them, and most
+    operators have no admin."""
+    from sessions_app import selectors as session_selectors
+    from snapshots_app.services import snapshot_fork, snapshot_rewind, version_pin
+
+    snapshot_rewind(session=story, to_version=2, reason="bad tool output", actor=operator)
+    snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if", actor=operator)
+    version_pin(version=Version.objects.get(session=story, number=4), pinned=True, actor=operator)
+    client.force_login(viewer)
+    assert f'href="{session_url(story, "snapshots:audit")}" id="audit-link"' in client.get(session_url(story)).content.decode()
+    page = client.get(session_url(story, "snapshots:audit")).content.decode()
+    rows = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", row)).strip()
+            for row in re.findall(r"<tr><td>(.*?)</tr>", page, re.S)]
+    assert [row.split(" UTC ", 1)[1] for row in rows] == [
+        f"{operator.username} Version pinned",
+        f"{operator.username} Fork v3 → run-42-alt what if",
+        f"{operator.username} Rewind v5 → v6, the state of v2 bad tool output",
+    ]
+    monkeypatch.setattr(session_selectors, "SESSION_AUDIT_PAGE", 2)
+    first = client.get(session_url(story, "snapshots:audit")).content.decode()
+    older = re.search(r'href="\?before=(\d+)" id="audit-older"', first)
+    assert older and first.count("<tr><td>") == 2
+    rest = client.get(session_url(story, "snapshots:audit"), {"before": older.group(1)}).content.decode()
+    assert rest.count("<tr><td>") == 1 and "bad tool output" in rest and 'id="audit-older"' not in rest
+    fresh = make_session(story.project, "untouched")
+    assert "Nothing has been done to this session yet" in client.get(session_url(fresh, "snapshots:audit")).content.decode()
