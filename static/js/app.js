@@ -313,6 +313,14 @@
       if (!arrived.has(time)) arrived.set(time, now);
     });
   }
+  // A link to a version's row (#v-308, shared, or from a log) whose row is not on this page of the
+  // timeline (an older version, past the newest page) goes to the page that holds it, through "Go to".
+  var wanted = /^#v-(\d+)$/.exec(window.location.hash);
+  var goto = document.getElementById("timeline-goto");
+  if (wanted && goto && !document.getElementById("v-" + wanted[1])) {
+    window.location.replace(goto.getAttribute("action") + "?at=" + wanted[1]);
+  }
+
   noteArrivals();
   document.addEventListener("htmx:afterSettle", noteArrivals);
   document.addEventListener("htmx:wsAfterMessage", noteArrivals);

@@ -383,6 +383,20 @@ def test_older_pages_of_a_long_timeline_load_as_rows_of_it(server, browser):
     assert page.locator("#timeline li.more").count() == 0 and page.errors == []  # type: ignore[attr-defined]
 
 
+def test_a_link_to_a_row_past_the_newest_page_opens_the_page_that_holds_it(server, browser):
+    """A shared /sessions/<id>/#v-8 of a long session landed at the top of the newest page, where v8 is not."""
+    session, page = _live_timeline(server, browser)
+    off_loop(record_history, session, 60, start=6)
+    page.goto(f"{server}/")  # (from another page: a hash change on the same page loads nothing)
+    page.goto(f"{server}/sessions/{session.pk}/#v-8")
+    page.wait_for_url(lambda url: url.endswith("/?before=9#v-8"))
+    assert page.locator("#v-8").is_visible() and page.errors == []  # type: ignore[attr-defined]
+    page.goto(f"{server}/")
+    page.goto(f"{server}/sessions/{session.pk}/#v-60")  # on the newest page: stays
+    page.wait_for_load_state("load")
+    assert page.url.endswith(f"/sessions/{session.pk}/#v-60") and page.locator("#v-60").is_visible()
+
+
 def test_a_busy_sessions_open_timeline_keeps_its_newest_rows(server, browser):
     """Versions written faster than anyone reads them: the open timeline keeps its newest 200 rows
     (at 20 writes/s it grew by 1,200 rows a minute, fell minutes behind and stopped answering), and
