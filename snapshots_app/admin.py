@@ -37,7 +37,7 @@ from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role, WorkflowSession
 from snapshots_app import compaction, integrity, selectors, services, transfer
-from snapshots_app.diff import PatchError, diff_values, value_at
+from snapshots_app.diff import DiffResult, PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jobs import job_condition
 from snapshots_app.jsonview import join_pointer, pretty
@@ -255,6 +255,8 @@ class VersionAdmin(ReadOnlyAdmin):
                                "new head on top of it (the damaged version is kept as it is, for its integrity problem).")
                 else:
                     result = diff_values(head_value, prepared.value)
+                    if expected is not None and expected != session.head_number and error:
+                        error += _undoes(session, expected, head_value, result)
             except StateStoreError as exc:
                 error = exc.message
         context = {
@@ -267,6 +269,23 @@ class VersionAdmin(ReadOnlyAdmin):
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)
+
+
+def _undoes(session: WorkflowSession, expected: int, head_value: Any, result: DiffResult) -> str:
+    """What in a data fix's diff against a head that moved would set back what was written since the
+    page was loaded (an engine's step meanwhile): " It would undo what vN wrote since: /a, /b." or ""."""
+    try:
+        then = selectors.version_state(selectors.version_get(session=session, number=expected))
+    except (StateStoreError, IntegrityError):
+        return ""  # (that version is gone, or damaged: nothing to compare with)
+    moved = [change["path"] for change in diff_values(then, head_value).changes]
+    undone = [change["path"] for change in result.changes
+              if any(change["path"] == path or change["path"].startswith(path + "/") or path.startswith(change["path"] + "/")
+                     for path in moved)]
+    if not undone:
+        return ""
+    more = f" and {len(undone) - 10} more" if len(undone) > 10 else ""
+    return f" It would undo what was written since v{expected}: {', '.join(undone[:10])}{more}."
 
 
 @admin.register(IntegrityProblem)

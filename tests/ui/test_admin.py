@@ -205,6 +205,8 @@ def test_a_data_fix_records_only_the_state_whose_diff_against_the_current_head_w
     stale = client.post(url, {"state": edited, "reason": "why", "expected_version": 5, "preview": "1"})
     body = stale.content.decode()
     assert stale.status_code == 400 and "The head is now v6, not v5" in body and "/engine_wrote" in body
+    # The lines that set back what the engine wrote meanwhile are named (they read like any other).
+    assert "It would undo what was written since v5: /counters/steps, /counters/tokens, /engine_wrote." in body
     assert 'name="expected_version" value="6"' in body
     late = client.post(url, {"state": edited, "reason": "why", "expected_version": 5, "apply": "1",
                              "previewed": shown_state(preview)})
