@@ -272,16 +272,8 @@ class VersionAdmin(ReadOnlyAdmin):
 
 
 def _undoes(session: WorkflowSession, expected: int, head_value: Any, result: DiffResult) -> str:
-    """What in a data fix's diff against a head that moved would set back what was written since the
-    page was loaded (an engine's step meanwhile): " It would undo what vN wrote since: /a, /b." or ""."""
-    try:
-        then = selectors.version_state(selectors.version_get(session=session, number=expected))
-    except (StateStoreError, IntegrityError):
-        return ""  # (that version is gone, or damaged: nothing to compare with)
-    moved = [change["path"] for change in diff_values(then, head_value).changes]
-    undone = [change["path"] for change in result.changes
-              if any(change["path"] == path or change["path"].startswith(path + "/") or path.startswith(change["path"] + "/")
-                     for path in moved)]
+    """" It would undo what was written since vN: /a, /b." for a fix previewed against a head that moved."""
+    undone = selectors.changes_undoing(session, expected, head_value, result)
     if not undone:
         return ""
     more = f" and {len(undone) - 10} more" if len(undone) > 10 else ""

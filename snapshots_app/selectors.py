@@ -18,7 +18,7 @@ from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import WorkflowSession
 from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
-from snapshots_app.diff import DiffResult, diff_trees
+from snapshots_app.diff import DiffResult, diff_trees, diff_values
 from snapshots_app.models import IntegrityProblem, Version, VersionKind
 
 
@@ -374,6 +374,20 @@ def version_for_session(session: WorkflowSession, number: Any) -> Version:
     if version is None:
         raise VersionNotFound(f"session {session.external_id} has no version {number}", version=number)
     return version
+
+
+def changes_undoing(session: WorkflowSession, since: int, head_value: Any, result: DiffResult) -> list[str]:
+    """The paths of `result` (a diff from the head's state, `head_value`) that set back what was written
+    after version `since` (an engine's step while a data fix was being edited): equal, inside or around
+    a path that changed from `since` to the head. [] when `since` is gone or damaged."""
+    try:
+        then = version_state(version_get(session=session, number=since))
+    except errors.StateStoreError:
+        return []
+    moved = [change["path"] for change in diff_values(then, head_value).changes]
+    return [change["path"] for change in result.changes
+            if any(change["path"] == path or change["path"].startswith(path + "/") or path.startswith(change["path"] + "/")
+                   for path in moved)]
 
 
 def open_integrity_problem(version: Version) -> IntegrityProblem | None:
