@@ -81,7 +81,9 @@ class SessionFilterForm(forms.Form):
     def clean_has_error(self) -> str:
         # true/false as the timeline and the API spell it: a link written for one was a 400 on the other.
         raw = {"true": "yes", "false": "no"}.get(self.cleaned_data["has_error"], self.cleaned_data["has_error"])
-        return _choice(raw, ["yes", "no"])
+        if raw and raw not in ("yes", "no"):
+            raise forms.ValidationError("Not one of true, false.", code="invalid_choice")
+        return raw
 
     def clean_sort(self) -> str:
         return _choice(self.cleaned_data["sort"], list(SESSION_SORTS))

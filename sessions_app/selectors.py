@@ -356,21 +356,48 @@ SESSION_AUDIT_PAGE = 50
 
 def session_audit(session: WorkflowSession, *, before: int | None = None, limit: int = SESSION_AUDIT_PAGE) -> list[AuditEvent]:
     """The session's audit events, newest first (by id, through the session_id index), a page at a time:
-    those with an id below `before`."""
-    events = AuditEvent.objects.filter(session_id=session.pk)
+    those with an id below `before`. A fork's include the fork that made it (recorded on its source,
+    naming it as its target: audit_target_id)."""
+    events = AuditEvent.objects.filter(Q(session_id=session.pk) | Q(target_type="session", target_id=str(session.pk)))
     if before is not None:
         events = events.filter(pk__lt=before)
     return list(events.order_by("-id")[:limit])
 
 
+def number_ranges(numbers: Iterable[int], shown: int = 12) -> str:
+    """Ascending version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    words = [f"v{first}" if first == last else f"v{first}\u2013v{last}" for first, last in runs[:shown]]
+    if len(runs) > shown:
+        words.append(f"and {len(runs) - shown:,} more runs")
+    return ", ".join(words)
+
+
 def audit_change(event: AuditEvent) -> str:
-    """A rewind, fork or data fix in version numbers ("v5 → v6, the state of v2"), from what the event
-    recorded; "" for other actions. Its target id is a version's or a session's internal key."""
+    """What an event did to a session's versions, in their numbers ("v5 \u2192 v6, the state of v2", "v120
+    labelled \u201cgood\u201d"), from what it recorded; "" where the action says it all. Its target id is a
+    version's or a session's internal key."""
     details = event.details if isinstance(event.details, dict) else {}
-    if event.action == AuditAction.SESSION_REWIND and "new_head" in details:
-        return f"v{details.get('previous_head')} → v{details['new_head']}, the state of v{details.get('to_version')}"
-    if event.action == AuditAction.SESSION_FORK and "new_external_id" in details:
-        return f"v{details.get('from_version')} → {details['new_external_id']}"
-    if event.action == AuditAction.VERSION_DATA_FIX and "new_head" in details:
-        return f"v{details.get('based_on')} → v{details['new_head']}"
+    action, version = event.action, details.get("version")
+    if action == AuditAction.SESSION_REWIND and "new_head" in details:
+        return f"v{details.get('previous_head')} \u2192 v{details['new_head']}, the state of v{details.get('to_version')}"
+    if action == AuditAction.SESSION_FORK and "new_external_id" in details:
+        return f"v{details.get('from_version')} \u2192 {details['new_external_id']}"
+    if action == AuditAction.VERSION_DATA_FIX and "new_head" in details:
+        return f"v{details['new_head']}: the state of v{details.get('based_on')}, edited"
+    if action in (AuditAction.VERSION_PIN, AuditAction.VERSION_UNPIN, AuditAction.INTEGRITY_RESOLVE) and version:
+        return f"v{version}"
+    if action == AuditAction.VERSION_LABEL and version:
+        label = details.get("label")
+        return f"v{version} labelled \u201c{label}\u201d" if label else f"v{version}: label removed"
+    if action in (AuditAction.SESSION_TRIM, AuditAction.RETENTION_REMOVE) and isinstance(details.get("numbers"), list):
+        numbers = sorted(n for n in details["numbers"] if isinstance(n, int))
+        return f"removed {number_ranges(numbers)}"
+    if action == AuditAction.SESSION_UPDATE and details:
+        return ", ".join(sorted(details)) + " changed"
     return ""

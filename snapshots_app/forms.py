@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django import forms
+from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app.forms import WHEN_HELP, parse_moment
 from sessions_app.services import REASON_MAX
@@ -83,16 +84,20 @@ class GotoForm(forms.Form):
 
     at = forms.CharField(max_length=100, label="Go to")
 
-    def clean_at(self) -> tuple[int | None, datetime | None]:
+    def clean_at(self) -> tuple[int | None, datetime | None, str]:
+        """(number, None, "v308") or (None, moment, what was asked for, in words)."""
         raw = self.cleaned_data["at"].strip()
         digits = raw.removeprefix("v").removeprefix("V")
         if digits.isascii() and digits.isdigit():
-            return int(digits), None
+            return int(digits), None, f"v{int(digits)}"
         try:
             # A day alone means the end of it: the state the session had that day, at its last.
-            return None, parse_moment(raw, end_of_day=True)
+            moment = parse_moment(raw, end_of_day=True)
         except forms.ValidationError:
             raise forms.ValidationError(f"Not a version or a moment: use a number (v308) or {WHEN_HELP}.") from None
+        if parse_date(raw) is not None:
+            return None, moment, f"the end of {raw} (UTC)"
+        return None, moment, raw if parse_datetime(raw).tzinfo else f"{raw} (UTC)"  # type: ignore[union-attr]
 
 
 class DataFixForm(forms.Form):

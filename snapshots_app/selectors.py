@@ -15,7 +15,7 @@ from django.utils.http import urlencode
 
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
-from sessions_app.models import WorkflowSession
+from sessions_app.models import AuditAction, AuditEvent, WorkflowSession
 from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees, diff_values
@@ -319,6 +319,22 @@ def version_at_or_before(session: WorkflowSession, *, number: int | None = None,
     if moment is not None:
         versions = versions.filter(created_at__lte=moment)
     found: int | None = versions.order_by("-number").values_list("number", flat=True).first()
+    return found
+
+
+def data_fix_base(version: Version) -> int | None:
+    """The version a data fix edited (its parent is the head it was written on; its audit event names
+    the base), or None if the event is gone."""
+    details = (AuditEvent.objects.filter(action=AuditAction.VERSION_DATA_FIX, target_type="version",
+                                         target_id=str(version.pk))
+               .values_list("details", flat=True).first())
+    based_on = details.get("based_on") if isinstance(details, dict) else None
+    return based_on if isinstance(based_on, int) else None
+
+
+def oldest_version_number(session: WorkflowSession) -> int | None:
+    """The oldest version kept (v1, unless a trim or retention removed it)."""
+    found: int | None = Version.objects.filter(session=session).order_by("number").values_list("number", flat=True).first()
     return found
 
 

@@ -29,10 +29,10 @@ from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
-from snapshots_app import integrity, jsonview, selectors, services
+from snapshots_app import jsonview, selectors, services
 from snapshots_app.diff import DiffResult
 from snapshots_app.forms import ForkForm, GotoForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
-from snapshots_app.models import TIMELINE_KINDS, Version
+from snapshots_app.models import TIMELINE_KINDS, Version, VersionKind
 
 DIFF_SHOWN = 500
 # htmx error answers are text (static/js/app.js shows them with textContent): as text/html, a form
@@ -172,16 +172,20 @@ def timeline_goto(request: HttpRequest, session_id: Any) -> HttpResponse:
     if not form.is_valid():
         messages.error(request, " ".join(form_problems(form)))
         return redirect("snapshots:session", session_id=session.pk)
-    number, moment = form.cleaned_data["at"]
+    number, moment, asked = form.cleaned_data["at"]
     found = selectors.version_at_or_before(session, number=number, moment=moment)
-    asked = f"v{number}" if number is not None else f"{moment:%Y-%m-%d %H:%M:%S} UTC"
     if found is None:
-        messages.error(request, f"No version of this session was written at or before {asked}.")
-        return redirect("snapshots:session", session_id=session.pk)
+        first = selectors.oldest_version_number(session)
+        if first is None:
+            messages.error(request, "This session has no versions yet.")
+            return redirect("snapshots:session", session_id=session.pk)
+        messages.info(request, f"No version kept is {'as old as' if moment is None else 'from before'} {asked} "
+                               f"(a trim or retention may have removed older ones): v{first} is the oldest kept.")
+        return redirect(_timeline_at(session, first))
     if moment is not None:
         messages.info(request, f"v{found} is the version the session had at {asked}.")
     elif found != number:
-        messages.info(request, f"There is no {asked} (a number past the head, or removed by retention): "
+        messages.info(request, f"There is no {asked} (a number past the head, or removed by a trim or retention): "
                                f"v{found} is the one before it.")
     return redirect(_timeline_at(session, found))
 
@@ -242,6 +246,8 @@ def version_detail(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     state = selectors.version_state(version)
     context: dict[str, Any] = {**_base(session, role), "version": version, "pointer": pointer, "query": query,
                                "timeline_at": _timeline_at(session, version.number)}
+    if version.kind == VersionKind.DATA_FIX and not wants_fragment(request):
+        context["fixed_from"] = selectors.data_fix_base(version)
     status = 200
     try:
         value = jsonview.resolve(state, pointer)
@@ -288,8 +294,9 @@ def version_raw(request: HttpRequest, session_id: Any, number: int) -> HttpRespo
     version = _version(session, number)
     response = HttpResponse(selectors.version_state_bytes(version), content_type="application/json")
     # Named as the operator knows the session (the engine's id), not by our key: a folder of
-    # downloads read "1b843c40-…-v326.json". Path separators and control characters become "_".
-    name = re.sub(r"[\x00-\x1f\x7f/\\]", "_", session.external_id)
+    # downloads read "1b843c40-…-v326.json". Characters no file name may hold somewhere (path separators,
+    # control characters, Windows' <>:"|?*) become "_", and a long id is cut (file names stop at 255 bytes).
+    name = re.sub(r'[\x00-\x1f\x7f/\\<>:"|?*]', "_", session.external_id)[:120]
     response["Content-Disposition"] = content_disposition_header(True, f"{name}-v{version.number}.json")
     return response
 
@@ -737,17 +744,9 @@ def _trim_preview(session: WorkflowSession, keep_newest: int) -> TrimPreview:
     before the irreversible click (it said only "keep the newest N")."""
     newest = selectors.newest_version_numbers(session, keep_newest)
     plan = selectors.trim_plan(session, set(newest))
-    return TrimPreview(keep_newest=keep_newest, removed=len(plan.removed), removed_ranges=_ranges(plan.removed),
-                       newest=_ranges(sorted(newest)), protected=_ranges(sorted(plan.protected)))
-
-
-def _ranges(numbers: list[int], shown: int = 12) -> str:
-    """Sorted version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
-    runs = integrity.id_runs(numbers)
-    words = [f"v{run}" if isinstance(run, int) else f"v{run[0]}\u2013v{run[1]}" for run in runs[:shown]]
-    if len(runs) > shown:
-        words.append(f"and {len(runs) - shown:,} more runs")
-    return ", ".join(words)
+    ranges = session_selectors.number_ranges
+    return TrimPreview(keep_newest=keep_newest, removed=len(plan.removed), removed_ranges=ranges(plan.removed),
+                       newest=ranges(sorted(newest)), protected=ranges(sorted(plan.protected)))
 
 
 def _trimmed(outcome: services.TrimOutcome) -> str:

@@ -12,7 +12,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from sessions_app.models import AuditEvent, Role, SessionStatus
+from sessions_app.models import AuditEvent, Role, SessionStatus, WorkflowSession
 from sessions_app.services import membership_set, session_update
 from snapshots_app.models import Version
 from snapshots_app.services import snapshot_record
@@ -71,6 +71,7 @@ def test_filters_narrow_the_list(client, operator, team, story):
     assert shown(q=f"https://rewind.example.com/sessions/{failed.pk}/v/1/") == {"run-failed"}
     assert shown(has_error="true") == {"run-failed"}  # as the timeline and the API spell it
     assert shown(has_error="false") == {"run-42", "run-idle"}
+    assert "Has error: Not one of true, false." in client.get(url, {"has_error": "1"}).content.decode()
     assert shown(updated_from="2000-01-01", updated_to="2000-01-02") == set()
     assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
 
@@ -850,6 +851,10 @@ def test_search_and_raw_download(client, viewer, story):
     assert "/counters/tokens" in found
     raw = client.get(session_url(story, "snapshots:raw", number=3))
     assert raw["Content-Disposition"] == 'attachment; filename="run-42-v3.json"'
+    long = make_session(story.project, 'a<b>:"c"|' + "x" * 240)
+    snapshot_record(session=long, state={"a": 1})
+    named = client.get(session_url(long, "snapshots:raw", number=1))["Content-Disposition"]
+    assert named == f'attachment; filename="a_b___c__{"x" * 111}-v1.json"'
     odd = make_session(story.project, "tenant/ünïcode run")
     snapshot_record(session=odd, state={"a": 1})
     assert client.get(session_url(odd, "snapshots:raw", number=1))["Content-Disposition"] == (
@@ -1432,6 +1437,11 @@ def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(cli
     assert '?from=3&amp;to=6" id="version-vs-head"' in older
     forked = client.get(session_url(fork, "snapshots:version", number=1)).content.decode()
     assert words(forked, "version-lineage") == "↪ Forked from run-42 v3: “what if”"
+    from snapshots_app.services import snapshot_data_fix, state_prepare
+
+    snapshot_data_fix(session=story, state=state_prepare({"fixed": True}), based_on=3, reason="typo", actor=operator)
+    fixed = client.get(session_url(story, "snapshots:version", number=7)).content.decode()
+    assert words(fixed, "version-lineage") == "✎ A data fix of v3's state: “typo”"
 
 
 def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(client, operator, team):
@@ -1456,15 +1466,22 @@ def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(cli
     at = (start + timedelta(minutes=12, seconds=30)).strftime("%Y-%m-%d %H:%M:%S")
     response = client.get(goto, {"at": at})
     assert response.url.endswith("#v-12")
-    assert f"v12 is the version the session had at {at} UTC." in client.get(response.url).content.decode()
+    assert f"v12 is the version the session had at {at} (UTC)." in client.get(response.url).content.decode()
     response = client.get(goto, {"at": str(TIMELINE_PAGE + 500)})
     assert response.url.endswith(f"#v-{TIMELINE_PAGE + 20}")
     assert "is the one before it" in client.get(response.url).content.decode()
-    for at, problem in (((start - timedelta(days=1)).strftime("%Y-%m-%d"), "No version of this session was written at or before"),
-                        ("yesterday-ish", "Go to: Not a version or a moment")):
+    day = start.strftime("%Y-%m-%d")
+    response = client.get(goto, {"at": day})  # a day: its end, echoed as typed
+    assert f"is the version the session had at the end of {day} (UTC)." in client.get(response.url).content.decode()
+    response = client.get(goto, {"at": "yesterday-ish"})
+    assert response.status_code == 302 and response.url == session_url(session)
+    assert "Go to: Not a version or a moment" in client.get(response.url).content.decode()
+    # Before the oldest version kept (a trim removed v1-v5): the oldest kept, saying so.
+    Version.objects.filter(session=session, number__lte=5).delete()
+    for at in ("v3", (start - timedelta(days=1)).strftime("%Y-%m-%d")):
         response = client.get(goto, {"at": at})
-        assert response.status_code == 302 and response.url == session_url(session)
-        assert problem in client.get(response.url).content.decode()
+        assert response.url == f"{session_url(session)}?before=7#v-6", at
+        assert "v6 is the oldest kept." in client.get(response.url).content.decode()
 
 
 def test_rewind_and_fork_pages_name_an_open_integrity_problem_of_their_version(client, operator, story):
@@ -1515,15 +1532,21 @@ def test_a_sessions_audit_trail_says_who_did_what_when_and_why(client, viewer, o
     rows = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", row)).strip()
             for row in re.findall(r"<tr><td>(.*?)</tr>", page, re.S)]
     assert [row.split(" UTC ", 1)[1] for row in rows] == [
-        f"{operator.username} Version pinned",
+        f"{operator.username} Version pinned v4",
         f"{operator.username} Fork v3 → run-42-alt what if",
         f"{operator.username} Rewind v5 → v6, the state of v2 bad tool output",
     ]
+    # A fork's own trail starts with the fork that made it (recorded on its source).
+    fork = WorkflowSession.objects.get(external_id="run-42-alt")
+    forked = client.get(session_url(fork, "snapshots:audit")).content.decode()
+    assert "v3 → run-42-alt" in forked and "Nothing has been done" not in forked
     monkeypatch.setattr(session_selectors, "SESSION_AUDIT_PAGE", 2)
     first = client.get(session_url(story, "snapshots:audit")).content.decode()
     older = re.search(r'href="\?before=(\d+)" id="audit-older"', first)
     assert older and first.count("<tr><td>") == 2
     rest = client.get(session_url(story, "snapshots:audit"), {"before": older.group(1)}).content.decode()
     assert rest.count("<tr><td>") == 1 and "bad tool output" in rest and 'id="audit-older"' not in rest
+    assert 'id="audit-newest"' in rest
+    assert "No older events." in client.get(session_url(story, "snapshots:audit"), {"before": 0}).content.decode()
     fresh = make_session(story.project, "untouched")
     assert "Nothing has been done to this session yet" in client.get(session_url(fresh, "snapshots:audit")).content.decode()
