@@ -364,14 +364,20 @@ def session_audit(session: WorkflowSession, *, before: int | None = None, limit:
     return list(events.order_by("-id")[:limit])
 
 
-def number_ranges(numbers: Iterable[int], shown: int = 12) -> str:
-    """Ascending version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
+def number_runs(numbers: Iterable[int]) -> list[list[int]]:
+    """Ascending numbers as runs of consecutive ones, each [first, last]."""
     runs: list[list[int]] = []
     for number in numbers:
         if runs and number == runs[-1][1] + 1:
             runs[-1][1] = number
         else:
             runs.append([number, number])
+    return runs
+
+
+def number_ranges(numbers: Iterable[int], shown: int = 12) -> str:
+    """Ascending version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
+    runs = number_runs(numbers)
     words = [f"v{first}" if first == last else f"v{first}\u2013v{last}" for first, last in runs[:shown]]
     if len(runs) > shown:
         words.append(f"and {len(runs) - shown:,} more runs")

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from sessions_app import errors, events
 from sessions_app.models import Project, WorkflowSession
+from sessions_app.selectors import number_runs
 from sessions_app.services import RequestKey, User, audit_record, require_reason
 from snapshots_app import jobs, store
 from snapshots_app.compaction import ProgressFn, _no_progress
@@ -64,13 +65,7 @@ def _window(project_id: int | None, budget: int | None) -> tuple[list[int], int]
 def id_runs(ids: Iterable[int]) -> list[int | list[int]]:
     """Ascending ids, written short for a job's params: a run of consecutive ids as [first, last]
     (a select-all of a project's versions is a few runs, not a list of every id)."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return [first if first == last else [first, last] for first, last in runs]
+    return [first if first == last else [first, last] for first, last in number_runs(ids)]
 
 
 def ids_of_runs(runs: Iterable[int | list[int]]) -> list[int]:
