@@ -82,10 +82,10 @@ class SessionTimelineConsumer(LiveConsumer):
             # socket joining its group, or announced while the socket's channel was full (the layer
             # drops the oldest events beyond CHANNELS_CAPACITY). They come with this one.
             first = min(first, self.shown + 1)
-            if number - first + 1 > TIMELINE_PAGE:
-                # More than one update carries (the newest TIMELINE_PAGE: missed ones, a batch, or a
-                # burst in one notify interval): the page reloads, as a timeline with the rows between
-                # missing would not say so.
+            if number - self.shown > TIMELINE_PAGE:
+                # More new rows than one update carries (the newest TIMELINE_PAGE: missed ones, a batch,
+                # or a burst in one notify interval): the page reloads, as a timeline with the rows
+                # between missing would not say so. (Rows it has already may be redrawn: no gap.)
                 missed, self.shown = number - self.shown, number  # (one typing is told; later rows slide in)
                 return render_to_string("snapshots_app/partials/_live_reload.html", {
                     "oob": True, "reason": f"{missed} versions were written since this page last caught up.",

@@ -225,6 +225,32 @@ def test_a_batch_of_more_versions_than_a_page_reloads_the_page_instead_of_leavin
     assert f'data-reason="{missed} versions were written' in reload and "afterbegin:#timeline" not in reload
 
 
+def test_a_late_update_for_rows_the_page_already_has_redraws_them_without_a_reload(setup, settings):
+    """A page rendered after a batch's commit has its rows; the batch's announcement, arriving after,
+    must not reload it (only more new rows than an update carries do)."""
+    from snapshots_app.selectors import TIMELINE_PAGE
+    from snapshots_app.services import snapshot_record_batch
+
+    celery_app.conf.task_always_eager = False
+    settings.SESSION_NOTIFY_INTERVAL_MS = 60_000  # v1 is announced at once; the batch waits for drain()
+    owner, _, _, _, session = setup
+    _record(session, {"n": 1})
+    snapshot_record_batch(session=session, snapshots=[{"state": {"n": n}} for n in range(2, TIMELINE_PAGE + 12)])
+
+    async def scenario() -> str:
+        client = communicator(f"/ws/sessions/{session.pk}/?shown={TIMELINE_PAGE + 11}", owner)
+        assert (await client.connect(timeout=5))[0]
+        await asyncio.to_thread(background.drain, 5)
+        html = await client.receive_from(timeout=5)
+        while "live-reload" not in html and "afterbegin:#timeline" not in html:
+            html = await client.receive_from(timeout=5)
+        await client.disconnect()
+        return html
+
+    html = run(scenario)
+    assert "live-reload" not in html and f'id="v-{TIMELINE_PAGE + 11}"' in html
+
+
 def _inserted(messages: list[str]) -> set[int]:
     """The versions whose rows these messages put on top of the timeline (not those redrawn in place)."""
     blocks = [block for message in messages for block in re.findall(r'hx-swap-oob="afterbegin:#timeline">(.*?)</ol>', message, re.S)]
