@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import unicodedata
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django import forms
@@ -49,7 +49,13 @@ def parse_moment(raw: str, *, end_of_day: bool = False) -> datetime | None:
         # A day first: parse_datetime() also reads "2026-01-31", as midnight, which would drop that
         # day from an "updated to" range.
         day = parse_date(raw)
-        moment = datetime.combine(day, time.min) + timedelta(days=1 if end_of_day else 0) if day else parse_datetime(raw)
+        moment: datetime | None
+        if day is not None and end_of_day and day == date.max:
+            moment = datetime.max  # (the day after 9999-12-31 is past what a datetime holds)
+        elif day is not None:
+            moment = datetime.combine(day, time.min) + timedelta(days=1 if end_of_day else 0)
+        else:
+            moment = parse_datetime(raw)
         if moment is None:
             raise ValueError(raw)
         # In UTC, as the database compares: year 1 at +14:00 lies before year 1 there.

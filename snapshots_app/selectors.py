@@ -377,7 +377,10 @@ def version_span(session: WorkflowSession) -> tuple[int, int] | None:
 
 
 def version_for_session(session: WorkflowSession, number: Any) -> Version:
-    """A version of the session, with what its lineage display needs (raises VersionNotFound)."""
+    """A version of the session, with what its lineage display needs (raises VersionNotFound). The
+    number as the pages write it ("v5") is taken too."""
+    if isinstance(number, str):
+        number = number.strip().removeprefix("v").removeprefix("V")
     try:
         number = int(number)
     except (TypeError, ValueError):

@@ -1428,6 +1428,7 @@ def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(cli
         found = re.search(rf'id="{element_id}"[^>]*>(.*?)</(?:p|span)>', page_html, re.S)
         return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", found.group(1))).strip() if found else ""
 
+    assert "Diff vs previous" not in client.get(session_url(story, "snapshots:version", number=1)).content.decode()
     rewind = client.get(session_url(story, "snapshots:version", number=6)).content.decode()
     assert words(rewind, "version-lineage") == "↩ A rewind to v2: “bad tool output”"
     assert f"· by {operator.username} ·" in rewind and words(rewind, "version-head") == "head"
@@ -1473,6 +1474,8 @@ def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(cli
     day = start.strftime("%Y-%m-%d")
     response = client.get(goto, {"at": day})  # a day: its end, echoed as typed
     assert f"is the version the session had at the end of {day} (UTC)." in client.get(response.url).content.decode()
+    response = client.get(goto, {"at": "9999-12-31"})  # its end is past what a datetime holds: the head
+    assert response.url.endswith(f"#v-{TIMELINE_PAGE + 20}")
     response = client.get(goto, {"at": "yesterday-ish"})
     assert response.status_code == 302 and response.url == session_url(session)
     assert "Go to: Not a version or a moment" in client.get(response.url).content.decode()
@@ -1482,6 +1485,9 @@ def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(cli
         response = client.get(goto, {"at": at})
         assert response.url == f"{session_url(session)}?before=7#v-6", at
         assert "v6 is the oldest kept." in client.get(response.url).content.decode()
+    # Nothing before the oldest kept version to compare it with.
+    assert "Diff vs previous" not in client.get(session_url(session, "snapshots:version", number=6)).content.decode()
+    assert "Diff vs previous" in client.get(session_url(session, "snapshots:version", number=7)).content.decode()
 
 
 def test_rewind_and_fork_pages_name_an_open_integrity_problem_of_their_version(client, operator, story):
@@ -1512,6 +1518,8 @@ def test_the_diff_page_takes_other_versions_of_its_two_sessions_typed(client, vi
     fields = dict(re.findall(r'name="(\w+)"[^>]*value="([^"]*)"', form.group(2)))
     assert fields == {"from_session": str(story.pk), "mode": "inline", "from": "3", "to": "1"}
     assert "From run-42 v" in form.group(2) and "to run-42-alt v" in form.group(2)
+    # As the pages write versions, too.
+    assert client.get(session_url(story, "snapshots:diff"), {"from": "v2", "to": "V3"}).status_code == 200
     # What it sends: the fork's head against v5 of its source.
     moved = client.get(form.group(1), {**fields, "from": 5, "to": 2}).content.decode()
     assert "Diff <a" in moved and ">run-42 v5</a>" in moved and ">run-42-alt v2</a>" in moved
