@@ -171,17 +171,7 @@ def test_more_missed_versions_than_a_page_reload_the_page_instead_of_leaving_a_g
     for number in range(1, TIMELINE_PAGE + 11):
         _record(session, {"n": number})
 
-    async def scenario() -> str:
-        client = communicator(f"/ws/sessions/{session.pk}/?shown=1", owner)
-        assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(_record, session, {"n": TIMELINE_PAGE + 11})
-        html = await client.receive_from(timeout=5)
-        while "live-reload" not in html and "afterbegin:#timeline" not in html:
-            html = await client.receive_from(timeout=5)
-        await client.disconnect()
-        return html
-
-    html = run(scenario)
+    html = _timeline_answer(f"/ws/sessions/{session.pk}/?shown=1", owner, _record, session, {"n": TIMELINE_PAGE + 11})
     assert 'id="live-reload"' in html and f'data-reason="{TIMELINE_PAGE + 10} versions were written' in html
     assert "afterbegin:#timeline" not in html
 
@@ -237,18 +227,24 @@ def test_a_late_update_for_rows_the_page_already_has_redraws_them_without_a_relo
     _record(session, {"n": 1})
     snapshot_record_batch(session=session, snapshots=[{"state": {"n": n}} for n in range(2, TIMELINE_PAGE + 12)])
 
+    html = _timeline_answer(f"/ws/sessions/{session.pk}/?shown={TIMELINE_PAGE + 11}", owner, background.drain, 5)
+    assert "live-reload" not in html and f'id="v-{TIMELINE_PAGE + 11}"' in html
+
+
+def _timeline_answer(path: str, user: Any, action: Any, *args: Any) -> str:
+    """Open a timeline socket, do `action` in a thread, and return the first message that adds rows
+    or reloads the page (a worker may be filling in summaries meanwhile)."""
     async def scenario() -> str:
-        client = communicator(f"/ws/sessions/{session.pk}/?shown={TIMELINE_PAGE + 11}", owner)
+        client = communicator(path, user)
         assert (await client.connect(timeout=5))[0]
-        await asyncio.to_thread(background.drain, 5)
+        await asyncio.to_thread(action, *args)
         html = await client.receive_from(timeout=5)
         while "live-reload" not in html and "afterbegin:#timeline" not in html:
             html = await client.receive_from(timeout=5)
         await client.disconnect()
         return html
 
-    html = run(scenario)
-    assert "live-reload" not in html and f'id="v-{TIMELINE_PAGE + 11}"' in html
+    return run(scenario)
 
 
 def _inserted(messages: list[str]) -> set[int]:
