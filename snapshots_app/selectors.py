@@ -175,6 +175,11 @@ def newest_version_numbers(session: WorkflowSession, count: int) -> list[int]:
     return list(Version.objects.filter(session=session).order_by("-number").values_list("number", flat=True)[:count])
 
 
+def forks_from(session: WorkflowSession) -> QuerySet[Version]:
+    """The first versions of the sessions forked from this one's versions (their parents are those)."""
+    return Version.objects.filter(parent__session=session, kind=VersionKind.FORK).exclude(session=session)
+
+
 @dataclass(frozen=True)
 class TrimPlan:
     """What a trim keeping the numbers `wanted` does: see services.session_trim."""
@@ -207,8 +212,7 @@ def trim_plan(session: WorkflowSession, wanted: set[int]) -> TrimPlan:
             marked.add(number)
     number_of = {version_id: number for number, version_id in ids.items()}
     restores = {number: number_of.get(parent_id) for number, parent_id in rewinds.items() if parent_id is not None}
-    fork_sources = Version.objects.filter(parent__session=session, kind=VersionKind.FORK).exclude(session=session)
-    kept = (wanted & ids.keys()) | marked | set(fork_sources.values_list("parent__number", flat=True))
+    kept = (wanted & ids.keys()) | marked | set(forks_from(session).values_list("parent__number", flat=True))
     # A kept rewind keeps what it restored (and that, if a rewind, its own): as retention keeps rewind
     # sources, so the timeline still says which version it went back to.
     restoring = [number for number in kept if number in restores]
@@ -262,8 +266,7 @@ class TimelineFilters:
         if self.kind == VersionKind.FORK:
             # A fork's first version is in the new session: on its source, "forks" showed "No forks." The
             # versions forked from here show too (read among the operators' versions, version_operator_kind).
-            forked_from = Version.objects.filter(kind=VersionKind.FORK, parent__session=session).exclude(session=session)
-            parents = forked_from.order_by().values_list("parent_id", flat=True).distinct()
+            parents = forks_from(session).order_by().values_list("parent_id", flat=True).distinct()
             condition &= Q(kind=self.kind) | Q(pk__in=list(parents))
         elif self.kind:
             condition &= Q(kind=self.kind)
