@@ -335,12 +335,6 @@ def data_fix_base(version: Version) -> int | None:
     return based_on if isinstance(based_on, int) else None
 
 
-def oldest_version_number(session: WorkflowSession) -> int | None:
-    """The oldest version kept (v1, unless a trim or retention removed it)."""
-    found: int | None = Version.objects.filter(session=session).order_by("number").values_list("number", flat=True).first()
-    return found
-
-
 def timeline_rows(session: WorkflowSession, numbers: Collection[int]) -> list[Version]:
     """The timeline rows of these versions of the session (those that still exist), newest first."""
     return _with_forks_out(session, list(session_versions(session).filter(number__in=list(numbers))))

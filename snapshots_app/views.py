@@ -175,10 +175,11 @@ def timeline_goto(request: HttpRequest, session_id: Any) -> HttpResponse:
     number, moment, asked = form.cleaned_data["at"]
     found = selectors.version_at_or_before(session, number=number, moment=moment)
     if found is None:
-        first = selectors.oldest_version_number(session)
-        if first is None:
+        span = selectors.version_span(session)
+        if span is None:
             messages.error(request, "This session has no versions yet.")
             return redirect("snapshots:session", session_id=session.pk)
+        first = span[0]  # the oldest kept
         messages.info(request, f"No version kept is {'as old as' if moment is None else 'from before'} {asked} "
                                f"(a trim or retention may have removed older ones): v{first} is the oldest kept.")
         return redirect(_timeline_at(session, first))
