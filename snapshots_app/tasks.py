@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from celery import shared_task
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
@@ -146,6 +147,11 @@ def finalize_in_batches(version_ids: list[int]) -> None:
 # Jobs
 
 
+# A lost connection as Django raises it, and as psycopg does where Django lets the driver's error through
+# (closing a server-side cursor, .iterator(): a connection cut just then failed the job "AdminShutdown").
+DATABASE_AWAY = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+
+
 def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | None]) -> dict[str, Any] | None:
     job = jobs.job_start(job_id=job_id)
     if job is None:
@@ -159,7 +165,7 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
     except jobs.JobSuperseded as exc:
         logger.warning("%s; this attempt stops", exc)
         return None
-    except (OperationalError, InterfaceError) as exc:
+    except DATABASE_AWAY as exc:
         # The database went away (restart, failover, a cut connection): not the job's fault. If it
         # answers again the job is sent again now; if not, it stays running, its heartbeat stops, and
         # jobs_requeue_stale sends it once the database is back (a cut connection used to wait for
