@@ -422,7 +422,7 @@ admin.site.unregister(Project)
 class ProjectAdmin(BaseProjectAdmin):
     """The project list with the state-store actions (run by the workers, results under Jobs)."""
 
-    actions = ["compaction_preview", "compaction_queue", "export_queue", "scrub_queue"]
+    actions = ["compaction_preview", "compaction_queue", "export_queue", "export_healthy_queue", "scrub_queue"]
 
     def has_maintain_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("snapshots_app.add_job")
@@ -475,6 +475,13 @@ class ProjectAdmin(BaseProjectAdmin):
         jobs = [transfer.transfer_export_start(project=project, actor=request.user)
                 for project in self._administered(request, queryset)]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
+
+    @admin.action(description="Export, leaving out sessions with an open integrity problem (queued)",
+                  permissions=["maintain"])
+    def export_healthy_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
+        jobs = [transfer.transfer_export_start(project=project, skip_damaged=True, actor=request.user)
+                for project in self._administered(request, queryset)]
+        messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files and the sessions left out.")
 
     @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
     def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:

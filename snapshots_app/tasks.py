@@ -228,7 +228,8 @@ def export_job(job_id: int) -> dict | None:
         assert job.project is not None
         if job.params.get("scope") == "session" and job.session is None:
             raise StateStoreError("the session to export was deleted")
-        return transfer_export_run(project=job.project, session=job.session, job=job, progress=progress)
+        return transfer_export_run(project=job.project, session=job.session, job=job, progress=progress,
+                                   skip_damaged=bool(job.params.get("skip_damaged")))
 
     return _run_job(job_id, work)
 

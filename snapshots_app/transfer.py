@@ -140,32 +140,38 @@ def transfer_export_run(
     session: WorkflowSession | None = None,
     job: Job | None = None,
     progress: ProgressFn = _no_progress,
+    skip_damaged: bool = False,
 ) -> dict[str, Any]:
     """Write one session (or every session of the project) to VAR_DIR/exports; returns path and counts.
 
     The file appears complete or not at all (written aside, then renamed), so a killed export
     that runs again simply writes it again. Its contents are the project as it was when the export
     began, whatever a compaction running meanwhile removes (see _one_snapshot).
+
+    A session with an open integrity problem stops the export, naming the version; with
+    `skip_damaged` (a project's export) it is left out instead, and the result's `skipped` names it.
     """
     with _one_snapshot():
         chosen = WorkflowSession.objects.filter(project=project)
         if session is not None:
             chosen = chosen.filter(pk=session.pk)
         sessions = list(chosen.order_by("created_at", "id"))
+        # A version the integrity scrub found damaged would be written out as it is stored, and its import
+        # would then blame the file. Say so here, naming it, instead (or leave its session out).
+        damaged = _damaged_sessions(sessions)
+        if damaged and not (skip_damaged and session is None):
+            problem = next(iter(damaged.values()))
+            raise errors.IntegrityProblem(
+                f"version {problem.version_number} of session {problem.session.external_id} has an open integrity "
+                f"problem ({problem.detail}); resolve it before exporting"
+                + ("" if session is not None else ", or export the project leaving out damaged sessions (skip_damaged)")
+            )
+        sessions = [item for item in sessions if item.pk not in damaged]
+        skipped = [{"session": str(problem.session_id), "external_id": problem.session.external_id,
+                    "version": problem.version_number, "detail": problem.detail} for problem in damaged.values()]
         versions = list(
             Version.objects.filter(session__in=sessions).select_related("parent").order_by("session_id", "number")
         )
-        # A version the integrity scrub found damaged would be written out as it is stored, and its import
-        # would then blame the file. Say so here, naming it, instead.
-        damaged = (
-            IntegrityProblem.objects.filter(session__in=sessions, resolved_at__isnull=True)
-            .select_related("session").order_by("session_id", "version_number").first()
-        )
-        if damaged is not None:
-            raise errors.IntegrityProblem(
-                f"version {damaged.version_number} of session {damaged.session.external_id} has an open integrity "
-                f"problem ({damaged.detail}); resolve it before exporting"
-            )
         marked: set[bytes] = set()
         project_store = store.ProjectStore(project.pk, use_cache=False)
         _mark(project_store, {bytes(v.root) for v in versions}, marked)
@@ -196,6 +202,7 @@ def transfer_export_run(
                     "project": {"slug": project.slug, "name": project.name},
                     "exported_at": timezone.now().isoformat(),
                     "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
+                    **({"skipped_sessions": len(skipped)} if skipped else {}),
                 })
                 for item in sessions:
                     emit({
@@ -249,23 +256,36 @@ def transfer_export_run(
         raise missing
     return {
         "path": str(final), "file": name, "bytes": final.stat().st_size, "sessions": len(sessions),
-        "versions": len(versions), "nodes": len(digests),
+        "versions": len(versions), "nodes": len(digests), **({"skipped": skipped} if skipped else {}),
     }
 
 
+def _damaged_sessions(sessions: list[WorkflowSession]) -> dict[Any, IntegrityProblem]:
+    """Each of `sessions` with an open integrity problem, with its first (lowest version) problem."""
+    found: dict[Any, IntegrityProblem] = {}
+    problems = (IntegrityProblem.objects.filter(session__in=sessions, resolved_at__isnull=True)
+                .select_related("session").order_by("session__created_at", "session_id", "version_number"))
+    for problem in problems:
+        found.setdefault(problem.session_id, problem)
+    return found
+
+
 def transfer_export_start(
-    *, project: Project, session: WorkflowSession | None = None, actor: User = None, actor_label: str = "",
-    request: RequestKey | None = None,
+    *, project: Project, session: WorkflowSession | None = None, skip_damaged: bool = False, actor: User = None,
+    actor_label: str = "", request: RequestKey | None = None,
 ) -> Job:
-    """Queue an export of one session, or of every session of the project when `session` is None.
+    """Queue an export of one session, or of every session of the project when `session` is None
+    (leaving out those with an open integrity problem if `skip_damaged`; see transfer_export_run).
     `request`: the starting request's idempotency key (see jobs.job_create)."""
     from snapshots_app import tasks
 
     if session is not None and session.project_id != project.pk:
         raise InvalidState("the session belongs to another project")
+    if session is not None and skip_damaged:
+        raise InvalidState("skip_damaged is for a project's export: a session's export with it would be empty")
     return jobs.job_create(
         kind=JobKind.EXPORT, project=project, session=session, actor=actor, actor_label=actor_label,
-        params={"scope": "session" if session else "project"},
+        params={"scope": "session" if session else "project", **({"skip_damaged": True} if skip_damaged else {})},
         enqueue=lambda job_id: tasks.export_job.delay(job_id), request=request,
     )
 

@@ -138,6 +138,14 @@ class _UUIDText(serializers.UUIDField):
 class ExportSerializer(InputSerializer):
     session = _UUIDText(required=False, allow_null=True, help_text="One session; omit for the project.")
     project = serializers.SlugField(required=False, help_text=PROJECT_BODY_HELP)
+    skip_damaged = serializers.BooleanField(
+        default=False, help_text="A project's export: leave out the sessions with an open integrity problem (the job's "
+        "result names them under `skipped`) instead of failing on the first.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("session") and attrs["skip_damaged"]:
+            raise serializers.ValidationError({"skip_damaged": ["Only for a project's export: omit `session`, or this."]})
+        return attrs
 
 
 class IntegrityProblemSerializer(serializers.ModelSerializer):
@@ -260,7 +268,8 @@ class ExportCreate(ApiView):
             project = project_for(request, data.get("project"), role=Role.OPERATOR)
         request_key = self.request_key({**data, "project": project.pk})
         return queued(transfer.transfer_export_start(
-            project=project, session=session, request=request_key, **self.principal.actor
+            project=project, session=session, skip_damaged=data["skip_damaged"], request=request_key,
+            **self.principal.actor,
         ))
 
 

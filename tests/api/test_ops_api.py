@@ -139,6 +139,31 @@ def test_export_then_import_into_another_project_with_progress(project, session,
     assert theirs.get(f"/api/v1/jobs/{job.json()['id']}/file/").status_code == 404
 
 
+def test_a_project_export_can_leave_out_damaged_sessions_and_says_which(project, session, writer, run_jobs):
+    from snapshots_app.integrity import integrity_problem_record
+
+    snapshot_record(session=session, state={"a": 1})
+    healthy = WorkflowSession.objects.create(project=project, external_id="healthy")
+    snapshot_record(session=healthy, state={"ok": True})
+    integrity_problem_record(version=Version.objects.get(session=session, number=1), detail="checksum mismatch")
+
+    refused = writer.post("/api/v1/exports/", {"session": str(session.pk), "skip_damaged": True}, format="json")
+    assert refused.status_code == 400 and "skip_damaged" in refused.json()["errors"]
+    assert not Job.objects.exists()
+    failed = run_jobs(lambda: writer.post("/api/v1/exports/", {}, format="json")).json()
+    failed = writer.get(f"/api/v1/jobs/{failed['id']}/").json()
+    assert failed["status"] == "failed" and "skip_damaged" in failed["error"]
+
+    job = run_jobs(lambda: writer.post("/api/v1/exports/", {"skip_damaged": True}, format="json"))
+    assert job.status_code == 202
+    done = writer.get(f"/api/v1/jobs/{job.json()['id']}/").json()
+    assert done["status"] == "done" and done["result"]["sessions"] == 1 and done["result"]["versions"] == 1
+    assert done["result"]["skipped"] == [{"session": str(session.pk), "external_id": session.external_id,
+                                          "version": 1, "detail": "checksum mismatch"}]
+    export = b"".join(writer.get(done["result"]["download"]).streaming_content)
+    assert b'"healthy"' in export and session.external_id.encode() not in export
+
+
 def test_an_export_larger_than_any_request_imports_and_imports_have_their_own_limit(
     project, session, writer, other_project, run_jobs, settings
 ):

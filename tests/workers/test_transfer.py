@@ -248,6 +248,39 @@ def test_an_export_refuses_a_version_the_scrub_found_damaged(project, settings, 
 
 
 @pytest.mark.django_db
+def test_a_project_export_asked_to_skip_damaged_sessions_leaves_them_out_names_them_and_imports(
+    project, settings, tmp_path
+):
+    """One damaged version used to block every export of the project: the healthy sessions'
+    backup now goes out without it, and says what it left out."""
+    from sessions_app import errors
+    from snapshots_app.integrity import integrity_problem_record
+
+    settings.VAR_DIR = tmp_path
+    healthy = record_history(project, "run-good", 3)
+    damaged = record_history(project, "run-bad", 3)
+    fork = snapshot_fork(session=damaged, from_version=2, external_id="run-bad-fork", reason="try again")
+    integrity_problem_record(version=Version.objects.get(session=damaged, number=3), detail="checksum mismatch")
+    with pytest.raises(errors.IntegrityProblem, match="version 3 of session run-bad .*skip_damaged"):
+        transfer_export_run(project=project)
+
+    result = transfer_export_run(project=project, skip_damaged=True)
+
+    assert result["sessions"] == 2 and result["versions"] == 3 + fork.head_number
+    assert result["skipped"] == [{"session": str(damaged.pk), "external_id": "run-bad", "version": 3,
+                                  "detail": "checksum mismatch"}]
+    fresh = make_project("fresh")
+    transfer_import_run(project=fresh, path=Path(result["path"]))
+    copies = {s.external_id: s for s in WorkflowSession.objects.filter(project=fresh)}
+    assert sorted(copies) == ["run-bad-fork", "run-good"]
+    exported = {key: state for key, state in read_all(project).items() if key[0] != "run-bad"}
+    assert read_all(fresh) == exported
+    assert Version.objects.get(session=copies["run-bad-fork"], number=1).parent is None
+    with pytest.raises(Exception, match="skip_damaged is for a project's export"):
+        transfer_export_start(project=project, session=healthy, skip_damaged=True)
+
+
+@pytest.mark.django_db
 def test_an_export_refuses_a_node_that_fails_its_seal(project, settings, tmp_path):
     """A damaged node that still decompresses would be written out, and its import would blame the file."""
     from django.db import connection

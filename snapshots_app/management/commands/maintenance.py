@@ -37,6 +37,8 @@ class Command(BaseCommand):
         parser.add_argument("action", choices=["compact", "dry-run", "gc", "scrub", "export", "import"])
         parser.add_argument("project", help="project slug")
         parser.add_argument("--session", help="export: only this session (external id)")
+        parser.add_argument("--skip-damaged", action="store_true",
+                            help="export of a project: leave out sessions with an open integrity problem")
         parser.add_argument("--file", help="import: the NDJSON export file")
         parser.add_argument("--budget", type=_not_negative, default=0,
                             help="scrub: verify at most this many versions (0 = all)")
@@ -85,9 +87,14 @@ class Command(BaseCommand):
                 return job.result if job.status == JobStatus.DONE else {"job": job.pk, "error": job.error}
             return integrity.integrity_scrub_run(project=project, progress=self._progress)
         if action == "export":
+            skip_damaged = options["skip_damaged"]
+            if session is not None and skip_damaged:
+                raise CommandError("--skip-damaged is for a project's export: leave out --session, or it")
             if queue:
-                return {"job": transfer.transfer_export_start(project=project, session=session, actor_label="manage.py").pk}
-            return transfer.transfer_export_run(project=project, session=session, progress=self._progress)
+                return {"job": transfer.transfer_export_start(project=project, session=session, skip_damaged=skip_damaged,
+                                                              actor_label="manage.py").pk}
+            return transfer.transfer_export_run(project=project, session=session, skip_damaged=skip_damaged,
+                                                progress=self._progress)
         if not options["file"]:
             raise CommandError("import needs --file")
         path = Path(options["file"])
