@@ -329,6 +329,9 @@ def test_operations_retention_compaction_export_import_jobs_integrity(rewind, jo
     from snapshots_app.models import Version
 
     problem = integrity_problem_record(version=Version.objects.get(session_id=restored["id"], number=5), detail="restored")
+    rewind.create_session("ops-healthy")
+    backup = rewind.wait_for_job(rewind.start_export(skip_damaged=True)["id"], timeout=60)
+    assert backup["status"] == "done" and [left["external_id"] for left in backup["result"]["skipped"]] == ["ops-1"]
     closed = rewind.resolve_integrity_problem(problem.pk, resolution="rows restored from backup")
     assert closed["resolved_at"] and rewind.list_integrity_problems(open=True)["results"] == []
 

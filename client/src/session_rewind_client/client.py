@@ -403,9 +403,14 @@ class Endpoints(Generic[R]):
         body = _drop_none(dry_run=dry_run, apply_retention=apply_retention, project=project)
         return self._run(Call("POST", "compaction/", json=body, idempotency_key=idempotency_key))
 
-    def start_export(self, *, session: Any = None, project: str | None = None, idempotency_key: str | None = None) -> R:
-        """Queue an export (one session, or the whole project); returns the job."""
-        body = _drop_none(session=str(session) if session is not None else None, project=project)
+    def start_export(
+        self, *, session: Any = None, project: str | None = None, skip_damaged: bool = False,
+        idempotency_key: str | None = None,
+    ) -> R:
+        """Queue an export (one session, or the whole project); returns the job. ``skip_damaged``: a
+        project's export leaves out sessions with an open integrity problem (its result lists them)."""
+        body = _drop_none(session=str(session) if session is not None else None, project=project,
+                          skip_damaged=skip_damaged or None)
         return self._run(Call("POST", "exports/", json=body, idempotency_key=idempotency_key))
 
     def download_export(self, job_id: int) -> R:
