@@ -20,7 +20,14 @@ from sessions_app.errors import NotFound
 from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import membership_role, role_allows, session_for_member
 from snapshots_app.forms import TimelineFilterForm
-from snapshots_app.selectors import TIMELINE_PAGE, TimelineFilters, integrity_problems, timeline_page, timeline_rows
+from snapshots_app.selectors import (
+    TIMELINE_PAGE,
+    TimelineFilters,
+    integrity_problems,
+    session_exports,
+    timeline_page,
+    timeline_rows,
+)
 
 ROW = "snapshots_app/partials/_version_row.html"
 
@@ -56,10 +63,24 @@ class SessionTimelineConsumer(LiveConsumer):
         return session.head_number
 
     async def render(self, event: str, payload: dict[str, Any]) -> str | None:
+        if event.startswith("job.") and payload.get("kind") == "export":
+            return await self._render_exports()
         if event not in ("version.created", "version.finalized", "version.updated", "session.updated",
                          "session.archived", "integrity.problem"):
             return ""
         return await self._render(event, payload)
+
+    @database_sync_to_async
+    def _render_exports(self) -> str | None:
+        """The session's exports, for an operator's page (a viewer's has none): progress, then the file."""
+        session = WorkflowSession.objects.select_related("project").filter(pk=self.session_id).first()
+        role = membership_role(self.scope["user"], session.project) if session else None
+        if session is None or role is None:
+            return None
+        if not role_allows(role, Role.OPERATOR):
+            return ""
+        return render_to_string("snapshots_app/partials/_exports.html",
+                                {"session": session, "exports": session_exports(session), "oob": True})
 
     @database_sync_to_async
     def _render(self, event: str, payload: dict[str, Any]) -> str | None:

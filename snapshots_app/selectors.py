@@ -9,6 +9,7 @@ from itertools import pairwise
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django.db import connection
 from django.db.models import Max, Min, Q, QuerySet
 from django.utils.http import urlencode
@@ -486,3 +487,35 @@ def _reading(value: Any, present: bool) -> tuple[bool, bytes]:
     """What a path history row shows, comparable: equal JSON gives equal bytes (Python's 1 == 1.0 ==
     True would call a changed type unchanged)."""
     return present, orjson.dumps(value, option=orjson.OPT_SORT_KEYS) if present else b""
+
+
+SESSION_EXPORTS_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class SessionExport:
+    job: Any  # snapshots_app.models.Job
+    condition: str | None  # where an unfinished job stands, in words (jobs.job_condition)
+    size: int | None  # the finished file's bytes; None while unfinished, or once the file is gone
+
+
+@dataclass(frozen=True)
+class SessionExports:
+    items: list[SessionExport]
+    keep_days: int  # how long a file is kept (EXPORT_KEEP_DAYS)
+
+
+def session_exports(session: WorkflowSession) -> SessionExports:
+    """The session's newest exports (SESSION_EXPORTS_SHOWN), newest first, for its page: how far each
+    got, and whether a finished one's file is still there to download (EXPORT_KEEP_DAYS)."""
+    from snapshots_app import jobs, transfer
+    from snapshots_app.models import Job, JobKind
+
+    shown = []
+    for job in Job.objects.filter(session=session, kind=JobKind.EXPORT).order_by("-created_at", "-id")[:SESSION_EXPORTS_SHOWN]:
+        try:
+            size: int | None = transfer.export_file(job=job).stat().st_size
+        except (InvalidState, FileNotFoundError):
+            size = None
+        shown.append(SessionExport(job=job, condition=jobs.job_condition(job), size=size))
+    return SessionExports(items=shown, keep_days=settings.EXPORT_KEEP_DAYS)

@@ -16,23 +16,32 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from config.files import file_download
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
-from sessions_app.errors import IdempotencyKeyReused, IntegrityProblem, NotFound, StateStoreError, VersionConflict
+from sessions_app.errors import (
+    IdempotencyKeyReused,
+    IntegrityProblem,
+    InvalidState,
+    NotFound,
+    StateStoreError,
+    VersionConflict,
+)
 from sessions_app.forms import form_problems
 from sessions_app.models import Role, SessionStatus, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
-from snapshots_app import jsonview, selectors, services
+from snapshots_app import jsonview, selectors, services, transfer
 from snapshots_app.diff import DiffResult
 from snapshots_app.forms import ForkForm, GotoForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
-from snapshots_app.models import TIMELINE_KINDS, Version, VersionKind
+from snapshots_app.models import TIMELINE_KINDS, Job, JobKind, Version, VersionKind
 
 DIFF_SHOWN = 500
 # htmx error answers are text (static/js/app.js shows them with textContent): as text/html, a form
@@ -151,6 +160,8 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
         "problems": selectors.integrity_problems(session),
         "forked_from": _forked_from(session),
     }
+    if context["can_operate"]:
+        context["exports"] = selectors.session_exports(session)
     # htmx asks for the rows of an older page ("Older versions": `before`), or for the whole timeline,
     # socket included, when the filters change (the filter form).
     fragment = "snapshots_app/partials/_timeline_rows.html" if before is not None else "snapshots_app/partials/_timeline.html"
@@ -773,3 +784,39 @@ def session_unarchive(request: HttpRequest, session_id: Any) -> HttpResponse:
         session_services.session_unarchive(session=session, reason=form.cleaned_data["reason"], actor=request.user)
         messages.success(request, "Unarchived: the session accepts writes again.")
     return redirect("snapshots:session", session_id=session.pk)
+
+
+# -- exports -----------------------------------------------------------------------------------------
+
+
+@login_required
+@require_POST
+def session_export(request: HttpRequest, session_id: Any) -> HttpResponse:
+    """Queue an export of this session (operators, as the API's); its progress and download link
+    appear on the session page, live."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    if session.head_number == 0:
+        messages.error(request, "This session has no versions yet: there is nothing to export.")
+    else:
+        transfer.transfer_export_start(project=session.project, session=session, actor=request.user)
+        messages.success(request, "Export queued: its progress and then its download link are under the session's "
+                                  "header, on this page.")
+    return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + "#exports")
+
+
+@login_required
+@require_GET
+def export_download(request: HttpRequest, session_id: Any, job_id: int) -> HttpResponseBase:
+    """A finished export of this session, as the file (operators: it holds every state)."""
+    session, role = _member_session(request, session_id)
+    _require_operator(role)
+    job = Job.objects.filter(pk=job_id, session=session, kind=JobKind.EXPORT).first()
+    if job is None:
+        raise Http404("no such export of this session")
+    try:
+        path = transfer.export_file(job=job)
+    except InvalidState as exc:
+        messages.error(request, f"Export #{job.pk}: {exc.message}.")
+        return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + "#exports")
+    return file_download(request, path, "application/x-ndjson")

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import orjson
 from django.conf import settings
-from django.core.handlers.asgi import ASGIRequest
 from django.core.serializers.json import DjangoJSONEncoder
-from django.http import FileResponse, Http404, HttpRequest, StreamingHttpResponse
-from django.utils.http import content_disposition_header
+from django.http import Http404
 from rest_framework.exceptions import NotAcceptable, ParseError
 from rest_framework.metadata import BaseMetadata
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
-from config.files import file_chunks
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.errors import InvalidState
 from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
@@ -83,17 +79,3 @@ class ContentNegotiation(DefaultContentNegotiation):
         except Http404:
             formats = ", ".join(sorted({str(renderer.format) for renderer in renderers}))
             raise NotAcceptable(f"No format {format[:40]!r} here; this answers in {formats}.") from None
-
-
-def file_download(request: HttpRequest, path: Path, content_type: str) -> StreamingHttpResponse:
-    """`path` as an attachment, read a chunk at a time as the client takes it. Under ASGI (the server
-    the web process runs) Django reads a FileResponse's file whole into memory before its first byte
-    goes out, so there the file is read by an async iterator instead (a 1 GB export held 1 GB of the
-    web process, and its client waited for all of it to be read)."""
-    handle = path.open("rb")
-    if not isinstance(request, ASGIRequest):  # the test client's and any WSGI server's handler
-        return FileResponse(handle, as_attachment=True, filename=path.name, content_type=content_type)
-    response = StreamingHttpResponse(file_chunks(handle), content_type=content_type)
-    response["Content-Length"] = str(path.stat().st_size)
-    response["Content-Disposition"] = content_disposition_header(True, path.name)
-    return response

@@ -19,11 +19,12 @@ from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from config.files import file_download
 from sessions_app.api import filters
 from sessions_app.api.auth import project_for, require_role, session_for, visible_project_ids
 from sessions_app.api.base import ApiView
 from sessions_app.api.filters import ParamFilter
-from sessions_app.api.http import OrjsonRenderer, file_download
+from sessions_app.api.http import OrjsonRenderer
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.api.serializers import (
     InputSerializer,

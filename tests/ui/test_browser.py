@@ -32,7 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture(scope="module")
-def _live(django_db_setup) -> Iterator[tuple[LiveServer, Any]]:
+def _live(django_db_setup, tmp_path_factory) -> Iterator[tuple[LiveServer, Any]]:
     """One uvicorn process and one chromium for the whole module: starting them took a few seconds
     of every test. Each test still gets an empty database (transactional_db) and its own browser
     contexts (cookies, storage, sockets), closed when it ends; the server keeps nothing of a test in
@@ -50,7 +50,9 @@ def _live(django_db_setup) -> Iterator[tuple[LiveServer, Any]]:
             subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
         env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": settings.REDIS_URL,
                "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
-               "DB_POOL_SIZE": "4"}  # as `make serve` runs the web process: with a connection pool
+               "DB_POOL_SIZE": "4",  # as `make serve` runs the web process: with a connection pool
+               # Exports written by the tests' jobs go to a temporary folder, not the checkout's var/.
+               "VAR_DIR": str(tmp_path_factory.mktemp("var")), "STATIC_ROOT": str(settings.STATIC_ROOT)}
         live = LiveServer(free_port(), env)
         live.start()
         try:
@@ -1161,3 +1163,21 @@ def test_at_a_phone_width_a_sessions_status_reads_as_one_word(server, browser):
     for badge in badges.all():
         lines = badge.evaluate("el => Math.round(el.getBoundingClientRect().height / parseFloat(getComputedStyle(el).lineHeight))")
         assert lines == 1, badge.inner_text()
+
+
+def test_an_operator_exports_a_session_and_downloads_the_file_from_its_page(server, browser, tmp_path):
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    assert page.locator("#exports").is_hidden()
+    page.click("#export")
+    page.wait_for_selector("#exports a[download]", timeout=10_000)  # a worker's job (eager here) wrote the file
+    assert "Export queued" in page.inner_text(".messages") and "5 versions" in page.inner_text("#exports")
+    with page.expect_download() as download:
+        page.click("#exports a[download]")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name.startswith("acme-session-run-42-") and saved.suffix == ".ndjson"
+    lines = saved.read_bytes().splitlines()
+    assert b'"type":"header"' in lines[0] and sum(b'"type":"version"' in line for line in lines) == 5
+    assert page.errors == [] and page.console_errors == []

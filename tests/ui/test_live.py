@@ -819,6 +819,20 @@ def test_integrity_problem_appears_on_the_open_session_page(setup):
     assert 'id="integrity-problems" hx-swap-oob="true"' in html and "checksum &lt;b&gt;" in html
 
 
+def test_an_export_and_its_progress_reach_an_operators_open_session_page_and_not_a_viewers(setup):
+    owner, _, project, _, session = setup
+    _record(session, {"n": 1})
+    from snapshots_app.transfer import transfer_export_start
+
+    html = first_update(f"/ws/sessions/{session.pk}/", owner,
+                        lambda: (transfer_export_start(project=project, session=session), _record(session, {"n": 2})))
+    assert 'id="v-2"' in html and "Export #" not in html  # a viewer: the next version's row, no exports
+    membership_set(project=project, user=owner, role=Role.OPERATOR)
+    html = first_update(f"/ws/sessions/{session.pk}/", owner,
+                        lambda: transfer_export_start(project=project, session=session, actor=owner))
+    assert 'id="exports" hx-swap-oob="true"' in html and "by olga" in html
+
+
 def test_another_users_pin_label_and_archive_reach_the_open_session_page(setup):
     from sessions_app.services import session_archive
     from snapshots_app.services import version_label, version_pin

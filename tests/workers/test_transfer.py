@@ -261,7 +261,7 @@ def test_a_project_export_asked_to_skip_damaged_sessions_leaves_them_out_names_t
     damaged = record_history(project, "run-bad", 3)
     fork = snapshot_fork(session=damaged, from_version=2, external_id="run-bad-fork", reason="try again")
     integrity_problem_record(version=Version.objects.get(session=damaged, number=3), detail="checksum mismatch")
-    with pytest.raises(errors.IntegrityProblem, match="version 3 of session run-bad .*skip_damaged"):
+    with pytest.raises(errors.IntegrityProblem, match=r"version 3 of session run-bad .*skip_damaged"):
         transfer_export_run(project=project)
 
     result = transfer_export_run(project=project, skip_damaged=True)
