@@ -342,8 +342,8 @@ def test_timeline_query_count_does_not_grow_with_versions(client, operator, team
     client.force_login(operator)
     record_history(session, 2)
     client.get(session_url(session))
-    # django session, user, session, role, versions, forks, integrity problems
-    with django_assert_num_queries(7):
+    # django session, user, session, role, versions, forks, integrity problems, exports (an operator's)
+    with django_assert_num_queries(8):
         client.get(session_url(session))
     record_history(session, 30, start=3)
     source = Version.objects.get(session=session, number=10)
@@ -351,7 +351,7 @@ def test_timeline_query_count_does_not_grow_with_versions(client, operator, team
 
     snapshot_rewind(session=session, to_version=4, reason="test")
     snapshot_fork(session=session, from_version=source.number, reason="what if")
-    with django_assert_num_queries(7):
+    with django_assert_num_queries(8):
         client.get(session_url(session))
 
 
@@ -444,8 +444,8 @@ def test_a_filtered_timeline_costs_the_queries_of_an_unfiltered_one(client, oper
         snapshot_record(session=session, state={"n": number}, error="boom" if number % 2 else None)
     client.force_login(operator)
     client.get(session_url(session))
-    # django session, user, session, role, versions, forks, integrity problems
-    with django_assert_num_queries(7):
+    # django session, user, session, role, versions, forks, integrity problems, exports (an operator's)
+    with django_assert_num_queries(8):
         assert _rows(client.get(session_url(session), {"has_error": "true"}).content.decode()) == [7, 5, 3, 1]
 
 
@@ -456,8 +456,9 @@ def test_lineage_shows_rewind_source_and_forks(client, operator, story, django_a
     fork = snapshot_fork(session=story, from_version=3, external_id="run-42-alt", reason="what if", actor=operator)
     client.force_login(operator)
     client.get(session_url(story))
-    # django session, user, session, role, versions, forks, integrity problems: the forks' authors come with them
-    with django_assert_num_queries(7):
+    # django session, user, session, role, versions, forks, integrity problems, exports (an operator's): the forks'
+    # authors come with them
+    with django_assert_num_queries(8):
         page = client.get(session_url(story)).content.decode()
     assert "restored <a" in page and "v2</a>" in page and "branch v3\u2013v5 left behind" in page
     # v3's row names its author, then the fork with who made it and why (the fork read as v3's author's).
