@@ -800,8 +800,8 @@ def session_export(request: HttpRequest, session_id: Any) -> HttpResponse:
         messages.error(request, "This session has no versions yet: there is nothing to export.")
     else:
         transfer.transfer_export_start(project=session.project, session=session, actor=request.user)
-        messages.success(request, "Export queued: its progress and then its download link are under the session's "
-                                  "header, on this page.")
+        messages.success(request, "Export started: its progress, then its download link, show under the session's "
+                                  "header.")
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + "#exports")
 
 

@@ -1172,7 +1172,7 @@ def test_an_operator_exports_a_session_and_downloads_the_file_from_its_page(serv
     assert page.locator("#exports").is_hidden()
     page.click("#export")
     page.wait_for_selector("#exports a[download]", timeout=10_000)  # a worker's job (eager here) wrote the file
-    assert "Export queued" in page.inner_text(".messages") and "5 versions" in page.inner_text("#exports")
+    assert "Export started" in page.inner_text(".messages") and "5 versions" in page.inner_text("#exports")
     with page.expect_download() as download:
         page.click("#exports a[download]")
     saved = tmp_path / download.value.suggested_filename

@@ -30,7 +30,7 @@ def test_an_operator_exports_a_session_from_its_page_and_downloads_every_version
     assert job.status == JobStatus.DONE and job.created_by_label == "olga"
 
     page = client.get(f"/sessions/{story.pk}/").content.decode()
-    assert "Export queued" in page and f"Export #{job.pk} by olga" in page and "5 versions" in page
+    assert "Export started" in page and f"Export #{job.pk} by olga" in page and "5 versions" in page
     link = f"/sessions/{story.pk}/export/{job.pk}/file/"
     assert f'href="{link}"' in page
     download = client.get(link)
