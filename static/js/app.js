@@ -34,23 +34,80 @@
   // it), remove deleted sessions' rows, and redraw the rows of every session that changed (the server
   // does not know which of them a filtered list shows). A row this page does not show needs neither,
   // and htmx would log an error for each: such parts are dropped here (hx-ext="ws,live-rows").
-  if (window.htmx) {
-    htmx.defineExtension("live-rows", {
-      transformResponse: function (text) {
-        var holder = document.createElement("template");
-        holder.innerHTML = text;
-        Array.prototype.slice.call(holder.content.children).forEach(function (child) {
-          var oob = child.getAttribute("hx-swap-oob");
-          if (oob === null) return;
-          // "swap:selector" names its target; "true" or a bare swap style targets the element's own id.
-          var colon = oob.indexOf(":");
-          var selector = colon > 0 ? oob.slice(colon + 1) : child.id ? "#" + CSS.escape(child.id) : "";
-          if (selector && !document.querySelector(selector)) child.remove();
-        });
-        return holder.innerHTML;
-      }
+  function withoutMissingTargets(text) {
+    var holder = document.createElement("template");
+    holder.innerHTML = text;
+    Array.prototype.slice.call(holder.content.children).forEach(function (child) {
+      var oob = child.getAttribute("hx-swap-oob");
+      if (oob === null) return;
+      // "swap:selector" names its target; "true" or a bare swap style targets the element's own id.
+      var colon = oob.indexOf(":");
+      var selector = colon > 0 ? oob.slice(colon + 1) : child.id ? "#" + CSS.escape(child.id) : "";
+      if (selector && !document.querySelector(selector)) child.remove();
     });
+    return holder.innerHTML;
   }
+  if (window.htmx) {
+    htmx.defineExtension("live-rows", {transformResponse: withoutMissingTargets});
+  }
+
+  // The live session list moves a session that was written to the top and puts new ones above the
+  // rest: the row under the pointer slid away as the operator clicked, and they opened another
+  // session than the one they aimed at. While the mouse rests on the list its updates wait, the list
+  // says how many, and they all come in, in order, as the mouse leaves it. (Registered before the
+  // other live-message handlers: a held message is not one they should see yet.)
+  var held = {live: null, messages: [], timer: null};
+  var replaying = false;
+  function isHeldList(live) {
+    return live.matches && live.matches("#session-table .live") && window.matchMedia("(hover: hover)").matches;
+  }
+  function showHeld() {
+    var note = document.getElementById("live-held");
+    if (!note) {
+      note = document.createElement("p");
+      note.id = "live-held";
+      note.className = "live-held";
+      note.setAttribute("role", "status");
+      held.live.parentNode.insertBefore(note, held.live);
+    }
+    var count = held.messages.length;
+    note.textContent = "Live updates paused while the pointer is on the list: " + count + " waiting.";
+  }
+  function releaseHeld() {
+    var live = held.live, messages = held.messages;
+    clearInterval(held.timer);
+    held = {live: null, messages: [], timer: null};
+    var note = document.getElementById("live-held");
+    if (note) note.parentNode.removeChild(note);
+    if (!live || !live.isConnected) return;  // the list was replaced (a filter changed): it is current
+    replaying = true;
+    try {
+      messages.forEach(function (message) {
+        if (!htmx.trigger(live, "htmx:wsBeforeMessage", {message: message})) return;
+        // As the ws extension swaps a message: every part out of band, none into the socket's element.
+        htmx.swap(live, withoutMissingTargets(message), {swapStyle: "none", swapDelay: 0, settleDelay: 0});
+        htmx.trigger(live, "htmx:wsAfterMessage", {message: message});
+      });
+    } finally {
+      replaying = false;
+    }
+  }
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    var live = event.target;
+    if (replaying || !isHeldList(live)) return;
+    if (held.live && held.live !== live) releaseHeld();
+    if (!held.messages.length && !live.matches(":hover")) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    held.live = live;
+    held.messages.push(event.detail.message);
+    showHeld();
+    if (!held.timer) {
+      held.timer = setInterval(function () {
+        if (!held.live || !held.live.isConnected || !held.live.matches(":hover")) releaseHeld();
+      }, 250);
+    }
+  });
 
   // A live page whose websocket dropped and came back may have missed events meanwhile (versions,
   // status changes): it reloads to show the server's state, unless the operator is typing into a

@@ -125,6 +125,9 @@ def log_in(browser, base: str, username: str):
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_selector("table.sessions")
+    # The pointer stayed where the sign-in button was, which may be over the list: whose live updates
+    # wait while it is (see test_the_open_list_holds_its_updates_while_the_pointer_is_on_it).
+    page.mouse.move(0, 0)
     page.errors = errors  # type: ignore[attr-defined]
     console_errors: list[str] = []
     page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
@@ -237,6 +240,28 @@ def test_the_open_list_shows_changes_that_came_together_on_top_in_order(server, 
     assert page.evaluate("() => window.live") <= 3  # five changes, one message for those that came together
     assert page.errors == []  # type: ignore[attr-defined]
     assert [text for text in page.console_errors if text.startswith("htmx:")] == []  # type: ignore[attr-defined]
+
+
+def test_the_open_list_holds_its_updates_while_the_pointer_is_on_it(server, browser):
+    """A session written moves to the top: the row under the pointer slid away as it was clicked. The
+    updates wait while the mouse is on the list, saying so, and all come in as it leaves."""
+    session = off_loop(_operator_story)
+    page = log_in(browser, server, "olga")
+    _wait_for_socket(page, "#session-table .live")
+    names = "() => [...document.querySelectorAll('a.ext')].map(a => a.textContent).join()"
+    assert page.evaluate(names) == "run-failed,run-42"
+    page.hover("a.ext:text-is('run-failed')")
+
+    off_loop(lambda: session_update(session=session, status="waiting"))
+    off_loop(lambda: make_session(session.project, "run-new"))
+    page.wait_for_function("() => (document.getElementById('live-held') || {}).textContent === "
+                           "'Live updates paused while the pointer is on the list: 2 waiting.'", timeout=3_000)
+    assert page.evaluate(names) == "run-failed,run-42" and "Running" in page.inner_text(f"#s-{session.pk}")
+
+    page.mouse.move(0, 0)
+    page.wait_for_function(f"() => {names[6:]} === 'run-new,run-42,run-failed'", timeout=3_000)
+    assert "Waiting" in page.inner_text(f"#s-{session.pk}") and page.locator("#live-held").count() == 0
+    assert page.errors == [] and page.console_errors == []  # type: ignore[attr-defined]
 
 
 def test_the_first_session_of_an_empty_project_replaces_its_empty_notice(server, browser):
