@@ -672,7 +672,7 @@ def snapshot_fork(
             project=session.project, action="session.fork", target_type="session", target_id=fork.pk,
             session_id=session.pk, reason=reason, actor=actor, actor_label=actor_label,
             details={"from_session": str(session.pk), "from_version": source.number, "new_session": str(fork.pk),
-                     "new_external_id": fork.external_id},
+                     "new_external_id": fork.external_id, **({"idempotency_key": key} if key else {})},
         )
         _after_commit(version, None)
     return fork
@@ -681,30 +681,39 @@ def snapshot_fork(
 def _fork_replay(
     session: WorkflowSession, key: str, *, source: Version, external_id: str | None, reason: str
 ) -> WorkflowSession | None:
-    """The session an earlier fork of `session` with idempotency key `key` created (its first
-    version carries the key), if any; IdempotencyKeyReused if that fork was asked for differently."""
-    first = (
-        Version.objects.filter(
-            kind=VersionKind.FORK, number=1, idempotency_key=key, session__project_id=session.project_id,
-            session__metadata__forked_from__session=str(session.pk),
-        ).select_related("session").first()
-    )
-    if first is None:
-        return None
+    """The session an earlier fork of `session` with idempotency key `key` created, if any and still
+    there; IdempotencyKeyReused if that fork was asked for differently.
+
+    Found by the fork's audit event, which keeps the key: the fork's first version, which carries it
+    too, may have been trimmed since, and its `forked_from` metadata edited (either made a retry fork
+    again). Forks from before events kept the key are found by that first version."""
+    event = (AuditEvent.objects.filter(session_id=session.pk, action="session.fork", details__idempotency_key=key)
+             .order_by("pk").first())
+    if event is not None:
+        fork = WorkflowSession.objects.filter(pk=event.target_id, project_id=session.project_id).first()
+        if fork is None:
+            return None  # deleted since: this retry makes it again
+        asked_version, asked_reason = event.details.get("from_version"), event.reason
+    else:
+        first = (Version.objects.filter(kind=VersionKind.FORK, number=1, idempotency_key=key, parent__session=session)
+                 .select_related("session", "parent").first())
+        if first is None:
+            return None
+        fork, asked_version, asked_reason = first.session, first.parent.number if first.parent else None, first.reason
     differs = [
         name for name, same in (
-            ("version", first.parent_id == source.pk),
-            ("external id", external_id in (None, "", first.session.external_id)),
-            ("reason", first.reason == reason),
+            ("version", asked_version == source.number),
+            ("external id", external_id in (None, "", fork.external_id)),
+            ("reason", asked_reason == reason),
         ) if not same
     ]
     if differs:
         raise IdempotencyKeyReused(
-            f"idempotency key {key!r} was used for fork {first.session.external_id!r} with a different "
+            f"idempotency key {key!r} was used for fork {fork.external_id!r} with a different "
             f"{', '.join(differs)}; nothing was written",
-            version=first.number,
+            version=1,
         )
-    return first.session
+    return fork
 
 
 def snapshot_data_fix(

@@ -243,6 +243,31 @@ def test_fork_creates_a_session_and_replays_with_an_idempotency_key(writer, sess
     assert WorkflowSession.objects.count() == 2
 
 
+@pytest.mark.parametrize("change", ["metadata edited", "first version trimmed"])
+def test_a_fork_replayed_after_its_metadata_was_edited_or_its_first_version_trimmed_is_the_same_fork(
+    writer, session, change
+):
+    """The retry was matched through the fork's `forked_from` metadata and its first version: a PATCH
+    of the metadata, or a trim of that version, and the retry made a second fork."""
+    from snapshots_app.services import session_trim
+
+    snapshot_record(session=session, state={"a": 1})
+    body = {"from_version": 1, "reason": "try"}
+    first = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-3").json()["id"]
+    fork = WorkflowSession.objects.get(pk=first)
+    if change == "metadata edited":
+        assert writer.patch(f"/api/v1/sessions/{first}/", {"metadata": {"owner": "me"}}, format="json").status_code == 200
+    else:
+        snapshot_record(session=fork, state={"a": 2})
+        session_trim(session=fork, keep=[2], reason="keep the head")
+        assert not fork.versions.filter(number=1).exists()
+    again = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-3")
+    assert again.status_code == 201 and again.json()["id"] == first
+    other = writer.post(url(session, "fork/"), {**body, "reason": "another"}, format="json", HTTP_IDEMPOTENCY_KEY="f-3")
+    assert other.status_code == 422 and "different reason" in other.json()["detail"]
+    assert WorkflowSession.objects.count() == 2
+
+
 def test_a_fork_replayed_after_the_fork_was_deleted_makes_a_new_one(writer, admin_key, session):
     """As a session create's: the key is kept on the fork's first version, and goes with it."""
     snapshot_record(session=session, state={"a": 1})
