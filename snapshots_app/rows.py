@@ -9,6 +9,7 @@ SQLite (the embedded default) keeps the ORM.
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from typing import Any
 
@@ -152,6 +153,17 @@ _APPEND_RETURNS = ("head_number", "version_count", "stored_bytes", "logical_byte
 
 
 @cache
+def batch_key_prefix(key: str) -> str:
+    """What the keys a batch sent with idempotency key `key` gives its versions start with: derived (a
+    hash: no truncation, and no plain key a client sends by hand names one); see batch_key."""
+    return f"batch:{hashlib.sha256(key.encode()).hexdigest()[:40]}:"
+
+
+def batch_key(key: str | None, index: int) -> str | None:
+    """The key a batch sent with idempotency key `key` gives its `index`th version."""
+    return None if key is None else f"{batch_key_prefix(key)}{index}"
+
+
 def _append_sql(moves: tuple[str, ...]) -> str:
     """The whole of a snapshot write as one statement (see version_append_if_head)."""
     session_table = WorkflowSession._meta.db_table
@@ -167,7 +179,7 @@ def _append_sql(moves: tuple[str, ...]) -> str:
         # in `ok` see the head as it is now, not as the statement's snapshot had it.
         f"WITH locked AS ({_locking_select('s.id, s.head_number, s.archived_at')}), "
         "ok AS (SELECT id FROM locked WHERE head_number = %s AND archived_at IS NULL AND NOT EXISTS "
-        f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key = %s)), "
+        f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key IN (%s, %s))), "
         f"nodes AS ({store.NODE_INSERT_SQL} WHERE EXISTS (SELECT 1 FROM ok) "
         "ON CONFLICT DO NOTHING RETURNING length(data) AS size), "
         "stored AS (SELECT COALESCE(sum(size), 0) AS size FROM nodes), "
@@ -182,7 +194,7 @@ def _append_sql(moves: tuple[str, ...]) -> str:
 
 def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, moves: dict[str, Any]) -> bool:
     """If the session's head is still version `head` (and it is not archived, and no version has
-    `version.idempotency_key`), insert `nodes` and `version` (number head + 1, parent the head,
+    `version.idempotency_key`, nor the key a batch sent with it gave its first version), insert `nodes` and `version` (number head + 1, parent the head,
     stored_size the bytes the nodes really added) and move the session: its counters, and `moves`.
     One statement; True if it wrote (`version.session` then shows the move: `moves`, the counters,
     and status and last step/error as they now are), False having written nothing. Callers must
@@ -196,7 +208,8 @@ def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, m
     with connection.cursor() as cursor:
         cursor.execute(
             _append_sql(tuple(moves)),
-            [version.session_id, head, version.idempotency_key, version.session.project_id, *nodes.arrays(),
+            [version.session_id, head, version.idempotency_key, batch_key(version.idempotency_key, 0),
+             version.session.project_id, *nodes.arrays(),
              *session_values, *version_values, head],
         )
         row = cursor.fetchone()

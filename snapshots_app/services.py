@@ -8,7 +8,6 @@ same lock. Side effects (live events, the finalize task) run only after commit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -445,24 +444,29 @@ def snapshot_record_batch(
     first call created; another batch under the same key (more, fewer or other snapshots) is
     IdempotencyKeyReused, nothing written.
 
-    Each version carries a key derived from the batch's (a hash: no truncation, and no plain key
-    a client sends by hand names one of them), numbered by its place in the batch."""
+    Each version carries a key derived from the batch's (rows.batch_key), numbered by its place in
+    the batch. A key a single write used (snapshot, rewind) is IdempotencyKeyReused here, and the
+    other way round."""
     key = _clean_text("idempotency_key", idempotency_key, METADATA_LIMITS["idempotency_key"]) or None
-    prefix = None if key is None else f"batch:{hashlib.sha256(key.encode()).hexdigest()[:40]}:"
     with transaction.atomic():
-        if prefix is not None:
+        if key is not None:
             _lock_for_write(session)  # a retry racing the first call waits for it, then counts
-            earlier = Version.objects.filter(session=session, idempotency_key__startswith=prefix).count()
+            earlier = Version.objects.filter(session=session, idempotency_key__startswith=rows.batch_key_prefix(key)).count()
             if earlier and earlier != len(snapshots):
                 raise IdempotencyKeyReused(
                     f"idempotency key {key!r} was used for a batch of {earlier} snapshots, not {len(snapshots)}; "
                     "nothing was written"
                 )
+            single = None if earlier else Version.objects.filter(session=session, idempotency_key=key).first()
+            if single is not None:
+                raise IdempotencyKeyReused(
+                    f"idempotency key {key!r} was used for version {single.number}, written alone, not by a batch; "
+                    "nothing was written", version=single.number,
+                )
         return [
             snapshot_record(
                 session=session, expected_version=expected_version if index == 0 else None,
-                idempotency_key=None if prefix is None else f"{prefix}{index}", actor=actor, actor_label=actor_label,
-                **snapshot,
+                idempotency_key=rows.batch_key(key, index), actor=actor, actor_label=actor_label, **snapshot,
             )
             for index, snapshot in enumerate(snapshots)
         ]
@@ -553,6 +557,12 @@ def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | Non
     IdempotencyKeyReused, nothing written."""
     first = Version.objects.filter(session=session, idempotency_key=key).select_related("session").first()
     if first is None:
+        batched = Version.objects.filter(session=session, idempotency_key=rows.batch_key(key, 0)).first()
+        if batched is not None:
+            raise IdempotencyKeyReused(
+                f"idempotency key {key!r} was used for a batch (from version {batched.number}), not a single write; "
+                "nothing was written", version=batched.number,
+            )
         return None
     differs = [name for name, value in request.items() if getattr(first, name) != value]
     if differs == ["label"] and _label_when_written(first) == request["label"]:

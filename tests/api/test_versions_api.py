@@ -422,6 +422,22 @@ def test_a_batch_key_covers_the_whole_batch(writer, session):
     assert session.versions.count() == 7
 
 
+def test_a_key_a_single_write_used_is_refused_by_a_batch_and_the_other_way_round(writer, session):
+    """Each looked for its own kind of key only: a batch retried as a single snapshot (or a snapshot
+    retried in a batch) under the same key was written a second time."""
+    one = writer.post(url(session, "versions/"), {"state": {"s": 1}}, format="json", HTTP_IDEMPOTENCY_KEY="s")
+    as_batch = writer.post(url(session, "versions/batch/"), {"versions": [{"state": {"s": 1}}]}, format="json",
+                           HTTP_IDEMPOTENCY_KEY="s")
+    assert as_batch.status_code == 422 and as_batch.json()["code"] == "idempotency_key_reused"
+    assert "written alone" in as_batch.json()["detail"]
+    batch = {"versions": [{"state": {"b": 1}}, {"state": {"b": 2}}]}
+    assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IDEMPOTENCY_KEY="b").status_code == 201
+    for path, body in (("versions/", {"state": {"b": 1}}), ("rewind/", {"to_version": 1, "reason": "retry"})):
+        alone = writer.post(url(session, path), body, format="json", HTTP_IDEMPOTENCY_KEY="b")
+        assert alone.status_code == 422 and "was used for a batch (from version 2)" in alone.json()["detail"]
+    assert one.json()["number"] == 1 and session.versions.count() == 3
+
+
 def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
     assert writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*").status_code == 404  # no head yet
     snapshot_record(session=session, state={"a": 1})
