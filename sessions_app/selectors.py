@@ -354,11 +354,17 @@ def _session_rows(project_id: int, session_ids: Iterable[Any], limit: int | None
 SESSION_AUDIT_PAGE = 50
 
 
+def about_session(session_id: Any) -> Q:
+    """The audit events about a session: its own, and for a fork the fork that made it (recorded on
+    its source, naming the fork as its target)."""
+    return Q(session_id=session_id) | Q(target_type="session", target_id=str(session_id))
+
+
 def session_audit(session: WorkflowSession, *, before: int | None = None, limit: int = SESSION_AUDIT_PAGE) -> list[AuditEvent]:
     """The session's audit events, newest first (by id, through the session_id index), a page at a time:
     those with an id below `before`. A fork's include the fork that made it (recorded on its source,
-    naming it as its target: audit_target_id)."""
-    events = AuditEvent.objects.filter(Q(session_id=session.pk) | Q(target_type="session", target_id=str(session.pk)))
+    naming it as its target: see about_session)."""
+    events = AuditEvent.objects.filter(about_session(session.pk))
     if before is not None:
         events = events.filter(pk__lt=before)
     return list(events.order_by("-id")[:limit])

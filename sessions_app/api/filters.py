@@ -137,7 +137,7 @@ def parse_uuid(name: str, raw: str) -> str:
     try:
         return str(uuid.UUID(raw))
     except ValueError:
-        raise exceptions.ValidationError({name: ["A UUID."]}) from None
+        raise exceptions.ValidationError({name: ["Must be a valid UUID."]}) from None
 
 
 def ordering_param(choices: list[str]) -> Param:

@@ -307,8 +307,9 @@ class AuditEventList(mixins.ListModelMixin, ApiView):
         PROJECT_FILTER,
         # A choice, as every other list's kind and status: a misspelt action answered an empty list.
         filters.choice_param("action", "Only this action, e.g. session.rewind.", list(AuditAction.values), "action"),
-        Param("session", {"type": "string", "format": "uuid"}, "Only events about this session (UUID).",
-              lambda qs, raw: qs.filter(session_id=filters.parse_uuid("session", raw))),
+        Param("session", {"type": "string", "format": "uuid"},
+              "Only events about this session (UUID); a fork's include the fork that made it.",
+              lambda qs, raw: qs.filter(selectors.about_session(filters.parse_uuid("session", raw)))),
         *filters.range_params("created_at", "created"),
     ]
 

@@ -207,7 +207,12 @@ def test_audit_events_filter_by_action_and_session(project, session, writer):
     writer.post(f"/api/v1/sessions/{session.pk}/rewind/", {"to_version": 1, "reason": "why not"}, format="json")
     events = writer.get(f"/api/v1/audit-events/?action=session.rewind&session={session.pk}").json()["results"]
     assert len(events) == 1 and events[0]["reason"] == "why not" and events[0]["actor"].startswith("api key")
-    assert writer.get("/api/v1/audit-events/?session=not-a-uuid").status_code == 400
+    bad = writer.get("/api/v1/audit-events/?session=not-a-uuid")
+    assert bad.status_code == 400 and bad.json()["errors"] == {"session": ["Must be a valid UUID."]}
+    # A fork's events start with the fork that made it (recorded on its source), as its dashboard trail does.
+    fork = writer.post(f"/api/v1/sessions/{session.pk}/fork/", {"from_version": 1, "reason": "what if"}, format="json")
+    fork_events = writer.get(f"/api/v1/audit-events/?session={fork.json()['id']}").json()["results"]
+    assert [(e["action"], e["reason"]) for e in fork_events] == [("session.fork", "what if")]
 
 
 def test_browser_members_of_several_projects_name_the_project(project, other_project, user):
