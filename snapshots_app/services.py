@@ -332,7 +332,8 @@ def _append_copy(
     actor_label: str = "",
 ) -> Version:
     """Append a version whose state is `source`'s (a rewind or fork): it points at the same root,
-    so it stores no nodes. Caller holds the session lock."""
+    so it stores no nodes. Its status, step and error are `source`'s too: a rewind to a failed
+    version left the session failed with no error to say why. Caller holds the session lock."""
     return _append(
         session,
         kind=kind,
@@ -343,6 +344,7 @@ def _append_copy(
         parent=source,
         status=source.status or SessionStatus.RUNNING,
         step=source.step,
+        error=source.error,
         engine=source.engine,
         engine_version=source.engine_version,
         reason=reason,

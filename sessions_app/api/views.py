@@ -89,7 +89,9 @@ class SessionList(mixins.ListModelMixin, ApiView):
         filters.text_param("q", "Search in external ids (substring, case-insensitive).",
                            lambda qs, raw: qs.filter(external_id__icontains=raw)),
         filters.text_param("external_id", "Exactly this external id.", lambda qs, raw: qs.filter(external_id=raw)),
-        filters.bool_param("has_error", "Only sessions whose last snapshot reported an error (or none).",
+        filters.bool_param("has_error", "Only sessions with a last error (or none): set by a snapshot that reports "
+                           "one, kept by those that report none until one reports status running or completed, or a "
+                           "rewind to a version without one.",
                            lambda yes: ~Q(last_error="") if yes else Q(last_error="")),
         filters.bool_param("archived", "Archived sessions only (true) or live ones only (false); default both.",
                            lambda yes: Q(archived_at__isnull=not yes)),

@@ -243,6 +243,11 @@ def test_rewind_appends_a_new_head_equal_to_the_old_version_and_stores_nothing(s
     event = AuditEvent.objects.get(action="session.rewind")
     assert (event.actor, event.reason, event.details["to_version"], event.details["new_head"]) == (
         user, "step 3 used a bad tool result", 2, 5)
+    # Back to the failed version: the session is failed again, and says why (it read failed, with no error).
+    failed = snapshot_rewind(session=session, to_version=4, reason="look at the failure again", actor=user)
+    session.refresh_from_db()
+    assert (failed.status, failed.error) == ("failed", "boom")
+    assert (session.status, session.last_error) == ("failed", "boom")
 
 
 def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(session, project, user):
