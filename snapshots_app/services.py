@@ -380,7 +380,7 @@ def snapshot_record(
         "step": _clean_text("step", step, METADATA_LIMITS["step"]),
         "status": _clean_status(status),
         "error": _clean_text("error", error, ERROR_MAX),
-        "label": _clean_text("label", label, METADATA_LIMITS["label"]),
+        "label": _clean_text("label", label, METADATA_LIMITS["label"]).strip(),  # as version_label keeps it
         "engine": _clean_text("engine", engine, METADATA_LIMITS["engine"]),
         "engine_version": _clean_text("engine_version", engine_version, METADATA_LIMITS["engine_version"]),
         "tags": clean_tags(tags),

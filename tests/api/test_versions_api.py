@@ -321,6 +321,14 @@ def test_pin_and_label(writer, session):
     assert {e.action for e in AuditEvent.objects.all()} >= {"version.pin", "version.label"}
 
 
+def test_a_label_sent_with_a_snapshot_is_kept_as_a_label_set_later_is_without_its_spaces(writer, session):
+    """A snapshot's or batch's label kept its spaces, where PATCH trims: `?label=good` missed it."""
+    writer.post(url(session, "versions/"), {"state": {"a": 1}, "label": " good "}, format="json")
+    writer.post(url(session, "versions/batch/"), {"versions": [{"state": {"a": 2}, "label": "good\t"}]}, format="json")
+    listed = writer.get(url(session, "versions/") + "?label=good").json()["results"]
+    assert [(v["number"], v["label"]) for v in listed] == [(2, "good"), (1, "good")]
+
+
 def test_pinning_a_pinned_version_answers_it_and_is_not_audited_again(writer, session):
     snapshot_record(session=session, state={"a": 1})
     for _ in range(2):
