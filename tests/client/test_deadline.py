@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 from session_rewind_client import AsyncClient, Client, RateLimited, RetryPolicy, TransportError
 
+SID = "0c6e0f8a-6b0f-4a55-9a8b-3f1d2a4c5e6f"  # a session id: the API's are UUIDs
+
 
 @contextmanager
 def tcp_server(handle: Callable[[socket.socket, int], None]) -> Iterator[tuple[str, list[bytes]]]:
@@ -79,13 +81,13 @@ def test_a_hung_server_costs_one_deadline_not_seven_timeouts():
         started = time.monotonic()
         with Client(url, api_key="sr_test", timeout=30, deadline=1.5) as client, \
                 pytest.raises(TransportError, match=r"deadline \(1.5 s\) passed") as caught:
-            client.get_session("s")
+            client.get_session(SID)
         assert time.monotonic() - started < 2.5
         assert caught.value.status is None and len(received) == 1
 
         async def main() -> None:
             async with AsyncClient(url, api_key="sr_test", deadline=1.5) as aclient:
-                await aclient.record("s", {"n": 1})
+                await aclient.record(SID, {"n": 1})
 
         started = time.monotonic()
         with pytest.raises(TransportError, match="deadline"):
@@ -101,9 +103,9 @@ def test_a_server_trickling_its_answer_is_cut_off_at_the_deadline():
             started = time.monotonic()
             with pytest.raises(TransportError, match="deadline"):
                 if isinstance(client, Client):
-                    client.get_session("s")
+                    client.get_session(SID)
                 else:
-                    asyncio.run(client.get_session("s"))
+                    asyncio.run(client.get_session(SID))
             assert time.monotonic() - started < 2.5, make
 
 
@@ -127,7 +129,7 @@ def test_an_answer_whose_last_bytes_land_just_after_the_deadline_is_kept():
             Client(url, api_key="sr_test", timeout=5, deadline=1.5,
                    retry=RetryPolicy(max_retries=0)) as client:
         started = time.monotonic()
-        assert client.get_session("s") == {"id": "s", "external_id": "e"}
+        assert client.get_session(SID) == {"id": "s", "external_id": "e"}
         assert 1.6 < time.monotonic() - started < 2.5 and len(received) == 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -26,6 +27,8 @@ from session_rewind_client import (
 )
 
 FAST = RetryPolicy(max_retries=3, backoff=0.001, max_wait=0.05)
+
+SID = "0c6e0f8a-6b0f-4a55-9a8b-3f1d2a4c5e6f"  # a session id: the API's are UUIDs
 
 
 def problem(status: int, code: str, **extra) -> httpx.Response:
@@ -61,11 +64,11 @@ def test_write_retries_429_503_and_502_with_one_idempotency_key():
         httpx.Response(201, json={"number": 1}),
     )
     with sync_client(script) as client:
-        assert client.record("abc", {"x": 1}) == {"number": 1}
+        assert client.record(SID, {"x": 1}) == {"number": 1}
     keys = {request.headers["Idempotency-Key"] for request in script.requests}
     assert len(script.requests) == 4 and len(keys) == 1
     assert script.requests[0].headers["Authorization"] == "Bearer sr_test"
-    assert script.requests[0].url.path == "/api/v1/sessions/abc/versions/"
+    assert script.requests[0].url.path == f"/api/v1/sessions/{SID}/versions/"
 
 
 def test_a_write_still_in_progress_is_waited_for_but_a_plain_conflict_is_not():
@@ -74,7 +77,7 @@ def test_a_write_still_in_progress_is_waited_for_but_a_plain_conflict_is_not():
     with sync_client(script) as client:
         assert client.start_export(session="abc") == {"id": 7}
         with pytest.raises(ConflictError):
-            client.record("abc", {"x": 1})
+            client.record(SID, {"x": 1})
     assert len(script.requests) == 3
     assert script.requests[0].headers["Idempotency-Key"] == script.requests[1].headers["Idempotency-Key"]
 
@@ -105,7 +108,7 @@ def test_retry_after_is_honoured(monkeypatch):
         httpx.Response(200, json={"id": "s"}),
     )
     client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=60))
-    assert client.get_session("s") == {"id": "s"}
+    assert client.get_session(SID) == {"id": "s"}
     assert waits == [7.0]
 
 
@@ -118,7 +121,7 @@ def test_a_retry_after_of_now_still_waits_the_backoff(monkeypatch, hint):
     script = Script(*[httpx.Response(503, text="busy", headers={"Retry-After": hint})] * 3,
                     httpx.Response(200, json={"id": "s"}))
     client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(backoff=1.0))
-    assert client.get_session("s") == {"id": "s"}
+    assert client.get_session(SID) == {"id": "s"}
     assert len(waits) == 3 and all(wait >= 2**attempt / 2 for attempt, wait in enumerate(waits)), waits
 
 
@@ -130,7 +133,7 @@ def test_a_retry_after_beyond_max_wait_is_raised_at_once_not_retried_early(monke
                     httpx.Response(200, json={"id": "s"}))
     client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=30))
     with pytest.raises(RateLimited) as caught:
-        client.get_session("s")
+        client.get_session(SID)
     assert caught.value.retry_after == 57.0 and waits == [] and len(script.requests) == 1
 
 
@@ -142,29 +145,29 @@ def test_a_server_in_maintenance_says_when_to_come_back(monkeypatch):
     script = Script(httpx.Response(503, text="<h1>Down for maintenance</h1>", headers={"Retry-After": "300"}))
     client = Client("http://rewind.test", transport=httpx.MockTransport(script), retry=RetryPolicy(max_wait=30))
     with pytest.raises(ServerError) as caught:
-        client.record("s", {"n": 1})
+        client.record(SID, {"n": 1})
     assert caught.value.retry_after == 300.0 and caught.value.status == 503 and waits == []
     assert pickle.loads(pickle.dumps(caught.value)).retry_after == 300.0
     script = Script(problem(404, "session_not_found"))
     with sync_client(script) as client, pytest.raises(NotFound) as missing:
-        client.get_session("s")
+        client.get_session(SID)
     assert missing.value.retry_after is None
 
 
 def test_rate_limited_after_retries_run_out():
     script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 4)
     with sync_client(script) as client, pytest.raises(RateLimited) as caught:
-        client.get_session("s")
+        client.get_session(SID)
     assert caught.value.status == 429 and caught.value.retry_after == 0.0 and len(script.requests) == 4
 
 
 def test_lost_connection_is_retried_then_reported():
     script = Script(httpx.ConnectError("refused"), httpx.Response(200, json={"ok": True}))
     with sync_client(script) as client:
-        assert client.get_session("s") == {"ok": True}
+        assert client.get_session(SID) == {"ok": True}
     script = Script(*[httpx.ConnectError("refused")] * 4)
     with sync_client(script) as client, pytest.raises(TransportError) as caught:
-        client.get_session("s")
+        client.get_session(SID)
     assert caught.value.status is None and isinstance(caught.value, SessionRewindError)
 
 
@@ -176,7 +179,7 @@ def test_lost_connection_is_retried_then_reported():
 def test_errors_are_typed_with_status_code_and_detail(status, code, error):
     script = Script(problem(status, code, details={"head": 5}))
     with sync_client(script) as client, pytest.raises(error) as caught:
-        client.get_session("s")
+        client.get_session(SID)
     assert (caught.value.status, caught.value.code, caught.value.detail) == (status, code, f"{code} happened")
     assert caught.value.details == {"head": 5}
     assert len(script.requests) == 1  # only 429 and 503 are retried
@@ -187,7 +190,7 @@ def test_async_client_retries_with_the_same_key():
 
     async def main() -> dict:
         async with AsyncClient("http://rewind.test", transport=httpx.MockTransport(script), retry=FAST) as client:
-            return await client.rewind("abc", 1, reason="bad step")
+            return await client.rewind(SID, 1, reason="bad step")
 
     assert asyncio.run(main()) == {"number": 2}
     assert script.requests[0].headers["Idempotency-Key"] == script.requests[1].headers["Idempotency-Key"]
@@ -199,24 +202,24 @@ def test_iterators_follow_cursors():
         httpx.Response(200, json={"results": [{"number": 1}], "next": None}),
     )
     with sync_client(script) as client:
-        assert [v["number"] for v in client.iter_versions("s", limit=2)] == [3, 2, 1]
+        assert [v["number"] for v in client.iter_versions(SID, limit=2)] == [3, 2, 1]
     assert script.requests[1].url.params["cursor"] == "abc=" and script.requests[1].url.params["limit"] == "2"
 
 
 def test_a_retried_delete_that_finds_nothing_succeeded_earlier():
     script = Script(httpx.ReadTimeout("answer lost"), problem(404, "session_not_found"))
     with sync_client(script) as client:
-        assert client.delete_session("s", reason="done") is None
+        assert client.delete_session(SID, reason="done") is None
     script = Script(problem(404, "session_not_found"))
     with sync_client(script) as client, pytest.raises(NotFound):
-        client.delete_session("s", reason="done")
+        client.delete_session(SID, reason="done")
 
 
 @pytest.mark.parametrize("state", [{"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}, {"x": object()}])
 def test_a_value_json_cannot_carry_is_a_validation_error_and_nothing_is_sent(state):
     script = Script()
     with sync_client(script) as client, pytest.raises(ValidationError, match="cannot be sent as JSON"):
-        client.record("abc", state)
+        client.record(SID, state)
     assert script.requests == []
 
 
@@ -233,7 +236,7 @@ def test_a_value_json_cannot_carry_is_named_with_its_path(state, where):
     # serializable", never which one.
     script = Script()
     with sync_client(script) as client, pytest.raises(ValidationError) as caught:
-        client.record("abc", state)
+        client.record(SID, state)
     assert str(caught.value).endswith(where)
     assert script.requests == []
 
@@ -248,7 +251,7 @@ def test_keys_json_would_spell_alike_are_a_validation_error_and_nothing_is_sent(
     last, so one of the two values was lost without a word."""
     script = Script()
     with sync_client(script) as client, pytest.raises(ValidationError) as caught:
-        client.record("abc", state)
+        client.record(SID, state)
     assert said in str(caught.value)
     assert script.requests == []
 
@@ -256,7 +259,7 @@ def test_keys_json_would_spell_alike_are_a_validation_error_and_nothing_is_sent(
 def test_keys_of_several_types_that_stay_apart_are_sent_as_json_names():
     script = Script(httpx.Response(201, json={"number": 1}))
     with sync_client(script) as client:
-        client.record("abc", {"by_id": {1: "one", "2": "two", None: "none", 1.5: "half"}})
+        client.record(SID, {"by_id": {1: "one", "2": "two", None: "none", 1.5: "half"}})
     assert json.loads(script.requests[0].content)["state"] == {"by_id": {"1": "one", "2": "two", "null": "none",
                                                                          "1.5": "half"}}
 
@@ -270,14 +273,14 @@ def test_a_state_nested_too_deep_to_encode_is_a_validation_error():
         inner = inner["x"]
     script = Script()
     with sync_client(script) as client, pytest.raises(ValidationError, match="nests deeper"):
-        client.record("abc", state)
+        client.record(SID, state)
     assert script.requests == []
 
 
 def test_bodies_are_sent_as_json():
     script = Script(httpx.Response(201, json={"number": 1}))
     with sync_client(script) as client:
-        client.record("abc", {"x": "é", "n": 1})
+        client.record(SID, {"x": "é", "n": 1})
     request = script.requests[0]
     assert request.headers["Content-Type"] == "application/json"
     assert json.loads(request.content) == {"state": {"x": "é", "n": 1}}
@@ -294,7 +297,7 @@ def test_a_url_without_http_is_refused_when_the_client_is_made(url):
 def test_a_key_read_with_its_line_end_authenticates_and_a_mangled_one_is_refused_unshown():
     script = Script(httpx.Response(200, json={"id": "s"}))
     with Client("http://rewind.test", api_key="sr_test\n", transport=httpx.MockTransport(script), retry=FAST) as client:
-        assert client.get_session("s") == {"id": "s"}
+        assert client.get_session(SID) == {"id": "s"}
     assert script.requests[0].headers["Authorization"] == "Bearer sr_test"
     for key in ("sr_té", "sr_te st"):
         with pytest.raises(ValueError, match="API key") as caught:
@@ -305,7 +308,7 @@ def test_a_key_read_with_its_line_end_authenticates_and_a_mangled_one_is_refused
 def test_a_request_httpx_cannot_send_is_not_retried():
     script = Script(*[httpx.LocalProtocolError("Illegal header value")] * 4)
     with sync_client(script) as client, pytest.raises(TransportError):
-        client.get_session("s")
+        client.get_session(SID)
     assert len(script.requests) == 1
 
 
@@ -313,10 +316,10 @@ def test_a_request_httpx_cannot_send_is_not_retried():
 def test_a_redirect_is_an_error_naming_where_not_an_empty_answer(status):
     # Behind a proxy that sends http:// on to https://, or for a path without its slash, every call
     # used to answer None (a write looked done, nothing was written) or fail decoding the empty body.
-    location = "https://rewind.test/api/v1/sessions/abc/versions/"
+    location = f"https://rewind.test/api/v1/sessions/{SID}/versions/"
     script = Script(httpx.Response(status, headers={"Location": location}))
     with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
-        client.record("abc", {"x": 1})
+        client.record(SID, {"x": 1})
     assert caught.value.status == status and caught.value.code == "redirected"
     assert location in str(caught.value) and "nothing was done" in str(caught.value)
     assert len(script.requests) == 1
@@ -325,7 +328,7 @@ def test_a_redirect_is_an_error_naming_where_not_an_empty_answer(status):
 def test_a_head_that_has_not_moved_is_still_none():
     script = Script(httpx.Response(304))
     with sync_client(script) as client:
-        assert client.head("abc", if_none_match='"c-3"') is None
+        assert client.head(SID, if_none_match='"c-3"') is None
 
 
 @pytest.mark.parametrize("answer", [httpx.Response(200, html="<html>Sign in to the proxy</html>"),
@@ -348,7 +351,7 @@ def test_an_error_page_that_is_not_the_apis_is_not_taken_for_its_answer(answer):
     recreates a missing session would have done so."""
     script = Script(answer)
     with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
-        client.get_session("s")
+        client.get_session(SID)
     assert type(caught.value) is SessionRewindError and caught.value.code == "invalid_response"
     assert caught.value.status == answer.status_code and "is the client's URL the API's?" in str(caught.value)
     assert len(script.requests) == 1
@@ -373,13 +376,13 @@ def test_an_answer_its_content_encoding_cannot_decode_is_a_session_rewind_error(
 
     with Client("http://rewind.test", transport=httpx.MockTransport(mislabelled), retry=FAST) as client, \
             pytest.raises(SessionRewindError, match="could not be decoded") as caught:
-        client.record("s", {"n": 1})
+        client.record(SID, {"n": 1})
     assert caught.value.code == "invalid_response"
 
     async def main() -> None:
         async with AsyncClient("http://rewind.test", transport=httpx.MockTransport(mislabelled), retry=FAST) as client:
             with pytest.raises(SessionRewindError, match="could not be decoded"):
-                await client.record("s", {"n": 1})
+                await client.record(SID, {"n": 1})
 
     asyncio.run(main())
 
@@ -390,7 +393,7 @@ def test_an_error_survives_pickling_as_it_was(status, code):
     # garbled ("- throttled: 429 throttled: …") and the message as their detail.
     script = Script(*[problem(status, code, details={"head": 4})] * 5)
     with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
-        client.record("abc", {"x": 1})
+        client.record(SID, {"x": 1})
     error = caught.value
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error)
@@ -415,3 +418,16 @@ def test_what_http_makes_unused_is_refused_not_ignored(make, given):
     # The key given beside http= was never sent: every call failed 401 not_authenticated.
     with pytest.raises(ValueError, match=f"{next(iter(given))} would be ignored beside http="):
         make(**given)
+
+
+@pytest.mark.parametrize("session_id", [f"{SID}/versions", "..", "not-a-session", ""])
+def test_a_session_id_that_is_not_one_is_refused_before_anything_is_sent(session_id):
+    """Quoted, a `/` in an id still reached the server as one (it decodes `%2F` before routing): an id
+    taken from input could call another endpoint (`get_session(sid + "/versions")` listed versions)."""
+    script = Script()
+    with sync_client(script) as client, pytest.raises(NotFound) as caught:
+        client.get_session(session_id)
+    assert script.requests == [] and caught.value.code == "session_not_found"
+    assert str(caught.value) == f"session_not_found: no session {session_id!r}: session ids are UUIDs"
+    with sync_client(Script(httpx.Response(200, json={"id": SID}))) as client:
+        assert client.get_session(uuid.UUID(SID)) == {"id": SID}

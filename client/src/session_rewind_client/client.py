@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -37,6 +38,7 @@ from session_rewind_client._core import (
     transport_heals,
     undecodable,
 )
+from session_rewind_client.errors import NotFound
 
 USER_AGENT = f"session-rewind-client/{__version__}"
 R = TypeVar("R")
@@ -44,7 +46,13 @@ JOB_DONE = frozenset({"done", "failed"})
 
 
 def _sid(session_id: Any) -> str:
-    return quote(str(session_id), safe="")
+    """A session's id for a request's path. The API's ids are UUIDs; anything else is refused here, as
+    the API would (NotFound), before it is sent: quoted or not, a `/` in it reaches the server as one
+    (servers decode `%2F` before routing), so an id taken from input could call another endpoint."""
+    try:
+        return str(session_id if isinstance(session_id, uuid.UUID) else uuid.UUID(str(session_id)))
+    except ValueError:
+        raise NotFound(f"no session {session_id!r}: session ids are UUIDs", code="session_not_found") from None
 
 
 def _drop_none(**fields: Any) -> dict[str, Any]:

@@ -27,7 +27,8 @@ class SessionRewindError(Exception):
         problem: dict[str, Any] | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(f"{status or '-'} {code or self.default_code}: {detail}")
+        # (No status: no answer came, or the client refused the call before sending it.)
+        super().__init__(f"{f'{status} ' if status else ''}{code or self.default_code}: {detail}")
         self.detail = detail
         self.status = status
         self.code = code or self.default_code
