@@ -13,37 +13,24 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import import_module
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import ValidationError
 from django.db import connection, models
-from django.db.models import Case, Exists, ExpressionWrapper, Model, OuterRef, Q, QuerySet, Value, When
+from django.db.models import Case, Exists, ExpressionWrapper, OuterRef, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from sessions_app.errors import SessionNotFound
 from sessions_app.models import ROLE_RANK, ApiKey, AuditAction, AuditEvent, Membership, Project, Role, WorkflowSession
-
-_M = TypeVar("_M", bound=Model)
 
 
 def projects_for_user(user: Any) -> QuerySet[Project]:
     if not getattr(user, "is_authenticated", False):
         return Project.objects.none()
     return Project.objects.filter(memberships__user=user).order_by("name")
-
-
-def in_project_named(queryset: QuerySet[_M], slug: str) -> QuerySet[_M]:
-    """`queryset` (of rows with a `project`) narrowed to the project with this slug (none if no project has it).
-
-    By the project's id, looked up first: through a join on the slug, PostgreSQL could not tell that one
-    project remains, so a list's (project, time) index could not give the order, and each page of a member
-    of several projects sorted all their audit events (or jobs, or sessions). The id is given as a value,
-    not a subquery, so the planner weighs that project's own share of the rows when it picks an index."""
-    project_id = Project.objects.filter(slug=slug).values_list("pk", flat=True).first()
-    return queryset.none() if project_id is None else queryset.filter(project_id=project_id)
 
 
 def membership_role(user: Any, project: Project) -> str | None:

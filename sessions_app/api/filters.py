@@ -61,7 +61,9 @@ class Param:
     name: str
     schema: dict[str, Any]
     description: str
-    apply: Callable[[QuerySet, str], QuerySet]
+    # apply(queryset, raw), or with `with_request` apply(queryset, raw, request): a filter that asks who asks.
+    apply: Callable[..., QuerySet]
+    with_request: bool = False
 
 
 def text_param(name: str, description: str, apply: Callable[[QuerySet, str], QuerySet]) -> Param:
@@ -93,11 +95,19 @@ LIST_QUERY_PARAMS = frozenset({"cursor", "limit", "format"})
 
 
 def refuse_unknown_query_params(request: Request, taken: Collection[str], *, what: str, write: bool = False) -> None:
-    """A query parameter the endpoint does not take (DRF's ?format= it always takes) is a 400 naming it,
-    as an unknown body field is: ignored, a misspelt filter (?stauts=failed) answered the whole list,
-    and a script acting on each result acted on every one; a misspelt ?structual_strings=false on a
-    diff answered another diff than the one asked for. (ApiView.initial calls it for every read.)"""
+    """A query parameter the endpoint does not take (DRF's ?format= it always takes), or one it takes
+    given more than once, is a 400 naming it, as an unknown body field is: ignored, a misspelt filter
+    (?stauts=failed) answered the whole list, and a script acting on each result acted on every one;
+    a misspelt ?structual_strings=false on a diff answered another diff than the one asked for.
+    (ApiView.initial calls it for every request.)"""
     unknown = sorted(name for name in request.query_params if name not in taken and name != "format")
+    # One value each: given twice, the last one won in silence (?status=running&status=failed listed the
+    # failed sessions alone, a diff's second ?from= diffed another version than the first one named).
+    repeated = sorted(name for name, values in request.query_params.lists() if len(values) > 1 and name in taken)
+    if repeated:
+        raise exceptions.ValidationError(
+            {name[:100]: ["Given more than once; it takes one value."] for name in repeated[:20]}
+        )
     if unknown:
         listed = ", ".join(sorted(set(taken) - {"format"}))
         takes = f"takes {listed}" if listed else "takes no query parameters"
@@ -120,7 +130,7 @@ class ParamFilter(BaseFilterBackend):
                     raise exceptions.ValidationError({param.name: ["Must not contain NUL."]})
                 if len(raw) > param.schema.get("maxLength", 255):
                     raise exceptions.ValidationError({param.name: ["Too long."]})
-                queryset = param.apply(queryset, raw)
+                queryset = param.apply(queryset, raw, request) if param.with_request else param.apply(queryset, raw)
         return queryset
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:

@@ -40,8 +40,24 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key", {"type": "string", "maxLength": 200}, OpenApiParameter.HEADER, required=False,
     description="Retries with the same key get the first answer again (at most 200 characters).",
 )
+
+
+def _in_project(queryset: QuerySet, slug: str, request: Request) -> QuerySet:
+    """A list's ?project=: 404 for a slug the caller cannot see, unknown or another project's, as every
+    other ?project= or body `project` answers (lists answered an empty page, which also told a slug
+    that exists from one that does not).
+
+    By the project's id, looked up first: through a join on the slug, PostgreSQL could not tell that one
+    project remains, so a list's (project, time) index could not give the order, and each page of a member
+    of several projects sorted all their audit events (or jobs, or sessions). The id is given as a value,
+    not a subquery, so the planner weighs that project's own share of the rows when it picks an index."""
+    if not slug:
+        raise exceptions.ValidationError({"project": ["Must not be empty; leave it out for every project you can see."]})
+    return queryset.filter(project_id=project_for(request, slug, role=Role.VIEWER).pk)
+
+
 PROJECT_FILTER = Param(
-    "project", {"type": "string"}, "Only this project (slug).", selectors.in_project_named
+    "project", {"type": "string"}, "Only this project (slug); 404 if you cannot see it.", _in_project, with_request=True,
 )
 
 

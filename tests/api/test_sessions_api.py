@@ -375,4 +375,12 @@ def test_a_member_of_several_projects_pages_one_of_them_by_its_index(client, use
     # what matters is that the (project, time) index serves the condition and the order at all.
     plan = query_plan(listing[0], priced_out=("seqscan", "sort"))
     assert index in plan and "Sort" not in plan, plan
-    assert client.get(path, {"project": "no-such-project"}).json()["results"] == []
+    # A slug the caller cannot see, unknown or another project's, is a 404 as on every other endpoint
+    # (an empty page also told a slug that exists from one that does not).
+    make_project("hidden")
+    for slug in ("no-such-project", "hidden"):
+        hidden = client.get(path, {"project": slug})
+        assert hidden.status_code == 404 and hidden.json()["detail"] == f"no project {slug!r}"
+    assert client.get(path, {"project": ""}).status_code == 400
+    repeated = client.get(path, {"project": [project.slug, other_project.slug]})
+    assert repeated.status_code == 400 and repeated.json()["errors"] == {"project": ["Given more than once; it takes one value."]}
