@@ -31,6 +31,8 @@ class OrjsonParser(BaseParser):
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
+            if "UTF-8" in str(exc):  # orjson's "str is not valid UTF-8: surrogates not allowed"
+                raise ParseError("The request body is not valid JSON: it must be UTF-8 encoded.") from None
             raise ParseError(f"The request body is not valid JSON: {exc}") from None
         try:
             refuse_huge_integers(data)

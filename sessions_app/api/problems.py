@@ -14,6 +14,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError as DatabaseInterfaceError
 from django.db import OperationalError as DatabaseOperationalError
 from django.http import Http404
+from psycopg_pool import PoolTimeout
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
@@ -139,9 +140,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         # The database is unreachable, restarting or refused the work for now (pool timeout, lost
         # connection, serialization failure): nothing was written, and a retry may well succeed.
         logger.warning("database unavailable in %s: %s", request.path if request is not None else "the API", exc)
+        # The pool's wait ends the same way whether the database is away or every connection is busy
+        # (a burst of requests): "unavailable" alone sent operators to a database that was fine.
+        pooled = isinstance(exc.__cause__, PoolTimeout) or isinstance(exc, PoolTimeout)
         return problem_response(
             request, status_code=503, code="database_unavailable", headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
-            detail="The database is unavailable at the moment; nothing was written. Retry shortly.",
+            detail=("No database connection came free in time (the database is unreachable, or every connection of "
+                    "this server is in use: DB_POOL_SIZE); nothing was written. Retry shortly." if pooled
+                    else "The database is unavailable at the moment; nothing was written. Retry shortly."),
         )
     if not isinstance(exc, exceptions.APIException):
         logger.exception("unhandled error in %s", request.path if request is not None else "the API", exc_info=exc)
@@ -159,6 +165,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         return problem_response(
             request, status_code=exc.status_code, code=code, detail=_flatten(errors), headers=headers, errors=errors
         )
-    return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(exc.detail), headers=headers,
+    detail = exc.detail
+    scheme = (request.META.get("HTTP_AUTHORIZATION", "") if request is not None else "").partition(" ")[0]
+    if isinstance(exc, exceptions.NotAuthenticated) and scheme and scheme.lower() != "bearer":
+        # Credentials were sent, in a scheme the API does not take: "not provided" sent callers looking elsewhere.
+        detail = (f"The API takes an API key (Authorization: Bearer sr_...) or a signed-in dashboard session, not "
+                  f"{scheme[:20]} credentials.")
+    return problem_response(request, status_code=exc.status_code, code=code, detail=_flatten(detail), headers=headers,
                             details=getattr(exc, "problem_details", None))
 

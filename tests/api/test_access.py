@@ -123,6 +123,9 @@ def test_missing_or_unknown_credentials_get_401(db, header):
     response = client.get("/api/v1/sessions/")
     assert response.status_code == 401
     assert response.json()["status"] == 401
+    if header and header.startswith("Basic"):  # sent, in a scheme the API does not take: not "not provided"
+        assert response.json()["detail"] == ("The API takes an API key (Authorization: Bearer sr_...) or a signed-in "
+                                             "dashboard session, not Basic credentials.")
 
 
 def test_keys_are_stored_hashed_and_record_their_last_use(project):

@@ -142,6 +142,15 @@ def test_other_content_types_are_415(writer, session):
     assert response.status_code == 415 and response.json()["code"] == "unsupported_media_type"
 
 
+def test_a_body_not_in_utf_8_says_so(writer, session):
+    """A latin-1 body read "str is not valid UTF-8: surrogates not allowed", the decoder's words."""
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", '{"state": {"name": "Zoë"}}'.encode("latin-1"),
+                              content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "The request body is not valid JSON: it must be UTF-8 encoded."
+    assert not Version.objects.exists()
+
+
 def test_a_body_over_the_limit_is_413(writer, session, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
     response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {"blob": "x" * 4096}}, format="json")
