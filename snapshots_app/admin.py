@@ -441,10 +441,11 @@ class ProjectAdmin(BaseProjectAdmin):
                 f"{preview.bytes_freed} of {preview.bytes_total} bytes.",
             )
 
-    def _administered(self, request: HttpRequest, queryset: QuerySet[Project]) -> list[Project]:
-        """The selected projects where the user may start jobs (the admin role); all or none."""
+    def _administered(self, request: HttpRequest, queryset: QuerySet[Project], role: str = Role.ADMIN) -> list[Project]:
+        """The selected projects where the user has `role` (a compaction the admin role, an export or scrub
+        the operator role, as the API asks); all or none."""
         projects = list(queryset)
-        require_role(request, [project.pk for project in projects], Role.ADMIN)
+        require_role(request, [project.pk for project in projects], role)
         return projects
 
     @admin.action(description="Compaction: run now (queued)…", permissions=["maintain"])
@@ -473,18 +474,18 @@ class ProjectAdmin(BaseProjectAdmin):
     @admin.action(description="Export (queued; the file is listed under Jobs)", permissions=["maintain"])
     def export_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
         jobs = [transfer.transfer_export_start(project=project, actor=request.user)
-                for project in self._administered(request, queryset)]
+                for project in self._administered(request, queryset, Role.OPERATOR)]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files.")
 
     @admin.action(description="Export, leaving out sessions with an open integrity problem (queued)",
                   permissions=["maintain"])
     def export_healthy_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
         jobs = [transfer.transfer_export_start(project=project, skip_damaged=True, actor=request.user)
-                for project in self._administered(request, queryset)]
+                for project in self._administered(request, queryset, Role.OPERATOR)]
         messages.success(request, f"Queued {len(jobs)} export job(s): see Jobs for the files and the sessions left out.")
 
     @admin.action(description="Verify integrity of every version (queued scrub)", permissions=["maintain"])
     def scrub_queue(self, request: HttpRequest, queryset: QuerySet[Project]) -> None:
         jobs = [integrity.integrity_scrub_start(project=project, budget=0, actor=request.user)
-                for project in self._administered(request, queryset)]
+                for project in self._administered(request, queryset, Role.OPERATOR)]
         messages.success(request, f"Queued {len(jobs)} integrity scrub(s): problems appear under Integrity problems.")

@@ -22,7 +22,7 @@ from django.utils import timezone
 from sessions_app.models import ApiKey, AuditEvent, Membership, Role, WorkflowSession
 from sessions_app.services import api_key_create, api_key_revoke, membership_set, session_archive
 from snapshots_app.integrity import integrity_problem_record
-from snapshots_app.models import IntegrityProblem, StateNode, Version
+from snapshots_app.models import IntegrityProblem, Job, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.conftest import clear_cache
 from tests.factories import make_project, make_session, make_user
@@ -500,6 +500,12 @@ def test_staff_who_are_not_superusers_reach_only_their_projects(client, clerk, s
     response = client.post(reverse("admin:sessions_app_project_changelist"),
                            {"action": "compaction_queue", "_selected_action": [story.project.pk]})
     assert response.status_code == 403 and "needs the admin role in acme" in response.content.decode()
+    # An export or a scrub the operator role starts, as over the API (the admin refused them).
+    for action in ("export_queue", "export_healthy_queue", "scrub_queue"):
+        response = client.post(reverse("admin:sessions_app_project_changelist"),
+                               {"action": action, "_selected_action": [story.project.pk]}, follow=True)
+        assert response.status_code == 200 and "Queued 1" in response.content.decode(), action
+    assert sorted(Job.objects.filter(project=story.project).values_list("kind", flat=True)) == ["export", "export", "scrub"]
     ApiKey.objects.create(project=story.project, name="engine-key", prefix="p1", key_hash="x", scopes=["write"])
     assert "engine-key" not in client.get("/admin/sessions_app/apikey/").content.decode()  # keys: admins only
     membership_set(project=story.project, user=clerk, role=Role.ADMIN)
