@@ -4,6 +4,7 @@ new head of kind data_fix through snapshots_app.services.snapshot_data_fix, audi
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from itertools import islice
 from typing import Any
@@ -36,12 +37,13 @@ from sessions_app.errors import IntegrityProblem as IntegrityError
 from sessions_app.errors import StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role, WorkflowSession
+from sessions_app.selectors import number_ranges
 from snapshots_app import compaction, integrity, selectors, services, transfer
 from snapshots_app.diff import DiffResult, PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jobs import job_condition
 from snapshots_app.jsonview import join_pointer, pretty
-from snapshots_app.models import IntegrityProblem, Job, RetentionPolicy, Version
+from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, RetentionPolicy, Version
 from snapshots_app.views import diff_display
 
 # A state larger than this (bytes of canonical JSON) is not put in the data fix page whole unless
@@ -360,7 +362,29 @@ class JobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="Result")
     def shown_result(self, obj: Job) -> str:
-        return format_html("<pre>{}</pre>", pretty(obj.public_result))
+        """Its totals first, runs of version numbers as ranges (a large compaction's 10,485 removed
+        numbers were as many lines, above its totals), and an export's file as a link to download."""
+        result = obj.public_result
+        if not isinstance(result, dict):
+            return format_html("<pre>{}</pre>", pretty(result))
+        nested = {key: value for key, value in result.items() if isinstance(value, (dict, list))}
+        shown = {**{key: value for key, value in result.items() if key not in nested},
+                 **{key: _as_ranges(value) for key, value in nested.items()}}
+        text = json.dumps(shown, ensure_ascii=False, indent=2)
+        if obj.kind == JobKind.EXPORT and obj.status == JobStatus.DONE and "file" in result:
+            # The API's download, which takes this browser session: the project's operators may have it.
+            return format_html('<p><a href="{}" download>Download {}</a></p><pre>{}</pre>',
+                               reverse("api-job-file", args=[obj.pk]), result["file"], text)
+        return format_html("<pre>{}</pre>", text)
+
+
+def _as_ranges(value: Any) -> Any:
+    """Lists of version numbers (also by session) as their runs: "v1\u2013v40, v42"."""
+    if isinstance(value, dict):
+        return {key: _as_ranges(item) for key, item in value.items()}
+    if isinstance(value, list) and len(value) > 3 and all(type(item) is int for item in value):
+        return number_ranges(sorted(value), shown=50)
+    return value
 
 
 class RetentionPolicyForm(forms.ModelForm):

@@ -854,6 +854,21 @@ def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk
     page = client.get(reverse("admin:snapshots_app_job_change", args=[job.pk])).content.decode()
     assert "acme-7.ndjson" in page and "&quot;sessions&quot;: 3" in page
     assert "/srv/exports" not in page
+    assert f'<a href="/api/v1/jobs/{job.pk}/file/" download>Download acme-7.ndjson</a>' in page  # it had no link
+
+
+def test_a_large_compactions_admin_page_shows_its_totals_first_and_removed_versions_as_ranges(client, clerk, team):
+    """10,485 removed version numbers were pretty-printed a line each (a page 149,000 px tall), above the totals."""
+    from snapshots_app.models import Job
+
+    membership_set(project=team, user=clerk, role=Role.VIEWER)
+    removed = [*range(1, 5001), *range(5003, 10488)]
+    job = Job.objects.create(project=team, kind="compaction", status="done",
+                             result={"removed_numbers": {"0b5d": removed}, "versions_removed": len(removed)})
+    client.force_login(clerk)
+    page = client.get(reverse("admin:snapshots_app_job_change", args=[job.pk])).content.decode()
+    assert "&quot;0b5d&quot;: &quot;v1\u2013v5000, v5003\u2013v10487&quot;" in page
+    assert page.index("versions_removed") < page.index("removed_numbers") and "\n  5001" not in page
 
 
 def test_the_project_pickers_offer_only_projects_where_the_user_may_add_keys_and_members(client, clerk, team):
