@@ -756,8 +756,10 @@ def snapshot_data_fix(
         if head is not None and head.checksum == prepared.checksum:
             head.session = locked
             return head
+        # Its status, step and error are its base's, as a rewind's are: a fix of a failed version made
+        # the session failed with no error to say why.
         version = snapshot_record(
-            session=session, state=prepared, step=base.step, status=base.status or None,
+            session=session, state=prepared, step=base.step, status=base.status or None, error=base.error or None,
             expected_version=expected_version, kind=VersionKind.DATA_FIX, actor=actor, actor_label=actor_label,
         )
         Version.objects.filter(pk=version.pk).update(reason=reason)

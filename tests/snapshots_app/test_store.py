@@ -248,6 +248,14 @@ def test_rewind_appends_a_new_head_equal_to_the_old_version_and_stores_nothing(s
     session.refresh_from_db()
     assert (failed.status, failed.error) == ("failed", "boom")
     assert (session.status, session.last_error) == ("failed", "boom")
+    # So does a data fix of it (the session read failed, with no error, after a fix from a failed version).
+    snapshot_rewind(session=session, to_version=2, reason="back to work", actor=user)
+    from snapshots_app.services import snapshot_data_fix
+
+    fixed = snapshot_data_fix(session=session, state={**agent_state(4, history=50), "note": "fixed"}, based_on=4,
+                              reason="the tool result was truncated", actor=user)
+    session.refresh_from_db()
+    assert (fixed.status, fixed.error, session.status, session.last_error) == ("failed", "boom", "failed", "boom")
 
 
 def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(session, project, user):
