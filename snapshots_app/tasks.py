@@ -249,7 +249,7 @@ def import_job(job_id: int) -> dict | None:
             )
         result = transfer_import_run(
             project=job.project, path=import_path(job), job=job, actor=job.created_by,
-            actor_label=job.created_by_label, progress=progress,
+            actor_label=job.created_by_label, progress=progress, skip_existing=bool(job.params.get("skip_existing")),
         )
         import_path(job).unlink(missing_ok=True)  # imported (and the job finished) in one commit
         return result

@@ -25,7 +25,7 @@ import os
 import shutil
 import sqlite3
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -553,9 +553,13 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
 
 def transfer_import_run(
     *, project: Project, path: Path, job: Job | None = None, actor: User = None, actor_label: str = "",
-    progress: ProgressFn = _no_progress,
+    progress: ProgressFn = _no_progress, skip_existing: bool = False,
 ) -> dict[str, Any]:
     """Import an export file into `project` (verified first; all or nothing).
+
+    A session whose external id the project has already refuses the import, naming it; with
+    `skip_existing` it is left out instead (the result's `skipped`), so a project's export brings
+    back the sessions deleted since into the project it came from.
 
     With `job`, the job is finished in the same transaction that stores the data, so a redelivered
     task never imports twice.
@@ -570,7 +574,8 @@ def transfer_import_run(
             # Only the nodes some version spells are stored (verified or nothing).
             # Progress goes on from where verifying left it (see _read_file).
             stored = _StoreProgress(progress, nodes.count() + len(versions))
-            result = _store_import(project, sessions, nodes.batches(verified_nodes), versions, actor, actor_label, stored)
+            result = _store_import(project, sessions, nodes.batches(verified_nodes), versions, actor, actor_label, stored,
+                                   skip_existing=skip_existing)
             if job is not None:
                 jobs.job_finish(job=job, result=result)
     return result
@@ -628,21 +633,41 @@ class _StoreProgress:
         self.progress(self.done)
 
 
+def _taken(project: Project, external_ids: list[str]) -> set[str]:
+    """Those of `external_ids` that sessions of the project have already."""
+    taken: set[str] = set()
+    for chunk in _chunks(external_ids, 1000):
+        taken.update(WorkflowSession.objects.filter(project=project, external_id__in=chunk).values_list("external_id", flat=True))
+    return taken
+
+
 def _refuse_taken(project: Project, external_ids: list[str]) -> None:
     """ImportRejected if the project has a session with one of these external ids already."""
-    existing = WorkflowSession.objects.filter(project=project, external_id__in=external_ids)
-    taken = set(existing.values_list("external_id", flat=True))
+    taken = sorted(_taken(project, external_ids))
     if taken:
+        more = f" and {len(taken) - 10} more" if len(taken) > 10 else ""
         raise ImportRejected(
-            f"sessions with these external ids already exist in this project: {', '.join(sorted(taken)[:10])}",
-            external_ids=sorted(taken),
+            f"sessions with these external ids already exist in this project: {', '.join(taken[:10])}{more} (import "
+            "with skip_existing to leave them out)",
+            external_ids=taken,
         )
 
 
 def _store_import(
     project: Project, sessions: list[dict], node_batches: Iterator[dict[bytes, bytes]], versions: list[dict],
-    actor: User, actor_label: str, progress: _StoreProgress,
+    actor: User, actor_label: str, progress: _StoreProgress, *, skip_existing: bool = False,
 ) -> dict[str, Any]:
+    skipped: list[dict[str, Any]] = []
+    if skip_existing:
+        # (Their nodes are stored all the same, with the rest: those no version here uses are freed by
+        # the project's next garbage collection.)
+        taken = _taken(project, [record["external_id"] for record in sessions])
+        left_out = {record["id"] for record in sessions if record["external_id"] in taken}
+        counts = Counter(record["session"] for record in versions if record["session"] in left_out)
+        skipped = [{"external_id": record["external_id"], "versions": counts[record["id"]]}
+                   for record in sessions if record["id"] in left_out]
+        sessions = [record for record in sessions if record["id"] not in left_out]
+        versions = [record for record in versions if record["session"] not in left_out]
     external_ids = [record["external_id"] for record in sessions]
     _refuse_taken(project, external_ids)
     project_store = store.ProjectStore(project.pk)
@@ -718,15 +743,17 @@ def _store_import(
     return {
         "sessions": [{"id": str(s.pk), "external_id": s.external_id} for s in new_sessions.values()],
         "versions": len(created), "nodes": stored_nodes, "parents_outside_export": outside,
+        **({"skipped": skipped} if skip_existing else {}),
     }
 
 
 def transfer_import_start(
-    *, project: Project, source: IO[bytes] | Path, actor: User = None, actor_label: str = "",
-    request: RequestKey | None = None,
+    *, project: Project, source: IO[bytes] | Path, skip_existing: bool = False, actor: User = None,
+    actor_label: str = "", request: RequestKey | None = None,
 ) -> Job:
-    """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`.
-    `request`: the starting request's idempotency key (see jobs.job_create); a retry keeps no copy."""
+    """Keep the uploaded file under VAR_DIR/imports and queue its verified import into `project`
+    (see transfer_import_run for `skip_existing`). `request`: the starting request's idempotency key
+    (see jobs.job_create); a retry keeps no copy."""
     from snapshots_app import tasks
 
     earlier = jobs.job_for_request(request)
@@ -741,7 +768,8 @@ def transfer_import_start(
         else:
             shutil.copyfileobj(source, out)
     job = jobs.job_create(
-        kind=JobKind.IMPORT, project=project, params={"file": target.name}, actor=actor, actor_label=actor_label,
+        kind=JobKind.IMPORT, project=project, params={"file": target.name, **({"skip_existing": True} if skip_existing else {})},
+        actor=actor, actor_label=actor_label,
         enqueue=lambda job_id: tasks.import_job.delay(job_id), request=request,
     )
     if job.params.get("file") != target.name:

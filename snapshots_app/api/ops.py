@@ -44,6 +44,12 @@ from snapshots_app.models import IntegrityProblem, Job, JobKind, JobStatus, Rete
 PROJECT_QUERY = OpenApiParameter(
     "project", str, OpenApiParameter.QUERY, description="Project slug; only for members of several projects."
 )
+SKIP_EXISTING_QUERY = OpenApiParameter(
+    "skip_existing", bool, OpenApiParameter.QUERY,
+    description="Leave out the file's sessions whose external id the project has already (the job's result lists "
+                "them under `skipped`), instead of refusing the import: how a project's export brings back the "
+                "sessions deleted since into the project it came from.",
+)
 PROJECT_BODY_HELP = "Project slug; only for browser sessions of members of several projects."
 
 
@@ -276,7 +282,7 @@ class ExportCreate(ApiView):
 
 class ImportCreate(ApiView):
     serializer_class = JobSerializer
-    write_query_params = {"POST": ("project",)}  # (the body is the file)
+    write_query_params = {"POST": ("project", "skip_existing")}  # (the body is the file)
     parser_classes = [NdjsonParser]
 
     def body_limit(self) -> int | None:
@@ -285,7 +291,7 @@ class ImportCreate(ApiView):
     @extend_schema(
         operation_id="imports_create",
         summary="Upload an export file (application/x-ndjson) and queue its verified, all-or-nothing import (operator).",
-        parameters=[PROJECT_QUERY, IDEMPOTENCY_KEY],
+        parameters=[PROJECT_QUERY, SKIP_EXISTING_QUERY, IDEMPOTENCY_KEY],
         request={"application/x-ndjson": {"type": "string", "format": "binary"}},
         responses={202: JobSerializer},
     )
@@ -294,10 +300,14 @@ class ImportCreate(ApiView):
         upload = request.data
         if not isinstance(upload, Upload) or not upload.size:
             raise ValidationError({"file": ["Send the export file as the body, Content-Type: application/x-ndjson."]})
+        raw = request.query_params.get("skip_existing")
+        skip_existing = False if raw is None else filters.parse_bool("skip_existing", raw)
         with upload.file:
-            request_key = self.request_key({"project": project.pk, "sha256": upload.sha256})
+            asked = {"project": project.pk, "sha256": upload.sha256, **({"skip_existing": True} if skip_existing else {})}
+            request_key = self.request_key(asked)
             return queued(transfer.transfer_import_start(
-                project=project, source=upload.file, request=request_key, **self.principal.actor
+                project=project, source=upload.file, skip_existing=skip_existing, request=request_key,
+                **self.principal.actor,
             ))
 
 

@@ -164,6 +164,29 @@ def test_a_project_export_can_leave_out_damaged_sessions_and_says_which(project,
     assert b'"healthy"' in export and session.external_id.encode() not in export
 
 
+def test_an_import_asked_to_skip_existing_sessions_brings_back_only_the_missing_ones(
+    project, session, writer, admin_key, run_jobs
+):
+    snapshot_record(session=session, state={"a": 1})
+    other = WorkflowSession.objects.create(project=project, external_id="other")
+    snapshot_record(session=other, state={"b": 1})
+    job = run_jobs(lambda: writer.post("/api/v1/exports/", {}, format="json")).json()
+    export = b"".join(writer.get(f"/api/v1/jobs/{job['id']}/file/").streaming_content)
+    assert admin_key.delete(f"/api/v1/sessions/{other.pk}/?reason=by mistake").status_code == 204
+
+    def upload(query: str):
+        return writer.generic("POST", f"/api/v1/imports/{query}", export, content_type="application/x-ndjson")
+
+    assert upload("?skip_existing=maybe").status_code == 400
+    refused = writer.get(f"/api/v1/jobs/{run_jobs(lambda: upload('')).json()['id']}/").json()
+    assert refused["status"] == "failed" and "(import with skip_existing to leave them out)" in refused["error"]
+    done = writer.get(f"/api/v1/jobs/{run_jobs(lambda: upload('?skip_existing=true')).json()['id']}/").json()
+    assert done["status"] == "done", done
+    assert done["result"]["skipped"] == [{"external_id": session.external_id, "versions": 1}]
+    back = WorkflowSession.objects.get(project=project, external_id="other")
+    assert writer.get(f"/api/v1/sessions/{back.pk}/head/").json()["state"] == {"b": 1}
+
+
 def test_an_export_larger_than_any_request_imports_and_imports_have_their_own_limit(
     project, session, writer, other_project, run_jobs, settings
 ):

@@ -281,6 +281,32 @@ def test_a_project_export_asked_to_skip_damaged_sessions_leaves_them_out_names_t
 
 
 @pytest.mark.django_db
+def test_a_project_export_brings_a_deleted_session_back_into_its_project_leaving_out_the_others(
+    project, user, settings, tmp_path
+):
+    """README promised that importing a project's export brings a deleted session back; into its own
+    project every other session was taken, and the all-or-nothing import refused the whole file."""
+    from sessions_app.errors import ImportRejected
+
+    settings.VAR_DIR = tmp_path
+    for n in range(11):
+        record_history(project, f"kept-{n:02}", 2)
+    gone = record_history(project, "gone", 3)
+    before = read_all(project)
+    path = Path(transfer_export_run(project=project)["path"])
+    session_delete(session=gone, reason="deleted by mistake", actor=user)
+
+    with pytest.raises(ImportRejected, match=r"kept-00, .*, kept-09 and 1 more \(import with skip_existing"):
+        transfer_import_run(project=project, path=path)
+    result = transfer_import_run(project=project, path=path, skip_existing=True, actor=user)
+
+    assert [s["external_id"] for s in result["sessions"]] == ["gone"] and result["versions"] == 3
+    assert result["skipped"] == [{"external_id": f"kept-{n:02}", "versions": 2} for n in range(11)]
+    assert read_all(project) == before
+    assert WorkflowSession.objects.filter(project=project).count() == 12
+
+
+@pytest.mark.django_db
 def test_an_export_refuses_a_node_that_fails_its_seal(project, settings, tmp_path):
     """A damaged node that still decompresses would be written out, and its import would blame the file."""
     from django.db import connection

@@ -425,9 +425,15 @@ class Endpoints(Generic[R]):
         """The finished export file (NDJSON bytes)."""
         return self._run(Call("GET", f"jobs/{int(job_id)}/file/", decode=lambda response: response.content))
 
-    def start_import(self, export_file: bytes, *, project: str | None = None, idempotency_key: str | None = None) -> R:
-        """Upload an export file and queue its verified, all-or-nothing import; returns the job."""
-        return self._run(Call("POST", "imports/", params=_drop_none(project=project), content=export_file,
+    def start_import(
+        self, export_file: bytes, *, project: str | None = None, skip_existing: bool = False,
+        idempotency_key: str | None = None,
+    ) -> R:
+        """Upload an export file and queue its verified, all-or-nothing import; returns the job.
+        ``skip_existing``: leave out sessions whose external id the project has already (listed in the
+        job's result) instead of refusing the import."""
+        params = _drop_none(project=project, skip_existing="true" if skip_existing else None)
+        return self._run(Call("POST", "imports/", params=params, content=export_file,
                               headers={"Content-Type": "application/x-ndjson"}, idempotency_key=idempotency_key))
 
     def list_jobs(self, *, kind: str | None = None, status: str | None = None, project: str | None = None,

@@ -40,6 +40,8 @@ class Command(BaseCommand):
         parser.add_argument("--skip-damaged", action="store_true",
                             help="export of a project: leave out sessions with an open integrity problem")
         parser.add_argument("--file", help="import: the NDJSON export file")
+        parser.add_argument("--skip-existing", action="store_true",
+                            help="import: leave out sessions whose external id the project has already")
         parser.add_argument("--budget", type=_not_negative, default=0,
                             help="scrub: verify at most this many versions (0 = all)")
         parser.add_argument("--queue", action="store_true", help="hand the job to the Celery workers instead")
@@ -100,9 +102,12 @@ class Command(BaseCommand):
         path = Path(options["file"])
         if not path.is_file():
             raise CommandError(f"no file {str(path)!r}")
+        skip_existing = options["skip_existing"]
         if queue:
-            return {"job": transfer.transfer_import_start(project=project, source=path, actor_label="manage.py").pk}
-        return transfer.transfer_import_run(project=project, path=path, actor_label="manage.py", progress=self._progress)
+            return {"job": transfer.transfer_import_start(project=project, source=path, skip_existing=skip_existing,
+                                                          actor_label="manage.py").pk}
+        return transfer.transfer_import_run(project=project, path=path, actor_label="manage.py", progress=self._progress,
+                                            skip_existing=skip_existing)
 
     def _progress(self, done: int, total: int | None = None, *, force: bool = False) -> None:
         if total is not None:
