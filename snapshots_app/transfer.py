@@ -532,23 +532,70 @@ def _check_session(record: dict[str, Any]) -> None:
         raise ImportRejected(f"{name}: {exc.message}") from None
     if record.get("status") not in SESSION_STATUSES:
         raise ImportRejected(f"{name} has an unknown status")
-    for field, limit in SESSION_TEXT_LIMITS.items():
+    _check_texts(record, SESSION_TEXT_LIMITS, name)
+    _check_moments(record, ("created_at", "archived_at"), name)
+
+
+# As the columns (and snapshot_record) take them; None: no limit.
+VERSION_TEXT_LIMITS = {"step": 200, "error": None, "label": 100, "engine": 100, "engine_version": 50, "reason": None,
+                       "created_by_label": 200}
+
+
+def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
+    """A version record holds what a write here could have made, as a session record does (see
+    _check_session): a crafted file failed as "DataError: value too long…" or "AttributeError: 'str'
+    object has no attribute 'get'", with a worker traceback, instead of naming the field."""
+    if record.get("session") not in session_ids:
+        raise ImportRejected("a version belongs to no session in the file")
+    if not _count(record.get("number")) or record["number"] < 1:
+        raise ImportRejected("a version has no valid number")
+    name = f"version {record['number']} of session {str(record['session'])[:64]!r}"
+    if record.get("kind") not in VERSION_KINDS:
+        raise ImportRejected(f"{name} has an unknown kind")
+    if record.get("status") != "" and record.get("status") not in SESSION_STATUSES:
+        raise ImportRejected(f"{name} has an unknown status")
+    if record.get("summary") is not None and not isinstance(record["summary"], dict):
+        raise ImportRejected(f"{name} has a malformed summary")
+    _check_texts(record, VERSION_TEXT_LIMITS, name)
+    _check_moments(record, ("created_at",), name)
+    if type(record.get("pinned")) is not bool:
+        raise ImportRejected(f"{name}: pinned must be true or false")
+    if not (_count(record.get("logical_size")) and _count(record.get("stored_size"))):
+        raise ImportRejected(f"{name}: logical_size and stored_size must be whole numbers of bytes")
+    key = record.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or "\x00" in key or len(key) > 200):
+        raise ImportRejected(f"{name}: idempotency_key must be text of at most 200 characters, or null")
+    try:
+        clean_tags(record.get("tags"))
+    except InvalidState as exc:
+        raise ImportRejected(f"{name}: {exc.message}") from None
+    parent = record.get("parent")
+    if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("session"), str)
+                                   and _count(parent.get("number"))):
+        raise ImportRejected(f"{name}: parent must be null or {{session, number}}")
+
+
+def _count(value: Any) -> bool:
+    """A whole number, not below 0 (and not a boolean, which Python counts as one)."""
+    return type(value) is int and value >= 0
+
+
+def _check_texts(record: dict[str, Any], limits: dict[str, int | None], name: str) -> None:
+    for field, limit in limits.items():
         value = record.get(field)
         if not isinstance(value, str) or "\x00" in value or (limit is not None and len(value) > limit):
             raise ImportRejected(f"{name}: {field} must be text" + (f" of at most {limit} characters" if limit else ""))
 
 
-def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
-    if record.get("session") not in session_ids:
-        raise ImportRejected("a version belongs to no session in the file")
-    if not isinstance(record.get("number"), int) or record["number"] < 1:
-        raise ImportRejected("a version has no valid number")
-    if record.get("kind") not in VERSION_KINDS:
-        raise ImportRejected(f"version {record['number']} has an unknown kind")
-    if record.get("status") != "" and record.get("status") not in SESSION_STATUSES:
-        raise ImportRejected(f"version {record['number']} has an unknown status")
-    if record.get("summary") is not None and not isinstance(record["summary"], dict):
-        raise ImportRejected(f"version {record['number']} has a malformed summary")
+def _check_moments(record: dict[str, Any], fields: tuple[str, ...], name: str) -> None:
+    for field in fields:
+        value = record.get(field)
+        try:
+            valid = value is None or (isinstance(value, str) and parse_datetime(value) is not None)
+        except ValueError:  # well formed, but no such moment ("2026-13-45T…")
+            valid = False
+        if not valid:
+            raise ImportRejected(f"{name}: {field} must be an ISO 8601 date and time, or null")
 
 
 def transfer_import_run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -372,6 +373,33 @@ def test_a_resigned_file_with_an_unknown_status_or_kind_is_refused(project, user
         transfer_import_run(project=make_project("fresh"), path=_rewrite(path, lambda body: [
             record.update({field: value}) for record in body if record["type"] == record_type
         ]))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("record_type", "field", "value", "said"), [
+    ("version", "step", "s" * 201, "step must be text of at most 200 characters"),
+    ("version", "created_at", "2026-13-45T00:00:00+00:00", "created_at must be an ISO 8601 date and time"),
+    ("version", "parent", "x", "parent must be null or {session, number}"),
+    ("version", "pinned", "yes", "pinned must be true or false"),
+    ("version", "stored_size", -1, "logical_size and stored_size must be whole numbers"),
+    ("version", "idempotency_key", 7, "idempotency_key must be text"),
+    ("version", "tags", ["no\ttabs"], "tag"),
+    ("session", "created_at", "yesterday", "created_at must be an ISO 8601 date and time"),
+])
+def test_a_resigned_file_with_a_field_no_write_could_make_is_refused_naming_it(
+    project, user, settings, tmp_path, record_type, field, value, said
+):
+    """They failed as the database's or Python's own errors ("DataError: value too long…", "ValueError:
+    month must be in 1..12", "AttributeError: 'str' object has no attribute 'get'"), with a traceback."""
+    settings.VAR_DIR = tmp_path
+    session = _rich_project(project, user)
+    path = Path(transfer_export_run(project=project, session=session)["path"])
+    fresh = make_project("fresh")
+    with pytest.raises(ImportRejected, match=re.escape(said)):
+        transfer_import_run(project=fresh, path=_rewrite(path, lambda body: [
+            record.update({field: value}) for record in body if record["type"] == record_type
+        ]))
+    assert not WorkflowSession.objects.filter(project=fresh).exists()
 
 
 @pytest.mark.django_db
