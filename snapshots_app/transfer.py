@@ -343,6 +343,9 @@ def _lines(source: IO[bytes], limit: int) -> Iterator[bytes]:
         yield line
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
     running = hashlib.sha256()
     count = 0
@@ -356,6 +359,10 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
             record = orjson.loads(line)
             claimed = record.pop("sum")
         except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
+            if number == 1 and line.startswith(GZIP_MAGIC):
+                raise ImportRejected("the file is gzip-compressed: decompress it (gunzip), then import the .ndjson") from None
+            if not line.endswith(b"\n"):  # the last line, cut short: a download or copy that stopped
+                raise ImportRejected(f"the file is truncated: its last line (line {number}) is cut off") from None
             raise ImportRejected(f"line {number} is not a checksummed export record") from None
         if not isinstance(record, dict) or hashlib.sha256(canonical.dumps(record)).hexdigest() != claimed:
             raise ImportRejected(f"line {number} fails its checksum: the file is corrupt")

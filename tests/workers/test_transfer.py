@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import re
@@ -205,16 +206,20 @@ def _flip_node_byte(body: list[dict]) -> None:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    "corrupt",
+    ("corrupt", "said"),
     [
-        pytest.param(lambda data: _change_one_byte(data), id="byte-changed"),
-        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
-        pytest.param(lambda data: b"\n".join(data.split(b"\n")[:3] + data.split(b"\n")[4:]), id="line-missing"),
-        pytest.param("forged-node", id="node-changed-and-resigned"),
-        pytest.param("forged-checksum", id="version-checksum-changed-and-resigned"),
+        pytest.param(lambda data: _change_one_byte(data), "fails its checksum", id="byte-changed"),
+        pytest.param(lambda data: data[: len(data) // 2], "the file is truncated: its last line", id="truncated"),
+        pytest.param(lambda data: data[: data.rindex(b"\n", 0, len(data) // 2) + 1], "the file is truncated",
+                     id="truncated-after-a-line"),
+        pytest.param(lambda data: b"\n".join(data.split(b"\n")[:3] + data.split(b"\n")[4:]), "end record",
+                     id="line-missing"),
+        pytest.param(lambda data: gzip.compress(data), "the file is gzip-compressed", id="gzipped"),
+        pytest.param("forged-node", "does not match its digest", id="node-changed-and-resigned"),
+        pytest.param("forged-checksum", "checksum", id="version-checksum-changed-and-resigned"),
     ],
 )
-def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings, tmp_path, corrupt):
+def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings, tmp_path, corrupt, said):
     settings.VAR_DIR = tmp_path
     session = _rich_project(project, user)
     path = Path(transfer_export_run(project=project, session=session)["path"])
@@ -226,7 +231,7 @@ def test_a_corrupt_file_is_refused_and_nothing_is_stored(project, user, settings
         path.write_bytes(corrupt(path.read_bytes()))
     fresh = make_project("fresh")
 
-    with pytest.raises(ImportRejected):
+    with pytest.raises(ImportRejected, match=re.escape(said)):
         transfer_import_run(project=fresh, path=path)
 
     assert not WorkflowSession.objects.filter(project=fresh).exists()
