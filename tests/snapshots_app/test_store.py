@@ -384,6 +384,19 @@ def test_corruption_is_detected_named_and_never_served(session):
     assert f"version {excinfo.value.details['version']} of session {session.external_id} ({session.pk})" in str(excinfo.value)
 
 
+def test_a_damaged_node_that_still_decodes_is_named_itself(session):
+    """A whole read checks the text it spells, not each node: a damaged node that decoded was named by
+    what it spelled instead ("checksum mismatch", or a child digest that never existed, "is missing"),
+    and the operator restoring rows looked for the wrong one."""
+    first, second = (snapshot_record(session=session, state=agent_state(step, history=30)) for step in (1, 2))
+    root, other = bytes(first.root), bytes(second.root)
+    stored = StateNode.objects.get(project=session.project, digest=other)
+    StateNode.objects.filter(project=session.project, digest=root).update(data=stored.data, codec=stored.codec)
+    clear_cache()
+    with pytest.raises(IntegrityProblem, match=f"node {root.hex()} cannot be decoded: its seal does not match"):
+        version_state_bytes(Version.objects.select_related("session").get(pk=first.pk))
+
+
 def test_a_version_read_with_its_tree_in_one_round_trip_is_the_version_and_verified(session):
     states = [agent_state(step, history=30) for step in (1, 2, 3)]
     for step, state in enumerate(states, start=1):
