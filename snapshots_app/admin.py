@@ -16,7 +16,7 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import SEARCH_VAR
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -188,7 +188,17 @@ class VersionAdmin(ReadOnlyAdmin):
         in the page whole unless asked (`whole=1`): its top-level parts are offered instead."""
         if not self.has_data_fix_permission(request):
             raise PermissionDenied
-        version = get_object_or_404(self.get_queryset(request).select_related("session__project"), pk=version_id)
+        version = self.get_queryset(request).select_related("session__project").filter(pk=version_id).first()
+        if version is None:
+            if request.method == "POST" and request.POST.get("state"):
+                # Removed while the fix was being written (a trim, retention, the session's deletion): a
+                # bare 404 lost the edit. The text sent comes back, to start again from another version.
+                return TemplateResponse(request, "admin/snapshots_app/version/data_fix_gone.html", {
+                    **self.admin_site.each_context(request), "opts": self.model._meta,
+                    "title": "The version of this data fix is no longer there", "text": request.POST["state"],
+                    "path": request.POST.get("path", ""),
+                }, status=404)
+            raise Http404("no such version")
         session = version.session
         require_role(request, [session.project_id], Role.OPERATOR)
         try:
@@ -199,6 +209,9 @@ class VersionAdmin(ReadOnlyAdmin):
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
         error, warning, result, parts, previewed, unchanged = "", "", None, [], "", False
+        if session.archived_at is not None:  # (said at the last click only, after the whole edit)
+            warning = (f"{session.external_id} is archived: recording a fix is refused until it is unarchived (on its "
+                       "session page, by an operator).")
         parts_more, parts_size = 0, 0
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:

@@ -137,6 +137,31 @@ def test_data_fix_shows_the_diff_requires_a_reason_and_records_a_new_version(cli
     assert AuditEvent.objects.get(action="version.data_fix").actor_label == "root"
 
 
+def test_a_data_fix_whose_version_was_removed_meanwhile_gives_the_edit_back_and_an_archived_one_warns_first(
+    client, staff, story
+):
+    """A trim between loading the page and recording answered a bare 404: the edit was lost. An archived
+    session's fix was refused only at the last click."""
+    from sessions_app.services import session_archive
+    from snapshots_app.services import session_trim
+
+    client.force_login(staff)
+    base = Version.objects.get(session=story, number=2)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
+    edited = json.dumps({"counters": {"steps": 2, "tokens": 1}, "pointer": "fixed <by hand>"})
+    session_trim(session=story, keep=[5], reason="only the head")
+    gone = client.post(url, {"state": edited, "reason": "fix", "expected_version": 5, "preview": "1"})
+    page = gone.content.decode()
+    assert gone.status_code == 404 and "was removed since the page was loaded" in page
+    assert "fixed &lt;by hand&gt;" in page and Version.objects.filter(session=story).count() == 1
+    assert client.get(url).status_code == 404
+
+    session_archive(session=story, reason="done", actor=staff)
+    head = Version.objects.get(session=story, number=5)
+    page = client.get(reverse("admin:snapshots_app_version_data_fix", args=[head.pk])).content.decode()
+    assert "run-42 is archived: recording a fix is refused until it is unarchived" in page
+
+
 def test_a_data_fix_that_leaves_the_heads_state_as_it_is_records_nothing_and_says_so(client, staff, story):
     """A fix whose state is the head's (however it is written: key order, spacing) recorded a new head all
     the same, identical to the one before, and a data_fix audit event for a change that was none."""
