@@ -102,12 +102,13 @@ def create_once(request: RequestKey | None, rows: QuerySet[M], create: Callable[
 REASON_MAX = 2_000
 
 
-def require_reason(reason: Any) -> str:
-    """`reason` stripped, for an action whose audit event must say why; ReasonRequired if blank."""
+def require_reason(reason: Any, *, name: str = "reason") -> str:
+    """`reason` stripped, for an action whose audit event must say why; ReasonRequired if blank.
+    `name`: what the caller calls it (an integrity problem's resolve takes a `resolution`)."""
     if not isinstance(reason, str) or not reason.strip():
-        raise ReasonRequired("a reason is required: it goes into the audit log")
+        raise ReasonRequired(f"a {name} is required: it goes into the audit log")
     if "\x00" in reason or len(reason) > REASON_MAX:
-        raise InvalidState(f"reason must be at most {REASON_MAX} characters, without NUL")
+        raise InvalidState(f"{name} must be at most {REASON_MAX} characters, without NUL")
     return reason.strip()
 
 

@@ -167,7 +167,7 @@ def integrity_problem_resolve(
     """Close a problem after a person dealt with it, e.g. restored the damaged rows from a backup.
     The version is verified again first, from the database: while it still fails, StillDamaged and
     the problem stays open (the data itself is never touched here). Audited."""
-    resolution = require_reason(resolution)  # how it was resolved: the audit event's reason
+    resolution = require_reason(resolution, name="resolution")  # how it was resolved: the audit event's reason
     problem = IntegrityProblem.objects.select_for_update().select_related("version__session").get(pk=problem.pk)
     if problem.resolved_at is None:
         still = _verify(problem.version)

@@ -92,7 +92,7 @@ class InputSerializer(serializers.Serializer):
         value = super().to_internal_value(data)
         for field in self.fields.values():
             if isinstance(field, RequiredReasonField):  # once the rest is valid, before anything is acted on
-                require_reason(value.get(field.source, ""))
+                require_reason(value.get(field.source, ""), name=field.field_name or "reason")
         return value
 
 

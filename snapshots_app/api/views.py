@@ -134,6 +134,9 @@ def _if_match_number(
                     continue
                 if etag_of(named) == tag:
                     return named.number
+    if head is None:
+        raise PreconditionFailed("If-Match names a head, and this session has no version yet; nothing was written. "
+                                 "Write its first version without If-Match.")
     raise PreconditionFailed()
 
 

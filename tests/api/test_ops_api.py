@@ -427,6 +427,7 @@ def test_an_integrity_problem_is_resolved_only_once_its_version_verifies_again(
     for blank in ({}, {"resolution": " "}):
         refused = writer.post(url, blank, format="json")
         assert refused.status_code == 400 and refused.json()["code"] == "reason_required"
+        assert refused.json()["detail"].startswith("a resolution is required")  # (the field is not "reason")
     still = writer.post(url, {"resolution": "restored"}, format="json")
     assert still.status_code == 409 and still.json()["code"] == "still_damaged"
     assert "restore its data first" in still.json()["detail"]

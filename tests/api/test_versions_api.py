@@ -446,6 +446,13 @@ def test_a_key_a_single_write_used_is_refused_by_a_batch_and_the_other_way_round
     assert one.json()["number"] == 1 and session.versions.count() == 3
 
 
+def test_if_match_on_a_session_with_no_version_says_there_is_none(writer, session):
+    """It said If-Match "does not match the session's current head", of a session that has none."""
+    refused = writer.post(url(session, "versions/"), {"state": {"a": 1}}, format="json", HTTP_IF_MATCH="*")
+    assert refused.status_code == 412 and "this session has no version yet" in refused.json()["detail"]
+    assert not session.versions.exists()
+
+
 def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
     assert writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*").status_code == 404  # no head yet
     snapshot_record(session=session, state={"a": 1})
