@@ -23,7 +23,10 @@ def _storable_metadata(value: dict[str, Any]) -> dict[str, Any]:
     try:
         return clean_metadata(value)
     except InvalidState as exc:
-        raise serializers.ValidationError(exc.message) from None
+        # The service names the field ("metadata/a holds …"); the answer names it too, once: "metadata:
+        # metadata: a key holds …" read twice. Its path inside stays ("/a holds …").
+        message = exc.message.removeprefix("metadata").removeprefix(":").lstrip()
+        raise serializers.ValidationError(message[:1].upper() + message[1:] if message[:1] != "/" else message) from None
 
 
 @extend_schema_field({"type": "object", "additionalProperties": True})

@@ -151,6 +151,15 @@ def test_a_body_not_in_utf_8_says_so(writer, session):
     assert not Version.objects.exists()
 
 
+def test_metadata_that_cannot_be_stored_is_named_once_with_where_it_is(admin_key):
+    """It read "metadata: metadata: a key holds a NUL character"."""
+    for metadata, said in (({"a\u0000": 1}, "metadata: A key holds a NUL character, which cannot be stored"),
+                           ({"a": "x\u0000"}, "metadata: /a holds a NUL character, which cannot be stored")):
+        response = admin_key.post("/api/v1/sessions/", {"external_id": "m", "metadata": metadata}, format="json")
+        assert response.status_code == 400 and response.json()["detail"] == said
+    assert not WorkflowSession.objects.exists()
+
+
 def test_a_body_over_the_limit_is_413(writer, session, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2048
     response = writer.post(f"/api/v1/sessions/{session.pk}/versions/", {"state": {"blob": "x" * 4096}}, format="json")
