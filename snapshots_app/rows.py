@@ -152,7 +152,6 @@ def version_insert_after_head(version: Version, session: WorkflowSession, sessio
 _APPEND_RETURNS = ("head_number", "version_count", "stored_bytes", "logical_bytes", "status", "last_step", "last_error")
 
 
-@cache
 def batch_key_prefix(key: str) -> str:
     """What the keys a batch sent with idempotency key `key` gives its versions start with: derived (a
     hash: no truncation, and no plain key a client sends by hand names one); see batch_key."""
@@ -164,6 +163,7 @@ def batch_key(key: str | None, index: int) -> str | None:
     return None if key is None else f"{batch_key_prefix(key)}{index}"
 
 
+@cache
 def _append_sql(moves: tuple[str, ...]) -> str:
     """The whole of a snapshot write as one statement (see version_append_if_head)."""
     session_table = WorkflowSession._meta.db_table

@@ -59,6 +59,19 @@ def test_a_known_head_is_followed_in_one_statement_with_exact_counters(session):
     assert version_state_bytes(Version.objects.select_related("session").get(pk=version.pk)) == dumps(state)
 
 
+def test_the_statement_is_built_once_per_shape_and_no_key_is_kept(session):
+    """A helper added above _append_sql took its @cache: the statement was rebuilt for every write,
+    and every idempotency key a process saw was kept for good (a client sends a new one per write)."""
+    from snapshots_app import rows
+
+    snapshot_record(session=session, state={"n": 0}, idempotency_key="k-0")
+    built = rows._append_sql.cache_info().misses
+    for n in range(1, 4):
+        record(session, {"n": n}, idempotency_key=f"k-{n}")
+    assert rows._append_sql.cache_info().misses == built and rows._append_sql.cache_info().hits >= 3
+    assert not hasattr(rows.batch_key_prefix, "cache_info")
+
+
 def test_a_head_moved_behind_a_stale_copy_is_noticed_under_the_lock(session):
     snapshot_record(session=session, state=agent_state(1), step="one")
     stale = WorkflowSession.objects.get(pk=session.pk)  # another request's copy, head 1
