@@ -699,8 +699,10 @@ def _fork_replay(
     Found by the fork's audit event, which keeps the key: the fork's first version, which carries it
     too, may have been trimmed since, and its `forked_from` metadata edited (either made a retry fork
     again). Forks from before events kept the key are found by that first version."""
+    # The newest: once a fork is deleted, its retry makes another, which later retries must find (the
+    # oldest named the deleted one, and each retry made one more).
     event = (AuditEvent.objects.filter(session_id=session.pk, action="session.fork", details__idempotency_key=key)
-             .order_by("pk").first())
+             .order_by("-pk").first())
     if event is not None:
         fork = WorkflowSession.objects.filter(pk=event.target_id, project_id=session.project_id).first()
         if fork is None:

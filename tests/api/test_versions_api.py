@@ -277,6 +277,9 @@ def test_a_fork_replayed_after_the_fork_was_deleted_makes_a_new_one(writer, admi
     again = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-2")
     assert again.status_code == 201 and again.json()["id"] != first
     assert writer.get(f"/api/v1/sessions/{again.json()['id']}/head/").json()["state"] == {"a": 1}
+    # Its retries get that one: each made one more fork, matched to the deleted first one.
+    third = writer.post(url(session, "fork/"), body, format="json", HTTP_IDEMPOTENCY_KEY="f-2")
+    assert third.json()["id"] == again.json()["id"] and WorkflowSession.objects.count() == 2
 
 
 @pytest.mark.parametrize("read_before", [False, True], ids=["cold", "read-before"])
