@@ -531,6 +531,8 @@ def _check_session(record: dict[str, Any]) -> None:
     """A session record holds what the API would have accepted: the file's checksums are no
     signature (anyone can write a file that verifies), so its fields get the API's own checks."""
     name = f"session {str(record.get('id'))[:64]!r}"
+    if not isinstance(record.get("id"), str) or len(record["id"]) > 64:
+        raise ImportRejected(f"{name} has no valid id")
     try:
         clean_external_id(record.get("external_id"))
         clean_tags(record.get("tags"))
@@ -554,15 +556,18 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
     object has no attribute 'get'", with a worker traceback, instead of naming the field."""
     if record.get("session") not in session_ids:
         raise ImportRejected("a version belongs to no session in the file")
-    if not _count(record.get("number")) or record["number"] < 1:
+    if not _count(record.get("number"), INT4_MAX) or record["number"] < 1:
         raise ImportRejected("a version has no valid number")
     name = f"version {record['number']} of session {str(record['session'])[:64]!r}"
     if record.get("kind") not in VERSION_KINDS:
         raise ImportRejected(f"{name} has an unknown kind")
     if record.get("status") != "" and record.get("status") not in SESSION_STATUSES:
         raise ImportRejected(f"{name} has an unknown status")
-    if record.get("summary") is not None and not isinstance(record["summary"], dict):
-        raise ImportRejected(f"{name} has a malformed summary")
+    if record.get("summary") is not None:
+        try:
+            clean_metadata(record["summary"], limit_size=False)  # an object jsonb gives back as it is (no NUL, NaN)
+        except InvalidState:
+            raise ImportRejected(f"{name} has a malformed summary") from None
     _check_texts(record, VERSION_TEXT_LIMITS, name)
     _check_moments(record, ("created_at",), name)
     if type(record.get("pinned")) is not bool:
@@ -578,13 +583,16 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
         raise ImportRejected(f"{name}: {exc.message}") from None
     parent = record.get("parent")
     if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("session"), str)
-                                   and _count(parent.get("number"))):
+                                   and _count(parent.get("number"), INT4_MAX)):
         raise ImportRejected(f"{name}: parent must be null or {{session, number}}")
 
 
-def _count(value: Any) -> bool:
-    """A whole number, not below 0 (and not a boolean, which Python counts as one)."""
-    return type(value) is int and value >= 0
+INT4_MAX, INT8_MAX = 2**31 - 1, 2**63 - 1  # the largest a version number's and a size's columns hold
+
+
+def _count(value: Any, most: int = INT8_MAX) -> bool:
+    """A whole number from 0 to `most` (and not a boolean, which Python counts as one)."""
+    return type(value) is int and 0 <= value <= most
 
 
 def _check_texts(record: dict[str, Any], limits: dict[str, int | None], name: str) -> None:

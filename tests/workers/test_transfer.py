@@ -390,6 +390,10 @@ def test_a_resigned_file_with_an_unknown_status_or_kind_is_refused(project, user
     ("version", "idempotency_key", 7, "idempotency_key must be text"),
     ("version", "tags", ["no\ttabs"], "tag"),
     ("session", "created_at", "yesterday", "created_at must be an ISO 8601 date and time"),
+    ("version", "number", 3_000_000_000, "a version has no valid number"),
+    ("version", "stored_size", 2**63, "logical_size and stored_size must be whole numbers"),
+    ("version", "summary", {"a": "\u0000"}, "has a malformed summary"),
+    ("session", "id", ["x"], "has no valid id"),
 ])
 def test_a_resigned_file_with_a_field_no_write_could_make_is_refused_naming_it(
     project, user, settings, tmp_path, record_type, field, value, said
