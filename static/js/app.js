@@ -56,30 +56,39 @@
   // session than the one they aimed at. While the mouse rests on the list its updates wait, the list
   // says how many, and they all come in, in order, as the mouse leaves it. (Registered before the
   // other live-message handlers: a held message is not one they should see yet.)
-  var held = {live: null, messages: [], timer: null};
+  // Past HELD_MAX messages (a pointer left resting on a busy list) they are not kept: the list
+  // reloads as the pointer leaves it, showing how things are by then.
+  var HELD_MAX = 100;
+  var held = {live: null, messages: [], count: 0, timer: null};  // (count > messages: too many, reload)
   var replaying = false;
   function isHeldList(live) {
     return live.matches && live.matches("#session-table .live") && window.matchMedia("(hover: hover)").matches;
   }
   function showHeld() {
+    // Fixed at the foot of the window, out of the page's flow: a line put above the list pushed its
+    // rows down, the very thing holding the updates is for.
     var note = document.getElementById("live-held");
     if (!note) {
       note = document.createElement("p");
       note.id = "live-held";
       note.className = "live-held";
       note.setAttribute("role", "status");
-      held.live.parentNode.insertBefore(note, held.live);
+      document.body.appendChild(note);
     }
-    var count = held.messages.length;
-    note.textContent = "Live updates paused while the pointer is on the list: " + count + " waiting.";
+    note.textContent = "Live updates paused while the pointer is on the list: " + held.count +
+      (held.count === 1 ? " update waits." : " updates wait.");
   }
   function releaseHeld() {
-    var live = held.live, messages = held.messages;
+    var live = held.live, messages = held.messages, dropped = held.count > HELD_MAX;
     clearInterval(held.timer);
-    held = {live: null, messages: [], timer: null};
+    held = {live: null, messages: [], count: 0, timer: null};
     var note = document.getElementById("live-held");
     if (note) note.parentNode.removeChild(note);
     if (!live || !live.isConnected) return;  // the list was replaced (a filter changed): it is current
+    if (dropped) {
+      reloadOrTell(live, "More updates came than the list holds back while the pointer is on it.");
+      return;
+    }
     replaying = true;
     try {
       messages.forEach(function (message) {
@@ -96,11 +105,12 @@
     var live = event.target;
     if (replaying || !isHeldList(live)) return;
     if (held.live && held.live !== live) releaseHeld();
-    if (!held.messages.length && !live.matches(":hover")) return;
+    if (!held.count && !live.matches(":hover")) return;
     event.preventDefault();
     event.stopImmediatePropagation();
     held.live = live;
-    held.messages.push(event.detail.message);
+    held.count += 1;
+    held.messages = held.count > HELD_MAX ? [] : held.messages.concat([event.detail.message]);
     showHeld();
     if (!held.timer) {
       held.timer = setInterval(function () {

@@ -251,12 +251,15 @@ def test_the_open_list_holds_its_updates_while_the_pointer_is_on_it(server, brow
     names = "() => [...document.querySelectorAll('a.ext')].map(a => a.textContent).join()"
     assert page.evaluate(names) == "run-failed,run-42"
     page.hover("a.ext:text-is('run-failed')")
+    where = "() => document.querySelector('a.ext').getBoundingClientRect().top"
+    top = page.evaluate(where)
 
     off_loop(lambda: session_update(session=session, status="waiting"))
     off_loop(lambda: make_session(session.project, "run-new"))
     page.wait_for_function("() => (document.getElementById('live-held') || {}).textContent === "
-                           "'Live updates paused while the pointer is on the list: 2 waiting.'", timeout=3_000)
+                           "'Live updates paused while the pointer is on the list: 2 updates wait.'", timeout=3_000)
     assert page.evaluate(names) == "run-failed,run-42" and "Running" in page.inner_text(f"#s-{session.pk}")
+    assert page.evaluate(where) == top  # not even the note moves the rows (it stands out of the page's flow)
 
     page.mouse.move(0, 0)
     page.wait_for_function(f"() => {names[6:]} === 'run-new,run-42,run-failed'", timeout=3_000)
