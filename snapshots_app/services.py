@@ -301,7 +301,8 @@ def _session_moves(*, kind: str, status: str, step: str, error: str, logical_siz
         moves["last_step"] = step
     if error:
         moves["last_error"] = error
-    elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind == VersionKind.REWIND:
+    elif status in (SessionStatus.RUNNING, SessionStatus.COMPLETED) or kind in (VersionKind.REWIND, VersionKind.DATA_FIX):
+        # A rewind's or data fix's state is its version's, error included: none means none.
         moves["last_error"] = ""
     return moves
 

@@ -107,7 +107,7 @@ class SessionList(mixins.ListModelMixin, ApiView):
         filters.text_param("external_id", "Exactly this external id.", lambda qs, raw: qs.filter(external_id=raw)),
         filters.bool_param("has_error", "Only sessions with a last error (or none): set by a snapshot that reports "
                            "one, kept by those that report none until one reports status running or completed, or a "
-                           "rewind to a version without one.",
+                           "rewind or data fix from a version without one.",
                            lambda yes: ~Q(last_error="") if yes else Q(last_error="")),
         filters.bool_param("archived", "Archived sessions only (true) or live ones only (false); default both.",
                            lambda yes: Q(archived_at__isnull=not yes)),

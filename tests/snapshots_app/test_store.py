@@ -256,6 +256,11 @@ def test_rewind_appends_a_new_head_equal_to_the_old_version_and_stores_nothing(s
                               reason="the tool result was truncated", actor=user)
     session.refresh_from_db()
     assert (fixed.status, fixed.error, session.status, session.last_error) == ("failed", "boom", "failed", "boom")
+    # And one from a version without an error leaves none (the session kept "boom", and its has_error).
+    snapshot_data_fix(session=session, state={**agent_state(2, history=50), "note": "fixed"}, based_on=2,
+                      reason="from the good one", actor=user)
+    session.refresh_from_db()
+    assert (session.status, session.last_error) == ("running", "")
 
 
 def test_fork_starts_a_new_session_from_a_version_and_diffs_against_its_source(session, project, user):
