@@ -386,7 +386,7 @@ class JobAdmin(ReadOnlyAdmin):
         text = json.dumps(shown, ensure_ascii=False, indent=2)
         if obj.kind == JobKind.EXPORT and obj.status == JobStatus.DONE and "file" in result:
             # The API's download, which takes this browser session: the project's operators may have it.
-            return format_html('<p><a href="{}" download>Download {}</a></p><pre>{}</pre>',
+            return format_html('<p><a href="{}">Download {}</a></p><pre>{}</pre>',
                                reverse("api-job-file", args=[obj.pk]), result["file"], text)
         return format_html("<pre>{}</pre>", text)
 

@@ -160,7 +160,7 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
         "problems": selectors.integrity_problems(session),
         "forked_from": _forked_from(session),
     }
-    if context["can_operate"]:
+    if context["can_operate"] and before is None:  # (an older page's rows show no exports)
         context["exports"] = selectors.session_exports(session)
     # htmx asks for the rows of an older page ("Older versions": `before`), or for the whole timeline,
     # socket included, when the filters change (the filter form).

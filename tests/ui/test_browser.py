@@ -1199,10 +1199,10 @@ def test_an_operator_exports_a_session_and_downloads_the_file_from_its_page(serv
     page.goto(f"{server}/sessions/{session.pk}/")
     assert page.locator("#exports").is_hidden()
     page.click("#export")
-    page.wait_for_selector("#exports a[download]", timeout=10_000)  # a worker's job (eager here) wrote the file
+    page.wait_for_selector("#exports a.export-file", timeout=10_000)  # a worker's job (eager here) wrote the file
     assert "Export started" in page.inner_text(".messages") and "5 versions" in page.inner_text("#exports")
     with page.expect_download() as download:
-        page.click("#exports a[download]")
+        page.click("#exports a.export-file")
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
     assert saved.name.startswith("acme-session-run-42-") and saved.suffix == ".ndjson"
