@@ -431,3 +431,18 @@ def test_a_session_id_that_is_not_one_is_refused_before_anything_is_sent(session
     assert str(caught.value) == f"session_not_found: no session {session_id!r}: session ids are UUIDs"
     with sync_client(Script(httpx.Response(200, json={"id": SID}))) as client:
         assert client.get_session(uuid.UUID(SID)) == {"id": SID}
+
+
+def test_an_async_clients_refusal_of_a_session_id_comes_when_the_call_is_awaited():
+    """It was raised as the coroutine was made: asyncio.gather(*(client.get_session(i) for i in ids))
+    raised before gathering anything."""
+
+    async def main() -> None:
+        script = Script()
+        async with AsyncClient("http://rewind.test", transport=httpx.MockTransport(script), retry=FAST) as client:
+            pending = client.get_session("not-a-session")  # no error yet
+            with pytest.raises(NotFound, match="no session 'not-a-session': session ids are UUIDs"):
+                await pending
+        assert script.requests == []
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from session_rewind_client.errors import SessionRewindError, TransportError, ValidationError, error_for
+from session_rewind_client.errors import NotFound, SessionRewindError, TransportError, ValidationError, error_for
 
 API_PREFIX = "/api/v1"
 # json.dumps' `default`: turns a value JSON has no type for into one it has, or raises TypeError.
@@ -28,6 +28,8 @@ JsonDefault = Callable[[Any], Any]
 # database for a moment. Not 500: a bug answers the same way however often it is asked.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Brackets, in a call's path, a session id that is not one (a UUID): Call.check refuses the call.
+NOT_AN_ID = "\x00"
 
 
 def _json_body(response: httpx.Response) -> Any:
@@ -52,6 +54,13 @@ class Call:
     @property
     def is_write(self) -> bool:
         return self.method in WRITE_METHODS
+
+    def check(self) -> None:
+        """NotFound for a path built from a session id that is not one (see client._sid): raised as the
+        call runs, not as it is made, so an async client's refusal comes when its call is awaited."""
+        if NOT_AN_ID in self.path:
+            asked = self.path.split(NOT_AN_ID)[1]
+            raise NotFound(f"no session {asked}: session ids are UUIDs", code="session_not_found")
 
     def body(self, json_default: JsonDefault | None = None) -> bytes | None:
         """The request body, encoded once before the first attempt. A value JSON cannot carry (NaN,

@@ -21,6 +21,7 @@ import httpx
 from session_rewind_client import __version__
 from session_rewind_client._core import (
     DEFAULT_DEADLINE,
+    NOT_AN_ID,
     Call,
     CallBudget,
     JsonDefault,
@@ -38,7 +39,6 @@ from session_rewind_client._core import (
     transport_heals,
     undecodable,
 )
-from session_rewind_client.errors import NotFound
 
 USER_AGENT = f"session-rewind-client/{__version__}"
 R = TypeVar("R")
@@ -46,13 +46,14 @@ JOB_DONE = frozenset({"done", "failed"})
 
 
 def _sid(session_id: Any) -> str:
-    """A session's id for a request's path. The API's ids are UUIDs; anything else is refused here, as
-    the API would (NotFound), before it is sent: quoted or not, a `/` in it reaches the server as one
-    (servers decode `%2F` before routing), so an id taken from input could call another endpoint."""
+    """A session's id for a request's path. The API's ids are UUIDs; anything else is refused, as the
+    API would (NotFound), before it is sent (Call.check, as the call runs): quoted or not, a `/` in it
+    reaches the server as one (servers decode `%2F` before routing), so an id taken from input could
+    call another endpoint."""
     try:
         return str(session_id if isinstance(session_id, uuid.UUID) else uuid.UUID(str(session_id)))
     except ValueError:
-        raise NotFound(f"no session {session_id!r}: session ids are UUIDs", code="session_not_found") from None
+        return f"{NOT_AN_ID}{session_id!r}{NOT_AN_ID}"
 
 
 def _drop_none(**fields: Any) -> dict[str, Any]:
@@ -518,6 +519,7 @@ class Client(Endpoints[Any]):
         self._http.close()
 
     def _run(self, call: Call) -> Any:
+        call.check()
         body, headers = call.body(self.json_default), call.prepared_headers()
         budget = CallBudget(self.deadline)
         attempt = 0
@@ -682,6 +684,7 @@ class AsyncClient(Endpoints[Coroutine[Any, Any, Any]]):
         )
 
     async def _run(self, call: Call) -> Any:
+        call.check()
         body, headers = call.body(self.json_default), call.prepared_headers()
         budget = CallBudget(self.deadline)
         http = self._http_for_this_loop()
