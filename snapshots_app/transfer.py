@@ -34,6 +34,7 @@ from typing import IO, Any
 import orjson
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -720,6 +721,7 @@ def _store_import(
     actor: User, actor_label: str, progress: _StoreProgress, *, skip_existing: bool = False,
 ) -> dict[str, Any]:
     skipped: list[dict[str, Any]] = []
+    kept_here: dict[tuple[str, int], tuple[str, str]] = {}  # a left-out version: (its external id, checksum)
     if skip_existing:
         # (Their nodes are stored all the same, with the rest: those no version here uses are freed by
         # the project's next garbage collection.)
@@ -728,6 +730,9 @@ def _store_import(
         counts = Counter(record["session"] for record in versions if record["session"] in left_out)
         skipped = [{"external_id": record["external_id"], "versions": counts[record["id"]]}
                    for record in sessions if record["id"] in left_out]
+        external_of = {record["id"]: record["external_id"] for record in sessions if record["id"] in left_out}
+        kept_here = {(record["session"], record["number"]): (external_of[record["session"]], record["checksum"])
+                     for record in versions if record["session"] in left_out}
         sessions = [record for record in sessions if record["id"] not in left_out]
         versions = [record for record in versions if record["session"] not in left_out]
     external_ids = [record["external_id"] for record in sessions]
@@ -770,6 +775,7 @@ def _store_import(
         created += Version.objects.bulk_create(chunk)
         progress.add(len(chunk))
     by_key = {(record["session"], record["number"]): version for record, version in zip(versions, created, strict=True)}
+    by_key.update(_versions_kept_here(project, versions, kept_here))
     outside = 0
     for record, version in zip(versions, created, strict=True):
         parent = record.get("parent")
@@ -807,6 +813,28 @@ def _store_import(
         "versions": len(created), "nodes": stored_nodes, "parents_outside_export": outside,
         **({"skipped": skipped} if skip_existing else {}),
     }
+
+
+def _versions_kept_here(
+    project: Project, versions: list[dict], kept_here: dict[tuple[str, int], tuple[str, str]]
+) -> dict[tuple[str, int], Version]:
+    """The parents the imported versions name among the sessions an import left out (skip_existing),
+    as the project has them: the same session (by external id) and number, with the same state. A
+    restored fork of a session the project still has keeps its link to it (it came back parentless)."""
+    wanted = {(record["parent"]["session"], record["parent"]["number"]) for record in versions
+              if record.get("parent") and (record["parent"]["session"], record["parent"]["number"]) in kept_here}
+    found: dict[tuple[str, int], Version] = {}
+    for chunk in _chunks(sorted(wanted), 200):
+        condition = Q()
+        for key in chunk:
+            condition |= Q(session__external_id=kept_here[key][0], number=key[1], checksum=kept_here[key][1])
+        here = {(v.session.external_id, v.number): v
+                for v in Version.objects.filter(condition, session__project=project).select_related("session")}
+        for key in chunk:
+            version = here.get((kept_here[key][0], key[1]))
+            if version is not None:
+                found[key] = version
+    return found
 
 
 def transfer_import_start(

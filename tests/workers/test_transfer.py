@@ -297,7 +297,10 @@ def test_a_project_export_brings_a_deleted_session_back_into_its_project_leaving
     settings.VAR_DIR = tmp_path
     for n in range(11):
         record_history(project, f"kept-{n:02}", 2)
-    gone = record_history(project, "gone", 3)
+    source = WorkflowSession.objects.get(project=project, external_id="kept-03")
+    gone = snapshot_fork(session=source, from_version=2, external_id="gone", reason="try it")
+    snapshot_record(session=gone, state={"tried": True})
+    snapshot_record(session=gone, state={"tried": 2})
     before = read_all(project)
     path = Path(transfer_export_run(project=project)["path"])
     session_delete(session=gone, reason="deleted by mistake", actor=user)
@@ -310,6 +313,10 @@ def test_a_project_export_brings_a_deleted_session_back_into_its_project_leaving
     assert result["skipped"] == [{"external_id": f"kept-{n:02}", "versions": 2} for n in range(11)]
     assert read_all(project) == before
     assert WorkflowSession.objects.filter(project=project).count() == 12
+    # The fork comes back forked from its source, which the project kept (it came back parentless).
+    first = Version.objects.get(session__project=project, session__external_id="gone", number=1)
+    assert (first.parent.session_id, first.parent.number) == (source.pk, 2)
+    assert result["parents_outside_export"] == 0
 
 
 @pytest.mark.django_db
