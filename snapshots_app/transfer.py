@@ -152,6 +152,7 @@ def transfer_export_run(
     A session with an open integrity problem stops the export, naming the version; with
     `skip_damaged` (a project's export) it is left out instead, and the result's `skipped` names it.
     """
+    _refuse_skip_damaged_of_session(session, skip_damaged)
     with _one_snapshot():
         chosen = WorkflowSession.objects.filter(project=project)
         if session is not None:
@@ -160,7 +161,7 @@ def transfer_export_run(
         # A version the integrity scrub found damaged would be written out as it is stored, and its import
         # would then blame the file. Say so here, naming it, instead (or leave its session out).
         damaged = _damaged_sessions(sessions)
-        if damaged and not (skip_damaged and session is None):
+        if damaged and not skip_damaged:
             problem = next(iter(damaged.values()))
             raise errors.IntegrityProblem(
                 f"version {problem.version_number} of session {problem.session.external_id} has an open integrity "
@@ -261,6 +262,12 @@ def transfer_export_run(
     }
 
 
+def _refuse_skip_damaged_of_session(session: WorkflowSession | None, skip_damaged: bool) -> None:
+    if session is not None and skip_damaged:
+        raise InvalidState("skip_damaged is for a project's export: a session's own export is refused while it has an "
+                           "open integrity problem")
+
+
 def _damaged_sessions(sessions: list[WorkflowSession]) -> dict[Any, IntegrityProblem]:
     """Each of `sessions` with an open integrity problem, with its first (lowest version) problem."""
     found: dict[Any, IntegrityProblem] = {}
@@ -282,8 +289,7 @@ def transfer_export_start(
 
     if session is not None and session.project_id != project.pk:
         raise InvalidState("the session belongs to another project")
-    if session is not None and skip_damaged:
-        raise InvalidState("skip_damaged is for a project's export: a session's export with it would be empty")
+    _refuse_skip_damaged_of_session(session, skip_damaged)
     return jobs.job_create(
         kind=JobKind.EXPORT, project=project, session=session, actor=actor, actor_label=actor_label,
         params={"scope": "session" if session else "project", **({"skip_damaged": True} if skip_damaged else {})},

@@ -90,8 +90,6 @@ class Command(BaseCommand):
             return integrity.integrity_scrub_run(project=project, progress=self._progress)
         if action == "export":
             skip_damaged = options["skip_damaged"]
-            if session is not None and skip_damaged:
-                raise CommandError("--skip-damaged is for a project's export: leave out --session, or it")
             if queue:
                 return {"job": transfer.transfer_export_start(project=project, session=session, skip_damaged=skip_damaged,
                                                               actor_label="manage.py").pk}
