@@ -61,7 +61,8 @@ class Param:
     name: str
     schema: dict[str, Any]
     description: str
-    # apply(queryset, raw), or with `with_request` apply(queryset, raw, request): a filter that asks who asks.
+    # apply(queryset, raw), or with `with_request` apply(queryset, raw, request, view): a filter that asks
+    # who asks, and what the view lets them do.
     apply: Callable[..., QuerySet]
     with_request: bool = False
 
@@ -130,7 +131,7 @@ class ParamFilter(BaseFilterBackend):
                     raise exceptions.ValidationError({param.name: ["Must not contain NUL."]})
                 if len(raw) > param.schema.get("maxLength", 255):
                     raise exceptions.ValidationError({param.name: ["Too long."]})
-                queryset = param.apply(queryset, raw, request) if param.with_request else param.apply(queryset, raw)
+                queryset = param.apply(queryset, raw, request, view) if param.with_request else param.apply(queryset, raw)
         return queryset
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:

@@ -42,10 +42,11 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 
 
-def _in_project(queryset: QuerySet, slug: str, request: Request) -> QuerySet:
+def _in_project(queryset: QuerySet, slug: str, request: Request, view: Any) -> QuerySet:
     """A list's ?project=: 404 for a slug the caller cannot see, unknown or another project's, as every
     other ?project= or body `project` answers (lists answered an empty page, which also told a slug
-    that exists from one that does not).
+    that exists from one that does not); 403 where the caller lacks the role the list asks for (the
+    keys of a project one only views answered an empty page).
 
     By the project's id, looked up first: through a join on the slug, PostgreSQL could not tell that one
     project remains, so a list's (project, time) index could not give the order, and each page of a member
@@ -53,7 +54,7 @@ def _in_project(queryset: QuerySet, slug: str, request: Request) -> QuerySet:
     not a subquery, so the planner weighs that project's own share of the rows when it picks an index."""
     if not slug:
         raise exceptions.ValidationError({"project": ["Must not be empty; leave it out for every project you can see."]})
-    return queryset.filter(project_id=project_for(request, slug, role=Role.VIEWER).pk)
+    return queryset.filter(project_id=project_for(request, slug, role=view.least_role(request.method)).pk)
 
 
 PROJECT_FILTER = Param(

@@ -153,6 +153,18 @@ def test_a_key_of_one_project_never_sees_or_changes_another_projects_keys(projec
     assert theirs.expires_at is None and theirs.revoked_at is None
 
 
+def test_the_keys_of_a_project_one_only_views_are_403_not_an_empty_list(client, user, project, other_project):
+    from sessions_app.models import Role
+    from sessions_app.services import membership_set
+
+    membership_set(project=project, user=user, role=Role.ADMIN)
+    membership_set(project=other_project, user=user, role=Role.VIEWER)
+    client.force_login(user)
+    assert client.get("/api/v1/keys/", {"project": project.slug}).status_code == 200
+    refused = client.get("/api/v1/keys/", {"project": other_project.slug})
+    assert refused.status_code == 403 and refused.json()["code"] == "permission_denied"
+
+
 def test_the_key_list_shows_expiry_last_use_and_whether_the_creator_still_answers_for_it(project, user):
     """alice (admin) lists keys made by herself, by bob (since an operator), by carol (deactivated),
     by dave (removed from the project) and by a command: each says where its creator stands."""
