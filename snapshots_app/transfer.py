@@ -565,7 +565,9 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
         raise ImportRejected("a version belongs to no session in the file")
     if not _count(record.get("number"), INT4_MAX) or record["number"] < 1:
         raise ImportRejected("a version has no valid number")
-    name = f"version {record['number']} of session {str(record['session'])[:64]!r}"
+    name = _version_name(record)
+    if not (isinstance(record.get("root"), str) and isinstance(record.get("checksum"), str)):
+        raise ImportRejected(f"{name} has a malformed root or checksum")
     if record.get("kind") not in VERSION_KINDS:
         raise ImportRejected(f"{name} has an unknown kind")
     if record.get("status") != "" and record.get("status") not in SESSION_STATUSES:
@@ -592,6 +594,10 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
     if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("session"), str)
                                    and _count(parent.get("number"), INT4_MAX)):
         raise ImportRejected(f"{name}: parent must be null or {{session, number}}")
+
+
+def _version_name(record: dict[str, Any]) -> str:
+    return f"version {record['number']} of session {str(record['session'])[:64]!r}"
 
 
 INT4_MAX, INT8_MAX = 2**31 - 1, 2**63 - 1  # the largest a version number's and a size's columns hold
@@ -672,18 +678,18 @@ def _verify(
         _check_version(record, session_ids)
         key = (record["session"], record["number"])
         if key in seen_numbers:
-            raise ImportRejected(f"version {record['number']} appears twice")
+            raise ImportRejected(f"{_version_name(record)} appears twice")
         seen_numbers.add(key)
         state_key = (record["root"], record["checksum"])
         if state_key not in verified_states:
             try:
                 root = bytes.fromhex(record["root"])
             except (TypeError, ValueError):
-                raise ImportRejected(f"version {record['number']} has a malformed root") from None
+                raise ImportRejected(f"{_version_name(record)} has a malformed root") from None
             text = _verified_text(root, nodes, verified_nodes)
             if canonical.checksum(text) != record["checksum"] or len(text) != record["logical_size"]:
                 raise ImportRejected(
-                    f"version {record['number']} of session {record['session']} fails its checksum: the file is corrupt"
+                    f"{_version_name(record)} fails its checksum: the file is corrupt"
                 )
             verified_states.add(state_key)
         done += 1

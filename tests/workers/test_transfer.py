@@ -401,6 +401,7 @@ def test_a_resigned_file_with_an_unknown_status_or_kind_is_refused(project, user
     ("version", "stored_size", 2**63, "logical_size and stored_size must be whole numbers"),
     ("version", "summary", {"a": "\u0000"}, "has a malformed summary"),
     ("session", "id", ["x"], "has no valid id"),
+    ("version", "root", ["x"], "has a malformed root or checksum"),
 ])
 def test_a_resigned_file_with_a_field_no_write_could_make_is_refused_naming_it(
     project, user, settings, tmp_path, record_type, field, value, said
