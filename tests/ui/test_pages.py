@@ -356,7 +356,8 @@ def test_timeline_query_count_does_not_grow_with_versions(client, operator, team
 
 
 def _marked_history(team):
-    """130 versions, the even ones with an error; v3 and v4 pinned, v10 labelled; then a rewind (v131)."""
+    """130 versions, the even ones with an error; v3 and v4 pinned, v9 labelled; then a rewind to it (v131,
+    without an error: a rewind's version carries its target's)."""
     from snapshots_app.services import snapshot_rewind, version_label, version_pin
 
     session = make_session(team, "marked")
@@ -365,8 +366,8 @@ def _marked_history(team):
                         error="TimeoutError: tool did not answer" if number % 2 == 0 else None)
     for number in (3, 4):
         version_pin(version=Version.objects.get(session=session, number=number), pinned=True)
-    version_label(version=Version.objects.get(session=session, number=10), label="last good")
-    snapshot_rewind(session=session, to_version=10, reason="tool outage")
+    version_label(version=Version.objects.get(session=session, number=9), label="last good")
+    snapshot_rewind(session=session, to_version=9, reason="tool outage")
     session.refresh_from_db()
     return session
 
@@ -385,7 +386,7 @@ def test_timeline_filters_show_only_the_versions_asked_for_and_say_when_there_ar
         return response.content.decode()
 
     assert _rows(shown(pinned="true")) == [4, 3]
-    assert _rows(shown(labelled="true")) == [10]
+    assert _rows(shown(labelled="true")) == [9]
     assert _rows(shown(kind="rewind")) == [131]
     assert _rows(shown(pinned="true", has_error="true")) == [4]  # every filter chosen, at once
     page = shown(has_error="true")
