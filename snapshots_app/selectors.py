@@ -504,6 +504,10 @@ class SessionExports:
     items: list[SessionExport]
     keep_days: int  # how long a file is kept (EXPORT_KEEP_DAYS)
 
+    @property
+    def unfinished(self) -> bool:
+        return any(not export.job.is_finished for export in self.items)
+
 
 def session_exports(session: WorkflowSession) -> SessionExports:
     """The session's newest exports (SESSION_EXPORTS_SHOWN), newest first, for its page: how far each

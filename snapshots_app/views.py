@@ -790,12 +790,15 @@ def session_unarchive(request: HttpRequest, session_id: Any) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def session_export(request: HttpRequest, session_id: Any) -> HttpResponse:
-    """Queue an export of this session (operators, as the API's); its progress and download link
-    appear on the session page, live."""
+    """POST queues an export of this session (operators, as the API's); its progress and download link
+    appear on the session page, live. GET is that page's exports section, as it is now."""
     session, role = _member_session(request, session_id)
     _require_operator(role)
+    if request.method == "GET":
+        return render(request, "snapshots_app/partials/_exports.html",
+                      {"session": session, "exports": selectors.session_exports(session)})
     if session.head_number == 0:
         messages.error(request, "This session has no versions yet: there is nothing to export.")
     else:

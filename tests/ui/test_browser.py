@@ -46,14 +46,16 @@ def _live(django_db_setup, tmp_path_factory) -> Iterator[tuple[LiveServer, Any]]
         # Playwright's sync API runs an event loop in this thread for as long as the browser is open;
         # the ORM calls here (the tests' own, and the database flush between them) are still plain sync.
         patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        var_dir = tmp_path_factory.mktemp("var")
         if not (Path(settings.STATIC_ROOT) / "staticfiles.json").exists():
             subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"], cwd=ROOT, check=True)
         env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": settings.REDIS_URL,
                "SECRET_KEY": "browser-tests-only", "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "false",
                "DB_POOL_SIZE": "4",  # as `make serve` runs the web process: with a connection pool
                # Exports written by the tests' jobs go to a temporary folder, not the checkout's var/.
-               "VAR_DIR": str(tmp_path_factory.mktemp("var")), "STATIC_ROOT": str(settings.STATIC_ROOT)}
+               "VAR_DIR": str(var_dir), "STATIC_ROOT": str(settings.STATIC_ROOT)}
         live = LiveServer(free_port(), env)
+        live.var_dir = var_dir  # type: ignore[attr-defined]
         live.start()
         try:
             with sync_playwright() as playwright:
@@ -1209,3 +1211,28 @@ def test_an_operator_exports_a_session_and_downloads_the_file_from_its_page(serv
     lines = saved.read_bytes().splitlines()
     assert b'"type":"header"' in lines[0] and sum(b'"type":"version"' in line for line in lines) == 5
     assert page.errors == [] and page.console_errors == []
+
+
+def test_an_export_that_finished_unannounced_shows_its_link_without_a_reload(server, browser, settings):
+    """A small session's export finished before the redirected page's socket joined: its event was
+    lost and the page said "0 % · running" until reloaded. An unfinished export's section asks again."""
+    from django.utils import timezone
+
+    from snapshots_app.models import Job, JobKind, JobStatus
+    from snapshots_app.transfer import transfer_export_run
+
+    settings.VAR_DIR = server.var_dir  # the file goes where the server looks for it
+    session = off_loop(_operator_story)
+    job = off_loop(lambda: Job.objects.create(project=session.project, session=session, kind=JobKind.EXPORT,
+                                              params={"scope": "session"}, created_by_label="olga"))
+    page = log_in(browser, server, "olga")
+    page.goto(f"{server}/sessions/{session.pk}/")
+    assert "waiting for a worker" in page.inner_text("#exports")
+
+    def finish_without_an_event() -> None:  # as a worker whose events the page missed
+        result = transfer_export_run(project=session.project, session=session, job=job)
+        Job.objects.filter(pk=job.pk).update(status=JobStatus.DONE, result=result, finished_at=timezone.now(),
+                                             done=1, total=1)
+    off_loop(finish_without_an_event)
+    page.wait_for_selector("#exports a.export-file", timeout=6_000)
+    assert "5 versions" in page.inner_text("#exports") and page.errors == [] and page.console_errors == []

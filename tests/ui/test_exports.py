@@ -47,6 +47,7 @@ def test_a_viewer_sees_no_export_and_may_neither_start_nor_download_one(client, 
     page = client.get(f"/sessions/{story.pk}/").content.decode()
     assert 'id="export"' not in page and 'id="exports"' not in page
     assert client.post(f"/sessions/{story.pk}/export/").status_code == 403
+    assert client.get(f"/sessions/{story.pk}/export/").status_code == 403
     assert client.get(f"/sessions/{story.pk}/export/{job.pk}/file/").status_code == 403
     assert Job.objects.count() == 1
 
@@ -58,6 +59,10 @@ def test_an_export_shows_how_far_it_got_why_it_failed_and_when_its_file_is_gone(
     waiting = transfer_export_start(project=team, session=story)  # no worker took it
     page = client.get(f"/sessions/{story.pk}/").content.decode()
     assert f"Export #{waiting.pk}" in page and "waiting for a worker" in page and "<progress" in page
+    # Unfinished, the section asks for itself again (an event may never come: no worker, a dead one).
+    section = client.get(f"/sessions/{story.pk}/export/").content.decode()
+    assert 'id="exports"' in section
+    assert f'hx-get="/sessions/{story.pk}/export/" hx-trigger="every 2s"' in section and "<html" not in section
 
     Job.objects.filter(pk=waiting.pk).update(status=JobStatus.FAILED, error="disk full")
     assert "failed: disk full" in client.get(f"/sessions/{story.pk}/").content.decode()
@@ -69,6 +74,7 @@ def test_an_export_shows_how_far_it_got_why_it_failed_and_when_its_file_is_gone(
         path.unlink()
     page = client.get(f"/sessions/{story.pk}/").content.decode()
     assert "its file is no longer there" in page and f"/export/{done.pk}/file/" not in page
+    assert "every 2s" not in page  # all finished: nothing to ask for again
     gone = client.get(f"/sessions/{story.pk}/export/{done.pk}/file/", follow=True)
     assert "the export file is no longer there; export again" in gone.content.decode()
 
