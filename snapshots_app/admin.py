@@ -34,7 +34,7 @@ from sessions_app.admin import (
     require_role,
 )
 from sessions_app.errors import IntegrityProblem as IntegrityError
-from sessions_app.errors import StateStoreError
+from sessions_app.errors import InvalidState, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role, WorkflowSession
 from sessions_app.selectors import number_ranges
@@ -385,6 +385,10 @@ class JobAdmin(ReadOnlyAdmin):
                  **{key: _as_ranges(value) for key, value in nested.items()}}
         text = json.dumps(shown, ensure_ascii=False, indent=2)
         if obj.kind == JobKind.EXPORT and obj.status == JobStatus.DONE and "file" in result:
+            try:
+                transfer.export_file(job=obj)
+            except InvalidState as exc:  # swept (EXPORT_KEEP_DAYS), or its session deleted
+                return format_html("<p>{}.</p><pre>{}</pre>", exc.message[:1].upper() + exc.message[1:], text)
             # The API's download, which takes this browser session: the project's operators may have it.
             return format_html('<p><a href="{}">Download {}</a></p><pre>{}</pre>',
                                reverse("api-job-file", args=[obj.pk]), result["file"], text)

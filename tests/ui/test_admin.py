@@ -868,10 +868,13 @@ def test_the_jobs_list_pages_by_the_primary_key(client, staff, team):
     assert len(orders) == 2 and all(order.startswith('"snapshots_app_job"."id" DESC') for order in orders), orders
 
 
-def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk, team):
+def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk, team, settings, tmp_path):
     """As in the API, a finished export names its file, not where the server keeps it."""
     from snapshots_app.models import Job
 
+    settings.VAR_DIR = tmp_path
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "acme-7.ndjson").write_bytes(b"{}\n")
     membership_set(project=team, user=clerk, role=Role.VIEWER)
     job = Job.objects.create(project=team, kind="export", status="done",
                              result={"file": "acme-7.ndjson", "path": "/srv/exports/acme-7.ndjson", "sessions": 3})
@@ -880,6 +883,9 @@ def test_a_jobs_admin_page_keeps_the_servers_file_system_to_itself(client, clerk
     assert "acme-7.ndjson" in page and "&quot;sessions&quot;: 3" in page
     assert "/srv/exports" not in page
     assert f'<a href="/api/v1/jobs/{job.pk}/file/">Download acme-7.ndjson</a>' in page  # it had no link
+    (tmp_path / "exports" / "acme-7.ndjson").unlink()  # swept, or its session deleted: no dead link
+    page = client.get(reverse("admin:snapshots_app_job_change", args=[job.pk])).content.decode()
+    assert "Download" not in page and "The export file is no longer there; export again." in page
 
 
 def test_a_large_compactions_admin_page_shows_its_totals_first_and_removed_versions_as_ranges(client, clerk, team):
