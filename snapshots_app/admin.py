@@ -196,7 +196,7 @@ class VersionAdmin(ReadOnlyAdmin):
                 return TemplateResponse(request, "admin/snapshots_app/version/data_fix_gone.html", {
                     **self.admin_site.each_context(request), "opts": self.model._meta,
                     "title": "The version of this data fix is no longer there", "text": request.POST["state"],
-                    "path": request.POST.get("path", ""),
+                    "path": request.POST.get("path", ""), "reason": request.POST.get("reason", ""),
                 }, status=404)
             raise Http404("no such version")
         session = version.session
@@ -209,9 +209,10 @@ class VersionAdmin(ReadOnlyAdmin):
         head = selectors.head_version(session)
         pointer = (request.POST if request.method == "POST" else request.GET).get("path", "")
         error, warning, result, parts, previewed, unchanged = "", "", None, [], "", False
+        archived = ""
         if session.archived_at is not None:  # (said at the last click only, after the whole edit)
-            warning = (f"{session.external_id} is archived: recording a fix is refused until it is unarchived (on its "
-                       "session page, by an operator).")
+            archived = (f"{session.external_id} is archived: recording a fix is refused until it is unarchived (on its "
+                        "session page, by an operator).")
         parts_more, parts_size = 0, 0
         text = request.POST.get("state") if request.method == "POST" else None
         if text is None:
@@ -279,7 +280,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
-            "warning": warning, "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
+            "warning": warning, "archived": archived, "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
             "unchanged": unchanged,
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,

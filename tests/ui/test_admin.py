@@ -150,17 +150,22 @@ def test_a_data_fix_whose_version_was_removed_meanwhile_gives_the_edit_back_and_
     url = reverse("admin:snapshots_app_version_data_fix", args=[base.pk])
     edited = json.dumps({"counters": {"steps": 2, "tokens": 1}, "pointer": "fixed <by hand>"})
     session_trim(session=story, keep=[5], reason="only the head")
-    gone = client.post(url, {"state": edited, "reason": "fix", "expected_version": 5, "preview": "1"})
+    gone = client.post(url, {"state": edited, "reason": "the pointer was wrong", "expected_version": 5, "preview": "1"})
     page = gone.content.decode()
     assert gone.status_code == 404 and "was removed since the page was loaded" in page
+    assert "the pointer was wrong</textarea>" in page
     assert "fixed &lt;by hand&gt;" in page and Version.objects.filter(session=story).count() == 1
     assert client.get(url).status_code == 404
 
     session_archive(session=story, reason="done", actor=staff)
     head = Version.objects.get(session=story, number=5)
-    page = client.get(reverse("admin:snapshots_app_version_data_fix", args=[head.pk])).content.decode()
+    fix_url = reverse("admin:snapshots_app_version_data_fix", args=[head.pk])
+    page = client.get(fix_url).content.decode()
     assert "run-42 is archived: recording a fix is refused until it is unarchived" in page
-
+    # Its diff is still shown (the notice hid it), with no Record button bound to be refused.
+    preview = client.post(fix_url, {"state": edited, "reason": "fix", "expected_version": 5, "preview": "1"})
+    body = preview.content.decode()
+    assert "/pointer" in body and "Record as new head" not in body
 
 def test_a_data_fix_that_leaves_the_heads_state_as_it_is_records_nothing_and_says_so(client, staff, story):
     """A fix whose state is the head's (however it is written: key order, spacing) recorded a new head all
