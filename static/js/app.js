@@ -53,16 +53,30 @@
 
   // The live session list moves a session that was written to the top and puts new ones above the
   // rest: the row under the pointer slid away as the operator clicked, and they opened another
-  // session than the one they aimed at. While the mouse rests on the list its updates wait, the list
-  // says how many, and they all come in, in order, as the mouse leaves it. (Registered before the
-  // other live-message handlers: a held message is not one they should see yet.)
-  // Past HELD_MAX messages (a pointer left resting on a busy list) they are not kept: the list
-  // reloads as the pointer leaves it, showing how things are by then.
+  // session than the one they aimed at. While the mouse rests on the list (or the keyboard is in it)
+  // its updates wait, a note says for how many sessions, and they all come in, in order, as it
+  // leaves. (Registered before the other live-message handlers: a held message is not one they
+  // should see yet.) Past HELD_MAX messages (a pointer left resting on a busy list) they are not
+  // kept: the list reloads as the pointer leaves, showing how things are by then.
   var HELD_MAX = 100;
-  var held = {live: null, messages: [], count: 0, timer: null};  // (count > messages: too many, reload)
+  var held = {live: null, messages: [], count: 0, sessions: {}, timer: null};  // (count > HELD_MAX: reload)
   var replaying = false;
+  var arrivingAt = null;  // while held updates come in: when they came (see noteArrivals)
   function isHeldList(live) {
     return live.matches && live.matches("#session-table .live") && window.matchMedia("(hover: hover)").matches;
+  }
+  function inUse(live) {
+    // The mouse on it, or keyboard focus in it (not a click's focus, which stays after the mouse leaves).
+    return live.matches(":hover") || !!live.querySelector(":focus-visible");
+  }
+  function sessionsIn(fragment, into) {
+    // The sessions a message's parts are about: rows by id (s-<uuid>), and "delete:#s-<uuid>" targets.
+    Array.prototype.forEach.call(fragment.children, function (part) {
+      var target = /#s-([0-9a-f-]+)$/.exec(part.getAttribute("hx-swap-oob") || "");
+      if (target) into[target[1]] = true;
+      if (part.id && part.id.indexOf("s-") === 0) into[part.id.slice(2)] = true;
+      part.querySelectorAll("[id^='s-']").forEach(function (row) { into[row.id.slice(2)] = true; });
+    });
   }
   function showHeld() {
     // Fixed at the foot of the window, out of the page's flow: a line put above the list pushed its
@@ -75,46 +89,54 @@
       note.setAttribute("role", "status");
       document.body.appendChild(note);
     }
-    note.textContent = "Live updates paused while the pointer is on the list: " + held.count +
-      (held.count === 1 ? " update waits." : " updates wait.");
+    var count = Object.keys(held.sessions).length;
+    note.textContent = "Live updates paused while you are on the list: " +
+      (count === 1 ? "1 session changed." : count + " sessions changed.");
   }
   function releaseHeld() {
     var live = held.live, messages = held.messages, dropped = held.count > HELD_MAX;
     clearInterval(held.timer);
-    held = {live: null, messages: [], count: 0, timer: null};
+    held = {live: null, messages: [], count: 0, sessions: {}, timer: null};
     var note = document.getElementById("live-held");
     if (note) note.parentNode.removeChild(note);
     if (!live || !live.isConnected) return;  // the list was replaced (a filter changed): it is current
     if (dropped) {
-      reloadOrTell(live, "More updates came than the list holds back while the pointer is on it.");
+      reloadOrTell(live, "More updates came than the list holds back while you are on it.");
       return;
     }
     replaying = true;
     try {
       messages.forEach(function (message) {
-        if (!htmx.trigger(live, "htmx:wsBeforeMessage", {message: message})) return;
+        if (!htmx.trigger(live, "htmx:wsBeforeMessage", {message: message.text})) return;
+        // Its times count from when it came, not from now: a row held 30 s read "0 s ago".
+        arrivingAt = message.at;
         // As the ws extension swaps a message: every part out of band, none into the socket's element.
-        htmx.swap(live, withoutMissingTargets(message), {swapStyle: "none", swapDelay: 0, settleDelay: 0});
-        htmx.trigger(live, "htmx:wsAfterMessage", {message: message});
+        htmx.swap(live, withoutMissingTargets(message.text), {swapStyle: "none", swapDelay: 0, settleDelay: 0});
+        htmx.trigger(live, "htmx:wsAfterMessage", {message: message.text});
       });
     } finally {
       replaying = false;
+      arrivingAt = null;
     }
   }
   document.addEventListener("htmx:wsBeforeMessage", function (event) {
     var live = event.target;
     if (replaying || !isHeldList(live)) return;
     if (held.live && held.live !== live) releaseHeld();
-    if (!held.count && !live.matches(":hover")) return;
+    if (!held.count && !inUse(live)) return;
+    var parts = document.createElement("template");
+    parts.innerHTML = withoutMissingTargets(event.detail.message);
+    if (!parts.content.children.length) return;  // about rows this list does not show: it changes nothing
     event.preventDefault();
     event.stopImmediatePropagation();
     held.live = live;
     held.count += 1;
-    held.messages = held.count > HELD_MAX ? [] : held.messages.concat([event.detail.message]);
+    sessionsIn(parts.content, held.sessions);
+    held.messages = held.count > HELD_MAX ? [] : held.messages.concat([{text: event.detail.message, at: Date.now()}]);
     showHeld();
     if (!held.timer) {
       held.timer = setInterval(function () {
-        if (!held.live || !held.live.isConnected || !held.live.matches(":hover")) releaseHeld();
+        if (!held.live || !held.live.isConnected || !inUse(held.live)) releaseHeld();
       }, 250);
     }
   });
@@ -375,7 +397,7 @@
   }
   var arrived = new WeakMap();
   function noteArrivals() {
-    var now = Date.now();
+    var now = arrivingAt === null ? Date.now() : arrivingAt;
     document.querySelectorAll("time[data-ago]").forEach(function (time) {
       if (!arrived.has(time)) arrived.set(time, now);
     });

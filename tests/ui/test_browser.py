@@ -259,13 +259,30 @@ def test_the_open_list_holds_its_updates_while_the_pointer_is_on_it(server, brow
     off_loop(lambda: session_update(session=session, status="waiting"))
     off_loop(lambda: make_session(session.project, "run-new"))
     page.wait_for_function("() => (document.getElementById('live-held') || {}).textContent === "
-                           "'Live updates paused while the pointer is on the list: 2 updates wait.'", timeout=3_000)
+                           "'Live updates paused while you are on the list: 2 sessions changed.'", timeout=3_000)
     assert page.evaluate(names) == "run-failed,run-42" and "Running" in page.inner_text(f"#s-{session.pk}")
     assert page.evaluate(where) == top  # not even the note moves the rows (it stands out of the page's flow)
+    page.wait_for_timeout(6_000)  # held longer than the times' 5 s tick: they count from when the update came
 
     page.mouse.move(0, 0)
     page.wait_for_function(f"() => {names[6:]} === 'run-new,run-42,run-failed'", timeout=3_000)
     assert "Waiting" in page.inner_text(f"#s-{session.pk}") and page.locator("#live-held").count() == 0
+    # At the first tick after the release (they read "0 s ago" until then): 6 s and more, not the 0-5 s
+    # since the release.
+    age = "() => document.querySelector('a.ext').closest('tr').querySelector('time[data-ago]').textContent"
+    page.wait_for_function(f"() => ({age[6:]}) !== '0 s ago'", timeout=7_000)
+    assert int(page.evaluate(age).split()[0]) >= 6, page.evaluate(age)
+
+    # The keyboard in the list holds them too: the focused row stayed, others moved, focus was lost.
+    page.locator("a.ext").nth(1).focus()
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.textContent") == "run-42"
+    off_loop(lambda: session_update(session=session, status="running"))
+    page.wait_for_selector("#live-held", timeout=3_000)
+    assert page.evaluate(names) == "run-new,run-42,run-failed"
+    page.evaluate("() => document.activeElement.blur()")
+    page.wait_for_function(f"() => {names[6:]} === 'run-42,run-new,run-failed'", timeout=3_000)
     assert page.errors == [] and page.console_errors == []  # type: ignore[attr-defined]
 
 
