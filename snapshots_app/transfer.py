@@ -166,7 +166,8 @@ def transfer_export_run(
             raise errors.IntegrityProblem(
                 f"version {problem.version_number} of session {problem.session.external_id} has an open integrity "
                 f"problem ({problem.detail}); resolve it before exporting"
-                + ("" if session is not None else ", or export the project leaving out damaged sessions (skip_damaged)")
+                + ("" if session is not None else ", or export the project leaving out the damaged sessions (the API's "
+                   "skip_damaged, or the admin's \"Export, leaving out sessions with an open integrity problem\")")
             )
         sessions = [item for item in sessions if item.pk not in damaged]
         skipped = [{"session": str(problem.session_id), "external_id": problem.session.external_id,
