@@ -20,7 +20,7 @@ from sessions_app.models import AuditAction, AuditEvent, WorkflowSession
 from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees, diff_values
-from snapshots_app.models import IntegrityProblem, Version, VersionKind
+from snapshots_app.models import IntegrityProblem, Job, JobKind, Version, VersionKind
 
 
 def _version_number(number: Any) -> int:
@@ -494,7 +494,7 @@ SESSION_EXPORTS_SHOWN = 3
 
 @dataclass(frozen=True)
 class SessionExport:
-    job: Any  # snapshots_app.models.Job
+    job: Job
     condition: str | None  # where an unfinished job stands, in words (jobs.job_condition)
     size: int | None  # the finished file's bytes; None while unfinished, or once the file is gone
 
@@ -509,11 +509,15 @@ class SessionExports:
         return any(not export.job.is_finished for export in self.items)
 
 
+def session_export_job(session: WorkflowSession, job_id: int) -> Job | None:
+    """The export job `job_id` of this session (None if it is not one of its exports)."""
+    return Job.objects.filter(pk=job_id, session=session, kind=JobKind.EXPORT).first()
+
+
 def session_exports(session: WorkflowSession) -> SessionExports:
     """The session's newest exports (SESSION_EXPORTS_SHOWN), newest first, for its page: how far each
     got, and whether a finished one's file is still there to download (EXPORT_KEEP_DAYS)."""
     from snapshots_app import jobs, transfer
-    from snapshots_app.models import Job, JobKind
 
     shown = []
     for job in Job.objects.filter(session=session, kind=JobKind.EXPORT).order_by("-created_at", "-id")[:SESSION_EXPORTS_SHOWN]:

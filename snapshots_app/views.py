@@ -41,7 +41,7 @@ from sessions_app.views import render_fragment, wants_fragment
 from snapshots_app import jsonview, selectors, services, transfer
 from snapshots_app.diff import DiffResult
 from snapshots_app.forms import ForkForm, GotoForm, MarkForm, ReasonForm, RewindForm, TimelineFilterForm, TrimForm
-from snapshots_app.models import TIMELINE_KINDS, Job, JobKind, Version, VersionKind
+from snapshots_app.models import TIMELINE_KINDS, Version, VersionKind
 
 DIFF_SHOWN = 500
 # htmx error answers are text (static/js/app.js shows them with textContent): as text/html, a form
@@ -814,7 +814,7 @@ def export_download(request: HttpRequest, session_id: Any, job_id: int) -> HttpR
     """A finished export of this session, as the file (operators: it holds every state)."""
     session, role = _member_session(request, session_id)
     _require_operator(role)
-    job = Job.objects.filter(pk=job_id, session=session, kind=JobKind.EXPORT).first()
+    job = selectors.session_export_job(session, job_id)
     if job is None:
         raise Http404("no such export of this session")
     try:
