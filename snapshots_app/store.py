@@ -775,17 +775,17 @@ def _damaged_node(project_id: int, root: bytes) -> str | None:
     child it spelled ("node a797… is missing", a digest that never existed), and an operator restoring
     the damaged rows looked for the wrong one. None if every node checks out (or has no seal)."""
     project_store = ProjectStore(project_id, use_cache=False)
-    seen: set[bytes] = set()
-    frontier = {root}
+
+    def fetch(digests: set[bytes]) -> dict[bytes, tree.Node]:  # each checked against its seal (CorruptNode)
+        found = project_store.nodes(digests)
+        missing = digests - found.keys()
+        if missing:
+            raise tree.MissingNode(min(missing))
+        return found
+
     try:
-        while frontier:
-            fetched = project_store.nodes(frontier)
-            missing = frontier - fetched.keys()
-            if missing:
-                return str(tree.MissingNode(min(missing)))
-            seen |= frontier
-            frontier = {child for node in fetched.values() for child in node.children if child not in seen}
-    except CorruptNode as exc:
+        tree.reachable({root}, fetch)
+    except (CorruptNode, tree.MissingNode) as exc:
         return str(exc)
     return None
 
