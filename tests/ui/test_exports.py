@@ -22,6 +22,7 @@ def test_an_operator_exports_a_session_from_its_page_and_downloads_every_version
     client.force_login(operator)
     page = client.get(f"/sessions/{story.pk}/").content.decode()
     assert 'id="export"' in page and 'id="exports"' in page and "Export #" not in page
+    assert "{#" not in page and "#}" not in page  # the section's template comments stay out of the page
 
     with django_capture_on_commit_callbacks(execute=True):  # the job runs when the request commits
         queued = client.post(f"/sessions/{story.pk}/export/")

@@ -1560,3 +1560,17 @@ def test_a_sessions_audit_trail_says_who_did_what_when_and_why(client, viewer, o
     assert "No older events." in client.get(session_url(story, "snapshots:audit"), {"before": 0}).content.decode()
     fresh = make_session(story.project, "untouched")
     assert "Nothing has been done to this session yet" in client.get(session_url(fresh, "snapshots:audit")).content.decode()
+
+
+def test_no_template_comment_spans_lines_which_django_would_print_as_text():
+    """`{# … #}` is one line only: spread over two, Django shows it on the page as it is written."""
+    from django.conf import settings
+
+    root = settings.BASE_DIR / "templates"
+    spread = [
+        f"{path.relative_to(root)}:{number}"
+        for path in root.rglob("*.html")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if line.count("{#") > line.count("#}")
+    ]
+    assert spread == []
