@@ -17,7 +17,13 @@ from rest_framework.response import Response
 
 from sessions_app.api.auth import Principal, principal
 from sessions_app.api.filters import LIST_QUERY_PARAMS, ParamFilter, refuse_unknown_query_params
-from sessions_app.api.problems import ContentEncodingUnsupported, LengthRequired, RequestInProgress, RequestTooLarge
+from sessions_app.api.problems import (
+    ContentEncodingUnsupported,
+    IfMatchNotTaken,
+    LengthRequired,
+    RequestInProgress,
+    RequestTooLarge,
+)
 from sessions_app.errors import IdempotencyKeyReused
 from sessions_app.models import Role
 from sessions_app.services import RequestKey
@@ -43,6 +49,9 @@ class ApiView(generics.GenericAPIView):
     # Those a write takes, per method (a session delete's ?reason=): any other is a 400 naming it too.
     # Ignored, ?expected_version=3 on a snapshot skipped the check the caller asked for.
     write_query_params: Mapping[str, tuple[str, ...]] = {}
+    # The writes that check If-Match against the session's head. On any other write the header is a
+    # 400: ignored, a stale tag on a trim removed versions the caller had not seen.
+    takes_if_match: frozenset[str] = frozenset()
 
     def least_role(self, method: str) -> str:
         return self.least_roles.get(method, Role.VIEWER if method in SAFE_METHODS else Role.OPERATOR)
@@ -69,6 +78,8 @@ class ApiView(generics.GenericAPIView):
         elif method != "OPTIONS" and hasattr(self, method.lower()):
             refuse_unknown_query_params(request, self.write_query_params.get(method, ()),
                                         what=f"a {method} here", write=True)
+            if "If-Match" in request.headers and method not in self.takes_if_match:
+                raise IfMatchNotTaken(method)
         if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower() and not request.META.get("CONTENT_LENGTH"):
             # DRF reads a body without a Content-Length as empty: a write would be judged on no input.
             raise LengthRequired()

@@ -64,6 +64,19 @@ class PreconditionsDisagree(exceptions.APIException):
                                 "expected_version": expected_version}
 
 
+class IfMatchNotTaken(exceptions.APIException):
+    """If-Match on a write that checks no head: ignoring it would skip the check the caller asked for."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "if_match_not_taken"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"A {method} here takes no If-Match (only snapshot, batch, rewind and trim writes check the head "
+            "with it); nothing was done. Send the request without it."
+        )
+
+
 class RequestInProgress(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "A request with this Idempotency-Key is still in progress; retry it when that one has finished."

@@ -189,6 +189,7 @@ def _guarded(if_match: int | None, call: Any) -> Any:
 
 class VersionList(mixins.ListModelMixin, ApiView):
     serializer_class = VersionListedSerializer
+    takes_if_match = frozenset({"POST"})
     filter_backends = [ParamFilter]
     filter_params = [
         filters.text_param("label", "Only versions with this label.", lambda qs, raw: qs.filter(label=raw)),
@@ -265,11 +266,12 @@ class VersionList(mixins.ListModelMixin, ApiView):
 
 class VersionBatch(ApiView):
     serializer_class = BatchSerializer
+    takes_if_match = frozenset({"POST"})
 
     @extend_schema(
         operation_id="versions_batch_create",
         summary="Record many snapshots in one request, in order, all or nothing (backfills).",
-        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH],
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH, ETAG],
         request=BatchSerializer,
         responses={201: BatchResultSerializer},
     )
@@ -284,7 +286,11 @@ class VersionBatch(ApiView):
             expected_version=expected if expected is not None else if_match, idempotency_key=self.idempotency_key(),
             **self.principal.actor,
         ))
-        return Response({"versions": [version_data(v) for v in recorded]}, status=status.HTTP_201_CREATED)
+        response = Response({"versions": [version_data(v) for v in recorded]}, status=status.HTTP_201_CREATED)
+        # The new head's tag and place, as a single snapshot's answer gives them: the next batch's If-Match.
+        response["ETag"] = etag_of(recorded[-1])
+        response["Location"] = f"/api/v1/sessions/{session.pk}/versions/{recorded[-1].number}/"
+        return response
 
 
 class VersionDetail(ApiView):
@@ -405,6 +411,7 @@ class Diff(ApiView):
 
 class Rewind(ApiView):
     serializer_class = RewindSerializer
+    takes_if_match = frozenset({"POST"})
 
     @extend_schema(
         operation_id="sessions_rewind",
@@ -453,6 +460,7 @@ class Fork(ApiView):
 class Trim(ApiView):
     serializer_class = TrimSerializer
     least_roles = {"POST": Role.ADMIN}
+    takes_if_match = frozenset({"POST"})
 
     @extend_schema(
         operation_id="sessions_trim",
@@ -462,7 +470,7 @@ class Trim(ApiView):
                     "kept rewind restored stay (`protected`). A trim of what is already trimmed removes nothing and "
                     "records nothing. The removed states are gone for good; the space they alone used is freed by "
                     "the next compaction.",
-        parameters=[SESSION_ID, IDEMPOTENCY_KEY],
+        parameters=[SESSION_ID, IDEMPOTENCY_KEY, IF_MATCH],
         request=TrimSerializer,
         responses={200: OpenApiResponse(TrimResultSerializer, "What was removed and what is left")},
     )
@@ -471,7 +479,15 @@ class Trim(ApiView):
         incoming = TrimSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
-        return self.replayable(data, lambda: Response(TrimResultSerializer(services.session_trim(
-            session=session, keep=data["keep"], reason=data["reason"], expected_version=data.get("expected_version"),
-            **self.principal.actor,
-        )).data))
+        expected = data.get("expected_version")
+
+        def trim() -> Response:
+            if_match = _if_match_number(request, session, idempotency_key=None, expected_version=expected)
+            result = _guarded(if_match if expected is None else None, lambda: services.session_trim(
+                session=session, keep=data["keep"], reason=data["reason"],
+                expected_version=expected if expected is not None else if_match, **self.principal.actor,
+            ))
+            return Response(TrimResultSerializer(result).data)
+
+        # A retry replays the first answer before its (now stale) If-Match is judged.
+        return self.replayable({**data, "if_match": request.headers.get("If-Match")}, trim)

@@ -9,6 +9,7 @@ from django.db import connection
 
 from sessions_app.models import AuditEvent, WorkflowSession
 from snapshots_app import canonical
+from snapshots_app.api.views import etag_of
 from snapshots_app.models import Version
 from snapshots_app.services import snapshot_record, snapshot_record_batch
 from tests.conftest import query_plan, statements_run
@@ -93,6 +94,42 @@ def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     assert stale.status_code == 412 and session.versions.count() == 2
     assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=current).status_code == 201
     assert session.versions.count() == 4
+    # Its answer carries the new head's tag, as a single snapshot's does: the next batch's If-Match.
+    answer = writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=writer.get(url(session, "head/"))["ETag"])
+    assert answer.status_code == 201 and answer["ETag"] == etag_of(session.versions.get(number=6))
+    assert answer["Location"] == f"/api/v1/sessions/{session.pk}/versions/6/"
+    assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=answer["ETag"]).status_code == 201
+    assert writer.post(url(session, "versions/batch/"), batch, format="json", HTTP_IF_MATCH=answer["ETag"]).status_code == 412
+
+
+def test_a_trim_with_the_heads_if_match_removes_and_one_after_another_write_removes_nothing(admin_key, session):
+    for step in range(1, 4):
+        snapshot_record(session=session, state={"step": step})
+    tag = admin_key.get(url(session, "head/"))["ETag"]
+    assert _trim(admin_key, session, [3], HTTP_IF_MATCH=tag).json()["removed"] == [1, 2]
+    snapshot_record(session=session, state={"step": 4})
+    assert _trim(admin_key, session, [4], HTTP_IF_MATCH=tag).status_code == 412
+    assert list(session.versions.values_list("number", flat=True).order_by("number")) == [3, 4]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("post", "fork/", {"from_version": 1, "reason": "try"}),
+    ("patch", "", {"tags": ["x"]}),
+    ("patch", "versions/1/", {"pinned": True}),
+    ("post", "archive/", {"reason": "done"}),
+    ("delete", "?reason=gone", None),
+])
+def test_if_match_on_a_write_that_checks_no_head_is_400_and_does_nothing(admin_key, session, method, path, body):
+    """Ignored, the header's check was skipped without a word (a trim removed versions that way)."""
+    snapshot_record(session=session, state={"a": 1})
+    audited = AuditEvent.objects.count()
+    stale = '"0000-9"'
+    response = getattr(admin_key, method)(url(session, path), body, format="json", HTTP_IF_MATCH=stale)
+    assert response.status_code == 400 and response.json()["code"] == "if_match_not_taken", response.content
+    assert "takes no If-Match" in response.json()["detail"]
+    session.refresh_from_db()
+    assert session.tags == [] and session.archived_at is None and WorkflowSession.objects.count() == 1
+    assert not session.versions.get(number=1).pinned and AuditEvent.objects.count() == audited
 
 
 @pytest.mark.parametrize(("path", "body"), [
@@ -562,6 +599,11 @@ def test_trim_refuses_what_it_cannot_do_and_removes_nothing(writer, admin_key, s
         (admin_key, [], {}, 400, None),
         (admin_key, ["3"], {}, 400, None),
         (admin_key, [3], {"expected_version": 2}, 409, "version_conflict"),
+        # If-Match is checked as expected_version is: a stale or foreign tag removed versions before.
+        (admin_key, [3], {"HTTP_IF_MATCH": etag_of(session.versions.get(number=2))}, 412, "precondition_failed"),
+        (admin_key, [3], {"HTTP_IF_MATCH": '"0000-3"'}, 412, "precondition_failed"),
+        (admin_key, [3], {"HTTP_IF_MATCH": etag_of(session.versions.get(number=3)), "expected_version": 2},
+         400, "preconditions_disagree"),
     ]
     for client, keep, extra, status, code in refused:
         response = _trim(client, session, keep, **extra)

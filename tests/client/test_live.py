@@ -127,6 +127,12 @@ def test_an_engine_chains_if_match_from_each_answer_through_records_rewinds_and_
     assert rewind.get_session(s["id"])["head"] == 4
     batch = rewind.record_batch(s["id"], [{"state": {"n": 5}}, {"state": {"n": 6}}], if_match=rewind.head(s["id"])["etag"])
     assert [v["number"] for v in batch["versions"]] == [5, 6]
+    # A batch's answer gives the new head's etag too: the next batch, or a trim, chains on it.
+    chained = rewind.record_batch(s["id"], [{"state": {"n": 7}}], if_match=batch["etag"])
+    assert chained["etag"] == rewind.head(s["id"])["etag"] and chained["versions"][0]["number"] == 7
+    with pytest.raises(PreconditionFailed):
+        rewind.trim(s["id"], [7], reason="stale", if_match=batch["etag"])
+    assert rewind.get_session(s["id"])["version_count"] == 7
 
 
 def test_idempotency_key_replays_the_first_answer(rewind):

@@ -227,11 +227,12 @@ class Endpoints(Generic[R]):
         idempotency_key: str | None = None,
     ) -> R:
         """Record many snapshots (each a dict with `state` and optional metadata) in order, all or nothing.
-        ``if_match`` (a head's ``etag``) or ``expected_version`` pins the head the first one follows."""
+        ``if_match`` (a head's ``etag``) or ``expected_version`` pins the head the first one follows.
+        Returns ``{"versions": [...], "etag": ...}``, the ``etag`` the new head's (the next batch's ``if_match``)."""
         body = _drop_none(versions=snapshots, expected_version=expected_version)
         headers = _if_match(if_match)
         return self._run(Call("POST", f"sessions/{_sid(session_id)}/versions/batch/", json=body, headers=headers,
-                              idempotency_key=idempotency_key))
+                              idempotency_key=idempotency_key, decode=_with_etag))
 
     def update_version(
         self,
@@ -321,13 +322,16 @@ class Endpoints(Generic[R]):
             Call("POST", f"sessions/{_sid(session_id)}/fork/", json=body, idempotency_key=idempotency_key)
         )
 
-    def trim(self, session_id: Any, keep: list[int], *, reason: str, expected_version: int | None = None) -> R:
+    def trim(
+        self, session_id: Any, keep: list[int], *, reason: str, expected_version: int | None = None,
+        if_match: str | None = None,
+    ) -> R:
         """Remove every version except the numbers in `keep`, which must name the head (admin; audited).
         Pinned and labelled versions, sources of other sessions' forks and what a kept rewind restored
-        stay too. Returns
-        ``{"removed": [...], "kept": [...], "protected": [...]}``; a repeat removes nothing."""
+        stay too. ``if_match`` (a head's ``etag``) or ``expected_version`` names the head it must follow.
+        Returns ``{"removed": [...], "kept": [...], "protected": [...]}``; a repeat removes nothing."""
         body = _drop_none(keep=sorted(set(keep)), reason=reason, expected_version=expected_version)
-        return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body))
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body, headers=_if_match(if_match)))
 
     # -- projects, API keys, audit log -----------------------------------------------------------
 
