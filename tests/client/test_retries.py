@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -154,11 +155,31 @@ def test_a_server_in_maintenance_says_when_to_come_back(monkeypatch):
     assert missing.value.retry_after is None
 
 
-def test_rate_limited_after_retries_run_out():
-    script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 4)
-    with sync_client(script) as client, pytest.raises(RateLimited) as caught:
+def test_a_rate_limit_is_waited_out_past_max_retries_until_the_deadline():
+    """A 429 is a server asking for less, not an outage: engines sharing a key under a steady limit
+    gave up after max_retries (~22 s), well within their deadline, where README says they wait it out."""
+    script = Script(*[httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})] * 8,
+                    httpx.Response(200, json={"id": "s"}))
+    with sync_client(script) as client:
+        assert client.get_session(SID) == {"id": "s"}
+    assert len(script.requests) == 9  # FAST allows 3 retries: a 503 would have been raised at the fourth answer
+
+    def always_throttled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json={"code": "throttled", "detail": "slow"}, headers={"Retry-After": "0"})
+
+    client = Client("http://rewind.test", transport=httpx.MockTransport(always_throttled), retry=FAST, deadline=0.3)
+    started = time.monotonic()
+    with client, pytest.raises(RateLimited) as caught:
         client.get_session(SID)
-    assert caught.value.status == 429 and caught.value.retry_after == 0.0 and len(script.requests) == 4
+    assert caught.value.status == 429 and caught.value.retry_after == 0.0
+    assert 0.15 <= time.monotonic() - started <= 1.5  # until the deadline: not at once, not past it
+
+
+def test_an_outage_is_retried_max_retries_times_only():
+    script = Script(*[httpx.Response(503, text="busy")] * 4)
+    with sync_client(script) as client, pytest.raises(ServerError):
+        client.get_session(SID)
+    assert len(script.requests) == 4
 
 
 def test_lost_connection_is_retried_then_reported():
@@ -391,8 +412,8 @@ def test_an_answer_its_content_encoding_cannot_decode_is_a_session_rewind_error(
 def test_an_error_survives_pickling_as_it_was(status, code):
     # A process pool or a task queue hands errors on pickled: they came back with their message
     # garbled ("- throttled: 429 throttled: …") and the message as their detail.
-    script = Script(*[problem(status, code, details={"head": 4})] * 5)
-    with sync_client(script) as client, pytest.raises(SessionRewindError) as caught:
+    script = Script(*[problem(status, code, details={"head": 4})] * 1000)  # a 429 is retried until the deadline
+    with sync_client(script, deadline=0.1) as client, pytest.raises(SessionRewindError) as caught:
         client.record(SID, {"x": 1})
     error = caught.value
     copy = pickle.loads(pickle.dumps(error))

@@ -219,7 +219,8 @@ class RetryPolicy:
     waiting 0.25-0.5, 0.5-1, 1-2, 2-4, 4-8 and 8-16 s. Each wait is at least half its backoff: with
     waits anywhere from 0 (full jitter) the six could all be short, and then a restart of a few
     seconds, refusing connections meanwhile, failed the engine's call. All of it stays within the
-    client's `deadline` (see `CallBudget`): a wait that would end after it is not begun.
+    client's `deadline` (see `CallBudget`): a wait that would end after it is not begun. A 429 is
+    retried until that deadline rather than `max_retries` times (see THROTTLED_BACKOFF_STEPS).
     """
 
     max_retries: int = 6
@@ -317,9 +318,16 @@ class CallBudget:
         return f"{time.monotonic() - self.started:.1f} s"
 
 
+# A 429 is not an outage: the server is up and asks for less. It is retried until the deadline, not
+# max_retries times (engines sharing a key under a steady limit gave up after ~22 s of a 60 s deadline),
+# its backoff growing no further than this step's (2-4 s by default) unless Retry-After asks for more.
+THROTTLED_BACKOFF_STEPS = 3
+
+
 def retry_wait(attempt: int, policy: RetryPolicy, response: httpx.Response | None, budget: CallBudget) -> float | None:
     """Seconds to wait before the next attempt, or None: no retry, the caller hears what this one got."""
-    if attempt >= policy.max_retries:
+    throttled = response is not None and response.status_code == 429
+    if attempt >= policy.max_retries and not (throttled and budget.deadline is not None):
         return None
     if response is not None:
         hinted = retry_after_seconds(response)
@@ -330,12 +338,15 @@ def retry_wait(attempt: int, policy: RetryPolicy, response: httpx.Response | Non
         if response.status_code not in RETRY_STATUSES and not _in_progress(response):
             return None
     # Else the connection was lost: safe for reads, and for writes because the key makes them idempotent.
-    wait = policy.delay(attempt, response)
+    wait = policy.delay(min(attempt, THROTTLED_BACKOFF_STEPS) if throttled else attempt, response)
     left = budget.left()
     if left is None:
         return wait
-    if left <= 0 or (response is not None and retry_after_seconds(response) is not None and wait >= left):
-        return None  # the server's Retry-After ends after the deadline: waiting for it cannot help
+    hinted_wait = response is not None and retry_after_seconds(response) is not None
+    if left <= 0 or ((throttled or hinted_wait) and wait >= left):
+        # The server's Retry-After ends after the deadline: waiting for it cannot help. Nor can a
+        # throttled call's retry begun in the last moments (it ended as a timeout, not RateLimited).
+        return None
     return min(wait, left / 2)  # a backoff is a guess: leave the retry time to be answered
 
 
