@@ -1,5 +1,6 @@
 """Strict reading of client input, shared by the API, the dashboard and the state store: JSON
-integers past 64 bits, keys written twice in one object, and numbers written in digits."""
+integers past 64 bits, numbers too small for a double, keys written twice in one object, and
+numbers written in digits."""
 
 from __future__ import annotations
 
@@ -42,6 +43,18 @@ def refuse_huge_integers(raw: bytes | str) -> None:
             raise InvalidState("JSON is nested too deeply to check its integers (about 1,000 levels or more)") from None
 
 
+NONZERO_DIGIT = re.compile(r"[1-9]")
+
+
+def _check_float(literal: str) -> float:
+    """A number too small for a double reads as 0: refused as one too large is (orjson's "number out of
+    range"), rather than stored as 0 without a word."""
+    number = float(literal)
+    if number == 0.0 and NONZERO_DIGIT.search(literal.lower().partition("e")[0]):
+        raise InvalidState(f"number {literal[:30]} is too small to hold (it would read back as 0)")
+    return number
+
+
 class _Twice(Exception):
     def __init__(self, key: str) -> None:
         self.key = key
@@ -76,7 +89,8 @@ def refuse_duplicate_keys(raw: bytes | str, *, what: str, value: Any = _NOT_PARS
     if value is not _NOT_PARSED and encodes_back(data, value):
         return
     try:
-        json.loads(data, object_pairs_hook=_once_each)
+        # A literal that underflows to 0 never encodes back either, so it is checked here (its parse_float).
+        json.loads(data, object_pairs_hook=_once_each, parse_float=_check_float)
     except _Twice as twice:
         raise InvalidState(f"{what} has the key {json.dumps(twice.key)[:200]} twice in one object: JSON keeps only the "
                            "last one's value, so say each key once") from None

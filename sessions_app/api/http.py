@@ -16,7 +16,7 @@ from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
 from sessions_app.api.problems import RequestTooLarge
-from sessions_app.errors import InvalidState
+from sessions_app.errors import InvalidState, StateTooDeep
 from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 
 
@@ -33,6 +33,10 @@ class OrjsonParser(BaseParser):
         except orjson.JSONDecodeError as exc:
             if "UTF-8" in str(exc):  # orjson's "str is not valid UTF-8: surrogates not allowed"
                 raise ParseError("The request body is not valid JSON: it must be UTF-8 encoded.") from None
+            if str(exc).startswith("depth limit exceeded"):  # past orjson's 1,024 levels
+                # The code a state nested 201 levels deep gets: engines branch on it, not on the depth.
+                raise StateTooDeep(f"the request body nests deeper than 1,024 levels; a state may nest at most "
+                                   f"{settings.STATE_MAX_DEPTH}", limit=settings.STATE_MAX_DEPTH) from None
             raise ParseError(f"The request body is not valid JSON: {exc}") from None
         try:
             refuse_huge_integers(data)

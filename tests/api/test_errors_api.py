@@ -61,6 +61,35 @@ BAD_WRITES = [
 ]
 
 
+def test_a_body_nested_past_what_json_parsing_takes_is_state_too_deep_as_a_shallower_one(project, session):
+    """orjson stops at 1,024 levels: that body was 400 malformed_request, where 201 levels are
+    state_too_deep, and an engine that branches on the code missed it."""
+    from tests.api.conftest import key_client
+
+    client = key_client(project, "read,write")
+    body = '{"state": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    response = client.post(f"/api/v1/sessions/{session.pk}/versions/", body, content_type="application/json")
+    assert response.status_code == 400 and response.json()["code"] == "state_too_deep", response.content
+    assert "at most 200" in response.json()["detail"]
+    assert not session.versions.exists()
+
+
+def test_a_number_too_small_to_hold_is_refused_not_stored_as_zero(project, session):
+    from tests.api.conftest import key_client
+
+    client = key_client(project, "read,write")
+    path = f"/api/v1/sessions/{session.pk}/versions/"
+    for literal in ("0.1e-400", "-2E-999", "1e-330"):
+        response = client.post(path, '{"state": {"e": %s}}' % literal, content_type="application/json")
+        assert response.status_code == 400, response.content
+        assert f"Number {literal} is too small to hold (it would read back as 0)" in response.json()["detail"]
+    assert not session.versions.exists()
+    for literal, kept in (("0e-400", 0.0), ("-0.0", -0.0), ("5e-324", 5e-324)):  # zeros, and the least double
+        response = client.post(path, '{"state": {"e": %s}}' % literal, content_type="application/json")
+        assert response.status_code == 201, response.content
+        assert client.get(f"{path}{response.json()['number']}/").json()["state"] == {"e": kept}
+
+
 @pytest.mark.parametrize(("tail", "body", "status", "code"), BAD_WRITES)
 def test_bad_input_gets_a_problem_and_stores_nothing(project, session, tail, body, status, code):
     from tests.api.conftest import key_client
