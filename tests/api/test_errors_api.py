@@ -80,12 +80,12 @@ def test_a_number_too_small_to_hold_is_refused_not_stored_as_zero(project, sessi
     client = key_client(project, "read,write")
     path = f"/api/v1/sessions/{session.pk}/versions/"
     for literal in ("0.1e-400", "-2E-999", "1e-330"):
-        response = client.post(path, '{"state": {"e": %s}}' % literal, content_type="application/json")
+        response = client.post(path, '{"state": {"e": ' + literal + '}}', content_type="application/json")
         assert response.status_code == 400, response.content
         assert f"Number {literal} is too small to hold (it would read back as 0)" in response.json()["detail"]
     assert not session.versions.exists()
     for literal, kept in (("0e-400", 0.0), ("-0.0", -0.0), ("5e-324", 5e-324)):  # zeros, and the least double
-        response = client.post(path, '{"state": {"e": %s}}' % literal, content_type="application/json")
+        response = client.post(path, '{"state": {"e": ' + literal + '}}', content_type="application/json")
         assert response.status_code == 201, response.content
         assert client.get(f"{path}{response.json()['number']}/").json()["state"] == {"e": kept}
 
