@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app.models import SessionStatus
-from sessions_app.selectors import SESSION_SORTS, SessionFilters, session_cursor_valid
+from sessions_app.selectors import SessionFilters, session_cursor_valid
 
 
 def form_problems(form: forms.Form) -> list[str]:
@@ -64,7 +64,20 @@ def parse_moment(raw: str, *, end_of_day: bool = False) -> datetime | None:
         raise forms.ValidationError(f"Not a moment: use {WHEN_HELP}.", code="invalid") from None
 
 
-class SessionFilterForm(forms.Form):
+class QueryForm(forms.Form):
+    """A page's query string as a form: a parameter given twice is an error naming it (the last one
+    won in silence: `?status=failed&status=running` listed the running sessions), as in the API."""
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().clean()
+        getlist = getattr(self.data, "getlist", None)
+        for name in self.fields if getlist is not None else ():
+            if len(getlist(name)) > 1:
+                self.add_error(name, "Given more than once: give it once.")
+        return data
+
+
+class SessionFilterForm(QueryForm):
     """The session list's query string. Text that cannot be searched for, dates that name no day,
     choices the list does not have and a mangled cursor are errors: the list fell back to its default
     for a misspelt `?status=faild`, and a link shared as "the failed sessions" listed all of them."""
@@ -82,20 +95,18 @@ class SessionFilterForm(forms.Form):
     project = forms.CharField(required=False)
 
     def clean_status(self) -> str:
-        return _choice(self.cleaned_data["status"], SessionStatus.values)
+        return _choice(self.cleaned_data["status"], SessionStatus.choices)
 
     def clean_has_error(self) -> str:
         # true/false as the timeline and the API spell it: a link written for one was a 400 on the other.
         raw = {"true": "yes", "false": "no"}.get(self.cleaned_data["has_error"], self.cleaned_data["has_error"])
-        if raw and raw not in ("yes", "no"):
-            raise forms.ValidationError("Not one of true, false.", code="invalid_choice")
-        return raw
+        return _choice(raw, [("yes", "has an error"), ("no", "has none")], also="true and false say the same")
 
     def clean_sort(self) -> str:
-        return _choice(self.cleaned_data["sort"], list(SESSION_SORTS))
+        return _choice(self.cleaned_data["sort"], SESSION_SORT_CHOICES)
 
     def clean(self) -> dict[str, Any]:
-        data: dict[str, Any] = self.cleaned_data
+        data: dict[str, Any] = super().clean()
         if data.get("after") and "sort" in data and not session_cursor_valid(data["after"], data["sort"]):
             # Listed from the top instead, "Load more" added the first page's rows again below the last.
             self.add_error("after", "Not a place in this list (a link cut short?): open the list again from the top.")
@@ -123,9 +134,19 @@ class SessionFilterForm(forms.Form):
         )
 
 
-def _choice(raw: str, choices: list[str]) -> str:
-    if raw and raw not in choices:
-        raise forms.ValidationError(f"Not one of {', '.join(choices)}.", code="invalid_choice")
+# The list's orders as its picker words them (the query spells them as SESSION_SORTS does).
+SESSION_SORT_CHOICES = [("-updated", "Recently updated"), ("updated", "Least recently updated"),
+                        ("-created", "Newest"), ("external_id", "External id")]
+
+
+def _choice(raw: str, choices: list[tuple[str, str]], *, also: str = "") -> str:
+    """`raw` if it is one of the (value, words) choices or empty; else an error naming each choice as
+    the address spells it and as the page's picker words it ("Not one of true, false." named neither
+    the picker's "Has error" nor the yes it sends)."""
+    if raw and raw not in {value for value, _ in choices}:
+        named = ", ".join(f"{value} ({str(words).lower()})" for value, words in choices)
+        raise forms.ValidationError(f"{raw[:40]!r} is not one of {named}{f'; {also}' if also else ''}.",
+                                    code="invalid_choice")
     return raw
 
 

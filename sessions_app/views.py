@@ -9,7 +9,7 @@ from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 
 from config.middleware import on_this_site
-from sessions_app.forms import SessionFilterForm, form_problems
+from sessions_app.forms import SESSION_SORT_CHOICES, SessionFilterForm, form_problems
 from sessions_app.models import SessionStatus
 from sessions_app.selectors import LIVE_TOP_SORTS, projects_for_user, session_list
 
@@ -33,7 +33,12 @@ def wants_fragment(request: HttpRequest) -> bool:
 def session_list_view(request: HttpRequest) -> HttpResponse:
     projects = list(projects_for_user(request.user))
     slug = request.GET.get("project")
-    project = next((p for p in projects if p.slug == slug), projects[0] if projects else None)
+    project = next((p for p in projects if p.slug == slug), None) if slug else (projects[0] if projects else None)
+    if project is None and slug:
+        # It showed the first project's sessions under that link, as if they were the ones it named.
+        explained = (f"You have no project {slug[:80]!r}: it does not exist, or you are not a member of it. "
+                     "Nothing is listed for it.")
+        return render(request, "404.html", {"request_path": request.path, "explained": explained}, status=404)
     form = SessionFilterForm(request.GET)
     if form.is_valid():
         filters, after, problems = form.filters(), form.cleaned_data["after"], []
@@ -54,8 +59,7 @@ def session_list_view(request: HttpRequest) -> HttpResponse:
         "sessions": sessions,
         "filters": filters,
         "statuses": SessionStatus.choices,
-        "sorts": [("-updated", "Recently updated"), ("updated", "Least recently updated"),
-                  ("-created", "Newest"), ("external_id", "External id")],
+        "sorts": SESSION_SORT_CHOICES,
         "next_cursor": next_cursor,
         "base_query": query.urlencode(),
         # Sessions go on top live only where they belong: on the first page in the order of latest

@@ -9,9 +9,10 @@ from datetime import datetime
 from django import forms
 from django.utils.dateparse import parse_date, parse_datetime
 
-from sessions_app.forms import WHEN_HELP, parse_moment
+from sessions_app.forms import WHEN_HELP, QueryForm, parse_moment
 from sessions_app.services import REASON_MAX
-from snapshots_app.models import TIMELINE_KINDS
+from sessions_app.strict_json import ascii_int
+from snapshots_app.models import TIMELINE_KINDS, VersionKind
 from snapshots_app.selectors import TimelineFilters
 from snapshots_app.services import MAX_TRIM_KEEP, METADATA_LIMITS
 
@@ -56,25 +57,55 @@ class MarkForm(forms.Form):
     label = _text(METADATA_LIMITS["label"])
 
 
-class TimelineFilterForm(forms.Form):
+class TimelineFilterForm(QueryForm):
     """The timeline's filters, from its address (the filter form's GET, a shared link, the live
-    socket's URL). A checkbox sends "true" (the API's spelling); a kind that is not one of
-    TIMELINE_KINDS means any kind, and the page's kind picker then says so. (The session list refuses
-    an unknown choice, as it does a bad date: a misspelt status there listed every session.)"""
+    socket's URL). A checkbox sends "true" (the API's spelling). A value the timeline does not know is
+    an error naming it, as on the session list: `?kind=bogus` showed every version under a link that
+    named a filter, and `?pinned=maybe` the pinned ones. The live socket takes the valid ones."""
 
     # The metaclass moves fields off the class, so this does not hide BaseForm.has_error(); mypy cannot know.
-    has_error = forms.BooleanField(required=False)  # type: ignore[assignment]
-    pinned = forms.BooleanField(required=False)
-    labelled = forms.BooleanField(required=False)
+    has_error = forms.CharField(required=False, label="With an error")  # type: ignore[assignment]
+    pinned = forms.CharField(required=False, label="Pinned")
+    labelled = forms.CharField(required=False, label="Labelled")
     kind = forms.CharField(required=False)
+    before = forms.CharField(required=False, label="Before")
+
+    def _flag(self, name: str) -> bool:
+        raw = self.cleaned_data[name]
+        if raw not in ("", "true", "false"):
+            raise forms.ValidationError(f"{raw[:40]!r} is not one of true, false.", code="invalid_choice")
+        return raw == "true"
+
+    def clean_has_error(self) -> bool:
+        return self._flag("has_error")
+
+    def clean_pinned(self) -> bool:
+        return self._flag("pinned")
+
+    def clean_labelled(self) -> bool:
+        return self._flag("labelled")
+
+    def clean_kind(self) -> str:
+        raw = self.cleaned_data["kind"]
+        if raw and raw not in VersionKind.values:
+            raise forms.ValidationError(f"{raw[:40]!r} is not one of {', '.join(TIMELINE_KINDS)}.", code="invalid_choice")
+        # A kind the filter no longer offers (step, import: older links) reads as any kind, and the
+        # page's kind picker says so.
+        return str(raw) if raw in TIMELINE_KINDS else ""
+
+    def clean_before(self) -> int | None:
+        raw = self.cleaned_data["before"]
+        number = ascii_int(raw)
+        if raw and number is None:
+            raise forms.ValidationError(f"{raw[:40]!r} is not a version number.", code="invalid")
+        return number
 
     def filters(self) -> TimelineFilters:
         self.is_valid()  # (a field that is wrong, say a NUL byte in kind, leaves the others in cleaned_data)
         data = self.cleaned_data
-        kind = data.get("kind") or ""
         return TimelineFilters(
             has_error=bool(data.get("has_error")), pinned=bool(data.get("pinned")), labelled=bool(data.get("labelled")),
-            kind=kind if kind in TIMELINE_KINDS else "",
+            kind=data.get("kind") or "",
         )
 
 

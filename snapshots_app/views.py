@@ -147,15 +147,19 @@ def _timeline_at(session: WorkflowSession, number: int) -> str:
 @login_required
 def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
-    before = _int(request.GET.get("before"))
-    filters = TimelineFilterForm(request.GET).filters()
-    versions = selectors.timeline_page(session, before=before, filters=filters)
+    form = TimelineFilterForm(request.GET)
+    filters = form.filters()
+    # An address the timeline cannot follow lists nothing, saying why, with the filters that were fine.
+    problems = form_problems(form) if form.errors else []
+    before = None if problems else form.cleaned_data["before"]
+    versions = [] if problems else selectors.timeline_page(session, before=before, filters=filters)
     context = {
         **_base(session, role),
         "versions": versions,
         "before": before,
         "next_before": versions[-1].number if len(versions) == selectors.TIMELINE_PAGE else None,
         "filters": filters,
+        "address_problems": problems,
         "kinds": [(kind, selectors.TimelineFilters(kind=kind).described) for kind in TIMELINE_KINDS],
         "problems": selectors.integrity_problems(session),
         "forked_from": _forked_from(session),
@@ -165,7 +169,7 @@ def session_detail(request: HttpRequest, session_id: Any) -> HttpResponse:
     # htmx asks for the rows of an older page ("Older versions": `before`), or for the whole timeline,
     # socket included, when the filters change (the filter form).
     fragment = "snapshots_app/partials/_timeline_rows.html" if before is not None else "snapshots_app/partials/_timeline.html"
-    response = render_fragment(request, "snapshots_app/session.html", fragment, context)
+    response = render_fragment(request, "snapshots_app/session.html", fragment, context, status=400 if problems else 200)
     if wants_fragment(request) and before is None:
         # The address the filter form's answer puts in the bar: the filters as the page's links spell
         # them, not the form's fields (an unticked box's nothing, "?kind=" for any kind).

@@ -54,6 +54,49 @@ def test_session_list_filters_the_database_cannot_run_are_400(client, operator, 
     assert "until the filters above are fixed" in page and "No sessions yet" not in page
 
 
+def test_a_list_filter_given_twice_or_a_wrong_choice_is_named_with_the_choices_as_the_page_words_them(
+    client, operator, story
+):
+    client.force_login(operator)
+    twice = client.get(reverse("sessions:list") + "?status=failed&status=running")
+    assert twice.status_code == 400 and "Status: Given more than once: give it once." in twice.content.decode()
+    page = html.unescape(client.get(reverse("sessions:list"), {"sort": "bogus"}).content.decode())
+    assert ("Sort: 'bogus' is not one of -updated (recently updated), updated (least recently updated), "
+            "-created (newest), external_id (external id).") in page
+    page = html.unescape(client.get(reverse("sessions:list"), {"has_error": "maybe"}).content.decode())
+    assert "'maybe' is not one of yes (has an error), no (has none); true and false say the same." in page
+
+
+def test_a_project_the_user_cannot_see_is_404_not_the_first_projects_sessions(client, operator, story):
+    make_project("hidden")
+    client.force_login(operator)
+    for slug in ("nope", "hidden"):
+        response = client.get(reverse("sessions:list"), {"project": slug})
+        page = html.unescape(response.content.decode())
+        assert response.status_code == 404 and "run-42" not in page
+        assert f"You have no project '{slug}': it does not exist, or you are not a member of it." in page
+    assert "run-42" in client.get(reverse("sessions:list"), {"project": story.project.slug}).content.decode()
+
+
+@pytest.mark.parametrize(("params", "said"), [
+    ("kind=bogus", "Kind: 'bogus' is not one of rewind, fork, data_fix."),
+    ("pinned=maybe", "Pinned: 'maybe' is not one of true, false."),
+    ("has_error=1", "With an error: '1' is not one of true, false."),
+    ("before=abc", "Before: 'abc' is not a version number."),
+    ("before=-1", "Before: '-1' is not a version number."),
+    ("kind=fork&kind=rewind", "Kind: Given more than once: give it once."),
+])
+def test_a_timeline_address_it_cannot_follow_is_400_listing_nothing(client, operator, story, params, said):
+    """Each showed the whole timeline (or the pinned versions) under a link that named another filter."""
+    client.force_login(operator)
+    response = client.get(reverse("snapshots:session", kwargs={"session_id": story.pk}) + "?" + params)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400 and said in page, page
+    assert 'id="v-1"' not in page and "No versions yet" not in page and "ws-connect" not in page
+    fine = client.get(reverse("snapshots:session", kwargs={"session_id": story.pk}) + "?kind=rewind&pinned=false")
+    assert fine.status_code == 200 and 'id="timeline-problems"' not in fine.content.decode()
+
+
 def test_the_last_day_a_date_field_offers_is_a_range_end_the_list_takes(client, operator, story):
     """9999-12-31 (a date input's last day): its end of day is past what a datetime holds, and it was a
     400; it ends at the last moment there is, and lists everything updated before."""
