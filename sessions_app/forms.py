@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django import forms
+from django.http import QueryDict
 from django.conf import settings
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
@@ -69,11 +70,11 @@ class QueryForm(forms.Form):
     won in silence: `?status=failed&status=running` listed the running sessions), as in the API."""
 
     def clean(self) -> dict[str, Any]:
-        data: dict[str, Any] = super().clean()
-        getlist = getattr(self.data, "getlist", None)
-        for name in self.fields if getlist is not None else ():
-            if len(getlist(name)) > 1:
-                self.add_error(name, "Given more than once: give it once.")
+        data: dict[str, Any] = self.cleaned_data
+        if isinstance(self.data, QueryDict):
+            for name in self.fields:
+                if len(self.data.getlist(name)) > 1:
+                    self.add_error(name, "Given more than once: give it once.")
         return data
 
 
