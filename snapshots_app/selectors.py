@@ -122,6 +122,11 @@ def version_state(version: Version) -> dict[str, Any]:
     return orjson.loads(store.read_canonical(version))
 
 
+def written_with_key(session: WorkflowSession, key: str) -> bool:
+    """Whether a write with idempotency key `key` made a version of `session` (still there)."""
+    return Version.objects.filter(session=session, idempotency_key=key).exists()
+
+
 def head_version(session: WorkflowSession) -> Version | None:
     if session.head_number == 0:
         return None

@@ -527,8 +527,14 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
     target = _version(session, number)
     error, status, sent_before = "", 200, False
     form = RewindForm(request.POST if request.method == "POST" else None)
+    head = selectors.head_version(session)
     if target.number == session.head_number:  # a new head equal to the head would record nothing new
         error, status = f"v{target.number} is the head already: there is nothing to rewind to.", 400
+    elif head is not None and _rewinds_to_itself(head, target) and not _acted_before(session, request):
+        # A rewind repeated from Back (the page reloads with a new request key) wrote the same head again.
+        error = (f"The head, v{head.number}, already has v{target.number}'s state, status and error: a rewind would "
+                 "write nothing new, so none is offered.")
+        status = 409 if request.method == "POST" else 200
     elif session.archived_at is not None:
         # Said before a reason is written (the page stays reachable: a tab opened before the archiving,
         # a bookmark), not after; the service refuses it all the same.
@@ -558,7 +564,8 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
             messages.success(request, f"Rewound to version {target.number}: the new head is version {version.number}.")
             return redirect("snapshots:session", session_id=session.pk)
     head = selectors.head_version(session)
-    refused = target.number == session.head_number or session.archived_at is not None
+    refused = (target.number == session.head_number or session.archived_at is not None
+               or (head is not None and _rewinds_to_itself(head, target)))
     result, damaged = None, ""
     if head is not None and not refused:
         try:
@@ -611,6 +618,18 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
 
 # Back on a confirm page whose form already acted, then sent with other values: nothing is done (the
 # key is the first action's), and the page, now current, gets a new key to act again on purpose.
+def _acted_before(session: WorkflowSession, request: HttpRequest) -> bool:
+    """Whether this POST repeats one that wrote (a double click): the service gives its first answer."""
+    key = request.POST.get("request_key", "") if request.method == "POST" else ""
+    return bool(key) and selectors.written_with_key(session, key)
+
+
+def _rewinds_to_itself(head: Version, target: Version) -> bool:
+    """Whether a rewind to `target` would write a head the same as `head` in everything it copies
+    (state, by checksum; status; error). One that only changes the status is still offered."""
+    return head.checksum == target.checksum and head.status == target.status and head.error == target.error
+
+
 FORM_SENT_BEFORE = (
     "This form was already sent, with other values, and acted then; nothing more was done now. "
     "The page now shows the session as it is: send the form again to act again."

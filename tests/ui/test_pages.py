@@ -1395,13 +1395,34 @@ def test_a_rows_change_of_size_reads_as_the_pages_other_sizes(client, viewer, te
 def test_a_rewind_to_the_state_the_head_has_says_so(client, operator, team):
     """The page showed an empty diff and offered the rewind as any other: it only writes a copy of the head."""
     session = make_session(team, "same")
-    for value in (1, 2, 1):
-        snapshot_record(session=session, state={"a": value})
+    snapshot_record(session=session, state={"a": 1}, status="running")
+    snapshot_record(session=session, state={"a": 2}, status="running")
+    snapshot_record(session=session, state={"a": 1}, status="failed", error="boom")
     client.force_login(operator)
+    # The same state, but the rewind brings back v1's status (and no error): offered, saying so.
     same = client.get(session_url(session, "snapshots:rewind", number=1)).content.decode()
     assert 'id="rewind-same-state"' in same and "identical to v3" in same and 'id="confirm-rewind"' in same
     other = client.get(session_url(session, "snapshots:rewind", number=2)).content.decode()
     assert 'id="rewind-same-state"' not in other
+
+
+def test_a_rewind_repeated_from_back_writes_nothing(client, operator, team):
+    """Back to the confirm page after a rewind reloaded it with a new request key, still offering the
+    rewind: a second click wrote a copy of the head, and a second audit event."""
+    session = make_session(team, "twice")
+    for value in (1, 2):
+        snapshot_record(session=session, state={"a": value}, status="running")
+    client.force_login(operator)
+    url = session_url(session, "snapshots:rewind", number=1)
+    assert client.post(url, {"reason": "bad step", "expected_version": 2}).status_code == 302
+    again = client.get(url)  # Back: the page as it is now
+    page = html.unescape(again.content.decode())
+    assert again.status_code == 200 and "The head, v3, already has v1's state, status and error" in page
+    assert 'id="confirm-rewind"' not in page and "<textarea" not in page
+    resent = client.post(url, {"reason": "bad step", "expected_version": 3})
+    assert resent.status_code == 409 and "already has v1's state" in html.unescape(resent.content.decode())
+    session.refresh_from_db()
+    assert session.head_number == 3 and AuditEvent.objects.filter(action="session.rewind").count() == 1
 
 
 def test_a_version_page_offers_rewind_and_fork_to_operators(client, viewer, operator, story):
