@@ -78,7 +78,7 @@ from sessions_app.services import (
     users_delete,
     users_deletion_refused,
 )
-from sessions_app.strict_json import refuse_duplicate_keys
+from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys
 
 
 def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Project]:
@@ -665,7 +665,7 @@ class JsonTextField(forms.CharField):
         try:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise forms.ValidationError(f"not valid JSON: {exc}") from None
+            raise forms.ValidationError(f"not valid JSON: {decode_error_words(exc, text.encode())}") from None
         if not isinstance(parsed, self.kind):
             raise forms.ValidationError(f"must be a JSON {'object' if self.kind is dict else 'list'}")
         try:

@@ -55,6 +55,20 @@ def _check_float(literal: str) -> float:
     return number
 
 
+NOT_JSON_NUMBER = re.compile(rb"-?(?:nan|inf(?:inity)?)", re.IGNORECASE)
+
+
+def decode_error_words(exc: orjson.JSONDecodeError, raw: bytes) -> str:
+    """orjson's words for why `raw` is not JSON, and, where it stopped at NaN or Infinity (which
+    Python's json and JavaScript write), that JSON has no such numbers: "unexpected character" alone
+    sent people looking for a typo."""
+    start = max(exc.pos - 1, 0) if raw[exc.pos - 1:exc.pos] == b"-" else exc.pos
+    found = NOT_JSON_NUMBER.match(raw, start)
+    if found is None:
+        return str(exc)
+    return f"{exc} ({found.group().decode()} is not a JSON number: write null, or a number)"
+
+
 class _Twice(Exception):
     def __init__(self, key: str) -> None:
         self.key = key

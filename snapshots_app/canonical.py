@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from sessions_app.errors import InvalidState, StateTooDeep, StateTooLarge
-from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
+from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys, refuse_huge_integers
 
 SORT = orjson.OPT_SORT_KEYS
 _SCALARS = (str, int, bool, type(None))
@@ -69,7 +69,7 @@ def parse_json(raw: bytes | str, *, max_bytes: int, what: str = "state") -> tupl
     try:
         return raw, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidState(f"{what} is not valid JSON: {exc}") from None
+        raise InvalidState(f"{what} is not valid JSON: {decode_error_words(exc, raw)}") from None
 
 
 _PLAIN = frozenset({str, int, bool, type(None)})

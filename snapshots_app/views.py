@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
@@ -195,8 +195,14 @@ def timeline_goto(request: HttpRequest, session_id: Any) -> HttpResponse:
             messages.error(request, "This session has no versions yet.")
             return redirect("snapshots:session", session_id=session.pk)
         first = span[0]  # the oldest kept
-        messages.info(request, f"No version kept is {'as old as' if moment is None else 'from before'} {asked} "
-                               f"(a trim or retention may have removed older ones): v{first} is the oldest kept.")
+        if moment is not None and first == 1:
+            # Not "a trim or retention may have removed older ones": v1 is there, and came later.
+            written = selectors.version_get(session=session, number=1).created_at.astimezone(UTC)
+            messages.info(request, f"The session had no version yet at {asked}: its first, v1, was written at "
+                                   f"{written:%Y-%m-%d %H:%M:%S} (UTC).")
+        else:
+            messages.info(request, f"No version kept is {'as old as' if moment is None else 'from before'} {asked} "
+                                   f"(a trim or retention may have removed older ones): v{first} is the oldest kept.")
         return redirect(_timeline_at(session, first))
     if moment is not None:
         messages.info(request, f"v{found} is the version the session had at {asked}.")

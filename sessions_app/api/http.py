@@ -17,7 +17,7 @@ from rest_framework.renderers import BaseRenderer
 
 from sessions_app.api.problems import RequestTooLarge
 from sessions_app.errors import InvalidState, StateTooDeep
-from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
+from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys, refuse_huge_integers
 
 
 class OrjsonParser(BaseParser):
@@ -37,7 +37,7 @@ class OrjsonParser(BaseParser):
                 # The code a state nested 201 levels deep gets: engines branch on it, not on the depth.
                 raise StateTooDeep(f"the request body nests deeper than 1,024 levels; a state may nest at most "
                                    f"{settings.STATE_MAX_DEPTH}", limit=settings.STATE_MAX_DEPTH) from None
-            raise ParseError(f"The request body is not valid JSON: {exc}") from None
+            raise ParseError(f"The request body is not valid JSON: {decode_error_words(exc, data)}") from None
         try:
             refuse_huge_integers(data)
             refuse_duplicate_keys(data, what="the request body", value=value)

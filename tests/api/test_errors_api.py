@@ -134,6 +134,15 @@ def test_unparseable_bodies(writer, session, raw):
     assert not Version.objects.exists()
 
 
+@pytest.mark.parametrize(("raw", "word"), [
+    ('{"state": NaN}', "NaN"), ('{"state": {"x": Infinity}}', "Infinity"), ('{"state": {"x": [1, -Infinity]}}', "-Infinity"),
+])
+def test_nan_and_infinity_are_named_as_no_json_numbers(writer, session, raw, word):
+    """orjson says "unexpected character": people looked for a typo in a body Python's json wrote."""
+    response = writer.generic("POST", f"/api/v1/sessions/{session.pk}/versions/", raw, content_type="application/json")
+    assert response.status_code == 400 and f"({word} is not a JSON number: write null, or a number)" in response.json()["detail"]
+
+
 @pytest.mark.parametrize(("raw", "key"), [
     ('{"state": {"a": 1, "a": 2}}', "a"),
     ('{"state":{"a":1,"a":2}}', "a"),  # compact, as clients send

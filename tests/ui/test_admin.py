@@ -1174,7 +1174,7 @@ def test_an_operator_corrects_a_sessions_status_metadata_and_tags_in_the_admin_a
 
 
 @pytest.mark.parametrize("changes, problem", [
-    ({"metadata": '{"cost": NaN}'}, "not valid JSON"),
+    ({"metadata": '{"cost": NaN}'}, "(NaN is not a JSON number: write null, or a number)"),
     ({"metadata": '{"cost": Infinity}'}, "not valid JSON"),
     ({"metadata": "[" * 5000 + "]" * 5000}, "not valid JSON"),  # json.loads overflowed the stack: a 500
     ({"metadata": '{"a": ' * 250 + "1" + "}" * 250}, "nests deeper than"),

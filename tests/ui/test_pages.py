@@ -1433,9 +1433,26 @@ def test_a_version_page_offers_rewind_and_fork_to_operators(client, viewer, oper
     assert f'href="{session_url(story, "snapshots:fork", number=2)}"' in old
     head = client.get(session_url(story, "snapshots:version", number=5)).content.decode()
     assert 'id="version-rewind"' not in head and 'id="version-fork"' in head  # (the head: nothing to rewind to)
+    assert 'id="read-only"' not in old and 'id="read-only"' not in client.get(session_url(story)).content.decode()
     client.force_login(viewer)
     read_only = client.get(session_url(story, "snapshots:version", number=2)).content.decode()
     assert 'id="version-rewind"' not in read_only and 'id="version-fork"' not in read_only
+    # The viewer is told why (the actions were simply absent, the role shown nowhere).
+    said = "Read-only (viewer): rewinds, forks, pins, labels and exports are for operators."
+    assert said in read_only and said in client.get(session_url(story)).content.decode()
+
+
+def test_a_versions_page_shows_its_label_pin_and_engine(client, viewer, team):
+    from snapshots_app.services import version_label, version_pin
+
+    session = make_session(team, "marked")
+    version = snapshot_record(session=session, state={"a": 1}, engine="langgraph", engine_version="1.0.4")
+    version_pin(version=version, pinned=True)
+    version_label(version=version, label="good-checkpoint")
+    client.force_login(viewer)
+    page = client.get(session_url(session, "snapshots:version", number=1)).content.decode()
+    assert 'id="version-label">good-checkpoint<' in page and 'id="version-pinned"' in page
+    assert 'id="version-engine">langgraph 1.0.4<' in page
 
 
 def test_a_versions_page_says_whether_it_is_the_head_and_who_made_it_and_why(client, operator, story):
@@ -1499,6 +1516,11 @@ def test_go_to_a_version_or_the_version_at_a_time_on_whichever_page_holds_it(cli
     assert f"is the version the session had at the end of {day} (UTC)." in client.get(response.url).content.decode()
     response = client.get(goto, {"at": "9999-12-31"})  # its end is past what a datetime holds: the head
     assert response.url.endswith(f"#v-{TIMELINE_PAGE + 20}")
+    response = client.get(goto, {"at": (start - timedelta(days=1)).strftime("%Y-%m-%d")})  # before v1 was written
+    assert response.url.endswith("#v-1")
+    said = html.unescape(client.get(response.url).content.decode())
+    assert (f"The session had no version yet at the end of {(start - timedelta(days=1)):%Y-%m-%d} (UTC): its first, v1, "
+            f"was written at {start + timedelta(minutes=1):%Y-%m-%d %H:%M:%S} (UTC).") in said and "trim" not in said
     response = client.get(goto, {"at": "yesterday-ish"})
     assert response.status_code == 302 and response.url == session_url(session)
     assert "Go to: Not a version or a moment" in client.get(response.url).content.decode()
