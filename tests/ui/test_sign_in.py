@@ -204,3 +204,13 @@ def test_an_action_whose_sign_in_ended_signs_in_again_and_returns_to_the_page_it
     assert response.status_code == 302 and "HX-Redirect" not in response
     # A page asked for while signed out still returns to itself.
     assert client.get(page)["Location"] == login
+
+
+def test_a_page_that_sent_you_to_sign_in_is_named_and_the_plain_sign_in_page_is_not(client, story):
+    """Signed out in another tab, the next click landed on a bare sign-in page, saying nothing of why."""
+    sent = client.get(f"/sessions/{story.pk}/", follow=True)
+    page = sent.content.decode()
+    assert sent.redirect_chain[-1][0].startswith("/accounts/login/?next=")
+    assert "Sign in to continue to that page: it needs a signed-in user" in page
+    assert "Sign in to continue" not in client.get("/accounts/login/").content.decode()
+    assert "Sign in to continue" not in client.get("/accounts/login/?next=/").content.decode()
