@@ -408,7 +408,30 @@
   var goto = document.getElementById("timeline-goto");
   if (wanted && goto && !document.getElementById("v-" + wanted[1])) {
     window.location.replace(goto.getAttribute("action") + "?at=" + wanted[1]);
+  } else if (wanted && goto) {
+    // Come back to (see below): the row, where the browser would put the old scroll height.
+    history.scrollRestoration = "manual";
+    document.getElementById("v-" + wanted[1]).scrollIntoView({block: "center"});
   }
+
+  // Back from a version, a diff or a rewind opened from a timeline row came to the newest page at the
+  // old scroll height: after "Older versions" had loaded 250 rows, the row was not even on the page.
+  // Before such a link leaves, the address names its row (#v-N), and, for a row of a page loaded
+  // since, the older page that starts at it (?before=N+1): Back opens that, at the row.
+  var shownFirst = Array.prototype.map.call(document.querySelectorAll("#timeline-section li.vrow"), function (row) {
+    return Number(row.id.slice(2));
+  });
+  var oldestShownFirst = shownFirst.length ? Math.min.apply(null, shownFirst) : Infinity;
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest("a[href]:not([hx-get])");
+    var row = link && link.closest("#timeline-section li.vrow");
+    if (!row || event.defaultPrevented) return;
+    var number = Number(row.id.slice(2));
+    var here = new URL(window.location.href);
+    if (number < oldestShownFirst) here.searchParams.set("before", String(number + 1));
+    here.hash = row.id;
+    history.replaceState(history.state, "", here.toString());
+  });
 
   noteArrivals();
   document.addEventListener("htmx:afterSettle", noteArrivals);

@@ -432,6 +432,37 @@ def test_older_pages_of_a_long_timeline_load_as_rows_of_it(server, browser):
     assert page.locator("#timeline li.more").count() == 0 and page.errors == []  # type: ignore[attr-defined]
 
 
+def test_back_from_a_row_of_an_older_page_comes_back_to_that_row(server, browser):
+    """Back from v20's state, opened after scrolling through three pages of the timeline, came to the
+    newest page at the old scroll height, where v20 was not even loaded."""
+    session, page = _live_timeline(server, browser)
+    off_loop(record_history, session, 120, start=6)
+    page.reload()
+    for _ in range(20):
+        if page.locator("#v-20").count():
+            break
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_timeout(300)
+    page.locator("#v-20").scroll_into_view_if_needed()
+    page.click("#v-20 a[aria-label='state of v20']")
+    page.wait_for_url(lambda url: url.endswith(f"/sessions/{session.pk}/v/20/"))
+    page.go_back()
+    page.wait_for_url(lambda url: url.endswith(f"/sessions/{session.pk}/?before=21#v-20"))
+    page.wait_for_selector("#v-20")
+    assert page.evaluate("() => { const r = document.getElementById('v-20').getBoundingClientRect(); "
+                         "return r.top >= 0 && r.bottom <= window.innerHeight; }")
+    # A row of the page as it came: its own address, at the row.
+    page.goto(f"{server}/sessions/{session.pk}/")
+    page.locator("#v-110").scroll_into_view_if_needed()
+    page.click("#v-110 a.vnum")
+    page.wait_for_url(lambda url: url.endswith("/v/110/"))
+    page.go_back()
+    page.wait_for_url(lambda url: url.endswith(f"/sessions/{session.pk}/#v-110"))
+    assert page.evaluate("() => { const r = document.getElementById('v-110').getBoundingClientRect(); "
+                         "return r.top >= 0 && r.bottom <= window.innerHeight; }")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def test_a_link_to_a_row_past_the_newest_page_opens_the_page_that_holds_it(server, browser):
     """A shared /sessions/<id>/#v-8 of a long session landed at the top of the newest page, where v8 is not."""
     session, page = _live_timeline(server, browser)
