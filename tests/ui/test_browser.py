@@ -823,7 +823,13 @@ def test_long_names_and_a_phone_width_never_widen_the_page(server, browser):
         widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert widths[0] <= widths[1], (path, widths)
     page.goto(server + "/")
-    assert page.locator("table.sessions").is_visible()  # (the table scrolls inside its own box)
+    # Each session a card: every column on screen, labelled (the table showed three of eight and
+    # scrolled sideways for the rest, the last error among them).
+    box = page.locator(".table-scroll").first
+    assert box.evaluate("el => el.scrollWidth <= el.clientWidth"), box.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    error = page.locator("table.sessions td[data-label='Last error']").first
+    assert error.is_visible() and error.evaluate("el => el.getBoundingClientRect().right <= window.innerWidth")
+    assert error.evaluate("el => getComputedStyle(el, '::before').content") == '"Last error: "'
 
 
 def test_a_long_workflow_or_step_name_leaves_the_session_list_the_width_of_the_screen(server, browser):
