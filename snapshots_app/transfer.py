@@ -185,7 +185,12 @@ def transfer_export_run(
         folder = _private_folder(exports_dir())
         name = _export_name(project, session, job.pk if job else uuid.uuid4().hex[:8])
         final = folder / name
-        partial = folder / (name + ".partial")
+        # Each attempt writes a file of its own: one taken over (its worker paused past JOB_STALE_SECONDS)
+        # went on writing into the file the next attempt had renamed into place, and the finished
+        # export's file no longer matched its end record. An earlier attempt's file is of no more use.
+        partial = folder / f"{name}.partial-{job.attempts if job is not None else uuid.uuid4().hex[:8]}"
+        for earlier in folder.glob(f"{name}.partial*"):
+            earlier.unlink(missing_ok=True)
         digest = hashlib.sha256()
         records = 0
         done = 0
@@ -240,12 +245,18 @@ def transfer_export_run(
         except BaseException:
             # A failed export is never renamed into place: its part-written file (a project's states,
             # as large as the export got) stayed for EXPORT_KEEP_DAYS; after a full disk, it kept
-            # the disk full. (A killed attempt's is written over by the next, under the same name.)
+            # the disk full. (A killed attempt's is removed by the next.)
             partial.unlink(missing_ok=True)
             raise
     missing = None
     try:
-        os.replace(partial, final)
+        with transaction.atomic():
+            if job is not None:
+                jobs.job_hold(job=job)  # only the attempt that owns the job puts its file in place
+            os.replace(partial, final)
+    except jobs.JobSuperseded:
+        partial.unlink(missing_ok=True)
+        raise
     except FileNotFoundError as exc:
         # A job's partial file is named after the job, so the session's deletion removes it too:
         # an error only if the session is still there.
@@ -309,7 +320,8 @@ def session_export_files(*, session: WorkflowSession) -> list[Path]:
     names: set[str] = set()
     for job_id, result in Job.objects.filter(session=session, kind=JobKind.EXPORT).values_list("id", "result"):
         name = _export_name(session.project, session, job_id)
-        names.update((name, name + ".partial"))
+        names.add(name)
+        names.update(path.name for path in exports_dir().glob(f"{name}.partial*"))  # (one per attempt)
         if isinstance(result, dict) and isinstance(result.get("file"), str):
             names.add(Path(result["file"]).name)
     return [exports_dir() / name for name in sorted(names)]

@@ -8,6 +8,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -75,6 +76,39 @@ def test_a_superseded_import_attempt_imports_nothing_and_the_owner_imports_once(
     job.refresh_from_db()
     assert job.status == JobStatus.DONE and job.result["versions"] == 1
     assert Version.objects.filter(session__project=target).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_superseded_export_attempt_leaves_the_owners_finished_file_as_it_wrote_it(project, settings, tmp_path):
+    """Both attempts wrote one `.partial`: the first (a worker paused past JOB_STALE_SECONDS) went on
+    writing into the file the second had renamed into place, and the finished export's file no longer
+    matched its end record, nor imported."""
+    import hashlib
+
+    settings.VAR_DIR = tmp_path
+    for number in range(3):
+        snapshot_record(session=make_session(project, f"run-{number}"), state={"n": number, "pad": "x" * 2000})
+    job = jobs.job_create(kind=JobKind.EXPORT, project=project, enqueue=lambda job_id: None)
+    first = jobs.job_start(job_id=job.pk)
+    finished: dict = {}
+
+    def second_takes_over(done: int, total: int | None = None, *, force: bool = False) -> None:
+        if finished:
+            return
+        Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
+        second = jobs.job_start(job_id=job.pk)  # the first looked dead, but was only paused
+        finished.update(transfer_export_run(project=project, job=second))
+        jobs.job_finish(job=second, result=finished)
+
+    with pytest.raises(jobs.JobSuperseded):
+        transfer_export_run(project=project, job=first, progress=second_takes_over)
+    final = Path(finished["path"])
+    assert [path.name for path in final.parent.iterdir()] == [final.name]  # the first's file went
+    lines = final.read_bytes().splitlines(keepends=True)
+    end = orjson.loads(lines[-1])
+    assert end["type"] == "end" and end["sha256"] == hashlib.sha256(b"".join(lines[:-1])).hexdigest()
+    target = make_project("restored")
+    assert transfer_import_run(project=target, path=final)["versions"] == 3
 
 
 @pytest.mark.django_db
