@@ -3,14 +3,17 @@ out of memory), reads miss and writes are dropped, instead of failing the reques
 
 Everything this project keeps in the cache is also somewhere else or may be lost: head states (read
 from the database and verified), API throttle and sign-in failure counters (no limit meanwhile), and
-job-start replays (best effort, as README says). After a failure the cache is not asked again for
-RETRY_AFTER seconds (a hung Redis costs one request per process a socket timeout, not every
-request several), and the outage is logged at most once a minute.
+job-start replays (best effort, as README says). After a failure no request asks the cache again
+until a background probe, made every RETRY_AFTER seconds, finds it answering: a hung Redis costs
+the requests that were using it when it hung their socket timeout, and none after (every request
+in flight as each back-off ended paid it again, 10 at a time under 10 engines). The outage is logged
+at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,22 +29,43 @@ RETRY_AFTER = 5.0
 T = TypeVar("T")
 
 
+PROBE_KEY = "cache-probe"
+
+
 class FailSoftRedisCache(RedisCache):
-    _down_until = 0.0  # per process, shared by every thread's instance
+    _down_until = 0.0  # per process, shared by every thread's instance: 0 while the cache answers
     _last_logged = 0.0
+    _probing = threading.Lock()  # held by the one background probe of a process
 
     def _try(self, operation: str, call: Callable[[], T], fallback: T) -> T:
-        now = time.monotonic()
-        if now < FailSoftRedisCache._down_until:
+        if FailSoftRedisCache._down_until:
+            if time.monotonic() >= FailSoftRedisCache._down_until and FailSoftRedisCache._probing.acquire(blocking=False):
+                threading.Thread(target=self._probe, name="cache-probe", daemon=True).start()
             return fallback
         try:
             return call()
         except RedisError as exc:
-            FailSoftRedisCache._down_until = time.monotonic() + RETRY_AFTER
-            if now - FailSoftRedisCache._last_logged >= LOG_EVERY:
-                FailSoftRedisCache._last_logged = now
-                logger.warning("cache unavailable (%s: %s); serving without it", operation, exc)
+            self._went_down(operation, exc)
             return fallback
+
+    def _went_down(self, operation: str, exc: RedisError) -> None:
+        now = time.monotonic()
+        FailSoftRedisCache._down_until = now + RETRY_AFTER
+        if now - FailSoftRedisCache._last_logged >= LOG_EVERY:
+            FailSoftRedisCache._last_logged = now
+            logger.warning("cache unavailable (%s: %s); serving without it", operation, exc)
+
+    def _probe(self) -> None:
+        """Whether the cache answers again, asked beside the requests (which do without it meanwhile)."""
+        try:
+            super().get(PROBE_KEY)
+        except RedisError as exc:
+            self._went_down("probe", exc)
+        else:
+            FailSoftRedisCache._down_until = 0.0
+            logger.info("cache available again")
+        finally:
+            FailSoftRedisCache._probing.release()
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         return self._try("get", lambda: super(FailSoftRedisCache, self).get(key, default, version), default)

@@ -258,3 +258,60 @@ def test_an_outage_log_reports_what_it_counted_and_when_it_is_over(caplog):
     assert warnings[1].endswith("; event 5 not delivered")
     assert warnings[2].startswith("live updates: working again, after 6 failures over ")
     assert len(warnings) == 3
+
+
+def test_a_hung_redis_costs_the_requests_using_it_then_none_while_a_probe_waits_for_it(caplog):
+    """Every request in flight as each 5 s back-off ended asked the hung Redis again and waited out its
+    socket timeout (10 at a time, every 7 s, under 10 engines): one background probe asks now."""
+    import socket
+    import threading
+
+    from config.cache import RETRY_AFTER
+
+    hung = socket.socket()  # accepts connections (the kernel does), never answers: a stopped Redis
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    port = hung.getsockname()[1]
+    options = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
+    cache = FailSoftRedisCache(f"redis://127.0.0.1:{port}/0", {"OPTIONS": options})
+    FailSoftRedisCache._down_until = 0.0
+    try:
+        started = time.monotonic()
+        assert cache.get("k", "missed") == "missed"  # the request using it when it hung: its timeout
+        assert time.monotonic() - started >= 0.4
+        assert FailSoftRedisCache._down_until > 0
+
+        # The back-off is over: requests still do without it at once, while one probe asks beside them.
+        FailSoftRedisCache._down_until = time.monotonic() - 1
+        waits: list[float] = []
+
+        def request() -> None:
+            began = time.monotonic()
+            cache.get("k")
+            waits.append(time.monotonic() - began)
+
+        threads = [threading.Thread(target=request) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(waits) == 10 and max(waits) < 0.2, waits
+        deadline = time.monotonic() + 5
+        while FailSoftRedisCache._probing.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert FailSoftRedisCache._down_until > time.monotonic() + RETRY_AFTER - 1  # the probe found it hung still
+
+        # Redis answers again: the next probe says so, and requests use the cache from then on.
+        answering = FailSoftRedisCache(django_settings.CACHES["default"]["LOCATION"], {})
+        FailSoftRedisCache._down_until = time.monotonic() - 1
+        with caplog.at_level("INFO", logger="config.cache"):
+            assert answering.get("k", "missed") == "missed"  # (this request does not wait for the probe)
+            while FailSoftRedisCache._down_until and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+        assert FailSoftRedisCache._down_until == 0.0 and "cache available again" in caplog.text
+        answering.set("k", "kept")
+        assert answering.get("k") == "kept"
+        answering.delete("k")
+    finally:
+        hung.close()
+        FailSoftRedisCache._down_until = 0.0
