@@ -26,6 +26,13 @@ def ascii_int(raw: str) -> int | None:
     return int(raw) if ASCII_DIGITS.fullmatch(raw) else None
 
 
+def flag(raw: str) -> bool | None:
+    """A yes/no query parameter as the API and the dashboard read it (true/1/yes, false/0/no, any
+    case), else None: the caller says what is wrong."""
+    lowered = raw.strip().lower()
+    return True if lowered in ("true", "1", "yes") else False if lowered in ("false", "0", "no") else None
+
+
 def _check_int(literal: str) -> int:
     number = int(literal)
     if not -(2**63) <= number < 2**64:

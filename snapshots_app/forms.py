@@ -11,7 +11,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app.forms import WHEN_HELP, QueryForm, parse_moment
 from sessions_app.services import REASON_MAX
-from sessions_app.strict_json import ascii_int
+from sessions_app.strict_json import ascii_int, flag
 from snapshots_app.models import TIMELINE_KINDS, VersionKind
 from snapshots_app.selectors import TimelineFilters
 from snapshots_app.services import MAX_TRIM_KEEP, METADATA_LIMITS
@@ -72,9 +72,10 @@ class TimelineFilterForm(QueryForm):
 
     def _flag(self, name: str) -> bool:
         raw = self.cleaned_data[name]
-        if raw not in ("", "true", "false"):
+        value = flag(raw) if raw else False
+        if value is None:
             raise forms.ValidationError(f"{raw[:40]!r} is not one of true, false.", code="invalid_choice")
-        return raw == "true"
+        return value
 
     def clean_has_error(self) -> bool:
         return self._flag("has_error")

@@ -18,15 +18,14 @@ from rest_framework.filters import BaseFilterBackend
 from rest_framework.request import Request
 
 from sessions_app.models import SessionStatus
+from sessions_app.strict_json import flag
 
 
 def parse_bool(name: str, raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"true", "1", "yes"}:
-        return True
-    if lowered in {"false", "0", "no"}:
-        return False
-    raise exceptions.ValidationError({name: ["Use true or false."]})
+    value = flag(raw)
+    if value is None:
+        raise exceptions.ValidationError({name: ["Use true or false."]})
+    return value
 
 
 def parse_when(name: str, raw: str) -> datetime:

@@ -81,7 +81,7 @@ def test_a_project_the_user_cannot_see_is_404_not_the_first_projects_sessions(cl
 @pytest.mark.parametrize(("params", "said"), [
     ("kind=bogus", "Kind: 'bogus' is not one of rewind, fork, data_fix."),
     ("pinned=maybe", "Pinned: 'maybe' is not one of true, false."),
-    ("has_error=1", "With an error: '1' is not one of true, false."),
+    ("has_error=maybe", "With an error: 'maybe' is not one of true, false."),
     ("before=abc", "Before: 'abc' is not a version number."),
     ("before=-1", "Before: '-1' is not a version number."),
     ("kind=fork&kind=rewind", "Kind: Given more than once: give it once."),
@@ -93,7 +93,7 @@ def test_a_timeline_address_it_cannot_follow_is_400_listing_nothing(client, oper
     page = html.unescape(response.content.decode())
     assert response.status_code == 400 and said in page, page
     assert 'id="v-1"' not in page and "No versions yet" not in page and "ws-connect" not in page
-    fine = client.get(reverse("snapshots:session", kwargs={"session_id": story.pk}) + "?kind=rewind&pinned=false")
+    fine = client.get(reverse("snapshots:session", kwargs={"session_id": story.pk}) + "?kind=rewind&pinned=0&labelled=no")
     assert fine.status_code == 200 and 'id="timeline-problems"' not in fine.content.decode()
 
 
