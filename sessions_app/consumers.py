@@ -18,8 +18,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http import QueryDict
 from django.template.loader import get_template, render_to_string
+from redis.exceptions import RedisError
 
-from sessions_app import events
+from sessions_app import background, events
 from sessions_app.forms import SessionFilterForm
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.selectors import (
@@ -48,6 +49,10 @@ REJOIN_SECONDS = 30.0
 SIGNED_IN_RECHECK_SECONDS = 5.0
 
 logger = logging.getLogger(__name__)
+# With Redis down each socket's connect, and each open socket's receive loop, failed with a traceback
+# (some 215 lines a socket, about two sockets a minute per open tab while the pages retry): one line
+# says what is wrong, the rest are counted (see background.OutageLog).
+layer_failures = background.OutageLog(logger, "live sockets (channel layer)")
 
 
 @database_sync_to_async
@@ -82,8 +87,14 @@ class LiveConsumer(AsyncWebsocketConsumer):
         if group is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
+        try:
+            await self.channel_layer.group_add(group, self.channel_name)
+        except Exception as exc:  # noqa: BLE001 - the layer (Redis) is down: the page retries, then reloads
+            layer_failures.failed(exc, f"a socket for {group} was refused")
+            await self.close(code=CLOSE_LAYER_FAILED)
+            return
+        layer_failures.succeeded()
         self.group = group
-        await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         self._rejoin = asyncio.create_task(self._keep_membership(group))
 
@@ -95,9 +106,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(REJOIN_SECONDS)
             try:
                 lost = await events.group_rejoin(group, self.channel_name)
-            except Exception:
-                logger.warning("live updates of %s: the channel layer does not answer; closing the socket",
-                               group, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the layer (Redis) is down
+                layer_failures.failed(exc, f"a socket of {group} was closed: the channel layer does not answer")
                 await self.close(code=CLOSE_LAYER_FAILED)
                 return
             if lost:
@@ -118,6 +128,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except (RedisError, OSError) as exc:
+            # The channel layer stopped answering while the socket listened (or before it was accepted):
+            # closed with a code the page reconnects on, not dropped with a traceback (1006).
+            if self.group is not None:
+                layer_failures.failed(exc, f"a socket of {self.group} was closed")
+            with contextlib.suppress(Exception):  # (already closed: refused in connect, or by the client)
+                await self.close(code=CLOSE_LAYER_FAILED)
         finally:
             # However the consumer ends (an exception skips disconnect), nothing rejoins for a dead socket,
             # and it leaves its group: a page closed while an update was sent to it ends here with the
@@ -137,8 +154,10 @@ class LiveConsumer(AsyncWebsocketConsumer):
             return
         try:
             await self.channel_layer.group_discard(group, self.channel_name)
-        except Exception:  # the layer is down: the member expires with the group (group_expiry)
-            logger.warning("live updates of %s: could not leave the group", group, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the layer is down: the member expires with the group (group_expiry)
+            layer_failures.failed(exc, f"a socket could not leave {group}")
+        else:
+            layer_failures.succeeded()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Clients only listen; anything they send is ignored."""

@@ -1080,3 +1080,25 @@ def test_a_page_of_another_site_cannot_open_a_socket_with_the_users_cookie(setup
     assert not run(opened, b"https://evil.example")
     assert not run(opened, b"null")  # a sandboxed frame, a file
     assert not run(opened, None)
+
+
+@pytest.mark.parametrize("path", ["/ws/sessions/{session}/", "/ws/projects/acme/"], ids=["timeline", "session-list"])
+def test_with_redis_down_a_socket_is_refused_with_a_code_to_retry_and_one_line_of_log(setup, settings, caplog, path):
+    """Each connect was an HTTP 500 with two tracebacks (some 215 log lines), and the pages retry
+    about twice a minute each for as long as Redis is down."""
+    from sessions_app import consumers
+
+    owner, _, _, _, session = setup
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                           "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]}}}  # nothing listens there
+    consumers.layer_failures.failures = 0
+
+    async def scenario() -> list[tuple[bool, Any]]:
+        return [await _connects(communicator(path.format(session=session.pk), owner)) for _ in range(3)]
+
+    with caplog.at_level("WARNING", logger="sessions_app.consumers"):
+        assert run(scenario) == [(False, consumers.CLOSE_LAYER_FAILED)] * 3
+    lines = [record for record in caplog.records if record.name == "sessions_app.consumers"]
+    assert len(lines) == 1 and "live sockets (channel layer) failed" in lines[0].getMessage()
+    assert "was refused" in lines[0].getMessage() and lines[0].exc_info is None
+    consumers.layer_failures.failures = 0
