@@ -133,6 +133,13 @@ class JobNotFound(NotFound):
     code = "job_not_found"
 
 
+class StorageFull(StateStoreError):
+    """The disk under VAR_DIR (exports, uploads) has no room left: nothing was kept."""
+
+    code = "storage_full"
+    status = 507
+
+
 class ImportRejected(StateStoreError):
     """An import file failed verification (checksum, format or state): nothing was stored."""
 

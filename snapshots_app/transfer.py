@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -89,6 +90,23 @@ def _private_folder(folder: Path) -> Path:
     if folder.stat().st_mode & 0o777 != 0o700:  # (made earlier, under another umask)
         folder.chmod(0o700)
     return folder
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _room_for(path: Path, then: str) -> Iterator[None]:
+    """Writing `path`: a full disk (or quota) removes what was written and says where and what to
+    do (it was a bare "No space left on device", an upload's 500 and its part-file left behind)."""
+    try:
+        yield
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            raise errors.StorageFull(f"no space left on the disk of {path.parent} (VAR_DIR): free space there, "
+                                     f"then {then}; nothing was kept") from None
+        raise
 
 
 def _private_file(path: Path) -> IO[bytes]:
@@ -194,60 +212,56 @@ def transfer_export_run(
         digest = hashlib.sha256()
         records = 0
         done = 0
-        try:
-            with _private_file(partial) as out:
+        # A failed export is never renamed into place: _room_for removes its part-written file (a
+        # project's states, as large as the export got), which stayed for EXPORT_KEEP_DAYS; after a
+        # full disk, it kept the disk full. (A killed attempt's is removed by the next.)
+        with _room_for(partial, "export again"), _private_file(partial) as out:
 
-                def emit(record: dict[str, Any]) -> None:
-                    nonlocal records
-                    line = _line(record)
-                    digest.update(line)
-                    out.write(line)
-                    records += 1
+            def emit(record: dict[str, Any]) -> None:
+                nonlocal records
+                line = _line(record)
+                digest.update(line)
+                out.write(line)
+                records += 1
 
+            emit({
+                "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
+                "scope": "session" if session else "project",
+                "project": {"slug": project.slug, "name": project.name},
+                "exported_at": timezone.now().isoformat(),
+                "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
+                **({"skipped_sessions": len(skipped)} if skipped else {}),
+            })
+            for item in sessions:
                 emit({
-                    "type": "header", "format": FORMAT, "format_version": FORMAT_VERSION,
-                    "scope": "session" if session else "project",
-                    "project": {"slug": project.slug, "name": project.name},
-                    "exported_at": timezone.now().isoformat(),
-                    "sessions": len(sessions), "versions": len(versions), "nodes": len(digests),
-                    **({"skipped_sessions": len(skipped)} if skipped else {}),
+                    "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
+                    "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
                 })
-                for item in sessions:
-                    emit({
-                        "type": "session", "id": str(item.pk), **{f: getattr(item, f) for f in SESSION_FIELDS},
-                        "created_at": _when(item.created_at), "archived_at": _when(item.archived_at),
-                    })
-                for chunk in _chunks(digests, 500):
-                    rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
-                    for node_digest, codec, data, seal in rows:
-                        try:
-                            raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
-                        except store.CorruptNode as exc:  # written out, it would make its import blame the file
-                            raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
-                        emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
-                    done += len(chunk)
-                    progress(done)
-                for version in versions:
-                    parent = version.parent
-                    emit({
-                        "type": "version", "session": str(version.session_id),
-                        **{f: getattr(version, f) for f in VERSION_FIELDS},
-                        "root": bytes(version.root).hex(),
-                        "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
-                        "created_at": _when(version.created_at),
-                    })
-                    done += 1
-                    progress(done)
-                end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
-                out.write(_line(end))
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            # A failed export is never renamed into place: its part-written file (a project's states,
-            # as large as the export got) stayed for EXPORT_KEEP_DAYS; after a full disk, it kept
-            # the disk full. (A killed attempt's is removed by the next.)
-            partial.unlink(missing_ok=True)
-            raise
+            for chunk in _chunks(digests, 500):
+                rows = StateNode.objects.filter(project=project, digest__in=chunk).values_list("digest", "codec", "data", "seal")
+                for node_digest, codec, data, seal in rows:
+                    try:
+                        raw = store.sealed_encoding(bytes(node_digest), codec, bytes(data), seal)
+                    except store.CorruptNode as exc:  # written out, it would make its import blame the file
+                        raise errors.IntegrityProblem(f"{exc}; the integrity scrub names the versions it affects") from None
+                    emit({"type": "node", "digest": bytes(node_digest).hex(), "raw": base64.b64encode(raw).decode()})
+                done += len(chunk)
+                progress(done)
+            for version in versions:
+                parent = version.parent
+                emit({
+                    "type": "version", "session": str(version.session_id),
+                    **{f: getattr(version, f) for f in VERSION_FIELDS},
+                    "root": bytes(version.root).hex(),
+                    "parent": {"session": str(parent.session_id), "number": parent.number} if parent else None,
+                    "created_at": _when(version.created_at),
+                })
+                done += 1
+                progress(done)
+            end = {"type": "end", "records": records, "sha256": digest.hexdigest()}
+            out.write(_line(end))
+            out.flush()
+            os.fsync(out.fileno())
     missing = None
     try:
         with transaction.atomic():
@@ -876,7 +890,7 @@ def transfer_import_start(
         return earlier
     folder = _private_folder(imports_dir())
     target = folder / f"{project.slug}-{uuid.uuid4().hex}.ndjson"
-    with _private_file(target) as out:
+    with _room_for(target, "upload the file again"), _private_file(target) as out:
         if isinstance(source, Path):
             with source.open("rb") as original:
                 shutil.copyfileobj(original, out)

@@ -298,6 +298,65 @@ def test_an_idempotency_key_reused_for_another_project_is_refused(project, other
     assert Job.objects.count() == 1
 
 
+class _FillingFile:
+    """A file on a disk that fills up once `room` bytes are written (the outside world: a full disk
+    is not something a test can make here without root)."""
+
+    def __init__(self, out, room):
+        self.out, self.room, self.written = out, room, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.out.close()
+
+    def write(self, data):
+        import errno
+
+        self.written += len(data)
+        if self.written > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.out.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)
+
+
+def _disk_fills_after(monkeypatch, room: int) -> None:
+    from snapshots_app import transfer
+
+    private_file = transfer._private_file
+    monkeypatch.setattr(transfer, "_private_file", lambda path: _FillingFile(private_file(path), room))
+
+
+def test_an_upload_onto_a_full_disk_is_507_naming_where_and_keeps_nothing(project, writer, settings, tmp_path, monkeypatch):
+    """It was a 500 "An unexpected error occurred", and the part written stayed for an hour: a full
+    disk stayed full."""
+    settings.VAR_DIR = tmp_path
+    _disk_fills_after(monkeypatch, 10_000)
+    upload = b'{"type": "header"}\n' * 2_000
+    response = writer.generic("POST", "/api/v1/imports/", upload, content_type="application/x-ndjson")
+    assert response.status_code == 507 and response.json()["code"] == "storage_full", response.content
+    assert response.json()["detail"] == (f"no space left on the disk of {tmp_path / 'imports'} (VAR_DIR): free space "
+                                         "there, then upload the file again; nothing was kept")
+    assert list((tmp_path / "imports").iterdir()) == [] and not Job.objects.exists()
+
+
+def test_an_export_onto_a_full_disk_fails_its_job_naming_where_and_keeps_nothing(
+    project, session, writer, settings, tmp_path, monkeypatch, run_jobs
+):
+    settings.VAR_DIR = tmp_path
+    snapshot_record(session=session, state={"a": "x" * 50_000})
+    _disk_fills_after(monkeypatch, 10_000)
+    job = run_jobs(lambda: writer.post("/api/v1/exports/", {"session": str(session.pk)}, format="json"))
+    failed = writer.get(f"/api/v1/jobs/{job.json()['id']}/").json()
+    assert failed["status"] == "failed"
+    assert failed["error"] == (f"no space left on the disk of {tmp_path / 'exports'} (VAR_DIR): free space there, "
+                               "then export again; nothing was kept")
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
 def test_a_retried_import_keeps_one_copy_of_the_upload(project, writer, settings, tmp_path):
     settings.VAR_DIR = tmp_path
     upload = b'{"type": "header"}\n'
