@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,11 +20,37 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+# How long /readyz waits for the database's answer. A hung server (stopped, or behind a proxy that
+# stopped forwarding) accepts the connection and never answers: the probe waited with it, for as long
+# as the hang lasted, and a load balancer's own timeout then told it nothing.
+DATABASE_ANSWER_SECONDS = 3.0
+
+
 def _check_database() -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
-    return connection.vendor
+    """The database answers a query within DATABASE_ANSWER_SECONDS. Asked from a thread of its own
+    (with a connection of its own, from the pool if there is one, given back after): one that does not
+    answer leaves that thread waiting, not the probe."""
+    answer: list[Any] = []
+    answered = threading.Event()
+
+    def ask() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+            answer.append(connection.vendor)
+        except Exception as exc:  # noqa: BLE001 - reported by _outcome, in the probe's thread
+            answer.append(exc)
+        finally:
+            connection.close()
+            answered.set()
+
+    threading.Thread(target=ask, name="readyz-database", daemon=True).start()
+    if not answered.wait(DATABASE_ANSWER_SECONDS):
+        raise TimeoutError(f"the database did not answer within {DATABASE_ANSWER_SECONDS:g} s (hung, or a proxy to it is)")
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return str(answer[0])
 
 
 class BrokerMayDropMessages(Exception):
@@ -91,8 +118,7 @@ def readyz(request: HttpRequest) -> JsonResponse:
     """200 when the database answers (`status` "ok", or "degraded" naming Redis or the broker in
     `failed` when either does not); 503 "unavailable" when the database does not."""
     with ThreadPoolExecutor(max_workers=len(CHECKS) - 1) as pool:
-        # Side by side (the database on this thread, its connection is per thread): a hung Redis
-        # costs the probe one timeout (2 s), not one per check.
+        # Side by side: a hung Redis costs the probe one timeout (2 s), not one per check.
         others = {name: pool.submit(_outcome, check) for name, check in CHECKS.items() if name != "database"}
         outcomes = {"database": _outcome(_check_database)} | {name: future.result() for name, future in others.items()}
     failed = [name for name in CHECKS if not outcomes[name][0]]

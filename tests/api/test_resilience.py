@@ -315,3 +315,93 @@ def test_a_hung_redis_costs_the_requests_using_it_then_none_while_a_probe_waits_
     finally:
         hung.close()
         FailSoftRedisCache._down_until = 0.0
+
+
+class _PausableProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding while keeping every connection open: what a
+    stopped server, or a proxy or network path that stopped passing packets, looks like."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.paused = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[Any] = []
+        self.upstream_ports: list[int] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            self.upstream_ports.append(upstream.getsockname()[1])
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: Any, sink: Any) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.paused.is_set():
+                time.sleep(0.05)
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """Closes every connection, and ends the server processes that served them (at once: the test
+        database is dropped while they would still be noticing)."""
+        from django.db import connection
+
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE client_port = ANY(%s)",
+                           [self.upstream_ports])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_the_database_hung_readyz_says_so_within_seconds_and_again_once_it_answers():
+    """A hung PostgreSQL (connections accepted, nothing answered) kept /readyz waiting for as long as
+    the hang lasted: a load balancer's own timeout then said nothing of why."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    proxy = _PausableProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    url = database_url().replace(f":{db['PORT'] or 5432}/", f":{proxy.port}/")
+    server = _server(DATABASE_URL=url, DB_POOL_SIZE="2")
+    try:
+        assert _get(f"{server}/readyz")[0] == 200
+        proxy.paused.set()
+        started = time.monotonic()
+        status, _, body = _get(f"{server}/readyz")
+        assert status == 503 and body["failed"] == ["database"], body
+        assert "did not answer within 3 s" in body["checks"]["database"]
+        assert time.monotonic() - started < 10
+        proxy.paused.clear()
+        deadline = time.monotonic() + 30
+        while _get(f"{server}/readyz")[0] != 200:  # its connections answer again (or new ones are made)
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        proxy.paused.clear()
+        server.stop()
+        proxy.close()
