@@ -47,7 +47,8 @@ def _check_database() -> str:
 
     threading.Thread(target=ask, name="readyz-database", daemon=True).start()
     if not answered.wait(DATABASE_ANSWER_SECONDS):
-        raise TimeoutError(f"the database did not answer within {DATABASE_ANSWER_SECONDS:g} s (hung, or a proxy to it is)")
+        raise TimeoutError(f"the database did not answer within {DATABASE_ANSWER_SECONDS:g} s (down, hung, or every "
+                           "pooled connection busy)")
     if isinstance(answer[0], Exception):
         raise answer[0]
     return str(answer[0])
