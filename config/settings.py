@@ -237,6 +237,10 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A worker whose broker is down keeps trying to reconnect for as long as it takes (Celery's default,
+# 100 tries, ends after ~45 minutes of a Redis outage: the worker exits, and under `make serve` the
+# rest of the stack with it).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 # A task whose worker died unacknowledged is delivered again after this many seconds (on the next
 # worker start or restore sweep); it must exceed the longest task. Tests lower it to see redelivery.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -378,11 +382,13 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "filters": {"refusals_without_traceback": {"()": "config.logs.RefusalsWithoutTraceback"}},
+    "filters": {"refusals_without_traceback": {"()": "config.logs.RefusalsWithoutTraceback"},
+                "beat_sends_without_traceback": {"()": "config.logs.BeatSendsWithoutTraceback"}},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         "celery.app.trace": {"level": "WARNING"},
         "django.request": {"filters": ["refusals_without_traceback"]},
+        "celery.beat": {"filters": ["beat_sends_without_traceback"]},
     },
 }
 

@@ -34,9 +34,11 @@ FINALIZE_PENDING_MAX = 10_000  # per catch-up run (every 5 min): an outage's bac
 FINALIZE_BATCH = 100
 
 
-# Retried on a lost broker or database (a restart); beat's finalize_pending catches up on the rest.
-@shared_task(acks_late=True, autoretry_for=(ConnectionError, OperationalError, InterfaceError), retry_backoff=True,
-             max_retries=5)
+# Retried on a lost broker or database (a restart), 4, 8, 16, 32 and 64 s later: ~2 minutes, where the
+# default full jitter spent all five retries within seconds of an outage's start, each message then
+# failing with a traceback. Beat's finalize_pending catches up on the rest.
+@shared_task(acks_late=True, autoretry_for=(ConnectionError, OperationalError, InterfaceError), retry_backoff=4,
+             retry_backoff_max=64, retry_jitter=False, max_retries=5)
 def finalize_versions(version_ids: list[int]) -> int:
     """Compute the change summary (against its parent, for the timeline) of each of these versions
     of one session, written in a burst (one message for all of them, see

@@ -303,3 +303,24 @@ def test_a_pool_whose_connections_were_all_cut_serves_the_next_request_at_once()
     cut, seconds = result.stdout.strip().splitlines()[-1].split()
     assert int(cut) >= 4  # the pool had grown (min_size is 1), and all of it was cut
     assert float(seconds) < 1.0
+
+
+def test_a_scheduled_send_beat_could_not_make_is_one_line_not_a_stack_and_a_traceback(caplog):
+    """With Redis down, beat logged ~100 lines for each scheduled send (its call stack, then the
+    chained traceback), every minute: the one line that says what is wrong was lost in them."""
+    import logging
+
+    from celery import Celery
+    from celery.beat import Scheduler, ScheduleEntry
+
+    app = Celery("beat-probe")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens there: the broker is down
+    scheduler = Scheduler(app, lazy=True)
+    entry = ScheduleEntry(name="requeue-stale-jobs", task="snapshots_app.tasks.jobs_requeue_stale", app=app)
+    with caplog.at_level(logging.ERROR, logger="celery.beat"):
+        scheduler.apply_entry(entry)
+    record = next(record for record in caplog.records if record.name == "celery.beat")
+    assert record.getMessage().startswith("Message Error: Couldn't apply scheduled task requeue-stale-jobs: ")
+    assert "Connection refused" in record.getMessage() and "\n" not in record.getMessage()
+    assert record.exc_info is None and "Traceback" not in caplog.text and 'File "' not in caplog.text
