@@ -15,7 +15,7 @@ from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import BaseParser
 from rest_framework.renderers import BaseRenderer
 
-from sessions_app.api.problems import RequestTooLarge
+from sessions_app.api.problems import PROBLEM_CONTENT_TYPE, RequestTooLarge
 from sessions_app.errors import InvalidState, StateTooDeep
 from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys, refuse_huge_integers
 
@@ -77,7 +77,13 @@ class NameOnlyMetadata(BaseMetadata):
 
 class ContentNegotiation(DefaultContentNegotiation):
     """DRF's, but a `?format=` no renderer has is 406 (as an Accept header none matches is), not a 404
-    that said an existing session or list was not there."""
+    that said an existing session or list was not there; and `Accept: application/problem+json` (what
+    RFC 9457 has clients send to say they read problems) is taken as JSON, whose errors are problems:
+    alone, it was a 406 hiding the error asked about."""
+
+    def get_accept_list(self, request: Any) -> list[str]:
+        accepted: list[str] = super().get_accept_list(request)
+        return [token.replace(PROBLEM_CONTENT_TYPE, "application/json") for token in accepted]
 
     def filter_renderers(self, renderers: list[BaseRenderer], format: str) -> list[BaseRenderer]:
         try:

@@ -266,6 +266,17 @@ def test_an_unknown_format_parameter_is_406_not_404(writer, session):
     assert writer.get("/api/v1/schema/?format=json").status_code == 200
 
 
+def test_accepting_only_problem_json_gets_the_error_itself_not_a_406(writer, session):
+    """RFC 9457 has clients say they read problems with Accept: application/problem+json; alone, it was
+    a 406 hiding the error asked about."""
+    gone = writer.get("/api/v1/sessions/00000000-0000-0000-0000-000000000000/", HTTP_ACCEPT="application/problem+json")
+    assert gone.status_code == 404 and gone.json()["code"] == "session_not_found"
+    assert gone["Content-Type"] == "application/problem+json"
+    found = writer.get(f"/api/v1/sessions/{session.pk}/", HTTP_ACCEPT="application/problem+json")
+    assert found.status_code == 200 and found.json()["id"] == str(session.pk)
+    assert writer.get(f"/api/v1/sessions/{session.pk}/", HTTP_ACCEPT="text/csv").status_code == 406
+
+
 @pytest.mark.parametrize("cursor", ["!!!!", "%00", "cD0x%20", "aGVsbG8=", "eD0x", "w6k="])
 def test_mangled_cursors_are_400_not_the_first_page_again(writer, session, cursor):
     """Not base64, or not one of ours (b"hello", b"x=1", non-ASCII): DRF read those as no cursor."""

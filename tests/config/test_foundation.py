@@ -311,7 +311,7 @@ def test_a_scheduled_send_beat_could_not_make_is_one_line_not_a_stack_and_a_trac
     import logging
 
     from celery import Celery
-    from celery.beat import Scheduler, ScheduleEntry
+    from celery.beat import ScheduleEntry, Scheduler
 
     app = Celery("beat-probe")
     app.config_from_object("django.conf:settings", namespace="CELERY")
