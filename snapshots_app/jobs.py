@@ -186,7 +186,11 @@ def job_start(*, job_id: int) -> Job | None:
         return None
     now = timezone.now()
     if job.status == JobStatus.RUNNING and job.heartbeat_at is not None and now - job.heartbeat_at < stale_after():
-        logger.info("job %s is running elsewhere (heartbeat %s); this delivery does nothing", job.pk, job.heartbeat_at)
+        # Also what a delivery sent again at once after its worker was killed (Celery's WorkerLostError)
+        # meets: "running elsewhere" alone read as if it were, while the job waited for the requeue.
+        logger.info("job %s has an attempt whose heartbeat is %.0f s old: it runs elsewhere, or its worker just died "
+                    "(then the requeue sends it again once that heartbeat is %.0f s old); this delivery does nothing",
+                    job.pk, (now - job.heartbeat_at).total_seconds(), stale_after().total_seconds())
         return None
     if job.attempts >= MAX_ATTEMPTS:
         job_fail(job=job, error=f"gave up after {job.attempts} attempts: the worker died each time (see its logs)")
