@@ -128,7 +128,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except (RedisError, OSError) as exc:
+        except RedisError as exc:  # (not OSError: a browser closing its tab is uvicorn's ClientDisconnected)
             # The channel layer stopped answering while the socket listened (or before it was accepted):
             # closed with a code the page reconnects on, not dropped with a traceback (1006).
             if self.group is not None:

@@ -207,8 +207,12 @@ def transfer_export_run(
         # went on writing into the file the next attempt had renamed into place, and the finished
         # export's file no longer matched its end record. An earlier attempt's file is of no more use.
         partial = folder / f"{name}.partial-{job.attempts if job is not None else uuid.uuid4().hex[:8]}"
-        for earlier in folder.glob(f"{name}.partial*"):
-            earlier.unlink(missing_ok=True)
+        for earlier in folder.glob(f"{name}.partial-*"):
+            # Only an earlier attempt's: this one may be the superseded one, and a later attempt's file
+            # is the export being made.
+            attempt = earlier.name.rpartition("-")[2]
+            if job is not None and attempt.isdigit() and int(attempt) < job.attempts:
+                earlier.unlink(missing_ok=True)
         digest = hashlib.sha256()
         records = 0
         done = 0
@@ -268,13 +272,13 @@ def transfer_export_run(
             if job is not None:
                 jobs.job_hold(job=job)  # only the attempt that owns the job puts its file in place
             os.replace(partial, final)
-    except jobs.JobSuperseded:
-        partial.unlink(missing_ok=True)
-        raise
     except FileNotFoundError as exc:
         # A job's partial file is named after the job, so the session's deletion removes it too:
         # an error only if the session is still there.
         missing = exc
+    except BaseException:  # superseded (JobSuperseded), or the database went: the file is nobody's
+        partial.unlink(missing_ok=True)
+        raise
     if session is not None and not WorkflowSession.objects.filter(pk=session.pk).exists():
         # Deleted while this ran (the deletion removes the files of its exports, but this one was
         # not there yet): a deleted session's states must not stay downloadable, nor re-importable.

@@ -538,8 +538,8 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         error, status = f"v{target.number} is the head already: there is nothing to rewind to.", 400
     elif head is not None and _rewinds_to_itself(head, target) and not _acted_before(session, request):
         # A rewind repeated from Back (the page reloads with a new request key) wrote the same head again.
-        error = (f"The head, v{head.number}, already has v{target.number}'s state, status and error: a rewind would "
-                 "write nothing new, so none is offered.")
+        error = (f"The head, v{head.number}, already has v{target.number}'s state, status, step and error: a rewind "
+                 "would write nothing new, so none is offered.")
         status = 409 if request.method == "POST" else 200
     elif session.archived_at is not None:
         # Said before a reason is written (the page stays reachable: a tab opened before the archiving,
@@ -632,8 +632,11 @@ def _acted_before(session: WorkflowSession, request: HttpRequest) -> bool:
 
 def _rewinds_to_itself(head: Version, target: Version) -> bool:
     """Whether a rewind to `target` would write a head the same as `head` in everything it copies
-    (state, by checksum; status; error). One that only changes the status is still offered."""
-    return head.checksum == target.checksum and head.status == target.status and head.error == target.error
+    (services._append_copy: state, by checksum; status; step, the execution pointer; error; engine).
+    One that changes any of them (back to an earlier step of an unchanged state) is still offered."""
+    return (head.checksum == target.checksum and head.status == (target.status or SessionStatus.RUNNING)
+            and (head.step, head.error, head.engine, head.engine_version)
+            == (target.step, target.error, target.engine, target.engine_version))
 
 
 FORM_SENT_BEFORE = (

@@ -416,19 +416,16 @@
 
   // Back from a version, a diff or a rewind opened from a timeline row came to the newest page at the
   // old scroll height: after "Older versions" had loaded 250 rows, the row was not even on the page.
-  // Before such a link leaves, the address names its row (#v-N), and, for a row of a page loaded
-  // since, the older page that starts at it (?before=N+1): Back opens that, at the row.
-  var shownFirst = Array.prototype.map.call(document.querySelectorAll("#timeline-section li.vrow"), function (row) {
-    return Number(row.id.slice(2));
-  });
-  var oldestShownFirst = shownFirst.length ? Math.min.apply(null, shownFirst) : Infinity;
+  // Before such a link leaves, the address names its row (#v-N), and, for a row of an older page
+  // (data-older: one "Older versions" loaded), the page that starts at it (?before=N+1): Back opens
+  // that, at the row. Not for a click that opens another tab: this page's address stays as it shows.
   document.addEventListener("click", function (event) {
     var link = event.target.closest("a[href]:not([hx-get])");
     var row = link && link.closest("#timeline-section li.vrow");
-    if (!row || event.defaultPrevented) return;
-    var number = Number(row.id.slice(2));
+    if (!row || event.defaultPrevented || event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey
+        || event.altKey || link.target) return;
     var here = new URL(window.location.href);
-    if (number < oldestShownFirst) here.searchParams.set("before", String(number + 1));
+    if (row.hasAttribute("data-older")) here.searchParams.set("before", String(Number(row.id.slice(2)) + 1));
     here.hash = row.id;
     history.replaceState(history.state, "", here.toString());
   });

@@ -1417,12 +1417,24 @@ def test_a_rewind_repeated_from_back_writes_nothing(client, operator, team):
     assert client.post(url, {"reason": "bad step", "expected_version": 2}).status_code == 302
     again = client.get(url)  # Back: the page as it is now
     page = html.unescape(again.content.decode())
-    assert again.status_code == 200 and "The head, v3, already has v1's state, status and error" in page
+    assert again.status_code == 200 and "The head, v3, already has v1's state, status, step and error" in page
     assert 'id="confirm-rewind"' not in page and "<textarea" not in page
     resent = client.post(url, {"reason": "bad step", "expected_version": 3})
     assert resent.status_code == 409 and "already has v1's state" in html.unescape(resent.content.decode())
     session.refresh_from_db()
     assert session.head_number == 3 and AuditEvent.objects.filter(action="session.rewind").count() == 1
+
+
+def test_a_rewind_to_an_earlier_step_of_an_unchanged_state_is_offered(client, operator, team):
+    """The state alone is not all a rewind brings back: the execution pointer (step) too."""
+    session = make_session(team, "same-state")
+    snapshot_record(session=session, state={"a": 1}, step="plan", status="running")
+    snapshot_record(session=session, state={"a": 1}, step="act", status="running")
+    client.force_login(operator)
+    url = session_url(session, "snapshots:rewind", number=1)
+    assert 'id="confirm-rewind"' in client.get(url).content.decode()
+    assert client.post(url, {"reason": "redo the plan", "expected_version": 2}).status_code == 302
+    assert session.versions.get(number=3).step == "plan"
 
 
 def test_a_version_page_offers_rewind_and_fork_to_operators(client, viewer, operator, story):

@@ -93,7 +93,7 @@ def test_a_superseded_export_attempt_leaves_the_owners_finished_file_as_it_wrote
     finished: dict = {}
 
     def second_takes_over(done: int, total: int | None = None, *, force: bool = False) -> None:
-        if finished:
+        if finished or done == 0:  # (0: before the first attempt opened its file; this is mid-write)
             return
         Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
         second = jobs.job_start(job_id=job.pk)  # the first looked dead, but was only paused
@@ -109,6 +109,26 @@ def test_a_superseded_export_attempt_leaves_the_owners_finished_file_as_it_wrote
     assert end["type"] == "end" and end["sha256"] == hashlib.sha256(b"".join(lines[:-1])).hexdigest()
     target = make_project("restored")
     assert transfer_import_run(project=target, path=final)["versions"] == 3
+
+
+@pytest.mark.django_db
+def test_a_superseded_export_attempt_leaves_the_file_the_owner_is_writing(project, settings, tmp_path):
+    """An attempt that went on after being taken over removed every attempt's file as it began writing:
+    the owner's too, whose export then failed on its rename."""
+    settings.VAR_DIR = tmp_path
+    snapshot_record(session=make_session(project, "run"), state={"n": 1})
+    job = jobs.job_create(kind=JobKind.EXPORT, project=project, enqueue=lambda job_id: None)
+    first = jobs.job_start(job_id=job.pk)
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.JOB_STALE_SECONDS + 1))
+    second = jobs.job_start(job_id=job.pk)
+    (tmp_path / "exports").mkdir()
+    owners = tmp_path / "exports" / f"{project.slug}-project-{job.pk}.ndjson.partial-{second.attempts}"
+    owners.write_bytes(b"being written")
+    with pytest.raises(jobs.JobSuperseded):
+        transfer_export_run(project=project, job=first)
+    assert [path.name for path in (tmp_path / "exports").iterdir()] == [owners.name]
+    finished = transfer_export_run(project=project, job=second)
+    assert [path.name for path in (tmp_path / "exports").iterdir()] == [finished["file"]]
 
 
 @pytest.mark.django_db
