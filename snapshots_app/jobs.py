@@ -46,6 +46,14 @@ def stale_after() -> timedelta:
     return timedelta(seconds=settings.JOB_STALE_SECONDS)
 
 
+def seconds_until_stale(job_id: int) -> float | None:
+    """How long until the running job's heartbeat is taken for dead; None unless it is running."""
+    beat = Job.objects.filter(pk=job_id, status=JobStatus.RUNNING).values_list("heartbeat_at", flat=True).first()
+    if beat is None:
+        return None
+    return max((beat + stale_after() - timezone.now()).total_seconds(), 0.0)
+
+
 STALE_QUEUED = timedelta(minutes=10)  # a job queued this long was never delivered: tasks.jobs_requeue_stale sends it again
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from celery import shared_task
+from celery import current_task, shared_task
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.db.models.functions import Coalesce
@@ -154,9 +154,25 @@ def finalize_in_batches(version_ids: list[int]) -> None:
 DATABASE_AWAY = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
+def _again_once_stale(job_id: int) -> None:
+    """A delivery sent again at once because the worker process running the job was killed (Celery's
+    WorkerLostError requeues it) finds that attempt's heartbeat still fresh, and does nothing: the job
+    then waited for beat's requeue, up to a minute past JOB_STALE_SECONDS. Such a redelivery is sent
+    again for when that heartbeat goes stale (a live attempt's is fresh again by then: nothing happens)."""
+    request = getattr(current_task, "request", None)
+    if current_task is None or request is None or not (request.delivery_info or {}).get("redelivered"):
+        return
+    wait = jobs.seconds_until_stale(job_id)
+    if wait is not None:
+        current_task.apply_async((job_id,), countdown=wait + 1)
+        logger.info("job %s: this redelivery is sent again in %.0f s, when the attempt's heartbeat is stale if its "
+                    "worker died", job_id, wait + 1)
+
+
 def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | None]) -> dict[str, Any] | None:
     job = jobs.job_start(job_id=job_id)
     if job is None:
+        _again_once_stale(job_id)
         return None  # gone, finished, or running elsewhere: nothing to do
     try:
         with jobs.Heartbeat(job) as heartbeat:

@@ -23,9 +23,10 @@ WORKER_APPLICATION_NAME = f"rewind-test-worker-{os.getpid()}"
 class WorkerProcess:
     """`celery -A config worker --pool=solo` against pytest's database; can be SIGKILLed and restarted."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *, pool: tuple[str, ...] = ("--pool=solo",)) -> None:
         self.env = env
         self.log = log
+        self.pool = pool  # ("--pool=prefork", "--concurrency=1"): tasks run in a child process
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -33,7 +34,7 @@ class WorkerProcess:
 
         log = self.log.open("ab")
         self.process = subprocess.Popen(
-            [str(ROOT / ".venv/bin/celery"), "-A", "config", "worker", "--pool=solo", "--loglevel=INFO",
+            [str(ROOT / ".venv/bin/celery"), "-A", "config", "worker", *self.pool, "--loglevel=INFO",
              "--without-gossip", "--without-mingle", "-n", f"workers-test-{os.getpid()}@%h"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -44,6 +45,12 @@ class WorkerProcess:
             if app.control.ping(timeout=0.5):
                 return
         raise RuntimeError(f"celery worker did not become ready; see {self.log}")
+
+    def children(self) -> list[int]:
+        """The pool's child processes (a prefork pool's: where its tasks run)."""
+        assert self.process is not None
+        found = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return [int(pid) for pid in found]
 
     def kill(self) -> None:
         """SIGKILL the worker (no warm shutdown, no ack): what a crash or OOM kill does."""

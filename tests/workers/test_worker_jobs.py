@@ -18,7 +18,7 @@ from snapshots_app.models import IntegrityProblem, JobStatus, StateNode, Version
 from snapshots_app.services import snapshot_record
 from tests.factories import make_session
 from tests.workers.builders import midnight, read_all, record_history
-from tests.workers.conftest import VISIBILITY_TIMEOUT, _purge_queue, wait_finished, wait_for
+from tests.workers.conftest import VISIBILITY_TIMEOUT, WorkerProcess, _purge_queue, wait_finished, wait_for
 
 pytestmark = [pytest.mark.worker]
 
@@ -317,3 +317,41 @@ def test_a_job_does_not_wait_behind_a_backlog_of_change_summaries(worker, projec
     # which a solo worker does between tasks): the job among the first, not the last of 301.
     taken = re.findall(r"Task snapshots_app\.tasks\.(\w+)\[[^]]+\] received", worker.log.read_text().rsplit(" ready.", 1)[1])
     assert "integrity_scrub_job" in taken[:3], taken[:10]
+
+
+def test_a_job_whose_pool_process_was_killed_resumes_once_its_heartbeat_is_stale_without_the_requeue(
+    celery_worker, transactional_db, settings, worker_var_dir, tmp_path, project
+):
+    """A prefork worker's child killed mid-job (an OOM kill): Celery sends the task again at once, that
+    delivery found the dead attempt's heartbeat fresh and did nothing, and the job showed "running"
+    until beat's requeue, up to a minute past JOB_STALE_SECONDS (here beat does not run at all)."""
+
+    settings.VAR_DIR = worker_var_dir
+    celery_worker.stop()  # (this test's worker only: the job must run in a child process it can kill)
+    prefork = WorkerProcess({**celery_worker.env, "JOB_STALE_SECONDS": "6"}, tmp_path / "prefork.log",
+                            pool=("--pool=prefork", "--concurrency=1"))
+    prefork.start()
+    try:
+        _history(project)
+        job = compaction_start(project=project)
+        _kill_part_way_in(prefork, job)
+        job.refresh_from_db()
+        assert job.status == JobStatus.RUNNING and job.attempts == 1  # it died mid-job
+        wait_finished(job, timeout=60)
+        assert job.status == JobStatus.DONE and job.attempts == 2
+        assert "sent again in" in prefork.log.read_text()
+    finally:
+        prefork.stop()
+        celery_worker.start()
+
+
+def _kill_part_way_in(worker: WorkerProcess, job) -> None:
+    import os
+    import signal
+
+    def sweeping() -> bool:
+        job.refresh_from_db()
+        return job.status == JobStatus.RUNNING and job.total > 0 and 0 < job.done < job.total
+    wait_for(sweeping, timeout=60, interval=0.01, what="compaction to be part-way")
+    for child in worker.children():
+        os.kill(child, signal.SIGKILL)
