@@ -409,9 +409,11 @@
   if (wanted && goto && !document.getElementById("v-" + wanted[1])) {
     window.location.replace(goto.getAttribute("action") + "?at=" + wanted[1]);
   } else if (wanted && goto) {
-    // Come back to (see below): the row, where the browser would put the old scroll height.
-    history.scrollRestoration = "manual";
-    document.getElementById("v-" + wanted[1]).scrollIntoView({block: "center"});
+    // Come back to (see below): the row, not the old scroll height (the entry left says "manual"; the
+    // load event too, should the browser restore it all the same).
+    var comeBackTo = function () { document.getElementById("v-" + wanted[1]).scrollIntoView({block: "center"}); };
+    comeBackTo();
+    window.addEventListener("load", comeBackTo);
   }
 
   // Back from a version, a diff or a rewind opened from a timeline row came to the newest page at the
@@ -428,6 +430,7 @@
     if (row.hasAttribute("data-older")) here.searchParams.set("before", String(Number(row.id.slice(2)) + 1));
     here.hash = row.id;
     history.replaceState(history.state, "", here.toString());
+    history.scrollRestoration = "manual";  // (of this entry: Back puts the row in view, see above)
   });
 
   noteArrivals();

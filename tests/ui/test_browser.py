@@ -444,6 +444,8 @@ def test_back_from_a_row_of_an_older_page_comes_back_to_that_row(server, browser
         page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
         page.wait_for_timeout(300)
     page.locator("#v-20").scroll_into_view_if_needed()
+    page.click("#pin-v20")  # redrawn by its Pin (unmarked: Back then goes through "Go to" to its page)
+    page.wait_for_selector("#v-20 .badge.pin")
     page.click("#v-20 a[aria-label='state of v20']")
     page.wait_for_url(lambda url: url.endswith(f"/sessions/{session.pk}/v/20/"))
     page.go_back()
