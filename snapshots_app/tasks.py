@@ -159,8 +159,8 @@ def _again_once_stale(job_id: int) -> None:
     WorkerLostError requeues it) finds that attempt's heartbeat still fresh, and does nothing: the job
     then waited for beat's requeue, up to a minute past JOB_STALE_SECONDS. Such a redelivery is sent
     again for when that heartbeat goes stale (a live attempt's is fresh again by then: nothing happens)."""
-    request = getattr(current_task, "request", None)
-    if current_task is None or request is None or not (request.delivery_info or {}).get("redelivered"):
+    request = getattr(current_task, "request", None)  # (None outside a task)
+    if request is None or not (request.delivery_info or {}).get("redelivered"):
         return
     wait = jobs.seconds_until_stale(job_id)
     if wait is not None:
