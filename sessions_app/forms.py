@@ -21,6 +21,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from sessions_app.models import SessionStatus
 from sessions_app.selectors import SessionFilters, session_cursor_valid
+from sessions_app.strict_json import flag
 
 
 def form_problems(form: forms.Form) -> list[str]:
@@ -99,8 +100,11 @@ class SessionFilterForm(QueryForm):
         return _choice(self.cleaned_data["status"], SessionStatus.choices)
 
     def clean_has_error(self) -> str:
-        # true/false as the timeline and the API spell it: a link written for one was a 400 on the other.
-        raw = {"true": "yes", "false": "no"}.get(self.cleaned_data["has_error"], self.cleaned_data["has_error"])
+        # Also true/false (and 1/0) as the timeline and the API read them: a link written for one was a
+        # 400 on the other.
+        raw = self.cleaned_data["has_error"]
+        value = flag(raw) if raw else None
+        raw = raw if value is None else "yes" if value else "no"
         return _choice(raw, [("yes", "has an error"), ("no", "has none")], also="true and false say the same")
 
     def clean_sort(self) -> str:

@@ -71,7 +71,8 @@ def test_filters_narrow_the_list(client, operator, team, story):
     assert shown(q=f"https://rewind.example.com/sessions/{failed.pk}/v/1/") == {"run-failed"}
     assert shown(has_error="true") == {"run-failed"}  # as the timeline and the API spell it
     assert shown(has_error="false") == {"run-42", "run-idle"}
-    assert "Has error: &#x27;1&#x27; is not one of yes (has an error)" in client.get(url, {"has_error": "1"}).content.decode()
+    assert shown(has_error="1") == {"run-failed"}  # as the API reads it
+    assert "Has error: &#x27;maybe&#x27; is not one of yes (has an error)" in client.get(url, {"has_error": "maybe"}).content.decode()
     assert shown(updated_from="2000-01-01", updated_to="2000-01-02") == set()
     assert shown(sort="external_id") == {"run-42", "run-failed", "run-idle"}
 
