@@ -622,8 +622,6 @@ def fork_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpResp
     return render(request, "snapshots_app/confirm_fork.html", context, status=status)
 
 
-# Back on a confirm page whose form already acted, then sent with other values: nothing is done (the
-# key is the first action's), and the page, now current, gets a new key to act again on purpose.
 def _acted_before(session: WorkflowSession, request: HttpRequest) -> bool:
     """Whether this POST repeats one that wrote (a double click): the service gives its first answer."""
     key = request.POST.get("request_key", "") if request.method == "POST" else ""
@@ -639,6 +637,8 @@ def _rewinds_to_itself(head: Version, target: Version) -> bool:
             == (target.step, target.error, target.engine, target.engine_version))
 
 
+# Back on a confirm page whose form already acted, then sent with other values: nothing is done (the
+# key is the first action's), and the page, now current, gets a new key to act again on purpose.
 FORM_SENT_BEFORE = (
     "This form was already sent, with other values, and acted then; nothing more was done now. "
     "The page now shows the session as it is: send the form again to act again."
