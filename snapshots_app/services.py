@@ -322,6 +322,14 @@ def _refuse_damaged(target: Version, action: str) -> None:
         ) from None
 
 
+def copied_fields(source: Version) -> dict[str, Any]:
+    """What a version that copies `source` (a rewind or fork) takes from it besides its state's root and
+    size: state (checksum), status, step, error and engine. A rewind to a failed version left the session
+    failed with no error to say why."""
+    return {"checksum": source.checksum, "status": source.status or SessionStatus.RUNNING, "step": source.step,
+            "error": source.error, "engine": source.engine, "engine_version": source.engine_version}
+
+
 def _append_copy(
     session: WorkflowSession,
     source: Version,
@@ -333,21 +341,16 @@ def _append_copy(
     actor_label: str = "",
 ) -> Version:
     """Append a version whose state is `source`'s (a rewind or fork): it points at the same root,
-    so it stores no nodes. Its status, step and error are `source`'s too: a rewind to a failed
-    version left the session failed with no error to say why. Caller holds the session lock."""
+    so it stores no nodes. It takes the rest of copied_fields from `source` too. Caller holds the
+    session lock."""
     return _append(
         session,
         kind=kind,
         root=bytes(source.root),
-        checksum=source.checksum,
         logical_size=source.logical_size,
         stored_size=0,
         parent=source,
-        status=source.status or SessionStatus.RUNNING,
-        step=source.step,
-        error=source.error,
-        engine=source.engine,
-        engine_version=source.engine_version,
+        **copied_fields(source),
         reason=reason,
         idempotency_key=idempotency_key,
         actor=actor,

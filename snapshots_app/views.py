@@ -569,7 +569,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
         else:
             messages.success(request, f"Rewound to version {target.number}: the new head is version {version.number}.")
             return redirect("snapshots:session", session_id=session.pk)
-    head = selectors.head_version(session)
+        head = selectors.head_version(session)  # (it may have moved: the refusal above read it again)
     refused = (target.number == session.head_number or session.archived_at is not None
                or (head is not None and _rewinds_to_itself(head, target)))
     result, damaged = None, ""
@@ -630,11 +630,9 @@ def _acted_before(session: WorkflowSession, request: HttpRequest) -> bool:
 
 def _rewinds_to_itself(head: Version, target: Version) -> bool:
     """Whether a rewind to `target` would write a head the same as `head` in everything it copies
-    (services._append_copy: state, by checksum; status; step, the execution pointer; error; engine).
-    One that changes any of them (back to an earlier step of an unchanged state) is still offered."""
-    return (head.checksum == target.checksum and head.status == (target.status or SessionStatus.RUNNING)
-            and (head.step, head.error, head.engine, head.engine_version)
-            == (target.step, target.error, target.engine, target.engine_version))
+    (services.copied_fields). One that changes any of them (back to an earlier step of an unchanged
+    state) is still offered."""
+    return all(getattr(head, name) == value for name, value in services.copied_fields(target).items())
 
 
 # Back on a confirm page whose form already acted, then sent with other values: nothing is done (the
