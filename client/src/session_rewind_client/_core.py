@@ -329,8 +329,8 @@ def retry_wait(attempt: int, policy: RetryPolicy, response: httpx.Response | Non
     throttled = response is not None and response.status_code == 429
     if attempt >= policy.max_retries and not (throttled and budget.deadline is not None):
         return None
+    hinted = retry_after_seconds(response) if response is not None else None
     if response is not None:
-        hinted = retry_after_seconds(response)
         if hinted is not None and hinted > policy.max_wait:
             # The server says no sooner than that: retrying earlier is certain to fail again, so the
             # caller gets the error now (a 429's RateLimited carries `retry_after`).
@@ -342,8 +342,7 @@ def retry_wait(attempt: int, policy: RetryPolicy, response: httpx.Response | Non
     left = budget.left()
     if left is None:
         return wait
-    hinted_wait = response is not None and retry_after_seconds(response) is not None
-    if left <= 0 or ((throttled or hinted_wait) and wait >= left):
+    if left <= 0 or ((throttled or hinted is not None) and wait >= left):
         # The server's Retry-After ends after the deadline: waiting for it cannot help. Nor can a
         # throttled call's retry begun in the last moments (it ended as a timeout, not RateLimited).
         return None
