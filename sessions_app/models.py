@@ -45,9 +45,6 @@ class Membership(models.Model):
     def __str__(self) -> str:
         return f"{self.user} in {self.project} ({self.role})"
 
-    def allows(self, role: str) -> bool:
-        return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(role)]
-
 
 class Names(frozenset[str]):
     """An enum's values, for membership tests: the enum builds its list of them anew on each use (60 µs

@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from config.celery import app as celery_app
 from sessions_app import background, events
-from sessions_app.errors import JobNotFound, first_line
+from sessions_app.errors import first_line
 from sessions_app.models import Project, WorkflowSession
 from sessions_app.services import RequestKey, User, actor_fields, create_once
 from snapshots_app.models import Job, JobKind, JobStatus
@@ -411,22 +411,3 @@ def jobs_sweep(*, now: datetime | None = None) -> int:
     if removed:
         logger.info("jobs: removed %s that finished more than %s days ago", removed, days)
     return removed
-
-
-def job_get(*, project: Project, job_id: Any) -> Job:
-    """A job of this project (JobNotFound otherwise: jobs never leak across projects)."""
-    try:
-        job_id = int(job_id)
-    except (TypeError, ValueError):
-        raise JobNotFound(f"job {job_id!r} not found") from None
-    job = Job.objects.filter(project=project, pk=job_id).first()
-    if job is None:
-        raise JobNotFound(f"job {job_id} not found", job=job_id)
-    return job
-
-
-def job_list(*, project: Project, kind: str | None = None) -> QuerySet[Job]:
-    jobs = Job.objects.filter(project=project).select_related("session")
-    if kind:
-        jobs = jobs.filter(kind=kind)
-    return jobs.order_by("-created_at", "-id")
