@@ -286,6 +286,42 @@ def test_the_open_list_holds_its_updates_while_the_pointer_is_on_it(server, brow
     assert page.errors == [] and page.console_errors == []  # type: ignore[attr-defined]
 
 
+def test_more_updates_than_the_list_holds_back_reload_it_as_the_pointer_leaves(server, browser):
+    """Past 100 held updates (a pointer left resting on a busy list) they are not kept: the list
+    reloads as the pointer leaves, showing every session as it is by then."""
+    session = off_loop(_operator_story)
+    saved = dict(server.env)
+    server.env["LIVE_LIST_BATCH_MS"] = "0"  # one message per change: 100 of them in seconds, not a minute
+    server.restart()
+    try:
+        page = log_in(browser, server, "olga")
+        _wait_for_socket(page, "#session-table .live")
+        page.evaluate("() => { window.sameDocument = true; window.live = 0; "
+                      "window.addEventListener('htmx:wsBeforeMessage', () => window.live++, true); }")  # before the hold
+        page.hover("a.ext:text-is('run-failed')")
+
+        def busy() -> None:
+            for index in range(130):
+                session_update(session=session, status="running" if index % 2 else "waiting")
+                time.sleep(0.005)
+            session_update(session=session, status="completed")
+
+        off_loop(busy)
+        page.wait_for_function("() => window.live > 100", timeout=10_000)
+        assert "1 session changed" in page.inner_text("#live-held")
+        assert "Running" in page.inner_text(f"#s-{session.pk}")  # nothing shown while held
+        page.mouse.move(0, 0)
+        page.wait_for_function("() => window.sameDocument === undefined", timeout=5_000)  # reloaded
+        page.wait_for_selector(f"#s-{session.pk}")
+        assert "Completed" in page.inner_text(f"#s-{session.pk}") and page.locator("#live-held").count() == 0
+        assert page.locator("a.ext").first.inner_text() == "run-42"
+        assert page.errors == []  # type: ignore[attr-defined]
+    finally:
+        server.env.clear()
+        server.env.update(saved)
+        server.restart()
+
+
 def test_the_first_session_of_an_empty_project_replaces_its_empty_notice(server, browser):
     """An open list of a project with no sessions yet said "No sessions yet" under the first one to arrive."""
 
