@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from base64 import b64decode, b64encode
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -38,7 +39,7 @@ class CursorPage(CursorPagination):
                 tokens = parse_qs(b64decode(raw.encode("ascii"), validate=True).decode("ascii"), strict_parsing=True)
             except ValueError:  # (binascii.Error and UnicodeError are ValueErrors)
                 raise invalid from None
-            if set(tokens) - {"o", "r", "p", "s"}:
+            if set(tokens) - {"o", "r", "p", "s", "q"}:
                 raise invalid
             made_for = tokens.get("s", [None])[0]
             if made_for is not None and made_for != ",".join(self.ordering):
@@ -48,6 +49,14 @@ class CursorPage(CursorPagination):
                 raise exceptions.ValidationError({self.cursor_query_param: [
                     f"This cursor continues a list in ordering={made_for[:40]}: send it with the query "
                     "that gave it (the same ordering and filters)."
+                ]})
+            made_for_query = tokens.get("q", [None])[0]
+            if made_for_query is not None and made_for_query != self._query_mark(request):
+                # Its position is a place in the list that query gave: with another session's
+                # versions or other filters it named a place in a list it never came from.
+                raise exceptions.ValidationError({self.cursor_query_param: [
+                    "This cursor continues another list (another address or other filters): send it with "
+                    "the query that gave it."
                 ]})
         try:
             cursor = super().decode_cursor(request)
@@ -81,7 +90,15 @@ class CursorPage(CursorPagination):
         if cursor.position is not None:
             tokens["p"] = cursor.position
         tokens["s"] = ",".join(self.ordering)  # the ordering it belongs to (decode_cursor checks)
+        tokens["q"] = self._query_mark(self.request)  # and the list: its address and filters
         return b64encode(urlencode(tokens, doseq=True).encode("ascii")).decode("ascii")
+
+    def _query_mark(self, request: Request) -> str:
+        """A short mark of the list a cursor belongs to: its path and every query parameter but the
+        cursor and the page size (a client may change the page size between pages)."""
+        asked = sorted((key, value) for key, values in request.query_params.lists() for value in values
+                       if key not in (self.cursor_query_param, self.page_size_query_param))
+        return hashlib.blake2b(repr((request.path, asked)).encode(), digest_size=6).hexdigest()
 
     def get_paginated_response(self, data: Any) -> Response:
         return Response({"results": data, "next": self.get_next_link()})

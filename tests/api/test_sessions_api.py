@@ -384,3 +384,22 @@ def test_a_member_of_several_projects_pages_one_of_them_by_its_index(client, use
     assert client.get(path, {"project": ""}).status_code == 400
     repeated = client.get(path, {"project": [project.slug, other_project.slug]})
     assert repeated.status_code == 400 and repeated.json()["errors"] == {"project": ["Given more than once; it takes one value."]}
+
+
+def test_a_cursor_sent_to_another_list_is_400_not_a_page_of_that_list(writer, project, session):
+    """A cursor names a place in the list that gave it. Sent to another session's versions, or with
+    other filters, it gave a page of a list it never came from, starting at a place it does not have."""
+    other = make_session(project, "other-run")
+    for number in range(4):
+        snapshot_record(session=session, state={"i": number}, step="plan" if number % 2 else "act")
+        snapshot_record(session=other, state={"i": number})
+    versions = f"/api/v1/sessions/{session.pk}/versions/"
+    cursor = writer.get(f"{versions}?limit=1&step=act").json()["next"]
+    following = writer.get(f"{versions}?limit=2&step=act&cursor={cursor}")  # the page size may change
+    assert following.status_code == 200 and [v["step"] for v in following.json()["results"]] == ["act"]
+    for elsewhere in (f"/api/v1/sessions/{other.pk}/versions/?step=act", f"{versions}?step=plan", f"{versions}?"):
+        refused = writer.get(f"{elsewhere}&limit=1&cursor={cursor}")
+        assert refused.status_code == 400 and "continues another list" in refused.json()["errors"]["cursor"][0], elsewhere
+    cursor = writer.get("/api/v1/sessions/?limit=1&status=running").json()["next"]
+    assert writer.get(f"/api/v1/sessions/?limit=1&status=running&cursor={cursor}").status_code == 200
+    assert writer.get(f"/api/v1/sessions/?limit=1&status=failed&cursor={cursor}").status_code == 400
