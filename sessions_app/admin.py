@@ -6,6 +6,7 @@ members of, and change things there only as their role allows (see admin_project
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -78,7 +79,7 @@ from sessions_app.services import (
     users_delete,
     users_deletion_refused,
 )
-from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys
+from sessions_app.strict_json import decode_error_words, refuse_duplicate_keys, refuse_huge_integers, same_json
 
 
 def admin_projects(request: HttpRequest, role: str = Role.VIEWER) -> QuerySet[Project]:
@@ -669,10 +670,18 @@ class JsonTextField(forms.CharField):
         if not isinstance(parsed, self.kind):
             raise forms.ValidationError(f"must be a JSON {'object' if self.kind is dict else 'list'}")
         try:
+            refuse_huge_integers(text)  # (orjson read 2**70 as a float, named as one the operator never typed)
             refuse_duplicate_keys(text, what="it", value=parsed)
         except InvalidState as exc:
             raise forms.ValidationError(exc.message) from None
         return parsed
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        # As JSON, not as Python values: 1 == 1.0 == True, and a change from 1 to true was not saved.
+        try:
+            return not same_json(self.kind() if initial is None else initial, self.to_python(data))
+        except forms.ValidationError:
+            return True
 
 
 def _service_checked(clean: Any, value: Any) -> Any:
@@ -690,19 +699,28 @@ class SessionFixForm(forms.ModelForm):
     tags = JsonTextField(kind=list, required=False,
                          help_text='A JSON list of strings, e.g. ["nightly", "retention:keep-all"]. Empty: [].')
 
+    # The editable fields as the page showed them (a digest of each): the form compares what was posted
+    # with the session as it is now, so a status its engine changed after the page was opened read as
+    # the operator's change, and a save of the tags alone set it back, audited as theirs.
+    seen = forms.CharField(widget=forms.HiddenInput, required=False)
+
     class Meta:
         model = WorkflowSession
         fields = ["workflow", "status", "metadata", "tags"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["seen"].initial = _field_marks(self.instance)
 
     # Only what changed is checked and saved: a status fix is not refused for metadata stored under
     # an older, larger SESSION_METADATA_MAX_BYTES.
     def clean_metadata(self) -> Any:
         value = self.cleaned_data.get("metadata")
-        return value if value == self.instance.metadata else _service_checked(clean_metadata, value)
+        return value if same_json(value, self.instance.metadata) else _service_checked(clean_metadata, value)
 
     def clean_tags(self) -> Any:
         value = self.cleaned_data.get("tags")
-        return value if value == self.instance.tags else _service_checked(clean_tags, value)
+        return value if same_json(value, self.instance.tags) else _service_checked(clean_tags, value)
 
     def clean(self) -> Any:
         cleaned = super().clean()
@@ -710,7 +728,29 @@ class SessionFixForm(forms.ModelForm):
             ensure_writable(self.instance)
         except StateStoreError as exc:
             raise forms.ValidationError(exc.message) from None
+        seen = dict(mark.partition(":")[::2] for mark in (self.cleaned_data.get("seen") or "").split(",") if mark)
+        now = dict(mark.partition(":")[::2] for mark in _field_marks(self.instance).split(","))
+        moved = [name for name in SESSION_FIXED_FIELDS if name in seen and seen[name] != now[name]]
+        if moved:
+            shown = "; ".join(f"{name} is now {_shown(getattr(self.instance, name))}" for name in moved)
+            raise forms.ValidationError(
+                f"This session changed since this page was opened (its engine or someone else wrote it): {shown}. "
+                "Nothing was saved: reload the page to see it as it is, then make your change again."
+            )
         return cleaned
+
+
+SESSION_FIXED_FIELDS = tuple(SessionFixForm.Meta.fields)
+
+
+def _field_marks(session: WorkflowSession) -> str:
+    return ",".join(f"{name}:{hashlib.blake2b(orjson.dumps(getattr(session, name), option=orjson.OPT_SORT_KEYS), digest_size=6).hexdigest()}"
+                    for name in SESSION_FIXED_FIELDS)
+
+
+def _shown(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class ArchiveReasonForm(forms.Form):
@@ -724,7 +764,7 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
     corrects a session's status, workflow, metadata and tags on its page, audited as session.update."""
 
     form = SessionFixForm
-    fields = ["project", "external_id", "dashboard", "workflow", "status", "metadata", "tags", "head_number",
+    fields = ["project", "external_id", "dashboard", "workflow", "status", "metadata", "tags", "seen", "head_number",
               "version_count", "last_step", "last_error", "logical_bytes", "stored_bytes", "created_by",
               "created_at", "updated_at", "archived_at"]
     list_display = ["external_id", "project", "workflow", "status", "head_number", "version_count", "updated_at",
@@ -786,7 +826,7 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
     def save_model(self, request: HttpRequest, obj: WorkflowSession, form: Any, change: bool) -> None:
         require_role(request, [obj.project_id], Role.OPERATOR)
         session_update(session=obj, actor=request.user,
-                       **{name: form.cleaned_data[name] for name in SessionFixForm.Meta.fields if name in form.changed_data})
+                       **{name: form.cleaned_data[name] for name in SESSION_FIXED_FIELDS if name in form.changed_data})
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         # A session id pasted into the search box (from a session page's address or the API) finds its

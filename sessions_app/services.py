@@ -45,6 +45,7 @@ from sessions_app.models import (
     WorkflowSession,
 )
 from sessions_app.selectors import projects_left_without_admin
+from sessions_app.strict_json import same_json
 
 # Who acts: a user (possibly anonymous) or None for the system. Typed loosely on purpose: the
 # concrete user model is swappable.
@@ -366,7 +367,7 @@ def session_update(
         if not isinstance(workflow, str) or len(workflow) > 200:
             raise InvalidState("workflow must be a string of at most 200 characters")
         asked["workflow"] = workflow
-    changed = {name: value for name, value in asked.items() if getattr(session, name) != value}
+    changed = {name: value for name, value in asked.items() if not same_json(getattr(session, name), value)}
     if not changed:
         return session
     details = {name: {"before": _audit_value(getattr(session, name)), "after": _audit_value(value)}

@@ -26,6 +26,12 @@ def ascii_int(raw: str) -> int | None:
     return int(raw) if ASCII_DIGITS.fullmatch(raw) else None
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same JSON. Python's == is not that: 1 == 1.0 == True, so a
+    value changed from 1 to true compared as unchanged and the change was dropped."""
+    return a is b or orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+
+
 def flag(raw: str) -> bool | None:
     """A yes/no query parameter as the API and the dashboard read it (true/1/yes, false/0/no, any
     case), else None: the caller says what is wrong."""

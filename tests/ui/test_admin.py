@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
@@ -24,6 +25,7 @@ from sessions_app.services import api_key_create, api_key_revoke, membership_set
 from snapshots_app.integrity import integrity_problem_record
 from snapshots_app.models import IntegrityProblem, Job, StateNode, Version
 from snapshots_app.services import snapshot_record
+from tests.api.conftest import key_client
 from tests.conftest import clear_cache
 from tests.factories import make_project, make_session, make_user
 from tests.locks import someone_waits_on_a_lock
@@ -1179,6 +1181,7 @@ def test_an_operator_corrects_a_sessions_status_metadata_and_tags_in_the_admin_a
     ({"metadata": "[" * 5000 + "]" * 5000}, "not valid JSON"),  # json.loads overflowed the stack: a 500
     ({"metadata": '{"a": ' * 250 + "1" + "}" * 250}, "nests deeper than"),
     ({"metadata": '["not", "an", "object"]'}, "must be a JSON object"),
+    ({"metadata": '{"x": 123456789012345678901234567890}'}, "integer 123456789012345678901234567890... is outside"),
     ({"metadata": '{"owner": "ops", "ticket": 42, "owner": "me"}'}, 'it has the key "owner" twice in one object'),
     ({"metadata": '{"blob": "' + "x" * 70_000 + '"}'}, "over the"),
     ({"tags": '["fine", "no!good"]'}, "invalid tag"),
@@ -1229,6 +1232,50 @@ def test_a_session_status_fix_keeps_metadata_stored_under_an_older_larger_limit(
     story.refresh_from_db()
     assert story.status == "completed" and story.metadata == big
     assert set(AuditEvent.objects.get(action="session.update").details) == {"status"}
+
+
+def _seen_fields(page: str) -> str:
+    return html.unescape(re.search(r'name="seen" value="([^"]*)"', page).group(1))
+
+
+def test_a_session_its_engine_changed_after_the_page_was_opened_is_not_set_back_by_a_save(client, staff, story):
+    """The form compared what was posted with the session as it was at the save: a status its engine
+    wrote after the page was opened read as the operator's change, and saving the tags alone set the
+    session back to running, audited as theirs. Fields nobody touched meanwhile still save."""
+    client.force_login(staff)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    seen = _seen_fields(client.get(url).content.decode())
+    snapshot_record(session=story, state={"done": True}, status="completed")  # the engine, meanwhile
+    response = client.post(url, session_form(tags='["nightly", "checked"]', seen=seen))
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 200 and "changed since this page was opened" in page and "status is now 'completed'" in page
+    story.refresh_from_db()
+    assert story.status == "completed" and story.tags == ["nightly"]
+    assert not AuditEvent.objects.filter(action="session.update").exists()
+
+    seen = _seen_fields(client.get(url).content.decode())
+    snapshot_record(session=story, state={"done": True, "again": 1}, status="completed")  # a step that changed none
+    response = client.post(url, session_form(status="completed", tags='["nightly", "checked"]', seen=seen))
+    assert response.status_code == 302
+    story.refresh_from_db()
+    assert story.status == "completed" and story.tags == ["nightly", "checked"]
+
+
+def test_a_metadata_value_changed_from_1_to_true_is_saved_and_audited(client, staff, story):
+    """1 == True == 1.0 in Python: the change read as none, "changed successfully" saved nothing, and
+    the API's PATCH answered 200 with the old value."""
+    WorkflowSession.objects.filter(pk=story.pk).update(metadata={"approved": 1, "ratio": 2})
+    client.force_login(staff)
+    url = reverse("admin:sessions_app_workflowsession_change", args=[story.pk])
+    seen = _seen_fields(client.get(url).content.decode())
+    assert client.post(url, session_form(metadata='{"approved": true, "ratio": 2}', seen=seen)).status_code == 302
+    story.refresh_from_db()
+    assert orjson.dumps(story.metadata, option=orjson.OPT_SORT_KEYS) == b'{"approved":true,"ratio":2}'
+    assert AuditEvent.objects.get(action="session.update").details["metadata"]["after"] == {"approved": True, "ratio": 2}
+    answer = key_client(story.project).patch(f"/api/v1/sessions/{story.pk}/", {"metadata": {"approved": True, "ratio": 2.0}},
+                                             format="json")
+    assert answer.status_code == 200 and orjson.dumps(answer.json()["metadata"]) == b'{"approved":true,"ratio":2.0}'
+    assert AuditEvent.objects.filter(action="session.update").count() == 2
 
 
 def deleted_while_saving(delete: Callable[[], object], save: Callable[[], object]) -> object:
