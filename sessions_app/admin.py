@@ -816,11 +816,16 @@ class WorkflowSessionAdmin(ReadOnlyAdmin):
                 "form": form, "action_checkbox_name": ACTION_CHECKBOX_NAME, "action": verb,
             }, status=400 if form.is_bound else 200)
         change = session_archive if archive else session_unarchive
+        gone = []
         for session in to_change:
-            change(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+            try:
+                change(session=session, reason=form.cleaned_data["reason"], actor=request.user)
+            except NotFound:  # deleted since the confirmation page (by the API, another operator): the rest go on
+                gone.append(session.external_id)
         done = "Archived" if archive else "Unarchived"
-        messages.success(request, f"{done} {len(to_change)} session(s)."
-                                  + (f" {unchanged} were {done.lower()} already: left as they were." if unchanged else ""))
+        messages.success(request, f"{done} {len(to_change) - len(gone)} session(s)."
+                                  + (f" {unchanged} were {done.lower()} already: left as they were." if unchanged else "")
+                                  + (f" Deleted meanwhile, so not {done.lower()}: {', '.join(gone)}." if gone else ""))
         return None
 
     def save_model(self, request: HttpRequest, obj: WorkflowSession, form: Any, change: bool) -> None:

@@ -1467,6 +1467,31 @@ def test_archiving_a_selection_of_sessions_in_the_admin_asks_first_and_audits_ea
     assert AuditEvent.objects.get(action="session.unarchive").reason == "reopened"
 
 
+def test_a_session_deleted_while_a_selection_is_archived_is_named_and_the_rest_are_archived(client, staff, story,
+                                                                                            monkeypatch):
+    """Deleted (by the API, another operator) after the action read the selection, one session made the
+    action a 500 half-way: those before it archived, those after not, and nothing said which."""
+    from sessions_app import admin as sessions_admin
+    from sessions_app.services import session_archive as archive_one
+    from sessions_app.services import session_delete
+
+    second, third = make_session(story.project, "run-b"), make_session(story.project, "run-c")
+
+    def deleted_first(*, session, **kwargs):
+        if session.pk == second.pk:
+            session_delete(session=session, reason="removed by someone else")
+        return archive_one(session=session, **kwargs)
+
+    monkeypatch.setattr(sessions_admin, "session_archive", deleted_first)  # the deletion, at that moment
+    client.force_login(staff)
+    response = client.post(reverse("admin:sessions_app_workflowsession_changelist"),
+                           archiving("archive", story, second, third, post="yes", reason="quarter closed"), follow=True)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 200 and "Archived 2 session(s). Deleted meanwhile, so not archived: run-b." in page
+    assert set(AuditEvent.objects.filter(action="session.archive").values_list("session_id", flat=True)) == {
+        story.pk, third.pk}
+
+
 def test_archiving_in_the_admin_needs_the_operator_role_in_every_selected_project(client, clerk, story):
     membership_set(project=story.project, user=clerk, role=Role.VIEWER)
     client.force_login(clerk)
