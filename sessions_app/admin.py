@@ -155,6 +155,11 @@ class ProjectListFilter(admin.RelatedFieldListFilter):
     ) -> list[tuple[str, str]]:
         return [(str(project.pk), str(project)) for project in admin_projects(request).order_by("name")]
 
+    def has_output(self) -> bool:
+        # Django hides a filter of one choice, and then drops its parameter too: for staff in one project,
+        # an address naming another project listed every row of theirs under it.
+        return True
+
 
 class ServiceRefusalsAdmin(admin.ModelAdmin):
     """A save or deletion the services refuse after the page's own checks passed is a message, not a
