@@ -19,14 +19,15 @@ from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.models import ADDITION, LogEntry
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
-from django.db import router, transaction
+from django.db import DataError, router, transaction
 from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -34,7 +35,7 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 
-from sessions_app.errors import InvalidState, NotFound, StateStoreError
+from sessions_app.errors import InvalidState, NotFound, StateStoreError, first_line
 from sessions_app.models import (
     ApiKey,
     AuditEvent,
@@ -193,6 +194,33 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
         """Why the services would refuse to delete these rows (asked before Django's confirmation page), or None."""
         return None
 
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        """A list address whose filters cannot be applied (`?head_number__gt=abc`, a NUL, a broken
+        regex: the admin takes any lookup on a model's own fields) is a 400 saying which, with a link
+        to the whole list. Django answered the first with a redirect to "Something's wrong with your
+        database installation", and the others with a 500."""
+        try:
+            response = super().changelist_view(request, extra_context)
+            if isinstance(response, TemplateResponse):
+                response.render()  # (the page's rows are read here)
+            return response
+        except UnreadableListAddress as exc:
+            problem = str(exc).rstrip(".")
+        except DataError as exc:
+            problem = first_line(exc).rstrip(".")
+        return TemplateResponse(request, "admin/list_address_problem.html", {
+            **self.admin_site.each_context(request), "opts": self.opts, "problem": problem,
+            "title": f"This list of {self.opts.verbose_name_plural} cannot be shown",
+        }, status=400)
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        try:
+            return super().get_changelist_instance(request)
+        except IncorrectLookupParameters as exc:
+            cause = exc.args[0] if exc.args else exc  # (Django wraps what the filter raised)
+            words = "; ".join(cause.messages) if isinstance(cause, ValidationError) else first_line(cause)
+            raise UnreadableListAddress(words) from None
+
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         actions: dict[str, Any] = super().get_actions(request)
         deleting = actions.get("delete_selected")
@@ -206,6 +234,10 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined,no-any-return]
         messages.error(request, exc.message)
         return HttpResponseRedirect(back)
+
+
+class UnreadableListAddress(Exception):
+    pass
 
 
 def delete_selected_unless_refused(

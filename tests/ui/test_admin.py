@@ -1617,3 +1617,21 @@ def test_the_admin_link_is_offered_only_to_staff_it_has_something_to_show(client
         client.force_login(user)
         links[user.username] = f'href="{reverse("admin:index")}"' in client.get(reverse("sessions:list")).content.decode()
     assert links == {"bare-staff": False, "clerk": True, "root": True}
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("/admin/sessions_app/workflowsession/?status__exact=%00", "cannot contain NUL"),
+    ("/admin/snapshots_app/version/?reason__regex=(", "invalid regular expression"),
+    ("/admin/sessions_app/auditevent/?action__exact=%00", "cannot contain NUL"),
+    ("/admin/sessions_app/workflowsession/?head_number__gt=abc", "expected a number but got 'abc'"),
+    ("/admin/sessions_app/workflowsession/?nonsense=1", "Cannot resolve keyword 'nonsense'"),
+    ("/admin/sessions_app/workflowsession/?created_at__gte=2026-13-45", "it is an invalid date"),
+])
+def test_a_list_address_whose_filters_cannot_be_applied_is_a_400_saying_why(client, staff, story, address, problem):
+    """The admin takes any lookup on a model's own fields: a NUL or a broken regex in one was a 500, and
+    a value it could not read a redirect to "Something's wrong with your database installation"."""
+    client.force_login(staff)
+    response = client.get(address)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400 and "The filters in this address cannot be applied: " in page, page[:300]
+    assert problem in page and "Show the whole list" in page and "run-42" not in page
