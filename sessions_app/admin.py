@@ -919,7 +919,13 @@ class AuditEventAdmin(ReadOnlyAdmin):
             # Their ids, not a subquery: a list the session_id index serves, beside the trigram indexes
             # (0009, 0015) of the other terms, so the log is never read whole.
             named = list(WorkflowSession.objects.filter(project__in=projects, external_id__icontains=term)
-                         .values_list("pk", flat=True)[:NAMED_SESSIONS_SEARCHED])
+                         .order_by("-updated_at").values_list("pk", flat=True)[:NAMED_SESSIONS_SEARCHED + 1])
+            if len(named) > NAMED_SESSIONS_SEARCHED:
+                named.pop()
+                messages.warning(request, (
+                    f"More than {NAMED_SESSIONS_SEARCHED} sessions have “{term[:80]}” in their name: the events listed "
+                    f"are those of the {NAMED_SESSIONS_SEARCHED} most recently active (and of any event that names it). "
+                    "Search a longer part of the name, or a session's id, to see all of one session's events."))
             found = found | queryset.filter(Q(session_id__in=named) | Q(details__external_id__icontains=term))
         return found, may_have_duplicates
 

@@ -817,6 +817,23 @@ def test_the_audit_log_finds_a_sessions_events_by_its_name_and_names_it(client, 
     assert '<td class="field-session_name">run-gone</td>' in page  # as its deletion recorded it
 
 
+def test_an_audit_search_matching_more_session_names_than_it_reads_says_so(client, staff, story, monkeypatch):
+    """Past NAMED_SESSIONS_SEARCHED sessions so named, the log listed the events of an arbitrary 500 of
+    them as if they were all: it now lists those of the most recently active and says so."""
+    from sessions_app import admin as sessions_admin
+
+    monkeypatch.setattr(sessions_admin, "NAMED_SESSIONS_SEARCHED", 2)
+    for number in range(3):
+        session_update(session=make_session(story.project, f"bulk-{number}"), tags=["checked"])  # (names no session)
+    client.force_login(staff)
+    page = html.unescape(client.get("/admin/sessions_app/auditevent/", {"q": "bulk-"}).content.decode())
+    assert "More than 2 sessions have “bulk-” in their name" in page
+    listed = re.findall(r'<td class="field-session_name">(bulk-\d)</td>', page)
+    assert sorted(listed) == ["bulk-1", "bulk-2"]
+    page = html.unescape(client.get("/admin/sessions_app/auditevent/", {"q": "bulk-0"}).content.decode())
+    assert "More than" not in page and re.findall(r'<td class="field-session_name">(bulk-\d)</td>', page) == ["bulk-0"]
+
+
 def _many_old_pins(project, count: int = 3000) -> None:
     """A log as it grows: thousands of routine events, the oldest a month old (the planner is told)."""
     AuditEvent.objects.bulk_create([AuditEvent(project=project, action="version.pin", target_type="version",
