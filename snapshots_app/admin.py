@@ -229,6 +229,10 @@ class VersionAdmin(ReadOnlyAdmin):
                 keys = sorted(value) if isinstance(value, dict) else range(len(value))
                 parts = [(str(key), join_pointer(pointer, key)) for key in islice(keys, PARTS_SHOWN)]
                 parts_more, parts_size = len(value) - len(parts), size
+            elif size > WHOLE_STATE_EDIT_MAX:
+                # Compact, not indented: a 7.6 MB state was 19 MB of indented text, past what a POST may
+                # carry (REQUEST_MAX_BYTES), so its edit was refused and lost.
+                text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
             else:
                 text = pretty(value)
         reason = request.POST.get("reason", "")
@@ -281,7 +285,7 @@ class VersionAdmin(ReadOnlyAdmin):
             "title": f"Data fix of {session.external_id} from version {version.number}" + (f", at {pointer}" if pointer else ""),
             "version": version, "session": session, "head": head, "text": text, "reason": reason, "error": error,
             "warning": warning, "archived": archived, "path": pointer, "parts": parts, "parts_more": parts_more, "parts_size": parts_size, **diff_display(result), "mode": "inline", "previewed": previewed,
-            "unchanged": unchanged,
+            "unchanged": unchanged, "engine_active": selectors.engine_active(session),
         }
         return TemplateResponse(request, "admin/snapshots_app/version/data_fix.html", context,
                                 status=400 if error else 200)

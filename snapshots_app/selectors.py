@@ -16,7 +16,7 @@ from django.utils.http import urlencode
 
 from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
-from sessions_app.models import AuditAction, AuditEvent, WorkflowSession
+from sessions_app.models import AuditAction, AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees, diff_values
@@ -137,6 +137,21 @@ def last_step_at(session: WorkflowSession) -> datetime | None:
     """When the engine last wrote a step (rewinds, forks, data fixes and imports are operators')."""
     steps = Version.objects.filter(session=session, kind=VersionKind.STEP).order_by("-number")
     return steps.values_list("created_at", flat=True).first()
+
+
+# The statuses in which a page that changes the head warns that an engine may still be writing to the
+# session: at work, or waiting for input (once it arrives, the engine writes its next step from its
+# memory: over a rewind or a data fix, or into an archive's refusal).
+ENGINE_MAY_WRITE = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
+
+
+def engine_active(session: WorkflowSession) -> datetime | bool | None:
+    """For the confirm pages' warning: when the engine last wrote a step (True before its first), if the
+    session's status says it may still be writing; None otherwise. Not the head's time: a colleague's
+    rewind a moment ago read as an engine at work."""
+    if session.status not in ENGINE_MAY_WRITE:
+        return None
+    return last_step_at(session) or True
 
 
 def version_diff(

@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from functools import wraps
 from typing import Any
 
@@ -34,7 +34,7 @@ from sessions_app.errors import (
     VersionConflict,
 )
 from sessions_app.forms import form_problems
-from sessions_app.models import Role, SessionStatus, WorkflowSession
+from sessions_app.models import Role, WorkflowSession
 from sessions_app.selectors import role_allows, session_for_member
 from sessions_app.strict_json import ascii_int
 from sessions_app.views import render_fragment, wants_fragment
@@ -508,19 +508,6 @@ def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:
 # -- rewind, fork, pin, label (operators) ------------------------------------------------------------
 
 
-# The statuses in which a confirm page warns that an engine may still be writing to the session: at
-# work, or waiting for input (once it arrives, the engine writes its next step from its memory: over
-# a rewind, or into an archive's refusal).
-ENGINE_MAY_WRITE = frozenset({SessionStatus.RUNNING, SessionStatus.WAITING})
-
-
-def _engine_active(session: WorkflowSession) -> datetime | bool | None:
-    """For confirm.html's warning: when the engine last wrote a step (True before its first), if the
-    session's status says it may still be writing; None otherwise. Not the head's time: a colleague's
-    rewind a moment ago read as an engine at work."""
-    if session.status not in ENGINE_MAY_WRITE:
-        return None
-    return selectors.last_step_at(session) or True
 
 
 @login_required
@@ -585,7 +572,7 @@ def rewind_confirm(request: HttpRequest, session_id: Any, number: int) -> HttpRe
                 error = f"v{target.number} cannot be read ({exc.message}): a head rewound to it could not be read either."
     context = {
         **_base(session, role), "target": target, "head": head, "error": error, **diff_display(result), "mode": "inline",
-        "refused": refused, "engine_active": _engine_active(session), "damaged": damaged,
+        "refused": refused, "engine_active": selectors.engine_active(session), "damaged": damaged,
         "reason": request.POST.get("reason", ""), "request_key": _request_key(request, fresh=sent_before),
         "timeline_at": _timeline_at(session, target.number), "target_problem": selectors.open_integrity_problem(target),
     }
@@ -713,7 +700,7 @@ def archive_confirm(request: HttpRequest, session_id: Any) -> HttpResponse:
         return redirect("snapshots:session", session_id=session.pk)
     context = {
         **_base(session, role), "error": error, "refused": session.archived_at is not None,
-        "engine_active": _engine_active(session),
+        "engine_active": selectors.engine_active(session),
         "reason": request.POST.get("reason", ""),
     }
     return render(request, "snapshots_app/confirm_archive.html", context, status=status)

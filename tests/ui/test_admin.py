@@ -297,6 +297,41 @@ def test_a_large_state_is_fixed_one_part_at_a_time(client, staff, team, monkeypa
     assert (audit.reason, audit.details["edited"], audit.details["based_on"]) == ("garbled doc", "/docs/3", 1)
 
 
+def test_a_large_state_edited_whole_comes_compact_so_its_post_fits_the_request_limit(client, staff, team, monkeypatch,
+                                                                                     settings):
+    """Asked for whole, a 7.6 MB state came as 19 MB of indented text, past REQUEST_MAX_BYTES: its
+    preview was refused as a request too large to read, and the edit lost."""
+    from snapshots_app import admin as snapshots_admin
+
+    monkeypatch.setattr(snapshots_admin, "WHOLE_STATE_EDIT_MAX", 500)
+    session = make_session(team, "many-small")
+    state = {"items": [{"id": number, "tags": ["a", "b"]} for number in range(60)], "pointer": "rank"}
+    url = reverse("admin:snapshots_app_version_data_fix", args=[snapshot_record(session=session, state=state).pk])
+    client.force_login(staff)
+    page = client.get(url + "?whole=1").content.decode()
+    text = html.unescape(re.search(r'<textarea id="state" name="state"[^>]*>(.*?)</textarea>', page, re.S).group(1))
+    assert orjson.loads(text) == state and "\n" not in text
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = len(text) + 300  # (the other fields: a reason, the head, ...)
+    assert len(json.dumps(state, indent=2)) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE  # (what the page gave before)
+    edited = text.replace('"rank"', '"ranked"')
+    previewed = client.post(url, {"state": edited, "reason": "", "expected_version": 1, "preview": "1"})
+    assert previewed.status_code == 200 and "/pointer" in previewed.content.decode()
+    done = client.post(url, {"state": edited, "reason": "pointer typo", "expected_version": 1, "apply": "1",
+                             "previewed": shown_state(previewed)})
+    assert done.status_code == 302 and Version.objects.get(session=session, number=2).kind == "data_fix"
+
+
+def test_the_data_fix_page_of_a_session_its_engine_may_still_write_to_says_so(client, staff, story):
+    """The rewind page warned that a running engine writes its next step on top, from its memory; the
+    data fix, which makes a new head as a rewind does, said nothing."""
+    client.force_login(staff)
+    url = reverse("admin:snapshots_app_version_data_fix", args=[Version.objects.get(session=story, number=2).pk])
+    page = html.unescape(client.get(url).content.decode())
+    assert 'id="engine-running"' in page and "This session is running" in page and "Stop it first" in page
+    session_update(session=story, status="completed")
+    assert 'id="engine-running"' not in client.get(url).content.decode()
+
+
 def test_bad_json_typed_for_one_part_is_placed_where_it_was_typed(client, staff, team, monkeypatch, settings):
     """The part was parsed wrapped in {"value": ...}: every syntax error was placed 9 characters off (or,
     past the first line, at the right column of a text that never was), and a too deep part was named
