@@ -422,7 +422,13 @@ def version_diff(request: HttpRequest, session_id: Any) -> HttpResponse:
                          "with: it may have been deleted, or it belongs to a project you are not a member of.")
             return render(request, "404.html", {"request_path": request.path, "explained": explained}, status=404)
         if from_session.project_id != session.project_id:
-            raise Http404("versions of different projects cannot be compared")
+            # As the API answers it (400): both sessions are the reader's, so a 404 saying one "may have been
+            # deleted, or belongs to a project you are not a member of" was untrue.
+            explained = (f"{from_session.external_id} is in {from_session.project.name} and {session.external_id} in "
+                         f"{session.project.name}: versions of different projects cannot be compared, as nothing is "
+                         "shared across projects.")
+            return render(request, "snapshots_app/diff_refused.html", {"session": session, "explained": explained},
+                          status=400)
     from_version, removed = None, None
     if request.GET.get("from"):
         from_version = _version(from_session, request.GET["from"])

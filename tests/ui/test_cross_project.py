@@ -100,6 +100,19 @@ def test_dashboard_addresses_of_another_projects_session(client, mallory, globex
     assert not AuditEvent.objects.filter(project=project, action__in=["session.rewind", "session.fork"]).exists()
 
 
+def test_a_member_of_both_projects_diffing_across_them_is_told_why_not_sent_a_404(client, mallory, globex):
+    """Both sessions hers, the page said the one she was on "may have been deleted, or belongs to a project
+    you are not a member of"; the API answers the same diff 400 with the reason."""
+    project, theirs = globex
+    membership_set(project=project, user=mallory, role=Role.VIEWER)
+    client.force_login(mallory)
+    mine = mallory.memberships.get(project__slug="acme").project.sessions.get()
+    response = client.get(f"/sessions/{mine.pk}/diff/", {"from_session": theirs.pk, "from": 1, "to": 1})
+    page = response.content.decode()
+    assert response.status_code == 400 and "versions of different projects cannot be compared" in page
+    assert f"run-{SECRET} is in" in page and "may have been deleted" not in page
+
+
 ADMIN_MODELS = ["sessions_app/project", "sessions_app/membership", "sessions_app/apikey", "sessions_app/workflowsession",
                 "sessions_app/auditevent", "snapshots_app/version", "snapshots_app/integrityproblem", "snapshots_app/job",
                 "snapshots_app/retentionpolicy", "auth/user"]
