@@ -142,6 +142,22 @@ def test_idempotency_key_replays_the_first_answer(rewind):
     assert again["number"] == first["number"] == 1 and rewind.get_session(s["id"])["version_count"] == 1
 
 
+def test_every_write_the_server_remembers_takes_the_callers_own_idempotency_key(rewind):
+    """README: give a write you may have to repeat your own idempotency_key=. trim, pin, label and a key's
+    expiry took none (a TypeError), though the server remembers their answers."""
+    s = rewind.create_session("i-2")
+    for n in range(3):
+        rewind.record(s["id"], {"n": n})
+    first = rewind.trim(s["id"], [3], reason="cleanup", idempotency_key="trim-1")
+    rewind.record(s["id"], {"n": 3})  # the head moves on: a new trim keeping v3 alone would be refused
+    assert rewind.trim(s["id"], [3], reason="cleanup", idempotency_key="trim-1") == first
+    assert rewind.pin(s["id"], 4, idempotency_key="pin-1")["pinned"] is True
+    assert rewind.label(s["id"], 4, "good", idempotency_key="label-1")["label"] == "good"
+    key = rewind.create_api_key("rotating", scopes=["read"])
+    moved = rewind.set_api_key_expiry(key["id"], "2030-01-01T00:00:00Z", idempotency_key="expiry-1")
+    assert moved["expires_at"].startswith("2030-01-01")
+
+
 def test_bad_input_is_a_validation_error(rewind):
     s = rewind.create_session("bad-1")
     with pytest.raises(ValidationError) as caught:

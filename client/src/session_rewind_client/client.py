@@ -248,11 +248,11 @@ class Endpoints(Generic[R]):
         return self._run(Call("PATCH", f"sessions/{_sid(session_id)}/versions/{int(number)}/", json=body,
                               idempotency_key=idempotency_key))
 
-    def pin(self, session_id: Any, number: int, *, pinned: bool = True) -> R:
-        return self.update_version(session_id, number, pinned=pinned)
+    def pin(self, session_id: Any, number: int, *, pinned: bool = True, idempotency_key: str | None = None) -> R:
+        return self.update_version(session_id, number, pinned=pinned, idempotency_key=idempotency_key)
 
-    def label(self, session_id: Any, number: int, label: str) -> R:
-        return self.update_version(session_id, number, label=label)
+    def label(self, session_id: Any, number: int, label: str, *, idempotency_key: str | None = None) -> R:
+        return self.update_version(session_id, number, label=label, idempotency_key=idempotency_key)
 
     def list_versions(self, session_id: Any, *, cursor: str | None = None, **filters: Any) -> R:
         """One page of version metadata, newest first."""
@@ -324,14 +324,15 @@ class Endpoints(Generic[R]):
 
     def trim(
         self, session_id: Any, keep: list[int], *, reason: str, expected_version: int | None = None,
-        if_match: str | None = None,
+        if_match: str | None = None, idempotency_key: str | None = None,
     ) -> R:
         """Remove every version except the numbers in `keep`, which must name the head (admin; audited).
         Pinned and labelled versions, sources of other sessions' forks and what a kept rewind restored
         stay too. ``if_match`` (a head's ``etag``) or ``expected_version`` names the head it must follow.
         Returns ``{"removed": [...], "kept": [...], "protected": [...]}``; a repeat removes nothing."""
         body = _drop_none(keep=sorted(set(keep)), reason=reason, expected_version=expected_version)
-        return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body, headers=_if_match(if_match)))
+        return self._run(Call("POST", f"sessions/{_sid(session_id)}/trim/", json=body, headers=_if_match(if_match),
+                              idempotency_key=idempotency_key))
 
     # -- projects, API keys, audit log -----------------------------------------------------------
 
@@ -364,9 +365,11 @@ class Endpoints(Generic[R]):
     def get_api_key(self, key_id: int) -> R:
         return self._run(Call("GET", f"keys/{int(key_id)}/"))
 
-    def set_api_key_expiry(self, key_id: int, expires_at: datetime | str | None) -> R:
+    def set_api_key_expiry(self, key_id: int, expires_at: datetime | str | None, *,
+                           idempotency_key: str | None = None) -> R:
         """Move a key's expiry (admin; None: never): an expired key so extended works again. Audited."""
-        return self._run(Call("PATCH", f"keys/{int(key_id)}/", json={"expires_at": _when(expires_at)}))
+        return self._run(Call("PATCH", f"keys/{int(key_id)}/", json={"expires_at": _when(expires_at)},
+                              idempotency_key=idempotency_key))
 
     def revoke_api_key(self, key_id: int, *, idempotency_key: str | None = None) -> R:
         return self._run(Call("DELETE", f"keys/{int(key_id)}/", idempotency_key=idempotency_key))
