@@ -416,9 +416,37 @@ class RetentionPolicyForm(forms.ModelForm):
     keep_days = forms.IntegerField(min_value=0, max_value=compaction.RETENTION_KEEP_MAX,
                                    help_text=RetentionPolicy._meta.get_field("keep_days").help_text)
 
+    # A policy is applied by the next compaction (daily, or one an admin runs), and what it removes is gone
+    # for good: a typo in keep_last saved at once. A policy that would remove versions now is saved only
+    # once the page has said how many and this is ticked.
+    confirmed = forms.BooleanField(required=False, label="Save it anyway",
+                                   help_text="Asked when the policy would remove versions: the page says how many.")
+
     class Meta:
         model = RetentionPolicy
         fields = ["project", "enabled", "keep_last", "keep_days", "thin_to"]
+
+    def clean(self) -> Any:
+        cleaned = super().clean() or {}
+        project = cleaned.get("project") or getattr(self.instance, "project", None)
+        asked = {name: cleaned.get(name) for name in ("enabled", "keep_last", "keep_days", "thin_to")}
+        if self.errors or project is None or not asked["enabled"] or cleaned.get("confirmed"):
+            return cleaned
+        if self.instance.pk is not None and not (set(self.changed_data) & set(asked)):
+            return cleaned
+        outlook = compaction.retention_outlook(project=project, policy=RetentionPolicy(project=project, **asked))
+        if outlook.versions_removed == 0:
+            return cleaned
+        if outlook.versions_removed is None:
+            counted = (f"{project.slug} holds {outlook.versions_total:,} versions, too many to count here: run "
+                       "the Projects list's “Compaction: dry run” action to see how many this policy removes")
+        else:
+            counted = (f"under this policy the next compaction would remove {outlook.versions_removed:,} of "
+                       f"{outlook.versions_total:,} versions, in {outlook.sessions_touched:,} session(s) of {project.slug}")
+        raise forms.ValidationError(
+            f"Nothing was saved: {counted}. Compaction runs daily (and whenever an admin runs it), and what it "
+            "removes cannot be brought back. Tick “Save it anyway” to save this policy."
+        )
 
 
 @admin.register(RetentionPolicy)
@@ -438,7 +466,7 @@ class RetentionPolicyAdmin(ProjectScopedAdmin):
         return ["project", "in_words", "updated_at", "updated_by_label"] if obj is not None else []
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        fields = ["project", "enabled", "keep_last", "keep_days", "thin_to"]
+        fields = ["project", "enabled", "keep_last", "keep_days", "thin_to", "confirmed"]
         return [*fields, "in_words", "updated_at", "updated_by_label"] if obj is not None else fields
 
     @admin.display(description="In words")

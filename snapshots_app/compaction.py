@@ -647,11 +647,13 @@ class RetentionOutlook:
     sessions_touched: int | None
 
 
-def retention_outlook(*, project: Project, count_max: int = RETENTION_COUNTED_MAX) -> RetentionOutlook:
-    """The project's policy and, when it holds at most `count_max` versions, how many versions (of how
-    many sessions) retention would remove if it ran now. Read only: nothing is locked or kept, so a
-    run started later may remove a few more (versions age) or fewer (new pins)."""
-    policy = retention_policy_get(project=project)
+def retention_outlook(*, project: Project, count_max: int = RETENTION_COUNTED_MAX,
+                      policy: RetentionPolicy | None = None) -> RetentionOutlook:
+    """The project's policy (or `policy`, one proposed for it) and, when the project holds at most
+    `count_max` versions, how many versions (of how many sessions) retention would remove if it ran
+    now. Read only: nothing is locked or kept, so a run started later may remove a few more (versions
+    age) or fewer (new pins)."""
+    policy = policy or retention_policy_get(project=project)
     total = WorkflowSession.objects.filter(project=project).aggregate(total=Sum("version_count"))["total"] or 0
     if not policy.enabled:
         return RetentionOutlook(project, policy, total, 0, 0)

@@ -1442,6 +1442,29 @@ def test_a_project_admin_sets_and_changes_its_retention_policy_in_the_admin_audi
     assert RetentionPolicy.objects.filter(pk=policy.pk).exists()
 
 
+def test_a_retention_policy_that_would_remove_versions_is_saved_only_once_the_admin_has_seen_how_many(client, staff,
+                                                                                                       story):
+    """A policy was saved at once, and the next daily compaction applied it: a typo in keep_last became
+    versions gone for good. One that would remove versions now says how many and waits for a tick."""
+    from snapshots_app.models import RetentionPolicy
+
+    client.force_login(staff)
+    add = reverse("admin:snapshots_app_retentionpolicy_add")
+    strict = policy_form(story.project, keep_last=1, keep_days=0, thin_to="none")
+    response = client.post(add, strict)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 200 and "Nothing was saved: under this policy the next compaction would remove 4 of 5" in page
+    assert not RetentionPolicy.objects.exists() and not AuditEvent.objects.filter(action="retention.policy").exists()
+    assert client.post(add, {**strict, "confirmed": "on"}).status_code == 302
+    policy = RetentionPolicy.objects.get(project=story.project)
+    assert (policy.keep_last, policy.thin_to) == (1, "none")
+    url = reverse("admin:snapshots_app_retentionpolicy_change", args=[policy.pk])
+    assert client.post(url, policy_form(story.project, keep_last=1, keep_days=0, thin_to="none", enabled="")
+                       ).status_code == 302  # turning it off asks nothing
+    assert client.post(url, policy_form(story.project, keep_last=100)).status_code == 302  # nor one removing none
+    assert Version.objects.filter(session=story).count() == 5
+
+
 @pytest.mark.parametrize("changes, problem", [
     ({"keep_last": -1}, "greater than or equal to 0"),
     ({"keep_days": 2_000_000_000}, "less than or equal to 1000000"),
