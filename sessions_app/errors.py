@@ -89,6 +89,14 @@ class IdempotencyKeyReused(StateStoreError):
     status = 422
 
 
+class WriteRemoved(StateStoreError):
+    """A retry whose first call's version has since been removed (a trim, retention): writing it again
+    would put an old state on top of what was written since, so nothing is written."""
+
+    code = "written_then_removed"
+    status = 409
+
+
 class ReasonRequired(StateStoreError):
     code = "reason_required"
     status = 400

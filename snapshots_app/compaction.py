@@ -43,6 +43,7 @@ from snapshots_app.models import (
     Job,
     JobKind,
     JobStatus,
+    RemovedWrite,
     RetentionPolicy,
     StateNode,
     Thinning,
@@ -351,9 +352,18 @@ def _delete_versions(session: WorkflowSession, doomed: set[int]) -> None:
     for chunk in _chunks(problems, _IN_LIST):
         IntegrityProblem.objects.filter(id__in=chunk).delete()
     table = connection.ops.quote_name(Version._meta.db_table)
+    removed = connection.ops.quote_name(RemovedWrite._meta.db_table)
     with connection.cursor() as cursor:
         for chunk in _chunks(sorted(doomed), _IN_LIST):
-            cursor.execute(f"DELETE FROM {table} WHERE id IN ({', '.join(['%s'] * len(chunk))})", chunk)
+            listed = ", ".join(["%s"] * len(chunk))
+            # Their idempotency keys stay (RemovedWrite): a retry of one of these writes is refused, not written again.
+            cursor.execute(
+                f"INSERT INTO {removed} (session_id, idempotency_key, number, removed_at) "
+                f"SELECT session_id, idempotency_key, number, %s FROM {table} "
+                f"WHERE id IN ({listed}) AND idempotency_key IS NOT NULL ON CONFLICT DO NOTHING",
+                [connection.ops.adapt_datetimefield_value(timezone.now()), *chunk],
+            )
+            cursor.execute(f"DELETE FROM {table} WHERE id IN ({listed})", chunk)
 
 
 def session_versions_delete(session: WorkflowSession) -> None:

@@ -103,6 +103,26 @@ class Version(models.Model):
         return bool(self.error)
 
 
+class RemovedWrite(models.Model):
+    """The idempotency key of a version that a trim or retention removed, and the number it had. The key
+    went with the row, so a retry of that write (a client's, after a lost answer) found no version with
+    it and wrote its state again, on top of everything written since; it is now refused, naming the
+    version it made (services._replay, and the one-statement write's check in rows._append_sql)."""
+
+    session = models.ForeignKey(WorkflowSession, on_delete=models.CASCADE, related_name="removed_writes")
+    idempotency_key = models.CharField(max_length=200)
+    number = models.PositiveIntegerField()
+    removed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["session", "idempotency_key"], name="removedwrite_unique_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.idempotency_key} wrote v{self.number}, since removed"
+
+
 class StateNode(models.Model):
     """One node of a project's content-addressed state trees, stored once per project, compressed.
 

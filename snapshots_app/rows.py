@@ -18,7 +18,7 @@ from django.db.models import Field, Model
 
 from sessions_app.models import WorkflowSession
 from snapshots_app import store
-from snapshots_app.models import StateNode, Version
+from snapshots_app.models import RemovedWrite, StateNode, Version
 
 _SESSION_FIELDS: list[Field] = list(WorkflowSession._meta.concrete_fields)
 _VERSION_COLUMNS: list[Field] = list(Version._meta.concrete_fields)
@@ -168,6 +168,7 @@ def _append_sql(moves: tuple[str, ...]) -> str:
     """The whole of a snapshot write as one statement (see version_append_if_head)."""
     session_table = WorkflowSession._meta.db_table
     version_table = Version._meta.db_table
+    removed_table = RemovedWrite._meta.db_table
     sets = [
         "head_number = head_number + 1", "version_count = version_count + 1",
         "stored_bytes = stored_bytes + (SELECT size FROM stored)",
@@ -179,7 +180,10 @@ def _append_sql(moves: tuple[str, ...]) -> str:
         # in `ok` see the head as it is now, not as the statement's snapshot had it.
         f"WITH locked AS ({_locking_select('s.id, s.head_number, s.archived_at')}), "
         "ok AS (SELECT id FROM locked WHERE head_number = %s AND archived_at IS NULL AND NOT EXISTS "
-        f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key IN (%s, %s))), "
+        f"(SELECT 1 FROM {version_table} AS v WHERE v.session_id = locked.id AND v.idempotency_key IN (%s, %s)) "
+        # A key whose version a trim or retention removed: the full path refuses it (services._replay).
+        f"AND NOT EXISTS (SELECT 1 FROM {removed_table} AS r WHERE r.session_id = locked.id "
+        "AND r.idempotency_key IN (%s, %s))), "
         f"nodes AS ({store.NODE_INSERT_SQL} WHERE EXISTS (SELECT 1 FROM ok) "
         "ON CONFLICT DO NOTHING RETURNING length(data) AS size), "
         "stored AS (SELECT COALESCE(sum(size), 0) AS size FROM nodes), "
@@ -194,7 +198,8 @@ def _append_sql(moves: tuple[str, ...]) -> str:
 
 def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, moves: dict[str, Any]) -> bool:
     """If the session's head is still version `head` (and it is not archived, and no version has
-    `version.idempotency_key`, nor the key a batch sent with it gave its first version), insert `nodes` and `version` (number head + 1, parent the head,
+    `version.idempotency_key`, nor the key a batch sent with it gave its first version, nor had one a
+    trim or retention removed), insert `nodes` and `version` (number head + 1, parent the head,
     stored_size the bytes the nodes really added) and move the session: its counters, and `moves`.
     One statement; True if it wrote (`version.session` then shows the move: `moves`, the counters,
     and status and last step/error as they now are), False having written nothing. Callers must
@@ -208,7 +213,7 @@ def version_append_if_head(version: Version, head: int, nodes: store.NodeRows, m
     with connection.cursor() as cursor:
         cursor.execute(
             _append_sql(tuple(moves)),
-            [version.session_id, head, version.idempotency_key, batch_key(version.idempotency_key, 0),
+            [version.session_id, head, *([version.idempotency_key, batch_key(version.idempotency_key, 0)] * 2),
              version.session.project_id, *nodes.arrays(),
              *session_values, *version_values, head],
         )

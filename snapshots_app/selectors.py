@@ -20,7 +20,7 @@ from sessions_app.models import AuditAction, AuditEvent, SessionStatus, Workflow
 from sessions_app.strict_json import ascii_int
 from snapshots_app import rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees, diff_values
-from snapshots_app.models import IntegrityProblem, Job, JobKind, Version, VersionKind
+from snapshots_app.models import IntegrityProblem, Job, JobKind, RemovedWrite, Version, VersionKind
 
 
 def _version_number(number: Any) -> int:
@@ -125,6 +125,14 @@ def version_state(version: Version) -> dict[str, Any]:
 def written_with_key(session: WorkflowSession, key: str) -> bool:
     """Whether a write with idempotency key `key` made a version of `session` (still there)."""
     return Version.objects.filter(session=session, idempotency_key=key).exists()
+
+
+def key_known(session: WorkflowSession, key: str) -> bool:
+    """Whether a call with idempotency key `key` (a single write's or a batch's) wrote versions of
+    `session`, there still or removed since: a retry of it is replayed or refused, never written."""
+    keys = [key, rows.batch_key(key, 0)]
+    return (Version.objects.filter(session=session, idempotency_key__in=keys).exists()
+            or RemovedWrite.objects.filter(session=session, idempotency_key__in=keys).exists())
 
 
 def head_version(session: WorkflowSession) -> Version | None:

@@ -30,6 +30,7 @@ from sessions_app.errors import (
     VersionConflict,
     VersionDamaged,
     VersionNotFound,
+    WriteRemoved,
 )
 from sessions_app.models import SESSION_STATUSES, AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.services import (
@@ -49,7 +50,7 @@ from sessions_app.services import (
 from sessions_app.strict_json import refuse_duplicate_keys, refuse_huge_integers
 from snapshots_app import canonical, compaction, rows, store
 from snapshots_app.diff import PatchError, apply_patch
-from snapshots_app.models import VERSION_KINDS, Version, VersionKind
+from snapshots_app.models import VERSION_KINDS, RemovedWrite, Version, VersionKind
 from snapshots_app.selectors import TIMELINE_PAGE, trim_plan, version_get
 
 logger = logging.getLogger(__name__)
@@ -457,6 +458,7 @@ def snapshot_record_batch(
     with transaction.atomic():
         if key is not None:
             _lock_for_write(session)  # a retry racing the first call waits for it, then counts
+            _refuse_removed_write(session, key, batch=True)
             earlier = Version.objects.filter(session=session, idempotency_key__startswith=rows.batch_key_prefix(key)).count()
             if earlier and earlier != len(snapshots):
                 raise IdempotencyKeyReused(
@@ -563,6 +565,7 @@ def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | Non
     IdempotencyKeyReused, nothing written."""
     first = Version.objects.filter(session=session, idempotency_key=key).select_related("session").first()
     if first is None:
+        _refuse_removed_write(session, key)
         batched = Version.objects.filter(session=session, idempotency_key=rows.batch_key(key, 0)).first()
         if batched is not None:
             raise IdempotencyKeyReused(
@@ -580,6 +583,22 @@ def _replay(session: WorkflowSession, key: str, **request: Any) -> Version | Non
             version=first.number,
         )
     return first
+
+
+def _refuse_removed_write(session: WorkflowSession, key: str, *, batch: bool = False) -> None:
+    """WriteRemoved if a call with idempotency key `key` (a batch's, with `batch`) wrote versions that a
+    trim or retention has removed since: its first answer cannot be given, and writing it again would
+    put an old state on top of what was written after it."""
+    removed = RemovedWrite.objects.filter(session=session)
+    removed = (removed.filter(idempotency_key__startswith=rows.batch_key_prefix(key)) if batch
+               else removed.filter(idempotency_key__in=[key, rows.batch_key(key, 0)]))
+    numbers = sorted(removed.values_list("number", flat=True))
+    if numbers:
+        wrote = f"version {numbers[0]}" if len(numbers) == 1 else f"versions from {numbers[0]}"
+        raise WriteRemoved(
+            f"idempotency key {key!r} wrote {wrote}, since removed (by a trim or retention); its answer cannot be "
+            "given again and nothing was written again", version=numbers[0],
+        )
 
 
 def _label_when_written(version: Version) -> str:

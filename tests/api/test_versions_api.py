@@ -180,6 +180,79 @@ def test_idempotency_key_replays_the_first_answer(writer, session):
     assert session.versions.count() == 1
 
 
+def test_a_retry_of_a_write_that_a_trim_or_retention_removed_is_refused_not_written_again(writer, admin_key, session, project):
+    """The key went with its version: a retry (a client's, after a lost answer) found no version with it and
+    wrote its old state again, on top of everything written since. Batches and rewinds alike."""
+    from snapshots_app import compaction
+
+    post = lambda path, body, key: writer.post(url(session, path), body, format="json", HTTP_IDEMPOTENCY_KEY=key)  # noqa: E731
+    snapshot_record(session=session, state={"n": 1})
+    assert post("versions/", {"state": {"n": 2}}, "single").status_code == 201  # v2
+    assert post("versions/batch/", {"versions": [{"state": {"n": 3}}, {"state": {"n": 4}}]}, "batch").status_code == 201
+    assert post("rewind/", {"to_version": 1, "reason": "back"}, "rewind").status_code == 201  # v5
+    snapshot_record(session=session, state={"n": 6})
+    trimmed = admin_key.post(url(session, "trim/"), {"keep": [1, 6], "reason": "tidy"}, format="json")
+    assert trimmed.status_code == 200 and trimmed.json()["removed"] == [2, 3, 4, 5]
+    for path, body, key, wrote in [("versions/", {"state": {"n": 2}}, "single", "version 2"),
+                                   ("versions/batch/", {"versions": [{"state": {"n": 3}}, {"state": {"n": 4}}]}, "batch",
+                                    "versions from 3"),
+                                   ("rewind/", {"to_version": 1, "reason": "back"}, "rewind", "version 5")]:
+        again = post(path, body, key)
+        assert again.status_code == 409 and again.json()["code"] == "written_then_removed", again.content
+        assert f"wrote {wrote}, since removed" in again.json()["detail"]
+    assert list(session.versions.order_by("number").values_list("number", flat=True)) == [1, 6]
+
+    # Retention removes through the same path.
+    assert post("versions/", {"state": {"n": 7}}, "kept-then-thinned").status_code == 201
+    snapshot_record(session=session, state={"n": 8})
+    compaction.retention_policy_set(project=project, enabled=True, keep_last=1, keep_days=0, thin_to="none")
+    compaction.compaction_run(project=project)
+    assert post("versions/", {"state": {"n": 7}}, "kept-then-thinned").json()["code"] == "written_then_removed"
+    session.refresh_from_db()
+    assert session.head_number == 8
+
+
+def test_a_retry_with_its_if_match_and_key_gets_its_answer_after_the_tag_it_named_was_trimmed(writer, admin_key, session):
+    """README: a retry carrying both If-Match and its Idempotency-Key gets the first answer. Once the head
+    its tag named was trimmed, it was a 412 saying nothing was written, of a write that was."""
+    first = snapshot_record(session=session, state={"a": 1})
+    tag = etag_of(first)
+    written = writer.post(url(session, "versions/"), {"state": {"a": 2}}, format="json", HTTP_IF_MATCH=tag,
+                          HTTP_IDEMPOTENCY_KEY="guarded")
+    assert written.status_code == 201
+    snapshot_record(session=session, state={"a": 3})
+    assert admin_key.post(url(session, "trim/"), {"keep": [2, 3], "reason": "tidy"}, format="json").status_code == 200
+    again = writer.post(url(session, "versions/"), {"state": {"a": 2}}, format="json", HTTP_IF_MATCH=tag,
+                        HTTP_IDEMPOTENCY_KEY="guarded")
+    assert again.status_code == 201 and again.json()["number"] == written.json()["number"] == 2  # (its parent, v1, is gone)
+    assert again.json()["checksum"] == written.json()["checksum"] and again["ETag"] == written["ETag"]
+    stale = writer.post(url(session, "versions/"), {"state": {"a": 4}}, format="json", HTTP_IF_MATCH=tag,
+                        HTTP_IDEMPOTENCY_KEY="never-used")
+    assert stale.status_code == 412 and session.versions.count() == 2
+
+
+def test_if_match_star_takes_any_head_even_one_that_moved_after_it_was_read(writer, session, monkeypatch):
+    """`*` was turned into the head read before the write: a writer in between made it a 412."""
+    from snapshots_app import selectors
+
+    snapshot_record(session=session, state={"a": 1})
+    head_version, calls = selectors.head_version, []
+
+    def another_writer_first(of):
+        head = head_version(of)
+        if not calls:
+            calls.append(head.number)
+            snapshot_record(session=of, state={"a": 100})  # another writer's, landing after the header was read
+        return head
+
+    monkeypatch.setattr(selectors, "head_version", another_writer_first)
+    response = writer.post(url(session, "versions/"), {"state": {"a": 2}}, format="json", HTTP_IF_MATCH="*")
+    assert response.status_code == 201 and response.json()["number"] == 3
+    fresh = make_session(session.project, "no-head-yet")
+    refused = writer.post(url(fresh, "versions/"), {"state": {"a": 1}}, format="json", HTTP_IF_MATCH="*")
+    assert refused.status_code == 412 and fresh.versions.count() == 0
+
+
 def test_diff_within_and_across_sessions(writer, session):
     snapshot_record(session=session, state={"a": 1, "list": [1, 2]})
     snapshot_record(session=session, state={"a": 2, "list": [1, 2, 3], "new": True})
