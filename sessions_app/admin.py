@@ -217,7 +217,12 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
         try:
             return super().get_changelist_instance(request)
         except IncorrectLookupParameters as exc:
-            cause = exc.args[0] if exc.args else exc  # (Django wraps what the filter raised)
+            if not exc.args:  # (Django's word for a page past the list's end)
+                raise UnreadableListAddress(
+                    f"page {request.GET.get('p', '')[:20]} is past the end of this list (a list of history stops "
+                    f"counting at {CappedCountPaginator.cap:,} rows: filter it, or search, to reach older ones)"
+                ) from None
+            cause = exc.args[0]  # (Django wraps what the filter raised)
             words = "; ".join(cause.messages) if isinstance(cause, ValidationError) else first_line(cause)
             raise UnreadableListAddress(words) from None
 

@@ -1710,3 +1710,15 @@ def test_a_list_address_whose_filters_cannot_be_applied_is_a_400_saying_why(clie
     page = html.unescape(response.content.decode())
     assert response.status_code == 400 and "The filters in this address cannot be applied: " in page, page[:300]
     assert problem in page and "Show the whole list" in page and "run-42" not in page
+
+
+def test_a_page_past_the_end_of_an_admin_list_says_so(client, staff, story, monkeypatch):
+    """Past the last page (or the 10,000 rows a history list counts), the 400 said "IncorrectLookupParameters"."""
+    from snapshots_app.admin import VersionAdmin
+
+    monkeypatch.setattr(VersionAdmin, "list_per_page", 2)
+    client.force_login(staff)
+    assert client.get("/admin/snapshots_app/version/", {"p": 3}).status_code == 200
+    response = client.get("/admin/snapshots_app/version/", {"p": 500})
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400 and "page 500 is past the end of this list" in page and "stops counting at 10,000" in page
