@@ -51,8 +51,10 @@ from snapshots_app.views import diff_display
 WHOLE_STATE_EDIT_MAX = 1_000_000
 # Links to parts listed at most (a list of 100,000 items is not 100,000 links): the rest by their path.
 PARTS_SHOWN = 1_000
-# Versions verified in the admin's request (a page's worth: ~1 ms each); a larger selection is a job.
+# Versions verified in the admin's request (a page's worth: ~1 ms each), while their states come to at most
+# VERIFY_BYTES_IN_REQUEST (50 versions of a 10 MB state took 17 s); a larger selection is a job.
 VERIFY_IN_REQUEST = 100
+VERIFY_BYTES_IN_REQUEST = 64 * 1024 * 1024
 # A versions search naming at most this many sessions lists theirs by id (get_search_results).
 SEARCH_SESSIONS_BY_ID = 100
 
@@ -134,8 +136,9 @@ class VersionAdmin(ReadOnlyAdmin):
         selected = queryset.order_by()
         # It records the problems it finds: the operator role, as the API's scrub asks.
         require_role(request, selected.values_list("session__project_id", flat=True).distinct(), Role.OPERATOR)
-        ids = list(selected.values_list("pk", flat=True)[: VERIFY_IN_REQUEST + 1])
-        if len(ids) > VERIFY_IN_REQUEST:
+        picked = list(selected.values_list("pk", "logical_size")[: VERIFY_IN_REQUEST + 1])
+        ids = [pk for pk, _ in picked]
+        if len(ids) > VERIFY_IN_REQUEST or sum(size for _, size in picked) > VERIFY_BYTES_IN_REQUEST:
             # A select-all of thousands: verified by the workers (a 50,000-version request timed out).
             queued = integrity.integrity_verify_start(versions=selected, actor=request.user)
             links = format_html_join(", ", '<a href="{}">job {}</a> ({} version(s) of {})', (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -450,11 +451,22 @@ def integrity_problems(session: WorkflowSession, *, limit: int = 20) -> list[Int
 @dataclass(frozen=True)
 class PathPoint:
     number: int
-    value: Any
+    value: Any  # a number, boolean, null or short string; None for a container or a long string (see `shown`)
     present: bool
     changed: bool
     created_at: Any
     step: str
+    shown: str  # what the row shows of it (jsonview.preview)
+
+
+def _point(version: Version, value: Any, present: bool, changed: bool, shown: str | None = None) -> PathPoint:
+    """A row of a path history, holding only what it shows: the value itself only when small. A 9 MB
+    list held by each of 100 rows took a web process to gigabytes (parsed, each is several times that)."""
+    from snapshots_app.jsonview import PREVIEW_CHARS, preview
+
+    small = type(value) not in (dict, list) and not (type(value) is str and len(value) > PREVIEW_CHARS)
+    return PathPoint(version.number, value if small else None, present, changed, version.created_at, version.step,
+                     shown if shown is not None else preview(value)[0] if present else "")
 
 
 def path_history(
@@ -478,7 +490,8 @@ def path_history(
             return None, False
 
     value, present = value_in(versions[0])
-    points = [PathPoint(versions[0].number, value, present, False, versions[0].created_at, versions[0].step)]
+    reading = _reading(value, present)
+    points = [_point(versions[0], value, present, False)]
     # One store for the window's diffs, with the top levels of every tree in it fetched in one round
     # trip: on a process whose node cache had none of them, each diff fetched its own (107 queries,
     # 0.5-0.66 s for 100 distinct 90 KB states).
@@ -493,13 +506,17 @@ def path_history(
         touched = False
         if len(touching) == 1 and touching[0][0] == pointer and touching[0][1]["kind"] == "changed":
             value, present, touched = touching[0][1]["new"], True, True
+            reading = _reading(value, present)
         elif touching:
             # Read it: a change above it (replaced whole, or an item added or removed before it in
             # an array) may leave it as it was, or move another item to its place.
-            was = _reading(value, present)
             value, present = value_in(version)
-            touched = was != _reading(value, present)
-        points.append(PathPoint(version.number, value, present, touched, version.created_at, version.step))
+            was, reading = reading, _reading(value, present)
+            touched = was != reading
+        last = points[-1]
+        points.append(_point(version, value, present, True) if touched else
+                      _point(version, last.value, last.present, False, last.shown))
+        value = None  # (not kept past its row: the next one reads its own if it must)
     return points
 
 
@@ -512,9 +529,9 @@ def _touches(changed: str, kind: str, pointer: str) -> bool:
 
 
 def _reading(value: Any, present: bool) -> tuple[bool, bytes]:
-    """What a path history row shows, comparable: equal JSON gives equal bytes (Python's 1 == 1.0 ==
-    True would call a changed type unchanged)."""
-    return present, orjson.dumps(value, option=orjson.OPT_SORT_KEYS) if present else b""
+    """What a path history row shows, comparable: equal JSON gives equal digests (Python's 1 == 1.0 ==
+    True would call a changed type unchanged). A digest, not the bytes: a row keeps it until the next."""
+    return present, hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16).digest() if present else b""
 
 
 SESSION_EXPORTS_SHOWN = 3

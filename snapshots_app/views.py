@@ -484,7 +484,7 @@ def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
     # retention run the oldest it left: "Older versions" there led to an empty page).
     older = bool(points) and selectors.version_before(session, points[0].number) is not None
     context = {**_base(session, role), "pointer": pointer, "points": points, "problem": problem, "older": older,
-               "changes": [(p, jsonview.preview(p.value)[0]) for p in reversed(points) if p.changed or p is points[0]],
+               "changes": [(p, p.shown) for p in reversed(points) if p.changed or p is points[0]],
                "chart": _chart(points), "nowhere": bool(points) and not any(p.present for p in points)}
     return render(request, "snapshots_app/history.html", context, status=400 if problem else 200)
 

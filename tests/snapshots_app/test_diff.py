@@ -248,6 +248,23 @@ def test_json_nested_deep_inside_a_string_of_a_deep_state_diffs():
     assert changes[0]["string_path"] == "/a" + "/0" * 198
 
 
+def test_path_history_of_a_large_container_keeps_what_its_rows_show_not_the_values(session):
+    """Each row held the value at the path: the history of a 9 MB list kept up to 100 of them, parsed,
+    and a web process grew to gigabytes. Rows keep what they show, and small values (the chart's)."""
+    from snapshots_app.selectors import path_history
+
+    for n in range(1, 5):
+        snapshot_record(session=session, state={"docs": [{"id": i, "text": "x" * 300} for i in range(n)],
+                                                "note": "y" * 500 + str(n // 3), "count": n})
+    docs = path_history(session, "/docs")
+    assert [(p.value, p.shown, p.changed) for p in docs] == [
+        (None, "[1 item]", False), (None, "[2 items]", True), (None, "[3 items]", True), (None, "[4 items]", True)]
+    notes = path_history(session, "/note")
+    assert [(p.value, p.changed) for p in notes] == [(None, False), (None, False), (None, True), (None, False)]
+    assert notes[2].shown.startswith('"yyy') and notes[2].shown.endswith("…")
+    assert [(p.value, p.shown) for p in path_history(session, "/count")] == [(n, str(n)) for n in range(1, 5)]
+
+
 def test_path_history_follows_items_that_shift_and_marks_only_real_changes(session):
     """Path history (the dashboard's "in which versions did this change"): an item inserted at the
     front of a list moves the others, so /items/1 holds another item; it kept showing the old one

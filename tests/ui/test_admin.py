@@ -414,6 +414,24 @@ def test_verify_integrity_action_records_a_problem(client, staff, story):
     assert 'id="integrity-problems"' in timeline and "v3</a>:" in timeline
 
 
+def test_a_selection_of_large_states_is_verified_by_a_job_not_in_the_request(client, staff, story, monkeypatch):
+    """50 versions of a 10 MB state were read and hashed in the request: 17 s, past a proxy's patience.
+    Past VERIFY_BYTES_IN_REQUEST of state the selection goes to the workers, as a long one does."""
+    from snapshots_app import admin as snapshots_admin
+
+    picked = list(Version.objects.filter(session=story, number__in=[2, 3]))
+    monkeypatch.setattr(snapshots_admin, "VERIFY_BYTES_IN_REQUEST", sum(v.logical_size for v in picked) - 1)
+    client.force_login(staff)
+    response = client.post(reverse("admin:snapshots_app_version_changelist"),
+                           {"action": "verify_integrity", "_selected_action": [v.pk for v in picked]}, follow=True)
+    assert "Verifying 2 version(s) in the background" in response.content.decode()
+    assert Job.objects.get(kind="scrub").params["selected"] == 2
+    monkeypatch.setattr(snapshots_admin, "VERIFY_BYTES_IN_REQUEST", sum(v.logical_size for v in picked))
+    response = client.post(reverse("admin:snapshots_app_version_changelist"),
+                           {"action": "verify_integrity", "_selected_action": [v.pk for v in picked]}, follow=True)
+    assert "All 2 version(s) verified" in response.content.decode() and Job.objects.count() == 1
+
+
 def test_verifying_integrity_in_the_admin_needs_the_operator_role(client, clerk, story):
     membership_set(project=story.project, user=clerk, role=Role.VIEWER)
     client.force_login(clerk)
