@@ -21,6 +21,7 @@ from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.models import ADDITION, LogEntry
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import quote, unquote
+from django.contrib.admin.views.main import PAGE_VAR
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
@@ -204,6 +205,13 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
             if isinstance(response, TemplateResponse):
                 response.render()  # (the page's rows are read here)
             return response
+        except PastTheEnd:
+            messages.info(request, f"That page is past the end of this list (a list of history stops counting at "
+                                   f"{CappedCountPaginator.cap:,} rows: filter it, or search, to reach older ones). "
+                                   "This is its first page.")
+            query = request.GET.copy()
+            query.pop(PAGE_VAR)
+            return HttpResponseRedirect(f"{request.path}?{query.urlencode()}")
         except UnreadableListAddress as exc:
             problem = str(exc).rstrip(".")
         except DataError as exc:
@@ -217,11 +225,12 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
         try:
             return super().get_changelist_instance(request)
         except IncorrectLookupParameters as exc:
-            if not exc.args:  # (Django's word for a page past the list's end)
-                raise UnreadableListAddress(
-                    f"page {request.GET.get('p', '')[:20]} is past the end of this list (a list of history stops "
-                    f"counting at {CappedCountPaginator.cap:,} rows: filter it, or search, to reach older ones)"
-                ) from None
+            if not exc.args:
+                # Django's word for a page past the list's end (after an action emptied the last page, or
+                # past the rows a history list counts), and for an `__isempty` value other than 0 or 1.
+                if PAGE_VAR in request.GET:
+                    raise PastTheEnd() from None
+                raise UnreadableListAddress("a filter's value is not one this list takes") from None
             cause = exc.args[0]  # (Django wraps what the filter raised)
             words = "; ".join(cause.messages) if isinstance(cause, ValidationError) else first_line(cause)
             raise UnreadableListAddress(words) from None
@@ -242,6 +251,10 @@ class ServiceRefusalsAdmin(admin.ModelAdmin):
 
 
 class UnreadableListAddress(Exception):
+    pass
+
+
+class PastTheEnd(Exception):
     pass
 
 

@@ -465,7 +465,10 @@ def snapshot_record_batch(
                     f"idempotency key {key!r} was used for a batch of {earlier} snapshots, not {len(snapshots)}; "
                     "nothing was written"
                 )
-            single = None if earlier else Version.objects.filter(session=session, idempotency_key=key).first()
+            single = None if earlier else (
+                Version.objects.filter(session=session, idempotency_key=key).first()
+                or RemovedWrite.objects.filter(session=session, idempotency_key=key).first()  # (since removed)
+            )
             if single is not None:
                 raise IdempotencyKeyReused(
                     f"idempotency key {key!r} was used for version {single.number}, written alone, not by a batch; "

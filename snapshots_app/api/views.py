@@ -135,13 +135,13 @@ def _if_match_number(
                 try:
                     named = selectors.version_get(session=session, number=number)
                 except VersionNotFound:
+                    if selectors.key_known(session, idempotency_key):
+                        # A head trimmed since the write it guarded: passed on as that (stale) number, which
+                        # the service replays the key against, or refuses (as removed, reused or stale: 412).
+                        return number
                     continue
                 if etag_of(named) == tag:
                     return named.number
-        if head is not None and selectors.key_known(session, idempotency_key):
-            # The head the tag named was trimmed since the write it guarded, which did happen: the service
-            # replays it (or says it was removed) before it looks at the head this returns.
-            return head.number
     if head is None:
         raise PreconditionFailed("If-Match names a head, and this session has no version yet; nothing was written. "
                                  "Write its first version without If-Match.")

@@ -229,6 +229,16 @@ def test_a_retry_with_its_if_match_and_key_gets_its_answer_after_the_tag_it_name
     stale = writer.post(url(session, "versions/"), {"state": {"a": 4}}, format="json", HTTP_IF_MATCH=tag,
                         HTTP_IDEMPOTENCY_KEY="never-used")
     assert stale.status_code == 412 and session.versions.count() == 2
+    # The trimmed tag with a known key is no pass: a batch under the single write's key is refused as a reuse.
+    batch = writer.post(url(session, "versions/batch/"), {"versions": [{"state": {"b": 1}}]}, format="json",
+                        HTTP_IF_MATCH=tag, HTTP_IDEMPOTENCY_KEY="guarded")
+    assert batch.status_code == 422 and batch.json()["code"] == "idempotency_key_reused"
+    admin_key.post(url(session, "trim/"), {"keep": [3], "reason": "tidy"}, format="json")  # v2 (key "guarded") goes
+    for path, body in (("versions/batch/", {"versions": [{"state": {"b": 1}}]}), ("versions/", {"state": {"b": 1}})):
+        again = writer.post(url(session, path), body, format="json", HTTP_IF_MATCH=tag, HTTP_IDEMPOTENCY_KEY="guarded")
+        assert again.status_code in (409, 422), (path, again.content)
+    session.refresh_from_db()
+    assert session.head_number == 3 and session.versions.count() == 1
 
 
 def test_if_match_star_takes_any_head_even_one_that_moved_after_it_was_read(writer, session, monkeypatch):

@@ -1737,6 +1737,27 @@ def test_a_page_past_the_end_of_an_admin_list_says_so(client, staff, story, monk
     monkeypatch.setattr(VersionAdmin, "list_per_page", 2)
     client.force_login(staff)
     assert client.get("/admin/snapshots_app/version/", {"p": 3}).status_code == 200
-    response = client.get("/admin/snapshots_app/version/", {"p": 500})
-    page = html.unescape(response.content.decode())
-    assert response.status_code == 400 and "page 500 is past the end of this list" in page and "stops counting at 10,000" in page
+    response = client.get("/admin/snapshots_app/version/", {"p": 500, "kind__exact": "step"})
+    assert response.status_code == 302 and response["Location"] == "/admin/snapshots_app/version/?kind__exact=step"
+    page = html.unescape(client.get(response["Location"]).content.decode())
+    assert "That page is past the end of this list" in page and "stops counting at 10,000" in page
+
+
+def test_archiving_the_last_page_of_a_filtered_list_comes_back_to_the_list_not_an_error(client, staff, story,
+                                                                                       monkeypatch):
+    """After an action Django sends the user back to the same page: emptied by the action, it was a 400."""
+    from sessions_app.admin import WorkflowSessionAdmin
+
+    monkeypatch.setattr(WorkflowSessionAdmin, "list_per_page", 2)
+    others = [make_session(story.project, f"run-{n}") for n in range(4)]  # 5 sessions, 3 pages
+    client.force_login(staff)
+    url = "/admin/sessions_app/workflowsession/?archived_at__isempty=1&p=3"
+    listed = client.get(url).content.decode()
+    last = [session for session in [story, *others] if f">{session.external_id}<" in listed]
+    assert len(last) == 1
+    done = client.post(url, {"action": "archive", "_selected_action": [last[0].pk], "post": "yes", "reason": "done"})
+    assert done.status_code == 302
+    back = client.get(done["Location"], follow=True)
+    assert back.status_code == 200 and "Archived 1 session(s)." in back.content.decode()
+    bad = client.get("/admin/sessions_app/workflowsession/", {"archived_at__isempty": "2"})
+    assert bad.status_code == 400 and "a filter's value is not one this list takes" in html.unescape(bad.content.decode())
