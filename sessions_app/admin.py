@@ -765,7 +765,7 @@ class SessionFixForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["seen"].initial = _field_marks(self.instance)
+        self.fields["seen"].initial = ",".join(f"{name}:{mark}" for name, mark in _field_marks(self.instance).items())
 
     # Only what changed is checked and saved: a status fix is not refused for metadata stored under
     # an older, larger SESSION_METADATA_MAX_BYTES.
@@ -784,7 +784,7 @@ class SessionFixForm(forms.ModelForm):
         except StateStoreError as exc:
             raise forms.ValidationError(exc.message) from None
         seen = dict(mark.partition(":")[::2] for mark in (self.cleaned_data.get("seen") or "").split(",") if mark)
-        now = dict(mark.partition(":")[::2] for mark in _field_marks(self.instance).split(","))
+        now = _field_marks(self.instance)
         moved = [name for name in SESSION_FIXED_FIELDS if name in seen and seen[name] != now[name]]
         if moved:
             shown = "; ".join(f"{name} is now {_shown(getattr(self.instance, name))}" for name in moved)
@@ -798,9 +798,10 @@ class SessionFixForm(forms.ModelForm):
 SESSION_FIXED_FIELDS = tuple(SessionFixForm.Meta.fields)
 
 
-def _field_marks(session: WorkflowSession) -> str:
-    return ",".join(f"{name}:{hashlib.blake2b(orjson.dumps(getattr(session, name), option=orjson.OPT_SORT_KEYS), digest_size=6).hexdigest()}"
-                    for name in SESSION_FIXED_FIELDS)
+def _field_marks(session: WorkflowSession) -> dict[str, str]:
+    """A digest of each field the form edits, by name (what the page carries in `seen`)."""
+    return {name: hashlib.blake2b(orjson.dumps(getattr(session, name), option=orjson.OPT_SORT_KEYS), digest_size=6).hexdigest()
+            for name in SESSION_FIXED_FIELDS}
 
 
 def _shown(value: Any) -> str:

@@ -38,7 +38,7 @@ from sessions_app.errors import InvalidState, StateStoreError
 from sessions_app.forms import form_problems
 from sessions_app.models import Project, Role, WorkflowSession
 from sessions_app.selectors import number_ranges
-from snapshots_app import compaction, integrity, selectors, services, transfer
+from snapshots_app import canonical, compaction, integrity, selectors, services, transfer
 from snapshots_app.diff import DiffResult, PatchError, diff_values, value_at
 from snapshots_app.forms import DataFixForm
 from snapshots_app.jobs import job_condition
@@ -235,7 +235,7 @@ class VersionAdmin(ReadOnlyAdmin):
             elif size > WHOLE_STATE_EDIT_MAX:
                 # Compact, not indented: a 7.6 MB state was 19 MB of indented text, past what a POST may
                 # carry (REQUEST_MAX_BYTES), so its edit was refused and lost.
-                text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+                text = canonical.dumps(value).decode()
             else:
                 text = pretty(value)
         reason = request.POST.get("reason", "")

@@ -19,7 +19,7 @@ from sessions_app import errors
 from sessions_app.errors import InvalidState, VersionNotFound
 from sessions_app.models import AuditAction, AuditEvent, SessionStatus, WorkflowSession
 from sessions_app.strict_json import ascii_int
-from snapshots_app import rows, store, tree
+from snapshots_app import canonical, rows, store, tree
 from snapshots_app.diff import DiffResult, diff_trees, diff_values
 from snapshots_app.models import IntegrityProblem, Job, JobKind, RemovedWrite, Version, VersionKind
 
@@ -531,7 +531,7 @@ def _touches(changed: str, kind: str, pointer: str) -> bool:
 def _reading(value: Any, present: bool) -> tuple[bool, bytes]:
     """What a path history row shows, comparable: equal JSON gives equal digests (Python's 1 == 1.0 ==
     True would call a changed type unchanged). A digest, not the bytes: a row keeps it until the next."""
-    return present, hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16).digest() if present else b""
+    return present, hashlib.blake2b(canonical.dumps(value), digest_size=16).digest() if present else b""
 
 
 SESSION_EXPORTS_SHOWN = 3
