@@ -218,15 +218,15 @@ def session_audit(request: HttpRequest, session_id: Any) -> HttpResponse:
     """Who rewound, forked, fixed, pinned, archived this session, when and why, newest first: the admin's
     audit log was the only place, and most operators have no admin."""
     session, role = _member_session(request, session_id)
-    before = _int(request.GET.get("before"))
+    before, cursor_problem = _cursor(request)
     page = session_selectors.SESSION_AUDIT_PAGE
-    events = session_selectors.session_audit(session, before=before, limit=page)
+    events = [] if cursor_problem else session_selectors.session_audit(session, before=before, limit=page)
     context = {
-        **_base(session, role), "before": before,
+        **_base(session, role), "before": before, "cursor_problem": cursor_problem,
         "events": [(event, session_selectors.audit_change(event)) for event in events],
         "older": events[-1].pk if len(events) == page else None,
     }
-    return render(request, "snapshots_app/audit.html", context)
+    return render(request, "snapshots_app/audit.html", context, status=400 if cursor_problem else 200)
 
 
 def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:
@@ -245,6 +245,16 @@ def _forked_from(session: WorkflowSession) -> dict[str, Any] | None:
     if name is None:
         return None
     return {"session": source, "name": name, "version": forked_from.get("version")}
+
+
+def _cursor(request: HttpRequest) -> tuple[int | None, str]:
+    """An "older" link's `before=` and, when it is not a whole number, what is wrong with it (the page
+    then lists nothing and says so: `?before=abc` showed the newest page as if it were the older one)."""
+    raw = request.GET.get("before", "")
+    number = ascii_int(raw)
+    if raw and number is None:
+        return None, f"“{raw[:40]}” is not a place in this list: follow the page's own “Older” link, or start from the newest."
+    return number, ""
 
 
 def _int(raw: Any) -> int | None:
@@ -475,18 +485,20 @@ def _diff_query(from_session: WorkflowSession, a: Version, b: Version, mode: str
 def path_history(request: HttpRequest, session_id: Any) -> HttpResponse:
     session, role = _member_session(request, session_id)
     pointer = request.GET.get("path", "").strip()
-    before = _int(request.GET.get("before"))
+    before, cursor_problem = _cursor(request)
     # A path typed without its leading "/" ("counters/tokens") is no JSON pointer: it was listed as
     # absent from every version, as if the value had never existed. Say so, and offer the path meant.
     problem = pointer and not pointer.startswith("/")
-    points = selectors.path_history(session, pointer, before=before) if pointer and not problem else []
+    points = (selectors.path_history(session, pointer, before=before)
+              if pointer and not problem and not cursor_problem else [])
     # Older versions are there to show unless the oldest shown is the oldest kept (v1, or after a
     # retention run the oldest it left: "Older versions" there led to an empty page).
     older = bool(points) and selectors.version_before(session, points[0].number) is not None
     context = {**_base(session, role), "pointer": pointer, "points": points, "problem": problem, "older": older,
+               "cursor_problem": cursor_problem,
                "changes": [(p, p.shown) for p in reversed(points) if p.changed or p is points[0]],
                "chart": _chart(points), "nowhere": bool(points) and not any(p.present for p in points)}
-    return render(request, "snapshots_app/history.html", context, status=400 if problem else 200)
+    return render(request, "snapshots_app/history.html", context, status=400 if problem or cursor_problem else 200)
 
 
 def _chart(points: list[selectors.PathPoint]) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from django.utils import timezone
 from sessions_app.models import AuditEvent, Role, SessionStatus, WorkflowSession
 from sessions_app.services import membership_set, session_update
 from snapshots_app.models import Version
-from snapshots_app.services import snapshot_record
+from snapshots_app.services import snapshot_record, version_pin
 from tests.factories import make_project, make_session, make_user
 from tests.ui.conftest import record_history
 
@@ -1136,6 +1136,23 @@ def test_path_history_links_to_older_versions(client, viewer, team):
     client.force_login(viewer)
     page = client.get(session_url(session, "snapshots:history"), {"path": "/n"}).content.decode()
     assert f"v3\u2013v{HISTORY_WINDOW + 2} examined" in page and "before=3" in page and "Older versions" in page
+
+
+def test_audit_and_path_history_refuse_a_cursor_that_is_no_number(client, viewer, team):
+    """`?before=abc` (a hand-edited or truncated "Older" link) showed the newest page as if it were the
+    older one; it now lists nothing, says why and links the newest."""
+    session = make_session(team, "cursors")
+    snapshot_record(session=session, state={"n": 1})
+    version_pin(version=session.versions.get(number=1), pinned=True, actor=viewer)
+    client.force_login(viewer)
+    for url, query in [(session_url(session, "snapshots:audit"), {"before": "abc"}),
+                       (session_url(session, "snapshots:history"), {"path": "/n", "before": "1x"})]:
+        response = client.get(url, query)
+        page = response.content.decode()
+        assert response.status_code == 400 and 'id="cursor-problem"' in page and "is not a place in this list" in page
+        assert "<tr><td>" not in page and "<tbody>" not in page
+        fine = client.get(url, {key: value for key, value in query.items() if key != "before"})
+        assert fine.status_code == 200 and 'id="cursor-problem"' not in fine.content.decode()
 
 
 # -- escaping ----------------------------------------------------------------------------------------
