@@ -158,6 +158,15 @@ def _database() -> dict:
     if not config.get("NAME"):
         raise ImproperlyConfigured("DATABASE_URL names no database (expected postgres://user@host:port/dbname)")
     config.setdefault("OPTIONS", {})["connect_timeout"] = env_int("DB_CONNECT_TIMEOUT", 5, minimum=1)
+    # A database host that vanishes (failover, a dropped network path) sends no reset: a request waiting
+    # on its answer waited for the kernel's retransmissions, about 15 minutes, holding its worker. TCP
+    # keepalives (probed after DB_TCP_KEEPALIVE s idle, every 10 s, 3 times) and tcp_user_timeout (data
+    # unacknowledged as long) end such a connection in about DB_TCP_KEEPALIVE + 30 s, with an error.
+    # A slow query on a live server is unaffected: its kernel answers the probes. (TCP only; a Unix
+    # socket ignores them.)
+    keepalive = env_int("DB_TCP_KEEPALIVE", 30, minimum=1)
+    config["OPTIONS"].update(keepalives=1, keepalives_idle=keepalive, keepalives_interval=10, keepalives_count=3,
+                             tcp_user_timeout=(keepalive + 30) * 1000)
     # JIT compiles a plan once its estimated cost is high, and a recursive walk of a state tree is
     # estimated at 100,000 rows: measured 115 ms of compilation for a 0.3 ms query. Our statements
     # are all short; none gains from it.

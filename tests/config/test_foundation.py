@@ -42,6 +42,28 @@ def test_database_is_postgresql_when_database_url_says_so():
         assert "PostgreSQL" in cursor.fetchone()[0]
 
 
+@pytest.mark.django_db
+def test_database_connections_probe_a_host_that_vanished():
+    """The socket itself carries TCP keepalives and a user timeout, so a request waiting on a database
+    host that is gone fails in about a minute instead of the kernel's ~15 (README: DB_TCP_KEEPALIVE)."""
+    import socket
+
+    if connection.vendor != "postgresql":
+        pytest.skip("embedded run: SQLite has no socket")
+    connection.ensure_connection()
+    probe = socket.socket(fileno=os.dup(connection.connection.fileno()))
+    try:
+        if probe.family == socket.AF_UNIX:
+            pytest.skip("a Unix socket has no TCP keepalives")
+        assert probe.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+        assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        assert probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+    finally:
+        probe.close()  # (its own descriptor, a dup: the connection stays open)
+
+
 def test_message_sent_through_redis_channel_layer_arrives(settings):
     if not os.environ.get("REDIS_URL"):
         pytest.skip("embedded run: REDIS_URL is not set")
