@@ -426,14 +426,32 @@ def _parents_first(project_store: store.ProjectStore, candidates: list[bytes]) -
     return ordered
 
 
-def _node_sizes(project_id: int) -> dict[bytes, int]:
+def _node_graph(project_id: int) -> dict[bytes, tuple[int, bytes]]:
+    """Every node of the project: digest -> (stored bytes, its children's digests run together), in
+    one pass over the table. The dry run marks in memory from it: asking the table for each level's
+    children, 1,000 digests a query, was 85% of its time (1.5 of 1.7 s at 40,000 nodes)."""
     return {
-        bytes(digest): size
-        for digest, size in StateNode.objects.filter(project_id=project_id)
+        bytes(digest): (size, bytes(children))
+        for digest, size, children in StateNode.objects.filter(project_id=project_id)
         .annotate(size=Length("data"))
-        .values_list("digest", "size")
+        .values_list("digest", "size", "children")
         .iterator(chunk_size=10_000)
     }
+
+
+def _reachable(graph: dict[bytes, tuple[int, bytes]], roots: Iterable[bytes]) -> set[bytes]:
+    """The digests reachable from `roots` in `graph` (missing nodes included, as _mark does)."""
+    marked: set[bytes] = set()
+    frontier = set(roots)
+    while frontier:
+        marked |= frontier
+        below: set[bytes] = set()
+        for digest in frontier:
+            entry = graph.get(digest)
+            if entry is not None and entry[1]:
+                below.update(store.split_children(entry[1]))
+        frontier = below - marked
+    return marked
 
 
 def stored_bytes(*, project: Project) -> int:
@@ -699,17 +717,16 @@ def compaction_dry_run(
     if not apply_retention:
         policy = RetentionPolicy(project=project, enabled=False)
     plan = _plan(project.pk, policy, rows, now or timezone.now())
-    sizes = _node_sizes(project.pk)
-    marked: set[bytes] = set()
-    _mark(store.ProjectStore(project.pk, use_cache=False), plan.kept_roots, marked)
-    freed = [size for digest, size in sizes.items() if digest not in marked]
+    graph = _node_graph(project.pk)
+    marked = _reachable(graph, plan.kept_roots)
+    freed = [size for digest, (size, _) in graph.items() if digest not in marked]
     return CompactionPreview(
         versions_total=plan.versions_total,
         versions_removed=plan.remove_count,
         removed_numbers=plan.removed_numbers,
-        nodes_total=len(sizes),
+        nodes_total=len(graph),
         nodes_freed=len(freed),
-        bytes_total=sum(sizes.values()),
+        bytes_total=sum(size for size, _ in graph.values()),
         bytes_freed=sum(freed),
         policy_enabled=policy.enabled,
     )

@@ -492,7 +492,7 @@ class ProjectStore:
         with connection.cursor() as cursor:
             binary_results(cursor)
             cursor.execute(_TREE_SHAPE_SQL, {"project": self.project_id, "session": session_id, "number": head})
-            return {bytes(digest): _split(bytes(children)) for digest, children in cursor.fetchall()}
+            return {bytes(digest): split_children(bytes(children)) for digest, children in cursor.fetchall()}
 
     def current_head_shape(self, session_id: Any) -> tuple[int, dict[bytes, tuple[bytes, ...]]]:
         """The session's head number now and the shape of its tree (PostgreSQL), without a lock."""
@@ -505,7 +505,7 @@ class ProjectStore:
                 if digest is None:
                     head = number
                 else:
-                    shape[bytes(digest)] = _split(bytes(children))
+                    shape[bytes(digest)] = split_children(bytes(children))
         return head, shape
 
     # -- reading -----------------------------------------------------------------------------------
@@ -515,7 +515,7 @@ class ProjectStore:
         or decoded: a node whose data is damaged still names its children, so garbage collection
         and retention go on around it while the scrub reports it). Missing nodes are absent."""
         rows = StateNode.objects.filter(project_id=self.project_id, digest__in=list(digests))
-        return {bytes(digest): _split(bytes(children)) for digest, children in rows.values_list("digest", "children")}
+        return {bytes(digest): split_children(bytes(children)) for digest, children in rows.values_list("digest", "children")}
 
     def nodes(self, digests: set[bytes], *, checked: bool = True, levels: int | None = None) -> dict[bytes, tree.Node]:
         """Decoded nodes by digest, from the process cache and then the database. Missing ones are absent.
@@ -628,7 +628,7 @@ class Written:
     shape: dict[bytes, tuple[bytes, ...]] | None  # every node of the new tree -> its children, if known
 
 
-def _split(children: bytes) -> tuple[bytes, ...]:
+def split_children(children: bytes) -> tuple[bytes, ...]:
     return tuple(children[i : i + tree.DIGEST_SIZE] for i in range(0, len(children), tree.DIGEST_SIZE))
 
 
@@ -645,7 +645,7 @@ def shape_after(
             continue
         encoding = new_nodes.get(digest)
         if encoding is not None:
-            children = _split(tree.children_of(encoding))
+            children = split_children(tree.children_of(encoding))
         else:
             found = known.get(digest)
             if found is None:
