@@ -97,3 +97,81 @@ def test_every_version_of_a_random_history_reads_back_exactly(db, ops):
             patch = version_diff(a, b).patch
             assert dumps(apply_patch(orjson.loads(expected[a.pk]), patch)) == expected[b.pk]
         transaction.set_rollback(True)
+
+
+# -- path history: the value at a path, followed through diffs, is the value each version holds ------
+
+item = st.one_of(small, st.fixed_dictionaries({"text": st.one_of(small, big_text), "n": st.integers(0, 3)}))
+path_edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), st.tuples(st.integers(0, 50), item)),
+        st.tuples(st.just("remove"), st.integers(0, 50)),
+        st.tuples(st.just("replace"), st.tuples(st.integers(0, 50), item)),
+        st.tuples(st.just("retext"), st.tuples(st.integers(0, 50), st.one_of(small, big_text))),
+        st.tuples(st.just("meta"), st.one_of(small, st.dictionaries(st.sampled_from("abc"), small, max_size=3))),
+        st.tuples(st.just("blob"), st.dictionaries(st.sampled_from("xyz"), st.one_of(small, big_text), max_size=3)),
+        st.tuples(st.just("history"), st.one_of(small, st.lists(item, max_size=4))),
+        st.tuples(st.just("same"), st.none()),
+    ),
+    min_size=1,
+    max_size=20,
+)
+POINTERS = ["", "/history", "/history/0", "/history/2", "/history/2/text", "/history/5/n", "/meta", "/meta/a",
+            "/blob", "/blob/x", "/counter", "/missing"]
+
+
+def path_edit(state: dict[str, Any], op: str, arg: Any) -> dict[str, Any]:
+    state = copy.deepcopy(state)
+    history = state["history"] if isinstance(state.get("history"), list) else None
+    if op == "history":
+        state["history"] = arg
+    elif op == "meta":
+        state["meta"] = arg
+    elif op == "blob":  # a string holding JSON, as LlamaIndex Workflows stores values
+        state["blob"] = orjson.dumps(arg).decode()
+    elif op == "same":
+        state["counter"] = state.get("counter", 0) + 1
+    elif history is not None and op == "insert":
+        history.insert(arg[0] % (len(history) + 1), arg[1])
+    elif history and op == "remove":
+        history.pop(arg % len(history))
+    elif history and op == "replace":
+        history[arg[0] % len(history)] = arg[1]
+    elif history and op == "retext" and isinstance(history[arg[0] % len(history)], dict):
+        history[arg[0] % len(history)]["text"] = arg[1]
+    return state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(path_edits)
+def test_path_history_shows_what_each_version_holds_at_the_path(db, ops):
+    """Path history reads one state and then follows the diffs; at every version and for paths above,
+    at and inside changes (items inserted before them, removed, replaced, a JSON string's inside), it
+    must show what reading that version's whole state shows."""
+    from snapshots_app.jsonview import PointerError, preview, resolve
+    from snapshots_app.selectors import _reading, path_history
+
+    with transaction.atomic():
+        session = make_session(make_project("paths"), "main")
+        state: dict[str, Any] = {"history": [{"text": f"m{i}", "n": i % 4} for i in range(6)], "meta": {"a": 1},
+                                 "blob": orjson.dumps({"x": [1, 2]}).decode(), "counter": 0}
+        states = [state]
+        for op, arg in ops:
+            state = path_edit(state, op, arg)
+            states.append(state)
+        for each in states:
+            snapshot_record(session=session, state=each)
+        clear_cache()
+        for pointer in POINTERS:
+            expected, before = [], None
+            for index, each in enumerate(states):
+                try:
+                    value, present = resolve(each, pointer), True
+                except PointerError:
+                    value, present = None, False
+                reading = _reading(value, present)
+                expected.append((present, preview(value)[0] if present else "", index > 0 and reading != before))
+                before = reading
+            got = [(point.present, point.shown, point.changed) for point in path_history(session, pointer)]
+            assert got == expected, pointer
+        transaction.set_rollback(True)
