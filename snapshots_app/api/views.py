@@ -242,7 +242,7 @@ class VersionList(mixins.ListModelMixin, ApiView):
         paginator: Any = self.paginator
         if len(states) < len(page):
             # Numbers are unique, so the cursor after the last version kept is exact.
-            paginator.page, paginator.has_next, paginator.next_position = page[:len(states)], True, None
+            paginator.page, paginator.has_next = page[:len(states)], True
         following = paginator.get_next_link()
         body = b"".join((b'{"results":[', b",".join(_spliced(v, state) for v, state in zip(page, states, strict=False)),
                          b'],"next":', orjson.dumps(following), b"}"))
