@@ -257,24 +257,28 @@ class _Remover:
 
 def _retention_apply(
     project_id: int, plan: RetentionPlan, policy: RetentionPolicy, remover: _Remover, progress: ProgressFn, done: int
-) -> tuple[int, int]:
-    """Remove the planned versions, one session per transaction. Returns (versions removed, progress)."""
-    removed_total = 0
+) -> tuple[dict[str, list[int]], int]:
+    """Remove the planned versions, one session per transaction. Returns (the numbers removed, by
+    session: fewer than planned where a pin, label or rewind came meanwhile; progress)."""
+    removed: dict[str, list[int]] = {}
     for session_id, ids in plan.remove.items():
-        removed_total += _retention_apply_session(project_id, session_id, ids, policy, remover)
+        numbers = _retention_apply_session(project_id, session_id, ids, policy, remover)
+        if numbers:
+            removed[str(session_id)] = sorted(numbers)
         done += len(ids)
         progress(done)
-    return removed_total, done
+    return removed, done
 
 
 @transaction.atomic
 def _retention_apply_session(
     project_id: int, session_id: Any, planned: list[int], policy: RetentionPolicy, remover: _Remover
-) -> int:
-    """Remove the session's planned versions that are still unprotected, audited as one event."""
+) -> list[int]:
+    """Remove the session's planned versions that are still unprotected, audited as one event.
+    Returns the numbers removed."""
     session = WorkflowSession.objects.select_for_update().filter(pk=session_id, project_id=project_id).first()
     if session is None or KEEP_ALL_TAG in session.tags or session.archived_at is not None:  # since the plan
-        return 0
+        return []
     # Re-check protection under the session lock: a pin, label or rewind may have arrived since the plan.
     doomed: set[int] = set()
     for chunk in _chunks(planned, _IN_LIST):
@@ -287,7 +291,7 @@ def _retention_apply_session(
             .values_list("id", flat=True)
         )
     if not doomed:
-        return 0
+        return []
     numbers, freed_bytes = remove_versions(session, doomed)
     audit_record(
         project=session.project, action="retention.remove", target_type="session", target_id=session.pk,
@@ -297,7 +301,7 @@ def _retention_apply_session(
                  "job": remover.job_id,
                  "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
     )
-    return len(doomed)
+    return numbers
 
 
 def remove_versions(session: WorkflowSession, doomed: set[int]) -> tuple[list[int], int]:
@@ -766,7 +770,8 @@ def compaction_run(
     total = plan.remove_count + node_share * (2 if recompress else 1)
     progress(0, total, force=True)
     remover = _Remover(actor=actor, actor_label=actor_label, job_id=job_id)
-    removed, done = _retention_apply(project_id, plan, policy, remover, progress, 0)
+    removed_numbers, done = _retention_apply(project_id, plan, policy, remover, progress, 0)
+    removed = sum(len(numbers) for numbers in removed_numbers.values())
     retention_seconds = time.monotonic() - started
 
     project_store = store.ProjectStore(project_id, use_cache=False)
@@ -795,7 +800,6 @@ def compaction_run(
         recompressed, bytes_saved = _recompress(project_id, lambda encoded: progress(done + min(encoded, node_share), total))
     progress(total, total, force=True)
     versions_after = Version.objects.filter(session__project_id=project_id).count()
-    removed_numbers = plan.removed_numbers
     earlier = _removed_by_job(project_id, job_id) if job_id is not None else {}
     if earlier:
         # A job run again after its worker died: what earlier attempts removed counts too (the result

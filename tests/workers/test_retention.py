@@ -62,6 +62,30 @@ def test_policy_keeps_newest_protected_and_one_per_day_and_never_renumbers(proje
 
 
 @pytest.mark.django_db
+def test_a_version_pinned_while_retention_runs_is_kept_and_not_reported_removed(project, user):
+    """Retention re-checks each session under its lock: a version pinned after the run planned (while it
+    worked through earlier sessions) stays. The job's result still listed it as removed."""
+    first = record_history(project, "run-a", 8, start=midnight(10), every=timedelta(hours=1))
+    second = record_history(project, "run-b", 8, start=midnight(10), every=timedelta(hours=1))
+    retention_policy_set(project=project, enabled=True, keep_last=3, keep_days=0, thin_to="none", actor=user)
+    calls: list[int] = []
+
+    def progress(done, total=None, force=False):
+        if not calls:  # the plan is made; no session is touched yet
+            for session in (first, second):
+                version_pin(version=_version(session, 2), pinned=True)
+        calls.append(done)
+
+    result = compaction_run(project=project, progress=progress)
+    for session in (first, second):
+        assert _numbers(session) == [2, 6, 7, 8]
+        assert result["removed_numbers"][str(session.pk)] == [1, 3, 4, 5]
+        event = AuditEvent.objects.get(session_id=session.pk, action="retention.remove")
+        assert event.details["numbers"] == [1, 3, 4, 5]
+    assert result["versions_removed"] == 8 and result["versions_after"] == 8
+
+
+@pytest.mark.django_db
 def test_a_version_whose_parent_retention_removed_is_summarised_against_its_new_parent(
     project, eager, django_capture_on_commit_callbacks
 ):
