@@ -353,7 +353,7 @@ def test_an_archived_session_keeps_its_whole_history(project, user):
     plan = compaction.retention_plan(project=project)
     session_archive(session=late, actor=user)
     assert compaction._retention_apply_session(project.pk, late.pk, plan.remove[late.pk],
-                                               retention_policy_get(project=project), compaction._Remover()) == 0
+                                               retention_policy_get(project=project), compaction._Remover()) == []
     assert _numbers(late) == [1, 2, 3]
     session_unarchive(session=archived, actor=user)  # back under the policy
     compaction_run(project=project)
