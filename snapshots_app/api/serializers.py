@@ -23,7 +23,12 @@ from snapshots_app.services import ERROR_MAX, MAX_TRIM_KEEP, METADATA_LIMITS
 
 
 def version_data(version: Version) -> dict[str, Any]:
-    parent = version.parent if version.parent_id is not None else None
+    try:
+        parent = version.parent if version.parent_id is not None else None
+    except Version.DoesNotExist:
+        # Retention or a trim removed the parent after the version was read (a 500, 1 read in ~700
+        # under back-to-back compactions): it relinked the version to its nearest kept ancestor.
+        parent = Version.objects.filter(children=version.pk).first()
     return {
         "session": version.session_id,
         "number": version.number,

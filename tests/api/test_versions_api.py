@@ -69,6 +69,22 @@ def test_the_tag_filter_finds_the_sessions_tagged_versions_through_an_index(writ
     assert "Bitmap Index Scan on version_tagged" in plan, plan
 
 
+def test_a_version_whose_parent_a_trim_removes_while_it_is_read_names_its_new_parent(session):
+    """A version read just before a trim or retention removed its parent: its answer fetched the parent
+    afterwards, which was gone (a 500 under back-to-back compactions). It names the kept ancestor the
+    removal relinked it to."""
+    from snapshots_app.api.serializers import version_data
+    from snapshots_app.selectors import version_get
+    from snapshots_app.services import session_trim
+
+    for n in range(4):
+        snapshot_record(session=session, state={"n": n})
+    read = version_get(session=session, number=3)  # its parent, v2, is still there
+    session_trim(session=session, keep=[1, 3, 4], reason="trim while a reader holds v3")
+    answer = version_data(read)
+    assert answer["number"] == 3 and answer["parent"] == 1 and answer["parent_session"] == session.pk
+
+
 def test_head_has_an_etag_and_if_match_guards_writes(writer, session):
     snapshot_record(session=session, state={"a": 1})
     head = writer.get(url(session, "head/"))
