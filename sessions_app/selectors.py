@@ -368,6 +368,26 @@ def number_runs(numbers: Iterable[int]) -> list[list[int]]:
     return runs
 
 
+def removed_numbers(details: Any) -> list[int]:
+    """The version numbers a session.trim or retention.remove event records, ascending: kept as runs
+    (`removed`: [[first, last], ...], with `count`), or, in events written before, as a list (`numbers`:
+    a trim of 20,000 versions made a 109 KB event, and every page of the audit list carrying it)."""
+    if not isinstance(details, dict):
+        return []
+    if isinstance(details.get("removed"), list):
+        return [number for run in details["removed"] if isinstance(run, list) and len(run) == 2
+                and all(type(end) is int for end in run) for number in range(run[0], run[1] + 1)]
+    if isinstance(details.get("numbers"), list):
+        return sorted(number for number in details["numbers"] if type(number) is int)
+    return []
+
+
+def removal_details(numbers: Iterable[int]) -> dict[str, Any]:
+    """What a removal's audit event records of the numbers removed (see removed_numbers)."""
+    ordered = sorted(numbers)
+    return {"removed": number_runs(ordered), "count": len(ordered)}
+
+
 def number_ranges(numbers: Iterable[int], shown: int = 12) -> str:
     """Ascending version numbers as runs ("v1\u2013v40, v42"), the first `shown` runs and a count of the rest."""
     runs = number_runs(numbers)
@@ -394,8 +414,7 @@ def audit_change(event: AuditEvent) -> str:
     if action == AuditAction.VERSION_LABEL and version:
         label = details.get("label")
         return f"v{version} labelled \u201c{label}\u201d" if label else f"v{version}: label removed"
-    if action in (AuditAction.SESSION_TRIM, AuditAction.RETENTION_REMOVE) and isinstance(details.get("numbers"), list):
-        numbers = sorted(n for n in details["numbers"] if isinstance(n, int))
+    if action in (AuditAction.SESSION_TRIM, AuditAction.RETENTION_REMOVE) and (numbers := removed_numbers(details)):
         return f"removed {number_ranges(numbers)}"
     if action == AuditAction.SESSION_UPDATE and details:
         return ", ".join(sorted(details)) + " changed"

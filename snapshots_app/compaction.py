@@ -34,6 +34,7 @@ from django.utils import timezone
 
 from sessions_app import events
 from sessions_app.models import AuditAction, AuditEvent, Project, WorkflowSession
+from sessions_app.selectors import removal_details, removed_numbers
 from sessions_app.services import RequestKey, User, audit_record
 from snapshots_app import jobs, store
 from snapshots_app.models import (
@@ -297,7 +298,7 @@ def _retention_apply_session(
         project=session.project, action="retention.remove", target_type="session", target_id=session.pk,
         session_id=session.pk, actor=remover.actor, actor_label=remover.actor_label,
         reason="retention policy",
-        details={"external_id": session.external_id, "numbers": numbers, "bytes_freed": freed_bytes,
+        details={"external_id": session.external_id, **removal_details(numbers), "bytes_freed": freed_bytes,
                  "job": remover.job_id,
                  "policy": {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "thin_to": policy.thin_to}},
     )
@@ -833,8 +834,8 @@ def _removed_by_job(project_id: int, job_id: int) -> dict[str, list[int]]:
     """The version numbers each session lost to job `job_id`'s retention, by every attempt of it."""
     by_session: dict[str, list[int]] = defaultdict(list)
     removals = AuditEvent.objects.filter(project_id=project_id, action=AuditAction.RETENTION_REMOVE, details__job=job_id)
-    for session_id, numbers in removals.values_list("session_id", "details__numbers"):
-        by_session[str(session_id)].extend(numbers)
+    for session_id, details in removals.values_list("session_id", "details"):
+        by_session[str(session_id)].extend(removed_numbers(details))
     return {session_id: sorted(numbers) for session_id, numbers in by_session.items()}
 
 

@@ -33,6 +33,7 @@ from sessions_app.errors import (
     WriteRemoved,
 )
 from sessions_app.models import SESSION_STATUSES, AuditEvent, SessionStatus, WorkflowSession
+from sessions_app.selectors import removal_details
 from sessions_app.services import (
     User,
     actor_fields,
@@ -860,7 +861,7 @@ def session_trim(
             audit_record(
                 project=locked.project, action="session.trim", target_type="session", target_id=locked.pk,
                 session_id=locked.pk, reason=reason, actor=actor, actor_label=actor_label,
-                details={"external_id": locked.external_id, "numbers": removed, "bytes_freed": freed_bytes,
+                details={"external_id": locked.external_id, **removal_details(removed), "bytes_freed": freed_bytes,
                          "head": locked.head_number, "protected": sorted(protected)},
             )
     return TrimOutcome(removed=removed, kept=sorted(ids.keys() - set(removed)), protected=sorted(protected))

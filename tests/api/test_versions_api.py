@@ -8,6 +8,7 @@ import pytest
 from django.db import connection
 
 from sessions_app.models import AuditEvent, WorkflowSession
+from sessions_app.selectors import removed_numbers
 from snapshots_app import canonical
 from snapshots_app.api.views import etag_of
 from snapshots_app.models import Version
@@ -667,7 +668,7 @@ def test_trim_removes_all_but_the_versions_kept_and_those_retention_would_keep(a
     session.refresh_from_db()
     assert (session.head_number, session.version_count) == (8, 6)
     event = AuditEvent.objects.get(action="session.trim")
-    assert event.reason == "history no longer needed" and event.details["numbers"] == [6, 7]
+    assert event.reason == "history no longer needed" and removed_numbers(event.details) == [6, 7]
     assert event.details["protected"] == [1, 2, 3, 4] and event.details["bytes_freed"] > 0
 
     # A retry with the request's Idempotency-Key gets the first answer; another trim of the same has

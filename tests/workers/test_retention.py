@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 
 from sessions_app.models import AuditEvent
+from sessions_app.selectors import removed_numbers
 from sessions_app.services import session_delete
 from snapshots_app import compaction
 from snapshots_app.compaction import compaction_dry_run, compaction_run, retention_policy_get, retention_policy_set
@@ -81,7 +82,7 @@ def test_a_version_pinned_while_retention_runs_is_kept_and_not_reported_removed(
         assert _numbers(session) == [2, 6, 7, 8]
         assert result["removed_numbers"][str(session.pk)] == [1, 3, 4, 5]
         event = AuditEvent.objects.get(session_id=session.pk, action="retention.remove")
-        assert event.details["numbers"] == [1, 3, 4, 5]
+        assert removed_numbers(event.details) == [1, 3, 4, 5]
     assert result["versions_removed"] == 8 and result["versions_after"] == 8
 
 
@@ -231,7 +232,7 @@ def test_maintenance_command_runs_compaction_on_demand(project):
     assert json.loads(out.getvalue())["versions_removed"] == 4
     assert _numbers(session) == [5, 6]
     removal = AuditEvent.objects.get(action="retention.remove")
-    assert (removal.session_id, removal.actor_label, removal.details["numbers"]) == (session.pk, "manage.py", [1, 2, 3, 4])
+    assert (removal.session_id, removal.actor_label, removed_numbers(removal.details)) == (session.pk, "manage.py", [1, 2, 3, 4])
     assert removal.details["policy"] == {"keep_last": 2, "keep_days": 0, "thin_to": "none"}
 
 

@@ -11,6 +11,7 @@ from django.db import connection
 
 from sessions_app import background
 from sessions_app.models import AuditEvent
+from sessions_app.selectors import removed_numbers
 from snapshots_app import tasks
 from snapshots_app.compaction import compaction_dry_run, compaction_start, retention_policy_set
 from snapshots_app.integrity import integrity_scrub_start
@@ -80,7 +81,7 @@ def test_dry_run_predicts_what_compaction_frees(worker, project):
     assert job.result["versions_removed"] == preview.versions_removed
     # Each session's removals are in the audit log, naming who started the job and the job.
     removals = AuditEvent.objects.filter(project=project, action="retention.remove")
-    assert sorted(n for event in removals for n in event.details["numbers"]) == sorted(
+    assert sorted(n for event in removals for n in removed_numbers(event.details)) == sorted(
         n for numbers in preview.removed_numbers.values() for n in numbers)
     assert {(event.actor_label, event.details["job"]) for event in removals} == {("ops-key (sr_abc)", job.pk)}
     assert job.result["nodes_freed"] == preview.nodes_freed and "figures_of_last_attempt_only" not in job.result
