@@ -155,7 +155,7 @@ class VersionAdmin(ReadOnlyAdmin):
         outcome = integrity.integrity_scrub_run(versions=ids)
         bad = [f"{problem['external_id']} v{problem['version']}" for problem in outcome["problems"]]
         if bad:
-            messages.error(request, f"{outcome['failed']} of {outcome['verified']} failed verification: "
+            messages.error(request, f"{outcome['failed']} of {outcome['checked']} failed verification: "
                                     f"{', '.join(bad[:20])}")
         else:
             messages.success(request, f"All {outcome['verified']} version(s) verified against their checksums.")

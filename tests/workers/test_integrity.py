@@ -278,7 +278,7 @@ def test_a_scrub_that_finds_a_problem_another_records_at_that_moment_goes_on(pro
 
     job.refresh_from_db()
     assert job.status == JobStatus.DONE, job.error
-    assert (job.result["verified"], job.result["failed"]) == (4, 1)
+    assert (job.result["checked"], job.result["verified"], job.result["failed"]) == (4, 3, 1)
     problem = integrity_problems(project=project).get()
     assert problem.version_number == 2 and problem.found_by_id == job.pk and "version 2" in problem.detail
 

@@ -141,7 +141,7 @@ def test_scrub_finds_a_corrupted_byte_and_names_the_version(worker, project):
     job = wait_finished(integrity_scrub_start(project=project, budget=0))
 
     assert job.status == JobStatus.DONE, job.error
-    assert job.result["verified"] == 4 and job.result["failed"] == 1
+    assert (job.result["checked"], job.result["verified"], job.result["failed"]) == (4, 3, 1)
     problem = IntegrityProblem.objects.get(project=project)
     assert (problem.session_id, problem.version_number) == (session.pk, 3)
     assert "version 3" in problem.detail
