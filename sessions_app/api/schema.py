@@ -13,7 +13,9 @@ from sessions_app.api.problems import PROBLEM_CONTENT_TYPE, ProblemSerializer
 from sessions_app.api.serializers import InputSerializer, RequiredReasonField
 
 READ_ERRORS = {400: "Bad query parameters", 401: "Missing, unknown or revoked credentials", 403: "Role or scope too low",
-               404: "Not found in the caller's projects", 406: "Unsupported Accept", 429: "Rate limit; see Retry-After",
+               404: "Not found in the caller's projects", 405: "method_not_allowed: see the Allow header",
+               406: "Unsupported Accept", 429: "Rate limit; see Retry-After",
+               500: "integrity_error: a stored version failed its checksum and is not served (names it); or server_error",
                503: "database_unavailable: the database is unreachable for now; nothing was written, retry after Retry-After"}
 WRITE_ERRORS = {**READ_ERRORS, 400: "Invalid input; nothing stored", 409: "Conflict (stale expected_version, archived session)",
                 411: "A chunked body without Content-Length", 412: "Stale If-Match", 413: "Body too large",
@@ -25,7 +27,8 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying."
 class ProblemAutoSchema(AutoSchema):
     def _get_response_bodies(self, direction: Literal["request", "response"] = "response") -> dict[str, Any]:
         responses = super()._get_response_bodies(direction)
-        errors = READ_ERRORS if self.method in ("GET", "HEAD") else WRITE_ERRORS
+        # (a view's own `problems`: answers only it gives, such as an upload's 507)
+        errors = {**(READ_ERRORS if self.method in ("GET", "HEAD") else WRITE_ERRORS), **getattr(self.view, "problems", {})}
         ref = self.resolve_serializer(ProblemSerializer, "response").ref
         for status, description in errors.items():
             response: dict[str, Any] = {"description": description, "content": {PROBLEM_CONTENT_TYPE: {"schema": ref}}}

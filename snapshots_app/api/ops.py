@@ -284,6 +284,7 @@ class ImportCreate(ApiView):
     serializer_class = JobSerializer
     write_query_params = {"POST": ("project", "skip_existing")}  # (the body is the file)
     parser_classes = [NdjsonParser]
+    problems = {507: "storage_full: the upload met a full disk under VAR_DIR (named); nothing was kept"}  # (schema)
 
     def body_limit(self) -> int | None:
         return settings.IMPORT_MAX_BYTES  # type: ignore[no-any-return]
