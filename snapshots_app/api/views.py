@@ -181,7 +181,11 @@ def _path_number(raw: str) -> int:
     """A version number from the URL; anything else names no version (404)."""
     number = _number_in(raw)
     if number is None:
-        raise VersionNotFound(f"{raw!r} is not a version number", version=raw)
+        # `details.version` an integer whenever the address gave one (0, -1, past the numbers kept), as
+        # for a number that is just not there; the text otherwise.
+        literal = raw.removeprefix("-")
+        named: int | str = int(raw) if literal.isascii() and literal.isdigit() else raw
+        raise VersionNotFound(f"{raw!r} is not a version number", version=named)
     return number
 
 
@@ -355,6 +359,7 @@ class Head(ApiView):
             # "*" matches any current representation (RFC 9110 13.1.2): the head exists, so 304.
             if "*" in tags or etag_of(head) in tags:
                 response = HttpResponse(status=304)
+                del response["Content-Type"]  # (no body: Django's default said text/html)
                 response["ETag"] = etag_of(head)
                 return response
             return head_response(head)

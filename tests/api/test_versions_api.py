@@ -598,6 +598,18 @@ def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
     snapshot_record(session=session, state={"a": 1})
     response = writer.get(url(session, "head/"), HTTP_IF_NONE_MATCH="*")
     assert response.status_code == 304 and response["ETag"] and not response.content
+    assert "Content-Type" not in response  # no body, so no type (it said text/html)
+
+
+@pytest.mark.parametrize("number", ["0", "-1", "99999999999", "7"])
+def test_a_version_number_that_names_no_version_is_named_as_a_number(writer, session, number):
+    """details.version was the integer for a number past the head and the text for 0, -1 or one past
+    what the database holds: one field, two types, for the same kind of miss."""
+    snapshot_record(session=session, state={"a": 1})
+    answer = writer.get(url(session, f"versions/{number}/"))
+    assert answer.status_code == 404 and answer.json()["code"] == "version_not_found"
+    assert answer.json()["details"]["version"] == int(number)
+    assert writer.get(url(session, "versions/abc/")).json()["details"]["version"] == "abc"
 
 
 def test_a_list_with_states_reads_a_history_in_one_request_per_page(writer, session, settings, monkeypatch):
