@@ -50,6 +50,7 @@ from sessions_app.services import (
     clean_external_id,
     clean_metadata,
     clean_tags,
+    session_lock,
 )
 from snapshots_app import canonical, jobs, rows, store, tree
 from snapshots_app.compaction import ProgressFn, _chunks, _mark, _no_progress
@@ -325,6 +326,18 @@ def transfer_export_start(
         params={"scope": "session" if session else "project", **({"skip_damaged": True} if skip_damaged else {})},
         enqueue=lambda job_id: tasks.export_job.delay(job_id), request=request,
     )
+
+
+def transfer_session_export_start(*, session: WorkflowSession, actor: User = None) -> tuple[Job, bool]:
+    """The dashboard's Export button: queue an export of the session unless one is still unfinished,
+    whose job it then returns. (job, whether it is new.) A double click queued two, and two files."""
+    with transaction.atomic():
+        session_lock(session)  # (two clicks at once: the second waits, then finds the first's job)
+        running = Job.objects.filter(kind=JobKind.EXPORT, session=session, params__scope="session",
+                                     status__in=[JobStatus.QUEUED, JobStatus.RUNNING]).order_by("-id").first()
+        if running is not None:
+            return running, False
+        return transfer_export_start(project=session.project, session=session, actor=actor), True
 
 
 def _export_name(project: Project, session: WorkflowSession | None, suffix: Any) -> str:

@@ -837,9 +837,13 @@ def session_export(request: HttpRequest, session_id: Any) -> HttpResponse:
     if session.head_number == 0:
         messages.error(request, "This session has no versions yet: there is nothing to export.")
     else:
-        transfer.transfer_export_start(project=session.project, session=session, actor=request.user)
-        messages.success(request, "Export started: its progress, then its download link, show under the session's "
-                                  "header.")
+        job, new = transfer.transfer_session_export_start(session=session, actor=request.user)
+        if new:
+            messages.success(request, "Export started: its progress, then its download link, show under the "
+                                      "session's header.")
+        else:
+            messages.info(request, f"Export #{job.pk} of this session is still under way: its download link shows "
+                                   "under the session's header when it is done.")
     return redirect(reverse("snapshots:session", kwargs={"session_id": session.pk}) + "#exports")
 
 

@@ -42,6 +42,19 @@ def test_an_operator_exports_a_session_from_its_page_and_downloads_every_version
     assert records[-1]["type"] == "end"
 
 
+def test_a_second_click_while_an_export_is_under_way_starts_no_other(client, operator, story, exports_here):
+    """A double click on Export queued two jobs, and wrote the session out twice."""
+    client.force_login(operator)
+    first = client.post(f"/sessions/{story.pk}/export/", follow=True)  # (queued: no worker runs it here)
+    again = client.post(f"/sessions/{story.pk}/export/", follow=True)
+    job = Job.objects.get(session=story)
+    assert "Export started" in first.content.decode()
+    assert f"Export #{job.pk} of this session is still under way" in again.content.decode()
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.DONE)
+    client.post(f"/sessions/{story.pk}/export/")
+    assert Job.objects.filter(session=story).count() == 2  # once it is done, another may start
+
+
 def test_a_viewer_sees_no_export_and_may_neither_start_nor_download_one(client, viewer, story, exports_here):
     job = transfer_export_start(project=story.project, session=story)
     client.force_login(viewer)
