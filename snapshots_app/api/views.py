@@ -395,6 +395,10 @@ class Diff(ApiView):
         params = request.query_params
         numbers = {name: _query_int(params, name) for name in ("from", "to")}
         other = session
+        if "to_session" in params and not params["to_session"].strip():
+            # (an empty one compared within this session, as if it had not been sent)
+            raise ValidationError({"to_session": ["Empty: give the other session's id, or leave it out to compare "
+                                                  "two versions of this session."]})
         if params.get("to_session"):
             try:
                 other = session_for(request, params["to_session"])

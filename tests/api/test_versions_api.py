@@ -298,6 +298,8 @@ def test_diff_within_and_across_sessions(writer, session):
         assert response.status_code == 404 and missing in response.json()["detail"], query
     missing = writer.get(url(session, "diff/?from=1"))
     assert missing.status_code == 400 and missing.json()["errors"]["to"] == ["Required: a version number."]
+    empty = writer.get(url(session, "diff/?from=1&to=2&to_session="))  # it compared within this session
+    assert empty.status_code == 400 and empty.json()["errors"]["to_session"][0].startswith("Empty")
     for given in ("0", "x", "1.5", "9" * 20):  # given, so not "Required" (as a 20-digit number was told)
         wrong = writer.get(url(session, f"diff/?from={given}&to=1"))
         assert wrong.status_code == 400, given
