@@ -6,6 +6,7 @@ spliced into the response body next to the metadata.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import orjson
@@ -59,6 +60,14 @@ IF_NONE_MATCH = OpenApiParameter(
     "If-None-Match", str, OpenApiParameter.HEADER, required=False,
     description="ETags already seen (or *): 304 with no body while the head is one of them.",
 )
+VERSION_IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match", str, OpenApiParameter.HEADER, required=False,
+    description="ETags already seen (or *): 304 with no body while the version (its metadata too) is one of them.",
+)
+VERSION_ETAG = OpenApiParameter(
+    "ETag", str, OpenApiParameter.HEADER, response=True,
+    description="The version's entity tag: its checksum and a digest of its metadata (a pin or label changes it).",
+)
 ETAG = OpenApiParameter(
     "ETag", str, OpenApiParameter.HEADER, response=True, description='The head\'s entity tag: "<checksum>-<number>".'
 )
@@ -92,6 +101,19 @@ def with_state(version: Version, *, status_code: int = 200, state: bytes | None 
 def head_response(version: Version, *, status_code: int = 200, state: bytes | None = None) -> HttpResponse:
     response = with_state(version, status_code=status_code, state=state)
     response["ETag"] = etag_of(version)
+    return response
+
+
+def _version_tag(version: Version) -> str:
+    """The entity tag of GET /versions/{n}/: the state's checksum and a digest of the metadata shown."""
+    shown = orjson.dumps(version_data(version), option=orjson.OPT_UTC_Z)
+    return f'"{version.checksum[:32]}-{hashlib.blake2b(shown, digest_size=8).hexdigest()}"'
+
+
+def _not_modified(tag: str) -> HttpResponse:
+    response = HttpResponse(status=304)
+    del response["Content-Type"]  # (no body: Django's default said text/html)
+    response["ETag"] = tag
     return response
 
 
@@ -308,11 +330,26 @@ class VersionBatch(ApiView):
 class VersionDetail(ApiView):
     serializer_class = VersionWithStateSerializer
 
-    @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER],
-                   responses={200: VersionWithStateSerializer}, summary="One version: metadata and state.")
+    @extend_schema(operation_id="versions_retrieve", parameters=[SESSION_ID, VERSION_NUMBER, VERSION_IF_NONE_MATCH, VERSION_ETAG],
+                   responses={200: VersionWithStateSerializer,
+                              304: OpenApiResponse(description="If-None-Match matched: the version is as you have it")},
+                   summary="One version: metadata and state. Carries an ETag (If-None-Match: 304).")
     def get(self, request: Request, id: str, number: str) -> HttpResponse:
-        version, state = selectors.version_with_state_bytes(session=session_for(request, id), number=_path_number(number))
-        return with_state(version, state=state)
+        session, number_asked = session_for(request, id), _path_number(number)
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None:
+            # A version's state never changes, so its row alone says whether a client's copy is current
+            # (its metadata may: a pin, a label, a parent relinked by retention change the tag).
+            version = selectors.version_get(session=session, number=number_asked)
+            tag = _version_tag(version)
+            if tag in _etags(if_none_match) or "*" in _etags(if_none_match):
+                return _not_modified(tag)
+            response = with_state(version)
+        else:
+            version, state = selectors.version_with_state_bytes(session=session, number=number_asked)
+            response = with_state(version, state=state)
+        response["ETag"] = _version_tag(version)
+        return response
 
     @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
                    request=VersionUpdateSerializer, responses={200: VersionSerializer},
@@ -358,10 +395,7 @@ class Head(ApiView):
             tags = _etags(if_none_match)
             # "*" matches any current representation (RFC 9110 13.1.2): the head exists, so 304.
             if "*" in tags or etag_of(head) in tags:
-                response = HttpResponse(status=304)
-                del response["Content-Type"]  # (no body: Django's default said text/html)
-                response["ETag"] = etag_of(head)
-                return response
+                return _not_modified(etag_of(head))
             return head_response(head)
         head, state = selectors.version_with_state_bytes(session=session, number=session.head_number)
         return head_response(head, state=state)

@@ -603,6 +603,23 @@ def test_if_none_match_star_is_304_while_a_head_exists(writer, session):
     assert "Content-Type" not in response  # no body, so no type (it said text/html)
 
 
+def test_a_version_carries_an_etag_and_answers_304_while_it_is_as_the_client_has_it(writer, session):
+    """A version's state never changes: a client re-reading one sends its tag and gets 304, no body. A pin
+    or label changes what the answer shows, so it changes the tag."""
+    for n in range(2):
+        snapshot_record(session=session, state={"n": n, "pad": "x" * 5000})
+    first = writer.get(url(session, "versions/1/"))
+    tag = first["ETag"]
+    assert first.status_code == 200 and tag.startswith('"') and first.json()["state"]["n"] == 0
+    again = writer.get(url(session, "versions/1/"), HTTP_IF_NONE_MATCH=tag)
+    assert again.status_code == 304 and not again.content and again["ETag"] == tag
+    assert writer.get(url(session, "versions/2/"), HTTP_IF_NONE_MATCH=tag).status_code == 200  # another version
+    assert writer.patch(url(session, "versions/1/"), {"pinned": True}, format="json").status_code == 200
+    changed = writer.get(url(session, "versions/1/"), HTTP_IF_NONE_MATCH=tag)
+    assert changed.status_code == 200 and changed["ETag"] != tag and changed.json()["pinned"] is True
+    assert changed.json()["state"] == first.json()["state"]
+
+
 @pytest.mark.parametrize("number", ["0", "-1", "99999999999", "7"])
 def test_a_version_number_that_names_no_version_is_named_as_a_number(writer, session, number):
     """details.version was the integer for a number past the head and the text for 0, -1 or one past
