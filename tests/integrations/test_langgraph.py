@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import re
+from enum import Enum, IntEnum
 from typing import Annotated, Any, TypedDict
 
 from langgraph.checkpoint.conformance import checkpointer_test, validate
@@ -199,6 +200,61 @@ def test_chat_messages_are_stored_readable_and_come_back_as_messages(live_api, r
     first_answer = next(v for v in rewind.iter_versions(session["id"]) if v["step"] == "loop 1")
     paths = {c["path"] for c in rewind.diff(session["id"], first_answer["number"], head["number"])["changes"]}
     assert any(path.startswith("/checkpoint/channel_values/messages/3") for path in paths)
+
+
+class Status(str, Enum):  # noqa: UP042  (as engines write them; a StrEnum is a str subclass too)
+    PENDING = "pending"
+    DONE = "done"
+
+
+class Priority(IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Ticket(TypedDict):
+    status: Status
+    priority: Priority
+    log: Annotated[list[str], operator.add]
+
+
+def ticket_graph(saver):
+    """triage, ask a human (an interrupt), close: each node branches on the enum members it is given."""
+    from langgraph.types import interrupt
+
+    def triage(state: Ticket) -> dict:
+        return {"priority": Priority.HIGH, "log": [f"triage pending={state['status'] is Status.PENDING}"]}
+
+    def ask(state: Ticket) -> dict:
+        answer = interrupt("close it?")
+        pending, high = state["status"] is Status.PENDING, state["priority"] is Priority.HIGH
+        return {"status": Status.DONE if pending else state["status"], "log": [f"ask {answer} {pending=} {high=}"]}
+
+    def close(state: Ticket) -> dict:
+        return {"log": [f"close done={state['status'] is Status.DONE} high={state['priority'] is Priority.HIGH}"]}
+
+    return chain(Ticket, ("triage", triage), ("ask", ask), ("close", close)).compile(checkpointer=saver)
+
+
+def test_enum_values_come_back_as_their_members_as_on_langgraphs_own_saver(live_api, rewind):
+    """A str Enum's and an IntEnum's members came back plain str and int (stored as JSON, as str and int
+    are): after a resume, `status is Status.PENDING` was False and the graph took another branch."""
+    from langgraph.types import Command
+
+    config = {"configurable": {"thread_id": "ticket-enums"}}
+
+    def run(first, second) -> tuple:  # the second (another process) reads and resumes the first's thread
+        first.invoke({"status": Status.PENDING, "priority": Priority.LOW, "log": []}, config)
+        paused = second.get_state(config).values
+        done = second.invoke(Command(resume="yes"), config)
+        return repr(paused), repr(done), [repr(s.values) for s in second.get_state_history(config)]
+
+    theirs = InMemorySaver()
+    expected = run(ticket_graph(theirs), ticket_graph(theirs))
+    ours = run(ticket_graph(SessionRewindSaver(rewind)), ticket_graph(SessionRewindSaver(live_api.client())))
+    assert "'log': ['triage pending=True', 'ask yes pending=True high=True', 'close done=True high=True']" in ours[1]
+    assert ours == expected
+    assert "<Priority.HIGH: 2>" in ours[0]
 
 
 def trip_with_question(ask) -> StateGraph:

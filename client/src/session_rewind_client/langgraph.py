@@ -27,7 +27,7 @@ checkpoint, then and on every later run: a subgraph namespace's latest checkpoin
 made while the root thread was on its current branch (see `_as_of_root`). Channel values that are plain JSON are stored as JSON
 (diffable in the dashboard), chat messages in LangChain's JSON form (``{"__lc_message__": ...}``,
 loaded back with only message classes allowed); anything else goes through the saver's serde
-(``{"__lg_serde__": [type, base64]}``).
+(``{"__lg_serde__": [type, base64]}``), a subclass of str, int or float (an Enum's member) included.
 
 Every method exists sync and async; both run the same code (`_Ops`), written once as generators
 that yield API calls, so the async path never blocks the event loop.
@@ -140,7 +140,7 @@ def _as_readable_json(value: Any, depth: int = 0) -> Any:
     if type(value) is list:
         items = [_as_readable_json(item, depth + 1) for item in value]
         return _UNREADABLE if any(item is _UNREADABLE for item in items) else items
-    if type(value) is dict and all(isinstance(key, str) for key in value) and not (value.keys() & MARKER_KEYS):
+    if type(value) is dict and all(type(key) is str for key in value) and not (value.keys() & MARKER_KEYS):
         encoded = {key: _as_readable_json(item, depth + 1) for key, item in value.items()}
         return _UNREADABLE if any(item is _UNREADABLE for item in encoded.values()) else encoded
     return _UNREADABLE
@@ -152,21 +152,30 @@ def _load_message(dumped: dict[str, Any]) -> Any:
         return load(dumped, allowed_objects="messages")
 
 
+_PLAIN_SCALARS = (type(None), bool, str)
+
+
 def _is_plain_json(value: Any, depth: int = 0) -> bool:
-    """True when JSON round-trips `value` exactly (so it can be stored readable and diffable)."""
+    """True when JSON round-trips `value` exactly (so it can be stored readable and diffable).
+
+    Exact types only: JSON gives back a `str`, an `int` or a `float`, never a subclass of one, so a
+    ``class Status(str, Enum)`` member, an `IntEnum`'s (or a str-keyed dict whose keys are such) is
+    not plain (it goes through the serde and comes back the member it was; stored as JSON it came
+    back a plain str or int, and ``status is Status.PENDING`` took another branch after a resume)."""
     if depth > 60:
         return False
-    if value is None or isinstance(value, (bool, str)):
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
         return True
-    if isinstance(value, int):
+    if kind is int:
         return -MAX_INT <= value <= MAX_INT
-    if isinstance(value, float):
+    if kind is float:
         return math.isfinite(value)
-    if type(value) is list:
+    if kind is list:
         return all(_is_plain_json(item, depth + 1) for item in value)
-    if type(value) is dict:
+    if kind is dict:
         return not (value.keys() & MARKER_KEYS) and all(
-            isinstance(key, str) and _is_plain_json(item, depth + 1) for key, item in value.items()
+            type(key) is str and _is_plain_json(item, depth + 1) for key, item in value.items()
         )
     return False
 
