@@ -4,6 +4,7 @@ then real graphs (sync and async) with history, time travel and update_state for
 from __future__ import annotations
 
 import asyncio
+import json
 import operator
 import re
 from enum import Enum, IntEnum
@@ -13,6 +14,7 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
 from session_rewind_client.langgraph import SessionRewindSaver
 
 
@@ -255,6 +257,72 @@ def test_enum_values_come_back_as_their_members_as_on_langgraphs_own_saver(live_
     assert "'log': ['triage pending=True', 'ask yes pending=True high=True', 'close done=True high=True']" in ours[1]
     assert ours == expected
     assert "<Priority.HIGH: 2>" in ours[0]
+
+
+PLAN = {"search": {"query": "hotels in Oslo", "max": 3}, "book": {"room": "double", "nights": 2},
+        "email": {"to": "ops", "cc": ["me", {"name": "Ann", "address": "ann@example.com"}]}}
+
+
+class Itinerary(TypedDict):
+    plan: dict
+    messages: Annotated[list, add_messages]
+    log: Annotated[list[str], operator.add]
+
+
+def itinerary_graph(saver):
+    """draft a plan (and a tool call), ask a human to approve its steps (an interrupt), act on it: each
+    node goes through the plan's dicts, and the tool call's arguments, in their order."""
+    from langchain_core.messages import AIMessage
+    from langgraph.types import interrupt
+
+    def draft(state: Itinerary) -> dict:
+        call = {"name": "search", "args": {"query": "hotels", "max": 3, "area": "centre"}, "id": "call-1"}
+        return {"plan": json.loads(json.dumps(PLAN)), "messages": [AIMessage("", tool_calls=[call])], "log": ["draft"]}
+
+    def review(state: Itinerary) -> dict:
+        answer = interrupt(f"run {' then '.join(state['plan'])}?")
+        return {"log": [f"{answer}: " + json.dumps(state["plan"])]}
+
+    def act(state: Itinerary) -> dict:
+        return {"log": ["act " + json.dumps(state["messages"][-1].tool_calls[0]["args"])]}
+
+    builder = chain(Itinerary, ("draft", draft), ("review", review), ("act", act))
+    return builder.compile(checkpointer=saver)
+
+
+def test_dict_key_order_is_kept_through_a_resume_and_the_history_as_on_langgraphs_own_saver(live_api, rewind):
+    """The server keeps a state's objects with their keys sorted: a plan's steps, and a tool call's
+    arguments, came back in alphabetical order after a resume and in the history."""
+    from langgraph.types import Command
+
+    config = {"configurable": {"thread_id": "plan-order"}}
+
+    def shape(values: dict) -> tuple:  # (the messages' ids are random: their tool calls' arguments)
+        return (json.dumps({key: value for key, value in values.items() if key != "messages"}),
+                [json.dumps(m.tool_calls[0]["args"]) for m in values.get("messages", [])])
+
+    def run(first, second) -> tuple:  # the second (another process) reads and resumes the first's thread
+        first.invoke({"log": []}, config)
+        paused = second.get_state(config)
+        done = second.invoke(Command(resume="yes"), config)
+        return (paused.tasks[0].interrupts[0].value, shape(paused.values), shape(done),
+                [shape(s.values) for s in second.get_state_history(config)])
+
+    theirs = InMemorySaver()
+    expected = run(itinerary_graph(theirs), itinerary_graph(theirs))
+    ours = run(itinerary_graph(SessionRewindSaver(rewind)), itinerary_graph(SessionRewindSaver(live_api.client())))
+    assert json.loads(ours[2][0])["log"] == ["draft", "yes: " + json.dumps(PLAN),
+                                             'act {"query": "hotels", "max": 3, "area": "centre"}']
+    assert ours == expected
+    assert ours[0] == "run search then book then email?"
+
+    # Still readable in the dashboard: each value at its own path, the order beside them.
+    session = rewind.list_sessions(external_id="plan-order")["results"][0]
+    stored = rewind.head(session["id"])["state"]["checkpoint"]["channel_values"]
+    assert stored["plan"]["__lg_keys__"] == ["search", "book", "email"] and stored["plan"]["book"]["room"] == "double"
+    assert stored["plan"]["email"]["cc"][1] == {"__lg_keys__": ["name", "address"], "address": "ann@example.com",
+                                               "name": "Ann"}
+    assert stored["messages"][0]["__lc_message__"]["kwargs"]["tool_calls"][0]["args"]["area"] == "centre"
 
 
 def trip_with_question(ask) -> StateGraph:

@@ -28,6 +28,9 @@ made while the root thread was on its current branch (see `_as_of_root`). Channe
 (diffable in the dashboard), chat messages in LangChain's JSON form (``{"__lc_message__": ...}``,
 loaded back with only message classes allowed); anything else goes through the saver's serde
 (``{"__lg_serde__": [type, base64]}``), a subclass of str, int or float (an Enum's member) included.
+They come back as they went, a dict's key order included: the server sorts an object's keys, so a
+dict of channel values whose keys were in another order records its own (``"__lg_keys__"``, see
+`_as_readable_json`).
 
 Every method exists sync and async; both run the same code (`_Ops`), written once as generators
 that yield API calls, so the async path never blocks the event loop.
@@ -47,6 +50,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+from itertools import pairwise
 from typing import Any
 from urllib.parse import unquote
 
@@ -77,7 +81,9 @@ from session_rewind_client.errors import ConflictError, NotFound, SessionRewindE
 ENGINE = "langgraph"
 SERDE_KEY = "__lg_serde__"
 MESSAGE_KEY = "__lc_message__"
-MARKER_KEYS = frozenset({SERDE_KEY, MESSAGE_KEY})
+# Beside the keys of a dict whose keys are not in the order the server keeps them in: its own (`_as_readable_json`).
+ORDER_KEY = "__lg_keys__"
+MARKER_KEYS = frozenset({SERDE_KEY, MESSAGE_KEY, ORDER_KEY})
 TAG_RE = re.compile(r"^[\w.:\-/ ]{1,64}$")
 MAX_INT = 2**63 - 1
 WRITES_SUFFIX = "|writes"
@@ -125,25 +131,72 @@ def checkpoint_tag(checkpoint_id: str) -> str:
 _UNREADABLE = object()
 
 
-def _as_readable_json(value: Any, depth: int = 0) -> Any:
+def _as_readable_json(value: Any, depth: int = 0, *, ordered: bool = True) -> Any:
     """`value` as JSON that reads back equal, with chat messages in LangChain's own JSON form (so a
-    conversation stays readable and diffable in the dashboard); `_UNREADABLE` when it is not."""
+    conversation stays readable and diffable in the dashboard); `_UNREADABLE` when it is not.
+
+    `ordered`: it reads back with its dicts' keys in the order they had. The server keeps a state as
+    canonical JSON, every object's keys sorted by code point (Python's own order for `str`, as the
+    client sorts them too), so a dict whose keys are not in that order also holds `ORDER_KEY`, its
+    keys as they came: ``{"__lg_keys__": ["search", "book"], "book": ..., "search": ...}``. Its values
+    stay where they were, readable and diffed by their own paths in the dashboard (`/plan/book`),
+    rather than the whole dict going through the serde as an opaque blob: dicts an engine builds are
+    seldom in sorted order (a plan, a tool call's arguments), and most of a state would have gone
+    dark. In a chat message, the values of its constructor's keyword arguments (its tool calls'
+    arguments, its metadata) are so kept; the envelope and the keywords themselves need no order.
+    Without `ordered` (the checkpoint's bookkeeping, its metadata: LangGraph needs no order there,
+    and its own PostgreSQL saver keeps none) dicts come back with their keys sorted."""
     if depth > 60:
         return _UNREADABLE
-    if _is_plain_json(value, depth):
+    if _is_plain_json(value, depth, in_order=ordered):
         return value
     if isinstance(value, BaseMessage):
         dumped = dumpd(value)
-        if dumped.get("type") == "constructor" and _is_plain_json(dumped):
-            return {MESSAGE_KEY: dumped}
-        return _UNREADABLE
+        kwargs = dumped.get("kwargs")
+        if dumped.get("type") != "constructor" or not _is_plain_json(dumped) or type(kwargs) is not dict:
+            return _UNREADABLE
+        if ordered:  # plain JSON: always readable
+            dumped = {**dumped, "kwargs": {key: _as_readable_json(item) for key, item in kwargs.items()}}
+        return {MESSAGE_KEY: dumped}
     if type(value) is list:
-        items = [_as_readable_json(item, depth + 1) for item in value]
+        items = [_as_readable_json(item, depth + 1, ordered=ordered) for item in value]
         return _UNREADABLE if any(item is _UNREADABLE for item in items) else items
     if type(value) is dict and all(type(key) is str for key in value) and not (value.keys() & MARKER_KEYS):
-        encoded = {key: _as_readable_json(item, depth + 1) for key, item in value.items()}
-        return _UNREADABLE if any(item is _UNREADABLE for item in encoded.values()) else encoded
+        encoded = {key: _as_readable_json(item, depth + 1, ordered=ordered) for key, item in value.items()}
+        if any(item is _UNREADABLE for item in encoded.values()):
+            return _UNREADABLE
+        return encoded if not ordered or _in_canonical_order(value) else {ORDER_KEY: list(value), **encoded}
     return _UNREADABLE
+
+
+def _in_canonical_order(value: dict[str, Any]) -> bool:
+    """True when the dict's keys are in the order the server keeps them in (sorted by code point)."""
+    return all(before < after for before, after in pairwise(value))
+
+
+def _key_order(value: dict[str, Any]) -> list[str] | None:
+    """The key order a stored dict records (`ORDER_KEY`), or None when it records none."""
+    order = value.get(ORDER_KEY)
+    return order if type(order) is list and all(type(key) is str for key in order) else None
+
+
+def _in_order(items: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """`items` with the keys `order` lists first, in that order, then any others as they are: an
+    operator's data fix may add a key and not list it, or drop one and leave it listed."""
+    ordered = {key: items.pop(key) for key in order if key in items}
+    ordered.update(items)
+    return ordered
+
+
+def _restore_order(value: Any) -> Any:
+    """Stored JSON with each dict's recorded key order put back (and nothing else decoded)."""
+    if type(value) is dict:
+        order = _key_order(value)
+        items = {key: _restore_order(item) for key, item in value.items() if order is None or key != ORDER_KEY}
+        return items if order is None else _in_order(items, order)
+    if type(value) is list:
+        return [_restore_order(item) for item in value]
+    return value
 
 
 def _load_message(dumped: dict[str, Any]) -> Any:
@@ -155,8 +208,9 @@ def _load_message(dumped: dict[str, Any]) -> Any:
 _PLAIN_SCALARS = (type(None), bool, str)
 
 
-def _is_plain_json(value: Any, depth: int = 0) -> bool:
-    """True when JSON round-trips `value` exactly (so it can be stored readable and diffable).
+def _is_plain_json(value: Any, depth: int = 0, *, in_order: bool = False) -> bool:
+    """True when JSON round-trips `value` exactly (so it can be stored readable and diffable); with
+    `in_order`, its dicts' key order too (each dict's keys already in the server's order).
 
     Exact types only: JSON gives back a `str`, an `int` or a `float`, never a subclass of one, so a
     ``class Status(str, Enum)`` member, an `IntEnum`'s (or a str-keyed dict whose keys are such) is
@@ -172,11 +226,11 @@ def _is_plain_json(value: Any, depth: int = 0) -> bool:
     if kind is float:
         return math.isfinite(value)
     if kind is list:
-        return all(_is_plain_json(item, depth + 1) for item in value)
+        return all(_is_plain_json(item, depth + 1, in_order=in_order) for item in value)
     if kind is dict:
         return not (value.keys() & MARKER_KEYS) and all(
-            type(key) is str and _is_plain_json(item, depth + 1) for key, item in value.items()
-        )
+            type(key) is str and _is_plain_json(item, depth + 1, in_order=in_order) for key, item in value.items()
+        ) and (not in_order or _in_canonical_order(value))
     return False
 
 
@@ -635,8 +689,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
     # -- encoding ----------------------------------------------------------------------------------
 
-    def _encode(self, value: Any) -> Any:
-        readable = _as_readable_json(value)
+    def _encode(self, value: Any, *, ordered: bool = True) -> Any:
+        """`value` as stored: readable JSON where it can be (see `_as_readable_json`; `ordered`:
+        with its dicts' key order, as a channel value or a write needs), else through the serde."""
+        readable = _as_readable_json(value, ordered=ordered)
         if readable is not _UNREADABLE:
             return readable
         kind, data = self.serde.dumps_typed(value)
@@ -648,8 +704,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
                 kind, data = value[SERDE_KEY]
                 return self.serde.loads_typed((kind, base64.b64decode(data)))
             if MESSAGE_KEY in value:
-                return _load_message(value[MESSAGE_KEY])
-            return {key: self._decode(item) for key, item in value.items()}
+                return _load_message(_restore_order(value[MESSAGE_KEY]))
+            order = _key_order(value)
+            items = {key: self._decode(item) for key, item in value.items() if order is None or key != ORDER_KEY}
+            return items if order is None else _in_order(items, order)
         if isinstance(value, list):
             return [self._decode(item) for item in value]
         return value
@@ -662,9 +720,12 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             for name, value in checkpoint.get("channel_values", {}).items()
             if not versions or name in versions
         }
+        # Channel values keep their dicts' key order (a graph's code sees them); the checkpoint's
+        # bookkeeping (channel versions, versions seen) and its metadata need none, and stay as they were.
         return {
-            "checkpoint": {**{key: self._encode(value) for key, value in body.items()}, "channel_values": values},
-            "metadata": {key: self._encode(value) for key, value in metadata.items()},
+            "checkpoint": {**{key: self._encode(value, ordered=False) for key, value in body.items()},
+                           "channel_values": values},
+            "metadata": {key: self._encode(value, ordered=False) for key, value in metadata.items()},
             "parent_checkpoint_id": parent_id,
         }
 
