@@ -704,6 +704,33 @@ def test_a_thread_id_holding_a_bar_keeps_the_sessions_an_older_client_named(live
     assert rewind.list_sessions(q="trip")["results"] == []
 
 
+def test_a_thread_id_holding_nul_is_a_thread_found_again_by_a_new_process(live_api, rewind):
+    """LangGraph takes any string for a thread id; a NUL in one was a 400 (no external id, metadata
+    or audit reason may hold one) at the first checkpoint."""
+    from langgraph.types import Command
+
+    thread_id = "trip\x00nul"
+    config = {"configurable": {"thread_id": thread_id}}
+    paused = trip_with_question(ask_to_book).compile(checkpointer=SessionRewindSaver(rewind)).invoke(
+        {"city": "Kyoto", "log": []}, config)
+    assert paused["__interrupt__"][0].value == {"question": "Book Kyoto?"}
+
+    saver = SessionRewindSaver(live_api.client())  # another process: found by its (escaped) external id
+    graph = trip_with_question(ask_to_book).compile(checkpointer=saver)
+    assert graph.get_state(config).tasks[0].interrupts[0].value == {"question": "Book Kyoto?"}
+    assert graph.invoke(Command(resume="yes"), config)["log"] == ["plan Kyoto", "answer yes"]
+    assert len(list(graph.get_state_history(config))) == 4
+    assert {t.config["configurable"]["thread_id"] for t in saver.list(None)} == {thread_id}
+    assert {s["external_id"] for s in rewind.list_sessions(q="trip")["results"]} == {"trip%00nul", "trip%00nul|writes"}
+    assert graph.get_state({"configurable": {"thread_id": "trip"}}).values == {}  # not thread "trip"'s
+
+    saver.copy_thread(thread_id, "trip\x00copy")
+    assert len(list(graph.get_state_history({"configurable": {"thread_id": "trip\x00copy"}}))) == 4
+    for thread in (thread_id, "trip\x00copy"):
+        SessionRewindSaver(live_api.client()).delete_thread(thread)
+    assert rewind.list_sessions(q="trip")["results"] == []
+
+
 def test_list_without_a_thread_searches_every_thread(live_api, rewind):
     saver = SessionRewindSaver(rewind)
     graph = trip_graph(saver)

@@ -252,8 +252,25 @@ def _writes_of(external_id: str) -> str:
 def _escape(thread_id: str) -> str:
     """A thread id as its sessions' external ids hold it. A bar there ends the thread id (a namespace
     or the writes session follows), so the id's own bars, and the escape's percent signs, are
-    percent-encoded: thread "a|writes" is not thread "a"'s writes session. Other ids are unchanged."""
-    return thread_id.replace("%", "%25").replace("|", "%7C")
+    percent-encoded: thread "a|writes" is not thread "a"'s writes session. So is a NUL, which no
+    external id may hold (LangGraph takes any string). Other ids are unchanged."""
+    return thread_id.replace("%", "%25").replace("|", "%7C").replace("\x00", "%00")
+
+
+def _noted_thread(thread_id: str) -> dict[str, Any]:
+    """The thread id as a session's metadata notes it: as it is, unless it holds a NUL, which metadata
+    cannot hold either; then escaped, and said so (`_thread_noted` reads it back)."""
+    if "\x00" in thread_id:
+        return {"thread_id": _escape(thread_id), "thread_id_escaped": True}
+    return {"thread_id": thread_id}
+
+
+def _thread_noted(meta: dict[str, Any]) -> str | None:
+    """The thread id a session's metadata["langgraph"] notes (see `_noted_thread`), or None."""
+    if "thread_id" not in meta:
+        return None
+    noted = str(meta["thread_id"])
+    return _unescape(noted) if meta.get("thread_id_escaped") else noted
 
 
 def _unescape(text: str) -> str | None:
@@ -752,7 +769,8 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         with `writes`), then, for a thread id holding a bar or a percent sign, the one a client
         before `_escape` gave it (its sessions made then are still found there)."""
         names = []
-        for key in dict.fromkeys((_escape(thread_id), thread_id)):
+        # (No client before `_escape` could store an id holding a NUL: no older name to look for.)
+        for key in dict.fromkeys((_escape(thread_id), thread_id) if "\x00" not in thread_id else (_escape(thread_id),)):
             base = f"{self.prefix}{key}"
             name = _fit(base if not ns else f"{base}|{ns}")
             names.append(_writes_of(name) if writes else name)
@@ -789,7 +807,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         body: dict[str, Any] = {
             "external_id": external_id,
             "workflow": "langgraph",
-            "metadata": {"langgraph": {"thread_id": thread_id, "checkpoint_ns": ns, "pending_writes": writes}},
+            "metadata": {"langgraph": {**_noted_thread(thread_id), "checkpoint_ns": ns, "pending_writes": writes}},
             # Retention never thins the writes session: each version holds other writes, and a resumed
             # graph needs its checkpoint's (or it re-runs tasks that had finished).
             "tags": ["langgraph", thread_tag(thread_id)] + (["langgraph-writes", KEEP_ALL_TAG] if writes else []),
@@ -1132,9 +1150,10 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
     def _thread_of(self, session: dict[str, Any]) -> tuple[str, str] | None:
         """(thread id, namespace) of a checkpoint session (None for a session of pending writes)."""
         meta = _langgraph_meta(session)
-        if meta.get("pending_writes") or "thread_id" not in meta:
+        noted = _thread_noted(meta)
+        if meta.get("pending_writes") or noted is None:
             return None
-        thread_id, ns = str(meta["thread_id"]), meta.get("checkpoint_ns", "")
+        thread_id, ns = noted, meta.get("checkpoint_ns", "")
         external_id = session.get("external_id") or ""
         if external_id not in self._external_ids(thread_id, ns):
             # Forked in Session Rewind: the metadata is its source's, the external id is its thread.
@@ -1254,7 +1273,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
         Rewind carries its source's tags and metadata, so the tag alone would claim the fork for
         the source thread (and `delete_thread` of the source would delete it)."""
         meta = _langgraph_meta(session)
-        if str(meta.get("thread_id")) != thread_id:
+        if _thread_noted(meta) != thread_id:
             return False
         return session.get("external_id") in self._external_ids(
             thread_id, meta.get("checkpoint_ns", ""), writes=bool(meta.get("pending_writes")))
@@ -1343,7 +1362,7 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
             if number is not None:
                 yield Call("POST", f"sessions/{target}/rewind/", json={
                     "to_version": number,
-                    "reason": f"langgraph: copy of thread {source_thread_id}, whose head was rewound to "
+                    "reason": f"langgraph: copy of thread {_short(source_thread_id)}, whose head was rewound to "
                               f"checkpoint {_short(checkpoint_id)}",
                 })
                 self._forget(target)
@@ -1439,6 +1458,6 @@ class SessionRewindSaver(BaseCheckpointSaver[int]):
 
 
 def _short(identifier: Any, limit: int = 200) -> str:
-    """An id for an audit reason (at most 2000 characters on the server): thread ids may be long."""
-    text = str(identifier)
+    """An id for an audit reason (at most 2000 characters on the server, no NUL): thread ids may be long."""
+    text = str(identifier).replace("\x00", "\\x00")
     return text if len(text) <= limit else text[:limit] + "…"
