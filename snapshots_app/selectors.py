@@ -504,8 +504,11 @@ def path_history(
         if previous.checksum != version.checksum:
             try:
                 touched = at.follow(version_diff(previous, version, source=source).patch)
-            except _Reread:
-                was = at.reading()
+            except _Reread as reread:
+                # What the previous version held: the value followed so far, unless the patch had
+                # already changed it before it gave up (then compared with it, an edit and a shift in
+                # one version read as no change), when it is read again from that version.
+                was = _reading(*value_in(previous)) if reread.after_changes else at.reading()
                 at = _PathValue(pointer, *value_in(version))
                 touched = was != at.reading()
         last = points[-1]
@@ -515,7 +518,17 @@ def path_history(
 
 
 class _Reread(Exception):
-    """A diff changed the path in a way _PathValue cannot follow: read the version's state instead."""
+    """A diff changed the path in a way _PathValue cannot follow: read the version's state instead.
+    `after_changes`: the patch had changed the value followed before it gave up."""
+
+    def __init__(self, after_changes: bool) -> None:
+        super().__init__()
+        self.after_changes = after_changes
+
+
+def _index_token(token: str) -> bool:
+    """An array index as RFC 6901 writes it (ASCII digits, no leading zero: str.isdigit() takes "²")."""
+    return token.isascii() and token.isdigit() and (token == "0" or not token.startswith("0"))
 
 
 class _PathValue:
@@ -526,6 +539,9 @@ class _PathValue:
 
     def __init__(self, pointer: str, value: Any, present: bool) -> None:
         self.pointer, self.value, self.present, self.owned = pointer, value, present, False
+        # A pointer naming an index unlike the diff's paths ("/h/02", which a read takes as /h/2)
+        # matches none of them: such a one is read again at every version that changed.
+        self.followable = all(_index_token(token) or not token[:1].isdigit() for token in pointer.split("/")[1:])
 
     def reading(self) -> tuple[bool, bytes]:
         return _reading(self.value, self.present)
@@ -538,12 +554,14 @@ class _PathValue:
         from snapshots_app.jsonview import PointerError, resolve
 
         pointer, touched = self.pointer, False
+        if not self.followable:
+            raise _Reread(False)
         for operation in patch:
             path, op = operation["path"], operation["op"]
             parent, _, last = path.rpartition("/")
             if path == pointer or pointer.startswith(path + "/") or path == "":
-                if op == "remove" and last.isdigit():
-                    raise _Reread  # the item after it takes its place
+                if op == "remove" and _index_token(last):
+                    raise _Reread(touched)  # the item after it takes its place
                 was = self.reading()
                 if op == "remove":
                     self.value, self.present = None, False
@@ -556,7 +574,7 @@ class _PathValue:
                 touched = touched or was != self.reading()
             elif path.startswith(pointer + "/"):
                 if not self.present:
-                    raise _Reread
+                    raise _Reread(touched)
                 # The operation, re-rooted at the pointer, applied in place to a value of our own (its
                 # value copied too: the diff's values may be a cache's).
                 relative = {"op": op, "path": path[len(pointer):]}
@@ -565,14 +583,15 @@ class _PathValue:
                 try:
                     self.value = apply_patch(self.value, [relative], copy=_same if self.owned else _copy)
                 except (PatchError, TypeError):
-                    raise _Reread from None
+                    raise _Reread(touched) from None
                 self.owned = touched = True
-            elif op != "replace" and last.isdigit() and pointer.startswith(parent + "/"):
+            elif op != "replace" and _index_token(last) and pointer.startswith(parent + "/"):
                 # An item added or removed in an array the pointer goes through: before the pointer's
-                # item (or at it) it shifts that item; after it, it changes nothing here.
+                # item (or at it) it shifts that item; after it, it changes nothing here (nor in an
+                # object, whose member the pointer names by a key that is no index).
                 mine = pointer[len(parent) + 1:].partition("/")[0]
-                if not mine.isdigit() or int(last) <= int(mine):
-                    raise _Reread
+                if _index_token(mine) and int(last) <= int(mine):
+                    raise _Reread(touched)
         return touched
 
 

@@ -265,6 +265,37 @@ def test_path_history_of_a_large_container_keeps_what_its_rows_show_not_the_valu
     assert [(p.value, p.shown) for p in path_history(session, "/count")] == [(n, str(n)) for n in range(1, 5)]
 
 
+@pytest.mark.parametrize(("states", "pointer"), [
+    # One version edits the value, then removes an item before it: the value shifts and changed.
+    ([{"h": [{"t": i} for i in range(8)]}, {"h": [{"t": i} for i in (0, 1, 3, 4, 6, 6, 7)]}], "/h/5/t"),
+    ([{"h": [{"t": i} for i in range(8)]}, {"h": [{"t": i} for i in (0, 1, 3, 4, 6, 6, 7)]}], "/h/5"),
+    # A member changed and a key that reads as an index added beside it: an object shifts nothing.
+    ([{"$id": 1}, {"$id": 2, "2024": "x"}], "/$id"),
+    ([{}, {"": None, "0": None, "a": None}], "/"),
+    # A key of digits that is no index ("²"); a pointer naming an index with a leading zero.
+    ([{"o": {"5": 1, "\u00b2": 2}}, {"o": {"5": 1, "\u00b2": 2, "7": 3}}, {"o": {"\u00b2": 4}}], "/o/\u00b2"),
+    ([{"h": ["a", "b", "c"]}, {"h": ["a", "b", "C"]}, {"h": ["a", "b", "D"]}], "/h/02"),
+])
+def test_path_history_agrees_with_each_versions_whole_state(session, states, pointer):
+    """Cases the diff-following path history got wrong (a review found them): each row must show what
+    reading that version's whole state shows, and mark a change exactly where the value differs."""
+    from snapshots_app.jsonview import PointerError, resolve
+    from snapshots_app.selectors import _reading, path_history
+
+    for state in states:
+        snapshot_record(session=session, state=state)
+    expected, before = [], None
+    for index, state in enumerate(states):
+        try:
+            value, present = resolve(state, pointer), True
+        except PointerError:
+            value, present = None, False
+        expected.append((present, value if type(value) not in (dict, list) else None, index > 0 and
+                         _reading(value, present) != before))
+        before = _reading(value, present)
+    assert [(p.present, p.value, p.changed) for p in path_history(session, pointer)] == expected
+
+
 def test_path_history_follows_items_that_shift_and_marks_only_real_changes(session):
     """Path history (the dashboard's "in which versions did this change"): an item inserted at the
     front of a list moves the others, so /items/1 holds another item; it kept showing the old one

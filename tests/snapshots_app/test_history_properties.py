@@ -112,12 +112,13 @@ path_edits = st.lists(
         st.tuples(st.just("blob"), st.dictionaries(st.sampled_from("xyz"), st.one_of(small, big_text), max_size=3)),
         st.tuples(st.just("history"), st.one_of(small, st.lists(item, max_size=4))),
         st.tuples(st.just("same"), st.none()),
+        st.tuples(st.just("member"), st.tuples(st.sampled_from(["0", "2", "", "a", "02"]), small)),
     ),
     min_size=1,
     max_size=20,
 )
-POINTERS = ["", "/history", "/history/0", "/history/2", "/history/2/text", "/history/5/n", "/meta", "/meta/a",
-            "/blob", "/blob/x", "/counter", "/missing"]
+POINTERS = ["", "/", "/history", "/history/0", "/history/2", "/history/02", "/history/2/text", "/history/5/n", "/meta",
+            "/meta/a", "/meta/0", "/meta/2", "/blob", "/blob/x", "/counter", "/missing"]
 
 
 def path_edit(state: dict[str, Any], op: str, arg: Any) -> dict[str, Any]:
@@ -131,6 +132,11 @@ def path_edit(state: dict[str, Any], op: str, arg: Any) -> dict[str, Any]:
         state["blob"] = orjson.dumps(arg).decode()
     elif op == "same":
         state["counter"] = state.get("counter", 0) + 1
+    elif op == "member":  # keys that read as indexes ("0", "2"), or not ("", "02"), beside others
+        if isinstance(state.get("meta"), dict):
+            state["meta"][arg[0]] = arg[1]
+        else:
+            state[arg[0]] = arg[1]
     elif history is not None and op == "insert":
         history.insert(arg[0] % (len(history) + 1), arg[1])
     elif history and op == "remove":
