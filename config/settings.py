@@ -165,8 +165,9 @@ def _database() -> dict:
     # A slow query on a live server is unaffected: its kernel answers the probes. (TCP only; a Unix
     # socket ignores them.)
     keepalive = env_int("DB_TCP_KEEPALIVE", 30, minimum=1)
-    config["OPTIONS"].update(keepalives=1, keepalives_idle=keepalive, keepalives_interval=10, keepalives_count=3,
-                             tcp_user_timeout=(keepalive + 30) * 1000)
+    for name, value in {"keepalives": 1, "keepalives_idle": keepalive, "keepalives_interval": 10, "keepalives_count": 3,
+                        "tcp_user_timeout": (keepalive + 30) * 1000}.items():
+        config["OPTIONS"].setdefault(name, value)  # (DATABASE_URL's own ?keepalives_idle= wins)
     # JIT compiles a plan once its estimated cost is high, and a recursive walk of a state tree is
     # estimated at 100,000 rows: measured 115 ms of compilation for a 0.3 ms query. Our statements
     # are all short; none gains from it.

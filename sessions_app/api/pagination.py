@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from base64 import b64decode, b64encode
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -89,8 +90,11 @@ class CursorPage(BasePagination):
             raise invalid
         try:
             field = self.model._meta.get_field(self.ordering.lstrip("-"))
-            after = field.to_python(position), self.model._meta.pk.to_python(pk)
-        except (DjangoValidationError, ValueError, TypeError):
+            value = field.to_python(position)
+            if isinstance(value, datetime):
+                value = value.astimezone(UTC)  # (year 1 at +01:00 is out of range: SQLite raised at the query)
+            after = value, self.model._meta.pk.to_python(pk)
+        except (DjangoValidationError, ValueError, TypeError, OverflowError):
             raise invalid from None
         if any(type(part) is int and not -(2**63) <= part < 2**63 for part in after):
             raise invalid  # (past what the database's integers hold: its error, a 500)

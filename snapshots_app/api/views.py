@@ -206,7 +206,7 @@ def _path_number(raw: str) -> int:
         # `details.version` an integer whenever the address gave one (0, -1, past the numbers kept), as
         # for a number that is just not there; the text otherwise.
         literal = raw.removeprefix("-")
-        named: int | str = int(raw) if literal.isascii() and literal.isdigit() else raw
+        named: int | str = int(raw) if literal.isascii() and literal.isdigit() and len(literal) <= 30 else raw
         raise VersionNotFound(f"{raw!r} is not a version number", version=named)
     return number
 

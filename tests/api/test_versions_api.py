@@ -629,6 +629,8 @@ def test_a_version_number_that_names_no_version_is_named_as_a_number(writer, ses
     assert answer.status_code == 404 and answer.json()["code"] == "version_not_found"
     assert answer.json()["details"]["version"] == int(number)
     assert writer.get(url(session, "versions/abc/")).json()["details"]["version"] == "abc"
+    huge = writer.get(url(session, f"versions/{'1' * 5000}/"))  # past Python's int() digit limit: a 500
+    assert huge.status_code == 404 and huge.json()["code"] == "version_not_found"
 
 
 def test_a_list_with_states_reads_a_history_in_one_request_per_page(writer, session, settings, monkeypatch):

@@ -64,6 +64,14 @@ def test_database_connections_probe_a_host_that_vanished():
         probe.close()  # (its own descriptor, a dup: the connection stays open)
 
 
+def test_keepalive_settings_named_in_database_url_win():
+    url = "postgres://postgres@127.0.0.1:5432/x?keepalives_idle=120&tcp_user_timeout=0"
+    result = manage("shell", "-c", "from django.conf import settings; o = settings.DATABASES['default']['OPTIONS'];"
+                    "print(o['keepalives_idle'], o['tcp_user_timeout'], o['keepalives_count'])",
+                    env={"DATABASE_URL": url, "SECRET_KEY": "x"})
+    assert result.stdout.strip().splitlines()[-1].split() == ["120", "0", "3"], result.stderr
+
+
 def test_message_sent_through_redis_channel_layer_arrives(settings):
     if not os.environ.get("REDIS_URL"):
         pytest.skip("embedded run: REDIS_URL is not set")
