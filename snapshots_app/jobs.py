@@ -369,13 +369,18 @@ def job_finish(*, job: Job, result: dict[str, Any]) -> Job:
 
 
 @transaction.atomic
-def job_fail(*, job: Job, error: str) -> Job:
+def job_fail(*, job: Job, error: str, code: str = "") -> Job:
+    """`code`: the domain error's machine-readable code (errors.StateStoreError.code, such as
+    import_rejected), kept as the failed job's result {"code": ...}; the message is its error."""
     error, finished_at = error[:10_000], timezone.now()
-    if not _owned(job).update(status=JobStatus.FAILED, error=error, finished_at=finished_at):
+    coded = {"result": {"code": code}} if code else {}
+    if not _owned(job).update(status=JobStatus.FAILED, error=error, finished_at=finished_at, **coded):
         logger.warning("job %s: failed (%s), but it was already finished or taken over; its outcome stands",
                        job.pk, error[:200])
         return job
     job.status, job.error, job.finished_at = JobStatus.FAILED, error, finished_at
+    if code:
+        job.result = coded["result"]
     _publish(job, "job.finished")
     return job
 

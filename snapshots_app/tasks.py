@@ -178,7 +178,7 @@ def _run_job(job_id: int, work: Callable[[Job, jobs.Progress], dict[str, Any] | 
         with jobs.Heartbeat(job) as heartbeat:
             result = work(job, jobs.Progress(job, heartbeat))
     except StateStoreError as exc:
-        jobs.job_fail(job=job, error=exc.message)
+        jobs.job_fail(job=job, error=exc.message, code=exc.code)
         return None
     except jobs.JobSuperseded as exc:
         logger.warning("%s; this attempt stops", exc)

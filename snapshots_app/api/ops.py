@@ -77,7 +77,9 @@ class JobSerializer(serializers.ModelSerializer):
     percent = serializers.IntegerField(read_only=True)
     params = JsonObjectField(source="public_params")
     result = serializers.SerializerMethodField(
-        help_text="What the job found or made; a finished export names its `file` and the `download` URL."
+        help_text="What the job found or made; a finished export names its `file` and the `download` URL. A job "
+                  "failed by a domain error has {\"code\": ...}, its machine-readable code (such as import_rejected), "
+                  "and the message as `error`."
     )
     stalled = serializers.SerializerMethodField(
         help_text="Running, but its worker has been silent for JOB_STALE_SECONDS (killed, or cut off from the "

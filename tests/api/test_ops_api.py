@@ -206,12 +206,22 @@ def test_an_export_larger_than_any_request_imports_and_imports_have_their_own_li
     assert too_big.status_code == 413 and too_big.json()["code"] == "request_too_large"
 
 
-def test_a_tampered_import_fails_its_job_and_stores_nothing(other_project, run_jobs):
+def _header() -> bytes:
+    """An export's header line (checksummed), as the first line of an upload that is checked as it arrives."""
+    from snapshots_app import transfer
+
+    return transfer._line({"type": "header", "format": transfer.FORMAT, "format_version": transfer.FORMAT_VERSION,
+                           "scope": "project", "sessions": 0, "versions": 0, "nodes": 0})
+
+
+def test_a_tampered_import_fails_its_job_with_its_code_and_stores_nothing(other_project, run_jobs):
     theirs = key_client(other_project, "read,write")
-    imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", b'{"type": "header"}\n',
+    imported = run_jobs(lambda: theirs.generic("POST", "/api/v1/imports/", _header() + b'{"type": "session"}\n',
                                                content_type="application/x-ndjson"))
+    assert imported.status_code == 202
     job = theirs.get(f"/api/v1/jobs/{imported.json()['id']}/").json()
-    assert job["status"] == "failed" and job["error"]
+    assert job["status"] == "failed" and job["error"] == "line 2 is not a checksummed export record"
+    assert job["result"] == {"code": "import_rejected"}  # the machine-readable reason, as a 4xx's `code`
     assert not WorkflowSession.objects.filter(project=other_project).exists()
 
 
