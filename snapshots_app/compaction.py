@@ -328,7 +328,16 @@ def remove_versions(session: WorkflowSession, doomed: set[int]) -> tuple[list[in
         if child in doomed or parent not in doomed:
             continue
         ancestor: int | None = parent
+        passed: set[int] = set()
         while ancestor in doomed:
+            if ancestor in passed:
+                # A cycle of parents (an import took one, before imports refused them): this walk
+                # looped for good, holding the session's lock. None survives on it: no parent.
+                logger.warning("session %s: the versions with ids %s are each other's ancestors; version id %s keeps no parent",
+                               session.pk, sorted(passed), child)
+                ancestor = None
+                break
+            passed.add(ancestor)
             ancestor = parents.get(ancestor)
         relink[ancestor].append(child)
     for ancestor, children in relink.items():

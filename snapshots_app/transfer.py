@@ -724,6 +724,8 @@ def _verify(
         if key in seen_numbers:
             raise ImportRejected(f"{_version_name(record)} appears twice")
         seen_numbers.add(key)
+    _check_lineage(versions)
+    for record in versions:
         state_key = (record["root"], record["checksum"])
         if state_key not in verified_states:
             try:
@@ -739,6 +741,41 @@ def _verify(
         done += 1
         progress(done)
     return verified_nodes
+
+
+def _check_lineage(versions: list[dict]) -> None:
+    """ImportRejected for a version whose parent is not an earlier version: within its session one with
+    a lower number (a version is written on top of what is there; a rewind or data fix names an earlier
+    one), and across sessions (a fork's first version names its source) no chain of parents that comes
+    back to where it began. A version that was its own parent, or one of a cycle, imported, and the next
+    trim or retention run of its session looped for good in compaction.remove_versions, holding the
+    session's lock and a worker. (A parent the file does not hold is left out, as before.)"""
+    in_file = {(record["session"], record["number"]): record for record in versions}
+
+    def parent_of(key: tuple[str, int]) -> tuple[str, int] | None:
+        parent = in_file[key].get("parent")
+        target = (parent["session"], parent["number"]) if parent else None
+        return target if target in in_file else None
+
+    for record in versions:
+        parent = record.get("parent")
+        if parent and parent["session"] == record["session"] and parent["number"] >= record["number"]:
+            raise ImportRejected(f"{_version_name(record)} names version {parent['number']} of its session as its "
+                                 "parent: its parent must be an earlier version")
+    # Across sessions: follow each chain once (finished ones are not walked again), so this is linear.
+    finished: set[tuple[str, int]] = set()
+    for start in in_file:
+        path: list[tuple[str, int]] = []
+        on_path: set[tuple[str, int]] = set()
+        key: tuple[str, int] | None = start
+        while key is not None and key not in finished:
+            if key in on_path:
+                raise ImportRejected(f"{_version_name(in_file[key])}: its parent must be an earlier version, but its "
+                                     "parents (across sessions) lead back to itself")
+            path.append(key)
+            on_path.add(key)
+            key = parent_of(key)
+        finished.update(path)
 
 
 class _StoreProgress:

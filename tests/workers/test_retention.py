@@ -359,3 +359,34 @@ def test_an_archived_session_keeps_its_whole_history(project, user):
     session_unarchive(session=archived, actor=user)  # back under the policy
     compaction_run(project=project)
     assert _numbers(archived) == [6]
+
+
+@pytest.mark.django_db
+def test_a_trim_over_a_cycle_of_parents_already_stored_ends_and_leaves_no_parent(project, user):
+    """An import took versions that were each other's parents (it refuses them now): a trim or
+    retention run over them looped for good in remove_versions, holding the session's lock."""
+    import signal
+
+    from snapshots_app.services import session_trim
+
+    session = make_session(project, "looped")
+    for step in range(4):
+        snapshot_record(session=session, state={"step": step})
+    two, three = _version(session, 2), _version(session, 3)
+    Version.objects.filter(pk=two.pk).update(parent=three)  # 2 -> 3 -> 2, and 4 -> 3
+    session.refresh_from_db()
+
+    def stuck(*_):
+        raise TimeoutError("the trim is still walking parents after 10 s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)
+    try:
+        outcome = session_trim(session=session, keep=[1, 4], reason="tidy", actor=user)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert outcome.removed == [2, 3]
+    assert _numbers(session) == [1, 4]
+    assert _version(session, 4).parent is None

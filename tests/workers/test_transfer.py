@@ -801,3 +801,61 @@ def test_a_file_naming_another_projects_state_without_its_nodes_is_refused(proje
         transfer_import_run(project=target, path=_rewrite(path, name_the_secret))
     assert Version.objects.filter(session__project=target).count() == before
     assert not WorkflowSession.objects.filter(project=target, external_id="decoy").exclude(pk=attacker_session.pk).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile files that verify: their checksums are re-signed, so only the import's own checks stand
+# between them and the database.
+
+
+def _resigned(project, user, tmp_path, change) -> Path:
+    """A session's export (agent-1 with 7 versions, and its fork agent-1-fork), changed and re-signed."""
+    session = _rich_project(project, user)
+    path = Path(transfer_export_run(project=project)["path"])
+    assert session.version_count == 7
+    return _rewrite(path, change)
+
+
+def _nothing_stored(fresh) -> None:
+    assert not WorkflowSession.objects.filter(project=fresh).exists()
+    assert not Version.objects.filter(session__project=fresh).exists()
+    assert not StateNode.objects.filter(project=fresh).exists()
+
+
+def _version_of(body: list[dict], number: int, *, fork: bool = False) -> dict:
+    external_id = "agent-1-fork" if fork else "agent-1"
+    session = next(r["id"] for r in body if r["type"] == "session" and r["external_id"] == external_id)
+    return next(r for r in body if r["type"] == "version" and r["session"] == session and r["number"] == number)
+
+
+def _parent_is(number: int, *, fork: bool = False, parent: int, parent_in_fork: bool = False):
+    def change(body: list[dict]) -> None:
+        target = _version_of(body, parent, fork=parent_in_fork)
+        _version_of(body, number, fork=fork)["parent"] = {"session": target["session"], "number": target["number"]}
+    return change
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("change", "said"), [
+    pytest.param(_parent_is(3, parent=3), r"version 3 of session '[0-9a-f-]{36}' names version 3 of its session as its "
+                 r"parent: its parent must be an earlier version", id="its-own-parent"),
+    pytest.param(_parent_is(2, parent=5), r"version 2 of session '[0-9a-f-]{36}' names version 5 of its session as its "
+                 r"parent: its parent must be an earlier version", id="a-later-parent"),
+    # agent-1 v1 -> the fork's v1 -> agent-1 v4 -> v3 -> v2 -> v1: each step across sessions or down.
+    pytest.param(_parent_is(1, parent=1, parent_in_fork=True), r"version \d of session '[0-9a-f-]{36}': its parent must "
+                 r"be an earlier version, but its parents \(across sessions\) lead back to itself", id="a-cycle-across-sessions"),
+])
+def test_a_version_whose_parent_is_not_an_earlier_version_is_refused_naming_it(
+    project, user, settings, tmp_path, change, said
+):
+    """It imported, and the session's next trim or retention run looped for good in remove_versions."""
+    settings.VAR_DIR = tmp_path
+    path = _resigned(project, user, tmp_path, change)
+    fresh = make_project("fresh")
+
+    with pytest.raises(ImportRejected, match=said):
+        transfer_import_run(project=fresh, path=path)
+
+    _nothing_stored(fresh)
+
+
