@@ -610,6 +610,11 @@ def _check_version(record: dict[str, Any], session_ids: set[str]) -> None:
     if not _count(record.get("number"), INT4_MAX) or record["number"] < 1:
         raise ImportRejected("a version has no valid number")
     name = _version_name(record)
+    if record["number"] > IMPORT_NUMBER_MAX:
+        # The column holds up to INT4_MAX: a session imported with a version there took no write after
+        # (every one failed as "integer out of range", a 500).
+        raise ImportRejected(f"{name}: version numbers above {IMPORT_NUMBER_MAX} are refused, leaving room for the "
+                             f"session's later writes (the most a version number can be is {INT4_MAX})")
     if not (isinstance(record.get("root"), str) and isinstance(record.get("checksum"), str)):
         raise ImportRejected(f"{name} has a malformed root or checksum")
     if record.get("kind") not in VERSION_KINDS:
@@ -645,6 +650,7 @@ def _version_name(record: dict[str, Any]) -> str:
 
 
 INT4_MAX, INT8_MAX = 2**31 - 1, 2**63 - 1  # the largest a version number's and a size's columns hold
+IMPORT_NUMBER_MAX = 2_000_000_000  # the highest version number an import takes: ~147 million writes' room above it
 
 
 def _count(value: Any, most: int = INT8_MAX) -> bool:
@@ -710,6 +716,11 @@ def _verify(
     session_ids = {record["id"] for record in sessions}
     if len(session_ids) != len(sessions) or len(sessions) != header.get("sessions"):
         raise ImportRejected("the session records do not match the header")
+    # What the database's unique constraints would refuse is refused here, named: it failed as
+    # "IntegrityError: duplicate key value violates unique constraint…", a traceback as the job's error.
+    twice = sorted(name for name, count in Counter(record["external_id"] for record in sessions).items() if count > 1)
+    if twice:
+        raise ImportRejected(f"two sessions in the file have the same external id {twice[0]!r}", external_ids=twice)
     node_count = nodes.count()
     if len(versions) != header.get("versions") or node_count != header.get("nodes"):
         raise ImportRejected("the version or node records do not match the header")
@@ -717,6 +728,7 @@ def _verify(
     verified_nodes: set[bytes] = set()
     verified_states: set[tuple[str, str]] = set()
     seen_numbers: set[tuple[str, int]] = set()
+    seen_keys: set[tuple[str, str]] = set()
     done = node_count
     for record in versions:
         _check_version(record, session_ids)
@@ -724,6 +736,11 @@ def _verify(
         if key in seen_numbers:
             raise ImportRejected(f"{_version_name(record)} appears twice")
         seen_numbers.add(key)
+        if record["idempotency_key"] is not None:
+            if (record["session"], record["idempotency_key"]) in seen_keys:
+                raise ImportRejected(f"{_version_name(record)} has the idempotency key {record['idempotency_key']!r} "
+                                     "of another version of its session: a session's keys are unique")
+            seen_keys.add((record["session"], record["idempotency_key"]))
     _check_lineage(versions)
     for record in versions:
         state_key = (record["root"], record["checksum"])

@@ -859,3 +859,49 @@ def test_a_version_whose_parent_is_not_an_earlier_version_is_refused_naming_it(
     _nothing_stored(fresh)
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(("change", "said"), [
+    pytest.param(lambda body: [r.update(external_id="twin") for r in body if r["type"] == "session"],
+                 "two sessions in the file have the same external id 'twin'", id="external-id"),
+    pytest.param(lambda body: [_version_of(body, n).update(idempotency_key="same") for n in (2, 5)],
+                 r"version 5 of session '[0-9a-f-]{36}' has the idempotency key 'same' of another version of its "
+                 r"session: a session's keys are unique", id="idempotency-key"),
+    pytest.param(lambda body: _version_of(body, 7).update(number=2**31 - 1),
+                 r"version 2147483647 of session '[0-9a-f-]{36}': version numbers above 2000000000 are refused, "
+                 r"leaving room for the session's later writes", id="number-at-the-columns-limit"),
+])
+def test_a_file_the_databases_constraints_would_refuse_is_refused_naming_what(
+    project, user, settings, tmp_path, change, said
+):
+    """Two of one external id or idempotency key failed as the database's IntegrityError (a traceback
+    as the job's error); a version numbered 2**31 - 1 imported, and every write to its session after
+    was a 500 ("integer out of range")."""
+    settings.VAR_DIR = tmp_path
+    path = _resigned(project, user, tmp_path, change)
+    fresh = make_project("fresh")
+
+    with pytest.raises(ImportRejected, match=said):
+        transfer_import_run(project=fresh, path=path)
+
+    _nothing_stored(fresh)
+
+
+@pytest.mark.django_db
+def test_a_legitimate_file_with_a_fork_and_high_numbers_still_imports(project, user, settings, tmp_path):
+    """What the checks above refuse leaves every real lineage alone: a fork's first version names
+    its source in another session, a rewind an earlier version of its own."""
+    settings.VAR_DIR = tmp_path
+    path = _resigned(project, user, tmp_path, lambda body: [
+        record.update(number=record["number"] + 1_999_999_000,
+                      parent=record["parent"] and {**record["parent"], "number": record["parent"]["number"] + 1_999_999_000})
+        for record in body if record["type"] == "version"
+    ])
+    fresh = make_project("fresh")
+
+    outcome = transfer_import_run(project=fresh, path=path)
+
+    assert outcome["versions"] == 8 and outcome["parents_outside_export"] == 0
+    fork = Version.objects.select_related("parent__session").get(session__project=fresh, session__external_id="agent-1-fork")
+    assert (fork.parent.session.external_id, fork.parent.number) == ("agent-1", 1_999_999_004)
+
+
