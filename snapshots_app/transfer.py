@@ -433,14 +433,25 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         raise ImportRejected("the file is truncated (no end record)")
 
 
-def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes]) -> bytes:
+def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes], *, most: int, name: str) -> bytes:
     """Splice a tree like tree.splice, also checking that every node's digest matches it: the digest
     of its text, or for a node whose holes are runs that of its encoding (tree.TreeWriter.node_of),
     or for the root tree.root_digest of the text's SHA-256 (files of earlier releases have digests
-    of the text there too)."""
+    of the text there too).
+
+    A text that grows past `most` bytes (the version's logical_size, itself at most STATE_MAX_BYTES)
+    stops the assembly: nodes that name a child twice, level upon level, spelled 65 MB from a 6 KB file
+    (and more, a level more), and the worker was killed on every delivery. The texts kept for nodes met
+    again stay within STATE_MAX_BYTES too (past it, one met again is assembled again)."""
     memo: dict[bytes, bytes] = {}
+    memo_room = int(settings.STATE_MAX_BYTES)
+
+    def too_large() -> ImportRejected:
+        return ImportRejected(f"{name} fails its checksum: its state is larger than its logical_size ({most} bytes); "
+                              "the file is corrupt")
 
     def text_of(digest: bytes) -> bytes:
+        nonlocal memo_room
         cached = memo.get(digest)
         if cached is not None:
             return cached
@@ -454,12 +465,18 @@ def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes]) -> byte
         else:
             parts = []
             position = 0
+            length = 0
             for offset, child in node.holes:
                 parts.append(node.text[position:offset])
                 parts.append(text_of(child))
+                length += len(parts[-2]) + len(parts[-1])
+                if length > most:
+                    raise too_large()
                 position = offset
             parts.append(node.text[position:])
             result = b"".join(parts)
+        if len(result) > most:
+            raise too_large()
         if digest not in verified:
             kind = tree.KIND_STRING if node.kind == tree.KIND_JSON_STRING else node.kind
             as_root = digest == root and tree.root_digest(hashlib.sha256(result).digest()) == digest
@@ -467,7 +484,9 @@ def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes]) -> byte
             if not (as_root or paged) and tree.digest_of(kind, node.flavor, result) != digest:
                 raise ImportRejected(f"node {digest.hex()} does not match its digest: the file is corrupt")
             verified.add(digest)
-        memo[digest] = result
+        if len(result) <= memo_room:
+            memo[digest] = result
+            memo_room -= len(result)
         return result
 
     try:
@@ -726,7 +745,7 @@ def _verify(
         raise ImportRejected("the version or node records do not match the header")
     progress(node_count)
     verified_nodes: set[bytes] = set()
-    verified_states: set[tuple[str, str]] = set()
+    verified_states: set[tuple[str, str, int]] = set()
     seen_numbers: set[tuple[str, int]] = set()
     seen_keys: set[tuple[str, str]] = set()
     done = node_count
@@ -741,15 +760,22 @@ def _verify(
                 raise ImportRejected(f"{_version_name(record)} has the idempotency key {record['idempotency_key']!r} "
                                      "of another version of its session: a session's keys are unique")
             seen_keys.add((record["session"], record["idempotency_key"]))
+        if record["logical_size"] > settings.STATE_MAX_BYTES:
+            # Refused before its tree is assembled: a few KB of nodes that name each other can spell
+            # a state of any size (each level doubling it), and assembling it took the worker's memory.
+            raise ImportRejected(
+                f"{_version_name(record)} is a state of {record['logical_size']} bytes, over STATE_MAX_BYTES "
+                f"({settings.STATE_MAX_BYTES}) of this install (raise it here to import it)"
+            )
     _check_lineage(versions)
     for record in versions:
-        state_key = (record["root"], record["checksum"])
+        state_key = (record["root"], record["checksum"], record["logical_size"])
         if state_key not in verified_states:
             try:
                 root = bytes.fromhex(record["root"])
             except (TypeError, ValueError):
                 raise ImportRejected(f"{_version_name(record)} has a malformed root") from None
-            text = _verified_text(root, nodes, verified_nodes)
+            text = _verified_text(root, nodes, verified_nodes, most=record["logical_size"], name=_version_name(record))
             if canonical.checksum(text) != record["checksum"] or len(text) != record["logical_size"]:
                 raise ImportRejected(
                     f"{_version_name(record)} fails its checksum: the file is corrupt"

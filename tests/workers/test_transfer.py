@@ -905,3 +905,99 @@ def test_a_legitimate_file_with_a_fork_and_high_numbers_still_imports(project, u
     assert (fork.parent.session.external_id, fork.parent.number) == ("agent-1", 1_999_999_004)
 
 
+def _bomb(depth: int) -> tuple[list[tuple[bytes, tree.Node]], bytes, str, int]:
+    """Nodes of which each names the one below twice: (nodes, root digest, checksum, size) of a state
+    of 2**depth strings of 1,000 bytes, from depth + 1 nodes."""
+    leaf_text = b'"' + b"x" * 998 + b'"'
+    child = tree.digest_of(tree.KIND_STRING, 0, leaf_text)
+    nodes = [(child, tree.Node(tree.KIND_STRING, 0, 0, (), leaf_text))]
+    for _ in range(depth):
+        node = tree.Node(tree.KIND_ARRAY, 0, 1, ((1, child), (2, child)), b"[,]")
+        child = tree.paged_digest(node.encode())
+        nodes.append((child, node))
+    state = hashlib.sha256()
+
+    def spell(level: int) -> int:
+        if level == 0:
+            state.update(leaf_text)
+            return len(leaf_text)
+        state.update(b"[")
+        size = spell(level - 1)
+        state.update(b",")
+        size += spell(level - 1)
+        state.update(b"]")
+        return size + 3
+
+    size = spell(depth)
+    return nodes, child, state.hexdigest(), size
+
+
+def _bomb_file(project, tmp_path, depth: int, *, declared: int | None = None) -> tuple[Path, int]:
+    session = make_session(project, "small")
+    snapshot_record(session=session, state={"a": 1})
+    path = Path(transfer_export_run(project=project, session=session)["path"])
+    nodes, root, checksum, size = _bomb(depth)
+
+    def change(body: list[dict]) -> None:
+        body[:] = [record for record in body if record["type"] != "node"]
+        next(r for r in body if r["type"] == "header")["nodes"] = len(nodes)
+        body[2:2] = [{"type": "node", "digest": digest.hex(), "raw": base64.b64encode(node.encode()).decode()}
+                     for digest, node in nodes]
+        next(r for r in body if r["type"] == "version").update(
+            root=root.hex(), checksum=checksum, logical_size=size if declared is None else declared,
+        )
+
+    forged = _rewrite(path, change)
+    assert forged.stat().st_size < 16 * 1024
+    return forged, size
+
+
+@pytest.mark.worker
+def test_a_file_whose_nodes_spell_a_state_over_the_limit_fails_its_job_and_stores_nothing(
+    worker, project, user, settings, tmp_path
+):
+    """A 6 KB file whose nodes each name the one below twice spells a state of any size (each level
+    doubles it): the import assembled and stored 65 MB from one, and deeper ones got the worker killed
+    on every delivery. The version's declared size is refused before anything is assembled."""
+    path, size = _bomb_file(project, tmp_path, 15)
+    assert size > 16 * 1024 * 1024  # the worker's STATE_MAX_BYTES (its default)
+    fresh = make_project("fresh")
+
+    job = wait_finished(transfer_import_start(project=fresh, source=path, actor=user))
+
+    assert job.status == JobStatus.FAILED
+    assert re.fullmatch(
+        rf"version 1 of session '[0-9a-f-]{{36}}' is a state of {size} bytes, over STATE_MAX_BYTES \(16777216\) of this "
+        r"install \(raise it here to import it\)", job.error,
+    ), job.error
+    assert job.result == {"code": "import_rejected"}
+    _nothing_stored(fresh)
+
+
+@pytest.mark.django_db
+def test_a_file_whose_nodes_spell_more_than_the_state_it_declares_stops_assembling_it(
+    project, user, settings, tmp_path
+):
+    """Whatever size a version declares (its own number, checked only against what it assembles),
+    assembling stops once the text grows past it: memory stays bounded by the limit, not by the file."""
+    import tracemalloc
+
+    settings.VAR_DIR = tmp_path
+    settings.STATE_MAX_BYTES = 1024 * 1024
+    path, size = _bomb_file(project, tmp_path, 14, declared=512 * 1024)
+    assert size > 16_000_000
+    fresh = make_project("fresh")
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImportRejected, match=r"version 1 of session '[0-9a-f-]{36}' fails its checksum: its state is "
+                                                 r"larger than its logical_size \(524288 bytes\); the file is corrupt"):
+            transfer_import_run(project=fresh, path=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 8 * 1024 * 1024, peak  # assembled whole, it was twice the state's 16 MB
+    _nothing_stored(fresh)
+
+
