@@ -412,6 +412,10 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         except (orjson.JSONDecodeError, KeyError, AttributeError, TypeError):
             if number == 1 and line.startswith(GZIP_MAGIC):
                 raise ImportRejected("the file is gzip-compressed: decompress it (gunzip), then import the .ndjson") from None
+            if count == 0:
+                # No header yet: whatever this is, it is not an export. (A JSON document without a final
+                # newline was called "truncated: its last line (line 1) is cut off".)
+                raise ImportRejected(f"not a Session Rewind export: line {number} is not an export header") from None
             if not line.endswith(b"\n"):  # the last line, cut short: a download or copy that stopped
                 raise ImportRejected(f"the file is truncated: its last line (line {number}) is cut off") from None
             raise ImportRejected(f"line {number} is not a checksummed export record") from None
@@ -430,6 +434,8 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         count += 1
         yield record
     if not ended:
+        if count == 0:
+            raise ImportRejected("not a Session Rewind export (no header)")
         raise ImportRejected("the file is truncated (no end record)")
 
 

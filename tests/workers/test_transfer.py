@@ -1001,3 +1001,14 @@ def test_a_file_whose_nodes_spell_more_than_the_state_it_declares_stops_assembli
     _nothing_stored(fresh)
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [b'{"a":1}', b'{"a":1}\n', b"[1, 2, 3]", b"hello"])
+def test_a_file_that_is_no_export_is_called_so_not_truncated(project, settings, tmp_path, body):
+    """A file without a final newline was "truncated: its last line (line 1) is cut off", whatever it was."""
+    settings.VAR_DIR = tmp_path
+    path = tmp_path / "upload.ndjson"
+    path.write_bytes(body)
+
+    with pytest.raises(ImportRejected, match=r"^not a Session Rewind export: line 1 is not an export header$"):
+        transfer_import_run(project=project, path=path)
+    assert not WorkflowSession.objects.filter(project=project).exists()
