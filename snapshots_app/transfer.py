@@ -27,7 +27,7 @@ import shutil
 import sqlite3
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -397,7 +397,7 @@ def _lines(source: IO[bytes], limit: int) -> Iterator[bytes]:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+def _records(lines: Iterator[bytes]) -> Generator[dict[str, Any], None, None]:
     running = hashlib.sha256()
     count = 0
     ended = False
@@ -437,6 +437,39 @@ def _records(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         if count == 0:
             raise ImportRejected("not a Session Rewind export (no header)")
         raise ImportRejected("the file is truncated (no end record)")
+
+
+HEADER_LINE_MAX = 64 * 1024  # an export's header line is a few hundred bytes
+
+
+def transfer_import_check(source: IO[bytes] | Path) -> None:
+    """ImportRejected unless the file begins with an export's header record (its sum and format
+    checked): what an upload is checked for before it is kept and its job queued, so a file that is no
+    export (gzip-compressed, a JSON document) is refused at once, with nothing kept, instead of
+    answered 202 and failed by its job. Only the first line is read (at most HEADER_LINE_MAX bytes);
+    the job verifies the rest. A file object is left where it was."""
+    if isinstance(source, Path):
+        with source.open("rb") as opened:
+            transfer_import_check(opened)
+        return
+    start = source.tell()
+
+    def first_lines() -> Iterator[bytes]:
+        number = 0
+        while line := source.readline(HEADER_LINE_MAX + 1):
+            number += 1
+            if len(line) > HEADER_LINE_MAX:
+                if number == 1 and line.startswith(GZIP_MAGIC):
+                    raise ImportRejected("the file is gzip-compressed: decompress it (gunzip), then import the .ndjson")
+                raise ImportRejected(f"not a Session Rewind export: line {number} is not an export header")
+            yield line
+
+    records = _records(first_lines())
+    try:
+        next(records)  # the header, checked; or ImportRejected
+    finally:
+        records.close()
+        source.seek(start)
 
 
 def _verified_text(root: bytes, nodes: _NodeSpill, verified: set[bytes], *, most: int, name: str) -> bytes:
@@ -991,6 +1024,7 @@ def transfer_import_start(
     earlier = jobs.job_for_request(request)
     if earlier is not None:
         return earlier
+    transfer_import_check(source)  # not an export: refused now, nothing kept and no job
     folder = _private_folder(imports_dir())
     target = folder / f"{project.slug}-{uuid.uuid4().hex}.ndjson"
     with _room_for(target, "upload the file again"), _private_file(target) as out:

@@ -286,7 +286,11 @@ class ImportCreate(ApiView):
     serializer_class = JobSerializer
     write_query_params = {"POST": ("project", "skip_existing")}  # (the body is the file)
     parser_classes = [NdjsonParser]
-    problems = {507: "storage_full: the upload met a full disk under VAR_DIR (named); nothing was kept"}  # (schema)
+    problems = {  # (schema)
+        422: "import_rejected: the body is not an export (its first line is no export header, or it is gzip-compressed: "
+             "decompress it); nothing was kept and no job queued. Or idempotency_key_reused",
+        507: "storage_full: the upload met a full disk under VAR_DIR (named); nothing was kept",
+    }
 
     def body_limit(self) -> int | None:
         return settings.IMPORT_MAX_BYTES  # type: ignore[no-any-return]

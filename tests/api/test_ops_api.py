@@ -225,6 +225,44 @@ def test_a_tampered_import_fails_its_job_with_its_code_and_stores_nothing(other_
     assert not WorkflowSession.objects.filter(project=other_project).exists()
 
 
+@pytest.mark.parametrize(("body", "said"), [
+    pytest.param(b'{"a":1}', "not a Session Rewind export: line 1 is not an export header", id="json-no-newline"),
+    pytest.param(b'{"type": "header"}\n', "not a Session Rewind export: line 1 is not an export header",
+                 id="unsigned-header"),
+    pytest.param(b"x" * 200_000, "not a Session Rewind export: line 1 is not an export header", id="one-long-line"),
+    pytest.param("gzip", "the file is gzip-compressed: decompress it (gunzip), then import the .ndjson", id="gzip"),
+    pytest.param(b"\x1f\x8b\x08" + b"\x00" * 100_000, "the file is gzip-compressed: decompress it (gunzip), then "
+                 "import the .ndjson", id="gzip-no-newline-early"),
+    pytest.param("other-format", "not a Session Rewind export (no header)", id="signed-but-not-a-header"),
+])
+def test_an_upload_that_is_no_export_is_refused_at_once_and_nothing_is_kept(
+    project, writer, settings, tmp_path, run_jobs, body, said
+):
+    """It was 202 for any body, and the job failed later; README listed import_rejected, which no
+    endpoint answered."""
+    import gzip
+
+    from snapshots_app import transfer
+
+    settings.VAR_DIR = tmp_path
+    if body == "gzip":
+        body = gzip.compress(_header() + b'{"type": "session"}\n' * 1000)
+    elif body == "other-format":
+        body = transfer._line({"type": "session", "id": "s"}) + _header()
+    sessions_before = WorkflowSession.objects.count()
+
+    response = run_jobs(lambda: writer.generic("POST", "/api/v1/imports/", body, content_type="application/x-ndjson"))
+
+    assert response.status_code == 422, response.content
+    assert response["Content-Type"] == "application/problem+json"
+    problem = response.json()
+    assert (problem["code"], problem["status"], problem["detail"]) == ("import_rejected", 422, said)
+    assert problem["type"] == "urn:session-rewind:problem:import_rejected" and problem["instance"] == "/api/v1/imports/"
+    assert not Job.objects.exists()
+    assert not (tmp_path / "imports").exists() or not list((tmp_path / "imports").iterdir())
+    assert WorkflowSession.objects.count() == sessions_before
+
+
 def test_jobs_and_integrity_lists(project, writer, reader):
     writer.post("/api/v1/integrity-scrub/")
     listed = reader.get("/api/v1/jobs/?kind=scrub").json()["results"]
@@ -345,7 +383,7 @@ def test_an_upload_onto_a_full_disk_is_507_naming_where_and_keeps_nothing(projec
     disk stayed full."""
     settings.VAR_DIR = tmp_path
     _disk_fills_after(monkeypatch, 10_000)
-    upload = b'{"type": "header"}\n' * 2_000
+    upload = _header() + b'{"type": "header"}\n' * 2_000
     response = writer.generic("POST", "/api/v1/imports/", upload, content_type="application/x-ndjson")
     assert response.status_code == 507 and response.json()["code"] == "storage_full", response.content
     assert response.json()["detail"] == (f"no space left on the disk of {tmp_path / 'imports'} (VAR_DIR): free space "
@@ -369,7 +407,7 @@ def test_an_export_onto_a_full_disk_fails_its_job_naming_where_and_keeps_nothing
 
 def test_a_retried_import_keeps_one_copy_of_the_upload(project, writer, settings, tmp_path):
     settings.VAR_DIR = tmp_path
-    upload = b'{"type": "header"}\n'
+    upload = _header()
 
     def post(body):
         return writer.generic("POST", "/api/v1/imports/", body, content_type="application/x-ndjson",

@@ -21,7 +21,7 @@ from sessions_app.errors import ImportRejected
 from sessions_app.models import WorkflowSession
 from sessions_app.services import session_delete
 from snapshots_app import canonical, tree
-from snapshots_app.models import JobStatus, StateNode, Version
+from snapshots_app.models import Job, JobStatus, StateNode, Version
 from snapshots_app.selectors import version_state_bytes
 from snapshots_app.services import (
     snapshot_data_fix,
@@ -32,6 +32,7 @@ from snapshots_app.services import (
     version_pin,
 )
 from snapshots_app.transfer import (
+    _line,
     import_path,
     transfer_export_run,
     transfer_export_start,
@@ -765,11 +766,21 @@ def test_a_file_of_one_long_line_is_refused_at_that_line_without_reading_it_whol
     assert document.stat().st_size > 16 * 1024 * 1024
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    job = transfer_import_start(project=project, source=document, actor=user)  # runs as it is sent
+    # Refused as it is uploaded (its first line is no export header), reading 64 KB of it: no job, no copy.
+    with pytest.raises(ImportRejected, match=r"^not a Session Rewind export: line 1 is not an export header$"):
+        transfer_import_start(project=project, source=document, actor=user)
+    assert not Job.objects.exists() and not list(tmp_path.glob("imports/*"))
+
+    # Behind an export's header, the job meets it as it reads the file.
+    behind_a_header = tmp_path / "behind-a-header.ndjson"
+    with behind_a_header.open("wb") as out:
+        out.write(_line({"type": "header", "format": "session-rewind-export", "format_version": 1}))
+        out.write(document.read_bytes())
+    job = transfer_import_start(project=project, source=behind_a_header, actor=user)  # runs as it is sent
 
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED
-    assert job.error.startswith("line 1 is longer than any line of an export (1179648 bytes): not a Session Rewind "
+    assert job.error.startswith("line 2 is longer than any line of an export (1179648 bytes): not a Session Rewind "
                                 "export")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 16 * 1024  # KiB: never held whole
     assert not WorkflowSession.objects.filter(project=project).exists()
@@ -1005,10 +1016,14 @@ def test_a_file_whose_nodes_spell_more_than_the_state_it_declares_stops_assembli
 @pytest.mark.parametrize("body", [b'{"a":1}', b'{"a":1}\n', b"[1, 2, 3]", b"hello"])
 def test_a_file_that_is_no_export_is_called_so_not_truncated(project, settings, tmp_path, body):
     """A file without a final newline was "truncated: its last line (line 1) is cut off", whatever it was."""
+    from snapshots_app.transfer import transfer_import_check
+
     settings.VAR_DIR = tmp_path
     path = tmp_path / "upload.ndjson"
     path.write_bytes(body)
 
     with pytest.raises(ImportRejected, match=r"^not a Session Rewind export: line 1 is not an export header$"):
         transfer_import_run(project=project, path=path)
+    with pytest.raises(ImportRejected, match=r"^not a Session Rewind export: line 1 is not an export header$"):
+        transfer_import_check(path)
     assert not WorkflowSession.objects.filter(project=project).exists()
