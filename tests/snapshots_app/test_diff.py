@@ -279,21 +279,11 @@ def test_path_history_of_a_large_container_keeps_what_its_rows_show_not_the_valu
 def test_path_history_agrees_with_each_versions_whole_state(session, states, pointer):
     """Cases the diff-following path history got wrong (a review found them): each row must show what
     reading that version's whole state shows, and mark a change exactly where the value differs."""
-    from snapshots_app.jsonview import PointerError, resolve
-    from snapshots_app.selectors import _reading, path_history
+    from tests.snapshots_app.test_history_properties import path_rows, whole_state_rows
 
     for state in states:
         snapshot_record(session=session, state=state)
-    expected, before = [], None
-    for index, state in enumerate(states):
-        try:
-            value, present = resolve(state, pointer), True
-        except PointerError:
-            value, present = None, False
-        expected.append((present, value if type(value) not in (dict, list) else None, index > 0 and
-                         _reading(value, present) != before))
-        before = _reading(value, present)
-    assert [(p.present, p.value, p.changed) for p in path_history(session, pointer)] == expected
+    assert path_rows(session, pointer) == whole_state_rows(states, pointer)
 
 
 def test_path_history_follows_items_that_shift_and_marks_only_real_changes(session):

@@ -148,15 +148,35 @@ def path_edit(state: dict[str, Any], op: str, arg: Any) -> dict[str, Any]:
     return state
 
 
+def whole_state_rows(states: list[dict[str, Any]], pointer: str) -> list[tuple[bool, str, bool]]:
+    """(present, shown, changed) per state, from each whole state: what path history must show."""
+    from snapshots_app.jsonview import PointerError, preview, resolve
+    from snapshots_app.selectors import _reading
+
+    rows, before = [], None
+    for index, state in enumerate(states):
+        try:
+            value, present = resolve(state, pointer), True
+        except PointerError:
+            value, present = None, False
+        reading = _reading(value, present)
+        rows.append((present, preview(value)[0] if present else "", index > 0 and reading != before))
+        before = reading
+    return rows
+
+
+def path_rows(session: Any, pointer: str) -> list[tuple[bool, str, bool]]:
+    from snapshots_app.selectors import path_history
+
+    return [(point.present, point.shown, point.changed) for point in path_history(session, pointer)]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(path_edits)
 def test_path_history_shows_what_each_version_holds_at_the_path(db, ops):
     """Path history reads one state and then follows the diffs; at every version and for paths above,
     at and inside changes (items inserted before them, removed, replaced, a JSON string's inside), it
     must show what reading that version's whole state shows."""
-    from snapshots_app.jsonview import PointerError, preview, resolve
-    from snapshots_app.selectors import _reading, path_history
-
     with transaction.atomic():
         session = make_session(make_project("paths"), "main")
         state: dict[str, Any] = {"history": [{"text": f"m{i}", "n": i % 4} for i in range(6)], "meta": {"a": 1},
@@ -169,15 +189,5 @@ def test_path_history_shows_what_each_version_holds_at_the_path(db, ops):
             snapshot_record(session=session, state=each)
         clear_cache()
         for pointer in POINTERS:
-            expected, before = [], None
-            for index, each in enumerate(states):
-                try:
-                    value, present = resolve(each, pointer), True
-                except PointerError:
-                    value, present = None, False
-                reading = _reading(value, present)
-                expected.append((present, preview(value)[0] if present else "", index > 0 and reading != before))
-                before = reading
-            got = [(point.present, point.shown, point.changed) for point in path_history(session, pointer)]
-            assert got == expected, pointer
+            assert path_rows(session, pointer) == whole_state_rows(states, pointer), pointer
         transaction.set_rollback(True)
