@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -550,7 +549,7 @@ class _PathValue:
         """Apply the patch's operations at, above or under the pointer, in order; whether the value
         changed. _Reread when an operation moves the pointer onto another item (one removed at or
         above it, or added or removed before it in an array the pointer goes through)."""
-        from snapshots_app.diff import PatchError, apply_patch
+        from snapshots_app.diff import PatchError, apply_patch, json_copy
         from snapshots_app.jsonview import PointerError, resolve
 
         pointer, touched = self.pointer, False
@@ -579,9 +578,9 @@ class _PathValue:
                 # value copied too: the diff's values may be a cache's).
                 relative = {"op": op, "path": path[len(pointer):]}
                 if op != "remove":
-                    relative["value"] = _copy(operation["value"])
+                    relative["value"] = json_copy(operation["value"])
                 try:
-                    self.value = apply_patch(self.value, [relative], copy=_same if self.owned else _copy)
+                    self.value = apply_patch(self.value, [relative], copy=_same if self.owned else json_copy)
                 except (PatchError, TypeError):
                     raise _Reread(touched) from None
                 self.owned = touched = True
@@ -593,15 +592,6 @@ class _PathValue:
                 if _index_token(mine) and int(last) <= int(mine):
                     raise _Reread(touched)
         return touched
-
-
-def _copy(value: Any) -> Any:
-    """A deep copy of a JSON value (orjson's round trip is ~10x copy.deepcopy; it refuses integers
-    past 64 bits, which deepcopy takes)."""
-    try:
-        return orjson.loads(orjson.dumps(value))
-    except TypeError:
-        return copy.deepcopy(value)
 
 
 def _same(value: Any) -> Any:

@@ -341,14 +341,14 @@ class VersionDetail(ApiView):
             # A version's state never changes, so its row alone says whether a client's copy is current
             # (its metadata may: a pin, a label, a parent relinked by retention change the tag).
             version = selectors.version_get(session=session, number=number_asked)
-            tag = _version_tag(version)
-            if tag in _etags(if_none_match) or "*" in _etags(if_none_match):
+            tag, seen = _version_tag(version), _etags(if_none_match)
+            if tag in seen or "*" in seen:
                 return _not_modified(tag)
             response = with_state(version)
         else:
             version, state = selectors.version_with_state_bytes(session=session, number=number_asked)
-            response = with_state(version, state=state)
-        response["ETag"] = _version_tag(version)
+            response, tag = with_state(version, state=state), _version_tag(version)
+        response["ETag"] = tag
         return response
 
     @extend_schema(operation_id="versions_partial_update", parameters=[SESSION_ID, VERSION_NUMBER, IDEMPOTENCY_KEY],
